@@ -1,0 +1,34 @@
+//! Typed errors of the ANN core. The extension maps each variant to a SQLSTATE in one place.
+
+use thiserror::Error;
+
+/// The largest vector dimension accepted anywhere in pg_twotower.
+pub const MAX_DIMS: usize = 16_000;
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum AnnError {
+    #[error("vector has {got} dimensions, expected {expected}")]
+    DimensionMismatch { expected: usize, got: usize },
+    #[error("vector has {0} dimensions, more than the maximum of 16000")]
+    TooManyDimensions(usize),
+    #[error("vector must have at least one dimension")]
+    EmptyVector,
+    #[error("vector contains a non-finite value ({value}) at position {position}")]
+    NonFinite { position: usize, value: f32 },
+    #[error("invalid value for option \"{option}\": {reason}")]
+    InvalidOption { option: &'static str, reason: String },
+    #[error("index image is corrupt: {0}")]
+    CorruptImage(String),
+    #[error("index build was cancelled")]
+    Cancelled,
+    #[error("HNSW engine error: {0}")]
+    Engine(String),
+}
+
+pub type Result<T> = std::result::Result<T, AnnError>;
+
+impl From<cxx::Exception> for AnnError {
+    fn from(e: cxx::Exception) -> Self {
+        AnnError::Engine(e.what().to_string())
+    }
+}

@@ -1,0 +1,429 @@
+//! The index image: a self-describing byte container holding the sorted item keys and the
+//! serialized usearch HNSW graph. The extension stores it in the index's WAL-logged pages and
+//! materializes it as a cache file that every backend maps read-only.
+//!
+//! Layout (all integers little-endian):
+//! ```text
+//! 0   magic "TTHNSW01"
+//! 8   format version u32, header length u32
+//! 16  dims u32, metric u32, quantization u32, connectivity u32
+//! 32  count u64
+//! 40  keys offset u64, usearch offset u64, usearch length u64
+//! 64  keys: count × u64, ascending
+//! ..  padding to a 64-byte boundary
+//! ..  usearch image
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::error::{AnnError, Result};
+use crate::metric::{validate_vector, Metric, Quantization};
+
+pub const MAGIC: &[u8; 8] = b"TTHNSW01";
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER_LEN: usize = 64;
+
+/// Parameters of an HNSW build.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BuildParams {
+    pub dims: usize,
+    pub metric: Metric,
+    pub quantization: Quantization,
+    /// Graph connectivity (M).
+    pub m: usize,
+    pub ef_construction: usize,
+}
+
+impl BuildParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(2..=100).contains(&self.m) {
+            return Err(AnnError::InvalidOption { option: "m", reason: format!("{} is outside 2..100", self.m) });
+        }
+        if !(4..=1000).contains(&self.ef_construction) {
+            return Err(AnnError::InvalidOption {
+                option: "ef_construction",
+                reason: format!("{} is outside 4..1000", self.ef_construction),
+            });
+        }
+        if self.ef_construction < self.m {
+            return Err(AnnError::InvalidOption {
+                option: "ef_construction",
+                reason: format!("must be at least m ({})", self.m),
+            });
+        }
+        self.quantization.check_metric(self.metric)
+    }
+
+    fn options(&self) -> usearch::IndexOptions {
+        usearch::IndexOptions {
+            dimensions: self.dims,
+            metric: self.metric.usearch(),
+            quantization: self.quantization.usearch(),
+            connectivity: self.m,
+            expansion_add: self.ef_construction,
+            expansion_search: 64,
+            multi: false,
+        }
+    }
+}
+
+/// Estimated peak memory of building an image of `n` vectors, in bytes: the input vectors,
+/// the in-memory graph, and the serialized copy.
+pub fn estimate_build_memory(p: &BuildParams, n: usize) -> usize {
+    let vectors_in = n * p.dims * 4;
+    let per_node = p.dims * p.quantization.bytes_per_scalar() + (2 * p.m + p.m / 2) * 4 + 64;
+    let graph = n * per_node;
+    graph + vectors_in.max(graph + n * 8)
+}
+
+/// What the build loop tells the caller's poll function, and what the poll function answers.
+pub enum Poll {
+    Continue,
+    Cancel,
+}
+
+/// Builds an image from `keys` (unique) and their vectors (`keys.len() * dims` floats, row-major).
+///
+/// Insertion runs on `threads` worker threads. The calling thread only calls `poll(done)` about
+/// every 20 ms, so a caller that must service interrupts can do so on its own thread; returning
+/// [`Poll::Cancel`] stops the workers and yields [`AnnError::Cancelled`].
+pub fn build_image(
+    params: &BuildParams,
+    keys: &[u64],
+    vectors: &[f32],
+    threads: usize,
+    poll: &mut dyn FnMut(usize) -> Poll,
+) -> Result<Vec<u8>> {
+    params.validate()?;
+    let n = keys.len();
+    if vectors.len() != n * params.dims {
+        return Err(AnnError::DimensionMismatch { expected: n * params.dims, got: vectors.len() });
+    }
+    let index = usearch::Index::new(&params.options())?;
+    let threads = threads.clamp(1, 64);
+    index.reserve_capacity_and_threads(n.max(1), threads)?;
+
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let cancel = AtomicBool::new(false);
+    let failure: Mutex<Option<AnnError>> = Mutex::new(None);
+    const CHUNK: usize = 64;
+
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                if cancel.load(Ordering::Relaxed) {
+                    return;
+                }
+                let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                if start >= n {
+                    return;
+                }
+                for i in start..(start + CHUNK).min(n) {
+                    let v = &vectors[i * params.dims..(i + 1) * params.dims];
+                    let res = validate_vector(v, Some(params.dims)).and_then(|_| index.add(keys[i], v).map_err(AnnError::from));
+                    if let Err(e) = res {
+                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        cancel.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                done.fetch_add((start + CHUNK).min(n) - start, Ordering::Relaxed);
+            });
+        }
+        // The calling thread watches progress and cancellation until every worker is finished.
+        loop {
+            let d = done.load(Ordering::Relaxed);
+            if d >= n || cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Poll::Cancel = poll(d) {
+                cancel.store(true, Ordering::Relaxed);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Err(AnnError::Cancelled);
+    }
+    poll(n);
+    serialize(params, keys, &index)
+}
+
+fn align64(x: usize) -> usize {
+    (x + 63) & !63
+}
+
+fn serialize(params: &BuildParams, keys: &[u64], index: &usearch::Index) -> Result<Vec<u8>> {
+    let mut sorted = keys.to_vec();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(AnnError::Engine("duplicate item key in build input".into()));
+    }
+    let keys_off = HEADER_LEN;
+    let us_off = align64(keys_off + sorted.len() * 8);
+    let us_len = index.serialized_length();
+    let mut buf = vec![0u8; us_off + us_len];
+    buf[0..8].copy_from_slice(MAGIC);
+    put_u32(&mut buf, 8, FORMAT_VERSION);
+    put_u32(&mut buf, 12, HEADER_LEN as u32);
+    put_u32(&mut buf, 16, params.dims as u32);
+    put_u32(&mut buf, 20, params.metric.code());
+    put_u32(&mut buf, 24, params.quantization.code());
+    put_u32(&mut buf, 28, params.m as u32);
+    put_u64(&mut buf, 32, sorted.len() as u64);
+    put_u64(&mut buf, 40, keys_off as u64);
+    put_u64(&mut buf, 48, us_off as u64);
+    put_u64(&mut buf, 56, us_len as u64);
+    for (i, k) in sorted.iter().enumerate() {
+        put_u64(&mut buf, keys_off + i * 8, *k);
+    }
+    index.save_to_buffer(&mut buf[us_off..])?;
+    Ok(buf)
+}
+
+fn put_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+fn get_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn get_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Checksum of an image (xxh3, 64 bits).
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// Parsed header of an image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Header {
+    pub dims: usize,
+    pub metric: Metric,
+    pub quantization: Quantization,
+    pub m: usize,
+    pub count: usize,
+    keys_off: usize,
+    us_off: usize,
+    us_len: usize,
+}
+
+impl Header {
+    pub fn parse(b: &[u8]) -> Result<Header> {
+        let bad = |m: &str| AnnError::CorruptImage(m.to_string());
+        if b.len() < HEADER_LEN || &b[0..8] != MAGIC {
+            return Err(bad("bad magic"));
+        }
+        if get_u32(b, 8) != FORMAT_VERSION || get_u32(b, 12) as usize != HEADER_LEN {
+            return Err(bad("unsupported format version"));
+        }
+        let metric = Metric::from_code(get_u32(b, 20)).ok_or_else(|| bad("unknown metric"))?;
+        let quantization = Quantization::from_code(get_u32(b, 24)).ok_or_else(|| bad("unknown quantization"))?;
+        let h = Header {
+            dims: get_u32(b, 16) as usize,
+            metric,
+            quantization,
+            m: get_u32(b, 28) as usize,
+            count: get_u64(b, 32) as usize,
+            keys_off: get_u64(b, 40) as usize,
+            us_off: get_u64(b, 48) as usize,
+            us_len: get_u64(b, 56) as usize,
+        };
+        let keys_end = h.count.checked_mul(8).and_then(|x| x.checked_add(h.keys_off));
+        let us_end = h.us_off.checked_add(h.us_len);
+        match (keys_end, us_end) {
+            (Some(ke), Some(ue)) if h.keys_off >= HEADER_LEN && ke <= h.us_off && ue == b.len() && h.dims > 0 => Ok(h),
+            _ => Err(bad("section bounds do not match the image length")),
+        }
+    }
+}
+
+/// A verified image whose graph is viewed in place (no copy) from `B`.
+pub struct Image<B: AsRef<[u8]>> {
+    // Field order matters: the usearch view must be dropped before the bytes it points into.
+    index: usearch::Index,
+    header: Header,
+    bytes: B,
+}
+
+impl<B: AsRef<[u8]>> Image<B> {
+    /// Verifies `bytes` against `expected_checksum` and views the graph in place.
+    pub fn open(bytes: B, expected_checksum: u64) -> Result<Self> {
+        let b = bytes.as_ref();
+        let sum = checksum(b);
+        if sum != expected_checksum {
+            return Err(AnnError::CorruptImage(format!(
+                "checksum {sum:016x} does not match the expected {expected_checksum:016x}"
+            )));
+        }
+        let header = Header::parse(b)?;
+        let keys = &b[header.keys_off..header.keys_off + header.count * 8];
+        if keys.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect::<Vec<_>>().windows(2).any(|w| w[0] >= w[1]) {
+            return Err(AnnError::CorruptImage("item keys are not strictly ascending".into()));
+        }
+        let params = BuildParams {
+            dims: header.dims,
+            metric: header.metric,
+            quantization: header.quantization,
+            m: header.m.max(2),
+            ef_construction: 64,
+        };
+        let index = usearch::Index::new(&params.options())?;
+        let graph = &b[header.us_off..header.us_off + header.us_len];
+        // SAFETY: `graph` borrows from `bytes`, which this struct owns and drops after `index`
+        // (field order); the checksum above guarantees the bytes are the ones usearch wrote.
+        unsafe { index.view_from_buffer(graph)? };
+        if index.size() != header.count || index.dimensions() != header.dims {
+            return Err(AnnError::CorruptImage("graph size or dimensions differ from the header".into()));
+        }
+        Ok(Image { index, header, bytes })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+    pub fn len(&self) -> usize {
+        self.header.count
+    }
+    pub fn is_empty(&self) -> bool {
+        self.header.count == 0
+    }
+    pub fn byte_len(&self) -> usize {
+        self.bytes.as_ref().len()
+    }
+
+    /// The item key at sorted position `i`.
+    pub fn key_at(&self, i: usize) -> u64 {
+        get_u64(self.bytes.as_ref(), self.header.keys_off + i * 8)
+    }
+
+    /// Sorted position of `key`, if the graph holds it.
+    pub fn position(&self, key: u64) -> Option<usize> {
+        let (mut lo, mut hi) = (0usize, self.header.count);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let k = self.key_at(mid);
+            if k == key {
+                return Some(mid);
+            }
+            if k < key {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        None
+    }
+
+    /// Approximate top-`k` by the engine distance, skipping keys for which `skip` is true.
+    pub fn search(&self, query: &[f32], k: usize, ef: usize, skip: Option<&dyn Fn(u64) -> bool>) -> Result<Vec<(u64, f32)>> {
+        validate_vector(query, Some(self.header.dims))?;
+        if k == 0 || self.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.index.change_expansion_search(ef.max(k).max(1));
+        let m = match skip {
+            None => self.index.search(query, k)?,
+            Some(f) => self.index.filtered_search(query, k, |key| !f(key))?,
+        };
+        Ok(m.keys.into_iter().zip(m.distances).collect())
+    }
+
+    /// Every item, exactly ranked by the engine distance (brute force).
+    pub fn exact_all(&self, query: &[f32]) -> Result<Vec<(u64, f32)>> {
+        validate_vector(query, Some(self.header.dims))?;
+        if self.is_empty() {
+            return Ok(Vec::new());
+        }
+        let m = self.index.exact_search(query, self.header.count)?;
+        Ok(m.keys.into_iter().zip(m.distances).collect())
+    }
+
+    /// The stored (possibly quantized, then decoded) vector of `key`.
+    pub fn vector(&self, key: u64) -> Result<Option<Vec<f32>>> {
+        let mut out = vec![0f32; self.header.dims];
+        let n = self.index.get(key, &mut out)?;
+        Ok(if n == 0 { None } else { Some(out) })
+    }
+}
+
+/// An iterative scan over the graph: yields items in (approximately) ascending distance, as many
+/// as the caller asks for, widening the search when the previous round is used up. Once the
+/// widening reaches the graph size it finishes with an exact pass, so every live item is reached
+/// eventually, including any node HNSW could not reach.
+#[derive(Debug, Default)]
+pub struct GraphCursor {
+    k: usize,
+    emitted: std::collections::HashSet<u64>,
+    pending: std::collections::VecDeque<(u64, f32)>,
+    exhausted: bool,
+    /// Search rounds run so far (for EXPLAIN-style statistics).
+    pub rounds: usize,
+}
+
+impl GraphCursor {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The next item without consuming it.
+    pub fn peek<B: AsRef<[u8]>>(
+        &mut self,
+        img: &Image<B>,
+        query: &[f32],
+        ef: usize,
+        skip: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<Option<(u64, f32)>> {
+        while self.pending.is_empty() && !self.exhausted {
+            self.refill(img, query, ef, skip)?;
+        }
+        Ok(self.pending.front().copied())
+    }
+
+    pub fn pop(&mut self) -> Option<(u64, f32)> {
+        let item = self.pending.pop_front();
+        if let Some((k, _)) = item {
+            self.emitted.insert(k);
+        }
+        item
+    }
+
+    fn refill<B: AsRef<[u8]>>(
+        &mut self,
+        img: &Image<B>,
+        query: &[f32],
+        ef: usize,
+        skip: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<()> {
+        let n = img.len();
+        self.k = if self.k == 0 { ef.max(10) } else { self.k.saturating_mul(2) };
+        self.rounds += 1;
+        let results = if self.k >= n {
+            self.exhausted = true;
+            let all = img.exact_all(query)?;
+            match skip {
+                Some(f) => all.into_iter().filter(|(k, _)| !f(*k)).collect(),
+                None => all,
+            }
+        } else {
+            img.search(query, self.k, ef.max(self.k), skip)?
+        };
+        for (key, d) in results {
+            if !self.emitted.contains(&key) {
+                self.pending.push_back((key, d));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,262 @@
+//! Metrics, storage kinds and the exact distance functions that back the SQL operators.
+
+use crate::error::{AnnError, Result, MAX_DIMS};
+
+/// Distance metric of an index (chosen by its operator class).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    /// `<=>`: 1 - cosine similarity.
+    Cosine,
+    /// `<#>`: negative inner product.
+    InnerProduct,
+    /// `<->`: Euclidean distance.
+    L2,
+}
+
+impl Metric {
+    pub fn code(self) -> u32 {
+        match self {
+            Metric::Cosine => 1,
+            Metric::InnerProduct => 2,
+            Metric::L2 => 3,
+        }
+    }
+    pub fn from_code(code: u32) -> Option<Metric> {
+        match code {
+            1 => Some(Metric::Cosine),
+            2 => Some(Metric::InnerProduct),
+            3 => Some(Metric::L2),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Cosine => "cosine",
+            Metric::InnerProduct => "inner_product",
+            Metric::L2 => "l2",
+        }
+    }
+    pub(crate) fn usearch(self) -> usearch::MetricKind {
+        match self {
+            Metric::Cosine => usearch::MetricKind::Cos,
+            Metric::InnerProduct => usearch::MetricKind::IP,
+            Metric::L2 => usearch::MetricKind::L2sq,
+        }
+    }
+    /// The distance the HNSW engine uses for this metric, computed exactly in f32.
+    /// Ordering by it is the same as ordering by the SQL operator of the metric.
+    pub fn engine_distance(self, a: &[f32], b: &[f32]) -> f32 {
+        match self {
+            Metric::Cosine => cosine_distance(a, b) as f32,
+            Metric::InnerProduct => 1.0 - inner_product(a, b) as f32,
+            Metric::L2 => l2_squared(a, b) as f32,
+        }
+    }
+    /// Converts an engine distance into the value the SQL operator returns.
+    pub fn engine_to_sql(self, d: f32) -> f64 {
+        match self {
+            Metric::Cosine => d as f64,
+            Metric::InnerProduct => d as f64 - 1.0,
+            Metric::L2 => (d.max(0.0) as f64).sqrt(),
+        }
+    }
+}
+
+/// Scalar kind the index stores its vectors as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    F32,
+    F16,
+    I8,
+}
+
+impl Quantization {
+    pub fn parse(s: &str) -> Result<Quantization> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(Quantization::F32),
+            "f16" => Ok(Quantization::F16),
+            "i8" => Ok(Quantization::I8),
+            other => Err(AnnError::InvalidOption {
+                option: "quantization",
+                reason: format!("\"{other}\" is not one of f32, f16, i8"),
+            }),
+        }
+    }
+    pub fn code(self) -> u32 {
+        match self {
+            Quantization::F32 => 1,
+            Quantization::F16 => 2,
+            Quantization::I8 => 3,
+        }
+    }
+    pub fn from_code(code: u32) -> Option<Quantization> {
+        match code {
+            1 => Some(Quantization::F32),
+            2 => Some(Quantization::F16),
+            3 => Some(Quantization::I8),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::F32 => "f32",
+            Quantization::F16 => "f16",
+            Quantization::I8 => "i8",
+        }
+    }
+    pub fn bytes_per_scalar(self) -> usize {
+        match self {
+            Quantization::F32 => 4,
+            Quantization::F16 => 2,
+            Quantization::I8 => 1,
+        }
+    }
+    pub(crate) fn usearch(self) -> usearch::ScalarKind {
+        match self {
+            Quantization::F32 => usearch::ScalarKind::F32,
+            Quantization::F16 => usearch::ScalarKind::F16,
+            Quantization::I8 => usearch::ScalarKind::I8,
+        }
+    }
+    /// i8 storage only preserves angles (usearch scales each vector into [-127, 127]),
+    /// so it is only meaningful for cosine distance.
+    pub fn check_metric(self, metric: Metric) -> Result<()> {
+        if self == Quantization::I8 && metric != Metric::Cosine {
+            return Err(AnnError::InvalidOption {
+                option: "quantization",
+                reason: format!("i8 storage supports only cosine distance, not {}", metric.name()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a vector: non-empty, at most [`MAX_DIMS`], finite, and of the expected length when given.
+pub fn validate_vector(v: &[f32], expected: Option<usize>) -> Result<()> {
+    if v.is_empty() {
+        return Err(AnnError::EmptyVector);
+    }
+    if v.len() > MAX_DIMS {
+        return Err(AnnError::TooManyDimensions(v.len()));
+    }
+    if let Some(e) = expected {
+        if e != v.len() {
+            return Err(AnnError::DimensionMismatch { expected: e, got: v.len() });
+        }
+    }
+    if let Some((position, &value)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Err(AnnError::NonFinite { position, value });
+    }
+    Ok(())
+}
+
+/// Inner product accumulated in f64 (stable for long vectors).
+pub fn inner_product(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    // Four independent accumulators let the compiler vectorise the loop.
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for j in 0..8 {
+            acc[j] += a[c * 8 + j] * b[c * 8 + j];
+        }
+    }
+    let mut sum: f64 = acc.iter().map(|&x| x as f64).sum();
+    for i in chunks * 8..a.len() {
+        sum += (a[i] * b[i]) as f64;
+    }
+    sum
+}
+
+/// 1 - cos(a, b); NaN when either vector has zero norm.
+pub fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
+    let dot = inner_product(a, b);
+    let na = inner_product(a, a);
+    let nb = inner_product(b, b);
+    let denom = (na * nb).sqrt();
+    if denom == 0.0 {
+        return f64::NAN;
+    }
+    // Clamp so rounding never yields a distance outside [0, 2].
+    (1.0 - dot / denom).clamp(0.0, 2.0)
+}
+
+/// Squared Euclidean distance.
+pub fn l2_squared(a: &[f32], b: &[f32]) -> f64 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for j in 0..8 {
+            let d = a[c * 8 + j] - b[c * 8 + j];
+            acc[j] += d * d;
+        }
+    }
+    let mut sum: f64 = acc.iter().map(|&x| x as f64).sum();
+    for i in chunks * 8..a.len() {
+        let d = a[i] - b[i];
+        sum += (d * d) as f64;
+    }
+    sum
+}
+
+pub fn l2_distance(a: &[f32], b: &[f32]) -> f64 {
+    l2_squared(a, b).sqrt()
+}
+
+/// True when the vector cannot be placed in a cosine index (zero norm).
+pub fn is_zero(v: &[f32]) -> bool {
+    v.iter().all(|&x| x == 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distances() {
+        let a = [1.0, 0.0, 0.0];
+        let b = [0.0, 1.0, 0.0];
+        assert!((cosine_distance(&a, &b) - 1.0).abs() < 1e-9);
+        assert!((cosine_distance(&a, &a)).abs() < 1e-9);
+        assert!((l2_distance(&a, &b) - 2f64.sqrt()).abs() < 1e-9);
+        assert_eq!(inner_product(&a, &b), 0.0);
+        assert!(cosine_distance(&a, &[0.0, 0.0, 0.0]).is_nan());
+        let long: Vec<f32> = (0..37).map(|i| i as f32 * 0.1).collect();
+        let naive: f64 = long.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+        assert!((inner_product(&long, &long) - naive).abs() < 1e-3);
+    }
+
+    #[test]
+    fn validation() {
+        assert_eq!(validate_vector(&[], None), Err(AnnError::EmptyVector));
+        assert!(matches!(validate_vector(&[1.0, f32::NAN], None), Err(AnnError::NonFinite { position: 1, .. })));
+        assert!(matches!(validate_vector(&[1.0, f32::INFINITY], None), Err(AnnError::NonFinite { .. })));
+        assert_eq!(
+            validate_vector(&[1.0, 2.0], Some(3)),
+            Err(AnnError::DimensionMismatch { expected: 3, got: 2 })
+        );
+        assert!(matches!(validate_vector(&vec![0.0; MAX_DIMS + 1], None), Err(AnnError::TooManyDimensions(_))));
+        assert!(validate_vector(&[1.0, 2.0], Some(2)).is_ok());
+    }
+
+    #[test]
+    fn options() {
+        assert_eq!(Quantization::parse("F16").unwrap(), Quantization::F16);
+        assert!(Quantization::parse("f8").is_err());
+        assert!(Quantization::I8.check_metric(Metric::L2).is_err());
+        assert!(Quantization::I8.check_metric(Metric::Cosine).is_ok());
+        for m in [Metric::Cosine, Metric::InnerProduct, Metric::L2] {
+            assert_eq!(Metric::from_code(m.code()), Some(m));
+        }
+    }
+
+    #[test]
+    fn engine_to_sql_matches_operators() {
+        let a = [0.3f32, -0.2, 0.9];
+        let b = [0.1f32, 0.5, -0.4];
+        let ip = Metric::InnerProduct.engine_to_sql(Metric::InnerProduct.engine_distance(&a, &b));
+        assert!((ip + inner_product(&a, &b)).abs() < 1e-6);
+        let l2 = Metric::L2.engine_to_sql(Metric::L2.engine_distance(&a, &b));
+        assert!((l2 - l2_distance(&a, &b)).abs() < 1e-6);
+    }
+}
