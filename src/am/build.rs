@@ -1,0 +1,241 @@
+//! Index build: heap scan on the backend's thread, graph insertion on worker threads, the image
+//! written into the index's own pages and WAL-logged.
+
+use super::pages::{tid_to_key, write_new_index, Meta, MAX_INDEX_DIMS};
+use super::{cache, metric_of, options};
+use crate::error::{OrReport, TtError};
+use crate::vector::VecRef;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use twotower_ann::{build_image, estimate_build_memory, is_zero, AnnError, BuildParams, Metric, Poll, Quantization};
+
+const PHASE_LOAD: i64 = 2;
+const PHASE_GRAPH: i64 = 3;
+const PHASE_WRITE: i64 = 4;
+
+struct BuildState {
+    metric: Metric,
+    m: usize,
+    quantization: Quantization,
+    dims: Option<usize>,
+    keys: Vec<u64>,
+    vectors: Vec<f32>,
+    budget: usize,
+    skipped_zero: u64,
+}
+
+impl BuildState {
+    fn estimate(&self, n: usize) -> usize {
+        let p = BuildParams {
+            dims: self.dims.unwrap_or(1),
+            metric: self.metric,
+            quantization: self.quantization,
+            m: self.m,
+            ef_construction: 64,
+        };
+        estimate_build_memory(&p, n)
+    }
+}
+
+fn progress(param: u32, value: i64) {
+    // SAFETY: progress reporting is a no-op outside a command that started it.
+    unsafe { pg_sys::pgstat_progress_update_param(param as i32, value) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn build_callback(
+    _index: pg_sys::Relation,
+    tid: pg_sys::ItemPointer,
+    values: *mut pg_sys::Datum,
+    isnull: *mut bool,
+    alive: bool,
+    state: *mut core::ffi::c_void,
+) {
+    // SAFETY: `state` is the BuildState passed to table_index_build_scan; one indexed column.
+    let st = unsafe { &mut *(state as *mut BuildState) };
+    if unsafe { *isnull } {
+        return;
+    }
+    // SAFETY: the indexed column is real[] (operator class input type).
+    let v = match unsafe { VecRef::checked(*values, st.dims) } {
+        Ok(v) => v,
+        // A dead row (kept for older snapshots) with a bad vector can never be returned: skip it.
+        Err(_) if !alive => return,
+        Err(e) => e.report(),
+    };
+    let s = v.as_slice();
+    if st.dims.is_none() {
+        if s.len() > MAX_INDEX_DIMS {
+            TtError::Unsupported(format!(
+                "twotower_hnsw indexes support at most {MAX_INDEX_DIMS} dimensions, this column has {}",
+                s.len()
+            ))
+            .report();
+        }
+        st.dims = Some(s.len());
+    }
+    if st.metric == Metric::Cosine && is_zero(s) {
+        st.skipped_zero += 1;
+        return;
+    }
+    // SAFETY: the scan passes a valid TID.
+    st.keys.push(tid_to_key(unsafe { &*tid }));
+    st.vectors.extend_from_slice(s);
+    if st.keys.len() % 1024 == 0 {
+        let need = st.estimate(st.keys.len());
+        if need > st.budget {
+            TtError::MemoryBudget { needed: need * 11 / 10, available: st.budget }.report();
+        }
+        progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, st.keys.len() as i64);
+    }
+}
+
+fn generation(relnode: u32) -> u64 {
+    // SAFETY: plain clock read.
+    let now = unsafe { pg_sys::GetCurrentTimestamp() } as u64;
+    (now ^ ((relnode as u64) << 40)).max(1)
+}
+
+fn cancel_pending() -> bool {
+    // SAFETY: volatile reads of the backend's interrupt flags (set by signal handlers).
+    unsafe {
+        std::ptr::read_volatile(&raw const pg_sys::QueryCancelPending) != 0
+            || std::ptr::read_volatile(&raw const pg_sys::ProcDiePending) != 0
+    }
+}
+
+fn worker_threads() -> usize {
+    let n = crate::BUILD_THREADS.get();
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+}
+
+/// `ambuild`.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn ambuild(
+    heap: pg_sys::Relation,
+    index: pg_sys::Relation,
+    info: *mut pg_sys::IndexInfo,
+) -> *mut pg_sys::IndexBuildResult {
+    // SAFETY: PostgreSQL passes open relations; the index uses one of our operator classes.
+    let (metric, (m, efc, quantization)) = unsafe { (metric_of(index), options::of(index)) };
+    quantization.check_metric(metric).or_report();
+    // SAFETY: a plain GUC read.
+    let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
+    let mut st = BuildState {
+        metric,
+        m,
+        quantization,
+        dims: None,
+        keys: Vec::new(),
+        vectors: Vec::new(),
+        budget,
+        skipped_zero: 0,
+    };
+    progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_LOAD);
+    // SAFETY: standard heap scan for index builds; the callback only touches `st`.
+    let reltuples = unsafe {
+        pg_sys::table_index_build_scan(
+            heap,
+            index,
+            info,
+            true,
+            true,
+            Some(build_callback),
+            &mut st as *mut BuildState as *mut core::ffi::c_void,
+            std::ptr::null_mut(),
+        )
+    };
+    if st.skipped_zero > 0 {
+        pgrx::notice!("twotower_hnsw: {} zero vectors were not indexed (cosine distance is undefined for them)", st.skipped_zero);
+    }
+    let n = st.keys.len();
+    let need = st.estimate(n);
+    if need > budget {
+        TtError::MemoryBudget { needed: need, available: budget }.report();
+    }
+    let mut meta = Meta {
+        dims: st.dims.unwrap_or(0) as u32,
+        metric: metric.code(),
+        quantization: quantization.code(),
+        m: m as u32,
+        ef_construction: efc as u32,
+        // SAFETY: open relation.
+        generation: generation(unsafe { (*index).rd_node.relNode.to_u32() }),
+        graph_count: n as u64,
+        ..Default::default()
+    };
+    let image = if n == 0 {
+        Vec::new()
+    } else {
+        let params = BuildParams { dims: st.dims.unwrap_or(0), metric, quantization, m, ef_construction: efc };
+        progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_GRAPH);
+        progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, n as i64);
+        let keys = std::mem::take(&mut st.keys);
+        let vectors = std::mem::take(&mut st.vectors);
+        let r = build_image(&params, &keys, &vectors, worker_threads(), &mut |done| {
+            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
+            if cancel_pending() {
+                Poll::Cancel
+            } else {
+                Poll::Continue
+            }
+        });
+        drop(vectors);
+        match r {
+            Ok(img) => img,
+            Err(AnnError::Cancelled) => {
+                pgrx::check_for_interrupts!();
+                TtError::Ann(AnnError::Cancelled).report()
+            }
+            Err(e) => TtError::Ann(e).report(),
+        }
+    };
+    progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_WRITE);
+    meta.image_checksum = if image.is_empty() { 0 } else { twotower_ann::checksum(&image) };
+    // SAFETY: the index relation is new and empty.
+    unsafe {
+        write_new_index(index, pg_sys::ForkNumber::MAIN_FORKNUM, &mut meta, &image);
+        // The pages are the truth; priming this node's cache file saves re-reading them.
+        cache::store(cache::rel_key(index), &meta, &image);
+    }
+    // SAFETY: palloc0 returns zeroed memory for the result struct.
+    unsafe {
+        let res = pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexBuildResult>()) as *mut pg_sys::IndexBuildResult;
+        (*res).heap_tuples = reltuples;
+        (*res).index_tuples = n as f64;
+        res
+    }
+}
+
+/// `ambuildempty`: the init fork of an unlogged index (an empty metapage).
+#[pg_guard]
+pub unsafe extern "C-unwind" fn ambuildempty(index: pg_sys::Relation) {
+    // SAFETY: open relation with one of our operator classes.
+    let (metric, (m, efc, q)) = unsafe { (metric_of(index), options::of(index)) };
+    let mut meta = Meta {
+        metric: metric.code(),
+        quantization: q.code(),
+        m: m as u32,
+        ef_construction: efc as u32,
+        generation: 1,
+        ..Default::default()
+    };
+    // SAFETY: the init fork is new and empty.
+    unsafe { write_new_index(index, pg_sys::ForkNumber::INIT_FORKNUM, &mut meta, &[]) };
+}
+
+/// Names of the build sub-phases shown in pg_stat_progress_create_index.
+#[pg_guard]
+pub unsafe extern "C-unwind" fn ambuildphasename(phase: i64) -> *mut core::ffi::c_char {
+    let s: &'static std::ffi::CStr = match phase {
+        PHASE_LOAD => c"loading tuples",
+        PHASE_GRAPH => c"building HNSW graph",
+        PHASE_WRITE => c"writing index pages",
+        _ => return std::ptr::null_mut(),
+    };
+    s.as_ptr() as *mut core::ffi::c_char
+}

@@ -1,0 +1,124 @@
+//! Index options: `WITH (m = 16, ef_construction = 64, quantization = 'f32')`.
+
+use pgrx::pg_sys;
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use twotower_ann::Quantization;
+
+pub const DEFAULT_M: i32 = 16;
+pub const DEFAULT_EF_CONSTRUCTION: i32 = 64;
+
+/// The parsed options varlena (layout shared with `build_reloptions`).
+#[repr(C)]
+#[derive(Debug)]
+pub struct HnswOptions {
+    vl_len_: i32,
+    pub m: i32,
+    pub ef_construction: i32,
+    /// Offset of the quantization string from the start of this struct (0 = default).
+    quantization_offset: i32,
+}
+
+static RELOPT_KIND: AtomicU32 = AtomicU32::new(0);
+
+/// Registers the reloption kind and options. Called once per backend from `_PG_init`.
+pub fn register() {
+    // SAFETY: called from _PG_init, before any index of this AM is opened in this backend.
+    unsafe {
+        let kind = pg_sys::add_reloption_kind();
+        RELOPT_KIND.store(kind, Ordering::Relaxed);
+        pg_sys::add_int_reloption(
+            kind,
+            c"m".as_ptr(),
+            c"Max number of connections per HNSW node".as_ptr(),
+            DEFAULT_M,
+            2,
+            100,
+            pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+        );
+        pg_sys::add_int_reloption(
+            kind,
+            c"ef_construction".as_ptr(),
+            c"Size of the dynamic candidate list when building the graph".as_ptr(),
+            DEFAULT_EF_CONSTRUCTION,
+            4,
+            1000,
+            pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+        );
+        pg_sys::add_string_reloption(
+            kind,
+            c"quantization".as_ptr(),
+            c"Storage type of vectors in the graph: f32, f16 or i8".as_ptr(),
+            c"f32".as_ptr(),
+            Some(validate_quantization),
+            pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+        );
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn validate_quantization(value: *const core::ffi::c_char) {
+    if value.is_null() {
+        return;
+    }
+    // SAFETY: PostgreSQL passes a NUL-terminated option value.
+    let s = unsafe { CStr::from_ptr(value) }.to_string_lossy();
+    if let Err(e) = Quantization::parse(&s) {
+        crate::error::TtError::Ann(e).report();
+    }
+}
+
+/// `amoptions`: parses and validates `WITH (...)`.
+#[pgrx::pg_guard]
+pub unsafe extern "C-unwind" fn amoptions(reloptions: pg_sys::Datum, validate: bool) -> *mut pg_sys::bytea {
+    let tab = [
+        pg_sys::relopt_parse_elt {
+            optname: c"m".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_INT,
+            offset: std::mem::offset_of!(HnswOptions, m) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"ef_construction".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_INT,
+            offset: std::mem::offset_of!(HnswOptions, ef_construction) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"quantization".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_STRING,
+            offset: std::mem::offset_of!(HnswOptions, quantization_offset) as i32,
+        },
+    ];
+    // SAFETY: `tab` describes HnswOptions; build_reloptions allocates and fills the struct.
+    unsafe {
+        pg_sys::build_reloptions(
+            reloptions,
+            validate,
+            RELOPT_KIND.load(Ordering::Relaxed),
+            std::mem::size_of::<HnswOptions>(),
+            tab.as_ptr(),
+            tab.len() as i32,
+        ) as *mut pg_sys::bytea
+    }
+}
+
+/// Effective options of an index: (m, ef_construction, quantization).
+///
+/// # Safety
+/// `index` must be an open twotower_hnsw index.
+pub unsafe fn of(index: pg_sys::Relation) -> (usize, usize, Quantization) {
+    // SAFETY: rd_options is either NULL or the struct amoptions built.
+    unsafe {
+        let opts = (*index).rd_options as *const HnswOptions;
+        if opts.is_null() {
+            return (DEFAULT_M as usize, DEFAULT_EF_CONSTRUCTION as usize, Quantization::F32);
+        }
+        let q = if (*opts).quantization_offset == 0 {
+            Quantization::F32
+        } else {
+            let p = (opts as *const u8).add((*opts).quantization_offset as usize) as *const core::ffi::c_char;
+            // The validator already accepted this value.
+            Quantization::parse(&CStr::from_ptr(p).to_string_lossy()).unwrap_or(Quantization::F32)
+        };
+        ((*opts).m as usize, (*opts).ef_construction as usize, q)
+    }
+}
