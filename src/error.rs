@@ -34,6 +34,17 @@ fn mib(bytes: usize) -> String {
     format!("{} MB", bytes.div_ceil(1024 * 1024))
 }
 
+/// A float as PostgreSQL prints it (NaN, Infinity, -Infinity).
+fn pg_float(v: f32) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+    } else {
+        v.to_string()
+    }
+}
+
 impl TtError {
     fn parts(&self) -> (PgSqlErrorCode, String, Option<String>, Option<String>) {
         use PgSqlErrorCode::*;
@@ -59,7 +70,7 @@ impl TtError {
                 ),
                 AnnError::NonFinite { position, value } => (
                     ERRCODE_DATA_EXCEPTION,
-                    format!("vector element {} is {value}", position + 1),
+                    format!("vector element {} is {}", position + 1, pg_float(*value)),
                     None,
                     Some("NaN and infinite values are not allowed in vectors.".into()),
                 ),

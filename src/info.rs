@@ -1,92 +1,107 @@
 //! Health and housekeeping functions: `twotower.index_info(regclass)`, `twotower.cache_cleanup()`.
 
-use crate::am::{cache, is_ours, pages};
-use crate::error::{OrReport, TtError};
-use pgrx::pg_sys;
 use pgrx::prelude::*;
-use twotower_ann::{Metric, Quantization};
 
-/// One row describing a twotower_hnsw index: its settings, what the graph and the delta hold,
-/// its size, and the state of this node's cache file.
-/// Called through the SQL wrapper `twotower.index_info(regclass)` (sql/pg_twotower.sql).
-#[pg_extern(volatile, parallel_safe, strict)]
-#[allow(clippy::type_complexity)]
-fn index_info_by_oid(
-    index: pg_sys::Oid,
-) -> TableIterator<
-    'static,
-    (
-        name!(dims, i32),
-        name!(metric, String),
-        name!(quantization, String),
-        name!(m, i32),
-        name!(ef_construction, i32),
-        name!(generation, String),
-        name!(graph_items, i64),
-        name!(graph_dead, i64),
-        name!(delta_items, i64),
-        name!(size_bytes, i64),
-        name!(image_bytes, i64),
-        name!(cache_file, Option<String>),
-        name!(cache_state, String),
-    ),
-> {
-    // SAFETY: index_open raises a proper ERROR for a missing relation or a non-index.
-    let rel = unsafe { pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
-    // SAFETY: `rel` is open until index_close below.
-    let row = unsafe {
-        if !is_ours(rel) {
-            TtError::Unsupported("index_info() works only on twotower_hnsw indexes".into()).report();
-        }
-        let meta = pages::read_meta(rel).or_report();
-        let key = cache::rel_key(rel);
-        let size = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) as i64 * pg_sys::BLCKSZ as i64;
-        let row = (
-            meta.dims as i32,
-            Metric::from_code(meta.metric).map_or("?", |m| m.name()).to_string(),
-            Quantization::from_code(meta.quantization).map_or("?", |q| q.name()).to_string(),
-            meta.m as i32,
-            meta.ef_construction as i32,
-            format!("{:016x}", meta.generation),
-            meta.graph_count as i64,
-            meta.graph_dead as i64,
-            meta.delta_live as i64,
-            size,
-            meta.image_len as i64,
-            meta.has_image().then(|| format!("{}", cache::file_path(key, &meta).display())),
-            cache::file_state(key, &meta).to_string(),
-        );
-        pg_sys::index_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        row
-    };
-    TableIterator::once(row)
-}
+/// The extension's schema: every SQL object of pg_twotower lives in `twotower`.
+#[pg_schema]
+pub mod twotower {
+    use crate::am::{cache, is_ours, pages};
+    use crate::error::{OrReport, TtError};
+    use pgrx::pg_sys;
+    use pgrx::prelude::*;
+    use twotower_ann::{Metric, Quantization};
 
-/// Removes this database's cache files that belong to no existing twotower_hnsw index
-/// (dropped or rebuilt indexes); returns how many were removed.
-#[pg_extern(volatile, parallel_unsafe)]
-fn cache_cleanup() -> i64 {
-    let live: Vec<(u32, u32)> = Spi::connect(|c| {
-        let rows = c.select(
-            "SELECT COALESCE(NULLIF(c.reltablespace, 0), d.dattablespace)::oid::int8,
+    /// One row describing a twotower_hnsw index: its settings, what the graph and the delta hold,
+    /// its size, and the state of this node's cache file.
+    /// Called through the SQL wrapper `twotower.index_info(regclass)` (sql/pg_twotower.sql).
+    #[pg_extern(volatile, parallel_safe, strict)]
+    #[allow(clippy::type_complexity)]
+    fn index_info_by_oid(
+        index: pg_sys::Oid,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(dims, i32),
+            name!(metric, String),
+            name!(quantization, String),
+            name!(m, i32),
+            name!(ef_construction, i32),
+            name!(generation, String),
+            name!(graph_items, i64),
+            name!(graph_dead, i64),
+            name!(delta_items, i64),
+            name!(size_bytes, i64),
+            name!(image_bytes, i64),
+            name!(cache_file, Option<String>),
+            name!(cache_state, String),
+        ),
+    > {
+        // SAFETY: index_open raises a proper ERROR for a missing relation or a non-index.
+        let rel = unsafe { pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+        // SAFETY: `rel` is open until index_close below.
+        let row = unsafe {
+            if !is_ours(rel) {
+                TtError::Unsupported("index_info() works only on twotower_hnsw indexes".into())
+                    .report();
+            }
+            let meta = pages::read_meta(rel).or_report();
+            let key = cache::rel_key(rel);
+            let size =
+                pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM)
+                    as i64
+                    * pg_sys::BLCKSZ as i64;
+            let row = (
+                meta.dims as i32,
+                Metric::from_code(meta.metric)
+                    .map_or("?", |m| m.name())
+                    .to_string(),
+                Quantization::from_code(meta.quantization)
+                    .map_or("?", |q| q.name())
+                    .to_string(),
+                meta.m as i32,
+                meta.ef_construction as i32,
+                format!("{:016x}", meta.generation),
+                meta.graph_count as i64,
+                meta.graph_dead as i64,
+                meta.delta_live as i64,
+                size,
+                meta.image_len as i64,
+                meta.has_image()
+                    .then(|| format!("{}", cache::file_path(key, &meta).display())),
+                cache::file_state(key, &meta).to_string(),
+            );
+            pg_sys::index_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+            row
+        };
+        TableIterator::once(row)
+    }
+
+    /// Removes this database's cache files that belong to no existing twotower_hnsw index
+    /// (dropped or rebuilt indexes); returns how many were removed.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn cache_cleanup() -> i64 {
+        let live: Vec<(u32, u32)> = Spi::connect(|c| {
+            let rows = c.select(
+                "SELECT COALESCE(NULLIF(c.reltablespace, 0), d.dattablespace)::oid::int8,
                     pg_catalog.pg_relation_filenode(c.oid)::oid::int8
                FROM pg_catalog.pg_class c
                JOIN pg_catalog.pg_am a ON a.oid = c.relam AND a.amname = 'twotower_hnsw'
                JOIN pg_catalog.pg_database d ON d.datname = pg_catalog.current_database()",
-            None,
-            &[],
-        )?;
-        let mut out = Vec::new();
-        for r in rows {
-            let spc: Option<i64> = r.get(1)?;
-            let node: Option<i64> = r.get(2)?;
-            if let (Some(s), Some(n)) = (spc, node) {
-                out.push((s as u32, n as u32));
+                None,
+                &[],
+            )?;
+            let mut out = Vec::new();
+            for r in rows {
+                let spc: Option<i64> = r.get(1)?;
+                let node: Option<i64> = r.get(2)?;
+                if let (Some(s), Some(n)) = (spc, node) {
+                    out.push((s as u32, n as u32));
+                }
             }
-        }
-        Ok::<_, pgrx::spi::Error>(out)
-    })
-    .unwrap_or_else(|e| pgrx::error!("cache_cleanup: {e}"));
-    // SAFETY: MyDatabaseId is set in every backend connected to a database.
-    cache::cleanup(unsafe { pg_sys::MyDatabaseId }.to_u32(), &live)
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .unwrap_or_else(|e| pgrx::error!("cache_cleanup: {e}"));
+        // SAFETY: MyDatabaseId is set in every backend connected to a database.
+        cache::cleanup(unsafe { pg_sys::MyDatabaseId }.to_u32(), &live)
+    }
 }

@@ -43,7 +43,11 @@ pub extern "C-unwind" fn _PG_init() {
     am::options::register();
 }
 
-extension_sql_file!("../sql/pg_twotower.sql", name = "pg_twotower_objects", finalize);
+extension_sql_file!(
+    "../sql/pg_twotower.sql",
+    name = "pg_twotower_objects",
+    finalize
+);
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

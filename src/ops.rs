@@ -47,7 +47,11 @@ unsafe fn two_vectors(fcinfo: pg_sys::FunctionCallInfo) -> (VecRef, VecRef) {
     let a = unsafe { VecRef::checked(arg(fcinfo, 0), None) }.or_report();
     let b = unsafe { VecRef::checked(arg(fcinfo, 1), None) }.or_report();
     if a.as_slice().len() != b.as_slice().len() {
-        TtError::LengthMismatch { left: a.as_slice().len(), right: b.as_slice().len() }.report();
+        TtError::LengthMismatch {
+            left: a.as_slice().len(),
+            right: b.as_slice().len(),
+        }
+        .report();
     }
     (a, b)
 }
@@ -59,7 +63,9 @@ fn f8(v: f64) -> pg_sys::Datum {
 /// `cosine_distance(real[], real[])`, the `<=>` operator: 1 - cos(a, b), NaN for a zero vector.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_cosine_distance(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_cosine_distance(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: PostgreSQL calls this with two non-NULL real[] arguments (STRICT).
     let (a, b) = unsafe { two_vectors(fcinfo) };
     f8(cosine_distance(a.as_slice(), b.as_slice()))
@@ -68,7 +74,9 @@ pub unsafe extern "C-unwind" fn twotower_cosine_distance(fcinfo: pg_sys::Functio
 /// `inner_product(real[], real[])`.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_inner_product(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_inner_product(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: as above.
     let (a, b) = unsafe { two_vectors(fcinfo) };
     f8(inner_product(a.as_slice(), b.as_slice()))
@@ -77,7 +85,9 @@ pub unsafe extern "C-unwind" fn twotower_inner_product(fcinfo: pg_sys::FunctionC
 /// `negative_inner_product(real[], real[])`, the `<#>` operator.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_negative_inner_product(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_negative_inner_product(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: as above.
     let (a, b) = unsafe { two_vectors(fcinfo) };
     f8(-inner_product(a.as_slice(), b.as_slice()))
@@ -86,7 +96,9 @@ pub unsafe extern "C-unwind" fn twotower_negative_inner_product(fcinfo: pg_sys::
 /// `l2_distance(real[], real[])`, the `<->` operator.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_l2_distance(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_l2_distance(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: as above.
     let (a, b) = unsafe { two_vectors(fcinfo) };
     f8(l2_distance(a.as_slice(), b.as_slice()))
@@ -95,7 +107,9 @@ pub unsafe extern "C-unwind" fn twotower_l2_distance(fcinfo: pg_sys::FunctionCal
 /// `vector_dims(real[])`: number of elements of a valid vector.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_vector_dims(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_vector_dims(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: one non-NULL real[] argument (STRICT).
     let a = unsafe { VecRef::checked(arg(fcinfo, 0), None) }.or_report();
     pg_sys::Datum::from(a.as_slice().len() as i32)
@@ -104,7 +118,9 @@ pub unsafe extern "C-unwind" fn twotower_vector_dims(fcinfo: pg_sys::FunctionCal
 /// `vector_norm(real[])`: Euclidean norm.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_vector_norm(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_vector_norm(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: one non-NULL real[] argument (STRICT).
     let a = unsafe { VecRef::checked(arg(fcinfo, 0), None) }.or_report();
     f8(inner_product(a.as_slice(), a.as_slice()).sqrt())
@@ -113,11 +129,17 @@ pub unsafe extern "C-unwind" fn twotower_vector_norm(fcinfo: pg_sys::FunctionCal
 /// `l2_normalize(real[])`: the vector scaled to unit length (a zero vector stays zero).
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_l2_normalize(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_l2_normalize(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: one non-NULL real[] argument (STRICT).
     let a = unsafe { VecRef::checked(arg(fcinfo, 0), None) }.or_report();
     let s = a.as_slice();
     let norm = inner_product(s, s).sqrt();
-    let out: Vec<f32> = if norm > 0.0 { s.iter().map(|x| (*x as f64 / norm) as f32).collect() } else { s.to_vec() };
+    let out: Vec<f32> = if norm > 0.0 {
+        s.iter().map(|x| (*x as f64 / norm) as f32).collect()
+    } else {
+        s.to_vec()
+    };
     out.into_datum().expect("a Vec<f32> is never NULL")
 }

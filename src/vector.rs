@@ -21,17 +21,23 @@ impl VecRef {
     /// operator classes, which only accept `real[]`).
     pub unsafe fn from_datum(datum: pg_sys::Datum) -> TtResult<VecRef> {
         // SAFETY: the caller guarantees an array datum; detoasting returns a valid varlena.
-        let arr = unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) } as *const pg_sys::ArrayType;
+        let arr =
+            unsafe { pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) } as *const pg_sys::ArrayType;
         // SAFETY: `arr` points to a detoasted ArrayType header.
-        let (ndim, dataoffset, elemtype) = unsafe { ((*arr).ndim, (*arr).dataoffset, (*arr).elemtype) };
+        let (ndim, dataoffset, elemtype) =
+            unsafe { ((*arr).ndim, (*arr).dataoffset, (*arr).elemtype) };
         if elemtype != pg_sys::FLOAT4OID {
-            return Err(TtError::BadArray("array elements must be of type real".into()));
+            return Err(TtError::BadArray(
+                "array elements must be of type real".into(),
+            ));
         }
         if ndim == 0 {
             return Err(TtError::Ann(twotower_ann::AnnError::EmptyVector));
         }
         if ndim != 1 {
-            return Err(TtError::BadArray(format!("array has {ndim} dimensions, expected 1")));
+            return Err(TtError::BadArray(format!(
+                "array has {ndim} dimensions, expected 1"
+            )));
         }
         if dataoffset != 0 {
             return Err(TtError::BadArray("array contains NULL elements".into()));

@@ -7,7 +7,9 @@ use crate::error::{OrReport, TtError};
 use crate::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use twotower_ann::{build_image, estimate_build_memory, is_zero, AnnError, BuildParams, Metric, Poll, Quantization};
+use twotower_ann::{
+    build_image, estimate_build_memory, is_zero, AnnError, BuildParams, Metric, Poll, Quantization,
+};
 
 const PHASE_LOAD: i64 = 2;
 const PHASE_GRAPH: i64 = 3;
@@ -84,7 +86,11 @@ unsafe extern "C-unwind" fn build_callback(
     if st.keys.len() % 1024 == 0 {
         let need = st.estimate(st.keys.len());
         if need > st.budget {
-            TtError::MemoryBudget { needed: need * 11 / 10, available: st.budget }.report();
+            TtError::MemoryBudget {
+                needed: need * 11 / 10,
+                available: st.budget,
+            }
+            .report();
         }
         progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, st.keys.len() as i64);
     }
@@ -109,7 +115,9 @@ fn worker_threads() -> usize {
     if n > 0 {
         n as usize
     } else {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     }
 }
 
@@ -155,7 +163,11 @@ pub unsafe extern "C-unwind" fn ambuild(
     let n = st.keys.len();
     let need = st.estimate(n);
     if need > budget {
-        TtError::MemoryBudget { needed: need, available: budget }.report();
+        TtError::MemoryBudget {
+            needed: need,
+            available: budget,
+        }
+        .report();
     }
     let mut meta = Meta {
         dims: st.dims.unwrap_or(0) as u32,
@@ -171,7 +183,13 @@ pub unsafe extern "C-unwind" fn ambuild(
     let image = if n == 0 {
         Vec::new()
     } else {
-        let params = BuildParams { dims: st.dims.unwrap_or(0), metric, quantization, m, ef_construction: efc };
+        let params = BuildParams {
+            dims: st.dims.unwrap_or(0),
+            metric,
+            quantization,
+            m,
+            ef_construction: efc,
+        };
         progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_GRAPH);
         progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, n as i64);
         let keys = std::mem::take(&mut st.keys);
@@ -195,7 +213,11 @@ pub unsafe extern "C-unwind" fn ambuild(
         }
     };
     progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_WRITE);
-    meta.image_checksum = if image.is_empty() { 0 } else { twotower_ann::checksum(&image) };
+    meta.image_checksum = if image.is_empty() {
+        0
+    } else {
+        twotower_ann::checksum(&image)
+    };
     // SAFETY: the index relation is new and empty.
     unsafe {
         write_new_index(index, pg_sys::ForkNumber::MAIN_FORKNUM, &mut meta, &image);
@@ -204,7 +226,8 @@ pub unsafe extern "C-unwind" fn ambuild(
     }
     // SAFETY: palloc0 returns zeroed memory for the result struct.
     unsafe {
-        let res = pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexBuildResult>()) as *mut pg_sys::IndexBuildResult;
+        let res = pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexBuildResult>())
+            as *mut pg_sys::IndexBuildResult;
         (*res).heap_tuples = reltuples;
         (*res).index_tuples = n as f64;
         res

@@ -48,7 +48,12 @@ fn prefix(k: Key) -> String {
 }
 
 pub fn file_path(k: Key, meta: &Meta) -> PathBuf {
-    Path::new(CACHE_DIR).join(format!("{}{:016x}_{:016x}.img", prefix(k), meta.generation, meta.image_checksum))
+    Path::new(CACHE_DIR).join(format!(
+        "{}{:016x}_{:016x}.img",
+        prefix(k),
+        meta.generation,
+        meta.image_checksum
+    ))
 }
 
 /// State of the cache file for index_info.
@@ -56,7 +61,11 @@ pub fn file_state(k: Key, meta: &Meta) -> &'static str {
     if !meta.has_image() {
         return "none (no graph yet)";
     }
-    let open = OPEN.with(|o| o.borrow().iter().any(|(key, l)| *key == k && l.generation == meta.generation));
+    let open = OPEN.with(|o| {
+        o.borrow()
+            .iter()
+            .any(|(key, l)| *key == k && l.generation == meta.generation)
+    });
     if open {
         "verified (mapped by this backend)"
     } else if file_path(k, meta).exists() {
@@ -74,7 +83,12 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
     // SAFETY: forwarded.
     let k = unsafe { rel_key(index) };
     if let Some(l) = OPEN.with(|o| {
-        o.borrow().iter().find(|(key, l)| *key == k && l.generation == meta.generation && l.checksum == meta.image_checksum).map(|(_, l)| l.clone())
+        o.borrow()
+            .iter()
+            .find(|(key, l)| {
+                *key == k && l.generation == meta.generation && l.checksum == meta.image_checksum
+            })
+            .map(|(_, l)| l.clone())
     }) {
         return Ok(l);
     }
@@ -87,7 +101,9 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
             // SAFETY: forwarded.
             unsafe { materialize(index, k, meta, &path)? };
             open_file(&path, meta).map_err(|e| match e {
-                TtError::Ann(a) => TtError::IndexCorrupt(format!("image read from the index pages failed verification: {a}")),
+                TtError::Ann(a) => TtError::IndexCorrupt(format!(
+                    "image read from the index pages failed verification: {a}"
+                )),
                 other => other,
             })?
         }
@@ -105,15 +121,22 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
 }
 
 fn open_file(path: &Path, meta: &Meta) -> TtResult<Loaded> {
-    let f = fs::File::open(path).map_err(|e| TtError::CacheIo(format!("{}: {e}", path.display())))?;
+    let f =
+        fs::File::open(path).map_err(|e| TtError::CacheIo(format!("{}: {e}", path.display())))?;
     // SAFETY: cache files are only ever created complete (rename) and never modified in place;
     // the checksum in Image::open verifies the mapped bytes.
-    let map = unsafe { Mmap::map(&f) }.map_err(|e| TtError::CacheIo(format!("{}: {e}", path.display())))?;
+    let map = unsafe { Mmap::map(&f) }
+        .map_err(|e| TtError::CacheIo(format!("{}: {e}", path.display())))?;
     if map.len() as u64 != meta.image_len {
         return Err(TtError::CacheIo("cache file has the wrong length".into()));
     }
     let image = Image::open(map, meta.image_checksum)?;
-    Ok(Loaded { generation: meta.generation, checksum: meta.image_checksum, path: path.to_path_buf(), image })
+    Ok(Loaded {
+        generation: meta.generation,
+        checksum: meta.image_checksum,
+        path: path.to_path_buf(),
+        image,
+    })
 }
 
 /// Writes the image from the pages to `path` atomically and removes stale files of this relation.
@@ -161,7 +184,11 @@ pub fn cleanup(db: u32, live: &[(u32, u32)]) -> i64 {
             if parts.len() < 4 {
                 continue;
             }
-            let (Ok(spc), Ok(d), Ok(rel)) = (parts[0].parse::<u32>(), parts[1].parse::<u32>(), parts[2].parse::<u32>()) else {
+            let (Ok(spc), Ok(d), Ok(rel)) = (
+                parts[0].parse::<u32>(),
+                parts[1].parse::<u32>(),
+                parts[2].parse::<u32>(),
+            ) else {
                 continue;
             };
             if d == db && !live.contains(&(spc, rel)) && fs::remove_file(e.path()).is_ok() {
@@ -169,7 +196,10 @@ pub fn cleanup(db: u32, live: &[(u32, u32)]) -> i64 {
             }
         }
     }
-    OPEN.with(|o| o.borrow_mut().retain(|((s, d, r), _)| *d != db || live.contains(&(*s, *r))));
+    OPEN.with(|o| {
+        o.borrow_mut()
+            .retain(|((s, d, r), _)| *d != db || live.contains(&(*s, *r)))
+    });
     removed
 }
 

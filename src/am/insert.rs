@@ -30,7 +30,11 @@ pub unsafe extern "C-unwind" fn aminsert(
     let v = unsafe { VecRef::checked(*values, expected) }.or_report();
     let s = v.as_slice();
     if s.len() > MAX_INDEX_DIMS {
-        TtError::Unsupported(format!("twotower_hnsw indexes support at most {MAX_INDEX_DIMS} dimensions, this vector has {}", s.len())).report();
+        TtError::Unsupported(format!(
+            "twotower_hnsw indexes support at most {MAX_INDEX_DIMS} dimensions, this vector has {}",
+            s.len()
+        ))
+        .report();
     }
     if Metric::from_code(meta.metric) == Some(Metric::Cosine) && is_zero(s) {
         return false;

@@ -16,14 +16,20 @@ use pgrx::prelude::*;
 use std::ffi::CStr;
 use twotower_ann::Metric;
 
-pg_function_info_v1!(pg_finfo_twotower_hnsw_handler, pg_finfo_twotower_hnsw_support);
+pg_function_info_v1!(
+    pg_finfo_twotower_hnsw_handler,
+    pg_finfo_twotower_hnsw_support
+);
 
 /// The AM handler: `twotower.hnsw_handler(internal) RETURNS index_am_handler`.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_hnsw_handler(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_hnsw_handler(
+    _fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: palloc0 returns zeroed memory of the requested size in the current context.
-    let r = unsafe { pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexAmRoutine>()) } as *mut pg_sys::IndexAmRoutine;
+    let r = unsafe { pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexAmRoutine>()) }
+        as *mut pg_sys::IndexAmRoutine;
     // SAFETY: `r` is a valid, zeroed IndexAmRoutine.
     unsafe {
         (*r).type_ = pg_sys::NodeTag::T_IndexAmRoutine;
@@ -76,7 +82,9 @@ pub unsafe extern "C-unwind" fn twotower_hnsw_handler(_fcinfo: pg_sys::FunctionC
 /// method which metric the operator class uses.
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_hnsw_support(_fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_hnsw_support(
+    _fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     pg_sys::Datum::from(0usize)
 }
 
@@ -95,7 +103,8 @@ pub unsafe fn metric_of(index: pg_sys::Relation) -> Metric {
         let proc_ = pg_sys::index_getprocid(index, 1, 1);
         let p = pg_sys::get_func_name(proc_);
         if p.is_null() {
-            TtError::Unsupported("operator class of this index has no support function 1".into()).report();
+            TtError::Unsupported("operator class of this index has no support function 1".into())
+                .report();
         }
         CStr::from_ptr(p).to_string_lossy().into_owned()
     };
@@ -103,7 +112,10 @@ pub unsafe fn metric_of(index: pg_sys::Relation) -> Metric {
         "hnsw_support_cosine" => Metric::Cosine,
         "hnsw_support_ip" => Metric::InnerProduct,
         "hnsw_support_l2" => Metric::L2,
-        other => TtError::Unsupported(format!("unknown twotower_hnsw support function \"{other}\"")).report(),
+        other => TtError::Unsupported(format!(
+            "unknown twotower_hnsw support function \"{other}\""
+        ))
+        .report(),
     }
 }
 

@@ -70,7 +70,10 @@ unsafe extern "C-unwind" fn validate_quantization(value: *const core::ffi::c_cha
 
 /// `amoptions`: parses and validates `WITH (...)`.
 #[pgrx::pg_guard]
-pub unsafe extern "C-unwind" fn amoptions(reloptions: pg_sys::Datum, validate: bool) -> *mut pg_sys::bytea {
+pub unsafe extern "C-unwind" fn amoptions(
+    reloptions: pg_sys::Datum,
+    validate: bool,
+) -> *mut pg_sys::bytea {
     let tab = [
         pg_sys::relopt_parse_elt {
             optname: c"m".as_ptr(),
@@ -110,12 +113,17 @@ pub unsafe fn of(index: pg_sys::Relation) -> (usize, usize, Quantization) {
     unsafe {
         let opts = (*index).rd_options as *const HnswOptions;
         if opts.is_null() {
-            return (DEFAULT_M as usize, DEFAULT_EF_CONSTRUCTION as usize, Quantization::F32);
+            return (
+                DEFAULT_M as usize,
+                DEFAULT_EF_CONSTRUCTION as usize,
+                Quantization::F32,
+            );
         }
         let q = if (*opts).quantization_offset == 0 {
             Quantization::F32
         } else {
-            let p = (opts as *const u8).add((*opts).quantization_offset as usize) as *const core::ffi::c_char;
+            let p = (opts as *const u8).add((*opts).quantization_offset as usize)
+                as *const core::ffi::c_char;
             // The validator already accepted this value.
             Quantization::parse(&CStr::from_ptr(p).to_string_lossy()).unwrap_or(Quantization::F32)
         };

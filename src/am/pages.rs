@@ -72,7 +72,11 @@ impl Locked {
     ///
     /// # Safety
     /// `index` must be an open relation.
-    pub unsafe fn read(index: pg_sys::Relation, blkno: pg_sys::BlockNumber, exclusive: bool) -> Locked {
+    pub unsafe fn read(
+        index: pg_sys::Relation,
+        blkno: pg_sys::BlockNumber,
+        exclusive: bool,
+    ) -> Locked {
         // SAFETY: caller guarantees an open relation; ReadBufferExtended errors on a bad block.
         unsafe {
             let buf = pg_sys::ReadBufferExtended(
@@ -84,7 +88,11 @@ impl Locked {
             );
             pg_sys::LockBuffer(
                 buf,
-                if exclusive { pg_sys::BUFFER_LOCK_EXCLUSIVE } else { pg_sys::BUFFER_LOCK_SHARE } as i32,
+                if exclusive {
+                    pg_sys::BUFFER_LOCK_EXCLUSIVE
+                } else {
+                    pg_sys::BUFFER_LOCK_SHARE
+                } as i32,
             );
             Locked { buf }
         }
@@ -173,7 +181,9 @@ pub unsafe fn read_meta(index: pg_sys::Relation) -> TtResult<Meta> {
 
 fn meta_bytes(m: &Meta) -> &[u8] {
     // SAFETY: Meta is repr(C) plain old data.
-    unsafe { std::slice::from_raw_parts(m as *const Meta as *const u8, std::mem::size_of::<Meta>()) }
+    unsafe {
+        std::slice::from_raw_parts(m as *const Meta as *const u8, std::mem::size_of::<Meta>())
+    }
 }
 
 /// Writes a fresh index: metapage, image pages and zeroed tombstone pages, into `fork`, then
@@ -219,7 +229,8 @@ pub unsafe fn write_new_index(
         let nblocks = pg_sys::RelationGetNumberOfBlocksInFork(index, fork);
         debug_assert_eq!(nblocks, meta.delta_start);
         if fork == pg_sys::ForkNumber::INIT_FORKNUM
-            || (*(*index).rd_rel).relpersistence == pg_sys::RELPERSISTENCE_PERMANENT as core::ffi::c_char
+            || (*(*index).rd_rel).relpersistence
+                == pg_sys::RELPERSISTENCE_PERMANENT as core::ffi::c_char
         {
             pg_sys::log_newpage_range(index, fork, 0, nblocks, true);
         }
@@ -230,7 +241,11 @@ pub unsafe fn write_new_index(
 ///
 /// # Safety
 /// `index` must be an open twotower_hnsw index and `meta` its current metapage.
-pub unsafe fn read_image_into(index: pg_sys::Relation, meta: &Meta, out: &mut dyn Write) -> TtResult<()> {
+pub unsafe fn read_image_into(
+    index: pg_sys::Relation,
+    meta: &Meta,
+    out: &mut dyn Write,
+) -> TtResult<()> {
     let mut remaining = meta.image_len as usize;
     for i in 0..meta.image_nblocks {
         if i % 1024 == 0 {
@@ -242,15 +257,22 @@ pub unsafe fn read_image_into(index: pg_sys::Relation, meta: &Meta, out: &mut dy
         // SAFETY: the page holds at least `n` payload bytes (pd_lower checked below).
         let lower = unsafe { (*(b.page() as *const pg_sys::PageHeaderData)).pd_lower } as usize;
         if lower != PAGE_HEADER + n {
-            return Err(TtError::IndexCorrupt(format!("image block {} holds {} bytes, expected {n}", meta.image_start + i, lower.saturating_sub(PAGE_HEADER))));
+            return Err(TtError::IndexCorrupt(format!(
+                "image block {} holds {} bytes, expected {n}",
+                meta.image_start + i,
+                lower.saturating_sub(PAGE_HEADER)
+            )));
         }
         // SAFETY: as above.
         let data = unsafe { std::slice::from_raw_parts(contents(b.page()), n) };
-        out.write_all(data).map_err(|e| TtError::CacheIo(e.to_string()))?;
+        out.write_all(data)
+            .map_err(|e| TtError::CacheIo(e.to_string()))?;
         remaining -= n;
     }
     if remaining != 0 {
-        return Err(TtError::IndexCorrupt("image is shorter than the metapage says".into()));
+        return Err(TtError::IndexCorrupt(
+            "image is shorter than the metapage says".into(),
+        ));
     }
     Ok(())
 }
@@ -339,7 +361,10 @@ pub fn tid_to_key(tid: &pg_sys::ItemPointerData) -> u64 {
 pub fn key_to_tid(key: u64) -> pg_sys::ItemPointerData {
     let blk = (key >> 16) as u32;
     pg_sys::ItemPointerData {
-        ip_blkid: pg_sys::BlockIdData { bi_hi: (blk >> 16) as u16, bi_lo: (blk & 0xffff) as u16 },
+        ip_blkid: pg_sys::BlockIdData {
+            bi_hi: (blk >> 16) as u16,
+            bi_lo: (blk & 0xffff) as u16,
+        },
         ip_posid: (key & 0xffff) as u16,
     }
 }
@@ -362,7 +387,11 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
         let meta_buf = Locked::read(index, META_BLKNO, true);
         let m = std::ptr::read_unaligned(contents(meta_buf.page()) as *const Meta);
         if m.dims != 0 && m.dims as usize != vector.len() {
-            TtError::Ann(twotower_ann::AnnError::DimensionMismatch { expected: m.dims as usize, got: vector.len() }).report();
+            TtError::Ann(twotower_ann::AnnError::DimensionMismatch {
+                expected: m.dims as usize,
+                got: vector.len(),
+            })
+            .report();
         }
         let mut target: Option<Locked> = None;
         if m.delta_tail != pg_sys::InvalidBlockNumber {
@@ -373,19 +402,32 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
         }
         let (b, fresh) = match target {
             Some(b) => (b, false),
-            None => (Locked::extend(index, pg_sys::ForkNumber::MAIN_FORKNUM), true),
+            None => (
+                Locked::extend(index, pg_sys::ForkNumber::MAIN_FORKNUM),
+                true,
+            ),
         };
         let blkno = b.blkno();
         let state = pg_sys::GenericXLogStart(index);
         let page = pg_sys::GenericXLogRegisterBuffer(
             state,
             b.buf,
-            if fresh { pg_sys::GENERIC_XLOG_FULL_IMAGE as i32 } else { 0 },
+            if fresh {
+                pg_sys::GENERIC_XLOG_FULL_IMAGE as i32
+            } else {
+                0
+            },
         );
         if fresh {
             pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, 0);
         }
-        let off = pg_sys::PageAddItemExtended(page, item.as_ptr() as pg_sys::Item, item.len(), pg_sys::InvalidOffsetNumber, 0);
+        let off = pg_sys::PageAddItemExtended(
+            page,
+            item.as_ptr() as pg_sys::Item,
+            item.len(),
+            pg_sys::InvalidOffsetNumber,
+            0,
+        );
         if off == pg_sys::InvalidOffsetNumber {
             pg_sys::GenericXLogAbort(state);
             TtError::IndexCorrupt(format!("could not add a delta item to block {blkno}")).report();
@@ -410,7 +452,11 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
 ///
 /// # Safety
 /// As for [`read_image_into`].
-pub unsafe fn for_each_delta(index: pg_sys::Relation, meta: &Meta, mut f: impl FnMut(pg_sys::ItemPointerData, &[f32])) {
+pub unsafe fn for_each_delta(
+    index: pg_sys::Relation,
+    meta: &Meta,
+    mut f: impl FnMut(pg_sys::ItemPointerData, &[f32]),
+) {
     let dims = meta.dims as usize;
     for blk in meta.delta_start..meta.delta_end {
         // SAFETY: blocks in the delta range exist (delta_end only grows after extension).

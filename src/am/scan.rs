@@ -2,7 +2,9 @@
 //! ranked delta, in ascending distance, for as long as the executor keeps asking.
 
 use super::cache::{self, Loaded};
-use super::pages::{bit_is_set, for_each_delta, key_to_tid, read_meta, read_tombstones, tid_to_key};
+use super::pages::{
+    bit_is_set, for_each_delta, key_to_tid, read_meta, read_tombstones, tid_to_key,
+};
 use crate::error::{OrReport, TtError};
 use crate::vector::VecRef;
 use pgrx::pg_sys;
@@ -27,7 +29,11 @@ struct ScanState {
 }
 
 #[pg_guard]
-pub unsafe extern "C-unwind" fn ambeginscan(index: pg_sys::Relation, nkeys: i32, norderbys: i32) -> pg_sys::IndexScanDesc {
+pub unsafe extern "C-unwind" fn ambeginscan(
+    index: pg_sys::Relation,
+    nkeys: i32,
+    norderbys: i32,
+) -> pg_sys::IndexScanDesc {
     // SAFETY: standard scan descriptor allocation.
     let scan = unsafe { pg_sys::RelationGetIndexScan(index, nkeys, norderbys) };
     // The state lives in the scan's memory context and is dropped with it, even on ERROR.
@@ -48,7 +54,11 @@ pub unsafe extern "C-unwind" fn amrescan(
     // SAFETY: the executor passes our scan and its order-by keys.
     unsafe {
         if !orderbys.is_null() && (*scan).numberOfOrderBys > 0 {
-            std::ptr::copy(orderbys, (*scan).orderByData, (*scan).numberOfOrderBys as usize);
+            std::ptr::copy(
+                orderbys,
+                (*scan).orderByData,
+                (*scan).numberOfOrderBys as usize,
+            );
         }
         let st = &mut *((*scan).opaque as *mut ScanState);
         *st = ScanState::default();
@@ -69,7 +79,11 @@ unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
     let metric = Metric::from_code(meta.metric).unwrap_or(Metric::Cosine);
     if let Some(q) = &st.query {
         if meta.dims > 0 && q.len() != meta.dims as usize {
-            TtError::Ann(AnnError::DimensionMismatch { expected: meta.dims as usize, got: q.len() }).report();
+            TtError::Ann(AnnError::DimensionMismatch {
+                expected: meta.dims as usize,
+                got: q.len(),
+            })
+            .report();
         }
     }
     st.ef = crate::EF_SEARCH.get().max(1) as usize;
@@ -100,14 +114,33 @@ unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
 }
 
 fn next_ordered(st: &mut ScanState) -> Option<u64> {
-    let ScanState { query, image, tombstones, cursor, delta, ef, .. } = st;
+    let ScanState {
+        query,
+        image,
+        tombstones,
+        cursor,
+        delta,
+        ef,
+        ..
+    } = st;
     let q = query.as_ref()?;
     let graph_head = match image {
         Some(img) => {
             let img_ref = &img.image;
-            let skip = |key: u64| img_ref.position(key).is_some_and(|p| bit_is_set(tombstones, p));
-            let skip_dyn: Option<&dyn Fn(u64) -> bool> = if tombstones.is_empty() { None } else { Some(&skip) };
-            cursor.peek(img_ref, q, *ef, skip_dyn).map_err(TtError::from).or_report()
+            let skip = |key: u64| {
+                img_ref
+                    .position(key)
+                    .is_some_and(|p| bit_is_set(tombstones, p))
+            };
+            let skip_dyn: Option<&dyn Fn(u64) -> bool> = if tombstones.is_empty() {
+                None
+            } else {
+                Some(&skip)
+            };
+            cursor
+                .peek(img_ref, q, *ef, skip_dyn)
+                .map_err(TtError::from)
+                .or_report()
         }
         None => None,
     };
@@ -139,7 +172,10 @@ fn next_unordered(st: &mut ScanState) -> Option<u64> {
 }
 
 #[pg_guard]
-pub unsafe extern "C-unwind" fn amgettuple(scan: pg_sys::IndexScanDesc, dir: pg_sys::ScanDirection::Type) -> bool {
+pub unsafe extern "C-unwind" fn amgettuple(
+    scan: pg_sys::IndexScanDesc,
+    dir: pg_sys::ScanDirection::Type,
+) -> bool {
     if dir != pg_sys::ScanDirection::ForwardScanDirection {
         TtError::Unsupported("twotower_hnsw indexes only scan forward".into()).report();
     }
@@ -150,7 +186,11 @@ pub unsafe extern "C-unwind" fn amgettuple(scan: pg_sys::IndexScanDesc, dir: pg_
         unsafe { start((*scan).indexRelation, st) };
     }
     pgrx::check_for_interrupts!();
-    let next = if st.query.is_some() { next_ordered(st) } else { next_unordered(st) };
+    let next = if st.query.is_some() {
+        next_ordered(st)
+    } else {
+        next_unordered(st)
+    };
     match next {
         Some(key) => {
             // SAFETY: writing our result into the scan descriptor.

@@ -2,15 +2,22 @@
 //! items are deleted.
 
 use super::cache;
-use super::pages::{bit_is_set, key_to_tid, read_meta, read_tombstones, set_tombstones, vacuum_delta};
+use super::pages::{
+    bit_is_set, key_to_tid, read_meta, read_tombstones, set_tombstones, vacuum_delta,
+};
 use crate::error::OrReport;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-unsafe fn alloc_stats(stats: *mut pg_sys::IndexBulkDeleteResult) -> *mut pg_sys::IndexBulkDeleteResult {
+unsafe fn alloc_stats(
+    stats: *mut pg_sys::IndexBulkDeleteResult,
+) -> *mut pg_sys::IndexBulkDeleteResult {
     if stats.is_null() {
         // SAFETY: zeroed allocation of the result struct in the current context.
-        unsafe { pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexBulkDeleteResult>()) as *mut pg_sys::IndexBulkDeleteResult }
+        unsafe {
+            pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexBulkDeleteResult>())
+                as *mut pg_sys::IndexBulkDeleteResult
+        }
     } else {
         stats
     }
@@ -32,7 +39,11 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
         let mut live = 0u64;
         if meta.has_image() {
             let img = cache::image(index, &meta).or_report();
-            let tomb = if meta.graph_dead > 0 { read_tombstones(index, &meta) } else { Vec::new() };
+            let tomb = if meta.graph_dead > 0 {
+                read_tombstones(index, &meta)
+            } else {
+                Vec::new()
+            };
             let mut newly_dead = Vec::new();
             for pos in 0..img.image.len() {
                 if pos % 4096 == 0 {
@@ -54,7 +65,8 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
         let (removed, kept) = vacuum_delta(index, &meta, |tid| cb(tid, callback_state));
         (*stats).tuples_removed += removed as f64;
         (*stats).num_index_tuples = (live + kept) as f64;
-        (*stats).num_pages = pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        (*stats).num_pages =
+            pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM);
         stats
     }
 }
@@ -75,8 +87,10 @@ pub unsafe extern "C-unwind" fn amvacuumcleanup(
         let stats = alloc_stats(stats);
         let index = (*info).index;
         let meta = read_meta(index).or_report();
-        (*stats).num_index_tuples = (meta.graph_count - meta.graph_dead.min(meta.graph_count) + meta.delta_live) as f64;
-        (*stats).num_pages = pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        (*stats).num_index_tuples =
+            (meta.graph_count - meta.graph_dead.min(meta.graph_count) + meta.delta_live) as f64;
+        (*stats).num_pages =
+            pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM);
         stats
     }
 }

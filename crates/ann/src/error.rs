@@ -16,7 +16,10 @@ pub enum AnnError {
     #[error("vector contains a non-finite value ({value}) at position {position}")]
     NonFinite { position: usize, value: f32 },
     #[error("invalid value for option \"{option}\": {reason}")]
-    InvalidOption { option: &'static str, reason: String },
+    InvalidOption {
+        option: &'static str,
+        reason: String,
+    },
     #[error("index image is corrupt: {0}")]
     CorruptImage(String),
     #[error("index build was cancelled")]

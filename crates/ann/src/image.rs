@@ -39,7 +39,10 @@ pub struct BuildParams {
 impl BuildParams {
     pub fn validate(&self) -> Result<()> {
         if !(2..=100).contains(&self.m) {
-            return Err(AnnError::InvalidOption { option: "m", reason: format!("{} is outside 2..100", self.m) });
+            return Err(AnnError::InvalidOption {
+                option: "m",
+                reason: format!("{} is outside 2..100", self.m),
+            });
         }
         if !(4..=1000).contains(&self.ef_construction) {
             return Err(AnnError::InvalidOption {
@@ -99,7 +102,10 @@ pub fn build_image(
     params.validate()?;
     let n = keys.len();
     if vectors.len() != n * params.dims {
-        return Err(AnnError::DimensionMismatch { expected: n * params.dims, got: vectors.len() });
+        return Err(AnnError::DimensionMismatch {
+            expected: n * params.dims,
+            got: vectors.len(),
+        });
     }
     let index = usearch::Index::new(&params.options())?;
     let threads = threads.clamp(1, 64);
@@ -123,9 +129,13 @@ pub fn build_image(
                 }
                 for i in start..(start + CHUNK).min(n) {
                     let v = &vectors[i * params.dims..(i + 1) * params.dims];
-                    let res = validate_vector(v, Some(params.dims)).and_then(|_| index.add(keys[i], v).map_err(AnnError::from));
+                    let res = validate_vector(v, Some(params.dims))
+                        .and_then(|_| index.add(keys[i], v).map_err(AnnError::from));
                     if let Err(e) = res {
-                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
                         cancel.store(true, Ordering::Relaxed);
                         return;
                     }
@@ -229,7 +239,8 @@ impl Header {
             return Err(bad("unsupported format version"));
         }
         let metric = Metric::from_code(get_u32(b, 20)).ok_or_else(|| bad("unknown metric"))?;
-        let quantization = Quantization::from_code(get_u32(b, 24)).ok_or_else(|| bad("unknown quantization"))?;
+        let quantization =
+            Quantization::from_code(get_u32(b, 24)).ok_or_else(|| bad("unknown quantization"))?;
         let h = Header {
             dims: get_u32(b, 16) as usize,
             metric,
@@ -240,10 +251,17 @@ impl Header {
             us_off: get_u64(b, 48) as usize,
             us_len: get_u64(b, 56) as usize,
         };
-        let keys_end = h.count.checked_mul(8).and_then(|x| x.checked_add(h.keys_off));
+        let keys_end = h
+            .count
+            .checked_mul(8)
+            .and_then(|x| x.checked_add(h.keys_off));
         let us_end = h.us_off.checked_add(h.us_len);
         match (keys_end, us_end) {
-            (Some(ke), Some(ue)) if h.keys_off >= HEADER_LEN && ke <= h.us_off && ue == b.len() && h.dims > 0 => Ok(h),
+            (Some(ke), Some(ue))
+                if h.keys_off >= HEADER_LEN && ke <= h.us_off && ue == b.len() && h.dims > 0 =>
+            {
+                Ok(h)
+            }
             _ => Err(bad("section bounds do not match the image length")),
         }
     }
@@ -269,8 +287,16 @@ impl<B: AsRef<[u8]>> Image<B> {
         }
         let header = Header::parse(b)?;
         let keys = &b[header.keys_off..header.keys_off + header.count * 8];
-        if keys.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect::<Vec<_>>().windows(2).any(|w| w[0] >= w[1]) {
-            return Err(AnnError::CorruptImage("item keys are not strictly ascending".into()));
+        if keys
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w[0] >= w[1])
+        {
+            return Err(AnnError::CorruptImage(
+                "item keys are not strictly ascending".into(),
+            ));
         }
         let params = BuildParams {
             dims: header.dims,
@@ -285,9 +311,15 @@ impl<B: AsRef<[u8]>> Image<B> {
         // (field order); the checksum above guarantees the bytes are the ones usearch wrote.
         unsafe { index.view_from_buffer(graph)? };
         if index.size() != header.count || index.dimensions() != header.dims {
-            return Err(AnnError::CorruptImage("graph size or dimensions differ from the header".into()));
+            return Err(AnnError::CorruptImage(
+                "graph size or dimensions differ from the header".into(),
+            ));
         }
-        Ok(Image { index, header, bytes })
+        Ok(Image {
+            index,
+            header,
+            bytes,
+        })
     }
 
     pub fn header(&self) -> &Header {
@@ -327,7 +359,13 @@ impl<B: AsRef<[u8]>> Image<B> {
     }
 
     /// Approximate top-`k` by the engine distance, skipping keys for which `skip` is true.
-    pub fn search(&self, query: &[f32], k: usize, ef: usize, skip: Option<&dyn Fn(u64) -> bool>) -> Result<Vec<(u64, f32)>> {
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        skip: Option<&dyn Fn(u64) -> bool>,
+    ) -> Result<Vec<(u64, f32)>> {
         validate_vector(query, Some(self.header.dims))?;
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
@@ -407,7 +445,11 @@ impl GraphCursor {
         skip: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<()> {
         let n = img.len();
-        self.k = if self.k == 0 { ef.max(10) } else { self.k.saturating_mul(2) };
+        self.k = if self.k == 0 {
+            ef.max(10)
+        } else {
+            self.k.saturating_mul(2)
+        };
         self.rounds += 1;
         let results = if self.k >= n {
             self.exhausted = true;

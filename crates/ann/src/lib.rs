@@ -6,5 +6,10 @@ pub mod image;
 pub mod metric;
 
 pub use error::{AnnError, Result, MAX_DIMS};
-pub use image::{build_image, checksum, estimate_build_memory, BuildParams, GraphCursor, Header, Image, Poll};
-pub use metric::{cosine_distance, inner_product, is_zero, l2_distance, l2_squared, validate_vector, Metric, Quantization};
+pub use image::{
+    build_image, checksum, estimate_build_memory, BuildParams, GraphCursor, Header, Image, Poll,
+};
+pub use metric::{
+    cosine_distance, inner_product, is_zero, l2_distance, l2_squared, validate_vector, Metric,
+    Quantization,
+};

@@ -124,7 +124,10 @@ impl Quantization {
         if self == Quantization::I8 && metric != Metric::Cosine {
             return Err(AnnError::InvalidOption {
                 option: "quantization",
-                reason: format!("i8 storage supports only cosine distance, not {}", metric.name()),
+                reason: format!(
+                    "i8 storage supports only cosine distance, not {}",
+                    metric.name()
+                ),
             });
         }
         Ok(())
@@ -141,7 +144,10 @@ pub fn validate_vector(v: &[f32], expected: Option<usize>) -> Result<()> {
     }
     if let Some(e) = expected {
         if e != v.len() {
-            return Err(AnnError::DimensionMismatch { expected: e, got: v.len() });
+            return Err(AnnError::DimensionMismatch {
+                expected: e,
+                got: v.len(),
+            });
         }
     }
     if let Some((position, &value)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
@@ -229,13 +235,25 @@ mod tests {
     #[test]
     fn validation() {
         assert_eq!(validate_vector(&[], None), Err(AnnError::EmptyVector));
-        assert!(matches!(validate_vector(&[1.0, f32::NAN], None), Err(AnnError::NonFinite { position: 1, .. })));
-        assert!(matches!(validate_vector(&[1.0, f32::INFINITY], None), Err(AnnError::NonFinite { .. })));
+        assert!(matches!(
+            validate_vector(&[1.0, f32::NAN], None),
+            Err(AnnError::NonFinite { position: 1, .. })
+        ));
+        assert!(matches!(
+            validate_vector(&[1.0, f32::INFINITY], None),
+            Err(AnnError::NonFinite { .. })
+        ));
         assert_eq!(
             validate_vector(&[1.0, 2.0], Some(3)),
-            Err(AnnError::DimensionMismatch { expected: 3, got: 2 })
+            Err(AnnError::DimensionMismatch {
+                expected: 3,
+                got: 2
+            })
         );
-        assert!(matches!(validate_vector(&vec![0.0; MAX_DIMS + 1], None), Err(AnnError::TooManyDimensions(_))));
+        assert!(matches!(
+            validate_vector(&vec![0.0; MAX_DIMS + 1], None),
+            Err(AnnError::TooManyDimensions(_))
+        ));
         assert!(validate_vector(&[1.0, 2.0], Some(2)).is_ok());
     }
 

@@ -7,11 +7,21 @@ use twotower_ann::*;
 /// `n` unit vectors of `dims` around `clusters` random centres (Gaussian noise).
 fn clustered(n: usize, dims: usize, clusters: usize, seed: u64) -> Vec<f32> {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let centres: Vec<f32> = (0..clusters * dims).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let centres: Vec<f32> = (0..clusters * dims)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
     let mut out = Vec::with_capacity(n * dims);
     for _ in 0..n {
         let c = rng.gen_range(0..clusters);
-        let mut v: Vec<f32> = (0..dims).map(|j| centres[c * dims + j] + std::env::var("TT_NOISE").map(|s| s.parse::<f32>().unwrap()).unwrap_or(0.35) * gauss(&mut rng)).collect();
+        let mut v: Vec<f32> = (0..dims)
+            .map(|j| {
+                centres[c * dims + j]
+                    + std::env::var("TT_NOISE")
+                        .map(|s| s.parse::<f32>().unwrap())
+                        .unwrap_or(0.35)
+                        * gauss(&mut rng)
+            })
+            .collect();
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.iter_mut().for_each(|x| *x /= norm);
         out.extend(v);
@@ -33,8 +43,11 @@ fn split(n: usize, nq: usize, dims: usize, clusters: usize, seed: u64) -> (Vec<f
 }
 
 fn exact_topk(metric: Metric, data: &[f32], dims: usize, q: &[f32], k: usize) -> Vec<u64> {
-    let mut d: Vec<(f32, u64)> =
-        data.chunks_exact(dims).enumerate().map(|(i, v)| (metric.engine_distance(q, v), key_of(i))).collect();
+    let mut d: Vec<(f32, u64)> = data
+        .chunks_exact(dims)
+        .enumerate()
+        .map(|(i, v)| (metric.engine_distance(q, v), key_of(i)))
+        .collect();
     d.sort_by(|a, b| a.0.total_cmp(&b.0));
     d.into_iter().take(k).map(|x| x.1).collect()
 }
@@ -47,16 +60,35 @@ fn key_of(i: usize) -> u64 {
 fn build(metric: Metric, q: Quantization, data: &[f32], dims: usize, threads: usize) -> Vec<u8> {
     let n = data.len() / dims;
     let keys: Vec<u64> = (0..n).map(key_of).collect();
-    let p = BuildParams { dims, metric, quantization: q, m: 16, ef_construction: 64 };
+    let p = BuildParams {
+        dims,
+        metric,
+        quantization: q,
+        m: 16,
+        ef_construction: 64,
+    };
     build_image(&p, &keys, data, threads, &mut |_| Poll::Continue).expect("build")
 }
 
-fn recall_at(img: &Image<Vec<u8>>, metric: Metric, data: &[f32], dims: usize, queries: &[f32], k: usize, ef: usize) -> f64 {
+fn recall_at(
+    img: &Image<Vec<u8>>,
+    metric: Metric,
+    data: &[f32],
+    dims: usize,
+    queries: &[f32],
+    k: usize,
+    ef: usize,
+) -> f64 {
     let mut hit = 0usize;
     let nq = queries.len() / dims;
     for q in queries.chunks_exact(dims) {
         let truth = exact_topk(metric, data, dims, q, k);
-        let got: std::collections::HashSet<u64> = img.search(q, k, ef, None).unwrap().into_iter().map(|x| x.0).collect();
+        let got: std::collections::HashSet<u64> = img
+            .search(q, k, ef, None)
+            .unwrap()
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
         hit += truth.iter().filter(|t| got.contains(t)).count();
     }
     hit as f64 / (nq * k) as f64
@@ -64,13 +96,23 @@ fn recall_at(img: &Image<Vec<u8>>, metric: Metric, data: &[f32], dims: usize, qu
 
 #[test]
 fn recall_100k_by_64_at_default_settings() {
-    let (n, dims) = (std::env::var("TT_N").map(|s| s.parse().unwrap()).unwrap_or(100_000), 64);
+    let (n, dims) = (
+        std::env::var("TT_N")
+            .map(|s| s.parse().unwrap())
+            .unwrap_or(100_000),
+        64,
+    );
     let (data, queries) = split(n, 200, dims, 100, 7);
     let bytes = build(Metric::Cosine, Quantization::F32, &data, dims, 2);
     let sum = checksum(&bytes);
     let img = Image::open(bytes, sum).unwrap();
     assert_eq!(img.len(), n);
-    for ef in [64, 128, 256] { eprintln!("ef={ef} recall@10 = {:.4}", recall_at(&img, Metric::Cosine, &data, dims, &queries, 10, ef)); }
+    for ef in [64, 128, 256] {
+        eprintln!(
+            "ef={ef} recall@10 = {:.4}",
+            recall_at(&img, Metric::Cosine, &data, dims, &queries, 10, ef)
+        );
+    }
     let r10 = recall_at(&img, Metric::Cosine, &data, dims, &queries, 10, 64);
     eprintln!("recall@10 (ef_search=64) = {r10:.4}");
     assert!(r10 >= 0.95, "recall@10 = {r10}");
@@ -95,11 +137,27 @@ fn multithreaded_build_matches_single_threaded_and_reaches_every_node() {
             }
         }
         eprintln!("threads={threads}: {unreachable} of {n} nodes not found by their own vector");
-        assert!(unreachable * 1000 <= n, "too many unreachable nodes: {unreachable}");
-        recalls.push(recall_at(&img, Metric::Cosine, &data, dims, &queries, 10, 64));
+        assert!(
+            unreachable * 1000 <= n,
+            "too many unreachable nodes: {unreachable}"
+        );
+        recalls.push(recall_at(
+            &img,
+            Metric::Cosine,
+            &data,
+            dims,
+            &queries,
+            10,
+            64,
+        ));
     }
     eprintln!("recall@10 single={:.4} multi={:.4}", recalls[0], recalls[1]);
-    assert!(recalls[1] >= recalls[0] - 0.01, "multi-threaded recall {} < single {}", recalls[1], recalls[0]);
+    assert!(
+        recalls[1] >= recalls[0] - 0.01,
+        "multi-threaded recall {} < single {}",
+        recalls[1],
+        recalls[0]
+    );
 }
 
 #[test]
@@ -144,7 +202,11 @@ fn cursor_yields_everything_once_in_near_order_and_skips() {
             first.push(d);
         }
     }
-    assert_eq!(seen.len(), n - dead.len(), "the cursor must reach every live item");
+    assert_eq!(
+        seen.len(),
+        n - dead.len(),
+        "the cursor must reach every live item"
+    );
     assert!(first.windows(2).all(|w| w[0] <= w[1] + 1e-6));
     assert!(cur.rounds >= 2);
 }
@@ -155,7 +217,10 @@ fn corrupt_images_are_rejected_not_crashed_on() {
     let bytes = build(Metric::Cosine, Quantization::F32, &data, 8, 1);
     let sum = checksum(&bytes);
     // Wrong checksum.
-    assert!(matches!(Image::open(bytes.clone(), sum ^ 1), Err(AnnError::CorruptImage(_))));
+    assert!(matches!(
+        Image::open(bytes.clone(), sum ^ 1),
+        Err(AnnError::CorruptImage(_))
+    ));
     // Flipped byte with a matching checksum: the header check catches it.
     let mut b = bytes.clone();
     b[17] ^= 0x40;
@@ -167,23 +232,50 @@ fn corrupt_images_are_rejected_not_crashed_on() {
     assert!(Image::open(t, s).is_err());
     // Wrong query length never reaches usearch.
     let img = Image::open(bytes, sum).unwrap();
-    assert!(matches!(img.search(&[1.0; 7], 5, 10, None), Err(AnnError::DimensionMismatch { .. })));
-    assert!(matches!(img.search(&[f32::NAN; 8], 5, 10, None), Err(AnnError::NonFinite { .. })));
+    assert!(matches!(
+        img.search(&[1.0; 7], 5, 10, None),
+        Err(AnnError::DimensionMismatch { .. })
+    ));
+    assert!(matches!(
+        img.search(&[f32::NAN; 8], 5, 10, None),
+        Err(AnnError::NonFinite { .. })
+    ));
 }
 
 #[test]
 fn build_is_cancellable_and_rejects_bad_input() {
     let data = clustered(50_000, 32, 10, 1);
     let keys: Vec<u64> = (0..50_000).map(key_of).collect();
-    let p = BuildParams { dims: 32, metric: Metric::Cosine, quantization: Quantization::F32, m: 16, ef_construction: 64 };
+    let p = BuildParams {
+        dims: 32,
+        metric: Metric::Cosine,
+        quantization: Quantization::F32,
+        m: 16,
+        ef_construction: 64,
+    };
     let t = std::time::Instant::now();
-    let r = build_image(&p, &keys, &data, 2, &mut |done| if done > 1000 { Poll::Cancel } else { Poll::Continue });
+    let r = build_image(&p, &keys, &data, 2, &mut |done| {
+        if done > 1000 {
+            Poll::Cancel
+        } else {
+            Poll::Continue
+        }
+    });
     assert_eq!(r.err(), Some(AnnError::Cancelled));
     assert!(t.elapsed().as_secs_f64() < 1.0);
     let mut bad = data[..3200].to_vec();
     bad[100] = f32::NAN;
     let r = build_image(&p, &keys[..100], &bad, 2, &mut |_| Poll::Continue);
     assert!(matches!(r, Err(AnnError::NonFinite { .. })));
-    let bad_p = BuildParams { quantization: Quantization::I8, metric: Metric::L2, ..p };
-    assert!(build_image(&bad_p, &keys[..100], &data[..3200], 1, &mut |_| Poll::Continue).is_err());
+    let bad_p = BuildParams {
+        quantization: Quantization::I8,
+        metric: Metric::L2,
+        ..p
+    };
+    assert!(
+        build_image(&bad_p, &keys[..100], &data[..3200], 1, &mut |_| {
+            Poll::Continue
+        })
+        .is_err()
+    );
 }
