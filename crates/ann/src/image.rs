@@ -10,9 +10,15 @@
 //! 32  count u64
 //! 40  keys offset u64, usearch offset u64, usearch length u64
 //! 64  keys: count × u64, ascending
+//! ..  orphans: orphan count u64, then that many u64 keys, ascending
 //! ..  padding to a 64-byte boundary
 //! ..  usearch image
 //! ```
+//!
+//! Orphans are items the graph search cannot reach (HNSW pruning, and more often concurrent
+//! insertion — usearch issue #735 — can leave a node without useful in-links). The build finds
+//! them by searching every item's own vector, and scans rank them exactly, so every item stays
+//! findable.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -162,22 +168,125 @@ pub fn build_image(
     if cancel.load(Ordering::Relaxed) {
         return Err(AnnError::Cancelled);
     }
+    let orphans = find_orphans(params, keys, vectors, &index, threads, &cancel, poll)?;
+    if threads > 1 && orphans.len() * 50 > n.max(1000) {
+        // Concurrent insertion went badly wrong (far beyond the usual handful of orphans):
+        // build again on one thread rather than rank a large share of the items exactly.
+        return build_image(params, keys, vectors, 1, poll);
+    }
     poll(n);
-    serialize(params, keys, &index)
+    serialize(params, keys, &orphans, &index)
+}
+
+/// Items that a search for their own vector does not return: a cheap search first, then a wide
+/// one for the few that the cheap one misses. Runs on the worker threads like the insertion.
+fn find_orphans(
+    params: &BuildParams,
+    keys: &[u64],
+    vectors: &[f32],
+    index: &usearch::Index,
+    threads: usize,
+    cancel: &AtomicBool,
+    poll: &mut dyn FnMut(usize) -> Poll,
+) -> Result<Vec<u64>> {
+    let n = keys.len();
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let suspects: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let failure: Mutex<Option<AnnError>> = Mutex::new(None);
+    const CHUNK: usize = 256;
+    index.change_expansion_search(16);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut local = Vec::new();
+                loop {
+                    if cancel.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                    if start >= n {
+                        break;
+                    }
+                    for i in start..(start + CHUNK).min(n) {
+                        let v = &vectors[i * params.dims..(i + 1) * params.dims];
+                        match index.search(v, 1) {
+                            Ok(m) if m.keys.first() == Some(&keys[i]) => {}
+                            Ok(_) => local.push(i),
+                            Err(e) => {
+                                failure
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_or_insert(e.into());
+                                cancel.store(true, Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                    done.fetch_add((start + CHUNK).min(n) - start, Ordering::Relaxed);
+                }
+                suspects
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(local);
+            });
+        }
+        loop {
+            let d = done.load(Ordering::Relaxed);
+            if d >= n || cancel.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Poll::Cancel = poll(d) {
+                cancel.store(true, Ordering::Relaxed);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    if cancel.load(Ordering::Relaxed) {
+        return Err(AnnError::Cancelled);
+    }
+    // Few suspects remain: re-check them at a typical query width. What a query of that width
+    // cannot find by its own vector is kept as an orphan and ranked exactly by every scan.
+    index.change_expansion_search(params.ef_construction.max(64));
+    let mut orphans = Vec::new();
+    let suspects = suspects.into_inner().unwrap_or_else(|p| p.into_inner());
+    for i in suspects {
+        let v = &vectors[i * params.dims..(i + 1) * params.dims];
+        let m = index.search(v, 16)?;
+        let own = m.keys.iter().position(|k| *k == keys[i]);
+        // Found, or tied at distance zero with items that were found: reachable.
+        let tied =
+            m.distances.first().is_some_and(|d| *d <= 0.0) && own.is_none() && m.keys.len() == 16;
+        if own.is_none() && !tied {
+            orphans.push(keys[i]);
+        }
+    }
+    orphans.sort_unstable();
+    Ok(orphans)
 }
 
 fn align64(x: usize) -> usize {
     (x + 63) & !63
 }
 
-fn serialize(params: &BuildParams, keys: &[u64], index: &usearch::Index) -> Result<Vec<u8>> {
+fn serialize(
+    params: &BuildParams,
+    keys: &[u64],
+    orphans: &[u64],
+    index: &usearch::Index,
+) -> Result<Vec<u8>> {
     let mut sorted = keys.to_vec();
     sorted.sort_unstable();
     if sorted.windows(2).any(|w| w[0] == w[1]) {
         return Err(AnnError::Engine("duplicate item key in build input".into()));
     }
     let keys_off = HEADER_LEN;
-    let us_off = align64(keys_off + sorted.len() * 8);
+    let orphans_off = keys_off + sorted.len() * 8;
+    let us_off = align64(orphans_off + 8 + orphans.len() * 8);
     let us_len = index.serialized_length();
     let mut buf = vec![0u8; us_off + us_len];
     buf[0..8].copy_from_slice(MAGIC);
@@ -193,6 +302,10 @@ fn serialize(params: &BuildParams, keys: &[u64], index: &usearch::Index) -> Resu
     put_u64(&mut buf, 56, us_len as u64);
     for (i, k) in sorted.iter().enumerate() {
         put_u64(&mut buf, keys_off + i * 8, *k);
+    }
+    put_u64(&mut buf, orphans_off, orphans.len() as u64);
+    for (i, k) in orphans.iter().enumerate() {
+        put_u64(&mut buf, orphans_off + 8 + i * 8, *k);
     }
     index.save_to_buffer(&mut buf[us_off..])?;
     Ok(buf)
@@ -224,6 +337,8 @@ pub struct Header {
     pub quantization: Quantization,
     pub m: usize,
     pub count: usize,
+    /// Items the graph search cannot reach (ranked exactly by scans).
+    pub orphans: usize,
     keys_off: usize,
     us_off: usize,
     us_len: usize,
@@ -241,12 +356,13 @@ impl Header {
         let metric = Metric::from_code(get_u32(b, 20)).ok_or_else(|| bad("unknown metric"))?;
         let quantization =
             Quantization::from_code(get_u32(b, 24)).ok_or_else(|| bad("unknown quantization"))?;
-        let h = Header {
+        let mut h = Header {
             dims: get_u32(b, 16) as usize,
             metric,
             quantization,
             m: get_u32(b, 28) as usize,
             count: get_u64(b, 32) as usize,
+            orphans: 0,
             keys_off: get_u64(b, 40) as usize,
             us_off: get_u64(b, 48) as usize,
             us_len: get_u64(b, 56) as usize,
@@ -258,9 +374,16 @@ impl Header {
         let us_end = h.us_off.checked_add(h.us_len);
         match (keys_end, us_end) {
             (Some(ke), Some(ue))
-                if h.keys_off >= HEADER_LEN && ke <= h.us_off && ue == b.len() && h.dims > 0 =>
+                if h.keys_off >= HEADER_LEN
+                    && ke + 8 <= h.us_off
+                    && ue == b.len()
+                    && h.dims > 0 =>
             {
-                Ok(h)
+                h.orphans = get_u64(b, ke) as usize;
+                match h.orphans.checked_mul(8).and_then(|x| x.checked_add(ke + 8)) {
+                    Some(oe) if oe <= h.us_off && h.orphans <= h.count => Ok(h),
+                    _ => Err(bad("orphan section exceeds its bounds")),
+                }
             }
             _ => Err(bad("section bounds do not match the image length")),
         }
@@ -340,6 +463,32 @@ impl<B: AsRef<[u8]>> Image<B> {
         get_u64(self.bytes.as_ref(), self.header.keys_off + i * 8)
     }
 
+    /// The `i`-th orphan key (ascending).
+    pub fn orphan_at(&self, i: usize) -> u64 {
+        get_u64(
+            self.bytes.as_ref(),
+            self.header.keys_off + self.header.count * 8 + 8 + i * 8,
+        )
+    }
+
+    /// True if `key` is an orphan (unreachable by graph search).
+    pub fn is_orphan(&self, key: u64) -> bool {
+        let (mut lo, mut hi) = (0usize, self.header.orphans);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            let k = self.orphan_at(mid);
+            if k == key {
+                return true;
+            }
+            if k < key {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        false
+    }
+
     /// Sorted position of `key`, if the graph holds it.
     pub fn position(&self, key: u64) -> Option<usize> {
         let (mut lo, mut hi) = (0usize, self.header.count);
@@ -396,17 +545,19 @@ impl<B: AsRef<[u8]>> Image<B> {
     }
 }
 
-/// An iterative scan over the graph: yields items in (approximately) ascending distance, as many
-/// as the caller asks for, widening the search when the previous round is used up. Once the
-/// widening reaches the graph size it finishes with an exact pass, so every live item is reached
-/// eventually, including any node HNSW could not reach.
+/// An iterative scan over the image: yields items in (approximately) ascending distance, as many
+/// as the caller asks for. Graph results come from searches widened round by round when the
+/// previous one is used up; once the widening reaches the graph size it finishes with an exact
+/// pass. Orphans are ranked exactly up front and merged in, so every live item is reached.
 #[derive(Debug, Default)]
 pub struct GraphCursor {
     k: usize,
     emitted: std::collections::HashSet<u64>,
     pending: std::collections::VecDeque<(u64, f32)>,
     exhausted: bool,
-    /// Search rounds run so far (for EXPLAIN-style statistics).
+    /// Orphans by descending distance (nearest at the end); None until first used.
+    orphans: Option<Vec<(f32, u64)>>,
+    /// Search rounds run so far (for statistics).
     pub rounds: usize,
 }
 
@@ -423,14 +574,56 @@ impl GraphCursor {
         ef: usize,
         skip: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<Option<(u64, f32)>> {
+        if self.orphans.is_none() {
+            let mut o = Vec::with_capacity(img.header.orphans);
+            for i in 0..img.header.orphans {
+                let key = img.orphan_at(i);
+                if skip.is_some_and(|f| f(key)) {
+                    continue;
+                }
+                if let Some(v) = img.vector(key)? {
+                    o.push((img.header.metric.engine_distance(query, &v), key));
+                }
+            }
+            o.sort_by(|a, b| b.0.total_cmp(&a.0));
+            self.orphans = Some(o);
+        }
         while self.pending.is_empty() && !self.exhausted {
             self.refill(img, query, ef, skip)?;
         }
-        Ok(self.pending.front().copied())
+        let graph = self.pending.front().copied();
+        let orphan = self
+            .orphans
+            .as_ref()
+            .and_then(|o| o.last())
+            .map(|&(d, k)| (k, d));
+        Ok(match (graph, orphan) {
+            (Some(g), Some(o)) => Some(if o.1 < g.1 { o } else { g }),
+            (g, o) => g.or(o),
+        })
     }
 
+    /// Consumes the item `peek` returned.
     pub fn pop(&mut self) -> Option<(u64, f32)> {
-        let item = self.pending.pop_front();
+        let graph = self.pending.front().copied();
+        let orphan = self
+            .orphans
+            .as_ref()
+            .and_then(|o| o.last())
+            .map(|&(d, k)| (k, d));
+        let take_orphan = match (graph, orphan) {
+            (Some(g), Some(o)) => o.1 < g.1,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        let item = if take_orphan {
+            self.orphans
+                .as_mut()
+                .and_then(|o| o.pop())
+                .map(|(d, k)| (k, d))
+        } else {
+            self.pending.pop_front()
+        };
         if let Some((k, _)) = item {
             self.emitted.insert(k);
         }
@@ -461,8 +654,9 @@ impl GraphCursor {
         } else {
             img.search(query, self.k, ef.max(self.k), skip)?
         };
+        let has_orphans = img.header.orphans > 0;
         for (key, d) in results {
-            if !self.emitted.contains(&key) {
+            if !self.emitted.contains(&key) && !(has_orphans && img.is_orphan(key)) {
                 self.pending.push_back((key, d));
             }
         }

@@ -1,0 +1,61 @@
+# kill -9 of the postmaster during an index build and during inserts loses nothing committed.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use TwoTower;
+
+my $node = PostgreSQL::Test::Cluster->new('crash');
+$node->init;
+$node->append_conf('postgresql.conf', "maintenance_work_mem = '1GB'\nshared_buffers = '256MB'\nsearch_path = 'public, twotower'");
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION pg_twotower');
+make_items($node, 'postgres', 'items', 150000, 32);
+
+# 1. Crash in the middle of CREATE INDEX (single worker thread so the build takes a while).
+my $bg = $node->background_psql('postgres', on_error_stop => 0);
+$bg->query_until(qr/started/, "\\echo started\nSET twotower.build_threads = 1;\nCREATE INDEX items_idx ON items USING twotower_hnsw (v real_l2_ops);\n");
+ok($node->poll_query_until('postgres',
+	"SELECT count(*) > 0 FROM pg_stat_progress_create_index WHERE phase LIKE '%HNSW%'"),
+	'build reached the graph phase');
+$node->kill9;
+eval { $bg->quit };
+$node->start;
+is($node->safe_psql('postgres', "SELECT count(*) FROM pg_class WHERE relname = 'items_idx'"), '0',
+	'the interrupted build left no index');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM items'), '150000', 'table intact after crash during build');
+
+# The build works after recovery.
+$node->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v real_l2_ops)');
+is(index_scan_count($node, 'postgres', 'items', '<->', 32), '150000', 'index scan reaches every row');
+
+# 2. Crash while single-row inserts commit one after another.
+my $script = "\\echo started\n";
+$script .= "INSERT INTO items (category, v) SELECT 1, ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, 32));\n" for 1 .. 20000;
+$bg = $node->background_psql('postgres', on_error_stop => 0);
+$bg->query_until(qr/started/, $script);
+ok($node->poll_query_until('postgres', 'SELECT count(*) > 150300 FROM items'), 'inserts are running');
+$node->kill9;
+eval { $bg->quit };
+$node->start;
+
+my $rows = $node->safe_psql('postgres', 'SELECT count(*) FROM items');
+my $new = $rows - 150000;
+ok($new > 300, "$new inserts committed before the crash");
+is(index_scan_count($node, 'postgres', 'items', '<->', 32), $rows, 'every committed row is in the index after recovery');
+is($node->safe_psql('postgres', "SELECT delta_items FROM twotower.index_info('items_idx')"), $new,
+	'the delta holds exactly the committed inserts');
+is($node->safe_psql('postgres', q{
+	SET enable_seqscan = off;
+	SELECT count(*) FROM items i WHERE i.id > 150000
+	   AND (SELECT t.id FROM items t ORDER BY t.v <-> i.v LIMIT 1) = i.id}), $new,
+	'every row inserted before the crash is its own nearest neighbour');
+
+# The index keeps working for new writes after recovery.
+$node->safe_psql('postgres', "INSERT INTO items (category, v) VALUES (1, array_fill(7::real, ARRAY[32]))");
+is($node->safe_psql('postgres', q{SET enable_seqscan = off;
+	SELECT category FROM items ORDER BY v <-> array_fill(7::real, ARRAY[32]) LIMIT 1}), '1', 'insert after recovery is found');
+
+$node->stop;
+done_testing();

@@ -1,0 +1,74 @@
+# A streaming replica returns the same top-k as the primary after inserts, deletes, VACUUM and
+# REINDEX; its cache file is verified, never trusted blindly.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use TwoTower;
+
+my $primary = PostgreSQL::Test::Cluster->new('primary');
+$primary->init(allows_streaming => 1);
+$primary->append_conf('postgresql.conf', "maintenance_work_mem = '512MB'");
+$primary->start;
+$primary->safe_psql('postgres', 'CREATE EXTENSION pg_twotower');
+make_items($primary, 'postgres', 'items', 20000, 16);
+$primary->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v twotower.real_cosine_ops)');
+# Materialize the primary's cache file so the base backup copies it.
+topk_signature($primary, 'postgres', 'items', 'OPERATOR(twotower.<=>)', 10, 1);
+
+$primary->backup('b1');
+my $standby = PostgreSQL::Test::Cluster->new('standby');
+$standby->init_from_backup($primary, 'b1', has_streaming => 1);
+$standby->start;
+
+my @q = map { $_ * 97 } 1 .. 20;
+my $op = 'OPERATOR(twotower.<=>)';
+sub same_results
+{
+	my ($label) = @_;
+	$primary->wait_for_catchup($standby);
+	my $p = topk_signature($primary, 'postgres', 'items', $op, 10, @q);
+	my $s = topk_signature($standby, 'postgres', 'items', $op, 10, @q);
+	ok(length($p) > 100, "$label: primary answers");
+	is($s, $p, "$label: standby returns the same top-10 as the primary");
+	is($standby->safe_psql('postgres', "SELECT graph_items, graph_dead, delta_items FROM twotower.index_info('items_idx')"),
+	   $primary->safe_psql('postgres', "SELECT graph_items, graph_dead, delta_items FROM twotower.index_info('items_idx')"),
+	   "$label: standby index counters match");
+}
+
+same_results('after build');
+like($standby->safe_psql('postgres', "SELECT cache_state FROM twotower.index_info('items_idx')"),
+	qr/present|verified/, 'standby has a cache file (copied by the base backup)');
+
+$primary->safe_psql('postgres', q{
+	INSERT INTO items (category, v)
+	SELECT 1, ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, 16) WHERE i > 0) FROM generate_series(1, 500) i;
+	DELETE FROM items WHERE id % 7 = 0;
+});
+same_results('after inserts and deletes');
+$primary->safe_psql('postgres', 'VACUUM items');
+same_results('after VACUUM');
+is($standby->safe_psql('postgres', "SELECT graph_dead > 0 FROM twotower.index_info('items_idx')"), 't', 'tombstones replicated');
+
+# Damage the standby's cache file: it must be detected and rebuilt from the pages.
+my $file = $standby->safe_psql('postgres', "SELECT cache_file FROM twotower.index_info('items_idx')");
+my $path = $standby->data_dir . "/$file";
+ok(-f $path, 'standby cache file exists');
+open(my $fh, '+<', $path) or die "open $path: $!";
+binmode $fh;
+seek($fh, 5000, 0);
+print $fh "corrupted bytes, not a graph";
+close $fh;
+same_results('after corrupting the standby cache file');
+
+$primary->safe_psql('postgres', 'REINDEX INDEX items_idx');
+same_results('after REINDEX');
+$primary->safe_psql('postgres', 'REINDEX INDEX CONCURRENTLY items_idx');
+same_results('after REINDEX CONCURRENTLY');
+is($standby->safe_psql('postgres', "SELECT delta_items, graph_dead FROM twotower.index_info('items_idx')"), '0|0',
+	'REINDEX folded the delta and the tombstones into a new graph');
+
+$standby->stop;
+$primary->stop;
+done_testing();
