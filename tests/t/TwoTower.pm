@@ -3,7 +3,7 @@ package TwoTower;
 use strict;
 use warnings;
 use Exporter 'import';
-our @EXPORT = qw(make_items topk_signature index_scan_count);
+our @EXPORT = qw(make_items topk_signature index_scan_count crash_all);
 
 # Creates table $table with $n rows of $dims-dimensional random vectors (deterministic).
 sub make_items
@@ -42,6 +42,23 @@ sub index_scan_count
 		SELECT count(*) FROM (SELECT id FROM $table
 		  ORDER BY v $op array_fill(0.5::real, ARRAY[$dims]) LIMIT 100000000) s;
 	});
+}
+
+# A hard crash: SIGKILL to the postmaster and every one of its processes at once (a postmaster
+# killed alone leaves busy backends running until they finish their statement).
+sub crash_all
+{
+	my ($node) = @_;
+	my $pm = $node->{_pid} or die 'node is not running';
+	my @children = grep { /^\d+$/ } split /\s+/, `ps -o pid= --ppid $pm`;
+	kill 'KILL', $pm, @children;
+	$node->{_pid} = undef;
+	# Wait until every killed process is gone (shared memory detached).
+	for (1 .. 100)
+	{
+		last unless grep { kill 0, $_ } ($pm, @children);
+		select(undef, undef, undef, 0.1);
+	}
 }
 
 1;
