@@ -1,0 +1,46 @@
+# pg_twotower — the two commands of the contract are `make demo` and `make test`.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:/usr/lib/postgresql/15/bin:$(PATH)
+PGRX_TEST_ENV := CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA=/tmp/pgrx-pgdata
+
+.PHONY: demo test bench setup install install-release test-core test-pg test-regress test-tap soak clean
+
+## Set up a fresh Debian 12 machine, build, install, start a scratch cluster and run the demo.
+demo: setup install-release
+	bash scripts/demo.sh
+
+## Every test: core unit tests, #[pg_test]s, SQL regression, cluster (TAP) tests.
+test: setup test-core test-pg install test-regress test-tap
+
+## The benchmark program (1M x 64 by default; see bench/README.md).
+bench: setup install-release
+	bash bench/run.sh
+
+setup:
+	bash scripts/setup.sh
+
+install:
+	bash scripts/install.sh
+
+install-release:
+	bash scripts/install.sh --release
+
+test-core:
+	cargo test -p twotower-ann
+
+test-pg:
+	$(PGRX_TEST_ENV) cargo pgrx test pg15
+
+test-regress:
+	bash tests/regress.sh
+
+test-tap:
+	bash tests/tap.sh
+
+## The one-hour mixed-load soak (queries, inserts, deletes, VACUUM, REINDEX CONCURRENTLY).
+soak: setup install
+	TT_SOAK_SECONDS=3600 bash tests/tap.sh t/004_concurrency.pl
+
+clean:
+	cargo clean
+	rm -rf /tmp/pg_twotower-* /tmp/pgrx-pgdata
