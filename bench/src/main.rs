@@ -1,0 +1,243 @@
+//! The pg_twotower benchmark: generates clustered unit vectors, loads them, builds the index and
+//! measures build time, size, recall@10/100/500 and single-client queries per second at several
+//! ef_search values, next to exact search and (when the `vector` extension is installed in the
+//! same server) pgvector's HNSW with the same M and ef_construction. Prints ratios.
+//!
+//! Configuration by environment: TT_HOST (socket dir), TT_PORT, TT_N (rows, 1000000), TT_DIMS
+//! (64), TT_QUERIES (200), TT_CLUSTERS (1000), TT_M (16), TT_EFC (64), TT_SKIP_LOAD=1 (reuse).
+
+use postgres::{Client, NoTls};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn gauss(rng: &mut SmallRng) -> f32 {
+    let u1: f32 = rng.gen_range(1e-7f32..1.0);
+    let u2: f32 = rng.gen_range(0.0f32..1.0);
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+}
+
+/// Unit vectors around `clusters` random centres; row i is `data[i*dims..]`.
+fn clustered(n: usize, dims: usize, clusters: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let centres: Vec<f32> = (0..clusters * dims).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let mut out = Vec::with_capacity(n * dims);
+    for _ in 0..n {
+        let c = rng.gen_range(0..clusters);
+        let v: Vec<f32> = (0..dims).map(|j| centres[c * dims + j] + 0.35 * gauss(&mut rng)).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        out.extend(v.iter().map(|x| x / norm));
+    }
+    out
+}
+
+/// Exact top-`k` ids (1-based) by cosine distance for each query, on all cores.
+fn ground_truth(data: &[f32], queries: &[f32], dims: usize, k: usize) -> Vec<Vec<i64>> {
+    let nq = queries.len() / dims;
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mut out = vec![Vec::new(); nq];
+    std::thread::scope(|s| {
+        let chunks: Vec<_> = out.chunks_mut(nq.div_ceil(threads)).enumerate().collect();
+        for (ci, chunk) in chunks {
+            let start = ci * nq.div_ceil(threads);
+            s.spawn(move || {
+                for (j, slot) in chunk.iter_mut().enumerate() {
+                    let q = &queries[(start + j) * dims..(start + j + 1) * dims];
+                    let mut d: Vec<(f32, i64)> = data
+                        .chunks_exact(dims)
+                        .enumerate()
+                        .map(|(i, v)| (1.0 - v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(), i as i64 + 1))
+                        .collect();
+                    d.select_nth_unstable_by(k, |a, b| a.0.total_cmp(&b.0));
+                    d.truncate(k);
+                    d.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    *slot = d.into_iter().map(|x| x.1).collect();
+                }
+            });
+        }
+    });
+    out
+}
+
+fn literal(v: &[f32]) -> String {
+    let mut s = String::with_capacity(v.len() * 12);
+    s.push('{');
+    for (i, x) in v.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&x.to_string());
+    }
+    s.push('}');
+    s
+}
+
+struct Run {
+    recall: f64,
+    qps: f64,
+    p99_ms: f64,
+}
+
+/// Runs every query with LIMIT k through `sql` ($1 = query literal) and scores it.
+fn run_queries<Q: postgres::types::ToSql + Sync>(c: &mut Client, sql: &str, queries: &[Q], truth: &[Vec<i64>], k: usize) -> Run {
+    let stmt = c.prepare(sql).expect("prepare");
+    for q in queries.iter().take(5) {
+        c.query(&stmt, &[q, &(k as i64)]).expect("warm-up query");
+    }
+    let mut hits = 0usize;
+    let mut lat = Vec::with_capacity(queries.len());
+    let t0 = Instant::now();
+    for (q, t) in queries.iter().zip(truth) {
+        let s = Instant::now();
+        let rows = c.query(&stmt, &[q, &(k as i64)]).expect("query");
+        lat.push(s.elapsed());
+        let got: HashSet<i64> = rows.iter().map(|r| r.get::<_, i64>(0)).collect();
+        hits += t.iter().take(k).filter(|id| got.contains(id)).count();
+    }
+    let total = t0.elapsed();
+    lat.sort();
+    Run {
+        recall: hits as f64 / (queries.len() * k) as f64,
+        qps: queries.len() as f64 / total.as_secs_f64(),
+        p99_ms: lat[(lat.len() * 99 / 100).min(lat.len() - 1)].as_secs_f64() * 1e3,
+    }
+}
+
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed())
+}
+
+fn main() {
+    let host: String = env("TT_HOST", "/tmp/pg_twotower-bench".to_string());
+    let port: u16 = env("TT_PORT", 55433);
+    let n: usize = env("TT_N", 1_000_000);
+    let dims: usize = env("TT_DIMS", 64);
+    let nq: usize = env("TT_QUERIES", 200);
+    let clusters: usize = env("TT_CLUSTERS", 1000);
+    let m: usize = env("TT_M", 16);
+    let efc: usize = env("TT_EFC", 64);
+    let skip_load = std::env::var("TT_SKIP_LOAD").is_ok();
+
+    let mut c = Client::configure().host(&host).port(port).user("postgres").dbname("postgres").connect(NoTls).expect("connect");
+    println!("# pg_twotower benchmark: n={n} dims={dims} queries={nq} clusters={clusters} m={m} ef_construction={efc}");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("# machine: {cores} cores; server: {}", c.query_one("SELECT version()", &[]).unwrap().get::<_, String>(0));
+
+    let mut all = clustered(n + nq, dims, clusters, 2024);
+    let qdata = all.split_off(n * dims);
+    let data = all;
+    // Query vectors go to the server as binary real[] parameters (evaluated once per query).
+    let queries: Vec<Vec<f32>> = qdata.chunks_exact(dims).map(|v| v.to_vec()).collect();
+
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_twotower").unwrap();
+    if !skip_load {
+        c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, embedding real[]) WITH (autovacuum_enabled = off)").unwrap();
+        let (_, load) = timed(|| {
+            let mut w = c.copy_in("COPY items (id, embedding) FROM STDIN").unwrap();
+            let mut buf = String::with_capacity(1 << 20);
+            for (i, v) in data.chunks_exact(dims).enumerate() {
+                buf.push_str(&(i + 1).to_string());
+                buf.push('\t');
+                buf.push_str(&literal(v));
+                buf.push('\n');
+                if buf.len() > 1 << 20 {
+                    w.write_all(buf.as_bytes()).unwrap();
+                    buf.clear();
+                }
+            }
+            w.write_all(buf.as_bytes()).unwrap();
+            w.finish().unwrap();
+        });
+        c.batch_execute("VACUUM ANALYZE items").unwrap();
+        println!("# loaded {n} rows in {:.1} s", load.as_secs_f64());
+    }
+    let (truth, gt) = timed(|| ground_truth(&data, &qdata, dims, 500));
+    println!("# exact ground truth (top-500) computed in {:.1} s", gt.as_secs_f64());
+
+    // Exact search in the server (sequential scan), a few queries only.
+    c.batch_execute("SET search_path = public, twotower; SET max_parallel_workers_per_gather = 0; SET enable_indexscan = off").unwrap();
+    let exact_q: Vec<Vec<f32>> = queries.iter().take(5).cloned().collect();
+    let exact = run_queries(&mut c, "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2", &exact_q, &truth[..5], 10);
+    c.batch_execute("RESET enable_indexscan").unwrap();
+    println!("\n## exact search (sequential scan): {:.2} QPS, recall@10 {:.3}", exact.qps, exact.recall);
+
+    // pg_twotower
+    c.batch_execute("DROP INDEX IF EXISTS items_tt_idx; SET maintenance_work_mem = '4GB'").unwrap();
+    let (_, build) = timed(|| {
+        c.batch_execute(&format!(
+            "CREATE INDEX items_tt_idx ON items USING twotower_hnsw (embedding real_cosine_ops) WITH (m = {m}, ef_construction = {efc})"
+        ))
+        .unwrap()
+    });
+    let size: i64 = c.query_one("SELECT pg_relation_size('items_tt_idx')", &[]).unwrap().get(0);
+    let orphans_note: String = c
+        .query_one("SELECT graph_items::text || ' items in graph' FROM index_info('items_tt_idx')", &[])
+        .unwrap()
+        .get(0);
+    let (_, first) = timed(|| {
+        let mut c2 = Client::configure().host(&host).port(port).user("postgres").dbname("postgres").connect(NoTls).unwrap();
+        c2.batch_execute("SET search_path = public, twotower").unwrap();
+        c2.query("SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT 10", &[&queries[0]]).unwrap();
+    });
+    println!("\n## pg_twotower twotower_hnsw: build {:.1} s, index {:.1} MB ({orphans_note}); first query of a new backend {:.0} ms",
+        build.as_secs_f64(), size as f64 / 1048576.0, first.as_secs_f64() * 1e3);
+    println!("| ef_search | recall@10 | QPS (k=10) | p99 ms | recall@100 | QPS (k=100) | QPS vs exact |");
+    println!("|---|---|---|---|---|---|---|");
+    let sql = "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2";
+    let mut tt_curve = Vec::new();
+    for ef in [10, 20, 40, 64, 100, 200, 400] {
+        c.batch_execute(&format!("SET twotower.ef_search = {ef}")).unwrap();
+        let r10 = run_queries(&mut c, sql, &queries, &truth, 10);
+        let r100 = run_queries(&mut c, sql, &queries, &truth, 100);
+        println!("| {ef} | {:.4} | {:.0} | {:.2} | {:.4} | {:.0} | {:.0}x |", r10.recall, r10.qps, r10.p99_ms, r100.recall, r100.qps, r10.qps / exact.qps);
+        tt_curve.push((ef, r10.recall, r10.qps));
+    }
+    for ef in [500, 800] {
+        c.batch_execute(&format!("SET twotower.ef_search = {ef}")).unwrap();
+        let r500 = run_queries(&mut c, sql, &queries, &truth, 500);
+        println!("top-500 at ef_search={ef}: recall@500 {:.4}, {:.0} QPS, p99 {:.2} ms", r500.recall, r500.qps, r500.p99_ms);
+    }
+
+    // pgvector, when installed in the same server.
+    let has_pgvector: bool = c.query_one("SELECT count(*) > 0 FROM pg_available_extensions WHERE name = 'vector'", &[]).unwrap().get(0);
+    if !has_pgvector {
+        println!("\n## pgvector: not installed in this server — comparison skipped");
+        return;
+    }
+    c.batch_execute(&format!(
+        "CREATE EXTENSION IF NOT EXISTS vector; DROP TABLE IF EXISTS items_pgv;
+         CREATE TABLE items_pgv AS SELECT id, embedding::vector({dims}) AS v FROM items; VACUUM ANALYZE items_pgv;
+         SET max_parallel_maintenance_workers = {}", cores - 1
+    ))
+    .unwrap();
+    let (_, pbuild) = timed(|| {
+        c.batch_execute(&format!("CREATE INDEX items_pgv_idx ON items_pgv USING hnsw (v vector_cosine_ops) WITH (m = {m}, ef_construction = {efc})")).unwrap()
+    });
+    let psize: i64 = c.query_one("SELECT pg_relation_size('items_pgv_idx')", &[]).unwrap().get(0);
+    println!("\n## pgvector hnsw: build {:.1} s ({:.2}x of pg_twotower's time), index {:.1} MB", pbuild.as_secs_f64(), build.as_secs_f64() / pbuild.as_secs_f64(), psize as f64 / 1048576.0);
+    let pq: Vec<String> = qdata.chunks_exact(dims).map(|v| format!("[{}]", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))).collect();
+    println!("| hnsw.ef_search | recall@10 | QPS (k=10) | p99 ms |");
+    println!("|---|---|---|---|");
+    let mut pg_curve = Vec::new();
+    for ef in [10, 20, 40, 64, 100, 200, 400] {
+        c.batch_execute(&format!("SET hnsw.ef_search = {ef}")).unwrap();
+        let r = run_queries(&mut c, "SELECT id FROM items_pgv ORDER BY v <=> $1::text::vector LIMIT $2", &pq, &truth, 10);
+        println!("| {ef} | {:.4} | {:.0} | {:.2} |", r.recall, r.qps, r.p99_ms);
+        pg_curve.push((ef, r.recall, r.qps));
+    }
+    for target in [0.90, 0.95, 0.99] {
+        let best = |curve: &[(usize, f64, f64)]| curve.iter().filter(|x| x.1 >= target).map(|x| x.2).fold(0.0f64, f64::max);
+        let (a, b) = (best(&tt_curve), best(&pg_curve));
+        if a > 0.0 && b > 0.0 {
+            println!("QPS at recall@10 >= {target}: pg_twotower {a:.0}, pgvector {b:.0}: {:.2}x", a / b);
+        }
+    }
+}
