@@ -55,8 +55,9 @@ CREATE OPERATOR CLASS twotower.real_l2_ops FOR TYPE real[] USING twotower_hnsw A
 
 CREATE FUNCTION twotower.index_info(index regclass)
 RETURNS TABLE (dims integer, metric text, quantization text, m integer, ef_construction integer,
-               generation text, graph_items bigint, graph_dead bigint, delta_items bigint,
-               size_bytes bigint, image_bytes bigint, cache_file text, cache_state text)
+               generation text, graph_items bigint, graph_dead bigint, graph_orphans bigint,
+               delta_items bigint, size_bytes bigint, image_bytes bigint, build_seconds double precision,
+               cache_file text, cache_state text)
 LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM twotower.index_info_by_oid($1::pg_catalog.oid) $$;

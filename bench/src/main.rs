@@ -14,7 +14,10 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn gauss(rng: &mut SmallRng) -> f32 {
@@ -26,11 +29,15 @@ fn gauss(rng: &mut SmallRng) -> f32 {
 /// Unit vectors around `clusters` random centres; row i is `data[i*dims..]`.
 fn clustered(n: usize, dims: usize, clusters: usize, seed: u64) -> Vec<f32> {
     let mut rng = SmallRng::seed_from_u64(seed);
-    let centres: Vec<f32> = (0..clusters * dims).map(|_| rng.gen_range(-1.0f32..1.0)).collect();
+    let centres: Vec<f32> = (0..clusters * dims)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
     let mut out = Vec::with_capacity(n * dims);
     for _ in 0..n {
         let c = rng.gen_range(0..clusters);
-        let v: Vec<f32> = (0..dims).map(|j| centres[c * dims + j] + 0.35 * gauss(&mut rng)).collect();
+        let v: Vec<f32> = (0..dims)
+            .map(|j| centres[c * dims + j] + 0.35 * gauss(&mut rng))
+            .collect();
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         out.extend(v.iter().map(|x| x / norm));
     }
@@ -40,7 +47,9 @@ fn clustered(n: usize, dims: usize, clusters: usize, seed: u64) -> Vec<f32> {
 /// Exact top-`k` ids (1-based) by cosine distance for each query, on all cores.
 fn ground_truth(data: &[f32], queries: &[f32], dims: usize, k: usize) -> Vec<Vec<i64>> {
     let nq = queries.len() / dims;
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut out = vec![Vec::new(); nq];
     std::thread::scope(|s| {
         let chunks: Vec<_> = out.chunks_mut(nq.div_ceil(threads)).enumerate().collect();
@@ -52,7 +61,12 @@ fn ground_truth(data: &[f32], queries: &[f32], dims: usize, k: usize) -> Vec<Vec
                     let mut d: Vec<(f32, i64)> = data
                         .chunks_exact(dims)
                         .enumerate()
-                        .map(|(i, v)| (1.0 - v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(), i as i64 + 1))
+                        .map(|(i, v)| {
+                            (
+                                1.0 - v.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(),
+                                i as i64 + 1,
+                            )
+                        })
                         .collect();
                     d.select_nth_unstable_by(k, |a, b| a.0.total_cmp(&b.0));
                     d.truncate(k);
@@ -85,7 +99,13 @@ struct Run {
 }
 
 /// Runs every query with LIMIT k through `sql` ($1 = query literal) and scores it.
-fn run_queries<Q: postgres::types::ToSql + Sync>(c: &mut Client, sql: &str, queries: &[Q], truth: &[Vec<i64>], k: usize) -> Run {
+fn run_queries<Q: postgres::types::ToSql + Sync>(
+    c: &mut Client,
+    sql: &str,
+    queries: &[Q],
+    truth: &[Vec<i64>],
+    k: usize,
+) -> Run {
     let stmt = c.prepare(sql).expect("prepare");
     for q in queries.iter().take(5) {
         c.query(&stmt, &[q, &(k as i64)]).expect("warm-up query");
@@ -126,10 +146,23 @@ fn main() {
     let efc: usize = env("TT_EFC", 64);
     let skip_load = std::env::var("TT_SKIP_LOAD").is_ok();
 
-    let mut c = Client::configure().host(&host).port(port).user("postgres").dbname("postgres").connect(NoTls).expect("connect");
+    let mut c = Client::configure()
+        .host(&host)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect(NoTls)
+        .expect("connect");
     println!("# pg_twotower benchmark: n={n} dims={dims} queries={nq} clusters={clusters} m={m} ef_construction={efc}");
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    println!("# machine: {cores} cores; server: {}", c.query_one("SELECT version()", &[]).unwrap().get::<_, String>(0));
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "# machine: {cores} cores; server: {}",
+        c.query_one("SELECT version()", &[])
+            .unwrap()
+            .get::<_, String>(0)
+    );
 
     let mut all = clustered(n + nq, dims, clusters, 2024);
     let qdata = all.split_off(n * dims);
@@ -137,7 +170,8 @@ fn main() {
     // Query vectors go to the server as binary real[] parameters (evaluated once per query).
     let queries: Vec<Vec<f32>> = qdata.chunks_exact(dims).map(|v| v.to_vec()).collect();
 
-    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_twotower").unwrap();
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_twotower")
+        .unwrap();
     if !skip_load {
         c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, embedding real[]) WITH (autovacuum_enabled = off)").unwrap();
         let (_, load) = timed(|| {
@@ -160,54 +194,105 @@ fn main() {
         println!("# loaded {n} rows in {:.1} s", load.as_secs_f64());
     }
     let (truth, gt) = timed(|| ground_truth(&data, &qdata, dims, 500));
-    println!("# exact ground truth (top-500) computed in {:.1} s", gt.as_secs_f64());
+    println!(
+        "# exact ground truth (top-500) computed in {:.1} s",
+        gt.as_secs_f64()
+    );
 
     // Exact search in the server (sequential scan), a few queries only.
     c.batch_execute("SET search_path = public, twotower; SET max_parallel_workers_per_gather = 0; SET enable_indexscan = off").unwrap();
     let exact_q: Vec<Vec<f32>> = queries.iter().take(5).cloned().collect();
-    let exact = run_queries(&mut c, "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2", &exact_q, &truth[..5], 10);
+    let exact = run_queries(
+        &mut c,
+        "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2",
+        &exact_q,
+        &truth[..5],
+        10,
+    );
     c.batch_execute("RESET enable_indexscan").unwrap();
-    println!("\n## exact search (sequential scan): {:.2} QPS, recall@10 {:.3}", exact.qps, exact.recall);
+    println!(
+        "\n## exact search (sequential scan): {:.2} QPS, recall@10 {:.3}",
+        exact.qps, exact.recall
+    );
 
     // pg_twotower
-    c.batch_execute("DROP INDEX IF EXISTS items_tt_idx; SET maintenance_work_mem = '4GB'").unwrap();
+    c.batch_execute("DROP INDEX IF EXISTS items_tt_idx; SET maintenance_work_mem = '4GB'")
+        .unwrap();
     let (_, build) = timed(|| {
         c.batch_execute(&format!(
             "CREATE INDEX items_tt_idx ON items USING twotower_hnsw (embedding real_cosine_ops) WITH (m = {m}, ef_construction = {efc})"
         ))
         .unwrap()
     });
-    let size: i64 = c.query_one("SELECT pg_relation_size('items_tt_idx')", &[]).unwrap().get(0);
+    let size: i64 = c
+        .query_one("SELECT pg_relation_size('items_tt_idx')", &[])
+        .unwrap()
+        .get(0);
     let orphans_note: String = c
-        .query_one("SELECT graph_items::text || ' items in graph' FROM index_info('items_tt_idx')", &[])
+        .query_one(
+            "SELECT graph_items::text || ' items in graph' FROM index_info('items_tt_idx')",
+            &[],
+        )
         .unwrap()
         .get(0);
     let (_, first) = timed(|| {
-        let mut c2 = Client::configure().host(&host).port(port).user("postgres").dbname("postgres").connect(NoTls).unwrap();
-        c2.batch_execute("SET search_path = public, twotower").unwrap();
-        c2.query("SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT 10", &[&queries[0]]).unwrap();
+        let mut c2 = Client::configure()
+            .host(&host)
+            .port(port)
+            .user("postgres")
+            .dbname("postgres")
+            .connect(NoTls)
+            .unwrap();
+        c2.batch_execute("SET search_path = public, twotower")
+            .unwrap();
+        c2.query(
+            "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT 10",
+            &[&queries[0]],
+        )
+        .unwrap();
     });
     println!("\n## pg_twotower twotower_hnsw: build {:.1} s, index {:.1} MB ({orphans_note}); first query of a new backend {:.0} ms",
         build.as_secs_f64(), size as f64 / 1048576.0, first.as_secs_f64() * 1e3);
-    println!("| ef_search | recall@10 | QPS (k=10) | p99 ms | recall@100 | QPS (k=100) | QPS vs exact |");
+    println!(
+        "| ef_search | recall@10 | QPS (k=10) | p99 ms | recall@100 | QPS (k=100) | QPS vs exact |"
+    );
     println!("|---|---|---|---|---|---|---|");
     let sql = "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2";
     let mut tt_curve = Vec::new();
     for ef in [10, 20, 40, 64, 100, 200, 400] {
-        c.batch_execute(&format!("SET twotower.ef_search = {ef}")).unwrap();
+        c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
+            .unwrap();
         let r10 = run_queries(&mut c, sql, &queries, &truth, 10);
         let r100 = run_queries(&mut c, sql, &queries, &truth, 100);
-        println!("| {ef} | {:.4} | {:.0} | {:.2} | {:.4} | {:.0} | {:.0}x |", r10.recall, r10.qps, r10.p99_ms, r100.recall, r100.qps, r10.qps / exact.qps);
+        println!(
+            "| {ef} | {:.4} | {:.0} | {:.2} | {:.4} | {:.0} | {:.0}x |",
+            r10.recall,
+            r10.qps,
+            r10.p99_ms,
+            r100.recall,
+            r100.qps,
+            r10.qps / exact.qps
+        );
         tt_curve.push((ef, r10.recall, r10.qps));
     }
     for ef in [500, 800] {
-        c.batch_execute(&format!("SET twotower.ef_search = {ef}")).unwrap();
+        c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
+            .unwrap();
         let r500 = run_queries(&mut c, sql, &queries, &truth, 500);
-        println!("top-500 at ef_search={ef}: recall@500 {:.4}, {:.0} QPS, p99 {:.2} ms", r500.recall, r500.qps, r500.p99_ms);
+        println!(
+            "top-500 at ef_search={ef}: recall@500 {:.4}, {:.0} QPS, p99 {:.2} ms",
+            r500.recall, r500.qps, r500.p99_ms
+        );
     }
 
     // pgvector, when installed in the same server.
-    let has_pgvector: bool = c.query_one("SELECT count(*) > 0 FROM pg_available_extensions WHERE name = 'vector'", &[]).unwrap().get(0);
+    let has_pgvector: bool = c
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_available_extensions WHERE name = 'vector'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
     if !has_pgvector {
         println!("\n## pgvector: not installed in this server — comparison skipped");
         return;
@@ -221,23 +306,61 @@ fn main() {
     let (_, pbuild) = timed(|| {
         c.batch_execute(&format!("CREATE INDEX items_pgv_idx ON items_pgv USING hnsw (v vector_cosine_ops) WITH (m = {m}, ef_construction = {efc})")).unwrap()
     });
-    let psize: i64 = c.query_one("SELECT pg_relation_size('items_pgv_idx')", &[]).unwrap().get(0);
-    println!("\n## pgvector hnsw: build {:.1} s ({:.2}x of pg_twotower's time), index {:.1} MB", pbuild.as_secs_f64(), build.as_secs_f64() / pbuild.as_secs_f64(), psize as f64 / 1048576.0);
-    let pq: Vec<String> = qdata.chunks_exact(dims).map(|v| format!("[{}]", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))).collect();
+    let psize: i64 = c
+        .query_one("SELECT pg_relation_size('items_pgv_idx')", &[])
+        .unwrap()
+        .get(0);
+    println!(
+        "\n## pgvector hnsw: build {:.1} s ({:.2}x of pg_twotower's time), index {:.1} MB",
+        pbuild.as_secs_f64(),
+        build.as_secs_f64() / pbuild.as_secs_f64(),
+        psize as f64 / 1048576.0
+    );
+    let pq: Vec<String> = qdata
+        .chunks_exact(dims)
+        .map(|v| {
+            format!(
+                "[{}]",
+                v.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        })
+        .collect();
     println!("| hnsw.ef_search | recall@10 | QPS (k=10) | p99 ms |");
     println!("|---|---|---|---|");
     let mut pg_curve = Vec::new();
     for ef in [10, 20, 40, 64, 100, 200, 400] {
-        c.batch_execute(&format!("SET hnsw.ef_search = {ef}")).unwrap();
-        let r = run_queries(&mut c, "SELECT id FROM items_pgv ORDER BY v <=> $1::text::vector LIMIT $2", &pq, &truth, 10);
-        println!("| {ef} | {:.4} | {:.0} | {:.2} |", r.recall, r.qps, r.p99_ms);
+        c.batch_execute(&format!("SET hnsw.ef_search = {ef}"))
+            .unwrap();
+        let r = run_queries(
+            &mut c,
+            "SELECT id FROM items_pgv ORDER BY v <=> $1::text::vector LIMIT $2",
+            &pq,
+            &truth,
+            10,
+        );
+        println!(
+            "| {ef} | {:.4} | {:.0} | {:.2} |",
+            r.recall, r.qps, r.p99_ms
+        );
         pg_curve.push((ef, r.recall, r.qps));
     }
     for target in [0.90, 0.95, 0.99] {
-        let best = |curve: &[(usize, f64, f64)]| curve.iter().filter(|x| x.1 >= target).map(|x| x.2).fold(0.0f64, f64::max);
+        let best = |curve: &[(usize, f64, f64)]| {
+            curve
+                .iter()
+                .filter(|x| x.1 >= target)
+                .map(|x| x.2)
+                .fold(0.0f64, f64::max)
+        };
         let (a, b) = (best(&tt_curve), best(&pg_curve));
         if a > 0.0 && b > 0.0 {
-            println!("QPS at recall@10 >= {target}: pg_twotower {a:.0}, pgvector {b:.0}: {:.2}x", a / b);
+            println!(
+                "QPS at recall@10 >= {target}: pg_twotower {a:.0}, pgvector {b:.0}: {:.2}x",
+                a / b
+            );
         }
     }
 }

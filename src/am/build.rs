@@ -1,7 +1,7 @@
 //! Index build: heap scan on the backend's thread, graph insertion on worker threads, the image
 //! written into the index's own pages and WAL-logged.
 
-use super::pages::{tid_to_key, write_new_index, Meta, MAX_INDEX_DIMS};
+use super::pages::{self, tid_to_key, write_new_index, Meta, MAX_INDEX_DIMS};
 use super::{cache, metric_of, options};
 use crate::error::{OrReport, TtError};
 use crate::vector::VecRef;
@@ -143,6 +143,7 @@ pub unsafe extern "C-unwind" fn ambuild(
         budget,
         skipped_zero: 0,
     };
+    let started = std::time::Instant::now();
     progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_LOAD);
     // SAFETY: standard heap scan for index builds; the callback only touches `st`.
     let reltuples = unsafe {
@@ -212,18 +213,29 @@ pub unsafe extern "C-unwind" fn ambuild(
             Err(e) => TtError::Ann(e).report(),
         }
     };
+    let graph_done = started.elapsed();
     progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_WRITE);
     meta.image_checksum = if image.is_empty() {
         0
     } else {
         twotower_ann::checksum(&image)
     };
+    meta.graph_orphans = twotower_ann::Header::parse(&image).map_or(0, |h| h.orphans as u64);
     // SAFETY: the index relation is new and empty.
     unsafe {
         write_new_index(index, pg_sys::ForkNumber::MAIN_FORKNUM, &mut meta, &image);
         // The pages are the truth; priming this node's cache file saves re-reading them.
         cache::store(cache::rel_key(index), &meta, &image);
     }
+    meta.build_millis = started.elapsed().as_millis() as u64;
+    // SAFETY: the metapage was just written; record how long the build took.
+    unsafe { pages::set_build_stats(index, meta.build_millis) };
+    pgrx::debug1!(
+        "twotower_hnsw build: {n} items ({} orphans) in {:.1} s to the graph, {:.1} s in all",
+        meta.graph_orphans,
+        graph_done.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
     // SAFETY: palloc0 returns zeroed memory for the result struct.
     unsafe {
         let res = pg_sys::palloc0(std::mem::size_of::<pg_sys::IndexBuildResult>())

@@ -54,6 +54,10 @@ pub struct Meta {
     pub delta_inserted: u64,
     pub delta_tail: u32,
     pub _pad2: u32,
+    /// Graph items only reachable through the orphan list (ranked exactly by scans).
+    pub graph_orphans: u64,
+    /// Wall-clock time of the build, in milliseconds.
+    pub build_millis: u64,
 }
 
 impl Meta {
@@ -234,6 +238,23 @@ pub unsafe fn write_new_index(
         {
             pg_sys::log_newpage_range(index, fork, 0, nblocks, true);
         }
+    }
+}
+
+/// Records the build's duration in the metapage of a freshly built index (WAL-logged).
+///
+/// # Safety
+/// `index` must be an open twotower_hnsw index.
+pub unsafe fn set_build_stats(index: pg_sys::Relation, build_millis: u64) {
+    // SAFETY: block 0 is the metapage; changed under its exclusive lock with one WAL record.
+    unsafe {
+        let b = Locked::read(index, META_BLKNO, true);
+        let state = pg_sys::GenericXLogStart(index);
+        let page = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
+        let mut m = std::ptr::read_unaligned(contents(page) as *const Meta);
+        m.build_millis = build_millis;
+        std::ptr::write_unaligned(contents(page) as *mut Meta, m);
+        pg_sys::GenericXLogFinish(state);
     }
 }
 

@@ -116,37 +116,65 @@ pub fn build_image(
     let index = usearch::Index::new(&params.options())?;
     let threads = threads.clamp(1, 64);
     index.reserve_capacity_and_threads(n.max(1), threads)?;
+    let all: Vec<usize> = (0..n).collect();
+    parallel(&all, threads, poll, |i| {
+        let v = &vectors[i * params.dims..(i + 1) * params.dims];
+        validate_vector(v, Some(params.dims))?;
+        index.add(keys[i], v)?;
+        Ok(false)
+    })?;
+    let orphans = find_orphans(params, keys, vectors, &index, threads, poll)?;
+    poll(n);
+    serialize(params, keys, &orphans, &index)
+}
 
+/// Runs `f` over `items` on `threads` worker threads and returns the items for which it returned
+/// true (ascending). The calling thread only calls `poll(done)` about every 20 ms, so a caller
+/// that must service interrupts can do so on its own thread; [`Poll::Cancel`] stops the workers
+/// and yields [`AnnError::Cancelled`]. The first error of `f` stops the workers and is returned.
+fn parallel(
+    items: &[usize],
+    threads: usize,
+    poll: &mut dyn FnMut(usize) -> Poll,
+    f: impl Fn(usize) -> Result<bool> + Sync,
+) -> Result<Vec<usize>> {
+    const CHUNK: usize = 64;
+    let n = items.len();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let cancel = AtomicBool::new(false);
     let failure: Mutex<Option<AnnError>> = Mutex::new(None);
-    const CHUNK: usize = 64;
-
+    let flagged: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     std::thread::scope(|s| {
         for _ in 0..threads {
-            s.spawn(|| loop {
-                if cancel.load(Ordering::Relaxed) {
-                    return;
-                }
-                let start = next.fetch_add(CHUNK, Ordering::Relaxed);
-                if start >= n {
-                    return;
-                }
-                for i in start..(start + CHUNK).min(n) {
-                    let v = &vectors[i * params.dims..(i + 1) * params.dims];
-                    let res = validate_vector(v, Some(params.dims))
-                        .and_then(|_| index.add(keys[i], v).map_err(AnnError::from));
-                    if let Err(e) = res {
-                        failure
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                        cancel.store(true, Ordering::Relaxed);
-                        return;
+            s.spawn(|| {
+                let mut local = Vec::new();
+                'work: while !cancel.load(Ordering::Relaxed) {
+                    let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                    if start >= n {
+                        break;
                     }
+                    let end = (start + CHUNK).min(n);
+                    for &i in &items[start..end] {
+                        match f(i) {
+                            Ok(true) => local.push(i),
+                            Ok(false) => {}
+                            Err(e) => {
+                                failure
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .get_or_insert(e);
+                                cancel.store(true, Ordering::Relaxed);
+                                break 'work;
+                            }
+                        }
+                    }
+                    done.fetch_add(end - start, Ordering::Relaxed);
                 }
-                done.fetch_add((start + CHUNK).min(n) - start, Ordering::Relaxed);
+                flagged
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(local);
             });
         }
         // The calling thread watches progress and cancellation until every worker is finished.
@@ -168,103 +196,34 @@ pub fn build_image(
     if cancel.load(Ordering::Relaxed) {
         return Err(AnnError::Cancelled);
     }
-    let orphans = find_orphans(params, keys, vectors, &index, threads, &cancel, poll)?;
-    if threads > 1 && orphans.len() * 50 > n.max(1000) {
-        // Concurrent insertion went badly wrong (far beyond the usual handful of orphans):
-        // build again on one thread rather than rank a large share of the items exactly.
-        return build_image(params, keys, vectors, 1, poll);
-    }
-    poll(n);
-    serialize(params, keys, &orphans, &index)
+    let mut out = flagged.into_inner().unwrap_or_else(|p| p.into_inner());
+    out.sort_unstable();
+    Ok(out)
 }
 
-/// Items that a search for their own vector does not return: a cheap search first, then a wide
-/// one for the few that the cheap one misses. Runs on the worker threads like the insertion.
+/// Items the graph cannot reach: a search for their own vector does not return them. A cheap
+/// search over every item first, then a wide one (4 × ef_construction, at least 256) over the few
+/// the cheap one missed; both passes run on the worker threads.
 fn find_orphans(
     params: &BuildParams,
     keys: &[u64],
     vectors: &[f32],
     index: &usearch::Index,
     threads: usize,
-    cancel: &AtomicBool,
     poll: &mut dyn FnMut(usize) -> Poll,
 ) -> Result<Vec<u64>> {
-    let n = keys.len();
-    let next = AtomicUsize::new(0);
-    let done = AtomicUsize::new(0);
-    let suspects: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-    let failure: Mutex<Option<AnnError>> = Mutex::new(None);
-    const CHUNK: usize = 256;
+    let finds_itself = |i: usize, k: usize| -> Result<bool> {
+        let m = index.search(&vectors[i * params.dims..(i + 1) * params.dims], k)?;
+        // Found, or tied at distance zero with a full page of exact duplicates: reachable.
+        Ok(m.keys.contains(&keys[i])
+            || (m.keys.len() == k && m.distances.last().is_some_and(|d| *d <= 0.0)))
+    };
+    let all: Vec<usize> = (0..keys.len()).collect();
     index.change_expansion_search(16);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut local = Vec::new();
-                loop {
-                    if cancel.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let start = next.fetch_add(CHUNK, Ordering::Relaxed);
-                    if start >= n {
-                        break;
-                    }
-                    for i in start..(start + CHUNK).min(n) {
-                        let v = &vectors[i * params.dims..(i + 1) * params.dims];
-                        match index.search(v, 1) {
-                            Ok(m) if m.keys.first() == Some(&keys[i]) => {}
-                            Ok(_) => local.push(i),
-                            Err(e) => {
-                                failure
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get_or_insert(e.into());
-                                cancel.store(true, Ordering::Relaxed);
-                                return;
-                            }
-                        }
-                    }
-                    done.fetch_add((start + CHUNK).min(n) - start, Ordering::Relaxed);
-                }
-                suspects
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(local);
-            });
-        }
-        loop {
-            let d = done.load(Ordering::Relaxed);
-            if d >= n || cancel.load(Ordering::Relaxed) {
-                break;
-            }
-            if let Poll::Cancel = poll(d) {
-                cancel.store(true, Ordering::Relaxed);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
-    if cancel.load(Ordering::Relaxed) {
-        return Err(AnnError::Cancelled);
-    }
-    // Few suspects remain: re-check them at a typical query width. What a query of that width
-    // cannot find by its own vector is kept as an orphan and ranked exactly by every scan.
-    index.change_expansion_search(params.ef_construction.max(64));
-    let mut orphans = Vec::new();
-    let suspects = suspects.into_inner().unwrap_or_else(|p| p.into_inner());
-    for i in suspects {
-        let v = &vectors[i * params.dims..(i + 1) * params.dims];
-        let m = index.search(v, 16)?;
-        let own = m.keys.iter().position(|k| *k == keys[i]);
-        // Found, or tied at distance zero with items that were found: reachable.
-        let tied =
-            m.distances.first().is_some_and(|d| *d <= 0.0) && own.is_none() && m.keys.len() == 16;
-        if own.is_none() && !tied {
-            orphans.push(keys[i]);
-        }
-    }
+    let suspects = parallel(&all, threads, poll, |i| Ok(!finds_itself(i, 1)?))?;
+    index.change_expansion_search((params.ef_construction * 4).max(256));
+    let lost = parallel(&suspects, threads, poll, |i| Ok(!finds_itself(i, 16)?))?;
+    let mut orphans: Vec<u64> = lost.into_iter().map(|i| keys[i]).collect();
     orphans.sort_unstable();
     Ok(orphans)
 }

@@ -129,14 +129,15 @@ fn multithreaded_build_matches_single_threaded_and_reaches_every_node() {
         let bytes = build(Metric::Cosine, Quantization::F32, &data, dims, threads);
         let sum = checksum(&bytes);
         let img = Image::open(bytes, sum).unwrap();
-        // Every item is found among the first 10 a scan for its own vector yields: through the
-        // graph, or through the orphan list the build keeps for nodes the graph cannot reach.
+        // Every item is reachable: a scan for its own vector (ef 256) yields it among the first
+        // 10, through the graph or through the orphan list the build keeps for nodes the graph
+        // cannot reach.
         let mut missing = 0;
         for (i, v) in data.chunks_exact(dims).enumerate() {
             let mut cur = GraphCursor::new();
             let mut first = Vec::new();
             while first.len() < 10 {
-                match cur.peek(&img, v, 64, None).unwrap() {
+                match cur.peek(&img, v, 256, None).unwrap() {
                     Some((k, _)) => {
                         cur.pop();
                         first.push(k)
