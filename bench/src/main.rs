@@ -170,7 +170,8 @@ fn main() {
     // Query vectors go to the server as binary real[] parameters (evaluated once per query).
     let queries: Vec<Vec<f32>> = qdata.chunks_exact(dims).map(|v| v.to_vec()).collect();
 
-    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_twotower")
+    // A fresh extension, so its SQL matches the installed library.
+    c.batch_execute("DROP EXTENSION IF EXISTS pg_twotower CASCADE; CREATE EXTENSION pg_twotower")
         .unwrap();
     if !skip_load {
         c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, embedding real[]) WITH (autovacuum_enabled = off)").unwrap();
@@ -230,7 +231,7 @@ fn main() {
         .get(0);
     let orphans_note: String = c
         .query_one(
-            "SELECT graph_items::text || ' items in graph' FROM index_info('items_tt_idx')",
+            "SELECT format('%s items in graph, %s orphans; %s s in the server', graph_items, graph_orphans, build_seconds) FROM index_info('items_tt_idx')",
             &[],
         )
         .unwrap()

@@ -29,6 +29,8 @@ use crate::metric::{validate_vector, Metric, Quantization};
 
 pub const MAGIC: &[u8; 8] = b"TTHNSW01";
 pub const FORMAT_VERSION: u32 = 1;
+/// Items inserted on one thread before the parallel insertion starts.
+const WARM_UP_ITEMS: usize = 10_000;
 const HEADER_LEN: usize = 64;
 
 /// Parameters of an HNSW build.
@@ -116,14 +118,32 @@ pub fn build_image(
     let index = usearch::Index::new(&params.options())?;
     let threads = threads.clamp(1, 64);
     index.reserve_capacity_and_threads(n.max(1), threads)?;
-    let all: Vec<usize> = (0..n).collect();
-    parallel(&all, threads, poll, |i| {
+    // The first items go in on one thread: while the graph is small, concurrent insertions link
+    // to each other and leave islands no search reaches (usearch issue #735).
+    let warm = n.min(WARM_UP_ITEMS);
+    let first: Vec<usize> = (0..warm).collect();
+    let rest: Vec<usize> = (warm..n).collect();
+    let add = &|i: usize| -> Result<bool> {
         let v = &vectors[i * params.dims..(i + 1) * params.dims];
         validate_vector(v, Some(params.dims))?;
         index.add(keys[i], v)?;
         Ok(false)
-    })?;
-    let orphans = find_orphans(params, keys, vectors, &index, threads, poll)?;
+    };
+    parallel(&first, 1, poll, add)?;
+    parallel(&rest, threads, &mut |d| poll(warm + d), add)?;
+    let mut orphans = find_orphans(params, keys, vectors, &index, threads, poll, None)?;
+    if !orphans.is_empty() {
+        // Re-insert the unreachable items one at a time: a lone insertion links a node properly.
+        // Whatever is still unreachable after that stays in the orphan list.
+        let pos: std::collections::HashMap<u64, usize> =
+            keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let again: Vec<usize> = orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
+        for &i in &again {
+            index.remove(keys[i])?;
+        }
+        parallel(&again, 1, poll, add)?;
+        orphans = find_orphans(params, keys, vectors, &index, threads, poll, Some(&again))?;
+    }
     poll(n);
     serialize(params, keys, &orphans, &index)
 }
@@ -201,9 +221,9 @@ fn parallel(
     Ok(out)
 }
 
-/// Items the graph cannot reach: a search for their own vector does not return them. A cheap
-/// search over every item first, then a wide one (4 × ef_construction, at least 256) over the few
-/// the cheap one missed; both passes run on the worker threads.
+/// Items the graph cannot reach: a search for their own vector does not return them, even a wide
+/// one (4 × ef_construction, at least 256). Cheap searches over every item come first; the wide
+/// one only sees the few they missed. All passes run on the worker threads.
 fn find_orphans(
     params: &BuildParams,
     keys: &[u64],
@@ -211,6 +231,7 @@ fn find_orphans(
     index: &usearch::Index,
     threads: usize,
     poll: &mut dyn FnMut(usize) -> Poll,
+    only: Option<&[usize]>,
 ) -> Result<Vec<u64>> {
     let finds_itself = |i: usize, k: usize| -> Result<bool> {
         let m = index.search(&vectors[i * params.dims..(i + 1) * params.dims], k)?;
@@ -218,11 +239,20 @@ fn find_orphans(
         Ok(m.keys.contains(&keys[i])
             || (m.keys.len() == k && m.distances.last().is_some_and(|d| *d <= 0.0)))
     };
-    let all: Vec<usize> = (0..keys.len()).collect();
-    index.change_expansion_search(16);
-    let suspects = parallel(&all, threads, poll, |i| Ok(!finds_itself(i, 1)?))?;
-    index.change_expansion_search((params.ef_construction * 4).max(256));
-    let lost = parallel(&suspects, threads, poll, |i| Ok(!finds_itself(i, 16)?))?;
+    // Each pass re-checks only what the previous, cheaper one missed.
+    let mut suspects: Vec<usize> = match only {
+        Some(items) => items.to_vec(),
+        None => (0..keys.len()).collect(),
+    };
+    let wide = (params.ef_construction * 4).max(256);
+    for (ef, k) in [(16, 1), (64, 4), (wide, 16)] {
+        if suspects.is_empty() {
+            break;
+        }
+        index.change_expansion_search(ef);
+        suspects = parallel(&suspects, threads, poll, |i| Ok(!finds_itself(i, k)?))?;
+    }
+    let lost = suspects;
     let mut orphans: Vec<u64> = lost.into_iter().map(|i| keys[i]).collect();
     orphans.sort_unstable();
     Ok(orphans)
