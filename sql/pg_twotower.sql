@@ -62,3 +62,6 @@ LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM twotower.index_info_by_oid($1::pg_catalog.oid) $$;
 COMMENT ON FUNCTION twotower.index_info(regclass) IS 'health of a twotower_hnsw index: graph and delta sizes, dead entries, size on disk, cache file state';
+
+-- Removing cache files is housekeeping for the owner, not for every user.
+REVOKE ALL ON FUNCTION twotower.cache_cleanup() FROM PUBLIC;
