@@ -10,8 +10,8 @@ rm -rf "$work"; mkdir -p "$work"
 cp -r tests/t "$work/t"
 chown -R postgres:postgres "$work" 2>/dev/null || true
 tests=("$@")
-[ ${#tests[@]} -gt 0 ] || tests=(t/*.pl)
 cd "$work"
+[ ${#tests[@]} -gt 0 ] || tests=(t/*.pl)
 as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres -- "$@"; fi; }
 as_pg env PATH="/usr/lib/postgresql/15/bin:$PATH" TESTDIR="$work" PG_REGRESS=/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress \
   TT_SOAK_SECONDS="${TT_SOAK_SECONDS:-30}" \

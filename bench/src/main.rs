@@ -7,41 +7,16 @@
 //! (64), TT_QUERIES (200), TT_CLUSTERS (1000), TT_M (16), TT_EFC (64), TT_SKIP_LOAD=1 (reuse).
 
 use postgres::{Client, NoTls};
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
 use std::io::Write;
 use std::time::{Duration, Instant};
+use twotower_ann::synthetic::clustered;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn gauss(rng: &mut SmallRng) -> f32 {
-    let u1: f32 = rng.gen_range(1e-7f32..1.0);
-    let u2: f32 = rng.gen_range(0.0f32..1.0);
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
-
-/// Unit vectors around `clusters` random centres; row i is `data[i*dims..]`.
-fn clustered(n: usize, dims: usize, clusters: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let centres: Vec<f32> = (0..clusters * dims)
-        .map(|_| rng.gen_range(-1.0f32..1.0))
-        .collect();
-    let mut out = Vec::with_capacity(n * dims);
-    for _ in 0..n {
-        let c = rng.gen_range(0..clusters);
-        let v: Vec<f32> = (0..dims)
-            .map(|j| centres[c * dims + j] + 0.35 * gauss(&mut rng))
-            .collect();
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        out.extend(v.iter().map(|x| x / norm));
-    }
-    out
 }
 
 /// Exact top-`k` ids (1-based) by cosine distance for each query, on all cores.

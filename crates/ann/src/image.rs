@@ -580,38 +580,39 @@ impl GraphCursor {
         while self.pending.is_empty() && !self.exhausted {
             self.refill(img, query, ef, skip)?;
         }
-        let graph = self.pending.front().copied();
-        let orphan = self
-            .orphans
+        Ok(match self.next_from_orphans() {
+            Some(true) => self.orphan_head(),
+            Some(false) => self.pending.front().copied(),
+            None => None,
+        })
+    }
+
+    fn orphan_head(&self) -> Option<(u64, f32)> {
+        self.orphans
             .as_ref()
             .and_then(|o| o.last())
-            .map(|&(d, k)| (k, d));
-        Ok(match (graph, orphan) {
-            (Some(g), Some(o)) => Some(if o.1 < g.1 { o } else { g }),
-            (g, o) => g.or(o),
-        })
+            .map(|&(d, k)| (k, d))
+    }
+
+    /// Whether the next item comes from the orphans (true) or the graph (false); None at the end.
+    fn next_from_orphans(&self) -> Option<bool> {
+        match (self.pending.front(), self.orphan_head()) {
+            (Some(g), Some(o)) => Some(o.1 < g.1),
+            (Some(_), None) => Some(false),
+            (None, Some(_)) => Some(true),
+            (None, None) => None,
+        }
     }
 
     /// Consumes the item `peek` returned.
     pub fn pop(&mut self) -> Option<(u64, f32)> {
-        let graph = self.pending.front().copied();
-        let orphan = self
-            .orphans
-            .as_ref()
-            .and_then(|o| o.last())
-            .map(|&(d, k)| (k, d));
-        let take_orphan = match (graph, orphan) {
-            (Some(g), Some(o)) => o.1 < g.1,
-            (None, Some(_)) => true,
-            _ => false,
-        };
-        let item = if take_orphan {
-            self.orphans
+        let item = match self.next_from_orphans()? {
+            true => self
+                .orphans
                 .as_mut()
                 .and_then(|o| o.pop())
-                .map(|(d, k)| (k, d))
-        } else {
-            self.pending.pop_front()
+                .map(|(d, k)| (k, d)),
+            false => self.pending.pop_front(),
         };
         if let Some((k, _)) = item {
             self.emitted.insert(k);

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod image;
 pub mod metric;
+pub mod synthetic;
 
 pub use error::{AnnError, Result, MAX_DIMS};
 pub use image::{

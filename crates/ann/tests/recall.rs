@@ -1,39 +1,7 @@
 //! Recall and robustness of the image on clustered synthetic data.
 
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use twotower_ann::synthetic::clustered;
 use twotower_ann::*;
-
-/// `n` unit vectors of `dims` around `clusters` random centres (Gaussian noise).
-fn clustered(n: usize, dims: usize, clusters: usize, seed: u64) -> Vec<f32> {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let centres: Vec<f32> = (0..clusters * dims)
-        .map(|_| rng.gen_range(-1.0f32..1.0))
-        .collect();
-    let mut out = Vec::with_capacity(n * dims);
-    for _ in 0..n {
-        let c = rng.gen_range(0..clusters);
-        let mut v: Vec<f32> = (0..dims)
-            .map(|j| {
-                centres[c * dims + j]
-                    + std::env::var("TT_NOISE")
-                        .map(|s| s.parse::<f32>().unwrap())
-                        .unwrap_or(0.35)
-                        * gauss(&mut rng)
-            })
-            .collect();
-        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.iter_mut().for_each(|x| *x /= norm);
-        out.extend(v);
-    }
-    out
-}
-
-fn gauss(rng: &mut SmallRng) -> f32 {
-    let u1: f32 = rng.gen_range(1e-7f32..1.0);
-    let u2: f32 = rng.gen_range(0.0f32..1.0);
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-}
 
 /// `n` base vectors and `nq` held-out queries drawn from the same clusters.
 fn split(n: usize, nq: usize, dims: usize, clusters: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
