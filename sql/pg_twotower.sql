@@ -65,3 +65,56 @@ COMMENT ON FUNCTION twotower.index_info(regclass) IS 'health of a twotower_hnsw 
 
 -- Removing cache files is housekeeping for the owner, not for every user.
 REVOKE ALL ON FUNCTION twotower.cache_cleanup() FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- The model catalogue. Only the extension owner reads or writes these tables directly; the
+-- functions check the caller's rights (model owner or twotower_admin) and then act as the owner
+-- (see src/catalog.rs). Both tables are dumped by pg_dump with their data.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'twotower_admin') THEN
+        CREATE ROLE twotower_admin NOLOGIN;
+    END IF;
+END $$;
+
+-- Everyone may use the operators and call the inference functions in the schema.
+GRANT USAGE ON SCHEMA twotower TO PUBLIC;
+
+CREATE TABLE twotower.model (
+    name            text PRIMARY KEY,
+    owner           name NOT NULL,
+    active_version  integer,
+    next_version    integer NOT NULL DEFAULT 1,
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+CREATE TABLE twotower.model_version (
+    model        text NOT NULL REFERENCES twotower.model (name) ON DELETE CASCADE,
+    version      integer NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('user', 'item')),
+    dim          integer NOT NULL,
+    metric       text NOT NULL CHECK (metric IN ('cosine', 'ip', 'l2')),
+    parameters   bigint NOT NULL,
+    checksum     bigint NOT NULL,
+    spec         jsonb NOT NULL,
+    weights      bytea NOT NULL,
+    imported_by  name NOT NULL,
+    imported_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (model, version)
+);
+-- safetensors do not compress; skip pglz work on import.
+ALTER TABLE twotower.model_version ALTER COLUMN weights SET STORAGE EXTERNAL;
+SELECT pg_catalog.pg_extension_config_dump('twotower.model', '');
+SELECT pg_catalog.pg_extension_config_dump('twotower.model_version', '');
+REVOKE ALL ON twotower.model, twotower.model_version FROM PUBLIC;
+
+CREATE VIEW twotower.models AS
+SELECT v.model AS name, v.version, (v.version = m.active_version) AS active, v.kind, v.dim,
+       v.metric, v.parameters, pg_catalog.octet_length(v.weights)::bigint AS weight_bytes,
+       m.owner, v.imported_by, v.imported_at, v.spec
+  FROM twotower.model m JOIN twotower.model_version v ON v.model = m.name;
+COMMENT ON VIEW twotower.models IS 'models and their versions (weights not shown); active marks the serving version';
+GRANT SELECT ON twotower.models TO PUBLIC;
+
+-- Inference is for every role that may connect (revoke EXECUTE to restrict it); the management
+-- functions check model ownership / twotower_admin themselves.
+REVOKE ALL ON FUNCTION twotower.import_model_file(text, text, text, boolean) FROM PUBLIC;

@@ -3,6 +3,7 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use twotower_ann::AnnError;
+use twotower_tower::TowerError;
 
 #[derive(Debug)]
 pub enum TtError {
@@ -20,6 +21,32 @@ pub enum TtError {
     Unsupported(String),
     /// An I/O failure on a node-local cache file.
     CacheIo(String),
+    /// An error of the tower core (spec, weights, feature input).
+    Tower(TowerError),
+    /// A features argument that is not valid JSON for serde (e.g. a number out of f64 range).
+    BadJson(String),
+    /// No model of that name, or no such version.
+    ModelNotFound { name: String, version: Option<i32> },
+    /// The model is of the other tower kind.
+    ModelKind { name: String, expected: &'static str, got: String },
+    /// The model does not fit the index (metric or dimension).
+    ModelIndexMismatch { detail: String },
+    /// The caller may not manage this model, or read this table.
+    PermissionDenied { action: String, hint: String },
+    /// A model name that is not an identifier.
+    BadModelName(String),
+    /// Dropping the version that serves.
+    ActiveVersion { name: String, version: i32 },
+    /// A generic invalid argument value.
+    BadArgument(String),
+    /// The table an index belongs to has no usable item id column.
+    NoItemId(String),
+}
+
+impl From<TowerError> for TtError {
+    fn from(e: TowerError) -> Self {
+        TtError::Tower(e)
+    }
 }
 
 impl From<AnnError> for TtError {
@@ -118,6 +145,59 @@ impl TtError {
                 Some("REINDEX the index.".into()),
             ),
             TtError::Unsupported(d) => (ERRCODE_FEATURE_NOT_SUPPORTED, d.clone(), None, None),
+            TtError::Tower(e) => tower_parts(e),
+            TtError::BadJson(d) => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                "features cannot be read".into(),
+                Some(d.clone()),
+                Some("Numbers in features must fit in double precision.".into()),
+            ),
+            TtError::ModelNotFound { name, version } => (
+                ERRCODE_UNDEFINED_OBJECT,
+                match version {
+                    Some(v) => format!("model \"{name}\" has no version {v}"),
+                    None => format!("model \"{name}\" does not exist or has no active version"),
+                },
+                None,
+                Some("SELECT * FROM twotower.models lists the models and their versions.".into()),
+            ),
+            TtError::ModelKind { name, expected, got } => (
+                ERRCODE_WRONG_OBJECT_TYPE,
+                format!("model \"{name}\" is {} tower, not {} tower", article(got), article(expected)),
+                None,
+                Some(format!("Use a model imported with \"kind\": \"{expected}\".")),
+            ),
+            TtError::ModelIndexMismatch { detail } => (
+                ERRCODE_DATA_EXCEPTION,
+                "the model does not fit the index".into(),
+                Some(detail.clone()),
+                Some("The user tower's output.dim and output.metric must match the indexed vectors and the index's operator class.".into()),
+            ),
+            TtError::PermissionDenied { action, hint } => (
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied to {action}"),
+                None,
+                Some(hint.clone()),
+            ),
+            TtError::BadModelName(n) => (
+                ERRCODE_INVALID_NAME,
+                format!("invalid model name \"{n}\""),
+                None,
+                Some("Model names are 1 to 63 characters: letters, digits, '_', '.' and '-', starting with a letter or '_'.".into()),
+            ),
+            TtError::ActiveVersion { name, version } => (
+                ERRCODE_OBJECT_IN_USE,
+                format!("version {version} of model \"{name}\" is the active version"),
+                None,
+                Some("Activate another version first, or drop the whole model.".into()),
+            ),
+            TtError::BadArgument(d) => (ERRCODE_INVALID_PARAMETER_VALUE, d.clone(), None, None),
+            TtError::NoItemId(d) => (
+                ERRCODE_WRONG_OBJECT_TYPE,
+                d.clone(),
+                None,
+                Some("recall() returns the table's single-column integer primary key as item_id: add PRIMARY KEY (id).".into()),
+            ),
             TtError::CacheIo(d) => (
                 ERRCODE_IO_ERROR,
                 "could not materialize the twotower_hnsw cache file".into(),
@@ -153,5 +233,72 @@ impl<T, E: Into<TtError>> OrReport<T> for Result<T, E> {
             Ok(v) => v,
             Err(e) => e.into().report(),
         }
+    }
+}
+
+/// "a user", "an item".
+fn article(kind: &str) -> String {
+    if kind.starts_with(['a', 'e', 'i', 'o']) {
+        format!("an {kind}")
+    } else {
+        format!("a {kind}")
+    }
+}
+
+/// SQLSTATE, message, detail and hint of a tower-core error. Malformed weights are a binary
+/// representation problem; a spec, weights or input that does not fit is an invalid argument;
+/// sizes past the documented limits are program limits.
+fn tower_parts(e: &TowerError) -> (PgSqlErrorCode, String, Option<String>, Option<String>) {
+    use PgSqlErrorCode::*;
+    let msg = e.to_string();
+    match e {
+        TowerError::SpecJson { .. } => (
+            ERRCODE_INVALID_JSON_TEXT,
+            "invalid model spec".into(),
+            Some(msg),
+            Some("See docs/model-format.md for the spec format.".into()),
+        ),
+        TowerError::Spec { .. } | TowerError::SpecVersion { .. } => (
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "invalid model spec".into(),
+            Some(msg),
+            Some("See docs/model-format.md for the spec format.".into()),
+        ),
+        TowerError::Safetensors { .. } => (
+            ERRCODE_INVALID_BINARY_REPRESENTATION,
+            "invalid safetensors weights".into(),
+            Some(msg),
+            Some("Write the weights with safetensors.torch.save_file (F32, F16 or BF16 tensors).".into()),
+        ),
+        TowerError::MissingTensor { .. }
+        | TowerError::StrayTensor { .. }
+        | TowerError::TensorDtype { .. }
+        | TowerError::TensorShape { .. }
+        | TowerError::NonFiniteWeight { .. }
+        | TowerError::WeightValue { .. } => (
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "the weights do not match the model spec".into(),
+            Some(msg),
+            Some("Every tensor the spec names must exist with the shape the spec implies, and every tensor must be named by the spec.".into()),
+        ),
+        TowerError::UnknownFeature { .. } => (
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "unknown feature in features".into(),
+            Some(msg),
+            Some("twotower.models shows each model; its spec lists the feature names.".into()),
+        ),
+        TowerError::FeatureType { .. } | TowerError::FeatureValue { .. } | TowerError::NotAnObject { .. } => (
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            "invalid feature value".into(),
+            Some(msg),
+            Some("Features are a jsonb object: ids as strings or integers, numbers as JSON numbers, lists as arrays.".into()),
+        ),
+        TowerError::TooLarge { .. } => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, msg, None, None),
+        TowerError::NonFiniteOutput { .. } => (
+            ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+            msg,
+            None,
+            Some("Check the magnitude of numeric features (normalise them in the spec).".into()),
+        ),
     }
 }

@@ -6,9 +6,13 @@ use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 pub mod am;
+pub mod catalog;
+pub mod embed;
 pub mod error;
 pub mod info;
+pub mod models;
 pub mod ops;
+pub mod recall;
 pub mod vector;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -17,6 +21,8 @@ pub mod vector;
 pub static EF_SEARCH: GucSetting<i32> = GucSetting::<i32>::new(100);
 /// `twotower.build_threads`: worker threads of an index build (0 = all cores).
 pub static BUILD_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// `twotower.model_cache_size`: memory for decoded models per backend, in MB.
+pub static MODEL_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(256);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -40,7 +46,18 @@ pub extern "C-unwind" fn _PG_init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"twotower.model_cache_size",
+        c"Memory for decoded models kept by each backend, in megabytes.",
+        c"The least recently used model versions are dropped first; the one in use is always kept.",
+        &MODEL_CACHE_MB,
+        1,
+        1_048_576,
+        GucContext::Userset,
+        GucFlags::UNIT_MB,
+    );
     am::options::register();
+    catalog::register();
 }
 
 extension_sql_file!(

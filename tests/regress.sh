@@ -14,6 +14,9 @@ trap 'scripts/cluster.sh destroy regress "$PORT"' EXIT
 tests=$(cd tests/sql && ls *.sql | sed 's/\.sql$//' | sort)
 scripts/cluster.sh psql regress "$PORT" -q -d postgres -c "CREATE DATABASE twotower_regress"
 status=0
+# The server (running as postgres) reads the fixtures: give it a copy it can read.
+cp -r tests/golden "$out/golden"; chmod -R a+rX "$out/golden"
+export TT_GOLDEN="$out/golden"
 $PG_REGRESS --use-existing --host=/tmp/pg_twotower-regress --port="$PORT" --user=postgres \
   --inputdir=tests --outputdir="$out" --dbname=twotower_regress $tests || status=$?
 if [ "${TT_REGRESS_UPDATE:-0}" = 1 ]; then

@@ -8,11 +8,12 @@ PERLLIB=/usr/lib/postgresql/15/lib/pgxs/src/test/perl
 work=/tmp/pg_twotower-tap
 rm -rf "$work"; mkdir -p "$work"
 cp -r tests/t "$work/t"
+cp -r tests/golden "$work/golden"
 chown -R postgres:postgres "$work" 2>/dev/null || true
 tests=("$@")
 cd "$work"
 [ ${#tests[@]} -gt 0 ] || tests=(t/*.pl)
 as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres -- "$@"; fi; }
 as_pg env PATH="/usr/lib/postgresql/15/bin:$PATH" TESTDIR="$work" PG_REGRESS=/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress \
-  TT_SOAK_SECONDS="${TT_SOAK_SECONDS:-30}" \
+  TT_SOAK_SECONDS="${TT_SOAK_SECONDS:-30}" TT_GOLDEN="$work/golden" \
   prove -v -I "$PERLLIB" -I t "${tests[@]}"

@@ -24,6 +24,8 @@ struct ScanState {
     /// Delta items, sorted by descending distance so the nearest is popped from the end.
     delta: Vec<(f32, u64)>,
     ef: usize,
+    /// A floor for `ef` set by callers that know how many rows they want (recall's k).
+    min_ef: usize,
     /// Next graph position for unordered scans.
     next_pos: usize,
 }
@@ -86,7 +88,7 @@ unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
             .report();
         }
     }
-    st.ef = crate::EF_SEARCH.get().max(1) as usize;
+    st.ef = (crate::EF_SEARCH.get().max(1) as usize).max(st.min_ef);
     if meta.has_image() {
         // SAFETY: open index relation and its metapage.
         st.image = Some(unsafe { cache::image(index, &meta) }.or_report());
@@ -203,6 +205,17 @@ pub unsafe extern "C-unwind" fn amgettuple(
         }
         None => false,
     }
+}
+
+/// Makes the scan search with at least `ef` candidates (for a caller that will read `ef` rows:
+/// one graph search instead of several widening rounds). Call after `index_rescan`.
+///
+/// # Safety
+/// `scan` must be an open scan of a twotower_hnsw index.
+pub unsafe fn set_min_ef(scan: pg_sys::IndexScanDesc, ef: usize) {
+    // SAFETY: opaque was set in ambeginscan.
+    let st = unsafe { &mut *((*scan).opaque as *mut ScanState) };
+    st.min_ef = ef.min(100_000);
 }
 
 #[pg_guard]

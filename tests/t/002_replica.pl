@@ -69,6 +69,20 @@ same_results('after REINDEX CONCURRENTLY');
 is($standby->safe_psql('postgres', "SELECT delta_items, graph_dead FROM twotower.index_info('items_idx')"), '0|0',
 	'REINDEX folded the delta and the tombstones into a new graph');
 
+# Models reach the standby with the rest of the WAL; a switch on the primary is seen there.
+my $g = $ENV{TT_GOLDEN};
+$primary->safe_psql('postgres', qq{
+	SELECT twotower.import_model_file('u', '$g/spec.json', '$g/weights.safetensors');
+	SELECT twotower.import_model_file('u', '$g/item/spec.json', '$g/item/weights.safetensors', false);
+});
+$primary->wait_for_catchup($standby);
+my $embed = q{SELECT twotower.embed_user('u', '{"user_id": 7, "history": [1001]}')::text};
+is($standby->safe_psql('postgres', $embed), $primary->safe_psql('postgres', $embed), 'standby embeds like the primary');
+$primary->safe_psql('postgres', q{SELECT twotower.activate_model('u', 2)});
+$primary->wait_for_catchup($standby);
+my ($ret, $out, $err) = $standby->psql('postgres', $embed);
+like($err, qr/is an item tower/, 'the switch to version 2 reached the standby');
+
 $standby->stop;
 $primary->stop;
 done_testing();

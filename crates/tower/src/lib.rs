@@ -1,0 +1,65 @@
+//! pg_twotower's tower core: the model format (JSON spec + safetensors weights), feature encoding
+//! from JSON, and the forward pass. Knows nothing of PostgreSQL. The format is specified in
+//! `docs/model-format.md`.
+
+pub mod encode;
+pub mod error;
+mod forward;
+mod json;
+mod model;
+pub mod safetensors;
+mod spec;
+pub mod synth;
+
+pub use encode::{canonical_id, Encoded, MAX_LIST_LEN};
+pub use error::{Result, TowerError};
+pub use forward::forward_parallel;
+pub use model::Model;
+
+/// The only spec version this build reads.
+pub const SPEC_VERSION: u32 = 1;
+
+/// Which side of the two towers a model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    User,
+    Item,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::Item => "item",
+        }
+    }
+}
+
+/// The index metric a tower's output is trained for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OutMetric {
+    Cosine,
+    Ip,
+    L2,
+}
+
+impl OutMetric {
+    pub fn name(self) -> &'static str {
+        match self {
+            OutMetric::Cosine => "cosine",
+            OutMetric::Ip => "ip",
+            OutMetric::L2 => "l2",
+        }
+    }
+}
+
+/// 64-bit FNV-1a (offset basis 0xcbf29ce484222325, prime 0x100000001b3, wrapping).
+#[inline]
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

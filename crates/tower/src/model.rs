@@ -1,0 +1,483 @@
+//! The loaded model: spec bound to its tensors, every shape and width checked.
+
+use crate::error::{Result, TowerError};
+use crate::safetensors::{self, TensorView};
+use crate::spec::{
+    self, spec_err, FeatureDraft, LayerDraft, Lookup, Pooling, SpecDraft, Transform, MAX_WIDTH,
+};
+use crate::{Kind, OutMetric};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An embedding table: `rows × dim` floats in tensor `tensor`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Table {
+    pub tensor: usize,
+    pub dim: usize,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum FeatureKind {
+    Categorical {
+        table: Table,
+        lookup: Lookup,
+    },
+    Multi {
+        table: Table,
+        lookup: Lookup,
+        pooling: Pooling,
+        max_len: usize,
+        weighted: bool,
+    },
+    Numeric {
+        transform: Transform,
+        missing: f32,
+    },
+    Bucketize {
+        table: Table,
+        boundaries: Vec<f64>,
+    },
+    Dense {
+        dim: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Feature {
+    pub name: String,
+    pub kind: FeatureKind,
+    /// Position and width of this feature's field in the concatenated input.
+    pub offset: usize,
+    pub width: usize,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Senet {
+    pub w1: usize,
+    pub b1: Option<usize>,
+    pub w2: usize,
+    pub b2: Option<usize>,
+    pub r: usize,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Layer {
+    Linear {
+        w: usize,
+        b: Option<usize>,
+        n_in: usize,
+        n_out: usize,
+    },
+    Relu,
+    Gelu,
+    Tanh,
+    Sigmoid,
+    LayerNorm {
+        w: usize,
+        b: usize,
+        eps: f64,
+    },
+    BatchNorm {
+        w: usize,
+        b: usize,
+        mean: usize,
+        /// 1/sqrt(running_var + eps), precomputed in f64.
+        inv_std: Vec<f32>,
+    },
+    /// (offset, width) ranges of the raw input appended to h.
+    Shortcut {
+        ranges: Vec<(usize, usize)>,
+    },
+    L2Normalize,
+}
+
+/// A loaded tower. Immutable after [`Model::load`]; `Send + Sync`.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub(crate) id: u64,
+    pub(crate) kind: Kind,
+    pub(crate) metric: OutMetric,
+    pub(crate) output_dim: usize,
+    pub(crate) features: Vec<Feature>,
+    pub(crate) by_name: HashMap<String, usize>,
+    pub(crate) input_width: usize,
+    pub(crate) senet: Option<Senet>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) has_shortcut: bool,
+    pub(crate) tensors: Vec<Vec<f32>>,
+    pub(crate) tensor_names: Vec<String>,
+}
+
+/// A dimension of an expected shape.
+#[derive(Clone, Copy)]
+enum Dim {
+    Is(usize),
+    /// Free, at least 1, with a letter for messages.
+    Any(&'static str),
+}
+
+/// Binds spec tensor names to the parsed safetensors, checking shapes; shared names are bound once.
+struct Binder {
+    pending: HashMap<String, TensorView>,
+    index: HashMap<String, usize>,
+    tensors: Vec<Vec<f32>>,
+    shapes: Vec<Vec<usize>>,
+    names: Vec<String>,
+}
+
+fn render(expected: &[Dim]) -> String {
+    let parts: Vec<String> = expected
+        .iter()
+        .map(|d| match d {
+            Dim::Is(n) => n.to_string(),
+            Dim::Any(l) => (*l).to_string(),
+        })
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+impl Binder {
+    /// Binds `name`, checks its shape, returns (tensor index, actual shape).
+    fn bind(&mut self, name: &str, expected: &[Dim]) -> Result<(usize, Vec<usize>)> {
+        let idx = match self.index.get(name) {
+            Some(&i) => i,
+            None => {
+                let Some(t) = self.pending.remove(name) else {
+                    return Err(TowerError::MissingTensor {
+                        name: name.to_owned(),
+                    });
+                };
+                if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+                    return Err(TowerError::NonFiniteWeight {
+                        name: name.to_owned(),
+                        index: i,
+                    });
+                }
+                let i = self.tensors.len();
+                self.tensors.push(t.data);
+                self.shapes.push(t.shape);
+                self.names.push(t.name);
+                self.index.insert(name.to_owned(), i);
+                i
+            }
+        };
+        let got = &self.shapes[idx];
+        let ok = got.len() == expected.len()
+            && got.iter().zip(expected).all(|(g, e)| match e {
+                Dim::Is(n) => g == n,
+                Dim::Any(_) => *g >= 1,
+            });
+        if !ok {
+            return Err(TowerError::TensorShape {
+                name: name.to_owned(),
+                expected: render(expected),
+                got: got.clone(),
+            });
+        }
+        Ok((idx, got.clone()))
+    }
+
+    fn table(&mut self, name: &str, lookup_rows: u64) -> Result<Table> {
+        let rows = usize::try_from(lookup_rows).unwrap_or(usize::MAX);
+        let (tensor, shape) = self.bind(name, &[Dim::Is(rows), Dim::Any("d")])?;
+        Ok(Table {
+            tensor,
+            dim: shape[1],
+        })
+    }
+}
+
+fn width_check(path: String, width: usize) -> Result<()> {
+    if width > MAX_WIDTH {
+        return Err(spec_err(
+            path,
+            format!("the vector is {width} wide here, more than the limit of {MAX_WIDTH}"),
+        ));
+    }
+    Ok(())
+}
+
+impl Model {
+    /// Parses and validates a spec and its safetensors weights. Every error is reported with the
+    /// offending spec path, tensor or limit; nothing in the inputs can make this panic.
+    pub fn load(spec_json: &str, safetensors_bytes: &[u8]) -> Result<Model> {
+        let draft: SpecDraft = spec::parse_spec(spec_json)?;
+        let views = safetensors::parse(safetensors_bytes)?;
+        let mut pending = HashMap::with_capacity(views.len());
+        for v in views {
+            pending.insert(v.name.clone(), v);
+        }
+        let mut b = Binder {
+            pending,
+            index: HashMap::new(),
+            tensors: Vec::new(),
+            shapes: Vec::new(),
+            names: Vec::new(),
+        };
+
+        // Features -> fields.
+        let mut features = Vec::with_capacity(draft.features.len());
+        let mut offset = 0usize;
+        for (name, f) in draft.names.iter().zip(draft.features) {
+            let kind = match f {
+                FeatureDraft::Categorical { embedding, lookup } => FeatureKind::Categorical {
+                    table: b.table(&embedding, lookup.rows())?,
+                    lookup,
+                },
+                FeatureDraft::Multi {
+                    embedding,
+                    lookup,
+                    pooling,
+                    max_len,
+                    weighted,
+                } => FeatureKind::Multi {
+                    table: b.table(&embedding, lookup.rows())?,
+                    lookup,
+                    pooling,
+                    max_len,
+                    weighted,
+                },
+                FeatureDraft::Numeric { transform, missing } => {
+                    FeatureKind::Numeric { transform, missing }
+                }
+                FeatureDraft::Bucketize {
+                    embedding,
+                    boundaries,
+                } => FeatureKind::Bucketize {
+                    table: b.table(&embedding, boundaries.len() as u64 + 2)?,
+                    boundaries,
+                },
+                FeatureDraft::Dense { dim } => FeatureKind::Dense { dim },
+            };
+            let width = match &kind {
+                FeatureKind::Categorical { table, .. }
+                | FeatureKind::Multi { table, .. }
+                | FeatureKind::Bucketize { table, .. } => table.dim,
+                FeatureKind::Numeric { .. } => 1,
+                FeatureKind::Dense { dim } => *dim,
+            };
+            features.push(Feature {
+                name: name.clone(),
+                kind,
+                offset,
+                width,
+            });
+            // Each width is <= the file size, so this cannot overflow before the check trips.
+            offset = offset.saturating_add(width);
+            width_check("features".into(), offset)?;
+        }
+        let input_width = offset;
+        let nf = features.len();
+
+        let senet = match draft.senet {
+            None => None,
+            Some(s) => {
+                let (w1, shape) = b.bind(&s.w1, &[Dim::Any("r"), Dim::Is(nf)])?;
+                let r = shape[0];
+                let b1 = match &s.b1 {
+                    Some(n) => Some(b.bind(n, &[Dim::Is(r)])?.0),
+                    None => None,
+                };
+                let (w2, _) = b.bind(&s.w2, &[Dim::Is(nf), Dim::Is(r)])?;
+                let b2 = match &s.b2 {
+                    Some(n) => Some(b.bind(n, &[Dim::Is(nf)])?.0),
+                    None => None,
+                };
+                Some(Senet { w1, b1, w2, b2, r })
+            }
+        };
+
+        let mut width = input_width;
+        let mut layers = Vec::with_capacity(draft.layers.len());
+        let mut has_shortcut = false;
+        for (i, l) in draft.layers.into_iter().enumerate() {
+            let layer = match l {
+                LayerDraft::Linear { weight, bias } => {
+                    let (w, shape) = b.bind(&weight, &[Dim::Any("out"), Dim::Is(width)])?;
+                    let n_out = shape[0];
+                    width_check(format!("layers[{i}].weight"), n_out)?;
+                    let bi = match &bias {
+                        Some(n) => Some(b.bind(n, &[Dim::Is(n_out)])?.0),
+                        None => None,
+                    };
+                    let l = Layer::Linear {
+                        w,
+                        b: bi,
+                        n_in: width,
+                        n_out,
+                    };
+                    width = n_out;
+                    l
+                }
+                LayerDraft::Relu => Layer::Relu,
+                LayerDraft::Gelu => Layer::Gelu,
+                LayerDraft::Tanh => Layer::Tanh,
+                LayerDraft::Sigmoid => Layer::Sigmoid,
+                LayerDraft::L2Normalize => Layer::L2Normalize,
+                LayerDraft::Dropout => continue,
+                LayerDraft::LayerNorm { weight, bias, eps } => Layer::LayerNorm {
+                    w: b.bind(&weight, &[Dim::Is(width)])?.0,
+                    b: b.bind(&bias, &[Dim::Is(width)])?.0,
+                    eps,
+                },
+                LayerDraft::BatchNorm {
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                    eps,
+                } => {
+                    let w = b.bind(&weight, &[Dim::Is(width)])?.0;
+                    let bb = b.bind(&bias, &[Dim::Is(width)])?.0;
+                    let mean = b.bind(&running_mean, &[Dim::Is(width)])?.0;
+                    let var = b.bind(&running_var, &[Dim::Is(width)])?.0;
+                    let mut inv_std = Vec::with_capacity(width);
+                    for (j, &v) in b.tensors[var].iter().enumerate() {
+                        let s = v as f64 + eps;
+                        let inv = 1.0 / s.sqrt();
+                        if s <= 0.0 || !(inv as f32).is_finite() {
+                            return Err(TowerError::WeightValue {
+                                name: running_var.clone(),
+                                index: j,
+                                reason: format!(
+                                    "running_var + eps = {s} must be positive (and not tiny)"
+                                ),
+                            });
+                        }
+                        inv_std.push(inv as f32);
+                    }
+                    Layer::BatchNorm {
+                        w,
+                        b: bb,
+                        mean,
+                        inv_std,
+                    }
+                }
+                LayerDraft::Shortcut { fields } => {
+                    has_shortcut = true;
+                    let mut ranges = Vec::with_capacity(fields.len());
+                    for f in fields {
+                        let feat = &features[f];
+                        ranges.push((feat.offset, feat.width));
+                        width = width.saturating_add(feat.width);
+                    }
+                    width_check(format!("layers[{i}].fields"), width)?;
+                    Layer::Shortcut { ranges }
+                }
+            };
+            layers.push(layer);
+        }
+        if width != draft.output_dim {
+            return Err(spec_err(
+                "output.dim",
+                format!(
+                    "is {}, but the layer stack produces a vector of width {width}",
+                    draft.output_dim
+                ),
+            ));
+        }
+
+        // Anything left in the file that the spec did not name is a stray tensor.
+        if let Some(name) = {
+            let mut left: Vec<&String> = b.pending.keys().collect();
+            left.sort();
+            left.first().map(|s| (*s).clone())
+        } {
+            return Err(TowerError::StrayTensor { name });
+        }
+
+        let by_name = features
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect();
+        Ok(Model {
+            id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
+            kind: draft.kind,
+            metric: draft.metric,
+            output_dim: draft.output_dim,
+            features,
+            by_name,
+            input_width,
+            senet,
+            layers,
+            has_shortcut,
+            tensors: b.tensors,
+            tensor_names: b.names,
+        })
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn output_dim(&self) -> usize {
+        self.output_dim
+    }
+
+    pub fn metric(&self) -> OutMetric {
+        self.metric
+    }
+
+    /// Width of the concatenated input fields (before SENet and the layers).
+    pub fn input_width(&self) -> usize {
+        self.input_width
+    }
+
+    /// Approximate heap size: weights, vocabulary maps, per-feature and per-layer data.
+    pub fn memory_bytes(&self) -> usize {
+        let weights: usize = self.tensors.iter().map(|t| t.len() * 4).sum();
+        let names: usize = self.tensor_names.iter().map(|n| n.len() + 24).sum();
+        let feats: usize = self
+            .features
+            .iter()
+            .map(|f| {
+                std::mem::size_of::<Feature>()
+                    + f.name.len() * 2
+                    + 64
+                    + match &f.kind {
+                        FeatureKind::Categorical { lookup, .. }
+                        | FeatureKind::Multi { lookup, .. } => lookup.heap_bytes(),
+                        FeatureKind::Bucketize { boundaries, .. } => boundaries.len() * 8,
+                        _ => 0,
+                    }
+            })
+            .sum();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                std::mem::size_of::<Layer>()
+                    + match l {
+                        Layer::BatchNorm { inv_std, .. } => inv_std.len() * 4,
+                        Layer::Shortcut { ranges } => ranges.len() * 16,
+                        _ => 0,
+                    }
+            })
+            .sum();
+        std::mem::size_of::<Model>() + weights + names + feats + layers
+    }
+
+    /// Feature names in spec order.
+    pub fn feature_names(&self) -> Vec<&str> {
+        self.features.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    /// Number of weights (each distinct tensor counted once).
+    pub fn parameter_count(&self) -> usize {
+        self.tensors.iter().map(Vec::len).sum()
+    }
+
+    /// Convenience: `encode(input, strict = true)` then `forward`; a non-finite output (f32
+    /// overflow from extreme inputs or weights) is an error.
+    pub fn embed(&self, input: &serde_json::Value) -> Result<Vec<f32>> {
+        let x = self.encode(input, true)?;
+        let out = self.forward(&x);
+        if let Some(index) = out.iter().position(|v| !v.is_finite()) {
+            return Err(TowerError::NonFiniteOutput { index });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,727 @@
+//! Structural parsing and validation of the JSON spec (everything that does not need the weights).
+//! Shapes and width chaining are checked later, when the tensors are bound (`model.rs`).
+
+use crate::error::{json_type, Result, TowerError};
+use crate::{Kind, OutMetric, SPEC_VERSION};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+pub(crate) const FORMAT: &str = "pg_twotower.tower";
+pub(crate) const MAX_FEATURES: usize = 256;
+pub(crate) const MAX_LAYERS: usize = 64;
+pub(crate) const MAX_WIDTH: usize = 16_000;
+pub(crate) const MAX_NAME_LEN: usize = 63;
+pub(crate) const MAX_MAX_LEN: u64 = 10_000;
+pub(crate) const MAX_DENSE_DIM: u64 = 4096;
+/// Hash buckets are limited so that every row index fits in a u32.
+pub(crate) const MAX_HASH_BUCKETS: u64 = u32::MAX as u64 - 1;
+
+#[derive(Debug, Clone)]
+pub(crate) enum Lookup {
+    /// id -> row (1-based; row 0 is OOV).
+    Vocab(HashMap<String, u32>),
+    Hash(u64),
+}
+
+impl Lookup {
+    pub(crate) fn rows(&self) -> u64 {
+        match self {
+            Lookup::Vocab(m) => m.len() as u64 + 1,
+            Lookup::Hash(b) => b + 1,
+        }
+    }
+
+    /// The row of a canonical id string.
+    #[inline]
+    pub(crate) fn row(&self, id: &str) -> u32 {
+        match self {
+            Lookup::Vocab(m) => m.get(id).copied().unwrap_or(0),
+            Lookup::Hash(b) => (1 + crate::fnv1a64(id.as_bytes()) % b) as u32,
+        }
+    }
+
+    pub(crate) fn heap_bytes(&self) -> usize {
+        match self {
+            // Key bytes + String header + value + hashbrown control/padding, roughly.
+            Lookup::Vocab(m) => m.keys().map(|k| k.len() + 24 + 4 + 8).sum::<usize>(),
+            Lookup::Hash(_) => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pooling {
+    Mean,
+    Sum,
+    Max,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Transform {
+    None,
+    Zscore { mean: f64, std: f64 },
+    Log1p,
+    Minmax { min: f64, max: f64 },
+}
+
+impl Transform {
+    /// Applies the transform in f64; the caller checks the f32 result is finite.
+    pub(crate) fn apply(self, x: f64) -> f64 {
+        match self {
+            Transform::None => x,
+            Transform::Zscore { mean, std } => (x - mean) / std,
+            Transform::Log1p => x.max(0.0).ln_1p(),
+            Transform::Minmax { min, max } => ((x - min) / (max - min)).clamp(0.0, 1.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum FeatureDraft {
+    Categorical {
+        embedding: String,
+        lookup: Lookup,
+    },
+    Multi {
+        embedding: String,
+        lookup: Lookup,
+        pooling: Pooling,
+        max_len: usize,
+        weighted: bool,
+    },
+    Numeric {
+        transform: Transform,
+        /// The field value used for a missing key / null (already transformed).
+        missing: f32,
+    },
+    Bucketize {
+        embedding: String,
+        boundaries: Vec<f64>,
+    },
+    Dense {
+        dim: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SenetDraft {
+    pub w1: String,
+    pub b1: Option<String>,
+    pub w2: String,
+    pub b2: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum LayerDraft {
+    Linear {
+        weight: String,
+        bias: Option<String>,
+    },
+    Relu,
+    Gelu,
+    Tanh,
+    Sigmoid,
+    LayerNorm {
+        weight: String,
+        bias: String,
+        eps: f64,
+    },
+    BatchNorm {
+        weight: String,
+        bias: String,
+        running_mean: String,
+        running_var: String,
+        eps: f64,
+    },
+    Dropout,
+    /// Indices of the features whose raw fields are appended.
+    Shortcut {
+        fields: Vec<usize>,
+    },
+    L2Normalize,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SpecDraft {
+    pub kind: Kind,
+    pub names: Vec<String>,
+    pub features: Vec<FeatureDraft>,
+    pub senet: Option<SenetDraft>,
+    pub layers: Vec<LayerDraft>,
+    pub output_dim: usize,
+    pub metric: OutMetric,
+}
+
+pub(crate) fn spec_err(path: impl Into<String>, reason: impl Into<String>) -> TowerError {
+    TowerError::Spec {
+        path: path.into(),
+        reason: reason.into(),
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// A JSON object being read, with its path for error messages.
+struct Obj<'a> {
+    m: &'a Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, path: String) -> Result<Obj<'a>> {
+        match v {
+            Value::Object(m) => Ok(Obj { m, path }),
+            other => Err(spec_err(
+                path,
+                format!("must be an object, got {}", json_type(other)),
+            )),
+        }
+    }
+
+    fn p(&self, key: &str) -> String {
+        join(&self.path, key)
+    }
+
+    fn allow(&self, keys: &[&str]) -> Result<()> {
+        for k in self.m.keys() {
+            if !keys.contains(&k.as_str()) {
+                return Err(spec_err(
+                    self.p(k),
+                    format!("unknown key (allowed here: {})", keys.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A present, non-null value.
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.m.get(key).filter(|v| !v.is_null())
+    }
+
+    fn req(&self, key: &str) -> Result<&'a Value> {
+        self.get(key)
+            .ok_or_else(|| spec_err(self.p(key), "required key is missing"))
+    }
+
+    fn req_str(&self, key: &str) -> Result<&'a str> {
+        let v = self.req(key)?;
+        v.as_str().ok_or_else(|| {
+            spec_err(
+                self.p(key),
+                format!("must be a string, got {}", json_type(v)),
+            )
+        })
+    }
+
+    fn tensor(&self, key: &str) -> Result<String> {
+        let s = self.req_str(key)?;
+        if s.is_empty() {
+            return Err(spec_err(self.p(key), "tensor name must not be empty"));
+        }
+        Ok(s.to_owned())
+    }
+
+    fn opt_tensor(&self, key: &str) -> Result<Option<String>> {
+        if self.get(key).is_none() {
+            return Ok(None);
+        }
+        self.tensor(key).map(Some)
+    }
+
+    fn num(&self, key: &str) -> Result<f64> {
+        let v = self.req(key)?;
+        number(v).ok_or_else(|| {
+            spec_err(
+                self.p(key),
+                format!("must be a finite number, got {}", short(v)),
+            )
+        })
+    }
+
+    fn opt_num(&self, key: &str) -> Result<Option<f64>> {
+        if self.get(key).is_none() {
+            return Ok(None);
+        }
+        self.num(key).map(Some)
+    }
+
+    fn uint(&self, key: &str, lo: u64, hi: u64) -> Result<u64> {
+        let v = self.req(key)?;
+        let n = integer(v).ok_or_else(|| {
+            spec_err(
+                self.p(key),
+                format!("must be an integer, got {}", short(v)),
+            )
+        })?;
+        if n < lo as i128 || n > hi as i128 {
+            return Err(spec_err(
+                self.p(key),
+                format!("must be between {lo} and {hi}, got {n}"),
+            ));
+        }
+        Ok(n as u64)
+    }
+
+    fn opt_bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(spec_err(
+                self.p(key),
+                format!("must be true or false, got {}", short(v)),
+            )),
+        }
+    }
+
+    fn array(&self, key: &str) -> Result<&'a Vec<Value>> {
+        let v = self.req(key)?;
+        v.as_array().ok_or_else(|| {
+            spec_err(
+                self.p(key),
+                format!("must be an array, got {}", json_type(v)),
+            )
+        })
+    }
+}
+
+/// A finite number.
+fn number(v: &Value) -> Option<f64> {
+    v.as_f64().filter(|x| x.is_finite())
+}
+
+/// An integral number (42 or 42.0), as i128 so every JSON integer fits.
+fn integer(v: &Value) -> Option<i128> {
+    let n = v.as_number()?;
+    if let Some(i) = n.as_i64() {
+        return Some(i as i128);
+    }
+    if let Some(u) = n.as_u64() {
+        return Some(u as i128);
+    }
+    let f = n.as_f64()?;
+    if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e30 {
+        Some(f as i128)
+    } else {
+        None
+    }
+}
+
+/// A short rendering of a value for messages.
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 40 {
+        let mut end = 40;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s
+    }
+}
+
+pub(crate) fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_NAME_LEN
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
+    let root = crate::json::parse_strict(spec_json.as_bytes())
+        .map_err(|reason| TowerError::SpecJson { reason })?;
+    let root = Obj::new(&root, String::new())?;
+
+    // Format and version first: a newer spec may legitimately have keys this build does not know.
+    let format = root.req_str("format")?;
+    if format != FORMAT {
+        return Err(spec_err(
+            "format",
+            format!("must be \"{FORMAT}\", got \"{format}\""),
+        ));
+    }
+    let version = root.req("spec_version")?;
+    if integer(version) != Some(SPEC_VERSION as i128) {
+        return Err(TowerError::SpecVersion {
+            got: short(version),
+        });
+    }
+    root.allow(&[
+        "format",
+        "spec_version",
+        "kind",
+        "features",
+        "senet",
+        "layers",
+        "output",
+    ])?;
+
+    let kind = match root.req_str("kind")? {
+        "user" => Kind::User,
+        "item" => Kind::Item,
+        other => {
+            return Err(spec_err(
+                "kind",
+                format!("must be \"user\" or \"item\", got \"{other}\""),
+            ))
+        }
+    };
+
+    let feats = root.array("features")?;
+    if feats.is_empty() || feats.len() > MAX_FEATURES {
+        return Err(spec_err(
+            "features",
+            format!(
+                "must list 1 to {MAX_FEATURES} features, got {}",
+                feats.len()
+            ),
+        ));
+    }
+    let mut names: Vec<String> = Vec::with_capacity(feats.len());
+    let mut features = Vec::with_capacity(feats.len());
+    for (i, f) in feats.iter().enumerate() {
+        let o = Obj::new(f, format!("features[{i}]"))?;
+        let name = o.req_str("name")?;
+        if !valid_name(name) {
+            return Err(spec_err(
+                o.p("name"),
+                format!("\"{name}\" is not a valid feature name (1..=63 characters, [A-Za-z_][A-Za-z0-9_]*)"),
+            ));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(spec_err(
+                o.p("name"),
+                format!("duplicate feature name \"{name}\""),
+            ));
+        }
+        names.push(name.to_owned());
+        features.push(parse_feature(&o)?);
+    }
+
+    let senet = match root.get("senet") {
+        None => None,
+        Some(v) => {
+            let o = Obj::new(v, "senet".into())?;
+            o.allow(&["w1", "b1", "w2", "b2"])?;
+            Some(SenetDraft {
+                w1: o.tensor("w1")?,
+                b1: o.opt_tensor("b1")?,
+                w2: o.tensor("w2")?,
+                b2: o.opt_tensor("b2")?,
+            })
+        }
+    };
+
+    let ls = root.array("layers")?;
+    if ls.len() > MAX_LAYERS {
+        return Err(spec_err(
+            "layers",
+            format!("at most {MAX_LAYERS} layers, got {}", ls.len()),
+        ));
+    }
+    let mut layers = Vec::with_capacity(ls.len());
+    for (i, l) in ls.iter().enumerate() {
+        let o = Obj::new(l, format!("layers[{i}]"))?;
+        layers.push(parse_layer(&o, &names)?);
+    }
+
+    let out = Obj::new(root.req("output")?, "output".into())?;
+    out.allow(&["dim", "metric"])?;
+    let output_dim = out.uint("dim", 1, MAX_WIDTH as u64)? as usize;
+    let metric = match out.req_str("metric")? {
+        "cosine" => OutMetric::Cosine,
+        "ip" => OutMetric::Ip,
+        "l2" => OutMetric::L2,
+        other => {
+            return Err(spec_err(
+                "output.metric",
+                format!("must be \"cosine\", \"ip\" or \"l2\", got \"{other}\""),
+            ))
+        }
+    };
+
+    Ok(SpecDraft {
+        kind,
+        names,
+        features,
+        senet,
+        layers,
+        output_dim,
+        metric,
+    })
+}
+
+fn parse_lookup(o: &Obj) -> Result<Lookup> {
+    match (o.get("vocabulary"), o.get("hash_buckets")) {
+        (Some(_), Some(_)) | (None, None) => Err(spec_err(
+            o.path.clone(),
+            "exactly one of \"vocabulary\" and \"hash_buckets\" must be given",
+        )),
+        (None, Some(_)) => Ok(Lookup::Hash(o.uint("hash_buckets", 1, MAX_HASH_BUCKETS)?)),
+        (Some(_), None) => {
+            let vocab = o.array("vocabulary")?;
+            if vocab.len() as u64 >= MAX_HASH_BUCKETS {
+                return Err(spec_err(o.p("vocabulary"), "too many entries"));
+            }
+            let mut map = HashMap::with_capacity(vocab.len());
+            for (i, v) in vocab.iter().enumerate() {
+                let Value::String(s) = v else {
+                    return Err(spec_err(
+                        format!("{}[{i}]", o.p("vocabulary")),
+                        format!(
+                            "vocabulary entries must be strings (the canonical id, e.g. \"42\"), got {}",
+                            short(v)
+                        ),
+                    ));
+                };
+                if map.insert(s.clone(), (i + 1) as u32).is_some() {
+                    return Err(spec_err(
+                        format!("{}[{i}]", o.p("vocabulary")),
+                        format!("duplicate vocabulary entry \"{}\"", short(v).trim_matches('"')),
+                    ));
+                }
+            }
+            Ok(Lookup::Vocab(map))
+        }
+    }
+}
+
+fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
+    let ty = o.req_str("type")?;
+    Ok(match ty {
+        "categorical" => {
+            o.allow(&["name", "type", "embedding", "vocabulary", "hash_buckets"])?;
+            FeatureDraft::Categorical {
+                embedding: o.tensor("embedding")?,
+                lookup: parse_lookup(o)?,
+            }
+        }
+        "multi_categorical" => {
+            o.allow(&[
+                "name",
+                "type",
+                "embedding",
+                "vocabulary",
+                "hash_buckets",
+                "pooling",
+                "max_len",
+                "weighted",
+            ])?;
+            let pooling = match o.req_str("pooling")? {
+                "mean" => Pooling::Mean,
+                "sum" => Pooling::Sum,
+                "max" => Pooling::Max,
+                other => {
+                    return Err(spec_err(
+                        o.p("pooling"),
+                        format!("must be \"mean\", \"sum\" or \"max\", got \"{other}\""),
+                    ))
+                }
+            };
+            let max_len = match o.get("max_len") {
+                None => usize::MAX,
+                Some(_) => o.uint("max_len", 1, MAX_MAX_LEN)? as usize,
+            };
+            FeatureDraft::Multi {
+                embedding: o.tensor("embedding")?,
+                lookup: parse_lookup(o)?,
+                pooling,
+                max_len,
+                weighted: o.opt_bool("weighted", false)?,
+            }
+        }
+        "numeric" => {
+            let transform = match o.req_str("transform")? {
+                "none" => {
+                    o.allow(&["name", "type", "transform", "default"])?;
+                    Transform::None
+                }
+                "log1p" => {
+                    o.allow(&["name", "type", "transform", "default"])?;
+                    Transform::Log1p
+                }
+                "zscore" => {
+                    o.allow(&["name", "type", "transform", "default", "mean", "std"])?;
+                    let mean = o.num("mean")?;
+                    let std = o.num("std")?;
+                    if std <= 0.0 {
+                        return Err(spec_err(o.p("std"), format!("must be > 0, got {std}")));
+                    }
+                    Transform::Zscore { mean, std }
+                }
+                "minmax" => {
+                    o.allow(&["name", "type", "transform", "default", "min", "max"])?;
+                    let min = o.num("min")?;
+                    let max = o.num("max")?;
+                    if min >= max || !(max - min).is_finite() {
+                        return Err(spec_err(
+                            o.p("max"),
+                            format!("min ({min}) must be less than max ({max}), with a finite difference"),
+                        ));
+                    }
+                    Transform::Minmax { min, max }
+                }
+                other => {
+                    return Err(spec_err(
+                        o.p("transform"),
+                        format!(
+                            "must be \"none\", \"zscore\", \"log1p\" or \"minmax\", got \"{other}\""
+                        ),
+                    ))
+                }
+            };
+            let missing = match o.opt_num("default")? {
+                None => 0.0,
+                Some(d) => {
+                    let v = transform.apply(d) as f32;
+                    if !v.is_finite() {
+                        return Err(spec_err(
+                            o.p("default"),
+                            format!("the transformed default {} does not fit in a real", transform.apply(d)),
+                        ));
+                    }
+                    v
+                }
+            };
+            FeatureDraft::Numeric { transform, missing }
+        }
+        "bucketize" => {
+            o.allow(&["name", "type", "boundaries", "embedding"])?;
+            let arr = o.array("boundaries")?;
+            let mut boundaries = Vec::with_capacity(arr.len());
+            for (i, b) in arr.iter().enumerate() {
+                let path = format!("{}[{i}]", o.p("boundaries"));
+                let x = number(b).ok_or_else(|| {
+                    spec_err(path.clone(), format!("must be a finite number, got {}", short(b)))
+                })?;
+                if let Some(&prev) = boundaries.last() {
+                    if x <= prev {
+                        return Err(spec_err(
+                            path,
+                            format!("boundaries must be strictly increasing ({x} follows {prev})"),
+                        ));
+                    }
+                }
+                boundaries.push(x);
+            }
+            FeatureDraft::Bucketize {
+                embedding: o.tensor("embedding")?,
+                boundaries,
+            }
+        }
+        "dense" => {
+            o.allow(&["name", "type", "dim"])?;
+            FeatureDraft::Dense {
+                dim: o.uint("dim", 1, MAX_DENSE_DIM)? as usize,
+            }
+        }
+        other => {
+            return Err(spec_err(
+                o.p("type"),
+                format!("unknown feature type \"{other}\" (categorical, multi_categorical, numeric, bucketize, dense)"),
+            ))
+        }
+    })
+}
+
+fn parse_eps(o: &Obj) -> Result<f64> {
+    Ok(o.opt_num("eps")?.unwrap_or(1e-5))
+}
+
+fn parse_layer(o: &Obj, names: &[String]) -> Result<LayerDraft> {
+    let ty = o.req_str("type")?;
+    Ok(match ty {
+        "linear" => {
+            o.allow(&["type", "weight", "bias"])?;
+            LayerDraft::Linear {
+                weight: o.tensor("weight")?,
+                bias: o.opt_tensor("bias")?,
+            }
+        }
+        "relu" | "gelu" | "tanh" | "sigmoid" | "l2_normalize" => {
+            o.allow(&["type"])?;
+            match ty {
+                "relu" => LayerDraft::Relu,
+                "gelu" => LayerDraft::Gelu,
+                "tanh" => LayerDraft::Tanh,
+                "sigmoid" => LayerDraft::Sigmoid,
+                _ => LayerDraft::L2Normalize,
+            }
+        }
+        "layernorm" => {
+            o.allow(&["type", "weight", "bias", "eps"])?;
+            let eps = parse_eps(o)?;
+            if eps <= 0.0 {
+                return Err(spec_err(o.p("eps"), format!("must be > 0, got {eps}")));
+            }
+            LayerDraft::LayerNorm {
+                weight: o.tensor("weight")?,
+                bias: o.tensor("bias")?,
+                eps,
+            }
+        }
+        "batchnorm" => {
+            o.allow(&[
+                "type",
+                "weight",
+                "bias",
+                "running_mean",
+                "running_var",
+                "eps",
+            ])?;
+            let eps = parse_eps(o)?;
+            if eps < 0.0 {
+                return Err(spec_err(o.p("eps"), format!("must be >= 0, got {eps}")));
+            }
+            LayerDraft::BatchNorm {
+                weight: o.tensor("weight")?,
+                bias: o.tensor("bias")?,
+                running_mean: o.tensor("running_mean")?,
+                running_var: o.tensor("running_var")?,
+                eps,
+            }
+        }
+        "dropout" => {
+            o.allow(&["type", "p"])?;
+            if let Some(p) = o.opt_num("p")? {
+                if !(0.0..=1.0).contains(&p) {
+                    return Err(spec_err(o.p("p"), format!("must be in [0, 1], got {p}")));
+                }
+            }
+            LayerDraft::Dropout
+        }
+        "shortcut" => {
+            o.allow(&["type", "fields"])?;
+            let arr = o.array("fields")?;
+            if arr.is_empty() {
+                return Err(spec_err(o.p("fields"), "must list at least one feature"));
+            }
+            let mut fields = Vec::with_capacity(arr.len());
+            for (i, v) in arr.iter().enumerate() {
+                let path = format!("{}[{i}]", o.p("fields"));
+                let Some(s) = v.as_str() else {
+                    return Err(spec_err(path, format!("must be a feature name, got {}", short(v))));
+                };
+                let Some(idx) = names.iter().position(|n| n == s) else {
+                    return Err(spec_err(path, format!("\"{s}\" is not a feature of this spec")));
+                };
+                fields.push(idx);
+            }
+            LayerDraft::Shortcut { fields }
+        }
+        other => {
+            return Err(spec_err(
+                o.p("type"),
+                format!("unknown layer type \"{other}\" (linear, relu, gelu, tanh, sigmoid, layernorm, batchnorm, dropout, shortcut, l2_normalize)"),
+            ))
+        }
+    })
+}

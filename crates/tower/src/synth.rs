@@ -1,0 +1,262 @@
+//! Deterministic synthetic towers and inputs, for tests and benchmarks.
+
+use crate::safetensors::write_f32;
+use serde_json::{json, Value};
+
+/// splitmix64: a tiny deterministic PRNG.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in [lo, hi).
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.f64()
+    }
+
+    /// Uniform integer in [0, n) (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// A skewed (roughly Zipf-like) integer in [0, n): popular ids come up often.
+    pub fn skewed(&mut self, n: u64) -> u64 {
+        let u = self.f64();
+        ((n as f64).powf(u) - 1.0) as u64 % n.max(1)
+    }
+
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.f64() < p
+    }
+
+    /// `n` floats uniform in [-a, a).
+    pub fn uniform_vec(&mut self, n: usize, a: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.range(-1.0, 1.0) as f32) * a)
+            .collect()
+    }
+}
+
+/// Builds a spec + weights from a spec JSON value and a list of (name, shape, init scale).
+/// Embedding tables get scale-`a` uniform values; everything is deterministic in `seed`.
+fn build(spec: Value, tensors: &[(&str, Vec<usize>, f32)], seed: u64) -> (String, Vec<u8>) {
+    let mut rng = Rng::new(seed);
+    let data: Vec<(String, Vec<usize>, Vec<f32>)> = tensors
+        .iter()
+        .map(|(name, shape, a)| {
+            let n = shape.iter().product();
+            ((*name).to_owned(), shape.clone(), rng.uniform_vec(n, *a))
+        })
+        .collect();
+    let refs: Vec<(&str, &[usize], &[f32])> = data
+        .iter()
+        .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+        .collect();
+    (spec.to_string(), write_f32(&refs))
+}
+
+fn linear_init(n_in: usize) -> f32 {
+    1.0 / (n_in as f32).sqrt()
+}
+
+const COUNTRIES: [&str; 20] = [
+    "US", "CN", "IN", "BR", "DE", "FR", "GB", "JP", "KR", "MX", "ID", "RU", "TR", "IT", "ES", "CA",
+    "AU", "NL", "SE", "PL",
+];
+const DEVICES: [&str; 4] = ["ios", "android", "web", "tv"];
+const D: usize = 16;
+const USER_BUCKETS: usize = 50_000;
+const ITEM_BUCKETS: usize = 100_000;
+const CATEGORIES: usize = 30;
+const TAG_BUCKETS: usize = 1000;
+
+fn categories() -> Vec<String> {
+    (0..CATEGORIES).map(|c| format!("c{c}")).collect()
+}
+
+/// A user tower with 10 fields (hashed and vocabulary categoricals, a mean-pooled history of up to
+/// 50 item ids, a weighted sum-pooled category list, zscore/log1p/minmax numerics, a bucketized
+/// age), 16-d embeddings, Linear 256 → ReLU → Linear 256 → ReLU → Linear 64 → l2_normalize,
+/// cosine. Returns (spec JSON, safetensors bytes).
+pub fn realistic_user_tower(seed: u64) -> (String, Vec<u8>) {
+    let hours: Vec<String> = (0..24).map(|h| h.to_string()).collect();
+    let spec = json!({
+        "format": "pg_twotower.tower",
+        "spec_version": 1,
+        "kind": "user",
+        "features": [
+            {"name": "user_id", "type": "categorical", "embedding": "emb.user_id", "hash_buckets": USER_BUCKETS},
+            {"name": "country", "type": "categorical", "embedding": "emb.country", "vocabulary": COUNTRIES},
+            {"name": "device", "type": "categorical", "embedding": "emb.device", "vocabulary": DEVICES},
+            {"name": "history", "type": "multi_categorical", "embedding": "emb.item_id",
+             "hash_buckets": ITEM_BUCKETS, "pooling": "mean", "max_len": 50},
+            {"name": "liked_categories", "type": "multi_categorical", "embedding": "emb.category",
+             "vocabulary": categories(), "pooling": "sum", "weighted": true},
+            {"name": "age", "type": "bucketize", "boundaries": [18, 25, 35, 45, 55, 65], "embedding": "emb.age"},
+            {"name": "days_since_signup", "type": "numeric", "transform": "log1p"},
+            {"name": "sessions_7d", "type": "numeric", "transform": "zscore", "mean": 5.0, "std": 3.0, "default": 0},
+            {"name": "avg_watch_minutes", "type": "numeric", "transform": "minmax", "min": 0, "max": 120},
+            {"name": "hour", "type": "categorical", "embedding": "emb.hour", "vocabulary": hours}
+        ],
+        "layers": [
+            {"type": "linear", "weight": "mlp.0.weight", "bias": "mlp.0.bias"},
+            {"type": "relu"},
+            {"type": "linear", "weight": "mlp.2.weight", "bias": "mlp.2.bias"},
+            {"type": "relu"},
+            {"type": "linear", "weight": "mlp.4.weight", "bias": "mlp.4.bias"},
+            {"type": "l2_normalize"}
+        ],
+        "output": {"dim": 64, "metric": "cosine"}
+    });
+    let w0 = 7 * D + 3;
+    let tensors = [
+        ("emb.user_id", vec![USER_BUCKETS + 1, D], 0.1),
+        ("emb.country", vec![COUNTRIES.len() + 1, D], 0.1),
+        ("emb.device", vec![DEVICES.len() + 1, D], 0.1),
+        ("emb.item_id", vec![ITEM_BUCKETS + 1, D], 0.1),
+        ("emb.category", vec![CATEGORIES + 1, D], 0.1),
+        ("emb.age", vec![8, D], 0.1),
+        ("emb.hour", vec![25, D], 0.1),
+        ("mlp.0.weight", vec![256, w0], linear_init(w0)),
+        ("mlp.0.bias", vec![256], linear_init(w0)),
+        ("mlp.2.weight", vec![256, 256], linear_init(256)),
+        ("mlp.2.bias", vec![256], linear_init(256)),
+        ("mlp.4.weight", vec![64, 256], linear_init(256)),
+        ("mlp.4.bias", vec![64], linear_init(256)),
+    ];
+    build(spec, &tensors, seed)
+}
+
+/// A plausible input object for [`realistic_user_tower`]: example `i` of a stream seeded by
+/// `seed`. Some optional keys are missing or null, some ids are unknown.
+pub fn realistic_user_input(seed: u64, i: usize) -> Value {
+    let mut r = Rng::new(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let mut m = serde_json::Map::new();
+    m.insert("user_id".into(), json!(1 + r.below(10_000_000)));
+    let country = if r.chance(0.05) {
+        "ZZ"
+    } else {
+        COUNTRIES[r.skewed(COUNTRIES.len() as u64) as usize]
+    };
+    m.insert("country".into(), json!(country));
+    m.insert(
+        "device".into(),
+        json!(DEVICES[r.below(DEVICES.len() as u64) as usize]),
+    );
+    let n_hist = r.below(81) as usize;
+    let hist: Vec<u64> = (0..n_hist).map(|_| 1 + r.skewed(1_000_000)).collect();
+    m.insert("history".into(), json!(hist));
+    let n_cat = r.below(6) as usize;
+    let ids: Vec<String> = (0..n_cat)
+        .map(|_| format!("c{}", r.skewed(CATEGORIES as u64)))
+        .collect();
+    let weights: Vec<f64> = (0..n_cat)
+        .map(|_| (r.range(0.1, 5.0) * 100.0).round() / 100.0)
+        .collect();
+    m.insert("liked_categories".into(), json!({"ids": ids, "weights": weights}));
+    if r.chance(0.9) {
+        m.insert("age".into(), json!(13 + r.below(68)));
+    } else {
+        m.insert("age".into(), Value::Null);
+    }
+    m.insert("days_since_signup".into(), json!(r.below(3000)));
+    if r.chance(0.8) {
+        m.insert("sessions_7d".into(), json!(r.below(30)));
+    }
+    m.insert(
+        "avg_watch_minutes".into(),
+        json!((r.range(0.0, 150.0) * 10.0).round() / 10.0),
+    );
+    m.insert("hour".into(), json!(r.below(24)));
+    Value::Object(m)
+}
+
+/// An item tower with 5 fields (hashed item id, category vocabulary, mean-pooled hashed tags,
+/// log1p price, bucketized popularity), 16-d embeddings, Linear 128 → ReLU → Linear 64 →
+/// l2_normalize, cosine (the same 64-d space as [`realistic_user_tower`]).
+pub fn realistic_item_tower(seed: u64) -> (String, Vec<u8>) {
+    let spec = json!({
+        "format": "pg_twotower.tower",
+        "spec_version": 1,
+        "kind": "item",
+        "features": [
+            {"name": "item_id", "type": "categorical", "embedding": "emb.item_id", "hash_buckets": ITEM_BUCKETS},
+            {"name": "category", "type": "categorical", "embedding": "emb.category", "vocabulary": categories()},
+            {"name": "tags", "type": "multi_categorical", "embedding": "emb.tag",
+             "hash_buckets": TAG_BUCKETS, "pooling": "mean", "max_len": 10},
+            {"name": "price", "type": "numeric", "transform": "log1p", "default": 0},
+            {"name": "popularity", "type": "bucketize", "boundaries": [10, 100, 1000, 10000, 100000], "embedding": "emb.popularity"}
+        ],
+        "layers": [
+            {"type": "linear", "weight": "mlp.0.weight", "bias": "mlp.0.bias"},
+            {"type": "relu"},
+            {"type": "linear", "weight": "mlp.2.weight", "bias": "mlp.2.bias"},
+            {"type": "l2_normalize"}
+        ],
+        "output": {"dim": 64, "metric": "cosine"}
+    });
+    let w0 = 4 * D + 1;
+    let tensors = [
+        ("emb.item_id", vec![ITEM_BUCKETS + 1, D], 0.1),
+        ("emb.category", vec![CATEGORIES + 1, D], 0.1),
+        ("emb.tag", vec![TAG_BUCKETS + 1, D], 0.1),
+        ("emb.popularity", vec![7, D], 0.1),
+        ("mlp.0.weight", vec![128, w0], linear_init(w0)),
+        ("mlp.0.bias", vec![128], linear_init(w0)),
+        ("mlp.2.weight", vec![64, 128], linear_init(128)),
+        ("mlp.2.bias", vec![64], linear_init(128)),
+    ];
+    build(spec, &tensors, seed)
+}
+
+/// A plausible input object for [`realistic_item_tower`] (item `i` of the catalogue). Only
+/// feature keys; a `to_jsonb(row)` would carry more columns (use `encode(.., strict = false)`).
+pub fn realistic_item_input(seed: u64, i: usize) -> Value {
+    let mut r = Rng::new(seed ^ (i as u64).wrapping_mul(0x9e6c_63d0_676a_9a99));
+    let n_tags = r.below(8) as usize;
+    let tags: Vec<String> = (0..n_tags).map(|_| format!("t{}", r.skewed(5000))).collect();
+    let mut m = serde_json::Map::new();
+    m.insert("item_id".into(), json!(i as u64 + 1));
+    m.insert(
+        "category".into(),
+        json!(format!("c{}", r.skewed(CATEGORIES as u64))),
+    );
+    m.insert("tags".into(), json!(tags));
+    if r.chance(0.95) {
+        m.insert("price".into(), json!((r.range(0.5, 500.0) * 100.0).round() / 100.0));
+    } else {
+        m.insert("price".into(), Value::Null);
+    }
+    m.insert("popularity".into(), json!(r.skewed(1_000_000)));
+    Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic() {
+        assert_eq!(realistic_user_tower(7), realistic_user_tower(7));
+        assert_ne!(realistic_user_tower(7).1, realistic_user_tower(8).1);
+        assert_eq!(realistic_user_input(1, 5), realistic_user_input(1, 5));
+        assert_ne!(realistic_user_input(1, 5), realistic_user_input(1, 6));
+        assert_eq!(realistic_item_input(1, 5), realistic_item_input(1, 5));
+    }
+}

@@ -1,0 +1,97 @@
+//! Golden fixtures from the independent numpy reference (`tests/golden/`, see its README):
+//! every output must match to 1e-5 relative to the largest element of its row, and every
+//! invalid input must be rejected.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use twotower_tower::{forward_parallel, Encoded, Model};
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden")
+}
+
+fn read(p: &Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+}
+
+fn json(p: &Path) -> Value {
+    serde_json::from_slice(&read(p)).unwrap_or_else(|e| panic!("parse {}: {e}", p.display()))
+}
+
+/// Loads `dir`'s model and checks every input against `expected.json`. Inputs are encoded
+/// leniently: the fixtures include extra (ignored) keys, as `to_jsonb(row)` would.
+fn check_dir(dir: &Path) -> Option<Model> {
+    if !dir.join("spec.json").exists() {
+        eprintln!("golden fixtures not found under {}; skipping", dir.display());
+        return None;
+    }
+    let spec = String::from_utf8(read(&dir.join("spec.json"))).expect("spec is UTF-8");
+    let model = Model::load(&spec, &read(&dir.join("weights.safetensors")))
+        .unwrap_or_else(|e| panic!("{}: load: {e}", dir.display()));
+    let inputs = json(&dir.join("inputs.json"));
+    let expected = json(&dir.join("expected.json"));
+    let inputs = inputs.as_array().expect("inputs.json is an array");
+    let expected = expected.as_array().expect("expected.json is an array");
+    assert_eq!(inputs.len(), expected.len());
+    assert!(!inputs.is_empty());
+
+    let mut encoded: Vec<Encoded> = Vec::new();
+    let mut worst = 0f64;
+    for (i, (x, e)) in inputs.iter().zip(expected).enumerate() {
+        let want: Vec<f64> = e
+            .as_array()
+            .expect("expected row is an array")
+            .iter()
+            .map(|v| v.as_f64().expect("expected value is a number"))
+            .collect();
+        let enc = model
+            .encode(x, false)
+            .unwrap_or_else(|err| panic!("{} case {i}: encode: {err}", dir.display()));
+        let got = model.forward(&enc);
+        assert_eq!(got.len(), want.len(), "case {i}");
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            let diff = (*g as f64 - w).abs();
+            worst = worst.max(diff / scale.max(f64::MIN_POSITIVE));
+            assert!(
+                diff <= 1e-5 * w.abs().max(scale),
+                "{} case {i} element {j}: got {g}, expected {w}",
+                dir.display()
+            );
+        }
+        encoded.push(enc);
+    }
+    // Batch and parallel paths agree with the single path.
+    let single: Vec<f32> = encoded.iter().flat_map(|x| model.forward(x)).collect();
+    for other in [model.forward_batch(&encoded), forward_parallel(&model, &encoded, 3)] {
+        for (a, b) in single.iter().zip(&other) {
+            assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+        }
+    }
+    eprintln!(
+        "{}: {} cases, worst relative error {worst:.2e}",
+        dir.display(),
+        inputs.len()
+    );
+    Some(model)
+}
+
+#[test]
+fn golden_user_tower() {
+    let dir = golden_dir();
+    let Some(model) = check_dir(&dir) else { return };
+    let bad = dir.join("invalid_inputs.json");
+    if bad.exists() {
+        let cases = json(&bad);
+        for c in cases.as_array().expect("invalid_inputs.json is an array") {
+            let why = c["why"].as_str().unwrap_or("?");
+            let r = model.encode(&c["features"], false);
+            assert!(r.is_err(), "accepted an invalid input ({why}): {r:?}");
+        }
+    }
+}
+
+#[test]
+fn golden_item_tower() {
+    check_dir(&golden_dir().join("item"));
+}

@@ -1,0 +1,456 @@
+//! The model catalogue underneath the SQL surfaces: privileges, catalogue access as the
+//! extension owner, and the per-backend cache of decoded models.
+//!
+//! The tables `twotower.model` and `twotower.model_version` are readable and writable by their
+//! owner (the role that created the extension) only. Functions run as their caller
+//! (no SECURITY DEFINER): they check the caller's rights themselves, then read or write the
+//! catalogue as the table owner, with `search_path` pinned to `pg_catalog, pg_temp` for the
+//! duration, as PostgreSQL's own maintenance commands do.
+
+use crate::error::{TtError, TtResult};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{FromDatum, IntoDatum};
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use twotower_tower::Model;
+
+/// The role whose members may import, activate and drop every model.
+pub const ADMIN_ROLE: &str = "twotower_admin";
+
+// ---------------------------------------------------------------------------------------------
+// jsonb arguments
+
+/// A `jsonb` argument parsed into a JSON value. Unlike pgrx's `JsonB`, a value serde cannot
+/// represent (a number beyond double precision) is an ERROR with a SQLSTATE, not a panic.
+pub struct JsonbValue(pub serde_json::Value);
+
+impl FromDatum for JsonbValue {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: the SQL signature guarantees a jsonb datum; jsonb_out returns a palloc'd
+        // NUL-terminated string.
+        let text = unsafe {
+            let cstr = pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(
+                pg_sys::jsonb_out,
+                &[Some(datum)],
+            );
+            match cstr {
+                Some(c) => c,
+                None => return None,
+            }
+        };
+        let text = text.to_str().unwrap_or_default();
+        match serde_json::from_str(text) {
+            Ok(v) => Some(JsonbValue(v)),
+            Err(e) => TtError::BadJson(e.to_string()).report(),
+        }
+    }
+}
+
+impl IntoDatum for JsonbValue {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        pgrx::JsonB(self.0).into_datum()
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+/// Declares that a Rust argument type is the SQL type `$sql`.
+macro_rules! sql_type {
+    ($ty:ty, $sql:literal) => {
+        // SAFETY: the type converts from and to datums of exactly this SQL type.
+        unsafe impl pgrx::pgrx_sql_entity_graph::metadata::SqlTranslatable for $ty {
+            const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!($ty);
+            const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
+                pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
+            const ARGUMENT_SQL: Result<
+                pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef,
+                pgrx::pgrx_sql_entity_graph::metadata::ArgumentError,
+            > = Ok(pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal($sql));
+            const RETURN_SQL: Result<
+                pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef,
+                pgrx::pgrx_sql_entity_graph::metadata::ReturnsError,
+            > = Ok(pgrx::pgrx_sql_entity_graph::metadata::ReturnsRef::One(
+                pgrx::pgrx_sql_entity_graph::metadata::SqlMappingRef::literal($sql),
+            ));
+        }
+    };
+}
+
+/// Lets a type that converts from a datum be a `#[pg_extern]` argument.
+macro_rules! arg_type {
+    ($ty:ty) => {
+        // SAFETY: the SQL signature declares the matching type; conversion is FromDatum's.
+        unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for $ty {
+            unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+                let index = arg.index();
+                // SAFETY: forwarded contract.
+                unsafe { arg.unbox_arg_using_from_datum() }
+                    .unwrap_or_else(|| pgrx::error!("argument {index} must not be null"))
+            }
+            unsafe fn unbox_nullable_arg(
+                arg: pgrx::callconv::Arg<'_, 'fcx>,
+            ) -> pgrx::nullable::Nullable<Self> {
+                // SAFETY: forwarded contract.
+                unsafe { arg.unbox_arg_using_from_datum() }.into()
+            }
+        }
+    };
+}
+
+sql_type!(JsonbValue, "jsonb");
+sql_type!(RegClass, "regclass");
+arg_type!(JsonbValue);
+arg_type!(RegClass);
+
+// SAFETY: jsonb elements of an array are valid jsonb datums.
+unsafe impl pgrx::datum::UnboxDatum for JsonbValue {
+    type As<'src> = JsonbValue;
+    unsafe fn unbox<'src>(d: pgrx::datum::Datum<'src>) -> Self::As<'src>
+    where
+        Self: 'src,
+    {
+        // SAFETY: a non-null jsonb datum (array elements are unboxed only when not null).
+        unsafe { JsonbValue::from_datum(d.sans_lifetime(), false) }
+            .unwrap_or_else(|| pgrx::error!("unexpected NULL jsonb"))
+    }
+}
+
+/// A `regclass` argument.
+#[derive(Clone, Copy)]
+pub struct RegClass(pub pg_sys::Oid);
+
+impl FromDatum for RegClass {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        (!is_null).then(|| RegClass(pg_sys::Oid::from(datum.value() as u32)))
+    }
+}
+
+impl IntoDatum for RegClass {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(pg_sys::Datum::from(self.0))
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::REGCLASSOID
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// privileges
+
+/// The current user (the caller, since no pg_twotower function is SECURITY DEFINER).
+pub fn caller() -> pg_sys::Oid {
+    // SAFETY: plain read of the backend's current user.
+    unsafe { pg_sys::GetUserId() }
+}
+
+pub fn role_oid(name: &str) -> Option<pg_sys::Oid> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: missing_ok = true returns InvalidOid instead of raising.
+    let oid = unsafe { pg_sys::get_role_oid(c.as_ptr(), true) };
+    (oid != pg_sys::InvalidOid).then_some(oid)
+}
+
+pub fn role_name(oid: pg_sys::Oid) -> String {
+    // SAFETY: noerr = true returns NULL for a dropped role.
+    let p = unsafe { pg_sys::GetUserNameFromId(oid, true) };
+    if p.is_null() {
+        format!("{}", oid.to_u32())
+    } else {
+        // SAFETY: a NUL-terminated palloc'd name.
+        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// Whether `role` has the privileges of `of` (superusers have every role's).
+pub fn has_privs(role: pg_sys::Oid, of: pg_sys::Oid) -> bool {
+    // SAFETY: catalogue lookups on valid role oids.
+    unsafe { pg_sys::has_privs_of_role(role, of) }
+}
+
+pub fn is_admin(role: pg_sys::Oid) -> bool {
+    // SAFETY: catalogue lookup.
+    let superuser = unsafe { pg_sys::superuser_arg(role) };
+    superuser || role_oid(ADMIN_ROLE).is_some_and(|a| has_privs(role, a))
+}
+
+/// Whether `role` may import versions of, activate or drop a model owned by `owner`.
+pub fn may_manage(role: pg_sys::Oid, owner: &str) -> bool {
+    is_admin(role) || role_oid(owner).is_some_and(|o| has_privs(role, o))
+}
+
+pub fn check_manage(name: &str, owner: &str) -> TtResult<()> {
+    if may_manage(caller(), owner) {
+        Ok(())
+    } else {
+        Err(TtError::PermissionDenied {
+            action: format!("manage model \"{name}\""),
+            hint: format!("Only the model's owner ({owner}) and members of {ADMIN_ROLE} may import, activate or drop its versions."),
+        })
+    }
+}
+
+pub fn check_model_name(name: &str) -> TtResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(TtError::BadModelName(name.to_string()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// catalogue access as its owner
+
+fn catalog_oid() -> pg_sys::Oid {
+    // SAFETY: a namespace-qualified lookup; missing_ok semantics via InvalidOid.
+    unsafe {
+        let ns = pg_sys::get_namespace_oid(c"twotower".as_ptr(), true);
+        if ns == pg_sys::InvalidOid {
+            return pg_sys::InvalidOid;
+        }
+        pg_sys::get_relname_relid(c"model_version".as_ptr(), ns)
+    }
+}
+
+fn catalog_owner(rel: pg_sys::Oid) -> TtResult<pg_sys::Oid> {
+    // SAFETY: RelationIdGetRelation returns NULL for a missing relation; the reference is
+    // released right after reading the owner.
+    unsafe {
+        let r = pg_sys::RelationIdGetRelation(rel);
+        if r.is_null() {
+            return Err(TtError::Unsupported("the pg_twotower model catalogue is missing".into()));
+        }
+        let owner = (*(*r).rd_rel).relowner;
+        pg_sys::RelationClose(r);
+        Ok(owner)
+    }
+}
+
+/// Runs `f` with the privileges of the catalogue's owner and `search_path = pg_catalog, pg_temp`.
+/// An ERROR inside `f` is safe: transaction (or subtransaction) abort restores the user and the
+/// settings, as for any function with SET clauses.
+pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> TtResult<R> {
+    let rel = catalog_oid();
+    if rel == pg_sys::InvalidOid {
+        return Err(TtError::Unsupported("the pg_twotower model catalogue is missing".into()));
+    }
+    MODEL_TABLE.with(|t| t.set(rel));
+    let owner = catalog_owner(rel)?;
+    let mut save_uid = pg_sys::InvalidOid;
+    let mut save_ctx = 0;
+    // SAFETY: the GUC nest level and the user switch are undone below, or by (sub)transaction
+    // abort if `f` raises an ERROR.
+    unsafe {
+        pg_sys::GetUserIdAndSecContext(&mut save_uid, &mut save_ctx);
+        let nest = pg_sys::NewGUCNestLevel();
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        pg_sys::SetUserIdAndSecContext(
+            owner,
+            save_ctx
+                | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32
+                | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+        );
+        let r = f();
+        pg_sys::SetUserIdAndSecContext(save_uid, save_ctx);
+        pg_sys::AtEOXact_GUC(true, nest);
+        Ok(r)
+    }
+}
+
+/// Tells every backend (at commit) that the model catalogue changed.
+pub fn invalidate() {
+    let rel = catalog_oid();
+    if rel != pg_sys::InvalidOid {
+        // SAFETY: queues a relcache invalidation of an existing relation.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the per-backend model cache
+
+/// Bumped by the relcache callback whenever the catalogue may have changed.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    static MODEL_TABLE: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let ours = MODEL_TABLE.with(|t| t.get());
+    if relid == pg_sys::InvalidOid || ours == pg_sys::InvalidOid || relid == ours {
+        GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Registers the invalidation callback (from `_PG_init`).
+pub fn register() {
+    // SAFETY: registering a callback once per backend, from _PG_init.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0)) };
+}
+
+/// One decoded model version.
+pub struct Loaded {
+    pub name: String,
+    pub version: i32,
+    pub checksum: i64,
+    pub model: Model,
+}
+
+#[derive(Default)]
+struct Cache {
+    /// The GENERATION `active` is valid for.
+    generation: u64,
+    /// model name -> its active version, decoded.
+    active: Vec<Arc<Loaded>>,
+    /// Decoded versions, least recently used first.
+    decoded: Vec<Arc<Loaded>>,
+}
+
+fn budget_bytes() -> usize {
+    crate::MODEL_CACHE_MB.get().max(1) as usize * 1024 * 1024
+}
+
+impl Cache {
+    fn remember(&mut self, l: Arc<Loaded>) {
+        self.decoded.retain(|d| !(d.name == l.name && d.version == l.version));
+        self.decoded.push(l);
+        let budget = budget_bytes();
+        while self.decoded.len() > 1
+            && self.decoded.iter().map(|d| d.model.memory_bytes()).sum::<usize>() > budget
+        {
+            self.decoded.remove(0);
+        }
+    }
+    fn find(&mut self, name: &str, version: i32, checksum: i64) -> Option<Arc<Loaded>> {
+        let i = self
+            .decoded
+            .iter()
+            .position(|d| d.name == name && d.version == version && d.checksum == checksum)?;
+        let l = self.decoded.remove(i);
+        self.decoded.push(l.clone());
+        Some(l)
+    }
+}
+
+/// The active version of model `name`, decoded (from this backend's cache when it is current).
+pub fn active_model(name: &str) -> TtResult<Arc<Loaded>> {
+    let generation = GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+    let hit = CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.generation != generation {
+            c.active.clear();
+            c.generation = generation;
+        }
+        c.active.iter().find(|l| l.name == name).cloned()
+    });
+    if let Some(l) = hit {
+        return Ok(l);
+    }
+    let head = as_catalog_owner(|| {
+        Spi::get_two_with_args::<i32, i64>(
+            "SELECT v.version, v.checksum FROM twotower.model m
+               JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
+              WHERE m.name = $1",
+            &[name.into()],
+        )
+    })?;
+    let (version, checksum) = match head {
+        Ok((Some(v), Some(c))) => (v, c),
+        _ => {
+            return Err(TtError::ModelNotFound {
+                name: name.to_string(),
+                version: None,
+            })
+        }
+    };
+    let l = load_version(name, version, checksum)?;
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.generation == generation {
+            c.active.retain(|a| a.name != name);
+            c.active.push(l.clone());
+        }
+    });
+    Ok(l)
+}
+
+/// A given version, decoded (cached by name, version and checksum).
+pub fn load_version(name: &str, version: i32, checksum: i64) -> TtResult<Arc<Loaded>> {
+    if let Some(l) = CACHE.with(|c| c.borrow_mut().find(name, version, checksum)) {
+        return Ok(l);
+    }
+    let (spec, weights) = as_catalog_owner(|| {
+        Spi::get_two_with_args::<String, Vec<u8>>(
+            "SELECT spec::text, weights FROM twotower.model_version WHERE model = $1 AND version = $2",
+            &[name.into(), version.into()],
+        )
+    })?
+    .map_err(|e| TtError::Unsupported(format!("reading model \"{name}\": {e}")))?;
+    let (Some(spec), Some(weights)) = (spec, weights) else {
+        return Err(TtError::ModelNotFound {
+            name: name.to_string(),
+            version: Some(version),
+        });
+    };
+    let model = Model::load(&spec, &weights)?;
+    let l = Arc::new(Loaded {
+        name: name.to_string(),
+        version,
+        checksum,
+        model,
+    });
+    CACHE.with(|c| c.borrow_mut().remember(l.clone()));
+    Ok(l)
+}
+
+/// Checks that a loaded model is of the wanted kind.
+pub fn expect_kind(l: &Loaded, kind: twotower_tower::Kind) -> TtResult<()> {
+    if l.model.kind() == kind {
+        Ok(())
+    } else {
+        Err(TtError::ModelKind {
+            name: l.name.clone(),
+            expected: kind.name(),
+            got: l.model.kind().name().to_string(),
+        })
+    }
+}
+
+/// Number of decoded models and their bytes in this backend's cache (for model_cache_info).
+pub fn cache_stats() -> (i64, i64) {
+    CACHE.with(|c| {
+        let c = c.borrow();
+        (
+            c.decoded.len() as i64,
+            c.decoded.iter().map(|d| d.model.memory_bytes() as i64).sum(),
+        )
+    })
+}

@@ -1,0 +1,197 @@
+//! SQL surface of tower inference: `embed_user`, `embed_users` (batched), `embed_item`, and the
+//! nightly item-vector refresh `refresh_item_vectors`.
+
+use pgrx::prelude::*;
+
+/// Worker threads for batched forward passes: one per core.
+pub fn inference_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+#[pg_schema]
+pub mod twotower {
+    use crate::catalog::{self, expect_kind, JsonbValue, RegClass};
+    use crate::error::{OrReport, TtError};
+    use pgrx::pg_sys;
+    use pgrx::prelude::*;
+    use pgrx::spi::quote_identifier;
+    use twotower_tower::{forward_parallel, Kind};
+
+    /// The user tower of model `model` (its active version) applied to one user's features.
+    #[pg_extern(stable, parallel_restricted, strict)]
+    fn embed_user(model: &str, features: JsonbValue) -> Vec<f32> {
+        let l = catalog::active_model(model).or_report();
+        expect_kind(&l, Kind::User).or_report();
+        l.model.embed(&features.0).or_report()
+    }
+
+    /// The item tower of model `model` applied to one item's features, typically
+    /// `to_jsonb(row)`: keys that are not features of the model (other columns) are ignored.
+    #[pg_extern(stable, parallel_restricted, strict)]
+    fn embed_item(model: &str, features: JsonbValue) -> Vec<f32> {
+        let l = catalog::active_model(model).or_report();
+        expect_kind(&l, Kind::Item).or_report();
+        let x = l.model.encode(&features.0, false).or_report();
+        l.model.forward(&x)
+    }
+
+    /// Many users at once (both cores): one row per element of `features`, in order
+    /// (`ord` is the 1-based position). A NULL element gives a NULL embedding.
+    #[pg_extern(stable, parallel_restricted, strict)]
+    fn embed_users(
+        model: &str,
+        features: Vec<Option<JsonbValue>>,
+    ) -> TableIterator<'static, (name!(ord, i32), name!(embedding, Option<Vec<f32>>))> {
+        let l = catalog::active_model(model).or_report();
+        expect_kind(&l, Kind::User).or_report();
+        let mut encoded = Vec::with_capacity(features.len());
+        let mut present = Vec::with_capacity(features.len());
+        for (i, f) in features.iter().enumerate() {
+            if i % 1024 == 0 {
+                check_for_interrupts!();
+            }
+            match f {
+                Some(f) => {
+                    encoded.push(l.model.encode(&f.0, true).or_report());
+                    present.push(true);
+                }
+                None => present.push(false),
+            }
+        }
+        let dim = l.model.output_dim();
+        let out = forward_parallel(&l.model, &encoded, super::inference_threads());
+        let mut rows = Vec::with_capacity(present.len());
+        let mut j = 0;
+        for (i, p) in present.into_iter().enumerate() {
+            let v = p.then(|| {
+                j += 1;
+                out[(j - 1) * dim..j * dim].to_vec()
+            });
+            rows.push((i as i32 + 1, v));
+        }
+        TableIterator::new(rows)
+    }
+
+    /// Quoted name of column `col` of `rel` after checking that it exists.
+    fn column(rel: pg_sys::Oid, col: &str, what: &str) -> String {
+        let exists = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                             WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+            &[rel.into(), col.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !exists {
+            TtError::BadArgument(format!("{what} column \"{col}\" does not exist")).report();
+        }
+        quote_identifier(col)
+    }
+
+    fn relation_name(rel: pg_sys::Oid) -> String {
+        Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::text", &[rel.into()])
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| TtError::BadArgument("relation does not exist".into()).report())
+    }
+
+    /// The nightly item-vector refresh: runs the item tower of `model` over every row of `items`
+    /// (its columns are the features, read as `to_jsonb(row)`) and writes `(id, embedding)` into
+    /// `target`, in batches of `batch_size`, the forward passes on every core. Rows whose id is
+    /// already in `target` are updated when `target` has a unique index on its id column,
+    /// otherwise rows are inserted. Cancellable; reports progress as NOTICEs every 10 seconds.
+    /// Returns the number of items written.
+    #[pg_extern(volatile, parallel_unsafe)]
+    #[allow(clippy::too_many_arguments)]
+    fn refresh_item_vectors(
+        model: &str,
+        items: RegClass,
+        target: RegClass,
+        id_column: default!(&str, "'id'"),
+        target_id_column: default!(&str, "'id'"),
+        target_vector_column: default!(&str, "'embedding'"),
+        batch_size: default!(i32, 1000),
+    ) -> i64 {
+        if !(1..=100_000).contains(&batch_size) {
+            TtError::BadArgument(format!("batch_size must be between 1 and 100000, not {batch_size}"))
+                .report();
+        }
+        let (items, target) = (items.0, target.0);
+        let l = catalog::active_model(model).or_report();
+        expect_kind(&l, Kind::Item).or_report();
+        let src = relation_name(items);
+        let dst = relation_name(target);
+        let idc = column(items, id_column, "item id");
+        let tid = column(target, target_id_column, "target id");
+        let tvec = column(target, target_vector_column, "target vector");
+        let unique = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
+                               ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                            WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1
+                              AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = $2)",
+            &[target.into(), target_id_column.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        let upsert = if unique {
+            format!(" ON CONFLICT ({tid}) DO UPDATE SET {tvec} = EXCLUDED.{tvec}")
+        } else {
+            String::new()
+        };
+        let dim = l.model.output_dim() as i32;
+        let insert = format!(
+            "INSERT INTO {dst} ({tid}, {tvec})
+             SELECT $1[i], $2[(i - 1) * $3 + 1 : i * $3]
+               FROM pg_catalog.generate_series(1, pg_catalog.cardinality($1)) AS i{upsert}"
+        );
+        let select = format!("SELECT ({idc})::pg_catalog.int8, pg_catalog.to_jsonb(t) FROM {src} AS t");
+        let threads = super::inference_threads();
+        let started = std::time::Instant::now();
+        let mut last_notice = started;
+        let mut done: i64 = 0;
+        Spi::connect_mut(|client| -> Result<(), pgrx::spi::Error> {
+            let mut cursor = client.open_cursor(select.as_str(), &[]);
+            loop {
+                check_for_interrupts!();
+                let batch = cursor.fetch(batch_size as i64)?;
+                if batch.is_empty() {
+                    break;
+                }
+                let mut ids = Vec::with_capacity(batch.len());
+                let mut encoded = Vec::with_capacity(batch.len());
+                for row in batch {
+                    let Some(id) = row.get::<i64>(1)? else {
+                        TtError::BadArgument(format!("a row of {src} has a NULL {idc}")).report();
+                    };
+                    let Some(features) = row.get::<JsonbValue>(2)? else { continue };
+                    let x = l
+                        .model
+                        .encode(&features.0, false)
+                        .map_err(|e| TtError::BadArgument(format!("item {id}: {e}")))
+                        .or_report();
+                    ids.push(id);
+                    encoded.push(x);
+                }
+                let out = forward_parallel(&l.model, &encoded, threads);
+                client.update(
+                    insert.as_str(),
+                    None,
+                    &[ids.clone().into(), out.into(), dim.into()],
+                )?;
+                done += ids.len() as i64;
+                if last_notice.elapsed().as_secs() >= 10 {
+                    last_notice = std::time::Instant::now();
+                    let secs = started.elapsed().as_secs_f64();
+                    notice!(
+                        "refresh_item_vectors: {done} items in {secs:.0} s ({:.0} items/s)",
+                        done as f64 / secs
+                    );
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| pgrx::error!("refresh_item_vectors: {e}"));
+        done
+    }
+}

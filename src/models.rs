@@ -1,0 +1,234 @@
+//! SQL surface of the model catalogue: import (from bytea or server files), activate, drop.
+//! Privileges and catalogue access live in `catalog.rs`; validation in the tower core.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+pub mod twotower {
+    use crate::catalog::{
+        self, as_catalog_owner, caller, check_manage, check_model_name, is_admin, role_name,
+        JsonbValue, ADMIN_ROLE,
+    };
+    use crate::error::{OrReport, TtError, TtResult};
+    use pgrx::pg_sys;
+    use pgrx::prelude::*;
+    use twotower_tower::Model;
+
+    /// The largest spec or weights file `import_model_file` reads.
+    const MAX_FILE_BYTES: u64 = 1 << 30;
+
+    fn import(name: &str, spec: &serde_json::Value, weights: &[u8], activate: bool) -> TtResult<i32> {
+        check_model_name(name)?;
+        let spec_text = spec.to_string();
+        // Validate everything before touching the catalogue.
+        let model = Model::load(&spec_text, weights)?;
+        let checksum = (twotower_ann::checksum(weights) ^ twotower_ann::checksum(spec_text.as_bytes()).rotate_left(1)) as i64;
+        let me = caller();
+        let me_name = role_name(me);
+        let owner: Option<String> = as_catalog_owner(|| {
+            Spi::get_one_with_args::<String>(
+                "SELECT owner::text FROM twotower.model WHERE name = $1 FOR UPDATE",
+                &[name.into()],
+            )
+        })?
+        .unwrap_or(None);
+        match &owner {
+            Some(o) => check_manage(name, o)?,
+            None if !is_admin(me) => {
+                return Err(TtError::PermissionDenied {
+                    action: format!("create model \"{name}\""),
+                    hint: format!("Members of {ADMIN_ROLE} create models: GRANT {ADMIN_ROLE} TO {me_name};"),
+                })
+            }
+            None => {}
+        }
+        let version = as_catalog_owner(|| -> Result<i32, pgrx::spi::Error> {
+            if owner.is_none() {
+                Spi::run_with_args(
+                    "INSERT INTO twotower.model (name, owner) VALUES ($1, $2::name)",
+                    &[name.into(), me_name.clone().into()],
+                )?;
+            }
+            let v = Spi::get_one_with_args::<i32>(
+                "UPDATE twotower.model SET next_version = next_version + 1 WHERE name = $1
+                 RETURNING next_version - 1",
+                &[name.into()],
+            )?
+            .unwrap_or(1);
+            Spi::run_with_args(
+                "INSERT INTO twotower.model_version
+                   (model, version, kind, dim, metric, parameters, checksum, spec, weights, imported_by)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10::name)",
+                &[
+                    name.into(),
+                    v.into(),
+                    model.kind().name().into(),
+                    (model.output_dim() as i32).into(),
+                    model.metric().name().into(),
+                    (model.parameter_count() as i64).into(),
+                    checksum.into(),
+                    spec_text.as_str().into(),
+                    weights.into(),
+                    me_name.clone().into(),
+                ],
+            )?;
+            if activate {
+                Spi::run_with_args(
+                    "UPDATE twotower.model SET active_version = $2 WHERE name = $1",
+                    &[name.into(), v.into()],
+                )?;
+            }
+            Ok(v)
+        })?
+        .map_err(|e| TtError::Unsupported(format!("storing model \"{name}\": {e}")))?;
+        catalog::invalidate();
+        Ok(version)
+    }
+
+    /// Imports a new version of model `name` from a JSON spec and safetensors weights (see
+    /// docs/model-format.md); everything is validated first. Returns the new version number.
+    /// With `activate` (the default) the new version serves from the next transaction on.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn import_model(
+        name: &str,
+        spec: JsonbValue,
+        weights: &[u8],
+        activate: default!(bool, true),
+    ) -> i32 {
+        import(name, &spec.0, weights, activate).or_report()
+    }
+
+    fn read_server_file(path: &str, what: &str) -> TtResult<Vec<u8>> {
+        let meta = std::fs::metadata(path)
+            .map_err(|e| TtError::BadArgument(format!("could not read {what} file \"{path}\": {e}")))?;
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(TtError::BadArgument(format!(
+                "{what} file \"{path}\" is larger than 1 GB"
+            )));
+        }
+        std::fs::read(path)
+            .map_err(|e| TtError::BadArgument(format!("could not read {what} file \"{path}\": {e}")))
+    }
+
+    /// Imports a model from files on the database server (relative paths are relative to the
+    /// data directory). Needs the privileges of pg_read_server_files (or superuser).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn import_model_file(
+        name: &str,
+        spec_path: &str,
+        weights_path: &str,
+        activate: default!(bool, true),
+    ) -> i32 {
+        let me = caller();
+        let reader = pg_sys::Oid::from(pg_sys::ROLE_PG_READ_SERVER_FILES);
+        if !catalog::has_privs(me, reader) {
+            TtError::PermissionDenied {
+                action: "import a model from server files".into(),
+                hint: "Only superusers and members of pg_read_server_files may read server files; others use twotower.import_model(name, spec, weights).".into(),
+            }
+            .report();
+        }
+        let spec_bytes = read_server_file(spec_path, "spec").or_report();
+        let weights = read_server_file(weights_path, "weights").or_report();
+        let spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
+            .map_err(|e| TtError::Tower(twotower_tower::TowerError::SpecJson { reason: e.to_string() }))
+            .or_report();
+        import(name, &spec, &weights, activate).or_report()
+    }
+
+    fn owner_of(name: &str) -> TtResult<String> {
+        as_catalog_owner(|| {
+            Spi::get_one_with_args::<String>(
+                "SELECT owner::text FROM twotower.model WHERE name = $1 FOR UPDATE",
+                &[name.into()],
+            )
+        })?
+        .ok()
+        .flatten()
+        .ok_or_else(|| TtError::ModelNotFound {
+            name: name.to_string(),
+            version: None,
+        })
+    }
+
+    /// Makes `version` the serving version of model `name` (atomic: one row update; every
+    /// backend switches at its next transaction after commit).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn activate_model(name: &str, version: i32) {
+        let owner = owner_of(name).or_report();
+        check_manage(name, &owner).or_report();
+        let found = as_catalog_owner(|| {
+            Spi::get_one_with_args::<bool>(
+                "UPDATE twotower.model SET active_version = $2 WHERE name = $1
+                    AND EXISTS (SELECT 1 FROM twotower.model_version WHERE model = $1 AND version = $2)
+                 RETURNING true",
+                &[name.into(), version.into()],
+            )
+        })
+        .or_report();
+        if !matches!(found, Ok(Some(true))) {
+            TtError::ModelNotFound {
+                name: name.to_string(),
+                version: Some(version),
+            }
+            .report();
+        }
+        catalog::invalidate();
+    }
+
+    /// Drops one version of model `name` (not the active one), or, without `version`, the whole
+    /// model with all its versions.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn drop_model(name: &str, version: default!(Option<i32>, "NULL")) {
+        let owner = owner_of(name).or_report();
+        check_manage(name, &owner).or_report();
+        match version {
+            None => {
+                as_catalog_owner(|| {
+                    Spi::run_with_args("DELETE FROM twotower.model WHERE name = $1", &[name.into()])
+                })
+                .or_report()
+                .unwrap_or_else(|e| pgrx::error!("drop_model: {e}"));
+            }
+            Some(v) => {
+                let active = as_catalog_owner(|| {
+                    Spi::get_one_with_args::<i32>(
+                        "SELECT active_version FROM twotower.model WHERE name = $1",
+                        &[name.into()],
+                    )
+                })
+                .or_report()
+                .ok()
+                .flatten();
+                if active == Some(v) {
+                    TtError::ActiveVersion {
+                        name: name.to_string(),
+                        version: v,
+                    }
+                    .report();
+                }
+                let deleted = as_catalog_owner(|| {
+                    Spi::get_one_with_args::<bool>(
+                        "DELETE FROM twotower.model_version WHERE model = $1 AND version = $2 RETURNING true",
+                        &[name.into(), v.into()],
+                    )
+                })
+                .or_report();
+                if !matches!(deleted, Ok(Some(true))) {
+                    TtError::ModelNotFound {
+                        name: name.to_string(),
+                        version: Some(v),
+                    }
+                    .report();
+                }
+            }
+        }
+        catalog::invalidate();
+    }
+
+    /// This backend's cache of decoded models: how many versions, how many bytes.
+    #[pg_extern(volatile, parallel_safe)]
+    fn model_cache_info() -> TableIterator<'static, (name!(models, i64), name!(bytes, i64))> {
+        TableIterator::once(catalog::cache_stats())
+    }
+}

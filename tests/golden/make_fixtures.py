@@ -1,0 +1,528 @@
+#!/usr/bin/env python3
+"""Generate the golden fixtures for the tower model format (docs/model-format.md).
+
+    python3 tests/golden/make_fixtures.py
+
+Deterministic: weights come from numpy's legacy RandomState (its stream is frozen across numpy
+versions) with a fixed seed, files are written with fixed JSON formatting, so re-running
+reproduces byte-identical files. Writes, next to this script:
+
+    spec.json, weights.safetensors, inputs.json, expected.json, invalid_inputs.json   (user tower)
+    item/spec.json, item/weights.safetensors, item/inputs.json, item/expected.json    (item tower)
+    README.md                                                        (what each input case tests)
+
+expected.json holds tower_ref.embed() of every input (float64, shortest round-trip repr); the
+vectorised tower_ref.embed_batch() is checked against it before anything is written.
+Needs only numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.dont_write_bytecode = True  # keep __pycache__ out of the source tree
+sys.path.insert(0, HERE)
+import tower_ref  # noqa: E402
+
+SEED = 20251124
+DIM = 8
+
+# ----------------------------------------------------------------------------------------------
+# safetensors writer (pure Python)
+
+_SIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}
+
+
+def f32_bytes(a) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f4").tobytes()
+
+
+def f16_bytes(a) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f2").tobytes()
+
+
+def bf16_bits(a) -> np.ndarray:
+    """float -> bfloat16 bit patterns (via f32, round to nearest, ties to even; finite only)."""
+    bits = np.ascontiguousarray(a, dtype="<f4").view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2")
+
+
+def bf16_bytes(a) -> bytes:
+    return bf16_bits(a).tobytes()
+
+
+def encode(dtype: str, a) -> bytes:
+    if dtype == "F32":
+        return f32_bytes(a)
+    if dtype == "F16":
+        return f16_bytes(a)
+    if dtype == "BF16":
+        return bf16_bytes(a)
+    if dtype == "I64":
+        return np.ascontiguousarray(a, dtype="<i8").tobytes()
+    raise ValueError(dtype)
+
+
+def write_safetensors(tensors: dict, metadata: dict | None = None) -> bytes:
+    """tensors: name -> (dtype, shape, raw bytes). Laid out like the safetensors library does
+    (larger element sizes first, then by name), header padded with spaces to 8 bytes."""
+    order = sorted(tensors, key=lambda n: (-_SIZE[tensors[n][0]], n))
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    blobs, pos = [], 0
+    for name in order:
+        dtype, shape, raw = tensors[name]
+        assert len(raw) == math.prod(shape) * _SIZE[dtype], name
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + len(raw)]}
+        blobs.append(raw)
+        pos += len(raw)
+    hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hdr += b" " * (-len(hdr) % 8)
+    return struct.pack("<Q", len(hdr)) + hdr + b"".join(blobs)
+
+
+class Weights:
+    """Collects generated tensors (drawn in a fixed order from one RandomState)."""
+
+    def __init__(self, seed):
+        self.rng = np.random.RandomState(seed)
+        self.tensors = {}
+
+    def add(self, name, values, dtype="F32"):
+        values = np.asarray(values, dtype=np.float64)
+        self.tensors[name] = (dtype, values.shape, encode(dtype, values))
+        return name
+
+    def normal(self, name, shape, scale, dtype="F32", loc=0.0):
+        return self.add(name, loc + scale * self.rng.standard_normal(shape), dtype)
+
+    def uniform(self, name, shape, lo, hi, dtype="F32"):
+        return self.add(name, self.rng.uniform(lo, hi, shape), dtype)
+
+    def linear(self, prefix, n_in, n_out, bias=True, dtype="F32"):
+        layer = {"type": "linear",
+                 "weight": self.normal(f"{prefix}.weight", (n_out, n_in),
+                                       2.0 / math.sqrt(n_in), dtype)}
+        if bias:
+            layer["bias"] = self.normal(f"{prefix}.bias", (n_out,), 0.1)
+        return layer
+
+    def bytes(self, metadata=None):
+        return write_safetensors(self.tensors, metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+# the user tower
+
+ITEM_VOCAB = [str(1001 + i) for i in range(24)]
+
+
+def user_model(w: Weights):
+    feats = [
+        {"name": "user_id", "type": "categorical",
+         "embedding": w.normal("tables.user_id.weight", (65, 4), 1.0), "hash_buckets": 64},
+        {"name": "country", "type": "categorical",
+         "embedding": w.normal("tables.country.weight", (6, 3), 1.0, "F16"),
+         "vocabulary": ["us", "fr", "de", "jp", "br"]},
+        {"name": "segment", "type": "categorical",
+         "embedding": w.normal("tables.segment.weight", (6, 3), 1.0),
+         "vocabulary": ["1", "2", "3", "42", "-7"]},
+        {"name": "is_member", "type": "categorical",
+         "embedding": w.normal("tables.is_member.weight", (3, 2), 1.0),
+         "vocabulary": ["false", "true"]},
+        {"name": "history", "type": "multi_categorical",
+         "embedding": w.normal("tables.item.weight", (len(ITEM_VOCAB) + 1, 4), 1.0),
+         "vocabulary": ITEM_VOCAB, "pooling": "mean", "max_len": 5},
+        {"name": "recent", "type": "multi_categorical", "embedding": "tables.item.weight",
+         "vocabulary": ITEM_VOCAB, "pooling": "max", "max_len": 3},
+        {"name": "tags", "type": "multi_categorical",
+         "embedding": w.normal("tables.tag.weight", (17, 3), 1.0),
+         "hash_buckets": 16, "pooling": "mean", "max_len": 4, "weighted": True},
+        {"name": "tag_scores", "type": "multi_categorical", "embedding": "tables.tag.weight",
+         "hash_buckets": 16, "pooling": "sum", "weighted": True},
+        {"name": "tag_peak", "type": "multi_categorical", "embedding": "tables.tag.weight",
+         "hash_buckets": 16, "pooling": "max", "weighted": True},
+        {"name": "age", "type": "numeric", "transform": "zscore", "mean": 35.0, "std": 12.0,
+         "default": 30.0},
+        {"name": "tenure", "type": "numeric", "transform": "zscore", "mean": 3.0, "std": 2.0},
+        {"name": "income", "type": "numeric", "transform": "log1p"},
+        {"name": "activity", "type": "numeric", "transform": "minmax", "min": 0.0, "max": 100.0,
+         "default": 50.0},
+        {"name": "score", "type": "numeric", "transform": "none"},
+        {"name": "days", "type": "bucketize",
+         "embedding": w.normal("tables.days.weight", (7, 2), 1.0),
+         "boundaries": [0.0, 7.0, 30.0, 90.0, 365.0]},
+        {"name": "user_vec", "type": "dense", "dim": 4},
+    ]
+    nf = len(feats)
+    senet = {"w1": w.normal("senet.fc1.weight", (4, nf), 0.15),
+             "b1": w.normal("senet.fc1.bias", (4,), 0.1),
+             "w2": w.normal("senet.fc2.weight", (nf, 4), 0.8),
+             "b2": w.normal("senet.fc2.bias", (nf,), 0.1, loc=0.5)}
+    width = 4 + 3 + 3 + 2 + 4 + 4 + 3 + 3 + 3 + 1 + 1 + 1 + 1 + 1 + 2 + 4   # 40
+    layers = [
+        w.linear("layers.0", width, 24, dtype="BF16"),                        # 0
+        {"type": "batchnorm",                                                 # 1
+         "weight": w.normal("layers.1.weight", (24,), 0.1, loc=1.0),
+         "bias": w.normal("layers.1.bias", (24,), 0.1),
+         "running_mean": w.normal("layers.1.running_mean", (24,), 0.3),
+         "running_var": w.uniform("layers.1.running_var", (24,), 0.5, 2.0),
+         "eps": 0.001},
+        {"type": "relu"},                                                     # 2
+        {"type": "dropout", "p": 0.1},                                        # 3
+        w.linear("layers.4", 24, 16),                                         # 4
+        {"type": "gelu"},                                                     # 5
+        {"type": "layernorm",                                                 # 6
+         "weight": w.normal("layers.6.weight", (16,), 0.1, loc=1.0),
+         "bias": w.normal("layers.6.bias", (16,), 0.1)},
+        w.linear("layers.7", 16, 12, bias=False),                             # 7
+        {"type": "tanh"},                                                     # 8
+        {"type": "dropout", "p": 0.2},                                        # 9
+        w.linear("layers.10", 12, 10),                                        # 10
+        {"type": "sigmoid"},                                                  # 11
+        {"type": "shortcut", "fields": ["age", "user_vec"]},                  # 12
+        w.linear("layers.13", 10 + 1 + 4, DIM),                               # 13
+        {"type": "l2_normalize"},                                             # 14
+    ]
+    # PyTorch BatchNorm bookkeeping: must be ignored by the importer
+    w.tensors["layers.1.num_batches_tracked"] = ("I64", (), encode("I64", [1234]))
+    spec = {"format": "pg_twotower.tower", "spec_version": 1, "kind": "user",
+            "features": feats, "senet": senet, "layers": layers,
+            "output": {"dim": DIM, "metric": "cosine"}}
+    return spec
+
+
+def W(ids, weights):
+    return {"ids": ids, "weights": weights}
+
+
+FULL = {
+    "user_id": 42, "country": "fr", "segment": "2", "is_member": True,
+    "history": [1001, 1002, 1003], "recent": [1005, 1001],
+    "tags": W(["sport", "news"], [1.0, 2.0]),
+    "tag_scores": W(["sport", "tech", "news"], [0.5, 1.5, -0.25]),
+    "tag_peak": W(["music", "news"], [1.0, 0.5]),
+    "age": 28, "tenure": 4.5, "income": 52000, "activity": 73.5, "score": 0.25,
+    "days": 45, "user_vec": [0.1, -0.2, 0.3, 0.05],
+}
+
+
+def with_(**kw):
+    d = dict(FULL)
+    d.update(kw)
+    return d
+
+
+def without(*keys):
+    return {k: v for k, v in FULL.items() if k not in keys}
+
+
+# (note, features). Indices are stable: the Rust tests may refer to them.
+USER_CASES = [
+    ("typical user, every feature present", FULL),
+    ("empty object: every feature missing (OOV rows, numeric defaults/0, dense zeros)", {}),
+    ("every feature null: same output as case 1", {k: None for k in FULL}),
+    ('user_id as the string "42": same output as case 0', with_(user_id="42")),
+    ("user_id as 42.0 (integral float is the integer 42): same output as case 0",
+     with_(user_id=42.0)),
+    ("negative ids: user_id -7 hashes \"-7\"; segment -7 is vocabulary \"-7\"",
+     with_(user_id=-7, segment=-7)),
+    ("user_id 9007199254740993 (2^53+1): canonical string is the exact decimal",
+     with_(user_id=9007199254740993)),
+    ("non-ASCII hashed id (UTF-8 bytes); country is case-sensitive: \"FR\" is OOV",
+     with_(user_id="usér-日本", country="FR")),
+    ("segment 42 as a number matches vocabulary \"42\"", with_(segment=42)),
+    ("segment 42.0 matches vocabulary \"42\": same output as case 8", with_(segment=42.0)),
+    ('segment as the string "42.0" is not "42": OOV row 0', with_(segment="42.0")),
+    ("unknown ids: segment 99 and country \"xx\" use row 0; is_member false",
+     with_(segment=99, country="xx", is_member=False)),
+    ('is_member as the string "true": same row as JSON true, same output as case 0',
+     with_(is_member="true")),
+    ('is_member "yes" is not in the vocabulary: row 0', with_(is_member="yes")),
+    ('user_id true hashes the string "true"', with_(user_id=True)),
+    ('user_id "042" is a different string from 42', with_(user_id="042")),
+    ("empty history and recent: both give the OOV row e_0 (mean and max alike)",
+     with_(history=[], recent=[])),
+    ("history longer than max_len 5: only the first 5 ids (the rest includes unknown ids)",
+     with_(history=[1010, 1011, 1012, 1013, 1014, 1015, 9999, "abc"])),
+    ("history mixing strings, numbers, 1003.0 and an unknown id (row 0 pooled like others)",
+     with_(history=["1001", 1002, 1003.0, 5555])),
+    ("history and recent of only unknown ids: pooled row 0s = e_0: same output as case 16",
+     with_(history=[1, 2, 3], recent=[7])),
+    ("duplicate ids: mean of the same row", with_(history=[1004, 1004, 1004])),
+    ("recent longer than max_len 3 with max pooling",
+     with_(recent=[1020, 1021, 1022, 1023, 1024])),
+    ("weighted mean with weights summing to zero (0.5, -0.5): zero vector",
+     with_(tags=W(["sport", "news"], [0.5, -0.5]))),
+    ("all-zero weights: mean -> zeros, sum -> zeros, max -> max of 0*e = zeros",
+     with_(tags=W(["a", "b"], [0, 0]), tag_scores=W(["a"], [0.0]),
+           tag_peak=W(["a", "b"], [0, 0]))),
+    ("weighted lists with empty ids: OOV row e_0 for mean, sum and max",
+     with_(tags=W([], []), tag_scores=W([], []), tag_peak=W([], []))),
+    ("weighted max with negative weights: element-wise max of w*e (not w*max e)",
+     with_(tag_peak=W(["sport", "news", "tech"], [-1.0, -2.0, 0.5]))),
+    ("weighted mean longer than max_len 4: ids and weights truncated together",
+     with_(tags=W(["a", "b", "c", "d", "e", "f"], [1, 2, 3, 4, 100, 100]))),
+    ("integer weights and integer ids in hashed lists (7 and \"7\" hash alike)",
+     with_(tag_scores=W([7, "7", -3], [1, 2, 3]))),
+    ("numeric missing: age -> default 30, tenure -> 0 (no default, not (0-3)/2), "
+     "income -> 0, activity -> default 50 -> 0.5, score -> 0",
+     without("age", "tenure", "income", "activity", "score")),
+    ("numeric null: same output as case 28",
+     with_(age=None, tenure=None, income=None, activity=None, score=None)),
+    ("log1p of a negative income (-100) is ln(1 + 0) = 0; tenure 0 is (0 - 3)/2 = -1.5",
+     with_(income=-100, tenure=0)),
+    ("minmax below the range clamps to 0", with_(activity=-20)),
+    ("minmax above the range clamps to 1; bucketize far above the last boundary -> row 6",
+     with_(activity=150.5, days=1000.5)),
+    ("minmax exactly at min and integer age 40", with_(activity=0, age=40)),
+    ("minmax exactly at max and age 40.0: age same as case 33", with_(activity=100, age=40.0)),
+    ("bucketize exactly on b_0 = 0 -> row 2; score negative", with_(days=0, score=-3.5)),
+    ("bucketize exactly on 7 -> row 3", with_(days=7)),
+    ("bucketize exactly on 30 (given as 30.0) -> row 4, like 45 in case 0: same output as case 0",
+     with_(days=30.0)),
+    ("bucketize exactly on 90 -> row 5", with_(days=90)),
+    ("bucketize exactly on the last boundary 365 -> row 6 (m + 1)", with_(days=365)),
+    ("bucketize below b_0 (-1) -> row 1", with_(days=-1)),
+    ("bucketize just under 7 (6.999) -> row 2; dense all zeros",
+     with_(days=6.999, user_vec=[0, 0, 0, 0])),
+    ("dense of integers; days missing -> row 0", without("days") | {"user_vec": [1, 2, 3, 4]}),
+    ("dense missing -> zeros", without("user_vec")),
+    ("mostly missing: only history and age", {"history": [1007, 1008], "age": 61}),
+]
+
+# Inputs every implementation must reject (InputError), one reason each.
+INVALID_USER_INPUTS = [
+    ("a key that is not a feature (user towers are strict)", {"user_id": 42, "not_a_feature": [1, 2]}),
+    ("categorical id 42.5 is not integral", {"user_id": 42.5}),
+    ("categorical value is a list", {"segment": [1, 2]}),
+    ("categorical value is an object", {"country": {"code": "fr"}}),
+    ("non-integral id inside a list", {"history": [1001, 42.5]}),
+    ("multi_categorical value is not a list", {"history": 1001}),
+    ("nested list inside a list", {"history": [1001, [1002]]}),
+    ("weighted feature given a plain list", {"tags": ["a", "b"]}),
+    ("weighted ids and weights of different lengths", {"tags": W(["a", "b"], [1.0])}),
+    ("weighted weight is a string", {"tags": W(["a"], ["1"])}),
+    ("weighted object without weights", {"tags": {"ids": ["a"]}}),
+    ("unweighted feature given a weighted object", {"history": W([1001], [1.0])}),
+    ("numeric given a string", {"age": "35"}),
+    ("numeric given a boolean", {"age": True}),
+    ("bucketize given a string", {"days": "7"}),
+    ("dense of the wrong length", {"user_vec": [1, 2, 3]}),
+    ("dense with a null element", {"user_vec": [1, 2, 3, None]}),
+    ("dense given a string", {"user_vec": "1,2,3,4"}),
+    ("features is not an object", [1, 2]),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# the item tower
+
+def item_model(w: Weights):
+    feats = [
+        {"name": "item_id", "type": "categorical",
+         "embedding": w.normal("tables.item_id.weight", (33, 4), 1.0), "hash_buckets": 32},
+        {"name": "category", "type": "categorical",
+         "embedding": w.normal("tables.category.weight", (5, 3), 1.0),
+         "vocabulary": ["shoes", "shirts", "hats", "bags"]},
+        {"name": "tags", "type": "multi_categorical",
+         "embedding": w.normal("tables.tags.weight", (7, 3), 1.0),
+         "vocabulary": ["red", "blue", "sale", "new", "eco", "kids"], "pooling": "sum"},
+        {"name": "price", "type": "numeric", "transform": "log1p"},
+        {"name": "img_vec", "type": "dense", "dim": 3},
+    ]
+    layers = [
+        w.linear("layers.0", 4 + 3 + 3 + 1 + 3, 16),
+        {"type": "relu"},
+        w.linear("layers.2", 16, DIM),
+        {"type": "l2_normalize"},
+    ]
+    return {"format": "pg_twotower.tower", "spec_version": 1, "kind": "item",
+            "features": feats, "layers": layers, "output": {"dim": DIM, "metric": "cosine"}}
+
+
+def item_row(item_id, category, tags, price, img_vec, title):
+    # what to_jsonb(row) gives for: items(item_id bigint, title text, category text,
+    #                                   tags text[], price numeric, img_vec real[])
+    return {"item_id": item_id, "title": title, "category": category, "tags": tags,
+            "price": price, "img_vec": img_vec}
+
+
+ITEM_CASES = [
+    ("typical row", item_row(1001, "shoes", ["red", "sale"], 59.9, [0.2, -0.1, 0.4], "Runner")),
+    ("second row", item_row(1002, "hats", ["blue"], 15, [0.0, 0.3, -0.2], "Cap")),
+    ("tags empty array -> e_0", item_row(1003, "bags", [], 120.0, [0.1, 0.1, 0.1], "Tote")),
+    ("all nullable columns NULL", item_row(1004, None, None, None, None, None)),
+    ("unknown category and an unknown tag (row 0, summed)",
+     item_row(1005, "socks", ["red", "glitter"], 4.5, [1, 0, 0], "Socks")),
+    ("duplicate tags are summed twice", item_row(1006, "shirts", ["eco", "eco", "kids"], 22.0,
+                                                 [-0.5, 0.25, 0.125], "Tee")),
+    ("price 0 and a negative price behave alike (log1p of max(x,0))",
+     item_row(1007, "shirts", ["new"], 0, [0.3, 0.3, 0.3], "Free")),
+    ("negative price -> 0: same as case 6 except item_id",
+     item_row(1008, "shirts", ["new"], -5, [0.3, 0.3, 0.3], "Refund")),
+    ("item_id as a string equals the number: same output as case 0",
+     item_row("1001", "shoes", ["red", "sale"], 59.9, [0.2, -0.1, 0.4], "Runner")),
+    ("large id and all tags", item_row(9223372036854775807, "bags",
+                                       ["red", "blue", "sale", "new", "eco", "kids"],
+                                       1999.99, [0.05, 0.9, -0.3], "Trunk")),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def dump_json(obj, path, indent=None):
+    """A JSON list with one element per line (compact elements)."""
+    text = "[\n" + ",\n".join(json.dumps(x, ensure_ascii=True, allow_nan=False)
+                               for x in obj) + "\n]"
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text + "\n")
+
+
+def build(outdir, spec, weights: Weights, cases, invalid=None):
+    os.makedirs(outdir, exist_ok=True)
+    spec_text = json.dumps(spec, indent=2, allow_nan=False) + "\n"
+    wbytes = weights.bytes({"format": "pt"})
+    model = tower_ref.load_model_bytes(spec_text, wbytes)  # validates spec + weights
+    inputs = [c for _, c in cases]
+    # round-trip the inputs through JSON so the reference sees exactly what the file says
+    inputs = json.loads(json.dumps(inputs))
+    expected = [tower_ref.embed(model, x) for x in inputs]
+    batch = tower_ref.embed_batch(model, inputs)
+    diff = float(np.max(np.abs(batch - np.array(expected))))
+    if diff > 1e-12:
+        raise SystemExit(f"{outdir}: embed and embed_batch disagree by {diff}")
+    for i, e in enumerate(expected):
+        assert e.shape == (model.dim,) and abs(np.linalg.norm(e) - 1) < 1e-12, i
+    if invalid:
+        for why, x in invalid:
+            try:
+                tower_ref.embed(model, x)
+            except tower_ref.InputError:
+                continue
+            raise SystemExit(f"invalid input accepted: {why}")
+    with open(os.path.join(outdir, "spec.json"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(spec_text)
+    with open(os.path.join(outdir, "weights.safetensors"), "wb") as f:
+        f.write(wbytes)
+    dump_json(inputs, os.path.join(outdir, "inputs.json"), indent=1)
+    dump_json([e.tolist() for e in expected], os.path.join(outdir, "expected.json"), indent=1)
+    if invalid:
+        dump_json([{"why": why, "features": x} for why, x in invalid],
+                  os.path.join(outdir, "invalid_inputs.json"), indent=1)
+    return model
+
+
+README = """\
+# Golden fixtures for the tower model format
+
+Generated by `python3 tests/golden/make_fixtures.py` (numpy only, deterministic: re-running
+reproduces these files byte for byte). Do not edit by hand. The format is
+[docs/model-format.md](../../docs/model-format.md); `tower_ref.py` is an independent numpy
+reference implementation of it (float64 math on the stored weights).
+
+| file | content |
+|---|---|
+| `spec.json`, `weights.safetensors` | a user tower using every feature kind and every layer type |
+| `inputs.json` | {n_user} features objects (the `features jsonb` of `embed_user`) |
+| `expected.json` | the output vector of each input (float64, shortest round-trip decimal) |
+| `invalid_inputs.json` | {n_invalid} inputs that must be rejected (`why`, `features`) |
+| `item/` | an item tower (same files, no invalid inputs); inputs are rows as `to_jsonb(row)` |
+
+Check an implementation with a tolerance: an f32 engine differs from the float64 reference by
+about 1e-7 on these unit-norm outputs (`tower_ref.embed_batch(..., dtype=np.float32)` does), so
+a bound of 1e-5 absolute per element is comfortable, while every two cases that should differ
+differ by more than 1e-4. Cases documented as "same output as case N" must agree with case N to
+the same tolerance.
+
+Check the reference against the files: `python3 tests/golden/tower_ref.py tests/golden/spec.json
+tests/golden/weights.safetensors tests/golden/inputs.json tests/golden/expected.json`.
+
+## User tower
+
+{user_model}
+
+## User inputs
+
+| # | what it tests |
+|---|---|
+{user_cases}
+
+## Item tower
+
+{item_model}
+
+## Item inputs
+
+| # | what it tests |
+|---|---|
+{item_cases}
+"""
+
+
+def describe(model, spec, wbytes):
+    tensors, ignored, _ = tower_ref.read_safetensors(wbytes)
+    header_len = struct.unpack("<Q", wbytes[:8])[0]
+    header = json.loads(wbytes[8:8 + header_len])
+    lines = ["Features (field widths): " + ", ".join(
+        f"`{f.name}` {f.type} ({f.width})" for f in model.features)
+        + f"; concatenated width {model.input_width}."]
+    if model.senet is not None:
+        lines.append(f"SENet over {len(model.features)} fields, r = {model.senet[0].shape[0]}.")
+    lines.append("Layers: " + ", ".join(
+        f"{i} {ls['type']}" for i, ls in enumerate(spec["layers"]))
+        + f"; output dim {model.dim}, metric {model.metric}.")
+    lines.append("Tensors: " + ", ".join(
+        f"`{n}` {h['dtype']} {h['shape']}" for n, h in header.items() if n != "__metadata__")
+        + ".")
+    if ignored:
+        lines.append("Ignored (must be accepted and skipped): " + ", ".join(ignored) + ".")
+    return "\n".join(lines)
+
+
+def main():
+    w = Weights(SEED)
+    spec = user_model(w)
+    user = build(HERE, spec, w, USER_CASES, INVALID_USER_INPUTS)
+    user_w = w.bytes({"format": "pt"})
+
+    wi = Weights(SEED + 1)
+    ispec = item_model(wi)
+    item = build(os.path.join(HERE, "item"), ispec, wi, ITEM_CASES)
+
+    inputs = json.loads(json.dumps([c for _, c in USER_CASES]))
+    f32 = tower_ref.embed_batch(user, inputs, dtype=np.float32).astype(np.float64)
+    f64 = np.array([tower_ref.embed(user, x) for x in inputs])
+    f32err = float(np.max(np.abs(f32 - f64)))
+
+    def cases_table(cases):
+        return "\n".join(f"| {i} | {note.replace('|', '/')} |" for i, (note, _) in enumerate(cases))
+
+    text = README.format(
+        n_user=len(USER_CASES), n_invalid=len(INVALID_USER_INPUTS),
+        user_model=describe(user, spec, user_w), user_cases=cases_table(USER_CASES),
+        item_model=describe(item, ispec, wi.bytes({"format": "pt"})),
+        item_cases=cases_table(ITEM_CASES))
+    with open(os.path.join(HERE, "README.md"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    total = 0
+    for d in (HERE, os.path.join(HERE, "item")):
+        for n in sorted(os.listdir(d)):
+            p = os.path.join(d, n)
+            if os.path.isfile(p) and not n.endswith(".py") and n != "README.md":
+                total += os.path.getsize(p)
+    print(f"wrote fixtures: {len(USER_CASES)} user inputs, {len(ITEM_CASES)} item inputs, "
+          f"{total} bytes of fixture data; f32 vs f64 max |diff| {f32err:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+-- Towers in SQL: import, golden outputs, versions, errors, privileges, item refresh, recall.
+SET search_path = public, twotower;
+\getenv golden TT_GOLDEN
+\set VERBOSITY terse
+-- err(q): runs q and shows the SQLSTATE, message and detail it fails with.
+CREATE FUNCTION pg_temp.err(q text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE st text; msg text; det text;
+BEGIN
+    EXECUTE q;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL;
+    RETURN st || ': ' || msg || coalesce(' | ' || nullif(det, ''), '');
+END $$;
+CREATE TEMP TABLE files AS
+SELECT pg_read_file(:'golden' || '/spec.json')::jsonb AS spec,
+       pg_read_binary_file(:'golden' || '/weights.safetensors') AS weights,
+       pg_read_binary_file(:'golden' || '/item/weights.safetensors') AS item_weights,
+       pg_read_file(:'golden' || '/item/spec.json')::jsonb AS item_spec;
+
+-- Import from server files (superuser) and from bytea.
+SELECT twotower.import_model_file('golden_user', :'golden' || '/spec.json', :'golden' || '/weights.safetensors');
+SELECT twotower.import_model('golden_item', pg_read_file(:'golden' || '/item/spec.json')::jsonb,
+                             pg_read_binary_file(:'golden' || '/item/weights.safetensors'));
+SELECT name, version, active, kind, dim, metric, parameters, weight_bytes > 0 AS has_weights
+  FROM twotower.models ORDER BY name, version;
+
+-- Golden outputs: the independent numpy reference (tests/golden/tower_ref.py) to 1e-5.
+CREATE TEMP TABLE golden AS
+SELECT i.ord, i.x AS features, e.x AS expected
+  FROM jsonb_array_elements(pg_read_file(:'golden' || '/inputs.json')::jsonb) WITH ORDINALITY AS i(x, ord)
+  JOIN jsonb_array_elements(pg_read_file(:'golden' || '/expected.json')::jsonb) WITH ORDINALITY AS e(x, ord) USING (ord);
+CREATE TEMP TABLE golden_diff AS
+SELECT g.ord, max(abs(o.v - (e.v #>> '{}')::float8)) AS max_abs_diff,
+       count(*) AS n, max(abs((e.v #>> '{}')::float8)) AS scale
+  FROM golden g,
+       LATERAL unnest(twotower.embed_user('golden_user', g.features)) WITH ORDINALITY AS o(v, j)
+  JOIN LATERAL jsonb_array_elements(g.expected) WITH ORDINALITY AS e(v, j) USING (j)
+ GROUP BY g.ord;
+SELECT count(*) AS cases, sum(n) AS values,
+       count(*) FILTER (WHERE max_abs_diff > 1e-5 * scale) AS beyond_1e5_relative,
+       max(max_abs_diff) < 1e-6 AS all_within_1e6_absolute
+  FROM golden_diff;
+-- The same through the batched form.
+SELECT count(*) AS batched_rows,
+       count(*) FILTER (WHERE twotower.l2_distance(b.embedding, twotower.embed_user('golden_user', g.features)) > 1e-6) AS differ_from_single
+  FROM twotower.embed_users('golden_user', (SELECT array_agg(features ORDER BY ord) FROM golden)) b
+  JOIN golden g ON g.ord = b.ord;
+SELECT ord, embedding IS NULL AS is_null FROM twotower.embed_users('golden_user', ARRAY['{}'::jsonb, NULL]);
+-- The item tower against its reference.
+SELECT count(*) AS item_cases,
+       count(*) FILTER (WHERE d > 1e-5) AS beyond_1e5
+  FROM (SELECT max(abs(o.v - (e.v #>> '{}')::float8)) AS d
+          FROM jsonb_array_elements(pg_read_file(:'golden' || '/item/inputs.json')::jsonb) WITH ORDINALITY AS i(x, ord)
+          JOIN jsonb_array_elements(pg_read_file(:'golden' || '/item/expected.json')::jsonb) WITH ORDINALITY AS x(x, ord) USING (ord),
+               LATERAL unnest(twotower.embed_item('golden_item', i.x)) WITH ORDINALITY AS o(v, j)
+          JOIN LATERAL jsonb_array_elements(x.x) WITH ORDINALITY AS e(v, j) USING (j)
+         GROUP BY ord) s;
+
+-- Every documented invalid input is an ERROR with a SQLSTATE.
+SELECT c.x ->> 'why' AS why,
+       pg_temp.err(format('SELECT twotower.embed_user(%L, %L::jsonb)', 'golden_user', c.x -> 'features')) AS error
+  FROM jsonb_array_elements(pg_read_file(:'golden' || '/invalid_inputs.json')::jsonb) AS c(x);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"no_such_feature": 1}')$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"age": "28"}')$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"age": 1e400}')$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"history": [1, 2.5]}')$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '[1, 2]')$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', jsonb_build_object('history', (SELECT jsonb_agg(i) FROM generate_series(1, 100001) i)))$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('no_such_model', '{}')$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_item', '{}')$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_item('golden_user', '{}')$q$);
+-- Broken weights and specs are rejected at import, naming what is wrong.
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', spec, substring(weights from 1 for 500)) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', spec, '\x00'::bytea) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', spec, substring(weights from 1 for 8) || '\x7b7d'::bytea) FROM files$q$);
+-- a flipped byte inside the data: a NaN/huge value or a shape change is caught
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', spec,
+         overlay(weights placing '\xffffffff'::bytea from length(weights) - 3)) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', spec, item_weights) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', spec || '{"spec_version": 2}', weights) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', jsonb_set(spec, '{output,dim}', '9'), weights) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', jsonb_set(spec, '{features,0,type}', '"categorial"'), weights) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('broken', spec - 'layers', weights) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('bad name!', spec, weights) FROM files$q$);
+SELECT count(*) AS broken_models FROM twotower.models WHERE name = 'broken';
+
+-- Versions: import without activating, switch atomically, drop.
+SELECT twotower.import_model('golden_user', pg_read_file(:'golden' || '/spec.json')::jsonb,
+                             pg_read_binary_file(:'golden' || '/weights.safetensors'), activate => false);
+SELECT version, active FROM twotower.models WHERE name = 'golden_user' ORDER BY version;
+SELECT twotower.activate_model('golden_user', 2);
+SELECT pg_temp.err($q$SELECT twotower.activate_model('golden_user', 7)$q$);
+SELECT version, active FROM twotower.models WHERE name = 'golden_user' ORDER BY version;
+SELECT pg_temp.err($q$SELECT twotower.drop_model('golden_user', 2)$q$);
+SELECT twotower.drop_model('golden_user', 1);
+SELECT version, active FROM twotower.models WHERE name = 'golden_user' ORDER BY version;
+SELECT count(*) AS golden_still_served FROM golden
+ WHERE twotower.embed_user('golden_user', features) IS NOT NULL;
+-- A switch is seen by this backend's model cache at once, and a rolled-back switch is undone.
+SELECT twotower.import_model('switch', spec, weights) FROM files;
+SELECT twotower.import_model('switch', item_spec, item_weights, activate => false) FROM files;
+SELECT vector_dims(twotower.embed_user('switch', '{}')) AS v1_serves;
+SELECT twotower.activate_model('switch', 2);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('switch', '{}')$q$);
+BEGIN;
+SELECT twotower.activate_model('switch', 1);
+SELECT vector_dims(twotower.embed_user('switch', '{}')) AS v1_serves_in_transaction;
+ROLLBACK;
+SELECT pg_temp.err($q$SELECT twotower.embed_user('switch', '{}')$q$);
+SELECT twotower.drop_model('switch');
+SELECT pg_temp.err($q$SELECT twotower.embed_item('switch', '{}')$q$);
+SELECT models FROM twotower.model_cache_info();
+
+-- Privileges: inference needs only EXECUTE; importing needs twotower_admin or the model's owner.
+CREATE ROLE tt_alice;
+CREATE ROLE tt_bob;
+GRANT SELECT ON files TO tt_alice, tt_bob;
+SET ROLE tt_alice;
+SELECT vector_dims(twotower.embed_user('golden_user', '{}')) AS alice_can_embed;
+SELECT pg_temp.err($q$SELECT twotower.import_model('alice_model', spec, weights) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.activate_model('golden_user', 2)$q$);
+SELECT pg_temp.err($q$SELECT twotower.drop_model('golden_user')$q$);
+SELECT pg_temp.err($q$SELECT count(*) FROM twotower.model_version$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model_file('alice_model', 'x', 'y')$q$);
+RESET ROLE;
+GRANT twotower_admin TO tt_alice;
+SET ROLE tt_alice;
+SELECT twotower.import_model('alice_model', spec, weights) FROM files;
+SELECT twotower.activate_model('alice_model', 1);
+RESET ROLE;
+REVOKE twotower_admin FROM tt_alice;
+SET ROLE tt_alice;
+-- still the owner of her model
+SELECT twotower.import_model('alice_model', spec, weights) FROM files;
+SET ROLE tt_bob;
+SELECT pg_temp.err($q$SELECT twotower.activate_model('alice_model', 1)$q$);
+SELECT pg_temp.err($q$SELECT twotower.drop_model('alice_model')$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('alice_model', spec, weights) FROM files$q$);
+RESET ROLE;
+SELECT name, version, active, owner, imported_by FROM twotower.models WHERE name = 'alice_model' ORDER BY version;
+SELECT twotower.drop_model('alice_model');
+SELECT pg_temp.err($q$SELECT twotower.drop_model('alice_model')$q$);
+
+-- The nightly item refresh: item tower over a table into a vector table, then the index.
+CREATE TABLE catalog_items (item_id bigint PRIMARY KEY, title text, category text, tags text[],
+                            price numeric, img_vec real[]);
+INSERT INTO catalog_items
+SELECT (x ->> 'item_id')::bigint, x ->> 'title', x ->> 'category',
+       ARRAY(SELECT jsonb_array_elements_text(x -> 'tags')), (x ->> 'price')::numeric,
+       ARRAY(SELECT jsonb_array_elements_text(x -> 'img_vec'))::real[]
+  FROM (SELECT DISTINCT ON (x ->> 'item_id') x
+          FROM jsonb_array_elements(pg_read_file(:'golden' || '/item/inputs.json')::jsonb) AS x) d
+ WHERE x ->> 'item_id' IS NOT NULL AND jsonb_typeof(x -> 'tags') = 'array'
+   AND jsonb_typeof(x -> 'img_vec') = 'array' AND jsonb_array_length(x -> 'img_vec') = 3;
+INSERT INTO catalog_items
+SELECT 5000 + i, 'generated ' || i, (ARRAY['shoes', 'shirts', 'hats', 'bags', 'other'])[1 + i % 5],
+       ARRAY[(ARRAY['red', 'blue', 'sale', 'new', 'eco', 'kids'])[1 + i % 6]], 10 + i % 90,
+       ARRAY[sin(i), cos(i), sin(2 * i)]::real[]
+  FROM generate_series(1, 2000) i;
+CREATE TABLE item_vectors (id bigint PRIMARY KEY, embedding real[]);
+SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors',
+                                     id_column => 'item_id', batch_size => 128)
+     = (SELECT count(*) FROM catalog_items) AS all_items_written;
+-- Stored vectors equal embed_item on the same rows (batched and single passes round alike
+-- to within f32 accumulation order).
+SELECT count(*) AS differ FROM catalog_items c JOIN item_vectors v ON v.id = c.item_id
+ WHERE twotower.l2_distance(v.embedding, twotower.embed_item('golden_item', to_jsonb(c))) > 1e-6;
+-- A second run updates in place (unique id), it does not duplicate.
+SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id') > 0 AS refreshed;
+SELECT count(*) = (SELECT count(*) FROM catalog_items) AS one_row_per_item FROM item_vectors;
+SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_user', 'catalog_items', 'item_vectors', id_column => 'item_id')$q$);
+SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'nope')$q$);
+SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id', batch_size => 0)$q$);
+
+-- One-call recall: user tower + the index, with exclusions.
+CREATE INDEX item_vectors_idx ON item_vectors USING twotower_hnsw (embedding real_cosine_ops);
+CREATE TEMP TABLE u AS SELECT features FROM golden WHERE ord = 1;
+SELECT count(*) AS k, min(rank) AS first_rank, max(rank) AS last_rank,
+       bool_and(score BETWEEN -1.0001 AND 1.0001) AS scores_are_cosines
+  FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 50) r;
+-- Ranked by descending score, and equal to exact search.
+SELECT count(*) AS out_of_order FROM (
+  SELECT score, lag(score) OVER (ORDER BY rank) AS prev
+    FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 50)) s
+ WHERE score > prev + 1e-6;
+SELECT count(*) AS common_with_exact FROM
+  (SELECT r.item_id FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 20) r) a
+  JOIN (SELECT v.id FROM item_vectors v, u
+         ORDER BY twotower.cosine_distance(v.embedding, twotower.embed_user('golden_user', u.features)), v.id LIMIT 20) b
+    ON a.item_id = b.id;
+-- Exclusions are left out and k is still met.
+CREATE TEMP TABLE top AS SELECT r.item_id FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 10) r;
+SELECT count(*) AS k, count(*) FILTER (WHERE item_id IN (SELECT item_id FROM top)) AS excluded_returned
+  FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 10,
+                          exclude => (SELECT array_agg(item_id) FROM top)) r;
+-- Deleted items never come back; new ones are found at once.
+DELETE FROM item_vectors WHERE id IN (SELECT item_id FROM top);
+SELECT count(*) FILTER (WHERE item_id IN (SELECT item_id FROM top)) AS deleted_returned
+  FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 10) r;
+INSERT INTO item_vectors SELECT 999999, twotower.embed_user('golden_user', features) FROM u;
+SELECT item_id, rank, round(score::numeric, 4) AS score
+  FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 1) r;
+-- Usable in joins.
+SELECT count(*) AS joined FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 25) r
+  JOIN catalog_items c ON c.item_id = r.item_id;
+-- Mismatches are clear errors.
+CREATE TABLE l2_items (id bigint PRIMARY KEY, embedding real[]);
+INSERT INTO l2_items SELECT id, embedding FROM item_vectors;
+CREATE INDEX l2_items_idx ON l2_items USING twotower_hnsw (embedding real_l2_ops);
+SELECT pg_temp.err($q$SELECT * FROM u, twotower.recall('golden_user', 'l2_items_idx', u.features, 5)$q$);
+CREATE TABLE wide_items (id bigint PRIMARY KEY, embedding real[]);
+INSERT INTO wide_items SELECT id, embedding || ARRAY[0.5::real] FROM item_vectors;
+CREATE INDEX wide_items_idx ON wide_items USING twotower_hnsw (embedding);
+SELECT pg_temp.err($q$SELECT * FROM u, twotower.recall('golden_user', 'wide_items_idx', u.features, 5)$q$);
+SELECT pg_temp.err($q$SELECT * FROM u, twotower.recall('golden_user', 'item_vectors', u.features, 5)$q$);
+SELECT pg_temp.err($q$SELECT * FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 0)$q$);
+SELECT pg_temp.err($q$SELECT * FROM u, twotower.recall('golden_item', 'item_vectors_idx', u.features, 5)$q$);
+CREATE TABLE nopk_items (id bigint, embedding real[]);
+INSERT INTO nopk_items SELECT id, embedding FROM item_vectors;
+CREATE INDEX nopk_items_idx ON nopk_items USING twotower_hnsw (embedding);
+SELECT pg_temp.err($q$SELECT * FROM u, twotower.recall('golden_user', 'nopk_items_idx', u.features, 5)$q$);
+-- Reading the table needs SELECT on it.
+GRANT SELECT ON u TO tt_bob;
+SET ROLE tt_bob;
+SELECT pg_temp.err($q$SELECT * FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 5)$q$);
+RESET ROLE;
+GRANT SELECT ON item_vectors TO tt_bob;
+SET ROLE tt_bob;
+SELECT count(*) AS bob_recalls FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 5);
+RESET ROLE;
+
+DROP TABLE catalog_items, item_vectors, l2_items, wide_items, nopk_items;
+SELECT twotower.drop_model('golden_user');
+SELECT twotower.drop_model('golden_item');
+SELECT count(*) AS models_left FROM twotower.models;
+DROP OWNED BY tt_alice, tt_bob;
+DROP ROLE tt_alice;
+DROP ROLE tt_bob;
