@@ -282,6 +282,22 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> TtResult<R> {
     }
 }
 
+/// The first row of a read-only query (`Spi::get_*_with_args` run read-write and would assign a
+/// transaction id, which a standby refuses).
+pub fn read_row<A: FromDatum + IntoDatum, B: FromDatum + IntoDatum>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> Result<Option<(Option<A>, Option<B>)>, pgrx::spi::Error> {
+    Spi::connect(|c| {
+        let t = c.select(sql, Some(1), args)?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let row = t.first();
+        Ok(Some((row.get::<A>(1)?, row.get::<B>(2)?)))
+    })
+}
+
 /// Tells every backend (at commit) that the model catalogue changed.
 pub fn invalidate() {
     let rel = catalog_oid();
@@ -375,7 +391,7 @@ pub fn active_model(name: &str) -> TtResult<Arc<Loaded>> {
         return Ok(l);
     }
     let head = as_catalog_owner(|| {
-        Spi::get_two_with_args::<i32, i64>(
+        read_row::<i32, i64>(
             "SELECT v.version, v.checksum FROM twotower.model m
                JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
               WHERE m.name = $1",
@@ -383,7 +399,7 @@ pub fn active_model(name: &str) -> TtResult<Arc<Loaded>> {
         )
     })?;
     let (version, checksum) = match head {
-        Ok((Some(v), Some(c))) => (v, c),
+        Ok(Some((Some(v), Some(c)))) => (v, c),
         _ => {
             return Err(TtError::ModelNotFound {
                 name: name.to_string(),
@@ -407,14 +423,14 @@ pub fn load_version(name: &str, version: i32, checksum: i64) -> TtResult<Arc<Loa
     if let Some(l) = CACHE.with(|c| c.borrow_mut().find(name, version, checksum)) {
         return Ok(l);
     }
-    let (spec, weights) = as_catalog_owner(|| {
-        Spi::get_two_with_args::<String, Vec<u8>>(
+    let row = as_catalog_owner(|| {
+        read_row::<String, Vec<u8>>(
             "SELECT spec::text, weights FROM twotower.model_version WHERE model = $1 AND version = $2",
             &[name.into(), version.into()],
         )
     })?
     .map_err(|e| TtError::Unsupported(format!("reading model \"{name}\": {e}")))?;
-    let (Some(spec), Some(weights)) = (spec, weights) else {
+    let Some((Some(spec), Some(weights))) = row else {
         return Err(TtError::ModelNotFound {
             name: name.to_string(),
             version: Some(version),

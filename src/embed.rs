@@ -74,14 +74,14 @@ pub mod twotower {
 
     /// Quoted name of column `col` of `rel` after checking that it exists.
     fn column(rel: pg_sys::Oid, col: &str, what: &str) -> String {
-        let exists = Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
-                             WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+        let exists = catalog::read_row::<bool, bool>(
+            "SELECT true, true FROM pg_catalog.pg_attribute
+              WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
             &[rel.into(), col.into()],
         )
         .ok()
         .flatten()
-        .unwrap_or(false);
+        .is_some();
         if !exists {
             TtError::BadArgument(format!("{what} column \"{col}\" does not exist")).report();
         }
@@ -89,9 +89,10 @@ pub mod twotower {
     }
 
     fn relation_name(rel: pg_sys::Oid) -> String {
-        Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::text", &[rel.into()])
+        catalog::read_row::<String, bool>("SELECT $1::pg_catalog.regclass::text, true", &[rel.into()])
             .ok()
             .flatten()
+            .and_then(|(n, _)| n)
             .unwrap_or_else(|| TtError::BadArgument("relation does not exist".into()).report())
     }
 
@@ -124,16 +125,16 @@ pub mod twotower {
         let idc = column(items, id_column, "item id");
         let tid = column(target, target_id_column, "target id");
         let tvec = column(target, target_vector_column, "target vector");
-        let unique = Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
-                               ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                            WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1
-                              AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = $2)",
+        let unique = catalog::read_row::<bool, bool>(
+            "SELECT true, true FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
+                 ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1
+                AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = $2",
             &[target.into(), target_id_column.into()],
         )
         .ok()
         .flatten()
-        .unwrap_or(false);
+        .is_some();
         let upsert = if unique {
             format!(" ON CONFLICT ({tid}) DO UPDATE SET {tvec} = EXCLUDED.{tvec}")
         } else {
