@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmark program against a scratch cluster (port 55433). The extension must be
-# installed (make bench does that). Environment: see bench/src/main.rs.
+# installed (make bench does that). Environment: see bench/src/main.rs and bench/src/towers.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -8,4 +8,20 @@ PORT=${TT_PORT:-55433}
 cargo build --release -q -p twotower-bench
 scripts/cluster.sh start bench "$PORT"
 mkdir -p bench/out
+
+# The numpy baseline of the towers part runs in its own venv (idempotent). When it cannot be
+# set up (no venv module, no network), the benchmark skips the comparison and says so.
+VENV=bench/out/venv
+if [ -z "${TT_PYTHON:-}" ]; then
+  if ! "$VENV/bin/python" -c 'import numpy' >/dev/null 2>&1; then
+    if { [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"; } \
+       && "$VENV/bin/python" -m pip install -q --disable-pip-version-check numpy; then
+      echo "bench venv ready: $VENV ($("$VENV/bin/python" -c 'import numpy; print("numpy", numpy.__version__)'))"
+    else
+      echo "note: could not set up $VENV with numpy; the numpy comparison will be skipped" >&2
+      rm -rf "$VENV"
+    fi
+  fi
+fi
+
 TT_PORT=$PORT TT_HOST=/tmp/pg_twotower-bench ./target/release/twotower-bench | tee "bench/out/bench-$(date +%Y%m%d-%H%M%S).md"

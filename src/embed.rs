@@ -8,6 +8,11 @@ pub fn inference_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+/// The first row of a row-major `[n, dim]` output holding a NaN or an infinity.
+fn first_non_finite(out: &[f32], dim: usize) -> Option<usize> {
+    out.iter().position(|v| !v.is_finite()).map(|i| i / dim.max(1))
+}
+
 #[pg_schema]
 pub mod twotower {
     use crate::catalog::{self, expect_kind, JsonbValue, RegClass};
@@ -60,6 +65,13 @@ pub mod twotower {
         }
         let dim = l.model.output_dim();
         let out = forward_parallel(&l.model, &encoded, super::inference_threads());
+        if let Some(row) = super::first_non_finite(&out, dim) {
+            TtError::BadArgument(format!(
+                "the tower output of features element {} is not finite",
+                row + 1
+            ))
+            .report();
+        }
         let mut rows = Vec::with_capacity(present.len());
         let mut j = 0;
         for (i, p) in present.into_iter().enumerate() {
@@ -175,6 +187,13 @@ pub mod twotower {
                     encoded.push(x);
                 }
                 let out = forward_parallel(&l.model, &encoded, threads);
+                if let Some(row) = super::first_non_finite(&out, dim as usize) {
+                    TtError::BadArgument(format!(
+                        "item {}: the tower output is not finite (check the magnitude of its numeric features)",
+                        ids[row]
+                    ))
+                    .report();
+                }
                 client.update(
                     insert.as_str(),
                     None,

@@ -240,3 +240,95 @@ fn memory_budget_is_enforced_with_a_clear_error() {
     Spi::run("SET maintenance_work_mem = '1MB'").unwrap();
     assert_eq!(sqlstate("CREATE INDEX ON items USING twotower_hnsw (embedding)"), "53200");
 }
+
+/// Imports the core's synthetic realistic user tower as model `name`.
+fn import_synth_user(name: &str, seed: u64) -> (String, Vec<u8>) {
+    let (spec, weights) = twotower_tower::synth::realistic_user_tower(seed);
+    let v = Spi::get_one_with_args::<i32>(
+        "SELECT twotower.import_model($1, $2::jsonb, $3)",
+        &[name.into(), spec.as_str().into(), weights.as_slice().into()],
+    )
+    .unwrap();
+    assert_eq!(v, Some(1));
+    (spec, weights)
+}
+
+#[pg_test]
+fn embed_user_equals_the_core_forward_pass() {
+    let (spec, weights) = import_synth_user("synth", 7);
+    let model = twotower_tower::Model::load(&spec, &weights).unwrap();
+    for i in 0..25 {
+        let input = twotower_tower::synth::realistic_user_input(7, i);
+        let got = Spi::get_one_with_args::<Vec<f32>>(
+            "SELECT twotower.embed_user('synth', $1::jsonb)",
+            &[input.to_string().as_str().into()],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, model.embed(&input).unwrap(), "input {i}");
+        assert_eq!(got.len(), 64);
+    }
+    // A wrong key, a wrong type and an unknown model are SQLSTATE errors, not crashes.
+    assert_eq!(sqlstate("SELECT twotower.embed_user('synth', '{\"nope\": 1}')"), "22023");
+    assert_eq!(sqlstate("SELECT twotower.embed_user('synth', '\"text\"')"), "22023");
+    assert_eq!(sqlstate("SELECT twotower.embed_user('missing', '{}')"), "42704");
+    assert_eq!(sqlstate("SELECT twotower.import_model('x', '{}', '\\x'::bytea)"), "22023");
+}
+
+#[pg_test]
+fn recall_returns_k_nearest_live_items_with_exclusions() {
+    import_synth_user("synth", 3);
+    Spi::run("SELECT setseed(0.7)").unwrap();
+    Spi::run(
+        "CREATE TABLE vecs (id bigint PRIMARY KEY, embedding real[]);
+         CREATE TEMP TABLE centre AS SELECT c, j, (random() - 0.5)::real AS x
+           FROM generate_series(0, 29) c, generate_series(1, 64) j;
+         INSERT INTO vecs SELECT i, twotower.l2_normalize(ARRAY(
+                  SELECT (x + (random() - 0.5) * 0.6)::real FROM centre WHERE c = i % 30 ORDER BY j))
+           FROM generate_series(1, 3000) i;
+         CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding twotower.real_cosine_ops)",
+    )
+    .unwrap();
+    let features = twotower_tower::synth::realistic_user_input(3, 1).to_string();
+    let recall = |k: i32, exclude: &str| -> Vec<i64> {
+        Spi::connect(|c| {
+            c.select(
+                &format!("SELECT item_id FROM twotower.recall('synth', 'vecs_idx', $1::jsonb, {k}, {exclude}) ORDER BY rank"),
+                None,
+                &[features.as_str().into()],
+            )
+            .unwrap()
+            .map(|r| r.get::<i64>(1).unwrap().unwrap())
+            .collect()
+        })
+    };
+    let got = recall(100, "NULL");
+    assert_eq!(got.len(), 100);
+    let exact: Vec<i64> = Spi::connect(|c| {
+        c.select(
+            "SELECT id FROM vecs ORDER BY twotower.cosine_distance(embedding,
+                    twotower.embed_user('synth', $1::jsonb)) LIMIT 100",
+            None,
+            &[features.as_str().into()],
+        )
+        .unwrap()
+        .map(|r| r.get::<i64>(1).unwrap().unwrap())
+        .collect()
+    });
+    let common = got.iter().filter(|id| exact.contains(id)).count();
+    assert!(common >= 95, "recall@100 of recall() = {common}/100");
+    // Excluding the first 50 still yields 100 rows, none of them excluded.
+    let ex: Vec<String> = got[..50].iter().map(|i| i.to_string()).collect();
+    let got2 = recall(100, &format!("ARRAY[{}]::bigint[]", ex.join(",")));
+    assert_eq!(got2.len(), 100);
+    assert!(got2.iter().all(|id| !got[..50].contains(id)));
+    // Deleted rows never come back; a new row is found at once.
+    Spi::run(&format!("DELETE FROM vecs WHERE id IN ({})", ex.join(","))).unwrap();
+    assert!(recall(100, "NULL").iter().all(|id| !got[..50].contains(id)));
+    Spi::run_with_args(
+        "INSERT INTO vecs VALUES (424242, twotower.embed_user('synth', $1::jsonb))",
+        &[features.as_str().into()],
+    )
+    .unwrap();
+    assert_eq!(recall(1, "NULL"), vec![424242]);
+}

@@ -3,14 +3,24 @@
 //! ef_search values, next to exact search and (when the `vector` extension is installed in the
 //! same server) pgvector's HNSW with the same M and ef_construction. Prints ratios.
 //!
+//! Then (module `towers`) the towers: `embed_user` latency of a realistic user tower next to numpy
+//! on the same weights, item-vector refresh throughput, and one-call `recall` top-500 latency and
+//! quality over the same index.
+//!
 //! Configuration by environment: TT_HOST (socket dir), TT_PORT, TT_N (rows, 1000000), TT_DIMS
-//! (64), TT_QUERIES (200), TT_CLUSTERS (1000), TT_M (16), TT_EFC (64), TT_SKIP_LOAD=1 (reuse).
+//! (64), TT_QUERIES (200), TT_CLUSTERS (1000), TT_M (16), TT_EFC (64), TT_SKIP_LOAD=1 (reuse the
+//! `items` table), TT_ONLY_TOWERS=1 (skip exact search, the ef_search sweep and pgvector; the
+//! index is still built), TT_REUSE_INDEX=1 (with TT_SKIP_LOAD: keep the installed extension and
+//! an existing `items_tt_idx` instead of re-creating both; a quick rerun of the towers part), and
+//! the variables of `towers.rs`.
 
 use postgres::{Client, NoTls};
 use std::collections::HashSet;
 use std::io::Write;
 use std::time::{Duration, Instant};
 use twotower_ann::synthetic::clustered;
+
+mod towers;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -120,6 +130,8 @@ fn main() {
     let m: usize = env("TT_M", 16);
     let efc: usize = env("TT_EFC", 64);
     let skip_load = std::env::var("TT_SKIP_LOAD").is_ok();
+    let only_towers = flag("TT_ONLY_TOWERS");
+    let reuse_index = skip_load && flag("TT_REUSE_INDEX");
 
     let mut c = Client::configure()
         .host(&host)
@@ -128,7 +140,8 @@ fn main() {
         .dbname("postgres")
         .connect(NoTls)
         .expect("connect");
-    println!("# pg_twotower benchmark: n={n} dims={dims} queries={nq} clusters={clusters} m={m} ef_construction={efc}");
+    println!("# pg_twotower benchmark: n={n} dims={dims} queries={nq} clusters={clusters} m={m} ef_construction={efc}{}",
+        if only_towers { " (TT_ONLY_TOWERS: towers and recall only)" } else { "" });
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -145,9 +158,22 @@ fn main() {
     // Query vectors go to the server as binary real[] parameters (evaluated once per query).
     let queries: Vec<Vec<f32>> = qdata.chunks_exact(dims).map(|v| v.to_vec()).collect();
 
-    // A fresh extension, so its SQL matches the installed library.
-    c.batch_execute("DROP EXTENSION IF EXISTS pg_twotower CASCADE; CREATE EXTENSION pg_twotower")
-        .unwrap();
+    // A fresh extension, so its SQL matches the installed library (TT_REUSE_INDEX keeps an
+    // existing one together with its index on `items`).
+    let reuse_index = reuse_index
+        && c.query_one(
+            "SELECT to_regclass('public.items_tt_idx') IS NOT NULL
+                AND EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_twotower')",
+            &[],
+        )
+        .unwrap()
+        .get::<_, bool>(0);
+    if reuse_index {
+        println!("# TT_REUSE_INDEX: keeping the installed extension and the existing items_tt_idx");
+    } else {
+        c.batch_execute("DROP EXTENSION IF EXISTS pg_twotower CASCADE; CREATE EXTENSION pg_twotower")
+            .unwrap();
+    }
     if !skip_load {
         c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, embedding real[]) WITH (autovacuum_enabled = off)").unwrap();
         let (_, load) = timed(|| {
@@ -168,6 +194,14 @@ fn main() {
         });
         c.batch_execute("VACUUM ANALYZE items").unwrap();
         println!("# loaded {n} rows in {:.1} s", load.as_secs_f64());
+    }
+    if only_towers {
+        if !reuse_index {
+            let (_, build) = timed(|| build_index(&mut c, m, efc));
+            println!("# built items_tt_idx in {:.1} s", build.as_secs_f64());
+        }
+        towers::Towers { c: &mut c, data: &data, dims }.run();
+        return;
     }
     let (truth, gt) = timed(|| ground_truth(&data, &qdata, dims, 500));
     println!(
@@ -192,14 +226,7 @@ fn main() {
     );
 
     // pg_twotower
-    c.batch_execute("DROP INDEX IF EXISTS items_tt_idx; SET maintenance_work_mem = '4GB'")
-        .unwrap();
-    let (_, build) = timed(|| {
-        c.batch_execute(&format!(
-            "CREATE INDEX items_tt_idx ON items USING twotower_hnsw (embedding real_cosine_ops) WITH (m = {m}, ef_construction = {efc})"
-        ))
-        .unwrap()
-    });
+    let (_, build) = timed(|| build_index(&mut c, m, efc));
     let size: i64 = c
         .query_one("SELECT pg_relation_size('items_tt_idx')", &[])
         .unwrap()
@@ -264,7 +291,25 @@ fn main() {
         );
     }
 
-    // pgvector, when installed in the same server.
+    towers::Towers { c: &mut c, data: &data, dims }.run();
+
+    pgvector(&mut c, PgvectorArgs { dims, cores, m, efc, build, qdata: &qdata, truth: &truth, tt_curve: &tt_curve });
+}
+
+struct PgvectorArgs<'a> {
+    dims: usize,
+    cores: usize,
+    m: usize,
+    efc: usize,
+    build: Duration,
+    qdata: &'a [f32],
+    truth: &'a [Vec<i64>],
+    tt_curve: &'a [(usize, f64, f64)],
+}
+
+/// pgvector's HNSW with the same M and ef_construction, when installed in the same server.
+fn pgvector(c: &mut Client, a: PgvectorArgs) {
+    let PgvectorArgs { dims, cores, m, efc, build, qdata, truth, tt_curve } = a;
     let has_pgvector: bool = c
         .query_one(
             "SELECT count(*) > 0 FROM pg_available_extensions WHERE name = 'vector'",
@@ -314,7 +359,7 @@ fn main() {
         c.batch_execute(&format!("SET hnsw.ef_search = {ef}"))
             .unwrap();
         let r = run_queries(
-            &mut c,
+            c,
             "SELECT id FROM items_pgv ORDER BY v <=> $1::text::vector LIMIT $2",
             &pq,
             &truth,
@@ -342,4 +387,19 @@ fn main() {
             );
         }
     }
+}
+
+/// (Re)builds the pg_twotower index on `items`.
+fn build_index(c: &mut Client, m: usize, efc: usize) {
+    c.batch_execute("SET search_path = public, twotower; DROP INDEX IF EXISTS items_tt_idx; SET maintenance_work_mem = '4GB'")
+        .unwrap();
+    c.batch_execute(&format!(
+        "CREATE INDEX items_tt_idx ON items USING twotower_hnsw (embedding real_cosine_ops) WITH (m = {m}, ef_construction = {efc})"
+    ))
+    .unwrap();
+}
+
+/// An environment flag: set to anything but "" or "0".
+fn flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }

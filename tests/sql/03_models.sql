@@ -173,6 +173,18 @@ SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_user', 'catal
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'nope')$q$);
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id', batch_size => 0)$q$);
 
+-- A long refresh is cancellable (statement_timeout, like a user's cancel request).
+CREATE TABLE many_items AS
+SELECT i AS item_id, 'shoes'::text AS category, ARRAY['red']::text[] AS tags, 10 + i % 90 AS price,
+       ARRAY[0.1, 0.2, 0.3]::real[] AS img_vec
+  FROM generate_series(1, 200000) i;
+CREATE TABLE many_vectors (id bigint PRIMARY KEY, embedding real[]);
+SET statement_timeout = '300ms';
+SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'many_items', 'many_vectors', id_column => 'item_id')$q$);
+RESET statement_timeout;
+SELECT count(*) AS rows_after_cancel FROM many_vectors;
+DROP TABLE many_items, many_vectors;
+
 -- One-call recall: user tower + the index, with exclusions.
 CREATE INDEX item_vectors_idx ON item_vectors USING twotower_hnsw (embedding real_cosine_ops);
 CREATE TEMP TABLE u AS SELECT features FROM golden WHERE ord = 1;

@@ -57,6 +57,18 @@ pub(crate) fn canonical_number(n: &Number, buf: &mut String) -> std::result::Res
         let _ = write!(buf, "{u}");
         return Ok(());
     }
+    // An integer literal beyond 64 bits keeps its exact decimal when serde_json has
+    // `arbitrary_precision` (its text is then the literal); otherwise it arrives as an f64.
+    let text = n.to_string();
+    let digits = text.strip_prefix('-').unwrap_or(&text);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if digits.bytes().all(|b| b == b'0') {
+            buf.push('0');
+        } else {
+            buf.push_str(&text);
+        }
+        return Ok(());
+    }
     let Some(f) = n.as_f64().filter(|f| f.is_finite()) else {
         return Err(format!("id {n} is not a finite number"));
     };
@@ -94,10 +106,18 @@ pub fn canonical_id(v: &Value) -> std::result::Result<Option<String>, String> {
 
 const ID_EXPECTED: &str = "an id (a string, an integer or a boolean)";
 
+/// The row of one id. `null` is the OOV row for a single id (`in_list = false`) but not an id
+/// inside a list.
 #[inline]
-fn id_row(lookup: &Lookup, v: &Value, feature: &str, buf: &mut String) -> Result<u32> {
+fn id_row(
+    lookup: &Lookup,
+    v: &Value,
+    feature: &str,
+    buf: &mut String,
+    in_list: bool,
+) -> Result<u32> {
     Ok(match v {
-        Value::Null => 0,
+        Value::Null if !in_list => 0,
         Value::String(s) => lookup.row(s),
         Value::Bool(true) => lookup.row("true"),
         Value::Bool(false) => lookup.row("false"),
@@ -180,7 +200,7 @@ impl Model {
             let v = obj.get(name).unwrap_or(&Value::Null);
             let field = match &f.kind {
                 FeatureKind::Categorical { lookup, .. } => {
-                    Field::Row(id_row(lookup, v, name, &mut buf)?)
+                    Field::Row(id_row(lookup, v, name, &mut buf, false)?)
                 }
                 FeatureKind::Multi {
                     lookup,
@@ -264,7 +284,9 @@ fn encode_bag(
             if let Some(k) = o.keys().find(|k| *k != "ids" && *k != "weights") {
                 return Err(TowerError::FeatureValue {
                     feature: name.to_owned(),
-                    reason: format!("unknown key \"{k}\" (a weighted list has \"ids\" and \"weights\")"),
+                    reason: format!(
+                        "unknown key \"{k}\" (a weighted list has \"ids\" and \"weights\")"
+                    ),
                 });
             }
             let get = |key: &str| -> Result<&Vec<Value>> {
@@ -276,7 +298,11 @@ fn encode_bag(
                     }),
                     Some(other) => Err(TowerError::FeatureType {
                         feature: name.to_owned(),
-                        expected: if key == "ids" { LIST } else { "an array of weights" },
+                        expected: if key == "ids" {
+                            LIST
+                        } else {
+                            "an array of weights"
+                        },
                         got: json_type(other),
                     }),
                 }
@@ -305,24 +331,31 @@ fn encode_bag(
             });
         }
     }
-    if ids.is_empty() {
-        return Ok(oov);
-    }
+    // Every id and weight is validated, also past max_len; then both are truncated together.
     let n = ids.len().min(max_len);
     let mut rows = Vec::with_capacity(n);
-    for id in &ids[..n] {
-        rows.push(id_row(lookup, id, name, buf)?);
+    for (i, id) in ids.iter().enumerate() {
+        let r = id_row(lookup, id, name, buf, true)?;
+        if i < n {
+            rows.push(r);
+        }
     }
     let weights = match weights {
         None => None,
         Some(w) => {
             let mut out = Vec::with_capacity(n);
-            for x in &w[..n] {
+            for (i, x) in w.iter().enumerate() {
                 let x = real(x, name, "an array of numeric weights")?;
-                out.push(to_f32(x, name, "weight")?);
+                let x = to_f32(x, name, "weight")?;
+                if i < n {
+                    out.push(x);
+                }
             }
             Some(out)
         }
     };
+    if rows.is_empty() {
+        return Ok(oov);
+    }
     Ok(Field::Bag { rows, weights })
 }

@@ -95,7 +95,9 @@ impl Model {
     #[inline]
     fn row<'a>(&'a self, t: &Table, r: u32) -> Option<&'a [f32]> {
         let start = (r as usize).checked_mul(t.dim)?;
-        self.tensors.get(t.tensor)?.get(start..start.checked_add(t.dim)?)
+        self.tensors
+            .get(t.tensor)?
+            .get(start..start.checked_add(t.dim)?)
     }
 
     /// Writes the raw (pre-SENet) fields of `x` into `out` (input_width wide, zeroed).
@@ -117,10 +119,8 @@ impl Model {
                     self.pool(table, *pooling, rows, weights.as_deref(), dst);
                 }
                 (FeatureKind::Numeric { .. }, Field::Value(v)) => dst[0] = *v,
-                (FeatureKind::Dense { .. }, Field::Dense(Some(v))) => {
-                    if v.len() == dst.len() {
-                        dst.copy_from_slice(v);
-                    }
+                (FeatureKind::Dense { .. }, Field::Dense(Some(v))) if v.len() == dst.len() => {
+                    dst.copy_from_slice(v);
                 }
                 _ => {}
             }
@@ -246,7 +246,12 @@ impl Model {
                         }
                     }
                 }
-                Layer::BatchNorm { w, b, mean, inv_std } => {
+                Layer::BatchNorm {
+                    w,
+                    b,
+                    mean,
+                    inv_std,
+                } => {
                     let (wt, bt, mt) = (&self.tensors[*w], &self.tensors[*b], &self.tensors[*mean]);
                     for row in h.chunks_exact_mut(width.max(1)) {
                         for ((((v, g), bb), mu), s) in

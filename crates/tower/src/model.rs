@@ -63,6 +63,7 @@ pub(crate) struct Senet {
 }
 
 #[derive(Debug, Clone)]
+#[allow(clippy::enum_variant_names)]
 pub(crate) enum Layer {
     Linear {
         w: usize,

@@ -308,7 +308,11 @@ pub fn write_f32(tensors: &[(&str, &[usize], &[f32])]) -> Vec<u8> {
     let mut offset = 0usize;
     for (name, shape, data) in tensors {
         let numel: usize = shape.iter().product();
-        assert_eq!(numel, data.len(), "tensor {name}: data length != shape product");
+        assert_eq!(
+            numel,
+            data.len(),
+            "tensor {name}: data length != shape product"
+        );
         let end = offset + 4 * numel;
         header.insert(
             (*name).to_owned(),
@@ -317,7 +321,7 @@ pub fn write_f32(tensors: &[(&str, &[usize], &[f32])]) -> Vec<u8> {
         offset = end;
     }
     let mut h = Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + offset);
@@ -345,7 +349,7 @@ pub fn write_raw(tensors: &[(&str, &str, &[usize], &[u8])]) -> Vec<u8> {
         offset = end;
     }
     let mut h = Value::Object(header).to_string().into_bytes();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + offset);
@@ -451,13 +455,34 @@ mod tests {
             with_header("not json", &d),
             with_header("[1,2]", &d),
             with_header(r#"{"w":1}"#, &d),
-            with_header(r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#, &d),
-            with_header(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,40]}}"#, &d),
-            with_header(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#, &d),
-            with_header(r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#, &d),
-            with_header(r#"{"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}}"#, &d),
-            with_header(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#, &d),
-            with_header(r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}"#, &d),
+            with_header(
+                r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}"#,
+                &d,
+            ),
+            with_header(
+                r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,40]}}"#,
+                &d,
+            ),
+            with_header(
+                r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+                &d,
+            ),
+            with_header(
+                r#"{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#,
+                &d,
+            ),
+            with_header(
+                r#"{"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}}"#,
+                &d,
+            ),
+            with_header(
+                r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}}"#,
+                &d,
+            ),
+            with_header(
+                r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"x":1}}"#,
+                &d,
+            ),
             with_header(r#"{"w":{"shape":[1],"data_offsets":[0,4]}}"#, &d),
             with_header(
                 r#"{"w":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,4]}}"#,

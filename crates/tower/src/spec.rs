@@ -255,10 +255,7 @@ impl<'a> Obj<'a> {
     fn uint(&self, key: &str, lo: u64, hi: u64) -> Result<u64> {
         let v = self.req(key)?;
         let n = integer(v).ok_or_else(|| {
-            spec_err(
-                self.p(key),
-                format!("must be an integer, got {}", short(v)),
-            )
+            spec_err(self.p(key), format!("must be an integer, got {}", short(v)))
         })?;
         if n < lo as i128 || n > hi as i128 {
             return Err(spec_err(
@@ -485,7 +482,7 @@ fn parse_lookup(o: &Obj) -> Result<Lookup> {
                 if map.insert(s.clone(), (i + 1) as u32).is_some() {
                     return Err(spec_err(
                         format!("{}[{i}]", o.p("vocabulary")),
-                        format!("duplicate vocabulary entry \"{}\"", short(v).trim_matches('"')),
+                        format!("duplicate vocabulary entry {}", short(v)),
                     ));
                 }
             }

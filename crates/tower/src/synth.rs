@@ -47,9 +47,7 @@ impl Rng {
 
     /// `n` floats uniform in [-a, a).
     pub fn uniform_vec(&mut self, n: usize, a: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| (self.range(-1.0, 1.0) as f32) * a)
-            .collect()
+        (0..n).map(|_| (self.range(-1.0, 1.0) as f32) * a).collect()
     }
 }
 
@@ -169,7 +167,10 @@ pub fn realistic_user_input(seed: u64, i: usize) -> Value {
     let weights: Vec<f64> = (0..n_cat)
         .map(|_| (r.range(0.1, 5.0) * 100.0).round() / 100.0)
         .collect();
-    m.insert("liked_categories".into(), json!({"ids": ids, "weights": weights}));
+    m.insert(
+        "liked_categories".into(),
+        json!({"ids": ids, "weights": weights}),
+    );
     if r.chance(0.9) {
         m.insert("age".into(), json!(13 + r.below(68)));
     } else {
@@ -230,7 +231,9 @@ pub fn realistic_item_tower(seed: u64) -> (String, Vec<u8>) {
 pub fn realistic_item_input(seed: u64, i: usize) -> Value {
     let mut r = Rng::new(seed ^ (i as u64).wrapping_mul(0x9e6c_63d0_676a_9a99));
     let n_tags = r.below(8) as usize;
-    let tags: Vec<String> = (0..n_tags).map(|_| format!("t{}", r.skewed(5000))).collect();
+    let tags: Vec<String> = (0..n_tags)
+        .map(|_| format!("t{}", r.skewed(5000)))
+        .collect();
     let mut m = serde_json::Map::new();
     m.insert("item_id".into(), json!(i as u64 + 1));
     m.insert(
@@ -239,7 +242,10 @@ pub fn realistic_item_input(seed: u64, i: usize) -> Value {
     );
     m.insert("tags".into(), json!(tags));
     if r.chance(0.95) {
-        m.insert("price".into(), json!((r.range(0.5, 500.0) * 100.0).round() / 100.0));
+        m.insert(
+            "price".into(),
+            json!((r.range(0.5, 500.0) * 100.0).round() / 100.0),
+        );
     } else {
         m.insert("price".into(), Value::Null);
     }

@@ -42,7 +42,11 @@ fn small_tower() -> (String, Vec<u8>) {
         "output": {"dim": 4, "metric": "cosine"}
     });
     // Widths: 2 + 2 + 2 + 2 + 1 + 1 + 1 + 2 + 3 = 16; after shortcut 6 + 1 + 3 = 10.
-    let f = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|i| ((i * 7919 % 23) as f32 - 11.0) * s).collect() };
+    let f = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7919 % 23) as f32 - 11.0) * s)
+            .collect()
+    };
     let ts: Vec<(&str, Vec<usize>, Vec<f32>)> = vec![
         ("t.uid", vec![8, 2], f(16, 0.1)),
         ("t.seg", vec![4, 2], f(8, 0.1)),
@@ -88,7 +92,14 @@ fn arb_json() -> impl Strategy<Value = Value> {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
             prop::collection::vec(
-                (prop_oneof![Just("ids".to_string()), Just("weights".to_string()), "[a-z]{0,4}"], inner),
+                (
+                    prop_oneof![
+                        Just("ids".to_string()),
+                        Just("weights".to_string()),
+                        "[a-z]{0,4}"
+                    ],
+                    inner
+                ),
                 0..5
             )
             .prop_map(|kv| Value::Object(kv.into_iter().collect())),
@@ -96,7 +107,9 @@ fn arb_json() -> impl Strategy<Value = Value> {
     })
 }
 
-const NAMES: [&str; 10] = ["uid", "seg", "hist", "tags", "age", "inc", "act", "days", "vec", "zzz"];
+const NAMES: [&str; 10] = [
+    "uid", "seg", "hist", "tags", "age", "inc", "act", "days", "vec", "zzz",
+];
 
 /// An object keyed mostly by feature names, with arbitrary values.
 fn arb_input() -> impl Strategy<Value = Value> {
@@ -121,7 +134,9 @@ fn mutate(v: &mut Value, path: &[usize], with: Value, delete: bool) {
             }
         }
         Value::Object(m) if !m.is_empty() => {
-            let Some(key) = m.keys().nth(i % m.len()).cloned() else { return };
+            let Some(key) = m.keys().nth(i % m.len()).cloned() else {
+                return;
+            };
             if rest.is_empty() && delete {
                 m.remove(&key);
             } else if let Some(child) = m.get_mut(&key) {
@@ -134,7 +149,10 @@ fn mutate(v: &mut Value, path: &[usize], with: Value, delete: bool) {
 
 fn header_of(st: &[u8]) -> (Value, Vec<u8>) {
     let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
-    (serde_json::from_slice(&st[8..8 + n]).unwrap(), st[8 + n..].to_vec())
+    (
+        serde_json::from_slice(&st[8..8 + n]).unwrap(),
+        st[8 + n..].to_vec(),
+    )
 }
 
 fn with_header(h: &Value, data: &[u8]) -> Vec<u8> {

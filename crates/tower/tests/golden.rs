@@ -18,11 +18,15 @@ fn json(p: &Path) -> Value {
     serde_json::from_slice(&read(p)).unwrap_or_else(|e| panic!("parse {}: {e}", p.display()))
 }
 
-/// Loads `dir`'s model and checks every input against `expected.json`. Inputs are encoded
-/// leniently: the fixtures include extra (ignored) keys, as `to_jsonb(row)` would.
-fn check_dir(dir: &Path) -> Option<Model> {
+/// Loads `dir`'s model and checks every input against `expected.json`. User inputs are encoded
+/// strictly (as `embed_user` does), item rows leniently (they carry other columns, as
+/// `to_jsonb(row)` does).
+fn check_dir(dir: &Path, strict: bool) -> Option<Model> {
     if !dir.join("spec.json").exists() {
-        eprintln!("golden fixtures not found under {}; skipping", dir.display());
+        eprintln!(
+            "golden fixtures not found under {}; skipping",
+            dir.display()
+        );
         return None;
     }
     let spec = String::from_utf8(read(&dir.join("spec.json"))).expect("spec is UTF-8");
@@ -45,7 +49,7 @@ fn check_dir(dir: &Path) -> Option<Model> {
             .map(|v| v.as_f64().expect("expected value is a number"))
             .collect();
         let enc = model
-            .encode(x, false)
+            .encode(x, strict)
             .unwrap_or_else(|err| panic!("{} case {i}: encode: {err}", dir.display()));
         let got = model.forward(&enc);
         assert_eq!(got.len(), want.len(), "case {i}");
@@ -63,7 +67,10 @@ fn check_dir(dir: &Path) -> Option<Model> {
     }
     // Batch and parallel paths agree with the single path.
     let single: Vec<f32> = encoded.iter().flat_map(|x| model.forward(x)).collect();
-    for other in [model.forward_batch(&encoded), forward_parallel(&model, &encoded, 3)] {
+    for other in [
+        model.forward_batch(&encoded),
+        forward_parallel(&model, &encoded, 3),
+    ] {
         for (a, b) in single.iter().zip(&other) {
             assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
         }
@@ -79,13 +86,15 @@ fn check_dir(dir: &Path) -> Option<Model> {
 #[test]
 fn golden_user_tower() {
     let dir = golden_dir();
-    let Some(model) = check_dir(&dir) else { return };
+    let Some(model) = check_dir(&dir, true) else {
+        return;
+    };
     let bad = dir.join("invalid_inputs.json");
     if bad.exists() {
         let cases = json(&bad);
         for c in cases.as_array().expect("invalid_inputs.json is an array") {
             let why = c["why"].as_str().unwrap_or("?");
-            let r = model.encode(&c["features"], false);
+            let r = model.encode(&c["features"], true);
             assert!(r.is_err(), "accepted an invalid input ({why}): {r:?}");
         }
     }
@@ -93,5 +102,5 @@ fn golden_user_tower() {
 
 #[test]
 fn golden_item_tower() {
-    check_dir(&golden_dir().join("item"));
+    check_dir(&golden_dir().join("item"), false);
 }

@@ -70,6 +70,10 @@ fn canonical_ids() {
     assert_eq!(c(json!(false)), "false");
     assert_eq!(c(json!(u64::MAX)), "18446744073709551615");
     assert_eq!(c(json!(1e20)), "100000000000000000000");
+    assert_eq!(c(json!(9007199254740993u64)), "9007199254740993");
+    assert_eq!(c(json!(-9007199254740993i64)), "-9007199254740993");
+    assert_eq!(c(serde_json::from_str("-0").unwrap()), "0");
+    assert_eq!(c(serde_json::from_str("1E2").unwrap()), "100");
     assert_eq!(canonical_id(&json!(null)), Ok(None));
     assert!(canonical_id(&json!(42.5)).is_err());
     assert!(canonical_id(&json!([1])).is_err());
@@ -154,14 +158,21 @@ fn multi_model(pooling: &str, weighted: bool, max_len: Option<usize>) -> Model {
     }
     let s = spec(json!([f]), json!([]), 2);
     // rows: 0 -> [1, -1], 1 -> [2, 0], 2 -> [4, -2], 3 -> [-6, 8]
-    load(&s, &[("e", vec![4, 2], vec![1., -1., 2., 0., 4., -2., -6., 8.])]).unwrap()
+    load(
+        &s,
+        &[("e", vec![4, 2], vec![1., -1., 2., 0., 4., -2., -6., 8.])],
+    )
+    .unwrap()
 }
 
 #[test]
 fn pooling_mean_sum_max() {
     let mean = multi_model("mean", false, None);
     assert_eq!(mean.embed(&json!({"h": [1, 2]})).unwrap(), vec![3., -1.]);
-    assert_eq!(mean.embed(&json!({"h": [1, "zz"]})).unwrap(), vec![1.5, -0.5]);
+    assert_eq!(
+        mean.embed(&json!({"h": [1, "zz"]})).unwrap(),
+        vec![1.5, -0.5]
+    );
     let sum = multi_model("sum", false, None);
     assert_eq!(sum.embed(&json!({"h": [1, 2, 3]})).unwrap(), vec![0., 6.]);
     assert_eq!(sum.embed(&json!({"h": [1, 1]})).unwrap(), vec![4., 0.]);
@@ -180,7 +191,11 @@ fn pooling_empty_missing_null_is_oov_row() {
             } else {
                 json!([])
             };
-            assert_eq!(m.embed(&json!({ "h": empty })).unwrap(), vec![1., -1.], "{p}");
+            assert_eq!(
+                m.embed(&json!({ "h": empty })).unwrap(),
+                vec![1., -1.],
+                "{p}"
+            );
             assert_eq!(m.embed(&json!({"h": null})).unwrap(), vec![1., -1.], "{p}");
             assert_eq!(m.embed(&json!({})).unwrap(), vec![1., -1.], "{p}");
         }
@@ -191,7 +206,10 @@ fn pooling_empty_missing_null_is_oov_row() {
 fn pooling_weighted() {
     let mean = multi_model("mean", true, None);
     let x = json!({"h": {"ids": [1, 2], "weights": [1.0, 3.0]}});
-    assert_eq!(mean.embed(&x).unwrap(), vec![(2. + 12.) / 4., (0. - 6.) / 4.]);
+    assert_eq!(
+        mean.embed(&x).unwrap(),
+        vec![(2. + 12.) / 4., (0. - 6.) / 4.]
+    );
     // Sum of weights 0 -> zero vector.
     let z = json!({"h": {"ids": [1, 2], "weights": [1.0, -1.0]}});
     assert_eq!(mean.embed(&z).unwrap(), vec![0., 0.]);
@@ -212,6 +230,16 @@ fn pooling_max_len_truncates() {
     let w = multi_model("sum", true, Some(1));
     let x = json!({"h": {"ids": [2, 3], "weights": [2, 100]}});
     assert_eq!(w.embed(&x).unwrap(), vec![8., -4.]);
+    // Every id and weight is validated, also past max_len.
+    assert!(m.embed(&json!({"h": [1, 2, 3, [1]]})).is_err());
+    assert!(m.embed(&json!({"h": [1, 2, 3, 4.5]})).is_err());
+    let x = json!({"h": {"ids": [2, 3], "weights": [2, "x"]}});
+    assert!(w.embed(&x).is_err());
+    // null is not an id inside a list.
+    assert!(matches!(
+        m.embed(&json!({"h": [1, null]})),
+        Err(TowerError::FeatureType { got: "null", .. })
+    ));
 }
 
 #[test]
@@ -249,7 +277,10 @@ fn multi_bad_inputs() {
     ] {
         let r = w.embed(&bad);
         assert!(
-            matches!(r, Err(TowerError::FeatureType { .. }) | Err(TowerError::FeatureValue { .. })),
+            matches!(
+                r,
+                Err(TowerError::FeatureType { .. }) | Err(TowerError::FeatureValue { .. })
+            ),
             "{bad}: {r:?}"
         );
     }
@@ -296,7 +327,11 @@ fn numeric_bad_inputs() {
     let m = numeric_model(json!({"transform": "none"}));
     assert!(matches!(
         m.embed(&json!({"x": "1"})),
-        Err(TowerError::FeatureType { expected: "a number", got: "string", .. })
+        Err(TowerError::FeatureType {
+            expected: "a number",
+            got: "string",
+            ..
+        })
     ));
     assert!(matches!(
         m.embed(&json!({"x": true})),
@@ -335,9 +370,16 @@ fn bucketize_rows() {
 
 #[test]
 fn dense_field() {
-    let s = spec(json!([{"name": "v", "type": "dense", "dim": 3}]), json!([]), 3);
+    let s = spec(
+        json!([{"name": "v", "type": "dense", "dim": 3}]),
+        json!([]),
+        3,
+    );
     let m = load(&s, &[]).unwrap();
-    assert_eq!(m.embed(&json!({"v": [1, 2.5, -3]})).unwrap(), vec![1., 2.5, -3.]);
+    assert_eq!(
+        m.embed(&json!({"v": [1, 2.5, -3]})).unwrap(),
+        vec![1., 2.5, -3.]
+    );
     assert_eq!(m.embed(&json!({})).unwrap(), vec![0., 0., 0.]);
     assert_eq!(m.embed(&json!({"v": null})).unwrap(), vec![0., 0., 0.]);
     assert!(matches!(
@@ -361,7 +403,11 @@ fn dense_field() {
 /// A model over a dense input of width `n` with the given layers and tensors.
 fn dense_model(n: usize, layers: Value, out: usize, ts: &[T]) -> Result<Model> {
     load(
-        &spec(json!([{"name": "v", "type": "dense", "dim": n}]), layers, out),
+        &spec(
+            json!([{"name": "v", "type": "dense", "dim": n}]),
+            layers,
+            out,
+        ),
         ts,
     )
 }
@@ -381,8 +427,13 @@ fn linear_with_and_without_bias() {
     )
     .unwrap();
     assert_eq!(run(&m, &[1., 0., -1.]), vec![-2. + 0.5, -2. - 1.]);
-    let m = dense_model(3, json!([{"type": "linear", "weight": "w"}]), 2, &[("w", vec![2, 3], w)])
-        .unwrap();
+    let m = dense_model(
+        3,
+        json!([{"type": "linear", "weight": "w"}]),
+        2,
+        &[("w", vec![2, 3], w)],
+    )
+    .unwrap();
     assert_eq!(run(&m, &[1., 1., 1.]), vec![6., 15.]);
 }
 
@@ -390,12 +441,23 @@ fn linear_with_and_without_bias() {
 fn linear_long_rows_match_naive() {
     // Exercise the 8-accumulator kernel with remainders.
     for n in [1usize, 7, 8, 9, 17, 100] {
-        let w: Vec<f32> = (0..3 * n).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect();
+        let w: Vec<f32> = (0..3 * n)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0)
+            .collect();
         let x: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) / 3.0).collect();
-        let m = dense_model(n, json!([{"type": "linear", "weight": "w"}]), 3, &[("w", vec![3, n], w.clone())])
-            .unwrap();
+        let m = dense_model(
+            n,
+            json!([{"type": "linear", "weight": "w"}]),
+            3,
+            &[("w", vec![3, n], w.clone())],
+        )
+        .unwrap();
         let naive: Vec<f32> = (0..3)
-            .map(|o| (0..n).map(|i| w[o * n + i] as f64 * x[i] as f64).sum::<f64>() as f32)
+            .map(|o| {
+                (0..n)
+                    .map(|i| w[o * n + i] as f64 * x[i] as f64)
+                    .sum::<f64>() as f32
+            })
             .collect();
         close(&run(&m, &x), &naive, 1e-5);
     }
@@ -425,7 +487,10 @@ fn layernorm() {
         4,
         json!([{"type": "layernorm", "weight": "g", "bias": "b", "eps": 1e-3}]),
         4,
-        &[("g", vec![4], vec![1., 2., 1., 1.]), ("b", vec![4], vec![0., 0., 1., 0.])],
+        &[
+            ("g", vec![4], vec![1., 2., 1., 1.]),
+            ("b", vec![4], vec![0., 0., 1., 0.]),
+        ],
     )
     .unwrap();
     let x = [1.0f32, 2., 3., 4.];
@@ -461,18 +526,38 @@ fn batchnorm_inference() {
     let layer = json!([{"type": "batchnorm", "weight": "bn.weight", "bias": "bn.bias",
                         "running_mean": "bn.running_mean", "running_var": "bn.running_var", "eps": 0}]);
     let m = dense_model(2, layer.clone(), 2, &ts).unwrap();
-    close(&run(&m, &[3., 0.]), &[(3. - 1.) / 2. * 2. + 0.5, (0. + 1.) / 0.5], 1e-6);
+    close(
+        &run(&m, &[3., 0.]),
+        &[(3. - 1.) / 2. * 2. + 0.5, (0. + 1.) / 0.5],
+        1e-6,
+    );
     // PyTorch's num_batches_tracked (I64) is ignored.
     let mut raw: Vec<(String, &str, Vec<usize>, Vec<u8>)> = ts
         .iter()
-        .map(|(n, s, d)| (n.to_string(), "F32", s.clone(), d.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .map(|(n, s, d)| {
+            (
+                n.to_string(),
+                "F32",
+                s.clone(),
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
         .collect();
-    raw.push(("bn.num_batches_tracked".into(), "I64", vec![], 12i64.to_le_bytes().to_vec()));
+    raw.push((
+        "bn.num_batches_tracked".into(),
+        "I64",
+        vec![],
+        12i64.to_le_bytes().to_vec(),
+    ));
     let refs: Vec<(&str, &str, &[usize], &[u8])> = raw
         .iter()
         .map(|(n, t, s, d)| (n.as_str(), *t, s.as_slice(), d.as_slice()))
         .collect();
-    let sp = spec(json!([{"name": "v", "type": "dense", "dim": 2}]), layer.clone(), 2);
+    let sp = spec(
+        json!([{"name": "v", "type": "dense", "dim": 2}]),
+        layer.clone(),
+        2,
+    );
     assert!(Model::load(&sp.to_string(), &write_raw(&refs)).is_ok());
     // running_var + eps <= 0 is rejected.
     let mut bad = ts.clone();
@@ -540,7 +625,7 @@ fn senet_reweights_fields() {
         ("se.b2", vec![2], vec![0.1, 0.0]),
     ];
     let m = load(&s, &ts).unwrap();
-    let hidden = (1.0f64 * 3.0 + 2.0 * -1.0 + 0.5).max(0.0); // 1.5
+    let hidden = (1.0f64 * 3.0 - 2.0 + 0.5).max(0.0); // 1.5
     let sig = |x: f64| 1.0 / (1.0 + (-x).exp());
     let a1 = sig(0.3 * hidden + 0.1);
     let a2 = sig(-0.2 * hidden);
@@ -600,7 +685,10 @@ fn f16_and_bf16_weights() {
         2,
     );
     let m = Model::load(&sp.to_string(), &st).unwrap();
-    assert_eq!(m.embed(&json!({"v": [1, 1]})).unwrap(), vec![0.5 - 1.0 + 1.0, 2.25 + 3.0]);
+    assert_eq!(
+        m.embed(&json!({"v": [1, 1]})).unwrap(),
+        vec![0.5 - 1.0 + 1.0, 2.25 + 3.0]
+    );
     // An F16 infinity is a non-finite weight.
     let inf = half::f16::INFINITY.to_bits().to_le_bytes();
     let mut h2 = h.clone();
@@ -608,7 +696,10 @@ fn f16_and_bf16_weights() {
     let st = write_raw(&[("w", "F16", &[2, 2], &h2), ("b", "BF16", &[2], &b)]);
     assert_eq!(
         Model::load(&sp.to_string(), &st).unwrap_err(),
-        TowerError::NonFiniteWeight { name: "w".into(), index: 2 }
+        TowerError::NonFiniteWeight {
+            name: "w".into(),
+            index: 2
+        }
     );
 }
 
@@ -618,15 +709,21 @@ fn f16_and_bf16_weights() {
 fn unknown_features_strict_and_lenient() {
     let m = vocab_model();
     assert_eq!(
-        m.encode(&json!({"c": "a", "title": "x"}), true).unwrap_err(),
-        TowerError::UnknownFeature { name: "title".into() }
+        m.encode(&json!({"c": "a", "title": "x"}), true)
+            .unwrap_err(),
+        TowerError::UnknownFeature {
+            name: "title".into()
+        }
     );
     let a = m.encode(&json!({"c": "a", "title": "x"}), false).unwrap();
     let b = m.encode(&json!({"c": "a"}), true).unwrap();
     assert_eq!(a, b);
     assert_eq!(a.len(), 1);
     for v in [json!([1]), json!(1), json!("x"), json!(null), json!(true)] {
-        assert!(matches!(m.encode(&v, false), Err(TowerError::NotAnObject { .. })), "{v}");
+        assert!(
+            matches!(m.encode(&v, false), Err(TowerError::NotAnObject { .. })),
+            "{v}"
+        );
     }
 }
 
@@ -681,41 +778,71 @@ fn missing_stray_shape_dtype_nan() {
     extra.push(("unused", vec![1], vec![0.]));
     assert_eq!(
         load(&s, &extra).unwrap_err(),
-        TowerError::StrayTensor { name: "unused".into() }
+        TowerError::StrayTensor {
+            name: "unused".into()
+        }
     );
     let mut shape = ts.clone();
     shape[1] = ("l.w", vec![2, 5], vec![0.1; 10]);
     assert_eq!(
         load(&s, &shape).unwrap_err(),
-        TowerError::TensorShape { name: "l.w".into(), expected: "[out, 4]".into(), got: vec![2, 5] }
+        TowerError::TensorShape {
+            name: "l.w".into(),
+            expected: "[out, 4]".into(),
+            got: vec![2, 5]
+        }
     );
     let mut emb = ts.clone();
     emb[0] = ("emb", vec![5, 3], table(5, 3));
     assert_eq!(
         load(&s, &emb).unwrap_err(),
-        TowerError::TensorShape { name: "emb".into(), expected: "[4, d]".into(), got: vec![5, 3] }
+        TowerError::TensorShape {
+            name: "emb".into(),
+            expected: "[4, d]".into(),
+            got: vec![5, 3]
+        }
     );
     let mut rank = ts.clone();
     rank[2] = ("l.b", vec![1, 2], vec![0.0; 2]);
-    assert!(matches!(load(&s, &rank), Err(TowerError::TensorShape { .. })));
+    assert!(matches!(
+        load(&s, &rank),
+        Err(TowerError::TensorShape { .. })
+    ));
     let mut nan = ts.clone();
     nan[1].2[5] = f32::NAN;
     assert_eq!(
         load(&s, &nan).unwrap_err(),
-        TowerError::NonFiniteWeight { name: "l.w".into(), index: 5 }
+        TowerError::NonFiniteWeight {
+            name: "l.w".into(),
+            index: 5
+        }
     );
     let mut inf = ts.clone();
     inf[0].2[0] = f32::NEG_INFINITY;
-    assert!(matches!(load(&s, &inf), Err(TowerError::NonFiniteWeight { .. })));
+    assert!(matches!(
+        load(&s, &inf),
+        Err(TowerError::NonFiniteWeight { .. })
+    ));
     // Wrong dtype.
     let st = write_raw(&[
-        ("emb", "F32", &[4, 3], &table(4, 3).iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
+        (
+            "emb",
+            "F32",
+            &[4, 3],
+            &table(4, 3)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ),
         ("l.w", "F64", &[2, 4], &[0u8; 64]),
         ("l.b", "F32", &[2], &[0u8; 8]),
     ]);
     assert_eq!(
         Model::load(&s.to_string(), &st).unwrap_err(),
-        TowerError::TensorDtype { name: "l.w".into(), dtype: "F64".into() }
+        TowerError::TensorDtype {
+            name: "l.w".into(),
+            dtype: "F64".into()
+        }
     );
 }
 
@@ -731,15 +858,24 @@ fn truncated_and_corrupted_safetensors() {
     // Garbage in the header JSON.
     let mut bad = st.clone();
     bad[8] = b'[';
-    assert!(matches!(Model::load(&sj, &bad), Err(TowerError::Safetensors { .. })));
+    assert!(matches!(
+        Model::load(&sj, &bad),
+        Err(TowerError::Safetensors { .. })
+    ));
     // Header length pointing past the end.
     let mut bad = st.clone();
     bad[..8].copy_from_slice(&(st.len() as u64).to_le_bytes());
-    assert!(matches!(Model::load(&sj, &bad), Err(TowerError::Safetensors { .. })));
+    assert!(matches!(
+        Model::load(&sj, &bad),
+        Err(TowerError::Safetensors { .. })
+    ));
     // Header length above the limit.
     let mut bad = st.clone();
     bad[..8].copy_from_slice(&(200_000_000u64).to_le_bytes());
-    assert!(matches!(Model::load(&sj, &bad), Err(TowerError::TooLarge { .. })));
+    assert!(matches!(
+        Model::load(&sj, &bad),
+        Err(TowerError::TooLarge { .. })
+    ));
     // Extra trailing bytes are fine (offsets need not cover the buffer).
     let mut ok = st.clone();
     ok.extend_from_slice(&[0; 3]);
@@ -762,7 +898,10 @@ fn bad_specs() {
         Err(TowerError::SpecJson { .. })
     ));
     assert!(matches!(
-        Model::load(r#"{"format":"pg_twotower.tower","format":"x"}"#, &weights(&ts)),
+        Model::load(
+            r#"{"format":"pg_twotower.tower","format":"x"}"#,
+            &weights(&ts)
+        ),
         Err(TowerError::SpecJson { .. })
     ));
 
@@ -778,34 +917,117 @@ fn bad_specs() {
     v["spec_version"] = json!(1.0);
     assert!(load(&v, &ts).is_ok());
 
-    let edits: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let edits: Vec<(&str, Edit)> = vec![
         ("format", Box::new(|v| v["format"] = json!("onnx"))),
         ("extra", Box::new(|v| v["extra"] = json!(1))),
         ("kind", Box::new(|v| v["kind"] = json!("both"))),
-        ("features[0].embeddings", Box::new(|v| v["features"][0]["embeddings"] = json!("x"))),
-        ("features[1].mean", Box::new(|v| v["features"][1]["mean"] = json!(1))),
-        ("features[1].transform", Box::new(|v| v["features"][1]["transform"] = json!("log"))),
-        ("features[0].type", Box::new(|v| v["features"][0]["type"] = json!("categorial"))),
-        ("features[1].name", Box::new(|v| v["features"][1]["name"] = json!("c"))),
-        ("features[1].name", Box::new(|v| v["features"][1]["name"] = json!("1x"))),
-        ("features[1].name", Box::new(|v| v["features"][1]["name"] = json!("a".repeat(64)))),
-        ("features[0]", Box::new(|v| v["features"][0]["vocabulary"] = json!(["a"]))),
+        (
+            "features[0].embeddings",
+            Box::new(|v| v["features"][0]["embeddings"] = json!("x")),
+        ),
+        (
+            "features[1].mean",
+            Box::new(|v| v["features"][1]["mean"] = json!(1)),
+        ),
+        (
+            "features[1].transform",
+            Box::new(|v| v["features"][1]["transform"] = json!("log")),
+        ),
+        (
+            "features[0].type",
+            Box::new(|v| v["features"][0]["type"] = json!("categorial")),
+        ),
+        (
+            "features[1].name",
+            Box::new(|v| v["features"][1]["name"] = json!("c")),
+        ),
+        (
+            "features[1].name",
+            Box::new(|v| v["features"][1]["name"] = json!("1x")),
+        ),
+        (
+            "features[1].name",
+            Box::new(|v| v["features"][1]["name"] = json!("a".repeat(64))),
+        ),
+        (
+            "features[0]",
+            Box::new(|v| v["features"][0]["vocabulary"] = json!(["a"])),
+        ),
         ("features", Box::new(|v| v["features"] = json!([]))),
         ("features[0]", Box::new(|v| v["features"][0] = json!(3))),
-        ("layers[0].weight", Box::new(|v| v["layers"][0]["weight"] = json!(3))),
-        ("layers[0].weight", Box::new(|v| v["layers"][0]["weight"] = json!(""))),
-        ("layers[1].type", Box::new(|v| v["layers"][1]["type"] = json!("swish"))),
-        ("layers[1].alpha", Box::new(|v| v["layers"][1]["alpha"] = json!(0.1))),
-        ("layers", Box::new(|v| v["layers"] = Value::Array(vec![json!({"type": "relu"}); 65]))),
+        (
+            "layers[0].weight",
+            Box::new(|v| v["layers"][0]["weight"] = json!(3)),
+        ),
+        (
+            "layers[0].weight",
+            Box::new(|v| v["layers"][0]["weight"] = json!("")),
+        ),
+        (
+            "layers[1].type",
+            Box::new(|v| v["layers"][1]["type"] = json!("swish")),
+        ),
+        (
+            "layers[1].alpha",
+            Box::new(|v| v["layers"][1]["alpha"] = json!(0.1)),
+        ),
+        (
+            "layers",
+            Box::new(|v| v["layers"] = Value::Array(vec![json!({"type": "relu"}); 65])),
+        ),
         ("output.dim", Box::new(|v| v["output"]["dim"] = json!(3))),
         ("output.dim", Box::new(|v| v["output"]["dim"] = json!(0))),
-        ("output.metric", Box::new(|v| v["output"]["metric"] = json!("dot"))),
-        ("output", Box::new(|v| { v.as_object_mut().unwrap().remove("output"); })),
-        ("layers[2].fields[0]", Box::new(|v| v["layers"].as_array_mut().unwrap().push(json!({"type": "shortcut", "fields": ["nope"]})))),
-        ("layers[2].fields", Box::new(|v| v["layers"].as_array_mut().unwrap().push(json!({"type": "shortcut", "fields": []})))),
-        ("layers[2].eps", Box::new(|v| v["layers"].as_array_mut().unwrap().push(json!({"type": "layernorm", "weight": "g", "bias": "b", "eps": 0})))),
-        ("layers[2].p", Box::new(|v| v["layers"].as_array_mut().unwrap().push(json!({"type": "dropout", "p": 2})))),
-        ("senet.w3", Box::new(|v| v["senet"] = json!({"w1": "a", "w2": "b", "w3": "c"}))),
+        (
+            "output.metric",
+            Box::new(|v| v["output"]["metric"] = json!("dot")),
+        ),
+        (
+            "output",
+            Box::new(|v| {
+                v.as_object_mut().unwrap().remove("output");
+            }),
+        ),
+        (
+            "layers[2].fields[0]",
+            Box::new(|v| {
+                v["layers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"type": "shortcut", "fields": ["nope"]}))
+            }),
+        ),
+        (
+            "layers[2].fields",
+            Box::new(|v| {
+                v["layers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"type": "shortcut", "fields": []}))
+            }),
+        ),
+        (
+            "layers[2].eps",
+            Box::new(|v| {
+                v["layers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"type": "layernorm", "weight": "g", "bias": "b", "eps": 0}))
+            }),
+        ),
+        (
+            "layers[2].p",
+            Box::new(|v| {
+                v["layers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"type": "dropout", "p": 2}))
+            }),
+        ),
+        (
+            "senet.w3",
+            Box::new(|v| v["senet"] = json!({"w1": "a", "w2": "b", "w3": "c"})),
+        ),
         ("senet.w2", Box::new(|v| v["senet"] = json!({"w1": "a"}))),
     ];
     for (path, edit) in edits {
@@ -820,27 +1042,90 @@ fn bad_specs() {
 fn bad_feature_specs() {
     let one = |f: Value| spec(json!([f]), json!([]), 1);
     let cases = [
-        (json!({"name": "x", "type": "numeric", "transform": "zscore", "mean": 0, "std": 0}), "features[0].std"),
-        (json!({"name": "x", "type": "numeric", "transform": "zscore", "mean": 0}), "features[0].std"),
-        (json!({"name": "x", "type": "numeric", "transform": "minmax", "min": 1, "max": 1}), "features[0].max"),
-        (json!({"name": "x", "type": "numeric", "transform": "none", "default": "0"}), "features[0].default"),
-        (json!({"name": "x", "type": "numeric", "transform": "none", "default": 1e300}), "features[0].default"),
-        (json!({"name": "x", "type": "bucketize", "boundaries": [1, 1], "embedding": "e"}), "features[0].boundaries[1]"),
-        (json!({"name": "x", "type": "bucketize", "boundaries": [2, 1], "embedding": "e"}), "features[0].boundaries[1]"),
-        (json!({"name": "x", "type": "bucketize", "boundaries": [1, "2"], "embedding": "e"}), "features[0].boundaries[1]"),
-        (json!({"name": "x", "type": "dense", "dim": 0}), "features[0].dim"),
-        (json!({"name": "x", "type": "dense", "dim": 4097}), "features[0].dim"),
-        (json!({"name": "x", "type": "dense", "dim": 1.5}), "features[0].dim"),
-        (json!({"name": "x", "type": "categorical", "embedding": "e", "vocabulary": ["a", "b", "a"]}), "features[0].vocabulary[2]"),
-        (json!({"name": "x", "type": "categorical", "embedding": "e", "vocabulary": [1, 2]}), "features[0].vocabulary[0]"),
-        (json!({"name": "x", "type": "categorical", "embedding": "e", "hash_buckets": 0}), "features[0].hash_buckets"),
-        (json!({"name": "x", "type": "categorical", "embedding": "e"}), "features[0]"),
-        (json!({"name": "x", "type": "categorical", "embedding": "e", "hash_buckets": 3, "pooling": "sum"}), "features[0].pooling"),
-        (json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3}), "features[0].pooling"),
-        (json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "avg"}), "features[0].pooling"),
-        (json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "sum", "max_len": 0}), "features[0].max_len"),
-        (json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "sum", "max_len": 10001}), "features[0].max_len"),
-        (json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "sum", "weighted": "yes"}), "features[0].weighted"),
+        (
+            json!({"name": "x", "type": "numeric", "transform": "zscore", "mean": 0, "std": 0}),
+            "features[0].std",
+        ),
+        (
+            json!({"name": "x", "type": "numeric", "transform": "zscore", "mean": 0}),
+            "features[0].std",
+        ),
+        (
+            json!({"name": "x", "type": "numeric", "transform": "minmax", "min": 1, "max": 1}),
+            "features[0].max",
+        ),
+        (
+            json!({"name": "x", "type": "numeric", "transform": "none", "default": "0"}),
+            "features[0].default",
+        ),
+        (
+            json!({"name": "x", "type": "numeric", "transform": "none", "default": 1e300}),
+            "features[0].default",
+        ),
+        (
+            json!({"name": "x", "type": "bucketize", "boundaries": [1, 1], "embedding": "e"}),
+            "features[0].boundaries[1]",
+        ),
+        (
+            json!({"name": "x", "type": "bucketize", "boundaries": [2, 1], "embedding": "e"}),
+            "features[0].boundaries[1]",
+        ),
+        (
+            json!({"name": "x", "type": "bucketize", "boundaries": [1, "2"], "embedding": "e"}),
+            "features[0].boundaries[1]",
+        ),
+        (
+            json!({"name": "x", "type": "dense", "dim": 0}),
+            "features[0].dim",
+        ),
+        (
+            json!({"name": "x", "type": "dense", "dim": 4097}),
+            "features[0].dim",
+        ),
+        (
+            json!({"name": "x", "type": "dense", "dim": 1.5}),
+            "features[0].dim",
+        ),
+        (
+            json!({"name": "x", "type": "categorical", "embedding": "e", "vocabulary": ["a", "b", "a"]}),
+            "features[0].vocabulary[2]",
+        ),
+        (
+            json!({"name": "x", "type": "categorical", "embedding": "e", "vocabulary": [1, 2]}),
+            "features[0].vocabulary[0]",
+        ),
+        (
+            json!({"name": "x", "type": "categorical", "embedding": "e", "hash_buckets": 0}),
+            "features[0].hash_buckets",
+        ),
+        (
+            json!({"name": "x", "type": "categorical", "embedding": "e"}),
+            "features[0]",
+        ),
+        (
+            json!({"name": "x", "type": "categorical", "embedding": "e", "hash_buckets": 3, "pooling": "sum"}),
+            "features[0].pooling",
+        ),
+        (
+            json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3}),
+            "features[0].pooling",
+        ),
+        (
+            json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "avg"}),
+            "features[0].pooling",
+        ),
+        (
+            json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "sum", "max_len": 0}),
+            "features[0].max_len",
+        ),
+        (
+            json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "sum", "max_len": 10001}),
+            "features[0].max_len",
+        ),
+        (
+            json!({"name": "x", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "sum", "weighted": "yes"}),
+            "features[0].weighted",
+        ),
     ];
     for (f, path) in cases {
         let (p, reason) = spec_err(&one(f.clone()), &[]);
@@ -850,7 +1135,10 @@ fn bad_feature_specs() {
     let many: Vec<Value> = (0..257)
         .map(|i| json!({"name": format!("f{i}"), "type": "numeric", "transform": "none"}))
         .collect();
-    assert_eq!(spec_err(&spec(json!(many), json!([]), 257), &[]).0, "features");
+    assert_eq!(
+        spec_err(&spec(json!(many), json!([]), 257), &[]).0,
+        "features"
+    );
 }
 
 #[test]
@@ -858,31 +1146,45 @@ fn width_chaining() {
     let (s, ts) = base();
     // Linear in mismatch.
     let mut v = s.clone();
-    v["layers"].as_array_mut().unwrap().push(json!({"type": "linear", "weight": "l2.w"}));
+    v["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "linear", "weight": "l2.w"}));
     v["output"]["dim"] = json!(1);
     let mut t2 = ts.clone();
     t2.push(("l2.w", vec![1, 3], vec![0.; 3]));
-    assert!(matches!(load(&v, &t2), Err(TowerError::TensorShape { ref name, .. }) if name == "l2.w"));
+    assert!(
+        matches!(load(&v, &t2), Err(TowerError::TensorShape { ref name, .. }) if name == "l2.w")
+    );
     t2.pop();
     t2.push(("l2.w", vec![1, 2], vec![0.; 2]));
     assert!(load(&v, &t2).is_ok());
     // Norm size mismatch.
     let mut v = s.clone();
-    v["layers"].as_array_mut().unwrap().push(json!({"type": "layernorm", "weight": "g", "bias": "b"}));
+    v["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "layernorm", "weight": "g", "bias": "b"}));
     let mut t3 = ts.clone();
     t3.push(("g", vec![3], vec![1.; 3]));
     t3.push(("b", vec![3], vec![0.; 3]));
     assert!(matches!(load(&v, &t3), Err(TowerError::TensorShape { ref name, .. }) if name == "g"));
     // Width over 16000.
     let mut v = s.clone();
-    v["layers"].as_array_mut().unwrap().push(json!({"type": "linear", "weight": "big"}));
+    v["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "linear", "weight": "big"}));
     v["output"]["dim"] = json!(2);
     let mut t4 = ts.clone();
     t4.push(("big", vec![16001, 2], vec![0.; 32002]));
     assert_eq!(spec_err(&v, &t4).0, "layers[2].weight");
     // Shortcut widens; output.dim must follow.
     let mut v = s.clone();
-    v["layers"].as_array_mut().unwrap().push(json!({"type": "shortcut", "fields": ["n", "c"]}));
+    v["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "shortcut", "fields": ["n", "c"]}));
     assert_eq!(spec_err(&v, &ts).0, "output.dim");
     v["output"]["dim"] = json!(2 + 1 + 3);
     let m = load(&v, &ts).unwrap();
@@ -938,7 +1240,10 @@ fn forward_equals_batch_equals_parallel() {
     assert_eq!(it.kind(), Kind::Item);
     assert_eq!(it.output_dim(), 64);
     let xs: Vec<Encoded> = (0..10)
-        .map(|i| it.encode(&synth::realistic_item_input(1, i), false).unwrap())
+        .map(|i| {
+            it.encode(&synth::realistic_item_input(1, i), false)
+                .unwrap()
+        })
         .collect();
     let single: Vec<f32> = xs.iter().flat_map(|x| it.forward(x)).collect();
     for (a, b) in single.iter().zip(it.forward_batch(&xs).iter()) {

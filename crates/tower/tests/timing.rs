@@ -20,7 +20,9 @@ fn realistic_tower_timings() {
     let t = Instant::now();
     let m = Model::load(&spec, &st).unwrap();
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
-    let inputs: Vec<_> = (0..256).map(|i| synth::realistic_user_input(2, i)).collect();
+    let inputs: Vec<_> = (0..256)
+        .map(|i| synth::realistic_user_input(2, i))
+        .collect();
     let enc: Vec<Encoded> = inputs.iter().map(|x| m.encode(x, true).unwrap()).collect();
 
     // Warm up.
@@ -52,7 +54,10 @@ fn realistic_tower_timings() {
     let (ispec, ist) = synth::realistic_item_tower(1);
     let im = Model::load(&ispec, &ist).unwrap();
     let items: Vec<Encoded> = (0..1024)
-        .map(|i| im.encode(&synth::realistic_item_input(3, i), false).unwrap())
+        .map(|i| {
+            im.encode(&synth::realistic_item_input(3, i), false)
+                .unwrap()
+        })
         .collect();
     let item_batch = per_call(10, || {
         std::hint::black_box(im.forward_batch(&items));
