@@ -20,11 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-# pgvector is optional (used by the benchmark for comparison when available).
-if ! dpkg-query -W -f='${Status}' postgresql-15-pgvector 2>/dev/null | grep -q 'install ok installed'; then
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15-pgvector >/dev/null 2>&1 \
-    || echo "setup: postgresql-15-pgvector not available; benchmarks will skip the pgvector comparison"
-fi
+# pgvector (the benchmark's comparison) is installed by scripts/pgvector.sh from `make bench`.
 
 export PATH="$HOME/.cargo/bin:$PATH"
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then

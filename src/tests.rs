@@ -302,6 +302,9 @@ fn recall_returns_k_nearest_live_items_with_exclusions() {
             .collect()
         })
     };
+    // recall() searches with ef >= k; ask for twice that, as a caller wanting high recall on
+    // this (deliberately hard, noisy) data would.
+    Spi::run("SET twotower.ef_search = 200").unwrap();
     let got = recall(100, "NULL");
     assert_eq!(got.len(), 100);
     let exact: Vec<i64> = Spi::connect(|c| {
