@@ -84,17 +84,20 @@ pub mod twotower {
         TableIterator::new(rows)
     }
 
-    /// Quoted name of column `col` of `rel` after checking that it exists.
-    fn column(rel: pg_sys::Oid, col: &str, what: &str) -> String {
-        let exists = catalog::read_row::<bool, bool>(
+    fn column_exists(rel: pg_sys::Oid, col: &str) -> bool {
+        catalog::read_row::<bool, bool>(
             "SELECT true, true FROM pg_catalog.pg_attribute
               WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
             &[rel.into(), col.into()],
         )
         .ok()
         .flatten()
-        .is_some();
-        if !exists {
+        .is_some()
+    }
+
+    /// Quoted name of column `col` of `rel` after checking that it exists.
+    fn column(rel: pg_sys::Oid, col: &str, what: &str) -> String {
+        if !column_exists(rel, col) {
             TtError::BadArgument(format!("{what} column \"{col}\" does not exist")).report();
         }
         quote_identifier(col)
@@ -158,7 +161,24 @@ pub mod twotower {
              SELECT $1[i], $2[(i - 1) * $3 + 1 : i * $3]
                FROM pg_catalog.generate_series(1, pg_catalog.cardinality($1)) AS i{upsert}"
         );
-        let select = format!("SELECT ({idc})::pg_catalog.int8, pg_catalog.to_jsonb(t) FROM {src} AS t");
+        // Read only the columns that are features (wide rows stay cheap); a feature without a
+        // column is missing for every item, which is legal but worth a word.
+        let mut cols = Vec::new();
+        for f in l.model.feature_names() {
+            if column_exists(items, f) {
+                cols.push(format!("t.{}", quote_identifier(f)));
+            } else {
+                notice!("refresh_item_vectors: {src} has no column \"{f}\"; the feature is treated as missing");
+            }
+        }
+        let select = if cols.is_empty() {
+            format!("SELECT t.{idc}::pg_catalog.int8, '{{}}'::jsonb FROM {src} AS t")
+        } else {
+            format!(
+                "SELECT t.{idc}::pg_catalog.int8, pg_catalog.to_jsonb(f) FROM {src} AS t, LATERAL (SELECT {}) AS f",
+                cols.join(", ")
+            )
+        };
         let threads = super::inference_threads();
         let started = std::time::Instant::now();
         let mut last_notice = started;

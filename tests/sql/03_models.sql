@@ -173,6 +173,15 @@ SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_user', 'catal
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'nope')$q$);
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id', batch_size => 0)$q$);
 
+-- Items may come from a view; a feature without a column is missing (and said so).
+CREATE VIEW items_no_price AS SELECT item_id, category, tags, img_vec FROM catalog_items;
+CREATE TABLE no_price_vectors (id bigint, embedding real[]);
+SELECT twotower.refresh_item_vectors('golden_item', 'items_no_price', 'no_price_vectors', id_column => 'item_id');
+SELECT count(*) AS differ FROM catalog_items c JOIN no_price_vectors v ON v.id = c.item_id
+ WHERE twotower.l2_distance(v.embedding, twotower.embed_item('golden_item', to_jsonb(c) - 'price')) > 1e-6;
+DROP VIEW items_no_price;
+DROP TABLE no_price_vectors;
+
 -- A long refresh is cancellable (statement_timeout, like a user's cancel request).
 CREATE TABLE many_items AS
 SELECT i AS item_id, 'shoes'::text AS category, ARRAY['red']::text[] AS tags, 10 + i % 90 AS price,
