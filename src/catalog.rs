@@ -41,10 +41,7 @@ impl FromDatum for JsonbValue {
                 pg_sys::jsonb_out,
                 &[Some(datum)],
             );
-            match cstr {
-                Some(c) => c,
-                None => return None,
-            }
+            cstr?
         };
         let text = text.to_str().unwrap_or_default();
         match serde_json::from_str(text) {
@@ -284,10 +281,12 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> TtResult<R> {
 
 /// The first row of a read-only query (`Spi::get_*_with_args` run read-write and would assign a
 /// transaction id, which a standby refuses).
+pub type Row2<A, B> = Option<(Option<A>, Option<B>)>;
+
 pub fn read_row<A: FromDatum + IntoDatum, B: FromDatum + IntoDatum>(
     sql: &str,
     args: &[pgrx::datum::DatumWithOid],
-) -> Result<Option<(Option<A>, Option<B>)>, pgrx::spi::Error> {
+) -> Result<Row2<A, B>, pgrx::spi::Error> {
     Spi::connect(|c| {
         let t = c.select(sql, Some(1), args)?;
         if t.is_empty() {

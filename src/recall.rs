@@ -33,7 +33,7 @@ pub mod twotower {
     unsafe fn attr(slot: *mut pg_sys::TupleTableSlot, attno: i16) -> Option<pg_sys::Datum> {
         // SAFETY: forwarded; slot_getsomeattrs_int deforms up to `attno`.
         unsafe {
-            if ((*slot).tts_nvalid as i16) < attno {
+            if (*slot).tts_nvalid < attno {
                 pg_sys::slot_getsomeattrs_int(slot, attno as i32);
             }
             let i = (attno - 1) as usize;
@@ -187,7 +187,7 @@ pub mod twotower {
                 && pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot)
             {
                 seen += 1;
-                if seen % 256 == 0 {
+                if seen.is_multiple_of(256) {
                     check_for_interrupts!();
                 }
                 let (Some(idd), Some(vd)) = (attr(slot, id_att), attr(slot, vec_att)) else {
