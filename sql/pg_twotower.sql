@@ -110,9 +110,11 @@ REVOKE ALL ON twotower.model, twotower.model_version FROM PUBLIC;
 CREATE VIEW twotower.models AS
 SELECT v.model AS name, v.version, (v.version = m.active_version) AS active, v.kind, v.dim,
        v.metric, v.parameters, pg_catalog.octet_length(v.weights)::bigint AS weight_bytes,
-       m.owner, v.imported_by, v.imported_at, v.spec
+       ARRAY(SELECT f OPERATOR(pg_catalog.->>) 'name'
+               FROM pg_catalog.jsonb_array_elements(v.spec OPERATOR(pg_catalog.->) 'features') AS f) AS features,
+       m.owner, v.imported_by, v.imported_at
   FROM twotower.model m JOIN twotower.model_version v ON v.model = m.name;
-COMMENT ON VIEW twotower.models IS 'models and their versions (weights not shown); active marks the serving version';
+COMMENT ON VIEW twotower.models IS 'models and their versions with their feature names (neither weights nor vocabularies are shown); active marks the serving version';
 GRANT SELECT ON twotower.models TO PUBLIC;
 
 -- Inference is for every role that may connect (revoke EXECUTE to restrict it); the management

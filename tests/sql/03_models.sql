@@ -22,7 +22,7 @@ SELECT pg_read_file(:'golden' || '/spec.json')::jsonb AS spec,
 SELECT twotower.import_model_file('golden_user', :'golden' || '/spec.json', :'golden' || '/weights.safetensors');
 SELECT twotower.import_model('golden_item', pg_read_file(:'golden' || '/item/spec.json')::jsonb,
                              pg_read_binary_file(:'golden' || '/item/weights.safetensors'));
-SELECT name, version, active, kind, dim, metric, parameters, weight_bytes > 0 AS has_weights
+SELECT name, version, active, kind, dim, metric, parameters, weight_bytes > 0 AS has_weights, features
   FROM twotower.models ORDER BY name, version;
 
 -- Golden outputs: the independent numpy reference (tests/golden/tower_ref.py) to 1e-5.
