@@ -12,7 +12,7 @@ demo: setup install-release
 ## Every test: core unit tests, #[pg_test]s, SQL regression, cluster (TAP) tests.
 test: setup test-core test-pg install test-regress test-tap
 
-## The benchmark program (1M x 64 by default; see bench/README.md).
+## The benchmark program (1M x 64 by default; see docs/benchmarks.md).
 bench: setup install-release
 	bash bench/run.sh
 

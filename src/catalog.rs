@@ -43,11 +43,27 @@ impl FromDatum for JsonbValue {
             );
             cstr?
         };
-        let text = text.to_str().unwrap_or_default();
-        match serde_json::from_str(text) {
+        let parsed = serde_json::from_str(text.to_str().unwrap_or_default());
+        // SAFETY: the text was palloc'd by jsonb_out and is not used after this point; the
+        // parsed value is Rust-owned.
+        unsafe { pg_sys::pfree(text.as_ptr() as *mut std::ffi::c_void) };
+        match parsed {
             Ok(v) => Some(JsonbValue(v)),
             Err(e) => TtError::BadJson(e.to_string()).report(),
         }
+    }
+
+    /// The value is Rust-owned: convert in the current context whatever context is asked for
+    /// (pgrx's SPI rows ask for the parent context, which would keep every row's text until
+    /// the end of the transaction).
+    unsafe fn from_datum_in_memory_context(
+        _memory_context: pgrx::PgMemoryContexts,
+        datum: pg_sys::Datum,
+        is_null: bool,
+        typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        // SAFETY: forwarded contract.
+        unsafe { Self::from_polymorphic_datum(datum, is_null, typoid) }
     }
 }
 

@@ -183,43 +183,64 @@ pub mod twotower {
         let started = std::time::Instant::now();
         let mut last_notice = started;
         let mut done: i64 = 0;
-        Spi::connect_mut(|client| -> Result<(), pgrx::spi::Error> {
-            let mut cursor = client.open_cursor(select.as_str(), &[]);
+        // One SPI connection per batch: the batch's tuple table, the rows' jsonb text and the
+        // INSERT's executor state are freed with it, so memory stays flat however many items.
+        let mut run = || -> Result<(), pgrx::spi::Error> {
+            let portal = Spi::connect(|c| {
+                c.try_open_cursor(select.as_str(), &[])
+                    .map(|cur| cur.detach_into_name())
+            })?;
+            let plan = Spi::connect(|c| {
+                c.prepare_mut(
+                    insert.as_str(),
+                    &[
+                        pgrx::PgOid::from(pg_sys::INT8ARRAYOID),
+                        pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID),
+                        pgrx::PgOid::from(pg_sys::INT4OID),
+                    ],
+                )
+                .map(|p| p.keep())
+            })?;
             loop {
                 check_for_interrupts!();
-                let batch = cursor.fetch(batch_size as i64)?;
-                if batch.is_empty() {
-                    break;
+                let n = Spi::connect_mut(|client| -> Result<usize, pgrx::spi::Error> {
+                    let mut cursor = client.find_cursor(&portal)?;
+                    let mut ids = Vec::with_capacity(batch_size as usize);
+                    let mut encoded = Vec::with_capacity(batch_size as usize);
+                    for row in cursor.fetch(batch_size as i64)? {
+                        let Some(id) = row.get::<i64>(1)? else {
+                            TtError::BadArgument(format!("a row of {src} has a NULL {idc}")).report();
+                        };
+                        let Some(features) = row.get::<JsonbValue>(2)? else { continue };
+                        let x = l
+                            .model
+                            .encode(&features.0, false)
+                            .map_err(|e| TtError::BadArgument(format!("item {id}: {e}")))
+                            .or_report();
+                        ids.push(id);
+                        encoded.push(x);
+                    }
+                    if ids.is_empty() {
+                        return Ok(0); // the cursor closes when dropped
+                    }
+                    let out = forward_parallel(&l.model, &encoded, threads);
+                    drop(encoded);
+                    if let Some(row) = super::first_non_finite(&out, dim as usize) {
+                        TtError::BadArgument(format!(
+                            "item {}: the tower output is not finite (check the magnitude of its numeric features)",
+                            ids[row]
+                        ))
+                        .report();
+                    }
+                    let n = ids.len();
+                    client.update(&plan, None, &[ids.into(), out.into(), dim.into()])?;
+                    cursor.detach_into_name();
+                    Ok(n)
+                })?;
+                if n == 0 {
+                    return Ok(());
                 }
-                let mut ids = Vec::with_capacity(batch.len());
-                let mut encoded = Vec::with_capacity(batch.len());
-                for row in batch {
-                    let Some(id) = row.get::<i64>(1)? else {
-                        TtError::BadArgument(format!("a row of {src} has a NULL {idc}")).report();
-                    };
-                    let Some(features) = row.get::<JsonbValue>(2)? else { continue };
-                    let x = l
-                        .model
-                        .encode(&features.0, false)
-                        .map_err(|e| TtError::BadArgument(format!("item {id}: {e}")))
-                        .or_report();
-                    ids.push(id);
-                    encoded.push(x);
-                }
-                let out = forward_parallel(&l.model, &encoded, threads);
-                if let Some(row) = super::first_non_finite(&out, dim as usize) {
-                    TtError::BadArgument(format!(
-                        "item {}: the tower output is not finite (check the magnitude of its numeric features)",
-                        ids[row]
-                    ))
-                    .report();
-                }
-                client.update(
-                    insert.as_str(),
-                    None,
-                    &[ids.clone().into(), out.into(), dim.into()],
-                )?;
-                done += ids.len() as i64;
+                done += n as i64;
                 if last_notice.elapsed().as_secs() >= 10 {
                     last_notice = std::time::Instant::now();
                     let secs = started.elapsed().as_secs_f64();
@@ -229,9 +250,8 @@ pub mod twotower {
                     );
                 }
             }
-            Ok(())
-        })
-        .unwrap_or_else(|e| pgrx::error!("refresh_item_vectors: {e}"));
+        };
+        run().unwrap_or_else(|e| pgrx::error!("refresh_item_vectors: {e}"));
         done
     }
 }

@@ -106,6 +106,7 @@ pub mod twotower {
         model_metric: OutMetric,
         k: usize,
         exclude: &HashSet<i64>,
+        ef: usize,
     ) -> TtResult<Vec<(i64, f32)>> {
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
         // SAFETY: standard open order (table, then index) with the same lock the executor
@@ -179,7 +180,7 @@ pub mod twotower {
             );
             let scan = pg_sys::index_beginscan(heap, index, pg_sys::GetActiveSnapshot(), 0, 1);
             pg_sys::index_rescan(scan, std::ptr::null_mut(), 0, &mut key, 1);
-            scan::set_min_ef(scan, k + exclude.len().min(k));
+            scan::set_min_ef(scan, (k + exclude.len().min(k)).max(ef));
             let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
             let mut out = Vec::with_capacity(k);
             let mut seen = 0usize;
@@ -221,7 +222,8 @@ pub mod twotower {
     /// items in `index` (a twotower_hnsw index on a table with a single-column integer primary
     /// key, the item id), leaving out the ids in `exclude` (already seen, blocked). Rows come in
     /// rank order; `score` is the similarity (cosine similarity, inner product, or negated L2
-    /// distance, by the index's operator class).
+    /// distance, by the index's operator class). `ef_search` sets this call's candidate list
+    /// (default: the `twotower.ef_search` setting); it is raised to `k` in any case.
     #[pg_extern(stable, parallel_restricted)]
     fn recall(
         model: Option<&str>,
@@ -229,6 +231,7 @@ pub mod twotower {
         features: Option<JsonbValue>,
         k: default!(i32, 100),
         exclude: default!(Option<Vec<Option<i64>>>, "NULL"),
+        ef_search: default!(Option<i32>, "NULL"),
     ) -> TableIterator<'static, (name!(item_id, i64), name!(score, f32), name!(rank, i32))> {
         let (Some(model), Some(index), Some(features)) = (model, index, features) else {
             return TableIterator::new(Vec::new());
@@ -236,11 +239,16 @@ pub mod twotower {
         if !(1..=MAX_K).contains(&k) {
             TtError::BadArgument(format!("k must be between 1 and {MAX_K}, not {k}")).report();
         }
+        let ef = match ef_search {
+            None => 0,
+            Some(e) if (1..=MAX_K).contains(&e) => e as usize,
+            Some(e) => TtError::BadArgument(format!("ef_search must be between 1 and {MAX_K}, not {e}")).report(),
+        };
         let l = catalog::active_model(model).or_report();
         expect_kind(&l, Kind::User).or_report();
         let query = l.model.embed(&features.0).or_report();
         let exclude: HashSet<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
-        let rows = search(index.0, query, l.model.metric(), k as usize, &exclude).or_report();
+        let rows = search(index.0, query, l.model.metric(), k as usize, &exclude, ef).or_report();
         TableIterator::new(
             rows.into_iter()
                 .enumerate()

@@ -215,6 +215,13 @@ CREATE TEMP TABLE top AS SELECT r.item_id FROM u, twotower.recall('golden_user',
 SELECT count(*) AS k, count(*) FILTER (WHERE item_id IN (SELECT item_id FROM top)) AS excluded_returned
   FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 10,
                           exclude => (SELECT array_agg(item_id) FROM top)) r;
+-- A per-call ef_search (here far beyond the table: an exact pass) gives the exact top 20.
+SELECT count(*) AS common_with_exact_at_high_ef FROM
+  (SELECT r.item_id FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 20, ef_search => 5000) r) a
+  JOIN (SELECT v.id FROM item_vectors v, u
+         ORDER BY twotower.cosine_distance(v.embedding, (SELECT twotower.embed_user('golden_user', u.features))), v.id LIMIT 20) b
+    ON a.item_id = b.id;
+SELECT pg_temp.err($q$SELECT * FROM u, twotower.recall('golden_user', 'item_vectors_idx', u.features, 5, ef_search => 0)$q$);
 -- Deleted items never come back; new ones are found at once.
 DELETE FROM item_vectors WHERE id IN (SELECT item_id FROM top);
 SELECT count(*) FILTER (WHERE item_id IN (SELECT item_id FROM top)) AS deleted_returned

@@ -1,0 +1,57 @@
+//! Where an index build's time goes: usearch insertion on 1 and 2 threads, then the orphan
+//! self-search pass, on clustered synthetic vectors. `cargo run --release -p twotower-ann
+//! --example build_speed -- [n] [dims] [m] [efc]`.
+use std::time::Instant;
+use twotower_ann::synthetic::clustered;
+
+fn main() {
+    let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let n = *a.first().unwrap_or(&100_000);
+    let dims = *a.get(1).unwrap_or(&64);
+    let m = *a.get(2).unwrap_or(&16);
+    let efc = *a.get(3).unwrap_or(&64);
+    let data = clustered(n, dims, (n / 1000).max(1), 7);
+    for threads in [1usize, 2] {
+        let opts = usearch::IndexOptions {
+            dimensions: dims,
+            metric: usearch::MetricKind::Cos,
+            quantization: usearch::ScalarKind::F32,
+            connectivity: m,
+            expansion_add: efc,
+            expansion_search: 64,
+            multi: false,
+        };
+        let index = usearch::Index::new(&opts).unwrap();
+        index.reserve_capacity_and_threads(n, threads).unwrap();
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let index = &index;
+                let data = &data;
+                s.spawn(move || {
+                    let mut i = t;
+                    while i < n {
+                        index.add(i as u64, &data[i * dims..(i + 1) * dims]).unwrap();
+                        i += threads;
+                    }
+                });
+            }
+        });
+        let add = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        index.change_expansion_search(16);
+        let mut lost = 0;
+        for i in 0..n {
+            let r = index.search(&data[i * dims..(i + 1) * dims], 1).unwrap();
+            if r.keys.first() != Some(&(i as u64)) {
+                lost += 1;
+            }
+        }
+        let check = t.elapsed().as_secs_f64();
+        println!(
+            "threads {threads}: add {add:.1} s ({:.0}/s, {:.0} us/insert/thread); self-search ef=16 on 1 thread {check:.1} s, {lost} not first",
+            n as f64 / add,
+            add * 1e6 * threads as f64 / n as f64
+        );
+    }
+}
