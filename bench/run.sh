@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 PORT=${TT_PORT:-55433}
 cargo build --release -q -p twotower-bench
+# pgvector in the same server for the side-by-side comparison (optional: skipped when it fails).
+bash scripts/pgvector.sh || echo "note: pgvector could not be installed; the comparison will be skipped" >&2
 scripts/cluster.sh start bench "$PORT"
 mkdir -p bench/out
 
