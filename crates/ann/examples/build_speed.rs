@@ -11,7 +11,33 @@ fn main() {
     let m = *a.get(2).unwrap_or(&16);
     let efc = *a.get(3).unwrap_or(&64);
     let data = clustered(n, dims, (n / 1000).max(1), 7);
-    for threads in [1usize, 2] {
+    if std::env::var("TT_FULL").is_ok() {
+        // The whole image build as CREATE INDEX runs it (warm-up, parallel insertion, orphan
+        // search and re-insertion, serialization), on 2 threads.
+        let params = twotower_ann::BuildParams {
+            dims,
+            metric: twotower_ann::Metric::Cosine,
+            quantization: twotower_ann::Quantization::F32,
+            m,
+            ef_construction: efc,
+        };
+        let keys: Vec<u64> = (1..=n as u64).collect();
+        let t = Instant::now();
+        let mut last = (Instant::now(), 0usize);
+        let img = twotower_ann::build_image(&params, &keys, &data, 2, &mut |d| {
+            if d < last.1 {
+                println!("  phase change at {:.1} s (progress {} -> {d})", t.elapsed().as_secs_f64(), last.1);
+            }
+            last = (Instant::now(), d);
+            twotower_ann::Poll::Continue
+        })
+        .unwrap();
+        let h = twotower_ann::Header::parse(&img).unwrap();
+        println!("build_image: {:.1} s, {} bytes, {} orphans", t.elapsed().as_secs_f64(), img.len(), h.orphans);
+        return;
+    }
+    let only: Option<usize> = std::env::var("TT_THREADS").ok().and_then(|v| v.parse().ok());
+    for threads in [1usize, 2].into_iter().filter(|t| only.is_none_or(|o| o == *t)) {
         let opts = usearch::IndexOptions {
             dimensions: dims,
             metric: usearch::MetricKind::Cos,
@@ -38,6 +64,10 @@ fn main() {
             }
         });
         let add = t.elapsed().as_secs_f64();
+        if std::env::var("TT_NO_CHECK").is_ok() {
+            println!("threads {threads}: add {add:.1} s ({:.0}/s)", n as f64 / add);
+            continue;
+        }
         let t = Instant::now();
         index.change_expansion_search(16);
         let mut lost = 0;

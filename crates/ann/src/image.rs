@@ -15,10 +15,11 @@
 //! ..  usearch image
 //! ```
 //!
-//! Orphans are items the graph search cannot reach (HNSW pruning, and more often concurrent
-//! insertion — usearch issue #735 — can leave a node without useful in-links). The build finds
-//! them by searching every item's own vector, and scans rank them exactly, so every item stays
-//! findable.
+//! Orphans are items the graph search cannot reach (concurrent insertion — usearch issue #735 —
+//! can leave a node with no path from the entry point). The build finds them by walking the
+//! graph's edges from the entry point (`graph.rs`; by searching every item's own vector if the
+//! serialized layout were ever unknown), re-inserts them one at a time, and scans rank whatever
+//! is left exactly, so every item stays findable.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -131,18 +132,26 @@ pub fn build_image(
     };
     parallel(&first, 1, poll, add)?;
     parallel(&rest, threads, &mut |d| poll(warm + d), add)?;
-    let mut orphans = find_orphans(params, keys, vectors, &index, threads, poll, None)?;
+    let pos: std::collections::HashMap<u64, usize> =
+        keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+    // Items no search can reach: read from the graph's edges when its layout is the known one
+    // (one walk over the edges), otherwise found by searching every item's own vector.
+    let lost = |only: Option<&[usize]>, poll: &mut dyn FnMut(usize) -> Poll| -> Result<Vec<u64>> {
+        if let Some(found) = unreachable_in_graph(&index)? {
+            return Ok(found.into_iter().filter(|k| pos.contains_key(k)).collect());
+        }
+        find_orphans(params, keys, vectors, &index, threads, poll, only)
+    };
+    let mut orphans = lost(None, poll)?;
     if !orphans.is_empty() {
         // Re-insert the unreachable items one at a time: a lone insertion links a node properly.
         // Whatever is still unreachable after that stays in the orphan list.
-        let pos: std::collections::HashMap<u64, usize> =
-            keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
         let again: Vec<usize> = orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
         for &i in &again {
             index.remove(keys[i])?;
         }
         parallel(&again, 1, poll, add)?;
-        orphans = find_orphans(params, keys, vectors, &index, threads, poll, Some(&again))?;
+        orphans = lost(Some(&again), poll)?;
     }
     poll(n);
     serialize(params, keys, &orphans, &index)
@@ -219,6 +228,14 @@ fn parallel(
     let mut out = flagged.into_inner().unwrap_or_else(|p| p.into_inner());
     out.sort_unstable();
     Ok(out)
+}
+
+/// Keys no search can reach, from the serialized graph's edges (see `graph.rs`); `None` when
+/// the serialized layout is not the one that module reads.
+fn unreachable_in_graph(index: &usearch::Index) -> Result<Option<Vec<u64>>> {
+    let mut blob = vec![0u8; index.serialized_length()];
+    index.save_to_buffer(&mut blob)?;
+    Ok(crate::graph::unreachable_keys(&blob))
 }
 
 /// Items the graph cannot reach: a search for their own vector does not return them, even a wide

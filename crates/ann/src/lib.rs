@@ -2,6 +2,7 @@
 //! distance functions. Knows nothing of PostgreSQL.
 
 pub mod error;
+pub mod graph;
 pub mod image;
 pub mod metric;
 pub mod synthetic;
