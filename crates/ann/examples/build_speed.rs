@@ -64,6 +64,62 @@ fn main() {
             }
         });
         let add = t.elapsed().as_secs_f64();
+        {
+            let mut blob = vec![0u8; index.serialized_length()];
+            index.save_to_buffer(&mut blob).unwrap();
+            for w in [0u32, 1, 2, 3, 4] {
+                let a = twotower_ann::graph::analyze(&blob, w).unwrap();
+                println!("  in-degree <= {w}: {} weak, {} unreachable", a.weak.len(), a.unreachable.len());
+            }
+        }
+        if let Ok(w) = std::env::var("TT_WEAK") {
+            // Recall@10 at ef=64 on held-out queries before and after re-inserting the
+            // unreachable and weakly linked items one at a time.
+            let w: u32 = w.parse().unwrap();
+            let qs = clustered(n + 1000, dims, (n / 1000).max(1), 7).split_off(n * dims);
+            let truth: Vec<Vec<u64>> = qs
+                .chunks_exact(dims)
+                .map(|q| {
+                    let mut d: Vec<(f32, u64)> = data
+                        .chunks_exact(dims)
+                        .enumerate()
+                        .map(|(i, v)| (twotower_ann::Metric::Cosine.engine_distance(q, v), i as u64))
+                        .collect();
+                    d.select_nth_unstable_by(10, |a, b| a.0.total_cmp(&b.0));
+                    d[..10].iter().map(|x| x.1).collect()
+                })
+                .collect();
+            let recall = |index: &usearch::Index| -> f64 {
+                index.change_expansion_search(64);
+                let mut hit = 0;
+                for (q, t) in qs.chunks_exact(dims).zip(&truth) {
+                    let m = index.search(q, 10).unwrap();
+                    hit += m.keys.iter().filter(|k| t.contains(k)).count();
+                }
+                hit as f64 / (10 * truth.len()) as f64
+            };
+            println!("  recall@10 ef=64 before: {:.4}", recall(&index));
+            let mut blob = vec![0u8; index.serialized_length()];
+            index.save_to_buffer(&mut blob).unwrap();
+            let a = twotower_ann::graph::analyze(&blob, w).unwrap();
+            let t = Instant::now();
+            for k in a.unreachable.iter().chain(&a.weak) {
+                let i = *k as usize;
+                index.remove(*k).unwrap();
+                index.add(*k, &data[i * dims..(i + 1) * dims]).unwrap();
+            }
+            println!(
+                "  re-inserted {} in {:.1} s; recall@10 ef=64 after: {:.4}",
+                a.unreachable.len() + a.weak.len(),
+                t.elapsed().as_secs_f64(),
+                recall(&index)
+            );
+            let mut blob = vec![0u8; index.serialized_length()];
+            index.save_to_buffer(&mut blob).unwrap();
+            let b = twotower_ann::graph::analyze(&blob, w).unwrap();
+            println!("  after: {} weak, {} unreachable", b.weak.len(), b.unreachable.len());
+            continue;
+        }
         if std::env::var("TT_NO_CHECK").is_ok() {
             println!("threads {threads}: add {add:.1} s ({:.0}/s)", n as f64 / add);
             continue;

@@ -22,6 +22,21 @@
 /// Keys of the items not reachable from the entry point, or `None` if `blob` is not a graph
 /// laid out as documented above.
 pub fn unreachable_keys(blob: &[u8]) -> Option<Vec<u64>> {
+    analyze(blob, 0).map(|a| a.unreachable)
+}
+
+/// What a walk over the graph finds.
+#[derive(Debug, Default)]
+pub struct Analysis {
+    /// Keys of the items no search can reach, ascending.
+    pub unreachable: Vec<u64>,
+    /// Keys of reachable items with at most `weak_in_links` level-0 in-links, ascending: the
+    /// items a search finds only by luck.
+    pub weak: Vec<u64>,
+}
+
+/// Walks the graph in `blob` from its entry point; `None` if the layout is not the known one.
+pub fn analyze(blob: &[u8], weak_in_links: u32) -> Option<Analysis> {
     let mut at = 0usize;
     let u32_at = |b: &[u8], at: usize| -> Option<u32> {
         Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
@@ -42,7 +57,7 @@ pub fn unreachable_keys(blob: &[u8]) -> Option<Vec<u64>> {
     let entry = usize::try_from(u64_at(blob, at + 32)?).ok()?;
     at += 40;
     if size == 0 {
-        return Some(Vec::new());
+        return Some(Analysis::default());
     }
     if size != rows || entry >= size || conn == 0 || conn_base < conn || conn_base > 4096 {
         return None;
@@ -64,6 +79,18 @@ pub fn unreachable_keys(blob: &[u8]) -> Option<Vec<u64>> {
     }
     if off != blob.len() {
         return None;
+    }
+    // Level-0 in-degrees (the base layer is where a search finds items).
+    let mut in_links = vec![0u32; size];
+    for &node in &offsets {
+        let count = u32_at(blob, node + 10)? as usize;
+        if count > conn_base {
+            return None;
+        }
+        for j in 0..count {
+            let next = u32_at(blob, node + 14 + 4 * j)? as usize;
+            *in_links.get_mut(next)? += 1;
+        }
     }
     let mut seen = vec![false; size];
     let mut stack = vec![entry];
@@ -91,12 +118,15 @@ pub fn unreachable_keys(blob: &[u8]) -> Option<Vec<u64>> {
             list += 4 + cap * 4;
         }
     }
-    let mut lost = Vec::new();
+    let mut a = Analysis::default();
     for (slot, reached) in seen.iter().enumerate() {
         if !reached {
-            lost.push(u64_at(blob, offsets[slot])?);
+            a.unreachable.push(u64_at(blob, offsets[slot])?);
+        } else if in_links[slot] <= weak_in_links {
+            a.weak.push(u64_at(blob, offsets[slot])?);
         }
     }
-    lost.sort_unstable();
-    Some(lost)
+    a.unreachable.sort_unstable();
+    a.weak.sort_unstable();
+    Some(a)
 }
