@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job of this milestone: 100k generated item vectors, a twotower_hnsw index, a top-10
-# query with EXPLAIN showing the index, index health, and recall against exact search.
+# The main job so far: 100k generated item vectors, a twotower_hnsw index, a top-10 query with
+# EXPLAIN showing the index, index health, and recall against exact search; then towers in SQL:
+# a user and an item tower imported (the golden fixtures of tests/golden), the nightly item
+# refresh, and one-call recall joined with the item table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${TT_DEMO_PORT:-55432}
@@ -52,5 +54,38 @@ CREATE TEMP TABLE exact AS
 RESET enable_indexscan;
 SELECT round(avg((SELECT count(*) FROM unnest(a.ids) x WHERE x = ANY (e.ids)) / 10.0), 4) AS recall_at_10
   FROM approx a JOIN exact e USING (qid);
+SQL
+# Towers: the server reads the model files, so give it a copy it can read.
+G=/tmp/pg_twotower-demo/golden
+rm -rf "$G"; cp -r tests/golden "$G"; chmod -R a+rX "$G"
+echo "== towers: import a user tower and an item tower (tests/golden, see docs/model-format.md)"
+psql_demo -v g="$G" <<'SQL'
+SET search_path = public, twotower;
+SELECT twotower.import_model_file('demo_user', :'g' || '/spec.json', :'g' || '/weights.safetensors') AS user_tower_version;
+SELECT twotower.import_model_file('demo_item', :'g' || '/item/spec.json', :'g' || '/item/weights.safetensors') AS item_tower_version;
+SELECT name, version, active, kind, dim, metric, parameters FROM twotower.models ORDER BY name;
+\echo == the vector of one user, from features in jsonb
+SELECT twotower.embed_user('demo_user', '{"user_id": 42, "country": "fr", "history": [1001, 1002], "age": 31}');
+\echo == the nightly item refresh: the item tower over 50000 catalogue rows, into a vector table
+DROP TABLE IF EXISTS catalog, catalog_vectors;
+CREATE TABLE catalog (item_id bigint PRIMARY KEY, title text, category text, tags text[],
+                      price numeric, img_vec real[]);
+INSERT INTO catalog
+SELECT i, 'item ' || i, (ARRAY['shoes', 'shirts', 'hats', 'bags'])[1 + i % 4],
+       ARRAY[(ARRAY['red', 'blue', 'sale', 'new', 'eco', 'kids'])[1 + i % 6]], 5 + i % 200,
+       ARRAY[sin(i), cos(i), sin(3 * i)]::real[]
+  FROM generate_series(1, 50000) i;
+CREATE TABLE catalog_vectors (id bigint PRIMARY KEY, embedding real[]);
+\timing on
+SELECT twotower.refresh_item_vectors('demo_item', 'catalog', 'catalog_vectors', id_column => 'item_id') AS items_written;
+CREATE INDEX catalog_vectors_idx ON catalog_vectors USING twotower_hnsw (embedding);
+\echo == one-call recall: user tower + top-10 from the index, seen items excluded, joined with the catalogue
+SELECT r.rank, r.item_id, c.title, c.category, round(r.score::numeric, 4) AS score
+  FROM twotower.recall('demo_user', 'catalog_vectors_idx',
+                       '{"user_id": 42, "country": "fr", "history": [1001, 1002], "age": 31}', 10,
+                       exclude => ARRAY[1001, 1002]::bigint[]) r
+  JOIN catalog c ON c.item_id = r.item_id
+ ORDER BY r.rank;
+\timing off
 SQL
 echo "== demo cluster left running: scripts/cluster.sh psql demo $PORT -d postgres   (stop: scripts/cluster.sh stop demo $PORT)"
