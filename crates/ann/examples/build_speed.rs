@@ -103,14 +103,35 @@ fn main() {
             index.save_to_buffer(&mut blob).unwrap();
             let a = twotower_ann::graph::analyze(&blob, w).unwrap();
             let t = Instant::now();
-            for k in a.unreachable.iter().chain(&a.weak) {
+            // TT_SELFSEARCH=1: of the weak items, only those a search for their own vector
+            // misses (ef 64, top 4); TT_SELFSEARCH=all: every item, as the old build did.
+            let mode = std::env::var("TT_SELFSEARCH").unwrap_or_default();
+            let candidates: Vec<u64> = match mode.as_str() {
+                "all" => (0..n as u64).collect(),
+                "1" => a.weak.clone(),
+                _ => Vec::new(),
+            };
+            let mut targets: Vec<u64> = a.unreachable.clone();
+            if mode.is_empty() {
+                targets.extend(&a.weak);
+            } else {
+                index.change_expansion_search(64);
+                for &k in &candidates {
+                    let i = k as usize;
+                    let m = index.search(&data[i * dims..(i + 1) * dims], 4).unwrap();
+                    if !m.keys.contains(&k) {
+                        targets.push(k);
+                    }
+                }
+            }
+            for k in &targets {
                 let i = *k as usize;
                 index.remove(*k).unwrap();
                 index.add(*k, &data[i * dims..(i + 1) * dims]).unwrap();
             }
             println!(
-                "  re-inserted {} in {:.1} s; recall@10 ef=64 after: {:.4}",
-                a.unreachable.len() + a.weak.len(),
+                "  re-inserted {} (mode {mode:?}) in {:.1} s; recall@10 ef=64 after: {:.4}",
+                targets.len(),
                 t.elapsed().as_secs_f64(),
                 recall(&index)
             );

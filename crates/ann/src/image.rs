@@ -135,23 +135,38 @@ pub fn build_image(
     let pos: std::collections::HashMap<u64, usize> =
         keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
     // Items no search can reach: read from the graph's edges when its layout is the known one
-    // (one walk over the edges), otherwise found by searching every item's own vector.
-    let lost = |only: Option<&[usize]>, poll: &mut dyn FnMut(usize) -> Poll| -> Result<Vec<u64>> {
-        if let Some(found) = unreachable_in_graph(&index)? {
-            return Ok(found.into_iter().filter(|k| pos.contains_key(k)).collect());
+    // (one walk over the edges), otherwise found by searching every item's own vector. The walk
+    // also names the weakly linked items; of those, the ones a search for their own vector
+    // misses are re-inserted too (a small, consistent recall gain for about 1 % more time).
+    let lost = |only: Option<&[usize]>,
+                poll: &mut dyn FnMut(usize) -> Poll|
+     -> Result<(Vec<u64>, Vec<usize>)> {
+        if let Some(a) = analyze_graph(&index)? {
+            let unreachable = a.unreachable.into_iter().filter(|k| pos.contains_key(k)).collect();
+            let weak: Vec<usize> = a.weak.iter().filter_map(|k| pos.get(k).copied()).collect();
+            return Ok((unreachable, weak));
         }
-        find_orphans(params, keys, vectors, &index, threads, poll, only)
+        Ok((find_orphans(params, keys, vectors, &index, threads, poll, only)?, Vec::new()))
     };
-    let mut orphans = lost(None, poll)?;
-    if !orphans.is_empty() {
-        // Re-insert the unreachable items one at a time: a lone insertion links a node properly.
-        // Whatever is still unreachable after that stays in the orphan list.
-        let again: Vec<usize> = orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
+    let (mut orphans, weak) = lost(None, poll)?;
+    index.change_expansion_search(64);
+    let hard = parallel(&weak, threads, poll, |i| {
+        let m = index.search(&vectors[i * params.dims..(i + 1) * params.dims], 4)?;
+        Ok(!m.keys.contains(&keys[i]))
+    })?;
+    if !orphans.is_empty() || !hard.is_empty() {
+        // Re-insert the unreachable and hard-to-find items one at a time: a lone insertion
+        // links a node properly. Whatever is still unreachable after that stays in the orphan
+        // list.
+        let mut again: Vec<usize> = orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
+        again.extend(hard);
+        again.sort_unstable();
+        again.dedup();
         for &i in &again {
             index.remove(keys[i])?;
         }
         parallel(&again, 1, poll, add)?;
-        orphans = lost(Some(&again), poll)?;
+        orphans = lost(Some(&again), poll)?.0;
     }
     poll(n);
     serialize(params, keys, &orphans, &index)
@@ -230,12 +245,15 @@ fn parallel(
     Ok(out)
 }
 
-/// Keys no search can reach, from the serialized graph's edges (see `graph.rs`); `None` when
-/// the serialized layout is not the one that module reads.
-fn unreachable_in_graph(index: &usearch::Index) -> Result<Option<Vec<u64>>> {
+/// Level-0 in-links at or below which an item counts as weakly linked.
+const WEAK_IN_LINKS: u32 = 4;
+
+/// Unreachable and weakly linked keys, from the serialized graph's edges (see `graph.rs`);
+/// `None` when the serialized layout is not the one that module reads.
+fn analyze_graph(index: &usearch::Index) -> Result<Option<crate::graph::Analysis>> {
     let mut blob = vec![0u8; index.serialized_length()];
     index.save_to_buffer(&mut blob)?;
-    Ok(crate::graph::unreachable_keys(&blob))
+    Ok(crate::graph::analyze(&blob, WEAK_IN_LINKS))
 }
 
 /// Items the graph cannot reach: a search for their own vector does not return them, even a wide
@@ -454,6 +472,14 @@ impl<B: AsRef<[u8]>> Image<B> {
     pub fn header(&self) -> &Header {
         &self.header
     }
+
+    /// Keys of the items no graph search can reach (walking the stored graph from its entry
+    /// point); `None` if the stored graph's layout is not the one `graph.rs` reads. Every one
+    /// of them must be in the orphan list.
+    pub fn unreachable(&self) -> Option<Vec<u64>> {
+        let b = self.bytes.as_ref();
+        crate::graph::unreachable_keys(&b[self.header.us_off..self.header.us_off + self.header.us_len])
+    }
     pub fn len(&self) -> usize {
         self.header.count
     }
@@ -663,7 +689,7 @@ impl GraphCursor {
         };
         let has_orphans = img.header.orphans > 0;
         for (key, d) in results {
-            if !self.emitted.contains(&key) && !(has_orphans && img.is_orphan(key)) {
+            if !(self.emitted.contains(&key) || has_orphans && img.is_orphan(key)) {
                 self.pending.push_back((key, d));
             }
         }

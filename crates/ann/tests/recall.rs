@@ -88,8 +88,11 @@ fn recall_100k_by_64_at_default_settings() {
 
 #[test]
 fn multithreaded_build_matches_single_threaded_and_reaches_every_node() {
-    // usearch issue #735 reports nodes left unreachable under concurrent insertion. We check that a
-    // two-thread build finds every node by its own vector and keeps the recall of a one-thread build.
+    // usearch issue #735 reports nodes left unreachable under concurrent insertion. We check that
+    // in a two-thread build no item is lost (every item the stored graph cannot reach is in the
+    // orphan list that scans rank exactly), that a search for each item's own vector finds it
+    // (all but at most 1 in 10 000: an item can be reachable yet outranked at ef 256, as in any
+    // HNSW), and that it keeps the recall of a one-thread build.
     let (n, dims) = (20_000, 32);
     let (data, queries) = split(n, 200, dims, 50, 11);
     let mut recalls = Vec::new();
@@ -97,9 +100,12 @@ fn multithreaded_build_matches_single_threaded_and_reaches_every_node() {
         let bytes = build(Metric::Cosine, Quantization::F32, &data, dims, threads);
         let sum = checksum(&bytes);
         let img = Image::open(bytes, sum).unwrap();
-        // Every item is reachable: a scan for its own vector (ef 256) yields it among the first
-        // 10, through the graph or through the orphan list the build keeps for nodes the graph
-        // cannot reach.
+        let unreachable = img.unreachable().expect("the stored graph is walkable");
+        for k in &unreachable {
+            assert!(img.is_orphan(*k), "item {k} is unreachable and not in the orphan list");
+        }
+        // A scan for each item's own vector (ef 256) yields it among the first 10, through the
+        // graph or through the orphan list.
         let mut missing = 0;
         for (i, v) in data.chunks_exact(dims).enumerate() {
             let mut cur = GraphCursor::new();
@@ -121,7 +127,7 @@ fn multithreaded_build_matches_single_threaded_and_reaches_every_node() {
             "threads={threads}: {} orphans kept; {missing} of {n} items not found by their own vector",
             img.header().orphans
         );
-        assert_eq!(missing, 0, "items unreachable through the scan");
+        assert!(missing <= n / 10_000, "{missing} items not found by their own vector");
         recalls.push(recall_at(
             &img,
             Metric::Cosine,
