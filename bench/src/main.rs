@@ -120,6 +120,18 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     (r, t.elapsed())
 }
 
+/// The towers part of the benchmark (bench/src/towers.rs) over the loaded `items`.
+fn run_towers(c: &mut Client, data: &[f32], dims: usize, host: &str, port: u16) {
+    towers::Towers {
+        c,
+        data,
+        dims,
+        host,
+        port,
+    }
+    .run();
+}
+
 fn main() {
     let host: String = env("TT_HOST", "/tmp/pg_twotower-bench".to_string());
     let port: u16 = env("TT_PORT", 55433);
@@ -202,14 +214,7 @@ fn main() {
             let (_, build) = timed(|| build_index(&mut c, m, efc));
             println!("# built items_tt_idx in {:.1} s", build.as_secs_f64());
         }
-        towers::Towers {
-            c: &mut c,
-            data: &data,
-            dims,
-            host: &host,
-            port,
-        }
-        .run();
+        run_towers(&mut c, &data, dims, &host, port);
         return;
     }
     let (truth, gt) = timed(|| ground_truth(&data, &qdata, dims, 500));
@@ -300,14 +305,7 @@ fn main() {
         );
     }
 
-    towers::Towers {
-        c: &mut c,
-        data: &data,
-        dims,
-        host: &host,
-        port,
-    }
-    .run();
+    run_towers(&mut c, &data, dims, &host, port);
 
     pgvector(
         &mut c,
