@@ -120,6 +120,22 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     (r, t.elapsed())
 }
 
+/// Sends `lines` (text-format COPY rows, without their newline) to `copy` in 1 MB writes.
+fn copy_lines(c: &mut Client, copy: &str, lines: impl Iterator<Item = String>) {
+    let mut w = c.copy_in(copy).unwrap();
+    let mut buf = String::with_capacity(1 << 20);
+    for line in lines {
+        buf.push_str(&line);
+        buf.push('\n');
+        if buf.len() > 1 << 20 {
+            w.write_all(buf.as_bytes()).unwrap();
+            buf.clear();
+        }
+    }
+    w.write_all(buf.as_bytes()).unwrap();
+    w.finish().unwrap();
+}
+
 /// The towers part of the benchmark (bench/src/towers.rs) over the loaded `items`.
 fn run_towers(c: &mut Client, data: &[f32], dims: usize, host: &str, port: u16) {
     towers::Towers {
@@ -191,20 +207,13 @@ fn main() {
     if !skip_load {
         c.batch_execute("DROP TABLE IF EXISTS items; CREATE TABLE items (id bigint PRIMARY KEY, embedding real[]) WITH (autovacuum_enabled = off)").unwrap();
         let (_, load) = timed(|| {
-            let mut w = c.copy_in("COPY items (id, embedding) FROM STDIN").unwrap();
-            let mut buf = String::with_capacity(1 << 20);
-            for (i, v) in data.chunks_exact(dims).enumerate() {
-                buf.push_str(&(i + 1).to_string());
-                buf.push('\t');
-                buf.push_str(&literal(v));
-                buf.push('\n');
-                if buf.len() > 1 << 20 {
-                    w.write_all(buf.as_bytes()).unwrap();
-                    buf.clear();
-                }
-            }
-            w.write_all(buf.as_bytes()).unwrap();
-            w.finish().unwrap();
+            copy_lines(
+                &mut c,
+                "COPY items (id, embedding) FROM STDIN",
+                data.chunks_exact(dims)
+                    .enumerate()
+                    .map(|(i, v)| format!("{}\t{}", i + 1, literal(v))),
+            )
         });
         c.batch_execute("VACUUM ANALYZE items").unwrap();
         println!("# loaded {n} rows in {:.1} s", load.as_secs_f64());

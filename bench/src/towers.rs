@@ -10,7 +10,6 @@ use crate::{env, ground_truth};
 use postgres::Client;
 use serde_json::Value;
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -143,24 +142,17 @@ impl Towers<'_> {
         let import = "SELECT twotower.import_model($1, $2::jsonb, $3, true)";
         let uspec_v: Value = serde_json::from_str(&uspec).unwrap();
         let ispec_v: Value = serde_json::from_str(&ispec).unwrap();
-        let (uver, ut): (i32, _) = {
+        let mut import_one = |name: &str, spec: &Value, weights: &Vec<u8>| -> (i32, _) {
             let s = Instant::now();
             let v = self
                 .c
-                .query_one(import, &[&"bench_user", &uspec_v, &uweights])
-                .expect("import_model bench_user")
+                .query_one(import, &[&name, spec, weights])
+                .unwrap_or_else(|e| panic!("import_model {name}: {e}"))
                 .get(0);
             (v, s.elapsed())
         };
-        let (iver, it): (i32, _) = {
-            let s = Instant::now();
-            let v = self
-                .c
-                .query_one(import, &[&"bench_item", &ispec_v, &iweights])
-                .expect("import_model bench_item")
-                .get(0);
-            (v, s.elapsed())
-        };
+        let (uver, ut) = import_one("bench_user", &uspec_v, &uweights);
+        let (iver, it) = import_one("bench_item", &ispec_v, &iweights);
         println!("\n## Towers and recall");
         println!(
             "# models: bench_user v{uver} ({} parameters, {:.1} MB safetensors, import {:.0} ms), bench_item v{iver} ({} parameters, {:.1} MB, import {:.0} ms); spec/weights/inputs in {}",
@@ -492,28 +484,16 @@ impl Towers<'_> {
             )
             .unwrap();
         let load = Instant::now();
-        {
-            let mut w = self
-                .c
-                .copy_in("COPY bench_item_features (item_id, category, tags, price, popularity) FROM STDIN")
-                .unwrap();
-            let mut buf = String::with_capacity(1 << 20);
-            for r in &rows {
-                for (j, c) in cols.iter().enumerate() {
-                    if j > 0 {
-                        buf.push('\t');
-                    }
-                    buf.push_str(&copy_field(r.get(*c)));
-                }
-                buf.push('\n');
-                if buf.len() > 1 << 20 {
-                    w.write_all(buf.as_bytes()).unwrap();
-                    buf.clear();
-                }
-            }
-            w.write_all(buf.as_bytes()).unwrap();
-            w.finish().unwrap();
-        }
+        crate::copy_lines(
+            self.c,
+            "COPY bench_item_features (item_id, category, tags, price, popularity) FROM STDIN",
+            rows.iter().map(|r| {
+                cols.iter()
+                    .map(|c| copy_field(r.get(*c)))
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            }),
+        );
         self.c
             .batch_execute("VACUUM ANALYZE bench_item_features")
             .unwrap();
