@@ -10,13 +10,17 @@ fi
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
 src=/etc/apt/sources.list.d/pg_twotower-trixie-src.sources
 if [ ! -f "$src" ]; then
-  $SUDO tee "$src" >/dev/null <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: trixie
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
+  # The machine's own Debian mirror (its first URIs: line, or the first deb line of
+  # sources.list), with the suite changed to trixie: no mirror is named in this repository.
+  uri=$(grep -h -E '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' | grep -v security | head -1 || true)
+  if [ -z "$uri" ]; then
+    uri=$(grep -h -E '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}' | head -1 || true)
+  fi
+  if [ -z "$uri" ]; then
+    echo "pgvector: no Debian mirror found in the apt sources; skipping" >&2; exit 1
+  fi
+  printf 'Types: deb-src\nURIs: %s\nSuites: trixie\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" \
+    | $SUDO tee "$src" >/dev/null
   $SUDO apt-get update -qq
 fi
 work=$(mktemp -d)

@@ -40,47 +40,72 @@ pub mod twotower {
         l.model.forward(&x)
     }
 
+    /// Users one `embed_users` call embeds at most.
+    pub const MAX_USERS_PER_CALL: usize = 100_000;
+    /// Users encoded and run through the tower between two interrupt checks.
+    const FORWARD_CHUNK: usize = 2048;
+
     /// Many users at once (both cores): one row per element of `features`, in order
     /// (`ord` is the 1-based position). A NULL element gives a NULL embedding.
+    ///
+    /// Bounded: at most 100 000 users per call (54000 past it); elements are converted and
+    /// encoded one at a time (multi-valued features cut to their `max_len` as they are
+    /// encoded), so a call holds one element's JSON at a time, never the whole input; cancel
+    /// and `statement_timeout` are answered between elements and between forward chunks.
     #[pg_extern(stable, parallel_restricted, strict)]
     fn embed_users(
         model: &str,
-        features: Vec<Option<JsonbValue>>,
+        features: pgrx::datum::Array<'_, JsonbValue>,
     ) -> TableIterator<'static, (name!(ord, i32), name!(embedding, Option<Vec<f32>>))> {
-        let l = catalog::active_model(model).or_report();
-        expect_kind(&l, Kind::User).or_report();
-        let mut encoded = Vec::with_capacity(features.len());
-        let mut present = Vec::with_capacity(features.len());
-        for (i, f) in features.iter().enumerate() {
-            if i % 1024 == 0 {
-                check_for_interrupts!();
-            }
-            match f {
-                Some(f) => {
-                    encoded.push(l.model.encode(&f.0, true).or_report());
-                    present.push(true);
-                }
-                None => present.push(false),
-            }
-        }
-        let dim = l.model.output_dim();
-        let out = forward_parallel(&l.model, &encoded, super::inference_threads());
-        if let Some(row) = super::first_non_finite(&out, dim) {
-            TtError::BadArgument(format!(
-                "the tower output of features element {} is not finite",
-                row + 1
+        let n = features.len();
+        if n > MAX_USERS_PER_CALL {
+            TtError::TooMany(format!(
+                "embed_users() embeds at most {MAX_USERS_PER_CALL} users per call, not {n}"
             ))
             .report();
         }
-        let mut rows = Vec::with_capacity(present.len());
-        let mut j = 0;
-        for (i, p) in present.into_iter().enumerate() {
-            let v = p.then(|| {
-                j += 1;
-                out[(j - 1) * dim..j * dim].to_vec()
-            });
-            rows.push((i as i32 + 1, v));
+        let l = catalog::active_model(model).or_report();
+        expect_kind(&l, Kind::User).or_report();
+        let dim = l.model.output_dim();
+        let mut rows = Vec::with_capacity(n);
+        let mut batch = Vec::with_capacity(FORWARD_CHUNK.min(n));
+        let mut batch_ords = Vec::with_capacity(FORWARD_CHUNK.min(n));
+        let flush = |batch: &mut Vec<_>, ords: &mut Vec<i32>, rows: &mut Vec<(i32, Option<Vec<f32>>)>| {
+            if batch.is_empty() {
+                return;
+            }
+            check_for_interrupts!();
+            let out = forward_parallel(&l.model, batch, super::inference_threads());
+            if let Some(row) = super::first_non_finite(&out, dim) {
+                TtError::BadArgument(format!(
+                    "the tower output of features element {} is not finite",
+                    ords[row]
+                ))
+                .report();
+            }
+            for (j, ord) in ords.iter().enumerate() {
+                rows.push((*ord, Some(out[j * dim..(j + 1) * dim].to_vec())));
+            }
+            batch.clear();
+            ords.clear();
+        };
+        for (i, f) in features.iter().enumerate() {
+            check_for_interrupts!();
+            match f {
+                Some(f) => {
+                    batch.push(l.model.encode(&f.0, true).or_report());
+                    batch_ords.push(i as i32 + 1);
+                    if batch.len() == FORWARD_CHUNK {
+                        flush(&mut batch, &mut batch_ords, &mut rows);
+                    }
+                }
+                None => {
+                    flush(&mut batch, &mut batch_ords, &mut rows);
+                    rows.push((i as i32 + 1, None));
+                }
+            }
         }
+        flush(&mut batch, &mut batch_ords, &mut rows);
         TableIterator::new(rows)
     }
 

@@ -37,6 +37,18 @@ pub enum TtError {
     BadModelName(String),
     /// Dropping the version that serves.
     ActiveVersion { name: String, version: i32 },
+    /// More items in one call than the documented limit.
+    TooMany(String),
+    /// A server file that does not exist.
+    FileMissing(String),
+    /// A server file that cannot be read.
+    FileIo(String),
+    /// A server file past the size limit.
+    FileTooLarge(String),
+    /// An argument that must not be NULL.
+    NullArgument(&'static str),
+    /// A twotower_hnsw function called on another kind of index (names the function).
+    WrongIndex(String),
     /// A generic invalid argument value.
     BadArgument(String),
     /// The table an index belongs to has no usable item id column.
@@ -104,6 +116,22 @@ impl TtError {
                     format!("vector element {} is {}", position + 1, pg_float(*value)),
                     None,
                     Some("NaN and infinite values are not allowed in vectors.".into()),
+                ),
+                AnnError::OutOfRange { norm } => (
+                    ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+                    format!("vector norm {norm:e} is outside the range a twotower_hnsw index ranks exactly"),
+                    None,
+                    Some(format!(
+                        "Indexed vectors need a norm between {:e} and {:e} (or zero); scale them, e.g. with twotower.l2_normalize().",
+                        twotower_ann::metric::MIN_INDEX_NORM_SQ.sqrt(),
+                        twotower_ann::metric::MAX_INDEX_NORM_SQ.sqrt()
+                    )),
+                ),
+                AnnError::F16Range { position, value } => (
+                    ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+                    format!("vector element {} ({value}) is too large for an index with quantization 'f16'", position + 1),
+                    None,
+                    Some("f16 holds magnitudes up to 65504: scale the vectors, or use quantization 'f32'.".into()),
                 ),
                 AnnError::InvalidOption { option, reason } => (
                     ERRCODE_INVALID_PARAMETER_VALUE,
@@ -192,6 +220,32 @@ impl TtError {
                 Some("Activate another version first, or drop the whole model.".into()),
             ),
             TtError::BadArgument(d) => (ERRCODE_INVALID_PARAMETER_VALUE, d.clone(), None, None),
+            TtError::TooMany(d) => (
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                d.clone(),
+                None,
+                Some("Split the input into several calls.".into()),
+            ),
+            TtError::FileMissing(d) => (ERRCODE_UNDEFINED_FILE, d.clone(), None, None),
+            TtError::FileIo(d) => (ERRCODE_IO_ERROR, d.clone(), None, None),
+            TtError::FileTooLarge(d) => (
+                ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                d.clone(),
+                None,
+                Some("Import larger weights with twotower.import_model(name, spec, weights) from the client.".into()),
+            ),
+            TtError::NullArgument(name) => (
+                ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                format!("argument \"{name}\" must not be NULL"),
+                None,
+                None,
+            ),
+            TtError::WrongIndex(what) => (
+                ERRCODE_WRONG_OBJECT_TYPE,
+                format!("{what} works only on twotower_hnsw indexes"),
+                None,
+                Some("CREATE INDEX ... USING twotower_hnsw (column real_cosine_ops) makes one.".into()),
+            ),
             TtError::NoItemId(d) => (
                 ERRCODE_WRONG_OBJECT_TYPE,
                 d.clone(),

@@ -6,7 +6,7 @@ use pgrx::prelude::*;
 #[pg_schema]
 pub mod twotower {
     use crate::am::{cache, is_ours, pages};
-    use crate::error::{OrReport, TtError};
+    use crate::error::{OrReport, TtError, TtResult};
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use twotower_ann::{Metric, Quantization};
@@ -38,16 +38,17 @@ pub mod twotower {
             name!(cache_state, String),
         ),
     > {
+        check_may_inspect(index).or_report();
         // SAFETY: index_open raises a proper ERROR for a missing relation or a non-index.
         let rel = unsafe { pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
         // SAFETY: `rel` is open until index_close below.
         let row = unsafe {
             if !is_ours(rel) {
-                TtError::Unsupported("index_info() works only on twotower_hnsw indexes".into())
-                    .report();
+                TtError::WrongIndex("index_info()".into()).report();
             }
             let meta = pages::read_meta(rel).or_report();
             let key = cache::rel_key(rel);
+            let oid = (*rel).rd_id.to_u32();
             let size =
                 pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM)
                     as i64
@@ -71,13 +72,46 @@ pub mod twotower {
                 meta.image_len as i64,
                 meta.build_millis as f64 / 1000.0,
                 meta.has_image()
-                    .then(|| format!("{}", cache::file_path(key, &meta).display())),
-                cache::file_state(key, &meta).to_string(),
+                    .then(|| format!("{}", cache::file_path(key, oid, &meta).display())),
+                cache::file_state(key, oid, &meta).to_string(),
             );
             pg_sys::index_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
             row
         };
         TableIterator::once(row)
+    }
+
+    /// index_info() shows item counts and paths: only for roles that may read the table, own
+    /// the index, or monitor the server (pg_monitor). Checked before anything is locked.
+    fn check_may_inspect(index: pg_sys::Oid) -> TtResult<()> {
+        let me = crate::catalog::caller();
+        // SAFETY: catalogue lookups by oid without locks; a missing relation gives InvalidOid.
+        unsafe {
+            let heap = pg_sys::IndexGetRelation(index, true);
+            if heap == pg_sys::InvalidOid {
+                if pg_sys::get_rel_relkind(index)
+                    == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char
+                {
+                    return Err(TtError::Unsupported(
+                        "index_info() shows the index of one table, not of a partitioned table: name a partition's index".into(),
+                    ));
+                }
+                return Err(TtError::WrongIndex("index_info()".into()));
+            }
+            let monitor = pg_sys::get_role_oid(c"pg_monitor".as_ptr(), true);
+            let ok = pg_sys::pg_class_aclcheck(heap, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK
+                || pg_sys::pg_class_ownercheck(index, me)
+                || (monitor != pg_sys::InvalidOid && pg_sys::has_privs_of_role(me, monitor));
+            if ok {
+                Ok(())
+            } else {
+                Err(TtError::PermissionDenied {
+                    action: "inspect this index".into(),
+                    hint: "index_info() needs SELECT on the indexed table, ownership of the index, or membership in pg_monitor.".into(),
+                })
+            }
+        }
     }
 
     /// Removes this database's cache files that belong to no existing twotower_hnsw index

@@ -98,16 +98,50 @@ pub mod twotower {
         import(name, &spec.0, weights, activate).or_report()
     }
 
+    /// Reads a regular server file of at most 1 GB in chunks, answering cancellation between
+    /// chunks. FIFOs, devices and directories are refused before anything is read.
     fn read_server_file(path: &str, what: &str) -> TtResult<Vec<u8>> {
-        let meta = std::fs::metadata(path)
-            .map_err(|e| TtError::BadArgument(format!("could not read {what} file \"{path}\": {e}")))?;
-        if meta.len() > MAX_FILE_BYTES {
-            return Err(TtError::BadArgument(format!(
-                "{what} file \"{path}\" is larger than 1 GB"
-            )));
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let fail = |e: std::io::Error| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                TtError::FileMissing(format!("{what} file \"{path}\" does not exist"))
+            } else {
+                TtError::FileIo(format!("could not read {what} file \"{path}\": {e}"))
+            }
+        };
+        let not_regular = || TtError::BadArgument(format!("{what} file \"{path}\" is not a regular file"));
+        if !std::fs::metadata(path).map_err(fail)?.is_file() {
+            return Err(not_regular());
         }
-        std::fs::read(path)
-            .map_err(|e| TtError::BadArgument(format!("could not read {what} file \"{path}\": {e}")))
+        // O_NONBLOCK: a file swapped for a FIFO after the check cannot block the open.
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(0o4000)
+            .open(path)
+            .map_err(fail)?;
+        let meta = f.metadata().map_err(fail)?;
+        if !meta.is_file() {
+            return Err(not_regular());
+        }
+        let too_large = || TtError::FileTooLarge(format!("{what} file \"{path}\" is larger than 1 GB"));
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(too_large());
+        }
+        let mut out = Vec::with_capacity(meta.len() as usize);
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            check_for_interrupts!();
+            let n = f.read(&mut chunk).map_err(fail)?;
+            if n == 0 {
+                break;
+            }
+            if out.len() as u64 + n as u64 > MAX_FILE_BYTES {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+        Ok(out)
     }
 
     /// Imports a model from files on the database server (relative paths are relative to the

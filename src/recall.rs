@@ -97,9 +97,48 @@ pub mod twotower {
         }
     }
 
+    /// Refuses before any lock is taken when the caller can read neither the table of
+    /// `index_oid` nor any of its columns (the exact column check follows once it is open).
+    fn precheck_select(index_oid: pg_sys::Oid) -> TtResult<pg_sys::Oid> {
+        // SAFETY: catalogue lookups by oid without locks; missing objects give InvalidOid.
+        unsafe {
+            let heap_oid = pg_sys::IndexGetRelation(index_oid, true);
+            if heap_oid == pg_sys::InvalidOid {
+                if pg_sys::get_rel_relkind(index_oid) == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char {
+                    return Err(TtError::Unsupported(
+                        "recall() needs the index of one table, not of a partitioned table: name a partition's index".into(),
+                    ));
+                }
+                return Err(TtError::BadArgument("recall() needs an index, not a table".into()));
+            }
+            let me = catalog::caller();
+            let table_ok = pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK;
+            let any_col = pg_sys::pg_attribute_aclcheck_all(
+                heap_oid,
+                me,
+                pg_sys::ACL_SELECT as pg_sys::AclMode,
+                pg_sys::AclMaskHow::ACLMASK_ANY,
+            ) == pg_sys::AclResult::ACLCHECK_OK;
+            if !table_ok && !any_col {
+                let name = pg_sys::get_rel_name(heap_oid);
+                let name = if name.is_null() {
+                    format!("{}", heap_oid.to_u32())
+                } else {
+                    std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+                };
+                return Err(TtError::PermissionDenied {
+                    action: format!("read table \"{name}\""),
+                    hint: format!("GRANT SELECT ON {name} TO the role that calls recall()."),
+                });
+            }
+            Ok(heap_oid)
+        }
+    }
+
     /// Ranked (item id, score) of the `k` nearest live rows to `query` in `index_oid`,
-    /// skipping `exclude`. Scores are similarities: cosine similarity, inner product, or the
-    /// negated Euclidean distance.
+    /// skipping `exclude`, in exact distance order. Scores are similarities: cosine similarity,
+    /// inner product, or the negated Euclidean distance.
     fn search(
         index_oid: pg_sys::Oid,
         query: Vec<f32>,
@@ -109,25 +148,39 @@ pub mod twotower {
         ef: usize,
     ) -> TtResult<Vec<(i64, f32)>> {
         let lock = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+        let heap_oid = precheck_select(index_oid)?;
         // SAFETY: standard open order (table, then index) with the same lock the executor
         // takes; an index scan with the active snapshot; every object is released below.
         unsafe {
-            let heap_oid = pg_sys::IndexGetRelation(index_oid, true);
-            if heap_oid == pg_sys::InvalidOid {
-                return Err(TtError::BadArgument("recall() needs an index, not a table".into()));
-            }
             let heap = pg_sys::table_open(heap_oid, lock);
             let index = pg_sys::index_open(index_oid, lock);
             if !is_ours(index) {
-                return Err(TtError::BadArgument("recall() needs a twotower_hnsw index".into()));
+                return Err(TtError::WrongIndex("recall()".into()));
             }
             let ix = (*index).rd_index;
-            if !(*ix).indisvalid || !(*ix).indisready {
-                return Err(TtError::Unsupported("the index is not valid (a failed or unfinished CREATE INDEX CONCURRENTLY?): REINDEX it".into()));
-            }
             let vec_att = *(*ix).indkey.values.as_ptr();
             if vec_att <= 0 {
                 return Err(TtError::Unsupported("recall() does not support expression indexes".into()));
+            }
+            let (id_att, id_type) = item_id_column(heap)?;
+            if !may_select(heap_oid, &[id_att, vec_att]) {
+                let name = std::ffi::CStr::from_ptr((*(*heap).rd_rel).relname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned();
+                return Err(TtError::PermissionDenied {
+                    action: format!("read table \"{name}\""),
+                    hint: format!("GRANT SELECT ON {name} TO the role that calls recall()."),
+                });
+            }
+            if pg_sys::check_enable_rls(heap_oid, pg_sys::InvalidOid, false)
+                == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+            {
+                return Err(TtError::Unsupported(
+                    "recall() does not support tables with row-level security; use ORDER BY ... LIMIT in SQL".into(),
+                ));
+            }
+            if !(*ix).indisvalid || !(*ix).indisready {
+                return Err(TtError::Unsupported("the index is not valid (a failed or unfinished CREATE INDEX CONCURRENTLY?): REINDEX it".into()));
             }
             let metric = metric_of(index);
             if !metric_matches(metric, model_metric) {
@@ -149,23 +202,6 @@ pub mod twotower {
                     ),
                 });
             }
-            let (id_att, id_type) = item_id_column(heap)?;
-            if !may_select(heap_oid, &[id_att, vec_att]) {
-                let name = std::ffi::CStr::from_ptr((*(*heap).rd_rel).relname.data.as_ptr())
-                    .to_string_lossy()
-                    .into_owned();
-                return Err(TtError::PermissionDenied {
-                    action: format!("read table \"{name}\""),
-                    hint: format!("GRANT SELECT ON {name} TO the role that calls recall()."),
-                });
-            }
-            if pg_sys::check_enable_rls(heap_oid, pg_sys::InvalidOid, false)
-                == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
-            {
-                return Err(TtError::Unsupported(
-                    "recall() does not support tables with row-level security; use ORDER BY ... LIMIT in SQL".into(),
-                ));
-            }
             let qdatum = query.clone().into_datum().expect("a real[] datum");
             let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
             pg_sys::ScanKeyEntryInitialize(
@@ -179,17 +215,24 @@ pub mod twotower {
                 qdatum,
             );
             let scan = pg_sys::index_beginscan(heap, index, pg_sys::GetActiveSnapshot(), 0, 1);
+            // Room for the excluded rows the scan will return and skip.
+            let wanted = k + exclude.len();
+            scan::set_minimums(scan, wanted.max(ef), wanted as u64 + 1);
             pg_sys::index_rescan(scan, std::ptr::null_mut(), 0, &mut key, 1);
-            scan::set_min_ef(scan, (k + exclude.len().min(k)).max(ef));
             let slot = pg_sys::table_slot_create(heap, std::ptr::null_mut());
-            let mut out = Vec::with_capacity(k);
+            // (distance as the SQL operator computes it, id); the k nearest are kept sorted.
+            let mut best: Vec<(f64, i64)> = Vec::with_capacity(k + 1);
             let mut seen = 0usize;
-            while out.len() < k
-                && pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot)
-            {
+            while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
                 seen += 1;
                 if seen.is_multiple_of(256) {
                     check_for_interrupts!();
+                }
+                // The scan's distance of this row: exact, or a lower bound (quantized storage).
+                let bound = f64::from_bits((*(*scan).xs_orderbyvals).value() as u64);
+                if best.len() == k && bound > best[k - 1].0 {
+                    // Every later row is at least this far: the k nearest are known.
+                    break;
                 }
                 let (Some(idd), Some(vd)) = (attr(slot, id_att), attr(slot, vec_att)) else {
                     continue;
@@ -203,18 +246,31 @@ pub mod twotower {
                 if v.len() != query.len() {
                     continue;
                 }
-                let score = match metric {
-                    Metric::Cosine => 1.0 - twotower_ann::cosine_distance(&query, v),
-                    Metric::InnerProduct => twotower_ann::inner_product(&query, v),
-                    Metric::L2 => -twotower_ann::l2_distance(&query, v),
-                };
-                out.push((id, score as f32));
+                let d = metric.sql_distance(&query, v);
+                let at = best.partition_point(|&(bd, bid)| bd < d || (bd == d && bid < id));
+                if at < k {
+                    best.insert(at, (d, id));
+                    best.truncate(k);
+                }
+                if best.len() == k && !(*scan).xs_recheckorderby && d >= best[k - 1].0 {
+                    // Exact distances come in order: nothing later is nearer.
+                    break;
+                }
             }
             pg_sys::ExecDropSingleTupleTableSlot(slot);
             pg_sys::index_endscan(scan);
             pg_sys::index_close(index, lock);
             pg_sys::table_close(heap, lock);
-            Ok(out)
+            Ok(best
+                .into_iter()
+                .map(|(d, id)| {
+                    let score = match metric {
+                        Metric::Cosine => 1.0 - d,
+                        Metric::InnerProduct | Metric::L2 => -d,
+                    };
+                    (id, score as f32)
+                })
+                .collect())
         }
     }
 
@@ -229,12 +285,15 @@ pub mod twotower {
         model: Option<&str>,
         index: Option<RegClass>,
         features: Option<JsonbValue>,
-        k: default!(i32, 100),
+        k: default!(Option<i32>, 100),
         exclude: default!(Option<Vec<Option<i64>>>, "NULL"),
         ef_search: default!(Option<i32>, "NULL"),
     ) -> TableIterator<'static, (name!(item_id, i64), name!(score, f32), name!(rank, i32))> {
         let (Some(model), Some(index), Some(features)) = (model, index, features) else {
             return TableIterator::new(Vec::new());
+        };
+        let Some(k) = k else {
+            TtError::NullArgument("k").report();
         };
         if !(1..=MAX_K).contains(&k) {
             TtError::BadArgument(format!("k must be between 1 and {MAX_K}, not {k}")).report();

@@ -4,11 +4,14 @@ use pgrx::prelude::*;
 
 /// Runs `sql` and returns the SQLSTATE it fails with, or "ok".
 fn sqlstate(sql: &str) -> String {
-    Spi::run(
-        "CREATE OR REPLACE FUNCTION pg_temp.tt_try(q text) RETURNS text LANGUAGE plpgsql AS $f$
-         BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$",
-    )
-    .unwrap();
+    // Created once per session (a later SET ROLE may not replace it, but may call it).
+    if Spi::get_one::<bool>("SELECT to_regprocedure('pg_temp.tt_try(text)') IS NULL").unwrap() == Some(true) {
+        Spi::run(
+            "CREATE FUNCTION pg_temp.tt_try(q text) RETURNS text LANGUAGE plpgsql AS $f$
+             BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$",
+        )
+        .unwrap();
+    }
     Spi::get_one_with_args::<String>("SELECT pg_temp.tt_try($1)", &[sql.into()]).unwrap().unwrap()
 }
 
@@ -106,7 +109,12 @@ fn wrong_dimension_rows_fail_build_and_insert() {
     Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding)").unwrap();
     assert_eq!(sqlstate("INSERT INTO items VALUES (1000, 0, ARRAY[1,2,3]::real[])"), "22000");
     assert_eq!(sqlstate("INSERT INTO items VALUES (1000, 0, ARRAY[1,2,3,4,5,6,7,'NaN']::real[])"), "22000");
-    assert_eq!(sqlstate("SET enable_seqscan = off; SELECT id FROM items ORDER BY embedding <=> ARRAY[1,2]::real[] LIMIT 3"), "22000");
+    // The index scan itself refuses the query (the plan is an index scan, so no operator runs).
+    Spi::run("SET enable_seqscan = off").unwrap();
+    let sql = "SELECT id FROM items ORDER BY embedding <=> ARRAY[1,2]::real[] LIMIT 3";
+    assert!(explain(sql).contains("Index Scan using items_idx"), "{}", explain(sql));
+    assert_eq!(sqlstate(sql), "22000");
+    Spi::run("RESET enable_seqscan").unwrap();
     // NULL vectors are allowed and simply not indexed.
     Spi::run("INSERT INTO items VALUES (1001, 0, NULL)").unwrap();
 }
@@ -137,7 +145,7 @@ fn planner_uses_index_for_top_k_without_hints() {
     Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding)").unwrap();
     Spi::run("ANALYZE items").unwrap();
     let plan = explain("SELECT id FROM items ORDER BY embedding <=> (SELECT embedding FROM items WHERE id = 3) LIMIT 10");
-    assert!(plan.contains("twotower") || plan.contains("items_idx"), "{plan}");
+    assert!(plan.contains("Index Scan using items_idx"), "{plan}");
     // Without ORDER BY the index is never chosen.
     let plan = explain("SELECT id FROM items WHERE id < 10");
     assert!(!plan.contains("items_idx"), "{plan}");
@@ -147,7 +155,9 @@ fn planner_uses_index_for_top_k_without_hints() {
 fn inserts_are_searchable_deletes_never_return() {
     make_items(1000, 8);
     Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding real_l2_ops)").unwrap();
-    Spi::run("SET enable_seqscan = off").unwrap();
+    // Reading every row: relaxed order returns each live row once (strict order may skip a
+    // row the first searches missed rather than return it out of order).
+    Spi::run("SET enable_seqscan = off; SET twotower.iterative_scan = relaxed_order").unwrap();
     // A new far-away row is the nearest neighbour of itself at once.
     Spi::run("INSERT INTO items VALUES (5000, 0, array_fill(50::real, ARRAY[8]))").unwrap();
     let got = ids("SELECT id FROM items ORDER BY embedding <-> array_fill(50::real, ARRAY[8]) LIMIT 1");
@@ -179,7 +189,7 @@ fn deleted_rows_of_a_whole_page_are_skipped() {
     make_items(500, 8);
     Spi::run("ALTER TABLE items SET (autovacuum_enabled = off)").unwrap();
     Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding real_l2_ops)").unwrap();
-    Spi::run("SET enable_seqscan = off").unwrap();
+    Spi::run("SET enable_seqscan = off; SET twotower.iterative_scan = relaxed_order").unwrap();
     let far = "array_fill(100::real, ARRAY[8])";
     // Remember where row 1 lives, delete it and every other row on its page, vacuum, refill.
     Spi::run("DELETE FROM items WHERE (ctid::text::point)[0] = 0").unwrap();
@@ -210,7 +220,10 @@ fn empty_index_then_inserts() {
     Spi::run("SET enable_seqscan = off").unwrap();
     assert!(ids("SELECT id FROM e ORDER BY v <-> ARRAY[1,2]::real[] LIMIT 5").is_empty());
     Spi::run("INSERT INTO e SELECT i, ARRAY[i, i]::real[] FROM generate_series(1, 50) i").unwrap();
-    assert_eq!(ids("SELECT id FROM e ORDER BY v <-> ARRAY[10,10]::real[] LIMIT 3"), vec![10, 9, 11].into_iter().take(1).chain(ids("SELECT id FROM e ORDER BY v <-> ARRAY[10,10]::real[] LIMIT 3").into_iter().skip(1)).collect::<Vec<_>>());
+    let sql = "SELECT id FROM e ORDER BY v <-> ARRAY[10.2,10.2]::real[] LIMIT 5";
+    assert!(explain(sql).contains("Index Scan using e_idx"), "{}", explain(sql));
+    // Rows inserted into an empty index come back exactly as a sequential scan ranks them.
+    assert_eq!(ids(sql), vec![10, 11, 9, 12, 8]);
     assert_eq!(ids("SELECT id FROM e ORDER BY v <-> ARRAY[10,10]::real[] LIMIT 1"), vec![10]);
     assert_eq!(sqlstate("INSERT INTO e VALUES (99, ARRAY[1,2,3]::real[])"), "22000");
 }
@@ -334,4 +347,166 @@ fn recall_returns_k_nearest_live_items_with_exclusions() {
     )
     .unwrap();
     assert_eq!(recall(1, "NULL"), vec![424242]);
+}
+
+
+/// Distances of an ordered query in the order its rows come back; the plan must be an index
+/// scan of `index`.
+fn ordered_dists(sql: &str, index: &str) -> Vec<f64> {
+    let plan = explain(sql);
+    assert!(plan.contains(&format!("Index Scan using {index}")), "{plan}");
+    Spi::connect(|c| {
+        c.select(sql, None, &[]).unwrap().map(|r| r.get::<f64>(1).unwrap().unwrap()).collect()
+    })
+}
+
+#[pg_test]
+fn order_by_limit_is_distance_order_for_every_storage() {
+    make_items(8000, 32);
+    // A small ef_search and a 5% filter make every scan widen several times.
+    Spi::run("SET enable_seqscan = off; SET twotower.ef_search = 10").unwrap();
+    for (quant, ops, op) in [
+        ("f32", "real_cosine_ops", "<=>"),
+        ("f16", "real_cosine_ops", "<=>"),
+        ("i8", "real_cosine_ops", "<=>"),
+        ("f16", "real_l2_ops", "<->"),
+        ("f32", "real_ip_ops", "<#>"),
+    ] {
+        Spi::run(&format!(
+            "CREATE INDEX items_q_idx ON items USING twotower_hnsw (embedding {ops}) WITH (quantization = '{quant}')"
+        ))
+        .unwrap();
+        for qid in [5, 77, 301, 999, 4321, 7777] {
+            let q = format!("(SELECT embedding FROM items WHERE id = {qid})");
+            for (filter, limit) in [("id % 20 = 3", 50), ("true", 20)] {
+                let sql = format!(
+                    "SELECT embedding {op} {q} FROM items WHERE {filter} ORDER BY embedding {op} {q} LIMIT {limit}"
+                );
+                let d = ordered_dists(&sql, "items_q_idx");
+                assert_eq!(d.len(), limit as usize, "{quant}/{ops}: {sql}");
+                let inverted = d.windows(2).filter(|w| w[1] < w[0]).count();
+                assert_eq!(inverted, 0, "{quant}/{ops} query {qid} filter {filter}: {d:?}");
+            }
+        }
+        Spi::run("DROP INDEX items_q_idx").unwrap();
+    }
+    // relaxed_order and off are accepted; off never widens past one search.
+    Spi::run("CREATE INDEX items_q_idx ON items USING twotower_hnsw (embedding)").unwrap();
+    Spi::run("SET twotower.iterative_scan = relaxed_order").unwrap();
+    let q = "(SELECT embedding FROM items WHERE id = 5)";
+    let sql = format!("SELECT embedding <=> {q} FROM items WHERE id % 20 = 3 ORDER BY embedding <=> {q} LIMIT 50");
+    assert_eq!(ordered_dists(&sql, "items_q_idx").len(), 50);
+    Spi::run("SET twotower.iterative_scan = off").unwrap();
+    assert!(ordered_dists(&sql, "items_q_idx").len() < 50);
+    assert_eq!(sqlstate("SET twotower.iterative_scan = sideways"), "22023");
+}
+
+#[pg_test]
+fn scan_tuple_cap_ends_hopeless_filtered_scans() {
+    make_items(3000, 16);
+    Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding)").unwrap();
+    Spi::run("SET enable_seqscan = off").unwrap();
+    let q = "(SELECT embedding FROM items WHERE id = 11)";
+    let all = format!("SELECT id FROM items ORDER BY embedding <=> {q} LIMIT 1000");
+    assert_eq!(ids(&all).len(), 1000);
+    Spi::run("SET twotower.max_scan_tuples = 200").unwrap();
+    assert!(explain(&all).contains("Index Scan using items_idx"));
+    // At the cap the scan ends: fewer rows than asked, never more work.
+    assert_eq!(ids(&all).len(), 200);
+    let filtered = ids(&format!("SELECT id FROM items WHERE id % 2 = 0 ORDER BY embedding <=> {q} LIMIT 1000"));
+    assert!(filtered.len() >= 10 && filtered.len() <= 200, "{} rows", filtered.len());
+    // A filter that matches nothing ends after 200 rows instead of walking the whole graph.
+    assert!(ids(&format!("SELECT id FROM items WHERE id < 0 ORDER BY embedding <=> {q} LIMIT 10")).is_empty());
+    assert_eq!(sqlstate("SET twotower.max_scan_tuples = 0"), "22023");
+}
+
+#[pg_test]
+fn index_scans_are_counted_in_pg_stat() {
+    make_items(500, 8);
+    Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding)").unwrap();
+    Spi::run("SET enable_seqscan = off").unwrap();
+    let before = one_i64("SELECT pg_stat_get_xact_numscans('items_idx'::regclass)");
+    for i in 1..=3 {
+        ids(&format!("SELECT id FROM items ORDER BY embedding <=> (SELECT embedding FROM items WHERE id = {i}) LIMIT 5"));
+    }
+    assert_eq!(one_i64("SELECT pg_stat_get_xact_numscans('items_idx'::regclass)"), before + 3);
+}
+
+#[pg_test]
+fn alter_index_options_are_validated_as_on_create() {
+    make_items(100, 8);
+    Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding) WITH (m = 8, ef_construction = 10)").unwrap();
+    assert_eq!(sqlstate("ALTER INDEX items_idx SET (m = 20)"), "22023");
+    assert_eq!(sqlstate("CREATE INDEX ON items USING twotower_hnsw (embedding) WITH (m = 20, ef_construction = 10)"), "22023");
+    assert_eq!(sqlstate("ALTER INDEX items_idx SET (ef_construction = 40)"), "ok");
+    assert_eq!(sqlstate("ALTER INDEX items_idx SET (m = 20)"), "ok");
+    assert_eq!(sqlstate("REINDEX INDEX items_idx"), "ok");
+}
+
+#[pg_test]
+fn extreme_finite_values_give_exact_distances_or_clear_errors() {
+    Spi::run("SET search_path = public, twotower").unwrap();
+    assert!(one_f64("SELECT '{2e19,2e19}'::real[] <=> '{1,1}'").abs() < 1e-12);
+    assert!(one_f64("SELECT '{1e-23,1e-23}'::real[] <=> '{1,1}'").abs() < 1e-12);
+    assert!((one_f64("SELECT '{2e19,2e19}'::real[] <-> '{0,0}'") - 2e19 * 2f64.sqrt()).abs() < 1e13);
+    let n = Spi::get_one::<Vec<f32>>("SELECT l2_normalize('{2e19,2e19}')").unwrap().unwrap();
+    assert!((n[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6, "{n:?}");
+    Spi::run("CREATE TABLE x (id int, v real[]); INSERT INTO x VALUES (1, '{1,2}'), (2, '{3,1}')").unwrap();
+    Spi::run("CREATE INDEX x_idx ON x USING twotower_hnsw (v)").unwrap();
+    // What the graph could not rank is refused with a clear error, never mis-ordered.
+    assert_eq!(sqlstate("INSERT INTO x VALUES (3, '{2e19,2e19}')"), "22003");
+    assert_eq!(sqlstate("INSERT INTO x VALUES (3, '{1e-23,1e-23}')"), "22003");
+    assert_eq!(sqlstate("CREATE INDEX ON x USING twotower_hnsw (v) WITH (quantization = 'f16')"), "ok");
+    assert_eq!(sqlstate("INSERT INTO x VALUES (5, '{70000,1}')"), "22003");
+    // A huge query under cosine is ranked exactly (normalised in f64).
+    Spi::run("SET enable_seqscan = off").unwrap();
+    assert_eq!(ids("SELECT id::bigint FROM x ORDER BY v <=> '{3e19,1e19}' LIMIT 1"), vec![2]);
+}
+
+#[pg_test]
+fn index_info_needs_select_and_names_the_wrong_index_kind() {
+    make_items(100, 8);
+    Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding)").unwrap();
+    Spi::run("CREATE INDEX items_btree ON items (id)").unwrap();
+    assert_eq!(sqlstate("SELECT * FROM twotower.index_info('items_btree')"), "42809");
+    Spi::run("CREATE ROLE tt_outsider").unwrap();
+    Spi::run("SET ROLE tt_outsider").unwrap();
+    assert_eq!(sqlstate("SELECT * FROM twotower.index_info('items_idx')"), "42501");
+    Spi::run("RESET ROLE; GRANT SELECT ON items TO tt_outsider; SET ROLE tt_outsider").unwrap();
+    assert_eq!(sqlstate("SELECT * FROM twotower.index_info('items_idx')"), "ok");
+    Spi::run("RESET ROLE").unwrap();
+}
+
+#[pg_test]
+fn recall_null_arguments_are_clear_errors() {
+    import_synth_user("synth", 3);
+    Spi::run("CREATE TABLE vecs (id bigint PRIMARY KEY, embedding real[])").unwrap();
+    Spi::run("CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding twotower.real_cosine_ops)").unwrap();
+    assert_eq!(sqlstate("SELECT * FROM twotower.recall('synth', 'vecs_idx', '{}', NULL)"), "22004");
+    assert_eq!(sqlstate("SELECT * FROM twotower.recall('synth', 'vecs', '{}', 5)"), "22023");
+    // No SELECT on the table: refused before anything about the index is revealed.
+    Spi::run("CREATE ROLE tt_outsider; SET ROLE tt_outsider").unwrap();
+    assert_eq!(sqlstate("SELECT * FROM twotower.recall('synth', 'vecs_idx', '{}', 5)"), "42501");
+    Spi::run("RESET ROLE").unwrap();
+}
+
+#[pg_test]
+fn embed_users_is_bounded_in_size_and_memory() {
+    import_synth_user("synth", 5);
+    assert_eq!(
+        sqlstate("SELECT count(*) FROM twotower.embed_users('synth', array_fill('{}'::jsonb, ARRAY[100001]))"),
+        "54000"
+    );
+    // 300 users with 20 000-id histories: the call holds one user's JSON at a time.
+    Spi::run(
+        "CREATE TEMP TABLE big AS SELECT array_agg(jsonb_build_object('user_id', i, 'history', h)) AS a
+           FROM generate_series(1, 300) i, (SELECT jsonb_agg(j) AS h FROM generate_series(1, 20000) j) x",
+    )
+    .unwrap();
+    let hwm = || one_i64(r"SELECT (regexp_match(pg_read_file('/proc/self/status'), 'VmHWM:\s+(\d+)'))[1]::bigint");
+    assert_eq!(one_i64("SELECT count(*) FROM big WHERE cardinality(a) = 300"), 1);
+    let before = hwm();
+    assert_eq!(one_i64("SELECT count(embedding) FROM twotower.embed_users('synth', (SELECT a FROM big))"), 300);
+    let grew_kb = hwm() - before;
+    assert!(grew_kb < 120_000, "embed_users raised the backend's peak memory by {grew_kb} kB");
 }

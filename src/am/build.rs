@@ -80,6 +80,12 @@ unsafe extern "C-unwind" fn build_callback(
         st.skipped_zero += 1;
         return;
     }
+    if let Err(e) = st.quantization.check_vector(s) {
+        if !alive {
+            return;
+        }
+        TtError::Ann(e).report();
+    }
     // SAFETY: the scan passes a valid TID.
     st.keys.push(tid_to_key(unsafe { &*tid }));
     st.vectors.extend_from_slice(s);
@@ -225,7 +231,7 @@ pub unsafe extern "C-unwind" fn ambuild(
     unsafe {
         write_new_index(index, pg_sys::ForkNumber::MAIN_FORKNUM, &mut meta, &image);
         // The pages are the truth; priming this node's cache file saves re-reading them.
-        cache::store(cache::rel_key(index), &meta, &image);
+        cache::store(index, &meta, &image);
     }
     meta.build_millis = started.elapsed().as_millis() as u64;
     // SAFETY: the metapage was just written; record how long the build took.

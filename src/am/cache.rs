@@ -1,16 +1,34 @@
 //! The node-local cache file. The image's truth is in the index pages; each node copies it once
-//! into `$PGDATA/pg_twotower/<spc>_<db>_<relfilenode>_<generation>_<checksum>.img` (written to a
-//! temporary name and renamed), maps it read-only, and every backend shares it through the page
-//! cache. A file is used only after its full checksum matches the metapage, so a file left by a
-//! crash, copied by a base backup or written by an older build is never trusted blindly.
+//! into `$PGDATA/pg_twotower/<spc>_<db>_<relfilenode>_<index oid>_<generation>_<checksum>.img`
+//! (written to a temporary name, fsynced and renamed), maps it read-only, and every backend
+//! shares it through the page cache.
+//!
+//! Trust: a file is used only after its full checksum matched the metapage once on this node;
+//! that verification is recorded in a marker (`.img.ok`) holding the file's inode, size, mtime
+//! and ctime, written only after the file was fsynced. A later backend that finds a marker
+//! matching the file skips the checksum; a file left by a crash, copied by a base backup
+//! (another inode), written by an older build (another name) or touched since (another
+//! ctime) is verified again. Each scan start re-checks the open file (fstat): a file truncated
+//! or rewritten under a mapping is dropped and verified again instead of read.
+//!
+//! Availability: when the directory cannot be written (full disk, permissions) the image is
+//! read from the index pages into backend memory (one WARNING per backend), so a broken cache
+//! costs speed, never answers. Temporary indexes always use backend memory.
+//!
+//! Cleanup: files of dropped indexes and databases are removed when the dropping transaction
+//! commits (object access hook + transaction callback), files of a rebuilt index's old
+//! relfilenode when the rebuild commits, and any file whose relation file is gone (a standby
+//! replaying a drop, a crash) by a sweep when a backend loads the library and after every
+//! materialization.
 
 use super::pages::{read_image_into, Meta};
 use crate::error::{TtError, TtResult};
 use memmap2::Mmap;
 use pgrx::pg_sys;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fs;
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use twotower_ann::Image;
@@ -19,18 +37,82 @@ pub const CACHE_DIR: &str = "pg_twotower";
 /// Open images kept per backend (they are mappings, not copies).
 const MAX_OPEN: usize = 16;
 
-/// A verified image mapped from the cache file.
+/// The bytes behind an image: the mapped cache file, or a copy in backend memory.
+pub enum Bytes {
+    Map(Mmap),
+    Mem(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Bytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Mem(v) => v,
+        }
+    }
+}
+
+/// Identity of a file as fstat sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stamp {
+    fn of(m: &fs::Metadata) -> Stamp {
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        }
+    }
+    fn line(&self) -> String {
+        format!("{} {} {} {}\n", self.ino, self.size, self.mtime_ns, self.ctime_ns)
+    }
+}
+
+/// A verified image, mapped from the cache file or held in memory.
 pub struct Loaded {
     pub generation: u64,
     pub checksum: u64,
-    pub path: PathBuf,
-    pub image: Image<Mmap>,
+    /// The cache file, when mapped (None: backend memory).
+    pub path: Option<PathBuf>,
+    file: Option<(fs::File, Stamp)>,
+    pub image: Image<Bytes>,
+}
+
+impl Loaded {
+    /// False when the mapped file was truncated or rewritten since it was verified.
+    fn still_valid(&self) -> bool {
+        match &self.file {
+            None => true,
+            Some((f, stamp)) => f.metadata().is_ok_and(|m| Stamp::of(&m) == *stamp),
+        }
+    }
 }
 
 type Key = (u32, u32, u32);
 
 thread_local! {
     static OPEN: RefCell<Vec<(Key, Rc<Loaded>)>> = const { RefCell::new(Vec::new()) };
+    static WARNED: Cell<bool> = const { Cell::new(false) };
+    /// Cache files to remove when this transaction commits (dropped indexes, rebuilt ones).
+    static ON_COMMIT: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    /// Every file of this relfilenode (a dropped index).
+    Relation { db: u32, rel: u32 },
+    /// Every file of this database (DROP DATABASE).
+    Database { db: u32 },
+    /// Files of this index oid under another relfilenode (a rebuild), at commit; at abort the
+    /// files of the new relfilenode itself.
+    Rebuilt { db: u32, index: u32, rel: u32 },
 }
 
 /// The physical identity of an index relation (tablespace, database, relfilenode).
@@ -43,69 +125,128 @@ pub unsafe fn rel_key(index: pg_sys::Relation) -> Key {
     (n.spcNode.to_u32(), n.dbNode.to_u32(), n.relNode.to_u32())
 }
 
+/// True for indexes of temporary tables (one backend's: no file is shared).
+unsafe fn is_local(index: pg_sys::Relation) -> bool {
+    // SAFETY: open relation.
+    unsafe { (*index).rd_backend != pg_sys::InvalidBackendId }
+}
+
 fn prefix(k: Key) -> String {
     format!("{}_{}_{}_", k.0, k.1, k.2)
 }
 
-pub fn file_path(k: Key, meta: &Meta) -> PathBuf {
+/// The cache file of build `meta` of index `oid` stored as `k`.
+pub fn file_path(k: Key, oid: u32, meta: &Meta) -> PathBuf {
     Path::new(CACHE_DIR).join(format!(
-        "{}{:016x}_{:016x}.img",
+        "{}{}_{:016x}_{:016x}.img",
         prefix(k),
+        oid,
         meta.generation,
         meta.image_checksum
     ))
 }
 
+fn marker_path(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".ok");
+    PathBuf::from(s)
+}
+
+/// The parsed name of a cache directory entry: (spc, db, rel, index oid, temporary's pid).
+fn parse_name(name: &str) -> Option<(u32, u32, u32, u32, Option<i32>)> {
+    let parts: Vec<&str> = name.splitn(6, '_').collect();
+    if parts.len() < 6 {
+        return None;
+    }
+    let tmp_pid = name
+        .rsplit_once(".tmp.")
+        .and_then(|(_, pid)| pid.parse::<i32>().ok());
+    Some((
+        parts[0].parse().ok()?,
+        parts[1].parse().ok()?,
+        parts[2].parse().ok()?,
+        parts[3].parse().ok()?,
+        tmp_pid,
+    ))
+}
+
 /// State of the cache file for index_info.
-pub fn file_state(k: Key, meta: &Meta) -> &'static str {
+pub fn file_state(k: Key, oid: u32, meta: &Meta) -> &'static str {
     if !meta.has_image() {
         return "none (no graph yet)";
     }
     let open = OPEN.with(|o| {
         o.borrow()
             .iter()
-            .any(|(key, l)| *key == k && l.generation == meta.generation)
+            .find(|(key, l)| *key == k && l.generation == meta.generation)
+            .map(|(_, l)| l.path.is_some())
     });
-    if open {
-        "verified (mapped by this backend)"
-    } else if file_path(k, meta).exists() {
-        "present (verified on first use)"
-    } else {
-        "absent (materialized on first use)"
+    match open {
+        Some(true) => "verified (mapped by this backend)",
+        Some(false) => "in backend memory (no cache file)",
+        None if file_path(k, oid, meta).exists() => "present (verified on first use)",
+        None => "absent (materialized on first use)",
     }
 }
 
-/// The verified, mapped image of `index` for the build recorded in `meta`.
+/// The verified image of `index` for the build recorded in `meta`.
 ///
 /// # Safety
 /// `index` must be an open twotower_hnsw index and `meta` its current metapage.
 pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>> {
     // SAFETY: forwarded.
-    let k = unsafe { rel_key(index) };
-    if let Some(l) = OPEN.with(|o| {
+    let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };
+    let hit = OPEN.with(|o| {
         o.borrow()
             .iter()
             .find(|(key, l)| {
                 *key == k && l.generation == meta.generation && l.checksum == meta.image_checksum
             })
             .map(|(_, l)| l.clone())
-    }) {
-        return Ok(l);
+    });
+    if let Some(l) = hit {
+        if l.still_valid() {
+            return Ok(l);
+        }
+        forget(k);
     }
-    let path = file_path(k, meta);
-    let loaded = match open_file(&path, meta) {
-        Ok(l) => l,
-        Err(_) => {
-            // Missing, stale or damaged: rebuild it from the pages (the source of truth).
-            let _ = fs::remove_file(&path);
-            // SAFETY: forwarded.
-            unsafe { materialize(index, k, meta, &path)? };
-            open_file(&path, meta).map_err(|e| match e {
-                TtError::Ann(a) => TtError::IndexCorrupt(format!(
-                    "image read from the index pages failed verification: {a}"
-                )),
-                other => other,
-            })?
+    let loaded = if local {
+        // SAFETY: forwarded.
+        unsafe { in_memory(index, meta)? }
+    } else {
+        let path = file_path(k, oid, meta);
+        match open_file(&path, meta) {
+            Ok(l) => l,
+            Err(_) => {
+                // Missing, stale or damaged: rebuild it from the pages (the source of truth),
+                // or read the pages into memory when the file cannot be written.
+                let _ = fs::remove_file(marker_path(&path));
+                let _ = fs::remove_file(&path);
+                // SAFETY: forwarded.
+                match unsafe { materialize(index, k, meta, &path) } {
+                    Ok(()) => match open_file(&path, meta) {
+                        Ok(l) => l,
+                        Err(TtError::Ann(a)) => {
+                            return Err(TtError::IndexCorrupt(format!(
+                                "image read from the index pages failed verification: {a}"
+                            )))
+                        }
+                        // Removed or changed under us: serve from memory this time.
+                        // SAFETY: forwarded.
+                        Err(_) => unsafe { in_memory(index, meta)? },
+                    },
+                    Err(TtError::CacheIo(why)) => {
+                        if !WARNED.with(|w| w.replace(true)) {
+                            pgrx::warning!(
+                                "pg_twotower: could not write the index cache file ({why}); reading index images into backend memory instead"
+                            );
+                        }
+                        // SAFETY: forwarded.
+                        unsafe { in_memory(index, meta)? }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }
     };
     let l = Rc::new(loaded);
@@ -120,87 +261,178 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
     Ok(l)
 }
 
-fn open_file(path: &Path, meta: &Meta) -> TtResult<Loaded> {
-    let f =
-        fs::File::open(path).map_err(|e| TtError::CacheIo(format!("{}: {e}", path.display())))?;
-    // SAFETY: cache files are only ever created complete (rename) and never modified in place;
-    // the checksum in Image::open verifies the mapped bytes.
-    let map = unsafe { Mmap::map(&f) }
-        .map_err(|e| TtError::CacheIo(format!("{}: {e}", path.display())))?;
-    if map.len() as u64 != meta.image_len {
-        return Err(TtError::CacheIo("cache file has the wrong length".into()));
-    }
-    let image = Image::open(map, meta.image_checksum)?;
+/// Reads the image from the index pages into backend memory and verifies it.
+unsafe fn in_memory(index: pg_sys::Relation, meta: &Meta) -> TtResult<Loaded> {
+    let mut bytes = Vec::with_capacity(meta.image_len as usize);
+    // SAFETY: forwarded.
+    unsafe { read_image_into(index, meta, &mut bytes)? };
+    let image = Image::open(Bytes::Mem(bytes), meta.image_checksum).map_err(|e| {
+        TtError::IndexCorrupt(format!("image read from the index pages failed verification: {e}"))
+    })?;
     Ok(Loaded {
         generation: meta.generation,
         checksum: meta.image_checksum,
-        path: path.to_path_buf(),
+        path: None,
+        file: None,
         image,
     })
+}
+
+fn open_file(path: &Path, meta: &Meta) -> TtResult<Loaded> {
+    let io = |e: std::io::Error| TtError::CacheIo(format!("{}: {e}", path.display()));
+    let f = fs::File::open(path).map_err(io)?;
+    let md = f.metadata().map_err(io)?;
+    if !md.is_file() || md.len() != meta.image_len {
+        return Err(TtError::CacheIo("cache file has the wrong type or length".into()));
+    }
+    let stamp = Stamp::of(&md);
+    let marker = marker_path(path);
+    let trusted = fs::read_to_string(&marker).is_ok_and(|s| s == stamp.line());
+    // SAFETY: cache files are only ever created complete (rename) and never modified in place
+    // by pg_twotower; a change by anyone else is detected by the fstat on each use
+    // (Loaded::still_valid) before the mapping is read again.
+    let map = unsafe { Mmap::map(&f) }.map_err(io)?;
+    let image = if trusted {
+        Image::open_verified(Bytes::Map(map), meta.image_checksum)?
+    } else {
+        let image = Image::open(Bytes::Map(map), meta.image_checksum)?;
+        // Recorded only for a file that is durably on disk: fsync it first.
+        if f.sync_all().is_ok() {
+            let tmp = marker.with_extension(format!("tmp.{}", my_pid()));
+            if fs::write(&tmp, stamp.line()).is_ok() && fs::rename(&tmp, &marker).is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+        }
+        image
+    };
+    Ok(Loaded {
+        generation: meta.generation,
+        checksum: meta.image_checksum,
+        path: Some(path.to_path_buf()),
+        file: Some((f, stamp)),
+        image,
+    })
+}
+
+fn my_pid() -> i32 {
+    // SAFETY: MyProcPid is set for every backend.
+    unsafe { pg_sys::MyProcPid }
 }
 
 /// Writes the image from the pages to `path` atomically and removes stale files of this relation.
 unsafe fn materialize(index: pg_sys::Relation, k: Key, meta: &Meta, path: &Path) -> TtResult<()> {
     let io = |e: std::io::Error| TtError::CacheIo(format!("{}: {e}", path.display()));
     fs::create_dir_all(CACHE_DIR).map_err(io)?;
-    // SAFETY: MyProcPid is set for every backend.
-    let tmp = path.with_extension(format!("tmp.{}", unsafe { pg_sys::MyProcPid }));
+    let tmp = path.with_extension(format!("tmp.{}", my_pid()));
     {
         let f = fs::File::create(&tmp).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
         // SAFETY: forwarded.
         let r = unsafe { read_image_into(index, meta, &mut w) };
-        if let Err(e) = r.and_then(|_| w.flush().map_err(io)) {
+        let r = r.and_then(|_| {
+            let f = w.into_inner().map_err(|e| io(e.into_error()))?;
+            f.sync_all().map_err(io)
+        });
+        if let Err(e) = r {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
     }
     fs::rename(&tmp, path).map_err(io)?;
     remove_stale(k, path);
+    sweep();
     Ok(())
 }
 
 /// Removes other cache files of the same relation (older builds, temporaries of dead backends).
 fn remove_stale(k: Key, keep: &Path) {
     let p = prefix(k);
+    let keep_marker = marker_path(keep);
     if let Ok(rd) = fs::read_dir(CACHE_DIR) {
         for e in rd.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(&p) && e.path() != keep && !name.contains(".tmp.") {
+            if name.starts_with(&p)
+                && e.path() != keep
+                && e.path() != keep_marker
+                && !name.contains(".tmp.")
+            {
                 let _ = fs::remove_file(e.path());
             }
         }
     }
 }
 
-/// Removes every cache file of database `db` whose relfilenode is not in `live`; returns how many.
-pub fn cleanup(db: u32, live: &[(u32, u32)]) -> i64 {
+/// Removes the files in the cache directory for which `dead(spc, db, rel, index oid)` is true.
+fn remove_where(mut dead: impl FnMut(u32, u32, u32, u32) -> bool) -> i64 {
     let mut removed = 0;
     if let Ok(rd) = fs::read_dir(CACHE_DIR) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let parts: Vec<&str> = name.split('_').collect();
-            if parts.len() < 4 {
-                continue;
-            }
-            let (Ok(spc), Ok(d), Ok(rel)) = (
-                parts[0].parse::<u32>(),
-                parts[1].parse::<u32>(),
-                parts[2].parse::<u32>(),
-            ) else {
+            let Some((spc, db, rel, oid, _)) = parse_name(&name) else {
                 continue;
             };
-            if d == db && !live.contains(&(spc, rel)) && fs::remove_file(e.path()).is_ok() {
+            if dead(spc, db, rel, oid) && fs::remove_file(e.path()).is_ok() && name.ends_with(".img") {
                 removed += 1;
             }
         }
     }
+    removed
+}
+
+/// Whether the relation file of (spc, db, rel) is gone: dropped (PostgreSQL truncates a
+/// dropped relation's first segment at commit and unlinks it at the next checkpoint) or its
+/// database dropped. A live index always has at least its metapage.
+fn relation_gone(spc: u32, db: u32, rel: u32) -> bool {
+    // SAFETY: GetRelationPath only formats a path (palloc'd in the current context).
+    let p = unsafe {
+        let c = pg_sys::GetRelationPath(
+            pg_sys::Oid::from(db),
+            pg_sys::Oid::from(spc),
+            pg_sys::Oid::from(rel),
+            pg_sys::InvalidBackendId,
+            pg_sys::ForkNumber::MAIN_FORKNUM,
+        );
+        let s = std::ffi::CStr::from_ptr(c).to_string_lossy().into_owned();
+        pg_sys::pfree(c as *mut std::ffi::c_void);
+        s
+    };
+    match fs::metadata(&p) {
+        Ok(m) => m.len() == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// Removes cache files whose relation file is gone and temporaries of backends that are gone.
+pub fn sweep() -> i64 {
+    let mut removed = 0;
+    let Ok(rd) = fs::read_dir(CACHE_DIR) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some((spc, db, rel, _, tmp_pid)) = parse_name(&name) else {
+            continue;
+        };
+        let dead = match tmp_pid {
+            Some(pid) => pid != my_pid() && !Path::new(&format!("/proc/{pid}")).exists(),
+            None => relation_gone(spc, db, rel),
+        };
+        if dead && fs::remove_file(e.path()).is_ok() && name.ends_with(".img") {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Removes every cache file of database `db` whose relfilenode is not in `live`; returns how many.
+pub fn cleanup(db: u32, live: &[(u32, u32)]) -> i64 {
+    let removed = remove_where(|spc, d, rel, _| d == db && !live.contains(&(spc, rel)));
     OPEN.with(|o| {
         o.borrow_mut()
             .retain(|((s, d, r), _)| *d != db || live.contains(&(*s, *r)))
     });
-    removed
+    removed + sweep()
 }
 
 /// Forgets this backend's mapping of an index (e.g. after a rebuild in this backend).
@@ -209,20 +441,135 @@ pub fn forget(k: Key) {
 }
 
 /// Writes the cache file for a freshly built image (best effort: the pages are the truth, and a
-/// missing file is materialized from them on first use).
-pub fn store(k: Key, meta: &Meta, image: &[u8]) {
+/// missing file is materialized from them on first use), and arranges for the files of the
+/// index's previous relfilenode to go when the build commits.
+///
+/// # Safety
+/// `index` must be the open index just built.
+pub unsafe fn store(index: pg_sys::Relation, meta: &Meta, image: &[u8]) {
+    // SAFETY: forwarded.
+    let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };
+    if local {
+        return;
+    }
+    ON_COMMIT.with(|p| p.borrow_mut().push(Pending::Rebuilt { db: k.1, index: oid, rel: k.2 }));
+    ensure_callbacks();
     if image.is_empty() {
         return;
     }
-    let path = file_path(k, meta);
+    let path = file_path(k, oid, meta);
     let write = || -> std::io::Result<()> {
         fs::create_dir_all(CACHE_DIR)?;
-        // SAFETY: MyProcPid is set for every backend.
-        let tmp = path.with_extension(format!("tmp.{}", unsafe { pg_sys::MyProcPid }));
-        fs::write(&tmp, image)?;
+        let tmp = path.with_extension(format!("tmp.{}", my_pid()));
+        let r = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(image)?;
+            f.sync_all()
+        })();
+        if let Err(e) = r {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         fs::rename(&tmp, &path)
     };
     if write().is_ok() {
         remove_stale(k, &path);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// removal at commit
+
+static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
+
+thread_local! {
+    static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+}
+
+fn ensure_callbacks() {
+    if !CALLBACKS.with(|c| c.replace(true)) {
+        // SAFETY: registers a transaction callback once per backend.
+        unsafe { pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut()) };
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn object_access(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: i32,
+    arg: *mut core::ffi::c_void,
+) {
+    // SAFETY: chaining to the hook that was installed before ours.
+    unsafe {
+        if let Some(prev) = PREV_OBJECT_ACCESS {
+            prev(access, class_id, object_id, sub_id, arg);
+        }
+    }
+    if access != pg_sys::ObjectAccessType::OAT_DROP || sub_id != 0 {
+        return;
+    }
+    let pending = if class_id == pg_sys::RelationRelationId {
+        // SAFETY: the relation being dropped still exists (and is locked by the drop).
+        unsafe {
+            let r = pg_sys::RelationIdGetRelation(object_id);
+            if r.is_null() {
+                return;
+            }
+            let p = (super::is_ours(r) && !is_local(r)).then(|| {
+                let k = rel_key(r);
+                Pending::Relation { db: k.1, rel: k.2 }
+            });
+            pg_sys::RelationClose(r);
+            p
+        }
+    } else if class_id == pg_sys::DatabaseRelationId {
+        Some(Pending::Database {
+            db: object_id.to_u32(),
+        })
+    } else {
+        None
+    };
+    if let Some(p) = pending {
+        ON_COMMIT.with(|o| o.borrow_mut().push(p));
+        ensure_callbacks();
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut core::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    let commit = match event {
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => true,
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => false,
+        _ => return,
+    };
+    let pending = ON_COMMIT.with(|o| std::mem::take(&mut *o.borrow_mut()));
+    if pending.is_empty() {
+        return;
+    }
+    remove_where(|_, db, rel, oid| {
+        pending.iter().any(|p| match *p {
+            Pending::Relation { db: d, rel: r } => commit && d == db && r == rel,
+            Pending::Database { db: d } => commit && d == db,
+            Pending::Rebuilt { db: d, index, rel: r } => {
+                d == db && index == oid && if commit { r != rel } else { r == rel }
+            }
+        })
+    });
+}
+
+/// Installs the drop hook and sweeps files of relations that are gone (from `_PG_init`).
+pub fn register() {
+    // SAFETY: hook installation from _PG_init, chaining the previous hook.
+    unsafe {
+        PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
+        pg_sys::object_access_hook = Some(object_access);
+    }
+    // In a backend (not the postmaster), with the data directory as working directory.
+    // SAFETY: plain reads of process globals.
+    if unsafe { pg_sys::IsUnderPostmaster } {
+        sweep();
     }
 }

@@ -5,7 +5,7 @@ use crate::error::{OrReport, TtError};
 use crate::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use twotower_ann::{is_zero, Metric};
+use twotower_ann::{is_zero, Metric, Quantization};
 
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
@@ -39,6 +39,12 @@ pub unsafe extern "C-unwind" fn aminsert(
     if Metric::from_code(meta.metric) == Some(Metric::Cosine) && is_zero(s) {
         return false;
     }
+    // Delta items are ranked exactly, but the next build puts them in the graph: refuse now
+    // what the graph could not rank.
+    Quantization::from_code(meta.quantization)
+        .unwrap_or(Quantization::F32)
+        .check_vector(s)
+        .or_report();
     // SAFETY: validated vector; append_delta re-checks the dimension under the metapage lock.
     unsafe { append_delta(index, &*heap_tid, s) };
     false

@@ -92,7 +92,7 @@ pub unsafe extern "C-unwind" fn amoptions(
         },
     ];
     // SAFETY: `tab` describes HnswOptions; build_reloptions allocates and fills the struct.
-    unsafe {
+    let opts = unsafe {
         pg_sys::build_reloptions(
             reloptions,
             validate,
@@ -100,8 +100,22 @@ pub unsafe extern "C-unwind" fn amoptions(
             std::mem::size_of::<HnswOptions>(),
             tab.as_ptr(),
             tab.len() as i32,
-        ) as *mut pg_sys::bytea
+        ) as *mut HnswOptions
+    };
+    // Combinations are checked here too, so ALTER INDEX ... SET refuses what CREATE INDEX
+    // refuses (PostgreSQL validates the merged options of ALTER with validate = true).
+    if validate && !opts.is_null() {
+        // SAFETY: build_reloptions returned a filled HnswOptions.
+        let (m, efc) = unsafe { ((*opts).m, (*opts).ef_construction) };
+        if efc < m {
+            crate::error::TtError::Ann(twotower_ann::AnnError::InvalidOption {
+                option: "ef_construction",
+                reason: format!("ef_construction ({efc}) must be at least m ({m})"),
+            })
+            .report();
+        }
     }
+    opts as *mut pg_sys::bytea
 }
 
 /// Effective options of an index: (m, ef_construction, quantization).

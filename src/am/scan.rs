@@ -1,5 +1,12 @@
-//! Ordered scans: the graph (iteratively widened, tombstones skipped) merged with the exactly
-//! ranked delta, in ascending distance, for as long as the executor keeps asking.
+//! Ordered scans: the graph (iteratively widened, re-ranked from the stored vectors, tombstones
+//! skipped) merged with the exactly ranked delta, by ascending distance, for as long as the
+//! executor keeps asking and `twotower.max_scan_tuples` allows.
+//!
+//! Every row carries its distance in `xs_orderbyvals`. f32 indexes give the exact value of the
+//! SQL operator; f16/i8 indexes give a guaranteed lower bound with `xs_recheckorderby`, so the
+//! executor recomputes the exact distance from the heap row and re-sorts (as for GiST KNN).
+//! Under `twotower.iterative_scan = strict_order` a widened search never returns an item nearer
+//! than one already returned, so `ORDER BY ... LIMIT` returns rows in exact distance order.
 
 use super::cache::{self, Loaded};
 use super::pages::{
@@ -11,21 +18,30 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 use std::rc::Rc;
-use twotower_ann::{AnnError, GraphCursor, Metric};
+use twotower_ann::{sort_for_pop, AnnError, GraphCursor, Hit, Metric, Query, ScanOrder};
 
 #[derive(Default)]
 struct ScanState {
     /// The ORDER BY argument; None for `ORDER BY col <=> NULL` (rows in index order).
     query: Option<Vec<f32>>,
+    prepared: Option<Query>,
     started: bool,
     image: Option<Rc<Loaded>>,
     tombstones: Vec<u8>,
     cursor: GraphCursor,
-    /// Delta items, sorted by descending distance so the nearest is popped from the end.
-    delta: Vec<(f32, u64)>,
+    /// Delta items, by descending distance so the nearest is popped from the end.
+    delta: Vec<Hit>,
     ef: usize,
     /// A floor for `ef` set by callers that know how many rows they want (recall's k).
     min_ef: usize,
+    order: ScanOrder,
+    /// Rows this scan returns at most.
+    max_rows: u64,
+    /// A floor for `max_rows` set by callers that know how many rows they need.
+    min_rows: u64,
+    returned: u64,
+    /// Distance of the last row returned (strict order drops anything nearer).
+    last: f64,
     /// Next graph position for unordered scans.
     next_pos: usize,
 }
@@ -40,8 +56,17 @@ pub unsafe extern "C-unwind" fn ambeginscan(
     let scan = unsafe { pg_sys::RelationGetIndexScan(index, nkeys, norderbys) };
     // The state lives in the scan's memory context and is dropped with it, even on ERROR.
     let st = PgMemoryContexts::CurrentMemoryContext.leak_and_drop_on_delete(ScanState::default());
-    // SAFETY: `scan` was just allocated.
-    unsafe { (*scan).opaque = st as *mut core::ffi::c_void };
+    // SAFETY: `scan` was just allocated; the ORDER BY value arrays live as long as it does.
+    unsafe {
+        (*scan).opaque = st as *mut core::ffi::c_void;
+        if norderbys > 0 {
+            let n = norderbys as usize;
+            (*scan).xs_orderbyvals =
+                pg_sys::palloc0(std::mem::size_of::<pg_sys::Datum>() * n) as *mut pg_sys::Datum;
+            (*scan).xs_orderbynulls = pg_sys::palloc(n) as *mut bool;
+            std::ptr::write_bytes((*scan).xs_orderbynulls, 1, n);
+        }
+    }
     scan
 }
 
@@ -63,7 +88,12 @@ pub unsafe extern "C-unwind" fn amrescan(
             );
         }
         let st = &mut *((*scan).opaque as *mut ScanState);
-        *st = ScanState::default();
+        let (min_ef, min_rows) = (st.min_ef, st.min_rows);
+        *st = ScanState {
+            min_ef,
+            min_rows,
+            ..ScanState::default()
+        };
         if (*scan).numberOfOrderBys > 0 {
             let key = &*(*scan).orderByData;
             if key.sk_flags & pg_sys::SK_ISNULL as i32 == 0 {
@@ -74,8 +104,27 @@ pub unsafe extern "C-unwind" fn amrescan(
     }
 }
 
+/// Counts one scan of `index` in pg_stat_user_indexes.idx_scan, as built-in access methods do
+/// (the `pgstat_count_index_scan` macro).
+///
+/// # Safety
+/// `index` must be an open relation.
+unsafe fn count_scan(index: pg_sys::Relation) {
+    // SAFETY: pgstat_info is either NULL or this relation's stats entry for the transaction.
+    unsafe {
+        if (*index).pgstat_info.is_null() && (*index).pgstat_enabled {
+            pg_sys::pgstat_assoc_relation(index);
+        }
+        if !(*index).pgstat_info.is_null() {
+            (*(*index).pgstat_info).t_counts.t_numscans += 1;
+        }
+    }
+}
+
 /// Loads what the scan reads: metapage, image, tombstones and the delta, ranked.
 unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
+    // SAFETY: open index relation.
+    unsafe { count_scan(index) };
     // SAFETY: open index relation.
     let meta = unsafe { read_meta(index) }.or_report();
     let metric = Metric::from_code(meta.metric).unwrap_or(Metric::Cosine);
@@ -87,8 +136,13 @@ unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
             })
             .report();
         }
+        st.prepared = Some(Query::new(metric, q).or_report());
     }
     st.ef = (crate::EF_SEARCH.get().max(1) as usize).max(st.min_ef);
+    st.order = crate::gucs::ITERATIVE_SCAN.get().order();
+    st.max_rows = (crate::gucs::MAX_SCAN_TUPLES.get().max(1) as u64).max(st.min_rows);
+    st.cursor = GraphCursor::new(st.order);
+    st.last = f64::NEG_INFINITY;
     if meta.has_image() {
         // SAFETY: open index relation and its metapage.
         st.image = Some(unsafe { cache::image(index, &meta) }.or_report());
@@ -97,27 +151,31 @@ unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
             st.tombstones = unsafe { read_tombstones(index, &meta) };
         }
     }
-    let q = st.query.clone();
+    let q = st.prepared.clone();
     let mut delta = Vec::with_capacity(meta.delta_live as usize);
     // SAFETY: as above.
     unsafe {
         for_each_delta(index, &meta, |tid, v| {
-            let d = match &q {
-                Some(q) => metric.engine_distance(q, v),
+            let dist = match &q {
+                Some(q) => q.distance(v),
                 None => 0.0,
             };
-            delta.push((d, tid_to_key(&tid)));
+            delta.push(Hit {
+                key: tid_to_key(&tid),
+                dist,
+                exact: true,
+            });
         })
     };
-    // Descending, NaN (zero vectors under cosine) first so they come out last.
-    delta.sort_by(|a, b| b.0.total_cmp(&a.0));
+    sort_for_pop(&mut delta);
     st.delta = delta;
     st.started = true;
 }
 
-fn next_ordered(st: &mut ScanState) -> Option<u64> {
+/// The nearest remaining item of the graph and the delta, consumed.
+fn next_candidate(st: &mut ScanState) -> Option<Hit> {
     let ScanState {
-        query,
+        prepared,
         image,
         tombstones,
         cursor,
@@ -125,7 +183,7 @@ fn next_ordered(st: &mut ScanState) -> Option<u64> {
         ef,
         ..
     } = st;
-    let q = query.as_ref()?;
+    let q = prepared.as_ref()?;
     let graph_head = match image {
         Some(img) => {
             let img_ref = &img.image;
@@ -147,16 +205,29 @@ fn next_ordered(st: &mut ScanState) -> Option<u64> {
         None => None,
     };
     match (graph_head, delta.last()) {
-        (Some((gk, gd)), Some(&(dd, _))) if gd <= dd || dd.is_nan() => {
-            cursor.pop();
-            Some(gk)
-        }
-        (Some((gk, _)), None) => {
-            cursor.pop();
-            Some(gk)
-        }
-        (_, Some(_)) => delta.pop().map(|(_, k)| k),
+        (Some(g), Some(d)) if g.dist <= d.dist || d.dist.is_nan() => cursor.pop(),
+        (Some(_), None) => cursor.pop(),
+        (_, Some(_)) => delta.pop(),
         (None, None) => None,
+    }
+}
+
+fn next_ordered(st: &mut ScanState) -> Option<Hit> {
+    let mut dropped = 0u32;
+    loop {
+        let h = next_candidate(st)?;
+        if st.order == ScanOrder::Strict && h.dist < st.last {
+            // A widened search found an item nearer than a row already returned.
+            dropped += 1;
+            if dropped % 256 == 0 {
+                pgrx::check_for_interrupts!();
+            }
+            continue;
+        }
+        if !h.dist.is_nan() {
+            st.last = st.last.max(h.dist);
+        }
+        return Some(h);
     }
 }
 
@@ -170,7 +241,7 @@ fn next_unordered(st: &mut ScanState) -> Option<u64> {
             }
         }
     }
-    st.delta.pop().map(|(_, k)| k)
+    st.delta.pop().map(|h| h.key)
 }
 
 #[pg_guard]
@@ -188,34 +259,54 @@ pub unsafe extern "C-unwind" fn amgettuple(
         unsafe { start((*scan).indexRelation, st) };
     }
     pgrx::check_for_interrupts!();
-    let next = if st.query.is_some() {
-        next_ordered(st)
-    } else {
-        next_unordered(st)
-    };
-    match next {
-        Some(key) => {
-            // SAFETY: writing our result into the scan descriptor.
-            unsafe {
-                (*scan).xs_heaptid = key_to_tid(key);
-                (*scan).xs_recheck = false;
-                (*scan).xs_recheckorderby = false;
-            }
-            true
+    if st.query.is_some() {
+        if st.returned >= st.max_rows {
+            return false;
         }
-        None => false,
+        let Some(h) = next_ordered(st) else {
+            return false;
+        };
+        st.returned += 1;
+        // SAFETY: writing our result into the scan descriptor; the ORDER BY arrays were
+        // allocated in ambeginscan for numberOfOrderBys (>= 1 here) entries.
+        unsafe {
+            (*scan).xs_heaptid = key_to_tid(h.key);
+            (*scan).xs_recheck = false;
+            (*scan).xs_recheckorderby = !h.exact;
+            *(*scan).xs_orderbyvals = pg_sys::Datum::from(h.dist.to_bits());
+            *(*scan).xs_orderbynulls = false;
+        }
+        true
+    } else {
+        match next_unordered(st) {
+            Some(key) => {
+                // SAFETY: as above; the rows come in no particular order and carry no value.
+                unsafe {
+                    (*scan).xs_heaptid = key_to_tid(key);
+                    (*scan).xs_recheck = false;
+                    (*scan).xs_recheckorderby = false;
+                    if (*scan).numberOfOrderBys > 0 {
+                        *(*scan).xs_orderbynulls = true;
+                    }
+                }
+                true
+            }
+            None => false,
+        }
     }
 }
 
-/// Makes the scan search with at least `ef` candidates (for a caller that will read `ef` rows:
-/// one graph search instead of several widening rounds). Call after `index_rescan`.
+/// Makes the scan search with at least `ef` candidates and return at least `rows` rows before
+/// `twotower.max_scan_tuples` ends it (for a caller that knows how many rows it will read: one
+/// graph search instead of several widening rounds). Call before or after `index_rescan`.
 ///
 /// # Safety
 /// `scan` must be an open scan of a twotower_hnsw index.
-pub unsafe fn set_min_ef(scan: pg_sys::IndexScanDesc, ef: usize) {
+pub unsafe fn set_minimums(scan: pg_sys::IndexScanDesc, ef: usize, rows: u64) {
     // SAFETY: opaque was set in ambeginscan.
     let st = unsafe { &mut *((*scan).opaque as *mut ScanState) };
     st.min_ef = ef.min(100_000);
+    st.min_rows = rows;
 }
 
 #[pg_guard]

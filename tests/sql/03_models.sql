@@ -20,6 +20,14 @@ SELECT pg_read_file(:'golden' || '/spec.json')::jsonb AS spec,
 
 -- Import from server files (superuser) and from bytea.
 SELECT twotower.import_model_file('golden_user', :'golden' || '/spec.json', :'golden' || '/weights.safetensors');
+-- Hostile server files are refused before anything is read: missing (58P01), a device, a
+-- directory, a FIFO (which would block forever).
+COPY (SELECT 1) TO PROGRAM 'rm -f /tmp/pg_twotower_fifo; mkfifo /tmp/pg_twotower_fifo; cat > /dev/null';
+SELECT pg_temp.err($q$SELECT twotower.import_model_file('x', '/no/such/spec.json', '/no/such/w')$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model_file('x', '/dev/zero', '/dev/zero')$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model_file('x', '/tmp', '/tmp')$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model_file('x', '/tmp/pg_twotower_fifo', '/tmp/pg_twotower_fifo')$q$);
+COPY (SELECT 1) TO PROGRAM 'rm -f /tmp/pg_twotower_fifo; cat > /dev/null';
 SELECT twotower.import_model('golden_item', pg_read_file(:'golden' || '/item/spec.json')::jsonb,
                              pg_read_binary_file(:'golden' || '/item/weights.safetensors'));
 SELECT name, version, active, kind, dim, metric, parameters, weight_bytes > 0 AS has_weights, features

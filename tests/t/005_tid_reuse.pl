@@ -33,6 +33,7 @@ my $exact = $node->safe_psql('postgres', qq{SET enable_indexscan = off;
 is($idx, $exact, 'index scan returns the true nearest rows, not rows behind reused TIDs');
 is($idx, '1001,1002,1003,1004,1005', 'nearest rows are the new ones in distance order');
 is($node->safe_psql('postgres', qq{SET enable_seqscan = off;
+	SET twotower.iterative_scan = relaxed_order;
 	SELECT count(*), count(DISTINCT id) FROM (SELECT id FROM t ORDER BY v OPERATOR(twotower.<->) $q LIMIT 100000) s}),
 	'300|300', 'every live row exactly once');
 

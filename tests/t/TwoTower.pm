@@ -33,12 +33,14 @@ sub topk_signature
 	});
 }
 
-# How many rows a full ordered index scan returns.
+# How many rows a full ordered index scan returns (relaxed order and no row cap: every live
+# row once).
 sub index_scan_count
 {
 	my ($node, $db, $table, $op, $dims) = @_;
 	return $node->safe_psql($db, qq{
 		SET enable_seqscan = off; SET enable_bitmapscan = off;
+		SET twotower.iterative_scan = relaxed_order; SET twotower.max_scan_tuples = 2147483647;
 		SELECT count(*) FROM (SELECT id FROM $table
 		  ORDER BY v $op array_fill(0.5::real, ARRAY[$dims]) LIMIT 100000000) s;
 	});

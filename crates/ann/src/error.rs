@@ -15,6 +15,10 @@ pub enum AnnError {
     EmptyVector,
     #[error("vector contains a non-finite value ({value}) at position {position}")]
     NonFinite { position: usize, value: f32 },
+    #[error("vector norm {norm:e} is outside the range an index can rank exactly")]
+    OutOfRange { norm: f64 },
+    #[error("vector element {position} ({value}) does not fit in f16 storage")]
+    F16Range { position: usize, value: f32 },
     #[error("invalid value for option \"{option}\": {reason}")]
     InvalidOption {
         option: &'static str,

@@ -445,6 +445,19 @@ impl<B: AsRef<[u8]>> Image<B> {
                 "item keys are not strictly ascending".into(),
             ));
         }
+        Self::view(bytes, header)
+    }
+
+    /// Views bytes that [`Image::open`] verified earlier (the caller vouches that they have not
+    /// changed since: see the extension's verified-file marker). Only the header is checked;
+    /// `expected_checksum` is kept for the caller's bookkeeping.
+    pub fn open_verified(bytes: B, _expected_checksum: u64) -> Result<Self> {
+        let header = Header::parse(bytes.as_ref())?;
+        Self::view(bytes, header)
+    }
+
+    fn view(bytes: B, header: Header) -> Result<Self> {
+        let b = bytes.as_ref();
         let params = BuildParams {
             dims: header.dims,
             metric: header.metric,
@@ -455,7 +468,8 @@ impl<B: AsRef<[u8]>> Image<B> {
         let index = usearch::Index::new(&params.options())?;
         let graph = &b[header.us_off..header.us_off + header.us_len];
         // SAFETY: `graph` borrows from `bytes`, which this struct owns and drops after `index`
-        // (field order); the checksum above guarantees the bytes are the ones usearch wrote.
+        // (field order); the checksum (now or when the bytes were first verified) guarantees
+        // they are the ones usearch wrote.
         unsafe { index.view_from_buffer(graph)? };
         if index.size() != header.count || index.dimensions() != header.dims {
             return Err(AnnError::CorruptImage(
@@ -577,35 +591,160 @@ impl<B: AsRef<[u8]>> Image<B> {
     }
 }
 
-/// An iterative scan over the image: yields items in (approximately) ascending distance, as many
-/// as the caller asks for. Graph results come from searches widened round by round when the
-/// previous one is used up; once the widening reaches the graph size it finishes with an exact
-/// pass. Orphans are ranked exactly up front and merged in, so every live item is reached.
+/// How an ordered scan continues once its first search is used up (`twotower.iterative_scan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScanOrder {
+    /// Widen the search round by round; an item of a later round that is nearer than one
+    /// already returned is dropped, so rows come out in distance order (the default).
+    #[default]
+    Strict,
+    /// Widen round by round and return every new item, even one nearer than rows already
+    /// returned (more rows, order only approximate across rounds).
+    Relaxed,
+    /// One search of `ef` candidates, no widening.
+    Off,
+}
+
+/// A query prepared for an ordered scan: the vector as given (for exact distances, as the SQL
+/// operators compute them) and the vector handed to the engine (unit length for cosine and
+/// inner product, which ranks the same and keeps the engine's f32 arithmetic in range).
+#[derive(Debug, Clone)]
+pub struct Query {
+    metric: Metric,
+    raw: Vec<f32>,
+    engine: Vec<f32>,
+    norm: f64,
+}
+
+impl Query {
+    /// Validates `v` (finite, non-empty) and prepares it. An L2 query must be in the range the
+    /// engine can rank exactly ([`crate::check_index_range`]).
+    pub fn new(metric: Metric, v: &[f32]) -> Result<Query> {
+        validate_vector(v, None)?;
+        let engine = match metric {
+            Metric::Cosine | Metric::InnerProduct => crate::unit(v).unwrap_or_else(|| v.to_vec()),
+            Metric::L2 => {
+                crate::check_index_range(v)?;
+                v.to_vec()
+            }
+        };
+        Ok(Query {
+            metric,
+            norm: crate::inner_product(v, v).sqrt(),
+            raw: v.to_vec(),
+            engine,
+        })
+    }
+    pub fn metric(&self) -> Metric {
+        self.metric
+    }
+    pub fn raw(&self) -> &[f32] {
+        &self.raw
+    }
+    pub fn engine(&self) -> &[f32] {
+        &self.engine
+    }
+    /// The distance the SQL operator of the metric returns for `v` (bit for bit).
+    pub fn distance(&self, v: &[f32]) -> f64 {
+        self.metric.sql_distance(&self.raw, v)
+    }
+
+    /// A lower bound of the distance to the vector `x` the engine stored as `stored` under
+    /// `quantization` (exact for f32). usearch rounds f32 to f16 (at most one unit in the last
+    /// place: 2^-10 relative, 2^-24 absolute below the normal range) and truncates i8 after
+    /// scaling the unit vector by 127 (less than 1/127 per element).
+    pub fn lower_bound(&self, quantization: Quantization, stored: &[f32]) -> f64 {
+        let d = self.distance(stored);
+        if quantization == Quantization::F32 || d.is_nan() {
+            return d;
+        }
+        let dims = stored.len() as f64;
+        let sn = crate::inner_product(stored, stored).sqrt();
+        // err: a bound of ||x - x̂|| (f16), or of ||x/|x| - x̂|| (i8, x̂ as decoded).
+        let err = match quantization {
+            Quantization::F16 => sn * (1.0 / 1024.0) * (1.0 + 1.0 / 1024.0) + dims.sqrt() / 16_777_216.0,
+            _ => dims.sqrt() / 127.0 + dims.sqrt() * 1e-7,
+        };
+        let slack = match (self.metric, quantization) {
+            // |cos(q, a) - cos(q, b)| <= ||a - b|| for unit a, b, and the unit vectors of x and
+            // x̂ differ by at most 2 ||x - x̂|| / |x̂| (f16) or 2 err (i8, |a| = 1).
+            (Metric::Cosine, Quantization::I8) => 2.0 * err,
+            (Metric::Cosine, _) if sn > 0.0 => 2.0 * err / sn,
+            (Metric::Cosine, _) => 2.0,
+            (Metric::InnerProduct, _) => self.norm * err,
+            (Metric::L2, _) => err,
+        };
+        d - slack - 1e-9 * (1.0 + d.abs())
+    }
+}
+
+/// One item of an ordered scan: its key and its distance in the SQL operator's terms, exact or
+/// (for quantized storage) a guaranteed lower bound of the exact one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    pub key: u64,
+    pub dist: f64,
+    pub exact: bool,
+}
+
+impl<B: AsRef<[u8]>> Image<B> {
+    /// The scan item for `key`, ranked from its stored vector.
+    pub fn hit(&self, q: &Query, key: u64) -> Result<Option<Hit>> {
+        let Some(v) = self.vector(key)? else {
+            return Ok(None);
+        };
+        let quant = self.header.quantization;
+        Ok(Some(Hit {
+            key,
+            dist: q.lower_bound(quant, &v),
+            exact: quant == Quantization::F32,
+        }))
+    }
+}
+
+/// Sorts hits by descending distance (the nearest at the end, for `pop`), NaN first.
+pub fn sort_for_pop(hits: &mut [Hit]) {
+    hits.sort_by(|a, b| b.dist.total_cmp(&a.dist).then(b.key.cmp(&a.key)));
+}
+
+/// An iterative scan over the image: yields items by ascending distance (exact for f32
+/// storage, a lower bound for f16/i8), as many as the caller asks for. Each search round is
+/// re-ranked from the stored vectors; when a round is used up the next one searches twice as
+/// wide (unless the order is [`ScanOrder::Off`]); once the width reaches the graph size it ends
+/// with an exact pass. Orphans are ranked exactly up front and merged in, so every live item is
+/// reached. The cursor itself never drops an item: dropping items of a later round that are
+/// nearer than rows already returned ([`ScanOrder::Strict`]) is the caller's, which also merges
+/// other sources.
 #[derive(Debug, Default)]
 pub struct GraphCursor {
+    order: ScanOrder,
     k: usize,
     emitted: std::collections::HashSet<u64>,
-    pending: std::collections::VecDeque<(u64, f32)>,
+    /// The current round, by descending distance (the nearest at the end).
+    pending: Vec<Hit>,
     exhausted: bool,
     /// Orphans by descending distance (nearest at the end); None until first used.
-    orphans: Option<Vec<(f32, u64)>>,
+    orphans: Option<Vec<Hit>>,
     /// Search rounds run so far (for statistics).
     pub rounds: usize,
 }
 
 impl GraphCursor {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(order: ScanOrder) -> Self {
+        GraphCursor {
+            order,
+            ..Default::default()
+        }
     }
 
     /// The next item without consuming it.
     pub fn peek<B: AsRef<[u8]>>(
         &mut self,
         img: &Image<B>,
-        query: &[f32],
+        query: &Query,
         ef: usize,
         skip: Option<&dyn Fn(u64) -> bool>,
-    ) -> Result<Option<(u64, f32)>> {
+    ) -> Result<Option<Hit>> {
         if self.orphans.is_none() {
             let mut o = Vec::with_capacity(img.header.orphans);
             for i in 0..img.header.orphans {
@@ -613,11 +752,11 @@ impl GraphCursor {
                 if skip.is_some_and(|f| f(key)) {
                     continue;
                 }
-                if let Some(v) = img.vector(key)? {
-                    o.push((img.header.metric.engine_distance(query, &v), key));
+                if let Some(h) = img.hit(query, key)? {
+                    o.push(h);
                 }
             }
-            o.sort_by(|a, b| b.0.total_cmp(&a.0));
+            sort_for_pop(&mut o);
             self.orphans = Some(o);
         }
         while self.pending.is_empty() && !self.exhausted {
@@ -625,22 +764,19 @@ impl GraphCursor {
         }
         Ok(match self.next_from_orphans() {
             Some(true) => self.orphan_head(),
-            Some(false) => self.pending.front().copied(),
+            Some(false) => self.pending.last().copied(),
             None => None,
         })
     }
 
-    fn orphan_head(&self) -> Option<(u64, f32)> {
-        self.orphans
-            .as_ref()
-            .and_then(|o| o.last())
-            .map(|&(d, k)| (k, d))
+    fn orphan_head(&self) -> Option<Hit> {
+        self.orphans.as_ref().and_then(|o| o.last()).copied()
     }
 
     /// Whether the next item comes from the orphans (true) or the graph (false); None at the end.
     fn next_from_orphans(&self) -> Option<bool> {
-        match (self.pending.front(), self.orphan_head()) {
-            (Some(g), Some(o)) => Some(o.1 < g.1),
+        match (self.pending.last(), self.orphan_head()) {
+            (Some(g), Some(o)) => Some(o.dist < g.dist),
             (Some(_), None) => Some(false),
             (None, Some(_)) => Some(true),
             (None, None) => None,
@@ -648,17 +784,13 @@ impl GraphCursor {
     }
 
     /// Consumes the item `peek` returned.
-    pub fn pop(&mut self) -> Option<(u64, f32)> {
+    pub fn pop(&mut self) -> Option<Hit> {
         let item = match self.next_from_orphans()? {
-            true => self
-                .orphans
-                .as_mut()
-                .and_then(|o| o.pop())
-                .map(|(d, k)| (k, d)),
-            false => self.pending.pop_front(),
+            true => self.orphans.as_mut().and_then(|o| o.pop()),
+            false => self.pending.pop(),
         };
-        if let Some((k, _)) = item {
-            self.emitted.insert(k);
+        if let Some(h) = item {
+            self.emitted.insert(h.key);
         }
         item
     }
@@ -666,7 +798,7 @@ impl GraphCursor {
     fn refill<B: AsRef<[u8]>>(
         &mut self,
         img: &Image<B>,
-        query: &[f32],
+        query: &Query,
         ef: usize,
         skip: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<()> {
@@ -679,20 +811,29 @@ impl GraphCursor {
         self.rounds += 1;
         let results = if self.k >= n {
             self.exhausted = true;
-            let all = img.exact_all(query)?;
+            let all = img.exact_all(query.engine())?;
             match skip {
                 Some(f) => all.into_iter().filter(|(k, _)| !f(*k)).collect(),
                 None => all,
             }
         } else {
-            img.search(query, self.k, ef.max(self.k), skip)?
+            img.search(query.engine(), self.k, ef.max(self.k), skip)?
         };
+        if self.order == ScanOrder::Off {
+            self.exhausted = true;
+        }
         let has_orphans = img.header.orphans > 0;
-        for (key, d) in results {
-            if !(self.emitted.contains(&key) || has_orphans && img.is_orphan(key)) {
-                self.pending.push_back((key, d));
+        let mut hits = Vec::with_capacity(results.len());
+        for (key, _) in results {
+            if self.emitted.contains(&key) || has_orphans && img.is_orphan(key) {
+                continue;
+            }
+            if let Some(h) = img.hit(query, key)? {
+                hits.push(h);
             }
         }
+        sort_for_pop(&mut hits);
+        self.pending = hits;
         Ok(())
     }
 }

@@ -9,9 +9,10 @@ pub mod synthetic;
 
 pub use error::{AnnError, Result, MAX_DIMS};
 pub use image::{
-    build_image, checksum, estimate_build_memory, BuildParams, GraphCursor, Header, Image, Poll,
+    build_image, checksum, estimate_build_memory, sort_for_pop, BuildParams, GraphCursor, Header, Hit,
+    Image, Poll, Query, ScanOrder,
 };
 pub use metric::{
-    cosine_distance, inner_product, is_zero, l2_distance, l2_squared, validate_vector, Metric,
+    check_index_range, cosine_distance, inner_product, is_zero, unit, l2_distance, l2_squared, validate_vector, Metric,
     Quantization,
 };

@@ -52,6 +52,14 @@ impl Metric {
             Metric::L2 => l2_squared(a, b) as f32,
         }
     }
+    /// The value of the SQL operator of the metric (`<=>`, `<#>`, `<->`), computed in f64.
+    pub fn sql_distance(self, a: &[f32], b: &[f32]) -> f64 {
+        match self {
+            Metric::Cosine => cosine_distance(a, b),
+            Metric::InnerProduct => -inner_product(a, b),
+            Metric::L2 => l2_distance(a, b),
+        }
+    }
     /// Converts an engine distance into the value the SQL operator returns.
     pub fn engine_to_sql(self, d: f32) -> f64 {
         match self {
@@ -118,6 +126,17 @@ impl Quantization {
             Quantization::I8 => usearch::ScalarKind::I8,
         }
     }
+    /// Checks that `v` can be stored exactly enough to be ranked: its norm is in the engine's
+    /// range ([`check_index_range`]) and, for f16, every element fits in half precision.
+    pub fn check_vector(self, v: &[f32]) -> Result<()> {
+        check_index_range(v)?;
+        if self == Quantization::F16 {
+            if let Some((position, &value)) = v.iter().enumerate().find(|(_, x)| x.abs() > 65504.0) {
+                return Err(AnnError::F16Range { position, value });
+            }
+        }
+        Ok(())
+    }
     /// i8 storage only preserves angles (usearch scales each vector into [-127, 127]),
     /// so it is only meaningful for cosine distance.
     pub fn check_metric(self, metric: Metric) -> Result<()> {
@@ -156,20 +175,21 @@ pub fn validate_vector(v: &[f32], expected: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Inner product accumulated in f64 (stable for long vectors).
+/// Inner product accumulated in f64: every product is formed in f64, so neither huge
+/// (2e19) nor tiny (1e-23) finite elements overflow or underflow on the way.
 pub fn inner_product(a: &[f32], b: &[f32]) -> f64 {
     debug_assert_eq!(a.len(), b.len());
-    // Four independent accumulators let the compiler vectorise the loop.
-    let mut acc = [0.0f32; 8];
+    // Independent accumulators let the compiler vectorise the loop.
+    let mut acc = [0.0f64; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
         for j in 0..8 {
-            acc[j] += a[c * 8 + j] * b[c * 8 + j];
+            acc[j] += a[c * 8 + j] as f64 * b[c * 8 + j] as f64;
         }
     }
-    let mut sum: f64 = acc.iter().map(|&x| x as f64).sum();
+    let mut sum: f64 = acc.iter().sum();
     for i in chunks * 8..a.len() {
-        sum += (a[i] * b[i]) as f64;
+        sum += a[i] as f64 * b[i] as f64;
     }
     sum
 }
@@ -187,26 +207,49 @@ pub fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
     (1.0 - dot / denom).clamp(0.0, 2.0)
 }
 
-/// Squared Euclidean distance.
+/// Squared Euclidean distance, accumulated in f64.
 pub fn l2_squared(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0.0f32; 8];
+    let mut acc = [0.0f64; 8];
     let chunks = a.len() / 8;
     for c in 0..chunks {
         for j in 0..8 {
-            let d = a[c * 8 + j] - b[c * 8 + j];
+            let d = a[c * 8 + j] as f64 - b[c * 8 + j] as f64;
             acc[j] += d * d;
         }
     }
-    let mut sum: f64 = acc.iter().map(|&x| x as f64).sum();
+    let mut sum: f64 = acc.iter().sum();
     for i in chunks * 8..a.len() {
-        let d = a[i] - b[i];
-        sum += (d * d) as f64;
+        let d = a[i] as f64 - b[i] as f64;
+        sum += d * d;
     }
     sum
 }
 
 pub fn l2_distance(a: &[f32], b: &[f32]) -> f64 {
     l2_squared(a, b).sqrt()
+}
+
+/// Largest squared norm of a vector the HNSW engine may hold: the engine computes in f32, and
+/// the inner product or squared distance of two such vectors stays below `f32::MAX`.
+pub const MAX_INDEX_NORM_SQ: f64 = (f32::MAX as f64) / 8.0;
+/// Smallest squared norm of a non-zero vector the engine may hold (its f32 norm stays normal).
+pub const MIN_INDEX_NORM_SQ: f64 = 1e-30;
+
+/// Checks that the engine's f32 arithmetic is exact enough for `v`: its squared norm (in f64)
+/// lies in [`MIN_INDEX_NORM_SQ`, `MAX_INDEX_NORM_SQ`] (or is zero).
+pub fn check_index_range(v: &[f32]) -> Result<()> {
+    let n2 = inner_product(v, v);
+    if n2 > MAX_INDEX_NORM_SQ || (n2 > 0.0 && n2 < MIN_INDEX_NORM_SQ) {
+        return Err(AnnError::OutOfRange { norm: n2.sqrt() });
+    }
+    Ok(())
+}
+
+/// `v` scaled to unit length in f64 (`None` for a zero vector): the query an engine computing
+/// in f32 ranks by cosine or inner product exactly as the original.
+pub fn unit(v: &[f32]) -> Option<Vec<f32>> {
+    let n = inner_product(v, v).sqrt();
+    (n > 0.0).then(|| v.iter().map(|x| (*x as f64 / n) as f32).collect())
 }
 
 /// True when the vector cannot be placed in a cosine index (zero norm).
@@ -230,6 +273,25 @@ mod tests {
         let long: Vec<f32> = (0..37).map(|i| i as f32 * 0.1).collect();
         let naive: f64 = long.iter().map(|x| (*x as f64) * (*x as f64)).sum();
         assert!((inner_product(&long, &long) - naive).abs() < 1e-3);
+    }
+
+    #[test]
+    fn extreme_finite_values() {
+        let big = [2e19f32, 2e19];
+        let one = [1f32, 1.0];
+        assert!(cosine_distance(&big, &one).abs() < 1e-12);
+        let tiny = [1e-23f32, 1e-23];
+        assert!(cosine_distance(&tiny, &one).abs() < 1e-12);
+        assert!((inner_product(&big, &big) - 8e38).abs() / 8e38 < 1e-6);
+        assert!((l2_distance(&big, &[0.0, 0.0]) - 2e19 * 2f64.sqrt()).abs() / 3e19 < 1e-6);
+        let u = unit(&big).unwrap();
+        assert!((u[0] - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
+        assert!(unit(&[0.0, 0.0]).is_none());
+        assert!(check_index_range(&big).is_err());
+        assert!(check_index_range(&tiny).is_err());
+        assert!(check_index_range(&[0.0, 0.0]).is_ok());
+        assert!(check_index_range(&one).is_ok());
+        assert!(check_index_range(&[1e18f32; 16]).is_ok());
     }
 
     #[test]

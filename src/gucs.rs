@@ -1,0 +1,88 @@
+//! Every setting of pg_twotower, in one place.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
+
+/// `twotower.ef_search`: candidate list size of index searches.
+pub static EF_SEARCH: GucSetting<i32> = GucSetting::<i32>::new(100);
+/// `twotower.build_threads`: worker threads of an index build (0 = all cores).
+pub static BUILD_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// `twotower.model_cache_size`: memory for decoded models per backend, in MB.
+pub static MODEL_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(256);
+/// `twotower.iterative_scan`: how an ordered scan goes on once its first search is used up.
+pub static ITERATIVE_SCAN: GucSetting<IterativeScan> =
+    GucSetting::<IterativeScan>::new(IterativeScan::Strict);
+/// `twotower.max_scan_tuples`: rows one ordered scan returns at most.
+pub static MAX_SCAN_TUPLES: GucSetting<i32> = GucSetting::<i32>::new(20_000);
+
+/// Values of `twotower.iterative_scan`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum IterativeScan {
+    #[name = c"strict_order"]
+    Strict,
+    #[name = c"relaxed_order"]
+    Relaxed,
+    #[name = c"off"]
+    Off,
+}
+
+impl IterativeScan {
+    pub fn order(self) -> twotower_ann::ScanOrder {
+        match self {
+            IterativeScan::Strict => twotower_ann::ScanOrder::Strict,
+            IterativeScan::Relaxed => twotower_ann::ScanOrder::Relaxed,
+            IterativeScan::Off => twotower_ann::ScanOrder::Off,
+        }
+    }
+}
+
+/// Registers every setting (from `_PG_init`).
+pub fn register() {
+    GucRegistry::define_int_guc(
+        c"twotower.ef_search",
+        c"Size of the dynamic candidate list of twotower_hnsw index searches.",
+        c"Larger values give better recall and slower searches. Scans widen it by themselves when filters discard rows.",
+        &EF_SEARCH,
+        1,
+        10_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"twotower.iterative_scan",
+        c"How a twotower_hnsw scan goes on when its first search is used up (filters, exclusions).",
+        c"strict_order widens the search and drops items nearer than rows already returned, so rows come in distance order; relaxed_order returns them too (more rows, approximate order); off stops after one search of ef_search candidates.",
+        &ITERATIVE_SCAN,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"twotower.max_scan_tuples",
+        c"Rows one ordered twotower_hnsw scan returns at most before it ends.",
+        c"Bounds the work of a query whose filter rejects most rows; the scan then ends early and the query returns fewer rows.",
+        &MAX_SCAN_TUPLES,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"twotower.build_threads",
+        c"Worker threads used to insert vectors into the graph during an index build (0 = one per core).",
+        c"",
+        &BUILD_THREADS,
+        0,
+        64,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"twotower.model_cache_size",
+        c"Memory for decoded models kept by each backend, in megabytes.",
+        c"The least recently used model versions are dropped first; the one in use is always kept.",
+        &MODEL_CACHE_MB,
+        1,
+        1_048_576,
+        GucContext::Userset,
+        GucFlags::UNIT_MB,
+    );
+}

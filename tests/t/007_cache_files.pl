@@ -1,0 +1,147 @@
+# The cache directory holds exactly the files of live indexes: after REINDEX, REINDEX
+# CONCURRENTLY, DROP INDEX, DROP DATABASE and DROP EXTENSION, on the primary and on a standby.
+# A cache directory that cannot be written degrades to backend memory (one WARNING), and a
+# cache file truncated or rewritten under a backend's mapping is detected, not read.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use TwoTower;
+
+my $primary = PostgreSQL::Test::Cluster->new('cprimary');
+$primary->init(allows_streaming => 1);
+$primary->start;
+$primary->safe_psql('postgres', 'CREATE DATABASE d1');
+$primary->safe_psql('d1', 'CREATE EXTENSION pg_twotower');
+make_items($primary, 'd1', 'items', 3000, 8);
+$primary->safe_psql('d1', q{
+	CREATE INDEX idx_a ON items USING twotower_hnsw (v twotower.real_cosine_ops);
+	CREATE INDEX idx_b ON items USING twotower_hnsw (v twotower.real_l2_ops);
+});
+$primary->backup('b1');
+my $standby = PostgreSQL::Test::Cluster->new('cstandby');
+$standby->init_from_backup($primary, 'b1', has_streaming => 1);
+$standby->start;
+
+my %ops = (idx_a => 'OPERATOR(twotower.<=>)', idx_b => 'OPERATOR(twotower.<->)');
+
+# Uses every index of d1 (materializing its cache file) through an index scan, checked by plan.
+sub use_indexes
+{
+	my ($node, @idx) = @_;
+	for my $i (@idx)
+	{
+		my $q = qq{SELECT id FROM items ORDER BY v $ops{$i} (SELECT v FROM items WHERE id = 1) LIMIT 3};
+		like($node->safe_psql('d1', "SET enable_seqscan = off; SET enable_bitmapscan = off; EXPLAIN (COSTS OFF) $q"),
+			qr/Index Scan using $i/, $node->name . ": $i is used");
+		$node->safe_psql('d1', "SET enable_seqscan = off; SET enable_bitmapscan = off; $q");
+	}
+}
+
+# The .img files in the cache directory, sorted.
+sub files_in
+{
+	my ($node) = @_;
+	my $dir = $node->data_dir . '/pg_twotower';
+	opendir(my $dh, $dir) or return '';
+	my @f = sort grep { /\.img$/ } readdir($dh);
+	closedir $dh;
+	return join(' ', @f);
+}
+
+# The cache files the live indexes of d1 use.
+sub live_files
+{
+	my ($node, @idx) = @_;
+	my @f;
+	for my $i (@idx)
+	{
+		my $p = $node->safe_psql('d1', "SELECT cache_file FROM twotower.index_info('$i')");
+		$p =~ s{.*/}{};
+		push @f, $p;
+	}
+	return join(' ', sort @f);
+}
+
+sub check_exact
+{
+	my ($label, @idx) = @_;
+	$primary->wait_for_catchup($standby);
+	for my $node ($primary, $standby)
+	{
+		use_indexes($node, @idx);
+		# A new connection loads the library, which sweeps files of relations that are gone.
+		$node->safe_psql('d1', 'SELECT twotower.vector_dims(ARRAY[1]::real[])');
+		is(files_in($node), live_files($node, @idx), $node->name . ": $label: only live indexes' files");
+	}
+}
+
+check_exact('after build', 'idx_a', 'idx_b');
+$primary->safe_psql('d1', 'REINDEX INDEX idx_a');
+check_exact('after REINDEX', 'idx_a', 'idx_b');
+$primary->safe_psql('d1', 'REINDEX INDEX CONCURRENTLY idx_a');
+check_exact('after REINDEX CONCURRENTLY', 'idx_a', 'idx_b');
+
+# A drop in a session that has pg_twotower loaded removes the file at commit, without any
+# later query (other sessions' drops are swept when a backend next loads the library).
+my $before = files_in($primary);
+$primary->safe_psql('d1', 'SELECT twotower.vector_dims(ARRAY[1]::real[]); DROP INDEX idx_b');
+isnt(files_in($primary), $before, 'primary: DROP INDEX removed the file at commit');
+check_exact('after DROP INDEX', 'idx_a');
+
+# Another database's files go with DROP DATABASE.
+$primary->safe_psql('postgres', 'CREATE DATABASE d2');
+$primary->safe_psql('d2', 'CREATE EXTENSION pg_twotower');
+make_items($primary, 'd2', 'items', 500, 8);
+$primary->safe_psql('d2', q{CREATE INDEX idx_c ON items USING twotower_hnsw (v twotower.real_cosine_ops);
+	SET enable_seqscan = off; SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 3});
+$primary->wait_for_catchup($standby);
+$standby->safe_psql('d2', q{SET enable_seqscan = off; SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 3});
+my $d2 = $primary->safe_psql('postgres', "SELECT oid FROM pg_database WHERE datname = 'd2'");
+like(files_in($primary), qr/_${d2}_/, 'primary: d2 has a cache file');
+like(files_in($standby), qr/_${d2}_/, 'standby: d2 has a cache file');
+$primary->safe_psql('postgres', "LOAD 'pg_twotower'; DROP DATABASE d2");
+unlike(files_in($primary), qr/_${d2}_/, 'primary: DROP DATABASE removed its files at commit');
+check_exact('after DROP DATABASE', 'idx_a');
+unlike(files_in($standby), qr/_${d2}_/, 'standby: DROP DATABASE removed its files');
+
+# A cache directory that cannot be written: scans read the image into memory, with a WARNING.
+my $dir = $primary->data_dir . '/pg_twotower';
+unlink glob("$dir/*");
+chmod 0555, $dir or die "chmod: $!";
+my $q = q{SET enable_seqscan = off; SELECT string_agg(id::text, ',') FROM
+	(SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 10) s};
+my ($ret, $out, $err) = $primary->psql('d1', $q);
+is($ret, 0, 'unwritable cache directory: the query still succeeds');
+like($err, qr/could not write the index cache file/, 'with a WARNING');
+like($primary->safe_psql('d1', "SELECT cache_state FROM twotower.index_info('idx_a')"), qr/absent|memory/, 'no cache file was written');
+chmod 0700, $dir;
+my $exact = $primary->safe_psql('d1', q{SELECT string_agg(id::text, ',') FROM
+	(SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 10) s});
+is($out, $exact, 'answers from memory equal exact search');
+
+# A mapped cache file truncated or overwritten under a live session: detected, not read.
+my $bg = $primary->background_psql('d1');
+$bg->query_safe('SET enable_seqscan = off');
+my $first = $bg->query_safe($q);
+my $file = $primary->data_dir . '/' . $primary->safe_psql('d1', "SELECT cache_file FROM twotower.index_info('idx_a')");
+ok(-s $file, 'the session mapped a cache file');
+truncate($file, 4096) or die "truncate: $!";
+is($bg->query_safe($q), $first, 'truncated file: same answer, no crash');
+open(my $fh, '+<', $file) or die "open: $!";
+binmode $fh; seek($fh, 100, 0); print $fh ("garbage" x 200); close $fh;
+is($bg->query_safe($q), $first, 'overwritten file: same answer, no crash');
+$bg->quit;
+is($primary->safe_psql('d1', 'SELECT 1'), '1', 'server still up');
+
+# DROP EXTENSION drops the indexes (through their operator classes) and their files.
+$primary->safe_psql('d1', 'SELECT twotower.vector_dims(ARRAY[1]::real[]); DROP EXTENSION pg_twotower CASCADE');
+$primary->wait_for_catchup($standby);
+is(files_in($primary), '', 'primary: DROP EXTENSION left no cache file');
+$standby->safe_psql('postgres', 'LOAD \'pg_twotower\'');
+is(files_in($standby), '', 'standby: no cache file after DROP EXTENSION');
+
+$standby->stop;
+$primary->stop;
+done_testing();
