@@ -85,19 +85,10 @@ pub mod twotower {
     /// the index, or monitor the server (pg_monitor). Checked before anything is locked.
     fn check_may_inspect(index: pg_sys::Oid) -> TtResult<()> {
         let me = crate::catalog::caller();
-        // SAFETY: catalogue lookups by oid without locks; a missing relation gives InvalidOid.
+        // SAFETY: ACL lookups by oid without locks.
         unsafe {
-            let heap = pg_sys::IndexGetRelation(index, true);
-            if heap == pg_sys::InvalidOid {
-                if pg_sys::get_rel_relkind(index)
-                    == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char
-                {
-                    return Err(TtError::Unsupported(
-                        "index_info() shows the index of one table, not of a partitioned table: name a partition's index".into(),
-                    ));
-                }
-                return Err(TtError::WrongIndex("index_info()".into()));
-            }
+            let heap = crate::am::table_of_index(index, "index_info()")?
+                .ok_or_else(|| TtError::WrongIndex("index_info()".into()))?;
             let monitor = pg_sys::get_role_oid(c"pg_monitor".as_ptr(), true);
             let ok = pg_sys::pg_class_aclcheck(heap, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
                 == pg_sys::AclResult::ACLCHECK_OK

@@ -100,17 +100,10 @@ pub mod twotower {
     /// Refuses before any lock is taken when the caller can read neither the table of
     /// `index_oid` nor any of its columns (the exact column check follows once it is open).
     fn precheck_select(index_oid: pg_sys::Oid) -> TtResult<pg_sys::Oid> {
-        // SAFETY: catalogue lookups by oid without locks; missing objects give InvalidOid.
+        // SAFETY: ACL lookups by oid without locks.
         unsafe {
-            let heap_oid = pg_sys::IndexGetRelation(index_oid, true);
-            if heap_oid == pg_sys::InvalidOid {
-                if pg_sys::get_rel_relkind(index_oid) == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char {
-                    return Err(TtError::Unsupported(
-                        "recall() needs the index of one table, not of a partitioned table: name a partition's index".into(),
-                    ));
-                }
-                return Err(TtError::BadArgument("recall() needs an index, not a table".into()));
-            }
+            let heap_oid = crate::am::table_of_index(index_oid, "recall()")?
+                .ok_or_else(|| TtError::BadArgument("recall() needs an index, not a table".into()))?;
             let me = catalog::caller();
             let table_ok = pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
                 == pg_sys::AclResult::ACLCHECK_OK;

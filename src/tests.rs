@@ -469,6 +469,12 @@ fn index_info_needs_select_and_names_the_wrong_index_kind() {
     Spi::run("CREATE INDEX items_idx ON items USING twotower_hnsw (embedding)").unwrap();
     Spi::run("CREATE INDEX items_btree ON items (id)").unwrap();
     assert_eq!(sqlstate("SELECT * FROM twotower.index_info('items_btree')"), "42809");
+    // The parent index of a partitioned table has no storage: refused cleanly.
+    Spi::run("CREATE TABLE p (id bigint, v real[]) PARTITION BY RANGE (id);
+              CREATE TABLE p1 PARTITION OF p FOR VALUES FROM (0) TO (100);
+              CREATE INDEX p_idx ON p USING twotower_hnsw (v)").unwrap();
+    assert_eq!(sqlstate("SELECT * FROM twotower.index_info('p_idx')"), "0A000");
+    assert_eq!(sqlstate("SELECT * FROM twotower.index_info('p1_v_idx')"), "ok");
     Spi::run("CREATE ROLE tt_outsider").unwrap();
     Spi::run("SET ROLE tt_outsider").unwrap();
     assert_eq!(sqlstate("SELECT * FROM twotower.index_info('items_idx')"), "42501");

@@ -293,7 +293,7 @@ fn open_file(path: &Path, meta: &Meta) -> TtResult<Loaded> {
     // (Loaded::still_valid) before the mapping is read again.
     let map = unsafe { Mmap::map(&f) }.map_err(io)?;
     let image = if trusted {
-        Image::open_verified(Bytes::Map(map), meta.image_checksum)?
+        Image::open_verified(Bytes::Map(map))?
     } else {
         let image = Image::open(Bytes::Map(map), meta.image_checksum)?;
         // Recorded only for a file that is durably on disk: fsync it first.

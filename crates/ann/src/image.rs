@@ -449,9 +449,8 @@ impl<B: AsRef<[u8]>> Image<B> {
     }
 
     /// Views bytes that [`Image::open`] verified earlier (the caller vouches that they have not
-    /// changed since: see the extension's verified-file marker). Only the header is checked;
-    /// `expected_checksum` is kept for the caller's bookkeeping.
-    pub fn open_verified(bytes: B, _expected_checksum: u64) -> Result<Self> {
+    /// changed since: see the extension's verified-file marker). Only the header is checked.
+    pub fn open_verified(bytes: B) -> Result<Self> {
         let header = Header::parse(bytes.as_ref())?;
         Self::view(bytes, header)
     }
