@@ -8,3 +8,11 @@ args=(--pg-config /usr/bin/pg_config)
 [ "${1:-}" = "--release" ] && args+=(--release)
 [ "$(id -u)" = 0 ] || args+=(--sudo)
 cargo pgrx install "${args[@]}"
+# Scripts of released versions (CREATE EXTENSION pg_twotower VERSION '0.1.0' and the upgrade
+# path from it); pgrx installs the current version's script and the upgrade scripts in sql/.
+ext_dir="$(/usr/bin/pg_config --sharedir)/extension"
+if [ "$(id -u)" = 0 ]; then
+    install -m 644 sql/releases/*.sql "$ext_dir/"
+else
+    sudo install -m 644 sql/releases/*.sql "$ext_dir/"
+fi

@@ -70,6 +70,11 @@ REVOKE ALL ON FUNCTION twotower.cache_cleanup() FROM PUBLIC;
 -- The model catalogue. Only the extension owner reads or writes these tables directly; the
 -- functions check the caller's rights (model owner or twotower_admin) and then act as the owner
 -- (see src/catalog.rs). Both tables are dumped by pg_dump with their data.
+--
+-- A model's owner is the owner of its *owner object*, an empty large object (owner_object): a
+-- role oid with a shared dependency, so DROP ROLE is refused while the role owns models,
+-- REASSIGN OWNED hands them over and renames are followed. The object depends on the
+-- extension, so DROP EXTENSION is refused while models exist (CASCADE drops them).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'twotower_admin') THEN
@@ -82,15 +87,17 @@ GRANT USAGE ON SCHEMA twotower TO PUBLIC;
 
 CREATE TABLE twotower.model (
     name            text PRIMARY KEY,
-    owner           name NOT NULL,
     active_version  integer,
     next_version    integer NOT NULL DEFAULT 1,
-    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now()
+    created_at      timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    owner_object    oid,
+    unknown_features text NOT NULL DEFAULT 'error'
+                    CONSTRAINT model_unknown_features_check CHECK (unknown_features IN ('error', 'ignore'))
 );
 CREATE TABLE twotower.model_version (
     model        text NOT NULL REFERENCES twotower.model (name) ON DELETE CASCADE,
     version      integer NOT NULL,
-    kind         text NOT NULL CHECK (kind IN ('user', 'item')),
+    kind         text NOT NULL,
     dim          integer NOT NULL,
     metric       text NOT NULL CHECK (metric IN ('cosine', 'ip', 'l2')),
     parameters   bigint NOT NULL,
@@ -112,9 +119,10 @@ SELECT v.model AS name, v.version, (v.version = m.active_version) AS active, v.k
        v.metric, v.parameters, pg_catalog.octet_length(v.weights)::bigint AS weight_bytes,
        ARRAY(SELECT f OPERATOR(pg_catalog.->>) 'name'
                FROM pg_catalog.jsonb_array_elements(v.spec OPERATOR(pg_catalog.->) 'features') AS f) AS features,
-       m.owner, v.imported_by, v.imported_at
-  FROM twotower.model m JOIN twotower.model_version v ON v.model = m.name;
-COMMENT ON VIEW twotower.models IS 'models and their versions with their feature names (neither weights nor vocabularies are shown); active marks the serving version';
+       pg_catalog.pg_get_userbyid(o.lomowner) AS owner, m.unknown_features, v.imported_by, v.imported_at
+  FROM twotower.model m JOIN twotower.model_version v ON v.model = m.name
+  LEFT JOIN pg_catalog.pg_largeobject_metadata o ON o.oid = m.owner_object;
+COMMENT ON VIEW twotower.models IS 'models and their versions with their feature names (neither weights nor vocabularies are shown); active marks the serving version; owner is NULL when the owning role was removed with DROP OWNED (then only twotower_admin manages the model)';
 GRANT SELECT ON twotower.models TO PUBLIC;
 
 -- Inference is for every role that may connect (revoke EXECUTE to restrict it); the management

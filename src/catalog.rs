@@ -121,8 +121,10 @@ macro_rules! arg_type {
 
 sql_type!(JsonbValue, "jsonb");
 sql_type!(RegClass, "regclass");
+sql_type!(RegRole, "regrole");
 arg_type!(JsonbValue);
 arg_type!(RegClass);
+arg_type!(RegRole);
 
 // SAFETY: jsonb elements of an array are valid jsonb datums.
 unsafe impl pgrx::datum::UnboxDatum for JsonbValue {
@@ -148,6 +150,29 @@ impl FromDatum for RegClass {
         _typoid: pg_sys::Oid,
     ) -> Option<Self> {
         (!is_null).then(|| RegClass(pg_sys::Oid::from(datum.value() as u32)))
+    }
+}
+
+/// A `regrole` argument.
+#[derive(Clone, Copy)]
+pub struct RegRole(pub pg_sys::Oid);
+
+impl FromDatum for RegRole {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        (!is_null).then(|| RegRole(pg_sys::Oid::from(datum.value() as u32)))
+    }
+}
+
+impl IntoDatum for RegRole {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(pg_sys::Datum::from(self.0))
+    }
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::REGROLEOID
     }
 }
 
@@ -199,19 +224,161 @@ pub fn is_admin(role: pg_sys::Oid) -> bool {
     superuser || role_oid(ADMIN_ROLE).is_some_and(|a| has_privs(role, a))
 }
 
-/// Whether `role` may import versions of, activate or drop a model owned by `owner`.
-pub fn may_manage(role: pg_sys::Oid, owner: &str) -> bool {
-    is_admin(role) || role_oid(owner).is_some_and(|o| has_privs(role, o))
+/// Whether `role` may import versions of, activate, alter, export or drop a model owned by
+/// `owner` (`None`: the model has no owner any more, only administrators manage it).
+pub fn may_manage(role: pg_sys::Oid, owner: Option<pg_sys::Oid>) -> bool {
+    is_admin(role) || owner.is_some_and(|o| has_privs(role, o))
 }
 
-pub fn check_manage(name: &str, owner: &str) -> TtResult<()> {
+pub fn check_manage(name: &str, owner: Option<pg_sys::Oid>) -> TtResult<()> {
     if may_manage(caller(), owner) {
-        Ok(())
-    } else {
-        Err(TtError::PermissionDenied {
-            action: format!("manage model \"{name}\""),
-            hint: format!("Only the model's owner ({owner}) and members of {ADMIN_ROLE} may import, activate or drop its versions."),
-        })
+        return Ok(());
+    }
+    let who = match owner {
+        Some(o) => format!("the model's owner ({})", role_name(o)),
+        None => "nobody (its owner was dropped)".to_string(),
+    };
+    Err(TtError::PermissionDenied {
+        action: format!("manage model \"{name}\""),
+        hint: format!("Only {who} and members of {ADMIN_ROLE} may import, activate, alter, export or drop its versions."),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// ownership
+//
+// A model's owner is the owner of one large object, its *owner object* (`model.owner_object`).
+// PostgreSQL then does for models what it does for its own objects: the owner is a role oid with
+// a shared dependency, so `DROP ROLE` is refused while the role owns models, `REASSIGN OWNED`
+// hands them over, `ALTER ROLE … RENAME` is followed, and pg_dump restores the owner by oid
+// (large objects keep their oids). The object also depends on the extension, so `DROP
+// EXTENSION` without CASCADE is refused while models exist. It holds no data.
+
+/// The owner of model `name`, locking the model's row: `Ok(None)` when its owner object is gone
+/// (`DROP OWNED`, `lo_unlink`, a dump restored without large objects); ModelNotFound when there
+/// is no such model.
+pub fn model_owner(name: &str) -> TtResult<Option<pg_sys::Oid>> {
+    owner_query(name, true)
+}
+
+/// [`model_owner`] without the row lock, for read-only callers (also on a standby).
+pub fn model_owner_readonly(name: &str) -> TtResult<Option<pg_sys::Oid>> {
+    owner_query(name, false)
+}
+
+fn owner_query(name: &str, lock: bool) -> TtResult<Option<pg_sys::Oid>> {
+    let sql = format!(
+        "SELECT lo.lomowner FROM twotower.model m
+           LEFT JOIN pg_catalog.pg_largeobject_metadata lo ON lo.oid = m.owner_object
+          WHERE m.name = $1{}",
+        if lock { " FOR UPDATE OF m" } else { "" }
+    );
+    let row = as_catalog_owner(|| {
+        let read = |t: pgrx::spi::SpiTupleTable| -> Result<Option<Option<pg_sys::Oid>>, pgrx::spi::Error> {
+            if t.is_empty() {
+                return Ok(None);
+            }
+            t.first().get::<pg_sys::Oid>(1).map(Some)
+        };
+        if lock {
+            Spi::connect_mut(|c| read(c.update(&sql, Some(1), &[name.into()])?))
+        } else {
+            Spi::connect(|c| read(c.select(&sql, Some(1), &[name.into()])?))
+        }
+    })?
+    .map_err(|e| TtError::Unsupported(format!("reading model \"{name}\": {e}")))?;
+    row.ok_or_else(|| TtError::ModelNotFound {
+        name: name.to_string(),
+        version: None,
+    })
+}
+
+/// `LargeObjectRelationId`: the class of large objects in object addresses (not in the
+/// bindings).
+const LARGE_OBJECT_CLASS: pg_sys::Oid = pg_sys::Oid::from_u32(2613);
+
+fn extension_oid() -> pg_sys::Oid {
+    // SAFETY: catalogue lookup; missing_ok returns InvalidOid.
+    unsafe { pg_sys::get_extension_oid(c"pg_twotower".as_ptr(), true) }
+}
+
+/// Gives model `name` a new owner object owned by `owner`, replacing (and dropping) the old one.
+/// The caller's rights are checked by the callers.
+pub fn set_model_owner(name: &str, owner: pg_sys::Oid) -> TtResult<()> {
+    let owner_name = role_name(owner);
+    let comment = format!(
+        "pg_twotower: owner of model \"{name}\" (holds no data; drop the model with twotower.drop_model)"
+    );
+    let (lo, old) = as_catalog_owner(|| -> Result<(pg_sys::Oid, Option<pg_sys::Oid>), pgrx::spi::Error> {
+        let old = Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT owner_object FROM twotower.model WHERE name = $1 FOR UPDATE",
+            &[name.into()],
+        )?;
+        let lo = Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.lo_create(0)")?
+            .expect("lo_create returns an oid");
+        Spi::run(&format!(
+            "ALTER LARGE OBJECT {} OWNER TO {}",
+            lo.to_u32(),
+            pgrx::spi::quote_identifier(&owner_name)
+        ))?;
+        Spi::run(&format!(
+            "COMMENT ON LARGE OBJECT {} IS {}",
+            lo.to_u32(),
+            pgrx::spi::quote_literal(&comment)
+        ))?;
+        Spi::run_with_args(
+            "UPDATE twotower.model SET owner_object = $2 WHERE name = $1",
+            &[name.into(), lo.into()],
+        )?;
+        Ok((lo, old))
+    })?
+    .map_err(|e| TtError::Unsupported(format!("setting the owner of model \"{name}\": {e}")))?;
+    let ext = extension_oid();
+    // SAFETY: records a normal dependency of an existing large object on the extension, as
+    // CREATE … for a built-in object would (pg_depend row, no privilege involved).
+    unsafe {
+        if ext != pg_sys::InvalidOid {
+            let dependent = pg_sys::ObjectAddress {
+                classId: LARGE_OBJECT_CLASS,
+                objectId: lo,
+                objectSubId: 0,
+            };
+            let referenced = pg_sys::ObjectAddress {
+                classId: pg_sys::ExtensionRelationId,
+                objectId: ext,
+                objectSubId: 0,
+            };
+            pg_sys::recordDependencyOn(&dependent, &referenced, pg_sys::DependencyType::DEPENDENCY_NORMAL);
+        }
+    }
+    if let Some(old) = old {
+        drop_owner_object(old);
+    }
+    Ok(())
+}
+
+/// Drops a model's owner object if it still exists (with its comment and dependencies).
+pub fn drop_owner_object(lo: pg_sys::Oid) {
+    let exists = read_row::<bool, bool>(
+        "SELECT true, true FROM pg_catalog.pg_largeobject_metadata WHERE oid = $1",
+        &[lo.into()],
+    )
+    .ok()
+    .flatten()
+    .is_some();
+    // SAFETY: performDeletion removes the object, its shared dependency, comment and extension
+    // dependency exactly as lo_unlink does (which would also check the caller owns it: the
+    // caller's rights on the model were checked).
+    unsafe {
+        if exists {
+            let object = pg_sys::ObjectAddress {
+                classId: LARGE_OBJECT_CLASS,
+                objectId: lo,
+                objectSubId: 0,
+            };
+            pg_sys::performDeletion(&object, pg_sys::DropBehavior::DROP_RESTRICT, 0);
+            pg_sys::CommandCounterIncrement();
+        }
     }
 }
 
@@ -255,6 +422,33 @@ fn catalog_owner(rel: pg_sys::Oid) -> TtResult<pg_sys::Oid> {
     }
 }
 
+/// The catalogue layout this library reads and writes.
+const SCHEMA_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The library is replaced before `ALTER EXTENSION … UPDATE` runs: until then the catalogue has
+/// the old layout, and model functions say so instead of failing on a missing column. (The
+/// index and the operators do not depend on the catalogue and keep working.)
+fn check_schema_version() -> TtResult<()> {
+    // SAFETY: plain read of a backend global set while an extension script runs.
+    if unsafe { pg_sys::creating_extension } {
+        return Ok(());
+    }
+    let installed = read_row::<String, bool>(
+        "SELECT extversion, true FROM pg_catalog.pg_extension WHERE extname = 'pg_twotower'",
+        &[],
+    )
+    .ok()
+    .flatten()
+    .and_then(|(v, _)| v);
+    match installed {
+        Some(v) if v != SCHEMA_VERSION => Err(TtError::SchemaVersion {
+            installed: v,
+            library: SCHEMA_VERSION,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Runs `f` with the privileges of the catalogue's owner and `search_path = pg_catalog, pg_temp`.
 /// An ERROR inside `f` is safe: transaction (or subtransaction) abort restores the user and the
 /// settings, as for any function with SET clauses.
@@ -264,6 +458,7 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> TtResult<R> {
         return Err(TtError::Unsupported("the pg_twotower model catalogue is missing".into()));
     }
     MODEL_TABLE.with(|t| t.set(rel));
+    check_schema_version()?;
     let owner = catalog_owner(rel)?;
     let mut save_uid = pg_sys::InvalidOid;
     let mut save_ctx = 0;
@@ -359,8 +554,8 @@ pub struct Loaded {
 struct Cache {
     /// The GENERATION `active` is valid for.
     generation: u64,
-    /// model name -> its active version, decoded.
-    active: Vec<Arc<Loaded>>,
+    /// model name -> its active version, decoded, with the model's settings.
+    active: Vec<Serving>,
     /// Decoded versions, least recently used first.
     decoded: Vec<Arc<Loaded>>,
 }
@@ -391,8 +586,48 @@ impl Cache {
     }
 }
 
+/// The active version of a model as it serves: the decoded version and the model's settings.
+pub struct Serving {
+    pub loaded: Arc<Loaded>,
+    /// `unknown_features = 'error'`: keys that are not features are an error (else ignored).
+    pub strict: bool,
+}
+
+impl std::ops::Deref for Serving {
+    type Target = Loaded;
+    fn deref(&self) -> &Loaded {
+        &self.loaded
+    }
+}
+
+impl Clone for Serving {
+    fn clone(&self) -> Self {
+        Serving {
+            loaded: self.loaded.clone(),
+            strict: self.strict,
+        }
+    }
+}
+
+impl Serving {
+    /// Encodes user features under the model's `unknown_features` setting.
+    pub fn encode_user(&self, features: &serde_json::Value) -> TtResult<twotower_tower::Encoded> {
+        Ok(self.loaded.model.encode(features, self.strict)?)
+    }
+
+    /// The tower output for one user (a non-finite output is an error).
+    pub fn embed_user(&self, features: &serde_json::Value) -> TtResult<Vec<f32>> {
+        let x = self.encode_user(features)?;
+        let out = self.loaded.model.forward(&x);
+        if let Some(index) = out.iter().position(|v| !v.is_finite()) {
+            return Err(twotower_tower::TowerError::NonFiniteOutput { index }.into());
+        }
+        Ok(out)
+    }
+}
+
 /// The active version of model `name`, decoded (from this backend's cache when it is current).
-pub fn active_model(name: &str) -> TtResult<Arc<Loaded>> {
+pub fn active_model(name: &str) -> TtResult<Serving> {
     let generation = GENERATION.load(std::sync::atomic::Ordering::Relaxed);
     let hit = CACHE.with(|c| {
         let mut c = c.borrow_mut();
@@ -400,21 +635,34 @@ pub fn active_model(name: &str) -> TtResult<Arc<Loaded>> {
             c.active.clear();
             c.generation = generation;
         }
-        c.active.iter().find(|l| l.name == name).cloned()
+        c.active.iter().find(|l| l.loaded.name == name).cloned()
     });
     if let Some(l) = hit {
         return Ok(l);
     }
     let head = as_catalog_owner(|| {
-        read_row::<i32, i64>(
-            "SELECT v.version, v.checksum FROM twotower.model m
-               JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
-              WHERE m.name = $1",
-            &[name.into()],
-        )
+        Spi::connect(|c| -> Result<Option<(i32, i64, bool)>, pgrx::spi::Error> {
+            let t = c.select(
+                "SELECT v.version, v.checksum, m.unknown_features OPERATOR(pg_catalog.<>) 'ignore'
+                   FROM twotower.model m
+                   JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
+                  WHERE m.name = $1",
+                Some(1),
+                &[name.into()],
+            )?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok(Some((
+                r.get::<i32>(1)?.unwrap_or_default(),
+                r.get::<i64>(2)?.unwrap_or_default(),
+                r.get::<bool>(3)?.unwrap_or(true),
+            )))
+        })
     })?;
-    let (version, checksum) = match head {
-        Ok(Some((Some(v), Some(c)))) => (v, c),
+    let (version, checksum, strict) = match head {
+        Ok(Some(h)) => h,
         _ => {
             return Err(TtError::ModelNotFound {
                 name: name.to_string(),
@@ -422,11 +670,14 @@ pub fn active_model(name: &str) -> TtResult<Arc<Loaded>> {
             })
         }
     };
-    let l = load_version(name, version, checksum)?;
+    let l = Serving {
+        loaded: load_version(name, version, checksum)?,
+        strict,
+    };
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.generation == generation {
-            c.active.retain(|a| a.name != name);
+            c.active.retain(|a| a.loaded.name != name);
             c.active.push(l.clone());
         }
     });

@@ -27,7 +27,7 @@ pub mod twotower {
     fn embed_user(model: &str, features: JsonbValue) -> Vec<f32> {
         let l = catalog::active_model(model).or_report();
         expect_kind(&l, Kind::User).or_report();
-        l.model.embed(&features.0).or_report()
+        l.embed_user(&features.0).or_report()
     }
 
     /// The item tower of model `model` applied to one item's features, typically
@@ -93,7 +93,7 @@ pub mod twotower {
             check_for_interrupts!();
             match f {
                 Some(f) => {
-                    batch.push(l.model.encode(&f.0, true).or_report());
+                    batch.push(l.encode_user(&f.0).or_report());
                     batch_ords.push(i as i32 + 1);
                     if batch.len() == FORWARD_CHUNK {
                         flush(&mut batch, &mut batch_ords, &mut rows);
@@ -137,11 +137,19 @@ pub mod twotower {
     }
 
     /// The nightly item-vector refresh: runs the item tower of `model` over every row of `items`
-    /// (its columns are the features, read as `to_jsonb(row)`) and writes `(id, embedding)` into
-    /// `target`, in batches of `batch_size`, the forward passes on every core. Rows whose id is
-    /// already in `target` are updated when `target` has a unique index on its id column,
-    /// otherwise rows are inserted. Cancellable; reports progress as NOTICEs every 10 seconds.
-    /// Returns the number of items written.
+    /// (its columns are the features) and makes `target` hold exactly `(id, embedding)` for
+    /// those items, in batches of `batch_size`, the forward passes on every core:
+    /// - a feature of the model without a column in `items` is an error, unless the spec gives
+    ///   it a default (then a NOTICE), so a wrong source cannot write one constant vector over
+    ///   every item;
+    /// - only new or changed vectors are written (unchanged rows are not touched, so they do
+    ///   not go through the indexes again);
+    /// - with `delete_missing` (the default), rows of `target` whose id is no longer in `items`
+    ///   are deleted, so recall never returns an item that left the catalogue.
+    ///
+    /// Existing rows are found by id (an `ON CONFLICT` upsert when `target` has a unique index
+    /// on its id column). Cancellable; progress as NOTICEs every 10 seconds. Returns how many
+    /// rows were inserted, updated, deleted and left unchanged.
     #[pg_extern(volatile, parallel_unsafe)]
     #[allow(clippy::too_many_arguments)]
     fn refresh_item_vectors(
@@ -152,7 +160,16 @@ pub mod twotower {
         target_id_column: default!(&str, "'id'"),
         target_vector_column: default!(&str, "'embedding'"),
         batch_size: default!(i32, 1000),
-    ) -> i64 {
+        delete_missing: default!(bool, true),
+    ) -> TableIterator<
+        'static,
+        (
+            name!(inserted, i64),
+            name!(updated, i64),
+            name!(deleted, i64),
+            name!(unchanged, i64),
+        ),
+    > {
         if !(1..=100_000).contains(&batch_size) {
             TtError::BadArgument(format!("batch_size must be between 1 and 100000, not {batch_size}"))
                 .report();
@@ -175,25 +192,44 @@ pub mod twotower {
         .ok()
         .flatten()
         .is_some();
-        let upsert = if unique {
-            format!(" ON CONFLICT ({tid}) DO UPDATE SET {tvec} = EXCLUDED.{tvec}")
+        let batch_rows = "SELECT $1[i] AS id, $2[(i - 1) * $3 + 1 : i * $3] AS v
+                            FROM pg_catalog.generate_series(1, pg_catalog.cardinality($1)) AS i";
+        // One statement per batch returning (inserted, updated); unchanged rows are not written.
+        let write = if unique {
+            format!(
+                "WITH w AS (
+                   INSERT INTO {dst} AS t ({tid}, {tvec}) SELECT x.id, x.v FROM ({batch_rows}) AS x
+                   ON CONFLICT ({tid}) DO UPDATE SET {tvec} = EXCLUDED.{tvec}
+                    WHERE t.{tvec} IS DISTINCT FROM EXCLUDED.{tvec}
+                   RETURNING (t.xmax OPERATOR(pg_catalog.=) '0'::pg_catalog.xid) AS ins)
+                 SELECT pg_catalog.count(*) FILTER (WHERE ins), pg_catalog.count(*) FILTER (WHERE NOT ins) FROM w"
+            )
         } else {
-            String::new()
+            format!(
+                "WITH x AS ({batch_rows}),
+                 u AS (UPDATE {dst} AS t SET {tvec} = x.v FROM x
+                        WHERE t.{tid} OPERATOR(pg_catalog.=) x.id AND t.{tvec} IS DISTINCT FROM x.v
+                        RETURNING 1),
+                 n AS (INSERT INTO {dst} ({tid}, {tvec}) SELECT x.id, x.v FROM x
+                        WHERE NOT EXISTS (SELECT 1 FROM {dst} AS t WHERE t.{tid} OPERATOR(pg_catalog.=) x.id)
+                        RETURNING 1)
+                 SELECT (SELECT pg_catalog.count(*) FROM n), (SELECT pg_catalog.count(*) FROM u)"
+            )
         };
         let dim = l.model.output_dim() as i32;
-        let insert = format!(
-            "INSERT INTO {dst} ({tid}, {tvec})
-             SELECT $1[i], $2[(i - 1) * $3 + 1 : i * $3]
-               FROM pg_catalog.generate_series(1, pg_catalog.cardinality($1)) AS i{upsert}"
-        );
-        // Read only the columns that are features (wide rows stay cheap); a feature without a
-        // column is missing for every item, which is legal but worth a word.
+        // Read only the columns that are features (wide rows stay cheap).
         let mut cols = Vec::new();
         for f in l.model.feature_names() {
             if column_exists(items, f) {
                 cols.push(format!("t.{}", quote_identifier(f)));
+            } else if l.model.feature_has_default(f) {
+                notice!("refresh_item_vectors: {src} has no column \"{f}\"; every item gets the feature's default");
             } else {
-                notice!("refresh_item_vectors: {src} has no column \"{f}\"; the feature is treated as missing");
+                TtError::MissingFeatureColumn {
+                    relation: src.clone(),
+                    feature: f.to_string(),
+                }
+                .report();
             }
         }
         let select = if cols.is_empty() {
@@ -204,10 +240,18 @@ pub mod twotower {
                 cols.join(", ")
             )
         };
+        let delete = format!(
+            "WITH d AS (DELETE FROM {dst} AS t
+                         WHERE NOT EXISTS (SELECT 1 FROM {src} AS s
+                                            WHERE s.{idc}::pg_catalog.int8 OPERATOR(pg_catalog.=) t.{tid}::pg_catalog.int8)
+                         RETURNING 1)
+             SELECT pg_catalog.count(*) FROM d"
+        );
         let threads = super::inference_threads();
         let started = std::time::Instant::now();
         let mut last_notice = started;
         let mut done: i64 = 0;
+        let (mut inserted, mut updated) = (0i64, 0i64);
         // One SPI connection per batch: the batch's tuple table, the rows' jsonb text and the
         // INSERT's executor state are freed with it, so memory stays flat however many items.
         let mut run = || -> Result<(), pgrx::spi::Error> {
@@ -217,7 +261,7 @@ pub mod twotower {
             })?;
             let plan = Spi::connect(|c| {
                 c.prepare_mut(
-                    insert.as_str(),
+                    write.as_str(),
                     &[
                         pgrx::PgOid::from(pg_sys::INT8ARRAYOID),
                         pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID),
@@ -229,6 +273,7 @@ pub mod twotower {
             loop {
                 check_for_interrupts!();
                 let n = Spi::connect_mut(|client| -> Result<usize, pgrx::spi::Error> {
+                    let (ins, upd) = (&mut inserted, &mut updated);
                     let mut cursor = client.find_cursor(&portal)?;
                     let mut ids = Vec::with_capacity(batch_size as usize);
                     let mut encoded = Vec::with_capacity(batch_size as usize);
@@ -258,7 +303,10 @@ pub mod twotower {
                         .report();
                     }
                     let n = ids.len();
-                    client.update(&plan, None, &[ids.into(), out.into(), dim.into()])?;
+                    let t = client.update(&plan, None, &[ids.into(), out.into(), dim.into()])?;
+                    let r = t.first();
+                    *ins += r.get::<i64>(1)?.unwrap_or(0);
+                    *upd += r.get::<i64>(2)?.unwrap_or(0);
                     cursor.detach_into_name();
                     Ok(n)
                 })?;
@@ -277,6 +325,14 @@ pub mod twotower {
             }
         };
         run().unwrap_or_else(|e| pgrx::error!("refresh_item_vectors: {e}"));
-        done
+        let deleted = if delete_missing {
+            check_for_interrupts!();
+            Spi::get_one::<i64>(&delete)
+                .unwrap_or_else(|e| pgrx::error!("refresh_item_vectors: {e}"))
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        TableIterator::once((inserted, updated, deleted, done - inserted - updated))
     }
 }

@@ -51,6 +51,10 @@ pub enum TtError {
     WrongIndex(String),
     /// A generic invalid argument value.
     BadArgument(String),
+    /// The extension's SQL objects are older than the library.
+    SchemaVersion { installed: String, library: &'static str },
+    /// A bulk refresh source lacks the column of a feature that has no default.
+    MissingFeatureColumn { relation: String, feature: String },
     /// The table an index belongs to has no usable item id column.
     NoItemId(String),
 }
@@ -245,6 +249,18 @@ impl TtError {
                 format!("{what} works only on twotower_hnsw indexes"),
                 None,
                 Some("CREATE INDEX ... USING twotower_hnsw (column real_cosine_ops) makes one.".into()),
+            ),
+            TtError::SchemaVersion { installed, library } => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("pg_twotower's SQL objects are at version {installed}, the installed library is {library}"),
+                Some("The model catalogue keeps its old layout until the extension is updated; indexes and operators keep working meanwhile.".into()),
+                Some(format!("Run ALTER EXTENSION pg_twotower UPDATE TO '{library}';")),
+            ),
+            TtError::MissingFeatureColumn { relation, feature } => (
+                ERRCODE_UNDEFINED_COLUMN,
+                format!("{relation} has no column \"{feature}\" for feature \"{feature}\" of the item tower"),
+                Some("Without it every item would get the same missing value for this feature.".into()),
+                Some("Read the items through a view that provides the column, or give the feature a \"default\" in the spec.".into()),
             ),
             TtError::NoItemId(d) => (
                 ERRCODE_WRONG_OBJECT_TYPE,

@@ -6,8 +6,8 @@ use pgrx::prelude::*;
 #[pg_schema]
 pub mod twotower {
     use crate::catalog::{
-        self, as_catalog_owner, caller, check_manage, check_model_name, is_admin, role_name,
-        JsonbValue, ADMIN_ROLE,
+        self, as_catalog_owner, caller, check_manage, check_model_name, is_admin, model_owner,
+        role_name, JsonbValue, RegRole, ADMIN_ROLE,
     };
     use crate::error::{OrReport, TtError, TtResult};
     use pgrx::pg_sys;
@@ -25,30 +25,28 @@ pub mod twotower {
         let checksum = (twotower_ann::checksum(weights) ^ twotower_ann::checksum(spec_text.as_bytes()).rotate_left(1)) as i64;
         let me = caller();
         let me_name = role_name(me);
-        let owner: Option<String> = as_catalog_owner(|| {
-            Spi::get_one_with_args::<String>(
-                "SELECT owner::text FROM twotower.model WHERE name = $1 FOR UPDATE",
-                &[name.into()],
-            )
-        })?
-        .unwrap_or(None);
-        match &owner {
-            Some(o) => check_manage(name, o)?,
-            None if !is_admin(me) => {
+        let exists = match model_owner(name) {
+            Ok(owner) => {
+                check_manage(name, owner)?;
+                true
+            }
+            Err(TtError::ModelNotFound { .. }) if is_admin(me) => false,
+            Err(TtError::ModelNotFound { .. }) => {
                 return Err(TtError::PermissionDenied {
                     action: format!("create model \"{name}\""),
                     hint: format!("Members of {ADMIN_ROLE} create models: GRANT {ADMIN_ROLE} TO {me_name};"),
                 })
             }
-            None => {}
+            Err(e) => return Err(e),
+        };
+        if !exists {
+            as_catalog_owner(|| {
+                Spi::run_with_args("INSERT INTO twotower.model (name) VALUES ($1)", &[name.into()])
+            })?
+            .map_err(|e| TtError::Unsupported(format!("storing model \"{name}\": {e}")))?;
+            catalog::set_model_owner(name, me)?;
         }
         let version = as_catalog_owner(|| -> Result<i32, pgrx::spi::Error> {
-            if owner.is_none() {
-                Spi::run_with_args(
-                    "INSERT INTO twotower.model (name, owner) VALUES ($1, $2::name)",
-                    &[name.into(), me_name.clone().into()],
-                )?;
-            }
             let v = Spi::get_one_with_args::<i32>(
                 "UPDATE twotower.model SET next_version = next_version + 1 WHERE name = $1
                  RETURNING next_version - 1",
@@ -170,27 +168,12 @@ pub mod twotower {
         import(name, &spec, &weights, activate).or_report()
     }
 
-    fn owner_of(name: &str) -> TtResult<String> {
-        as_catalog_owner(|| {
-            Spi::get_one_with_args::<String>(
-                "SELECT owner::text FROM twotower.model WHERE name = $1 FOR UPDATE",
-                &[name.into()],
-            )
-        })?
-        .ok()
-        .flatten()
-        .ok_or_else(|| TtError::ModelNotFound {
-            name: name.to_string(),
-            version: None,
-        })
-    }
-
     /// Makes `version` the serving version of model `name` (atomic: one row update; every
     /// backend switches at its next transaction after commit).
     #[pg_extern(volatile, parallel_unsafe)]
     fn activate_model(name: &str, version: i32) {
-        let owner = owner_of(name).or_report();
-        check_manage(name, &owner).or_report();
+        let owner = model_owner(name).or_report();
+        check_manage(name, owner).or_report();
         let found = as_catalog_owner(|| {
             Spi::get_one_with_args::<bool>(
                 "UPDATE twotower.model SET active_version = $2 WHERE name = $1
@@ -213,16 +196,25 @@ pub mod twotower {
     /// Drops one version of model `name` (not the active one), or, without `version`, the whole
     /// model with all its versions.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn drop_model(name: &str, version: default!(Option<i32>, "NULL")) {
-        let owner = owner_of(name).or_report();
-        check_manage(name, &owner).or_report();
+    fn drop_model(name: Option<&str>, version: default!(Option<i32>, "NULL")) {
+        let Some(name) = name else {
+            TtError::NullArgument("name").report();
+        };
+        let owner = model_owner(name).or_report();
+        check_manage(name, owner).or_report();
         match version {
             None => {
-                as_catalog_owner(|| {
-                    Spi::run_with_args("DELETE FROM twotower.model WHERE name = $1", &[name.into()])
+                let object = as_catalog_owner(|| {
+                    Spi::get_one_with_args::<pg_sys::Oid>(
+                        "DELETE FROM twotower.model WHERE name = $1 RETURNING owner_object",
+                        &[name.into()],
+                    )
                 })
                 .or_report()
                 .unwrap_or_else(|e| pgrx::error!("drop_model: {e}"));
+                if let Some(object) = object {
+                    catalog::drop_owner_object(object);
+                }
             }
             Some(v) => {
                 let active = as_catalog_owner(|| {
@@ -258,6 +250,107 @@ pub mod twotower {
             }
         }
         catalog::invalidate();
+    }
+
+    /// Gives model `name` to role `new_owner` (as `ALTER … OWNER TO` does for built-in objects):
+    /// allowed to members of twotower_admin, and to the current owner when they are also a
+    /// member of `new_owner`. Also the way to give an owner back to a model whose owner was
+    /// dropped with `DROP OWNED`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn alter_model_owner(name: &str, new_owner: RegRole) {
+        let owner = model_owner(name).or_report();
+        check_manage(name, owner).or_report();
+        let me = caller();
+        if !is_admin(me) && !catalog::has_privs(me, new_owner.0) {
+            TtError::PermissionDenied {
+                action: format!("give model \"{name}\" to role {}", role_name(new_owner.0)),
+                hint: format!(
+                    "The owner must be a member of the new owning role, or a member of {ADMIN_ROLE}."
+                ),
+            }
+            .report();
+        }
+        catalog::set_model_owner(name, new_owner.0).or_report();
+        catalog::invalidate();
+    }
+
+    /// Changes a model's settings. `unknown_features`: `'error'` (the default: a key of the
+    /// user features that is not a feature of the active version is an error, so typos are
+    /// caught) or `'ignore'` (such keys are skipped, so an application that already sends a
+    /// newer version's features keeps working after a rollback). NULL leaves a setting as it is.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn alter_model(name: Option<&str>, unknown_features: default!(Option<&str>, "NULL")) {
+        let Some(name) = name else {
+            TtError::NullArgument("name").report();
+        };
+        let owner = model_owner(name).or_report();
+        check_manage(name, owner).or_report();
+        if let Some(u) = unknown_features {
+            if !matches!(u, "error" | "ignore") {
+                TtError::BadArgument(format!(
+                    "unknown_features must be 'error' or 'ignore', not '{u}'"
+                ))
+                .report();
+            }
+            as_catalog_owner(|| {
+                Spi::run_with_args(
+                    "UPDATE twotower.model SET unknown_features = $2 WHERE name = $1",
+                    &[name.into(), u.into()],
+                )
+            })
+            .or_report()
+            .unwrap_or_else(|e| pgrx::error!("alter_model: {e}"));
+        }
+        catalog::invalidate();
+    }
+
+    /// One version of model `name` (the active one when `version` is NULL) as its spec and
+    /// safetensors weights, exactly as imported: `import_model(name, spec, weights)` on another
+    /// server recreates it, and the bytes can be written to files (`spec.json`,
+    /// `weights.safetensors`) to keep a model outside the database. Allowed to the model's owner
+    /// and members of twotower_admin.
+    #[pg_extern(stable, parallel_safe)]
+    fn export_model(
+        name: Option<&str>,
+        version: default!(Option<i32>, "NULL"),
+    ) -> TableIterator<'static, (name!(version, i32), name!(spec, pgrx::JsonB), name!(weights, Vec<u8>))>
+    {
+        let Some(name) = name else {
+            TtError::NullArgument("name").report();
+        };
+        let owner = catalog::model_owner_readonly(name).or_report();
+        check_manage(name, owner).or_report();
+        let row = as_catalog_owner(|| {
+            Spi::connect(|c| -> Result<Option<(i32, String, Vec<u8>)>, pgrx::spi::Error> {
+                let t = c.select(
+                    "SELECT v.version, v.spec::text, v.weights FROM twotower.model m
+                       JOIN twotower.model_version v ON v.model = m.name
+                      WHERE m.name = $1 AND v.version = coalesce($2, m.active_version)",
+                    Some(1),
+                    &[name.into(), version.into()],
+                )?;
+                if t.is_empty() {
+                    return Ok(None);
+                }
+                let r = t.first();
+                Ok(Some((
+                    r.get::<i32>(1)?.unwrap_or_default(),
+                    r.get::<String>(2)?.unwrap_or_default(),
+                    r.get::<Vec<u8>>(3)?.unwrap_or_default(),
+                )))
+            })
+        })
+        .or_report()
+        .unwrap_or_else(|e| pgrx::error!("export_model: {e}"));
+        let Some((v, spec, weights)) = row else {
+            TtError::ModelNotFound {
+                name: name.to_string(),
+                version,
+            }
+            .report();
+        };
+        let spec = serde_json::from_str(&spec).unwrap_or_else(|e| pgrx::error!("export_model: {e}"));
+        TableIterator::once((v, pgrx::JsonB(spec), weights))
     }
 
     /// This backend's cache of decoded models: how many versions, how many bytes.

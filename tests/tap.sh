@@ -9,6 +9,7 @@ work=/tmp/pg_twotower-tap
 rm -rf "$work"; mkdir -p "$work"
 cp -r tests/t "$work/t"
 cp -r tests/golden "$work/golden"
+cp README.md "$work/README.md"
 chown -R postgres:postgres "$work" 2>/dev/null || true
 tests=("$@")
 cd "$work"

@@ -150,6 +150,70 @@ SELECT name, version, active, owner, imported_by FROM twotower.models WHERE name
 SELECT twotower.drop_model('alice_model');
 SELECT pg_temp.err($q$SELECT twotower.drop_model('alice_model')$q$);
 
+-- Owners are roles, not names: DROP ROLE is refused while a role owns models, a rename is
+-- followed, and a new role with the old name owns nothing.
+SELECT twotower.import_model('alice_model', spec, weights) FROM files;
+SELECT twotower.alter_model_owner('alice_model', 'tt_alice');
+SELECT regexp_replace(pg_temp.err($q$DROP ROLE tt_alice$q$), 'large object \d+', 'large object N') AS err;
+ALTER ROLE tt_alice RENAME TO tt_alice_renamed;
+CREATE ROLE tt_alice;
+GRANT SELECT ON files TO tt_alice;
+SELECT DISTINCT owner FROM twotower.models WHERE name = 'alice_model';
+SET ROLE tt_alice;
+SELECT pg_temp.err($q$SELECT twotower.drop_model('alice_model')$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('alice_model', spec, weights) FROM files$q$);
+SET ROLE tt_alice_renamed;
+-- The owner may give the model only to a role it is a member of.
+SELECT pg_temp.err($q$SELECT twotower.alter_model_owner('alice_model', 'tt_bob')$q$);
+SELECT twotower.import_model('alice_model', spec, weights, activate => false) FROM files;
+RESET ROLE;
+-- REASSIGN OWNED hands models over; DROP OWNED leaves them to twotower_admin.
+REASSIGN OWNED BY tt_alice_renamed TO tt_bob;
+SELECT DISTINCT owner FROM twotower.models WHERE name = 'alice_model';
+DROP OWNED BY tt_bob;
+SELECT DISTINCT coalesce(owner::text, 'none') AS owner FROM twotower.models WHERE name = 'alice_model';
+SET ROLE tt_bob;
+SELECT pg_temp.err($q$SELECT twotower.activate_model('alice_model', 2)$q$);
+RESET ROLE;
+DROP OWNED BY tt_alice_renamed;
+DROP ROLE tt_alice_renamed;
+SELECT twotower.drop_model('alice_model');
+SELECT pg_temp.err($q$SELECT twotower.drop_model(NULL)$q$);
+SELECT pg_temp.err($q$SELECT twotower.alter_model(NULL, 'ignore')$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.export_model(NULL)$q$);
+
+-- Unknown feature keys: an error by default (typos are caught); 'ignore' per model, without a
+-- re-import, so an application already sending a newer version's keys survives a rollback.
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"country": "fr", "new_feature": 1}')$q$);
+SELECT twotower.alter_model('golden_user', unknown_features => 'ignore');
+SELECT twotower.embed_user('golden_user', '{"country": "fr", "new_feature": 1}')
+     = twotower.embed_user('golden_user', '{"country": "fr"}') AS unknown_key_ignored;
+SELECT count(*) AS embedded FROM twotower.embed_users('golden_user', ARRAY['{"new_feature": 1}'::jsonb]);
+SELECT DISTINCT unknown_features FROM twotower.models WHERE name = 'golden_user';
+SELECT pg_temp.err($q$SELECT twotower.alter_model('golden_user', unknown_features => 'warn')$q$);
+SET ROLE tt_bob;
+SELECT pg_temp.err($q$SELECT twotower.alter_model('golden_user', unknown_features => 'error')$q$);
+RESET ROLE;
+SELECT twotower.alter_model('golden_user', unknown_features => 'error');
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"new_feature": 1}')$q$);
+
+-- export_model gives back exactly what was imported: a re-import is the same model.
+SELECT twotower.import_model('golden_copy', e.spec, e.weights)
+  FROM twotower.export_model('golden_user') e;
+SELECT a.checksum = b.checksum AS same_checksum, a.weights = b.weights AS same_weights, a.spec = b.spec AS same_spec
+  FROM twotower.model_version a, twotower.model_version b
+ WHERE a.model = 'golden_user' AND a.version = (SELECT active_version FROM twotower.model WHERE name = 'golden_user')
+   AND b.model = 'golden_copy';
+SELECT count(*) AS differ FROM golden
+ WHERE twotower.embed_user('golden_copy', features) <> twotower.embed_user('golden_user', features);
+SELECT e.version = m.active_version AS active_exported
+  FROM twotower.export_model('golden_user') e, twotower.model m WHERE m.name = 'golden_user';
+SELECT pg_temp.err($q$SELECT * FROM twotower.export_model('golden_user', 99)$q$);
+SET ROLE tt_bob;
+SELECT pg_temp.err($q$SELECT * FROM twotower.export_model('golden_user')$q$);
+RESET ROLE;
+SELECT twotower.drop_model('golden_copy');
+
 -- The nightly item refresh: item tower over a table into a vector table, then the index.
 CREATE TABLE catalog_items (item_id bigint PRIMARY KEY, title text, category text, tags text[],
                             price numeric, img_vec real[]);
@@ -167,27 +231,65 @@ SELECT 5000 + i, 'generated ' || i, (ARRAY['shoes', 'shirts', 'hats', 'bags', 'o
        ARRAY[sin(i), cos(i), sin(2 * i)]::real[]
   FROM generate_series(1, 2000) i;
 CREATE TABLE item_vectors (id bigint PRIMARY KEY, embedding real[]);
-SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors',
-                                     id_column => 'item_id', batch_size => 128)
-     = (SELECT count(*) FROM catalog_items) AS all_items_written;
+-- Returns what it did: every item inserted the first time.
+SELECT inserted = (SELECT count(*) FROM catalog_items) AS all_inserted, updated, deleted, unchanged
+  FROM twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors',
+                                     id_column => 'item_id', batch_size => 128);
 -- Stored vectors equal embed_item on the same rows (batched and single passes round alike
 -- to within f32 accumulation order).
 SELECT count(*) AS differ FROM catalog_items c JOIN item_vectors v ON v.id = c.item_id
  WHERE twotower.l2_distance(v.embedding, twotower.embed_item('golden_item', to_jsonb(c))) > 1e-6;
--- A second run updates in place (unique id), it does not duplicate.
-SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id') > 0 AS refreshed;
-SELECT count(*) = (SELECT count(*) FROM catalog_items) AS one_row_per_item FROM item_vectors;
+-- A second run writes nothing: unchanged vectors are not rewritten (no new row versions).
+CREATE TEMP TABLE before_ctid AS SELECT id, ctid AS tid FROM item_vectors;
+SELECT inserted, updated, deleted, unchanged = (SELECT count(*) FROM catalog_items) AS all_unchanged
+  FROM twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id');
+SELECT count(*) AS rows_rewritten FROM item_vectors v JOIN before_ctid b USING (id) WHERE v.ctid <> b.tid;
+-- Changed items are updated, new ones inserted, and items that left the catalogue deleted.
+UPDATE catalog_items SET price = price + 100 WHERE item_id IN (5001, 5002);
+DELETE FROM catalog_items WHERE item_id IN (5003, 5004, 5005);
+INSERT INTO catalog_items VALUES (9001, 'new', 'hats', ARRAY['new'], 12, ARRAY[0.1, 0.2, 0.3]::real[]);
+SELECT inserted, updated, deleted, unchanged = (SELECT count(*) - 3 FROM catalog_items) AS rest_unchanged
+  FROM twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id');
+SELECT count(*) = (SELECT count(*) FROM catalog_items) AS one_row_per_item,
+       count(*) FILTER (WHERE id IN (5003, 5004, 5005)) AS vanished_kept
+  FROM item_vectors;
+-- delete_missing => false keeps vectors of vanished items.
+DELETE FROM catalog_items WHERE item_id = 9001;
+SELECT inserted, updated, deleted FROM twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors',
+       id_column => 'item_id', delete_missing => false);
+SELECT count(*) AS kept FROM item_vectors WHERE id = 9001;
+DELETE FROM item_vectors WHERE id = 9001;
+-- Without a unique index on the target's id, rows are still matched by id.
+CREATE TABLE plain_vectors (id bigint, embedding real[]);
+SELECT inserted = (SELECT count(*) FROM catalog_items) AS all_inserted, updated, deleted, unchanged
+  FROM twotower.refresh_item_vectors('golden_item', 'catalog_items', 'plain_vectors', id_column => 'item_id');
+UPDATE catalog_items SET price = price + 1 WHERE item_id = 5001;
+SELECT inserted, updated, deleted, unchanged = (SELECT count(*) - 1 FROM catalog_items) AS rest_unchanged
+  FROM twotower.refresh_item_vectors('golden_item', 'catalog_items', 'plain_vectors', id_column => 'item_id');
+SELECT count(*) = count(DISTINCT id) AS no_duplicates FROM plain_vectors;
+DROP TABLE plain_vectors;
+SELECT * FROM twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id');
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_user', 'catalog_items', 'item_vectors', id_column => 'item_id')$q$);
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'nope')$q$);
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id', batch_size => 0)$q$);
 
--- Items may come from a view; a feature without a column is missing (and said so).
+-- Items may come from a view. A feature without a column is an error (every item would get
+-- the same missing value), unless the spec gives that feature a default.
 CREATE VIEW items_no_price AS SELECT item_id, category, tags, img_vec FROM catalog_items;
 CREATE TABLE no_price_vectors (id bigint, embedding real[]);
-SELECT twotower.refresh_item_vectors('golden_item', 'items_no_price', 'no_price_vectors', id_column => 'item_id');
+SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'items_no_price', 'no_price_vectors', id_column => 'item_id')$q$);
+CREATE VIEW items_nothing AS SELECT item_id FROM catalog_items;
+SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'items_nothing', 'no_price_vectors', id_column => 'item_id')$q$);
+SELECT count(*) AS written_by_failed_refreshes FROM no_price_vectors;
+SELECT twotower.import_model('item_price_default',
+       jsonb_set(item_spec, '{features,3}', (item_spec #> '{features,3}') || '{"default": 20}'), item_weights)
+  FROM files;
+SELECT inserted = (SELECT count(*) FROM catalog_items) AS all_inserted
+  FROM twotower.refresh_item_vectors('item_price_default', 'items_no_price', 'no_price_vectors', id_column => 'item_id');
 SELECT count(*) AS differ FROM catalog_items c JOIN no_price_vectors v ON v.id = c.item_id
- WHERE twotower.l2_distance(v.embedding, twotower.embed_item('golden_item', to_jsonb(c) - 'price')) > 1e-6;
-DROP VIEW items_no_price;
+ WHERE twotower.l2_distance(v.embedding, twotower.embed_item('golden_item', to_jsonb(c) || '{"price": 20}')) > 1e-6;
+SELECT twotower.drop_model('item_price_default');
+DROP VIEW items_no_price, items_nothing;
 DROP TABLE no_price_vectors;
 
 -- A long refresh is cancellable (statement_timeout, like a user's cancel request).
@@ -197,7 +299,7 @@ SELECT i AS item_id, 'shoes'::text AS category, ARRAY['red']::text[] AS tags, 10
   FROM generate_series(1, 200000) i;
 CREATE TABLE many_vectors (id bigint PRIMARY KEY, embedding real[]);
 SET statement_timeout = '300ms';
-SELECT twotower.refresh_item_vectors('golden_item', 'many_items', 'many_vectors', id_column => 'item_id');
+SELECT * FROM twotower.refresh_item_vectors('golden_item', 'many_items', 'many_vectors', id_column => 'item_id');
 RESET statement_timeout;
 SELECT count(*) AS rows_after_cancel FROM many_vectors;
 DROP TABLE many_items, many_vectors;

@@ -208,7 +208,9 @@ impl Model {
                     weighted,
                     ..
                 } => encode_bag(lookup, *max_len, *weighted, v, name, &mut buf)?,
-                FeatureKind::Numeric { transform, missing } => match v {
+                FeatureKind::Numeric {
+                    transform, missing, ..
+                } => match v {
                     Value::Null => Field::Value(*missing),
                     _ => {
                         let x = real(v, name, "a number")?;

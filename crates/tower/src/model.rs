@@ -34,6 +34,7 @@ pub(crate) enum FeatureKind {
     Numeric {
         transform: Transform,
         missing: f32,
+        has_default: bool,
     },
     Bucketize {
         table: Table,
@@ -240,9 +241,15 @@ impl Model {
                     max_len,
                     weighted,
                 },
-                FeatureDraft::Numeric { transform, missing } => {
-                    FeatureKind::Numeric { transform, missing }
-                }
+                FeatureDraft::Numeric {
+                    transform,
+                    missing,
+                    has_default,
+                } => FeatureKind::Numeric {
+                    transform,
+                    missing,
+                    has_default,
+                },
                 FeatureDraft::Bucketize {
                     embedding,
                     boundaries,
@@ -464,6 +471,15 @@ impl Model {
     /// Feature names in spec order.
     pub fn feature_names(&self) -> Vec<&str> {
         self.features.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    /// Whether the spec gives feature `name` an explicit default (only numeric features can
+    /// have one). A source that lacks a column for a feature without a default is an error for
+    /// a bulk refresh: every item would silently get the same "missing" input.
+    pub fn feature_has_default(&self, name: &str) -> bool {
+        self.features.iter().any(|f| {
+            f.name == name && matches!(f.kind, FeatureKind::Numeric { has_default: true, .. })
+        })
     }
 
     /// Number of weights (each distinct tensor counted once).

@@ -93,6 +93,8 @@ pub(crate) enum FeatureDraft {
         transform: Transform,
         /// The field value used for a missing key / null (already transformed).
         missing: f32,
+        /// Whether the spec states a default (otherwise a missing value is 0).
+        has_default: bool,
     },
     Bucketize {
         embedding: String,
@@ -575,7 +577,8 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
                     ))
                 }
             };
-            let missing = match o.opt_num("default")? {
+            let default = o.opt_num("default")?;
+            let missing = match default {
                 None => 0.0,
                 Some(d) => {
                     let v = transform.apply(d) as f32;
@@ -588,7 +591,11 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
                     v
                 }
             };
-            FeatureDraft::Numeric { transform, missing }
+            FeatureDraft::Numeric {
+                transform,
+                missing,
+                has_default: default.is_some(),
+            }
         }
         "bucketize" => {
             o.allow(&["name", "type", "boundaries", "embedding"])?;

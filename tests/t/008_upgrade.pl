@@ -1,0 +1,152 @@
+# The upgrade path: a database created at 0.1.0 (from the released script, with an index and
+# models in the 0.1.0 catalogue layout) is updated with ALTER EXTENSION ... UPDATE and then
+# answers exactly like a fresh install of the current version; its SQL objects are the same.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use TwoTower;
+
+my $g = $ENV{TT_GOLDEN};
+my $node = PostgreSQL::Test::Cluster->new('upgrade');
+$node->init;
+$node->append_conf('postgresql.conf', "maintenance_work_mem = '256MB'");
+$node->start;
+my $current = $node->safe_psql('postgres',
+	q{SELECT default_version FROM pg_available_extensions WHERE name = 'pg_twotower'});
+isnt($current, '0.1.0', "the current version ($current) is newer than 0.1.0");
+
+$node->safe_psql('postgres', q{
+	CREATE ROLE carol LOGIN; CREATE ROLE erin LOGIN;
+	CREATE DATABASE up; CREATE DATABASE fresh;
+});
+$node->safe_psql('up', q{CREATE EXTENSION pg_twotower VERSION '0.1.0'});
+$node->safe_psql('fresh', q{CREATE EXTENSION pg_twotower});
+is($node->safe_psql('up', q{SELECT extversion FROM pg_extension WHERE extname = 'pg_twotower'}),
+	'0.1.0', 'installed at 0.1.0 from its script');
+
+for my $db ('up', 'fresh')
+{
+	make_items($node, $db, 'items', 3000, 8);
+	$node->safe_psql($db, q{
+		CREATE INDEX items_idx ON items USING twotower_hnsw (v) WITH (m = 12, ef_construction = 64);
+		GRANT twotower_admin TO carol;
+	});
+}
+# Models as 0.1.0 stored them (its library is gone: the rows are written as it wrote them):
+# owner by name; one model whose owner role has since been dropped.
+$node->safe_psql('up', qq{
+	INSERT INTO twotower.model (name, owner, active_version, next_version)
+	VALUES ('u', 'carol', 1, 3), ('orphan', 'nobody_any_more', 1, 2);
+	INSERT INTO twotower.model_version
+	     (model, version, kind, dim, metric, parameters, checksum, spec, weights, imported_by)
+	SELECT m, v, 'user', 8, 'cosine', 0, v,
+	       pg_read_file('$g/spec.json')::jsonb, pg_read_binary_file('$g/weights.safetensors'), 'carol'
+	  FROM (VALUES ('u', 1), ('u', 2), ('orphan', 1)) AS x(m, v);
+});
+# carol may not read server files: the superuser imports, then hands the model over.
+$node->safe_psql('fresh', qq{
+	SELECT twotower.import_model_file('u', '$g/spec.json', '$g/weights.safetensors');
+	SELECT twotower.import_model_file('u', '$g/spec.json', '$g/weights.safetensors', false);
+	SELECT twotower.alter_model_owner('u', 'carol');
+});
+
+my $query = q{SET enable_seqscan = off;
+	SELECT string_agg(id::text, ',') FROM (SELECT id FROM items
+	 ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 7) LIMIT 10) s};
+my $before = $node->safe_psql('up', $query);
+like($before, qr/^7,/, 'the 0.1.0 index answers');
+
+# Before the update the new library refuses the old catalogue with a clear error.
+my ($rc, $out, $err) = $node->psql('up', q{SELECT twotower.embed_user('u', '{}')});
+like($err, qr/SQL objects are at version 0\.1\.0.*\n.*\n.*ALTER EXTENSION pg_twotower UPDATE/s,
+	'model functions before the update name the fix');
+
+($rc, $out, $err) = $node->psql('up', 'ALTER EXTENSION pg_twotower UPDATE');
+is($rc, 0, 'ALTER EXTENSION pg_twotower UPDATE');
+like($err, qr/model "orphan": its owner role "nobody_any_more" no longer exists/,
+	'a model whose owner role is gone is named');
+is($node->safe_psql('up', q{SELECT extversion FROM pg_extension WHERE extname = 'pg_twotower'}),
+	$current, "updated to $current");
+
+# Same objects: functions (definitions, volatility, strictness, parallel safety, ACLs),
+# tables (columns, defaults, constraints), views, operators, operator classes, comments.
+my $describe = q{
+	WITH ext AS (SELECT oid FROM pg_extension WHERE extname = 'pg_twotower'),
+	members AS (SELECT classid, objid FROM pg_depend, ext
+	             WHERE refclassid = 'pg_extension'::regclass AND refobjid = ext.oid AND deptype = 'e')
+	SELECT string_agg(d, E'\n' ORDER BY d) FROM (
+	  SELECT 'function ' || p.oid::regprocedure || ' ' || pg_get_function_result(p.oid) || ' '
+	         || p.provolatile::text || p.proisstrict::text || p.proparallel::text || ' ' || coalesce(p.proacl::text, '')
+	         || ' ' || coalesce(obj_description(p.oid, 'pg_proc'), '')
+	         || ' ' || pg_get_function_arguments(p.oid) AS d
+	    FROM members m JOIN pg_proc p ON m.classid = 'pg_proc'::regclass AND p.oid = m.objid
+	  UNION ALL
+	  SELECT 'column ' || c.oid::regclass || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+	         || ' ' || a.attnotnull::text || ' ' || coalesce(pg_get_expr(ad.adbin, ad.adrelid), '')
+	         || ' ' || a.attstorage::text
+	    FROM members m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+	    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+	    LEFT JOIN pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
+	  UNION ALL
+	  SELECT 'relation ' || c.oid::regclass || ' ' || c.relkind::text || ' ' || coalesce(c.relacl::text, '')
+	         || ' ' || coalesce(obj_description(c.oid, 'pg_class'), '')
+	         || ' ' || coalesce(pg_get_viewdef(c.oid), '')
+	    FROM members m JOIN pg_class c ON m.classid = 'pg_class'::regclass AND c.oid = m.objid
+	  UNION ALL
+	  SELECT 'constraint ' || co.conrelid::regclass || ' ' || co.conname || ' ' || pg_get_constraintdef(co.oid)
+	    FROM members m JOIN pg_constraint co ON m.classid = 'pg_class'::regclass AND co.conrelid = m.objid
+	  UNION ALL
+	  SELECT 'operator ' || o.oid::regoperator FROM members m JOIN pg_operator o
+	      ON m.classid = 'pg_operator'::regclass AND o.oid = m.objid
+	  UNION ALL
+	  SELECT 'opclass ' || oc.opcname || ' ' || oc.opcdefault::text FROM members m JOIN pg_opclass oc
+	      ON m.classid = 'pg_opclass'::regclass AND oc.oid = m.objid
+	  UNION ALL
+	  SELECT 'config ' || extconfig::regclass[]::text FROM pg_extension WHERE extname = 'pg_twotower'
+	) x};
+my $want = $node->safe_psql('fresh', $describe);
+like($want, qr/function twotower\.export_model/, 'the description lists the current functions');
+is($node->safe_psql('up', $describe), $want, 'the updated SQL objects equal a fresh install');
+
+# Same answers.
+is($node->safe_psql('up', $query), $before, 'the index answers the same after the update');
+my $embed = q{SELECT string_agg(twotower.embed_user('u', x)::text, ' ' ORDER BY n)
+	FROM jsonb_array_elements('[{"user_id": 42, "history": [1001, 1002]}, {"country": "fr"}, {}]') WITH ORDINALITY AS a(x, n)};
+is($node->safe_psql('up', $embed), $node->safe_psql('fresh', $embed), 'updated models embed users as a fresh import does');
+my $models = q{SELECT string_agg(name || ':' || version || ':' || active || ':' || coalesce(owner::text, '-')
+	|| ':' || unknown_features, ' ' ORDER BY name, version) FROM twotower.models};
+is($node->safe_psql('up', $models), 'orphan:1:true:-:error u:1:true:carol:error u:2:false:carol:error',
+	'owners carried over by role; the orphan has none');
+
+# The owner is now the role, not its name.
+($rc, $out, $err) = $node->psql('postgres', 'DROP ROLE carol');
+like($err, qr/role "carol" cannot be dropped because some objects depend on it/, 'DROP ROLE refused while it owns models');
+$node->safe_psql('postgres', 'ALTER ROLE carol RENAME TO carol2; CREATE ROLE carol LOGIN');
+$node->safe_psql('up', 'GRANT twotower_admin TO carol2');
+is($node->safe_psql('up', q{SELECT DISTINCT owner FROM twotower.models WHERE name = 'u'}), 'carol2',
+	'a rename is followed');
+($rc, $out, $err) = $node->psql('up', q{SET ROLE carol; SELECT twotower.drop_model('u')});
+like($err, qr/permission denied to manage model "u"/, 'a new role with the old name owns nothing');
+# The orphan is managed by admins only; an admin gives it an owner.
+($rc, $out, $err) = $node->psql('up', q{SET ROLE erin; SELECT twotower.activate_model('orphan', 1)});
+like($err, qr/permission denied to manage model "orphan"/, 'nobody but admins manages an ownerless model');
+$node->safe_psql('up', q{SELECT twotower.alter_model_owner('orphan', 'erin')});
+$node->safe_psql('up', q{SET ROLE erin; SELECT twotower.activate_model('orphan', 1)});
+pass('alter_model_owner gives an ownerless model an owner');
+
+# DROP EXTENSION refuses while models exist (the index, which would also stop it, is dropped).
+$node->safe_psql('up', 'DROP INDEX items_idx');
+($rc, $out, $err) = $node->psql('up', 'DROP EXTENSION pg_twotower');
+like($err, qr/cannot drop extension pg_twotower because other objects depend on it\nDETAIL:  large object \d+ depends on extension pg_twotower/,
+	'DROP EXTENSION refuses while models exist');
+$node->safe_psql('up', q{SELECT twotower.drop_model('u'); SELECT twotower.drop_model('orphan');});
+is($node->safe_psql('up', q{SELECT count(*) FROM pg_largeobject_metadata}), '0',
+	'drop_model removes the owner objects');
+$node->safe_psql('up', 'DROP EXTENSION pg_twotower CASCADE');
+$node->safe_psql('postgres', 'DROP ROLE carol');
+pass('with the models dropped, DROP ROLE succeeds');
+
+$node->stop;
+done_testing();
