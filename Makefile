@@ -3,7 +3,7 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:/usr/lib/postgresql/15/bin:$(PATH)
 PGRX_TEST_ENV := CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA=/tmp/pgrx-pgdata
 
-.PHONY: demo test bench setup install install-release test-core test-pg test-regress test-tap soak clean
+.PHONY: demo test bench package setup install install-release test-core test-pg test-regress test-tap soak clean
 
 ## Set up a fresh Debian 12 machine, build, install, start a scratch cluster and run the demo.
 demo: setup install-release
@@ -15,6 +15,10 @@ test: setup test-core test-pg install test-regress test-tap
 ## The benchmark program (1M x 64 by default; see docs/benchmarks.md).
 bench: setup install-release
 	bash bench/run.sh
+
+## An installable tarball (library, control file, SQL scripts) for servers without Rust.
+package: setup
+	bash scripts/package.sh
 
 setup:
 	bash scripts/setup.sh
