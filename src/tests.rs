@@ -254,6 +254,54 @@ fn memory_budget_is_enforced_with_a_clear_error() {
     assert_eq!(sqlstate("CREATE INDEX ON items USING twotower_hnsw (embedding)"), "53200");
 }
 
+#[pg_test]
+fn build_100k_by_64_fits_the_default_maintenance_work_mem_and_the_hint_is_exact() {
+    Spi::run("SET search_path = public, twotower").unwrap();
+    Spi::run(
+        "SELECT setseed(0.5);
+         CREATE TABLE big (id bigint PRIMARY KEY, v real[]);
+         INSERT INTO big SELECT i, ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, 64) WHERE i > 0)
+           FROM generate_series(1, 100000) i",
+    )
+    .unwrap();
+    // PostgreSQL's default; the build streams the heap into the graph and writes the image
+    // through a temporary file, so 100k x 64 fits.
+    Spi::run("SET maintenance_work_mem = '64MB'").unwrap();
+    Spi::run("CREATE INDEX big_idx ON big USING twotower_hnsw (v)").unwrap();
+    assert_eq!(
+        Spi::get_one::<i64>("SELECT graph_items FROM twotower.index_info('big_idx')").unwrap(),
+        Some(100_000)
+    );
+    // Too small a budget: the figure comes from every row (the scan goes on counting once the
+    // budget is exceeded), so following the hint works the first time.
+    Spi::run("DROP INDEX big_idx; SET maintenance_work_mem = '16MB'").unwrap();
+    Spi::run(
+        "CREATE TEMP TABLE hint_out (state text, hint text);
+         DO $$ DECLARE s text; h text; BEGIN
+             CREATE INDEX big_idx ON big USING twotower_hnsw (v);
+         EXCEPTION WHEN OTHERS THEN
+             GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, h = PG_EXCEPTION_HINT;
+             INSERT INTO hint_out VALUES (s, h);
+         END $$",
+    )
+    .unwrap();
+    let state = Spi::get_one::<String>("SELECT state FROM hint_out").unwrap();
+    assert_eq!(state.as_deref(), Some("53200"));
+    let set = Spi::get_one::<String>("SELECT substring(hint from '^(SET maintenance_work_mem = ''[0-9]+ MB'')') FROM hint_out")
+        .unwrap()
+        .expect("the hint names a setting");
+    Spi::run(&set).unwrap();
+    Spi::run("CREATE INDEX big_idx ON big USING twotower_hnsw (v)").unwrap();
+    // No temporary file is left behind.
+    assert_eq!(
+        Spi::get_one::<i64>(
+            "SELECT count(*) FROM pg_ls_tmpdir() WHERE name LIKE 'pgsql_tmp%twotower%'"
+        )
+        .unwrap(),
+        Some(0)
+    );
+}
+
 /// Imports the core's synthetic realistic user tower as model `name`.
 fn import_synth_user(name: &str, seed: u64) -> (String, Vec<u8>) {
     let (spec, weights) = twotower_tower::synth::realistic_user_tower(seed);

@@ -8,7 +8,8 @@ use crate::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use twotower_ann::{
-    build_image, estimate_build_memory, is_zero, AnnError, BuildParams, Metric, Poll, Quantization,
+    estimate_build_memory, is_zero, AnnError, BuildParams, ImageBuilder, Metric, Poll, Quantization,
+    BUILD_BATCH,
 };
 
 const PHASE_LOAD: i64 = 2;
@@ -18,25 +19,106 @@ const PHASE_WRITE: i64 = 4;
 struct BuildState {
     metric: Metric,
     m: usize,
+    ef_construction: usize,
     quantization: Quantization,
     dims: Option<usize>,
+    /// Items seen (indexed, or counted once the budget is known to be exceeded).
+    count: usize,
+    /// The graph so far (created at the first vector, when the dimensions are known); None once
+    /// the budget is exceeded: the scan then only counts, to report the exact figure once.
+    builder: Option<ImageBuilder>,
+    over_budget: bool,
+    /// The batch being collected.
     keys: Vec<u64>,
     vectors: Vec<f32>,
+    /// Rows the relation is expected to hold (sizes the graph up front).
+    expected: usize,
+    heap: pg_sys::Relation,
     budget: usize,
     skipped_zero: u64,
 }
 
 impl BuildState {
-    fn estimate(&self, n: usize) -> usize {
-        let p = BuildParams {
+    fn params(&self) -> BuildParams {
+        BuildParams {
             dims: self.dims.unwrap_or(1),
             metric: self.metric,
             quantization: self.quantization,
             m: self.m,
-            ef_construction: 64,
-        };
-        estimate_build_memory(&p, n)
+            ef_construction: self.ef_construction,
+        }
     }
+    fn estimate(&self, n: usize) -> usize {
+        estimate_build_memory(&self.params(), n)
+    }
+
+    /// Adds the collected batch to the graph, or starts counting only when the build would
+    /// exceed the budget.
+    fn flush(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        // Decided on rows actually seen, never on an extrapolation.
+        if !self.over_budget && self.estimate(self.count) > self.budget {
+            self.over_budget = true;
+        }
+        if self.over_budget {
+            self.builder = None;
+            self.keys.clear();
+            self.vectors.clear();
+            return;
+        }
+        if self.builder.is_none() {
+            let capacity = self.expected.max(self.keys.len());
+            self.builder = Some(ImageBuilder::new(&self.params(), capacity, worker_threads()).or_report());
+        }
+        let b = self.builder.as_mut().expect("created above");
+        let r = b.add_batch(&self.keys, &self.vectors, &mut |done| {
+            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
+            if cancel_pending() {
+                Poll::Cancel
+            } else {
+                Poll::Continue
+            }
+        });
+        report_build_error(r);
+        self.keys.clear();
+        self.vectors.clear();
+    }
+}
+
+fn report_build_error<T>(r: Result<T, AnnError>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(AnnError::Cancelled) => {
+            pgrx::check_for_interrupts!();
+            TtError::Ann(AnnError::Cancelled).report()
+        }
+        Err(e) => TtError::Ann(e).report(),
+    }
+}
+
+/// Rows the heap is expected to hold: `reltuples` when the table has been analysed or vacuumed,
+/// otherwise its pages times the rows of `row_bytes` that fit a page.
+fn expected_rows(heap: pg_sys::Relation, row_bytes: usize) -> usize {
+    // SAFETY: an open relation; rd_rel is its pg_class row.
+    let reltuples = unsafe { (*(*heap).rd_rel).reltuples };
+    if reltuples >= 0.0 {
+        return reltuples as usize;
+    }
+    // SAFETY: an open relation.
+    let blocks = unsafe {
+        pg_sys::RelationGetNumberOfBlocksInFork(heap, pg_sys::ForkNumber::MAIN_FORKNUM)
+    } as usize;
+    blocks * (pg_sys::BLCKSZ as usize - 24) / (row_bytes + 28).max(32)
+}
+
+/// Where a build's temporary files go: PostgreSQL's own temporary directory (removed at
+/// start-up, so nothing survives a crash; the files are unlinked as soon as they are mapped).
+fn spill_dir() -> Option<std::path::PathBuf> {
+    // SAFETY: DataDir is set for the life of the backend.
+    let data = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
+    Some(std::path::Path::new(&*data.to_string_lossy()).join("base/pgsql_tmp"))
 }
 
 fn progress(param: u32, value: i64) {
@@ -75,6 +157,7 @@ unsafe extern "C-unwind" fn build_callback(
             .report();
         }
         st.dims = Some(s.len());
+        st.expected = expected_rows(st.heap, 32 + s.len() * 4);
     }
     if st.metric == Metric::Cosine && is_zero(s) {
         st.skipped_zero += 1;
@@ -86,19 +169,15 @@ unsafe extern "C-unwind" fn build_callback(
         }
         TtError::Ann(e).report();
     }
+    st.count += 1;
+    if st.over_budget {
+        return;
+    }
     // SAFETY: the scan passes a valid TID.
     st.keys.push(tid_to_key(unsafe { &*tid }));
     st.vectors.extend_from_slice(s);
-    if st.keys.len() % 1024 == 0 {
-        let need = st.estimate(st.keys.len());
-        if need > st.budget {
-            TtError::MemoryBudget {
-                needed: need * 11 / 10,
-                available: st.budget,
-            }
-            .report();
-        }
-        progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, st.keys.len() as i64);
+    if st.keys.len() == BUILD_BATCH {
+        st.flush();
     }
 }
 
@@ -142,10 +221,16 @@ pub unsafe extern "C-unwind" fn ambuild(
     let mut st = BuildState {
         metric,
         m,
+        ef_construction: efc,
         quantization,
         dims: None,
-        keys: Vec::new(),
+        count: 0,
+        builder: None,
+        over_budget: false,
+        keys: Vec::with_capacity(BUILD_BATCH),
         vectors: Vec::new(),
+        expected: 0,
+        heap,
         budget,
         skipped_zero: 0,
     };
@@ -167,9 +252,11 @@ pub unsafe extern "C-unwind" fn ambuild(
     if st.skipped_zero > 0 {
         pgrx::notice!("twotower_hnsw: {} zero vectors were not indexed (cosine distance is undefined for them)", st.skipped_zero);
     }
-    let n = st.keys.len();
+    st.flush();
+    let n = st.count;
     let need = st.estimate(n);
-    if need > budget {
+    if st.over_budget || need > budget {
+        // The whole relation was counted: this is the exact figure, not an extrapolation.
         TtError::MemoryBudget {
             needed: need,
             available: budget,
@@ -187,38 +274,27 @@ pub unsafe extern "C-unwind" fn ambuild(
         graph_count: n as u64,
         ..Default::default()
     };
-    let image = if n == 0 {
-        Vec::new()
-    } else {
-        let params = BuildParams {
-            dims: st.dims.unwrap_or(0),
-            metric,
-            quantization,
-            m,
-            ef_construction: efc,
-        };
-        progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_GRAPH);
-        progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, n as i64);
-        let keys = std::mem::take(&mut st.keys);
-        let vectors = std::mem::take(&mut st.vectors);
-        let r = build_image(&params, &keys, &vectors, worker_threads(), &mut |done| {
-            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
-            if cancel_pending() {
-                Poll::Cancel
-            } else {
-                Poll::Continue
-            }
-        });
-        drop(vectors);
-        match r {
-            Ok(img) => img,
-            Err(AnnError::Cancelled) => {
-                pgrx::check_for_interrupts!();
-                TtError::Ann(AnnError::Cancelled).report()
-            }
-            Err(e) => TtError::Ann(e).report(),
+    let image = match st.builder.take() {
+        None => twotower_ann::ImageBytes::Mem(Vec::new()),
+        Some(builder) => {
+            progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_GRAPH);
+            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, n as i64);
+            let spill = spill_dir();
+            let r = builder.finish(
+                &mut |done| {
+                    progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
+                    if cancel_pending() {
+                        Poll::Cancel
+                    } else {
+                        Poll::Continue
+                    }
+                },
+                spill.as_deref(),
+            );
+            report_build_error(r)
         }
     };
+    let image = image.as_ref();
     let graph_done = started.elapsed();
     progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_WRITE);
     meta.image_checksum = if image.is_empty() {

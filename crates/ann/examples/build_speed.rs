@@ -11,6 +11,40 @@ fn main() {
     let m = *a.get(2).unwrap_or(&16);
     let efc = *a.get(3).unwrap_or(&64);
     let data = clustered(n, dims, (n / 1000).max(1), 7);
+    if let Ok(dir) = std::env::var("TT_STREAM") {
+        // The streamed build CREATE INDEX runs (batches, spill directory); prints the resident
+        // memory it added beside the input, to check estimate_build_memory against.
+        let params = twotower_ann::BuildParams {
+            dims,
+            metric: twotower_ann::Metric::Cosine,
+            quantization: twotower_ann::Quantization::F32,
+            m,
+            ef_construction: efc,
+        };
+        let rss = || -> usize {
+            let s = std::fs::read_to_string("/proc/self/status").unwrap();
+            let l = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+            l.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 1024
+        };
+        let before = rss();
+        let keys: Vec<u64> = (1..=n as u64).collect();
+        let t = Instant::now();
+        let mut b = twotower_ann::ImageBuilder::new(&params, n, 2).unwrap();
+        let bs = twotower_ann::BUILD_BATCH;
+        for (k, v) in keys.chunks(bs).zip(data.chunks(bs * dims)) {
+            b.add_batch(k, v, &mut |_| twotower_ann::Poll::Continue).unwrap();
+        }
+        println!("graph: usearch memory_usage {} MB, peak RSS +{} MB", b.graph_memory() >> 20, (rss() - before) >> 20);
+        let img = b.finish(&mut |_| twotower_ann::Poll::Continue, Some(std::path::Path::new(&dir))).unwrap();
+        println!(
+            "streamed build: {:.1} s, {} bytes; peak RSS +{} MB beside the input; estimate {} MB",
+            t.elapsed().as_secs_f64(),
+            img.as_ref().len(),
+            (rss() - before) >> 20,
+            twotower_ann::estimate_build_memory(&params, n) >> 20
+        );
+        return;
+    }
     if std::env::var("TT_FULL").is_ok() {
         // The whole image build as CREATE INDEX runs it (warm-up, parallel insertion, orphan
         // search and re-insertion, serialization), on 2 threads.

@@ -81,19 +81,113 @@ impl BuildParams {
     }
 }
 
-/// Estimated peak memory of building an image of `n` vectors, in bytes: the input vectors,
-/// the in-memory graph, and the serialized copy.
+/// Items added to the graph per batch while a build streams its input (see [`ImageBuilder`]).
+pub const BUILD_BATCH: usize = 8192;
+
+/// Peak memory of building an image of `n` items with [`ImageBuilder`], in bytes: the graph
+/// (every node's stored vector, its level-0 links and usearch's per-node bookkeeping, upper
+/// levels amortised), the keys, the key-to-position map of the repair pass and the sorted
+/// keys of serialization, one input batch, and for f16/i8 the f32 input kept for exact
+/// re-insertion. The serialized image itself goes through a temporary file when the builder
+/// is given a spill directory (as `CREATE INDEX` does), so it is not counted.
 pub fn estimate_build_memory(p: &BuildParams, n: usize) -> usize {
-    let vectors_in = n * p.dims * 4;
-    let per_node = p.dims * p.quantization.bytes_per_scalar() + (2 * p.m + p.m / 2) * 4 + 64;
-    let graph = n * per_node;
-    graph + vectors_in.max(graph + n * 8)
+    let vector = p.dims * p.quantization.bytes_per_scalar();
+    // Level 0: 2m links of 4 bytes plus a count; upper levels: m links on 1/(m - 1) of the
+    // nodes on average; usearch's node header, slot, lookup and allocator overhead: 144 bytes
+    // (measured: 100k x 64 f32 at m = 16 adds 50 MB of resident memory, ~524 bytes a node;
+    // `cargo run --release -p twotower-ann --example build_speed` with TT_STREAM=<dir>).
+    let links = (2 * p.m + 1) * 4 + (p.m * 4 + 8) / (p.m.max(2) - 1);
+    let graph = n * (vector + links + 144);
+    let keys = n * 8 * 2 + n * 32;
+    let batch = BUILD_BATCH * (p.dims * 4 + 8);
+    let kept = if p.quantization == Quantization::F32 { 0 } else { n * p.dims * 4 };
+    graph + keys + batch + kept + (1 << 20)
 }
 
 /// What the build loop tells the caller's poll function, and what the poll function answers.
 pub enum Poll {
     Continue,
     Cancel,
+}
+
+/// Bytes of a built image: in memory, or in an already unlinked temporary file mapped
+/// read-only (so a large image is not counted twice in the backend's memory).
+pub enum ImageBytes {
+    Mem(Vec<u8>),
+    Map(memmap2::Mmap),
+}
+
+impl AsRef<[u8]> for ImageBytes {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            ImageBytes::Mem(v) => v,
+            ImageBytes::Map(m) => m,
+        }
+    }
+}
+
+impl ImageBytes {
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            ImageBytes::Mem(v) => v,
+            ImageBytes::Map(m) => m.to_vec(),
+        }
+    }
+}
+
+/// A zero-filled writable buffer of `len` bytes: in memory, or a temporary file in `spill`
+/// (unlinked at once: nothing is left behind, even by a crash).
+enum Scratch {
+    Mem(Vec<u8>),
+    Map(memmap2::MmapMut),
+}
+
+static SCRATCH_SEQ: AtomicUsize = AtomicUsize::new(0);
+
+impl Scratch {
+    fn new(len: usize, spill: Option<&std::path::Path>) -> Result<Scratch> {
+        let Some(dir) = spill else {
+            return Ok(Scratch::Mem(vec![0u8; len]));
+        };
+        let io = |e: std::io::Error| AnnError::Engine(format!("temporary file in {}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        // PostgreSQL removes pgsql_tmp* files at start-up; the name follows its convention.
+        let path = dir.join(format!(
+            "pgsql_tmp{}.twotower.{}",
+            std::process::id(),
+            SCRATCH_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io)?;
+        let _ = std::fs::remove_file(&path);
+        f.set_len(len as u64).map_err(io)?;
+        if len == 0 {
+            return Ok(Scratch::Mem(Vec::new()));
+        }
+        // SAFETY: the file was created by this process and unlinked at once: no other process
+        // can open it, so the mapping cannot change under us.
+        let m = unsafe { memmap2::MmapMut::map_mut(&f) }.map_err(io)?;
+        Ok(Scratch::Map(m))
+    }
+    fn bytes(&mut self) -> &mut [u8] {
+        match self {
+            Scratch::Mem(v) => v,
+            Scratch::Map(m) => m,
+        }
+    }
+    fn freeze(self) -> Result<ImageBytes> {
+        match self {
+            Scratch::Mem(v) => Ok(ImageBytes::Mem(v)),
+            Scratch::Map(m) => m
+                .make_read_only()
+                .map(ImageBytes::Map)
+                .map_err(|e| AnnError::Engine(format!("temporary image file: {e}"))),
+        }
+    }
 }
 
 /// Builds an image from `keys` (unique) and their vectors (`keys.len() * dims` floats, row-major).
@@ -116,60 +210,170 @@ pub fn build_image(
             got: vectors.len(),
         });
     }
-    let index = usearch::Index::new(&params.options())?;
-    let threads = threads.clamp(1, 64);
-    index.reserve_capacity_and_threads(n.max(1), threads)?;
-    // The first items go in on one thread: while the graph is small, concurrent insertions link
-    // to each other and leave islands no search reaches (usearch issue #735).
-    let warm = n.min(WARM_UP_ITEMS);
-    let first: Vec<usize> = (0..warm).collect();
-    let rest: Vec<usize> = (warm..n).collect();
-    let add = &|i: usize| -> Result<bool> {
-        let v = &vectors[i * params.dims..(i + 1) * params.dims];
-        validate_vector(v, Some(params.dims))?;
-        index.add(keys[i], v)?;
-        Ok(false)
-    };
-    parallel(&first, 1, poll, add)?;
-    parallel(&rest, threads, &mut |d| poll(warm + d), add)?;
-    let pos: std::collections::HashMap<u64, usize> =
-        keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
-    // Items no search can reach: read from the graph's edges when its layout is the known one
-    // (one walk over the edges), otherwise found by searching every item's own vector. The walk
-    // also names the weakly linked items; of those, the ones a search for their own vector
-    // misses are re-inserted too (a small, consistent recall gain for about 1 % more time).
-    let lost = |only: Option<&[usize]>,
-                poll: &mut dyn FnMut(usize) -> Poll|
-     -> Result<(Vec<u64>, Vec<usize>)> {
-        if let Some(a) = analyze_graph(&index)? {
-            let unreachable = a.unreachable.into_iter().filter(|k| pos.contains_key(k)).collect();
-            let weak: Vec<usize> = a.weak.iter().filter_map(|k| pos.get(k).copied()).collect();
-            return Ok((unreachable, weak));
-        }
-        Ok((find_orphans(params, keys, vectors, &index, threads, poll, only)?, Vec::new()))
-    };
-    let (mut orphans, weak) = lost(None, poll)?;
-    index.change_expansion_search(64);
-    let hard = parallel(&weak, threads, poll, |i| {
-        let m = index.search(&vectors[i * params.dims..(i + 1) * params.dims], 4)?;
-        Ok(!m.keys.contains(&keys[i]))
-    })?;
-    if !orphans.is_empty() || !hard.is_empty() {
-        // Re-insert the unreachable and hard-to-find items one at a time: a lone insertion
-        // links a node properly. Whatever is still unreachable after that stays in the orphan
-        // list.
-        let mut again: Vec<usize> = orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
-        again.extend(hard);
-        again.sort_unstable();
-        again.dedup();
-        for &i in &again {
-            index.remove(keys[i])?;
-        }
-        parallel(&again, 1, poll, add)?;
-        orphans = lost(Some(&again), poll)?.0;
+    let mut b = ImageBuilder::new(params, n, threads)?;
+    b.add_batch(keys, vectors, poll)?;
+    Ok(b.finish(poll, None)?.into_vec())
+}
+
+/// An image built from input that arrives in batches (a heap scan): each batch goes into the
+/// graph at once, so the whole input is never held in memory beside the graph (for f32; f16
+/// and i8 keep the f32 input for exact re-insertion). [`ImageBuilder::finish`] repairs the items
+/// no search reaches and serializes.
+pub struct ImageBuilder {
+    params: BuildParams,
+    index: usearch::Index,
+    keys: Vec<u64>,
+    /// The f32 input, for f16/i8 graphs (whose stored vectors are not the input).
+    kept: Option<Vec<f32>>,
+    threads: usize,
+}
+
+impl ImageBuilder {
+    /// A builder for about `capacity` items (it grows past that as needed).
+    pub fn new(params: &BuildParams, capacity: usize, threads: usize) -> Result<ImageBuilder> {
+        params.validate()?;
+        let index = usearch::Index::new(&params.options())?;
+        let threads = threads.clamp(1, 64);
+        index.reserve_capacity_and_threads(capacity.max(1), threads)?;
+        Ok(ImageBuilder {
+            params: *params,
+            index,
+            keys: Vec::with_capacity(capacity),
+            kept: (params.quantization != Quantization::F32).then(Vec::new),
+            threads,
+        })
     }
-    poll(n);
-    serialize(params, keys, &orphans, &index)
+
+    /// Items added so far.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Bytes the graph holds now, as usearch counts them.
+    pub fn graph_memory(&self) -> usize {
+        self.index.memory_usage()
+    }
+
+    /// Adds a batch of items (the first [`WARM_UP_ITEMS`] of the build on one thread: while the
+    /// graph is small, concurrent insertions link to each other and leave islands no search
+    /// reaches, usearch issue #735). `poll(done)` counts items of the whole build.
+    pub fn add_batch(
+        &mut self,
+        keys: &[u64],
+        vectors: &[f32],
+        poll: &mut dyn FnMut(usize) -> Poll,
+    ) -> Result<()> {
+        let dims = self.params.dims;
+        if vectors.len() != keys.len() * dims {
+            return Err(AnnError::DimensionMismatch {
+                expected: keys.len() * dims,
+                got: vectors.len(),
+            });
+        }
+        let base = self.keys.len();
+        let need = base + keys.len();
+        if need > self.index.capacity() {
+            let grown = need.max(self.index.capacity() * 3 / 2);
+            self.index.reserve_capacity_and_threads(grown, self.threads)?;
+        }
+        let index = &self.index;
+        let add = |i: usize| -> Result<bool> {
+            let v = &vectors[i * dims..(i + 1) * dims];
+            validate_vector(v, Some(dims))?;
+            index.add(keys[i], v)?;
+            Ok(false)
+        };
+        let warm = WARM_UP_ITEMS.saturating_sub(base).min(keys.len());
+        let first: Vec<usize> = (0..warm).collect();
+        let rest: Vec<usize> = (warm..keys.len()).collect();
+        parallel(&first, 1, &mut |d| poll(base + d), add)?;
+        parallel(&rest, self.threads, &mut |d| poll(base + warm + d), add)?;
+        self.keys.extend_from_slice(keys);
+        if let Some(k) = &mut self.kept {
+            k.extend_from_slice(vectors);
+        }
+        Ok(())
+    }
+
+    /// The input vector of the item at position `i`.
+    fn vector(&self, i: usize, buf: &mut Vec<f32>) -> Result<()> {
+        let dims = self.params.dims;
+        buf.clear();
+        match &self.kept {
+            Some(k) => buf.extend_from_slice(&k[i * dims..(i + 1) * dims]),
+            None => {
+                // An f32 graph stores the input exactly.
+                buf.resize(dims, 0.0);
+                self.index.get(self.keys[i], buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Repairs unreachable and hard-to-find items, then serializes the image (through a
+    /// temporary file in `spill` when given, so the image is not a second copy in memory).
+    pub fn finish(
+        self,
+        poll: &mut dyn FnMut(usize) -> Poll,
+        spill: Option<&std::path::Path>,
+    ) -> Result<ImageBytes> {
+        let n = self.keys.len();
+        let (params, index, keys, threads) = (&self.params, &self.index, &self.keys, self.threads);
+        let pos: std::collections::HashMap<u64, usize> =
+            keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
+        let vector_of = |i: usize| -> Result<Vec<f32>> {
+            let mut v = Vec::with_capacity(params.dims);
+            self.vector(i, &mut v)?;
+            Ok(v)
+        };
+        // Items no search can reach: read from the graph's edges when its layout is the known
+        // one (one walk over the edges), otherwise found by searching every item's own vector.
+        // The walk also names the weakly linked items; of those, the ones a search for their
+        // own vector misses are re-inserted too (a small, consistent recall gain for about 1 %
+        // more time).
+        let lost = |only: Option<&[usize]>,
+                    poll: &mut dyn FnMut(usize) -> Poll|
+         -> Result<(Vec<u64>, Vec<usize>)> {
+            if let Some(a) = analyze_graph(index, spill)? {
+                let unreachable = a.unreachable.into_iter().filter(|k| pos.contains_key(k)).collect();
+                let weak: Vec<usize> = a.weak.iter().filter_map(|k| pos.get(k).copied()).collect();
+                return Ok((unreachable, weak));
+            }
+            Ok((find_orphans(params, keys, &vector_of, index, threads, poll, only)?, Vec::new()))
+        };
+        let (mut orphans, weak) = lost(None, poll)?;
+        index.change_expansion_search(64);
+        let hard = parallel(&weak, threads, poll, |i| {
+            let m = index.search(&vector_of(i)?, 4)?;
+            Ok(!m.keys.contains(&keys[i]))
+        })?;
+        if !orphans.is_empty() || !hard.is_empty() {
+            // Re-insert the unreachable and hard-to-find items one at a time: a lone insertion
+            // links a node properly. Whatever is still unreachable after that stays in the
+            // orphan list.
+            let mut again: Vec<usize> = orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
+            again.extend(hard);
+            again.sort_unstable();
+            again.dedup();
+            let saved: Vec<Vec<f32>> = again.iter().map(|&i| vector_of(i)).collect::<Result<_>>()?;
+            for &i in &again {
+                index.remove(keys[i])?;
+            }
+            let order: Vec<usize> = (0..again.len()).collect();
+            parallel(&order, 1, poll, |j| {
+                index.add(keys[again[j]], &saved[j])?;
+                Ok(false)
+            })?;
+            orphans = lost(Some(&again), poll)?.0;
+        }
+        poll(n);
+        drop(pos);
+        serialize(params, keys, &orphans, index, spill)
+    }
 }
 
 /// Runs `f` over `items` on `threads` worker threads and returns the items for which it returned
@@ -250,10 +454,13 @@ const WEAK_IN_LINKS: u32 = 4;
 
 /// Unreachable and weakly linked keys, from the serialized graph's edges (see `graph.rs`);
 /// `None` when the serialized layout is not the one that module reads.
-fn analyze_graph(index: &usearch::Index) -> Result<Option<crate::graph::Analysis>> {
-    let mut blob = vec![0u8; index.serialized_length()];
-    index.save_to_buffer(&mut blob)?;
-    Ok(crate::graph::analyze(&blob, WEAK_IN_LINKS))
+fn analyze_graph(
+    index: &usearch::Index,
+    spill: Option<&std::path::Path>,
+) -> Result<Option<crate::graph::Analysis>> {
+    let mut blob = Scratch::new(index.serialized_length(), spill)?;
+    index.save_to_buffer(blob.bytes())?;
+    Ok(crate::graph::analyze(blob.bytes(), WEAK_IN_LINKS))
 }
 
 /// Items the graph cannot reach: a search for their own vector does not return them, even a wide
@@ -262,14 +469,14 @@ fn analyze_graph(index: &usearch::Index) -> Result<Option<crate::graph::Analysis
 fn find_orphans(
     params: &BuildParams,
     keys: &[u64],
-    vectors: &[f32],
+    vector_of: &(dyn Fn(usize) -> Result<Vec<f32>> + Sync),
     index: &usearch::Index,
     threads: usize,
     poll: &mut dyn FnMut(usize) -> Poll,
     only: Option<&[usize]>,
 ) -> Result<Vec<u64>> {
     let finds_itself = |i: usize, k: usize| -> Result<bool> {
-        let m = index.search(&vectors[i * params.dims..(i + 1) * params.dims], k)?;
+        let m = index.search(&vector_of(i)?, k)?;
         // Found, or tied at distance zero with a full page of exact duplicates: reachable.
         Ok(m.keys.contains(&keys[i])
             || (m.keys.len() == k && m.distances.last().is_some_and(|d| *d <= 0.0)))
@@ -302,7 +509,8 @@ fn serialize(
     keys: &[u64],
     orphans: &[u64],
     index: &usearch::Index,
-) -> Result<Vec<u8>> {
+    spill: Option<&std::path::Path>,
+) -> Result<ImageBytes> {
     let mut sorted = keys.to_vec();
     sorted.sort_unstable();
     if sorted.windows(2).any(|w| w[0] == w[1]) {
@@ -312,27 +520,29 @@ fn serialize(
     let orphans_off = keys_off + sorted.len() * 8;
     let us_off = align64(orphans_off + 8 + orphans.len() * 8);
     let us_len = index.serialized_length();
-    let mut buf = vec![0u8; us_off + us_len];
+    let mut scratch = Scratch::new(us_off + us_len, spill)?;
+    let buf = scratch.bytes();
     buf[0..8].copy_from_slice(MAGIC);
-    put_u32(&mut buf, 8, FORMAT_VERSION);
-    put_u32(&mut buf, 12, HEADER_LEN as u32);
-    put_u32(&mut buf, 16, params.dims as u32);
-    put_u32(&mut buf, 20, params.metric.code());
-    put_u32(&mut buf, 24, params.quantization.code());
-    put_u32(&mut buf, 28, params.m as u32);
-    put_u64(&mut buf, 32, sorted.len() as u64);
-    put_u64(&mut buf, 40, keys_off as u64);
-    put_u64(&mut buf, 48, us_off as u64);
-    put_u64(&mut buf, 56, us_len as u64);
+    put_u32(buf, 8, FORMAT_VERSION);
+    put_u32(buf, 12, HEADER_LEN as u32);
+    put_u32(buf, 16, params.dims as u32);
+    put_u32(buf, 20, params.metric.code());
+    put_u32(buf, 24, params.quantization.code());
+    put_u32(buf, 28, params.m as u32);
+    put_u64(buf, 32, sorted.len() as u64);
+    put_u64(buf, 40, keys_off as u64);
+    put_u64(buf, 48, us_off as u64);
+    put_u64(buf, 56, us_len as u64);
     for (i, k) in sorted.iter().enumerate() {
-        put_u64(&mut buf, keys_off + i * 8, *k);
+        put_u64(buf, keys_off + i * 8, *k);
     }
-    put_u64(&mut buf, orphans_off, orphans.len() as u64);
+    put_u64(buf, orphans_off, orphans.len() as u64);
     for (i, k) in orphans.iter().enumerate() {
-        put_u64(&mut buf, orphans_off + 8 + i * 8, *k);
+        put_u64(buf, orphans_off + 8 + i * 8, *k);
     }
+    drop(sorted);
     index.save_to_buffer(&mut buf[us_off..])?;
-    Ok(buf)
+    scratch.freeze()
 }
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {

@@ -10,6 +10,7 @@ pub mod synthetic;
 pub use error::{AnnError, Result, MAX_DIMS};
 pub use image::{
     build_image, checksum, estimate_build_memory, sort_for_pop, BuildParams, GraphCursor, Header, Hit,
+    ImageBuilder, ImageBytes, BUILD_BATCH,
     Image, Poll, Query, ScanOrder,
 };
 pub use metric::{

@@ -409,3 +409,52 @@ fn graph_walk_finds_exactly_what_no_search_reaches() {
     assert!(twotower_ann::graph::unreachable_keys(&blob[..100]).is_none());
     eprintln!("raw parallel build: {} of {n} items unreachable", lost.len());
 }
+
+/// A build fed in batches (as CREATE INDEX streams its heap scan) through a spill directory
+/// gives the same quality as one call; the f32 input is not kept, the temporary files are gone,
+/// and the memory estimate covers what the graph really takes, without overshooting.
+#[test]
+fn streamed_build_spills_and_stays_within_its_estimate() {
+    let dims = 64;
+    let (data, queries) = split(50_000, 100, dims, 50, 11);
+    let n = data.len() / dims;
+    let keys: Vec<u64> = (0..n).map(key_of).collect();
+    let spill = std::env::temp_dir().join(format!("tt-spill-{}", std::process::id()));
+    for quantization in [Quantization::F32, Quantization::F16] {
+        let p = BuildParams {
+            dims,
+            metric: Metric::Cosine,
+            quantization,
+            m: 16,
+            ef_construction: 64,
+        };
+        // Capacity deliberately too small: the builder grows.
+        let mut b = ImageBuilder::new(&p, 10_000, 2).expect("builder");
+        for (k, v) in keys.chunks(BUILD_BATCH).zip(data.chunks(BUILD_BATCH * dims)) {
+            b.add_batch(k, v, &mut |_| Poll::Continue).expect("batch");
+        }
+        assert_eq!(b.len(), n);
+        let estimate = estimate_build_memory(&p, n);
+        let kept = if quantization == Quantization::F32 { 0 } else { n * dims * 4 };
+        let bytes = b.finish(&mut |_| Poll::Continue, Some(&spill)).expect("finish");
+        // The serialized graph is a lower bound of what it takes in memory (usearch adds its
+        // allocator's overhead, measured by the build_speed example).
+        let graph_bytes = bytes.as_ref().len();
+        assert!(
+            estimate >= graph_bytes * 5 / 4 + kept + n * 8,
+            "{quantization:?}: estimate {estimate} too close to the graph's {graph_bytes} bytes"
+        );
+        assert!(
+            estimate <= graph_bytes * 2 + kept,
+            "{quantization:?}: estimate {estimate} far above the graph's {graph_bytes} bytes"
+        );
+        assert!(matches!(bytes, ImageBytes::Map(_)), "spilled to a file");
+        let left: Vec<_> = std::fs::read_dir(&spill).unwrap().collect();
+        assert!(left.is_empty(), "temporary files are unlinked at once: {left:?}");
+        let v = bytes.into_vec();
+        let img = Image::open(v.clone(), checksum(&v)).expect("valid image");
+        let r = recall_at(&img, Metric::Cosine, &data, dims, &queries, 10, 100);
+        assert!(r >= 0.95, "{quantization:?}: recall@10 {r}");
+    }
+    let _ = std::fs::remove_dir_all(&spill);
+}
