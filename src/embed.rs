@@ -20,6 +20,7 @@ pub mod twotower {
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use pgrx::spi::quote_identifier;
+    use crate::spi;
     use twotower_tower::{forward_parallel, Kind};
 
     /// The user tower of model `model` (its active version) applied to one user's features.
@@ -109,33 +110,6 @@ pub mod twotower {
         TableIterator::new(rows)
     }
 
-    fn column_exists(rel: pg_sys::Oid, col: &str) -> bool {
-        catalog::read_row::<bool, bool>(
-            "SELECT true, true FROM pg_catalog.pg_attribute
-              WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
-            &[rel.into(), col.into()],
-        )
-        .ok()
-        .flatten()
-        .is_some()
-    }
-
-    /// Quoted name of column `col` of `rel` after checking that it exists.
-    fn column(rel: pg_sys::Oid, col: &str, what: &str) -> String {
-        if !column_exists(rel, col) {
-            TtError::BadArgument(format!("{what} column \"{col}\" does not exist")).report();
-        }
-        quote_identifier(col)
-    }
-
-    fn relation_name(rel: pg_sys::Oid) -> String {
-        catalog::read_row::<String, bool>("SELECT $1::pg_catalog.regclass::text, true", &[rel.into()])
-            .ok()
-            .flatten()
-            .and_then(|(n, _)| n)
-            .unwrap_or_else(|| TtError::BadArgument("relation does not exist".into()).report())
-    }
-
     /// The nightly item-vector refresh: runs the item tower of `model` over every row of `items`
     /// (its columns are the features) and makes `target` hold exactly `(id, embedding)` for
     /// those items, in batches of `batch_size`, the forward passes on every core:
@@ -177,11 +151,11 @@ pub mod twotower {
         let (items, target) = (items.0, target.0);
         let l = catalog::active_model(model).or_report();
         expect_kind(&l, Kind::Item).or_report();
-        let src = relation_name(items);
-        let dst = relation_name(target);
-        let idc = column(items, id_column, "item id");
-        let tid = column(target, target_id_column, "target id");
-        let tvec = column(target, target_vector_column, "target vector");
+        let src = spi::relation_name(items).or_report();
+        let dst = spi::relation_name(target).or_report();
+        let idc = spi::column(items, id_column, "item id").or_report();
+        let tid = spi::column(target, target_id_column, "target id").or_report();
+        let tvec = spi::column(target, target_vector_column, "target vector").or_report();
         let unique = catalog::read_row::<bool, bool>(
             "SELECT true, true FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
                  ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
@@ -220,7 +194,7 @@ pub mod twotower {
         // Read only the columns that are features (wide rows stay cheap).
         let mut cols = Vec::new();
         for f in l.model.feature_names() {
-            if column_exists(items, f) {
+            if spi::column_exists(items, f) {
                 cols.push(format!("t.{}", quote_identifier(f)));
             } else if l.model.feature_has_default(f) {
                 notice!("refresh_item_vectors: {src} has no column \"{f}\"; every item gets the feature's default");
@@ -248,36 +222,16 @@ pub mod twotower {
              SELECT pg_catalog.count(*) FROM d"
         );
         let threads = super::inference_threads();
-        let started = std::time::Instant::now();
-        let mut last_notice = started;
-        let mut done: i64 = 0;
+        let mut progress = spi::Progress::new("refresh_item_vectors", "items");
         let (mut inserted, mut updated) = (0i64, 0i64);
-        // One SPI connection per batch: the batch's tuple table, the rows' jsonb text and the
-        // INSERT's executor state are freed with it, so memory stays flat however many items.
         let mut run = || -> Result<(), pgrx::spi::Error> {
-            let portal = Spi::connect(|c| {
-                c.try_open_cursor(select.as_str(), &[])
-                    .map(|cur| cur.detach_into_name())
-            })?;
-            let plan = Spi::connect(|c| {
-                c.prepare_mut(
-                    write.as_str(),
-                    &[
-                        pgrx::PgOid::from(pg_sys::INT8ARRAYOID),
-                        pgrx::PgOid::from(pg_sys::FLOAT4ARRAYOID),
-                        pgrx::PgOid::from(pg_sys::INT4OID),
-                    ],
-                )
-                .map(|p| p.keep())
-            })?;
+            let batches = spi::Batches::open(&select)?;
+            let plan = spi::prepare(&write, &[pg_sys::INT8ARRAYOID, pg_sys::FLOAT4ARRAYOID, pg_sys::INT4OID])?;
             loop {
-                check_for_interrupts!();
-                let n = Spi::connect_mut(|client| -> Result<usize, pgrx::spi::Error> {
-                    let (ins, upd) = (&mut inserted, &mut updated);
-                    let mut cursor = client.find_cursor(&portal)?;
+                let n = batches.next(batch_size as usize, |client, rows| {
                     let mut ids = Vec::with_capacity(batch_size as usize);
                     let mut encoded = Vec::with_capacity(batch_size as usize);
-                    for row in cursor.fetch(batch_size as i64)? {
+                    for row in rows {
                         let Some(id) = row.get::<i64>(1)? else {
                             TtError::BadArgument(format!("a row of {src} has a NULL {idc}")).report();
                         };
@@ -291,7 +245,7 @@ pub mod twotower {
                         encoded.push(x);
                     }
                     if ids.is_empty() {
-                        return Ok(0); // the cursor closes when dropped
+                        return Ok(0);
                     }
                     let out = forward_parallel(&l.model, &encoded, threads);
                     drop(encoded);
@@ -305,26 +259,18 @@ pub mod twotower {
                     let n = ids.len();
                     let t = client.update(&plan, None, &[ids.into(), out.into(), dim.into()])?;
                     let r = t.first();
-                    *ins += r.get::<i64>(1)?.unwrap_or(0);
-                    *upd += r.get::<i64>(2)?.unwrap_or(0);
-                    cursor.detach_into_name();
+                    inserted += r.get::<i64>(1)?.unwrap_or(0);
+                    updated += r.get::<i64>(2)?.unwrap_or(0);
                     Ok(n)
                 })?;
                 if n == 0 {
                     return Ok(());
                 }
-                done += n as i64;
-                if last_notice.elapsed().as_secs() >= 10 {
-                    last_notice = std::time::Instant::now();
-                    let secs = started.elapsed().as_secs_f64();
-                    notice!(
-                        "refresh_item_vectors: {done} items in {secs:.0} s ({:.0} items/s)",
-                        done as f64 / secs
-                    );
-                }
+                progress.add(n);
             }
         };
         run().unwrap_or_else(|e| pgrx::error!("refresh_item_vectors: {e}"));
+        let done = progress.done as i64;
         let deleted = if delete_missing {
             check_for_interrupts!();
             Spi::get_one::<i64>(&delete)

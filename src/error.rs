@@ -277,6 +277,15 @@ impl TtError {
         }
     }
 
+    /// The message and detail in one line (for LOG messages about recovered problems).
+    pub fn message_text(&self) -> String {
+        let (_, msg, detail, _) = self.parts();
+        match detail {
+            Some(d) => format!("{msg}: {d}"),
+            None => msg,
+        }
+    }
+
     /// Raises this error as a PostgreSQL ERROR. Never returns.
     pub fn report(self) -> ! {
         let (code, msg, detail, hint) = self.parts();

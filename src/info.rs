@@ -5,11 +5,9 @@ use pgrx::prelude::*;
 /// The extension's schema: every SQL object of pg_twotower lives in `twotower`.
 #[pg_schema]
 pub mod twotower {
-    use crate::am::{cache, is_ours, pages};
-    use crate::error::{OrReport, TtError, TtResult};
+    use crate::error::OrReport;
     use pgrx::pg_sys;
     use pgrx::prelude::*;
-    use twotower_ann::{Metric, Quantization};
 
     /// One row describing a twotower_hnsw index: its settings, what the graph and the delta hold,
     /// its size, and the state of this node's cache file.
@@ -38,71 +36,24 @@ pub mod twotower {
             name!(cache_state, String),
         ),
     > {
-        check_may_inspect(index).or_report();
-        // SAFETY: index_open raises a proper ERROR for a missing relation or a non-index.
-        let rel = unsafe { pg_sys::index_open(index, pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
-        // SAFETY: `rel` is open until index_close below.
-        let row = unsafe {
-            if !is_ours(rel) {
-                TtError::WrongIndex("index_info()".into()).report();
-            }
-            let meta = pages::read_meta(rel).or_report();
-            let key = cache::rel_key(rel);
-            let oid = (*rel).rd_id.to_u32();
-            let size =
-                pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM)
-                    as i64
-                    * pg_sys::BLCKSZ as i64;
-            let row = (
-                meta.dims as i32,
-                Metric::from_code(meta.metric)
-                    .map_or("?", |m| m.name())
-                    .to_string(),
-                Quantization::from_code(meta.quantization)
-                    .map_or("?", |q| q.name())
-                    .to_string(),
-                meta.m as i32,
-                meta.ef_construction as i32,
-                format!("{:016x}", meta.generation),
-                meta.graph_count as i64,
-                meta.graph_dead as i64,
-                meta.graph_orphans as i64,
-                meta.delta_live as i64,
-                size,
-                meta.image_len as i64,
-                meta.build_millis as f64 / 1000.0,
-                meta.has_image()
-                    .then(|| format!("{}", cache::file_path(key, oid, &meta).display())),
-                cache::file_state(key, oid, &meta).to_string(),
-            );
-            pg_sys::index_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            row
-        };
-        TableIterator::once(row)
-    }
-
-    /// index_info() shows item counts and paths: only for roles that may read the table, own
-    /// the index, or monitor the server (pg_monitor). Checked before anything is locked.
-    fn check_may_inspect(index: pg_sys::Oid) -> TtResult<()> {
-        let me = crate::catalog::caller();
-        // SAFETY: ACL lookups by oid without locks.
-        unsafe {
-            let heap = crate::am::table_of_index(index, "index_info()")?
-                .ok_or_else(|| TtError::WrongIndex("index_info()".into()))?;
-            let monitor = pg_sys::get_role_oid(c"pg_monitor".as_ptr(), true);
-            let ok = pg_sys::pg_class_aclcheck(heap, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
-                == pg_sys::AclResult::ACLCHECK_OK
-                || pg_sys::pg_class_ownercheck(index, me)
-                || (monitor != pg_sys::InvalidOid && pg_sys::has_privs_of_role(me, monitor));
-            if ok {
-                Ok(())
-            } else {
-                Err(TtError::PermissionDenied {
-                    action: "inspect this index".into(),
-                    hint: "index_info() needs SELECT on the indexed table, ownership of the index, or membership in pg_monitor.".into(),
-                })
-            }
-        }
+        let h = crate::am::search::health(index, "index_info()").or_report();
+        TableIterator::once((
+            h.dims as i32,
+            h.metric.to_string(),
+            h.quantization.to_string(),
+            h.m as i32,
+            h.ef_construction as i32,
+            format!("{:016x}", h.generation),
+            h.graph_items as i64,
+            h.graph_dead as i64,
+            h.graph_orphans as i64,
+            h.delta_items as i64,
+            h.size_bytes as i64,
+            h.image_bytes as i64,
+            h.build_seconds,
+            h.cache_file,
+            h.cache_state.to_string(),
+        ))
     }
 
     /// Removes this database's cache files that belong to no existing twotower_hnsw index
@@ -131,6 +82,6 @@ pub mod twotower {
         })
         .unwrap_or_else(|e| pgrx::error!("cache_cleanup: {e}"));
         // SAFETY: MyDatabaseId is set in every backend connected to a database.
-        cache::cleanup(unsafe { pg_sys::MyDatabaseId }.to_u32(), &live)
+        crate::am::search::cleanup_cache(unsafe { pg_sys::MyDatabaseId }.to_u32(), &live)
     }
 }

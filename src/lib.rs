@@ -13,6 +13,7 @@ pub mod info;
 pub mod models;
 pub mod ops;
 pub mod recall;
+pub mod spi;
 pub mod vector;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -62,7 +62,7 @@ pub mod twotower {
                     v.into(),
                     model.kind().name().into(),
                     (model.output_dim() as i32).into(),
-                    model.metric().name().into(),
+                    model.metric().spec_name().into(),
                     (model.parameter_count() as i64).into(),
                     checksum.into(),
                     spec_text.as_str().into(),

@@ -304,7 +304,7 @@ fn build_100k_by_64_fits_the_default_maintenance_work_mem_and_the_hint_is_exact(
 
 /// Imports the core's synthetic realistic user tower as model `name`.
 fn import_synth_user(name: &str, seed: u64) -> (String, Vec<u8>) {
-    let (spec, weights) = twotower_tower::synth::realistic_user_tower(seed);
+    let (spec, weights) = twotower_testkit::towers::realistic_user_tower(seed);
     let v = Spi::get_one_with_args::<i32>(
         "SELECT twotower.import_model($1, $2::jsonb, $3)",
         &[name.into(), spec.as_str().into(), weights.as_slice().into()],
@@ -319,7 +319,7 @@ fn embed_user_equals_the_core_forward_pass() {
     let (spec, weights) = import_synth_user("synth", 7);
     let model = twotower_tower::Model::load(&spec, &weights).unwrap();
     for i in 0..25 {
-        let input = twotower_tower::synth::realistic_user_input(7, i);
+        let input = twotower_testkit::towers::realistic_user_input(7, i);
         let got = Spi::get_one_with_args::<Vec<f32>>(
             "SELECT twotower.embed_user('synth', $1::jsonb)",
             &[input.to_string().as_str().into()],
@@ -350,7 +350,7 @@ fn recall_returns_k_nearest_live_items_with_exclusions() {
          CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding twotower.real_cosine_ops)",
     )
     .unwrap();
-    let features = twotower_tower::synth::realistic_user_input(3, 1).to_string();
+    let features = twotower_testkit::towers::realistic_user_input(3, 1).to_string();
     let recall = |k: i32, exclude: &str| -> Vec<i64> {
         Spi::connect(|c| {
             c.select(

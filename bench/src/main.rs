@@ -18,7 +18,7 @@ use postgres::{Client, NoTls};
 use std::collections::HashSet;
 use std::io::Write;
 use std::time::{Duration, Instant};
-use twotower_ann::synthetic::clustered;
+use twotower_testkit::vectors::clustered;
 
 mod towers;
 

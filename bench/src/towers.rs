@@ -13,7 +13,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
-use twotower_tower::{forward_parallel, synth, Model};
+use twotower_testkit::towers as synth;
+use twotower_tower::{forward_parallel, Model};
 
 const USER_SEED: u64 = 11;
 const ITEM_SEED: u64 = 12;

@@ -69,6 +69,10 @@ impl BuildState {
             return;
         }
         if self.builder.is_none() {
+            // The graph grows from the first batch on: report it as the graph phase, with the
+            // relation's expected rows as the total (corrected once the scan has counted).
+            progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_GRAPH);
+            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, self.expected.max(self.count) as i64);
             let capacity = self.expected.max(self.keys.len());
             self.builder = Some(ImageBuilder::new(&self.params(), capacity, worker_threads()).or_report());
         }

@@ -217,9 +217,16 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
         let path = file_path(k, oid, meta);
         match open_file(&path, meta) {
             Ok(l) => l,
-            Err(_) => {
+            Err(why) => {
                 // Missing, stale or damaged: rebuild it from the pages (the source of truth),
                 // or read the pages into memory when the file cannot be written.
+                if path.exists() {
+                    pgrx::log!(
+                        "pg_twotower: cache file \"{}\" was rejected ({}); rebuilding it from the index pages",
+                        path.display(),
+                        why.message_text()
+                    );
+                }
                 let _ = fs::remove_file(marker_path(&path));
                 let _ = fs::remove_file(&path);
                 // SAFETY: forwarded.

@@ -7,6 +7,7 @@ pub mod insert;
 pub mod options;
 pub mod pages;
 pub mod scan;
+pub mod search;
 pub mod vacuum;
 
 use crate::error::TtError;

@@ -39,6 +39,8 @@ struct ScanState {
     max_rows: u64,
     /// A floor for `max_rows` set by callers that know how many rows they need.
     min_rows: u64,
+    /// A query given directly by a caller of the search interface (no ScanKey datum).
+    preset: Option<Vec<f32>>,
     returned: u64,
     /// Distance of the last row returned (strict order drops anything nearer).
     last: f64,
@@ -88,13 +90,16 @@ pub unsafe extern "C-unwind" fn amrescan(
             );
         }
         let st = &mut *((*scan).opaque as *mut ScanState);
-        let (min_ef, min_rows) = (st.min_ef, st.min_rows);
+        let (min_ef, min_rows, preset) = (st.min_ef, st.min_rows, st.preset.take());
         *st = ScanState {
             min_ef,
             min_rows,
             ..ScanState::default()
         };
-        if (*scan).numberOfOrderBys > 0 {
+        if let Some(q) = preset {
+            st.query = Some(q.clone());
+            st.preset = Some(q);
+        } else if (*scan).numberOfOrderBys > 0 {
             let key = &*(*scan).orderByData;
             if key.sk_flags & pg_sys::SK_ISNULL as i32 == 0 {
                 let v = VecRef::checked(key.sk_argument, None).or_report();
@@ -296,13 +301,24 @@ pub unsafe extern "C-unwind" fn amgettuple(
     }
 }
 
+/// Gives the scan its query vector directly (the search interface: no datum round trip);
+/// it takes effect at the next `index_rescan`, whatever ORDER BY keys that passes.
+///
+/// # Safety
+/// `scan` must be an open scan of a twotower_hnsw index begun with one ORDER BY.
+pub(super) unsafe fn set_query(scan: pg_sys::IndexScanDesc, query: Vec<f32>) {
+    // SAFETY: opaque was set in ambeginscan.
+    let st = unsafe { &mut *((*scan).opaque as *mut ScanState) };
+    st.preset = Some(query);
+}
+
 /// Makes the scan search with at least `ef` candidates and return at least `rows` rows before
 /// `twotower.max_scan_tuples` ends it (for a caller that knows how many rows it will read: one
 /// graph search instead of several widening rounds). Call before or after `index_rescan`.
 ///
 /// # Safety
 /// `scan` must be an open scan of a twotower_hnsw index.
-pub unsafe fn set_minimums(scan: pg_sys::IndexScanDesc, ef: usize, rows: u64) {
+pub(super) unsafe fn set_minimums(scan: pg_sys::IndexScanDesc, ef: usize, rows: u64) {
     // SAFETY: opaque was set in ambeginscan.
     let st = unsafe { &mut *((*scan).opaque as *mut ScanState) };
     st.min_ef = ef.min(100_000);

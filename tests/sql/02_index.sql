@@ -52,6 +52,28 @@ SELECT count(*) FROM (SELECT id FROM items ORDER BY embedding <-> (SELECT v FROM
  WHERE id IN (9001, 4242);
 RESET twotower.iterative_scan;
 
+-- After VACUUM the deleted rows are gone from the index itself (tombstoned in the graph,
+-- removed from the delta), not merely hidden by the executor's visibility check: the scan
+-- (an index scan, shown by the plan) returns every live row once and nothing else, and a
+-- row that reuses a freed slot is found with its own vector.
+VACUUM items;
+SELECT graph_dead, delta_items FROM index_info('items_embedding_idx');
+SET enable_seqscan = off;
+SET twotower.iterative_scan = relaxed_order;
+SET twotower.max_scan_tuples = 2147483647;
+EXPLAIN (COSTS OFF)
+SELECT id FROM items ORDER BY embedding <-> (SELECT v FROM q) LIMIT 10000;
+SELECT count(*) = (SELECT count(embedding) FROM items) AS every_live_row,
+       count(DISTINCT id) = count(*) AS each_once,
+       count(*) FILTER (WHERE id IN (9001, 4242)) AS deleted_returned
+  FROM (SELECT id FROM items ORDER BY embedding <-> (SELECT v FROM q) LIMIT 10000) s;
+INSERT INTO items VALUES (9003, 3, ARRAY[-9,-9,-9,-9,-9,-9,-9,-9]);
+SELECT id FROM items ORDER BY embedding <-> ARRAY[-9,-9,-9,-9,-9,-9,-9,-9]::real[] LIMIT 1;
+DELETE FROM items WHERE id = 9003;
+RESET enable_seqscan;
+RESET twotower.iterative_scan;
+RESET twotower.max_scan_tuples;
+
 -- A filter keeping 10% of the rows still yields LIMIT rows (iterative scan).
 SET twotower.ef_search = 10;
 SELECT count(*) FROM (

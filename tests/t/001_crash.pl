@@ -6,11 +6,11 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use TwoTower;
 
-my $node = PostgreSQL::Test::Cluster->new('crash');
-$node->init;
-$node->append_conf('postgresql.conf', "maintenance_work_mem = '1GB'\nshared_buffers = '256MB'\nsearch_path = 'public, twotower'");
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION pg_twotower');
+# wal_level = replica (allows_streaming): the build's WAL is written and replayed.
+my $node = new_node('crash', init => { allows_streaming => 1 },
+	conf => ["maintenance_work_mem = '1GB'", "shared_buffers = '256MB'", "search_path = 'public, twotower'",
+		'twotower.ef_search = 400'    # uniform random 32-d data: compare with exact search at high recall
+	]);
 make_items($node, 'postgres', 'items', 150000, 32);
 
 # 1. Crash in the middle of CREATE INDEX (single worker thread so the build takes a while).
@@ -20,7 +20,10 @@ ok($node->poll_query_until('postgres',
 	"SELECT count(*) > 0 FROM pg_stat_progress_create_index WHERE phase LIKE '%HNSW%'"),
 	'build reached the graph phase');
 crash_all($node);
-eval { $bg->quit };
+my $stderr = finish_killed_session($bg);
+like($stderr, qr/server closed the connection unexpectedly|connection to server was lost|terminating connection/,
+	'the build was killed mid-statement (its session lost the server)');
+unlike($stderr, qr/ERROR/, 'the build had raised no error before the kill');
 $node->start;
 is($node->safe_psql('postgres', "SELECT count(*) FROM pg_class WHERE relname = 'items_idx'"), '0',
 	'the interrupted build left no index');
@@ -29,6 +32,8 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM items'), '150000', 'table 
 # The build works after recovery.
 $node->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v real_l2_ops)');
 is(index_scan_count($node, 'postgres', 'items', '<->', 32), '150000', 'index scan reaches every row');
+cmp_ok(topk_recall($node, 'postgres', 'items', 'OPERATOR(twotower.<->)', 10, 1, 500, 9000, 77777, 149999), '>=', 0.9,
+	'the rebuilt index agrees with exact search');
 
 # 2. Crash while single-row inserts commit one after another.
 $node->safe_psql('postgres', q{
@@ -45,13 +50,18 @@ $bg = $node->background_psql('postgres', on_error_stop => 0);
 $bg->query_until(qr/started/, $script);
 ok($node->poll_query_until('postgres', 'SELECT count(*) > 150300 FROM items'), 'inserts are running');
 crash_all($node);
-eval { $bg->quit };
+$stderr = finish_killed_session($bg);
+like($stderr, qr/server closed the connection unexpectedly|connection to server was lost|terminating connection/,
+	'the inserts were killed mid-statement');
+unlike($stderr, qr/ERROR/, 'no insert had failed before the kill');
 $node->start;
 
 my $rows = $node->safe_psql('postgres', 'SELECT count(*) FROM items');
 my $new = $rows - 150000;
 ok($new > 300, "$new inserts committed before the crash");
 is(index_scan_count($node, 'postgres', 'items', '<->', 32), $rows, 'every committed row is in the index after recovery');
+cmp_ok(topk_recall($node, 'postgres', 'items', 'OPERATOR(twotower.<->)', 10, 1, 500, 150001, $rows - 1), '>=', 0.9,
+	'after recovery the index agrees with exact search');
 is($node->safe_psql('postgres', "SELECT delta_items FROM twotower.index_info('items_idx')"), $new,
 	'the delta holds exactly the committed inserts');
 is($node->safe_psql('postgres', q{

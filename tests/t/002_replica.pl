@@ -7,20 +7,24 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use TwoTower;
 
-my $primary = PostgreSQL::Test::Cluster->new('primary');
-$primary->init(allows_streaming => 1);
-$primary->append_conf('postgresql.conf', "maintenance_work_mem = '512MB'");
-$primary->start;
-$primary->safe_psql('postgres', 'CREATE EXTENSION pg_twotower');
+my $primary = new_node('primary', init => { allows_streaming => 1 });
 make_items($primary, 'postgres', 'items', 20000, 16);
 $primary->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v twotower.real_cosine_ops)');
 # Materialize the primary's cache file so the base backup copies it.
 topk_signature($primary, 'postgres', 'items', 'OPERATOR(twotower.<=>)', 10, 1);
 
+# pg_basebackup copies the cache directory with the data directory (it cannot exclude it); the
+# copy is not trusted as it is: its verified-marker does not match the copy's inode, so the
+# standby verifies it on first use.
+my $pfile = $primary->safe_psql('postgres', "SELECT cache_file FROM twotower.index_info('items_idx')");
+ok(-f $primary->data_dir . "/$pfile", "the primary has its cache file ($pfile)");
 $primary->backup('b1');
 my $standby = PostgreSQL::Test::Cluster->new('standby');
 $standby->init_from_backup($primary, 'b1', has_streaming => 1);
+ok(-f $standby->data_dir . "/$pfile", 'the base backup copied the cache file');
 $standby->start;
+is($standby->safe_psql('postgres', "SELECT cache_state FROM twotower.index_info('items_idx')"),
+	'present (verified on first use)', 'the copied file is verified before its first use');
 
 my @q = map { $_ * 97 } 1 .. 20;
 my $op = 'OPERATOR(twotower.<=>)';
@@ -38,8 +42,6 @@ sub same_results
 }
 
 same_results('after build');
-like($standby->safe_psql('postgres', "SELECT cache_state FROM twotower.index_info('items_idx')"),
-	qr/present|verified/, 'standby has a cache file (copied by the base backup)');
 
 $primary->safe_psql('postgres', q{
 	INSERT INTO items (category, v)
@@ -60,7 +62,16 @@ binmode $fh;
 seek($fh, 5000, 0);
 print $fh "corrupted bytes, not a graph";
 close $fh;
+my $log_at = -s $standby->logfile;
 same_results('after corrupting the standby cache file');
+like(substr(slurp_file($standby->logfile), $log_at), qr/cache file "\Q$file\E" was rejected \(.*\); rebuilding it from the index pages/,
+	'the damaged file was rejected (logged)');
+open($fh, '<', $path) or die "open $path: $!";
+binmode $fh;
+seek($fh, 5000, 0);
+read($fh, my $bytes, 28);
+close $fh;
+isnt($bytes, 'corrupted bytes, not a graph', 'and rewritten from the index pages');
 
 $primary->safe_psql('postgres', 'REINDEX INDEX items_idx');
 same_results('after REINDEX');

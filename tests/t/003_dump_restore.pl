@@ -6,12 +6,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use TwoTower;
 
-my $node = PostgreSQL::Test::Cluster->new('dump');
-$node->init;
-$node->append_conf('postgresql.conf', "maintenance_work_mem = '512MB'\ntwotower.ef_search = 400");
-$node->start;
-$node->safe_psql('postgres', 'CREATE DATABASE src');
-$node->safe_psql('src', 'CREATE EXTENSION pg_twotower');
+my $node = new_node('dump', conf => ['twotower.ef_search = 400'], dbs => ['src']);
 make_items($node, 'src', 'items', 5000, 16);
 $node->safe_psql('src', q{
 	CREATE INDEX items_idx ON items USING twotower_hnsw (v twotower.real_l2_ops) WITH (m = 12, ef_construction = 80, quantization = 'f16');

@@ -8,20 +8,47 @@ use Test::More;
 use TwoTower;
 
 my $secs = $ENV{TT_SOAK_SECONDS} // 30;
-my $node = PostgreSQL::Test::Cluster->new('load');
-$node->init;
-$node->append_conf('postgresql.conf', "maintenance_work_mem = '512MB'\nmax_connections = 50\nsearch_path = 'public, twotower'");
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION pg_twotower');
+my $node = new_node('load', conf => ['max_connections = 50', "search_path = 'public, twotower'"]);
 make_items($node, 'postgres', 'items', 20000, 16);
 $node->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v)');
+# Each query during the load checks its own answer in one snapshot: the index's top 10 come in
+# distance order, are rows of that snapshot, and are compared with exact search there.
+$node->safe_psql('postgres', q{
+	CREATE UNLOGGED TABLE checks (in_order bool, live bool, hits int, plan_ok bool);
+	CREATE FUNCTION check_topk(qid bigint) RETURNS void LANGUAGE plpgsql AS $$
+	DECLARE q real[]; r record; prev float8 := '-Infinity'; got bigint[] := '{}'; exact bigint[];
+	        ordered bool := true; plan text := ''; line text;
+	BEGIN
+		SELECT v INTO q FROM items WHERE id = qid;
+		IF q IS NULL THEN RETURN; END IF;
+		PERFORM set_config('enable_seqscan', 'off', true);
+		FOR line IN EXECUTE 'EXPLAIN (COSTS OFF) SELECT id FROM items WHERE category = 3 ORDER BY v <=> $1 LIMIT 10'
+		   USING q LOOP
+			plan := plan || line || E'\n';
+		END LOOP;
+		FOR r IN SELECT id, v <=> q AS d FROM items WHERE category = 3 ORDER BY v <=> q LIMIT 10 LOOP
+			ordered := ordered AND r.d >= prev;
+			prev := r.d;
+			got := got || r.id;
+		END LOOP;
+		PERFORM set_config('enable_seqscan', 'on', true);
+		PERFORM set_config('enable_indexscan', 'off', true);
+		SELECT array_agg(id) INTO exact
+		  FROM (SELECT id FROM items WHERE category = 3 ORDER BY v <=> q, id LIMIT 10) s;
+		INSERT INTO checks VALUES (ordered,
+			(SELECT count(*) FROM items WHERE id = ANY (got)) = cardinality(got),
+			(SELECT count(*) FROM unnest(got) g WHERE g = ANY (exact)),
+			plan LIKE '%Index Scan using items_idx%' OR plan LIKE '%Index Scan using %_ccnew%');
+	END $$;
+});
 
 my $dir = PostgreSQL::Test::Utils::tempdir;
 sub script { my ($name, $body) = @_; my $f = "$dir/$name.sql"; open(my $fh, '>', $f) or die; print $fh $body; close $fh; return $f; }
 my $query = script('query', q{
 \set id random(1, 20000)
-SET enable_seqscan = off;
-SELECT id FROM items WHERE category = 3 ORDER BY v <=> (SELECT v FROM items WHERE id = :id) LIMIT 10;
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT check_topk(:id);
+COMMIT;
 });
 my $insert = script('insert', q{
 INSERT INTO items (category, v) SELECT 3, ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, 16));
@@ -53,6 +80,15 @@ ok($maint_ok, 'VACUUM / REINDEX CONCURRENTLY loop exited 0') or diag($err2);
 like($out1, qr/number of failed transactions: 0/, 'no failed transactions under load');
 like($out2, qr/number of transactions actually processed: [1-9]/, 'maintenance ran');
 unlike($err1 . $err2, qr/ERROR|FATAL|PANIC/, 'no server errors reported to clients');
+
+my ($n, $in_order, $live, $plan_ok, $recall) = split /\|/, $node->safe_psql('postgres',
+	'SELECT count(*), count(*) FILTER (WHERE in_order), count(*) FILTER (WHERE live),
+	        count(*) FILTER (WHERE plan_ok), round(avg(hits) / 10, 3) FROM checks');
+cmp_ok($n, '>', 50, "$n queries checked their answers during the load");
+is($in_order, $n, 'every answer during the load came in distance order');
+is($live, $n, 'every answer held only rows of its snapshot');
+is($plan_ok, $n, 'every checked query was an index scan');
+cmp_ok($recall, '>=', 0.9, "recall@10 against exact search in the same snapshot: $recall");
 
 is(index_scan_count($node, 'postgres', 'items', '<=>', 16), $node->safe_psql('postgres', 'SELECT count(*) FROM items'),
 	'after the load, the index covers exactly the live rows');

@@ -4,11 +4,9 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use TwoTower;
 
-my $node = PostgreSQL::Test::Cluster->new('reuse');
-$node->init;
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION pg_twotower');
+my $node = new_node('reuse');
 $node->safe_psql('postgres', q{
 	CREATE TABLE t (id int, v real[]) WITH (autovacuum_enabled = off);
 	INSERT INTO t SELECT i, ARRAY[i, 0, 0, 0]::real[] FROM generate_series(1, 300) i;

@@ -9,11 +9,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use TwoTower;
 
-my $primary = PostgreSQL::Test::Cluster->new('cprimary');
-$primary->init(allows_streaming => 1);
-$primary->start;
-$primary->safe_psql('postgres', 'CREATE DATABASE d1');
-$primary->safe_psql('d1', 'CREATE EXTENSION pg_twotower');
+my $primary = new_node('cprimary', init => { allows_streaming => 1 }, dbs => ['d1']);
 make_items($primary, 'd1', 'items', 3000, 8);
 $primary->safe_psql('d1', q{
 	CREATE INDEX idx_a ON items USING twotower_hnsw (v twotower.real_cosine_ops);

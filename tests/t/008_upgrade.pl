@@ -9,10 +9,7 @@ use Test::More;
 use TwoTower;
 
 my $g = $ENV{TT_GOLDEN};
-my $node = PostgreSQL::Test::Cluster->new('upgrade');
-$node->init;
-$node->append_conf('postgresql.conf', "maintenance_work_mem = '256MB'");
-$node->start;
+my $node = new_node('upgrade', dbs => []);
 my $current = $node->safe_psql('postgres',
 	q{SELECT default_version FROM pg_available_extensions WHERE name = 'pg_twotower'});
 isnt($current, '0.1.0', "the current version ($current) is newer than 0.1.0");

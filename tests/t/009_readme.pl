@@ -7,6 +7,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use File::Path qw(make_path);
+use TwoTower;
 
 my $readme = "$ENV{TESTDIR}/README.md";
 open(my $fh, '<', $readme) or die "cannot read $readme: $!";
@@ -15,9 +16,7 @@ close $fh;
 my @blocks = $text =~ /^```sql\n(.*?)^```/gms;
 cmp_ok(scalar @blocks, '>=', 2, 'README has SQL examples');
 
-my $node = PostgreSQL::Test::Cluster->new('readme');
-$node->init;
-$node->start;
+my $node = new_node('readme', dbs => []);
 
 my $root = PostgreSQL::Test::Utils::tempdir();
 make_path("$root/tests");

@@ -2,7 +2,7 @@
 //! self-search pass, on clustered synthetic vectors. `cargo run --release -p twotower-ann
 //! --example build_speed -- [n] [dims] [m] [efc]`.
 use std::time::Instant;
-use twotower_ann::synthetic::clustered;
+use twotower_testkit::vectors::clustered;
 
 fn main() {
     let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();

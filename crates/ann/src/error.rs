@@ -2,8 +2,9 @@
 
 use thiserror::Error;
 
-/// The largest vector dimension accepted anywhere in pg_twotower.
-pub const MAX_DIMS: usize = 16_000;
+/// The largest vector dimension accepted anywhere in pg_twotower (one constant, shared with the
+/// towers).
+pub use twotower_metric::MAX_DIMS;
 
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum AnnError {

@@ -71,7 +71,7 @@ impl BuildParams {
     fn options(&self) -> usearch::IndexOptions {
         usearch::IndexOptions {
             dimensions: self.dims,
-            metric: self.metric.usearch(),
+            metric: crate::metric::usearch_metric(self.metric),
             quantization: self.quantization.usearch(),
             connectivity: self.m,
             expansion_add: self.ef_construction,

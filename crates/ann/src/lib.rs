@@ -5,7 +5,6 @@ pub mod error;
 pub mod graph;
 pub mod image;
 pub mod metric;
-pub mod synthetic;
 
 pub use error::{AnnError, Result, MAX_DIMS};
 pub use image::{

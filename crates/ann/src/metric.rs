@@ -1,74 +1,19 @@
 //! Metrics, storage kinds and the exact distance functions that back the SQL operators.
 
 use crate::error::{AnnError, Result, MAX_DIMS};
+pub use twotower_metric::{
+    cosine_distance, inner_product, is_zero, l2_distance, l2_squared, unit, Metric,
+};
 
-/// Distance metric of an index (chosen by its operator class).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Metric {
-    /// `<=>`: 1 - cosine similarity.
-    Cosine,
-    /// `<#>`: negative inner product.
-    InnerProduct,
-    /// `<->`: Euclidean distance.
-    L2,
+/// usearch's metric for ours.
+pub(crate) fn usearch_metric(m: Metric) -> usearch::MetricKind {
+    match m {
+        Metric::Cosine => usearch::MetricKind::Cos,
+        Metric::InnerProduct => usearch::MetricKind::IP,
+        Metric::L2 => usearch::MetricKind::L2sq,
+    }
 }
 
-impl Metric {
-    pub fn code(self) -> u32 {
-        match self {
-            Metric::Cosine => 1,
-            Metric::InnerProduct => 2,
-            Metric::L2 => 3,
-        }
-    }
-    pub fn from_code(code: u32) -> Option<Metric> {
-        match code {
-            1 => Some(Metric::Cosine),
-            2 => Some(Metric::InnerProduct),
-            3 => Some(Metric::L2),
-            _ => None,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Metric::Cosine => "cosine",
-            Metric::InnerProduct => "inner_product",
-            Metric::L2 => "l2",
-        }
-    }
-    pub(crate) fn usearch(self) -> usearch::MetricKind {
-        match self {
-            Metric::Cosine => usearch::MetricKind::Cos,
-            Metric::InnerProduct => usearch::MetricKind::IP,
-            Metric::L2 => usearch::MetricKind::L2sq,
-        }
-    }
-    /// The distance the HNSW engine uses for this metric, computed exactly in f32.
-    /// Ordering by it is the same as ordering by the SQL operator of the metric.
-    pub fn engine_distance(self, a: &[f32], b: &[f32]) -> f32 {
-        match self {
-            Metric::Cosine => cosine_distance(a, b) as f32,
-            Metric::InnerProduct => 1.0 - inner_product(a, b) as f32,
-            Metric::L2 => l2_squared(a, b) as f32,
-        }
-    }
-    /// The value of the SQL operator of the metric (`<=>`, `<#>`, `<->`), computed in f64.
-    pub fn sql_distance(self, a: &[f32], b: &[f32]) -> f64 {
-        match self {
-            Metric::Cosine => cosine_distance(a, b),
-            Metric::InnerProduct => -inner_product(a, b),
-            Metric::L2 => l2_distance(a, b),
-        }
-    }
-    /// Converts an engine distance into the value the SQL operator returns.
-    pub fn engine_to_sql(self, d: f32) -> f64 {
-        match self {
-            Metric::Cosine => d as f64,
-            Metric::InnerProduct => d as f64 - 1.0,
-            Metric::L2 => (d.max(0.0) as f64).sqrt(),
-        }
-    }
-}
 
 /// Scalar kind the index stores its vectors as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,60 +120,6 @@ pub fn validate_vector(v: &[f32], expected: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-/// Inner product accumulated in f64: every product is formed in f64, so neither huge
-/// (2e19) nor tiny (1e-23) finite elements overflow or underflow on the way.
-pub fn inner_product(a: &[f32], b: &[f32]) -> f64 {
-    debug_assert_eq!(a.len(), b.len());
-    // Independent accumulators let the compiler vectorise the loop.
-    let mut acc = [0.0f64; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for j in 0..8 {
-            acc[j] += a[c * 8 + j] as f64 * b[c * 8 + j] as f64;
-        }
-    }
-    let mut sum: f64 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        sum += a[i] as f64 * b[i] as f64;
-    }
-    sum
-}
-
-/// 1 - cos(a, b); NaN when either vector has zero norm.
-pub fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
-    let dot = inner_product(a, b);
-    let na = inner_product(a, a);
-    let nb = inner_product(b, b);
-    let denom = (na * nb).sqrt();
-    if denom == 0.0 {
-        return f64::NAN;
-    }
-    // Clamp so rounding never yields a distance outside [0, 2].
-    (1.0 - dot / denom).clamp(0.0, 2.0)
-}
-
-/// Squared Euclidean distance, accumulated in f64.
-pub fn l2_squared(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for j in 0..8 {
-            let d = a[c * 8 + j] as f64 - b[c * 8 + j] as f64;
-            acc[j] += d * d;
-        }
-    }
-    let mut sum: f64 = acc.iter().sum();
-    for i in chunks * 8..a.len() {
-        let d = a[i] as f64 - b[i] as f64;
-        sum += d * d;
-    }
-    sum
-}
-
-pub fn l2_distance(a: &[f32], b: &[f32]) -> f64 {
-    l2_squared(a, b).sqrt()
-}
-
 /// Largest squared norm of a vector the HNSW engine may hold: the engine computes in f32, and
 /// the inner product or squared distance of two such vectors stays below `f32::MAX`.
 pub const MAX_INDEX_NORM_SQ: f64 = (f32::MAX as f64) / 8.0;
@@ -243,18 +134,6 @@ pub fn check_index_range(v: &[f32]) -> Result<()> {
         return Err(AnnError::OutOfRange { norm: n2.sqrt() });
     }
     Ok(())
-}
-
-/// `v` scaled to unit length in f64 (`None` for a zero vector): the query an engine computing
-/// in f32 ranks by cosine or inner product exactly as the original.
-pub fn unit(v: &[f32]) -> Option<Vec<f32>> {
-    let n = inner_product(v, v).sqrt();
-    (n > 0.0).then(|| v.iter().map(|x| (*x as f64 / n) as f32).collect())
-}
-
-/// True when the vector cannot be placed in a cosine index (zero norm).
-pub fn is_zero(v: &[f32]) -> bool {
-    v.iter().all(|&x| x == 0.0)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Recall and robustness of the image on clustered synthetic data.
 
-use twotower_ann::synthetic::clustered;
+use twotower_testkit::vectors::clustered;
 use twotower_ann::*;
 
 /// `n` base vectors and `nq` held-out queries drawn from the same clusters.

@@ -9,7 +9,6 @@ mod json;
 mod model;
 pub mod safetensors;
 mod spec;
-pub mod synth;
 
 pub use encode::{canonical_id, Encoded, MAX_LIST_LEN};
 pub use error::{Result, TowerError};
@@ -35,23 +34,9 @@ impl Kind {
     }
 }
 
-/// The index metric a tower's output is trained for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum OutMetric {
-    Cosine,
-    Ip,
-    L2,
-}
-
-impl OutMetric {
-    pub fn name(self) -> &'static str {
-        match self {
-            OutMetric::Cosine => "cosine",
-            OutMetric::Ip => "ip",
-            OutMetric::L2 => "l2",
-        }
-    }
-}
+/// The metric a tower's output is trained for: the same concept as an index's metric (a model
+/// fits an index when they are equal).
+pub use twotower_metric::Metric;
 
 /// 64-bit FNV-1a (offset basis 0xcbf29ce484222325, prime 0x100000001b3, wrapping).
 #[inline]

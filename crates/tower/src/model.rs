@@ -5,7 +5,7 @@ use crate::safetensors::{self, TensorView};
 use crate::spec::{
     self, spec_err, FeatureDraft, LayerDraft, Lookup, Pooling, SpecDraft, Transform, MAX_WIDTH,
 };
-use crate::{Kind, OutMetric};
+use crate::{Kind, Metric};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -100,7 +100,7 @@ pub(crate) enum Layer {
 pub struct Model {
     pub(crate) id: u64,
     pub(crate) kind: Kind,
-    pub(crate) metric: OutMetric,
+    pub(crate) metric: Metric,
     pub(crate) output_dim: usize,
     pub(crate) features: Vec<Feature>,
     pub(crate) by_name: HashMap<String, usize>,
@@ -425,7 +425,7 @@ impl Model {
         self.output_dim
     }
 
-    pub fn metric(&self) -> OutMetric {
+    pub fn metric(&self) -> Metric {
         self.metric
     }
 

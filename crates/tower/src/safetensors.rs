@@ -1,4 +1,6 @@
-//! A small, strict safetensors reader (F32/F16/BF16 converted to f32) and an F32 writer.
+//! Safetensors weights: the container read by the `safetensors` crate, with our strict header
+//! checks and dtype conversion (F32/F16/BF16 to f32) on top, and an F32 writer for tests and
+//! fixtures.
 //!
 //! Layout: 8-byte little-endian header length N, N bytes of JSON header (an object mapping tensor
 //! names to `{"dtype", "shape", "data_offsets": [begin, end]}`, plus an optional `__metadata__`
@@ -111,51 +113,10 @@ fn as_index(v: &Value, what: &str) -> Result<usize> {
         .ok_or_else(|| bad(format!("{what} must be a non-negative integer, got {v}")))
 }
 
-struct Entry {
-    name: String,
-    dtype: Dtype,
-    shape: Vec<usize>,
-    begin: usize,
-    end: usize,
-}
-
-/// Parses a safetensors byte string. Every tensor is checked (dtype known, shape product, offsets
-/// in the buffer and matching the byte size, no overlaps); tensors ending in
-/// `num_batches_tracked` are then dropped, and any other tensor that is not F32/F16/BF16 is a
-/// [`TowerError::TensorDtype`]. Returns the tensors sorted by name.
-pub fn parse(bytes: &[u8]) -> Result<Vec<TensorView>> {
-    if bytes.len() > MAX_FILE_BYTES {
-        return Err(TowerError::TooLarge {
-            what: format!("safetensors file of {} bytes", bytes.len()),
-            limit: MAX_FILE_BYTES,
-        });
-    }
-    let Some(len_bytes) = bytes.get(..8) else {
-        return Err(bad(format!(
-            "file is {} bytes, shorter than the 8-byte header length",
-            bytes.len()
-        )));
-    };
-    let mut len8 = [0u8; 8];
-    len8.copy_from_slice(len_bytes);
-    let n = u64::from_le_bytes(len8);
-    if n > MAX_HEADER_BYTES as u64 {
-        return Err(TowerError::TooLarge {
-            what: format!("safetensors header length {n}"),
-            limit: MAX_HEADER_BYTES,
-        });
-    }
-    let n = n as usize;
-    let header_end = 8usize
-        .checked_add(n)
-        .ok_or_else(|| bad("header length overflows"))?;
-    let Some(header) = bytes.get(8..header_end) else {
-        return Err(bad(format!(
-            "header length {n} runs past the end of the {}-byte file",
-            bytes.len()
-        )));
-    };
-    let buffer = &bytes[header_end..];
+/// Our checks of the header on top of the container's: strict JSON (no duplicate keys, which
+/// serde would silently resolve), every entry an object of exactly `dtype`, `shape` and
+/// `data_offsets`, a known dtype, and `__metadata__` an object of strings.
+fn check_header(header: &[u8]) -> Result<()> {
     let header = crate::json::parse_strict(header).map_err(|e| bad(format!("header: {e}")))?;
     let Value::Object(map) = header else {
         return Err(bad(format!(
@@ -163,9 +124,6 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<TensorView>> {
             json_type(&header)
         )));
     };
-
-    let mut entries: Vec<Entry> = Vec::with_capacity(map.len());
-    // serde_json's map is ordered by key, so this walks the tensors sorted by name.
     for (name, info) in &map {
         if name == "__metadata__" {
             let Value::Object(meta) = info else {
@@ -189,109 +147,95 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<TensorView>> {
             .get("dtype")
             .and_then(Value::as_str)
             .ok_or_else(|| bad(format!("tensor \"{name}\": dtype must be a string")))?;
-        let dtype = Dtype::parse(dtype_s)
-            .ok_or_else(|| bad(format!("tensor \"{name}\": unknown dtype \"{dtype_s}\"")))?;
-        let shape_v = info
+        if Dtype::parse(dtype_s).is_none() {
+            return Err(bad(format!("tensor \"{name}\": unknown dtype \"{dtype_s}\"")));
+        }
+        let shape = info
             .get("shape")
             .and_then(Value::as_array)
             .ok_or_else(|| bad(format!("tensor \"{name}\": shape must be an array")))?;
-        let mut shape = Vec::with_capacity(shape_v.len());
-        let mut numel: usize = 1;
-        for d in shape_v {
-            let d = as_index(d, &format!("tensor \"{name}\": shape entry"))?;
-            numel = numel
-                .checked_mul(d)
-                .ok_or_else(|| bad(format!("tensor \"{name}\": shape {shape_v:?} overflows")))?;
-            shape.push(d);
+        for d in shape {
+            as_index(d, &format!("tensor \"{name}\": shape entry"))?;
         }
-        let offs = info
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .filter(|a| a.len() == 2)
-            .ok_or_else(|| {
-                bad(format!(
-                    "tensor \"{name}\": data_offsets must be an array [begin, end]"
-                ))
-            })?;
-        let begin = as_index(&offs[0], &format!("tensor \"{name}\": data_offsets begin"))?;
-        let end = as_index(&offs[1], &format!("tensor \"{name}\": data_offsets end"))?;
-        if begin > end {
-            return Err(bad(format!(
-                "tensor \"{name}\": data_offsets [{begin}, {end}] are reversed"
-            )));
-        }
-        if end > buffer.len() {
-            return Err(bad(format!(
-                "tensor \"{name}\": data_offsets [{begin}, {end}] run past the {}-byte data buffer",
-                buffer.len()
-            )));
-        }
-        let nbytes = numel
-            .checked_mul(dtype.size())
-            .ok_or_else(|| bad(format!("tensor \"{name}\": byte size overflows")))?;
-        if end - begin != nbytes {
-            return Err(bad(format!(
-                "tensor \"{name}\": data_offsets [{begin}, {end}] hold {} bytes, but shape {:?} of {} needs {nbytes}",
-                end - begin,
-                shape,
-                dtype.name()
-            )));
-        }
-        entries.push(Entry {
-            name: name.clone(),
-            dtype,
-            shape,
-            begin,
-            end,
+    }
+    Ok(())
+}
+
+/// Parses a safetensors byte string. The container (header length, offsets inside the buffer
+/// and matching each tensor's byte size, tensors packed without gaps or overlaps, the whole
+/// buffer used) is read by the `safetensors` crate; on top of it the header is checked strictly
+/// ([`check_header`]), tensors ending in `num_batches_tracked` are dropped, and any other
+/// tensor that is not F32/F16/BF16 is a [`TowerError::TensorDtype`]. Returns the tensors sorted
+/// by name, converted to f32.
+pub fn parse(bytes: &[u8]) -> Result<Vec<TensorView>> {
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err(TowerError::TooLarge {
+            what: format!("safetensors file of {} bytes", bytes.len()),
+            limit: MAX_FILE_BYTES,
         });
     }
-
-    // No two tensors may share bytes (empty tensors occupy nothing).
-    let mut spans: Vec<(usize, usize, &str)> = entries
-        .iter()
-        .filter(|e| e.end > e.begin)
-        .map(|e| (e.begin, e.end, e.name.as_str()))
-        .collect();
-    spans.sort_unstable();
-    for w in spans.windows(2) {
-        if w[1].0 < w[0].1 {
-            return Err(bad(format!(
-                "tensors \"{}\" and \"{}\" overlap in the data buffer",
-                w[0].2, w[1].2
-            )));
-        }
+    let Some(len_bytes) = bytes.get(..8) else {
+        return Err(bad(format!(
+            "file is {} bytes, shorter than the 8-byte header length",
+            bytes.len()
+        )));
+    };
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(len_bytes);
+    let n = u64::from_le_bytes(len8);
+    if n > MAX_HEADER_BYTES as u64 {
+        return Err(TowerError::TooLarge {
+            what: format!("safetensors header length {n}"),
+            limit: MAX_HEADER_BYTES,
+        });
     }
-
-    let mut out = Vec::with_capacity(entries.len());
-    for e in entries {
-        if e.name.ends_with(IGNORED_SUFFIX) {
+    let Some(header) = bytes.get(8..8 + n as usize) else {
+        return Err(bad(format!(
+            "header length {n} runs past the end of the {}-byte file",
+            bytes.len()
+        )));
+    };
+    check_header(header)?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
+    let mut tensors = st.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(tensors.len());
+    for (name, view) in tensors {
+        if name.ends_with(IGNORED_SUFFIX) {
             continue;
         }
-        let raw = &buffer[e.begin..e.end];
-        let data: Vec<f32> = match e.dtype {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
-                .collect(),
+        let raw = view.data();
+        let (dtype, data): (Dtype, Vec<f32>) = match view.dtype() {
+            safetensors::Dtype::F32 => (
+                Dtype::F32,
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            safetensors::Dtype::F16 => (
+                Dtype::F16,
+                raw.chunks_exact(2)
+                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                    .collect(),
+            ),
+            safetensors::Dtype::BF16 => (
+                Dtype::BF16,
+                raw.chunks_exact(2)
+                    .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+                    .collect(),
+            ),
             other => {
+                let dtype = format!("{other:?}");
                 return Err(TowerError::TensorDtype {
-                    name: e.name,
-                    dtype: other.name().to_owned(),
-                })
+                    name,
+                    dtype: Dtype::parse(&dtype).map_or(dtype, |d| d.name().to_owned()),
+                });
             }
         };
         out.push(TensorView {
-            name: e.name,
-            dtype: e.dtype,
-            shape: e.shape,
+            name,
+            dtype,
+            shape: view.shape().to_vec(),
             data,
         });
     }

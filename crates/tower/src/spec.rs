@@ -2,14 +2,15 @@
 //! Shapes and width chaining are checked later, when the tensors are bound (`model.rs`).
 
 use crate::error::{json_type, Result, TowerError};
-use crate::{Kind, OutMetric, SPEC_VERSION};
+use crate::{Kind, Metric, SPEC_VERSION};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
 pub(crate) const FORMAT: &str = "pg_twotower.tower";
 pub(crate) const MAX_FEATURES: usize = 256;
 pub(crate) const MAX_LAYERS: usize = 64;
-pub(crate) const MAX_WIDTH: usize = 16_000;
+/// The widest vector anywhere in a tower: the one vector limit of pg_twotower.
+pub(crate) const MAX_WIDTH: usize = twotower_metric::MAX_DIMS;
 pub(crate) const MAX_NAME_LEN: usize = 63;
 pub(crate) const MAX_MAX_LEN: u64 = 10_000;
 pub(crate) const MAX_DENSE_DIM: u64 = 4096;
@@ -151,7 +152,7 @@ pub(crate) struct SpecDraft {
     pub senet: Option<SenetDraft>,
     pub layers: Vec<LayerDraft>,
     pub output_dim: usize,
-    pub metric: OutMetric,
+    pub metric: Metric,
 }
 
 pub(crate) fn spec_err(path: impl Into<String>, reason: impl Into<String>) -> TowerError {
@@ -436,15 +437,12 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     out.allow(&["dim", "metric"])?;
     let output_dim = out.uint("dim", 1, MAX_WIDTH as u64)? as usize;
     let metric = match out.req_str("metric")? {
-        "cosine" => OutMetric::Cosine,
-        "ip" => OutMetric::Ip,
-        "l2" => OutMetric::L2,
-        other => {
-            return Err(spec_err(
+        name => Metric::from_spec_name(name).ok_or_else(|| {
+            spec_err(
                 "output.metric",
-                format!("must be \"cosine\", \"ip\" or \"l2\", got \"{other}\""),
-            ))
-        }
+                format!("must be \"cosine\", \"ip\" or \"l2\", got \"{name}\""),
+            )
+        })?,
     };
 
     Ok(SpecDraft {

@@ -21,13 +21,15 @@ fn json(p: &Path) -> Value {
 /// Loads `dir`'s model and checks every input against `expected.json`. User inputs are encoded
 /// strictly (as `embed_user` does), item rows leniently (they carry other columns, as
 /// `to_jsonb(row)` does).
-fn check_dir(dir: &Path, strict: bool) -> Option<Model> {
-    if !dir.join("spec.json").exists() {
-        eprintln!(
-            "golden fixtures not found under {}; skipping",
-            dir.display()
+fn check_dir(dir: &Path, strict: bool) -> Model {
+    // Missing fixtures are a failure, not a skip: a test that passes without its data proves
+    // nothing (they are committed under tests/golden; make_fixtures.py regenerates them).
+    for f in ["spec.json", "weights.safetensors", "inputs.json", "expected.json"] {
+        assert!(
+            dir.join(f).is_file(),
+            "golden fixture {} is missing",
+            dir.join(f).display()
         );
-        return None;
     }
     let spec = String::from_utf8(read(&dir.join("spec.json"))).expect("spec is UTF-8");
     let model = Model::load(&spec, &read(&dir.join("weights.safetensors")))
@@ -80,15 +82,13 @@ fn check_dir(dir: &Path, strict: bool) -> Option<Model> {
         dir.display(),
         inputs.len()
     );
-    Some(model)
+    model
 }
 
 #[test]
 fn golden_user_tower() {
     let dir = golden_dir();
-    let Some(model) = check_dir(&dir, true) else {
-        return;
-    };
+    let model = check_dir(&dir, true);
     let bad = dir.join("invalid_inputs.json");
     if bad.exists() {
         let cases = json(&bad);

@@ -599,7 +599,7 @@ fn shortcut_appends_raw_fields_before_senet() {
     ];
     let m = load(&s, &ts).unwrap();
     assert_eq!(m.kind(), Kind::Item);
-    assert_eq!(m.metric(), OutMetric::Cosine);
+    assert_eq!(m.metric(), Metric::Cosine);
     assert_eq!(m.feature_names(), vec!["a", "b", "c"]);
     let out = m.embed(&json!({"a": [1, 2], "b": 3, "c": [4]})).unwrap();
     assert_eq!(out, vec![0.5 * 10., 4., 1., 2.]);
@@ -876,10 +876,14 @@ fn truncated_and_corrupted_safetensors() {
         Model::load(&sj, &bad),
         Err(TowerError::TooLarge { .. })
     ));
-    // Extra trailing bytes are fine (offsets need not cover the buffer).
-    let mut ok = st.clone();
-    ok.extend_from_slice(&[0; 3]);
-    assert!(Model::load(&sj, &ok).is_ok());
+    // Trailing bytes no tensor covers are refused: the format requires the data buffer to be
+    // entirely indexed, without holes (as the `safetensors` crate enforces).
+    let mut trailing = st.clone();
+    trailing.extend_from_slice(&[0; 3]);
+    assert!(matches!(
+        Model::load(&sj, &trailing),
+        Err(TowerError::Safetensors { .. })
+    ));
 }
 
 fn spec_err(s: &Value, ts: &[T]) -> (String, String) {
@@ -1208,12 +1212,12 @@ fn width_chaining() {
 
 #[test]
 fn forward_equals_batch_equals_parallel() {
-    let (sj, st) = synth::realistic_user_tower(3);
+    let (sj, st) = twotower_testkit::towers::realistic_user_tower(3);
     let m = Model::load(&sj, &st).unwrap();
     assert_eq!(m.output_dim(), 64);
     assert_eq!(m.kind(), Kind::User);
     let xs: Vec<Encoded> = (0..37)
-        .map(|i| m.encode(&synth::realistic_user_input(9, i), true).unwrap())
+        .map(|i| m.encode(&twotower_testkit::towers::realistic_user_input(9, i), true).unwrap())
         .collect();
     let single: Vec<f32> = xs.iter().flat_map(|x| m.forward(x)).collect();
     let batch = m.forward_batch(&xs);
@@ -1235,13 +1239,13 @@ fn forward_equals_batch_equals_parallel() {
     assert!(m.forward_batch(&[]).is_empty());
     assert!(forward_parallel(&m, &[], 4).is_empty());
 
-    let (sj, st) = synth::realistic_item_tower(3);
+    let (sj, st) = twotower_testkit::towers::realistic_item_tower(3);
     let it = Model::load(&sj, &st).unwrap();
     assert_eq!(it.kind(), Kind::Item);
     assert_eq!(it.output_dim(), 64);
     let xs: Vec<Encoded> = (0..10)
         .map(|i| {
-            it.encode(&synth::realistic_item_input(1, i), false)
+            it.encode(&twotower_testkit::towers::realistic_item_input(1, i), false)
                 .unwrap()
         })
         .collect();
@@ -1259,9 +1263,9 @@ fn model_is_send_sync_and_encoded_is_send() {
     s::<Encoded>();
     assert_eq!(Kind::User.name(), "user");
     assert_eq!(Kind::Item.name(), "item");
-    assert_eq!(OutMetric::Cosine.name(), "cosine");
-    assert_eq!(OutMetric::Ip.name(), "ip");
-    assert_eq!(OutMetric::L2.name(), "l2");
+    assert_eq!(Metric::Cosine.spec_name(), "cosine");
+    assert_eq!(Metric::InnerProduct.spec_name(), "ip");
+    assert_eq!(Metric::L2.spec_name(), "l2");
     assert_eq!(SPEC_VERSION, 1);
 }
 

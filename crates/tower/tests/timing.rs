@@ -3,7 +3,7 @@
 //! `cargo test`. The assertion is loose (shared CI machines); the target is well under 100 µs.
 
 use std::time::Instant;
-use twotower_tower::{forward_parallel, synth, Encoded, Model};
+use twotower_tower::{forward_parallel, Encoded, Model};
 
 fn per_call(n: usize, f: impl FnMut()) -> f64 {
     let mut f = f;
@@ -16,12 +16,12 @@ fn per_call(n: usize, f: impl FnMut()) -> f64 {
 
 #[test]
 fn realistic_tower_timings() {
-    let (spec, st) = synth::realistic_user_tower(1);
+    let (spec, st) = twotower_testkit::towers::realistic_user_tower(1);
     let t = Instant::now();
     let m = Model::load(&spec, &st).unwrap();
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let inputs: Vec<_> = (0..256)
-        .map(|i| synth::realistic_user_input(2, i))
+        .map(|i| twotower_testkit::towers::realistic_user_input(2, i))
         .collect();
     let enc: Vec<Encoded> = inputs.iter().map(|x| m.encode(x, true).unwrap()).collect();
 
@@ -51,11 +51,11 @@ fn realistic_tower_timings() {
         std::hint::black_box(forward_parallel(&m, &enc, 2));
     }) / enc.len() as f64;
 
-    let (ispec, ist) = synth::realistic_item_tower(1);
+    let (ispec, ist) = twotower_testkit::towers::realistic_item_tower(1);
     let im = Model::load(&ispec, &ist).unwrap();
     let items: Vec<Encoded> = (0..1024)
         .map(|i| {
-            im.encode(&synth::realistic_item_input(3, i), false)
+            im.encode(&twotower_testkit::towers::realistic_item_input(3, i), false)
                 .unwrap()
         })
         .collect();

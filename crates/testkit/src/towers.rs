@@ -1,6 +1,6 @@
 //! Deterministic synthetic towers and inputs, for tests and benchmarks.
 
-use crate::safetensors::write_f32;
+use twotower_tower::safetensors::write_f32;
 use serde_json::{json, Value};
 
 /// splitmix64: a tiny deterministic PRNG.

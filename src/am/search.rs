@@ -1,0 +1,360 @@
+//! The access method's search interface for SQL surfaces other than the executor's ordered
+//! scans (`recall()` today; every later channel): one small API, so the glue never reaches into
+//! pages, the cache or the scan state.
+//!
+//! [`Target::open`] checks the caller's privileges before anything is locked or read, then
+//! opens the table and the index; [`Target::nearest`] returns the `k` nearest live rows as
+//! (item id, exact distance) in distance order; [`Target::close`] releases both relations.
+
+use super::{is_ours, metric_of, pages, scan};
+use crate::error::{TtError, TtResult};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::collections::HashSet;
+use twotower_ann::Metric;
+
+/// An open twotower_hnsw index and its table, readable by the caller.
+pub struct Target {
+    heap: pg_sys::Relation,
+    index: pg_sys::Relation,
+    id_att: i16,
+    id_type: pg_sys::Oid,
+    vec_att: i16,
+    metric: Metric,
+    dims: Option<usize>,
+}
+
+const LOCK: pg_sys::LOCKMODE = pg_sys::AccessShareLock as pg_sys::LOCKMODE;
+
+fn relation_name(rel: pg_sys::Relation) -> String {
+    // SAFETY: an open relation's name.
+    unsafe { std::ffi::CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn denied(name: &str, who: &str) -> TtError {
+    TtError::PermissionDenied {
+        action: format!("read table \"{name}\""),
+        hint: format!("GRANT SELECT ON {name} TO the role that calls {who}."),
+    }
+}
+
+/// Refuses before any lock is taken when the caller can read neither the table of
+/// `index_oid` nor any of its columns (the exact column check follows once it is open).
+fn precheck_select(index_oid: pg_sys::Oid, who: &str) -> TtResult<pg_sys::Oid> {
+    let heap_oid = super::table_of_index(index_oid, who)?
+        .ok_or_else(|| TtError::BadArgument(format!("{who} needs an index, not a table")))?;
+    let me = crate::catalog::caller();
+    // SAFETY: ACL lookups by oid, without locks.
+    unsafe {
+        let table_ok = pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+            == pg_sys::AclResult::ACLCHECK_OK;
+        let any_col = pg_sys::pg_attribute_aclcheck_all(
+            heap_oid,
+            me,
+            pg_sys::ACL_SELECT as pg_sys::AclMode,
+            pg_sys::AclMaskHow::ACLMASK_ANY,
+        ) == pg_sys::AclResult::ACLCHECK_OK;
+        if !table_ok && !any_col {
+            let name = pg_sys::get_rel_name(heap_oid);
+            let name = if name.is_null() {
+                format!("{}", heap_oid.to_u32())
+            } else {
+                std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+            };
+            return Err(denied(&name, who));
+        }
+    }
+    Ok(heap_oid)
+}
+
+/// The heap's single-column integer primary key: (attno, type oid).
+///
+/// # Safety
+/// `heap` must be an open table.
+unsafe fn item_id_column(heap: pg_sys::Relation) -> TtResult<(i16, pg_sys::Oid)> {
+    let name = relation_name(heap);
+    let none = || TtError::NoItemId(format!("table \"{name}\" has no single-column integer primary key"));
+    // SAFETY: catalogue lookups on an open relation.
+    unsafe {
+        let pk = pg_sys::RelationGetPrimaryKeyIndex(heap);
+        if pk == pg_sys::InvalidOid {
+            return Err(none());
+        }
+        let pkrel = pg_sys::index_open(pk, LOCK);
+        let ix = (*pkrel).rd_index;
+        let (natts, attno) = ((*ix).indnkeyatts, *(*ix).indkey.values.as_ptr());
+        pg_sys::index_close(pkrel, LOCK);
+        if natts != 1 || attno <= 0 {
+            return Err(none());
+        }
+        let typ = pg_sys::get_atttype((*heap).rd_id, attno);
+        if ![pg_sys::INT8OID, pg_sys::INT4OID, pg_sys::INT2OID].contains(&typ) {
+            return Err(none());
+        }
+        Ok((attno, typ))
+    }
+}
+
+/// Reads attribute `attno` of the tuple in `slot`.
+///
+/// # Safety
+/// `slot` must hold a tuple of a relation with at least `attno` attributes.
+unsafe fn attr(slot: *mut pg_sys::TupleTableSlot, attno: i16) -> Option<pg_sys::Datum> {
+    // SAFETY: forwarded; slot_getsomeattrs_int deforms up to `attno`.
+    unsafe {
+        if (*slot).tts_nvalid < attno {
+            pg_sys::slot_getsomeattrs_int(slot, attno as i32);
+        }
+        let i = (attno - 1) as usize;
+        if *(*slot).tts_isnull.add(i) {
+            None
+        } else {
+            Some(*(*slot).tts_values.add(i))
+        }
+    }
+}
+
+fn id_value(d: pg_sys::Datum, typ: pg_sys::Oid) -> i64 {
+    match typ {
+        pg_sys::INT8OID => d.value() as i64,
+        pg_sys::INT4OID => d.value() as i32 as i64,
+        _ => d.value() as i16 as i64,
+    }
+}
+
+impl Target {
+    /// Opens `index_oid` and its table for `who` (a name for messages, e.g. "recall()"):
+    /// privileges first (42501), then the checks that need the relations open: a twotower_hnsw
+    /// index (42809) on a column (not an expression) of a table with a single-column integer
+    /// primary key (the item id), readable by the caller, without row-level security, valid.
+    pub fn open(index_oid: pg_sys::Oid, who: &str) -> TtResult<Target> {
+        let heap_oid = precheck_select(index_oid, who)?;
+        // SAFETY: standard open order (table, then index) with the lock the executor takes;
+        // on an error below, transaction abort releases both.
+        unsafe {
+            let heap = pg_sys::table_open(heap_oid, LOCK);
+            let index = pg_sys::index_open(index_oid, LOCK);
+            if !is_ours(index) {
+                return Err(TtError::WrongIndex(who.into()));
+            }
+            let ix = (*index).rd_index;
+            let vec_att = *(*ix).indkey.values.as_ptr();
+            if vec_att <= 0 {
+                return Err(TtError::Unsupported(format!("{who} does not support expression indexes")));
+            }
+            let (id_att, id_type) = item_id_column(heap)?;
+            let me = crate::catalog::caller();
+            let readable = pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK
+                || [id_att, vec_att].iter().all(|&c| {
+                    pg_sys::pg_attribute_aclcheck(heap_oid, c, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                        == pg_sys::AclResult::ACLCHECK_OK
+                });
+            if !readable {
+                return Err(denied(&relation_name(heap), who));
+            }
+            if pg_sys::check_enable_rls(heap_oid, pg_sys::InvalidOid, false)
+                == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+            {
+                return Err(TtError::Unsupported(format!(
+                    "{who} does not support tables with row-level security; use ORDER BY ... LIMIT in SQL"
+                )));
+            }
+            if !(*ix).indisvalid || !(*ix).indisready {
+                return Err(TtError::Unsupported(
+                    "the index is not valid (a failed or unfinished CREATE INDEX CONCURRENTLY?): REINDEX it".into(),
+                ));
+            }
+            let meta = pages::read_meta(index)?;
+            Ok(Target {
+                heap,
+                index,
+                id_att,
+                id_type,
+                vec_att,
+                metric: metric_of(index),
+                dims: (meta.dims > 0).then_some(meta.dims as usize),
+            })
+        }
+    }
+
+    /// The index's metric (its operator class).
+    pub fn metric(&self) -> Metric {
+        self.metric
+    }
+
+    /// The indexed vectors' length (None while the index holds no vector).
+    pub fn dims(&self) -> Option<usize> {
+        self.dims
+    }
+
+    /// The `k` nearest live rows to `query` (visible to the active snapshot), leaving out the
+    /// ids in `exclude`, as (item id, distance as the SQL operator computes it), nearest first
+    /// (ties by id). `ef` is a floor for the search's candidate list. The scan's own distances
+    /// are used as they are when exact (f32 storage); for f16/i8 storage, whose scan gives
+    /// lower bounds, each candidate's distance is computed once from its heap vector.
+    pub fn nearest(
+        &self,
+        query: &[f32],
+        k: usize,
+        exclude: &HashSet<i64>,
+        ef: usize,
+    ) -> TtResult<Vec<(i64, f64)>> {
+        if let Some(d) = self.dims {
+            if d != query.len() {
+                return Err(TtError::Ann(twotower_ann::AnnError::DimensionMismatch {
+                    expected: d,
+                    got: query.len(),
+                }));
+            }
+        }
+        let mut best: Vec<(f64, i64)> = Vec::with_capacity(k + 1);
+        // SAFETY: an index scan of the open relations with the active snapshot, ended below.
+        unsafe {
+            let scan = pg_sys::index_beginscan(self.heap, self.index, pg_sys::GetActiveSnapshot(), 0, 1);
+            // Room for the excluded rows the scan will return and skip.
+            let wanted = k + exclude.len();
+            scan::set_minimums(scan, wanted.max(ef), wanted as u64 + 1);
+            scan::set_query(scan, query.to_vec());
+            // The ORDER BY key is a placeholder (NULL): the query was given above.
+            let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+            key.sk_flags = pg_sys::SK_ISNULL as i32;
+            key.sk_attno = 1;
+            pg_sys::index_rescan(scan, std::ptr::null_mut(), 0, &mut key, 1);
+            let slot = pg_sys::table_slot_create(self.heap, std::ptr::null_mut());
+            let mut seen = 0usize;
+            while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+                seen += 1;
+                if seen.is_multiple_of(256) {
+                    check_for_interrupts!();
+                }
+                // The scan's distance of this row: exact, or a lower bound (quantized storage).
+                let bound = f64::from_bits((*(*scan).xs_orderbyvals).value() as u64);
+                let exact = !(*scan).xs_recheckorderby;
+                if best.len() == k && bound > best[k - 1].0 {
+                    // Every later row is at least this far: the k nearest are known.
+                    break;
+                }
+                let Some(idd) = attr(slot, self.id_att) else { continue };
+                let id = id_value(idd, self.id_type);
+                if exclude.contains(&id) {
+                    continue;
+                }
+                let d = if exact {
+                    bound
+                } else {
+                    let Some(vd) = attr(slot, self.vec_att) else { continue };
+                    let v = crate::vector::VecRef::from_datum(vd)?;
+                    if v.as_slice().len() != query.len() {
+                        continue;
+                    }
+                    self.metric.sql_distance(query, v.as_slice())
+                };
+                let at = best.partition_point(|&(bd, bid)| bd < d || (bd == d && bid < id));
+                if at < k {
+                    best.insert(at, (d, id));
+                    best.truncate(k);
+                }
+                if best.len() == k && exact && d > best[k - 1].0 {
+                    // Exact distances come in order: nothing later is nearer.
+                    break;
+                }
+            }
+            pg_sys::ExecDropSingleTupleTableSlot(slot);
+            pg_sys::index_endscan(scan);
+        }
+        Ok(best.into_iter().map(|(d, id)| (id, d)).collect())
+    }
+
+    /// Releases the index and the table.
+    pub fn close(self) {
+        // SAFETY: opened in `open` with LOCK.
+        unsafe {
+            pg_sys::index_close(self.index, LOCK);
+            pg_sys::table_close(self.heap, LOCK);
+        }
+    }
+}
+
+/// What `index_info()` shows about an index: settings, graph and delta sizes, size on disk,
+/// and this node's cache file.
+pub struct Health {
+    pub dims: u32,
+    pub metric: &'static str,
+    pub quantization: &'static str,
+    pub m: u32,
+    pub ef_construction: u32,
+    pub generation: u64,
+    pub graph_items: u64,
+    pub graph_dead: u64,
+    pub graph_orphans: u64,
+    pub delta_items: u64,
+    pub size_bytes: u64,
+    pub image_bytes: u64,
+    pub build_seconds: f64,
+    pub cache_file: Option<String>,
+    pub cache_state: &'static str,
+}
+
+/// The health of index `index_oid`, for `who` (a name for messages). The caller must be
+/// allowed to inspect it: SELECT on the table, ownership of the index, or pg_monitor (42501,
+/// checked before anything is locked); another kind of index is 42809.
+pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
+    let me = crate::catalog::caller();
+    let heap = super::table_of_index(index_oid, who)?.ok_or_else(|| TtError::WrongIndex(who.into()))?;
+    // SAFETY: ACL lookups by oid without locks.
+    let allowed = unsafe {
+        let monitor = pg_sys::get_role_oid(c"pg_monitor".as_ptr(), true);
+        pg_sys::pg_class_aclcheck(heap, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+            == pg_sys::AclResult::ACLCHECK_OK
+            || pg_sys::pg_class_ownercheck(index_oid, me)
+            || (monitor != pg_sys::InvalidOid && pg_sys::has_privs_of_role(me, monitor))
+    };
+    if !allowed {
+        return Err(TtError::PermissionDenied {
+            action: "inspect this index".into(),
+            hint: format!("{who} needs SELECT on the indexed table, ownership of the index, or membership in pg_monitor."),
+        });
+    }
+    // SAFETY: index_open raises a proper ERROR for a missing relation or a non-index; the
+    // relation is closed before returning (an error in between is cleaned up by abort).
+    unsafe {
+        let rel = pg_sys::index_open(index_oid, LOCK);
+        if !is_ours(rel) {
+            return Err(TtError::WrongIndex(who.into()));
+        }
+        let meta = pages::read_meta(rel)?;
+        let key = super::cache::rel_key(rel);
+        let oid = (*rel).rd_id.to_u32();
+        let blocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) as u64;
+        let h = Health {
+            dims: meta.dims,
+            metric: Metric::from_code(meta.metric).map_or("?", |m| m.name()),
+            quantization: twotower_ann::Quantization::from_code(meta.quantization).map_or("?", |q| q.name()),
+            m: meta.m,
+            ef_construction: meta.ef_construction,
+            generation: meta.generation,
+            graph_items: meta.graph_count,
+            graph_dead: meta.graph_dead,
+            graph_orphans: meta.graph_orphans,
+            delta_items: meta.delta_live,
+            size_bytes: blocks * pg_sys::BLCKSZ as u64,
+            image_bytes: meta.image_len,
+            build_seconds: meta.build_millis as f64 / 1000.0,
+            cache_file: meta
+                .has_image()
+                .then(|| format!("{}", super::cache::file_path(key, oid, &meta).display())),
+            cache_state: super::cache::file_state(key, oid, &meta),
+        };
+        pg_sys::index_close(rel, LOCK);
+        Ok(h)
+    }
+}
+
+/// Removes this database's cache files that belong to none of the `live` (tablespace,
+/// relfilenode) pairs; returns how many were removed.
+pub fn cleanup_cache(database: u32, live: &[(u32, u32)]) -> i64 {
+    super::cache::cleanup(database, live)
+}

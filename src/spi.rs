@@ -1,0 +1,115 @@
+//! The one SPI helper of the SQL surfaces that read user tables in bulk (the item refresh
+//! today; the item-CF/Swing builders and training next): relation and column lookups, a cursor
+//! read in batches with one SPI connection per batch (so a batch's tuples, their text and the
+//! executor state of what is done with them are freed before the next, and memory stays flat
+//! however many rows), progress NOTICEs, and cancellation between batches.
+
+use crate::catalog::read_row;
+use crate::error::{TtError, TtResult};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::{quote_identifier, OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
+
+/// The schema-qualified, quoted name of relation `rel` (as `regclass` prints it).
+pub fn relation_name(rel: pg_sys::Oid) -> TtResult<String> {
+    read_row::<String, bool>("SELECT $1::pg_catalog.regclass::text, true", &[rel.into()])
+        .ok()
+        .flatten()
+        .and_then(|(n, _)| n)
+        .ok_or_else(|| TtError::BadArgument("relation does not exist".into()))
+}
+
+/// Whether `rel` has a (not dropped) column `col`.
+pub fn column_exists(rel: pg_sys::Oid, col: &str) -> bool {
+    read_row::<bool, bool>(
+        "SELECT true, true FROM pg_catalog.pg_attribute
+          WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+        &[rel.into(), col.into()],
+    )
+    .ok()
+    .flatten()
+    .is_some()
+}
+
+/// The quoted name of column `col` of `rel`, after checking that it exists (`what` names it in
+/// the error).
+pub fn column(rel: pg_sys::Oid, col: &str, what: &str) -> TtResult<String> {
+    if column_exists(rel, col) {
+        Ok(quote_identifier(col))
+    } else {
+        Err(TtError::BadArgument(format!("{what} column \"{col}\" does not exist")))
+    }
+}
+
+/// A statement prepared once for a whole bulk operation (kept until the transaction ends).
+pub fn prepare(sql: &str, types: &[pg_sys::Oid]) -> SpiResult<OwnedPreparedStatement> {
+    let types: Vec<pgrx::PgOid> = types.iter().map(|t| pgrx::PgOid::from(*t)).collect();
+    Spi::connect(|c| c.prepare_mut(sql, &types).map(|p| p.keep()))
+}
+
+/// A query read in batches through a cursor that outlives each batch's SPI connection.
+pub struct Batches {
+    portal: String,
+}
+
+impl Batches {
+    pub fn open(select: &str) -> SpiResult<Batches> {
+        let portal = Spi::connect(|c| c.try_open_cursor(select, &[]).map(|cur| cur.detach_into_name()))?;
+        Ok(Batches { portal })
+    }
+
+    /// Fetches at most `n` rows and hands them, with the batch's SPI client (for the writes the
+    /// batch causes), to `f`. Answers cancellation first. An empty table means the end.
+    pub fn next<T>(
+        &self,
+        n: usize,
+        f: impl FnOnce(&mut SpiClient<'_>, SpiTupleTable<'_>) -> SpiResult<T>,
+    ) -> SpiResult<T> {
+        check_for_interrupts!();
+        Spi::connect_mut(|client| {
+            let mut cursor = client.find_cursor(&self.portal)?;
+            let rows = cursor.fetch(n as i64)?;
+            let r = f(client, rows)?;
+            cursor.detach_into_name();
+            Ok(r)
+        })
+    }
+}
+
+/// Progress of a bulk operation: a NOTICE with the count and the rate every 10 seconds.
+pub struct Progress {
+    what: &'static str,
+    unit: &'static str,
+    started: std::time::Instant,
+    last: std::time::Instant,
+    pub done: u64,
+}
+
+impl Progress {
+    pub fn new(what: &'static str, unit: &'static str) -> Progress {
+        let now = std::time::Instant::now();
+        Progress {
+            what,
+            unit,
+            started: now,
+            last: now,
+            done: 0,
+        }
+    }
+
+    pub fn add(&mut self, n: usize) {
+        self.done += n as u64;
+        if self.last.elapsed().as_secs() >= 10 {
+            self.last = std::time::Instant::now();
+            let secs = self.started.elapsed().as_secs_f64();
+            notice!(
+                "{}: {} {} in {secs:.0} s ({:.0} {}/s)",
+                self.what,
+                self.done,
+                self.unit,
+                self.done as f64 / secs,
+                self.unit
+            );
+        }
+    }
+}
