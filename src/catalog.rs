@@ -508,6 +508,28 @@ pub fn read_row<A: FromDatum + IntoDatum, B: FromDatum + IntoDatum>(
     })
 }
 
+/// The first row of a read-only query with three columns.
+pub type Row3<A, B, C> = Option<(Option<A>, Option<B>, Option<C>)>;
+
+pub fn read_row3<A, B, C>(
+    sql: &str,
+    args: &[pgrx::datum::DatumWithOid],
+) -> Result<Row3<A, B, C>, pgrx::spi::Error>
+where
+    A: FromDatum + IntoDatum,
+    B: FromDatum + IntoDatum,
+    C: FromDatum + IntoDatum,
+{
+    Spi::connect(|c| {
+        let t = c.select(sql, Some(1), args)?;
+        if t.is_empty() {
+            return Ok(None);
+        }
+        let row = t.first();
+        Ok(Some((row.get::<A>(1)?, row.get::<B>(2)?, row.get::<C>(3)?)))
+    })
+}
+
 /// Tells every backend (at commit) that the model catalogue changed.
 pub fn invalidate() {
     let rel = catalog_oid();
@@ -641,28 +663,16 @@ pub fn active_model(name: &str) -> TtResult<Serving> {
         return Ok(l);
     }
     let head = as_catalog_owner(|| {
-        Spi::connect(|c| -> Result<Option<(i32, i64, bool)>, pgrx::spi::Error> {
-            let t = c.select(
-                "SELECT v.version, v.checksum, m.unknown_features OPERATOR(pg_catalog.<>) 'ignore'
-                   FROM twotower.model m
-                   JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
-                  WHERE m.name = $1",
-                Some(1),
-                &[name.into()],
-            )?;
-            if t.is_empty() {
-                return Ok(None);
-            }
-            let r = t.first();
-            Ok(Some((
-                r.get::<i32>(1)?.unwrap_or_default(),
-                r.get::<i64>(2)?.unwrap_or_default(),
-                r.get::<bool>(3)?.unwrap_or(true),
-            )))
-        })
+        read_row3::<i32, i64, bool>(
+            "SELECT v.version, v.checksum, m.unknown_features OPERATOR(pg_catalog.<>) 'ignore'
+               FROM twotower.model m
+               JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
+              WHERE m.name = $1",
+            &[name.into()],
+        )
     })?;
     let (version, checksum, strict) = match head {
-        Ok(Some(h)) => h,
+        Ok(Some((Some(v), Some(c), s))) => (v, c, s.unwrap_or(true)),
         _ => {
             return Err(TtError::ModelNotFound {
                 name: name.to_string(),

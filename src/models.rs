@@ -321,28 +321,16 @@ pub mod twotower {
         let owner = catalog::model_owner_readonly(name).or_report();
         check_manage(name, owner).or_report();
         let row = as_catalog_owner(|| {
-            Spi::connect(|c| -> Result<Option<(i32, String, Vec<u8>)>, pgrx::spi::Error> {
-                let t = c.select(
-                    "SELECT v.version, v.spec::text, v.weights FROM twotower.model m
-                       JOIN twotower.model_version v ON v.model = m.name
-                      WHERE m.name = $1 AND v.version = coalesce($2, m.active_version)",
-                    Some(1),
-                    &[name.into(), version.into()],
-                )?;
-                if t.is_empty() {
-                    return Ok(None);
-                }
-                let r = t.first();
-                Ok(Some((
-                    r.get::<i32>(1)?.unwrap_or_default(),
-                    r.get::<String>(2)?.unwrap_or_default(),
-                    r.get::<Vec<u8>>(3)?.unwrap_or_default(),
-                )))
-            })
+            catalog::read_row3::<i32, String, Vec<u8>>(
+                "SELECT v.version, v.spec::text, v.weights FROM twotower.model m
+                   JOIN twotower.model_version v ON v.model = m.name
+                  WHERE m.name = $1 AND v.version = coalesce($2, m.active_version)",
+                &[name.into(), version.into()],
+            )
         })
         .or_report()
         .unwrap_or_else(|e| pgrx::error!("export_model: {e}"));
-        let Some((v, spec, weights)) = row else {
+        let Some((Some(v), Some(spec), Some(weights))) = row else {
             TtError::ModelNotFound {
                 name: name.to_string(),
                 version,

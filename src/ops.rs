@@ -45,6 +45,7 @@ unsafe fn arg(fcinfo: pg_sys::FunctionCallInfo, n: usize) -> pg_sys::Datum {
 unsafe fn two_vectors(fcinfo: pg_sys::FunctionCallInfo) -> (VecRef, VecRef) {
     // SAFETY: called only from the two-argument strict functions below.
     let a = unsafe { VecRef::checked(arg(fcinfo, 0), None) }.or_report();
+    // SAFETY: as above, the second argument.
     let b = unsafe { VecRef::checked(arg(fcinfo, 1), None) }.or_report();
     if a.as_slice().len() != b.as_slice().len() {
         TtError::LengthMismatch {

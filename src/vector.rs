@@ -45,6 +45,7 @@ impl VecRef {
         // SAFETY: for a one-dimensional array the dimensions follow the fixed 16-byte header;
         // without a null bitmap the data starts at MAXALIGN(16 + 2 * 4) = 24.
         let len = unsafe { *((arr as *const u8).add(16) as *const i32) } as usize;
+        // SAFETY: as above: the data of a one-dimensional array without nulls starts at 24.
         let ptr = unsafe { (arr as *const u8).add(24) } as *const f32;
         Ok(VecRef { ptr, len })
     }

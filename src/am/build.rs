@@ -141,6 +141,7 @@ unsafe extern "C-unwind" fn build_callback(
 ) {
     // SAFETY: `state` is the BuildState passed to table_index_build_scan; one indexed column.
     let st = unsafe { &mut *(state as *mut BuildState) };
+    // SAFETY: the scan passes one isnull flag per indexed column (one).
     if unsafe { *isnull } {
         return;
     }
@@ -304,14 +305,14 @@ pub unsafe extern "C-unwind" fn ambuild(
     meta.image_checksum = if image.is_empty() {
         0
     } else {
-        twotower_ann::checksum(&image)
+        twotower_ann::checksum(image)
     };
-    meta.graph_orphans = twotower_ann::Header::parse(&image).map_or(0, |h| h.orphans as u64);
+    meta.graph_orphans = twotower_ann::Header::parse(image).map_or(0, |h| h.orphans as u64);
     // SAFETY: the index relation is new and empty.
     unsafe {
-        write_new_index(index, pg_sys::ForkNumber::MAIN_FORKNUM, &mut meta, &image);
+        write_new_index(index, pg_sys::ForkNumber::MAIN_FORKNUM, &mut meta, image);
         // The pages are the truth; priming this node's cache file saves re-reading them.
-        cache::store(index, &meta, &image);
+        cache::store(index, &meta, image);
     }
     meta.build_millis = started.elapsed().as_millis() as u64;
     // SAFETY: the metapage was just written; record how long the build took.

@@ -224,7 +224,7 @@ fn next_ordered(st: &mut ScanState) -> Option<Hit> {
         if st.order == ScanOrder::Strict && h.dist < st.last {
             // A widened search found an item nearer than a row already returned.
             dropped += 1;
-            if dropped % 256 == 0 {
+            if dropped.is_multiple_of(256) {
                 pgrx::check_for_interrupts!();
             }
             continue;

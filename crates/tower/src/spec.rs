@@ -436,14 +436,13 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     let out = Obj::new(root.req("output")?, "output".into())?;
     out.allow(&["dim", "metric"])?;
     let output_dim = out.uint("dim", 1, MAX_WIDTH as u64)? as usize;
-    let metric = match out.req_str("metric")? {
-        name => Metric::from_spec_name(name).ok_or_else(|| {
-            spec_err(
-                "output.metric",
-                format!("must be \"cosine\", \"ip\" or \"l2\", got \"{name}\""),
-            )
-        })?,
-    };
+    let name = out.req_str("metric")?;
+    let metric = Metric::from_spec_name(name).ok_or_else(|| {
+        spec_err(
+            "output.metric",
+            format!("must be \"cosine\", \"ip\" or \"l2\", got \"{name}\""),
+        )
+    })?;
 
     Ok(SpecDraft {
         kind,
