@@ -21,9 +21,49 @@ pub const ADMIN_ROLE: &str = "twotower_admin";
 // ---------------------------------------------------------------------------------------------
 // jsonb arguments
 
-/// A `jsonb` argument parsed into a JSON value. Unlike pgrx's `JsonB`, a value serde cannot
-/// represent (a number beyond double precision) is an ERROR with a SQLSTATE, not a panic.
-pub struct JsonbValue(pub serde_json::Value);
+/// A `jsonb` argument as text, parsed when it is used: [`JsonbValue::value`] parses all of it
+/// (a spec), [`JsonbValue::features`] only the keys that are features of a model (an item row
+/// from `to_jsonb(row)` may carry other columns of any depth). What serde cannot represent (a
+/// number beyond double precision, nesting past 128 levels) is an ERROR naming the argument
+/// and the cause, not a panic.
+pub struct JsonbValue {
+    text: String,
+}
+
+impl JsonbValue {
+    fn bad(what: &'static str, e: serde_json::Error) -> TtError {
+        TtError::BadJson {
+            what,
+            reason: e.to_string(),
+        }
+    }
+
+    /// The whole value; `what` names the argument in errors ("spec", "features").
+    pub fn value(&self, what: &'static str) -> TtResult<serde_json::Value> {
+        serde_json::from_str(&self.text).map_err(|e| Self::bad(what, e))
+    }
+
+    /// The value with only the keys that are features of `model` parsed: other keys are kept
+    /// as nulls (so an unknown key is still seen by strict encoding) without reading them.
+    /// Not an object: the whole value (encoding then says what is wrong).
+    pub fn features(&self, model: &Model, what: &'static str) -> TtResult<serde_json::Value> {
+        let Ok(top) = serde_json::from_str::<std::collections::BTreeMap<String, &serde_json::value::RawValue>>(&self.text)
+        else {
+            return self.value(what);
+        };
+        let names = model.feature_names();
+        let mut out = serde_json::Map::with_capacity(top.len());
+        for (k, raw) in top {
+            let v = if names.contains(&k.as_str()) {
+                serde_json::from_str(raw.get()).map_err(|e| Self::bad(what, e))?
+            } else {
+                serde_json::Value::Null
+            };
+            out.insert(k, v);
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+}
 
 impl FromDatum for JsonbValue {
     unsafe fn from_polymorphic_datum(
@@ -43,14 +83,11 @@ impl FromDatum for JsonbValue {
             );
             cstr?
         };
-        let parsed = serde_json::from_str(text.to_str().unwrap_or_default());
+        let owned = text.to_string_lossy().into_owned();
         // SAFETY: the text was palloc'd by jsonb_out and is not used after this point; the
-        // parsed value is Rust-owned.
+        // copy is Rust-owned.
         unsafe { pg_sys::pfree(text.as_ptr() as *mut std::ffi::c_void) };
-        match parsed {
-            Ok(v) => Some(JsonbValue(v)),
-            Err(e) => TtError::BadJson(e.to_string()).report(),
-        }
+        Some(JsonbValue { text: owned })
     }
 
     /// The value is Rust-owned: convert in the current context whatever context is asked for
@@ -69,7 +106,7 @@ impl FromDatum for JsonbValue {
 
 impl IntoDatum for JsonbValue {
     fn into_datum(self) -> Option<pg_sys::Datum> {
-        pgrx::JsonB(self.0).into_datum()
+        pgrx::JsonB(serde_json::from_str(&self.text).unwrap_or(serde_json::Value::Null)).into_datum()
     }
     fn type_oid() -> pg_sys::Oid {
         pg_sys::JSONBOID

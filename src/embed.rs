@@ -28,7 +28,8 @@ pub mod twotower {
     fn embed_user(model: &str, features: JsonbValue) -> Vec<f32> {
         let l = catalog::active_model(model).or_report();
         expect_kind(&l, Kind::User).or_report();
-        l.embed_user(&features.0).or_report()
+        let f = features.features(&l.model, "features").or_report();
+        l.embed_user(&f).or_report()
     }
 
     /// The item tower of model `model` applied to one item's features, typically
@@ -37,7 +38,8 @@ pub mod twotower {
     fn embed_item(model: &str, features: JsonbValue) -> Vec<f32> {
         let l = catalog::active_model(model).or_report();
         expect_kind(&l, Kind::Item).or_report();
-        let x = l.model.encode(&features.0, false).or_report();
+        let f = features.features(&l.model, "features").or_report();
+        let x = l.model.encode(&f, false).or_report();
         l.model.forward(&x)
     }
 
@@ -94,7 +96,8 @@ pub mod twotower {
             check_for_interrupts!();
             match f {
                 Some(f) => {
-                    batch.push(l.encode_user(&f.0).or_report());
+                    let f = f.features(&l.model, "features").or_report();
+                    batch.push(l.encode_user(&f).or_report());
                     batch_ords.push(i as i32 + 1);
                     if batch.len() == FORWARD_CHUNK {
                         flush(&mut batch, &mut batch_ords, &mut rows);
@@ -238,7 +241,7 @@ pub mod twotower {
                         let Some(features) = row.get::<JsonbValue>(2)? else { continue };
                         let x = l
                             .model
-                            .encode(&features.0, false)
+                            .encode(&features.features(&l.model, "item features").or_report(), false)
                             .map_err(|e| TtError::BadArgument(format!("item {id}: {e}")))
                             .or_report();
                         ids.push(id);

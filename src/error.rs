@@ -24,7 +24,7 @@ pub enum TtError {
     /// An error of the tower core (spec, weights, feature input).
     Tower(TowerError),
     /// A features argument that is not valid JSON for serde (e.g. a number out of f64 range).
-    BadJson(String),
+    BadJson { what: &'static str, reason: String },
     /// No model of that name, or no such version.
     ModelNotFound { name: String, version: Option<i32> },
     /// The model is of the other tower kind.
@@ -178,12 +178,30 @@ impl TtError {
             ),
             TtError::Unsupported(d) => (ERRCODE_FEATURE_NOT_SUPPORTED, d.clone(), None, None),
             TtError::Tower(e) => tower_parts(e),
-            TtError::BadJson(d) => (
-                ERRCODE_INVALID_PARAMETER_VALUE,
-                "features cannot be read".into(),
-                Some(d.clone()),
-                Some("Numbers in features must fit in double precision.".into()),
-            ),
+            TtError::BadJson { what, reason } => {
+                if reason.contains("recursion limit") {
+                    (
+                        ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("{what} cannot be read: nested too deeply"),
+                        Some(reason.clone()),
+                        Some(format!("pg_twotower reads JSON nested at most 128 levels deep; {what} should be a flat object.")),
+                    )
+                } else if reason.contains("number out of range") {
+                    (
+                        ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+                        format!("{what} cannot be read: a number is out of range"),
+                        Some(reason.clone()),
+                        Some(format!("Numbers in {what} must fit in double precision.")),
+                    )
+                } else {
+                    (
+                        ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("{what} cannot be read"),
+                        Some(reason.clone()),
+                        None,
+                    )
+                }
+            }
             TtError::ModelNotFound { name, version } => (
                 ERRCODE_UNDEFINED_OBJECT,
                 match version {

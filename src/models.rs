@@ -93,7 +93,8 @@ pub mod twotower {
         weights: &[u8],
         activate: default!(bool, true),
     ) -> i32 {
-        import(name, &spec.0, weights, activate).or_report()
+        let spec = spec.value("spec").or_report();
+        import(name, &spec, weights, activate).or_report()
     }
 
     /// Reads a regular server file of at most 1 GB in chunks, answering cancellation between

@@ -85,7 +85,8 @@ pub mod twotower {
         };
         let l = catalog::active_model(model).or_report();
         expect_kind(&l, Kind::User).or_report();
-        let query = l.embed_user(&features.0).or_report();
+        let f = features.features(&l.model, "features").or_report();
+        let query = l.embed_user(&f).or_report();
         let exclude: HashSet<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
         let rows = search(index.0, &query, l.model.metric(), k as usize, &exclude, ef).or_report();
         TableIterator::new(

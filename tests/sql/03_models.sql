@@ -72,6 +72,16 @@ SELECT c.x ->> 'why' AS why,
 SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"no_such_feature": 1}')$q$);
 SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"age": "28"}')$q$);
 SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"age": 1e400}')$q$);
+-- Errors name the argument and the cause: a spec nested too deeply or holding a number beyond
+-- double precision is the spec's fault, not the features'.
+SELECT pg_temp.err($q$SELECT twotower.import_model('deep', jsonb_set(spec, '{extra}', (repeat('{"a":', 200) || '1' || repeat('}', 200))::jsonb), weights) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.import_model('huge', jsonb_set(spec, '{features,11,default}', '1e400'), weights) FROM files$q$);
+SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', jsonb_build_object('age', (repeat('[', 200) || repeat(']', 200))::jsonb))$q$);
+-- A deeply nested or out-of-range value under a key that is not a feature is never read
+-- (item rows carry other columns): embed_item ignores it.
+SELECT twotower.embed_item('golden_item', jsonb_build_object('category', 'shoes',
+         'notes', (repeat('{"a":', 200) || '1' || repeat('}', 200))::jsonb, 'blob', '1e400'::jsonb))
+     = twotower.embed_item('golden_item', '{"category": "shoes"}') AS other_columns_ignored;
 SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '{"history": [1, 2.5]}')$q$);
 SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', '[1, 2]')$q$);
 SELECT pg_temp.err($q$SELECT twotower.embed_user('golden_user', jsonb_build_object('history', (SELECT jsonb_agg(i) FROM generate_series(1, 100001) i)))$q$);
