@@ -178,84 +178,82 @@ fn check_len(n: usize, feature: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
-impl Model {
-    /// Parses one input object into an encoded, owned example. With `strict`, keys of `input`
-    /// that are not features are an error ([`TowerError::UnknownFeature`]); otherwise they are
-    /// ignored (item rows from `to_jsonb(row)` carry extra columns).
-    pub fn encode(&self, input: &Value, strict: bool) -> Result<Encoded> {
-        let Value::Object(obj) = input else {
-            return Err(TowerError::NotAnObject {
-                got: json_type(input),
-            });
-        };
-        if strict {
-            if let Some(k) = obj.keys().find(|k| !self.by_name.contains_key(k.as_str())) {
-                return Err(TowerError::UnknownFeature { name: k.clone() });
-            }
+/// Parses one input object into an encoded, owned example. With `strict`, keys of `input`
+/// that are not features are an error ([`TowerError::UnknownFeature`]); otherwise they are
+/// ignored (item rows from `to_jsonb(row)` carry extra columns).
+pub(crate) fn encode(model: &Model, input: &Value, strict: bool) -> Result<Encoded> {
+    let Value::Object(obj) = input else {
+        return Err(TowerError::NotAnObject {
+            got: json_type(input),
+        });
+    };
+    if strict {
+        if let Some(k) = obj.keys().find(|k| !model.by_name.contains_key(k.as_str())) {
+            return Err(TowerError::UnknownFeature { name: k.clone() });
         }
-        let mut buf = String::new();
-        let mut fields = Vec::with_capacity(self.features.len());
-        for f in &self.features {
-            let name = f.name.as_str();
-            let v = obj.get(name).unwrap_or(&Value::Null);
-            let field = match &f.kind {
-                FeatureKind::Categorical { lookup, .. } => {
-                    Field::Row(id_row(lookup, v, name, &mut buf, false)?)
-                }
-                FeatureKind::Multi {
-                    lookup,
-                    max_len,
-                    weighted,
-                    ..
-                } => encode_bag(lookup, *max_len, *weighted, v, name, &mut buf)?,
-                FeatureKind::Numeric {
-                    transform, missing, ..
-                } => match v {
-                    Value::Null => Field::Value(*missing),
-                    _ => {
-                        let x = real(v, name, "a number")?;
-                        Field::Value(to_f32(transform.apply(x), name, "the transformed value")?)
-                    }
-                },
-                FeatureKind::Bucketize { boundaries, .. } => match v {
-                    Value::Null => Field::Row(0),
-                    _ => {
-                        let x = real(v, name, "a number")?;
-                        Field::Row(1 + boundaries.partition_point(|b| *b <= x) as u32)
-                    }
-                },
-                FeatureKind::Dense { dim } => match v {
-                    Value::Null => Field::Dense(None),
-                    Value::Array(a) => {
-                        if a.len() != *dim {
-                            return Err(TowerError::FeatureValue {
-                                feature: name.to_owned(),
-                                reason: format!("expected {dim} numbers, got {}", a.len()),
-                            });
-                        }
-                        let mut out = Vec::with_capacity(*dim);
-                        for x in a {
-                            let x = real(x, name, "an array of numbers")?;
-                            out.push(to_f32(x, name, "value")?);
-                        }
-                        Field::Dense(Some(out))
-                    }
-                    other => {
-                        return Err(TowerError::FeatureType {
-                            feature: name.to_owned(),
-                            expected: "an array of numbers",
-                            got: json_type(other),
-                        })
-                    }
-                },
-            };
-            fields.push(field);
-        }
-        Ok(Encoded {
-            model_id: self.id,
-            fields,
-        })
     }
+    let mut buf = String::new();
+    let mut fields = Vec::with_capacity(model.features.len());
+    for f in &model.features {
+        let name = f.name.as_str();
+        let v = obj.get(name).unwrap_or(&Value::Null);
+        let field = match &f.kind {
+            FeatureKind::Categorical { lookup, .. } => {
+                Field::Row(id_row(lookup, v, name, &mut buf, false)?)
+            }
+            FeatureKind::Multi {
+                lookup,
+                max_len,
+                weighted,
+                ..
+            } => encode_bag(lookup, *max_len, *weighted, v, name, &mut buf)?,
+            FeatureKind::Numeric {
+                transform, missing, ..
+            } => match v {
+                Value::Null => Field::Value(*missing),
+                _ => {
+                    let x = real(v, name, "a number")?;
+                    Field::Value(to_f32(transform.apply(x), name, "the transformed value")?)
+                }
+            },
+            FeatureKind::Bucketize { boundaries, .. } => match v {
+                Value::Null => Field::Row(0),
+                _ => {
+                    let x = real(v, name, "a number")?;
+                    Field::Row(1 + boundaries.partition_point(|b| *b <= x) as u32)
+                }
+            },
+            FeatureKind::Dense { dim } => match v {
+                Value::Null => Field::Dense(None),
+                Value::Array(a) => {
+                    if a.len() != *dim {
+                        return Err(TowerError::FeatureValue {
+                            feature: name.to_owned(),
+                            reason: format!("expected {dim} numbers, got {}", a.len()),
+                        });
+                    }
+                    let mut out = Vec::with_capacity(*dim);
+                    for x in a {
+                        let x = real(x, name, "an array of numbers")?;
+                        out.push(to_f32(x, name, "value")?);
+                    }
+                    Field::Dense(Some(out))
+                }
+                other => {
+                    return Err(TowerError::FeatureType {
+                        feature: name.to_owned(),
+                        expected: "an array of numbers",
+                        got: json_type(other),
+                    })
+                }
+            },
+        };
+        fields.push(field);
+    }
+    Ok(Encoded {
+        model_id: model.id,
+        fields,
+    })
 }
 
 fn encode_bag(

@@ -6,6 +6,7 @@ pub mod encode;
 pub mod error;
 mod forward;
 mod json;
+pub mod layers;
 mod model;
 pub mod safetensors;
 mod spec;

@@ -3,9 +3,10 @@
 use crate::error::{Result, TowerError};
 use crate::safetensors::{self, TensorView};
 use crate::spec::{
-    self, spec_err, FeatureDraft, LayerDraft, Lookup, Pooling, SpecDraft, Transform, MAX_WIDTH,
+    self, spec_err, LayerDraft, SpecDraft, MAX_WIDTH,
 };
 use crate::{Kind, Metric};
+pub(crate) use crate::spec::FeatureKind;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -19,36 +20,9 @@ pub(crate) struct Table {
 }
 
 #[derive(Debug, Clone)]
-pub(crate) enum FeatureKind {
-    Categorical {
-        table: Table,
-        lookup: Lookup,
-    },
-    Multi {
-        table: Table,
-        lookup: Lookup,
-        pooling: Pooling,
-        max_len: usize,
-        weighted: bool,
-    },
-    Numeric {
-        transform: Transform,
-        missing: f32,
-        has_default: bool,
-    },
-    Bucketize {
-        table: Table,
-        boundaries: Vec<f64>,
-    },
-    Dense {
-        dim: usize,
-    },
-}
-
-#[derive(Debug, Clone)]
 pub(crate) struct Feature {
     pub name: String,
-    pub kind: FeatureKind,
+    pub kind: FeatureKind<Table>,
     /// Position and width of this feature's field in the concatenated input.
     pub offset: usize,
     pub width: usize,
@@ -201,6 +175,8 @@ fn width_check(path: String, width: usize) -> Result<()> {
     Ok(())
 }
 
+/// Every method of a model is here; the work is done by the functions of `encode`, `forward`
+/// and `layers`.
 impl Model {
     /// Parses and validates a spec and its safetensors weights. Every error is reported with the
     /// offending spec path, tensor or limit; nothing in the inputs can make this panic.
@@ -223,42 +199,7 @@ impl Model {
         let mut features = Vec::with_capacity(draft.features.len());
         let mut offset = 0usize;
         for (name, f) in draft.names.iter().zip(draft.features) {
-            let kind = match f {
-                FeatureDraft::Categorical { embedding, lookup } => FeatureKind::Categorical {
-                    table: b.table(&embedding, lookup.rows())?,
-                    lookup,
-                },
-                FeatureDraft::Multi {
-                    embedding,
-                    lookup,
-                    pooling,
-                    max_len,
-                    weighted,
-                } => FeatureKind::Multi {
-                    table: b.table(&embedding, lookup.rows())?,
-                    lookup,
-                    pooling,
-                    max_len,
-                    weighted,
-                },
-                FeatureDraft::Numeric {
-                    transform,
-                    missing,
-                    has_default,
-                } => FeatureKind::Numeric {
-                    transform,
-                    missing,
-                    has_default,
-                },
-                FeatureDraft::Bucketize {
-                    embedding,
-                    boundaries,
-                } => FeatureKind::Bucketize {
-                    table: b.table(&embedding, boundaries.len() as u64 + 2)?,
-                    boundaries,
-                },
-                FeatureDraft::Dense { dim } => FeatureKind::Dense { dim },
-            };
+            let kind = f.bind(|embedding, rows| b.table(&embedding, rows))?;
             let width = match &kind {
                 FeatureKind::Categorical { table, .. }
                 | FeatureKind::Multi { table, .. }
@@ -485,6 +426,24 @@ impl Model {
     /// Number of weights (each distinct tensor counted once).
     pub fn parameter_count(&self) -> usize {
         self.tensors.iter().map(Vec::len).sum()
+    }
+
+    /// Parses one input object into an encoded, owned example. With `strict`, keys of `input`
+    /// that are not features are an error ([`TowerError::UnknownFeature`]); otherwise they are
+    /// ignored (item rows from `to_jsonb(row)` carry extra columns).
+    pub fn encode(&self, input: &serde_json::Value, strict: bool) -> Result<crate::Encoded> {
+        crate::encode::encode(self, input, strict)
+    }
+
+    /// Forward pass of one encoded example; returns `output_dim` floats.
+    pub fn forward(&self, x: &crate::Encoded) -> Vec<f32> {
+        crate::forward::run(self, std::slice::from_ref(x))
+    }
+
+    /// Forward pass of many examples (sgemm over the batch for the linear layers); returns
+    /// `xs.len() * output_dim` floats, row-major.
+    pub fn forward_batch(&self, xs: &[crate::Encoded]) -> Vec<f32> {
+        crate::forward::run(self, xs)
     }
 
     /// Convenience: `encode(input, strict = true)` then `forward`; a non-finite output (f32

@@ -77,14 +77,17 @@ impl Transform {
     }
 }
 
+/// What a feature is, with its embedding table referred to by `T`: the tensor's name in a
+/// parsed spec ([`FeatureDraft`]), the bound table in a loaded model (`FeatureKind<Table>`).
+/// One definition for both, so the spec and the model cannot drift apart.
 #[derive(Debug, Clone)]
-pub(crate) enum FeatureDraft {
+pub(crate) enum FeatureKind<T> {
     Categorical {
-        embedding: String,
+        table: T,
         lookup: Lookup,
     },
     Multi {
-        embedding: String,
+        table: T,
         lookup: Lookup,
         pooling: Pooling,
         max_len: usize,
@@ -98,12 +101,66 @@ pub(crate) enum FeatureDraft {
         has_default: bool,
     },
     Bucketize {
-        embedding: String,
+        table: T,
         boundaries: Vec<f64>,
     },
     Dense {
         dim: usize,
     },
+}
+
+/// A feature as the spec states it (tables by tensor name).
+pub(crate) type FeatureDraft = FeatureKind<String>;
+
+impl<T> FeatureKind<T> {
+    /// The rows its embedding table must have (None for features without a table).
+    pub(crate) fn table_rows(&self) -> Option<u64> {
+        match self {
+            FeatureKind::Categorical { lookup, .. } | FeatureKind::Multi { lookup, .. } => {
+                Some(lookup.rows())
+            }
+            FeatureKind::Bucketize { boundaries, .. } => Some(boundaries.len() as u64 + 2),
+            FeatureKind::Numeric { .. } | FeatureKind::Dense { .. } => None,
+        }
+    }
+
+    /// The same feature with its table reference mapped by `f(reference, rows)`.
+    pub(crate) fn bind<U, E>(self, mut f: impl FnMut(T, u64) -> std::result::Result<U, E>) -> std::result::Result<FeatureKind<U>, E> {
+        let rows = self.table_rows().unwrap_or(0);
+        Ok(match self {
+            FeatureKind::Categorical { table, lookup } => FeatureKind::Categorical {
+                table: f(table, rows)?,
+                lookup,
+            },
+            FeatureKind::Multi {
+                table,
+                lookup,
+                pooling,
+                max_len,
+                weighted,
+            } => FeatureKind::Multi {
+                table: f(table, rows)?,
+                lookup,
+                pooling,
+                max_len,
+                weighted,
+            },
+            FeatureKind::Numeric {
+                transform,
+                missing,
+                has_default,
+            } => FeatureKind::Numeric {
+                transform,
+                missing,
+                has_default,
+            },
+            FeatureKind::Bucketize { table, boundaries } => FeatureKind::Bucketize {
+                table: f(table, rows)?,
+                boundaries,
+            },
+            FeatureKind::Dense { dim } => FeatureKind::Dense { dim },
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -496,7 +553,7 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
         "categorical" => {
             o.allow(&["name", "type", "embedding", "vocabulary", "hash_buckets"])?;
             FeatureDraft::Categorical {
-                embedding: o.tensor("embedding")?,
+                table: o.tensor("embedding")?,
                 lookup: parse_lookup(o)?,
             }
         }
@@ -527,7 +584,7 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
                 Some(_) => o.uint("max_len", 1, MAX_MAX_LEN)? as usize,
             };
             FeatureDraft::Multi {
-                embedding: o.tensor("embedding")?,
+                table: o.tensor("embedding")?,
                 lookup: parse_lookup(o)?,
                 pooling,
                 max_len,
@@ -614,7 +671,7 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
                 boundaries.push(x);
             }
             FeatureDraft::Bucketize {
-                embedding: o.tensor("embedding")?,
+                table: o.tensor("embedding")?,
                 boundaries,
             }
         }
