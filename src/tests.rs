@@ -480,6 +480,49 @@ fn index_scans_are_counted_in_pg_stat() {
     assert_eq!(one_i64("SELECT pg_stat_get_xact_numscans('items_idx'::regclass)"), before + 3);
 }
 
+/// recall() reads exactly the rows it needs from the index: k (plus the excluded ones it skips)
+/// for f32 storage, whose scan distances are exact. One more row would make the scan widen its
+/// search, which costs as much as the search itself (a regression the benchmark caught).
+#[pg_test]
+fn recall_reads_no_more_index_rows_than_it_returns() {
+    import_synth_user("synth", 5);
+    Spi::run(
+        "SELECT setseed(0.2);
+         CREATE TABLE vecs (id bigint PRIMARY KEY, embedding real[]);
+         INSERT INTO vecs SELECT i, twotower.l2_normalize(ARRAY(SELECT (random() - 0.5)::real
+                                    FROM generate_series(1, 64) WHERE i > 0))
+           FROM generate_series(1, 2000) i;
+         CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding twotower.real_cosine_ops)",
+    )
+    .unwrap();
+    let features = twotower_testkit::towers::realistic_user_input(5, 1).to_string();
+    let read = |k: i32, exclude: &str| -> (i64, i64) {
+        let before = one_i64("SELECT pg_stat_get_xact_tuples_returned('vecs_idx'::regclass)");
+        let n = Spi::get_one_with_args::<i64>(
+            &format!("SELECT count(*) FROM twotower.recall('synth', 'vecs_idx', $1::jsonb, {k}, {exclude})"),
+            &[features.as_str().into()],
+        )
+        .unwrap()
+        .unwrap();
+        (n, one_i64("SELECT pg_stat_get_xact_tuples_returned('vecs_idx'::regclass)") - before)
+    };
+    assert_eq!(read(10, "NULL"), (10, 10));
+    assert_eq!(read(100, "NULL"), (100, 100));
+    // Excluding three of the top 10: they are read and skipped, nothing else.
+    let top: Vec<i64> = Spi::connect(|c| {
+        c.select(
+            "SELECT item_id FROM twotower.recall('synth', 'vecs_idx', $1::jsonb, 3)",
+            None,
+            &[features.as_str().into()],
+        )
+        .unwrap()
+        .map(|r| r.get::<i64>(1).unwrap().unwrap())
+        .collect()
+    });
+    let exclude = format!("ARRAY[{}]::bigint[]", top.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(","));
+    assert_eq!(read(10, &exclude), (10, 13));
+}
+
 #[pg_test]
 fn alter_index_options_are_validated_as_on_create() {
     make_items(100, 8);

@@ -257,8 +257,10 @@ impl Target {
                     best.insert(at, (d, id));
                     best.truncate(k);
                 }
-                if best.len() == k && exact && d > best[k - 1].0 {
-                    // Exact distances come in order: nothing later is nearer.
+                if best.len() == k && exact && d >= best[k - 1].0 {
+                    // Exact distances come in order: nothing later is nearer. (Stopping at the
+                    // k-th row, not reading one more: a further row could make the scan widen
+                    // its search, which costs as much again.)
                     break;
                 }
             }
