@@ -43,10 +43,16 @@ impl JsonbValue {
         serde_json::from_str(&self.text).map_err(|e| Self::bad(what, e))
     }
 
-    /// The value with only the keys that are features of `model` parsed: other keys are kept
-    /// as nulls (so an unknown key is still seen by strict encoding) without reading them.
-    /// Not an object: the whole value (encoding then says what is wrong).
+    /// The value for `model`: parsed whole when that works; otherwise (a key nested too deeply
+    /// or a number beyond double precision somewhere) with only the keys that are features of
+    /// `model` parsed, other keys kept as nulls without reading them (so an unknown key is
+    /// still seen by strict encoding), and an error only if a feature's own value is at fault.
+    /// Not an object: the whole value's error.
     pub fn features(&self, model: &Model, what: &'static str) -> TtResult<serde_json::Value> {
+        // The usual case first: the whole value parses (one pass, as fast as before).
+        if let Ok(v) = serde_json::from_str(&self.text) {
+            return Ok(v);
+        }
         let Ok(top) = serde_json::from_str::<std::collections::BTreeMap<String, &serde_json::value::RawValue>>(&self.text)
         else {
             return self.value(what);

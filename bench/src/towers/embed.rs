@@ -1,13 +1,34 @@
 //! embed_user latency: client round trip, protocol baseline, server side, in-process Rust and
 //! numpy on the same weights and inputs.
 
-use super::harness::{lat, median_secs, pin, run_numpy, verdict, write};
+use super::harness::{lat, median_secs, pin, run_numpy, write, Lat};
 use super::*;
 use crate::env;
 use postgres::Client;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Instant;
+
+/// Everything the embed_user measurement found (printed by `report::embed`).
+pub(crate) struct EmbedRun {
+    pub input_width: usize,
+    pub model_mb: f64,
+    pub calls: usize,
+    pub warm: usize,
+    pub client: Lat,
+    pub baseline: Lat,
+    /// (embed_user, protocol baseline) with client and backend pinned to one core.
+    pub pinned: Option<(Lat, Lat)>,
+    pub scan_ms: f64,
+    pub server_ms: f64,
+    pub batch_ms: f64,
+    pub in_text: Lat,
+    pub in_value: Lat,
+    pub numpy: Result<Value, String>,
+    pub worst: f32,
+    pub first_call_ms: f64,
+    pub second_call_ms: f64,
+}
 
 impl Towers<'_> {
     /// embed_user latency, next to protocol, server-side, in-process and numpy figures.
@@ -192,102 +213,24 @@ impl Towers<'_> {
 
         let numpy = run_numpy(out, calls);
 
-        println!(
-            "\n### embed_user: realistic user tower (10 fields, 16-d embeddings, {} -> 256 -> 256 -> 64, l2-normalised, cosine), {calls} varied inputs, one client, after {warm} warm-up calls",
-            model.input_width()
-        );
-        println!("| what | p50 ms | p99 ms | mean ms |");
-        println!("|---|---|---|---|");
-        println!(
-            "| client round trip, prepared `SELECT twotower.embed_user($1, $2::jsonb)` | {:.3} | {:.3} | {:.3} |",
-            client.p50, client.p99, client.mean
-        );
-        println!(
-            "| client round trip, same parameters, `SELECT $1::text IS NOT NULL AND $2::jsonb IS NOT NULL` (protocol baseline) | {:.3} | {:.3} | {:.3} |",
-            baseline.p50, baseline.p99, baseline.mean
-        );
-        match pinned {
-            Some((p, b)) => {
-                println!(
-                    "| the same embed_user round trip, client and backend pinned to one core (no cross-core wake-ups) | {:.3} | {:.3} | {:.3} |",
-                    p.p50, p.p99, p.mean
-                );
-                println!(
-                    "| the same protocol baseline, pinned to one core | {:.3} | {:.3} | {:.3} |",
-                    b.p50, b.p99, b.mean
-                );
-            }
-            None => println!("| pinned round trips: skipped (taskset unavailable or not permitted) | – | – | – |"),
-        }
-        println!(
-            "| server side: `SELECT count(embed_user('bench_user', f))` over {calls} rows of a temp table, total / {calls} (scan alone: {:.4}) | – | – | {:.4} |",
-            per(scan),
-            server_ms
-        );
-        println!(
-            "| server side: `embed_users('bench_user', <array of {calls}>)`, both cores, total / {calls} | – | – | {:.4} |",
-            per(batch)
-        );
-        println!(
-            "| in-process Rust (twotower-tower, no PostgreSQL): parse JSON text + encode + forward | {:.4} | {:.4} | {:.4} |",
-            in_text.p50, in_text.p99, in_text.mean
-        );
-        println!(
-            "| in-process Rust: encode + forward of a parsed value | {:.4} | {:.4} | {:.4} |",
-            in_value.p50, in_value.p99, in_value.mean
-        );
-        match &numpy {
-            Ok(np) => {
-                let g = |k: &str, f: &str| np[k][f].as_f64().unwrap_or(f64::NAN);
-                println!(
-                    "| numpy {} f32: `tower_ref.embed_batch(model, [x], np.float32)`, one input per call | {:.4} | {:.4} | {:.4} |",
-                    np["numpy"].as_str().unwrap_or("?"),
-                    g("f32", "p50_ms"),
-                    g("f32", "p99_ms"),
-                    g("f32", "mean_ms")
-                );
-                println!(
-                    "| numpy f64 (tower_ref's reference precision), one input per call | {:.4} | {:.4} | {:.4} |",
-                    g("f64", "p50_ms"),
-                    g("f64", "p99_ms"),
-                    g("f64", "mean_ms")
-                );
-                println!(
-                    "| numpy f32, one `embed_batch` over all {calls} inputs, total / {calls} | – | – | {:.4} |",
-                    np["batch_f32_ms"].as_f64().unwrap_or(f64::NAN)
-                );
-            }
-            Err(why) => println!("| numpy | – | – | – |\n\nnumpy comparison skipped: {why}"),
-        }
-        println!();
-        println!(
-            "embed_user p99 (client round trip) {:.3} ms vs target ≤ {EMBED_P99_TARGET_MS} ms: {}{}; server-side per call {:.4} ms; protocol baseline p50 {:.3} ms.",
-            client.p99,
-            verdict(client.p99 <= EMBED_P99_TARGET_MS),
-            pinned
-                .map(|(p, _)| format!(" (pinned to one core: p99 {:.3} ms, {})", p.p99, verdict(p.p99 <= EMBED_P99_TARGET_MS)))
-                .unwrap_or_default(),
+        super::report::embed(&EmbedRun {
+            input_width: model.input_width(),
+            model_mb: model.memory_bytes() as f64 / 1048576.0,
+            calls,
+            warm,
+            client,
+            baseline,
+            pinned,
+            scan_ms: per(scan),
             server_ms,
-            baseline.p50
-        );
-        if let Ok(np) = &numpy {
-            let np50 = np["f32"]["p50_ms"].as_f64().unwrap_or(f64::NAN);
-            let np64 = np["f64"]["p50_ms"].as_f64().unwrap_or(f64::NAN);
-            println!(
-                "numpy f32 p50 / pg_twotower server-side per call = {:.1}x (f64: {:.1}x); numpy f32 p50 / embed_user client p50 = {:.1}x. Same weights and inputs: max |numpy f32 − embed_user| = {:.2e} over {} vectors.",
-                np50 / server_ms,
-                np64 / server_ms,
-                np50 / client.p50,
-                np["max_abs_diff"].as_f64().unwrap_or(f64::NAN),
-                np["compared"].as_u64().unwrap_or(0)
-            );
-        }
-        println!(
-            "embed_user vs the core crate in-process: max |difference| {worst:.2e} over {calls} vectors. First embed_user of a new connection (reads and decodes the {:.1} MB model) {:.1} ms, its second call {:.2} ms (unprepared statements).",
-            model.memory_bytes() as f64 / 1048576.0,
-            first_call.as_secs_f64() * 1e3,
-            second_call.as_secs_f64() * 1e3
-        );
+            batch_ms: per(batch),
+            in_text,
+            in_value,
+            numpy,
+            worst,
+            first_call_ms: first_call.as_secs_f64() * 1e3,
+            second_call_ms: second_call.as_secs_f64() * 1e3,
+        });
         EmbedFigures {
             baseline,
             server_ms,

@@ -15,6 +15,7 @@ mod embed;
 mod harness;
 mod recall;
 mod refresh;
+mod report;
 
 use harness::{loadavg, out_dir, write, Lat};
 use postgres::Client;

@@ -1,12 +1,51 @@
 //! One-call recall() latency and quality over the items index.
 
-use super::harness::{lat, median_secs, verdict, Lat};
+use super::harness::{lat, median_secs, Lat};
 use super::*;
 use crate::{env, ground_truth};
 use postgres::Client;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::time::Instant;
+
+/// One recall() configuration's latency and quality.
+pub(crate) struct Run {
+    pub lat: Lat,
+    pub qps: f64,
+    pub recall: f64,
+    pub rows: f64,
+    pub results: Vec<Vec<i64>>,
+    pub score_err: f32,
+    pub bad_order: usize,
+    /// Mean score of the last row returned.
+    pub last_score: f64,
+}
+
+/// Everything the recall() measurement found (printed by `report::recall`).
+pub(crate) struct RecallRun {
+    pub n_items: usize,
+    pub dims: usize,
+    pub ef: i32,
+    pub calls: usize,
+    pub gt_secs: f64,
+    pub r500: Run,
+    pub r100: Run,
+    pub rex: Run,
+    /// (ef_search, latency, recall@500) of the ANN search alone.
+    pub ann_runs: Vec<(i32, Lat, f64)>,
+    pub sql_calls: usize,
+    pub sql_runs: Vec<(&'static str, Lat)>,
+    pub server_ms: f64,
+    pub first_ms: f64,
+    pub leaked: usize,
+    pub short: bool,
+    pub pair: f64,
+    pub exact1: f64,
+    pub exact500: f64,
+    pub got500: f64,
+    pub embed_server_ms: f64,
+    pub embed_baseline_p50: f64,
+}
 
 impl Towers<'_> {
     /// recall() latency (k = 500, 100, 500 with 50 exclusions) and recall@k against exact search
@@ -57,17 +96,6 @@ impl Towers<'_> {
             self.c.query(&stmt, &[x, &500i32]).unwrap();
         }
 
-        struct Run {
-            lat: Lat,
-            qps: f64,
-            recall: f64,
-            rows: f64,
-            results: Vec<Vec<i64>>,
-            score_err: f32,
-            bad_order: usize,
-            /// Mean score of the last row returned.
-            last_score: f64,
-        }
         let data = self.data;
         let measure = |c: &mut Client, k: i32, exclude: Option<&[Vec<i64>]>| -> Run {
             let mut times = Vec::with_capacity(calls);
@@ -243,68 +271,28 @@ impl Towers<'_> {
         let exact500 = (0..calls).map(|i| sim_at(i, 500)).sum::<f64>() / calls as f64;
         let got500 = r500.last_score;
 
-        println!(
-            "\n### recall(): user tower + top-k over `items_tt_idx` ({n_items} items × {dims}, twotower.ef_search = {ef}; recall() raises ef to k + |exclude|), {calls} varied users, one client"
-        );
-        println!(
-            "Note: the `items` vectors are the synthetic clusters of the ANN benchmark, unrelated to the towers; user vectors come from a randomly initialised tower. Fine for latency; recall@k is measured against exact search of the same user vectors ({:.1} s of brute force in this program), but its value reflects this query distribution, not a trained model.",
-            gt.as_secs_f64()
-        );
-        println!("| call | p50 ms | p99 ms | mean ms | QPS | rows/call | recall@k vs exact |");
-        println!("|---|---|---|---|---|---|---|");
-        let row = |what: &str, r: &Run| {
-            println!(
-                "| {what} | {:.3} | {:.3} | {:.3} | {:.0} | {:.1} | {:.4} |",
-                r.lat.p50, r.lat.p99, r.lat.mean, r.qps, r.rows, r.recall
-            )
-        };
-        row(
-            "`recall('bench_user', 'items_tt_idx', $1, 500)`, all rows fetched",
-            &r500,
-        );
-        row("`recall(..., 100)`", &r100);
-        row(
-            "`recall(..., 500, exclude => 50 ids of the user's top-100)`",
-            &rex,
-        );
-        for (ann_ef, l, r) in &ann_runs {
-            println!(
-                "| ANN alone: `ORDER BY embedding <=> $1 LIMIT 500`, user vector as parameter, ef_search = {ann_ef} | {:.3} | {:.3} | {:.3} | – | 500 | {:.4} |",
-                l.p50, l.p99, l.mean, r
-            );
-        }
-        for (what, l) in &sql_runs {
-            println!(
-                "| SQL instead of recall(): {what}, ef_search = {}, {sql_calls} users | {:.3} | {:.3} | {:.3} | – | 500 | – |",
-                ef.max(500),
-                l.p50,
-                l.p99,
-                l.mean
-            );
-        }
-        println!(
-            "| server side: `SELECT count(*) FROM tt_recall_inputs r, LATERAL recall(..., r.f, 500)`, total / {calls} | – | – | {:.3} | – | – | – |",
-            server / calls as f64 * 1e3
-        );
-        println!(
-            "\nrecall top-500 p99 {:.3} ms vs target ≤ {RECALL_P99_TARGET_MS} ms: {}; recall@500 {:.4} vs target ≥ {RECALL500_TARGET}: {}. First recall() of the connection (maps the index image): {:.0} ms.",
-            r500.lat.p99,
-            verdict(r500.lat.p99 <= RECALL_P99_TARGET_MS),
-            r500.recall,
-            verdict(r500.recall >= RECALL500_TARGET),
-            first.as_secs_f64() * 1e3
-        );
-        println!(
-            "Checks: excluded ids returned {leaked}{}; rows out of rank/score order {}; max |score − cosine(user vector, stored item vector)| {:.2e}; embed_user share of a top-500 call ≈ {:.3} ms (server-side) of {:.3} ms (p50), protocol baseline {:.3} ms.",
-            if short { " (some exclusion lists shorter than 50)" } else { "" },
-            r500.bad_order + r100.bad_order + rex.bad_order,
-            r500.score_err.max(r100.score_err).max(rex.score_err),
-            e.server_ms,
-            r500.lat.p50,
-            e.baseline.p50,
-        );
-        println!(
-            "Query distribution: mean pairwise cosine of the user vectors {pair:.3}; exact similarity at rank 1 {exact1:.4} and at rank 500 {exact500:.4} (means over users); recall()'s 500th score {got500:.4}."
-        );
+        super::report::recall(&RecallRun {
+            n_items,
+            dims,
+            ef,
+            calls,
+            gt_secs: gt.as_secs_f64(),
+            r500,
+            r100,
+            rex,
+            ann_runs,
+            sql_calls,
+            sql_runs,
+            server_ms: server / calls as f64 * 1e3,
+            first_ms: first.as_secs_f64() * 1e3,
+            leaked,
+            short,
+            pair,
+            exact1,
+            exact500,
+            got500,
+            embed_server_ms: e.server_ms,
+            embed_baseline_p50: e.baseline.p50,
+        });
     }
 }

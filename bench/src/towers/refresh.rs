@@ -8,6 +8,23 @@ use serde_json::Value;
 use std::time::Instant;
 use twotower_tower::forward_parallel;
 
+/// Everything the refresh measurement found (printed by `report::refresh`); times in seconds.
+pub(crate) struct RefreshRun {
+    pub input_width: usize,
+    pub n: usize,
+    pub load_secs: f64,
+    pub t_insert: f64,
+    pub t_upsert: f64,
+    pub t_sql: f64,
+    pub t_item: f64,
+    pub t_json: f64,
+    pub threads: usize,
+    pub t_inproc: f64,
+    pub count: i64,
+    pub count2: i64,
+    pub diff: Option<f32>,
+}
+
 impl Towers<'_> {
     /// Item-tower refresh throughput into an empty and then a full target.
     pub(super) fn refresh(&mut self, model: &Model) {
@@ -114,42 +131,20 @@ impl Towers<'_> {
         std::hint::black_box(forward_parallel(model, &enc, threads));
         let t_fwd = s.elapsed().as_secs_f64();
 
-        let rate = |t: f64| n as f64 / t;
-        println!(
-            "\n### item-vector refresh: realistic item tower (5 fields, {} -> 128 -> 64, cosine), {n} items (loaded by COPY in {:.1} s)",
-            model.input_width(),
-            load.as_secs_f64()
-        );
-        println!("| what | seconds | items/s |");
-        println!("|---|---|---|");
-        println!(
-            "| `refresh_item_vectors('bench_item', 'bench_item_features', 'bench_item_vectors', id_column => 'item_id')` into an empty target (id bigint PK, embedding real[]) | {t_insert:.2} | {:.0} |",
-            rate(t_insert)
-        );
-        println!(
-            "| the same again into the full target (nothing changed: every vector compared, none written) | {t_upsert:.2} | {:.0} |",
-            rate(t_upsert)
-        );
-        println!(
-            "| plain SQL into an empty twin target: `INSERT INTO bench_item_vectors_sql SELECT item_id, embed_item('bench_item', to_jsonb(f)) FROM bench_item_features f` (one core) | {t_sql:.2} | {:.0} |",
-            rate(t_sql)
-        );
-        println!(
-            "| `SELECT count(embed_item('bench_item', to_jsonb(f))) FROM bench_item_features f` (one core, no writes) | {t_item:.2} | {:.0} |",
-            rate(t_item)
-        );
-        println!(
-            "| `SELECT count(to_jsonb(f)) FROM bench_item_features f` (reading the rows as jsonb only) | {t_json:.2} | {:.0} |",
-            rate(t_json)
-        );
-        println!(
-            "| in-process Rust: encode (one core) + `forward_parallel` ({threads} threads), no PostgreSQL | {:.2} | {:.0} |",
-            t_enc + t_fwd,
-            rate(t_enc + t_fwd)
-        );
-        println!(
-            "\nTarget rows after the first run {count}, after the second {count2}; refreshed vectors vs `embed_item` of the same rows (first 100): max |difference| {}.",
-            diff.map(|d| format!("{d:.2e}")).unwrap_or_else(|| "n/a (no rows compared)".into())
-        );
+        super::report::refresh(&RefreshRun {
+            input_width: model.input_width(),
+            n,
+            load_secs: load.as_secs_f64(),
+            t_insert,
+            t_upsert,
+            t_sql,
+            t_item,
+            t_json,
+            threads,
+            t_inproc: t_enc + t_fwd,
+            count,
+            count2,
+            diff,
+        });
     }
 }
