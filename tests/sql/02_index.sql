@@ -74,6 +74,23 @@ RESET enable_seqscan;
 RESET twotower.iterative_scan;
 RESET twotower.max_scan_tuples;
 
+-- Pages the delta emptied are not read again: after every row inserted since the build is
+-- deleted and vacuumed, a scan reads a handful of index blocks, not the emptied delta pages.
+INSERT INTO items SELECT 10000 + i, 1, ARRAY(SELECT sin(i + j)::real FROM generate_series(1, 8) j)
+  FROM generate_series(1, 5000) i;
+DELETE FROM items WHERE id > 10000;
+VACUUM items;
+SELECT delta_items FROM index_info('items_embedding_idx');
+BEGIN;
+SET LOCAL enable_seqscan = off;
+CREATE TEMP TABLE blocks_before AS
+SELECT pg_stat_get_xact_blocks_fetched('items_embedding_idx'::regclass) AS n;
+SELECT count(*) FROM (SELECT id FROM items ORDER BY embedding <-> ARRAY[1,1,1,1,1,1,1,1]::real[] LIMIT 10) s;
+SELECT pg_stat_get_xact_blocks_fetched('items_embedding_idx'::regclass) - (SELECT n FROM blocks_before) < 5
+       AS few_index_blocks_read;
+COMMIT;
+DROP TABLE blocks_before;
+
 -- A filter keeping 10% of the rows still yields LIMIT rows (iterative scan).
 SET twotower.ef_search = 10;
 SELECT count(*) FROM (
