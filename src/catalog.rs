@@ -304,6 +304,13 @@ pub fn model_owner(name: &str) -> TtResult<Option<pg_sys::Oid>> {
     owner_query(name, true)
 }
 
+/// The owner of model `name` (row locked), after checking that the caller may manage it.
+pub fn check_manage_model(name: &str) -> TtResult<Option<pg_sys::Oid>> {
+    let owner = model_owner(name)?;
+    check_manage(name, owner)?;
+    Ok(owner)
+}
+
 /// [`model_owner`] without the row lock, for read-only callers (also on a standby).
 pub fn model_owner_readonly(name: &str) -> TtResult<Option<pg_sys::Oid>> {
     owner_query(name, false)
@@ -682,12 +689,7 @@ impl Serving {
 
     /// The tower output for one user (a non-finite output is an error).
     pub fn embed_user(&self, features: &serde_json::Value) -> TtResult<Vec<f32>> {
-        let x = self.encode_user(features)?;
-        let out = self.loaded.model.forward(&x);
-        if let Some(index) = out.iter().position(|v| !v.is_finite()) {
-            return Err(twotower_tower::TowerError::NonFiniteOutput { index }.into());
-        }
-        Ok(out)
+        Ok(self.loaded.model.embed_with(features, self.strict)?)
     }
 }
 

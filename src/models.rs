@@ -173,8 +173,7 @@ pub mod twotower {
     /// backend switches at its next transaction after commit).
     #[pg_extern(volatile, parallel_unsafe)]
     fn activate_model(name: &str, version: i32) {
-        let owner = model_owner(name).or_report();
-        check_manage(name, owner).or_report();
+        catalog::check_manage_model(name).or_report();
         let found = as_catalog_owner(|| {
             Spi::get_one_with_args::<bool>(
                 "UPDATE twotower.model SET active_version = $2 WHERE name = $1
@@ -201,8 +200,7 @@ pub mod twotower {
         let Some(name) = name else {
             TtError::NullArgument("name").report();
         };
-        let owner = model_owner(name).or_report();
-        check_manage(name, owner).or_report();
+        catalog::check_manage_model(name).or_report();
         match version {
             None => {
                 let object = as_catalog_owner(|| {
@@ -259,8 +257,7 @@ pub mod twotower {
     /// dropped with `DROP OWNED`.
     #[pg_extern(volatile, parallel_unsafe)]
     fn alter_model_owner(name: &str, new_owner: RegRole) {
-        let owner = model_owner(name).or_report();
-        check_manage(name, owner).or_report();
+        catalog::check_manage_model(name).or_report();
         let me = caller();
         if !is_admin(me) && !catalog::has_privs(me, new_owner.0) {
             TtError::PermissionDenied {
@@ -284,8 +281,7 @@ pub mod twotower {
         let Some(name) = name else {
             TtError::NullArgument("name").report();
         };
-        let owner = model_owner(name).or_report();
-        check_manage(name, owner).or_report();
+        catalog::check_manage_model(name).or_report();
         if let Some(u) = unknown_features {
             if !matches!(u, "error" | "ignore") {
                 TtError::BadArgument(format!(

@@ -77,17 +77,20 @@ impl BuildState {
             self.builder = Some(ImageBuilder::new(&self.params(), capacity, worker_threads()).or_report());
         }
         let b = self.builder.as_mut().expect("created above");
-        let r = b.add_batch(&self.keys, &self.vectors, &mut |done| {
-            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
-            if cancel_pending() {
-                Poll::Cancel
-            } else {
-                Poll::Continue
-            }
-        });
+        let r = b.add_batch(&self.keys, &self.vectors, &mut build_poll);
         report_build_error(r);
         self.keys.clear();
         self.vectors.clear();
+    }
+}
+
+/// What the graph build asks between rounds: progress reported, cancellation answered.
+fn build_poll(done: usize) -> Poll {
+    progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
+    if cancel_pending() {
+        Poll::Cancel
+    } else {
+        Poll::Continue
     }
 }
 
@@ -285,17 +288,7 @@ pub unsafe extern "C-unwind" fn ambuild(
             progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_GRAPH);
             progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, n as i64);
             let spill = spill_dir();
-            let r = builder.finish(
-                &mut |done| {
-                    progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
-                    if cancel_pending() {
-                        Poll::Cancel
-                    } else {
-                        Poll::Continue
-                    }
-                },
-                spill.as_deref(),
-            );
+            let r = builder.finish(&mut build_poll, spill.as_deref());
             report_build_error(r)
         }
     };

@@ -449,7 +449,13 @@ impl Model {
     /// Convenience: `encode(input, strict = true)` then `forward`; a non-finite output (f32
     /// overflow from extreme inputs or weights) is an error.
     pub fn embed(&self, input: &serde_json::Value) -> Result<Vec<f32>> {
-        let x = self.encode(input, true)?;
+        self.embed_with(input, true)
+    }
+
+    /// [`Model::embed`] with the strictness of [`Model::encode`] chosen by the caller (a
+    /// model set to ignore unknown feature keys).
+    pub fn embed_with(&self, input: &serde_json::Value, strict: bool) -> Result<Vec<f32>> {
+        let x = self.encode(input, strict)?;
         let out = self.forward(&x);
         if let Some(index) = out.iter().position(|v| !v.is_finite()) {
             return Err(TowerError::NonFiniteOutput { index });
