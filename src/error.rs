@@ -166,9 +166,9 @@ impl TtError {
             ),
             TtError::MemoryBudget { needed, available } => (
                 ERRCODE_OUT_OF_MEMORY,
-                "twotower_hnsw index build needs more memory than maintenance_work_mem".into(),
+                "twotower_hnsw graph build needs more memory than maintenance_work_mem".into(),
                 Some(format!("The build needs about {}, maintenance_work_mem is {}.", mib(*needed), mib(*available))),
-                Some(format!("SET maintenance_work_mem = '{}' before CREATE INDEX or REINDEX.", mib(*needed + *needed / 8))),
+                Some(format!("SET maintenance_work_mem = '{}' before CREATE INDEX, REINDEX or VACUUM.", mib(*needed + *needed / 8))),
             ),
             TtError::IndexCorrupt(d) => (
                 ERRCODE_INDEX_CORRUPTED,

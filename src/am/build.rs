@@ -85,7 +85,7 @@ impl BuildState {
 }
 
 /// What the graph build asks between rounds: progress reported, cancellation answered.
-fn build_poll(done: usize) -> Poll {
+pub(super) fn build_poll(done: usize) -> Poll {
     progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_DONE, done as i64);
     if cancel_pending() {
         Poll::Cancel
@@ -94,7 +94,7 @@ fn build_poll(done: usize) -> Poll {
     }
 }
 
-fn report_build_error<T>(r: Result<T, AnnError>) -> T {
+pub(super) fn report_build_error<T>(r: Result<T, AnnError>) -> T {
     match r {
         Ok(v) => v,
         Err(AnnError::Cancelled) => {
@@ -122,7 +122,7 @@ fn expected_rows(heap: pg_sys::Relation, row_bytes: usize) -> usize {
 
 /// Where a build's temporary files go: PostgreSQL's own temporary directory (removed at
 /// start-up, so nothing survives a crash; the files are unlinked as soon as they are mapped).
-fn spill_dir() -> Option<std::path::PathBuf> {
+pub(super) fn spill_dir() -> Option<std::path::PathBuf> {
     // SAFETY: DataDir is set for the life of the backend.
     let data = unsafe { std::ffi::CStr::from_ptr(pg_sys::DataDir) };
     Some(std::path::Path::new(&*data.to_string_lossy()).join("base/pgsql_tmp"))
@@ -189,7 +189,7 @@ unsafe extern "C-unwind" fn build_callback(
     }
 }
 
-fn generation(relnode: u32) -> u64 {
+pub(super) fn generation(relnode: u32) -> u64 {
     // SAFETY: plain clock read.
     let now = unsafe { pg_sys::GetCurrentTimestamp() } as u64;
     (now ^ ((relnode as u64) << 40)).max(1)
@@ -203,7 +203,7 @@ fn cancel_pending() -> bool {
     }
 }
 
-fn worker_threads() -> usize {
+pub(super) fn worker_threads() -> usize {
     let n = crate::BUILD_THREADS.get();
     if n > 0 {
         n as usize

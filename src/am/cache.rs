@@ -1,7 +1,8 @@
-//! The node-local cache file. The image's truth is in the index pages; each node copies it once
+//! The node-local cache files. An image's truth is in the index pages; each node copies it once
 //! into `$PGDATA/pg_twotower/<spc>_<db>_<relfilenode>_<index oid>_<generation>_<checksum>.img`
 //! (written to a temporary name, fsynced and renamed), maps it read-only, and every backend
-//! shares it through the page cache.
+//! shares it through the page cache. An index has up to two: its main graph's and its delta
+//! graph's (each with its own generation); a new delta graph's file replaces the previous one.
 //!
 //! Trust: a file is used only after its full checksum matched the metapage once on this node;
 //! that verification is recorded in a marker (`.img.ok`) holding the file's inode, size, mtime
@@ -21,7 +22,7 @@
 //! replaying a drop, a crash) by a sweep when a backend loads the library and after every
 //! materialization.
 
-use super::pages::{read_image_into, Meta};
+use super::pages::{read_ref_into, ImageRef, Level, Meta};
 use crate::error::{TtError, TtResult};
 use memmap2::Mmap;
 use pgrx::pg_sys;
@@ -96,9 +97,11 @@ impl Loaded {
 }
 
 type Key = (u32, u32, u32);
+/// This backend's open images: (relation, level) and the image.
+type OpenImages = Vec<((Key, Level), Rc<Loaded>)>;
 
 thread_local! {
-    static OPEN: RefCell<Vec<(Key, Rc<Loaded>)>> = const { RefCell::new(Vec::new()) };
+    static OPEN: RefCell<OpenImages> = const { RefCell::new(Vec::new()) };
     static WARNED: Cell<bool> = const { Cell::new(false) };
     /// Cache files to remove when this transaction commits (dropped indexes, rebuilt ones).
     static ON_COMMIT: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
@@ -135,15 +138,25 @@ fn prefix(k: Key) -> String {
     format!("{}_{}_{}_", k.0, k.1, k.2)
 }
 
-/// The cache file of build `meta` of index `oid` stored as `k`.
-pub fn file_path(k: Key, oid: u32, meta: &Meta) -> PathBuf {
+/// The cache file of image `r` of index `oid` stored as `k` (the main image and the delta
+/// graph have generations of their own, so their names differ).
+pub fn file_path(k: Key, oid: u32, r: &ImageRef) -> PathBuf {
     Path::new(CACHE_DIR).join(format!(
         "{}{}_{:016x}_{:016x}.img",
         prefix(k),
         oid,
-        meta.generation,
-        meta.image_checksum
+        r.generation,
+        r.checksum
     ))
+}
+
+/// The cache files of the images `meta` names (the ones to keep).
+fn current_paths(k: Key, oid: u32, meta: &Meta) -> Vec<PathBuf> {
+    [meta.main_ref(), meta.delta_graph_ref()]
+        .iter()
+        .flatten()
+        .map(|r| file_path(k, oid, r))
+        .collect()
 }
 
 fn marker_path(p: &Path) -> PathBuf {
@@ -172,50 +185,49 @@ fn parse_name(name: &str) -> Option<(u32, u32, u32, u32, Option<i32>)> {
 
 /// State of the cache file for index_info.
 pub fn file_state(k: Key, oid: u32, meta: &Meta) -> &'static str {
-    if !meta.has_image() {
+    let Some(r) = meta.main_ref() else {
         return "none (no graph yet)";
-    }
+    };
     let open = OPEN.with(|o| {
         o.borrow()
             .iter()
-            .find(|(key, l)| *key == k && l.generation == meta.generation)
+            .find(|(key, l)| *key == (k, Level::Main) && l.generation == meta.generation)
             .map(|(_, l)| l.path.is_some())
     });
     match open {
         Some(true) => "verified (mapped by this backend)",
         Some(false) => "in backend memory (no cache file)",
-        None if file_path(k, oid, meta).exists() => "present (verified on first use)",
+        None if file_path(k, oid, &r).exists() => "present (verified on first use)",
         None => "absent (materialized on first use)",
     }
 }
 
-/// The verified image of `index` for the build recorded in `meta`.
+/// The verified image `r` (the main image or the delta graph) of `index`, as `meta` names it.
 ///
 /// # Safety
-/// `index` must be an open twotower_hnsw index and `meta` its current metapage.
-pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>> {
+/// `index` must be an open twotower_hnsw index and `meta` a metapage read from it.
+pub unsafe fn image(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtResult<Rc<Loaded>> {
     // SAFETY: forwarded.
     let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };
+    let slot = (k, r.level);
     let hit = OPEN.with(|o| {
         o.borrow()
             .iter()
-            .find(|(key, l)| {
-                *key == k && l.generation == meta.generation && l.checksum == meta.image_checksum
-            })
+            .find(|(key, l)| *key == slot && l.generation == r.generation && l.checksum == r.checksum)
             .map(|(_, l)| l.clone())
     });
     if let Some(l) = hit {
         if l.still_valid() {
             return Ok(l);
         }
-        forget(k);
+        OPEN.with(|o| o.borrow_mut().retain(|(key, _)| *key != slot));
     }
     let loaded = if local {
         // SAFETY: forwarded.
-        unsafe { in_memory(index, meta)? }
+        unsafe { in_memory(index, meta, r)? }
     } else {
-        let path = file_path(k, oid, meta);
-        match open_file(&path, meta) {
+        let path = file_path(k, oid, r);
+        match open_file(&path, r) {
             Ok(l) => l,
             Err(why) => {
                 // Missing, stale or damaged: rebuild it from the pages (the source of truth),
@@ -230,8 +242,8 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
                 let _ = fs::remove_file(marker_path(&path));
                 let _ = fs::remove_file(&path);
                 // SAFETY: forwarded.
-                match unsafe { materialize(index, k, meta, &path) } {
-                    Ok(()) => match open_file(&path, meta) {
+                match unsafe { materialize(index, k, oid, meta, r, &path) } {
+                    Ok(()) => match open_file(&path, r) {
                         Ok(l) => l,
                         Err(TtError::Ann(a)) => {
                             return Err(TtError::IndexCorrupt(format!(
@@ -240,7 +252,7 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
                         }
                         // Removed or changed under us: serve from memory this time.
                         // SAFETY: forwarded.
-                        Err(_) => unsafe { in_memory(index, meta)? },
+                        Err(_) => unsafe { in_memory(index, meta, r)? },
                     },
                     Err(TtError::CacheIo(why)) => {
                         if !WARNED.with(|w| w.replace(true)) {
@@ -249,7 +261,7 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
                             );
                         }
                         // SAFETY: forwarded.
-                        unsafe { in_memory(index, meta)? }
+                        unsafe { in_memory(index, meta, r)? }
                     }
                     Err(e) => return Err(e),
                 }
@@ -259,37 +271,37 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta) -> TtResult<Rc<Loaded>
     let l = Rc::new(loaded);
     OPEN.with(|o| {
         let mut o = o.borrow_mut();
-        o.retain(|(key, _)| *key != k);
+        o.retain(|(key, _)| *key != slot);
         if o.len() >= MAX_OPEN {
             o.remove(0);
         }
-        o.push((k, l.clone()));
+        o.push((slot, l.clone()));
     });
     Ok(l)
 }
 
 /// Reads the image from the index pages into backend memory and verifies it.
-unsafe fn in_memory(index: pg_sys::Relation, meta: &Meta) -> TtResult<Loaded> {
-    let mut bytes = Vec::with_capacity(meta.image_len as usize);
+unsafe fn in_memory(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtResult<Loaded> {
+    let mut bytes = Vec::with_capacity(r.len as usize);
     // SAFETY: forwarded.
-    unsafe { read_image_into(index, meta, &mut bytes)? };
-    let image = Image::open(Bytes::Mem(bytes), meta.image_checksum).map_err(|e| {
+    unsafe { read_ref_into(index, meta, r, &mut bytes)? };
+    let image = Image::open(Bytes::Mem(bytes), r.checksum).map_err(|e| {
         TtError::IndexCorrupt(format!("image read from the index pages failed verification: {e}"))
     })?;
     Ok(Loaded {
-        generation: meta.generation,
-        checksum: meta.image_checksum,
+        generation: r.generation,
+        checksum: r.checksum,
         path: None,
         file: None,
         image,
     })
 }
 
-fn open_file(path: &Path, meta: &Meta) -> TtResult<Loaded> {
+fn open_file(path: &Path, r: &ImageRef) -> TtResult<Loaded> {
     let io = |e: std::io::Error| TtError::CacheIo(format!("{}: {e}", path.display()));
     let f = fs::File::open(path).map_err(io)?;
     let md = f.metadata().map_err(io)?;
-    if !md.is_file() || md.len() != meta.image_len {
+    if !md.is_file() || md.len() != r.len {
         return Err(TtError::CacheIo("cache file has the wrong type or length".into()));
     }
     let stamp = Stamp::of(&md);
@@ -302,7 +314,7 @@ fn open_file(path: &Path, meta: &Meta) -> TtResult<Loaded> {
     let image = if trusted {
         Image::open_verified(Bytes::Map(map))?
     } else {
-        let image = Image::open(Bytes::Map(map), meta.image_checksum)?;
+        let image = Image::open(Bytes::Map(map), r.checksum)?;
         // Recorded only for a file that is durably on disk: fsync it first.
         if f.sync_all().is_ok() {
             let tmp = marker.with_extension(format!("tmp.{}", my_pid()));
@@ -313,8 +325,8 @@ fn open_file(path: &Path, meta: &Meta) -> TtResult<Loaded> {
         image
     };
     Ok(Loaded {
-        generation: meta.generation,
-        checksum: meta.image_checksum,
+        generation: r.generation,
+        checksum: r.checksum,
         path: Some(path.to_path_buf()),
         file: Some((f, stamp)),
         image,
@@ -326,8 +338,15 @@ fn my_pid() -> i32 {
     unsafe { pg_sys::MyProcPid }
 }
 
-/// Writes the image from the pages to `path` atomically and removes stale files of this relation.
-unsafe fn materialize(index: pg_sys::Relation, k: Key, meta: &Meta, path: &Path) -> TtResult<()> {
+/// Writes image `r` from the pages to `path` atomically and removes stale files of this relation.
+unsafe fn materialize(
+    index: pg_sys::Relation,
+    k: Key,
+    oid: u32,
+    meta: &Meta,
+    r: &ImageRef,
+    path: &Path,
+) -> TtResult<()> {
     let io = |e: std::io::Error| TtError::CacheIo(format!("{}: {e}", path.display()));
     fs::create_dir_all(CACHE_DIR).map_err(io)?;
     let tmp = path.with_extension(format!("tmp.{}", my_pid()));
@@ -335,33 +354,34 @@ unsafe fn materialize(index: pg_sys::Relation, k: Key, meta: &Meta, path: &Path)
         let f = fs::File::create(&tmp).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
         // SAFETY: forwarded.
-        let r = unsafe { read_image_into(index, meta, &mut w) };
-        let r = r.and_then(|_| {
+        let res = unsafe { read_ref_into(index, meta, r, &mut w) };
+        let res = res.and_then(|_| {
             let f = w.into_inner().map_err(|e| io(e.into_error()))?;
             f.sync_all().map_err(io)
         });
-        if let Err(e) = r {
+        if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
     }
     fs::rename(&tmp, path).map_err(io)?;
-    remove_stale(k, path);
+    let mut keep = current_paths(k, oid, meta);
+    keep.push(path.to_path_buf());
+    remove_stale(k, &keep);
     sweep();
     Ok(())
 }
 
-/// Removes other cache files of the same relation (older builds, temporaries of dead backends).
-fn remove_stale(k: Key, keep: &Path) {
+/// Removes other cache files of the same relation (older builds and delta graphs).
+fn remove_stale(k: Key, keep: &[PathBuf]) {
     let p = prefix(k);
-    let keep_marker = marker_path(keep);
+    let kept: Vec<PathBuf> = keep.iter().flat_map(|k| [k.clone(), marker_path(k)]).collect();
     if let Ok(rd) = fs::read_dir(CACHE_DIR) {
         for e in rd.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
             if name.starts_with(&p)
-                && e.path() != keep
-                && e.path() != keep_marker
+                && !kept.contains(&e.path())
                 && !name.contains(".tmp.")
             {
                 let _ = fs::remove_file(e.path());
@@ -437,14 +457,14 @@ pub fn cleanup(db: u32, live: &[(u32, u32)]) -> i64 {
     let removed = remove_where(|spc, d, rel, _| d == db && !live.contains(&(spc, rel)));
     OPEN.with(|o| {
         o.borrow_mut()
-            .retain(|((s, d, r), _)| *d != db || live.contains(&(*s, *r)))
+            .retain(|(((s, d, r), _), _)| *d != db || live.contains(&(*s, *r)))
     });
     removed + sweep()
 }
 
 /// Forgets this backend's mapping of an index (e.g. after a rebuild in this backend).
 pub fn forget(k: Key) {
-    OPEN.with(|o| o.borrow_mut().retain(|(key, _)| *key != k));
+    OPEN.with(|o| o.borrow_mut().retain(|((key, _), _)| *key != k));
 }
 
 /// Writes the cache file for a freshly built image (best effort: the pages are the truth, and a
@@ -461,26 +481,47 @@ pub unsafe fn store(index: pg_sys::Relation, meta: &Meta, image: &[u8]) {
     }
     ON_COMMIT.with(|p| p.borrow_mut().push(Pending::Rebuilt { db: k.1, index: oid, rel: k.2 }));
     ensure_callbacks();
-    if image.is_empty() {
+    if let Some(r) = meta.main_ref() {
+        write_file(k, oid, meta, &r, image);
+    }
+}
+
+/// Writes the cache file of a new delta graph (best effort, as [`store`]) and removes the
+/// files of images `meta` no longer names.
+///
+/// # Safety
+/// `index` must be an open twotower_hnsw index and `meta` its current metapage.
+pub unsafe fn store_delta_graph(index: pg_sys::Relation, meta: &Meta, image: &[u8]) {
+    // SAFETY: forwarded.
+    let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };
+    OPEN.with(|o| o.borrow_mut().retain(|(key, _)| *key != (k, Level::Delta)));
+    if local {
         return;
     }
-    let path = file_path(k, oid, meta);
+    match meta.delta_graph_ref() {
+        Some(r) => write_file(k, oid, meta, &r, image),
+        None => remove_stale(k, &current_paths(k, oid, meta)),
+    }
+}
+
+fn write_file(k: Key, oid: u32, meta: &Meta, r: &ImageRef, image: &[u8]) {
+    let path = file_path(k, oid, r);
     let write = || -> std::io::Result<()> {
         fs::create_dir_all(CACHE_DIR)?;
         let tmp = path.with_extension(format!("tmp.{}", my_pid()));
-        let r = (|| {
+        let res = (|| {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(image)?;
             f.sync_all()
         })();
-        if let Err(e) = r {
+        if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
         fs::rename(&tmp, &path)
     };
     if write().is_ok() {
-        remove_stale(k, &path);
+        remove_stale(k, &current_paths(k, oid, meta));
     }
 }
 

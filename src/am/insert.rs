@@ -1,4 +1,5 @@
-//! `aminsert`: rows added after the build go to the WAL-logged delta area, searchable at once.
+//! `aminsert`: rows added after the build go to the WAL-logged delta area, searchable at once;
+//! the insert that fills the delta to its threshold folds it into the delta graph.
 
 use super::pages::{append_delta, read_meta, MAX_INDEX_DIMS};
 use crate::error::{OrReport, TtError};
@@ -46,6 +47,9 @@ pub unsafe extern "C-unwind" fn aminsert(
         .check_vector(s)
         .or_report();
     // SAFETY: validated vector; append_delta re-checks the dimension under the metapage lock.
-    unsafe { append_delta(index, &*heap_tid, s) };
+    unsafe {
+        append_delta(index, &*heap_tid, s);
+        super::fold::after_insert(index);
+    }
     false
 }

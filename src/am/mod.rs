@@ -3,6 +3,7 @@
 pub mod build;
 pub mod cache;
 pub mod cost;
+pub mod fold;
 pub mod insert;
 pub mod options;
 pub mod pages;

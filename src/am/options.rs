@@ -7,6 +7,8 @@ use twotower_ann::Quantization;
 
 pub const DEFAULT_M: i32 = 16;
 pub const DEFAULT_EF_CONSTRUCTION: i32 = 64;
+/// Delta items at which inserts fold them into the delta graph (see `fold.rs`).
+pub const DEFAULT_FOLD_THRESHOLD: i32 = 1000;
 
 /// The parsed options varlena (layout shared with `build_reloptions`).
 #[repr(C)]
@@ -17,6 +19,7 @@ pub struct HnswOptions {
     pub ef_construction: i32,
     /// Offset of the quantization string from the start of this struct (0 = default).
     quantization_offset: i32,
+    pub fold_threshold: i32,
 }
 
 static RELOPT_KIND: AtomicU32 = AtomicU32::new(0);
@@ -44,6 +47,15 @@ pub fn register() {
             4,
             1000,
             pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE,
+        );
+        pg_sys::add_int_reloption(
+            kind,
+            c"fold_threshold".as_ptr(),
+            c"Rows inserted after the build that are folded into the delta graph at once".as_ptr(),
+            DEFAULT_FOLD_THRESHOLD,
+            16,
+            10_000_000,
+            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
         );
         pg_sys::add_string_reloption(
             kind,
@@ -84,6 +96,11 @@ pub unsafe extern "C-unwind" fn amoptions(
             optname: c"ef_construction".as_ptr(),
             opttype: pg_sys::relopt_type::RELOPT_TYPE_INT,
             offset: std::mem::offset_of!(HnswOptions, ef_construction) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"fold_threshold".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_INT,
+            offset: std::mem::offset_of!(HnswOptions, fold_threshold) as i32,
         },
         pg_sys::relopt_parse_elt {
             optname: c"quantization".as_ptr(),
@@ -142,5 +159,21 @@ pub unsafe fn of(index: pg_sys::Relation) -> (usize, usize, Quantization) {
             Quantization::parse(&CStr::from_ptr(p).to_string_lossy()).unwrap_or(Quantization::F32)
         };
         ((*opts).m as usize, (*opts).ef_construction as usize, q)
+    }
+}
+
+/// The index's `fold_threshold`.
+///
+/// # Safety
+/// `index` must be an open twotower_hnsw index.
+pub unsafe fn fold_threshold(index: pg_sys::Relation) -> i32 {
+    // SAFETY: rd_options is either NULL or the struct amoptions built.
+    unsafe {
+        let opts = (*index).rd_options as *const HnswOptions;
+        if opts.is_null() {
+            DEFAULT_FOLD_THRESHOLD
+        } else {
+            (*opts).fold_threshold
+        }
     }
 }

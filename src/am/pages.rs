@@ -4,8 +4,17 @@
 //! block 0                      metapage (Meta)
 //! image_start .. +image_nblocks  the image (sorted heap TIDs + usearch graph), raw bytes
 //! tomb_start  .. +tomb_nblocks   tombstone bitmap: bit i set = graph entry i was vacuumed
-//! delta_start .. delta_end       delta pages: (heap TID, f32 vector) items added after the build
+//! (anywhere after the tombstones)
+//!   delta pages                (heap TID, f32 vector) items added after the build, a chain
+//!                              from the metapage's dl_head to dl_tail
+//!   the delta graph            an f32 image over earlier delta items, a chain of pages (each
+//!                              names the next and its generation)
+//!   free pages                 in the index's free space map, reused by both
 //! ```
+//!
+//! The delta graph (metapage version 2) keeps scans fast after many inserts: once the delta
+//! holds enough items, they are moved into it ([`super::fold`]); its old pages and the delta
+//! pages it absorbed go to the index's free space map and are reused by the next one.
 //!
 //! Build writes everything through shared buffers and WAL-logs it with `log_newpage_range`; every
 //! later change (insert, vacuum) is a Generic WAL record, so crash recovery and physical
@@ -17,7 +26,14 @@ use std::io::Write;
 
 pub const META_BLKNO: pg_sys::BlockNumber = 0;
 const META_MAGIC: u32 = 0x5454_4857; // "TTHW"
-const META_VERSION: u32 = 1;
+const META_VERSION: u32 = 2;
+/// Metapages of version 1 (no delta graph) are read as version 2 with an empty delta graph.
+const META_VERSION_1: u32 = 1;
+/// Special space of a delta-graph page: magic, next block, generation.
+const CHAIN_SPECIAL: usize = std::mem::size_of::<ChainSpecial>();
+const CHAIN_MAGIC: u32 = 0x5454_4447; // "TTDG"
+/// Raw payload bytes of a delta-graph page.
+pub const CHAIN_PAYLOAD: usize = PAYLOAD - CHAIN_SPECIAL;
 /// Size of the standard page header (MAXALIGN(offsetof(PageHeaderData, pd_linp))).
 const PAGE_HEADER: usize = 24;
 /// Raw payload bytes of an image or tombstone page.
@@ -58,11 +74,73 @@ pub struct Meta {
     pub graph_orphans: u64,
     /// Wall-clock time of the build, in milliseconds.
     pub build_millis: u64,
+    // Version 2: the delta graph (all zero when there is none).
+    pub dg_generation: u64,
+    pub dg_len: u64,
+    pub dg_checksum: u64,
+    pub dg_head: u32,
+    pub dg_nblocks: u32,
+    /// Items in the delta graph.
+    pub dg_count: u64,
+    /// Times delta items were moved into a new delta graph.
+    pub dg_folds: u64,
+    /// The delta pages of version 2: a chain from `dl_head` to `dl_tail` (0: none; block 0 is
+    /// the metapage). Version-1 indexes keep their first delta pages as the block range
+    /// `delta_start..delta_end` until their first fold; new delta pages are chained.
+    pub dl_head: u32,
+    pub dl_tail: u32,
+    /// The last page a running fold takes (0: no fold running): appends start a new page.
+    pub dl_sealed: u32,
+    pub _pad3: u32,
+    /// Changes whenever delta pages are freed (a fold, or VACUUM unlinking emptied pages): a
+    /// scan that read the metapage before compares it afterwards and reads again.
+    pub dl_epoch: u64,
+}
+
+/// Where one image lives: the main image (a contiguous block range) or the delta graph (a chain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageRef {
+    pub level: Level,
+    pub generation: u64,
+    pub checksum: u64,
+    pub len: u64,
+    pub start: u32,
+    pub nblocks: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Main,
+    Delta,
 }
 
 impl Meta {
     pub fn has_image(&self) -> bool {
         self.image_len > 0
+    }
+    pub fn main_ref(&self) -> Option<ImageRef> {
+        self.has_image().then_some(ImageRef {
+            level: Level::Main,
+            generation: self.generation,
+            checksum: self.image_checksum,
+            len: self.image_len,
+            start: self.image_start,
+            nblocks: self.image_nblocks,
+        })
+    }
+    pub fn delta_graph_ref(&self) -> Option<ImageRef> {
+        (self.dg_len > 0).then_some(ImageRef {
+            level: Level::Delta,
+            generation: self.dg_generation,
+            checksum: self.dg_checksum,
+            len: self.dg_len,
+            start: self.dg_head,
+            nblocks: self.dg_nblocks,
+        })
+    }
+    /// The first block after the build's fixed area (image and tombstones).
+    pub fn first_free_area_block(&self) -> u32 {
+        self.tomb_start + self.tomb_nblocks
     }
 }
 
@@ -174,7 +252,7 @@ pub unsafe fn read_meta(index: pg_sys::Relation) -> TtResult<Meta> {
     let b = unsafe { Locked::read(index, META_BLKNO, false) };
     // SAFETY: the metapage contents hold a Meta written by write_meta_page.
     let m = unsafe { std::ptr::read_unaligned(contents(b.page()) as *const Meta) };
-    if m.magic != META_MAGIC || m.version != META_VERSION {
+    if m.magic != META_MAGIC || (m.version != META_VERSION && m.version != META_VERSION_1) {
         return Err(TtError::IndexCorrupt(format!(
             "metapage has magic {:#x} version {}, expected {META_MAGIC:#x} version {META_VERSION}",
             m.magic, m.version
@@ -188,6 +266,32 @@ fn meta_bytes(m: &Meta) -> &[u8] {
     unsafe {
         std::slice::from_raw_parts(m as *const Meta as *const u8, std::mem::size_of::<Meta>())
     }
+}
+
+/// Writes `m` into the metapage `page` (a registered Generic WAL page), with `pd_lower` covering
+/// all of it: a version-1 metapage was shorter, and bytes past `pd_lower` are not WAL-logged.
+///
+/// # Safety
+/// `page` must be the metapage, writable.
+pub unsafe fn put_meta(page: pg_sys::Page, m: &Meta) {
+    // SAFETY: the metapage's contents area holds a Meta; the header is the standard one.
+    unsafe {
+        std::ptr::write_unaligned(contents(page) as *mut Meta, *m);
+        let h = page as *mut pg_sys::PageHeaderData;
+        let need = (PAGE_HEADER + std::mem::size_of::<Meta>()) as u16;
+        if (*h).pd_lower < need {
+            (*h).pd_lower = need;
+        }
+    }
+}
+
+/// The metapage as it is in `page`.
+///
+/// # Safety
+/// `page` must be the metapage.
+pub unsafe fn get_meta(page: pg_sys::Page) -> Meta {
+    // SAFETY: as above.
+    unsafe { std::ptr::read_unaligned(contents(page) as *const Meta) }
 }
 
 /// Writes a fresh index: metapage, image pages and zeroed tombstone pages, into `fork`, then
@@ -251,9 +355,9 @@ pub unsafe fn set_build_stats(index: pg_sys::Relation, build_millis: u64) {
         let b = Locked::read(index, META_BLKNO, true);
         let state = pg_sys::GenericXLogStart(index);
         let page = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
-        let mut m = std::ptr::read_unaligned(contents(page) as *const Meta);
+        let mut m = get_meta(page);
         m.build_millis = build_millis;
-        std::ptr::write_unaligned(contents(page) as *mut Meta, m);
+        put_meta(page, &m);
         pg_sys::GenericXLogFinish(state);
     }
 }
@@ -348,9 +452,9 @@ pub unsafe fn set_tombstones(index: pg_sys::Relation, meta: &Meta, positions: &[
                 }
                 i += 1;
             }
-            let mut m = std::ptr::read_unaligned(contents(mpage) as *const Meta);
+            let mut m = get_meta(mpage);
             m.graph_dead += here;
-            std::ptr::write_unaligned(contents(mpage) as *mut Meta, m);
+            put_meta(mpage, &m);
             pg_sys::GenericXLogFinish(state);
             newly += here;
             drop(b);
@@ -390,8 +494,138 @@ pub fn key_to_tid(key: u64) -> pg_sys::ItemPointerData {
     }
 }
 
-/// Appends one (TID, vector) item to the delta area, extending it when the tail page is full.
-/// The metapage lock serialises appenders; the item and the metapage change are one WAL record.
+// ---------------------------------------------------------------------------------------------
+// Page kinds. Delta pages of version 1 have no special space; every later page has one that
+// names its kind, so a page taken from the free space map can be checked before reuse.
+
+const DELTA_MAGIC: u32 = 0x5454_444C; // "TTDL"
+const FREE_MAGIC: u32 = 0x5454_4652; // "TTFR"
+/// Special space of a delta page (and of a freed one): magic, next block (0: none).
+const LINK_SPECIAL: usize = std::mem::size_of::<LinkSpecial>();
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LinkSpecial {
+    magic: u32,
+    next: u32,
+}
+
+/// The special space of `page` as a `T`, when it has exactly `T`'s size.
+///
+/// # Safety
+/// `page` must be a locked page of the index; `T` plain old data.
+unsafe fn special<T: Copy>(page: pg_sys::Page) -> Option<T> {
+    // SAFETY: forwarded; the special area is read only when it has T's size.
+    unsafe {
+        if pg_sys::PageIsNew(page) || pg_sys::PageGetSpecialSize(page) as usize != std::mem::size_of::<T>() {
+            return None;
+        }
+        Some(std::ptr::read_unaligned(pg_sys::PageGetSpecialPointer(page) as *const T))
+    }
+}
+
+/// # Safety
+/// `page` must be a locked page of the index.
+unsafe fn link_special(page: pg_sys::Page) -> Option<LinkSpecial> {
+    // SAFETY: forwarded.
+    unsafe { special(page) }
+}
+
+/// # Safety
+/// `page` must be an exclusively locked (registered) page with a link special space.
+unsafe fn set_link(page: pg_sys::Page, magic: u32, next: u32) {
+    // SAFETY: forwarded.
+    unsafe {
+        std::ptr::write_unaligned(
+            pg_sys::PageGetSpecialPointer(page) as *mut LinkSpecial,
+            LinkSpecial { magic, next },
+        )
+    };
+}
+
+/// True for a delta page: a chained one, or one of a version-1 delta range (no special space).
+///
+/// # Safety
+/// `page` must be a locked page of the index.
+unsafe fn is_delta_page(page: pg_sys::Page) -> bool {
+    // SAFETY: forwarded.
+    unsafe {
+        !pg_sys::PageIsNew(page)
+            && (pg_sys::PageGetSpecialSize(page) == 0
+                || link_special(page).is_some_and(|s| s.magic == DELTA_MAGIC))
+    }
+}
+
+/// Adds `item` to `page`; false when it does not fit.
+///
+/// # Safety
+/// `page` must be a registered Generic WAL page of the delta.
+unsafe fn add_item(page: pg_sys::Page, item: &[u8]) -> bool {
+    // SAFETY: forwarded.
+    unsafe {
+        pg_sys::PageAddItemExtended(
+            page,
+            item.as_ptr() as pg_sys::Item,
+            item.len(),
+            pg_sys::InvalidOffsetNumber,
+            0,
+        ) != pg_sys::InvalidOffsetNumber
+    }
+}
+
+/// A free page of the index, exclusively locked, if the free space map offers one that really
+/// is free (the map is not crash-safe, so each offer is checked under the page's lock): new,
+/// marked free, or a delta graph page of neither the current generation nor `building`.
+///
+/// # Safety
+/// `index` must be an open twotower_hnsw index and `meta` its current metapage.
+unsafe fn take_free_page(index: pg_sys::Relation, meta: &Meta, building: u64) -> Option<Locked> {
+    // SAFETY: forwarded; pages are checked under their exclusive lock before reuse.
+    unsafe {
+        let nblocks =
+            pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        loop {
+            let blk = pg_sys::GetFreeIndexPage(index);
+            if blk == pg_sys::InvalidBlockNumber {
+                return None;
+            }
+            // (The delta's tail is locked by an appender calling this: never lock it twice.)
+            if blk < meta.first_free_area_block()
+                || blk >= nblocks
+                || (meta.delta_start..meta.delta_end).contains(&blk)
+                || blk == meta.dl_tail
+                || blk == meta.dl_head
+            {
+                continue;
+            }
+            let b = Locked::read(index, blk, true);
+            let page = b.page();
+            let free = pg_sys::PageIsNew(page)
+                || link_special(page).is_some_and(|s| s.magic == FREE_MAGIC)
+                || chain_special(page)
+                    .is_some_and(|s| s.generation != meta.dg_generation && s.generation != building);
+            if free {
+                return Some(b);
+            }
+        }
+    }
+}
+
+/// A page for new contents, exclusively locked: a free one or a new one.
+///
+/// # Safety
+/// As for [`take_free_page`].
+unsafe fn alloc_page(index: pg_sys::Relation, meta: &Meta, building: u64) -> Locked {
+    // SAFETY: forwarded.
+    unsafe {
+        take_free_page(index, meta, building)
+            .unwrap_or_else(|| Locked::extend(index, pg_sys::ForkNumber::MAIN_FORKNUM))
+    }
+}
+
+/// Appends one (TID, vector) item to the delta: to the tail page while it has room, otherwise
+/// to a free or new page linked after it. The metapage lock serialises appenders; the item, the
+/// link and the metapage change are one WAL record.
 ///
 /// # Safety
 /// `index` must be an open twotower_hnsw index; `vector` must already be validated against
@@ -403,10 +637,10 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
     for x in vector {
         item.extend_from_slice(&x.to_ne_bytes());
     }
-    // SAFETY: lock order is always metapage, then delta page (vacuum never holds both).
+    // SAFETY: lock order is always metapage, then delta pages (tail, then a new one).
     unsafe {
         let meta_buf = Locked::read(index, META_BLKNO, true);
-        let m = std::ptr::read_unaligned(contents(meta_buf.page()) as *const Meta);
+        let m = get_meta(meta_buf.page());
         if m.dims != 0 && m.dims as usize != vector.len() {
             TtError::Ann(twotower_ann::AnnError::DimensionMismatch {
                 expected: m.dims as usize,
@@ -414,78 +648,93 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
             })
             .report();
         }
-        let mut target: Option<Locked> = None;
-        if m.delta_tail != pg_sys::InvalidBlockNumber {
+        let fits = |b: &Locked| pg_sys::PageGetFreeSpace(b.page()) >= item.len() + 8;
+        let finish = |state: *mut pg_sys::GenericXLogState, f: &dyn Fn(&mut Meta)| {
+            let mpage = pg_sys::GenericXLogRegisterBuffer(state, meta_buf.buf, 0);
+            let mut nm = get_meta(mpage);
+            nm.delta_live += 1;
+            nm.delta_inserted += 1;
+            if nm.dims == 0 {
+                nm.dims = vector.len() as u32;
+            }
+            f(&mut nm);
+            put_meta(mpage, &nm);
+            pg_sys::GenericXLogFinish(state);
+        };
+        // A version-1 delta range takes items while its last page has room.
+        if m.delta_tail != pg_sys::InvalidBlockNumber && m.delta_tail != 0 && m.dl_sealed == 0 {
             let b = Locked::read(index, m.delta_tail, true);
-            if pg_sys::PageGetFreeSpace(b.page()) >= item.len() + 8 {
-                target = Some(b);
+            if fits(&b) {
+                let state = pg_sys::GenericXLogStart(index);
+                let page = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
+                if !add_item(page, &item) {
+                    pg_sys::GenericXLogAbort(state);
+                    TtError::IndexCorrupt(format!("could not add a delta item to block {}", b.blkno())).report();
+                }
+                finish(state, &|_| {});
+                return;
             }
         }
-        let (b, fresh) = match target {
-            Some(b) => (b, false),
-            None => (
-                Locked::extend(index, pg_sys::ForkNumber::MAIN_FORKNUM),
-                true,
-            ),
-        };
+        let tail = (m.dl_tail != 0).then(|| Locked::read(index, m.dl_tail, true));
+        if let Some(t) = &tail {
+            if m.dl_tail != m.dl_sealed && fits(t) {
+                let state = pg_sys::GenericXLogStart(index);
+                let page = pg_sys::GenericXLogRegisterBuffer(state, t.buf, 0);
+                if !add_item(page, &item) {
+                    pg_sys::GenericXLogAbort(state);
+                    TtError::IndexCorrupt(format!("could not add a delta item to block {}", t.blkno())).report();
+                }
+                finish(state, &|_| {});
+                return;
+            }
+        }
+        let b = alloc_page(index, &m, 0);
         let blkno = b.blkno();
         let state = pg_sys::GenericXLogStart(index);
-        let page = pg_sys::GenericXLogRegisterBuffer(
-            state,
-            b.buf,
-            if fresh {
-                pg_sys::GENERIC_XLOG_FULL_IMAGE as i32
-            } else {
-                0
-            },
-        );
-        if fresh {
-            pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, 0);
-        }
-        let off = pg_sys::PageAddItemExtended(
-            page,
-            item.as_ptr() as pg_sys::Item,
-            item.len(),
-            pg_sys::InvalidOffsetNumber,
-            0,
-        );
-        if off == pg_sys::InvalidOffsetNumber {
+        let page =
+            pg_sys::GenericXLogRegisterBuffer(state, b.buf, pg_sys::GENERIC_XLOG_FULL_IMAGE as i32);
+        pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, LINK_SPECIAL);
+        set_link(page, DELTA_MAGIC, 0);
+        if !add_item(page, &item) {
             pg_sys::GenericXLogAbort(state);
-            TtError::IndexCorrupt(format!("could not add a delta item to block {blkno}")).report();
+            TtError::IndexCorrupt(format!("could not add a delta item to new block {blkno}")).report();
         }
-        let mpage = pg_sys::GenericXLogRegisterBuffer(state, meta_buf.buf, 0);
-        let mut nm = std::ptr::read_unaligned(contents(mpage) as *const Meta);
-        nm.delta_live += 1;
-        nm.delta_inserted += 1;
-        nm.delta_tail = blkno;
-        nm.delta_end = nm.delta_end.max(blkno + 1);
-        if nm.dims == 0 {
-            nm.dims = vector.len() as u32;
+        if let Some(t) = &tail {
+            let tpage = pg_sys::GenericXLogRegisterBuffer(state, t.buf, 0);
+            set_link(tpage, DELTA_MAGIC, blkno);
         }
-        std::ptr::write_unaligned(contents(mpage) as *mut Meta, nm);
-        pg_sys::GenericXLogFinish(state);
+        finish(state, &|nm: &mut Meta| {
+            if nm.dl_head == 0 {
+                nm.dl_head = blkno;
+            }
+            nm.dl_tail = blkno;
+        });
         drop(b);
+        drop(tail);
         drop(meta_buf);
     }
 }
 
-/// Calls `f(tid, vector)` for every delta item.
+/// Calls `f(block, tid, vector)` for every delta item: the version-1 range, then the chain
+/// (up to and including `upto` when given). Returns false when the chain led to a page that is
+/// no delta page (the caller's metapage is outdated, or the index is corrupt).
 ///
 /// # Safety
 /// As for [`read_image_into`].
 pub unsafe fn for_each_delta(
     index: pg_sys::Relation,
     meta: &Meta,
-    mut f: impl FnMut(pg_sys::ItemPointerData, &[f32]),
-) {
+    upto: Option<pg_sys::BlockNumber>,
+    mut f: impl FnMut(pg_sys::BlockNumber, pg_sys::ItemPointerData, &[f32]),
+) -> bool {
     let dims = meta.dims as usize;
-    for blk in meta.delta_start..meta.delta_end {
-        // SAFETY: blocks in the delta range exist (delta_end only grows after extension).
+    let mut visit = |blk: pg_sys::BlockNumber, chained: bool| -> Option<u32> {
+        // SAFETY: forwarded; each page is read under its share lock, items within its bounds.
         unsafe {
             let b = Locked::read(index, blk, false);
             let page = b.page();
-            if pg_sys::PageIsNew(page) {
-                continue;
+            if !is_delta_page(page) {
+                return if chained { None } else { Some(0) };
             }
             let max = pg_sys::PageGetMaxOffsetNumber(page);
             for off in 1..=max {
@@ -496,10 +745,35 @@ pub unsafe fn for_each_delta(
                 let p = pg_sys::PageGetItem(page, iid) as *const u8;
                 let tid = read_tid(p);
                 let v = std::slice::from_raw_parts(p.add(8) as *const f32, dims);
-                f(tid, v);
+                f(blk, tid, v);
+            }
+            Some(link_special(page).map_or(0, |s| s.next))
+        }
+    };
+    for blk in meta.delta_start..meta.delta_end {
+        visit(blk, false);
+    }
+    // SAFETY: an open relation.
+    let nblocks = unsafe {
+        pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM)
+    };
+    let (mut blk, mut steps) = (meta.dl_head, 0u32);
+    while blk != 0 {
+        if blk >= nblocks || steps > nblocks {
+            return false;
+        }
+        steps += 1;
+        match visit(blk, true) {
+            None => return false,
+            Some(next) => {
+                if upto == Some(blk) {
+                    break;
+                }
+                blk = next;
             }
         }
     }
+    true
 }
 
 unsafe fn read_tid(p: *const u8) -> pg_sys::ItemPointerData {
@@ -516,26 +790,51 @@ unsafe fn read_tid(p: *const u8) -> pg_sys::ItemPointerData {
 
 /// Removes delta items whose TID `dead` says are gone; returns (removed, kept). Each page's
 /// deletions and the metapage's live count change in one Generic WAL record. Afterwards the
-/// delta's start moves past the pages left empty at its front (their space is not reused yet,
-/// but scans no longer read them): after many deletes the scans stay as fast as the live delta.
+/// pages left empty at the front of the chain (and of a version-1 range) are unlinked and
+/// freed: after many deletes the scans stay as fast as the live delta.
 ///
 /// # Safety
-/// As for [`read_image_into`]; `dead` is the bulk-delete callback.
+/// As for [`read_image_into`]; the caller holds the maintenance lock ([`lock_maintenance`]).
 pub unsafe fn vacuum_delta(
     index: pg_sys::Relation,
     meta: &Meta,
     mut dead: impl FnMut(&mut pg_sys::ItemPointerData) -> bool,
 ) -> (u64, u64) {
     let (mut removed, mut kept) = (0u64, 0u64);
-    let mut first_nonempty: Option<pg_sys::BlockNumber> = None;
-    for blk in meta.delta_start..meta.delta_end {
-        // SAFETY: as in for_each_delta; lock order metapage, then the delta page, as in append_delta.
+    // Every delta page, in order, and whether it kept live items.
+    let mut pages: Vec<(pg_sys::BlockNumber, bool)> = Vec::new();
+    let mut blocks: Vec<pg_sys::BlockNumber> = (meta.delta_start..meta.delta_end).collect();
+    let legacy = blocks.len();
+    let mut blk = meta.dl_head;
+    // SAFETY: an open relation.
+    let nblocks = unsafe {
+        pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM)
+    };
+    let mut i = 0;
+    while i < blocks.len() || blk != 0 {
+        let b_no = if i < blocks.len() {
+            blocks[i]
+        } else {
+            if blk >= nblocks || blocks.len() > nblocks as usize {
+                break;
+            }
+            blocks.push(blk);
+            blk
+        };
+        i += 1;
+        // SAFETY: lock order metapage, then the delta page, as in append_delta.
         unsafe {
             pg_sys::vacuum_delay_point();
             let mb = Locked::read(index, META_BLKNO, true);
-            let b = Locked::read(index, blk, true);
+            let b = Locked::read(index, b_no, true);
             let page = b.page();
-            if pg_sys::PageIsNew(page) {
+            if i > legacy {
+                blk = link_special(page).map_or(0, |s| s.next);
+            }
+            if !is_delta_page(page) {
+                if i > legacy {
+                    break;
+                }
                 continue;
             }
             let max = pg_sys::PageGetMaxOffsetNumber(page);
@@ -554,17 +853,15 @@ pub unsafe fn vacuum_delta(
                     live_here = true;
                 }
             }
-            if live_here && first_nonempty.is_none() {
-                first_nonempty = Some(blk);
-            }
+            pages.push((b_no, live_here));
             if !gone.is_empty() {
                 let state = pg_sys::GenericXLogStart(index);
                 let p = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
                 let mpage = pg_sys::GenericXLogRegisterBuffer(state, mb.buf, 0);
                 pg_sys::PageIndexMultiDelete(p, gone.as_mut_ptr(), gone.len() as i32);
-                let mut m = std::ptr::read_unaligned(contents(mpage) as *const Meta);
+                let mut m = get_meta(mpage);
                 m.delta_live = m.delta_live.saturating_sub(gone.len() as u64);
-                std::ptr::write_unaligned(contents(mpage) as *mut Meta, m);
+                put_meta(mpage, &m);
                 pg_sys::GenericXLogFinish(state);
                 removed += gone.len() as u64;
             }
@@ -572,24 +869,405 @@ pub unsafe fn vacuum_delta(
             drop(mb);
         }
     }
-    // SAFETY: the metapage is locked exclusively for the read-modify-write, WAL-logged as above.
-    // Inserts append only to the tail page (the last of the range) or to new pages after it, so
-    // every page before the first one found with live items (and before the tail) is empty.
-    unsafe {
+    // Unlink the emptied pages at the front. Appends only add to the chain's tail (kept) and
+    // to a version-1 range's last page, so pages found empty above are still empty.
+    // SAFETY: the metapage is locked exclusively for the read-modify-write, WAL-logged.
+    let freed = unsafe {
         let mb = Locked::read(index, META_BLKNO, true);
-        let m = std::ptr::read_unaligned(contents(mb.page()) as *const Meta);
-        if m.delta_tail != pg_sys::InvalidBlockNumber {
-            let start = first_nonempty.unwrap_or(m.delta_tail).min(m.delta_tail);
-            if start > m.delta_start {
-                let state = pg_sys::GenericXLogStart(index);
-                let mpage = pg_sys::GenericXLogRegisterBuffer(state, mb.buf, 0);
-                let mut nm = std::ptr::read_unaligned(contents(mpage) as *const Meta);
-                nm.delta_start = start;
-                std::ptr::write_unaligned(contents(mpage) as *mut Meta, nm);
-                pg_sys::GenericXLogFinish(state);
+        let m = get_meta(mb.page());
+        let mut nm = m;
+        let mut freed = Vec::new();
+        let legacy_pages: Vec<_> = pages.iter().filter(|(b, _)| (m.delta_start..m.delta_end).contains(b)).collect();
+        let legacy_last = if m.delta_tail != pg_sys::InvalidBlockNumber && m.delta_tail != 0 {
+            m.delta_tail
+        } else {
+            m.delta_end
+        };
+        for (b, live) in legacy_pages {
+            if *live || *b >= legacy_last {
+                break;
             }
+            freed.push(*b);
+            nm.delta_start = *b + 1;
+        }
+        if nm.delta_start >= nm.delta_end {
+            nm.delta_start = nm.delta_end;
+            nm.delta_tail = pg_sys::InvalidBlockNumber;
+        }
+        for (b, live) in pages.iter().filter(|(b, _)| !(m.delta_start..m.delta_end).contains(b)) {
+            if *live || *b == m.dl_tail || *b != nm.dl_head {
+                break;
+            }
+            let next = {
+                let pb = Locked::read(index, *b, false);
+                link_special(pb.page()).map_or(0, |s| s.next)
+            };
+            freed.push(*b);
+            nm.dl_head = next;
+        }
+        if !freed.is_empty() {
+            nm.dl_epoch += 1;
+            let state = pg_sys::GenericXLogStart(index);
+            let mpage = pg_sys::GenericXLogRegisterBuffer(state, mb.buf, 0);
+            put_meta(mpage, &nm);
+            pg_sys::GenericXLogFinish(state);
         }
         drop(mb);
-    }
+        freed
+    };
+    // SAFETY: the pages are out of every list the metapage names.
+    unsafe { free_delta_pages(index, &freed) };
     (removed, kept)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The maintenance lock: one mover of delta items at a time (inserts that fold, VACUUM).
+
+/// Takes the index's maintenance lock (a heavyweight lock on the metapage's block number, as
+/// GIN does for its pending list; released at transaction end at the latest). `wait = false`
+/// returns false at once when someone else holds it.
+///
+/// # Safety
+/// `index` must be an open relation.
+pub unsafe fn lock_maintenance(index: pg_sys::Relation, wait: bool) -> bool {
+    // SAFETY: forwarded.
+    unsafe {
+        if wait {
+            pg_sys::LockPage(index, META_BLKNO, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
+            true
+        } else {
+            pg_sys::ConditionalLockPage(index, META_BLKNO, pg_sys::ExclusiveLock as pg_sys::LOCKMODE)
+        }
+    }
+}
+
+/// Releases [`lock_maintenance`].
+///
+/// # Safety
+/// The caller holds the lock.
+pub unsafe fn unlock_maintenance(index: pg_sys::Relation) {
+    // SAFETY: forwarded.
+    unsafe { pg_sys::UnlockPage(index, META_BLKNO, pg_sys::ExclusiveLock as pg_sys::LOCKMODE) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delta-graph pages: a chain, allocated from the free space map.
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ChainSpecial {
+    magic: u32,
+    next: u32,
+    generation: u64,
+}
+
+/// # Safety
+/// `page` must be a locked page of the index.
+unsafe fn chain_special(page: pg_sys::Page) -> Option<ChainSpecial> {
+    // SAFETY: forwarded.
+    unsafe { special::<ChainSpecial>(page) }.filter(|s| s.magic == CHAIN_MAGIC)
+}
+
+/// The metapage as it is now.
+///
+/// # Safety
+/// As for [`read_image_into`].
+unsafe fn current_meta(index: pg_sys::Relation) -> Meta {
+    // SAFETY: forwarded.
+    unsafe {
+        let b = Locked::read(index, META_BLKNO, false);
+        get_meta(b.page())
+    }
+}
+
+/// Records `blocks` as free in the index's free space map and makes them findable.
+///
+/// # Safety
+/// `index` must be an open relation; no list of the current metapage may name the blocks.
+pub unsafe fn free_pages(index: pg_sys::Relation, blocks: &[pg_sys::BlockNumber]) {
+    if blocks.is_empty() {
+        return;
+    }
+    // SAFETY: forwarded.
+    unsafe {
+        for &b in blocks {
+            pg_sys::RecordFreeIndexPage(index, b);
+        }
+        pg_sys::IndexFreeSpaceMapVacuum(index);
+    }
+}
+
+/// Marks delta pages free (WAL-logged: a free page is recognisable as such, whatever the free
+/// space map says after a crash) and records them in the free space map.
+///
+/// # Safety
+/// As for [`free_pages`].
+pub unsafe fn free_delta_pages(index: pg_sys::Relation, blocks: &[pg_sys::BlockNumber]) {
+    for (i, &blk) in blocks.iter().enumerate() {
+        if i % 256 == 0 {
+            pgrx::check_for_interrupts!();
+        }
+        // SAFETY: a page no list names any more, rewritten under its exclusive lock.
+        unsafe {
+            let b = Locked::read(index, blk, true);
+            let state = pg_sys::GenericXLogStart(index);
+            let page = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
+            pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, LINK_SPECIAL);
+            set_link(page, FREE_MAGIC, 0);
+            pg_sys::GenericXLogFinish(state);
+        }
+    }
+    // SAFETY: forwarded.
+    unsafe { free_pages(index, blocks) };
+}
+
+/// Writes `image` as a chain of free or new pages of generation `generation`, last page first
+/// (so each page is written whole, with the block of the one after it, as soon as it is
+/// taken); returns its blocks in order. Each page is WAL-logged whole; nothing refers to the
+/// chain until the metapage does.
+///
+/// # Safety
+/// As for [`read_image_into`]; the caller holds the maintenance lock.
+pub unsafe fn write_chain(
+    index: pg_sys::Relation,
+    generation: u64,
+    image: &[u8],
+) -> Vec<pg_sys::BlockNumber> {
+    let chunks: Vec<&[u8]> = image.chunks(CHAIN_PAYLOAD).collect();
+    // SAFETY: forwarded.
+    let meta = unsafe { current_meta(index) };
+    let mut blocks = Vec::with_capacity(chunks.len());
+    let mut next = pg_sys::InvalidBlockNumber;
+    for (i, chunk) in chunks.iter().enumerate().rev() {
+        if i % 256 == 0 {
+            pgrx::check_for_interrupts!();
+        }
+        // SAFETY: the page is ours (taken free or new, exclusively locked) and written whole
+        // in one Generic WAL record.
+        unsafe {
+            let b = alloc_page(index, &meta, generation);
+            let state = pg_sys::GenericXLogStart(index);
+            let page = pg_sys::GenericXLogRegisterBuffer(
+                state,
+                b.buf,
+                pg_sys::GENERIC_XLOG_FULL_IMAGE as i32,
+            );
+            pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, CHAIN_SPECIAL);
+            std::ptr::copy_nonoverlapping(chunk.as_ptr(), contents(page), chunk.len());
+            (*(page as *mut pg_sys::PageHeaderData)).pd_lower = (PAGE_HEADER + chunk.len()) as u16;
+            let sp = pg_sys::PageGetSpecialPointer(page) as *mut ChainSpecial;
+            std::ptr::write_unaligned(
+                sp,
+                ChainSpecial {
+                    magic: CHAIN_MAGIC,
+                    next,
+                    generation,
+                },
+            );
+            pg_sys::GenericXLogFinish(state);
+            next = b.blkno();
+            blocks.push(next);
+        }
+    }
+    blocks.reverse();
+    blocks
+}
+
+/// The blocks of the chain `r` (for freeing it); stops early on a page that is no longer its.
+///
+/// # Safety
+/// As for [`read_image_into`].
+pub unsafe fn chain_blocks(index: pg_sys::Relation, r: &ImageRef) -> Vec<pg_sys::BlockNumber> {
+    let mut out = Vec::with_capacity(r.nblocks as usize);
+    let mut blk = r.start;
+    while blk != pg_sys::InvalidBlockNumber && out.len() < r.nblocks as usize {
+        // SAFETY: forwarded; the page's kind is checked before its special space is trusted.
+        let s = unsafe {
+            let b = Locked::read(index, blk, false);
+            chain_special(b.page())
+        };
+        match s {
+            Some(s) if s.generation == r.generation => {
+                out.push(blk);
+                blk = s.next;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Streams the bytes of image `r` into `out`: the main image's block range, or the delta
+/// graph's chain (each page checked to belong to it: a chain freed and reused since the caller
+/// read the metapage is `IndexCorrupt`, and the caller reads the metapage again).
+///
+/// # Safety
+/// As for [`read_image_into`].
+pub unsafe fn read_ref_into(
+    index: pg_sys::Relation,
+    meta: &Meta,
+    r: &ImageRef,
+    out: &mut dyn Write,
+) -> TtResult<()> {
+    if r.level == Level::Main {
+        // SAFETY: forwarded.
+        return unsafe { read_image_into(index, meta, out) };
+    }
+    let mut remaining = r.len as usize;
+    let mut blk = r.start;
+    for i in 0..r.nblocks {
+        if i % 1024 == 0 {
+            pgrx::check_for_interrupts!();
+        }
+        let stale = || {
+            TtError::IndexCorrupt(format!(
+                "delta graph page {i} (block {blk}) does not belong to generation {:016x}",
+                r.generation
+            ))
+        };
+        if blk == pg_sys::InvalidBlockNumber {
+            return Err(stale());
+        }
+        // SAFETY: forwarded; the page's kind and generation are checked before it is read.
+        unsafe {
+            let b = Locked::read(index, blk, false);
+            let page = b.page();
+            let Some(s) = chain_special(page) else {
+                return Err(stale());
+            };
+            if s.generation != r.generation {
+                return Err(stale());
+            }
+            let n = remaining.min(CHAIN_PAYLOAD);
+            let lower = (*(page as *const pg_sys::PageHeaderData)).pd_lower as usize;
+            if lower != PAGE_HEADER + n {
+                return Err(stale());
+            }
+            out.write_all(std::slice::from_raw_parts(contents(page), n))
+                .map_err(|e| TtError::CacheIo(e.to_string()))?;
+            remaining -= n;
+            blk = s.next;
+        }
+    }
+    if remaining != 0 {
+        return Err(TtError::IndexCorrupt("delta graph is shorter than the metapage says".into()));
+    }
+    Ok(())
+}
+
+/// Stops appends to the delta's current pages: the next item starts a new page. Returns the
+/// metapage as it is then; every delta page up to its `dl_sealed` (and the version-1 range) is
+/// final (only VACUUM, which takes the maintenance lock, changes them later).
+///
+/// # Safety
+/// As for [`read_image_into`]; the caller holds the maintenance lock.
+pub unsafe fn seal_delta(index: pg_sys::Relation) -> Meta {
+    // SAFETY: the metapage changes under its exclusive lock in one Generic WAL record.
+    unsafe {
+        let mb = Locked::read(index, META_BLKNO, true);
+        let state = pg_sys::GenericXLogStart(index);
+        let mpage = pg_sys::GenericXLogRegisterBuffer(state, mb.buf, 0);
+        let mut nm = get_meta(mpage);
+        nm.dl_sealed = nm.dl_tail;
+        // A version-1 range takes no more items either: appends go to the chain from now on.
+        nm.delta_tail = pg_sys::InvalidBlockNumber;
+        put_meta(mpage, &nm);
+        pg_sys::GenericXLogFinish(state);
+        nm
+    }
+}
+
+/// The switch to a new delta graph: the metapage names `new` (or no delta graph), the sealed
+/// delta pages leave the chain (and the version-1 range empties), and `moved` items left the
+/// delta, in one WAL record. Returns the new metapage.
+///
+/// # Safety
+/// As for [`read_image_into`]; the caller holds the maintenance lock and sealed the delta.
+pub unsafe fn switch_delta_graph(index: pg_sys::Relation, new: Option<(ImageRef, u64)>, moved: u64) -> Meta {
+    // SAFETY: the metapage changes under its exclusive lock in one Generic WAL record; the
+    // sealed page is only read (appends after the seal linked their pages from it).
+    unsafe {
+        let mb = Locked::read(index, META_BLKNO, true);
+        let m = get_meta(mb.page());
+        let rest = if m.dl_sealed != 0 {
+            let sb = Locked::read(index, m.dl_sealed, false);
+            link_special(sb.page()).map_or(0, |s| s.next)
+        } else {
+            m.dl_head
+        };
+        let state = pg_sys::GenericXLogStart(index);
+        let mpage = pg_sys::GenericXLogRegisterBuffer(state, mb.buf, 0);
+        let mut m = get_meta(mpage);
+        m.version = META_VERSION;
+        match new {
+            Some((r, count)) => {
+                m.dg_generation = r.generation;
+                m.dg_checksum = r.checksum;
+                m.dg_len = r.len;
+                m.dg_head = r.start;
+                m.dg_nblocks = r.nblocks;
+                m.dg_count = count;
+            }
+            None => {
+                m.dg_generation = 0;
+                m.dg_checksum = 0;
+                m.dg_len = 0;
+                m.dg_head = 0;
+                m.dg_nblocks = 0;
+                m.dg_count = 0;
+            }
+        }
+        m.dg_folds += 1;
+        m.dl_head = rest;
+        if rest == 0 {
+            m.dl_tail = 0;
+        }
+        m.dl_sealed = 0;
+        m.dl_epoch += 1;
+        m.delta_start = m.delta_end;
+        m.delta_tail = pg_sys::InvalidBlockNumber;
+        m.delta_live = m.delta_live.saturating_sub(moved);
+        put_meta(mpage, &m);
+        pg_sys::GenericXLogFinish(state);
+        m
+    }
+}
+
+/// The delta pages of `meta`: the version-1 range's, then the chain's up to and including
+/// `upto` (what a fold absorbs, empty pages included).
+///
+/// # Safety
+/// As for [`read_image_into`].
+pub unsafe fn delta_blocks(
+    index: pg_sys::Relation,
+    meta: &Meta,
+    upto: pg_sys::BlockNumber,
+) -> Vec<pg_sys::BlockNumber> {
+    let mut out = Vec::new();
+    // SAFETY: forwarded; each page is read under its share lock.
+    unsafe {
+        for blk in meta.delta_start..meta.delta_end {
+            let b = Locked::read(index, blk, false);
+            if is_delta_page(b.page()) {
+                out.push(blk);
+            }
+        }
+        let nblocks =
+            pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        let mut blk = meta.dl_head;
+        while blk != 0 && blk < nblocks && out.len() <= nblocks as usize {
+            let b = Locked::read(index, blk, false);
+            match link_special(b.page()) {
+                Some(s) if s.magic == DELTA_MAGIC => {
+                    out.push(blk);
+                    if blk == upto {
+                        break;
+                    }
+                    blk = s.next;
+                }
+                _ => break,
+            }
+        }
+    }
+    out
 }

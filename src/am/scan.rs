@@ -1,6 +1,7 @@
-//! Ordered scans: the graph (iteratively widened, re-ranked from the stored vectors, tombstones
-//! skipped) merged with the exactly ranked delta, by ascending distance, for as long as the
-//! executor keeps asking and `twotower.max_scan_tuples` allows.
+//! Ordered scans: the main graph (iteratively widened, re-ranked from the stored vectors,
+//! tombstones skipped) and the delta graph (`fold.rs`) merged with the exactly ranked delta
+//! items, by ascending distance, for as long as the executor keeps asking and
+//! `twotower.max_scan_tuples` allows.
 //!
 //! Every row carries its distance in `xs_orderbyvals`. f32 indexes give the exact value of the
 //! SQL operator; f16/i8 indexes give a guaranteed lower bound with `xs_recheckorderby`, so the
@@ -10,7 +11,7 @@
 
 use super::cache::{self, Loaded};
 use super::pages::{
-    bit_is_set, for_each_delta, key_to_tid, read_meta, read_tombstones, tid_to_key,
+    bit_is_set, for_each_delta, key_to_tid, read_meta, read_tombstones, tid_to_key, Meta,
 };
 use crate::error::{OrReport, TtError};
 use crate::vector::VecRef;
@@ -18,7 +19,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
 use std::rc::Rc;
-use twotower_ann::{sort_for_pop, AnnError, GraphCursor, Hit, Metric, Query, ScanOrder};
+use std::collections::BinaryHeap;
+use twotower_ann::{AnnError, GraphCursor, Hit, Metric, Query, ScanOrder};
 
 #[derive(Default)]
 struct ScanState {
@@ -26,11 +28,10 @@ struct ScanState {
     query: Option<Vec<f32>>,
     prepared: Option<Query>,
     started: bool,
-    image: Option<Rc<Loaded>>,
-    tombstones: Vec<u8>,
-    cursor: GraphCursor,
-    /// Delta items, by descending distance so the nearest is popped from the end.
-    delta: Vec<Hit>,
+    /// The main graph, then the delta graph (each with its own cursor).
+    graphs: Vec<Graph>,
+    /// Delta items, nearest on top (a heap: a scan usually takes only a few of them).
+    delta: BinaryHeap<Nearest>,
     ef: usize,
     /// A floor for `ef` set by callers that know how many rows they want (recall's k).
     min_ef: usize,
@@ -44,8 +45,48 @@ struct ScanState {
     returned: u64,
     /// Distance of the last row returned (strict order drops anything nearer).
     last: f64,
-    /// Next graph position for unordered scans.
-    next_pos: usize,
+    /// Next (graph, position) for unordered scans.
+    next_pos: (usize, usize),
+}
+
+/// A hit ordered so that the nearest is the greatest (NaN distances last, ties by key).
+#[derive(Debug, Clone, Copy)]
+struct Nearest(Hit);
+
+impl PartialEq for Nearest {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for Nearest {}
+impl PartialOrd for Nearest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Nearest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.0.dist.total_cmp(&self.0.dist).then(other.0.key.cmp(&self.0.key))
+    }
+}
+
+/// One graph a scan reads: the image, its tombstones (main graph only), the scan's cursor and
+/// the candidate list size it searches with.
+struct Graph {
+    image: Rc<Loaded>,
+    tombstones: Vec<u8>,
+    cursor: GraphCursor,
+    ef: usize,
+}
+
+/// The candidate list of the delta graph, which holds `share` of the live items: a search for
+/// the scan's nearest rows needs about that share of its candidates from it, so twice that
+/// share of `ef`, but at least 64 (or `ef` when smaller): the width at which every item of a
+/// graph is checked to find itself when the graph is built (`ImageBuilder::finish`), so a row
+/// searched by its own vector is found in the delta graph as in the main one. The cursor
+/// widens it like any search when the scan reads further.
+fn delta_graph_ef(ef: usize, share: f64) -> usize {
+    ((2.0 * ef as f64 * share).ceil() as usize).max(ef.min(64)).min(ef)
 }
 
 #[pg_guard]
@@ -126,12 +167,47 @@ unsafe fn count_scan(index: pg_sys::Relation) {
     }
 }
 
-/// Loads what the scan reads: metapage, image, tombstones and the delta, ranked.
+/// Loads what the scan reads: metapage, both graphs, tombstones and the delta, ranked.
 unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
     // SAFETY: open index relation.
     unsafe { count_scan(index) };
-    // SAFETY: open index relation.
-    let meta = unsafe { read_meta(index) }.or_report();
+    // A fold that switches the delta graph while this scan reads may reuse the pages the scan
+    // was about to read: then the metapage has changed, and the scan reads it again.
+    let mut attempt = 0;
+    let meta = loop {
+        attempt += 1;
+        // SAFETY: open index relation.
+        let meta = unsafe { read_meta(index) }.or_report();
+        // SAFETY: as above.
+        match unsafe { load(index, st, &meta) } {
+            Ok(()) => {}
+            Err(e) if attempt < 5 => {
+                // SAFETY: as above.
+                let now = unsafe { read_meta(index) }.or_report();
+                if same_lists(&now, &meta) {
+                    e.report();
+                }
+                continue;
+            }
+            Err(e) => e.report(),
+        }
+        // SAFETY: as above.
+        let now = unsafe { read_meta(index) }.or_report();
+        if same_lists(&now, &meta) || attempt >= 5 {
+            break meta;
+        }
+    };
+    let _ = meta;
+    st.started = true;
+}
+
+/// True when no fold or VACUUM freed pages between the two metapage reads.
+fn same_lists(a: &Meta, b: &Meta) -> bool {
+    a.dg_generation == b.dg_generation && a.dl_epoch == b.dl_epoch
+}
+
+/// Reads the graphs and the delta items that `meta` names into `st`.
+unsafe fn load(index: pg_sys::Relation, st: &mut ScanState, meta: &Meta) -> Result<(), TtError> {
     let metric = Metric::from_code(meta.metric).unwrap_or(Metric::Cosine);
     if let Some(q) = &st.query {
         if meta.dims > 0 && q.len() != meta.dims as usize {
@@ -146,74 +222,93 @@ unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
     st.ef = (crate::EF_SEARCH.get().max(1) as usize).max(st.min_ef);
     st.order = crate::gucs::ITERATIVE_SCAN.get().order();
     st.max_rows = (crate::gucs::MAX_SCAN_TUPLES.get().max(1) as u64).max(st.min_rows);
-    st.cursor = GraphCursor::new(st.order);
     st.last = f64::NEG_INFINITY;
-    if meta.has_image() {
-        // SAFETY: open index relation and its metapage.
-        st.image = Some(unsafe { cache::image(index, &meta) }.or_report());
-        if meta.graph_dead > 0 {
+    st.graphs.clear();
+    if let Some(r) = meta.main_ref() {
+        // SAFETY: open index relation and a metapage read from it.
+        let image = unsafe { cache::image(index, meta, &r) }?;
+        let tombstones = if meta.graph_dead > 0 {
             // SAFETY: as above.
-            st.tombstones = unsafe { read_tombstones(index, &meta) };
-        }
+            unsafe { read_tombstones(index, meta) }
+        } else {
+            Vec::new()
+        };
+        st.graphs.push(Graph { image, tombstones, cursor: GraphCursor::new(st.order), ef: st.ef });
+    }
+    if let Some(r) = meta.delta_graph_ref() {
+        // SAFETY: as above.
+        let image = unsafe { cache::image(index, meta, &r) }?;
+        let live = (meta.graph_count - meta.graph_dead.min(meta.graph_count) + meta.dg_count).max(1);
+        let ef = delta_graph_ef(st.ef, meta.dg_count as f64 / live as f64);
+        st.graphs.push(Graph { image, tombstones: Vec::new(), cursor: GraphCursor::new(st.order), ef });
     }
     let q = st.prepared.clone();
     let mut delta = Vec::with_capacity(meta.delta_live as usize);
     // SAFETY: as above.
     unsafe {
-        for_each_delta(index, &meta, |tid, v| {
+        let whole = for_each_delta(index, meta, None, |_, tid, v| {
             let dist = match &q {
                 Some(q) => q.distance(v),
                 None => 0.0,
             };
-            delta.push(Hit {
+            delta.push(Nearest(Hit {
                 key: tid_to_key(&tid),
                 dist,
                 exact: true,
-            });
-        })
+            }));
+        });
+        if !whole {
+            return Err(TtError::IndexCorrupt("the chain of delta pages is broken".into()));
+        }
     };
-    sort_for_pop(&mut delta);
-    st.delta = delta;
-    st.started = true;
+    st.delta = BinaryHeap::from(delta);
+    Ok(())
 }
 
-/// The nearest remaining item of the graph and the delta, consumed.
+/// The nearest remaining item of the graphs and the delta, consumed.
 fn next_candidate(st: &mut ScanState) -> Option<Hit> {
     let ScanState {
         prepared,
-        image,
-        tombstones,
-        cursor,
+        graphs,
         delta,
-        ef,
         ..
     } = st;
     let q = prepared.as_ref()?;
-    let graph_head = match image {
-        Some(img) => {
-            let img_ref = &img.image;
-            let skip = |key: u64| {
-                img_ref
-                    .position(key)
-                    .is_some_and(|p| bit_is_set(tombstones, p))
-            };
-            let skip_dyn: Option<&dyn Fn(u64) -> bool> = if tombstones.is_empty() {
-                None
-            } else {
-                Some(&skip)
-            };
-            cursor
-                .peek(img_ref, q, *ef, skip_dyn)
-                .map_err(TtError::from)
-                .or_report()
+    // (source, distance): graphs by index, the delta as graphs.len().
+    let mut best: Option<(usize, f64)> = None;
+    for (i, g) in graphs.iter_mut().enumerate() {
+        let img_ref = &g.image.image;
+        let tombstones = &g.tombstones;
+        let skip = |key: u64| {
+            img_ref
+                .position(key)
+                .is_some_and(|p| bit_is_set(tombstones, p))
+        };
+        let skip_dyn: Option<&dyn Fn(u64) -> bool> = if tombstones.is_empty() {
+            None
+        } else {
+            Some(&skip)
+        };
+        let head = g
+            .cursor
+            .peek(img_ref, q, g.ef, skip_dyn)
+            .map_err(TtError::from)
+            .or_report();
+        if let Some(h) = head {
+            if best.is_none_or(|(_, d)| h.dist < d || d.is_nan()) {
+                best = Some((i, h.dist));
+            }
         }
-        None => None,
-    };
-    match (graph_head, delta.last()) {
-        (Some(g), Some(d)) if g.dist <= d.dist || d.dist.is_nan() => cursor.pop(),
-        (Some(_), None) => cursor.pop(),
-        (_, Some(_)) => delta.pop(),
-        (None, None) => None,
+    }
+    if let Some(Nearest(d)) = delta.peek() {
+        // Ties go to the graphs (as before the delta graph existed).
+        if best.is_none_or(|(_, bd)| d.dist < bd || bd.is_nan() && !d.dist.is_nan()) {
+            best = Some((graphs.len(), d.dist));
+        }
+    }
+    match best? {
+        (i, _) if i < graphs.len() => graphs[i].cursor.pop(),
+        _ => delta.pop().map(|n| n.0),
     }
 }
 
@@ -237,16 +332,17 @@ fn next_ordered(st: &mut ScanState) -> Option<Hit> {
 }
 
 fn next_unordered(st: &mut ScanState) -> Option<u64> {
-    if let Some(img) = &st.image {
-        while st.next_pos < img.image.len() {
-            let p = st.next_pos;
-            st.next_pos += 1;
-            if !bit_is_set(&st.tombstones, p) {
-                return Some(img.image.key_at(p));
+    while let Some(g) = st.graphs.get(st.next_pos.0) {
+        while st.next_pos.1 < g.image.image.len() {
+            let p = st.next_pos.1;
+            st.next_pos.1 += 1;
+            if !bit_is_set(&g.tombstones, p) {
+                return Some(g.image.image.key_at(p));
             }
         }
+        st.next_pos = (st.next_pos.0 + 1, 0);
     }
-    st.delta.pop().map(|h| h.key)
+    st.delta.pop().map(|n| n.0.key)
 }
 
 #[pg_guard]

@@ -341,13 +341,13 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
             graph_items: meta.graph_count,
             graph_dead: meta.graph_dead,
             graph_orphans: meta.graph_orphans,
-            delta_items: meta.delta_live,
+            delta_items: meta.delta_live + meta.dg_count,
             size_bytes: blocks * pg_sys::BLCKSZ as u64,
             image_bytes: meta.image_len,
             build_seconds: meta.build_millis as f64 / 1000.0,
             cache_file: meta
-                .has_image()
-                .then(|| format!("{}", super::cache::file_path(key, oid, &meta).display())),
+                .main_ref()
+                .map(|r| format!("{}", super::cache::file_path(key, oid, &r).display())),
             cache_state: super::cache::file_state(key, oid, &meta),
         };
         pg_sys::index_close(rel, LOCK);

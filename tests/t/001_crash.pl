@@ -19,11 +19,7 @@ $bg->query_until(qr/started/, "\\echo started\nSET twotower.build_threads = 1;\n
 ok($node->poll_query_until('postgres',
 	"SELECT count(*) > 0 FROM pg_stat_progress_create_index WHERE phase LIKE '%HNSW%'"),
 	'build reached the graph phase');
-crash_all($node);
-my $stderr = finish_killed_session($bg);
-like($stderr, qr/server closed the connection unexpectedly|connection to server was lost|terminating connection/,
-	'the build was killed mid-statement (its session lost the server)');
-unlike($stderr, qr/ERROR/, 'the build had raised no error before the kill');
+kill_mid_statement($node, $bg, 'the build');
 $node->start;
 is($node->safe_psql('postgres', "SELECT count(*) FROM pg_class WHERE relname = 'items_idx'"), '0',
 	'the interrupted build left no index');
@@ -49,11 +45,7 @@ my $script = "\\echo started\nCALL insert_many(1000000);\n";
 $bg = $node->background_psql('postgres', on_error_stop => 0);
 $bg->query_until(qr/started/, $script);
 ok($node->poll_query_until('postgres', 'SELECT count(*) > 150300 FROM items'), 'inserts are running');
-crash_all($node);
-$stderr = finish_killed_session($bg);
-like($stderr, qr/server closed the connection unexpectedly|connection to server was lost|terminating connection/,
-	'the inserts were killed mid-statement');
-unlike($stderr, qr/ERROR/, 'no insert had failed before the kill');
+kill_mid_statement($node, $bg, 'the inserts');
 $node->start;
 
 my $rows = $node->safe_psql('postgres', 'SELECT count(*) FROM items');
@@ -62,8 +54,14 @@ ok($new > 300, "$new inserts committed before the crash");
 is(index_scan_count($node, 'postgres', 'items', '<->', 32), $rows, 'every committed row is in the index after recovery');
 cmp_ok(topk_recall($node, 'postgres', 'items', 'OPERATOR(twotower.<->)', 10, 1, 500, 150001, $rows - 1), '>=', 0.9,
 	'after recovery the index agrees with exact search');
+# The insert in flight at the kill may have left its (uncommitted) entry, possibly folded into
+# the delta graph already; VACUUM removes it, and then the delta holds exactly the committed rows.
+cmp_ok($node->safe_psql('postgres', "SELECT delta_items FROM twotower.index_info('items_idx')") - $new, '<=', 1,
+	'the delta holds the committed inserts (and at most the one in flight)');
+# (INDEX_CLEANUP ON: a VACUUM that finds this one dead row would otherwise skip the indexes.)
+$node->safe_psql('postgres', 'VACUUM (INDEX_CLEANUP ON) items');
 is($node->safe_psql('postgres', "SELECT delta_items FROM twotower.index_info('items_idx')"), $new,
-	'the delta holds exactly the committed inserts');
+	'after VACUUM the delta holds exactly the committed inserts');
 is($node->safe_psql('postgres', q{
 	SET enable_seqscan = off;
 	SELECT count(*) FROM items i WHERE i.id > 150000 AND i.id % 97 = 0

@@ -10,7 +10,8 @@ use TwoTower;
 my $secs = $ENV{TT_SOAK_SECONDS} // 30;
 my $node = new_node('load', conf => ['max_connections = 50', "search_path = 'public, twotower'"]);
 make_items($node, 'postgres', 'items', 20000, 16);
-$node->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v)');
+# A low fold threshold: the inserts of the load fold into the delta graph many times.
+$node->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v) WITH (fold_threshold = 100)');
 # Each query during the load checks its own answer in one snapshot: the index's top 10 come in
 # distance order, are rows of that snapshot, and are compared with exact search there.
 $node->safe_psql('postgres', q{

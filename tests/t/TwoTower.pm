@@ -4,7 +4,7 @@ use strict;
 use warnings;
 use Exporter 'import';
 use PostgreSQL::Test::Cluster;
-our @EXPORT = qw(new_node make_items topk_signature exact_topk_signature topk_recall index_scan_count crash_all finish_killed_session);
+our @EXPORT = qw(new_node make_items topk_signature exact_topk_signature topk_recall index_scan_count crash_all finish_killed_session kill_mid_statement);
 
 # The one setup of every cluster test: a node named $name (init options in %$init, e.g.
 # allows_streaming), extra postgresql.conf lines, started, with pg_twotower created in each
@@ -140,6 +140,18 @@ sub finish_killed_session
 	my ($bg) = @_;
 	eval { $bg->{run}->finish };
 	return $bg->{stderr};
+}
+
+# crash_all while background session $bg runs a statement, then checks that the statement was
+# killed mid-way (its session lost the server) and had raised no error before ($what names it).
+sub kill_mid_statement
+{
+	my ($node, $bg, $what) = @_;
+	crash_all($node);
+	my $stderr = finish_killed_session($bg);
+	Test::More::like($stderr, qr/server closed the connection unexpectedly|connection to server was lost|terminating connection/,
+		"$what was killed mid-statement (its session lost the server)");
+	Test::More::unlike($stderr, qr/ERROR/, "$what had raised no error before the kill");
 }
 
 1;

@@ -244,6 +244,47 @@ impl ImageBuilder {
         })
     }
 
+    /// A builder that starts from the graph of `image` (an f32 image built with `params`'
+    /// metric and dimensions): its items stay as they are, [`ImageBuilder::add_batch`] inserts
+    /// more, and [`ImageBuilder::finish`] repairs and serializes the whole. The graph is loaded
+    /// as a writable copy; `extra` sizes it for the items to come.
+    pub fn from_image<B: AsRef<[u8]>>(
+        params: &BuildParams,
+        image: &Image<B>,
+        extra: usize,
+        threads: usize,
+    ) -> Result<ImageBuilder> {
+        params.validate()?;
+        let h = image.header;
+        if h.quantization != Quantization::F32
+            || params.quantization != Quantization::F32
+            || h.dims != params.dims
+            || h.metric != params.metric
+        {
+            return Err(AnnError::Engine(
+                "only an f32 image of the same metric and dimensions can be extended".into(),
+            ));
+        }
+        let index = usearch::Index::new(&params.options())?;
+        let graph = &image.bytes.as_ref()[h.us_off..h.us_off + h.us_len];
+        index.load_from_buffer(graph)?;
+        if index.size() != h.count {
+            return Err(AnnError::CorruptImage("graph size differs from the header".into()));
+        }
+        index.change_expansion_add(params.ef_construction);
+        let threads = threads.clamp(1, 64);
+        index.reserve_capacity_and_threads((h.count + extra).max(1), threads)?;
+        let mut keys = Vec::with_capacity(h.count + extra);
+        keys.extend((0..h.count).map(|i| image.key_at(i)));
+        Ok(ImageBuilder {
+            params: *params,
+            index,
+            keys,
+            kept: None,
+            threads,
+        })
+    }
+
     /// Items added so far.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -823,6 +864,8 @@ pub struct Query {
     raw: Vec<f32>,
     engine: Vec<f32>,
     norm: f64,
+    /// `inner_product(raw, raw)`, for the one-pass cosine distance.
+    norm2: f64,
 }
 
 impl Query {
@@ -837,9 +880,11 @@ impl Query {
                 v.to_vec()
             }
         };
+        let norm2 = crate::inner_product(v, v);
         Ok(Query {
             metric,
-            norm: crate::inner_product(v, v).sqrt(),
+            norm: norm2.sqrt(),
+            norm2,
             raw: v.to_vec(),
             engine,
         })
@@ -853,9 +898,13 @@ impl Query {
     pub fn engine(&self) -> &[f32] {
         &self.engine
     }
-    /// The distance the SQL operator of the metric returns for `v` (bit for bit).
+    /// The distance the SQL operator of the metric returns for `v` (bit for bit; for cosine in
+    /// one pass, with the query's own norm computed once).
     pub fn distance(&self, v: &[f32]) -> f64 {
-        self.metric.sql_distance(&self.raw, v)
+        match self.metric {
+            Metric::Cosine => twotower_metric::cosine_distance_from(self.norm2, &self.raw, v),
+            m => m.sql_distance(&self.raw, v),
+        }
     }
 
     /// A lower bound of the distance to the vector `x` the engine stored as `stored` under

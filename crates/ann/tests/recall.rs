@@ -458,3 +458,38 @@ fn streamed_build_spills_and_stays_within_its_estimate() {
     }
     let _ = std::fs::remove_dir_all(&spill);
 }
+
+#[test]
+fn an_image_extended_in_place_holds_old_and_new_items_and_finds_them() {
+    let dims = 32;
+    let (data, queries) = split(12_000, 100, dims, 40, 17);
+    let (old, new) = data.split_at(8_000 * dims);
+    let p = BuildParams {
+        dims,
+        metric: Metric::Cosine,
+        quantization: Quantization::F32,
+        m: 16,
+        ef_construction: 64,
+    };
+    let old_keys: Vec<u64> = (0..8_000).map(key_of).collect();
+    let first = Image::open_verified(build_image(&p, &old_keys, old, 2, &mut |_| Poll::Continue).unwrap()).unwrap();
+    let mut b = ImageBuilder::from_image(&p, &first, 4_000, 2).unwrap();
+    assert_eq!(b.len(), 8_000);
+    let new_keys: Vec<u64> = (8_000..12_000).map(key_of).collect();
+    b.add_batch(&new_keys, new, &mut |_| Poll::Continue).unwrap();
+    let bytes = b.finish(&mut |_| Poll::Continue, None).unwrap().into_vec();
+    let img = Image::open(bytes.clone(), checksum(&bytes)).unwrap();
+    assert_eq!(img.len(), 12_000);
+    // Every item keeps its exact vector, old and new.
+    for i in [0usize, 4_321, 7_999, 8_000, 11_999] {
+        assert_eq!(img.vector(key_of(i)).unwrap().unwrap(), data[i * dims..(i + 1) * dims].to_vec());
+    }
+    assert!(img.unreachable().is_some_and(|u| u.iter().all(|k| img.is_orphan(*k))));
+    let r = recall_at(&img, Metric::Cosine, &data, dims, &queries, 10, 64);
+    assert!(r >= 0.95, "recall@10 of the extended image {r}");
+    // Only f32 images of the same shape can be extended.
+    let q8 = BuildParams { quantization: Quantization::I8, ..p };
+    assert!(ImageBuilder::from_image(&q8, &first, 10, 1).is_err());
+    let other = BuildParams { dims: 16, ..p };
+    assert!(ImageBuilder::from_image(&other, &first, 10, 1).is_err());
+}

@@ -124,6 +124,40 @@ pub fn cosine_distance(a: &[f32], b: &[f32]) -> f64 {
     (1.0 - dot / denom).clamp(0.0, 2.0)
 }
 
+/// `(inner_product(a, b), inner_product(b, b))` in one pass, bit for bit the same values (each
+/// accumulator lane adds the same products in the same order).
+pub fn dot_and_norm2(a: &[f32], b: &[f32]) -> (f64, f64) {
+    debug_assert_eq!(a.len(), b.len());
+    let (mut dot, mut nb) = ([0.0f64; 8], [0.0f64; 8]);
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for j in 0..8 {
+            let y = b[c * 8 + j] as f64;
+            dot[j] += a[c * 8 + j] as f64 * y;
+            nb[j] += y * y;
+        }
+    }
+    let mut d: f64 = dot.iter().sum();
+    let mut n: f64 = nb.iter().sum();
+    for i in chunks * 8..a.len() {
+        let y = b[i] as f64;
+        d += a[i] as f64 * y;
+        n += y * y;
+    }
+    (d, n)
+}
+
+/// [`cosine_distance`]`(a, b)` for a fixed `a` whose `inner_product(a, a)` is `a_norm2`: one pass
+/// over the vectors instead of three, the same value bit for bit.
+pub fn cosine_distance_from(a_norm2: f64, a: &[f32], b: &[f32]) -> f64 {
+    let (dot, nb) = dot_and_norm2(a, b);
+    let denom = (a_norm2 * nb).sqrt();
+    if denom == 0.0 {
+        return f64::NAN;
+    }
+    (1.0 - dot / denom).clamp(0.0, 2.0)
+}
+
 /// Squared Euclidean distance, accumulated in f64.
 pub fn l2_squared(a: &[f32], b: &[f32]) -> f64 {
     let mut acc = [0.0f64; 8];
@@ -171,5 +205,30 @@ mod tests {
         assert_eq!(Metric::from_spec_name("inner_product"), None);
         assert_eq!(Metric::Cosine.similarity(0.25), 0.75);
         assert_eq!(Metric::L2.similarity(2.0), -2.0);
+    }
+
+    #[test]
+    fn one_pass_cosine_is_bit_for_bit_the_three_pass_one() {
+        // A small deterministic generator (no dependencies): lengths around the 8-lane chunks.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * 3.0
+        };
+        for len in [1usize, 7, 8, 9, 15, 16, 17, 64, 100, 257] {
+            for _ in 0..50 {
+                let a: Vec<f32> = (0..len).map(|_| next()).collect();
+                let b: Vec<f32> = (0..len).map(|_| next()).collect();
+                let (d, n) = dot_and_norm2(&a, &b);
+                assert_eq!(d.to_bits(), inner_product(&a, &b).to_bits());
+                assert_eq!(n.to_bits(), inner_product(&b, &b).to_bits());
+                let fast = cosine_distance_from(inner_product(&a, &a), &a, &b);
+                assert_eq!(fast.to_bits(), cosine_distance(&a, &b).to_bits(), "len {len}");
+            }
+        }
+        let z = vec![0.0f32; 9];
+        assert!(cosine_distance_from(0.0, &z, &z).is_nan());
     }
 }
