@@ -661,30 +661,28 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
             put_meta(mpage, &nm);
             pg_sys::GenericXLogFinish(state);
         };
+        // Adds the item to an existing page, with the metapage, in one record.
+        let add_to = |b: &Locked| {
+            let state = pg_sys::GenericXLogStart(index);
+            let page = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
+            if !add_item(page, &item) {
+                pg_sys::GenericXLogAbort(state);
+                TtError::IndexCorrupt(format!("could not add a delta item to block {}", b.blkno())).report();
+            }
+            finish(state, &|_| {});
+        };
         // A version-1 delta range takes items while its last page has room.
         if m.delta_tail != pg_sys::InvalidBlockNumber && m.delta_tail != 0 && m.dl_sealed == 0 {
             let b = Locked::read(index, m.delta_tail, true);
             if fits(&b) {
-                let state = pg_sys::GenericXLogStart(index);
-                let page = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
-                if !add_item(page, &item) {
-                    pg_sys::GenericXLogAbort(state);
-                    TtError::IndexCorrupt(format!("could not add a delta item to block {}", b.blkno())).report();
-                }
-                finish(state, &|_| {});
+                add_to(&b);
                 return;
             }
         }
         let tail = (m.dl_tail != 0).then(|| Locked::read(index, m.dl_tail, true));
         if let Some(t) = &tail {
             if m.dl_tail != m.dl_sealed && fits(t) {
-                let state = pg_sys::GenericXLogStart(index);
-                let page = pg_sys::GenericXLogRegisterBuffer(state, t.buf, 0);
-                if !add_item(page, &item) {
-                    pg_sys::GenericXLogAbort(state);
-                    TtError::IndexCorrupt(format!("could not add a delta item to block {}", t.blkno())).report();
-                }
-                finish(state, &|_| {});
+                add_to(t);
                 return;
             }
         }
