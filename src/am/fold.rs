@@ -49,20 +49,34 @@ pub unsafe fn threshold(index: pg_sys::Relation, meta: &Meta) -> u64 {
     min.max(meta.dg_count / FOLD_RATIO)
 }
 
-/// After an insert: folds when the delta reached the threshold and no fold is running.
+/// After an insert that left the metapage as `meta`: folds when the delta reached the
+/// threshold and no fold is running.
 ///
 /// # Safety
 /// `index` must be an open twotower_hnsw index.
-pub unsafe fn after_insert(index: pg_sys::Relation) {
+pub unsafe fn after_insert(index: pg_sys::Relation, meta: &Meta) {
+    // SAFETY: forwarded.
+    unsafe { fold_when(index, meta, |index, m| threshold(index, m)) }
+}
+
+/// Folds when the delta holds at least `min(index, meta)` items and no fold is running (inserts
+/// and (auto)vacuum never wait for one). `meta` is the caller's latest metapage; it is read
+/// again under the lock, since someone may have folded in between.
+///
+/// # Safety
+/// `index` must be an open twotower_hnsw index.
+pub unsafe fn fold_when(
+    index: pg_sys::Relation,
+    meta: &Meta,
+    min: impl Fn(pg_sys::Relation, &Meta) -> u64,
+) {
     // SAFETY: forwarded; the maintenance lock is released below or at transaction end.
     unsafe {
-        let meta = read_meta(index).or_report();
-        if meta.delta_live < threshold(index, &meta) || !lock_maintenance(index, false) {
+        if meta.delta_live < min(index, meta) || !lock_maintenance(index, false) {
             return;
         }
-        // Someone may have folded between the check and the lock.
         let meta = read_meta(index).or_report();
-        if meta.delta_live >= threshold(index, &meta) {
+        if meta.delta_live >= min(index, &meta) {
             fold_or_warn(index);
         }
         unlock_maintenance(index);
@@ -138,9 +152,10 @@ pub unsafe fn fold(
         let old = sealed.delta_graph_ref();
 
         let mut out = Folded::default();
+        let mut absorbed = Vec::new();
         let mut keys = Vec::with_capacity(sealed.delta_live as usize);
         let mut vectors = Vec::with_capacity(sealed.delta_live as usize * params.dims);
-        let whole = for_each_delta(index, &sealed, Some(sealed.dl_sealed), |_, mut tid, v| {
+        let whole = for_each_delta(index, &sealed, Some(sealed.dl_sealed), Some(&mut absorbed), |_, mut tid, v| {
             out.moved += 1;
             if dead.as_mut().is_some_and(|d| d(&mut tid)) {
                 out.removed += 1;
@@ -196,7 +211,6 @@ pub unsafe fn fold(
         };
 
         let old_blocks = old.map(|r| pages::chain_blocks(index, &r)).unwrap_or_default();
-        let absorbed = pages::delta_blocks(index, &sealed, sealed.dl_sealed);
         let new_ref = match &bytes {
             Some(b) => {
                 let b = b.as_ref();

@@ -48,8 +48,8 @@ pub unsafe extern "C-unwind" fn aminsert(
         .or_report();
     // SAFETY: validated vector; append_delta re-checks the dimension under the metapage lock.
     unsafe {
-        append_delta(index, &*heap_tid, s);
-        super::fold::after_insert(index);
+        let meta = append_delta(index, &*heap_tid, s);
+        super::fold::after_insert(index, &meta);
     }
     false
 }

@@ -20,7 +20,7 @@
 //! later change (insert, vacuum) is a Generic WAL record, so crash recovery and physical
 //! replicas see exactly what the primary wrote.
 
-use crate::error::{TtError, TtResult};
+use crate::error::{OrReport, TtError, TtResult};
 use pgrx::pg_sys;
 use std::io::Write;
 
@@ -625,12 +625,16 @@ unsafe fn alloc_page(index: pg_sys::Relation, meta: &Meta, building: u64) -> Loc
 
 /// Appends one (TID, vector) item to the delta: to the tail page while it has room, otherwise
 /// to a free or new page linked after it. The metapage lock serialises appenders; the item, the
-/// link and the metapage change are one WAL record.
+/// link and the metapage change are one WAL record. Returns the metapage as the append left it.
 ///
 /// # Safety
 /// `index` must be an open twotower_hnsw index; `vector` must already be validated against
 /// the index dimension.
-pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerData, vector: &[f32]) {
+pub unsafe fn append_delta(
+    index: pg_sys::Relation,
+    tid: &pg_sys::ItemPointerData,
+    vector: &[f32],
+) -> Meta {
     let mut item = Vec::with_capacity(delta_item_size(vector.len()));
     item.extend_from_slice(&tid_bytes(tid));
     item.extend_from_slice(&[0, 0]);
@@ -660,6 +664,7 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
             f(&mut nm);
             put_meta(mpage, &nm);
             pg_sys::GenericXLogFinish(state);
+            nm
         };
         // Adds the item to an existing page, with the metapage, in one record.
         let add_to = |b: &Locked| {
@@ -669,21 +674,19 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
                 pg_sys::GenericXLogAbort(state);
                 TtError::IndexCorrupt(format!("could not add a delta item to block {}", b.blkno())).report();
             }
-            finish(state, &|_| {});
+            finish(state, &|_| {})
         };
         // A version-1 delta range takes items while its last page has room.
         if m.delta_tail != pg_sys::InvalidBlockNumber && m.delta_tail != 0 && m.dl_sealed == 0 {
             let b = Locked::read(index, m.delta_tail, true);
             if fits(&b) {
-                add_to(&b);
-                return;
+                return add_to(&b);
             }
         }
         let tail = (m.dl_tail != 0).then(|| Locked::read(index, m.dl_tail, true));
         if let Some(t) = &tail {
             if m.dl_tail != m.dl_sealed && fits(t) {
-                add_to(t);
-                return;
+                return add_to(t);
             }
         }
         let b = alloc_page(index, &m, 0);
@@ -701,7 +704,7 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
             let tpage = pg_sys::GenericXLogRegisterBuffer(state, t.buf, 0);
             set_link(tpage, DELTA_MAGIC, blkno);
         }
-        finish(state, &|nm: &mut Meta| {
+        let nm = finish(state, &|nm: &mut Meta| {
             if nm.dl_head == 0 {
                 nm.dl_head = blkno;
             }
@@ -710,12 +713,14 @@ pub unsafe fn append_delta(index: pg_sys::Relation, tid: &pg_sys::ItemPointerDat
         drop(b);
         drop(tail);
         drop(meta_buf);
+        nm
     }
 }
 
 /// Calls `f(block, tid, vector)` for every delta item: the version-1 range, then the chain
-/// (up to and including `upto` when given). Returns false when the chain led to a page that is
-/// no delta page (the caller's metapage is outdated, or the index is corrupt).
+/// (up to and including `upto` when given), and adds every delta page it reads, empty ones
+/// too, to `pages` when given (what a fold absorbs). Returns false when the chain led to a
+/// page that is no delta page (the caller's metapage is outdated, or the index is corrupt).
 ///
 /// # Safety
 /// As for [`read_image_into`].
@@ -723,6 +728,7 @@ pub unsafe fn for_each_delta(
     index: pg_sys::Relation,
     meta: &Meta,
     upto: Option<pg_sys::BlockNumber>,
+    mut pages: Option<&mut Vec<pg_sys::BlockNumber>>,
     mut f: impl FnMut(pg_sys::BlockNumber, pg_sys::ItemPointerData, &[f32]),
 ) -> bool {
     let dims = meta.dims as usize;
@@ -733,6 +739,9 @@ pub unsafe fn for_each_delta(
             let page = b.page();
             if !is_delta_page(page) {
                 return if chained { None } else { Some(0) };
+            }
+            if let Some(p) = pages.as_mut() {
+                p.push(blk);
             }
             let max = pg_sys::PageGetMaxOffsetNumber(page);
             for off in 1..=max {
@@ -966,18 +975,6 @@ unsafe fn chain_special(page: pg_sys::Page) -> Option<ChainSpecial> {
     unsafe { special::<ChainSpecial>(page) }.filter(|s| s.magic == CHAIN_MAGIC)
 }
 
-/// The metapage as it is now.
-///
-/// # Safety
-/// As for [`read_image_into`].
-unsafe fn current_meta(index: pg_sys::Relation) -> Meta {
-    // SAFETY: forwarded.
-    unsafe {
-        let b = Locked::read(index, META_BLKNO, false);
-        get_meta(b.page())
-    }
-}
-
 /// Records `blocks` as free in the index's free space map and makes them findable.
 ///
 /// # Safety
@@ -1033,7 +1030,7 @@ pub unsafe fn write_chain(
 ) -> Vec<pg_sys::BlockNumber> {
     let chunks: Vec<&[u8]> = image.chunks(CHAIN_PAYLOAD).collect();
     // SAFETY: forwarded.
-    let meta = unsafe { current_meta(index) };
+    let meta = unsafe { read_meta(index) }.or_report();
     let mut blocks = Vec::with_capacity(chunks.len());
     let mut next = pg_sys::InvalidBlockNumber;
     for (i, chunk) in chunks.iter().enumerate().rev() {
@@ -1229,43 +1226,4 @@ pub unsafe fn switch_delta_graph(index: pg_sys::Relation, new: Option<(ImageRef,
         pg_sys::GenericXLogFinish(state);
         m
     }
-}
-
-/// The delta pages of `meta`: the version-1 range's, then the chain's up to and including
-/// `upto` (what a fold absorbs, empty pages included).
-///
-/// # Safety
-/// As for [`read_image_into`].
-pub unsafe fn delta_blocks(
-    index: pg_sys::Relation,
-    meta: &Meta,
-    upto: pg_sys::BlockNumber,
-) -> Vec<pg_sys::BlockNumber> {
-    let mut out = Vec::new();
-    // SAFETY: forwarded; each page is read under its share lock.
-    unsafe {
-        for blk in meta.delta_start..meta.delta_end {
-            let b = Locked::read(index, blk, false);
-            if is_delta_page(b.page()) {
-                out.push(blk);
-            }
-        }
-        let nblocks =
-            pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM);
-        let mut blk = meta.dl_head;
-        while blk != 0 && blk < nblocks && out.len() <= nblocks as usize {
-            let b = Locked::read(index, blk, false);
-            match link_special(b.page()) {
-                Some(s) if s.magic == DELTA_MAGIC => {
-                    out.push(blk);
-                    if blk == upto {
-                        break;
-                    }
-                    blk = s.next;
-                }
-                _ => break,
-            }
-        }
-    }
-    out
 }

@@ -246,7 +246,7 @@ unsafe fn load(index: pg_sys::Relation, st: &mut ScanState, meta: &Meta) -> Resu
     let mut delta = Vec::with_capacity(meta.delta_live as usize);
     // SAFETY: as above.
     unsafe {
-        let whole = for_each_delta(index, meta, None, |_, tid, v| {
+        let whole = for_each_delta(index, meta, None, None, |_, tid, v| {
             let dist = match &q {
                 Some(q) => q.distance(v),
                 None => 0.0,

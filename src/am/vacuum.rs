@@ -121,15 +121,8 @@ pub unsafe extern "C-unwind" fn amvacuumcleanup(
         let index = (*info).index;
         // (Auto)vacuum folds a delta of at least `fold_threshold` rows (whatever its share of the
         // delta graph: VACUUM is where a fold's cost is expected), unless a fold is running.
-        let min = options::fold_threshold(index) as u64;
         let meta = read_meta(index).or_report();
-        if meta.delta_live >= min && lock_maintenance(index, false) {
-            let meta = read_meta(index).or_report();
-            if meta.delta_live >= min {
-                fold::fold_or_warn(index);
-            }
-            unlock_maintenance(index);
-        }
+        fold::fold_when(index, &meta, |index, _| options::fold_threshold(index) as u64);
         fill_counts(index, stats);
         stats
     }

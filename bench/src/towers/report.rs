@@ -2,10 +2,15 @@
 //! the measurement files return.
 
 use super::embed::EmbedRun;
-use super::harness::verdict;
+use super::harness::{verdict, Lat};
 use super::recall::{RecallRun, Run};
 use super::refresh::RefreshRun;
 use super::{EMBED_P99_TARGET_MS, RECALL500_TARGET, RECALL_P99_TARGET_MS};
+
+/// One row `| what | p50 | p99 | mean |` with `digits` decimals.
+fn lat_row(what: &str, l: &Lat, digits: usize) {
+    println!("| {what} | {:.d$} | {:.d$} | {:.d$} |", l.p50, l.p99, l.mean, d = digits);
+}
 
 /// The embed_user table and verdicts.
 pub(crate) fn embed(r: &EmbedRun) {
@@ -33,24 +38,12 @@ pub(crate) fn embed(r: &EmbedRun) {
     );
     println!("| what | p50 ms | p99 ms | mean ms |");
     println!("|---|---|---|---|");
-    println!(
-        "| client round trip, prepared `SELECT twotower.embed_user($1, $2::jsonb)` | {:.3} | {:.3} | {:.3} |",
-        client.p50, client.p99, client.mean
-    );
-    println!(
-        "| client round trip, same parameters, `SELECT $1::text IS NOT NULL AND $2::jsonb IS NOT NULL` (protocol baseline) | {:.3} | {:.3} | {:.3} |",
-        baseline.p50, baseline.p99, baseline.mean
-    );
+    lat_row("client round trip, prepared `SELECT twotower.embed_user($1, $2::jsonb)`", client, 3);
+    lat_row("client round trip, same parameters, `SELECT $1::text IS NOT NULL AND $2::jsonb IS NOT NULL` (protocol baseline)", baseline, 3);
     match pinned {
         Some((p, b)) => {
-            println!(
-                "| the same embed_user round trip, client and backend pinned to one core (no cross-core wake-ups) | {:.3} | {:.3} | {:.3} |",
-                p.p50, p.p99, p.mean
-            );
-            println!(
-                "| the same protocol baseline, pinned to one core | {:.3} | {:.3} | {:.3} |",
-                b.p50, b.p99, b.mean
-            );
+            lat_row("the same embed_user round trip, client and backend pinned to one core (no cross-core wake-ups)", p, 3);
+            lat_row("the same protocol baseline, pinned to one core", b, 3);
         }
         None => println!("| pinned round trips: skipped (taskset unavailable or not permitted) | – | – | – |"),
     }
@@ -63,14 +56,8 @@ pub(crate) fn embed(r: &EmbedRun) {
         "| server side: `embed_users('bench_user', <array of {calls}>)`, both cores, total / {calls} | – | – | {:.4} |",
         batch_ms
     );
-    println!(
-        "| in-process Rust (twotower-tower, no PostgreSQL): parse JSON text + encode + forward | {:.4} | {:.4} | {:.4} |",
-        in_text.p50, in_text.p99, in_text.mean
-    );
-    println!(
-        "| in-process Rust: encode + forward of a parsed value | {:.4} | {:.4} | {:.4} |",
-        in_value.p50, in_value.p99, in_value.mean
-    );
+    lat_row("in-process Rust (twotower-tower, no PostgreSQL): parse JSON text + encode + forward", in_text, 4);
+    lat_row("in-process Rust: encode + forward of a parsed value", in_value, 4);
     match numpy {
         Ok(np) => {
             let g = |k: &str, f: &str| np[k][f].as_f64().unwrap_or(f64::NAN);
