@@ -8,7 +8,9 @@
 //! quality over the same index.
 //!
 //! Configuration by environment: TT_HOST (socket dir), TT_PORT, TT_N (rows, 1000000), TT_DIMS
-//! (64), TT_QUERIES (200), TT_CLUSTERS (1000), TT_M (16), TT_EFC (64), TT_SKIP_LOAD=1 (reuse the
+//! (64), TT_QUERIES (200), TT_CLUSTERS (1000), TT_M (16), TT_EFC (64) (pgvector's build and the equal-parameter build; pg_twotower's main
+//! index uses its defaults), TT_OPTIONS (a WITH list for the main index instead of the defaults),
+//! TT_ONLY_CURVE=1 (stop after the main index's ef_search sweep), TT_SKIP_LOAD=1 (reuse the
 //! `items` table), TT_ONLY_TOWERS=1 (skip exact search, the ef_search sweep and pgvector; the
 //! index is still built), TT_ONLY_FRESH=1 (the build and the insert measurement only),
 //! TT_REUSE_INDEX=1 (with TT_SKIP_LOAD: keep the installed extension and
@@ -116,21 +118,24 @@ fn run_queries<Q: postgres::types::ToSql + Sync>(
     }
 }
 
-/// The median run at ef_search 100, 120, 150, 200, 300 and 400 (k = 10), in that order.
+/// The median run at the default ef_search and 1.2, 1.5, 2, 3 and 4 times it (k = 10), in that order.
 fn ef_curve<Q: postgres::types::ToSql + Sync>(
     c: &mut Client,
     sql: &str,
     queries: &[Q],
     truth: &[Vec<i64>],
 ) -> Vec<(usize, Run)> {
-    let out = [100, 120, 150, 200, 300, 400]
+    // From the default ef_search up to 4x it.
+    let def = default_ef_search(c);
+    let out = [10, 12, 15, 20, 30, 40]
         .into_iter()
+        .map(|f| f * def / 10)
         .map(|ef| {
             c.batch_execute(&format!("SET twotower.ef_search = {ef}")).unwrap();
             (ef, median_run(c, sql, queries, truth, 10))
         })
         .collect();
-    c.batch_execute("SET twotower.ef_search = 100").unwrap();
+    c.batch_execute("RESET twotower.ef_search").unwrap();
     out
 }
 
@@ -256,7 +261,7 @@ fn main() {
     }
     if only_towers {
         if !reuse_index {
-            let (_, build) = timed(|| build_index(&mut c, m, efc));
+            let (_, build) = timed(|| build_index(&mut c, &env("TT_OPTIONS", String::new())));
             println!("# built items_tt_idx in {:.1} s", build.as_secs_f64());
         }
         run_towers(&mut c, &data, dims, &host, port);
@@ -284,65 +289,37 @@ fn main() {
         exact.qps, exact.recall
     );
 
-    // pg_twotower
-    let (_, build) = timed(|| build_index(&mut c, m, efc));
-    let size: i64 = c
-        .query_one("SELECT pg_relation_size('items_tt_idx')", &[])
-        .unwrap()
-        .get(0);
-    let orphans_note: String = c
-        .query_one(
-            "SELECT format('%s items in graph, %s orphans; %s s in the server', graph_items, graph_orphans, build_seconds) FROM index_info('items_tt_idx')",
-            &[],
-        )
-        .unwrap()
-        .get(0);
-    let (_, first) = timed(|| {
-        let mut c2 = Client::configure()
-            .host(&host)
-            .port(port)
-            .user("postgres")
-            .dbname("postgres")
-            .connect(NoTls)
+    // pg_twotower, at its defaults (TT_OPTIONS overrides them, for probes): the comparison a
+    // user makes. The equal-parameter comparison follows pgvector's part.
+    let options: String = env("TT_OPTIONS", String::new());
+    let (_, build) = timed(|| build_index(&mut c, &options));
+    let (size, orphans_note, label): (i64, String, String) = {
+        let r = c
+            .query_one(
+                "SELECT pg_relation_size('items_tt_idx'),
+                        format('%s items in graph, %s orphans; %s s in the server', graph_items, graph_orphans, build_seconds),
+                        format('m = %s, ef_construction = %s, quantization = %s', m, ef_construction, quantization)
+                   FROM index_info('items_tt_idx')",
+                &[],
+            )
             .unwrap();
-        c2.batch_execute("SET search_path = public, twotower")
-            .unwrap();
-        c2.query(
-            "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT 10",
-            &[&queries[0]],
-        )
-        .unwrap();
-    });
-    println!("\n## pg_twotower twotower_hnsw: build {:.1} s, index {:.1} MB ({orphans_note}); first query of a new backend {:.0} ms",
+        (r.get(0), r.get(1), r.get(2))
+    };
+    let first = first_query(&host, port, &queries[0]);
+    println!("\n## pg_twotower twotower_hnsw, {} ({label}): build {:.1} s, index {:.1} MB ({orphans_note}); first query of a new backend {:.1} ms (target <= 5 ms)",
+        if options.is_empty() { "default options" } else { "TT_OPTIONS" },
         build.as_secs_f64(), size as f64 / 1048576.0, first.as_secs_f64() * 1e3);
-    println!(
-        "| ef_search | recall@10 | QPS (k=10) | p99 ms | recall@100 | QPS (k=100) | QPS vs exact |"
-    );
-    println!("|---|---|---|---|---|---|---|");
     let sql = "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2";
     // One untimed pass first: it pages the freshly mapped image in.
-    c.batch_execute("SET twotower.ef_search = 100").unwrap();
+    let def_ef = default_ef_search(&mut c);
     run_queries(&mut c, sql, &queries, &truth, 10);
     if only_fresh {
         fresh_inserts(&mut c, &data, &queries, &qdata, &truth, dims, clusters);
         return;
     }
-    let mut tt_curve = Vec::new();
-    for ef in [10, 20, 40, 64, 100, 200, 400] {
-        c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
-            .unwrap();
-        let r10 = run_queries(&mut c, sql, &queries, &truth, 10);
-        let r100 = run_queries(&mut c, sql, &queries, &truth, 100);
-        println!(
-            "| {ef} | {:.4} | {:.0} | {:.2} | {:.4} | {:.0} | {:.0}x |",
-            r10.recall,
-            r10.qps,
-            r10.p99_ms,
-            r100.recall,
-            r100.qps,
-            r10.qps / exact.qps
-        );
-        tt_curve.push((ef, r10.recall, r10.qps));
+    let tt_curve = sweep(&mut c, &queries, &truth, exact.qps, def_ef);
+    if flag("TT_ONLY_CURVE") {
+        return;
     }
     for ef in [500, 800] {
         c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
@@ -358,7 +335,7 @@ fn main() {
 
     run_towers(&mut c, &data, dims, &host, port);
 
-    pgvector(
+    let pg_curve = pgvector(
         &mut c,
         PgvectorArgs {
             dims,
@@ -368,13 +345,128 @@ fn main() {
             build,
             qdata: &qdata,
             truth: &truth,
-            tt_curve: &tt_curve,
         },
+    );
+    let Some((pbuild, pg_curve)) = pg_curve else { return };
+    println!("\n### pg_twotower at its defaults ({label}) against pgvector at its defaults (m = 16, ef_construction = 64)");
+    compare_curves(&tt_curve, &pg_curve);
+
+    // Equal parameters: pg_twotower WITH (m, ef_construction) as pgvector's build.
+    let equal = format!("m = {m}, ef_construction = {efc}");
+    if !label.starts_with(&equal) || !options.is_empty() {
+        let (_, ebuild) = timed(|| build_index(&mut c, &equal));
+        println!(
+            "\n## pg_twotower at equal parameters ({equal}): build {:.1} s, {:.2}x pgvector's {:.1} s",
+            ebuild.as_secs_f64(),
+            ebuild.as_secs_f64() / pbuild.as_secs_f64(),
+            pbuild.as_secs_f64()
+        );
+        run_queries(&mut c, sql, &queries, &truth, 10);
+        let eq_curve = sweep(&mut c, &queries, &truth, exact.qps, def_ef);
+        compare_curves(&eq_curve, &pg_curve);
+    } else {
+        println!("\n(pg_twotower's defaults are the equal parameters: the comparison above is both)");
+    }
+}
+
+/// A new connection's first top-10 query (connect included), against the current index.
+fn first_query(host: &str, port: u16, q: &[f32]) -> Duration {
+    let mut c2 = Client::configure()
+        .host(host)
+        .port(port)
+        .user("postgres")
+        .dbname("postgres")
+        .connect(NoTls)
+        .unwrap();
+    c2.batch_execute("SET search_path = public, twotower").unwrap();
+    let q = q.to_vec();
+    let t = Instant::now();
+    c2.query(
+        "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT 10",
+        &[&q],
+    )
+    .unwrap();
+    t.elapsed()
+}
+
+/// The ef_search sweep of the current pg_twotower index: (ef_search, recall@10, QPS) rows.
+fn sweep(
+    c: &mut Client,
+    queries: &[Vec<f32>],
+    truth: &[Vec<i64>],
+    exact_qps: f64,
+    def_ef: usize,
+) -> Vec<(usize, f64, f64)> {
+    let sql = "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2";
+    println!(
+        "| ef_search | recall@10 | QPS (k=10) | p99 ms | recall@100 | QPS (k=100) | QPS vs exact |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut efs = vec![10, 20, 40, 64, 100, 150, 200, 400, 800];
+    if !efs.contains(&def_ef) {
+        efs.push(def_ef);
+        efs.sort_unstable();
+    }
+    let mut curve = Vec::new();
+    for ef in efs {
+        c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
+            .unwrap();
+        let r10 = run_queries(c, sql, queries, truth, 10);
+        let r100 = run_queries(c, sql, queries, truth, 100);
+        println!(
+            "| {ef}{} | {:.4} | {:.0} | {:.2} | {:.4} | {:.0} | {:.0}x |",
+            if ef == def_ef { " (default)" } else { "" },
+            r10.recall,
+            r10.qps,
+            r10.p99_ms,
+            r100.recall,
+            r100.qps,
+            r10.qps / exact_qps
+        );
+        curve.push((ef, r10.recall, r10.qps));
+    }
+    c.batch_execute("RESET twotower.ef_search").unwrap();
+    curve
+}
+
+/// Prints QPS at equal recall, and whether pg_twotower's curve is above pgvector's at every
+/// pgvector point: the best pg_twotower QPS at a recall at least as high.
+fn compare_curves(tt: &[(usize, f64, f64)], pg: &[(usize, f64, f64)]) {
+    let best = |curve: &[(usize, f64, f64)], target: f64| {
+        curve
+            .iter()
+            .filter(|x| x.1 >= target)
+            .map(|x| x.2)
+            .fold(0.0f64, f64::max)
+    };
+    for target in [0.90, 0.95, 0.99] {
+        let (a, b) = (best(tt, target), best(pg, target));
+        if a > 0.0 && b > 0.0 {
+            println!(
+                "QPS at recall@10 >= {target}: pg_twotower {a:.0}, pgvector {b:.0}: {:.2}x",
+                a / b
+            );
+        }
+    }
+    let mut above = true;
+    for &(ef, r, q) in pg {
+        let ours = best(tt, r);
+        let ok = ours > q;
+        above &= ok;
+        println!(
+            "pgvector ef_search {ef} (recall@10 {r:.4}, {q:.0} QPS): pg_twotower at >= that recall {ours:.0} QPS ({:.2}x){}",
+            ours / q,
+            if ok { "" } else { " — BELOW" }
+        );
+    }
+    println!(
+        "curve: pg_twotower {} pgvector's at every pgvector point",
+        if above { "above" } else { "NOT above" }
     );
 }
 
 /// Rows inserted after the build: 10 % more rows from the same distribution, then top-10
-/// latency and recall at the default ef_search (100) against exact search over all rows,
+/// latency and recall at the default ef_search against exact search over all rows,
 /// compared with the fresh build and with a REINDEX of all the rows (the inserts fold the rows
 /// into the delta graph as they go; each measurement is the median of three runs), and after
 /// VACUUM. Insert throughput and WAL volume (folds included) are printed. The inserted rows
@@ -392,10 +484,10 @@ fn fresh_inserts(
     let n = data.len() / dims;
     let extra = (n / 10).max(1);
     let sql = "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2";
-    c.batch_execute("SET twotower.ef_search = 100").unwrap();
+    let def_ef = default_ef_search(c);
     // The loaded rows' ground truth is the one computed at the start (top-500, of which the
     // first 10 are scored).
-    // The fresh build at ef_search 100 and wider, to compare at equal recall later.
+    // The fresh build at the default ef_search and wider, to compare at equal recall later.
     let fresh_curve = ef_curve(c, sql, queries, truth);
     let fresh = fresh_curve[0].1.clone();
     // The same distribution as the loaded rows: the generator continued past them and the
@@ -441,9 +533,8 @@ fn fresh_inserts(
     let (_, rebuild) = timed(|| c.batch_execute("REINDEX INDEX items_tt_idx").unwrap());
     run_queries(c, sql, &queries[..queries.len().min(10)], &truth1, 10);
     let rebuilt_curve = ef_curve(c, sql, queries, &truth1);
-    c.batch_execute("SET twotower.ef_search = 100").unwrap();
     let rebuilt = rebuilt_curve[0].1.clone();
-    println!("\n## {extra} rows inserted after the build (+10 %), ef_search 100, k = 10 (median of 3 runs each)");
+    println!("\n## {extra} rows inserted after the build (+10 %), ef_search {def_ef} (the default), k = 10 (median of 3 runs each)");
     println!("| | recall@10 | QPS | mean ms | p99 ms | mean latency vs fresh build | vs rebuild of all rows |");
     println!("|---|---|---|---|---|---|---|");
     for (label, r) in [
@@ -473,7 +564,7 @@ fn fresh_inserts(
     );
     println!("REINDEX of the {} rows: {:.1} s", n + extra, rebuild.as_secs_f64());
     // At equal recall: the smallest ef_search at which a fresh graph reaches the recall the
-    // index has after the inserts (at ef_search 100), and its latency.
+    // index has after the inserts (at the default ef_search), and its latency.
     for (label, curve) in [("fresh build", &fresh_curve), ("REINDEX of all rows", &rebuilt_curve)] {
         let (ef, r) = curve
             .iter()
@@ -501,11 +592,11 @@ struct PgvectorArgs<'a> {
     build: Duration,
     qdata: &'a [f32],
     truth: &'a [Vec<i64>],
-    tt_curve: &'a [(usize, f64, f64)],
 }
 
-/// pgvector's HNSW with the same M and ef_construction, when installed in the same server.
-fn pgvector(c: &mut Client, a: PgvectorArgs) {
+/// pgvector's HNSW on a copy of `items`, built WITH (m, efc) (its defaults at 16 and 64), and
+/// its ef_search sweep. `None` when pgvector is not installed.
+fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Vec<(usize, f64, f64)>)> {
     let PgvectorArgs {
         dims,
         cores,
@@ -514,7 +605,6 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) {
         build,
         qdata,
         truth,
-        tt_curve,
     } = a;
     let has_pgvector: bool = c
         .query_one(
@@ -525,7 +615,7 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) {
         .get(0);
     if !has_pgvector {
         println!("\n## pgvector: not installed in this server — comparison skipped");
-        return;
+        return None;
     }
     c.batch_execute(&format!(
         "CREATE EXTENSION IF NOT EXISTS vector; DROP TABLE IF EXISTS items_pgv;
@@ -544,7 +634,7 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) {
         .unwrap()
         .get(0);
     println!(
-        "\n## pgvector hnsw: build {:.1} s (pg_twotower's build took {:.2}x pgvector's time; target ≤ 0.5x), index {:.1} MB",
+        "\n## pgvector hnsw (m = {m}, ef_construction = {efc}): build {:.1} s (pg_twotower's build at its defaults took {:.2}x pgvector's time; target <= 0.5x), index {:.1} MB",
         pbuild.as_secs_f64(),
         build.as_secs_f64() / pbuild.as_secs_f64(),
         psize as f64 / 1048576.0
@@ -564,7 +654,7 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) {
     println!("| hnsw.ef_search | recall@10 | QPS (k=10) | p99 ms |");
     println!("|---|---|---|---|");
     let mut pg_curve = Vec::new();
-    for ef in [10, 20, 40, 64, 100, 200, 400] {
+    for ef in [10, 20, 40, 64, 100, 200, 400, 800] {
         c.batch_execute(&format!("SET hnsw.ef_search = {ef}"))
             .unwrap();
         let r = run_queries(
@@ -580,32 +670,27 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) {
         );
         pg_curve.push((ef, r.recall, r.qps));
     }
-    for target in [0.90, 0.95, 0.99] {
-        let best = |curve: &[(usize, f64, f64)]| {
-            curve
-                .iter()
-                .filter(|x| x.1 >= target)
-                .map(|x| x.2)
-                .fold(0.0f64, f64::max)
-        };
-        let (a, b) = (best(tt_curve), best(&pg_curve));
-        if a > 0.0 && b > 0.0 {
-            println!(
-                "QPS at recall@10 >= {target}: pg_twotower {a:.0}, pgvector {b:.0}: {:.2}x",
-                a / b
-            );
-        }
-    }
+    Some((pbuild, pg_curve))
 }
 
 /// (Re)builds the pg_twotower index on `items`.
-fn build_index(c: &mut Client, m: usize, efc: usize) {
+/// `options` is the WITH list ("" = the index's defaults).
+fn build_index(c: &mut Client, options: &str) {
     c.batch_execute("SET search_path = public, twotower; DROP INDEX IF EXISTS items_tt_idx; SET maintenance_work_mem = '4GB'")
         .unwrap();
+    let with = if options.is_empty() { String::new() } else { format!(" WITH ({options})") };
     c.batch_execute(&format!(
-        "CREATE INDEX items_tt_idx ON items USING twotower_hnsw (embedding real_cosine_ops) WITH (m = {m}, ef_construction = {efc})"
+        "CREATE INDEX items_tt_idx ON items USING twotower_hnsw (embedding real_cosine_ops){with}"
     ))
     .unwrap();
+}
+
+/// The server's `twotower.ef_search` after a RESET (the default a user gets).
+fn default_ef_search(c: &mut Client) -> usize {
+    c.batch_execute("RESET twotower.ef_search").unwrap();
+    c.query_one("SELECT current_setting('twotower.ef_search')::int", &[])
+        .unwrap()
+        .get::<_, i32>(0) as usize
 }
 
 /// An environment flag: set to anything but "" or "0".
