@@ -4,6 +4,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use twotower_ann::AnnError;
 use twotower_tower::TowerError;
+use twotower_train::TrainError;
 
 #[derive(Debug)]
 pub enum TtError {
@@ -57,6 +58,10 @@ pub enum TtError {
     MissingFeatureColumn { relation: String, feature: String },
     /// The table an index belongs to has no usable item id column.
     NoItemId(String),
+    /// A NULL in a source row where a value is required.
+    NullValue(String),
+    /// An error of the training core.
+    Train(TrainError),
 }
 
 impl From<TowerError> for TtError {
@@ -89,6 +94,34 @@ fn pg_float(v: f32) -> String {
         }
     } else {
         v.to_string()
+    }
+}
+
+fn train_parts(e: &TrainError) -> (PgSqlErrorCode, String, Option<String>, Option<String>) {
+    use PgSqlErrorCode::*;
+    match e {
+        TrainError::Option { path, reason } => (
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid training option \"{path}\""),
+            Some(reason.clone()),
+            Some("docs/training.md lists every option.".into()),
+        ),
+        TrainError::NoData(d) => (ERRCODE_DATA_EXCEPTION, format!("cannot train: {d}"), None, None),
+        TrainError::MemoryBudget { needed, budget } => (
+            ERRCODE_OUT_OF_MEMORY,
+            "training needs more memory than maintenance_work_mem".into(),
+            Some(format!("The run needs about {}, maintenance_work_mem is {}.", mib(*needed), mib(*budget))),
+            Some(format!("SET maintenance_work_mem = '{}' before twotower.train, or train on fewer rows.", mib(*needed + *needed / 8))),
+        ),
+        TrainError::Cancelled => (ERRCODE_QUERY_CANCELED, "canceling training".into(), None, None),
+        TrainError::Diverged { epoch, step, loss } => (
+            ERRCODE_DATA_EXCEPTION,
+            format!("training diverged at epoch {epoch}, step {step} (the loss is {loss})"),
+            None,
+            Some("Lower \"lr\" / \"sparse_lr\", or raise \"temperature\".".into()),
+        ),
+        TrainError::Export(d) => (ERRCODE_INTERNAL_ERROR, "the trained model failed its export check".into(), Some(d.clone()), None),
+        TrainError::Tower(t) => tower_parts(t),
     }
 }
 
@@ -292,6 +325,8 @@ impl TtError {
                 Some(d.clone()),
                 Some("Check free space and permissions of $PGDATA/pg_twotower.".into()),
             ),
+            TtError::NullValue(d) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, d.clone(), None, None),
+            TtError::Train(e) => train_parts(e),
         }
     }
 

@@ -14,6 +14,7 @@ pub mod models;
 pub mod ops;
 pub mod recall;
 pub mod spi;
+pub mod train;
 pub mod vector;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -17,7 +17,27 @@ pub mod twotower {
     /// The largest spec or weights file `import_model_file` reads.
     const MAX_FILE_BYTES: u64 = 1 << 30;
 
-    fn import(name: &str, spec: &serde_json::Value, weights: &[u8], activate: bool) -> TtResult<i32> {
+    /// Whether the caller may store a new version of `name` (the model exists and the caller
+    /// manages it, or it does not exist and the caller may create models). Checked before any
+    /// long work whose result would be stored.
+    pub(crate) fn check_can_store(name: &str) -> TtResult<bool> {
+        check_model_name(name)?;
+        let me = caller();
+        match model_owner(name) {
+            Ok(owner) => {
+                check_manage(name, owner)?;
+                Ok(true)
+            }
+            Err(TtError::ModelNotFound { .. }) if is_admin(me) => Ok(false),
+            Err(TtError::ModelNotFound { .. }) => Err(TtError::PermissionDenied {
+                action: format!("create model \"{name}\""),
+                hint: format!("Members of {ADMIN_ROLE} create models: GRANT {ADMIN_ROLE} TO {};", role_name(me)),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) fn import(name: &str, spec: &serde_json::Value, weights: &[u8], activate: bool) -> TtResult<i32> {
         check_model_name(name)?;
         let spec_text = spec.to_string();
         // Validate everything before touching the catalogue.
@@ -25,20 +45,7 @@ pub mod twotower {
         let checksum = (twotower_ann::checksum(weights) ^ twotower_ann::checksum(spec_text.as_bytes()).rotate_left(1)) as i64;
         let me = caller();
         let me_name = role_name(me);
-        let exists = match model_owner(name) {
-            Ok(owner) => {
-                check_manage(name, owner)?;
-                true
-            }
-            Err(TtError::ModelNotFound { .. }) if is_admin(me) => false,
-            Err(TtError::ModelNotFound { .. }) => {
-                return Err(TtError::PermissionDenied {
-                    action: format!("create model \"{name}\""),
-                    hint: format!("Members of {ADMIN_ROLE} create models: GRANT {ADMIN_ROLE} TO {me_name};"),
-                })
-            }
-            Err(e) => return Err(e),
-        };
+        let exists = check_can_store(name)?;
         if !exists {
             as_catalog_owner(|| {
                 Spi::run_with_args("INSERT INTO twotower.model (name) VALUES ($1)", &[name.into()])

@@ -34,7 +34,34 @@ pub struct Encoded {
     pub(crate) fields: Vec<Field>,
 }
 
+/// A read-only view of one encoded field, for code that computes with the same inputs as the
+/// forward pass (the training engine): rows are embedding-table rows (0 = OOV), a bag is never
+/// empty, values are already transformed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FieldRef<'a> {
+    Row(u32),
+    Bag {
+        rows: &'a [u32],
+        weights: Option<&'a [f32]>,
+    },
+    Value(f32),
+    Dense(Option<&'a [f32]>),
+}
+
 impl Encoded {
+    /// The fields, in feature order.
+    pub fn fields(&self) -> impl Iterator<Item = FieldRef<'_>> + '_ {
+        self.fields.iter().map(|f| match f {
+            Field::Row(r) => FieldRef::Row(*r),
+            Field::Bag { rows, weights } => FieldRef::Bag {
+                rows,
+                weights: weights.as_deref(),
+            },
+            Field::Value(v) => FieldRef::Value(*v),
+            Field::Dense(v) => FieldRef::Dense(v.as_deref()),
+        })
+    }
+
     /// Number of fields (= features of the model that encoded it).
     pub fn len(&self) -> usize {
         self.fields.len()

@@ -11,7 +11,7 @@ mod model;
 pub mod safetensors;
 mod spec;
 
-pub use encode::{canonical_id, Encoded, MAX_LIST_LEN};
+pub use encode::{canonical_id, Encoded, FieldRef, MAX_LIST_LEN};
 pub use error::{Result, TowerError};
 pub use forward::forward_parallel;
 pub use model::Model;

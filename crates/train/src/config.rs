@@ -1,0 +1,372 @@
+//! Training options (a JSON object; `docs/training.md` lists every key): the two towers'
+//! architecture, the loss, the optimisers and the schedule. Unknown keys are errors.
+
+use crate::error::{opt_err, Result};
+use crate::loss::LossKind;
+use crate::net::Pooling;
+use crate::optim::Sparse;
+use serde_json::{Map, Value};
+use twotower_tower::layers::Activation;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decay {
+    /// Weight 1 for every history item (an unweighted list).
+    None,
+    /// Weight `factor^i` for the i-th most recent item (i from 0).
+    Position(f64),
+    /// Weight `0.5^(age / half_life)`, the age in the timestamps' unit (seconds for timestamptz).
+    Age(f64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FeatureSpec {
+    /// One id from the entity's features (a vocabulary built from the training data).
+    Categorical { name: String, dim: usize },
+    /// A list of ids from the entity's features, pooled.
+    Multi { name: String, dim: usize, pooling: Pooling, max_len: usize },
+    /// A number from the entity's features, z-scored with the training data's statistics
+    /// (`zscore`), `log1p` or as it is (`none`).
+    Numeric { name: String, transform: NumTransform },
+    /// User towers only: the user's last `max_len` items before the interaction, most recent
+    /// first, weighted by `decay`.
+    History { name: String, dim: usize, max_len: usize, pooling: Pooling, decay: Decay },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NumTransform {
+    None,
+    Zscore,
+    Log1p,
+}
+
+impl FeatureSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            FeatureSpec::Categorical { name, .. }
+            | FeatureSpec::Multi { name, .. }
+            | FeatureSpec::Numeric { name, .. }
+            | FeatureSpec::History { name, .. } => name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TowerSpec {
+    pub features: Vec<FeatureSpec>,
+    pub hidden: Vec<usize>,
+    pub activation: Activation,
+    pub layer_norm: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub dim: usize,
+    pub user: TowerSpec,
+    pub item: TowerSpec,
+    pub min_count: usize,
+    pub max_vocab: usize,
+    pub loss: LossKind,
+    /// Global negatives: shared by the batch (softmax) or per row (pointwise, triplet).
+    pub negatives: usize,
+    pub temperature: f32,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub sparse: Sparse,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub patience: usize,
+    pub seed: u64,
+    pub threads: usize,
+    /// K of the validation Recall@K that picks the best epoch.
+    pub k: usize,
+    /// Hot-item down-sampling threshold of positives (0 = off).
+    pub subsample: f64,
+    pub init_std: f32,
+    /// Each user's last interaction validates (early stopping, the best epoch kept).
+    pub validate: bool,
+}
+
+pub const MAX_DIM: usize = 1024;
+pub const MAX_HIDDEN: usize = 4096;
+pub const MAX_EPOCHS: usize = 1000;
+pub const MAX_BATCH: usize = 65_536;
+pub const MAX_NEGATIVES: usize = 65_536;
+pub const MAX_THREADS: usize = 64;
+
+struct Obj<'a> {
+    m: &'a Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, path: &str) -> Result<Obj<'a>> {
+        match v {
+            Value::Object(m) => Ok(Obj { m, path: path.to_owned() }),
+            _ => Err(opt_err(path, "must be a JSON object")),
+        }
+    }
+    fn p(&self, k: &str) -> String {
+        if self.path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{}.{k}", self.path)
+        }
+    }
+    fn allow(&self, keys: &[&str]) -> Result<()> {
+        match self.m.keys().find(|k| !keys.contains(&k.as_str())) {
+            Some(k) => Err(opt_err(self.p(k), format!("unknown key (allowed here: {})", keys.join(", ")))),
+            None => Ok(()),
+        }
+    }
+    fn get(&self, k: &str) -> Option<&'a Value> {
+        self.m.get(k).filter(|v| !v.is_null())
+    }
+    fn uint(&self, k: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
+        let Some(v) = self.get(k) else { return Ok(default) };
+        let n = v
+            .as_u64()
+            .ok_or_else(|| opt_err(self.p(k), format!("must be a non-negative integer, got {v}")))?;
+        if (n as u128) < lo as u128 || (n as u128) > hi as u128 {
+            return Err(opt_err(self.p(k), format!("must be between {lo} and {hi}, got {n}")));
+        }
+        Ok(n as usize)
+    }
+    fn num(&self, k: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
+        let Some(v) = self.get(k) else { return Ok(default) };
+        let x = v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| opt_err(self.p(k), format!("must be a finite number, got {v}")))?;
+        if !(lo..=hi).contains(&x) {
+            return Err(opt_err(self.p(k), format!("must be between {lo} and {hi}, got {x}")));
+        }
+        Ok(x)
+    }
+    fn str(&self, k: &str, default: &'a str) -> Result<&'a str> {
+        match self.get(k) {
+            None => Ok(default),
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => Err(opt_err(self.p(k), format!("must be a string, got {v}"))),
+        }
+    }
+    fn bool(&self, k: &str, default: bool) -> Result<bool> {
+        match self.get(k) {
+            None => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(opt_err(self.p(k), format!("must be true or false, got {v}"))),
+        }
+    }
+}
+
+fn pooling(o: &Obj, k: &str) -> Result<Pooling> {
+    match o.str(k, "mean")? {
+        "mean" => Ok(Pooling::Mean),
+        "sum" => Ok(Pooling::Sum),
+        other => Err(opt_err(o.p(k), format!("must be \"mean\" or \"sum\", got \"{other}\""))),
+    }
+}
+
+fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerSpec> {
+    let v = v.ok_or_else(|| opt_err(path, "required key is missing"))?;
+    let o = Obj::new(v, path)?;
+    o.allow(&["features", "hidden", "activation", "layer_norm"])?;
+    let fs = o
+        .get("features")
+        .and_then(Value::as_array)
+        .ok_or_else(|| opt_err(o.p("features"), "must be a non-empty array of feature objects"))?;
+    if fs.is_empty() || fs.len() > 256 {
+        return Err(opt_err(o.p("features"), format!("must list 1 to 256 features, got {}", fs.len())));
+    }
+    let mut features: Vec<FeatureSpec> = Vec::new();
+    for (i, f) in fs.iter().enumerate() {
+        let fo = Obj::new(f, &format!("{}[{i}]", o.p("features")))?;
+        let name = fo.str("name", "")?;
+        if name.is_empty()
+            || name.len() > 63
+            || !name.bytes().enumerate().all(|(i, c)| c == b'_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+        {
+            return Err(opt_err(fo.p("name"), format!("\"{name}\" is not a valid feature name ([A-Za-z_][A-Za-z0-9_]*, at most 63)")));
+        }
+        if features.iter().any(|x| x.name() == name) {
+            return Err(opt_err(fo.p("name"), format!("duplicate feature \"{name}\"")));
+        }
+        let name = name.to_owned();
+        let spec = match fo.str("type", "")? {
+            "categorical" => {
+                fo.allow(&["name", "type", "dim"])?;
+                FeatureSpec::Categorical { name, dim: fo.uint("dim", dim, 1, MAX_DIM)? }
+            }
+            "multi_categorical" => {
+                fo.allow(&["name", "type", "dim", "pooling", "max_len"])?;
+                FeatureSpec::Multi {
+                    name,
+                    dim: fo.uint("dim", dim, 1, MAX_DIM)?,
+                    pooling: pooling(&fo, "pooling")?,
+                    max_len: fo.uint("max_len", 100, 1, 10_000)?,
+                }
+            }
+            "numeric" => {
+                fo.allow(&["name", "type", "transform"])?;
+                let transform = match fo.str("transform", "zscore")? {
+                    "zscore" => NumTransform::Zscore,
+                    "log1p" => NumTransform::Log1p,
+                    "none" => NumTransform::None,
+                    other => return Err(opt_err(fo.p("transform"), format!("must be \"zscore\", \"log1p\" or \"none\", got \"{other}\""))),
+                };
+                FeatureSpec::Numeric { name, transform }
+            }
+            "history" if user => {
+                fo.allow(&["name", "type", "dim", "pooling", "max_len", "decay"])?;
+                let decay = match fo.get("decay") {
+                    None => Decay::None,
+                    Some(d) => {
+                        let d = Obj::new(d, &fo.p("decay"))?;
+                        d.allow(&["position", "half_life"])?;
+                        match (d.get("position"), d.get("half_life")) {
+                            (Some(_), None) => Decay::Position(d.num("position", 1.0, 1e-6, 1.0)?),
+                            (None, Some(_)) => Decay::Age(d.num("half_life", 1.0, 1e-9, 1e15)?),
+                            _ => return Err(opt_err(fo.p("decay"), "give exactly one of \"position\" (a factor per position, 0..1] and \"half_life\" (in the timestamps' unit)")),
+                        }
+                    }
+                };
+                FeatureSpec::History {
+                    name,
+                    dim: fo.uint("dim", dim, 1, MAX_DIM)?,
+                    max_len: fo.uint("max_len", 50, 1, 10_000)?,
+                    pooling: pooling(&fo, "pooling")?,
+                    decay,
+                }
+            }
+            "history" => return Err(opt_err(fo.p("type"), "a history feature belongs to the user tower")),
+            other => {
+                return Err(opt_err(
+                    fo.p("type"),
+                    format!("must be \"categorical\", \"multi_categorical\", \"numeric\"{}, got \"{other}\"", if user { " or \"history\"" } else { "" }),
+                ))
+            }
+        };
+        features.push(spec);
+    }
+    let hidden = match o.get("hidden") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&n| (1..=MAX_HIDDEN as u64).contains(&n))
+                    .map(|n| n as usize)
+                    .ok_or_else(|| opt_err(o.p("hidden"), format!("widths must be integers 1..{MAX_HIDDEN}, got {x}")))
+            })
+            .collect::<Result<_>>()?,
+        Some(v) => return Err(opt_err(o.p("hidden"), format!("must be an array of widths, got {v}"))),
+    };
+    if hidden.len() > 16 {
+        return Err(opt_err(o.p("hidden"), "at most 16 hidden layers"));
+    }
+    let activation = match o.str("activation", "relu")? {
+        "relu" => Activation::Relu,
+        "gelu" => Activation::Gelu,
+        "tanh" => Activation::Tanh,
+        "sigmoid" => Activation::Sigmoid,
+        other => return Err(opt_err(o.p("activation"), format!("must be relu, gelu, tanh or sigmoid, got \"{other}\""))),
+    };
+    Ok(TowerSpec {
+        features,
+        hidden,
+        activation,
+        layer_norm: o.bool("layer_norm", false)?,
+    })
+}
+
+impl Config {
+    pub fn parse(v: &Value) -> Result<Config> {
+        let o = Obj::new(v, "")?;
+        o.allow(&[
+            "dim", "user", "item", "min_count", "max_vocab", "loss", "negatives", "temperature",
+            "margin", "logq", "in_batch", "lr", "weight_decay", "sparse_optimizer", "sparse_lr",
+            "ftrl_l1", "ftrl_l2", "ftrl_beta", "batch_size", "epochs", "patience", "seed",
+            "threads", "k", "subsample", "init_std", "validation",
+        ])?;
+        let dim = o.uint("dim", 32, 1, MAX_DIM)?;
+        let user = tower(o.get("user"), "user", dim, true)?;
+        let item = tower(o.get("item"), "item", dim, false)?;
+        let loss_name = o.str("loss", "softmax")?;
+        let in_batch = o.bool("in_batch", true)?;
+        let default_neg = match loss_name {
+            "softmax" => 0,
+            _ => 2,
+        };
+        let negatives = o.uint("negatives", default_neg, 0, MAX_NEGATIVES)?;
+        let loss = match loss_name {
+            "softmax" => {
+                if !in_batch && negatives == 0 {
+                    return Err(opt_err("negatives", "a softmax without in-batch negatives needs global negatives (negatives >= 1)"));
+                }
+                LossKind::Softmax { in_batch, logq: o.bool("logq", true)? }
+            }
+            "pointwise" | "triplet_hinge" | "triplet_logistic" => {
+                if o.get("in_batch").is_some() || o.get("logq").is_some() {
+                    return Err(opt_err("in_batch", format!("\"in_batch\" and \"logq\" apply to the softmax loss, not \"{loss_name}\"")));
+                }
+                if negatives == 0 {
+                    return Err(opt_err("negatives", format!("the {loss_name} loss needs negatives >= 1 per positive")));
+                }
+                match loss_name {
+                    "pointwise" => LossKind::Pointwise,
+                    "triplet_hinge" => LossKind::TripletHinge { margin: o.num("margin", 0.2, 0.0, 2.0)? as f32 },
+                    _ => LossKind::TripletLogistic,
+                }
+            }
+            other => {
+                return Err(opt_err("loss", format!("must be \"softmax\", \"pointwise\", \"triplet_hinge\" or \"triplet_logistic\", got \"{other}\"")))
+            }
+        };
+        if o.get("margin").is_some() && !matches!(loss, LossKind::TripletHinge { .. }) {
+            return Err(opt_err("margin", "applies to the triplet_hinge loss only"));
+        }
+        let sparse_lr = o.num("sparse_lr", 0.01, 1e-8, 100.0)? as f32;
+        let sparse = match o.str("sparse_optimizer", "lazy_adam")? {
+            "lazy_adam" => Sparse::LazyAdam { lr: sparse_lr },
+            "adagrad" => Sparse::Adagrad { lr: sparse_lr, initial: 0.1 },
+            "ftrl" => Sparse::Ftrl {
+                alpha: sparse_lr,
+                beta: o.num("ftrl_beta", 1.0, 0.0, 1e6)? as f32,
+                l1: o.num("ftrl_l1", 0.0, 0.0, 1e6)? as f32,
+                l2: o.num("ftrl_l2", 0.0, 0.0, 1e6)? as f32,
+            },
+            other => return Err(opt_err("sparse_optimizer", format!("must be \"lazy_adam\", \"adagrad\" or \"ftrl\", got \"{other}\""))),
+        };
+        if !matches!(sparse, Sparse::Ftrl { .. })
+            && ["ftrl_l1", "ftrl_l2", "ftrl_beta"].iter().any(|k| o.get(k).is_some())
+        {
+            return Err(opt_err("ftrl_l1", "the ftrl_* options need \"sparse_optimizer\": \"ftrl\""));
+        }
+        let cfg = Config {
+            dim,
+            user,
+            item,
+            min_count: o.uint("min_count", 1, 1, usize::MAX)?,
+            max_vocab: o.uint("max_vocab", 10_000_000, 1, u32::MAX as usize - 2)?,
+            loss,
+            negatives,
+            temperature: o.num("temperature", 0.05, 1e-4, 100.0)? as f32,
+            lr: o.num("lr", 0.001, 1e-8, 100.0)? as f32,
+            weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0)? as f32,
+            sparse,
+            batch_size: o.uint("batch_size", 256, 2, MAX_BATCH)?,
+            epochs: o.uint("epochs", 10, 1, MAX_EPOCHS)?,
+            patience: o.uint("patience", 3, 1, MAX_EPOCHS)?,
+            seed: o.uint("seed", 42, 0, usize::MAX)? as u64,
+            threads: o.uint("threads", 2, 1, MAX_THREADS)?,
+            k: o.uint("k", 50, 1, 10_000)?,
+            subsample: o.num("subsample", 0.0, 0.0, 1.0)?,
+            init_std: o.num("init_std", 0.05, 0.0, 10.0)? as f32,
+            validate: match o.str("validation", "last")? {
+                "last" => true,
+                "none" => false,
+                other => return Err(opt_err("validation", format!("must be \"last\" (each user's last interaction) or \"none\", got \"{other}\""))),
+            },
+        };
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,119 @@
+//! Ranking metrics with seen-item masking: each user's items are ranked by score over every
+//! item but the masked ones (the user's training items), ties broken by item index.
+
+/// Metrics at one K, averaged over users with at least one target.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Metrics {
+    pub k: usize,
+    /// Hits in the top K / number of targets.
+    pub recall: f64,
+    /// 1 when any target is in the top K.
+    pub hr: f64,
+    /// DCG@K / ideal DCG@K (binary relevance).
+    pub ndcg: f64,
+    /// 1 / rank of the first target (over the whole ranking, not only the top K).
+    pub mrr: f64,
+    pub users: usize,
+}
+
+/// One user's ranks of `targets` (1-based) among the unmasked items, by descending score.
+/// `masked` must be sorted; masked targets are not ranked (`None`).
+pub fn ranks(scores: &[f32], targets: &[u32], masked: &[u32]) -> Vec<Option<usize>> {
+    targets
+        .iter()
+        .map(|&t| {
+            if masked.binary_search(&t).is_ok() {
+                return None;
+            }
+            let st = scores[t as usize];
+            let mut better = 0usize;
+            for (j, &s) in scores.iter().enumerate() {
+                if j as u32 == t {
+                    continue;
+                }
+                // NaN scores rank last.
+                let ahead = s > st || (s == st && (j as u32) < t) || (st.is_nan() && !s.is_nan());
+                if ahead && masked.binary_search(&(j as u32)).is_err() {
+                    better += 1;
+                }
+            }
+            Some(better + 1)
+        })
+        .collect()
+}
+
+/// Accumulates users' ranks into metrics at each of `ks`.
+#[derive(Debug, Clone)]
+pub struct Accumulator {
+    ks: Vec<usize>,
+    sums: Vec<[f64; 4]>,
+    users: usize,
+}
+
+impl Accumulator {
+    pub fn new(ks: &[usize]) -> Accumulator {
+        Accumulator {
+            ks: ks.to_vec(),
+            sums: vec![[0.0; 4]; ks.len()],
+            users: 0,
+        }
+    }
+
+    /// Adds one user's target ranks (`None` = masked target, not counted).
+    pub fn add(&mut self, ranks: &[Option<usize>]) {
+        let r: Vec<usize> = ranks.iter().flatten().copied().collect();
+        if r.is_empty() {
+            return;
+        }
+        self.users += 1;
+        let first = *r.iter().min().expect("non-empty");
+        for (ki, &k) in self.ks.iter().enumerate() {
+            let hits: Vec<usize> = r.iter().copied().filter(|&x| x <= k).collect();
+            let dcg: f64 = hits.iter().map(|&x| 1.0 / ((x + 1) as f64).log2()).sum();
+            let idcg: f64 = (1..=r.len().min(k)).map(|x| 1.0 / ((x + 1) as f64).log2()).sum();
+            let s = &mut self.sums[ki];
+            s[0] += hits.len() as f64 / r.len() as f64;
+            s[1] += if hits.is_empty() { 0.0 } else { 1.0 };
+            s[2] += if idcg > 0.0 { dcg / idcg } else { 0.0 };
+            s[3] += 1.0 / first as f64;
+        }
+    }
+
+    pub fn metrics(&self) -> Vec<Metrics> {
+        let n = self.users.max(1) as f64;
+        self.ks
+            .iter()
+            .zip(&self.sums)
+            .map(|(&k, s)| Metrics {
+                k,
+                recall: s[0] / n,
+                hr: s[1] / n,
+                ndcg: s[2] / n,
+                mrr: s[3] / n,
+                users: self.users,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_skip_masked_items_and_break_ties_by_index() {
+        let scores = [0.9f32, 0.5, 0.7, 0.7, 0.1];
+        // item 3 ties with item 2 (lower index ahead); item 0 is masked.
+        assert_eq!(ranks(&scores, &[3], &[0]), vec![Some(2)]);
+        assert_eq!(ranks(&scores, &[3], &[]), vec![Some(3)]);
+        assert_eq!(ranks(&scores, &[0], &[0]), vec![None]);
+        let mut acc = Accumulator::new(&[1, 2]);
+        acc.add(&[Some(2)]);
+        acc.add(&[Some(1)]);
+        let m = acc.metrics();
+        assert_eq!(m[0].hr, 0.5);
+        assert_eq!(m[1].hr, 1.0);
+        assert!((m[1].ndcg - (1.0 + 1.0 / 3f64.log2()) / 2.0).abs() < 1e-12);
+        assert!((m[0].mrr - 0.75).abs() < 1e-12);
+    }
+}

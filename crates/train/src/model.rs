@@ -1,0 +1,247 @@
+//! From options and data to a tower: vocabularies and statistics from the training data, the
+//! spec (the tower crate's format, so a trained model is an ordinary model version), initial
+//! parameters, and the export (spec + safetensors) of trained parameters.
+
+use crate::config::{Decay, FeatureSpec, NumTransform, TowerSpec};
+use crate::data::vocabulary;
+use crate::error::{Result, TrainError};
+use crate::net::{FieldKind, Layer, Pooling, Table, Tower};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use twotower_tower::layers::Activation;
+
+/// What the data says about each feature of a tower.
+#[derive(Debug, Default)]
+pub struct FeatureStats {
+    /// Id counts of categorical / multi-categorical / history features.
+    pub counts: HashMap<String, HashMap<String, u64>>,
+    /// Sum, sum of squares and count of numeric features (after log1p when asked).
+    pub moments: HashMap<String, (f64, f64, u64)>,
+}
+
+/// A tower ready to train: its parameters and the spec that serves them.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub tower: Tower,
+    /// The spec without its weights (tensor names refer to `tensor_names`).
+    pub spec: Value,
+    /// Per table, then per dense parameter (in `Tower::dense_params` order): tensor name and shape.
+    pub table_tensors: Vec<String>,
+    pub dense_tensors: Vec<(String, Vec<usize>)>,
+}
+
+fn act_name(a: Activation) -> &'static str {
+    match a {
+        Activation::Relu => "relu",
+        Activation::Gelu => "gelu",
+        Activation::Tanh => "tanh",
+        Activation::Sigmoid => "sigmoid",
+    }
+}
+
+fn pooling_name(p: Pooling) -> &'static str {
+    match p {
+        Pooling::Mean => "mean",
+        Pooling::Sum => "sum",
+    }
+}
+
+/// Plans a tower: `kind` is "user" or "item", `dim` the output width.
+pub fn plan(
+    kind: &str,
+    spec: &TowerSpec,
+    dim: usize,
+    stats: &FeatureStats,
+    min_count: u64,
+    max_vocab: usize,
+    init_std: f32,
+    rng: &mut ChaCha8Rng,
+) -> Result<Plan> {
+    let mut fields = Vec::new();
+    let mut tables: Vec<Table> = Vec::new();
+    let mut table_tensors = Vec::new();
+    let mut features = Vec::new();
+    let empty = HashMap::new();
+    for f in &spec.features {
+        let name = f.name();
+        let mut table = |dim: usize| -> (usize, Vec<String>) {
+            let vocab = vocabulary(stats.counts.get(name).unwrap_or(&empty), min_count, max_vocab);
+            let rows = vocab.len() + 1;
+            let w = (0..rows * dim).map(|_| normal(rng) * init_std).collect();
+            tables.push(Table {
+                name: format!("{name}.embedding"),
+                rows,
+                dim,
+                w,
+            });
+            table_tensors.push(format!("{name}.embedding"));
+            (tables.len() - 1, vocab)
+        };
+        match f {
+            FeatureSpec::Categorical { dim, .. } => {
+                let (t, vocab) = table(*dim);
+                fields.push(FieldKind::Embed { table: t });
+                features.push(json!({"name": name, "type": "categorical", "embedding": format!("{name}.embedding"), "vocabulary": vocab}));
+            }
+            FeatureSpec::Multi { dim, pooling, max_len, .. } => {
+                let (t, vocab) = table(*dim);
+                fields.push(FieldKind::Pool { table: t, pooling: *pooling });
+                features.push(json!({"name": name, "type": "multi_categorical", "embedding": format!("{name}.embedding"),
+                    "vocabulary": vocab, "pooling": pooling_name(*pooling), "max_len": max_len}));
+            }
+            FeatureSpec::History { dim, pooling, max_len, decay, .. } => {
+                let (t, vocab) = table(*dim);
+                fields.push(FieldKind::Pool { table: t, pooling: *pooling });
+                features.push(json!({"name": name, "type": "multi_categorical", "embedding": format!("{name}.embedding"),
+                    "vocabulary": vocab, "pooling": pooling_name(*pooling), "max_len": max_len,
+                    "weighted": *decay != Decay::None}));
+            }
+            FeatureSpec::Numeric { transform, .. } => {
+                fields.push(FieldKind::Value { width: 1 });
+                let (s, s2, n) = stats.moments.get(name).copied().unwrap_or((0.0, 0.0, 0));
+                features.push(match transform {
+                    NumTransform::None => json!({"name": name, "type": "numeric", "transform": "none"}),
+                    NumTransform::Log1p => json!({"name": name, "type": "numeric", "transform": "log1p"}),
+                    NumTransform::Zscore => {
+                        let n = n.max(1) as f64;
+                        let mean = s / n;
+                        let var = (s2 / n - mean * mean).max(0.0);
+                        let std = if var.sqrt() > 1e-12 { var.sqrt() } else { 1.0 };
+                        json!({"name": name, "type": "numeric", "transform": "zscore", "mean": mean, "std": std})
+                    }
+                });
+            }
+        }
+    }
+    let mut width: usize = fields
+        .iter()
+        .map(|f| match f {
+            FieldKind::Embed { table } | FieldKind::Pool { table, .. } => tables[*table].dim,
+            FieldKind::Value { width } => *width,
+        })
+        .sum();
+    let mut layers = Vec::new();
+    let mut layer_specs = Vec::new();
+    let mut dense_tensors = Vec::new();
+    let mut widths: Vec<usize> = spec.hidden.clone();
+    // Without hidden layers a tower whose fields are already `dim` wide is used as it is (an
+    // id-only tower is matrix factorisation); otherwise a last linear layer maps to `dim`.
+    if !(spec.hidden.is_empty() && width == dim) {
+        widths.push(dim);
+    }
+    let last = widths.len();
+    for (i, &n_out) in widths.iter().enumerate() {
+        let bound = 1.0 / (width as f32).sqrt();
+        let w: Vec<f32> = (0..n_out * width).map(|_| rng.gen_range(-bound..bound)).collect();
+        let b: Vec<f32> = (0..n_out).map(|_| rng.gen_range(-bound..bound)).collect();
+        let (wn, bn) = (format!("mlp.{i}.weight"), format!("mlp.{i}.bias"));
+        layer_specs.push(json!({"type": "linear", "weight": wn, "bias": bn}));
+        dense_tensors.push((wn, vec![n_out, width]));
+        dense_tensors.push((bn, vec![n_out]));
+        layers.push(Layer::Linear { w, b, n_in: width, n_out });
+        width = n_out;
+        if i + 1 < last {
+            if spec.layer_norm {
+                let (gn, bn) = (format!("ln.{i}.weight"), format!("ln.{i}.bias"));
+                layer_specs.push(json!({"type": "layernorm", "weight": gn, "bias": bn, "eps": 1e-5}));
+                dense_tensors.push((gn, vec![width]));
+                dense_tensors.push((bn, vec![width]));
+                layers.push(Layer::LayerNorm { g: vec![1.0; width], b: vec![0.0; width], eps: 1e-5 });
+            }
+            layer_specs.push(json!({"type": act_name(spec.activation)}));
+            layers.push(Layer::Act(spec.activation));
+        }
+    }
+    layer_specs.push(json!({"type": "l2_normalize"}));
+    layers.push(Layer::L2Normalize);
+    let spec = json!({
+        "format": "pg_twotower.tower",
+        "spec_version": 1,
+        "kind": kind,
+        "features": features,
+        "layers": layer_specs,
+        "output": {"dim": dim, "metric": "cosine"},
+    });
+    Ok(Plan {
+        tower: Tower { fields, tables, layers },
+        spec,
+        table_tensors,
+        dense_tensors,
+    })
+}
+
+/// A standard normal draw (Box–Muller), from the run's generator.
+fn normal(rng: &mut ChaCha8Rng) -> f32 {
+    let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.gen::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// The spec text and safetensors bytes of `tower` trained under `plan`.
+pub fn export(plan: &Plan, tower: &Tower) -> Result<(String, Vec<u8>)> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (t, name) in tower.tables.iter().zip(&plan.table_tensors) {
+        owned.push((name.clone(), vec![t.rows, t.dim], bytes(&t.w)));
+    }
+    for (p, (name, shape)) in tower.dense_params().iter().zip(&plan.dense_tensors) {
+        owned.push((name.clone(), shape.clone(), bytes(p)));
+    }
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(n, s, b)| {
+            TensorView::new(Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| TrainError::Export(format!("tensor {n}: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = HashMap::new();
+    meta.insert("producer".to_owned(), "pg_twotower train".to_owned());
+    let st = safetensors::serialize(views, &Some(meta)).map_err(|e| TrainError::Export(e.to_string()))?;
+    Ok((plan.spec.to_string(), st))
+}
+
+fn bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Adds `value`'s ids to `counts` (a single id, a list of ids, or `{"ids": [...]}`), `n` times.
+pub fn count_ids(counts: &mut HashMap<String, u64>, value: Option<&Value>, n: u64) {
+    let mut one = |v: &Value| {
+        if let Ok(Some(id)) = twotower_tower::canonical_id(v) {
+            *counts.entry(id).or_insert(0) += n;
+        }
+    };
+    match value {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) => a.iter().for_each(&mut one),
+        Some(Value::Object(o)) => {
+            if let Some(Value::Array(a)) = o.get("ids") {
+                a.iter().for_each(&mut one);
+            }
+        }
+        Some(v) => one(v),
+    }
+}
+
+/// Adds a numeric feature value to the moments (after log1p when the transform is log1p, which
+/// needs no statistics; values that are not numbers are left to the encoder to reject).
+pub fn add_moment(moments: &mut HashMap<String, (f64, f64, u64)>, name: &str, value: Option<&Value>) {
+    if let Some(x) = value.and_then(Value::as_f64).filter(|x| x.is_finite()) {
+        let m = moments.entry(name.to_owned()).or_insert((0.0, 0.0, 0));
+        m.0 += x;
+        m.1 += x * x;
+        m.2 += 1;
+    }
+}
+
+/// The feature object `features` with `key: id` added when the key is absent.
+pub fn with_id(features: &Map<String, Value>, key: &str, id: &str) -> Value {
+    let mut m = features.clone();
+    if !m.contains_key(key) {
+        m.insert(key.to_owned(), Value::String(id.to_owned()));
+    }
+    Value::Object(m)
+}

@@ -1,0 +1,602 @@
+//! The training loop: examples (point-in-time histories), batches with sampled negatives, the
+//! two towers' forward and backward passes over both cores, optimiser steps, validation with
+//! early stopping, and the export of the best epoch.
+//!
+//! Determinism: for a seed and a thread count the run is the same bit for bit (every batch is
+//! split into the same contiguous parts, their gradients are added in part order).
+
+use crate::config::{Config, FeatureSpec, NumTransform};
+use crate::data::{history, Data};
+use crate::error::{Result, TrainError};
+use crate::eval::{ranks, Accumulator, Metrics};
+use crate::loss::{self, Scores};
+use crate::model::{self, add_moment, count_ids, with_id, FeatureStats, Plan};
+use crate::net::{Grads, Tower};
+use crate::optim::{Adam, SparseState};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Instant;
+use twotower_tower::{Encoded, Model};
+
+/// What the caller hears while training runs, always on the calling thread: returning an
+/// error stops the run, which then returns that error (a cancel). Steps come at least every
+/// batch; `Tick` comes during validation.
+#[derive(Debug, Clone)]
+pub enum Event<'a> {
+    Step(&'a Progress),
+    Epoch(&'a Progress),
+    Tick,
+}
+
+/// Where a run is.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub epoch: usize,
+    pub epochs: usize,
+    pub step: usize,
+    pub steps: usize,
+    /// Mean loss of the epoch so far.
+    pub loss: f64,
+    pub examples_per_s: f64,
+    /// Set at the end of an epoch with validation.
+    pub valid: Option<Metrics>,
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone)]
+pub struct EpochReport {
+    pub epoch: usize,
+    pub loss: f64,
+    pub examples: usize,
+    pub seconds: f64,
+    pub valid: Option<Metrics>,
+}
+
+/// A trained pair of towers, ready to be stored as model versions.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    pub user_spec: String,
+    pub user_weights: Vec<u8>,
+    pub item_spec: String,
+    pub item_weights: Vec<u8>,
+    pub best_epoch: usize,
+    pub epochs: Vec<EpochReport>,
+    pub train_examples: usize,
+    pub valid_examples: usize,
+    pub user_parameters: usize,
+    pub item_parameters: usize,
+}
+
+/// Where the ids go in a feature object: the key under which the user's / item's own id is
+/// added when the feature source has no such key (the interactions' column names).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub user: String,
+    pub item: String,
+}
+
+struct Example {
+    user: u32,
+    item: u32,
+    weight: f32,
+    /// Index into the encoded user inputs.
+    input: usize,
+}
+
+/// The input of a user at the moment of interaction `pos` of their timeline.
+fn user_input(cfg: &Config, data: &Data, keys: &Keys, user: u32, timeline: &[u32], pos: usize) -> Value {
+    let mut v = with_id(&data.users[user as usize].features, &keys.user, &data.users[user as usize].id);
+    let at = data.interactions[timeline[pos] as usize].ts;
+    for f in &cfg.user.features {
+        if let FeatureSpec::History { name, max_len, decay, .. } = f {
+            let past = timeline[..pos].iter().map(|&k| {
+                let x = &data.interactions[k as usize];
+                (data.items[x.item as usize].id.as_str(), x.ts)
+            });
+            if let Value::Object(m) = &mut v {
+                m.insert(name.clone(), history(past, at, *max_len, decay));
+            }
+        }
+    }
+    v
+}
+
+fn stats_of(features: &[FeatureSpec], entities: impl Iterator<Item = (Value, u64)>) -> FeatureStats {
+    let mut s = FeatureStats::default();
+    for (obj, n) in entities {
+        for f in features {
+            let name = f.name();
+            match f {
+                FeatureSpec::Categorical { .. } | FeatureSpec::Multi { .. } | FeatureSpec::History { .. } => {
+                    count_ids(s.counts.entry(name.to_owned()).or_default(), obj.get(name), n)
+                }
+                FeatureSpec::Numeric { transform: NumTransform::Zscore, .. } => {
+                    add_moment(&mut s.moments, name, obj.get(name))
+                }
+                FeatureSpec::Numeric { .. } => {}
+            }
+        }
+    }
+    s
+}
+
+fn load(plan: &Plan, tower: &Tower) -> Result<Model> {
+    let (spec, st) = model::export(plan, tower)?;
+    Ok(Model::load(&spec, &st)?)
+}
+
+/// Splits `0..n` into `parts` contiguous ranges (the first ones one longer).
+fn split(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    let base = n / parts;
+    let extra = n % parts;
+    let mut out = Vec::with_capacity(parts);
+    let mut s = 0;
+    for p in 0..parts {
+        let len = base + usize::from(p < extra);
+        out.push(s..s + len);
+        s += len;
+    }
+    out
+}
+
+/// Runs `f` on each part in its own scoped thread (the first on the calling thread), results
+/// in part order.
+fn par<T: Send>(parts: &[std::ops::Range<usize>], f: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
+    if parts.len() <= 1 {
+        return parts.iter().map(|r| f(r.clone())).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = parts[1..].iter().map(|r| {
+            let r = r.clone();
+            let f = &f;
+            s.spawn(move || f(r))
+        }).collect();
+        let mut out = vec![f(parts[0].clone())];
+        for h in handles {
+            match h.join() {
+                Ok(v) => out.push(v),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+        out
+    })
+}
+
+/// Runs `f(0)`, …, `f(n − 1)` in parallel (one scoped thread each but the first), results in
+/// order.
+fn par_n<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    let parts: Vec<std::ops::Range<usize>> = (0..n).map(|i| i..i + 1).collect();
+    par(&parts, |r| f(r.start))
+}
+
+/// Output vectors of `xs` through `tower` (forward only), over `threads`.
+pub fn embed_all(tower: &Tower, xs: &[&Encoded], threads: usize, dim: usize) -> Vec<f32> {
+    let parts = split(xs.len(), threads);
+    let outs = par(&parts, |r| {
+        let mut v = Vec::with_capacity(r.len() * dim);
+        for c in r.clone().step_by(1024) {
+            let end = (c + 1024).min(r.end);
+            v.extend_from_slice(tower.forward(&xs[c..end]).output());
+        }
+        v
+    });
+    outs.concat()
+}
+
+struct Optim {
+    dense: Vec<Adam>,
+    sparse: Vec<SparseState>,
+}
+
+impl Optim {
+    fn new(cfg: &Config, t: &Tower) -> Optim {
+        Optim {
+            dense: t.dense_params().iter().map(|p| Adam::new(p.len())).collect(),
+            sparse: t
+                .tables
+                .iter()
+                .map(|tb| {
+                    let mut s = SparseState::new(cfg.sparse, tb.rows, tb.dim);
+                    s.init_from(&tb.w);
+                    s
+                })
+                .collect(),
+        }
+    }
+
+    fn step(&mut self, cfg: &Config, t: &mut Tower, g: &Grads, step: u64) {
+        for ((p, a), gd) in t.dense_params_mut().into_iter().zip(&mut self.dense).zip(&g.dense) {
+            a.step(p, gd, cfg.lr, step, cfg.weight_decay);
+        }
+        for ((tb, s), rows) in t.tables.iter_mut().zip(&mut self.sparse).zip(&g.rows) {
+            s.step(&mut tb.w, rows, step);
+        }
+    }
+}
+
+/// Samples items ∝ count^0.75 (the global negatives) from a cumulative table.
+struct Sampler {
+    cdf: Vec<f64>,
+    items: Vec<u32>,
+    /// ln q(item) of the sampling distribution, per item index.
+    logq: Vec<f32>,
+}
+
+impl Sampler {
+    fn new(counts: &[u64]) -> Option<Sampler> {
+        let mut cdf = Vec::new();
+        let mut items = Vec::new();
+        let mut acc = 0f64;
+        for (i, &c) in counts.iter().enumerate() {
+            if c > 0 {
+                acc += (c as f64).powf(0.75);
+                cdf.push(acc);
+                items.push(i as u32);
+            }
+        }
+        if items.is_empty() {
+            return None;
+        }
+        let logq = counts
+            .iter()
+            .map(|&c| if c > 0 { ((c as f64).powf(0.75) / acc).ln() as f32 } else { f32::NEG_INFINITY })
+            .collect();
+        Some(Sampler { cdf, items, logq })
+    }
+
+    fn sample(&self, rng: &mut ChaCha8Rng) -> u32 {
+        let total = *self.cdf.last().expect("non-empty");
+        let x = rng.gen::<f64>() * total;
+        let i = self.cdf.partition_point(|&c| c <= x).min(self.items.len() - 1);
+        self.items[i]
+    }
+}
+
+/// Trains the two towers on `data`. `budget` bounds the memory the run allocates (bytes).
+pub fn train(
+    cfg: &Config,
+    data: &Data,
+    keys: &Keys,
+    budget: usize,
+    progress: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<Trained> {
+    if data.interactions.is_empty() {
+        return Err(TrainError::NoData("the interactions source has no rows".into()));
+    }
+    let timelines = data.timelines();
+    // The split: each user's last interaction validates (users with two or more).
+    let mut train_pos: Vec<(u32, usize)> = Vec::new();
+    let mut valid_pos: Vec<(u32, usize)> = Vec::new();
+    for (u, t) in timelines.iter().enumerate() {
+        for p in 0..t.len() {
+            if cfg.validate && p + 1 == t.len() && t.len() >= 2 {
+                valid_pos.push((u as u32, p));
+            } else {
+                train_pos.push((u as u32, p));
+            }
+        }
+    }
+    if train_pos.is_empty() {
+        return Err(TrainError::NoData("no training examples after the validation split".into()));
+    }
+    // Memory: the estimate before anything large is allocated.
+    let hist_len: usize = cfg
+        .user
+        .features
+        .iter()
+        .map(|f| match f {
+            FeatureSpec::History { max_len, .. } => *max_len,
+            _ => 0,
+        })
+        .sum();
+    let per_example = 96 + cfg.user.features.len() * 48 + hist_len.min(64) * 8;
+    let n_inputs = train_pos.len() + valid_pos.len();
+    let mut counts_by_item = vec![0u64; data.items.len()];
+    for &(u, p) in &train_pos {
+        counts_by_item[data.interactions[timelines[u as usize][p] as usize].item as usize] += 1;
+    }
+    let estimate_tables = |spec: &crate::config::TowerSpec, rows: usize| -> usize {
+        spec.features
+            .iter()
+            .map(|f| match f {
+                FeatureSpec::Categorical { dim, .. } | FeatureSpec::Multi { dim, .. } | FeatureSpec::History { dim, .. } => {
+                    (rows + 1) * dim * 4 * 4
+                }
+                FeatureSpec::Numeric { .. } => 0,
+            })
+            .sum()
+    };
+    let needed = n_inputs * per_example
+        + data.items.len() * (160 + cfg.dim * 8)
+        + estimate_tables(&cfg.user, data.users.len().max(data.items.len()))
+        + estimate_tables(&cfg.item, data.items.len())
+        + cfg.batch_size * (cfg.batch_size + cfg.negatives * cfg.batch_size.max(1)) * 8;
+    if needed > budget {
+        return Err(TrainError::MemoryBudget { needed, budget });
+    }
+
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // Statistics and vocabularies from the training examples only.
+    let user_stats = stats_of(
+        &cfg.user.features,
+        train_pos.iter().map(|&(u, p)| (user_input(cfg, data, keys, u, &timelines[u as usize], p), 1)),
+    );
+    let item_stats = stats_of(
+        &cfg.item.features,
+        counts_by_item
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(i, &c)| (with_id(&data.items[i].features, &keys.item, &data.items[i].id), c)),
+    );
+    let mc = cfg.min_count as u64;
+    let uplan = model::plan("user", &cfg.user, cfg.dim, &user_stats, mc, cfg.max_vocab, cfg.init_std, &mut rng)?;
+    let iplan = model::plan("item", &cfg.item, cfg.dim, &item_stats, mc, cfg.max_vocab, cfg.init_std, &mut rng)?;
+    let mut utower = uplan.tower.clone();
+    let mut itower = iplan.tower.clone();
+    // Encoding through the serving models themselves (the vocabularies are in the specs).
+    let umodel = load(&uplan, &utower)?;
+    let imodel = load(&iplan, &itower)?;
+    let encode = |m: &Model, v: &Value, what: &dyn Fn() -> String| -> Result<Encoded> {
+        m.encode(v, false).map_err(|e| TrainError::NoData(format!("{}: {e}", what())))
+    };
+    let items: Vec<Encoded> = data
+        .items
+        .iter()
+        .map(|it| encode(&imodel, &with_id(&it.features, &keys.item, &it.id), &|| format!("item {}", it.id)))
+        .collect::<Result<_>>()?;
+    let mut inputs: Vec<Encoded> = Vec::with_capacity(n_inputs);
+    let mut examples = Vec::with_capacity(train_pos.len());
+    let mut valid = Vec::with_capacity(valid_pos.len());
+    for (list, out) in [(&train_pos, &mut examples), (&valid_pos, &mut valid)] {
+        for &(u, p) in list.iter() {
+            let t = &timelines[u as usize];
+            let x = &data.interactions[t[p] as usize];
+            let v = user_input(cfg, data, keys, u, t, p);
+            inputs.push(encode(&umodel, &v, &|| format!("user {}", data.users[u as usize].id))?);
+            out.push(Example { user: u, item: x.item, weight: x.weight, input: inputs.len() - 1 });
+        }
+    }
+    // Each validation user's training items are masked when ranking.
+    let mut seen: HashMap<u32, Vec<u32>> = HashMap::new();
+    if !valid.is_empty() {
+        for &(u, p) in &train_pos {
+            seen.entry(u).or_default().push(data.interactions[timelines[u as usize][p] as usize].item);
+        }
+        for v in seen.values_mut() {
+            v.sort_unstable();
+            v.dedup();
+        }
+    }
+
+    let total: u64 = counts_by_item.iter().sum();
+    let sampler = Sampler::new(&counts_by_item);
+    let per_row = cfg.loss.per_row_negatives();
+    let b_max = cfg.batch_size.min(examples.len());
+    // ln of the expected count of an item among a batch's positives (in-batch logQ).
+    let freq_logq: Vec<f32> = counts_by_item
+        .iter()
+        .map(|&c| if c > 0 { ((c as f64 / total as f64) * b_max as f64).ln() as f32 } else { 0.0 })
+        .collect();
+
+    let mut uopt = Optim::new(cfg, &utower);
+    let mut iopt = Optim::new(cfg, &itower);
+    let threads = cfg.threads;
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut reports: Vec<EpochReport> = Vec::new();
+    let mut best: Option<(f64, usize, Tower, Tower)> = None;
+    let mut step: u64 = 0;
+    let mut since_best = 0;
+    for epoch in 1..=cfg.epochs {
+        let started = Instant::now();
+        order.shuffle(&mut rng);
+        // Hot-item down-sampling of positives (word2vec): keep with √(t/f) + t/f.
+        let kept: Vec<usize> = if cfg.subsample > 0.0 {
+            order
+                .iter()
+                .copied()
+                .filter(|&e| {
+                    let f = counts_by_item[examples[e].item as usize] as f64 / total as f64;
+                    let r = cfg.subsample / f;
+                    let keep = r.sqrt() + r;
+                    keep >= 1.0 || rng.gen::<f64>() < keep
+                })
+                .collect()
+        } else {
+            order.clone()
+        };
+        let mut loss_sum = 0f64;
+        let mut seen_examples = 0usize;
+        let steps = kept.len().div_ceil(b_max);
+        for (s, batch) in kept.chunks(b_max).enumerate() {
+            let b = batch.len();
+            if b < 2 {
+                continue;
+            }
+            step += 1;
+            // Candidates: the positives, then the negatives.
+            let n_neg = if per_row { cfg.negatives * b } else { cfg.negatives };
+            let mut cand: Vec<u32> = batch.iter().map(|&e| examples[e].item).collect();
+            if n_neg > 0 {
+                let sm = sampler.as_ref().ok_or_else(|| TrainError::NoData("no item to sample negatives from".into()))?;
+                for _ in 0..n_neg {
+                    cand.push(sm.sample(&mut rng));
+                }
+            }
+            let c = cand.len();
+            let mut logq = vec![0f32; c];
+            for (j, &it) in cand.iter().enumerate() {
+                logq[j] = if j < b {
+                    freq_logq[it as usize]
+                } else if let Some(sm) = &sampler {
+                    sm.logq[it as usize] + (n_neg as f32).ln()
+                } else {
+                    0.0
+                };
+            }
+            let weights: Vec<f32> = batch.iter().map(|&e| examples[e].weight).collect();
+            let uxs: Vec<&Encoded> = batch.iter().map(|&e| &inputs[examples[e].input]).collect();
+            let ixs: Vec<&Encoded> = cand.iter().map(|&i| &items[i as usize]).collect();
+            let uparts = split(b, threads);
+            let iparts = split(c, threads);
+            let (ut, it) = (&utower, &itower);
+            // Forward, both towers, each thread its part of the users and of the candidates.
+            let fwd = par_n(uparts.len().max(iparts.len()), |i| {
+                let uc = ut.forward(&uxs[uparts.get(i).cloned().unwrap_or(0..0)]);
+                let ic = it.forward(&ixs[iparts.get(i).cloned().unwrap_or(0..0)]);
+                (uc, ic)
+            });
+            let d = cfg.dim;
+            let mut u = Vec::with_capacity(b * d);
+            let mut v = Vec::with_capacity(c * d);
+            for (uc, ic) in &fwd {
+                u.extend_from_slice(uc.output());
+                v.extend_from_slice(ic.output());
+            }
+            let s_mat = loss::scores(&u, b, &v, c, d);
+            let (l, ds) = loss::loss(
+                cfg.loss,
+                &Scores { s: &s_mat, b, c, logq: &logq, items: &cand, weights: &weights, temperature: cfg.temperature },
+            );
+            if !l.is_finite() {
+                return Err(TrainError::Diverged { epoch, step: s + 1, loss: l });
+            }
+            let (du, dv) = loss::backprop_scores(&ds, &u, b, &v, c, d);
+            let grads = par_n(fwd.len(), |i| {
+                let (uc, ic) = &fwd[i];
+                let ur = uparts.get(i).cloned().unwrap_or(0..0);
+                let ir = iparts.get(i).cloned().unwrap_or(0..0);
+                (ut.backward(uc, &du[ur.start * d..ur.end * d]), it.backward(ic, &dv[ir.start * d..ir.end * d]))
+            });
+            let mut it_g = grads.into_iter();
+            let (mut ug, mut ig) = it_g.next().expect("one part at least");
+            for (a, bb) in it_g {
+                ug.add(a);
+                ig.add(bb);
+            }
+            drop(fwd);
+            uopt.step(cfg, &mut utower, &ug, step);
+            iopt.step(cfg, &mut itower, &ig, step);
+            loss_sum += l * b as f64;
+            seen_examples += b;
+            progress(Event::Step(&Progress {
+                epoch,
+                epochs: cfg.epochs,
+                step: s + 1,
+                steps,
+                loss: loss_sum / seen_examples.max(1) as f64,
+                examples_per_s: seen_examples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                valid: None,
+            }))?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let metric = if valid.is_empty() {
+            None
+        } else {
+            Some(validate(cfg, &utower, &itower, &items, &inputs, &valid, &seen, threads, progress)?)
+        };
+        let report = EpochReport {
+            epoch,
+            loss: loss_sum / seen_examples.max(1) as f64,
+            examples: seen_examples,
+            seconds,
+            valid: metric,
+        };
+        progress(Event::Epoch(&Progress {
+            epoch,
+            epochs: cfg.epochs,
+            step: steps,
+            steps,
+            loss: report.loss,
+            examples_per_s: seen_examples as f64 / seconds.max(1e-9),
+            valid: metric,
+        }))?;
+        reports.push(report);
+        // The best epoch by validation recall (the last one without validation).
+        let score = metric.map_or(epoch as f64, |m| m.recall);
+        if best.as_ref().is_none_or(|b| score > b.0) {
+            best = Some((score, epoch, utower.clone(), itower.clone()));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= cfg.patience {
+                break;
+            }
+        }
+    }
+    let (_, best_epoch, bu, bi) = best.ok_or_else(|| TrainError::NoData("no epoch completed".into()))?;
+    let (user_spec, user_weights) = model::export(&uplan, &bu)?;
+    let (item_spec, item_weights) = model::export(&iplan, &bi)?;
+    // The exported models compute what training computed.
+    check_export(&user_spec, &user_weights, &bu, &inputs[..inputs.len().min(64)])?;
+    check_export(&item_spec, &item_weights, &bi, &items[..items.len().min(64)])?;
+    Ok(Trained {
+        user_spec,
+        user_weights,
+        item_spec,
+        item_weights,
+        best_epoch,
+        epochs: reports,
+        train_examples: examples.len(),
+        valid_examples: valid.len(),
+        user_parameters: bu.parameter_count(),
+        item_parameters: bi.parameter_count(),
+    })
+}
+
+fn check_export(spec: &str, weights: &[u8], tower: &Tower, sample: &[Encoded]) -> Result<()> {
+    let m = Model::load(spec, weights).map_err(|e| TrainError::Export(e.to_string()))?;
+    let xs: Vec<&Encoded> = sample.iter().collect();
+    let ours = tower.forward(&xs);
+    let theirs = m.forward_batch(sample);
+    for (a, b) in ours.output().iter().zip(&theirs) {
+        if (a - b).abs() > 1e-5 {
+            return Err(TrainError::Export(format!("served output {b} differs from the trained {a}")));
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn validate(
+    cfg: &Config,
+    utower: &Tower,
+    itower: &Tower,
+    items: &[Encoded],
+    inputs: &[Encoded],
+    valid: &[Example],
+    seen: &HashMap<u32, Vec<u32>>,
+    threads: usize,
+    progress: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<Metrics> {
+    let d = cfg.dim;
+    let ixs: Vec<&Encoded> = items.iter().collect();
+    let iv = embed_all(itower, &ixs, threads, d);
+    let uxs: Vec<&Encoded> = valid.iter().map(|e| &inputs[e.input]).collect();
+    let uv = embed_all(utower, &uxs, threads, d);
+    let mut acc = Accumulator::new(&[cfg.k]);
+    let empty = Vec::new();
+    let n_items = items.len();
+    for chunk in (0..valid.len()).collect::<Vec<_>>().chunks(256) {
+        let parts = split(chunk.len(), threads);
+        let rs = par(&parts, |r| {
+            r.map(|j| {
+                let e = &valid[chunk[j]];
+                let u = &uv[chunk[j] * d..(chunk[j] + 1) * d];
+                let scores: Vec<f32> = (0..n_items).map(|i| twotower_tower::layers::dot(u, &iv[i * d..(i + 1) * d])).collect();
+                ranks(&scores, &[e.item], seen.get(&e.user).unwrap_or(&empty))
+            })
+            .collect::<Vec<_>>()
+        });
+        for r in rs.into_iter().flatten() {
+            acc.add(&r);
+        }
+        // A long validation stays cancellable.
+        progress(Event::Tick)?;
+    }
+    Ok(acc.metrics()[0])
+}

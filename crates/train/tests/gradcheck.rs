@@ -1,0 +1,233 @@
+//! Gradient checks against central finite differences: every layer, every pooling, every loss
+//! and the logQ terms.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use twotower_train::config::{Decay, FeatureSpec, NumTransform, TowerSpec};
+use twotower_train::loss::{self, LossKind, Scores};
+use twotower_train::model::{self, FeatureStats};
+use twotower_train::net::{Pooling, Tower};
+use twotower_tower::layers::Activation;
+use twotower_tower::{Encoded, Model};
+
+fn stats() -> FeatureStats {
+    let mut s = FeatureStats::default();
+    for (f, ids) in [("uid", vec!["1", "2", "3"]), ("tags", vec!["a", "b", "c", "d"]), ("hist", vec!["x", "y", "z"]), ("bag", vec!["p", "q"])] {
+        s.counts.insert(f.into(), ids.into_iter().map(|i| (i.to_string(), 1)).collect());
+    }
+    s.moments.insert("age".into(), (60.0, 1400.0, 3));
+    s
+}
+
+fn tower_spec(act: Activation, layer_norm: bool, hidden: Vec<usize>) -> TowerSpec {
+    TowerSpec {
+        features: vec![
+            FeatureSpec::Categorical { name: "uid".into(), dim: 3 },
+            FeatureSpec::Multi { name: "tags".into(), dim: 2, pooling: Pooling::Mean, max_len: 10 },
+            FeatureSpec::Multi { name: "bag".into(), dim: 2, pooling: Pooling::Sum, max_len: 10 },
+            FeatureSpec::History { name: "hist".into(), dim: 3, max_len: 5, pooling: Pooling::Mean, decay: Decay::Position(0.7) },
+            FeatureSpec::Numeric { name: "age".into(), transform: NumTransform::Zscore },
+        ],
+        hidden,
+        activation: act,
+        layer_norm,
+    }
+}
+
+fn inputs(m: &Model) -> Vec<Encoded> {
+    [
+        json!({"uid": 1, "tags": ["a", "b"], "bag": ["p", "q", "p"], "hist": {"ids": ["x", "y"], "weights": [1.0, 0.7]}, "age": 25}),
+        json!({"uid": "3", "tags": ["c"], "bag": [], "hist": {"ids": ["z", "x", "y"], "weights": [1.0, 0.7, 0.49]}, "age": 17.5}),
+        json!({"uid": 2, "tags": ["d", "a", "zz"], "bag": ["q"], "hist": {"ids": [], "weights": []}}),
+    ]
+    .iter()
+    .map(|v| m.encode(v, true).unwrap())
+    .collect()
+}
+
+/// L = Σ out ⊙ R for a fixed R; returns L in f64.
+fn objective(t: &Tower, xs: &[&Encoded], r: &[f32]) -> f64 {
+    t.forward(xs).output().iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+fn check_tower(act: Activation, layer_norm: bool, hidden: Vec<usize>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let plan = model::plan("user", &tower_spec(act, layer_norm, hidden), 4, &stats(), 1, 100, 0.5, &mut rng).unwrap();
+    let (spec, st) = model::export(&plan, &plan.tower).unwrap();
+    let m = Model::load(&spec, &st).unwrap();
+    let enc = inputs(&m);
+    let xs: Vec<&Encoded> = enc.iter().collect();
+    let mut t = plan.tower.clone();
+    // LayerNorm starts at g = 1, b = 0: move it so its gradient is checked at a general point.
+    for p in t.dense_params_mut() {
+        for x in p.iter_mut() {
+            *x += rng.gen_range(-0.3..0.3);
+        }
+    }
+    let r: Vec<f32> = (0..xs.len() * 4).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let cache = t.forward(&xs);
+    let g = t.backward(&cache, &r);
+    let eps = 1e-2f32;
+    let close = |num: f64, ana: f64, what: &str| {
+        assert!(
+            (num - ana).abs() <= 2e-3 + 2e-2 * num.abs().max(ana.abs()),
+            "{what}: numeric {num} vs analytic {ana} ({act:?}, layer_norm {layer_norm})"
+        );
+    };
+    let n_dense = t.dense_params().len();
+    for pi in 0..n_dense {
+        let len = t.dense_params()[pi].len();
+        for k in 0..len {
+            let orig = t.dense_params()[pi][k];
+            t.dense_params_mut()[pi][k] = orig + eps;
+            let lp = objective(&t, &xs, &r);
+            t.dense_params_mut()[pi][k] = orig - eps;
+            let lm = objective(&t, &xs, &r);
+            t.dense_params_mut()[pi][k] = orig;
+            close((lp - lm) / (2.0 * eps as f64), g.dense[pi][k] as f64, &format!("dense param {pi}[{k}]"));
+        }
+    }
+    let mut checked_rows = 0;
+    for ti in 0..t.tables.len() {
+        let dim = t.tables[ti].dim;
+        for row in 0..t.tables[ti].rows {
+            for k in 0..dim {
+                let idx = row * dim + k;
+                let orig = t.tables[ti].w[idx];
+                t.tables[ti].w[idx] = orig + eps;
+                let lp = objective(&t, &xs, &r);
+                t.tables[ti].w[idx] = orig - eps;
+                let lm = objective(&t, &xs, &r);
+                t.tables[ti].w[idx] = orig;
+                let num = (lp - lm) / (2.0 * eps as f64);
+                let ana = g.rows[ti].get(&(row as u32)).map_or(0.0, |v| v[k] as f64);
+                close(num, ana, &format!("table {} row {row}[{k}]", t.tables[ti].name));
+                if ana != 0.0 {
+                    checked_rows += 1;
+                }
+            }
+        }
+    }
+    assert!(checked_rows > 20, "the check saw non-zero row gradients");
+}
+
+#[test]
+fn tower_gradients_tanh_layernorm() {
+    check_tower(Activation::Tanh, true, vec![5]);
+}
+
+#[test]
+fn tower_gradients_gelu_two_hidden() {
+    check_tower(Activation::Gelu, false, vec![6, 5]);
+}
+
+#[test]
+fn tower_gradients_sigmoid() {
+    check_tower(Activation::Sigmoid, true, vec![5]);
+}
+
+#[test]
+fn tower_gradients_relu() {
+    // ReLU has kinks: with random weights no pre-activation lands within eps of 0 here (the
+    // check would fail loudly if one did).
+    check_tower(Activation::Relu, false, vec![7]);
+}
+
+#[test]
+fn tower_gradients_without_hidden_layers() {
+    check_tower(Activation::Relu, false, vec![]);
+}
+
+fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let c = b + negatives;
+    let s: Vec<f32> = (0..b * c).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let logq: Vec<f32> = (0..c).map(|_| if logq_on { rng.gen_range(-3.0..0.0) } else { 0.0 }).collect();
+    // Item 3 appears twice among the positives and once among the negatives (masked columns).
+    let mut items: Vec<u32> = (0..c as u32).map(|i| i + 10).collect();
+    items[1] = 3;
+    items[2] = 3;
+    if negatives > 0 {
+        items[b] = 3;
+    }
+    let weights: Vec<f32> = (0..b).map(|i| 0.5 + i as f32 * 0.25).collect();
+    let eval = |s: &[f32]| {
+        loss::loss(kind, &Scores { s, b, c, logq: &logq, items: &items, weights: &weights, temperature: 0.3 })
+    };
+    let (_, ds) = eval(&s);
+    let eps = 1e-3f32;
+    let mut nonzero = 0;
+    for k in 0..s.len() {
+        let mut sp = s.clone();
+        sp[k] += eps;
+        let mut sm = s.clone();
+        sm[k] -= eps;
+        let num = (eval(&sp).0 - eval(&sm).0) / (2.0 * eps as f64);
+        let ana = ds[k] as f64;
+        assert!((num - ana).abs() <= 1e-4 + 1e-3 * num.abs(), "{kind:?} dS[{k}]: numeric {num} vs analytic {ana}");
+        if ana != 0.0 {
+            nonzero += 1;
+        }
+    }
+    assert!(nonzero > b, "{kind:?}: gradients flow");
+}
+
+#[test]
+fn softmax_in_batch_with_logq() {
+    check_loss(LossKind::Softmax { in_batch: true, logq: true }, 5, 0, true);
+}
+
+#[test]
+fn softmax_mixed_in_batch_and_global_with_logq() {
+    check_loss(LossKind::Softmax { in_batch: true, logq: true }, 4, 6, true);
+}
+
+#[test]
+fn sampled_softmax_global_only() {
+    check_loss(LossKind::Softmax { in_batch: false, logq: true }, 4, 6, true);
+}
+
+#[test]
+fn pointwise_sigmoid() {
+    check_loss(LossKind::Pointwise, 4, 8, false);
+}
+
+#[test]
+fn triplet_logistic() {
+    check_loss(LossKind::TripletLogistic, 4, 8, false);
+}
+
+#[test]
+fn triplet_hinge() {
+    // Hinge has a kink at margin: with random scores no term lands within eps of it.
+    check_loss(LossKind::TripletHinge { margin: 0.2 }, 4, 8, false);
+}
+
+#[test]
+fn score_backprop() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (b, c, d) = (3, 5, 4);
+    let u: Vec<f32> = (0..b * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let v: Vec<f32> = (0..c * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let r: Vec<f32> = (0..b * c).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let f = |u: &[f32], v: &[f32]| -> f64 {
+        loss::scores(u, b, v, c, d).iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
+    };
+    let (du, dv) = loss::backprop_scores(&r, &u, b, &v, c, d);
+    let eps = 1e-2;
+    for k in 0..u.len() {
+        let (mut p, mut m) = (u.clone(), u.clone());
+        p[k] += eps;
+        m[k] -= eps;
+        let num = (f(&p, &v) - f(&m, &v)) / (2.0 * eps as f64);
+        assert!((num - du[k] as f64).abs() < 1e-3, "dU[{k}]");
+    }
+    for k in 0..v.len() {
+        let (mut p, mut m) = (v.clone(), v.clone());
+        p[k] += eps;
+        m[k] -= eps;
+        let num = (f(&u, &p) - f(&u, &m)) / (2.0 * eps as f64);
+        assert!((num - dv[k] as f64).abs() < 1e-3, "dV[{k}]");
+    }
+}

@@ -1,0 +1,93 @@
+-- Training in the database: twotower.train on synthetic data with a known structure (users and
+-- items in 5 taste groups), the trained towers served like imported ones, bad input, privileges
+-- and cancellation (no partial model version).
+SET search_path = public, twotower;
+\set VERBOSITY terse
+CREATE FUNCTION pg_temp.err(q text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE st text; msg text; det text;
+BEGIN
+    EXECUTE q;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, det = PG_EXCEPTION_DETAIL;
+    RETURN st || ': ' || msg || coalesce(' | ' || nullif(det, ''), '');
+END $$;
+CREATE TABLE tr_items AS SELECT i AS item_id, 'g' || (i % 5) AS genre FROM generate_series(0, 99) i;
+CREATE TABLE tr_users AS SELECT u AS user_id, 20 + u % 30 AS age FROM generate_series(0, 199) u;
+-- 15 interactions per user, 90 % of them with items of the user's group (u % 5).
+CREATE TABLE tr_events AS
+SELECT u AS user_id,
+       CASE WHEN (u * 7 + t * 13) % 10 < 9 THEN (u % 5) + 5 * ((u * 31 + t * 17) % 20)
+            ELSE (u * 37 + t * 11) % 100 END AS item_id,
+       timestamptz '2026-01-01' + make_interval(hours => t * 24 + u % 24) AS ts
+  FROM generate_series(0, 199) u, generate_series(0, 14) t;
+\set opts '{"dim": 8, "epochs": 6, "k": 10, "batch_size": 64, "lr": 0.01, "sparse_lr": 0.05, "temperature": 0.1, "user": {"features": [{"name": "user_id", "type": "categorical"}, {"name": "age", "type": "numeric"}, {"name": "history", "type": "history", "max_len": 10, "decay": {"position": 0.8}}], "hidden": [16]}, "item": {"features": [{"name": "item_id", "type": "categorical"}, {"name": "genre", "type": "categorical", "dim": 4}], "hidden": [16]}}'
+-- Per-epoch NOTICEs carry timings: not part of the expected output.
+SET client_min_messages = warning;
+SELECT model, version, kind, parameters > 0 AS has_parameters, best_epoch BETWEEN 1 AND 6 AS best_epoch_ok,
+       valid_recall > 0.5 AS learned, valid_ndcg > 0.2 AS ndcg_ok, train_examples
+  FROM twotower.train('tr_user', 'tr_item', 'tr_events', :'opts',
+                      user_features => 'tr_users', item_features => 'tr_items');
+RESET client_min_messages;
+SELECT name, version, kind, dim, metric, active FROM twotower.models WHERE name LIKE 'tr\_%' ORDER BY name;
+
+-- The trained towers are ordinary models: item vectors, an index, recall.
+CREATE TABLE tr_vectors (id bigint PRIMARY KEY, embedding real[]);
+SELECT inserted FROM twotower.refresh_item_vectors('tr_item', 'tr_items', 'tr_vectors', id_column => 'item_id');
+CREATE INDEX ON tr_vectors USING twotower_hnsw (embedding real_cosine_ops);
+-- A user of group 3 with a group-3 history gets mostly group-3 items.
+SELECT count(*) FILTER (WHERE item_id % 5 = 3) >= 7 AS mostly_own_group
+  FROM twotower.recall('tr_user', 'tr_vectors_embedding_idx',
+       '{"user_id": 8, "age": 28, "history": {"ids": [3, 13, 23], "weights": [1, 0.8, 0.64]}}', 10);
+-- Training is deterministic for a seed: a second run gives the same weights.
+SET client_min_messages = warning;
+SELECT version FROM twotower.train('tr_user', 'tr_item', 'tr_events', :'opts',
+       user_features => 'tr_users', item_features => 'tr_items', activate => false);
+RESET client_min_messages;
+SELECT count(DISTINCT checksum) AS distinct_weights FROM twotower.model_version WHERE model = 'tr_user';
+
+-- Bad options and input: clear SQLSTATEs, nothing stored.
+SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', '{"loss": "listwise", "user": {"features": [{"name": "user_id", "type": "categorical"}]}, "item": {"features": [{"name": "item_id", "type": "categorical"}]}}')$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', '{"user": {"features": [{"name": "user_id", "type": "categorical"}]}}')$q$);
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L, time_column => 'when')$q$, :'opts'));
+CREATE TABLE tr_textts AS SELECT user_id, item_id, ts::text AS ts FROM tr_events LIMIT 5;
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_textts', %L)$q$, :'opts'));
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_u2', 'tr_events', %L)$q$, :'opts'));
+CREATE TABLE tr_empty (user_id bigint, item_id bigint, ts timestamptz);
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_empty', %L)$q$, :'opts'));
+INSERT INTO tr_empty VALUES (1, 2, now()), (1, NULL, now());
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_empty', %L)$q$, :'opts'));
+CREATE TABLE tr_badusers AS SELECT 1::bigint AS user_id, 'old'::text AS age;
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L, user_features => 'tr_badusers')$q$, :'opts'));
+SET maintenance_work_mem = '1MB';
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L)$q$, :'opts'));
+RESET maintenance_work_mem;
+SELECT count(*) AS stored FROM twotower.models WHERE name IN ('tr_u2', 'tr_i2');
+
+-- Privileges: a role that may not create models is refused before anything is read; one that
+-- may, but cannot read the interactions, gets the table's permission error.
+CREATE ROLE tt_trainer;
+GRANT USAGE ON SCHEMA public TO tt_trainer;
+SET ROLE tt_trainer;
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u3', 'tr_i3', 'tr_events', %L)$q$, :'opts'));
+RESET ROLE;
+GRANT twotower_admin TO tt_trainer;
+SET ROLE tt_trainer;
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u3', 'tr_i3', 'tr_events', %L)$q$, :'opts'));
+RESET ROLE;
+
+-- A cancel (here statement_timeout) mid-training stops within the step and stores nothing.
+SET statement_timeout = '300ms';
+SET client_min_messages = warning;
+-- (PL/pgSQL handlers do not catch a cancel: the statement itself fails.)
+SELECT * FROM twotower.train('tr_u4', 'tr_i4', 'tr_events', jsonb_set(:'opts'::jsonb, '{epochs}', '1000') || '{"patience": 1000}');
+RESET statement_timeout;
+RESET client_min_messages;
+SELECT count(*) AS stored FROM twotower.models WHERE name IN ('tr_u4', 'tr_i4');
+
+DROP TABLE tr_items, tr_users, tr_events, tr_vectors, tr_empty, tr_badusers, tr_textts;
+SELECT twotower.drop_model('tr_user');
+SELECT twotower.drop_model('tr_item');
+REVOKE twotower_admin FROM tt_trainer;
+REVOKE USAGE ON SCHEMA public FROM tt_trainer;
+DROP ROLE tt_trainer;
