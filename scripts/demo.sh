@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job so far: 100k generated item vectors, a twotower_hnsw index, a top-10 query with
+# The main job: MovieLens-100k trained, served and evaluated in SQL (scripts/movielens.sh).
+# The second target: 100k generated item vectors, a twotower_hnsw index, a top-10 query with
 # EXPLAIN showing the index, index health, and recall against exact search; then towers in SQL:
 # a user and an item tower imported (the golden fixtures of tests/golden), the nightly item
 # refresh, and one-call recall joined with the item table.
@@ -7,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${TT_DEMO_PORT:-55432}
 scripts/cluster.sh start demo "$PORT"
+bash scripts/movielens.sh
+echo
+echo "== the second target: 100k generated item vectors and imported towers (database postgres)"
 psql_demo() { scripts/cluster.sh psql demo "$PORT" -d postgres "$@"; }
 psql_demo -q <<'SQL'
 DROP TABLE IF EXISTS items;

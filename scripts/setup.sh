@@ -9,7 +9,8 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 
 pkgs=(postgresql-15 postgresql-server-dev-15 postgresql-client-15 postgresql-contrib
-      clang libclang-dev sudo pkg-config libssl-dev make gcc g++ perl libipc-run-perl python3)
+      clang libclang-dev sudo pkg-config libssl-dev make gcc g++ perl libipc-run-perl python3
+      python3-pip python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -106,6 +106,9 @@ CREATE TABLE twotower.model_version (
     weights      bytea NOT NULL,
     imported_by  name NOT NULL,
     imported_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- For versions made by twotower.train: the sources and history features it was trained
+    -- with (twotower.user_features builds serving inputs from them); NULL for imports.
+    train_options jsonb,
     PRIMARY KEY (model, version)
 );
 -- safetensors do not compress; skip pglz work on import.

@@ -37,7 +37,13 @@ pub mod twotower {
         }
     }
 
-    pub(crate) fn import(name: &str, spec: &serde_json::Value, weights: &[u8], activate: bool) -> TtResult<i32> {
+    pub(crate) fn import(
+        name: &str,
+        spec: &serde_json::Value,
+        weights: &[u8],
+        activate: bool,
+        train_options: Option<&serde_json::Value>,
+    ) -> TtResult<i32> {
         check_model_name(name)?;
         let spec_text = spec.to_string();
         // Validate everything before touching the catalogue.
@@ -62,8 +68,8 @@ pub mod twotower {
             .unwrap_or(1);
             Spi::run_with_args(
                 "INSERT INTO twotower.model_version
-                   (model, version, kind, dim, metric, parameters, checksum, spec, weights, imported_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10::name)",
+                   (model, version, kind, dim, metric, parameters, checksum, spec, weights, imported_by, train_options)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10::name, $11::jsonb)",
                 &[
                     name.into(),
                     v.into(),
@@ -75,6 +81,7 @@ pub mod twotower {
                     spec_text.as_str().into(),
                     weights.into(),
                     me_name.clone().into(),
+                    train_options.map(|o| o.to_string()).into(),
                 ],
             )?;
             if activate {
@@ -101,7 +108,7 @@ pub mod twotower {
         activate: default!(bool, true),
     ) -> i32 {
         let spec = spec.value("spec").or_report();
-        import(name, &spec, weights, activate).or_report()
+        import(name, &spec, weights, activate, None).or_report()
     }
 
     /// Reads a regular server file of at most 1 GB in chunks, answering cancellation between
@@ -173,7 +180,7 @@ pub mod twotower {
         let spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
             .map_err(|e| TtError::Tower(twotower_tower::TowerError::SpecJson { reason: e.to_string() }))
             .or_report();
-        import(name, &spec, &weights, activate).or_report()
+        import(name, &spec, &weights, activate, None).or_report()
     }
 
     /// Makes `version` the serving version of model `name` (atomic: one row update; every

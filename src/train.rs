@@ -46,6 +46,31 @@ pub mod twotower {
         })
     }
 
+    /// Whether `rel` is a table (its rows have a physical order: equal timestamps keep it).
+    fn is_table(rel: pg_sys::Oid) -> bool {
+        crate::catalog::read_row::<bool, bool>(
+            "SELECT relkind IN ('r', 'm'), true FROM pg_catalog.pg_class WHERE oid = $1",
+            &[rel.into()],
+        )
+        .ok()
+        .flatten()
+        .and_then(|(t, _)| t)
+        .unwrap_or(false)
+    }
+
+    /// The SQL type of column `col` of `rel` (as format_type prints it, quoted where needed).
+    fn column_type(rel: pg_sys::Oid, col: &str) -> TtResult<String> {
+        crate::catalog::read_row::<String, bool>(
+            "SELECT pg_catalog.format_type(atttypid, atttypmod), true FROM pg_catalog.pg_attribute
+              WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            &[rel.into(), col.into()],
+        )
+        .ok()
+        .flatten()
+        .and_then(|(t, _)| t)
+        .ok_or_else(|| TtError::BadArgument(format!("column \"{col}\" does not exist")))
+    }
+
     /// Reads `(id, to_jsonb(row))` of a feature source into `set`.
     fn read_features(
         rel: pg_sys::Oid,
@@ -130,16 +155,9 @@ pub mod twotower {
             Some(c) => format!("t.{}::pg_catalog.float4", spi::column(rel, c, "weight").or_report()),
             None => "1::pg_catalog.float4".into(),
         };
-        // Equal timestamps keep the source's order (tables: physical order).
-        let is_table = crate::catalog::read_row::<bool, bool>(
-            "SELECT relkind IN ('r', 'm'), true FROM pg_catalog.pg_class WHERE oid = $1",
-            &[rel.into()],
-        )
-        .ok()
-        .flatten()
-        .and_then(|(t, _)| t)
-        .unwrap_or(false);
-        let order = if is_table { " ORDER BY t.ctid" } else { "" };
+        // Equal timestamps keep the source's order (tables: physical order); the core sorts
+        // each user's interactions by time, stably.
+        let order = if is_table(rel) { " ORDER BY t.ctid" } else { "" };
         let select = format!(
             "SELECT t.{uc}::pg_catalog.text, t.{ic}::pg_catalog.text, {ts}, {w} FROM {src} AS t{order}"
         );
@@ -219,8 +237,20 @@ pub mod twotower {
         .or_report();
         drop(data);
         let spec = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("the core wrote JSON");
-        let uv = import(user_model, &spec(&trained.user_spec), &trained.user_weights, activate).or_report();
-        let iv = import(item_model, &spec(&trained.item_spec), &trained.item_weights, activate).or_report();
+        // What twotower.user_features needs to build this model's inputs at serving time.
+        let name_of = |r: Option<RegClass>| r.map(|r| spi::relation_name(r.0).or_report());
+        let sources = serde_json::json!({
+            "interactions": src,
+            "user_column": user_column,
+            "item_column": item_column,
+            "time_column": time_column,
+            "user_features": name_of(user_features),
+            "item_features": name_of(item_features),
+            "histories": cfg.histories().iter().map(|h| h.to_json()).collect::<Vec<_>>(),
+            "options": opts,
+        });
+        let uv = import(user_model, &spec(&trained.user_spec), &trained.user_weights, activate, Some(&sources)).or_report();
+        let iv = import(item_model, &spec(&trained.item_spec), &trained.item_weights, activate, Some(&sources)).or_report();
         let best = trained.epochs.iter().find(|e| e.epoch == trained.best_epoch).and_then(|e| e.valid);
         let row = |model: &str, v: i32, kind: &str, parameters: usize| {
             (
@@ -238,5 +268,283 @@ pub mod twotower {
             row(user_model, uv, "user", trained.user_parameters),
             row(item_model, iv, "item", trained.item_parameters),
         ])
+    }
+
+    /// The stored sources of the active version of trained model `model`.
+    fn train_sources(model: &str) -> TtResult<serde_json::Value> {
+        let row = crate::catalog::as_catalog_owner(|| {
+            crate::catalog::read_row::<String, bool>(
+                "SELECT v.train_options::text, true FROM twotower.model m
+                   JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
+                  WHERE m.name = $1",
+                &[model.into()],
+            )
+        })?
+        .map_err(|e| TtError::Unsupported(format!("reading model \"{model}\": {e}")))?;
+        match row {
+            None => Err(TtError::ModelNotFound { name: model.to_owned(), version: None }),
+            Some((None, _)) => Err(TtError::BadArgument(format!(
+                "model \"{model}\" was imported, not trained by twotower.train: its inputs are built by the application"
+            ))),
+            Some((Some(t), _)) => serde_json::from_str(&t)
+                .map_err(|e| TtError::Unsupported(format!("model \"{model}\": stored training options: {e}"))),
+        }
+    }
+
+    fn stored_relation(sources: &serde_json::Value, key: &str) -> TtResult<Option<pg_sys::Oid>> {
+        let Some(name) = sources.get(key).and_then(|v| v.as_str()) else {
+            return Ok(None);
+        };
+        let oid = crate::catalog::read_row::<pg_sys::Oid, bool>(
+            "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid, true",
+            &[name.into()],
+        )
+        .ok()
+        .flatten()
+        .and_then(|(o, _)| o)
+        .filter(|o| *o != pg_sys::InvalidOid);
+        oid.map(Some).ok_or_else(|| {
+            TtError::BadArgument(format!("{name}, the model's {key} source, no longer exists"))
+        })
+    }
+
+    /// The input of trained user tower `model` for user `user_id` at time `at` (default: now),
+    /// as `embed_user` and `recall` take it: the user's row of the feature source the model was
+    /// trained with, plus its history features built from the interactions up to `at`, by the
+    /// same function that built them in training. `interactions` replaces the stored
+    /// interactions source (e.g. a live table with the same columns).
+    #[pg_extern(stable, parallel_restricted)]
+    fn user_features(
+        model: &str,
+        user_id: &str,
+        at: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
+        interactions: default!(Option<RegClass>, "NULL"),
+    ) -> pgrx::JsonB {
+        let served = crate::catalog::active_model(model).or_report();
+        crate::catalog::expect_kind(&served, twotower_tower::Kind::User).or_report();
+        let sources = train_sources(model).or_report();
+        let text = |k: &str| sources.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+        let (ucol, icol, tcol) = (text("user_column"), text("item_column"), text("time_column"));
+        let rel = match interactions {
+            Some(r) => r.0,
+            None => stored_relation(&sources, "interactions").or_report().expect("stored by train"),
+        };
+        let src = spi::relation_name(rel).or_report();
+        let uc = spi::column(rel, &ucol, "user id").or_report();
+        let ic = spi::column(rel, &icol, "item id").or_report();
+        let ts = time_expr(rel, &tcol).or_report();
+        let uty = column_type(rel, &ucol).or_report();
+        let at_secs: f64 = match at {
+            None => Spi::get_one::<f64>("SELECT pg_catalog.date_part('epoch', pg_catalog.now())::pg_catalog.float8")
+                .ok()
+                .flatten()
+                .unwrap_or(f64::INFINITY),
+            Some(t) => Spi::get_one_with_args::<f64>(
+                "SELECT pg_catalog.date_part('epoch', $1)::pg_catalog.float8",
+                &[t.into()],
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(f64::INFINITY),
+        };
+        let histories: Vec<twotower_train::data::HistorySpec> = sources
+            .get("histories")
+            .and_then(|h| h.as_array())
+            .map(|a| a.iter().filter_map(twotower_train::data::HistorySpec::from_json).collect())
+            .unwrap_or_default();
+        let mut past: Vec<(String, f64)> = Vec::new();
+        if !histories.is_empty() {
+            let longest = histories.iter().map(|h| h.max_len).max().unwrap_or(0);
+            // The newest `longest` interactions up to `at`, then oldest first.
+            let order_desc = if is_table(rel) { format!("{ts} DESC, t.ctid DESC") } else { format!("{ts} DESC") };
+            let sql = format!(
+                "SELECT t.{ic}::pg_catalog.text, {ts} FROM {src} AS t
+                  WHERE t.{uc} OPERATOR(pg_catalog.=) $1::{uty} AND {ts} <= $2
+                  ORDER BY {order_desc} LIMIT {longest}"
+            );
+            Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
+                for row in c.select(&sql, None, &[user_id.into(), at_secs.into()])? {
+                    if let (Some(i), Some(t)) = (row.get::<String>(1)?, row.get::<f64>(2)?) {
+                        past.push((i, t));
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| TtError::BadArgument(format!("reading {src}: {e}")))
+            .or_report();
+            past.reverse();
+        }
+        let mut row = serde_json::Map::new();
+        if let Some(frel) = stored_relation(&sources, "user_features").or_report() {
+            let fsrc = spi::relation_name(frel).or_report();
+            let fk = spi::column(frel, &ucol, "user id").or_report();
+            let fty = column_type(frel, &ucol).or_report();
+            let sql = format!(
+                "SELECT pg_catalog.to_jsonb(t)::text FROM {fsrc} AS t WHERE t.{fk} OPERATOR(pg_catalog.=) $1::{fty} LIMIT 1"
+            );
+            let found = Spi::get_one_with_args::<String>(&sql, &[user_id.into()])
+                .map_err(|e| TtError::BadArgument(format!("reading {fsrc}: {e}")))
+                .or_report();
+            if let Some(serde_json::Value::Object(m)) = found.and_then(|t| serde_json::from_str(&t).ok()) {
+                row = m;
+            }
+        }
+        // Only the model's features: the source row may hold other columns (embed_user and
+        // recall refuse keys that are not features, unless the model ignores them).
+        let names: std::collections::HashSet<&str> = served.model.feature_names().into_iter().collect();
+        row.retain(|k, _| names.contains(k.as_str()));
+        let key = names.contains(ucol.as_str()).then_some(ucol.as_str());
+        let v = twotower_train::data::user_input(
+            &row,
+            key,
+            user_id,
+            &histories,
+            past.iter().map(|(i, t)| (i.as_str(), *t)),
+            at_secs,
+        );
+        pgrx::JsonB(v)
+    }
+
+    /// Ranking quality of user tower `user_model` over the items of `index` (a twotower_hnsw
+    /// index on a table whose single-column integer primary key is the item id). `queries` has
+    /// rows `(user_id, features jsonb, target bigint)`; each is ranked among all items but the
+    /// user's rows in `seen` `(user_id, item_id)`: exactly (every item scored), and through the
+    /// index (`recall`'s search with the seen items excluded, k = the largest of `k`), so the
+    /// loss of the approximate search is visible. Returns Recall, HR, NDCG and MRR at each k
+    /// (MRR through the index counts targets within the largest k only).
+    #[pg_extern(stable, parallel_restricted)]
+    fn evaluate(
+        user_model: &str,
+        index: RegClass,
+        queries: RegClass,
+        seen: default!(Option<RegClass>, "NULL"),
+        k: default!(Vec<i32>, "'{10,50}'"),
+        via_index: default!(bool, true),
+    ) -> TableIterator<
+        'static,
+        (
+            name!(method, String),
+            name!(metric, String),
+            name!(k, i32),
+            name!(value, f64),
+            name!(queries, i64),
+        ),
+    > {
+        use std::collections::HashMap;
+        use twotower_train::eval::{ranks, Accumulator};
+        if k.is_empty() || k.iter().any(|&x| !(1..=10_000).contains(&x)) {
+            TtError::BadArgument("k must list values between 1 and 10000".into()).report();
+        }
+        let ks: Vec<usize> = k.iter().map(|&x| x as usize).collect();
+        let kmax = *ks.iter().max().expect("non-empty");
+        let l = crate::catalog::active_model(user_model).or_report();
+        crate::catalog::expect_kind(&l, twotower_tower::Kind::User).or_report();
+        // The index's table, vector column and item id (its single-column integer key).
+        let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
+        let metric = target.metric();
+        target.close();
+        let found = crate::catalog::read_row::<String, String>(
+            "SELECT pg_catalog.format('SELECT t.%I::pg_catalog.int8, t.%I FROM %s AS t',
+                    (SELECT a.attname FROM pg_catalog.pg_index p JOIN pg_catalog.pg_attribute a
+                        ON a.attrelid = p.indrelid AND a.attnum = p.indkey[0]
+                      WHERE p.indrelid = i.indrelid AND p.indisprimary AND p.indnkeyatts = 1),
+                    (SELECT a.attname FROM pg_catalog.pg_attribute a
+                      WHERE a.attrelid = i.indrelid AND a.attnum = i.indkey[0]),
+                    i.indrelid::pg_catalog.regclass), 'x'
+               FROM pg_catalog.pg_index i WHERE i.indexrelid = $1",
+            &[index.0.into()],
+        )
+        .ok()
+        .flatten()
+        .and_then(|(s, _)| s);
+        let Some(items_sql) = found.filter(|s| s.contains("int8, t.")) else {
+            TtError::NoItemId("evaluate() needs the index's table to have a single-column integer primary key (the item id)".into()).report();
+        };
+        let dims = l.model.output_dim();
+        let mut ids: Vec<i64> = Vec::new();
+        let mut vecs: Vec<f32> = Vec::new();
+        Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
+            for row in c.select(&items_sql, None, &[])? {
+                check_for_interrupts!();
+                let (Some(id), Some(v)) = (row.get::<i64>(1)?, row.get::<Vec<f32>>(2)?) else { continue };
+                if v.len() == dims {
+                    ids.push(id);
+                    vecs.extend_from_slice(&v);
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| TtError::BadArgument(format!("reading the index's table: {e}")))
+        .or_report();
+        let pos: HashMap<i64, u32> = ids.iter().enumerate().map(|(i, &id)| (id, i as u32)).collect();
+        let mut seen_by: HashMap<String, Vec<i64>> = HashMap::new();
+        if let Some(sr) = seen {
+            let ssrc = spi::relation_name(sr.0).or_report();
+            let sql = format!("SELECT t.user_id::pg_catalog.text, t.item_id::pg_catalog.int8 FROM {ssrc} AS t");
+            Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
+                for row in c.select(&sql, None, &[])? {
+                    if let (Some(u), Some(i)) = (row.get::<String>(1)?, row.get::<i64>(2)?) {
+                        seen_by.entry(u).or_default().push(i);
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|e| TtError::BadArgument(format!("reading {ssrc} (columns user_id, item_id): {e}")))
+            .or_report();
+        }
+        let qsrc = spi::relation_name(queries.0).or_report();
+        let qsql = format!(
+            "SELECT t.user_id::pg_catalog.text, t.features::pg_catalog.text, t.target::pg_catalog.int8 FROM {qsrc} AS t"
+        );
+        let mut qs: Vec<(String, String, i64)> = Vec::new();
+        Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
+            for row in c.select(&qsql, None, &[])? {
+                if let (Some(u), Some(f), Some(t)) = (row.get::<String>(1)?, row.get::<String>(2)?, row.get::<i64>(3)?) {
+                    qs.push((u, f, t));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| TtError::BadArgument(format!("reading {qsrc} (columns user_id, features, target): {e}")))
+        .or_report();
+        let mut exact = Accumulator::new(&ks);
+        let mut approx = Accumulator::new(&ks);
+        let n = ids.len();
+        let mut scores = vec![0f32; n];
+        for (u, f, t) in &qs {
+            check_for_interrupts!();
+            let Some(&tpos) = pos.get(t) else { continue };
+            let features: serde_json::Value = serde_json::from_str(f).unwrap_or(serde_json::Value::Null);
+            let q = l.embed_user(&features).or_report();
+            let seen_ids = seen_by.get(u).cloned().unwrap_or_default();
+            let mut masked: Vec<u32> = seen_ids.iter().filter_map(|i| pos.get(i).copied()).collect();
+            masked.sort_unstable();
+            masked.dedup();
+            for (i, s) in scores.iter_mut().enumerate() {
+                *s = -(metric.sql_distance(&q, &vecs[i * dims..(i + 1) * dims]) as f32);
+            }
+            exact.add(&ranks(&scores, &[tpos], &masked));
+            if via_index && masked.binary_search(&tpos).is_err() {
+                let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
+                let exclude: std::collections::HashSet<i64> = seen_ids.into_iter().collect();
+                let rows = target.nearest(&q, kmax, &exclude, 0).or_report();
+                target.close();
+                let rank = rows.iter().position(|(id, _)| id == t).map(|p| p + 1);
+                // Beyond the largest k the index gives no rank: counted as a miss.
+                approx.add_rank_within(rank, kmax);
+            }
+        }
+        let mut out = Vec::new();
+        for (method, acc) in [("exact", &exact), ("index", &approx)] {
+            if method == "index" && !via_index {
+                continue;
+            }
+            for m in acc.metrics() {
+                for (name, v) in [("recall", m.recall), ("hr", m.hr), ("ndcg", m.ndcg), ("mrr", m.mrr)] {
+                    out.push((method.to_owned(), name.to_owned(), m.k as i32, v, m.users as i64));
+                }
+            }
+        }
+        TableIterator::new(out)
     }
 }

@@ -279,6 +279,22 @@ fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerS
 }
 
 impl Config {
+    /// The user tower's history features.
+    pub fn histories(&self) -> Vec<crate::data::HistorySpec> {
+        self.user
+            .features
+            .iter()
+            .filter_map(|f| match f {
+                FeatureSpec::History { name, max_len, decay, .. } => Some(crate::data::HistorySpec {
+                    name: name.clone(),
+                    max_len: *max_len,
+                    decay: decay.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn parse(v: &Value) -> Result<Config> {
         let o = Obj::new(v, "")?;
         o.allow(&[

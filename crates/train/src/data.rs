@@ -134,10 +134,69 @@ pub fn history<'a>(past: impl DoubleEndedIterator<Item = (&'a str, f64)>, at: f6
     }
 }
 
+/// A history feature of the user tower: its name, length and weighting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistorySpec {
+    pub name: String,
+    pub max_len: usize,
+    pub decay: Decay,
+}
+
+impl HistorySpec {
+    /// As stored with a trained model (`twotower.user_features` reads it back).
+    pub fn to_json(&self) -> Value {
+        let decay = match self.decay {
+            Decay::None => Value::Null,
+            Decay::Position(f) => serde_json::json!({ "position": f }),
+            Decay::Age(h) => serde_json::json!({ "half_life": h }),
+        };
+        serde_json::json!({ "name": self.name, "max_len": self.max_len, "decay": decay })
+    }
+
+    pub fn from_json(v: &Value) -> Option<HistorySpec> {
+        let name = v.get("name")?.as_str()?.to_owned();
+        let max_len = v.get("max_len")?.as_u64()? as usize;
+        let decay = match v.get("decay") {
+            None | Some(Value::Null) => Decay::None,
+            Some(d) => match (d.get("position").and_then(Value::as_f64), d.get("half_life").and_then(Value::as_f64)) {
+                (Some(f), None) => Decay::Position(f),
+                (None, Some(h)) => Decay::Age(h),
+                _ => return None,
+            },
+        };
+        Some(HistorySpec { name, max_len, decay })
+    }
+}
+
+/// The user tower's input at time `at`, from the user's feature row (`features`, may be empty),
+/// the user's id (added under `key`, when given, if the row lacks it) and `past`, the user's interactions
+/// before the moment (item id, timestamp; oldest first). The one function that builds user
+/// inputs, for training (at each interaction) and for serving (`twotower.user_features`).
+pub fn user_input<'a>(
+    features: &Map<String, Value>,
+    key: Option<&str>,
+    id: &str,
+    histories: &[HistorySpec],
+    past: impl DoubleEndedIterator<Item = (&'a str, f64)> + Clone,
+    at: f64,
+) -> Value {
+    let mut m = features.clone();
+    if let Some(key) = key {
+        if !m.contains_key(key) {
+            m.insert(key.to_owned(), Value::String(id.to_owned()));
+        }
+    }
+    for h in histories {
+        m.insert(h.name.clone(), history(past.clone(), at, h.max_len, &h.decay));
+    }
+    Value::Object(m)
+}
+
 /// A weight as the JSON number of its f32 value (what the tower reads), never NaN.
 fn json_f32(x: f64) -> Value {
-    let x = x as f32;
-    serde_json::Number::from_f64(x as f64).map_or(Value::from(0), Value::Number)
+    // The shortest decimal that reads back as the same f32 (0.8, not 0.800000011920929).
+    let shortest: f64 = (x as f32).to_string().parse().unwrap_or(0.0);
+    serde_json::Number::from_f64(shortest).map_or(Value::from(0), Value::Number)
 }
 
 /// A vocabulary built from counted ids: ids with at least `min_count` occurrences, the most
@@ -166,6 +225,14 @@ mod tests {
         assert_eq!(h, serde_json::json!({"ids": ["c", "b", "a"], "weights": [1.0, 0.5, 0.25]}));
         let h = history(past.iter().copied(), 5.0, 1, &Decay::Age(2.0));
         assert_eq!(h, serde_json::json!({"ids": ["c"], "weights": [0.5]}));
+    }
+
+    #[test]
+    fn history_specs_round_trip_through_json() {
+        for decay in [Decay::None, Decay::Position(0.9), Decay::Age(86400.0)] {
+            let h = HistorySpec { name: "history".into(), max_len: 50, decay };
+            assert_eq!(HistorySpec::from_json(&h.to_json()), Some(h));
+        }
     }
 
     #[test]

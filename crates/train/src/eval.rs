@@ -79,6 +79,15 @@ impl Accumulator {
         }
     }
 
+    /// Adds one query whose target's rank is known only within the top `kmax` (`None`: not
+    /// there, a miss at every k ≤ kmax and 0 for MRR).
+    pub fn add_rank_within(&mut self, rank: Option<usize>, kmax: usize) {
+        match rank {
+            Some(r) if r <= kmax => self.add(&[Some(r)]),
+            _ => self.users += 1,
+        }
+    }
+
     pub fn metrics(&self) -> Vec<Metrics> {
         let n = self.users.max(1) as f64;
         self.ks

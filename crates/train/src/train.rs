@@ -6,7 +6,7 @@
 //! split into the same contiguous parts, their gradients are added in part order).
 
 use crate::config::{Config, FeatureSpec, NumTransform};
-use crate::data::{history, Data};
+use crate::data::Data;
 use crate::error::{Result, TrainError};
 use crate::eval::{ranks, Accumulator, Metrics};
 use crate::loss::{self, Scores};
@@ -86,22 +86,16 @@ struct Example {
     input: usize,
 }
 
-/// The input of a user at the moment of interaction `pos` of their timeline.
+/// The input of a user at the moment of interaction `pos` of their timeline: the same function
+/// serving uses ([`crate::data::user_input`]) over the interactions before it.
 fn user_input(cfg: &Config, data: &Data, keys: &Keys, user: u32, timeline: &[u32], pos: usize) -> Value {
-    let mut v = with_id(&data.users[user as usize].features, &keys.user, &data.users[user as usize].id);
+    let u = &data.users[user as usize];
     let at = data.interactions[timeline[pos] as usize].ts;
-    for f in &cfg.user.features {
-        if let FeatureSpec::History { name, max_len, decay, .. } = f {
-            let past = timeline[..pos].iter().map(|&k| {
-                let x = &data.interactions[k as usize];
-                (data.items[x.item as usize].id.as_str(), x.ts)
-            });
-            if let Value::Object(m) = &mut v {
-                m.insert(name.clone(), history(past, at, *max_len, decay));
-            }
-        }
-    }
-    v
+    let past = timeline[..pos].iter().map(|&k| {
+        let x = &data.interactions[k as usize];
+        (data.items[x.item as usize].id.as_str(), x.ts)
+    });
+    crate::data::user_input(&u.features, Some(&keys.user), &u.id, &cfg.histories(), past, at)
 }
 
 fn stats_of(features: &[FeatureSpec], entities: impl Iterator<Item = (Value, u64)>) -> FeatureStats {

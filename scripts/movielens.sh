@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# The main job of `make demo`: MovieLens-100k trained, served and evaluated in SQL.
+#
+# 1. The data comes from the recbole wheel on the Python package index (the MovieLens licence
+#    forbids redistribution: it is downloaded at setup time into data/, never committed).
+# 2. Users (age, gender, occupation), movies (title, year, genres) and ratings go into tables.
+#    Each user's last rating by time is the test item; the second last validates (inside
+#    twotower.train). Equal timestamps keep the file's order (the tie rule: see
+#    docs/training.md).
+# 3. twotower.train learns both towers; refresh_item_vectors and CREATE INDEX serve them.
+# 4. twotower.evaluate reports HR/NDCG/Recall/MRR@10/50 on the test items, exactly and through
+#    the index, next to popularity computed the same way in SQL; then one user's
+#    recommendations with titles.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PORT=${TT_DEMO_PORT:-55432}
+DATA=$(pwd)/${TT_DATA:-data}/ml-100k
+scripts/cluster.sh start demo "$PORT" >/dev/null
+psql_ml() { scripts/cluster.sh psql demo "$PORT" -d movielens "$@"; }
+
+if [ ! -s "$DATA/ml-100k.inter" ]; then
+  echo "== downloading MovieLens-100k (inside the recbole 1.2.1 wheel, from the package index)"
+  mkdir -p "$DATA/wheel"
+  python3 -m pip download -q --no-deps recbole==1.2.1 -d "$DATA/wheel"
+  python3 - "$DATA" <<'PY'
+import glob, sys, zipfile
+out = sys.argv[1]
+z = zipfile.ZipFile(glob.glob(out + "/wheel/recbole-1.2.1-*.whl")[0])
+for ext in ("inter", "item", "user"):
+    with open(f"{out}/ml-100k.{ext}", "wb") as f:
+        f.write(z.read(f"recbole/dataset_example/ml-100k/ml-100k.{ext}"))
+PY
+  rm -rf "$DATA/wheel"
+fi
+chmod -R a+rX "$(dirname "$DATA")"
+
+echo "== loading users, movies and ratings (database movielens)"
+scripts/cluster.sh psql demo "$PORT" -q -d postgres -c "DROP DATABASE IF EXISTS movielens" -c "CREATE DATABASE movielens"
+psql_ml -q -v data="$DATA" <<'SQL'
+CREATE EXTENSION pg_twotower;
+CREATE TABLE ml_users (user_id int PRIMARY KEY, age int, gender text, occupation text, zip text);
+CREATE TABLE ml_items_raw (item_id int, title text, year text, class text);
+-- seq keeps the file's order: the tie rule for equal timestamps.
+CREATE TABLE ml_ratings (seq bigserial, user_id int NOT NULL, item_id int NOT NULL, rating real, ts bigint NOT NULL);
+\set users :data '/ml-100k.user'
+\set items :data '/ml-100k.item'
+\set inter :data '/ml-100k.inter'
+COPY ml_users FROM :'users' WITH (FORMAT csv, DELIMITER E'\t', HEADER true, QUOTE E'\b');
+COPY ml_items_raw FROM :'items' WITH (FORMAT csv, DELIMITER E'\t', HEADER true, QUOTE E'\b');
+COPY ml_ratings (user_id, item_id, rating, ts) FROM :'inter' WITH (FORMAT csv, DELIMITER E'\t', HEADER true, QUOTE E'\b');
+CREATE TABLE ml_items AS
+SELECT item_id, title, CASE WHEN year ~ '^[0-9]{4}$' THEN year::int END AS year,
+       string_to_array(nullif(class, ''), ' ') AS genres
+  FROM ml_items_raw;
+ALTER TABLE ml_items ADD PRIMARY KEY (item_id);
+DROP TABLE ml_items_raw;
+-- Leave-last-out by time: each user's last rating is the test item; twotower.train holds out
+-- the last of what remains (the second last) for validation.
+CREATE TEMP TABLE ordered AS
+SELECT r.*, row_number() OVER (PARTITION BY user_id ORDER BY ts DESC, seq DESC) AS from_end FROM ml_ratings r;
+CREATE TABLE ml_train AS SELECT user_id, item_id, ts FROM ordered WHERE from_end > 1 ORDER BY seq;
+CREATE TABLE ml_test AS SELECT user_id, item_id, ts FROM ordered WHERE from_end = 1 ORDER BY seq;
+CREATE INDEX ON ml_train (user_id);
+ANALYZE ml_users, ml_items, ml_ratings, ml_train, ml_test;
+SQL
+psql_ml -c "SELECT (SELECT count(*) FROM ml_users) AS users, (SELECT count(*) FROM ml_items) AS movies,
+                   (SELECT count(*) FROM ml_ratings) AS ratings, (SELECT count(*) FROM ml_train) AS train,
+                   (SELECT count(*) FROM ml_test) AS test"
+
+echo "== training both towers in SQL (twotower.train; one NOTICE per epoch)"
+psql_ml <<'SQL'
+\timing on
+SELECT model, version, kind, parameters, best_epoch, round(valid_recall::numeric, 4) AS valid_hr_at_50,
+       round(valid_ndcg::numeric, 4) AS valid_ndcg_at_50, train_examples
+  FROM twotower.train('ml_user', 'ml_item', 'ml_train', $${
+    "dim": 64, "epochs": 40, "patience": 5, "k": 50, "batch_size": 512,
+    "lr": 0.002, "sparse_lr": 0.01, "temperature": 0.1, "seed": 42,
+    "user": {"features": [
+        {"name": "user_id", "type": "categorical"},
+        {"name": "gender", "type": "categorical", "dim": 4},
+        {"name": "occupation", "type": "categorical", "dim": 8},
+        {"name": "age", "type": "numeric"},
+        {"name": "history", "type": "history", "max_len": 50, "decay": {"position": 0.97}}],
+      "hidden": [256]},
+    "item": {"features": [
+        {"name": "item_id", "type": "categorical"},
+        {"name": "genres", "type": "multi_categorical", "dim": 16},
+        {"name": "year", "type": "numeric"}],
+      "hidden": [256]}
+  }$$, user_features => 'ml_users', item_features => 'ml_items');
+SQL
+
+echo "== item vectors, the index, and evaluation on each user's held-out last rating"
+psql_ml <<'SQL'
+\timing on
+CREATE TABLE ml_item_vectors (id bigint PRIMARY KEY, embedding real[]);
+SELECT * FROM twotower.refresh_item_vectors('ml_item', 'ml_items', 'ml_item_vectors', id_column => 'item_id');
+CREATE INDEX ml_item_vectors_idx ON ml_item_vectors USING twotower_hnsw (embedding twotower.real_cosine_ops);
+-- Each test user's input: the user's features and history up to now, built by the same
+-- function training used (only ml_train is read: the test rating is not in it).
+CREATE TABLE ml_queries AS
+SELECT t.user_id, twotower.user_features('ml_user', t.user_id::text) AS features, t.item_id::bigint AS target
+  FROM ml_test t;
+\timing off
+\echo == the two-tower model (exact and through the index), training items masked
+SELECT method, metric, k, round(value::numeric, 4) AS value, queries
+  FROM twotower.evaluate('ml_user', 'ml_item_vectors_idx', 'ml_queries', seen => 'ml_train', k => '{10,50}')
+ WHERE metric IN ('hr', 'ndcg') ORDER BY method, metric, k;
+\echo == popularity (the most-rated unseen movies), computed the same way
+WITH pop AS (SELECT item_id, count(*) AS c FROM ml_train GROUP BY item_id),
+ranked AS (
+  SELECT t.user_id,
+         1 + (SELECT count(*) FROM pop p
+               WHERE (p.c > coalesce(tp.c, 0) OR (p.c = coalesce(tp.c, 0) AND p.item_id < t.item_id))
+                 AND NOT EXISTS (SELECT 1 FROM ml_train s WHERE s.user_id = t.user_id AND s.item_id = p.item_id)) AS rank
+    FROM ml_test t LEFT JOIN pop tp ON tp.item_id = t.item_id)
+SELECT 'popularity' AS method, k,
+       round(avg((rank <= k)::int), 4) AS hr,
+       round(avg(CASE WHEN rank <= k THEN 1 / log(2, rank + 1) ELSE 0 END), 4) AS ndcg
+  FROM ranked, (VALUES (10), (50)) AS ks(k) GROUP BY k ORDER BY k;
+\echo == user 1: the last five movies rated, then the top-10 recommendations (unseen), with titles
+SELECT i.title, i.year, i.genres FROM ml_train r JOIN ml_items i USING (item_id)
+ WHERE r.user_id = 1 ORDER BY r.ts DESC LIMIT 5;
+SELECT r.rank, i.title, i.year, i.genres, round(r.score::numeric, 3) AS score
+  FROM twotower.recall('ml_user', 'ml_item_vectors_idx', twotower.user_features('ml_user', '1'), 10,
+                       exclude => (SELECT array_agg(item_id::bigint) FROM ml_train WHERE user_id = 1)) r
+  JOIN ml_items i ON i.item_id = r.item_id ORDER BY r.rank;
+SQL
