@@ -17,6 +17,7 @@ CREATE  FUNCTION twotower."train"(
 	"options" jsonb, /* JsonbValue */
 	"user_features" regclass DEFAULT NULL, /* Option < RegClass > */
 	"item_features" regclass DEFAULT NULL, /* Option < RegClass > */
+	"hard_negatives" regclass DEFAULT NULL, /* Option < RegClass > */
 	"user_column" TEXT DEFAULT 'user_id', /* & str */
 	"item_column" TEXT DEFAULT 'item_id', /* & str */
 	"time_column" TEXT DEFAULT 'ts', /* & str */

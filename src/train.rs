@@ -120,6 +120,7 @@ pub mod twotower {
         options: JsonbValue,
         user_features: default!(Option<RegClass>, "NULL"),
         item_features: default!(Option<RegClass>, "NULL"),
+        hard_negatives: default!(Option<RegClass>, "NULL"),
         user_column: default!(&str, "'user_id'"),
         item_column: default!(&str, "'item_id'"),
         time_column: default!(&str, "'ts'"),
@@ -204,6 +205,41 @@ pub mod twotower {
             })
             .or_report();
         }
+        if let Some(r) = hard_negatives {
+            // (user, item) pairs: items the user should rank below their positives, e.g. the
+            // ones the ranking stage rejected (never mere impressions: docs/training.md).
+            let hsrc = spi::relation_name(r.0).or_report();
+            let hu = spi::column(r.0, user_column, "hard negatives user id").or_report();
+            let hi = spi::column(r.0, item_column, "hard negatives item id").or_report();
+            let select = format!("SELECT t.{hu}::pg_catalog.text, t.{hi}::pg_catalog.text FROM {hsrc} AS t");
+            let batches = spi::Batches::open(&select)
+                .map_err(|e| TtError::BadArgument(format!("reading {hsrc}: {e}")))
+                .or_report();
+            loop {
+                let n = batches
+                    .next(BATCH, |_, rows| {
+                        let mut n = 0usize;
+                        for row in rows {
+                            n += 1;
+                            if let (Some(u), Some(i)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
+                                data.hard_negative(&u, &i).map_err(TtError::Train).or_report();
+                            }
+                        }
+                        Ok(n)
+                    })
+                    .map_err(|e| TtError::BadArgument(format!("reading {hsrc}: {e}")))
+                    .or_report();
+                if n == 0 {
+                    break;
+                }
+            }
+        } else if opts.get("hard_ratio").is_some() || opts.get("hard_per_row").is_some() {
+            TtError::Train(twotower_train::TrainError::Option {
+                path: "hard_ratio".into(),
+                reason: "\"hard_ratio\" and \"hard_per_row\" need the hard_negatives argument".into(),
+            })
+            .report();
+        }
         // SAFETY: reading a GUC variable of this backend (an int in kB).
         let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
         let keys = Keys { user: ukey, item: ikey };
@@ -236,6 +272,9 @@ pub mod twotower {
         .map_err(TtError::Train)
         .or_report();
         drop(data);
+        for (name, before, removed) in &trained.pruned {
+            notice!("train: {name}: {removed} of {before} rows were all zero and are pruned (their ids read the zero OOV row)");
+        }
         let spec = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("the core wrote JSON");
         // What twotower.user_features needs to build this model's inputs at serving time.
         let name_of = |r: Option<RegClass>| r.map(|r| spi::relation_name(r.0).or_report());
@@ -246,6 +285,7 @@ pub mod twotower {
             "time_column": time_column,
             "user_features": name_of(user_features),
             "item_features": name_of(item_features),
+            "hard_negatives": name_of(hard_negatives),
             "histories": cfg.histories().iter().map(|h| h.to_json()).collect::<Vec<_>>(),
             "options": opts,
         });

@@ -67,6 +67,16 @@ SELECT version FROM twotower.train('tr_user', 'tr_item', 'tr_events', :'opts',
 RESET client_min_messages;
 SELECT count(DISTINCT checksum) AS distinct_weights FROM twotower.model_version WHERE model = 'tr_user';
 
+-- Hard negatives (here: items of the next group) mixed into a per-row loss's negatives.
+CREATE TABLE tr_hard AS
+SELECT u AS user_id, ((u % 5) + 1) % 5 + 5 * k AS item_id FROM generate_series(0, 199) u, generate_series(0, 3) k;
+SET client_min_messages = warning;
+SELECT kind, valid_recall > 0.5 AS learned
+  FROM twotower.train('tr_user_h', 'tr_item_h', 'tr_events',
+                      :'opts'::jsonb || '{"loss": "pointwise", "negatives": 3, "hard_ratio": 0.34}',
+                      user_features => 'tr_users', item_features => 'tr_items', hard_negatives => 'tr_hard');
+RESET client_min_messages;
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L)$q$, :'opts'::jsonb || '{"hard_ratio": 0.5}'));
 -- Bad options and input: clear SQLSTATEs, nothing stored.
 SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', '{"loss": "listwise", "user": {"features": [{"name": "user_id", "type": "categorical"}]}, "item": {"features": [{"name": "item_id", "type": "categorical"}]}}')$q$);
 SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', '{"user": {"features": [{"name": "user_id", "type": "categorical"}]}}')$q$);
@@ -107,9 +117,11 @@ RESET client_min_messages;
 SELECT count(*) AS stored FROM twotower.models WHERE name IN ('tr_u4', 'tr_i4');
 
 DROP VIEW tr_seen;
-DROP TABLE tr_items, tr_users, tr_events, tr_vectors, tr_empty, tr_badusers, tr_textts, tr_queries;
+DROP TABLE tr_items, tr_users, tr_events, tr_vectors, tr_empty, tr_badusers, tr_textts, tr_queries, tr_hard;
 SELECT twotower.drop_model('tr_user');
 SELECT twotower.drop_model('tr_item');
+SELECT twotower.drop_model('tr_user_h');
+SELECT twotower.drop_model('tr_item_h');
 REVOKE twotower_admin FROM tt_trainer;
 REVOKE USAGE ON SCHEMA public FROM tt_trainer;
 DROP ROLE tt_trainer;

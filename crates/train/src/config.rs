@@ -84,6 +84,10 @@ pub struct Config {
     pub init_std: f32,
     /// Each user's last interaction validates (early stopping, the best epoch kept).
     pub validate: bool,
+    /// Per-row losses: the share of each row's negatives drawn from the user's hard negatives.
+    pub hard_ratio: f64,
+    /// Softmax: each row's own hard negatives, added to its candidates.
+    pub hard_per_row: usize,
 }
 
 pub const MAX_DIM: usize = 1024;
@@ -301,7 +305,7 @@ impl Config {
             "dim", "user", "item", "min_count", "max_vocab", "loss", "negatives", "temperature",
             "margin", "logq", "in_batch", "lr", "weight_decay", "sparse_optimizer", "sparse_lr",
             "ftrl_l1", "ftrl_l2", "ftrl_beta", "batch_size", "epochs", "patience", "seed",
-            "threads", "k", "subsample", "init_std", "validation",
+            "threads", "k", "subsample", "init_std", "validation", "hard_ratio", "hard_per_row",
         ])?;
         let dim = o.uint("dim", 32, 1, MAX_DIM)?;
         let user = tower(o.get("user"), "user", dim, true)?;
@@ -377,6 +381,8 @@ impl Config {
             k: o.uint("k", 50, 1, 10_000)?,
             subsample: o.num("subsample", 0.0, 0.0, 1.0)?,
             init_std: o.num("init_std", 0.05, 0.0, 10.0)? as f32,
+            hard_ratio: o.num("hard_ratio", 0.5, 0.0, 1.0)?,
+            hard_per_row: o.uint("hard_per_row", 2, 0, 1024)?,
             validate: match o.str("validation", "last")? {
                 "last" => true,
                 "none" => false,

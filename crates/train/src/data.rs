@@ -26,6 +26,8 @@ pub struct Data {
     pub users: Vec<Entity>,
     pub items: Vec<Entity>,
     pub interactions: Vec<Interaction>,
+    /// Per user: hard negatives (e.g. items the ranking stage rejected), item indexes.
+    pub hard: HashMap<u32, Vec<u32>>,
     user_index: HashMap<String, u32>,
     item_index: HashMap<String, u32>,
 }
@@ -79,6 +81,14 @@ impl Data {
         let u = intern(&mut self.user_index, &mut self.users, user)?;
         let i = intern(&mut self.item_index, &mut self.items, item)?;
         self.interactions.push(Interaction { user: u, item: i, ts, weight });
+        Ok(())
+    }
+
+    /// Adds a hard negative of a user (users and items are created when new).
+    pub fn hard_negative(&mut self, user: &str, item: &str) -> Result<()> {
+        let u = intern(&mut self.user_index, &mut self.users, user)?;
+        let i = intern(&mut self.item_index, &mut self.items, item)?;
+        self.hard.entry(u).or_default().push(i);
         Ok(())
     }
 

@@ -39,6 +39,9 @@ pub struct Scores<'a> {
     /// Per column: the candidate's item (a column equal to the row's positive item is not a
     /// negative of that row: duplicates in the batch and accidental hits are masked).
     pub items: &'a [u32],
+    /// Per column: the row it belongs to (a row's own hard negatives, and the per-row
+    /// negatives of per-row losses), or -1 for a column every row scores.
+    pub owner: &'a [i32],
     /// Per row: the example's weight.
     pub weights: &'a [f32],
     pub temperature: f32,
@@ -51,6 +54,7 @@ pub fn loss(kind: LossKind, x: &Scores) -> (f64, Vec<f32>) {
     let wsum: f64 = x.weights.iter().map(|&w| w as f64).sum::<f64>().max(f64::MIN_POSITIVE);
     let tau = x.temperature as f64;
     let mut total = 0f64;
+    // Per-row losses: row i's negatives are columns b + i·r .. b + (i+1)·r.
     let negatives = if b == 0 { 0 } else { (c - b) / b };
     for i in 0..b {
         let srow = &x.s[i * c..(i + 1) * c];
@@ -63,7 +67,10 @@ pub fn loss(kind: LossKind, x: &Scores) -> (f64, Vec<f32>) {
                 // The row's candidate set: its positive, other rows' positives (in_batch), the
                 // global negatives; minus every other column holding the positive item.
                 let keep = |j: usize| {
-                    j == i || ((j >= b || in_batch) && x.items[j] != pos)
+                    j == i
+                        || ((j >= b || in_batch)
+                            && x.items[j] != pos
+                            && (x.owner[j] < 0 || x.owner[j] == i as i32))
                 };
                 let logit = |j: usize| {
                     srow[j] as f64 / tau - if logq { x.logq[j] as f64 } else { 0.0 }

@@ -179,6 +179,48 @@ fn normal(rng: &mut ChaCha8Rng) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
+/// `plan` and `tower` without the all-zero rows of their tables: for each table whose OOV row 0
+/// is all zero (so an id that loses its row still reads zeros), every other all-zero row is
+/// removed and its id dropped from the vocabularies of the features using the table. Returns
+/// the pruned plan and tower and, per pruned table, (tensor name, rows before, rows removed).
+pub fn prune(plan: &Plan, tower: &Tower) -> (Plan, Tower, Vec<(String, usize, usize)>) {
+    let mut plan = plan.clone();
+    let mut tower = tower.clone();
+    let mut report = Vec::new();
+    for (t, name) in plan.table_tensors.iter().enumerate() {
+        let tb = &tower.tables[t];
+        let zero = |r: usize| tb.w[r * tb.dim..(r + 1) * tb.dim].iter().all(|&x| x == 0.0);
+        if tb.rows < 2 || !zero(0) {
+            continue;
+        }
+        let keep: Vec<usize> = (0..tb.rows).filter(|&r| r == 0 || !zero(r)).collect();
+        if keep.len() == tb.rows {
+            continue;
+        }
+        let removed = tb.rows - keep.len();
+        let mut w = Vec::with_capacity(keep.len() * tb.dim);
+        for &r in &keep {
+            w.extend_from_slice(&tb.w[r * tb.dim..(r + 1) * tb.dim]);
+        }
+        report.push((name.clone(), tb.rows, removed));
+        let tb = &mut tower.tables[t];
+        tb.w = w;
+        tb.rows = keep.len();
+        if let Some(Value::Array(features)) = plan.spec.get_mut("features") {
+            for f in features.iter_mut() {
+                if f.get("embedding").and_then(Value::as_str) == Some(name.as_str()) {
+                    if let Some(Value::Array(vocab)) = f.get_mut("vocabulary") {
+                        // Row r + 1 is vocab[r]: keep the ids of kept rows, in row order.
+                        let kept: Vec<Value> = keep.iter().skip(1).filter_map(|&r| vocab.get(r - 1).cloned()).collect();
+                        *vocab = kept;
+                    }
+                }
+            }
+        }
+    }
+    (plan, tower, report)
+}
+
 /// The spec text and safetensors bytes of `tower` trained under `plan`.
 pub fn export(plan: &Plan, tower: &Tower) -> Result<(String, Vec<u8>)> {
     use safetensors::tensor::{Dtype, TensorView};
@@ -226,14 +268,14 @@ pub fn count_ids(counts: &mut HashMap<String, u64>, value: Option<&Value>, n: u6
     }
 }
 
-/// Adds a numeric feature value to the moments (after log1p when the transform is log1p, which
-/// needs no statistics; values that are not numbers are left to the encoder to reject).
-pub fn add_moment(moments: &mut HashMap<String, (f64, f64, u64)>, name: &str, value: Option<&Value>) {
+/// Adds a numeric feature value, `n` times (once per training example that carries it), to
+/// the moments; values that are not numbers are left to the encoder to reject.
+pub fn add_moment(moments: &mut HashMap<String, (f64, f64, u64)>, name: &str, value: Option<&Value>, n: u64) {
     if let Some(x) = value.and_then(Value::as_f64).filter(|x| x.is_finite()) {
         let m = moments.entry(name.to_owned()).or_insert((0.0, 0.0, 0));
-        m.0 += x;
-        m.1 += x * x;
-        m.2 += 1;
+        m.0 += x * n as f64;
+        m.1 += x * x * n as f64;
+        m.2 += n;
     }
 }
 

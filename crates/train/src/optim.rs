@@ -62,6 +62,8 @@ pub struct SparseState {
     a: Vec<f32>,
     /// Lazy Adam: second moments; Adagrad: one accumulator per row; FTRL: n.
     b: Vec<f32>,
+    /// Rows some step updated.
+    touched: Vec<bool>,
 }
 
 impl SparseState {
@@ -71,7 +73,12 @@ impl SparseState {
             Sparse::Adagrad { initial, .. } => (Vec::new(), vec![initial; rows]),
             Sparse::Ftrl { .. } => (vec![0.0; rows * dim], vec![0.0; rows * dim]),
         };
-        SparseState { kind, dim, a, b }
+        SparseState { kind, dim, a, b, touched: vec![false; rows] }
+    }
+
+    /// Whether a step ever updated row `r`.
+    pub fn touched(&self, r: usize) -> bool {
+        self.touched.get(r).copied().unwrap_or(false)
     }
 
     /// FTRL keeps its weights in (z, n): a table trained by FTRL must start from them. Call once
@@ -84,14 +91,15 @@ impl SparseState {
         }
     }
 
-    /// Bytes of state.
-    pub fn bytes(&self) -> usize {
-        (self.a.len() + self.b.len()) * 4
-    }
 
     /// Updates the rows in `grads` of table `w` (row-major, `dim` wide); `t` counts from 1.
     pub fn step(&mut self, w: &mut [f32], grads: &BTreeMap<u32, Vec<f32>>, t: u64) {
         let d = self.dim;
+        for &r in grads.keys() {
+            if let Some(x) = self.touched.get_mut(r as usize) {
+                *x = true;
+            }
+        }
         match self.kind {
             Sparse::LazyAdam { lr } => {
                 let c1 = 1.0 - B1.powi(t as i32);

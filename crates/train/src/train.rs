@@ -68,6 +68,8 @@ pub struct Trained {
     pub valid_examples: usize,
     pub user_parameters: usize,
     pub item_parameters: usize,
+    /// Per pruned table: its tensor name, rows before, rows removed.
+    pub pruned: Vec<(String, usize, usize)>,
 }
 
 /// Where the ids go in a feature object: the key under which the user's / item's own id is
@@ -108,7 +110,7 @@ fn stats_of(features: &[FeatureSpec], entities: impl Iterator<Item = (Value, u64
                     count_ids(s.counts.entry(name.to_owned()).or_default(), obj.get(name), n)
                 }
                 FeatureSpec::Numeric { transform: NumTransform::Zscore, .. } => {
-                    add_moment(&mut s.moments, name, obj.get(name))
+                    add_moment(&mut s.moments, name, obj.get(name), n)
                 }
                 FeatureSpec::Numeric { .. } => {}
             }
@@ -181,13 +183,14 @@ pub fn embed_all(tower: &Tower, xs: &[&Encoded], threads: usize, dim: usize) -> 
     outs.concat()
 }
 
-struct Optim {
+/// The optimiser state of one tower: Adam per dense parameter, a sparse optimiser per table.
+pub struct Optim {
     dense: Vec<Adam>,
     sparse: Vec<SparseState>,
 }
 
 impl Optim {
-    fn new(cfg: &Config, t: &Tower) -> Optim {
+    pub fn new(cfg: &Config, t: &Tower) -> Optim {
         Optim {
             dense: t.dense_params().iter().map(|p| Adam::new(p.len())).collect(),
             sparse: t
@@ -199,6 +202,17 @@ impl Optim {
                     s
                 })
                 .collect(),
+        }
+    }
+
+    /// Zeroes the rows of `t`'s tables that no step touched.
+    fn zero_untouched(&self, t: &mut Tower) {
+        for (tb, s) in t.tables.iter_mut().zip(&self.sparse) {
+            for (r, row) in tb.w.chunks_exact_mut(tb.dim.max(1)).enumerate() {
+                if !s.touched(r) {
+                    row.iter_mut().for_each(|x| *x = 0.0);
+                }
+            }
         }
     }
 
@@ -248,6 +262,72 @@ impl Sampler {
         let i = self.cdf.partition_point(|&c| c <= x).min(self.items.len() - 1);
         self.items[i]
     }
+}
+
+/// One batch as the loss sees it: the users' inputs, the candidates' inputs (the positives,
+/// column i for row i, then the negatives) and, per candidate, its item, owner row (-1: every
+/// row's) and ln Q; per row, its weight.
+pub struct Batch<'a> {
+    pub users: &'a [&'a Encoded],
+    pub items: &'a [&'a Encoded],
+    pub cand: &'a [u32],
+    pub owner: &'a [i32],
+    pub logq: &'a [f32],
+    pub weights: &'a [f32],
+}
+
+/// One optimisation step (`t` counts from 1): both towers' forward passes over `threads`, the
+/// loss, the backward passes, the optimisers. Returns the batch's loss (a non-finite loss
+/// leaves the parameters as they were).
+pub fn train_step(
+    cfg: &Config,
+    user: (&mut Tower, &mut Optim),
+    item: (&mut Tower, &mut Optim),
+    x: &Batch,
+    t: u64,
+    threads: usize,
+) -> f64 {
+    let (b, c, d) = (x.users.len(), x.items.len(), cfg.dim);
+    let uparts = split(b, threads);
+    let iparts = split(c, threads);
+    let (ut, it) = (&*user.0, &*item.0);
+    // Forward, both towers, each thread its part of the users and of the candidates.
+    let fwd = par_n(uparts.len().max(iparts.len()), |i| {
+        let uc = ut.forward(&x.users[uparts.get(i).cloned().unwrap_or(0..0)]);
+        let ic = it.forward(&x.items[iparts.get(i).cloned().unwrap_or(0..0)]);
+        (uc, ic)
+    });
+    let mut u = Vec::with_capacity(b * d);
+    let mut v = Vec::with_capacity(c * d);
+    for (uc, ic) in &fwd {
+        u.extend_from_slice(uc.output());
+        v.extend_from_slice(ic.output());
+    }
+    let s_mat = loss::scores(&u, b, &v, c, d);
+    let (l, ds) = loss::loss(
+        cfg.loss,
+        &Scores { s: &s_mat, b, c, logq: x.logq, items: x.cand, owner: x.owner, weights: x.weights, temperature: cfg.temperature },
+    );
+    if !l.is_finite() {
+        return l;
+    }
+    let (du, dv) = loss::backprop_scores(&ds, &u, b, &v, c, d);
+    let grads = par_n(fwd.len(), |i| {
+        let (uc, ic) = &fwd[i];
+        let ur = uparts.get(i).cloned().unwrap_or(0..0);
+        let ir = iparts.get(i).cloned().unwrap_or(0..0);
+        (ut.backward(uc, &du[ur.start * d..ur.end * d]), it.backward(ic, &dv[ir.start * d..ir.end * d]))
+    });
+    let mut parts = grads.into_iter();
+    let (mut ug, mut ig) = parts.next().expect("one part at least");
+    for (a, bb) in parts {
+        ug.add(a);
+        ig.add(bb);
+    }
+    drop(fwd);
+    user.1.step(cfg, user.0, &ug, t);
+    item.1.step(cfg, item.0, &ig, t);
+    l
 }
 
 /// Trains the two towers on `data`. `budget` bounds the memory the run allocates (bytes).
@@ -343,6 +423,15 @@ pub fn train(
         .iter()
         .map(|it| encode(&imodel, &with_id(&it.features, &keys.item, &it.id), &|| format!("item {}", it.id)))
         .collect::<Result<_>>()?;
+    // A sample of raw inputs, re-encoded by the exported models for the export check.
+    const SAMPLE: usize = 64;
+    let item_sample: Vec<Value> = data
+        .items
+        .iter()
+        .take(SAMPLE)
+        .map(|it| with_id(&it.features, &keys.item, &it.id))
+        .collect();
+    let mut user_sample: Vec<Value> = Vec::with_capacity(SAMPLE);
     let mut inputs: Vec<Encoded> = Vec::with_capacity(n_inputs);
     let mut examples = Vec::with_capacity(train_pos.len());
     let mut valid = Vec::with_capacity(valid_pos.len());
@@ -352,6 +441,9 @@ pub fn train(
             let x = &data.interactions[t[p] as usize];
             let v = user_input(cfg, data, keys, u, t, p);
             inputs.push(encode(&umodel, &v, &|| format!("user {}", data.users[u as usize].id))?);
+            if user_sample.len() < SAMPLE {
+                user_sample.push(v);
+            }
             out.push(Example { user: u, item: x.item, weight: x.weight, input: inputs.len() - 1 });
         }
     }
@@ -412,13 +504,40 @@ pub fn train(
                 continue;
             }
             step += 1;
-            // Candidates: the positives, then the negatives.
+            // Candidates: the positives, then the sampled negatives (shared, or `negatives` per
+            // row), then (softmax) each row's own hard negatives. A per-row loss draws the first
+            // `hard_ratio` of each row's negatives from the user's hard items.
             let n_neg = if per_row { cfg.negatives * b } else { cfg.negatives };
             let mut cand: Vec<u32> = batch.iter().map(|&e| examples[e].item).collect();
+            let mut owner: Vec<i32> = vec![-1; b];
+            let mut sampled = vec![true; b + n_neg];
+            sampled[..b].iter_mut().for_each(|x| *x = false);
+            let hard_of = |e: usize| data.hard.get(&examples[e].user).filter(|h| !h.is_empty());
+            let per_row_hard = ((cfg.negatives as f64) * cfg.hard_ratio).round() as usize;
             if n_neg > 0 {
                 let sm = sampler.as_ref().ok_or_else(|| TrainError::NoData("no item to sample negatives from".into()))?;
-                for _ in 0..n_neg {
-                    cand.push(sm.sample(&mut rng));
+                for j in 0..n_neg {
+                    let row = j / cfg.negatives.max(1);
+                    let hard = if per_row && j % cfg.negatives.max(1) < per_row_hard { hard_of(batch[row]) } else { None };
+                    match hard {
+                        Some(h) => {
+                            cand.push(h[rng.gen_range(0..h.len())]);
+                            sampled[b + j] = false;
+                        }
+                        None => cand.push(sm.sample(&mut rng)),
+                    }
+                    owner.push(if per_row { row as i32 } else { -1 });
+                }
+            }
+            if !per_row && cfg.hard_per_row > 0 {
+                for (row, &e) in batch.iter().enumerate() {
+                    if let Some(h) = hard_of(e) {
+                        for _ in 0..cfg.hard_per_row {
+                            cand.push(h[rng.gen_range(0..h.len())]);
+                            owner.push(row as i32);
+                            sampled.push(false);
+                        }
+                    }
                 }
             }
             let c = cand.len();
@@ -426,55 +545,21 @@ pub fn train(
             for (j, &it) in cand.iter().enumerate() {
                 logq[j] = if j < b {
                     freq_logq[it as usize]
-                } else if let Some(sm) = &sampler {
+                } else if let (true, Some(sm)) = (sampled[j], &sampler) {
                     sm.logq[it as usize] + (n_neg as f32).ln()
                 } else {
+                    // Hard negatives are chosen, not sampled from a known distribution.
                     0.0
                 };
             }
             let weights: Vec<f32> = batch.iter().map(|&e| examples[e].weight).collect();
             let uxs: Vec<&Encoded> = batch.iter().map(|&e| &inputs[examples[e].input]).collect();
             let ixs: Vec<&Encoded> = cand.iter().map(|&i| &items[i as usize]).collect();
-            let uparts = split(b, threads);
-            let iparts = split(c, threads);
-            let (ut, it) = (&utower, &itower);
-            // Forward, both towers, each thread its part of the users and of the candidates.
-            let fwd = par_n(uparts.len().max(iparts.len()), |i| {
-                let uc = ut.forward(&uxs[uparts.get(i).cloned().unwrap_or(0..0)]);
-                let ic = it.forward(&ixs[iparts.get(i).cloned().unwrap_or(0..0)]);
-                (uc, ic)
-            });
-            let d = cfg.dim;
-            let mut u = Vec::with_capacity(b * d);
-            let mut v = Vec::with_capacity(c * d);
-            for (uc, ic) in &fwd {
-                u.extend_from_slice(uc.output());
-                v.extend_from_slice(ic.output());
-            }
-            let s_mat = loss::scores(&u, b, &v, c, d);
-            let (l, ds) = loss::loss(
-                cfg.loss,
-                &Scores { s: &s_mat, b, c, logq: &logq, items: &cand, weights: &weights, temperature: cfg.temperature },
-            );
+            let batch_in = Batch { users: &uxs, items: &ixs, cand: &cand, owner: &owner, logq: &logq, weights: &weights };
+            let l = train_step(cfg, (&mut utower, &mut uopt), (&mut itower, &mut iopt), &batch_in, step, threads);
             if !l.is_finite() {
                 return Err(TrainError::Diverged { epoch, step: s + 1, loss: l });
             }
-            let (du, dv) = loss::backprop_scores(&ds, &u, b, &v, c, d);
-            let grads = par_n(fwd.len(), |i| {
-                let (uc, ic) = &fwd[i];
-                let ur = uparts.get(i).cloned().unwrap_or(0..0);
-                let ir = iparts.get(i).cloned().unwrap_or(0..0);
-                (ut.backward(uc, &du[ur.start * d..ur.end * d]), it.backward(ic, &dv[ir.start * d..ir.end * d]))
-            });
-            let mut it_g = grads.into_iter();
-            let (mut ug, mut ig) = it_g.next().expect("one part at least");
-            for (a, bb) in it_g {
-                ug.add(a);
-                ig.add(bb);
-            }
-            drop(fwd);
-            uopt.step(cfg, &mut utower, &ug, step);
-            iopt.step(cfg, &mut itower, &ig, step);
             loss_sum += l * b as f64;
             seen_examples += b;
             progress(Event::Step(&Progress {
@@ -522,12 +607,21 @@ pub fn train(
             }
         }
     }
-    let (_, best_epoch, bu, bi) = best.ok_or_else(|| TrainError::NoData("no epoch completed".into()))?;
-    let (user_spec, user_weights) = model::export(&uplan, &bu)?;
-    let (item_spec, item_weights) = model::export(&iplan, &bi)?;
-    // The exported models compute what training computed.
-    check_export(&user_spec, &user_weights, &bu, &inputs[..inputs.len().min(64)])?;
-    check_export(&item_spec, &item_weights, &bi, &items[..items.len().min(64)])?;
+    let (_, best_epoch, mut bu, mut bi) = best.ok_or_else(|| TrainError::NoData("no epoch completed".into()))?;
+    // FTRL: rows that never received a gradient carry only their initial noise: unused, zero.
+    if matches!(cfg.sparse, crate::optim::Sparse::Ftrl { .. }) {
+        uopt.zero_untouched(&mut bu);
+        iopt.zero_untouched(&mut bi);
+    }
+    // All-zero rows are pruned from the tables and their ids from the vocabularies.
+    let (uplan_p, bu_p, upruned) = model::prune(&uplan, &bu);
+    let (iplan_p, bi_p, ipruned) = model::prune(&iplan, &bi);
+    let (user_spec, user_weights) = model::export(&uplan_p, &bu_p)?;
+    let (item_spec, item_weights) = model::export(&iplan_p, &bi_p)?;
+    // The exported models compute what training computed (pruned ids now read the zero OOV
+    // row, the value their own row had).
+    check_export(&user_spec, &user_weights, &bu, &inputs[..user_sample.len()], &user_sample)?;
+    check_export(&item_spec, &item_weights, &bi, &items[..item_sample.len()], &item_sample)?;
     Ok(Trained {
         user_spec,
         user_weights,
@@ -537,16 +631,24 @@ pub fn train(
         epochs: reports,
         train_examples: examples.len(),
         valid_examples: valid.len(),
-        user_parameters: bu.parameter_count(),
-        item_parameters: bi.parameter_count(),
+        user_parameters: bu_p.parameter_count(),
+        item_parameters: bi_p.parameter_count(),
+        pruned: upruned.into_iter().chain(ipruned).collect(),
     })
 }
 
-fn check_export(spec: &str, weights: &[u8], tower: &Tower, sample: &[Encoded]) -> Result<()> {
+/// Loads the exported model, encodes `raw` with it and checks its outputs against the trained
+/// tower's on the training encodings of the same inputs (`trained`).
+fn check_export(spec: &str, weights: &[u8], tower: &Tower, trained: &[Encoded], raw: &[Value]) -> Result<()> {
     let m = Model::load(spec, weights).map_err(|e| TrainError::Export(e.to_string()))?;
-    let xs: Vec<&Encoded> = sample.iter().collect();
+    let xs: Vec<&Encoded> = trained.iter().collect();
     let ours = tower.forward(&xs);
-    let theirs = m.forward_batch(sample);
+    let served: Vec<Encoded> = raw
+        .iter()
+        .map(|v| m.encode(v, false))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| TrainError::Export(e.to_string()))?;
+    let theirs = m.forward_batch(&served);
     for (a, b) in ours.output().iter().zip(&theirs) {
         if (a - b).abs() > 1e-5 {
             return Err(TrainError::Export(format!("served output {b} differs from the trained {a}")));

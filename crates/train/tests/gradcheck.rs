@@ -152,8 +152,12 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
         items[b] = 3;
     }
     let weights: Vec<f32> = (0..b).map(|i| 0.5 + i as f32 * 0.25).collect();
+    // Softmax: the last two columns are row 0's own (hard) negatives; others are shared.
+    let owner: Vec<i32> = (0..c)
+        .map(|j| if !kind.per_row_negatives() && negatives >= 2 && j + 2 >= c { 0 } else { -1 })
+        .collect();
     let eval = |s: &[f32]| {
-        loss::loss(kind, &Scores { s, b, c, logq: &logq, items: &items, weights: &weights, temperature: 0.3 })
+        loss::loss(kind, &Scores { s, b, c, logq: &logq, items: &items, owner: &owner, weights: &weights, temperature: 0.3 })
     };
     let (_, ds) = eval(&s);
     let eps = 1e-3f32;
@@ -171,6 +175,13 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
         }
     }
     assert!(nonzero > b, "{kind:?}: gradients flow");
+    if owner.iter().any(|&o| o >= 0) {
+        // A row's own columns get gradient from that row only.
+        for i in 1..b {
+            assert_eq!(ds[i * c + c - 1], 0.0, "row {i} does not score row 0's hard negative");
+        }
+        assert!(ds[c - 1] != 0.0, "row 0 scores its hard negative");
+    }
 }
 
 #[test]

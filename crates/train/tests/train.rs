@@ -103,6 +103,49 @@ fn same_seed_same_model_and_the_export_serves_it() {
 }
 
 #[test]
+fn ftrl_with_l1_prunes_all_zero_rows_and_the_export_still_serves_what_was_trained() {
+    let data = synthetic();
+    let plain = train(&config(json!({"sparse_optimizer": "ftrl", "sparse_lr": 0.1, "epochs": 3})), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+    let l1 = train(
+        &config(json!({"sparse_optimizer": "ftrl", "sparse_lr": 0.1, "ftrl_l1": 2.0, "epochs": 3})),
+        &data,
+        &keys(),
+        BUDGET,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    let removed: usize = l1.pruned.iter().map(|p| p.2).sum();
+    assert!(removed > 0, "L1 zeroes rows: {:?}", l1.pruned);
+    assert!(l1.user_weights.len() + l1.item_weights.len() < plain.user_weights.len() + plain.item_weights.len());
+    // (train() itself checks that the pruned export computes what was trained.)
+    let um = Model::load(&l1.user_spec, &l1.user_weights).unwrap();
+    assert_eq!(um.embed(&json!({"user_id": 3, "age": 30, "history": {"ids": [3], "weights": [1.0]}})).unwrap().len(), 16);
+}
+
+#[test]
+fn hard_negatives_are_used_by_per_row_and_softmax_losses() {
+    // Contradictory hard negatives (the items of the user's own group) must hurt: proof that
+    // they reach the loss.
+    let clean = synthetic();
+    let mut hard = synthetic();
+    for u in 0..300 {
+        for k in 0..20 {
+            hard.hard_negative(&u.to_string(), &((u % 10) + 10 * k).to_string()).unwrap();
+        }
+    }
+    for extra in [json!({"loss": "pointwise", "negatives": 3, "hard_ratio": 1.0}), json!({"hard_per_row": 32})] {
+        let cfg = config(extra.clone());
+        // The last epoch's HR (the best one may come before the hard negatives took effect).
+        let last = |d: &Data| {
+            let t = train(&cfg, d, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+            t.epochs.last().and_then(|e| e.valid).map_or(0.0, |m| m.hr)
+        };
+        let (a, b) = (last(&clean), last(&hard));
+        assert!(b < a - 0.1, "{extra}: HR@10 without hard negatives {a}, with contradictory ones {b}");
+    }
+}
+
+#[test]
 fn a_cancel_stops_the_run_with_no_model() {
     let data = synthetic();
     let cfg = config(json!({}));
