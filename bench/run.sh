@@ -27,3 +27,12 @@ if [ -z "${TT_PYTHON:-}" ]; then
 fi
 
 TT_PORT=$PORT TT_HOST=/tmp/pg_twotower-bench ./target/release/twotower-bench | tee "bench/out/bench-$(date +%Y%m%d-%H%M%S).md"
+
+# Training quality and throughput on MovieLens-100k (bench/movielens.py), with the PyTorch
+# reference where torch is importable: TT_TORCH_PYTHON, or TT_TORCH=1 to create
+# bench/out/torch-venv (a large download: torch with its CUDA libraries, used on the CPU).
+if [ "${TT_TORCH:-0}" = 1 ] && [ -z "${TT_TORCH_PYTHON:-}" ] && ! bench/out/torch-venv/bin/python -c 'import torch, safetensors' 2>/dev/null; then
+  python3 -m venv bench/out/torch-venv && bench/out/torch-venv/bin/pip install -q torch safetensors numpy \
+    || echo "note: could not install torch; the PyTorch reference will be skipped" >&2
+fi
+python3 bench/movielens.py | tee "bench/out/movielens-$(date +%Y%m%d-%H%M%S).md"

@@ -139,11 +139,45 @@ pub mod twotower {
             name!(train_examples, i64),
         ),
     > {
-        let opts = options.value("options").or_report();
-        let cfg = Config::parse(&opts).map_err(TtError::Train).or_report();
+        let given = options.value("options").or_report();
         // Nothing is read or computed for a caller who could not store the result.
         check_can_store(user_model).or_report();
         check_can_store(item_model).or_report();
+        // Incremental: continue from the active versions, with their options (the given ones
+        // override the schedule; the architecture is the base's) and dense layers frozen.
+        let incremental = match given.get("incremental") {
+            None | Some(serde_json::Value::Bool(false)) => false,
+            Some(serde_json::Value::Bool(true)) => true,
+            Some(v) => TtError::Train(twotower_train::TrainError::Option {
+                path: "incremental".into(),
+                reason: format!("must be true or false, got {v}"),
+            })
+            .report(),
+        };
+        let base = incremental.then(|| (active_version(user_model).or_report(), active_version(item_model).or_report()));
+        let opts = match &base {
+            None => given.clone(),
+            Some(((_, _, stored), _)) => {
+                let mut o = stored.get("options").cloned().unwrap_or_else(|| serde_json::json!({}));
+                if let (Some(o), Some(g)) = (o.as_object_mut(), given.as_object()) {
+                    for (k, v) in g {
+                        if k == "user" || k == "item" || k == "dim" {
+                            TtError::Train(twotower_train::TrainError::Option {
+                                path: k.clone(),
+                                reason: "an incremental run keeps the base version's architecture".into(),
+                            })
+                            .report();
+                        }
+                        if k != "incremental" {
+                            o.insert(k.clone(), v.clone());
+                        }
+                    }
+                    o.entry("freeze_dense").or_insert(serde_json::Value::Bool(true));
+                }
+                o
+            }
+        };
+        let cfg = Config::parse(&opts).map_err(TtError::Train).or_report();
         if user_model == item_model {
             TtError::BadArgument("user_model and item_model must be two different models".into()).report();
         }
@@ -244,7 +278,11 @@ pub mod twotower {
         let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
         let keys = Keys { user: ukey, item: ikey };
         let mut last_notice = std::time::Instant::now();
-        let trained = twotower_train::train(&cfg, &data, &keys, budget, &mut |e| {
+        let start = base.as_ref().map(|((us, uw, _), (is, iw, _))| twotower_train::Base {
+            user: (us.as_str(), uw.as_slice()),
+            item: (is.as_str(), iw.as_slice()),
+        });
+        let trained = twotower_train::train_from(&cfg, &data, &keys, budget, start, &mut |e| {
             // On the calling thread, between batches: a cancel or statement_timeout stops here.
             check_for_interrupts!();
             match e {
@@ -308,6 +346,21 @@ pub mod twotower {
             row(user_model, uv, "user", trained.user_parameters),
             row(item_model, iv, "item", trained.item_parameters),
         ])
+    }
+
+    /// The spec, weights and stored training options of the active version of trained model
+    /// `model` (the base of an incremental run).
+    fn active_version(model: &str) -> TtResult<(String, Vec<u8>, serde_json::Value)> {
+        let sql = "FROM twotower.model m JOIN twotower.model_version v
+                     ON v.model = m.name AND v.version = m.active_version WHERE m.name = $1";
+        let (spec, weights) = crate::catalog::as_catalog_owner(|| {
+            crate::catalog::read_row::<String, Vec<u8>>(&format!("SELECT v.spec::text, v.weights {sql}"), &[model.into()])
+        })?
+        .map_err(|e| TtError::Unsupported(format!("reading model \"{model}\": {e}")))?
+        .and_then(|(s, w)| Some((s?, w?)))
+        .ok_or_else(|| TtError::ModelNotFound { name: model.to_owned(), version: None })?;
+        let options = train_sources(model)?;
+        Ok((spec, weights, options))
     }
 
     /// The stored sources of the active version of trained model `model`.

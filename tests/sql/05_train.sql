@@ -67,6 +67,25 @@ SELECT version FROM twotower.train('tr_user', 'tr_item', 'tr_events', :'opts',
 RESET client_min_messages;
 SELECT count(DISTINCT checksum) AS distinct_weights FROM twotower.model_version WHERE model = 'tr_user';
 
+-- Incremental: 20 new users (200..219) with interactions of their group; the run continues
+-- from the active versions (their options, dense layers frozen) and adds the new ids.
+CREATE TABLE tr_new AS
+SELECT u AS user_id, (u % 5) + 5 * ((u * 13 + t * 7) % 20) AS item_id,
+       timestamptz '2026-02-01' + make_interval(hours => t * 24 + u % 24) AS ts
+  FROM generate_series(200, 219) u, generate_series(0, 9) t;
+SET client_min_messages = warning;
+SELECT model, version, kind, valid_recall > 0.3 AS learned
+  FROM twotower.train('tr_user', 'tr_item', 'tr_new', '{"incremental": true, "epochs": 3}');
+RESET client_min_messages;
+SELECT v.version, jsonb_array_length(v.spec -> 'features' -> 0 -> 'vocabulary') AS user_ids,
+       v.train_options -> 'options' -> 'freeze_dense' AS frozen
+  FROM twotower.model_version v WHERE v.model = 'tr_user' ORDER BY v.version;
+-- The new user 205 (group 0) is served by the updated towers (item vectors refreshed).
+SELECT updated > 0 AS refreshed FROM twotower.refresh_item_vectors('tr_item', 'tr_items', 'tr_vectors', id_column => 'item_id');
+SELECT count(*) FILTER (WHERE item_id % 5 = 0) >= 6 AS mostly_own_group
+  FROM twotower.recall('tr_user', 'tr_vectors_embedding_idx', twotower.user_features('tr_user', '205', interactions => 'tr_new'), 10);
+SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_user', 'tr_item', 'tr_new', '{"incremental": true, "dim": 4}')$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_nobase_u', 'tr_nobase_i', 'tr_new', '{"incremental": true}')$q$);
 -- Hard negatives (here: items of the next group) mixed into a per-row loss's negatives.
 CREATE TABLE tr_hard AS
 SELECT u AS user_id, ((u % 5) + 1) % 5 + 5 * k AS item_id FROM generate_series(0, 199) u, generate_series(0, 3) k;
@@ -77,6 +96,17 @@ SELECT kind, valid_recall > 0.5 AS learned
                       user_features => 'tr_users', item_features => 'tr_items', hard_negatives => 'tr_hard');
 RESET client_min_messages;
 SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L)$q$, :'opts'::jsonb || '{"hard_ratio": 0.5}'));
+-- Memory: five more runs in this backend leave its resident size flat.
+CREATE FUNCTION pg_temp.rss_kb() RETURNS bigint LANGUAGE sql AS $$
+  SELECT (regexp_match(pg_read_file('/proc/' || pg_backend_pid() || '/status'), 'VmRSS:\s+(\d+)'))[1]::bigint $$;
+SELECT pg_temp.rss_kb() AS rss_before \gset
+SET client_min_messages = warning;
+SELECT count(*) AS versions
+  FROM generate_series(1, 5) g,
+       LATERAL twotower.train('tr_rss_u', 'tr_rss_i', 'tr_events', :'opts', user_features => 'tr_users', item_features => 'tr_items') t;
+RESET client_min_messages;
+SELECT pg_temp.rss_kb() - :rss_before < 20000 AS rss_flat;
+SELECT twotower.drop_model('tr_rss_u'), twotower.drop_model('tr_rss_i');
 -- Bad options and input: clear SQLSTATEs, nothing stored.
 SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', '{"loss": "listwise", "user": {"features": [{"name": "user_id", "type": "categorical"}]}, "item": {"features": [{"name": "item_id", "type": "categorical"}]}}')$q$);
 SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', '{"user": {"features": [{"name": "user_id", "type": "categorical"}]}}')$q$);
@@ -117,7 +147,7 @@ RESET client_min_messages;
 SELECT count(*) AS stored FROM twotower.models WHERE name IN ('tr_u4', 'tr_i4');
 
 DROP VIEW tr_seen;
-DROP TABLE tr_items, tr_users, tr_events, tr_vectors, tr_empty, tr_badusers, tr_textts, tr_queries, tr_hard;
+DROP TABLE tr_items, tr_users, tr_events, tr_vectors, tr_empty, tr_badusers, tr_textts, tr_queries, tr_hard, tr_new;
 SELECT twotower.drop_model('tr_user');
 SELECT twotower.drop_model('tr_item');
 SELECT twotower.drop_model('tr_user_h');

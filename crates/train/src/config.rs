@@ -88,6 +88,8 @@ pub struct Config {
     pub hard_ratio: f64,
     /// Softmax: each row's own hard negatives, added to its candidates.
     pub hard_per_row: usize,
+    /// Dense layers keep their parameters (incremental updates train embeddings only).
+    pub freeze_dense: bool,
 }
 
 pub const MAX_DIM: usize = 1024;
@@ -305,7 +307,7 @@ impl Config {
             "dim", "user", "item", "min_count", "max_vocab", "loss", "negatives", "temperature",
             "margin", "logq", "in_batch", "lr", "weight_decay", "sparse_optimizer", "sparse_lr",
             "ftrl_l1", "ftrl_l2", "ftrl_beta", "batch_size", "epochs", "patience", "seed",
-            "threads", "k", "subsample", "init_std", "validation", "hard_ratio", "hard_per_row",
+            "threads", "k", "subsample", "init_std", "validation", "hard_ratio", "hard_per_row", "freeze_dense",
         ])?;
         let dim = o.uint("dim", 32, 1, MAX_DIM)?;
         let user = tower(o.get("user"), "user", dim, true)?;
@@ -383,6 +385,7 @@ impl Config {
             init_std: o.num("init_std", 0.05, 0.0, 10.0)? as f32,
             hard_ratio: o.num("hard_ratio", 0.5, 0.0, 1.0)?,
             hard_per_row: o.uint("hard_per_row", 2, 0, 1024)?,
+            freeze_dense: o.bool("freeze_dense", false)?,
             validate: match o.str("validation", "last")? {
                 "last" => true,
                 "none" => false,

@@ -16,4 +16,4 @@ pub mod train;
 pub use config::Config;
 pub use data::Data;
 pub use error::{Result, TrainError};
-pub use train::{train, Event, Keys, Progress, Trained};
+pub use train::{train, train_from, Base, Event, Keys, Progress, Trained};

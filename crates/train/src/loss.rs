@@ -49,16 +49,23 @@ pub struct Scores<'a> {
 
 /// The loss and `dL/dS` (`b × c`).
 pub fn loss(kind: LossKind, x: &Scores) -> (f64, Vec<f32>) {
+    loss_rows(kind, x, 0..x.b)
+}
+
+/// The part of the loss from rows `rows` and their `dL/dS`: `x.s` holds those rows only
+/// (`rows.len() × c`); weights are normalised over all `b` rows, so the parts add up to
+/// [`loss`].
+pub fn loss_rows(kind: LossKind, x: &Scores, rows: std::ops::Range<usize>) -> (f64, Vec<f32>) {
     let (b, c) = (x.b, x.c);
-    let mut ds = vec![0f32; b * c];
+    let mut ds = vec![0f32; rows.len() * c];
     let wsum: f64 = x.weights.iter().map(|&w| w as f64).sum::<f64>().max(f64::MIN_POSITIVE);
     let tau = x.temperature as f64;
     let mut total = 0f64;
     // Per-row losses: row i's negatives are columns b + i·r .. b + (i+1)·r.
     let negatives = if b == 0 { 0 } else { (c - b) / b };
-    for i in 0..b {
-        let srow = &x.s[i * c..(i + 1) * c];
-        let drow = &mut ds[i * c..(i + 1) * c];
+    for (li, i) in rows.enumerate() {
+        let srow = &x.s[li * c..(li + 1) * c];
+        let drow = &mut ds[li * c..(li + 1) * c];
         let wi = x.weights[i] as f64 / wsum;
         let pos = x.items[i];
         let sp = srow[i] as f64;

@@ -179,6 +179,92 @@ fn normal(rng: &mut ChaCha8Rng) -> f32 {
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
 
+/// Continues from a trained tower (incremental training): `plan` is planned from the new data
+/// (its vocabularies hold the new data's ids, its rows are freshly initialised); the result
+/// keeps the base version's vocabularies and rows, appends the ids the base did not know (with
+/// the fresh rows), and takes every dense parameter and every numeric statistic from the base.
+/// The base must have the architecture the options describe.
+pub fn extend(plan: &Plan, base_spec: &str, base_weights: &[u8]) -> Result<Plan> {
+    let arch = |why: String| TrainError::Option { path: "incremental".into(), reason: why };
+    let base: Value = serde_json::from_str(base_spec).map_err(|e| arch(format!("the base spec: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(base_weights).map_err(|e| arch(format!("the base weights: {e}")))?;
+    let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let t = st.tensor(name).map_err(|_| arch(format!("the base version has no tensor {name}: train it anew")))?;
+        if t.shape() != shape || t.dtype() != safetensors::Dtype::F32 {
+            return Err(arch(format!(
+                "tensor {name} is {:?} {:?} in the base version, {:?} F32 in these options",
+                t.shape(),
+                t.dtype(),
+                shape
+            )));
+        }
+        Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+    };
+    let base_features: Vec<Value> = base.get("features").and_then(Value::as_array).cloned().unwrap_or_default();
+    let base_feature = |name: &str| base_features.iter().find(|f| f.get("name").and_then(Value::as_str) == Some(name)).cloned();
+    let mut out = plan.clone();
+    let features = match out.spec.get_mut("features") {
+        Some(Value::Array(f)) => f,
+        _ => return Err(TrainError::Export("planned spec without features".into())),
+    };
+    for f in features.iter_mut() {
+        let name = f.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let Some(bf) = base_feature(&name) else {
+            return Err(arch(format!("feature \"{name}\" is not in the base version: train it anew")));
+        };
+        if bf.get("type") != f.get("type") {
+            return Err(arch(format!("feature \"{name}\" has another type in the base version")));
+        }
+        for k in ["mean", "std"] {
+            if let (Some(v), Some(o)) = (bf.get(k), f.as_object_mut()) {
+                o.insert(k.to_owned(), v.clone());
+            }
+        }
+    }
+    for (t, name) in plan.table_tensors.iter().enumerate() {
+        let fresh = &plan.tower.tables[t];
+        let dim = fresh.dim;
+        let Some(fi) = features.iter().position(|f| f.get("embedding").and_then(Value::as_str) == Some(name.as_str())) else {
+            continue;
+        };
+        let fname = features[fi].get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let base_vocab: Vec<String> = base_feature(&fname)
+            .and_then(|f| f.get("vocabulary").cloned())
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let new_vocab: Vec<String> = features[fi]
+            .get("vocabulary")
+            .cloned()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let base_rows = tensor(name, &[base_vocab.len() + 1, dim])?;
+        let known: std::collections::HashSet<&str> = base_vocab.iter().map(String::as_str).collect();
+        let mut merged = base_vocab.clone();
+        let mut w = base_rows;
+        for (i, id) in new_vocab.iter().enumerate() {
+            if !known.contains(id.as_str()) {
+                merged.push(id.clone());
+                w.extend_from_slice(&fresh.w[(i + 1) * dim..(i + 2) * dim]);
+            }
+        }
+        let table = &mut out.tower.tables[t];
+        table.rows = merged.len() + 1;
+        table.w = w;
+        for f in features.iter_mut() {
+            if f.get("embedding").and_then(Value::as_str) == Some(name.as_str()) {
+                if let Some(o) = f.as_object_mut() {
+                    o.insert("vocabulary".into(), Value::from(merged.clone()));
+                }
+            }
+        }
+    }
+    let names: Vec<(String, Vec<usize>)> = plan.dense_tensors.clone();
+    for (p, (name, shape)) in out.tower.dense_params_mut().into_iter().zip(&names) {
+        *p = tensor(name, shape)?;
+    }
+    Ok(out)
+}
+
 /// `plan` and `tower` without the all-zero rows of their tables: for each table whose OOV row 0
 /// is all zero (so an id that loses its row still reads zeros), every other all-zero row is
 /// removed and its id dropped from the vocabularies of the features using the table. Returns

@@ -217,8 +217,10 @@ impl Optim {
     }
 
     fn step(&mut self, cfg: &Config, t: &mut Tower, g: &Grads, step: u64) {
-        for ((p, a), gd) in t.dense_params_mut().into_iter().zip(&mut self.dense).zip(&g.dense) {
-            a.step(p, gd, cfg.lr, step, cfg.weight_decay);
+        if !cfg.freeze_dense {
+            for ((p, a), gd) in t.dense_params_mut().into_iter().zip(&mut self.dense).zip(&g.dense) {
+                a.step(p, gd, cfg.lr, step, cfg.weight_decay);
+            }
         }
         for ((tb, s), rows) in t.tables.iter_mut().zip(&mut self.sparse).zip(&g.rows) {
             s.step(&mut tb.w, rows, step);
@@ -303,15 +305,27 @@ pub fn train_step(
         u.extend_from_slice(uc.output());
         v.extend_from_slice(ic.output());
     }
-    let s_mat = loss::scores(&u, b, &v, c, d);
-    let (l, ds) = loss::loss(
-        cfg.loss,
-        &Scores { s: &s_mat, b, c, logq: x.logq, items: x.cand, owner: x.owner, weights: x.weights, temperature: cfg.temperature },
-    );
+    // The loss by parts of the rows, on the same threads: each part scores its users against
+    // every candidate, and returns its loss, its users' gradients and its share of the
+    // candidates' (added in part order: deterministic for a thread count).
+    let rparts = split(b, threads);
+    let parts = par(&rparts, |r| {
+        let s = loss::scores(&u[r.start * d..r.end * d], r.len(), &v, c, d);
+        let sc = Scores { s: &s, b, c, logq: x.logq, items: x.cand, owner: x.owner, weights: x.weights, temperature: cfg.temperature };
+        let (l, ds) = loss::loss_rows(cfg.loss, &sc, r.clone());
+        let (du, dv) = loss::backprop_scores(&ds, &u[r.start * d..r.end * d], r.len(), &v, c, d);
+        (l, du, dv)
+    });
+    let l: f64 = parts.iter().map(|p| p.0).sum();
     if !l.is_finite() {
         return l;
     }
-    let (du, dv) = loss::backprop_scores(&ds, &u, b, &v, c, d);
+    let mut du = Vec::with_capacity(b * d);
+    let mut dv = vec![0f32; c * d];
+    for (_, pu, pv) in &parts {
+        du.extend_from_slice(pu);
+        dv.iter_mut().zip(pv).for_each(|(a, b)| *a += b);
+    }
     let grads = par_n(fwd.len(), |i| {
         let (uc, ic) = &fwd[i];
         let ur = uparts.get(i).cloned().unwrap_or(0..0);
@@ -325,9 +339,27 @@ pub fn train_step(
         ig.add(bb);
     }
     drop(fwd);
-    user.1.step(cfg, user.0, &ug, t);
-    item.1.step(cfg, item.0, &ig, t);
+    if threads > 1 {
+        let (uo, ut, io, it) = (user.1, user.0, item.1, item.0);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| io.step(cfg, it, &ig, t));
+            uo.step(cfg, ut, &ug, t);
+            if let Err(e) = h.join() {
+                std::panic::resume_unwind(e);
+            }
+        });
+    } else {
+        user.1.step(cfg, user.0, &ug, t);
+        item.1.step(cfg, item.0, &ig, t);
+    }
     l
+}
+
+/// Trained towers to continue from (incremental training): each tower's spec and weights.
+#[derive(Debug, Clone, Copy)]
+pub struct Base<'a> {
+    pub user: (&'a str, &'a [u8]),
+    pub item: (&'a str, &'a [u8]),
 }
 
 /// Trains the two towers on `data`. `budget` bounds the memory the run allocates (bytes).
@@ -336,6 +368,20 @@ pub fn train(
     data: &Data,
     keys: &Keys,
     budget: usize,
+    progress: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<Trained> {
+    train_from(cfg, data, keys, budget, None, progress)
+}
+
+/// [`train`], continuing from `base` when given: the base's vocabularies, rows, dense layers and
+/// statistics are kept, ids new in `data` get fresh rows (see [`model::extend`]). With
+/// `cfg.freeze_dense` only the embedding tables learn.
+pub fn train_from(
+    cfg: &Config,
+    data: &Data,
+    keys: &Keys,
+    budget: usize,
+    base: Option<Base>,
     progress: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<Trained> {
     if data.interactions.is_empty() {
@@ -408,8 +454,12 @@ pub fn train(
             .map(|(i, &c)| (with_id(&data.items[i].features, &keys.item, &data.items[i].id), c)),
     );
     let mc = cfg.min_count as u64;
-    let uplan = model::plan("user", &cfg.user, cfg.dim, &user_stats, mc, cfg.max_vocab, cfg.init_std, &mut rng)?;
-    let iplan = model::plan("item", &cfg.item, cfg.dim, &item_stats, mc, cfg.max_vocab, cfg.init_std, &mut rng)?;
+    let mut uplan = model::plan("user", &cfg.user, cfg.dim, &user_stats, mc, cfg.max_vocab, cfg.init_std, &mut rng)?;
+    let mut iplan = model::plan("item", &cfg.item, cfg.dim, &item_stats, mc, cfg.max_vocab, cfg.init_std, &mut rng)?;
+    if let Some(b) = base {
+        uplan = model::extend(&uplan, b.user.0, b.user.1)?;
+        iplan = model::extend(&iplan, b.item.0, b.item.1)?;
+    }
     let mut utower = uplan.tower.clone();
     let mut itower = iplan.tower.clone();
     // Encoding through the serving models themselves (the vocabularies are in the specs).
