@@ -7,7 +7,7 @@
 #    Each user's last rating by time is the test item; the second last validates (inside
 #    twotower.train). Equal timestamps keep the file's order (the tie rule: see
 #    docs/training.md).
-# 3. twotower.train learns both towers; refresh_item_vectors and CREATE INDEX serve them.
+# 3. twotower.train learns both towers (options: scripts/movielens-options.json); refresh_item_vectors and CREATE INDEX serve them.
 # 4. twotower.evaluate reports HR/NDCG/Recall/MRR@10/50 on the test items, exactly and through
 #    the index, next to popularity computed the same way in SQL; then one user's
 #    recommendations with titles.
@@ -68,26 +68,13 @@ psql_ml -c "SELECT (SELECT count(*) FROM ml_users) AS users, (SELECT count(*) FR
                    (SELECT count(*) FROM ml_test) AS test"
 
 echo "== training both towers in SQL (twotower.train; one NOTICE per epoch)"
-psql_ml <<'SQL'
+# The options (scripts/movielens-options.json) were chosen on validation only.
+psql_ml -v opts="$(cat scripts/movielens-options.json)" <<'SQL'
 \timing on
 SELECT model, version, kind, parameters, best_epoch, round(valid_recall::numeric, 4) AS valid_hr_at_50,
        round(valid_ndcg::numeric, 4) AS valid_ndcg_at_50, train_examples
-  FROM twotower.train('ml_user', 'ml_item', 'ml_train', $${
-    "dim": 64, "epochs": 40, "patience": 5, "k": 50, "batch_size": 512,
-    "lr": 0.002, "sparse_lr": 0.01, "temperature": 0.1, "seed": 42,
-    "user": {"features": [
-        {"name": "user_id", "type": "categorical"},
-        {"name": "gender", "type": "categorical", "dim": 4},
-        {"name": "occupation", "type": "categorical", "dim": 8},
-        {"name": "age", "type": "numeric"},
-        {"name": "history", "type": "history", "max_len": 50, "decay": {"position": 0.97}}],
-      "hidden": [256]},
-    "item": {"features": [
-        {"name": "item_id", "type": "categorical"},
-        {"name": "genres", "type": "multi_categorical", "dim": 16},
-        {"name": "year", "type": "numeric"}],
-      "hidden": [256]}
-  }$$, user_features => 'ml_users', item_features => 'ml_items');
+  FROM twotower.train('ml_user', 'ml_item', 'ml_train', :'opts',
+                      user_features => 'ml_users', item_features => 'ml_items');
 SQL
 
 echo "== item vectors, the index, and evaluation on each user's held-out last rating"

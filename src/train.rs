@@ -71,6 +71,36 @@ pub mod twotower {
         .ok_or_else(|| TtError::BadArgument(format!("column \"{col}\" does not exist")))
     }
 
+    /// Reads `select` in batches (cancellable between them), handing each row to `f`; a count
+    /// of rows goes to `progress` after each batch. Errors name `src`.
+    fn read_rows(
+        select: &str,
+        src: &str,
+        mut progress: Option<&mut spi::Progress>,
+        mut f: impl FnMut(pgrx::spi::SpiHeapTupleData<'_>) -> pgrx::spi::SpiResult<()>,
+    ) -> TtResult<()> {
+        let fail = |e: pgrx::spi::Error| TtError::BadArgument(format!("reading {src}: {e}"));
+        let batches = spi::Batches::open(select).map_err(fail)?;
+        loop {
+            let n = batches
+                .next(BATCH, |_, rows| {
+                    let mut n = 0usize;
+                    for row in rows {
+                        n += 1;
+                        f(row)?;
+                    }
+                    Ok(n)
+                })
+                .map_err(fail)?;
+            if n == 0 {
+                return Ok(());
+            }
+            if let Some(p) = progress.as_deref_mut() {
+                p.add(n);
+            }
+        }
+    }
+
     /// Reads `(id, to_jsonb(row))` of a feature source into `set`.
     fn read_features(
         rel: pg_sys::Oid,
@@ -81,29 +111,17 @@ pub mod twotower {
         let src = spi::relation_name(rel)?;
         let k = spi::column(rel, key, what)?;
         let select = format!("SELECT t.{k}::pg_catalog.text, pg_catalog.to_jsonb(t) FROM {src} AS t");
-        let batches = spi::Batches::open(&select).map_err(|e| TtError::BadArgument(format!("reading {src}: {e}")))?;
-        loop {
-            let n = batches
-                .next(BATCH, |_, rows| {
-                    let mut n = 0usize;
-                    for row in rows {
-                        n += 1;
-                        let Some(id) = row.get::<String>(1)? else {
-                            TtError::NullValue(format!("a row of {src} ({what}) has a NULL \"{key}\"")).report();
-                        };
-                        let Some(f) = row.get::<JsonbValue>(2)? else { continue };
-                        match f.value("feature row").or_report() {
-                            serde_json::Value::Object(m) => set(&id, m).or_report(),
-                            _ => continue,
-                        }
-                    }
-                    Ok(n)
-                })
-                .map_err(|e| TtError::BadArgument(format!("reading {src}: {e}")))?;
-            if n == 0 {
-                return Ok(());
+        read_rows(&select, &src, None, |row| {
+            let Some(id) = row.get::<String>(1)? else {
+                TtError::NullValue(format!("a row of {src} ({what}) has a NULL \"{key}\"")).report();
+            };
+            if let Some(f) = row.get::<JsonbValue>(2)? {
+                if let serde_json::Value::Object(m) = f.value("feature row").or_report() {
+                    set(&id, m).or_report();
+                }
             }
-        }
+            Ok(())
+        })
     }
 
     /// Trains a two-tower model on `interactions` (one row per user–item interaction, with its
@@ -198,34 +216,16 @@ pub mod twotower {
         );
         let mut data = Data::default();
         let mut progress = spi::Progress::new("train: reading interactions", "rows");
-        let batches = spi::Batches::open(&select)
-            .map_err(|e| TtError::BadArgument(format!("reading {src}: {e}")))
-            .or_report();
-        loop {
-            let n = batches
-                .next(BATCH, |_, rows| {
-                    let mut n = 0usize;
-                    for row in rows {
-                        n += 1;
-                        let (Some(u), Some(i), Some(t), Some(wt)) =
-                            (row.get::<String>(1)?, row.get::<String>(2)?, row.get::<f64>(3)?, row.get::<f32>(4)?)
-                        else {
-                            TtError::NullValue(format!(
-                                "a row of {src} has a NULL user id, item id, time or weight"
-                            ))
-                            .report();
-                        };
-                        data.interaction(&u, &i, t, wt).map_err(TtError::Train).or_report();
-                    }
-                    Ok(n)
-                })
-                .map_err(|e| TtError::BadArgument(format!("reading {src}: {e}")))
-                .or_report();
-            if n == 0 {
-                break;
-            }
-            progress.add(n);
-        }
+        read_rows(&select, &src, Some(&mut progress), |row| {
+            let (Some(u), Some(i), Some(t), Some(wt)) =
+                (row.get::<String>(1)?, row.get::<String>(2)?, row.get::<f64>(3)?, row.get::<f32>(4)?)
+            else {
+                TtError::NullValue(format!("a row of {src} has a NULL user id, item id, time or weight")).report();
+            };
+            data.interaction(&u, &i, t, wt).map_err(TtError::Train).or_report();
+            Ok(())
+        })
+        .or_report();
         let (ukey, ikey) = (user_column.to_owned(), item_column.to_owned());
         if let Some(r) = user_features {
             read_features(r.0, user_column, "user features", |id, m| {
@@ -246,27 +246,13 @@ pub mod twotower {
             let hu = spi::column(r.0, user_column, "hard negatives user id").or_report();
             let hi = spi::column(r.0, item_column, "hard negatives item id").or_report();
             let select = format!("SELECT t.{hu}::pg_catalog.text, t.{hi}::pg_catalog.text FROM {hsrc} AS t");
-            let batches = spi::Batches::open(&select)
-                .map_err(|e| TtError::BadArgument(format!("reading {hsrc}: {e}")))
-                .or_report();
-            loop {
-                let n = batches
-                    .next(BATCH, |_, rows| {
-                        let mut n = 0usize;
-                        for row in rows {
-                            n += 1;
-                            if let (Some(u), Some(i)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
-                                data.hard_negative(&u, &i).map_err(TtError::Train).or_report();
-                            }
-                        }
-                        Ok(n)
-                    })
-                    .map_err(|e| TtError::BadArgument(format!("reading {hsrc}: {e}")))
-                    .or_report();
-                if n == 0 {
-                    break;
+            read_rows(&select, &hsrc, None, |row| {
+                if let (Some(u), Some(i)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
+                    data.hard_negative(&u, &i).map_err(TtError::Train).or_report();
                 }
-            }
+                Ok(())
+            })
+            .or_report();
         } else if opts.get("hard_ratio").is_some() || opts.get("hard_per_row").is_some() {
             TtError::Train(twotower_train::TrainError::Option {
                 path: "hard_ratio".into(),
