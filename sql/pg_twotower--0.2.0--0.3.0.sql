@@ -47,6 +47,16 @@ STABLE PARALLEL RESTRICTED
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'user_features_wrapper';
 
+CREATE  FUNCTION twotower."user_features"(
+	"model" TEXT, /* & str */
+	"user_id" bigint, /* i64 */
+	"at" timestamp with time zone DEFAULT NULL, /* Option < pgrx :: datum :: TimestampWithTimeZone > */
+	"interactions" regclass DEFAULT NULL /* Option < RegClass > */
+) RETURNS jsonb /* pgrx :: JsonB */
+STABLE PARALLEL RESTRICTED 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'user_features_bigint_wrapper';
+
 CREATE  FUNCTION twotower."evaluate"(
 	"user_model" TEXT, /* & str */
 	"index" regclass, /* RegClass */

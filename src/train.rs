@@ -484,6 +484,17 @@ pub mod twotower {
         pgrx::JsonB(v)
     }
 
+    /// `user_features` for an integer user id (the same id as its text: 42 is '42').
+    #[pg_extern(stable, parallel_restricted, name = "user_features")]
+    fn user_features_bigint(
+        model: &str,
+        user_id: i64,
+        at: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
+        interactions: default!(Option<RegClass>, "NULL"),
+    ) -> pgrx::JsonB {
+        user_features(model, &user_id.to_string(), at, interactions)
+    }
+
     /// Ranking quality of user tower `user_model` over the items of `index` (a twotower_hnsw
     /// index on a table whose single-column integer primary key is the item id). `queries` has
     /// rows `(user_id, features jsonb, target bigint)`; each is ranked among all items but the

@@ -43,6 +43,8 @@ SELECT count(*) FILTER (WHERE item_id % 5 = 3) >= 7 AS mostly_own_group
 -- user 8's row of tr_users (its other columns left out) and its history up to the moment.
 SELECT twotower.user_features('tr_user', '8', at => timestamptz '2026-01-01' + interval '2 days 9 hours');
 SELECT twotower.user_features('tr_user', '8', at => timestamptz '2026-01-01' - interval '1 day');
+-- An integer id is the same id as its text.
+SELECT twotower.user_features('tr_user', 8) = twotower.user_features('tr_user', '8') AS same_input;
 SELECT pg_temp.err($q$SELECT twotower.user_features('tr_item', '8')$q$);
 -- Evaluation: each user's last interaction as the target, the earlier ones masked.
 CREATE TABLE tr_queries AS
