@@ -56,6 +56,10 @@ pub struct TowerSpec {
     pub hidden: Vec<usize>,
     pub activation: Activation,
     pub layer_norm: bool,
+    /// Dropout after each hidden layer's activation (0 = none).
+    pub dropout: f32,
+    /// Features whose raw fields are appended before the last linear layer.
+    pub shortcut: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -168,14 +172,15 @@ fn pooling(o: &Obj, k: &str) -> Result<Pooling> {
     match o.str(k, "mean")? {
         "mean" => Ok(Pooling::Mean),
         "sum" => Ok(Pooling::Sum),
-        other => Err(opt_err(o.p(k), format!("must be \"mean\" or \"sum\", got \"{other}\""))),
+        "max" => Ok(Pooling::Max),
+        other => Err(opt_err(o.p(k), format!("must be \"mean\", \"sum\" or \"max\", got \"{other}\""))),
     }
 }
 
 fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerSpec> {
     let v = v.ok_or_else(|| opt_err(path, "required key is missing"))?;
     let o = Obj::new(v, path)?;
-    o.allow(&["features", "hidden", "activation", "layer_norm"])?;
+    o.allow(&["features", "hidden", "activation", "layer_norm", "dropout", "shortcut"])?;
     let fs = o
         .get("features")
         .and_then(Value::as_array)
@@ -276,11 +281,32 @@ fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerS
         "sigmoid" => Activation::Sigmoid,
         other => return Err(opt_err(o.p("activation"), format!("must be relu, gelu, tanh or sigmoid, got \"{other}\""))),
     };
+    let shortcut: Vec<String> = match o.get("shortcut") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                let n = x.as_str().unwrap_or_default();
+                if features.iter().any(|f| f.name() == n) {
+                    Ok(n.to_owned())
+                } else {
+                    Err(opt_err(o.p("shortcut"), format!("{x} is not a feature of this tower")))
+                }
+            })
+            .collect::<Result<_>>()?,
+        Some(v) => return Err(opt_err(o.p("shortcut"), format!("must be an array of feature names, got {v}"))),
+    };
+    let dropout = o.num("dropout", 0.0, 0.0, 0.95)? as f32;
+    if dropout > 0.0 && hidden.is_empty() {
+        return Err(opt_err(o.p("dropout"), "applies after hidden layers: give \"hidden\" too"));
+    }
     Ok(TowerSpec {
         features,
         hidden,
         activation,
         layer_norm: o.bool("layer_norm", false)?,
+        dropout,
+        shortcut,
     })
 }
 

@@ -45,6 +45,7 @@ fn pooling_name(p: Pooling) -> &'static str {
     match p {
         Pooling::Mean => "mean",
         Pooling::Sum => "sum",
+        Pooling::Max => "max",
     }
 }
 
@@ -128,11 +129,26 @@ pub fn plan(
     let mut widths: Vec<usize> = spec.hidden.clone();
     // Without hidden layers a tower whose fields are already `dim` wide is used as it is (an
     // id-only tower is matrix factorisation); otherwise a last linear layer maps to `dim`.
-    if !(spec.hidden.is_empty() && width == dim) {
+    if !(spec.hidden.is_empty() && width == dim && spec.shortcut.is_empty()) {
         widths.push(dim);
     }
     let last = widths.len();
+    let field_width = |i: usize| match &fields[i] {
+        FieldKind::Embed { table } | FieldKind::Pool { table, .. } => tables[*table].dim,
+        FieldKind::Value { width } => *width,
+    };
     for (i, &n_out) in widths.iter().enumerate() {
+        if i + 1 == last && !spec.shortcut.is_empty() {
+            // Raw fields of the named features join h before the last linear layer.
+            let idx: Vec<usize> = spec
+                .shortcut
+                .iter()
+                .filter_map(|n| spec.features.iter().position(|f| f.name() == n))
+                .collect();
+            width += idx.iter().map(|&f| field_width(f)).sum::<usize>();
+            layer_specs.push(json!({"type": "shortcut", "fields": spec.shortcut}));
+            layers.push(Layer::Shortcut { fields: idx });
+        }
         let bound = 1.0 / (width as f32).sqrt();
         let w: Vec<f32> = (0..n_out * width).map(|_| rng.gen_range(-bound..bound)).collect();
         let b: Vec<f32> = (0..n_out).map(|_| rng.gen_range(-bound..bound)).collect();
@@ -152,6 +168,10 @@ pub fn plan(
             }
             layer_specs.push(json!({"type": act_name(spec.activation)}));
             layers.push(Layer::Act(spec.activation));
+            if spec.dropout > 0.0 {
+                layer_specs.push(json!({"type": "dropout", "p": spec.dropout}));
+                layers.push(Layer::Dropout { p: spec.dropout });
+            }
         }
     }
     layer_specs.push(json!({"type": "l2_normalize"}));

@@ -10,6 +10,8 @@ use twotower_tower::{Encoded, FieldRef};
 pub enum Pooling {
     Mean,
     Sum,
+    /// Element-wise maximum of wᵢ·eᵢ (the gradient goes to the first row reaching it).
+    Max,
 }
 
 /// How one encoded field becomes part of the input vector.
@@ -47,6 +49,10 @@ pub enum Layer {
         b: Vec<f32>,
         eps: f64,
     },
+    /// Inverted dropout while training (kept units scaled by 1/(1-p)); nothing at inference.
+    Dropout { p: f32 },
+    /// Appends the raw fields (before any layer) of the given features to h.
+    Shortcut { fields: Vec<usize> },
     L2Normalize,
 }
 
@@ -63,6 +69,8 @@ pub struct Cache<'a> {
     /// The input of every layer, then the output (`layers + 1` matrices of `m` rows).
     acts: Vec<Vec<f32>>,
     widths: Vec<usize>,
+    /// Per dropout layer (by layer index): the kept-unit mask of the batch, scaled.
+    masks: Vec<Option<Vec<f32>>>,
 }
 
 impl Cache<'_> {
@@ -128,7 +136,7 @@ impl Tower {
                     out.push(w.as_slice());
                     out.push(b.as_slice());
                 }
-                Layer::Act(_) | Layer::L2Normalize => {}
+                Layer::Act(_) | Layer::L2Normalize | Layer::Dropout { .. } | Layer::Shortcut { .. } => {}
             }
         }
         out
@@ -142,7 +150,7 @@ impl Tower {
                     out.push(w);
                     out.push(b);
                 }
-                Layer::Act(_) | Layer::L2Normalize => {}
+                Layer::Act(_) | Layer::L2Normalize | Layer::Dropout { .. } | Layer::Shortcut { .. } => {}
             }
         }
         out
@@ -176,6 +184,17 @@ impl Tower {
                             dst.copy_from_slice(e);
                         }
                     }
+                    (FieldKind::Pool { table, pooling: Pooling::Max }, FieldRef::Bag { rows, weights }) => {
+                        let t = &self.tables[*table];
+                        dst.iter_mut().for_each(|d| *d = f32::NEG_INFINITY);
+                        for (i, &r) in rows.iter().enumerate() {
+                            let wi = weights.and_then(|ws| ws.get(i)).copied().unwrap_or(1.0);
+                            if let Some(e) = t.row(r) {
+                                dst.iter_mut().zip(e).for_each(|(d, e)| *d = d.max(wi * e));
+                            }
+                        }
+                        dst.iter_mut().filter(|d| **d == f32::NEG_INFINITY).for_each(|d| *d = 0.0);
+                    }
                     (FieldKind::Pool { table, pooling }, FieldRef::Bag { rows, weights }) => {
                         let t = &self.tables[*table];
                         let mut acc = vec![0f64; w];
@@ -201,19 +220,60 @@ impl Tower {
         x0
     }
 
-    /// The forward pass of a batch (the output is `cache.output()`).
+    /// The forward pass of a batch at inference (the output is `cache.output()`).
     pub fn forward<'a>(&self, xs: &[&'a Encoded]) -> Cache<'a> {
+        self.forward_with(xs, None)
+    }
+
+    /// The forward pass while training: dropout draws its masks from `seed`.
+    pub fn forward_train<'a>(&self, xs: &[&'a Encoded], seed: u64) -> Cache<'a> {
+        self.forward_with(xs, Some(seed))
+    }
+
+    fn forward_with<'a>(&self, xs: &[&'a Encoded], seed: Option<u64>) -> Cache<'a> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
+        let mut masks = vec![None; self.layers.len()];
         let m = xs.len();
         let fw = self.field_widths();
         let w0: usize = fw.iter().sum();
         let mut acts = Vec::with_capacity(self.layers.len() + 1);
         let mut widths = Vec::with_capacity(self.layers.len() + 1);
         let mut h = self.gather(xs, &fw, w0);
+        let x0 = h.clone();
+        let offsets: Vec<usize> = fw.iter().scan(0, |o, w| {
+            let at = *o;
+            *o += w;
+            Some(at)
+        }).collect();
         let mut width = w0;
-        for layer in &self.layers {
+        for (li, layer) in self.layers.iter().enumerate() {
             let input = h.clone();
             widths.push(width);
             match layer {
+                Layer::Dropout { p } => {
+                    if let Some(rng) = rng.as_mut() {
+                        let keep = 1.0 - *p;
+                        let mask: Vec<f32> = (0..h.len())
+                            .map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 })
+                            .collect();
+                        h.iter_mut().zip(&mask).for_each(|(v, k)| *v *= k);
+                        masks[li] = Some(mask);
+                    }
+                }
+                Layer::Shortcut { fields } => {
+                    let extra: usize = fields.iter().map(|&f| fw[f]).sum();
+                    let nw = width + extra;
+                    let mut next = Vec::with_capacity(m * nw);
+                    for r in 0..m {
+                        next.extend_from_slice(&h[r * width..(r + 1) * width]);
+                        for &f in fields {
+                            next.extend_from_slice(&x0[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]]);
+                        }
+                    }
+                    h = next;
+                    width = nw;
+                }
                 Layer::Linear { w, b, n_in, n_out } => {
                     debug_assert_eq!(*n_in, width);
                     h = layers::linear(&input, m, *n_in, w, Some(b), *n_out);
@@ -231,6 +291,7 @@ impl Tower {
             xs: xs.to_vec(),
             acts,
             widths,
+            masks,
         }
     }
 
@@ -240,6 +301,15 @@ impl Tower {
         let mut grads = self.zero_grads();
         let mut dh = dout.to_vec();
         let mut pi = self.dense_params().len();
+        let fw = self.field_widths();
+        let w0: usize = fw.iter().sum();
+        let offsets: Vec<usize> = fw.iter().scan(0, |o, w| {
+            let at = *o;
+            *o += w;
+            Some(at)
+        }).collect();
+        // Gradients that shortcuts send straight to the raw fields.
+        let mut dx0_extra: Option<Vec<f32>> = None;
         for (l, layer) in self.layers.iter().enumerate().rev() {
             let x = &cache.acts[l];
             let y = &cache.acts[l + 1];
@@ -266,6 +336,27 @@ impl Tower {
                     for ((d, &xi), &yi) in dh.iter_mut().zip(x).zip(y) {
                         *d *= act_grad(*a, xi, yi);
                     }
+                }
+                Layer::Dropout { .. } => {
+                    if let Some(mask) = &cache.masks[l] {
+                        dh.iter_mut().zip(mask).for_each(|(d, k)| *d *= k);
+                    }
+                }
+                Layer::Shortcut { fields } => {
+                    let nw = cache.widths[l + 1];
+                    let mut down = Vec::with_capacity(m * width);
+                    let extra = dx0_extra.get_or_insert_with(|| vec![0f32; m * w0]);
+                    for r in 0..m {
+                        let row = &dh[r * nw..(r + 1) * nw];
+                        down.extend_from_slice(&row[..width]);
+                        let mut at = width;
+                        for &f in fields {
+                            let dst = &mut extra[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]];
+                            dst.iter_mut().zip(&row[at..at + fw[f]]).for_each(|(a, b)| *a += b);
+                            at += fw[f];
+                        }
+                    }
+                    dh = down;
                 }
                 Layer::LayerNorm { g, eps, .. } => {
                     pi -= 2;
@@ -306,9 +397,10 @@ impl Tower {
                 }
             }
         }
+        if let Some(extra) = dx0_extra {
+            dh.iter_mut().zip(extra).for_each(|(a, b)| *a += b);
+        }
         // Into the embedding rows.
-        let fw = self.field_widths();
-        let w0: usize = fw.iter().sum();
         for (x, drow) in cache.xs.iter().zip(dh.chunks_exact(w0.max(1))) {
             let mut off = 0;
             for ((kind, field), &w) in self.fields.iter().zip(x.fields()).zip(&fw) {
@@ -318,6 +410,26 @@ impl Tower {
                     (FieldKind::Embed { table }, FieldRef::Row(r)) => {
                         if (r as usize) < self.tables[*table].rows {
                             add_row(&mut grads.rows[*table], r, d, 1.0);
+                        }
+                    }
+                    (FieldKind::Pool { table, pooling: Pooling::Max }, FieldRef::Bag { rows, weights }) => {
+                        // Each element's gradient goes to the first row reaching the maximum.
+                        let t = &self.tables[*table];
+                        let wt = |i: usize| weights.and_then(|ws| ws.get(i)).copied().unwrap_or(1.0);
+                        for k in 0..w {
+                            let mut best: Option<(usize, f32)> = None;
+                            for (i, &r) in rows.iter().enumerate() {
+                                if let Some(e) = t.row(r) {
+                                    let v = wt(i) * e[k];
+                                    if best.is_none_or(|(_, b)| v > b) {
+                                        best = Some((i, v));
+                                    }
+                                }
+                            }
+                            if let Some((i, _)) = best {
+                                let acc = grads.rows[*table].entry(rows[i]).or_insert_with(|| vec![0.0; w]);
+                                acc[k] += d[k] * wt(i);
+                            }
                         }
                     }
                     (FieldKind::Pool { table, pooling }, FieldRef::Bag { rows, weights }) => {
@@ -348,7 +460,7 @@ impl Table {
 
 fn pool_scale(p: Pooling, wsum: f64) -> f64 {
     match p {
-        Pooling::Sum => 1.0,
+        Pooling::Sum | Pooling::Max => 1.0,
         Pooling::Mean if wsum == 0.0 => 0.0,
         Pooling::Mean => 1.0 / wsum,
     }

@@ -294,9 +294,11 @@ pub fn train_step(
     let iparts = split(c, threads);
     let (ut, it) = (&*user.0, &*item.0);
     // Forward, both towers, each thread its part of the users and of the candidates.
+    // Dropout masks: one seed per step, tower and part (deterministic for a thread count).
+    let seed = |tower: u64, part: usize| cfg.seed ^ t.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (tower << 32) ^ part as u64;
     let fwd = par_n(uparts.len().max(iparts.len()), |i| {
-        let uc = ut.forward(&x.users[uparts.get(i).cloned().unwrap_or(0..0)]);
-        let ic = it.forward(&x.items[iparts.get(i).cloned().unwrap_or(0..0)]);
+        let uc = ut.forward_train(&x.users[uparts.get(i).cloned().unwrap_or(0..0)], seed(1, i));
+        let ic = it.forward_train(&x.items[iparts.get(i).cloned().unwrap_or(0..0)], seed(2, i));
         (uc, ic)
     });
     let mut u = Vec::with_capacity(b * d);

@@ -71,6 +71,17 @@ fn every_loss_family_learns_the_groups() {
         json!({"loss": "triplet_hinge", "negatives": 3}),
         json!({"sparse_optimizer": "adagrad", "sparse_lr": 0.1}),
         json!({"sparse_optimizer": "ftrl", "sparse_lr": 0.1}),
+        // Max pooling, dropout and a shortcut of raw fields to the top (the export, which
+        // train() checks against the trained tower, holds dropout and shortcut layers).
+        json!({"user": {"features": [
+                  {"name": "user_id", "type": "categorical"},
+                  {"name": "age", "type": "numeric"},
+                  {"name": "history", "type": "history", "max_len": 10, "pooling": "max"}],
+               "hidden": [32], "dropout": 0.1, "shortcut": ["age"]},
+               "item": {"features": [
+                  {"name": "item_id", "type": "categorical"},
+                  {"name": "genre", "type": "categorical", "dim": 4}],
+               "hidden": [32], "dropout": 0.1, "shortcut": ["genre"]}}),
     ] {
         let cfg = config(extra.clone());
         let t = train(&cfg, &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
