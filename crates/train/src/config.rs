@@ -30,6 +30,17 @@ pub enum FeatureSpec {
     /// User towers only: the user's last `max_len` items before the interaction, most recent
     /// first, weighted by `decay`.
     History { name: String, dim: usize, max_len: usize, pooling: Pooling, decay: Decay },
+    /// A number put in a bucket, then looked up: the given boundaries, or `buckets` quantile
+    /// boundaries of the training examples' values.
+    Bucketize { name: String, dim: usize, boundaries: Bucketing },
+    /// A fixed-length list of numbers used as it is (a pre-computed vector).
+    Dense { name: String, dim: usize },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bucketing {
+    Given(Vec<f64>),
+    Quantiles(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,7 +56,9 @@ impl FeatureSpec {
             FeatureSpec::Categorical { name, .. }
             | FeatureSpec::Multi { name, .. }
             | FeatureSpec::Numeric { name, .. }
-            | FeatureSpec::History { name, .. } => name,
+            | FeatureSpec::History { name, .. }
+            | FeatureSpec::Bucketize { name, .. }
+            | FeatureSpec::Dense { name, .. } => name,
         }
     }
 }
@@ -60,6 +73,10 @@ pub struct TowerSpec {
     pub dropout: f32,
     /// Features whose raw fields are appended before the last linear layer.
     pub shortcut: Vec<String>,
+    /// SENet over the fields with this hidden width (0 = none).
+    pub senet: usize,
+    /// BatchNorm after each hidden linear layer (instead of LayerNorm).
+    pub batch_norm: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,7 +197,7 @@ fn pooling(o: &Obj, k: &str) -> Result<Pooling> {
 fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerSpec> {
     let v = v.ok_or_else(|| opt_err(path, "required key is missing"))?;
     let o = Obj::new(v, path)?;
-    o.allow(&["features", "hidden", "activation", "layer_norm", "dropout", "shortcut"])?;
+    o.allow(&["features", "hidden", "activation", "layer_norm", "batch_norm", "dropout", "shortcut", "senet"])?;
     let fs = o
         .get("features")
         .and_then(Value::as_array)
@@ -248,11 +265,40 @@ fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerS
                     decay,
                 }
             }
+            "bucketize" => {
+                fo.allow(&["name", "type", "dim", "boundaries", "buckets"])?;
+                let boundaries = match (fo.get("boundaries"), fo.get("buckets")) {
+                    (Some(Value::Array(a)), None) => {
+                        let mut b: Vec<f64> = Vec::with_capacity(a.len());
+                        for x in a {
+                            let v = x.as_f64().filter(|v| v.is_finite()).ok_or_else(|| {
+                                opt_err(fo.p("boundaries"), format!("must be finite numbers, got {x}"))
+                            })?;
+                            if b.last().is_some_and(|&p| v <= p) {
+                                return Err(opt_err(fo.p("boundaries"), "must be strictly increasing"));
+                            }
+                            b.push(v);
+                        }
+                        if b.is_empty() || b.len() > 10_000 {
+                            return Err(opt_err(fo.p("boundaries"), "must list 1 to 10000 numbers"));
+                        }
+                        Bucketing::Given(b)
+                    }
+                    (None, Some(_)) => Bucketing::Quantiles(fo.uint("buckets", 10, 2, 10_001)?),
+                    (None, None) => Bucketing::Quantiles(10),
+                    _ => return Err(opt_err(fo.p("boundaries"), "give \"boundaries\" (an array of numbers) or \"buckets\" (a count of quantile buckets), not both")),
+                };
+                FeatureSpec::Bucketize { name, dim: fo.uint("dim", dim, 1, MAX_DIM)?, boundaries }
+            }
+            "dense" => {
+                fo.allow(&["name", "type", "dim"])?;
+                FeatureSpec::Dense { name, dim: fo.uint("dim", 1, 1, 4096)? }
+            }
             "history" => return Err(opt_err(fo.p("type"), "a history feature belongs to the user tower")),
             other => {
                 return Err(opt_err(
                     fo.p("type"),
-                    format!("must be \"categorical\", \"multi_categorical\", \"numeric\"{}, got \"{other}\"", if user { " or \"history\"" } else { "" }),
+                    format!("must be \"categorical\", \"multi_categorical\", \"numeric\", \"bucketize\", \"dense\"{}, got \"{other}\"", if user { " or \"history\"" } else { "" }),
                 ))
             }
         };
@@ -300,13 +346,27 @@ fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerS
     if dropout > 0.0 && hidden.is_empty() {
         return Err(opt_err(o.p("dropout"), "applies after hidden layers: give \"hidden\" too"));
     }
+    let layer_norm = o.bool("layer_norm", false)?;
+    let batch_norm = o.bool("batch_norm", false)?;
+    if layer_norm && batch_norm {
+        return Err(opt_err(o.p("batch_norm"), "give \"layer_norm\" or \"batch_norm\", not both"));
+    }
+    if batch_norm && hidden.is_empty() {
+        return Err(opt_err(o.p("batch_norm"), "applies after hidden layers: give \"hidden\" too"));
+    }
+    let senet = o.uint("senet", 0, 0, 1024)?;
+    if senet > 0 && features.len() < 2 {
+        return Err(opt_err(o.p("senet"), "weighs fields against each other: give at least two features"));
+    }
     Ok(TowerSpec {
         features,
         hidden,
         activation,
-        layer_norm: o.bool("layer_norm", false)?,
+        layer_norm,
         dropout,
         shortcut,
+        senet,
+        batch_norm,
     })
 }
 

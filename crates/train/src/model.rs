@@ -2,10 +2,10 @@
 //! spec (the tower crate's format, so a trained model is an ordinary model version), initial
 //! parameters, and the export (spec + safetensors) of trained parameters.
 
-use crate::config::{Decay, FeatureSpec, NumTransform, TowerSpec};
+use crate::config::{Bucketing, Decay, FeatureSpec, NumTransform, TowerSpec};
 use crate::data::vocabulary;
 use crate::error::{Result, TrainError};
-use crate::net::{FieldKind, Layer, Pooling, Table, Tower};
+use crate::net::{FieldKind, Layer, Pooling, Senet, Table, Tower};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
@@ -19,6 +19,8 @@ pub struct FeatureStats {
     pub counts: HashMap<String, HashMap<String, u64>>,
     /// Sum, sum of squares and count of numeric features (after log1p when asked).
     pub moments: HashMap<String, (f64, f64, u64)>,
+    /// Values (with their example counts) of bucketize features with quantile boundaries.
+    pub values: HashMap<String, Vec<(f64, u64)>>,
 }
 
 /// A tower ready to train: its parameters and the spec that serves them.
@@ -30,6 +32,8 @@ pub struct Plan {
     /// Per table, then per dense parameter (in `Tower::dense_params` order): tensor name and shape.
     pub table_tensors: Vec<String>,
     pub dense_tensors: Vec<(String, Vec<usize>)>,
+    /// Per BatchNorm layer (in order): the tensor names of its running mean and variance.
+    pub stat_tensors: Vec<(String, String)>,
 }
 
 fn act_name(a: Activation) -> &'static str {
@@ -67,20 +71,36 @@ pub fn plan(
     let empty = HashMap::new();
     for f in &spec.features {
         let name = f.name();
-        let mut table = |dim: usize| -> (usize, Vec<String>) {
-            let vocab = vocabulary(stats.counts.get(name).unwrap_or(&empty), min_count, max_vocab);
-            let rows = vocab.len() + 1;
+        let mut new_table = |rows: usize, dim: usize, ids: bool| -> usize {
             let w = (0..rows * dim).map(|_| normal(rng) * init_std).collect();
             tables.push(Table {
                 name: format!("{name}.embedding"),
                 rows,
                 dim,
                 w,
+                ids,
             });
             table_tensors.push(format!("{name}.embedding"));
-            (tables.len() - 1, vocab)
+            tables.len() - 1
+        };
+        let mut table = |dim: usize| -> (usize, Vec<String>) {
+            let vocab = vocabulary(stats.counts.get(name).unwrap_or(&empty), min_count, max_vocab);
+            (new_table(vocab.len() + 1, dim, true), vocab)
         };
         match f {
+            FeatureSpec::Bucketize { dim, boundaries, .. } => {
+                let b = match boundaries {
+                    Bucketing::Given(b) => b.clone(),
+                    Bucketing::Quantiles(n) => quantiles(stats.values.get(name).map_or(&[][..], Vec::as_slice), *n),
+                };
+                let t = new_table(b.len() + 2, *dim, false);
+                fields.push(FieldKind::Embed { table: t });
+                features.push(json!({"name": name, "type": "bucketize", "embedding": format!("{name}.embedding"), "boundaries": b}));
+            }
+            FeatureSpec::Dense { dim, .. } => {
+                fields.push(FieldKind::Value { width: *dim });
+                features.push(json!({"name": name, "type": "dense", "dim": dim}));
+            }
             FeatureSpec::Categorical { dim, .. } => {
                 let (t, vocab) = table(*dim);
                 fields.push(FieldKind::Embed { table: t });
@@ -126,6 +146,19 @@ pub fn plan(
     let mut layers = Vec::new();
     let mut layer_specs = Vec::new();
     let mut dense_tensors = Vec::new();
+    let mut stat_tensors = Vec::new();
+    let senet = (spec.senet > 0).then(|| {
+        let (nf, r) = (fields.len(), spec.senet);
+        let mut uniform = |fan_in: usize, n: usize| -> Vec<f32> {
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
+        };
+        let s = Senet { w1: uniform(nf, r * nf), b1: uniform(nf, r), w2: uniform(r, nf * r), b2: uniform(r, nf), r };
+        for (n, shape) in [("senet.fc1.weight", vec![r, nf]), ("senet.fc1.bias", vec![r]), ("senet.fc2.weight", vec![nf, r]), ("senet.fc2.bias", vec![nf])] {
+            dense_tensors.push((n.to_owned(), shape));
+        }
+        s
+    });
     let mut widths: Vec<usize> = spec.hidden.clone();
     // Without hidden layers a tower whose fields are already `dim` wide is used as it is (an
     // id-only tower is matrix factorisation); otherwise a last linear layer maps to `dim`.
@@ -166,6 +199,22 @@ pub fn plan(
                 dense_tensors.push((bn, vec![width]));
                 layers.push(Layer::LayerNorm { g: vec![1.0; width], b: vec![0.0; width], eps: 1e-5 });
             }
+            if spec.batch_norm {
+                let n = |k: &str| format!("bn.{i}.{k}");
+                layer_specs.push(json!({"type": "batchnorm", "weight": n("weight"), "bias": n("bias"),
+                    "running_mean": n("running_mean"), "running_var": n("running_var"), "eps": 1e-5}));
+                dense_tensors.push((n("weight"), vec![width]));
+                dense_tensors.push((n("bias"), vec![width]));
+                stat_tensors.push((n("running_mean"), n("running_var")));
+                layers.push(Layer::BatchNorm {
+                    g: vec![1.0; width],
+                    b: vec![0.0; width],
+                    running_mean: vec![0.0; width],
+                    running_var: vec![1.0; width],
+                    eps: 1e-5,
+                    momentum: 0.1,
+                });
+            }
             layer_specs.push(json!({"type": act_name(spec.activation)}));
             layers.push(Layer::Act(spec.activation));
             if spec.dropout > 0.0 {
@@ -176,7 +225,7 @@ pub fn plan(
     }
     layer_specs.push(json!({"type": "l2_normalize"}));
     layers.push(Layer::L2Normalize);
-    let spec = json!({
+    let mut spec = json!({
         "format": "pg_twotower.tower",
         "spec_version": 1,
         "kind": kind,
@@ -184,12 +233,46 @@ pub fn plan(
         "layers": layer_specs,
         "output": {"dim": dim, "metric": "cosine"},
     });
+    if senet.is_some() {
+        spec["senet"] = json!({"w1": "senet.fc1.weight", "b1": "senet.fc1.bias", "w2": "senet.fc2.weight", "b2": "senet.fc2.bias"});
+    }
     Ok(Plan {
-        tower: Tower { fields, tables, layers },
+        tower: Tower { fields, tables, senet, layers },
         spec,
         table_tensors,
         dense_tensors,
+        stat_tensors,
     })
+}
+
+/// At most `buckets - 1` boundaries splitting the weighted `values` into about equal shares:
+/// boundary q is the first value past the q-th share (so bucket q holds the values up to that
+/// share); points heavier than a share merge buckets instead of leaving empty ones.
+fn quantiles(values: &[(f64, u64)], buckets: usize) -> Vec<f64> {
+    let mut v: Vec<(f64, u64)> = values.iter().copied().filter(|(x, n)| x.is_finite() && *n > 0).collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    // Distinct values with inclusive cumulative counts.
+    let mut distinct: Vec<(f64, u128)> = Vec::new();
+    for (x, n) in v {
+        match distinct.last_mut() {
+            Some(last) if last.0 == x => last.1 += n as u128,
+            _ => {
+                let acc = distinct.last().map_or(0, |l| l.1);
+                distinct.push((x, acc + n as u128));
+            }
+        }
+    }
+    let total = distinct.last().map_or(0, |l| l.1);
+    let mut out: Vec<f64> = Vec::new();
+    for q in 1..buckets as u128 {
+        let i = distinct.partition_point(|d| d.1 * (buckets as u128) < q * total);
+        if let Some(&(next, _)) = distinct.get(i + 1) {
+            if out.last().is_none_or(|&p| next > p) {
+                out.push(next);
+            }
+        }
+    }
+    out
 }
 
 /// A standard normal draw (Box–Muller), from the run's generator.
@@ -235,7 +318,7 @@ pub fn extend(plan: &Plan, base_spec: &str, base_weights: &[u8]) -> Result<Plan>
         if bf.get("type") != f.get("type") {
             return Err(arch(format!("feature \"{name}\" has another type in the base version")));
         }
-        for k in ["mean", "std"] {
+        for k in ["mean", "std", "boundaries"] {
             if let (Some(v), Some(o)) = (bf.get(k), f.as_object_mut()) {
                 o.insert(k.to_owned(), v.clone());
             }
@@ -248,6 +331,14 @@ pub fn extend(plan: &Plan, base_spec: &str, base_weights: &[u8]) -> Result<Plan>
             continue;
         };
         let fname = features[fi].get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        if features[fi].get("type").and_then(Value::as_str) == Some("bucketize") {
+            // The base's boundaries (copied above) and its rows.
+            let n = features[fi].get("boundaries").and_then(Value::as_array).map_or(0, Vec::len);
+            let table = &mut out.tower.tables[t];
+            table.w = tensor(name, &[n + 2, dim])?;
+            table.rows = n + 2;
+            continue;
+        }
         let base_vocab: Vec<String> = base_feature(&fname)
             .and_then(|f| f.get("vocabulary").cloned())
             .and_then(|v| serde_json::from_value(v).ok())
@@ -281,6 +372,11 @@ pub fn extend(plan: &Plan, base_spec: &str, base_weights: &[u8]) -> Result<Plan>
     let names: Vec<(String, Vec<usize>)> = plan.dense_tensors.clone();
     for (p, (name, shape)) in out.tower.dense_params_mut().into_iter().zip(&names) {
         *p = tensor(name, shape)?;
+    }
+    let stats = plan.stat_tensors.clone();
+    for ((mean, var), (mn, vn)) in out.tower.running_stats_mut().into_iter().zip(&stats) {
+        *mean = tensor(mn, &[mean.len()])?;
+        *var = tensor(vn, &[var.len()])?;
     }
     Ok(out)
 }
@@ -337,6 +433,10 @@ pub fn export(plan: &Plan, tower: &Tower) -> Result<(String, Vec<u8>)> {
     for (p, (name, shape)) in tower.dense_params().iter().zip(&plan.dense_tensors) {
         owned.push((name.clone(), shape.clone(), bytes(p)));
     }
+    for ((mean, var), (mn, vn)) in tower.running_stats().into_iter().zip(&plan.stat_tensors) {
+        owned.push((mn.clone(), vec![mean.len()], bytes(mean)));
+        owned.push((vn.clone(), vec![var.len()], bytes(var)));
+    }
     let views: Vec<(String, TensorView)> = owned
         .iter()
         .map(|(n, s, b)| {
@@ -392,4 +492,22 @@ pub fn with_id(features: &Map<String, Value>, key: &str, id: &str) -> Value {
         m.insert(key.to_owned(), Value::String(id.to_owned()));
     }
     Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantiles;
+
+    #[test]
+    fn quantile_boundaries() {
+        assert_eq!(quantiles(&[], 4), Vec::<f64>::new());
+        let even: Vec<(f64, u64)> = (1..=8).map(|x| (x as f64, 1)).collect();
+        // Bucket 1 holds 1, 2; bucket 2 holds 3, 4; …
+        assert_eq!(quantiles(&even, 4), vec![3.0, 5.0, 7.0]);
+        // A value holding most of the weight merges buckets instead of leaving empty ones.
+        assert_eq!(quantiles(&[(1.0, 1), (5.0, 100), (9.0, 1)], 4), vec![9.0]);
+        assert_eq!(quantiles(&[(2.0, 3)], 10), Vec::<f64>::new());
+        // NaN and infinities are ignored; order of the input does not matter.
+        assert_eq!(quantiles(&[(4.0, 1), (f64::NAN, 5), (2.0, 1), (f64::INFINITY, 2)], 2), vec![4.0]);
+    }
 }

@@ -32,6 +32,8 @@ pub struct Table {
     pub rows: usize,
     pub dim: usize,
     pub w: Vec<f32>,
+    /// Rows of ids from a vocabulary (what incremental runs update); false for buckets.
+    pub ids: bool,
 }
 
 /// A layer with its parameters. Linear weights are `[out, in]` row-major (PyTorch's layout).
@@ -51,16 +53,57 @@ pub enum Layer {
     },
     /// Inverted dropout while training (kept units scaled by 1/(1-p)); nothing at inference.
     Dropout { p: f32 },
+    /// Batch normalisation: while training, each forward part's own batch statistics (biased
+    /// variance); at inference the running statistics, which a step moves by `momentum` toward
+    /// the step's batch statistics (unbiased variance), as PyTorch's `BatchNorm1d` does.
+    BatchNorm {
+        g: Vec<f32>,
+        b: Vec<f32>,
+        running_mean: Vec<f32>,
+        running_var: Vec<f32>,
+        eps: f64,
+        momentum: f64,
+    },
     /// Appends the raw fields (before any layer) of the given features to h.
     Shortcut { fields: Vec<usize> },
     L2Normalize,
+}
+
+/// Squeeze-and-excitation over the fields (FiBiNET), as the tower crate serves it:
+/// `z_i = mean(field_i)`, `a = σ(W2·relu(W1·z + b1) + b2)`, field i scaled by `a_i`.
+/// `w1` is `[r, F]`, `w2` `[F, r]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Senet {
+    pub w1: Vec<f32>,
+    pub b1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub b2: Vec<f32>,
+    pub r: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tower {
     pub fields: Vec<FieldKind>,
     pub tables: Vec<Table>,
+    pub senet: Option<Senet>,
     pub layers: Vec<Layer>,
+}
+
+/// What SENet's backward pass needs of one row: the squeezed fields, the hidden layer after its
+/// ReLU, and the gates.
+struct SenetRow {
+    z: Vec<f32>,
+    hidden: Vec<f32>,
+    gate: Vec<f32>,
+}
+
+/// Batch statistics a BatchNorm layer used in a training forward pass (per column, f64).
+#[derive(Debug, Clone)]
+pub struct BnStats {
+    pub rows: usize,
+    pub mean: Vec<f64>,
+    /// Biased (divided by `rows`).
+    pub var: Vec<f64>,
 }
 
 /// What the backward pass needs of a forward pass.
@@ -71,6 +114,11 @@ pub struct Cache<'a> {
     widths: Vec<usize>,
     /// Per dropout layer (by layer index): the kept-unit mask of the batch, scaled.
     masks: Vec<Option<Vec<f32>>>,
+    /// Per BatchNorm layer in a training pass: the batch statistics it normalised with.
+    bn: Vec<Option<BnStats>>,
+    /// The raw gathered fields (before SENet) and SENet's per-row values.
+    x0: Vec<f32>,
+    senet: Vec<SenetRow>,
 }
 
 impl Cache<'_> {
@@ -81,6 +129,11 @@ impl Cache<'_> {
     /// The output, `rows × dim` row-major.
     pub fn output(&self) -> &[f32] {
         self.acts.last().map_or(&[], |v| v.as_slice())
+    }
+
+    /// Per layer, the batch statistics of its BatchNorm in this training pass.
+    pub fn batch_stats(&self) -> &[Option<BnStats>] {
+        &self.bn
     }
 }
 
@@ -127,12 +180,17 @@ impl Tower {
         self.field_widths().iter().sum()
     }
 
-    /// The dense parameters, in a fixed order (Linear: weight, bias; LayerNorm: weight, bias).
+    /// The dense parameters, in a fixed order (SENet: W1, b1, W2, b2; then per layer, Linear:
+    /// weight, bias; LayerNorm and BatchNorm: weight, bias). BatchNorm's running statistics are
+    /// not parameters (no gradient; a step moves them).
     pub fn dense_params(&self) -> Vec<&[f32]> {
         let mut out = Vec::new();
+        if let Some(s) = &self.senet {
+            out.extend([s.w1.as_slice(), s.b1.as_slice(), s.w2.as_slice(), s.b2.as_slice()]);
+        }
         for l in &self.layers {
             match l {
-                Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } => {
+                Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } => {
                     out.push(w.as_slice());
                     out.push(b.as_slice());
                 }
@@ -144,9 +202,12 @@ impl Tower {
 
     pub fn dense_params_mut(&mut self) -> Vec<&mut Vec<f32>> {
         let mut out = Vec::new();
+        if let Some(s) = &mut self.senet {
+            out.extend([&mut s.w1, &mut s.b1, &mut s.w2, &mut s.b2]);
+        }
         for l in &mut self.layers {
             match l {
-                Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } => {
+                Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } => {
                     out.push(w);
                     out.push(b);
                 }
@@ -154,6 +215,49 @@ impl Tower {
             }
         }
         out
+    }
+
+    /// Every BatchNorm layer's running mean and variance, in layer order.
+    pub fn running_stats(&self) -> Vec<(&[f32], &[f32])> {
+        self.layers
+            .iter()
+            .filter_map(|l| match l {
+                Layer::BatchNorm { running_mean, running_var, .. } => Some((running_mean.as_slice(), running_var.as_slice())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn running_stats_mut(&mut self) -> Vec<(&mut Vec<f32>, &mut Vec<f32>)> {
+        self.layers
+            .iter_mut()
+            .filter_map(|l| match l {
+                Layer::BatchNorm { running_mean, running_var, .. } => Some((running_mean, running_var)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Moves every BatchNorm layer's running statistics toward the batch statistics of a
+    /// step's forward parts (`parts[p][layer]`, pooled over the parts): mean and unbiased
+    /// variance, by the layer's momentum.
+    pub fn update_running_stats(&mut self, parts: &[Vec<Option<BnStats>>]) {
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            let Layer::BatchNorm { running_mean, running_var, momentum, .. } = layer else { continue };
+            let stats: Vec<&BnStats> = parts.iter().filter_map(|p| p.get(li).and_then(Option::as_ref)).collect();
+            let n: usize = stats.iter().map(|s| s.rows).sum();
+            if n == 0 {
+                continue;
+            }
+            let nf = n as f64;
+            for j in 0..running_mean.len() {
+                let mean = stats.iter().map(|s| s.rows as f64 * s.mean[j]).sum::<f64>() / nf;
+                let ex2 = stats.iter().map(|s| s.rows as f64 * (s.var[j] + s.mean[j] * s.mean[j])).sum::<f64>() / nf;
+                let var = (ex2 - mean * mean).max(0.0) * if n > 1 { nf / (nf - 1.0) } else { 1.0 };
+                running_mean[j] = ((1.0 - *momentum) * running_mean[j] as f64 + *momentum * mean) as f32;
+                running_var[j] = ((1.0 - *momentum) * running_var[j] as f64 + *momentum * var) as f32;
+            }
+        }
     }
 
     /// Number of parameters (tables and layers).
@@ -234,18 +338,26 @@ impl Tower {
         use rand::{Rng, SeedableRng};
         let mut rng = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
         let mut masks = vec![None; self.layers.len()];
+        let mut bn = vec![None; self.layers.len()];
+        let training = rng.is_some();
         let m = xs.len();
         let fw = self.field_widths();
         let w0: usize = fw.iter().sum();
         let mut acts = Vec::with_capacity(self.layers.len() + 1);
         let mut widths = Vec::with_capacity(self.layers.len() + 1);
-        let mut h = self.gather(xs, &fw, w0);
-        let x0 = h.clone();
+        let x0 = self.gather(xs, &fw, w0);
+        let mut h = x0.clone();
         let offsets: Vec<usize> = fw.iter().scan(0, |o, w| {
             let at = *o;
             *o += w;
             Some(at)
         }).collect();
+        let mut senet_rows = Vec::new();
+        if let Some(s) = &self.senet {
+            for row in h.chunks_exact_mut(w0.max(1)) {
+                senet_rows.push(senet_forward(s, &fw, &offsets, row));
+            }
+        }
         let mut width = w0;
         for (li, layer) in self.layers.iter().enumerate() {
             let input = h.clone();
@@ -281,6 +393,19 @@ impl Tower {
                 }
                 Layer::Act(a) => layers::activate(*a, &mut h),
                 Layer::LayerNorm { g, b, eps } => layers::layer_norm(&mut h, width, g, b, *eps),
+                Layer::BatchNorm { g, b, running_mean, running_var, eps, .. } => {
+                    if training && m > 0 {
+                        let st = column_stats(&h, m, width);
+                        let mean: Vec<f32> = st.mean.iter().map(|&v| v as f32).collect();
+                        let inv: Vec<f32> = st.var.iter().map(|&v| (1.0 / (v + eps).sqrt()) as f32).collect();
+                        layers::batch_norm(&mut h, width, g, b, &mean, &inv);
+                        bn[li] = Some(st);
+                    } else {
+                        // The serving form: 1/√(running_var + eps) in f64, as the tower crate loads it.
+                        let inv: Vec<f32> = running_var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
+                        layers::batch_norm(&mut h, width, g, b, running_mean, &inv);
+                    }
+                }
                 Layer::L2Normalize => layers::l2_normalize(&mut h, width),
             }
             acts.push(input);
@@ -292,6 +417,9 @@ impl Tower {
             acts,
             widths,
             masks,
+            bn,
+            x0,
+            senet: senet_rows,
         }
     }
 
@@ -380,6 +508,46 @@ impl Tower {
                         }
                     }
                 }
+                Layer::BatchNorm { g, running_var, eps, .. } => {
+                    pi -= 2;
+                    match &cache.bn[l] {
+                        Some(st) => {
+                            // Training: the statistics depend on every row of the part.
+                            let n = m as f64;
+                            for j in 0..width {
+                                let inv = 1.0 / (st.var[j] + eps).sqrt();
+                                let (mut s1, mut s2) = (0f64, 0f64);
+                                for r in 0..m {
+                                    let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
+                                    let dy = dh[r * width + j] as f64;
+                                    grads.dense[pi][j] += (dy * xhat) as f32;
+                                    grads.dense[pi + 1][j] += dy as f32;
+                                    s1 += dy * g[j] as f64;
+                                    s2 += dy * g[j] as f64 * xhat;
+                                }
+                                for r in 0..m {
+                                    let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
+                                    let dxhat = dh[r * width + j] as f64 * g[j] as f64;
+                                    dh[r * width + j] = (inv / n * (n * dxhat - s1 - xhat * s2)) as f32;
+                                }
+                            }
+                        }
+                        None => {
+                            // Inference: an affine map with the running statistics.
+                            let Layer::BatchNorm { running_mean, .. } = layer else { unreachable!() };
+                            for r in 0..m {
+                                for j in 0..width {
+                                    let inv = 1.0 / (running_var[j] as f64 + eps).sqrt();
+                                    let xhat = (x[r * width + j] as f64 - running_mean[j] as f64) * inv;
+                                    let dy = dh[r * width + j];
+                                    grads.dense[pi][j] += dy * xhat as f32;
+                                    grads.dense[pi + 1][j] += dy;
+                                    dh[r * width + j] = (dy as f64 * g[j] as f64 * inv) as f32;
+                                }
+                            }
+                        }
+                    }
+                }
                 Layer::L2Normalize => {
                     for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
                         let xr = &x[r * width..(r + 1) * width];
@@ -396,6 +564,10 @@ impl Tower {
                     }
                 }
             }
+        }
+        if let Some(s) = &self.senet {
+            debug_assert_eq!(pi, 4);
+            dh = self.senet_backward(s, cache, &dh, &fw, &offsets, &mut grads);
         }
         if let Some(extra) = dx0_extra {
             dh.iter_mut().zip(extra).for_each(|(a, b)| *a += b);
@@ -448,6 +620,96 @@ impl Tower {
         }
         grads
     }
+}
+
+impl Tower {
+    /// SENet's backward pass: `dh` is d(loss)/d(the gated fields); returns d(loss)/d(the raw
+    /// fields) and adds W1, b1, W2, b2's gradients (dense parameters 0..4).
+    fn senet_backward(&self, s: &Senet, cache: &Cache, dh: &[f32], fw: &[usize], offsets: &[usize], grads: &mut Grads) -> Vec<f32> {
+        let w0: usize = fw.iter().sum();
+        let nf = fw.len();
+        let mut dx = vec![0f32; dh.len()];
+        for (r, sr) in cache.senet.iter().enumerate() {
+            let x = &cache.x0[r * w0..(r + 1) * w0];
+            let d = &dh[r * w0..(r + 1) * w0];
+            let out = &mut dx[r * w0..(r + 1) * w0];
+            // Through the gates: out_i = a_i · f_i.
+            let mut da = vec![0f64; nf];
+            for i in 0..nf {
+                let (o, w) = (offsets[i], fw[i]);
+                let mut dg = 0f64;
+                for k in o..o + w {
+                    out[k] = d[k] * sr.gate[i];
+                    dg += d[k] as f64 * x[k] as f64;
+                }
+                let a = sr.gate[i] as f64;
+                da[i] = dg * a * (1.0 - a);
+            }
+            // a = W2·hidden + b2; hidden = relu(W1·z + b1).
+            let mut dhid = vec![0f64; s.r];
+            for i in 0..nf {
+                grads.dense[3][i] += da[i] as f32;
+                for j in 0..s.r {
+                    grads.dense[2][i * s.r + j] += (da[i] * sr.hidden[j] as f64) as f32;
+                    dhid[j] += da[i] * s.w2[i * s.r + j] as f64;
+                }
+            }
+            let mut dz = vec![0f64; nf];
+            for j in 0..s.r {
+                if sr.hidden[j] <= 0.0 {
+                    continue;
+                }
+                grads.dense[1][j] += dhid[j] as f32;
+                for i in 0..nf {
+                    grads.dense[0][j * nf + i] += (dhid[j] * sr.z[i] as f64) as f32;
+                    dz[i] += dhid[j] * s.w1[j * nf + i] as f64;
+                }
+            }
+            // z_i = mean(f_i).
+            for i in 0..nf {
+                let (o, w) = (offsets[i], fw[i]);
+                let share = (dz[i] / w.max(1) as f64) as f32;
+                out[o..o + w].iter_mut().for_each(|v| *v += share);
+            }
+        }
+        dx
+    }
+}
+
+/// SENet over one row of raw fields, in place, computed as the tower crate serves it (the
+/// squeeze in f64, then `matvec` and the same sigmoid); returns what the backward pass needs.
+fn senet_forward(s: &Senet, fw: &[usize], offsets: &[usize], row: &mut [f32]) -> SenetRow {
+    let z: Vec<f32> = fw
+        .iter()
+        .zip(offsets)
+        .map(|(&w, &o)| (row[o..o + w].iter().map(|&x| x as f64).sum::<f64>() / w as f64) as f32)
+        .collect();
+    let nf = z.len();
+    let mut hidden = vec![0f32; s.r];
+    layers::matvec(&s.w1, Some(&s.b1), &z, s.r, &mut hidden);
+    hidden.iter_mut().for_each(|v| *v = v.max(0.0));
+    let mut gate = vec![0f32; nf];
+    layers::matvec(&s.w2, Some(&s.b2), &hidden, nf, &mut gate);
+    gate.iter_mut().for_each(|a| *a = layers::sigmoid(*a));
+    for i in 0..nf {
+        row[offsets[i]..offsets[i] + fw[i]].iter_mut().for_each(|v| *v *= gate[i]);
+    }
+    SenetRow { z, hidden, gate }
+}
+
+/// Per-column mean and biased variance of `m` rows (f64).
+fn column_stats(h: &[f32], m: usize, width: usize) -> BnStats {
+    let mut mean = vec![0f64; width];
+    for row in h.chunks_exact(width.max(1)) {
+        mean.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64);
+    }
+    mean.iter_mut().for_each(|a| *a /= m as f64);
+    let mut var = vec![0f64; width];
+    for row in h.chunks_exact(width.max(1)) {
+        var.iter_mut().zip(row).zip(&mean).for_each(|((a, &v), mu)| *a += (v as f64 - mu).powi(2));
+    }
+    var.iter_mut().for_each(|a| *a /= m as f64);
+    BnStats { rows: m, mean, var }
 }
 
 impl Table {

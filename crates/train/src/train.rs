@@ -112,7 +112,12 @@ fn stats_of(features: &[FeatureSpec], entities: impl Iterator<Item = (Value, u64
                 FeatureSpec::Numeric { transform: NumTransform::Zscore, .. } => {
                     add_moment(&mut s.moments, name, obj.get(name), n)
                 }
-                FeatureSpec::Numeric { .. } => {}
+                FeatureSpec::Bucketize { boundaries: crate::config::Bucketing::Quantiles(_), .. } => {
+                    if let Some(x) = obj.get(name).and_then(Value::as_f64).filter(|x| x.is_finite()) {
+                        s.values.entry(name.to_owned()).or_default().push((x, n));
+                    }
+                }
+                FeatureSpec::Numeric { .. } | FeatureSpec::Bucketize { .. } | FeatureSpec::Dense { .. } => {}
             }
         }
     }
@@ -223,6 +228,10 @@ impl Optim {
             }
         }
         for ((tb, s), rows) in t.tables.iter_mut().zip(&mut self.sparse).zip(&g.rows) {
+            // Incremental runs update id embeddings only (bucket tables are frozen too).
+            if cfg.freeze_dense && !tb.ids {
+                continue;
+            }
             s.step(&mut tb.w, rows, step);
         }
     }
@@ -340,7 +349,13 @@ pub fn train_step(
         ug.add(a);
         ig.add(bb);
     }
+    let ustats: Vec<_> = fwd.iter().map(|(uc, _)| uc.batch_stats().to_vec()).collect();
+    let istats: Vec<_> = fwd.iter().map(|(_, ic)| ic.batch_stats().to_vec()).collect();
     drop(fwd);
+    if !cfg.freeze_dense {
+        user.0.update_running_stats(&ustats);
+        item.0.update_running_stats(&istats);
+    }
     if threads > 1 {
         let (uo, ut, io, it) = (user.1, user.0, item.1, item.0);
         std::thread::scope(|s| {
@@ -415,7 +430,16 @@ pub fn train_from(
             _ => 0,
         })
         .sum();
-    let per_example = 96 + cfg.user.features.len() * 48 + hist_len.min(64) * 8;
+    let dense_len: usize = cfg
+        .user
+        .features
+        .iter()
+        .map(|f| match f {
+            FeatureSpec::Dense { dim, .. } => *dim,
+            _ => 0,
+        })
+        .sum();
+    let per_example = 96 + cfg.user.features.len() * 48 + hist_len.min(64) * 8 + dense_len * 4;
     let n_inputs = train_pos.len() + valid_pos.len();
     let mut counts_by_item = vec![0u64; data.items.len()];
     for &(u, p) in &train_pos {
@@ -428,7 +452,14 @@ pub fn train_from(
                 FeatureSpec::Categorical { dim, .. } | FeatureSpec::Multi { dim, .. } | FeatureSpec::History { dim, .. } => {
                     (rows + 1) * dim * 4 * 4
                 }
-                FeatureSpec::Numeric { .. } => 0,
+                FeatureSpec::Bucketize { dim, boundaries, .. } => {
+                    let n = match boundaries {
+                        crate::config::Bucketing::Given(b) => b.len(),
+                        crate::config::Bucketing::Quantiles(q) => *q,
+                    };
+                    (n + 2) * dim * 4 * 4
+                }
+                FeatureSpec::Numeric { .. } | FeatureSpec::Dense { .. } => 0,
             })
             .sum()
     };

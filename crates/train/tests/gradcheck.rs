@@ -4,7 +4,7 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use twotower_train::config::{Decay, FeatureSpec, NumTransform, TowerSpec};
+use twotower_train::config::{Bucketing, Decay, FeatureSpec, NumTransform, TowerSpec};
 use twotower_train::loss::{self, LossKind, Scores};
 use twotower_train::model::{self, FeatureStats};
 use twotower_train::net::{Pooling, Tower};
@@ -34,17 +34,22 @@ fn tower_spec(act: Activation, layer_norm: bool, hidden: Vec<usize>) -> TowerSpe
         layer_norm,
         dropout: 0.0,
         shortcut: Vec::new(),
+        senet: 0,
+        batch_norm: false,
     }
 }
 
 fn inputs(m: &Model) -> Vec<Encoded> {
     [
-        json!({"uid": 1, "tags": ["a", "b"], "bag": ["p", "q", "p"], "hist": {"ids": ["x", "y"], "weights": [1.0, 0.7]}, "age": 25}),
-        json!({"uid": "3", "tags": ["c"], "bag": [], "hist": {"ids": ["z", "x", "y"], "weights": [1.0, 0.7, 0.49]}, "age": 17.5}),
-        json!({"uid": 2, "tags": ["d", "a", "zz"], "bag": ["q"], "hist": {"ids": [], "weights": []}}),
+        json!({"uid": 1, "tags": ["a", "b"], "bag": ["p", "q", "p"], "hist": {"ids": ["x", "y"], "weights": [1.0, 0.7]}, "age": 25,
+               "price": 3.5, "vec": [0.5, -1.0, 2.0]}),
+        json!({"uid": "3", "tags": ["c"], "bag": [], "hist": {"ids": ["z", "x", "y"], "weights": [1.0, 0.7, 0.49]}, "age": 17.5,
+               "price": 12, "vec": [1.5, 0.25, -0.5]}),
+        json!({"uid": 2, "tags": ["d", "a", "zz"], "bag": ["q"], "hist": {"ids": [], "weights": []}, "price": 0.5}),
+        json!({"uid": 1, "tags": ["b"], "bag": ["p"], "hist": {"ids": ["y"], "weights": [1.0]}, "age": 40, "vec": [-0.3, 0.8, 0.1]}),
     ]
     .iter()
-    .map(|v| m.encode(v, true).unwrap())
+    .map(|v| m.encode(v, false).unwrap())
     .collect()
 }
 
@@ -148,6 +153,34 @@ fn tower_gradients_with_shortcut_and_dropout() {
     spec.features[1] = FeatureSpec::Multi { name: "tags".into(), dim: 2, pooling: Pooling::Max, max_len: 10 };
     spec.dropout = 0.3;
     spec.shortcut = vec!["age".into(), "tags".into()];
+    check_spec(spec);
+}
+
+#[test]
+fn tower_gradients_with_senet() {
+    let mut spec = tower_spec(Activation::Tanh, true, vec![5]);
+    spec.senet = 3;
+    spec.shortcut = vec!["age".into()];
+    check_spec(spec);
+}
+
+#[test]
+fn tower_gradients_with_batch_norm() {
+    // Training mode: the batch statistics depend on every row, so each row's gradient has
+    // terms through the other rows.
+    let mut spec = tower_spec(Activation::Gelu, false, vec![6, 5]);
+    spec.batch_norm = true;
+    check_spec(spec);
+}
+
+#[test]
+fn tower_gradients_with_bucketize_and_dense_features() {
+    let mut spec = tower_spec(Activation::Tanh, false, vec![5]);
+    spec.features.push(FeatureSpec::Bucketize { name: "price".into(), dim: 2, boundaries: Bucketing::Given(vec![1.0, 5.0, 10.0]) });
+    spec.features.push(FeatureSpec::Dense { name: "vec".into(), dim: 3 });
+    // (With 2 or 3 hidden units one SENet pre-activation lies within eps of ReLU's kink.)
+    spec.senet = 4;
+    spec.shortcut = vec!["vec".into()];
     check_spec(spec);
 }
 

@@ -260,6 +260,13 @@ fn bad_options_and_data_are_errors() {
         (json!({"user": {"features": []}}), "user.features"),
         (json!({"item": {"features": [{"name": "h", "type": "history"}]}}), "item.features[0].type"),
         (json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "a", "type": "numeric"}]}}), "user.features[1].name"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "b", "type": "numeric"}], "hidden": [8], "layer_norm": true, "batch_norm": true}}), "user.batch_norm"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "batch_norm": true}}), "user.batch_norm"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "senet": 4}}), "user.senet"),
+        (json!({"item": {"features": [{"name": "p", "type": "bucketize", "boundaries": [1, 2], "buckets": 3}]}}), "item.features[0].boundaries"),
+        (json!({"item": {"features": [{"name": "p", "type": "bucketize", "boundaries": [2, 1]}]}}), "item.features[0].boundaries"),
+        (json!({"item": {"features": [{"name": "p", "type": "bucketize", "buckets": 1}]}}), "item.features[0].buckets"),
+        (json!({"item": {"features": [{"name": "v", "type": "dense", "dim": 0}]}}), "item.features[0].dim"),
     ] {
         let mut base = json!({
             "user": {"features": [{"name": "user_id", "type": "categorical"}]},
@@ -285,4 +292,69 @@ fn bad_options_and_data_are_errors() {
         Err(TrainError::NoData(m)) => assert!(m.contains("user 5"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+/// The synthetic data with a numeric item feature (price, by group) and a dense one (a noisy
+/// 3-vector of the group).
+fn synthetic_with_values() -> Data {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut d = synthetic();
+    for i in 0..200usize {
+        let g = (i % 10) as f64;
+        let mut f = Map::new();
+        f.insert("item_id".into(), json!(i));
+        f.insert("genre".into(), json!(format!("g{}", i % 10)));
+        f.insert("price".into(), json!(g * 10.0 + rng.gen_range(0.0..5.0)));
+        f.insert("vec".into(), json!([(g / 3.0).cos(), (g / 3.0).sin(), rng.gen_range(-0.1..0.1)]));
+        d.item_features(&i.to_string(), f).unwrap();
+    }
+    d
+}
+
+#[test]
+fn senet_batch_norm_bucketize_and_dense_features_learn_and_serve_what_was_trained() {
+    let data = synthetic_with_values();
+    let towers = json!({
+        "user": {"features": [
+            {"name": "user_id", "type": "categorical"},
+            {"name": "age", "type": "bucketize", "buckets": 4, "dim": 4},
+            {"name": "history", "type": "history", "max_len": 10, "decay": {"position": 0.8}}],
+            "hidden": [32], "senet": 2, "batch_norm": true},
+        "item": {"features": [
+            {"name": "item_id", "type": "categorical"},
+            {"name": "price", "type": "bucketize", "boundaries": [20, 40, 60, 80], "dim": 4},
+            {"name": "vec", "type": "dense", "dim": 3}],
+            "hidden": [32], "senet": 2, "batch_norm": true, "shortcut": ["vec"]}
+    });
+    // train() checks that the exported towers serve what was trained (BatchNorm with its
+    // running statistics, SENet, the buckets, the dense field).
+    let t = train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+    let best = t.epochs.iter().filter_map(|e| e.valid).map(|m| m.hr).fold(0.0, f64::max);
+    assert!(best > 0.6, "validation HR@10 {best} (random ≈ 0.06)");
+    let spec: Value = serde_json::from_str(&t.user_spec).unwrap();
+    assert!(spec["senet"].is_object(), "{spec}");
+    let age = &spec["features"][1];
+    assert_eq!(age["type"], "bucketize");
+    // Ages 20..39 belong to 8 users each, 40..59 to 7 (300 users, age 20 + u % 40), each with
+    // 19 training examples: the weighted quartiles end at 29, 38 and 49.
+    assert_eq!(age["boundaries"], json!([30.0, 39.0, 50.0]), "{age}");
+    let layers: Vec<&str> = spec["layers"].as_array().unwrap().iter().map(|l| l["type"].as_str().unwrap()).collect();
+    assert_eq!(layers, ["linear", "batchnorm", "relu", "linear", "l2_normalize"]);
+    // The running statistics moved from their start (mean 0, variance 1).
+    let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let var = f32s(tensor(&t.item_weights, "bn.0.running_var"));
+    assert!(var.iter().all(|v| v.is_finite() && *v > 0.0) && var.iter().any(|v| (v - 1.0).abs() > 0.05), "{var:?}");
+    let im = Model::load(&t.item_spec, &t.item_weights).unwrap();
+    assert_eq!(im.embed(&json!({"item_id": 3, "price": 35.5, "vec": [0.1, 0.2, 0.3]})).unwrap().len(), 16);
+
+    // Incremental: dense layers, SENet, BatchNorm statistics and bucket boundaries are the base's.
+    let cfg = config(json!({"epochs": 2, "freeze_dense": true, "user": towers["user"], "item": towers["item"]}));
+    let b = Base { user: (&t.user_spec, &t.user_weights), item: (&t.item_spec, &t.item_weights) };
+    let inc = train_from(&cfg, &data, &keys(), BUDGET, Some(b), &mut |_| Ok(())).unwrap();
+    for name in ["senet.fc1.weight", "senet.fc2.bias", "bn.0.weight", "bn.0.running_mean", "bn.0.running_var", "age.embedding"] {
+        assert_eq!(tensor(&inc.user_weights, name), tensor(&t.user_weights, name), "user {name}");
+    }
+    assert_ne!(tensor(&inc.user_weights, "user_id.embedding"), tensor(&t.user_weights, "user_id.embedding"));
+    let ispec: Value = serde_json::from_str(&inc.user_spec).unwrap();
+    assert_eq!(ispec["features"][1]["boundaries"], age["boundaries"]);
 }
