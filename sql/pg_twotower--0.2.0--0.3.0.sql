@@ -74,3 +74,41 @@ CREATE  FUNCTION twotower."evaluate"(
 STABLE PARALLEL RESTRICTED
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'evaluate_wrapper';
+
+-- * New: twotower.train_progress (a view over twotower.train_progress_info()), training runs
+--   in progress.
+CREATE  FUNCTION twotower."train_progress_info"() RETURNS TABLE (
+	"pid" INT,  /* i32 */
+	"role" oid,  /* pg_sys :: Oid */
+	"database" oid,  /* pg_sys :: Oid */
+	"backend_start" timestamp with time zone,  /* TimestampWithTimeZone */
+	"user_model" TEXT,  /* String */
+	"item_model" TEXT,  /* String */
+	"phase" TEXT,  /* String */
+	"epoch" INT,  /* Option < i32 > */
+	"epochs" INT,  /* Option < i32 > */
+	"step" bigint,  /* Option < i64 > */
+	"steps" bigint,  /* Option < i64 > */
+	"loss" double precision,  /* Option < f64 > */
+	"examples_per_s" double precision,  /* Option < f64 > */
+	"last_recall" double precision,  /* Option < f64 > */
+	"best_recall" double precision,  /* Option < f64 > */
+	"best_epoch" INT,  /* Option < i32 > */
+	"started_at" timestamp with time zone,  /* TimestampWithTimeZone */
+	"updated_at" timestamp with time zone  /* TimestampWithTimeZone */
+)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'train_progress_info_wrapper';
+-- Training runs in progress (twotower.train), like pg_stat_progress_*: rows of the caller's
+-- roles (all of them for pg_read_all_stats), joined with pg_stat_activity so a file left by a
+-- crashed backend never shows.
+CREATE VIEW twotower.train_progress AS
+SELECT p.pid, a.datname, a.usename, p.user_model, p.item_model, p.phase, p.epoch, p.epochs,
+       p.step, p.steps, p.loss, p.examples_per_s, p.last_recall, p.best_recall, p.best_epoch,
+       p.started_at, p.updated_at
+  FROM twotower.train_progress_info() AS p
+  JOIN pg_catalog.pg_stat_activity AS a
+    ON a.pid OPERATOR(pg_catalog.=) p.pid AND a.backend_start OPERATOR(pg_catalog.=) p.backend_start;
+COMMENT ON VIEW twotower.train_progress IS 'training runs in progress: phase (reading, preparing, training, storing), epoch and step, mean loss of the epoch so far, examples/s, validation Recall@K (last and best epoch)';
+GRANT SELECT ON twotower.train_progress TO PUBLIC;

@@ -131,3 +131,16 @@ GRANT SELECT ON twotower.models TO PUBLIC;
 -- Inference is for every role that may connect (revoke EXECUTE to restrict it); the management
 -- functions check model ownership / twotower_admin themselves.
 REVOKE ALL ON FUNCTION twotower.import_model_file(text, text, text, boolean) FROM PUBLIC;
+
+-- Training runs in progress (twotower.train), like pg_stat_progress_*: rows of the caller's
+-- roles (all of them for pg_read_all_stats), joined with pg_stat_activity so a file left by a
+-- crashed backend never shows.
+CREATE VIEW twotower.train_progress AS
+SELECT p.pid, a.datname, a.usename, p.user_model, p.item_model, p.phase, p.epoch, p.epochs,
+       p.step, p.steps, p.loss, p.examples_per_s, p.last_recall, p.best_recall, p.best_epoch,
+       p.started_at, p.updated_at
+  FROM twotower.train_progress_info() AS p
+  JOIN pg_catalog.pg_stat_activity AS a
+    ON a.pid OPERATOR(pg_catalog.=) p.pid AND a.backend_start OPERATOR(pg_catalog.=) p.backend_start;
+COMMENT ON VIEW twotower.train_progress IS 'training runs in progress: phase (reading, preparing, training, storing), epoch and step, mean loss of the epoch so far, examples/s, validation Recall@K (last and best epoch)';
+GRANT SELECT ON twotower.train_progress TO PUBLIC;

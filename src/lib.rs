@@ -12,6 +12,7 @@ pub mod gucs;
 pub mod info;
 pub mod models;
 pub mod ops;
+pub mod progress;
 pub mod recall;
 pub mod spi;
 pub mod train;

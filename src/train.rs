@@ -214,6 +214,9 @@ pub mod twotower {
         let select = format!(
             "SELECT t.{uc}::pg_catalog.text, t.{ic}::pg_catalog.text, {ts}, {w} FROM {src} AS t{order}"
         );
+        // Where the run is, for twotower.train_progress (removed when this function returns
+        // or unwinds).
+        let mut run = crate::progress::Run::start(user_model, item_model);
         let mut data = Data::default();
         let mut progress = spi::Progress::new("train: reading interactions", "rows");
         read_rows(&select, &src, Some(&mut progress), |row| {
@@ -268,9 +271,15 @@ pub mod twotower {
             user: (us.as_str(), uw.as_slice()),
             item: (is.as_str(), iw.as_slice()),
         });
+        run.phase("preparing");
         let trained = twotower_train::train_from(&cfg, &data, &keys, budget, start, &mut |e| {
             // On the calling thread, between batches: a cancel or statement_timeout stops here.
             check_for_interrupts!();
+            match e {
+                Event::Step(p) => run.progress(p, false),
+                Event::Epoch(p) => run.progress(p, true),
+                Event::Tick => {}
+            }
             match e {
                 Event::Epoch(p) => {
                     let valid = p.valid.map_or(String::new(), |m| {
@@ -296,6 +305,7 @@ pub mod twotower {
         .map_err(TtError::Train)
         .or_report();
         drop(data);
+        run.phase("storing");
         for (name, before, removed) in &trained.pruned {
             notice!("train: {name}: {removed} of {before} rows were all zero and are pruned (their ids read the zero OOV row)");
         }
