@@ -98,6 +98,29 @@ SELECT kind, valid_recall > 0.5 AS learned
                       user_features => 'tr_users', item_features => 'tr_items', hard_negatives => 'tr_hard');
 RESET client_min_messages;
 SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L)$q$, :'opts'::jsonb || '{"hard_ratio": 0.5}'));
+-- Every layer and feature kind the engine trains, from SQL columns: a real[] column as a dense
+-- feature, numbers in buckets (quantiles of the data, or given boundaries), SENet and BatchNorm;
+-- the result is served like any model.
+CREATE TABLE tr_items2 AS
+SELECT item_id, genre, (item_id % 5) * 10 + (item_id % 7) AS price,
+       ARRAY[cos(item_id % 5), sin(item_id % 5), 0.5]::real[] AS vec FROM tr_items;
+\set opts2 '{"dim": 8, "epochs": 6, "k": 10, "batch_size": 64, "lr": 0.01, "sparse_lr": 0.05, "temperature": 0.1, "user": {"features": [{"name": "user_id", "type": "categorical"}, {"name": "age", "type": "bucketize", "buckets": 5, "dim": 4}, {"name": "history", "type": "history", "max_len": 10}], "hidden": [16], "senet": 2, "batch_norm": true}, "item": {"features": [{"name": "item_id", "type": "categorical"}, {"name": "price", "type": "bucketize", "boundaries": [10, 20, 30, 40], "dim": 4}, {"name": "vec", "type": "dense", "dim": 3}], "hidden": [16], "senet": 2, "batch_norm": true, "shortcut": ["vec"]}}'
+SET client_min_messages = warning;
+SELECT kind, valid_recall > 0.5 AS learned
+  FROM twotower.train('tr_user_x', 'tr_item_x', 'tr_events', :'opts2', user_features => 'tr_users', item_features => 'tr_items2');
+RESET client_min_messages;
+SELECT model, spec ? 'senet' AS senet, spec -> 'layers' @> '[{"type": "batchnorm"}]' AS batch_norm,
+       spec #> '{features,1,type}' AS second_feature, spec #> '{features,1,boundaries}' AS boundaries
+  FROM twotower.model_version WHERE model IN ('tr_user_x', 'tr_item_x') ORDER BY model;
+CREATE TABLE tr_vectors_x (id bigint PRIMARY KEY, embedding real[]);
+SELECT inserted FROM twotower.refresh_item_vectors('tr_item_x', 'tr_items2', 'tr_vectors_x', id_column => 'item_id');
+SELECT count(*) FILTER (WHERE item_id % 5 = 3) >= 7 AS mostly_own_group
+  FROM (SELECT v.id AS item_id FROM tr_vectors_x v
+         ORDER BY v.embedding <=> twotower.embed_user('tr_user_x', twotower.user_features('tr_user_x', 8)) LIMIT 10) s;
+-- A dense value of the wrong length is an error that names the item.
+UPDATE tr_items2 SET vec = '{1,2}' WHERE item_id = 7;
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_user_x', 'tr_item_x', 'tr_events', %L, user_features => 'tr_users', item_features => 'tr_items2')$q$, :'opts2'));
+
 -- Memory: five more runs in this backend leave its resident size flat.
 CREATE FUNCTION pg_temp.rss_kb() RETURNS bigint LANGUAGE sql AS $$
   SELECT (regexp_match(pg_read_file('/proc/' || pg_backend_pid() || '/status'), 'VmRSS:\s+(\d+)'))[1]::bigint $$;
