@@ -30,7 +30,7 @@ install-release:
 	bash scripts/install.sh --release
 
 test-core:
-	cargo test -p twotower-metric -p twotower-ann -p twotower-tower -p twotower-train
+	cargo test -p twotower-metric -p twotower-ann -p twotower-tower -p twotower-train -p twotower-cf -p twotower-funnel
 
 test-pg:
 	$(PGRX_TEST_ENV) cargo pgrx test pg15

@@ -144,3 +144,38 @@ SELECT p.pid, a.datname, a.usename, p.user_model, p.item_model, p.phase, p.epoch
     ON a.pid OPERATOR(pg_catalog.=) p.pid AND a.backend_start OPERATOR(pg_catalog.=) p.backend_start;
 COMMENT ON VIEW twotower.train_progress IS 'training runs in progress: phase (reading, preparing, training, storing), epoch and step, mean loss of the epoch so far, examples/s, validation Recall@K (last and best epoch)';
 GRANT SELECT ON twotower.train_progress TO PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- Item-to-item channels (twotower.build_channel). The neighbours are an ordinary table of the
+-- channel's owner; this catalogue records what built it. Only the extension owner reads or
+-- writes it directly; the functions check the caller's rights (the neighbour table's owner, or
+-- twotower_admin) and act as the owner. Dumped by pg_dump with its data.
+CREATE TABLE twotower.channel (
+    name              text PRIMARY KEY,
+    kind              text NOT NULL CONSTRAINT channel_kind_check CHECK (kind IN ('itemcf', 'swing')),
+    neighbors         regclass NOT NULL,
+    interactions      regclass NOT NULL,
+    user_column       text NOT NULL,
+    item_column       text NOT NULL,
+    time_column       text NOT NULL,
+    weight_column     text,
+    options           jsonb NOT NULL,
+    built_at          timestamptz NOT NULL,
+    -- The newest interaction time read (seconds for timestamps): refresh_channel reads newer ones.
+    watermark         double precision,
+    items             bigint NOT NULL,
+    users             bigint NOT NULL,
+    interactions_read bigint NOT NULL,
+    rows              bigint NOT NULL,
+    seconds           double precision
+);
+SELECT pg_catalog.pg_extension_config_dump('twotower.channel', '');
+REVOKE ALL ON twotower.channel FROM PUBLIC;
+
+CREATE VIEW twotower.channels AS
+SELECT ch.name, ch.kind, ch.neighbors, pg_catalog.pg_get_userbyid(c.relowner) AS owner, ch.interactions,
+       ch.user_column, ch.item_column, ch.time_column, ch.weight_column, ch.options, ch.built_at,
+       ch.items, ch.users, ch.interactions_read, ch.rows, ch.seconds
+  FROM twotower.channel ch LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) ch.neighbors;
+COMMENT ON VIEW twotower.channels IS 'item-to-item channels: kind, neighbour table and its owner (the channel''s owner), sources, options, and the last build (items, users, interactions read, neighbour rows, seconds)';
+GRANT SELECT ON twotower.channels TO PUBLIC;

@@ -4,6 +4,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use twotower_ann::AnnError;
 use twotower_tower::TowerError;
+use twotower_cf::CfError;
 use twotower_train::TrainError;
 
 #[derive(Debug)]
@@ -62,6 +63,10 @@ pub enum TtError {
     NullValue(String),
     /// An error of the training core.
     Train(TrainError),
+    /// An error of the item-CF / Swing core.
+    Cf(CfError),
+    /// A channel that does not exist (names it).
+    UnknownChannel(String),
 }
 
 impl From<TowerError> for TtError {
@@ -122,6 +127,28 @@ fn train_parts(e: &TrainError) -> (PgSqlErrorCode, String, Option<String>, Optio
         ),
         TrainError::Export(d) => (ERRCODE_INTERNAL_ERROR, "the trained model failed its export check".into(), Some(d.clone()), None),
         TrainError::Tower(t) => tower_parts(t),
+    }
+}
+
+fn cf_parts(e: &CfError) -> (PgSqlErrorCode, String, Option<String>, Option<String>) {
+    use PgSqlErrorCode::*;
+    match e {
+        CfError::Option { path, reason } => (
+            ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("invalid channel option \"{path}\""),
+            Some(reason.clone()),
+            Some("docs/channels.md lists every option.".into()),
+        ),
+        CfError::BadInput(d) => (ERRCODE_INVALID_PARAMETER_VALUE, d.clone(), None, None),
+        CfError::MemoryBudget { needed, budget } => (
+            ERRCODE_OUT_OF_MEMORY,
+            "building the channel needs more memory than maintenance_work_mem".into(),
+            Some(format!("The build needs about {}, maintenance_work_mem is {}.", mib(*needed), mib(*budget))),
+            Some(format!(
+                "SET maintenance_work_mem = '{}' before the build, or lower \"max_user_items\" / \"user_sample\".",
+                mib(*needed + *needed / 8)
+            )),
+        ),
     }
 }
 
@@ -327,6 +354,13 @@ impl TtError {
             ),
             TtError::NullValue(d) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, d.clone(), None, None),
             TtError::Train(e) => train_parts(e),
+            TtError::Cf(e) => cf_parts(e),
+            TtError::UnknownChannel(n) => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("channel \"{n}\" does not exist"),
+                None,
+                Some("twotower.channels lists the channels; twotower.build_channel creates one.".into()),
+            ),
         }
     }
 

@@ -6,10 +6,12 @@ use pgrx::prelude::*;
 
 pub mod am;
 pub mod catalog;
+pub mod channels;
 pub mod embed;
 pub mod error;
 pub mod gucs;
 pub mod info;
+pub mod merge;
 pub mod models;
 pub mod ops;
 pub mod progress;

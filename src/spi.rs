@@ -113,3 +113,90 @@ impl Progress {
         }
     }
 }
+
+/// Rows read per batch by [`read_rows`].
+pub const BATCH: usize = 10_000;
+
+/// The expression giving column `col` of `rel` as seconds (timestamps) or as it is
+/// (numbers), as double precision.
+pub fn time_expr(rel: pg_sys::Oid, col: &str) -> TtResult<String> {
+    let q = column(rel, col, "time")?;
+    let ty = read_row::<String, bool>(
+        "SELECT pg_catalog.format_type(atttypid, NULL), true FROM pg_catalog.pg_attribute
+          WHERE attrelid = $1 AND attname = $2",
+        &[rel.into(), col.into()],
+    )
+    .ok()
+    .flatten()
+    .and_then(|(t, _)| t)
+    .unwrap_or_default();
+    Ok(match ty.as_str() {
+        "timestamp with time zone" | "timestamp without time zone" | "date" => {
+            format!("pg_catalog.date_part('epoch', t.{q})::pg_catalog.float8")
+        }
+        "smallint" | "integer" | "bigint" | "real" | "double precision" | "numeric" => {
+            format!("t.{q}::pg_catalog.float8")
+        }
+        other => {
+            return Err(TtError::BadArgument(format!(
+                "time column \"{col}\" is of type {other}; it must be a timestamp, a date or a number"
+            )))
+        }
+    })
+}
+
+/// Whether `rel` is a table (its rows have a physical order: equal timestamps keep it).
+pub fn is_table(rel: pg_sys::Oid) -> bool {
+    read_row::<bool, bool>(
+        "SELECT relkind IN ('r', 'm'), true FROM pg_catalog.pg_class WHERE oid = $1",
+        &[rel.into()],
+    )
+    .ok()
+    .flatten()
+    .and_then(|(t, _)| t)
+    .unwrap_or(false)
+}
+
+/// The SQL type of column `col` of `rel` (as format_type prints it, quoted where needed).
+pub fn column_type(rel: pg_sys::Oid, col: &str) -> TtResult<String> {
+    read_row::<String, bool>(
+        "SELECT pg_catalog.format_type(atttypid, atttypmod), true FROM pg_catalog.pg_attribute
+          WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+        &[rel.into(), col.into()],
+    )
+    .ok()
+    .flatten()
+    .and_then(|(t, _)| t)
+    .ok_or_else(|| TtError::BadArgument(format!("column \"{col}\" does not exist")))
+}
+
+/// Reads `select` in batches (cancellable between them), handing each row to `f`; a count
+/// of rows goes to `progress` after each batch. Errors name `src`.
+pub fn read_rows(
+    select: &str,
+    src: &str,
+    mut progress: Option<&mut Progress>,
+    mut f: impl FnMut(pgrx::spi::SpiHeapTupleData<'_>) -> pgrx::spi::SpiResult<()>,
+) -> TtResult<()> {
+    let fail = |e: pgrx::spi::Error| TtError::BadArgument(format!("reading {src}: {e}"));
+    let batches = Batches::open(select).map_err(fail)?;
+    loop {
+        let n = batches
+            .next(BATCH, |_, rows| {
+                let mut n = 0usize;
+                for row in rows {
+                    n += 1;
+                    f(row)?;
+                }
+                Ok(n)
+            })
+            .map_err(fail)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if let Some(p) = progress.as_deref_mut() {
+            p.add(n);
+        }
+    }
+}
+

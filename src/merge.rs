@@ -1,0 +1,170 @@
+//! SQL surface of the channel merge: `twotower.merge(channel[], item_id[], score[], k,
+//! strategy, options, exclude)` merges candidate lists of any channels (pg_twotower's own or
+//! the application's) with the funnel core (`crates/funnel`), returning ranked items with their
+//! provenance. The arrays are built with `array_agg` over a UNION of the channels' rows.
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+pub mod twotower {
+    use crate::catalog::JsonbValue;
+    use crate::error::{OrReport, TtError};
+    use pgrx::prelude::*;
+    use serde_json::Value;
+    use std::collections::HashMap;
+    use twotower_funnel::{Candidate, Norm, Strategy};
+
+    /// The most candidates one call merges.
+    const MAX_CANDIDATES: usize = 1_000_000;
+
+    fn bad(msg: String) -> ! {
+        TtError::BadArgument(msg).report()
+    }
+
+    /// Per channel (in `names` order), the value of `options[key][name]`, or `default`.
+    fn per_channel<T>(o: &serde_json::Map<String, Value>, key: &str, names: &[String], default: T, get: impl Fn(&Value) -> Option<T>) -> Vec<T>
+    where
+        T: Clone,
+    {
+        let m = match o.get(key) {
+            None | Some(Value::Null) => return vec![default; names.len()],
+            Some(Value::Object(m)) => m,
+            Some(v) => bad(format!("merge option \"{key}\" must be an object of channel names, got {v}")),
+        };
+        names
+            .iter()
+            .map(|n| match m.get(n) {
+                None => default.clone(),
+                Some(v) => get(v).unwrap_or_else(|| bad(format!("merge option \"{key}\".\"{n}\" is not valid: {v}"))),
+            })
+            .collect()
+    }
+
+    /// Merges candidate lists: `channel[i]`, `item_id[i]`, `score[i]` is one candidate (higher
+    /// scores are better within a channel). `strategy`: 'quota' (options `quotas`), 'round_robin'
+    /// (`weights`, `snake`), 'weighted_sum' (`weights`, `norm`: minmax | zscore | rank), 'rrf'
+    /// (`weights`, `k`, default 60); every strategy takes `order` (the channel order of turns and
+    /// ties; default: the order of first appearance). Returns at most `k` items, ranked, each
+    /// with the channels that returned it and its rank and score there. See docs/channels.md.
+    #[pg_extern(immutable, parallel_safe)]
+    #[allow(clippy::type_complexity)]
+    fn merge(
+        channel: Vec<Option<String>>,
+        item_id: Vec<Option<i64>>,
+        score: Vec<Option<f32>>,
+        k: default!(i32, "100"),
+        strategy: default!(&str, "'rrf'"),
+        options: default!(JsonbValue, "'{}'"),
+        exclude: default!(Option<Vec<Option<i64>>>, "NULL"),
+    ) -> TableIterator<
+        'static,
+        (
+            name!(item_id, i64),
+            name!(score, f64),
+            name!(rank, i32),
+            name!(channels, Vec<String>),
+            name!(channel_ranks, Vec<i32>),
+            name!(channel_scores, Vec<f32>),
+        ),
+    > {
+        if !(1..=100_000).contains(&k) {
+            bad(format!("k must be between 1 and 100000, got {k}"));
+        }
+        if channel.len() != item_id.len() || channel.len() != score.len() {
+            bad(format!(
+                "channel, item_id and score must have the same length ({}, {}, {})",
+                channel.len(),
+                item_id.len(),
+                score.len()
+            ));
+        }
+        if channel.len() > MAX_CANDIDATES {
+            bad(format!("{} candidates are more than the {MAX_CANDIDATES} one merge takes", channel.len()));
+        }
+        let opts = options.value("options").or_report();
+        let Value::Object(o) = &opts else { bad(format!("merge options must be a JSON object, got {opts}")) };
+        let allowed: &[&str] = match strategy {
+            "quota" => &["quotas", "order"],
+            "round_robin" => &["weights", "snake", "order"],
+            "weighted_sum" => &["weights", "norm", "order"],
+            "rrf" => &["weights", "k", "order"],
+            other => bad(format!("strategy must be 'quota', 'round_robin', 'weighted_sum' or 'rrf', got '{other}'")),
+        };
+        if let Some(key) = o.keys().find(|key| !allowed.contains(&key.as_str())) {
+            bad(format!("merge option \"{key}\" does not apply to strategy '{strategy}' (it takes {})", allowed.join(", ")));
+        }
+        // Channels: the given order first, then the others in order of first appearance.
+        let mut names: Vec<String> = Vec::new();
+        if let Some(order) = o.get("order") {
+            let Some(a) = order.as_array() else { bad(format!("merge option \"order\" must be an array of channel names, got {order}")) };
+            for v in a {
+                let Some(n) = v.as_str() else { bad(format!("merge option \"order\" has {v}, not a channel name")) };
+                if !names.iter().any(|x| x == n) {
+                    names.push(n.to_owned());
+                }
+            }
+        }
+        let mut index: HashMap<String, usize> = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+        let mut cands = Vec::with_capacity(channel.len());
+        for ((c, i), s) in channel.into_iter().zip(item_id).zip(score) {
+            let (Some(c), Some(i), Some(s)) = (c, i, s) else {
+                TtError::NullValue("merge: a channel, item_id or score is NULL".into()).report();
+            };
+            let ch = match index.get(&c) {
+                Some(&x) => x,
+                None => {
+                    names.push(c.clone());
+                    index.insert(c, names.len() - 1);
+                    names.len() - 1
+                }
+            };
+            cands.push(Candidate { channel: ch, item: i, score: s });
+        }
+        let weight = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
+        let strat = match strategy {
+            "quota" => {
+                if o.get("quotas").is_none() {
+                    bad("strategy 'quota' needs option \"quotas\": {\"channel\": n, ...}".into());
+                }
+                Strategy::Quota(per_channel(o, "quotas", &names, 0usize, |v| v.as_u64().map(|n| n.min(100_000) as usize)))
+            }
+            "round_robin" => Strategy::RoundRobin {
+                weights: per_channel(o, "weights", &names, 1usize, |v| v.as_u64().filter(|&n| n <= 100_000).map(|n| n as usize)),
+                snake: match o.get("snake") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(v) => bad(format!("merge option \"snake\" must be true or false, got {v}")),
+                },
+            },
+            "weighted_sum" => Strategy::WeightedSum {
+                weights: per_channel(o, "weights", &names, 1.0, weight),
+                norm: match o.get("norm").and_then(Value::as_str).unwrap_or("minmax") {
+                    "minmax" => Norm::MinMax,
+                    "zscore" => Norm::ZScore,
+                    "rank" => Norm::Rank,
+                    other => bad(format!("merge option \"norm\" must be minmax, zscore or rank, got \"{other}\"")),
+                },
+            },
+            _ => Strategy::Rrf {
+                weights: per_channel(o, "weights", &names, 1.0, weight),
+                k0: match o.get("k") {
+                    None | Some(Value::Null) => 60.0,
+                    Some(v) => v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).unwrap_or_else(|| bad(format!("merge option \"k\" must be a number >= 0, got {v}"))),
+                },
+            },
+        };
+        let exclude: Vec<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
+        let merged = twotower_funnel::merge(&cands, names.len(), &strat, k as usize, &exclude)
+            .unwrap_or_else(|e| bad(format!("merge: {e}")));
+        TableIterator::new(merged.into_iter().map(move |m| {
+            (
+                m.item,
+                m.score,
+                m.rank as i32,
+                m.provenance.iter().map(|p| names[p.0].clone()).collect(),
+                m.provenance.iter().map(|p| p.1 as i32).collect(),
+                m.provenance.iter().map(|p| p.2).collect(),
+            )
+        }))
+    }
+}
