@@ -106,6 +106,11 @@ my $describe = q{
 my $want = $node->safe_psql('fresh', $describe);
 like($want, qr/function twotower\.export_model/, 'the description lists the current functions');
 is($node->safe_psql('up', $describe), $want, 'the updated SQL objects equal a fresh install');
+# The last released version's own script, updated, too.
+$node->safe_psql('postgres', 'CREATE DATABASE up030');
+$node->safe_psql('up030', q{CREATE EXTENSION pg_twotower VERSION '0.3.0'});
+$node->safe_psql('up030', 'ALTER EXTENSION pg_twotower UPDATE');
+is($node->safe_psql('up030', $describe), $want, 'a 0.3.0 install updated equals a fresh install');
 
 # Same answers.
 is($node->safe_psql('up', $query), $before, 'the index answers the same after the update');
