@@ -11,7 +11,7 @@ use pgrx::prelude::*;
 #[pg_schema]
 pub mod twotower {
     use crate::catalog::{as_catalog_owner, caller, check_model_name, has_privs, is_admin, role_name, JsonbValue, RegClass, ADMIN_ROLE};
-    use crate::error::{OrReport, TtError, TtResult};
+    use crate::error::{required, OrReport, TtError, TtResult};
     use crate::spi::{self, is_table, read_rows, time_expr};
     use pgrx::pg_sys;
     use pgrx::prelude::*;
@@ -266,14 +266,14 @@ pub mod twotower {
     #[pg_extern(volatile, parallel_unsafe)]
     #[allow(clippy::too_many_arguments)]
     fn build_channel(
-        name: &str,
-        kind: &str,
-        interactions: RegClass,
-        neighbors: &str,
-        options: default!(JsonbValue, "'{}'"),
-        user_column: default!(&str, "'user_id'"),
-        item_column: default!(&str, "'item_id'"),
-        time_column: default!(&str, "'ts'"),
+        name: Option<&str>,
+        kind: Option<&str>,
+        interactions: Option<RegClass>,
+        neighbors: Option<&str>,
+        options: default!(Option<JsonbValue>, "'{}'"),
+        user_column: default!(Option<&str>, "'user_id'"),
+        item_column: default!(Option<&str>, "'item_id'"),
+        time_column: default!(Option<&str>, "'ts'"),
         weight_column: default!(Option<&str>, "NULL"),
     ) -> TableIterator<
         'static,
@@ -288,6 +288,11 @@ pub mod twotower {
         ),
     > {
         let started = Instant::now();
+        let (name, kind, interactions, neighbors) =
+            (required(name, "name"), required(kind, "kind"), required(interactions, "interactions"), required(neighbors, "neighbors"));
+        let options = required(options, "options");
+        let (user_column, item_column, time_column) =
+            (required(user_column, "user_column"), required(item_column, "item_column"), required(time_column, "time_column"));
         check_model_name(name).map_err(|_| TtError::BadArgument(format!("\"{name}\" is not a valid channel name (1..=63 of [A-Za-z0-9_.-], starting with a letter or _)"))).or_report();
         let kind = Kind::parse(kind).map_err(TtError::Cf).or_report();
         let opts_json = options.value("options").or_report();
@@ -423,12 +428,13 @@ pub mod twotower {
     /// History items and `exclude` are never returned. Reads the neighbour table as the caller.
     #[pg_extern(stable, parallel_restricted)]
     fn i2i_recall(
-        channel: &str,
-        history: Vec<Option<i64>>,
+        channel: Option<&str>,
+        history: Option<Vec<Option<i64>>>,
         weights: default!(Option<Vec<Option<f32>>>, "NULL"),
-        k: default!(i32, "100"),
+        k: default!(Option<i32>, "100"),
         exclude: default!(Option<Vec<Option<i64>>>, "NULL"),
     ) -> TableIterator<'static, (name!(item_id, i64), name!(score, f32), name!(rank, i32), name!(via, i64))> {
+        let (channel, history, k) = (required(channel, "channel"), required(history, "history"), required(k, "k"));
         if !(1..=10_000).contains(&k) {
             TtError::BadArgument(format!("k must be between 1 and 10000, got {k}")).report();
         }

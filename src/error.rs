@@ -83,6 +83,12 @@ impl From<AnnError> for TtError {
 
 pub type TtResult<T> = Result<T, TtError>;
 
+/// The value of a required argument of a function that is not STRICT (it has optional
+/// arguments): a NULL is 22004 naming the argument, not pgrx's internal error.
+pub fn required<T>(v: Option<T>, name: &'static str) -> T {
+    v.unwrap_or_else(|| TtError::NullArgument(name).report())
+}
+
 fn mib(bytes: usize) -> String {
     format!("{} MB", bytes.div_ceil(1024 * 1024))
 }

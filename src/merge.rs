@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 #[pg_schema]
 pub mod twotower {
     use crate::catalog::JsonbValue;
-    use crate::error::{OrReport, TtError};
+    use crate::error::{required, OrReport, TtError};
     use pgrx::prelude::*;
     use serde_json::Value;
     use std::collections::HashMap;
@@ -49,12 +49,12 @@ pub mod twotower {
     #[pg_extern(immutable, parallel_safe)]
     #[allow(clippy::type_complexity)]
     fn merge(
-        channel: Vec<Option<String>>,
-        item_id: Vec<Option<i64>>,
-        score: Vec<Option<f32>>,
-        k: default!(i32, "100"),
-        strategy: default!(&str, "'rrf'"),
-        options: default!(JsonbValue, "'{}'"),
+        channel: Option<Vec<Option<String>>>,
+        item_id: Option<Vec<Option<i64>>>,
+        score: Option<Vec<Option<f32>>>,
+        k: default!(Option<i32>, "100"),
+        strategy: default!(Option<&str>, "'rrf'"),
+        options: default!(Option<JsonbValue>, "'{}'"),
         exclude: default!(Option<Vec<Option<i64>>>, "NULL"),
     ) -> TableIterator<
         'static,
@@ -67,6 +67,8 @@ pub mod twotower {
             name!(channel_scores, Vec<f32>),
         ),
     > {
+        let (channel, item_id, score) = (required(channel, "channel"), required(item_id, "item_id"), required(score, "score"));
+        let (k, strategy, options) = (required(k, "k"), required(strategy, "strategy"), required(options, "options"));
         if !(1..=100_000).contains(&k) {
             bad(format!("k must be between 1 and 100000, got {k}"));
         }

@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 #[pg_schema]
 pub mod twotower {
     use crate::catalog::{JsonbValue, RegClass};
-    use crate::error::{OrReport, TtError, TtResult};
+    use crate::error::{required, OrReport, TtError, TtResult};
     use crate::models::twotower::{check_can_store, import};
     use crate::spi::{self, column_type, is_table, read_rows, time_expr};
     use pgrx::pg_sys;
@@ -46,18 +46,18 @@ pub mod twotower {
     #[pg_extern(volatile, parallel_unsafe)]
     #[allow(clippy::too_many_arguments)]
     fn train(
-        user_model: &str,
-        item_model: &str,
-        interactions: RegClass,
-        options: JsonbValue,
+        user_model: Option<&str>,
+        item_model: Option<&str>,
+        interactions: Option<RegClass>,
+        options: Option<JsonbValue>,
         user_features: default!(Option<RegClass>, "NULL"),
         item_features: default!(Option<RegClass>, "NULL"),
         hard_negatives: default!(Option<RegClass>, "NULL"),
-        user_column: default!(&str, "'user_id'"),
-        item_column: default!(&str, "'item_id'"),
-        time_column: default!(&str, "'ts'"),
+        user_column: default!(Option<&str>, "'user_id'"),
+        item_column: default!(Option<&str>, "'item_id'"),
+        time_column: default!(Option<&str>, "'ts'"),
         weight_column: default!(Option<&str>, "NULL"),
-        activate: default!(bool, true),
+        activate: default!(Option<bool>, true),
     ) -> TableIterator<
         'static,
         (
@@ -71,6 +71,11 @@ pub mod twotower {
             name!(train_examples, i64),
         ),
     > {
+        let (user_model, item_model) = (required(user_model, "user_model"), required(item_model, "item_model"));
+        let activate = required(activate, "activate");
+        let (interactions, options) = (required(interactions, "interactions"), required(options, "options"));
+        let (user_column, item_column, time_column) =
+            (required(user_column, "user_column"), required(item_column, "item_column"), required(time_column, "time_column"));
         let given = options.value("options").or_report();
         // Nothing is read or computed for a caller who could not store the result.
         check_can_store(user_model).or_report();
@@ -318,11 +323,12 @@ pub mod twotower {
     /// interactions source (e.g. a live table with the same columns).
     #[pg_extern(stable, parallel_restricted)]
     fn user_features(
-        model: &str,
-        user_id: &str,
+        model: Option<&str>,
+        user_id: Option<&str>,
         at: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
         interactions: default!(Option<RegClass>, "NULL"),
     ) -> pgrx::JsonB {
+        let (model, user_id) = (required(model, "model"), required(user_id, "user_id"));
         let served = crate::catalog::active_model(model).or_report();
         crate::catalog::expect_kind(&served, twotower_tower::Kind::User).or_report();
         let sources = train_sources(model).or_report();
@@ -411,12 +417,13 @@ pub mod twotower {
     /// `user_features` for an integer user id (the same id as its text: 42 is '42').
     #[pg_extern(stable, parallel_restricted, name = "user_features")]
     fn user_features_bigint(
-        model: &str,
-        user_id: i64,
+        model: Option<&str>,
+        user_id: Option<i64>,
         at: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
         interactions: default!(Option<RegClass>, "NULL"),
     ) -> pgrx::JsonB {
-        user_features(model, &user_id.to_string(), at, interactions)
+        let id = required(user_id, "user_id").to_string();
+        user_features(model, Some(id.as_str()), at, interactions)
     }
 
     /// Ranking quality of user tower `user_model` over the items of `index` (a twotower_hnsw
@@ -428,12 +435,12 @@ pub mod twotower {
     /// (MRR through the index counts targets within the largest k only).
     #[pg_extern(stable, parallel_restricted)]
     fn evaluate(
-        user_model: &str,
-        index: RegClass,
-        queries: RegClass,
+        user_model: Option<&str>,
+        index: Option<RegClass>,
+        queries: Option<RegClass>,
         seen: default!(Option<RegClass>, "NULL"),
-        k: default!(Vec<i32>, "'{10,50}'"),
-        via_index: default!(bool, true),
+        k: default!(Option<Vec<i32>>, "'{10,50}'"),
+        via_index: default!(Option<bool>, true),
     ) -> TableIterator<
         'static,
         (
@@ -446,6 +453,8 @@ pub mod twotower {
     > {
         use std::collections::HashMap;
         use twotower_train::eval::{ranks, Accumulator};
+        let (user_model, index, queries) = (required(user_model, "user_model"), required(index, "index"), required(queries, "queries"));
+        let (k, via_index) = (required(k, "k"), required(via_index, "via_index"));
         if k.is_empty() || k.iter().any(|&x| !(1..=10_000).contains(&x)) {
             TtError::BadArgument("k must list values between 1 and 10000".into()).report();
         }

@@ -133,6 +133,14 @@ RESET client_min_messages;
 SELECT pg_temp.rss_kb() - :rss_before < 20000 AS rss_flat;
 SELECT twotower.drop_model('tr_rss_u'), twotower.drop_model('tr_rss_i');
 -- Bad options and input: clear SQLSTATEs, nothing stored.
+-- A NULL where a value is required names the argument (22004), not an internal error.
+SELECT pg_temp.err($q$SELECT * FROM twotower.train(NULL, 'tr_i9', 'tr_events', '{}')$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u9', 'tr_i9', 'tr_events', NULL)$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u9', 'tr_i9', 'tr_events', '{}', user_column => NULL)$q$);
+SELECT pg_temp.err($q$SELECT twotower.user_features(NULL::text, '8')$q$);
+SELECT pg_temp.err($q$SELECT twotower.user_features('tr_user', NULL::bigint)$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.evaluate('tr_user', NULL, 'tr_queries')$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_queries', k => NULL)$q$);
 SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', '{"loss": "listwise", "user": {"features": [{"name": "user_id", "type": "categorical"}]}, "item": {"features": [{"name": "item_id", "type": "categorical"}]}}')$q$);
 SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', '{"user": {"features": [{"name": "user_id", "type": "categorical"}]}}')$q$);
 SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L, time_column => 'when')$q$, :'opts'));

@@ -189,3 +189,11 @@ SELECT pg_temp.err($q$SELECT * FROM twotower.merge(ARRAY['a'], ARRAY[1, 2]::bigi
 SELECT pg_temp.err($q$SELECT * FROM twotower.merge(ARRAY['a', NULL], ARRAY[1, 2]::bigint[], ARRAY[1, 2]::real[])$q$);
 SELECT pg_temp.err($q$SELECT * FROM twotower.merge(ARRAY['a'], ARRAY[1]::bigint[], ARRAY['NaN']::real[])$q$);
 SELECT count(*) AS empty_input FROM twotower.merge('{}'::text[], '{}'::bigint[], '{}'::real[]);
+-- A NULL where a value is required names the argument (22004).
+SELECT pg_temp.err($q$SELECT * FROM twotower.merge(NULL, ARRAY[1]::bigint[], ARRAY[1]::real[])$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.merge(ARRAY['a'], ARRAY[1]::bigint[], ARRAY[1]::real[], NULL)$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.i2i_recall('ch_cf', NULL)$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.i2i_recall(NULL, ARRAY[1]::bigint[])$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.build_channel('ch_x', 'swing', NULL, 'ch_x_nb')$q$);
+SELECT pg_temp.err($q$SELECT * FROM twotower.build_channel('ch_x', 'swing', 'ch_tiny', 'ch_x_nb', NULL)$q$);
+SELECT count(*) AS strict_null FROM twotower.refresh_channel(NULL);
