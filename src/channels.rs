@@ -459,15 +459,25 @@ pub mod twotower {
             .or_report();
         let mut nb: Vec<(i64, i64, f32)> = Vec::new();
         if !ids.is_empty() {
+            // One row of three arrays: a bulk conversion instead of a row-by-row one.
             Spi::connect(|c| {
                 let t = c.select(
-                    &format!("SELECT item_id, neighbor_id, score FROM {table} WHERE item_id = ANY ($1)"),
-                    None,
+                    &format!(
+                        "SELECT pg_catalog.array_agg(item_id), pg_catalog.array_agg(neighbor_id), pg_catalog.array_agg(score)
+                           FROM {table} WHERE item_id = ANY ($1)"
+                    ),
+                    Some(1),
                     &[ids.clone().into()],
                 )?;
-                for r in t {
-                    if let (Some(a), Some(b), Some(s)) = (r.get::<i64>(1)?, r.get::<i64>(2)?, r.get::<f32>(3)?) {
-                        nb.push((a, b, s));
+                if let Some(r) = t.into_iter().next() {
+                    let a = r.get::<Vec<Option<i64>>>(1)?.unwrap_or_default();
+                    let b = r.get::<Vec<Option<i64>>>(2)?.unwrap_or_default();
+                    let s = r.get::<Vec<Option<f32>>>(3)?.unwrap_or_default();
+                    nb.reserve(a.len());
+                    for ((a, b), s) in a.into_iter().zip(b).zip(s) {
+                        if let (Some(a), Some(b), Some(s)) = (a, b, s) {
+                            nb.push((a, b, s));
+                        }
                     }
                 }
                 Ok::<_, pgrx::spi::Error>(())

@@ -27,6 +27,8 @@ pub struct Similarity {
     i_off: Vec<usize>,
     i_users: Vec<u32>,
     i_w: Vec<f32>,
+    /// Swing: each user's weight (|I_u| + α₁)^(−β).
+    wu: Vec<f64>,
     /// Per user: in the sample.
     kept: Vec<bool>,
 }
@@ -106,6 +108,7 @@ impl Similarity {
             i_off[k + 1] += i_off[k];
         }
         let i_users = entries.iter().map(|e| e.1).collect();
+        let wu = (0..n_users).map(|u| ((u_off[u + 1] - u_off[u]) as f64 + opts.alpha1).powf(-opts.beta)).collect();
         let i_w = entries.iter().map(|e| e.3).collect();
         Ok(Similarity {
             reference: t_max,
@@ -117,6 +120,7 @@ impl Similarity {
             i_off,
             i_users,
             i_w,
+            wu,
             kept,
         })
     }
@@ -245,22 +249,31 @@ impl Similarity {
                 }
             }
             Kind::Swing => {
-                let (a1, beta, alpha) = (self.opts.alpha1, self.opts.beta, self.opts.alpha);
-                let wu = |u: u32| (self.user_items(u).0.len() as f64 + a1).powf(-beta);
+                let alpha = self.opts.alpha;
                 let mut common: Vec<u32> = Vec::new();
+                // Longest lists first: each pair scans the shorter of its two lists.
+                let mut users: Vec<u32> = users.to_vec();
+                users.sort_by_key(|&u| (std::cmp::Reverse(self.u_off[u as usize + 1] - self.u_off[u as usize]), u));
                 for x in 0..users.len() {
+                    // I_x marked once, then each partner's list is filtered by the marks.
                     let (ix, _) = self.user_items(users[x]);
-                    let wx = wu(users[x]);
+                    for &j in ix {
+                        s.mark[j as usize] = true;
+                    }
+                    let wx = self.wu[users[x] as usize];
                     for &uy in &users[x + 1..] {
-                        let (iy, _) = self.user_items(uy);
-                        intersect(ix, iy, &mut common);
+                        common.clear();
+                        common.extend(self.user_items(uy).0.iter().copied().filter(|&j| s.mark[j as usize]));
                         // Both orders of the pair (u, v) and (v, u).
-                        let c = 2.0 * wx * wu(uy) / (alpha + common.len() as f64);
+                        let c = 2.0 * wx * self.wu[uy as usize] / (alpha + common.len() as f64);
                         for &j in &common {
                             if j as usize != i {
                                 s.add(j, c);
                             }
                         }
+                    }
+                    for &j in ix {
+                        s.mark[j as usize] = false;
                     }
                 }
             }
@@ -327,11 +340,13 @@ struct Scratch {
     acc: Vec<f64>,
     touched: Vec<u32>,
     seen: Vec<bool>,
+    /// Swing: the items of the pair's first user.
+    mark: Vec<bool>,
 }
 
 impl Scratch {
     fn new(n: usize) -> Scratch {
-        Scratch { acc: vec![0.0; n], touched: Vec::new(), seen: vec![false; n] }
+        Scratch { acc: vec![0.0; n], touched: Vec::new(), seen: vec![false; n], mark: vec![false; n] }
     }
 
     #[inline]
@@ -350,22 +365,5 @@ impl Scratch {
             self.seen[j as usize] = false;
         }
         self.touched.clear();
-    }
-}
-
-/// The sorted intersection of two sorted lists, into `out`.
-fn intersect(a: &[u32], b: &[u32], out: &mut Vec<u32>) {
-    out.clear();
-    let (mut x, mut y) = (0, 0);
-    while x < a.len() && y < b.len() {
-        match a[x].cmp(&b[y]) {
-            std::cmp::Ordering::Less => x += 1,
-            std::cmp::Ordering::Greater => y += 1,
-            std::cmp::Ordering::Equal => {
-                out.push(a[x]);
-                x += 1;
-                y += 1;
-            }
-        }
     }
 }
