@@ -36,3 +36,6 @@ if [ "${TT_TORCH:-0}" = 1 ] && [ -z "${TT_TORCH_PYTHON:-}" ] && ! bench/out/torc
     || echo "note: could not install torch; the PyTorch reference will be skipped" >&2
 fi
 python3 bench/movielens.py | tee "bench/out/movielens-$(date +%Y%m%d-%H%M%S).md"
+# Item-to-item channels and the merged funnel on the same split (bench/movielens_channels.py;
+# movielens.py above has loaded the data and trained the demo's two-tower model).
+python3 bench/movielens_channels.py | tee "bench/out/movielens-channels-$(date +%Y%m%d-%H%M%S).md"

@@ -9,8 +9,10 @@
 #    docs/training.md).
 # 3. twotower.train learns both towers (options: scripts/movielens-options.json); refresh_item_vectors and CREATE INDEX serve them.
 # 4. twotower.evaluate reports HR/NDCG/Recall/MRR@10/50 on the test items, exactly and through
-#    the index, next to popularity computed the same way in SQL; then one user's
-#    recommendations with titles.
+#    the index, next to popularity computed the same way in SQL.
+# 5. Item-CF and Swing channels are built (twotower.build_channel), each channel and the merged
+#    list of all three (twotower.merge) are scored on the same test items; then one user's
+#    recommendations with titles, with the channels they came from.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${TT_DEMO_PORT:-55432}
@@ -105,11 +107,59 @@ SELECT 'popularity' AS method, k,
        round(avg((rank <= k)::int), 4) AS hr,
        round(avg(CASE WHEN rank <= k THEN 1 / log(2, rank + 1) ELSE 0 END), 4) AS ndcg
   FROM ranked, (VALUES (10), (50)) AS ks(k) GROUP BY k ORDER BY k;
-\echo == user 1: the last five movies rated, then the top-10 recommendations (unseen), with titles
+SQL
+
+echo "== item-to-item channels (item-CF and Swing) and the merged funnel, on the same test items"
+# Options, history lengths and the merge strategy were chosen on validation only
+# (bench/movielens_channels.py writes the table of candidates; scripts/movielens-channels.json).
+psql_ml -v ch="$(cat scripts/movielens-channels.json)" <<'SQL'
+\timing on
+SELECT channel, kind, items, rows, round(seconds::numeric, 1) AS seconds
+  FROM twotower.build_channel('ml_itemcf', 'itemcf', 'ml_train', 'ml_itemcf_nb', (:'ch'::jsonb #> '{itemcf,options}') || '{"top_n": 200}');
+SELECT channel, kind, items, rows, round(seconds::numeric, 1) AS seconds
+  FROM twotower.build_channel('ml_swing', 'swing', 'ml_train', 'ml_swing_nb', (:'ch'::jsonb #> '{swing,options}') || '{"top_n": 200}');
+\timing off
+-- Each test user's history (most recent first) and every training item (masked).
+CREATE TEMP TABLE hist AS
+SELECT user_id, array_agg(item_id::bigint ORDER BY ts DESC, ctid DESC) AS items, array_agg(item_id::bigint) AS seen
+  FROM ml_train GROUP BY user_id;
+-- A channel's recall with the chosen history length and recency weights decay^i.
+CREATE FUNCTION pg_temp.i2i(channel text, kind text, items bigint[], seen bigint[], k int, ch jsonb)
+RETURNS TABLE (item_id bigint, score real, rank int) LANGUAGE sql STABLE AS $$
+  SELECT r.item_id, r.score, r.rank
+    FROM twotower.i2i_recall(channel, items[1:(ch #>> ARRAY[kind, 'history'])::int],
+           ARRAY(SELECT power((ch #>> ARRAY[kind, 'decay'])::float8, g - 1)::real
+                   FROM generate_series(1, least(cardinality(items), (ch #>> ARRAY[kind, 'history'])::int)) g), k, seen) r $$;
+-- The funnel's first stages: k candidates from each channel, merged into n.
+CREATE FUNCTION pg_temp.merged(features jsonb, items bigint[], seen bigint[], k int, n int, ch jsonb)
+RETURNS TABLE (item_id bigint, rank int, channels text[], channel_ranks int[]) LANGUAGE sql STABLE AS $$
+  SELECT m.item_id, m.rank, m.channels, m.channel_ranks
+    FROM (SELECT array_agg(c) AS c, array_agg(i) AS i, array_agg(s) AS s FROM (
+            SELECT 'twotower' AS c, item_id AS i, score AS s
+              FROM twotower.recall('ml_user', 'ml_item_vectors_idx', features, k, exclude => seen)
+            UNION ALL SELECT 'itemcf', item_id, score FROM pg_temp.i2i('ml_itemcf', 'itemcf', items, seen, k, ch)
+            UNION ALL SELECT 'swing', item_id, score FROM pg_temp.i2i('ml_swing', 'swing', items, seen, k, ch)) u) x,
+         twotower.merge(x.c, x.i, x.s, n, ch #>> '{merge,strategy}', ch #> '{merge,options}') m $$;
+CREATE TEMP TABLE ranked AS
+SELECT t.user_id,
+       (SELECT rank FROM twotower.recall('ml_user', 'ml_item_vectors_idx', q.features, 50, exclude => h.seen) r
+         WHERE r.item_id = t.item_id) AS twotower,
+       (SELECT rank FROM pg_temp.i2i('ml_itemcf', 'itemcf', h.items, h.seen, 50, :'ch') r WHERE r.item_id = t.item_id) AS itemcf,
+       (SELECT rank FROM pg_temp.i2i('ml_swing', 'swing', h.items, h.seen, 50, :'ch') r WHERE r.item_id = t.item_id) AS swing,
+       (SELECT rank FROM pg_temp.merged(q.features, h.items, h.seen, 200, 50, :'ch') m WHERE m.item_id = t.item_id) AS merged
+  FROM ml_test t JOIN ml_queries q USING (user_id) JOIN hist h USING (user_id);
+\echo == HR and NDCG on the held-out last ratings: each channel alone, and the merged list
+SELECT c AS channel, k,
+       round(avg((coalesce(rank, 1000000) <= k)::int), 4) AS hr,
+       round(avg(CASE WHEN rank <= k THEN 1 / log(2, rank + 1) ELSE 0 END), 4) AS ndcg
+  FROM ranked, LATERAL (VALUES ('two-tower', twotower), ('item-CF', itemcf), ('Swing', swing), ('merged', merged)) AS v(c, rank),
+       (VALUES (10), (50)) AS ks(k)
+ GROUP BY c, k ORDER BY k, hr DESC;
+\echo == user 1: the last five movies rated, then the top-10 of the merged list (unseen), with titles and provenance
 SELECT i.title, i.year, i.genres FROM ml_train r JOIN ml_items i USING (item_id)
  WHERE r.user_id = 1 ORDER BY r.ts DESC LIMIT 5;
-SELECT r.rank, i.title, i.year, i.genres, round(r.score::numeric, 3) AS score
-  FROM twotower.recall('ml_user', 'ml_item_vectors_idx', twotower.user_features('ml_user', '1'), 10,
-                       exclude => (SELECT array_agg(item_id::bigint) FROM ml_train WHERE user_id = 1)) r
-  JOIN ml_items i ON i.item_id = r.item_id ORDER BY r.rank;
+SELECT m.rank, i.title, i.year, m.channels, m.channel_ranks
+  FROM hist h, pg_temp.merged(twotower.user_features('ml_user', '1'), h.items, h.seen, 200, 10, :'ch') m
+       JOIN ml_items i ON i.item_id = m.item_id
+ WHERE h.user_id = 1 ORDER BY m.rank;
 SQL
