@@ -72,7 +72,7 @@ ANALYZE log;""")
 SELECT items || ':' || rows || ':' || seconds FROM twotower.build_channel('{kind}', '{kind}', 'log', '{kind}_nb',
        user_column => 'user_id', item_column => 'item_id', time_column => 'ts');
 SELECT (regexp_match(pg_read_file('/proc/' || pg_backend_pid() || '/status'), 'VmHWM:\\s+(\\d+)'))[1];""")
-        lines = out.strip().splitlines()
+        lines = [x for x in out.strip().splitlines() if x != "SET"]
         items, rows, secs = lines[0].split(":")
         print(f"| {kind} | {items} | {rows} | {float(secs):.1f} | {int(lines[1]) / 1024:.0f} |", flush=True)
     psql("CREATE TABLE hists AS SELECT s, ARRAY(SELECT item_id FROM log WHERE user_id = s * 97 % " + str(USERS)

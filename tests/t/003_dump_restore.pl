@@ -20,6 +20,15 @@ $node->safe_psql('src', qq{
 	SELECT twotower.import_model_file('u', '$g/spec.json', '$g/weights.safetensors', false);
 	SELECT twotower.import_model_file('i', '$g/item/spec.json', '$g/item/weights.safetensors');
 });
+# A channel: its neighbour table is the owner's table, its catalogue row the extension's.
+$node->safe_psql('src', q{
+	CREATE TABLE log AS SELECT 'u' || (g % 50) AS user_id, (g * 7 % 40)::bigint AS item_id, g::float8 AS ts
+	  FROM generate_series(1, 600) g;
+	SELECT * FROM twotower.build_channel('sw', 'swing', 'log', 'sw_nb', '{"top_n": 5}', time_column => 'ts');
+});
+my $channels = 'SELECT name, kind, neighbors, owner, interactions, options, rows FROM twotower.channels';
+my $i2i = q{SELECT string_agg(item_id || ':' || rank || ':' || via, ' ' ORDER BY rank)
+	FROM twotower.i2i_recall('sw', ARRAY[7, 14]::bigint[], k => 10)};
 my $embed = q{SELECT string_agg(twotower.embed_user('u', x)::text, ' ' ORDER BY n)
 	FROM jsonb_array_elements('[{"user_id": 42, "history": [1001, 1002]}, {"country": "fr"}, {}]') WITH ORDINALITY AS a(x, n)};
 my $models = 'SELECT name, version, active, kind, dim, weight_bytes, owner FROM twotower.models ORDER BY 1, 2';
@@ -31,6 +40,11 @@ $node->command_ok(['pg_restore', '-d', $node->connstr('dst'), $dump], 'pg_restor
 is($node->safe_psql('dst', "SELECT pg_get_indexdef('items_idx'::regclass)"),
    $node->safe_psql('src', "SELECT pg_get_indexdef('items_idx'::regclass)"), 'index definition and options restored');
 is($node->safe_psql('dst', $models), $node->safe_psql('src', $models), 'model catalogue restored');
+is($node->safe_psql('dst', $channels), $node->safe_psql('src', $channels), 'channel catalogue restored');
+like($node->safe_psql('src', $i2i), qr/^\d+:1:\d+ /, 'the channel recalls');
+is($node->safe_psql('dst', $i2i), $node->safe_psql('src', $i2i), 'the restored channel recalls the same');
+is($node->safe_psql('dst', q{SELECT changed_users FROM twotower.refresh_channel('sw')}), '0',
+	'the restored channel refreshes (nothing new since its build)');
 like($node->safe_psql('src', $embed), qr/^\{[^ ]+\} \{[^ ]+\} \{[^ ]+\}$/, 'source embeds users');
 is($node->safe_psql('dst', $embed), $node->safe_psql('src', $embed), 'restored models give identical user vectors');
 is($node->safe_psql('dst', q{SELECT twotower.import_model_file('u', '} . "$g/spec.json', '$g/weights.safetensors')"), '3',
