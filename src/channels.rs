@@ -177,7 +177,7 @@ pub mod twotower {
 
     /// Computes the rows of `sources` (item indices; all when None) and writes them with one
     /// prepared INSERT per range, answering cancellation between ranges.
-    fn write_rows(sim: &Similarity, table: &str, sources: Option<&[usize]>) -> TtResult<i64> {
+    fn write_rows(sim: &Similarity, table: &str, sources: Option<&[u32]>) -> TtResult<i64> {
         let insert = spi::prepare(
             &format!(
                 "INSERT INTO {table} (item_id, neighbor_id, score)
@@ -187,9 +187,19 @@ pub mod twotower {
             &[pg_sys::INT8ARRAYOID, pg_sys::INT8ARRAYOID, pg_sys::FLOAT4ARRAYOID],
         )
         .map_err(|e| TtError::BadArgument(format!("writing {table}: {e}")))?;
+        // Ranges of the item-id order, or groups of the given sources (also in id order), so
+        // the rows reach the table's B-tree in key order.
+        let groups: Vec<Vec<u32>> = match sources {
+            None => Vec::new(),
+            Some(s) => {
+                let mut s = s.to_vec();
+                s.sort_by_key(|&i| sim.item_id(i));
+                s.chunks(256).map(<[u32]>::to_vec).collect()
+            }
+        };
         let ranges: Vec<std::ops::Range<usize>> = match sources {
             None => sim.chunks(CHUNK_WORK),
-            Some(s) => s.iter().map(|&i| i..i + 1).collect(),
+            Some(_) => (0..groups.len()).map(|g| g..g + 1).collect(),
         };
         let mut written = 0i64;
         let mut progress = spi::Progress::new("channel: computing neighbours", "items");
@@ -208,8 +218,12 @@ pub mod twotower {
         };
         for r in ranges {
             check_for_interrupts!();
-            let n = r.len();
-            let rows = sim.rows(r);
+            let (n, mut rows) = match sources {
+                None => (r.len(), sim.rows(r)),
+                Some(_) => (groups[r.start].len(), sim.rows_of(&groups[r.start])),
+            };
+            // Within a source, by neighbour id: the key order of the primary key.
+            rows.sort_by_key(|x| (x.0, x.1));
             written += rows.len() as i64;
             pending.extend(rows);
             if pending.len() >= 50_000 {
@@ -394,7 +408,7 @@ pub mod twotower {
                 .map_err(|e| TtError::BadArgument(format!("updating {table}: {e}")))
                 .or_report();
         }
-        let idx: Vec<usize> = affected.iter().filter_map(|&id| sim.index_of(&log, id)).collect();
+        let idx: Vec<u32> = affected.iter().filter_map(|&id| sim.index_of(&log, id)).collect();
         let rows = write_rows(&sim, &table, Some(&idx)).or_report();
         let total = crate::catalog::read_row::<i64, bool>(&format!("SELECT count(*), true FROM {table}"), &[])
             .ok()

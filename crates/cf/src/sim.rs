@@ -29,6 +29,8 @@ pub struct Similarity {
     i_w: Vec<f32>,
     /// Swing: each user's weight (|I_u| + α₁)^(−β).
     wu: Vec<f64>,
+    /// Item indices in item-id order.
+    by_id: Vec<u32>,
     /// Per user: in the sample.
     kept: Vec<bool>,
 }
@@ -108,6 +110,8 @@ impl Similarity {
             i_off[k + 1] += i_off[k];
         }
         let i_users = entries.iter().map(|e| e.1).collect();
+        let mut by_id: Vec<u32> = (0..n_items as u32).collect();
+        by_id.sort_by_key(|&i| log.item_ids[i as usize]);
         let wu = (0..n_users).map(|u| ((u_off[u + 1] - u_off[u]) as f64 + opts.alpha1).powf(-opts.beta)).collect();
         let i_w = entries.iter().map(|e| e.3).collect();
         Ok(Similarity {
@@ -121,6 +125,7 @@ impl Similarity {
             i_users,
             i_w,
             wu,
+            by_id,
             kept,
         })
     }
@@ -169,16 +174,17 @@ impl Similarity {
         }
     }
 
-    /// Consecutive ranges of source items of about `target` work each (at least one item).
+    /// Consecutive ranges of positions in item-id order (see [`Similarity::rows`]) of about
+    /// `target` work each (at least one item).
     pub fn chunks(&self, target: u64) -> Vec<Range<usize>> {
         let mut out = Vec::new();
         let mut start = 0;
         let mut acc = 0u64;
-        for i in 0..self.items() {
-            acc += self.work(i);
+        for (p, &i) in self.by_id.iter().enumerate() {
+            acc += self.work(i as usize);
             if acc >= target {
-                out.push(start..i + 1);
-                start = i + 1;
+                out.push(start..p + 1);
+                start = p + 1;
                 acc = 0;
             }
         }
@@ -188,34 +194,39 @@ impl Similarity {
         out
     }
 
-    /// The neighbour rows of source items `range` (item indices, in index order; per source,
-    /// score descending, ties by neighbour id), computed on the options' threads.
+    /// The neighbour rows of the source items at positions `range` of the item-id order, in
+    /// that order; per source, score descending, ties by neighbour id. Writing rows in item-id
+    /// order lets a B-tree on (item_id, …) append instead of splitting pages at random.
     pub fn rows(&self, range: Range<usize>) -> Vec<Neighbor> {
-        let threads = self.opts.threads.clamp(1, range.len().max(1));
+        self.rows_of(&self.by_id[range])
+    }
+
+    /// The neighbour rows of the source items `items` (indices), in that order, computed on
+    /// the options' threads in contiguous parts of about equal work.
+    pub fn rows_of(&self, items: &[u32]) -> Vec<Neighbor> {
+        let threads = self.opts.threads.clamp(1, items.len().max(1));
         if threads == 1 {
             let mut scratch = Scratch::new(self.items());
-            return range.flat_map(|i| self.row(i, &mut scratch)).collect();
+            return items.iter().flat_map(|&i| self.row(i as usize, &mut scratch)).collect();
         }
-        // Contiguous parts of about equal work, joined in order.
-        let total: u64 = range.clone().map(|i| self.work(i)).sum();
-        let mut parts = Vec::with_capacity(threads);
-        let (mut start, mut acc) = (range.start, 0u64);
-        for i in range.clone() {
-            acc += self.work(i);
+        let total: u64 = items.iter().map(|&i| self.work(i as usize)).sum();
+        let mut parts: Vec<&[u32]> = Vec::with_capacity(threads);
+        let (mut start, mut acc) = (0usize, 0u64);
+        for (p, &i) in items.iter().enumerate() {
+            acc += self.work(i as usize);
             if parts.len() + 1 < threads && acc * threads as u64 >= total * (parts.len() as u64 + 1) {
-                parts.push(start..i + 1);
-                start = i + 1;
+                parts.push(&items[start..p + 1]);
+                start = p + 1;
             }
         }
-        parts.push(start..range.end);
+        parts.push(&items[start..]);
         let outs: Vec<Vec<Neighbor>> = std::thread::scope(|s| {
             let hs: Vec<_> = parts
                 .iter()
-                .map(|p| {
-                    let p = p.clone();
+                .map(|&part| {
                     s.spawn(move || {
                         let mut scratch = Scratch::new(self.items());
-                        p.flat_map(|i| self.row(i, &mut scratch)).collect::<Vec<_>>()
+                        part.iter().flat_map(|&i| self.row(i as usize, &mut scratch)).collect::<Vec<_>>()
                     })
                 })
                 .collect();
@@ -329,9 +340,14 @@ impl Similarity {
         (0..n).filter(|&i| mark[i]).map(|i| self.item_ids[i]).collect()
     }
 
+    /// The id of item index `i`.
+    pub fn item_id(&self, i: u32) -> i64 {
+        self.item_ids[i as usize]
+    }
+
     /// The index of item id `id`, if the log has it.
-    pub fn index_of(&self, log: &Log, id: i64) -> Option<usize> {
-        log.item_index.get(&id).map(|&i| i as usize)
+    pub fn index_of(&self, log: &Log, id: i64) -> Option<u32> {
+        log.item_index.get(&id).copied()
     }
 }
 

@@ -102,6 +102,8 @@ fn threads_and_chunks_do_not_change_the_rows() {
         let all = one.rows(0..one.items());
         let chunked: Vec<_> = two.chunks(500).into_iter().flat_map(|r| two.rows(r)).collect();
         assert_eq!(all, chunked, "{kind:?}");
+        // In item-id order (so a B-tree on the table appends).
+        assert!(all.windows(2).all(|w| w[0].0 <= w[1].0), "{kind:?}: sources in id order");
         // Per source: at most top_n, score descending, ties by neighbour id, no self pair.
         let mut by_src: HashMap<i64, Vec<(i64, f32)>> = HashMap::new();
         for (a, b, v) in &all {
@@ -194,10 +196,8 @@ fn affected_rows_recomputed_equal_a_full_build() {
         assert!(affected.len() < after.items(), "{kind:?}: not every row ({} of {})", affected.len(), after.items());
         // Old rows of unaffected items + recomputed rows of affected ones == a full build.
         let mut merged: Vec<_> = before.rows(0..before.items()).into_iter().filter(|r| !affected.contains(&r.0)).collect();
-        for &id in &affected {
-            let i = after.index_of(&new, id).unwrap();
-            merged.extend(after.rows(i..i + 1));
-        }
+        let idx: Vec<u32> = affected.iter().map(|&id| after.index_of(&new, id).unwrap()).collect();
+        merged.extend(after.rows_of(&idx));
         let mut full = after.rows(0..after.items());
         let key = |r: &(i64, i64, f32)| (r.0, r.1);
         merged.sort_by_key(key);
