@@ -176,7 +176,7 @@ pub mod twotower {
     }
 
     /// Computes the rows of `sources` (item indices; all when None) and writes them with one
-    /// prepared INSERT per range, answering cancellation between ranges.
+    /// prepared INSERT per 50 000 rows, answering cancellation between batches of sources.
     fn write_rows(sim: &Similarity, table: &str, sources: Option<&[u32]>) -> TtResult<i64> {
         let insert = spi::prepare(
             &format!(
@@ -187,19 +187,15 @@ pub mod twotower {
             &[pg_sys::INT8ARRAYOID, pg_sys::INT8ARRAYOID, pg_sys::FLOAT4ARRAYOID],
         )
         .map_err(|e| TtError::BadArgument(format!("writing {table}: {e}")))?;
-        // Ranges of the item-id order, or groups of the given sources (also in id order), so
-        // the rows reach the table's B-tree in key order.
-        let groups: Vec<Vec<u32>> = match sources {
-            None => Vec::new(),
+        // Batches of sources in item-id order (ranges of about CHUNK_WORK work, or the given
+        // sources 256 at a time), so the rows reach the table's B-tree in key order.
+        let batches: Vec<Vec<u32>> = match sources {
+            None => sim.chunks(CHUNK_WORK).into_iter().map(|r| sim.sources(r).to_vec()).collect(),
             Some(s) => {
                 let mut s = s.to_vec();
                 s.sort_by_key(|&i| sim.item_id(i));
                 s.chunks(256).map(<[u32]>::to_vec).collect()
             }
-        };
-        let ranges: Vec<std::ops::Range<usize>> = match sources {
-            None => sim.chunks(CHUNK_WORK),
-            Some(_) => (0..groups.len()).map(|g| g..g + 1).collect(),
         };
         let mut written = 0i64;
         let mut progress = spi::Progress::new("channel: computing neighbours", "items");
@@ -216,12 +212,10 @@ pub mod twotower {
             rows.clear();
             Ok(())
         };
-        for r in ranges {
+        for batch in &batches {
             check_for_interrupts!();
-            let (n, mut rows) = match sources {
-                None => (r.len(), sim.rows(r)),
-                Some(_) => (groups[r.start].len(), sim.rows_of(&groups[r.start])),
-            };
+            let n = batch.len();
+            let mut rows = sim.rows_of(batch);
             // Within a source, by neighbour id: the key order of the primary key.
             rows.sort_by_key(|x| (x.0, x.1));
             written += rows.len() as i64;
@@ -403,13 +397,13 @@ pub mod twotower {
         let sim = Similarity::new(&log, &opts, budget()).map_err(TtError::Cf).or_report();
         let changed_refs: Vec<&str> = changed.iter().map(String::as_str).collect();
         let affected = sim.affected(&log, &changed_refs);
-        if !affected.is_empty() {
-            Spi::run_with_args(&format!("DELETE FROM {table} WHERE item_id = ANY ($1)"), &[affected.clone().into()])
+        let ids: Vec<i64> = affected.iter().map(|&i| sim.item_id(i)).collect();
+        if !ids.is_empty() {
+            Spi::run_with_args(&format!("DELETE FROM {table} WHERE item_id = ANY ($1)"), &[ids.into()])
                 .map_err(|e| TtError::BadArgument(format!("updating {table}: {e}")))
                 .or_report();
         }
-        let idx: Vec<u32> = affected.iter().filter_map(|&id| sim.index_of(&log, id)).collect();
-        let rows = write_rows(&sim, &table, Some(&idx)).or_report();
+        let rows = write_rows(&sim, &table, Some(&affected)).or_report();
         let total = crate::catalog::read_row::<i64, bool>(&format!("SELECT count(*), true FROM {table}"), &[])
             .ok()
             .flatten()

@@ -31,6 +31,8 @@ pub struct Similarity {
     wu: Vec<f64>,
     /// Item indices in item-id order.
     by_id: Vec<u32>,
+    /// Per item, the estimated work of its row (computed once).
+    work: Vec<u64>,
     /// Per user: in the sample.
     kept: Vec<bool>,
 }
@@ -114,7 +116,7 @@ impl Similarity {
         by_id.sort_by_key(|&i| log.item_ids[i as usize]);
         let wu = (0..n_users).map(|u| ((u_off[u + 1] - u_off[u]) as f64 + opts.alpha1).powf(-opts.beta)).collect();
         let i_w = entries.iter().map(|e| e.3).collect();
-        Ok(Similarity {
+        let mut sim = Similarity {
             reference: t_max,
             opts: opts.clone(),
             item_ids: log.item_ids.clone(),
@@ -126,8 +128,11 @@ impl Similarity {
             i_w,
             wu,
             by_id,
+            work: Vec::new(),
             kept,
-        })
+        };
+        sim.work = (0..n_items).map(|i| sim.estimate(i)).collect();
+        Ok(sim)
     }
 
     pub fn items(&self) -> usize {
@@ -165,7 +170,7 @@ impl Similarity {
     }
 
     /// An estimate of the work of item `i`'s row (pair visits).
-    fn work(&self, i: usize) -> u64 {
+    fn estimate(&self, i: usize) -> u64 {
         let (us, _) = self.item_users(i);
         let visits: u64 = us.iter().map(|&u| self.user_items(u).0.len() as u64).sum();
         match self.opts.kind {
@@ -181,7 +186,7 @@ impl Similarity {
         let mut start = 0;
         let mut acc = 0u64;
         for (p, &i) in self.by_id.iter().enumerate() {
-            acc += self.work(i as usize);
+            acc += self.work[i as usize];
             if acc >= target {
                 out.push(start..p + 1);
                 start = p + 1;
@@ -198,7 +203,12 @@ impl Similarity {
     /// that order; per source, score descending, ties by neighbour id. Writing rows in item-id
     /// order lets a B-tree on (item_id, …) append instead of splitting pages at random.
     pub fn rows(&self, range: Range<usize>) -> Vec<Neighbor> {
-        self.rows_of(&self.by_id[range])
+        self.rows_of(self.sources(range))
+    }
+
+    /// The item indices at positions `range` of the item-id order.
+    pub fn sources(&self, range: Range<usize>) -> &[u32] {
+        &self.by_id[range]
     }
 
     /// The neighbour rows of the source items `items` (indices), in that order, computed on
@@ -209,11 +219,11 @@ impl Similarity {
             let mut scratch = Scratch::new(self.items());
             return items.iter().flat_map(|&i| self.row(i as usize, &mut scratch)).collect();
         }
-        let total: u64 = items.iter().map(|&i| self.work(i as usize)).sum();
+        let total: u64 = items.iter().map(|&i| self.work[i as usize]).sum();
         let mut parts: Vec<&[u32]> = Vec::with_capacity(threads);
         let (mut start, mut acc) = (0usize, 0u64);
         for (p, &i) in items.iter().enumerate() {
-            acc += self.work(i as usize);
+            acc += self.work[i as usize];
             if parts.len() + 1 < threads && acc * threads as u64 >= total * (parts.len() as u64 + 1) {
                 parts.push(&items[start..p + 1]);
                 start = p + 1;
@@ -309,12 +319,13 @@ impl Similarity {
         out.into_iter().map(|(v, j)| (src, j, v as f32)).collect()
     }
 
-    /// The item ids whose rows change when the users `changed` (ids) have new interactions:
+    /// The items (indices, in item-id order) whose rows change when the users `changed` (ids)
+    /// have new interactions:
     /// Swing: every item of theirs (their pairs and weights change); item-CF: also every item
     /// sharing a user with one of theirs (its normalisation |N(j)| may change). Recomputing
     /// these rows over the whole log gives exactly what a full build gives (with a half-life:
     /// a build with the same `decay_reference`).
-    pub fn affected(&self, log: &Log, changed: &[&str]) -> Vec<i64> {
+    pub fn affected(&self, log: &Log, changed: &[&str]) -> Vec<u32> {
         let n = self.items();
         let mut mark = vec![false; n];
         // Every item of the changed users in the log (before caps: an item pushed out by the
@@ -337,17 +348,12 @@ impl Similarity {
                 }
             }
         }
-        (0..n).filter(|&i| mark[i]).map(|i| self.item_ids[i]).collect()
+        self.by_id.iter().copied().filter(|&i| mark[i as usize]).collect()
     }
 
     /// The id of item index `i`.
     pub fn item_id(&self, i: u32) -> i64 {
         self.item_ids[i as usize]
-    }
-
-    /// The index of item id `id`, if the log has it.
-    pub fn index_of(&self, log: &Log, id: i64) -> Option<u32> {
-        log.item_index.get(&id).copied()
     }
 }
 

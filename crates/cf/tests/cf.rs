@@ -195,9 +195,9 @@ fn affected_rows_recomputed_equal_a_full_build() {
         let affected = after.affected(&new, &changed);
         assert!(affected.len() < after.items(), "{kind:?}: not every row ({} of {})", affected.len(), after.items());
         // Old rows of unaffected items + recomputed rows of affected ones == a full build.
-        let mut merged: Vec<_> = before.rows(0..before.items()).into_iter().filter(|r| !affected.contains(&r.0)).collect();
-        let idx: Vec<u32> = affected.iter().map(|&id| after.index_of(&new, id).unwrap()).collect();
-        merged.extend(after.rows_of(&idx));
+        let ids: Vec<i64> = affected.iter().map(|&i| after.item_id(i)).collect();
+        let mut merged: Vec<_> = before.rows(0..before.items()).into_iter().filter(|r| !ids.contains(&r.0)).collect();
+        merged.extend(after.rows_of(&affected));
         let mut full = after.rows(0..after.items());
         let key = |r: &(i64, i64, f32)| (r.0, r.1);
         merged.sort_by_key(key);

@@ -508,7 +508,7 @@ impl Tower {
                         }
                     }
                 }
-                Layer::BatchNorm { g, running_var, eps, .. } => {
+                Layer::BatchNorm { g, running_mean, running_var, eps, .. } => {
                     pi -= 2;
                     match &cache.bn[l] {
                         Some(st) => {
@@ -534,7 +534,6 @@ impl Tower {
                         }
                         None => {
                             // Inference: an affine map with the running statistics.
-                            let Layer::BatchNorm { running_mean, .. } = layer else { unreachable!() };
                             for r in 0..m {
                                 for j in 0..width {
                                     let inv = 1.0 / (running_var[j] as f64 + eps).sqrt();
