@@ -409,7 +409,20 @@ impl ImageBuilder {
                 index.add(keys[again[j]], &saved[j])?;
                 Ok(false)
             })?;
-            orphans = lost(Some(&again), poll)?.0;
+            // A re-inserted item leaves the orphan list only if the graph reaches it and a
+            // search for its own vector finds it; otherwise scans rank it exactly.
+            let mut still: Vec<u64> = lost(Some(&again), poll)?.0;
+            index.change_expansion_search(64);
+            let missed = parallel(&again, threads, poll, |i| {
+                let m = index.search(&vector_of(i)?, 4)?;
+                // Tied at distance zero with a full page of exact duplicates counts as found.
+                Ok(!(m.keys.contains(&keys[i])
+                    || (m.keys.len() == 4 && m.distances.last().is_some_and(|d| *d <= 0.0))))
+            })?;
+            still.extend(missed.into_iter().map(|i| keys[i]));
+            still.sort_unstable();
+            still.dedup();
+            orphans = still;
         }
         poll(n);
         drop(pos);
