@@ -179,3 +179,24 @@ SELECT ch.name, ch.kind, ch.neighbors, pg_catalog.pg_get_userbyid(c.relowner) AS
   FROM twotower.channel ch LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) ch.neighbors;
 COMMENT ON VIEW twotower.channels IS 'item-to-item channels: kind, neighbour table and its owner (the channel''s owner), sources, options, and the last build (items, users, interactions read, neighbour rows, seconds)';
 GRANT SELECT ON twotower.channels TO PUBLIC;
+
+-- ---------------------------------------------------------------------------------------------
+-- Pipelines (twotower.save_pipeline): the funnel of one twotower.recommend call, as a checked
+-- JSON definition. Owned like models (an owner object); only the extension owner reads or writes
+-- the table directly; the view shows every pipeline. Dumped by pg_dump with its data.
+CREATE TABLE twotower.pipeline (
+    name          text PRIMARY KEY,
+    owner_object  oid,
+    definition    jsonb NOT NULL,
+    updated_by    name NOT NULL,
+    updated_at    timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+SELECT pg_catalog.pg_extension_config_dump('twotower.pipeline', '');
+REVOKE ALL ON twotower.pipeline FROM PUBLIC;
+
+CREATE VIEW twotower.pipelines AS
+SELECT p.name, pg_catalog.pg_get_userbyid(o.lomowner) AS owner, p.definition, p.updated_by, p.updated_at
+  FROM twotower.pipeline p
+  LEFT JOIN pg_catalog.pg_largeobject_metadata o ON o.oid OPERATOR(pg_catalog.=) p.owner_object;
+COMMENT ON VIEW twotower.pipelines IS 'recommendation pipelines (twotower.recommend): definition, owner (NULL when the owning role was removed with DROP OWNED), last change';
+GRANT SELECT ON twotower.pipelines TO PUBLIC;

@@ -317,10 +317,43 @@ pub fn model_owner_readonly(name: &str) -> TtResult<Option<pg_sys::Oid>> {
 }
 
 fn owner_query(name: &str, lock: bool) -> TtResult<Option<pg_sys::Oid>> {
+    owner_of(Owned::Model, name, lock)?.ok_or_else(|| TtError::ModelNotFound {
+        name: name.to_string(),
+        version: None,
+    })
+}
+
+/// The catalogues whose rows are owned through an owner object.
+#[derive(Clone, Copy)]
+pub enum Owned {
+    Model,
+    Pipeline,
+}
+
+impl Owned {
+    fn table(self) -> &'static str {
+        match self {
+            Owned::Model => "twotower.model",
+            Owned::Pipeline => "twotower.pipeline",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Owned::Model => "model",
+            Owned::Pipeline => "pipeline",
+        }
+    }
+}
+
+/// The owner of row `name` of `what`: `None` when there is no such row, `Some(None)` when its
+/// owner object is gone. With `lock`, the row is locked.
+pub fn owner_of(what: Owned, name: &str, lock: bool) -> TtResult<Option<Option<pg_sys::Oid>>> {
     let sql = format!(
-        "SELECT lo.lomowner FROM twotower.model m
+        "SELECT lo.lomowner FROM {} m
            LEFT JOIN pg_catalog.pg_largeobject_metadata lo ON lo.oid = m.owner_object
           WHERE m.name = $1{}",
+        what.table(),
         if lock { " FOR UPDATE OF m" } else { "" }
     );
     let row = as_catalog_owner(|| {
@@ -336,11 +369,8 @@ fn owner_query(name: &str, lock: bool) -> TtResult<Option<pg_sys::Oid>> {
             Spi::connect(|c| read(c.select(&sql, Some(1), &[name.into()])?))
         }
     })?
-    .map_err(|e| TtError::Unsupported(format!("reading model \"{name}\": {e}")))?;
-    row.ok_or_else(|| TtError::ModelNotFound {
-        name: name.to_string(),
-        version: None,
-    })
+    .map_err(|e| TtError::Unsupported(format!("reading {} \"{name}\": {e}", what.noun())))?;
+    Ok(row)
 }
 
 /// `LargeObjectRelationId`: the class of large objects in object addresses (not in the
@@ -355,13 +385,19 @@ fn extension_oid() -> pg_sys::Oid {
 /// Gives model `name` a new owner object owned by `owner`, replacing (and dropping) the old one.
 /// The caller's rights are checked by the callers.
 pub fn set_model_owner(name: &str, owner: pg_sys::Oid) -> TtResult<()> {
+    set_owner(Owned::Model, name, owner)
+}
+
+/// Gives row `name` of `what` a new owner object owned by `owner` (see [`set_model_owner`]).
+pub fn set_owner(what: Owned, name: &str, owner: pg_sys::Oid) -> TtResult<()> {
     let owner_name = role_name(owner);
+    let noun = what.noun();
     let comment = format!(
-        "pg_twotower: owner of model \"{name}\" (holds no data; drop the model with twotower.drop_model)"
+        "pg_twotower: owner of {noun} \"{name}\" (holds no data; drop the {noun} with twotower.drop_{noun})"
     );
     let (lo, old) = as_catalog_owner(|| -> Result<(pg_sys::Oid, Option<pg_sys::Oid>), pgrx::spi::Error> {
         let old = Spi::get_one_with_args::<pg_sys::Oid>(
-            "SELECT owner_object FROM twotower.model WHERE name = $1 FOR UPDATE",
+            &format!("SELECT owner_object FROM {} WHERE name = $1 FOR UPDATE", what.table()),
             &[name.into()],
         )?;
         let lo = Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.lo_create(0)")?
@@ -377,12 +413,12 @@ pub fn set_model_owner(name: &str, owner: pg_sys::Oid) -> TtResult<()> {
             pgrx::spi::quote_literal(&comment)
         ))?;
         Spi::run_with_args(
-            "UPDATE twotower.model SET owner_object = $2 WHERE name = $1",
+            &format!("UPDATE {} SET owner_object = $2 WHERE name = $1", what.table()),
             &[name.into(), lo.into()],
         )?;
         Ok((lo, old))
     })?
-    .map_err(|e| TtError::Unsupported(format!("setting the owner of model \"{name}\": {e}")))?;
+    .map_err(|e| TtError::Unsupported(format!("setting the owner of {noun} \"{name}\": {e}")))?;
     let ext = extension_oid();
     // SAFETY: records a normal dependency of an existing large object on the extension, as
     // CREATE … for a built-in object would (pg_depend row, no privilege involved).

@@ -24,7 +24,7 @@ pub mod twotower {
     const CHUNK_WORK: u64 = 4_000_000;
 
     /// What the catalogue holds of a channel.
-    struct Channel {
+    pub(crate) struct Channel {
         kind: Kind,
         neighbors: pg_sys::Oid,
         interactions: pg_sys::Oid,
@@ -36,7 +36,7 @@ pub mod twotower {
         watermark: Option<f64>,
     }
 
-    fn find(name: &str) -> TtResult<Option<Channel>> {
+    pub(crate) fn find(name: &str) -> TtResult<Option<Channel>> {
         let row = as_catalog_owner(|| {
             Spi::connect(|c| {
                 let t = c.select(
@@ -431,6 +431,44 @@ pub mod twotower {
         true
     }
 
+    /// The i2i channel: Σ weight_h · score(h, item) over channel `channel`'s neighbours of the
+    /// `history` (item, weight) pairs, top `k`, leaving out history items and `exclude`. Reads
+    /// the neighbour table as the caller.
+    pub(crate) fn i2i_hits(channel: &str, history: &[(i64, f32)], k: usize, exclude: &[i64]) -> TtResult<Vec<twotower_cf::Hit>> {
+        let ch = find(channel)?.ok_or_else(|| TtError::UnknownChannel(channel.to_owned()))?;
+        let table = spi::relation_name(ch.neighbors)
+            .map_err(|_| TtError::BadArgument(format!("the neighbour table of channel \"{channel}\" was dropped")))?;
+        let mut nb: Vec<(i64, i64, f32)> = Vec::new();
+        let ids: Vec<i64> = history.iter().map(|h| h.0).collect();
+        if !ids.is_empty() {
+            // One row of three arrays: a bulk conversion instead of a row-by-row one.
+            Spi::connect(|c| {
+                let t = c.select(
+                    &format!(
+                        "SELECT pg_catalog.array_agg(item_id), pg_catalog.array_agg(neighbor_id), pg_catalog.array_agg(score)
+                           FROM {table} WHERE item_id = ANY ($1)"
+                    ),
+                    Some(1),
+                    &[ids.clone().into()],
+                )?;
+                if let Some(r) = t.into_iter().next() {
+                    let a = r.get::<Vec<Option<i64>>>(1)?.unwrap_or_default();
+                    let b = r.get::<Vec<Option<i64>>>(2)?.unwrap_or_default();
+                    let s = r.get::<Vec<Option<f32>>>(3)?.unwrap_or_default();
+                    nb.reserve(a.len());
+                    for ((a, b), s) in a.into_iter().zip(b).zip(s) {
+                        if let (Some(a), Some(b), Some(s)) = (a, b, s) {
+                            nb.push((a, b, s));
+                        }
+                    }
+                }
+                Ok::<_, pgrx::spi::Error>(())
+            })
+            .map_err(|e| TtError::BadArgument(format!("reading {table}: {e}")))?;
+        }
+        twotower_cf::i2i(history, &nb, k, exclude).map_err(TtError::Cf)
+    }
+
     /// Recall from a history over channel `channel`'s neighbours: Σ_h weight_h · score(h, item)
     /// (weights default to 1), top `k`, with the history item contributing most (`via`).
     /// History items and `exclude` are never returned. Reads the neighbour table as the caller.
@@ -461,40 +499,8 @@ pub mod twotower {
             Some(w) => TtError::BadArgument(format!("weights has {} elements, history {}", w.len(), ids.len())).report(),
         };
         let exclude: Vec<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
-        let ch = find(channel).or_report().unwrap_or_else(|| TtError::UnknownChannel(channel.to_owned()).report());
-        let table = spi::relation_name(ch.neighbors)
-            .map_err(|_| TtError::BadArgument(format!("the neighbour table of channel \"{channel}\" was dropped")))
-            .or_report();
-        let mut nb: Vec<(i64, i64, f32)> = Vec::new();
-        if !ids.is_empty() {
-            // One row of three arrays: a bulk conversion instead of a row-by-row one.
-            Spi::connect(|c| {
-                let t = c.select(
-                    &format!(
-                        "SELECT pg_catalog.array_agg(item_id), pg_catalog.array_agg(neighbor_id), pg_catalog.array_agg(score)
-                           FROM {table} WHERE item_id = ANY ($1)"
-                    ),
-                    Some(1),
-                    &[ids.clone().into()],
-                )?;
-                if let Some(r) = t.into_iter().next() {
-                    let a = r.get::<Vec<Option<i64>>>(1)?.unwrap_or_default();
-                    let b = r.get::<Vec<Option<i64>>>(2)?.unwrap_or_default();
-                    let s = r.get::<Vec<Option<f32>>>(3)?.unwrap_or_default();
-                    nb.reserve(a.len());
-                    for ((a, b), s) in a.into_iter().zip(b).zip(s) {
-                        if let (Some(a), Some(b), Some(s)) = (a, b, s) {
-                            nb.push((a, b, s));
-                        }
-                    }
-                }
-                Ok::<_, pgrx::spi::Error>(())
-            })
-            .map_err(|e| TtError::BadArgument(format!("reading {table}: {e}")))
-            .or_report();
-        }
         let history: Vec<(i64, f32)> = ids.into_iter().zip(ws).collect();
-        let hits = twotower_cf::i2i(&history, &nb, k as usize, &exclude).map_err(TtError::Cf).or_report();
+        let hits = i2i_hits(channel, &history, k as usize, &exclude).or_report();
         TableIterator::new(hits.into_iter().map(|h| (h.item, h.score, h.rank as i32, h.via)))
     }
 }

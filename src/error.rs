@@ -5,6 +5,7 @@ use pgrx::{PgLogLevel, PgSqlErrorCode};
 use twotower_ann::AnnError;
 use twotower_tower::TowerError;
 use twotower_cf::CfError;
+use twotower_funnel::prerank::PrerankError;
 use twotower_train::TrainError;
 
 #[derive(Debug)]
@@ -67,6 +68,12 @@ pub enum TtError {
     Cf(CfError),
     /// A channel that does not exist (names it).
     UnknownChannel(String),
+    /// A pipeline that does not exist (names it).
+    UnknownPipeline(String),
+    /// An error of the cascade pre-ranker.
+    Prerank(PrerankError),
+    /// A pipeline definition that cannot run (names the path, says why).
+    BadPipeline { path: String, reason: String },
 }
 
 impl From<TowerError> for TtError {
@@ -297,9 +304,9 @@ impl TtError {
             ),
             TtError::BadModelName(n) => (
                 ERRCODE_INVALID_NAME,
-                format!("invalid model name \"{n}\""),
+                format!("invalid name \"{n}\""),
                 None,
-                Some("Model names are 1 to 63 characters: letters, digits, '_', '.' and '-', starting with a letter or '_'.".into()),
+                Some("Model, channel and pipeline names are 1 to 63 characters: letters, digits, '_', '.' and '-', starting with a letter or '_'.".into()),
             ),
             TtError::ActiveVersion { name, version } => (
                 ERRCODE_OBJECT_IN_USE,
@@ -366,6 +373,25 @@ impl TtError {
                 format!("channel \"{n}\" does not exist"),
                 None,
                 Some("twotower.channels lists the channels; twotower.build_channel creates one.".into()),
+            ),
+            TtError::UnknownPipeline(n) => (
+                ERRCODE_UNDEFINED_OBJECT,
+                format!("pipeline \"{n}\" does not exist"),
+                None,
+                Some("twotower.pipelines lists the pipelines; twotower.save_pipeline creates one.".into()),
+            ),
+            TtError::Prerank(PrerankError::NonFinite { model, item }) => (
+                ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+                format!("pre-rank model \"{model}\" gave a non-finite score"),
+                Some(format!("The score of item {item} overflowed (input values or weights too large).")),
+                None,
+            ),
+            TtError::Prerank(PrerankError::Bad(m)) => (ERRCODE_INVALID_PARAMETER_VALUE, m.clone(), None, None),
+            TtError::BadPipeline { path, reason } => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid pipeline definition at \"{path}\": {reason}"),
+                None,
+                Some("docs/funnel.md describes pipeline definitions.".into()),
             ),
         }
     }

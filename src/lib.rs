@@ -14,6 +14,7 @@ pub mod info;
 pub mod merge;
 pub mod models;
 pub mod ops;
+pub mod pipeline;
 pub mod progress;
 pub mod recall;
 pub mod spi;

@@ -40,6 +40,59 @@ pub mod twotower {
             .collect()
     }
 
+    /// Refuses options that do not apply to `strategy` (22023).
+    pub(crate) fn check_keys(strategy: &str, o: &serde_json::Map<String, Value>) {
+        let allowed: &[&str] = match strategy {
+            "quota" => &["quotas", "order"],
+            "round_robin" => &["weights", "snake", "order"],
+            "weighted_sum" => &["weights", "norm", "order"],
+            "rrf" => &["weights", "k", "order"],
+            other => bad(format!("strategy must be 'quota', 'round_robin', 'weighted_sum' or 'rrf', got '{other}'")),
+        };
+        if let Some(key) = o.keys().find(|key| !allowed.contains(&key.as_str())) {
+            bad(format!("merge option \"{key}\" does not apply to strategy '{strategy}' (it takes {})", allowed.join(", ")));
+        }
+    }
+
+    /// The merge strategy `strategy` with its options `o` for channels `names` (22023 on bad
+    /// options).
+    pub(crate) fn parse_strategy(strategy: &str, o: &serde_json::Map<String, Value>, names: &[String]) -> Strategy {
+        check_keys(strategy, o);
+        let weight = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
+        match strategy {
+            "quota" => {
+                if o.get("quotas").is_none() {
+                    bad("strategy 'quota' needs option \"quotas\": {\"channel\": n, ...}".into());
+                }
+                Strategy::Quota(per_channel(o, "quotas", names, 0usize, |v| v.as_u64().map(|n| n.min(100_000) as usize)))
+            }
+            "round_robin" => Strategy::RoundRobin {
+                weights: per_channel(o, "weights", names, 1usize, |v| v.as_u64().filter(|&n| n <= 100_000).map(|n| n as usize)),
+                snake: match o.get("snake") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(v) => bad(format!("merge option \"snake\" must be true or false, got {v}")),
+                },
+            },
+            "weighted_sum" => Strategy::WeightedSum {
+                weights: per_channel(o, "weights", names, 1.0, weight),
+                norm: match o.get("norm").and_then(Value::as_str).unwrap_or("minmax") {
+                    "minmax" => Norm::MinMax,
+                    "zscore" => Norm::ZScore,
+                    "rank" => Norm::Rank,
+                    other => bad(format!("merge option \"norm\" must be minmax, zscore or rank, got \"{other}\"")),
+                },
+            },
+            _ => Strategy::Rrf {
+                weights: per_channel(o, "weights", names, 1.0, weight),
+                k0: match o.get("k") {
+                    None | Some(Value::Null) => 60.0,
+                    Some(v) => v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).unwrap_or_else(|| bad(format!("merge option \"k\" must be a number >= 0, got {v}"))),
+                },
+            },
+        }
+    }
+
     /// Merges candidate lists: `channel[i]`, `item_id[i]`, `score[i]` is one candidate (higher
     /// scores are better within a channel). `strategy`: 'quota' (options `quotas`), 'round_robin'
     /// (`weights`, `snake`), 'weighted_sum' (`weights`, `norm`: minmax | zscore | rank), 'rrf'
@@ -85,16 +138,7 @@ pub mod twotower {
         }
         let opts = options.value("options").or_report();
         let Value::Object(o) = &opts else { bad(format!("merge options must be a JSON object, got {opts}")) };
-        let allowed: &[&str] = match strategy {
-            "quota" => &["quotas", "order"],
-            "round_robin" => &["weights", "snake", "order"],
-            "weighted_sum" => &["weights", "norm", "order"],
-            "rrf" => &["weights", "k", "order"],
-            other => bad(format!("strategy must be 'quota', 'round_robin', 'weighted_sum' or 'rrf', got '{other}'")),
-        };
-        if let Some(key) = o.keys().find(|key| !allowed.contains(&key.as_str())) {
-            bad(format!("merge option \"{key}\" does not apply to strategy '{strategy}' (it takes {})", allowed.join(", ")));
-        }
+        check_keys(strategy, o);
         // Channels: the given order first, then the others in order of first appearance.
         let mut names: Vec<String> = Vec::new();
         if let Some(order) = o.get("order") {
@@ -122,39 +166,7 @@ pub mod twotower {
             };
             cands.push(Candidate { channel: ch, item: i, score: s });
         }
-        let weight = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
-        let strat = match strategy {
-            "quota" => {
-                if o.get("quotas").is_none() {
-                    bad("strategy 'quota' needs option \"quotas\": {\"channel\": n, ...}".into());
-                }
-                Strategy::Quota(per_channel(o, "quotas", &names, 0usize, |v| v.as_u64().map(|n| n.min(100_000) as usize)))
-            }
-            "round_robin" => Strategy::RoundRobin {
-                weights: per_channel(o, "weights", &names, 1usize, |v| v.as_u64().filter(|&n| n <= 100_000).map(|n| n as usize)),
-                snake: match o.get("snake") {
-                    None | Some(Value::Null) => false,
-                    Some(Value::Bool(b)) => *b,
-                    Some(v) => bad(format!("merge option \"snake\" must be true or false, got {v}")),
-                },
-            },
-            "weighted_sum" => Strategy::WeightedSum {
-                weights: per_channel(o, "weights", &names, 1.0, weight),
-                norm: match o.get("norm").and_then(Value::as_str).unwrap_or("minmax") {
-                    "minmax" => Norm::MinMax,
-                    "zscore" => Norm::ZScore,
-                    "rank" => Norm::Rank,
-                    other => bad(format!("merge option \"norm\" must be minmax, zscore or rank, got \"{other}\"")),
-                },
-            },
-            _ => Strategy::Rrf {
-                weights: per_channel(o, "weights", &names, 1.0, weight),
-                k0: match o.get("k") {
-                    None | Some(Value::Null) => 60.0,
-                    Some(v) => v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).unwrap_or_else(|| bad(format!("merge option \"k\" must be a number >= 0, got {v}"))),
-                },
-            },
-        };
+        let strat = parse_strategy(strategy, o, &names);
         let exclude: Vec<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
         let merged = twotower_funnel::merge(&cands, names.len(), &strat, k as usize, &exclude)
             .unwrap_or_else(|e| bad(format!("merge: {e}")));

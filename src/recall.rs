@@ -20,7 +20,7 @@ pub mod twotower {
     /// The recall channel: ranked (item id, score) of the `k` nearest live rows to the user
     /// vector `query` in `index_oid`, skipping `exclude`, through the access method's search
     /// interface (privileges are checked there before anything is opened).
-    fn search(
+    pub(crate) fn search(
         index_oid: pg_sys::Oid,
         query: &[f32],
         model_metric: Metric,

@@ -200,3 +200,12 @@ pub fn read_rows(
     }
 }
 
+
+/// The relation a name resolves to as the caller would write it (`to_regclass`), if any.
+pub fn regclass(name: &str) -> Option<pg_sys::Oid> {
+    read_row::<pg_sys::Oid, bool>("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid, true", &[name.into()])
+        .ok()
+        .flatten()
+        .and_then(|(o, _)| o)
+        .filter(|&o| o != pg_sys::InvalidOid)
+}

@@ -266,3 +266,42 @@ mod tests {
         assert_eq!(realistic_item_input(1, 5), realistic_item_input(1, 5));
     }
 }
+
+/// A pre-rank model over the 64-d space of [`realistic_user_tower`]: the request's `device`, the
+/// candidate's `category` and log1p `price`, and every cross input (u, v, u⊙v, the two-tower
+/// score, max and mean similarity to the history); Linear 64 → ReLU → Linear 1.
+pub fn realistic_prerank(seed: u64) -> (String, Vec<u8>) {
+    let dims = 64;
+    let spec = json!({
+        "format": "pg_twotower.tower",
+        "spec_version": 1,
+        "kind": "prerank",
+        "features": [
+            {"name": "device", "type": "categorical", "embedding": "emb.device", "vocabulary": DEVICES},
+            {"name": "category", "source": "item", "type": "categorical", "embedding": "emb.category", "vocabulary": categories()},
+            {"name": "price", "source": "item", "type": "numeric", "transform": "log1p", "default": 0},
+            {"name": "u", "type": "cross", "of": "user_vector", "dim": dims},
+            {"name": "v", "type": "cross", "of": "item_vector", "dim": dims},
+            {"name": "uv", "type": "cross", "of": "product", "dim": dims},
+            {"name": "score", "type": "cross", "of": "score"},
+            {"name": "hmax", "type": "cross", "of": "history_max"},
+            {"name": "hmean", "type": "cross", "of": "history_mean"}
+        ],
+        "layers": [
+            {"type": "linear", "weight": "mlp.0.weight", "bias": "mlp.0.bias"},
+            {"type": "relu"},
+            {"type": "linear", "weight": "mlp.2.weight", "bias": "mlp.2.bias"}
+        ],
+        "output": {"dim": 1}
+    });
+    let w0 = 2 * D + 1 + 3 * dims + 3;
+    let tensors = [
+        ("emb.device", vec![DEVICES.len() + 1, D], 0.1),
+        ("emb.category", vec![CATEGORIES + 1, D], 0.1),
+        ("mlp.0.weight", vec![64, w0], linear_init(w0)),
+        ("mlp.0.bias", vec![64], linear_init(w0)),
+        ("mlp.2.weight", vec![1, 64], linear_init(64)),
+        ("mlp.2.bias", vec![1], linear_init(64)),
+    ];
+    build(spec, &tensors, seed)
+}

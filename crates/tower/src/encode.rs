@@ -209,19 +209,39 @@ fn check_len(n: usize, feature: &str, what: &str) -> Result<()> {
 /// that are not features are an error ([`TowerError::UnknownFeature`]); otherwise they are
 /// ignored (item rows from `to_jsonb(row)` carry extra columns).
 pub(crate) fn encode(model: &Model, input: &Value, strict: bool) -> Result<Encoded> {
+    Ok(Encoded {
+        model_id: model.id,
+        fields: encode_where(model, input, strict, |_| true)?,
+    })
+}
+
+/// The fields of the features `wanted(feature index)` selects, in feature order. With `strict`,
+/// a key of `input` that is not one of those features is an error.
+pub(crate) fn encode_where(
+    model: &Model,
+    input: &Value,
+    strict: bool,
+    wanted: impl Fn(usize) -> bool,
+) -> Result<Vec<Field>> {
     let Value::Object(obj) = input else {
         return Err(TowerError::NotAnObject {
             got: json_type(input),
         });
     };
     if strict {
-        if let Some(k) = obj.keys().find(|k| !model.by_name.contains_key(k.as_str())) {
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !model.by_name.get(k.as_str()).is_some_and(|&i| wanted(i)))
+        {
             return Err(TowerError::UnknownFeature { name: k.clone() });
         }
     }
     let mut buf = String::new();
     let mut fields = Vec::with_capacity(model.features.len());
-    for f in &model.features {
+    for (i, f) in model.features.iter().enumerate() {
+        if !wanted(i) {
+            continue;
+        }
         let name = f.name.as_str();
         let v = obj.get(name).unwrap_or(&Value::Null);
         let field = match &f.kind {
@@ -277,10 +297,7 @@ pub(crate) fn encode(model: &Model, input: &Value, strict: bool) -> Result<Encod
         };
         fields.push(field);
     }
-    Ok(Encoded {
-        model_id: model.id,
-        fields,
-    })
+    Ok(fields)
 }
 
 fn encode_bag(

@@ -14,7 +14,8 @@ mod spec;
 pub use encode::{canonical_id, Encoded, FieldRef, MAX_LIST_LEN};
 pub use error::{Result, TowerError};
 pub use forward::forward_parallel;
-pub use model::Model;
+pub use model::{Model, Part};
+pub use spec::{Cross, Source};
 
 /// The only spec version this build reads.
 pub const SPEC_VERSION: u32 = 1;
@@ -24,6 +25,8 @@ pub const SPEC_VERSION: u32 = 1;
 pub enum Kind {
     User,
     Item,
+    /// A pre-rank DNN: scores (user, candidate item) pairs; its output is one score.
+    Prerank,
 }
 
 impl Kind {
@@ -31,6 +34,7 @@ impl Kind {
         match self {
             Kind::User => "user",
             Kind::Item => "item",
+            Kind::Prerank => "prerank",
         }
     }
 }

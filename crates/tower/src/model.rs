@@ -5,6 +5,8 @@ use crate::safetensors::{self, TensorView};
 use crate::spec::{
     self, spec_err, LayerDraft, SpecDraft, MAX_WIDTH,
 };
+use crate::encode::Field;
+use crate::spec::{Cross, Source};
 use crate::{Kind, Metric};
 pub(crate) use crate::spec::FeatureKind;
 use std::collections::HashMap;
@@ -69,11 +71,43 @@ pub(crate) enum Layer {
     L2Normalize,
 }
 
+/// The encoded fields of one side (the request's or one item's) of a pre-rank model's input:
+/// made by [`Model::encode_part`], combined by [`Model::assemble`] of the same model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Part {
+    model_id: u64,
+    source: Source,
+    fields: Vec<Field>,
+}
+
+impl Part {
+    /// Approximate heap size (for caches).
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Part>()
+            + self
+                .fields
+                .iter()
+                .map(|f| {
+                    std::mem::size_of::<Field>()
+                        + match f {
+                            Field::Bag { rows, weights } => {
+                                rows.len() * 4 + weights.as_ref().map_or(0, |w| w.len() * 4)
+                            }
+                            Field::Dense(Some(v)) => v.len() * 4,
+                            _ => 0,
+                        }
+                })
+                .sum::<usize>()
+    }
+}
+
 /// A loaded tower. Immutable after [`Model::load`]; `Send + Sync`.
 #[derive(Debug, Clone)]
 pub struct Model {
     pub(crate) id: u64,
     pub(crate) kind: Kind,
+    /// Where each feature's input comes from (in feature order).
+    pub(crate) sources: Vec<Source>,
     pub(crate) metric: Metric,
     pub(crate) output_dim: usize,
     pub(crate) features: Vec<Feature>,
@@ -345,6 +379,7 @@ impl Model {
         Ok(Model {
             id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
             kind: draft.kind,
+            sources: draft.sources,
             metric: draft.metric,
             output_dim: draft.output_dim,
             features,
@@ -433,6 +468,68 @@ impl Model {
     /// ignored (item rows from `to_jsonb(row)` carry extra columns).
     pub fn encode(&self, input: &serde_json::Value, strict: bool) -> Result<crate::Encoded> {
         crate::encode::encode(self, input, strict)
+    }
+
+    /// Each feature's name and source, in spec order.
+    pub fn sources(&self) -> impl Iterator<Item = (&str, Source)> + '_ {
+        self.features.iter().zip(&self.sources).map(|(f, s)| (f.name.as_str(), *s))
+    }
+
+    /// The width of a cross input `c` the model asks for (`None` if it does not use it).
+    pub fn cross_width(&self, c: Cross) -> Option<usize> {
+        self.features
+            .iter()
+            .zip(&self.sources)
+            .find(|(_, s)| **s == Source::Cross(c))
+            .map(|(f, _)| f.width)
+    }
+
+    /// Encodes the features of one side (`Source::User`: the request's features object;
+    /// `Source::Item`: an item's row) of a pre-rank model. With `strict`, a key of `input` that
+    /// is not a feature of that side is an error. Any other source gives an empty part.
+    pub fn encode_part(&self, input: &serde_json::Value, source: Source, strict: bool) -> Result<Part> {
+        let fields = match source {
+            Source::User | Source::Item => {
+                crate::encode::encode_where(self, input, strict, |i| self.sources[i] == source)?
+            }
+            Source::Cross(_) => Vec::new(),
+        };
+        Ok(Part {
+            model_id: self.id,
+            source,
+            fields,
+        })
+    }
+
+    /// One example of a pre-rank model: the user part, the item part, and each cross input
+    /// written by `cross(c, out)` into a zeroed buffer of the input's width. A part from
+    /// another model or side contributes nothing (zeros).
+    pub fn assemble(
+        &self,
+        user: &Part,
+        item: &Part,
+        cross: &mut dyn FnMut(Cross, &mut [f32]),
+    ) -> crate::Encoded {
+        let ok = |p: &Part, s: Source| p.model_id == self.id && p.source == s;
+        let mut u = user.fields.iter().filter(|_| ok(user, Source::User));
+        let mut it = item.fields.iter().filter(|_| ok(item, Source::Item));
+        let mut fields = Vec::with_capacity(self.features.len());
+        for (f, s) in self.features.iter().zip(&self.sources) {
+            let field = match s {
+                Source::User => u.next().cloned(),
+                Source::Item => it.next().cloned(),
+                Source::Cross(c) => {
+                    let mut buf = vec![0f32; f.width];
+                    cross(*c, &mut buf);
+                    Some(Field::Dense(Some(buf)))
+                }
+            };
+            fields.push(field.unwrap_or(Field::Dense(None)));
+        }
+        crate::Encoded {
+            model_id: self.id,
+            fields,
+        }
     }
 
     /// Forward pass of one encoded example; returns `output_dim` floats.

@@ -201,10 +201,62 @@ pub(crate) enum LayerDraft {
     L2Normalize,
 }
 
+/// Where a pre-rank model's feature comes from. Towers have only [`Source::User`] (a user tower)
+/// or [`Source::Item`] (an item tower) features.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The request's features object (encoded once per request).
+    User,
+    /// The candidate item's feature row (encoded once per item).
+    Item,
+    /// Computed for each (user, candidate) pair by the pre-ranker.
+    Cross(Cross),
+}
+
+/// The cross inputs a pre-rank model can ask for. `u` is the user tower's vector, `v` the
+/// candidate's item vector, `h_1..h_n` the item vectors of the user's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Cross {
+    /// `u` (width: the tower's dimension).
+    UserVector,
+    /// `v` (width: the tower's dimension).
+    ItemVector,
+    /// `u ⊙ v`, element-wise (width: the tower's dimension).
+    Product,
+    /// The two-tower score of the candidate (cosine similarity, inner product, or negative
+    /// Euclidean distance, by the towers' metric); width 1.
+    Score,
+    /// max_i cos(v, h_i); 0 without history; width 1.
+    HistoryMax,
+    /// mean_i cos(v, h_i); 0 without history; width 1.
+    HistoryMean,
+}
+
+impl Cross {
+    pub const ALL: [(&'static str, Cross); 6] = [
+        ("user_vector", Cross::UserVector),
+        ("item_vector", Cross::ItemVector),
+        ("product", Cross::Product),
+        ("score", Cross::Score),
+        ("history_max", Cross::HistoryMax),
+        ("history_mean", Cross::HistoryMean),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Cross::ALL.iter().find(|(_, c)| *c == self).map(|(n, _)| *n).unwrap_or("?")
+    }
+
+    /// Whether the input is as wide as the tower's vectors (otherwise it is one number).
+    pub fn is_vector(self) -> bool {
+        matches!(self, Cross::UserVector | Cross::ItemVector | Cross::Product)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct SpecDraft {
     pub kind: Kind,
     pub names: Vec<String>,
+    pub sources: Vec<Source>,
     pub features: Vec<FeatureDraft>,
     pub senet: Option<SenetDraft>,
     pub layers: Vec<LayerDraft>,
@@ -424,10 +476,11 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     let kind = match root.req_str("kind")? {
         "user" => Kind::User,
         "item" => Kind::Item,
+        "prerank" => Kind::Prerank,
         other => {
             return Err(spec_err(
                 "kind",
-                format!("must be \"user\" or \"item\", got \"{other}\""),
+                format!("must be \"user\", \"item\" or \"prerank\", got \"{other}\""),
             ))
         }
     };
@@ -443,6 +496,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         ));
     }
     let mut names: Vec<String> = Vec::with_capacity(feats.len());
+    let mut sources = Vec::with_capacity(feats.len());
     let mut features = Vec::with_capacity(feats.len());
     for (i, f) in feats.iter().enumerate() {
         let o = Obj::new(f, format!("features[{i}]"))?;
@@ -460,7 +514,9 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
             ));
         }
         names.push(name.to_owned());
-        features.push(parse_feature(&o)?);
+        let (source, feature) = parse_sourced_feature(&o, kind)?;
+        sources.push(source);
+        features.push(feature);
     }
 
     let senet = match root.get("senet") {
@@ -491,25 +547,81 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     }
 
     let out = Obj::new(root.req("output")?, "output".into())?;
-    out.allow(&["dim", "metric"])?;
-    let output_dim = out.uint("dim", 1, MAX_WIDTH as u64)? as usize;
-    let name = out.req_str("metric")?;
-    let metric = Metric::from_spec_name(name).ok_or_else(|| {
-        spec_err(
-            "output.metric",
-            format!("must be \"cosine\", \"ip\" or \"l2\", got \"{name}\""),
-        )
-    })?;
+    let (output_dim, metric) = if kind == Kind::Prerank {
+        // A pre-rank model outputs one score (higher ranks first); it has no index metric.
+        out.allow(&["dim"])?;
+        (out.uint("dim", 1, 1)? as usize, Metric::InnerProduct)
+    } else {
+        out.allow(&["dim", "metric"])?;
+        let output_dim = out.uint("dim", 1, MAX_WIDTH as u64)? as usize;
+        let name = out.req_str("metric")?;
+        let metric = Metric::from_spec_name(name).ok_or_else(|| {
+            spec_err(
+                "output.metric",
+                format!("must be \"cosine\", \"ip\" or \"l2\", got \"{name}\""),
+            )
+        })?;
+        (output_dim, metric)
+    };
 
     Ok(SpecDraft {
         kind,
         names,
+        sources,
         features,
         senet,
         layers,
         output_dim,
         metric,
     })
+}
+
+/// A feature with its source. Towers' features have none (a user tower reads the request, an item
+/// tower the item row). A pre-rank model's feature says `"source": "user"` (the default) or
+/// `"item"`, or is of type `"cross"` with `"of"` naming a [`Cross`] input (and `"dim"`, the
+/// towers' dimension, for the vector-valued ones).
+fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft)> {
+    let tower_source = if kind == Kind::Item { Source::Item } else { Source::User };
+    let ty = o.get("type");
+    if kind != Kind::Prerank {
+        if o.get("source").is_some() {
+            return Err(spec_err(o.p("source"), "only features of a \"prerank\" model have a source"));
+        }
+        if ty.and_then(Value::as_str) == Some("cross") {
+            return Err(spec_err(o.p("type"), "\"cross\" features are for \"prerank\" models only"));
+        }
+        return Ok((tower_source, parse_feature(o)?));
+    }
+    if ty.and_then(Value::as_str) == Some("cross") {
+        o.allow(&["name", "type", "of", "dim"])?;
+        let of = o.req_str("of")?;
+        let Some(cross) = Cross::ALL.iter().find(|(n, _)| *n == of).map(|(_, c)| *c) else {
+            let names: Vec<&str> = Cross::ALL.iter().map(|(n, _)| *n).collect();
+            return Err(spec_err(o.p("of"), format!("must be one of {}, got \"{of}\"", names.join(", "))));
+        };
+        let dim = if cross.is_vector() {
+            o.uint("dim", 1, MAX_WIDTH as u64)? as usize
+        } else {
+            if o.get("dim").is_some() {
+                o.uint("dim", 1, 1)?;
+            }
+            1
+        };
+        return Ok((Source::Cross(cross), FeatureDraft::Dense { dim }));
+    }
+    let source = match o.get("source") {
+        None => Source::User,
+        Some(Value::String(s)) if s == "user" => Source::User,
+        Some(Value::String(s)) if s == "item" => Source::Item,
+        Some(other) => {
+            return Err(spec_err(o.p("source"), format!("must be \"user\" or \"item\", got {}", short(other))))
+        }
+    };
+    let mut rest = o.m.clone();
+    rest.remove("source");
+    let rest = Value::Object(rest);
+    let inner = Obj::new(&rest, o.path.clone())?;
+    Ok((source, parse_feature(&inner)?))
 }
 
 fn parse_lookup(o: &Obj) -> Result<Lookup> {

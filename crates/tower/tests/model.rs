@@ -1280,3 +1280,68 @@ fn encoded_from_another_model_does_not_panic() {
         assert_eq!(a.forward(&x).len(), 2);
     }
 }
+
+fn prerank_spec(features: Value) -> Value {
+    json!({
+        "format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+        "features": features,
+        "layers": [{"type": "linear", "weight": "w"}],
+        "output": {"dim": 1}
+    })
+}
+
+#[test]
+fn a_prerank_model_assembles_user_item_and_cross_fields_in_spec_order() {
+    // Fields: device (user, 2-d table), price (item numeric), score (cross), u (cross, 2-d).
+    let s = prerank_spec(json!([
+        {"name": "device", "type": "categorical", "embedding": "e", "vocabulary": ["ios", "web"]},
+        {"name": "price", "source": "item", "type": "numeric", "transform": "none"},
+        {"name": "score", "type": "cross", "of": "score"},
+        {"name": "u", "type": "cross", "of": "user_vector", "dim": 2}
+    ]));
+    let m = load(&s, &[("e", vec![3, 2], vec![0., 0., 1., 2., 3., 4.]), ("w", vec![1, 6], vec![1., 10., 100., 1000., 1e4, 1e5])]).unwrap();
+    assert_eq!(m.kind(), Kind::Prerank);
+    assert_eq!(m.cross_width(Cross::UserVector), Some(2));
+    assert_eq!(m.cross_width(Cross::Product), None);
+    let names: Vec<(&str, Source)> = m.sources().collect();
+    assert_eq!(names[1], ("price", Source::Item));
+    assert_eq!(names[2], ("score", Source::Cross(Cross::Score)));
+    let user = m.encode_part(&json!({"device": "web"}), Source::User, true).unwrap();
+    // The user part is strict about its own side only: an item feature is not a request key.
+    assert!(matches!(m.encode_part(&json!({"price": 1}), Source::User, true), Err(TowerError::UnknownFeature { .. })));
+    let item = m.encode_part(&json!({"price": 0.5, "title": "x"}), Source::Item, false).unwrap();
+    let x = m.assemble(&user, &item, &mut |c, out| match c {
+        Cross::Score => out[0] = 0.25,
+        Cross::UserVector => out.copy_from_slice(&[3.0, 4.0]),
+        _ => unreachable!(),
+    });
+    // [3, 4 | 0.5 | 0.25 | 3, 4] · [1, 10, 100, 1000, 1e4, 1e5]
+    let want = 3.0 + 40.0 + 50.0 + 250.0 + 3e4 + 4e5;
+    assert_eq!(m.forward(&x), vec![want as f32]);
+    // Parts from the wrong side or another model contribute zeros.
+    let x = m.assemble(&item, &user, &mut |_, _| {});
+    assert_eq!(m.forward(&x), vec![0.0]);
+}
+
+#[test]
+fn prerank_specs_are_validated() {
+    let w = |n: usize| vec![("w", vec![1, n], vec![1.0; n])];
+    let bad = |s: Value, ts: &[T], path: &str| match load(&s, ts) {
+        Err(TowerError::Spec { path: p, .. }) => assert_eq!(p, path, "{s}"),
+        other => panic!("{s}: expected a spec error at {path}, got {other:?}"),
+    };
+    bad(prerank_spec(json!([{"name": "s", "type": "cross", "of": "rank"}])), &w(1), "features[0].of");
+    bad(prerank_spec(json!([{"name": "s", "type": "cross", "of": "product"}])), &w(1), "features[0].dim");
+    bad(prerank_spec(json!([{"name": "s", "type": "cross", "of": "score", "dim": 3}])), &w(1), "features[0].dim");
+    bad(prerank_spec(json!([{"name": "s", "type": "numeric", "transform": "none", "source": "cross"}])), &w(1), "features[0].source");
+    let mut two = prerank_spec(json!([{"name": "s", "type": "cross", "of": "score"}]));
+    two["output"] = json!({"dim": 2});
+    bad(two, &w(1), "output.dim");
+    let mut metric = prerank_spec(json!([{"name": "s", "type": "cross", "of": "score"}]));
+    metric["output"] = json!({"dim": 1, "metric": "ip"});
+    bad(metric, &w(1), "output.metric");
+    // Towers have no sources and no cross features.
+    bad(spec(json!([{"name": "s", "type": "numeric", "transform": "none", "source": "item"}]), json!([]), 1), &[], "features[0].source");
+    bad(spec(json!([{"name": "s", "type": "cross", "of": "score"}]), json!([]), 1), &[], "features[0].type");
+    assert!(load(&prerank_spec(json!([{"name": "s", "type": "cross", "of": "score"}])), &w(1)).is_ok());
+}

@@ -1,0 +1,222 @@
+//! Cascade pre-ranking: candidates go through stages, each scores what the previous one kept
+//! and keeps its own top `keep`. A stage is the two-tower score (the user vector against each
+//! candidate's stored item vector) or a pre-rank model (a `prerank` model kind of
+//! `twotower-tower`) over the user's part, the candidate's item part and cross inputs.
+//!
+//! Ranking is by score (higher first), ties by item id; a later stage re-ranks only what the
+//! earlier ones kept. Each stage reports what it received, kept, dropped and how long it took.
+
+use std::time::Instant;
+use thiserror::Error;
+use twotower_metric::Metric;
+use twotower_tower::{Cross, Model, Part};
+
+#[derive(Debug, Error, PartialEq)]
+pub enum PrerankError {
+    #[error("{0}")]
+    Bad(String),
+    #[error("pre-rank model \"{model}\" gave a non-finite score for item {item}")]
+    NonFinite { model: String, item: i64 },
+}
+
+pub type Result<T> = std::result::Result<T, PrerankError>;
+
+/// What a stage scores with.
+pub enum Scorer<'a> {
+    /// The towers' own score of each candidate.
+    TwoTower,
+    /// A pre-rank model, its name (for messages), and the request's encoded user part.
+    Model {
+        name: &'a str,
+        model: &'a Model,
+        user: &'a Part,
+    },
+}
+
+pub struct Stage<'a> {
+    pub scorer: Scorer<'a>,
+    /// How many candidates the stage keeps (at least 1).
+    pub keep: usize,
+}
+
+/// What one request brings to the cascade.
+pub struct Request<'a> {
+    /// The towers' metric (how the two-tower score is computed).
+    pub metric: Metric,
+    /// The user tower's vector.
+    pub user: &'a [f32],
+    /// Item vectors of the user's history (for the `history_*` cross inputs).
+    pub history: &'a [Vec<f32>],
+    /// Worker threads for a model stage's forward pass (never touching Postgres).
+    pub threads: usize,
+}
+
+/// A candidate: its id and its stored item vector (same width as the user vector).
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub item: i64,
+    pub vector: Vec<f32>,
+}
+
+/// One stage's report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageReport {
+    pub received: usize,
+    /// Indices into the candidates, in the stage's rank order.
+    pub kept: Vec<usize>,
+    /// The stage's score of each kept candidate (same order as `kept`).
+    pub scores: Vec<f32>,
+    /// Indices of the candidates this stage dropped, best first.
+    pub dropped: Vec<usize>,
+    pub seconds: f64,
+}
+
+/// The two-tower score of `v` for `u`: cosine similarity, inner product, or minus the
+/// Euclidean distance (higher is better), accumulated in f64.
+pub fn two_tower_score(metric: Metric, u: &[f32], v: &[f32]) -> f32 {
+    let (mut dot, mut uu, mut vv, mut l2) = (0f64, 0f64, 0f64, 0f64);
+    for (a, b) in u.iter().zip(v) {
+        let (a, b) = (*a as f64, *b as f64);
+        dot += a * b;
+        uu += a * a;
+        vv += b * b;
+        l2 += (a - b) * (a - b);
+    }
+    (match metric {
+        Metric::Cosine if uu > 0.0 && vv > 0.0 => dot / (uu.sqrt() * vv.sqrt()),
+        Metric::Cosine => 0.0,
+        Metric::InnerProduct => dot,
+        Metric::L2 => -l2.sqrt(),
+    }) as f32
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    two_tower_score(Metric::Cosine, a, b)
+}
+
+/// Checks a model stage against the request before anything runs: every cross input the model
+/// reads must have the width the towers produce.
+pub fn check_model(name: &str, model: &Model, dims: usize) -> Result<()> {
+    for (_, c) in Cross::ALL {
+        if let Some(w) = model.cross_width(c) {
+            if c.is_vector() && w != dims {
+                return Err(PrerankError::Bad(format!(
+                    "pre-rank model \"{name}\" reads the cross input \"{}\" {w} wide, but the towers' vectors have {dims} dimensions",
+                    c.name()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Indices `idx` ordered by `score` (higher first), ties by item id; returns (kept, their
+/// scores, dropped).
+fn top(cands: &[Candidate], idx: &[usize], score: &[f32], keep: usize) -> (Vec<usize>, Vec<f32>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..idx.len()).collect();
+    order.sort_by(|&a, &b| {
+        score[b]
+            .total_cmp(&score[a])
+            .then(cands[idx[a]].item.cmp(&cands[idx[b]].item))
+    });
+    let n = keep.min(order.len());
+    let kept = order[..n].iter().map(|&o| idx[o]).collect();
+    let scores = order[..n].iter().map(|&o| score[o]).collect();
+    let dropped = order[n..].iter().map(|&o| idx[o]).collect();
+    (kept, scores, dropped)
+}
+
+/// Runs the stages over `cands`. `item_part(stage, i)` gives the item part of candidate `i` for
+/// model stage `stage` (the caller fetches item features for the survivors only). Candidates
+/// must be distinct items with vectors as wide as the user's. Returns one report per stage;
+/// the last stage's `kept` and `scores` are the result.
+pub fn cascade(
+    req: &Request,
+    cands: &[Candidate],
+    stages: &[Stage],
+    item_part: &mut dyn FnMut(usize, &[usize]) -> Result<Vec<Part>>,
+    poll: &mut dyn FnMut() -> Result<()>,
+) -> Result<Vec<StageReport>> {
+    if stages.is_empty() {
+        return Err(PrerankError::Bad("a cascade needs at least one stage".into()));
+    }
+    let dims = req.user.len();
+    if let Some(c) = cands.iter().find(|c| c.vector.len() != dims) {
+        return Err(PrerankError::Bad(format!(
+            "item {} has a {}-dimensional vector, the user vector has {dims}",
+            c.item,
+            c.vector.len()
+        )));
+    }
+    let history: Vec<&Vec<f32>> = req.history.iter().filter(|h| h.len() == dims).collect();
+    let mut alive: Vec<usize> = (0..cands.len()).collect();
+    let mut reports = Vec::with_capacity(stages.len());
+    for (s, stage) in stages.iter().enumerate() {
+        poll()?;
+        let t = Instant::now();
+        if stage.keep == 0 {
+            return Err(PrerankError::Bad(format!("stage {} keeps 0 candidates", s + 1)));
+        }
+        let tt: Vec<f32> = alive
+            .iter()
+            .map(|&i| two_tower_score(req.metric, req.user, &cands[i].vector))
+            .collect();
+        let score = match &stage.scorer {
+            Scorer::TwoTower => tt,
+            Scorer::Model { name, model, user } => {
+                check_model(name, model, dims)?;
+                let parts = item_part(s, &alive)?;
+                if parts.len() != alive.len() {
+                    return Err(PrerankError::Bad("item parts do not match the candidates".into()));
+                }
+                let mut xs = Vec::with_capacity(alive.len());
+                for (j, &i) in alive.iter().enumerate() {
+                    let v = &cands[i].vector;
+                    let mut fill = |c: Cross, out: &mut [f32]| match c {
+                        Cross::UserVector => out.copy_from_slice(req.user),
+                        Cross::ItemVector => out.copy_from_slice(v),
+                        Cross::Product => {
+                            for ((o, a), b) in out.iter_mut().zip(req.user).zip(v) {
+                                *o = a * b;
+                            }
+                        }
+                        Cross::Score => out[0] = tt[j],
+                        Cross::HistoryMax => {
+                            out[0] = history
+                                .iter()
+                                .map(|h| cosine(h, v))
+                                .fold(None, |m: Option<f32>, x| Some(m.map_or(x, |m| m.max(x))))
+                                .unwrap_or(0.0)
+                        }
+                        Cross::HistoryMean if history.is_empty() => out[0] = 0.0,
+                        Cross::HistoryMean => {
+                            out[0] = (history.iter().map(|h| cosine(h, v) as f64).sum::<f64>()
+                                / history.len() as f64) as f32
+                        }
+                    };
+                    xs.push(model.assemble(user, &parts[j], &mut fill));
+                }
+                poll()?;
+                let threads = if xs.len() >= 1024 { req.threads.max(1) } else { 1 };
+                let out = twotower_tower::forward_parallel(model, &xs, threads);
+                if let Some(j) = out.iter().position(|x| !x.is_finite()) {
+                    return Err(PrerankError::NonFinite {
+                        model: (*name).to_owned(),
+                        item: cands[alive[j]].item,
+                    });
+                }
+                out
+            }
+        };
+        let (kept, scores, dropped) = top(cands, &alive, &score, stage.keep);
+        reports.push(StageReport {
+            received: alive.len(),
+            kept: kept.clone(),
+            scores,
+            dropped,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        alive = kept;
+    }
+    Ok(reports)
+}

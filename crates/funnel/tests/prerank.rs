@@ -1,0 +1,258 @@
+//! Cascade pre-ranking against hand-computed cases.
+
+use serde_json::json;
+use twotower_funnel::prerank::*;
+use twotower_metric::Metric;
+use twotower_tower::safetensors::write_f32;
+use twotower_tower::{Model, Part, Source};
+
+/// score = tt + 2·history_max + 0.5·price, by a bias-free linear layer.
+fn linear_model() -> Model {
+    let spec = json!({
+        "format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+        "features": [
+            {"name": "tt", "type": "cross", "of": "score"},
+            {"name": "hmax", "type": "cross", "of": "history_max"},
+            {"name": "price", "source": "item", "type": "numeric", "transform": "none"}
+        ],
+        "layers": [{"type": "linear", "weight": "w"}],
+        "output": {"dim": 1}
+    });
+    Model::load(&spec.to_string(), &write_f32(&[("w", &[1, 3], &[1.0, 2.0, 0.5])])).unwrap()
+}
+
+fn cands() -> Vec<Candidate> {
+    vec![
+        Candidate { item: 10, vector: vec![1.0, 0.0] },
+        Candidate { item: 11, vector: vec![0.0, 1.0] },
+        Candidate { item: 12, vector: vec![1.0, 1.0] },
+        Candidate { item: 13, vector: vec![-1.0, 0.0] },
+        Candidate { item: 14, vector: vec![2.0, 0.0] },
+    ]
+}
+
+fn never() -> impl FnMut() -> Result<()> {
+    || Ok(())
+}
+
+#[test]
+fn two_tower_scores_follow_the_metric() {
+    let (u, v) = ([3.0f32, 4.0], [4.0f32, 3.0]);
+    assert!((two_tower_score(Metric::Cosine, &u, &v) - 24.0 / 25.0).abs() < 1e-6);
+    assert_eq!(two_tower_score(Metric::InnerProduct, &u, &v), 24.0);
+    assert!((two_tower_score(Metric::L2, &u, &v) + 2f32.sqrt()).abs() < 1e-6);
+    assert_eq!(two_tower_score(Metric::Cosine, &[0.0, 0.0], &v), 0.0);
+}
+
+#[test]
+fn a_two_tower_stage_keeps_its_top_with_ties_by_item_id() {
+    let user = [1.0f32, 0.0];
+    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
+    let stages = [Stage { scorer: Scorer::TwoTower, keep: 3 }];
+    let mut none = |_: usize, _: &[usize]| -> Result<Vec<Part>> { panic!("no model stage") };
+    let r = cascade(&req, &cands(), &stages, &mut none, &mut never()).unwrap();
+    // ip with (1, 0): 10→1, 11→0, 12→1, 13→−1, 14→2. Ties 10/12 by id.
+    assert_eq!(r[0].received, 5);
+    assert_eq!(r[0].kept, vec![4, 0, 2]);
+    assert_eq!(r[0].scores, vec![2.0, 1.0, 1.0]);
+    assert_eq!(r[0].dropped, vec![1, 3]);
+}
+
+#[test]
+fn a_model_stage_scores_only_what_the_previous_stage_kept() {
+    let m = linear_model();
+    let user_part = m.encode_part(&json!({}), Source::User, true).unwrap();
+    let user = [1.0f32, 0.0];
+    let history = vec![vec![0.0f32, 1.0]];
+    let req = Request { metric: Metric::Cosine, user: &user, history: &history, threads: 1 };
+    let prices = [0.0, 4.0, 1.0, 10.0, 0.0];
+    let stages = [
+        Stage { scorer: Scorer::TwoTower, keep: 4 },
+        Stage { scorer: Scorer::Model { name: "m", model: &m, user: &user_part }, keep: 2 },
+    ];
+    let mut seen = Vec::new();
+    let mut parts = |stage: usize, idx: &[usize]| -> Result<Vec<Part>> {
+        seen.push((stage, idx.to_vec()));
+        Ok(idx
+            .iter()
+            .map(|&i| m.encode_part(&json!({"price": prices[i]}), Source::Item, false).unwrap())
+            .collect())
+    };
+    let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
+    // Stage 1, cosine with (1, 0): 10→1, 14→1, 12→0.7071, 11→0, 13→−1: keeps 10, 14, 12, 11.
+    assert_eq!(r[0].kept, vec![0, 4, 2, 1]);
+    assert_eq!(seen, vec![(1, vec![0, 4, 2, 1])]);
+    // Stage 2 = cos(u, v) + 2·cos(v, h) + 0.5·price with h = (0, 1):
+    // 10: 1 + 0 + 0 = 1; 14: 1 + 0 + 0 = 1; 12: 0.7071 + 1.4142 + 0.5 = 2.6213; 11: 0 + 2 + 2 = 4.
+    assert_eq!(r[1].received, 4);
+    assert_eq!(r[1].kept, vec![1, 2]);
+    assert!((r[1].scores[0] - 4.0).abs() < 1e-6);
+    assert!((r[1].scores[1] - (0.5f32.sqrt() + 2.0 * 0.5f32.sqrt() + 0.5)).abs() < 1e-5);
+    assert_eq!(r[1].dropped, vec![0, 4]);
+}
+
+#[test]
+fn without_history_the_history_inputs_are_zero() {
+    let m = linear_model();
+    let user_part = m.encode_part(&json!({}), Source::User, true).unwrap();
+    let user = [1.0f32, 0.0];
+    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
+    let stages = [Stage { scorer: Scorer::Model { name: "m", model: &m, user: &user_part }, keep: 5 }];
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
+        Ok(idx.iter().map(|_| m.encode_part(&json!({}), Source::Item, false).unwrap()).collect())
+    };
+    let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
+    assert_eq!(r[0].scores, vec![2.0, 1.0, 1.0, 0.0, -1.0]);
+}
+
+#[test]
+fn bad_cascades_are_errors() {
+    let m = linear_model();
+    let up = m.encode_part(&json!({}), Source::User, true).unwrap();
+    let user = [1.0f32, 0.0, 0.0];
+    let req = Request { metric: Metric::Cosine, user: &user, history: &[], threads: 1 };
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
+        Ok(idx.iter().map(|_| m.encode_part(&json!({}), Source::Item, false).unwrap()).collect())
+    };
+    // Vectors of another width than the user's.
+    let e = cascade(&req, &cands(), &[Stage { scorer: Scorer::TwoTower, keep: 1 }], &mut parts, &mut never());
+    assert!(matches!(e, Err(PrerankError::Bad(m)) if m.contains("2-dimensional")));
+    let user = [1.0f32, 0.0];
+    let req = Request { metric: Metric::Cosine, user: &user, history: &[], threads: 1 };
+    assert!(cascade(&req, &cands(), &[], &mut parts, &mut never()).is_err());
+    assert!(cascade(&req, &cands(), &[Stage { scorer: Scorer::TwoTower, keep: 0 }], &mut parts, &mut never()).is_err());
+    // A cancel request between stages stops the cascade.
+    let mut cancel = || Err(PrerankError::Bad("cancelled".into()));
+    let stages = [Stage { scorer: Scorer::Model { name: "m", model: &m, user: &up }, keep: 5 }];
+    assert_eq!(cascade(&req, &cands(), &stages, &mut parts, &mut cancel), Err(PrerankError::Bad("cancelled".into())));
+    // A model reading u⊙v of another width than the towers'.
+    let (spec, w) = twotower_testkit::towers::realistic_prerank(1);
+    let big = Model::load(&spec, &w).unwrap();
+    let e = check_model("big", &big, 2).unwrap_err();
+    assert!(e.to_string().contains("64 wide"), "{e}");
+    assert!(check_model("big", &big, 64).is_ok());
+}
+
+#[test]
+fn a_huge_input_is_a_non_finite_score_error_naming_the_item() {
+    let m = linear_model();
+    let up = m.encode_part(&json!({}), Source::User, true).unwrap();
+    let user = [1.0f32, 0.0];
+    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
+        Ok(idx
+            .iter()
+            .map(|&i| m.encode_part(&json!({"price": if i == 2 { 3e38 } else { 1.0 }}), Source::Item, false).unwrap())
+            .collect())
+    };
+    let stages = [Stage { scorer: Scorer::Model { name: "m", model: &m, user: &up }, keep: 5 }];
+    // 0.5 · 3e38 + 1 is finite; make it overflow through a second huge term instead.
+    let r = cascade(&req, &cands(), &stages, &mut parts, &mut never());
+    assert!(r.is_ok());
+    let mut parts2 = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
+        Ok(idx
+            .iter()
+            .map(|_| m.encode_part(&json!({"price": 3.4e38}), Source::Item, false).unwrap())
+            .collect())
+    };
+    let wide = [Candidate { item: 7, vector: vec![3e38, 0.0] }];
+    let user = [3e38f32, 0.0];
+    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
+    let e = cascade(&req, &wide, &stages, &mut parts2, &mut never()).unwrap_err();
+    assert_eq!(e, PrerankError::NonFinite { model: "m".into(), item: 7 });
+}
+
+#[test]
+fn the_realistic_model_scores_in_parallel_as_it_does_alone() {
+    let (spec, w) = twotower_testkit::towers::realistic_prerank(3);
+    let m = Model::load(&spec, &w).unwrap();
+    let up = m.encode_part(&json!({"device": "ios"}), Source::User, true).unwrap();
+    let user: Vec<f32> = (0..64).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
+    let cands: Vec<Candidate> = (0..2000)
+        .map(|i| Candidate { item: i, vector: (0..64).map(|j| (((i * 31 + j * 17) % 23) as f32 - 11.0) / 10.0).collect() })
+        .collect();
+    let history: Vec<Vec<f32>> = cands[..5].iter().map(|c| c.vector.clone()).collect();
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
+        Ok(idx
+            .iter()
+            .map(|&i| m.encode_part(&json!({"category": format!("c{}", i % 30), "price": i as f64, "other": 1}), Source::Item, false).unwrap())
+            .collect())
+    };
+    let run = |threads: usize, parts: &mut dyn FnMut(usize, &[usize]) -> Result<Vec<Part>>| {
+        let req = Request { metric: Metric::Cosine, user: &user, history: &history, threads };
+        let stages = [
+            Stage { scorer: Scorer::TwoTower, keep: 1500 },
+            Stage { scorer: Scorer::Model { name: "p", model: &m, user: &up }, keep: 100 },
+        ];
+        cascade(&req, &cands, &stages, parts, &mut || Ok(())).unwrap()
+    };
+    let one = run(1, &mut parts);
+    let two = run(2, &mut parts);
+    assert_eq!(one[1].kept, two[1].kept);
+    assert_eq!(one[1].scores, two[1].scores);
+    assert_eq!(one[1].kept.len(), 100);
+    assert_eq!(one[1].dropped.len(), 1400);
+}
+
+mod pipeline {
+    use serde_json::json;
+    use twotower_funnel::pipeline::*;
+
+    fn base() -> serde_json::Value {
+        json!({
+            "user_model": "u",
+            "vectors": {"table": "iv"},
+            "history": "history",
+            "channels": [
+                {"type": "twotower", "index": "iv_idx", "k": 300},
+                {"name": "cf", "type": "i2i", "channel": "itemcf", "k": 200, "history_len": 20, "decay": 0.8}
+            ],
+            "merge": {"strategy": "rrf", "k": 400},
+            "stages": [{"type": "twotower", "keep": 300}, {"type": "model", "model": "p", "keep": 100}],
+            "k": 50
+        })
+    }
+
+    #[test]
+    fn a_definition_parses_with_its_defaults() {
+        let d = Definition::parse(&base()).unwrap();
+        assert_eq!(d.vectors, Vectors { table: "iv".into(), id_column: "id".into(), vector_column: "embedding".into() });
+        assert_eq!(d.channels[0].name, "twotower");
+        assert_eq!(d.channels[1].kind, ChannelKind::I2i { channel: "itemcf".into(), history_len: 20, decay: 0.8 });
+        assert!(d.exclude_history);
+        assert_eq!(d.merge.k, 400);
+        assert_eq!(d.stages[1], StageDef { kind: StageKind::Model("p".into()), keep: 100 });
+        assert_eq!((d.k, d.most()), (50, 100));
+        // Without a merge, RRF over everything the channels return; without k, min(100, most).
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("merge");
+        v.as_object_mut().unwrap().remove("stages");
+        v.as_object_mut().unwrap().remove("k");
+        let d = Definition::parse(&v).unwrap();
+        assert_eq!((d.merge.strategy.as_str(), d.merge.k, d.k), ("rrf", 500, 100));
+    }
+
+    #[test]
+    fn bad_definitions_name_the_path() {
+        let cases: Vec<(serde_json::Value, &str)> = vec![
+            (json!([1]), ""),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": []}), "channels"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "i2i", "channel": "c", "k": 5}]}), "channels[0].type"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 0}]}), "channels[0].k"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5}, {"type": "twotower", "index": "y", "k": 5}]}), "channels[1].name"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5, "extra": 1}]}), "channels[0].extra"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5}], "stages": [{"type": "twotower", "keep": 6}]}), "stages[0].keep"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "stages": [{"type": "twotower", "keep": 10}, {"type": "model", "model": "m", "keep": 20}]}), "stages[1].keep"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "stages": [{"type": "twotower", "keep": 10}], "k": 11}), "k"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "merge": {"options": {"order": ["a"]}}}), "merge.options.order"),
+            (json!({"vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}]}), "user_model"),
+            (json!({"user_model": "u", "channels": [{"type": "twotower", "index": "x", "k": 50}]}), "vectors"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "bm25", "k": 50}]}), "channels[0].type"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "history": "h", "channels": [{"type": "i2i", "channel": "c", "k": 5, "decay": 0}]}), "channels[0].decay"),
+        ];
+        for (v, path) in cases {
+            let e = Definition::parse(&v).unwrap_err();
+            assert_eq!(e.path, path, "{v}: {e}");
+        }
+    }
+}

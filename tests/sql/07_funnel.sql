@@ -1,0 +1,143 @@
+-- The funnel in one call: a pre-rank model imported from SQL, pipelines saved and checked,
+-- recommend against the same computation in plain SQL, recommend_explain, prerank over the
+-- caller's candidates, bad input, privileges, transactions.
+SET search_path = public, twotower;
+\set VERBOSITY terse
+CREATE FUNCTION pg_temp.err(q text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE st text; msg text;
+BEGIN
+    EXECUTE q;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT;
+    RETURN st || ': ' || msg;
+END $$;
+-- A safetensors file from its JSON header and data (header shorter than 64 KiB).
+CREATE FUNCTION pg_temp.st(h text, d bytea) RETURNS bytea LANGUAGE sql AS $$
+    SELECT set_byte(set_byte('\x0000000000000000'::bytea, 0, length(convert_to(h, 'UTF8')) % 256), 1,
+                    length(convert_to(h, 'UTF8')) / 256) || convert_to(h, 'UTF8') || d $$;
+
+-- A user tower whose vector is the request's "q" (a dense feature, no layers, inner product).
+SELECT twotower.import_model('fn_user', '{"format": "pg_twotower.tower", "spec_version": 1, "kind": "user",
+  "features": [{"name": "q", "type": "dense", "dim": 2},
+               {"name": "history", "type": "multi_categorical", "embedding": "e", "hash_buckets": 3, "pooling": "mean"}],
+  "layers": [{"type": "linear", "weight": "w"}], "output": {"dim": 2, "metric": "ip"}}',
+  pg_temp.st('{"e":{"dtype":"F32","shape":[4,2],"data_offsets":[0,32]},"w":{"dtype":"F32","shape":[2,4],"data_offsets":[32,64]}}',
+             '\x00000000000000000000000000000000000000000000000000000000000000000000803f000000000000000000000000000000000000803f0000000000000000'));
+-- score = two-tower score + 2 · max_h cos(v, h) + 0.5 · price.
+SELECT twotower.import_model('fn_pre', '{"format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+  "features": [{"name": "tt", "type": "cross", "of": "score"}, {"name": "hmax", "type": "cross", "of": "history_max"},
+               {"name": "price", "source": "item", "type": "numeric", "transform": "none"}],
+  "layers": [{"type": "linear", "weight": "w"}], "output": {"dim": 1}}',
+  pg_temp.st('{"w":{"dtype":"F32","shape":[1,3],"data_offsets":[0,12]}}', '\x0000803f000000400000003f'));
+SELECT name, kind, dim, features FROM twotower.models WHERE name LIKE 'fn\_%' ORDER BY name;
+SELECT twotower.embed_user('fn_user', '{"q": [3, 4], "history": [1]}');
+
+-- Eight items on the unit circle and beyond, with prices; an index; an item-CF channel.
+CREATE TABLE fn_items (id bigint PRIMARY KEY, embedding real[], price real);
+INSERT INTO fn_items SELECT i, ARRAY[cos(i * 0.7) * (1 + i / 10.0), sin(i * 0.7) * (1 + i / 10.0)]::real[], (i % 3)::real
+  FROM generate_series(1, 8) i;
+CREATE INDEX fn_items_idx ON fn_items USING twotower_hnsw (embedding real_ip_ops);
+CREATE TABLE fn_events (user_id int, item_id bigint, ts timestamptz);
+INSERT INTO fn_events SELECT u, i, '2026-01-01'::timestamptz + make_interval(secs => u * 10 + i)
+  FROM generate_series(1, 40) u, generate_series(1, 8) i WHERE (u + i) % 3 = 0;
+SELECT channel, rows > 0 AS has_rows FROM twotower.build_channel('fn_cf', 'itemcf', 'fn_events', 'fn_cf_nb');
+
+SELECT twotower.save_pipeline('fn', '{
+  "user_model": "fn_user",
+  "vectors": {"table": "fn_items"},
+  "item_features": {"table": "fn_items"},
+  "history": "history",
+  "channels": [{"type": "twotower", "index": "fn_items_idx", "k": 7},
+               {"name": "cf", "type": "i2i", "channel": "fn_cf", "k": 4, "history_len": 5, "decay": 0.5}],
+  "merge": {"strategy": "rrf", "k": 8},
+  "stages": [{"type": "twotower", "keep": 6}, {"type": "model", "model": "fn_pre", "keep": 3}],
+  "k": 3}');
+SELECT name, owner = current_user AS mine, definition -> 'stages' AS stages FROM twotower.pipelines;
+
+-- recommend = the same steps in SQL: every item but the history (1), stage 1 keeps the 6 best
+-- inner products with q = (3, 4), stage 2 re-scores them.
+CREATE VIEW fn_expected AS
+WITH u AS (SELECT ARRAY[3, 4]::real[] AS q),
+     h AS (SELECT embedding FROM fn_items WHERE id = 1),
+     s1 AS (SELECT id, embedding, price, twotower.inner_product(embedding, (SELECT q FROM u)) AS tt
+              FROM fn_items WHERE id <> 1 ORDER BY tt DESC, id LIMIT 6)
+SELECT id, (tt + 2 * (1 - ((SELECT embedding FROM h) <=> embedding)) + 0.5 * price)::real AS score FROM s1;
+SELECT r.item_id, r.rank, abs(r.score - e.score) < 1e-5 AS as_in_sql, r.channels, r.channel_ranks IS NOT NULL AS has_ranks
+  FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}') r JOIN fn_expected e ON e.id = r.item_id ORDER BY r.rank;
+SELECT array_agg(id ORDER BY score DESC, id) AS expected_top3 FROM (SELECT * FROM fn_expected ORDER BY score DESC, id LIMIT 3) x;
+-- k and exclusions.
+SELECT array_agg(item_id ORDER BY rank) FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}', k => 2, exclude => ARRAY[5]::bigint[]);
+-- Explain: every step, counts that add up, dropped items.
+SELECT step, stage, received, kept, cardinality(kept_items) = kept AS kept_listed, cardinality(dropped_items) AS dropped, ms >= 0 AS timed
+  FROM twotower.recommend_explain('fn', '{"q": [3, 4], "history": [1]}') ORDER BY step;
+-- prerank over the caller's candidates (99 has no vector and is left out).
+SELECT item_id, rank FROM twotower.prerank('fn', '{"q": [3, 4], "history": [1]}', ARRAY[2, 3, 4, 99]::bigint[]);
+-- No history: the i2i channel returns nothing, history_max is 0.
+SELECT count(*) AS results FROM twotower.recommend('fn', '{"q": [1, 0]}');
+
+-- Bad input.
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('nope', '{}')$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4]}', k => 0)$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4]}', k => 4)$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', NULL)$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4], "colour": 1}')$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4], "history": ["x"]}')$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4]}', exclude => ARRAY[NULL]::bigint[])$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', ARRAY[2, 3, 2]::bigint[])$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', NULL)$$);
+SELECT count(*) AS none FROM twotower.prerank('fn', '{"q": [3, 4]}', '{}'::bigint[]);
+-- Definitions are checked when saved.
+CREATE FUNCTION pg_temp.def(patch jsonb) RETURNS text LANGUAGE sql AS $$
+    SELECT pg_temp.err(format('SELECT twotower.save_pipeline(%L, %L)', 'fn_bad', (definition || patch)::text))
+      FROM twotower.pipelines WHERE name = 'fn' $$;
+SELECT pg_temp.def('{"user_model": "missing"}');
+SELECT pg_temp.def('{"user_model": "fn_pre"}');
+SELECT pg_temp.def('{"vectors": {"table": "no_such_table"}}');
+SELECT pg_temp.def('{"vectors": {"table": "fn_items", "vector_column": "vec"}}');
+SELECT pg_temp.def('{"channels": [{"type": "i2i", "channel": "missing", "k": 5}]}');
+SELECT pg_temp.def('{"channels": [{"type": "twotower", "index": "fn_items_pkey", "k": 5}]}');
+SELECT pg_temp.def('{"stages": [{"type": "twotower", "keep": 6}, {"type": "model", "model": "fn_user", "keep": 3}]}');
+SELECT pg_temp.def('{"stages": [{"type": "twotower", "keep": 6}, {"type": "model", "model": "fn_pre", "keep": 7}]}');
+SELECT pg_temp.def('{"stages": [{"type": "model", "model": "fn_pre", "keep": 3}], "item_features": null}');
+SELECT pg_temp.def('{"merge": {"strategy": "borda"}}');
+SELECT pg_temp.def('{"k": 0}');
+SELECT pg_temp.def('{"pipeline": "fn"}');
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn bad', '{}')$$);
+SELECT count(*) AS saved_bad FROM twotower.pipelines WHERE name = 'fn_bad';
+-- Saving is transactional.
+BEGIN;
+SELECT twotower.save_pipeline('fn_tx', definition) FROM twotower.pipelines WHERE name = 'fn';
+SELECT count(*) FROM twotower.recommend('fn_tx', '{"q": [3, 4]}');
+ROLLBACK;
+SELECT count(*) AS after_rollback FROM twotower.pipelines WHERE name = 'fn_tx';
+
+-- Privileges: creating needs twotower_admin, replacing and dropping the owner; recommend
+-- reads the sources as the caller.
+CREATE ROLE fn_app;
+CREATE ROLE fn_other;
+GRANT SELECT ON fn_items, fn_cf_nb TO fn_app;
+SET ROLE fn_app;
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_app', definition) FROM twotower.pipelines WHERE name = 'fn'$$);
+SELECT count(*) AS app_can_recommend FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+RESET ROLE;
+GRANT twotower_admin TO fn_app;
+SET ROLE fn_app;
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_app', definition) FROM twotower.pipelines WHERE name = 'fn'$$);
+RESET ROLE;
+REVOKE twotower_admin FROM fn_app;
+SELECT name, owner FROM twotower.pipelines ORDER BY name;
+SET ROLE fn_other;
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_app', definition) FROM twotower.pipelines WHERE name = 'fn'$$);
+SELECT pg_temp.err($$SELECT twotower.drop_pipeline('fn_app')$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}')$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.pipeline$$);
+RESET ROLE;
+-- The owner is a role with a dependency: it cannot be dropped while it owns a pipeline.
+SELECT pg_temp.err($$DROP ROLE fn_app$$);
+SET ROLE fn_app;
+SELECT twotower.drop_pipeline('fn_app') AS dropped_by_owner, twotower.drop_pipeline('fn_app') AS again;
+RESET ROLE;
+DROP ROLE fn_other;
+REVOKE ALL ON fn_items, fn_cf_nb FROM fn_app;
+DROP ROLE fn_app;
