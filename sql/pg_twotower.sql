@@ -200,3 +200,23 @@ SELECT p.name, pg_catalog.pg_get_userbyid(o.lomowner) AS owner, p.definition, p.
   LEFT JOIN pg_catalog.pg_largeobject_metadata o ON o.oid OPERATOR(pg_catalog.=) p.owner_object;
 COMMENT ON VIEW twotower.pipelines IS 'recommendation pipelines (twotower.recommend): definition, owner (NULL when the owning role was removed with DROP OWNED), last change';
 GRANT SELECT ON twotower.pipelines TO PUBLIC;
+
+-- The pre-ranker's hot-item cache serves a table's rows only while the table has this trigger:
+-- each statement that changes it empties every backend's cache at commit (docs/funnel.md).
+-- Run as the caller (creating a trigger needs the table's ownership); ENABLE ALWAYS so that
+-- changes applied by logical replication invalidate too.
+CREATE FUNCTION twotower.enable_item_cache(items regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    EXECUTE format('CREATE TRIGGER twotower_item_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION twotower.invalidate_item_cache()', items);
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER twotower_item_cache', items);
+END $$;
+COMMENT ON FUNCTION twotower.enable_item_cache(regclass) IS 'lets the pre-ranker cache the table''s item vectors and features in each backend (adds the twotower_item_cache trigger)';
+
+CREATE FUNCTION twotower.disable_item_cache(items regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    EXECUTE format('DROP TRIGGER IF EXISTS twotower_item_cache ON %s', items);
+END $$;
+COMMENT ON FUNCTION twotower.disable_item_cache(regclass) IS 'drops the twotower_item_cache trigger: the pre-ranker reads the table on every call';

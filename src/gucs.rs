@@ -8,6 +8,8 @@ pub static EF_SEARCH: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static BUILD_THREADS: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// `twotower.model_cache_size`: memory for decoded models per backend, in MB.
 pub static MODEL_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(256);
+/// `twotower.item_cache_size`: memory for hot item vectors and features per backend, in MB.
+pub static ITEM_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(64);
 /// `twotower.iterative_scan`: how an ordered scan goes on once its first search is used up.
 pub static ITERATIVE_SCAN: GucSetting<IterativeScan> =
     GucSetting::<IterativeScan>::new(IterativeScan::Strict);
@@ -74,6 +76,16 @@ pub fn register() {
         64,
         GucContext::Userset,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"twotower.item_cache_size",
+        c"Memory for hot item vectors and item features kept by each backend for pre-ranking, in megabytes (0 = off).",
+        c"Only tables with the twotower_item_cache trigger (twotower.enable_item_cache) are cached; a change to such a table empties the caches at commit.",
+        &ITEM_CACHE_MB,
+        0,
+        1_048_576,
+        GucContext::Userset,
+        GucFlags::UNIT_MB,
     );
     GucRegistry::define_int_guc(
         c"twotower.model_cache_size",

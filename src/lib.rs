@@ -11,6 +11,7 @@ pub mod embed;
 pub mod error;
 pub mod gucs;
 pub mod info;
+pub mod item_cache;
 pub mod merge;
 pub mod models;
 pub mod ops;
@@ -31,6 +32,7 @@ pub extern "C-unwind" fn _PG_init() {
     am::options::register();
     am::cache::register();
     catalog::register();
+    item_cache::register();
 }
 
 extension_sql_file!(

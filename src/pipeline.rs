@@ -35,11 +35,13 @@ pub mod twotower {
 
     /// The stored definition of `name` (read as the catalogue's owner: the table is not public).
     fn load(name: &str) -> TtResult<Definition> {
+        // A read-only query: recommend also runs on hot standbys.
         let text = as_catalog_owner(|| {
-            Spi::get_one_with_args::<pgrx::JsonB>("SELECT definition FROM twotower.pipeline WHERE name = $1", &[name.into()])
+            catalog::read_row::<pgrx::JsonB, bool>("SELECT definition, true FROM twotower.pipeline WHERE name = $1", &[name.into()])
         })?
         .ok()
         .flatten()
+        .and_then(|(d, _)| d)
         .ok_or_else(|| TtError::UnknownPipeline(name.to_owned()))?;
         Definition::parse(&text.0).map_err(bad_def)
     }
@@ -243,18 +245,23 @@ pub mod twotower {
     /// Item vectors of `ids` from the pipeline's vectors table (read as the caller): the ones
     /// with a vector, by id.
     fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Vec<f32>>> {
-        let mut out = HashMap::with_capacity(ids.len());
         if ids.is_empty() {
-            return Ok(out);
+            return Ok(HashMap::new());
         }
         let rel = relation("vectors.table", &d.vectors.table)?;
+        let cached = crate::item_cache::usable(rel);
+        let (mut hits, ids) = if cached { crate::item_cache::vectors(rel, ids) } else { (HashMap::new(), ids.to_vec()) };
+        if ids.is_empty() {
+            return Ok(hits);
+        }
+        let mut out = HashMap::with_capacity(ids.len());
         let table = spi::relation_name(rel)?;
         let (id, vec) = (quote_identifier(&d.vectors.id_column), quote_identifier(&d.vectors.vector_column));
         Spi::connect(|c| {
             let t = c.select(
                 &format!("SELECT {id}::pg_catalog.int8, {vec}::pg_catalog.float4[] FROM {table} WHERE {id} = ANY ($1) AND {vec} IS NOT NULL"),
                 None,
-                &[ids.to_vec().into()],
+                &[ids.clone().into()],
             )?;
             for r in t {
                 if let (Some(i), Some(v)) = (r.get::<i64>(1)?, r.get::<Vec<Option<f32>>>(2)?) {
@@ -266,12 +273,16 @@ pub mod twotower {
             Ok::<_, pgrx::spi::Error>(())
         })
         .map_err(|e| TtError::BadArgument(format!("reading {table}: {e}")))?;
-        Ok(out)
+        if cached {
+            crate::item_cache::put_vectors(rel, out.iter().map(|(i, v)| (*i, v)));
+        }
+        hits.extend(out);
+        Ok(hits)
     }
 
     /// Item-side parts of `model` for `items`, from the item features table (only the columns
     /// the model reads; an item without a row gets every feature's missing value).
-    fn item_parts(d: &Definition, model: &twotower_tower::Model, items: &[i64]) -> Result<Vec<Part>, PrerankError> {
+    fn item_parts(d: &Definition, model_key: u64, model: &twotower_tower::Model, items: &[i64]) -> Result<Vec<Part>, PrerankError> {
         let cols: Vec<&str> = model.sources().filter(|(_, s)| *s == Source::Item).map(|(n, _)| n).collect();
         let empty = Value::Object(Default::default());
         let encode = |v: &Value| model.encode_part(v, Source::Item, false).map_err(|e| PrerankError::Bad(e.to_string()));
@@ -282,8 +293,13 @@ pub mod twotower {
         let rel = spi::regclass(&f.table).ok_or_else(|| fail(format!("relation \"{}\" does not exist", f.table)))?;
         let table = spi::relation_name(rel).map_err(|e| fail(format!("{e:?}")))?;
         let id = quote_identifier(&f.id_column);
+        let cached = crate::item_cache::usable(rel);
+        let (mut hits, misses) = if cached { crate::item_cache::parts(rel, model_key, items) } else { (HashMap::new(), items.to_vec()) };
+        if misses.is_empty() {
+            return Ok(items.iter().map(|i| hits.remove(i).expect("every item is a hit")).collect());
+        }
         let select: Vec<String> = cols.iter().filter(|c| spi::column_exists(rel, c)).map(|c| quote_identifier(c)).collect();
-        let mut rows: HashMap<i64, Value> = HashMap::with_capacity(items.len());
+        let mut rows: HashMap<i64, Value> = HashMap::with_capacity(misses.len());
         Spi::connect(|c| {
             let t = c.select(
                 &format!(
@@ -292,7 +308,7 @@ pub mod twotower {
                     select.join(", ")
                 ),
                 None,
-                &[items.to_vec().into()],
+                &[misses.clone().into()],
             )?;
             for r in t {
                 if let (Some(i), Some(v)) = (r.get::<i64>(1)?, r.get::<pgrx::JsonB>(2)?) {
@@ -302,7 +318,17 @@ pub mod twotower {
             Ok::<_, pgrx::spi::Error>(())
         })
         .map_err(|e| fail(e.to_string()))?;
-        items.iter().map(|i| encode(rows.get(i).unwrap_or(&empty))).collect()
+        let mut fresh: HashMap<i64, Part> = HashMap::with_capacity(misses.len());
+        for i in &misses {
+            fresh.insert(*i, encode(rows.get(i).unwrap_or(&empty))?);
+        }
+        if cached {
+            // Items without a row are cached too (as every feature's missing value): an insert
+            // of their row invalidates the cache like any change.
+            crate::item_cache::put_parts(rel, model_key, fresh.iter().map(|(i, p)| (*i, p)));
+        }
+        hits.extend(fresh);
+        Ok(items.iter().map(|i| hits.remove(i).expect("every item was read or cached")).collect())
     }
 
     fn ms(t: Instant) -> f64 {
@@ -465,7 +491,7 @@ pub mod twotower {
         let mut parts = |s: usize, idx: &[usize]| -> Result<Vec<Part>, PrerankError> {
             let Some(m) = &models[s] else { return Ok(Vec::new()) };
             let items: Vec<i64> = idx.iter().map(|&i| cands[i].item).collect();
-            item_parts(&d, &m.model, &items)
+            item_parts(&d, m.checksum as u64, &m.model, &items)
         };
         let mut poll = || -> Result<(), PrerankError> {
             check_for_interrupts!();

@@ -76,6 +76,29 @@ SELECT item_id, rank FROM twotower.prerank('fn', '{"q": [3, 4], "history": [1]}'
 -- No history: the i2i channel returns nothing, history_max is 0.
 SELECT count(*) AS results FROM twotower.recommend('fn', '{"q": [1, 0]}');
 
+-- The hot-item cache: only for tables with the trigger; a change (committed or not) is seen at
+-- once, a rolled-back one is undone.
+SELECT entries FROM twotower.item_cache_info();
+SELECT twotower.enable_item_cache('fn_items');
+SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'fn_items'::regclass;
+SELECT array_agg(item_id ORDER BY rank) AS cold FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+SELECT entries > 0 AS cached FROM twotower.item_cache_info();
+SELECT array_agg(item_id ORDER BY rank) AS warm FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+BEGIN;
+UPDATE fn_items SET price = 40 WHERE id = 7;
+SELECT array_agg(item_id ORDER BY rank) AS own_change FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+SELECT array_agg(id ORDER BY score DESC, id) AS expected FROM (SELECT * FROM fn_expected ORDER BY score DESC, id LIMIT 3) x;
+ROLLBACK;
+SELECT array_agg(item_id ORDER BY rank) AS after_rollback FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+UPDATE fn_items SET embedding = ARRAY[30, 40]::real[] WHERE id = 6;
+SELECT array_agg(item_id ORDER BY rank) AS new_vector FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+SELECT array_agg(id ORDER BY score DESC, id) AS expected FROM (SELECT * FROM fn_expected ORDER BY score DESC, id LIMIT 3) x;
+SELECT twotower.disable_item_cache('fn_items');
+SELECT entries FROM twotower.item_cache_info();
+SELECT count(*) FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+SELECT entries AS without_trigger FROM twotower.item_cache_info();
+SELECT twotower.enable_item_cache('fn_items');
+
 -- Bad input.
 SELECT pg_temp.err($$SELECT * FROM twotower.recommend('nope', '{}')$$);
 SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4]}', k => 0)$$);

@@ -2,6 +2,7 @@
 //! into one ranked list with per-item provenance ([`merge`]), and cascade pre-ranking of the merged
 //! candidates ([`prerank`]).
 
+pub mod cache;
 pub mod merge;
 pub mod pipeline;
 pub mod prerank;

@@ -21,6 +21,9 @@ pub enum PrerankError {
 
 pub type Result<T> = std::result::Result<T, PrerankError>;
 
+/// Gives the item parts of the candidates `idx` for model stage `stage`.
+pub type ItemParts<'a> = dyn FnMut(usize, &[usize]) -> Result<Vec<Part>> + 'a;
+
 /// What a stage scores with.
 pub enum Scorer<'a> {
     /// The towers' own score of each candidate.
@@ -134,7 +137,7 @@ pub fn cascade(
     req: &Request,
     cands: &[Candidate],
     stages: &[Stage],
-    item_part: &mut dyn FnMut(usize, &[usize]) -> Result<Vec<Part>>,
+    item_part: &mut ItemParts,
     poll: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Vec<StageReport>> {
     if stages.is_empty() {

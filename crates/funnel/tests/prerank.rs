@@ -178,7 +178,7 @@ fn the_realistic_model_scores_in_parallel_as_it_does_alone() {
             .map(|&i| m.encode_part(&json!({"category": format!("c{}", i % 30), "price": i as f64, "other": 1}), Source::Item, false).unwrap())
             .collect())
     };
-    let run = |threads: usize, parts: &mut dyn FnMut(usize, &[usize]) -> Result<Vec<Part>>| {
+    let run = |threads: usize, parts: &mut ItemParts| {
         let req = Request { metric: Metric::Cosine, user: &user, history: &history, threads };
         let stages = [
             Stage { scorer: Scorer::TwoTower, keep: 1500 },

@@ -1,0 +1,196 @@
+//! The per-backend hot-item cache of the pre-ranker: item vectors and encoded item features by
+//! item id, bounded by `twotower.item_cache_size` (a two-generation map, `twotower_funnel::cache`).
+//!
+//! A table's rows are cached only while it has the `twotower_item_cache` trigger
+//! (`twotower.enable_item_cache`): after every statement that changes the table, the trigger
+//! sends a relcache invalidation for it, which reaches every backend (and standbys, through
+//! the commit record) at commit, and the backend's callback empties the cache. A rolled-back
+//! change is undone the same way. Without the trigger every call reads the table.
+//!
+//! The cache serves only what the caller may read: a role without table-level SELECT, a table
+//! with row-level security, or a transaction with a snapshot older than the latest commit
+//! (REPEATABLE READ, SERIALIZABLE) reads the table instead.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use twotower_funnel::cache::HotMap;
+use twotower_tower::Part;
+
+/// What an entry holds.
+pub enum Entry {
+    Vector(Vec<f32>),
+    Part(Part),
+}
+
+/// (what: 0 vector / 1 item part, table oid, model checksum or 0, item id).
+type Key = (u8, u32, u64, i64);
+
+struct State {
+    map: HotMap<Key, Entry>,
+    /// The EPOCH the map and `enabled` are valid for.
+    epoch: u64,
+    /// Tables known to have (true) or lack (false) the trigger.
+    enabled: HashMap<pg_sys::Oid, bool>,
+}
+
+thread_local! {
+    static EPOCH: Cell<u64> = const { Cell::new(0) };
+    static WATCHED: RefCell<HashSet<pg_sys::Oid>> = RefCell::new(HashSet::new());
+    static STATE: RefCell<Option<State>> = const { RefCell::new(None) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    // Never fails: a watched set in use (borrowed) counts as a match.
+    let hit = relid == pg_sys::InvalidOid
+        || WATCHED.with(|w| w.try_borrow().map(|w| w.contains(&relid)).unwrap_or(true));
+    if hit {
+        EPOCH.with(|e| e.set(e.get() + 1));
+    }
+}
+
+/// Registers the invalidation callback (from `_PG_init`).
+pub fn register() {
+    // SAFETY: registering a callback once per backend, from _PG_init.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0)) };
+}
+
+fn budget() -> usize {
+    crate::gucs::ITEM_CACHE_MB.get().max(0) as usize * 1024 * 1024
+}
+
+/// Runs `f` on the current state (emptied first if an invalidation came since it was used).
+fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
+    let epoch = EPOCH.with(|e| e.get());
+    STATE.with(|s| {
+        let mut s = s.borrow_mut();
+        let st = s.get_or_insert_with(|| State { map: HotMap::new(budget()), epoch, enabled: HashMap::new() });
+        st.map.set_budget(budget());
+        if st.epoch != epoch {
+            st.map.clear();
+            st.enabled.clear();
+            st.epoch = epoch;
+        }
+        f(st)
+    })
+}
+
+/// Whether `rel`'s rows may be served from the cache to this caller now.
+pub fn usable(rel: pg_sys::Oid) -> bool {
+    if budget() == 0 {
+        return false;
+    }
+    // SAFETY: reads of backend globals and catalogue lookups on a valid relation oid.
+    let (snapshot_per_statement, readable, rls) = unsafe {
+        (
+            pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32,
+            pg_sys::pg_class_aclcheck(rel, crate::catalog::caller(), pg_sys::ACL_SELECT as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK,
+            pg_sys::check_enable_rls(rel, pg_sys::InvalidOid, true) != pg_sys::CheckEnableRlsResult::RLS_NONE as i32,
+        )
+    };
+    if !snapshot_per_statement || !readable || rls {
+        return false;
+    }
+    WATCHED.with(|w| w.borrow_mut().insert(rel));
+    if let Some(known) = with_state(|s| s.enabled.get(&rel).copied()) {
+        return known;
+    }
+    let has = crate::catalog::read_row::<bool, bool>(
+        "SELECT true, true FROM pg_catalog.pg_trigger
+          WHERE tgrelid = $1 AND tgname = 'twotower_item_cache' AND tgenabled = 'A'
+            AND tgfoid = 'twotower.invalidate_item_cache()'::pg_catalog.regprocedure",
+        &[rel.into()],
+    )
+    .ok()
+    .flatten()
+    .is_some();
+    with_state(|s| s.enabled.insert(rel, has));
+    has
+}
+
+fn key(what: u8, rel: pg_sys::Oid, model: u64, item: i64) -> Key {
+    (what, rel.to_u32(), model, item)
+}
+
+/// The cached vectors of `items` in `rel` (by item id); the rest are misses.
+pub fn vectors(rel: pg_sys::Oid, items: &[i64]) -> (HashMap<i64, Vec<f32>>, Vec<i64>) {
+    with_state(|s| {
+        let mut hit = HashMap::with_capacity(items.len());
+        let mut miss = Vec::new();
+        for &i in items {
+            match s.map.get(&key(0, rel, 0, i)) {
+                Some(Entry::Vector(v)) => {
+                    hit.insert(i, v.clone());
+                }
+                _ => miss.push(i),
+            }
+        }
+        (hit, miss)
+    })
+}
+
+pub fn put_vectors<'a>(rel: pg_sys::Oid, rows: impl Iterator<Item = (i64, &'a Vec<f32>)>) {
+    with_state(|s| {
+        for (i, v) in rows {
+            s.map.insert_sized(key(0, rel, 0, i), Entry::Vector(v.clone()), v.len() * 4 + 96);
+        }
+    })
+}
+
+/// The cached item parts of model `model` (its checksum) for `items` from `rel`.
+pub fn parts(rel: pg_sys::Oid, model: u64, items: &[i64]) -> (HashMap<i64, Part>, Vec<i64>) {
+    with_state(|s| {
+        let mut hit = HashMap::with_capacity(items.len());
+        let mut miss = Vec::new();
+        for &i in items {
+            match s.map.get(&key(1, rel, model, i)) {
+                Some(Entry::Part(p)) => {
+                    hit.insert(i, p.clone());
+                }
+                _ => miss.push(i),
+            }
+        }
+        (hit, miss)
+    })
+}
+
+pub fn put_parts<'a>(rel: pg_sys::Oid, model: u64, rows: impl Iterator<Item = (i64, &'a Part)>) {
+    with_state(|s| {
+        for (i, p) in rows {
+            s.map.insert_sized(key(1, rel, model, i), Entry::Part(p.clone()), p.memory_bytes() + 64);
+        }
+    })
+}
+
+/// (entries, bytes) held by this backend (for `item_cache_info`).
+pub fn stats() -> (i64, i64) {
+    with_state(|s| (s.map.len() as i64, s.map.bytes() as i64))
+}
+
+#[pg_schema]
+pub mod twotower {
+    use pgrx::prelude::*;
+
+    /// Statement-level trigger of `twotower.enable_item_cache`: tells every backend (at commit)
+    /// that the table changed, so their hot-item caches drop what they hold of it.
+    #[pg_trigger]
+    fn invalidate_item_cache<'a>(
+        trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+        let rel = trigger.relation()?;
+        // SAFETY: queues a relcache invalidation of an open relation (sent at commit, undone
+        // on abort), as DDL on it would.
+        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel.oid()) };
+        Ok(None)
+    }
+
+    /// Entries and bytes of this backend's hot-item cache.
+    #[pg_extern(volatile, parallel_restricted)]
+    fn item_cache_info() -> TableIterator<'static, (name!(entries, i64), name!(bytes, i64))> {
+        let (n, b) = super::stats();
+        TableIterator::once((n, b))
+    }
+}
