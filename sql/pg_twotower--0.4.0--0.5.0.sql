@@ -110,7 +110,7 @@ GRANT SELECT ON twotower.pipelines TO PUBLIC;
 CREATE FUNCTION twotower.enable_item_cache(items regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    EXECUTE format('CREATE TRIGGER twotower_item_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
+    EXECUTE format('CREATE OR REPLACE TRIGGER twotower_item_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION twotower.invalidate_item_cache()', items);
     EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER twotower_item_cache', items);
 END $$;

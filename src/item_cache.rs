@@ -14,14 +14,16 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::HashSet;
+use std::sync::Arc;
 use twotower_funnel::cache::HotMap;
 use twotower_tower::Part;
 
 /// What an entry holds.
 pub enum Entry {
-    Vector(Vec<f32>),
-    Part(Part),
+    Vector(Arc<[f32]>),
+    Part(Arc<Part>),
 }
 
 /// (what: 0 vector / 1 item part, table oid, model checksum or 0, item id).
@@ -66,7 +68,7 @@ fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
     let epoch = EPOCH.with(|e| e.get());
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        let st = s.get_or_insert_with(|| State { map: HotMap::new(budget()), epoch, enabled: HashMap::new() });
+        let st = s.get_or_insert_with(|| State { map: HotMap::new(budget()), epoch, enabled: HashMap::default() });
         st.map.set_budget(budget());
         if st.epoch != epoch {
             st.map.clear();
@@ -116,9 +118,9 @@ fn key(what: u8, rel: pg_sys::Oid, model: u64, item: i64) -> Key {
 }
 
 /// The cached vectors of `items` in `rel` (by item id); the rest are misses.
-pub fn vectors(rel: pg_sys::Oid, items: &[i64]) -> (HashMap<i64, Vec<f32>>, Vec<i64>) {
+pub fn vectors(rel: pg_sys::Oid, items: &[i64]) -> (HashMap<i64, Arc<[f32]>>, Vec<i64>) {
     with_state(|s| {
-        let mut hit = HashMap::with_capacity(items.len());
+        let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
         let mut miss = Vec::new();
         for &i in items {
             match s.map.get(&key(0, rel, 0, i)) {
@@ -132,7 +134,7 @@ pub fn vectors(rel: pg_sys::Oid, items: &[i64]) -> (HashMap<i64, Vec<f32>>, Vec<
     })
 }
 
-pub fn put_vectors<'a>(rel: pg_sys::Oid, rows: impl Iterator<Item = (i64, &'a Vec<f32>)>) {
+pub fn put_vectors<'a>(rel: pg_sys::Oid, rows: impl Iterator<Item = (i64, &'a Arc<[f32]>)>) {
     with_state(|s| {
         for (i, v) in rows {
             s.map.insert_sized(key(0, rel, 0, i), Entry::Vector(v.clone()), v.len() * 4 + 96);
@@ -141,9 +143,9 @@ pub fn put_vectors<'a>(rel: pg_sys::Oid, rows: impl Iterator<Item = (i64, &'a Ve
 }
 
 /// The cached item parts of model `model` (its checksum) for `items` from `rel`.
-pub fn parts(rel: pg_sys::Oid, model: u64, items: &[i64]) -> (HashMap<i64, Part>, Vec<i64>) {
+pub fn parts(rel: pg_sys::Oid, model: u64, items: &[i64]) -> (HashMap<i64, Arc<Part>>, Vec<i64>) {
     with_state(|s| {
-        let mut hit = HashMap::with_capacity(items.len());
+        let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
         let mut miss = Vec::new();
         for &i in items {
             match s.map.get(&key(1, rel, model, i)) {
@@ -157,7 +159,7 @@ pub fn parts(rel: pg_sys::Oid, model: u64, items: &[i64]) -> (HashMap<i64, Part>
     })
 }
 
-pub fn put_parts<'a>(rel: pg_sys::Oid, model: u64, rows: impl Iterator<Item = (i64, &'a Part)>) {
+pub fn put_parts<'a>(rel: pg_sys::Oid, model: u64, rows: impl Iterator<Item = (i64, &'a Arc<Part>)>) {
     with_state(|s| {
         for (i, p) in rows {
             s.map.insert_sized(key(1, rel, model, i), Entry::Part(p.clone()), p.memory_bytes() + 64);

@@ -15,7 +15,9 @@ pub mod twotower {
     use pgrx::prelude::*;
     use pgrx::spi::quote_identifier;
     use serde_json::Value;
-    use std::collections::{HashMap, HashSet};
+    use rustc_hash::FxHashMap as HashMap;
+    use std::collections::HashSet;
+    use std::sync::Arc;
     use std::time::Instant;
     use twotower_funnel::pipeline::{ChannelKind, Definition, StageKind, MAX_HISTORY};
     use twotower_funnel::prerank::{self, Candidate as Cand, PrerankError, Request, Scorer, Stage};
@@ -244,17 +246,17 @@ pub mod twotower {
 
     /// Item vectors of `ids` from the pipeline's vectors table (read as the caller): the ones
     /// with a vector, by id.
-    fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Vec<f32>>> {
+    fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Arc<[f32]>>> {
         if ids.is_empty() {
-            return Ok(HashMap::new());
+            return Ok(HashMap::default());
         }
         let rel = relation("vectors.table", &d.vectors.table)?;
         let cached = crate::item_cache::usable(rel);
-        let (mut hits, ids) = if cached { crate::item_cache::vectors(rel, ids) } else { (HashMap::new(), ids.to_vec()) };
+        let (mut hits, ids) = if cached { crate::item_cache::vectors(rel, ids) } else { (HashMap::default(), ids.to_vec()) };
         if ids.is_empty() {
             return Ok(hits);
         }
-        let mut out = HashMap::with_capacity(ids.len());
+        let mut out: HashMap<i64, Arc<[f32]>> = HashMap::with_capacity_and_hasher(ids.len(), Default::default());
         let table = spi::relation_name(rel)?;
         let (id, vec) = (quote_identifier(&d.vectors.id_column), quote_identifier(&d.vectors.vector_column));
         Spi::connect(|c| {
@@ -266,7 +268,7 @@ pub mod twotower {
             for r in t {
                 if let (Some(i), Some(v)) = (r.get::<i64>(1)?, r.get::<Vec<Option<f32>>>(2)?) {
                     if v.iter().all(|x| x.is_some_and(f32::is_finite)) {
-                        out.insert(i, v.into_iter().flatten().collect());
+                        out.insert(i, v.into_iter().flatten().collect::<Vec<f32>>().into());
                     }
                 }
             }
@@ -282,10 +284,10 @@ pub mod twotower {
 
     /// Item-side parts of `model` for `items`, from the item features table (only the columns
     /// the model reads; an item without a row gets every feature's missing value).
-    fn item_parts(d: &Definition, model_key: u64, model: &twotower_tower::Model, items: &[i64]) -> Result<Vec<Part>, PrerankError> {
+    fn item_parts(d: &Definition, model_key: u64, model: &twotower_tower::Model, items: &[i64]) -> Result<Vec<Arc<Part>>, PrerankError> {
         let cols: Vec<&str> = model.sources().filter(|(_, s)| *s == Source::Item).map(|(n, _)| n).collect();
         let empty = Value::Object(Default::default());
-        let encode = |v: &Value| model.encode_part(v, Source::Item, false).map_err(|e| PrerankError::Bad(e.to_string()));
+        let encode = |v: &Value| model.encode_part(v, Source::Item, false).map(Arc::new).map_err(|e| PrerankError::Bad(e.to_string()));
         let (Some(f), false) = (&d.item_features, cols.is_empty()) else {
             return items.iter().map(|_| encode(&empty)).collect();
         };
@@ -294,12 +296,12 @@ pub mod twotower {
         let table = spi::relation_name(rel).map_err(|e| fail(format!("{e:?}")))?;
         let id = quote_identifier(&f.id_column);
         let cached = crate::item_cache::usable(rel);
-        let (mut hits, misses) = if cached { crate::item_cache::parts(rel, model_key, items) } else { (HashMap::new(), items.to_vec()) };
+        let (mut hits, misses) = if cached { crate::item_cache::parts(rel, model_key, items) } else { (HashMap::default(), items.to_vec()) };
         if misses.is_empty() {
             return Ok(items.iter().map(|i| hits.remove(i).expect("every item is a hit")).collect());
         }
         let select: Vec<String> = cols.iter().filter(|c| spi::column_exists(rel, c)).map(|c| quote_identifier(c)).collect();
-        let mut rows: HashMap<i64, Value> = HashMap::with_capacity(misses.len());
+        let mut rows: HashMap<i64, Value> = HashMap::with_capacity_and_hasher(misses.len(), Default::default());
         Spi::connect(|c| {
             let t = c.select(
                 &format!(
@@ -318,7 +320,7 @@ pub mod twotower {
             Ok::<_, pgrx::spi::Error>(())
         })
         .map_err(|e| fail(e.to_string()))?;
-        let mut fresh: HashMap<i64, Part> = HashMap::with_capacity(misses.len());
+        let mut fresh: HashMap<i64, Arc<Part>> = HashMap::with_capacity_and_hasher(misses.len(), Default::default());
         for i in &misses {
             fresh.insert(*i, encode(rows.get(i).unwrap_or(&empty))?);
         }
@@ -381,7 +383,7 @@ pub mod twotower {
         steps.push(Step { stage: format!("user tower {}", d.user_model), received: None, kept: Vec::new(), dropped: Vec::new(), ms: ms(t) });
 
         // Candidates: the channels, merged; or the caller's.
-        let mut provenance: HashMap<i64, (Vec<String>, Vec<i32>)> = HashMap::new();
+        let mut provenance: HashMap<i64, (Vec<String>, Vec<i32>)> = HashMap::default();
         let pool: Vec<i64> = match candidates {
             Some(c) => {
                 let mut seen = HashSet::with_capacity(c.len());
@@ -389,6 +391,9 @@ pub mod twotower {
                     return Err(TtError::BadArgument(format!("candidate {dup} is given twice")));
                 }
                 c.iter().copied().filter(|i| !excluded.contains(i)).collect()
+            }
+            None if d.channels.is_empty() => {
+                return Err(TtError::BadArgument(format!("pipeline \"{name}\" has no channels: call twotower.prerank with candidates")));
             }
             None => {
                 let mut cands: Vec<Candidate> = Vec::new();
@@ -466,7 +471,7 @@ pub mod twotower {
         wanted.extend(history.iter().copied());
         let vecs = vectors(&d, &wanted)?;
         let (with, without): (Vec<i64>, Vec<i64>) = pool.iter().partition(|i| vecs.contains_key(i));
-        let hist: Vec<Vec<f32>> = history.iter().filter_map(|h| vecs.get(h).cloned()).collect();
+        let hist: Vec<Vec<f32>> = history.iter().filter_map(|h| vecs.get(h).map(|v| v.to_vec())).collect();
         let cands: Vec<Cand> = with.iter().map(|i| Cand { item: *i, vector: vecs[i].clone() }).collect();
         steps.push(Step { stage: "item vectors".into(), received: Some(pool.len()), kept: with.clone(), dropped: without, ms: ms(t) });
 
@@ -488,7 +493,7 @@ pub mod twotower {
             })
             .collect();
         let req = Request { metric: user.model.metric(), user: &u, history: &hist, threads: crate::embed::inference_threads() };
-        let mut parts = |s: usize, idx: &[usize]| -> Result<Vec<Part>, PrerankError> {
+        let mut parts = |s: usize, idx: &[usize]| -> Result<Vec<Arc<Part>>, PrerankError> {
             let Some(m) = &models[s] else { return Ok(Vec::new()) };
             let items: Vec<i64> = idx.iter().map(|&i| cands[i].item).collect();
             item_parts(&d, m.checksum as u64, &m.model, &items)

@@ -201,11 +201,13 @@ pub fn read_rows(
 }
 
 
-/// The relation a name resolves to as the caller would write it (`to_regclass`), if any.
+/// The relation a name resolves to as the caller would write it (`to_regclass`, called
+/// directly: no query), if any.
 pub fn regclass(name: &str) -> Option<pg_sys::Oid> {
-    read_row::<pg_sys::Oid, bool>("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid, true", &[name.into()])
-        .ok()
-        .flatten()
-        .and_then(|(o, _)| o)
-        .filter(|&o| o != pg_sys::InvalidOid)
+    use pgrx::IntoDatum;
+    let text = name.into_datum()?;
+    // SAFETY: to_regclass takes one text argument and returns a regclass datum or NULL; it
+    // raises only for a syntactically invalid name (an ERROR, as the SQL call would).
+    let oid = unsafe { pgrx::fcinfo::direct_function_call::<pg_sys::Oid>(pg_sys::to_regclass, &[Some(text)]) };
+    oid.filter(|&o| o != pg_sys::InvalidOid)
 }

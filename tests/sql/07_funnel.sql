@@ -73,6 +73,13 @@ SELECT step, stage, received, kept, cardinality(kept_items) = kept AS kept_liste
   FROM twotower.recommend_explain('fn', '{"q": [3, 4], "history": [1]}') ORDER BY step;
 -- prerank over the caller's candidates (99 has no vector and is left out).
 SELECT item_id, rank FROM twotower.prerank('fn', '{"q": [3, 4], "history": [1]}', ARRAY[2, 3, 4, 99]::bigint[]);
+-- A pipeline without channels pre-ranks the caller's candidates only.
+SELECT twotower.save_pipeline('fn_pre_only', '{"user_model": "fn_user", "vectors": {"table": "fn_items"},
+  "item_features": {"table": "fn_items"}, "history": "history",
+  "stages": [{"type": "model", "model": "fn_pre", "keep": 2}]}');
+SELECT item_id, rank FROM twotower.prerank('fn_pre_only', '{"q": [3, 4], "history": [1]}', ARRAY[2, 3, 4, 8]::bigint[]);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn_pre_only', '{"q": [3, 4]}')$$);
+SELECT twotower.drop_pipeline('fn_pre_only');
 -- No history: the i2i channel returns nothing, history_max is 0.
 SELECT count(*) AS results FROM twotower.recommend('fn', '{"q": [1, 0]}');
 

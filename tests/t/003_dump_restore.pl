@@ -26,6 +26,14 @@ $node->safe_psql('src', q{
 	  FROM generate_series(1, 600) g;
 	SELECT * FROM twotower.build_channel('sw', 'swing', 'log', 'sw_nb', '{"top_n": 5}', time_column => 'ts');
 });
+# A pipeline over the channel (owned through an owner object, like a model).
+$node->safe_psql('src', q{
+	SELECT twotower.save_pipeline('p', '{"user_model": "u", "vectors": {"table": "items", "vector_column": "v"},
+	  "history": "history", "channels": [{"type": "i2i", "channel": "sw", "k": 10}], "k": 5}');
+});
+my $pipelines = 'SELECT name, owner, definition FROM twotower.pipelines';
+my $recommend = q{SELECT string_agg(item_id || ':' || rank || ':' || array_to_string(channels, '+'), ' ' ORDER BY rank)
+	FROM twotower.recommend('p', '{"user_id": 42, "history": [7, 14]}')};
 my $channels = 'SELECT name, kind, neighbors, owner, interactions, options, rows FROM twotower.channels';
 my $i2i = q{SELECT string_agg(item_id || ':' || rank || ':' || via, ' ' ORDER BY rank)
 	FROM twotower.i2i_recall('sw', ARRAY[7, 14]::bigint[], k => 10)};
@@ -45,6 +53,9 @@ like($node->safe_psql('src', $i2i), qr/^\d+:1:\d+ /, 'the channel recalls');
 is($node->safe_psql('dst', $i2i), $node->safe_psql('src', $i2i), 'the restored channel recalls the same');
 is($node->safe_psql('dst', q{SELECT changed_users FROM twotower.refresh_channel('sw')}), '0',
 	'the restored channel refreshes (nothing new since its build)');
+is($node->safe_psql('dst', $pipelines), $node->safe_psql('src', $pipelines), 'pipelines restored with their owner');
+like($node->safe_psql('src', $recommend), qr/^\d+:1:i2i /, 'the pipeline recommends');
+is($node->safe_psql('dst', $recommend), $node->safe_psql('src', $recommend), 'the restored pipeline recommends the same');
 like($node->safe_psql('src', $embed), qr/^\{[^ ]+\} \{[^ ]+\} \{[^ ]+\}$/, 'source embeds users');
 is($node->safe_psql('dst', $embed), $node->safe_psql('src', $embed), 'restored models give identical user vectors');
 is($node->safe_psql('dst', q{SELECT twotower.import_model_file('u', '} . "$g/spec.json', '$g/weights.safetensors')"), '3',

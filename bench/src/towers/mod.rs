@@ -3,7 +3,7 @@
 //! and one-call `recall` top-500 latency and quality over the `items` index.
 //!
 //! Configuration by environment: TT_EMBED_CALLS (2000), TT_RECALL_CALLS (500),
-//! TT_ITEMS_REFRESH (200000), TT_OUT (bench/out), TT_PYTHON (the interpreter for
+//! TT_ITEMS_REFRESH (200000), TT_FUNNEL_CALLS (300), TT_ONLY_FUNNEL=1 (only the funnel part), TT_OUT (bench/out), TT_PYTHON (the interpreter for
 //! bench/numpy_tower.py; default bench/out/venv/bin/python when it exists).
 
 //!
@@ -12,6 +12,7 @@
 //! setup (models imported once) and the order they run in.
 
 mod embed;
+mod funnel;
 mod harness;
 mod recall;
 mod refresh;
@@ -99,6 +100,10 @@ impl Towers<'_> {
         // now, and leave autovacuum nothing to do after the refresh's writes.
         self.c.batch_execute("CHECKPOINT").unwrap();
         println!("# load average before: {}", loadavg());
+        if std::env::var("TT_ONLY_FUNNEL").is_ok() {
+            self.funnel();
+            return;
+        }
         let e = self.embed_user(&out, &user_model);
         self.refresh(&item_model);
         for t in [
@@ -112,6 +117,7 @@ impl Towers<'_> {
         }
         self.c.batch_execute("CHECKPOINT").unwrap();
         self.recall(&e);
+        self.funnel();
         println!("# load average after: {}", loadavg());
     }
 }

@@ -3,7 +3,7 @@
 //! half the budget, the older one is dropped and the recent one becomes older. Items in steady
 //! use stay; one-off items leave within two turnovers. Sizes are in caller-given bytes.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::hash::Hash;
 
 pub struct HotMap<K, V> {
@@ -18,8 +18,8 @@ impl<K: Hash + Eq + Copy, V> HotMap<K, V> {
     /// A map that holds at most about `budget` bytes (as the callers size their entries).
     pub fn new(budget: usize) -> Self {
         HotMap {
-            recent: HashMap::new(),
-            older: HashMap::new(),
+            recent: HashMap::default(),
+            older: HashMap::default(),
             recent_bytes: 0,
             older_bytes: 0,
             budget,

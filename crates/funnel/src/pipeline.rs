@@ -228,12 +228,13 @@ impl Definition {
             Some(v) => return err("exclude_history", format!("must be true or false, got {v}")),
         };
 
-        let Some(Value::Array(chs)) = o.m.get("channels") else {
-            return err("channels", "is required: an array of 1 to 16 channels");
+        // No channels: a pipeline for `prerank` over the caller's candidates only.
+        let empty = Vec::new();
+        let chs = match o.m.get("channels") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Array(a)) if a.len() <= MAX_CHANNELS => a,
+            Some(v) => return err("channels", format!("must be an array of at most {MAX_CHANNELS} channels, got {v}")),
         };
-        if chs.is_empty() || chs.len() > MAX_CHANNELS {
-            return err("channels", format!("must list 1 to {MAX_CHANNELS} channels, got {}", chs.len()));
-        }
         let mut channels: Vec<ChannelDef> = Vec::with_capacity(chs.len());
         for (i, c) in chs.iter().enumerate() {
             let path = format!("channels[{i}]");
@@ -280,7 +281,15 @@ impl Definition {
         }
 
         let total: u64 = channels.iter().map(|c| c.k as u64).sum();
+        if channels.is_empty() && o.m.get("merge").is_some_and(|m| !m.is_null()) {
+            return err("merge", "a pipeline without channels has nothing to merge");
+        }
         let merge = match o.m.get("merge") {
+            None | Some(Value::Null) if channels.is_empty() => MergeDef {
+                strategy: "rrf".into(),
+                options: Map::new(),
+                k: MAX_MERGE_K as usize,
+            },
             None | Some(Value::Null) => MergeDef {
                 strategy: "rrf".into(),
                 options: Map::new(),
@@ -325,10 +334,12 @@ impl Definition {
                     };
                     let keep = so.uint_or("keep", 1, MAX_MERGE_K, None)? as usize;
                     if keep > gets {
-                        return err(
-                            so.p("keep"),
-                            format!("the stage keeps {keep} candidates but gets at most {gets} (from the {})", if i == 0 { "merge" } else { "stage before" }),
-                        );
+                        let from = match (i, channels.is_empty()) {
+                            (0, true) => "caller's candidates",
+                            (0, false) => "merge",
+                            _ => "stage before",
+                        };
+                        return err(so.p("keep"), format!("the stage keeps {keep} candidates but gets at most {gets} (from the {from})"));
                     }
                     gets = keep;
                     out.push(StageDef { kind, keep });

@@ -6,6 +6,7 @@
 //! Ranking is by score (higher first), ties by item id; a later stage re-ranks only what the
 //! earlier ones kept. Each stage reports what it received, kept, dropped and how long it took.
 
+use std::sync::Arc;
 use std::time::Instant;
 use thiserror::Error;
 use twotower_metric::Metric;
@@ -22,7 +23,7 @@ pub enum PrerankError {
 pub type Result<T> = std::result::Result<T, PrerankError>;
 
 /// Gives the item parts of the candidates `idx` for model stage `stage`.
-pub type ItemParts<'a> = dyn FnMut(usize, &[usize]) -> Result<Vec<Part>> + 'a;
+pub type ItemParts<'a> = dyn FnMut(usize, &[usize]) -> Result<Vec<Arc<Part>>> + 'a;
 
 /// What a stage scores with.
 pub enum Scorer<'a> {
@@ -58,7 +59,7 @@ pub struct Request<'a> {
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub item: i64,
-    pub vector: Vec<f32>,
+    pub vector: Arc<[f32]>,
 }
 
 /// One stage's report.
@@ -75,26 +76,45 @@ pub struct StageReport {
 }
 
 /// The two-tower score of `v` for `u`: cosine similarity, inner product, or minus the
-/// Euclidean distance (higher is better), accumulated in f64.
+/// Euclidean distance (higher is better), in f32 (eight lanes).
 pub fn two_tower_score(metric: Metric, u: &[f32], v: &[f32]) -> f32 {
-    let (mut dot, mut uu, mut vv, mut l2) = (0f64, 0f64, 0f64, 0f64);
-    for (a, b) in u.iter().zip(v) {
-        let (a, b) = (*a as f64, *b as f64);
-        dot += a * b;
-        uu += a * a;
-        vv += b * b;
-        l2 += (a - b) * (a - b);
+    match metric {
+        Metric::InnerProduct => sums(u, v).0,
+        Metric::L2 => {
+            let (dot, uu, vv) = sums(u, v);
+            -(uu + vv - 2.0 * dot).max(0.0).sqrt()
+        }
+        Metric::Cosine => {
+            let (dot, uu, vv) = sums(u, v);
+            if uu > 0.0 && vv > 0.0 {
+                dot / (uu.sqrt() * vv.sqrt())
+            } else {
+                0.0
+            }
+        }
     }
-    (match metric {
-        Metric::Cosine if uu > 0.0 && vv > 0.0 => dot / (uu.sqrt() * vv.sqrt()),
-        Metric::Cosine => 0.0,
-        Metric::InnerProduct => dot,
-        Metric::L2 => -l2.sqrt(),
-    }) as f32
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    two_tower_score(Metric::Cosine, a, b)
+/// (u·v, u·u, v·v) in eight f32 lanes (vectorised), summed at the end.
+fn sums(u: &[f32], v: &[f32]) -> (f32, f32, f32) {
+    const L: usize = 8;
+    let (mut d, mut a, mut b) = ([0f32; L], [0f32; L], [0f32; L]);
+    let (uc, vc) = (u.chunks_exact(L), v.chunks_exact(L));
+    let (ur, vr) = (uc.remainder(), vc.remainder());
+    for (x, y) in uc.zip(vc) {
+        for i in 0..L {
+            d[i] += x[i] * y[i];
+            a[i] += x[i] * x[i];
+            b[i] += y[i] * y[i];
+        }
+    }
+    let (mut dot, mut uu, mut vv) = (d.iter().sum::<f32>(), a.iter().sum::<f32>(), b.iter().sum::<f32>());
+    for (x, y) in ur.iter().zip(vr) {
+        dot += x * y;
+        uu += x * x;
+        vv += y * y;
+    }
+    (dot, uu, vv)
 }
 
 /// Checks a model stage against the request before anything runs: every cross input the model
@@ -151,7 +171,16 @@ pub fn cascade(
             c.vector.len()
         )));
     }
-    let history: Vec<&Vec<f32>> = req.history.iter().filter(|h| h.len() == dims).collect();
+    // The history, each vector scaled to unit length (zero vectors left out).
+    let unit_history: Vec<Vec<f32>> = req
+        .history
+        .iter()
+        .filter(|h| h.len() == dims)
+        .filter_map(|h| {
+            let n = h.iter().map(|x| x * x).sum::<f32>().sqrt();
+            (n > 0.0 && n.is_finite()).then(|| h.iter().map(|x| x / n).collect())
+        })
+        .collect();
     let mut alive: Vec<usize> = (0..cands.len()).collect();
     let mut reports = Vec::with_capacity(stages.len());
     for (s, stage) in stages.iter().enumerate() {
@@ -172,10 +201,34 @@ pub fn cascade(
                 if parts.len() != alive.len() {
                     return Err(PrerankError::Bad("item parts do not match the candidates".into()));
                 }
-                let mut xs = Vec::with_capacity(alive.len());
-                for (j, &i) in alive.iter().enumerate() {
-                    let v = &cands[i].vector;
-                    let mut fill = |c: Cross, out: &mut [f32]| match c {
+                // The history similarities, only when the model reads them: one pass over the
+                // normalised history per candidate.
+                let wants = |c| model.cross_width(c).is_some();
+                let sims: Vec<(f32, f32)> = if (wants(Cross::HistoryMax) || wants(Cross::HistoryMean)) && !unit_history.is_empty() {
+                    alive
+                        .iter()
+                        .map(|&i| {
+                            let v: &[f32] = &cands[i].vector;
+                            let norm = sums(v, v).0.sqrt();
+                            if norm == 0.0 || !norm.is_finite() {
+                                return (0.0, 0.0);
+                            }
+                            let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
+                            for h in &unit_history {
+                                let c = sums(h, v).0 / norm;
+                                mx = mx.max(c);
+                                sum += c;
+                            }
+                            (mx, sum / unit_history.len() as f32)
+                        })
+                        .collect()
+                } else {
+                    vec![(0.0, 0.0); alive.len()]
+                };
+                let refs: Vec<&Part> = parts.iter().map(|p| &**p).collect();
+                let mut fill = |j: usize, c: Cross, out: &mut [f32]| {
+                    let v: &[f32] = &cands[alive[j]].vector;
+                    match c {
                         Cross::UserVector => out.copy_from_slice(req.user),
                         Cross::ItemVector => out.copy_from_slice(v),
                         Cross::Product => {
@@ -184,24 +237,13 @@ pub fn cascade(
                             }
                         }
                         Cross::Score => out[0] = tt[j],
-                        Cross::HistoryMax => {
-                            out[0] = history
-                                .iter()
-                                .map(|h| cosine(h, v))
-                                .fold(None, |m: Option<f32>, x| Some(m.map_or(x, |m| m.max(x))))
-                                .unwrap_or(0.0)
-                        }
-                        Cross::HistoryMean if history.is_empty() => out[0] = 0.0,
-                        Cross::HistoryMean => {
-                            out[0] = (history.iter().map(|h| cosine(h, v) as f64).sum::<f64>()
-                                / history.len() as f64) as f32
-                        }
-                    };
-                    xs.push(model.assemble(user, &parts[j], &mut fill));
-                }
+                        Cross::HistoryMax => out[0] = sims[j].0,
+                        Cross::HistoryMean => out[0] = sims[j].1,
+                    }
+                };
                 poll()?;
-                let threads = if xs.len() >= 1024 { req.threads.max(1) } else { 1 };
-                let out = twotower_tower::forward_parallel(model, &xs, threads);
+                let threads = if alive.len() >= 1024 { req.threads.max(1) } else { 1 };
+                let out = model.forward_rows(user, &refs, &mut fill, threads);
                 if let Some(j) = out.iter().position(|x| !x.is_finite()) {
                     return Err(PrerankError::NonFinite {
                         model: (*name).to_owned(),

@@ -23,11 +23,11 @@ fn linear_model() -> Model {
 
 fn cands() -> Vec<Candidate> {
     vec![
-        Candidate { item: 10, vector: vec![1.0, 0.0] },
-        Candidate { item: 11, vector: vec![0.0, 1.0] },
-        Candidate { item: 12, vector: vec![1.0, 1.0] },
-        Candidate { item: 13, vector: vec![-1.0, 0.0] },
-        Candidate { item: 14, vector: vec![2.0, 0.0] },
+        Candidate { item: 10, vector: vec![1.0, 0.0].into() },
+        Candidate { item: 11, vector: vec![0.0, 1.0].into() },
+        Candidate { item: 12, vector: vec![1.0, 1.0].into() },
+        Candidate { item: 13, vector: vec![-1.0, 0.0].into() },
+        Candidate { item: 14, vector: vec![2.0, 0.0].into() },
     ]
 }
 
@@ -49,7 +49,7 @@ fn a_two_tower_stage_keeps_its_top_with_ties_by_item_id() {
     let user = [1.0f32, 0.0];
     let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
     let stages = [Stage { scorer: Scorer::TwoTower, keep: 3 }];
-    let mut none = |_: usize, _: &[usize]| -> Result<Vec<Part>> { panic!("no model stage") };
+    let mut none = |_: usize, _: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> { panic!("no model stage") };
     let r = cascade(&req, &cands(), &stages, &mut none, &mut never()).unwrap();
     // ip with (1, 0): 10→1, 11→0, 12→1, 13→−1, 14→2. Ties 10/12 by id.
     assert_eq!(r[0].received, 5);
@@ -71,11 +71,11 @@ fn a_model_stage_scores_only_what_the_previous_stage_kept() {
         Stage { scorer: Scorer::Model { name: "m", model: &m, user: &user_part }, keep: 2 },
     ];
     let mut seen = Vec::new();
-    let mut parts = |stage: usize, idx: &[usize]| -> Result<Vec<Part>> {
+    let mut parts = |stage: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
         seen.push((stage, idx.to_vec()));
         Ok(idx
             .iter()
-            .map(|&i| m.encode_part(&json!({"price": prices[i]}), Source::Item, false).unwrap())
+            .map(|&i| std::sync::Arc::new(m.encode_part(&json!({"price": prices[i]}), Source::Item, false).unwrap()))
             .collect())
     };
     let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
@@ -98,8 +98,8 @@ fn without_history_the_history_inputs_are_zero() {
     let user = [1.0f32, 0.0];
     let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
     let stages = [Stage { scorer: Scorer::Model { name: "m", model: &m, user: &user_part }, keep: 5 }];
-    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
-        Ok(idx.iter().map(|_| m.encode_part(&json!({}), Source::Item, false).unwrap()).collect())
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
+        Ok(idx.iter().map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap())).collect())
     };
     let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
     assert_eq!(r[0].scores, vec![2.0, 1.0, 1.0, 0.0, -1.0]);
@@ -111,8 +111,8 @@ fn bad_cascades_are_errors() {
     let up = m.encode_part(&json!({}), Source::User, true).unwrap();
     let user = [1.0f32, 0.0, 0.0];
     let req = Request { metric: Metric::Cosine, user: &user, history: &[], threads: 1 };
-    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
-        Ok(idx.iter().map(|_| m.encode_part(&json!({}), Source::Item, false).unwrap()).collect())
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
+        Ok(idx.iter().map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap())).collect())
     };
     // Vectors of another width than the user's.
     let e = cascade(&req, &cands(), &[Stage { scorer: Scorer::TwoTower, keep: 1 }], &mut parts, &mut never());
@@ -139,23 +139,23 @@ fn a_huge_input_is_a_non_finite_score_error_naming_the_item() {
     let up = m.encode_part(&json!({}), Source::User, true).unwrap();
     let user = [1.0f32, 0.0];
     let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
-    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
         Ok(idx
             .iter()
-            .map(|&i| m.encode_part(&json!({"price": if i == 2 { 3e38 } else { 1.0 }}), Source::Item, false).unwrap())
+            .map(|&i| std::sync::Arc::new(m.encode_part(&json!({"price": if i == 2 { 3e38 } else { 1.0 }}), Source::Item, false).unwrap()))
             .collect())
     };
     let stages = [Stage { scorer: Scorer::Model { name: "m", model: &m, user: &up }, keep: 5 }];
     // 0.5 · 3e38 + 1 is finite; make it overflow through a second huge term instead.
     let r = cascade(&req, &cands(), &stages, &mut parts, &mut never());
     assert!(r.is_ok());
-    let mut parts2 = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
+    let mut parts2 = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
         Ok(idx
             .iter()
-            .map(|_| m.encode_part(&json!({"price": 3.4e38}), Source::Item, false).unwrap())
+            .map(|_| std::sync::Arc::new(m.encode_part(&json!({"price": 3.4e38}), Source::Item, false).unwrap()))
             .collect())
     };
-    let wide = [Candidate { item: 7, vector: vec![3e38, 0.0] }];
+    let wide = [Candidate { item: 7, vector: vec![3e38, 0.0].into() }];
     let user = [3e38f32, 0.0];
     let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
     let e = cascade(&req, &wide, &stages, &mut parts2, &mut never()).unwrap_err();
@@ -169,13 +169,13 @@ fn the_realistic_model_scores_in_parallel_as_it_does_alone() {
     let up = m.encode_part(&json!({"device": "ios"}), Source::User, true).unwrap();
     let user: Vec<f32> = (0..64).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
     let cands: Vec<Candidate> = (0..2000)
-        .map(|i| Candidate { item: i, vector: (0..64).map(|j| (((i * 31 + j * 17) % 23) as f32 - 11.0) / 10.0).collect() })
+        .map(|i| Candidate { item: i, vector: (0..64).map(|j| (((i * 31 + j * 17) % 23) as f32 - 11.0) / 10.0).collect::<Vec<f32>>().into() })
         .collect();
-    let history: Vec<Vec<f32>> = cands[..5].iter().map(|c| c.vector.clone()).collect();
-    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Part>> {
+    let history: Vec<Vec<f32>> = cands[..5].iter().map(|c| c.vector.to_vec()).collect();
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
         Ok(idx
             .iter()
-            .map(|&i| m.encode_part(&json!({"category": format!("c{}", i % 30), "price": i as f64, "other": 1}), Source::Item, false).unwrap())
+            .map(|&i| std::sync::Arc::new(m.encode_part(&json!({"category": format!("c{}", i % 30), "price": i as f64, "other": 1}), Source::Item, false).unwrap()))
             .collect())
     };
     let run = |threads: usize, parts: &mut ItemParts| {
@@ -230,13 +230,19 @@ mod pipeline {
         v.as_object_mut().unwrap().remove("k");
         let d = Definition::parse(&v).unwrap();
         assert_eq!((d.merge.strategy.as_str(), d.merge.k, d.k), ("rrf", 500, 100));
+        // Without channels: stages over the caller's candidates (prerank), up to 100,000.
+        let d = Definition::parse(&json!({"user_model": "u", "vectors": {"table": "iv"},
+            "stages": [{"type": "twotower", "keep": 5000}]})).unwrap();
+        assert!(d.channels.is_empty());
+        assert_eq!((d.most(), d.k), (5000, 100));
     }
 
     #[test]
     fn bad_definitions_name_the_path() {
         let cases: Vec<(serde_json::Value, &str)> = vec![
             (json!([1]), ""),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": []}), "channels"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": {}}), "channels"),
+            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [], "merge": {"k": 5}}), "merge"),
             (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "i2i", "channel": "c", "k": 5}]}), "channels[0].type"),
             (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 0}]}), "channels[0].k"),
             (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5}, {"type": "twotower", "index": "y", "k": 5}]}), "channels[1].name"),

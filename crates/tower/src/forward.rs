@@ -19,8 +19,15 @@ fn row<'a>(model: &'a Model, t: &Table, r: u32) -> Option<&'a [f32]> {
 fn gather(model: &Model, x: &Encoded, out: &mut [f32]) {
     debug_assert_eq!(x.model_id, model.id, "Encoded from another model");
     for (f, field) in model.features.iter().zip(&x.fields) {
+        write_field(model, f, field, out);
+    }
+}
+
+/// Writes one feature's field into its place in a raw input row (zeroed there).
+pub(crate) fn write_field(model: &Model, f: &crate::model::Feature, field: &Field, out: &mut [f32]) {
+    {
         let Some(dst) = out.get_mut(f.offset..f.offset + f.width) else {
-            continue;
+            return;
         };
         match (&f.kind, field) {
             (FeatureKind::Categorical { table, .. }, Field::Row(r))
@@ -101,6 +108,15 @@ pub(crate) fn run(model: &Model, xs: &[Encoded]) -> Vec<f32> {
     for (x, row) in xs.iter().zip(raw.chunks_exact_mut(w0.max(1))) {
         gather(model, x, row);
     }
+    run_raw(model, raw, m)
+}
+
+/// The forward pass of `m` raw input rows (`m * input_width` floats, row-major).
+pub(crate) fn run_raw(model: &Model, mut raw: Vec<f32>, m: usize) -> Vec<f32> {
+    if m == 0 {
+        return Vec::new();
+    }
+    let w0 = model.input_width;
     let mut h = match &model.senet {
         Some(_) => {
             let mut h = raw.clone();

@@ -532,6 +532,64 @@ impl Model {
         }
     }
 
+    /// The forward pass of a pre-rank model over many candidates of one request, without
+    /// building an example per candidate: row `i` is the user part, `items[i]`, and each cross
+    /// input written by `cross(i, c, out)` into a zeroed buffer of the input's width. Rows are
+    /// split over `threads` scoped threads (which only compute). Returns one score per row.
+    pub fn forward_rows(
+        &self,
+        user: &Part,
+        items: &[&Part],
+        cross: &mut dyn FnMut(usize, Cross, &mut [f32]),
+        threads: usize,
+    ) -> Vec<f32> {
+        let (m, w0) = (items.len(), self.input_width);
+        let mut template = vec![0f32; w0];
+        let ok = |p: &Part, s: Source| p.model_id == self.id && p.source == s;
+        if ok(user, Source::User) {
+            let feats = self.features.iter().zip(&self.sources).filter(|(_, s)| **s == Source::User);
+            for ((f, _), field) in feats.zip(&user.fields) {
+                crate::forward::write_field(self, f, field, &mut template);
+            }
+        }
+        let mut raw = Vec::with_capacity(m * w0);
+        for (i, item) in items.iter().enumerate() {
+            let start = raw.len();
+            raw.extend_from_slice(&template);
+            let row = &mut raw[start..];
+            if ok(item, Source::Item) {
+                let feats = self.features.iter().zip(&self.sources).filter(|(_, s)| **s == Source::Item);
+                for ((f, _), field) in feats.zip(&item.fields) {
+                    crate::forward::write_field(self, f, field, row);
+                }
+            }
+            for (f, s) in self.features.iter().zip(&self.sources) {
+                if let Source::Cross(c) = s {
+                    cross(i, *c, &mut row[f.offset..f.offset + f.width]);
+                }
+            }
+        }
+        let threads = threads.clamp(1, m.max(1));
+        if threads == 1 || w0 == 0 {
+            return crate::forward::run_raw(self, raw, m);
+        }
+        let rows = m.div_ceil(threads);
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = raw
+                .chunks(rows * w0)
+                .map(|c| sc.spawn(move || crate::forward::run_raw(self, c.to_vec(), c.len() / w0)))
+                .collect();
+            let mut out = Vec::with_capacity(m * self.output_dim);
+            for h in handles {
+                match h.join() {
+                    Ok(v) => out.extend_from_slice(&v),
+                    Err(e) => std::panic::resume_unwind(e),
+                }
+            }
+            out
+        })
+    }
+
     /// Forward pass of one encoded example; returns `output_dim` floats.
     pub fn forward(&self, x: &crate::Encoded) -> Vec<f32> {
         crate::forward::run(self, std::slice::from_ref(x))

@@ -1318,6 +1318,16 @@ fn a_prerank_model_assembles_user_item_and_cross_fields_in_spec_order() {
     // [3, 4 | 0.5 | 0.25 | 3, 4] · [1, 10, 100, 1000, 1e4, 1e5]
     let want = 3.0 + 40.0 + 50.0 + 250.0 + 3e4 + 4e5;
     assert_eq!(m.forward(&x), vec![want as f32]);
+    // forward_rows: the same scores without an example per row, on one thread or two.
+    let items: Vec<Part> = (0..5).map(|i| m.encode_part(&json!({"price": i as f64}), Source::Item, false).unwrap()).collect();
+    let refs: Vec<&Part> = items.iter().collect();
+    let mut fill = |i: usize, c: Cross, out: &mut [f32]| match c {
+        Cross::Score => out[0] = i as f32 / 10.0,
+        _ => out.copy_from_slice(&[i as f32, 1.0]),
+    };
+    let want: Vec<f32> = (0..5).map(|i| m.forward(&m.assemble(&user, &items[i], &mut |c, o| fill(i, c, o)))[0]).collect();
+    assert_eq!(m.forward_rows(&user, &refs, &mut fill, 1), want);
+    assert_eq!(m.forward_rows(&user, &refs, &mut fill, 2), want);
     // Parts from the wrong side or another model contribute zeros.
     let x = m.assemble(&item, &user, &mut |_, _| {});
     assert_eq!(m.forward(&x), vec![0.0]);

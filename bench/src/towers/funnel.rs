@@ -1,0 +1,169 @@
+//! The funnel: `prerank` of 2,000 candidates with the realistic pre-rank model, and `recommend`
+//! with two channels (the two-tower index and an item-CF channel), RRF merge and a cascade
+//! (two-tower keep 500, then the pre-rank model keep 100), next to a bare `recall` top-500 in
+//! the same run. Latencies are client round trips over the same user inputs.
+//!
+//! Configuration: TT_FUNNEL_CALLS (300).
+
+use super::harness::{lat, verdict, Lat};
+use super::*;
+use crate::env;
+use std::time::Instant;
+
+pub(crate) const PRERANK_P99_TARGET_MS: f64 = 2.0;
+pub(crate) const RECOMMEND_P99_TARGET_MS: f64 = 15.0;
+const PRERANK_SEED: u64 = 13;
+const FUNNEL_BASE: usize = 3_000_000;
+
+impl Towers<'_> {
+    fn timed_calls(&mut self, sql: &str, params: &dyn Fn(usize) -> Vec<Box<dyn postgres::types::ToSql + Sync>>, calls: usize, rows_each: usize) -> Lat {
+        let st = self.c.prepare(sql).unwrap();
+        let run = |c: &mut Client, i: usize| {
+            let p = params(i);
+            let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p.iter().map(|b| b.as_ref()).collect();
+            let rows = c.query(&st, &refs).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert_eq!(rows.len(), rows_each, "{sql}: rows of call {i}");
+        };
+        // Untimed warm-up over every input (caches, index pages), then the timed pass.
+        for i in 0..calls {
+            run(self.c, i);
+        }
+        let mut times = Vec::with_capacity(calls);
+        for i in 0..calls {
+            let s = Instant::now();
+            run(self.c, i);
+            times.push(s.elapsed());
+        }
+        lat(times)
+    }
+
+    pub(super) fn funnel(&mut self) {
+        let calls: usize = env("TT_FUNNEL_CALLS", 300);
+        let n_items = self.data.len() / self.dims;
+        println!("\n## The funnel: pre-rank and recommend ({n_items} items, {calls} users)");
+        let t = Instant::now();
+        self.c
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS bench_prerank_items;
+                 CREATE TABLE bench_prerank_items AS
+                   SELECT i::bigint AS id, 'c' || (i % 30) AS category, (i % 997)::real AS price
+                     FROM generate_series(1, {n_items}) i;
+                 ALTER TABLE bench_prerank_items ADD PRIMARY KEY (id);
+                 -- 200,000 users in 5,000 groups of 200 items; each user has 10 of the group's.
+                 DROP TABLE IF EXISTS bench_events;
+                 CREATE TABLE bench_events AS
+                   SELECT u AS user_id, (1 + ((u % 5000) * 200 + (u * 7 + t * 13) % 200) % {n_items})::bigint AS item_id,
+                          timestamptz '2026-01-01' + make_interval(secs => u + t) AS ts
+                     FROM generate_series(1, 200000) u, generate_series(1, 10) t;"
+            ))
+            .unwrap();
+        self.c.batch_execute("VACUUM ANALYZE bench_prerank_items").unwrap();
+        let (spec, weights) = synth::realistic_prerank(PRERANK_SEED);
+        let spec: Value = serde_json::from_str(&spec).unwrap();
+        self.c
+            .query_one("SELECT twotower.import_model('bench_prerank', $1::jsonb, $2, true)", &[&spec, &weights])
+            .unwrap();
+        let b = Instant::now();
+        let rows: i64 = self
+            .c
+            .query_one("SELECT rows FROM twotower.build_channel('bench_cf', 'itemcf', 'bench_events', 'bench_cf_nb', '{\"top_n\": 50}')", &[])
+            .unwrap()
+            .get(0);
+        let build = b.elapsed().as_secs_f64();
+        let common = r#""user_model": "bench_user",
+            "vectors": {"table": "items", "vector_column": "embedding"},
+            "item_features": {"table": "bench_prerank_items"},
+            "history": "history""#;
+        self.c
+            .batch_execute(&format!(
+                r#"SELECT twotower.save_pipeline('bench_prerank', '{{{common},
+                     "stages": [{{"type": "model", "model": "bench_prerank", "keep": 100}}], "k": 100}}');
+                   SELECT twotower.save_pipeline('bench_funnel', '{{{common},
+                     "channels": [{{"type": "twotower", "index": "items_tt_idx", "k": 500}},
+                                  {{"name": "itemcf", "type": "i2i", "channel": "bench_cf", "k": 500, "history_len": 20, "decay": 0.9}}],
+                     "merge": {{"strategy": "rrf", "k": 1000}},
+                     "stages": [{{"type": "twotower", "keep": 500}}, {{"type": "model", "model": "bench_prerank", "keep": 100}}],
+                     "k": 100}}');
+                   SELECT twotower.disable_item_cache('items'); SELECT twotower.disable_item_cache('bench_prerank_items');"#
+            ))
+            .unwrap();
+        println!(
+            "# setup {:.1} s: item features, a 2M-interaction log, item-CF channel bench_cf ({rows} rows, built in {build:.1} s), model bench_prerank (u, v, u⊙v, score, history max/mean, device, category, price: Linear 227 → 64 → 1)",
+            t.elapsed().as_secs_f64()
+        );
+
+        let inputs: Vec<Value> = (0..calls).map(|i| synth::realistic_user_input(INPUT_SEED, FUNNEL_BASE + i)).collect();
+        // 2,000 distinct candidates per user: spread over the whole catalogue (every call reads
+        // mostly rows no call read before), or drawn from a hot set of 50,000 items (what a cache
+        // is for: a day's popular and fresh items).
+        let hot = 50_000.min(n_items);
+        let spread: Vec<Vec<i64>> = (0..calls)
+            .map(|i| (0..2000).map(|j| 1 + ((i * 7919 + j * 499) % n_items) as i64).collect())
+            .collect();
+        let hot_cands: Vec<Vec<i64>> = (0..calls)
+            .map(|i| (0..2000).map(|j| 1 + ((i * 7919 + j * 23) % hot) as i64).collect())
+            .collect();
+        let (inp, cnd, hcnd) = (&inputs, &spread, &hot_cands);
+        let prerank_sql = "SELECT * FROM twotower.prerank('bench_prerank', $1::jsonb, $2)";
+        let prerank_params = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> { vec![Box::new(inp[i].clone()), Box::new(cnd[i].clone())] };
+        let prerank_hot = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> { vec![Box::new(inp[i].clone()), Box::new(hcnd[i].clone())] };
+        let recommend_sql = "SELECT * FROM twotower.recommend('bench_funnel', $1::jsonb)";
+        let user_params = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> { vec![Box::new(inp[i].clone())] };
+        let recall_sql = "SELECT * FROM twotower.recall('bench_user', 'items_tt_idx', $1::jsonb, 500)";
+
+        let recall = self.timed_calls(recall_sql, &user_params, calls, 500);
+        let pre_cold = self.timed_calls(prerank_sql, &prerank_params, calls, 100);
+        let pre_hot_cold = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
+        let rec_cold = self.timed_calls(recommend_sql, &user_params, calls, 100);
+        self.c
+            .batch_execute("SELECT twotower.enable_item_cache('items'); SELECT twotower.enable_item_cache('bench_prerank_items')")
+            .unwrap();
+        let pre_warm = self.timed_calls(prerank_sql, &prerank_params, calls, 100);
+        let pre_hot = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
+        let rec_warm = self.timed_calls(recommend_sql, &user_params, calls, 100);
+        let cache: (i64, i64) = {
+            let r = self.c.query_one("SELECT entries, bytes FROM twotower.item_cache_info()", &[]).unwrap();
+            (r.get(0), r.get(1))
+        };
+        // Where the time goes: recommend_explain's steps, mean over the users.
+        let mut steps: Vec<(String, f64, f64)> = Vec::new();
+        let m = calls.min(100);
+        for x in inputs.iter().take(m) {
+            for (j, r) in self
+                .c
+                .query("SELECT stage, coalesce(received, 0)::float8, ms FROM twotower.recommend_explain('bench_funnel', $1::jsonb)", &[x])
+                .unwrap()
+                .iter()
+                .enumerate()
+            {
+                if steps.len() <= j {
+                    steps.push((r.get(0), 0.0, 0.0));
+                }
+                steps[j].1 += r.get::<_, f64>(1) / m as f64;
+                steps[j].2 += r.get::<_, f64>(2) / m as f64;
+            }
+        }
+
+        println!("\n| call | p50 ms | p99 ms | mean ms | p99 / recall top-500 p99 |");
+        println!("|---|---|---|---|---|");
+        let row = |what: &str, l: &Lat| {
+            println!("| {what} | {:.2} | {:.2} | {:.2} | {:.2}× |", l.p50, l.p99, l.mean, l.p99 / recall.p99);
+        };
+        row("`recall` top-500 (baseline)", &recall);
+        row("`prerank` 2,000 candidates → 100, whole catalogue, no item cache", &pre_cold);
+        row("`prerank` 2,000 candidates → 100, whole catalogue, item cache", &pre_warm);
+        row("`prerank` 2,000 candidates → 100, hot set of 50,000, no item cache", &pre_hot_cold);
+        row("`prerank` 2,000 candidates → 100, hot set of 50,000, item cache", &pre_hot);
+        row("`recommend` 2 channels × 500 → RRF 1,000 → 500 → 100, no item cache", &rec_cold);
+        row("`recommend` same, item cache", &rec_warm);
+        println!("\n# item cache after the warm passes: {} entries, {:.1} MB", cache.0, cache.1 as f64 / 1048576.0);
+        println!("# recommend_explain, mean over {m} users: {}", steps.iter().map(|(s, r, ms)| format!("{s} ({r:.0} in) {ms:.2} ms")).collect::<Vec<_>>().join("; "));
+        println!(
+            "# target: prerank of 2,000 candidates p99 ≤ {PRERANK_P99_TARGET_MS} ms (hot set, item cache): {} ({:.2} ms); recommend p99 ≤ {RECOMMEND_P99_TARGET_MS} ms (item cache): {} ({:.2} ms)",
+            verdict(pre_hot.p99 <= PRERANK_P99_TARGET_MS),
+            pre_hot.p99,
+            verdict(rec_warm.p99 <= RECOMMEND_P99_TARGET_MS),
+            rec_warm.p99
+        );
+    }
+}
