@@ -11,8 +11,9 @@
 # 4. twotower.evaluate reports HR/NDCG/Recall/MRR@10/50 on the test items, exactly and through
 #    the index, next to popularity computed the same way in SQL.
 # 5. Item-CF and Swing channels are built (twotower.build_channel), each channel and the merged
-#    list of all three (twotower.merge) are scored on the same test items; then one user's
-#    recommendations with titles, with the channels they came from.
+#    list of all three (twotower.merge) are scored on the same test items; one user's
+#    recommendations with titles, with the channels they came from; then the same funnel saved
+#    as a pipeline and served by twotower.recommend (with its explain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${TT_DEMO_PORT:-55432}
@@ -162,4 +163,26 @@ SELECT m.rank, i.title, i.year, m.channels, m.channel_ranks
   FROM hist h, pg_temp.merged(twotower.user_features('ml_user', '1'), h.items, h.seen, 200, 10, :'ch') m
        JOIN ml_items i ON i.item_id = m.item_id
  WHERE h.user_id = 1 ORDER BY m.rank;
+\echo == the same funnel as one saved pipeline: twotower.recommend, and what each step did
+SELECT twotower.save_pipeline('ml_feed', jsonb_build_object(
+  'user_model', 'ml_user', 'vectors', '{"table": "ml_item_vectors"}'::jsonb, 'history', 'history',
+  'channels', jsonb_build_array(
+     '{"name": "twotower", "type": "twotower", "index": "ml_item_vectors_idx", "k": 200}'::jsonb,
+     jsonb_build_object('name', 'itemcf', 'type', 'i2i', 'channel', 'ml_itemcf', 'k', 200,
+                        'history_len', (:'ch'::jsonb #>> '{itemcf,history}')::int, 'decay', (:'ch'::jsonb #>> '{itemcf,decay}')::float8),
+     jsonb_build_object('name', 'swing', 'type', 'i2i', 'channel', 'ml_swing', 'k', 200,
+                        'history_len', (:'ch'::jsonb #>> '{swing,history}')::int, 'decay', (:'ch'::jsonb #>> '{swing,decay}')::float8)),
+  'merge', jsonb_build_object('strategy', :'ch'::jsonb #>> '{merge,strategy}', 'options', :'ch'::jsonb #> '{merge,options}', 'k', 50),
+  'k', 10));
+SELECT r.rank, i.title, i.year, r.channels, r.channel_ranks
+  FROM hist h, twotower.recommend('ml_feed', twotower.user_features('ml_user', '1'), exclude => h.seen) r
+       JOIN ml_items i ON i.item_id = r.item_id
+ WHERE h.user_id = 1 ORDER BY r.rank;
+SELECT step, stage, received, kept, round(ms::numeric, 2) AS ms
+  FROM hist h, twotower.recommend_explain('ml_feed', twotower.user_features('ml_user', '1'), exclude => h.seen)
+ WHERE h.user_id = 1 ORDER BY step;
+SELECT bool_and(same) AS recommend_equals_the_merged_list FROM (
+  SELECT (SELECT array_agg(item_id ORDER BY rank) FROM twotower.recommend('ml_feed', q.features, exclude => h.seen))
+       = (SELECT array_agg(item_id ORDER BY rank) FROM pg_temp.merged(q.features, h.items, h.seen, 200, 10, :'ch')) AS same
+    FROM ml_queries q JOIN hist h USING (user_id) WHERE q.user_id <= 100) x;
 SQL

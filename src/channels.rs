@@ -419,6 +419,7 @@ pub mod twotower {
     fn drop_channel(name: &str, drop_table: default!(bool, "false")) -> bool {
         let ch = find(name).or_report().unwrap_or_else(|| TtError::UnknownChannel(name.to_owned()).report());
         check_manage(name, ch.neighbors).or_report();
+        crate::pipeline::check_unused(crate::pipeline::Uses::Channel, name).or_report();
         if drop_table {
             if let Ok(t) = spi::relation_name(ch.neighbors) {
                 Spi::run(&format!("DROP TABLE {t}")).map_err(|e| TtError::BadArgument(format!("dropping {t}: {e}"))).or_report();

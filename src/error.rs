@@ -74,6 +74,8 @@ pub enum TtError {
     Prerank(PrerankError),
     /// A pipeline definition that cannot run (names the path, says why).
     BadPipeline { path: String, reason: String },
+    /// A model or channel that pipelines still use (what, its name, the pipelines).
+    UsedByPipelines { what: &'static str, name: String, pipelines: Vec<String> },
 }
 
 impl From<TowerError> for TtError {
@@ -387,6 +389,12 @@ impl TtError {
                 None,
             ),
             TtError::Prerank(PrerankError::Bad(m)) => (ERRCODE_INVALID_PARAMETER_VALUE, m.clone(), None, None),
+            TtError::UsedByPipelines { what, name, pipelines } => (
+                ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!("cannot drop {what} \"{name}\" because pipelines use it"),
+                Some(format!("Pipelines using it: {}.", pipelines.join(", "))),
+                Some("Change or drop those pipelines first (twotower.save_pipeline, twotower.drop_pipeline).".into()),
+            ),
             TtError::BadPipeline { path, reason } => (
                 ERRCODE_INVALID_PARAMETER_VALUE,
                 format!("invalid pipeline definition at \"{path}\": {reason}"),

@@ -217,6 +217,7 @@ pub mod twotower {
         catalog::check_manage_model(name).or_report();
         match version {
             None => {
+                crate::pipeline::check_unused(crate::pipeline::Uses::Model, name).or_report();
                 let object = as_catalog_owner(|| {
                     Spi::get_one_with_args::<pg_sys::Oid>(
                         "DELETE FROM twotower.model WHERE name = $1 RETURNING owner_object",

@@ -7,6 +7,54 @@
 
 use pgrx::prelude::*;
 
+/// What a pipeline can depend on.
+#[derive(Clone, Copy)]
+pub enum Uses {
+    Model,
+    Channel,
+}
+
+/// The pipelines whose definitions name model or channel `name` (so dropping it would break
+/// them), by name.
+pub fn pipelines_using(what: Uses, name: &str) -> crate::error::TtResult<Vec<String>> {
+    let cond = match what {
+        Uses::Model => {
+            "p.definition ->> 'user_model' = $1 OR EXISTS (SELECT 1 FROM jsonb_array_elements(
+               CASE WHEN jsonb_typeof(p.definition -> 'stages') = 'array' THEN p.definition -> 'stages' ELSE '[]' END) s
+              WHERE s ->> 'type' = 'model' AND s ->> 'model' = $1)"
+        }
+        Uses::Channel => {
+            "EXISTS (SELECT 1 FROM jsonb_array_elements(
+               CASE WHEN jsonb_typeof(p.definition -> 'channels') = 'array' THEN p.definition -> 'channels' ELSE '[]' END) c
+              WHERE c ->> 'type' = 'i2i' AND c ->> 'channel' = $1)"
+        }
+    };
+    let names = crate::catalog::as_catalog_owner(|| {
+        crate::catalog::read_row::<Vec<String>, bool>(
+            &format!("SELECT coalesce(array_agg(p.name ORDER BY p.name), '{{}}'), true FROM twotower.pipeline p WHERE {cond}"),
+            &[name.into()],
+        )
+    })?
+    .map_err(|e| crate::error::TtError::Unsupported(format!("reading pipelines: {e}")))?;
+    Ok(names.and_then(|(n, _)| n).unwrap_or_default())
+}
+
+/// Refuses to drop a model or channel that pipelines use (2BP01, naming them).
+pub fn check_unused(what: Uses, name: &str) -> crate::error::TtResult<()> {
+    let pipelines = pipelines_using(what, name)?;
+    if pipelines.is_empty() {
+        return Ok(());
+    }
+    Err(crate::error::TtError::UsedByPipelines {
+        what: match what {
+            Uses::Model => "model",
+            Uses::Channel => "channel",
+        },
+        name: name.to_owned(),
+        pipelines,
+    })
+}
+
 #[pg_schema]
 pub mod twotower {
     use crate::catalog::{self, as_catalog_owner, caller, expect_kind, is_admin, owner_of, role_name, JsonbValue, Owned, Serving, ADMIN_ROLE};

@@ -106,6 +106,14 @@ SELECT count(*) FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
 SELECT entries AS without_trigger FROM twotower.item_cache_info();
 SELECT twotower.enable_item_cache('fn_items');
 
+-- statement_timeout stops a long call (100 000 candidates) with 57014, and the session goes on.
+SET statement_timeout = '5ms';
+SELECT count(*) FROM twotower.prerank('fn', '{"q": [3, 4]}', ARRAY(SELECT g::bigint FROM generate_series(1, 100000) g));
+RESET statement_timeout;
+SELECT count(*) AS after_timeout FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+-- More than 100 000 candidates.
+SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', ARRAY(SELECT g::bigint FROM generate_series(1, 100001) g))$$);
+
 -- Bad input.
 SELECT pg_temp.err($$SELECT * FROM twotower.recommend('nope', '{}')$$);
 SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4]}', k => 0)$$);
@@ -135,6 +143,11 @@ SELECT pg_temp.def('{"k": 0}');
 SELECT pg_temp.def('{"pipeline": "fn"}');
 SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn bad', '{}')$$);
 SELECT count(*) AS saved_bad FROM twotower.pipelines WHERE name = 'fn_bad';
+-- What a pipeline uses cannot be dropped under it.
+SELECT pg_temp.err($$SELECT twotower.drop_model('fn_pre')$$);
+SELECT pg_temp.err($$SELECT twotower.drop_model('fn_user')$$);
+SELECT pg_temp.err($$SELECT twotower.drop_channel('fn_cf')$$);
+SELECT name FROM twotower.models WHERE name LIKE 'fn\_%' GROUP BY name ORDER BY name;
 -- Saving is transactional.
 BEGIN;
 SELECT twotower.save_pipeline('fn_tx', definition) FROM twotower.pipelines WHERE name = 'fn';
@@ -162,7 +175,18 @@ SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_app', definition) FROM tw
 SELECT pg_temp.err($$SELECT twotower.drop_pipeline('fn_app')$$);
 SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}')$$);
 SELECT pg_temp.err($$SELECT * FROM twotower.pipeline$$);
+-- The cache holds fn_items' rows (filled by postgres in this backend): still not for a role
+-- that may not read the table.
+SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', ARRAY[2, 3]::bigint[])$$);
 RESET ROLE;
+SELECT entries > 0 AS cache_filled FROM twotower.item_cache_info();
+-- Column privileges are not enough for the cache: the table is read, and the vector column is
+-- refused.
+GRANT SELECT (id, price) ON fn_items TO fn_other;
+SET ROLE fn_other;
+SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', ARRAY[2, 3]::bigint[])$$);
+RESET ROLE;
+REVOKE ALL ON fn_items FROM fn_other;
 -- The owner is a role with a dependency: it cannot be dropped while it owns a pipeline.
 SELECT pg_temp.err($$DROP ROLE fn_app$$);
 SET ROLE fn_app;

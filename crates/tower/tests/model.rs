@@ -1323,7 +1323,7 @@ fn a_prerank_model_assembles_user_item_and_cross_fields_in_spec_order() {
     let refs: Vec<&Part> = items.iter().collect();
     let mut fill = |i: usize, c: Cross, out: &mut [f32]| match c {
         Cross::Score => out[0] = i as f32 / 10.0,
-        _ => out.copy_from_slice(&[i as f32, 1.0]),
+        _ => out.copy_from_slice(&[3.0, 1.0]),
     };
     let want: Vec<f32> = (0..5).map(|i| m.forward(&m.assemble(&user, &items[i], &mut |c, o| fill(i, c, o)))[0]).collect();
     assert_eq!(m.forward_rows(&user, &refs, &mut fill, 1), want);
