@@ -116,14 +116,6 @@ pub mod twotower {
         .ok_or_else(|| TtError::BadArgument(format!("neighbour table name \"{text}\" is not a name")))
     }
 
-    fn to_regclass(quoted: &str) -> Option<pg_sys::Oid> {
-        crate::catalog::read_row::<pg_sys::Oid, bool>("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid, true", &[quoted.into()])
-            .ok()
-            .flatten()
-            .and_then(|(o, _)| o)
-            .filter(|&o| o != pg_sys::InvalidOid)
-    }
-
     /// Checks that an existing neighbour table has the three columns with their types.
     fn check_neighbor_table(rel: pg_sys::Oid, name: &str) -> TtResult<()> {
         for (col, ty) in [("item_id", "bigint"), ("neighbor_id", "bigint"), ("score", "real")] {
@@ -313,7 +305,7 @@ pub mod twotower {
         match &existing {
             Some(ch) => {
                 check_manage(name, ch.neighbors).or_report();
-                if to_regclass(&table) != Some(ch.neighbors) {
+                if spi::regclass(&table) != Some(ch.neighbors) {
                     TtError::BadArgument(format!(
                         "channel \"{name}\" writes to another neighbour table; drop the channel first to change it"
                     ))
@@ -327,7 +319,7 @@ pub mod twotower {
             .report(),
             None => {}
         }
-        let rel = match to_regclass(&table) {
+        let rel = match spi::regclass(&table) {
             Some(rel) => {
                 check_neighbor_table(rel, &table).or_report();
                 check_manage(name, rel).or_report();
@@ -341,7 +333,7 @@ pub mod twotower {
                 ))
                 .map_err(|e| TtError::BadArgument(format!("creating {table}: {e}")))
                 .or_report();
-                to_regclass(&table).expect("the table just created")
+                spi::regclass(&table).expect("the table just created")
             }
         };
         let mut ch = Channel {

@@ -193,7 +193,7 @@ pub mod twotower {
         let me = caller();
         match owner_of(Owned::Pipeline, name, true).or_report() {
             Some(owner) => {
-                if !(is_admin(me) || owner.is_some_and(|o| catalog::has_privs(me, o))) {
+                if !catalog::may_manage(me, owner) {
                     TtError::PermissionDenied {
                         action: format!("replace pipeline \"{name}\""),
                         hint: format!("Only its owner and members of {ADMIN_ROLE} may replace or drop it."),
@@ -235,7 +235,7 @@ pub mod twotower {
         let Some(owner) = owner_of(Owned::Pipeline, name, true).or_report() else {
             return false;
         };
-        if !(is_admin(me) || owner.is_some_and(|o| catalog::has_privs(me, o))) {
+        if !catalog::may_manage(me, owner) {
             TtError::PermissionDenied {
                 action: format!("drop pipeline \"{name}\""),
                 hint: format!("Only its owner and members of {ADMIN_ROLE} may replace or drop it."),
