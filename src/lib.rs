@@ -16,6 +16,7 @@ pub mod merge;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
+pub mod prerank_train;
 pub mod progress;
 pub mod recall;
 pub mod spi;

@@ -84,7 +84,7 @@ pub mod twotower {
     }
 
     /// The stored definition of `name` (read as the catalogue's owner: the table is not public).
-    fn load(name: &str) -> TtResult<Definition> {
+    pub(crate) fn load(name: &str) -> TtResult<Definition> {
         // A read-only query: recommend also runs on hot standbys.
         let text = as_catalog_owner(|| {
             catalog::read_row::<pgrx::JsonB, bool>("SELECT definition, true FROM twotower.pipeline WHERE name = $1", &[name.into()])
@@ -108,7 +108,7 @@ pub mod twotower {
         }
     }
 
-    fn user_model(d: &Definition) -> TtResult<Serving> {
+    pub(crate) fn user_model(d: &Definition) -> TtResult<Serving> {
         let l = catalog::active_model(&d.user_model)?;
         expect_kind(&l, Kind::User)?;
         Ok(l)
@@ -270,7 +270,7 @@ pub mod twotower {
     }
 
     /// The history ids under the request's `key`: a list of ids, or `{"ids": [...], ...}`.
-    fn history_ids(f: &Value, key: &str) -> TtResult<Vec<i64>> {
+    pub(crate) fn history_ids(f: &Value, key: &str) -> TtResult<Vec<i64>> {
         let list = match f.get(key) {
             None | Some(Value::Null) => return Ok(Vec::new()),
             Some(Value::Array(a)) => a,
@@ -294,7 +294,7 @@ pub mod twotower {
 
     /// Item vectors of `ids` from the pipeline's vectors table (read as the caller): the ones
     /// with a vector, by id.
-    fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Arc<[f32]>>> {
+    pub(crate) fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Arc<[f32]>>> {
         if ids.is_empty() {
             return Ok(HashMap::default());
         }
@@ -341,33 +341,12 @@ pub mod twotower {
         };
         let fail = |e: String| PrerankError::Bad(format!("reading item features: {e}"));
         let rel = spi::regclass(&f.table).ok_or_else(|| fail(format!("relation \"{}\" does not exist", f.table)))?;
-        let table = spi::relation_name(rel).map_err(|e| fail(format!("{e:?}")))?;
-        let id = quote_identifier(&f.id_column);
         let cached = crate::item_cache::usable(rel);
         let (mut hits, misses) = if cached { crate::item_cache::parts(rel, model_key, items) } else { (HashMap::default(), items.to_vec()) };
         if misses.is_empty() {
             return Ok(items.iter().map(|i| hits.remove(i).expect("every item is a hit")).collect());
         }
-        let select: Vec<String> = cols.iter().filter(|c| spi::column_exists(rel, c)).map(|c| quote_identifier(c)).collect();
-        let mut rows: HashMap<i64, Value> = HashMap::with_capacity_and_hasher(misses.len(), Default::default());
-        Spi::connect(|c| {
-            let t = c.select(
-                &format!(
-                    "SELECT s.__id, pg_catalog.to_jsonb(s) FROM (SELECT {id}::pg_catalog.int8 AS __id{}{} FROM {table} WHERE {id} = ANY ($1)) s",
-                    if select.is_empty() { "" } else { ", " },
-                    select.join(", ")
-                ),
-                None,
-                &[misses.clone().into()],
-            )?;
-            for r in t {
-                if let (Some(i), Some(v)) = (r.get::<i64>(1)?, r.get::<pgrx::JsonB>(2)?) {
-                    rows.insert(i, v.0);
-                }
-            }
-            Ok::<_, pgrx::spi::Error>(())
-        })
-        .map_err(|e| fail(e.to_string()))?;
+        let rows = item_rows(rel, &f.id_column, &cols, &misses).map_err(|e| PrerankError::Bad(e.message_text()))?;
         let mut fresh: HashMap<i64, Arc<Part>> = HashMap::with_capacity_and_hasher(misses.len(), Default::default());
         for i in &misses {
             fresh.insert(*i, encode(rows.get(i).unwrap_or(&empty))?);
@@ -379,6 +358,49 @@ pub mod twotower {
         }
         hits.extend(fresh);
         Ok(items.iter().map(|i| hits.remove(i).expect("every item was read or cached")).collect())
+    }
+
+    /// Rows of item feature table `rel` for `ids` (read as the caller) as JSON objects of the
+    /// `cols` that exist, by id; ids without a row are absent.
+    pub(crate) fn item_rows(rel: pg_sys::Oid, id_column: &str, cols: &[&str], ids: &[i64]) -> TtResult<HashMap<i64, Value>> {
+        let table = spi::relation_name(rel)?;
+        let id = quote_identifier(id_column);
+        let select: Vec<String> = cols.iter().filter(|c| spi::column_exists(rel, c)).map(|c| quote_identifier(c)).collect();
+        let mut rows: HashMap<i64, Value> = HashMap::with_capacity_and_hasher(ids.len(), Default::default());
+        Spi::connect(|c| {
+            let t = c.select(
+                &format!(
+                    "SELECT s.__id, pg_catalog.to_jsonb(s) - '__id' FROM (SELECT {id}::pg_catalog.int8 AS __id{}{} FROM {table} WHERE {id} = ANY ($1)) s",
+                    if select.is_empty() { "" } else { ", " },
+                    select.join(", ")
+                ),
+                None,
+                &[ids.to_vec().into()],
+            )?;
+            for r in t {
+                if let (Some(i), Some(v)) = (r.get::<i64>(1)?, r.get::<pgrx::JsonB>(2)?) {
+                    rows.insert(i, v.0);
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(())
+        })
+        .map_err(|e| TtError::BadArgument(format!("reading item features from {table}: {e}")))?;
+        Ok(rows)
+    }
+
+    /// With a strict user tower, a request's features may hold only the user tower's features,
+    /// the pipeline's history key and the pre-rank models' user-side features (`stage_keys`).
+    pub(crate) fn check_request_keys<'a>(user: &'a Serving, d: &'a Definition, stage_keys: impl Iterator<Item = &'a str>, f: &Value) -> TtResult<()> {
+        if !user.strict {
+            return Ok(());
+        }
+        let mut known: HashSet<&str> = user.model.feature_names().into_iter().collect();
+        known.extend(d.history.as_deref());
+        known.extend(stage_keys);
+        match f.as_object().and_then(|o| o.keys().find(|k| !known.contains(k.as_str()))) {
+            Some(key) => Err(TtError::Tower(twotower_tower::TowerError::UnknownFeature { name: key.clone() })),
+            None => Ok(()),
+        }
     }
 
     fn ms(t: Instant) -> f64 {
@@ -409,16 +431,7 @@ pub mod twotower {
         // The request may carry the user tower's features, the pre-rank models' user-side
         // features and the history; with a strict user tower any other key is an error.
         let f = features.features(&user.model, "features")?;
-        if user.strict {
-            let mut known: HashSet<&str> = user.model.feature_names().into_iter().collect();
-            known.extend(d.history.as_deref());
-            for m in models.iter().flatten() {
-                known.extend(m.model.sources().filter(|(_, s)| *s == Source::User).map(|(n, _)| n));
-            }
-            if let Some(key) = f.as_object().and_then(|o| o.keys().find(|k| !known.contains(k.as_str()))) {
-                return Err(TtError::Tower(twotower_tower::TowerError::UnknownFeature { name: key.clone() }));
-            }
-        }
+        check_request_keys(&user, &d, models.iter().flatten().flat_map(|m| m.model.sources().filter(|(_, s)| *s == Source::User).map(|(n, _)| n)), &f)?;
         let u = user.model.embed_with(&f, false)?;
         let history = match &d.history {
             Some(key) => history_ids(&f, key)?,

@@ -115,6 +115,10 @@ $node->safe_psql('postgres', 'CREATE DATABASE up040');
 $node->safe_psql('up040', q{CREATE EXTENSION pg_twotower VERSION '0.4.0'});
 $node->safe_psql('up040', 'ALTER EXTENSION pg_twotower UPDATE');
 is($node->safe_psql('up040', $describe), $want, 'a 0.4.0 install updated equals a fresh install');
+$node->safe_psql('postgres', 'CREATE DATABASE up050');
+$node->safe_psql('up050', q{CREATE EXTENSION pg_twotower VERSION '0.5.0'});
+$node->safe_psql('up050', 'ALTER EXTENSION pg_twotower UPDATE');
+is($node->safe_psql('up050', $describe), $want, 'a 0.5.0 install updated equals a fresh install');
 
 # Same answers.
 is($node->safe_psql('up', $query), $before, 'the index answers the same after the update');

@@ -117,6 +117,74 @@ fn sums(u: &[f32], v: &[f32]) -> (f32, f32, f32) {
     (dot, uu, vv)
 }
 
+/// The cross inputs of one request (see [`Cross`]): computed the same way when serving (the
+/// cascade) and when training a pre-rank model (`twotower-train`), so a trained model sees
+/// at serving time exactly the inputs it learned from.
+pub struct CrossInputs<'a> {
+    metric: Metric,
+    user: &'a [f32],
+    /// The history, each vector scaled to unit length (zero, non-finite and mis-sized vectors
+    /// left out).
+    unit_history: Vec<Vec<f32>>,
+}
+
+impl<'a> CrossInputs<'a> {
+    pub fn new(metric: Metric, user: &'a [f32], history: &[Vec<f32>]) -> CrossInputs<'a> {
+        let dims = user.len();
+        let unit_history = history
+            .iter()
+            .filter(|h| h.len() == dims)
+            .filter_map(|h| {
+                let n = h.iter().map(|x| x * x).sum::<f32>().sqrt();
+                (n > 0.0 && n.is_finite()).then(|| h.iter().map(|x| x / n).collect())
+            })
+            .collect();
+        CrossInputs { metric, user, unit_history }
+    }
+
+    /// The two-tower score of item vector `v`.
+    pub fn score(&self, v: &[f32]) -> f32 {
+        two_tower_score(self.metric, self.user, v)
+    }
+
+    /// (max, mean) cosine of `v` to the history's vectors; (0, 0) without history or for a
+    /// zero vector.
+    pub fn history(&self, v: &[f32]) -> (f32, f32) {
+        if self.unit_history.is_empty() {
+            return (0.0, 0.0);
+        }
+        let norm = sums(v, v).0.sqrt();
+        if norm == 0.0 || !norm.is_finite() {
+            return (0.0, 0.0);
+        }
+        let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
+        for h in &self.unit_history {
+            let c = sums(h, v).0 / norm;
+            mx = mx.max(c);
+            sum += c;
+        }
+        (mx, sum / self.unit_history.len() as f32)
+    }
+
+    /// Writes cross input `c` of the candidate with vector `v` into `out` (as wide as the
+    /// input), given its two-tower `score` and `history` (from [`Self::score`] and
+    /// [`Self::history`], computed once per candidate).
+    pub fn fill(&self, c: Cross, v: &[f32], score: f32, history: (f32, f32), out: &mut [f32]) {
+        match c {
+            Cross::UserVector => out.copy_from_slice(self.user),
+            Cross::ItemVector => out.copy_from_slice(v),
+            Cross::Product => {
+                for ((o, a), b) in out.iter_mut().zip(self.user).zip(v) {
+                    *o = a * b;
+                }
+            }
+            Cross::Score => out[0] = score,
+            Cross::HistoryMax => out[0] = history.0,
+            Cross::HistoryMean => out[0] = history.1,
+        }
+    }
+}
+
 /// Checks a model stage against the request before anything runs: every cross input the model
 /// reads must have the width the towers produce.
 pub fn check_model(name: &str, model: &Model, dims: usize) -> Result<()> {
@@ -171,16 +239,7 @@ pub fn cascade(
             c.vector.len()
         )));
     }
-    // The history, each vector scaled to unit length (zero vectors left out).
-    let unit_history: Vec<Vec<f32>> = req
-        .history
-        .iter()
-        .filter(|h| h.len() == dims)
-        .filter_map(|h| {
-            let n = h.iter().map(|x| x * x).sum::<f32>().sqrt();
-            (n > 0.0 && n.is_finite()).then(|| h.iter().map(|x| x / n).collect())
-        })
-        .collect();
+    let crosses = CrossInputs::new(req.metric, req.user, req.history);
     let mut alive: Vec<usize> = (0..cands.len()).collect();
     let mut reports = Vec::with_capacity(stages.len());
     for (s, stage) in stages.iter().enumerate() {
@@ -191,7 +250,7 @@ pub fn cascade(
         }
         let tt: Vec<f32> = alive
             .iter()
-            .map(|&i| two_tower_score(req.metric, req.user, &cands[i].vector))
+            .map(|&i| crosses.score(&cands[i].vector))
             .collect();
         let score = match &stage.scorer {
             Scorer::TwoTower => tt,
@@ -201,46 +260,13 @@ pub fn cascade(
                 if parts.len() != alive.len() {
                     return Err(PrerankError::Bad("item parts do not match the candidates".into()));
                 }
-                // The history similarities, only when the model reads them: one pass over the
-                // normalised history per candidate.
-                let wants = |c| model.cross_width(c).is_some();
-                let sims: Vec<(f32, f32)> = if (wants(Cross::HistoryMax) || wants(Cross::HistoryMean)) && !unit_history.is_empty() {
-                    alive
-                        .iter()
-                        .map(|&i| {
-                            let v: &[f32] = &cands[i].vector;
-                            let norm = sums(v, v).0.sqrt();
-                            if norm == 0.0 || !norm.is_finite() {
-                                return (0.0, 0.0);
-                            }
-                            let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
-                            for h in &unit_history {
-                                let c = sums(h, v).0 / norm;
-                                mx = mx.max(c);
-                                sum += c;
-                            }
-                            (mx, sum / unit_history.len() as f32)
-                        })
-                        .collect()
-                } else {
-                    vec![(0.0, 0.0); alive.len()]
-                };
+                let wants_history = model.cross_width(Cross::HistoryMax).is_some() || model.cross_width(Cross::HistoryMean).is_some();
+                let sims: Vec<(f32, f32)> = alive
+                    .iter()
+                    .map(|&i| if wants_history { crosses.history(&cands[i].vector) } else { (0.0, 0.0) })
+                    .collect();
                 let refs: Vec<&Part> = parts.iter().map(|p| &**p).collect();
-                let mut fill = |j: usize, c: Cross, out: &mut [f32]| {
-                    let v: &[f32] = &cands[alive[j]].vector;
-                    match c {
-                        Cross::UserVector => out.copy_from_slice(req.user),
-                        Cross::ItemVector => out.copy_from_slice(v),
-                        Cross::Product => {
-                            for ((o, a), b) in out.iter_mut().zip(req.user).zip(v) {
-                                *o = a * b;
-                            }
-                        }
-                        Cross::Score => out[0] = tt[j],
-                        Cross::HistoryMax => out[0] = sims[j].0,
-                        Cross::HistoryMean => out[0] = sims[j].1,
-                    }
-                };
+                let mut fill = |j: usize, c: Cross, out: &mut [f32]| crosses.fill(c, &cands[alive[j]].vector, tt[j], sims[j], out);
                 poll()?;
                 let threads = if alive.len() >= 1024 { req.threads.max(1) } else { 1 };
                 let out = model.forward_rows(user, &refs, &mut fill, threads);

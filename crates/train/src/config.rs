@@ -7,6 +7,7 @@ use crate::net::Pooling;
 use crate::optim::Sparse;
 use serde_json::{Map, Value};
 use twotower_tower::layers::Activation;
+use twotower_tower::{Cross, Source};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decay {
@@ -35,6 +36,9 @@ pub enum FeatureSpec {
     Bucketize { name: String, dim: usize, boundaries: Bucketing },
     /// A fixed-length list of numbers used as it is (a pre-computed vector).
     Dense { name: String, dim: usize },
+    /// Pre-rank models only: an input computed per (user, candidate) pair from the towers'
+    /// vectors (as wide as the vectors, or one number; see `twotower_tower::Cross`).
+    Cross { name: String, of: Cross },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,7 +62,8 @@ impl FeatureSpec {
             | FeatureSpec::Numeric { name, .. }
             | FeatureSpec::History { name, .. }
             | FeatureSpec::Bucketize { name, .. }
-            | FeatureSpec::Dense { name, .. } => name,
+            | FeatureSpec::Dense { name, .. }
+            | FeatureSpec::Cross { name, .. } => name,
         }
     }
 }
@@ -77,6 +82,19 @@ pub struct TowerSpec {
     pub senet: usize,
     /// BatchNorm after each hidden linear layer (instead of LayerNorm).
     pub batch_norm: bool,
+    /// Pre-rank models: where each feature comes from (aligned with `features`); empty for
+    /// towers.
+    pub sources: Vec<Source>,
+}
+
+/// Which network a feature list describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    User,
+    Item,
+    /// A pre-rank model: features of the request (`"source": "user"`, the default), of the
+    /// candidate item (`"source": "item"`) and cross inputs (`"type": "cross"`).
+    Prerank,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -120,35 +138,35 @@ pub const MAX_BATCH: usize = 65_536;
 pub const MAX_NEGATIVES: usize = 65_536;
 pub const MAX_THREADS: usize = 64;
 
-struct Obj<'a> {
+pub(crate) struct Obj<'a> {
     m: &'a Map<String, Value>,
     path: String,
 }
 
 impl<'a> Obj<'a> {
-    fn new(v: &'a Value, path: &str) -> Result<Obj<'a>> {
+    pub(crate) fn new(v: &'a Value, path: &str) -> Result<Obj<'a>> {
         match v {
             Value::Object(m) => Ok(Obj { m, path: path.to_owned() }),
             _ => Err(opt_err(path, "must be a JSON object")),
         }
     }
-    fn p(&self, k: &str) -> String {
+    pub(crate) fn p(&self, k: &str) -> String {
         if self.path.is_empty() {
             k.to_owned()
         } else {
             format!("{}.{k}", self.path)
         }
     }
-    fn allow(&self, keys: &[&str]) -> Result<()> {
+    pub(crate) fn allow(&self, keys: &[&str]) -> Result<()> {
         match self.m.keys().find(|k| !keys.contains(&k.as_str())) {
             Some(k) => Err(opt_err(self.p(k), format!("unknown key (allowed here: {})", keys.join(", ")))),
             None => Ok(()),
         }
     }
-    fn get(&self, k: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, k: &str) -> Option<&'a Value> {
         self.m.get(k).filter(|v| !v.is_null())
     }
-    fn uint(&self, k: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
+    pub(crate) fn uint(&self, k: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
         let Some(v) = self.get(k) else { return Ok(default) };
         let n = v
             .as_u64()
@@ -158,7 +176,7 @@ impl<'a> Obj<'a> {
         }
         Ok(n as usize)
     }
-    fn num(&self, k: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
+    pub(crate) fn num(&self, k: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
         let Some(v) = self.get(k) else { return Ok(default) };
         let x = v
             .as_f64()
@@ -169,14 +187,14 @@ impl<'a> Obj<'a> {
         }
         Ok(x)
     }
-    fn str(&self, k: &str, default: &'a str) -> Result<&'a str> {
+    pub(crate) fn str(&self, k: &str, default: &'a str) -> Result<&'a str> {
         match self.get(k) {
             None => Ok(default),
             Some(Value::String(s)) => Ok(s),
             Some(v) => Err(opt_err(self.p(k), format!("must be a string, got {v}"))),
         }
     }
-    fn bool(&self, k: &str, default: bool) -> Result<bool> {
+    pub(crate) fn bool(&self, k: &str, default: bool) -> Result<bool> {
         match self.get(k) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
@@ -194,7 +212,8 @@ fn pooling(o: &Obj, k: &str) -> Result<Pooling> {
     }
 }
 
-fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerSpec> {
+pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Result<TowerSpec> {
+    let user = side == Side::User;
     let v = v.ok_or_else(|| opt_err(path, "required key is missing"))?;
     let o = Obj::new(v, path)?;
     o.allow(&["features", "hidden", "activation", "layer_norm", "batch_norm", "dropout", "shortcut", "senet"])?;
@@ -206,8 +225,30 @@ fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerS
         return Err(opt_err(o.p("features"), format!("must list 1 to 256 features, got {}", fs.len())));
     }
     let mut features: Vec<FeatureSpec> = Vec::new();
+    let mut sources: Vec<Source> = Vec::new();
     for (i, f) in fs.iter().enumerate() {
-        let fo = Obj::new(f, &format!("{}[{i}]", o.p("features")))?;
+        let fpath = format!("{}[{i}]", o.p("features"));
+        // A pre-rank feature's "source" is read here; the type's own keys are checked below.
+        let stripped: Value;
+        let f = match (side, f) {
+            (Side::Prerank, Value::Object(m)) if m.contains_key("source") => {
+                let mut m = m.clone();
+                m.remove("source");
+                stripped = Value::Object(m);
+                &stripped
+            }
+            _ => f,
+        };
+        if side == Side::Prerank {
+            let source = match fs[i].get("source") {
+                None | Some(Value::Null) => Source::User,
+                Some(Value::String(s)) if s == "user" => Source::User,
+                Some(Value::String(s)) if s == "item" => Source::Item,
+                Some(v) => return Err(opt_err(format!("{fpath}.source"), format!("must be \"user\" or \"item\", got {v}"))),
+            };
+            sources.push(source);
+        }
+        let fo = Obj::new(f, &fpath)?;
         let name = fo.str("name", "")?;
         if name.is_empty()
             || name.len() > 63
@@ -294,11 +335,43 @@ fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerS
                 fo.allow(&["name", "type", "dim"])?;
                 FeatureSpec::Dense { name, dim: fo.uint("dim", 1, 1, 4096)? }
             }
+            "cross" if side == Side::Prerank => {
+                fo.allow(&["name", "type", "of"])?;
+                if fs[i].get("source").is_some() {
+                    return Err(opt_err(format!("{fpath}.source"), "a cross input has no source: it is computed per (user, candidate) pair"));
+                }
+                let of = fo.str("of", "")?;
+                let of = Cross::ALL.iter().find(|(n, _)| *n == of).map(|(_, c)| *c).ok_or_else(|| {
+                    opt_err(
+                        fo.p("of"),
+                        format!("must be one of {}, got \"{of}\"", Cross::ALL.iter().map(|(n, _)| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")),
+                    )
+                })?;
+                if features.iter().any(|x| matches!(x, FeatureSpec::Cross { of: o, .. } if *o == of)) {
+                    return Err(opt_err(fo.p("of"), format!("the cross input \"{}\" is listed twice", of.name())));
+                }
+                *sources.last_mut().expect("pushed above") = Source::Cross(of);
+                FeatureSpec::Cross { name, of }
+            }
+            "cross" => return Err(opt_err(fo.p("type"), "a cross input belongs to a pre-rank model, not a tower")),
+            "history" if side == Side::Prerank => {
+                return Err(opt_err(
+                    fo.p("type"),
+                    "a pre-rank model reads the history as given in the request: use \"multi_categorical\" over the history key, or the history_max / history_mean cross inputs",
+                ))
+            }
             "history" => return Err(opt_err(fo.p("type"), "a history feature belongs to the user tower")),
             other => {
                 return Err(opt_err(
                     fo.p("type"),
-                    format!("must be \"categorical\", \"multi_categorical\", \"numeric\", \"bucketize\", \"dense\"{}, got \"{other}\"", if user { " or \"history\"" } else { "" }),
+                    format!(
+                        "must be \"categorical\", \"multi_categorical\", \"numeric\", \"bucketize\", \"dense\"{}, got \"{other}\"",
+                        match side {
+                            Side::User => " or \"history\"",
+                            Side::Item => "",
+                            Side::Prerank => " or \"cross\"",
+                        }
+                    ),
                 ))
             }
         };
@@ -367,6 +440,7 @@ fn tower(v: Option<&Value>, path: &str, dim: usize, user: bool) -> Result<TowerS
         shortcut,
         senet,
         batch_norm,
+        sources,
     })
 }
 
@@ -396,8 +470,8 @@ impl Config {
             "threads", "k", "subsample", "init_std", "validation", "hard_ratio", "hard_per_row", "freeze_dense",
         ])?;
         let dim = o.uint("dim", 32, 1, MAX_DIM)?;
-        let user = tower(o.get("user"), "user", dim, true)?;
-        let item = tower(o.get("item"), "item", dim, false)?;
+        let user = tower(o.get("user"), "user", dim, Side::User)?;
+        let item = tower(o.get("item"), "item", dim, Side::Item)?;
         let loss_name = o.str("loss", "softmax")?;
         let in_batch = o.bool("in_batch", true)?;
         let default_neg = match loss_name {

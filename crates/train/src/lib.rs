@@ -11,9 +11,11 @@ pub mod loss;
 pub mod model;
 pub mod net;
 pub mod optim;
+pub mod prerank;
 pub mod train;
 
 pub use config::Config;
 pub use data::Data;
 pub use error::{Result, TrainError};
+pub use prerank::{train_prerank, PrerankConfig, RankLog, TrainedPrerank};
 pub use train::{train, train_from, Base, Event, Keys, Progress, Trained};

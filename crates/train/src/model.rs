@@ -64,13 +64,45 @@ pub fn plan(
     init_std: f32,
     rng: &mut ChaCha8Rng,
 ) -> Result<Plan> {
+    plan_with(kind, spec, dim, 0, stats, min_count, max_vocab, init_std, rng)
+}
+
+/// Plans a pre-rank model (kind "prerank", one output, no normalisation): `vector_dim` is the
+/// width of the towers' vectors (of the vector-valued cross inputs).
+#[allow(clippy::too_many_arguments)]
+pub fn plan_prerank(
+    spec: &TowerSpec,
+    vector_dim: usize,
+    stats: &FeatureStats,
+    min_count: u64,
+    max_vocab: usize,
+    init_std: f32,
+    rng: &mut ChaCha8Rng,
+) -> Result<Plan> {
+    plan_with("prerank", spec, 1, vector_dim, stats, min_count, max_vocab, init_std, rng)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn plan_with(
+    kind: &str,
+    spec: &TowerSpec,
+    dim: usize,
+    vector_dim: usize,
+    stats: &FeatureStats,
+    min_count: u64,
+    max_vocab: usize,
+    init_std: f32,
+    rng: &mut ChaCha8Rng,
+) -> Result<Plan> {
+    let prerank = kind == "prerank";
     let mut fields = Vec::new();
     let mut tables: Vec<Table> = Vec::new();
     let mut table_tensors = Vec::new();
     let mut features = Vec::new();
     let empty = HashMap::new();
-    for f in &spec.features {
+    for (fi, f) in spec.features.iter().enumerate() {
         let name = f.name();
+        let features_before = features.len();
         let mut new_table = |rows: usize, dim: usize, ids: bool| -> usize {
             let w = (0..rows * dim).map(|_| normal(rng) * init_std).collect();
             tables.push(Table {
@@ -134,6 +166,27 @@ pub fn plan(
                     }
                 });
             }
+            FeatureSpec::Cross { of, .. } => {
+                if !prerank {
+                    return Err(TrainError::Option { path: name.to_owned(), reason: "a cross input belongs to a pre-rank model".into() });
+                }
+                let width = if of.is_vector() { vector_dim } else { 1 };
+                if width == 0 {
+                    return Err(TrainError::NoData(format!("cross input \"{name}\" needs the towers' vectors")));
+                }
+                fields.push(FieldKind::Value { width });
+                features.push(if of.is_vector() {
+                    json!({"name": name, "type": "cross", "of": of.name(), "dim": width})
+                } else {
+                    json!({"name": name, "type": "cross", "of": of.name()})
+                });
+            }
+        }
+        // An item-side feature of a pre-rank model says so.
+        if prerank && spec.sources.get(fi) == Some(&twotower_tower::Source::Item) {
+            if let Some(Value::Object(m)) = features.get_mut(features_before) {
+                m.insert("source".into(), json!("item"));
+            }
         }
     }
     let mut width: usize = fields
@@ -162,7 +215,7 @@ pub fn plan(
     let mut widths: Vec<usize> = spec.hidden.clone();
     // Without hidden layers a tower whose fields are already `dim` wide is used as it is (an
     // id-only tower is matrix factorisation); otherwise a last linear layer maps to `dim`.
-    if !(spec.hidden.is_empty() && width == dim && spec.shortcut.is_empty()) {
+    if prerank || !(spec.hidden.is_empty() && width == dim && spec.shortcut.is_empty()) {
         widths.push(dim);
     }
     let last = widths.len();
@@ -223,15 +276,18 @@ pub fn plan(
             }
         }
     }
-    layer_specs.push(json!({"type": "l2_normalize"}));
-    layers.push(Layer::L2Normalize);
+    // A pre-rank model's output is a score (a logit), not a vector to normalise.
+    if !prerank {
+        layer_specs.push(json!({"type": "l2_normalize"}));
+        layers.push(Layer::L2Normalize);
+    }
     let mut spec = json!({
         "format": "pg_twotower.tower",
         "spec_version": 1,
         "kind": kind,
         "features": features,
         "layers": layer_specs,
-        "output": {"dim": dim, "metric": "cosine"},
+        "output": if prerank { json!({"dim": 1}) } else { json!({"dim": dim, "metric": "cosine"}) },
     });
     if senet.is_some() {
         spec["senet"] = json!({"w1": "senet.fc1.weight", "b1": "senet.fc1.bias", "w2": "senet.fc2.weight", "b2": "senet.fc2.bias"});

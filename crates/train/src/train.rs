@@ -100,7 +100,7 @@ fn user_input(cfg: &Config, data: &Data, keys: &Keys, user: u32, timeline: &[u32
     crate::data::user_input(&u.features, Some(&keys.user), &u.id, &cfg.histories(), past, at)
 }
 
-fn stats_of(features: &[FeatureSpec], entities: impl Iterator<Item = (Value, u64)>) -> FeatureStats {
+pub(crate) fn stats_of(features: &[FeatureSpec], entities: impl Iterator<Item = (Value, u64)>) -> FeatureStats {
     let mut s = FeatureStats::default();
     for (obj, n) in entities {
         for f in features {
@@ -117,20 +117,20 @@ fn stats_of(features: &[FeatureSpec], entities: impl Iterator<Item = (Value, u64
                         s.values.entry(name.to_owned()).or_default().push((x, n));
                     }
                 }
-                FeatureSpec::Numeric { .. } | FeatureSpec::Bucketize { .. } | FeatureSpec::Dense { .. } => {}
+                FeatureSpec::Numeric { .. } | FeatureSpec::Bucketize { .. } | FeatureSpec::Dense { .. } | FeatureSpec::Cross { .. } => {}
             }
         }
     }
     s
 }
 
-fn load(plan: &Plan, tower: &Tower) -> Result<Model> {
+pub(crate) fn load(plan: &Plan, tower: &Tower) -> Result<Model> {
     let (spec, st) = model::export(plan, tower)?;
     Ok(Model::load(&spec, &st)?)
 }
 
 /// Splits `0..n` into `parts` contiguous ranges (the first ones one longer).
-fn split(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn split(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
     let parts = parts.clamp(1, n.max(1));
     let base = n / parts;
     let extra = n % parts;
@@ -146,7 +146,7 @@ fn split(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
 
 /// Runs `f` on each part in its own scoped thread (the first on the calling thread), results
 /// in part order.
-fn par<T: Send>(parts: &[std::ops::Range<usize>], f: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
+pub(crate) fn par<T: Send>(parts: &[std::ops::Range<usize>], f: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
     if parts.len() <= 1 {
         return parts.iter().map(|r| f(r.clone())).collect();
     }
@@ -169,7 +169,7 @@ fn par<T: Send>(parts: &[std::ops::Range<usize>], f: impl Fn(std::ops::Range<usi
 
 /// Runs `f(0)`, …, `f(n − 1)` in parallel (one scoped thread each but the first), results in
 /// order.
-fn par_n<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
+pub(crate) fn par_n<T: Send>(n: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
     let parts: Vec<std::ops::Range<usize>> = (0..n).map(|i| i..i + 1).collect();
     par(&parts, |r| f(r.start))
 }
@@ -196,13 +196,18 @@ pub struct Optim {
 
 impl Optim {
     pub fn new(cfg: &Config, t: &Tower) -> Optim {
+        Optim::with(cfg.sparse, t)
+    }
+
+    /// Adam for the dense parameters, `sparse` for the tables.
+    pub fn with(sparse: crate::optim::Sparse, t: &Tower) -> Optim {
         Optim {
             dense: t.dense_params().iter().map(|p| Adam::new(p.len())).collect(),
             sparse: t
                 .tables
                 .iter()
                 .map(|tb| {
-                    let mut s = SparseState::new(cfg.sparse, tb.rows, tb.dim);
+                    let mut s = SparseState::new(sparse, tb.rows, tb.dim);
                     s.init_from(&tb.w);
                     s
                 })
@@ -222,14 +227,20 @@ impl Optim {
     }
 
     fn step(&mut self, cfg: &Config, t: &mut Tower, g: &Grads, step: u64) {
-        if !cfg.freeze_dense {
+        self.step_with(cfg.lr, cfg.weight_decay, cfg.freeze_dense, t, g, step)
+    }
+
+    /// One step: Adam (`lr`, `weight_decay`) on the dense parameters unless `freeze_dense`,
+    /// the sparse optimiser on the touched rows.
+    pub(crate) fn step_with(&mut self, lr: f32, weight_decay: f32, freeze_dense: bool, t: &mut Tower, g: &Grads, step: u64) {
+        if !freeze_dense {
             for ((p, a), gd) in t.dense_params_mut().into_iter().zip(&mut self.dense).zip(&g.dense) {
-                a.step(p, gd, cfg.lr, step, cfg.weight_decay);
+                a.step(p, gd, lr, step, weight_decay);
             }
         }
         for ((tb, s), rows) in t.tables.iter_mut().zip(&mut self.sparse).zip(&g.rows) {
             // Incremental runs update id embeddings only (bucket tables are frozen too).
-            if cfg.freeze_dense && !tb.ids {
+            if freeze_dense && !tb.ids {
                 continue;
             }
             s.step(&mut tb.w, rows, step);
@@ -459,7 +470,7 @@ pub fn train_from(
                     };
                     (n + 2) * dim * 4 * 4
                 }
-                FeatureSpec::Numeric { .. } | FeatureSpec::Dense { .. } => 0,
+                FeatureSpec::Numeric { .. } | FeatureSpec::Dense { .. } | FeatureSpec::Cross { .. } => 0,
             })
             .sum()
     };

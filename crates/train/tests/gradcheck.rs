@@ -36,6 +36,7 @@ fn tower_spec(act: Activation, layer_norm: bool, hidden: Vec<usize>) -> TowerSpe
         shortcut: Vec::new(),
         senet: 0,
         batch_norm: false,
+        sources: Vec::new(),
     }
 }
 

@@ -1,0 +1,609 @@
+//! Training a pre-rank model (the `"prerank"` model kind) from logged requests: each request
+//! carries the user's features, the user tower's vector, the item vectors of the user's history
+//! and the candidates the funnel showed the ranking stage, each with its label and, optionally,
+//! the ranking model's (the teacher's) score.
+//!
+//! Objectives (seeds 001 and 004):
+//! - `labels`: the logistic loss of each candidate's label (a number in [0, 1]);
+//! - `distill`: the labels' loss plus λ·(s − t)², the student's logit `s` pulled toward the
+//!   teacher's score `t`, with λ ramped linearly from 0 over the first `ramp_steps` steps;
+//! - `cascade`: the teacher's top `top_n` of each request are the positives, the rest of that
+//!   request's candidates the negatives (the logistic loss).
+//!
+//! The cross inputs are computed by the funnel's own [`CrossInputs`], so the trained model sees
+//! at serving time exactly the inputs it learned from. Validation: the last requests (in the
+//! log's order), ranked by the student; the best epoch is kept.
+
+use crate::config::{tower, Obj, Side, TowerSpec, MAX_BATCH, MAX_EPOCHS, MAX_THREADS};
+use crate::error::{opt_err, Result, TrainError};
+use crate::eval::{ranks, Accumulator, Metrics};
+use crate::model::{self, FeatureStats};
+use crate::net::{Grads, Tower};
+use crate::optim::Sparse;
+use crate::train::{load, par, split, stats_of, Event, Optim, Progress};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Instant;
+use twotower_funnel::prerank::CrossInputs;
+use twotower_metric::Metric;
+use twotower_tower::{Encoded, Model, Part, Source};
+
+/// What the student learns from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    Labels,
+    Distill { lambda: f32, ramp_steps: usize },
+    Cascade { top_n: usize },
+}
+
+/// The options of a pre-rank training run (a JSON object; `docs/funnel.md` lists every key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrerankConfig {
+    /// The network: features (`"source": "user"|"item"`, or `"type": "cross"`), hidden layers.
+    pub model: TowerSpec,
+    pub objective: Objective,
+    pub min_count: usize,
+    pub max_vocab: usize,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub sparse: Sparse,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub patience: usize,
+    pub seed: u64,
+    pub threads: usize,
+    /// K of the validation metrics (recall of the positives in the student's top K).
+    pub k: usize,
+    pub init_std: f32,
+    /// The share of requests (the last ones) that validate; 0 = none (the last epoch is kept).
+    pub validation: f64,
+}
+
+impl PrerankConfig {
+    pub fn parse(v: &Value) -> Result<PrerankConfig> {
+        let o = Obj::new(v, "")?;
+        o.allow(&[
+            "model", "objective", "lambda", "ramp_steps", "top_n", "min_count", "max_vocab", "lr", "weight_decay",
+            "sparse_optimizer", "sparse_lr", "batch_size", "epochs", "patience", "seed", "threads", "k", "init_std",
+            "validation",
+        ])?;
+        let model = tower(o.get("model"), "model", 16, Side::Prerank)?;
+        let objective = match o.str("objective", "labels")? {
+            "labels" => Objective::Labels,
+            "distill" => Objective::Distill {
+                lambda: o.num("lambda", 1.0, 0.0, 1e6)? as f32,
+                ramp_steps: o.uint("ramp_steps", 100, 0, 100_000_000)?,
+            },
+            "cascade" => Objective::Cascade { top_n: o.uint("top_n", 10, 1, 100_000)? },
+            other => return Err(opt_err("objective", format!("must be \"labels\", \"distill\" or \"cascade\", got \"{other}\""))),
+        };
+        let distill = matches!(objective, Objective::Distill { .. });
+        for k in ["lambda", "ramp_steps"] {
+            if o.get(k).is_some() && !distill {
+                return Err(opt_err(k, "applies to \"objective\": \"distill\" only"));
+            }
+        }
+        if o.get("top_n").is_some() && !matches!(objective, Objective::Cascade { .. }) {
+            return Err(opt_err("top_n", "applies to \"objective\": \"cascade\" only"));
+        }
+        let sparse_lr = o.num("sparse_lr", 0.01, 1e-8, 100.0)? as f32;
+        let sparse = match o.str("sparse_optimizer", "lazy_adam")? {
+            "lazy_adam" => Sparse::LazyAdam { lr: sparse_lr },
+            "adagrad" => Sparse::Adagrad { lr: sparse_lr, initial: 0.1 },
+            other => return Err(opt_err("sparse_optimizer", format!("must be \"lazy_adam\" or \"adagrad\", got \"{other}\""))),
+        };
+        Ok(PrerankConfig {
+            model,
+            objective,
+            min_count: o.uint("min_count", 1, 1, usize::MAX)?,
+            max_vocab: o.uint("max_vocab", 1_000_000, 1, u32::MAX as usize - 2)?,
+            lr: o.num("lr", 0.001, 1e-8, 100.0)? as f32,
+            weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0)? as f32,
+            sparse,
+            batch_size: o.uint("batch_size", 512, 2, MAX_BATCH)?,
+            epochs: o.uint("epochs", 10, 1, MAX_EPOCHS)?,
+            patience: o.uint("patience", 3, 1, MAX_EPOCHS)?,
+            seed: o.uint("seed", 42, 0, usize::MAX)? as u64,
+            threads: o.uint("threads", 2, 1, MAX_THREADS)?,
+            k: o.uint("k", 10, 1, 100_000)?,
+            init_std: o.num("init_std", 0.05, 0.0, 10.0)? as f32,
+            validation: o.num("validation", 0.2, 0.0, 0.5)?,
+        })
+    }
+
+    /// Whether the objective reads the teacher's scores.
+    pub fn needs_teacher(&self) -> bool {
+        !matches!(self.objective, Objective::Labels)
+    }
+}
+
+/// A candidate item of the log: its feature row (an object, `{}` without one) and its vector.
+#[derive(Debug, Clone)]
+pub struct LogItem {
+    pub id: i64,
+    pub features: Value,
+    pub vector: Vec<f32>,
+}
+
+/// One candidate of a logged request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LogCandidate {
+    /// Index into [`RankLog::items`].
+    pub item: u32,
+    pub label: f32,
+    pub teacher: Option<f32>,
+}
+
+/// One logged request.
+#[derive(Debug, Clone)]
+pub struct LogRequest {
+    /// The request's id (for messages).
+    pub id: String,
+    /// The request's features object (as `recommend` receives it).
+    pub features: Value,
+    /// The user tower's vector for these features.
+    pub user: Vec<f32>,
+    /// The item vectors of the user's history (for the `history_*` cross inputs).
+    pub history: Vec<Vec<f32>>,
+    pub candidates: Vec<LogCandidate>,
+}
+
+/// The logged requests and their candidate items.
+#[derive(Debug, Default)]
+pub struct RankLog {
+    pub metric: Option<Metric>,
+    pub items: Vec<LogItem>,
+    pub requests: Vec<LogRequest>,
+    index: HashMap<i64, u32>,
+}
+
+impl RankLog {
+    pub fn new(metric: Metric) -> RankLog {
+        RankLog { metric: Some(metric), ..RankLog::default() }
+    }
+
+    /// The index of item `id` (added with `features` and `vector` when new).
+    pub fn item(&mut self, id: i64, features: impl FnOnce() -> (Value, Vec<f32>)) -> u32 {
+        if let Some(&i) = self.index.get(&id) {
+            return i;
+        }
+        let (features, vector) = features();
+        let i = self.items.len() as u32;
+        self.items.push(LogItem { id, features, vector });
+        self.index.insert(id, i);
+        i
+    }
+
+    pub fn item_index(&self, id: i64) -> Option<u32> {
+        self.index.get(&id).copied()
+    }
+}
+
+/// One finished epoch.
+#[derive(Debug, Clone)]
+pub struct PrerankEpoch {
+    pub epoch: usize,
+    pub loss: f64,
+    pub seconds: f64,
+    pub valid: Option<Metrics>,
+    /// Of the teacher's top K per validation request, the share in the student's top K.
+    pub teacher_agreement: Option<f64>,
+}
+
+/// A trained pre-rank model, ready to be stored as a model version.
+#[derive(Debug, Clone)]
+pub struct TrainedPrerank {
+    pub spec: String,
+    pub weights: Vec<u8>,
+    pub best_epoch: usize,
+    pub epochs: Vec<PrerankEpoch>,
+    pub train_examples: usize,
+    pub valid_requests: usize,
+    pub parameters: usize,
+}
+
+/// Each request's targets: the labels, or (cascade) 1 for the teacher's top `top_n`.
+fn targets(cfg: &PrerankConfig, log: &RankLog, r: &LogRequest) -> Vec<f32> {
+    match cfg.objective {
+        Objective::Cascade { top_n } => {
+            let mut order: Vec<usize> = (0..r.candidates.len()).collect();
+            order.sort_by(|&a, &b| {
+                let (ca, cb) = (&r.candidates[a], &r.candidates[b]);
+                cb.teacher
+                    .unwrap_or(f32::NEG_INFINITY)
+                    .total_cmp(&ca.teacher.unwrap_or(f32::NEG_INFINITY))
+                    .then(log.items[ca.item as usize].id.cmp(&log.items[cb.item as usize].id))
+            });
+            let mut t = vec![0f32; r.candidates.len()];
+            for &i in order.iter().take(top_n) {
+                t[i] = 1.0;
+            }
+            t
+        }
+        _ => r.candidates.iter().map(|c| c.label).collect(),
+    }
+}
+
+/// The cross inputs of one candidate that depend on the history and the two-tower score,
+/// computed once.
+#[derive(Clone, Copy)]
+struct Pre {
+    score: f32,
+    history: (f32, f32),
+}
+
+/// The encoded, ready-to-assemble log.
+struct Encodings {
+    users: Vec<Part>,
+    items: Vec<Part>,
+    pre: Vec<Vec<Pre>>,
+}
+
+fn assemble(model: &Model, log: &RankLog, enc: &Encodings, metric: Metric, r: usize, c: usize) -> Encoded {
+    let req = &log.requests[r];
+    let cand = req.candidates[c];
+    let v = &log.items[cand.item as usize].vector;
+    let pre = enc.pre[r][c];
+    let crosses = CrossInputs::new(metric, &req.user, &[]);
+    model.assemble(&enc.users[r], &enc.items[cand.item as usize], &mut |x, out| crosses.fill(x, v, pre.score, pre.history, out))
+}
+
+fn sigmoid(z: f64) -> f64 {
+    if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// log(1 + e^z), stable.
+fn softplus(z: f64) -> f64 {
+    if z > 30.0 {
+        z
+    } else if z < -30.0 {
+        z.exp()
+    } else {
+        z.exp().ln_1p()
+    }
+}
+
+/// The loss of one row and its gradient with respect to the logit `s`.
+fn row_loss(s: f32, y: f32, teacher: Option<f32>, lambda: f32) -> (f64, f32) {
+    let (s64, y64) = (s as f64, y as f64);
+    let mut l = softplus(s64) - y64 * s64;
+    let mut g = sigmoid(s64) - y64;
+    if let (Some(t), true) = (teacher, lambda > 0.0) {
+        let d = s64 - t as f64;
+        l += lambda as f64 * d * d;
+        g += 2.0 * lambda as f64 * d;
+    }
+    (l, g as f32)
+}
+
+/// Trains a pre-rank model on `log`. `budget` bounds the memory the run allocates (bytes).
+pub fn train_prerank(
+    cfg: &PrerankConfig,
+    log: &RankLog,
+    budget: usize,
+    progress: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<TrainedPrerank> {
+    let metric = log.metric.ok_or_else(|| TrainError::NoData("the log has no metric".into()))?;
+    if log.requests.is_empty() {
+        return Err(TrainError::NoData("no logged requests".into()));
+    }
+    let dim = log.requests[0].user.len();
+    if dim == 0 {
+        return Err(TrainError::NoData("the user vectors are empty".into()));
+    }
+    for r in &log.requests {
+        if r.user.len() != dim || r.user.iter().any(|x| !x.is_finite()) {
+            return Err(TrainError::NoData(format!("request {} has a user vector of {} dimensions (or a non-finite one); the first has {dim}", r.id, r.user.len())));
+        }
+        for c in &r.candidates {
+            if !(c.label.is_finite() && (0.0..=1.0).contains(&c.label)) {
+                return Err(TrainError::NoData(format!("request {}: item {} has label {}, labels must be in [0, 1]", r.id, log.items[c.item as usize].id, c.label)));
+            }
+            match c.teacher {
+                None if cfg.needs_teacher() => {
+                    return Err(TrainError::NoData(format!("request {}: item {} has no teacher score, which this objective needs", r.id, log.items[c.item as usize].id)))
+                }
+                Some(t) if !t.is_finite() => {
+                    return Err(TrainError::NoData(format!("request {}: item {} has a non-finite teacher score", r.id, log.items[c.item as usize].id)))
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(it) = log.items.iter().find(|it| it.vector.len() != dim || it.vector.iter().any(|x| !x.is_finite())) {
+        return Err(TrainError::NoData(format!("item {} has a vector of {} dimensions (or a non-finite one), the users' have {dim}", it.id, it.vector.len())));
+    }
+    // The split: the last requests validate.
+    let n = log.requests.len();
+    let n_valid = if cfg.validation > 0.0 && n >= 2 { ((n as f64 * cfg.validation).round() as usize).clamp(1, n - 1) } else { 0 };
+    let n_train = n - n_valid;
+    let tg: Vec<Vec<f32>> = log.requests.iter().map(|r| targets(cfg, log, r)).collect();
+    let examples: Vec<(u32, u32)> = (0..n_train)
+        .flat_map(|r| (0..log.requests[r].candidates.len()).map(move |c| (r as u32, c as u32)))
+        .collect();
+    if examples.is_empty() {
+        return Err(TrainError::NoData("the training requests have no candidates".into()));
+    }
+    // Memory: the examples, the per-candidate cross inputs, the parts, a batch's activations.
+    let widest = cfg.model.hidden.iter().copied().max().unwrap_or(1).max(4 * dim + 64);
+    let cands: usize = log.requests.iter().map(|r| r.candidates.len()).sum();
+    let needed = examples.len() * 8
+        + cands * 16
+        + (n + log.items.len()) * (64 + cfg.model.features.len() * 48)
+        + cfg.batch_size * widest * 4 * (cfg.model.hidden.len() + 3) * 3;
+    if needed > budget {
+        return Err(TrainError::MemoryBudget { needed, budget });
+    }
+    progress(Event::Tick)?;
+
+    // Statistics: user-side features over the training requests, item-side ones over the
+    // candidates of the training requests.
+    let side = |s: Source| -> Vec<crate::config::FeatureSpec> {
+        cfg.model
+            .features
+            .iter()
+            .zip(&cfg.model.sources)
+            .filter(|(_, x)| **x == s)
+            .map(|(f, _)| f.clone())
+            .collect()
+    };
+    let mut item_uses = vec![0u64; log.items.len()];
+    for r in &log.requests[..n_train] {
+        for c in &r.candidates {
+            item_uses[c.item as usize] += 1;
+        }
+    }
+    let mut stats = stats_of(&side(Source::User), log.requests[..n_train].iter().map(|r| (r.features.clone(), 1)));
+    let istats = stats_of(
+        &side(Source::Item),
+        log.items.iter().zip(&item_uses).filter(|(_, &u)| u > 0).map(|(it, &u)| (it.features.clone(), u)),
+    );
+    merge_stats(&mut stats, istats);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let plan = model::plan_prerank(&cfg.model, dim, &stats, cfg.min_count as u64, cfg.max_vocab, cfg.init_std, &mut rng)?;
+    let mut tower = plan.tower.clone();
+    let enc_model = load(&plan, &tower)?;
+    progress(Event::Tick)?;
+    let mut enc = Encodings {
+        users: Vec::with_capacity(n),
+        items: Vec::with_capacity(log.items.len()),
+        pre: Vec::with_capacity(n),
+    };
+    for r in &log.requests {
+        enc.users.push(enc_model.encode_part(&r.features, Source::User, false)?);
+        let crosses = CrossInputs::new(metric, &r.user, &r.history);
+        enc.pre.push(
+            r.candidates
+                .iter()
+                .map(|c| {
+                    let v = &log.items[c.item as usize].vector;
+                    Pre { score: crosses.score(v), history: crosses.history(v) }
+                })
+                .collect(),
+        );
+    }
+    for it in &log.items {
+        enc.items.push(enc_model.encode_part(&it.features, Source::Item, false)?);
+    }
+    progress(Event::Tick)?;
+
+    let mut opt = Optim::with(cfg.sparse, &tower);
+    let threads = cfg.threads.max(1);
+    let steps = examples.len().div_ceil(cfg.batch_size);
+    let mut order = examples.clone();
+    let mut t: u64 = 0;
+    let mut epochs = Vec::new();
+    let mut best: Option<(f64, usize, Tower)> = None;
+    let mut since_best = 0;
+    for epoch in 1..=cfg.epochs {
+        let started = Instant::now();
+        order.shuffle(&mut rng);
+        let mut loss_sum = 0f64;
+        let mut seen = 0usize;
+        for (step, batch) in order.chunks(cfg.batch_size).enumerate() {
+            t += 1;
+            let lambda = match cfg.objective {
+                Objective::Distill { lambda, ramp_steps } => {
+                    lambda * if ramp_steps == 0 { 1.0 } else { ((t - 1) as f32 / ramp_steps as f32).min(1.0) }
+                }
+                _ => 0.0,
+            };
+            let parts = split(batch.len(), threads);
+            let tw = &tower;
+            let seed = cfg.seed ^ t.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let m = batch.len() as f32;
+            let outs = par(&parts, |range| {
+                let xs: Vec<Encoded> = batch[range.clone()]
+                    .iter()
+                    .map(|&(r, c)| assemble(&enc_model, log, &enc, metric, r as usize, c as usize))
+                    .collect();
+                let refs: Vec<&Encoded> = xs.iter().collect();
+                let cache = tw.forward_train(&refs, seed ^ range.start as u64);
+                let mut l = 0f64;
+                let dout: Vec<f32> = batch[range.clone()]
+                    .iter()
+                    .zip(cache.output())
+                    .map(|(&(r, c), &s)| {
+                        let cand = log.requests[r as usize].candidates[c as usize];
+                        let (lr, g) = row_loss(s, tg[r as usize][c as usize], cand.teacher, lambda);
+                        l += lr;
+                        g / m
+                    })
+                    .collect();
+                let grads = tw.backward(&cache, &dout);
+                let stats = cache.batch_stats().to_vec();
+                (l, grads, stats)
+            });
+            let l: f64 = outs.iter().map(|o| o.0).sum();
+            if !l.is_finite() {
+                return Err(TrainError::Diverged { epoch, step: step + 1, loss: l });
+            }
+            let mut stats = Vec::with_capacity(outs.len());
+            let mut total: Option<Grads> = None;
+            for (_, g, s) in outs {
+                stats.push(s);
+                match &mut total {
+                    None => total = Some(g),
+                    Some(tg) => tg.add(g),
+                }
+            }
+            tower.update_running_stats(&stats);
+            if let Some(g) = total {
+                opt.step_with(cfg.lr, cfg.weight_decay, false, &mut tower, &g, t);
+            }
+            loss_sum += l;
+            seen += batch.len();
+            let p = Progress {
+                epoch,
+                epochs: cfg.epochs,
+                step: step + 1,
+                steps,
+                loss: loss_sum / seen.max(1) as f64,
+                examples_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                valid: None,
+            };
+            progress(Event::Step(&p))?;
+        }
+        let (valid, agreement) = if n_valid > 0 {
+            let (m, a) = validate(cfg, log, &enc_model, &enc, metric, &tower, &tg, n_train, progress)?;
+            (Some(m), a)
+        } else {
+            (None, None)
+        };
+        let loss = loss_sum / seen.max(1) as f64;
+        let p = Progress {
+            epoch,
+            epochs: cfg.epochs,
+            step: steps,
+            steps,
+            loss,
+            examples_per_s: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            valid,
+        };
+        progress(Event::Epoch(&p))?;
+        epochs.push(PrerankEpoch { epoch, loss, seconds: started.elapsed().as_secs_f64(), valid, teacher_agreement: agreement });
+        let score = valid.map_or(epoch as f64, |m| m.recall);
+        if best.as_ref().is_none_or(|b| score > b.0) {
+            best = Some((score, epoch, tower.clone()));
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= cfg.patience {
+                break;
+            }
+        }
+    }
+    let (_, best_epoch, best_tower) = best.expect("at least one epoch ran");
+    let (spec, weights) = model::export(&plan, &best_tower)?;
+    check_export(&spec, &weights, &best_tower, log, &enc_model, &enc, metric)?;
+    Ok(TrainedPrerank {
+        spec,
+        weights,
+        best_epoch,
+        epochs,
+        train_examples: examples.len(),
+        valid_requests: n_valid,
+        parameters: best_tower.parameter_count(),
+    })
+}
+
+fn merge_stats(into: &mut FeatureStats, from: FeatureStats) {
+    into.counts.extend(from.counts);
+    into.moments.extend(from.moments);
+    into.values.extend(from.values);
+}
+
+/// The student's scores of every candidate of request `r`.
+fn score_request(log: &RankLog, enc_model: &Model, enc: &Encodings, metric: Metric, tower: &Tower, r: usize) -> Vec<f32> {
+    let xs: Vec<Encoded> = (0..log.requests[r].candidates.len())
+        .map(|c| assemble(enc_model, log, enc, metric, r, c))
+        .collect();
+    let mut out = Vec::with_capacity(xs.len());
+    for chunk in xs.chunks(1024) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        out.extend_from_slice(tower.forward(&refs).output());
+    }
+    out
+}
+
+/// Recall / HR / NDCG at `k` of each validation request's positives (targets > 0.5) ranked
+/// by the student, and (with teacher scores) the share of the teacher's top K in the
+/// student's top K.
+#[allow(clippy::too_many_arguments)]
+fn validate(
+    cfg: &PrerankConfig,
+    log: &RankLog,
+    enc_model: &Model,
+    enc: &Encodings,
+    metric: Metric,
+    tower: &Tower,
+    tg: &[Vec<f32>],
+    n_train: usize,
+    progress: &mut dyn FnMut(Event) -> Result<()>,
+) -> Result<(Metrics, Option<f64>)> {
+    let mut acc = Accumulator::new(&[cfg.k]);
+    let (mut agree, mut agree_n) = (0f64, 0usize);
+    let rs: Vec<usize> = (n_train..log.requests.len()).collect();
+    for chunk in rs.chunks(64) {
+        progress(Event::Tick)?;
+        let parts = split(chunk.len(), cfg.threads.max(1));
+        let scored = par(&parts, |range| {
+            chunk[range].iter().map(|&r| score_request(log, enc_model, enc, metric, tower, r)).collect::<Vec<_>>()
+        });
+        for (&r, s) in chunk.iter().zip(scored.into_iter().flatten()) {
+            let req = &log.requests[r];
+            let pos: Vec<u32> = tg[r].iter().enumerate().filter(|(_, &y)| y > 0.5).map(|(i, _)| i as u32).collect();
+            if !pos.is_empty() {
+                acc.add(&ranks(&s, &pos, &[]));
+            }
+            if req.candidates.iter().all(|c| c.teacher.is_some()) && !req.candidates.is_empty() {
+                let teacher: Vec<f32> = req.candidates.iter().map(|c| c.teacher.unwrap_or(0.0)).collect();
+                let k = cfg.k.min(req.candidates.len());
+                let top = |sc: &[f32]| -> Vec<usize> {
+                    let mut o: Vec<usize> = (0..sc.len()).collect();
+                    o.sort_by(|&a, &b| sc[b].total_cmp(&sc[a]).then(a.cmp(&b)));
+                    o.truncate(k);
+                    o.sort_unstable();
+                    o
+                };
+                let (a, b) = (top(&s), top(&teacher));
+                agree += a.iter().filter(|i| b.binary_search(i).is_ok()).count() as f64 / k as f64;
+                agree_n += 1;
+            }
+        }
+    }
+    let m = acc.metrics().pop().expect("one k");
+    Ok((m, (agree_n > 0).then(|| agree / agree_n as f64)))
+}
+
+/// The exported model loads and scores what training scored.
+fn check_export(spec: &str, weights: &[u8], tower: &Tower, log: &RankLog, enc_model: &Model, enc: &Encodings, metric: Metric) -> Result<()> {
+    let exported = Model::load(spec, weights)?;
+    let req = &log.requests[0];
+    let n = req.candidates.len().min(8);
+    if n == 0 {
+        return Ok(());
+    }
+    let trained = score_request(log, enc_model, enc, metric, tower, 0);
+    let user = exported.encode_part(&req.features, Source::User, false)?;
+    let crosses = CrossInputs::new(metric, &req.user, &req.history);
+    for (c, want) in req.candidates.iter().zip(&trained).take(n) {
+        let it = &log.items[c.item as usize];
+        let part = exported.encode_part(&it.features, Source::Item, false)?;
+        let (score, hist) = (crosses.score(&it.vector), crosses.history(&it.vector));
+        let x = exported.assemble(&user, &part, &mut |x, out| crosses.fill(x, &it.vector, score, hist, out));
+        let got = exported.forward(&x)[0];
+        if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
+            return Err(TrainError::Export(format!("item {}: the exported model scores {got}, training scored {want}", it.id)));
+        }
+    }
+    Ok(())
+}
