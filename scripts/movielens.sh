@@ -14,6 +14,11 @@
 #    list of all three (twotower.merge) are scored on the same test items; one user's
 #    recommendations with titles, with the channels they came from; then the same funnel saved
 #    as a pipeline and served by twotower.recommend (with its explain).
+# 6. Cascade pre-ranking (scripts/movielens-cascade.sql): a ranking DNN (the teacher) and a
+#    small pre-rank DNN distilled from it (the student) are trained in SQL from a log of
+#    requests at the validation position (twotower.train_prerank; options:
+#    scripts/movielens-prerank.json, chosen on validation); the cascade merged 300 -> two-tower
+#    200 -> student 100 is scored on the test items next to the merged list.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${TT_DEMO_PORT:-55432}
@@ -113,7 +118,8 @@ SQL
 echo "== item-to-item channels (item-CF and Swing) and the merged funnel, on the same test items"
 # Options, history lengths and the merge strategy were chosen on validation only
 # (bench/movielens_channels.py writes the table of candidates; scripts/movielens-channels.json).
-psql_ml -v ch="$(cat scripts/movielens-channels.json)" <<'SQL'
+prerank() { python3 -c 'import json, sys; print(json.dumps(json.load(open("scripts/movielens-prerank.json"))[sys.argv[1]]))' "$1"; }
+psql_ml -v ch="$(cat scripts/movielens-channels.json)" -v teacher="$(prerank teacher)" -v student="$(prerank student)" <<'SQL'
 \timing on
 SELECT channel, kind, items, rows, round(seconds::numeric, 1) AS seconds
   FROM twotower.build_channel('ml_itemcf', 'itemcf', 'ml_train', 'ml_itemcf_nb', (:'ch'::jsonb #> '{itemcf,options}') || '{"top_n": 200}');
@@ -185,4 +191,6 @@ SELECT bool_and(same) AS recommend_equals_the_merged_list FROM (
   SELECT (SELECT array_agg(item_id ORDER BY rank) FROM twotower.recommend('ml_feed', q.features, exclude => h.seen))
        = (SELECT array_agg(item_id ORDER BY rank) FROM pg_temp.merged(q.features, h.items, h.seen, 200, 10, :'ch')) AS same
     FROM ml_queries q JOIN hist h USING (user_id) WHERE q.user_id <= 100) x;
+\echo == cascade pre-ranking: a teacher and a distilled student trained in SQL (scripts/movielens-cascade.sql)
+\i scripts/movielens-cascade.sql
 SQL

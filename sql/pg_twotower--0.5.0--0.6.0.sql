@@ -14,6 +14,7 @@ CREATE  FUNCTION twotower."train_prerank"(
 	"item_column" TEXT DEFAULT 'item_id', /* Option < & str > */
 	"label_column" TEXT DEFAULT 'label', /* Option < & str > */
 	"teacher_column" TEXT DEFAULT NULL, /* Option < & str > */
+	"rank_column" TEXT DEFAULT NULL, /* Option < & str > */
 	"activate" bool DEFAULT true /* Option < bool > */
 ) RETURNS TABLE (
 	"model" TEXT,  /* String */

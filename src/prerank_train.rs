@@ -23,7 +23,8 @@ pub mod twotower {
     /// Trains a pre-rank model `name` (a new version of it) for pipeline `pipeline` from a log: `requests` has one row per
     /// request (its id and the features object `recommend` received), `candidates` one row per
     /// candidate shown to the ranking stage (request id, item id, label in [0, 1], and the
-    /// ranking model's score when `teacher_column` is given). The last requests in request id
+    /// ranking model's score when `teacher_column` is given, its position in the recall list
+    /// when `rank_column` is given: the `recall_rank` input). The last requests in request id
     /// order validate. `options` (jsonb) chooses the network, the objective (`labels`,
     /// `distill`, `cascade`) and the schedule; see docs/funnel.md.
     #[pg_extern(volatile, parallel_unsafe)]
@@ -39,6 +40,7 @@ pub mod twotower {
         item_column: default!(Option<&str>, "'item_id'"),
         label_column: default!(Option<&str>, "'label'"),
         teacher_column: default!(Option<&str>, "NULL"),
+        rank_column: default!(Option<&str>, "NULL"),
         activate: default!(Option<bool>, true),
     ) -> TableIterator<
         'static,
@@ -67,6 +69,14 @@ pub mod twotower {
             TtError::Train(TrainError::Option {
                 path: "objective".into(),
                 reason: "\"distill\" and \"cascade\" learn from the teacher's scores: give teacher_column".into(),
+            })
+            .report();
+        }
+        let uses_rank = cfg.model.sources.contains(&twotower_tower::Source::Cross(twotower_tower::Cross::RecallRank));
+        if uses_rank && rank_column.is_none() {
+            TtError::Train(TrainError::Option {
+                path: "model.features".into(),
+                reason: "the recall_rank input is the candidate's logged position in the recall list: give rank_column".into(),
             })
             .report();
         }
@@ -131,16 +141,29 @@ pub mod twotower {
             Some(c) => format!("t.{}::pg_catalog.float4", spi::column(candidates.0, c, "teacher score").or_report()),
             None => "NULL::pg_catalog.float4".into(),
         };
+        let rank = match rank_column {
+            Some(c) => format!("t.{}::pg_catalog.int4", spi::column(candidates.0, c, "rank").or_report()),
+            None => "0".into(),
+        };
         let select = format!(
-            "SELECT t.{crc}::pg_catalog.text, t.{cic}::pg_catalog.int8, t.{clc}::pg_catalog.float4, {teacher} FROM {csrc} AS t"
+            "SELECT t.{crc}::pg_catalog.text, t.{cic}::pg_catalog.int8, t.{clc}::pg_catalog.float4, {teacher}, {rank} FROM {csrc} AS t"
         );
-        let mut raw: Vec<(usize, i64, f32, Option<f32>)> = Vec::new();
+        let mut raw: Vec<(usize, i64, f32, Option<f32>, u32)> = Vec::new();
         let mut progress = spi::Progress::new("train_prerank: reading candidates", "rows");
         read_rows(&select, &csrc, Some(&mut progress), |row| {
             let (Some(r), Some(item), Some(label)) = (row.get::<String>(1)?, row.get::<i64>(2)?, row.get::<f32>(3)?) else {
                 TtError::NullValue(format!("a row of {csrc} has a NULL request id, item id or label")).report();
             };
             let t = row.get::<f32>(4)?;
+            let position = match row.get::<i32>(5)? {
+                Some(p) if p >= 1 => p as u32,
+                Some(_) | None if rank_column.is_none() => 0,
+                p => TtError::BadArgument(format!(
+                    "{csrc}: request {r}, item {item} has rank {}: ranks are positions from 1",
+                    p.map_or("NULL".to_owned(), |p| p.to_string())
+                ))
+                .report(),
+            };
             let Some(&ri) = index.get(&r) else {
                 TtError::BadArgument(format!("{csrc} has a candidate of request {r}, which {rsrc} does not have")).report();
             };
@@ -148,7 +171,7 @@ pub mod twotower {
             if bytes > budget {
                 TtError::Train(TrainError::MemoryBudget { needed: bytes, budget }).report();
             }
-            raw.push((ri, item, label, t));
+            raw.push((ri, item, label, t, position));
             Ok(())
         })
         .or_report();
@@ -211,14 +234,14 @@ pub mod twotower {
         drop(histories);
         // A candidate without a vector cannot reach a pre-rank stage: it is left out.
         let mut missing = 0usize;
-        for (ri, item, label, t) in raw {
+        for (ri, item, label, t, position) in raw {
             let Some(v) = vecs.get(&item) else {
                 missing += 1;
                 continue;
             };
             let empty = Value::Object(Default::default());
             let idx = log.item(item, || (feats.get(&item).cloned().unwrap_or(empty), v.clone()));
-            log.requests[ri].candidates.push(LogCandidate { item: idx, label, teacher: t });
+            log.requests[ri].candidates.push(LogCandidate { item: idx, position, label, teacher: t });
         }
         drop(vecs);
         drop(feats);
@@ -268,6 +291,7 @@ pub mod twotower {
             "item_column": item_column,
             "label_column": label_column,
             "teacher_column": teacher_column,
+            "rank_column": rank_column,
             "options": options,
         });
         let spec: Value = serde_json::from_str(&trained.spec).expect("the core wrote JSON");

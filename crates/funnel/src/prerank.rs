@@ -55,7 +55,8 @@ pub struct Request<'a> {
     pub threads: usize,
 }
 
-/// A candidate: its id and its stored item vector (same width as the user vector).
+/// A candidate: its id and its stored item vector (same width as the user vector). The order of
+/// the candidates given to [`cascade`] is the recall order (the `recall_rank` cross input).
 #[derive(Debug, Clone)]
 pub struct Candidate {
     pub item: i64,
@@ -166,10 +167,19 @@ impl<'a> CrossInputs<'a> {
         (mx, sum / self.unit_history.len() as f32)
     }
 
+    /// The per-candidate inputs of the candidate with vector `v` at 1-based `position` in the
+    /// list the stages receive (the history similarities only when `history` is asked).
+    pub fn pair(&self, v: &[f32], position: usize, history: bool) -> Pair {
+        Pair {
+            score: self.score(v),
+            history: if history { self.history(v) } else { (0.0, 0.0) },
+            position,
+        }
+    }
+
     /// Writes cross input `c` of the candidate with vector `v` into `out` (as wide as the
-    /// input), given its two-tower `score` and `history` (from [`Self::score`] and
-    /// [`Self::history`], computed once per candidate).
-    pub fn fill(&self, c: Cross, v: &[f32], score: f32, history: (f32, f32), out: &mut [f32]) {
+    /// input), given its [`Pair`] (computed once per candidate).
+    pub fn fill(&self, c: Cross, v: &[f32], pair: &Pair, out: &mut [f32]) {
         match c {
             Cross::UserVector => out.copy_from_slice(self.user),
             Cross::ItemVector => out.copy_from_slice(v),
@@ -178,11 +188,21 @@ impl<'a> CrossInputs<'a> {
                     *o = a * b;
                 }
             }
-            Cross::Score => out[0] = score,
-            Cross::HistoryMax => out[0] = history.0,
-            Cross::HistoryMean => out[0] = history.1,
+            Cross::Score => out[0] = pair.score,
+            Cross::HistoryMax => out[0] = pair.history.0,
+            Cross::HistoryMean => out[0] = pair.history.1,
+            Cross::RecallRank => out[0] = (pair.position.max(1) as f32).ln(),
         }
     }
+}
+
+/// The inputs of one (request, candidate) pair that cost more than a copy: the two-tower score,
+/// the history similarities (max, mean), and the candidate's 1-based position in the list.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pair {
+    pub score: f32,
+    pub history: (f32, f32),
+    pub position: usize,
 }
 
 /// Checks a model stage against the request before anything runs: every cross input the model
@@ -261,12 +281,17 @@ pub fn cascade(
                     return Err(PrerankError::Bad("item parts do not match the candidates".into()));
                 }
                 let wants_history = model.cross_width(Cross::HistoryMax).is_some() || model.cross_width(Cross::HistoryMean).is_some();
-                let sims: Vec<(f32, f32)> = alive
+                let pairs: Vec<Pair> = alive
                     .iter()
-                    .map(|&i| if wants_history { crosses.history(&cands[i].vector) } else { (0.0, 0.0) })
+                    .zip(&tt)
+                    .map(|(&i, &score)| Pair {
+                        score,
+                        history: if wants_history { crosses.history(&cands[i].vector) } else { (0.0, 0.0) },
+                        position: i + 1,
+                    })
                     .collect();
                 let refs: Vec<&Part> = parts.iter().map(|p| &**p).collect();
-                let mut fill = |j: usize, c: Cross, out: &mut [f32]| crosses.fill(c, &cands[alive[j]].vector, tt[j], sims[j], out);
+                let mut fill = |j: usize, c: Cross, out: &mut [f32]| crosses.fill(c, &cands[alive[j]].vector, &pairs[j], out);
                 poll()?;
                 let threads = if alive.len() >= 1024 { req.threads.max(1) } else { 1 };
                 let out = model.forward_rows(user, &refs, &mut fill, threads);

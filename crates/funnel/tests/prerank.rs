@@ -262,3 +262,31 @@ mod pipeline {
         }
     }
 }
+
+#[test]
+fn recall_rank_is_the_log_of_the_position_in_the_list_received() {
+    // score = −ln(position) + 0·tt: the recall order survives; a two-tower stage first keeps
+    // the candidates' own positions (not their positions after stage 1).
+    let spec = json!({
+        "format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+        "features": [{"name": "rr", "type": "cross", "of": "recall_rank"}, {"name": "tt", "type": "cross", "of": "score"}],
+        "layers": [{"type": "linear", "weight": "w"}], "output": {"dim": 1}
+    });
+    let m = Model::load(&spec.to_string(), &write_f32(&[("w", &[1, 2], &[-1.0, 0.0])])).unwrap();
+    let user_part = m.encode_part(&json!({}), Source::User, true).unwrap();
+    let user = [1.0f32, 0.0];
+    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
+        Ok(idx.iter().map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap())).collect())
+    };
+    let stages = [
+        Stage { scorer: Scorer::TwoTower, keep: 3 },
+        Stage { scorer: Scorer::Model { name: "m", model: &m, user: &user_part }, keep: 3 },
+    ];
+    let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
+    // Stage 1 keeps 14, 10, 12 (inner products 2, 1, 1); stage 2 orders them by position.
+    assert_eq!(r[0].kept, vec![4, 0, 2]);
+    assert_eq!(r[1].kept, vec![0, 2, 4]);
+    let want: Vec<f32> = [1f32, 3.0, 5.0].iter().map(|p| -p.ln()).collect();
+    assert_eq!(r[1].scores, want);
+}

@@ -230,16 +230,21 @@ pub enum Cross {
     HistoryMax,
     /// mean_i cos(v, h_i); 0 without history; width 1.
     HistoryMean,
+    /// ln(p), p the candidate's 1-based position in the list the pre-rank stages receive (the
+    /// merge's order in a pipeline, the caller's order in `prerank`, the logged rank in
+    /// training): what the recall stage thought of it; width 1.
+    RecallRank,
 }
 
 impl Cross {
-    pub const ALL: [(&'static str, Cross); 6] = [
+    pub const ALL: [(&'static str, Cross); 7] = [
         ("user_vector", Cross::UserVector),
         ("item_vector", Cross::ItemVector),
         ("product", Cross::Product),
         ("score", Cross::Score),
         ("history_max", Cross::HistoryMax),
         ("history_mean", Cross::HistoryMean),
+        ("recall_rank", Cross::RecallRank),
     ];
 
     pub fn name(self) -> &'static str {

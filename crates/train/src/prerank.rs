@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Instant;
-use twotower_funnel::prerank::CrossInputs;
+use twotower_funnel::prerank::{CrossInputs, Pair};
 use twotower_metric::Metric;
 use twotower_tower::{Encoded, Model, Part, Source};
 
@@ -133,6 +133,8 @@ pub struct LogItem {
 pub struct LogCandidate {
     /// Index into [`RankLog::items`].
     pub item: u32,
+    /// 1-based position in the list the recall stage produced (the `recall_rank` input).
+    pub position: u32,
     pub label: f32,
     pub teacher: Option<f32>,
 }
@@ -227,28 +229,20 @@ fn targets(cfg: &PrerankConfig, log: &RankLog, r: &LogRequest) -> Vec<f32> {
     }
 }
 
-/// The cross inputs of one candidate that depend on the history and the two-tower score,
-/// computed once.
-#[derive(Clone, Copy)]
-struct Pre {
-    score: f32,
-    history: (f32, f32),
-}
-
 /// The encoded, ready-to-assemble log.
 struct Encodings {
     users: Vec<Part>,
     items: Vec<Part>,
-    pre: Vec<Vec<Pre>>,
+    pre: Vec<Vec<Pair>>,
 }
 
 fn assemble(model: &Model, log: &RankLog, enc: &Encodings, metric: Metric, r: usize, c: usize) -> Encoded {
     let req = &log.requests[r];
     let cand = req.candidates[c];
     let v = &log.items[cand.item as usize].vector;
-    let pre = enc.pre[r][c];
+    let pair = &enc.pre[r][c];
     let crosses = CrossInputs::new(metric, &req.user, &[]);
-    model.assemble(&enc.users[r], &enc.items[cand.item as usize], &mut |x, out| crosses.fill(x, v, pre.score, pre.history, out))
+    model.assemble(&enc.users[r], &enc.items[cand.item as usize], &mut |x, out| crosses.fill(x, v, pair, out))
 }
 
 fn sigmoid(z: f64) -> f64 {
@@ -384,8 +378,7 @@ pub fn train_prerank(
             r.candidates
                 .iter()
                 .map(|c| {
-                    let v = &log.items[c.item as usize].vector;
-                    Pre { score: crosses.score(v), history: crosses.history(v) }
+                    crosses.pair(&log.items[c.item as usize].vector, c.position as usize, true)
                 })
                 .collect(),
         );
@@ -598,8 +591,8 @@ fn check_export(spec: &str, weights: &[u8], tower: &Tower, log: &RankLog, enc_mo
     for (c, want) in req.candidates.iter().zip(&trained).take(n) {
         let it = &log.items[c.item as usize];
         let part = exported.encode_part(&it.features, Source::Item, false)?;
-        let (score, hist) = (crosses.score(&it.vector), crosses.history(&it.vector));
-        let x = exported.assemble(&user, &part, &mut |x, out| crosses.fill(x, &it.vector, score, hist, out));
+        let pair = crosses.pair(&it.vector, c.position as usize, true);
+        let x = exported.assemble(&user, &part, &mut |x, out| crosses.fill(x, &it.vector, &pair, out));
         let got = exported.forward(&x)[0];
         if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
             return Err(TrainError::Export(format!("item {}: the exported model scores {got}, training scored {want}", it.id)));

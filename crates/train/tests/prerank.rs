@@ -40,7 +40,7 @@ fn log(requests: usize, seed: u64) -> RankLog {
             let v = vectors[id as usize].clone();
             let teacher = 4.0 * v.iter().zip(&user).map(|(a, b)| a * b).sum::<f32>();
             let item = log.item(id, || (json!({"cat": id % CATS, "pop": (id % 7) as f64}), v));
-            candidates.push(LogCandidate { item, label: if id % CATS == fav { 1.0 } else { 0.0 }, teacher: Some(teacher) });
+            candidates.push(LogCandidate { item, position: candidates.len() as u32 + 1, label: if id % CATS == fav { 1.0 } else { 0.0 }, teacher: Some(teacher) });
         }
         log.requests.push(LogRequest { id: log.requests.len().to_string(), features: json!({"fav": fav}), user, history, candidates });
     }
@@ -133,8 +133,8 @@ fn the_trained_model_serves_in_the_cascade_with_the_scores_training_computed() {
     for (&i, &s) in reports[0].kept.iter().zip(&reports[0].scores) {
         let it = &l.items[r.candidates[i].item as usize];
         let part = model.encode_part(&it.features, Source::Item, false).unwrap();
-        let (sc, h) = (crosses.score(&it.vector), crosses.history(&it.vector));
-        let x = model.assemble(&user, &part, &mut |c, out| crosses.fill(c, &it.vector, sc, h, out));
+        let pair = crosses.pair(&it.vector, i + 1, true);
+        let x = model.assemble(&user, &part, &mut |c, out| crosses.fill(c, &it.vector, &pair, out));
         assert!((model.forward(&x)[0] - s).abs() < 1e-4);
     }
     assert!(reports[0].scores.windows(2).all(|w| w[0] >= w[1]));
@@ -228,3 +228,19 @@ fn bad_options_and_data_are_refused() {
     let _ = Objective::Labels;
 }
 
+
+#[test]
+fn recall_rank_is_learned_from_the_logged_position() {
+    // Labels: the recall stage's first four; only the recall_rank input can tell.
+    let mut l = log(150, 11);
+    for r in &mut l.requests {
+        for c in &mut r.candidates {
+            c.label = if c.position <= 4 { 1.0 } else { 0.0 };
+        }
+    }
+    let o = json!({"model": {"features": [{"name": "rr", "type": "cross", "of": "recall_rank"}], "hidden": [8]},
+                   "epochs": 8, "batch_size": 64, "lr": 0.02, "k": 4, "validation": 0.2});
+    let t = run(&o, &l).unwrap();
+    let m = t.epochs.iter().find(|e| e.epoch == t.best_epoch).unwrap().valid.unwrap();
+    assert!(m.recall > 0.95, "recall@4 {}", m.recall);
+}
