@@ -371,7 +371,10 @@ pub fn train_prerank(
         items: Vec::with_capacity(log.items.len()),
         pre: Vec::with_capacity(n),
     };
-    for r in &log.requests {
+    for (i, r) in log.requests.iter().enumerate() {
+        if i % 4096 == 4095 {
+            progress(Event::Tick)?;
+        }
         enc.users.push(enc_model.encode_part(&r.features, Source::User, false)?);
         let crosses = CrossInputs::new(metric, &r.user, &r.history);
         enc.pre.push(
@@ -383,7 +386,10 @@ pub fn train_prerank(
                 .collect(),
         );
     }
-    for it in &log.items {
+    for (i, it) in log.items.iter().enumerate() {
+        if i % 4096 == 4095 {
+            progress(Event::Tick)?;
+        }
         enc.items.push(enc_model.encode_part(&it.features, Source::Item, false)?);
     }
     progress(Event::Tick)?;
