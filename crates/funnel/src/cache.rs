@@ -27,16 +27,14 @@ impl<K: Hash + Eq + Copy, V> HotMap<K, V> {
     }
 
     pub fn get(&mut self, k: &K) -> Option<&V> {
-        if !self.recent.contains_key(k) {
-            let (v, bytes) = self.older.remove(k)?;
+        // An older hit moves to the recent generation (the insertion may turn it over).
+        if let Some((v, bytes)) = self.older.remove(k) {
             self.older_bytes -= bytes;
             self.insert_sized(*k, v, bytes);
         }
-        // The insertion may have turned the recent generation over.
-        if self.recent.contains_key(k) {
-            self.recent.get(k).map(|e| &e.0)
-        } else {
-            self.older.get(k).map(|e| &e.0)
+        match self.recent.get(k) {
+            Some(e) => Some(&e.0),
+            None => self.older.get(k).map(|e| &e.0),
         }
     }
 

@@ -552,8 +552,15 @@ impl Model {
                 crate::forward::write_field(self, f, field, &mut template);
             }
         }
-        let mut raw = Vec::with_capacity(m * w0);
+        // Rows are written straight into one buffer per thread (no copy before the pass).
+        let threads = if w0 == 0 { 1 } else { threads.clamp(1, m.max(1)) };
+        let per = m.div_ceil(threads).max(1);
+        let mut bufs: Vec<Vec<f32>> = Vec::with_capacity(threads);
         for (i, item) in items.iter().enumerate() {
+            if i % per == 0 {
+                bufs.push(Vec::with_capacity(per.min(m - i) * w0));
+            }
+            let raw = bufs.last_mut().expect("pushed above");
             let start = raw.len();
             raw.extend_from_slice(&template);
             let row = &mut raw[start..];
@@ -569,15 +576,17 @@ impl Model {
                 }
             }
         }
-        let threads = threads.clamp(1, m.max(1));
-        if threads == 1 || w0 == 0 {
+        if bufs.len() <= 1 {
+            let raw = bufs.pop().unwrap_or_default();
             return crate::forward::run_raw(self, raw, m);
         }
-        let rows = m.div_ceil(threads);
         std::thread::scope(|sc| {
-            let handles: Vec<_> = raw
-                .chunks(rows * w0)
-                .map(|c| sc.spawn(move || crate::forward::run_raw(self, c.to_vec(), c.len() / w0)))
+            let handles: Vec<_> = bufs
+                .into_iter()
+                .map(|b| {
+                    let rows = if w0 == 0 { 0 } else { b.len() / w0 };
+                    sc.spawn(move || crate::forward::run_raw(self, b, rows))
+                })
                 .collect();
             let mut out = Vec::with_capacity(m * self.output_dim);
             for h in handles {
