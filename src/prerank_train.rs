@@ -18,7 +18,7 @@ pub mod twotower {
     use serde_json::Value;
     use std::collections::HashMap;
     use twotower_train::prerank::{LogCandidate, LogRequest};
-    use twotower_train::{Event, PrerankConfig, RankLog, TrainError};
+    use twotower_train::{PrerankConfig, RankLog, TrainError};
 
     /// Trains a pre-rank model `name` (a new version of it) for pipeline `pipeline` from a log: `requests` has one row per
     /// request (its id and the features object `recommend` received), `candidates` one row per
@@ -85,7 +85,7 @@ pub mod twotower {
         let metric = user.model.metric();
         // SAFETY: reading a GUC variable of this backend (an int in kB).
         let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
-        let mut run = crate::progress::Run::start(model, pipeline);
+        let mut run = crate::progress::Run::start(model, None);
         let mut log = RankLog::new(metric);
 
         // The requests, in request id order: user vector and history per request.
@@ -250,32 +250,9 @@ pub mod twotower {
         }
 
         run.phase("training");
-        let mut last_notice = std::time::Instant::now();
         let trained = twotower_train::train_prerank(&cfg, &log, budget.saturating_sub(bytes), &mut |e| {
             // On the calling thread, between batches: a cancel or statement_timeout stops here.
-            check_for_interrupts!();
-            match e {
-                Event::Step(p) => run.progress(p, false),
-                Event::Epoch(p) => run.progress(p, true),
-                Event::Tick => {}
-            }
-            match e {
-                Event::Epoch(p) => {
-                    let valid = p.valid.map_or(String::new(), |m| {
-                        format!(", validation Recall@{} {:.4}, NDCG@{} {:.4}", m.k, m.recall, m.k, m.ndcg)
-                    });
-                    notice!("train_prerank: epoch {}/{}: loss {:.5}, {:.0} examples/s{valid}", p.epoch, p.epochs, p.loss, p.examples_per_s);
-                    last_notice = std::time::Instant::now();
-                }
-                Event::Step(p) if last_notice.elapsed().as_secs() >= 10 => {
-                    notice!(
-                        "train_prerank: epoch {}/{}: step {}/{}, loss {:.5}, {:.0} examples/s",
-                        p.epoch, p.epochs, p.step, p.steps, p.loss, p.examples_per_s
-                    );
-                    last_notice = std::time::Instant::now();
-                }
-                _ => {}
-            }
+            run.event("train_prerank", &e);
             Ok(())
         })
         .map_err(TtError::Train)

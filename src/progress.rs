@@ -1,4 +1,4 @@
-//! SQL surface of training progress: a running `twotower.train(...)` writes where it is to
+//! SQL surface of training progress: a running `twotower.train(...)` or `train_prerank` writes where it is to
 //! `$PGDATA/pg_twotower/progress/<pid>.json` (atomically, at most twice a second and at every
 //! phase change and epoch end), and `twotower.train_progress` (a view over
 //! `twotower.train_progress_info()`) reads those files, as `pg_stat_progress_*` reads shared
@@ -28,10 +28,13 @@ pub struct Run {
     path: Option<PathBuf>,
     state: Value,
     last: Option<Instant>,
+    /// When the last progress NOTICE went out.
+    last_notice: Instant,
 }
 
 impl Run {
-    pub fn start(user_model: &str, item_model: &str) -> Run {
+    /// A run of `twotower.train` (both towers) or `train_prerank` (one model, `item_model` None).
+    pub fn start(user_model: &str, item_model: Option<&str>) -> Run {
         // SAFETY: reading this backend's globals.
         let (role, db, backend_start) = unsafe {
             (
@@ -53,9 +56,40 @@ impl Run {
                 "started_at": now, "updated_at": now,
             }),
             last: None,
+            last_notice: Instant::now(),
         };
         r.write();
         r
+    }
+
+    /// What a training function does with each event of the core's run, on the calling thread
+    /// (between batches): checks for a cancel or statement_timeout, records progress, and sends
+    /// a NOTICE (prefixed `what`) at each epoch end and at least every 10 s.
+    pub fn event(&mut self, what: &str, e: &twotower_train::Event) {
+        use twotower_train::Event;
+        check_for_interrupts!();
+        match e {
+            Event::Step(p) => self.progress(p, false),
+            Event::Epoch(p) => self.progress(p, true),
+            Event::Tick => {}
+        }
+        match e {
+            Event::Epoch(p) => {
+                let valid = p.valid.map_or(String::new(), |m| {
+                    format!(", validation Recall@{} {:.4}, NDCG@{} {:.4}", m.k, m.recall, m.k, m.ndcg)
+                });
+                notice!("{what}: epoch {}/{}: loss {:.5}, {:.0} examples/s{valid}", p.epoch, p.epochs, p.loss, p.examples_per_s);
+                self.last_notice = Instant::now();
+            }
+            Event::Step(p) if self.last_notice.elapsed().as_secs() >= 10 => {
+                notice!(
+                    "{what}: epoch {}/{}: step {}/{}, loss {:.5}, {:.0} examples/s",
+                    p.epoch, p.epochs, p.step, p.steps, p.loss, p.examples_per_s
+                );
+                self.last_notice = Instant::now();
+            }
+            _ => {}
+        }
     }
 
     /// Sets the phase (written at once).
@@ -150,7 +184,7 @@ pub mod twotower {
             name!(database, pg_sys::Oid),
             name!(backend_start, TimestampWithTimeZone),
             name!(user_model, String),
-            name!(item_model, String),
+            name!(item_model, Option<String>),
             name!(phase, String),
             name!(epoch, Option<i32>),
             name!(epochs, Option<i32>),
@@ -203,7 +237,7 @@ pub mod twotower {
                 pg_sys::Oid::from(db as u32),
                 bs,
                 text("user_model"),
-                text("item_model"),
+                v.get("item_model").and_then(Value::as_str).map(str::to_owned),
                 text("phase"),
                 int("epoch").map(|x| x as i32),
                 int("epochs").map(|x| x as i32),

@@ -13,7 +13,7 @@ pub mod twotower {
     use crate::spi::{self, column_type, is_table, read_rows, time_expr};
     use pgrx::pg_sys;
     use pgrx::prelude::*;
-    use twotower_train::{Config, Data, Event, Keys};
+    use twotower_train::{Config, Data, Keys};
 
     /// Reads `(id, to_jsonb(row))` of a feature source into `set`.
     fn read_features(
@@ -135,7 +135,7 @@ pub mod twotower {
         );
         // Where the run is, for twotower.train_progress (removed when this function returns
         // or unwinds).
-        let mut run = crate::progress::Run::start(user_model, item_model);
+        let mut run = crate::progress::Run::start(user_model, Some(item_model));
         let mut data = Data::default();
         let mut progress = spi::Progress::new("train: reading interactions", "rows");
         read_rows(&select, &src, Some(&mut progress), |row| {
@@ -185,7 +185,6 @@ pub mod twotower {
         // SAFETY: reading a GUC variable of this backend (an int in kB).
         let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
         let keys = Keys { user: ukey, item: ikey };
-        let mut last_notice = std::time::Instant::now();
         let start = base.as_ref().map(|((us, uw, _), (is, iw, _))| twotower_train::Base {
             user: (us.as_str(), uw.as_slice()),
             item: (is.as_str(), iw.as_slice()),
@@ -193,32 +192,7 @@ pub mod twotower {
         run.phase("preparing");
         let trained = twotower_train::train_from(&cfg, &data, &keys, budget, start, &mut |e| {
             // On the calling thread, between batches: a cancel or statement_timeout stops here.
-            check_for_interrupts!();
-            match e {
-                Event::Step(p) => run.progress(p, false),
-                Event::Epoch(p) => run.progress(p, true),
-                Event::Tick => {}
-            }
-            match e {
-                Event::Epoch(p) => {
-                    let valid = p.valid.map_or(String::new(), |m| {
-                        format!(", validation Recall@{} {:.4}, NDCG@{} {:.4}", m.k, m.recall, m.k, m.ndcg)
-                    });
-                    notice!(
-                        "train: epoch {}/{}: loss {:.5}, {:.0} examples/s{valid}",
-                        p.epoch, p.epochs, p.loss, p.examples_per_s
-                    );
-                    last_notice = std::time::Instant::now();
-                }
-                Event::Step(p) if last_notice.elapsed().as_secs() >= 10 => {
-                    notice!(
-                        "train: epoch {}/{}: step {}/{}, loss {:.5}, {:.0} examples/s",
-                        p.epoch, p.epochs, p.step, p.steps, p.loss, p.examples_per_s
-                    );
-                    last_notice = std::time::Instant::now();
-                }
-                _ => {}
-            }
+            run.event("train", &e);
             Ok(())
         })
         .map_err(TtError::Train)

@@ -169,7 +169,7 @@ pub fn backprop_scores(
 }
 
 #[inline]
-fn sigmoid(z: f64) -> f64 {
+pub(crate) fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
         1.0 / (1.0 + (-z).exp())
     } else {
@@ -180,7 +180,7 @@ fn sigmoid(z: f64) -> f64 {
 
 /// ln(1 + eᶻ), without overflow.
 #[inline]
-fn softplus(z: f64) -> f64 {
+pub(crate) fn softplus(z: f64) -> f64 {
     if z > 30.0 {
         z
     } else {

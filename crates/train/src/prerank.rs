@@ -17,6 +17,7 @@
 use crate::config::{tower, Obj, Side, TowerSpec, MAX_BATCH, MAX_EPOCHS, MAX_THREADS};
 use crate::error::{opt_err, Result, TrainError};
 use crate::eval::{ranks, Accumulator, Metrics};
+use crate::loss::{sigmoid, softplus};
 use crate::model::{self, FeatureStats};
 use crate::net::{Grads, Tower};
 use crate::optim::Sparse;
@@ -243,26 +244,6 @@ fn assemble(model: &Model, log: &RankLog, enc: &Encodings, metric: Metric, r: us
     let pair = &enc.pre[r][c];
     let crosses = CrossInputs::new(metric, &req.user, &[]);
     model.assemble(&enc.users[r], &enc.items[cand.item as usize], &mut |x, out| crosses.fill(x, v, pair, out))
-}
-
-fn sigmoid(z: f64) -> f64 {
-    if z >= 0.0 {
-        1.0 / (1.0 + (-z).exp())
-    } else {
-        let e = z.exp();
-        e / (1.0 + e)
-    }
-}
-
-/// log(1 + e^z), stable.
-fn softplus(z: f64) -> f64 {
-    if z > 30.0 {
-        z
-    } else if z < -30.0 {
-        z.exp()
-    } else {
-        z.exp().ln_1p()
-    }
 }
 
 /// The loss of one row and its gradient with respect to the logit `s`.
