@@ -21,6 +21,7 @@ use twotower_funnel::cache::HotMap;
 use twotower_tower::Part;
 
 /// What an entry holds.
+#[derive(Clone)]
 pub enum Entry {
     Vector(Arc<[f32]>),
     Part(Arc<Part>),
@@ -125,7 +126,7 @@ pub fn vectors(rel: pg_sys::Oid, items: &[i64]) -> (HashMap<i64, Arc<[f32]>>, Ve
         for &i in items {
             match s.map.get(&key(0, rel, 0, i)) {
                 Some(Entry::Vector(v)) => {
-                    hit.insert(i, v.clone());
+                    hit.insert(i, v);
                 }
                 _ => miss.push(i),
             }
@@ -150,7 +151,7 @@ pub fn parts(rel: pg_sys::Oid, model: u64, items: &[i64]) -> (HashMap<i64, Arc<P
         for &i in items {
             match s.map.get(&key(1, rel, model, i)) {
                 Some(Entry::Part(p)) => {
-                    hit.insert(i, p.clone());
+                    hit.insert(i, p);
                 }
                 _ => miss.push(i),
             }

@@ -25,26 +25,33 @@ fn gather(model: &Model, x: &Encoded, out: &mut [f32]) {
 
 /// Writes one feature's field into its place in a raw input row (zeroed there).
 pub(crate) fn write_field(model: &Model, f: &crate::model::Feature, field: &Field, out: &mut [f32]) {
-    {
-        let Some(dst) = out.get_mut(f.offset..f.offset + f.width) else {
-            return;
-        };
-        match (&f.kind, field) {
-            (FeatureKind::Categorical { table, .. }, Field::Row(r))
-            | (FeatureKind::Bucketize { table, .. }, Field::Row(r)) => {
-                if let Some(e) = row(model, table, *r) {
+    if let Some(dst) = out.get_mut(f.offset..f.offset + f.width) {
+        write_field_at(model, f, field, dst);
+    }
+}
+
+/// Writes one feature's field into `dst`, the field's own slice (`f.width` floats, zeroed).
+pub(crate) fn write_field_at(model: &Model, f: &crate::model::Feature, field: &Field, dst: &mut [f32]) {
+    match (&f.kind, field) {
+        (FeatureKind::Categorical { table, .. }, Field::Row(r)) | (FeatureKind::Bucketize { table, .. }, Field::Row(r)) => {
+            if let Some(e) = row(model, table, *r) {
+                if e.len() == dst.len() {
                     dst.copy_from_slice(e);
                 }
             }
-            (FeatureKind::Multi { table, pooling, .. }, Field::Bag { rows, weights }) => {
-                pool(model, table, *pooling, rows, weights.as_deref(), dst);
-            }
-            (FeatureKind::Numeric { .. }, Field::Value(v)) => dst[0] = *v,
-            (FeatureKind::Dense { .. }, Field::Dense(Some(v))) if v.len() == dst.len() => {
-                dst.copy_from_slice(v);
-            }
-            _ => {}
         }
+        (FeatureKind::Multi { table, pooling, .. }, Field::Bag { rows, weights }) => {
+            pool(model, table, *pooling, rows, weights.as_deref(), dst);
+        }
+        (FeatureKind::Numeric { .. }, Field::Value(v)) => {
+            if let Some(d) = dst.first_mut() {
+                *d = *v;
+            }
+        }
+        (FeatureKind::Dense { .. }, Field::Dense(Some(v))) if v.len() == dst.len() => {
+            dst.copy_from_slice(v);
+        }
+        _ => {}
     }
 }
 
@@ -117,7 +124,7 @@ pub(crate) fn run_raw(model: &Model, mut raw: Vec<f32>, m: usize) -> Vec<f32> {
         return Vec::new();
     }
     let w0 = model.input_width;
-    let mut h = match &model.senet {
+    let h = match &model.senet {
         Some(_) => {
             let mut h = raw.clone();
             for row in h.chunks_exact_mut(w0.max(1)) {
@@ -128,8 +135,14 @@ pub(crate) fn run_raw(model: &Model, mut raw: Vec<f32>, m: usize) -> Vec<f32> {
         None if model.has_shortcut => raw.clone(),
         None => std::mem::take(&mut raw),
     };
-    let mut width = w0;
-    for layer in &model.layers {
+    run_layers(model, h, m, w0, &raw, 0)
+}
+
+/// Runs the model's layers from `from` on over `h` (`m` rows of `width`); `raw` is the raw
+/// input for shortcut layers (unused, and may be empty, when the model has none).
+pub(crate) fn run_layers(model: &Model, mut h: Vec<f32>, m: usize, mut width: usize, raw: &[f32], from: usize) -> Vec<f32> {
+    let w0 = model.input_width;
+    for layer in model.layers.iter().skip(from) {
         match layer {
             Layer::Linear { w, b, n_in, n_out } => {
                 debug_assert_eq!(*n_in, width);

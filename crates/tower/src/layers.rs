@@ -88,13 +88,24 @@ pub fn gelu(x: f32) -> f32 {
     (x * 0.5 * (1.0 + libm::erf(x * std::f64::consts::FRAC_1_SQRT_2))) as f32
 }
 
+/// Up to this many outputs, a batched linear layer is a dot product per row.
+const NARROW: usize = 2;
 
 /// A linear layer over `m` rows of `n_in`: `x · Wᵀ + b`, W row-major `[n_out, n_in]`
-/// (a matrix-vector product for one row, sgemm for a batch).
+/// (a matrix-vector product for one row or a narrow output, sgemm otherwise).
+
 pub fn linear(x: &[f32], m: usize, n_in: usize, w: &[f32], b: Option<&[f32]>, n_out: usize) -> Vec<f32> {
     if m == 1 {
         let mut out = vec![0f32; n_out];
         matvec(w, b, &x[..n_in.min(x.len())], n_out, &mut out);
+        out
+    } else if n_out <= NARROW && n_in > 0 {
+        // A narrow output (a score): a dot product per row; sgemm would first copy (pack) the
+        // whole input for a product that reads it once.
+        let mut out = vec![0f32; m * n_out];
+        for (row, o) in x.chunks_exact(n_in).zip(out.chunks_exact_mut(n_out)).take(m) {
+            matvec(w, b, row, n_out, o);
+        }
         out
     } else {
         gemm_xwt(x, m, n_in, w, n_out, b)

@@ -8,6 +8,7 @@ mod forward;
 mod json;
 pub mod layers;
 mod model;
+mod rows;
 pub mod safetensors;
 mod spec;
 
@@ -15,6 +16,7 @@ pub use encode::{canonical_id, Encoded, FieldRef, MAX_LIST_LEN};
 pub use error::{Result, TowerError};
 pub use forward::forward_parallel;
 pub use model::{Model, Part};
+pub use rows::Row;
 pub use spec::{Cross, Source};
 
 /// The only spec version this build reads.

@@ -75,9 +75,12 @@ pub(crate) enum Layer {
 /// made by [`Model::encode_part`], combined by [`Model::assemble`] of the same model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Part {
-    model_id: u64,
-    source: Source,
-    fields: Vec<Field>,
+    pub(crate) model_id: u64,
+    pub(crate) source: Source,
+    pub(crate) fields: Vec<Field>,
+    /// The fields written out as the model's input reads them, one after the other in
+    /// feature order (each its width): what a row copies, without a lookup per field.
+    pub(crate) raw: Vec<f32>,
 }
 
 impl Part {
@@ -98,6 +101,7 @@ impl Part {
                         }
                 })
                 .sum::<usize>()
+            + self.raw.len() * 4
     }
 }
 
@@ -494,10 +498,18 @@ impl Model {
             }
             Source::Cross(_) => Vec::new(),
         };
+        let side = self.features.iter().zip(&self.sources).filter(|(_, s)| **s == source);
+        let mut raw = vec![0f32; side.clone().map(|(f, _)| f.width).sum()];
+        let mut at = 0;
+        for ((f, _), field) in side.zip(&fields) {
+            crate::forward::write_field_at(self, f, field, &mut raw[at..at + f.width]);
+            at += f.width;
+        }
         Ok(Part {
             model_id: self.id,
             source,
             fields,
+            raw,
         })
     }
 
@@ -530,73 +542,6 @@ impl Model {
             model_id: self.id,
             fields,
         }
-    }
-
-    /// The forward pass of a pre-rank model over many candidates of one request, without
-    /// building an example per candidate: row `i` is the user part, `items[i]`, and each cross
-    /// input written by `cross(i, c, out)` into a zeroed buffer of the input's width. Rows are
-    /// split over `threads` scoped threads (which only compute). Returns one score per row.
-    pub fn forward_rows(
-        &self,
-        user: &Part,
-        items: &[&Part],
-        cross: &mut dyn FnMut(usize, Cross, &mut [f32]),
-        threads: usize,
-    ) -> Vec<f32> {
-        let (m, w0) = (items.len(), self.input_width);
-        let mut template = vec![0f32; w0];
-        let ok = |p: &Part, s: Source| p.model_id == self.id && p.source == s;
-        if ok(user, Source::User) {
-            let feats = self.features.iter().zip(&self.sources).filter(|(_, s)| **s == Source::User);
-            for ((f, _), field) in feats.zip(&user.fields) {
-                crate::forward::write_field(self, f, field, &mut template);
-            }
-        }
-        // Rows are written straight into one buffer per thread (no copy before the pass).
-        let threads = if w0 == 0 { 1 } else { threads.clamp(1, m.max(1)) };
-        let per = m.div_ceil(threads).max(1);
-        let mut bufs: Vec<Vec<f32>> = Vec::with_capacity(threads);
-        for (i, item) in items.iter().enumerate() {
-            if i % per == 0 {
-                bufs.push(Vec::with_capacity(per.min(m - i) * w0));
-            }
-            let raw = bufs.last_mut().expect("pushed above");
-            let start = raw.len();
-            raw.extend_from_slice(&template);
-            let row = &mut raw[start..];
-            if ok(item, Source::Item) {
-                let feats = self.features.iter().zip(&self.sources).filter(|(_, s)| **s == Source::Item);
-                for ((f, _), field) in feats.zip(&item.fields) {
-                    crate::forward::write_field(self, f, field, row);
-                }
-            }
-            for (f, s) in self.features.iter().zip(&self.sources) {
-                if let Source::Cross(c) = s {
-                    cross(i, *c, &mut row[f.offset..f.offset + f.width]);
-                }
-            }
-        }
-        if bufs.len() <= 1 {
-            let raw = bufs.pop().unwrap_or_default();
-            return crate::forward::run_raw(self, raw, m);
-        }
-        std::thread::scope(|sc| {
-            let handles: Vec<_> = bufs
-                .into_iter()
-                .map(|b| {
-                    let rows = if w0 == 0 { 0 } else { b.len() / w0 };
-                    sc.spawn(move || crate::forward::run_raw(self, b, rows))
-                })
-                .collect();
-            let mut out = Vec::with_capacity(m * self.output_dim);
-            for h in handles {
-                match h.join() {
-                    Ok(v) => out.extend_from_slice(&v),
-                    Err(e) => std::panic::resume_unwind(e),
-                }
-            }
-            out
-        })
     }
 
     /// Forward pass of one encoded example; returns `output_dim` floats.

@@ -1320,14 +1320,15 @@ fn a_prerank_model_assembles_user_item_and_cross_fields_in_spec_order() {
     assert_eq!(m.forward(&x), vec![want as f32]);
     // forward_rows: the same scores without an example per row, on one thread or two.
     let items: Vec<Part> = (0..5).map(|i| m.encode_part(&json!({"price": i as f64}), Source::Item, false).unwrap()).collect();
-    let refs: Vec<&Part> = items.iter().collect();
-    let mut fill = |i: usize, c: Cross, out: &mut [f32]| match c {
+    let u = [3.0f32, 1.0];
+    let rows: Vec<Row> = items.iter().map(|p| (p, &u[..])).collect();
+    let fill = |i: usize, c: Cross, out: &mut [f32]| match c {
         Cross::Score => out[0] = i as f32 / 10.0,
-        _ => out.copy_from_slice(&[3.0, 1.0]),
+        _ => out.copy_from_slice(&u),
     };
     let want: Vec<f32> = (0..5).map(|i| m.forward(&m.assemble(&user, &items[i], &mut |c, o| fill(i, c, o)))[0]).collect();
-    assert_eq!(m.forward_rows(&user, &refs, &mut fill, 1), want);
-    assert_eq!(m.forward_rows(&user, &refs, &mut fill, 2), want);
+    assert_eq!(m.forward_rows(&user, &u, &rows, &mut |i, _| i as f32 / 10.0, 1), want);
+    assert_eq!(m.forward_rows(&user, &u, &rows, &mut |i, _| i as f32 / 10.0, 2), want);
     // Parts from the wrong side or another model contribute zeros.
     let x = m.assemble(&item, &user, &mut |_, _| {});
     assert_eq!(m.forward(&x), vec![0.0]);
@@ -1354,4 +1355,92 @@ fn prerank_specs_are_validated() {
     bad(spec(json!([{"name": "s", "type": "numeric", "transform": "none", "source": "item"}]), json!([]), 1), &[], "features[0].source");
     bad(spec(json!([{"name": "s", "type": "cross", "of": "score"}]), json!([]), 1), &[], "features[0].type");
     assert!(load(&prerank_spec(json!([{"name": "s", "type": "cross", "of": "score"}])), &w(1)).is_ok());
+}
+
+/// A pre-rank model reading every kind of input, with or without SENet (which keeps the first
+/// layer from being folded), and values spread over [-1, 1).
+fn every_input_prerank(senet: bool) -> Model {
+    let mut s = prerank_spec(json!([
+        {"name": "device", "type": "categorical", "embedding": "ed", "vocabulary": ["ios", "web"]},
+        {"name": "category", "source": "item", "type": "categorical", "embedding": "ec", "vocabulary": ["a", "b", "c"]},
+        {"name": "price", "source": "item", "type": "numeric", "transform": "log1p", "default": 0},
+        {"name": "u", "type": "cross", "of": "user_vector", "dim": 4},
+        {"name": "v", "type": "cross", "of": "item_vector", "dim": 4},
+        {"name": "uv", "type": "cross", "of": "product", "dim": 4},
+        {"name": "score", "type": "cross", "of": "score"},
+        {"name": "hmax", "type": "cross", "of": "history_max"},
+        {"name": "rank", "type": "cross", "of": "recall_rank"}
+    ]));
+    s["layers"] = json!([
+        {"type": "linear", "weight": "w0", "bias": "b0"},
+        {"type": "relu"},
+        {"type": "linear", "weight": "w1", "bias": "b1"}
+    ]);
+    let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 37 + seed * 11) % 41) as f32 - 20.0) / 20.0).collect() };
+    let mut ts: Vec<T> = vec![
+        ("ed", vec![3, 2], vals(6, 1)),
+        ("ec", vec![4, 2], vals(8, 2)),
+        ("w0", vec![5, 20], vals(100, 3)),
+        ("b0", vec![5], vals(5, 4)),
+        ("w1", vec![1, 5], vals(5, 5)),
+        ("b1", vec![1], vals(1, 6)),
+    ];
+    if senet {
+        s["senet"] = json!({"w1": "s1", "w2": "s2"});
+        ts.push(("s1", vec![3, 9], vals(27, 7)));
+        ts.push(("s2", vec![9, 3], vals(27, 8)));
+    }
+    load(&s, &ts).unwrap()
+}
+
+#[test]
+fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
+    // With the first layer linear, the request's constants (user fields, u) are folded into its
+    // bias and u ⊙ v into its weights over v; with SENet, one raw row per candidate. Both must
+    // score as an example per candidate does (up to the rounding of a reordered sum).
+    for senet in [false, true] {
+        let m = every_input_prerank(senet);
+        let user = m.encode_part(&json!({"device": "web"}), Source::User, true).unwrap();
+        let u = [0.5f32, -1.0, 0.25, 2.0];
+        let cats = ["a", "b", "c", "zz"];
+        let items: Vec<Part> = (0..40)
+            .map(|i| m.encode_part(&json!({"category": cats[i % 4], "price": i as f64}), Source::Item, false).unwrap())
+            .collect();
+        let vs: Vec<Vec<f32>> = (0..40).map(|i| (0..4).map(|j| (((i * 7 + j * 3) % 9) as f32 - 4.0) / 4.0).collect()).collect();
+        let scalar = |i: usize, c: Cross| match c {
+            Cross::Score => i as f32 / 40.0,
+            Cross::HistoryMax => 1.0 - i as f32 / 20.0,
+            Cross::RecallRank => ((i + 1) as f32).ln(),
+            _ => f32::NAN,
+        };
+        let want: Vec<f32> = (0..40)
+            .map(|i| {
+                let x = m.assemble(&user, &items[i], &mut |c, out| match c {
+                    Cross::UserVector => out.copy_from_slice(&u),
+                    Cross::ItemVector => out.copy_from_slice(&vs[i]),
+                    Cross::Product => out.iter_mut().enumerate().for_each(|(j, o)| *o = u[j] * vs[i][j]),
+                    c => out[0] = scalar(i, c),
+                });
+                m.forward(&x)[0]
+            })
+            .collect();
+        let rows: Vec<Row> = items.iter().zip(&vs).map(|(p, v)| (p, &v[..])).collect();
+        for threads in [1, 2] {
+            let got = m.forward_rows(&user, &u, &rows, &mut |i, c| scalar(i, c), threads);
+            assert_eq!(got.len(), 40);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "senet {senet}, threads {threads}, row {i}: {g} vs {w}");
+            }
+        }
+        // A narrower vector than the field reads as zeros past its end, as in an example.
+        let short = [1.0f32];
+        let got = m.forward_rows(&user, &u, &[(&items[0], &short[..])], &mut |i, c| scalar(i, c), 1);
+        let x = m.assemble(&user, &items[0], &mut |c, out| match c {
+            Cross::UserVector => out.copy_from_slice(&u),
+            Cross::ItemVector => out[0] = 1.0,
+            Cross::Product => out[0] = u[0],
+            c => out[0] = scalar(0, c),
+        });
+        assert!((got[0] - m.forward(&x)[0]).abs() <= 1e-5, "senet {senet}: a short vector");
+    }
 }
