@@ -142,10 +142,13 @@ pub mod twotower {
             match &c.kind {
                 ChannelKind::TwoTower { index, .. } => {
                     let ix = relation(&format!("{path}.index"), index)?;
-                    let t = crate::am::search::Target::open(ix, "a pipeline")?;
-                    let (metric, idims) = (t.metric(), t.dims());
-                    t.close();
-                    if metric != user.model.metric() || idims.is_some_and(|n| n != dims) {
+                    // The index of a table, or of each leaf of a partitioned table.
+                    let fits = crate::am::search::Target::open_all(ix, "a pipeline")?.into_iter().fold(true, |ok, t| {
+                        let fit = t.metric() == user.model.metric() && t.dims().is_none_or(|n| n == dims);
+                        t.close();
+                        ok && fit
+                    });
+                    if !fits {
                         return Err(bad(
                             &format!("{path}.index"),
                             format!("the index does not fit model \"{}\" ({} vectors of {dims} dimensions)", d.user_model, user.model.metric().spec_name()),

@@ -19,7 +19,8 @@ pub mod twotower {
 
     /// The recall channel: ranked (item id, score) of the `k` nearest live rows to the user
     /// vector `query` in `index_oid`, skipping `exclude`, through the access method's search
-    /// interface (privileges are checked there before anything is opened).
+    /// interface (privileges are checked there before anything is opened). The index of a
+    /// partitioned table is searched in each leaf partition, and the leaves' top `k` merged.
     pub(crate) fn search(
         index_oid: pg_sys::Oid,
         query: &[f32],
@@ -28,30 +29,39 @@ pub mod twotower {
         exclude: &HashSet<i64>,
         ef: usize,
     ) -> TtResult<Vec<(i64, f32)>> {
-        let target = Target::open(index_oid, "recall()")?;
-        let metric = target.metric();
-        if metric != model_metric {
-            return Err(TtError::ModelIndexMismatch {
-                detail: format!(
-                    "The model is trained for {} but the index orders by {}.",
-                    model_metric.spec_name(),
-                    metric.name()
-                ),
-            });
-        }
-        if let Some(d) = target.dims() {
-            if d != query.len() {
+        let targets = Target::open_all(index_oid, "recall()")?;
+        let mut best: Vec<(f64, i64)> = Vec::new();
+        let mut metric = model_metric;
+        for target in targets {
+            check_for_interrupts!();
+            metric = target.metric();
+            if metric != model_metric {
                 return Err(TtError::ModelIndexMismatch {
                     detail: format!(
-                        "The model's vectors have {} dimensions, the index's have {d}.",
-                        query.len()
+                        "The model is trained for {} but the index orders by {}.",
+                        model_metric.spec_name(),
+                        metric.name()
                     ),
                 });
             }
+            if let Some(d) = target.dims() {
+                if d != query.len() {
+                    return Err(TtError::ModelIndexMismatch {
+                        detail: format!(
+                            "The model's vectors have {} dimensions, the index's have {d}.",
+                            query.len()
+                        ),
+                    });
+                }
+            }
+            best.extend(target.nearest(query, k, exclude, ef)?.into_iter().map(|(id, d)| (d, id)));
+            target.close();
         }
-        let rows = target.nearest(query, k, exclude, ef)?;
-        target.close();
-        Ok(rows.into_iter().map(|(id, d)| (id, metric.similarity(d) as f32)).collect())
+        // Distance order, ties by id (as each leaf orders them). A primary key of a
+        // partitioned table includes the partition key, so an id is in one leaf only.
+        best.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        best.truncate(k);
+        Ok(best.into_iter().map(|(d, id)| (id, metric.similarity(d) as f32)).collect())
     }
 
     /// One-call recall: the user tower of `model` applied to `features`, then the `k` nearest

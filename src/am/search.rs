@@ -69,6 +69,79 @@ fn precheck_select(index_oid: pg_sys::Oid, who: &str) -> TtResult<pg_sys::Oid> {
     Ok(heap_oid)
 }
 
+fn rls_refused(who: &str) -> TtError {
+    TtError::Unsupported(format!("{who} does not support tables with row-level security; use ORDER BY ... LIMIT in SQL"))
+}
+
+/// Refuses before any lock is taken when the caller can read neither partitioned table
+/// `parent` nor any of its columns, or when it has row-level security (the exact column check
+/// follows once it is open: [`check_parent_columns`]).
+fn precheck_parent(parent: pg_sys::Oid, who: &str) -> TtResult<()> {
+    let me = crate::catalog::caller();
+    // SAFETY: ACL and catalogue lookups by oid, without locks.
+    unsafe {
+        let table_ok = pg_sys::pg_class_aclcheck(parent, me, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK;
+        let any_col = pg_sys::pg_attribute_aclcheck_all(parent, me, pg_sys::ACL_SELECT as pg_sys::AclMode, pg_sys::AclMaskHow::ACLMASK_ANY)
+            == pg_sys::AclResult::ACLCHECK_OK;
+        if !table_ok && !any_col {
+            return Err(denied(&rel_name(parent), who));
+        }
+        if pg_sys::check_enable_rls(parent, pg_sys::InvalidOid, false) == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+            return Err(rls_refused(who));
+        }
+    }
+    Ok(())
+}
+
+/// With only column privileges on open partitioned table `prel`: SELECT on the indexed column
+/// and on the primary key's column.
+///
+/// # Safety
+/// `prel` must be open; `index` its partitioned index.
+unsafe fn check_parent_columns(prel: pg_sys::Relation, index: pg_sys::Oid, who: &str) -> TtResult<()> {
+    // SAFETY: ACL lookups and a primary key lookup on an open relation.
+    unsafe {
+        let (me, parent) = (crate::catalog::caller(), (*prel).rd_id);
+        if pg_sys::pg_class_aclcheck(parent, me, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK {
+            return Ok(());
+        }
+        let cols = [key_column(index), key_column(pg_sys::RelationGetPrimaryKeyIndex(prel))];
+        let ok = cols.iter().all(|c| {
+            c.is_some_and(|c| pg_sys::pg_attribute_aclcheck(parent, c, me, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK)
+        });
+        if ok { Ok(()) } else { Err(denied(&relation_name(prel), who)) }
+    }
+}
+
+fn rel_name(oid: pg_sys::Oid) -> String {
+    // SAFETY: a catalogue lookup by oid (a palloc'd copy, or NULL).
+    let n = unsafe { pg_sys::get_rel_name(oid) };
+    if n.is_null() {
+        oid.to_u32().to_string()
+    } else {
+        // SAFETY: a NUL-terminated name from get_rel_name.
+        unsafe { std::ffi::CStr::from_ptr(n) }.to_string_lossy().into_owned()
+    }
+}
+
+/// The first key column of index `index` (None for an expression or a missing index).
+fn key_column(index: pg_sys::Oid) -> Option<i16> {
+    if index == pg_sys::InvalidOid {
+        return None;
+    }
+    // SAFETY: a syscache lookup of pg_index by oid, released before returning.
+    unsafe {
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::INDEXRELID as i32, pg_sys::Datum::from(index));
+        if tup.is_null() {
+            return None;
+        }
+        let form = pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_index;
+        let att = *(*form).indkey.values.as_ptr();
+        pg_sys::ReleaseSysCache(tup);
+        (att > 0).then_some(att)
+    }
+}
+
 /// The heap's single-column integer primary key: (attno, type oid).
 ///
 /// # Safety
@@ -124,6 +197,16 @@ fn id_value(d: pg_sys::Datum, typ: pg_sys::Oid) -> i64 {
     }
 }
 
+/// Who vouches for the caller's right to read a table.
+#[derive(Clone, Copy, PartialEq)]
+enum Grant {
+    /// The table's own privileges (and its row-level security).
+    Own,
+    /// A partition reached through its partitioned table, whose privileges and row-level
+    /// security were checked, as a query of the partitioned table checks them.
+    Parent,
+}
+
 impl Target {
     /// Opens `index_oid` and its table for `who` (a name for messages, e.g. "recall()"):
     /// privileges first (42501), then the checks that need the relations open: a twotower_hnsw
@@ -131,6 +214,72 @@ impl Target {
     /// primary key (the item id), readable by the caller, without row-level security, valid.
     pub fn open(index_oid: pg_sys::Oid, who: &str) -> TtResult<Target> {
         let heap_oid = precheck_select(index_oid, who)?;
+        // SAFETY: the table was found above; opened with the executor's lock.
+        unsafe { Self::open_checked(heap_oid, index_oid, who, Grant::Own) }
+    }
+
+    /// Opens `index_oid` like [`Target::open`], or, for the index of a partitioned table, the
+    /// index of every leaf partition (none when it has no partitions). The partitioned table's
+    /// privileges and row-level security are what count, as for a query of it: a role that may
+    /// read the partitioned table may search all of it, whatever each partition grants.
+    pub fn open_all(index_oid: pg_sys::Oid, who: &str) -> TtResult<Vec<Target>> {
+        // SAFETY: catalogue lookups by oid, then the executor's locks: the partitioned table,
+        // then the partitioned index and its descendants, then each leaf's table and index.
+        unsafe {
+            if pg_sys::get_rel_relkind(index_oid) != pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char {
+                return Ok(vec![Self::open(index_oid, who)?]);
+            }
+            let parent = pg_sys::IndexGetRelation(index_oid, false);
+            precheck_parent(parent, who)?;
+            let prel = pg_sys::table_open(parent, LOCK);
+            check_parent_columns(prel, index_oid, who)?;
+            let pindex = pg_sys::index_open(index_oid, LOCK);
+            let ours = is_ours(pindex);
+            let valid = (*(*pindex).rd_index).indisvalid;
+            pg_sys::index_close(pindex, pg_sys::NoLock as pg_sys::LOCKMODE);
+            pg_sys::table_close(prel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            if !ours {
+                return Err(TtError::WrongIndex(who.into()));
+            }
+            if !valid {
+                return Err(TtError::Unsupported(
+                    "the partitioned index is not valid: some partition has no index attached to it".into(),
+                ));
+            }
+            // The leaf indexes (the partitioned table's lock keeps a plain DETACH out until
+            // the transaction ends; each leaf is locked as it is opened).
+            let leaves: Vec<pg_sys::Oid> = Spi::connect(|c| {
+                c.select(
+                    "SELECT relid FROM pg_catalog.pg_partition_tree($1) WHERE isleaf ORDER BY relid",
+                    None,
+                    &[index_oid.into()],
+                )?
+                .map(|r| r.get::<pg_sys::Oid>(1))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| v.into_iter().flatten().collect())
+            })
+            .map_err(|e| TtError::BadArgument(format!("listing the partitions of the index: {e}")))?;
+            let mut out = Vec::with_capacity(leaves.len());
+            for leaf in leaves {
+                let heap = pg_sys::IndexGetRelation(leaf, false);
+                match Self::open_checked(heap, leaf, who, Grant::Parent) {
+                    Ok(t) => out.push(t),
+                    Err(e) => {
+                        out.into_iter().for_each(Target::close);
+                        return Err(e);
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+
+    /// Opens table `heap_oid` and its index `index_oid` and checks them (see [`Target::open`]).
+    ///
+    /// # Safety
+    /// `heap_oid` must be the table of `index_oid`, and with `Grant::Parent` the caller's
+    /// right to read it must have been checked on its partitioned table.
+    unsafe fn open_checked(heap_oid: pg_sys::Oid, index_oid: pg_sys::Oid, who: &str, grant: Grant) -> TtResult<Target> {
         // SAFETY: standard open order (table, then index) with the lock the executor takes;
         // on an error below, transaction abort releases both.
         unsafe {
@@ -145,22 +294,22 @@ impl Target {
                 return Err(TtError::Unsupported(format!("{who} does not support expression indexes")));
             }
             let (id_att, id_type) = item_id_column(heap)?;
-            let me = crate::catalog::caller();
-            let readable = pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
-                == pg_sys::AclResult::ACLCHECK_OK
-                || [id_att, vec_att].iter().all(|&c| {
-                    pg_sys::pg_attribute_aclcheck(heap_oid, c, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
-                        == pg_sys::AclResult::ACLCHECK_OK
-                });
-            if !readable {
-                return Err(denied(&relation_name(heap), who));
-            }
-            if pg_sys::check_enable_rls(heap_oid, pg_sys::InvalidOid, false)
-                == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
-            {
-                return Err(TtError::Unsupported(format!(
-                    "{who} does not support tables with row-level security; use ORDER BY ... LIMIT in SQL"
-                )));
+            if grant == Grant::Own {
+                let me = crate::catalog::caller();
+                let readable = pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                    == pg_sys::AclResult::ACLCHECK_OK
+                    || [id_att, vec_att].iter().all(|&c| {
+                        pg_sys::pg_attribute_aclcheck(heap_oid, c, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                            == pg_sys::AclResult::ACLCHECK_OK
+                    });
+                if !readable {
+                    return Err(denied(&relation_name(heap), who));
+                }
+                if pg_sys::check_enable_rls(heap_oid, pg_sys::InvalidOid, false)
+                    == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+                {
+                    return Err(rls_refused(who));
+                }
             }
             if !(*ix).indisvalid || !(*ix).indisready {
                 return Err(TtError::Unsupported(
