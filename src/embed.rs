@@ -5,7 +5,9 @@ use pgrx::prelude::*;
 
 /// Worker threads for batched forward passes: one per core.
 pub fn inference_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    // Asked once per backend: the answer reads cgroup files (a syscall per call otherwise).
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
 /// The first row of a row-major `[n, dim]` output holding a NaN or an infinity.

@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod channels;
 pub mod embed;
 pub mod error;
+pub mod fanout;
 pub mod gucs;
 pub mod info;
 pub mod item_cache;

@@ -57,8 +57,25 @@ pub mod twotower {
             best.extend(target.nearest(query, k, exclude, ef)?.into_iter().map(|(id, d)| (d, id)));
             target.close();
         }
-        // Distance order, ties by id (as each leaf orders them). A primary key of a
-        // partitioned table includes the partition key, so an id is in one leaf only.
+        // Foreign partitions (shards over postgres_fdw): one statement asks them all.
+        if crate::am::search::is_partitioned(index_oid) {
+            if let Some(shards) = crate::fanout::shards(index_oid)? {
+                metric = shards.metric();
+                if metric != model_metric {
+                    return Err(TtError::ModelIndexMismatch {
+                        detail: format!(
+                            "The model is trained for {} but the index orders by {}.",
+                            model_metric.spec_name(),
+                            metric.name()
+                        ),
+                    });
+                }
+                let ex: Vec<i64> = exclude.iter().copied().collect();
+                best.extend(shards.nearest(query, k, &ex)?.into_iter().map(|(id, d)| (d, id)));
+            }
+        }
+        // Distance order, ties by id (as each leaf orders them). The partition key is part of
+        // a partitioned table's primary key (or is the item id), so an id is in one leaf only.
         best.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         best.truncate(k);
         Ok(best.into_iter().map(|(d, id)| (id, metric.similarity(d) as f32)).collect())

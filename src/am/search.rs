@@ -197,6 +197,12 @@ fn id_value(d: pg_sys::Datum, typ: pg_sys::Oid) -> i64 {
     }
 }
 
+/// Whether `index` is the index of a partitioned table.
+pub fn is_partitioned(index: pg_sys::Oid) -> bool {
+    // SAFETY: a catalogue lookup by oid (0 for a missing relation).
+    unsafe { pg_sys::get_rel_relkind(index) == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char }
+}
+
 /// Who vouches for the caller's right to read a table.
 #[derive(Clone, Copy, PartialEq)]
 enum Grant {

@@ -1,0 +1,130 @@
+//! Shards over postgres_fdw: the foreign partitions of a partitioned item table, searched by
+//! `recall()` (and the pipelines' two-tower channels) next to its local leaves.
+//!
+//! PostgreSQL's catalogue is the topology: the partitioned table's foreign partitions, their
+//! foreign servers and user mappings. One statement asks every shard for its own top `k`
+//! (`ORDER BY vector <op> $1 LIMIT k`, with the exclusions), the branches joined by UNION ALL,
+//! so that postgres_fdw runs them at once on servers marked `async_capable`, ships the ORDER BY
+//! and LIMIT to servers that list `pg_twotower` in their `extensions`, reuses its cached
+//! connections, and carries a cancel or `statement_timeout` to the shards. The user vector is
+//! computed once, here, and sent as a parameter; the leaves' lists are merged by the caller.
+
+use crate::error::{TtError, TtResult};
+use pgrx::prelude::*;
+use pgrx::spi::quote_identifier;
+use twotower_ann::Metric;
+
+/// The foreign partitions of a partitioned table, and how to ask them.
+pub struct Shards {
+    /// Each foreign partition, schema-qualified and quoted.
+    tables: Vec<String>,
+    id_column: String,
+    vector_column: String,
+    metric: Metric,
+}
+
+fn fail(e: pgrx::spi::Error) -> TtError {
+    TtError::BadArgument(format!("reading the partitions of the index: {e}"))
+}
+
+/// The foreign partitions of the table of partitioned index `index` (None when it has none),
+/// with the index's vector column and metric and the table's item id column: its primary key,
+/// or, since a table with foreign partitions cannot have one, its partition key (one integer
+/// column).
+pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
+    let row = Spi::connect(|c| {
+        let tables: Vec<String> = c
+            .select(
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+                   FROM pg_catalog.pg_partition_tree((SELECT indrelid FROM pg_catalog.pg_index WHERE indexrelid = $1)) p
+                   JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                  WHERE c.relkind OPERATOR(pg_catalog.=) 'f' ORDER BY p.relid",
+                None,
+                &[index.into()],
+            )?
+            .map(|r| r.get::<String>(1))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        if tables.is_empty() {
+            return Ok(None);
+        }
+        let cols = c
+            .select(
+                "SELECT (SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]),
+                        (SELECT a.attname::text FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) COALESCE(
+                            (SELECT k.indkey[0] FROM pg_catalog.pg_index k
+                              WHERE k.indrelid OPERATOR(pg_catalog.=) i.indrelid AND k.indisprimary AND k.indnkeyatts OPERATOR(pg_catalog.=) 1),
+                            (SELECT t.partattrs[0] FROM pg_catalog.pg_partitioned_table t
+                              WHERE t.partrelid OPERATOR(pg_catalog.=) i.indrelid AND t.partnatts OPERATOR(pg_catalog.=) 1))
+                            AND a.atttypid OPERATOR(pg_catalog.=) ANY ('{int2,int4,int8}'::pg_catalog.regtype[])),
+                        (SELECT o.opcname::text FROM pg_catalog.pg_opclass o WHERE o.oid OPERATOR(pg_catalog.=) i.indclass[0])
+                   FROM pg_catalog.pg_index i WHERE i.indexrelid OPERATOR(pg_catalog.=) $1",
+                None,
+                &[index.into()],
+            )?
+            .first();
+        let (vector, id, opclass) = (cols.get::<String>(1)?, cols.get::<String>(2)?, cols.get::<String>(3)?);
+        Ok::<_, pgrx::spi::Error>(Some((tables, vector, id, opclass)))
+    })
+    .map_err(fail)?;
+    let Some((tables, vector, id, opclass)) = row else { return Ok(None) };
+    let (Some(vector), Some(opclass)) = (vector, opclass) else {
+        return Err(TtError::Unsupported("recall() does not support expression indexes".into()));
+    };
+    let Some(id) = id else {
+        return Err(TtError::NoItemId(
+            "a partitioned table with foreign partitions needs its item id as its partition key (one integer column)".into(),
+        ));
+    };
+    let metric = match opclass.as_str() {
+        "real_l2_ops" => Metric::L2,
+        "real_ip_ops" => Metric::InnerProduct,
+        _ => Metric::Cosine,
+    };
+    Ok(Some(Shards { tables, id_column: id, vector_column: vector, metric }))
+}
+
+impl Shards {
+    pub fn metric(&self) -> Metric {
+        self.metric
+    }
+
+    /// Each shard's `k` nearest rows to `query` that are not in `exclude`, as (item id,
+    /// distance as the SQL operator computes it), all shards together (unordered).
+    pub fn nearest(&self, query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<(i64, f64)>> {
+        let op = match self.metric {
+            Metric::L2 => "OPERATOR(twotower.<->)",
+            Metric::InnerProduct => "OPERATOR(twotower.<#>)",
+            Metric::Cosine => "OPERATOR(twotower.<=>)",
+        };
+        let (id, v) = (quote_identifier(&self.id_column), quote_identifier(&self.vector_column));
+        let branches: Vec<String> = self
+            .tables
+            .iter()
+            .map(|t| {
+                format!(
+                    "(SELECT s.{id}::pg_catalog.int8, (s.{v} {op} $1)::pg_catalog.float8 FROM {t} s
+                       WHERE s.{id} OPERATOR(pg_catalog.<>) ALL ($2) AND s.{v} IS NOT NULL
+                       ORDER BY s.{v} {op} $1 LIMIT $3)"
+                )
+            })
+            .collect();
+        let sql = branches.join(" UNION ALL ");
+        let mut out = Vec::with_capacity(k * self.tables.len());
+        Spi::connect(|c| {
+            for r in c.select(&sql, None, &[query.to_vec().into(), exclude.to_vec().into(), (k as i64).into()])? {
+                if let (Some(i), Some(d)) = (r.get::<i64>(1)?, r.get::<f64>(2)?) {
+                    out.push((i, d));
+                }
+            }
+            Ok::<_, pgrx::spi::Error>(())
+        })
+        .map_err(|e| TtError::BadArgument(format!("asking the shards: {e}")))?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,147 @@
+# Shards over postgres_fdw: a coordinator whose partitioned item table has a local partition
+# and two foreign partitions on two other clusters. recall() over its index equals the merge of
+# each shard's own top k (exactly), the exclusions reach the shards, the plain ORDER BY ... LIMIT
+# through the partitioned table gives the same items, a cancel and statement_timeout reach the
+# shards, and a shard that is down is a clear error.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use TwoTower;
+
+my @shards = map { new_node("shard$_") } (1, 2);
+my $coord = new_node('coord');
+
+# Each shard: its range of item ids, deterministic vectors, its own index.
+for my $i (0, 1)
+{
+	my ($lo, $hi) = (1001 + $i * 1000, 2000 + $i * 1000);
+	$shards[$i]->safe_psql('postgres', qq{
+		CREATE TABLE items (id bigint PRIMARY KEY, embedding real[]);
+		INSERT INTO items SELECT g, ARRAY[sin(g * 0.37), cos(g * 0.53), sin(g * 0.91) * cos(g * 0.11), cos(g * 0.07)]::real[]
+		  FROM generate_series($lo, $hi) g;
+		CREATE INDEX items_idx ON items USING twotower_hnsw (embedding twotower.real_l2_ops);
+		-- A shard's slow search, for the cancel test (only called by name).
+		CREATE FUNCTION slow() RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(30)';
+	});
+}
+
+my $servers = '';
+for my $i (0, 1)
+{
+	my ($n, $port, $host) = ($i + 1, $shards[$i]->port, $shards[$i]->host);
+	$servers .= qq{
+		CREATE SERVER s$n FOREIGN DATA WRAPPER postgres_fdw
+		  OPTIONS (host '$host', port '$port', dbname 'postgres', extensions 'pg_twotower', async_capable 'true');
+		CREATE USER MAPPING FOR CURRENT_USER SERVER s$n;
+		CREATE FOREIGN TABLE items_s$n PARTITION OF items FOR VALUES FROM (@{[1001 + $i * 1000]}) TO (@{[2001 + $i * 1000]})
+		  SERVER s$n OPTIONS (table_name 'items');
+	};
+}
+$coord->safe_psql('postgres', qq{
+	CREATE EXTENSION postgres_fdw;
+	CREATE FUNCTION st(h text, d bytea) RETURNS bytea LANGUAGE sql AS \$\$
+	    SELECT set_byte(set_byte('\\x0000000000000000'::bytea, 0, length(convert_to(h, 'UTF8')) % 256), 1,
+	                    length(convert_to(h, 'UTF8')) / 256) || convert_to(h, 'UTF8') || d \$\$;
+	SELECT twotower.import_model('u', '{"format": "pg_twotower.tower", "spec_version": 1, "kind": "user",
+	  "features": [{"name": "q", "type": "dense", "dim": 4}], "layers": [], "output": {"dim": 4, "metric": "l2"}}',
+	  st('{}', ''));
+	CREATE TABLE items (id bigint, embedding real[]) PARTITION BY RANGE (id);
+	CREATE TABLE items_local PARTITION OF items FOR VALUES FROM (1) TO (1001);
+	ALTER TABLE items_local ADD PRIMARY KEY (id);
+	INSERT INTO items_local SELECT g, ARRAY[sin(g * 0.37), cos(g * 0.53), sin(g * 0.91) * cos(g * 0.11), cos(g * 0.07)]::real[]
+	  FROM generate_series(1, 1000) g;
+	$servers
+	CREATE INDEX items_idx ON items USING twotower_hnsw (embedding twotower.real_l2_ops);
+});
+my $q = '[0.2, 0.4, -0.1, 0.5]';
+my $qv = "'{0.2,0.4,-0.1,0.5}'::real[]";
+
+# Each node's own top k, merged, is the reference (the shards' lists come from their indexes).
+sub merged_reference
+{
+	my ($k, $exclude) = @_;
+	my @rows;
+	my $where = $exclude ? "WHERE id <> ALL ('{$exclude}'::bigint[])" : '';
+	for my $node ($coord, @shards)
+	{
+		my $table = $node == $coord ? 'items_local' : 'items';
+		push @rows, split /\n/, $node->safe_psql('postgres', qq{
+			SET twotower.ef_search = 400;
+			SELECT id || ' ' || (embedding OPERATOR(twotower.<->) $qv) FROM $table $where
+			 ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT $k});
+	}
+	my @sorted = sort { (split / /, $a)[1] <=> (split / /, $b)[1] || (split / /, $a)[0] <=> (split / /, $b)[0] } @rows;
+	return join(',', map { (split / /, $_)[0] } @sorted[0 .. $k - 1]);
+}
+
+my $recall = sub {
+	my ($k, $exclude) = @_;
+	my $ex = $exclude ? ", '{$exclude}'::bigint[]" : '';
+	return $coord->safe_psql('postgres', qq{
+		SET twotower.ef_search = 400;
+		SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recall('u', 'items_idx', '{"q": $q}', $k$ex)});
+};
+
+my $ref = merged_reference(20);
+is($recall->(20), $ref, 'recall over a local partition and two shards = the merge of their own top 20');
+my @top = split /,/, $ref;
+ok((grep { $_ > 1000 } @top) && (grep { $_ <= 1000 } @top), 'the top 20 mixes local and shard items');
+my $ex = join(',', @top[0 .. 4]);
+is($recall->(20, $ex), merged_reference(20, $ex), 'exclusions reach the shards');
+is($recall->(200), merged_reference(200), 'k 200: more than a shard returns at once');
+
+# The shards get the ORDER BY and LIMIT (pg_twotower is in the servers' extensions).
+my $plan = $coord->safe_psql('postgres', qq{EXPLAIN (VERBOSE, COSTS OFF)
+	SELECT id FROM items_s1 ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT 10});
+like($plan, qr/Remote SQL:.*ORDER BY.*LIMIT/s, 'ORDER BY and LIMIT are shipped to a shard');
+# The plain SQL path through the partitioned table gives the same items as recall().
+is($coord->safe_psql('postgres', qq{SET twotower.ef_search = 400;
+	SELECT string_agg(id::text, ',') FROM (SELECT id FROM items ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT 20) s}),
+	$ref, 'ORDER BY ... LIMIT through the partitioned table: the same top 20');
+
+# A new item on a shard is found at once.
+$shards[1]->safe_psql('postgres', "INSERT INTO items VALUES (2500, '{0.2,0.4,-0.1,0.5}') ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding");
+like($recall->(3), qr/^2500,/, 'a vector written on a shard is found by the coordinator');
+
+# statement_timeout and a cancel reach the shards: a shard that does not answer (its backend
+# holds a lock the shard's query waits for) makes the coordinator's call end at the timeout,
+# and the shard's query goes away.
+my $blocker = $shards[0]->background_psql('postgres');
+$blocker->query_safe('BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE');
+my $waiting_sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%items%'";
+my ($o, $e) = ('', '');
+my $h = IPC::Run::start(
+	[ 'psql', '-XAtq', '-d', $coord->connstr('postgres'), '-c',
+	  qq{SET statement_timeout = '3s'; SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)} ],
+	'>', \$o, '2>', \$e);
+my $waiting = '0';
+for (1 .. 100)
+{
+	$waiting = $shards[0]->safe_psql('postgres', $waiting_sql);
+	last if $waiting ne '0';
+	sleep 0.05;
+}
+is($waiting, '1', "the coordinator's call waits on the shard");
+$h->finish;
+like($e, qr/canceling statement due to statement timeout/, 'statement_timeout ends a call waiting on a shard');
+for (1 .. 50)
+{
+	$waiting = $shards[0]->safe_psql('postgres', $waiting_sql);
+	last if $waiting eq '0';
+	sleep 0.1;
+}
+is($waiting, '0', "the shard's query was cancelled too");
+$blocker->query_safe('ROLLBACK');
+$blocker->quit;
+
+# A shard that is down: a clear error naming the connection, not a wrong answer.
+$shards[1]->stop;
+my ($ret, $out, $err) = $coord->psql('postgres', qq{SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)});
+isnt($ret, 0, 'a shard down: the call fails');
+like($err, qr/could not connect to server "s2"|connection to server .* failed/, 'the error names the unreachable shard');
+$shards[1]->start;
+is($recall->(20), merged_reference(20), 'the shard back: the same answer as before');
+
+done_testing();
