@@ -39,3 +39,8 @@ python3 bench/movielens.py | tee "bench/out/movielens-$(date +%Y%m%d-%H%M%S).md"
 # Item-to-item channels and the merged funnel on the same split (bench/movielens_channels.py;
 # movielens.py above has loaded the data and trained the demo's two-tower model).
 python3 bench/movielens_channels.py | tee "bench/out/movielens-channels-$(date +%Y%m%d-%H%M%S).md"
+# recall() over loopback shards (postgres_fdw) against one server (bench/shards.sh; four more
+# scratch clusters, stopped at the end). TT_SKIP_SHARDS=1 leaves it out.
+if [ "${TT_SKIP_SHARDS:-0}" != 1 ]; then
+  bash bench/shards.sh | tee "bench/out/shards-$(date +%Y%m%d-%H%M%S).md"
+fi

@@ -111,7 +111,22 @@ impl Towers<'_> {
         let user_params = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> { vec![Box::new(inp[i].clone())] };
         let recall_sql = "SELECT * FROM twotower.recall('bench_user', 'items_tt_idx', $1::jsonb, 500)";
 
+        if std::env::var("TT_FUNNEL_PROFILE").is_ok() {
+            // Only the cached hot-set prerank, over and over (to profile the server meanwhile).
+            self.c
+                .batch_execute("SELECT twotower.enable_item_cache('items'); SELECT twotower.enable_item_cache('bench_prerank_items')")
+                .unwrap();
+            for _ in 0..20 {
+                let l = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
+                println!("# prerank hot, item cache: p50 {:.2} p99 {:.2} ms", l.p50, l.p99);
+            }
+            return;
+        }
         let recall = self.timed_calls(recall_sql, &user_params, calls, 500);
+        // The round trip of a prerank call without its work: the same parameters sent, 100 rows
+        // back (what the client and the protocol cost on this machine).
+        let echo_sql = "SELECT i, 0::real, n::int FROM unnest($2::bigint[]) WITH ORDINALITY u(i, n) WHERE $1::jsonb IS NOT NULL AND n <= 100";
+        let echo = self.timed_calls(echo_sql, &prerank_hot, calls, 100);
         let pre_cold = self.timed_calls(prerank_sql, &prerank_params, calls, 100);
         let pre_hot_cold = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
         let rec_cold = self.timed_calls(recommend_sql, &user_params, calls, 100);
@@ -150,6 +165,7 @@ impl Towers<'_> {
             println!("| {what} | {:.2} | {:.2} | {:.2} | {:.2}× |", l.p50, l.p99, l.mean, l.p99 / recall.p99);
         };
         row("`recall` top-500 (baseline)", &recall);
+        row("round trip of a `prerank` call without its work (same parameters, 100 rows back)", &echo);
         row("`prerank` 2,000 candidates → 100, whole catalogue, no item cache", &pre_cold);
         row("`prerank` 2,000 candidates → 100, whole catalogue, item cache", &pre_warm);
         row("`prerank` 2,000 candidates → 100, hot set of 50,000, no item cache", &pre_hot_cold);
