@@ -17,6 +17,15 @@ pub mod twotower {
     /// The largest k recall() returns.
     const MAX_K: i32 = 100_000;
 
+    fn same_metric(model: Metric, index: Metric) -> TtResult<()> {
+        if model == index {
+            return Ok(());
+        }
+        Err(TtError::ModelIndexMismatch {
+            detail: format!("The model is trained for {} but the index orders by {}.", model.spec_name(), index.name()),
+        })
+    }
+
     /// The recall channel: ranked (item id, score) of the `k` nearest live rows to the user
     /// vector `query` in `index_oid`, skipping `exclude`, through the access method's search
     /// interface (privileges are checked there before anything is opened). The index of a
@@ -35,15 +44,7 @@ pub mod twotower {
         for target in targets {
             check_for_interrupts!();
             metric = target.metric();
-            if metric != model_metric {
-                return Err(TtError::ModelIndexMismatch {
-                    detail: format!(
-                        "The model is trained for {} but the index orders by {}.",
-                        model_metric.spec_name(),
-                        metric.name()
-                    ),
-                });
-            }
+            same_metric(model_metric, metric)?;
             if let Some(d) = target.dims() {
                 if d != query.len() {
                     return Err(TtError::ModelIndexMismatch {
@@ -61,15 +62,7 @@ pub mod twotower {
         if crate::am::search::is_partitioned(index_oid) {
             if let Some(shards) = crate::fanout::shards(index_oid)? {
                 metric = shards.metric();
-                if metric != model_metric {
-                    return Err(TtError::ModelIndexMismatch {
-                        detail: format!(
-                            "The model is trained for {} but the index orders by {}.",
-                            model_metric.spec_name(),
-                            metric.name()
-                        ),
-                    });
-                }
+                same_metric(model_metric, metric)?;
                 let ex: Vec<i64> = exclude.iter().copied().collect();
                 best.extend(shards.nearest(query, k, &ex)?.into_iter().map(|(id, d)| (d, id)));
             }

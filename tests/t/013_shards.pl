@@ -92,6 +92,15 @@ my $ex = join(',', @top[0 .. 4]);
 is($recall->(20, $ex), merged_reference(20, $ex), 'exclusions reach the shards');
 is($recall->(200), merged_reference(200), 'k 200: more than a shard returns at once');
 
+# recommend(): a pipeline whose two-tower channel is the partitioned index, and whose stage
+# reads the candidates' vectors through the partitioned table (from the shards).
+$coord->safe_psql('postgres', q{SELECT twotower.save_pipeline('f', '{"user_model": "u", "vectors": {"table": "items"},
+	"channels": [{"type": "twotower", "index": "items_idx", "k": 40}],
+	"stages": [{"type": "twotower", "keep": 20}], "k": 20}')});
+is($coord->safe_psql('postgres', qq{SET twotower.ef_search = 400;
+	SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recommend('f', '{"q": $q}')}),
+	$ref, 'recommend over the shards: the same top 20 as recall');
+
 # The shards get the ORDER BY and LIMIT (pg_twotower is in the servers' extensions).
 my $plan = $coord->safe_psql('postgres', qq{EXPLAIN (VERBOSE, COSTS OFF)
 	SELECT id FROM items_s1 ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT 10});
