@@ -12,6 +12,7 @@
 use crate::error::{TtError, TtResult};
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
+use pgrx::PgTryBuilder;
 use twotower_ann::Metric;
 
 /// The foreign partitions of a partitioned table, and how to ask them.
@@ -95,16 +96,46 @@ impl Shards {
     }
 
     /// Each shard's `k` nearest rows to `query` that are not in `exclude`, as (item id,
-    /// distance as the SQL operator computes it), all shards together (unordered).
+    /// distance as the SQL operator computes it), all shards together (unordered). With
+    /// `twotower.unavailable_shards = skip`, a shard that fails is left out with a WARNING.
     pub fn nearest(&self, query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<(i64, f64)>> {
+        if crate::gucs::UNAVAILABLE_SHARDS.get() == crate::gucs::UnavailableShards::Error {
+            return self.ask(&self.tables, query, k, exclude);
+        }
+        // All at once first (in a subtransaction); after a failure, each shard on its own, so
+        // that a failure rolls back that shard only.
+        if let Ok(r) = in_subtransaction(|| self.ask(&self.tables, query, k, exclude)) {
+            return r;
+        }
+        let mut out = Vec::new();
+        let mut failed = Vec::new();
+        for t in &self.tables {
+            match in_subtransaction(|| self.ask(std::slice::from_ref(t), query, k, exclude)) {
+                Ok(Ok(rows)) => out.extend(rows),
+                Ok(Err(e)) => return Err(e),
+                Err(msg) => failed.push(format!("{t} ({msg})")),
+            }
+        }
+        if !failed.is_empty() {
+            pgrx::warning!(
+                "recall() left out {} of {} foreign partitions that did not answer: {}",
+                failed.len(),
+                self.tables.len(),
+                failed.join("; ")
+            );
+        }
+        Ok(out)
+    }
+
+    /// The top `k` of each of `tables` in one statement (the branches joined by UNION ALL).
+    fn ask(&self, tables: &[String], query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<(i64, f64)>> {
         let op = match self.metric {
             Metric::L2 => "OPERATOR(twotower.<->)",
             Metric::InnerProduct => "OPERATOR(twotower.<#>)",
             Metric::Cosine => "OPERATOR(twotower.<=>)",
         };
         let (id, v) = (quote_identifier(&self.id_column), quote_identifier(&self.vector_column));
-        let branches: Vec<String> = self
-            .tables
+        let branches: Vec<String> = tables
             .iter()
             .map(|t| {
                 format!(
@@ -115,7 +146,7 @@ impl Shards {
             })
             .collect();
         let sql = branches.join(" UNION ALL ");
-        let mut out = Vec::with_capacity(k * self.tables.len());
+        let mut out = Vec::with_capacity(k * tables.len());
         Spi::connect(|c| {
             for r in c.select(&sql, None, &[query.to_vec().into(), exclude.to_vec().into(), (k as i64).into()])? {
                 if let (Some(i), Some(d)) = (r.get::<i64>(1)?, r.get::<f64>(2)?) {
@@ -126,5 +157,45 @@ impl Shards {
         })
         .map_err(|e| TtError::BadArgument(format!("asking the shards: {e}")))?;
         Ok(out)
+    }
+}
+
+/// Runs `f` in an internal subtransaction: committed when `f` returns, rolled back when it
+/// raises an ERROR, whose message is then returned (a cancel or a FATAL is not caught: only
+/// errors). Memory context and resource owner are restored either way.
+fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    // SAFETY: the standard pattern of PL handlers: begin an internal subtransaction, and on
+    // success release it, on error roll it back, restoring the caller's memory context and
+    // resource owner in both cases.
+    unsafe {
+        let (cx, owner) = (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner);
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cx);
+        let f = std::panic::AssertUnwindSafe(f);
+        PgTryBuilder::new(move || {
+            let whole = f;
+            let r = (whole.0)();
+            pg_sys::ReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(cx);
+            pg_sys::CurrentResourceOwner = owner;
+            Ok(r)
+        })
+        .catch_others(move |e| {
+            pg_sys::MemoryContextSwitchTo(cx);
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+            pg_sys::MemoryContextSwitchTo(cx);
+            pg_sys::CurrentResourceOwner = owner;
+            let (code, message) = match &e {
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r)
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (r.sql_error_code(), r.message().to_owned()),
+            };
+            if code == pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
+                // A cancel or statement_timeout ends the whole call.
+                e.rethrow()
+            }
+            Err(message)
+        })
+        .execute()
     }
 }

@@ -16,6 +16,19 @@ pub static ITERATIVE_SCAN: GucSetting<IterativeScan> =
 /// `twotower.max_scan_tuples`: rows one ordered scan returns at most.
 pub static MAX_SCAN_TUPLES: GucSetting<i32> = GucSetting::<i32>::new(20_000);
 
+/// `twotower.unavailable_shards`: what recall() does when a foreign partition cannot answer.
+pub static UNAVAILABLE_SHARDS: GucSetting<UnavailableShards> =
+    GucSetting::<UnavailableShards>::new(UnavailableShards::Error);
+
+/// Values of `twotower.unavailable_shards`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum UnavailableShards {
+    #[name = c"error"]
+    Error,
+    #[name = c"skip"]
+    Skip,
+}
+
 /// Values of `twotower.iterative_scan`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum IterativeScan {
@@ -46,6 +59,14 @@ pub fn register() {
         &EF_SEARCH,
         1,
         10_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"twotower.unavailable_shards",
+        c"What recall() does when a foreign partition of the searched table cannot answer.",
+        c"error (the default) fails the call; skip leaves that partition's items out with a WARNING naming it (a partial result).",
+        &UNAVAILABLE_SHARDS,
         GucContext::Userset,
         GucFlags::default(),
     );

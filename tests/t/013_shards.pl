@@ -76,6 +76,23 @@ sub merged_reference
 	return join(',', map { (split / /, $_)[0] } @sorted[0 .. $k - 1]);
 }
 
+# The same, from the coordinator's local leaf and the first shard only.
+sub merged_reference_without_s2
+{
+	my ($k) = @_;
+	my @rows;
+	for my $node ($coord, $shards[0])
+	{
+		my $table = $node == $coord ? 'items_local' : 'items';
+		push @rows, split /\n/, $node->safe_psql('postgres', qq{
+			SET twotower.ef_search = 400;
+			SELECT id || ' ' || (embedding OPERATOR(twotower.<->) $qv) FROM $table
+			 ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT $k});
+	}
+	my @sorted = sort { (split / /, $a)[1] <=> (split / /, $b)[1] || (split / /, $a)[0] <=> (split / /, $b)[0] } @rows;
+	return join(',', map { (split / /, $_)[0] } @sorted[0 .. $k - 1]);
+}
+
 my $recall = sub {
 	my ($k, $exclude) = @_;
 	my $ex = $exclude ? ", '{$exclude}'::bigint[]" : '';
@@ -150,7 +167,26 @@ $shards[1]->stop;
 my ($ret, $out, $err) = $coord->psql('postgres', qq{SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)});
 isnt($ret, 0, 'a shard down: the call fails');
 like($err, qr/could not connect to server "s2"|connection to server .* failed/, 'the error names the unreachable shard');
+# With twotower.unavailable_shards = skip: the other leaves' items, and a WARNING naming the
+# shard that did not answer.
+($ret, $out, $err) = $coord->psql('postgres', qq{SET twotower.ef_search = 400; SET twotower.unavailable_shards = skip;
+	SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 20)});
+is($ret, 0, 'skip: the call succeeds');
+like($err, qr/WARNING:.*left out 1 of 2 foreign partitions.*items_s2/, 'skip: a WARNING names the shard');
+my @partial = split /,/, $out;
+is(scalar(@partial), 20, 'skip: k items');
+ok(!(grep { $_ > 2000 } @partial), "skip: none of the missing shard's items");
+my @without = grep { $_ <= 2000 } split /,/, merged_reference_without_s2(20);
+is($out, join(',', @without[0 .. 19]), 'skip: exactly the merge of the nodes that answered');
+# A statement_timeout still ends the call in skip mode (it is not a shard failure).
 $shards[1]->start;
+my $blocker2 = $shards[1]->background_psql('postgres');
+$blocker2->query_safe('BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE');
+($ret, $out, $err) = $coord->psql('postgres', qq{SET twotower.unavailable_shards = skip; SET statement_timeout = '1s';
+	SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)});
+like($err, qr/canceling statement due to statement timeout/, 'skip: statement_timeout still ends the call');
+$blocker2->query_safe('ROLLBACK');
+$blocker2->quit;
 is($recall->(20), merged_reference(20), 'the shard back: the same answer as before');
 
 done_testing();
