@@ -13,7 +13,7 @@ C=55450
 out=/tmp/pg_twotower-shardbench
 rm -rf "$out"; mkdir -p "$out"; chmod 777 "$out"
 for i in 0 1 2 3; do scripts/cluster.sh start "shard$i" $((C + i)) >/dev/null; done
-psql_on() { local i=$1; shift; scripts/cluster.sh psql "shard$i" $((C + i)) -q -d postgres "$@"; }
+psql_on() { local i=$1; shift; scripts/cluster.sh psql "shard$i" $((C + i)) -q -o /dev/null -d postgres "$@"; }
 as_pg() { if [ "$(id -un)" = postgres ]; then "$@"; else sudo -u postgres -- "$@"; fi; }
 
 # Vectors: a deterministic function of the id (the same rows on every node).
@@ -46,7 +46,7 @@ for s in 1 2 3; do
 done
 
 # The coordinator: a user tower (the request's q), query inputs, servers, partitioned tables.
-ddl="DROP TABLE IF EXISTS items2, items3 CASCADE;
+ddl="DROP TABLE IF EXISTS items2, items3 CASCADE; DROP SERVER IF EXISTS s1, s2, s3 CASCADE;
   CREATE FUNCTION pg_temp.st(h text, d bytea) RETURNS bytea LANGUAGE sql AS \$\$
     SELECT set_byte(set_byte('\\x0000000000000000'::bytea, 0, length(convert_to(h, 'UTF8')) % 256), 1,
                     length(convert_to(h, 'UTF8')) / 256) || convert_to(h, 'UTF8') || d \$\$;
@@ -72,7 +72,7 @@ ddl+="CREATE INDEX items2_idx ON items2 USING twotower_hnsw (embedding twotower.
   CREATE INDEX items3_idx ON items3 USING twotower_hnsw (embedding twotower.real_l2_ops);"
 psql_on 0 -c "$ddl"
 # Shard 1 answers a local call on its half too: the model and the inputs there.
-psql_on 1 -c "$(echo "$ddl" | sed -n '/CREATE FUNCTION/,/FROM generate_series(1, 200) i;/p')"
+psql_on 1 -c "DROP TABLE IF EXISTS queries; $(echo "$ddl" | sed -n '/CREATE FUNCTION/,/FROM generate_series(1, 200) i;/p')"
 
 run() { # node, index -> "p50 p99 tps"
   local node=$1 index=$2 log="$out/pgbench-$2"

@@ -76,6 +76,10 @@ pub enum TtError {
     BadPipeline { path: String, reason: String },
     /// A model or channel that pipelines still use (what, its name, the pipelines).
     UsedByPipelines { what: &'static str, name: String, pipelines: Vec<String> },
+    /// A shard (foreign server) that could not be reached or refused the connection.
+    ShardConnection { server: String, detail: String },
+    /// A shard's answer was an error (the server, its message).
+    ShardError { server: String, message: String },
 }
 
 impl From<TowerError> for TtError {
@@ -164,6 +168,15 @@ fn cf_parts(e: &CfError) -> (PgSqlErrorCode, String, Option<String>, Option<Stri
                 mib(*needed + *needed / 8)
             )),
         ),
+    }
+}
+
+/// The message of `e`, with its detail (for a WARNING that lists several errors).
+pub fn describe(e: &TtError) -> String {
+    let (_, message, detail, _) = e.parts();
+    match detail {
+        Some(d) => format!("{message}: {d}"),
+        None => message,
     }
 }
 
@@ -375,6 +388,18 @@ impl TtError {
                 format!("channel \"{n}\" does not exist"),
                 None,
                 Some("twotower.channels lists the channels; twotower.build_channel creates one.".into()),
+            ),
+            TtError::ShardConnection { server, detail } => (
+                ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                format!("could not connect to server \"{server}\""),
+                Some(detail.clone()),
+                Some("Check the foreign server's options and the user mapping, or SET twotower.unavailable_shards = skip for a partial result.".into()),
+            ),
+            TtError::ShardError { server, message } => (
+                ERRCODE_FDW_ERROR,
+                format!("shard \"{server}\" answered with an error: {message}"),
+                None,
+                None,
             ),
             TtError::UnknownPipeline(n) => (
                 ERRCODE_UNDEFINED_OBJECT,

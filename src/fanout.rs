@@ -17,8 +17,8 @@ use twotower_ann::Metric;
 
 /// The foreign partitions of a partitioned table, and how to ask them.
 pub struct Shards {
-    /// Each foreign partition, schema-qualified and quoted.
-    tables: Vec<String>,
+    /// Each foreign partition, schema-qualified and quoted, and its oid.
+    tables: Vec<(String, pg_sys::Oid)>,
     id_column: String,
     vector_column: String,
     metric: Metric,
@@ -34,9 +34,9 @@ fn fail(e: pgrx::spi::Error) -> TtError {
 /// column).
 pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
     let row = Spi::connect(|c| {
-        let tables: Vec<String> = c
+        let tables: Vec<(String, pg_sys::Oid)> = c
             .select(
-                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.oid
                    FROM pg_catalog.pg_partition_tree((SELECT indrelid FROM pg_catalog.pg_index WHERE indexrelid = $1)) p
                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
@@ -44,10 +44,10 @@ pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
                 None,
                 &[index.into()],
             )?
-            .map(|r| r.get::<String>(1))
+            .map(|r| Ok::<_, pgrx::spi::Error>((r.get::<String>(1)?, r.get::<pg_sys::Oid>(2)?)))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
-            .flatten()
+            .filter_map(|(t, o)| Some((t?, o?)))
             .collect();
         if tables.is_empty() {
             return Ok(None);
@@ -98,22 +98,45 @@ impl Shards {
     /// Each shard's `k` nearest rows to `query` that are not in `exclude`, as (item id,
     /// distance as the SQL operator computes it), all shards together (unordered). With
     /// `twotower.unavailable_shards = skip`, a shard that fails is left out with a WARNING.
-    pub fn nearest(&self, query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<(i64, f64)>> {
-        if crate::gucs::UNAVAILABLE_SHARDS.get() == crate::gucs::UnavailableShards::Error {
-            return self.ask(&self.tables, query, k, exclude);
-        }
-        // All at once first (in a subtransaction); after a failure, each shard on its own, so
-        // that a failure rolls back that shard only.
-        if let Ok(r) = in_subtransaction(|| self.ask(&self.tables, query, k, exclude)) {
-            return r;
-        }
-        let mut out = Vec::new();
+    pub fn nearest(&self, query: &[f32], k: usize, exclude: &[i64], ef_search: i32) -> TtResult<Vec<(i64, f64)>> {
+        let skip = crate::gucs::UNAVAILABLE_SHARDS.get() == crate::gucs::UnavailableShards::Skip;
+        let names: Vec<String> = self.tables.iter().map(|(t, _)| t.clone()).collect();
         let mut failed = Vec::new();
-        for t in &self.tables {
-            match in_subtransaction(|| self.ask(std::slice::from_ref(t), query, k, exclude)) {
-                Ok(Ok(rows)) => out.extend(rows),
-                Ok(Err(e)) => return Err(e),
-                Err(msg) => failed.push(format!("{t} ({msg})")),
+        let mut out = Vec::new();
+        if crate::gucs::SHARD_PROTOCOL.get() == crate::gucs::ShardProtocol::Direct {
+            let remotes: Vec<crate::shard_conn::Remote> = self
+                .tables
+                .iter()
+                .map(|(_, rel)| crate::shard_conn::remote(*rel, &self.id_column, &self.vector_column))
+                .collect::<TtResult<_>>()?;
+            let op = self.operator();
+            match crate::shard_conn::nearest(&remotes, op, query, k, exclude, ef_search) {
+                Ok(rows) => return Ok(rows),
+                Err(e) if !skip => return Err(e),
+                Err(_) => {}
+            }
+            // Each shard on its own: the ones that answer count.
+            for (r, t) in remotes.iter().zip(&names) {
+                match crate::shard_conn::nearest(std::slice::from_ref(r), op, query, k, exclude, ef_search) {
+                    Ok(rows) => out.extend(rows),
+                    Err(e) => failed.push(format!("{t} ({})", crate::error::describe(&e))),
+                }
+            }
+        } else {
+            if !skip {
+                return self.ask(&names, query, k, exclude);
+            }
+            // All at once first (in a subtransaction); after a failure, each shard on its own,
+            // so that a failure rolls back that shard only.
+            if let Ok(r) = in_subtransaction(|| self.ask(&names, query, k, exclude)) {
+                return r;
+            }
+            for t in &names {
+                match in_subtransaction(|| self.ask(std::slice::from_ref(t), query, k, exclude)) {
+                    Ok(Ok(rows)) => out.extend(rows),
+                    Ok(Err(e)) => return Err(e),
+                    Err(msg) => failed.push(format!("{t} ({msg})")),
+                }
             }
         }
         if !failed.is_empty() {
@@ -127,13 +150,17 @@ impl Shards {
         Ok(out)
     }
 
-    /// The top `k` of each of `tables` in one statement (the branches joined by UNION ALL).
-    fn ask(&self, tables: &[String], query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<(i64, f64)>> {
-        let op = match self.metric {
+    fn operator(&self) -> &'static str {
+        match self.metric {
             Metric::L2 => "OPERATOR(twotower.<->)",
             Metric::InnerProduct => "OPERATOR(twotower.<#>)",
             Metric::Cosine => "OPERATOR(twotower.<=>)",
-        };
+        }
+    }
+
+    /// The top `k` of each of `tables` in one statement (the branches joined by UNION ALL).
+    fn ask(&self, tables: &[String], query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<(i64, f64)>> {
+        let op = self.operator();
         let (id, v) = (quote_identifier(&self.id_column), quote_identifier(&self.vector_column));
         let branches: Vec<String> = tables
             .iter()

@@ -20,6 +20,18 @@ pub static MAX_SCAN_TUPLES: GucSetting<i32> = GucSetting::<i32>::new(20_000);
 pub static UNAVAILABLE_SHARDS: GucSetting<UnavailableShards> =
     GucSetting::<UnavailableShards>::new(UnavailableShards::Error);
 
+/// `twotower.shard_protocol`: how recall() asks the foreign partitions of a table.
+pub static SHARD_PROTOCOL: GucSetting<ShardProtocol> = GucSetting::<ShardProtocol>::new(ShardProtocol::Direct);
+
+/// Values of `twotower.shard_protocol`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ShardProtocol {
+    #[name = c"direct"]
+    Direct,
+    #[name = c"postgres_fdw"]
+    PostgresFdw,
+}
+
 /// Values of `twotower.unavailable_shards`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum UnavailableShards {
@@ -59,6 +71,14 @@ pub fn register() {
         &EF_SEARCH,
         1,
         10_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"twotower.shard_protocol",
+        c"How recall() asks the foreign partitions (shards) of the searched table.",
+        c"direct (the default): one prepared statement per shard over its own libpq connection, with the foreign server's options and the user mapping, and twotower.ef_search passed on; postgres_fdw: one UNION ALL statement through postgres_fdw (a remote transaction and a cursor per shard).",
+        &SHARD_PROTOCOL,
         GucContext::Userset,
         GucFlags::default(),
     );

@@ -64,7 +64,8 @@ pub mod twotower {
                 metric = shards.metric();
                 same_metric(model_metric, metric)?;
                 let ex: Vec<i64> = exclude.iter().copied().collect();
-                best.extend(shards.nearest(query, k, &ex)?.into_iter().map(|(id, d)| (d, id)));
+                let ef_shards = if ef > 0 { ef as i32 } else { crate::gucs::EF_SEARCH.get() };
+                best.extend(shards.nearest(query, k, &ex, ef_shards)?.into_iter().map(|(id, d)| (d, id)));
             }
         }
         // Distance order, ties by id (as each leaf orders them). The partition key is part of

@@ -189,4 +189,31 @@ $blocker2->query_safe('ROLLBACK');
 $blocker2->quit;
 is($recall->(20), merged_reference(20), 'the shard back: the same answer as before');
 
+# A role that is not a superuser: as with postgres_fdw, its user mapping must carry a password,
+# and the shard must ask for it (these shards trust local connections: refused).
+$coord->safe_psql('postgres', q{
+	CREATE ROLE app LOGIN;
+	GRANT SELECT ON items, items_s1, items_s2, items_local TO app;
+	GRANT USAGE ON FOREIGN SERVER s1, s2 TO app;
+	CREATE USER MAPPING FOR app SERVER s1;
+	CREATE USER MAPPING FOR app SERVER s2;
+});
+($ret, $out, $err) = $coord->psql('postgres', qq{SET ROLE app; SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)});
+like($err, qr/could not connect to server "s1".*password in the user mapping/s, 'a non-superuser without a password in its mapping is refused');
+$coord->safe_psql('postgres', q{ALTER USER MAPPING FOR app SERVER s1 OPTIONS (ADD password 'secret');
+	ALTER USER MAPPING FOR app SERVER s2 OPTIONS (ADD password 'secret')});
+($ret, $out, $err) = $coord->psql('postgres', qq{SET ROLE app; SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)});
+like($err, qr/did not ask for the password/, "a password the shard does not ask for is refused (the server's own identity is not lent)");
+
+# The same answers through postgres_fdw's statement path (twotower.shard_protocol).
+$coord->safe_psql('postgres', 'ALTER DATABASE postgres SET twotower.shard_protocol = postgres_fdw');
+is($recall->(20), merged_reference(20), 'postgres_fdw path: the merge of the top 20');
+is($recall->(20, $ex), merged_reference(20, $ex), 'postgres_fdw path: exclusions');
+$shards[1]->stop;
+($ret, $out, $err) = $coord->psql('postgres', qq{SET twotower.ef_search = 400; SET twotower.unavailable_shards = skip;
+	SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 20)});
+like($err, qr/WARNING:.*left out 1 of 2 foreign partitions.*items_s2/, 'postgres_fdw path, skip: a WARNING names the shard');
+is($out, join(',', @without[0 .. 19]), 'postgres_fdw path, skip: the merge of the nodes that answered');
+$shards[1]->start;
+
 done_testing();
