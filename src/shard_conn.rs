@@ -27,7 +27,9 @@ struct Conn {
 }
 
 thread_local! {
-    static CONNS: RefCell<HashMap<(u32, u32), Conn>> = RefCell::new(HashMap::new());
+    /// Idle connections by (server, role): several when several partitions live on one
+    /// server (a connection runs one statement at a time).
+    static CONNS: RefCell<HashMap<(u32, u32), Vec<Conn>>> = RefCell::new(HashMap::new());
 }
 
 /// A foreign partition as the direct client asks it.
@@ -154,7 +156,7 @@ fn connect(r: &Remote) -> TtResult<Conn> {
         return Err(refuse("Non-superusers must give a password in the user mapping (as for postgres_fdw)."));
     }
     let key = (r.server.to_u32(), user.to_u32());
-    if let Some(c) = CONNS.with(|m| m.borrow_mut().remove(&key)) {
+    if let Some(c) = CONNS.with(|m| m.borrow_mut().get_mut(&key).and_then(Vec::pop)) {
         // SAFETY: a cached live connection.
         if c.conninfo == info && unsafe { pq_sys::PQstatus(c.raw) } == pq_sys::ConnStatusType::CONNECTION_OK {
             return Ok(c);
@@ -208,7 +210,7 @@ impl Drop for InUse {
     fn drop(&mut self) {
         for (key, c, busy) in self.conns.drain(..) {
             if self.done {
-                CONNS.with(|m| m.borrow_mut().insert(key, c));
+                CONNS.with(|m| m.borrow_mut().entry(key).or_default().push(c));
                 continue;
             }
             // SAFETY: libpq calls on a connection this call owns; none of them raises.

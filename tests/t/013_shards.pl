@@ -58,35 +58,20 @@ $coord->safe_psql('postgres', qq{
 my $q = '[0.2, 0.4, -0.1, 0.5]';
 my $qv = "'{0.2,0.4,-0.1,0.5}'::real[]";
 
-# Each node's own top k, merged, is the reference (the shards' lists come from their indexes).
+# Each node's own top k, merged, is the reference (the shards' lists come from their indexes);
+# @nodes: the nodes that count (default: all).
 sub merged_reference
 {
-	my ($k, $exclude) = @_;
+	my ($k, $exclude, @nodes) = @_;
+	@nodes = ($coord, @shards) unless @nodes;
 	my @rows;
 	my $where = $exclude ? "WHERE id <> ALL ('{$exclude}'::bigint[])" : '';
-	for my $node ($coord, @shards)
+	for my $node (@nodes)
 	{
 		my $table = $node == $coord ? 'items_local' : 'items';
 		push @rows, split /\n/, $node->safe_psql('postgres', qq{
 			SET twotower.ef_search = 400;
 			SELECT id || ' ' || (embedding OPERATOR(twotower.<->) $qv) FROM $table $where
-			 ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT $k});
-	}
-	my @sorted = sort { (split / /, $a)[1] <=> (split / /, $b)[1] || (split / /, $a)[0] <=> (split / /, $b)[0] } @rows;
-	return join(',', map { (split / /, $_)[0] } @sorted[0 .. $k - 1]);
-}
-
-# The same, from the coordinator's local leaf and the first shard only.
-sub merged_reference_without_s2
-{
-	my ($k) = @_;
-	my @rows;
-	for my $node ($coord, $shards[0])
-	{
-		my $table = $node == $coord ? 'items_local' : 'items';
-		push @rows, split /\n/, $node->safe_psql('postgres', qq{
-			SET twotower.ef_search = 400;
-			SELECT id || ' ' || (embedding OPERATOR(twotower.<->) $qv) FROM $table
 			 ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT $k});
 	}
 	my @sorted = sort { (split / /, $a)[1] <=> (split / /, $b)[1] || (split / /, $a)[0] <=> (split / /, $b)[0] } @rows;
@@ -176,7 +161,7 @@ like($err, qr/WARNING:.*left out 1 of 2 foreign partitions.*items_s2/, 'skip: a 
 my @partial = split /,/, $out;
 is(scalar(@partial), 20, 'skip: k items');
 ok(!(grep { $_ > 2000 } @partial), "skip: none of the missing shard's items");
-my @without = grep { $_ <= 2000 } split /,/, merged_reference_without_s2(20);
+my @without = split /,/, merged_reference(20, undef, $coord, $shards[0]);
 is($out, join(',', @without[0 .. 19]), 'skip: exactly the merge of the nodes that answered');
 # A statement_timeout still ends the call in skip mode (it is not a shard failure).
 $shards[1]->start;
@@ -215,5 +200,30 @@ $shards[1]->stop;
 like($err, qr/WARNING:.*left out 1 of 2 foreign partitions.*items_s2/, 'postgres_fdw path, skip: a WARNING names the shard');
 is($out, join(',', @without[0 .. 19]), 'postgres_fdw path, skip: the merge of the nodes that answered');
 $shards[1]->start;
+$coord->safe_psql('postgres', 'ALTER DATABASE postgres RESET twotower.shard_protocol');
+
+# Two partitions on one server: two connections (one statement at a time each), reused by the
+# next calls, not one more per call.
+$shards[0]->safe_psql('postgres', q{
+	CREATE TABLE items_extra (id bigint PRIMARY KEY, embedding real[]);
+	INSERT INTO items_extra VALUES (3001, '{0.2,0.4,-0.1,0.5}'), (3002, '{9,9,9,9}');
+	CREATE INDEX ON items_extra USING twotower_hnsw (embedding twotower.real_l2_ops);
+});
+$coord->safe_psql('postgres', q{CREATE FOREIGN TABLE items_s1b PARTITION OF items FOR VALUES FROM (3001) TO (3101)
+	SERVER s1 OPTIONS (table_name 'items_extra')});
+my $bg = $coord->background_psql('postgres');
+my $top = '';
+$top = $bg->query_safe(qq{SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 3)}) for 1 .. 5;
+like($top, qr/^2500,3001,/, 'a second partition on the same server is searched (3001 ties with 2500 at distance 0: ids order ties)');
+# (Connections of sessions that ended above may take a moment to go away.)
+my $conns = '';
+for (1 .. 50)
+{
+	$conns = $shards[0]->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_twotower'");
+	last if $conns eq '2';
+	sleep 0.1;
+}
+is($conns, '2', 'two connections to that server after five calls');
+$bg->quit;
 
 done_testing();
