@@ -190,6 +190,29 @@ $coord->safe_psql('postgres', q{ALTER USER MAPPING FOR app SERVER s1 OPTIONS (AD
 ($ret, $out, $err) = $coord->psql('postgres', qq{SET ROLE app; SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)});
 like($err, qr/did not ask for the password/, "a password the shard does not ask for is refused (the server's own identity is not lent)");
 
+# The shards ask app for its password: app's calls go through, with SELECT on the partitioned
+# table only (as in a query of it), its grants on the foreign partitions revoked.
+for my $shard (@shards)
+{
+	$shard->safe_psql('postgres', q{SET password_encryption = 'scram-sha-256';
+		CREATE ROLE app LOGIN PASSWORD 'secret'; GRANT SELECT ON items TO app});
+	my $hba = $shard->data_dir . '/pg_hba.conf';
+	my $rules = slurp_file($hba);
+	open my $fh, '>', $hba or die "$hba: $!";
+	print $fh "local all app scram-sha-256\nhost all app 127.0.0.1/32 scram-sha-256\n$rules";
+	close $fh;
+	$shard->reload;
+}
+$coord->safe_psql('postgres', q{REVOKE SELECT ON items_s1, items_s2 FROM app;
+	ALTER USER MAPPING FOR app SERVER s1 OPTIONS (ADD user 'app');
+	ALTER USER MAPPING FOR app SERVER s2 OPTIONS (ADD user 'app')});
+is($coord->safe_psql('postgres', qq{SET ROLE app; SET twotower.ef_search = 400;
+	SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 20)}),
+	merged_reference(20), 'a non-superuser whose password the shards ask for gets the same answer');
+($ret, $out, $err) = $coord->psql('postgres', qq{SET ROLE app; SET twotower.shard_protocol = postgres_fdw;
+	SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 20)});
+like($err, qr/permission denied for foreign table items_s1/, 'through postgres_fdw, each foreign partition needs its own grant');
+
 # The same answers through postgres_fdw's statement path (twotower.shard_protocol).
 $coord->safe_psql('postgres', 'ALTER DATABASE postgres SET twotower.shard_protocol = postgres_fdw');
 is($recall->(20), merged_reference(20), 'postgres_fdw path: the merge of the top 20');
