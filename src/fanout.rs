@@ -1,13 +1,14 @@
-//! Shards over postgres_fdw: the foreign partitions of a partitioned item table, searched by
-//! `recall()` (and the pipelines' two-tower channels) next to its local leaves.
+//! Shards: the foreign partitions of a partitioned item table, searched by `recall()` (and the
+//! pipelines' two-tower channels) next to its local leaves.
 //!
 //! PostgreSQL's catalogue is the topology: the partitioned table's foreign partitions, their
-//! foreign servers and user mappings. One statement asks every shard for its own top `k`
-//! (`ORDER BY vector <op> $1 LIMIT k`, with the exclusions), the branches joined by UNION ALL,
-//! so that postgres_fdw runs them at once on servers marked `async_capable`, ships the ORDER BY
-//! and LIMIT to servers that list `pg_twotower` in their `extensions`, reuses its cached
-//! connections, and carries a cancel or `statement_timeout` to the shards. The user vector is
-//! computed once, here, and sent as a parameter; the leaves' lists are merged by the caller.
+//! foreign servers and user mappings. Every shard is asked for its own top `k` at once, the
+//! user vector (computed once, here) sent as a parameter; the caller merges the lists. Two
+//! ways to ask (`twotower.shard_protocol`): pg_twotower's own libpq client, one prepared
+//! statement per shard (`crate::shard_conn`, the default), or one statement through
+//! postgres_fdw, `ORDER BY vector <op> $1 LIMIT k` per shard joined by UNION ALL, which
+//! postgres_fdw runs at once on servers marked `async_capable` and ships to servers that list
+//! `pg_twotower` in their `extensions`.
 
 use crate::error::{TtError, TtResult};
 use pgrx::prelude::*;
@@ -29,7 +30,8 @@ fn fail(e: pgrx::spi::Error) -> TtError {
 }
 
 /// The foreign partitions of the table of partitioned index `index` (None when it has none),
-/// with the index's vector column and metric and the table's item id column: its primary key,
+/// with the index's vector column and metric (its operator class, read by the access method)
+/// and the table's item id column: its primary key,
 /// or, since a table with foreign partitions cannot have one, its partition key (one integer
 /// column).
 pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
@@ -62,19 +64,18 @@ pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
                               WHERE k.indrelid OPERATOR(pg_catalog.=) i.indrelid AND k.indisprimary AND k.indnkeyatts OPERATOR(pg_catalog.=) 1),
                             (SELECT t.partattrs[0] FROM pg_catalog.pg_partitioned_table t
                               WHERE t.partrelid OPERATOR(pg_catalog.=) i.indrelid AND t.partnatts OPERATOR(pg_catalog.=) 1))
-                            AND a.atttypid OPERATOR(pg_catalog.=) ANY ('{int2,int4,int8}'::pg_catalog.regtype[])),
-                        (SELECT o.opcname::text FROM pg_catalog.pg_opclass o WHERE o.oid OPERATOR(pg_catalog.=) i.indclass[0])
+                            AND a.atttypid OPERATOR(pg_catalog.=) ANY ('{int2,int4,int8}'::pg_catalog.regtype[]))
                    FROM pg_catalog.pg_index i WHERE i.indexrelid OPERATOR(pg_catalog.=) $1",
                 None,
                 &[index.into()],
             )?
             .first();
-        let (vector, id, opclass) = (cols.get::<String>(1)?, cols.get::<String>(2)?, cols.get::<String>(3)?);
-        Ok::<_, pgrx::spi::Error>(Some((tables, vector, id, opclass)))
+        let (vector, id) = (cols.get::<String>(1)?, cols.get::<String>(2)?);
+        Ok::<_, pgrx::spi::Error>(Some((tables, vector, id)))
     })
     .map_err(fail)?;
-    let Some((tables, vector, id, opclass)) = row else { return Ok(None) };
-    let (Some(vector), Some(opclass)) = (vector, opclass) else {
+    let Some((tables, vector, id)) = row else { return Ok(None) };
+    let Some(vector) = vector else {
         return Err(TtError::Unsupported("recall() does not support expression indexes".into()));
     };
     let Some(id) = id else {
@@ -82,11 +83,7 @@ pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
             "a partitioned table with foreign partitions needs its item id as its partition key (one integer column)".into(),
         ));
     };
-    let metric = match opclass.as_str() {
-        "real_l2_ops" => Metric::L2,
-        "real_ip_ops" => Metric::InnerProduct,
-        _ => Metric::Cosine,
-    };
+    let metric = crate::am::search::index_metric(index, "recall()")?;
     Ok(Some(Shards { tables, id_column: id, vector_column: vector, metric }))
 }
 

@@ -58,7 +58,7 @@ pub mod twotower {
             best.extend(target.nearest(query, k, exclude, ef)?.into_iter().map(|(id, d)| (d, id)));
             target.close();
         }
-        // Foreign partitions (shards over postgres_fdw): one statement asks them all.
+        // Foreign partitions (shards), all asked at once (twotower.shard_protocol).
         if crate::am::search::is_partitioned(index_oid) {
             if let Some(shards) = crate::fanout::shards(index_oid)? {
                 metric = shards.metric();

@@ -45,28 +45,27 @@ fn denied(name: &str, who: &str) -> TtError {
 fn precheck_select(index_oid: pg_sys::Oid, who: &str) -> TtResult<pg_sys::Oid> {
     let heap_oid = super::table_of_index(index_oid, who)?
         .ok_or_else(|| TtError::BadArgument(format!("{who} needs an index, not a table")))?;
+    precheck_readable(heap_oid, who)?;
+    Ok(heap_oid)
+}
+
+/// 42501 unless the caller may read table `rel` or at least one of its columns (ACL lookups
+/// by oid, without locks).
+fn precheck_readable(rel: pg_sys::Oid, who: &str) -> TtResult<()> {
     let me = crate::catalog::caller();
     // SAFETY: ACL lookups by oid, without locks.
-    unsafe {
-        let table_ok = pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
-            == pg_sys::AclResult::ACLCHECK_OK;
-        let any_col = pg_sys::pg_attribute_aclcheck_all(
-            heap_oid,
-            me,
-            pg_sys::ACL_SELECT as pg_sys::AclMode,
-            pg_sys::AclMaskHow::ACLMASK_ANY,
-        ) == pg_sys::AclResult::ACLCHECK_OK;
-        if !table_ok && !any_col {
-            let name = pg_sys::get_rel_name(heap_oid);
-            let name = if name.is_null() {
-                format!("{}", heap_oid.to_u32())
-            } else {
-                std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
-            };
-            return Err(denied(&name, who));
-        }
+    let (table_ok, any_col) = unsafe {
+        (
+            pg_sys::pg_class_aclcheck(rel, me, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK,
+            pg_sys::pg_attribute_aclcheck_all(rel, me, pg_sys::ACL_SELECT as pg_sys::AclMode, pg_sys::AclMaskHow::ACLMASK_ANY)
+                == pg_sys::AclResult::ACLCHECK_OK,
+        )
+    };
+    if table_ok || any_col {
+        Ok(())
+    } else {
+        Err(denied(&rel_name(rel), who))
     }
-    Ok(heap_oid)
 }
 
 fn rls_refused(who: &str) -> TtError {
@@ -77,18 +76,10 @@ fn rls_refused(who: &str) -> TtError {
 /// `parent` nor any of its columns, or when it has row-level security (the exact column check
 /// follows once it is open: [`check_parent_columns`]).
 fn precheck_parent(parent: pg_sys::Oid, who: &str) -> TtResult<()> {
-    let me = crate::catalog::caller();
-    // SAFETY: ACL and catalogue lookups by oid, without locks.
-    unsafe {
-        let table_ok = pg_sys::pg_class_aclcheck(parent, me, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK;
-        let any_col = pg_sys::pg_attribute_aclcheck_all(parent, me, pg_sys::ACL_SELECT as pg_sys::AclMode, pg_sys::AclMaskHow::ACLMASK_ANY)
-            == pg_sys::AclResult::ACLCHECK_OK;
-        if !table_ok && !any_col {
-            return Err(denied(&rel_name(parent), who));
-        }
-        if pg_sys::check_enable_rls(parent, pg_sys::InvalidOid, false) == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
-            return Err(rls_refused(who));
-        }
+    precheck_readable(parent, who)?;
+    // SAFETY: a catalogue lookup by oid.
+    if unsafe { pg_sys::check_enable_rls(parent, pg_sys::InvalidOid, false) } == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+        return Err(rls_refused(who));
     }
     Ok(())
 }
@@ -203,6 +194,19 @@ pub fn is_partitioned(index: pg_sys::Oid) -> bool {
     unsafe { pg_sys::get_rel_relkind(index) == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char }
 }
 
+/// The metric (operator class) of twotower_hnsw index `index_oid`, partitioned or not (42809
+/// for an index of another access method).
+pub fn index_metric(index_oid: pg_sys::Oid, who: &str) -> TtResult<Metric> {
+    // SAFETY: opening an index with the executor's lock (held to the end of the transaction,
+    // as the scans take it) to read its operator class.
+    unsafe {
+        let index = pg_sys::index_open(index_oid, LOCK);
+        let metric = is_ours(index).then(|| metric_of(index));
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        metric.ok_or_else(|| TtError::WrongIndex(who.into()))
+    }
+}
+
 /// Who vouches for the caller's right to read a table.
 #[derive(Clone, Copy, PartialEq)]
 enum Grant {
@@ -232,7 +236,7 @@ impl Target {
         // SAFETY: catalogue lookups by oid, then the executor's locks: the partitioned table,
         // then the partitioned index and its descendants, then each leaf's table and index.
         unsafe {
-            if pg_sys::get_rel_relkind(index_oid) != pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char {
+            if !is_partitioned(index_oid) {
                 return Ok(vec![Self::open(index_oid, who)?]);
             }
             let parent = pg_sys::IndexGetRelation(index_oid, false);

@@ -126,9 +126,10 @@ fn sums(u: &[f32], v: &[f32]) -> (f32, f32, f32) {
     (dot, uu, vv)
 }
 
-/// The cross inputs of one request (see [`Cross`]): computed the same way when serving (the
-/// cascade) and when training a pre-rank model (`twotower-train`), so a trained model sees
-/// at serving time exactly the inputs it learned from.
+/// The cross inputs of one request (see [`Cross`]): the same code when serving (the cascade)
+/// and when training a pre-rank model (`twotower-train`), so a trained model sees at serving
+/// time the inputs it learned from (the cascade's batched history similarities differ from
+/// the one-vector path only by float rounding).
 pub struct CrossInputs<'a> {
     metric: Metric,
     user: &'a [f32],
@@ -166,13 +167,7 @@ impl<'a> CrossInputs<'a> {
         if norm == 0.0 || !norm.is_finite() {
             return (0.0, 0.0);
         }
-        let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
-        for h in &self.unit_history {
-            let c = dot(h, v) / norm;
-            mx = mx.max(c);
-            sum += c;
-        }
-        (mx, sum / self.unit_history.len() as f32)
+        max_mean(self.unit_history.iter().map(|h| dot(h, v)), norm)
     }
 
     /// [`CrossInputs::history`] of many vectors at once (one matrix product of the vectors by
@@ -195,8 +190,7 @@ impl<'a> CrossInputs<'a> {
                 if norm == 0.0 || !norm.is_finite() {
                     return (0.0, 0.0);
                 }
-                let (mx, sum) = cs.iter().fold((f32::NEG_INFINITY, 0f32), |(mx, sum), c| (mx.max(c / norm), sum + c / norm));
-                (mx, sum / n as f32)
+                max_mean(cs.iter().copied(), norm)
             })
             .collect()
     }
@@ -225,6 +219,19 @@ impl<'a> CrossInputs<'a> {
             c => out[0] = pair.scalar(c),
         }
     }
+}
+
+/// (max, mean) of the cosines `dots / norm` (the history's unit vectors against a vector of
+/// length `norm`); at least one dot product.
+fn max_mean(dots: impl Iterator<Item = f32>, norm: f32) -> (f32, f32) {
+    let (mut mx, mut sum, mut n) = (f32::NEG_INFINITY, 0f32, 0usize);
+    for d in dots {
+        let c = d / norm;
+        mx = mx.max(c);
+        sum += c;
+        n += 1;
+    }
+    (mx, sum / n as f32)
 }
 
 /// The inputs of one (request, candidate) pair that cost more than a copy: the two-tower score,

@@ -93,7 +93,6 @@ const NARROW: usize = 2;
 
 /// A linear layer over `m` rows of `n_in`: `x · Wᵀ + b`, W row-major `[n_out, n_in]`
 /// (a matrix-vector product for one row or a narrow output, sgemm otherwise).
-
 pub fn linear(x: &[f32], m: usize, n_in: usize, w: &[f32], b: Option<&[f32]>, n_out: usize) -> Vec<f32> {
     if m == 1 {
         let mut out = vec![0f32; n_out];

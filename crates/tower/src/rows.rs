@@ -13,7 +13,7 @@
 //! product shrinks to 97 columns. Other models take the unfolded path: one raw row per candidate.
 
 use crate::forward::{run_layers, run_raw};
-use crate::layers::gemm_xwt;
+use crate::layers::linear;
 use crate::model::{Layer, Model, Part};
 use crate::spec::{Cross, Source};
 
@@ -76,9 +76,13 @@ impl Model {
             }
         }
         let folded = self.fold(&template, u);
-        let (width, puts, template): (usize, Vec<Option<Put>>, Option<&[f32]>) = match &folded {
-            Some(f) => (f.width, f.puts.clone(), None),
-            None => (self.input_width, self.unfolded_puts(), Some(&template)),
+        let unfolded;
+        let (width, puts, template): (usize, &[Option<Put>], Option<&[f32]>) = match &folded {
+            Some(f) => (f.width, &f.puts, None),
+            None => {
+                unfolded = self.unfolded_puts();
+                (self.input_width, &unfolded, Some(&template))
+            }
         };
         // Rows are written straight into one buffer per thread.
         let threads = if width == 0 { 1 } else { threads.clamp(1, m) };
@@ -96,7 +100,7 @@ impl Model {
             }
             let row = &mut raw[start..];
             let item = if ok(part, Source::Item) { part.raw.as_slice() } else { &[] };
-            for (f, put) in self.features.iter().zip(&puts) {
+            for (f, put) in self.features.iter().zip(puts) {
                 match put {
                     None => {}
                     Some(Put::Item(o, from)) => {
@@ -118,7 +122,7 @@ impl Model {
             let rows = if width == 0 { m } else { b.len() / width };
             match &folded {
                 Some(f) => {
-                    let h = gemm_xwt(&b, rows, f.width, &f.weight, f.n_out, Some(&f.bias));
+                    let h = linear(&b, rows, f.width, &f.weight, Some(&f.bias), f.n_out);
                     run_layers(self, h, rows, f.n_out, &[], 1)
                 }
                 None => run_raw(self, b, rows),
