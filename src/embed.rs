@@ -215,7 +215,9 @@ pub mod twotower {
             format!("SELECT t.{idc}::pg_catalog.int8, '{{}}'::jsonb FROM {src} AS t")
         } else {
             format!(
-                "SELECT t.{idc}::pg_catalog.int8, pg_catalog.to_jsonb(f) FROM {src} AS t, LATERAL (SELECT {}) AS f",
+                // `f.*`: the whole row of the lateral subquery, even when a feature column is
+                // itself named `f` (a bare `f` would then be ambiguous).
+                "SELECT t.{idc}::pg_catalog.int8, pg_catalog.to_jsonb(f.*) FROM {src} AS t, LATERAL (SELECT {}) AS f",
                 cols.join(", ")
             )
         };

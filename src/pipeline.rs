@@ -373,7 +373,7 @@ pub mod twotower {
         Spi::connect(|c| {
             let t = c.select(
                 &format!(
-                    "SELECT s.__id, pg_catalog.to_jsonb(s) - '__id' FROM (SELECT {id}::pg_catalog.int8 AS __id{}{} FROM {table} WHERE {id} = ANY ($1)) s",
+                    "SELECT s.__id, pg_catalog.to_jsonb(s.*) - '__id' FROM (SELECT {id}::pg_catalog.int8 AS __id{}{} FROM {table} WHERE {id} = ANY ($1)) s",
                     if select.is_empty() { "" } else { ", " },
                     select.join(", ")
                 ),

@@ -24,7 +24,7 @@ pub mod twotower {
     ) -> TtResult<()> {
         let src = spi::relation_name(rel)?;
         let k = spi::column(rel, key, what)?;
-        let select = format!("SELECT t.{k}::pg_catalog.text, pg_catalog.to_jsonb(t) FROM {src} AS t");
+        let select = format!("SELECT t.{k}::pg_catalog.text, pg_catalog.to_jsonb(t.*) FROM {src} AS t");
         read_rows(&select, &src, None, |row| {
             let Some(id) = row.get::<String>(1)? else {
                 TtError::NullValue(format!("a row of {src} ({what}) has a NULL \"{key}\"")).report();
@@ -363,7 +363,7 @@ pub mod twotower {
             let fk = spi::column(frel, &ucol, "user id").or_report();
             let fty = column_type(frel, &ucol).or_report();
             let sql = format!(
-                "SELECT pg_catalog.to_jsonb(t)::text FROM {fsrc} AS t WHERE t.{fk} OPERATOR(pg_catalog.=) $1::{fty} LIMIT 1"
+                "SELECT pg_catalog.to_jsonb(t.*)::text FROM {fsrc} AS t WHERE t.{fk} OPERATOR(pg_catalog.=) $1::{fty} LIMIT 1"
             );
             let found = Spi::get_one_with_args::<String>(&sql, &[user_id.into()])
                 .map_err(|e| TtError::BadArgument(format!("reading {fsrc}: {e}")))

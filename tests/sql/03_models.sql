@@ -283,6 +283,20 @@ SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_user', 'catal
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'nope')$q$);
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id', batch_size => 0)$q$);
 
+-- Feature columns named like the aliases of the refresh's own statement (f, t, s, x) are read
+-- as the source's columns.
+SELECT twotower.import_model('alias_item', '{"format": "pg_twotower.tower", "spec_version": 1, "kind": "item",
+  "features": [{"name": "f", "type": "dense", "dim": 2}, {"name": "t", "type": "dense", "dim": 1},
+               {"name": "s", "type": "dense", "dim": 1}, {"name": "x", "type": "dense", "dim": 1}],
+  "layers": [], "output": {"dim": 5, "metric": "l2"}}', '\x02000000000000007b7d'::bytea);
+CREATE TABLE alias_items (id bigint PRIMARY KEY, f real[], t real[], s real[], x real[]);
+INSERT INTO alias_items VALUES (1, '{1,2}', '{3}', '{4}', '{5}'), (2, '{6,7}', '{8}', '{9}', '{10}');
+CREATE TABLE alias_vectors (id bigint PRIMARY KEY, embedding real[]);
+SELECT inserted, updated, deleted, unchanged FROM twotower.refresh_item_vectors('alias_item', 'alias_items', 'alias_vectors');
+SELECT id, embedding FROM alias_vectors ORDER BY id;
+DROP TABLE alias_items, alias_vectors;
+SELECT twotower.drop_model('alias_item');
+
 -- Items may come from a view. A feature without a column is an error (every item would get
 -- the same missing value), unless the spec gives that feature a default.
 CREATE VIEW items_no_price AS SELECT item_id, category, tags, img_vec FROM catalog_items;

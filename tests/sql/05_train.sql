@@ -46,6 +46,17 @@ SELECT twotower.user_features('tr_user', '8', at => timestamptz '2026-01-01' - i
 -- An integer id is the same id as its text.
 SELECT twotower.user_features('tr_user', 8) = twotower.user_features('tr_user', '8') AS same_input;
 SELECT pg_temp.err($q$SELECT twotower.user_features('tr_item', '8')$q$);
+-- A feature column named like the readers' own alias (t) is read as the column, in training
+-- and in user_features.
+CREATE TABLE tr_users_t AS SELECT user_id, age AS t FROM tr_users;
+SET client_min_messages = warning;
+SELECT model, train_examples > 0 AS trained FROM twotower.train('tr_user_t', 'tr_item_t', 'tr_events',
+  '{"dim": 4, "epochs": 1, "k": 10, "user": {"features": [{"name": "user_id", "type": "categorical"}, {"name": "t", "type": "numeric"}]}, "item": {"features": [{"name": "item_id", "type": "categorical"}]}}',
+  user_features => 'tr_users_t');
+RESET client_min_messages;
+SELECT twotower.user_features('tr_user_t', '8') ->> 't' AS t;
+SELECT twotower.drop_model('tr_user_t'), twotower.drop_model('tr_item_t');
+DROP TABLE tr_users_t;
 -- Evaluation: each user's last interaction as the target, the earlier ones masked.
 CREATE TABLE tr_queries AS
 SELECT user_id, twotower.user_features('tr_user', user_id::text, at => max(ts) - interval '1 second') AS features,

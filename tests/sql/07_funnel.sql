@@ -195,3 +195,19 @@ RESET ROLE;
 DROP ROLE fn_other;
 REVOKE ALL ON fn_items, fn_cf_nb FROM fn_app;
 DROP ROLE fn_app;
+
+-- An item feature column named like the reader's own alias (s) is read as the column.
+CREATE TABLE fn_s_items (id bigint PRIMARY KEY, embedding real[], s real);
+INSERT INTO fn_s_items SELECT i, ARRAY[1, i * 0.1]::real[], 10 - i FROM generate_series(1, 4) i;
+CREATE INDEX fn_s_idx ON fn_s_items USING twotower_hnsw (embedding real_ip_ops);
+SELECT twotower.import_model('fn_pre_s', '{"format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+  "features": [{"name": "s", "source": "item", "type": "numeric", "transform": "none"}],
+  "layers": [{"type": "linear", "weight": "w"}], "output": {"dim": 1}}',
+  pg_temp.st('{"w":{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]}}', '\x0000803f'));
+SELECT twotower.save_pipeline('fn_s', '{"user_model": "fn_user", "vectors": {"table": "fn_s_items"},
+  "item_features": {"table": "fn_s_items"}, "channels": [{"type": "twotower", "index": "fn_s_idx", "k": 4}],
+  "stages": [{"type": "model", "model": "fn_pre_s", "keep": 4}], "k": 4}');
+SELECT item_id, score, rank FROM twotower.prerank('fn_s', '{"q": [3, 4]}', '{1,2,3,4}');
+SELECT twotower.drop_pipeline('fn_s');
+SELECT twotower.drop_model('fn_pre_s');
+DROP TABLE fn_s_items;
