@@ -97,8 +97,8 @@ impl Loaded {
 }
 
 type Key = (u32, u32, u32);
-/// This backend's open images: (relation, level) and the image.
-type OpenImages = Vec<((Key, Level), Rc<Loaded>)>;
+/// This backend's open images: (relation, level), the index's oid and the image.
+type OpenImages = Vec<((Key, Level), u32, Rc<Loaded>)>;
 
 thread_local! {
     static OPEN: RefCell<OpenImages> = const { RefCell::new(Vec::new()) };
@@ -191,8 +191,8 @@ pub fn file_state(k: Key, oid: u32, meta: &Meta) -> &'static str {
     let open = OPEN.with(|o| {
         o.borrow()
             .iter()
-            .find(|(key, l)| *key == (k, Level::Main) && l.generation == meta.generation)
-            .map(|(_, l)| l.path.is_some())
+            .find(|(key, _, l)| *key == (k, Level::Main) && l.generation == meta.generation)
+            .map(|(_, _, l)| l.path.is_some())
     });
     match open {
         Some(true) => "verified (mapped by this backend)",
@@ -213,14 +213,14 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtRes
     let hit = OPEN.with(|o| {
         o.borrow()
             .iter()
-            .find(|(key, l)| *key == slot && l.generation == r.generation && l.checksum == r.checksum)
-            .map(|(_, l)| l.clone())
+            .find(|(key, _, l)| *key == slot && l.generation == r.generation && l.checksum == r.checksum)
+            .map(|(_, _, l)| l.clone())
     });
     if let Some(l) = hit {
         if l.still_valid() {
             return Ok(l);
         }
-        OPEN.with(|o| o.borrow_mut().retain(|(key, _)| *key != slot));
+        OPEN.with(|o| o.borrow_mut().retain(|(key, _, _)| *key != slot));
     }
     let loaded = if local {
         // SAFETY: forwarded.
@@ -271,11 +271,14 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtRes
     let l = Rc::new(loaded);
     OPEN.with(|o| {
         let mut o = o.borrow_mut();
-        o.retain(|(key, _)| *key != slot);
+        // The same index's image under another relfilenode (before a REINDEX, REINDEX
+        // CONCURRENTLY or VACUUM FULL) is never read again: without this, a backend reading
+        // images into memory (no cache file) would keep up to MAX_OPEN stale copies.
+        o.retain(|(key, o_oid, _)| *key != slot && !(*o_oid == oid && key.1 == slot.1));
         if o.len() >= MAX_OPEN {
             o.remove(0);
         }
-        o.push((slot, l.clone()));
+        o.push((slot, oid, l.clone()));
     });
     Ok(l)
 }
@@ -457,14 +460,14 @@ pub fn cleanup(db: u32, live: &[(u32, u32)]) -> i64 {
     let removed = remove_where(|spc, d, rel, _| d == db && !live.contains(&(spc, rel)));
     OPEN.with(|o| {
         o.borrow_mut()
-            .retain(|(((s, d, r), _), _)| *d != db || live.contains(&(*s, *r)))
+            .retain(|(((s, d, r), _), _, _)| *d != db || live.contains(&(*s, *r)))
     });
     removed + sweep()
 }
 
 /// Forgets this backend's mapping of an index (e.g. after a rebuild in this backend).
 pub fn forget(k: Key) {
-    OPEN.with(|o| o.borrow_mut().retain(|((key, _), _)| *key != k));
+    OPEN.with(|o| o.borrow_mut().retain(|((key, _), _, _)| *key != k));
 }
 
 /// Writes the cache file for a freshly built image (best effort: the pages are the truth, and a
@@ -494,7 +497,7 @@ pub unsafe fn store(index: pg_sys::Relation, meta: &Meta, image: &[u8]) {
 pub unsafe fn store_delta_graph(index: pg_sys::Relation, meta: &Meta, image: &[u8]) {
     // SAFETY: forwarded.
     let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };
-    OPEN.with(|o| o.borrow_mut().retain(|(key, _)| *key != (k, Level::Delta)));
+    OPEN.with(|o| o.borrow_mut().retain(|(key, _, _)| *key != (k, Level::Delta)));
     if local {
         return;
     }

@@ -112,6 +112,32 @@ my ($ret, $out, $err) = $primary->psql('d1', $q);
 is($ret, 0, 'unwritable cache directory: the query still succeeds');
 like($err, qr/could not write the index cache file/, 'with a WARNING');
 like($primary->safe_psql('d1', "SELECT cache_state FROM twotower.index_info('idx_a')"), qr/absent|memory/, 'no cache file was written');
+# Rebuilds while the directory stays unwritable: a backend keeps one copy of an index's image
+# in memory, not one per rebuild it has read (they are never read again).
+$primary->safe_psql('d1', q{
+	SELECT setseed(0.5);
+	CREATE TABLE big AS SELECT g AS id, ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, 64) WHERE g > 0) AS v
+	  FROM generate_series(1, 20000) g;
+	CREATE INDEX big_idx ON big USING twotower_hnsw (v);
+});
+my $bigq = q{SELECT count(*) FROM (SELECT id FROM big ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM big WHERE id = 1) LIMIT 10) s};
+my $mem = $primary->background_psql('d1', on_error_stop => 0);
+$mem->query_safe('SET enable_seqscan = off');
+my $mem_pid = $mem->query_safe('SELECT pg_backend_pid()');
+sub rss_anon { open(my $f, '<', "/proc/$_[0]/status") or die; while (<$f>) { return $1 if /^RssAnon:\s+(\d+)/; } die 'no RssAnon'; }
+$mem->query($bigq);
+my $anon0 = rss_anon($mem_pid);
+for (1 .. 6)
+{
+	$primary->safe_psql('d1', 'REINDEX INDEX big_idx');
+	$mem->query($bigq);
+}
+my $anon6 = rss_anon($mem_pid);
+my $image_kb = int($primary->safe_psql('d1', "SELECT image_bytes FROM twotower.index_info('big_idx')") / 1024);
+cmp_ok($anon6 - $anon0, '<', 2 * $image_kb,
+	"six rebuilds read into memory: the backend grew by @{[$anon6 - $anon0]} kB (one image: $image_kb kB)");
+$mem->quit;
+$primary->safe_psql('d1', 'DROP TABLE big');
 chmod 0700, $dir;
 my $exact = $primary->safe_psql('d1', q{SELECT string_agg(id::text, ',') FROM
 	(SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 10) s});
