@@ -41,9 +41,10 @@ test-regress:
 test-tap:
 	bash tests/tap.sh
 
-## The one-hour mixed-load soak (queries, inserts, deletes, VACUUM, REINDEX CONCURRENTLY).
-soak: setup install
-	TT_SOAK_SECONDS=3600 bash tests/tap.sh t/004_concurrency.pl
+## The one-hour soak: mixed pgbench load with faults (tests/t/014_soak.pl; TT_SOAK_SECONDS to
+## change its length), its report and docs/soak-rss.svg.
+soak: setup install-release
+	bash tests/soak.sh
 
 clean:
 	cargo clean

@@ -7,7 +7,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use TwoTower;
 
-my $secs = $ENV{TT_SOAK_SECONDS} // 30;
+my $secs = $ENV{TT_SOAK_SECONDS} || 30;
 my $node = new_node('load', conf => ['max_connections = 50', "search_path = 'public, twotower'"]);
 make_items($node, 'postgres', 'items', 20000, 16);
 # A low fold threshold: the inserts of the load fold into the delta graph many times.
