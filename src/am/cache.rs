@@ -87,6 +87,15 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// True when the mapped file has been removed (a dropped or rebuilt index): the mapping
+    /// still holds its disk space until it is unmapped.
+    fn unlinked(&self) -> bool {
+        match &self.file {
+            None => false,
+            Some((f, _)) => f.metadata().map_or(true, |m| m.nlink() == 0),
+        }
+    }
+
     /// False when the mapped file was truncated or rewritten since it was verified.
     fn still_valid(&self) -> bool {
         match &self.file {
@@ -102,6 +111,10 @@ type OpenImages = Vec<((Key, Level), u32, Rc<Loaded>)>;
 
 thread_local! {
     static OPEN: RefCell<OpenImages> = const { RefCell::new(Vec::new()) };
+    /// Indexes with open images whose relcache entry was invalidated since (None: all of
+    /// them): checked against the catalogue at the next `image()`.
+    static SUSPECT: RefCell<Option<Vec<u32>>> = const { RefCell::new(Some(Vec::new())) };
+    static RELCACHE_CALLBACK: Cell<bool> = const { Cell::new(false) };
     static WARNED: Cell<bool> = const { Cell::new(false) };
     /// Cache files to remove when this transaction commits (dropped indexes, rebuilt ones).
     static ON_COMMIT: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
@@ -207,6 +220,11 @@ pub fn file_state(k: Key, oid: u32, meta: &Meta) -> &'static str {
 /// # Safety
 /// `index` must be an open twotower_hnsw index and `meta` a metapage read from it.
 pub unsafe fn image(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtResult<Rc<Loaded>> {
+    if !RELCACHE_CALLBACK.with(|c| c.replace(true)) {
+        // SAFETY: registers this backend's relcache callback once.
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0)) };
+    }
+    forget_stale();
     // SAFETY: forwarded.
     let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };
     let slot = (k, r.level);
@@ -463,6 +481,69 @@ pub fn cleanup(db: u32, live: &[(u32, u32)]) -> i64 {
             .retain(|(((s, d, r), _), _, _)| *d != db || live.contains(&(*s, *r)))
     });
     removed + sweep()
+}
+
+/// A relcache invalidation of `relid` (InvalidOid: of every relation). Images of indexes that
+/// were dropped or rebuilt (REINDEX CONCURRENTLY gives the index a new oid) would otherwise stay
+/// open until evicted, each mapping a removed cache file whose disk space is then not freed:
+/// mappings of removed files are dropped here at once (idle backends too, when they catch up
+/// with invalidations); the rest is checked against the catalogue at the next `image()`.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let all = relid == pg_sys::InvalidOid;
+    let relid = relid.to_u32();
+    OPEN.with(|o| {
+        if let Ok(mut o) = o.try_borrow_mut() {
+            o.retain(|(_, oid, l)| !((all || *oid == relid) && l.unlinked()));
+            let held = o.iter().any(|(_, oid, _)| all || *oid == relid);
+            if held {
+                SUSPECT.with(|s| {
+                    if let Ok(mut s) = s.try_borrow_mut() {
+                        match (&mut *s, all) {
+                            (Some(v), false) => v.push(relid),
+                            (s, _) => *s = None,
+                        }
+                    }
+                });
+            }
+        }
+    });
+}
+
+/// Drops the open images of suspect indexes (see `relcache_changed`) that no longer exist or
+/// have another relfilenode now.
+fn forget_stale() {
+    let suspects = SUSPECT.with(|s| {
+        let mut s = s.borrow_mut();
+        match &mut *s {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(Some(std::mem::take(v))),
+            None => {
+                *s = Some(Vec::new());
+                Some(None)
+            }
+        }
+    });
+    let Some(suspects) = suspects else { return };
+    OPEN.with(|o| {
+        o.borrow_mut().retain(|((key, _), oid, _)| {
+            if suspects.as_ref().is_some_and(|v| !v.contains(oid)) {
+                return true;
+            }
+            // SAFETY: a syscache lookup by oid in a backend with a transaction (image() is
+            // called from scans); the tuple is released.
+            unsafe {
+                let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(*oid));
+                if tup.is_null() {
+                    return false;
+                }
+                let form = pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_class;
+                let same = (*form).relfilenode.to_u32() == key.2 || (*form).relfilenode == pg_sys::InvalidOid;
+                pg_sys::ReleaseSysCache(tup);
+                same
+            }
+        })
+    });
 }
 
 /// Forgets this backend's mapping of an index (e.g. after a rebuild in this backend).

@@ -143,6 +143,30 @@ my $exact = $primary->safe_psql('d1', q{SELECT string_agg(id::text, ',') FROM
 	(SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 10) s});
 is($out, $exact, 'answers from memory equal exact search');
 
+# REINDEX CONCURRENTLY gives the index a new oid and removes the old cache file: a session that
+# had mapped it lets the mapping go (the removed file's disk space is freed), at its next scan
+# or its next statement.
+my $maps = $primary->background_psql('d1');
+$maps->query_safe('SET enable_seqscan = off');
+my $maps_pid = $maps->query_safe('SELECT pg_backend_pid()');
+sub deleted_maps
+{
+	open(my $f, '<', "/proc/$_[0]/maps") or die;
+	my %files = map { /(\S+\.img) \(deleted\)$/ ? ($1 => 1) : () } <$f>;
+	return scalar(keys %files);
+}
+$maps->query_safe($q);
+for (1 .. 4)
+{
+	$primary->safe_psql('d1', 'REINDEX INDEX CONCURRENTLY idx_a');
+	$maps->query_safe($q);
+}
+is(deleted_maps($maps_pid), 0, 'after four REINDEX CONCURRENTLY and a scan after each: no mapping of a removed cache file');
+$primary->safe_psql('d1', 'REINDEX INDEX CONCURRENTLY idx_a');
+$maps->query_safe('SELECT 1');
+is(deleted_maps($maps_pid), 0, 'after one more and a statement without a scan: none either');
+$maps->quit;
+
 # A mapped cache file truncated or overwritten under a live session: detected, not read.
 my $bg = $primary->background_psql('d1');
 $bg->query_safe('SET enable_seqscan = off');
