@@ -321,6 +321,15 @@ impl Target {
                     return Err(rls_refused(who));
                 }
             }
+            if !(*ix).indisvalid {
+                // REINDEX CONCURRENTLY swapped it out after the caller named it: read the index
+                // that replaced it.
+                if let Some(next) = replacement(index, heap_oid) {
+                    pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+                    pg_sys::table_close(heap, pg_sys::NoLock as pg_sys::LOCKMODE);
+                    return Self::open_checked(heap_oid, next, who, grant);
+                }
+            }
             if !(*ix).indisvalid || !(*ix).indisready {
                 return Err(TtError::Unsupported(
                     "the index is not valid (a failed or unfinished CREATE INDEX CONCURRENTLY?): REINDEX it".into(),
@@ -518,4 +527,42 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
 /// relfilenode) pairs; returns how many were removed.
 pub fn cleanup_cache(database: u32, live: &[(u32, u32)]) -> i64 {
     super::cache::cleanup(database, live)
+}
+
+/// The index that replaced `index` when REINDEX CONCURRENTLY swapped it out: the old index is
+/// renamed `<name>_ccold` (or `_ccold<n>`) and marked invalid before it is dropped, and the new
+/// one, valid and of the same access method on the same table, has its name. None for any
+/// other invalid index (a failed CREATE INDEX CONCURRENTLY stays an error).
+///
+/// # Safety
+/// `index` must be an open index of table `heap_oid`.
+unsafe fn replacement(index: pg_sys::Relation, heap_oid: pg_sys::Oid) -> Option<pg_sys::Oid> {
+    // SAFETY: reads of an open relation's catalogue data; a syscache lookup released below.
+    unsafe {
+        let rel = (*index).rd_rel;
+        let name = std::ffi::CStr::from_ptr((*rel).relname.data.as_ptr()).to_str().ok()?;
+        let at = name.rfind("_ccold")?;
+        if !name[at + 6..].bytes().all(|b| b.is_ascii_digit()) || at == 0 {
+            return None;
+        }
+        let base = std::ffi::CString::new(&name[..at]).ok()?;
+        let next = pg_sys::get_relname_relid(base.as_ptr(), (*rel).relnamespace);
+        if next == pg_sys::InvalidOid || next == (*index).rd_id {
+            return None;
+        }
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::INDEXRELID as i32, pg_sys::Datum::from(next));
+        if tup.is_null() {
+            return None;
+        }
+        let form = pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_index;
+        let ok = (*form).indrelid == heap_oid && (*form).indisvalid && (*form).indisready;
+        pg_sys::ReleaseSysCache(tup);
+        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(next));
+        if tup.is_null() {
+            return None;
+        }
+        let same_am = (*(pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_class)).relam == (*rel).relam;
+        pg_sys::ReleaseSysCache(tup);
+        (ok && same_am).then_some(next)
+    }
 }

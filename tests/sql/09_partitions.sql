@@ -110,6 +110,22 @@ SELECT count(*) FROM twotower.recall('pt_user', 'pt_empty_idx', '{"q": [0.2, 0.4
 -- A partitioned table's btree index is not ours.
 SELECT pg_temp.err($$SELECT * FROM twotower.recall('pt_user', 'pt_items_pkey', '{"q": [0.2, 0.4, -0.1]}', 10)$$);
 
+-- REINDEX CONCURRENTLY gives the index a new oid: the old one, renamed <name>_ccold, is marked
+-- invalid, then dropped. A call that resolved the name just before the swap reads the index
+-- that replaced it; an invalid index of another origin (a failed CREATE INDEX CONCURRENTLY)
+-- is still an error. (The catalogue update stands in for the swap's timing.)
+CREATE TABLE cc_items (id bigint PRIMARY KEY, embedding real[]);
+INSERT INTO cc_items SELECT g, ARRAY[sin(g), cos(g), sin(2 * g)]::real[] FROM generate_series(1, 50) g;
+CREATE INDEX cc_idx ON cc_items USING twotower_hnsw (embedding real_l2_ops);
+CREATE INDEX cc_idx_ccold ON cc_items USING twotower_hnsw (embedding real_l2_ops);
+CREATE INDEX cc_failed ON cc_items USING twotower_hnsw (embedding real_l2_ops);
+UPDATE pg_index SET indisvalid = false WHERE indexrelid IN ('cc_idx_ccold'::regclass, 'cc_failed'::regclass);
+SELECT array_agg(item_id ORDER BY rank) = (SELECT array_agg(id) FROM (SELECT id FROM cc_items
+         ORDER BY embedding <-> '{0.2,0.4,-0.1}' LIMIT 5) s) AS swapped_index_answers
+  FROM twotower.recall('pt_user', 'cc_idx_ccold', '{"q": [0.2, 0.4, -0.1]}', 5);
+SELECT pg_temp.err($$SELECT * FROM twotower.recall('pt_user', 'cc_failed', '{"q": [0.2, 0.4, -0.1]}', 5)$$);
+DROP TABLE cc_items;
+
 SELECT twotower.drop_pipeline('pt');
 DROP TABLE pt_items, pt_empty;
 DROP ROLE pt_reader, pt_columns, pt_leaves;
