@@ -14,15 +14,32 @@ use crate::error::{TtError, TtResult};
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use pgrx::PgTryBuilder;
+use std::cell::RefCell;
 use twotower_ann::Metric;
 
 /// The foreign partitions of a partitioned table, and how to ask them.
 pub struct Shards {
-    /// Each foreign partition, schema-qualified and quoted, and its oid.
-    tables: Vec<(String, pg_sys::Oid)>,
+    /// Each foreign partition, schema-qualified and quoted, its oid and its foreign server's name.
+    tables: Vec<(String, pg_sys::Oid, String)>,
     id_column: String,
     vector_column: String,
     metric: Metric,
+}
+
+/// What one foreign partition did in this session's last fan-out.
+#[derive(Clone)]
+struct Report {
+    partition: String,
+    server: String,
+    answered: bool,
+    items: i32,
+    ms: Option<f64>,
+    error: Option<String>,
+}
+
+thread_local! {
+    /// The foreign partitions the last fan-out of this session asked (`twotower.fanout_report()`).
+    static LAST: RefCell<Vec<Report>> = const { RefCell::new(Vec::new()) };
 }
 
 fn fail(e: pgrx::spi::Error) -> TtError {
@@ -36,20 +53,22 @@ fn fail(e: pgrx::spi::Error) -> TtError {
 /// column).
 pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
     let row = Spi::connect(|c| {
-        let tables: Vec<(String, pg_sys::Oid)> = c
+        let tables: Vec<(String, pg_sys::Oid, String)> = c
             .select(
-                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.oid
+                "SELECT pg_catalog.format('%I.%I', n.nspname, c.relname), c.oid, s.srvname::text
                    FROM pg_catalog.pg_partition_tree((SELECT indrelid FROM pg_catalog.pg_index WHERE indexrelid = $1)) p
                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
                    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                   JOIN pg_catalog.pg_foreign_table f ON f.ftrelid OPERATOR(pg_catalog.=) c.oid
+                   JOIN pg_catalog.pg_foreign_server s ON s.oid OPERATOR(pg_catalog.=) f.ftserver
                   WHERE c.relkind OPERATOR(pg_catalog.=) 'f' ORDER BY p.relid",
                 None,
                 &[index.into()],
             )?
-            .map(|r| Ok::<_, pgrx::spi::Error>((r.get::<String>(1)?, r.get::<pg_sys::Oid>(2)?)))
+            .map(|r| Ok::<_, pgrx::spi::Error>((r.get::<String>(1)?, r.get::<pg_sys::Oid>(2)?, r.get::<String>(3)?)))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
-            .filter_map(|(t, o)| Some((t?, o?)))
+            .filter_map(|(t, o, s)| Some((t?, o?, s?)))
             .collect();
         if tables.is_empty() {
             return Ok(None);
@@ -95,47 +114,73 @@ impl Shards {
     /// Each shard's `k` nearest rows to `query` that are not in `exclude`, as (item id,
     /// distance as the SQL operator computes it), all shards together (unordered). With
     /// `twotower.unavailable_shards = skip`, a shard that fails is left out with a WARNING.
+    /// What each shard did is kept for `twotower.fanout_report()`.
     pub fn nearest(&self, query: &[f32], k: usize, exclude: &[i64], ef_search: i32) -> TtResult<Vec<(i64, f64)>> {
         let skip = crate::gucs::UNAVAILABLE_SHARDS.get() == crate::gucs::UnavailableShards::Skip;
-        let names: Vec<String> = self.tables.iter().map(|(t, _)| t.clone()).collect();
-        let mut failed = Vec::new();
-        let mut out = Vec::new();
+        LAST.with(|l| l.borrow_mut().clear());
+        // One answer (or failure) per shard, in the order of `self.tables`.
+        let mut answers: Vec<Result<(Vec<(i64, f64)>, Option<f64>), String>> = Vec::with_capacity(self.tables.len());
         if crate::gucs::SHARD_PROTOCOL.get() == crate::gucs::ShardProtocol::Direct {
             let remotes: Vec<crate::shard_conn::Remote> = self
                 .tables
                 .iter()
-                .map(|(_, rel)| crate::shard_conn::remote(*rel, &self.id_column, &self.vector_column))
+                .map(|(_, rel, _)| crate::shard_conn::remote(*rel, &self.id_column, &self.vector_column))
                 .collect::<TtResult<_>>()?;
             let op = self.operator();
             match crate::shard_conn::nearest(&remotes, op, query, k, exclude, ef_search) {
-                Ok(rows) => return Ok(rows),
+                Ok(all) => answers.extend(all.into_iter().map(|a| Ok((a.rows, Some(a.ms))))),
                 Err(e) if !skip => return Err(e),
-                Err(_) => {}
-            }
-            // Each shard on its own: the ones that answer count.
-            for (r, t) in remotes.iter().zip(&names) {
-                match crate::shard_conn::nearest(std::slice::from_ref(r), op, query, k, exclude, ef_search) {
-                    Ok(rows) => out.extend(rows),
-                    Err(e) => failed.push(format!("{t} ({})", crate::error::describe(&e))),
+                Err(_) => {
+                    // Each shard on its own: the ones that answer count.
+                    for r in &remotes {
+                        answers.push(
+                            crate::shard_conn::nearest(std::slice::from_ref(r), op, query, k, exclude, ef_search)
+                                .map(|mut a| {
+                                    let a = a.pop().expect("one answer per remote");
+                                    (a.rows, Some(a.ms))
+                                })
+                                .map_err(|e| crate::error::describe(&e)),
+                        );
+                    }
                 }
             }
         } else {
+            let all: Vec<usize> = (0..self.tables.len()).collect();
             if !skip {
-                return self.ask(&names, query, k, exclude);
-            }
-            // All at once first (in a subtransaction); after a failure, each shard on its own,
-            // so that a failure rolls back that shard only.
-            if let Ok(r) = in_subtransaction(|| self.ask(&names, query, k, exclude)) {
-                return r;
-            }
-            for t in &names {
-                match in_subtransaction(|| self.ask(std::slice::from_ref(t), query, k, exclude)) {
-                    Ok(Ok(rows)) => out.extend(rows),
-                    Ok(Err(e)) => return Err(e),
-                    Err(msg) => failed.push(format!("{t} ({msg})")),
+                answers.extend(self.ask(&all, query, k, exclude)?.into_iter().map(|rows| Ok((rows, None))));
+            } else if let Ok(r) = in_subtransaction(|| self.ask(&all, query, k, exclude)) {
+                // All at once first (in a subtransaction); after a failure, each shard on its
+                // own, so that a failure rolls back that shard only.
+                answers.extend(r?.into_iter().map(|rows| Ok((rows, None))));
+            } else {
+                for i in all {
+                    let start = std::time::Instant::now();
+                    match in_subtransaction(|| self.ask(&[i], query, k, exclude)) {
+                        Ok(Ok(mut rows)) => answers.push(Ok((rows.pop().unwrap_or_default(), Some(start.elapsed().as_secs_f64() * 1e3)))),
+                        Ok(Err(e)) => return Err(e),
+                        Err(msg) => answers.push(Err(msg)),
+                    }
                 }
             }
         }
+        let mut out = Vec::new();
+        let mut failed = Vec::new();
+        let mut report = Vec::with_capacity(self.tables.len());
+        for ((table, _, server), a) in self.tables.iter().zip(answers) {
+            let (answered, items, ms, error) = match a {
+                Ok((rows, ms)) => {
+                    let n = rows.len() as i32;
+                    out.extend(rows);
+                    (true, n, ms, None)
+                }
+                Err(msg) => {
+                    failed.push(format!("{table} ({msg})"));
+                    (false, 0, None, Some(msg))
+                }
+            };
+            report.push(Report { partition: table.clone(), server: server.clone(), answered, items, ms, error });
+        }
+        LAST.with(|l| *l.borrow_mut() = report);
         if !failed.is_empty() {
             pgrx::warning!(
                 "recall() left out {} of {} foreign partitions that did not answer: {}",
@@ -155,26 +200,31 @@ impl Shards {
         }
     }
 
-    /// The top `k` of each of `tables` in one statement (the branches joined by UNION ALL).
-    fn ask(&self, tables: &[String], query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<(i64, f64)>> {
+    /// The top `k` of each of the shards numbered `which` in one statement (the branches joined
+    /// by UNION ALL): one list per shard, in the order of `which`.
+    fn ask(&self, which: &[usize], query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<Vec<(i64, f64)>>> {
         let op = self.operator();
         let (id, v) = (quote_identifier(&self.id_column), quote_identifier(&self.vector_column));
-        let branches: Vec<String> = tables
+        let branches: Vec<String> = which
             .iter()
-            .map(|t| {
+            .enumerate()
+            .map(|(b, &i)| {
+                let t = &self.tables[i].0;
                 format!(
-                    "(SELECT s.{id}::pg_catalog.int8, (s.{v} {op} $1)::pg_catalog.float8 FROM {t} s
+                    "(SELECT {b}, s.{id}::pg_catalog.int8, (s.{v} {op} $1)::pg_catalog.float8 FROM {t} s
                        WHERE s.{id} OPERATOR(pg_catalog.<>) ALL ($2) AND s.{v} IS NOT NULL
                        ORDER BY s.{v} {op} $1 LIMIT $3)"
                 )
             })
             .collect();
         let sql = branches.join(" UNION ALL ");
-        let mut out = Vec::with_capacity(k * tables.len());
+        let mut out = vec![Vec::with_capacity(k); which.len()];
         Spi::connect(|c| {
             for r in c.select(&sql, None, &[query.to_vec().into(), exclude.to_vec().into(), (k as i64).into()])? {
-                if let (Some(i), Some(d)) = (r.get::<i64>(1)?, r.get::<f64>(2)?) {
-                    out.push((i, d));
+                if let (Some(b), Some(i), Some(d)) = (r.get::<i32>(1)?, r.get::<i64>(2)?, r.get::<f64>(3)?) {
+                    if let Some(list) = out.get_mut(b as usize) {
+                        list.push((i, d));
+                    }
                 }
             }
             Ok::<_, pgrx::spi::Error>(())
@@ -221,5 +271,37 @@ fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             Err(message)
         })
         .execute()
+    }
+}
+
+#[pg_schema]
+mod twotower {
+    use pgrx::prelude::*;
+
+    /// The foreign partitions (shards) that this session's last fan-out asked (a `recall()` or a
+    /// pipeline's two-tower channel over a partitioned table with foreign partitions): whether
+    /// each answered, how many items it returned, the milliseconds until its answer was read
+    /// (NULL when one postgres_fdw statement asked them together) and why it did not answer.
+    /// Empty before the first fan-out. With `twotower.unavailable_shards = skip`, this says which
+    /// shards a partial result is missing.
+    #[pg_extern(volatile, parallel_restricted)]
+    fn fanout_report() -> TableIterator<
+        'static,
+        (
+            name!(partition, String),
+            name!(server, String),
+            name!(answered, bool),
+            name!(items, i32),
+            name!(ms, Option<f64>),
+            name!(error, Option<String>),
+        ),
+    > {
+        let rows = super::LAST.with(|l| {
+            l.borrow()
+                .iter()
+                .map(|r| (r.partition.clone(), r.server.clone(), r.answered, r.items, r.ms, r.error.clone()))
+                .collect::<Vec<_>>()
+        });
+        TableIterator::new(rows)
     }
 }

@@ -173,29 +173,88 @@ fn connect(r: &Remote) -> TtResult<Conn> {
     // SAFETY: NULL-terminated keyword and value arrays of NUL-terminated strings that outlive
     // the call; the connection is finished below on any failure.
     unsafe {
-        let raw = pq_sys::PQconnectdbParams(kp.as_ptr(), vp.as_ptr(), 0);
+        let raw = pq_sys::PQconnectStartParams(kp.as_ptr(), vp.as_ptr(), 0);
         if raw.is_null() {
             return Err(refuse("out of memory"));
         }
-        if pq_sys::PQstatus(raw) != pq_sys::ConnStatusType::CONNECTION_OK {
-            let e = conn_error(raw);
-            pq_sys::PQfinish(raw);
+        // Finished unless it becomes a `Conn` (a cancel during the wait unwinds through it).
+        let guard = Unfinished(raw);
+        let timeout = info
+            .iter()
+            .find(|(k, _)| k == "connect_timeout")
+            .and_then(|(_, v)| v.trim().parse::<u64>().ok())
+            .filter(|&t| t > 0)
+            .map(|t| std::time::Duration::from_secs(t.max(2)));
+        if let Err(e) = wait_connected(raw, timeout) {
             return Err(refuse(&e));
         }
         if !superuser && required && pq_sys::PQconnectionUsedPassword(raw) == 0 {
-            pq_sys::PQfinish(raw);
             return Err(refuse("The server did not ask for the password: non-superusers may only connect with one (as for postgres_fdw)."));
         }
         // Everything the statements name is qualified; the session's search_path is emptied.
-        let res = pq_sys::PQexec(raw, c"SET search_path = pg_catalog".as_ptr());
-        let ok = pq_sys::PQresultStatus(res) == pq_sys::ExecStatusType::PGRES_COMMAND_OK;
-        pq_sys::PQclear(res);
-        if !ok {
-            let e = conn_error(raw);
-            pq_sys::PQfinish(raw);
+        if pq_sys::PQsendQuery(raw, c"SET search_path = pg_catalog".as_ptr()) == 0 {
+            return Err(refuse(&conn_error(raw)));
+        }
+        if let Err(e) = answer(raw, &mut |_| {}) {
             return Err(refuse(&e));
         }
+        std::mem::forget(guard);
         Ok(Conn { conninfo: info, raw, prepared: HashSet::new(), ef_search: None })
+    }
+}
+
+/// A connection being opened: finished when dropped (an error or a cancel on the way).
+struct Unfinished(*mut pq_sys::PGconn);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        // SAFETY: a connection no one else holds.
+        unsafe { pq_sys::PQfinish(self.0) };
+    }
+}
+
+/// Drives a connection started with PQconnectStartParams to its end without blocking the
+/// backend: it waits on the latch and the socket, hears a cancel or statement_timeout (the
+/// ERROR unwinds through the caller's guard), and gives up after `timeout` (the server's
+/// `connect_timeout`, which libpq applies only to blocking connects).
+///
+/// # Safety
+/// `raw` must be a connection returned by PQconnectStartParams.
+unsafe fn wait_connected(raw: *mut pq_sys::PGconn, timeout: Option<std::time::Duration>) -> Result<(), String> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    // SAFETY: libpq calls on a connection being opened; the socket may change between polls.
+    unsafe {
+        if pq_sys::PQstatus(raw) == pq_sys::ConnStatusType::CONNECTION_BAD {
+            return Err(conn_error(raw));
+        }
+        let mut wait = pg_sys::WL_SOCKET_WRITEABLE;
+        loop {
+            let left = match deadline {
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return Err("timeout expired".into());
+                    }
+                    (d - now).as_millis().min(i32::MAX as u128) as std::ffi::c_long
+                }
+                None => -1,
+            };
+            let flags = pg_sys::WL_LATCH_SET | wait | pg_sys::WL_EXIT_ON_PM_DEATH | if left >= 0 { pg_sys::WL_TIMEOUT } else { 0 };
+            let ev = pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, flags as i32, pq_sys::PQsocket(raw), left, pg_sys::PG_WAIT_EXTENSION);
+            if ev & pg_sys::WL_LATCH_SET as i32 != 0 {
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+            check_for_interrupts!();
+            if ev & (pg_sys::WL_SOCKET_READABLE | pg_sys::WL_SOCKET_WRITEABLE) as i32 == 0 {
+                continue;
+            }
+            match pq_sys::PQconnectPoll(raw) {
+                pq_sys::PostgresPollingStatusType::PGRES_POLLING_OK => return Ok(()),
+                pq_sys::PostgresPollingStatusType::PGRES_POLLING_FAILED => return Err(conn_error(raw)),
+                pq_sys::PostgresPollingStatusType::PGRES_POLLING_READING => wait = pg_sys::WL_SOCKET_READABLE,
+                _ => wait = pg_sys::WL_SOCKET_WRITEABLE,
+            }
+        }
     }
 }
 
@@ -233,10 +292,18 @@ fn shard_error(r: &Remote, message: String) -> TtError {
     TtError::ShardError { server: r.server_name.clone(), message }
 }
 
+/// One remote's answer: its rows (item id, distance) and the milliseconds from the first
+/// statement sent to this answer read.
+pub struct Answer {
+    pub rows: Vec<(i64, f64)>,
+    pub ms: f64,
+}
+
 /// Each remote's `k` nearest rows to `query` by operator `op` (`OPERATOR(twotower.<->)` and the
-/// like), leaving out `exclude`, with `ef_search` set on each shard: (item id, distance), all
-/// remotes together.
-pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &[i64], ef_search: i32) -> TtResult<Vec<(i64, f64)>> {
+/// like), leaving out `exclude`, with `ef_search` set on each shard: one answer per remote, in
+/// their order.
+pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &[i64], ef_search: i32) -> TtResult<Vec<Answer>> {
+    let start = std::time::Instant::now();
     // SAFETY: reading a backend global.
     let user = unsafe { pg_sys::GetUserId() }.to_u32();
     let mut in_use = InUse { conns: Vec::with_capacity(remotes.len()), done: false };
@@ -290,9 +357,10 @@ pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &
         }
     }
     // Then read the answers (the shards work meanwhile).
-    let mut out = Vec::with_capacity(k * remotes.len());
+    let mut answers = Vec::with_capacity(remotes.len());
     for (i, r) in remotes.iter().enumerate() {
         let raw = in_use.conns[i].1.raw;
+        let mut out = Vec::with_capacity(k);
         // SAFETY: reading the answer of a statement sent above on a connection this call owns.
         unsafe {
             answer(raw, &mut |res| {
@@ -306,9 +374,10 @@ pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &
             .map_err(|e| shard_error(r, e))?;
         }
         in_use.conns[i].2 = false;
+        answers.push(Answer { rows: out, ms: start.elapsed().as_secs_f64() * 1e3 });
     }
     in_use.done = true;
-    Ok(out)
+    Ok(answers)
 }
 
 /// Waits for the answer to the statement sent on `raw` (on the backend's latch and the

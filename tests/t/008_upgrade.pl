@@ -119,6 +119,10 @@ $node->safe_psql('postgres', 'CREATE DATABASE up050');
 $node->safe_psql('up050', q{CREATE EXTENSION pg_twotower VERSION '0.5.0'});
 $node->safe_psql('up050', 'ALTER EXTENSION pg_twotower UPDATE');
 is($node->safe_psql('up050', $describe), $want, 'a 0.5.0 install updated equals a fresh install');
+$node->safe_psql('postgres', 'CREATE DATABASE up060');
+$node->safe_psql('up060', q{CREATE EXTENSION pg_twotower VERSION '0.6.0'});
+$node->safe_psql('up060', 'ALTER EXTENSION pg_twotower UPDATE');
+is($node->safe_psql('up060', $describe), $want, 'a 0.6.0 install updated equals a fresh install');
 
 # Same answers.
 is($node->safe_psql('up', $query), $before, 'the index answers the same after the update');

@@ -163,6 +163,13 @@ is(scalar(@partial), 20, 'skip: k items');
 ok(!(grep { $_ > 2000 } @partial), "skip: none of the missing shard's items");
 my @without = split /,/, merged_reference(20, undef, $coord, $shards[0]);
 is($out, join(',', @without[0 .. 19]), 'skip: exactly the merge of the nodes that answered');
+# twotower.fanout_report(), in the session of the call: which shard answered, which did not.
+my $report_sql = q{SELECT string_agg(format('%s %s %s %s %s', partition, server, answered, items, error IS NOT NULL), ';'
+	ORDER BY partition) FROM twotower.fanout_report()};
+($ret, $out, $err) = $coord->psql('postgres', qq{SET twotower.unavailable_shards = skip;
+	SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 20); $report_sql});
+is($out, "20\npublic.items_s1 s1 t 20 f;public.items_s2 s2 f 0 t", 'fanout_report: the shard that answered and the one that did not');
+is($coord->safe_psql('postgres', 'SELECT count(*) FROM twotower.fanout_report()'), '0', 'fanout_report: empty before a fan-out');
 # A statement_timeout still ends the call in skip mode (it is not a shard failure).
 $shards[1]->start;
 my $blocker2 = $shards[1]->background_psql('postgres');
@@ -173,6 +180,9 @@ like($err, qr/canceling statement due to statement timeout/, 'skip: statement_ti
 $blocker2->query_safe('ROLLBACK');
 $blocker2->quit;
 is($recall->(20), merged_reference(20), 'the shard back: the same answer as before');
+is($coord->safe_psql('postgres', qq{SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 20);
+	SELECT bool_and(answered AND items = 20 AND ms > 0 AND error IS NULL), count(*) FROM twotower.fanout_report()}),
+	"20\nt|2", 'fanout_report: both shards answered, with their time');
 
 # A role that is not a superuser: as with postgres_fdw, its user mapping must carry a password,
 # and the shard must ask for it (these shards trust local connections: refused).
@@ -222,6 +232,9 @@ $shards[1]->stop;
 	SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 20)});
 like($err, qr/WARNING:.*left out 1 of 2 foreign partitions.*items_s2/, 'postgres_fdw path, skip: a WARNING names the shard');
 is($out, join(',', @without[0 .. 19]), 'postgres_fdw path, skip: the merge of the nodes that answered');
+($ret, $out, $err) = $coord->psql('postgres', qq{SET twotower.unavailable_shards = skip;
+	SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 20); $report_sql});
+is($out, "20\npublic.items_s1 s1 t 20 f;public.items_s2 s2 f 0 t", 'postgres_fdw path: fanout_report names the shard left out');
 $shards[1]->start;
 $coord->safe_psql('postgres', 'ALTER DATABASE postgres RESET twotower.shard_protocol');
 
@@ -248,5 +261,34 @@ for (1 .. 50)
 }
 is($conns, '2', 'two connections to that server after five calls');
 $bg->quit;
+
+# A shard host that accepts the TCP connection and never answers: the connect does not block
+# the backend. statement_timeout ends the call; the server's connect_timeout ends the connect.
+use IO::Socket::INET;
+my $mute = IO::Socket::INET->new(Listen => 5, LocalAddr => '127.0.0.1', LocalPort => 0, Proto => 'tcp') or die "listen: $!";
+my $mute_port = $mute->sockport;
+$coord->safe_psql('postgres', qq{
+	CREATE SERVER mute FOREIGN DATA WRAPPER postgres_fdw OPTIONS (host '127.0.0.1', port '$mute_port', dbname 'postgres');
+	CREATE USER MAPPING FOR CURRENT_USER SERVER mute;
+	CREATE TABLE hung (id bigint, embedding real[]) PARTITION BY RANGE (id);
+	CREATE TABLE hung_local PARTITION OF hung FOR VALUES FROM (1) TO (1001);
+	ALTER TABLE hung_local ADD PRIMARY KEY (id);
+	INSERT INTO hung_local SELECT id, embedding FROM items_local;
+	CREATE FOREIGN TABLE hung_remote PARTITION OF hung FOR VALUES FROM (1001) TO (2001) SERVER mute OPTIONS (table_name 'items');
+	CREATE INDEX hung_idx ON hung USING twotower_hnsw (embedding twotower.real_l2_ops);
+});
+my $t0 = time;
+($ret, $out, $err) = $coord->psql('postgres', qq{SET statement_timeout = '1s';
+	SELECT count(*) FROM twotower.recall('u', 'hung_idx', '{"q": $q}', 10)});
+like($err, qr/canceling statement due to statement timeout/, 'a shard that never answers the connect: statement_timeout ends the call');
+cmp_ok(time - $t0, '<', 10, 'within the timeout (not blocked in the connect)');
+$coord->safe_psql('postgres', q{ALTER SERVER mute OPTIONS (ADD connect_timeout '2')});
+$t0 = time;
+($ret, $out, $err) = $coord->psql('postgres', qq{SET twotower.unavailable_shards = skip;
+	SELECT count(*) FROM twotower.recall('u', 'hung_idx', '{"q": $q}', 10)});
+is($out, '10', "connect_timeout: skip mode answers from the local partition");
+like($err, qr/WARNING:.*hung_remote.*timeout expired/, 'connect_timeout: the WARNING says the connect timed out');
+cmp_ok(time - $t0, '<', 10, 'after the connect_timeout');
+close $mute;
 
 done_testing();
