@@ -201,6 +201,42 @@ def user_model(w: Weights):
     return spec
 
 
+def graph_model(w: Weights):
+    """The user tower's features and SENet under a graph of every node kind: three sub-towers
+    over feature subsets, attention fusion, a weighted sum, a plain sum, a weighted
+    concatenation, a concatenation with a feature read directly, and a head (listed first: the
+    order in the file is free)."""
+    base = user_model(w)
+    for n in [n for n in w.tensors if n.startswith("layers.")]:
+        del w.tensors[n]
+    lin = w.linear
+    graph = [
+        {"name": "out", "inputs": ["cat"], "layers": [
+            lin("graph.out.0", 34, DIM),
+            {"type": "layernorm", "weight": w.normal("graph.out.1.weight", (DIM,), 0.1, loc=1.0),
+             "bias": w.normal("graph.out.1.bias", (DIM,), 0.1)},
+            {"type": "l2_normalize"}]},
+        {"name": "deep", "inputs": ["user_id", "country", "history", "age", "income"], "layers": [
+            lin("graph.deep.0", 13, 12), {"type": "relu"}, lin("graph.deep.2", 12, 8)]},
+        {"name": "wide", "inputs": ["segment", "tags", "score", "days"], "layers": [
+            lin("graph.wide.0", 9, 8, bias=False), {"type": "tanh"}]},
+        {"name": "vec", "inputs": ["user_vec", "is_member", "activity", "tenure"], "layers": [
+            lin("graph.vec.0", 8, 8), {"type": "gelu"}]},
+        {"name": "fused", "inputs": ["deep", "wide", "vec"], "combine": "attention",
+         "weight": w.normal("graph.fused.weight", (3, 24), 0.5),
+         "bias": w.normal("graph.fused.bias", (3,), 0.2)},
+        {"name": "mix", "inputs": ["deep", "wide"], "combine": "weighted_sum",
+         "weight": w.normal("graph.mix.weight", (2,), 0.7, loc=0.5)},
+        {"name": "both", "inputs": ["wide", "vec"], "combine": "sum"},
+        {"name": "scaled", "inputs": ["mix", "tag_scores", "tag_peak"], "combine": "weighted_concat",
+         "weight": w.normal("graph.scaled.weight", (3,), 0.7, loc=0.5)},
+        {"name": "cat", "inputs": ["fused", "scaled", "both", "recent"], "combine": "concat"},
+    ]
+    return {"format": "pg_twotower.tower", "spec_version": 1, "kind": "user",
+            "features": base["features"], "senet": base["senet"], "graph": graph,
+            "output": {"dim": DIM, "metric": "cosine", "node": "out"}}
+
+
 def W(ids, weights):
     return {"ids": ids, "weights": weights}
 
@@ -437,6 +473,7 @@ reference implementation of it (float64 math on the stored weights).
 | `expected.json` | the output vector of each input (float64, shortest round-trip decimal) |
 | `invalid_inputs.json` | {n_invalid} inputs that must be rejected (`why`, `features`) |
 | `item/` | an item tower (same files, no invalid inputs); inputs are rows as `to_jsonb(row)` |
+| `graph/` | a user tower whose layers are a graph of named nodes (every node kind), the user inputs |
 
 Check an implementation with a tolerance: an f32 engine differs from the float64 reference by
 about 1e-7 on these unit-norm outputs (`tower_ref.embed_batch(..., dtype=np.float32)` does), so
@@ -466,6 +503,13 @@ tests/golden/weights.safetensors tests/golden/inputs.json tests/golden/expected.
 | # | what it tests |
 |---|---|
 {item_cases}
+
+## Graph tower
+
+The user tower's features and SENet, with a graph instead of a layer stack (same inputs as the
+user tower).
+
+{graph_model}
 """
 
 
@@ -478,9 +522,15 @@ def describe(model, spec, wbytes):
         + f"; concatenated width {model.input_width}."]
     if model.senet is not None:
         lines.append(f"SENet over {len(model.features)} fields, r = {model.senet[0].shape[0]}.")
-    lines.append("Layers: " + ", ".join(
-        f"{i} {ls['type']}" for i, ls in enumerate(spec["layers"]))
-        + f"; output dim {model.dim}, metric {model.metric}.")
+    if "graph" in spec:
+        lines.append("Graph: " + "; ".join(
+            f"`{n['name']}` = {n.get('combine', 'stack of ' + str(len(n.get('layers', []))) + ' layers')}"
+            f" of {', '.join(n['inputs'])}" for n in spec["graph"])
+            + f"; output node `{spec['output']['node']}`, dim {model.dim}, metric {model.metric}.")
+    else:
+        lines.append("Layers: " + ", ".join(
+            f"{i} {ls['type']}" for i, ls in enumerate(spec["layers"]))
+            + f"; output dim {model.dim}, metric {model.metric}.")
     lines.append("Tensors: " + ", ".join(
         f"`{n}` {h['dtype']} {h['shape']}" for n, h in header.items() if n != "__metadata__")
         + ".")
@@ -499,6 +549,10 @@ def main():
     ispec = item_model(wi)
     item = build(os.path.join(HERE, "item"), ispec, wi, ITEM_CASES)
 
+    wg = Weights(SEED + 2)
+    gspec = graph_model(wg)
+    graph = build(os.path.join(HERE, "graph"), gspec, wg, USER_CASES)
+
     inputs = json.loads(json.dumps([c for _, c in USER_CASES]))
     f32 = tower_ref.embed_batch(user, inputs, dtype=np.float32).astype(np.float64)
     f64 = np.array([tower_ref.embed(user, x) for x in inputs])
@@ -511,11 +565,12 @@ def main():
         n_user=len(USER_CASES), n_invalid=len(INVALID_USER_INPUTS),
         user_model=describe(user, spec, user_w), user_cases=cases_table(USER_CASES),
         item_model=describe(item, ispec, wi.bytes({"format": "pt"})),
-        item_cases=cases_table(ITEM_CASES))
+        item_cases=cases_table(ITEM_CASES),
+        graph_model=describe(graph, gspec, wg.bytes({"format": "pt"})))
     with open(os.path.join(HERE, "README.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
     total = 0
-    for d in (HERE, os.path.join(HERE, "item")):
+    for d in (HERE, os.path.join(HERE, "item"), os.path.join(HERE, "graph")):
         for n in sorted(os.listdir(d)):
             p = os.path.join(d, n)
             if os.path.isfile(p) and not n.endswith(".py") and n != "README.md":

@@ -277,6 +277,7 @@ class Model:
         self.features = []
         self.by_name = {}
         self.senet = None          # (W1, b1, W2, b2) float64 arrays
+        self.graph = None          # [(name, node)] in dependency order, when the spec has a graph
         self.layers = []           # list of (type, params dict)
         self.input_width = 0
         self.column_field = None   # field index of each concatenated column
@@ -330,8 +331,8 @@ def load_model_bytes(spec, weights: bytes) -> Model:
 
     m = Model()
     m.spec = spec
-    _keys(spec, "spec", ("format", "spec_version", "kind", "features", "layers", "output"),
-          ("senet",))
+    _keys(spec, "spec", ("format", "spec_version", "kind", "features", "output"),
+          ("senet", "layers", "graph"))
     if spec["format"] != "pg_twotower.tower":
         raise ModelError('spec: format must be "pg_twotower.tower"')
     if not (_is_int(spec["spec_version"]) and spec["spec_version"] == 1):
@@ -458,15 +459,40 @@ def load_model_bytes(spec, weights: bytes) -> Model:
         [m.features[i].width for i in m.column_field], dtype=np.float64)
     if width > MAX_WIDTH:
         raise ModelError(f"concatenated fields are {width} wide (max {MAX_WIDTH})")
-    layers = spec["layers"]
-    if not isinstance(layers, list) or len(layers) > MAX_LAYERS:
-        raise ModelError(f"spec: layers must be a list of at most {MAX_LAYERS}")
+    if "graph" in spec:
+        if spec.get("layers", []) != []:
+            raise ModelError("spec: a spec with a graph has its layers in the graph's nodes")
+        width = _parse_graph(m, spec["graph"], spec["output"].get("node"), tensor, width)
+    else:
+        layers = spec["layers"]
+        if not isinstance(layers, list) or len(layers) > MAX_LAYERS:
+            raise ModelError(f"spec: layers must be a list of at most {MAX_LAYERS}")
+        m.layers, width = _parse_layers(m, layers, width, tensor, "layers", True)
+
+    out = spec["output"]
+    _keys(out, "output", ("dim", "metric"), ("node",))
+    if out["metric"] not in ("cosine", "ip", "l2"):
+        raise ModelError('output: metric must be "cosine", "ip" or "l2"')
+    if not (_is_int(out["dim"]) and out["dim"] == width):
+        raise ModelError(f"output: dim {out['dim']!r} does not match the layer stack ({width})")
+    m.metric = out["metric"]
+    m.dim = width
+
+    stray = sorted(set(tensors) - used)
+    if stray:
+        raise ModelError(f"weights file has tensors the spec does not name: {stray}")
+    return m
+
+
+def _parse_layers(m, layers, width, tensor, path, allow_shortcut):
+    """Parses a layer stack reading `width` inputs; returns (layers, output width)."""
+    out_layers = []
     for i, ls in enumerate(layers):
-        where = f"layers[{i}]"
+        where = f"{path}[{i}]"
         if not isinstance(ls, dict) or "type" not in ls:
             raise ModelError(f"{where}: needs a type")
         t = ls["type"]
-        where = f"layers[{i}] ({t})"
+        where = f"{path}[{i}] ({t})"
         if t == "linear":
             _keys(ls, where, ("type", "weight"), ("bias",))
             w = tensor(ls["weight"], (None, width), where)
@@ -474,19 +500,19 @@ def load_model_bytes(spec, weights: bytes) -> Model:
             if out < 1:
                 raise ModelError(f"{where}: out must be >= 1")
             b = tensor(ls["bias"], (out,), where) if "bias" in ls else None
-            m.layers.append(("linear", {"weight": w, "bias": b,
+            out_layers.append(("linear", {"weight": w, "bias": b,
                                         "w_rows": w.tolist(),
                                         "b_list": None if b is None else b.tolist()}))
             width = out
         elif t in _ACTIVATIONS or t == "l2_normalize":
             _keys(ls, where, ("type",))
-            m.layers.append((t, {}))
+            out_layers.append((t, {}))
         elif t == "layernorm":
             _keys(ls, where, ("type", "weight", "bias"), ("eps",))
             eps = _finite(ls.get("eps", 1e-5), f"{where}.eps")
             if eps < 0:
                 raise ModelError(f"{where}: eps must be >= 0")
-            m.layers.append(("layernorm", {"weight": tensor(ls["weight"], (width,), where),
+            out_layers.append(("layernorm", {"weight": tensor(ls["weight"], (width,), where),
                                            "bias": tensor(ls["bias"], (width,), where),
                                            "eps": eps}))
         elif t == "batchnorm":
@@ -499,15 +525,17 @@ def load_model_bytes(spec, weights: bytes) -> Model:
             if np.any(p["running_var"] + eps <= 0):
                 raise ModelError(f"{where}: running_var + eps must be > 0")
             p["eps"] = eps
-            m.layers.append(("batchnorm", p))
+            out_layers.append(("batchnorm", p))
         elif t == "dropout":
             _keys(ls, where, ("type",), ("p",))
             if "p" in ls:
                 p = _finite(ls["p"], f"{where}.p")
                 if not 0 <= p <= 1:
                     raise ModelError(f"{where}: p must be in [0, 1]")
-            m.layers.append(("dropout", {}))
+            out_layers.append(("dropout", {}))
         elif t == "shortcut":
+            if not allow_shortcut:
+                raise ModelError(f"{where}: a graph node cannot have a shortcut layer")
             _keys(ls, where, ("type", "fields"))
             names = ls["fields"]
             if not isinstance(names, list) or not names:
@@ -518,25 +546,85 @@ def load_model_bytes(spec, weights: bytes) -> Model:
                     raise ModelError(f"{where}: {n!r} is not a feature")
                 idx.append(m.features.index(m.by_name[n]))
                 width += m.by_name[n].width
-            m.layers.append(("shortcut", {"fields": idx}))
+            out_layers.append(("shortcut", {"fields": idx}))
         else:
             raise ModelError(f"{where}: unknown layer type {t!r}")
         if width > MAX_WIDTH:
             raise ModelError(f"{where}: width {width} exceeds {MAX_WIDTH}")
+    return out_layers, width
 
-    out = spec["output"]
-    _keys(out, "output", ("dim", "metric"))
-    if out["metric"] not in ("cosine", "ip", "l2"):
-        raise ModelError('output: metric must be "cosine", "ip" or "l2"')
-    if not (_is_int(out["dim"]) and out["dim"] == width):
-        raise ModelError(f"output: dim {out['dim']!r} does not match the layer stack ({width})")
-    m.metric = out["metric"]
-    m.dim = width
 
-    stray = sorted(set(tensors) - used)
-    if stray:
-        raise ModelError(f"weights file has tensors the spec does not name: {stray}")
-    return m
+_COMBINES = ("concat", "sum", "weighted_sum", "weighted_concat", "attention")
+
+
+def _parse_graph(m, graph, output, tensor, input_width):
+    """Parses the spec's graph (named nodes over features and other nodes); returns the output
+    node's width. Nodes are evaluated in dependency order (m.graph: list of node dicts)."""
+    if not isinstance(graph, list) or not 1 <= len(graph) <= 64:
+        raise ModelError("graph: must list 1 to 64 nodes")
+    names = [n.get("name") if isinstance(n, dict) else None for n in graph]
+    feats = [f.name for f in m.features]
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or n in feats or names.count(n) > 1:
+            raise ModelError(f"graph[{i}]: bad, duplicate or feature-named node name {n!r}")
+    by_name = {n: i for i, n in enumerate(names)}
+    out = by_name[output] if output is not None else len(graph) - 1
+    order, state = [], {}
+
+    def visit(i, path):
+        if state.get(i) == "done":
+            return
+        if state.get(i) == "on":
+            raise ModelError("graph: the nodes form a cycle")
+        state[i] = "on"
+        for x in graph[i]["inputs"]:
+            if x in by_name:
+                visit(by_name[x], path + [i])
+            elif x not in feats:
+                raise ModelError(f"graph[{i}]: unknown input {x!r}")
+        state[i] = "done"
+        order.append(i)
+
+    visit(out, [])
+    if len(order) != len(graph):
+        raise ModelError("graph: a node is not used by the output node")
+    used = {x for n in graph for x in n["inputs"]}
+    for f in feats:
+        if f not in used:
+            raise ModelError(f"feature {f!r} is not an input of any graph node")
+    offsets, o = {}, 0
+    for f in m.features:
+        offsets[f.name] = (o, f.width)
+        o += f.width
+    widths, nodes = {}, {}
+    for i in order:
+        n = graph[i]
+        where = f"graph[{i}]"
+        _keys(n, where, ("name", "inputs"), ("layers", "combine", "weight", "bias"))
+        ins = [("field", offsets[x]) if x in offsets else ("node", x) for x in n["inputs"]]
+        iw = [offsets[x][1] if x in offsets else widths[x] for x in n["inputs"]]
+        in_width = sum(iw)
+        k = len(ins)
+        if "combine" in n:
+            c = n["combine"]
+            if c not in _COMBINES or "layers" in n or k < 2:
+                raise ModelError(f"{where}: bad combine node")
+            if c in ("sum", "weighted_sum", "attention") and len(set(iw)) != 1:
+                raise ModelError(f"{where}: the inputs of this combine must have one width")
+            node = {"inputs": ins, "combine": c}
+            if c in ("weighted_sum", "weighted_concat"):
+                node["weight"] = tensor(n["weight"], (k,), where)
+            if c == "attention":
+                node["weight"] = tensor(n["weight"], (k, in_width), where)
+                node["bias"] = tensor(n["bias"], (k,), where) if "bias" in n else None
+            width = iw[0] if c in ("sum", "weighted_sum", "attention") else in_width
+        else:
+            layers, width = _parse_layers(m, n.get("layers", []), in_width, tensor, f"{where}.layers", False)
+            node = {"inputs": ins, "layers": layers}
+        widths[n["name"]] = width
+        nodes[n["name"]] = node
+    m.graph = [(graph[i]["name"], nodes[graph[i]["name"]]) for i in order]
+    return widths[graph[out]["name"]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,7 +797,16 @@ def embed(model: Model, features, strict=None) -> np.ndarray:
              for i, wi in enumerate(w2)]
         flds = [[a[i] * x for x in fl] for i, fl in enumerate(raw)]
     h = [x for fl in flds for x in fl]
-    for t, p in model.layers:
+    if model.graph is not None:
+        h = _run_graph(model, h)
+    else:
+        h = _apply_layers(model.layers, h, raw)
+    return np.array(h, dtype=np.float64)
+
+
+def _apply_layers(layers, h, raw):
+    """A layer stack over one row h (float64 lists, exactly rounded sums)."""
+    for t, p in layers:
         n = len(h)
         if t == "linear":
             b = p["b_list"]
@@ -744,7 +841,42 @@ def embed(model: Model, features, strict=None) -> np.ndarray:
                 h = [x / norm for x in h]
         else:
             raise AssertionError(t)
-    return np.array(h, dtype=np.float64)
+    return h
+
+
+def _run_graph(model, h):
+    """The graph over one row h (the SENet-weighted fields side by side)."""
+    outs = {}
+    for name, node in model.graph:
+        parts = [h[o:o + w] if kind == "field" else outs[o] for kind, (o, w) in
+                 ((k, v if k == "field" else (v, None)) for k, v in node["inputs"])]
+        x = [v for part in parts for v in part]
+        if "layers" in node:
+            y = _apply_layers(node["layers"], x, None)
+        else:
+            c, k = node["combine"], len(parts)
+            if c == "concat":
+                y = x
+            elif c == "weighted_concat":
+                w = node["weight"].tolist()
+                y = [w[i] * v for i, part in enumerate(parts) for v in part]
+            else:
+                if c == "sum":
+                    a = [1.0] * k
+                elif c == "weighted_sum":
+                    a = node["weight"].tolist()
+                else:
+                    W = node["weight"].tolist()
+                    b = node["bias"].tolist() if node["bias"] is not None else [0.0] * k
+                    sc = [math.fsum(W[i][j] * x[j] for j in range(len(x))) + b[i] for i in range(k)]
+                    mx = max(sc)
+                    e = [math.exp(v - mx) for v in sc]
+                    z = math.fsum(e)
+                    a = [v / z for v in e]
+                d = len(parts[0])
+                y = [math.fsum(a[i] * parts[i][j] for i in range(k)) for j in range(d)]
+        outs[name] = y
+    return outs[model.graph[-1][0]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,6 +904,9 @@ def embed_batch(model: Model, rows, dtype=np.float64, strict=None) -> np.ndarray
     bsz = len(rows)
     if bsz == 0:
         return np.zeros((0, model.dim), dtype=dtype)
+    if model.graph is not None:
+        # Graphs: the row-at-a-time float64 path (the reference's one implementation of them).
+        return np.array([embed(model, r, strict) for r in rows], dtype=np.float64).astype(dtype)
     if strict if strict is not None else model.kind == "user":
         for r in rows:
             check_keys(model, r)

@@ -55,6 +55,20 @@ SELECT count(*) AS batched_rows,
   FROM twotower.embed_users('golden_user', (SELECT array_agg(features ORDER BY ord) FROM golden)) b
   JOIN golden g ON g.ord = b.ord;
 SELECT ord, embedding IS NULL AS is_null FROM twotower.embed_users('golden_user', ARRAY['{}'::jsonb, NULL]);
+-- A tower whose layers are a graph of named nodes (tests/golden/graph), against the reference,
+-- and a malformed graph refused at import.
+SELECT twotower.import_model('golden_graph', pg_read_file(:'golden' || '/graph/spec.json')::jsonb,
+                             pg_read_binary_file(:'golden' || '/graph/weights.safetensors'));
+SELECT count(*) AS graph_cases,
+       count(*) FILTER (WHERE twotower.l2_distance(twotower.embed_user('golden_graph', i.x),
+                                                   ARRAY(SELECT jsonb_array_elements_text(e.x)::real)) > 1e-5) AS beyond_1e5
+  FROM jsonb_array_elements(pg_read_file(:'golden' || '/graph/inputs.json')::jsonb) WITH ORDINALITY AS i(x, ord)
+  JOIN jsonb_array_elements(pg_read_file(:'golden' || '/graph/expected.json')::jsonb) WITH ORDINALITY AS e(x, ord) USING (ord);
+SELECT name, kind, dim, metric, parameters FROM twotower.models WHERE name = 'golden_graph';
+SELECT pg_temp.err(format($q$SELECT twotower.import_model('graph_cycle', %L::jsonb, %L::bytea)$q$,
+       jsonb_set(pg_read_file(:'golden' || '/graph/spec.json')::jsonb, '{graph,8,inputs}', '["fused", "scaled", "both", "recent", "out"]'),
+       pg_read_binary_file(:'golden' || '/graph/weights.safetensors')));
+SELECT twotower.drop_model('golden_graph');
 -- The item tower against its reference.
 SELECT count(*) AS item_cases,
        count(*) FILTER (WHERE d > 1e-5) AS beyond_1e5

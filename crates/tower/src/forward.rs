@@ -135,14 +135,26 @@ pub(crate) fn run_raw(model: &Model, mut raw: Vec<f32>, m: usize) -> Vec<f32> {
         None if model.has_shortcut => raw.clone(),
         None => std::mem::take(&mut raw),
     };
+    if let Some(g) = &model.graph {
+        return crate::graph::run(model, g, &h, m);
+    }
     run_layers(model, h, m, w0, &raw, 0)
+}
+
+/// Runs `layers` (no shortcut among them) over `h` (`m` rows of `width`).
+pub(crate) fn run_stack(model: &Model, layers: &[Layer], h: Vec<f32>, m: usize, width: usize) -> Vec<f32> {
+    run_list(model, layers, h, m, width, &[])
 }
 
 /// Runs the model's layers from `from` on over `h` (`m` rows of `width`); `raw` is the raw
 /// input for shortcut layers (unused, and may be empty, when the model has none).
-pub(crate) fn run_layers(model: &Model, mut h: Vec<f32>, m: usize, mut width: usize, raw: &[f32], from: usize) -> Vec<f32> {
+pub(crate) fn run_layers(model: &Model, h: Vec<f32>, m: usize, width: usize, raw: &[f32], from: usize) -> Vec<f32> {
+    run_list(model, model.layers.get(from..).unwrap_or(&[]), h, m, width, raw)
+}
+
+fn run_list(model: &Model, list: &[Layer], mut h: Vec<f32>, m: usize, mut width: usize, raw: &[f32]) -> Vec<f32> {
     let w0 = model.input_width;
-    for layer in model.layers.iter().skip(from) {
+    for layer in list {
         match layer {
             Layer::Linear { w, b, n_in, n_out } => {
                 debug_assert_eq!(*n_in, width);

@@ -5,6 +5,7 @@
 pub mod encode;
 pub mod error;
 mod forward;
+mod graph;
 mod json;
 pub mod layers;
 mod model;

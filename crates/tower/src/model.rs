@@ -6,6 +6,8 @@ use crate::spec::{
     self, spec_err, LayerDraft, SpecDraft, MAX_WIDTH,
 };
 use crate::encode::Field;
+use crate::graph::{Graph, Input, Node, Op};
+use crate::spec::{CombineKind, GraphDraft, InputRef, OpDraft};
 use crate::spec::{Cross, Source};
 use crate::{Kind, Metric};
 pub(crate) use crate::spec::FeatureKind;
@@ -119,6 +121,8 @@ pub struct Model {
     pub(crate) input_width: usize,
     pub(crate) senet: Option<Senet>,
     pub(crate) layers: Vec<Layer>,
+    /// The graph of nodes that replaces `layers` (which is then empty).
+    pub(crate) graph: Option<crate::graph::Graph>,
     pub(crate) has_shortcut: bool,
     pub(crate) tensors: Vec<Vec<f32>>,
     pub(crate) tensor_names: Vec<String>,
@@ -276,92 +280,22 @@ impl Model {
             }
         };
 
-        let mut width = input_width;
-        let mut layers = Vec::with_capacity(draft.layers.len());
-        let mut has_shortcut = false;
-        for (i, l) in draft.layers.into_iter().enumerate() {
-            let layer = match l {
-                LayerDraft::Linear { weight, bias } => {
-                    let (w, shape) = b.bind(&weight, &[Dim::Any("out"), Dim::Is(width)])?;
-                    let n_out = shape[0];
-                    width_check(format!("layers[{i}].weight"), n_out)?;
-                    let bi = match &bias {
-                        Some(n) => Some(b.bind(n, &[Dim::Is(n_out)])?.0),
-                        None => None,
-                    };
-                    let l = Layer::Linear {
-                        w,
-                        b: bi,
-                        n_in: width,
-                        n_out,
-                    };
-                    width = n_out;
-                    l
-                }
-                LayerDraft::Relu => Layer::Relu,
-                LayerDraft::Gelu => Layer::Gelu,
-                LayerDraft::Tanh => Layer::Tanh,
-                LayerDraft::Sigmoid => Layer::Sigmoid,
-                LayerDraft::L2Normalize => Layer::L2Normalize,
-                LayerDraft::Dropout => continue,
-                LayerDraft::LayerNorm { weight, bias, eps } => Layer::LayerNorm {
-                    w: b.bind(&weight, &[Dim::Is(width)])?.0,
-                    b: b.bind(&bias, &[Dim::Is(width)])?.0,
-                    eps,
-                },
-                LayerDraft::BatchNorm {
-                    weight,
-                    bias,
-                    running_mean,
-                    running_var,
-                    eps,
-                } => {
-                    let w = b.bind(&weight, &[Dim::Is(width)])?.0;
-                    let bb = b.bind(&bias, &[Dim::Is(width)])?.0;
-                    let mean = b.bind(&running_mean, &[Dim::Is(width)])?.0;
-                    let var = b.bind(&running_var, &[Dim::Is(width)])?.0;
-                    let mut inv_std = Vec::with_capacity(width);
-                    for (j, &v) in b.tensors[var].iter().enumerate() {
-                        let s = v as f64 + eps;
-                        let inv = 1.0 / s.sqrt();
-                        if s <= 0.0 || !(inv as f32).is_finite() {
-                            return Err(TowerError::WeightValue {
-                                name: running_var.clone(),
-                                index: j,
-                                reason: format!(
-                                    "running_var + eps = {s} must be positive (and not tiny)"
-                                ),
-                            });
-                        }
-                        inv_std.push(inv as f32);
-                    }
-                    Layer::BatchNorm {
-                        w,
-                        b: bb,
-                        mean,
-                        inv_std,
-                    }
-                }
-                LayerDraft::Shortcut { fields } => {
-                    has_shortcut = true;
-                    let mut ranges = Vec::with_capacity(fields.len());
-                    for f in fields {
-                        let feat = &features[f];
-                        ranges.push((feat.offset, feat.width));
-                        width = width.saturating_add(feat.width);
-                    }
-                    width_check(format!("layers[{i}].fields"), width)?;
-                    Layer::Shortcut { ranges }
-                }
-            };
-            layers.push(layer);
-        }
+        let (layers, mut width, has_shortcut) = bind_layers(&mut b, draft.layers, input_width, &features, "layers")?;
+        let graph = match draft.graph {
+            None => None,
+            Some(g) => {
+                let g = bind_graph(&mut b, g, &features)?;
+                width = g.output_width();
+                Some(g)
+            }
+        };
         if width != draft.output_dim {
             return Err(spec_err(
                 "output.dim",
                 format!(
-                    "is {}, but the layer stack produces a vector of width {width}",
-                    draft.output_dim
+                    "is {}, but the {} produces a vector of width {width}",
+                    draft.output_dim,
+                    if graph.is_some() { "graph's output node" } else { "layer stack" }
                 ),
             ));
         }
@@ -391,6 +325,7 @@ impl Model {
             input_width,
             senet,
             layers,
+            graph,
             has_shortcut,
             tensors: b.tensors,
             tensor_names: b.names,
@@ -436,6 +371,7 @@ impl Model {
         let layers: usize = self
             .layers
             .iter()
+            .chain(self.graph.iter().flat_map(|g| g.layers()))
             .map(|l| {
                 std::mem::size_of::<Layer>()
                     + match l {
@@ -571,4 +507,143 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// Binds a layer stack that reads `width` inputs; returns the layers, the output width and
+/// whether a shortcut layer is among them. `path` names the stack in errors.
+fn bind_layers(b: &mut Binder, drafts: Vec<LayerDraft>, mut width: usize, features: &[Feature], path: &str) -> Result<(Vec<Layer>, usize, bool)> {
+    let mut layers = Vec::with_capacity(drafts.len());
+    let mut has_shortcut = false;
+    for (i, l) in drafts.into_iter().enumerate() {
+        let layer = match l {
+            LayerDraft::Linear { weight, bias } => {
+                let (w, shape) = b.bind(&weight, &[Dim::Any("out"), Dim::Is(width)])?;
+                let n_out = shape[0];
+                width_check(format!("{path}[{i}].weight"), n_out)?;
+                let bi = match &bias {
+                    Some(n) => Some(b.bind(n, &[Dim::Is(n_out)])?.0),
+                    None => None,
+                };
+                let l = Layer::Linear {
+                    w,
+                    b: bi,
+                    n_in: width,
+                    n_out,
+                };
+                width = n_out;
+                l
+            }
+            LayerDraft::Relu => Layer::Relu,
+            LayerDraft::Gelu => Layer::Gelu,
+            LayerDraft::Tanh => Layer::Tanh,
+            LayerDraft::Sigmoid => Layer::Sigmoid,
+            LayerDraft::L2Normalize => Layer::L2Normalize,
+            LayerDraft::Dropout => continue,
+            LayerDraft::LayerNorm { weight, bias, eps } => Layer::LayerNorm {
+                w: b.bind(&weight, &[Dim::Is(width)])?.0,
+                b: b.bind(&bias, &[Dim::Is(width)])?.0,
+                eps,
+            },
+            LayerDraft::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                eps,
+            } => {
+                let w = b.bind(&weight, &[Dim::Is(width)])?.0;
+                let bb = b.bind(&bias, &[Dim::Is(width)])?.0;
+                let mean = b.bind(&running_mean, &[Dim::Is(width)])?.0;
+                let var = b.bind(&running_var, &[Dim::Is(width)])?.0;
+                let mut inv_std = Vec::with_capacity(width);
+                for (j, &v) in b.tensors[var].iter().enumerate() {
+                    let s = v as f64 + eps;
+                    let inv = 1.0 / s.sqrt();
+                    if s <= 0.0 || !(inv as f32).is_finite() {
+                        return Err(TowerError::WeightValue {
+                            name: running_var.clone(),
+                            index: j,
+                            reason: format!(
+                                "running_var + eps = {s} must be positive (and not tiny)"
+                            ),
+                        });
+                    }
+                    inv_std.push(inv as f32);
+                }
+                Layer::BatchNorm {
+                    w,
+                    b: bb,
+                    mean,
+                    inv_std,
+                }
+            }
+            LayerDraft::Shortcut { fields } => {
+                has_shortcut = true;
+                let mut ranges = Vec::with_capacity(fields.len());
+                for f in fields {
+                    let feat = &features[f];
+                    ranges.push((feat.offset, feat.width));
+                    width = width.saturating_add(feat.width);
+                }
+                width_check(format!("{path}[{i}].fields"), width)?;
+                Layer::Shortcut { ranges }
+            }
+        };
+        layers.push(layer);
+    }
+    Ok((layers, width, has_shortcut))
+}
+
+/// Binds a validated graph: each node's input width, its layers or combine weights, its output
+/// width; combines of equal-width inputs (sum, weighted sum, attention) check the widths.
+fn bind_graph(b: &mut Binder, g: GraphDraft, features: &[Feature]) -> Result<Graph> {
+    let mut nodes: Vec<Node> = Vec::with_capacity(g.nodes.len());
+    for d in g.nodes {
+        let path = format!("graph[{}]", d.spec_index);
+        let inputs: Vec<Input> = d
+            .inputs
+            .iter()
+            .map(|r| match *r {
+                InputRef::Feature(f) => Input::Field { offset: features[f].offset, width: features[f].width },
+                InputRef::Node(k) => Input::Node { index: k, width: nodes[k].width },
+            })
+            .collect();
+        let widths: Vec<usize> = inputs.iter().map(Input::width).collect();
+        let in_width: usize = widths.iter().sum();
+        width_check(format!("{path}.inputs"), in_width)?;
+        let k = inputs.len();
+        let (op, width) = match d.op {
+            OpDraft::Stack(layers) => {
+                let (layers, width, _) = bind_layers(b, layers, in_width, features, &format!("{path}.layers"))?;
+                (Op::Stack(layers), width)
+            }
+            OpDraft::Combine { kind, weight, bias } => {
+                let same = widths.iter().all(|w| *w == widths[0]);
+                if !same && matches!(kind, CombineKind::Sum | CombineKind::WeightedSum | CombineKind::Attention) {
+                    return Err(spec_err(
+                        format!("{path}.inputs"),
+                        format!("the inputs of this combine must have one width, got {widths:?}"),
+                    ));
+                }
+                let d0 = widths[0];
+                let weight = weight.unwrap_or_default();
+                match kind {
+                    CombineKind::Concat => (Op::Concat, in_width),
+                    CombineKind::Sum => (Op::Sum, d0),
+                    CombineKind::WeightedSum => (Op::WeightedSum { w: b.bind(&weight, &[Dim::Is(k)])?.0 }, d0),
+                    CombineKind::WeightedConcat => (Op::WeightedConcat { w: b.bind(&weight, &[Dim::Is(k)])?.0 }, in_width),
+                    CombineKind::Attention => {
+                        let w = b.bind(&weight, &[Dim::Is(k), Dim::Is(in_width)])?.0;
+                        let bias = match &bias {
+                            Some(n) => Some(b.bind(n, &[Dim::Is(k)])?.0),
+                            None => None,
+                        };
+                        (Op::Attention { w, b: bias }, d0)
+                    }
+                }
+            }
+        };
+        nodes.push(Node { inputs, op, in_width, width });
+    }
+    Ok(Graph { nodes, output: g.output })
 }

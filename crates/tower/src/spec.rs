@@ -265,8 +265,73 @@ pub(crate) struct SpecDraft {
     pub features: Vec<FeatureDraft>,
     pub senet: Option<SenetDraft>,
     pub layers: Vec<LayerDraft>,
+    /// The graph of named nodes that replaces `layers` when the spec has one.
+    pub graph: Option<GraphDraft>,
     pub output_dim: usize,
     pub metric: Metric,
+}
+
+/// How a combine node joins its inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CombineKind {
+    /// The inputs side by side.
+    Concat,
+    /// Their element-wise sum (equal widths).
+    Sum,
+    /// Σ w_i x_i, one learned weight per input (tensor [k]).
+    WeightedSum,
+    /// The inputs side by side, each scaled by its learned weight (tensor [k]): the user side of
+    /// a parallel two-tower, whose dot product with the item side's concatenation is the
+    /// weighted sum of the sub-towers' scores.
+    WeightedConcat,
+    /// Attention fusion: α = softmax(W · concat(x_1..x_k) + b) (W [k, k·d], b [k]), then
+    /// Σ α_i x_i (equal widths d).
+    Attention,
+}
+
+impl CombineKind {
+    pub const ALL: [(&'static str, CombineKind); 5] = [
+        ("concat", CombineKind::Concat),
+        ("sum", CombineKind::Sum),
+        ("weighted_sum", CombineKind::WeightedSum),
+        ("weighted_concat", CombineKind::WeightedConcat),
+        ("attention", CombineKind::Attention),
+    ];
+}
+
+/// An input of a graph node: a feature's field (after SENet) or an earlier node's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum InputRef {
+    Feature(usize),
+    Node(usize),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum OpDraft {
+    /// The inputs side by side, through a layer stack (no shortcut layers).
+    Stack(Vec<LayerDraft>),
+    Combine {
+        kind: CombineKind,
+        weight: Option<String>,
+        bias: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct NodeDraft {
+    pub name: String,
+    /// The node's index in the spec's `graph` array (for error paths).
+    pub spec_index: usize,
+    pub inputs: Vec<InputRef>,
+    pub op: OpDraft,
+}
+
+/// A validated graph: nodes in an order where every input comes before its node, and the
+/// output node.
+#[derive(Debug, Clone)]
+pub(crate) struct GraphDraft {
+    pub nodes: Vec<NodeDraft>,
+    pub output: usize,
 }
 
 pub(crate) fn spec_err(path: impl Into<String>, reason: impl Into<String>) -> TowerError {
@@ -475,6 +540,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         "features",
         "senet",
         "layers",
+        "graph",
         "output",
     ])?;
 
@@ -538,7 +604,12 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         }
     };
 
-    let ls = root.array("layers")?;
+    let empty = Vec::new();
+    let has_graph = root.get("graph").is_some();
+    let ls = if has_graph && root.get("layers").is_none() { &empty } else { root.array("layers")? };
+    if has_graph && !ls.is_empty() {
+        return Err(spec_err("layers", "a spec with a \"graph\" has its layers in the graph's nodes (leave \"layers\" out or empty)"));
+    }
     if ls.len() > MAX_LAYERS {
         return Err(spec_err(
             "layers",
@@ -552,12 +623,21 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     }
 
     let out = Obj::new(root.req("output")?, "output".into())?;
+    let output_node = match out.get("node") {
+        None => None,
+        Some(_) if !has_graph => return Err(spec_err("output.node", "only a spec with a \"graph\" names an output node")),
+        Some(_) => Some(out.req_str("node")?.to_owned()),
+    };
+    let graph = match root.get("graph") {
+        None => None,
+        Some(_) => Some(parse_graph(&root, &names, output_node.as_deref())?),
+    };
     let (output_dim, metric) = if kind == Kind::Prerank {
         // A pre-rank model outputs one score (higher ranks first); it has no index metric.
-        out.allow(&["dim"])?;
+        out.allow(&["dim", "node"])?;
         (out.uint("dim", 1, 1)? as usize, Metric::InnerProduct)
     } else {
-        out.allow(&["dim", "metric"])?;
+        out.allow(&["dim", "metric", "node"])?;
         let output_dim = out.uint("dim", 1, MAX_WIDTH as u64)? as usize;
         let name = out.req_str("metric")?;
         let metric = Metric::from_spec_name(name).ok_or_else(|| {
@@ -576,9 +656,186 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         features,
         senet,
         layers,
+        graph,
         output_dim,
         metric,
     })
+}
+
+/// The largest number of nodes of a graph, and of inputs of a node.
+pub(crate) const MAX_NODES: usize = 64;
+
+/// Parses and validates the spec's `graph`: named nodes whose inputs are features or other
+/// nodes. Errors: unknown or duplicate names, a node named like a feature, a cycle, a node the
+/// output does not use, a feature no node reads, shortcut layers (a graph joins inputs with
+/// nodes instead). Shapes are checked when the weights are bound.
+fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<GraphDraft> {
+    let arr = root.array("graph")?;
+    if arr.is_empty() || arr.len() > MAX_NODES {
+        return Err(spec_err("graph", format!("must list 1 to {MAX_NODES} nodes, got {}", arr.len())));
+    }
+    // Names first: inputs may name later nodes (the order in the file is free).
+    let mut names: Vec<String> = Vec::with_capacity(arr.len());
+    for (i, v) in arr.iter().enumerate() {
+        let o = Obj::new(v, format!("graph[{i}]"))?;
+        let name = o.req_str("name")?;
+        if !valid_name(name) {
+            return Err(spec_err(o.p("name"), format!("\"{name}\" is not a valid node name (1..=63 characters, [A-Za-z_][A-Za-z0-9_]*)")));
+        }
+        if features.iter().any(|f| f == name) {
+            return Err(spec_err(o.p("name"), format!("\"{name}\" is already a feature name")));
+        }
+        if names.iter().any(|n| n == name) {
+            return Err(spec_err(o.p("name"), format!("duplicate node name \"{name}\"")));
+        }
+        names.push(name.to_owned());
+    }
+    let mut nodes = Vec::with_capacity(arr.len());
+    for (i, v) in arr.iter().enumerate() {
+        let o = Obj::new(v, format!("graph[{i}]"))?;
+        o.allow(&["name", "inputs", "layers", "combine", "weight", "bias"])?;
+        let ins = o.array("inputs")?;
+        if ins.is_empty() || ins.len() > MAX_NODES {
+            return Err(spec_err(o.p("inputs"), format!("must list 1 to {MAX_NODES} inputs, got {}", ins.len())));
+        }
+        let mut inputs = Vec::with_capacity(ins.len());
+        for (j, x) in ins.iter().enumerate() {
+            let path = format!("{}[{j}]", o.p("inputs"));
+            let Some(n) = x.as_str() else {
+                return Err(spec_err(path, format!("must be a feature or node name, got {}", short(x))));
+            };
+            let r = if let Some(f) = features.iter().position(|f| f == n) {
+                InputRef::Feature(f)
+            } else if let Some(k) = names.iter().position(|m| m == n) {
+                InputRef::Node(k)
+            } else {
+                return Err(spec_err(path, format!("\"{n}\" is neither a feature nor a node of this spec")));
+            };
+            if inputs.contains(&r) {
+                return Err(spec_err(path, format!("\"{n}\" is listed twice")));
+            }
+            inputs.push(r);
+        }
+        let op = match (o.get("layers"), o.get("combine")) {
+            (Some(_), Some(_)) => return Err(spec_err(o.path.clone(), "a node has \"layers\" or \"combine\", not both")),
+            (_, None) => {
+                if o.get("weight").is_some() || o.get("bias").is_some() {
+                    return Err(spec_err(o.p("weight"), "only a \"combine\" node has a weight or bias"));
+                }
+                let ls = if o.get("layers").is_some() { o.array("layers")?.as_slice() } else { &[] };
+                if ls.len() > MAX_LAYERS {
+                    return Err(spec_err(o.p("layers"), format!("at most {MAX_LAYERS} layers, got {}", ls.len())));
+                }
+                let mut layers = Vec::with_capacity(ls.len());
+                for (j, l) in ls.iter().enumerate() {
+                    let lo = Obj::new(l, format!("{}[{j}]", o.p("layers")))?;
+                    let layer = parse_layer(&lo, features)?;
+                    if matches!(layer, LayerDraft::Shortcut { .. }) {
+                        return Err(spec_err(lo.p("type"), "a graph node cannot have a shortcut layer (list the features among its inputs instead)"));
+                    }
+                    layers.push(layer);
+                }
+                OpDraft::Stack(layers)
+            }
+            (None, Some(_)) => {
+                let c = o.req_str("combine")?;
+                let Some(kind) = CombineKind::ALL.iter().find(|(n, _)| *n == c).map(|(_, k)| *k) else {
+                    let all: Vec<&str> = CombineKind::ALL.iter().map(|(n, _)| *n).collect();
+                    return Err(spec_err(o.p("combine"), format!("must be one of {}, got \"{c}\"", all.join(", "))));
+                };
+                if inputs.len() < 2 {
+                    return Err(spec_err(o.p("inputs"), "a combine node joins at least two inputs"));
+                }
+                let weighted = matches!(kind, CombineKind::WeightedSum | CombineKind::WeightedConcat | CombineKind::Attention);
+                let weight = if weighted { Some(o.tensor("weight")?) } else { None };
+                if !weighted && o.get("weight").is_some() {
+                    return Err(spec_err(o.p("weight"), format!("a \"{c}\" node has no weight")));
+                }
+                let bias = if kind == CombineKind::Attention {
+                    o.opt_tensor("bias")?
+                } else if o.get("bias").is_some() {
+                    return Err(spec_err(o.p("bias"), format!("a \"{c}\" node has no bias")));
+                } else {
+                    None
+                };
+                OpDraft::Combine { kind, weight, bias }
+            }
+        };
+        nodes.push(NodeDraft { name: names[i].clone(), spec_index: i, inputs, op });
+    }
+    let out = match output {
+        None => nodes.len() - 1,
+        Some(n) => names
+            .iter()
+            .position(|m| m == n)
+            .ok_or_else(|| spec_err("output.node", format!("\"{n}\" is not a node of the graph")))?,
+    };
+    // Depth-first from the output: a node met again while on the path closes a cycle; every
+    // node reached is used; each node is placed after its inputs.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    fn visit(n: usize, nodes: &[NodeDraft], marks: &mut [Mark], path: &mut Vec<usize>, order: &mut Vec<usize>) -> Result<()> {
+        match marks[n] {
+            Mark::Done => return Ok(()),
+            Mark::OnPath => {
+                let from = path.iter().position(|&p| p == n).unwrap_or(0);
+                let mut cycle: Vec<&str> = path[from..].iter().map(|&p| nodes[p].name.as_str()).collect();
+                cycle.push(&nodes[n].name);
+                return Err(spec_err("graph", format!("the nodes form a cycle: {}", cycle.join(" -> "))));
+            }
+            Mark::New => {}
+        }
+        marks[n] = Mark::OnPath;
+        path.push(n);
+        for r in &nodes[n].inputs {
+            if let InputRef::Node(k) = r {
+                visit(*k, nodes, marks, path, order)?;
+            }
+        }
+        path.pop();
+        marks[n] = Mark::Done;
+        order.push(n);
+        Ok(())
+    }
+    let mut marks = vec![Mark::New; nodes.len()];
+    let mut order = Vec::with_capacity(nodes.len());
+    visit(out, &nodes, &mut marks, &mut Vec::new(), &mut order)?;
+    if let Some(unused) = marks.iter().position(|m| *m != Mark::Done) {
+        // A cycle among unused nodes is still a cycle: report it as such.
+        let mut scratch = vec![Mark::New; nodes.len()];
+        visit(unused, &nodes, &mut scratch, &mut Vec::new(), &mut Vec::new())?;
+        return Err(spec_err(
+            format!("graph[{unused}]"),
+            format!("node \"{}\" is not used by the output node \"{}\"", nodes[unused].name, nodes[out].name),
+        ));
+    }
+    let used: Vec<bool> = (0..features.len())
+        .map(|f| nodes.iter().any(|n| n.inputs.contains(&InputRef::Feature(f))))
+        .collect();
+    if let Some(f) = used.iter().position(|u| !u) {
+        return Err(spec_err(
+            format!("features[{f}]"),
+            format!("feature \"{}\" is not an input of any graph node", features[f]),
+        ));
+    }
+    // Renumber in dependency order.
+    let mut new_index = vec![0usize; nodes.len()];
+    for (pos, &n) in order.iter().enumerate() {
+        new_index[n] = pos;
+    }
+    let mut sorted: Vec<NodeDraft> = order.iter().map(|&n| nodes[n].clone()).collect();
+    for node in &mut sorted {
+        for r in &mut node.inputs {
+            if let InputRef::Node(k) = r {
+                *k = new_index[*k];
+            }
+        }
+    }
+    Ok(GraphDraft { output: new_index[out], nodes: sorted })
 }
 
 /// A feature with its source. Towers' features have none (a user tower reads the request, an item

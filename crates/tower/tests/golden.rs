@@ -104,3 +104,11 @@ fn golden_user_tower() {
 fn golden_item_tower() {
     check_dir(&golden_dir().join("item"), false);
 }
+
+/// A tower whose layers are a graph of named nodes: every node kind (stacks over feature
+/// subsets, attention fusion, sums, weighted concatenation, a feature read directly, a head),
+/// after SENet, against the numpy reference.
+#[test]
+fn golden_graph_tower() {
+    check_dir(&golden_dir().join("graph"), true);
+}

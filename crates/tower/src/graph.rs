@@ -1,0 +1,145 @@
+//! Towers as a small graph of named nodes (the spec's `graph`): sub-towers over feature subsets
+//! (each a layer stack), joined by combine nodes (concatenation, sums, attention fusion), in an
+//! order where every input comes before its node. Parsed and validated in `spec`, bound to the
+//! weights in `model`; the forward pass over a batch is here.
+
+use crate::forward::run_stack;
+use crate::layers::matvec;
+use crate::model::{Layer, Model};
+
+/// Where a node reads one of its inputs.
+#[derive(Debug, Clone)]
+pub(crate) enum Input {
+    /// A feature's field in the (SENet-weighted) input row.
+    Field { offset: usize, width: usize },
+    /// An earlier node's output.
+    Node { index: usize, width: usize },
+}
+
+impl Input {
+    pub(crate) fn width(&self) -> usize {
+        match self {
+            Input::Field { width, .. } | Input::Node { width, .. } => *width,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Stack(Vec<Layer>),
+    Concat,
+    Sum,
+    WeightedSum { w: usize },
+    WeightedConcat { w: usize },
+    Attention { w: usize, b: Option<usize> },
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    pub inputs: Vec<Input>,
+    pub op: Op,
+    pub in_width: usize,
+    pub width: usize,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Graph {
+    pub nodes: Vec<Node>,
+    pub output: usize,
+}
+
+impl Graph {
+    pub(crate) fn output_width(&self) -> usize {
+        self.nodes[self.output].width
+    }
+
+    pub(crate) fn layers(&self) -> impl Iterator<Item = &Layer> {
+        self.nodes.iter().flat_map(|n| match &n.op {
+            Op::Stack(l) => l.as_slice(),
+            _ => &[],
+        })
+    }
+}
+
+/// The graph over `m` input rows `h` (`m * input_width` floats, after SENet): the output node's
+/// `m` rows.
+pub(crate) fn run(model: &Model, g: &Graph, h: &[f32], m: usize) -> Vec<f32> {
+    let w0 = model.input_width;
+    let mut outs: Vec<Vec<f32>> = Vec::with_capacity(g.nodes.len());
+    for node in &g.nodes {
+        // The node's inputs side by side, row by row.
+        let mut x = Vec::with_capacity(m * node.in_width);
+        for r in 0..m {
+            for i in &node.inputs {
+                match *i {
+                    Input::Field { offset, width } => x.extend_from_slice(&h[r * w0 + offset..r * w0 + offset + width]),
+                    Input::Node { index, width } => x.extend_from_slice(&outs[index][r * width..(r + 1) * width]),
+                }
+            }
+        }
+        let k = node.inputs.len();
+        let d = node.width;
+        let y = match &node.op {
+            Op::Stack(layers) => run_stack(model, layers, x, m, node.in_width),
+            Op::Concat => x,
+            Op::Sum => combine_rows(&x, m, k, d, |_, _| 1.0),
+            Op::WeightedSum { w } => {
+                let w = &model.tensors[*w];
+                combine_rows(&x, m, k, d, |i, _| w[i])
+            }
+            Op::WeightedConcat { w } => {
+                let w = &model.tensors[*w];
+                let mut y = x;
+                for row in y.chunks_exact_mut(node.in_width.max(1)) {
+                    let mut at = 0;
+                    for (i, input) in node.inputs.iter().enumerate() {
+                        let n = input.width();
+                        row[at..at + n].iter_mut().for_each(|v| *v *= w[i]);
+                        at += n;
+                    }
+                }
+                y
+            }
+            Op::Attention { w, b } => {
+                let (w, b) = (&model.tensors[*w], b.map(|b| model.tensors[b].as_slice()));
+                let mut scores = vec![0f32; k];
+                let mut alphas = vec![0f32; m * k];
+                for (r, a) in alphas.chunks_exact_mut(k).enumerate() {
+                    matvec(w, b, &x[r * node.in_width..(r + 1) * node.in_width], k, &mut scores);
+                    softmax(&scores, a);
+                }
+                combine_rows(&x, m, k, d, |i, r| alphas[r * k + i])
+            }
+        };
+        outs.push(y);
+    }
+    outs.swap_remove(g.output)
+}
+
+/// Σ_i weight(i, row) · x_i per row, the k inputs of width d side by side in `x`.
+fn combine_rows(x: &[f32], m: usize, k: usize, d: usize, weight: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    let mut y = vec![0f32; m * d];
+    for r in 0..m {
+        let out = &mut y[r * d..(r + 1) * d];
+        for i in 0..k {
+            let wi = weight(i, r);
+            let xi = &x[(r * k + i) * d..(r * k + i + 1) * d];
+            for (o, v) in out.iter_mut().zip(xi) {
+                *o += wi * v;
+            }
+        }
+    }
+    y
+}
+
+/// Numerically stable softmax of `s` into `out`.
+fn softmax(s: &[f32], out: &mut [f32]) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f64;
+    for (o, &v) in out.iter_mut().zip(s) {
+        *o = (v - max).exp();
+        sum += *o as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
