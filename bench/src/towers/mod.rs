@@ -11,6 +11,7 @@
 //! one file per measured thing (`embed.rs`, `refresh.rs`, `recall.rs`), and here the shared
 //! setup (models imported once) and the order they run in.
 
+mod arch;
 mod embed;
 mod funnel;
 mod harness;
@@ -104,7 +105,12 @@ impl Towers<'_> {
             self.funnel();
             return;
         }
+        if std::env::var("TT_ONLY_ARCH").is_ok() {
+            self.architectures();
+            return;
+        }
         let e = self.embed_user(&out, &user_model);
+        self.architectures();
         self.refresh(&item_model);
         for t in [
             "bench_item_features",

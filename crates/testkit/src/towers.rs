@@ -305,3 +305,79 @@ pub fn realistic_prerank(seed: u64) -> (String, Vec<u8>) {
     ];
     build(spec, &tensors, seed)
 }
+
+/// The features of [`realistic_user_tower`] under another architecture, for comparing their
+/// cost (`arch`): `"parallel"`, two sub-towers over every field (w0 → 128 → 32 each) joined by
+/// `weighted_concat` (metric ip, the parallel two-tower's served vector); `"attention"`, three
+/// branches (ids and histories → 256 → 64, context → 128 → 64, numbers → 64) joined by attention
+/// fusion, then l2-normalised; `"senet"`, the plain stack with SENet over the 10 fields.
+pub fn realistic_user_tower_arch(seed: u64, arch: &str) -> (String, Vec<u8>) {
+    let (plain, _) = realistic_user_tower(seed);
+    let mut spec: Value = serde_json::from_str(&plain).expect("the plain spec is JSON");
+    let w0 = 7 * D + 3;
+    let mut tensors: Vec<(String, Vec<usize>, f32)> = Vec::new();
+    let mut add = |list: &[(&str, Vec<usize>, f32)]| tensors.extend(list.iter().map(|(n, s, a)| ((*n).to_owned(), s.clone(), *a)));
+    add(&[
+        ("emb.user_id", vec![USER_BUCKETS + 1, D], 0.1),
+        ("emb.country", vec![COUNTRIES.len() + 1, D], 0.1),
+        ("emb.device", vec![DEVICES.len() + 1, D], 0.1),
+        ("emb.item_id", vec![ITEM_BUCKETS + 1, D], 0.1),
+        ("emb.category", vec![CATEGORIES + 1, D], 0.1),
+        ("emb.age", vec![8, D], 0.1),
+        ("emb.hour", vec![25, D], 0.1),
+    ]);
+    let all = json!(["user_id", "country", "device", "history", "liked_categories", "age",
+                     "days_since_signup", "sessions_7d", "avg_watch_minutes", "hour"]);
+    let lin = |w: &str, b: &str| json!({"type": "linear", "weight": w, "bias": b});
+    let obj = spec.as_object_mut().expect("object");
+    match arch {
+        "senet" => {
+            obj.insert("senet".into(), json!({"w1": "senet.w1", "b1": "senet.b1", "w2": "senet.w2", "b2": "senet.b2"}));
+            add(&[
+                ("senet.w1", vec![4, 10], 0.3), ("senet.b1", vec![4], 0.1),
+                ("senet.w2", vec![10, 4], 0.5), ("senet.b2", vec![10], 0.1),
+                ("mlp.0.weight", vec![256, w0], linear_init(w0)), ("mlp.0.bias", vec![256], linear_init(w0)),
+                ("mlp.2.weight", vec![256, 256], linear_init(256)), ("mlp.2.bias", vec![256], linear_init(256)),
+                ("mlp.4.weight", vec![64, 256], linear_init(256)), ("mlp.4.bias", vec![64], linear_init(256)),
+            ]);
+        }
+        "parallel" => {
+            obj.remove("layers");
+            obj.insert("graph".into(), json!([
+                {"name": "a", "inputs": all, "layers": [lin("a.0.weight", "a.0.bias"), {"type": "relu"}, lin("a.2.weight", "a.2.bias")]},
+                {"name": "b", "inputs": all, "layers": [lin("b.0.weight", "b.0.bias"), {"type": "relu"}, lin("b.2.weight", "b.2.bias")]},
+                {"name": "u", "inputs": ["a", "b"], "combine": "weighted_concat", "weight": "pair.weight"}]));
+            obj.insert("output".into(), json!({"dim": 64, "metric": "ip"}));
+            add(&[
+                ("a.0.weight", vec![128, w0], linear_init(w0)), ("a.0.bias", vec![128], linear_init(w0)),
+                ("a.2.weight", vec![32, 128], linear_init(128)), ("a.2.bias", vec![32], linear_init(128)),
+                ("b.0.weight", vec![128, w0], linear_init(w0)), ("b.0.bias", vec![128], linear_init(w0)),
+                ("b.2.weight", vec![32, 128], linear_init(128)), ("b.2.bias", vec![32], linear_init(128)),
+                ("pair.weight", vec![2], 1.0),
+            ]);
+        }
+        "attention" => {
+            obj.remove("layers");
+            obj.insert("graph".into(), json!([
+                {"name": "ids", "inputs": ["user_id", "history", "liked_categories"],
+                 "layers": [lin("ids.0.weight", "ids.0.bias"), {"type": "relu"}, lin("ids.2.weight", "ids.2.bias")]},
+                {"name": "context", "inputs": ["country", "device", "age", "hour"],
+                 "layers": [lin("ctx.0.weight", "ctx.0.bias"), {"type": "relu"}, lin("ctx.2.weight", "ctx.2.bias")]},
+                {"name": "numbers", "inputs": ["days_since_signup", "sessions_7d", "avg_watch_minutes"],
+                 "layers": [lin("num.0.weight", "num.0.bias")]},
+                {"name": "fused", "inputs": ["ids", "context", "numbers"], "combine": "attention", "weight": "att.weight", "bias": "att.bias"},
+                {"name": "out", "inputs": ["fused"], "layers": [{"type": "l2_normalize"}]}]));
+            add(&[
+                ("ids.0.weight", vec![256, 3 * D], linear_init(3 * D)), ("ids.0.bias", vec![256], linear_init(3 * D)),
+                ("ids.2.weight", vec![64, 256], linear_init(256)), ("ids.2.bias", vec![64], linear_init(256)),
+                ("ctx.0.weight", vec![128, 4 * D], linear_init(4 * D)), ("ctx.0.bias", vec![128], linear_init(4 * D)),
+                ("ctx.2.weight", vec![64, 128], linear_init(128)), ("ctx.2.bias", vec![64], linear_init(128)),
+                ("num.0.weight", vec![64, 3], linear_init(3)), ("num.0.bias", vec![64], linear_init(3)),
+                ("att.weight", vec![3, 192], linear_init(192)), ("att.bias", vec![3], 0.1),
+            ]);
+        }
+        other => panic!("unknown architecture {other}"),
+    }
+    let refs: Vec<(&str, Vec<usize>, f32)> = tensors.iter().map(|(n, s, a)| (n.as_str(), s.clone(), *a)).collect();
+    build(spec, &refs, seed)
+}
