@@ -123,7 +123,21 @@ pub fn realistic_user_tower(seed: u64) -> (String, Vec<u8>) {
         "output": {"dim": 64, "metric": "cosine"}
     });
     let w0 = 7 * D + 3;
-    let tensors = [
+    let mut tensors = user_tables();
+    tensors.extend([
+        ("mlp.0.weight", vec![256, w0], linear_init(w0)),
+        ("mlp.0.bias", vec![256], linear_init(w0)),
+        ("mlp.2.weight", vec![256, 256], linear_init(256)),
+        ("mlp.2.bias", vec![256], linear_init(256)),
+        ("mlp.4.weight", vec![64, 256], linear_init(256)),
+        ("mlp.4.bias", vec![64], linear_init(256)),
+    ]);
+    build(spec, &tensors, seed)
+}
+
+/// The embedding tables of [`realistic_user_tower`]'s features.
+fn user_tables() -> Vec<(&'static str, Vec<usize>, f32)> {
+    vec![
         ("emb.user_id", vec![USER_BUCKETS + 1, D], 0.1),
         ("emb.country", vec![COUNTRIES.len() + 1, D], 0.1),
         ("emb.device", vec![DEVICES.len() + 1, D], 0.1),
@@ -131,14 +145,7 @@ pub fn realistic_user_tower(seed: u64) -> (String, Vec<u8>) {
         ("emb.category", vec![CATEGORIES + 1, D], 0.1),
         ("emb.age", vec![8, D], 0.1),
         ("emb.hour", vec![25, D], 0.1),
-        ("mlp.0.weight", vec![256, w0], linear_init(w0)),
-        ("mlp.0.bias", vec![256], linear_init(w0)),
-        ("mlp.2.weight", vec![256, 256], linear_init(256)),
-        ("mlp.2.bias", vec![256], linear_init(256)),
-        ("mlp.4.weight", vec![64, 256], linear_init(256)),
-        ("mlp.4.bias", vec![64], linear_init(256)),
-    ];
-    build(spec, &tensors, seed)
+    ]
 }
 
 /// A plausible input object for [`realistic_user_tower`]: example `i` of a stream seeded by
@@ -317,15 +324,7 @@ pub fn realistic_user_tower_arch(seed: u64, arch: &str) -> (String, Vec<u8>) {
     let w0 = 7 * D + 3;
     let mut tensors: Vec<(String, Vec<usize>, f32)> = Vec::new();
     let mut add = |list: &[(&str, Vec<usize>, f32)]| tensors.extend(list.iter().map(|(n, s, a)| ((*n).to_owned(), s.clone(), *a)));
-    add(&[
-        ("emb.user_id", vec![USER_BUCKETS + 1, D], 0.1),
-        ("emb.country", vec![COUNTRIES.len() + 1, D], 0.1),
-        ("emb.device", vec![DEVICES.len() + 1, D], 0.1),
-        ("emb.item_id", vec![ITEM_BUCKETS + 1, D], 0.1),
-        ("emb.category", vec![CATEGORIES + 1, D], 0.1),
-        ("emb.age", vec![8, D], 0.1),
-        ("emb.hour", vec![25, D], 0.1),
-    ]);
+    add(&user_tables());
     let all = json!(["user_id", "country", "device", "history", "liked_categories", "age",
                      "days_since_signup", "sessions_7d", "avg_watch_minutes", "hour"]);
     let lin = |w: &str, b: &str| json!({"type": "linear", "weight": w, "bias": b});
