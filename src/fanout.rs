@@ -15,6 +15,7 @@ use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use pgrx::PgTryBuilder;
 use std::cell::RefCell;
+use std::rc::Rc;
 use twotower_ann::Metric;
 
 /// The foreign partitions of a partitioned table, and how to ask them.
@@ -51,7 +52,36 @@ fn fail(e: pgrx::spi::Error) -> TtError {
 /// and the table's item id column: its primary key,
 /// or, since a table with foreign partitions cannot have one, its partition key (one integer
 /// column).
-pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
+///
+/// Read once per backend until a relation it mentions changes (the caller has locked the
+/// partitioned table and index, which takes in the invalidations committed before).
+pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Rc<Shards>>> {
+    crate::relcache::subscribe(forget);
+    if let Some(known) = KNOWN.with(|c| c.get(index.to_u32())) {
+        return Ok(known);
+    }
+    let found = read_shards(index)?.map(Rc::new);
+    // SAFETY: a catalogue lookup of an index that exists (the caller has it locked).
+    let parent = unsafe { pg_sys::IndexGetRelation(index, false) };
+    let mentions = found
+        .iter()
+        .flat_map(|s| s.tables.iter().map(|(_, o, _)| o.to_u32()))
+        .chain([parent.to_u32()])
+        .collect();
+    KNOWN.with(|c| c.put(index.to_u32(), mentions, found.clone()));
+    Ok(found)
+}
+
+thread_local! {
+    /// The shards of partitioned indexes (None: no foreign partitions), by index oid.
+    static KNOWN: crate::relcache::RelCache<Option<Rc<Shards>>> = const { crate::relcache::RelCache::new() };
+}
+
+fn forget(relid: u32) {
+    KNOWN.with(|c| c.forget(relid));
+}
+
+fn read_shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
     let row = Spi::connect(|c| {
         let tables: Vec<(String, pg_sys::Oid, String)> = c
             .select(

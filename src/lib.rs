@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod prerank_train;
 pub mod progress;
 pub mod recall;
+pub mod relcache;
 pub mod shard_conn;
 pub mod spi;
 pub mod train;

@@ -257,20 +257,34 @@ impl Target {
                 ));
             }
             // The leaf indexes (the partitioned table's lock keeps a plain DETACH out until
-            // the transaction ends; each leaf is locked as it is opened).
-            let leaves: Vec<pg_sys::Oid> = Spi::connect(|c| {
-                c.select(
-                    "SELECT relid FROM pg_catalog.pg_partition_tree($1) WHERE isleaf ORDER BY relid",
-                    None,
-                    &[index_oid.into()],
-                )?
-                .map(|r| r.get::<pg_sys::Oid>(1))
-                .collect::<Result<Vec<_>, _>>()
-                .map(|v| v.into_iter().flatten().collect())
-            })
-            .map_err(|e| TtError::BadArgument(format!("listing the partitions of the index: {e}")))?;
+            // the transaction ends; each leaf is locked as it is opened), read once per backend
+            // until a relation of the tree changes (the locks above have taken in the
+            // invalidations committed before them).
+            crate::relcache::subscribe(forget_leaves);
+            let leaves = match LEAVES.with(|c| c.get(index_oid.to_u32())) {
+                Some(l) => l,
+                None => {
+                    let rows: Vec<(pg_sys::Oid, bool)> = Spi::connect(|c| {
+                        c.select(
+                            "SELECT relid, isleaf FROM pg_catalog.pg_partition_tree($1)
+                             UNION ALL SELECT relid, false FROM pg_catalog.pg_partition_tree($2) ORDER BY 1",
+                            None,
+                            &[index_oid.into(), parent.into()],
+                        )?
+                        .map(|r| Ok::<_, pgrx::spi::Error>((r.get::<pg_sys::Oid>(1)?, r.get::<bool>(2)?)))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map(|v| v.into_iter().filter_map(|(o, l)| Some((o?, l?))).collect())
+                    })
+                    .map_err(|e| TtError::BadArgument(format!("listing the partitions of the index: {e}")))?;
+                    let leaves: std::rc::Rc<Vec<pg_sys::Oid>> =
+                        std::rc::Rc::new(rows.iter().filter(|(_, leaf)| *leaf).map(|(o, _)| *o).collect());
+                    let mentions = rows.iter().map(|(o, _)| o.to_u32()).chain([parent.to_u32()]).collect();
+                    LEAVES.with(|c| c.put(index_oid.to_u32(), mentions, leaves.clone()));
+                    leaves
+                }
+            };
             let mut out = Vec::with_capacity(leaves.len());
-            for leaf in leaves {
+            for &leaf in leaves.iter() {
                 let heap = pg_sys::IndexGetRelation(leaf, false);
                 match Self::open_checked(heap, leaf, who, Grant::Parent) {
                     Ok(t) => out.push(t),
@@ -527,6 +541,15 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
 /// relfilenode) pairs; returns how many were removed.
 pub fn cleanup_cache(database: u32, live: &[(u32, u32)]) -> i64 {
     super::cache::cleanup(database, live)
+}
+
+thread_local! {
+    /// The leaf indexes of partitioned indexes, by index oid (see `Target::open_all`).
+    static LEAVES: crate::relcache::RelCache<std::rc::Rc<Vec<pg_sys::Oid>>> = const { crate::relcache::RelCache::new() };
+}
+
+fn forget_leaves(relid: u32) {
+    LEAVES.with(|c| c.forget(relid));
 }
 
 /// The index that replaced `index` when REINDEX CONCURRENTLY swapped it out: the old index is

@@ -245,9 +245,13 @@ $shards[0]->safe_psql('postgres', q{
 	INSERT INTO items_extra VALUES (3001, '{0.2,0.4,-0.1,0.5}'), (3002, '{9,9,9,9}');
 	CREATE INDEX ON items_extra USING twotower_hnsw (embedding twotower.real_l2_ops);
 });
+# A session that has searched the table before the partition is added (its cached list of
+# shards must not hide the new one).
+my $bg = $coord->background_psql('postgres');
+unlike($bg->query_safe(qq{SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 3)}),
+	qr/3001/, 'before the partition is added: not found');
 $coord->safe_psql('postgres', q{CREATE FOREIGN TABLE items_s1b PARTITION OF items FOR VALUES FROM (3001) TO (3101)
 	SERVER s1 OPTIONS (table_name 'items_extra')});
-my $bg = $coord->background_psql('postgres');
 my $top = '';
 $top = $bg->query_safe(qq{SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 3)}) for 1 .. 5;
 like($top, qr/^2500,3001,/, 'a second partition on the same server is searched (3001 ties with 2500 at distance 0: ids order ties)');
