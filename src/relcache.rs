@@ -1,6 +1,7 @@
 //! One relcache callback per backend for the per-backend caches that describe relations (the
-//! leaves of a partitioned index, the shards of a partitioned table): each cache subscribes a
-//! function that forgets what mentions the invalidated relation (0: every relation).
+//! leaves of a partitioned index, the shards of a partitioned table, the open index images):
+//! each cache subscribes a function that forgets what mentions the invalidated relation (0:
+//! every relation).
 //! PostgreSQL has room for few relcache callbacks; they share this one.
 
 use pgrx::pg_sys;

@@ -114,7 +114,6 @@ thread_local! {
     /// Indexes with open images whose relcache entry was invalidated since (None: all of
     /// them): checked against the catalogue at the next `image()`.
     static SUSPECT: RefCell<Option<Vec<u32>>> = const { RefCell::new(Some(Vec::new())) };
-    static RELCACHE_CALLBACK: Cell<bool> = const { Cell::new(false) };
     static WARNED: Cell<bool> = const { Cell::new(false) };
     /// Cache files to remove when this transaction commits (dropped indexes, rebuilt ones).
     static ON_COMMIT: RefCell<Vec<Pending>> = const { RefCell::new(Vec::new()) };
@@ -220,10 +219,7 @@ pub fn file_state(k: Key, oid: u32, meta: &Meta) -> &'static str {
 /// # Safety
 /// `index` must be an open twotower_hnsw index and `meta` a metapage read from it.
 pub unsafe fn image(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtResult<Rc<Loaded>> {
-    if !RELCACHE_CALLBACK.with(|c| c.replace(true)) {
-        // SAFETY: registers this backend's relcache callback once.
-        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_changed), pg_sys::Datum::from(0)) };
-    }
+    crate::relcache::subscribe(relcache_changed);
     forget_stale();
     // SAFETY: forwarded.
     let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };
@@ -483,15 +479,13 @@ pub fn cleanup(db: u32, live: &[(u32, u32)]) -> i64 {
     removed + sweep()
 }
 
-/// A relcache invalidation of `relid` (InvalidOid: of every relation). Images of indexes that
+/// A relcache invalidation of `relid` (0: of every relation). Images of indexes that
 /// were dropped or rebuilt (REINDEX CONCURRENTLY gives the index a new oid) would otherwise stay
 /// open until evicted, each mapping a removed cache file whose disk space is then not freed:
 /// mappings of removed files are dropped here at once (idle backends too, when they catch up
 /// with invalidations); the rest is checked against the catalogue at the next `image()`.
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn relcache_changed(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    let all = relid == pg_sys::InvalidOid;
-    let relid = relid.to_u32();
+fn relcache_changed(relid: u32) {
+    let all = relid == 0;
     OPEN.with(|o| {
         if let Ok(mut o) = o.try_borrow_mut() {
             o.retain(|(_, oid, l)| !((all || *oid == relid) && l.unlinked()));
