@@ -4,7 +4,7 @@
 //! weights in `model`; the forward pass over a batch is here.
 
 use crate::forward::run_stack;
-use crate::layers::matvec;
+use crate::layers::{combine_rows, matvec, softmax};
 use crate::model::{Layer, Model};
 
 /// Where a node reads one of its inputs.
@@ -114,32 +114,4 @@ pub(crate) fn run(model: &Model, g: &Graph, h: &[f32], m: usize) -> Vec<f32> {
         outs.push(y);
     }
     outs.swap_remove(g.output)
-}
-
-/// Σ_i weight(i, row) · x_i per row, the k inputs of width d side by side in `x`.
-fn combine_rows(x: &[f32], m: usize, k: usize, d: usize, weight: impl Fn(usize, usize) -> f32) -> Vec<f32> {
-    let mut y = vec![0f32; m * d];
-    for r in 0..m {
-        let out = &mut y[r * d..(r + 1) * d];
-        for i in 0..k {
-            let wi = weight(i, r);
-            let xi = &x[(r * k + i) * d..(r * k + i + 1) * d];
-            for (o, v) in out.iter_mut().zip(xi) {
-                *o += wi * v;
-            }
-        }
-    }
-    y
-}
-
-/// Numerically stable softmax of `s` into `out`.
-fn softmax(s: &[f32], out: &mut [f32]) {
-    let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f64;
-    for (o, &v) in out.iter_mut().zip(s) {
-        *o = (v - max).exp();
-        sum += *o as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    out.iter_mut().for_each(|o| *o *= inv);
 }

@@ -85,6 +85,45 @@ pub struct TowerSpec {
     /// Pre-rank models: where each feature comes from (aligned with `features`); empty for
     /// towers.
     pub sources: Vec<Source>,
+    /// Sub-towers over feature subsets (empty: one stack over every feature), joined by
+    /// `fusion`; `hidden` then lists the head's hidden layers after the fusion.
+    pub branches: Vec<Branch>,
+    pub fusion: Fusion,
+}
+
+/// A sub-tower: its own features (indices into the tower's) and hidden layers, then a linear
+/// layer to the fusion's width.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Branch {
+    pub name: String,
+    pub features: Vec<usize>,
+    pub hidden: Vec<usize>,
+}
+
+/// How branches join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fusion {
+    /// Side by side, then the head's linear layer.
+    Concat,
+    Sum,
+    /// Learned scalar weights.
+    WeightedSum,
+    /// Learned attention weights per input (Que2Search's attention fusion).
+    Attention,
+    /// Parallel two-towers: k L2-normalised sub-vectors of `dim / k`, the user's weighted by
+    /// learned weights, side by side; the dot product is the weighted sum of the pairs' scores.
+    Parallel,
+}
+
+/// Dual augmented two-tower (Meituan): an id feature of each tower whose embedding (of width
+/// `dim`) is pulled toward the other tower's output for the positive pair, weighted by
+/// `lambda`, with the target's gradient stopped (the adaptive-mimic loss).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Augmented {
+    pub lambda: f32,
+    /// The feature indices of the augmented vectors in the user and item towers.
+    pub user: usize,
+    pub item: usize,
 }
 
 /// Which network a feature list describes.
@@ -129,6 +168,7 @@ pub struct Config {
     pub hard_per_row: usize,
     /// Dense layers keep their parameters (incremental updates train embeddings only).
     pub freeze_dense: bool,
+    pub augmented: Option<Augmented>,
 }
 
 pub const MAX_DIM: usize = 1024;
@@ -216,7 +256,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
     let user = side == Side::User;
     let v = v.ok_or_else(|| opt_err(path, "required key is missing"))?;
     let o = Obj::new(v, path)?;
-    o.allow(&["features", "hidden", "activation", "layer_norm", "batch_norm", "dropout", "shortcut", "senet"])?;
+    o.allow(&["features", "hidden", "activation", "layer_norm", "batch_norm", "dropout", "shortcut", "senet", "branches", "fusion"])?;
     let fs = o
         .get("features")
         .and_then(Value::as_array)
@@ -250,10 +290,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
         }
         let fo = Obj::new(f, &fpath)?;
         let name = fo.str("name", "")?;
-        if name.is_empty()
-            || name.len() > 63
-            || !name.bytes().enumerate().all(|(i, c)| c == b'_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
-        {
+        if !valid_name(name) {
             return Err(opt_err(fo.p("name"), format!("\"{name}\" is not a valid feature name ([A-Za-z_][A-Za-z0-9_]*, at most 63)")));
         }
         if features.iter().any(|x| x.name() == name) {
@@ -377,22 +414,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
         };
         features.push(spec);
     }
-    let hidden = match o.get("hidden") {
-        None => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| {
-                x.as_u64()
-                    .filter(|&n| (1..=MAX_HIDDEN as u64).contains(&n))
-                    .map(|n| n as usize)
-                    .ok_or_else(|| opt_err(o.p("hidden"), format!("widths must be integers 1..{MAX_HIDDEN}, got {x}")))
-            })
-            .collect::<Result<_>>()?,
-        Some(v) => return Err(opt_err(o.p("hidden"), format!("must be an array of widths, got {v}"))),
-    };
-    if hidden.len() > 16 {
-        return Err(opt_err(o.p("hidden"), "at most 16 hidden layers"));
-    }
+    let hidden = widths(&o, "hidden")?;
     let activation = match o.str("activation", "relu")? {
         "relu" => Activation::Relu,
         "gelu" => Activation::Gelu,
@@ -415,8 +437,16 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
             .collect::<Result<_>>()?,
         Some(v) => return Err(opt_err(o.p("shortcut"), format!("must be an array of feature names, got {v}"))),
     };
+    let (branches, fusion) = branches(&o, &features, side)?;
+    if !branches.is_empty() && !shortcut.is_empty() {
+        return Err(opt_err(o.p("shortcut"), "a tower with branches has no shortcut: list the features among a branch's features"));
+    }
+    if fusion == Fusion::Parallel && !hidden.is_empty() {
+        return Err(opt_err(o.p("hidden"), "a parallel tower has no head: give each branch its hidden layers"));
+    }
+    let any_hidden = !hidden.is_empty() || branches.iter().any(|b| !b.hidden.is_empty());
     let dropout = o.num("dropout", 0.0, 0.0, 0.95)? as f32;
-    if dropout > 0.0 && hidden.is_empty() {
+    if dropout > 0.0 && !any_hidden {
         return Err(opt_err(o.p("dropout"), "applies after hidden layers: give \"hidden\" too"));
     }
     let layer_norm = o.bool("layer_norm", false)?;
@@ -424,7 +454,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
     if layer_norm && batch_norm {
         return Err(opt_err(o.p("batch_norm"), "give \"layer_norm\" or \"batch_norm\", not both"));
     }
-    if batch_norm && hidden.is_empty() {
+    if batch_norm && !any_hidden {
         return Err(opt_err(o.p("batch_norm"), "applies after hidden layers: give \"hidden\" too"));
     }
     let senet = o.uint("senet", 0, 0, 1024)?;
@@ -441,7 +471,102 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
         senet,
         batch_norm,
         sources,
+        branches,
+        fusion,
     })
+}
+
+pub const MAX_BRANCHES: usize = 8;
+
+/// A tower's `branches` and `fusion`.
+fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch>, Fusion)> {
+    let fusion = match o.str("fusion", "attention")? {
+        "concat" => Fusion::Concat,
+        "sum" => Fusion::Sum,
+        "weighted_sum" => Fusion::WeightedSum,
+        "attention" => Fusion::Attention,
+        "parallel" if side != Side::Prerank => Fusion::Parallel,
+        other => {
+            return Err(opt_err(o.p("fusion"), format!("must be \"concat\", \"sum\", \"weighted_sum\", \"attention\" or \"parallel\", got \"{other}\"")))
+        }
+    };
+    let Some(v) = o.get("branches") else {
+        if o.get("fusion").is_some() {
+            return Err(opt_err(o.p("fusion"), "joins branches: give \"branches\" too"));
+        }
+        return Ok((Vec::new(), fusion));
+    };
+    if side == Side::Prerank {
+        return Err(opt_err(o.p("branches"), "a pre-rank model is one stack"));
+    }
+    let arr = match v {
+        Value::Array(a) if (2..=MAX_BRANCHES).contains(&a.len()) => a,
+        _ => return Err(opt_err(o.p("branches"), format!("must be an array of 2 to {MAX_BRANCHES} branch objects"))),
+    };
+    let mut out: Vec<Branch> = Vec::with_capacity(arr.len());
+    for (i, b) in arr.iter().enumerate() {
+        let bp = format!("{}[{i}]", o.p("branches"));
+        let bo = Obj::new(b, &bp)?;
+        bo.allow(&["name", "features", "hidden"])?;
+        let name = bo.str("name", "")?;
+        if !valid_name(name) {
+            return Err(opt_err(bo.p("name"), format!("\"{name}\" is not a valid branch name ([A-Za-z_][A-Za-z0-9_]*, at most 63)")));
+        }
+        if features.iter().any(|f| f.name() == name) || out.iter().any(|x| x.name == name) || ["fusion", "head"].contains(&name) {
+            return Err(opt_err(bo.p("name"), format!("\"{name}\" is taken (by a feature, another branch, or the \"fusion\" and \"head\" nodes)")));
+        }
+        let fs: Vec<usize> = match bo.get("features") {
+            None => (0..features.len()).collect(),
+            Some(Value::Array(a)) if !a.is_empty() => {
+                let mut idx = Vec::with_capacity(a.len());
+                for x in a {
+                    let n = x.as_str().unwrap_or_default();
+                    let Some(k) = features.iter().position(|f| f.name() == n) else {
+                        return Err(opt_err(bo.p("features"), format!("{x} is not a feature of this tower")));
+                    };
+                    if idx.contains(&k) {
+                        return Err(opt_err(bo.p("features"), format!("{x} is listed twice")));
+                    }
+                    idx.push(k);
+                }
+                idx
+            }
+            Some(v) => return Err(opt_err(bo.p("features"), format!("must be a non-empty array of feature names, got {v}"))),
+        };
+        let hidden = widths(&bo, "hidden")?;
+        out.push(Branch { name: name.to_owned(), features: fs, hidden });
+    }
+    if let Some(f) = features.iter().enumerate().find(|(i, _)| !out.iter().any(|b| b.features.contains(i))) {
+        return Err(opt_err(o.p("branches"), format!("feature \"{}\" is in no branch", f.1.name())));
+    }
+    Ok((out, fusion))
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().enumerate().all(|(i, c)| c == b'_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+}
+
+/// An array of hidden widths under `k` (absent: none).
+fn widths(o: &Obj, k: &str) -> Result<Vec<usize>> {
+    let w: Vec<usize> = match o.get(k) {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .filter(|&n| (1..=MAX_HIDDEN as u64).contains(&n))
+                    .map(|n| n as usize)
+                    .ok_or_else(|| opt_err(o.p(k), format!("widths must be integers 1..{MAX_HIDDEN}, got {x}")))
+            })
+            .collect::<Result<_>>()?,
+        Some(v) => return Err(opt_err(o.p(k), format!("must be an array of widths, got {v}"))),
+    };
+    if w.len() > 16 {
+        return Err(opt_err(o.p(k), "at most 16 hidden layers"));
+    }
+    Ok(w)
 }
 
 impl Config {
@@ -467,7 +592,7 @@ impl Config {
             "dim", "user", "item", "min_count", "max_vocab", "loss", "negatives", "temperature",
             "margin", "logq", "in_batch", "lr", "weight_decay", "sparse_optimizer", "sparse_lr",
             "ftrl_l1", "ftrl_l2", "ftrl_beta", "batch_size", "epochs", "patience", "seed",
-            "threads", "k", "subsample", "init_std", "validation", "hard_ratio", "hard_per_row", "freeze_dense",
+            "threads", "k", "subsample", "init_std", "validation", "hard_ratio", "hard_per_row", "freeze_dense", "dual_augmented",
         ])?;
         let dim = o.uint("dim", 32, 1, MAX_DIM)?;
         let user = tower(o.get("user"), "user", dim, Side::User)?;
@@ -523,7 +648,37 @@ impl Config {
         {
             return Err(opt_err("ftrl_l1", "the ftrl_* options need \"sparse_optimizer\": \"ftrl\""));
         }
+        if (user.fusion == Fusion::Parallel) != (item.fusion == Fusion::Parallel) && (!user.branches.is_empty() || !item.branches.is_empty()) {
+            let side = if user.fusion == Fusion::Parallel { "item" } else { "user" };
+            return Err(opt_err(format!("{side}.fusion"), "parallel two-towers need \"fusion\": \"parallel\" in both towers"));
+        }
+        if user.fusion == Fusion::Parallel && !user.branches.is_empty() {
+            let k = user.branches.len();
+            if item.branches.len() != k {
+                return Err(opt_err("item.branches", format!("parallel two-towers pair the branches: the user tower has {k}, the item tower {}", item.branches.len())));
+            }
+            if dim % k != 0 {
+                return Err(opt_err("dim", format!("parallel two-towers split dim into {k} equal sub-vectors: {dim} is not a multiple of {k}")));
+            }
+        }
+        let augmented = match o.get("dual_augmented") {
+            None => None,
+            Some(v) => {
+                let a = Obj::new(v, "dual_augmented")?;
+                a.allow(&["user", "item", "lambda"])?;
+                let pick = |side: &str, t: &TowerSpec| -> Result<usize> {
+                    let name = a.str(side, "")?;
+                    match t.features.iter().position(|f| f.name() == name) {
+                        Some(i) if matches!(t.features[i], FeatureSpec::Categorical { dim: d, .. } if d == dim) => Ok(i),
+                        Some(_) => Err(opt_err(a.p(side), format!("\"{name}\" must be a categorical feature of width dim ({dim}): its embedding is the augmented vector"))),
+                        None => Err(opt_err(a.p(side), format!("must name a categorical feature of the {side} tower (its id), got \"{name}\""))),
+                    }
+                };
+                Some(Augmented { lambda: a.num("lambda", 0.5, 0.0, 100.0)? as f32, user: pick("user", &user)?, item: pick("item", &item)? })
+            }
+        };
         let cfg = Config {
+            augmented,
             dim,
             user,
             item,

@@ -187,3 +187,26 @@ pub(crate) fn softplus(z: f64) -> f64 {
         z.exp().ln_1p()
     }
 }
+
+/// The adaptive-mimic loss of the dual augmented two-tower (Meituan): each row's augmented
+/// vector `a` (an id embedding) is pulled toward `target` (the other tower's output for the
+/// row's positive pair, a constant: its gradient is stopped), `λ · Σᵢ w̄ᵢ · ‖aᵢ − targetᵢ‖²`
+/// with the row weights normalised as the main loss's. Rows without an augmented vector
+/// (`None`) add nothing. Returns the loss and `dL/da` per row (zeros for `None`).
+pub fn mimic(a: &[Option<&[f32]>], target: &[f32], d: usize, weights: &[f32], lambda: f32) -> (f64, Vec<f32>) {
+    let wsum: f64 = weights.iter().map(|&w| w as f64).sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut total = 0f64;
+    let mut da = vec![0f32; a.len() * d];
+    for (i, ai) in a.iter().enumerate() {
+        let Some(ai) = ai else { continue };
+        let wi = lambda as f64 * weights[i] as f64 / wsum;
+        let t = &target[i * d..(i + 1) * d];
+        let out = &mut da[i * d..(i + 1) * d];
+        for j in 0..d {
+            let diff = ai[j] as f64 - t[j] as f64;
+            total += wi * diff * diff;
+            out[j] = (2.0 * wi * diff) as f32;
+        }
+    }
+    (total, da)
+}

@@ -2,10 +2,10 @@
 //! spec (the tower crate's format, so a trained model is an ordinary model version), initial
 //! parameters, and the export (spec + safetensors) of trained parameters.
 
-use crate::config::{Bucketing, Decay, FeatureSpec, NumTransform, TowerSpec};
+use crate::config::{Bucketing, Decay, FeatureSpec, Fusion, NumTransform, TowerSpec};
 use crate::data::vocabulary;
 use crate::error::{Result, TrainError};
-use crate::net::{FieldKind, Layer, Pooling, Senet, Table, Tower};
+use crate::net::{Combine, FieldKind, Layer, Node, NodeInput, NodeOp, Pooling, Senet, Table, Tower};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
@@ -196,8 +196,6 @@ fn plan_with(
             FieldKind::Value { width } => *width,
         })
         .sum();
-    let mut layers = Vec::new();
-    let mut layer_specs = Vec::new();
     let mut dense_tensors = Vec::new();
     let mut stat_tensors = Vec::new();
     let senet = (spec.senet > 0).then(|| {
@@ -212,93 +210,204 @@ fn plan_with(
         }
         s
     });
-    let mut widths: Vec<usize> = spec.hidden.clone();
-    // Without hidden layers a tower whose fields are already `dim` wide is used as it is (an
-    // id-only tower is matrix factorisation); otherwise a last linear layer maps to `dim`.
-    if prerank || !(spec.hidden.is_empty() && width == dim && spec.shortcut.is_empty()) {
-        widths.push(dim);
-    }
-    let last = widths.len();
     let field_width = |i: usize| match &fields[i] {
         FieldKind::Embed { table } | FieldKind::Pool { table, .. } => tables[*table].dim,
         FieldKind::Value { width } => *width,
     };
-    for (i, &n_out) in widths.iter().enumerate() {
-        if i + 1 == last && !spec.shortcut.is_empty() {
-            // Raw fields of the named features join h before the last linear layer.
-            let idx: Vec<usize> = spec
-                .shortcut
-                .iter()
-                .filter_map(|n| spec.features.iter().position(|f| f.name() == n))
-                .collect();
-            width += idx.iter().map(|&f| field_width(f)).sum::<usize>();
-            layer_specs.push(json!({"type": "shortcut", "fields": spec.shortcut}));
-            layers.push(Layer::Shortcut { fields: idx });
+    let mut out = Stacks { spec, rng, dense_tensors: &mut dense_tensors, stat_tensors: &mut stat_tensors };
+    let mut layers = Vec::new();
+    let mut layer_specs = Vec::new();
+    let mut graph = Vec::new();
+    let mut graph_specs = Vec::new();
+    if spec.branches.is_empty() {
+        let mut widths: Vec<usize> = spec.hidden.clone();
+        // Without hidden layers a tower whose fields are already `dim` wide is used as it is (an
+        // id-only tower is matrix factorisation); otherwise a last linear layer maps to `dim`.
+        if prerank || !(spec.hidden.is_empty() && width == dim && spec.shortcut.is_empty()) {
+            widths.push(dim);
         }
-        let bound = 1.0 / (width as f32).sqrt();
-        let w: Vec<f32> = (0..n_out * width).map(|_| rng.gen_range(-bound..bound)).collect();
-        let b: Vec<f32> = (0..n_out).map(|_| rng.gen_range(-bound..bound)).collect();
-        let (wn, bn) = (format!("mlp.{i}.weight"), format!("mlp.{i}.bias"));
-        layer_specs.push(json!({"type": "linear", "weight": wn, "bias": bn}));
-        dense_tensors.push((wn, vec![n_out, width]));
-        dense_tensors.push((bn, vec![n_out]));
-        layers.push(Layer::Linear { w, b, n_in: width, n_out });
-        width = n_out;
-        if i + 1 < last {
-            if spec.layer_norm {
-                let (gn, bn) = (format!("ln.{i}.weight"), format!("ln.{i}.bias"));
-                layer_specs.push(json!({"type": "layernorm", "weight": gn, "bias": bn, "eps": 1e-5}));
-                dense_tensors.push((gn, vec![width]));
-                dense_tensors.push((bn, vec![width]));
-                layers.push(Layer::LayerNorm { g: vec![1.0; width], b: vec![0.0; width], eps: 1e-5 });
+        // Raw fields of the shortcut's features join h before the last linear layer.
+        let idx: Vec<usize> = spec
+            .shortcut
+            .iter()
+            .filter_map(|n| spec.features.iter().position(|f| f.name() == n))
+            .collect();
+        let extra = idx.iter().map(|&f| field_width(f)).sum::<usize>();
+        let shortcut = (!idx.is_empty()).then(|| (Layer::Shortcut { fields: idx }, extra, json!({"type": "shortcut", "fields": spec.shortcut})));
+        (layers, layer_specs, width) = out.mlp("", width, &widths, shortcut);
+        // A pre-rank model's output is a score (a logit), not a vector to normalise.
+        if !prerank {
+            layer_specs.push(json!({"type": "l2_normalize"}));
+            layers.push(Layer::L2Normalize);
+        }
+    } else {
+        let k = spec.branches.len();
+        let parallel = spec.fusion == Fusion::Parallel;
+        let bw = if parallel { dim / k } else { dim };
+        for b in &spec.branches {
+            let in_width: usize = b.features.iter().map(|&f| field_width(f)).sum();
+            let mut widths = b.hidden.clone();
+            widths.push(bw);
+            let (mut ls, mut specs, _) = out.mlp(&format!("{}.", b.name), in_width, &widths, None);
+            if parallel {
+                ls.push(Layer::L2Normalize);
+                specs.push(json!({"type": "l2_normalize"}));
             }
-            if spec.batch_norm {
-                let n = |k: &str| format!("bn.{i}.{k}");
-                layer_specs.push(json!({"type": "batchnorm", "weight": n("weight"), "bias": n("bias"),
-                    "running_mean": n("running_mean"), "running_var": n("running_var"), "eps": 1e-5}));
-                dense_tensors.push((n("weight"), vec![width]));
-                dense_tensors.push((n("bias"), vec![width]));
-                stat_tensors.push((n("running_mean"), n("running_var")));
-                layers.push(Layer::BatchNorm {
-                    g: vec![1.0; width],
-                    b: vec![0.0; width],
-                    running_mean: vec![0.0; width],
-                    running_var: vec![1.0; width],
-                    eps: 1e-5,
-                    momentum: 0.1,
-                });
+            let names: Vec<&str> = b.features.iter().map(|&f| spec.features[f].name()).collect();
+            graph_specs.push(json!({"name": b.name, "inputs": names, "layers": specs}));
+            graph.push(Node { name: b.name.clone(), inputs: b.features.iter().map(|&f| NodeInput::Field(f)).collect(), op: NodeOp::Stack(ls) });
+        }
+        let names: Vec<&str> = spec.branches.iter().map(|b| b.name.as_str()).collect();
+        let mut fusion = json!({"name": "fusion", "inputs": names});
+        let (combine, fused) = match spec.fusion {
+            Fusion::Concat => (Combine::Concat, k * bw),
+            Fusion::Sum => (Combine::Sum, bw),
+            Fusion::WeightedSum => (Combine::WeightedSum { w: vec![1.0; k] }, bw),
+            Fusion::Parallel if kind == "user" => (Combine::WeightedConcat { w: vec![1.0; k] }, k * bw),
+            Fusion::Parallel => (Combine::Concat, k * bw),
+            Fusion::Attention => {
+                let bound = 1.0 / ((k * bw) as f32).sqrt();
+                let w = (0..k * k * bw).map(|_| out.rng.gen_range(-bound..bound)).collect();
+                (Combine::Attention { w, b: vec![0.0; k] }, bw)
             }
-            layer_specs.push(json!({"type": act_name(spec.activation)}));
-            layers.push(Layer::Act(spec.activation));
-            if spec.dropout > 0.0 {
-                layer_specs.push(json!({"type": "dropout", "p": spec.dropout}));
-                layers.push(Layer::Dropout { p: spec.dropout });
+        };
+        let kind_name = match combine {
+            Combine::Concat => "concat",
+            Combine::Sum => "sum",
+            Combine::WeightedSum { .. } => "weighted_sum",
+            Combine::WeightedConcat { .. } => "weighted_concat",
+            Combine::Attention { .. } => "attention",
+        };
+        fusion["combine"] = json!(kind_name);
+        match &combine {
+            Combine::WeightedSum { .. } | Combine::WeightedConcat { .. } => {
+                fusion["weight"] = json!("fusion.weight");
+                out.dense_tensors.push(("fusion.weight".into(), vec![k]));
             }
+            Combine::Attention { .. } => {
+                fusion["weight"] = json!("fusion.weight");
+                fusion["bias"] = json!("fusion.bias");
+                out.dense_tensors.push(("fusion.weight".into(), vec![k, k * bw]));
+                out.dense_tensors.push(("fusion.bias".into(), vec![k]));
+            }
+            Combine::Concat | Combine::Sum => {}
+        }
+        graph_specs.push(fusion);
+        graph.push(Node { name: "fusion".into(), inputs: (0..k).map(NodeInput::Node).collect(), op: NodeOp::Combine(combine) });
+        width = fused;
+        if !parallel {
+            // The head: hidden layers after the fusion, a linear layer to `dim` when the fusion
+            // is not `dim` wide or hidden layers came before, then the normalisation.
+            let mut widths = spec.hidden.clone();
+            if fused != dim || !widths.is_empty() {
+                widths.push(dim);
+            }
+            let (mut ls, mut specs, w) = out.mlp("head.", width, &widths, None);
+            width = w;
+            ls.push(Layer::L2Normalize);
+            specs.push(json!({"type": "l2_normalize"}));
+            graph_specs.push(json!({"name": "head", "inputs": ["fusion"], "layers": specs}));
+            graph.push(Node { name: "head".into(), inputs: vec![NodeInput::Node(k)], op: NodeOp::Stack(ls) });
         }
     }
-    // A pre-rank model's output is a score (a logit), not a vector to normalise.
-    if !prerank {
-        layer_specs.push(json!({"type": "l2_normalize"}));
-        layers.push(Layer::L2Normalize);
-    }
+    debug_assert_eq!(width, dim);
+    let parallel = spec.fusion == Fusion::Parallel && !spec.branches.is_empty();
+    let has_senet = senet.is_some();
     let mut spec = json!({
         "format": "pg_twotower.tower",
         "spec_version": 1,
         "kind": kind,
         "features": features,
-        "layers": layer_specs,
-        "output": if prerank { json!({"dim": 1}) } else { json!({"dim": dim, "metric": "cosine"}) },
+        "output": if prerank { json!({"dim": 1}) } else { json!({"dim": dim, "metric": if parallel { "ip" } else { "cosine" }}) },
     });
-    if senet.is_some() {
+    if graph.is_empty() {
+        spec["layers"] = json!(layer_specs);
+    } else {
+        spec["graph"] = json!(graph_specs);
+        spec["output"]["node"] = json!(graph.last().map(|n| n.name.clone()));
+    }
+    if has_senet {
         spec["senet"] = json!({"w1": "senet.fc1.weight", "b1": "senet.fc1.bias", "w2": "senet.fc2.weight", "b2": "senet.fc2.bias"});
     }
     Ok(Plan {
-        tower: Tower { fields, tables, senet, layers },
+        tower: Tower { fields, tables, senet, layers, graph },
         spec,
         table_tensors,
         dense_tensors,
         stat_tensors,
     })
+}
+
+/// Builds layer stacks with fresh parameters, naming their tensors.
+struct Stacks<'a, 'r> {
+    spec: &'a TowerSpec,
+    rng: &'r mut ChaCha8Rng,
+    dense_tensors: &'a mut Vec<(String, Vec<usize>)>,
+    stat_tensors: &'a mut Vec<(String, String)>,
+}
+
+impl Stacks<'_, '_> {
+    /// Linear layers of `widths` from `width` (each but the last followed by the tower's
+    /// normalisation, activation and dropout), the shortcut (its layer, extra width and spec)
+    /// before the last one; tensors `{prefix}mlp.{i}.weight` and so on. Returns the layers,
+    /// their specs and the output width.
+    fn mlp(&mut self, prefix: &str, mut width: usize, widths: &[usize], shortcut: Option<(Layer, usize, Value)>) -> (Vec<Layer>, Vec<Value>, usize) {
+        let spec = self.spec;
+        let mut layers = Vec::new();
+        let mut layer_specs = Vec::new();
+        let mut shortcut = shortcut;
+        let last = widths.len();
+        for (i, &n_out) in widths.iter().enumerate() {
+            if i + 1 == last {
+                if let Some((layer, extra, js)) = shortcut.take() {
+                    width += extra;
+                    layer_specs.push(js);
+                    layers.push(layer);
+                }
+            }
+            let bound = 1.0 / (width as f32).sqrt();
+            let w: Vec<f32> = (0..n_out * width).map(|_| self.rng.gen_range(-bound..bound)).collect();
+            let b: Vec<f32> = (0..n_out).map(|_| self.rng.gen_range(-bound..bound)).collect();
+            let (wn, bn) = (format!("{prefix}mlp.{i}.weight"), format!("{prefix}mlp.{i}.bias"));
+            layer_specs.push(json!({"type": "linear", "weight": wn, "bias": bn}));
+            self.dense_tensors.push((wn, vec![n_out, width]));
+            self.dense_tensors.push((bn, vec![n_out]));
+            layers.push(Layer::Linear { w, b, n_in: width, n_out });
+            width = n_out;
+            if i + 1 < last {
+                if spec.layer_norm {
+                    let (gn, bn) = (format!("{prefix}ln.{i}.weight"), format!("{prefix}ln.{i}.bias"));
+                    layer_specs.push(json!({"type": "layernorm", "weight": gn, "bias": bn, "eps": 1e-5}));
+                    self.dense_tensors.push((gn, vec![width]));
+                    self.dense_tensors.push((bn, vec![width]));
+                    layers.push(Layer::LayerNorm { g: vec![1.0; width], b: vec![0.0; width], eps: 1e-5 });
+                }
+                if spec.batch_norm {
+                    let n = |k: &str| format!("{prefix}bn.{i}.{k}");
+                    layer_specs.push(json!({"type": "batchnorm", "weight": n("weight"), "bias": n("bias"),
+                        "running_mean": n("running_mean"), "running_var": n("running_var"), "eps": 1e-5}));
+                    self.dense_tensors.push((n("weight"), vec![width]));
+                    self.dense_tensors.push((n("bias"), vec![width]));
+                    self.stat_tensors.push((n("running_mean"), n("running_var")));
+                    layers.push(Layer::BatchNorm {
+                        g: vec![1.0; width],
+                        b: vec![0.0; width],
+                        running_mean: vec![0.0; width],
+                        running_var: vec![1.0; width],
+                        eps: 1e-5,
+                        momentum: 0.1,
+                    });
+                }
+                layer_specs.push(json!({"type": act_name(spec.activation)}));
+                layers.push(Layer::Act(spec.activation));
+                if spec.dropout > 0.0 {
+                    layer_specs.push(json!({"type": "dropout", "p": spec.dropout}));
+                    layers.push(Layer::Dropout { p: spec.dropout });
+                }
+            }
+        }
+        (layers, layer_specs, width)
+    }
 }
 
 /// At most `buckets - 1` boundaries splitting the weighted `values` into about equal shares:

@@ -86,7 +86,46 @@ pub struct Tower {
     pub fields: Vec<FieldKind>,
     pub tables: Vec<Table>,
     pub senet: Option<Senet>,
+    /// One stack over every field; empty when the tower is a graph.
     pub layers: Vec<Layer>,
+    /// A graph of nodes over the fields (after SENet), in an order where every input comes
+    /// before its node; the last node is the output. Empty for a one-stack tower.
+    pub graph: Vec<Node>,
+}
+
+/// Where a graph node reads one of its inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeInput {
+    /// A field (after SENet).
+    Field(usize),
+    /// An earlier node's output.
+    Node(usize),
+}
+
+/// How a combine node joins its inputs (as the tower crate's graph serves them).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Combine {
+    Concat,
+    Sum,
+    /// Σ wᵢ·xᵢ.
+    WeightedSum { w: Vec<f32> },
+    /// [w₁·x₁; …; w_k·x_k].
+    WeightedConcat { w: Vec<f32> },
+    /// α = softmax(W·[x₁; …; x_k] + b), output Σ αᵢ·xᵢ; `w` is `[k, k·d]`.
+    Attention { w: Vec<f32>, b: Vec<f32> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum NodeOp {
+    Stack(Vec<Layer>),
+    Combine(Combine),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub name: String,
+    pub inputs: Vec<NodeInput>,
+    pub op: NodeOp,
 }
 
 /// What SENet's backward pass needs of one row: the squeezed fields, the hidden layer after its
@@ -106,9 +145,8 @@ pub struct BnStats {
     pub var: Vec<f64>,
 }
 
-/// What the backward pass needs of a forward pass.
-pub struct Cache<'a> {
-    xs: Vec<&'a Encoded>,
+/// What the backward pass needs of one layer stack.
+struct StackCache {
     /// The input of every layer, then the output (`layers + 1` matrices of `m` rows).
     acts: Vec<Vec<f32>>,
     widths: Vec<usize>,
@@ -116,9 +154,34 @@ pub struct Cache<'a> {
     masks: Vec<Option<Vec<f32>>>,
     /// Per BatchNorm layer in a training pass: the batch statistics it normalised with.
     bn: Vec<Option<BnStats>>,
+}
+
+enum NodeCache {
+    Stack(StackCache),
+    /// A combine node: its inputs side by side (`m × in_width`), its output, and per row the
+    /// attention weights (attention only).
+    Combine { x: Vec<f32>, y: Vec<f32>, alphas: Vec<f32> },
+}
+
+impl NodeCache {
+    fn output(&self) -> &[f32] {
+        match self {
+            NodeCache::Stack(s) => s.acts.last().map_or(&[], |v| v.as_slice()),
+            NodeCache::Combine { y, .. } => y,
+        }
+    }
+}
+
+/// What the backward pass needs of a forward pass.
+pub struct Cache<'a> {
+    xs: Vec<&'a Encoded>,
     /// The raw gathered fields (before SENet) and SENet's per-row values.
     x0: Vec<f32>,
     senet: Vec<SenetRow>,
+    /// One entry for a one-stack tower (its layers), else one per graph node.
+    nodes: Vec<NodeCache>,
+    /// Per graph node, its input and output widths.
+    node_widths: Vec<(usize, usize)>,
 }
 
 impl Cache<'_> {
@@ -128,12 +191,19 @@ impl Cache<'_> {
 
     /// The output, `rows × dim` row-major.
     pub fn output(&self) -> &[f32] {
-        self.acts.last().map_or(&[], |v| v.as_slice())
+        self.nodes.last().map_or(&[], NodeCache::output)
     }
 
-    /// Per layer, the batch statistics of its BatchNorm in this training pass.
-    pub fn batch_stats(&self) -> &[Option<BnStats>] {
-        &self.bn
+    /// Per layer (in [`Tower::all_layers`] order), the batch statistics of its BatchNorm in
+    /// this training pass.
+    pub fn batch_stats(&self) -> Vec<Option<BnStats>> {
+        self.nodes
+            .iter()
+            .flat_map(|n| match n {
+                NodeCache::Stack(s) => s.bn.clone(),
+                NodeCache::Combine { .. } => Vec::new(),
+            })
+            .collect()
     }
 }
 
@@ -164,6 +234,31 @@ impl Grads {
     }
 }
 
+/// The fields' layout, which shortcuts and graph inputs read.
+struct Fields<'c> {
+    fw: &'c [usize],
+    offsets: &'c [usize],
+    w0: usize,
+    /// The raw gathered fields (shortcuts append them).
+    x0: &'c [f32],
+}
+
+fn layer_params(l: &Layer) -> usize {
+    match l {
+        Layer::Linear { .. } | Layer::LayerNorm { .. } | Layer::BatchNorm { .. } => 2,
+        Layer::Act(_) | Layer::L2Normalize | Layer::Dropout { .. } | Layer::Shortcut { .. } => 0,
+    }
+}
+
+fn node_params(n: &Node) -> usize {
+    match &n.op {
+        NodeOp::Stack(ls) => ls.iter().map(layer_params).sum(),
+        NodeOp::Combine(Combine::WeightedSum { .. } | Combine::WeightedConcat { .. }) => 1,
+        NodeOp::Combine(Combine::Attention { .. }) => 2,
+        NodeOp::Combine(Combine::Concat | Combine::Sum) => 0,
+    }
+}
+
 impl Tower {
     /// Width of each field, in order.
     pub fn field_widths(&self) -> Vec<usize> {
@@ -180,38 +275,72 @@ impl Tower {
         self.field_widths().iter().sum()
     }
 
+    /// Every layer: the one stack's, then each graph stack's in node order.
+    pub fn all_layers(&self) -> Vec<&Layer> {
+        let mut out: Vec<&Layer> = self.layers.iter().collect();
+        for n in &self.graph {
+            if let NodeOp::Stack(ls) = &n.op {
+                out.extend(ls.iter());
+            }
+        }
+        out
+    }
+
+    fn all_layers_mut(&mut self) -> Vec<&mut Layer> {
+        let mut out: Vec<&mut Layer> = self.layers.iter_mut().collect();
+        for n in &mut self.graph {
+            if let NodeOp::Stack(ls) = &mut n.op {
+                out.extend(ls.iter_mut());
+            }
+        }
+        out
+    }
+
     /// The dense parameters, in a fixed order (SENet: W1, b1, W2, b2; then per layer, Linear:
-    /// weight, bias; LayerNorm and BatchNorm: weight, bias). BatchNorm's running statistics are
-    /// not parameters (no gradient; a step moves them).
+    /// weight, bias; LayerNorm and BatchNorm: weight, bias; then per graph node, its stack's
+    /// layers as above, or its combine weight (and the attention's bias)). BatchNorm's running
+    /// statistics are not parameters (no gradient; a step moves them).
     pub fn dense_params(&self) -> Vec<&[f32]> {
-        let mut out = Vec::new();
+        let mut out: Vec<&[f32]> = Vec::new();
         if let Some(s) = &self.senet {
             out.extend([s.w1.as_slice(), s.b1.as_slice(), s.w2.as_slice(), s.b2.as_slice()]);
         }
-        for l in &self.layers {
-            match l {
-                Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } => {
-                    out.push(w.as_slice());
-                    out.push(b.as_slice());
-                }
-                Layer::Act(_) | Layer::L2Normalize | Layer::Dropout { .. } | Layer::Shortcut { .. } => {}
+        fn layer<'a>(l: &'a Layer, out: &mut Vec<&'a [f32]>) {
+            if let Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } = l {
+                out.push(w);
+                out.push(b);
+            }
+        }
+        self.layers.iter().for_each(|l| layer(l, &mut out));
+        for n in &self.graph {
+            match &n.op {
+                NodeOp::Stack(ls) => ls.iter().for_each(|l| layer(l, &mut out)),
+                NodeOp::Combine(Combine::WeightedSum { w } | Combine::WeightedConcat { w }) => out.push(w),
+                NodeOp::Combine(Combine::Attention { w, b }) => out.extend([w.as_slice(), b.as_slice()]),
+                NodeOp::Combine(Combine::Concat | Combine::Sum) => {}
             }
         }
         out
     }
 
     pub fn dense_params_mut(&mut self) -> Vec<&mut Vec<f32>> {
-        let mut out = Vec::new();
+        let mut out: Vec<&mut Vec<f32>> = Vec::new();
         if let Some(s) = &mut self.senet {
             out.extend([&mut s.w1, &mut s.b1, &mut s.w2, &mut s.b2]);
         }
-        for l in &mut self.layers {
-            match l {
-                Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } => {
-                    out.push(w);
-                    out.push(b);
-                }
-                Layer::Act(_) | Layer::L2Normalize | Layer::Dropout { .. } | Layer::Shortcut { .. } => {}
+        fn layer<'a>(l: &'a mut Layer, out: &mut Vec<&'a mut Vec<f32>>) {
+            if let Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } = l {
+                out.push(w);
+                out.push(b);
+            }
+        }
+        self.layers.iter_mut().for_each(|l| layer(l, &mut out));
+        for n in &mut self.graph {
+            match &mut n.op {
+                NodeOp::Stack(ls) => ls.iter_mut().for_each(|l| layer(l, &mut out)),
+                NodeOp::Combine(Combine::WeightedSum { w } | Combine::WeightedConcat { w }) => out.push(w),
+                NodeOp::Combine(Combine::Attention { w, b }) => out.extend([w, b]),
+                NodeOp::Combine(Combine::Concat | Combine::Sum) => {}
             }
         }
         out
@@ -219,8 +348,8 @@ impl Tower {
 
     /// Every BatchNorm layer's running mean and variance, in layer order.
     pub fn running_stats(&self) -> Vec<(&[f32], &[f32])> {
-        self.layers
-            .iter()
+        self.all_layers()
+            .into_iter()
             .filter_map(|l| match l {
                 Layer::BatchNorm { running_mean, running_var, .. } => Some((running_mean.as_slice(), running_var.as_slice())),
                 _ => None,
@@ -229,8 +358,8 @@ impl Tower {
     }
 
     pub fn running_stats_mut(&mut self) -> Vec<(&mut Vec<f32>, &mut Vec<f32>)> {
-        self.layers
-            .iter_mut()
+        self.all_layers_mut()
+            .into_iter()
             .filter_map(|l| match l {
                 Layer::BatchNorm { running_mean, running_var, .. } => Some((running_mean, running_var)),
                 _ => None,
@@ -239,10 +368,10 @@ impl Tower {
     }
 
     /// Moves every BatchNorm layer's running statistics toward the batch statistics of a
-    /// step's forward parts (`parts[p][layer]`, pooled over the parts): mean and unbiased
-    /// variance, by the layer's momentum.
+    /// step's forward parts (`parts[p][layer]`, layers in [`Tower::all_layers`] order, pooled
+    /// over the parts): mean and unbiased variance, by the layer's momentum.
     pub fn update_running_stats(&mut self, parts: &[Vec<Option<BnStats>>]) {
-        for (li, layer) in self.layers.iter_mut().enumerate() {
+        for (li, layer) in self.all_layers_mut().into_iter().enumerate() {
             let Layer::BatchNorm { running_mean, running_var, momentum, .. } = layer else { continue };
             let stats: Vec<&BnStats> = parts.iter().filter_map(|p| p.get(li).and_then(Option::as_ref)).collect();
             let n: usize = stats.iter().map(|s| s.rows).sum();
@@ -335,91 +464,48 @@ impl Tower {
     }
 
     fn forward_with<'a>(&self, xs: &[&'a Encoded], seed: Option<u64>) -> Cache<'a> {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let mut rng = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
-        let mut masks = vec![None; self.layers.len()];
-        let mut bn = vec![None; self.layers.len()];
-        let training = rng.is_some();
         let m = xs.len();
         let fw = self.field_widths();
         let w0: usize = fw.iter().sum();
-        let mut acts = Vec::with_capacity(self.layers.len() + 1);
-        let mut widths = Vec::with_capacity(self.layers.len() + 1);
+        let offsets = offsets_of(&fw);
         let x0 = self.gather(xs, &fw, w0);
         let mut h = x0.clone();
-        let offsets: Vec<usize> = fw.iter().scan(0, |o, w| {
-            let at = *o;
-            *o += w;
-            Some(at)
-        }).collect();
         let mut senet_rows = Vec::new();
         if let Some(s) = &self.senet {
             for row in h.chunks_exact_mut(w0.max(1)) {
                 senet_rows.push(senet_forward(s, &fw, &offsets, row));
             }
         }
-        let mut width = w0;
-        for (li, layer) in self.layers.iter().enumerate() {
-            let input = h.clone();
-            widths.push(width);
-            match layer {
-                Layer::Dropout { p } => {
-                    if let Some(rng) = rng.as_mut() {
-                        let keep = 1.0 - *p;
-                        let mask: Vec<f32> = (0..h.len())
-                            .map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 })
-                            .collect();
-                        h.iter_mut().zip(&mask).for_each(|(v, k)| *v *= k);
-                        masks[li] = Some(mask);
+        let f = Fields { fw: &fw, offsets: &offsets, w0, x0: &x0 };
+        let mut nodes = Vec::with_capacity(self.graph.len().max(1));
+        let mut node_widths: Vec<(usize, usize)> = Vec::with_capacity(self.graph.len());
+        if self.graph.is_empty() {
+            nodes.push(NodeCache::Stack(stack_forward(&self.layers, h, m, w0, &f, &mut rng)));
+        } else {
+            for node in &self.graph {
+                let ws = input_widths(&node.inputs, &fw, &node_widths);
+                let x = node_input(&node.inputs, &h, &nodes, &ws, m, &f);
+                let in_width: usize = ws.iter().sum();
+                let (cache, width) = match &node.op {
+                    NodeOp::Stack(ls) => {
+                        let sc = stack_forward(ls, x, m, in_width, &f, &mut rng);
+                        let width = sc.widths.last().copied().unwrap_or(in_width);
+                        (NodeCache::Stack(sc), width)
                     }
-                }
-                Layer::Shortcut { fields } => {
-                    let extra: usize = fields.iter().map(|&f| fw[f]).sum();
-                    let nw = width + extra;
-                    let mut next = Vec::with_capacity(m * nw);
-                    for r in 0..m {
-                        next.extend_from_slice(&h[r * width..(r + 1) * width]);
-                        for &f in fields {
-                            next.extend_from_slice(&x0[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]]);
-                        }
-                    }
-                    h = next;
-                    width = nw;
-                }
-                Layer::Linear { w, b, n_in, n_out } => {
-                    debug_assert_eq!(*n_in, width);
-                    h = layers::linear(&input, m, *n_in, w, Some(b), *n_out);
-                    width = *n_out;
-                }
-                Layer::Act(a) => layers::activate(*a, &mut h),
-                Layer::LayerNorm { g, b, eps } => layers::layer_norm(&mut h, width, g, b, *eps),
-                Layer::BatchNorm { g, b, running_mean, running_var, eps, .. } => {
-                    if training && m > 0 {
-                        let st = column_stats(&h, m, width);
-                        let mean: Vec<f32> = st.mean.iter().map(|&v| v as f32).collect();
-                        let inv: Vec<f32> = st.var.iter().map(|&v| (1.0 / (v + eps).sqrt()) as f32).collect();
-                        layers::batch_norm(&mut h, width, g, b, &mean, &inv);
-                        bn[li] = Some(st);
-                    } else {
-                        // The serving form: 1/√(running_var + eps) in f64, as the tower crate loads it.
-                        let inv: Vec<f32> = running_var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
-                        layers::batch_norm(&mut h, width, g, b, running_mean, &inv);
-                    }
-                }
-                Layer::L2Normalize => layers::l2_normalize(&mut h, width),
+                    NodeOp::Combine(c) => combine_forward(c, &ws, x, m),
+                };
+                nodes.push(cache);
+                node_widths.push((in_width, width));
             }
-            acts.push(input);
         }
-        widths.push(width);
-        acts.push(h);
         Cache {
             xs: xs.to_vec(),
-            acts,
-            widths,
-            masks,
-            bn,
             x0,
             senet: senet_rows,
+            nodes,
+            node_widths,
         }
     }
 
@@ -427,145 +513,21 @@ impl Tower {
     pub fn backward(&self, cache: &Cache, dout: &[f32]) -> Grads {
         let m = cache.rows();
         let mut grads = self.zero_grads();
-        let mut dh = dout.to_vec();
-        let mut pi = self.dense_params().len();
         let fw = self.field_widths();
         let w0: usize = fw.iter().sum();
-        let offsets: Vec<usize> = fw.iter().scan(0, |o, w| {
-            let at = *o;
-            *o += w;
-            Some(at)
-        }).collect();
+        let offsets = offsets_of(&fw);
+        let f = Fields { fw: &fw, offsets: &offsets, w0, x0: &cache.x0 };
         // Gradients that shortcuts send straight to the raw fields.
         let mut dx0_extra: Option<Vec<f32>> = None;
-        for (l, layer) in self.layers.iter().enumerate().rev() {
-            let x = &cache.acts[l];
-            let y = &cache.acts[l + 1];
-            let width = cache.widths[l];
-            match layer {
-                Layer::Linear { w, n_in, n_out, .. } => {
-                    pi -= 2;
-                    let dy = ArrayView2::from_shape((m, *n_out), &dh).expect("dy shape");
-                    let xv = ArrayView2::from_shape((m, *n_in), x).expect("x shape");
-                    let wv = ArrayView2::from_shape((*n_out, *n_in), w).expect("w shape");
-                    let dw = dy.t().dot(&xv);
-                    grads.dense[pi]
-                        .iter_mut()
-                        .zip(dw.iter())
-                        .for_each(|(g, d)| *g += d);
-                    let db = dy.sum_axis(Axis(0));
-                    grads.dense[pi + 1]
-                        .iter_mut()
-                        .zip(db.iter())
-                        .for_each(|(g, d)| *g += d);
-                    dh = dy.dot(&wv).into_raw_vec_and_offset().0;
-                }
-                Layer::Act(a) => {
-                    for ((d, &xi), &yi) in dh.iter_mut().zip(x).zip(y) {
-                        *d *= act_grad(*a, xi, yi);
-                    }
-                }
-                Layer::Dropout { .. } => {
-                    if let Some(mask) = &cache.masks[l] {
-                        dh.iter_mut().zip(mask).for_each(|(d, k)| *d *= k);
-                    }
-                }
-                Layer::Shortcut { fields } => {
-                    let nw = cache.widths[l + 1];
-                    let mut down = Vec::with_capacity(m * width);
-                    let extra = dx0_extra.get_or_insert_with(|| vec![0f32; m * w0]);
-                    for r in 0..m {
-                        let row = &dh[r * nw..(r + 1) * nw];
-                        down.extend_from_slice(&row[..width]);
-                        let mut at = width;
-                        for &f in fields {
-                            let dst = &mut extra[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]];
-                            dst.iter_mut().zip(&row[at..at + fw[f]]).for_each(|(a, b)| *a += b);
-                            at += fw[f];
-                        }
-                    }
-                    dh = down;
-                }
-                Layer::LayerNorm { g, eps, .. } => {
-                    pi -= 2;
-                    let n = width as f64;
-                    for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
-                        let xr = &x[r * width..(r + 1) * width];
-                        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
-                        let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-                        let inv = 1.0 / (var + eps).sqrt();
-                        let xhat: Vec<f64> = xr.iter().map(|&v| (v as f64 - mean) * inv).collect();
-                        let mut dxhat = vec![0f64; width];
-                        for j in 0..width {
-                            grads.dense[pi][j] += drow[j] * xhat[j] as f32;
-                            grads.dense[pi + 1][j] += drow[j];
-                            dxhat[j] = drow[j] as f64 * g[j] as f64;
-                        }
-                        let s1: f64 = dxhat.iter().sum();
-                        let s2: f64 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum();
-                        for j in 0..width {
-                            drow[j] = (inv / n * (n * dxhat[j] - s1 - xhat[j] * s2)) as f32;
-                        }
-                    }
-                }
-                Layer::BatchNorm { g, running_mean, running_var, eps, .. } => {
-                    pi -= 2;
-                    match &cache.bn[l] {
-                        Some(st) => {
-                            // Training: the statistics depend on every row of the part.
-                            let n = m as f64;
-                            for j in 0..width {
-                                let inv = 1.0 / (st.var[j] + eps).sqrt();
-                                let (mut s1, mut s2) = (0f64, 0f64);
-                                for r in 0..m {
-                                    let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
-                                    let dy = dh[r * width + j] as f64;
-                                    grads.dense[pi][j] += (dy * xhat) as f32;
-                                    grads.dense[pi + 1][j] += dy as f32;
-                                    s1 += dy * g[j] as f64;
-                                    s2 += dy * g[j] as f64 * xhat;
-                                }
-                                for r in 0..m {
-                                    let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
-                                    let dxhat = dh[r * width + j] as f64 * g[j] as f64;
-                                    dh[r * width + j] = (inv / n * (n * dxhat - s1 - xhat * s2)) as f32;
-                                }
-                            }
-                        }
-                        None => {
-                            // Inference: an affine map with the running statistics.
-                            for r in 0..m {
-                                for j in 0..width {
-                                    let inv = 1.0 / (running_var[j] as f64 + eps).sqrt();
-                                    let xhat = (x[r * width + j] as f64 - running_mean[j] as f64) * inv;
-                                    let dy = dh[r * width + j];
-                                    grads.dense[pi][j] += dy * xhat as f32;
-                                    grads.dense[pi + 1][j] += dy;
-                                    dh[r * width + j] = (dy as f64 * g[j] as f64 * inv) as f32;
-                                }
-                            }
-                        }
-                    }
-                }
-                Layer::L2Normalize => {
-                    for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
-                        let xr = &x[r * width..(r + 1) * width];
-                        let yr = &y[r * width..(r + 1) * width];
-                        let norm = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-                        if norm == 0.0 {
-                            drow.iter_mut().for_each(|d| *d = 0.0);
-                            continue;
-                        }
-                        let yd: f64 = yr.iter().zip(drow.iter()).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        for (d, &yi) in drow.iter_mut().zip(yr) {
-                            *d = ((*d as f64 - yi as f64 * yd) / norm) as f32;
-                        }
-                    }
-                }
+        let first = if self.senet.is_some() { 4 } else { 0 };
+        let mut dh = match cache.nodes.first() {
+            Some(NodeCache::Stack(sc)) if self.graph.is_empty() => {
+                let end = first + self.layers.iter().map(layer_params).sum::<usize>();
+                stack_backward(&self.layers, sc, dout.to_vec(), m, &mut grads, end, &f, &mut dx0_extra)
             }
-        }
+            _ => self.graph_backward(cache, dout, &mut grads, &f),
+        };
         if let Some(s) = &self.senet {
-            debug_assert_eq!(pi, 4);
             dh = self.senet_backward(s, cache, &dh, &fw, &offsets, &mut grads);
         }
         if let Some(extra) = dx0_extra {
@@ -619,6 +581,397 @@ impl Tower {
         }
         grads
     }
+
+    /// The graph's backward pass, nodes in reverse: returns d(loss)/d(the fields after SENet).
+    fn graph_backward(&self, cache: &Cache, dout: &[f32], grads: &mut Grads, f: &Fields) -> Vec<f32> {
+        let m = cache.rows();
+        let n = self.graph.len();
+        // Each node's first dense parameter.
+        let mut start = Vec::with_capacity(n);
+        let mut at = if self.senet.is_some() { 4 } else { 0 } + self.layers.iter().map(layer_params).sum::<usize>();
+        for node in &self.graph {
+            start.push(at);
+            at += node_params(node);
+        }
+        let mut dnode: Vec<Vec<f32>> = cache.node_widths.iter().map(|&(_, w)| vec![0f32; m * w]).collect();
+        if let Some(last) = dnode.last_mut() {
+            last.iter_mut().zip(dout).for_each(|(a, b)| *a = *b);
+        }
+        let mut dh0 = vec![0f32; m * f.w0];
+        for ni in (0..n).rev() {
+            let node = &self.graph[ni];
+            let dy = std::mem::take(&mut dnode[ni]);
+            let ws = input_widths(&node.inputs, f.fw, &cache.node_widths);
+            let in_width = cache.node_widths[ni].0;
+            let dx = match (&node.op, &cache.nodes[ni]) {
+                (NodeOp::Stack(ls), NodeCache::Stack(sc)) => {
+                    let mut none = None;
+                    stack_backward(ls, sc, dy, m, grads, start[ni] + node_params(node), f, &mut none)
+                }
+                (NodeOp::Combine(c), NodeCache::Combine { x, alphas, .. }) => combine_backward(c, &ws, x, alphas, &dy, m, grads, start[ni]),
+                _ => unreachable!("a node's cache has the node's kind"),
+            };
+            for r in 0..m {
+                let mut at = r * in_width;
+                for (input, &w) in node.inputs.iter().zip(&ws) {
+                    let src = &dx[at..at + w];
+                    at += w;
+                    let dst = match *input {
+                        NodeInput::Field(k) => &mut dh0[r * f.w0 + f.offsets[k]..r * f.w0 + f.offsets[k] + w],
+                        NodeInput::Node(j) => &mut dnode[j][r * w..(r + 1) * w],
+                    };
+                    dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+                }
+            }
+        }
+        dh0
+    }
+}
+
+fn offsets_of(fw: &[usize]) -> Vec<usize> {
+    fw.iter()
+        .scan(0, |o, w| {
+            let at = *o;
+            *o += w;
+            Some(at)
+        })
+        .collect()
+}
+
+/// The widths of a node's inputs.
+fn input_widths(inputs: &[NodeInput], fw: &[usize], node_widths: &[(usize, usize)]) -> Vec<usize> {
+    inputs
+        .iter()
+        .map(|i| match *i {
+            NodeInput::Field(k) => fw[k],
+            NodeInput::Node(j) => node_widths[j].1,
+        })
+        .collect()
+}
+
+/// A node's inputs side by side, row by row (`m × Σ ws`).
+fn node_input(inputs: &[NodeInput], h: &[f32], nodes: &[NodeCache], ws: &[usize], m: usize, f: &Fields) -> Vec<f32> {
+    let mut x = Vec::with_capacity(m * ws.iter().sum::<usize>());
+    for r in 0..m {
+        for (i, &w) in inputs.iter().zip(ws) {
+            match *i {
+                NodeInput::Field(k) => x.extend_from_slice(&h[r * f.w0 + f.offsets[k]..r * f.w0 + f.offsets[k] + w]),
+                NodeInput::Node(j) => x.extend_from_slice(&nodes[j].output()[r * w..(r + 1) * w]),
+            }
+        }
+    }
+    x
+}
+
+/// A layer stack's forward pass over `m` rows `h` of `width`.
+fn stack_forward(stack: &[Layer], mut h: Vec<f32>, m: usize, mut width: usize, f: &Fields, rng: &mut Option<rand_chacha::ChaCha8Rng>) -> StackCache {
+    use rand::Rng;
+    let (fw, offsets, w0, x0) = (f.fw, f.offsets, f.w0, f.x0);
+    let training = rng.is_some();
+    let mut masks = vec![None; stack.len()];
+    let mut bn = vec![None; stack.len()];
+    let mut acts = Vec::with_capacity(stack.len() + 1);
+    let mut widths = Vec::with_capacity(stack.len() + 1);
+    for (li, layer) in stack.iter().enumerate() {
+        let input = h.clone();
+        widths.push(width);
+            match layer {
+                Layer::Dropout { p } => {
+                    if let Some(rng) = rng.as_mut() {
+                        let keep = 1.0 - *p;
+                        let mask: Vec<f32> = (0..h.len())
+                            .map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 })
+                            .collect();
+                        h.iter_mut().zip(&mask).for_each(|(v, k)| *v *= k);
+                        masks[li] = Some(mask);
+                    }
+                }
+                Layer::Shortcut { fields } => {
+                    let extra: usize = fields.iter().map(|&f| fw[f]).sum();
+                    let nw = width + extra;
+                    let mut next = Vec::with_capacity(m * nw);
+                    for r in 0..m {
+                        next.extend_from_slice(&h[r * width..(r + 1) * width]);
+                        for &f in fields {
+                            next.extend_from_slice(&x0[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]]);
+                        }
+                    }
+                    h = next;
+                    width = nw;
+                }
+                Layer::Linear { w, b, n_in, n_out } => {
+                    debug_assert_eq!(*n_in, width);
+                    h = layers::linear(&input, m, *n_in, w, Some(b), *n_out);
+                    width = *n_out;
+                }
+                Layer::Act(a) => layers::activate(*a, &mut h),
+                Layer::LayerNorm { g, b, eps } => layers::layer_norm(&mut h, width, g, b, *eps),
+                Layer::BatchNorm { g, b, running_mean, running_var, eps, .. } => {
+                    if training && m > 0 {
+                        let st = column_stats(&h, m, width);
+                        let mean: Vec<f32> = st.mean.iter().map(|&v| v as f32).collect();
+                        let inv: Vec<f32> = st.var.iter().map(|&v| (1.0 / (v + eps).sqrt()) as f32).collect();
+                        layers::batch_norm(&mut h, width, g, b, &mean, &inv);
+                        bn[li] = Some(st);
+                    } else {
+                        // The serving form: 1/√(running_var + eps) in f64, as the tower crate loads it.
+                        let inv: Vec<f32> = running_var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
+                        layers::batch_norm(&mut h, width, g, b, running_mean, &inv);
+                    }
+                }
+                Layer::L2Normalize => layers::l2_normalize(&mut h, width),
+            }
+            acts.push(input);
+    }
+    widths.push(width);
+    acts.push(h);
+    StackCache { acts, widths, masks, bn }
+}
+
+/// A layer stack's backward pass: `dh` is d(loss)/d(its output); its dense parameters end
+/// before `pi` (in [`Tower::dense_params`] order). Returns d(loss)/d(its input); shortcuts add
+/// to `dx0_extra` (d(loss)/d(the raw fields)).
+#[allow(clippy::too_many_arguments)]
+fn stack_backward(
+    stack: &[Layer],
+    sc: &StackCache,
+    mut dh: Vec<f32>,
+    m: usize,
+    grads: &mut Grads,
+    mut pi: usize,
+    f: &Fields,
+    dx0_extra: &mut Option<Vec<f32>>,
+) -> Vec<f32> {
+    let (fw, offsets, w0) = (f.fw, f.offsets, f.w0);
+    for (l, layer) in stack.iter().enumerate().rev() {
+        let x = &sc.acts[l];
+        let y = &sc.acts[l + 1];
+        let width = sc.widths[l];
+            match layer {
+                Layer::Linear { w, n_in, n_out, .. } => {
+                    pi -= 2;
+                    let dy = ArrayView2::from_shape((m, *n_out), &dh).expect("dy shape");
+                    let xv = ArrayView2::from_shape((m, *n_in), x).expect("x shape");
+                    let wv = ArrayView2::from_shape((*n_out, *n_in), w).expect("w shape");
+                    let dw = dy.t().dot(&xv);
+                    grads.dense[pi]
+                        .iter_mut()
+                        .zip(dw.iter())
+                        .for_each(|(g, d)| *g += d);
+                    let db = dy.sum_axis(Axis(0));
+                    grads.dense[pi + 1]
+                        .iter_mut()
+                        .zip(db.iter())
+                        .for_each(|(g, d)| *g += d);
+                    dh = dy.dot(&wv).into_raw_vec_and_offset().0;
+                }
+                Layer::Act(a) => {
+                    for ((d, &xi), &yi) in dh.iter_mut().zip(x).zip(y) {
+                        *d *= act_grad(*a, xi, yi);
+                    }
+                }
+                Layer::Dropout { .. } => {
+                    if let Some(mask) = &sc.masks[l] {
+                        dh.iter_mut().zip(mask).for_each(|(d, k)| *d *= k);
+                    }
+                }
+                Layer::Shortcut { fields } => {
+                    let nw = sc.widths[l + 1];
+                    let mut down = Vec::with_capacity(m * width);
+                    let extra = dx0_extra.get_or_insert_with(|| vec![0f32; m * w0]);
+                    for r in 0..m {
+                        let row = &dh[r * nw..(r + 1) * nw];
+                        down.extend_from_slice(&row[..width]);
+                        let mut at = width;
+                        for &f in fields {
+                            let dst = &mut extra[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]];
+                            dst.iter_mut().zip(&row[at..at + fw[f]]).for_each(|(a, b)| *a += b);
+                            at += fw[f];
+                        }
+                    }
+                    dh = down;
+                }
+                Layer::LayerNorm { g, eps, .. } => {
+                    pi -= 2;
+                    let n = width as f64;
+                    for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
+                        let xr = &x[r * width..(r + 1) * width];
+                        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+                        let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                        let inv = 1.0 / (var + eps).sqrt();
+                        let xhat: Vec<f64> = xr.iter().map(|&v| (v as f64 - mean) * inv).collect();
+                        let mut dxhat = vec![0f64; width];
+                        for j in 0..width {
+                            grads.dense[pi][j] += drow[j] * xhat[j] as f32;
+                            grads.dense[pi + 1][j] += drow[j];
+                            dxhat[j] = drow[j] as f64 * g[j] as f64;
+                        }
+                        let s1: f64 = dxhat.iter().sum();
+                        let s2: f64 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum();
+                        for j in 0..width {
+                            drow[j] = (inv / n * (n * dxhat[j] - s1 - xhat[j] * s2)) as f32;
+                        }
+                    }
+                }
+                Layer::BatchNorm { g, running_mean, running_var, eps, .. } => {
+                    pi -= 2;
+                    match &sc.bn[l] {
+                        Some(st) => {
+                            // Training: the statistics depend on every row of the part.
+                            let n = m as f64;
+                            for j in 0..width {
+                                let inv = 1.0 / (st.var[j] + eps).sqrt();
+                                let (mut s1, mut s2) = (0f64, 0f64);
+                                for r in 0..m {
+                                    let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
+                                    let dy = dh[r * width + j] as f64;
+                                    grads.dense[pi][j] += (dy * xhat) as f32;
+                                    grads.dense[pi + 1][j] += dy as f32;
+                                    s1 += dy * g[j] as f64;
+                                    s2 += dy * g[j] as f64 * xhat;
+                                }
+                                for r in 0..m {
+                                    let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
+                                    let dxhat = dh[r * width + j] as f64 * g[j] as f64;
+                                    dh[r * width + j] = (inv / n * (n * dxhat - s1 - xhat * s2)) as f32;
+                                }
+                            }
+                        }
+                        None => {
+                            // Inference: an affine map with the running statistics.
+                            for r in 0..m {
+                                for j in 0..width {
+                                    let inv = 1.0 / (running_var[j] as f64 + eps).sqrt();
+                                    let xhat = (x[r * width + j] as f64 - running_mean[j] as f64) * inv;
+                                    let dy = dh[r * width + j];
+                                    grads.dense[pi][j] += dy * xhat as f32;
+                                    grads.dense[pi + 1][j] += dy;
+                                    dh[r * width + j] = (dy as f64 * g[j] as f64 * inv) as f32;
+                                }
+                            }
+                        }
+                    }
+                }
+                Layer::L2Normalize => {
+                    for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
+                        let xr = &x[r * width..(r + 1) * width];
+                        let yr = &y[r * width..(r + 1) * width];
+                        let norm = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                        if norm == 0.0 {
+                            drow.iter_mut().for_each(|d| *d = 0.0);
+                            continue;
+                        }
+                        let yd: f64 = yr.iter().zip(drow.iter()).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        for (d, &yi) in drow.iter_mut().zip(yr) {
+                            *d = ((*d as f64 - yi as f64 * yd) / norm) as f32;
+                        }
+                    }
+                }
+            }
+        }
+    dh
+}
+
+/// A combine node over `m` rows `x` (its inputs of widths `ws` side by side), as the tower
+/// crate serves it; returns its cache and output width.
+fn combine_forward(c: &Combine, ws: &[usize], x: Vec<f32>, m: usize) -> (NodeCache, usize) {
+    let k = ws.len();
+    let in_width: usize = ws.iter().sum();
+    let d = ws.first().copied().unwrap_or(0);
+    let mut alphas = Vec::new();
+    let (y, width) = match c {
+        Combine::Concat => (x.clone(), in_width),
+        Combine::Sum => (layers::combine_rows(&x, m, k, d, |_, _| 1.0), d),
+        Combine::WeightedSum { w } => (layers::combine_rows(&x, m, k, d, |i, _| w[i]), d),
+        Combine::WeightedConcat { w } => {
+            let mut y = x.clone();
+            for row in y.chunks_exact_mut(in_width.max(1)) {
+                let mut at = 0;
+                for (i, &n) in ws.iter().enumerate() {
+                    row[at..at + n].iter_mut().for_each(|v| *v *= w[i]);
+                    at += n;
+                }
+            }
+            (y, in_width)
+        }
+        Combine::Attention { w, b } => {
+            let mut scores = vec![0f32; k];
+            alphas = vec![0f32; m * k];
+            for (r, a) in alphas.chunks_exact_mut(k.max(1)).enumerate() {
+                layers::matvec(w, Some(b), &x[r * in_width..(r + 1) * in_width], k, &mut scores);
+                layers::softmax(&scores, a);
+            }
+            (layers::combine_rows(&x, m, k, d, |i, r| alphas[r * k + i]), d)
+        }
+    };
+    (NodeCache::Combine { x, y, alphas }, width)
+}
+
+/// A combine node's backward pass: `dy` is d(loss)/d(its output); its weights are dense
+/// parameter `p0` (and the attention's bias `p0 + 1`). Returns d(loss)/d(its inputs).
+#[allow(clippy::too_many_arguments)]
+fn combine_backward(c: &Combine, ws: &[usize], x: &[f32], alphas: &[f32], dy: &[f32], m: usize, grads: &mut Grads, p0: usize) -> Vec<f32> {
+    let k = ws.len();
+    let in_width: usize = ws.iter().sum();
+    let d = ws.first().copied().unwrap_or(0);
+    let mut dx = vec![0f32; m * in_width];
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
+    for r in 0..m {
+        let xr = &x[r * in_width..(r + 1) * in_width];
+        let dxr = &mut dx[r * in_width..(r + 1) * in_width];
+        match c {
+            Combine::Concat => dxr.copy_from_slice(&dy[r * in_width..(r + 1) * in_width]),
+            Combine::WeightedConcat { w } => {
+                let dyr = &dy[r * in_width..(r + 1) * in_width];
+                let mut at = 0;
+                for (i, &n) in ws.iter().enumerate() {
+                    for j in at..at + n {
+                        dxr[j] = w[i] * dyr[j];
+                    }
+                    grads.dense[p0][i] += dot(&dyr[at..at + n], &xr[at..at + n]) as f32;
+                    at += n;
+                }
+            }
+            Combine::Sum => {
+                let dyr = &dy[r * d..(r + 1) * d];
+                for i in 0..k {
+                    dxr[i * d..(i + 1) * d].copy_from_slice(dyr);
+                }
+            }
+            Combine::WeightedSum { w } => {
+                let dyr = &dy[r * d..(r + 1) * d];
+                for i in 0..k {
+                    for j in 0..d {
+                        dxr[i * d + j] = w[i] * dyr[j];
+                    }
+                    grads.dense[p0][i] += dot(dyr, &xr[i * d..(i + 1) * d]) as f32;
+                }
+            }
+            Combine::Attention { w, .. } => {
+                // y = Σ αᵢ xᵢ, α = softmax(s), s = W·x + b.
+                let dyr = &dy[r * d..(r + 1) * d];
+                let a = &alphas[r * k..(r + 1) * k];
+                let da: Vec<f64> = (0..k).map(|i| dot(dyr, &xr[i * d..(i + 1) * d])).collect();
+                let mean: f64 = (0..k).map(|i| a[i] as f64 * da[i]).sum();
+                for i in 0..k {
+                    for j in 0..d {
+                        dxr[i * d + j] = a[i] * dyr[j];
+                    }
+                }
+                for j in 0..k {
+                    let ds = a[j] as f64 * (da[j] - mean);
+                    grads.dense[p0 + 1][j] += ds as f32;
+                    let wrow = &w[j * in_width..(j + 1) * in_width];
+                    let gw = &mut grads.dense[p0][j * in_width..(j + 1) * in_width];
+                    for t in 0..in_width {
+                        gw[t] += (ds * xr[t] as f64) as f32;
+                        dxr[t] += (ds * wrow[t] as f64) as f32;
+                    }
+                }
+            }
+        }
+    }
+    dx
 }
 
 impl Tower {

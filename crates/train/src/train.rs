@@ -360,6 +360,14 @@ pub fn train_step(
         ug.add(a);
         ig.add(bb);
     }
+    // Dual augmented towers: each side's augmented vector toward the other side's output for
+    // the positive pair (the outputs are constants here).
+    let mut l = l;
+    if let Some(aug) = &cfg.augmented {
+        let (lu, _) = mimic_side(ut, aug.user, x.users, &v[..b * d], d, x.weights, aug.lambda, &mut ug);
+        let (li, _) = mimic_side(it, aug.item, &x.items[..b], &u, d, x.weights, aug.lambda, &mut ig);
+        l += lu + li;
+    }
     let ustats: Vec<_> = fwd.iter().map(|(uc, _)| uc.batch_stats().to_vec()).collect();
     let istats: Vec<_> = fwd.iter().map(|(_, ic)| ic.batch_stats().to_vec()).collect();
     drop(fwd);
@@ -381,6 +389,32 @@ pub fn train_step(
         item.1.step(cfg, item.0, &ig, t);
     }
     l
+}
+
+/// The mimic loss of one tower's augmented vectors (field `field`, an id embedding) for the
+/// batch's positive rows `xs` toward `target` (`xs.len() × d`); adds its gradient to the
+/// table's rows in `g`. Returns the loss (and the number of rows that had a known id).
+#[allow(clippy::too_many_arguments)]
+fn mimic_side(t: &Tower, field: usize, xs: &[&Encoded], target: &[f32], d: usize, weights: &[f32], lambda: f32, g: &mut Grads) -> (f64, usize) {
+    let crate::net::FieldKind::Embed { table } = t.fields[field] else { return (0.0, 0) };
+    let tb = &t.tables[table];
+    // Row 0 is the OOV row, shared by every unknown id: not an id's augmented vector.
+    let rows: Vec<Option<u32>> = xs
+        .iter()
+        .map(|x| match x.fields().nth(field) {
+            Some(twotower_tower::FieldRef::Row(r)) if r > 0 && (r as usize) < tb.rows => Some(r),
+            _ => None,
+        })
+        .collect();
+    let a: Vec<Option<&[f32]>> = rows.iter().map(|r| r.and_then(|r| tb.row(r))).collect();
+    let (loss, da) = loss::mimic(&a, target, d, &weights[..xs.len()], lambda);
+    for (i, r) in rows.iter().enumerate() {
+        if let Some(r) = *r {
+            let acc = g.rows[table].entry(r).or_insert_with(|| vec![0.0; d]);
+            acc.iter_mut().zip(&da[i * d..(i + 1) * d]).for_each(|(x, y)| *x += y);
+        }
+    }
+    (loss, rows.iter().flatten().count())
 }
 
 /// Trained towers to continue from (incremental training): each tower's spec and weights.

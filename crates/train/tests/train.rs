@@ -267,6 +267,32 @@ fn bad_options_and_data_are_errors() {
         (json!({"item": {"features": [{"name": "p", "type": "bucketize", "boundaries": [2, 1]}]}}), "item.features[0].boundaries"),
         (json!({"item": {"features": [{"name": "p", "type": "bucketize", "buckets": 1}]}}), "item.features[0].buckets"),
         (json!({"item": {"features": [{"name": "v", "type": "dense", "dim": 0}]}}), "item.features[0].dim"),
+        // Branches and fusion.
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "fusion": "sum"}}), "user.fusion"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}]}}), "user.branches"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "x"}]}}), "user.branches[1].name"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "a"}, {"name": "y"}]}}), "user.branches[0].name"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "head"}, {"name": "y"}]}}), "user.branches[0].name"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "features": ["b"]}, {"name": "y"}]}}), "user.branches[0].features"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "features": []}, {"name": "y"}]}}), "user.branches[0].features"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "b", "type": "numeric"}],
+                "branches": [{"name": "x", "features": ["a"]}, {"name": "y", "features": ["a"]}]}}), "user.branches"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "hidden": [0]}, {"name": "y"}]}}), "user.branches[0].hidden"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "depth": 2}, {"name": "y"}]}}), "user.branches[0].depth"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "max"}}), "user.fusion"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "shortcut": ["a"]}}), "user.shortcut"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"}}), "item.fusion"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel", "hidden": [4]}}), "user.hidden"),
+        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"},
+                "item": {"features": [{"name": "b", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}, {"name": "z"}], "fusion": "parallel"}}), "item.branches"),
+        (json!({"dim": 15, "user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"},
+                "item": {"features": [{"name": "b", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"}}), "dim"),
+        // Dual augmented vectors.
+        (json!({"dual_augmented": {"user": "nope", "item": "item_id"}}), "dual_augmented.user"),
+        (json!({"dual_augmented": {"user": "user_id", "item": "item_id", "lambda": -1}}), "dual_augmented.lambda"),
+        (json!({"dual_augmented": {"user": "user_id", "item": "item_id", "beta": 1}}), "dual_augmented.beta"),
+        (json!({"dual_augmented": {"user": "user_id", "item": "genre"},
+                "item": {"features": [{"name": "item_id", "type": "categorical"}, {"name": "genre", "type": "categorical", "dim": 4}]}}), "dual_augmented.item"),
     ] {
         let mut base = json!({
             "user": {"features": [{"name": "user_id", "type": "categorical"}]},
@@ -357,4 +383,132 @@ fn senet_batch_norm_bucketize_and_dense_features_learn_and_serve_what_was_traine
     assert_ne!(tensor(&inc.user_weights, "user_id.embedding"), tensor(&t.user_weights, "user_id.embedding"));
     let ispec: Value = serde_json::from_str(&inc.user_spec).unwrap();
     assert_eq!(ispec["features"][1]["boundaries"], age["boundaries"]);
+}
+
+/// The served vectors of every item and of each user at the end of their timeline.
+fn served(t: &twotower_train::Trained) -> (Model, Model) {
+    (Model::load(&t.user_spec, &t.user_weights).unwrap(), Model::load(&t.item_spec, &t.item_weights).unwrap())
+}
+
+#[test]
+fn graph_towers_learn_and_serve_what_was_trained() {
+    let data = synthetic();
+    let user_features = json!([
+        {"name": "user_id", "type": "categorical"},
+        {"name": "age", "type": "numeric"},
+        {"name": "history", "type": "history", "max_len": 10, "decay": {"position": 0.8}}]);
+    let item_features = json!([
+        {"name": "item_id", "type": "categorical"},
+        {"name": "genre", "type": "categorical", "dim": 4}]);
+    let user_branches = json!([
+        {"name": "deep", "features": ["user_id", "history"], "hidden": [32]},
+        {"name": "wide", "features": ["user_id", "age"]}]);
+    let item_branches = json!([
+        {"name": "deep", "features": ["item_id", "genre"], "hidden": [32]},
+        {"name": "wide", "features": ["item_id"]}]);
+    for fusion in ["attention", "concat", "sum", "weighted_sum", "parallel"] {
+        let mut towers = json!({
+            "user": {"features": user_features, "branches": user_branches, "fusion": fusion, "senet": 2},
+            "item": {"features": item_features, "branches": item_branches, "fusion": fusion}
+        });
+        if fusion == "concat" {
+            towers["user"]["hidden"] = json!([16]);
+            towers["user"]["layer_norm"] = json!(true);
+        }
+        // train() checks that the exported graphs serve what was trained.
+        let t = train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+        let best = t.epochs.iter().filter_map(|e| e.valid).map(|m| m.hr).fold(0.0, f64::max);
+        println!("{fusion}: best validation HR@10 {best:.3}");
+        assert!(best > 0.6, "{fusion}: validation HR@10 {best} (random ≈ 0.06)");
+        let spec: Value = serde_json::from_str(&t.user_spec).unwrap();
+        assert!(spec.get("layers").is_none() && spec["graph"].is_array(), "{spec}");
+        let (um, im) = served(&t);
+        let u = um.embed(&json!({"user_id": 3, "age": 30, "history": {"ids": [3, 13, 23], "weights": [1.0, 0.8, 0.64]}})).unwrap();
+        let v = im.embed(&json!({"item_id": 33, "genre": "g3"})).unwrap();
+        assert_eq!((u.len(), v.len()), (16, 16));
+        let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+        match fusion {
+            "parallel" => {
+                // Two sub-vectors of 8, each of unit length: the user's scaled by the learned
+                // weights, the item's as they are; the metric is the inner product.
+                assert_eq!(spec["output"]["metric"], "ip");
+                let w = f32s(tensor(&t.user_weights, "fusion.weight"));
+                assert!(w.iter().any(|x| (x - 1.0).abs() > 1e-3), "the pair weights were trained: {w:?}");
+                for (half, wi) in w.iter().enumerate() {
+                    let n_u: f32 = u[half * 8..(half + 1) * 8].iter().map(|x| x * x).sum::<f32>().sqrt();
+                    let n_v: f32 = v[half * 8..(half + 1) * 8].iter().map(|x| x * x).sum::<f32>().sqrt();
+                    assert!((n_u - wi.abs()).abs() < 1e-4 && (n_v - 1.0).abs() < 1e-4, "{n_u} {n_v} {wi}");
+                }
+            }
+            _ => {
+                assert_eq!(spec["output"]["metric"], "cosine");
+                let n: f32 = u.iter().map(|x| x * x).sum();
+                assert!((n - 1.0).abs() < 1e-4);
+            }
+        }
+        if fusion == "attention" {
+            // Incremental training keeps a graph's dense parameters.
+            let cfg = config(json!({"epochs": 1, "freeze_dense": true, "user": towers["user"], "item": towers["item"]}));
+            let b = Base { user: (&t.user_spec, &t.user_weights), item: (&t.item_spec, &t.item_weights) };
+            let inc = train_from(&cfg, &data, &keys(), BUDGET, Some(b), &mut |_| Ok(())).unwrap();
+            for name in ["fusion.weight", "fusion.bias", "deep.mlp.0.weight", "deep.mlp.1.bias", "wide.mlp.0.bias", "senet.fc1.weight"] {
+                assert_eq!(tensor(&inc.user_weights, name), tensor(&t.user_weights, name), "user {name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dual_augmented_vectors_mimic_the_other_tower() {
+    let data = synthetic();
+    // The augmented vectors are the id embeddings (width dim) of user_id and item_id.
+    let towers = |aug: Option<f64>| {
+        let mut t = json!({
+            "user": {"features": [
+                {"name": "user_id", "type": "categorical"},
+                {"name": "age", "type": "numeric"},
+                {"name": "history", "type": "history", "max_len": 10, "decay": {"position": 0.8}}], "hidden": [32]},
+            "item": {"features": [
+                {"name": "item_id", "type": "categorical"},
+                {"name": "genre", "type": "categorical", "dim": 4}], "hidden": [32]}
+        });
+        if let Some(l) = aug {
+            t["dual_augmented"] = json!({"user": "user_id", "item": "item_id", "lambda": l});
+        }
+        t
+    };
+    let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let cosine = |a: &[f32], b: &[f32]| {
+        let d: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        d / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt()).max(1e-12)
+    };
+    let mut closeness = Vec::new();
+    for aug in [None, Some(1.0)] {
+        let t = train(&config(towers(aug)), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+        let best = t.epochs.iter().filter_map(|e| e.valid).map(|m| m.hr).fold(0.0, f64::max);
+        assert!(best > 0.6, "{aug:?}: validation HR@10 {best}");
+        // Served as an ordinary id embedding: the spec has nothing new.
+        let spec: Value = serde_json::from_str(&t.user_spec).unwrap();
+        assert_eq!(spec["features"][0]["type"], "categorical");
+        // How close each item's augmented vector is to the vectors of the users who chose it
+        // (their group's direction): the mimic loss pulls them together.
+        let (um, _) = served(&t);
+        let rows = f32s(tensor(&t.item_weights, "item_id.embedding"));
+        let vocab: Vec<String> = serde_json::from_value(serde_json::from_str::<Value>(&t.item_spec).unwrap()["features"][0]["vocabulary"].clone()).unwrap();
+        let mut sum = 0f32;
+        for (r, id) in vocab.iter().enumerate() {
+            let item: usize = id.parse().unwrap();
+            let group = item % 10;
+            let mut mean = vec![0f32; 16];
+            for u in (group..300).step_by(10).take(10) {
+                let hist: Vec<usize> = (0..5).map(|k| group + 10 * ((u + k) % 20)).collect();
+                let v = um.embed(&json!({"user_id": u, "age": 20 + u % 40, "history": {"ids": hist, "weights": [1.0, 0.8, 0.64, 0.51, 0.41]}})).unwrap();
+                mean.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+            }
+            sum += cosine(&rows[(r + 1) * 16..(r + 2) * 16], &mean);
+        }
+        closeness.push(sum / vocab.len() as f32);
+    }
+    println!("mean cosine of item augmented vectors to their users: without {:.3}, with {:.3}", closeness[0], closeness[1]);
+    assert!(closeness[1] > closeness[0] + 0.1, "{closeness:?}");
 }
