@@ -132,6 +132,51 @@ SELECT count(*) FILTER (WHERE item_id % 5 = 3) >= 7 AS mostly_own_group
 UPDATE tr_items2 SET vec = '{1,2}' WHERE item_id = 7;
 SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_user_x', 'tr_item_x', 'tr_events', %L, user_features => 'tr_users', item_features => 'tr_items2')$q$, :'opts2'));
 
+-- Graph towers trained in the database: branches joined by attention fusion (with SENet in
+-- front), parallel two-towers (inner product, one weight per sub-tower pair), and dual
+-- augmented id vectors; each served and searched like any model.
+\set optsg '{"dim": 8, "epochs": 6, "k": 10, "batch_size": 64, "lr": 0.01, "sparse_lr": 0.05, "temperature": 0.1, "user": {"features": [{"name": "user_id", "type": "categorical"}, {"name": "age", "type": "numeric"}, {"name": "history", "type": "history", "max_len": 10}], "senet": 2, "branches": [{"name": "deep", "features": ["user_id", "history"], "hidden": [16]}, {"name": "wide", "features": ["user_id", "age"]}], "fusion": "attention"}, "item": {"features": [{"name": "item_id", "type": "categorical"}, {"name": "genre", "type": "categorical", "dim": 4}], "branches": [{"name": "deep", "hidden": [16]}, {"name": "wide", "features": ["item_id"]}], "fusion": "attention"}}'
+SET client_min_messages = warning;
+SELECT kind, valid_recall > 0.5 AS learned
+  FROM twotower.train('tr_user_g', 'tr_item_g', 'tr_events', :'optsg', user_features => 'tr_users', item_features => 'tr_items');
+SELECT kind, valid_recall > 0.5 AS learned
+  FROM twotower.train('tr_user_p', 'tr_item_p', 'tr_events',
+       jsonb_set(jsonb_set(:'optsg'::jsonb, '{user,fusion}', '"parallel"'), '{item,fusion}', '"parallel"'),
+       user_features => 'tr_users', item_features => 'tr_items');
+SELECT kind, valid_recall > 0.5 AS learned
+  FROM twotower.train('tr_user_a', 'tr_item_a', 'tr_events',
+       :'opts'::jsonb || '{"dual_augmented": {"user": "user_id", "item": "item_id", "lambda": 0.5}}'
+         || jsonb_build_object('user', jsonb_set(:'opts'::jsonb -> 'user', '{features,0,dim}', '8'),
+                               'item', jsonb_set(:'opts'::jsonb -> 'item', '{features,0,dim}', '8')),
+       user_features => 'tr_users', item_features => 'tr_items');
+RESET client_min_messages;
+SELECT model, metric, spec ? 'graph' AS graph, spec ? 'layers' AS layers, spec #>> '{output,node}' AS output_node,
+       (SELECT string_agg(coalesce(n ->> 'combine', 'stack'), ',') FROM jsonb_array_elements(spec -> 'graph') n) AS nodes
+  FROM twotower.model_version
+ WHERE model IN ('tr_user_g', 'tr_item_g', 'tr_user_p', 'tr_item_p', 'tr_user_a') ORDER BY model;
+CREATE TABLE tr_vectors_g (id bigint PRIMARY KEY, embedding real[]);
+SELECT inserted FROM twotower.refresh_item_vectors('tr_item_g', 'tr_items', 'tr_vectors_g', id_column => 'item_id');
+CREATE INDEX tr_vectors_g_idx ON tr_vectors_g USING twotower_hnsw (embedding real_cosine_ops);
+SELECT count(*) FILTER (WHERE item_id % 5 = 3) >= 7 AS mostly_own_group
+  FROM twotower.recall('tr_user_g', 'tr_vectors_g_idx', twotower.user_features('tr_user_g', 8), 10);
+-- Parallel towers serve inner-product vectors: an ip index, and a cosine one is refused.
+CREATE TABLE tr_vectors_p (id bigint PRIMARY KEY, embedding real[]);
+SELECT inserted FROM twotower.refresh_item_vectors('tr_item_p', 'tr_items', 'tr_vectors_p', id_column => 'item_id');
+CREATE INDEX tr_vectors_p_idx ON tr_vectors_p USING twotower_hnsw (embedding real_ip_ops);
+SELECT count(*) FILTER (WHERE item_id % 5 = 3) >= 7 AS mostly_own_group
+  FROM twotower.recall('tr_user_p', 'tr_vectors_p_idx', twotower.user_features('tr_user_p', 8), 10);
+SELECT pg_temp.err($q$SELECT count(*) FROM twotower.recall('tr_user_p', 'tr_vectors_g_idx', twotower.user_features('tr_user_p', 8), 10)$q$);
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u9', 'tr_i9', 'tr_events', %L)$q$,
+       jsonb_set(:'optsg'::jsonb, '{user,fusion}', '"parallel"')));
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u9', 'tr_i9', 'tr_events', %L)$q$,
+       jsonb_set(:'optsg'::jsonb, '{user,branches,0,features}', '["nope"]')));
+-- An augmented vector is as wide as the towers' output (dim 8 here).
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u9', 'tr_i9', 'tr_events', %L)$q$,
+       :'opts'::jsonb || '{"dual_augmented": {"user": "user_id", "item": "item_id"}}'
+         || jsonb_build_object('item', jsonb_set(:'opts'::jsonb -> 'item', '{features,0,dim}', '4'))));
+DROP TABLE tr_vectors_g, tr_vectors_p;
+SELECT twotower.drop_model(m) FROM unnest(ARRAY['tr_user_g', 'tr_item_g', 'tr_user_p', 'tr_item_p', 'tr_user_a', 'tr_item_a']) m;
+
 -- Memory: five more runs in this backend leave its resident size flat.
 CREATE FUNCTION pg_temp.rss_kb() RETURNS bigint LANGUAGE sql AS $$
   SELECT (regexp_match(pg_read_file('/proc/' || pg_backend_pid() || '/status'), 'VmRSS:\s+(\d+)'))[1]::bigint $$;
