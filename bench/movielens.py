@@ -9,6 +9,8 @@
 3. The kept model of each family is evaluated once on the test items (each user's last) with
    twotower.evaluate, exact and through the index, next to popularity.
    (TT_ONLY_REFERENCE=1: only the demo's options, scripts/movielens-options.json.)
+   Then each tower architecture (plain, SENet, parallel two-towers, attention fusion, dual
+   augmented) the same way (TT_ONLY_ARCH=1: only this part).
 4. Where PyTorch is importable (TT_TORCH_PYTHON, or bench/out/torch-venv), the same
    architecture, loss and schedule as the default family is trained by bench/movielens_torch.py
    with the modules of docs/pytorch-export.md, exported, imported with import_model_file and
@@ -56,6 +58,44 @@ FAMILIES = [
      [dict(ID_ONLY, loss="triplet_logistic", negatives=1, temperature=t, sparse_lr=0.02) for t in (0.1, 0.2)]),
 ]
 
+# Tower architectures (issue 12), each a change to the demo's towers with the demo's loss and
+# schedule, a few settings each, chosen on validation HR@50. The branches split the demo's
+# features into a deep part (ids and history, the demo's hidden layer) and a wide part.
+U_FEATURES = BASE["user"]["features"]
+I_FEATURES = BASE["item"]["features"]
+U_BRANCHES = [{"name": "deep", "features": ["user_id", "history"], "hidden": [256]},
+              {"name": "wide", "features": ["user_id", "gender", "occupation", "age"]}]
+I_BRANCHES = [{"name": "deep", "features": ["item_id", "genres", "year"], "hidden": [256]},
+              {"name": "wide", "features": ["item_id", "genres"]}]
+
+
+def branched(fusion, **extra):
+    return dict({"user": {"features": U_FEATURES, "branches": U_BRANCHES, "fusion": fusion},
+                 "item": {"features": I_FEATURES, "branches": I_BRANCHES, "fusion": fusion}}, **extra)
+
+
+def with_senet(r):
+    return {"user": dict(BASE["user"], senet=r), "item": dict(BASE["item"], senet=r)}
+
+
+ARCHITECTURES = [
+    ("plain (the demo's towers)", [{}]),
+    ("SENet", [with_senet(r) for r in (4, 8)]),
+    ("parallel two-towers (2 × 32)", [branched("parallel"), branched("parallel", temperature=0.05)]),
+    ("attention fusion", [branched("attention"), branched("attention", temperature=0.05)]),
+    ("dual augmented", [{"dual_augmented": {"user": "user_id", "item": "item_id", "lambda": l}} for l in (0.1, 0.5)]),
+]
+
+
+def shown_arch(over):
+    """The part of an architecture's options worth printing."""
+    out = {k: v for k, v in over.items() if k not in ("user", "item")}
+    u = over.get("user", {})
+    for k in ("senet", "fusion"):
+        if k in u:
+            out[k] = u[k]
+    return out
+
 
 def merged(over):
     cfg = json.loads(json.dumps(BASE))
@@ -86,11 +126,13 @@ SELECT valid_recall FROM twotower.train('{name}_user', '{name}_item', 'ml_train'
 
 
 def evaluate(user_model, item_model, tag):
+    metric = psql(f"SELECT metric FROM twotower.models WHERE name = '{item_model}'").strip()
+    ops = {"cosine": "real_cosine_ops", "ip": "real_ip_ops", "l2": "real_l2_ops"}[metric]
     out = psql(f"""
 DROP TABLE IF EXISTS v_{tag}, q_{tag};
 CREATE TABLE v_{tag} (id bigint PRIMARY KEY, embedding real[]);
 SELECT count(*) FROM twotower.refresh_item_vectors('{item_model}', 'ml_items', 'v_{tag}', id_column => 'item_id');
-CREATE INDEX v_{tag}_idx ON v_{tag} USING twotower_hnsw (embedding twotower.real_cosine_ops);
+CREATE INDEX v_{tag}_idx ON v_{tag} USING twotower_hnsw (embedding twotower.{ops});
 CREATE TABLE q_{tag} AS SELECT t.user_id, twotower.user_features('{user_model}', t.user_id::text) AS features,
        t.item_id::bigint AS target FROM ml_test t;
 SELECT method || ':' || metric || ':' || k || ':' || value
@@ -137,6 +179,8 @@ def main():
     if os.environ.get("TT_SKIP_LOAD") != "1":
         subprocess.run(["bash", os.path.join(ROOT, "scripts", "movielens.sh")], check=True,
                        stdout=subprocess.DEVNULL)
+    if os.environ.get("TT_ONLY_ARCH") == "1":
+        return architectures()
     only_reference = os.environ.get("TT_ONLY_REFERENCE") == "1"
     print("# MovieLens-100k: leave-last-out by time (ties in file order), tuned on validation only")
     print()
@@ -169,6 +213,7 @@ def main():
         shown = {k: v for k, v in over.items() if k not in ("user", "item")}
         print(f"| {family} `{json.dumps(shown)}` | {r[('exact','hr',10)]:.4f} | {r[('exact','ndcg',10)]:.4f} | {r[('exact','hr',50)]:.4f} | "
               f"{r[('exact','ndcg',50)]:.4f} | {r[('index','hr',50)]:.4f} |", flush=True)
+    architectures()
     py = torch_python()
     if py is None:
         print("\nPyTorch: not importable (set TT_TORCH_PYTHON or create bench/out/torch-venv): the reference is skipped")
@@ -240,6 +285,35 @@ CREATE INDEX v_torch_idx ON v_torch USING twotower_hnsw (embedding twotower.real
     print(f"Training throughput, same architecture, batch {BASE['batch_size']}, 2 threads (mean of the seeds' median epochs): "
           f"pg_twotower {rate:.0f} examples/s (peak backend RSS {max(o[3] for o in ours):.0f} MB); "
           f"PyTorch {trate:.0f} examples/s: ratio {rate / trate:.2f}x")
+
+
+def architectures():
+    """Each tower architecture trained in the database with the demo's loss and schedule,
+    tuned on validation HR@50, the kept one of each tested once."""
+    print()
+    print("## Tower architectures (trained in the database, the demo's loss and schedule)")
+    print()
+    print("| architecture | configuration | valid HR@50 | examples/s (median epoch) | peak RSS MB | seconds |")
+    print("|---|---|---|---|---|---|")
+    kept = []
+    for ai, (arch, grid) in enumerate(ARCHITECTURES):
+        best = None
+        for gi, over in enumerate(grid):
+            name = f"a{ai}{gi}"
+            valid, rate, rss, secs = train(name, merged(over))
+            print(f"| {arch} | `{json.dumps(shown_arch(over))}` | {valid:.4f} | {rate:.0f} | {rss:.0f} | {secs:.0f} |", flush=True)
+            if best is None or valid > best[0]:
+                best = (valid, name, over)
+        kept.append((arch,) + best)
+    print()
+    print("Test (each user's last item, touched once), the kept configuration of each architecture:")
+    print()
+    print("| architecture | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@50 through the index |")
+    print("|---|---|---|---|---|---|")
+    for arch, valid, name, over in kept:
+        r = evaluate(f"{name}_user", f"{name}_item", name)
+        print(f"| {arch} `{json.dumps(shown_arch(over))}` | {r[('exact','hr',10)]:.4f} | {r[('exact','ndcg',10)]:.4f} | "
+              f"{r[('exact','hr',50)]:.4f} | {r[('exact','ndcg',50)]:.4f} | {r[('index','hr',50)]:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 
     python3 tests/golden/check_pytorch_doc.py      (needs torch and safetensors; not run by CI)
 
-Runs the doc's ```python blocks (except those starting with "# example"), then for the user and
-the item tower: loads the golden weights into the doc's module, checks its forward pass against
+Runs the doc's ```python blocks (except those starting with "# example"), then for the user
+tower, the item tower and the graph tower (tests/golden/graph): loads the golden weights into the doc's module, checks its forward pass against
 expected.json (float64: 1e-12, float32: 1e-5), exports it with the doc's export() and checks that
 the spec is byte-identical to the golden spec.json and that tower_ref reproduces expected.json
 from the exported files. Also reports which invalid_inputs.json cases the doc's featurize rejects.
@@ -42,7 +42,7 @@ def main():
     exec(compile(code, DOC, "exec"), ns)
 
     ok = True
-    for sub, make in (("", ns["user_tower"]), ("item", ns["item_tower"])):
+    for sub, make in (("", ns["user_tower"]), ("item", ns["item_tower"]), ("graph", ns["graph_user_tower"])):
         d = os.path.join(HERE, sub)
         with open(os.path.join(d, "inputs.json"), encoding="utf-8") as f:
             inputs = json.load(f)
@@ -77,6 +77,59 @@ def main():
             print(f"{sub or 'user'}: tower_ref on the exported files max |diff| {err:.2g}",
                   "OK" if err <= 1e-12 else "MISMATCH")
             ok &= err <= 1e-12
+
+    # Parallel two-towers: random weights, exported, read back by tower_ref; the inner product
+    # of the served vectors is the weighted sum of the sub-tower pairs' cosines.
+    torch.manual_seed(0)
+    user, item = ns["parallel_pair"](
+        ns["USER_FEATURES"], ns["ITEM_FEATURES"],
+        [("a", ["user_id", "country", "segment", "is_member", "history", "recent"], 20),
+         ("b", ["tags", "tag_scores", "tag_peak", "age", "tenure", "income", "activity", "score", "days", "user_vec"], 20)],
+        [("a", ["item_id", "category"], 7), ("b", ["tags", "price", "img_vec"], 7)], 4)
+    with torch.no_grad():
+        user.graph["fusion"].weight.copy_(torch.tensor([0.7, 1.6]))
+    user.eval(), item.eval()
+    with open(os.path.join(HERE, "inputs.json"), encoding="utf-8") as f:
+        uin = json.load(f)
+    with open(os.path.join(HERE, "item", "inputs.json"), encoding="utf-8") as f:
+        iin = json.load(f)
+    u, v = user.embed(uin).numpy(), item.embed(iin).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, t, xs, out in (("user", user, uin, u), ("item", item, iin, v)):
+            spec = ns["export"](t, os.path.join(tmp, name + "_"))
+            model = tower_ref.load_model(os.path.join(tmp, name + "_spec.json"), os.path.join(tmp, name + "_weights.safetensors"))
+            err = float(np.max(np.abs(np.array([tower_ref.embed(model, x) for x in xs]) - out)))
+            good = err <= 1e-5 and spec["output"] == {"dim": 8, "metric": "ip", "node": "fusion"}
+            print(f"parallel {name}: exported graph, tower_ref max |diff| {err:.2g}", "OK" if good else "MISMATCH")
+            ok &= good
+    sub = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    identity = 0.7 * sub(u[:, :4] / 0.7) @ sub(v[:, :4]).T + 1.6 * sub(u[:, 4:] / 1.6) @ sub(v[:, 4:]).T
+    err = float(np.max(np.abs(u @ v.T - identity)))
+    print(f"parallel: <u, v> = sum of weighted pair cosines, max |diff| {err:.2g}", "OK" if err <= 1e-5 else "MISMATCH")
+    ok &= err <= 1e-5
+
+    # The dual augmented mimic loss: its value is the documented formula (unknown ids left out)
+    # and no gradient reaches a tower through its target.
+    Tower = ns["Tower"]
+    user = Tower("user", [{"name": "uid", "type": "categorical", "table": "uid", "emb_dim": 3,
+                           "vocabulary": ["1", "2", "3"]}], make_layers=lambda w: [torch.nn.Linear(w, 3)])
+    item = Tower("item", [{"name": "iid", "type": "categorical", "table": "iid", "emb_dim": 3,
+                           "vocabulary": ["7", "8"]}], make_layers=lambda w: [torch.nn.Linear(w, 3)])
+    ub, ib = user.featurize([{"uid": 1}, {"uid": 3}, {"uid": 99}]), item.featurize([{"iid": 8}, {"iid": 5}, {"iid": 7}])
+    u, v = user(ub), item(ib)
+    w = torch.tensor([1.0, 2.0, 0.5])
+    loss = ns["mimic_loss"](user, item, ub, ib, u, v, "uid", "iid", 0.3, w)
+    a_u, a_v = user.tables["uid"].weight[ub["uid"]].detach().numpy(), item.tables["iid"].weight[ib["iid"]].detach().numpy()
+    un, vn, wn = u.detach().numpy(), v.detach().numpy(), (w / w.sum()).numpy()
+    ku, kv = np.array([1, 1, 0]), np.array([1, 0, 1])
+    want = 0.3 * float(np.sum(wn * (ku * ((a_u - vn) ** 2).sum(1) + kv * ((a_v - un) ** 2).sum(1))))
+    loss.backward()
+    err = abs(loss.item() - want)
+    no_target_grad = all(p.grad is None or float(p.grad.abs().max()) == 0.0
+                         for t in (user, item) for n, p in t.named_parameters() if n.startswith("layers."))
+    print(f"mimic_loss: |diff| to the formula {err:.2g}, no gradient through the targets: {no_target_grad}",
+          "OK" if err <= 1e-6 and no_target_grad else "MISMATCH")
+    ok &= err <= 1e-6 and no_target_grad
 
     tower = ns["user_tower"]()
     with open(os.path.join(HERE, "invalid_inputs.json"), encoding="utf-8") as f:
