@@ -237,6 +237,75 @@ def graph_model(w: Weights):
             "output": {"dim": DIM, "metric": "cosine", "node": "out"}}
 
 
+def attention_model(w: Weights):
+    """A pre-rank model reading a user number, an item number, the item vector and target
+    attention over the history (d = 8, r = 4), then Linear 18 -> 6, ReLU, Linear 6 -> 1."""
+    d, r = 8, 4
+    return {
+        "format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+        "features": [
+            {"name": "age", "type": "numeric", "transform": "zscore", "mean": 40.0, "std": 15.0},
+            {"name": "price", "type": "numeric", "transform": "log1p", "source": "item"},
+            {"name": "v", "type": "cross", "of": "item_vector", "dim": d},
+            {"name": "din", "type": "cross", "of": "target_attention", "dim": d,
+             "attention": {"query": w.normal("din.query", (r, d), 1.0),
+                           "key": w.normal("din.key", (r, d), 1.0)}},
+        ],
+        "layers": [w.linear("mlp.0", 1 + 1 + 2 * d, 6), {"type": "relu"}, w.linear("mlp.1", 6, 1)],
+        "output": {"dim": 1},
+    }
+
+
+def prerank_attention_ref(tensors, case):
+    """The attention model's score of one case in float64: q = Wq v, k_i = Wk h_i,
+    alpha = softmax(q.k / sqrt(r)), din = sum alpha_i h_i (zeros without history)."""
+    wq, wk = tensors["din.query"], tensors["din.key"]
+    v = np.asarray(case["v"], dtype=np.float64)
+    hist = [np.asarray(h, dtype=np.float64) for h in case["history"]]
+    if hist:
+        q = wq @ v
+        s = np.array([q @ (wk @ h) for h in hist]) / math.sqrt(wq.shape[0])
+        a = np.exp(s - s.max())
+        a /= a.sum()
+        din = sum(ai * h for ai, h in zip(a, hist))
+    else:
+        din = np.zeros_like(v)
+    x = np.concatenate([[(case["user"]["age"] - 40.0) / 15.0], [math.log1p(max(case["item"]["price"], 0.0))], v, din])
+    h = np.maximum(tensors["mlp.0.weight"] @ x + tensors["mlp.0.bias"], 0.0)
+    return float((tensors["mlp.1.weight"] @ h + tensors["mlp.1.bias"])[0])
+
+
+def attention_cases(rng):
+    unit = lambda x: (x / np.linalg.norm(x)).round(6).tolist()
+    cases = []
+    for n in (0, 1, 2, 5, 12):
+        v = rng.standard_normal(8)
+        hist = [rng.standard_normal(8) for _ in range(n)]
+        if n == 5:
+            hist[2] = v + 0.05 * rng.standard_normal(8)   # one history item close to the candidate
+        cases.append({"user": {"age": float(round(rng.uniform(18, 70), 2))},
+                      "item": {"price": float(round(rng.uniform(1, 100), 2))},
+                      "u": unit(rng.standard_normal(8)), "v": unit(v), "history": [unit(h) for h in hist]})
+    return cases
+
+
+def build_attention(outdir, w: Weights):
+    spec = attention_model(w)
+    cases = attention_cases(np.random.RandomState(SEED + 4))
+    tensors = {n: np.frombuffer(b, dtype="<f4").astype(np.float64).reshape(shape)
+               for n, (dt, shape, b) in w.tensors.items()}
+    expected = [prerank_attention_ref(tensors, c) for c in cases]
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, "spec.json"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(spec, indent=2, allow_nan=False) + "\n")
+    with open(os.path.join(outdir, "weights.safetensors"), "wb") as f:
+        f.write(w.bytes({"format": "pt"}))
+    with open(os.path.join(outdir, "cases.json"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(cases, indent=1) + "\n")
+    with open(os.path.join(outdir, "expected.json"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(expected) + "\n")
+
+
 def W(ids, weights):
     return {"ids": ids, "weights": weights}
 
@@ -474,6 +543,7 @@ reference implementation of it (float64 math on the stored weights).
 | `invalid_inputs.json` | {n_invalid} inputs that must be rejected (`why`, `features`) |
 | `item/` | an item tower (same files, no invalid inputs); inputs are rows as `to_jsonb(row)` |
 | `graph/` | a user tower whose layers are a graph of named nodes (every node kind), the user inputs |
+| `attention/` | a pre-rank model with target attention over the history (`cases.json`: request features, item row, u, v, history; `expected.json`: scores, computed in numpy by `prerank_attention_ref` in `make_fixtures.py`) |
 
 Check an implementation with a tolerance: an f32 engine differs from the float64 reference by
 about 1e-7 on these unit-norm outputs (`tower_ref.embed_batch(..., dtype=np.float32)` does), so
@@ -553,6 +623,8 @@ def main():
     gspec = graph_model(wg)
     graph = build(os.path.join(HERE, "graph"), gspec, wg, USER_CASES)
 
+    build_attention(os.path.join(HERE, "attention"), Weights(SEED + 3))
+
     inputs = json.loads(json.dumps([c for _, c in USER_CASES]))
     f32 = tower_ref.embed_batch(user, inputs, dtype=np.float32).astype(np.float64)
     f64 = np.array([tower_ref.embed(user, x) for x in inputs])
@@ -570,7 +642,7 @@ def main():
     with open(os.path.join(HERE, "README.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
     total = 0
-    for d in (HERE, os.path.join(HERE, "item"), os.path.join(HERE, "graph")):
+    for d in (HERE, os.path.join(HERE, "item"), os.path.join(HERE, "graph"), os.path.join(HERE, "attention")):
         for n in sorted(os.listdir(d)):
             p = os.path.join(d, n)
             if os.path.isfile(p) and not n.endswith(".py") and n != "README.md":

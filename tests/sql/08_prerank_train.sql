@@ -49,6 +49,26 @@ SELECT array_agg(r.item_id ORDER BY r.rank) AS top, bool_and(i.price = 2) AS all
 SELECT pg_temp.err($$SELECT twotower.drop_model('fn_student')$$);
 SELECT twotower.drop_pipeline('fn_trained');
 
+-- Target attention over the history's item vectors (the request's "history"), trained and
+-- served in a pipeline, with and without a history.
+SELECT version, valid_recall > 0.9 AS learned
+  FROM twotower.train_prerank('fn_din', 'fn', 'fn_req', 'fn_cand', '{
+    "model": {"features": [{"name": "price", "source": "item", "type": "numeric"},
+                           {"name": "tt", "type": "cross", "of": "score"},
+                           {"name": "din", "type": "cross", "of": "target_attention", "attention_dim": 2}],
+              "hidden": [8]},
+    "epochs": 30, "lr": 0.05, "batch_size": 32, "k": 3, "validation": 0.25}');
+SELECT spec #> '{features,2}' AS din FROM twotower.model_version WHERE model = 'fn_din';
+SELECT twotower.save_pipeline('fn_din_p', (definition - 'stages' - 'k') || '{
+  "stages": [{"type": "twotower", "keep": 7}, {"type": "model", "model": "fn_din", "keep": 3}], "k": 3}')
+  FROM twotower.pipelines WHERE name = 'fn';
+SELECT array_agg(r.item_id ORDER BY r.rank) AS top, bool_and(i.price = 2) AS all_liked
+  FROM twotower.recommend('fn_din_p', '{"q": [0.6, 0.8], "history": [1, 4]}') r JOIN fn_items i ON i.id = r.item_id;
+SELECT count(*) AS without_history FROM twotower.recommend('fn_din_p', '{"q": [0.6, 0.8]}');
+SELECT twotower.drop_pipeline('fn_din_p');
+SELECT twotower.drop_model('fn_din');
+SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_din', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score", "attention_dim": 4}]}}')$$);
+
 -- Distillation from the teacher column, and the cascade objective (the teacher's top 2).
 SELECT version, teacher_agreement > 0.5 AS follows_teacher
   FROM twotower.train_prerank('fn_student', 'fn', 'fn_req', 'fn_cand', '{

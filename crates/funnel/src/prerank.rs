@@ -133,6 +133,8 @@ fn sums(u: &[f32], v: &[f32]) -> (f32, f32, f32) {
 pub struct CrossInputs<'a> {
     metric: Metric,
     user: &'a [f32],
+    /// A model's target attention and the history's keys (see [`CrossInputs::with_attention`]).
+    attention: Option<(&'a Model, twotower_tower::attention::HistoryKeys)>,
     /// The history, each vector scaled to unit length (zero, non-finite and mis-sized vectors
     /// left out).
     unit_history: Vec<Vec<f32>>,
@@ -149,7 +151,14 @@ impl<'a> CrossInputs<'a> {
                 (n > 0.0 && n.is_finite()).then(|| h.iter().map(|x| x / n).collect())
             })
             .collect();
-        CrossInputs { metric, user, unit_history }
+        CrossInputs { metric, user, unit_history, attention: None }
+    }
+
+    /// The same, with `model`'s target attention over `history` (the history's raw vectors;
+    /// `fill` of `target_attention` writes zeros without it).
+    pub fn with_attention(mut self, model: &'a Model, history: &[Vec<f32>]) -> CrossInputs<'a> {
+        self.attention = Some((model, model.attention_keys(history)));
+        self
     }
 
     /// The two-tower score of item vector `v`.
@@ -216,6 +225,10 @@ impl<'a> CrossInputs<'a> {
                     *o = a * b;
                 }
             }
+            Cross::TargetAttention => match &self.attention {
+                Some((m, keys)) => m.attend(keys, v, out),
+                None => out.iter_mut().for_each(|o| *o = 0.0),
+            },
             c => out[0] = pair.scalar(c),
         }
     }
@@ -251,7 +264,7 @@ impl Pair {
             Cross::HistoryMax => self.history.0,
             Cross::HistoryMean => self.history.1,
             Cross::RecallRank => (self.position.max(1) as f32).ln(),
-            Cross::UserVector | Cross::ItemVector | Cross::Product => 0.0,
+            Cross::UserVector | Cross::ItemVector | Cross::Product | Cross::TargetAttention => 0.0,
         }
     }
 }
@@ -344,9 +357,10 @@ pub fn cascade(
                     .map(|(&i, (&score, history))| Pair { score, history, position: i + 1 })
                     .collect();
                 let rows: Vec<Row> = alive.iter().zip(&parts).map(|(&i, p)| (&**p, &*cands[i].vector)).collect();
+                let keys = model.attention_keys(req.history);
                 poll()?;
                 let threads = if alive.len() >= PARALLEL_FROM { req.threads.max(1) } else { 1 };
-                let out = model.forward_rows(user, req.user, &rows, &mut |j, c| pairs[j].scalar(c), threads);
+                let out = model.forward_rows(user, req.user, &rows, &keys, &mut |j, c| pairs[j].scalar(c), threads);
                 if let Some(j) = out.iter().position(|x| !x.is_finite()) {
                     return Err(PrerankError::NonFinite {
                         model: (*name).to_owned(),

@@ -70,6 +70,15 @@ impl Encoded {
     pub fn is_empty(&self) -> bool {
         self.fields.is_empty()
     }
+
+    /// Replaces field `i` with a dense value of any length (the training engine hands target
+    /// attention its inputs, `[v; h₁; …; hₙ]`, this way; a model's own forward pass reads such
+    /// a field as zeros unless its length is the field's width).
+    pub fn set_dense(&mut self, i: usize, v: Vec<f32>) {
+        if let Some(f) = self.fields.get_mut(i) {
+            *f = Field::Dense(Some(v));
+        }
+    }
 }
 
 /// The canonical string of an integral JSON number (`42`, `-7`, `42.0` -> `42`), written to `buf`.

@@ -2,6 +2,7 @@
 //! from JSON, and the forward pass. Knows nothing of PostgreSQL. The format is specified in
 //! `docs/model-format.md`.
 
+pub mod attention;
 pub mod encode;
 pub mod error;
 mod forward;

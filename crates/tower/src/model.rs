@@ -124,6 +124,8 @@ pub struct Model {
     /// The graph of nodes that replaces `layers` (which is then empty).
     pub(crate) graph: Option<crate::graph::Graph>,
     pub(crate) has_shortcut: bool,
+    /// The target attention input of a pre-rank model.
+    pub(crate) attention: Option<crate::attention::TargetAttention>,
     pub(crate) tensors: Vec<Vec<f32>>,
     pub(crate) tensor_names: Vec<String>,
 }
@@ -280,6 +282,17 @@ impl Model {
             }
         };
 
+        let attention = match draft.attention {
+            None => None,
+            Some((feature, q, k)) => {
+                let d = features[feature].width;
+                let (query, shape) = b.bind(&q, &[Dim::Any("r"), Dim::Is(d)])?;
+                let r = shape[0];
+                let (key, _) = b.bind(&k, &[Dim::Is(r), Dim::Is(d)])?;
+                Some(crate::attention::TargetAttention { feature, query, key, r, d })
+            }
+        };
+
         let (layers, mut width, has_shortcut) = bind_layers(&mut b, draft.layers, input_width, &features, "layers")?;
         let graph = match draft.graph {
             None => None,
@@ -327,6 +340,7 @@ impl Model {
             layers,
             graph,
             has_shortcut,
+            attention,
             tensors: b.tensors,
             tensor_names: b.names,
         })

@@ -25,6 +25,8 @@ enum Put {
     Vector(usize),
     Product(usize),
     Scalar(usize, Cross),
+    /// The target attention of the candidate over the history (the field's width).
+    Attention(usize),
 }
 
 /// The first layer with the request's constants folded in: its weights over the varying
@@ -43,7 +45,9 @@ pub type Row<'a> = (&'a Part, &'a [f32]);
 impl Model {
     /// The forward pass of a pre-rank model over the candidates of one request. Row `i` reads
     /// the user part, `items[i]` (its part and its item vector `v`), the user vector `u` for
-    /// `user_vector` and `product` (u ⊙ v), and `scalar(i, c)` for each one-number cross input.
+    /// `user_vector` and `product` (u ⊙ v), the request's history (`history`, from
+    /// [`Model::attention_keys`]) for `target_attention`, and `scalar(i, c)` for each
+    /// one-number cross input.
     /// A part from another model or side contributes zeros; so do the missing elements of a
     /// vector narrower than its field. Rows are split over `threads` scoped threads (which
     /// only compute). Returns one score per row.
@@ -52,6 +56,7 @@ impl Model {
         user: &Part,
         u: &[f32],
         items: &[Row],
+        history: &crate::attention::HistoryKeys,
         scalar: &mut dyn FnMut(usize, Cross) -> f32,
         threads: usize,
     ) -> Vec<f32> {
@@ -115,6 +120,7 @@ impl Model {
                         }
                     }
                     Some(Put::Scalar(o, c)) => row[*o] = scalar(i, *c),
+                    Some(Put::Attention(o)) => self.attend(history, v, &mut row[*o..*o + f.width]),
                 }
             }
         }
@@ -158,6 +164,7 @@ impl Model {
                 }
                 Source::Cross(Cross::ItemVector) => Some(Put::Vector(f.offset)),
                 Source::Cross(Cross::Product) => Some(Put::Product(f.offset)),
+                Source::Cross(Cross::TargetAttention) => Some(Put::Attention(f.offset)),
                 Source::Cross(c) => Some(Put::Scalar(f.offset, *c)),
             })
             .collect()
@@ -205,6 +212,10 @@ impl Model {
                     from += f.width;
                     Some(Put::Item(width - f.width, from - f.width))
                 }
+                Source::Cross(Cross::TargetAttention) => {
+                    width += f.width;
+                    Some(Put::Attention(width - f.width))
+                }
                 Source::Cross(c) => {
                     width += 1;
                     Some(Put::Scalar(width - 1, *c))
@@ -233,7 +244,7 @@ impl Model {
                             *d += a;
                         }
                     }
-                    (_, Some(Put::Item(at, _) | Put::Scalar(at, _))) => out[*at..*at + f.width].copy_from_slice(src),
+                    (_, Some(Put::Item(at, _) | Put::Scalar(at, _) | Put::Attention(at))) => out[*at..*at + f.width].copy_from_slice(src),
                     (_, Some(Put::Product(_))) => unreachable!("a folded row has no product columns"),
                 }
             }

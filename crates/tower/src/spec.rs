@@ -234,10 +234,14 @@ pub enum Cross {
     /// merge's order in a pipeline, the caller's order in `prerank`, the logged rank in
     /// training): what the recall stage thought of it; width 1.
     RecallRank,
+    /// Target attention (DIN-style) of the candidate over the history: Σ αᵢ·hᵢ with
+    /// α = softmax((W_q·v)·(W_k·hᵢ) / √r), learned W_q and W_k `[r, d]` (the feature's
+    /// `attention`); zeros without history (width: the tower's dimension).
+    TargetAttention,
 }
 
 impl Cross {
-    pub const ALL: [(&'static str, Cross); 7] = [
+    pub const ALL: [(&'static str, Cross); 8] = [
         ("user_vector", Cross::UserVector),
         ("item_vector", Cross::ItemVector),
         ("product", Cross::Product),
@@ -245,6 +249,7 @@ impl Cross {
         ("history_max", Cross::HistoryMax),
         ("history_mean", Cross::HistoryMean),
         ("recall_rank", Cross::RecallRank),
+        ("target_attention", Cross::TargetAttention),
     ];
 
     pub fn name(self) -> &'static str {
@@ -253,7 +258,7 @@ impl Cross {
 
     /// Whether the input is as wide as the tower's vectors (otherwise it is one number).
     pub fn is_vector(self) -> bool {
-        matches!(self, Cross::UserVector | Cross::ItemVector | Cross::Product)
+        matches!(self, Cross::UserVector | Cross::ItemVector | Cross::Product | Cross::TargetAttention)
     }
 }
 
@@ -269,6 +274,8 @@ pub(crate) struct SpecDraft {
     pub graph: Option<GraphDraft>,
     pub output_dim: usize,
     pub metric: Metric,
+    /// The target attention input: its feature index and its query and key tensors.
+    pub attention: Option<(usize, String, String)>,
 }
 
 /// How a combine node joins its inputs.
@@ -569,6 +576,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     let mut names: Vec<String> = Vec::with_capacity(feats.len());
     let mut sources = Vec::with_capacity(feats.len());
     let mut features = Vec::with_capacity(feats.len());
+    let mut attention = None;
     for (i, f) in feats.iter().enumerate() {
         let o = Obj::new(f, format!("features[{i}]"))?;
         let name = o.req_str("name")?;
@@ -585,7 +593,13 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
             ));
         }
         names.push(name.to_owned());
-        let (source, feature) = parse_sourced_feature(&o, kind)?;
+        let (source, feature, att) = parse_sourced_feature(&o, kind)?;
+        if let Some((q, k)) = att {
+            if attention.is_some() {
+                return Err(spec_err(o.p("of"), "a model has at most one target_attention input"));
+            }
+            attention = Some((i, q, k));
+        }
         sources.push(source);
         features.push(feature);
     }
@@ -659,6 +673,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         graph,
         output_dim,
         metric,
+        attention,
     })
 }
 
@@ -842,7 +857,9 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
 /// tower the item row). A pre-rank model's feature says `"source": "user"` (the default) or
 /// `"item"`, or is of type `"cross"` with `"of"` naming a [`Cross`] input (and `"dim"`, the
 /// towers' dimension, for the vector-valued ones).
-fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft)> {
+/// A target attention input also returns its query and key tensor names.
+#[allow(clippy::type_complexity)]
+fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft, Option<(String, String)>)> {
     let tower_source = if kind == Kind::Item { Source::Item } else { Source::User };
     let ty = o.get("type");
     if kind != Kind::Prerank {
@@ -852,10 +869,10 @@ fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft)> 
         if ty.and_then(Value::as_str) == Some("cross") {
             return Err(spec_err(o.p("type"), "\"cross\" features are for \"prerank\" models only"));
         }
-        return Ok((tower_source, parse_feature(o)?));
+        return Ok((tower_source, parse_feature(o)?, None));
     }
     if ty.and_then(Value::as_str) == Some("cross") {
-        o.allow(&["name", "type", "of", "dim"])?;
+        o.allow(&["name", "type", "of", "dim", "attention"])?;
         let of = o.req_str("of")?;
         let Some(cross) = Cross::ALL.iter().find(|(n, _)| *n == of).map(|(_, c)| *c) else {
             let names: Vec<&str> = Cross::ALL.iter().map(|(n, _)| *n).collect();
@@ -869,7 +886,19 @@ fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft)> 
             }
             1
         };
-        return Ok((Source::Cross(cross), FeatureDraft::Dense { dim }));
+        let att = match (cross, o.get("attention")) {
+            (Cross::TargetAttention, Some(v)) => {
+                let a = Obj::new(v, o.p("attention"))?;
+                a.allow(&["query", "key"])?;
+                Some((a.tensor("query")?, a.tensor("key")?))
+            }
+            (Cross::TargetAttention, None) => {
+                return Err(spec_err(o.p("attention"), "target_attention needs its weights: {\"query\": tensor, \"key\": tensor}"))
+            }
+            (_, Some(_)) => return Err(spec_err(o.p("attention"), "only a target_attention input has attention weights")),
+            (_, None) => None,
+        };
+        return Ok((Source::Cross(cross), FeatureDraft::Dense { dim }, att));
     }
     let source = match o.get("source") {
         None => Source::User,
@@ -883,7 +912,7 @@ fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft)> 
     rest.remove("source");
     let rest = Value::Object(rest);
     let inner = Obj::new(&rest, o.path.clone())?;
-    Ok((source, parse_feature(&inner)?))
+    Ok((source, parse_feature(&inner)?, None))
 }
 
 fn parse_lookup(o: &Obj) -> Result<Lookup> {

@@ -112,3 +112,41 @@ fn golden_item_tower() {
 fn golden_graph_tower() {
     check_dir(&golden_dir().join("graph"), true);
 }
+
+/// The pre-rank model with target attention (`tests/golden/attention`): scores of the numpy
+/// reference, through `forward_rows` (the cascade's path) and through `assemble` + `forward`
+/// (the per-example path), to 1e-5.
+#[test]
+fn golden_target_attention() {
+    use twotower_tower::{Cross, Source};
+    let dir = golden_dir().join("attention");
+    let model = Model::load(
+        std::str::from_utf8(&read(&dir.join("spec.json"))).unwrap(),
+        &read(&dir.join("weights.safetensors")),
+    )
+    .unwrap();
+    let cases = json(&dir.join("cases.json"));
+    let expected = json(&dir.join("expected.json"));
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    let floats = |v: &Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    for (i, (c, want)) in cases.iter().zip(expected.as_array().unwrap()).enumerate() {
+        let want = want.as_f64().unwrap();
+        let (u, v) = (floats(&c["u"]), floats(&c["v"]));
+        let history: Vec<Vec<f32>> = c["history"].as_array().unwrap().iter().map(floats).collect();
+        let user = model.encode_part(&c["user"], Source::User, true).unwrap();
+        let item = model.encode_part(&c["item"], Source::Item, true).unwrap();
+        let keys = model.attention_keys(&history);
+        assert_eq!(keys.n, history.len());
+        let rows = model.forward_rows(&user, &u, &[(&item, &v)], &keys, &mut |_, _| 0.0, 1);
+        let x = model.assemble(&user, &item, &mut |cross, out| match cross {
+            Cross::ItemVector => out.copy_from_slice(&v),
+            Cross::TargetAttention => model.attend(&keys, &v, out),
+            _ => {}
+        });
+        let one = model.forward(&x)[0];
+        for (path, got) in [("forward_rows", rows[0]), ("assemble", one)] {
+            assert!((got as f64 - want).abs() < 1e-5, "case {i} ({} history items), {path}: {got} vs {want}", history.len());
+        }
+    }
+}

@@ -1327,8 +1327,8 @@ fn a_prerank_model_assembles_user_item_and_cross_fields_in_spec_order() {
         _ => out.copy_from_slice(&u),
     };
     let want: Vec<f32> = (0..5).map(|i| m.forward(&m.assemble(&user, &items[i], &mut |c, o| fill(i, c, o)))[0]).collect();
-    assert_eq!(m.forward_rows(&user, &u, &rows, &mut |i, _| i as f32 / 10.0, 1), want);
-    assert_eq!(m.forward_rows(&user, &u, &rows, &mut |i, _| i as f32 / 10.0, 2), want);
+    assert_eq!(m.forward_rows(&user, &u, &rows, &Default::default(), &mut |i, _| i as f32 / 10.0, 1), want);
+    assert_eq!(m.forward_rows(&user, &u, &rows, &Default::default(), &mut |i, _| i as f32 / 10.0, 2), want);
     // Parts from the wrong side or another model contribute zeros.
     let x = m.assemble(&item, &user, &mut |_, _| {});
     assert_eq!(m.forward(&x), vec![0.0]);
@@ -1355,6 +1355,20 @@ fn prerank_specs_are_validated() {
     bad(spec(json!([{"name": "s", "type": "numeric", "transform": "none", "source": "item"}]), json!([]), 1), &[], "features[0].source");
     bad(spec(json!([{"name": "s", "type": "cross", "of": "score"}]), json!([]), 1), &[], "features[0].type");
     assert!(load(&prerank_spec(json!([{"name": "s", "type": "cross", "of": "score"}])), &w(1)).is_ok());
+    // Target attention: its weights, their shapes, one per model.
+    let din = |att: Value| json!({"name": "din", "type": "cross", "of": "target_attention", "dim": 2, "attention": att});
+    let qk = |r: usize, rk: usize, d: usize| vec![("w", vec![1, 2], vec![1.0; 2]), ("q", vec![r, d], vec![0.5; r * d]), ("k", vec![rk, d], vec![0.5; rk * d])];
+    assert!(load(&prerank_spec(json!([din(json!({"query": "q", "key": "k"}))])), &qk(3, 3, 2)).is_ok());
+    bad(prerank_spec(json!([{"name": "din", "type": "cross", "of": "target_attention", "dim": 2}])), &w(2), "features[0].attention");
+    bad(prerank_spec(json!([din(json!({"query": "q"}))])), &qk(3, 3, 2), "features[0].attention.key");
+    bad(prerank_spec(json!([din(json!({"query": "q", "key": "k", "value": "k"}))])), &qk(3, 3, 2), "features[0].attention.value");
+    bad(prerank_spec(json!([{"name": "s", "type": "cross", "of": "score", "attention": {"query": "q", "key": "k"}}])), &w(1), "features[0].attention");
+    let mut twice = prerank_spec(json!([din(json!({"query": "q", "key": "k"})), {"name": "d2", "type": "cross", "of": "target_attention", "dim": 2, "attention": {"query": "q", "key": "k"}}]));
+    twice["layers"] = json!([{"type": "linear", "weight": "w4"}]);
+    bad(twice, &[("w4", vec![1, 4], vec![1.0; 4]), ("q", vec![3, 2], vec![0.5; 6]), ("k", vec![3, 2], vec![0.5; 6])], "features[1].of");
+    for (ts, what) in [(qk(3, 3, 4), "a query of the wrong width"), (qk(3, 2, 2), "a key with other rows")] {
+        assert!(matches!(load(&prerank_spec(json!([din(json!({"query": "q", "key": "k"}))])), &ts), Err(TowerError::TensorShape { .. })), "{what}");
+    }
 }
 
 /// A pre-rank model reading every kind of input, with or without SENet (which keeps the first
@@ -1369,7 +1383,8 @@ fn every_input_prerank(senet: bool) -> Model {
         {"name": "uv", "type": "cross", "of": "product", "dim": 4},
         {"name": "score", "type": "cross", "of": "score"},
         {"name": "hmax", "type": "cross", "of": "history_max"},
-        {"name": "rank", "type": "cross", "of": "recall_rank"}
+        {"name": "rank", "type": "cross", "of": "recall_rank"},
+        {"name": "din", "type": "cross", "of": "target_attention", "dim": 4, "attention": {"query": "aq", "key": "ak"}}
     ]));
     s["layers"] = json!([
         {"type": "linear", "weight": "w0", "bias": "b0"},
@@ -1380,15 +1395,17 @@ fn every_input_prerank(senet: bool) -> Model {
     let mut ts: Vec<T> = vec![
         ("ed", vec![3, 2], vals(6, 1)),
         ("ec", vec![4, 2], vals(8, 2)),
-        ("w0", vec![5, 20], vals(100, 3)),
+        ("w0", vec![5, 24], vals(120, 3)),
+        ("aq", vec![3, 4], vals(12, 9)),
+        ("ak", vec![3, 4], vals(12, 10)),
         ("b0", vec![5], vals(5, 4)),
         ("w1", vec![1, 5], vals(5, 5)),
         ("b1", vec![1], vals(1, 6)),
     ];
     if senet {
         s["senet"] = json!({"w1": "s1", "w2": "s2"});
-        ts.push(("s1", vec![3, 9], vals(27, 7)));
-        ts.push(("s2", vec![9, 3], vals(27, 8)));
+        ts.push(("s1", vec![3, 10], vals(30, 7)));
+        ts.push(("s2", vec![10, 3], vals(30, 8)));
     }
     load(&s, &ts).unwrap()
 }
@@ -1413,12 +1430,17 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
             Cross::RecallRank => ((i + 1) as f32).ln(),
             _ => f32::NAN,
         };
+        // Target attention over a history of three vectors (one of the wrong width, left out).
+        let history = vec![vec![1.0f32, 0.0, 0.5, -0.5], vec![-0.25, 0.75, 0.0, 1.0], vec![1.0, 2.0], vec![0.5, 0.5, 0.5, 0.5]];
+        let keys = m.attention_keys(&history);
+        assert_eq!(keys.n, 3);
         let want: Vec<f32> = (0..40)
             .map(|i| {
                 let x = m.assemble(&user, &items[i], &mut |c, out| match c {
                     Cross::UserVector => out.copy_from_slice(&u),
                     Cross::ItemVector => out.copy_from_slice(&vs[i]),
                     Cross::Product => out.iter_mut().enumerate().for_each(|(j, o)| *o = u[j] * vs[i][j]),
+                    Cross::TargetAttention => m.attend(&keys, &vs[i], out),
                     c => out[0] = scalar(i, c),
                 });
                 m.forward(&x)[0]
@@ -1426,7 +1448,7 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
             .collect();
         let rows: Vec<Row> = items.iter().zip(&vs).map(|(p, v)| (p, &v[..])).collect();
         for threads in [1, 2] {
-            let got = m.forward_rows(&user, &u, &rows, &mut |i, c| scalar(i, c), threads);
+            let got = m.forward_rows(&user, &u, &rows, &keys, &mut |i, c| scalar(i, c), threads);
             assert_eq!(got.len(), 40);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "senet {senet}, threads {threads}, row {i}: {g} vs {w}");
@@ -1434,11 +1456,13 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
         }
         // A narrower vector than the field reads as zeros past its end, as in an example.
         let short = [1.0f32];
-        let got = m.forward_rows(&user, &u, &[(&items[0], &short[..])], &mut |i, c| scalar(i, c), 1);
+        let got = m.forward_rows(&user, &u, &[(&items[0], &short[..])], &Default::default(), &mut |i, c| scalar(i, c), 1);
         let x = m.assemble(&user, &items[0], &mut |c, out| match c {
             Cross::UserVector => out.copy_from_slice(&u),
             Cross::ItemVector => out[0] = 1.0,
             Cross::Product => out[0] = u[0],
+            // No history (and a vector of the wrong width): the attention reads zeros.
+            Cross::TargetAttention => {}
             c => out[0] = scalar(0, c),
         });
         assert!((got[0] - m.forward(&x)[0]).abs() <= 1e-5, "senet {senet}: a short vector");

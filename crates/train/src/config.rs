@@ -38,7 +38,8 @@ pub enum FeatureSpec {
     Dense { name: String, dim: usize },
     /// Pre-rank models only: an input computed per (user, candidate) pair from the towers'
     /// vectors (as wide as the vectors, or one number; see `twotower_tower::Cross`).
-    Cross { name: String, of: Cross },
+    /// `target_attention` has learned weights of `attention_dim` rows (0 for the others).
+    Cross { name: String, of: Cross, attention_dim: usize },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -373,7 +374,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                 FeatureSpec::Dense { name, dim: fo.uint("dim", 1, 1, 4096)? }
             }
             "cross" if side == Side::Prerank => {
-                fo.allow(&["name", "type", "of"])?;
+                fo.allow(&["name", "type", "of", "attention_dim"])?;
                 if fs[i].get("source").is_some() {
                     return Err(opt_err(format!("{fpath}.source"), "a cross input has no source: it is computed per (user, candidate) pair"));
                 }
@@ -388,7 +389,14 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                     return Err(opt_err(fo.p("of"), format!("the cross input \"{}\" is listed twice", of.name())));
                 }
                 *sources.last_mut().expect("pushed above") = Source::Cross(of);
-                FeatureSpec::Cross { name, of }
+                let attention_dim = if of == Cross::TargetAttention {
+                    fo.uint("attention_dim", 16, 1, 1024)?
+                } else if fo.get("attention_dim").is_some() {
+                    return Err(opt_err(fo.p("attention_dim"), "applies to the target_attention input only"));
+                } else {
+                    0
+                };
+                FeatureSpec::Cross { name, of, attention_dim }
             }
             "cross" => return Err(opt_err(fo.p("type"), "a cross input belongs to a pre-rank model, not a tower")),
             "history" if side == Side::Prerank => {

@@ -5,7 +5,7 @@
 use crate::config::{Bucketing, Decay, FeatureSpec, Fusion, NumTransform, TowerSpec};
 use crate::data::vocabulary;
 use crate::error::{Result, TrainError};
-use crate::net::{Combine, FieldKind, Layer, Node, NodeInput, NodeOp, Pooling, Senet, Table, Tower};
+use crate::net::{Attention, Combine, FieldKind, Layer, Node, NodeInput, NodeOp, Pooling, Senet, Table, Tower};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
@@ -95,6 +95,7 @@ fn plan_with(
     rng: &mut ChaCha8Rng,
 ) -> Result<Plan> {
     let prerank = kind == "prerank";
+    let mut attention_at: Option<(usize, usize, usize, String)> = None;
     let mut fields = Vec::new();
     let mut tables: Vec<Table> = Vec::new();
     let mut table_tensors = Vec::new();
@@ -166,7 +167,7 @@ fn plan_with(
                     }
                 });
             }
-            FeatureSpec::Cross { of, .. } => {
+            FeatureSpec::Cross { of, attention_dim, .. } => {
                 if !prerank {
                     return Err(TrainError::Option { path: name.to_owned(), reason: "a cross input belongs to a pre-rank model".into() });
                 }
@@ -175,7 +176,13 @@ fn plan_with(
                     return Err(TrainError::NoData(format!("cross input \"{name}\" needs the towers' vectors")));
                 }
                 fields.push(FieldKind::Value { width });
-                features.push(if of.is_vector() {
+                if *of == twotower_tower::Cross::TargetAttention {
+                    attention_at = Some((fields.len() - 1, *attention_dim, width, name.to_owned()));
+                }
+                features.push(if *of == twotower_tower::Cross::TargetAttention {
+                    json!({"name": name, "type": "cross", "of": of.name(), "dim": width,
+                           "attention": {"query": format!("{name}.query"), "key": format!("{name}.key")}})
+                } else if of.is_vector() {
                     json!({"name": name, "type": "cross", "of": of.name(), "dim": width})
                 } else {
                     json!({"name": name, "type": "cross", "of": of.name()})
@@ -209,6 +216,15 @@ fn plan_with(
             dense_tensors.push((n.to_owned(), shape));
         }
         s
+    });
+    // Target attention's W_q and W_k (after SENet's in the dense parameters).
+    let attention = attention_at.map(|(field, r, d, name)| {
+        let bound = 1.0 / (d as f32).sqrt();
+        let mut uniform = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-bound..bound)).collect() };
+        let (wq, wk) = (uniform(r * d), uniform(r * d));
+        dense_tensors.push((format!("{name}.query"), vec![r, d]));
+        dense_tensors.push((format!("{name}.key"), vec![r, d]));
+        Attention { field, wq, wk, r, d }
     });
     let field_width = |i: usize| match &fields[i] {
         FieldKind::Embed { table } | FieldKind::Pool { table, .. } => tables[*table].dim,
@@ -330,7 +346,7 @@ fn plan_with(
         spec["senet"] = json!({"w1": "senet.fc1.weight", "b1": "senet.fc1.bias", "w2": "senet.fc2.weight", "b2": "senet.fc2.bias"});
     }
     Ok(Plan {
-        tower: Tower { fields, tables, senet, layers, graph },
+        tower: Tower { fields, tables, senet, attention, layers, graph },
         spec,
         table_tensors,
         dense_tensors,

@@ -86,11 +86,25 @@ pub struct Tower {
     pub fields: Vec<FieldKind>,
     pub tables: Vec<Table>,
     pub senet: Option<Senet>,
+    /// A pre-rank model's target attention input.
+    pub attention: Option<Attention>,
     /// One stack over every field; empty when the tower is a graph.
     pub layers: Vec<Layer>,
     /// A graph of nodes over the fields (after SENet), in an order where every input comes
     /// before its node; the last node is the output. Empty for a one-stack tower.
     pub graph: Vec<Node>,
+}
+
+/// Target attention (the tower crate's `attention` module) on field `field`, a `Value` field of
+/// width `d` whose encoded input is the dense `[v; h₁; …; hₙ]` (the candidate's vector, then
+/// the history's): the field is Σ αᵢ·hᵢ, α = softmax((W_q·v)·(W_k·hᵢ) / √r). W_q, W_k `[r, d]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attention {
+    pub field: usize,
+    pub wq: Vec<f32>,
+    pub wk: Vec<f32>,
+    pub r: usize,
+    pub d: usize,
 }
 
 /// Where a graph node reads one of its inputs.
@@ -178,6 +192,8 @@ pub struct Cache<'a> {
     /// The raw gathered fields (before SENet) and SENet's per-row values.
     x0: Vec<f32>,
     senet: Vec<SenetRow>,
+    /// Per row, the target attention's query and weights (when it attended).
+    attn: Vec<Option<(Vec<f32>, Vec<f32>)>>,
     /// One entry for a one-stack tower (its layers), else one per graph node.
     nodes: Vec<NodeCache>,
     /// Per graph node, its input and output widths.
@@ -296,7 +312,8 @@ impl Tower {
         out
     }
 
-    /// The dense parameters, in a fixed order (SENet: W1, b1, W2, b2; then per layer, Linear:
+    /// The dense parameters, in a fixed order (SENet: W1, b1, W2, b2; target attention: W_q,
+    /// W_k; then per layer, Linear:
     /// weight, bias; LayerNorm and BatchNorm: weight, bias; then per graph node, its stack's
     /// layers as above, or its combine weight (and the attention's bias)). BatchNorm's running
     /// statistics are not parameters (no gradient; a step moves them).
@@ -304,6 +321,9 @@ impl Tower {
         let mut out: Vec<&[f32]> = Vec::new();
         if let Some(s) = &self.senet {
             out.extend([s.w1.as_slice(), s.b1.as_slice(), s.w2.as_slice(), s.b2.as_slice()]);
+        }
+        if let Some(a) = &self.attention {
+            out.extend([a.wq.as_slice(), a.wk.as_slice()]);
         }
         fn layer<'a>(l: &'a Layer, out: &mut Vec<&'a [f32]>) {
             if let Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } = l {
@@ -327,6 +347,9 @@ impl Tower {
         let mut out: Vec<&mut Vec<f32>> = Vec::new();
         if let Some(s) = &mut self.senet {
             out.extend([&mut s.w1, &mut s.b1, &mut s.w2, &mut s.b2]);
+        }
+        if let Some(a) = &mut self.attention {
+            out.extend([&mut a.wq, &mut a.wk]);
         }
         fn layer<'a>(l: &'a mut Layer, out: &mut Vec<&'a mut Vec<f32>>) {
             if let Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } = l {
@@ -395,6 +418,11 @@ impl Tower {
             + self.dense_params().iter().map(|p| p.len()).sum::<usize>()
     }
 
+    /// The index of the first layer's dense parameter (after SENet's and the attention's).
+    fn first_layer_param(&self) -> usize {
+        4 * usize::from(self.senet.is_some()) + 2 * usize::from(self.attention.is_some())
+    }
+
     pub fn zero_grads(&self) -> Grads {
         Grads {
             dense: self.dense_params().iter().map(|p| vec![0.0; p.len()]).collect(),
@@ -404,13 +432,28 @@ impl Tower {
 
     /// The raw input vectors of `xs` (fields concatenated), as the serving forward pass gathers
     /// them: pooling in f64, an empty bag is the OOV row, a missing dense field is zeros.
-    fn gather(&self, xs: &[&Encoded], widths: &[usize], w0: usize) -> Vec<f32> {
+    /// Also returns, per row, the target attention's query and weights.
+    #[allow(clippy::type_complexity)]
+    fn gather(&self, xs: &[&Encoded], widths: &[usize], w0: usize) -> (Vec<f32>, Vec<Option<(Vec<f32>, Vec<f32>)>>) {
         let mut x0 = vec![0f32; xs.len() * w0];
+        let mut attn = Vec::new();
         for (x, out) in xs.iter().zip(x0.chunks_exact_mut(w0.max(1))) {
             let mut off = 0;
-            for ((kind, field), &w) in self.fields.iter().zip(x.fields()).zip(widths) {
+            let mut row_attn = None;
+            for (fi, ((kind, field), &w)) in self.fields.iter().zip(x.fields()).zip(widths).enumerate() {
                 let dst = &mut out[off..off + w];
                 off += w;
+                if let (Some(a), FieldRef::Dense(Some(buf))) = (&self.attention, field) {
+                    if a.field == fi {
+                        if buf.len() >= a.d && (buf.len() - a.d) % a.d.max(1) == 0 {
+                            let hs: Vec<&[f32]> = buf[a.d..].chunks_exact(a.d.max(1)).collect();
+                            let keys = twotower_tower::attention::history_keys(&a.wk, a.r, a.d, &hs);
+                            let (q, alpha) = twotower_tower::attention::attend(&a.wq, &keys, &buf[..a.d], dst);
+                            row_attn = (!alpha.is_empty()).then_some((q, alpha));
+                        }
+                        continue;
+                    }
+                }
                 match (kind, field) {
                     (FieldKind::Embed { table }, FieldRef::Row(r)) => {
                         if let Some(e) = self.tables[*table].row(r) {
@@ -449,8 +492,9 @@ impl Tower {
                     _ => {}
                 }
             }
+            attn.push(row_attn);
         }
-        x0
+        (x0, attn)
     }
 
     /// The forward pass of a batch at inference (the output is `cache.output()`).
@@ -470,7 +514,7 @@ impl Tower {
         let fw = self.field_widths();
         let w0: usize = fw.iter().sum();
         let offsets = offsets_of(&fw);
-        let x0 = self.gather(xs, &fw, w0);
+        let (x0, attn) = self.gather(xs, &fw, w0);
         let mut h = x0.clone();
         let mut senet_rows = Vec::new();
         if let Some(s) = &self.senet {
@@ -504,6 +548,7 @@ impl Tower {
             xs: xs.to_vec(),
             x0,
             senet: senet_rows,
+            attn,
             nodes,
             node_widths,
         }
@@ -519,7 +564,7 @@ impl Tower {
         let f = Fields { fw: &fw, offsets: &offsets, w0, x0: &cache.x0 };
         // Gradients that shortcuts send straight to the raw fields.
         let mut dx0_extra: Option<Vec<f32>> = None;
-        let first = if self.senet.is_some() { 4 } else { 0 };
+        let first = self.first_layer_param();
         let mut dh = match cache.nodes.first() {
             Some(NodeCache::Stack(sc)) if self.graph.is_empty() => {
                 let end = first + self.layers.iter().map(layer_params).sum::<usize>();
@@ -532,6 +577,14 @@ impl Tower {
         }
         if let Some(extra) = dx0_extra {
             dh.iter_mut().zip(extra).for_each(|(a, b)| *a += b);
+        }
+        if let Some(a) = &self.attention {
+            let p = if self.senet.is_some() { 4 } else { 0 };
+            for (row, (x, cached)) in cache.xs.iter().zip(&cache.attn).enumerate() {
+                let (Some((q, alpha)), Some(FieldRef::Dense(Some(buf)))) = (cached, x.fields().nth(a.field)) else { continue };
+                let dout = &dh[row * w0 + offsets[a.field]..row * w0 + offsets[a.field] + a.d];
+                attention_backward(a, q, alpha, buf, dout, &mut grads, p);
+            }
         }
         // Into the embedding rows.
         for (x, drow) in cache.xs.iter().zip(dh.chunks_exact(w0.max(1))) {
@@ -588,7 +641,7 @@ impl Tower {
         let n = self.graph.len();
         // Each node's first dense parameter.
         let mut start = Vec::with_capacity(n);
-        let mut at = if self.senet.is_some() { 4 } else { 0 } + self.layers.iter().map(layer_params).sum::<usize>();
+        let mut at = self.first_layer_param() + self.layers.iter().map(layer_params).sum::<usize>();
         for node in &self.graph {
             start.push(at);
             at += node_params(node);
@@ -625,6 +678,34 @@ impl Tower {
             }
         }
         dh0
+    }
+}
+
+/// Target attention's backward pass for one row: `dout` is d(loss)/d(the field); adds W_q's
+/// and W_k's gradients (dense parameters `p`, `p + 1`). The vectors are constants.
+fn attention_backward(a: &Attention, q: &[f32], alpha: &[f32], buf: &[f32], dout: &[f32], grads: &mut Grads, p: usize) {
+    let (r, d) = (a.r, a.d);
+    let v = &buf[..d];
+    let hs: Vec<&[f32]> = buf[d..].chunks_exact(d).collect();
+    let keys = twotower_tower::attention::history_keys(&a.wk, r, d, &hs);
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+    // out = Σ αᵢ hᵢ; α = softmax(s); sᵢ = q·kᵢ / √r.
+    let da: Vec<f64> = keys.values.chunks_exact(d).map(|h| dot(dout, h)).collect();
+    let mean: f64 = alpha.iter().zip(&da).map(|(a, g)| *a as f64 * g).sum();
+    let scale = 1.0 / (r as f64).sqrt();
+    let mut dq = vec![0f64; r];
+    for (i, (h, k)) in keys.values.chunks_exact(d).zip(keys.keys.chunks_exact(r)).enumerate() {
+        let ds = alpha[i] as f64 * (da[i] - mean) * scale;
+        for j in 0..r {
+            dq[j] += ds * k[j] as f64;
+            let g = ds * q[j] as f64;
+            let gk = &mut grads.dense[p + 1][j * d..(j + 1) * d];
+            gk.iter_mut().zip(h).for_each(|(x, hv)| *x += (g * *hv as f64) as f32);
+        }
+    }
+    for j in 0..r {
+        let gq = &mut grads.dense[p][j * d..(j + 1) * d];
+        gq.iter_mut().zip(v).for_each(|(x, vv)| *x += (dq[j] * *vv as f64) as f32);
     }
 }
 

@@ -243,7 +243,16 @@ fn assemble(model: &Model, log: &RankLog, enc: &Encodings, metric: Metric, r: us
     let v = &log.items[cand.item as usize].vector;
     let pair = &enc.pre[r][c];
     let crosses = CrossInputs::new(metric, &req.user, &[]);
-    model.assemble(&enc.users[r], &enc.items[cand.item as usize], &mut |x, out| crosses.fill(x, v, pair, out))
+    let mut x = model.assemble(&enc.users[r], &enc.items[cand.item as usize], &mut |x, out| crosses.fill(x, v, pair, out));
+    // Target attention is computed by the trained tower from the candidate's vector and the
+    // history's (its weights change every step).
+    if let Some(fi) = model.attention_feature() {
+        let mut buf = Vec::with_capacity(v.len() * (1 + req.history.len()));
+        buf.extend_from_slice(v);
+        req.history.iter().filter(|h| h.len() == v.len()).for_each(|h| buf.extend_from_slice(h));
+        x.set_dense(fi, buf);
+    }
+    x
 }
 
 /// The loss of one row and its gradient with respect to the logit `s`.
@@ -567,14 +576,16 @@ fn validate(
 /// The exported model loads and scores what training scored.
 fn check_export(spec: &str, weights: &[u8], tower: &Tower, log: &RankLog, enc_model: &Model, enc: &Encodings, metric: Metric) -> Result<()> {
     let exported = Model::load(spec, weights)?;
-    let req = &log.requests[0];
+    // A request with a history, when there is one (target attention reads it).
+    let r = log.requests.iter().position(|r| !r.history.is_empty()).unwrap_or(0);
+    let req = &log.requests[r];
     let n = req.candidates.len().min(8);
     if n == 0 {
         return Ok(());
     }
-    let trained = score_request(log, enc_model, enc, metric, tower, 0);
+    let trained = score_request(log, enc_model, enc, metric, tower, r);
     let user = exported.encode_part(&req.features, Source::User, false)?;
-    let crosses = CrossInputs::new(metric, &req.user, &req.history);
+    let crosses = CrossInputs::new(metric, &req.user, &req.history).with_attention(&exported, &req.history);
     for (c, want) in req.candidates.iter().zip(&trained).take(n) {
         let it = &log.items[c.item as usize];
         let part = exported.encode_part(&it.features, Source::Item, false)?;

@@ -1,0 +1,105 @@
+//! Target attention of a pre-rank model (DIN-style; Zhou et al., KDD 2018): the candidate's
+//! item vector v attends over the item vectors h₁..hₙ of the user's history,
+//!
+//!   q = W_q·v,  kᵢ = W_k·hᵢ,  sᵢ = q·kᵢ / √r,  α = softmax(s),  output Σ αᵢ·hᵢ,
+//!
+//! with learned W_q and W_k (`[r, d]`). DIN scores each pair with a small MLP; the bilinear
+//! score here (scaled dot-product attention, as in BST) lets the keys be computed once per
+//! request, so a candidate costs r·d + n·(r + d) multiply-adds. The pre-rank stage sees the
+//! candidate, so this is allowed there and not in the towers. Serving and training call the
+//! same functions.
+
+use crate::layers::{matvec, softmax};
+use crate::model::Model;
+
+/// Where a model's target attention input and weights are.
+#[derive(Debug, Clone)]
+pub(crate) struct TargetAttention {
+    /// The feature (a `cross` input of `target_attention`).
+    pub feature: usize,
+    /// Tensor indices of W_q and W_k.
+    pub query: usize,
+    pub key: usize,
+    pub r: usize,
+    pub d: usize,
+}
+
+/// One request's history ready for target attention: the vectors that are `d` wide and
+/// finite, and their keys.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryKeys {
+    /// `n × d`.
+    pub values: Vec<f32>,
+    /// `n × r`.
+    pub keys: Vec<f32>,
+    pub n: usize,
+    pub r: usize,
+    pub d: usize,
+}
+
+/// The keys W_k·hᵢ of `history` (`wk` is `[r, d]`); vectors of another width or with a
+/// non-finite element are left out.
+pub fn history_keys<H: AsRef<[f32]>>(wk: &[f32], r: usize, d: usize, history: &[H]) -> HistoryKeys {
+    let mut out = HistoryKeys { r, d, ..HistoryKeys::default() };
+    for h in history.iter().map(AsRef::as_ref).filter(|h| h.len() == d && h.iter().all(|x| x.is_finite())) {
+        let mut k = vec![0f32; r];
+        matvec(wk, None, h, r, &mut k);
+        out.values.extend_from_slice(h);
+        out.keys.extend_from_slice(&k);
+        out.n += 1;
+    }
+    out
+}
+
+/// The attention of `v` over the history into `out` (`d` wide; zeros without history or when
+/// `v` is not `d` wide). Returns the query and the weights α (empty when nothing was attended),
+/// which a backward pass needs.
+pub fn attend(wq: &[f32], keys: &HistoryKeys, v: &[f32], out: &mut [f32]) -> (Vec<f32>, Vec<f32>) {
+    out.iter_mut().for_each(|o| *o = 0.0);
+    let (r, d, n) = (keys.r, keys.d, keys.n);
+    if n == 0 || v.len() != d || out.len() != d {
+        return (Vec::new(), Vec::new());
+    }
+    let mut q = vec![0f32; r];
+    matvec(wq, None, v, r, &mut q);
+    let scale = 1.0 / (r as f32).sqrt();
+    let s: Vec<f32> = keys
+        .keys
+        .chunks_exact(r)
+        .map(|k| q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale)
+        .collect();
+    let mut alpha = vec![0f32; n];
+    softmax(&s, &mut alpha);
+    for (a, h) in alpha.iter().zip(keys.values.chunks_exact(d)) {
+        for (o, x) in out.iter_mut().zip(h) {
+            *o += a * x;
+        }
+    }
+    (q, alpha)
+}
+
+impl Model {
+    /// The index of the model's target attention input, if it has one.
+    pub fn attention_feature(&self) -> Option<usize> {
+        self.attention.as_ref().map(|a| a.feature)
+    }
+
+    /// The keys of a request's history for this model's target attention (empty when the
+    /// model has none).
+    pub fn attention_keys(&self, history: &[Vec<f32>]) -> HistoryKeys {
+        match &self.attention {
+            Some(a) => history_keys(&self.tensors[a.key], a.r, a.d, history),
+            None => HistoryKeys::default(),
+        }
+    }
+
+    /// The target attention input of the candidate with item vector `v` into `out`.
+    pub fn attend(&self, keys: &HistoryKeys, v: &[f32], out: &mut [f32]) {
+        match &self.attention {
+            Some(a) if keys.r == a.r && keys.d == a.d => {
+                attend(&self.tensors[a.query], keys, v, out);
+            }
+            _ => out.iter_mut().for_each(|o| *o = 0.0),
+        }
+    }
+}
