@@ -39,6 +39,9 @@ python3 bench/movielens.py | tee "bench/out/movielens-$(date +%Y%m%d-%H%M%S).md"
 # Item-to-item channels and the merged funnel on the same split (bench/movielens_channels.py;
 # movielens.py above has loaded the data and trained the demo's two-tower model).
 python3 bench/movielens_channels.py | tee "bench/out/movielens-channels-$(date +%Y%m%d-%H%M%S).md"
+# Target attention in the cascade's pre-rank models (bench/movielens_din.sh; movielens.py ran
+# scripts/movielens.sh, whose cascade part made the log and the teacher's scores).
+bash bench/movielens_din.sh | tee "bench/out/movielens-din-$(date +%Y%m%d-%H%M%S).txt"
 # recall() over loopback shards (postgres_fdw) against one server (bench/shards.sh; four more
 # scratch clusters, stopped at the end). TT_SKIP_SHARDS=1 leaves it out.
 if [ "${TT_SKIP_SHARDS:-0}" != 1 ]; then

@@ -9,7 +9,7 @@
 //! candidate, so this is allowed there and not in the towers. Serving and training call the
 //! same functions.
 
-use crate::layers::{matvec, softmax};
+use crate::layers::{gemm_xwt, matvec, softmax};
 use crate::model::Model;
 
 /// Where a model's target attention input and weights are.
@@ -78,7 +78,52 @@ pub fn attend(wq: &[f32], keys: &HistoryKeys, v: &[f32], out: &mut [f32]) -> (Ve
     (q, alpha)
 }
 
+/// [`attend`] of many candidates at once (`vs`, each `d` wide, else its row is zeros): three
+/// matrix products, Q = V·W_qᵀ, S = Q·Kᵀ/√r, O = softmax(S)·H. Returns `vs.len() × d` values,
+/// the same as [`attend`] row by row up to the rounding of reordered sums.
+pub fn attend_rows(wq: &[f32], keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
+    let (r, d, n, m) = (keys.r, keys.d, keys.n, vs.len());
+    let mut out = vec![0f32; m * d];
+    if n == 0 || m == 0 || d == 0 {
+        return out;
+    }
+    let mut x = vec![0f32; m * d];
+    for (row, v) in x.chunks_exact_mut(d).zip(vs) {
+        if v.len() == d {
+            row.copy_from_slice(v);
+        }
+    }
+    let q = gemm_xwt(&x, m, d, wq, r, None);
+    let mut s = gemm_xwt(&q, m, r, &keys.keys, n, None);
+    let scale = 1.0 / (r as f32).sqrt();
+    let mut alpha = vec![0f32; m * n];
+    for ((srow, arow), v) in s.chunks_exact_mut(n).zip(alpha.chunks_exact_mut(n)).zip(vs) {
+        if v.len() == d {
+            srow.iter_mut().for_each(|x| *x *= scale);
+            softmax(srow, arow);
+        }
+    }
+    // Hᵀ (d × n), so that O = A · (Hᵀ)ᵀ.
+    let mut ht = vec![0f32; d * n];
+    for (i, h) in keys.values.chunks_exact(d).enumerate() {
+        for (j, x) in h.iter().enumerate() {
+            ht[j * n + i] = *x;
+        }
+    }
+    out = gemm_xwt(&alpha, m, n, &ht, d, None);
+    out
+}
+
 impl Model {
+    /// The target attention input of many candidates (see [`attend_rows`]); zeros when the
+    /// model has none or the keys are another model's.
+    pub fn attend_rows(&self, keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
+        match &self.attention {
+            Some(a) if keys.r == a.r && keys.d == a.d => attend_rows(&self.tensors[a.query], keys, vs),
+            _ => vec![0f32; vs.len() * self.attention.as_ref().map_or(0, |a| a.d)],
+        }
+    }
+
     /// The index of the model's target attention input, if it has one.
     pub fn attention_feature(&self) -> Option<usize> {
         self.attention.as_ref().map(|a| a.feature)

@@ -89,6 +89,14 @@ impl Model {
                 (self.input_width, &unfolded, Some(&template))
             }
         };
+        // Target attention of every candidate at once (matrix products).
+        let attention = if puts.iter().any(|p| matches!(p, Some(Put::Attention(_)))) {
+            let vs: Vec<&[f32]> = items.iter().map(|(_, v)| *v).collect();
+            self.attend_rows(history, &vs)
+        } else {
+            Vec::new()
+        };
+        let aw = self.attention.as_ref().map_or(0, |a| a.d);
         // Rows are written straight into one buffer per thread.
         let threads = if width == 0 { 1 } else { threads.clamp(1, m) };
         let per = m.div_ceil(threads);
@@ -120,7 +128,11 @@ impl Model {
                         }
                     }
                     Some(Put::Scalar(o, c)) => row[*o] = scalar(i, *c),
-                    Some(Put::Attention(o)) => self.attend(history, v, &mut row[*o..*o + f.width]),
+                    Some(Put::Attention(o)) => {
+                        if let Some(a) = attention.get(i * aw..(i + 1) * aw) {
+                            copy_prefix(a, &mut row[*o..*o + f.width]);
+                        }
+                    }
                 }
             }
         }
