@@ -6,7 +6,12 @@ use twotower_metric::Metric;
 use twotower_tower::{Model, Part, Source};
 
 fn main() {
-    let (spec, w) = twotower_testkit::towers::realistic_prerank(3);
+    // DIN=1: the model with target attention over the history (H vectors, default 20).
+    let (spec, w) = if std::env::var("DIN").as_deref() == Ok("1") {
+        twotower_testkit::towers::realistic_prerank_attention(3)
+    } else {
+        twotower_testkit::towers::realistic_prerank(3)
+    };
     let m = Model::load(&spec, &w).unwrap();
     let up = m.encode_part(&json!({"device": "ios"}), Source::User, true).unwrap();
     let user: Vec<f32> = (0..64).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
@@ -14,7 +19,8 @@ fn main() {
     let cands: Vec<Candidate> = (0..nc)
         .map(|i| Candidate { item: i, vector: (0..64).map(|j| (((i * 31 + j * 17) % 23) as f32 - 11.0) / 10.0).collect::<Vec<f32>>().into() })
         .collect();
-    let history: Vec<Vec<f32>> = cands[..20].iter().map(|c| c.vector.to_vec()).collect();
+    let h: usize = std::env::var("H").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+    let history: Vec<Vec<f32>> = cands[..h.min(cands.len())].iter().map(|c| c.vector.to_vec()).collect();
     let parts: Vec<Arc<Part>> = (0..nc).map(|i| Arc::new(m.encode_part(&json!({"category": format!("c{}", i % 30), "price": i as f64}), Source::Item, false).unwrap())).collect();
     let threads: usize = std::env::var("T").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let n: usize = std::env::var("N").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);

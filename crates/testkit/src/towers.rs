@@ -313,6 +313,30 @@ pub fn realistic_prerank(seed: u64) -> (String, Vec<u8>) {
     build(spec, &tensors, seed)
 }
 
+/// [`realistic_prerank`] with one more input: target attention (r = 16) of the candidate over
+/// the history's vectors.
+pub fn realistic_prerank_attention(seed: u64) -> (String, Vec<u8>) {
+    let (plain, _) = realistic_prerank(seed);
+    let mut spec: Value = serde_json::from_str(&plain).expect("the plain spec is JSON");
+    let dims = 64;
+    if let Some(Value::Array(f)) = spec.get_mut("features") {
+        f.push(json!({"name": "din", "type": "cross", "of": "target_attention", "dim": dims,
+                      "attention": {"query": "din.query", "key": "din.key"}}));
+    }
+    let w0 = 2 * D + 1 + 4 * dims + 3;
+    let tensors = [
+        ("emb.device", vec![DEVICES.len() + 1, D], 0.1),
+        ("emb.category", vec![CATEGORIES + 1, D], 0.1),
+        ("din.query", vec![16, dims], linear_init(dims)),
+        ("din.key", vec![16, dims], linear_init(dims)),
+        ("mlp.0.weight", vec![64, w0], linear_init(w0)),
+        ("mlp.0.bias", vec![64], linear_init(w0)),
+        ("mlp.2.weight", vec![1, 64], linear_init(64)),
+        ("mlp.2.bias", vec![1], linear_init(64)),
+    ];
+    build(spec, &tensors, seed)
+}
+
 /// The features of [`realistic_user_tower`] under another architecture, for comparing their
 /// cost (`arch`): `"parallel"`, two sub-towers over every field (w0 → 128 → 32 each) joined by
 /// `weighted_concat` (metric ip, the parallel two-tower's served vector); `"attention"`, three

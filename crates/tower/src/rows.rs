@@ -89,10 +89,26 @@ impl Model {
                 (self.input_width, &unfolded, Some(&template))
             }
         };
-        // Target attention of every candidate at once (matrix products).
+        // Target attention of every candidate at once (matrix products), the candidates split
+        // over the threads.
         let attention = if puts.iter().any(|p| matches!(p, Some(Put::Attention(_)))) {
             let vs: Vec<&[f32]> = items.iter().map(|(_, v)| *v).collect();
-            self.attend_rows(history, &vs)
+            let per = m.div_ceil(threads.clamp(1, m));
+            if per >= m {
+                self.attend_rows(history, &vs)
+            } else {
+                std::thread::scope(|sc| {
+                    let hs: Vec<_> = vs.chunks(per).map(|c| sc.spawn(move || self.attend_rows(history, c))).collect();
+                    let mut out = Vec::with_capacity(m * self.attention.as_ref().map_or(0, |a| a.d));
+                    for h in hs {
+                        match h.join() {
+                            Ok(v) => out.extend_from_slice(&v),
+                            Err(e) => std::panic::resume_unwind(e),
+                        }
+                    }
+                    out
+                })
+            }
         } else {
             Vec::new()
         };
