@@ -703,9 +703,9 @@ fn attention_backward(a: &Attention, q: &[f32], alpha: &[f32], buf: &[f32], dout
             gk.iter_mut().zip(h).for_each(|(x, hv)| *x += (g * *hv as f64) as f32);
         }
     }
-    for j in 0..r {
+    for (j, dqj) in dq.iter().enumerate() {
         let gq = &mut grads.dense[p][j * d..(j + 1) * d];
-        gq.iter_mut().zip(v).for_each(|(x, vv)| *x += (dq[j] * *vv as f64) as f32);
+        gq.iter_mut().zip(v).for_each(|(x, vv)| *x += (dqj * *vv as f64) as f32);
     }
 }
 
