@@ -187,19 +187,8 @@ def main():
     if only_reference:
         # The demo's options only (the default family), then the PyTorch reference.
         FAMILIES[:] = [(FAMILIES[0][0], [{}])]
-    print("| family | configuration (over the demo's options) | valid HR@50 | examples/s (median epoch) | peak RSS MB | seconds |")
-    print("|---|---|---|---|---|---|")
-    kept = []
-    for fi, (family, grid) in enumerate(FAMILIES):
-        best = None
-        for gi, over in enumerate(grid):
-            name = f"q{fi}{gi}"
-            valid, rate, rss, secs = train(name, merged(over))
-            shown = {k: v for k, v in over.items() if k not in ("user", "item")}
-            print(f"| {family} | `{json.dumps(shown)}` | {valid:.4f} | {rate:.0f} | {rss:.0f} | {secs:.0f} |", flush=True)
-            if best is None or valid > best[0]:
-                best = (valid, name, over, rate)
-        kept.append((family,) + best)
+    kept = tune("family", "configuration (over the demo's options)", FAMILIES, "q",
+                lambda over: {k: v for k, v in over.items() if k not in ("user", "item")})
     print()
     print("Test (each user's last item, touched once), the kept configuration of each family:")
     print()
@@ -208,11 +197,7 @@ def main():
     pop = popularity()
     print(f"| popularity | {pop[('exact','hr',10)]:.4f} | {pop[('exact','ndcg',10)]:.4f} | "
           f"{pop[('exact','hr',50)]:.4f} | {pop[('exact','ndcg',50)]:.4f} | – |", flush=True)
-    for family, valid, name, over, rate in kept:
-        r = evaluate(f"{name}_user", f"{name}_item", name)
-        shown = {k: v for k, v in over.items() if k not in ("user", "item")}
-        print(f"| {family} `{json.dumps(shown)}` | {r[('exact','hr',10)]:.4f} | {r[('exact','ndcg',10)]:.4f} | {r[('exact','hr',50)]:.4f} | "
-              f"{r[('exact','ndcg',50)]:.4f} | {r[('index','hr',50)]:.4f} |", flush=True)
+    test_rows(kept, lambda over: {k: v for k, v in over.items() if k not in ("user", "item")})
     architectures()
     py = torch_python()
     if py is None:
@@ -293,28 +278,39 @@ def architectures():
     print()
     print("## Tower architectures (trained in the database, the demo's loss and schedule)")
     print()
-    print("| architecture | configuration | valid HR@50 | examples/s (median epoch) | peak RSS MB | seconds |")
-    print("|---|---|---|---|---|---|")
-    kept = []
-    for ai, (arch, grid) in enumerate(ARCHITECTURES):
-        best = None
-        for gi, over in enumerate(grid):
-            name = f"a{ai}{gi}"
-            valid, rate, rss, secs = train(name, merged(over))
-            print(f"| {arch} | `{json.dumps(shown_arch(over))}` | {valid:.4f} | {rate:.0f} | {rss:.0f} | {secs:.0f} |", flush=True)
-            if best is None or valid > best[0]:
-                best = (valid, name, over)
-        kept.append((arch,) + best)
+    kept = tune("architecture", "configuration", ARCHITECTURES, "a", shown_arch)
     print()
     print("Test (each user's last item, touched once), the kept configuration of each architecture:")
     print()
     print("| architecture | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@50 through the index |")
     print("|---|---|---|---|---|---|")
-    for arch, valid, name, over in kept:
-        r = evaluate(f"{name}_user", f"{name}_item", name)
-        print(f"| {arch} `{json.dumps(shown_arch(over))}` | {r[('exact','hr',10)]:.4f} | {r[('exact','ndcg',10)]:.4f} | "
-              f"{r[('exact','hr',50)]:.4f} | {r[('exact','ndcg',50)]:.4f} | {r[('index','hr',50)]:.4f} |", flush=True)
+    test_rows(kept, shown_arch)
 
+
+def tune(what, config, groups, prefix, shown):
+    """Trains every configuration of each group, prints the validation table, and returns
+    each group's best by validation HR@50: (group, valid, model prefix, options)."""
+    print(f"| {what} | {config} | valid HR@50 | examples/s (median epoch) | peak RSS MB | seconds |")
+    print("|---|---|---|---|---|---|")
+    kept = []
+    for gi, (group, grid) in enumerate(groups):
+        best = None
+        for ci, over in enumerate(grid):
+            name = f"{prefix}{gi}{ci}"
+            valid, rate, rss, secs = train(name, merged(over))
+            print(f"| {group} | `{json.dumps(shown(over))}` | {valid:.4f} | {rate:.0f} | {rss:.0f} | {secs:.0f} |", flush=True)
+            if best is None or valid > best[0]:
+                best = (valid, name, over)
+        kept.append((group,) + best)
+    return kept
+
+
+def test_rows(kept, shown):
+    """The test table's row of each kept model (the test items touched once)."""
+    for group, valid, name, over in kept:
+        r = evaluate(f"{name}_user", f"{name}_item", name)
+        print(f"| {group} `{json.dumps(shown(over))}` | {r[('exact','hr',10)]:.4f} | {r[('exact','ndcg',10)]:.4f} | "
+              f"{r[('exact','hr',50)]:.4f} | {r[('exact','ndcg',50)]:.4f} | {r[('index','hr',50)]:.4f} |", flush=True)
 
 if __name__ == "__main__":
     main()
