@@ -24,6 +24,14 @@ pub(crate) struct TargetAttention {
     pub d: usize,
 }
 
+/// The most history vectors target attention reads: the first ones given (histories are most
+/// recent first), so one request's work and memory stay bounded whatever its history's length.
+pub const MAX_ATTENDED: usize = 256;
+
+/// Candidates per block in [`attend_rows`] (bounds its score matrix to
+/// `ROWS_PER_BLOCK × MAX_ATTENDED` floats).
+const ROWS_PER_BLOCK: usize = 1024;
+
 /// One request's history ready for target attention: the vectors that are `d` wide and
 /// finite, and their keys.
 #[derive(Debug, Clone, Default)]
@@ -38,10 +46,11 @@ pub struct HistoryKeys {
 }
 
 /// The keys W_k·hᵢ of `history` (`wk` is `[r, d]`); vectors of another width or with a
-/// non-finite element are left out.
+/// non-finite element are left out, and at most [`MAX_ATTENDED`] are kept.
 pub fn history_keys<H: AsRef<[f32]>>(wk: &[f32], r: usize, d: usize, history: &[H]) -> HistoryKeys {
     let mut out = HistoryKeys { r, d, ..HistoryKeys::default() };
-    for h in history.iter().map(AsRef::as_ref).filter(|h| h.len() == d && h.iter().all(|x| x.is_finite())) {
+    let usable = history.iter().map(AsRef::as_ref).filter(|h| h.len() == d && h.iter().all(|x| x.is_finite()));
+    for h in usable.take(MAX_ATTENDED) {
         let mut k = vec![0f32; r];
         matvec(wk, None, h, r, &mut k);
         out.values.extend_from_slice(h);
@@ -83,8 +92,14 @@ pub fn attend(wq: &[f32], keys: &HistoryKeys, v: &[f32], out: &mut [f32]) -> (Ve
 /// the same as [`attend`] row by row up to the rounding of reordered sums.
 pub fn attend_rows(wq: &[f32], keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
     let (r, d, n, m) = (keys.r, keys.d, keys.n, vs.len());
-    let mut out = vec![0f32; m * d];
     if n == 0 || m == 0 || d == 0 {
+        return vec![0f32; m * d];
+    }
+    if m > ROWS_PER_BLOCK {
+        let mut out = Vec::with_capacity(m * d);
+        for block in vs.chunks(ROWS_PER_BLOCK) {
+            out.extend_from_slice(&attend_rows(wq, keys, block));
+        }
         return out;
     }
     let mut x = vec![0f32; m * d];
@@ -110,8 +125,7 @@ pub fn attend_rows(wq: &[f32], keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
             ht[j * n + i] = *x;
         }
     }
-    out = gemm_xwt(&alpha, m, n, &ht, d, None);
-    out
+    gemm_xwt(&alpha, m, n, &ht, d, None)
 }
 
 impl Model {

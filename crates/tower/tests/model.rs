@@ -1468,3 +1468,33 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
         assert!((got[0] - m.forward(&x)[0]).abs() <= 1e-5, "senet {senet}: a short vector");
     }
 }
+
+#[test]
+fn target_attention_reads_a_bounded_history_and_scores_candidates_in_blocks() {
+    use twotower_tower::attention::{attend, attend_rows, history_keys, MAX_ATTENDED};
+    let (r, d) = (3, 4);
+    let val = |i: usize, j: usize, a: usize, b: usize| (((i * a + j * b) % 17) as f32 - 8.0) / 8.0;
+    let wq: Vec<f32> = (0..r * d).map(|i| val(i, 0, 7, 1)).collect();
+    let wk: Vec<f32> = (0..r * d).map(|i| val(i, 0, 5, 1)).collect();
+    // A history longer than the bound: its first MAX_ATTENDED usable vectors are read (a
+    // non-finite one and one of the wrong width are skipped).
+    let mut hist: Vec<Vec<f32>> = (0..300).map(|i| (0..d).map(|j| val(i, j, 13, 5)).collect()).collect();
+    hist[3] = vec![f32::NAN, 0.0, 0.0, 0.0];
+    hist[7] = vec![1.0];
+    let keys = history_keys(&wk, r, d, &hist);
+    assert_eq!(keys.n, MAX_ATTENDED);
+    let usable: Vec<&Vec<f32>> = hist.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 7).map(|(_, h)| h).take(MAX_ATTENDED).collect();
+    assert_eq!(keys.values, usable.iter().flat_map(|h| h.iter().copied()).collect::<Vec<f32>>());
+    // More candidates than one block: the batched products equal one candidate at a time.
+    let vs: Vec<Vec<f32>> = (0..2500).map(|i| (0..d).map(|j| val(i, j, 11, 3)).collect()).collect();
+    let refs: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
+    let rows = attend_rows(&wq, &keys, &refs);
+    assert_eq!(rows.len(), 2500 * d);
+    for i in (0..2500).step_by(97).chain([1023, 1024, 2499]) {
+        let mut one = vec![0f32; d];
+        attend(&wq, &keys, &vs[i], &mut one);
+        for (a, b) in rows[i * d..(i + 1) * d].iter().zip(&one) {
+            assert!((a - b).abs() < 1e-5, "candidate {i}: {a} vs {b}");
+        }
+    }
+}

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 use twotower_funnel::prerank::{CrossInputs, Pair};
 use twotower_metric::Metric;
-use twotower_tower::{Encoded, Model, Part, Source};
+use twotower_tower::{Cross, Encoded, Model, Part, Source};
 
 /// What the student learns from.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -247,9 +247,15 @@ fn assemble(model: &Model, log: &RankLog, enc: &Encodings, metric: Metric, r: us
     // Target attention is computed by the trained tower from the candidate's vector and the
     // history's (its weights change every step).
     if let Some(fi) = model.attention_feature() {
-        let mut buf = Vec::with_capacity(v.len() * (1 + req.history.len()));
+        // (At most the first MAX_ATTENDED usable vectors, as serving reads.)
+        let max = twotower_tower::attention::MAX_ATTENDED;
+        let mut buf = Vec::with_capacity(v.len() * (1 + req.history.len().min(max)));
         buf.extend_from_slice(v);
-        req.history.iter().filter(|h| h.len() == v.len()).for_each(|h| buf.extend_from_slice(h));
+        req.history
+            .iter()
+            .filter(|h| h.len() == v.len() && h.iter().all(|x| x.is_finite()))
+            .take(max)
+            .for_each(|h| buf.extend_from_slice(h));
         x.set_dense(fi, buf);
     }
     x
@@ -319,10 +325,13 @@ pub fn train_prerank(
     // Memory: the examples, the per-candidate cross inputs, the parts, a batch's activations.
     let widest = cfg.model.hidden.iter().copied().max().unwrap_or(1).max(4 * dim + 64);
     let cands: usize = log.requests.iter().map(|r| r.candidates.len()).sum();
+    // Target attention: each example of a step carries its history's vectors.
+    let attention = cfg.model.features.iter().any(|f| matches!(f, crate::config::FeatureSpec::Cross { of: Cross::TargetAttention, .. }));
     let needed = examples.len() * 8
         + cands * 16
         + (n + log.items.len()) * (64 + cfg.model.features.len() * 48)
-        + cfg.batch_size * widest * 4 * (cfg.model.hidden.len() + 3) * 3;
+        + cfg.batch_size * widest * 4 * (cfg.model.hidden.len() + 3) * 3
+        + if attention { cfg.batch_size * (twotower_tower::attention::MAX_ATTENDED + 1) * dim * 4 * 2 } else { 0 };
     if needed > budget {
         return Err(TrainError::MemoryBudget { needed, budget });
     }
