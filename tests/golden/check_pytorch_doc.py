@@ -131,8 +131,8 @@ def main():
           "OK" if err <= 1e-6 and no_target_grad else "MISMATCH")
     ok &= err <= 1e-6 and no_target_grad
 
-    # Target attention: the doc's module with the pre-rank fixture's weights (tests/golden/attention)
-    # scores what the numpy reference scored; its spec entry is the fixture's.
+    # The pre-rank fixture (tests/golden/attention) as the doc's model: its scores are the numpy
+    # reference's, and export() writes the fixture's spec (tensor names aside).
     d = os.path.join(HERE, "attention")
     with open(os.path.join(d, "cases.json"), encoding="utf-8") as f:
         cases = json.load(f)
@@ -141,13 +141,14 @@ def main():
     with open(os.path.join(d, "spec.json"), encoding="utf-8") as f:
         aspec = json.load(f)
     state = load_file(os.path.join(d, "weights.safetensors"))
-    din = ns["TargetAttention"](8, r=state["din.query"].shape[0])
-    din.load_state_dict({"query.weight": state["din.query"], "key.weight": state["din.key"]})
-    mlp = torch.nn.Sequential(torch.nn.Linear(18, 6), torch.nn.ReLU(), torch.nn.Linear(6, 1))
-    names = {"mlp.0.weight": "0.weight", "mlp.0.bias": "0.bias", "mlp.1.weight": "2.weight", "mlp.1.bias": "2.bias"}
-    mlp.load_state_dict({names[k]: t for k, t in state.items() if k in names})
+    names = {"din.query": "attention.query.weight", "din.key": "attention.key.weight",
+             "mlp.0.weight": "layers.0.weight", "mlp.0.bias": "layers.0.bias",
+             "mlp.1.weight": "layers.2.weight", "mlp.1.bias": "layers.2.bias"}
+    model = ns["attention_prerank"]()
+    model.load_state_dict({names[k]: t for k, t in state.items()}, strict=True)
+    model.eval()
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        din.to(dtype), mlp.to(dtype)
+        model.to(dtype)
         n = max(1, max(len(c["history"]) for c in cases))
         h = torch.zeros(len(cases), n, 8, dtype=dtype)
         mask = torch.zeros(len(cases), n, dtype=torch.bool)
@@ -156,18 +157,20 @@ def main():
                 h[b, i] = torch.tensor(x, dtype=dtype)
                 mask[b, i] = True
         v = torch.tensor([c["v"] for c in cases], dtype=dtype)
-        age = torch.tensor([[(c["user"]["age"] - 40.0) / 15.0] for c in cases], dtype=dtype)
-        price = torch.tensor([[np.log1p(max(c["item"]["price"], 0.0))] for c in cases], dtype=dtype)
+        batch = model.featurize([{**c["user"], **c["item"]} for c in cases])
+        batch["v"], batch["din"] = v, (v, h, mask)
         with torch.no_grad():
-            score = mlp(torch.cat([age, price, v, din(v, h, mask)], dim=1))[:, 0].numpy()
+            score = model(batch)[:, 0].numpy()
         err = float(np.max(np.abs(score - expected)))
-        print(f"target attention ({dtype}): max |diff| to the numpy reference {err:.2g}", "OK" if err <= tol else "MISMATCH")
+        print(f"pre-rank with target attention ({dtype}): max |diff| to the numpy reference {err:.2g}",
+              "OK" if err <= tol else "MISMATCH")
         ok &= err <= tol
-    # (The fixture names its tensors din.query and din.key; the module's are its state-dict keys.)
-    entry = din.spec("din", "din.")
-    same = (entry.pop("attention") == {"query": "din.query.weight", "key": "din.key.weight"}
-            and entry == {k: v for k, v in aspec["features"][3].items() if k != "attention"})
-    print("target attention: the module's spec entry is the fixture's (tensor names aside):", same)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = ns["export"](model.float(), os.path.join(tmp, "p_"))
+    rename = {v: k for k, v in names.items()}
+    renamed = json.loads(json.dumps(spec), object_hook=lambda o: {k: rename.get(v, v) if isinstance(v, str) else v for k, v in o.items()})
+    same = renamed == aspec
+    print("pre-rank with target attention: export() writes the fixture's spec (tensor names aside):", same)
     ok &= same
 
     tower = ns["user_tower"]()
