@@ -91,7 +91,7 @@ pub fn attend(wq: &[f32], keys: &HistoryKeys, v: &[f32], out: &mut [f32]) -> (Ve
 /// matrix products, Q = V·W_qᵀ, S = Q·Kᵀ/√r, O = softmax(S)·H. Returns `vs.len() × d` values,
 /// the same as [`attend`] row by row up to the rounding of reordered sums.
 pub fn attend_rows(wq: &[f32], keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
-    let (r, d, n, m) = (keys.r, keys.d, keys.n, vs.len());
+    let (d, n, m) = (keys.d, keys.n, vs.len());
     if n == 0 || m == 0 || d == 0 {
         return vec![0f32; m * d];
     }
@@ -99,6 +99,32 @@ pub fn attend_rows(wq: &[f32], keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
         let mut out = Vec::with_capacity(m * d);
         for block in vs.chunks(ROWS_PER_BLOCK) {
             out.extend_from_slice(&attend_rows(wq, keys, block));
+        }
+        return out;
+    }
+    let alpha = weights_rows(wq, keys, vs);
+    // Hᵀ (d × n), so that O = A · (Hᵀ)ᵀ.
+    let mut ht = vec![0f32; d * n];
+    for (i, h) in keys.values.chunks_exact(d).enumerate() {
+        for (j, x) in h.iter().enumerate() {
+            ht[j * n + i] = *x;
+        }
+    }
+    gemm_xwt(&alpha, m, n, &ht, d, None)
+}
+
+/// The attention weights α of many candidates (`vs.len() × n`; a row of zeros for a vector
+/// that is not `d` wide, or without history): Q = V·W_qᵀ, S = Q·Kᵀ/√r, row-wise softmax, in
+/// blocks of candidates.
+pub fn weights_rows(wq: &[f32], keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
+    let (r, d, n, m) = (keys.r, keys.d, keys.n, vs.len());
+    if n == 0 || m == 0 || d == 0 {
+        return Vec::new();
+    }
+    if m > ROWS_PER_BLOCK {
+        let mut out = Vec::with_capacity(m * n);
+        for block in vs.chunks(ROWS_PER_BLOCK) {
+            out.extend_from_slice(&weights_rows(wq, keys, block));
         }
         return out;
     }
@@ -118,14 +144,7 @@ pub fn attend_rows(wq: &[f32], keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
             softmax(srow, arow);
         }
     }
-    // Hᵀ (d × n), so that O = A · (Hᵀ)ᵀ.
-    let mut ht = vec![0f32; d * n];
-    for (i, h) in keys.values.chunks_exact(d).enumerate() {
-        for (j, x) in h.iter().enumerate() {
-            ht[j * n + i] = *x;
-        }
-    }
-    gemm_xwt(&alpha, m, n, &ht, d, None)
+    alpha
 }
 
 impl Model {
@@ -133,9 +152,23 @@ impl Model {
     /// model has none or the keys are another model's.
     pub fn attend_rows(&self, keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
         match &self.attention {
-            Some(a) if keys.r == a.r && keys.d == a.d => attend_rows(&self.tensors[a.query], keys, vs),
+            Some(a) if self.keys_fit(keys) => attend_rows(&self.tensors[a.query], keys, vs),
             _ => vec![0f32; vs.len() * self.attention.as_ref().map_or(0, |a| a.d)],
         }
+    }
+
+    /// The attention weights of many candidates (see [`weights_rows`]); empty when the model
+    /// has none or the keys are another model's.
+    pub(crate) fn attention_weights_rows(&self, keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
+        match &self.attention {
+            Some(a) if self.keys_fit(keys) => weights_rows(&self.tensors[a.query], keys, vs),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether `keys` were made for this model's attention (its r and d).
+    pub(crate) fn keys_fit(&self, keys: &HistoryKeys) -> bool {
+        self.attention.as_ref().is_some_and(|a| keys.r == a.r && keys.d == a.d)
     }
 
     /// The index of the model's target attention input, if it has one.
@@ -155,7 +188,7 @@ impl Model {
     /// The target attention input of the candidate with item vector `v` into `out`.
     pub fn attend(&self, keys: &HistoryKeys, v: &[f32], out: &mut [f32]) {
         match &self.attention {
-            Some(a) if keys.r == a.r && keys.d == a.d => {
+            Some(a) if self.keys_fit(keys) => {
                 attend(&self.tensors[a.query], keys, v, out);
             }
             _ => out.iter_mut().for_each(|o| *o = 0.0),

@@ -27,6 +27,9 @@ enum Put {
     Scalar(usize, Cross),
     /// The target attention of the candidate over the history (the field's width).
     Attention(usize),
+    /// The candidate's attention weights α (`n` columns, the history's length): the folded
+    /// first layer reads W·(Σ αᵢhᵢ) as (W·Hᵀ)·α, fewer columns when n ≤ d.
+    AttentionWeights(usize, usize),
 }
 
 /// The first layer with the request's constants folded in: its weights over the varying
@@ -80,7 +83,7 @@ impl Model {
                 _ => {}
             }
         }
-        let folded = self.fold(&template, u);
+        let folded = self.fold(&template, u, history);
         let unfolded;
         let (width, puts, template): (usize, &[Option<Put>], Option<&[f32]>) = match &folded {
             Some(f) => (f.width, &f.puts, None),
@@ -90,29 +93,18 @@ impl Model {
             }
         };
         // Target attention of every candidate at once (matrix products), the candidates split
-        // over the threads.
-        let attention = if puts.iter().any(|p| matches!(p, Some(Put::Attention(_)))) {
-            let vs: Vec<&[f32]> = items.iter().map(|(_, v)| *v).collect();
-            let per = m.div_ceil(threads.clamp(1, m));
-            if per >= m {
-                self.attend_rows(history, &vs)
-            } else {
-                std::thread::scope(|sc| {
-                    let hs: Vec<_> = vs.chunks(per).map(|c| sc.spawn(move || self.attend_rows(history, c))).collect();
-                    let mut out = Vec::with_capacity(m * self.attention.as_ref().map_or(0, |a| a.d));
-                    for h in hs {
-                        match h.join() {
-                            Ok(v) => out.extend_from_slice(&v),
-                            Err(e) => std::panic::resume_unwind(e),
-                        }
-                    }
-                    out
-                })
+        // over the threads: its output (`aw` per candidate), or its weights when folded.
+        let (attention, aw) = match puts.iter().flatten().find(|p| matches!(p, Put::Attention(_) | Put::AttentionWeights(..))) {
+            Some(Put::Attention(_)) => {
+                let vs: Vec<&[f32]> = items.iter().map(|(_, v)| *v).collect();
+                (split_rows(&vs, threads, m, |c| self.attend_rows(history, c)), self.attention.as_ref().map_or(0, |a| a.d))
             }
-        } else {
-            Vec::new()
+            Some(Put::AttentionWeights(_, n)) if *n > 0 => {
+                let vs: Vec<&[f32]> = items.iter().map(|(_, v)| *v).collect();
+                (split_rows(&vs, threads, m, |c| self.attention_weights_rows(history, c)), *n)
+            }
+            _ => (Vec::new(), 0),
         };
-        let aw = self.attention.as_ref().map_or(0, |a| a.d);
         // Rows are written straight into one buffer per thread.
         let threads = if width == 0 { 1 } else { threads.clamp(1, m) };
         let per = m.div_ceil(threads);
@@ -147,6 +139,11 @@ impl Model {
                     Some(Put::Attention(o)) => {
                         if let Some(a) = attention.get(i * aw..(i + 1) * aw) {
                             copy_prefix(a, &mut row[*o..*o + f.width]);
+                        }
+                    }
+                    Some(Put::AttentionWeights(o, n)) => {
+                        if let Some(a) = attention.get(i * aw..(i + 1) * aw) {
+                            copy_prefix(a, &mut row[*o..*o + n]);
                         }
                     }
                 }
@@ -199,7 +196,7 @@ impl Model {
     }
 
     /// The first layer with the request's constants folded in, when the model allows it.
-    fn fold(&self, template: &[f32], u: &[f32]) -> Option<Folded> {
+    fn fold(&self, template: &[f32], u: &[f32], history: &crate::attention::HistoryKeys) -> Option<Folded> {
         let (w, b, n_in, n_out) = match self.layers.first() {
             Some(Layer::Linear { w, b, n_in, n_out }) if self.senet.is_none() && !self.has_shortcut => (*w, *b, *n_in, *n_out),
             _ => return None,
@@ -241,8 +238,15 @@ impl Model {
                     Some(Put::Item(width - f.width, from - f.width))
                 }
                 Source::Cross(Cross::TargetAttention) => {
-                    width += f.width;
-                    Some(Put::Attention(width - f.width))
+                    // (W·Hᵀ)·α reads n columns instead of d: folded when that is not more.
+                    let n = if self.keys_fit(history) { history.n } else { 0 };
+                    if n <= f.width {
+                        width += n;
+                        Some(Put::AttentionWeights(width - n, n))
+                    } else {
+                        width += f.width;
+                        Some(Put::Attention(width - f.width))
+                    }
                 }
                 Source::Cross(c) => {
                     width += 1;
@@ -273,12 +277,39 @@ impl Model {
                         }
                     }
                     (_, Some(Put::Item(at, _) | Put::Scalar(at, _) | Put::Attention(at))) => out[*at..*at + f.width].copy_from_slice(src),
+                    (_, Some(Put::AttentionWeights(at, n))) => {
+                        // Column j is W·h_j.
+                        for (j, h) in history.values.chunks_exact(f.width.max(1)).take(*n).enumerate() {
+                            out[*at + j] = src.iter().zip(h).map(|(a, b)| a * b).sum();
+                        }
+                    }
                     (_, Some(Put::Product(_))) => unreachable!("a folded row has no product columns"),
                 }
             }
         }
         Some(Folded { width, puts, weight, bias, n_out })
     }
+}
+
+/// `f` over the rows `vs` split into `threads` parts on scoped threads (one part: this
+/// thread), the parts' outputs concatenated in order.
+fn split_rows(vs: &[&[f32]], threads: usize, m: usize, f: impl Fn(&[&[f32]]) -> Vec<f32> + Sync) -> Vec<f32> {
+    let per = m.div_ceil(threads.clamp(1, m.max(1)));
+    if per >= m {
+        return f(vs);
+    }
+    std::thread::scope(|sc| {
+        let f = &f;
+        let hs: Vec<_> = vs.chunks(per).map(|c| sc.spawn(move || f(c))).collect();
+        let mut out = Vec::new();
+        for h in hs {
+            match h.join() {
+                Ok(v) => out.extend_from_slice(&v),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+        out
+    })
 }
 
 /// Copies as much of `src` as fits into `dst` (the rest stays as it is).
