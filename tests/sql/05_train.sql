@@ -211,6 +211,11 @@ CREATE TABLE tr_badusers AS SELECT 1::bigint AS user_id, 'old'::text AS age;
 SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L, user_features => 'tr_badusers')$q$, :'opts'));
 SET maintenance_work_mem = '1MB';
 SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L)$q$, :'opts'));
+-- Dense layers count too: 16 hidden layers of 4096 (about 270 M parameters per tower) are
+-- refused at once under 256MB, before any parameter is drawn.
+SET maintenance_work_mem = '256MB';
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L)$q$,
+       jsonb_set(jsonb_set(:'opts'::jsonb, '{user,hidden}', to_jsonb(array_fill(4096, ARRAY[16]))), '{item,hidden}', to_jsonb(array_fill(4096, ARRAY[16])))));
 RESET maintenance_work_mem;
 SELECT count(*) AS stored FROM twotower.models WHERE name IN ('tr_u2', 'tr_i2');
 

@@ -486,6 +486,68 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
 
 pub const MAX_BRANCHES: usize = 8;
 
+impl TowerSpec {
+    /// An estimate of the dense layers' size before anything is allocated: (parameters, the
+    /// sum of the layers' widths, which bounds a row's activations). `out` is the output width
+    /// (`dim`, or 1 for a pre-rank model), `vector_dim` the towers' vectors' (cross inputs).
+    pub fn dense_size(&self, out: usize, vector_dim: usize) -> (usize, usize) {
+        let width = |f: &FeatureSpec| match f {
+            FeatureSpec::Categorical { dim, .. }
+            | FeatureSpec::Multi { dim, .. }
+            | FeatureSpec::History { dim, .. }
+            | FeatureSpec::Bucketize { dim, .. }
+            | FeatureSpec::Dense { dim, .. } => *dim,
+            FeatureSpec::Numeric { .. } => 1,
+            FeatureSpec::Cross { of, .. } => if of.is_vector() { vector_dim } else { 1 },
+        };
+        // Linear layers from `from` through `widths`: (weights and biases, widths).
+        let chain = |from: usize, widths: &[usize]| -> (usize, usize) {
+            let (mut params, mut sum, mut w) = (0usize, from, from);
+            for &n in widths {
+                params = params.saturating_add(w.saturating_add(1).saturating_mul(n) + 2 * n);
+                sum = sum.saturating_add(n);
+                w = n;
+            }
+            (params, sum)
+        };
+        let w0: usize = self.features.iter().map(width).sum();
+        let nf = self.features.len();
+        let mut params = if self.senet > 0 { 2 * nf * self.senet + self.senet + nf } else { 0 };
+        for f in &self.features {
+            if let FeatureSpec::Cross { attention_dim, .. } = f {
+                params += 2 * attention_dim * vector_dim;
+            }
+        }
+        let mut sum = w0;
+        if self.branches.is_empty() {
+            let extra: usize = self.features.iter().filter(|f| self.shortcut.iter().any(|n| n == f.name())).map(width).sum();
+            let mut widths = self.hidden.clone();
+            widths.push(out);
+            let (p, s) = chain(w0, &widths);
+            params = params.saturating_add(p + extra * out);
+            sum = sum.saturating_add(s + extra);
+        } else {
+            let k = self.branches.len();
+            let bw = if self.fusion == Fusion::Parallel { out / k.max(1) } else { out };
+            for b in &self.branches {
+                let from: usize = b.features.iter().map(|&i| width(&self.features[i])).sum();
+                let mut widths = b.hidden.clone();
+                widths.push(bw);
+                let (p, s) = chain(from, &widths);
+                params = params.saturating_add(p);
+                sum = sum.saturating_add(s);
+            }
+            params += k * k * bw + k;
+            let mut widths = self.hidden.clone();
+            widths.push(out);
+            let (p, s) = chain(k * bw, &widths);
+            params = params.saturating_add(p);
+            sum = sum.saturating_add(s);
+        }
+        (params, sum)
+    }
+}
+
 /// A tower's `branches` and `fusion`.
 fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch>, Fusion)> {
     let fusion = match o.str("fusion", "attention")? {

@@ -332,6 +332,10 @@ pub fn train_prerank(
         + (n + log.items.len()) * (64 + cfg.model.features.len() * 48)
         + cfg.batch_size * widest * 4 * (cfg.model.hidden.len() + 3) * 3
         + if attention { cfg.batch_size * (twotower_tower::attention::MAX_ATTENDED + 1) * dim * 4 * 2 } else { 0 };
+    // The dense layers: parameters, the best epoch's copy, Adam's moments, each thread's
+    // gradients (the activations are counted above).
+    let (params, _) = cfg.model.dense_size(1, dim);
+    let needed = needed.saturating_add(params.saturating_mul(4 * (4 + cfg.threads.max(1))));
     if needed > budget {
         return Err(TrainError::MemoryBudget { needed, budget });
     }

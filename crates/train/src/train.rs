@@ -508,11 +508,21 @@ pub fn train_from(
             })
             .sum()
     };
-    let needed = n_inputs * per_example
-        + data.items.len() * (160 + cfg.dim * 8)
-        + estimate_tables(&cfg.user, data.users.len().max(data.items.len()))
-        + estimate_tables(&cfg.item, data.items.len())
-        + cfg.batch_size * (cfg.batch_size + cfg.negatives * cfg.batch_size.max(1)) * 8;
+    // Dense layers: the parameters, a copy for the best epoch, Adam's two moments, and each
+    // thread's gradients; a step's activations (kept for the backward pass) and their
+    // gradients over the batch's users and candidates.
+    let dense = |spec: &crate::config::TowerSpec, rows: usize| -> usize {
+        let (params, widths) = spec.dense_size(cfg.dim, cfg.dim);
+        params.saturating_mul(4 * (4 + cfg.threads.max(1))).saturating_add(rows.saturating_mul(widths).saturating_mul(8))
+    };
+    let candidates = cfg.batch_size.saturating_add(cfg.negatives.saturating_mul(if cfg.loss.per_row_negatives() { cfg.batch_size } else { 1 }));
+    let needed = (n_inputs * per_example)
+        .saturating_add(data.items.len() * (160 + cfg.dim * 8))
+        .saturating_add(estimate_tables(&cfg.user, data.users.len().max(data.items.len())))
+        .saturating_add(estimate_tables(&cfg.item, data.items.len()))
+        .saturating_add(cfg.batch_size * (cfg.batch_size + cfg.negatives * cfg.batch_size.max(1)) * 8)
+        .saturating_add(dense(&cfg.user, cfg.batch_size))
+        .saturating_add(dense(&cfg.item, candidates));
     if needed > budget {
         return Err(TrainError::MemoryBudget { needed, budget });
     }

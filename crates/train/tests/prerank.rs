@@ -269,3 +269,15 @@ fn recall_rank_is_learned_from_the_logged_position() {
     let m = t.epochs.iter().find(|e| e.epoch == t.best_epoch).unwrap().valid.unwrap();
     assert!(m.recall > 0.95, "recall@4 {}", m.recall);
 }
+
+#[test]
+fn dense_layers_count_against_the_memory_budget() {
+    // 16 hidden layers of 4,096: about 270 M parameters, refused by a 1 GB budget at once.
+    let l = log(20, 9);
+    let mut o = options(json!({"objective": "labels"}));
+    o["model"]["hidden"] = json!(vec![4096; 16]);
+    let cfg = PrerankConfig::parse(&o).unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(matches!(train_prerank(&cfg, &l, 1 << 30, &mut |_| Ok(())), Err(TrainError::MemoryBudget { .. })));
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "refused at once, not after allocating");
+}

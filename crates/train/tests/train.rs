@@ -512,3 +512,30 @@ fn dual_augmented_vectors_mimic_the_other_tower() {
     println!("mean cosine of item augmented vectors to their users: without {:.3}, with {:.3}", closeness[0], closeness[1]);
     assert!(closeness[1] > closeness[0] + 0.1, "{closeness:?}");
 }
+
+#[test]
+fn dense_layers_count_against_the_memory_budget() {
+    // 16 hidden layers of 4,096 in each tower: about 270 M parameters per tower, 1 GB of f32
+    // before gradients and optimiser state. A 1 GB budget refuses it at once, before any
+    // parameter is drawn; so it does for 8 branches of 8 such layers.
+    let data = synthetic();
+    let deep = json!(vec![4096; 16]);
+    let tower = |features: Value| json!({"features": features, "hidden": deep});
+    let branched = |features: Value| {
+        let b: Vec<Value> = (0..8).map(|i| json!({"name": format!("b{i}"), "hidden": vec![4096; 8]})).collect();
+        json!({"features": features, "branches": b, "fusion": "sum"})
+    };
+    let uf = json!([{"name": "user_id", "type": "categorical"}, {"name": "age", "type": "numeric"}]);
+    let itf = json!([{"name": "item_id", "type": "categorical"}]);
+    for towers in [
+        json!({"user": tower(uf.clone()), "item": tower(itf.clone())}),
+        json!({"user": branched(uf.clone()), "item": branched(itf.clone())}),
+    ] {
+        let t0 = std::time::Instant::now();
+        match train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| Ok(())) {
+            Err(TrainError::MemoryBudget { needed, budget }) => assert!(needed > budget),
+            other => panic!("{towers}: {:?}", other.map(|t| t.user_parameters)),
+        }
+        assert!(t0.elapsed().as_secs_f64() < 5.0, "refused at once, not after allocating");
+    }
+}
