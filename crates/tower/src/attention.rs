@@ -45,12 +45,20 @@ pub struct HistoryKeys {
     pub d: usize,
 }
 
-/// The keys W_k·hᵢ of `history` (`wk` is `[r, d]`); vectors of another width or with a
-/// non-finite element are left out, and at most [`MAX_ATTENDED`] are kept.
+/// The history vectors target attention reads: the first [`MAX_ATTENDED`] that are `d` wide
+/// and finite.
+pub fn attended<H: AsRef<[f32]>>(history: &[H], d: usize) -> impl Iterator<Item = &[f32]> {
+    history
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(move |h| h.len() == d && h.iter().all(|x| x.is_finite()))
+        .take(MAX_ATTENDED)
+}
+
+/// The keys W_k·hᵢ of the [`attended`] vectors of `history` (`wk` is `[r, d]`).
 pub fn history_keys<H: AsRef<[f32]>>(wk: &[f32], r: usize, d: usize, history: &[H]) -> HistoryKeys {
     let mut out = HistoryKeys { r, d, ..HistoryKeys::default() };
-    let usable = history.iter().map(AsRef::as_ref).filter(|h| h.len() == d && h.iter().all(|x| x.is_finite()));
-    for h in usable.take(MAX_ATTENDED) {
+    for h in attended(history, d) {
         let mut k = vec![0f32; r];
         matvec(wk, None, h, r, &mut k);
         out.values.extend_from_slice(h);
@@ -95,22 +103,19 @@ pub fn attend_rows(wq: &[f32], keys: &HistoryKeys, vs: &[&[f32]]) -> Vec<f32> {
     if n == 0 || m == 0 || d == 0 {
         return vec![0f32; m * d];
     }
-    if m > ROWS_PER_BLOCK {
-        let mut out = Vec::with_capacity(m * d);
-        for block in vs.chunks(ROWS_PER_BLOCK) {
-            out.extend_from_slice(&attend_rows(wq, keys, block));
-        }
-        return out;
-    }
-    let alpha = weights_rows(wq, keys, vs);
-    // Hᵀ (d × n), so that O = A · (Hᵀ)ᵀ.
+    // Hᵀ (d × n), so that O = A · (Hᵀ)ᵀ; once per call, then block by block.
     let mut ht = vec![0f32; d * n];
     for (i, h) in keys.values.chunks_exact(d).enumerate() {
         for (j, x) in h.iter().enumerate() {
             ht[j * n + i] = *x;
         }
     }
-    gemm_xwt(&alpha, m, n, &ht, d, None)
+    let mut out = Vec::with_capacity(m * d);
+    for block in vs.chunks(ROWS_PER_BLOCK) {
+        let alpha = weights_rows(wq, keys, block);
+        out.extend_from_slice(&gemm_xwt(&alpha, block.len(), n, &ht, d, None));
+    }
+    out
 }
 
 /// The attention weights α of many candidates (`vs.len() × n`; a row of zeros for a vector

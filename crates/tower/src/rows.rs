@@ -94,15 +94,12 @@ impl Model {
         };
         // Target attention of every candidate at once (matrix products), the candidates split
         // over the threads: its output (`aw` per candidate), or its weights when folded.
+        let vs = || -> Vec<&[f32]> { items.iter().map(|(_, v)| *v).collect() };
         let (attention, aw) = match puts.iter().flatten().find(|p| matches!(p, Put::Attention(_) | Put::AttentionWeights(..))) {
             Some(Put::Attention(_)) => {
-                let vs: Vec<&[f32]> = items.iter().map(|(_, v)| *v).collect();
-                (split_rows(&vs, threads, m, |c| self.attend_rows(history, c)), self.attention.as_ref().map_or(0, |a| a.d))
+                (split_rows(&vs(), threads, m, |c| self.attend_rows(history, c)), self.attention.as_ref().map_or(0, |a| a.d))
             }
-            Some(Put::AttentionWeights(_, n)) if *n > 0 => {
-                let vs: Vec<&[f32]> = items.iter().map(|(_, v)| *v).collect();
-                (split_rows(&vs, threads, m, |c| self.attention_weights_rows(history, c)), *n)
-            }
+            Some(Put::AttentionWeights(_, n)) if *n > 0 => (split_rows(&vs(), threads, m, |c| self.attention_weights_rows(history, c)), *n),
             _ => (Vec::new(), 0),
         };
         // Rows are written straight into one buffer per thread.
@@ -136,14 +133,10 @@ impl Model {
                         }
                     }
                     Some(Put::Scalar(o, c)) => row[*o] = scalar(i, *c),
-                    Some(Put::Attention(o)) => {
+                    // aw is the put's width: d for the output, n for the weights.
+                    Some(Put::Attention(o) | Put::AttentionWeights(o, _)) => {
                         if let Some(a) = attention.get(i * aw..(i + 1) * aw) {
-                            copy_prefix(a, &mut row[*o..*o + f.width]);
-                        }
-                    }
-                    Some(Put::AttentionWeights(o, n)) => {
-                        if let Some(a) = attention.get(i * aw..(i + 1) * aw) {
-                            copy_prefix(a, &mut row[*o..*o + n]);
+                            row[*o..*o + aw].copy_from_slice(a);
                         }
                     }
                 }

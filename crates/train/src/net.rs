@@ -142,6 +142,14 @@ pub struct Node {
     pub op: NodeOp,
 }
 
+/// What target attention's backward pass needs of one row: the query, the weights α and the
+/// history's keys (computed once, in the forward pass).
+struct AttnRow {
+    q: Vec<f32>,
+    alpha: Vec<f32>,
+    keys: twotower_tower::attention::HistoryKeys,
+}
+
 /// What SENet's backward pass needs of one row: the squeezed fields, the hidden layer after its
 /// ReLU, and the gates.
 struct SenetRow {
@@ -192,8 +200,8 @@ pub struct Cache<'a> {
     /// The raw gathered fields (before SENet) and SENet's per-row values.
     x0: Vec<f32>,
     senet: Vec<SenetRow>,
-    /// Per row, the target attention's query and weights (when it attended).
-    attn: Vec<Option<(Vec<f32>, Vec<f32>)>>,
+    /// Per row, what the target attention computed (when it attended).
+    attn: Vec<Option<AttnRow>>,
     /// One entry for a one-stack tower (its layers), else one per graph node.
     nodes: Vec<NodeCache>,
     /// Per graph node, its input and output widths.
@@ -432,9 +440,8 @@ impl Tower {
 
     /// The raw input vectors of `xs` (fields concatenated), as the serving forward pass gathers
     /// them: pooling in f64, an empty bag is the OOV row, a missing dense field is zeros.
-    /// Also returns, per row, the target attention's query and weights.
-    #[allow(clippy::type_complexity)]
-    fn gather(&self, xs: &[&Encoded], widths: &[usize], w0: usize) -> (Vec<f32>, Vec<Option<(Vec<f32>, Vec<f32>)>>) {
+    /// Also returns, per row, what the target attention computed.
+    fn gather(&self, xs: &[&Encoded], widths: &[usize], w0: usize) -> (Vec<f32>, Vec<Option<AttnRow>>) {
         let mut x0 = vec![0f32; xs.len() * w0];
         let mut attn = Vec::new();
         for (x, out) in xs.iter().zip(x0.chunks_exact_mut(w0.max(1))) {
@@ -449,7 +456,7 @@ impl Tower {
                             let hs: Vec<&[f32]> = buf[a.d..].chunks_exact(a.d.max(1)).collect();
                             let keys = twotower_tower::attention::history_keys(&a.wk, a.r, a.d, &hs);
                             let (q, alpha) = twotower_tower::attention::attend(&a.wq, &keys, &buf[..a.d], dst);
-                            row_attn = (!alpha.is_empty()).then_some((q, alpha));
+                            row_attn = (!alpha.is_empty()).then_some(AttnRow { q, alpha, keys });
                         }
                         continue;
                     }
@@ -581,9 +588,9 @@ impl Tower {
         if let Some(a) = &self.attention {
             let p = if self.senet.is_some() { 4 } else { 0 };
             for (row, (x, cached)) in cache.xs.iter().zip(&cache.attn).enumerate() {
-                let (Some((q, alpha)), Some(FieldRef::Dense(Some(buf)))) = (cached, x.fields().nth(a.field)) else { continue };
+                let (Some(at), Some(FieldRef::Dense(Some(buf)))) = (cached, x.fields().nth(a.field)) else { continue };
                 let dout = &dh[row * w0 + offsets[a.field]..row * w0 + offsets[a.field] + a.d];
-                attention_backward(a, q, alpha, buf, dout, &mut grads, p);
+                attention_backward(a, at, &buf[..a.d], dout, &mut grads, p);
             }
         }
         // Into the embedding rows.
@@ -681,13 +688,12 @@ impl Tower {
     }
 }
 
-/// Target attention's backward pass for one row: `dout` is d(loss)/d(the field); adds W_q's
-/// and W_k's gradients (dense parameters `p`, `p + 1`). The vectors are constants.
-fn attention_backward(a: &Attention, q: &[f32], alpha: &[f32], buf: &[f32], dout: &[f32], grads: &mut Grads, p: usize) {
+/// Target attention's backward pass for one row (`v` the candidate's vector): `dout` is
+/// d(loss)/d(the field); adds W_q's and W_k's gradients (dense parameters `p`, `p + 1`). The
+/// vectors are constants.
+fn attention_backward(a: &Attention, at: &AttnRow, v: &[f32], dout: &[f32], grads: &mut Grads, p: usize) {
     let (r, d) = (a.r, a.d);
-    let v = &buf[..d];
-    let hs: Vec<&[f32]> = buf[d..].chunks_exact(d).collect();
-    let keys = twotower_tower::attention::history_keys(&a.wk, r, d, &hs);
+    let (q, alpha, keys) = (&at.q, &at.alpha, &at.keys);
     let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
     // out = Σ αᵢ hᵢ; α = softmax(s); sᵢ = q·kᵢ / √r.
     let da: Vec<f64> = keys.values.chunks_exact(d).map(|h| dot(dout, h)).collect();

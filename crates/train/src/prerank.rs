@@ -247,15 +247,9 @@ fn assemble(model: &Model, log: &RankLog, enc: &Encodings, metric: Metric, r: us
     // Target attention is computed by the trained tower from the candidate's vector and the
     // history's (its weights change every step).
     if let Some(fi) = model.attention_feature() {
-        // (At most the first MAX_ATTENDED usable vectors, as serving reads.)
-        let max = twotower_tower::attention::MAX_ATTENDED;
-        let mut buf = Vec::with_capacity(v.len() * (1 + req.history.len().min(max)));
-        buf.extend_from_slice(v);
-        req.history
-            .iter()
-            .filter(|h| h.len() == v.len() && h.iter().all(|x| x.is_finite()))
-            .take(max)
-            .for_each(|h| buf.extend_from_slice(h));
+        // (The vectors serving reads, no more.)
+        let mut buf = v.clone();
+        twotower_tower::attention::attended(&req.history, v.len()).for_each(|h| buf.extend_from_slice(h));
         x.set_dense(fi, buf);
     }
     x

@@ -364,9 +364,8 @@ pub fn train_step(
     // the positive pair (the outputs are constants here).
     let mut l = l;
     if let Some(aug) = &cfg.augmented {
-        let (lu, _) = mimic_side(ut, aug.user, x.users, &v[..b * d], d, x.weights, aug.lambda, &mut ug);
-        let (li, _) = mimic_side(it, aug.item, &x.items[..b], &u, d, x.weights, aug.lambda, &mut ig);
-        l += lu + li;
+        l += mimic_side(ut, aug.user, x.users, &v[..b * d], d, x.weights, aug.lambda, &mut ug);
+        l += mimic_side(it, aug.item, &x.items[..b], &u, d, x.weights, aug.lambda, &mut ig);
     }
     let ustats: Vec<_> = fwd.iter().map(|(uc, _)| uc.batch_stats().to_vec()).collect();
     let istats: Vec<_> = fwd.iter().map(|(_, ic)| ic.batch_stats().to_vec()).collect();
@@ -393,10 +392,10 @@ pub fn train_step(
 
 /// The mimic loss of one tower's augmented vectors (field `field`, an id embedding) for the
 /// batch's positive rows `xs` toward `target` (`xs.len() × d`); adds its gradient to the
-/// table's rows in `g`. Returns the loss (and the number of rows that had a known id).
+/// table's rows in `g`. Returns the loss.
 #[allow(clippy::too_many_arguments)]
-fn mimic_side(t: &Tower, field: usize, xs: &[&Encoded], target: &[f32], d: usize, weights: &[f32], lambda: f32, g: &mut Grads) -> (f64, usize) {
-    let crate::net::FieldKind::Embed { table } = t.fields[field] else { return (0.0, 0) };
+fn mimic_side(t: &Tower, field: usize, xs: &[&Encoded], target: &[f32], d: usize, weights: &[f32], lambda: f32, g: &mut Grads) -> f64 {
+    let crate::net::FieldKind::Embed { table } = t.fields[field] else { return 0.0 };
     let tb = &t.tables[table];
     // Row 0 is the OOV row, shared by every unknown id: not an id's augmented vector.
     let rows: Vec<Option<u32>> = xs
@@ -414,7 +413,7 @@ fn mimic_side(t: &Tower, field: usize, xs: &[&Encoded], target: &[f32], d: usize
             acc.iter_mut().zip(&da[i * d..(i + 1) * d]).for_each(|(x, y)| *x += y);
         }
     }
-    (loss, rows.iter().flatten().count())
+    loss
 }
 
 /// Trained towers to continue from (incremental training): each tower's spec and weights.
