@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PERLLIB=/usr/lib/postgresql/15/lib/pgxs/src/test/perl
-work=/tmp/pg_twotower-tap
+work=${TT_TAP_WORK:-/tmp/pg_twotower-tap}
 rm -rf "$work"; mkdir -p "$work"
 cp -r tests/t "$work/t"
 cp -r tests/golden "$work/golden"
 cp README.md "$work/README.md"
+cp -r docs "$work/docs"
 chown -R postgres:postgres "$work" 2>/dev/null || true
 tests=("$@")
 cd "$work"
