@@ -416,6 +416,73 @@ fn mimic_side(t: &Tower, field: usize, xs: &[&Encoded], target: &[f32], d: usize
     loss
 }
 
+/// A batch's candidates for `b` rows: the positives, the global negatives (shared by the rows
+/// for a softmax, `negatives` per row otherwise) and, for a softmax, each row's own hard
+/// negatives (`hard_per_row`, when there are hard negatives at all).
+fn candidates(cfg: &Config, b: usize, hard: bool) -> usize {
+    if cfg.loss.per_row_negatives() {
+        b.saturating_add(cfg.negatives.saturating_mul(b))
+    } else {
+        let own = if hard { cfg.hard_per_row.saturating_mul(b) } else { 0 };
+        b.saturating_add(cfg.negatives).saturating_add(own)
+    }
+}
+
+/// The bytes one training step holds at its peak for `b` rows (see [`train_step`] and the
+/// batch's making in [`train_from`]); `hard`: whether there are hard negatives; `rows`: the
+/// most rows a user and an item table can have.
+///
+/// - The score matrix `S` and `dL/dS`, `b × c` f32 each (`c` the candidates: shared negatives
+///   add `negatives` columns, per-row negatives `negatives · b`).
+/// - The vectors: U and V, dU and dV, and each thread's share of dV (`c × d` per thread).
+/// - Each tower's activations: every layer keeps its input and the output is kept (about two
+///   values per unit of width), and the backward pass as many gradients.
+/// - The embedding rows' gradients (one row per id of a row, at most the table's rows).
+/// - Per candidate its item, owner, ln Q, sampled flag and input; per row its weight and input.
+fn step_memory(cfg: &Config, b: usize, hard: bool, rows: (usize, usize)) -> usize {
+    let c = candidates(cfg, b, hard);
+    let d = cfg.dim;
+    let threads = cfg.threads.clamp(1, b.max(1));
+    let scores = b.saturating_mul(c).saturating_mul(8);
+    let vectors = d.saturating_mul(4).saturating_mul(
+        (2 * b).saturating_add(c.saturating_mul(2 + threads)),
+    );
+    let activations = |spec: &crate::config::TowerSpec, n: usize| -> usize {
+        let (_, widths) = spec.dense_size(cfg.dim, cfg.dim);
+        n.saturating_mul(widths).saturating_mul(16)
+    };
+    // A row gradient: its f32s, the vector's header and its share of the map's node.
+    let row_grads = |spec: &crate::config::TowerSpec, n: usize, table_rows: usize| -> usize {
+        spec.features
+            .iter()
+            .map(|f| {
+                let (ids, dim, bound) = match f {
+                    FeatureSpec::Categorical { dim, .. } => (1, *dim, table_rows + 1),
+                    FeatureSpec::Multi { dim, max_len, .. } => (*max_len, *dim, table_rows + 1),
+                    FeatureSpec::History { dim, max_len, .. } => (*max_len, *dim, rows.1 + 1),
+                    FeatureSpec::Bucketize { dim, boundaries, .. } => {
+                        let n = match boundaries {
+                            crate::config::Bucketing::Given(b) => b.len(),
+                            crate::config::Bucketing::Quantiles(q) => *q,
+                        };
+                        (1, *dim, n + 2)
+                    }
+                    FeatureSpec::Numeric { .. } | FeatureSpec::Dense { .. } | FeatureSpec::Cross { .. } => (0, 0, 0),
+                };
+                n.saturating_mul(ids).min(bound.saturating_mul(threads)).saturating_mul(dim * 4 + 64)
+            })
+            .sum()
+    };
+    let bookkeeping = c.saturating_mul(24).saturating_add(b.saturating_mul(16));
+    scores
+        .saturating_add(vectors)
+        .saturating_add(activations(&cfg.user, b))
+        .saturating_add(activations(&cfg.item, c))
+        .saturating_add(row_grads(&cfg.user, b, rows.0))
+        .saturating_add(row_grads(&cfg.item, c, rows.1))
+        .saturating_add(bookkeeping)
+}
+
 /// Trained towers to continue from (incremental training): each tower's spec and weights.
 #[derive(Debug, Clone, Copy)]
 pub struct Base<'a> {
@@ -508,20 +575,21 @@ pub fn train_from(
             .sum()
     };
     // Dense layers: the parameters, a copy for the best epoch, Adam's two moments, and each
-    // thread's gradients; a step's activations (kept for the backward pass) and their
-    // gradients over the batch's users and candidates.
-    let dense = |spec: &crate::config::TowerSpec, rows: usize| -> usize {
-        let (params, widths) = spec.dense_size(cfg.dim, cfg.dim);
-        params.saturating_mul(4 * (4 + cfg.threads.max(1))).saturating_add(rows.saturating_mul(widths).saturating_mul(8))
+    // thread's gradients.
+    let dense = |spec: &crate::config::TowerSpec| -> usize {
+        let (params, _) = spec.dense_size(cfg.dim, cfg.dim);
+        params.saturating_mul(4 * (4 + cfg.threads.max(1)))
     };
-    let candidates = cfg.batch_size.saturating_add(cfg.negatives.saturating_mul(if cfg.loss.per_row_negatives() { cfg.batch_size } else { 1 }));
+    // One step over the largest batch the examples make.
+    let b = cfg.batch_size.min(train_pos.len());
+    let rows = (data.users.len().max(data.items.len()), data.items.len());
     let needed = (n_inputs * per_example)
         .saturating_add(data.items.len() * (160 + cfg.dim * 8))
-        .saturating_add(estimate_tables(&cfg.user, data.users.len().max(data.items.len())))
-        .saturating_add(estimate_tables(&cfg.item, data.items.len()))
-        .saturating_add(cfg.batch_size * (cfg.batch_size + cfg.negatives * cfg.batch_size.max(1)) * 8)
-        .saturating_add(dense(&cfg.user, cfg.batch_size))
-        .saturating_add(dense(&cfg.item, candidates));
+        .saturating_add(estimate_tables(&cfg.user, rows.0))
+        .saturating_add(estimate_tables(&cfg.item, rows.1))
+        .saturating_add(dense(&cfg.user))
+        .saturating_add(dense(&cfg.item))
+        .saturating_add(step_memory(cfg, b, !data.hard.is_empty(), rows));
     if needed > budget {
         return Err(TrainError::MemoryBudget { needed, budget });
     }
