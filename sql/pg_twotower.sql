@@ -1,5 +1,9 @@
 -- pg_twotower: distance functions and operators on real[], and the twotower_hnsw index access
--- method with its operator classes. Every object is schema-qualified.
+-- method with its operator classes. Every object is schema-qualified. The operators and the
+-- operator classes (and their families) live in the extension's own schema (@extschema@: public
+-- unless CREATE EXTENSION ... SCHEMA says otherwise), so `ORDER BY v <=> q` and
+-- `USING twotower_hnsw (v real_ip_ops)` work in any session, as pgvector's do; every function,
+-- table and view lives in schema twotower and is called qualified.
 
 CREATE FUNCTION twotower.cosine_distance(real[], real[]) RETURNS double precision
     AS 'MODULE_PATHNAME', 'twotower_cosine_distance' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
@@ -17,17 +21,17 @@ CREATE FUNCTION twotower.vector_norm(real[]) RETURNS double precision
 CREATE FUNCTION twotower.l2_normalize(real[]) RETURNS real[]
     AS 'MODULE_PATHNAME', 'twotower_l2_normalize' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
-CREATE OPERATOR twotower.<=> (
+CREATE OPERATOR @extschema@.<=> (
     LEFTARG = real[], RIGHTARG = real[], FUNCTION = twotower.cosine_distance,
-    COMMUTATOR = OPERATOR(twotower.<=>)
+    COMMUTATOR = OPERATOR(@extschema@.<=>)
 );
-CREATE OPERATOR twotower.<#> (
+CREATE OPERATOR @extschema@.<#> (
     LEFTARG = real[], RIGHTARG = real[], FUNCTION = twotower.negative_inner_product,
-    COMMUTATOR = OPERATOR(twotower.<#>)
+    COMMUTATOR = OPERATOR(@extschema@.<#>)
 );
-CREATE OPERATOR twotower.<-> (
+CREATE OPERATOR @extschema@.<-> (
     LEFTARG = real[], RIGHTARG = real[], FUNCTION = twotower.l2_distance,
-    COMMUTATOR = OPERATOR(twotower.<->)
+    COMMUTATOR = OPERATOR(@extschema@.<->)
 );
 
 CREATE FUNCTION twotower.hnsw_handler(internal) RETURNS index_am_handler
@@ -43,21 +47,22 @@ CREATE FUNCTION twotower.hnsw_support_ip(internal) RETURNS internal
 CREATE FUNCTION twotower.hnsw_support_l2(internal) RETURNS internal
     AS 'MODULE_PATHNAME', 'twotower_hnsw_support' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
-CREATE OPERATOR CLASS twotower.real_cosine_ops DEFAULT FOR TYPE real[] USING twotower_hnsw AS
-    OPERATOR 1 twotower.<=> (real[], real[]) FOR ORDER BY pg_catalog.float_ops,
+CREATE OPERATOR CLASS @extschema@.real_cosine_ops DEFAULT FOR TYPE real[] USING twotower_hnsw AS
+    OPERATOR 1 @extschema@.<=> (real[], real[]) FOR ORDER BY pg_catalog.float_ops,
     FUNCTION 1 twotower.hnsw_support_cosine(internal);
-CREATE OPERATOR CLASS twotower.real_ip_ops FOR TYPE real[] USING twotower_hnsw AS
-    OPERATOR 1 twotower.<#> (real[], real[]) FOR ORDER BY pg_catalog.float_ops,
+CREATE OPERATOR CLASS @extschema@.real_ip_ops FOR TYPE real[] USING twotower_hnsw AS
+    OPERATOR 1 @extschema@.<#> (real[], real[]) FOR ORDER BY pg_catalog.float_ops,
     FUNCTION 1 twotower.hnsw_support_ip(internal);
-CREATE OPERATOR CLASS twotower.real_l2_ops FOR TYPE real[] USING twotower_hnsw AS
-    OPERATOR 1 twotower.<-> (real[], real[]) FOR ORDER BY pg_catalog.float_ops,
+CREATE OPERATOR CLASS @extschema@.real_l2_ops FOR TYPE real[] USING twotower_hnsw AS
+    OPERATOR 1 @extschema@.<-> (real[], real[]) FOR ORDER BY pg_catalog.float_ops,
     FUNCTION 1 twotower.hnsw_support_l2(internal);
 
 CREATE FUNCTION twotower.index_info(index regclass)
 RETURNS TABLE (dims integer, metric text, quantization text, m integer, ef_construction integer,
                generation text, graph_items bigint, graph_dead bigint, graph_orphans bigint,
                delta_items bigint, size_bytes bigint, image_bytes bigint, build_seconds double precision,
-               cache_file text, cache_state text)
+               cache_file text, cache_state text, delta_graph_items bigint, delta_pending bigint,
+               folds bigint, delta_generation text)
 LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM twotower.index_info_by_oid($1::pg_catalog.oid) $$;
@@ -172,12 +177,48 @@ CREATE TABLE twotower.channel (
 SELECT pg_catalog.pg_extension_config_dump('twotower.channel', '');
 REVOKE ALL ON twotower.channel FROM PUBLIC;
 
+-- Each user's interactions as the last build or refresh of a channel read them: their number
+-- and an order-free digest. refresh_channel recomputes the users whose fingerprint changed, so
+-- rows that arrive late (an old timestamp, committed after the build) count, and a restored
+-- database (fingerprints dumped with the catalogue) finds nothing new.
+CREATE TABLE twotower.channel_user (
+    channel text NOT NULL REFERENCES twotower.channel (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    user_id text NOT NULL,
+    rows    bigint NOT NULL,
+    digest  bigint NOT NULL,
+    PRIMARY KEY (channel, user_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('twotower.channel_user', '');
+REVOKE ALL ON twotower.channel_user FROM PUBLIC;
+
 CREATE VIEW twotower.channels AS
 SELECT ch.name, ch.kind, ch.neighbors, pg_catalog.pg_get_userbyid(c.relowner) AS owner, ch.interactions,
        ch.user_column, ch.item_column, ch.time_column, ch.weight_column, ch.options, ch.built_at,
        ch.items, ch.users, ch.interactions_read, ch.rows, ch.seconds
   FROM twotower.channel ch LEFT JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) ch.neighbors;
 COMMENT ON VIEW twotower.channels IS 'item-to-item channels: kind, neighbour table and its owner (the channel''s owner), sources, options, and the last build (items, users, interactions read, neighbour rows, seconds)';
+
+-- A channel lives and dies with its neighbour table, as an index does with its table: dropping
+-- the table (DROP TABLE, DROP SCHEMA ... CASCADE, DROP OWNED) removes the channel's row, so no
+-- channel ever names a dropped table's oid (which a later table could reuse, e.g. after a
+-- restore). SECURITY DEFINER (with a pinned search_path): the dropping role cannot write the
+-- catalogue; the function deletes only rows of the relations just dropped.
+CREATE FUNCTION twotower.channel_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_catalog.to_regclass('twotower.channel') IS NULL THEN
+        RETURN;  -- the extension itself is being dropped
+    END IF;
+    DELETE FROM twotower.channel ch
+     USING pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND d.objsubid OPERATOR(pg_catalog.=) 0
+       AND ch.neighbors::pg_catalog.oid OPERATOR(pg_catalog.=) d.objid;
+END $$;
+REVOKE ALL ON FUNCTION twotower.channel_drop() FROM PUBLIC;
+COMMENT ON FUNCTION twotower.channel_drop() IS 'event trigger: removes the channels whose neighbour table was dropped';
+CREATE EVENT TRIGGER twotower_channel_drop ON sql_drop
+    EXECUTE FUNCTION twotower.channel_drop();
 GRANT SELECT ON twotower.channels TO PUBLIC;
 
 -- ---------------------------------------------------------------------------------------------
@@ -204,19 +245,91 @@ GRANT SELECT ON twotower.pipelines TO PUBLIC;
 -- The pre-ranker's hot-item cache serves a table's rows only while the table has this trigger:
 -- each statement that changes it empties every backend's cache at commit (docs/funnel.md).
 -- Run as the caller (creating a trigger needs the table's ownership); ENABLE ALWAYS so that
--- changes applied by logical replication invalidate too.
+-- changes applied by logical replication invalidate too. A partitioned table gets the trigger
+-- on every member of its tree (statement triggers are not cloned to partitions, and a write to
+-- a leaf fires only the leaf's); partitions created or attached later get it from the event
+-- trigger below, and the cache serves a tree only while every member has it.
 CREATE FUNCTION twotower.enable_item_cache(items regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r regclass;
 BEGIN
-    EXECUTE format('CREATE OR REPLACE TRIGGER twotower_item_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
-                    FOR EACH STATEMENT EXECUTE FUNCTION twotower.invalidate_item_cache()', items);
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER twotower_item_cache', items);
+    FOR r IN SELECT p.relid FROM pg_catalog.pg_partition_tree(items) p
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
+              WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::"char"[])
+              ORDER BY p.level, p.relid
+    LOOP
+        EXECUTE format('CREATE OR REPLACE TRIGGER twotower_item_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION twotower.invalidate_item_cache()', r);
+        EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER twotower_item_cache', r);
+    END LOOP;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '"%" is not a table', items USING ERRCODE = 'wrong_object_type';
+    END IF;
 END $$;
-COMMENT ON FUNCTION twotower.enable_item_cache(regclass) IS 'lets the pre-ranker cache the table''s item vectors and features in each backend (adds the twotower_item_cache trigger)';
+COMMENT ON FUNCTION twotower.enable_item_cache(regclass) IS 'lets the pre-ranker cache the table''s item vectors and features in each backend (adds the twotower_item_cache trigger to the table and every partition)';
 
 CREATE FUNCTION twotower.disable_item_cache(items regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    r regclass;
 BEGIN
-    EXECUTE format('DROP TRIGGER IF EXISTS twotower_item_cache ON %s', items);
+    FOR r IN SELECT p.relid FROM pg_catalog.pg_partition_tree(items) p
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
+              WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::"char"[])
+    LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS twotower_item_cache ON %s', r);
+    END LOOP;
 END $$;
-COMMENT ON FUNCTION twotower.disable_item_cache(regclass) IS 'drops the twotower_item_cache trigger: the pre-ranker reads the table on every call';
+COMMENT ON FUNCTION twotower.disable_item_cache(regclass) IS 'drops the twotower_item_cache trigger (from the table and every partition): the pre-ranker reads the table on every call';
+
+-- Partitions created (CREATE TABLE ... PARTITION OF) or attached (ALTER TABLE ... ATTACH
+-- PARTITION) under a table whose item cache is enabled get the trigger too. Runs as the user
+-- who ran the DDL (who owns the new partition).
+CREATE FUNCTION twotower.item_cache_ddl() RETURNS event_trigger
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    root regclass;
+BEGIN
+    FOR root IN
+        SELECT DISTINCT a.relid
+          FROM pg_catalog.pg_event_trigger_ddl_commands() d,
+               LATERAL pg_catalog.pg_partition_ancestors(d.objid) a
+         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND d.objsubid OPERATOR(pg_catalog.=) 0
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                        WHERE t.tgrelid OPERATOR(pg_catalog.=) a.relid AND t.tgname OPERATOR(pg_catalog.=) 'twotower_item_cache')
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_partition_tree(a.relid) m
+                        JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) m.relid
+                        WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::"char"[])
+                          AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                                           WHERE t.tgrelid OPERATOR(pg_catalog.=) m.relid
+                                             AND t.tgname OPERATOR(pg_catalog.=) 'twotower_item_cache'))
+    LOOP
+        PERFORM twotower.enable_item_cache(root);
+    END LOOP;
+END $$;
+COMMENT ON FUNCTION twotower.item_cache_ddl() IS 'event trigger: gives new partitions of an item-cached table the twotower_item_cache trigger';
+CREATE EVENT TRIGGER twotower_item_cache_partitions ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION twotower.item_cache_ddl();
+
+-- DROP EXTENSION pg_twotower without CASCADE is refused while the catalogue holds models,
+-- pipelines or channels, in a restored database too (src/guard.rs); with CASCADE the models'
+-- owner objects are unlinked first.
+CREATE FUNCTION twotower.drop_guard() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'twotower_drop_guard' LANGUAGE C;
+COMMENT ON FUNCTION twotower.drop_guard() IS 'event trigger: refuses DROP EXTENSION pg_twotower without CASCADE while models, pipelines or channels exist';
+CREATE EVENT TRIGGER twotower_drop_guard ON ddl_command_start
+    WHEN TAG IN ('DROP EXTENSION')
+    EXECUTE FUNCTION twotower.drop_guard();
+
+-- Row estimates that follow k (src/planner.rs): a call with a constant k is planned as k rows
+-- (recommend and prerank without one: the pipeline's k; prerank: at most its candidates).
+CREATE FUNCTION twotower.rows_support(internal) RETURNS internal
+    AS 'MODULE_PATHNAME', 'twotower_rows_support' LANGUAGE C STRICT;
+ALTER FUNCTION twotower.recall(text, regclass, jsonb, integer, bigint[], integer) ROWS 100 SUPPORT twotower.rows_support;
+ALTER FUNCTION twotower.i2i_recall(text, bigint[], real[], integer, bigint[]) ROWS 100 SUPPORT twotower.rows_support;
+ALTER FUNCTION twotower.merge(text[], bigint[], real[], integer, text, jsonb, bigint[]) ROWS 100 SUPPORT twotower.rows_support;
+ALTER FUNCTION twotower.recommend(text, jsonb, integer, bigint[]) ROWS 50 SUPPORT twotower.rows_support;
+ALTER FUNCTION twotower.prerank(text, jsonb, bigint[], integer) ROWS 50 SUPPORT twotower.rows_support;

@@ -699,6 +699,8 @@ pub struct Serving {
     pub loaded: Arc<Loaded>,
     /// `unknown_features = 'error'`: keys that are not features are an error (else ignored).
     pub strict: bool,
+    /// The model's owner object, whose large-object SELECT right is the right to run the model.
+    pub owner_object: Option<pg_sys::Oid>,
 }
 
 impl std::ops::Deref for Serving {
@@ -713,6 +715,7 @@ impl Clone for Serving {
         Serving {
             loaded: self.loaded.clone(),
             strict: self.strict,
+            owner_object: self.owner_object,
         }
     }
 }
@@ -729,6 +732,56 @@ impl Serving {
     }
 }
 
+/// Whether `role` may run (embed with, recall with, serve in a pipeline) a model whose owner
+/// object is `owner_object`: the SELECT right on that large object (its owner and the owner's
+/// members have it; `twotower.grant_model_usage` grants it), or `twotower_admin`. A model
+/// without an owner object runs for administrators only.
+pub fn may_use(role: pg_sys::Oid, owner_object: Option<pg_sys::Oid>) -> bool {
+    if is_admin(role) {
+        return true;
+    }
+    let Some(lo) = owner_object else { return false };
+    // SAFETY: catalogue lookups by oid; the ACL check runs only on an existing large object
+    // (it raises for a missing one), with the current snapshot.
+    unsafe {
+        large_object_exists(lo)
+            && pg_sys::pg_largeobject_aclcheck_snapshot(lo, role, pg_sys::ACL_SELECT as pg_sys::AclMode, std::ptr::null_mut())
+                == pg_sys::AclResult::ACLCHECK_OK
+    }
+}
+
+/// Whether large object `lo` exists (PostgreSQL's `LargeObjectExists`, which pgrx does not
+/// bind): one index probe of pg_largeobject_metadata.
+///
+/// # Safety
+/// Must run in a transaction.
+unsafe fn large_object_exists(lo: pg_sys::Oid) -> bool {
+    // pg_largeobject_metadata and its oid index (fixed catalogue oids).
+    let (metadata, metadata_oid_index) = (pg_sys::Oid::from(2995u32), pg_sys::Oid::from(2996u32));
+    // SAFETY: the standard catalogue index scan with the catalogue snapshot; opened and closed
+    // here (an error in between is cleaned up by abort).
+    unsafe {
+        let rel = pg_sys::table_open(metadata, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(&mut key, 1, pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber, pg_sys::Oid::from(pg_sys::F_OIDEQ), pg_sys::Datum::from(lo));
+        let scan = pg_sys::systable_beginscan(rel, metadata_oid_index, true, std::ptr::null_mut(), 1, &mut key);
+        let found = !pg_sys::systable_getnext(scan).is_null();
+        pg_sys::systable_endscan(scan);
+        pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        found
+    }
+}
+
+fn check_use(l: &Serving) -> TtResult<()> {
+    if may_use(caller(), l.owner_object) {
+        return Ok(());
+    }
+    Err(TtError::PermissionDenied {
+        action: format!("use model \"{}\"", l.loaded.name),
+        hint: "A model runs for its owner, the roles it was granted to (twotower.grant_model_usage) and members of twotower_admin.".into(),
+    })
+}
+
 /// The active version of model `name`, decoded (from this backend's cache when it is current).
 pub fn active_model(name: &str) -> TtResult<Serving> {
     let generation = GENERATION.load(std::sync::atomic::Ordering::Relaxed);
@@ -741,19 +794,28 @@ pub fn active_model(name: &str) -> TtResult<Serving> {
         c.active.iter().find(|l| l.loaded.name == name).cloned()
     });
     if let Some(l) = hit {
+        check_use(&l)?;
         return Ok(l);
     }
     let head = as_catalog_owner(|| {
-        read_row3::<i32, i64, bool>(
-            "SELECT v.version, v.checksum, m.unknown_features OPERATOR(pg_catalog.<>) 'ignore'
-               FROM twotower.model m
-               JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
-              WHERE m.name = $1",
-            &[name.into()],
-        )
+        Spi::connect(|c| {
+            let t = c.select(
+                "SELECT v.version, v.checksum, m.unknown_features OPERATOR(pg_catalog.<>) 'ignore', m.owner_object
+                   FROM twotower.model m
+                   JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
+                  WHERE m.name = $1",
+                Some(1),
+                &[name.into()],
+            )?;
+            if t.is_empty() {
+                return Ok(None);
+            }
+            let r = t.first();
+            Ok::<_, pgrx::spi::Error>(Some((r.get::<i32>(1)?, r.get::<i64>(2)?, r.get::<bool>(3)?, r.get::<pg_sys::Oid>(4)?)))
+        })
     })?;
-    let (version, checksum, strict) = match head {
-        Ok(Some((Some(v), Some(c), s))) => (v, c, s.unwrap_or(true)),
+    let (version, checksum, strict, owner_object) = match head {
+        Ok(Some((Some(v), Some(c), s, o))) => (v, c, s.unwrap_or(true), o),
         _ => {
             return Err(TtError::ModelNotFound {
                 name: name.to_string(),
@@ -764,7 +826,9 @@ pub fn active_model(name: &str) -> TtResult<Serving> {
     let l = Serving {
         loaded: load_version(name, version, checksum)?,
         strict,
+        owner_object,
     };
+    check_use(&l)?;
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.generation == generation {

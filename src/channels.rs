@@ -132,7 +132,21 @@ pub mod twotower {
 
     /// Reads the interactions into a log; returns it with the newest time and, when `since`
     /// is given, the users with an interaction newer than it.
-    fn read_log(ch: &Channel, since: Option<f64>) -> TtResult<(Log, Option<f64>, Vec<String>)> {
+    /// Per user: (interactions, a digest of them that does not depend on their order).
+    type Prints = std::collections::HashMap<String, (i64, i64)>;
+    /// Per user: the newest interaction time.
+    type Newest = std::collections::HashMap<String, f64>;
+
+    /// One interaction's share of its user's digest (summed with wrapping: order-free).
+    fn row_print(item: i64, t: f64, w: f32) -> i64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (item, t.to_bits(), w.to_bits()).hash(&mut h);
+        h.finish() as i64
+    }
+
+    /// Reads the interaction log and each user's fingerprint.
+    fn read_log(ch: &Channel) -> TtResult<(Log, Option<f64>, Prints, Newest)> {
         let rel = ch.interactions;
         let src = spi::relation_name(rel)?;
         let uc = spi::column(rel, &ch.user_column, "user id")?;
@@ -146,7 +160,8 @@ pub mod twotower {
         let select = format!("SELECT t.{uc}::pg_catalog.text, t.{ic}::pg_catalog.int8, {ts}, {w} FROM {src} AS t{order}");
         let mut log = Log::default();
         let mut newest: Option<f64> = None;
-        let mut changed = std::collections::BTreeSet::new();
+        let mut prints = Prints::new();
+        let mut latest = Newest::new();
         let mut progress = spi::Progress::new("channel: reading interactions", "rows");
         read_rows(&select, &src, Some(&mut progress), |row| {
             let (Some(u), Some(i), Some(t), Some(wt)) = (row.get::<String>(1)?, row.get::<i64>(2)?, row.get::<f64>(3)?, row.get::<f32>(4)?) else {
@@ -154,12 +169,65 @@ pub mod twotower {
             };
             log.push(&u, i, t, wt).map_err(TtError::Cf).or_report();
             newest = Some(newest.map_or(t, |n: f64| n.max(t)));
-            if since.is_some_and(|s| t > s) {
-                changed.insert(u);
-            }
+            let l = latest.entry(u.clone()).or_insert(t);
+            *l = l.max(t);
+            let p = prints.entry(u).or_insert((0, 0));
+            p.0 += 1;
+            p.1 = p.1.wrapping_add(row_print(i, t, wt));
             Ok(())
         })?;
-        Ok((log, newest, changed.into_iter().collect()))
+        Ok((log, newest, prints, latest))
+    }
+
+    /// The fingerprints the last build or refresh of channel `name` stored.
+    fn stored_prints(name: &str) -> TtResult<Prints> {
+        as_catalog_owner(|| {
+            Spi::connect(|c| {
+                let mut out = Prints::new();
+                for r in c.select("SELECT user_id, rows, digest FROM twotower.channel_user WHERE channel = $1", None, &[name.into()])? {
+                    if let (Some(u), Some(n), Some(d)) = (r.get::<String>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?) {
+                        out.insert(u, (n, d));
+                    }
+                }
+                Ok::<_, pgrx::spi::Error>(out)
+            })
+        })?
+        .map_err(|e| TtError::Unsupported(format!("reading the channel catalogue: {e}")))
+    }
+
+    /// Stores the fingerprints of `users` (all of `prints` when None, replacing the old ones)
+    /// and forgets the users in `gone`.
+    fn store_prints(name: &str, prints: &Prints, users: Option<&[String]>, gone: &[String]) -> TtResult<()> {
+        let rows: Vec<(&String, &(i64, i64))> = match users {
+            None => prints.iter().collect(),
+            Some(us) => us.iter().filter_map(|u| prints.get_key_value(u)).collect(),
+        };
+        as_catalog_owner(|| -> Result<(), pgrx::spi::Error> {
+            if users.is_none() {
+                Spi::run_with_args("DELETE FROM twotower.channel_user WHERE channel = $1", &[name.into()])?;
+            }
+            if !gone.is_empty() {
+                Spi::run_with_args(
+                    "DELETE FROM twotower.channel_user WHERE channel = $1 AND user_id = ANY ($2)",
+                    &[name.into(), gone.to_vec().into()],
+                )?;
+            }
+            for chunk in rows.chunks(50_000) {
+                let u: Vec<String> = chunk.iter().map(|r| r.0.clone()).collect();
+                let n: Vec<i64> = chunk.iter().map(|r| r.1 .0).collect();
+                let d: Vec<i64> = chunk.iter().map(|r| r.1 .1).collect();
+                Spi::run_with_args(
+                    "INSERT INTO twotower.channel_user (channel, user_id, rows, digest)
+                     SELECT $1, * FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.int8[]),
+                                                  pg_catalog.unnest($4::pg_catalog.int8[]))
+                     ON CONFLICT (channel, user_id) DO UPDATE SET rows = EXCLUDED.rows, digest = EXCLUDED.digest",
+                    &[name.into(), u.into(), n.into(), d.into()],
+                )?;
+                pgrx::check_for_interrupts!();
+            }
+            Ok(())
+        })?
+        .map_err(|e| TtError::Unsupported(format!("recording channel \"{name}\": {e}")))
     }
 
     fn budget() -> usize {
@@ -347,7 +415,7 @@ pub mod twotower {
             options: opts_json,
             watermark: None,
         };
-        let (log, newest, _) = read_log(&ch, None).or_report();
+        let (log, newest, prints, _) = read_log(&ch).or_report();
         let sim = Similarity::new(&log, &opts, budget()).map_err(TtError::Cf).or_report();
         if opts.half_life.is_some() && opts.decay_reference.is_none() {
             // Refreshes measure ages from this build's reference (old weights stay as they are).
@@ -359,6 +427,7 @@ pub mod twotower {
         let rows = write_rows(&sim, &table, None).or_report();
         let secs = started.elapsed().as_secs_f64();
         record(name, &ch, newest, &log, &sim, rows, secs).or_report();
+        store_prints(name, &prints, None, &[]).or_report();
         TableIterator::once((
             name.to_owned(),
             kind.name().to_owned(),
@@ -385,7 +454,22 @@ pub mod twotower {
             .map_err(|_| TtError::BadArgument(format!("the neighbour table of channel \"{name}\" was dropped")))
             .or_report();
         let opts = Options::parse(ch.kind, &ch.options).map_err(TtError::Cf).or_report();
-        let (log, newest, changed) = read_log(&ch, Some(ch.watermark.unwrap_or(f64::NEG_INFINITY))).or_report();
+        // A user changed when their interactions differ from the last read's (count and an
+        // order-free digest): rows added late, whatever their time, count. A channel built
+        // before 0.8.0 has no fingerprints: its first refresh goes by time, as it did.
+        let (log, newest, prints, latest) = read_log(&ch).or_report();
+        let before = stored_prints(name).or_report();
+        let changed: Vec<String> = if before.is_empty() && ch.watermark.is_some() {
+            let since = ch.watermark.unwrap_or(f64::NEG_INFINITY);
+            let mut users: Vec<String> = latest.iter().filter(|(_, &t)| t > since).map(|(u, _)| u.clone()).collect();
+            users.sort();
+            users
+        } else {
+            let mut users: Vec<String> = prints.iter().filter(|(u, p)| before.get(*u) != Some(*p)).map(|(u, _)| u.clone()).collect();
+            users.sort();
+            users
+        };
+        let gone: Vec<String> = before.keys().filter(|u| !prints.contains_key(*u)).cloned().collect();
         let sim = Similarity::new(&log, &opts, budget()).map_err(TtError::Cf).or_report();
         let changed_refs: Vec<&str> = changed.iter().map(String::as_str).collect();
         let affected = sim.affected(&log, &changed_refs);
@@ -403,6 +487,11 @@ pub mod twotower {
             .unwrap_or(rows);
         let secs = started.elapsed().as_secs_f64();
         record(name, &ch, newest.or(ch.watermark), &log, &sim, total, secs).or_report();
+        if before.is_empty() {
+            store_prints(name, &prints, None, &[]).or_report();
+        } else {
+            store_prints(name, &prints, Some(&changed), &gone).or_report();
+        }
         TableIterator::once((name.to_owned(), changed.len() as i64, affected.len() as i64, rows, secs))
     }
 

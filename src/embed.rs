@@ -171,6 +171,32 @@ pub mod twotower {
         .ok()
         .flatten()
         .is_some();
+        // One row per item: a source without a unique index on its id column is checked first
+        // (two rows for one id would write two target rows, or fail inside ON CONFLICT).
+        let source_unique = catalog::read_row::<bool, bool>(
+            "SELECT true, true FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
+                 ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1
+                AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = $2",
+            &[items.into(), id_column.into()],
+        )
+        .ok()
+        .flatten()
+        .is_some();
+        if !source_unique {
+            let dup = catalog::read_row::<i64, i64>(
+                &format!(
+                    "SELECT t.{idc}::pg_catalog.int8, 0::pg_catalog.int8 FROM {src} AS t WHERE t.{idc} IS NOT NULL
+                      GROUP BY 1 HAVING pg_catalog.count(*) OPERATOR(pg_catalog.>) 1 ORDER BY 1 LIMIT 1"
+                ),
+                &[],
+            )
+            .map_err(|e| TtError::BadArgument(format!("reading {src}: {e}")))
+            .or_report();
+            if let Some((Some(id), _)) = dup {
+                TtError::DuplicateItem { relation: src.clone(), id }.report();
+            }
+        }
         let batch_rows = "SELECT $1[i] AS id, $2[(i - 1) * $3 + 1 : i * $3] AS v
                             FROM pg_catalog.generate_series(1, pg_catalog.cardinality($1)) AS i";
         // One statement per batch returning (inserted, updated); unchanged rows are not written.
@@ -207,6 +233,8 @@ pub mod twotower {
                 TtError::MissingFeatureColumn {
                     relation: src.clone(),
                     feature: f.to_string(),
+                    tower: "item",
+                    training: false,
                 }
                 .report();
             }

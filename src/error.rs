@@ -57,11 +57,17 @@ pub enum TtError {
     /// The extension's SQL objects are older than the library.
     SchemaVersion { installed: String, library: &'static str },
     /// A bulk refresh source lacks the column of a feature that has no default.
-    MissingFeatureColumn { relation: String, feature: String },
+    MissingFeatureColumn { relation: String, feature: String, tower: &'static str, training: bool },
     /// The table an index belongs to has no usable item id column.
     NoItemId(String),
     /// A NULL in a source row where a value is required.
     NullValue(String),
+    /// An index whose pages were never written (a failed CREATE INDEX CONCURRENTLY).
+    NotBuilt(String),
+    /// DROP EXTENSION without CASCADE while the catalogue holds rows (what it holds).
+    ExtensionInUse(String),
+    /// A source with more than one row for an item id (the relation, one such id).
+    DuplicateItem { relation: String, id: i64 },
     /// An error of the training core.
     Train(TrainError),
     /// An error of the item-CF / Swing core.
@@ -362,11 +368,15 @@ impl TtError {
                 Some("The model catalogue keeps its old layout until the extension is updated; indexes and operators keep working meanwhile.".into()),
                 Some(format!("Run ALTER EXTENSION pg_twotower UPDATE TO '{library}';")),
             ),
-            TtError::MissingFeatureColumn { relation, feature } => (
+            TtError::MissingFeatureColumn { relation, feature, tower, training } => (
                 ERRCODE_UNDEFINED_COLUMN,
-                format!("{relation} has no column \"{feature}\" for feature \"{feature}\" of the item tower"),
-                Some("Without it every item would get the same missing value for this feature.".into()),
-                Some("Read the items through a view that provides the column, or give the feature a \"default\" in the spec.".into()),
+                format!("{relation} has no column \"{feature}\" for feature \"{feature}\" of the {tower} tower"),
+                Some(format!("Without it every {tower} would get the same missing value for this feature.")),
+                Some(if *training {
+                    format!("Check the feature's name, or give a {tower}_features source with that column.")
+                } else {
+                    "Read the items through a view that provides the column, or give the feature a \"default\" in the spec.".into()
+                }),
             ),
             TtError::NoItemId(d) => (
                 ERRCODE_WRONG_OBJECT_TYPE,
@@ -381,6 +391,24 @@ impl TtError {
                 Some("Check free space and permissions of $PGDATA/pg_twotower.".into()),
             ),
             TtError::NullValue(d) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, d.clone(), None, None),
+            TtError::NotBuilt(index) => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("index {index} has not been built"),
+                Some("It has no pages: a CREATE INDEX CONCURRENTLY that failed leaves such an invalid index behind.".into()),
+                Some("DROP INDEX it and create it again, or REINDEX INDEX CONCURRENTLY it.".into()),
+            ),
+            TtError::ExtensionInUse(held) => (
+                ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!("cannot drop extension pg_twotower because its catalogue holds {held}"),
+                Some("Dropping the extension would delete every model, pipeline and channel definition.".into()),
+                Some("Drop them first (twotower.drop_model, drop_pipeline, drop_channel), or use DROP EXTENSION pg_twotower CASCADE.".into()),
+            ),
+            TtError::DuplicateItem { relation, id } => (
+                ERRCODE_UNIQUE_VIOLATION,
+                format!("{relation} has more than one row for item id {id}"),
+                None,
+                Some("Each item needs exactly one row in the source: deduplicate it (e.g. a view with DISTINCT ON), or give the id column a unique index.".into()),
+            ),
             TtError::Train(e) => train_parts(e),
             TtError::Cf(e) => cf_parts(e),
             TtError::UnknownChannel(n) => (

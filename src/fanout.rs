@@ -156,15 +156,15 @@ impl Shards {
                 .iter()
                 .map(|(_, rel, _)| crate::shard_conn::remote(*rel, &self.id_column, &self.vector_column))
                 .collect::<TtResult<_>>()?;
-            let op = self.operator();
-            match crate::shard_conn::nearest(&remotes, op, query, k, exclude, ef_search) {
+            let op = self.operator()?;
+            match crate::shard_conn::nearest(&remotes, &op, query, k, exclude, ef_search) {
                 Ok(all) => answers.extend(all.into_iter().map(|a| Ok((a.rows, Some(a.ms))))),
                 Err(e) if !skip => return Err(e),
                 Err(_) => {
                     // Each shard on its own: the ones that answer count.
                     for r in &remotes {
                         answers.push(
-                            crate::shard_conn::nearest(std::slice::from_ref(r), op, query, k, exclude, ef_search)
+                            crate::shard_conn::nearest(std::slice::from_ref(r), &op, query, k, exclude, ef_search)
                                 .map(|mut a| {
                                     let a = a.pop().expect("one answer per remote");
                                     (a.rows, Some(a.ms))
@@ -222,18 +222,33 @@ impl Shards {
         Ok(out)
     }
 
-    fn operator(&self) -> &'static str {
-        match self.metric {
-            Metric::L2 => "OPERATOR(twotower.<->)",
-            Metric::InnerProduct => "OPERATOR(twotower.<#>)",
-            Metric::Cosine => "OPERATOR(twotower.<=>)",
-        }
+    /// The metric's operator, qualified by the schema it lives in here (the extension's own
+    /// schema, `public` unless `CREATE EXTENSION ... SCHEMA` chose another; shards install the
+    /// extension into the same schema).
+    fn operator(&self) -> TtResult<String> {
+        let (name, function) = match self.metric {
+            Metric::L2 => ("<->", "l2_distance"),
+            Metric::InnerProduct => ("<#>", "negative_inner_product"),
+            Metric::Cosine => ("<=>", "cosine_distance"),
+        };
+        let schema = crate::catalog::read_row::<String, String>(
+            "SELECT pg_catalog.quote_ident(n.nspname), '' FROM pg_catalog.pg_operator o
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.oprnamespace
+              WHERE o.oprname OPERATOR(pg_catalog.=) $1
+                AND o.oprcode OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($2)
+              ORDER BY o.oid LIMIT 1",
+            &[name.into(), format!("twotower.{function}(real[],real[])").into()],
+        )
+        .map_err(|e| TtError::BadArgument(format!("looking up the operator {name}: {e}")))?
+        .and_then(|(s, _)| s)
+        .ok_or_else(|| TtError::Unsupported(format!("the operator {name} on real[] of pg_twotower is missing")))?;
+        Ok(format!("OPERATOR({schema}.{name})"))
     }
 
     /// The top `k` of each of the shards numbered `which` in one statement (the branches joined
     /// by UNION ALL): one list per shard, in the order of `which`.
     fn ask(&self, which: &[usize], query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<Vec<(i64, f64)>>> {
-        let op = self.operator();
+        let op = self.operator()?;
         let (id, v) = (quote_identifier(&self.id_column), quote_identifier(&self.vector_column));
         let branches: Vec<String> = which
             .iter()

@@ -138,4 +138,9 @@ pub fn register() {
         GucContext::Userset,
         GucFlags::UNIT_MB,
     );
+    // Unknown twotower.* names are refused from here on (a typo such as twotower.ef_serch is
+    // an error, not a silent placeholder), and placeholders set before the library was loaded
+    // are reported, as PostgreSQL does for reserved prefixes.
+    // SAFETY: called once from _PG_init with a NUL-terminated literal.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"twotower".as_ptr()) };
 }

@@ -34,6 +34,10 @@ pub mod twotower {
             name!(build_seconds, f64),
             name!(cache_file, Option<String>),
             name!(cache_state, String),
+            name!(delta_graph_items, i64),
+            name!(delta_pending, i64),
+            name!(folds, i64),
+            name!(delta_generation, String),
         ),
     > {
         let h = crate::am::search::health(index, "index_info()").or_report();
@@ -53,6 +57,10 @@ pub mod twotower {
             h.build_seconds,
             h.cache_file,
             h.cache_state.to_string(),
+            h.delta_graph_items as i64,
+            h.delta_pending as i64,
+            h.folds as i64,
+            format!("{:016x}", h.delta_generation),
         ))
     }
 

@@ -27,8 +27,20 @@ pub enum Entry {
     Part(Arc<Part>),
 }
 
-/// (what: 0 vector / 1 item part, table oid, model checksum or 0, item id).
+/// (what: 0 vector / 1 item part, table oid, source: a hash of everything else that determines
+/// the entry — the id and vector columns, the model checksum —, item id).
 type Key = (u8, u32, u64, i64);
+
+/// The `source` part of a key: a hash of the columns an entry was read by and the model (its
+/// checksum, or 0) it was encoded for. Two pipelines that read one table by other columns
+/// never share entries.
+pub fn source(columns: &[&str], model: u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    columns.hash(&mut h);
+    model.hash(&mut h);
+    h.finish()
+}
 
 struct State {
     map: HotMap<Key, Entry>,
@@ -97,34 +109,51 @@ pub fn usable(rel: pg_sys::Oid) -> bool {
     if !snapshot_per_statement || !readable || rls {
         return false;
     }
-    WATCHED.with(|w| w.borrow_mut().insert(rel));
     if let Some(known) = with_state(|s| s.enabled.get(&rel).copied()) {
         return known;
     }
-    let has = crate::catalog::read_row::<bool, bool>(
-        "SELECT true, true FROM pg_catalog.pg_trigger
-          WHERE tgrelid = $1 AND tgname = 'twotower_item_cache' AND tgenabled = 'A'
-            AND tgfoid = 'twotower.invalidate_item_cache()'::pg_catalog.regprocedure",
+    // Every member of the table's partition tree (the table alone when it is not partitioned)
+    // must have the trigger, and none may be foreign (its rows change where no trigger sees
+    // them). Each member is watched: dropping a member's trigger, attaching or detaching a
+    // partition invalidates what this backend knows.
+    let tree = crate::catalog::read_row::<bool, Vec<pg_sys::Oid>>(
+        "SELECT pg_catalog.bool_and(c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::\"char\"[]) AND EXISTS (
+                    SELECT 1 FROM pg_catalog.pg_trigger t
+                     WHERE t.tgrelid OPERATOR(pg_catalog.=) m.relid
+                       AND t.tgname OPERATOR(pg_catalog.=) 'twotower_item_cache'
+                       AND t.tgenabled OPERATOR(pg_catalog.=) 'A'
+                       AND t.tgfoid OPERATOR(pg_catalog.=) 'twotower.invalidate_item_cache()'::pg_catalog.regprocedure)),
+                pg_catalog.array_agg(m.relid)
+           FROM pg_catalog.pg_partition_tree($1) m
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) m.relid",
         &[rel.into()],
     )
     .ok()
-    .flatten()
-    .is_some();
+    .flatten();
+    let (has, members) = match tree {
+        Some((Some(has), Some(members))) => (has, members),
+        _ => (false, Vec::new()),
+    };
+    WATCHED.with(|w| {
+        let mut w = w.borrow_mut();
+        w.insert(rel);
+        w.extend(members);
+    });
     with_state(|s| s.enabled.insert(rel, has));
     has
 }
 
-fn key(what: u8, rel: pg_sys::Oid, model: u64, item: i64) -> Key {
-    (what, rel.to_u32(), model, item)
+fn key(what: u8, rel: pg_sys::Oid, source: u64, item: i64) -> Key {
+    (what, rel.to_u32(), source, item)
 }
 
-/// The cached vectors of `items` in `rel` (by item id); the rest are misses.
-pub fn vectors(rel: pg_sys::Oid, items: &[i64]) -> (HashMap<i64, Arc<[f32]>>, Vec<i64>) {
+/// The cached vectors of `items` in `rel` read by `source` (by item id); the rest are misses.
+pub fn vectors(rel: pg_sys::Oid, source: u64, items: &[i64]) -> (HashMap<i64, Arc<[f32]>>, Vec<i64>) {
     with_state(|s| {
         let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
         let mut miss = Vec::new();
         for &i in items {
-            match s.map.get(&key(0, rel, 0, i)) {
+            match s.map.get(&key(0, rel, source, i)) {
                 Some(Entry::Vector(v)) => {
                     hit.insert(i, v);
                 }
@@ -135,21 +164,21 @@ pub fn vectors(rel: pg_sys::Oid, items: &[i64]) -> (HashMap<i64, Arc<[f32]>>, Ve
     })
 }
 
-pub fn put_vectors<'a>(rel: pg_sys::Oid, rows: impl Iterator<Item = (i64, &'a Arc<[f32]>)>) {
+pub fn put_vectors<'a>(rel: pg_sys::Oid, source: u64, rows: impl Iterator<Item = (i64, &'a Arc<[f32]>)>) {
     with_state(|s| {
         for (i, v) in rows {
-            s.map.insert_sized(key(0, rel, 0, i), Entry::Vector(v.clone()), v.len() * 4 + 96);
+            s.map.insert_sized(key(0, rel, source, i), Entry::Vector(v.clone()), v.len() * 4 + 96);
         }
     })
 }
 
-/// The cached item parts of model `model` (its checksum) for `items` from `rel`.
-pub fn parts(rel: pg_sys::Oid, model: u64, items: &[i64]) -> (HashMap<i64, Arc<Part>>, Vec<i64>) {
+/// The cached item parts for `items` from `rel` read by `source` (which names the model).
+pub fn parts(rel: pg_sys::Oid, source: u64, items: &[i64]) -> (HashMap<i64, Arc<Part>>, Vec<i64>) {
     with_state(|s| {
         let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
         let mut miss = Vec::new();
         for &i in items {
-            match s.map.get(&key(1, rel, model, i)) {
+            match s.map.get(&key(1, rel, source, i)) {
                 Some(Entry::Part(p)) => {
                     hit.insert(i, p);
                 }
@@ -160,10 +189,10 @@ pub fn parts(rel: pg_sys::Oid, model: u64, items: &[i64]) -> (HashMap<i64, Arc<P
     })
 }
 
-pub fn put_parts<'a>(rel: pg_sys::Oid, model: u64, rows: impl Iterator<Item = (i64, &'a Arc<Part>)>) {
+pub fn put_parts<'a>(rel: pg_sys::Oid, source: u64, rows: impl Iterator<Item = (i64, &'a Arc<Part>)>) {
     with_state(|s| {
         for (i, p) in rows {
-            s.map.insert_sized(key(1, rel, model, i), Entry::Part(p.clone()), p.memory_bytes() + 64);
+            s.map.insert_sized(key(1, rel, source, i), Entry::Part(p.clone()), p.memory_bytes() + 64);
         }
     })
 }
@@ -184,9 +213,23 @@ pub mod twotower {
         trigger: &'a pgrx::PgTrigger<'a>,
     ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
         let rel = trigger.relation()?;
-        // SAFETY: queues a relcache invalidation of an open relation (sent at commit, undone
-        // on abort), as DDL on it would.
-        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(rel.oid()) };
+        // The table and, for a partition, every table above it: the cache knows a partitioned
+        // table's rows by the table a pipeline names.
+        let mut tables = vec![rel.oid()];
+        // SAFETY: rd_rel of an open relation is its valid pg_class row.
+        if unsafe { (*rel.rd_rel).relispartition } {
+            let above: Option<Vec<Option<pg_sys::Oid>>> = Spi::get_one_with_args(
+                "SELECT pg_catalog.array_agg(relid) FROM pg_catalog.pg_partition_ancestors($1)",
+                &[rel.oid().into()],
+            )
+            .unwrap_or_else(|e| pgrx::error!("reading the ancestors of a partition: {e}"));
+            tables.extend(above.into_iter().flatten().flatten());
+        }
+        for t in tables {
+            // SAFETY: queues a relcache invalidation of a relation (sent at commit, undone on
+            // abort), as DDL on it would; an oid without a relation is ignored by the receivers.
+            unsafe { pg_sys::CacheInvalidateRelcacheByRelid(t) };
+        }
         Ok(None)
     }
 

@@ -16,6 +16,10 @@ pub mod twotower {
 
     /// The most candidates one call merges.
     const MAX_CANDIDATES: usize = 1_000_000;
+    /// The most distinct channels one call merges, and the longest channel name (bytes): the
+    /// memory of a call stays bounded whatever its arrays hold.
+    const MAX_CHANNELS: usize = 1_000;
+    const MAX_CHANNEL_NAME: usize = 256;
 
     fn bad(msg: String) -> ! {
         TtError::BadArgument(msg).report()
@@ -102,7 +106,7 @@ pub mod twotower {
     #[pg_extern(immutable, parallel_safe)]
     #[allow(clippy::type_complexity)]
     fn merge(
-        channel: Option<Vec<Option<String>>>,
+        channel: Option<pgrx::datum::Array<'_, &str>>,
         item_id: Option<Vec<Option<i64>>>,
         score: Option<Vec<Option<f32>>>,
         k: default!(Option<i32>, "100"),
@@ -150,17 +154,27 @@ pub mod twotower {
                 }
             }
         }
+        if names.len() > MAX_CHANNELS {
+            bad(format!("merge option \"order\" names {} channels, more than the {MAX_CHANNELS} one merge takes", names.len()));
+        }
         let mut index: HashMap<String, usize> = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
         let mut cands = Vec::with_capacity(channel.len());
-        for ((c, i), s) in channel.into_iter().zip(item_id).zip(score) {
+        // The channel names are read in place; only distinct ones are copied.
+        for ((c, i), s) in channel.iter().zip(item_id).zip(score) {
             let (Some(c), Some(i), Some(s)) = (c, i, s) else {
                 TtError::NullValue("merge: a channel, item_id or score is NULL".into()).report();
             };
-            let ch = match index.get(&c) {
+            let ch = match index.get(c) {
                 Some(&x) => x,
                 None => {
-                    names.push(c.clone());
-                    index.insert(c, names.len() - 1);
+                    if c.len() > MAX_CHANNEL_NAME {
+                        bad(format!("a channel name of {} bytes is longer than the {MAX_CHANNEL_NAME} merge takes", c.len()));
+                    }
+                    if names.len() >= MAX_CHANNELS {
+                        bad(format!("more than {MAX_CHANNELS} distinct channels in one merge"));
+                    }
+                    names.push(c.to_owned());
+                    index.insert(c.to_owned(), names.len() - 1);
                     names.len() - 1
                 }
             };

@@ -2,6 +2,8 @@
 //! Privileges and catalogue access live in `catalog.rs`; validation in the tower core.
 
 use pgrx::prelude::*;
+use crate::catalog;
+use crate::error::{OrReport, TtError};
 
 #[pg_schema]
 pub mod twotower {
@@ -287,6 +289,21 @@ pub mod twotower {
         catalog::invalidate();
     }
 
+    /// Lets role `grantee` (or `'PUBLIC'`) run model `name`: embed with it, recall and
+    /// refresh with it, serve pipelines that name it. The right is the SELECT privilege on the
+    /// model's owner object, so it is tracked, dumped and dropped with roles as PostgreSQL's own
+    /// grants are. Allowed to whoever may manage the model.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn grant_model_usage(name: &str, grantee: &str) {
+        super::model_usage(name, grantee, true);
+    }
+
+    /// Takes back what `grant_model_usage` gave.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn revoke_model_usage(name: &str, grantee: &str) {
+        super::model_usage(name, grantee, false);
+    }
+
     /// Changes a model's settings. `unknown_features`: `'error'` (the default: a key of the
     /// user features that is not a feature of the active version is an error, so typos are
     /// caught) or `'ignore'` (such keys are skipped, so an application that already sends a
@@ -358,4 +375,42 @@ pub mod twotower {
     fn model_cache_info() -> TableIterator<'static, (name!(models, i64), name!(bytes, i64))> {
         TableIterator::once(catalog::cache_stats())
     }
+}
+
+/// GRANT or REVOKE the SELECT right on model `name`'s owner object for `grantee`.
+fn model_usage(name: &str, grantee: &str, grant: bool) {
+    catalog::check_manage_model(name).or_report();
+    let who = if grantee.eq_ignore_ascii_case("public") {
+        "PUBLIC".to_string()
+    } else {
+        if catalog::role_oid(grantee).is_none() {
+            TtError::BadArgument(format!("role \"{grantee}\" does not exist")).report();
+        }
+        pgrx::spi::quote_identifier(grantee)
+    };
+    let lo = catalog::as_catalog_owner(|| {
+        Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT m.owner_object FROM twotower.model m
+               JOIN pg_catalog.pg_largeobject_metadata o ON o.oid OPERATOR(pg_catalog.=) m.owner_object
+              WHERE m.name OPERATOR(pg_catalog.=) $1",
+            &[name.into()],
+        )
+    })
+    .or_report()
+    .ok()
+    .flatten();
+    let Some(lo) = lo else {
+        TtError::BadArgument(format!(
+            "model \"{name}\" has no owner: give it one with twotower.alter_model_owner first"
+        ))
+        .report();
+    };
+    let sql = if grant {
+        format!("GRANT SELECT ON LARGE OBJECT {} TO {who}", lo.to_u32())
+    } else {
+        format!("REVOKE SELECT ON LARGE OBJECT {} FROM {who}", lo.to_u32())
+    };
+    catalog::as_catalog_owner(|| Spi::run(&sql)).or_report().unwrap_or_else(|e| {
+        TtError::BadArgument(format!("changing the rights on model \"{name}\": {e}")).report()
+    });
 }

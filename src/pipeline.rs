@@ -303,7 +303,8 @@ pub mod twotower {
         }
         let rel = relation("vectors.table", &d.vectors.table)?;
         let cached = crate::item_cache::usable(rel);
-        let (mut hits, ids) = if cached { crate::item_cache::vectors(rel, ids) } else { (HashMap::default(), ids.to_vec()) };
+        let source = crate::item_cache::source(&[d.vectors.id_column.as_str(), d.vectors.vector_column.as_str()], 0);
+        let (mut hits, ids) = if cached { crate::item_cache::vectors(rel, source, ids) } else { (HashMap::default(), ids.to_vec()) };
         if ids.is_empty() {
             return Ok(hits);
         }
@@ -327,7 +328,7 @@ pub mod twotower {
         })
         .map_err(|e| TtError::BadArgument(format!("reading {table}: {e}")))?;
         if cached {
-            crate::item_cache::put_vectors(rel, out.iter().map(|(i, v)| (*i, v)));
+            crate::item_cache::put_vectors(rel, source, out.iter().map(|(i, v)| (*i, v)));
         }
         hits.extend(out);
         Ok(hits)
@@ -345,7 +346,8 @@ pub mod twotower {
         let fail = |e: String| PrerankError::Bad(format!("reading item features: {e}"));
         let rel = spi::regclass(&f.table).ok_or_else(|| fail(format!("relation \"{}\" does not exist", f.table)))?;
         let cached = crate::item_cache::usable(rel);
-        let (mut hits, misses) = if cached { crate::item_cache::parts(rel, model_key, items) } else { (HashMap::default(), items.to_vec()) };
+        let source = crate::item_cache::source(&[f.id_column.as_str()], model_key);
+        let (mut hits, misses) = if cached { crate::item_cache::parts(rel, source, items) } else { (HashMap::default(), items.to_vec()) };
         if misses.is_empty() {
             return Ok(items.iter().map(|i| hits.remove(i).expect("every item is a hit")).collect());
         }
@@ -357,7 +359,7 @@ pub mod twotower {
         if cached {
             // Items without a row are cached too (as every feature's missing value): an insert
             // of their row invalidates the cache like any change.
-            crate::item_cache::put_parts(rel, model_key, fresh.iter().map(|(i, p)| (*i, p)));
+            crate::item_cache::put_parts(rel, source, fresh.iter().map(|(i, p)| (*i, p)));
         }
         hits.extend(fresh);
         Ok(items.iter().map(|i| hits.remove(i).expect("every item was read or cached")).collect())

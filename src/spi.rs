@@ -12,7 +12,13 @@ use pgrx::spi::{quote_identifier, OwnedPreparedStatement, SpiClient, SpiResult, 
 
 /// The schema-qualified, quoted name of relation `rel` (as `regclass` prints it).
 pub fn relation_name(rel: pg_sys::Oid) -> TtResult<String> {
-    read_row::<String, bool>("SELECT $1::pg_catalog.regclass::text, true", &[rel.into()])
+    // From pg_class, not `$1::regclass::text`: the text of a dropped relation's oid is the bare
+    // number, which pasted into SQL is a syntax error (or, once the oid is reused, another table).
+    read_row::<String, bool>(
+        "SELECT c.oid::pg_catalog.regclass::pg_catalog.text, true FROM pg_catalog.pg_class c
+          WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[rel.into()],
+    )
         .ok()
         .flatten()
         .and_then(|(n, _)| n)
@@ -210,4 +216,16 @@ pub fn regclass(name: &str) -> Option<pg_sys::Oid> {
     // raises only for a syntactically invalid name (an ERROR, as the SQL call would).
     let oid = unsafe { pgrx::fcinfo::direct_function_call::<pg_sys::Oid>(pg_sys::to_regclass, &[Some(text)]) };
     oid.filter(|&o| o != pg_sys::InvalidOid)
+}
+
+/// The pointers of a PostgreSQL `List` (NIL gives none).
+///
+/// # Safety
+/// `list` must be NULL or a valid pointer List.
+pub unsafe fn list_pointers(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_void> {
+    if list.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: a List holds `length` cells at `elements`.
+    unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value).collect() }
 }

@@ -347,7 +347,7 @@ fn recall_returns_k_nearest_live_items_with_exclusions() {
          INSERT INTO vecs SELECT i, twotower.l2_normalize(ARRAY(
                   SELECT (x + (random() - 0.5) * 0.6)::real FROM centre WHERE c = i % 30 ORDER BY j))
            FROM generate_series(1, 3000) i;
-         CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding twotower.real_cosine_ops)",
+         CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding real_cosine_ops)",
     )
     .unwrap();
     let features = twotower_testkit::towers::realistic_user_input(3, 1).to_string();
@@ -492,7 +492,7 @@ fn recall_reads_no_more_index_rows_than_it_returns() {
          INSERT INTO vecs SELECT i, twotower.l2_normalize(ARRAY(SELECT (random() - 0.5)::real
                                     FROM generate_series(1, 64) WHERE i > 0))
            FROM generate_series(1, 2000) i;
-         CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding twotower.real_cosine_ops)",
+         CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding real_cosine_ops)",
     )
     .unwrap();
     let features = twotower_testkit::towers::realistic_user_input(5, 1).to_string();
@@ -578,7 +578,7 @@ fn index_info_needs_select_and_names_the_wrong_index_kind() {
 fn recall_null_arguments_are_clear_errors() {
     import_synth_user("synth", 3);
     Spi::run("CREATE TABLE vecs (id bigint PRIMARY KEY, embedding real[])").unwrap();
-    Spi::run("CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding twotower.real_cosine_ops)").unwrap();
+    Spi::run("CREATE INDEX vecs_idx ON vecs USING twotower_hnsw (embedding real_cosine_ops)").unwrap();
     assert_eq!(sqlstate("SELECT * FROM twotower.recall('synth', 'vecs_idx', '{}', NULL)"), "22004");
     assert_eq!(sqlstate("SELECT * FROM twotower.recall('synth', 'vecs', '{}', 5)"), "22023");
     // No SELECT on the table: refused before anything about the index is revealed.

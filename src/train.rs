@@ -118,6 +118,32 @@ pub mod twotower {
         if user_model == item_model {
             TtError::BadArgument("user_model and item_model must be two different models".into()).report();
         }
+        // Every tower feature must have its column (the same rule as refresh_item_vectors): a
+        // misspelt name would train the tower on nothing and give every user one vector.
+        for (tower, source, key, side) in [
+            (&cfg.user, &user_features, user_column, "user"),
+            (&cfg.item, &item_features, item_column, "item"),
+        ] {
+            for f in &tower.features {
+                use twotower_train::config::FeatureSpec;
+                if matches!(f, FeatureSpec::History { .. } | FeatureSpec::Cross { .. }) || f.name() == key {
+                    continue;
+                }
+                let found = source.as_ref().is_some_and(|r| spi::column_exists(r.0, f.name()));
+                if !found {
+                    TtError::MissingFeatureColumn {
+                        relation: match source {
+                            Some(r) => spi::relation_name(r.0).or_report(),
+                            None => format!("the {side}_features argument (not given)"),
+                        },
+                        feature: f.name().to_string(),
+                        tower: side,
+                        training: true,
+                    }
+                    .report();
+                }
+            }
+        }
         let rel = interactions.0;
         let src = spi::relation_name(rel).or_report();
         let uc = spi::column(rel, user_column, "user id").or_report();

@@ -50,6 +50,50 @@ impl VecRef {
         Ok(VecRef { ptr, len })
     }
 
+    /// Reads a pgvector `vector` datum (a varlena of int16 dim, int16 unused, then dim floats),
+    /// in place, without linking pgvector.
+    ///
+    /// # Safety
+    /// `datum` must be a non-NULL datum of pgvector's `vector` type.
+    pub unsafe fn from_pgvector(datum: pg_sys::Datum) -> TtResult<VecRef> {
+        // SAFETY: detoasting returns a 4-byte-header varlena; pgvector writes dim at offset 4
+        // and the floats from offset 8 (its `Vector` struct), and the length covers them.
+        unsafe {
+            let v = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *const u8;
+            let total = (*(v as *const u32) >> 2) as usize;
+            let dim = *(v.add(4) as *const i16);
+            if dim < 0 || 8 + dim as usize * 4 > total {
+                return Err(TtError::BadArray("the vector datum is malformed".into()));
+            }
+            Ok(VecRef { ptr: v.add(8) as *const f32, len: dim as usize })
+        }
+    }
+
+    /// Reads a datum of either vector type.
+    ///
+    /// # Safety
+    /// `datum` must be a non-NULL datum of the type `kind` names.
+    pub unsafe fn of_kind(datum: pg_sys::Datum, kind: VecKind) -> TtResult<VecRef> {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match kind {
+                VecKind::RealArray => Self::from_datum(datum),
+                VecKind::PgVector => Self::from_pgvector(datum),
+            }
+        }
+    }
+
+    /// [`VecRef::of_kind`], validated as [`VecRef::checked`] does.
+    ///
+    /// # Safety
+    /// As for [`VecRef::of_kind`].
+    pub unsafe fn checked_kind(datum: pg_sys::Datum, kind: VecKind, expected: Option<usize>) -> TtResult<VecRef> {
+        // SAFETY: forwarded contract.
+        let v = unsafe { Self::of_kind(datum, kind)? };
+        validate_vector(v.as_slice(), expected)?;
+        Ok(v)
+    }
+
     /// Reads and validates (finite, 1..=16000 elements, and `expected` length when given).
     ///
     /// # Safety
@@ -68,4 +112,44 @@ impl VecRef {
         // SAFETY: `ptr` points to `len` floats inside the detoasted array (see from_datum).
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
+}
+
+/// The two column types a twotower_hnsw index reads: `real[]`, and pgvector's `vector` (its
+/// operator classes come with the `pg_twotower_pgvector` extension).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum VecKind {
+    #[default]
+    RealArray,
+    PgVector,
+}
+
+/// The vector type of type `typ` (42804 for any other type).
+pub fn kind_of_type(typ: pg_sys::Oid) -> TtResult<VecKind> {
+    if typ == pg_sys::FLOAT4ARRAYOID {
+        return Ok(VecKind::RealArray);
+    }
+    let (mut input, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+    // SAFETY: catalogue lookups by type oid; get_func_name returns NULL for a missing function.
+    let name = unsafe {
+        pg_sys::getTypeInputInfo(typ, &mut input, &mut ioparam);
+        let p = pg_sys::get_func_name(input);
+        if p.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    if name == "vector_in" {
+        return Ok(VecKind::PgVector);
+    }
+    Err(TtError::BadArray("twotower_hnsw indexes real[] and pgvector's vector only".into()))
+}
+
+/// The vector type of index `index`'s key column.
+///
+/// # Safety
+/// `index` must be an open index relation with one key column.
+pub unsafe fn kind_of_index(index: pg_sys::Relation) -> TtResult<VecKind> {
+    // SAFETY: rd_opcintype has one entry per key column.
+    kind_of_type(unsafe { *(*index).rd_opcintype })
 }

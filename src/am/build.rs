@@ -18,6 +18,8 @@ const PHASE_WRITE: i64 = 4;
 
 struct BuildState {
     metric: Metric,
+    /// The type of the indexed column (real[] or pgvector's vector).
+    kind: crate::vector::VecKind,
     m: usize,
     ef_construction: usize,
     quantization: Quantization,
@@ -148,8 +150,8 @@ unsafe extern "C-unwind" fn build_callback(
     if unsafe { *isnull } {
         return;
     }
-    // SAFETY: the indexed column is real[] (operator class input type).
-    let v = match unsafe { VecRef::checked(*values, st.dims) } {
+    // SAFETY: the indexed column is of the operator class's input type, `st.kind`.
+    let v = match unsafe { VecRef::checked_kind(*values, st.kind, st.dims) } {
         Ok(v) => v,
         // A dead row (kept for older snapshots) with a bad vector can never be returned: skip it.
         Err(_) if !alive => return,
@@ -228,6 +230,8 @@ pub unsafe extern "C-unwind" fn ambuild(
     let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
     let mut st = BuildState {
         metric,
+        // SAFETY: an open index relation.
+        kind: unsafe { crate::vector::kind_of_index(index) }.or_report(),
         m,
         ef_construction: efc,
         quantization,

@@ -1,5 +1,6 @@
 //! The `twotower_hnsw` index access method: one file per concern.
 
+pub mod alter;
 pub mod build;
 pub mod cache;
 pub mod cost;

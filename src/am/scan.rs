@@ -35,6 +35,8 @@ struct ScanState {
     ef: usize,
     /// A floor for `ef` set by callers that know how many rows they want (recall's k).
     min_ef: usize,
+    /// `min_ef` is the caller's own ef_search: it replaces `twotower.ef_search`.
+    ef_replaces_setting: bool,
     order: ScanOrder,
     /// Rows this scan returns at most.
     max_rows: u64,
@@ -131,9 +133,10 @@ pub unsafe extern "C-unwind" fn amrescan(
             );
         }
         let st = &mut *((*scan).opaque as *mut ScanState);
-        let (min_ef, min_rows, preset) = (st.min_ef, st.min_rows, st.preset.take());
+        let (min_ef, ef_replaces_setting, min_rows, preset) = (st.min_ef, st.ef_replaces_setting, st.min_rows, st.preset.take());
         *st = ScanState {
             min_ef,
+            ef_replaces_setting,
             min_rows,
             ..ScanState::default()
         };
@@ -143,7 +146,8 @@ pub unsafe extern "C-unwind" fn amrescan(
         } else if (*scan).numberOfOrderBys > 0 {
             let key = &*(*scan).orderByData;
             if key.sk_flags & pg_sys::SK_ISNULL as i32 == 0 {
-                let v = VecRef::checked(key.sk_argument, None).or_report();
+                let kind = crate::vector::kind_of_index((*scan).indexRelation).or_report();
+                let v = VecRef::checked_kind(key.sk_argument, kind, None).or_report();
                 st.query = Some(v.as_slice().to_vec());
             }
         }
@@ -217,9 +221,19 @@ unsafe fn load(index: pg_sys::Relation, st: &mut ScanState, meta: &Meta) -> Resu
             })
             .report();
         }
+        // An f16 graph stores what the engine searches with: an L2 query (searched as it is,
+        // unlike cosine and inner-product queries, which are searched as unit vectors) must
+        // fit in f16 too, or its graph distances overflow and the search returns wrong rows.
+        if metric == Metric::L2 && twotower_ann::Quantization::from_code(meta.quantization) == Some(twotower_ann::Quantization::F16) {
+            twotower_ann::Quantization::F16.check_vector(q).map_err(TtError::Ann).or_report();
+        }
         st.prepared = Some(Query::new(metric, q).or_report());
     }
-    st.ef = (crate::EF_SEARCH.get().max(1) as usize).max(st.min_ef);
+    st.ef = if st.ef_replaces_setting {
+        st.min_ef.max(1)
+    } else {
+        (crate::EF_SEARCH.get().max(1) as usize).max(st.min_ef)
+    };
     st.order = crate::gucs::ITERATIVE_SCAN.get().order();
     st.max_rows = (crate::gucs::MAX_SCAN_TUPLES.get().max(1) as u64).max(st.min_rows);
     st.last = f64::NEG_INFINITY;
@@ -410,14 +424,17 @@ pub(super) unsafe fn set_query(scan: pg_sys::IndexScanDesc, query: Vec<f32>) {
 
 /// Makes the scan search with at least `ef` candidates and return at least `rows` rows before
 /// `twotower.max_scan_tuples` ends it (for a caller that knows how many rows it will read: one
-/// graph search instead of several widening rounds). Call before or after `index_rescan`.
+/// graph search instead of several widening rounds). With `replace_setting`, `ef` is the
+/// candidate list itself (a caller's own `ef_search`), not a floor under `twotower.ef_search`.
+/// Call before or after `index_rescan`.
 ///
 /// # Safety
 /// `scan` must be an open scan of a twotower_hnsw index.
-pub(super) unsafe fn set_minimums(scan: pg_sys::IndexScanDesc, ef: usize, rows: u64) {
+pub(super) unsafe fn set_minimums(scan: pg_sys::IndexScanDesc, ef: usize, rows: u64, replace_setting: bool) {
     // SAFETY: opaque was set in ambeginscan.
     let st = unsafe { &mut *((*scan).opaque as *mut ScanState) };
     st.min_ef = ef.min(100_000);
+    st.ef_replaces_setting = replace_setting;
     st.min_rows = rows;
 }
 

@@ -20,6 +20,8 @@ pub struct Target {
     id_att: i16,
     id_type: pg_sys::Oid,
     vec_att: i16,
+    /// The type of the vector column (real[] or pgvector's vector).
+    kind: crate::vector::VecKind,
     metric: Metric,
     dims: Option<usize>,
 }
@@ -356,6 +358,7 @@ impl Target {
                 id_att,
                 id_type,
                 vec_att,
+                kind: crate::vector::kind_of_index(index)?,
                 metric: metric_of(index),
                 dims: (meta.dims > 0).then_some(meta.dims as usize),
             })
@@ -374,7 +377,8 @@ impl Target {
 
     /// The `k` nearest live rows to `query` (visible to the active snapshot), leaving out the
     /// ids in `exclude`, as (item id, distance as the SQL operator computes it), nearest first
-    /// (ties by id). `ef` is a floor for the search's candidate list. The scan's own distances
+    /// (ties by id). `ef` (when not 0) is the search's candidate list, replacing
+    /// `twotower.ef_search` (raised to the rows wanted); 0 leaves the setting in force. The scan's own distances
     /// are used as they are when exact (f32 storage); for f16/i8 storage, whose scan gives
     /// lower bounds, each candidate's distance is computed once from its heap vector.
     pub fn nearest(
@@ -398,7 +402,7 @@ impl Target {
             let scan = pg_sys::index_beginscan(self.heap, self.index, pg_sys::GetActiveSnapshot(), 0, 1);
             // Room for the excluded rows the scan will return and skip.
             let wanted = k + exclude.len();
-            scan::set_minimums(scan, wanted.max(ef), wanted as u64 + 1);
+            scan::set_minimums(scan, wanted.max(ef), wanted as u64 + 1, ef > 0);
             scan::set_query(scan, query.to_vec());
             // The ORDER BY key is a placeholder (NULL): the query was given above.
             let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
@@ -428,7 +432,7 @@ impl Target {
                     bound
                 } else {
                     let Some(vd) = attr(slot, self.vec_att) else { continue };
-                    let v = crate::vector::VecRef::from_datum(vd)?;
+                    let v = crate::vector::VecRef::of_kind(vd, self.kind)?;
                     if v.as_slice().len() != query.len() {
                         continue;
                     }
@@ -480,6 +484,12 @@ pub struct Health {
     pub build_seconds: f64,
     pub cache_file: Option<String>,
     pub cache_state: &'static str,
+    /// Rows folded into the delta graph, rows waiting for the next fold, folds since the last
+    /// build, and the delta graph's generation (changes at each fold; 0 before the first).
+    pub delta_graph_items: u64,
+    pub delta_pending: u64,
+    pub folds: u64,
+    pub delta_generation: u64,
 }
 
 /// The health of index `index_oid`, for `who` (a name for messages). The caller must be
@@ -509,10 +519,16 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
         if !is_ours(rel) {
             return Err(TtError::WrongIndex(who.into()));
         }
+        let blocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) as u64;
+        if blocks == 0 {
+            // The catalogue entry of a CREATE INDEX CONCURRENTLY that failed (or is still in its
+            // first phase): no page was ever written.
+            pg_sys::index_close(rel, LOCK);
+            return Err(TtError::NotBuilt(crate::spi::relation_name(index_oid).unwrap_or_else(|_| format!("{}", index_oid.to_u32()))));
+        }
         let meta = pages::read_meta(rel)?;
         let key = super::cache::rel_key(rel);
         let oid = (*rel).rd_id.to_u32();
-        let blocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) as u64;
         let h = Health {
             dims: meta.dims,
             metric: Metric::from_code(meta.metric).map_or("?", |m| m.name()),
@@ -531,6 +547,10 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
                 .main_ref()
                 .map(|r| format!("{}", super::cache::file_path(key, oid, &r).display())),
             cache_state: super::cache::file_state(key, oid, &meta),
+            delta_graph_items: meta.dg_count,
+            delta_pending: meta.delta_live,
+            folds: meta.dg_folds,
+            delta_generation: meta.dg_generation,
         };
         pg_sys::index_close(rel, LOCK);
         Ok(h)

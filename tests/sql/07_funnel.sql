@@ -68,9 +68,16 @@ SELECT r.item_id, r.rank, abs(r.score - e.score) < 1e-5 AS as_in_sql, r.channels
 SELECT array_agg(id ORDER BY score DESC, id) AS expected_top3 FROM (SELECT * FROM fn_expected ORDER BY score DESC, id LIMIT 3) x;
 -- k and exclusions.
 SELECT array_agg(item_id ORDER BY rank) FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}', k => 2, exclude => ARRAY[5]::bigint[]);
--- Explain: every step, counts that add up, dropped items.
-SELECT step, stage, received, kept, cardinality(kept_items) = kept AS kept_listed, cardinality(dropped_items) AS dropped, ms >= 0 AS timed
-  FROM twotower.recommend_explain('fn', '{"q": [3, 4], "history": [1]}') ORDER BY step;
+-- Explain: every step, counts that add up, dropped items; each step's time (ms) is within the
+-- call's (on the server's clock), and so is their sum (the steps run one after another).
+SELECT clock_timestamp() AS explain_start \gset
+CREATE TEMP TABLE fn_explained AS SELECT * FROM twotower.recommend_explain('fn', '{"q": [3, 4], "history": [1]}');
+SELECT extract(epoch FROM clock_timestamp() - :'explain_start'::timestamptz) * 1000 AS explain_ms \gset
+SELECT step, stage, received, kept, cardinality(kept_items) = kept AS kept_listed, cardinality(dropped_items) AS dropped,
+       ms > 0 AND ms < :explain_ms AS timed
+  FROM fn_explained ORDER BY step;
+SELECT sum(ms) < :explain_ms AS steps_within_call FROM fn_explained;
+DROP TABLE fn_explained;
 -- prerank over the caller's candidates (99 has no vector and is left out).
 SELECT item_id, rank FROM twotower.prerank('fn', '{"q": [3, 4], "history": [1]}', ARRAY[2, 3, 4, 99]::bigint[]);
 -- A pipeline without channels pre-ranks the caller's candidates only.

@@ -147,8 +147,10 @@ like($err, qr/permission denied to manage model "u"/, 'a new role with the old n
 ($rc, $out, $err) = $node->psql('up', q{SET ROLE erin; SELECT twotower.activate_model('orphan', 1)});
 like($err, qr/permission denied to manage model "orphan"/, 'nobody but admins manages an ownerless model');
 $node->safe_psql('up', q{SELECT twotower.alter_model_owner('orphan', 'erin')});
-$node->safe_psql('up', q{SET ROLE erin; SELECT twotower.activate_model('orphan', 1)});
-pass('alter_model_owner gives an ownerless model an owner');
+is($node->safe_psql('up', q{SELECT DISTINCT owner FROM twotower.models WHERE name = 'orphan'}), 'erin',
+	'alter_model_owner gives an ownerless model an owner');
+($rc, $out, $err) = $node->psql('up', q{SET ROLE erin; SELECT twotower.activate_model('orphan', 1)});
+is($rc, 0, 'and its new owner manages it') or diag($err);
 
 # DROP EXTENSION refuses while models exist (the index, which would also stop it, is dropped).
 $node->safe_psql('up', 'DROP INDEX items_idx');
@@ -159,8 +161,13 @@ $node->safe_psql('up', q{SELECT twotower.drop_model('u'); SELECT twotower.drop_m
 is($node->safe_psql('up', q{SELECT count(*) FROM pg_largeobject_metadata}), '0',
 	'drop_model removes the owner objects');
 $node->safe_psql('up', 'DROP EXTENSION pg_twotower CASCADE');
+# carol2 (carol renamed) still owns model u in database fresh: refused until that one is dropped.
+($rc, $out, $err) = $node->psql('postgres', 'DROP ROLE carol2');
+like($err, qr/role "carol2" cannot be dropped because some objects depend on it/, 'DROP ROLE refused while its model in another database exists');
+$node->safe_psql('fresh', q{SELECT twotower.drop_model('u')});
+($rc, $out, $err) = $node->psql('postgres', 'DROP ROLE carol2');
+is($rc, 0, 'with the models dropped, DROP ROLE of their owner succeeds') or diag($err);
 $node->safe_psql('postgres', 'DROP ROLE carol');
-pass('with the models dropped, DROP ROLE succeeds');
 
 $node->stop;
 done_testing();

@@ -8,6 +8,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(time sleep);
 use TwoTower;
 
 my @shards = map { new_node("shard$_") } (1, 2);
@@ -58,8 +59,8 @@ $coord->safe_psql('postgres', qq{
 my $q = '[0.2, 0.4, -0.1, 0.5]';
 my $qv = "'{0.2,0.4,-0.1,0.5}'::real[]";
 
-# Each node's own top k, merged, is the reference (the shards' lists come from their indexes);
-# @nodes: the nodes that count (default: all).
+# Each node's own exact top k (no index: a sequential scan and a sort), merged, is the
+# reference; @nodes: the nodes that count (default: all).
 sub merged_reference
 {
 	my ($k, $exclude, @nodes) = @_;
@@ -70,9 +71,9 @@ sub merged_reference
 	{
 		my $table = $node == $coord ? 'items_local' : 'items';
 		push @rows, split /\n/, $node->safe_psql('postgres', qq{
-			SET twotower.ef_search = 400;
+			SET enable_indexscan = off; SET enable_bitmapscan = off;
 			SELECT id || ' ' || (embedding OPERATOR(twotower.<->) $qv) FROM $table $where
-			 ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT $k});
+			 ORDER BY embedding OPERATOR(twotower.<->) $qv, id LIMIT $k});
 	}
 	my @sorted = sort { (split / /, $a)[1] <=> (split / /, $b)[1] || (split / /, $a)[0] <=> (split / /, $b)[0] } @rows;
 	return join(',', map { (split / /, $_)[0] } @sorted[0 .. $k - 1]);
@@ -125,10 +126,12 @@ my $waiting_sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type =
 my ($o, $e) = ('', '');
 my $h = IPC::Run::start(
 	[ 'psql', '-XAtq', '-d', $coord->connstr('postgres'), '-c',
-	  qq{SET statement_timeout = '3s'; SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)} ],
+	  qq{SET statement_timeout = '10s'; SELECT count(*) FROM twotower.recall('u', 'items_idx', '{"q": $q}', 10)} ],
 	'>', \$o, '2>', \$e);
+# (Polls until a deadline; the call's 10 s timeout leaves a loaded machine time to see it wait.)
 my $waiting = '0';
-for (1 .. 100)
+my $deadline = time + 30;
+while (time < $deadline)
 {
 	$waiting = $shards[0]->safe_psql('postgres', $waiting_sql);
 	last if $waiting ne '0';
@@ -137,7 +140,10 @@ for (1 .. 100)
 is($waiting, '1', "the coordinator's call waits on the shard");
 $h->finish;
 like($e, qr/canceling statement due to statement timeout/, 'statement_timeout ends a call waiting on a shard');
-for (1 .. 50)
+# The blocker holds its lock until the ROLLBACK below: the shard's query goes away only if the
+# cancel reached it.
+$deadline = time + 30;
+while (time < $deadline)
 {
 	$waiting = $shards[0]->safe_psql('postgres', $waiting_sql);
 	last if $waiting eq '0';
@@ -257,7 +263,8 @@ $top = $bg->query_safe(qq{SELECT string_agg(item_id::text, ',' ORDER BY rank) FR
 like($top, qr/^2500,3001,/, 'a second partition on the same server is searched (3001 ties with 2500 at distance 0: ids order ties)');
 # (Connections of sessions that ended above may take a moment to go away.)
 my $conns = '';
-for (1 .. 50)
+$deadline = time + 30;
+while (time < $deadline)
 {
 	$conns = $shards[0]->safe_psql('postgres', "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pg_twotower'");
 	last if $conns eq '2';
@@ -281,18 +288,27 @@ $coord->safe_psql('postgres', qq{
 	CREATE FOREIGN TABLE hung_remote PARTITION OF hung FOR VALUES FROM (1001) TO (2001) SERVER mute OPTIONS (table_name 'items');
 	CREATE INDEX hung_idx ON hung USING twotower_hnsw (embedding twotower.real_l2_ops);
 });
-my $t0 = time;
-($ret, $out, $err) = $coord->psql('postgres', qq{SET statement_timeout = '1s';
-	SELECT count(*) FROM twotower.recall('u', 'hung_idx', '{"q": $q}', 10)});
+# The call's duration on the server's clock, in its own session (not psql's start-up): a connect
+# that blocked the backend would never end (the host never answers), so 10 s is a generous bound.
+my $timed = sub {
+	my ($settings) = @_;
+	my ($r, $o, $e) = $coord->psql('postgres', qq{SELECT clock_timestamp() AS t0 \\gset
+		$settings
+		SELECT count(*) FROM twotower.recall('u', 'hung_idx', '{"q": $q}', 10);
+		RESET ALL;
+		SELECT round(extract(epoch FROM clock_timestamp() - :'t0')::numeric, 3)}, on_error_stop => 0);
+	my @lines = split /\n/, $o;
+	return ($lines[-1], join("\n", @lines[0 .. $#lines - 1]), $e);
+};
+my $secs;
+($secs, $out, $err) = $timed->(q{SET statement_timeout = '1s';});
 like($err, qr/canceling statement due to statement timeout/, 'a shard that never answers the connect: statement_timeout ends the call');
-cmp_ok(time - $t0, '<', 10, 'within the timeout (not blocked in the connect)');
+cmp_ok($secs, '<', 10, "within the timeout (not blocked in the connect): $secs s on the server's clock");
 $coord->safe_psql('postgres', q{ALTER SERVER mute OPTIONS (ADD connect_timeout '2')});
-$t0 = time;
-($ret, $out, $err) = $coord->psql('postgres', qq{SET twotower.unavailable_shards = skip;
-	SELECT count(*) FROM twotower.recall('u', 'hung_idx', '{"q": $q}', 10)});
+($secs, $out, $err) = $timed->(q{SET twotower.unavailable_shards = skip;});
 is($out, '10', "connect_timeout: skip mode answers from the local partition");
 like($err, qr/WARNING:.*hung_remote.*timeout expired/, 'connect_timeout: the WARNING says the connect timed out');
-cmp_ok(time - $t0, '<', 10, 'after the connect_timeout');
+cmp_ok($secs, '<', 10, "after the connect_timeout (2 s): $secs s on the server's clock");
 close $mute;
 
 done_testing();

@@ -1,0 +1,73 @@
+//! `DROP EXTENSION pg_twotower` without CASCADE is refused while the catalogue holds models,
+//! pipelines or channels, in every database: the owner objects' dependency on the extension
+//! refuses it in the database where the models were made, but a restored database has no such
+//! dependency (pg_restore does not recreate an extension's dependencies), and the drop would
+//! delete the catalogue. An event trigger at `ddl_command_start` checks the statement itself;
+//! with CASCADE it unlinks the owner objects first, so none is left behind.
+
+use crate::error::TtError;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+crate::ops::pg_function_info_v1!(pg_finfo_twotower_drop_guard);
+
+/// The event trigger function (declared in `sql/pg_twotower.sql`).
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn twotower_drop_guard(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: an event trigger is called with EventTriggerData as its context; the parse tree
+    // is PostgreSQL's node for the statement, read only.
+    let cascade = unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_EventTriggerData {
+            return pg_sys::Datum::from(0);
+        }
+        let stmt = (*(ctx as *mut pg_sys::EventTriggerData)).parsetree;
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+            return pg_sys::Datum::from(0);
+        }
+        let drop = stmt as *mut pg_sys::DropStmt;
+        if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION || !names_us((*drop).objects) {
+            return pg_sys::Datum::from(0);
+        }
+        (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE
+    };
+    let held = crate::catalog::as_catalog_owner(|| {
+        crate::catalog::read_row::<String, bool>(
+            "SELECT pg_catalog.concat_ws(', ',
+                    pg_catalog.nullif((SELECT pg_catalog.count(*) FROM twotower.model)::pg_catalog.text || ' models', '0 models'),
+                    pg_catalog.nullif((SELECT pg_catalog.count(*) FROM twotower.pipeline)::pg_catalog.text || ' pipelines', '0 pipelines'),
+                    pg_catalog.nullif((SELECT pg_catalog.count(*) FROM twotower.channel)::pg_catalog.text || ' channels', '0 channels')),
+                    true",
+            &[],
+        )
+    });
+    let held = match held {
+        Ok(Ok(Some((Some(h), _)))) if !h.is_empty() => h,
+        _ => return pg_sys::Datum::from(0),
+    };
+    if !cascade {
+        TtError::ExtensionInUse(held).report();
+    }
+    // CASCADE: the owner objects go too (in a restored database nothing else removes them).
+    let _ = crate::catalog::as_catalog_owner(|| {
+        Spi::run(
+            "SELECT pg_catalog.lo_unlink(o.oid) FROM pg_catalog.pg_largeobject_metadata o
+              WHERE o.oid IN (SELECT owner_object FROM twotower.model UNION SELECT owner_object FROM twotower.pipeline)",
+        )
+    });
+    pg_sys::Datum::from(0)
+}
+
+/// Whether a DROP EXTENSION's list of names (String nodes) names pg_twotower.
+unsafe fn names_us(objects: *mut pg_sys::List) -> bool {
+    // SAFETY: a List of String nodes (possibly NIL).
+    unsafe {
+        crate::spi::list_pointers(objects).into_iter().any(|n| {
+            let node = n as *mut pg_sys::Node;
+            !node.is_null()
+                && (*node).type_ == pg_sys::NodeTag::T_String
+                && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes() == b"pg_twotower"
+        })
+    }
+}
