@@ -62,6 +62,15 @@ sub run_psql
 	return ($ok, $stdout, $stderr);
 }
 
+# Keeps what psql printed in the test's log directory (tmp_check/log/docs_<page>.out, readme_<block>.out).
+sub save_output
+{
+	my ($name, $stdout, $stderr) = @_;
+	open(my $fh, '>', "$PostgreSQL::Test::Utils::log_path/$name.out") or return;
+	print $fh $stdout, "\n---- stderr\n", $stderr;
+	close $fh;
+}
+
 # ---------------------------------------------------------------------------------------------
 # Stand-ins.
 
@@ -189,6 +198,7 @@ for my $i (0 .. $#readme)
 {
 	my $n = $i + 1;
 	my ($ok, $stdout, $stderr) = run_psql('readme', $readme[$i]);
+	save_output("readme_$n", $stdout, $stderr);
 	ok($ok && $stderr !~ /ERROR/, "README block $n runs in a session of its own")
 	  or diag("README block $n:\n$readme[$i]\nstderr:\n$stderr");
 }
@@ -220,6 +230,7 @@ for my $page (@pages)
 		$script .= "\\echo '<<docs block " . ($i + 1) . ">>'\n$blocks[$i]\n";
 	}
 	my ($ok, $stdout, $stderr) = run_psql($db, $script);
+	save_output($db, $stdout, $stderr);
 	my @reached = $stdout =~ /<<docs block (\d+)>>/g;
 	my $n = @reached ? $reached[-1] : 1;
 	ok($ok && $stderr !~ /ERROR/, "docs/$page: its " . scalar(@blocks) . " SQL blocks run in one session")
