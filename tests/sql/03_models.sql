@@ -330,18 +330,19 @@ SELECT twotower.drop_model('item_price_default');
 DROP VIEW items_no_price, items_nothing;
 DROP TABLE no_price_vectors;
 
--- A long refresh is cancellable (statement_timeout, like a user's cancel request): it ends
--- within 3 s (10 times the timeout; uncancelled it runs far longer), on the server's clock.
+-- A long refresh is cancellable (statement_timeout, like a user's cancel request): it ends at
+-- the timeout, within 3 s (10 times the timeout), on the server's clock; uncancelled, the
+-- refresh of these 500 000 items runs for tens of seconds.
 CREATE TABLE many_items AS
 SELECT i AS item_id, 'shoes'::text AS category, ARRAY['red']::text[] AS tags, 10 + i % 90 AS price,
        ARRAY[0.1, 0.2, 0.3]::real[] AS img_vec
-  FROM generate_series(1, 200000) i;
+  FROM generate_series(1, 500000) i;
 CREATE TABLE many_vectors (id bigint PRIMARY KEY, embedding real[]);
 SELECT clock_timestamp() AS cancel_start \gset
 SET statement_timeout = '300ms';
 SELECT * FROM twotower.refresh_item_vectors('golden_item', 'many_items', 'many_vectors', id_column => 'item_id');
 RESET statement_timeout;
-SELECT clock_timestamp() - :'cancel_start'::timestamptz < interval '3 s' AS cancelled_within_3s;
+SELECT clock_timestamp() - :'cancel_start'::timestamptz BETWEEN interval '300 ms' AND interval '3 s' AS stopped_at_the_timeout;
 SELECT count(*) AS rows_after_cancel FROM many_vectors;
 DROP TABLE many_items, many_vectors;
 

@@ -150,7 +150,7 @@ SELECT clock_timestamp() AS cancel_start \gset
 SET statement_timeout = '300ms';
 SELECT pg_temp.err($q$SELECT * FROM twotower.build_channel('ch_big_sw', 'swing', 'ch_big', 'ch_big_sw', '{"max_item_users": 2000}')$q$);
 RESET statement_timeout;
-SELECT clock_timestamp() - :'cancel_start'::timestamptz < interval '3 s' AS cancelled_within_3s;
+SELECT clock_timestamp() - :'cancel_start'::timestamptz BETWEEN interval '300 ms' AND interval '3 s' AS stopped_at_the_timeout;
 SELECT count(*) AS old_rows_kept FROM ch_big_sw;
 SELECT rows AS catalogue_unchanged FROM twotower.channels WHERE name = 'ch_big_sw';
 -- Memory: a budget too small for the build is 53200 before anything large is allocated.
