@@ -253,17 +253,24 @@ CREATE FUNCTION twotower.enable_item_cache(items regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r regclass;
+    n integer := 0;
+    nested text := pg_catalog.current_setting('pg_twotower.in_item_cache_ddl', true);
 BEGIN
-    FOR r IN SELECT p.relid FROM pg_catalog.pg_partition_tree(items) p
-               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
+    -- Its own ALTER TABLEs do not run the partition event trigger (item_cache_ddl).
+    PERFORM pg_catalog.set_config('pg_twotower.in_item_cache_ddl', 'on', true);
+    FOR r IN SELECT t.relid FROM (SELECT items AS relid, 0 AS level
+                                   UNION SELECT p.relid, p.level FROM pg_catalog.pg_partition_tree(items) p) t
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
               WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::"char"[])
-              ORDER BY p.level, p.relid
+              ORDER BY t.level, t.relid
     LOOP
         EXECUTE format('CREATE OR REPLACE TRIGGER twotower_item_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
                         FOR EACH STATEMENT EXECUTE FUNCTION twotower.invalidate_item_cache()', r);
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER twotower_item_cache', r);
+        n := n OPERATOR(pg_catalog.+) 1;
     END LOOP;
-    IF NOT FOUND THEN
+    PERFORM pg_catalog.set_config('pg_twotower.in_item_cache_ddl', COALESCE(nested, 'off'), true);
+    IF n OPERATOR(pg_catalog.=) 0 THEN
         RAISE EXCEPTION '"%" is not a table', items USING ERRCODE = 'wrong_object_type';
     END IF;
 END $$;
@@ -274,8 +281,8 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r regclass;
 BEGIN
-    FOR r IN SELECT p.relid FROM pg_catalog.pg_partition_tree(items) p
-               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
+    FOR r IN SELECT t.relid FROM (SELECT items AS relid UNION SELECT p.relid FROM pg_catalog.pg_partition_tree(items) p) t
+               JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
               WHERE c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::"char"[])
     LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS twotower_item_cache ON %s', r);
@@ -291,6 +298,11 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     root regclass;
 BEGIN
+    -- enable_item_cache runs ALTER TABLE itself: not again from inside it.
+    IF pg_catalog.current_setting('pg_twotower.in_item_cache_ddl', true) OPERATOR(pg_catalog.=) 'on' THEN
+        RETURN;
+    END IF;
+    PERFORM pg_catalog.set_config('pg_twotower.in_item_cache_ddl', 'on', true);
     FOR root IN
         SELECT DISTINCT a.relid
           FROM pg_catalog.pg_event_trigger_ddl_commands() d,
@@ -308,6 +320,7 @@ BEGIN
     LOOP
         PERFORM twotower.enable_item_cache(root);
     END LOOP;
+    PERFORM pg_catalog.set_config('pg_twotower.in_item_cache_ddl', 'off', true);
 END $$;
 COMMENT ON FUNCTION twotower.item_cache_ddl() IS 'event trigger: gives new partitions of an item-cached table the twotower_item_cache trigger';
 CREATE EVENT TRIGGER twotower_item_cache_partitions ON ddl_command_end

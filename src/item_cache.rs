@@ -112,7 +112,8 @@ pub fn usable(rel: pg_sys::Oid) -> bool {
     if let Some(known) = with_state(|s| s.enabled.get(&rel).copied()) {
         return known;
     }
-    // Every member of the table's partition tree (the table alone when it is not partitioned)
+    // The table and every member of its partition tree (pg_partition_tree lists nothing for a
+    // table that is not partitioned)
     // must have the trigger, and none may be foreign (its rows change where no trigger sees
     // them). Each member is watched: dropping a member's trigger, attaching or detaching a
     // partition invalidates what this backend knows.
@@ -123,8 +124,8 @@ pub fn usable(rel: pg_sys::Oid) -> bool {
                        AND t.tgname OPERATOR(pg_catalog.=) 'twotower_item_cache'
                        AND t.tgenabled OPERATOR(pg_catalog.=) 'A'
                        AND t.tgfoid OPERATOR(pg_catalog.=) 'twotower.invalidate_item_cache()'::pg_catalog.regprocedure)),
-                pg_catalog.array_agg(m.relid)
-           FROM pg_catalog.pg_partition_tree($1) m
+                pg_catalog.array_agg(m.relid::pg_catalog.oid)
+           FROM (SELECT $1::pg_catalog.regclass AS relid UNION SELECT p.relid FROM pg_catalog.pg_partition_tree($1) p) m
            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) m.relid",
         &[rel.into()],
     )
@@ -219,7 +220,7 @@ pub mod twotower {
         // SAFETY: rd_rel of an open relation is its valid pg_class row.
         if unsafe { (*rel.rd_rel).relispartition } {
             let above: Option<Vec<Option<pg_sys::Oid>>> = Spi::get_one_with_args(
-                "SELECT pg_catalog.array_agg(relid) FROM pg_catalog.pg_partition_ancestors($1)",
+                "SELECT pg_catalog.array_agg(relid::pg_catalog.oid) FROM pg_catalog.pg_partition_ancestors($1)",
                 &[rel.oid().into()],
             )
             .unwrap_or_else(|e| pgrx::error!("reading the ancestors of a partition: {e}"));

@@ -92,6 +92,14 @@ pub mod twotower {
             .report(),
         };
         let base = incremental.then(|| (active_version(user_model).or_report(), active_version(item_model).or_report()));
+        // An incremental run reads the base version's feature sources unless it names others.
+        let (user_features, item_features) = match &base {
+            Some(((_, _, stored), _)) => (
+                user_features.or_else(|| stored_relation(stored, "user_features").or_report().map(RegClass)),
+                item_features.or_else(|| stored_relation(stored, "item_features").or_report().map(RegClass)),
+            ),
+            None => (user_features, item_features),
+        };
         let opts = match &base {
             None => given.clone(),
             Some(((_, _, stored), _)) => {
@@ -118,32 +126,6 @@ pub mod twotower {
         if user_model == item_model {
             TtError::BadArgument("user_model and item_model must be two different models".into()).report();
         }
-        // Every tower feature must have its column (the same rule as refresh_item_vectors): a
-        // misspelt name would train the tower on nothing and give every user one vector.
-        for (tower, source, key, side) in [
-            (&cfg.user, &user_features, user_column, "user"),
-            (&cfg.item, &item_features, item_column, "item"),
-        ] {
-            for f in &tower.features {
-                use twotower_train::config::FeatureSpec;
-                if matches!(f, FeatureSpec::History { .. } | FeatureSpec::Cross { .. }) || f.name() == key {
-                    continue;
-                }
-                let found = source.as_ref().is_some_and(|r| spi::column_exists(r.0, f.name()));
-                if !found {
-                    TtError::MissingFeatureColumn {
-                        relation: match source {
-                            Some(r) => spi::relation_name(r.0).or_report(),
-                            None => format!("the {side}_features argument (not given)"),
-                        },
-                        feature: f.name().to_string(),
-                        tower: side,
-                        training: true,
-                    }
-                    .report();
-                }
-            }
-        }
         let rel = interactions.0;
         let src = spi::relation_name(rel).or_report();
         let uc = spi::column(rel, user_column, "user id").or_report();
@@ -163,6 +145,7 @@ pub mod twotower {
         // or unwinds).
         let mut run = crate::progress::Run::start(user_model, Some(item_model));
         let mut data = Data::default();
+        let mut interactions_read = 0u64;
         let mut progress = spi::Progress::new("train: reading interactions", "rows");
         read_rows(&select, &src, Some(&mut progress), |row| {
             let (Some(u), Some(i), Some(t), Some(wt)) =
@@ -171,6 +154,7 @@ pub mod twotower {
                 TtError::NullValue(format!("a row of {src} has a NULL user id, item id, time or weight")).report();
             };
             data.interaction(&u, &i, t, wt).map_err(TtError::Train).or_report();
+            interactions_read += 1;
             Ok(())
         })
         .or_report();
@@ -207,6 +191,37 @@ pub mod twotower {
                 reason: "\"hard_ratio\" and \"hard_per_row\" need the hard_negatives argument".into(),
             })
             .report();
+        }
+        // Every tower feature must have its column (the same rule as refresh_item_vectors): a
+        // misspelt name would train the tower on nothing and give every user one vector.
+        // (Checked once the sources are read, so their own errors come first; an empty log is
+        // the core's error.)
+        for (tower, source, key, side) in [
+            (&cfg.user, &user_features, user_column, "user"),
+            (&cfg.item, &item_features, item_column, "item"),
+        ] {
+            if interactions_read == 0 {
+                break;
+            }
+            for f in &tower.features {
+                use twotower_train::config::FeatureSpec;
+                if matches!(f, FeatureSpec::History { .. } | FeatureSpec::Cross { .. }) || f.name() == key {
+                    continue;
+                }
+                let found = source.as_ref().is_some_and(|r| spi::column_exists(r.0, f.name()));
+                if !found {
+                    TtError::MissingFeatureColumn {
+                        relation: match source {
+                            Some(r) => spi::relation_name(r.0).or_report(),
+                            None => format!("the {side}_features argument (not given)"),
+                        },
+                        feature: f.name().to_string(),
+                        tower: side,
+                        training: true,
+                    }
+                    .report();
+                }
+            }
         }
         // SAFETY: reading a GUC variable of this backend (an int in kB).
         let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
@@ -389,11 +404,13 @@ pub mod twotower {
             let fk = spi::column(frel, &ucol, "user id").or_report();
             let fty = column_type(frel, &ucol).or_report();
             let sql = format!(
-                "SELECT pg_catalog.to_jsonb(t.*)::text FROM {fsrc} AS t WHERE t.{fk} OPERATOR(pg_catalog.=) $1::{fty} LIMIT 1"
+                "SELECT pg_catalog.to_jsonb(t.*)::text, true FROM {fsrc} AS t WHERE t.{fk} OPERATOR(pg_catalog.=) $1::{fty} LIMIT 1"
             );
-            let found = Spi::get_one_with_args::<String>(&sql, &[user_id.into()])
+            // A user without a row in the source gets every feature's missing value.
+            let found = crate::catalog::read_row::<String, bool>(&sql, &[user_id.into()])
                 .map_err(|e| TtError::BadArgument(format!("reading {fsrc}: {e}")))
-                .or_report();
+                .or_report()
+                .and_then(|(t, _)| t);
             if let Some(serde_json::Value::Object(m)) = found.and_then(|t| serde_json::from_str(&t).ok()) {
                 row = m;
             }

@@ -20,6 +20,9 @@ SELECT pg_read_file(:'golden' || '/spec.json')::jsonb AS spec,
 
 -- Import from server files (superuser) and from bytea.
 SELECT twotower.import_model_file('golden_user', :'golden' || '/spec.json', :'golden' || '/weights.safetensors');
+-- The roles below run the model (a model runs only for its owner, twotower_admin and the roles
+-- granted its usage; tests/sql/10_hardening.sql tests that).
+SELECT twotower.grant_model_usage('golden_user', 'PUBLIC');
 -- Hostile server files are refused before anything is read: missing (58P01), a device, a
 -- directory, a FIFO (which would block forever).
 COPY (SELECT 1) TO PROGRAM 'rm -f /tmp/pg_twotower_fifo; mkfifo /tmp/pg_twotower_fifo; cat > /dev/null';

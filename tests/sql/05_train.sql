@@ -208,13 +208,13 @@ SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_
 INSERT INTO tr_empty VALUES (1, 2, now()), (1, NULL, now());
 SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_empty', %L)$q$, :'opts'));
 CREATE TABLE tr_badusers AS SELECT 1::bigint AS user_id, 'old'::text AS age;
-SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L, user_features => 'tr_badusers')$q$, :'opts'));
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L, user_features => 'tr_badusers', item_features => 'tr_items')$q$, :'opts'));
 SET maintenance_work_mem = '1MB';
-SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L)$q$, :'opts'));
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L, user_features => 'tr_users', item_features => 'tr_items')$q$, :'opts'));
 -- Dense layers count too: 16 hidden layers of 4096 (about 270 M parameters per tower) are
 -- refused at once under 256MB, before any parameter is drawn.
 SET maintenance_work_mem = '256MB';
-SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L)$q$,
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_events', %L, user_features => 'tr_users', item_features => 'tr_items')$q$,
        jsonb_set(jsonb_set(:'opts'::jsonb, '{user,hidden}', to_jsonb(array_fill(4096, ARRAY[16]))), '{item,hidden}', to_jsonb(array_fill(4096, ARRAY[16])))));
 RESET maintenance_work_mem;
 SELECT count(*) AS stored FROM twotower.models WHERE name IN ('tr_u2', 'tr_i2');
@@ -224,11 +224,11 @@ SELECT count(*) AS stored FROM twotower.models WHERE name IN ('tr_u2', 'tr_i2');
 CREATE ROLE tt_trainer;
 GRANT USAGE ON SCHEMA public TO tt_trainer;
 SET ROLE tt_trainer;
-SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u3', 'tr_i3', 'tr_events', %L)$q$, :'opts'));
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u3', 'tr_i3', 'tr_events', %L, user_features => 'tr_users', item_features => 'tr_items')$q$, :'opts'));
 RESET ROLE;
 GRANT twotower_admin TO tt_trainer;
 SET ROLE tt_trainer;
-SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u3', 'tr_i3', 'tr_events', %L)$q$, :'opts'));
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u3', 'tr_i3', 'tr_events', %L, user_features => 'tr_users', item_features => 'tr_items')$q$, :'opts'));
 RESET ROLE;
 
 -- A cancel (here statement_timeout) mid-training stops within the step and stores nothing:
@@ -238,7 +238,7 @@ SELECT clock_timestamp() AS cancel_start \gset
 SET statement_timeout = '300ms';
 SET client_min_messages = warning;
 -- (PL/pgSQL handlers do not catch a cancel: the statement itself fails.)
-SELECT * FROM twotower.train('tr_u4', 'tr_i4', 'tr_events', jsonb_set(:'opts'::jsonb, '{epochs}', '1000') || '{"patience": 1000}');
+SELECT * FROM twotower.train('tr_u4', 'tr_i4', 'tr_events', jsonb_set(:'opts'::jsonb, '{epochs}', '1000') || '{"patience": 1000}', user_features => 'tr_users', item_features => 'tr_items');
 RESET statement_timeout;
 RESET client_min_messages;
 SELECT clock_timestamp() - :'cancel_start'::timestamptz BETWEEN interval '300 ms' AND interval '3 s' AS stopped_at_the_timeout;

@@ -31,6 +31,8 @@ SELECT twotower.import_model('fn_pre', '{"format": "pg_twotower.tower", "spec_ve
   "layers": [{"type": "linear", "weight": "w"}], "output": {"dim": 1}}',
   pg_temp.st('{"w":{"dtype":"F32","shape":[1,3],"data_offsets":[0,12]}}', '\x0000803f000000400000003f'));
 SELECT name, kind, dim, features FROM twotower.models WHERE name LIKE 'fn\_%' ORDER BY name;
+-- The app roles below run the models (usage granted; tests/sql/10_hardening.sql tests the right).
+SELECT twotower.grant_model_usage(m, 'PUBLIC') FROM unnest(ARRAY['fn_user', 'fn_pre']) m;
 SELECT twotower.embed_user('fn_user', '{"q": [3, 4], "history": [1]}');
 
 -- Eight items on the unit circle and beyond, with prices; an index; an item-CF channel.

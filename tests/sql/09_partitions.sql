@@ -21,6 +21,7 @@ CREATE FUNCTION pg_temp.st(h text, d bytea) RETURNS bytea LANGUAGE sql AS $$
 SELECT twotower.import_model('pt_user', '{"format": "pg_twotower.tower", "spec_version": 1, "kind": "user",
   "features": [{"name": "q", "type": "dense", "dim": 3}], "layers": [], "output": {"dim": 3, "metric": "l2"}}',
   pg_temp.st('{}', ''));
+SELECT twotower.grant_model_usage('pt_user', 'PUBLIC');  -- the reader roles below run it
 
 -- 400 items over four leaves, one of them under a sub-partitioned table.
 CREATE TABLE pt_items (id bigint PRIMARY KEY, embedding real[]) PARTITION BY RANGE (id);
