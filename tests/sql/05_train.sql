@@ -24,7 +24,9 @@ SELECT u AS user_id,
 \set opts '{"dim": 8, "epochs": 6, "k": 10, "batch_size": 64, "lr": 0.01, "sparse_lr": 0.05, "temperature": 0.1, "user": {"features": [{"name": "user_id", "type": "categorical"}, {"name": "age", "type": "numeric"}, {"name": "history", "type": "history", "max_len": 10, "decay": {"position": 0.8}}], "hidden": [16]}, "item": {"features": [{"name": "item_id", "type": "categorical"}, {"name": "genre", "type": "categorical", "dim": 4}], "hidden": [16]}}'
 -- Per-epoch NOTICEs carry timings: not part of the expected output.
 SET client_min_messages = warning;
-SELECT model, version, kind, parameters > 0 AS has_parameters, best_epoch BETWEEN 1 AND 6 AS best_epoch_ok,
+-- (Training is deterministic, seed 42: validation recall@10 first reaches 1 in epoch 3 and
+-- never beats it, so the best epoch is 3, not the last.)
+SELECT model, version, kind, parameters > 0 AS has_parameters, best_epoch,
        valid_recall > 0.5 AS learned, valid_ndcg > 0.2 AS ndcg_ok, train_examples
   FROM twotower.train('tr_user', 'tr_item', 'tr_events', :'opts',
                       user_features => 'tr_users', item_features => 'tr_items');
