@@ -243,7 +243,7 @@ SELECT twotower.import_model_file('torch_item', '{tdir}/item_spec.json', '{tdir}
         psql(f"""DROP TABLE IF EXISTS q_torch; CREATE TABLE q_torch AS SELECT * FROM q_{ref};
 DROP TABLE IF EXISTS v_torch; CREATE TABLE v_torch (id bigint PRIMARY KEY, embedding real[]);
 SELECT count(*) FROM twotower.refresh_item_vectors('torch_item', 'ml_items', 'v_torch', id_column => 'item_id');
-CREATE INDEX v_torch_idx ON v_torch USING twotower_hnsw (embedding twotower.real_cosine_ops);""")
+CREATE INDEX v_torch_idx ON v_torch USING twotower_hnsw (embedding real_cosine_ops);""")
         out = psql("""SELECT method || ':' || metric || ':' || k || ':' || value
   FROM twotower.evaluate('torch_user', 'v_torch_idx', 'q_torch', seen => 'ml_train', k => '{10,50}')""")
         res = {}

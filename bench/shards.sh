@@ -23,7 +23,7 @@ psql_on 0 -c "DROP EXTENSION IF EXISTS pg_twotower CASCADE; CREATE EXTENSION pg_
   DROP TABLE IF EXISTS items_all, queries CASCADE;
   CREATE TABLE items_all (id bigint PRIMARY KEY, embedding real[]);
   INSERT INTO items_all SELECT g, $vec FROM generate_series(1, $N) g;
-  CREATE INDEX items_all_idx ON items_all USING twotower_hnsw (embedding twotower.real_l2_ops);" -c "VACUUM ANALYZE items_all"
+  CREATE INDEX items_all_idx ON items_all USING twotower_hnsw (embedding real_l2_ops);" -c "VACUUM ANALYZE items_all"
 half=$(( (N + 1) / 2 )); third=$(( (N + 2) / 3 ))
 for s in 1 2 3; do
   psql_on "$s" -c "DROP EXTENSION IF EXISTS pg_twotower CASCADE; CREATE EXTENSION pg_twotower;
@@ -41,8 +41,8 @@ for s in 1 2 3; do
   psql_on "$s" -c "\copy third FROM '$out/third$s.tsv'"
 done
 for s in 1 2 3; do
-  psql_on "$s" -c "CREATE INDEX ON half USING twotower_hnsw (embedding twotower.real_l2_ops);
-    CREATE INDEX ON third USING twotower_hnsw (embedding twotower.real_l2_ops);" -c "VACUUM ANALYZE half, third"
+  psql_on "$s" -c "CREATE INDEX ON half USING twotower_hnsw (embedding real_l2_ops);
+    CREATE INDEX ON third USING twotower_hnsw (embedding real_l2_ops);" -c "VACUUM ANALYZE half, third"
 done
 
 # The coordinator: a user tower (the request's q), query inputs, servers, partitioned tables.
@@ -68,8 +68,8 @@ for s in 1 2 3; do
       SERVER s$s OPTIONS (table_name 'half');"
   fi
 done
-ddl+="CREATE INDEX items2_idx ON items2 USING twotower_hnsw (embedding twotower.real_l2_ops);
-  CREATE INDEX items3_idx ON items3 USING twotower_hnsw (embedding twotower.real_l2_ops);"
+ddl+="CREATE INDEX items2_idx ON items2 USING twotower_hnsw (embedding real_l2_ops);
+  CREATE INDEX items3_idx ON items3 USING twotower_hnsw (embedding real_l2_ops);"
 psql_on 0 -c "$ddl"
 # Shard 1 answers a local call on its half too: the model and the inputs there.
 psql_on 1 -c "DROP TABLE IF EXISTS queries; $(echo "$ddl" | sed -n '/CREATE FUNCTION/,/FROM generate_series(1, 200) i;/p')"

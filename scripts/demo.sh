@@ -32,10 +32,9 @@ SQL
 psql_demo <<'SQL'
 \timing on
 SET maintenance_work_mem = '1GB';
-CREATE INDEX items_embedding_idx ON items USING twotower_hnsw (embedding twotower.real_cosine_ops)
+CREATE INDEX items_embedding_idx ON items USING twotower_hnsw (embedding real_cosine_ops)
   WITH (m = 16, ef_construction = 64);
 \timing off
-SET search_path = public, twotower;
 \echo == the planner uses the index
 EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)
 SELECT id, embedding <=> (SELECT embedding FROM items WHERE id = 42) AS distance
@@ -47,7 +46,7 @@ SELECT id, category, round((embedding <=> (SELECT embedding FROM items WHERE id 
 SELECT count(*) FROM (SELECT id FROM items WHERE category = 3
   ORDER BY embedding <=> (SELECT embedding FROM items WHERE id = 42) LIMIT 10) s;
 \echo == index health
-SELECT * FROM index_info('items_embedding_idx') \gx
+SELECT * FROM twotower.index_info('items_embedding_idx') \gx
 \echo == recall@10 of the index against exact search, 50 queries
 CREATE TEMP TABLE qs AS SELECT id AS qid, embedding AS q FROM items WHERE id % 2000 = 1;
 CREATE TEMP TABLE approx AS
@@ -64,7 +63,6 @@ G=/tmp/pg_twotower-demo/golden
 rm -rf "$G"; cp -r tests/golden "$G"; chmod -R a+rX "$G"
 echo "== towers: import a user tower and an item tower (tests/golden, see docs/model-format.md)"
 psql_demo -v g="$G" <<'SQL'
-SET search_path = public, twotower;
 SELECT twotower.import_model_file('demo_user', :'g' || '/spec.json', :'g' || '/weights.safetensors') AS user_tower_version;
 SELECT twotower.import_model_file('demo_item', :'g' || '/item/spec.json', :'g' || '/item/weights.safetensors') AS item_tower_version;
 SELECT name, version, active, kind, dim, metric, parameters FROM twotower.models ORDER BY name;

@@ -11,8 +11,11 @@ cargo pgrx install "${args[@]}"
 # Scripts of released versions (CREATE EXTENSION pg_twotower VERSION '0.1.0' and the upgrade
 # path from it); pgrx installs the current version's script and the upgrade scripts in sql/.
 ext_dir="$(/usr/bin/pg_config --sharedir)/extension"
+# The companion extension for pgvector's vector columns (SQL only: CREATE EXTENSION
+# pg_twotower_pgvector where pgvector is installed).
+files=(sql/releases/*.sql pg_twotower_pgvector.control sql/pgvector/*.sql)
 if [ "$(id -u)" = 0 ]; then
-    install -m 644 sql/releases/*.sql "$ext_dir/"
+    install -m 644 "${files[@]}" "$ext_dir/"
 else
-    sudo install -m 644 sql/releases/*.sql "$ext_dir/"
+    sudo install -m 644 "${files[@]}" "$ext_dir/"
 fi

@@ -90,7 +90,7 @@ psql_ml <<'SQL'
 \timing on
 CREATE TABLE ml_item_vectors (id bigint PRIMARY KEY, embedding real[]);
 SELECT * FROM twotower.refresh_item_vectors('ml_item', 'ml_items', 'ml_item_vectors', id_column => 'item_id');
-CREATE INDEX ml_item_vectors_idx ON ml_item_vectors USING twotower_hnsw (embedding twotower.real_cosine_ops);
+CREATE INDEX ml_item_vectors_idx ON ml_item_vectors USING twotower_hnsw (embedding real_cosine_ops);
 -- Each test user's input: the user's features and history up to now, built by the same
 -- function training used (only ml_train is read: the test rating is not in it).
 CREATE TABLE ml_queries AS

@@ -12,7 +12,7 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 cargo pgrx package --pg-config /usr/bin/pg_config >&2
 root=target/release/pg_twotower-pg15
 ext_dir="$root$(/usr/bin/pg_config --sharedir)/extension"
-install -m 644 sql/releases/*.sql "$ext_dir/"
+install -m 644 sql/releases/*.sql pg_twotower_pgvector.control sql/pgvector/*.sql "$ext_dir/"
 out="target/pg_twotower-$version-pg15-$(uname -m).tar.gz"
 tar -C "$root" -czf "$out" --owner=0 --group=0 .
 tar -tzf "$out" | grep -E '\.(so|control|sql)$' >&2

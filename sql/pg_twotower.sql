@@ -177,19 +177,6 @@ CREATE TABLE twotower.channel (
 SELECT pg_catalog.pg_extension_config_dump('twotower.channel', '');
 REVOKE ALL ON twotower.channel FROM PUBLIC;
 
--- Each user's interactions as the last build or refresh of a channel read them: their number
--- and an order-free digest. refresh_channel recomputes the users whose fingerprint changed, so
--- rows that arrive late (an old timestamp, committed after the build) count, and a restored
--- database (fingerprints dumped with the catalogue) finds nothing new.
-CREATE TABLE twotower.channel_user (
-    channel text NOT NULL REFERENCES twotower.channel (name) ON DELETE CASCADE ON UPDATE CASCADE,
-    user_id text NOT NULL,
-    rows    bigint NOT NULL,
-    digest  bigint NOT NULL,
-    PRIMARY KEY (channel, user_id)
-);
-SELECT pg_catalog.pg_extension_config_dump('twotower.channel_user', '');
-REVOKE ALL ON twotower.channel_user FROM PUBLIC;
 
 CREATE VIEW twotower.channels AS
 SELECT ch.name, ch.kind, ch.neighbors, pg_catalog.pg_get_userbyid(c.relowner) AS owner, ch.interactions,
@@ -234,6 +221,20 @@ CREATE TABLE twotower.pipeline (
 );
 SELECT pg_catalog.pg_extension_config_dump('twotower.pipeline', '');
 REVOKE ALL ON twotower.pipeline FROM PUBLIC;
+
+-- Each user's interactions as the last build or refresh of a channel read them: their number
+-- and an order-free digest. refresh_channel recomputes the users whose fingerprint changed, so
+-- rows that arrive late (an old timestamp, committed after the build) count, and a restored
+-- database (fingerprints dumped with the catalogue) finds nothing new.
+CREATE TABLE twotower.channel_user (
+    channel text NOT NULL REFERENCES twotower.channel (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    user_id text NOT NULL,
+    rows    bigint NOT NULL,
+    digest  bigint NOT NULL,
+    PRIMARY KEY (channel, user_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('twotower.channel_user', '');
+REVOKE ALL ON twotower.channel_user FROM PUBLIC;
 
 CREATE VIEW twotower.pipelines AS
 SELECT p.name, pg_catalog.pg_get_userbyid(o.lomowner) AS owner, p.definition, p.updated_by, p.updated_at

@@ -35,10 +35,12 @@ pub unsafe extern "C-unwind" fn twotower_drop_guard(fcinfo: pg_sys::FunctionCall
     let held = crate::catalog::as_catalog_owner(|| {
         crate::catalog::read_row::<String, bool>(
             "SELECT pg_catalog.concat_ws(', ',
-                    pg_catalog.nullif((SELECT pg_catalog.count(*) FROM twotower.model)::pg_catalog.text || ' models', '0 models'),
-                    pg_catalog.nullif((SELECT pg_catalog.count(*) FROM twotower.pipeline)::pg_catalog.text || ' pipelines', '0 pipelines'),
-                    pg_catalog.nullif((SELECT pg_catalog.count(*) FROM twotower.channel)::pg_catalog.text || ' channels', '0 channels')),
-                    true",
+                    CASE WHEN m > 0 THEN m || ' models' END,
+                    CASE WHEN p > 0 THEN p || ' pipelines' END,
+                    CASE WHEN c > 0 THEN c || ' channels' END), true
+               FROM (SELECT (SELECT pg_catalog.count(*) FROM twotower.model) AS m,
+                            (SELECT pg_catalog.count(*) FROM twotower.pipeline) AS p,
+                            (SELECT pg_catalog.count(*) FROM twotower.channel) AS c) AS x",
             &[],
         )
     });

@@ -13,7 +13,8 @@
 //! TT_ONLY_CURVE=1 (stop after the main index's ef_search sweep), TT_SKIP_LOAD=1 (reuse the
 //! `items` table), TT_ONLY_TOWERS=1 (skip exact search, the ef_search sweep and pgvector; the
 //! index is still built), TT_ONLY_FRESH=1 (the build and the insert measurement only),
-//! TT_REUSE_INDEX=1 (with TT_SKIP_LOAD: keep the installed extension and
+//! TT_ONLY_PGVECTOR=1 (the main build and sweep, then pgvector's hnsw and pg_twotower's index
+//! on the same `vector` column only), TT_REUSE_INDEX=1 (with TT_SKIP_LOAD: keep the installed extension and
 //! an existing `items_tt_idx` instead of re-creating both; a quick rerun of the towers part), and
 //! the variables of `towers.rs`.
 
@@ -321,19 +322,22 @@ fn main() {
     if flag("TT_ONLY_CURVE") {
         return;
     }
-    for ef in [500, 800] {
-        c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
-            .unwrap();
-        let r500 = run_queries(&mut c, sql, &queries, &truth, 500);
-        println!(
-            "top-500 at ef_search={ef}: recall@500 {:.4}, {:.0} QPS, p99 {:.2} ms",
-            r500.recall, r500.qps, r500.p99_ms
-        );
+    let only_pgvector = flag("TT_ONLY_PGVECTOR");
+    if !only_pgvector {
+        for ef in [500, 800] {
+            c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
+                .unwrap();
+            let r500 = run_queries(&mut c, sql, &queries, &truth, 500);
+            println!(
+                "top-500 at ef_search={ef}: recall@500 {:.4}, {:.0} QPS, p99 {:.2} ms",
+                r500.recall, r500.qps, r500.p99_ms
+            );
+        }
+
+        fresh_inserts(&mut c, &data, &queries, &qdata, &truth, dims, clusters);
+
+        run_towers(&mut c, &data, dims, &host, port);
     }
-
-    fresh_inserts(&mut c, &data, &queries, &qdata, &truth, dims, clusters);
-
-    run_towers(&mut c, &data, dims, &host, port);
 
     let pg_curve = pgvector(
         &mut c,
@@ -353,6 +357,9 @@ fn main() {
 
     // Equal parameters: pg_twotower WITH (m, ef_construction) as pgvector's build.
     let equal = format!("m = {m}, ef_construction = {efc}");
+    if only_pgvector {
+        return;
+    }
     if !label.starts_with(&equal) || !options.is_empty() {
         let (_, ebuild) = timed(|| build_index(&mut c, &equal));
         println!(
@@ -670,7 +677,43 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Vec<(usize, f6
         );
         pg_curve.push((ef, r.recall, r.qps));
     }
+    ours_on_vector(c, &pq, truth, pbuild, &pg_curve);
     Some((pbuild, pg_curve))
+}
+
+/// pg_twotower's index on the same pgvector `vector` column (pg_twotower_pgvector, at its
+/// defaults), after pgvector's index is dropped: build time and the ef_search sweep with the
+/// same query text, side by side with pgvector's curve. The migration a pgvector user makes.
+fn ours_on_vector(c: &mut Client, pq: &[String], truth: &[Vec<i64>], pbuild: Duration, pg_curve: &[(usize, f64, f64)]) {
+    if c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_twotower_pgvector").is_err() {
+        println!("\n## pg_twotower on the vector column: pg_twotower_pgvector is not installed — skipped");
+        return;
+    }
+    c.batch_execute("DROP INDEX IF EXISTS items_pgv_idx; SET maintenance_work_mem = '4GB'").unwrap();
+    let (_, build) = timed(|| {
+        c.batch_execute("CREATE INDEX items_pgv_tt ON items_pgv USING twotower_hnsw (v vector_cosine_ops)").unwrap()
+    });
+    println!(
+        "\n## pg_twotower twotower_hnsw on pgvector's vector column (vector_cosine_ops, defaults): build {:.1} s, {:.2}x pgvector's hnsw on the same column ({:.1} s)",
+        build.as_secs_f64(),
+        build.as_secs_f64() / pbuild.as_secs_f64(),
+        pbuild.as_secs_f64()
+    );
+    let sql = "SELECT id FROM items_pgv ORDER BY v <=> $1::text::vector LIMIT $2";
+    // One untimed pass first: it pages the freshly mapped image in.
+    run_queries(c, sql, pq, truth, 10);
+    println!("| twotower.ef_search | recall@10 | QPS (k=10) | p99 ms |");
+    println!("|---|---|---|---|");
+    let mut curve = Vec::new();
+    for ef in [10, 20, 40, 64, 100, 200, 400, 800] {
+        c.batch_execute(&format!("SET twotower.ef_search = {ef}")).unwrap();
+        let r = run_queries(c, sql, pq, truth, 10);
+        println!("| {ef} | {:.4} | {:.0} | {:.2} |", r.recall, r.qps, r.p99_ms);
+        curve.push((ef, r.recall, r.qps));
+    }
+    c.batch_execute("RESET twotower.ef_search; DROP INDEX items_pgv_tt").unwrap();
+    println!("\n### on the same vector column: pg_twotower against pgvector's hnsw");
+    compare_curves(&curve, pg_curve);
 }
 
 /// (Re)builds the pg_twotower index on `items`.

@@ -16,15 +16,15 @@ DECLARE
 BEGIN
     EXECUTE pg_catalog.format(
         'CREATE OPERATOR CLASS %s.vector_cosine_ops DEFAULT FOR TYPE %s.vector USING twotower_hnsw AS
-             OPERATOR 1 OPERATOR(%s.<=>) (%s.vector, %s.vector) FOR ORDER BY pg_catalog.float_ops,
+             OPERATOR 1 %s.<=> (%s.vector, %s.vector) FOR ORDER BY pg_catalog.float_ops,
              FUNCTION 1 twotower.hnsw_support_cosine(internal)', s, v, v, v, v);
     EXECUTE pg_catalog.format(
         'CREATE OPERATOR CLASS %s.vector_ip_ops FOR TYPE %s.vector USING twotower_hnsw AS
-             OPERATOR 1 OPERATOR(%s.<#>) (%s.vector, %s.vector) FOR ORDER BY pg_catalog.float_ops,
+             OPERATOR 1 %s.<#> (%s.vector, %s.vector) FOR ORDER BY pg_catalog.float_ops,
              FUNCTION 1 twotower.hnsw_support_ip(internal)', s, v, v, v, v);
     EXECUTE pg_catalog.format(
         'CREATE OPERATOR CLASS %s.vector_l2_ops FOR TYPE %s.vector USING twotower_hnsw AS
-             OPERATOR 1 OPERATOR(%s.<->) (%s.vector, %s.vector) FOR ORDER BY pg_catalog.float_ops,
+             OPERATOR 1 %s.<-> (%s.vector, %s.vector) FOR ORDER BY pg_catalog.float_ops,
              FUNCTION 1 twotower.hnsw_support_l2(internal)', s, v, v, v, v);
 END
 $$;

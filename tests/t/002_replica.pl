@@ -9,9 +9,9 @@ use TwoTower;
 
 my $primary = new_node('primary', init => { allows_streaming => 1 });
 make_items($primary, 'postgres', 'items', 20000, 16);
-$primary->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v twotower.real_cosine_ops)');
+$primary->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v real_cosine_ops)');
 # Materialize the primary's cache file so the base backup copies it.
-topk_signature($primary, 'postgres', 'items', 'OPERATOR(twotower.<=>)', 10, 1);
+topk_signature($primary, 'postgres', 'items', 'OPERATOR(public.<=>)', 10, 1);
 
 # pg_basebackup copies the cache directory with the data directory (it cannot exclude it); the
 # copy is not trusted as it is: its verified-marker does not match the copy's inode, so the
@@ -27,7 +27,7 @@ is($standby->safe_psql('postgres', "SELECT cache_state FROM twotower.index_info(
 	'present (verified on first use)', 'the copied file is verified before its first use');
 
 my @q = map { $_ * 97 } 1 .. 20;
-my $op = 'OPERATOR(twotower.<=>)';
+my $op = 'OPERATOR(public.<=>)';
 sub same_results
 {
 	my ($label) = @_;
@@ -102,7 +102,7 @@ for my $round (1 .. 5)
 {
 	my $id = $round * 7 + 1;    # not a multiple of 7: those rows were deleted above
 	my $qv = "ARRAY(SELECT ((($round * 7 + j) % 11) - 5)::real FROM generate_series(1, 16) j)";
-	my $top1 = "SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) $qv LIMIT 1";
+	my $top1 = "SELECT id FROM items ORDER BY v OPERATOR(public.<=>) $qv LIMIT 1";
 	my $t0 = time;
 	$primary->safe_psql('postgres', "UPDATE items SET v = $qv WHERE id = $id");
 	my $seen = '';

@@ -9,7 +9,7 @@ use TwoTower;
 my $node = new_node('dump', conf => ['twotower.ef_search = 400'], dbs => ['src']);
 make_items($node, 'src', 'items', 5000, 16);
 $node->safe_psql('src', q{
-	CREATE INDEX items_idx ON items USING twotower_hnsw (v twotower.real_l2_ops) WITH (m = 12, ef_construction = 80, quantization = 'f16');
+	CREATE INDEX items_idx ON items USING twotower_hnsw (v real_l2_ops) WITH (m = 12, ef_construction = 80, quantization = 'f16');
 	INSERT INTO items (category, v) SELECT 2, array_fill(3::real, ARRAY[16]);
 	DELETE FROM items WHERE id % 11 = 0;
 });
@@ -61,12 +61,25 @@ is($node->safe_psql('dst', $embed), $node->safe_psql('src', $embed), 'restored m
 is($node->safe_psql('dst', q{SELECT twotower.import_model_file('u', '} . "$g/spec.json', '$g/weights.safetensors')"), '3',
 	'version numbering continues after restore');
 my @q = map { $_ * 41 } 1 .. 20;
-my $op = 'OPERATOR(twotower.<->)';
+my $op = 'OPERATOR(public.<->)';
 my $a = topk_signature($node, 'src', 'items', $op, 10, @q);
 my $b = topk_signature($node, 'dst', 'items', $op, 10, @q);
 ok(length($a) > 100, 'source answers');
 is($b, $a, 'restored database returns the same top-10');
 is(index_scan_count($node, 'dst', 'items', $op, 16), $node->safe_psql('src', 'SELECT count(*) FROM items'),
 	'restored index covers every row');
+# DROP EXTENSION without CASCADE is refused while models exist, in the restored database as in
+# the original (a restore does not recreate the owner objects' dependency on the extension).
+for my $db ('src', 'dst')
+{
+	my ($rc, $out, $err) = $node->psql($db, 'DROP EXTENSION pg_twotower');
+	isnt($rc, 0, "$db: DROP EXTENSION without CASCADE is refused");
+	like($err, qr/cannot drop extension pg_twotower because its catalogue holds \d+ models/, "$db: the refusal names the catalogue");
+	is($node->safe_psql($db, 'SELECT count(*) > 0 FROM twotower.model'), 't', "$db: the models are still there");
+}
+# With CASCADE the restored database drops everything, owner objects included.
+$node->safe_psql('dst', 'DROP EXTENSION pg_twotower CASCADE');
+is($node->safe_psql('dst', q{SELECT count(*) FROM pg_largeobject_metadata
+	WHERE obj_description(oid, 'pg_largeobject') LIKE 'pg_twotower%'}), '0', 'no owner object is left behind');
 $node->stop;
 done_testing();

@@ -10,7 +10,7 @@ my $node = new_node('reuse');
 $node->safe_psql('postgres', q{
 	CREATE TABLE t (id int, v real[]) WITH (autovacuum_enabled = off);
 	INSERT INTO t SELECT i, ARRAY[i, 0, 0, 0]::real[] FROM generate_series(1, 300) i;
-	CREATE INDEX t_idx ON t USING twotower_hnsw (v twotower.real_l2_ops);
+	CREATE INDEX t_idx ON t USING twotower_hnsw (v real_l2_ops);
 	CREATE TABLE old_tids AS SELECT ctid::text AS tid, id, v FROM t;
 });
 # Delete everything and vacuum: the heap is truncated and its TIDs become free.
@@ -25,14 +25,14 @@ ok($node->safe_psql('postgres', 'SELECT count(*) FROM t JOIN old_tids o ON o.tid
 # Query with an old vector: the old graph entries point at reused TIDs and must not match.
 my $q = "ARRAY[10, 0, 0, 0]::real[]";
 my $idx = $node->safe_psql('postgres', qq{SET enable_seqscan = off;
-	SELECT string_agg(id::text, ',') FROM (SELECT id FROM t ORDER BY v OPERATOR(twotower.<->) $q LIMIT 5) s});
+	SELECT string_agg(id::text, ',') FROM (SELECT id FROM t ORDER BY v OPERATOR(public.<->) $q LIMIT 5) s});
 my $exact = $node->safe_psql('postgres', qq{SET enable_indexscan = off;
-	SELECT string_agg(id::text, ',') FROM (SELECT id FROM t ORDER BY v OPERATOR(twotower.<->) $q LIMIT 5) s});
+	SELECT string_agg(id::text, ',') FROM (SELECT id FROM t ORDER BY v OPERATOR(public.<->) $q LIMIT 5) s});
 is($idx, $exact, 'index scan returns the true nearest rows, not rows behind reused TIDs');
 is($idx, '1001,1002,1003,1004,1005', 'nearest rows are the new ones in distance order');
 is($node->safe_psql('postgres', qq{SET enable_seqscan = off;
 	SET twotower.iterative_scan = relaxed_order;
-	SELECT count(*), count(DISTINCT id) FROM (SELECT id FROM t ORDER BY v OPERATOR(twotower.<->) $q LIMIT 100000) s}),
+	SELECT count(*), count(DISTINCT id) FROM (SELECT id FROM t ORDER BY v OPERATOR(public.<->) $q LIMIT 100000) s}),
 	'300|300', 'every live row exactly once');
 
 # After REINDEX the tombstones are gone with the old graph.

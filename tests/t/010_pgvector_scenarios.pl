@@ -25,7 +25,7 @@ $node->safe_psql('postgres', q{
 	CREATE INDEX items_idx ON items USING twotower_hnsw (v real_l2_ops);
 });
 my @q = (1, 333, 1234, 2999);
-my $op = 'OPERATOR(twotower.<->)';
+my $op = 'OPERATOR(public.<->)';
 
 # 010: delete / VACUUM / insert cycles; every cycle the index covers exactly the live rows,
 # agrees with exact search, and the replica answers the same.
@@ -67,7 +67,7 @@ for my $c (['real_l2_ops', '<->'], ['real_ip_ops', '<#>'], ['real_cosine_ops', '
 {
 	my ($ops, $o) = @$c;
 	$node->safe_psql('postgres', "CREATE INDEX items_idx ON items USING twotower_hnsw (v $ops)");
-	cmp_ok(topk_recall($node, 'postgres', 'items', "OPERATOR(twotower.$o)", 10, map { $_ * 97 } 1 .. 30),
+	cmp_ok(topk_recall($node, 'postgres', 'items', "OPERATOR(public.$o)", 10, map { $_ * 97 } 1 .. 30),
 		'>=', 0.95, "$ops: recall\@10 against exact search");
 	$node->safe_psql('postgres', 'DROP INDEX items_idx');
 }

@@ -18,7 +18,7 @@ $replica->append_conf('postgresql.conf', "search_path = 'public, twotower'\ntwot
 $replica->start;
 
 my $dims = 16;
-my $op = 'OPERATOR(twotower.<->)';
+my $op = 'OPERATOR(public.<->)';
 make_items($node, 'postgres', 'items', 2000, $dims);
 $node->safe_psql('postgres', q{
 	ALTER TABLE items SET (autovacuum_enabled = off);
