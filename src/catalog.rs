@@ -682,6 +682,22 @@ impl Cache {
         {
             self.decoded.remove(0);
         }
+        // A model that left is decoded (and counted) again when it is used: its serving entry
+        // must not keep it alive.
+        let decoded = &self.decoded;
+        self.active.retain(|a| decoded.iter().any(|d| Arc::ptr_eq(d, &a.loaded)));
+    }
+    /// The serving entry of model `name`, if its version is still decoded; using it makes that
+    /// version the most recently used.
+    fn active_hit(&mut self, name: &str) -> Option<Serving> {
+        let a = self.active.iter().position(|l| l.loaded.name == name)?;
+        let Some(d) = self.decoded.iter().position(|d| Arc::ptr_eq(d, &self.active[a].loaded)) else {
+            self.active.remove(a);
+            return None;
+        };
+        let l = self.decoded.remove(d);
+        self.decoded.push(l);
+        Some(self.active[a].clone())
     }
     fn find(&mut self, name: &str, version: i32, checksum: i64) -> Option<Arc<Loaded>> {
         let i = self
@@ -791,7 +807,7 @@ pub fn active_model(name: &str) -> TtResult<Serving> {
             c.active.clear();
             c.generation = generation;
         }
-        c.active.iter().find(|l| l.loaded.name == name).cloned()
+        c.active_hit(name)
     });
     if let Some(l) = hit {
         check_use(&l)?;
