@@ -16,4 +16,12 @@ install -m 644 sql/releases/*.sql pg_twotower_pgvector.control sql/pgvector/*.sq
 out="target/pg_twotower-$version-pg15-$(uname -m).tar.gz"
 tar -C "$root" -czf "$out" --owner=0 --group=0 .
 tar -tzf "$out" | grep -E '\.(so|control|sql)$' >&2
+cat >&2 <<MSG
+
+To install pg_twotower $version on a Debian 12 server with PostgreSQL 15 (no Rust needed):
+  sudo apt-get install libstdc++6 libpq5      # runtime libraries (usually present already)
+  sudo tar -xzf $(basename "$out") -C /
+  psql -c 'CREATE EXTENSION pg_twotower'      # as a superuser, in each database that uses it
+  psql -c 'ALTER EXTENSION pg_twotower UPDATE'  # instead, where an older version is installed
+MSG
 echo "$out"
