@@ -191,9 +191,11 @@ is($coord->safe_psql('postgres', qq{SELECT count(*) FROM twotower.recall('u', 'i
 	"20\nt|2", 'fanout_report: both shards answered, with their time');
 
 # A role that is not a superuser: as with postgres_fdw, its user mapping must carry a password,
-# and the shard must ask for it (these shards trust local connections: refused).
+# and the shard must ask for it (these shards trust local connections: refused). (It may run
+# the model: a model runs only for its owner, twotower_admin and the roles granted its usage.)
 $coord->safe_psql('postgres', q{
 	CREATE ROLE app LOGIN;
+	SELECT twotower.grant_model_usage('u', 'app');
 	GRANT SELECT ON items, items_s1, items_s2, items_local TO app;
 	GRANT USAGE ON FOREIGN SERVER s1, s2 TO app;
 	CREATE USER MAPPING FOR app SERVER s1;
