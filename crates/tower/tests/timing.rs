@@ -1,6 +1,9 @@
 //! Prints per-call timings of the realistic towers (run with `-- --nocapture`). The crate is
 //! built at opt-level 3 even in the dev profile, so these numbers are meaningful in plain
-//! `cargo test`. The assertion is loose (shared CI machines); the target is well under 100 µs.
+//! `cargo test`. Nothing here asserts a speed: a loaded machine can miss any fixed bound, and
+//! the benchmark measures the forward pass (`bench/src/towers/embed.rs`: in-process encode and
+//! forward of the realistic user tower; the target is well under 100 µs). The test checks that
+//! the calls it times compute finite vectors.
 
 use std::time::Instant;
 use twotower_tower::{forward_parallel, Encoded, Model};
@@ -71,5 +74,10 @@ fn realistic_tower_timings() {
         m.parameter_count(),
         m.memory_bytes() as f64 / 1e6,
     );
-    assert!(fwd < 1000.0, "forward took {fwd} µs");
+    let out = m.forward(&enc[0]);
+    assert!(!out.is_empty() && out.iter().all(|x| x.is_finite()), "{out:?}");
+    let par = forward_parallel(&m, &enc, 2);
+    assert!(par.len() == out.len() * enc.len() && par.iter().all(|x| x.is_finite()));
+    let iv = im.forward_batch(&items);
+    assert!(!iv.is_empty() && iv.len().is_multiple_of(items.len()) && iv.iter().all(|x| x.is_finite()));
 }
