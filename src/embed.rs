@@ -161,28 +161,10 @@ pub mod twotower {
         let idc = spi::column(items, id_column, "item id").or_report();
         let tid = spi::column(target, target_id_column, "target id").or_report();
         let tvec = spi::column(target, target_vector_column, "target vector").or_report();
-        let unique = catalog::read_row::<bool, bool>(
-            "SELECT true, true FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
-                 ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-              WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1
-                AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = $2",
-            &[target.into(), target_id_column.into()],
-        )
-        .ok()
-        .flatten()
-        .is_some();
+        let unique = spi::unique_column(target, target_id_column);
         // One row per item: a source without a unique index on its id column is checked first
         // (two rows for one id would write two target rows, or fail inside ON CONFLICT).
-        let source_unique = catalog::read_row::<bool, bool>(
-            "SELECT true, true FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
-                 ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-              WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1
-                AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = $2",
-            &[items.into(), id_column.into()],
-        )
-        .ok()
-        .flatten()
-        .is_some();
+        let source_unique = spi::unique_column(items, id_column);
         if !source_unique {
             let dup = catalog::read_row::<i64, i64>(
                 &format!(

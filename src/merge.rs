@@ -107,8 +107,8 @@ pub mod twotower {
     #[allow(clippy::type_complexity)]
     fn merge(
         channel: Option<pgrx::datum::Array<'_, &str>>,
-        item_id: Option<Vec<Option<i64>>>,
-        score: Option<Vec<Option<f32>>>,
+        item_id: Option<pgrx::datum::Array<'_, i64>>,
+        score: Option<pgrx::datum::Array<'_, f32>>,
         k: default!(Option<i32>, "100"),
         strategy: default!(Option<&str>, "'rrf'"),
         options: default!(Option<JsonbValue>, "'{}'"),
@@ -159,8 +159,9 @@ pub mod twotower {
         }
         let mut index: HashMap<String, usize> = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
         let mut cands = Vec::with_capacity(channel.len());
-        // The channel names are read in place; only distinct ones are copied.
-        for ((c, i), s) in channel.iter().zip(item_id).zip(score) {
+        // The arrays are read in place (their lengths checked above, before anything is
+        // copied); only distinct channel names are copied.
+        for ((c, i), s) in channel.iter().zip(item_id.iter()).zip(score.iter()) {
             let (Some(c), Some(i), Some(s)) = (c, i, s) else {
                 TtError::NullValue("merge: a channel, item_id or score is NULL".into()).report();
             };

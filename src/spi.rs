@@ -229,3 +229,17 @@ pub unsafe fn list_pointers(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_voi
     // SAFETY: a List holds `length` cells at `elements`.
     unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value).collect() }
 }
+
+/// Whether column `col` of `rel` alone has a unique index (not partial, not on an expression).
+pub fn unique_column(rel: pg_sys::Oid, col: &str) -> bool {
+    read_row::<bool, bool>(
+        "SELECT true, true FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a
+             ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+          WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1
+            AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = $2",
+        &[rel.into(), col.into()],
+    )
+    .ok()
+    .flatten()
+    .is_some()
+}

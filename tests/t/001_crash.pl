@@ -28,7 +28,7 @@ is($node->safe_psql('postgres', 'SELECT count(*) FROM items'), '150000', 'table 
 # The build works after recovery.
 $node->safe_psql('postgres', 'CREATE INDEX items_idx ON items USING twotower_hnsw (v real_l2_ops)');
 is(index_scan_count($node, 'postgres', 'items', '<->', 32), '150000', 'index scan reaches every row');
-cmp_ok(topk_recall($node, 'postgres', 'items', 'OPERATOR(twotower.<->)', 10, 1, 500, 9000, 77777, 149999), '>=', 0.9,
+cmp_ok(topk_recall($node, 'postgres', 'items', 'OPERATOR(public.<->)', 10, 1, 500, 9000, 77777, 149999), '>=', 0.9,
 	'the rebuilt index agrees with exact search');
 
 # 2. Crash while single-row inserts commit one after another.
@@ -54,7 +54,7 @@ my $rows = $node->safe_psql('postgres', 'SELECT count(*) FROM items');
 my $new = $rows - 150000;
 cmp_ok($rows, '>=', $seen, "every insert seen committed before the crash survived it ($seen rows seen, $rows after recovery)");
 is(index_scan_count($node, 'postgres', 'items', '<->', 32), $rows, 'every committed row is in the index after recovery');
-cmp_ok(topk_recall($node, 'postgres', 'items', 'OPERATOR(twotower.<->)', 10, 1, 500, 150001, $rows - 1), '>=', 0.9,
+cmp_ok(topk_recall($node, 'postgres', 'items', 'OPERATOR(public.<->)', 10, 1, 500, 150001, $rows - 1), '>=', 0.9,
 	'after recovery the index agrees with exact search');
 # The insert in flight at the kill may have left its (uncommitted) entry, possibly folded into
 # the delta graph already; VACUUM removes it, and then the delta holds exactly the committed rows.

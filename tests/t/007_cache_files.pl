@@ -12,15 +12,15 @@ use TwoTower;
 my $primary = new_node('cprimary', init => { allows_streaming => 1 }, dbs => ['d1']);
 make_items($primary, 'd1', 'items', 3000, 8);
 $primary->safe_psql('d1', q{
-	CREATE INDEX idx_a ON items USING twotower_hnsw (v twotower.real_cosine_ops);
-	CREATE INDEX idx_b ON items USING twotower_hnsw (v twotower.real_l2_ops);
+	CREATE INDEX idx_a ON items USING twotower_hnsw (v real_cosine_ops);
+	CREATE INDEX idx_b ON items USING twotower_hnsw (v real_l2_ops);
 });
 $primary->backup('b1');
 my $standby = PostgreSQL::Test::Cluster->new('cstandby');
 $standby->init_from_backup($primary, 'b1', has_streaming => 1);
 $standby->start;
 
-my %ops = (idx_a => 'OPERATOR(twotower.<=>)', idx_b => 'OPERATOR(twotower.<->)');
+my %ops = (idx_a => 'OPERATOR(public.<=>)', idx_b => 'OPERATOR(public.<->)');
 
 # Uses every index of d1 (materializing its cache file) through an index scan, checked by plan.
 sub use_indexes
@@ -90,10 +90,10 @@ check_exact('after DROP INDEX', 'idx_a');
 $primary->safe_psql('postgres', 'CREATE DATABASE d2');
 $primary->safe_psql('d2', 'CREATE EXTENSION pg_twotower');
 make_items($primary, 'd2', 'items', 500, 8);
-$primary->safe_psql('d2', q{CREATE INDEX idx_c ON items USING twotower_hnsw (v twotower.real_cosine_ops);
-	SET enable_seqscan = off; SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 3});
+$primary->safe_psql('d2', q{CREATE INDEX idx_c ON items USING twotower_hnsw (v real_cosine_ops);
+	SET enable_seqscan = off; SELECT id FROM items ORDER BY v OPERATOR(public.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 3});
 $primary->wait_for_catchup($standby);
-$standby->safe_psql('d2', q{SET enable_seqscan = off; SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 3});
+$standby->safe_psql('d2', q{SET enable_seqscan = off; SELECT id FROM items ORDER BY v OPERATOR(public.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 3});
 my $d2 = $primary->safe_psql('postgres', "SELECT oid FROM pg_database WHERE datname = 'd2'");
 like(files_in($primary), qr/_${d2}_/, 'primary: d2 has a cache file');
 like(files_in($standby), qr/_${d2}_/, 'standby: d2 has a cache file');
@@ -107,7 +107,7 @@ my $dir = $primary->data_dir . '/pg_twotower';
 unlink glob("$dir/*");
 chmod 0555, $dir or die "chmod: $!";
 my $q = q{SET enable_seqscan = off; SELECT string_agg(id::text, ',') FROM
-	(SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 10) s};
+	(SELECT id FROM items ORDER BY v OPERATOR(public.<=>) (SELECT v FROM items WHERE id = 1) LIMIT 10) s};
 my ($ret, $out, $err) = $primary->psql('d1', $q);
 is($ret, 0, 'unwritable cache directory: the query still succeeds');
 like($err, qr/could not write the index cache file/, 'with a WARNING');
@@ -120,7 +120,7 @@ $primary->safe_psql('d1', q{
 	  FROM generate_series(1, 20000) g;
 	CREATE INDEX big_idx ON big USING twotower_hnsw (v);
 });
-my $bigq = q{SELECT count(*) FROM (SELECT id FROM big ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM big WHERE id = 1) LIMIT 10) s};
+my $bigq = q{SELECT count(*) FROM (SELECT id FROM big ORDER BY v OPERATOR(public.<=>) (SELECT v FROM big WHERE id = 1) LIMIT 10) s};
 my $mem = $primary->background_psql('d1', on_error_stop => 0);
 $mem->query_safe('SET enable_seqscan = off');
 my $mem_pid = $mem->query_safe('SELECT pg_backend_pid()');
@@ -142,7 +142,7 @@ chmod 0700, $dir;
 # (No index in the reference: a sequential scan and a sort.)
 my $exact = $primary->safe_psql('d1', q{SET enable_indexscan = off; SET enable_bitmapscan = off;
 	SELECT string_agg(id::text, ',') FROM
-	(SELECT id FROM items ORDER BY v OPERATOR(twotower.<=>) (SELECT v FROM items WHERE id = 1), id LIMIT 10) s});
+	(SELECT id FROM items ORDER BY v OPERATOR(public.<=>) (SELECT v FROM items WHERE id = 1), id LIMIT 10) s});
 is($out, $exact, 'answers from memory equal exact search');
 
 # REINDEX CONCURRENTLY gives the index a new oid and removes the old cache file: a session that

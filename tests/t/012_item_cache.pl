@@ -29,7 +29,7 @@ SELECT twotower.import_model('p', '{"format": "pg_twotower.tower", "spec_version
   st('{"w":{"dtype":"F32","shape":[1,2],"data_offsets":[0,8]}}', '\x0000803f0000003f'));
 CREATE TABLE items (id bigint PRIMARY KEY, embedding real[], price real);
 INSERT INTO items SELECT i, ARRAY[cos(i), sin(i)]::real[], 0 FROM generate_series(1, 200) i;
-CREATE INDEX items_idx ON items USING twotower_hnsw (embedding twotower.real_ip_ops);
+CREATE INDEX items_idx ON items USING twotower_hnsw (embedding real_ip_ops);
 SELECT twotower.save_pipeline('f', '{"user_model": "u", "vectors": {"table": "items"},
   "item_features": {"table": "items"},
   "channels": [{"type": "twotower", "index": "items_idx", "k": 100}],

@@ -22,7 +22,7 @@ for my $i (0, 1)
 		CREATE TABLE items (id bigint PRIMARY KEY, embedding real[]);
 		INSERT INTO items SELECT g, ARRAY[sin(g * 0.37), cos(g * 0.53), sin(g * 0.91) * cos(g * 0.11), cos(g * 0.07)]::real[]
 		  FROM generate_series($lo, $hi) g;
-		CREATE INDEX items_idx ON items USING twotower_hnsw (embedding twotower.real_l2_ops);
+		CREATE INDEX items_idx ON items USING twotower_hnsw (embedding real_l2_ops);
 		-- A shard's slow search, for the cancel test (only called by name).
 		CREATE FUNCTION slow() RETURNS void LANGUAGE sql AS 'SELECT pg_sleep(30)';
 	});
@@ -54,7 +54,7 @@ $coord->safe_psql('postgres', qq{
 	INSERT INTO items_local SELECT g, ARRAY[sin(g * 0.37), cos(g * 0.53), sin(g * 0.91) * cos(g * 0.11), cos(g * 0.07)]::real[]
 	  FROM generate_series(1, 1000) g;
 	$servers
-	CREATE INDEX items_idx ON items USING twotower_hnsw (embedding twotower.real_l2_ops);
+	CREATE INDEX items_idx ON items USING twotower_hnsw (embedding real_l2_ops);
 });
 my $q = '[0.2, 0.4, -0.1, 0.5]';
 my $qv = "'{0.2,0.4,-0.1,0.5}'::real[]";
@@ -72,8 +72,8 @@ sub merged_reference
 		my $table = $node == $coord ? 'items_local' : 'items';
 		push @rows, split /\n/, $node->safe_psql('postgres', qq{
 			SET enable_indexscan = off; SET enable_bitmapscan = off;
-			SELECT id || ' ' || (embedding OPERATOR(twotower.<->) $qv) FROM $table $where
-			 ORDER BY embedding OPERATOR(twotower.<->) $qv, id LIMIT $k});
+			SELECT id || ' ' || (embedding OPERATOR(public.<->) $qv) FROM $table $where
+			 ORDER BY embedding OPERATOR(public.<->) $qv, id LIMIT $k});
 	}
 	my @sorted = sort { (split / /, $a)[1] <=> (split / /, $b)[1] || (split / /, $a)[0] <=> (split / /, $b)[0] } @rows;
 	return join(',', map { (split / /, $_)[0] } @sorted[0 .. $k - 1]);
@@ -106,11 +106,11 @@ is($coord->safe_psql('postgres', qq{SET twotower.ef_search = 400;
 
 # The shards get the ORDER BY and LIMIT (pg_twotower is in the servers' extensions).
 my $plan = $coord->safe_psql('postgres', qq{EXPLAIN (VERBOSE, COSTS OFF)
-	SELECT id FROM items_s1 ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT 10});
+	SELECT id FROM items_s1 ORDER BY embedding OPERATOR(public.<->) $qv LIMIT 10});
 like($plan, qr/Remote SQL:.*ORDER BY.*LIMIT/s, 'ORDER BY and LIMIT are shipped to a shard');
 # The plain SQL path through the partitioned table gives the same items as recall().
 is($coord->safe_psql('postgres', qq{SET twotower.ef_search = 400;
-	SELECT string_agg(id::text, ',') FROM (SELECT id FROM items ORDER BY embedding OPERATOR(twotower.<->) $qv LIMIT 20) s}),
+	SELECT string_agg(id::text, ',') FROM (SELECT id FROM items ORDER BY embedding OPERATOR(public.<->) $qv LIMIT 20) s}),
 	$ref, 'ORDER BY ... LIMIT through the partitioned table: the same top 20');
 
 # A new item on a shard is found at once.
@@ -251,7 +251,7 @@ $coord->safe_psql('postgres', 'ALTER DATABASE postgres RESET twotower.shard_prot
 $shards[0]->safe_psql('postgres', q{
 	CREATE TABLE items_extra (id bigint PRIMARY KEY, embedding real[]);
 	INSERT INTO items_extra VALUES (3001, '{0.2,0.4,-0.1,0.5}'), (3002, '{9,9,9,9}');
-	CREATE INDEX ON items_extra USING twotower_hnsw (embedding twotower.real_l2_ops);
+	CREATE INDEX ON items_extra USING twotower_hnsw (embedding real_l2_ops);
 });
 # A session that has searched the table before the partition is added (its cached list of
 # shards must not hide the new one).
@@ -288,7 +288,7 @@ $coord->safe_psql('postgres', qq{
 	ALTER TABLE hung_local ADD PRIMARY KEY (id);
 	INSERT INTO hung_local SELECT id, embedding FROM items_local;
 	CREATE FOREIGN TABLE hung_remote PARTITION OF hung FOR VALUES FROM (1001) TO (2001) SERVER mute OPTIONS (table_name 'items');
-	CREATE INDEX hung_idx ON hung USING twotower_hnsw (embedding twotower.real_l2_ops);
+	CREATE INDEX hung_idx ON hung USING twotower_hnsw (embedding real_l2_ops);
 });
 # The call's duration on the server's clock, in its own session (not psql's start-up): a connect
 # that blocked the backend would never end (the host never answers), so 10 s is a generous bound.
