@@ -16,12 +16,10 @@
 //! ```
 //!
 //! Orphans are items the graph search cannot reach (concurrent insertion — usearch issue #735 —
-//! can leave a node with no path from the entry point) or that a search for their own vector
-//! misses. The build finds the unreachable ones by walking the graph's edges from the entry
-//! point (`graph.rs`; by searching every item's own vector if the serialized layout were ever
-//! unknown) and re-inserts them one at a time; then it searches for every item by its own
-//! vector, and scans rank exactly whatever is still unreachable or missed, so every item stays
-//! findable.
+//! can leave a node with no path from the entry point). The build finds them by walking the
+//! graph's edges from the entry point (`graph.rs`; by searching every item's own vector if the
+//! serialized layout were ever unknown), re-inserts them one at a time, and scans rank whatever
+//! is left exactly, so every item stays findable.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -357,9 +355,8 @@ impl ImageBuilder {
         Ok(())
     }
 
-    /// Repairs unreachable and hard-to-find items (every item is searched for by its own
-    /// vector), then serializes the image (through a temporary file in `spill` when given, so
-    /// the image is not a second copy in memory).
+    /// Repairs unreachable and hard-to-find items, then serializes the image (through a
+    /// temporary file in `spill` when given, so the image is not a second copy in memory).
     pub fn finish(
         self,
         poll: &mut dyn FnMut(usize) -> Poll,
@@ -390,10 +387,15 @@ impl ImageBuilder {
             Ok((find_orphans(params, keys, &vector_of, index, threads, poll, only)?, Vec::new()))
         };
         let (mut orphans, weak) = lost(None, poll)?;
-        let hard = self_search(keys, &vector_of, index, threads, poll, Items::Only(&weak), &SELF_SEARCH[SELF_SEARCH.len() - 1..])?;
+        index.change_expansion_search(64);
+        let hard = parallel(&weak, threads, poll, |i| {
+            let m = index.search(&vector_of(i)?, 4)?;
+            Ok(!m.keys.contains(&keys[i]))
+        })?;
         if !orphans.is_empty() || !hard.is_empty() {
             // Re-insert the unreachable and hard-to-find items one at a time: a lone insertion
-            // links a node properly.
+            // links a node properly. Whatever is still unreachable after that stays in the
+            // orphan list.
             let mut again: Vec<usize> = orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
             again.extend(hard);
             again.sort_unstable();
@@ -407,18 +409,21 @@ impl ImageBuilder {
                 index.add(keys[again[j]], &saved[j])?;
                 Ok(false)
             })?;
-            orphans = lost(Some(&again), poll)?.0;
+            // A re-inserted item leaves the orphan list only if the graph reaches it and a
+            // search for its own vector finds it; otherwise scans rank it exactly.
+            let mut still: Vec<u64> = lost(Some(&again), poll)?.0;
+            index.change_expansion_search(64);
+            let missed = parallel(&again, threads, poll, |i| {
+                let m = index.search(&vector_of(i)?, 4)?;
+                // Tied at distance zero with a full page of exact duplicates counts as found.
+                Ok(!(m.keys.contains(&keys[i])
+                    || (m.keys.len() == 4 && m.distances.last().is_some_and(|d| *d <= 0.0))))
+            })?;
+            still.extend(missed.into_iter().map(|i| keys[i]));
+            still.sort_unstable();
+            still.dedup();
+            orphans = still;
         }
-        // The self-search of every item the graph reaches: the ones a search for their own
-        // vector misses (at ef 4 first, the misses again at ef 64, top 4) go to the orphan list,
-        // which scans rank exactly. A reachable item can be missed: usearch's parallel insertion
-        // is not deterministic, and a node can end up linked only from far away; and the
-        // re-insertions above relinked their neighbours. The graph does not change after this
-        // pass, so every item is found by its own vector, through the graph or the list.
-        let missed = self_search(keys, &vector_of, index, threads, poll, Items::AllBut(&orphans), SELF_SEARCH)?;
-        orphans.extend(missed.into_iter().map(|i| keys[i]));
-        orphans.sort_unstable();
-        orphans.dedup();
         poll(n);
         drop(pos);
         serialize(params, keys, &orphans, index, spill)
@@ -435,20 +440,8 @@ fn parallel(
     poll: &mut dyn FnMut(usize) -> Poll,
     f: impl Fn(usize) -> Result<bool> + Sync,
 ) -> Result<Vec<usize>> {
-    let flagged = parallel_over(items.len(), threads, poll, |j| f(items[j]))?;
-    let mut out: Vec<usize> = flagged.into_iter().map(|j| items[j]).collect();
-    out.sort_unstable();
-    Ok(out)
-}
-
-/// [`parallel`] over `0..n` (no list of the items to hold).
-fn parallel_over(
-    n: usize,
-    threads: usize,
-    poll: &mut dyn FnMut(usize) -> Poll,
-    f: impl Fn(usize) -> Result<bool> + Sync,
-) -> Result<Vec<usize>> {
     const CHUNK: usize = 64;
+    let n = items.len();
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let cancel = AtomicBool::new(false);
@@ -464,7 +457,7 @@ fn parallel_over(
                         break;
                     }
                     let end = (start + CHUNK).min(n);
-                    for i in start..end {
+                    for &i in &items[start..end] {
                         match f(i) {
                             Ok(true) => local.push(i),
                             Ok(false) => {}
@@ -513,11 +506,6 @@ fn parallel_over(
 /// Level-0 in-links at or below which an item counts as weakly linked.
 const WEAK_IN_LINKS: u32 = 4;
 
-/// The build's self-search, as (ef, top k) passes: every item must be among the first 4 results
-/// of a search for its own vector at ef 64 (or be in the orphan list); a cheap search at ef 4
-/// clears most items first (about 2 % are left for the second pass).
-const SELF_SEARCH: &[(usize, usize)] = &[(4, 1), (64, 4)];
-
 /// Unreachable and weakly linked keys, from the serialized graph's edges (see `graph.rs`);
 /// `None` when the serialized layout is not the one that module reads.
 fn analyze_graph(
@@ -541,60 +529,29 @@ fn find_orphans(
     poll: &mut dyn FnMut(usize) -> Poll,
     only: Option<&[usize]>,
 ) -> Result<Vec<u64>> {
-    let wide = (params.ef_construction * 4).max(256);
-    let lost = self_search(keys, vector_of, index, threads, poll, only.map(Items::Only).unwrap_or(Items::AllBut(&[])), &[(16, 1), (64, 4), (wide, 16)])?;
-    let mut orphans: Vec<u64> = lost.into_iter().map(|i| keys[i]).collect();
-    orphans.sort_unstable();
-    Ok(orphans)
-}
-
-/// The items a self-search checks: these positions, or every item but these keys.
-enum Items<'a> {
-    Only(&'a [usize]),
-    AllBut(&'a [u64]),
-}
-
-/// The positions of the items of `items` that a search for their own vector misses at each of
-/// `passes` (ef, top k) in turn: each pass re-checks only what the previous, cheaper one
-/// missed. A page of `k` exact duplicates at distance zero counts as found. All passes run on
-/// the worker threads and stop when `poll` answers [`Poll::Cancel`]; nothing the size of the
-/// items is allocated for a check of every item.
-fn self_search(
-    keys: &[u64],
-    vector_of: &(dyn Fn(usize) -> Result<Vec<f32>> + Sync),
-    index: &usearch::Index,
-    threads: usize,
-    poll: &mut dyn FnMut(usize) -> Poll,
-    items: Items,
-    passes: &[(usize, usize)],
-) -> Result<Vec<usize>> {
     let finds_itself = |i: usize, k: usize| -> Result<bool> {
         let m = index.search(&vector_of(i)?, k)?;
+        // Found, or tied at distance zero with a full page of exact duplicates: reachable.
         Ok(m.keys.contains(&keys[i])
             || (m.keys.len() == k && m.distances.last().is_some_and(|d| *d <= 0.0)))
     };
-    let Some(&(ef, k)) = passes.first() else {
-        return Ok(match items {
-            Items::Only(v) => v.to_vec(),
-            Items::AllBut(_) => Vec::new(),
-        });
+    // Each pass re-checks only what the previous, cheaper one missed.
+    let mut suspects: Vec<usize> = match only {
+        Some(items) => items.to_vec(),
+        None => (0..keys.len()).collect(),
     };
-    index.change_expansion_search(ef);
-    let mut suspects = match items {
-        Items::Only(v) => parallel(v, threads, poll, |i| Ok(!finds_itself(i, k)?))?,
-        Items::AllBut(skip) => {
-            let skip: std::collections::HashSet<u64> = skip.iter().copied().collect();
-            parallel_over(keys.len(), threads, poll, |i| Ok(!skip.contains(&keys[i]) && !finds_itself(i, k)?))?
-        }
-    };
-    for &(ef, k) in &passes[1..] {
+    let wide = (params.ef_construction * 4).max(256);
+    for (ef, k) in [(16, 1), (64, 4), (wide, 16)] {
         if suspects.is_empty() {
             break;
         }
         index.change_expansion_search(ef);
         suspects = parallel(&suspects, threads, poll, |i| Ok(!finds_itself(i, k)?))?;
     }
-    Ok(suspects)
+    let lost = suspects;
+    let mut orphans: Vec<u64> = lost.into_iter().map(|i| keys[i]).collect();
+    orphans.sort_unstable();
+    Ok(orphans)
 }
 
 fn align64(x: usize) -> usize {
@@ -1149,55 +1106,5 @@ impl GraphCursor {
         sort_for_pop(&mut hits);
         self.pending = hits;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A sloppy graph (two threads inserting at once from the first item, ef_construction 32)
-    /// has reachable items that a search for their own vector misses, not only unreachable
-    /// and weakly linked ones. `finish` leaves none: each is found by a search for its own
-    /// vector (ef 64, top 4) in the stored image, or is an orphan, which scans rank exactly.
-    /// (The builder's own graphs, warmed up on one thread at ef_construction 64, leave about
-    /// 1 in 5,000 items to the orphan list; this one about 1 in 250.)
-    #[test]
-    fn finish_leaves_no_item_that_a_search_for_its_own_vector_misses() {
-        let (n, dims) = (20_000, 32);
-        let data = twotower_testkit::vectors::clustered(n, dims, 40, 5);
-        let keys: Vec<u64> = (0..n as u64).map(|k| k * 3 + 1).collect();
-        let p = BuildParams { dims, metric: Metric::Cosine, quantization: Quantization::F32, m: 16, ef_construction: 32 };
-        let mut b = ImageBuilder::new(&p, n, 2).unwrap();
-        std::thread::scope(|s| {
-            for t in 0..2 {
-                let (index, data, keys) = (&b.index, &data, &keys);
-                s.spawn(move || {
-                    for i in (t..n).step_by(2) {
-                        index.add(keys[i], &data[i * dims..(i + 1) * dims]).unwrap();
-                    }
-                });
-            }
-        });
-        b.keys = keys.clone();
-        // What the raw graph misses (the reason for the pass).
-        b.index.change_expansion_search(64);
-        let raw = (0..n)
-            .filter(|&i| !b.index.search(&data[i * dims..(i + 1) * dims], 4).unwrap().keys.contains(&keys[i]))
-            .count();
-        let bytes = b.finish(&mut |_| Poll::Continue, None).unwrap().into_vec();
-        let img = Image::open_verified(bytes).unwrap();
-        let missed: Vec<u64> = (0..n)
-            .filter(|&i| {
-                let v = &data[i * dims..(i + 1) * dims];
-                !(img.is_orphan(keys[i]) || img.search(v, 4, 64, None).unwrap().iter().any(|h| h.0 == keys[i]))
-            })
-            .map(|i| keys[i])
-            .collect();
-        eprintln!("raw graph: {raw} of {n} missed; after finish: {} orphans, {} missed", img.header().orphans, missed.len());
-        assert!(raw > 0, "the raw graph misses nothing: the test does not test the pass");
-        assert!(missed.is_empty(), "{} items missed by their own vector: {missed:?}", missed.len());
-        // Not given up on: the orphans are a small share.
-        assert!(img.header().orphans <= n / 50, "{} orphans", img.header().orphans);
     }
 }
