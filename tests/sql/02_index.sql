@@ -50,6 +50,18 @@ SELECT id <> 9001 AS deleted_row_gone
 SET twotower.iterative_scan = relaxed_order;
 SELECT count(*) FROM (SELECT id FROM items ORDER BY embedding <-> (SELECT v FROM q) LIMIT 10000) s
  WHERE id IN (9001, 4242);
+-- That is the executor's visibility check: the index itself still returns the two deleted rows'
+-- TIDs (counted in the index's tuples_returned: every TID amgettuple gives back).
+SET enable_seqscan = off;
+SET twotower.max_scan_tuples = 2147483647;
+BEGIN;
+SELECT pg_stat_get_xact_tuples_returned('items_embedding_idx'::regclass) AS tids_before \gset
+SELECT count(*) AS rows_scanned FROM (SELECT id FROM items ORDER BY embedding <-> (SELECT v FROM q) LIMIT 10000) s \gset
+SELECT pg_stat_get_xact_tuples_returned('items_embedding_idx'::regclass) - :tids_before - :rows_scanned
+       AS dead_tids_returned_before_vacuum;
+COMMIT;
+RESET enable_seqscan;
+RESET twotower.max_scan_tuples;
 RESET twotower.iterative_scan;
 
 -- After VACUUM the deleted rows are gone from the index itself (tombstoned in the graph,
@@ -67,6 +79,13 @@ SELECT count(*) = (SELECT count(embedding) FROM items) AS every_live_row,
        count(DISTINCT id) = count(*) AS each_once,
        count(*) FILTER (WHERE id IN (9001, 4242)) AS deleted_returned
   FROM (SELECT id FROM items ORDER BY embedding <-> (SELECT v FROM q) LIMIT 10000) s;
+-- The index's own output: after VACUUM it returns no TID of a deleted row at all.
+BEGIN;
+SELECT pg_stat_get_xact_tuples_returned('items_embedding_idx'::regclass) AS tids_before \gset
+SELECT count(*) AS rows_scanned FROM (SELECT id FROM items ORDER BY embedding <-> (SELECT v FROM q) LIMIT 10000) s \gset
+SELECT pg_stat_get_xact_tuples_returned('items_embedding_idx'::regclass) - :tids_before - :rows_scanned
+       AS dead_tids_returned_after_vacuum;
+COMMIT;
 INSERT INTO items VALUES (9003, 3, ARRAY[-9,-9,-9,-9,-9,-9,-9,-9]);
 SELECT id FROM items ORDER BY embedding <-> ARRAY[-9,-9,-9,-9,-9,-9,-9,-9]::real[] LIMIT 1;
 DELETE FROM items WHERE id = 9003;
