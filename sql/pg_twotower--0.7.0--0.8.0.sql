@@ -29,10 +29,7 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     r regclass;
     n integer := 0;
-    nested text := pg_catalog.current_setting('pg_twotower.in_item_cache_ddl', true);
 BEGIN
-    -- Its own ALTER TABLEs do not run the partition event trigger (item_cache_ddl).
-    PERFORM pg_catalog.set_config('pg_twotower.in_item_cache_ddl', 'on', true);
     FOR r IN SELECT t.relid FROM (SELECT items AS relid, 0 AS level
                                    UNION SELECT p.relid, p.level FROM pg_catalog.pg_partition_tree(items) p) t
                JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
@@ -44,7 +41,6 @@ BEGIN
         EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER twotower_item_cache', r);
         n := n OPERATOR(pg_catalog.+) 1;
     END LOOP;
-    PERFORM pg_catalog.set_config('pg_twotower.in_item_cache_ddl', COALESCE(nested, 'off'), true);
     IF n OPERATOR(pg_catalog.=) 0 THEN
         RAISE EXCEPTION '"%" is not a table', items USING ERRCODE = 'wrong_object_type';
     END IF;
@@ -63,16 +59,11 @@ BEGIN
     END LOOP;
 END $$;
 COMMENT ON FUNCTION twotower.disable_item_cache(regclass) IS 'drops the twotower_item_cache trigger (from the table and every partition): the pre-ranker reads the table on every call';
-CREATE FUNCTION twotower.item_cache_ddl() RETURNS event_trigger
+CREATE FUNCTION twotower.item_cache_partitions() RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     root regclass;
 BEGIN
-    -- enable_item_cache runs ALTER TABLE itself: not again from inside it.
-    IF pg_catalog.current_setting('pg_twotower.in_item_cache_ddl', true) OPERATOR(pg_catalog.=) 'on' THEN
-        RETURN;
-    END IF;
-    PERFORM pg_catalog.set_config('pg_twotower.in_item_cache_ddl', 'on', true);
     FOR root IN
         SELECT DISTINCT a.relid
           FROM pg_catalog.pg_event_trigger_ddl_commands() d,
@@ -90,9 +81,11 @@ BEGIN
     LOOP
         PERFORM twotower.enable_item_cache(root);
     END LOOP;
-    PERFORM pg_catalog.set_config('pg_twotower.in_item_cache_ddl', 'off', true);
 END $$;
-COMMENT ON FUNCTION twotower.item_cache_ddl() IS 'event trigger: gives new partitions of an item-cached table the twotower_item_cache trigger';
+COMMENT ON FUNCTION twotower.item_cache_partitions() IS 'gives new partitions of an item-cached table the twotower_item_cache trigger (called by the twotower_item_cache_partitions event trigger)';
+CREATE FUNCTION twotower.item_cache_ddl() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'twotower_item_cache_ddl' LANGUAGE C;
+COMMENT ON FUNCTION twotower.item_cache_ddl() IS 'event trigger: after CREATE TABLE ... PARTITION OF and ATTACH PARTITION, gives new partitions of an item-cached table the twotower_item_cache trigger';
 CREATE EVENT TRIGGER twotower_item_cache_partitions ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
     EXECUTE FUNCTION twotower.item_cache_ddl();

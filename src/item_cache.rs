@@ -203,6 +203,43 @@ pub fn stats() -> (i64, i64) {
     with_state(|s| (s.map.len() as i64, s.map.bytes() as i64))
 }
 
+crate::ops::pg_function_info_v1!(pg_finfo_twotower_item_cache_ddl);
+
+/// The `ddl_command_end` event trigger (declared in `sql/pg_twotower.sql`): after a `CREATE
+/// TABLE ... PARTITION OF` or an `ALTER TABLE ... ATTACH PARTITION`, runs
+/// `twotower.item_cache_partitions()`, which gives the new partitions of an item-cached table
+/// the trigger. Other DDL is left alone: in particular the `ALTER TABLE ... ENABLE ALWAYS
+/// TRIGGER` of `enable_item_cache` itself and of a pg_restore, which restores each partition's
+/// trigger on its own (adding them earlier would make those statements fail).
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn twotower_item_cache_ddl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+    // SAFETY: an event trigger is called with EventTriggerData as its context; the parse tree
+    // is PostgreSQL's node for the statement, read only.
+    let adds_partition = unsafe {
+        let ctx = (*fcinfo).context;
+        if ctx.is_null() || (*ctx).type_ != pg_sys::NodeTag::T_EventTriggerData {
+            return pg_sys::Datum::from(0);
+        }
+        let stmt = (*(ctx as *mut pg_sys::EventTriggerData)).parsetree;
+        if stmt.is_null() {
+            false
+        } else if (*stmt).type_ == pg_sys::NodeTag::T_CreateStmt {
+            !(*(stmt as *mut pg_sys::CreateStmt)).partbound.is_null()
+        } else if (*stmt).type_ == pg_sys::NodeTag::T_AlterTableStmt {
+            crate::spi::list_pointers((*(stmt as *mut pg_sys::AlterTableStmt)).cmds)
+                .into_iter()
+                .any(|c| (*(c as *mut pg_sys::AlterTableCmd)).subtype == pg_sys::AlterTableType::AT_AttachPartition)
+        } else {
+            false
+        }
+    };
+    if adds_partition {
+        Spi::run("SELECT twotower.item_cache_partitions()").unwrap_or_else(|e| pgrx::error!("item cache partitions: {e}"));
+    }
+    pg_sys::Datum::from(0)
+}
+
 #[pg_schema]
 pub mod twotower {
     use pgrx::prelude::*;

@@ -31,6 +31,18 @@ $node->safe_psql('src', q{
 	SELECT twotower.save_pipeline('p', '{"user_model": "u", "vectors": {"table": "items", "vector_column": "v"},
 	  "history": "history", "channels": [{"type": "i2i", "channel": "sw", "k": 10}], "k": 5}');
 });
+# An item-cached partitioned table: the cache trigger is on every partition, and a restore
+# (which recreates each partition's trigger itself) must not collide with the event trigger
+# that gives new partitions the trigger.
+$node->safe_psql('src', q{
+	CREATE TABLE pf (id bigint, embedding real[]) PARTITION BY RANGE (id);
+	CREATE TABLE pf_1 PARTITION OF pf FOR VALUES FROM (0) TO (100);
+	SELECT twotower.enable_item_cache('pf');
+	CREATE TABLE pf_2 PARTITION OF pf FOR VALUES FROM (100) TO (200);
+});
+my $cache_triggers = q{SELECT string_agg(tgrelid::regclass::text || ':' || tgenabled::text, ',' ORDER BY tgrelid::regclass::text)
+	FROM pg_trigger WHERE tgname = 'twotower_item_cache'};
+is($node->safe_psql('src', $cache_triggers), 'pf:A,pf_1:A,pf_2:A', 'the cache trigger is on every partition');
 my $pipelines = 'SELECT name, owner, definition FROM twotower.pipelines';
 my $recommend = q{SELECT string_agg(item_id || ':' || rank || ':' || array_to_string(channels, '+'), ' ' ORDER BY rank)
 	FROM twotower.recommend('p', '{"user_id": 42, "history": [7, 14]}')};
@@ -47,6 +59,7 @@ $node->command_ok(['pg_restore', '-d', $node->connstr('dst'), $dump], 'pg_restor
 
 is($node->safe_psql('dst', "SELECT pg_get_indexdef('items_idx'::regclass)"),
    $node->safe_psql('src', "SELECT pg_get_indexdef('items_idx'::regclass)"), 'index definition and options restored');
+is($node->safe_psql('dst', $cache_triggers), 'pf:A,pf_1:A,pf_2:A', 'the cache triggers restored as they were');
 is($node->safe_psql('dst', $models), $node->safe_psql('src', $models), 'model catalogue restored');
 is($node->safe_psql('dst', $channels), $node->safe_psql('src', $channels), 'channel catalogue restored');
 like($node->safe_psql('src', $i2i), qr/^\d+:1:\d+ /, 'the channel recalls');
