@@ -5,15 +5,22 @@
 //! Layout (all integers little-endian):
 //! ```text
 //! 0   magic "TTHNSW01"
-//! 8   format version u32, header length u32
+//! 8   format version u32 (2; 1 for images written before 0.9), header length u32 (128; 64)
 //! 16  dims u32, metric u32, quantization u32, connectivity u32
 //! 32  count u64
 //! 40  keys offset u64, usearch offset u64, usearch length u64
-//! 64  keys: count × u64, ascending
+//! 64  navigation tables' offset u64 (format 2), then zeros to the header length
+//! ..  keys: count × u64, ascending
 //! ..  orphans: orphan count u64, then that many u64 keys, ascending
+//! ..  padding to 8 bytes, navigation tables (format 2; `layout.rs`)
 //! ..  padding to a 64-byte boundary
-//! ..  usearch image
+//! ..  usearch image (the serialized graph, `graph.rs`)
 //! ```
+//!
+//! Searches read the serialized graph in place through the navigation tables (`hnsw.rs`):
+//! opening a format 2 image checks its header and the graph's head only, O(1) in the number of
+//! items. usearch builds the graph and is no longer on the search path; a format 1 image gets
+//! its navigation tables computed when it is opened (O(n), until its next rebuild or fold).
 //!
 //! Orphans are items the graph search cannot reach (concurrent insertion — usearch issue #735 —
 //! can leave a node with no path from the entry point). The build finds them by walking the
@@ -29,10 +36,11 @@ use crate::error::{AnnError, Result};
 use crate::metric::{validate_vector, Metric, Quantization};
 
 pub const MAGIC: &[u8; 8] = b"TTHNSW01";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Items inserted on one thread before the parallel insertion starts.
 const WARM_UP_ITEMS: usize = 10_000;
-const HEADER_LEN: usize = 64;
+const HEADER_LEN: usize = 128;
+const HEADER_LEN_V1: usize = 64;
 
 /// Parameters of an HNSW build.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -572,7 +580,8 @@ fn serialize(
     }
     let keys_off = HEADER_LEN;
     let orphans_off = keys_off + sorted.len() * 8;
-    let us_off = align64(orphans_off + 8 + orphans.len() * 8);
+    let nav_off = crate::layout::pad8(orphans_off + 8 + orphans.len() * 8);
+    let us_off = align64(nav_off + crate::layout::nav_len(sorted.len()));
     let us_len = index.serialized_length();
     let mut scratch = Scratch::new(us_off + us_len, spill)?;
     let buf = scratch.bytes();
@@ -587,6 +596,7 @@ fn serialize(
     put_u64(buf, 40, keys_off as u64);
     put_u64(buf, 48, us_off as u64);
     put_u64(buf, 56, us_len as u64);
+    put_u64(buf, 64, nav_off as u64);
     for (i, k) in sorted.iter().enumerate() {
         put_u64(buf, keys_off + i * 8, *k);
     }
@@ -594,8 +604,13 @@ fn serialize(
     for (i, k) in orphans.iter().enumerate() {
         put_u64(buf, orphans_off + 8 + i * 8, *k);
     }
-    drop(sorted);
     index.save_to_buffer(&mut buf[us_off..])?;
+    let graph = &buf[us_off..];
+    let head = crate::layout::GraphHead::parse(graph, params.dims, params.quantization)?;
+    let nav = crate::layout::NavTables::compute(graph, &head, params.quantization, &sorted)?;
+    drop(sorted);
+    nav.write(&mut buf[nav_off..nav_off + crate::layout::nav_len(keys.len())]);
+    drop(nav);
     scratch.freeze()
 }
 
@@ -620,6 +635,8 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 /// Parsed header of an image.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Header {
+    /// Format version (2; 1 for images written before navigation tables were stored).
+    pub version: u32,
     pub dims: usize,
     pub metric: Metric,
     pub quantization: Quantization,
@@ -630,21 +647,28 @@ pub struct Header {
     keys_off: usize,
     us_off: usize,
     us_len: usize,
+    /// Offset of the navigation tables (format 2), 0 for format 1.
+    nav_off: usize,
 }
 
 impl Header {
     pub fn parse(b: &[u8]) -> Result<Header> {
         let bad = |m: &str| AnnError::CorruptImage(m.to_string());
-        if b.len() < HEADER_LEN || &b[0..8] != MAGIC {
+        if b.len() < HEADER_LEN_V1 || &b[0..8] != MAGIC {
             return Err(bad("bad magic"));
         }
-        if get_u32(b, 8) != FORMAT_VERSION || get_u32(b, 12) as usize != HEADER_LEN {
-            return Err(bad("unsupported format version"));
+        let version = get_u32(b, 8);
+        let header_len = get_u32(b, 12) as usize;
+        match (version, header_len) {
+            (1, HEADER_LEN_V1) => {}
+            (2, HEADER_LEN) if b.len() >= HEADER_LEN => {}
+            _ => return Err(bad("unsupported format version")),
         }
         let metric = Metric::from_code(get_u32(b, 20)).ok_or_else(|| bad("unknown metric"))?;
         let quantization =
             Quantization::from_code(get_u32(b, 24)).ok_or_else(|| bad("unknown quantization"))?;
         let mut h = Header {
+            version,
             dims: get_u32(b, 16) as usize,
             metric,
             quantization,
@@ -654,6 +678,7 @@ impl Header {
             keys_off: get_u64(b, 40) as usize,
             us_off: get_u64(b, 48) as usize,
             us_len: get_u64(b, 56) as usize,
+            nav_off: if version >= 2 { get_u64(b, 64) as usize } else { 0 },
         };
         let keys_end = h
             .count
@@ -662,32 +687,41 @@ impl Header {
         let us_end = h.us_off.checked_add(h.us_len);
         match (keys_end, us_end) {
             (Some(ke), Some(ue))
-                if h.keys_off >= HEADER_LEN
-                    && ke + 8 <= h.us_off
+                if h.keys_off >= header_len
+                    && ke.checked_add(8).is_some_and(|x| x <= h.us_off)
                     && ue == b.len()
-                    && h.dims > 0 =>
+                    && h.dims > 0
+                    && h.dims <= crate::MAX_DIMS =>
             {
                 h.orphans = get_u64(b, ke) as usize;
-                match h.orphans.checked_mul(8).and_then(|x| x.checked_add(ke + 8)) {
-                    Some(oe) if oe <= h.us_off && h.orphans <= h.count => Ok(h),
-                    _ => Err(bad("orphan section exceeds its bounds")),
+                let oe = match h.orphans.checked_mul(8).and_then(|x| x.checked_add(ke + 8)) {
+                    Some(oe) if oe <= h.us_off && h.orphans <= h.count => oe,
+                    _ => return Err(bad("orphan section exceeds its bounds")),
+                };
+                if version >= 2 {
+                    let nav_end = h.count.checked_mul(16).and_then(|x| x.checked_add(h.nav_off + 8));
+                    if h.nav_off < oe || h.nav_off % 8 != 0 || nav_end.is_none_or(|e| e > h.us_off) {
+                        return Err(bad("navigation tables exceed their bounds"));
+                    }
                 }
+                Ok(h)
             }
             _ => Err(bad("section bounds do not match the image length")),
         }
     }
 }
 
-/// A verified image whose graph is viewed in place (no copy) from `B`.
+/// A verified image whose graph is read in place (no copy) from `B`.
 pub struct Image<B: AsRef<[u8]>> {
-    // Field order matters: the usearch view must be dropped before the bytes it points into.
-    index: usearch::Index,
     header: Header,
+    head: crate::layout::GraphHead,
+    nav: crate::layout::Nav,
     bytes: B,
 }
 
 impl<B: AsRef<[u8]>> Image<B> {
-    /// Verifies `bytes` against `expected_checksum` and views the graph in place.
+    /// Verifies `bytes` against `expected_checksum`, checks every table against the graph
+    /// (O(n)) and opens the image.
     pub fn open(bytes: B, expected_checksum: u64) -> Result<Self> {
         let b = bytes.as_ref();
         let sum = checksum(b);
@@ -698,22 +732,29 @@ impl<B: AsRef<[u8]>> Image<B> {
         }
         let header = Header::parse(b)?;
         let keys = &b[header.keys_off..header.keys_off + header.count * 8];
-        if keys
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
-            .collect::<Vec<_>>()
-            .windows(2)
-            .any(|w| w[0] >= w[1])
-        {
-            return Err(AnnError::CorruptImage(
-                "item keys are not strictly ascending".into(),
-            ));
+        let mut prev: Option<u64> = None;
+        for c in keys.chunks_exact(8) {
+            let k = u64::from_le_bytes(c.try_into().expect("8"));
+            if prev.is_some_and(|p| p >= k) {
+                return Err(AnnError::CorruptImage(
+                    "item keys are not strictly ascending".into(),
+                ));
+            }
+            prev = Some(k);
         }
-        Self::view(bytes, header)
+        let img = Self::view(bytes, header)?;
+        if let crate::layout::Nav::Stored { .. } = img.nav {
+            let b = img.bytes.as_ref();
+            img.nav
+                .verify(b, img.header.us_off, img.graph(), &img.head, |i| img.key_at(i))?;
+        }
+        Ok(img)
     }
 
-    /// Views bytes that [`Image::open`] verified earlier (the caller vouches that they have not
-    /// changed since: see the extension's verified-file marker). Only the header is checked.
+    /// Opens bytes that [`Image::open`] verified earlier (the caller vouches that they have not
+    /// changed since: see the extension's verified-file marker). Only the header and the
+    /// graph's head are checked: O(1) for a format 2 image. Every later read is bounds-checked,
+    /// so bytes that changed after all give errors, not crashes.
     pub fn open_verified(bytes: B) -> Result<Self> {
         let header = Header::parse(bytes.as_ref())?;
         Self::view(bytes, header)
@@ -721,29 +762,57 @@ impl<B: AsRef<[u8]>> Image<B> {
 
     fn view(bytes: B, header: Header) -> Result<Self> {
         let b = bytes.as_ref();
-        let params = BuildParams {
-            dims: header.dims,
-            metric: header.metric,
-            quantization: header.quantization,
-            m: header.m.max(2),
-            ef_construction: 64,
-        };
-        let index = usearch::Index::new(&params.options())?;
         let graph = &b[header.us_off..header.us_off + header.us_len];
-        // SAFETY: `graph` borrows from `bytes`, which this struct owns and drops after `index`
-        // (field order); the checksum (now or when the bytes were first verified) guarantees
-        // they are the ones usearch wrote.
-        unsafe { index.view_from_buffer(graph)? };
-        if index.size() != header.count || index.dimensions() != header.dims {
+        let head = crate::layout::GraphHead::parse(graph, header.dims, header.quantization)?;
+        if head.size != header.count {
             return Err(AnnError::CorruptImage(
-                "graph size or dimensions differ from the header".into(),
+                "graph size differs from the header".into(),
             ));
         }
+        let nav = if header.version >= 2 {
+            crate::layout::Nav::Stored {
+                at: header.nav_off,
+                count: header.count,
+            }
+        } else {
+            let keys: Vec<u64> = (0..header.count)
+                .map(|i| get_u64(b, header.keys_off + i * 8))
+                .collect();
+            crate::layout::Nav::Owned(crate::layout::NavTables::compute(
+                graph,
+                &head,
+                header.quantization,
+                &keys,
+            )?)
+        };
         Ok(Image {
-            index,
             header,
+            head,
+            nav,
             bytes,
         })
+    }
+
+    fn graph(&self) -> &[u8] {
+        &self.bytes.as_ref()[self.header.us_off..self.header.us_off + self.header.us_len]
+    }
+
+    /// The serialized usearch graph (for tests that compare with usearch's own search).
+    #[doc(hidden)]
+    pub fn graph_bytes(&self) -> &[u8] {
+        self.graph()
+    }
+
+    fn searcher(&self, query: &[f32]) -> crate::hnsw::Searcher<'_> {
+        crate::hnsw::Searcher::new(
+            self.bytes.as_ref(),
+            self.graph(),
+            &self.head,
+            &self.nav,
+            self.header.metric,
+            self.header.quantization,
+            query,
+        )
     }
 
     pub fn header(&self) -> &Header {
@@ -754,8 +823,7 @@ impl<B: AsRef<[u8]>> Image<B> {
     /// point); `None` if the stored graph's layout is not the one `graph.rs` reads. Every one
     /// of them must be in the orphan list.
     pub fn unreachable(&self) -> Option<Vec<u64>> {
-        let b = self.bytes.as_ref();
-        crate::graph::unreachable_keys(&b[self.header.us_off..self.header.us_off + self.header.us_len])
+        crate::graph::unreachable_keys(self.graph())
     }
     pub fn len(&self) -> usize {
         self.header.count
@@ -824,33 +892,55 @@ impl<B: AsRef<[u8]>> Image<B> {
         ef: usize,
         skip: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<Vec<(u64, f32)>> {
+        self.search_with(query, k, ef, skip, None)
+    }
+
+    /// [`Image::search`] that calls `interrupt` every few hundred expanded nodes (a caller
+    /// that must service cancellation passes its check; it may unwind).
+    pub fn search_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        skip: Option<&dyn Fn(u64) -> bool>,
+        interrupt: Option<&dyn Fn()>,
+    ) -> Result<Vec<(u64, f32)>> {
         validate_vector(query, Some(self.header.dims))?;
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
-        self.index.change_expansion_search(ef.max(k).max(1));
-        let m = match skip {
-            None => self.index.search(query, k)?,
-            Some(f) => self.index.filtered_search(query, k, |key| !f(key))?,
-        };
-        Ok(m.keys.into_iter().zip(m.distances).collect())
+        self.searcher(query).search(k, ef.max(k).max(1), skip, interrupt)
     }
 
     /// Every item, exactly ranked by the engine distance (brute force).
     pub fn exact_all(&self, query: &[f32]) -> Result<Vec<(u64, f32)>> {
+        self.exact_all_with(query, None)
+    }
+
+    /// [`Image::exact_all`] with an interrupt check, as [`Image::search_with`].
+    pub fn exact_all_with(&self, query: &[f32], interrupt: Option<&dyn Fn()>) -> Result<Vec<(u64, f32)>> {
         validate_vector(query, Some(self.header.dims))?;
         if self.is_empty() {
             return Ok(Vec::new());
         }
-        let m = self.index.exact_search(query, self.header.count)?;
-        Ok(m.keys.into_iter().zip(m.distances).collect())
+        self.searcher(query).exact_all(interrupt)
     }
 
     /// The stored (possibly quantized, then decoded) vector of `key`.
     pub fn vector(&self, key: u64) -> Result<Option<Vec<f32>>> {
-        let mut out = vec![0f32; self.header.dims];
-        let n = self.index.get(key, &mut out)?;
-        Ok(if n == 0 { None } else { Some(out) })
+        let Some(i) = self.position(key) else {
+            return Ok(None);
+        };
+        let bad = || AnnError::CorruptImage("the navigation tables point outside the graph".into());
+        let b = self.bytes.as_ref();
+        let slot = self.nav.slot_of(b, i).ok_or_else(bad)?;
+        if slot >= self.head.size {
+            return Err(bad());
+        }
+        let row = crate::layout::row(self.graph(), &self.head, slot).ok_or_else(bad)?;
+        let mut out = Vec::with_capacity(self.header.dims);
+        crate::layout::decode(self.header.quantization, row, &mut out);
+        Ok(Some(out))
     }
 }
 
@@ -998,6 +1088,8 @@ pub struct GraphCursor {
     orphans: Option<Vec<Hit>>,
     /// Search rounds run so far (for statistics).
     pub rounds: usize,
+    /// Called every few hundred expanded nodes of a search (a caller's cancellation check).
+    pub interrupt: Option<fn()>,
 }
 
 impl GraphCursor {
@@ -1082,13 +1174,19 @@ impl GraphCursor {
         self.rounds += 1;
         let results = if self.k >= n {
             self.exhausted = true;
-            let all = img.exact_all(query.engine())?;
+            let all = img.exact_all_with(query.engine(), self.interrupt.as_ref().map(|f| f as &dyn Fn()))?;
             match skip {
                 Some(f) => all.into_iter().filter(|(k, _)| !f(*k)).collect(),
                 None => all,
             }
         } else {
-            img.search(query.engine(), self.k, ef.max(self.k), skip)?
+            img.search_with(
+                query.engine(),
+                self.k,
+                ef.max(self.k),
+                skip,
+                self.interrupt.as_ref().map(|f| f as &dyn Fn()),
+            )?
         };
         if self.order == ScanOrder::Off {
             self.exhausted = true;

@@ -3,7 +3,9 @@
 
 pub mod error;
 pub mod graph;
+mod hnsw;
 pub mod image;
+mod layout;
 pub mod metric;
 
 pub use error::{AnnError, Result, MAX_DIMS};
