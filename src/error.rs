@@ -24,6 +24,8 @@ pub enum TtError {
     Unsupported(String),
     /// An I/O failure on a node-local cache file.
     CacheIo(String),
+    /// A mapped cache file changed (truncated or rewritten) while a scan read it.
+    CacheChanged(String),
     /// An error of the tower core (spec, weights, feature input).
     Tower(TowerError),
     /// A features argument that is not valid JSON for serde (e.g. a number out of f64 range).
@@ -263,6 +265,12 @@ impl TtError {
                 "twotower_hnsw graph build needs more memory than maintenance_work_mem".into(),
                 Some(format!("The build needs about {}, maintenance_work_mem is {}.", mib(*needed), mib(*available))),
                 Some(format!("SET maintenance_work_mem = '{}' before CREATE INDEX, REINDEX or VACUUM.", mib(*needed + *needed / 8))),
+            ),
+            TtError::CacheChanged(path) => (
+                ERRCODE_DATA_CORRUPTED,
+                "twotower_hnsw index cache file changed while a scan was reading it".into(),
+                Some(format!("File \"{path}\" was truncated or rewritten in place.")),
+                Some("The file is a node-local cache that nothing may modify: the next query reads the index pages again and rewrites it.".into()),
             ),
             TtError::IndexCorrupt(d) => (
                 ERRCODE_INDEX_CORRUPTED,

@@ -15,7 +15,8 @@
 //! index is still built), TT_ONLY_FRESH=1 (the build and the insert measurement only),
 //! TT_ONLY_PGVECTOR=1 (the main build and sweep, then pgvector's hnsw and pg_twotower's index
 //! on the same `vector` column only), TT_REUSE_INDEX=1 (with TT_SKIP_LOAD: keep the installed extension and
-//! an existing `items_tt_idx` instead of re-creating both; a quick rerun of the towers part), and
+//! an existing `items_tt_idx` instead of re-creating both; a quick rerun of the towers part),
+//! TT_ONLY_CONNECT=1 (a new backend's first query at several sizes only, `connect.rs`), and
 //! the variables of `towers.rs`.
 
 use postgres::{Client, NoTls};
@@ -24,6 +25,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 use twotower_testkit::vectors::clustered;
 
+mod connect;
 mod towers;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -222,6 +224,10 @@ fn main() {
             .get::<_, String>(0)
     );
 
+    if flag("TT_ONLY_CONNECT") {
+        connect::run(&host, port);
+        return;
+    }
     let mut all = clustered(n + nq, dims, clusters, 2024);
     let qdata = all.split_off(n * dims);
     let data = all;

@@ -84,6 +84,8 @@ pub struct Loaded {
     pub path: Option<PathBuf>,
     file: Option<(fs::File, Stamp)>,
     pub image: Image<Bytes>,
+    /// The SIGBUS guard of the mapping (dropped after the image, field order).
+    guard: Option<super::mapguard::Guard>,
 }
 
 impl Loaded {
@@ -100,8 +102,28 @@ impl Loaded {
     fn still_valid(&self) -> bool {
         match &self.file {
             None => true,
-            Some((f, stamp)) => f.metadata().is_ok_and(|m| Stamp::of(&m) == *stamp),
+            Some((f, stamp)) => {
+                !self.poisoned() && f.metadata().is_ok_and(|m| Stamp::of(&m) == *stamp)
+            }
         }
+    }
+
+    /// True once a read of the mapping hit a page the file no longer has (see `mapguard`).
+    pub fn poisoned(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.poisoned())
+    }
+
+    /// An error if the mapped file changed while it was being read (`full`: also re-check the
+    /// file's identity with fstat, as after each search round); the image is then forgotten, so
+    /// the next query verifies the file again or rewrites it from the index pages.
+    pub fn check_unchanged(self: &Rc<Self>, full: bool) -> TtResult<()> {
+        if self.file.is_none() || !(self.poisoned() || full && !self.still_valid()) {
+            return Ok(());
+        }
+        OPEN.with(|o| o.borrow_mut().retain(|(_, _, l)| !Rc::ptr_eq(l, self)));
+        Err(TtError::CacheChanged(
+            self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        ))
     }
 }
 
@@ -311,6 +333,7 @@ unsafe fn in_memory(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtRes
         path: None,
         file: None,
         image,
+        guard: None,
     })
 }
 
@@ -328,6 +351,8 @@ fn open_file(path: &Path, r: &ImageRef) -> TtResult<Loaded> {
     // by pg_twotower; a change by anyone else is detected by the fstat on each use
     // (Loaded::still_valid) before the mapping is read again.
     let map = unsafe { Mmap::map(&f) }.map_err(io)?;
+    // Reads of a page the file lost since (truncation) give zeros and a flag, not SIGBUS.
+    let guard = super::mapguard::register(map.as_ptr(), map.len());
     let image = if trusted {
         Image::open_verified(Bytes::Map(map))?
     } else {
@@ -347,6 +372,7 @@ fn open_file(path: &Path, r: &ImageRef) -> TtResult<Loaded> {
         path: Some(path.to_path_buf()),
         file: Some((f, stamp)),
         image,
+        guard: Some(guard),
     })
 }
 

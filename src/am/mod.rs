@@ -6,6 +6,7 @@ pub mod cache;
 pub mod cost;
 pub mod fold;
 pub mod insert;
+pub mod mapguard;
 pub mod options;
 pub mod pages;
 pub mod scan;

@@ -81,6 +81,16 @@ struct Graph {
     ef: usize,
 }
 
+/// A graph cursor that services cancellation during long searches.
+fn cursor(order: ScanOrder) -> GraphCursor {
+    fn interrupt() {
+        pgrx::check_for_interrupts!();
+    }
+    let mut c = GraphCursor::new(order);
+    c.interrupt = Some(interrupt);
+    c
+}
+
 /// The candidate list of the delta graph, which holds `share` of the live items: a search for
 /// the scan's nearest rows needs about that share of its candidates from it, so twice that
 /// share of `ef`, but at least 64 (or `ef` when smaller): the width at which every item of a
@@ -247,14 +257,14 @@ unsafe fn load(index: pg_sys::Relation, st: &mut ScanState, meta: &Meta) -> Resu
         } else {
             Vec::new()
         };
-        st.graphs.push(Graph { image, tombstones, cursor: GraphCursor::new(st.order), ef: st.ef });
+        st.graphs.push(Graph { image, tombstones, cursor: cursor(st.order), ef: st.ef });
     }
     if let Some(r) = meta.delta_graph_ref() {
         // SAFETY: as above.
         let image = unsafe { cache::image(index, meta, &r) }?;
         let live = (meta.graph_count - meta.graph_dead.min(meta.graph_count) + meta.dg_count).max(1);
         let ef = delta_graph_ef(st.ef, meta.dg_count as f64 / live as f64);
-        st.graphs.push(Graph { image, tombstones: Vec::new(), cursor: GraphCursor::new(st.order), ef });
+        st.graphs.push(Graph { image, tombstones: Vec::new(), cursor: cursor(st.order), ef });
     }
     let q = st.prepared.clone();
     let mut delta = Vec::with_capacity(meta.delta_live as usize);
@@ -303,11 +313,12 @@ fn next_candidate(st: &mut ScanState) -> Option<Hit> {
         } else {
             Some(&skip)
         };
-        let head = g
-            .cursor
-            .peek(img_ref, q, g.ef, skip_dyn)
-            .map_err(TtError::from)
-            .or_report();
+        let rounds = g.cursor.rounds;
+        let head = g.cursor.peek(img_ref, q, g.ef, skip_dyn).map_err(TtError::from);
+        // A mapped file that changed under the search (zeros read, or another file now) makes
+        // whatever it returned meaningless: an ERROR, never rows from it.
+        g.image.check_unchanged(g.cursor.rounds != rounds).or_report();
+        let head = head.or_report();
         if let Some(h) = head {
             if best.is_none_or(|(_, d)| h.dist < d || d.is_nan()) {
                 best = Some((i, h.dist));

@@ -180,6 +180,42 @@ is($bg->query_safe($q), $first, 'truncated file: same answer, no crash');
 open(my $fh, '+<', $file) or die "open: $!";
 binmode $fh; seek($fh, 100, 0); print $fh ("garbage" x 200); close $fh;
 is($bg->query_safe($q), $first, 'overwritten file: same answer, no crash');
+
+# Changed while a scan is reading it: a cursor keeps an index scan open across FETCHes, and a
+# 2 % filter makes the rest of the scan search again (wider rounds) after the file changed. A
+# truncated mapping would raise SIGBUS on its lost pages (a crash of the whole server before
+# the guard); now the FETCH fails with an ERROR, other sessions live on, and the next query
+# answers from a file verified or rewritten from the index pages.
+my $watch = $primary->background_psql('d1');
+my $watch_pid = $watch->query_safe('SELECT pg_backend_pid()');
+my $filtered = q{SELECT id FROM items WHERE id % 50 = 0
+	ORDER BY v OPERATOR(public.<=>) (SELECT v FROM items WHERE id = 1)};
+$bg->query_safe('\\set ON_ERROR_STOP 0');
+for my $how ('truncated', 'overwritten')
+{
+	is($bg->query_safe($q), $first, "before the $how-mid-scan case: same answer");
+	$file = $primary->data_dir . '/' . $primary->safe_psql('d1', "SELECT cache_file FROM twotower.index_info('idx_a')");
+	$bg->query_safe("BEGIN; DECLARE c CURSOR FOR $filtered");
+	like($bg->query_safe('EXPLAIN (COSTS OFF) ' . $filtered), qr/Index Scan using idx_a/, "$how mid-scan: the cursor's plan is the index scan");
+	is(scalar(split /\n/, $bg->query_safe('FETCH 5 FROM c')), 5, "$how mid-scan: the first rows come");
+	if ($how eq 'truncated')
+	{
+		truncate($file, 4096) or die "truncate: $!";
+	}
+	else
+	{
+		open(my $g, '+<', $file) or die "open: $!";
+		binmode $g; seek($g, 200, 0); print $g ("\xff" x 4000); close $g;
+	}
+	my ($rows, $failed) = $bg->query('FETCH ALL FROM c');
+	ok($failed, "$how mid-scan: the rest of the scan fails");
+	like($bg->{stderr}, qr/cache file changed while a scan was reading it/, "$how mid-scan: with the cache error");
+	$bg->{stderr} = '';
+	$bg->query_safe('ROLLBACK');
+	is($bg->query_safe($q), $first, "$how mid-scan: the next query answers as before");
+	is($watch->query_safe('SELECT pg_backend_pid()'), $watch_pid, "$how mid-scan: another session lives on (no crash recovery)");
+}
+$watch->quit;
 $bg->quit;
 is($primary->safe_psql('d1', 'SELECT 1'), '1', 'server still up');
 
