@@ -699,7 +699,11 @@ impl Header {
                     _ => return Err(bad("orphan section exceeds its bounds")),
                 };
                 if version >= 2 {
-                    let nav_end = h.count.checked_mul(16).and_then(|x| x.checked_add(h.nav_off + 8));
+                    let nav_end = h
+                        .count
+                        .checked_mul(16)
+                        .map(|_| crate::layout::nav_len(h.count))
+                        .and_then(|x| x.checked_add(h.nav_off));
                     if h.nav_off < oe || h.nav_off % 8 != 0 || nav_end.is_none_or(|e| e > h.us_off) {
                         return Err(bad("navigation tables exceed their bounds"));
                     }

@@ -269,3 +269,62 @@ fn damaged_images_give_errors_never_crashes() {
     // Many damaged bytes change only vectors or links: some must still open and be read.
     assert!(opened[1] > 100, "the fuzzing never reached the read paths");
 }
+
+#[test]
+fn low_connectivity_graphs_search_without_errors() {
+    // m = 4 and ef_construction = 8 (the smallest a user may pick): a greedy descent over the
+    // upper levels must only follow lists that exist.
+    let (n, dims) = (4_000, 32);
+    let data = clustered(n, dims, 1, 5);
+    let keys: Vec<u64> = (0..n).map(key_of).collect();
+    for m in [2usize, 4] {
+        let p = BuildParams { dims, metric: Metric::L2, quantization: Quantization::F32, m, ef_construction: 8 };
+        let bytes = build_image(&p, &keys, &data, 2, &mut |_| Poll::Continue).unwrap();
+        let img = Image::open(bytes.clone(), checksum(&bytes)).unwrap();
+        for qi in 0..50 {
+            let qv = &data[qi * 13 * dims..(qi * 13 + 1) * dims];
+            for ef in [1usize, 10, 100] {
+                img.search(qv, 10, ef, None).unwrap_or_else(|e| panic!("m={m} ef={ef}: {e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn images_of_every_small_size_open() {
+    // The sections' padding differs with the item and orphan counts: every layout must parse.
+    let dims = 4;
+    let data = clustered(300, dims, 3, 6);
+    for n in (1..=80).chain([127, 128, 129, 255, 256, 300]) {
+        for (metric, q) in [(Metric::L2, Quantization::F32), (Metric::Cosine, Quantization::F16), (Metric::Cosine, Quantization::I8)] {
+            let bytes = build(metric, q, &data[..n * dims], dims, 1);
+            let img = Image::open(bytes.clone(), checksum(&bytes)).unwrap_or_else(|e| panic!("n={n} {q:?}: {e}"));
+            Image::open_verified(bytes).unwrap();
+            assert_eq!(img.search(&data[0..dims], 3, 10, None).unwrap().len(), n.min(3));
+        }
+    }
+}
+
+#[test]
+fn headers_of_every_section_padding_parse() {
+    // The writer's layout for every item and orphan count: the navigation tables end right
+    // where the padding before the graph starts (found by a 4000-item m = 4 index whose tables
+    // ended on a 64-byte boundary).
+    let pad = |x: usize, a: usize| x.div_ceil(a) * a;
+    for count in 1..200usize {
+        for orphans in 0..6usize.min(count + 1) {
+            let nav_off = pad(128 + count * 8 + 8 + orphans * 8, 8);
+            let nav_len = pad(count * 4, 8) + count * 12;
+            let us_off = pad(nav_off + nav_len, 64);
+            let mut b = vec![0u8; us_off + 64];
+            b[0..8].copy_from_slice(b"TTHNSW01");
+            let put = |b: &mut Vec<u8>, at: usize, v: u64, w: usize| b[at..at + w].copy_from_slice(&v.to_le_bytes()[..w]);
+            for (at, v, w) in [(8, 2, 4), (12, 128, 4), (16, 4, 4), (20, 1, 4), (24, 1, 4), (28, 16, 4), (32, count as u64, 8),
+                (40, 128, 8), (48, us_off as u64, 8), (56, 64, 8), (64, nav_off as u64, 8), ((128 + count * 8) as u64 as usize, orphans as u64, 8)] {
+                put(&mut b, at, v, w);
+            }
+            let h = Header::parse(&b).unwrap_or_else(|e| panic!("count {count}, orphans {orphans}: {e}"));
+            assert_eq!((h.count, h.orphans), (count, orphans));
+        }
+    }
+}
