@@ -108,6 +108,19 @@ impl Loaded {
         }
     }
 
+    /// False when the mapped file's content may have changed since it was verified (another
+    /// size or mtime; a new ctime alone is a rename, link or unlink, which leaves a mapping's
+    /// content as it was: a fold or rebuild unlinks the files that scans still read).
+    fn same_content(&self) -> bool {
+        match &self.file {
+            None => true,
+            Some((f, stamp)) => f.metadata().is_ok_and(|m| {
+                let now = Stamp::of(&m);
+                (now.ino, now.size, now.mtime_ns) == (stamp.ino, stamp.size, stamp.mtime_ns)
+            }),
+        }
+    }
+
     /// True once a read of the mapping hit a page the file no longer has (see `mapguard`).
     pub fn poisoned(&self) -> bool {
         self.guard.as_ref().is_some_and(|g| g.poisoned())
@@ -117,7 +130,7 @@ impl Loaded {
     /// file's identity with fstat, as after each search round); the image is then forgotten, so
     /// the next query verifies the file again or rewrites it from the index pages.
     pub fn check_unchanged(self: &Rc<Self>, full: bool) -> TtResult<()> {
-        if self.file.is_none() || !(self.poisoned() || full && !self.still_valid()) {
+        if self.file.is_none() || !(self.poisoned() || full && !self.same_content()) {
             return Ok(());
         }
         OPEN.with(|o| o.borrow_mut().retain(|(_, _, l)| !Rc::ptr_eq(l, self)));
