@@ -53,8 +53,9 @@ impl JsonbValue {
         if let Ok(v) = serde_json::from_str(&self.text) {
             return Ok(v);
         }
-        let Ok(top) = serde_json::from_str::<std::collections::BTreeMap<String, &serde_json::value::RawValue>>(&self.text)
-        else {
+        let Ok(top) = serde_json::from_str::<
+            std::collections::BTreeMap<String, &serde_json::value::RawValue>,
+        >(&self.text) else {
             return self.value(what);
         };
         let names = model.feature_names();
@@ -112,7 +113,8 @@ impl FromDatum for JsonbValue {
 
 impl IntoDatum for JsonbValue {
     fn into_datum(self) -> Option<pg_sys::Datum> {
-        pgrx::JsonB(serde_json::from_str(&self.text).unwrap_or(serde_json::Value::Null)).into_datum()
+        pgrx::JsonB(serde_json::from_str(&self.text).unwrap_or(serde_json::Value::Null))
+            .into_datum()
     }
     fn type_oid() -> pg_sys::Oid {
         pg_sys::JSONBOID
@@ -251,7 +253,9 @@ pub fn role_name(oid: pg_sys::Oid) -> String {
         format!("{}", oid.to_u32())
     } else {
         // SAFETY: a NUL-terminated palloc'd name.
-        unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -357,12 +361,13 @@ pub fn owner_of(what: Owned, name: &str, lock: bool) -> TtResult<Option<Option<p
         if lock { " FOR UPDATE OF m" } else { "" }
     );
     let row = as_catalog_owner(|| {
-        let read = |t: pgrx::spi::SpiTupleTable| -> Result<Option<Option<pg_sys::Oid>>, pgrx::spi::Error> {
-            if t.is_empty() {
-                return Ok(None);
-            }
-            t.first().get::<pg_sys::Oid>(1).map(Some)
-        };
+        let read =
+            |t: pgrx::spi::SpiTupleTable| -> Result<Option<Option<pg_sys::Oid>>, pgrx::spi::Error> {
+                if t.is_empty() {
+                    return Ok(None);
+                }
+                t.first().get::<pg_sys::Oid>(1).map(Some)
+            };
         if lock {
             Spi::connect_mut(|c| read(c.update(&sql, Some(1), &[name.into()])?))
         } else {
@@ -395,29 +400,37 @@ pub fn set_owner(what: Owned, name: &str, owner: pg_sys::Oid) -> TtResult<()> {
     let comment = format!(
         "pg_twotower: owner of {noun} \"{name}\" (holds no data; drop the {noun} with twotower.drop_{noun})"
     );
-    let (lo, old) = as_catalog_owner(|| -> Result<(pg_sys::Oid, Option<pg_sys::Oid>), pgrx::spi::Error> {
-        let old = Spi::get_one_with_args::<pg_sys::Oid>(
-            &format!("SELECT owner_object FROM {} WHERE name = $1 FOR UPDATE", what.table()),
-            &[name.into()],
-        )?;
-        let lo = Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.lo_create(0)")?
-            .expect("lo_create returns an oid");
-        Spi::run(&format!(
-            "ALTER LARGE OBJECT {} OWNER TO {}",
-            lo.to_u32(),
-            pgrx::spi::quote_identifier(&owner_name)
-        ))?;
-        Spi::run(&format!(
-            "COMMENT ON LARGE OBJECT {} IS {}",
-            lo.to_u32(),
-            pgrx::spi::quote_literal(&comment)
-        ))?;
-        Spi::run_with_args(
-            &format!("UPDATE {} SET owner_object = $2 WHERE name = $1", what.table()),
-            &[name.into(), lo.into()],
-        )?;
-        Ok((lo, old))
-    })?
+    let (lo, old) = as_catalog_owner(
+        || -> Result<(pg_sys::Oid, Option<pg_sys::Oid>), pgrx::spi::Error> {
+            let old = Spi::get_one_with_args::<pg_sys::Oid>(
+                &format!(
+                    "SELECT owner_object FROM {} WHERE name = $1 FOR UPDATE",
+                    what.table()
+                ),
+                &[name.into()],
+            )?;
+            let lo = Spi::get_one::<pg_sys::Oid>("SELECT pg_catalog.lo_create(0)")?
+                .expect("lo_create returns an oid");
+            Spi::run(&format!(
+                "ALTER LARGE OBJECT {} OWNER TO {}",
+                lo.to_u32(),
+                pgrx::spi::quote_identifier(&owner_name)
+            ))?;
+            Spi::run(&format!(
+                "COMMENT ON LARGE OBJECT {} IS {}",
+                lo.to_u32(),
+                pgrx::spi::quote_literal(&comment)
+            ))?;
+            Spi::run_with_args(
+                &format!(
+                    "UPDATE {} SET owner_object = $2 WHERE name = $1",
+                    what.table()
+                ),
+                &[name.into(), lo.into()],
+            )?;
+            Ok((lo, old))
+        },
+    )?
     .map_err(|e| TtError::Unsupported(format!("setting the owner of {noun} \"{name}\": {e}")))?;
     let ext = extension_oid();
     // SAFETY: records a normal dependency of an existing large object on the extension, as
@@ -434,7 +447,11 @@ pub fn set_owner(what: Owned, name: &str, owner: pg_sys::Oid) -> TtResult<()> {
                 objectId: ext,
                 objectSubId: 0,
             };
-            pg_sys::recordDependencyOn(&dependent, &referenced, pg_sys::DependencyType::DEPENDENCY_NORMAL);
+            pg_sys::recordDependencyOn(
+                &dependent,
+                &referenced,
+                pg_sys::DependencyType::DEPENDENCY_NORMAL,
+            );
         }
     }
     if let Some(old) = old {
@@ -471,8 +488,13 @@ pub fn drop_owner_object(lo: pg_sys::Oid) {
 pub fn check_model_name(name: &str) -> TtResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if ok {
         Ok(())
     } else {
@@ -500,7 +522,9 @@ fn catalog_owner(rel: pg_sys::Oid) -> TtResult<pg_sys::Oid> {
     unsafe {
         let r = pg_sys::RelationIdGetRelation(rel);
         if r.is_null() {
-            return Err(TtError::Unsupported("the pg_twotower model catalogue is missing".into()));
+            return Err(TtError::Unsupported(
+                "the pg_twotower model catalogue is missing".into(),
+            ));
         }
         let owner = (*(*r).rd_rel).relowner;
         pg_sys::RelationClose(r);
@@ -541,7 +565,9 @@ fn check_schema_version() -> TtResult<()> {
 pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> TtResult<R> {
     let rel = catalog_oid();
     if rel == pg_sys::InvalidOid {
-        return Err(TtError::Unsupported("the pg_twotower model catalogue is missing".into()));
+        return Err(TtError::Unsupported(
+            "the pg_twotower model catalogue is missing".into(),
+        ));
     }
     MODEL_TABLE.with(|t| t.set(rel));
     check_schema_version()?;
@@ -647,7 +673,9 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys
 /// Registers the invalidation callback (from `_PG_init`).
 pub fn register() {
     // SAFETY: registering a callback once per backend, from _PG_init.
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0)) };
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0))
+    };
 }
 
 /// One decoded model version.
@@ -674,24 +702,35 @@ fn budget_bytes() -> usize {
 
 impl Cache {
     fn remember(&mut self, l: Arc<Loaded>) {
-        self.decoded.retain(|d| !(d.name == l.name && d.version == l.version));
+        self.decoded
+            .retain(|d| !(d.name == l.name && d.version == l.version));
         self.decoded.push(l);
         let budget = budget_bytes();
         while self.decoded.len() > 1
-            && self.decoded.iter().map(|d| d.model.memory_bytes()).sum::<usize>() > budget
+            && self
+                .decoded
+                .iter()
+                .map(|d| d.model.memory_bytes())
+                .sum::<usize>()
+                > budget
         {
             self.decoded.remove(0);
         }
         // A model that left is decoded (and counted) again when it is used: its serving entry
         // must not keep it alive.
         let decoded = &self.decoded;
-        self.active.retain(|a| decoded.iter().any(|d| Arc::ptr_eq(d, &a.loaded)));
+        self.active
+            .retain(|a| decoded.iter().any(|d| Arc::ptr_eq(d, &a.loaded)));
     }
     /// The serving entry of model `name`, if its version is still decoded; using it makes that
     /// version the most recently used.
     fn active_hit(&mut self, name: &str) -> Option<Serving> {
         let a = self.active.iter().position(|l| l.loaded.name == name)?;
-        let Some(d) = self.decoded.iter().position(|d| Arc::ptr_eq(d, &self.active[a].loaded)) else {
+        let Some(d) = self
+            .decoded
+            .iter()
+            .position(|d| Arc::ptr_eq(d, &self.active[a].loaded))
+        else {
             self.active.remove(a);
             return None;
         };
@@ -761,8 +800,12 @@ pub fn may_use(role: pg_sys::Oid, owner_object: Option<pg_sys::Oid>) -> bool {
     // (it raises for a missing one), with the current snapshot.
     unsafe {
         large_object_exists(lo)
-            && pg_sys::pg_largeobject_aclcheck_snapshot(lo, role, pg_sys::ACL_SELECT as pg_sys::AclMode, std::ptr::null_mut())
-                == pg_sys::AclResult::ACLCHECK_OK
+            && pg_sys::pg_largeobject_aclcheck_snapshot(
+                lo,
+                role,
+                pg_sys::ACL_SELECT as pg_sys::AclMode,
+                std::ptr::null_mut(),
+            ) == pg_sys::AclResult::ACLCHECK_OK
     }
 }
 
@@ -779,8 +822,21 @@ unsafe fn large_object_exists(lo: pg_sys::Oid) -> bool {
     unsafe {
         let rel = pg_sys::table_open(metadata, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
         let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
-        pg_sys::ScanKeyInit(&mut key, 1, pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber, pg_sys::Oid::from(pg_sys::F_OIDEQ), pg_sys::Datum::from(lo));
-        let scan = pg_sys::systable_beginscan(rel, metadata_oid_index, true, std::ptr::null_mut(), 1, &mut key);
+        pg_sys::ScanKeyInit(
+            &mut key,
+            1,
+            pg_sys::BTEqualStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_OIDEQ),
+            pg_sys::Datum::from(lo),
+        );
+        let scan = pg_sys::systable_beginscan(
+            rel,
+            metadata_oid_index,
+            true,
+            std::ptr::null_mut(),
+            1,
+            &mut key,
+        );
         let found = !pg_sys::systable_getnext(scan).is_null();
         pg_sys::systable_endscan(scan);
         pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
@@ -827,7 +883,12 @@ pub fn active_model(name: &str) -> TtResult<Serving> {
                 return Ok(None);
             }
             let r = t.first();
-            Ok::<_, pgrx::spi::Error>(Some((r.get::<i32>(1)?, r.get::<i64>(2)?, r.get::<bool>(3)?, r.get::<pg_sys::Oid>(4)?)))
+            Ok::<_, pgrx::spi::Error>(Some((
+                r.get::<i32>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<bool>(3)?,
+                r.get::<pg_sys::Oid>(4)?,
+            )))
         })
     })?;
     let (version, checksum, strict, owner_object) = match head {
@@ -903,7 +964,10 @@ pub fn cache_stats() -> (i64, i64) {
         let c = c.borrow();
         (
             c.decoded.len() as i64,
-            c.decoded.iter().map(|d| d.model.memory_bytes() as i64).sum(),
+            c.decoded
+                .iter()
+                .map(|d| d.model.memory_bytes() as i64)
+                .sum(),
         )
     })
 }

@@ -10,7 +10,10 @@ use pgrx::prelude::*;
 
 #[pg_schema]
 pub mod twotower {
-    use crate::catalog::{as_catalog_owner, caller, check_model_name, has_privs, is_admin, role_name, JsonbValue, RegClass, ADMIN_ROLE};
+    use crate::catalog::{
+        as_catalog_owner, caller, check_model_name, has_privs, is_admin, role_name, JsonbValue,
+        RegClass, ADMIN_ROLE,
+    };
     use crate::error::{required, OrReport, TtError, TtResult};
     use crate::spi::{self, is_table, read_rows, time_expr};
     use pgrx::pg_sys;
@@ -64,7 +67,18 @@ pub mod twotower {
             })
         })?
         .map_err(|e| TtError::Unsupported(format!("reading the channel catalogue: {e}")))?;
-        let Some((kind, neighbors, interactions, user_column, item_column, time_column, weight_column, options, watermark)) = row else {
+        let Some((
+            kind,
+            neighbors,
+            interactions,
+            user_column,
+            item_column,
+            time_column,
+            weight_column,
+            options,
+            watermark,
+        )) = row
+        else {
             return Ok(None);
         };
         Ok(Some(Channel {
@@ -82,10 +96,13 @@ pub mod twotower {
 
     /// The owner of relation `rel` (None when it is gone).
     fn rel_owner(rel: pg_sys::Oid) -> Option<pg_sys::Oid> {
-        crate::catalog::read_row::<pg_sys::Oid, bool>("SELECT relowner, true FROM pg_catalog.pg_class WHERE oid = $1", &[rel.into()])
-            .ok()
-            .flatten()
-            .and_then(|(o, _)| o)
+        crate::catalog::read_row::<pg_sys::Oid, bool>(
+            "SELECT relowner, true FROM pg_catalog.pg_class WHERE oid = $1",
+            &[rel.into()],
+        )
+        .ok()
+        .flatten()
+        .and_then(|(o, _)| o)
     }
 
     /// Checks that the caller manages a channel whose neighbour table is `rel`: its owner (or a
@@ -118,7 +135,11 @@ pub mod twotower {
 
     /// Checks that an existing neighbour table has the three columns with their types.
     fn check_neighbor_table(rel: pg_sys::Oid, name: &str) -> TtResult<()> {
-        for (col, ty) in [("item_id", "bigint"), ("neighbor_id", "bigint"), ("score", "real")] {
+        for (col, ty) in [
+            ("item_id", "bigint"),
+            ("neighbor_id", "bigint"),
+            ("score", "real"),
+        ] {
             let got = spi::column_type(rel, col).ok();
             if got.as_deref() != Some(ty) {
                 return Err(TtError::BadArgument(format!(
@@ -156,7 +177,11 @@ pub mod twotower {
             Some(c) => format!("t.{}::pg_catalog.float4", spi::column(rel, c, "weight")?),
             None => "1::pg_catalog.float4".into(),
         };
-        let order = if is_table(rel) { " ORDER BY t.ctid" } else { "" };
+        let order = if is_table(rel) {
+            " ORDER BY t.ctid"
+        } else {
+            ""
+        };
         let select = format!("SELECT t.{uc}::pg_catalog.text, t.{ic}::pg_catalog.int8, {ts}, {w} FROM {src} AS t{order}");
         let mut log = Log::default();
         let mut newest: Option<f64> = None;
@@ -164,8 +189,16 @@ pub mod twotower {
         let mut latest = Newest::new();
         let mut progress = spi::Progress::new("channel: reading interactions", "rows");
         read_rows(&select, &src, Some(&mut progress), |row| {
-            let (Some(u), Some(i), Some(t), Some(wt)) = (row.get::<String>(1)?, row.get::<i64>(2)?, row.get::<f64>(3)?, row.get::<f32>(4)?) else {
-                TtError::NullValue(format!("a row of {src} has a NULL user id, item id, time or weight")).report();
+            let (Some(u), Some(i), Some(t), Some(wt)) = (
+                row.get::<String>(1)?,
+                row.get::<i64>(2)?,
+                row.get::<f64>(3)?,
+                row.get::<f32>(4)?,
+            ) else {
+                TtError::NullValue(format!(
+                    "a row of {src} has a NULL user id, item id, time or weight"
+                ))
+                .report();
             };
             log.push(&u, i, t, wt).map_err(TtError::Cf).or_report();
             newest = Some(newest.map_or(t, |n: f64| n.max(t)));
@@ -184,8 +217,14 @@ pub mod twotower {
         as_catalog_owner(|| {
             Spi::connect(|c| {
                 let mut out = Prints::new();
-                for r in c.select("SELECT user_id, rows, digest FROM twotower.channel_user WHERE channel = $1", None, &[name.into()])? {
-                    if let (Some(u), Some(n), Some(d)) = (r.get::<String>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?) {
+                for r in c.select(
+                    "SELECT user_id, rows, digest FROM twotower.channel_user WHERE channel = $1",
+                    None,
+                    &[name.into()],
+                )? {
+                    if let (Some(u), Some(n), Some(d)) =
+                        (r.get::<String>(1)?, r.get::<i64>(2)?, r.get::<i64>(3)?)
+                    {
                         out.insert(u, (n, d));
                     }
                 }
@@ -197,7 +236,12 @@ pub mod twotower {
 
     /// Stores the fingerprints of `users` (all of `prints` when None, replacing the old ones)
     /// and forgets the users in `gone`.
-    fn store_prints(name: &str, prints: &Prints, users: Option<&[String]>, gone: &[String]) -> TtResult<()> {
+    fn store_prints(
+        name: &str,
+        prints: &Prints,
+        users: Option<&[String]>,
+        gone: &[String],
+    ) -> TtResult<()> {
         let rows: Vec<(&String, &(i64, i64))> = match users {
             None => prints.iter().collect(),
             Some(us) => us.iter().filter_map(|u| prints.get_key_value(u)).collect(),
@@ -250,7 +294,11 @@ pub mod twotower {
         // Batches of sources in item-id order (ranges of about CHUNK_WORK work, or the given
         // sources 256 at a time), so the rows reach the table's B-tree in key order.
         let batches: Vec<Vec<u32>> = match sources {
-            None => sim.chunks(CHUNK_WORK).into_iter().map(|r| sim.sources(r).to_vec()).collect(),
+            None => sim
+                .chunks(CHUNK_WORK)
+                .into_iter()
+                .map(|r| sim.sources(r).to_vec())
+                .collect(),
             Some(s) => {
                 let mut s = s.to_vec();
                 s.sort_by_key(|&i| sim.item_id(i));
@@ -267,8 +315,11 @@ pub mod twotower {
             let a: Vec<i64> = rows.iter().map(|r| r.0).collect();
             let b: Vec<i64> = rows.iter().map(|r| r.1).collect();
             let c: Vec<f32> = rows.iter().map(|r| r.2).collect();
-            Spi::connect_mut(|cl| cl.update(&insert, None, &[a.into(), b.into(), c.into()]).map(|_| ()))
-                .map_err(|e| TtError::BadArgument(format!("writing {table}: {e}")))?;
+            Spi::connect_mut(|cl| {
+                cl.update(&insert, None, &[a.into(), b.into(), c.into()])
+                    .map(|_| ())
+            })
+            .map_err(|e| TtError::BadArgument(format!("writing {table}: {e}")))?;
             rows.clear();
             Ok(())
         };
@@ -290,7 +341,15 @@ pub mod twotower {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn record(name: &str, ch: &Channel, newest: Option<f64>, log: &Log, sim: &Similarity, rows: i64, secs: f64) -> TtResult<()> {
+    fn record(
+        name: &str,
+        ch: &Channel,
+        newest: Option<f64>,
+        log: &Log,
+        sim: &Similarity,
+        rows: i64,
+        secs: f64,
+    ) -> TtResult<()> {
         let opts = pgrx::JsonB(ch.options.clone());
         as_catalog_owner(|| {
             Spi::run_with_args(
@@ -356,15 +415,24 @@ pub mod twotower {
         ),
     > {
         let started = Instant::now();
-        let (name, kind, interactions, neighbors) =
-            (required(name, "name"), required(kind, "kind"), required(interactions, "interactions"), required(neighbors, "neighbors"));
+        let (name, kind, interactions, neighbors) = (
+            required(name, "name"),
+            required(kind, "kind"),
+            required(interactions, "interactions"),
+            required(neighbors, "neighbors"),
+        );
         let options = required(options, "options");
-        let (user_column, item_column, time_column) =
-            (required(user_column, "user_column"), required(item_column, "item_column"), required(time_column, "time_column"));
+        let (user_column, item_column, time_column) = (
+            required(user_column, "user_column"),
+            required(item_column, "item_column"),
+            required(time_column, "time_column"),
+        );
         check_model_name(name).map_err(|_| TtError::BadArgument(format!("\"{name}\" is not a valid channel name (1..=63 of [A-Za-z0-9_.-], starting with a letter or _)"))).or_report();
         let kind = Kind::parse(kind).map_err(TtError::Cf).or_report();
         let opts_json = options.value("options").or_report();
-        let opts = Options::parse(kind, &opts_json).map_err(TtError::Cf).or_report();
+        let opts = Options::parse(kind, &opts_json)
+            .map_err(TtError::Cf)
+            .or_report();
         let table = quoted_name(neighbors).or_report();
         // Privileges before reading anything: an existing channel is its owner's; a new one
         // needs twotower_admin (channel names are shared, as model names are).
@@ -382,7 +450,10 @@ pub mod twotower {
             }
             None if !is_admin(me) => TtError::PermissionDenied {
                 action: format!("create channel \"{name}\""),
-                hint: format!("Members of {ADMIN_ROLE} create channels: GRANT {ADMIN_ROLE} TO {};", role_name(me)),
+                hint: format!(
+                    "Members of {ADMIN_ROLE} create channels: GRANT {ADMIN_ROLE} TO {};",
+                    role_name(me)
+                ),
             }
             .report(),
             None => {}
@@ -416,14 +487,18 @@ pub mod twotower {
             watermark: None,
         };
         let (log, newest, prints, _) = read_log(&ch).or_report();
-        let sim = Similarity::new(&log, &opts, budget()).map_err(TtError::Cf).or_report();
+        let sim = Similarity::new(&log, &opts, budget())
+            .map_err(TtError::Cf)
+            .or_report();
         if opts.half_life.is_some() && opts.decay_reference.is_none() {
             // Refreshes measure ages from this build's reference (old weights stay as they are).
             if let Some(o) = ch.options.as_object_mut() {
                 o.insert("decay_reference".into(), serde_json::json!(sim.reference()));
             }
         }
-        Spi::run(&format!("TRUNCATE {table}")).map_err(|e| TtError::BadArgument(format!("emptying {table}: {e}"))).or_report();
+        Spi::run(&format!("TRUNCATE {table}"))
+            .map_err(|e| TtError::BadArgument(format!("emptying {table}: {e}")))
+            .or_report();
         let rows = write_rows(&sim, &table, None).or_report();
         let secs = started.elapsed().as_secs_f64();
         record(name, &ch, newest, &log, &sim, rows, secs).or_report();
@@ -446,14 +521,31 @@ pub mod twotower {
     #[pg_extern(volatile, parallel_unsafe)]
     fn refresh_channel(
         name: &str,
-    ) -> TableIterator<'static, (name!(channel, String), name!(changed_users, i64), name!(affected_items, i64), name!(rows, i64), name!(seconds, f64))> {
+    ) -> TableIterator<
+        'static,
+        (
+            name!(channel, String),
+            name!(changed_users, i64),
+            name!(affected_items, i64),
+            name!(rows, i64),
+            name!(seconds, f64),
+        ),
+    > {
         let started = Instant::now();
-        let ch = find(name).or_report().unwrap_or_else(|| TtError::UnknownChannel(name.to_owned()).report());
+        let ch = find(name)
+            .or_report()
+            .unwrap_or_else(|| TtError::UnknownChannel(name.to_owned()).report());
         check_manage(name, ch.neighbors).or_report();
         let table = spi::relation_name(ch.neighbors)
-            .map_err(|_| TtError::BadArgument(format!("the neighbour table of channel \"{name}\" was dropped")))
+            .map_err(|_| {
+                TtError::BadArgument(format!(
+                    "the neighbour table of channel \"{name}\" was dropped"
+                ))
+            })
             .or_report();
-        let opts = Options::parse(ch.kind, &ch.options).map_err(TtError::Cf).or_report();
+        let opts = Options::parse(ch.kind, &ch.options)
+            .map_err(TtError::Cf)
+            .or_report();
         // A user changed when their interactions differ from the last read's (count and an
         // order-free digest): rows added late, whatever their time, count. A channel built
         // before 0.8.0 has no fingerprints: its first refresh goes by time, as it did.
@@ -461,30 +553,50 @@ pub mod twotower {
         let before = stored_prints(name).or_report();
         let changed: Vec<String> = if before.is_empty() && ch.watermark.is_some() {
             let since = ch.watermark.unwrap_or(f64::NEG_INFINITY);
-            let mut users: Vec<String> = latest.iter().filter(|(_, &t)| t > since).map(|(u, _)| u.clone()).collect();
+            let mut users: Vec<String> = latest
+                .iter()
+                .filter(|(_, &t)| t > since)
+                .map(|(u, _)| u.clone())
+                .collect();
             users.sort();
             users
         } else {
-            let mut users: Vec<String> = prints.iter().filter(|(u, p)| before.get(*u) != Some(*p)).map(|(u, _)| u.clone()).collect();
+            let mut users: Vec<String> = prints
+                .iter()
+                .filter(|(u, p)| before.get(*u) != Some(*p))
+                .map(|(u, _)| u.clone())
+                .collect();
             users.sort();
             users
         };
-        let gone: Vec<String> = before.keys().filter(|u| !prints.contains_key(*u)).cloned().collect();
-        let sim = Similarity::new(&log, &opts, budget()).map_err(TtError::Cf).or_report();
+        let gone: Vec<String> = before
+            .keys()
+            .filter(|u| !prints.contains_key(*u))
+            .cloned()
+            .collect();
+        let sim = Similarity::new(&log, &opts, budget())
+            .map_err(TtError::Cf)
+            .or_report();
         let changed_refs: Vec<&str> = changed.iter().map(String::as_str).collect();
         let affected = sim.affected(&log, &changed_refs);
         let ids: Vec<i64> = affected.iter().map(|&i| sim.item_id(i)).collect();
         if !ids.is_empty() {
-            Spi::run_with_args(&format!("DELETE FROM {table} WHERE item_id = ANY ($1)"), &[ids.into()])
-                .map_err(|e| TtError::BadArgument(format!("updating {table}: {e}")))
-                .or_report();
+            Spi::run_with_args(
+                &format!("DELETE FROM {table} WHERE item_id = ANY ($1)"),
+                &[ids.into()],
+            )
+            .map_err(|e| TtError::BadArgument(format!("updating {table}: {e}")))
+            .or_report();
         }
         let rows = write_rows(&sim, &table, Some(&affected)).or_report();
-        let total = crate::catalog::read_row::<i64, bool>(&format!("SELECT count(*), true FROM {table}"), &[])
-            .ok()
-            .flatten()
-            .and_then(|(n, _)| n)
-            .unwrap_or(rows);
+        let total = crate::catalog::read_row::<i64, bool>(
+            &format!("SELECT count(*), true FROM {table}"),
+            &[],
+        )
+        .ok()
+        .flatten()
+        .and_then(|(n, _)| n)
+        .unwrap_or(rows);
         let secs = started.elapsed().as_secs_f64();
         record(name, &ch, newest.or(ch.watermark), &log, &sim, total, secs).or_report();
         if before.is_empty() {
@@ -492,34 +604,57 @@ pub mod twotower {
         } else {
             store_prints(name, &prints, Some(&changed), &gone).or_report();
         }
-        TableIterator::once((name.to_owned(), changed.len() as i64, affected.len() as i64, rows, secs))
+        TableIterator::once((
+            name.to_owned(),
+            changed.len() as i64,
+            affected.len() as i64,
+            rows,
+            secs,
+        ))
     }
 
     /// Removes channel `name` from the catalogue; with `drop_table`, drops its neighbour table.
     #[pg_extern(volatile, parallel_unsafe)]
     fn drop_channel(name: &str, drop_table: default!(bool, "false")) -> bool {
-        let ch = find(name).or_report().unwrap_or_else(|| TtError::UnknownChannel(name.to_owned()).report());
+        let ch = find(name)
+            .or_report()
+            .unwrap_or_else(|| TtError::UnknownChannel(name.to_owned()).report());
         check_manage(name, ch.neighbors).or_report();
         crate::pipeline::check_unused(crate::pipeline::Uses::Channel, name).or_report();
         if drop_table {
             if let Ok(t) = spi::relation_name(ch.neighbors) {
-                Spi::run(&format!("DROP TABLE {t}")).map_err(|e| TtError::BadArgument(format!("dropping {t}: {e}"))).or_report();
+                Spi::run(&format!("DROP TABLE {t}"))
+                    .map_err(|e| TtError::BadArgument(format!("dropping {t}: {e}")))
+                    .or_report();
             }
         }
-        as_catalog_owner(|| Spi::run_with_args("DELETE FROM twotower.channel WHERE name = $1", &[name.into()]))
-            .or_report()
-            .map_err(|e| TtError::Unsupported(format!("dropping channel \"{name}\": {e}")))
-            .or_report();
+        as_catalog_owner(|| {
+            Spi::run_with_args(
+                "DELETE FROM twotower.channel WHERE name = $1",
+                &[name.into()],
+            )
+        })
+        .or_report()
+        .map_err(|e| TtError::Unsupported(format!("dropping channel \"{name}\": {e}")))
+        .or_report();
         true
     }
 
     /// The i2i channel: Σ weight_h · score(h, item) over channel `channel`'s neighbours of the
     /// `history` (item, weight) pairs, top `k`, leaving out history items and `exclude`. Reads
     /// the neighbour table as the caller.
-    pub(crate) fn i2i_hits(channel: &str, history: &[(i64, f32)], k: usize, exclude: &[i64]) -> TtResult<Vec<twotower_cf::Hit>> {
+    pub(crate) fn i2i_hits(
+        channel: &str,
+        history: &[(i64, f32)],
+        k: usize,
+        exclude: &[i64],
+    ) -> TtResult<Vec<twotower_cf::Hit>> {
         let ch = find(channel)?.ok_or_else(|| TtError::UnknownChannel(channel.to_owned()))?;
-        let table = spi::relation_name(ch.neighbors)
-            .map_err(|_| TtError::BadArgument(format!("the neighbour table of channel \"{channel}\" was dropped")))?;
+        let table = spi::relation_name(ch.neighbors).map_err(|_| {
+            TtError::BadArgument(format!(
+                "the neighbour table of channel \"{channel}\" was dropped"
+            ))
+        })?;
         let mut nb: Vec<(i64, i64, f32)> = Vec::new();
         let ids: Vec<i64> = history.iter().map(|h| h.0).collect();
         if !ids.is_empty() {
@@ -561,28 +696,61 @@ pub mod twotower {
         weights: default!(Option<Vec<Option<f32>>>, "NULL"),
         k: default!(Option<i32>, "100"),
         exclude: default!(Option<Vec<Option<i64>>>, "NULL"),
-    ) -> TableIterator<'static, (name!(item_id, i64), name!(score, f32), name!(rank, i32), name!(via, i64))> {
-        let (channel, history, k) = (required(channel, "channel"), required(history, "history"), required(k, "k"));
+    ) -> TableIterator<
+        'static,
+        (
+            name!(item_id, i64),
+            name!(score, f32),
+            name!(rank, i32),
+            name!(via, i64),
+        ),
+    > {
+        let (channel, history, k) = (
+            required(channel, "channel"),
+            required(history, "history"),
+            required(k, "k"),
+        );
         if !(1..=10_000).contains(&k) {
             TtError::BadArgument(format!("k must be between 1 and 10000, got {k}")).report();
         }
         if history.len() > MAX_HISTORY {
-            TtError::BadArgument(format!("a history of {} items is more than the {MAX_HISTORY} i2i_recall takes", history.len())).report();
+            TtError::BadArgument(format!(
+                "a history of {} items is more than the {MAX_HISTORY} i2i_recall takes",
+                history.len()
+            ))
+            .report();
         }
         let ids: Vec<i64> = history
             .iter()
-            .map(|h| h.unwrap_or_else(|| TtError::NullValue("history has a NULL element".into()).report()))
+            .map(|h| {
+                h.unwrap_or_else(|| {
+                    TtError::NullValue("history has a NULL element".into()).report()
+                })
+            })
             .collect();
         let ws: Vec<f32> = match weights {
             None => vec![1.0; ids.len()],
-            Some(w) if w.len() == ids.len() => {
-                w.into_iter().map(|x| x.unwrap_or_else(|| TtError::NullValue("weights has a NULL element".into()).report())).collect()
-            }
-            Some(w) => TtError::BadArgument(format!("weights has {} elements, history {}", w.len(), ids.len())).report(),
+            Some(w) if w.len() == ids.len() => w
+                .into_iter()
+                .map(|x| {
+                    x.unwrap_or_else(|| {
+                        TtError::NullValue("weights has a NULL element".into()).report()
+                    })
+                })
+                .collect(),
+            Some(w) => TtError::BadArgument(format!(
+                "weights has {} elements, history {}",
+                w.len(),
+                ids.len()
+            ))
+            .report(),
         };
         let exclude: Vec<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
         let history: Vec<(i64, f32)> = ids.into_iter().zip(ws).collect();
         let hits = i2i_hits(channel, &history, k as usize, &exclude).or_report();
-        TableIterator::new(hits.into_iter().map(|h| (h.item, h.score, h.rank as i32, h.via)))
+        TableIterator::new(
+            hits.into_iter()
+                .map(|h| (h.item, h.score, h.rank as i32, h.via)),
+        )
     }
 }

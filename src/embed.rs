@@ -7,22 +7,28 @@ use pgrx::prelude::*;
 pub fn inference_threads() -> usize {
     // Asked once per backend: the answer reads cgroup files (a syscall per call otherwise).
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    *CORES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
 }
 
 /// The first row of a row-major `[n, dim]` output holding a NaN or an infinity.
 fn first_non_finite(out: &[f32], dim: usize) -> Option<usize> {
-    out.iter().position(|v| !v.is_finite()).map(|i| i / dim.max(1))
+    out.iter()
+        .position(|v| !v.is_finite())
+        .map(|i| i / dim.max(1))
 }
 
 #[pg_schema]
 pub mod twotower {
     use crate::catalog::{self, expect_kind, JsonbValue, RegClass};
     use crate::error::{OrReport, TtError};
+    use crate::spi;
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use pgrx::spi::quote_identifier;
-    use crate::spi;
     use twotower_tower::{forward_parallel, Kind};
 
     /// The user tower of model `model` (its active version) applied to one user's features.
@@ -75,25 +81,26 @@ pub mod twotower {
         let mut rows = Vec::with_capacity(n);
         let mut batch = Vec::with_capacity(FORWARD_CHUNK.min(n));
         let mut batch_ords = Vec::with_capacity(FORWARD_CHUNK.min(n));
-        let flush = |batch: &mut Vec<_>, ords: &mut Vec<i32>, rows: &mut Vec<(i32, Option<Vec<f32>>)>| {
-            if batch.is_empty() {
-                return;
-            }
-            check_for_interrupts!();
-            let out = forward_parallel(&l.model, batch, super::inference_threads());
-            if let Some(row) = super::first_non_finite(&out, dim) {
-                TtError::BadArgument(format!(
-                    "the tower output of features element {} is not finite",
-                    ords[row]
-                ))
-                .report();
-            }
-            for (j, ord) in ords.iter().enumerate() {
-                rows.push((*ord, Some(out[j * dim..(j + 1) * dim].to_vec())));
-            }
-            batch.clear();
-            ords.clear();
-        };
+        let flush =
+            |batch: &mut Vec<_>, ords: &mut Vec<i32>, rows: &mut Vec<(i32, Option<Vec<f32>>)>| {
+                if batch.is_empty() {
+                    return;
+                }
+                check_for_interrupts!();
+                let out = forward_parallel(&l.model, batch, super::inference_threads());
+                if let Some(row) = super::first_non_finite(&out, dim) {
+                    TtError::BadArgument(format!(
+                        "the tower output of features element {} is not finite",
+                        ords[row]
+                    ))
+                    .report();
+                }
+                for (j, ord) in ords.iter().enumerate() {
+                    rows.push((*ord, Some(out[j * dim..(j + 1) * dim].to_vec())));
+                }
+                batch.clear();
+                ords.clear();
+            };
         for (i, f) in features.iter().enumerate() {
             check_for_interrupts!();
             match f {
@@ -150,8 +157,10 @@ pub mod twotower {
         ),
     > {
         if !(1..=100_000).contains(&batch_size) {
-            TtError::BadArgument(format!("batch_size must be between 1 and 100000, not {batch_size}"))
-                .report();
+            TtError::BadArgument(format!(
+                "batch_size must be between 1 and 100000, not {batch_size}"
+            ))
+            .report();
         }
         let (items, target) = (items.0, target.0);
         let l = catalog::active_model(model).or_report();
@@ -176,7 +185,11 @@ pub mod twotower {
             .map_err(|e| TtError::BadArgument(format!("reading {src}: {e}")))
             .or_report();
             if let Some((Some(id), _)) = dup {
-                TtError::DuplicateItem { relation: src.clone(), id }.report();
+                TtError::DuplicateItem {
+                    relation: src.clone(),
+                    id,
+                }
+                .report();
             }
         }
         let batch_rows = "SELECT $1[i] AS id, $2[(i - 1) * $3 + 1 : i * $3] AS v
@@ -243,7 +256,14 @@ pub mod twotower {
         let (mut inserted, mut updated) = (0i64, 0i64);
         let mut run = || -> Result<(), pgrx::spi::Error> {
             let batches = spi::Batches::open(&select)?;
-            let plan = spi::prepare(&write, &[pg_sys::INT8ARRAYOID, pg_sys::FLOAT4ARRAYOID, pg_sys::INT4OID])?;
+            let plan = spi::prepare(
+                &write,
+                &[
+                    pg_sys::INT8ARRAYOID,
+                    pg_sys::FLOAT4ARRAYOID,
+                    pg_sys::INT4OID,
+                ],
+            )?;
             loop {
                 let n = batches.next(batch_size as usize, |client, rows| {
                     let mut ids = Vec::with_capacity(batch_size as usize);

@@ -3,9 +3,9 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 use twotower_ann::AnnError;
-use twotower_tower::TowerError;
 use twotower_cf::CfError;
 use twotower_funnel::prerank::PrerankError;
+use twotower_tower::TowerError;
 use twotower_train::TrainError;
 
 #[derive(Debug)]
@@ -33,7 +33,11 @@ pub enum TtError {
     /// No model of that name, or no such version.
     ModelNotFound { name: String, version: Option<i32> },
     /// The model is of the other tower kind.
-    ModelKind { name: String, expected: &'static str, got: String },
+    ModelKind {
+        name: String,
+        expected: &'static str,
+        got: String,
+    },
     /// The model does not fit the index (metric or dimension).
     ModelIndexMismatch { detail: String },
     /// The caller may not manage this model, or read this table.
@@ -57,9 +61,17 @@ pub enum TtError {
     /// A generic invalid argument value.
     BadArgument(String),
     /// The extension's SQL objects are older than the library.
-    SchemaVersion { installed: String, library: &'static str },
+    SchemaVersion {
+        installed: String,
+        library: &'static str,
+    },
     /// A bulk refresh source lacks the column of a feature that has no default.
-    MissingFeatureColumn { relation: String, feature: String, tower: &'static str, training: bool },
+    MissingFeatureColumn {
+        relation: String,
+        feature: String,
+        tower: &'static str,
+        training: bool,
+    },
     /// The table an index belongs to has no usable item id column.
     NoItemId(String),
     /// A NULL in a source row where a value is required.
@@ -83,7 +95,11 @@ pub enum TtError {
     /// A pipeline definition that cannot run (names the path, says why).
     BadPipeline { path: String, reason: String },
     /// A model or channel that pipelines still use (what, its name, the pipelines).
-    UsedByPipelines { what: &'static str, name: String, pipelines: Vec<String> },
+    UsedByPipelines {
+        what: &'static str,
+        name: String,
+        pipelines: Vec<String>,
+    },
     /// A shard (foreign server) that could not be reached or refused the connection.
     ShardConnection { server: String, detail: String },
     /// A shard's answer was an error (the server, its message).
@@ -138,21 +154,43 @@ fn train_parts(e: &TrainError) -> (PgSqlErrorCode, String, Option<String>, Optio
             Some(reason.clone()),
             Some("docs/training.md lists every option.".into()),
         ),
-        TrainError::NoData(d) => (ERRCODE_DATA_EXCEPTION, format!("cannot train: {d}"), None, None),
+        TrainError::NoData(d) => (
+            ERRCODE_DATA_EXCEPTION,
+            format!("cannot train: {d}"),
+            None,
+            None,
+        ),
         TrainError::MemoryBudget { needed, budget } => (
             ERRCODE_OUT_OF_MEMORY,
             "training needs more memory than maintenance_work_mem".into(),
-            Some(format!("The run needs about {}, maintenance_work_mem is {}.", mib(*needed), mib(*budget))),
-            Some(format!("SET maintenance_work_mem = '{}' before twotower.train, or train on fewer rows.", mib(*needed + *needed / 8))),
+            Some(format!(
+                "The run needs about {}, maintenance_work_mem is {}.",
+                mib(*needed),
+                mib(*budget)
+            )),
+            Some(format!(
+                "SET maintenance_work_mem = '{}' before twotower.train, or train on fewer rows.",
+                mib(*needed + *needed / 8)
+            )),
         ),
-        TrainError::Cancelled => (ERRCODE_QUERY_CANCELED, "canceling training".into(), None, None),
+        TrainError::Cancelled => (
+            ERRCODE_QUERY_CANCELED,
+            "canceling training".into(),
+            None,
+            None,
+        ),
         TrainError::Diverged { epoch, step, loss } => (
             ERRCODE_DATA_EXCEPTION,
             format!("training diverged at epoch {epoch}, step {step} (the loss is {loss})"),
             None,
             Some("Lower \"lr\" / \"sparse_lr\", or raise \"temperature\".".into()),
         ),
-        TrainError::Export(d) => (ERRCODE_INTERNAL_ERROR, "the trained model failed its export check".into(), Some(d.clone()), None),
+        TrainError::Export(d) => (
+            ERRCODE_INTERNAL_ERROR,
+            "the trained model failed its export check".into(),
+            Some(d.clone()),
+            None,
+        ),
         TrainError::Tower(t) => tower_parts(t),
     }
 }

@@ -123,9 +123,13 @@ fn read_shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
         Ok::<_, pgrx::spi::Error>(Some((tables, vector, id)))
     })
     .map_err(fail)?;
-    let Some((tables, vector, id)) = row else { return Ok(None) };
+    let Some((tables, vector, id)) = row else {
+        return Ok(None);
+    };
     let Some(vector) = vector else {
-        return Err(TtError::Unsupported("recall() does not support expression indexes".into()));
+        return Err(TtError::Unsupported(
+            "recall() does not support expression indexes".into(),
+        ));
     };
     let Some(id) = id else {
         return Err(TtError::NoItemId(
@@ -133,7 +137,12 @@ fn read_shards(index: pg_sys::Oid) -> TtResult<Option<Shards>> {
         ));
     };
     let metric = crate::am::search::index_metric(index, "recall()")?;
-    Ok(Some(Shards { tables, id_column: id, vector_column: vector, metric }))
+    Ok(Some(Shards {
+        tables,
+        id_column: id,
+        vector_column: vector,
+        metric,
+    }))
 }
 
 impl Shards {
@@ -145,16 +154,25 @@ impl Shards {
     /// distance as the SQL operator computes it), all shards together (unordered). With
     /// `twotower.unavailable_shards = skip`, a shard that fails is left out with a WARNING.
     /// What each shard did is kept for `twotower.fanout_report()`.
-    pub fn nearest(&self, query: &[f32], k: usize, exclude: &[i64], ef_search: i32) -> TtResult<Vec<(i64, f64)>> {
+    pub fn nearest(
+        &self,
+        query: &[f32],
+        k: usize,
+        exclude: &[i64],
+        ef_search: i32,
+    ) -> TtResult<Vec<(i64, f64)>> {
         let skip = crate::gucs::UNAVAILABLE_SHARDS.get() == crate::gucs::UnavailableShards::Skip;
         LAST.with(|l| l.borrow_mut().clear());
         // One answer (or failure) per shard, in the order of `self.tables`.
-        let mut answers: Vec<Result<(Vec<(i64, f64)>, Option<f64>), String>> = Vec::with_capacity(self.tables.len());
+        let mut answers: Vec<Result<(Vec<(i64, f64)>, Option<f64>), String>> =
+            Vec::with_capacity(self.tables.len());
         if crate::gucs::SHARD_PROTOCOL.get() == crate::gucs::ShardProtocol::Direct {
             let remotes: Vec<crate::shard_conn::Remote> = self
                 .tables
                 .iter()
-                .map(|(_, rel, _)| crate::shard_conn::remote(*rel, &self.id_column, &self.vector_column))
+                .map(|(_, rel, _)| {
+                    crate::shard_conn::remote(*rel, &self.id_column, &self.vector_column)
+                })
                 .collect::<TtResult<_>>()?;
             let op = self.operator()?;
             match crate::shard_conn::nearest(&remotes, &op, query, k, exclude, ef_search) {
@@ -164,12 +182,19 @@ impl Shards {
                     // Each shard on its own: the ones that answer count.
                     for r in &remotes {
                         answers.push(
-                            crate::shard_conn::nearest(std::slice::from_ref(r), &op, query, k, exclude, ef_search)
-                                .map(|mut a| {
-                                    let a = a.pop().expect("one answer per remote");
-                                    (a.rows, Some(a.ms))
-                                })
-                                .map_err(|e| crate::error::describe(&e)),
+                            crate::shard_conn::nearest(
+                                std::slice::from_ref(r),
+                                &op,
+                                query,
+                                k,
+                                exclude,
+                                ef_search,
+                            )
+                            .map(|mut a| {
+                                let a = a.pop().expect("one answer per remote");
+                                (a.rows, Some(a.ms))
+                            })
+                            .map_err(|e| crate::error::describe(&e)),
                         );
                     }
                 }
@@ -177,7 +202,11 @@ impl Shards {
         } else {
             let all: Vec<usize> = (0..self.tables.len()).collect();
             if !skip {
-                answers.extend(self.ask(&all, query, k, exclude)?.into_iter().map(|rows| Ok((rows, None))));
+                answers.extend(
+                    self.ask(&all, query, k, exclude)?
+                        .into_iter()
+                        .map(|rows| Ok((rows, None))),
+                );
             } else if let Ok(r) = in_subtransaction(|| self.ask(&all, query, k, exclude)) {
                 // All at once first (in a subtransaction); after a failure, each shard on its
                 // own, so that a failure rolls back that shard only.
@@ -186,7 +215,10 @@ impl Shards {
                 for i in all {
                     let start = std::time::Instant::now();
                     match in_subtransaction(|| self.ask(&[i], query, k, exclude)) {
-                        Ok(Ok(mut rows)) => answers.push(Ok((rows.pop().unwrap_or_default(), Some(start.elapsed().as_secs_f64() * 1e3)))),
+                        Ok(Ok(mut rows)) => answers.push(Ok((
+                            rows.pop().unwrap_or_default(),
+                            Some(start.elapsed().as_secs_f64() * 1e3),
+                        ))),
                         Ok(Err(e)) => return Err(e),
                         Err(msg) => answers.push(Err(msg)),
                     }
@@ -208,7 +240,14 @@ impl Shards {
                     (false, 0, None, Some(msg))
                 }
             };
-            report.push(Report { partition: table.clone(), server: server.clone(), answered, items, ms, error });
+            report.push(Report {
+                partition: table.clone(),
+                server: server.clone(),
+                answered,
+                items,
+                ms,
+                error,
+            });
         }
         LAST.with(|l| *l.borrow_mut() = report);
         if !failed.is_empty() {
@@ -237,19 +276,35 @@ impl Shards {
               WHERE o.oprname OPERATOR(pg_catalog.=) $1
                 AND o.oprcode OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($2)
               ORDER BY o.oid LIMIT 1",
-            &[name.into(), format!("twotower.{function}(real[],real[])").into()],
+            &[
+                name.into(),
+                format!("twotower.{function}(real[],real[])").into(),
+            ],
         )
         .map_err(|e| TtError::BadArgument(format!("looking up the operator {name}: {e}")))?
         .and_then(|(s, _)| s)
-        .ok_or_else(|| TtError::Unsupported(format!("the operator {name} on real[] of pg_twotower is missing")))?;
+        .ok_or_else(|| {
+            TtError::Unsupported(format!(
+                "the operator {name} on real[] of pg_twotower is missing"
+            ))
+        })?;
         Ok(format!("OPERATOR({schema}.{name})"))
     }
 
     /// The top `k` of each of the shards numbered `which` in one statement (the branches joined
     /// by UNION ALL): one list per shard, in the order of `which`.
-    fn ask(&self, which: &[usize], query: &[f32], k: usize, exclude: &[i64]) -> TtResult<Vec<Vec<(i64, f64)>>> {
+    fn ask(
+        &self,
+        which: &[usize],
+        query: &[f32],
+        k: usize,
+        exclude: &[i64],
+    ) -> TtResult<Vec<Vec<(i64, f64)>>> {
         let op = self.operator()?;
-        let (id, v) = (quote_identifier(&self.id_column), quote_identifier(&self.vector_column));
+        let (id, v) = (
+            quote_identifier(&self.id_column),
+            quote_identifier(&self.vector_column),
+        );
         let branches: Vec<String> = which
             .iter()
             .enumerate()
@@ -265,8 +320,18 @@ impl Shards {
         let sql = branches.join(" UNION ALL ");
         let mut out = vec![Vec::with_capacity(k); which.len()];
         Spi::connect(|c| {
-            for r in c.select(&sql, None, &[query.to_vec().into(), exclude.to_vec().into(), (k as i64).into()])? {
-                if let (Some(b), Some(i), Some(d)) = (r.get::<i32>(1)?, r.get::<i64>(2)?, r.get::<f64>(3)?) {
+            for r in c.select(
+                &sql,
+                None,
+                &[
+                    query.to_vec().into(),
+                    exclude.to_vec().into(),
+                    (k as i64).into(),
+                ],
+            )? {
+                if let (Some(b), Some(i), Some(d)) =
+                    (r.get::<i32>(1)?, r.get::<i64>(2)?, r.get::<f64>(3)?)
+                {
                     if let Some(list) = out.get_mut(b as usize) {
                         list.push((i, d));
                     }
@@ -307,7 +372,9 @@ fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, String> {
             let (code, message) = match &e {
                 pg_sys::panic::CaughtError::PostgresError(r)
                 | pg_sys::panic::CaughtError::ErrorReport(r)
-                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => (r.sql_error_code(), r.message().to_owned()),
+                | pg_sys::panic::CaughtError::RustPanic { ereport: r, .. } => {
+                    (r.sql_error_code(), r.message().to_owned())
+                }
             };
             if code == pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
                 // A cancel or statement_timeout ends the whole call.
@@ -344,7 +411,16 @@ mod twotower {
         let rows = super::LAST.with(|l| {
             l.borrow()
                 .iter()
-                .map(|r| (r.partition.clone(), r.server.clone(), r.answered, r.items, r.ms, r.error.clone()))
+                .map(|r| {
+                    (
+                        r.partition.clone(),
+                        r.server.clone(),
+                        r.answered,
+                        r.items,
+                        r.ms,
+                        r.error.clone(),
+                    )
+                })
                 .collect::<Vec<_>>()
         });
         TableIterator::new(rows)

@@ -14,7 +14,9 @@ crate::ops::pg_function_info_v1!(pg_finfo_twotower_drop_guard);
 /// The event trigger function (declared in `sql/pg_twotower.sql`).
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_drop_guard(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_drop_guard(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: an event trigger is called with EventTriggerData as its context; the parse tree
     // is PostgreSQL's node for the statement, read only.
     let cascade = unsafe {
@@ -27,7 +29,8 @@ pub unsafe extern "C-unwind" fn twotower_drop_guard(fcinfo: pg_sys::FunctionCall
             return pg_sys::Datum::from(0);
         }
         let drop = stmt as *mut pg_sys::DropStmt;
-        if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION || !names_us((*drop).objects) {
+        if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION || !names_us((*drop).objects)
+        {
             return pg_sys::Datum::from(0);
         }
         (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE
@@ -69,7 +72,8 @@ unsafe fn names_us(objects: *mut pg_sys::List) -> bool {
             let node = n as *mut pg_sys::Node;
             !node.is_null()
                 && (*node).type_ == pg_sys::NodeTag::T_String
-                && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes() == b"pg_twotower"
+                && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes()
+                    == b"pg_twotower"
         })
     }
 }

@@ -21,7 +21,8 @@ pub static UNAVAILABLE_SHARDS: GucSetting<UnavailableShards> =
     GucSetting::<UnavailableShards>::new(UnavailableShards::Error);
 
 /// `twotower.shard_protocol`: how recall() asks the foreign partitions of a table.
-pub static SHARD_PROTOCOL: GucSetting<ShardProtocol> = GucSetting::<ShardProtocol>::new(ShardProtocol::Direct);
+pub static SHARD_PROTOCOL: GucSetting<ShardProtocol> =
+    GucSetting::<ShardProtocol>::new(ShardProtocol::Direct);
 
 /// Values of `twotower.shard_protocol`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]

@@ -13,8 +13,8 @@
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use std::cell::{Cell, RefCell};
 use rustc_hash::FxHashMap as HashMap;
+use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::sync::Arc;
 use twotower_funnel::cache::HotMap;
@@ -69,7 +69,9 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys
 /// Registers the invalidation callback (from `_PG_init`).
 pub fn register() {
     // SAFETY: registering a callback once per backend, from _PG_init.
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0)) };
+    unsafe {
+        pg_sys::CacheRegisterRelcacheCallback(Some(relcache_callback), pg_sys::Datum::from(0))
+    };
 }
 
 fn budget() -> usize {
@@ -81,7 +83,11 @@ fn with_state<R>(f: impl FnOnce(&mut State) -> R) -> R {
     let epoch = EPOCH.with(|e| e.get());
     STATE.with(|s| {
         let mut s = s.borrow_mut();
-        let st = s.get_or_insert_with(|| State { map: HotMap::new(budget()), epoch, enabled: HashMap::default() });
+        let st = s.get_or_insert_with(|| State {
+            map: HotMap::new(budget()),
+            epoch,
+            enabled: HashMap::default(),
+        });
         st.map.set_budget(budget());
         if st.epoch != epoch {
             st.map.clear();
@@ -101,9 +107,13 @@ pub fn usable(rel: pg_sys::Oid) -> bool {
     let (snapshot_per_statement, readable, rls) = unsafe {
         (
             pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32,
-            pg_sys::pg_class_aclcheck(rel, crate::catalog::caller(), pg_sys::ACL_SELECT as pg_sys::AclMode)
-                == pg_sys::AclResult::ACLCHECK_OK,
-            pg_sys::check_enable_rls(rel, pg_sys::InvalidOid, true) != pg_sys::CheckEnableRlsResult::RLS_NONE as i32,
+            pg_sys::pg_class_aclcheck(
+                rel,
+                crate::catalog::caller(),
+                pg_sys::ACL_SELECT as pg_sys::AclMode,
+            ) == pg_sys::AclResult::ACLCHECK_OK,
+            pg_sys::check_enable_rls(rel, pg_sys::InvalidOid, true)
+                != pg_sys::CheckEnableRlsResult::RLS_NONE as i32,
         )
     };
     if !snapshot_per_statement || !readable || rls {
@@ -149,7 +159,11 @@ fn key(what: u8, rel: pg_sys::Oid, source: u64, item: i64) -> Key {
 }
 
 /// The cached vectors of `items` in `rel` read by `source` (by item id); the rest are misses.
-pub fn vectors(rel: pg_sys::Oid, source: u64, items: &[i64]) -> (HashMap<i64, Arc<[f32]>>, Vec<i64>) {
+pub fn vectors(
+    rel: pg_sys::Oid,
+    source: u64,
+    items: &[i64],
+) -> (HashMap<i64, Arc<[f32]>>, Vec<i64>) {
     with_state(|s| {
         let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
         let mut miss = Vec::new();
@@ -165,10 +179,18 @@ pub fn vectors(rel: pg_sys::Oid, source: u64, items: &[i64]) -> (HashMap<i64, Ar
     })
 }
 
-pub fn put_vectors<'a>(rel: pg_sys::Oid, source: u64, rows: impl Iterator<Item = (i64, &'a Arc<[f32]>)>) {
+pub fn put_vectors<'a>(
+    rel: pg_sys::Oid,
+    source: u64,
+    rows: impl Iterator<Item = (i64, &'a Arc<[f32]>)>,
+) {
     with_state(|s| {
         for (i, v) in rows {
-            s.map.insert_sized(key(0, rel, source, i), Entry::Vector(v.clone()), v.len() * 4 + 96);
+            s.map.insert_sized(
+                key(0, rel, source, i),
+                Entry::Vector(v.clone()),
+                v.len() * 4 + 96,
+            );
         }
     })
 }
@@ -190,10 +212,18 @@ pub fn parts(rel: pg_sys::Oid, source: u64, items: &[i64]) -> (HashMap<i64, Arc<
     })
 }
 
-pub fn put_parts<'a>(rel: pg_sys::Oid, source: u64, rows: impl Iterator<Item = (i64, &'a Arc<Part>)>) {
+pub fn put_parts<'a>(
+    rel: pg_sys::Oid,
+    source: u64,
+    rows: impl Iterator<Item = (i64, &'a Arc<Part>)>,
+) {
     with_state(|s| {
         for (i, p) in rows {
-            s.map.insert_sized(key(1, rel, source, i), Entry::Part(p.clone()), p.memory_bytes() + 64);
+            s.map.insert_sized(
+                key(1, rel, source, i),
+                Entry::Part(p.clone()),
+                p.memory_bytes() + 64,
+            );
         }
     })
 }
@@ -213,7 +243,9 @@ crate::ops::pg_function_info_v1!(pg_finfo_twotower_item_cache_ddl);
 /// trigger on its own (adding them earlier would make those statements fail).
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_item_cache_ddl(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_item_cache_ddl(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: an event trigger is called with EventTriggerData as its context; the parse tree
     // is PostgreSQL's node for the statement, read only.
     let adds_partition = unsafe {
@@ -229,13 +261,17 @@ pub unsafe extern "C-unwind" fn twotower_item_cache_ddl(fcinfo: pg_sys::Function
         } else if (*stmt).type_ == pg_sys::NodeTag::T_AlterTableStmt {
             crate::spi::list_pointers((*(stmt as *mut pg_sys::AlterTableStmt)).cmds)
                 .into_iter()
-                .any(|c| (*(c as *mut pg_sys::AlterTableCmd)).subtype == pg_sys::AlterTableType::AT_AttachPartition)
+                .any(|c| {
+                    (*(c as *mut pg_sys::AlterTableCmd)).subtype
+                        == pg_sys::AlterTableType::AT_AttachPartition
+                })
         } else {
             false
         }
     };
     if adds_partition {
-        Spi::run("SELECT twotower.item_cache_partitions()").unwrap_or_else(|e| pgrx::error!("item cache partitions: {e}"));
+        Spi::run("SELECT twotower.item_cache_partitions()")
+            .unwrap_or_else(|e| pgrx::error!("item cache partitions: {e}"));
     }
     pg_sys::Datum::from(0)
 }

@@ -26,20 +26,30 @@ pub mod twotower {
     }
 
     /// Per channel (in `names` order), the value of `options[key][name]`, or `default`.
-    fn per_channel<T>(o: &serde_json::Map<String, Value>, key: &str, names: &[String], default: T, get: impl Fn(&Value) -> Option<T>) -> Vec<T>
+    fn per_channel<T>(
+        o: &serde_json::Map<String, Value>,
+        key: &str,
+        names: &[String],
+        default: T,
+        get: impl Fn(&Value) -> Option<T>,
+    ) -> Vec<T>
     where
         T: Clone,
     {
         let m = match o.get(key) {
             None | Some(Value::Null) => return vec![default; names.len()],
             Some(Value::Object(m)) => m,
-            Some(v) => bad(format!("merge option \"{key}\" must be an object of channel names, got {v}")),
+            Some(v) => bad(format!(
+                "merge option \"{key}\" must be an object of channel names, got {v}"
+            )),
         };
         names
             .iter()
             .map(|n| match m.get(n) {
                 None => default.clone(),
-                Some(v) => get(v).unwrap_or_else(|| bad(format!("merge option \"{key}\".\"{n}\" is not valid: {v}"))),
+                Some(v) => get(v).unwrap_or_else(|| {
+                    bad(format!("merge option \"{key}\".\"{n}\" is not valid: {v}"))
+                }),
             })
             .collect()
     }
@@ -51,16 +61,25 @@ pub mod twotower {
             "round_robin" => &["weights", "snake", "order"],
             "weighted_sum" => &["weights", "norm", "order"],
             "rrf" => &["weights", "k", "order"],
-            other => bad(format!("strategy must be 'quota', 'round_robin', 'weighted_sum' or 'rrf', got '{other}'")),
+            other => bad(format!(
+                "strategy must be 'quota', 'round_robin', 'weighted_sum' or 'rrf', got '{other}'"
+            )),
         };
         if let Some(key) = o.keys().find(|key| !allowed.contains(&key.as_str())) {
-            bad(format!("merge option \"{key}\" does not apply to strategy '{strategy}' (it takes {})", allowed.join(", ")));
+            bad(format!(
+                "merge option \"{key}\" does not apply to strategy '{strategy}' (it takes {})",
+                allowed.join(", ")
+            ));
         }
     }
 
     /// The merge strategy `strategy` with its options `o` for channels `names` (22023 on bad
     /// options).
-    pub(crate) fn parse_strategy(strategy: &str, o: &serde_json::Map<String, Value>, names: &[String]) -> Strategy {
+    pub(crate) fn parse_strategy(
+        strategy: &str,
+        o: &serde_json::Map<String, Value>,
+        names: &[String],
+    ) -> Strategy {
         check_keys(strategy, o);
         let weight = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
         match strategy {
@@ -68,14 +87,20 @@ pub mod twotower {
                 if o.get("quotas").is_none() {
                     bad("strategy 'quota' needs option \"quotas\": {\"channel\": n, ...}".into());
                 }
-                Strategy::Quota(per_channel(o, "quotas", names, 0usize, |v| v.as_u64().map(|n| n.min(100_000) as usize)))
+                Strategy::Quota(per_channel(o, "quotas", names, 0usize, |v| {
+                    v.as_u64().map(|n| n.min(100_000) as usize)
+                }))
             }
             "round_robin" => Strategy::RoundRobin {
-                weights: per_channel(o, "weights", names, 1usize, |v| v.as_u64().filter(|&n| n <= 100_000).map(|n| n as usize)),
+                weights: per_channel(o, "weights", names, 1usize, |v| {
+                    v.as_u64().filter(|&n| n <= 100_000).map(|n| n as usize)
+                }),
                 snake: match o.get("snake") {
                     None | Some(Value::Null) => false,
                     Some(Value::Bool(b)) => *b,
-                    Some(v) => bad(format!("merge option \"snake\" must be true or false, got {v}")),
+                    Some(v) => bad(format!(
+                        "merge option \"snake\" must be true or false, got {v}"
+                    )),
                 },
             },
             "weighted_sum" => Strategy::WeightedSum {
@@ -84,14 +109,21 @@ pub mod twotower {
                     "minmax" => Norm::MinMax,
                     "zscore" => Norm::ZScore,
                     "rank" => Norm::Rank,
-                    other => bad(format!("merge option \"norm\" must be minmax, zscore or rank, got \"{other}\"")),
+                    other => bad(format!(
+                        "merge option \"norm\" must be minmax, zscore or rank, got \"{other}\""
+                    )),
                 },
             },
             _ => Strategy::Rrf {
                 weights: per_channel(o, "weights", names, 1.0, weight),
                 k0: match o.get("k") {
                     None | Some(Value::Null) => 60.0,
-                    Some(v) => v.as_f64().filter(|x| x.is_finite() && *x >= 0.0).unwrap_or_else(|| bad(format!("merge option \"k\" must be a number >= 0, got {v}"))),
+                    Some(v) => v
+                        .as_f64()
+                        .filter(|x| x.is_finite() && *x >= 0.0)
+                        .unwrap_or_else(|| {
+                            bad(format!("merge option \"k\" must be a number >= 0, got {v}"))
+                        }),
                 },
             },
         }
@@ -124,8 +156,16 @@ pub mod twotower {
             name!(channel_scores, Vec<f32>),
         ),
     > {
-        let (channel, item_id, score) = (required(channel, "channel"), required(item_id, "item_id"), required(score, "score"));
-        let (k, strategy, options) = (required(k, "k"), required(strategy, "strategy"), required(options, "options"));
+        let (channel, item_id, score) = (
+            required(channel, "channel"),
+            required(item_id, "item_id"),
+            required(score, "score"),
+        );
+        let (k, strategy, options) = (
+            required(k, "k"),
+            required(strategy, "strategy"),
+            required(options, "options"),
+        );
         if !(1..=100_000).contains(&k) {
             bad(format!("k must be between 1 and 100000, got {k}"));
         }
@@ -138,17 +178,30 @@ pub mod twotower {
             ));
         }
         if channel.len() > MAX_CANDIDATES {
-            bad(format!("{} candidates are more than the {MAX_CANDIDATES} one merge takes", channel.len()));
+            bad(format!(
+                "{} candidates are more than the {MAX_CANDIDATES} one merge takes",
+                channel.len()
+            ));
         }
         let opts = options.value("options").or_report();
-        let Value::Object(o) = &opts else { bad(format!("merge options must be a JSON object, got {opts}")) };
+        let Value::Object(o) = &opts else {
+            bad(format!("merge options must be a JSON object, got {opts}"))
+        };
         check_keys(strategy, o);
         // Channels: the given order first, then the others in order of first appearance.
         let mut names: Vec<String> = Vec::new();
         if let Some(order) = o.get("order") {
-            let Some(a) = order.as_array() else { bad(format!("merge option \"order\" must be an array of channel names, got {order}")) };
+            let Some(a) = order.as_array() else {
+                bad(format!(
+                    "merge option \"order\" must be an array of channel names, got {order}"
+                ))
+            };
             for v in a {
-                let Some(n) = v.as_str() else { bad(format!("merge option \"order\" has {v}, not a channel name")) };
+                let Some(n) = v.as_str() else {
+                    bad(format!(
+                        "merge option \"order\" has {v}, not a channel name"
+                    ))
+                };
                 if !names.iter().any(|x| x == n) {
                     names.push(n.to_owned());
                 }
@@ -157,7 +210,11 @@ pub mod twotower {
         if names.len() > MAX_CHANNELS {
             bad(format!("merge option \"order\" names {} channels, more than the {MAX_CHANNELS} one merge takes", names.len()));
         }
-        let mut index: HashMap<String, usize> = names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+        let mut index: HashMap<String, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
         let mut cands = Vec::with_capacity(channel.len());
         // The arrays are read in place (their lengths checked above, before anything is
         // copied); only distinct channel names are copied.
@@ -172,14 +229,20 @@ pub mod twotower {
                         bad(format!("a channel name of {} bytes is longer than the {MAX_CHANNEL_NAME} merge takes", c.len()));
                     }
                     if names.len() >= MAX_CHANNELS {
-                        bad(format!("more than {MAX_CHANNELS} distinct channels in one merge"));
+                        bad(format!(
+                            "more than {MAX_CHANNELS} distinct channels in one merge"
+                        ));
                     }
                     names.push(c.to_owned());
                     index.insert(c.to_owned(), names.len() - 1);
                     names.len() - 1
                 }
             };
-            cands.push(Candidate { channel: ch, item: i, score: s });
+            cands.push(Candidate {
+                channel: ch,
+                item: i,
+                score: s,
+            });
         }
         let strat = parse_strategy(strategy, o, &names);
         let exclude: Vec<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();

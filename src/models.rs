@@ -1,9 +1,9 @@
 //! SQL surface of the model catalogue: import (from bytea or server files), activate, drop.
 //! Privileges and catalogue access live in `catalog.rs`; validation in the tower core.
 
-use pgrx::prelude::*;
 use crate::catalog;
 use crate::error::{OrReport, TtError};
+use pgrx::prelude::*;
 
 #[pg_schema]
 pub mod twotower {
@@ -33,7 +33,10 @@ pub mod twotower {
             Err(TtError::ModelNotFound { .. }) if is_admin(me) => Ok(false),
             Err(TtError::ModelNotFound { .. }) => Err(TtError::PermissionDenied {
                 action: format!("create model \"{name}\""),
-                hint: format!("Members of {ADMIN_ROLE} create models: GRANT {ADMIN_ROLE} TO {};", role_name(me)),
+                hint: format!(
+                    "Members of {ADMIN_ROLE} create models: GRANT {ADMIN_ROLE} TO {};",
+                    role_name(me)
+                ),
             }),
             Err(e) => Err(e),
         }
@@ -50,13 +53,18 @@ pub mod twotower {
         let spec_text = spec.to_string();
         // Validate everything before touching the catalogue.
         let model = Model::load(&spec_text, weights)?;
-        let checksum = (twotower_ann::checksum(weights) ^ twotower_ann::checksum(spec_text.as_bytes()).rotate_left(1)) as i64;
+        let checksum = (twotower_ann::checksum(weights)
+            ^ twotower_ann::checksum(spec_text.as_bytes()).rotate_left(1))
+            as i64;
         let me = caller();
         let me_name = role_name(me);
         let exists = check_can_store(name)?;
         if !exists {
             as_catalog_owner(|| {
-                Spi::run_with_args("INSERT INTO twotower.model (name) VALUES ($1)", &[name.into()])
+                Spi::run_with_args(
+                    "INSERT INTO twotower.model (name) VALUES ($1)",
+                    &[name.into()],
+                )
             })?
             .map_err(|e| TtError::Unsupported(format!("storing model \"{name}\": {e}")))?;
             catalog::set_model_owner(name, me)?;
@@ -125,7 +133,8 @@ pub mod twotower {
                 TtError::FileIo(format!("could not read {what} file \"{path}\": {e}"))
             }
         };
-        let not_regular = || TtError::BadArgument(format!("{what} file \"{path}\" is not a regular file"));
+        let not_regular =
+            || TtError::BadArgument(format!("{what} file \"{path}\" is not a regular file"));
         if !std::fs::metadata(path).map_err(fail)?.is_file() {
             return Err(not_regular());
         }
@@ -139,7 +148,8 @@ pub mod twotower {
         if !meta.is_file() {
             return Err(not_regular());
         }
-        let too_large = || TtError::FileTooLarge(format!("{what} file \"{path}\" is larger than 1 GB"));
+        let too_large =
+            || TtError::FileTooLarge(format!("{what} file \"{path}\" is larger than 1 GB"));
         if meta.len() > MAX_FILE_BYTES {
             return Err(too_large());
         }
@@ -180,7 +190,11 @@ pub mod twotower {
         let spec_bytes = read_server_file(spec_path, "spec").or_report();
         let weights = read_server_file(weights_path, "weights").or_report();
         let spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
-            .map_err(|e| TtError::Tower(twotower_tower::TowerError::SpecJson { reason: e.to_string() }))
+            .map_err(|e| {
+                TtError::Tower(twotower_tower::TowerError::SpecJson {
+                    reason: e.to_string(),
+                })
+            })
             .or_report();
         import(name, &spec, &weights, activate, None).or_report()
     }
@@ -342,8 +356,14 @@ pub mod twotower {
     fn export_model(
         name: Option<&str>,
         version: default!(Option<i32>, "NULL"),
-    ) -> TableIterator<'static, (name!(version, i32), name!(spec, pgrx::JsonB), name!(weights, Vec<u8>))>
-    {
+    ) -> TableIterator<
+        'static,
+        (
+            name!(version, i32),
+            name!(spec, pgrx::JsonB),
+            name!(weights, Vec<u8>),
+        ),
+    > {
         let Some(name) = name else {
             TtError::NullArgument("name").report();
         };
@@ -366,7 +386,8 @@ pub mod twotower {
             }
             .report();
         };
-        let spec = serde_json::from_str(&spec).unwrap_or_else(|e| pgrx::error!("export_model: {e}"));
+        let spec =
+            serde_json::from_str(&spec).unwrap_or_else(|e| pgrx::error!("export_model: {e}"));
         TableIterator::once((v, pgrx::JsonB(spec), weights))
     }
 
@@ -410,7 +431,9 @@ fn model_usage(name: &str, grantee: &str, grant: bool) {
     } else {
         format!("REVOKE SELECT ON LARGE OBJECT {} FROM {who}", lo.to_u32())
     };
-    catalog::as_catalog_owner(|| Spi::run(&sql)).or_report().unwrap_or_else(|e| {
-        TtError::BadArgument(format!("changing the rights on model \"{name}\": {e}")).report()
-    });
+    catalog::as_catalog_owner(|| Spi::run(&sql))
+        .or_report()
+        .unwrap_or_else(|e| {
+            TtError::BadArgument(format!("changing the rights on model \"{name}\": {e}")).report()
+        });
 }

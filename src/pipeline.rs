@@ -57,13 +57,16 @@ pub fn check_unused(what: Uses, name: &str) -> crate::error::TtResult<()> {
 
 #[pg_schema]
 pub mod twotower {
-    use crate::catalog::{self, as_catalog_owner, caller, expect_kind, is_admin, owner_of, role_name, JsonbValue, Owned, Serving, ADMIN_ROLE};
+    use crate::catalog::{
+        self, as_catalog_owner, caller, expect_kind, is_admin, owner_of, role_name, JsonbValue,
+        Owned, Serving, ADMIN_ROLE,
+    };
     use crate::error::{required, OrReport, TtError, TtResult};
     use crate::spi;
     use pgrx::prelude::*;
     use pgrx::spi::quote_identifier;
-    use serde_json::Value;
     use rustc_hash::FxHashMap as HashMap;
+    use serde_json::Value;
     use std::collections::HashSet;
     use std::sync::Arc;
     use std::time::Instant;
@@ -76,18 +79,27 @@ pub mod twotower {
     const MAX_CANDIDATES: usize = 100_000;
 
     fn bad_def(e: twotower_funnel::pipeline::DefinitionError) -> TtError {
-        TtError::BadPipeline { path: e.path, reason: e.reason }
+        TtError::BadPipeline {
+            path: e.path,
+            reason: e.reason,
+        }
     }
 
     fn bad(path: &str, reason: impl Into<String>) -> TtError {
-        TtError::BadPipeline { path: path.to_owned(), reason: reason.into() }
+        TtError::BadPipeline {
+            path: path.to_owned(),
+            reason: reason.into(),
+        }
     }
 
     /// The stored definition of `name` (read as the catalogue's owner: the table is not public).
     pub(crate) fn load(name: &str) -> TtResult<Definition> {
         // A read-only query: recommend also runs on hot standbys.
         let text = as_catalog_owner(|| {
-            catalog::read_row::<pgrx::JsonB, bool>("SELECT definition, true FROM twotower.pipeline WHERE name = $1", &[name.into()])
+            catalog::read_row::<pgrx::JsonB, bool>(
+                "SELECT definition, true FROM twotower.pipeline WHERE name = $1",
+                &[name.into()],
+            )
         })?
         .ok()
         .flatten()
@@ -127,8 +139,18 @@ pub mod twotower {
         let user = user_model(d)?;
         let dims = user.model.output_dim();
         let vrel = relation("vectors.table", &d.vectors.table)?;
-        column("vectors.id_column", vrel, &d.vectors.table, &d.vectors.id_column)?;
-        column("vectors.vector_column", vrel, &d.vectors.table, &d.vectors.vector_column)?;
+        column(
+            "vectors.id_column",
+            vrel,
+            &d.vectors.table,
+            &d.vectors.id_column,
+        )?;
+        column(
+            "vectors.vector_column",
+            vrel,
+            &d.vectors.table,
+            &d.vectors.vector_column,
+        )?;
         let features = match &d.item_features {
             Some(f) => {
                 let rel = relation("item_features.table", &f.table)?;
@@ -143,11 +165,14 @@ pub mod twotower {
                 ChannelKind::TwoTower { index, .. } => {
                     let ix = relation(&format!("{path}.index"), index)?;
                     // The index of a table, or of each leaf of a partitioned table.
-                    let fits = crate::am::search::Target::open_all(ix, "a pipeline")?.into_iter().fold(true, |ok, t| {
-                        let fit = t.metric() == user.model.metric() && t.dims().is_none_or(|n| n == dims);
-                        t.close();
-                        ok && fit
-                    });
+                    let fits = crate::am::search::Target::open_all(ix, "a pipeline")?
+                        .into_iter()
+                        .fold(true, |ok, t| {
+                            let fit = t.metric() == user.model.metric()
+                                && t.dims().is_none_or(|n| n == dims);
+                            t.close();
+                            ok && fit
+                        });
                     if !fits {
                         return Err(bad(
                             &format!("{path}.index"),
@@ -165,7 +190,9 @@ pub mod twotower {
         let names: Vec<String> = d.channels.iter().map(|c| c.name.clone()).collect();
         crate::merge::twotower::parse_strategy(&d.merge.strategy, &d.merge.options, &names);
         for (i, s) in d.stages.iter().enumerate() {
-            let StageKind::Model(name) = &s.kind else { continue };
+            let StageKind::Model(name) = &s.kind else {
+                continue;
+            };
             let path = format!("stages[{i}].model");
             let m = stage_model(name)?;
             prerank::check_model(name, &m.model, dims).map_err(|e| bad(&path, e.to_string()))?;
@@ -199,14 +226,19 @@ pub mod twotower {
                 if !catalog::may_manage(me, owner) {
                     TtError::PermissionDenied {
                         action: format!("replace pipeline \"{name}\""),
-                        hint: format!("Only its owner and members of {ADMIN_ROLE} may replace or drop it."),
+                        hint: format!(
+                            "Only its owner and members of {ADMIN_ROLE} may replace or drop it."
+                        ),
                     }
                     .report();
                 }
             }
             None if !is_admin(me) => TtError::PermissionDenied {
                 action: format!("create pipeline \"{name}\""),
-                hint: format!("Members of {ADMIN_ROLE} create pipelines: GRANT {ADMIN_ROLE} TO {};", role_name(me)),
+                hint: format!(
+                    "Members of {ADMIN_ROLE} create pipelines: GRANT {ADMIN_ROLE} TO {};",
+                    role_name(me)
+                ),
             }
             .report(),
             None => {}
@@ -246,7 +278,10 @@ pub mod twotower {
             .report();
         }
         let lo = as_catalog_owner(|| {
-            Spi::get_one_with_args::<pg_sys::Oid>("DELETE FROM twotower.pipeline WHERE name = $1 RETURNING owner_object", &[name.into()])
+            Spi::get_one_with_args::<pg_sys::Oid>(
+                "DELETE FROM twotower.pipeline WHERE name = $1 RETURNING owner_object",
+                &[name.into()],
+            )
         })
         .or_report()
         .ok()
@@ -279,9 +314,17 @@ pub mod twotower {
             Some(Value::Array(a)) => a,
             Some(Value::Object(o)) => match o.get("ids") {
                 Some(Value::Array(a)) => a,
-                _ => return Err(TtError::BadArgument(format!("history \"{key}\" must be a list of item ids or {{\"ids\": [...]}}"))),
+                _ => {
+                    return Err(TtError::BadArgument(format!(
+                        "history \"{key}\" must be a list of item ids or {{\"ids\": [...]}}"
+                    )))
+                }
             },
-            Some(v) => return Err(TtError::BadArgument(format!("history \"{key}\" must be a list of item ids, got {v}"))),
+            Some(v) => {
+                return Err(TtError::BadArgument(format!(
+                    "history \"{key}\" must be a list of item ids, got {v}"
+                )))
+            }
         };
         let mut out = Vec::with_capacity(list.len().min(MAX_HISTORY as usize));
         for v in list.iter().take(MAX_HISTORY as usize) {
@@ -289,7 +332,11 @@ pub mod twotower {
                 .ok()
                 .flatten()
                 .and_then(|s| s.parse::<i64>().ok())
-                .ok_or_else(|| TtError::BadArgument(format!("history \"{key}\" has {v}, not an integer item id")))?;
+                .ok_or_else(|| {
+                    TtError::BadArgument(format!(
+                        "history \"{key}\" has {v}, not an integer item id"
+                    ))
+                })?;
             out.push(id);
         }
         Ok(out)
@@ -303,14 +350,28 @@ pub mod twotower {
         }
         let rel = relation("vectors.table", &d.vectors.table)?;
         let cached = crate::item_cache::usable(rel);
-        let source = crate::item_cache::source(&[d.vectors.id_column.as_str(), d.vectors.vector_column.as_str()], 0);
-        let (mut hits, ids) = if cached { crate::item_cache::vectors(rel, source, ids) } else { (HashMap::default(), ids.to_vec()) };
+        let source = crate::item_cache::source(
+            &[
+                d.vectors.id_column.as_str(),
+                d.vectors.vector_column.as_str(),
+            ],
+            0,
+        );
+        let (mut hits, ids) = if cached {
+            crate::item_cache::vectors(rel, source, ids)
+        } else {
+            (HashMap::default(), ids.to_vec())
+        };
         if ids.is_empty() {
             return Ok(hits);
         }
-        let mut out: HashMap<i64, Arc<[f32]>> = HashMap::with_capacity_and_hasher(ids.len(), Default::default());
+        let mut out: HashMap<i64, Arc<[f32]>> =
+            HashMap::with_capacity_and_hasher(ids.len(), Default::default());
         let table = spi::relation_name(rel)?;
-        let (id, vec) = (quote_identifier(&d.vectors.id_column), quote_identifier(&d.vectors.vector_column));
+        let (id, vec) = (
+            quote_identifier(&d.vectors.id_column),
+            quote_identifier(&d.vectors.vector_column),
+        );
         Spi::connect(|c| {
             let t = c.select(
                 &format!("SELECT {id}::pg_catalog.int8, {vec}::pg_catalog.float4[] FROM {table} WHERE {id} = ANY ($1) AND {vec} IS NOT NULL"),
@@ -336,23 +397,47 @@ pub mod twotower {
 
     /// Item-side parts of `model` for `items`, from the item features table (only the columns
     /// the model reads; an item without a row gets every feature's missing value).
-    fn item_parts(d: &Definition, model_key: u64, model: &twotower_tower::Model, items: &[i64]) -> Result<Vec<Arc<Part>>, PrerankError> {
-        let cols: Vec<&str> = model.sources().filter(|(_, s)| *s == Source::Item).map(|(n, _)| n).collect();
+    fn item_parts(
+        d: &Definition,
+        model_key: u64,
+        model: &twotower_tower::Model,
+        items: &[i64],
+    ) -> Result<Vec<Arc<Part>>, PrerankError> {
+        let cols: Vec<&str> = model
+            .sources()
+            .filter(|(_, s)| *s == Source::Item)
+            .map(|(n, _)| n)
+            .collect();
         let empty = Value::Object(Default::default());
-        let encode = |v: &Value| model.encode_part(v, Source::Item, false).map(Arc::new).map_err(|e| PrerankError::Bad(e.to_string()));
+        let encode = |v: &Value| {
+            model
+                .encode_part(v, Source::Item, false)
+                .map(Arc::new)
+                .map_err(|e| PrerankError::Bad(e.to_string()))
+        };
         let (Some(f), false) = (&d.item_features, cols.is_empty()) else {
             return items.iter().map(|_| encode(&empty)).collect();
         };
         let fail = |e: String| PrerankError::Bad(format!("reading item features: {e}"));
-        let rel = spi::regclass(&f.table).ok_or_else(|| fail(format!("relation \"{}\" does not exist", f.table)))?;
+        let rel = spi::regclass(&f.table)
+            .ok_or_else(|| fail(format!("relation \"{}\" does not exist", f.table)))?;
         let cached = crate::item_cache::usable(rel);
         let source = crate::item_cache::source(&[f.id_column.as_str()], model_key);
-        let (mut hits, misses) = if cached { crate::item_cache::parts(rel, source, items) } else { (HashMap::default(), items.to_vec()) };
+        let (mut hits, misses) = if cached {
+            crate::item_cache::parts(rel, source, items)
+        } else {
+            (HashMap::default(), items.to_vec())
+        };
         if misses.is_empty() {
-            return Ok(items.iter().map(|i| hits.remove(i).expect("every item is a hit")).collect());
+            return Ok(items
+                .iter()
+                .map(|i| hits.remove(i).expect("every item is a hit"))
+                .collect());
         }
-        let rows = item_rows(rel, &f.id_column, &cols, &misses).map_err(|e| PrerankError::Bad(e.message_text()))?;
-        let mut fresh: HashMap<i64, Arc<Part>> = HashMap::with_capacity_and_hasher(misses.len(), Default::default());
+        let rows = item_rows(rel, &f.id_column, &cols, &misses)
+            .map_err(|e| PrerankError::Bad(e.message_text()))?;
+        let mut fresh: HashMap<i64, Arc<Part>> =
+            HashMap::with_capacity_and_hasher(misses.len(), Default::default());
         for i in &misses {
             fresh.insert(*i, encode(rows.get(i).unwrap_or(&empty))?);
         }
@@ -362,16 +447,29 @@ pub mod twotower {
             crate::item_cache::put_parts(rel, source, fresh.iter().map(|(i, p)| (*i, p)));
         }
         hits.extend(fresh);
-        Ok(items.iter().map(|i| hits.remove(i).expect("every item was read or cached")).collect())
+        Ok(items
+            .iter()
+            .map(|i| hits.remove(i).expect("every item was read or cached"))
+            .collect())
     }
 
     /// Rows of item feature table `rel` for `ids` (read as the caller) as JSON objects of the
     /// `cols` that exist, by id; ids without a row are absent.
-    pub(crate) fn item_rows(rel: pg_sys::Oid, id_column: &str, cols: &[&str], ids: &[i64]) -> TtResult<HashMap<i64, Value>> {
+    pub(crate) fn item_rows(
+        rel: pg_sys::Oid,
+        id_column: &str,
+        cols: &[&str],
+        ids: &[i64],
+    ) -> TtResult<HashMap<i64, Value>> {
         let table = spi::relation_name(rel)?;
         let id = quote_identifier(id_column);
-        let select: Vec<String> = cols.iter().filter(|c| spi::column_exists(rel, c)).map(|c| quote_identifier(c)).collect();
-        let mut rows: HashMap<i64, Value> = HashMap::with_capacity_and_hasher(ids.len(), Default::default());
+        let select: Vec<String> = cols
+            .iter()
+            .filter(|c| spi::column_exists(rel, c))
+            .map(|c| quote_identifier(c))
+            .collect();
+        let mut rows: HashMap<i64, Value> =
+            HashMap::with_capacity_and_hasher(ids.len(), Default::default());
         Spi::connect(|c| {
             let t = c.select(
                 &format!(
@@ -395,15 +493,25 @@ pub mod twotower {
 
     /// With a strict user tower, a request's features may hold only the user tower's features,
     /// the pipeline's history key and the pre-rank models' user-side features (`stage_keys`).
-    pub(crate) fn check_request_keys<'a>(user: &'a Serving, d: &'a Definition, stage_keys: impl Iterator<Item = &'a str>, f: &Value) -> TtResult<()> {
+    pub(crate) fn check_request_keys<'a>(
+        user: &'a Serving,
+        d: &'a Definition,
+        stage_keys: impl Iterator<Item = &'a str>,
+        f: &Value,
+    ) -> TtResult<()> {
         if !user.strict {
             return Ok(());
         }
         let mut known: HashSet<&str> = user.model.feature_names().into_iter().collect();
         known.extend(d.history.as_deref());
         known.extend(stage_keys);
-        match f.as_object().and_then(|o| o.keys().find(|k| !known.contains(k.as_str()))) {
-            Some(key) => Err(TtError::Tower(twotower_tower::TowerError::UnknownFeature { name: key.clone() })),
+        match f
+            .as_object()
+            .and_then(|o| o.keys().find(|k| !known.contains(k.as_str())))
+        {
+            Some(key) => Err(TtError::Tower(twotower_tower::TowerError::UnknownFeature {
+                name: key.clone(),
+            })),
             None => Ok(()),
         }
     }
@@ -414,13 +522,23 @@ pub mod twotower {
 
     /// One request through pipeline `name`: from the channels (or from `candidates` when
     /// given, for `prerank`) through the stages to the top `k`.
-    fn run(name: &str, features: &JsonbValue, k: Option<i32>, exclude: &[i64], candidates: Option<&[i64]>) -> TtResult<Outcome> {
+    fn run(
+        name: &str,
+        features: &JsonbValue,
+        k: Option<i32>,
+        exclude: &[i64],
+        candidates: Option<&[i64]>,
+    ) -> TtResult<Outcome> {
         let d = load(name)?;
         let most = d.most();
         let k = match k {
             None => d.k,
             Some(k) if k >= 1 && (k as usize) <= most => k as usize,
-            Some(k) => return Err(TtError::BadArgument(format!("k must be between 1 and {most} (what pipeline \"{name}\" keeps), got {k}"))),
+            Some(k) => {
+                return Err(TtError::BadArgument(format!(
+                    "k must be between 1 and {most} (what pipeline \"{name}\" keeps), got {k}"
+                )))
+            }
         };
         let mut steps = Vec::new();
         let t = Instant::now();
@@ -436,7 +554,17 @@ pub mod twotower {
         // The request may carry the user tower's features, the pre-rank models' user-side
         // features and the history; with a strict user tower any other key is an error.
         let f = features.features(&user.model, "features")?;
-        check_request_keys(&user, &d, models.iter().flatten().flat_map(|m| m.model.sources().filter(|(_, s)| *s == Source::User).map(|(n, _)| n)), &f)?;
+        check_request_keys(
+            &user,
+            &d,
+            models.iter().flatten().flat_map(|m| {
+                m.model
+                    .sources()
+                    .filter(|(_, s)| *s == Source::User)
+                    .map(|(n, _)| n)
+            }),
+            &f,
+        )?;
         let u = user.model.embed_with(&f, false)?;
         let history = match &d.history {
             Some(key) => history_ids(&f, key)?,
@@ -446,7 +574,13 @@ pub mod twotower {
         if d.exclude_history {
             excluded.extend(history.iter().copied());
         }
-        steps.push(Step { stage: format!("user tower {}", d.user_model), received: None, kept: Vec::new(), dropped: Vec::new(), ms: ms(t) });
+        steps.push(Step {
+            stage: format!("user tower {}", d.user_model),
+            received: None,
+            kept: Vec::new(),
+            dropped: Vec::new(),
+            ms: ms(t),
+        });
 
         // Candidates: the channels, merged; or the caller's.
         let mut provenance: HashMap<i64, (Vec<String>, Vec<i32>)> = HashMap::default();
@@ -454,12 +588,19 @@ pub mod twotower {
             Some(c) => {
                 let mut seen = HashSet::with_capacity(c.len());
                 if let Some(dup) = c.iter().find(|i| !seen.insert(**i)) {
-                    return Err(TtError::BadArgument(format!("candidate {dup} is given twice")));
+                    return Err(TtError::BadArgument(format!(
+                        "candidate {dup} is given twice"
+                    )));
                 }
-                c.iter().copied().filter(|i| !excluded.contains(i)).collect()
+                c.iter()
+                    .copied()
+                    .filter(|i| !excluded.contains(i))
+                    .collect()
             }
             None if d.channels.is_empty() => {
-                return Err(TtError::BadArgument(format!("pipeline \"{name}\" has no channels: call twotower.prerank with candidates")));
+                return Err(TtError::BadArgument(format!(
+                    "pipeline \"{name}\" has no channels: call twotower.prerank with candidates"
+                )));
             }
             None => {
                 let mut cands: Vec<Candidate> = Vec::new();
@@ -470,9 +611,20 @@ pub mod twotower {
                     let hits: Vec<(i64, f32)> = match &c.kind {
                         ChannelKind::TwoTower { index, ef_search } => {
                             let ix = relation(&format!("channels[{ci}].index"), index)?;
-                            crate::recall::twotower::search(ix, &u, user.model.metric(), c.k, &excluded, ef_search.unwrap_or(0))?
+                            crate::recall::twotower::search(
+                                ix,
+                                &u,
+                                user.model.metric(),
+                                c.k,
+                                &excluded,
+                                ef_search.unwrap_or(0),
+                            )?
                         }
-                        ChannelKind::I2i { channel, history_len, decay } => {
+                        ChannelKind::I2i {
+                            channel,
+                            history_len,
+                            decay,
+                        } => {
                             let h: Vec<(i64, f32)> = history
                                 .iter()
                                 .take(*history_len)
@@ -482,7 +634,10 @@ pub mod twotower {
                             if h.is_empty() {
                                 Vec::new()
                             } else {
-                                crate::channels::twotower::i2i_hits(channel, &h, c.k, &ex)?.into_iter().map(|x| (x.item, x.score)).collect()
+                                crate::channels::twotower::i2i_hits(channel, &h, c.k, &ex)?
+                                    .into_iter()
+                                    .map(|x| (x.item, x.score))
+                                    .collect()
                             }
                         }
                     };
@@ -493,25 +648,46 @@ pub mod twotower {
                         dropped: Vec::new(),
                         ms: ms(t),
                     });
-                    cands.extend(hits.into_iter().map(|(item, score)| Candidate { channel: ci, item, score }));
+                    cands.extend(hits.into_iter().map(|(item, score)| Candidate {
+                        channel: ci,
+                        item,
+                        score,
+                    }));
                 }
                 let t = Instant::now();
                 let names: Vec<String> = d.channels.iter().map(|c| c.name.clone()).collect();
-                let strategy = crate::merge::twotower::parse_strategy(&d.merge.strategy, &d.merge.options, &names);
+                let strategy = crate::merge::twotower::parse_strategy(
+                    &d.merge.strategy,
+                    &d.merge.options,
+                    &names,
+                );
                 let merged = twotower_funnel::merge(&cands, names.len(), &strategy, d.merge.k, &ex)
                     .map_err(|e| TtError::BadArgument(format!("merge: {e}")))?;
                 let kept: Vec<i64> = merged.iter().map(|m| m.item).collect();
                 let keptset: HashSet<i64> = kept.iter().copied().collect();
-                let mut dropped: Vec<i64> = cands.iter().map(|c| c.item).filter(|i| !keptset.contains(i)).collect();
+                let mut dropped: Vec<i64> = cands
+                    .iter()
+                    .map(|c| c.item)
+                    .filter(|i| !keptset.contains(i))
+                    .collect();
                 dropped.sort_unstable();
                 dropped.dedup();
                 for m in &merged {
                     provenance.insert(
                         m.item,
-                        (m.provenance.iter().map(|p| names[p.0].clone()).collect(), m.provenance.iter().map(|p| p.1 as i32).collect()),
+                        (
+                            m.provenance.iter().map(|p| names[p.0].clone()).collect(),
+                            m.provenance.iter().map(|p| p.1 as i32).collect(),
+                        ),
                     );
                 }
-                steps.push(Step { stage: format!("merge {}", d.merge.strategy), received: Some(cands.len()), kept, dropped, ms: ms(t) });
+                steps.push(Step {
+                    stage: format!("merge {}", d.merge.strategy),
+                    received: Some(cands.len()),
+                    kept,
+                    dropped,
+                    ms: ms(t),
+                });
                 if d.stages.is_empty() {
                     let rows = merged
                         .into_iter()
@@ -527,7 +703,9 @@ pub mod twotower {
             }
         };
         if d.stages.is_empty() {
-            return Err(TtError::BadArgument(format!("pipeline \"{name}\" has no pre-rank stages")));
+            return Err(TtError::BadArgument(format!(
+                "pipeline \"{name}\" has no pre-rank stages"
+            )));
         }
 
         // The item vectors of the candidates and the history, in one read.
@@ -537,13 +715,32 @@ pub mod twotower {
         wanted.extend(history.iter().copied());
         let vecs = vectors(&d, &wanted)?;
         let (with, without): (Vec<i64>, Vec<i64>) = pool.iter().partition(|i| vecs.contains_key(i));
-        let hist: Vec<Vec<f32>> = history.iter().filter_map(|h| vecs.get(h).map(|v| v.to_vec())).collect();
-        let cands: Vec<Cand> = with.iter().map(|i| Cand { item: *i, vector: vecs[i].clone() }).collect();
-        steps.push(Step { stage: "item vectors".into(), received: Some(pool.len()), kept: with.clone(), dropped: without, ms: ms(t) });
+        let hist: Vec<Vec<f32>> = history
+            .iter()
+            .filter_map(|h| vecs.get(h).map(|v| v.to_vec()))
+            .collect();
+        let cands: Vec<Cand> = with
+            .iter()
+            .map(|i| Cand {
+                item: *i,
+                vector: vecs[i].clone(),
+            })
+            .collect();
+        steps.push(Step {
+            stage: "item vectors".into(),
+            received: Some(pool.len()),
+            kept: with.clone(),
+            dropped: without,
+            ms: ms(t),
+        });
 
         let user_parts: Vec<Option<Part>> = models
             .iter()
-            .map(|m| m.as_ref().map(|m| m.model.encode_part(&f, Source::User, false)).transpose())
+            .map(|m| {
+                m.as_ref()
+                    .map(|m| m.model.encode_part(&f, Source::User, false))
+                    .transpose()
+            })
             .collect::<Result<_, _>>()?;
         let stages: Vec<Stage> = d
             .stages
@@ -552,15 +749,26 @@ pub mod twotower {
             .zip(&user_parts)
             .map(|((s, m), p)| Stage {
                 scorer: match (&s.kind, m, p) {
-                    (StageKind::Model(n), Some(m), Some(p)) => Scorer::Model { name: n, model: &m.model, user: p },
+                    (StageKind::Model(n), Some(m), Some(p)) => Scorer::Model {
+                        name: n,
+                        model: &m.model,
+                        user: p,
+                    },
                     _ => Scorer::TwoTower,
                 },
                 keep: s.keep,
             })
             .collect();
-        let req = Request { metric: user.model.metric(), user: &u, history: &hist, threads: crate::embed::inference_threads() };
+        let req = Request {
+            metric: user.model.metric(),
+            user: &u,
+            history: &hist,
+            threads: crate::embed::inference_threads(),
+        };
         let mut parts = |s: usize, idx: &[usize]| -> Result<Vec<Arc<Part>>, PrerankError> {
-            let Some(m) = &models[s] else { return Ok(Vec::new()) };
+            let Some(m) = &models[s] else {
+                return Ok(Vec::new());
+            };
             let items: Vec<i64> = idx.iter().map(|&i| cands[i].item).collect();
             item_parts(&d, m.checksum as u64, &m.model, &items)
         };
@@ -568,7 +776,8 @@ pub mod twotower {
             check_for_interrupts!();
             Ok(())
         };
-        let reports = prerank::cascade(&req, &cands, &stages, &mut parts, &mut poll).map_err(TtError::Prerank)?;
+        let reports = prerank::cascade(&req, &cands, &stages, &mut parts, &mut poll)
+            .map_err(TtError::Prerank)?;
         for (s, r) in d.stages.iter().zip(&reports) {
             steps.push(Step {
                 stage: match &s.kind {
@@ -599,7 +808,11 @@ pub mod twotower {
     fn ids(v: Option<Vec<Option<i64>>>, what: &str) -> Vec<i64> {
         v.unwrap_or_default()
             .into_iter()
-            .map(|x| x.unwrap_or_else(|| TtError::NullValue(format!("{what} has a NULL element")).report()))
+            .map(|x| {
+                x.unwrap_or_else(|| {
+                    TtError::NullValue(format!("{what} has a NULL element")).report()
+                })
+            })
             .collect()
     }
 
@@ -618,12 +831,26 @@ pub mod twotower {
         exclude: default!(Option<Vec<Option<i64>>>, "NULL"),
     ) -> TableIterator<
         'static,
-        (name!(item_id, i64), name!(score, f32), name!(rank, i32), name!(channels, Vec<String>), name!(channel_ranks, Vec<i32>)),
+        (
+            name!(item_id, i64),
+            name!(score, f32),
+            name!(rank, i32),
+            name!(channels, Vec<String>),
+            name!(channel_ranks, Vec<i32>),
+        ),
     > {
-        let (pipeline, features) = (required(pipeline, "pipeline"), required(features, "features"));
+        let (pipeline, features) = (
+            required(pipeline, "pipeline"),
+            required(features, "features"),
+        );
         let exclude = ids(exclude, "exclude");
         let out = run(pipeline, &features, k, &exclude, None).or_report();
-        TableIterator::new(out.rows.into_iter().enumerate().map(|(i, (item, s, c, r))| (item, s, i as i32 + 1, c, r)))
+        TableIterator::new(
+            out.rows
+                .into_iter()
+                .enumerate()
+                .map(|(i, (item, s, c, r))| (item, s, i as i32 + 1, c, r)),
+        )
     }
 
     /// `recommend` reported step by step: the user tower, each channel, the merge, the item
@@ -648,11 +875,22 @@ pub mod twotower {
             name!(dropped_items, Vec<i64>),
         ),
     > {
-        let (pipeline, features) = (required(pipeline, "pipeline"), required(features, "features"));
+        let (pipeline, features) = (
+            required(pipeline, "pipeline"),
+            required(features, "features"),
+        );
         let exclude = ids(exclude, "exclude");
         let out = run(pipeline, &features, k, &exclude, None).or_report();
         TableIterator::new(out.steps.into_iter().enumerate().map(|(i, s)| {
-            (i as i32 + 1, s.stage, s.received.map(|r| r as i32), s.kept.len() as i32, s.ms, s.kept, s.dropped)
+            (
+                i as i32 + 1,
+                s.stage,
+                s.received.map(|r| r as i32),
+                s.kept.len() as i32,
+                s.ms,
+                s.kept,
+                s.dropped,
+            )
         }))
     }
 
@@ -666,12 +904,24 @@ pub mod twotower {
         candidates: Option<Vec<Option<i64>>>,
         k: default!(Option<i32>, "NULL"),
     ) -> TableIterator<'static, (name!(item_id, i64), name!(score, f32), name!(rank, i32))> {
-        let (pipeline, features) = (required(pipeline, "pipeline"), required(features, "features"));
+        let (pipeline, features) = (
+            required(pipeline, "pipeline"),
+            required(features, "features"),
+        );
         let candidates = ids(Some(required(candidates, "candidates")), "candidates");
         if candidates.len() > MAX_CANDIDATES {
-            TtError::BadArgument(format!("{} candidates are more than the {MAX_CANDIDATES} prerank takes", candidates.len())).report();
+            TtError::BadArgument(format!(
+                "{} candidates are more than the {MAX_CANDIDATES} prerank takes",
+                candidates.len()
+            ))
+            .report();
         }
         let out = run(pipeline, &features, k, &[], Some(&candidates)).or_report();
-        TableIterator::new(out.rows.into_iter().enumerate().map(|(i, (item, s, _, _))| (item, s, i as i32 + 1)))
+        TableIterator::new(
+            out.rows
+                .into_iter()
+                .enumerate()
+                .map(|(i, (item, s, _, _))| (item, s, i as i32 + 1)),
+        )
     }
 }

@@ -11,11 +11,15 @@ crate::ops::pg_function_info_v1!(pg_finfo_twotower_rows_support);
 /// The support function (declared in `sql/pg_twotower.sql`).
 #[no_mangle]
 #[pg_guard]
-pub unsafe extern "C-unwind" fn twotower_rows_support(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
+pub unsafe extern "C-unwind" fn twotower_rows_support(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
     // SAFETY: a support function is called with one internal argument, a support request
     // node; only a SupportRequestRows on a FuncExpr is read, and its `rows` set.
     unsafe {
-        let req = (*(*fcinfo).args.as_ptr()).value.cast_mut_ptr::<pg_sys::Node>();
+        let req = (*(*fcinfo).args.as_ptr())
+            .value
+            .cast_mut_ptr::<pg_sys::Node>();
         if req.is_null() || (*req).type_ != pg_sys::NodeTag::T_SupportRequestRows {
             return pg_sys::Datum::from(0);
         }
@@ -29,8 +33,13 @@ pub unsafe extern "C-unwind" fn twotower_rows_support(fcinfo: pg_sys::FunctionCa
         if name.is_null() {
             return pg_sys::Datum::from(0);
         }
-        let name = std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned();
-        let args: Vec<*mut pg_sys::Node> = crate::spi::list_pointers((*f).args).into_iter().map(|p| p as *mut pg_sys::Node).collect();
+        let name = std::ffi::CStr::from_ptr(name)
+            .to_string_lossy()
+            .into_owned();
+        let args: Vec<*mut pg_sys::Node> = crate::spi::list_pointers((*f).args)
+            .into_iter()
+            .map(|p| p as *mut pg_sys::Node)
+            .collect();
         // The position of `k` (and of a pipeline name and candidate list) in each function.
         let (k_at, pipeline_at, candidates_at) = match name.as_str() {
             "recall" | "i2i_recall" | "merge" => (3, None, None),
@@ -77,7 +86,11 @@ unsafe fn const_arg(args: &[*mut pg_sys::Node], i: usize) -> Option<pg_sys::Datu
 unsafe fn is_null_const(args: &[*mut pg_sys::Node], i: usize) -> bool {
     // SAFETY: as above.
     unsafe {
-        args.get(i).is_some_and(|&a| !a.is_null() && (*a).type_ == pg_sys::NodeTag::T_Const && (*(a as *mut pg_sys::Const)).constisnull)
+        args.get(i).is_some_and(|&a| {
+            !a.is_null()
+                && (*a).type_ == pg_sys::NodeTag::T_Const
+                && (*(a as *mut pg_sys::Const)).constisnull
+        })
     }
 }
 

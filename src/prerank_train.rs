@@ -11,7 +11,9 @@ pub mod twotower {
     use crate::catalog::{JsonbValue, RegClass};
     use crate::error::{required, OrReport, TtError};
     use crate::models::twotower::{check_can_store, import};
-    use crate::pipeline::twotower::{check_request_keys, history_ids, item_rows, load, user_model, vectors};
+    use crate::pipeline::twotower::{
+        check_request_keys, history_ids, item_rows, load, user_model, vectors,
+    };
     use crate::spi::{self, read_rows};
     use pgrx::pg_sys;
     use pgrx::prelude::*;
@@ -57,14 +59,25 @@ pub mod twotower {
         ),
     > {
         let (model, pipeline) = (required(name, "name"), required(pipeline, "pipeline"));
-        let (requests, candidates) = (required(requests, "requests"), required(candidates, "candidates"));
+        let (requests, candidates) = (
+            required(requests, "requests"),
+            required(candidates, "candidates"),
+        );
         let options = required(options, "options").value("options").or_report();
-        let (request_column, features_column) = (required(request_column, "request_column"), required(features_column, "features_column"));
-        let (item_column, label_column) = (required(item_column, "item_column"), required(label_column, "label_column"));
+        let (request_column, features_column) = (
+            required(request_column, "request_column"),
+            required(features_column, "features_column"),
+        );
+        let (item_column, label_column) = (
+            required(item_column, "item_column"),
+            required(label_column, "label_column"),
+        );
         let activate = required(activate, "activate");
         // Nothing is read or computed for a caller who could not store the result.
         check_can_store(model).or_report();
-        let cfg = PrerankConfig::parse(&options).map_err(TtError::Train).or_report();
+        let cfg = PrerankConfig::parse(&options)
+            .map_err(TtError::Train)
+            .or_report();
         if cfg.needs_teacher() && teacher_column.is_none() {
             TtError::Train(TrainError::Option {
                 path: "objective".into(),
@@ -72,7 +85,9 @@ pub mod twotower {
             })
             .report();
         }
-        let uses_rank = cfg.model.sources.contains(&twotower_tower::Source::Cross(twotower_tower::Cross::RecallRank));
+        let uses_rank = cfg.model.sources.contains(&twotower_tower::Source::Cross(
+            twotower_tower::Cross::RecallRank,
+        ));
         if uses_rank && rank_column.is_none() {
             TtError::Train(TrainError::Option {
                 path: "model.features".into(),
@@ -108,11 +123,14 @@ pub mod twotower {
         let mut bytes = 0usize;
         read_rows(&select, &rsrc, Some(&mut progress), |row| {
             let (Some(id), Some(f)) = (row.get::<String>(1)?, row.get::<JsonbValue>(2)?) else {
-                TtError::NullValue(format!("a row of {rsrc} has a NULL request id or features")).report();
+                TtError::NullValue(format!("a row of {rsrc} has a NULL request id or features"))
+                    .report();
             };
             let f = f.features(&user.model, "features").or_report();
             check_request_keys(&user, &d, user_side.iter().map(String::as_str), &f)
-                .map_err(|e| TtError::BadArgument(format!("request {id} of {rsrc}: {}", e.message_text())))
+                .map_err(|e| {
+                    TtError::BadArgument(format!("request {id} of {rsrc}: {}", e.message_text()))
+                })
                 .or_report();
             if index.insert(id.clone(), log.requests.len()).is_some() {
                 TtError::BadArgument(format!("request {id} appears twice in {rsrc}")).report();
@@ -124,10 +142,20 @@ pub mod twotower {
             };
             bytes += 256 + dims * 4 * (1 + h.len()) + f.to_string().len() * 2;
             if bytes > budget {
-                TtError::Train(TrainError::MemoryBudget { needed: bytes, budget }).report();
+                TtError::Train(TrainError::MemoryBudget {
+                    needed: bytes,
+                    budget,
+                })
+                .report();
             }
             histories.push(h);
-            log.requests.push(LogRequest { id, features: f, user: u, history: Vec::new(), candidates: Vec::new() });
+            log.requests.push(LogRequest {
+                id,
+                features: f,
+                user: u,
+                history: Vec::new(),
+                candidates: Vec::new(),
+            });
             Ok(())
         })
         .or_report();
@@ -138,11 +166,17 @@ pub mod twotower {
         let cic = spi::column(candidates.0, item_column, "item id").or_report();
         let clc = spi::column(candidates.0, label_column, "label").or_report();
         let teacher = match teacher_column {
-            Some(c) => format!("t.{}::pg_catalog.float4", spi::column(candidates.0, c, "teacher score").or_report()),
+            Some(c) => format!(
+                "t.{}::pg_catalog.float4",
+                spi::column(candidates.0, c, "teacher score").or_report()
+            ),
             None => "NULL::pg_catalog.float4".into(),
         };
         let rank = match rank_column {
-            Some(c) => format!("t.{}::pg_catalog.int4", spi::column(candidates.0, c, "rank").or_report()),
+            Some(c) => format!(
+                "t.{}::pg_catalog.int4",
+                spi::column(candidates.0, c, "rank").or_report()
+            ),
             None => "0".into(),
         };
         let select = format!(
@@ -151,8 +185,15 @@ pub mod twotower {
         let mut raw: Vec<(usize, i64, f32, Option<f32>, u32)> = Vec::new();
         let mut progress = spi::Progress::new("train_prerank: reading candidates", "rows");
         read_rows(&select, &csrc, Some(&mut progress), |row| {
-            let (Some(r), Some(item), Some(label)) = (row.get::<String>(1)?, row.get::<i64>(2)?, row.get::<f32>(3)?) else {
-                TtError::NullValue(format!("a row of {csrc} has a NULL request id, item id or label")).report();
+            let (Some(r), Some(item), Some(label)) = (
+                row.get::<String>(1)?,
+                row.get::<i64>(2)?,
+                row.get::<f32>(3)?,
+            ) else {
+                TtError::NullValue(format!(
+                    "a row of {csrc} has a NULL request id, item id or label"
+                ))
+                .report();
             };
             let t = row.get::<f32>(4)?;
             let position = match row.get::<i32>(5)? {
@@ -165,11 +206,18 @@ pub mod twotower {
                 .report(),
             };
             let Some(&ri) = index.get(&r) else {
-                TtError::BadArgument(format!("{csrc} has a candidate of request {r}, which {rsrc} does not have")).report();
+                TtError::BadArgument(format!(
+                    "{csrc} has a candidate of request {r}, which {rsrc} does not have"
+                ))
+                .report();
             };
             bytes += 48;
             if bytes > budget {
-                TtError::Train(TrainError::MemoryBudget { needed: bytes, budget }).report();
+                TtError::Train(TrainError::MemoryBudget {
+                    needed: bytes,
+                    budget,
+                })
+                .report();
             }
             raw.push((ri, item, label, t, position));
             Ok(())
@@ -178,13 +226,24 @@ pub mod twotower {
         drop(index);
         // (request, item) pairs are distinct.
         raw.sort_by_key(|x| (x.0, x.1));
-        if let Some(w) = raw.windows(2).find(|w| w[0].0 == w[1].0 && w[0].1 == w[1].1) {
-            TtError::BadArgument(format!("item {} is a candidate of the same request twice in {csrc}", w[0].1)).report();
+        if let Some(w) = raw
+            .windows(2)
+            .find(|w| w[0].0 == w[1].0 && w[0].1 == w[1].1)
+        {
+            TtError::BadArgument(format!(
+                "item {} is a candidate of the same request twice in {csrc}",
+                w[0].1
+            ))
+            .report();
         }
 
         // Item vectors (candidates and histories) and item features, in batches.
         run.phase("reading items");
-        let mut ids: Vec<i64> = raw.iter().map(|x| x.1).chain(histories.iter().flatten().copied()).collect();
+        let mut ids: Vec<i64> = raw
+            .iter()
+            .map(|x| x.1)
+            .chain(histories.iter().flatten().copied())
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         let item_cols: Vec<String> = cfg
@@ -207,7 +266,9 @@ pub mod twotower {
             )),
             (None, false) => TtError::Train(TrainError::Option {
                 path: "model.features".into(),
-                reason: format!("pipeline \"{pipeline}\" has no item_features table for the item-side features"),
+                reason: format!(
+                    "pipeline \"{pipeline}\" has no item_features table for the item-side features"
+                ),
             })
             .report(),
             _ => None,
@@ -225,7 +286,11 @@ pub mod twotower {
             }
             bytes += chunk.len() * (dims * 4 + 64 + cols.len() * 32);
             if bytes > budget {
-                TtError::Train(TrainError::MemoryBudget { needed: bytes, budget }).report();
+                TtError::Train(TrainError::MemoryBudget {
+                    needed: bytes,
+                    budget,
+                })
+                .report();
             }
         }
         for (r, h) in log.requests.iter_mut().zip(&histories) {
@@ -240,23 +305,34 @@ pub mod twotower {
                 continue;
             };
             let empty = Value::Object(Default::default());
-            let idx = log.item(item, || (feats.get(&item).cloned().unwrap_or(empty), v.clone()));
-            log.requests[ri].candidates.push(LogCandidate { item: idx, position, label, teacher: t });
+            let idx = log.item(item, || {
+                (feats.get(&item).cloned().unwrap_or(empty), v.clone())
+            });
+            log.requests[ri].candidates.push(LogCandidate {
+                item: idx,
+                position,
+                label,
+                teacher: t,
+            });
         }
         drop(vecs);
         drop(feats);
         if missing > 0 {
-            notice!("train_prerank: {missing} candidates have no item vector in {} and are left out", d.vectors.table);
+            notice!(
+                "train_prerank: {missing} candidates have no item vector in {} and are left out",
+                d.vectors.table
+            );
         }
 
         run.phase("training");
-        let trained = twotower_train::train_prerank(&cfg, &log, budget.saturating_sub(bytes), &mut |e| {
-            // On the calling thread, between batches: a cancel or statement_timeout stops here.
-            run.event("train_prerank", &e);
-            Ok(())
-        })
-        .map_err(TtError::Train)
-        .or_report();
+        let trained =
+            twotower_train::train_prerank(&cfg, &log, budget.saturating_sub(bytes), &mut |e| {
+                // On the calling thread, between batches: a cancel or statement_timeout stops here.
+                run.event("train_prerank", &e);
+                Ok(())
+            })
+            .map_err(TtError::Train)
+            .or_report();
         drop(log);
         run.phase("storing");
         let sources = serde_json::json!({
@@ -273,7 +349,10 @@ pub mod twotower {
         });
         let spec: Value = serde_json::from_str(&trained.spec).expect("the core wrote JSON");
         let version = import(model, &spec, &trained.weights, activate, Some(&sources)).or_report();
-        let best = trained.epochs.iter().find(|e| e.epoch == trained.best_epoch);
+        let best = trained
+            .epochs
+            .iter()
+            .find(|e| e.epoch == trained.best_epoch);
         let valid = best.and_then(|e| e.valid);
         TableIterator::new(vec![(
             model.to_owned(),

@@ -76,15 +76,29 @@ impl Run {
         match e {
             Event::Epoch(p) => {
                 let valid = p.valid.map_or(String::new(), |m| {
-                    format!(", validation Recall@{} {:.4}, NDCG@{} {:.4}", m.k, m.recall, m.k, m.ndcg)
+                    format!(
+                        ", validation Recall@{} {:.4}, NDCG@{} {:.4}",
+                        m.k, m.recall, m.k, m.ndcg
+                    )
                 });
-                notice!("{what}: epoch {}/{}: loss {:.5}, {:.0} examples/s{valid}", p.epoch, p.epochs, p.loss, p.examples_per_s);
+                notice!(
+                    "{what}: epoch {}/{}: loss {:.5}, {:.0} examples/s{valid}",
+                    p.epoch,
+                    p.epochs,
+                    p.loss,
+                    p.examples_per_s
+                );
                 self.last_notice = Instant::now();
             }
             Event::Step(p) if self.last_notice.elapsed().as_secs() >= 10 => {
                 notice!(
                     "{what}: epoch {}/{}: step {}/{}, loss {:.5}, {:.0} examples/s",
-                    p.epoch, p.epochs, p.step, p.steps, p.loss, p.examples_per_s
+                    p.epoch,
+                    p.epochs,
+                    p.step,
+                    p.steps,
+                    p.loss,
+                    p.examples_per_s
                 );
                 self.last_notice = Instant::now();
             }
@@ -125,7 +139,8 @@ impl Run {
         let Some(path) = &self.path else { return };
         self.state["updated_at"] = json!(now_ts());
         let tmp = path.with_extension("tmp");
-        let ok = std::fs::write(&tmp, self.state.to_string()).is_ok() && std::fs::rename(&tmp, path).is_ok();
+        let ok = std::fs::write(&tmp, self.state.to_string()).is_ok()
+            && std::fs::rename(&tmp, path).is_ok();
         if !ok {
             // A full or read-only disk: no progress rows, the run goes on.
             let _ = std::fs::remove_file(&tmp);
@@ -153,10 +168,14 @@ fn now_ts() -> i64 {
 
 /// Removes the files of backends that no longer exist (a crash leaves its file behind).
 fn remove_stale() {
-    let Ok(rd) = std::fs::read_dir(DIR) else { return };
+    let Ok(rd) = std::fs::read_dir(DIR) else {
+        return;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.split('.').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let Some(pid) = name.split('.').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
         // SAFETY: looks up the proc array under ProcArrayLock (BackendPidGetProc takes it).
         let alive = unsafe { !pg_sys::BackendPidGetProc(pid).is_null() };
         if !alive {
@@ -202,42 +221,72 @@ pub mod twotower {
         // SAFETY: reading this backend's user id.
         let me = unsafe { pg_sys::GetUserId() };
         // SAFETY: a catalogue lookup of role membership.
-        let all = unsafe { pg_sys::has_privs_of_role(me, pg_sys::Oid::from(pg_sys::ROLE_PG_READ_ALL_STATS)) };
+        let all = unsafe {
+            pg_sys::has_privs_of_role(me, pg_sys::Oid::from(pg_sys::ROLE_PG_READ_ALL_STATS))
+        };
         let mut rows = Vec::new();
         let mut files: Vec<_> = std::fs::read_dir(DIR)
-            .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "json")).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         for path in files {
             check_for_interrupts!();
             // A regular file of at most 64 kB (the writer's are a few hundred bytes).
-            let Ok(meta) = std::fs::symlink_metadata(&path) else { continue };
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
             if !meta.is_file() || meta.len() > 65_536 {
                 continue;
             }
-            let Some(v) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()) else {
+            let Some(v) = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            else {
                 continue;
             };
             let int = |k: &str| v.get(k).and_then(Value::as_i64);
             let num = |k: &str| v.get(k).and_then(Value::as_f64);
-            let text = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_owned();
-            let (Some(pid), Some(role), Some(db)) = (int("pid"), int("role"), int("database")) else { continue };
-            let Ok(role_oid) = u32::try_from(role).map(pg_sys::Oid::from) else { continue };
+            let text = |k: &str| {
+                v.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let (Some(pid), Some(role), Some(db)) = (int("pid"), int("role"), int("database"))
+            else {
+                continue;
+            };
+            let Ok(role_oid) = u32::try_from(role).map(pg_sys::Oid::from) else {
+                continue;
+            };
             // SAFETY: a catalogue lookup of role membership.
             if !all && !unsafe { pg_sys::has_privs_of_role(me, role_oid) } {
                 continue;
             }
             let ts = |k: &str| {
-                int(k).and_then(|t| TimestampWithTimeZone::try_from(pg_sys::TimestampTz::from(t)).ok())
+                int(k).and_then(|t| {
+                    TimestampWithTimeZone::try_from(pg_sys::TimestampTz::from(t)).ok()
+                })
             };
-            let (Some(bs), Some(st), Some(up)) = (ts("backend_start"), ts("started_at"), ts("updated_at")) else { continue };
+            let (Some(bs), Some(st), Some(up)) =
+                (ts("backend_start"), ts("started_at"), ts("updated_at"))
+            else {
+                continue;
+            };
             rows.push((
                 pid as i32,
                 role_oid,
                 pg_sys::Oid::from(db as u32),
                 bs,
                 text("user_model"),
-                v.get("item_model").and_then(Value::as_str).map(str::to_owned),
+                v.get("item_model")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
                 text("phase"),
                 int("epoch").map(|x| x as i32),
                 int("epochs").map(|x| x as i32),

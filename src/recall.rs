@@ -22,7 +22,11 @@ pub mod twotower {
             return Ok(());
         }
         Err(TtError::ModelIndexMismatch {
-            detail: format!("The model is trained for {} but the index orders by {}.", model.spec_name(), index.name()),
+            detail: format!(
+                "The model is trained for {} but the index orders by {}.",
+                model.spec_name(),
+                index.name()
+            ),
         })
     }
 
@@ -55,7 +59,12 @@ pub mod twotower {
                     });
                 }
             }
-            best.extend(target.nearest(query, k, exclude, ef)?.into_iter().map(|(id, d)| (d, id)));
+            best.extend(
+                target
+                    .nearest(query, k, exclude, ef)?
+                    .into_iter()
+                    .map(|(id, d)| (d, id)),
+            );
             target.close();
         }
         // Foreign partitions (shards), all asked at once (twotower.shard_protocol).
@@ -64,15 +73,27 @@ pub mod twotower {
                 metric = shards.metric();
                 same_metric(model_metric, metric)?;
                 let ex: Vec<i64> = exclude.iter().copied().collect();
-                let ef_shards = if ef > 0 { ef as i32 } else { crate::gucs::EF_SEARCH.get() };
-                best.extend(shards.nearest(query, k, &ex, ef_shards)?.into_iter().map(|(id, d)| (d, id)));
+                let ef_shards = if ef > 0 {
+                    ef as i32
+                } else {
+                    crate::gucs::EF_SEARCH.get()
+                };
+                best.extend(
+                    shards
+                        .nearest(query, k, &ex, ef_shards)?
+                        .into_iter()
+                        .map(|(id, d)| (d, id)),
+                );
             }
         }
         // Distance order, ties by id (as each leaf orders them). The partition key is part of
         // a partitioned table's primary key (or is the item id), so an id is in one leaf only.
         best.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         best.truncate(k);
-        Ok(best.into_iter().map(|(d, id)| (id, metric.similarity(d) as f32)).collect())
+        Ok(best
+            .into_iter()
+            .map(|(d, id)| (id, metric.similarity(d) as f32))
+            .collect())
     }
 
     /// One-call recall: the user tower of `model` applied to `features`, then the `k` nearest
@@ -102,7 +123,10 @@ pub mod twotower {
         let ef = match ef_search {
             None => 0,
             Some(e) if (1..=MAX_K).contains(&e) => e as usize,
-            Some(e) => TtError::BadArgument(format!("ef_search must be between 1 and {MAX_K}, not {e}")).report(),
+            Some(e) => {
+                TtError::BadArgument(format!("ef_search must be between 1 and {MAX_K}, not {e}"))
+                    .report()
+            }
         };
         let l = catalog::active_model(model).or_report();
         expect_kind(&l, Kind::User).or_report();

@@ -42,11 +42,17 @@ pub struct RelCache<V: Clone> {
 
 impl<V: Clone> RelCache<V> {
     pub const fn new() -> Self {
-        RelCache { entries: RefCell::new(Vec::new()) }
+        RelCache {
+            entries: RefCell::new(Vec::new()),
+        }
     }
 
     pub fn get(&self, key: u32) -> Option<V> {
-        self.entries.borrow().iter().find(|(k, _, _)| *k == key).map(|(_, _, v)| v.clone())
+        self.entries
+            .borrow()
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, _, v)| v.clone())
     }
 
     /// Keeps `value` for `key` until one of `mentions` (or `key`) is invalidated.

@@ -53,7 +53,9 @@ unsafe fn options(list: *mut pg_sys::List) -> Vec<(String, String)> {
             .iter_ptr()
             .map(|d| {
                 let name = CStr::from_ptr((*d).defname).to_string_lossy().into_owned();
-                let value = CStr::from_ptr(pg_sys::defGetString(d)).to_string_lossy().into_owned();
+                let value = CStr::from_ptr(pg_sys::defGetString(d))
+                    .to_string_lossy()
+                    .into_owned();
                 (name, value)
             })
             .collect()
@@ -71,13 +73,17 @@ pub fn remote(rel: pg_sys::Oid, id_column: &str, vector_column: &str) -> TtResul
     unsafe {
         let ft = pg_sys::GetForeignTable(rel);
         let server = pg_sys::GetForeignServer((*ft).serverid);
-        let server_name = CStr::from_ptr((*server).servername).to_string_lossy().into_owned();
+        let server_name = CStr::from_ptr((*server).servername)
+            .to_string_lossy()
+            .into_owned();
         let opts = options((*ft).options);
         let get = |k: &str| opts.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let nsp = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(rel));
-        let schema = get("schema_name").unwrap_or_else(|| CStr::from_ptr(nsp).to_string_lossy().into_owned());
+        let schema = get("schema_name")
+            .unwrap_or_else(|| CStr::from_ptr(nsp).to_string_lossy().into_owned());
         let name = pg_sys::get_rel_name(rel);
-        let table = get("table_name").unwrap_or_else(|| CStr::from_ptr(name).to_string_lossy().into_owned());
+        let table = get("table_name")
+            .unwrap_or_else(|| CStr::from_ptr(name).to_string_lossy().into_owned());
         let column = |local: &str| -> String {
             let c = CString::new(local).unwrap_or_default();
             let att = pg_sys::get_attnum(rel, c.as_ptr());
@@ -131,19 +137,31 @@ fn conninfo(server: pg_sys::Oid, user: pg_sys::Oid) -> (Vec<(String, String)>, b
         (options((*s).options), options((*m).options))
     };
     let keys = libpq_keywords();
-    let mut out: Vec<(String, String)> = srv.iter().chain(map.iter()).filter(|(k, _)| keys.contains(k)).cloned().collect();
+    let mut out: Vec<(String, String)> = srv
+        .iter()
+        .chain(map.iter())
+        .filter(|(k, _)| keys.contains(k))
+        .cloned()
+        .collect();
     let has_password = map.iter().any(|(k, v)| k == "password" && !v.is_empty());
-    let required = !map.iter().any(|(k, v)| k == "password_required" && v == "false");
+    let required = !map
+        .iter()
+        .any(|(k, v)| k == "password_required" && v == "false");
     out.push(("fallback_application_name".into(), "pg_twotower".into()));
     // SAFETY: the database encoding's name, a static string.
-    let enc = unsafe { CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) }.to_string_lossy().into_owned();
+    let enc = unsafe { CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) }
+        .to_string_lossy()
+        .into_owned();
     out.push(("client_encoding".into(), enc));
     (out, has_password, required)
 }
 
 fn conn_error(raw: *const pq_sys::PGconn) -> String {
     // SAFETY: PQerrorMessage of a live connection is a NUL-terminated string it owns.
-    unsafe { CStr::from_ptr(pq_sys::PQerrorMessage(raw)) }.to_string_lossy().trim().to_owned()
+    unsafe { CStr::from_ptr(pq_sys::PQerrorMessage(raw)) }
+        .to_string_lossy()
+        .trim()
+        .to_owned()
 }
 
 /// Opens a connection to `r`'s server as the caller (or reuses the cached one).
@@ -151,21 +169,34 @@ fn connect(r: &Remote) -> TtResult<Conn> {
     // SAFETY: reads of backend globals.
     let (user, superuser) = unsafe { (pg_sys::GetUserId(), pg_sys::superuser()) };
     let (info, has_password, required) = conninfo(r.server, user);
-    let refuse = |detail: &str| TtError::ShardConnection { server: r.server_name.clone(), detail: detail.into() };
+    let refuse = |detail: &str| TtError::ShardConnection {
+        server: r.server_name.clone(),
+        detail: detail.into(),
+    };
     if !superuser && required && !has_password {
-        return Err(refuse("Non-superusers must give a password in the user mapping (as for postgres_fdw)."));
+        return Err(refuse(
+            "Non-superusers must give a password in the user mapping (as for postgres_fdw).",
+        ));
     }
     let key = (r.server.to_u32(), user.to_u32());
     if let Some(c) = CONNS.with(|m| m.borrow_mut().get_mut(&key).and_then(Vec::pop)) {
         // SAFETY: a cached live connection.
-        if c.conninfo == info && unsafe { pq_sys::PQstatus(c.raw) } == pq_sys::ConnStatusType::CONNECTION_OK {
+        if c.conninfo == info
+            && unsafe { pq_sys::PQstatus(c.raw) } == pq_sys::ConnStatusType::CONNECTION_OK
+        {
             return Ok(c);
         }
         // SAFETY: closing a connection no one else holds.
         unsafe { pq_sys::PQfinish(c.raw) };
     }
-    let keys: Vec<CString> = info.iter().map(|(k, _)| CString::new(k.as_str()).unwrap_or_default()).collect();
-    let vals: Vec<CString> = info.iter().map(|(_, v)| CString::new(v.as_str()).unwrap_or_default()).collect();
+    let keys: Vec<CString> = info
+        .iter()
+        .map(|(k, _)| CString::new(k.as_str()).unwrap_or_default())
+        .collect();
+    let vals: Vec<CString> = info
+        .iter()
+        .map(|(_, v)| CString::new(v.as_str()).unwrap_or_default())
+        .collect();
     let mut kp: Vec<*const std::ffi::c_char> = keys.iter().map(|c| c.as_ptr()).collect();
     let mut vp: Vec<*const std::ffi::c_char> = vals.iter().map(|c| c.as_ptr()).collect();
     kp.push(std::ptr::null());
@@ -199,7 +230,12 @@ fn connect(r: &Remote) -> TtResult<Conn> {
             return Err(refuse(&e));
         }
         std::mem::forget(guard);
-        Ok(Conn { conninfo: info, raw, prepared: HashSet::new(), ef_search: None })
+        Ok(Conn {
+            conninfo: info,
+            raw,
+            prepared: HashSet::new(),
+            ef_search: None,
+        })
     }
 }
 
@@ -220,7 +256,10 @@ impl Drop for Unfinished {
 ///
 /// # Safety
 /// `raw` must be a connection returned by PQconnectStartParams.
-unsafe fn wait_connected(raw: *mut pq_sys::PGconn, timeout: Option<std::time::Duration>) -> Result<(), String> {
+unsafe fn wait_connected(
+    raw: *mut pq_sys::PGconn,
+    timeout: Option<std::time::Duration>,
+) -> Result<(), String> {
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
     // SAFETY: libpq calls on a connection being opened; the socket may change between polls.
     unsafe {
@@ -239,8 +278,17 @@ unsafe fn wait_connected(raw: *mut pq_sys::PGconn, timeout: Option<std::time::Du
                 }
                 None => -1,
             };
-            let flags = pg_sys::WL_LATCH_SET | wait | pg_sys::WL_EXIT_ON_PM_DEATH | if left >= 0 { pg_sys::WL_TIMEOUT } else { 0 };
-            let ev = pg_sys::WaitLatchOrSocket(pg_sys::MyLatch, flags as i32, pq_sys::PQsocket(raw), left, pg_sys::PG_WAIT_EXTENSION);
+            let flags = pg_sys::WL_LATCH_SET
+                | wait
+                | pg_sys::WL_EXIT_ON_PM_DEATH
+                | if left >= 0 { pg_sys::WL_TIMEOUT } else { 0 };
+            let ev = pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                flags as i32,
+                pq_sys::PQsocket(raw),
+                left,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
             if ev & pg_sys::WL_LATCH_SET as i32 != 0 {
                 pg_sys::ResetLatch(pg_sys::MyLatch);
             }
@@ -250,8 +298,12 @@ unsafe fn wait_connected(raw: *mut pq_sys::PGconn, timeout: Option<std::time::Du
             }
             match pq_sys::PQconnectPoll(raw) {
                 pq_sys::PostgresPollingStatusType::PGRES_POLLING_OK => return Ok(()),
-                pq_sys::PostgresPollingStatusType::PGRES_POLLING_FAILED => return Err(conn_error(raw)),
-                pq_sys::PostgresPollingStatusType::PGRES_POLLING_READING => wait = pg_sys::WL_SOCKET_READABLE,
+                pq_sys::PostgresPollingStatusType::PGRES_POLLING_FAILED => {
+                    return Err(conn_error(raw))
+                }
+                pq_sys::PostgresPollingStatusType::PGRES_POLLING_READING => {
+                    wait = pg_sys::WL_SOCKET_READABLE
+                }
                 _ => wait = pg_sys::WL_SOCKET_WRITEABLE,
             }
         }
@@ -289,7 +341,10 @@ impl Drop for InUse {
 }
 
 fn shard_error(r: &Remote, message: String) -> TtError {
-    TtError::ShardError { server: r.server_name.clone(), message }
+    TtError::ShardError {
+        server: r.server_name.clone(),
+        message,
+    }
 }
 
 /// One remote's answer: its rows (item id, distance) and the milliseconds from the first
@@ -302,14 +357,42 @@ pub struct Answer {
 /// Each remote's `k` nearest rows to `query` by operator `op` (`OPERATOR(twotower.<->)` and the
 /// like), leaving out `exclude`, with `ef_search` set on each shard: one answer per remote, in
 /// their order.
-pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &[i64], ef_search: i32) -> TtResult<Vec<Answer>> {
+pub fn nearest(
+    remotes: &[Remote],
+    op: &str,
+    query: &[f32],
+    k: usize,
+    exclude: &[i64],
+    ef_search: i32,
+) -> TtResult<Vec<Answer>> {
     let start = std::time::Instant::now();
     // SAFETY: reading a backend global.
     let user = unsafe { pg_sys::GetUserId() }.to_u32();
-    let mut in_use = InUse { conns: Vec::with_capacity(remotes.len()), done: false };
-    let vector = format!("{{{}}}", query.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
-    let excluded = format!("{{{}}}", exclude.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","));
-    let params = [CString::new(vector).unwrap_or_default(), CString::new(excluded).unwrap_or_default(), CString::new(k.to_string()).unwrap_or_default()];
+    let mut in_use = InUse {
+        conns: Vec::with_capacity(remotes.len()),
+        done: false,
+    };
+    let vector = format!(
+        "{{{}}}",
+        query
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let excluded = format!(
+        "{{{}}}",
+        exclude
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let params = [
+        CString::new(vector).unwrap_or_default(),
+        CString::new(excluded).unwrap_or_default(),
+        CString::new(k.to_string()).unwrap_or_default(),
+    ];
     let pp: Vec<*const std::ffi::c_char> = params.iter().map(|c| c.as_ptr()).collect();
     // Send to every shard first.
     for r in remotes {
@@ -331,7 +414,8 @@ pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &
         // statement is sent without blocking and waited for interruptibly.
         unsafe {
             if in_use.conns[i].1.ef_search != Some(ef_search) {
-                let set = CString::new(format!("SET twotower.ef_search = {ef_search}")).unwrap_or_default();
+                let set = CString::new(format!("SET twotower.ef_search = {ef_search}"))
+                    .unwrap_or_default();
                 in_use.conns[i].2 = true;
                 if pq_sys::PQsendQuery(raw, set.as_ptr()) == 0 {
                     return Err(shard_error(r, conn_error(raw)));
@@ -343,7 +427,9 @@ pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &
             if !in_use.conns[i].1.prepared.contains(&name) {
                 let csql = CString::new(sql).unwrap_or_default();
                 in_use.conns[i].2 = true;
-                if pq_sys::PQsendPrepare(raw, cname.as_ptr(), csql.as_ptr(), 0, std::ptr::null()) == 0 {
+                if pq_sys::PQsendPrepare(raw, cname.as_ptr(), csql.as_ptr(), 0, std::ptr::null())
+                    == 0
+                {
                     return Err(shard_error(r, conn_error(raw)));
                 }
                 answer(raw, &mut |_| {}).map_err(|e| shard_error(r, e))?;
@@ -351,7 +437,16 @@ pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &
                 in_use.conns[i].1.prepared.insert(name);
             }
             in_use.conns[i].2 = true;
-            if pq_sys::PQsendQueryPrepared(raw, cname.as_ptr(), 3, pp.as_ptr(), std::ptr::null(), std::ptr::null(), 0) == 0 {
+            if pq_sys::PQsendQueryPrepared(
+                raw,
+                cname.as_ptr(),
+                3,
+                pp.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                0,
+            ) == 0
+            {
                 return Err(shard_error(r, conn_error(raw)));
             }
         }
@@ -365,7 +460,11 @@ pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &
         unsafe {
             answer(raw, &mut |res| {
                 for row in 0..pq_sys::PQntuples(res) {
-                    let cell = |col| CStr::from_ptr(pq_sys::PQgetvalue(res, row, col)).to_str().unwrap_or("");
+                    let cell = |col| {
+                        CStr::from_ptr(pq_sys::PQgetvalue(res, row, col))
+                            .to_str()
+                            .unwrap_or("")
+                    };
                     if let (Ok(id), Ok(d)) = (cell(0).parse::<i64>(), cell(1).parse::<f64>()) {
                         out.push((id, d));
                     }
@@ -374,7 +473,10 @@ pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &
             .map_err(|e| shard_error(r, e))?;
         }
         in_use.conns[i].2 = false;
-        answers.push(Answer { rows: out, ms: start.elapsed().as_secs_f64() * 1e3 });
+        answers.push(Answer {
+            rows: out,
+            ms: start.elapsed().as_secs_f64() * 1e3,
+        });
     }
     in_use.done = true;
     Ok(answers)
@@ -387,7 +489,10 @@ pub fn nearest(remotes: &[Remote], op: &str, query: &[f32], k: usize, exclude: &
 ///
 /// # Safety
 /// `raw` must be a live connection with a statement sent.
-unsafe fn answer(raw: *mut pq_sys::PGconn, rows: &mut dyn FnMut(*mut pq_sys::PGresult)) -> Result<(), String> {
+unsafe fn answer(
+    raw: *mut pq_sys::PGconn,
+    rows: &mut dyn FnMut(*mut pq_sys::PGresult),
+) -> Result<(), String> {
     // SAFETY: libpq calls on a live connection; results are cleared.
     unsafe {
         loop {
@@ -399,7 +504,8 @@ unsafe fn answer(raw: *mut pq_sys::PGconn, rows: &mut dyn FnMut(*mut pq_sys::PGr
             }
             let ev = pg_sys::WaitLatchOrSocket(
                 pg_sys::MyLatch,
-                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_EXIT_ON_PM_DEATH)
+                    as i32,
                 pq_sys::PQsocket(raw),
                 -1,
                 pg_sys::PG_WAIT_EXTENSION,
@@ -419,7 +525,12 @@ unsafe fn answer(raw: *mut pq_sys::PGconn, rows: &mut dyn FnMut(*mut pq_sys::PGr
                 pq_sys::ExecStatusType::PGRES_TUPLES_OK => rows(res),
                 pq_sys::ExecStatusType::PGRES_COMMAND_OK => {}
                 _ => {
-                    failure.get_or_insert_with(|| CStr::from_ptr(pq_sys::PQresultErrorMessage(res)).to_string_lossy().trim().to_owned());
+                    failure.get_or_insert_with(|| {
+                        CStr::from_ptr(pq_sys::PQresultErrorMessage(res))
+                            .to_string_lossy()
+                            .trim()
+                            .to_owned()
+                    });
                 }
             }
             pq_sys::PQclear(res);

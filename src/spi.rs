@@ -19,10 +19,10 @@ pub fn relation_name(rel: pg_sys::Oid) -> TtResult<String> {
           WHERE c.oid OPERATOR(pg_catalog.=) $1",
         &[rel.into()],
     )
-        .ok()
-        .flatten()
-        .and_then(|(n, _)| n)
-        .ok_or_else(|| TtError::BadArgument("relation does not exist".into()))
+    .ok()
+    .flatten()
+    .and_then(|(n, _)| n)
+    .ok_or_else(|| TtError::BadArgument("relation does not exist".into()))
 }
 
 /// Whether `rel` has a (not dropped) column `col`.
@@ -43,7 +43,9 @@ pub fn column(rel: pg_sys::Oid, col: &str, what: &str) -> TtResult<String> {
     if column_exists(rel, col) {
         Ok(quote_identifier(col))
     } else {
-        Err(TtError::BadArgument(format!("{what} column \"{col}\" does not exist")))
+        Err(TtError::BadArgument(format!(
+            "{what} column \"{col}\" does not exist"
+        )))
     }
 }
 
@@ -60,7 +62,10 @@ pub struct Batches {
 
 impl Batches {
     pub fn open(select: &str) -> SpiResult<Batches> {
-        let portal = Spi::connect(|c| c.try_open_cursor(select, &[]).map(|cur| cur.detach_into_name()))?;
+        let portal = Spi::connect(|c| {
+            c.try_open_cursor(select, &[])
+                .map(|cur| cur.detach_into_name())
+        })?;
         Ok(Batches { portal })
     }
 
@@ -145,8 +150,8 @@ pub fn time_expr(rel: pg_sys::Oid, col: &str) -> TtResult<String> {
         }
         other => {
             return Err(TtError::BadArgument(format!(
-                "time column \"{col}\" is of type {other}; it must be a timestamp, a date or a number"
-            )))
+            "time column \"{col}\" is of type {other}; it must be a timestamp, a date or a number"
+        )))
         }
     })
 }
@@ -206,7 +211,6 @@ pub fn read_rows(
     }
 }
 
-
 /// The relation a name resolves to as the caller would write it (`to_regclass`, called
 /// directly: no query), if any.
 pub fn regclass(name: &str) -> Option<pg_sys::Oid> {
@@ -214,7 +218,9 @@ pub fn regclass(name: &str) -> Option<pg_sys::Oid> {
     let text = name.into_datum()?;
     // SAFETY: to_regclass takes one text argument and returns a regclass datum or NULL; it
     // raises only for a syntactically invalid name (an ERROR, as the SQL call would).
-    let oid = unsafe { pgrx::fcinfo::direct_function_call::<pg_sys::Oid>(pg_sys::to_regclass, &[Some(text)]) };
+    let oid = unsafe {
+        pgrx::fcinfo::direct_function_call::<pg_sys::Oid>(pg_sys::to_regclass, &[Some(text)])
+    };
     oid.filter(|&o| o != pg_sys::InvalidOid)
 }
 
@@ -227,7 +233,11 @@ pub unsafe fn list_pointers(list: *mut pg_sys::List) -> Vec<*mut std::ffi::c_voi
         return Vec::new();
     }
     // SAFETY: a List holds `length` cells at `elements`.
-    unsafe { (0..(*list).length as usize).map(|i| (*(*list).elements.add(i)).ptr_value).collect() }
+    unsafe {
+        (0..(*list).length as usize)
+            .map(|i| (*(*list).elements.add(i)).ptr_value)
+            .collect()
+    }
 }
 
 /// Whether column `col` of `rel` alone has a unique index (not partial, not on an expression).

@@ -24,10 +24,12 @@ pub mod twotower {
     ) -> TtResult<()> {
         let src = spi::relation_name(rel)?;
         let k = spi::column(rel, key, what)?;
-        let select = format!("SELECT t.{k}::pg_catalog.text, pg_catalog.to_jsonb(t.*) FROM {src} AS t");
+        let select =
+            format!("SELECT t.{k}::pg_catalog.text, pg_catalog.to_jsonb(t.*) FROM {src} AS t");
         read_rows(&select, &src, None, |row| {
             let Some(id) = row.get::<String>(1)? else {
-                TtError::NullValue(format!("a row of {src} ({what}) has a NULL \"{key}\"")).report();
+                TtError::NullValue(format!("a row of {src} ({what}) has a NULL \"{key}\""))
+                    .report();
             };
             if let Some(f) = row.get::<JsonbValue>(2)? {
                 if let serde_json::Value::Object(m) = f.value("feature row").or_report() {
@@ -71,11 +73,20 @@ pub mod twotower {
             name!(train_examples, i64),
         ),
     > {
-        let (user_model, item_model) = (required(user_model, "user_model"), required(item_model, "item_model"));
+        let (user_model, item_model) = (
+            required(user_model, "user_model"),
+            required(item_model, "item_model"),
+        );
         let activate = required(activate, "activate");
-        let (interactions, options) = (required(interactions, "interactions"), required(options, "options"));
-        let (user_column, item_column, time_column) =
-            (required(user_column, "user_column"), required(item_column, "item_column"), required(time_column, "time_column"));
+        let (interactions, options) = (
+            required(interactions, "interactions"),
+            required(options, "options"),
+        );
+        let (user_column, item_column, time_column) = (
+            required(user_column, "user_column"),
+            required(item_column, "item_column"),
+            required(time_column, "time_column"),
+        );
         let given = options.value("options").or_report();
         // Nothing is read or computed for a caller who could not store the result.
         check_can_store(user_model).or_report();
@@ -91,25 +102,42 @@ pub mod twotower {
             })
             .report(),
         };
-        let base = incremental.then(|| (active_version(user_model).or_report(), active_version(item_model).or_report()));
+        let base = incremental.then(|| {
+            (
+                active_version(user_model).or_report(),
+                active_version(item_model).or_report(),
+            )
+        });
         // An incremental run reads the base version's feature sources unless it names others.
         let (user_features, item_features) = match &base {
             Some(((_, _, stored), _)) => (
-                user_features.or_else(|| stored_relation(stored, "user_features").or_report().map(RegClass)),
-                item_features.or_else(|| stored_relation(stored, "item_features").or_report().map(RegClass)),
+                user_features.or_else(|| {
+                    stored_relation(stored, "user_features")
+                        .or_report()
+                        .map(RegClass)
+                }),
+                item_features.or_else(|| {
+                    stored_relation(stored, "item_features")
+                        .or_report()
+                        .map(RegClass)
+                }),
             ),
             None => (user_features, item_features),
         };
         let opts = match &base {
             None => given.clone(),
             Some(((_, _, stored), _)) => {
-                let mut o = stored.get("options").cloned().unwrap_or_else(|| serde_json::json!({}));
+                let mut o = stored
+                    .get("options")
+                    .cloned()
+                    .unwrap_or_else(|| serde_json::json!({}));
                 if let (Some(o), Some(g)) = (o.as_object_mut(), given.as_object()) {
                     for (k, v) in g {
                         if k == "user" || k == "item" || k == "dim" {
                             TtError::Train(twotower_train::TrainError::Option {
                                 path: k.clone(),
-                                reason: "an incremental run keeps the base version's architecture".into(),
+                                reason: "an incremental run keeps the base version's architecture"
+                                    .into(),
                             })
                             .report();
                         }
@@ -117,14 +145,16 @@ pub mod twotower {
                             o.insert(k.clone(), v.clone());
                         }
                     }
-                    o.entry("freeze_dense").or_insert(serde_json::Value::Bool(true));
+                    o.entry("freeze_dense")
+                        .or_insert(serde_json::Value::Bool(true));
                 }
                 o
             }
         };
         let cfg = Config::parse(&opts).map_err(TtError::Train).or_report();
         if user_model == item_model {
-            TtError::BadArgument("user_model and item_model must be two different models".into()).report();
+            TtError::BadArgument("user_model and item_model must be two different models".into())
+                .report();
         }
         let rel = interactions.0;
         let src = spi::relation_name(rel).or_report();
@@ -132,12 +162,19 @@ pub mod twotower {
         let ic = spi::column(rel, item_column, "item id").or_report();
         let ts = time_expr(rel, time_column).or_report();
         let w = match weight_column {
-            Some(c) => format!("t.{}::pg_catalog.float4", spi::column(rel, c, "weight").or_report()),
+            Some(c) => format!(
+                "t.{}::pg_catalog.float4",
+                spi::column(rel, c, "weight").or_report()
+            ),
             None => "1::pg_catalog.float4".into(),
         };
         // Equal timestamps keep the source's order (tables: physical order); the core sorts
         // each user's interactions by time, stably.
-        let order = if is_table(rel) { " ORDER BY t.ctid" } else { "" };
+        let order = if is_table(rel) {
+            " ORDER BY t.ctid"
+        } else {
+            ""
+        };
         let select = format!(
             "SELECT t.{uc}::pg_catalog.text, t.{ic}::pg_catalog.text, {ts}, {w} FROM {src} AS t{order}"
         );
@@ -148,12 +185,20 @@ pub mod twotower {
         let mut interactions_read = 0u64;
         let mut progress = spi::Progress::new("train: reading interactions", "rows");
         read_rows(&select, &src, Some(&mut progress), |row| {
-            let (Some(u), Some(i), Some(t), Some(wt)) =
-                (row.get::<String>(1)?, row.get::<String>(2)?, row.get::<f64>(3)?, row.get::<f32>(4)?)
-            else {
-                TtError::NullValue(format!("a row of {src} has a NULL user id, item id, time or weight")).report();
+            let (Some(u), Some(i), Some(t), Some(wt)) = (
+                row.get::<String>(1)?,
+                row.get::<String>(2)?,
+                row.get::<f64>(3)?,
+                row.get::<f32>(4)?,
+            ) else {
+                TtError::NullValue(format!(
+                    "a row of {src} has a NULL user id, item id, time or weight"
+                ))
+                .report();
             };
-            data.interaction(&u, &i, t, wt).map_err(TtError::Train).or_report();
+            data.interaction(&u, &i, t, wt)
+                .map_err(TtError::Train)
+                .or_report();
             interactions_read += 1;
             Ok(())
         })
@@ -161,13 +206,17 @@ pub mod twotower {
         let (ukey, ikey) = (user_column.to_owned(), item_column.to_owned());
         if let Some(r) = user_features {
             read_features(r.0, user_column, "user features", |id, m| {
-                data.user_features(id, m).map(|_| ()).map_err(TtError::Train)
+                data.user_features(id, m)
+                    .map(|_| ())
+                    .map_err(TtError::Train)
             })
             .or_report();
         }
         if let Some(r) = item_features {
             read_features(r.0, item_column, "item features", |id, m| {
-                data.item_features(id, m).map(|_| ()).map_err(TtError::Train)
+                data.item_features(id, m)
+                    .map(|_| ())
+                    .map_err(TtError::Train)
             })
             .or_report();
         }
@@ -177,10 +226,13 @@ pub mod twotower {
             let hsrc = spi::relation_name(r.0).or_report();
             let hu = spi::column(r.0, user_column, "hard negatives user id").or_report();
             let hi = spi::column(r.0, item_column, "hard negatives item id").or_report();
-            let select = format!("SELECT t.{hu}::pg_catalog.text, t.{hi}::pg_catalog.text FROM {hsrc} AS t");
+            let select =
+                format!("SELECT t.{hu}::pg_catalog.text, t.{hi}::pg_catalog.text FROM {hsrc} AS t");
             read_rows(&select, &hsrc, None, |row| {
                 if let (Some(u), Some(i)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
-                    data.hard_negative(&u, &i).map_err(TtError::Train).or_report();
+                    data.hard_negative(&u, &i)
+                        .map_err(TtError::Train)
+                        .or_report();
                 }
                 Ok(())
             })
@@ -188,7 +240,8 @@ pub mod twotower {
         } else if opts.get("hard_ratio").is_some() || opts.get("hard_per_row").is_some() {
             TtError::Train(twotower_train::TrainError::Option {
                 path: "hard_ratio".into(),
-                reason: "\"hard_ratio\" and \"hard_per_row\" need the hard_negatives argument".into(),
+                reason: "\"hard_ratio\" and \"hard_per_row\" need the hard_negatives argument"
+                    .into(),
             })
             .report();
         }
@@ -205,10 +258,14 @@ pub mod twotower {
             }
             for f in &tower.features {
                 use twotower_train::config::FeatureSpec;
-                if matches!(f, FeatureSpec::History { .. } | FeatureSpec::Cross { .. }) || f.name() == key {
+                if matches!(f, FeatureSpec::History { .. } | FeatureSpec::Cross { .. })
+                    || f.name() == key
+                {
                     continue;
                 }
-                let found = source.as_ref().is_some_and(|r| spi::column_exists(r.0, f.name()));
+                let found = source
+                    .as_ref()
+                    .is_some_and(|r| spi::column_exists(r.0, f.name()));
                 if !found {
                     TtError::MissingFeatureColumn {
                         relation: match source {
@@ -225,11 +282,16 @@ pub mod twotower {
         }
         // SAFETY: reading a GUC variable of this backend (an int in kB).
         let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
-        let keys = Keys { user: ukey, item: ikey };
-        let start = base.as_ref().map(|((us, uw, _), (is, iw, _))| twotower_train::Base {
-            user: (us.as_str(), uw.as_slice()),
-            item: (is.as_str(), iw.as_slice()),
-        });
+        let keys = Keys {
+            user: ukey,
+            item: ikey,
+        };
+        let start = base
+            .as_ref()
+            .map(|((us, uw, _), (is, iw, _))| twotower_train::Base {
+                user: (us.as_str(), uw.as_slice()),
+                item: (is.as_str(), iw.as_slice()),
+            });
         run.phase("preparing");
         let trained = twotower_train::train_from(&cfg, &data, &keys, budget, start, &mut |e| {
             // On the calling thread, between batches: a cancel or statement_timeout stops here.
@@ -243,7 +305,8 @@ pub mod twotower {
         for (name, before, removed) in &trained.pruned {
             notice!("train: {name}: {removed} of {before} rows were all zero and are pruned (their ids read the zero OOV row)");
         }
-        let spec = |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("the core wrote JSON");
+        let spec =
+            |s: &str| serde_json::from_str::<serde_json::Value>(s).expect("the core wrote JSON");
         // What twotower.user_features needs to build this model's inputs at serving time.
         let name_of = |r: Option<RegClass>| r.map(|r| spi::relation_name(r.0).or_report());
         let sources = serde_json::json!({
@@ -257,9 +320,27 @@ pub mod twotower {
             "histories": cfg.histories().iter().map(|h| h.to_json()).collect::<Vec<_>>(),
             "options": opts,
         });
-        let uv = import(user_model, &spec(&trained.user_spec), &trained.user_weights, activate, Some(&sources)).or_report();
-        let iv = import(item_model, &spec(&trained.item_spec), &trained.item_weights, activate, Some(&sources)).or_report();
-        let best = trained.epochs.iter().find(|e| e.epoch == trained.best_epoch).and_then(|e| e.valid);
+        let uv = import(
+            user_model,
+            &spec(&trained.user_spec),
+            &trained.user_weights,
+            activate,
+            Some(&sources),
+        )
+        .or_report();
+        let iv = import(
+            item_model,
+            &spec(&trained.item_spec),
+            &trained.item_weights,
+            activate,
+            Some(&sources),
+        )
+        .or_report();
+        let best = trained
+            .epochs
+            .iter()
+            .find(|e| e.epoch == trained.best_epoch)
+            .and_then(|e| e.valid);
         let row = |model: &str, v: i32, kind: &str, parameters: usize| {
             (
                 model.to_owned(),
@@ -284,11 +365,17 @@ pub mod twotower {
         let sql = "FROM twotower.model m JOIN twotower.model_version v
                      ON v.model = m.name AND v.version = m.active_version WHERE m.name = $1";
         let (spec, weights) = crate::catalog::as_catalog_owner(|| {
-            crate::catalog::read_row::<String, Vec<u8>>(&format!("SELECT v.spec::text, v.weights {sql}"), &[model.into()])
+            crate::catalog::read_row::<String, Vec<u8>>(
+                &format!("SELECT v.spec::text, v.weights {sql}"),
+                &[model.into()],
+            )
         })?
         .map_err(|e| TtError::Unsupported(format!("reading model \"{model}\": {e}")))?
         .and_then(|(s, w)| Some((s?, w?)))
-        .ok_or_else(|| TtError::ModelNotFound { name: model.to_owned(), version: None })?;
+        .ok_or_else(|| TtError::ModelNotFound {
+            name: model.to_owned(),
+            version: None,
+        })?;
         let options = train_sources(model)?;
         Ok((spec, weights, options))
     }
@@ -327,7 +414,9 @@ pub mod twotower {
         .and_then(|(o, _)| o)
         .filter(|o| *o != pg_sys::InvalidOid);
         oid.map(Some).ok_or_else(|| {
-            TtError::BadArgument(format!("{name}, the model's {key} source, no longer exists"))
+            TtError::BadArgument(format!(
+                "{name}, the model's {key} source, no longer exists"
+            ))
         })
     }
 
@@ -347,11 +436,23 @@ pub mod twotower {
         let served = crate::catalog::active_model(model).or_report();
         crate::catalog::expect_kind(&served, twotower_tower::Kind::User).or_report();
         let sources = train_sources(model).or_report();
-        let text = |k: &str| sources.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-        let (ucol, icol, tcol) = (text("user_column"), text("item_column"), text("time_column"));
+        let text = |k: &str| {
+            sources
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let (ucol, icol, tcol) = (
+            text("user_column"),
+            text("item_column"),
+            text("time_column"),
+        );
         let rel = match interactions {
             Some(r) => r.0,
-            None => stored_relation(&sources, "interactions").or_report().expect("stored by train"),
+            None => stored_relation(&sources, "interactions")
+                .or_report()
+                .expect("stored by train"),
         };
         let src = spi::relation_name(rel).or_report();
         let uc = spi::column(rel, &ucol, "user id").or_report();
@@ -359,10 +460,12 @@ pub mod twotower {
         let ts = time_expr(rel, &tcol).or_report();
         let uty = column_type(rel, &ucol).or_report();
         let at_secs: f64 = match at {
-            None => Spi::get_one::<f64>("SELECT pg_catalog.date_part('epoch', pg_catalog.now())::pg_catalog.float8")
-                .ok()
-                .flatten()
-                .unwrap_or(f64::INFINITY),
+            None => Spi::get_one::<f64>(
+                "SELECT pg_catalog.date_part('epoch', pg_catalog.now())::pg_catalog.float8",
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(f64::INFINITY),
             Some(t) => Spi::get_one_with_args::<f64>(
                 "SELECT pg_catalog.date_part('epoch', $1)::pg_catalog.float8",
                 &[t.into()],
@@ -374,13 +477,21 @@ pub mod twotower {
         let histories: Vec<twotower_train::data::HistorySpec> = sources
             .get("histories")
             .and_then(|h| h.as_array())
-            .map(|a| a.iter().filter_map(twotower_train::data::HistorySpec::from_json).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(twotower_train::data::HistorySpec::from_json)
+                    .collect()
+            })
             .unwrap_or_default();
         let mut past: Vec<(String, f64)> = Vec::new();
         if !histories.is_empty() {
             let longest = histories.iter().map(|h| h.max_len).max().unwrap_or(0);
             // The newest `longest` interactions up to `at`, then oldest first.
-            let order_desc = if is_table(rel) { format!("{ts} DESC, t.ctid DESC") } else { format!("{ts} DESC") };
+            let order_desc = if is_table(rel) {
+                format!("{ts} DESC, t.ctid DESC")
+            } else {
+                format!("{ts} DESC")
+            };
             let sql = format!(
                 "SELECT t.{ic}::pg_catalog.text, {ts} FROM {src} AS t
                   WHERE t.{uc} OPERATOR(pg_catalog.=) $1::{uty} AND {ts} <= $2
@@ -411,13 +522,16 @@ pub mod twotower {
                 .map_err(|e| TtError::BadArgument(format!("reading {fsrc}: {e}")))
                 .or_report()
                 .and_then(|(t, _)| t);
-            if let Some(serde_json::Value::Object(m)) = found.and_then(|t| serde_json::from_str(&t).ok()) {
+            if let Some(serde_json::Value::Object(m)) =
+                found.and_then(|t| serde_json::from_str(&t).ok())
+            {
                 row = m;
             }
         }
         // Only the model's features: the source row may hold other columns (embed_user and
         // recall refuse keys that are not features, unless the model ignores them).
-        let names: std::collections::HashSet<&str> = served.model.feature_names().into_iter().collect();
+        let names: std::collections::HashSet<&str> =
+            served.model.feature_names().into_iter().collect();
         row.retain(|k, _| names.contains(k.as_str()));
         let key = names.contains(ucol.as_str()).then_some(ucol.as_str());
         let v = twotower_train::data::user_input(
@@ -470,7 +584,11 @@ pub mod twotower {
     > {
         use std::collections::HashMap;
         use twotower_train::eval::{ranks, Accumulator};
-        let (user_model, index, queries) = (required(user_model, "user_model"), required(index, "index"), required(queries, "queries"));
+        let (user_model, index, queries) = (
+            required(user_model, "user_model"),
+            required(index, "index"),
+            required(queries, "queries"),
+        );
         let (k, via_index) = (required(k, "k"), required(via_index, "via_index"));
         if k.is_empty() || k.iter().any(|&x| !(1..=10_000).contains(&x)) {
             TtError::BadArgument("k must list values between 1 and 10000".into()).report();
@@ -506,7 +624,9 @@ pub mod twotower {
         Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
             for row in c.select(&items_sql, None, &[])? {
                 check_for_interrupts!();
-                let (Some(id), Some(v)) = (row.get::<i64>(1)?, row.get::<Vec<f32>>(2)?) else { continue };
+                let (Some(id), Some(v)) = (row.get::<i64>(1)?, row.get::<Vec<f32>>(2)?) else {
+                    continue;
+                };
                 if v.len() == dims {
                     ids.push(id);
                     vecs.extend_from_slice(&v);
@@ -516,11 +636,17 @@ pub mod twotower {
         })
         .map_err(|e| TtError::BadArgument(format!("reading the index's table: {e}")))
         .or_report();
-        let pos: HashMap<i64, u32> = ids.iter().enumerate().map(|(i, &id)| (id, i as u32)).collect();
+        let pos: HashMap<i64, u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i as u32))
+            .collect();
         let mut seen_by: HashMap<String, Vec<i64>> = HashMap::new();
         if let Some(sr) = seen {
             let ssrc = spi::relation_name(sr.0).or_report();
-            let sql = format!("SELECT t.user_id::pg_catalog.text, t.item_id::pg_catalog.int8 FROM {ssrc} AS t");
+            let sql = format!(
+                "SELECT t.user_id::pg_catalog.text, t.item_id::pg_catalog.int8 FROM {ssrc} AS t"
+            );
             Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
                 for row in c.select(&sql, None, &[])? {
                     if let (Some(u), Some(i)) = (row.get::<String>(1)?, row.get::<i64>(2)?) {
@@ -529,7 +655,9 @@ pub mod twotower {
                 }
                 Ok(())
             })
-            .map_err(|e| TtError::BadArgument(format!("reading {ssrc} (columns user_id, item_id): {e}")))
+            .map_err(|e| {
+                TtError::BadArgument(format!("reading {ssrc} (columns user_id, item_id): {e}"))
+            })
             .or_report();
         }
         let qsrc = spi::relation_name(queries.0).or_report();
@@ -539,13 +667,21 @@ pub mod twotower {
         let mut qs: Vec<(String, String, i64)> = Vec::new();
         Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
             for row in c.select(&qsql, None, &[])? {
-                if let (Some(u), Some(f), Some(t)) = (row.get::<String>(1)?, row.get::<String>(2)?, row.get::<i64>(3)?) {
+                if let (Some(u), Some(f), Some(t)) = (
+                    row.get::<String>(1)?,
+                    row.get::<String>(2)?,
+                    row.get::<i64>(3)?,
+                ) {
                     qs.push((u, f, t));
                 }
             }
             Ok(())
         })
-        .map_err(|e| TtError::BadArgument(format!("reading {qsrc} (columns user_id, features, target): {e}")))
+        .map_err(|e| {
+            TtError::BadArgument(format!(
+                "reading {qsrc} (columns user_id, features, target): {e}"
+            ))
+        })
         .or_report();
         let mut exact = Accumulator::new(&ks);
         let mut approx = Accumulator::new(&ks);
@@ -554,10 +690,14 @@ pub mod twotower {
         for (u, f, t) in &qs {
             check_for_interrupts!();
             let Some(&tpos) = pos.get(t) else { continue };
-            let features: serde_json::Value = serde_json::from_str(f).unwrap_or(serde_json::Value::Null);
+            let features: serde_json::Value =
+                serde_json::from_str(f).unwrap_or(serde_json::Value::Null);
             let q = l.embed_user(&features).or_report();
             let seen_ids = seen_by.get(u).cloned().unwrap_or_default();
-            let mut masked: Vec<u32> = seen_ids.iter().filter_map(|i| pos.get(i).copied()).collect();
+            let mut masked: Vec<u32> = seen_ids
+                .iter()
+                .filter_map(|i| pos.get(i).copied())
+                .collect();
             masked.sort_unstable();
             masked.dedup();
             for (i, s) in scores.iter_mut().enumerate() {
@@ -580,8 +720,19 @@ pub mod twotower {
                 continue;
             }
             for m in acc.metrics() {
-                for (name, v) in [("recall", m.recall), ("hr", m.hr), ("ndcg", m.ndcg), ("mrr", m.mrr)] {
-                    out.push((method.to_owned(), name.to_owned(), m.k as i32, v, m.users as i64));
+                for (name, v) in [
+                    ("recall", m.recall),
+                    ("hr", m.hr),
+                    ("ndcg", m.ndcg),
+                    ("mrr", m.mrr),
+                ] {
+                    out.push((
+                        method.to_owned(),
+                        name.to_owned(),
+                        m.k as i32,
+                        v,
+                        m.users as i64,
+                    ));
                 }
             }
         }

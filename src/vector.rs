@@ -65,7 +65,10 @@ impl VecRef {
             if dim < 0 || 8 + dim as usize * 4 > total {
                 return Err(TtError::BadArray("the vector datum is malformed".into()));
             }
-            Ok(VecRef { ptr: v.add(8) as *const f32, len: dim as usize })
+            Ok(VecRef {
+                ptr: v.add(8) as *const f32,
+                len: dim as usize,
+            })
         }
     }
 
@@ -87,7 +90,11 @@ impl VecRef {
     ///
     /// # Safety
     /// As for [`VecRef::of_kind`].
-    pub unsafe fn checked_kind(datum: pg_sys::Datum, kind: VecKind, expected: Option<usize>) -> TtResult<VecRef> {
+    pub unsafe fn checked_kind(
+        datum: pg_sys::Datum,
+        kind: VecKind,
+        expected: Option<usize>,
+    ) -> TtResult<VecRef> {
         // SAFETY: forwarded contract.
         let v = unsafe { Self::of_kind(datum, kind)? };
         validate_vector(v.as_slice(), expected)?;
@@ -142,7 +149,9 @@ pub fn kind_of_type(typ: pg_sys::Oid) -> TtResult<VecKind> {
     if name == "vector_in" {
         return Ok(VecKind::PgVector);
     }
-    Err(TtError::BadArray("twotower_hnsw indexes real[] and pgvector's vector only".into()))
+    Err(TtError::BadArray(
+        "twotower_hnsw indexes real[] and pgvector's vector only".into(),
+    ))
 }
 
 /// The vector type of index `index`'s key column.

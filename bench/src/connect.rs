@@ -47,7 +47,10 @@ fn stats(mut v: Vec<f64>) -> (f64, f64) {
 }
 
 pub fn run(host: &str, port: u16) {
-    let sizes: String = super::env("TT_CONNECT_SIZES", "100000x64,1000000x64,4000000x32".to_string());
+    let sizes: String = super::env(
+        "TT_CONNECT_SIZES",
+        "100000x64,1000000x64,4000000x32".to_string(),
+    );
     let reps: usize = super::env("TT_CONNECT_REPS", 30);
     let mut c = connect(host, port);
     c.batch_execute("DROP EXTENSION IF EXISTS pg_twotower CASCADE; CREATE EXTENSION pg_twotower")
@@ -56,7 +59,9 @@ pub fn run(host: &str, port: u16) {
     println!("| items × dims | build s | new connection + SELECT 1, ms (p50 / p90) | first top-10 query of a new backend, ms (p50 / p90) | second query, ms (p50) | private memory after the first query, kB (p50) |");
     println!("|---|---|---|---|---|---|");
     for size in sizes.split(',') {
-        let Some((n, dims)) = size.split_once('x') else { continue };
+        let Some((n, dims)) = size.split_once('x') else {
+            continue;
+        };
         let (n, dims): (usize, usize) = (n.trim().parse().unwrap(), dims.trim().parse().unwrap());
         let mut all = clustered(n + 1, dims, 1000, 77);
         let q = all.split_off(n * dims);
@@ -74,14 +79,17 @@ pub fn run(host: &str, port: u16) {
         drop(all);
         c.batch_execute("SET maintenance_work_mem = '8GB'").unwrap();
         let t = Instant::now();
-        c.batch_execute("CREATE INDEX conn_items_idx ON conn_items USING twotower_hnsw (embedding)")
-            .unwrap();
+        c.batch_execute(
+            "CREATE INDEX conn_items_idx ON conn_items USING twotower_hnsw (embedding)",
+        )
+        .unwrap();
         let build = t.elapsed();
         c.batch_execute("VACUUM ANALYZE conn_items").unwrap();
         let sql = "SELECT id FROM conn_items ORDER BY embedding <=> $1::real[] LIMIT 10";
         // Written and verified once, as in production after the first query on the node.
         c.query(sql, &[&q]).unwrap();
-        let (mut plain, mut first, mut second, mut mem) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut plain, mut first, mut second, mut mem) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
             let t = Instant::now();
             let mut a = connect(host, port);

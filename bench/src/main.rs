@@ -134,7 +134,8 @@ fn ef_curve<Q: postgres::types::ToSql + Sync>(
         .into_iter()
         .map(|f| f * def / 10)
         .map(|ef| {
-            c.batch_execute(&format!("SET twotower.ef_search = {ef}")).unwrap();
+            c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
+                .unwrap();
             (ef, median_run(c, sql, queries, truth, 10))
         })
         .collect();
@@ -151,7 +152,9 @@ fn median_run<Q: postgres::types::ToSql + Sync>(
     truth: &[Vec<i64>],
     k: usize,
 ) -> Run {
-    let mut runs: Vec<Run> = (0..3).map(|_| run_queries(c, sql, queries, truth, k)).collect();
+    let mut runs: Vec<Run> = (0..3)
+        .map(|_| run_queries(c, sql, queries, truth, k))
+        .collect();
     runs.sort_by(|a, b| a.qps.total_cmp(&b.qps));
     runs.swap_remove(1)
 }
@@ -357,7 +360,9 @@ fn main() {
             truth: &truth,
         },
     );
-    let Some((pbuild, pg_curve)) = pg_curve else { return };
+    let Some((pbuild, pg_curve)) = pg_curve else {
+        return;
+    };
     println!("\n### pg_twotower at its defaults ({label}) against pgvector at its defaults (m = 16, ef_construction = 64)");
     compare_curves(&tt_curve, &pg_curve);
 
@@ -378,7 +383,9 @@ fn main() {
         let eq_curve = sweep(&mut c, &queries, &truth, exact.qps, def_ef);
         compare_curves(&eq_curve, &pg_curve);
     } else {
-        println!("\n(pg_twotower's defaults are the equal parameters: the comparison above is both)");
+        println!(
+            "\n(pg_twotower's defaults are the equal parameters: the comparison above is both)"
+        );
     }
 }
 
@@ -391,7 +398,8 @@ fn first_query(host: &str, port: u16, q: &[f32]) -> Duration {
         .dbname("postgres")
         .connect(NoTls)
         .unwrap();
-    c2.batch_execute("SET search_path = public, twotower").unwrap();
+    c2.batch_execute("SET search_path = public, twotower")
+        .unwrap();
     let q = q.to_vec();
     let t = Instant::now();
     c2.query(
@@ -507,10 +515,17 @@ fn fresh_inserts(
     // queries (same seed as main).
     let nq = qdata.len() / dims;
     let added = clustered(n + nq + extra, dims, clusters, 2024).split_off((n + nq) * dims);
-    let lsn = |c: &mut Client| -> String { c.query_one("SELECT pg_current_wal_lsn()::text", &[]).unwrap().get(0) };
+    let lsn = |c: &mut Client| -> String {
+        c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .unwrap()
+            .get(0)
+    };
     let wal_since = |c: &mut Client, from: &str| -> f64 {
         let b: i64 = c
-            .query_one("SELECT (pg_current_wal_lsn() - $1::text::pg_lsn)::int8", &[&from])
+            .query_one(
+                "SELECT (pg_current_wal_lsn() - $1::text::pg_lsn)::int8",
+                &[&from],
+            )
             .unwrap()
             .get(0);
         b as f64 / 1048576.0
@@ -575,10 +590,17 @@ fn fresh_inserts(
         vac.as_secs_f64(),
         wal
     );
-    println!("REINDEX of the {} rows: {:.1} s", n + extra, rebuild.as_secs_f64());
+    println!(
+        "REINDEX of the {} rows: {:.1} s",
+        n + extra,
+        rebuild.as_secs_f64()
+    );
     // At equal recall: the smallest ef_search at which a fresh graph reaches the recall the
     // index has after the inserts (at the default ef_search), and its latency.
-    for (label, curve) in [("fresh build", &fresh_curve), ("REINDEX of all rows", &rebuilt_curve)] {
+    for (label, curve) in [
+        ("fresh build", &fresh_curve),
+        ("REINDEX of all rows", &rebuilt_curve),
+    ] {
         let (ef, r) = curve
             .iter()
             .find(|(_, r)| r.recall >= after.recall)
@@ -591,7 +613,8 @@ fn fresh_inserts(
             r.qps / after.qps
         );
     }
-    c.batch_execute(&format!("DELETE FROM items WHERE id > {n}")).unwrap();
+    c.batch_execute(&format!("DELETE FROM items WHERE id > {n}"))
+        .unwrap();
     c.batch_execute("VACUUM items").unwrap();
     // Rebuild, so the parts that follow measure a freshly built index.
     c.batch_execute("REINDEX INDEX items_tt_idx").unwrap();
@@ -690,14 +713,26 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Vec<(usize, f6
 /// pg_twotower's index on the same pgvector `vector` column (pg_twotower_pgvector, at its
 /// defaults), after pgvector's index is dropped: build time and the ef_search sweep with the
 /// same query text, side by side with pgvector's curve. The migration a pgvector user makes.
-fn ours_on_vector(c: &mut Client, pq: &[String], truth: &[Vec<i64>], pbuild: Duration, pg_curve: &[(usize, f64, f64)]) {
-    if c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_twotower_pgvector").is_err() {
+fn ours_on_vector(
+    c: &mut Client,
+    pq: &[String],
+    truth: &[Vec<i64>],
+    pbuild: Duration,
+    pg_curve: &[(usize, f64, f64)],
+) {
+    if c.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_twotower_pgvector")
+        .is_err()
+    {
         println!("\n## pg_twotower on the vector column: pg_twotower_pgvector is not installed — skipped");
         return;
     }
-    c.batch_execute("DROP INDEX IF EXISTS items_pgv_idx; SET maintenance_work_mem = '4GB'").unwrap();
+    c.batch_execute("DROP INDEX IF EXISTS items_pgv_idx; SET maintenance_work_mem = '4GB'")
+        .unwrap();
     let (_, build) = timed(|| {
-        c.batch_execute("CREATE INDEX items_pgv_tt ON items_pgv USING twotower_hnsw (v vector_cosine_ops)").unwrap()
+        c.batch_execute(
+            "CREATE INDEX items_pgv_tt ON items_pgv USING twotower_hnsw (v vector_cosine_ops)",
+        )
+        .unwrap()
     });
     println!(
         "\n## pg_twotower twotower_hnsw on pgvector's vector column (vector_cosine_ops, defaults): build {:.1} s, {:.2}x pgvector's hnsw on the same column ({:.1} s)",
@@ -712,12 +747,17 @@ fn ours_on_vector(c: &mut Client, pq: &[String], truth: &[Vec<i64>], pbuild: Dur
     println!("|---|---|---|---|");
     let mut curve = Vec::new();
     for ef in [10, 20, 40, 64, 100, 200, 400, 800] {
-        c.batch_execute(&format!("SET twotower.ef_search = {ef}")).unwrap();
+        c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
+            .unwrap();
         let r = run_queries(c, sql, pq, truth, 10);
-        println!("| {ef} | {:.4} | {:.0} | {:.2} |", r.recall, r.qps, r.p99_ms);
+        println!(
+            "| {ef} | {:.4} | {:.0} | {:.2} |",
+            r.recall, r.qps, r.p99_ms
+        );
         curve.push((ef, r.recall, r.qps));
     }
-    c.batch_execute("RESET twotower.ef_search; DROP INDEX items_pgv_tt").unwrap();
+    c.batch_execute("RESET twotower.ef_search; DROP INDEX items_pgv_tt")
+        .unwrap();
     println!("\n### on the same vector column: pg_twotower against pgvector's hnsw");
     compare_curves(&curve, pg_curve);
 }
@@ -727,7 +767,11 @@ fn ours_on_vector(c: &mut Client, pq: &[String], truth: &[Vec<i64>], pbuild: Dur
 fn build_index(c: &mut Client, options: &str) {
     c.batch_execute("SET search_path = public, twotower; DROP INDEX IF EXISTS items_tt_idx; SET maintenance_work_mem = '4GB'")
         .unwrap();
-    let with = if options.is_empty() { String::new() } else { format!(" WITH ({options})") };
+    let with = if options.is_empty() {
+        String::new()
+    } else {
+        format!(" WITH ({options})")
+    };
     c.batch_execute(&format!(
         "CREATE INDEX items_tt_idx ON items USING twotower_hnsw (embedding real_cosine_ops){with}"
     ))

@@ -37,8 +37,26 @@ unsafe extern "C-unwind" fn process_utility(
     // after the standard processing, from the node PostgreSQL gave us.
     unsafe {
         match PREV_PROCESS_UTILITY {
-            Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
-            None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+            Some(prev) => prev(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query_string,
+                read_only_tree,
+                context,
+                params,
+                query_env,
+                dest,
+                qc,
+            ),
         }
         let stmt = (*pstmt).utilityStmt;
         if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterTableStmt {
@@ -48,8 +66,16 @@ unsafe extern "C-unwind" fn process_utility(
         if (*alter).relation.is_null() || !sets_options((*alter).cmds) {
             return;
         }
-        let oid = pg_sys::RangeVarGetRelidExtended((*alter).relation, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut());
-        if oid == pg_sys::InvalidOid || pg_sys::get_rel_relkind(oid) != pg_sys::RELKIND_INDEX as std::ffi::c_char {
+        let oid = pg_sys::RangeVarGetRelidExtended(
+            (*alter).relation,
+            pg_sys::NoLock as i32,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        if oid == pg_sys::InvalidOid
+            || pg_sys::get_rel_relkind(oid) != pg_sys::RELKIND_INDEX as std::ffi::c_char
+        {
             return;
         }
         // The new options become visible to this command.
@@ -66,7 +92,9 @@ unsafe fn sets_options(cmds: *mut pg_sys::List) -> bool {
             let c = c as *mut pg_sys::AlterTableCmd;
             matches!(
                 (*c).subtype,
-                pg_sys::AlterTableType::AT_SetRelOptions | pg_sys::AlterTableType::AT_ResetRelOptions | pg_sys::AlterTableType::AT_ReplaceRelOptions
+                pg_sys::AlterTableType::AT_SetRelOptions
+                    | pg_sys::AlterTableType::AT_ResetRelOptions
+                    | pg_sys::AlterTableType::AT_ReplaceRelOptions
             )
         })
     }
@@ -78,7 +106,11 @@ unsafe fn check(oid: pg_sys::Oid) {
     let (ours, metric, quantization) = unsafe {
         let rel = pg_sys::index_open(oid, pg_sys::AccessShareLock as i32);
         let ours = is_ours(rel);
-        let out = if ours { (true, metric_of(rel), options::of(rel).2) } else { (false, Metric::Cosine, Quantization::F32) };
+        let out = if ours {
+            (true, metric_of(rel), options::of(rel).2)
+        } else {
+            (false, Metric::Cosine, Quantization::F32)
+        };
         pg_sys::index_close(rel, pg_sys::AccessShareLock as i32);
         out
     };
@@ -114,7 +146,11 @@ unsafe fn check(oid: pg_sys::Oid) {
             .map_err(|e| TtError::BadArgument(format!("checking the vectors of {table}: {e}")))
             .or_report();
             if let Some((Some(value), _)) = big {
-                TtError::Ann(AnnError::F16Range { position: 0, value: value as f32 }).report();
+                TtError::Ann(AnnError::F16Range {
+                    position: 0,
+                    value: value as f32,
+                })
+                .report();
             }
         }
     }

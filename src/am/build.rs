@@ -8,8 +8,8 @@ use crate::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use twotower_ann::{
-    estimate_build_memory, is_zero, AnnError, BuildParams, ImageBuilder, Metric, Poll, Quantization,
-    BUILD_BATCH,
+    estimate_build_memory, is_zero, AnnError, BuildParams, ImageBuilder, Metric, Poll,
+    Quantization, BUILD_BATCH,
 };
 
 const PHASE_LOAD: i64 = 2;
@@ -74,9 +74,13 @@ impl BuildState {
             // The graph grows from the first batch on: report it as the graph phase, with the
             // relation's expected rows as the total (corrected once the scan has counted).
             progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_GRAPH);
-            progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, self.expected.max(self.count) as i64);
+            progress(
+                pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL,
+                self.expected.max(self.count) as i64,
+            );
             let capacity = self.expected.max(self.keys.len());
-            self.builder = Some(ImageBuilder::new(&self.params(), capacity, worker_threads()).or_report());
+            self.builder =
+                Some(ImageBuilder::new(&self.params(), capacity, worker_threads()).or_report());
         }
         let b = self.builder.as_mut().expect("created above");
         let r = b.add_batch(&self.keys, &self.vectors, &mut build_poll);
@@ -116,9 +120,9 @@ fn expected_rows(heap: pg_sys::Relation, row_bytes: usize) -> usize {
         return reltuples as usize;
     }
     // SAFETY: an open relation.
-    let blocks = unsafe {
-        pg_sys::RelationGetNumberOfBlocksInFork(heap, pg_sys::ForkNumber::MAIN_FORKNUM)
-    } as usize;
+    let blocks =
+        unsafe { pg_sys::RelationGetNumberOfBlocksInFork(heap, pg_sys::ForkNumber::MAIN_FORKNUM) }
+            as usize;
     blocks * (pg_sys::BLCKSZ as usize - 24) / (row_bytes + 28).max(32)
 }
 

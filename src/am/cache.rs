@@ -72,7 +72,10 @@ impl Stamp {
         }
     }
     fn line(&self) -> String {
-        format!("{} {} {} {}\n", self.ino, self.size, self.mtime_ns, self.ctime_ns)
+        format!(
+            "{} {} {} {}\n",
+            self.ino, self.size, self.mtime_ns, self.ctime_ns
+        )
     }
 }
 
@@ -135,7 +138,10 @@ impl Loaded {
         }
         OPEN.with(|o| o.borrow_mut().retain(|(_, _, l)| !Rc::ptr_eq(l, self)));
         Err(TtError::CacheChanged(
-            self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            self.path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
         ))
     }
 }
@@ -262,7 +268,9 @@ pub unsafe fn image(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtRes
     let hit = OPEN.with(|o| {
         o.borrow()
             .iter()
-            .find(|(key, _, l)| *key == slot && l.generation == r.generation && l.checksum == r.checksum)
+            .find(|(key, _, l)| {
+                *key == slot && l.generation == r.generation && l.checksum == r.checksum
+            })
             .map(|(_, _, l)| l.clone())
     });
     if let Some(l) = hit {
@@ -338,7 +346,9 @@ unsafe fn in_memory(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtRes
     // SAFETY: forwarded.
     unsafe { read_ref_into(index, meta, r, &mut bytes)? };
     let image = Image::open(Bytes::Mem(bytes), r.checksum).map_err(|e| {
-        TtError::IndexCorrupt(format!("image read from the index pages failed verification: {e}"))
+        TtError::IndexCorrupt(format!(
+            "image read from the index pages failed verification: {e}"
+        ))
     })?;
     Ok(Loaded {
         generation: r.generation,
@@ -355,7 +365,9 @@ fn open_file(path: &Path, r: &ImageRef) -> TtResult<Loaded> {
     let f = fs::File::open(path).map_err(io)?;
     let md = f.metadata().map_err(io)?;
     if !md.is_file() || md.len() != r.len {
-        return Err(TtError::CacheIo("cache file has the wrong type or length".into()));
+        return Err(TtError::CacheIo(
+            "cache file has the wrong type or length".into(),
+        ));
     }
     let stamp = Stamp::of(&md);
     let marker = marker_path(path);
@@ -431,15 +443,15 @@ unsafe fn materialize(
 /// Removes other cache files of the same relation (older builds and delta graphs).
 fn remove_stale(k: Key, keep: &[PathBuf]) {
     let p = prefix(k);
-    let kept: Vec<PathBuf> = keep.iter().flat_map(|k| [k.clone(), marker_path(k)]).collect();
+    let kept: Vec<PathBuf> = keep
+        .iter()
+        .flat_map(|k| [k.clone(), marker_path(k)])
+        .collect();
     if let Ok(rd) = fs::read_dir(CACHE_DIR) {
         for e in rd.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with(&p)
-                && !kept.contains(&e.path())
-                && !name.contains(".tmp.")
-            {
+            if name.starts_with(&p) && !kept.contains(&e.path()) && !name.contains(".tmp.") {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -455,7 +467,10 @@ fn remove_where(mut dead: impl FnMut(u32, u32, u32, u32) -> bool) -> i64 {
             let Some((spc, db, rel, oid, _)) = parse_name(&name) else {
                 continue;
             };
-            if dead(spc, db, rel, oid) && fs::remove_file(e.path()).is_ok() && name.ends_with(".img") {
+            if dead(spc, db, rel, oid)
+                && fs::remove_file(e.path()).is_ok()
+                && name.ends_with(".img")
+            {
                 removed += 1;
             }
         }
@@ -566,12 +581,16 @@ fn forget_stale() {
             // SAFETY: a syscache lookup by oid in a backend with a transaction (image() is
             // called from scans); the tuple is released.
             unsafe {
-                let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(*oid));
+                let tup = pg_sys::SearchSysCache1(
+                    pg_sys::SysCacheIdentifier::RELOID as i32,
+                    pg_sys::Datum::from(*oid),
+                );
                 if tup.is_null() {
                     return false;
                 }
                 let form = pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_class;
-                let same = (*form).relfilenode.to_u32() == key.2 || (*form).relfilenode == pg_sys::InvalidOid;
+                let same = (*form).relfilenode.to_u32() == key.2
+                    || (*form).relfilenode == pg_sys::InvalidOid;
                 pg_sys::ReleaseSysCache(tup);
                 same
             }
@@ -596,7 +615,13 @@ pub unsafe fn store(index: pg_sys::Relation, meta: &Meta, image: &[u8]) {
     if local {
         return;
     }
-    ON_COMMIT.with(|p| p.borrow_mut().push(Pending::Rebuilt { db: k.1, index: oid, rel: k.2 }));
+    ON_COMMIT.with(|p| {
+        p.borrow_mut().push(Pending::Rebuilt {
+            db: k.1,
+            index: oid,
+            rel: k.2,
+        })
+    });
     ensure_callbacks();
     if let Some(r) = meta.main_ref() {
         write_file(k, oid, meta, &r, image);
@@ -611,7 +636,10 @@ pub unsafe fn store(index: pg_sys::Relation, meta: &Meta, image: &[u8]) {
 pub unsafe fn store_delta_graph(index: pg_sys::Relation, meta: &Meta, image: &[u8]) {
     // SAFETY: forwarded.
     let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };
-    OPEN.with(|o| o.borrow_mut().retain(|(key, _, _)| *key != (k, Level::Delta)));
+    OPEN.with(|o| {
+        o.borrow_mut()
+            .retain(|(key, _, _)| *key != (k, Level::Delta))
+    });
     if local {
         return;
     }
@@ -703,7 +731,10 @@ unsafe extern "C-unwind" fn object_access(
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut core::ffi::c_void) {
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut core::ffi::c_void,
+) {
     use pg_sys::XactEvent::*;
     let commit = match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => true,
@@ -718,9 +749,11 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
         pending.iter().any(|p| match *p {
             Pending::Relation { db: d, rel: r } => commit && d == db && r == rel,
             Pending::Database { db: d } => commit && d == db,
-            Pending::Rebuilt { db: d, index, rel: r } => {
-                d == db && index == oid && if commit { r != rel } else { r == rel }
-            }
+            Pending::Rebuilt {
+                db: d,
+                index,
+                rel: r,
+            } => d == db && index == oid && if commit { r != rel } else { r == rel },
         })
     });
 }

@@ -95,7 +95,8 @@ pub unsafe fn fold_or_warn(index: pg_sys::Relation) {
         Err(TtError::MemoryBudget { needed, available }) => {
             if !WARNED_BUDGET.with(|w| w.replace(true)) {
                 // SAFETY: an open relation's name.
-                let name = unsafe { std::ffi::CStr::from_ptr((*(*index).rd_rel).relname.data.as_ptr()) };
+                let name =
+                    unsafe { std::ffi::CStr::from_ptr((*(*index).rd_rel).relname.data.as_ptr()) };
                 pgrx::warning!(
                     "twotower_hnsw: rows inserted into index \"{}\" stay in its delta: folding them into its delta graph needs about {} MB, more than maintenance_work_mem ({} MB); scans rank them one by one until a REINDEX, or a VACUUM with more maintenance_work_mem",
                     name.to_string_lossy(),
@@ -142,11 +143,18 @@ pub unsafe fn fold(
             m: now.m as usize,
             ef_construction: now.ef_construction as usize,
         };
-        let old_count = if now.delta_graph_ref().is_some() { now.dg_count as usize } else { 0 };
+        let old_count = if now.delta_graph_ref().is_some() {
+            now.dg_count as usize
+        } else {
+            0
+        };
         let need = estimate_build_memory(&params, old_count + now.delta_live as usize);
         let budget = pg_sys::maintenance_work_mem as usize * 1024;
         if need > budget {
-            return Err(TtError::MemoryBudget { needed: need, available: budget });
+            return Err(TtError::MemoryBudget {
+                needed: need,
+                available: budget,
+            });
         }
         let sealed = pages::seal_delta(index);
         let old = sealed.delta_graph_ref();
@@ -155,17 +163,25 @@ pub unsafe fn fold(
         let mut absorbed = Vec::new();
         let mut keys = Vec::with_capacity(sealed.delta_live as usize);
         let mut vectors = Vec::with_capacity(sealed.delta_live as usize * params.dims);
-        let whole = for_each_delta(index, &sealed, Some(sealed.dl_sealed), Some(&mut absorbed), |_, mut tid, v| {
-            out.moved += 1;
-            if dead.as_mut().is_some_and(|d| d(&mut tid)) {
-                out.removed += 1;
-                return;
-            }
-            keys.push(tid_to_key(&tid));
-            vectors.extend_from_slice(v);
-        });
+        let whole = for_each_delta(
+            index,
+            &sealed,
+            Some(sealed.dl_sealed),
+            Some(&mut absorbed),
+            |_, mut tid, v| {
+                out.moved += 1;
+                if dead.as_mut().is_some_and(|d| d(&mut tid)) {
+                    out.removed += 1;
+                    return;
+                }
+                keys.push(tid_to_key(&tid));
+                vectors.extend_from_slice(v);
+            },
+        );
         if !whole {
-            return Err(TtError::IndexCorrupt("the chain of delta pages is broken".into()));
+            return Err(TtError::IndexCorrupt(
+                "the chain of delta pages is broken".into(),
+            ));
         }
 
         let old_image = old.map(|r| cache::image(index, &sealed, &r).or_report());
@@ -205,12 +221,16 @@ pub unsafe fn fold(
         out.graph_items = total;
         let bytes = if total > 0 {
             let spill = spill_dir();
-            Some(report_build_error(builder.finish(&mut build_poll, spill.as_deref())))
+            Some(report_build_error(
+                builder.finish(&mut build_poll, spill.as_deref()),
+            ))
         } else {
             None
         };
 
-        let old_blocks = old.map(|r| pages::chain_blocks(index, &r)).unwrap_or_default();
+        let old_blocks = old
+            .map(|r| pages::chain_blocks(index, &r))
+            .unwrap_or_default();
         let new_ref = match &bytes {
             Some(b) => {
                 let b = b.as_ref();

@@ -28,7 +28,14 @@ pub unsafe extern "C-unwind" fn aminsert(
     let meta = unsafe { read_meta(index) }.or_report();
     let expected = (meta.dims > 0).then_some(meta.dims as usize);
     // SAFETY: the key column is of the operator class's input type, which names the kind.
-    let v = unsafe { VecRef::checked_kind(*values, crate::vector::kind_of_index(index).or_report(), expected) }.or_report();
+    let v = unsafe {
+        VecRef::checked_kind(
+            *values,
+            crate::vector::kind_of_index(index).or_report(),
+            expected,
+        )
+    }
+    .or_report();
     let s = v.as_slice();
     if s.len() > MAX_INDEX_DIMS {
         TtError::Unsupported(format!(

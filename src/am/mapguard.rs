@@ -40,7 +40,8 @@ pub struct Guard {
 impl Guard {
     /// True once a read of the mapping hit a page the file no longer has.
     pub fn poisoned(&self) -> bool {
-        self.slot.is_some_and(|s| RANGES[s].poisoned.load(Ordering::SeqCst))
+        self.slot
+            .is_some_and(|s| RANGES[s].poisoned.load(Ordering::SeqCst))
     }
 }
 

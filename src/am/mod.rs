@@ -138,7 +138,10 @@ pub unsafe fn is_ours(index: pg_sys::Relation) -> bool {
 /// The table of index `index`, read from the catalogue without taking a lock (for privilege
 /// checks that must come first): `Ok(None)` when `index` is no index; 0A000 for the index of a
 /// partitioned table, which has no storage of its own (`what` names the caller).
-pub fn table_of_index(index: pg_sys::Oid, what: &str) -> crate::error::TtResult<Option<pg_sys::Oid>> {
+pub fn table_of_index(
+    index: pg_sys::Oid,
+    what: &str,
+) -> crate::error::TtResult<Option<pg_sys::Oid>> {
     // SAFETY: catalogue lookups by oid; a missing relation gives relkind 0 and InvalidOid.
     unsafe {
         if pg_sys::get_rel_relkind(index) == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char {

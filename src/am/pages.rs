@@ -517,10 +517,14 @@ struct LinkSpecial {
 unsafe fn special<T: Copy>(page: pg_sys::Page) -> Option<T> {
     // SAFETY: forwarded; the special area is read only when it has T's size.
     unsafe {
-        if pg_sys::PageIsNew(page) || pg_sys::PageGetSpecialSize(page) as usize != std::mem::size_of::<T>() {
+        if pg_sys::PageIsNew(page)
+            || pg_sys::PageGetSpecialSize(page) as usize != std::mem::size_of::<T>()
+        {
             return None;
         }
-        Some(std::ptr::read_unaligned(pg_sys::PageGetSpecialPointer(page) as *const T))
+        Some(std::ptr::read_unaligned(
+            pg_sys::PageGetSpecialPointer(page) as *const T,
+        ))
     }
 }
 
@@ -602,8 +606,9 @@ unsafe fn take_free_page(index: pg_sys::Relation, meta: &Meta, building: u64) ->
             let page = b.page();
             let free = pg_sys::PageIsNew(page)
                 || link_special(page).is_some_and(|s| s.magic == FREE_MAGIC)
-                || chain_special(page)
-                    .is_some_and(|s| s.generation != meta.dg_generation && s.generation != building);
+                || chain_special(page).is_some_and(|s| {
+                    s.generation != meta.dg_generation && s.generation != building
+                });
             if free {
                 return Some(b);
             }
@@ -672,7 +677,8 @@ pub unsafe fn append_delta(
             let page = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
             if !add_item(page, &item) {
                 pg_sys::GenericXLogAbort(state);
-                TtError::IndexCorrupt(format!("could not add a delta item to block {}", b.blkno())).report();
+                TtError::IndexCorrupt(format!("could not add a delta item to block {}", b.blkno()))
+                    .report();
             }
             finish(state, &|_| {})
         };
@@ -698,7 +704,8 @@ pub unsafe fn append_delta(
         set_link(page, DELTA_MAGIC, 0);
         if !add_item(page, &item) {
             pg_sys::GenericXLogAbort(state);
-            TtError::IndexCorrupt(format!("could not add a delta item to new block {blkno}")).report();
+            TtError::IndexCorrupt(format!("could not add a delta item to new block {blkno}"))
+                .report();
         }
         if let Some(t) = &tail {
             let tpage = pg_sys::GenericXLogRegisterBuffer(state, t.buf, 0);
@@ -761,9 +768,8 @@ pub unsafe fn for_each_delta(
         visit(blk, false);
     }
     // SAFETY: an open relation.
-    let nblocks = unsafe {
-        pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM)
-    };
+    let nblocks =
+        unsafe { pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM) };
     let (mut blk, mut steps) = (meta.dl_head, 0u32);
     while blk != 0 {
         if blk >= nblocks || steps > nblocks {
@@ -814,9 +820,8 @@ pub unsafe fn vacuum_delta(
     let legacy = blocks.len();
     let mut blk = meta.dl_head;
     // SAFETY: an open relation.
-    let nblocks = unsafe {
-        pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM)
-    };
+    let nblocks =
+        unsafe { pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM) };
     let mut i = 0;
     while i < blocks.len() || blk != 0 {
         let b_no = if i < blocks.len() {
@@ -884,7 +889,10 @@ pub unsafe fn vacuum_delta(
         let m = get_meta(mb.page());
         let mut nm = m;
         let mut freed = Vec::new();
-        let legacy_pages: Vec<_> = pages.iter().filter(|(b, _)| (m.delta_start..m.delta_end).contains(b)).collect();
+        let legacy_pages: Vec<_> = pages
+            .iter()
+            .filter(|(b, _)| (m.delta_start..m.delta_end).contains(b))
+            .collect();
         let legacy_last = if m.delta_tail != pg_sys::InvalidBlockNumber && m.delta_tail != 0 {
             m.delta_tail
         } else {
@@ -901,7 +909,10 @@ pub unsafe fn vacuum_delta(
             nm.delta_start = nm.delta_end;
             nm.delta_tail = pg_sys::InvalidBlockNumber;
         }
-        for (b, live) in pages.iter().filter(|(b, _)| !(m.delta_start..m.delta_end).contains(b)) {
+        for (b, live) in pages
+            .iter()
+            .filter(|(b, _)| !(m.delta_start..m.delta_end).contains(b))
+        {
             if *live || *b == m.dl_tail || *b != nm.dl_head {
                 break;
             }
@@ -943,7 +954,11 @@ pub unsafe fn lock_maintenance(index: pg_sys::Relation, wait: bool) -> bool {
             pg_sys::LockPage(index, META_BLKNO, pg_sys::ExclusiveLock as pg_sys::LOCKMODE);
             true
         } else {
-            pg_sys::ConditionalLockPage(index, META_BLKNO, pg_sys::ExclusiveLock as pg_sys::LOCKMODE)
+            pg_sys::ConditionalLockPage(
+                index,
+                META_BLKNO,
+                pg_sys::ExclusiveLock as pg_sys::LOCKMODE,
+            )
         }
     }
 }
@@ -1145,7 +1160,9 @@ pub unsafe fn read_ref_into(
         }
     }
     if remaining != 0 {
-        return Err(TtError::IndexCorrupt("delta graph is shorter than the metapage says".into()));
+        return Err(TtError::IndexCorrupt(
+            "delta graph is shorter than the metapage says".into(),
+        ));
     }
     Ok(())
 }
@@ -1178,7 +1195,11 @@ pub unsafe fn seal_delta(index: pg_sys::Relation) -> Meta {
 ///
 /// # Safety
 /// As for [`read_image_into`]; the caller holds the maintenance lock and sealed the delta.
-pub unsafe fn switch_delta_graph(index: pg_sys::Relation, new: Option<(ImageRef, u64)>, moved: u64) -> Meta {
+pub unsafe fn switch_delta_graph(
+    index: pg_sys::Relation,
+    new: Option<(ImageRef, u64)>,
+    moved: u64,
+) -> Meta {
     // SAFETY: the metapage changes under its exclusive lock in one Generic WAL record; the
     // sealed page is only read (appends after the seal linked their pages from it).
     unsafe {

@@ -18,8 +18,8 @@ use crate::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
-use std::rc::Rc;
 use std::collections::BinaryHeap;
+use std::rc::Rc;
 use twotower_ann::{AnnError, GraphCursor, Hit, Metric, Query, ScanOrder};
 
 #[derive(Default)]
@@ -68,7 +68,11 @@ impl PartialOrd for Nearest {
 }
 impl Ord for Nearest {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        other.0.dist.total_cmp(&self.0.dist).then(other.0.key.cmp(&self.0.key))
+        other
+            .0
+            .dist
+            .total_cmp(&self.0.dist)
+            .then(other.0.key.cmp(&self.0.key))
     }
 }
 
@@ -98,7 +102,9 @@ fn cursor(order: ScanOrder) -> GraphCursor {
 /// searched by its own vector is found in the delta graph as in the main one. The cursor
 /// widens it like any search when the scan reads further.
 fn delta_graph_ef(ef: usize, share: f64) -> usize {
-    ((2.0 * ef as f64 * share).ceil() as usize).max(ef.min(64)).min(ef)
+    ((2.0 * ef as f64 * share).ceil() as usize)
+        .max(ef.min(64))
+        .min(ef)
 }
 
 #[pg_guard]
@@ -143,7 +149,12 @@ pub unsafe extern "C-unwind" fn amrescan(
             );
         }
         let st = &mut *((*scan).opaque as *mut ScanState);
-        let (min_ef, ef_replaces_setting, min_rows, preset) = (st.min_ef, st.ef_replaces_setting, st.min_rows, st.preset.take());
+        let (min_ef, ef_replaces_setting, min_rows, preset) = (
+            st.min_ef,
+            st.ef_replaces_setting,
+            st.min_rows,
+            st.preset.take(),
+        );
         *st = ScanState {
             min_ef,
             ef_replaces_setting,
@@ -234,8 +245,14 @@ unsafe fn load(index: pg_sys::Relation, st: &mut ScanState, meta: &Meta) -> Resu
         // An f16 graph stores what the engine searches with: an L2 query (searched as it is,
         // unlike cosine and inner-product queries, which are searched as unit vectors) must
         // fit in f16 too, or its graph distances overflow and the search returns wrong rows.
-        if metric == Metric::L2 && twotower_ann::Quantization::from_code(meta.quantization) == Some(twotower_ann::Quantization::F16) {
-            twotower_ann::Quantization::F16.check_vector(q).map_err(TtError::Ann).or_report();
+        if metric == Metric::L2
+            && twotower_ann::Quantization::from_code(meta.quantization)
+                == Some(twotower_ann::Quantization::F16)
+        {
+            twotower_ann::Quantization::F16
+                .check_vector(q)
+                .map_err(TtError::Ann)
+                .or_report();
         }
         st.prepared = Some(Query::new(metric, q).or_report());
     }
@@ -257,14 +274,25 @@ unsafe fn load(index: pg_sys::Relation, st: &mut ScanState, meta: &Meta) -> Resu
         } else {
             Vec::new()
         };
-        st.graphs.push(Graph { image, tombstones, cursor: cursor(st.order), ef: st.ef });
+        st.graphs.push(Graph {
+            image,
+            tombstones,
+            cursor: cursor(st.order),
+            ef: st.ef,
+        });
     }
     if let Some(r) = meta.delta_graph_ref() {
         // SAFETY: as above.
         let image = unsafe { cache::image(index, meta, &r) }?;
-        let live = (meta.graph_count - meta.graph_dead.min(meta.graph_count) + meta.dg_count).max(1);
+        let live =
+            (meta.graph_count - meta.graph_dead.min(meta.graph_count) + meta.dg_count).max(1);
         let ef = delta_graph_ef(st.ef, meta.dg_count as f64 / live as f64);
-        st.graphs.push(Graph { image, tombstones: Vec::new(), cursor: cursor(st.order), ef });
+        st.graphs.push(Graph {
+            image,
+            tombstones: Vec::new(),
+            cursor: cursor(st.order),
+            ef,
+        });
     }
     let q = st.prepared.clone();
     let mut delta = Vec::with_capacity(meta.delta_live as usize);
@@ -282,7 +310,9 @@ unsafe fn load(index: pg_sys::Relation, st: &mut ScanState, meta: &Meta) -> Resu
             }));
         });
         if !whole {
-            return Err(TtError::IndexCorrupt("the chain of delta pages is broken".into()));
+            return Err(TtError::IndexCorrupt(
+                "the chain of delta pages is broken".into(),
+            ));
         }
     };
     st.delta = BinaryHeap::from(delta);
@@ -314,10 +344,15 @@ fn next_candidate(st: &mut ScanState) -> Option<Hit> {
             Some(&skip)
         };
         let rounds = g.cursor.rounds;
-        let head = g.cursor.peek(img_ref, q, g.ef, skip_dyn).map_err(TtError::from);
+        let head = g
+            .cursor
+            .peek(img_ref, q, g.ef, skip_dyn)
+            .map_err(TtError::from);
         // A mapped file that changed under the search (zeros read, or another file now) makes
         // whatever it returned meaningless: an ERROR, never rows from it.
-        g.image.check_unchanged(g.cursor.rounds != rounds).or_report();
+        g.image
+            .check_unchanged(g.cursor.rounds != rounds)
+            .or_report();
         let head = head.or_report();
         if let Some(h) = head {
             if best.is_none_or(|(_, d)| h.dist < d || d.is_nan()) {
@@ -441,7 +476,12 @@ pub(super) unsafe fn set_query(scan: pg_sys::IndexScanDesc, query: Vec<f32>) {
 ///
 /// # Safety
 /// `scan` must be an open scan of a twotower_hnsw index.
-pub(super) unsafe fn set_minimums(scan: pg_sys::IndexScanDesc, ef: usize, rows: u64, replace_setting: bool) {
+pub(super) unsafe fn set_minimums(
+    scan: pg_sys::IndexScanDesc,
+    ef: usize,
+    rows: u64,
+    replace_setting: bool,
+) {
     // SAFETY: opaque was set in ambeginscan.
     let st = unsafe { &mut *((*scan).opaque as *mut ScanState) };
     st.min_ef = ef.min(100_000);

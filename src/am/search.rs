@@ -58,9 +58,14 @@ fn precheck_readable(rel: pg_sys::Oid, who: &str) -> TtResult<()> {
     // SAFETY: ACL lookups by oid, without locks.
     let (table_ok, any_col) = unsafe {
         (
-            pg_sys::pg_class_aclcheck(rel, me, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK,
-            pg_sys::pg_attribute_aclcheck_all(rel, me, pg_sys::ACL_SELECT as pg_sys::AclMode, pg_sys::AclMaskHow::ACLMASK_ANY)
+            pg_sys::pg_class_aclcheck(rel, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
                 == pg_sys::AclResult::ACLCHECK_OK,
+            pg_sys::pg_attribute_aclcheck_all(
+                rel,
+                me,
+                pg_sys::ACL_SELECT as pg_sys::AclMode,
+                pg_sys::AclMaskHow::ACLMASK_ANY,
+            ) == pg_sys::AclResult::ACLCHECK_OK,
         )
     };
     if table_ok || any_col {
@@ -71,7 +76,9 @@ fn precheck_readable(rel: pg_sys::Oid, who: &str) -> TtResult<()> {
 }
 
 fn rls_refused(who: &str) -> TtError {
-    TtError::Unsupported(format!("{who} does not support tables with row-level security; use ORDER BY ... LIMIT in SQL"))
+    TtError::Unsupported(format!(
+        "{who} does not support tables with row-level security; use ORDER BY ... LIMIT in SQL"
+    ))
 }
 
 /// Refuses before any lock is taken when the caller can read neither partitioned table
@@ -80,7 +87,9 @@ fn rls_refused(who: &str) -> TtError {
 fn precheck_parent(parent: pg_sys::Oid, who: &str) -> TtResult<()> {
     precheck_readable(parent, who)?;
     // SAFETY: a catalogue lookup by oid.
-    if unsafe { pg_sys::check_enable_rls(parent, pg_sys::InvalidOid, false) } == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32 {
+    if unsafe { pg_sys::check_enable_rls(parent, pg_sys::InvalidOid, false) }
+        == pg_sys::CheckEnableRlsResult::RLS_ENABLED as i32
+    {
         return Err(rls_refused(who));
     }
     Ok(())
@@ -91,18 +100,34 @@ fn precheck_parent(parent: pg_sys::Oid, who: &str) -> TtResult<()> {
 ///
 /// # Safety
 /// `prel` must be open; `index` its partitioned index.
-unsafe fn check_parent_columns(prel: pg_sys::Relation, index: pg_sys::Oid, who: &str) -> TtResult<()> {
+unsafe fn check_parent_columns(
+    prel: pg_sys::Relation,
+    index: pg_sys::Oid,
+    who: &str,
+) -> TtResult<()> {
     // SAFETY: ACL lookups and a primary key lookup on an open relation.
     unsafe {
         let (me, parent) = (crate::catalog::caller(), (*prel).rd_id);
-        if pg_sys::pg_class_aclcheck(parent, me, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK {
+        if pg_sys::pg_class_aclcheck(parent, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+            == pg_sys::AclResult::ACLCHECK_OK
+        {
             return Ok(());
         }
-        let cols = [key_column(index), key_column(pg_sys::RelationGetPrimaryKeyIndex(prel))];
+        let cols = [
+            key_column(index),
+            key_column(pg_sys::RelationGetPrimaryKeyIndex(prel)),
+        ];
         let ok = cols.iter().all(|c| {
-            c.is_some_and(|c| pg_sys::pg_attribute_aclcheck(parent, c, me, pg_sys::ACL_SELECT as pg_sys::AclMode) == pg_sys::AclResult::ACLCHECK_OK)
+            c.is_some_and(|c| {
+                pg_sys::pg_attribute_aclcheck(parent, c, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                    == pg_sys::AclResult::ACLCHECK_OK
+            })
         });
-        if ok { Ok(()) } else { Err(denied(&relation_name(prel), who)) }
+        if ok {
+            Ok(())
+        } else {
+            Err(denied(&relation_name(prel), who))
+        }
     }
 }
 
@@ -113,7 +138,9 @@ fn rel_name(oid: pg_sys::Oid) -> String {
         oid.to_u32().to_string()
     } else {
         // SAFETY: a NUL-terminated name from get_rel_name.
-        unsafe { std::ffi::CStr::from_ptr(n) }.to_string_lossy().into_owned()
+        unsafe { std::ffi::CStr::from_ptr(n) }
+            .to_string_lossy()
+            .into_owned()
     }
 }
 
@@ -124,7 +151,10 @@ fn key_column(index: pg_sys::Oid) -> Option<i16> {
     }
     // SAFETY: a syscache lookup of pg_index by oid, released before returning.
     unsafe {
-        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::INDEXRELID as i32, pg_sys::Datum::from(index));
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::INDEXRELID as i32,
+            pg_sys::Datum::from(index),
+        );
         if tup.is_null() {
             return None;
         }
@@ -141,7 +171,11 @@ fn key_column(index: pg_sys::Oid) -> Option<i16> {
 /// `heap` must be an open table.
 unsafe fn item_id_column(heap: pg_sys::Relation) -> TtResult<(i16, pg_sys::Oid)> {
     let name = relation_name(heap);
-    let none = || TtError::NoItemId(format!("table \"{name}\" has no single-column integer primary key"));
+    let none = || {
+        TtError::NoItemId(format!(
+            "table \"{name}\" has no single-column integer primary key"
+        ))
+    };
     // SAFETY: catalogue lookups on an open relation.
     unsafe {
         let pk = pg_sys::RelationGetPrimaryKeyIndex(heap);
@@ -193,7 +227,9 @@ fn id_value(d: pg_sys::Datum, typ: pg_sys::Oid) -> i64 {
 /// Whether `index` is the index of a partitioned table.
 pub fn is_partitioned(index: pg_sys::Oid) -> bool {
     // SAFETY: a catalogue lookup by oid (0 for a missing relation).
-    unsafe { pg_sys::get_rel_relkind(index) == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char }
+    unsafe {
+        pg_sys::get_rel_relkind(index) == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char
+    }
 }
 
 /// The metric (operator class) of twotower_hnsw index `index_oid`, partitioned or not (42809
@@ -278,9 +314,17 @@ impl Target {
                         .map(|v| v.into_iter().filter_map(|(o, l)| Some((o?, l?))).collect())
                     })
                     .map_err(|e| TtError::BadArgument(format!("listing the partitions of the index: {e}")))?;
-                    let leaves: std::rc::Rc<Vec<pg_sys::Oid>> =
-                        std::rc::Rc::new(rows.iter().filter(|(_, leaf)| *leaf).map(|(o, _)| *o).collect());
-                    let mentions = rows.iter().map(|(o, _)| o.to_u32()).chain([parent.to_u32()]).collect();
+                    let leaves: std::rc::Rc<Vec<pg_sys::Oid>> = std::rc::Rc::new(
+                        rows.iter()
+                            .filter(|(_, leaf)| *leaf)
+                            .map(|(o, _)| *o)
+                            .collect(),
+                    );
+                    let mentions = rows
+                        .iter()
+                        .map(|(o, _)| o.to_u32())
+                        .chain([parent.to_u32()])
+                        .collect();
                     LEAVES.with(|c| c.put(index_oid.to_u32(), mentions, leaves.clone()));
                     leaves
                 }
@@ -305,7 +349,12 @@ impl Target {
     /// # Safety
     /// `heap_oid` must be the table of `index_oid`, and with `Grant::Parent` the caller's
     /// right to read it must have been checked on its partitioned table.
-    unsafe fn open_checked(heap_oid: pg_sys::Oid, index_oid: pg_sys::Oid, who: &str, grant: Grant) -> TtResult<Target> {
+    unsafe fn open_checked(
+        heap_oid: pg_sys::Oid,
+        index_oid: pg_sys::Oid,
+        who: &str,
+        grant: Grant,
+    ) -> TtResult<Target> {
         // SAFETY: standard open order (table, then index) with the lock the executor takes;
         // on an error below, transaction abort releases both.
         unsafe {
@@ -317,17 +366,24 @@ impl Target {
             let ix = (*index).rd_index;
             let vec_att = *(*ix).indkey.values.as_ptr();
             if vec_att <= 0 {
-                return Err(TtError::Unsupported(format!("{who} does not support expression indexes")));
+                return Err(TtError::Unsupported(format!(
+                    "{who} does not support expression indexes"
+                )));
             }
             let (id_att, id_type) = item_id_column(heap)?;
             if grant == Grant::Own {
                 let me = crate::catalog::caller();
-                let readable = pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
-                    == pg_sys::AclResult::ACLCHECK_OK
-                    || [id_att, vec_att].iter().all(|&c| {
-                        pg_sys::pg_attribute_aclcheck(heap_oid, c, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
-                            == pg_sys::AclResult::ACLCHECK_OK
-                    });
+                let readable =
+                    pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
+                        == pg_sys::AclResult::ACLCHECK_OK
+                        || [id_att, vec_att].iter().all(|&c| {
+                            pg_sys::pg_attribute_aclcheck(
+                                heap_oid,
+                                c,
+                                me,
+                                pg_sys::ACL_SELECT as pg_sys::AclMode,
+                            ) == pg_sys::AclResult::ACLCHECK_OK
+                        });
                 if !readable {
                     return Err(denied(&relation_name(heap), who));
                 }
@@ -399,7 +455,8 @@ impl Target {
         let mut best: Vec<(f64, i64)> = Vec::with_capacity(k + 1);
         // SAFETY: an index scan of the open relations with the active snapshot, ended below.
         unsafe {
-            let scan = pg_sys::index_beginscan(self.heap, self.index, pg_sys::GetActiveSnapshot(), 0, 1);
+            let scan =
+                pg_sys::index_beginscan(self.heap, self.index, pg_sys::GetActiveSnapshot(), 0, 1);
             // Room for the excluded rows the scan will return and skip.
             let wanted = k + exclude.len();
             scan::set_minimums(scan, wanted.max(ef), wanted as u64 + 1, ef > 0);
@@ -411,7 +468,11 @@ impl Target {
             pg_sys::index_rescan(scan, std::ptr::null_mut(), 0, &mut key, 1);
             let slot = pg_sys::table_slot_create(self.heap, std::ptr::null_mut());
             let mut seen = 0usize;
-            while pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            while pg_sys::index_getnext_slot(
+                scan,
+                pg_sys::ScanDirection::ForwardScanDirection,
+                slot,
+            ) {
                 seen += 1;
                 if seen.is_multiple_of(256) {
                     check_for_interrupts!();
@@ -423,7 +484,9 @@ impl Target {
                     // Every later row is at least this far: the k nearest are known.
                     break;
                 }
-                let Some(idd) = attr(slot, self.id_att) else { continue };
+                let Some(idd) = attr(slot, self.id_att) else {
+                    continue;
+                };
                 let id = id_value(idd, self.id_type);
                 if exclude.contains(&id) {
                     continue;
@@ -431,7 +494,9 @@ impl Target {
                 let d = if exact {
                     bound
                 } else {
-                    let Some(vd) = attr(slot, self.vec_att) else { continue };
+                    let Some(vd) = attr(slot, self.vec_att) else {
+                        continue;
+                    };
                     let v = crate::vector::VecRef::of_kind(vd, self.kind)?;
                     if v.as_slice().len() != query.len() {
                         continue;
@@ -497,7 +562,8 @@ pub struct Health {
 /// checked before anything is locked); another kind of index is 42809.
 pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
     let me = crate::catalog::caller();
-    let heap = super::table_of_index(index_oid, who)?.ok_or_else(|| TtError::WrongIndex(who.into()))?;
+    let heap =
+        super::table_of_index(index_oid, who)?.ok_or_else(|| TtError::WrongIndex(who.into()))?;
     // SAFETY: ACL lookups by oid without locks.
     let allowed = unsafe {
         let monitor = pg_sys::get_role_oid(c"pg_monitor".as_ptr(), true);
@@ -519,12 +585,16 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
         if !is_ours(rel) {
             return Err(TtError::WrongIndex(who.into()));
         }
-        let blocks = pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) as u64;
+        let blocks =
+            pg_sys::RelationGetNumberOfBlocksInFork(rel, pg_sys::ForkNumber::MAIN_FORKNUM) as u64;
         if blocks == 0 {
             // The catalogue entry of a CREATE INDEX CONCURRENTLY that failed (or is still in its
             // first phase): no page was ever written.
             pg_sys::index_close(rel, LOCK);
-            return Err(TtError::NotBuilt(crate::spi::relation_name(index_oid).unwrap_or_else(|_| format!("{}", index_oid.to_u32()))));
+            return Err(TtError::NotBuilt(
+                crate::spi::relation_name(index_oid)
+                    .unwrap_or_else(|_| format!("{}", index_oid.to_u32())),
+            ));
         }
         let meta = pages::read_meta(rel)?;
         let key = super::cache::rel_key(rel);
@@ -532,7 +602,8 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
         let h = Health {
             dims: meta.dims,
             metric: Metric::from_code(meta.metric).map_or("?", |m| m.name()),
-            quantization: twotower_ann::Quantization::from_code(meta.quantization).map_or("?", |q| q.name()),
+            quantization: twotower_ann::Quantization::from_code(meta.quantization)
+                .map_or("?", |q| q.name()),
             m: meta.m,
             ef_construction: meta.ef_construction,
             generation: meta.generation,
@@ -583,7 +654,9 @@ unsafe fn replacement(index: pg_sys::Relation, heap_oid: pg_sys::Oid) -> Option<
     // SAFETY: reads of an open relation's catalogue data; a syscache lookup released below.
     unsafe {
         let rel = (*index).rd_rel;
-        let name = std::ffi::CStr::from_ptr((*rel).relname.data.as_ptr()).to_str().ok()?;
+        let name = std::ffi::CStr::from_ptr((*rel).relname.data.as_ptr())
+            .to_str()
+            .ok()?;
         let at = name.rfind("_ccold")?;
         if !name[at + 6..].bytes().all(|b| b.is_ascii_digit()) || at == 0 {
             return None;
@@ -593,18 +666,25 @@ unsafe fn replacement(index: pg_sys::Relation, heap_oid: pg_sys::Oid) -> Option<
         if next == pg_sys::InvalidOid || next == (*index).rd_id {
             return None;
         }
-        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::INDEXRELID as i32, pg_sys::Datum::from(next));
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::INDEXRELID as i32,
+            pg_sys::Datum::from(next),
+        );
         if tup.is_null() {
             return None;
         }
         let form = pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_index;
         let ok = (*form).indrelid == heap_oid && (*form).indisvalid && (*form).indisready;
         pg_sys::ReleaseSysCache(tup);
-        let tup = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(next));
+        let tup = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(next),
+        );
         if tup.is_null() {
             return None;
         }
-        let same_am = (*(pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_class)).relam == (*rel).relam;
+        let same_am =
+            (*(pg_sys::GETSTRUCT(tup) as *const pg_sys::FormData_pg_class)).relam == (*rel).relam;
         pg_sys::ReleaseSysCache(tup);
         (ok && same_am).then_some(next)
     }

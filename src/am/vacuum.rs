@@ -122,7 +122,9 @@ pub unsafe extern "C-unwind" fn amvacuumcleanup(
         // (Auto)vacuum folds a delta of at least `fold_threshold` rows (whatever its share of the
         // delta graph: VACUUM is where a fold's cost is expected), unless a fold is running.
         let meta = read_meta(index).or_report();
-        fold::fold_when(index, &meta, |index, _| options::fold_threshold(index) as u64);
+        fold::fold_when(index, &meta, |index, _| {
+            options::fold_threshold(index) as u64
+        });
         fill_counts(index, stats);
         stats
     }

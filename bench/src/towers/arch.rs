@@ -12,7 +12,9 @@ const INPUTS: usize = 2000;
 
 impl Towers<'_> {
     pub(super) fn architectures(&mut self) {
-        let inputs: Vec<Value> = (0..INPUTS).map(|i| synth::realistic_user_input(INPUT_SEED, 3_000_000 + i)).collect();
+        let inputs: Vec<Value> = (0..INPUTS)
+            .map(|i| synth::realistic_user_input(INPUT_SEED, 3_000_000 + i))
+            .collect();
         self.c
             .batch_execute("DROP TABLE IF EXISTS tt_arch_inputs; CREATE TEMP TABLE tt_arch_inputs (i int PRIMARY KEY, f jsonb)")
             .unwrap();
@@ -32,11 +34,16 @@ impl Towers<'_> {
             } else {
                 synth::realistic_user_tower_arch(USER_SEED, arch)
             };
-            let params = Model::load(&spec, &weights).unwrap_or_else(|e| panic!("{arch}: {e}")).parameter_count();
+            let params = Model::load(&spec, &weights)
+                .unwrap_or_else(|e| panic!("{arch}: {e}"))
+                .parameter_count();
             let name = format!("bench_arch_{arch}");
             let spec_v: Value = serde_json::from_str(&spec).unwrap();
             self.c
-                .query_one("SELECT twotower.import_model($1, $2::jsonb, $3, true)", &[&name, &spec_v, &weights])
+                .query_one(
+                    "SELECT twotower.import_model($1, $2::jsonb, $3, true)",
+                    &[&name, &spec_v, &weights],
+                )
                 .unwrap_or_else(|e| panic!("import {name}: {e}"));
             let q = format!("SELECT count(twotower.embed_user('{name}', f)) FROM tt_arch_inputs");
             self.c.query_one(&q, &[]).unwrap();
@@ -46,7 +53,9 @@ impl Towers<'_> {
             let us = secs / INPUTS as f64 * 1e6;
             let base = *plain_us.get_or_insert(us);
             println!("| {arch} | {params} | {us:.1} | {:.2}× |", us / base);
-            self.c.query_one("SELECT twotower.drop_model($1)", &[&name]).unwrap();
+            self.c
+                .query_one("SELECT twotower.drop_model($1)", &[&name])
+                .unwrap();
         }
     }
 }

@@ -16,11 +16,18 @@ const PRERANK_SEED: u64 = 13;
 const FUNNEL_BASE: usize = 3_000_000;
 
 impl Towers<'_> {
-    fn timed_calls(&mut self, sql: &str, params: &dyn Fn(usize) -> Vec<Box<dyn postgres::types::ToSql + Sync>>, calls: usize, rows_each: usize) -> Lat {
+    fn timed_calls(
+        &mut self,
+        sql: &str,
+        params: &dyn Fn(usize) -> Vec<Box<dyn postgres::types::ToSql + Sync>>,
+        calls: usize,
+        rows_each: usize,
+    ) -> Lat {
         let st = self.c.prepare(sql).unwrap();
         let run = |c: &mut Client, i: usize| {
             let p = params(i);
-            let refs: Vec<&(dyn postgres::types::ToSql + Sync)> = p.iter().map(|b| b.as_ref()).collect();
+            let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+                p.iter().map(|b| b.as_ref()).collect();
             let rows = c.query(&st, &refs).unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert_eq!(rows.len(), rows_each, "{sql}: rows of call {i}");
         };
@@ -57,11 +64,16 @@ impl Towers<'_> {
                      FROM generate_series(1, 200000) u, generate_series(1, 10) t;"
             ))
             .unwrap();
-        self.c.batch_execute("VACUUM ANALYZE bench_prerank_items").unwrap();
+        self.c
+            .batch_execute("VACUUM ANALYZE bench_prerank_items")
+            .unwrap();
         let (spec, weights) = synth::realistic_prerank(PRERANK_SEED);
         let spec: Value = serde_json::from_str(&spec).unwrap();
         self.c
-            .query_one("SELECT twotower.import_model('bench_prerank', $1::jsonb, $2, true)", &[&spec, &weights])
+            .query_one(
+                "SELECT twotower.import_model('bench_prerank', $1::jsonb, $2, true)",
+                &[&spec, &weights],
+            )
             .unwrap();
         let b = Instant::now();
         let rows: i64 = self
@@ -92,24 +104,41 @@ impl Towers<'_> {
             t.elapsed().as_secs_f64()
         );
 
-        let inputs: Vec<Value> = (0..calls).map(|i| synth::realistic_user_input(INPUT_SEED, FUNNEL_BASE + i)).collect();
+        let inputs: Vec<Value> = (0..calls)
+            .map(|i| synth::realistic_user_input(INPUT_SEED, FUNNEL_BASE + i))
+            .collect();
         // 2,000 distinct candidates per user: spread over the whole catalogue (every call reads
         // mostly rows no call read before), or drawn from a hot set of 50,000 items (what a cache
         // is for: a day's popular and fresh items).
         let hot = 50_000.min(n_items);
         let spread: Vec<Vec<i64>> = (0..calls)
-            .map(|i| (0..2000).map(|j| 1 + ((i * 7919 + j * 499) % n_items) as i64).collect())
+            .map(|i| {
+                (0..2000)
+                    .map(|j| 1 + ((i * 7919 + j * 499) % n_items) as i64)
+                    .collect()
+            })
             .collect();
         let hot_cands: Vec<Vec<i64>> = (0..calls)
-            .map(|i| (0..2000).map(|j| 1 + ((i * 7919 + j * 23) % hot) as i64).collect())
+            .map(|i| {
+                (0..2000)
+                    .map(|j| 1 + ((i * 7919 + j * 23) % hot) as i64)
+                    .collect()
+            })
             .collect();
         let (inp, cnd, hcnd) = (&inputs, &spread, &hot_cands);
         let prerank_sql = "SELECT * FROM twotower.prerank('bench_prerank', $1::jsonb, $2)";
-        let prerank_params = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> { vec![Box::new(inp[i].clone()), Box::new(cnd[i].clone())] };
-        let prerank_hot = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> { vec![Box::new(inp[i].clone()), Box::new(hcnd[i].clone())] };
+        let prerank_params = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+            vec![Box::new(inp[i].clone()), Box::new(cnd[i].clone())]
+        };
+        let prerank_hot = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+            vec![Box::new(inp[i].clone()), Box::new(hcnd[i].clone())]
+        };
         let recommend_sql = "SELECT * FROM twotower.recommend('bench_funnel', $1::jsonb)";
-        let user_params = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> { vec![Box::new(inp[i].clone())] };
-        let recall_sql = "SELECT * FROM twotower.recall('bench_user', 'items_tt_idx', $1::jsonb, 500)";
+        let user_params = move |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+            vec![Box::new(inp[i].clone())]
+        };
+        let recall_sql =
+            "SELECT * FROM twotower.recall('bench_user', 'items_tt_idx', $1::jsonb, 500)";
 
         if std::env::var("TT_FUNNEL_PROFILE").is_ok() {
             // Only the cached hot-set prerank, over and over (to profile the server meanwhile).
@@ -118,7 +147,10 @@ impl Towers<'_> {
                 .unwrap();
             for _ in 0..20 {
                 let l = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
-                println!("# prerank hot, item cache: p50 {:.2} p99 {:.2} ms", l.p50, l.p99);
+                println!(
+                    "# prerank hot, item cache: p50 {:.2} p99 {:.2} ms",
+                    l.p50, l.p99
+                );
             }
             return;
         }
@@ -137,7 +169,10 @@ impl Towers<'_> {
         let pre_hot = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
         let rec_warm = self.timed_calls(recommend_sql, &user_params, calls, 100);
         let cache: (i64, i64) = {
-            let r = self.c.query_one("SELECT entries, bytes FROM twotower.item_cache_info()", &[]).unwrap();
+            let r = self
+                .c
+                .query_one("SELECT entries, bytes FROM twotower.item_cache_info()", &[])
+                .unwrap();
             (r.get(0), r.get(1))
         };
         // Where the time goes: recommend_explain's steps, mean over the users.
@@ -162,18 +197,53 @@ impl Towers<'_> {
         println!("\n| call | p50 ms | p99 ms | mean ms | p99 / recall top-500 p99 |");
         println!("|---|---|---|---|---|");
         let row = |what: &str, l: &Lat| {
-            println!("| {what} | {:.2} | {:.2} | {:.2} | {:.2}× |", l.p50, l.p99, l.mean, l.p99 / recall.p99);
+            println!(
+                "| {what} | {:.2} | {:.2} | {:.2} | {:.2}× |",
+                l.p50,
+                l.p99,
+                l.mean,
+                l.p99 / recall.p99
+            );
         };
         row("`recall` top-500 (baseline)", &recall);
-        row("round trip of a `prerank` call without its work (same parameters, 100 rows back)", &echo);
-        row("`prerank` 2,000 candidates → 100, whole catalogue, no item cache", &pre_cold);
-        row("`prerank` 2,000 candidates → 100, whole catalogue, item cache", &pre_warm);
-        row("`prerank` 2,000 candidates → 100, hot set of 50,000, no item cache", &pre_hot_cold);
-        row("`prerank` 2,000 candidates → 100, hot set of 50,000, item cache", &pre_hot);
-        row("`recommend` 2 channels × 500 → RRF 1,000 → 500 → 100, no item cache", &rec_cold);
+        row(
+            "round trip of a `prerank` call without its work (same parameters, 100 rows back)",
+            &echo,
+        );
+        row(
+            "`prerank` 2,000 candidates → 100, whole catalogue, no item cache",
+            &pre_cold,
+        );
+        row(
+            "`prerank` 2,000 candidates → 100, whole catalogue, item cache",
+            &pre_warm,
+        );
+        row(
+            "`prerank` 2,000 candidates → 100, hot set of 50,000, no item cache",
+            &pre_hot_cold,
+        );
+        row(
+            "`prerank` 2,000 candidates → 100, hot set of 50,000, item cache",
+            &pre_hot,
+        );
+        row(
+            "`recommend` 2 channels × 500 → RRF 1,000 → 500 → 100, no item cache",
+            &rec_cold,
+        );
         row("`recommend` same, item cache", &rec_warm);
-        println!("\n# item cache after the warm passes: {} entries, {:.1} MB", cache.0, cache.1 as f64 / 1048576.0);
-        println!("# recommend_explain, mean over {m} users: {}", steps.iter().map(|(s, r, ms)| format!("{s} ({r:.0} in) {ms:.2} ms")).collect::<Vec<_>>().join("; "));
+        println!(
+            "\n# item cache after the warm passes: {} entries, {:.1} MB",
+            cache.0,
+            cache.1 as f64 / 1048576.0
+        );
+        println!(
+            "# recommend_explain, mean over {m} users: {}",
+            steps
+                .iter()
+                .map(|(s, r, ms)| format!("{s} ({r:.0} in) {ms:.2} ms"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
         println!(
             "# target: prerank of 2,000 candidates p99 ≤ {PRERANK_P99_TARGET_MS} ms (hot set, item cache): {} ({:.2} ms); recommend p99 ≤ {RECOMMEND_P99_TARGET_MS} ms (item cache): {} ({:.2} ms)",
             verdict(pre_hot.p99 <= PRERANK_P99_TARGET_MS),

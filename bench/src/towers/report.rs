@@ -9,7 +9,13 @@ use super::{EMBED_P99_TARGET_MS, RECALL500_TARGET, RECALL_P99_TARGET_MS};
 
 /// One row `| what | p50 | p99 | mean |` with `digits` decimals.
 fn lat_row(what: &str, l: &Lat, digits: usize) {
-    println!("| {what} | {:.d$} | {:.d$} | {:.d$} |", l.p50, l.p99, l.mean, d = digits);
+    println!(
+        "| {what} | {:.d$} | {:.d$} | {:.d$} |",
+        l.p50,
+        l.p99,
+        l.mean,
+        d = digits
+    );
 }
 
 /// The embed_user table and verdicts.
@@ -38,14 +44,20 @@ pub(crate) fn embed(r: &EmbedRun) {
     );
     println!("| what | p50 ms | p99 ms | mean ms |");
     println!("|---|---|---|---|");
-    lat_row("client round trip, prepared `SELECT twotower.embed_user($1, $2::jsonb)`", client, 3);
+    lat_row(
+        "client round trip, prepared `SELECT twotower.embed_user($1, $2::jsonb)`",
+        client,
+        3,
+    );
     lat_row("client round trip, same parameters, `SELECT $1::text IS NOT NULL AND $2::jsonb IS NOT NULL` (protocol baseline)", baseline, 3);
     match pinned {
         Some((p, b)) => {
             lat_row("the same embed_user round trip, client and backend pinned to one core (no cross-core wake-ups)", p, 3);
             lat_row("the same protocol baseline, pinned to one core", b, 3);
         }
-        None => println!("| pinned round trips: skipped (taskset unavailable or not permitted) | – | – | – |"),
+        None => println!(
+            "| pinned round trips: skipped (taskset unavailable or not permitted) | – | – | – |"
+        ),
     }
     println!(
         "| server side: `SELECT count(embed_user('bench_user', f))` over {calls} rows of a temp table, total / {calls} (scan alone: {:.4}) | – | – | {:.4} |",
@@ -56,8 +68,16 @@ pub(crate) fn embed(r: &EmbedRun) {
         "| server side: `embed_users('bench_user', <array of {calls}>)`, both cores, total / {calls} | – | – | {:.4} |",
         batch_ms
     );
-    lat_row("in-process Rust (twotower-tower, no PostgreSQL): parse JSON text + encode + forward", in_text, 4);
-    lat_row("in-process Rust: encode + forward of a parsed value", in_value, 4);
+    lat_row(
+        "in-process Rust (twotower-tower, no PostgreSQL): parse JSON text + encode + forward",
+        in_text,
+        4,
+    );
+    lat_row(
+        "in-process Rust: encode + forward of a parsed value",
+        in_value,
+        4,
+    );
     match numpy {
         Ok(np) => {
             let g = |k: &str, f: &str| np[k][f].as_f64().unwrap_or(f64::NAN);

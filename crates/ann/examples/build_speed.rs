@@ -5,7 +5,10 @@ use std::time::Instant;
 use twotower_testkit::vectors::clustered;
 
 fn main() {
-    let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let a: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|s| s.parse().ok())
+        .collect();
     let n = *a.first().unwrap_or(&100_000);
     let dims = *a.get(1).unwrap_or(&64);
     let m = *a.get(2).unwrap_or(&16);
@@ -24,7 +27,12 @@ fn main() {
         let rss = || -> usize {
             let s = std::fs::read_to_string("/proc/self/status").unwrap();
             let l = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-            l.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 1024
+            l.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+                * 1024
         };
         let before = rss();
         let keys: Vec<u64> = (1..=n as u64).collect();
@@ -32,10 +40,20 @@ fn main() {
         let mut b = twotower_ann::ImageBuilder::new(&params, n, 2).unwrap();
         let bs = twotower_ann::BUILD_BATCH;
         for (k, v) in keys.chunks(bs).zip(data.chunks(bs * dims)) {
-            b.add_batch(k, v, &mut |_| twotower_ann::Poll::Continue).unwrap();
+            b.add_batch(k, v, &mut |_| twotower_ann::Poll::Continue)
+                .unwrap();
         }
-        println!("graph: usearch memory_usage {} MB, peak RSS +{} MB", b.graph_memory() >> 20, (rss() - before) >> 20);
-        let img = b.finish(&mut |_| twotower_ann::Poll::Continue, Some(std::path::Path::new(&dir))).unwrap();
+        println!(
+            "graph: usearch memory_usage {} MB, peak RSS +{} MB",
+            b.graph_memory() >> 20,
+            (rss() - before) >> 20
+        );
+        let img = b
+            .finish(
+                &mut |_| twotower_ann::Poll::Continue,
+                Some(std::path::Path::new(&dir)),
+            )
+            .unwrap();
         println!(
             "streamed build: {:.1} s, {} bytes; peak RSS +{} MB beside the input; estimate {} MB",
             t.elapsed().as_secs_f64(),
@@ -60,18 +78,32 @@ fn main() {
         let mut last = (Instant::now(), 0usize);
         let img = twotower_ann::build_image(&params, &keys, &data, 2, &mut |d| {
             if d < last.1 {
-                println!("  phase change at {:.1} s (progress {} -> {d})", t.elapsed().as_secs_f64(), last.1);
+                println!(
+                    "  phase change at {:.1} s (progress {} -> {d})",
+                    t.elapsed().as_secs_f64(),
+                    last.1
+                );
             }
             last = (Instant::now(), d);
             twotower_ann::Poll::Continue
         })
         .unwrap();
         let h = twotower_ann::Header::parse(&img).unwrap();
-        println!("build_image: {:.1} s, {} bytes, {} orphans", t.elapsed().as_secs_f64(), img.len(), h.orphans);
+        println!(
+            "build_image: {:.1} s, {} bytes, {} orphans",
+            t.elapsed().as_secs_f64(),
+            img.len(),
+            h.orphans
+        );
         return;
     }
-    let only: Option<usize> = std::env::var("TT_THREADS").ok().and_then(|v| v.parse().ok());
-    for threads in [1usize, 2].into_iter().filter(|t| only.is_none_or(|o| o == *t)) {
+    let only: Option<usize> = std::env::var("TT_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for threads in [1usize, 2]
+        .into_iter()
+        .filter(|t| only.is_none_or(|o| o == *t))
+    {
         let opts = usearch::IndexOptions {
             dimensions: dims,
             metric: usearch::MetricKind::Cos,
@@ -91,7 +123,9 @@ fn main() {
                 s.spawn(move || {
                     let mut i = t;
                     while i < n {
-                        index.add(i as u64, &data[i * dims..(i + 1) * dims]).unwrap();
+                        index
+                            .add(i as u64, &data[i * dims..(i + 1) * dims])
+                            .unwrap();
                         i += threads;
                     }
                 });
@@ -103,7 +137,11 @@ fn main() {
             index.save_to_buffer(&mut blob).unwrap();
             for w in [0u32, 1, 2, 3, 4] {
                 let a = twotower_ann::graph::analyze(&blob, w).unwrap();
-                println!("  in-degree <= {w}: {} weak, {} unreachable", a.weak.len(), a.unreachable.len());
+                println!(
+                    "  in-degree <= {w}: {} weak, {} unreachable",
+                    a.weak.len(),
+                    a.unreachable.len()
+                );
             }
         }
         if let Ok(w) = std::env::var("TT_WEAK") {
@@ -117,7 +155,9 @@ fn main() {
                     let mut d: Vec<(f32, u64)> = data
                         .chunks_exact(dims)
                         .enumerate()
-                        .map(|(i, v)| (twotower_ann::Metric::Cosine.engine_distance(q, v), i as u64))
+                        .map(|(i, v)| {
+                            (twotower_ann::Metric::Cosine.engine_distance(q, v), i as u64)
+                        })
                         .collect();
                     d.select_nth_unstable_by(10, |a, b| a.0.total_cmp(&b.0));
                     d[..10].iter().map(|x| x.1).collect()
@@ -172,11 +212,18 @@ fn main() {
             let mut blob = vec![0u8; index.serialized_length()];
             index.save_to_buffer(&mut blob).unwrap();
             let b = twotower_ann::graph::analyze(&blob, w).unwrap();
-            println!("  after: {} weak, {} unreachable", b.weak.len(), b.unreachable.len());
+            println!(
+                "  after: {} weak, {} unreachable",
+                b.weak.len(),
+                b.unreachable.len()
+            );
             continue;
         }
         if std::env::var("TT_NO_CHECK").is_ok() {
-            println!("threads {threads}: add {add:.1} s ({:.0}/s)", n as f64 / add);
+            println!(
+                "threads {threads}: add {add:.1} s ({:.0}/s)",
+                n as f64 / add
+            );
             continue;
         }
         let t = Instant::now();

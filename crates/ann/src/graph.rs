@@ -39,14 +39,20 @@ pub struct Analysis {
 pub fn analyze(blob: &[u8], weak_in_links: u32) -> Option<Analysis> {
     let mut at = 0usize;
     let u32_at = |b: &[u8], at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+        ))
     };
     let u64_at = |b: &[u8], at: usize| -> Option<u64> {
-        Some(u64::from_le_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
+        Some(u64::from_le_bytes(
+            b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+        ))
     };
     let rows = u32_at(blob, at)? as usize;
     let row_bytes = u32_at(blob, at + 4)? as usize;
-    at = at.checked_add(8)?.checked_add(rows.checked_mul(row_bytes)?)?;
+    at = at
+        .checked_add(8)?
+        .checked_add(rows.checked_mul(row_bytes)?)?;
     if blob.get(at..at + 7)? != b"usearch" {
         return None;
     }

@@ -84,7 +84,9 @@ impl<'a> Searcher<'a> {
     ) -> Searcher<'a> {
         let form = match quant {
             Quantization::F32 => Form::F32(query.to_vec()),
-            Quantization::F16 => Form::F16(query.iter().map(|x| numkong::f16::from_f32(*x)).collect()),
+            Quantization::F16 => {
+                Form::F16(query.iter().map(|x| numkong::f16::from_f32(*x)).collect())
+            }
             Quantization::I8 => {
                 // As usearch casts: scaled to unit length, times 127, truncated.
                 let n2: f64 = query.iter().map(|x| (*x as f64) * (*x as f64)).sum();
@@ -97,8 +99,16 @@ impl<'a> Searcher<'a> {
                 } else {
                     vec![0; query.len()]
                 };
-                let qn: f64 = q8.iter().map(|x| (*x as f64 / 127.0).powi(2)).sum::<f64>().sqrt();
-                let scale = if qn > 0.0 { (1.0 / (127.0 * 127.0 * qn)) as f32 } else { 0.0 };
+                let qn: f64 = q8
+                    .iter()
+                    .map(|x| (*x as f64 / 127.0).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let scale = if qn > 0.0 {
+                    (1.0 / (127.0 * 127.0 * qn)) as f32
+                } else {
+                    0.0
+                };
                 Form::I8(q8, scale)
             }
         };
@@ -196,7 +206,12 @@ impl<'a> Searcher<'a> {
 
     /// Calls `f` with each neighbour of `slot` at level `l`.
     #[inline]
-    fn each_neighbour(&self, slot: usize, l: usize, mut f: impl FnMut(usize) -> Result<()>) -> Result<()> {
+    fn each_neighbour(
+        &self,
+        slot: usize,
+        l: usize,
+        mut f: impl FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
         let node = self.node(slot)?;
         let level = i16::from_le_bytes(
             self.graph
@@ -213,7 +228,10 @@ impl<'a> Searcher<'a> {
         if count > self.head.cap(l) {
             return Err(corrupt());
         }
-        let list = self.graph.get(at + 4..at + 4 + 4 * count).ok_or_else(corrupt)?;
+        let list = self
+            .graph
+            .get(at + 4..at + 4 + 4 * count)
+            .ok_or_else(corrupt)?;
         for c in list.chunks_exact(4) {
             let next = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize;
             if next >= self.head.size {

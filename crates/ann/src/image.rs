@@ -108,7 +108,11 @@ pub fn estimate_build_memory(p: &BuildParams, n: usize) -> usize {
     let graph = n * (vector + links + 144);
     let keys = n * 8 * 2 + n * 32;
     let batch = BUILD_BATCH * (p.dims * 4 + 8);
-    let kept = if p.quantization == Quantization::F32 { 0 } else { n * p.dims * 4 };
+    let kept = if p.quantization == Quantization::F32 {
+        0
+    } else {
+        n * p.dims * 4
+    };
     graph + keys + batch + kept + (1 << 20)
 }
 
@@ -157,7 +161,9 @@ impl Scratch {
         let Some(dir) = spill else {
             return Ok(Scratch::Mem(vec![0u8; len]));
         };
-        let io = |e: std::io::Error| AnnError::Engine(format!("temporary file in {}: {e}", dir.display()));
+        let io = |e: std::io::Error| {
+            AnnError::Engine(format!("temporary file in {}: {e}", dir.display()))
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         // PostgreSQL removes pgsql_tmp* files at start-up; the name follows its convention.
         let path = dir.join(format!(
@@ -277,7 +283,9 @@ impl ImageBuilder {
         let graph = &image.bytes.as_ref()[h.us_off..h.us_off + h.us_len];
         index.load_from_buffer(graph)?;
         if index.size() != h.count {
-            return Err(AnnError::CorruptImage("graph size differs from the header".into()));
+            return Err(AnnError::CorruptImage(
+                "graph size differs from the header".into(),
+            ));
         }
         index.change_expansion_add(params.ef_construction);
         let threads = threads.clamp(1, 64);
@@ -327,7 +335,8 @@ impl ImageBuilder {
         let need = base + keys.len();
         if need > self.index.capacity() {
             let grown = need.max(self.index.capacity() * 3 / 2);
-            self.index.reserve_capacity_and_threads(grown, self.threads)?;
+            self.index
+                .reserve_capacity_and_threads(grown, self.threads)?;
         }
         let index = &self.index;
         let add = |i: usize| -> Result<bool> {
@@ -388,11 +397,18 @@ impl ImageBuilder {
                     poll: &mut dyn FnMut(usize) -> Poll|
          -> Result<(Vec<u64>, Vec<usize>)> {
             if let Some(a) = analyze_graph(index, spill)? {
-                let unreachable = a.unreachable.into_iter().filter(|k| pos.contains_key(k)).collect();
+                let unreachable = a
+                    .unreachable
+                    .into_iter()
+                    .filter(|k| pos.contains_key(k))
+                    .collect();
                 let weak: Vec<usize> = a.weak.iter().filter_map(|k| pos.get(k).copied()).collect();
                 return Ok((unreachable, weak));
             }
-            Ok((find_orphans(params, keys, &vector_of, index, threads, poll, only)?, Vec::new()))
+            Ok((
+                find_orphans(params, keys, &vector_of, index, threads, poll, only)?,
+                Vec::new(),
+            ))
         };
         let (mut orphans, weak) = lost(None, poll)?;
         index.change_expansion_search(64);
@@ -404,11 +420,13 @@ impl ImageBuilder {
             // Re-insert the unreachable and hard-to-find items one at a time: a lone insertion
             // links a node properly. Whatever is still unreachable after that stays in the
             // orphan list.
-            let mut again: Vec<usize> = orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
+            let mut again: Vec<usize> =
+                orphans.iter().filter_map(|k| pos.get(k).copied()).collect();
             again.extend(hard);
             again.sort_unstable();
             again.dedup();
-            let saved: Vec<Vec<f32>> = again.iter().map(|&i| vector_of(i)).collect::<Result<_>>()?;
+            let saved: Vec<Vec<f32>> =
+                again.iter().map(|&i| vector_of(i)).collect::<Result<_>>()?;
             for &i in &again {
                 index.remove(keys[i])?;
             }
@@ -678,7 +696,11 @@ impl Header {
             keys_off: get_u64(b, 40) as usize,
             us_off: get_u64(b, 48) as usize,
             us_len: get_u64(b, 56) as usize,
-            nav_off: if version >= 2 { get_u64(b, 64) as usize } else { 0 },
+            nav_off: if version >= 2 {
+                get_u64(b, 64) as usize
+            } else {
+                0
+            },
         };
         let keys_end = h
             .count
@@ -704,7 +726,8 @@ impl Header {
                         .checked_mul(16)
                         .map(|_| crate::layout::nav_len(h.count))
                         .and_then(|x| x.checked_add(h.nav_off));
-                    if h.nav_off < oe || h.nav_off % 8 != 0 || nav_end.is_none_or(|e| e > h.us_off) {
+                    if h.nav_off < oe || h.nav_off % 8 != 0 || nav_end.is_none_or(|e| e > h.us_off)
+                    {
                         return Err(bad("navigation tables exceed their bounds"));
                     }
                 }
@@ -750,7 +773,9 @@ impl<B: AsRef<[u8]>> Image<B> {
         if let crate::layout::Nav::Stored { .. } = img.nav {
             let b = img.bytes.as_ref();
             img.nav
-                .verify(b, img.header.us_off, img.graph(), &img.head, |i| img.key_at(i))?;
+                .verify(b, img.header.us_off, img.graph(), &img.head, |i| {
+                    img.key_at(i)
+                })?;
         }
         Ok(img)
     }
@@ -913,7 +938,8 @@ impl<B: AsRef<[u8]>> Image<B> {
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
         }
-        self.searcher(query).search(k, ef.max(k).max(1), skip, interrupt)
+        self.searcher(query)
+            .search(k, ef.max(k).max(1), skip, interrupt)
     }
 
     /// Every item, exactly ranked by the engine distance (brute force).
@@ -922,7 +948,11 @@ impl<B: AsRef<[u8]>> Image<B> {
     }
 
     /// [`Image::exact_all`] with an interrupt check, as [`Image::search_with`].
-    pub fn exact_all_with(&self, query: &[f32], interrupt: Option<&dyn Fn()>) -> Result<Vec<(u64, f32)>> {
+    pub fn exact_all_with(
+        &self,
+        query: &[f32],
+        interrupt: Option<&dyn Fn()>,
+    ) -> Result<Vec<(u64, f32)>> {
         validate_vector(query, Some(self.header.dims))?;
         if self.is_empty() {
             return Ok(Vec::new());
@@ -1027,7 +1057,9 @@ impl Query {
         let sn = crate::inner_product(stored, stored).sqrt();
         // err: a bound of ||x - x̂|| (f16), or of ||x/|x| - x̂|| (i8, x̂ as decoded).
         let err = match quantization {
-            Quantization::F16 => sn * (1.0 / 1024.0) * (1.0 + 1.0 / 1024.0) + dims.sqrt() / 16_777_216.0,
+            Quantization::F16 => {
+                sn * (1.0 / 1024.0) * (1.0 + 1.0 / 1024.0) + dims.sqrt() / 16_777_216.0
+            }
             _ => dims.sqrt() / 127.0 + dims.sqrt() * 1e-7,
         };
         let slack = match (self.metric, quantization) {
@@ -1178,7 +1210,10 @@ impl GraphCursor {
         self.rounds += 1;
         let results = if self.k >= n {
             self.exhausted = true;
-            let all = img.exact_all_with(query.engine(), self.interrupt.as_ref().map(|f| f as &dyn Fn()))?;
+            let all = img.exact_all_with(
+                query.engine(),
+                self.interrupt.as_ref().map(|f| f as &dyn Fn()),
+            )?;
             match skip {
                 Some(f) => all.into_iter().filter(|(k, _)| !f(*k)).collect(),
                 None => all,

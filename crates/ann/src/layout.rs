@@ -22,15 +22,21 @@ fn corrupt(what: &str) -> AnnError {
 
 #[inline]
 pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 #[inline]
 pub(crate) fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 #[inline]
 fn i16_at(b: &[u8], at: usize) -> Option<i16> {
-    Some(i16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
+    Some(i16::from_le_bytes(
+        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 #[inline]
 fn f32_at(b: &[u8], at: usize) -> Option<f32> {
@@ -72,7 +78,8 @@ impl GraphHead {
         let word = |i: usize| -> Result<usize> {
             usize::try_from(u64_at(graph, at + 8 * i).ok_or_else(bad)?).map_err(|_| bad())
         };
-        let (size, conn, conn_base, max_level, entry) = (word(0)?, word(1)?, word(2)?, word(3)?, word(4)?);
+        let (size, conn, conn_base, max_level, entry) =
+            (word(0)?, word(1)?, word(2)?, word(3)?, word(4)?);
         let levels_at = at + 40;
         let nodes_at = size
             .checked_mul(2)
@@ -147,7 +154,12 @@ pub(crate) fn pad8(x: usize) -> usize {
 impl NavTables {
     /// Computes the tables from `graph` and the image's ascending `sorted_keys`: one pass over
     /// the level table and one over the node keys, then a sort of (key, slot) pairs.
-    pub fn compute(graph: &[u8], h: &GraphHead, quant: Quantization, sorted_keys: &[u64]) -> Result<NavTables> {
+    pub fn compute(
+        graph: &[u8],
+        h: &GraphHead,
+        quant: Quantization,
+        sorted_keys: &[u64],
+    ) -> Result<NavTables> {
         let n = h.size;
         if sorted_keys.len() != n {
             return Err(corrupt("graph size differs from the key count"));
@@ -161,7 +173,9 @@ impl NavTables {
                 return Err(bad());
             }
             node_off.push(off as u64);
-            off = off.checked_add(h.node_bytes(level as usize)).ok_or_else(bad)?;
+            off = off
+                .checked_add(h.node_bytes(level as usize))
+                .ok_or_else(bad)?;
         }
         if off != graph.len() {
             return Err(bad());
@@ -184,7 +198,11 @@ impl NavTables {
             let row = row(graph, h, slot).ok_or_else(bad)?;
             decode(quant, row, &mut buf);
             let n2: f64 = buf.iter().map(|x| (*x as f64) * (*x as f64)).sum();
-            inv_norm.push(if n2 > 0.0 { (1.0 / n2.sqrt()) as f32 } else { 0.0 });
+            inv_norm.push(if n2 > 0.0 {
+                (1.0 / n2.sqrt()) as f32
+            } else {
+                0.0
+            });
         }
         Ok(NavTables {
             slot_of,
@@ -221,7 +239,10 @@ pub(crate) fn row<'a>(graph: &'a [u8], h: &GraphHead, slot: usize) -> Option<&'a
 pub(crate) fn decode(quant: Quantization, row: &[u8], out: &mut Vec<f32>) {
     out.clear();
     match quant {
-        Quantization::F32 => out.extend(row.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        Quantization::F32 => out.extend(
+            row.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
         Quantization::F16 => out.extend(
             row.chunks_exact(2)
                 .map(|c| numkong::f16(u16::from_le_bytes([c[0], c[1]])).to_f32()),
@@ -234,7 +255,10 @@ pub(crate) fn decode(quant: Quantization, row: &[u8], out: &mut Vec<f32>) {
 #[derive(Debug)]
 pub(crate) enum Nav {
     /// Offset of the stored tables in the image bytes, and the item count.
-    Stored { at: usize, count: usize },
+    Stored {
+        at: usize,
+        count: usize,
+    },
     Owned(NavTables),
 }
 
@@ -249,7 +273,9 @@ impl Nav {
     #[inline]
     pub fn node_off(&self, bytes: &[u8], slot: usize) -> Option<usize> {
         match self {
-            Nav::Stored { at, count } => u64_at(bytes, at + pad8(count * 4) + 8 * slot).map(|s| s as usize),
+            Nav::Stored { at, count } => {
+                u64_at(bytes, at + pad8(count * 4) + 8 * slot).map(|s| s as usize)
+            }
             Nav::Owned(t) => t.node_off.get(slot).map(|s| *s as usize),
         }
     }
@@ -263,7 +289,14 @@ impl Nav {
 
     /// Checks the stored tables against the graph in one O(n) pass (no sort): node offsets
     /// follow the level table, `slot_of` maps each sorted key to the node holding it.
-    pub fn verify(&self, bytes: &[u8], graph_at: usize, graph: &[u8], h: &GraphHead, sorted_key: impl Fn(usize) -> u64) -> Result<()> {
+    pub fn verify(
+        &self,
+        bytes: &[u8],
+        graph_at: usize,
+        graph: &[u8],
+        h: &GraphHead,
+        sorted_key: impl Fn(usize) -> u64,
+    ) -> Result<()> {
         let bad = || corrupt("the navigation tables do not match the graph");
         let mut off = h.nodes_at;
         for slot in 0..h.size {
@@ -274,7 +307,9 @@ impl Nav {
             if self.node_off(bytes, slot) != Some(off) {
                 return Err(bad());
             }
-            off = off.checked_add(h.node_bytes(level as usize)).ok_or_else(bad)?;
+            off = off
+                .checked_add(h.node_bytes(level as usize))
+                .ok_or_else(bad)?;
         }
         if off != graph.len() {
             return Err(bad());

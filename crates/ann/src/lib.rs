@@ -10,11 +10,10 @@ pub mod metric;
 
 pub use error::{AnnError, Result, MAX_DIMS};
 pub use image::{
-    build_image, checksum, estimate_build_memory, sort_for_pop, BuildParams, GraphCursor, Header, Hit,
-    ImageBuilder, ImageBytes, BUILD_BATCH,
-    Image, Poll, Query, ScanOrder,
+    build_image, checksum, estimate_build_memory, sort_for_pop, BuildParams, GraphCursor, Header,
+    Hit, Image, ImageBuilder, ImageBytes, Poll, Query, ScanOrder, BUILD_BATCH,
 };
 pub use metric::{
-    check_index_range, cosine_distance, inner_product, is_zero, unit, l2_distance, l2_squared, validate_vector, Metric,
-    Quantization,
+    check_index_range, cosine_distance, inner_product, is_zero, l2_distance, l2_squared, unit,
+    validate_vector, Metric, Quantization,
 };

@@ -14,7 +14,6 @@ pub(crate) fn usearch_metric(m: Metric) -> usearch::MetricKind {
     }
 }
 
-
 /// Scalar kind the index stores its vectors as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantization {
@@ -76,7 +75,8 @@ impl Quantization {
     pub fn check_vector(self, v: &[f32]) -> Result<()> {
         check_index_range(v)?;
         if self == Quantization::F16 {
-            if let Some((position, &value)) = v.iter().enumerate().find(|(_, x)| x.abs() > 65504.0) {
+            if let Some((position, &value)) = v.iter().enumerate().find(|(_, x)| x.abs() > 65504.0)
+            {
                 return Err(AnnError::F16Range { position, value });
             }
         }

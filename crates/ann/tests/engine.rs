@@ -78,7 +78,13 @@ fn our_search_matches_usearch_on_the_same_graph() {
             let mut theirs = vec![0f32; dims];
             us.get(key_of(i), &mut theirs).unwrap();
             let ours = img.vector(key_of(i)).unwrap().unwrap();
-            let diff: Vec<(usize, f32, f32)> = ours.iter().zip(&theirs).enumerate().filter(|(_, (a, b))| a != b).map(|(j, (a, b))| (j, *a, *b)).collect();
+            let diff: Vec<(usize, f32, f32)> = ours
+                .iter()
+                .zip(&theirs)
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .map(|(j, (a, b))| (j, *a, *b))
+                .collect();
             assert!(diff.is_empty(), "{metric:?}/{q:?} item {i}: {diff:?}");
         }
         for ef in [16usize, 64] {
@@ -87,17 +93,32 @@ fn our_search_matches_usearch_on_the_same_graph() {
             for qv in queries.chunks_exact(dims) {
                 let engine = Query::new(metric, qv).unwrap();
                 let truth = exact_topk(metric, &data, dims, qv, 10);
-                let ours: Vec<u64> = img.search(engine.engine(), 10, ef, None).unwrap().into_iter().map(|x| x.0).collect();
+                let ours: Vec<u64> = img
+                    .search(engine.engine(), 10, ef, None)
+                    .unwrap()
+                    .into_iter()
+                    .map(|x| x.0)
+                    .collect();
                 let theirs = us.search(engine.engine(), 10).unwrap().keys;
                 ours_hit += truth.iter().filter(|t| ours.contains(t)).count();
                 theirs_hit += truth.iter().filter(|t| theirs.contains(t)).count();
                 same += ours.iter().filter(|t| theirs.contains(t)).count();
             }
             let total = (queries.len() / dims * 10) as f64;
-            let (ro, rt, overlap) = (ours_hit as f64 / total, theirs_hit as f64 / total, same as f64 / total);
+            let (ro, rt, overlap) = (
+                ours_hit as f64 / total,
+                theirs_hit as f64 / total,
+                same as f64 / total,
+            );
             eprintln!("{metric:?}/{q:?} ef={ef}: recall@10 ours {ro:.4} usearch {rt:.4}, overlap {overlap:.4}");
-            assert!(ro >= rt - 0.002, "{metric:?}/{q:?} ef={ef}: ours {ro} < usearch {rt}");
-            assert!(overlap >= 0.97, "{metric:?}/{q:?} ef={ef}: overlap {overlap}");
+            assert!(
+                ro >= rt - 0.002,
+                "{metric:?}/{q:?} ef={ef}: ours {ro} < usearch {rt}"
+            );
+            assert!(
+                overlap >= 0.97,
+                "{metric:?}/{q:?} ef={ef}: overlap {overlap}"
+            );
         }
     }
 }
@@ -115,11 +136,21 @@ fn filtered_search_walks_through_skipped_items() {
     let mut hit = 0;
     for qi in 0..20 {
         let qv = &data[qi * 37 * dims..(qi * 37 + 1) * dims];
-        let got: Vec<u64> = img.search(qv, 5, 400, Some(&skip)).unwrap().into_iter().map(|x| x.0).collect();
+        let got: Vec<u64> = img
+            .search(qv, 5, 400, Some(&skip))
+            .unwrap()
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
         assert!(got.iter().all(|k| kept(*k)), "a skipped item was returned");
         let mut truth: Vec<(f64, u64)> = (0..n)
             .filter(|i| kept(key_of(*i)))
-            .map(|i| (Metric::L2.sql_distance(qv, &data[i * dims..(i + 1) * dims]), key_of(i)))
+            .map(|i| {
+                (
+                    Metric::L2.sql_distance(qv, &data[i * dims..(i + 1) * dims]),
+                    key_of(i),
+                )
+            })
             .collect();
         truth.sort_by(|a, b| a.0.total_cmp(&b.0));
         hit += truth.iter().take(5).filter(|t| got.contains(&t.1)).count();
@@ -129,8 +160,15 @@ fn filtered_search_walks_through_skipped_items() {
     let calls = std::cell::Cell::new(0);
     let f = || calls.set(calls.get() + 1);
     let none = |_k: u64| true;
-    assert!(img.search_with(&data[0..dims], 5, 64, Some(&none), Some(&f)).unwrap().is_empty());
-    assert!(calls.get() >= 10, "interrupt called {} times over a whole-graph walk", calls.get());
+    assert!(img
+        .search_with(&data[0..dims], 5, 64, Some(&none), Some(&f))
+        .unwrap()
+        .is_empty());
+    assert!(
+        calls.get() >= 10,
+        "interrupt called {} times over a whole-graph walk",
+        calls.get()
+    );
 }
 
 /// The same image in format 1 (before the navigation tables were stored): header of 64 bytes,
@@ -177,10 +215,20 @@ fn format_1_images_open_and_search_alike() {
         }
         // A format 1 image can still be extended by a fold.
         if q == Quantization::F32 {
-            let p = BuildParams { dims, metric: Metric::Cosine, quantization: q, m: 16, ef_construction: 64 };
+            let p = BuildParams {
+                dims,
+                metric: Metric::Cosine,
+                quantization: q,
+                m: 16,
+                ef_construction: 64,
+            };
             let mut ext = ImageBuilder::from_image(&p, &b, 1, 1).unwrap();
-            ext.add_batch(&[u64::MAX - 1], &data[0..dims], &mut |_| Poll::Continue).unwrap();
-            let out = ext.finish(&mut |_| Poll::Continue, None).unwrap().into_vec();
+            ext.add_batch(&[u64::MAX - 1], &data[0..dims], &mut |_| Poll::Continue)
+                .unwrap();
+            let out = ext
+                .finish(&mut |_| Poll::Continue, None)
+                .unwrap()
+                .into_vec();
             let img = Image::open(out.clone(), checksum(&out)).unwrap();
             assert_eq!((img.header().version, img.len()), (2, n + 1));
         }
@@ -239,7 +287,9 @@ fn damaged_images_give_errors_never_crashes() {
             let at = match round % 4 {
                 0 => rng.below(128),
                 1 => 128 + rng.below(graph_at - 128),
-                2 => graph_at + n * dims * 4 + rng.below(200.min(b.len() - graph_at - n * dims * 4)),
+                2 => {
+                    graph_at + n * dims * 4 + rng.below(200.min(b.len() - graph_at - n * dims * 4))
+                }
                 _ => rng.below(b.len()),
             };
             b[at] = (rng.next() & 0xff) as u8;
@@ -259,13 +309,19 @@ fn damaged_images_give_errors_never_crashes() {
     // Truncated and extended.
     for len in [0, 7, 64, 127, 128, 500, graph_at, bytes.len() - 1] {
         let t = bytes[..len].to_vec();
-        assert!(Image::open_verified(t.clone()).is_err(), "truncated to {len} bytes was accepted");
+        assert!(
+            Image::open_verified(t.clone()).is_err(),
+            "truncated to {len} bytes was accepted"
+        );
         assert!(Image::open(t.clone(), checksum(&t)).is_err());
     }
     let mut longer = bytes.clone();
     longer.push(0);
     assert!(Image::open_verified(longer).is_err());
-    eprintln!("damaged images opened: verified {} of 3000, unverified {} of 3000", opened[0], opened[1]);
+    eprintln!(
+        "damaged images opened: verified {} of 3000, unverified {} of 3000",
+        opened[0], opened[1]
+    );
     // Many damaged bytes change only vectors or links: some must still open and be read.
     assert!(opened[1] > 100, "the fuzzing never reached the read paths");
 }
@@ -278,13 +334,20 @@ fn low_connectivity_graphs_search_without_errors() {
     let data = clustered(n, dims, 1, 5);
     let keys: Vec<u64> = (0..n).map(key_of).collect();
     for m in [2usize, 4] {
-        let p = BuildParams { dims, metric: Metric::L2, quantization: Quantization::F32, m, ef_construction: 8 };
+        let p = BuildParams {
+            dims,
+            metric: Metric::L2,
+            quantization: Quantization::F32,
+            m,
+            ef_construction: 8,
+        };
         let bytes = build_image(&p, &keys, &data, 2, &mut |_| Poll::Continue).unwrap();
         let img = Image::open(bytes.clone(), checksum(&bytes)).unwrap();
         for qi in 0..50 {
             let qv = &data[qi * 13 * dims..(qi * 13 + 1) * dims];
             for ef in [1usize, 10, 100] {
-                img.search(qv, 10, ef, None).unwrap_or_else(|e| panic!("m={m} ef={ef}: {e}"));
+                img.search(qv, 10, ef, None)
+                    .unwrap_or_else(|e| panic!("m={m} ef={ef}: {e}"));
             }
         }
     }
@@ -296,11 +359,19 @@ fn images_of_every_small_size_open() {
     let dims = 4;
     let data = clustered(300, dims, 3, 6);
     for n in (1..=80).chain([127, 128, 129, 255, 256, 300]) {
-        for (metric, q) in [(Metric::L2, Quantization::F32), (Metric::Cosine, Quantization::F16), (Metric::Cosine, Quantization::I8)] {
+        for (metric, q) in [
+            (Metric::L2, Quantization::F32),
+            (Metric::Cosine, Quantization::F16),
+            (Metric::Cosine, Quantization::I8),
+        ] {
             let bytes = build(metric, q, &data[..n * dims], dims, 1);
-            let img = Image::open(bytes.clone(), checksum(&bytes)).unwrap_or_else(|e| panic!("n={n} {q:?}: {e}"));
+            let img = Image::open(bytes.clone(), checksum(&bytes))
+                .unwrap_or_else(|e| panic!("n={n} {q:?}: {e}"));
             Image::open_verified(bytes).unwrap();
-            assert_eq!(img.search(&data[0..dims], 3, 10, None).unwrap().len(), n.min(3));
+            assert_eq!(
+                img.search(&data[0..dims], 3, 10, None).unwrap().len(),
+                n.min(3)
+            );
         }
     }
 }
@@ -318,12 +389,27 @@ fn headers_of_every_section_padding_parse() {
             let us_off = pad(nav_off + nav_len, 64);
             let mut b = vec![0u8; us_off + 64];
             b[0..8].copy_from_slice(b"TTHNSW01");
-            let put = |b: &mut Vec<u8>, at: usize, v: u64, w: usize| b[at..at + w].copy_from_slice(&v.to_le_bytes()[..w]);
-            for (at, v, w) in [(8, 2, 4), (12, 128, 4), (16, 4, 4), (20, 1, 4), (24, 1, 4), (28, 16, 4), (32, count as u64, 8),
-                (40, 128, 8), (48, us_off as u64, 8), (56, 64, 8), (64, nav_off as u64, 8), ((128 + count * 8) as u64 as usize, orphans as u64, 8)] {
+            let put = |b: &mut Vec<u8>, at: usize, v: u64, w: usize| {
+                b[at..at + w].copy_from_slice(&v.to_le_bytes()[..w])
+            };
+            for (at, v, w) in [
+                (8, 2, 4),
+                (12, 128, 4),
+                (16, 4, 4),
+                (20, 1, 4),
+                (24, 1, 4),
+                (28, 16, 4),
+                (32, count as u64, 8),
+                (40, 128, 8),
+                (48, us_off as u64, 8),
+                (56, 64, 8),
+                (64, nav_off as u64, 8),
+                ((128 + count * 8) as u64 as usize, orphans as u64, 8),
+            ] {
                 put(&mut b, at, v, w);
             }
-            let h = Header::parse(&b).unwrap_or_else(|e| panic!("count {count}, orphans {orphans}: {e}"));
+            let h = Header::parse(&b)
+                .unwrap_or_else(|e| panic!("count {count}, orphans {orphans}: {e}"));
             assert_eq!((h.count, h.orphans), (count, orphans));
         }
     }

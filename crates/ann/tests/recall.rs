@@ -1,7 +1,7 @@
 //! Recall and robustness of the image on clustered synthetic data.
 
-use twotower_testkit::vectors::clustered;
 use twotower_ann::*;
+use twotower_testkit::vectors::clustered;
 
 /// `n` base vectors and `nq` held-out queries drawn from the same clusters.
 fn split(n: usize, nq: usize, dims: usize, clusters: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
@@ -102,7 +102,10 @@ fn multithreaded_build_matches_single_threaded_and_reaches_every_node() {
         let img = Image::open(bytes, sum).unwrap();
         let unreachable = img.unreachable().expect("the stored graph is walkable");
         for k in &unreachable {
-            assert!(img.is_orphan(*k), "item {k} is unreachable and not in the orphan list");
+            assert!(
+                img.is_orphan(*k),
+                "item {k} is unreachable and not in the orphan list"
+            );
         }
         // A scan for each item's own vector (ef 256) yields it among the first 10, through the
         // graph or through the orphan list.
@@ -128,7 +131,10 @@ fn multithreaded_build_matches_single_threaded_and_reaches_every_node() {
             "threads={threads}: {} orphans kept; {missing} of {n} items not found by their own vector",
             img.header().orphans
         );
-        assert!(missing <= n / 10_000, "{missing} items not found by their own vector");
+        assert!(
+            missing <= n / 10_000,
+            "{missing} items not found by their own vector"
+        );
         recalls.push(recall_at(
             &img,
             Metric::Cosine,
@@ -170,7 +176,9 @@ fn every_metric_and_quantization() {
             let truth = exact_topk(metric, &data, dims, qv, 10);
             let query = Query::new(metric, qv).unwrap();
             let got: Vec<u64> = scan_topk(&img, &query, ScanOrder::Strict, 64, 10, None)
-                .into_iter().map(|h| h.key).collect();
+                .into_iter()
+                .map(|h| h.key)
+                .collect();
             hit += truth.iter().filter(|t| got.contains(t)).count();
         }
         let r = hit as f64 / (queries.len() / dims * 10) as f64;
@@ -192,7 +200,10 @@ fn cursor_yields_everything_once_in_near_order_and_skips() {
     let q = Query::new(Metric::L2, &data[0..dims]).unwrap();
     let mut seen = std::collections::HashSet::new();
     let mut first = Vec::new();
-    while let Some(Hit { key: k, dist: d, .. }) = cur.peek(&img, &q, 40, Some(&skip)).unwrap() {
+    while let Some(Hit {
+        key: k, dist: d, ..
+    }) = cur.peek(&img, &q, 40, Some(&skip)).unwrap()
+    {
         cur.pop();
         assert!(!dead.contains(&k), "a skipped key was returned");
         assert!(seen.insert(k), "key returned twice");
@@ -211,12 +222,20 @@ fn cursor_yields_everything_once_in_near_order_and_skips() {
 
 /// The top `k` of an ordered scan as a caller applying `order` sees it: in strict order an
 /// item nearer than one already returned is dropped.
-fn scan_topk(img: &Image<Vec<u8>>, q: &Query, order: ScanOrder, ef: usize, k: usize,
-             skip: Option<&dyn Fn(u64) -> bool>) -> Vec<Hit> {
+fn scan_topk(
+    img: &Image<Vec<u8>>,
+    q: &Query,
+    order: ScanOrder,
+    ef: usize,
+    k: usize,
+    skip: Option<&dyn Fn(u64) -> bool>,
+) -> Vec<Hit> {
     let mut cur = GraphCursor::new(order);
     let mut out: Vec<Hit> = Vec::new();
     while out.len() < k {
-        let Some(h) = cur.peek(img, q, ef, skip).unwrap() else { break };
+        let Some(h) = cur.peek(img, q, ef, skip).unwrap() else {
+            break;
+        };
         cur.pop();
         if order == ScanOrder::Strict && out.last().is_some_and(|l| h.dist < l.dist) {
             continue;
@@ -259,14 +278,24 @@ fn scan_distances_are_exact_or_lower_bounds_and_strict_order_holds() {
                 for h in &hits {
                     let exact = metric.sql_distance(q.raw(), vec_of(h.key));
                     if quant == Quantization::F32 {
-                        assert!(h.exact && h.dist == exact, "{metric:?}/{quant:?}: {} vs {exact}", h.dist);
+                        assert!(
+                            h.exact && h.dist == exact,
+                            "{metric:?}/{quant:?}: {} vs {exact}",
+                            h.dist
+                        );
                     } else {
-                        assert!(!h.exact && h.dist <= exact, "{metric:?}/{quant:?}: bound {} > exact {exact}", h.dist);
+                        assert!(
+                            !h.exact && h.dist <= exact,
+                            "{metric:?}/{quant:?}: bound {} > exact {exact}",
+                            h.dist
+                        );
                     }
                 }
                 let inv = hits.windows(2).filter(|w| w[1].dist < w[0].dist).count();
                 match order {
-                    ScanOrder::Strict => assert_eq!(inv, 0, "{metric:?}/{quant:?}: strict order inverted"),
+                    ScanOrder::Strict => {
+                        assert_eq!(inv, 0, "{metric:?}/{quant:?}: strict order inverted")
+                    }
                     _ => inversions_relaxed += inv,
                 }
             }
@@ -274,7 +303,10 @@ fn scan_distances_are_exact_or_lower_bounds_and_strict_order_holds() {
         eprintln!("{metric:?}/{quant:?}: {inversions_relaxed} inversions in relaxed order");
         // The filter really forces widening rounds that find nearer items: the strict check
         // above is not vacuous.
-        assert!(inversions_relaxed > 0, "{metric:?}/{quant:?}: relaxed order never inverted");
+        assert!(
+            inversions_relaxed > 0,
+            "{metric:?}/{quant:?}: relaxed order never inverted"
+        );
     }
 }
 
@@ -287,7 +319,11 @@ fn scan_order_off_does_not_widen() {
     let img = Image::open(bytes, sum).unwrap();
     let q = Query::new(Metric::L2, &data[0..8]).unwrap();
     let off = scan_topk(&img, &q, ScanOrder::Off, 40, 1000, None);
-    assert!(off.len() <= 40 + img.header().orphans, "{} items", off.len());
+    assert!(
+        off.len() <= 40 + img.header().orphans,
+        "{} items",
+        off.len()
+    );
     let relaxed = scan_topk(&img, &q, ScanOrder::Relaxed, 40, 1000, None);
     assert_eq!(relaxed.len(), 1000);
 }
@@ -352,10 +388,15 @@ fn build_is_cancellable_and_rejects_bad_input() {
     assert_eq!(r.err(), Some(AnnError::Cancelled));
     let (at, done) = asked.expect("the build polled past 1000 items");
     let latency = at.elapsed();
-    let rest = at.duration_since(started).mul_f64((keys.len() - done) as f64 / done as f64);
+    let rest = at
+        .duration_since(started)
+        .mul_f64((keys.len() - done) as f64 / done as f64);
     let bound = (rest / 10).max(std::time::Duration::from_secs(1));
     eprintln!("cancel after {done} items: returned in {latency:?}; the rest of the build would take about {rest:?}");
-    assert!(latency < bound, "cancel took {latency:?}, more than {bound:?}");
+    assert!(
+        latency < bound,
+        "cancel took {latency:?}, more than {bound:?}"
+    );
     let mut bad = data[..3200].to_vec();
     bad[100] = f32::NAN;
     let r = build_image(&p, &keys[..100], &bad, 2, &mut |_| Poll::Continue);
@@ -397,7 +438,9 @@ fn graph_walk_finds_exactly_what_no_search_reaches() {
             let (index, data) = (&index, &data);
             s.spawn(move || {
                 for i in (t..n).step_by(2) {
-                    index.add(i as u64, &data[i * dims..(i + 1) * dims]).unwrap();
+                    index
+                        .add(i as u64, &data[i * dims..(i + 1) * dims])
+                        .unwrap();
                 }
             });
         }
@@ -409,14 +452,20 @@ fn graph_walk_finds_exactly_what_no_search_reaches() {
     for &k in &lost {
         let i = k as usize;
         let m = index.search(&data[i * dims..(i + 1) * dims], 200).unwrap();
-        assert!(!m.keys.contains(&k), "item {k} is reached by a search but the walk says it is not");
+        assert!(
+            !m.keys.contains(&k),
+            "item {k} is reached by a search but the walk says it is not"
+        );
     }
     // And the walk does not flag reachable items wholesale: nearly every item is reached.
     assert!(lost.len() < n / 20, "{} of {n} unreachable", lost.len());
     // A damaged buffer is refused, not misread.
     assert!(twotower_ann::graph::unreachable_keys(&blob[..blob.len() - 1]).is_none());
     assert!(twotower_ann::graph::unreachable_keys(&blob[..100]).is_none());
-    eprintln!("raw parallel build: {} of {n} items unreachable", lost.len());
+    eprintln!(
+        "raw parallel build: {} of {n} items unreachable",
+        lost.len()
+    );
 }
 
 /// A build fed in batches (as CREATE INDEX streams its heap scan) through a spill directory
@@ -439,13 +488,22 @@ fn streamed_build_spills_and_stays_within_its_estimate() {
         };
         // Capacity deliberately too small: the builder grows.
         let mut b = ImageBuilder::new(&p, 10_000, 2).expect("builder");
-        for (k, v) in keys.chunks(BUILD_BATCH).zip(data.chunks(BUILD_BATCH * dims)) {
+        for (k, v) in keys
+            .chunks(BUILD_BATCH)
+            .zip(data.chunks(BUILD_BATCH * dims))
+        {
             b.add_batch(k, v, &mut |_| Poll::Continue).expect("batch");
         }
         assert_eq!(b.len(), n);
         let estimate = estimate_build_memory(&p, n);
-        let kept = if quantization == Quantization::F32 { 0 } else { n * dims * 4 };
-        let bytes = b.finish(&mut |_| Poll::Continue, Some(&spill)).expect("finish");
+        let kept = if quantization == Quantization::F32 {
+            0
+        } else {
+            n * dims * 4
+        };
+        let bytes = b
+            .finish(&mut |_| Poll::Continue, Some(&spill))
+            .expect("finish");
         // The serialized graph is a lower bound of what it takes in memory (usearch adds its
         // allocator's overhead, measured by the build_speed example).
         let graph_bytes = bytes.as_ref().len();
@@ -459,7 +517,10 @@ fn streamed_build_spills_and_stays_within_its_estimate() {
         );
         assert!(matches!(bytes, ImageBytes::Map(_)), "spilled to a file");
         let left: Vec<_> = std::fs::read_dir(&spill).unwrap().collect();
-        assert!(left.is_empty(), "temporary files are unlinked at once: {left:?}");
+        assert!(
+            left.is_empty(),
+            "temporary files are unlinked at once: {left:?}"
+        );
         let v = bytes.into_vec();
         let img = Image::open(v.clone(), checksum(&v)).expect("valid image");
         let r = recall_at(&img, Metric::Cosine, &data, dims, &queries, 10, 100);
@@ -481,23 +542,34 @@ fn an_image_extended_in_place_holds_old_and_new_items_and_finds_them() {
         ef_construction: 64,
     };
     let old_keys: Vec<u64> = (0..8_000).map(key_of).collect();
-    let first = Image::open_verified(build_image(&p, &old_keys, old, 2, &mut |_| Poll::Continue).unwrap()).unwrap();
+    let first =
+        Image::open_verified(build_image(&p, &old_keys, old, 2, &mut |_| Poll::Continue).unwrap())
+            .unwrap();
     let mut b = ImageBuilder::from_image(&p, &first, 4_000, 2).unwrap();
     assert_eq!(b.len(), 8_000);
     let new_keys: Vec<u64> = (8_000..12_000).map(key_of).collect();
-    b.add_batch(&new_keys, new, &mut |_| Poll::Continue).unwrap();
+    b.add_batch(&new_keys, new, &mut |_| Poll::Continue)
+        .unwrap();
     let bytes = b.finish(&mut |_| Poll::Continue, None).unwrap().into_vec();
     let img = Image::open(bytes.clone(), checksum(&bytes)).unwrap();
     assert_eq!(img.len(), 12_000);
     // Every item keeps its exact vector, old and new.
     for i in [0usize, 4_321, 7_999, 8_000, 11_999] {
-        assert_eq!(img.vector(key_of(i)).unwrap().unwrap(), data[i * dims..(i + 1) * dims].to_vec());
+        assert_eq!(
+            img.vector(key_of(i)).unwrap().unwrap(),
+            data[i * dims..(i + 1) * dims].to_vec()
+        );
     }
-    assert!(img.unreachable().is_some_and(|u| u.iter().all(|k| img.is_orphan(*k))));
+    assert!(img
+        .unreachable()
+        .is_some_and(|u| u.iter().all(|k| img.is_orphan(*k))));
     let r = recall_at(&img, Metric::Cosine, &data, dims, &queries, 10, 64);
     assert!(r >= 0.95, "recall@10 of the extended image {r}");
     // Only f32 images of the same shape can be extended.
-    let q8 = BuildParams { quantization: Quantization::I8, ..p };
+    let q8 = BuildParams {
+        quantization: Quantization::I8,
+        ..p
+    };
     assert!(ImageBuilder::from_image(&q8, &first, 10, 1).is_err());
     let other = BuildParams { dims: 16, ..p };
     assert!(ImageBuilder::from_image(&other, &first, 10, 1).is_err());

@@ -18,5 +18,8 @@ pub enum CfError {
 pub type Result<T> = std::result::Result<T, CfError>;
 
 pub(crate) fn opt_err(path: impl Into<String>, reason: impl Into<String>) -> CfError {
-    CfError::Option { path: path.into(), reason: reason.into() }
+    CfError::Option {
+        path: path.into(),
+        reason: reason.into(),
+    }
 }

@@ -26,10 +26,14 @@ impl Log {
     /// be finite and non-negative (0 keeps the pair in the counts with no weight).
     pub fn push(&mut self, user: &str, item: i64, ts: f64, weight: f32) -> Result<()> {
         if !ts.is_finite() {
-            return Err(CfError::BadInput(format!("user {user}, item {item}: the time {ts} is not finite")));
+            return Err(CfError::BadInput(format!(
+                "user {user}, item {item}: the time {ts} is not finite"
+            )));
         }
         if !weight.is_finite() || weight < 0.0 {
-            return Err(CfError::BadInput(format!("user {user}, item {item}: the weight {weight} must be finite and >= 0")));
+            return Err(CfError::BadInput(format!(
+                "user {user}, item {item}: the weight {weight} must be finite and >= 0"
+            )));
         }
         let n = self.user_index.len() as u32;
         let u = *self.user_index.entry(user.to_owned()).or_insert_with(|| {
@@ -41,7 +45,12 @@ impl Log {
             self.item_ids.push(item);
             m
         });
-        self.rows.push(Row { user: u, item: i, ts, weight });
+        self.rows.push(Row {
+            user: u,
+            item: i,
+            ts,
+            weight,
+        });
         Ok(())
     }
 

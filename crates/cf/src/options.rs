@@ -19,7 +19,10 @@ impl Kind {
         match s {
             "itemcf" => Ok(Kind::ItemCf),
             "swing" => Ok(Kind::Swing),
-            other => Err(opt_err("kind", format!("must be \"itemcf\" or \"swing\", got \"{other}\""))),
+            other => Err(opt_err(
+                "kind",
+                format!("must be \"itemcf\" or \"swing\", got \"{other}\""),
+            )),
         }
     }
 
@@ -76,18 +79,33 @@ impl<'a> Obj<'a> {
         self.m.get(k).filter(|v| !v.is_null())
     }
     fn uint(&self, k: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
-        let Some(v) = self.get(k) else { return Ok(default) };
-        let n = v.as_u64().ok_or_else(|| opt_err(k, format!("must be a non-negative integer, got {v}")))?;
+        let Some(v) = self.get(k) else {
+            return Ok(default);
+        };
+        let n = v
+            .as_u64()
+            .ok_or_else(|| opt_err(k, format!("must be a non-negative integer, got {v}")))?;
         if (n as u128) < lo as u128 || (n as u128) > hi as u128 {
-            return Err(opt_err(k, format!("must be between {lo} and {hi}, got {n}")));
+            return Err(opt_err(
+                k,
+                format!("must be between {lo} and {hi}, got {n}"),
+            ));
         }
         Ok(n as usize)
     }
     fn num(&self, k: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
-        let Some(v) = self.get(k) else { return Ok(default) };
-        let x = v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| opt_err(k, format!("must be a finite number, got {v}")))?;
+        let Some(v) = self.get(k) else {
+            return Ok(default);
+        };
+        let x = v
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| opt_err(k, format!("must be a finite number, got {v}")))?;
         if !(lo..=hi).contains(&x) {
-            return Err(opt_err(k, format!("must be between {lo} and {hi}, got {x}")));
+            return Err(opt_err(
+                k,
+                format!("must be between {lo} and {hi}, got {x}"),
+            ));
         }
         Ok(x)
     }
@@ -102,20 +120,45 @@ impl<'a> Obj<'a> {
 
 impl Options {
     pub fn parse(kind: Kind, v: &Value) -> Result<Options> {
-        let Value::Object(m) = v else { return Err(opt_err("options", "must be a JSON object")) };
-        let common = ["top_n", "max_user_items", "user_sample", "seed", "min_score", "threads", "alpha"];
+        let Value::Object(m) = v else {
+            return Err(opt_err("options", "must be a JSON object"));
+        };
+        let common = [
+            "top_n",
+            "max_user_items",
+            "user_sample",
+            "seed",
+            "min_score",
+            "threads",
+            "alpha",
+        ];
         let own: &[&str] = match kind {
             Kind::ItemCf => &["iuf", "half_life", "decay_reference"],
             Kind::Swing => &["alpha1", "beta", "max_item_users"],
         };
-        if let Some(k) = m.keys().find(|k| !common.contains(&k.as_str()) && !own.contains(&k.as_str())) {
-            let other = ["iuf", "half_life", "decay_reference", "alpha1", "beta", "max_item_users"].contains(&k.as_str());
+        if let Some(k) = m
+            .keys()
+            .find(|k| !common.contains(&k.as_str()) && !own.contains(&k.as_str()))
+        {
+            let other = [
+                "iuf",
+                "half_life",
+                "decay_reference",
+                "alpha1",
+                "beta",
+                "max_item_users",
+            ]
+            .contains(&k.as_str());
             return Err(opt_err(
                 k.clone(),
                 if other {
                     format!("does not apply to a {} channel", kind.name())
                 } else {
-                    format!("unknown key (allowed: {}, {})", common.join(", "), own.join(", "))
+                    format!(
+                        "unknown key (allowed: {}, {})",
+                        common.join(", "),
+                        own.join(", ")
+                    )
                 },
             ));
         }
@@ -126,7 +169,12 @@ impl Options {
         };
         let decay_reference = match o.get("decay_reference") {
             None => None,
-            Some(_) if half_life.is_none() => return Err(opt_err("decay_reference", "applies with \"half_life\" only")),
+            Some(_) if half_life.is_none() => {
+                return Err(opt_err(
+                    "decay_reference",
+                    "applies with \"half_life\" only",
+                ))
+            }
             Some(_) => Some(o.num("decay_reference", 0.0, -1e18, 1e18)?),
         };
         Ok(Options {
@@ -138,7 +186,10 @@ impl Options {
             user_sample: {
                 let s = o.num("user_sample", 1.0, 0.0, 1.0)?;
                 if s == 0.0 {
-                    return Err(opt_err("user_sample", "must be above 0 (the share of users kept)"));
+                    return Err(opt_err(
+                        "user_sample",
+                        "must be above 0 (the share of users kept)",
+                    ));
                 }
                 s
             },

@@ -45,8 +45,11 @@ impl Similarity {
         let n_items = log.items();
         let n_users = log.users();
         let pairs = log.len();
-        let needed = log.bytes() + pairs * (4 + 4 + 8 + 4 + 4 + 4 + 8) * 2 + (n_users + n_items) * 16
-            + opts.threads * n_items * 16 + opts.threads * opts.top_n * 64;
+        let needed = log.bytes()
+            + pairs * (4 + 4 + 8 + 4 + 4 + 4 + 8) * 2
+            + (n_users + n_items) * 16
+            + opts.threads * n_items * 16
+            + opts.threads * opts.top_n * 64;
         if needed > budget {
             return Err(CfError::MemoryBudget { needed, budget });
         }
@@ -55,7 +58,12 @@ impl Similarity {
         for (k, r) in log.rows.iter().enumerate() {
             by_user[r.user as usize].push(k as u32);
         }
-        let t_max = opts.decay_reference.unwrap_or_else(|| log.rows.iter().map(|r| r.ts).fold(f64::NEG_INFINITY, f64::max));
+        let t_max = opts.decay_reference.unwrap_or_else(|| {
+            log.rows
+                .iter()
+                .map(|r| r.ts)
+                .fold(f64::NEG_INFINITY, f64::max)
+        });
         let decay = |ts: f64| match (opts.kind, opts.half_life) {
             (Kind::ItemCf, Some(h)) => 0.5f64.powf((t_max - ts) / h),
             _ => 1.0,
@@ -63,7 +71,10 @@ impl Similarity {
         let kept: Vec<bool> = log
             .user_ids
             .iter()
-            .map(|id| opts.user_sample >= 1.0 || (stable_hash(id, opts.seed) as f64) < opts.user_sample * u64::MAX as f64)
+            .map(|id| {
+                opts.user_sample >= 1.0
+                    || (stable_hash(id, opts.seed) as f64) < opts.user_sample * u64::MAX as f64
+            })
             .collect();
         let mut u_off = Vec::with_capacity(n_users + 1);
         let mut u_items = Vec::new();
@@ -76,18 +87,28 @@ impl Similarity {
                 // The most recent interaction with each item (ties: the later row).
                 rows.sort_by(|&a, &b| {
                     let (ra, rb) = (&log.rows[a as usize], &log.rows[b as usize]);
-                    ra.item.cmp(&rb.item).then(ra.ts.total_cmp(&rb.ts)).then(a.cmp(&b))
+                    ra.item
+                        .cmp(&rb.item)
+                        .then(ra.ts.total_cmp(&rb.ts))
+                        .then(a.cmp(&b))
                 });
                 let mut last: Vec<u32> = Vec::with_capacity(rows.len());
                 for (k, &r) in rows.iter().enumerate() {
-                    let next_same = rows.get(k + 1).is_some_and(|&n| log.rows[n as usize].item == log.rows[r as usize].item);
+                    let next_same = rows
+                        .get(k + 1)
+                        .is_some_and(|&n| log.rows[n as usize].item == log.rows[r as usize].item);
                     if !next_same {
                         last.push(r);
                     }
                 }
                 if last.len() > opts.max_user_items {
                     // Most recent first (ties: the later row), keep the cap, back in item order.
-                    last.sort_by(|&a, &b| log.rows[b as usize].ts.total_cmp(&log.rows[a as usize].ts).then(b.cmp(&a)));
+                    last.sort_by(|&a, &b| {
+                        log.rows[b as usize]
+                            .ts
+                            .total_cmp(&log.rows[a as usize].ts)
+                            .then(b.cmp(&a))
+                    });
                     last.truncate(opts.max_user_items);
                     last.sort_by_key(|&r| log.rows[r as usize].item);
                 }
@@ -114,7 +135,9 @@ impl Similarity {
         let i_users = entries.iter().map(|e| e.1).collect();
         let mut by_id: Vec<u32> = (0..n_items as u32).collect();
         by_id.sort_by_key(|&i| log.item_ids[i as usize]);
-        let wu = (0..n_users).map(|u| ((u_off[u + 1] - u_off[u]) as f64 + opts.alpha1).powf(-opts.beta)).collect();
+        let wu = (0..n_users)
+            .map(|u| ((u_off[u + 1] - u_off[u]) as f64 + opts.alpha1).powf(-opts.beta))
+            .collect();
         let i_w = entries.iter().map(|e| e.3).collect();
         let mut sim = Similarity {
             reference: t_max,
@@ -217,14 +240,18 @@ impl Similarity {
         let threads = self.opts.threads.clamp(1, items.len().max(1));
         if threads == 1 {
             let mut scratch = Scratch::new(self.items());
-            return items.iter().flat_map(|&i| self.row(i as usize, &mut scratch)).collect();
+            return items
+                .iter()
+                .flat_map(|&i| self.row(i as usize, &mut scratch))
+                .collect();
         }
         let total: u64 = items.iter().map(|&i| self.work[i as usize]).sum();
         let mut parts: Vec<&[u32]> = Vec::with_capacity(threads);
         let (mut start, mut acc) = (0usize, 0u64);
         for (p, &i) in items.iter().enumerate() {
             acc += self.work[i as usize];
-            if parts.len() + 1 < threads && acc * threads as u64 >= total * (parts.len() as u64 + 1) {
+            if parts.len() + 1 < threads && acc * threads as u64 >= total * (parts.len() as u64 + 1)
+            {
                 parts.push(&items[start..p + 1]);
                 start = p + 1;
             }
@@ -236,7 +263,9 @@ impl Similarity {
                 .map(|&part| {
                     s.spawn(move || {
                         let mut scratch = Scratch::new(self.items());
-                        part.iter().flat_map(|&i| self.row(i as usize, &mut scratch)).collect::<Vec<_>>()
+                        part.iter()
+                            .flat_map(|&i| self.row(i as usize, &mut scratch))
+                            .collect::<Vec<_>>()
                     })
                 })
                 .collect();
@@ -254,7 +283,11 @@ impl Similarity {
             Kind::ItemCf => {
                 for (&u, &wi) in users.iter().zip(ws) {
                     let (items, wj) = self.user_items(u);
-                    let f = if self.opts.iuf { wi as f64 / (1.0 + items.len() as f64).ln() } else { wi as f64 };
+                    let f = if self.opts.iuf {
+                        wi as f64 / (1.0 + items.len() as f64).ln()
+                    } else {
+                        wi as f64
+                    };
                     for (&j, &w) in items.iter().zip(wj) {
                         if j as usize != i {
                             s.add(j, f * w as f64);
@@ -274,7 +307,12 @@ impl Similarity {
                 let mut common: Vec<u32> = Vec::new();
                 // Longest lists first: each pair scans the shorter of its two lists.
                 let mut users: Vec<u32> = users.to_vec();
-                users.sort_by_key(|&u| (std::cmp::Reverse(self.u_off[u as usize + 1] - self.u_off[u as usize]), u));
+                users.sort_by_key(|&u| {
+                    (
+                        std::cmp::Reverse(self.u_off[u as usize + 1] - self.u_off[u as usize]),
+                        u,
+                    )
+                });
                 for x in 0..users.len() {
                     // I_x marked once, then each partner's list is filtered by the marks.
                     let (ix, _) = self.user_items(users[x]);
@@ -284,7 +322,13 @@ impl Similarity {
                     let wx = self.wu[users[x] as usize];
                     for &uy in &users[x + 1..] {
                         common.clear();
-                        common.extend(self.user_items(uy).0.iter().copied().filter(|&j| s.mark[j as usize]));
+                        common.extend(
+                            self.user_items(uy)
+                                .0
+                                .iter()
+                                .copied()
+                                .filter(|&j| s.mark[j as usize]),
+                        );
                         // Both orders of the pair (u, v) and (v, u).
                         let c = 2.0 * wx * self.wu[uy as usize] / (alpha + common.len() as f64);
                         for &j in &common {
@@ -331,7 +375,10 @@ impl Similarity {
         // Every item of the changed users in the log (before caps: an item pushed out by the
         // cap loses the user too).
         let mut direct: Vec<u32> = Vec::new();
-        let changed: std::collections::HashSet<u32> = changed.iter().filter_map(|id| log.user_index.get(*id).copied()).collect();
+        let changed: std::collections::HashSet<u32> = changed
+            .iter()
+            .filter_map(|id| log.user_index.get(*id).copied())
+            .collect();
         for r in &log.rows {
             if changed.contains(&r.user) && !mark[r.item as usize] {
                 mark[r.item as usize] = true;
@@ -348,7 +395,11 @@ impl Similarity {
                 }
             }
         }
-        self.by_id.iter().copied().filter(|&i| mark[i as usize]).collect()
+        self.by_id
+            .iter()
+            .copied()
+            .filter(|&i| mark[i as usize])
+            .collect()
     }
 
     /// The id of item index `i`.
@@ -368,7 +419,12 @@ struct Scratch {
 
 impl Scratch {
     fn new(n: usize) -> Scratch {
-        Scratch { acc: vec![0.0; n], touched: Vec::new(), seen: vec![false; n], mark: vec![false; n] }
+        Scratch {
+            acc: vec![0.0; n],
+            touched: Vec::new(),
+            seen: vec![false; n],
+            mark: vec![false; n],
+        }
     }
 
     #[inline]

@@ -12,7 +12,12 @@ const BUDGET: usize = 1 << 30;
 /// A: 1 2 3, B: 1 2, C: 2 3, D: 3.
 fn tiny() -> Log {
     let mut l = Log::default();
-    for (u, items) in [("A", vec![1, 2, 3]), ("B", vec![1, 2]), ("C", vec![2, 3]), ("D", vec![3])] {
+    for (u, items) in [
+        ("A", vec![1, 2, 3]),
+        ("B", vec![1, 2]),
+        ("C", vec![2, 3]),
+        ("D", vec![3]),
+    ] {
         for (t, i) in items.into_iter().enumerate() {
             l.push(u, i, t as f64, 1.0).unwrap();
         }
@@ -23,7 +28,10 @@ fn tiny() -> Log {
 fn build(log: &Log, kind: Kind, opts: serde_json::Value) -> HashMap<(i64, i64), f64> {
     let o = Options::parse(kind, &opts).unwrap();
     let s = Similarity::new(log, &o, BUDGET).unwrap();
-    s.rows(0..s.items()).into_iter().map(|(a, b, v)| ((a, b), v as f64)).collect()
+    s.rows(0..s.items())
+        .into_iter()
+        .map(|(a, b, v)| ((a, b), v as f64))
+        .collect()
 }
 
 fn close(a: f64, b: f64) {
@@ -39,7 +47,11 @@ fn itemcf_matches_the_formula_by_hand() {
     close(m[&(1, 3)], (1.0 / l4) / 6f64.sqrt());
     close(m[&(2, 3)], (1.0 / l4 + 1.0 / l3) / 3.0);
     close(m[&(3, 2)], (1.0 / l4 + 1.0 / l3) / 3.0);
-    assert_eq!(m.len(), 6, "every co-occurring ordered pair, no self pairs: {m:?}");
+    assert_eq!(
+        m.len(),
+        6,
+        "every co-occurring ordered pair, no self pairs: {m:?}"
+    );
     // Asymmetric normalisation: |N(i)|^α · |N(j)|^(1−α), α = 0.8; without IUF.
     let m = build(&tiny(), Kind::ItemCf, json!({"alpha": 0.8, "iuf": false}));
     close(m[&(1, 2)], 2.0 / (2f64.powf(0.8) * 3f64.powf(0.2)));
@@ -58,7 +70,11 @@ fn swing_matches_the_formula_by_hand() {
     // 1 and 3 share only user A: no pair of users, no similarity.
     assert!(!m.contains_key(&(1, 3)) && !m.contains_key(&(3, 1)));
     // α, α₁, β are the options'.
-    let m = build(&tiny(), Kind::Swing, json!({"alpha": 0.5, "alpha1": 1, "beta": 1}));
+    let m = build(
+        &tiny(),
+        Kind::Swing,
+        json!({"alpha": 0.5, "alpha1": 1, "beta": 1}),
+    );
     close(m[&(1, 2)], 2.0 * (1.0 / 4.0) * (1.0 / 3.0) / 2.5);
 }
 
@@ -86,8 +102,13 @@ fn random_log(seed: u64, users: usize, items: i64, per_user: usize) -> Log {
         let group = (u % 7) as i64;
         let n = 1 + rng.gen_range(0..per_user);
         for t in 0..n {
-            let item = if rng.gen::<f64>() < 0.8 { group + 7 * rng.gen_range(0..items / 7) } else { rng.gen_range(0..items) };
-            l.push(&format!("u{u}"), item, (t * 10 + u % 10) as f64, 1.0).unwrap();
+            let item = if rng.gen::<f64>() < 0.8 {
+                group + 7 * rng.gen_range(0..items / 7)
+            } else {
+                rng.gen_range(0..items)
+            };
+            l.push(&format!("u{u}"), item, (t * 10 + u % 10) as f64, 1.0)
+                .unwrap();
         }
     }
     l
@@ -97,13 +118,30 @@ fn random_log(seed: u64, users: usize, items: i64, per_user: usize) -> Log {
 fn threads_and_chunks_do_not_change_the_rows() {
     let log = random_log(1, 400, 140, 30);
     for kind in [Kind::ItemCf, Kind::Swing] {
-        let one = Similarity::new(&log, &Options::parse(kind, &json!({"threads": 1, "top_n": 20})).unwrap(), BUDGET).unwrap();
-        let two = Similarity::new(&log, &Options::parse(kind, &json!({"threads": 2, "top_n": 20})).unwrap(), BUDGET).unwrap();
+        let one = Similarity::new(
+            &log,
+            &Options::parse(kind, &json!({"threads": 1, "top_n": 20})).unwrap(),
+            BUDGET,
+        )
+        .unwrap();
+        let two = Similarity::new(
+            &log,
+            &Options::parse(kind, &json!({"threads": 2, "top_n": 20})).unwrap(),
+            BUDGET,
+        )
+        .unwrap();
         let all = one.rows(0..one.items());
-        let chunked: Vec<_> = two.chunks(500).into_iter().flat_map(|r| two.rows(r)).collect();
+        let chunked: Vec<_> = two
+            .chunks(500)
+            .into_iter()
+            .flat_map(|r| two.rows(r))
+            .collect();
         assert_eq!(all, chunked, "{kind:?}");
         // In item-id order (so a B-tree on the table appends).
-        assert!(all.windows(2).all(|w| w[0].0 <= w[1].0), "{kind:?}: sources in id order");
+        assert!(
+            all.windows(2).all(|w| w[0].0 <= w[1].0),
+            "{kind:?}: sources in id order"
+        );
         // Per source: at most top_n, score descending, ties by neighbour id, no self pair.
         let mut by_src: HashMap<i64, Vec<(i64, f32)>> = HashMap::new();
         for (a, b, v) in &all {
@@ -113,7 +151,11 @@ fn threads_and_chunks_do_not_change_the_rows() {
         }
         for (src, row) in by_src {
             assert!(row.len() <= 20, "{src}");
-            assert!(row.windows(2).all(|w| w[0].1 > w[1].1 || (w[0].1 == w[1].1 && w[0].0 < w[1].0)), "{src}: {row:?}");
+            assert!(
+                row.windows(2)
+                    .all(|w| w[0].1 > w[1].1 || (w[0].1 == w[1].1 && w[0].0 < w[1].0)),
+                "{src}: {row:?}"
+            );
         }
     }
 }
@@ -122,10 +164,19 @@ fn threads_and_chunks_do_not_change_the_rows() {
 fn the_neighbours_of_an_item_are_its_group() {
     let log = random_log(2, 700, 140, 25);
     for kind in [Kind::ItemCf, Kind::Swing] {
-        let s = Similarity::new(&log, &Options::parse(kind, &json!({"top_n": 10})).unwrap(), BUDGET).unwrap();
+        let s = Similarity::new(
+            &log,
+            &Options::parse(kind, &json!({"top_n": 10})).unwrap(),
+            BUDGET,
+        )
+        .unwrap();
         let rows = s.rows(0..s.items());
         let same = rows.iter().filter(|(a, b, _)| a % 7 == b % 7).count();
-        assert!(same as f64 > 0.9 * rows.len() as f64, "{kind:?}: {same} of {}", rows.len());
+        assert!(
+            same as f64 > 0.9 * rows.len() as f64,
+            "{kind:?}: {same} of {}",
+            rows.len()
+        );
     }
 }
 
@@ -142,16 +193,34 @@ fn caps_and_sampling_bound_the_work() {
     }
     let o = Options::parse(Kind::ItemCf, &json!({"max_user_items": 100})).unwrap();
     let s = Similarity::new(&l, &o, BUDGET).unwrap();
-    assert_eq!(s.pairs(), 100 + 100, "the heavy user keeps the 100 most recent items");
+    assert_eq!(
+        s.pairs(),
+        100 + 100,
+        "the heavy user keeps the 100 most recent items"
+    );
     let rows = s.rows(0..s.items());
     // Item 10 (old for the heavy user) now only co-occurs through the light users.
     let n10: Vec<i64> = rows.iter().filter(|r| r.0 == 10).map(|r| r.1).collect();
     assert_eq!(n10.len(), 2, "{n10:?}");
     // Item 450 keeps its heavy-user neighbours.
     assert!(rows.iter().filter(|r| r.0 == 450).count() >= 99);
-    let half = Similarity::new(&l, &Options::parse(Kind::ItemCf, &json!({"user_sample": 0.5, "seed": 3})).unwrap(), BUDGET).unwrap();
-    assert!((15..=36).contains(&half.users()), "about half of 51 users: {}", half.users());
-    let again = Similarity::new(&l, &Options::parse(Kind::ItemCf, &json!({"user_sample": 0.5, "seed": 3})).unwrap(), BUDGET).unwrap();
+    let half = Similarity::new(
+        &l,
+        &Options::parse(Kind::ItemCf, &json!({"user_sample": 0.5, "seed": 3})).unwrap(),
+        BUDGET,
+    )
+    .unwrap();
+    assert!(
+        (15..=36).contains(&half.users()),
+        "about half of 51 users: {}",
+        half.users()
+    );
+    let again = Similarity::new(
+        &l,
+        &Options::parse(Kind::ItemCf, &json!({"user_sample": 0.5, "seed": 3})).unwrap(),
+        BUDGET,
+    )
+    .unwrap();
     assert_eq!(half.users(), again.users(), "the same sample every build");
     // Swing: only the 20 most recent users of each item are paired.
     let mut l = Log::default();
@@ -193,10 +262,19 @@ fn affected_rows_recomputed_equal_a_full_build() {
         let after = Similarity::new(&new, &o2, BUDGET).unwrap();
         let changed: Vec<&str> = changed.iter().map(String::as_str).collect();
         let affected = after.affected(&new, &changed);
-        assert!(affected.len() < after.items(), "{kind:?}: not every row ({} of {})", affected.len(), after.items());
+        assert!(
+            affected.len() < after.items(),
+            "{kind:?}: not every row ({} of {})",
+            affected.len(),
+            after.items()
+        );
         // Old rows of unaffected items + recomputed rows of affected ones == a full build.
         let ids: Vec<i64> = affected.iter().map(|&i| after.item_id(i)).collect();
-        let mut merged: Vec<_> = before.rows(0..before.items()).into_iter().filter(|r| !ids.contains(&r.0)).collect();
+        let mut merged: Vec<_> = before
+            .rows(0..before.items())
+            .into_iter()
+            .filter(|r| !ids.contains(&r.0))
+            .collect();
         merged.extend(after.rows_of(&affected));
         let mut full = after.rows(0..after.items());
         let key = |r: &(i64, i64, f32)| (r.0, r.1);
@@ -216,7 +294,11 @@ fn options_and_input_are_checked() {
         (Kind::Swing, json!({"user_sample": 0}), "user_sample"),
         (Kind::Swing, json!({"nope": 1}), "nope"),
         (Kind::ItemCf, json!([1]), "options"),
-        (Kind::ItemCf, json!({"decay_reference": 5}), "decay_reference"),
+        (
+            Kind::ItemCf,
+            json!({"decay_reference": 5}),
+            "decay_reference",
+        ),
     ] {
         match Options::parse(kind, &bad) {
             Err(CfError::Option { path, .. }) => assert_eq!(path, what, "{bad}"),
@@ -229,20 +311,39 @@ fn options_and_input_are_checked() {
     assert!(l.push("u", 1, 0.0, -1.0).is_err());
     assert!(l.push("u", 1, 0.0, f32::INFINITY).is_err());
     let log = random_log(4, 100, 50, 10);
-    match Similarity::new(&log, &Options::parse(Kind::ItemCf, &json!({})).unwrap(), 1000) {
+    match Similarity::new(
+        &log,
+        &Options::parse(Kind::ItemCf, &json!({})).unwrap(),
+        1000,
+    ) {
         Err(CfError::MemoryBudget { needed, budget }) => assert!(needed > budget),
         other => panic!("{:?}", other.map(|_| ())),
     }
     // An empty log builds nothing.
-    let s = Similarity::new(&Log::default(), &Options::parse(Kind::Swing, &json!({})).unwrap(), BUDGET).unwrap();
+    let s = Similarity::new(
+        &Log::default(),
+        &Options::parse(Kind::Swing, &json!({})).unwrap(),
+        BUDGET,
+    )
+    .unwrap();
     assert!(s.rows(0..0).is_empty() && s.chunks(100).is_empty());
 }
 
 #[test]
 fn i2i_sums_weighted_similarities_over_the_history() {
-    let nb = vec![(1, 10, 0.5), (1, 11, 0.4), (1, 2, 0.9), (2, 10, 0.1), (2, 12, 0.8), (3, 13, 0.9)];
+    let nb = vec![
+        (1, 10, 0.5),
+        (1, 11, 0.4),
+        (1, 2, 0.9),
+        (2, 10, 0.1),
+        (2, 12, 0.8),
+        (3, 13, 0.9),
+    ];
     let hits = i2i(&[(1, 1.0), (2, 2.0)], &nb, 10, &[12]).unwrap();
-    let got: Vec<(i64, f32, usize, i64)> = hits.iter().map(|h| (h.item, h.score, h.rank, h.via)).collect();
+    let got: Vec<(i64, f32, usize, i64)> = hits
+        .iter()
+        .map(|h| (h.item, h.score, h.rank, h.via))
+        .collect();
     // 10: 1·0.5 + 2·0.1 = 0.7 (via 1); 11: 0.4; 2 is in the history, 12 excluded, 13 not reached.
     assert_eq!(got.len(), 2);
     assert_eq!((got[0].0, got[0].2, got[0].3), (10, 1, 1));
@@ -251,9 +352,18 @@ fn i2i_sums_weighted_similarities_over_the_history() {
     // k bounds the result; ties rank by item id; a repeated history item adds its weights.
     let nb = vec![(1, 21, 0.5), (1, 20, 0.5), (1, 22, 0.5)];
     let hits = i2i(&[(1, 0.5), (1, 0.5)], &nb, 2, &[]).unwrap();
-    assert_eq!(hits.iter().map(|h| (h.item, h.score)).collect::<Vec<_>>(), vec![(20, 0.5), (21, 0.5)]);
+    assert_eq!(
+        hits.iter().map(|h| (h.item, h.score)).collect::<Vec<_>>(),
+        vec![(20, 0.5), (21, 0.5)]
+    );
     assert!(i2i(&[], &nb, 5, &[]).unwrap().is_empty());
     assert!(i2i(&[(1, 1.0)], &nb, 0, &[]).unwrap().is_empty());
-    assert!(matches!(i2i(&[(1, f32::NAN)], &nb, 5, &[]), Err(CfError::BadInput(_))));
-    assert!(matches!(i2i(&[(1, -1.0)], &nb, 5, &[]), Err(CfError::BadInput(_))));
+    assert!(matches!(
+        i2i(&[(1, f32::NAN)], &nb, 5, &[]),
+        Err(CfError::BadInput(_))
+    ));
+    assert!(matches!(
+        i2i(&[(1, -1.0)], &nb, 5, &[]),
+        Err(CfError::BadInput(_))
+    ));
 }

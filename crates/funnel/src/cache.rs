@@ -55,16 +55,29 @@ impl<K: Hash + Eq + Copy, V> HotMap<K, V> {
         match self.map.get_mut(&k) {
             Some(s) => {
                 self.bytes = self.bytes - s.bytes + bytes;
-                *s = Slot { value: v, bytes, used: true };
+                *s = Slot {
+                    value: v,
+                    bytes,
+                    used: true,
+                };
             }
             None => {
-                self.map.insert(k, Slot { value: v, bytes, used: false });
+                self.map.insert(
+                    k,
+                    Slot {
+                        value: v,
+                        bytes,
+                        used: false,
+                    },
+                );
                 self.ring.push_back(k);
                 self.bytes += bytes;
             }
         }
         while self.bytes > self.budget {
-            let Some(old) = self.ring.pop_front() else { break };
+            let Some(old) = self.ring.pop_front() else {
+                break;
+            };
             match self.map.get_mut(&old) {
                 Some(s) if s.used => {
                     s.used = false;
@@ -126,9 +139,16 @@ mod tests {
         assert!(m.get(&5).is_none(), "a one-off item from long ago is gone");
         assert!(m.get(&9_999).is_some());
         m.insert_sized(7, vec![0; 600], 600);
-        assert!(m.get(&7).is_none(), "an entry over half the budget is not kept");
+        assert!(
+            m.get(&7).is_none(),
+            "an entry over half the budget is not kept"
+        );
         m.insert_sized(9_999, vec![2; 10], 10);
-        assert_eq!(m.get(&9_999).map(|v| v[0]), Some(2), "a new value replaces the old");
+        assert_eq!(
+            m.get(&9_999).map(|v| v[0]),
+            Some(2),
+            "a new value replaces the old"
+        );
         m.clear();
         assert!(m.is_empty() && m.bytes() == 0);
     }
@@ -150,6 +170,9 @@ mod tests {
         }
         let kept = (0..100).filter(|i| m.get(i).is_some()).count();
         assert!(kept >= 95, "{kept} of the 100 hot items kept");
-        assert!(m.get(&1000).is_none() || m.get(&1001).is_none(), "one-off items leave first");
+        assert!(
+            m.get(&1000).is_none() || m.get(&1001).is_none(),
+            "one-off items leave first"
+        );
     }
 }

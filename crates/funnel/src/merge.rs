@@ -44,9 +44,18 @@ pub enum Strategy {
     /// Per channel, its quota (channels without one get none before back-fill).
     Quota(Vec<usize>),
     /// Per channel, items per round; `snake` alternates the channel order.
-    RoundRobin { weights: Vec<usize>, snake: bool },
-    WeightedSum { weights: Vec<f64>, norm: Norm },
-    Rrf { weights: Vec<f64>, k0: f64 },
+    RoundRobin {
+        weights: Vec<usize>,
+        snake: bool,
+    },
+    WeightedSum {
+        weights: Vec<f64>,
+        norm: Norm,
+    },
+    Rrf {
+        weights: Vec<f64>,
+        k0: f64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -60,16 +69,30 @@ pub struct Merged {
 }
 
 /// Merges `cands` of `channels` channels into at most `k` items (see the module doc).
-pub fn merge(cands: &[Candidate], channels: usize, strategy: &Strategy, k: usize, exclude: &[i64]) -> Result<Vec<Merged>, MergeError> {
+pub fn merge(
+    cands: &[Candidate],
+    channels: usize,
+    strategy: &Strategy,
+    k: usize,
+    exclude: &[i64],
+) -> Result<Vec<Merged>, MergeError> {
     if let Some(c) = cands.iter().find(|c| c.channel >= channels) {
-        return Err(MergeError::Bad(format!("candidate of channel {} of {channels}", c.channel)));
+        return Err(MergeError::Bad(format!(
+            "candidate of channel {} of {channels}",
+            c.channel
+        )));
     }
     if let Some(c) = cands.iter().find(|c| !c.score.is_finite()) {
-        return Err(MergeError::Bad(format!("item {}: score {} is not finite", c.item, c.score)));
+        return Err(MergeError::Bad(format!(
+            "item {}: score {} is not finite",
+            c.item, c.score
+        )));
     }
     let per = |v: usize, what: &str| -> Result<(), MergeError> {
         if v != channels {
-            return Err(MergeError::Bad(format!("{what} has {v} entries for {channels} channels")));
+            return Err(MergeError::Bad(format!(
+                "{what} has {v} entries for {channels} channels"
+            )));
         }
         Ok(())
     };
@@ -110,9 +133,14 @@ pub fn merge(cands: &[Candidate], channels: usize, strategy: &Strategy, k: usize
             let mut score: HashMap<i64, f64> = HashMap::new();
             for (c, l) in lists.iter().enumerate() {
                 let n = l.len() as f64;
-                let (lo, hi) = l.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x.1 as f64), b.max(x.1 as f64)));
+                let (lo, hi) = l
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+                        (a.min(x.1 as f64), b.max(x.1 as f64))
+                    });
                 let mean = l.iter().map(|x| x.1 as f64).sum::<f64>() / n.max(1.0);
-                let sd = (l.iter().map(|x| (x.1 as f64 - mean).powi(2)).sum::<f64>() / n.max(1.0)).sqrt();
+                let sd = (l.iter().map(|x| (x.1 as f64 - mean).powi(2)).sum::<f64>() / n.max(1.0))
+                    .sqrt();
                 for (r, &(item, s)) in l.iter().enumerate() {
                     let s = s as f64;
                     let v = match norm {
@@ -140,7 +168,12 @@ pub fn merge(cands: &[Candidate], channels: usize, strategy: &Strategy, k: usize
     Ok(picked
         .into_iter()
         .enumerate()
-        .map(|(i, (item, score))| Merged { item, score, rank: i + 1, provenance: prov.remove(&item).unwrap_or_default() })
+        .map(|(i, (item, score))| Merged {
+            item,
+            score,
+            rank: i + 1,
+            provenance: prov.remove(&item).unwrap_or_default(),
+        })
         .collect())
 }
 
@@ -160,7 +193,12 @@ fn top(score: HashMap<i64, f64>, k: usize) -> Vec<(i64, f64)> {
 }
 
 /// The next item of list `c` not taken yet.
-fn next(lists: &[Vec<(i64, f32)>], c: usize, pos: &mut [usize], taken: &mut HashSet<i64>) -> Option<i64> {
+fn next(
+    lists: &[Vec<(i64, f32)>],
+    c: usize,
+    pos: &mut [usize],
+    taken: &mut HashSet<i64>,
+) -> Option<i64> {
     while pos[c] < lists[c].len() {
         let item = lists[c][pos[c]].0;
         pos[c] += 1;
@@ -173,7 +211,11 @@ fn next(lists: &[Vec<(i64, f32)>], c: usize, pos: &mut [usize], taken: &mut Hash
 
 /// Scores selections by position: 1/1, 1/2, ...
 fn by_position(items: Vec<i64>) -> Vec<(i64, f64)> {
-    items.into_iter().enumerate().map(|(i, x)| (x, 1.0 / (i + 1) as f64)).collect()
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| (x, 1.0 / (i + 1) as f64))
+        .collect()
 }
 
 /// Quota phase (turns of one item per channel with quota left), then back-fill (turns of one
@@ -212,7 +254,12 @@ fn select_quota(lists: &[Vec<(i64, f32)>], k: usize, quotas: &[usize]) -> Vec<(i
 
 /// Rounds in which channel c gives its next `weights[c]` items (channel order reversed on odd
 /// rounds with `snake`), until `k` or every list is spent.
-fn select_round_robin(lists: &[Vec<(i64, f32)>], k: usize, weights: &[usize], snake: bool) -> Vec<(i64, f64)> {
+fn select_round_robin(
+    lists: &[Vec<(i64, f32)>],
+    k: usize,
+    weights: &[usize],
+    snake: bool,
+) -> Vec<(i64, f64)> {
     let n = lists.len();
     let mut pos = vec![0usize; n];
     let mut taken = HashSet::new();
@@ -220,7 +267,11 @@ fn select_round_robin(lists: &[Vec<(i64, f32)>], k: usize, weights: &[usize], sn
     let mut round = 0usize;
     loop {
         let mut any = false;
-        let order: Vec<usize> = if snake && round % 2 == 1 { (0..n).rev().collect() } else { (0..n).collect() };
+        let order: Vec<usize> = if snake && round % 2 == 1 {
+            (0..n).rev().collect()
+        } else {
+            (0..n).collect()
+        };
         for c in order {
             for _ in 0..weights[c] {
                 if out.len() >= k {

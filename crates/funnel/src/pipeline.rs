@@ -63,7 +63,10 @@ pub struct ItemFeatures {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChannelKind {
     /// The user vector against a twotower_hnsw index (its table holds the item vectors).
-    TwoTower { index: String, ef_search: Option<usize> },
+    TwoTower {
+        index: String,
+        ef_search: Option<usize>,
+    },
     /// An item-to-item channel over the most recent `history_len` history items, the i-th
     /// (0-based, most recent first) weighted `decay^i`.
     I2i {
@@ -121,7 +124,10 @@ struct Obj<'a> {
 impl<'a> Obj<'a> {
     fn new(v: &'a Value, path: &str) -> Result<Obj<'a>> {
         match v {
-            Value::Object(m) => Ok(Obj { m, path: path.to_owned() }),
+            Value::Object(m) => Ok(Obj {
+                m,
+                path: path.to_owned(),
+            }),
             other => err(path, format!("must be an object, got {}", kind(other))),
         }
     }
@@ -136,7 +142,10 @@ impl<'a> Obj<'a> {
 
     fn allow(&self, keys: &[&str]) -> Result<()> {
         match self.m.keys().find(|k| !keys.contains(&k.as_str())) {
-            Some(k) => err(self.p(k), format!("unknown key (allowed here: {})", keys.join(", "))),
+            Some(k) => err(
+                self.p(k),
+                format!("unknown key (allowed here: {})", keys.join(", ")),
+            ),
             None => Ok(()),
         }
     }
@@ -156,7 +165,10 @@ impl<'a> Obj<'a> {
             (None | Some(Value::Null), None) => err(self.p(key), "is required"),
             (Some(v), _) => match v.as_u64() {
                 Some(n) if (lo..=hi).contains(&n) => Ok(n),
-                _ => err(self.p(key), format!("must be an integer from {lo} to {hi}, got {v}")),
+                _ => err(
+                    self.p(key),
+                    format!("must be an integer from {lo} to {hi}, got {v}"),
+                ),
             },
         }
     }
@@ -176,12 +188,19 @@ fn kind(v: &Value) -> &'static str {
 fn identifier(path: &str, s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= 63
-        && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if ok {
         Ok(())
     } else {
-        err(path, format!("\"{s}\" is not a channel name ([A-Za-z_][A-Za-z0-9_]*, at most 63 characters)"))
+        err(
+            path,
+            format!(
+                "\"{s}\" is not a channel name ([A-Za-z_][A-Za-z0-9_]*, at most 63 characters)"
+            ),
+        )
     }
 }
 
@@ -233,7 +252,12 @@ impl Definition {
         let chs = match o.m.get("channels") {
             None | Some(Value::Null) => &empty,
             Some(Value::Array(a)) if a.len() <= MAX_CHANNELS => a,
-            Some(v) => return err("channels", format!("must be an array of at most {MAX_CHANNELS} channels, got {v}")),
+            Some(v) => {
+                return err(
+                    "channels",
+                    format!("must be an array of at most {MAX_CHANNELS} channels, got {v}"),
+                )
+            }
         };
         let mut channels: Vec<ChannelDef> = Vec::with_capacity(chs.len());
         for (i, c) in chs.iter().enumerate() {
@@ -247,20 +271,30 @@ impl Definition {
                         index: co.str_or("index", None)?,
                         ef_search: match co.m.get("ef_search") {
                             None | Some(Value::Null) => None,
-                            Some(_) => Some(co.uint_or("ef_search", 1, MAX_MERGE_K, None)? as usize),
+                            Some(_) => {
+                                Some(co.uint_or("ef_search", 1, MAX_MERGE_K, None)? as usize)
+                            }
                         },
                     }
                 }
                 "i2i" => {
                     co.allow(&["name", "type", "channel", "k", "history_len", "decay"])?;
                     if history.is_none() {
-                        return err(co.p("type"), "an i2i channel needs the pipeline's \"history\" key");
+                        return err(
+                            co.p("type"),
+                            "an i2i channel needs the pipeline's \"history\" key",
+                        );
                     }
                     let decay = match co.m.get("decay") {
                         None | Some(Value::Null) => 1.0,
                         Some(v) => match v.as_f64() {
                             Some(d) if d > 0.0 && d <= 1.0 => d,
-                            _ => return err(co.p("decay"), format!("must be a number in (0, 1], got {v}")),
+                            _ => {
+                                return err(
+                                    co.p("decay"),
+                                    format!("must be a number in (0, 1], got {v}"),
+                                )
+                            }
                         },
                     };
                     ChannelKind::I2i {
@@ -269,7 +303,12 @@ impl Definition {
                         decay,
                     }
                 }
-                other => return err(co.p("type"), format!("must be \"twotower\" or \"i2i\", got \"{other}\"")),
+                other => {
+                    return err(
+                        co.p("type"),
+                        format!("must be \"twotower\" or \"i2i\", got \"{other}\""),
+                    )
+                }
             };
             let name = co.str_or("name", Some(&ty))?;
             identifier(&co.p("name"), &name)?;
@@ -304,7 +343,10 @@ impl Definition {
                     Some(v) => return err("merge.options", format!("must be an object, got {v}")),
                 };
                 if options.contains_key("order") {
-                    return err("merge.options.order", "the channels' order in a pipeline is the order of \"channels\"");
+                    return err(
+                        "merge.options.order",
+                        "the channels' order in a pipeline is the order of \"channels\"",
+                    );
                 }
                 MergeDef {
                     strategy: mo.str_or("strategy", Some("rrf"))?,
@@ -330,7 +372,12 @@ impl Definition {
                             so.allow(&["type", "model", "keep"])?;
                             StageKind::Model(so.str_or("model", None)?)
                         }
-                        other => return err(so.p("type"), format!("must be \"twotower\" or \"model\", got \"{other}\"")),
+                        other => {
+                            return err(
+                                so.p("type"),
+                                format!("must be \"twotower\" or \"model\", got \"{other}\""),
+                            )
+                        }
                     };
                     let keep = so.uint_or("keep", 1, MAX_MERGE_K, None)? as usize;
                     if keep > gets {
@@ -346,7 +393,12 @@ impl Definition {
                 }
                 out
             }
-            Some(v) => return err("stages", format!("must be an array of at most {MAX_STAGES} stages, got {v}")),
+            Some(v) => {
+                return err(
+                    "stages",
+                    format!("must be an array of at most {MAX_STAGES} stages, got {v}"),
+                )
+            }
         };
         let most = stages.last().map_or(merge.k, |s| s.keep);
         let k = o.uint_or("k", 1, most as u64, Some(most.min(100) as u64))? as usize;

@@ -117,7 +117,11 @@ fn sums(u: &[f32], v: &[f32]) -> (f32, f32, f32) {
             b[i] += y[i] * y[i];
         }
     }
-    let (mut dot, mut uu, mut vv) = (d.iter().sum::<f32>(), a.iter().sum::<f32>(), b.iter().sum::<f32>());
+    let (mut dot, mut uu, mut vv) = (
+        d.iter().sum::<f32>(),
+        a.iter().sum::<f32>(),
+        b.iter().sum::<f32>(),
+    );
     for (x, y) in ur.iter().zip(vr) {
         dot += x * y;
         uu += x * x;
@@ -151,7 +155,12 @@ impl<'a> CrossInputs<'a> {
                 (n > 0.0 && n.is_finite()).then(|| h.iter().map(|x| x / n).collect())
             })
             .collect();
-        CrossInputs { metric, user, unit_history, attention: None }
+        CrossInputs {
+            metric,
+            user,
+            unit_history,
+            attention: None,
+        }
     }
 
     /// The same, with `model`'s target attention over `history` (the history's raw vectors;
@@ -287,7 +296,12 @@ pub fn check_model(name: &str, model: &Model, dims: usize) -> Result<()> {
 
 /// Indices `idx` ordered by `score` (higher first), ties by item id; returns (kept, their
 /// scores, dropped).
-fn top(cands: &[Candidate], idx: &[usize], score: &[f32], keep: usize) -> (Vec<usize>, Vec<f32>, Vec<usize>) {
+fn top(
+    cands: &[Candidate],
+    idx: &[usize],
+    score: &[f32],
+    keep: usize,
+) -> (Vec<usize>, Vec<f32>, Vec<usize>) {
     let mut order: Vec<usize> = (0..idx.len()).collect();
     order.sort_by(|&a, &b| {
         score[b]
@@ -313,7 +327,9 @@ pub fn cascade(
     poll: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Vec<StageReport>> {
     if stages.is_empty() {
-        return Err(PrerankError::Bad("a cascade needs at least one stage".into()));
+        return Err(PrerankError::Bad(
+            "a cascade needs at least one stage".into(),
+        ));
     }
     let dims = req.user.len();
     if let Some(c) = cands.iter().find(|c| c.vector.len() != dims) {
@@ -330,7 +346,10 @@ pub fn cascade(
         poll()?;
         let t = Instant::now();
         if stage.keep == 0 {
-            return Err(PrerankError::Bad(format!("stage {} keeps 0 candidates", s + 1)));
+            return Err(PrerankError::Bad(format!(
+                "stage {} keeps 0 candidates",
+                s + 1
+            )));
         }
         let tt: Vec<f32> = alive
             .iter()
@@ -342,9 +361,12 @@ pub fn cascade(
                 check_model(name, model, dims)?;
                 let parts = item_part(s, &alive)?;
                 if parts.len() != alive.len() {
-                    return Err(PrerankError::Bad("item parts do not match the candidates".into()));
+                    return Err(PrerankError::Bad(
+                        "item parts do not match the candidates".into(),
+                    ));
                 }
-                let wants_history = model.cross_width(Cross::HistoryMax).is_some() || model.cross_width(Cross::HistoryMean).is_some();
+                let wants_history = model.cross_width(Cross::HistoryMax).is_some()
+                    || model.cross_width(Cross::HistoryMean).is_some();
                 let history = if wants_history {
                     let vs: Vec<&[f32]> = alive.iter().map(|&i| &*cands[i].vector).collect();
                     crosses.history_batch(&vs)
@@ -354,13 +376,32 @@ pub fn cascade(
                 let pairs: Vec<Pair> = alive
                     .iter()
                     .zip(tt.iter().zip(history))
-                    .map(|(&i, (&score, history))| Pair { score, history, position: i + 1 })
+                    .map(|(&i, (&score, history))| Pair {
+                        score,
+                        history,
+                        position: i + 1,
+                    })
                     .collect();
-                let rows: Vec<Row> = alive.iter().zip(&parts).map(|(&i, p)| (&**p, &*cands[i].vector)).collect();
+                let rows: Vec<Row> = alive
+                    .iter()
+                    .zip(&parts)
+                    .map(|(&i, p)| (&**p, &*cands[i].vector))
+                    .collect();
                 let keys = model.attention_keys(req.history);
                 poll()?;
-                let threads = if alive.len() >= PARALLEL_FROM { req.threads.max(1) } else { 1 };
-                let out = model.forward_rows(user, req.user, &rows, &keys, &mut |j, c| pairs[j].scalar(c), threads);
+                let threads = if alive.len() >= PARALLEL_FROM {
+                    req.threads.max(1)
+                } else {
+                    1
+                };
+                let out = model.forward_rows(
+                    user,
+                    req.user,
+                    &rows,
+                    &keys,
+                    &mut |j, c| pairs[j].scalar(c),
+                    threads,
+                );
                 if let Some(j) = out.iter().position(|x| !x.is_finite()) {
                     return Err(PrerankError::NonFinite {
                         model: (*name).to_owned(),

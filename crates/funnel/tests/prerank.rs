@@ -18,16 +18,35 @@ fn linear_model() -> Model {
         "layers": [{"type": "linear", "weight": "w"}],
         "output": {"dim": 1}
     });
-    Model::load(&spec.to_string(), &write_f32(&[("w", &[1, 3], &[1.0, 2.0, 0.5])])).unwrap()
+    Model::load(
+        &spec.to_string(),
+        &write_f32(&[("w", &[1, 3], &[1.0, 2.0, 0.5])]),
+    )
+    .unwrap()
 }
 
 fn cands() -> Vec<Candidate> {
     vec![
-        Candidate { item: 10, vector: vec![1.0, 0.0].into() },
-        Candidate { item: 11, vector: vec![0.0, 1.0].into() },
-        Candidate { item: 12, vector: vec![1.0, 1.0].into() },
-        Candidate { item: 13, vector: vec![-1.0, 0.0].into() },
-        Candidate { item: 14, vector: vec![2.0, 0.0].into() },
+        Candidate {
+            item: 10,
+            vector: vec![1.0, 0.0].into(),
+        },
+        Candidate {
+            item: 11,
+            vector: vec![0.0, 1.0].into(),
+        },
+        Candidate {
+            item: 12,
+            vector: vec![1.0, 1.0].into(),
+        },
+        Candidate {
+            item: 13,
+            vector: vec![-1.0, 0.0].into(),
+        },
+        Candidate {
+            item: 14,
+            vector: vec![2.0, 0.0].into(),
+        },
     ]
 }
 
@@ -47,9 +66,18 @@ fn two_tower_scores_follow_the_metric() {
 #[test]
 fn a_two_tower_stage_keeps_its_top_with_ties_by_item_id() {
     let user = [1.0f32, 0.0];
-    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
-    let stages = [Stage { scorer: Scorer::TwoTower, keep: 3 }];
-    let mut none = |_: usize, _: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> { panic!("no model stage") };
+    let req = Request {
+        metric: Metric::InnerProduct,
+        user: &user,
+        history: &[],
+        threads: 1,
+    };
+    let stages = [Stage {
+        scorer: Scorer::TwoTower,
+        keep: 3,
+    }];
+    let mut none =
+        |_: usize, _: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> { panic!("no model stage") };
     let r = cascade(&req, &cands(), &stages, &mut none, &mut never()).unwrap();
     // ip with (1, 0): 10→1, 11→0, 12→1, 13→−1, 14→2. Ties 10/12 by id.
     assert_eq!(r[0].received, 5);
@@ -64,18 +92,38 @@ fn a_model_stage_scores_only_what_the_previous_stage_kept() {
     let user_part = m.encode_part(&json!({}), Source::User, true).unwrap();
     let user = [1.0f32, 0.0];
     let history = vec![vec![0.0f32, 1.0]];
-    let req = Request { metric: Metric::Cosine, user: &user, history: &history, threads: 1 };
+    let req = Request {
+        metric: Metric::Cosine,
+        user: &user,
+        history: &history,
+        threads: 1,
+    };
     let prices = [0.0, 4.0, 1.0, 10.0, 0.0];
     let stages = [
-        Stage { scorer: Scorer::TwoTower, keep: 4 },
-        Stage { scorer: Scorer::Model { name: "m", model: &m, user: &user_part }, keep: 2 },
+        Stage {
+            scorer: Scorer::TwoTower,
+            keep: 4,
+        },
+        Stage {
+            scorer: Scorer::Model {
+                name: "m",
+                model: &m,
+                user: &user_part,
+            },
+            keep: 2,
+        },
     ];
     let mut seen = Vec::new();
     let mut parts = |stage: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
         seen.push((stage, idx.to_vec()));
         Ok(idx
             .iter()
-            .map(|&i| std::sync::Arc::new(m.encode_part(&json!({"price": prices[i]}), Source::Item, false).unwrap()))
+            .map(|&i| {
+                std::sync::Arc::new(
+                    m.encode_part(&json!({"price": prices[i]}), Source::Item, false)
+                        .unwrap(),
+                )
+            })
             .collect())
     };
     let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
@@ -96,10 +144,25 @@ fn without_history_the_history_inputs_are_zero() {
     let m = linear_model();
     let user_part = m.encode_part(&json!({}), Source::User, true).unwrap();
     let user = [1.0f32, 0.0];
-    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
-    let stages = [Stage { scorer: Scorer::Model { name: "m", model: &m, user: &user_part }, keep: 5 }];
+    let req = Request {
+        metric: Metric::InnerProduct,
+        user: &user,
+        history: &[],
+        threads: 1,
+    };
+    let stages = [Stage {
+        scorer: Scorer::Model {
+            name: "m",
+            model: &m,
+            user: &user_part,
+        },
+        keep: 5,
+    }];
     let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
-        Ok(idx.iter().map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap())).collect())
+        Ok(idx
+            .iter()
+            .map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap()))
+            .collect())
     };
     let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
     assert_eq!(r[0].scores, vec![2.0, 1.0, 1.0, 0.0, -1.0]);
@@ -110,21 +173,63 @@ fn bad_cascades_are_errors() {
     let m = linear_model();
     let up = m.encode_part(&json!({}), Source::User, true).unwrap();
     let user = [1.0f32, 0.0, 0.0];
-    let req = Request { metric: Metric::Cosine, user: &user, history: &[], threads: 1 };
+    let req = Request {
+        metric: Metric::Cosine,
+        user: &user,
+        history: &[],
+        threads: 1,
+    };
     let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
-        Ok(idx.iter().map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap())).collect())
+        Ok(idx
+            .iter()
+            .map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap()))
+            .collect())
     };
     // Vectors of another width than the user's.
-    let e = cascade(&req, &cands(), &[Stage { scorer: Scorer::TwoTower, keep: 1 }], &mut parts, &mut never());
+    let e = cascade(
+        &req,
+        &cands(),
+        &[Stage {
+            scorer: Scorer::TwoTower,
+            keep: 1,
+        }],
+        &mut parts,
+        &mut never(),
+    );
     assert!(matches!(e, Err(PrerankError::Bad(m)) if m.contains("2-dimensional")));
     let user = [1.0f32, 0.0];
-    let req = Request { metric: Metric::Cosine, user: &user, history: &[], threads: 1 };
+    let req = Request {
+        metric: Metric::Cosine,
+        user: &user,
+        history: &[],
+        threads: 1,
+    };
     assert!(cascade(&req, &cands(), &[], &mut parts, &mut never()).is_err());
-    assert!(cascade(&req, &cands(), &[Stage { scorer: Scorer::TwoTower, keep: 0 }], &mut parts, &mut never()).is_err());
+    assert!(cascade(
+        &req,
+        &cands(),
+        &[Stage {
+            scorer: Scorer::TwoTower,
+            keep: 0
+        }],
+        &mut parts,
+        &mut never()
+    )
+    .is_err());
     // A cancel request between stages stops the cascade.
     let mut cancel = || Err(PrerankError::Bad("cancelled".into()));
-    let stages = [Stage { scorer: Scorer::Model { name: "m", model: &m, user: &up }, keep: 5 }];
-    assert_eq!(cascade(&req, &cands(), &stages, &mut parts, &mut cancel), Err(PrerankError::Bad("cancelled".into())));
+    let stages = [Stage {
+        scorer: Scorer::Model {
+            name: "m",
+            model: &m,
+            user: &up,
+        },
+        keep: 5,
+    }];
+    assert_eq!(
+        cascade(&req, &cands(), &stages, &mut parts, &mut cancel),
+        Err(PrerankError::Bad("cancelled".into()))
+    );
     // A model reading u⊙v of another width than the towers'.
     let (spec, w) = twotower_testkit::towers::realistic_prerank(1);
     let big = Model::load(&spec, &w).unwrap();
@@ -138,51 +243,125 @@ fn a_huge_input_is_a_non_finite_score_error_naming_the_item() {
     let m = linear_model();
     let up = m.encode_part(&json!({}), Source::User, true).unwrap();
     let user = [1.0f32, 0.0];
-    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
+    let req = Request {
+        metric: Metric::InnerProduct,
+        user: &user,
+        history: &[],
+        threads: 1,
+    };
     let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
         Ok(idx
             .iter()
-            .map(|&i| std::sync::Arc::new(m.encode_part(&json!({"price": if i == 2 { 3e38 } else { 1.0 }}), Source::Item, false).unwrap()))
+            .map(|&i| {
+                std::sync::Arc::new(
+                    m.encode_part(
+                        &json!({"price": if i == 2 { 3e38 } else { 1.0 }}),
+                        Source::Item,
+                        false,
+                    )
+                    .unwrap(),
+                )
+            })
             .collect())
     };
-    let stages = [Stage { scorer: Scorer::Model { name: "m", model: &m, user: &up }, keep: 5 }];
+    let stages = [Stage {
+        scorer: Scorer::Model {
+            name: "m",
+            model: &m,
+            user: &up,
+        },
+        keep: 5,
+    }];
     // 0.5 · 3e38 + 1 is finite; make it overflow through a second huge term instead.
     let r = cascade(&req, &cands(), &stages, &mut parts, &mut never());
     assert!(r.is_ok());
     let mut parts2 = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
         Ok(idx
             .iter()
-            .map(|_| std::sync::Arc::new(m.encode_part(&json!({"price": 3.4e38}), Source::Item, false).unwrap()))
+            .map(|_| {
+                std::sync::Arc::new(
+                    m.encode_part(&json!({"price": 3.4e38}), Source::Item, false)
+                        .unwrap(),
+                )
+            })
             .collect())
     };
-    let wide = [Candidate { item: 7, vector: vec![3e38, 0.0].into() }];
+    let wide = [Candidate {
+        item: 7,
+        vector: vec![3e38, 0.0].into(),
+    }];
     let user = [3e38f32, 0.0];
-    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
+    let req = Request {
+        metric: Metric::InnerProduct,
+        user: &user,
+        history: &[],
+        threads: 1,
+    };
     let e = cascade(&req, &wide, &stages, &mut parts2, &mut never()).unwrap_err();
-    assert_eq!(e, PrerankError::NonFinite { model: "m".into(), item: 7 });
+    assert_eq!(
+        e,
+        PrerankError::NonFinite {
+            model: "m".into(),
+            item: 7
+        }
+    );
 }
 
 #[test]
 fn the_realistic_model_scores_in_parallel_as_it_does_alone() {
     let (spec, w) = twotower_testkit::towers::realistic_prerank(3);
     let m = Model::load(&spec, &w).unwrap();
-    let up = m.encode_part(&json!({"device": "ios"}), Source::User, true).unwrap();
-    let user: Vec<f32> = (0..64).map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0).collect();
+    let up = m
+        .encode_part(&json!({"device": "ios"}), Source::User, true)
+        .unwrap();
+    let user: Vec<f32> = (0..64)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0)
+        .collect();
     let cands: Vec<Candidate> = (0..2000)
-        .map(|i| Candidate { item: i, vector: (0..64).map(|j| (((i * 31 + j * 17) % 23) as f32 - 11.0) / 10.0).collect::<Vec<f32>>().into() })
+        .map(|i| Candidate {
+            item: i,
+            vector: (0..64)
+                .map(|j| (((i * 31 + j * 17) % 23) as f32 - 11.0) / 10.0)
+                .collect::<Vec<f32>>()
+                .into(),
+        })
         .collect();
     let history: Vec<Vec<f32>> = cands[..5].iter().map(|c| c.vector.to_vec()).collect();
     let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
         Ok(idx
             .iter()
-            .map(|&i| std::sync::Arc::new(m.encode_part(&json!({"category": format!("c{}", i % 30), "price": i as f64, "other": 1}), Source::Item, false).unwrap()))
+            .map(|&i| {
+                std::sync::Arc::new(
+                    m.encode_part(
+                        &json!({"category": format!("c{}", i % 30), "price": i as f64, "other": 1}),
+                        Source::Item,
+                        false,
+                    )
+                    .unwrap(),
+                )
+            })
             .collect())
     };
     let run = |threads: usize, parts: &mut ItemParts| {
-        let req = Request { metric: Metric::Cosine, user: &user, history: &history, threads };
+        let req = Request {
+            metric: Metric::Cosine,
+            user: &user,
+            history: &history,
+            threads,
+        };
         let stages = [
-            Stage { scorer: Scorer::TwoTower, keep: 1500 },
-            Stage { scorer: Scorer::Model { name: "p", model: &m, user: &up }, keep: 100 },
+            Stage {
+                scorer: Scorer::TwoTower,
+                keep: 1500,
+            },
+            Stage {
+                scorer: Scorer::Model {
+                    name: "p",
+                    model: &m,
+                    user: &up,
+                },
+                keep: 100,
+            },
         ];
         cascade(&req, &cands, &stages, parts, &mut || Ok(())).unwrap()
     };
@@ -216,12 +395,32 @@ mod pipeline {
     #[test]
     fn a_definition_parses_with_its_defaults() {
         let d = Definition::parse(&base()).unwrap();
-        assert_eq!(d.vectors, Vectors { table: "iv".into(), id_column: "id".into(), vector_column: "embedding".into() });
+        assert_eq!(
+            d.vectors,
+            Vectors {
+                table: "iv".into(),
+                id_column: "id".into(),
+                vector_column: "embedding".into()
+            }
+        );
         assert_eq!(d.channels[0].name, "twotower");
-        assert_eq!(d.channels[1].kind, ChannelKind::I2i { channel: "itemcf".into(), history_len: 20, decay: 0.8 });
+        assert_eq!(
+            d.channels[1].kind,
+            ChannelKind::I2i {
+                channel: "itemcf".into(),
+                history_len: 20,
+                decay: 0.8
+            }
+        );
         assert!(d.exclude_history);
         assert_eq!(d.merge.k, 400);
-        assert_eq!(d.stages[1], StageDef { kind: StageKind::Model("p".into()), keep: 100 });
+        assert_eq!(
+            d.stages[1],
+            StageDef {
+                kind: StageKind::Model("p".into()),
+                keep: 100
+            }
+        );
         assert_eq!((d.k, d.most()), (50, 100));
         // Without a merge, RRF over everything the channels return; without k, min(100, most).
         let mut v = base();
@@ -229,10 +428,14 @@ mod pipeline {
         v.as_object_mut().unwrap().remove("stages");
         v.as_object_mut().unwrap().remove("k");
         let d = Definition::parse(&v).unwrap();
-        assert_eq!((d.merge.strategy.as_str(), d.merge.k, d.k), ("rrf", 500, 100));
+        assert_eq!(
+            (d.merge.strategy.as_str(), d.merge.k, d.k),
+            ("rrf", 500, 100)
+        );
         // Without channels: stages over the caller's candidates (prerank), up to 100,000.
         let d = Definition::parse(&json!({"user_model": "u", "vectors": {"table": "iv"},
-            "stages": [{"type": "twotower", "keep": 5000}]})).unwrap();
+            "stages": [{"type": "twotower", "keep": 5000}]}))
+        .unwrap();
         assert!(d.channels.is_empty());
         assert_eq!((d.most(), d.k), (5000, 100));
     }
@@ -241,20 +444,62 @@ mod pipeline {
     fn bad_definitions_name_the_path() {
         let cases: Vec<(serde_json::Value, &str)> = vec![
             (json!([1]), ""),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": {}}), "channels"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [], "merge": {"k": 5}}), "merge"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "i2i", "channel": "c", "k": 5}]}), "channels[0].type"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 0}]}), "channels[0].k"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5}, {"type": "twotower", "index": "y", "k": 5}]}), "channels[1].name"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5, "extra": 1}]}), "channels[0].extra"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5}], "stages": [{"type": "twotower", "keep": 6}]}), "stages[0].keep"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "stages": [{"type": "twotower", "keep": 10}, {"type": "model", "model": "m", "keep": 20}]}), "stages[1].keep"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "stages": [{"type": "twotower", "keep": 10}], "k": 11}), "k"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "merge": {"options": {"order": ["a"]}}}), "merge.options.order"),
-            (json!({"vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}]}), "user_model"),
-            (json!({"user_model": "u", "channels": [{"type": "twotower", "index": "x", "k": 50}]}), "vectors"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "bm25", "k": 50}]}), "channels[0].type"),
-            (json!({"user_model": "u", "vectors": {"table": "iv"}, "history": "h", "channels": [{"type": "i2i", "channel": "c", "k": 5, "decay": 0}]}), "channels[0].decay"),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": {}}),
+                "channels",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [], "merge": {"k": 5}}),
+                "merge",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "i2i", "channel": "c", "k": 5}]}),
+                "channels[0].type",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 0}]}),
+                "channels[0].k",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5}, {"type": "twotower", "index": "y", "k": 5}]}),
+                "channels[1].name",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5, "extra": 1}]}),
+                "channels[0].extra",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 5}], "stages": [{"type": "twotower", "keep": 6}]}),
+                "stages[0].keep",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "stages": [{"type": "twotower", "keep": 10}, {"type": "model", "model": "m", "keep": 20}]}),
+                "stages[1].keep",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "stages": [{"type": "twotower", "keep": 10}], "k": 11}),
+                "k",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}], "merge": {"options": {"order": ["a"]}}}),
+                "merge.options.order",
+            ),
+            (
+                json!({"vectors": {"table": "iv"}, "channels": [{"type": "twotower", "index": "x", "k": 50}]}),
+                "user_model",
+            ),
+            (
+                json!({"user_model": "u", "channels": [{"type": "twotower", "index": "x", "k": 50}]}),
+                "vectors",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "channels": [{"type": "bm25", "k": 50}]}),
+                "channels[0].type",
+            ),
+            (
+                json!({"user_model": "u", "vectors": {"table": "iv"}, "history": "h", "channels": [{"type": "i2i", "channel": "c", "k": 5, "decay": 0}]}),
+                "channels[0].decay",
+            ),
         ];
         for (v, path) in cases {
             let e = Definition::parse(&v).unwrap_err();
@@ -272,16 +517,38 @@ fn recall_rank_is_the_log_of_the_position_in_the_list_received() {
         "features": [{"name": "rr", "type": "cross", "of": "recall_rank"}, {"name": "tt", "type": "cross", "of": "score"}],
         "layers": [{"type": "linear", "weight": "w"}], "output": {"dim": 1}
     });
-    let m = Model::load(&spec.to_string(), &write_f32(&[("w", &[1, 2], &[-1.0, 0.0])])).unwrap();
+    let m = Model::load(
+        &spec.to_string(),
+        &write_f32(&[("w", &[1, 2], &[-1.0, 0.0])]),
+    )
+    .unwrap();
     let user_part = m.encode_part(&json!({}), Source::User, true).unwrap();
     let user = [1.0f32, 0.0];
-    let req = Request { metric: Metric::InnerProduct, user: &user, history: &[], threads: 1 };
+    let req = Request {
+        metric: Metric::InnerProduct,
+        user: &user,
+        history: &[],
+        threads: 1,
+    };
     let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
-        Ok(idx.iter().map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap())).collect())
+        Ok(idx
+            .iter()
+            .map(|_| std::sync::Arc::new(m.encode_part(&json!({}), Source::Item, false).unwrap()))
+            .collect())
     };
     let stages = [
-        Stage { scorer: Scorer::TwoTower, keep: 3 },
-        Stage { scorer: Scorer::Model { name: "m", model: &m, user: &user_part }, keep: 3 },
+        Stage {
+            scorer: Scorer::TwoTower,
+            keep: 3,
+        },
+        Stage {
+            scorer: Scorer::Model {
+                name: "m",
+                model: &m,
+                user: &user_part,
+            },
+            keep: 3,
+        },
     ];
     let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
     // Stage 1 keeps 14, 10, 12 (inner products 2, 1, 1); stage 2 orders them by position.

@@ -225,7 +225,11 @@ mod tests {
                 assert_eq!(d.to_bits(), inner_product(&a, &b).to_bits());
                 assert_eq!(n.to_bits(), inner_product(&b, &b).to_bits());
                 let fast = cosine_distance_from(inner_product(&a, &a), &a, &b);
-                assert_eq!(fast.to_bits(), cosine_distance(&a, &b).to_bits(), "len {len}");
+                assert_eq!(
+                    fast.to_bits(),
+                    cosine_distance(&a, &b).to_bits(),
+                    "len {len}"
+                );
             }
         }
         let z = vec![0.0f32; 9];

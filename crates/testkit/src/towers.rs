@@ -1,7 +1,7 @@
 //! Deterministic synthetic towers and inputs, for tests and benchmarks.
 
-use twotower_tower::safetensors::write_f32;
 use serde_json::{json, Value};
+use twotower_tower::safetensors::write_f32;
 
 /// splitmix64: a tiny deterministic PRNG.
 #[derive(Debug, Clone)]
@@ -320,8 +320,10 @@ pub fn realistic_prerank_attention(seed: u64) -> (String, Vec<u8>) {
     let mut spec: Value = serde_json::from_str(&plain).expect("the plain spec is JSON");
     let dims = 64;
     if let Some(Value::Array(f)) = spec.get_mut("features") {
-        f.push(json!({"name": "din", "type": "cross", "of": "target_attention", "dim": dims,
-                      "attention": {"query": "din.query", "key": "din.key"}}));
+        f.push(
+            json!({"name": "din", "type": "cross", "of": "target_attention", "dim": dims,
+                      "attention": {"query": "din.query", "key": "din.key"}}),
+        );
     }
     let w0 = 2 * D + 1 + 4 * dims + 3;
     let tensors = [
@@ -347,21 +349,44 @@ pub fn realistic_user_tower_arch(seed: u64, arch: &str) -> (String, Vec<u8>) {
     let mut spec: Value = serde_json::from_str(&plain).expect("the plain spec is JSON");
     let w0 = 7 * D + 3;
     let mut tensors: Vec<(String, Vec<usize>, f32)> = Vec::new();
-    let mut add = |list: &[(&str, Vec<usize>, f32)]| tensors.extend(list.iter().map(|(n, s, a)| ((*n).to_owned(), s.clone(), *a)));
+    let mut add = |list: &[(&str, Vec<usize>, f32)]| {
+        tensors.extend(
+            list.iter()
+                .map(|(n, s, a)| ((*n).to_owned(), s.clone(), *a)),
+        )
+    };
     add(&user_tables());
-    let all = json!(["user_id", "country", "device", "history", "liked_categories", "age",
-                     "days_since_signup", "sessions_7d", "avg_watch_minutes", "hour"]);
+    let all = json!([
+        "user_id",
+        "country",
+        "device",
+        "history",
+        "liked_categories",
+        "age",
+        "days_since_signup",
+        "sessions_7d",
+        "avg_watch_minutes",
+        "hour"
+    ]);
     let lin = |w: &str, b: &str| json!({"type": "linear", "weight": w, "bias": b});
     let obj = spec.as_object_mut().expect("object");
     match arch {
         "senet" => {
-            obj.insert("senet".into(), json!({"w1": "senet.w1", "b1": "senet.b1", "w2": "senet.w2", "b2": "senet.b2"}));
+            obj.insert(
+                "senet".into(),
+                json!({"w1": "senet.w1", "b1": "senet.b1", "w2": "senet.w2", "b2": "senet.b2"}),
+            );
             add(&[
-                ("senet.w1", vec![4, 10], 0.3), ("senet.b1", vec![4], 0.1),
-                ("senet.w2", vec![10, 4], 0.5), ("senet.b2", vec![10], 0.1),
-                ("mlp.0.weight", vec![256, w0], linear_init(w0)), ("mlp.0.bias", vec![256], linear_init(w0)),
-                ("mlp.2.weight", vec![256, 256], linear_init(256)), ("mlp.2.bias", vec![256], linear_init(256)),
-                ("mlp.4.weight", vec![64, 256], linear_init(256)), ("mlp.4.bias", vec![64], linear_init(256)),
+                ("senet.w1", vec![4, 10], 0.3),
+                ("senet.b1", vec![4], 0.1),
+                ("senet.w2", vec![10, 4], 0.5),
+                ("senet.b2", vec![10], 0.1),
+                ("mlp.0.weight", vec![256, w0], linear_init(w0)),
+                ("mlp.0.bias", vec![256], linear_init(w0)),
+                ("mlp.2.weight", vec![256, 256], linear_init(256)),
+                ("mlp.2.bias", vec![256], linear_init(256)),
+                ("mlp.4.weight", vec![64, 256], linear_init(256)),
+                ("mlp.4.bias", vec![64], linear_init(256)),
             ]);
         }
         "parallel" => {
@@ -372,10 +397,14 @@ pub fn realistic_user_tower_arch(seed: u64, arch: &str) -> (String, Vec<u8>) {
                 {"name": "u", "inputs": ["a", "b"], "combine": "weighted_concat", "weight": "pair.weight"}]));
             obj.insert("output".into(), json!({"dim": 64, "metric": "ip"}));
             add(&[
-                ("a.0.weight", vec![128, w0], linear_init(w0)), ("a.0.bias", vec![128], linear_init(w0)),
-                ("a.2.weight", vec![32, 128], linear_init(128)), ("a.2.bias", vec![32], linear_init(128)),
-                ("b.0.weight", vec![128, w0], linear_init(w0)), ("b.0.bias", vec![128], linear_init(w0)),
-                ("b.2.weight", vec![32, 128], linear_init(128)), ("b.2.bias", vec![32], linear_init(128)),
+                ("a.0.weight", vec![128, w0], linear_init(w0)),
+                ("a.0.bias", vec![128], linear_init(w0)),
+                ("a.2.weight", vec![32, 128], linear_init(128)),
+                ("a.2.bias", vec![32], linear_init(128)),
+                ("b.0.weight", vec![128, w0], linear_init(w0)),
+                ("b.0.bias", vec![128], linear_init(w0)),
+                ("b.2.weight", vec![32, 128], linear_init(128)),
+                ("b.2.bias", vec![32], linear_init(128)),
                 ("pair.weight", vec![2], 1.0),
             ]);
         }
@@ -391,16 +420,25 @@ pub fn realistic_user_tower_arch(seed: u64, arch: &str) -> (String, Vec<u8>) {
                 {"name": "fused", "inputs": ["ids", "context", "numbers"], "combine": "attention", "weight": "att.weight", "bias": "att.bias"},
                 {"name": "out", "inputs": ["fused"], "layers": [{"type": "l2_normalize"}]}]));
             add(&[
-                ("ids.0.weight", vec![256, 3 * D], linear_init(3 * D)), ("ids.0.bias", vec![256], linear_init(3 * D)),
-                ("ids.2.weight", vec![64, 256], linear_init(256)), ("ids.2.bias", vec![64], linear_init(256)),
-                ("ctx.0.weight", vec![128, 4 * D], linear_init(4 * D)), ("ctx.0.bias", vec![128], linear_init(4 * D)),
-                ("ctx.2.weight", vec![64, 128], linear_init(128)), ("ctx.2.bias", vec![64], linear_init(128)),
-                ("num.0.weight", vec![64, 3], linear_init(3)), ("num.0.bias", vec![64], linear_init(3)),
-                ("att.weight", vec![3, 192], linear_init(192)), ("att.bias", vec![3], 0.1),
+                ("ids.0.weight", vec![256, 3 * D], linear_init(3 * D)),
+                ("ids.0.bias", vec![256], linear_init(3 * D)),
+                ("ids.2.weight", vec![64, 256], linear_init(256)),
+                ("ids.2.bias", vec![64], linear_init(256)),
+                ("ctx.0.weight", vec![128, 4 * D], linear_init(4 * D)),
+                ("ctx.0.bias", vec![128], linear_init(4 * D)),
+                ("ctx.2.weight", vec![64, 128], linear_init(128)),
+                ("ctx.2.bias", vec![64], linear_init(128)),
+                ("num.0.weight", vec![64, 3], linear_init(3)),
+                ("num.0.bias", vec![64], linear_init(3)),
+                ("att.weight", vec![3, 192], linear_init(192)),
+                ("att.bias", vec![3], 0.1),
             ]);
         }
         other => panic!("unknown architecture {other}"),
     }
-    let refs: Vec<(&str, Vec<usize>, f32)> = tensors.iter().map(|(n, s, a)| (n.as_str(), s.clone(), *a)).collect();
+    let refs: Vec<(&str, Vec<usize>, f32)> = tensors
+        .iter()
+        .map(|(n, s, a)| (n.as_str(), s.clone(), *a))
+        .collect();
     build(spec, &refs, seed)
 }

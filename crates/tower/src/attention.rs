@@ -57,7 +57,11 @@ pub fn attended<H: AsRef<[f32]>>(history: &[H], d: usize) -> impl Iterator<Item 
 
 /// The keys W_k·hᵢ of the [`attended`] vectors of `history` (`wk` is `[r, d]`).
 pub fn history_keys<H: AsRef<[f32]>>(wk: &[f32], r: usize, d: usize, history: &[H]) -> HistoryKeys {
-    let mut out = HistoryKeys { r, d, ..HistoryKeys::default() };
+    let mut out = HistoryKeys {
+        r,
+        d,
+        ..HistoryKeys::default()
+    };
     for h in attended(history, d) {
         let mut k = vec![0f32; r];
         matvec(wk, None, h, r, &mut k);
@@ -173,7 +177,9 @@ impl Model {
 
     /// Whether `keys` were made for this model's attention (its r and d).
     pub(crate) fn keys_fit(&self, keys: &HistoryKeys) -> bool {
-        self.attention.as_ref().is_some_and(|a| keys.r == a.r && keys.d == a.d)
+        self.attention
+            .as_ref()
+            .is_some_and(|a| keys.r == a.r && keys.d == a.d)
     }
 
     /// The index of the model's target attention input, if it has one.

@@ -9,7 +9,8 @@ use crate::spec::Pooling;
 #[inline]
 fn row<'a>(model: &'a Model, t: &Table, r: u32) -> Option<&'a [f32]> {
     let start = (r as usize).checked_mul(t.dim)?;
-    model.tensors
+    model
+        .tensors
         .get(t.tensor)?
         .get(start..start.checked_add(t.dim)?)
 }
@@ -24,16 +25,27 @@ fn gather(model: &Model, x: &Encoded, out: &mut [f32]) {
 }
 
 /// Writes one feature's field into its place in a raw input row (zeroed there).
-pub(crate) fn write_field(model: &Model, f: &crate::model::Feature, field: &Field, out: &mut [f32]) {
+pub(crate) fn write_field(
+    model: &Model,
+    f: &crate::model::Feature,
+    field: &Field,
+    out: &mut [f32],
+) {
     if let Some(dst) = out.get_mut(f.offset..f.offset + f.width) {
         write_field_at(model, f, field, dst);
     }
 }
 
 /// Writes one feature's field into `dst`, the field's own slice (`f.width` floats, zeroed).
-pub(crate) fn write_field_at(model: &Model, f: &crate::model::Feature, field: &Field, dst: &mut [f32]) {
+pub(crate) fn write_field_at(
+    model: &Model,
+    f: &crate::model::Feature,
+    field: &Field,
+    dst: &mut [f32],
+) {
     match (&f.kind, field) {
-        (FeatureKind::Categorical { table, .. }, Field::Row(r)) | (FeatureKind::Bucketize { table, .. }, Field::Row(r)) => {
+        (FeatureKind::Categorical { table, .. }, Field::Row(r))
+        | (FeatureKind::Bucketize { table, .. }, Field::Row(r)) => {
             if let Some(e) = row(model, table, *r) {
                 if e.len() == dst.len() {
                     dst.copy_from_slice(e);
@@ -55,7 +67,14 @@ pub(crate) fn write_field_at(model: &Model, f: &crate::model::Feature, field: &F
     }
 }
 
-fn pool(model: &Model, t: &Table, pooling: Pooling, rows: &[u32], w: Option<&[f32]>, dst: &mut [f32]) {
+fn pool(
+    model: &Model,
+    t: &Table,
+    pooling: Pooling,
+    rows: &[u32],
+    w: Option<&[f32]>,
+    dst: &mut [f32],
+) {
     let weight = |i: usize| w.and_then(|w| w.get(i)).copied().unwrap_or(1.0);
     match pooling {
         Pooling::Max => {
@@ -142,17 +161,44 @@ pub(crate) fn run_raw(model: &Model, mut raw: Vec<f32>, m: usize) -> Vec<f32> {
 }
 
 /// Runs `layers` (no shortcut among them) over `h` (`m` rows of `width`).
-pub(crate) fn run_stack(model: &Model, layers: &[Layer], h: Vec<f32>, m: usize, width: usize) -> Vec<f32> {
+pub(crate) fn run_stack(
+    model: &Model,
+    layers: &[Layer],
+    h: Vec<f32>,
+    m: usize,
+    width: usize,
+) -> Vec<f32> {
     run_list(model, layers, h, m, width, &[])
 }
 
 /// Runs the model's layers from `from` on over `h` (`m` rows of `width`); `raw` is the raw
 /// input for shortcut layers (unused, and may be empty, when the model has none).
-pub(crate) fn run_layers(model: &Model, h: Vec<f32>, m: usize, width: usize, raw: &[f32], from: usize) -> Vec<f32> {
-    run_list(model, model.layers.get(from..).unwrap_or(&[]), h, m, width, raw)
+pub(crate) fn run_layers(
+    model: &Model,
+    h: Vec<f32>,
+    m: usize,
+    width: usize,
+    raw: &[f32],
+    from: usize,
+) -> Vec<f32> {
+    run_list(
+        model,
+        model.layers.get(from..).unwrap_or(&[]),
+        h,
+        m,
+        width,
+        raw,
+    )
 }
 
-fn run_list(model: &Model, list: &[Layer], mut h: Vec<f32>, m: usize, mut width: usize, raw: &[f32]) -> Vec<f32> {
+fn run_list(
+    model: &Model,
+    list: &[Layer],
+    mut h: Vec<f32>,
+    m: usize,
+    mut width: usize,
+    raw: &[f32],
+) -> Vec<f32> {
     let w0 = model.input_width;
     for layer in list {
         match layer {

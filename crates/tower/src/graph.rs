@@ -72,8 +72,12 @@ pub(crate) fn run(model: &Model, g: &Graph, h: &[f32], m: usize) -> Vec<f32> {
         for r in 0..m {
             for i in &node.inputs {
                 match *i {
-                    Input::Field { offset, width } => x.extend_from_slice(&h[r * w0 + offset..r * w0 + offset + width]),
-                    Input::Node { index, width } => x.extend_from_slice(&outs[index][r * width..(r + 1) * width]),
+                    Input::Field { offset, width } => {
+                        x.extend_from_slice(&h[r * w0 + offset..r * w0 + offset + width])
+                    }
+                    Input::Node { index, width } => {
+                        x.extend_from_slice(&outs[index][r * width..(r + 1) * width])
+                    }
                 }
             }
         }
@@ -105,7 +109,13 @@ pub(crate) fn run(model: &Model, g: &Graph, h: &[f32], m: usize) -> Vec<f32> {
                 let mut scores = vec![0f32; k];
                 let mut alphas = vec![0f32; m * k];
                 for (r, a) in alphas.chunks_exact_mut(k).enumerate() {
-                    matvec(w, b, &x[r * node.in_width..(r + 1) * node.in_width], k, &mut scores);
+                    matvec(
+                        w,
+                        b,
+                        &x[r * node.in_width..(r + 1) * node.in_width],
+                        k,
+                        &mut scores,
+                    );
                     softmax(&scores, a);
                 }
                 combine_rows(&x, m, k, d, |i, r| alphas[r * k + i])

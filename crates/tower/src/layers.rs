@@ -42,7 +42,14 @@ pub fn matvec(w: &[f32], bias: Option<&[f32]>, x: &[f32], n_out: usize, out: &mu
 }
 
 /// C[m, n] = X[m, k] · W[n, k]^T (+ bias per row).
-pub fn gemm_xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+pub fn gemm_xwt(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     let mut c = vec![0f32; m * n];
     assert!(x.len() >= m * k && w.len() >= n * k, "gemm operand sizes");
     if m > 0 && n > 0 && k > 0 {
@@ -93,7 +100,14 @@ const NARROW: usize = 2;
 
 /// A linear layer over `m` rows of `n_in`: `x · Wᵀ + b`, W row-major `[n_out, n_in]`
 /// (a matrix-vector product for one row or a narrow output, sgemm otherwise).
-pub fn linear(x: &[f32], m: usize, n_in: usize, w: &[f32], b: Option<&[f32]>, n_out: usize) -> Vec<f32> {
+pub fn linear(
+    x: &[f32],
+    m: usize,
+    n_in: usize,
+    w: &[f32],
+    b: Option<&[f32]>,
+    n_out: usize,
+) -> Vec<f32> {
     if m == 1 {
         let mut out = vec![0f32; n_out];
         matvec(w, b, &x[..n_in.min(x.len())], n_out, &mut out);
@@ -102,7 +116,11 @@ pub fn linear(x: &[f32], m: usize, n_in: usize, w: &[f32], b: Option<&[f32]>, n_
         // A narrow output (a score): a dot product per row; sgemm would first copy (pack) the
         // whole input for a product that reads it once.
         let mut out = vec![0f32; m * n_out];
-        for (row, o) in x.chunks_exact(n_in).zip(out.chunks_exact_mut(n_out)).take(m) {
+        for (row, o) in x
+            .chunks_exact(n_in)
+            .zip(out.chunks_exact_mut(n_out))
+            .take(m)
+        {
             matvec(w, b, row, n_out, o);
         }
         out
@@ -150,7 +168,14 @@ pub fn layer_norm(h: &mut [f32], width: usize, g: &[f32], b: &[f32], eps: f64) {
 }
 
 /// Batch normalisation with running statistics (inference): `(v - mean) * inv_std * g + b`.
-pub fn batch_norm(h: &mut [f32], width: usize, g: &[f32], b: &[f32], mean: &[f32], inv_std: &[f32]) {
+pub fn batch_norm(
+    h: &mut [f32],
+    width: usize,
+    g: &[f32],
+    b: &[f32],
+    mean: &[f32],
+    inv_std: &[f32],
+) {
     for row in h.chunks_exact_mut(width.max(1)) {
         for ((((v, g), bb), mu), s) in row.iter_mut().zip(g).zip(b).zip(mean).zip(inv_std) {
             *v = (*v - mu) * s * g + bb;
@@ -180,9 +205,13 @@ mod tests {
     #[test]
     fn linear_one_row_equals_the_batch_path() {
         let (n_in, n_out) = (19, 7);
-        let w: Vec<f32> = (0..n_in * n_out).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1).collect();
+        let w: Vec<f32> = (0..n_in * n_out)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.1)
+            .collect();
         let b: Vec<f32> = (0..n_out).map(|i| i as f32 * 0.01).collect();
-        let x: Vec<f32> = (0..3 * n_in).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.2).collect();
+        let x: Vec<f32> = (0..3 * n_in)
+            .map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.2)
+            .collect();
         let batch = linear(&x, 3, n_in, &w, Some(&b), n_out);
         for r in 0..3 {
             let one = linear(&x[r * n_in..(r + 1) * n_in], 1, n_in, &w, Some(&b), n_out);
@@ -210,7 +239,13 @@ mod tests {
 
 /// Σᵢ weight(i, row) · xᵢ per row, the k inputs of width d side by side in `x` (graph combine
 /// nodes; training computes the same sums in the same order).
-pub fn combine_rows(x: &[f32], m: usize, k: usize, d: usize, weight: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+pub fn combine_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    d: usize,
+    weight: impl Fn(usize, usize) -> f32,
+) -> Vec<f32> {
     let mut y = vec![0f32; m * d];
     for r in 0..m {
         let out = &mut y[r * d..(r + 1) * d];

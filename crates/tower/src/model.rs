@@ -1,16 +1,14 @@
 //! The loaded model: spec bound to its tensors, every shape and width checked.
 
-use crate::error::{Result, TowerError};
-use crate::safetensors::{self, TensorView};
-use crate::spec::{
-    self, spec_err, LayerDraft, SpecDraft, MAX_WIDTH,
-};
 use crate::encode::Field;
+use crate::error::{Result, TowerError};
 use crate::graph::{Graph, Input, Node, Op};
+use crate::safetensors::{self, TensorView};
+pub(crate) use crate::spec::FeatureKind;
+use crate::spec::{self, spec_err, LayerDraft, SpecDraft, MAX_WIDTH};
 use crate::spec::{CombineKind, GraphDraft, InputRef, OpDraft};
 use crate::spec::{Cross, Source};
 use crate::{Kind, Metric};
-pub(crate) use crate::spec::FeatureKind;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -289,11 +287,18 @@ impl Model {
                 let (query, shape) = b.bind(&q, &[Dim::Any("r"), Dim::Is(d)])?;
                 let r = shape[0];
                 let (key, _) = b.bind(&k, &[Dim::Is(r), Dim::Is(d)])?;
-                Some(crate::attention::TargetAttention { feature, query, key, r, d })
+                Some(crate::attention::TargetAttention {
+                    feature,
+                    query,
+                    key,
+                    r,
+                    d,
+                })
             }
         };
 
-        let (layers, mut width, has_shortcut) = bind_layers(&mut b, draft.layers, input_width, &features, "layers")?;
+        let (layers, mut width, has_shortcut) =
+            bind_layers(&mut b, draft.layers, input_width, &features, "layers")?;
         let graph = match draft.graph {
             None => None,
             Some(g) => {
@@ -308,7 +313,11 @@ impl Model {
                 format!(
                     "is {}, but the {} produces a vector of width {width}",
                     draft.output_dim,
-                    if graph.is_some() { "graph's output node" } else { "layer stack" }
+                    if graph.is_some() {
+                        "graph's output node"
+                    } else {
+                        "layer stack"
+                    }
                 ),
             ));
         }
@@ -408,7 +417,14 @@ impl Model {
     /// a bulk refresh: every item would silently get the same "missing" input.
     pub fn feature_has_default(&self, name: &str) -> bool {
         self.features.iter().any(|f| {
-            f.name == name && matches!(f.kind, FeatureKind::Numeric { has_default: true, .. })
+            f.name == name
+                && matches!(
+                    f.kind,
+                    FeatureKind::Numeric {
+                        has_default: true,
+                        ..
+                    }
+                )
         })
     }
 
@@ -426,7 +442,10 @@ impl Model {
 
     /// Each feature's name and source, in spec order.
     pub fn sources(&self) -> impl Iterator<Item = (&str, Source)> + '_ {
-        self.features.iter().zip(&self.sources).map(|(f, s)| (f.name.as_str(), *s))
+        self.features
+            .iter()
+            .zip(&self.sources)
+            .map(|(f, s)| (f.name.as_str(), *s))
     }
 
     /// The width of a cross input `c` the model asks for (`None` if it does not use it).
@@ -441,14 +460,23 @@ impl Model {
     /// Encodes the features of one side (`Source::User`: the request's features object;
     /// `Source::Item`: an item's row) of a pre-rank model. With `strict`, a key of `input` that
     /// is not a feature of that side is an error. Any other source gives an empty part.
-    pub fn encode_part(&self, input: &serde_json::Value, source: Source, strict: bool) -> Result<Part> {
+    pub fn encode_part(
+        &self,
+        input: &serde_json::Value,
+        source: Source,
+        strict: bool,
+    ) -> Result<Part> {
         let fields = match source {
             Source::User | Source::Item => {
                 crate::encode::encode_where(self, input, strict, |i| self.sources[i] == source)?
             }
             Source::Cross(_) => Vec::new(),
         };
-        let side = self.features.iter().zip(&self.sources).filter(|(_, s)| **s == source);
+        let side = self
+            .features
+            .iter()
+            .zip(&self.sources)
+            .filter(|(_, s)| **s == source);
         let mut raw = vec![0f32; side.clone().map(|(f, _)| f.width).sum()];
         let mut at = 0;
         for ((f, _), field) in side.zip(&fields) {
@@ -525,7 +553,13 @@ impl Model {
 
 /// Binds a layer stack that reads `width` inputs; returns the layers, the output width and
 /// whether a shortcut layer is among them. `path` names the stack in errors.
-fn bind_layers(b: &mut Binder, drafts: Vec<LayerDraft>, mut width: usize, features: &[Feature], path: &str) -> Result<(Vec<Layer>, usize, bool)> {
+fn bind_layers(
+    b: &mut Binder,
+    drafts: Vec<LayerDraft>,
+    mut width: usize,
+    features: &[Feature],
+    path: &str,
+) -> Result<(Vec<Layer>, usize, bool)> {
     let mut layers = Vec::with_capacity(drafts.len());
     let mut has_shortcut = false;
     for (i, l) in drafts.into_iter().enumerate() {
@@ -618,8 +652,14 @@ fn bind_graph(b: &mut Binder, g: GraphDraft, features: &[Feature]) -> Result<Gra
             .inputs
             .iter()
             .map(|r| match *r {
-                InputRef::Feature(f) => Input::Field { offset: features[f].offset, width: features[f].width },
-                InputRef::Node(k) => Input::Node { index: k, width: nodes[k].width },
+                InputRef::Feature(f) => Input::Field {
+                    offset: features[f].offset,
+                    width: features[f].width,
+                },
+                InputRef::Node(k) => Input::Node {
+                    index: k,
+                    width: nodes[k].width,
+                },
             })
             .collect();
         let widths: Vec<usize> = inputs.iter().map(Input::width).collect();
@@ -628,12 +668,18 @@ fn bind_graph(b: &mut Binder, g: GraphDraft, features: &[Feature]) -> Result<Gra
         let k = inputs.len();
         let (op, width) = match d.op {
             OpDraft::Stack(layers) => {
-                let (layers, width, _) = bind_layers(b, layers, in_width, features, &format!("{path}.layers"))?;
+                let (layers, width, _) =
+                    bind_layers(b, layers, in_width, features, &format!("{path}.layers"))?;
                 (Op::Stack(layers), width)
             }
             OpDraft::Combine { kind, weight, bias } => {
                 let same = widths.iter().all(|w| *w == widths[0]);
-                if !same && matches!(kind, CombineKind::Sum | CombineKind::WeightedSum | CombineKind::Attention) {
+                if !same
+                    && matches!(
+                        kind,
+                        CombineKind::Sum | CombineKind::WeightedSum | CombineKind::Attention
+                    )
+                {
                     return Err(spec_err(
                         format!("{path}.inputs"),
                         format!("the inputs of this combine must have one width, got {widths:?}"),
@@ -644,8 +690,18 @@ fn bind_graph(b: &mut Binder, g: GraphDraft, features: &[Feature]) -> Result<Gra
                 match kind {
                     CombineKind::Concat => (Op::Concat, in_width),
                     CombineKind::Sum => (Op::Sum, d0),
-                    CombineKind::WeightedSum => (Op::WeightedSum { w: b.bind(&weight, &[Dim::Is(k)])?.0 }, d0),
-                    CombineKind::WeightedConcat => (Op::WeightedConcat { w: b.bind(&weight, &[Dim::Is(k)])?.0 }, in_width),
+                    CombineKind::WeightedSum => (
+                        Op::WeightedSum {
+                            w: b.bind(&weight, &[Dim::Is(k)])?.0,
+                        },
+                        d0,
+                    ),
+                    CombineKind::WeightedConcat => (
+                        Op::WeightedConcat {
+                            w: b.bind(&weight, &[Dim::Is(k)])?.0,
+                        },
+                        in_width,
+                    ),
                     CombineKind::Attention => {
                         let w = b.bind(&weight, &[Dim::Is(k), Dim::Is(in_width)])?.0;
                         let bias = match &bias {
@@ -657,7 +713,15 @@ fn bind_graph(b: &mut Binder, g: GraphDraft, features: &[Feature]) -> Result<Gra
                 }
             }
         };
-        nodes.push(Node { inputs, op, in_width, width });
+        nodes.push(Node {
+            inputs,
+            op,
+            in_width,
+            width,
+        });
     }
-    Ok(Graph { nodes, output: g.output })
+    Ok(Graph {
+        nodes,
+        output: g.output,
+    })
 }

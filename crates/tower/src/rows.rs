@@ -79,7 +79,9 @@ impl Model {
                     }
                     from += f.width;
                 }
-                Source::Cross(Cross::UserVector) => copy_prefix(u, &mut template[f.offset..f.offset + f.width]),
+                Source::Cross(Cross::UserVector) => {
+                    copy_prefix(u, &mut template[f.offset..f.offset + f.width])
+                }
                 _ => {}
             }
         }
@@ -95,11 +97,21 @@ impl Model {
         // Target attention of every candidate at once (matrix products), the candidates split
         // over the threads: its output (`aw` per candidate), or its weights when folded.
         let vs = || -> Vec<&[f32]> { items.iter().map(|(_, v)| *v).collect() };
-        let (attention, aw) = match puts.iter().flatten().find(|p| matches!(p, Put::Attention(_) | Put::AttentionWeights(..))) {
-            Some(Put::Attention(_)) => {
-                (split_rows(&vs(), threads, m, |c| self.attend_rows(history, c)), self.attention.as_ref().map_or(0, |a| a.d))
-            }
-            Some(Put::AttentionWeights(_, n)) if *n > 0 => (split_rows(&vs(), threads, m, |c| self.attention_weights_rows(history, c)), *n),
+        let (attention, aw) = match puts
+            .iter()
+            .flatten()
+            .find(|p| matches!(p, Put::Attention(_) | Put::AttentionWeights(..)))
+        {
+            Some(Put::Attention(_)) => (
+                split_rows(&vs(), threads, m, |c| self.attend_rows(history, c)),
+                self.attention.as_ref().map_or(0, |a| a.d),
+            ),
+            Some(Put::AttentionWeights(_, n)) if *n > 0 => (
+                split_rows(&vs(), threads, m, |c| {
+                    self.attention_weights_rows(history, c)
+                }),
+                *n,
+            ),
             _ => (Vec::new(), 0),
         };
         // Rows are written straight into one buffer per thread.
@@ -117,7 +129,11 @@ impl Model {
                 None => raw.resize(start + width, 0.0),
             }
             let row = &mut raw[start..];
-            let item = if ok(part, Source::Item) { part.raw.as_slice() } else { &[] };
+            let item = if ok(part, Source::Item) {
+                part.raw.as_slice()
+            } else {
+                &[]
+            };
             for (f, put) in self.features.iter().zip(puts) {
                 match put {
                     None => {}
@@ -189,18 +205,31 @@ impl Model {
     }
 
     /// The first layer with the request's constants folded in, when the model allows it.
-    fn fold(&self, template: &[f32], u: &[f32], history: &crate::attention::HistoryKeys) -> Option<Folded> {
+    fn fold(
+        &self,
+        template: &[f32],
+        u: &[f32],
+        history: &crate::attention::HistoryKeys,
+    ) -> Option<Folded> {
         let (w, b, n_in, n_out) = match self.layers.first() {
-            Some(Layer::Linear { w, b, n_in, n_out }) if self.senet.is_none() && !self.has_shortcut => (*w, *b, *n_in, *n_out),
+            Some(Layer::Linear { w, b, n_in, n_out })
+                if self.senet.is_none() && !self.has_shortcut =>
+            {
+                (*w, *b, *n_in, *n_out)
+            }
             _ => return None,
         };
         if n_in != self.input_width {
             return None;
         }
-        let vector_ok = self.features.iter().zip(&self.sources).all(|(f, s)| match s {
-            Source::Cross(c) if c.is_vector() => f.width == u.len(),
-            _ => true,
-        });
+        let vector_ok = self
+            .features
+            .iter()
+            .zip(&self.sources)
+            .all(|(f, s)| match s {
+                Source::Cross(c) if c.is_vector() => f.width == u.len(),
+                _ => true,
+            });
         if !vector_ok {
             return None;
         }
@@ -269,24 +298,44 @@ impl Model {
                             *d += a;
                         }
                     }
-                    (_, Some(Put::Item(at, _) | Put::Scalar(at, _) | Put::Attention(at))) => out[*at..*at + f.width].copy_from_slice(src),
+                    (_, Some(Put::Item(at, _) | Put::Scalar(at, _) | Put::Attention(at))) => {
+                        out[*at..*at + f.width].copy_from_slice(src)
+                    }
                     (_, Some(Put::AttentionWeights(at, n))) => {
                         // Column j is W·h_j.
-                        for (j, h) in history.values.chunks_exact(f.width.max(1)).take(*n).enumerate() {
+                        for (j, h) in history
+                            .values
+                            .chunks_exact(f.width.max(1))
+                            .take(*n)
+                            .enumerate()
+                        {
                             out[*at + j] = src.iter().zip(h).map(|(a, b)| a * b).sum();
                         }
                     }
-                    (_, Some(Put::Product(_))) => unreachable!("a folded row has no product columns"),
+                    (_, Some(Put::Product(_))) => {
+                        unreachable!("a folded row has no product columns")
+                    }
                 }
             }
         }
-        Some(Folded { width, puts, weight, bias, n_out })
+        Some(Folded {
+            width,
+            puts,
+            weight,
+            bias,
+            n_out,
+        })
     }
 }
 
 /// `f` over the rows `vs` split into `threads` parts on scoped threads (one part: this
 /// thread), the parts' outputs concatenated in order.
-fn split_rows(vs: &[&[f32]], threads: usize, m: usize, f: impl Fn(&[&[f32]]) -> Vec<f32> + Sync) -> Vec<f32> {
+fn split_rows(
+    vs: &[&[f32]],
+    threads: usize,
+    m: usize,
+    f: impl Fn(&[&[f32]]) -> Vec<f32> + Sync,
+) -> Vec<f32> {
     let per = m.div_ceil(threads.clamp(1, m.max(1)));
     if per >= m {
         return f(vs);

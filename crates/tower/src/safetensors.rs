@@ -148,7 +148,9 @@ fn check_header(header: &[u8]) -> Result<()> {
             .and_then(Value::as_str)
             .ok_or_else(|| bad(format!("tensor \"{name}\": dtype must be a string")))?;
         if Dtype::parse(dtype_s).is_none() {
-            return Err(bad(format!("tensor \"{name}\": unknown dtype \"{dtype_s}\"")));
+            return Err(bad(format!(
+                "tensor \"{name}\": unknown dtype \"{dtype_s}\""
+            )));
         }
         let shape = info
             .get("shape")

@@ -125,7 +125,10 @@ impl<T> FeatureKind<T> {
     }
 
     /// The same feature with its table reference mapped by `f(reference, rows)`.
-    pub(crate) fn bind<U, E>(self, mut f: impl FnMut(T, u64) -> std::result::Result<U, E>) -> std::result::Result<FeatureKind<U>, E> {
+    pub(crate) fn bind<U, E>(
+        self,
+        mut f: impl FnMut(T, u64) -> std::result::Result<U, E>,
+    ) -> std::result::Result<FeatureKind<U>, E> {
         let rows = self.table_rows().unwrap_or(0);
         Ok(match self {
             FeatureKind::Categorical { table, lookup } => FeatureKind::Categorical {
@@ -253,12 +256,19 @@ impl Cross {
     ];
 
     pub fn name(self) -> &'static str {
-        Cross::ALL.iter().find(|(_, c)| *c == self).map(|(n, _)| *n).unwrap_or("?")
+        Cross::ALL
+            .iter()
+            .find(|(_, c)| *c == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
     }
 
     /// Whether the input is as wide as the tower's vectors (otherwise it is one number).
     pub fn is_vector(self) -> bool {
-        matches!(self, Cross::UserVector | Cross::ItemVector | Cross::Product | Cross::TargetAttention)
+        matches!(
+            self,
+            Cross::UserVector | Cross::ItemVector | Cross::Product | Cross::TargetAttention
+        )
     }
 }
 
@@ -596,7 +606,10 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         let (source, feature, att) = parse_sourced_feature(&o, kind)?;
         if let Some((q, k)) = att {
             if attention.is_some() {
-                return Err(spec_err(o.p("of"), "a model has at most one target_attention input"));
+                return Err(spec_err(
+                    o.p("of"),
+                    "a model has at most one target_attention input",
+                ));
             }
             attention = Some((i, q, k));
         }
@@ -620,7 +633,11 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
 
     let empty = Vec::new();
     let has_graph = root.get("graph").is_some();
-    let ls = if has_graph && root.get("layers").is_none() { &empty } else { root.array("layers")? };
+    let ls = if has_graph && root.get("layers").is_none() {
+        &empty
+    } else {
+        root.array("layers")?
+    };
     if has_graph && !ls.is_empty() {
         return Err(spec_err("layers", "a spec with a \"graph\" has its layers in the graph's nodes (leave \"layers\" out or empty)"));
     }
@@ -639,7 +656,12 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     let out = Obj::new(root.req("output")?, "output".into())?;
     let output_node = match out.get("node") {
         None => None,
-        Some(_) if !has_graph => return Err(spec_err("output.node", "only a spec with a \"graph\" names an output node")),
+        Some(_) if !has_graph => {
+            return Err(spec_err(
+                "output.node",
+                "only a spec with a \"graph\" names an output node",
+            ))
+        }
         Some(_) => Some(out.req_str("node")?.to_owned()),
     };
     let graph = match root.get("graph") {
@@ -687,7 +709,10 @@ pub(crate) const MAX_NODES: usize = 64;
 fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<GraphDraft> {
     let arr = root.array("graph")?;
     if arr.is_empty() || arr.len() > MAX_NODES {
-        return Err(spec_err("graph", format!("must list 1 to {MAX_NODES} nodes, got {}", arr.len())));
+        return Err(spec_err(
+            "graph",
+            format!("must list 1 to {MAX_NODES} nodes, got {}", arr.len()),
+        ));
     }
     // Names first: inputs may name later nodes (the order in the file is free).
     let mut names: Vec<String> = Vec::with_capacity(arr.len());
@@ -698,10 +723,16 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
             return Err(spec_err(o.p("name"), format!("\"{name}\" is not a valid node name (1..=63 characters, [A-Za-z_][A-Za-z0-9_]*)")));
         }
         if features.iter().any(|f| f == name) {
-            return Err(spec_err(o.p("name"), format!("\"{name}\" is already a feature name")));
+            return Err(spec_err(
+                o.p("name"),
+                format!("\"{name}\" is already a feature name"),
+            ));
         }
         if names.iter().any(|n| n == name) {
-            return Err(spec_err(o.p("name"), format!("duplicate node name \"{name}\"")));
+            return Err(spec_err(
+                o.p("name"),
+                format!("duplicate node name \"{name}\""),
+            ));
         }
         names.push(name.to_owned());
     }
@@ -711,20 +742,29 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
         o.allow(&["name", "inputs", "layers", "combine", "weight", "bias"])?;
         let ins = o.array("inputs")?;
         if ins.is_empty() || ins.len() > MAX_NODES {
-            return Err(spec_err(o.p("inputs"), format!("must list 1 to {MAX_NODES} inputs, got {}", ins.len())));
+            return Err(spec_err(
+                o.p("inputs"),
+                format!("must list 1 to {MAX_NODES} inputs, got {}", ins.len()),
+            ));
         }
         let mut inputs = Vec::with_capacity(ins.len());
         for (j, x) in ins.iter().enumerate() {
             let path = format!("{}[{j}]", o.p("inputs"));
             let Some(n) = x.as_str() else {
-                return Err(spec_err(path, format!("must be a feature or node name, got {}", short(x))));
+                return Err(spec_err(
+                    path,
+                    format!("must be a feature or node name, got {}", short(x)),
+                ));
             };
             let r = if let Some(f) = features.iter().position(|f| f == n) {
                 InputRef::Feature(f)
             } else if let Some(k) = names.iter().position(|m| m == n) {
                 InputRef::Node(k)
             } else {
-                return Err(spec_err(path, format!("\"{n}\" is neither a feature nor a node of this spec")));
+                return Err(spec_err(
+                    path,
+                    format!("\"{n}\" is neither a feature nor a node of this spec"),
+                ));
             };
             if inputs.contains(&r) {
                 return Err(spec_err(path, format!("\"{n}\" is listed twice")));
@@ -732,14 +772,29 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
             inputs.push(r);
         }
         let op = match (o.get("layers"), o.get("combine")) {
-            (Some(_), Some(_)) => return Err(spec_err(o.path.clone(), "a node has \"layers\" or \"combine\", not both")),
+            (Some(_), Some(_)) => {
+                return Err(spec_err(
+                    o.path.clone(),
+                    "a node has \"layers\" or \"combine\", not both",
+                ))
+            }
             (_, None) => {
                 if o.get("weight").is_some() || o.get("bias").is_some() {
-                    return Err(spec_err(o.p("weight"), "only a \"combine\" node has a weight or bias"));
+                    return Err(spec_err(
+                        o.p("weight"),
+                        "only a \"combine\" node has a weight or bias",
+                    ));
                 }
-                let ls = if o.get("layers").is_some() { o.array("layers")?.as_slice() } else { &[] };
+                let ls = if o.get("layers").is_some() {
+                    o.array("layers")?.as_slice()
+                } else {
+                    &[]
+                };
                 if ls.len() > MAX_LAYERS {
-                    return Err(spec_err(o.p("layers"), format!("at most {MAX_LAYERS} layers, got {}", ls.len())));
+                    return Err(spec_err(
+                        o.p("layers"),
+                        format!("at most {MAX_LAYERS} layers, got {}", ls.len()),
+                    ));
                 }
                 let mut layers = Vec::with_capacity(ls.len());
                 for (j, l) in ls.iter().enumerate() {
@@ -754,17 +809,37 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
             }
             (None, Some(_)) => {
                 let c = o.req_str("combine")?;
-                let Some(kind) = CombineKind::ALL.iter().find(|(n, _)| *n == c).map(|(_, k)| *k) else {
+                let Some(kind) = CombineKind::ALL
+                    .iter()
+                    .find(|(n, _)| *n == c)
+                    .map(|(_, k)| *k)
+                else {
                     let all: Vec<&str> = CombineKind::ALL.iter().map(|(n, _)| *n).collect();
-                    return Err(spec_err(o.p("combine"), format!("must be one of {}, got \"{c}\"", all.join(", "))));
+                    return Err(spec_err(
+                        o.p("combine"),
+                        format!("must be one of {}, got \"{c}\"", all.join(", ")),
+                    ));
                 };
                 if inputs.len() < 2 {
-                    return Err(spec_err(o.p("inputs"), "a combine node joins at least two inputs"));
+                    return Err(spec_err(
+                        o.p("inputs"),
+                        "a combine node joins at least two inputs",
+                    ));
                 }
-                let weighted = matches!(kind, CombineKind::WeightedSum | CombineKind::WeightedConcat | CombineKind::Attention);
-                let weight = if weighted { Some(o.tensor("weight")?) } else { None };
+                let weighted = matches!(
+                    kind,
+                    CombineKind::WeightedSum | CombineKind::WeightedConcat | CombineKind::Attention
+                );
+                let weight = if weighted {
+                    Some(o.tensor("weight")?)
+                } else {
+                    None
+                };
                 if !weighted && o.get("weight").is_some() {
-                    return Err(spec_err(o.p("weight"), format!("a \"{c}\" node has no weight")));
+                    return Err(spec_err(
+                        o.p("weight"),
+                        format!("a \"{c}\" node has no weight"),
+                    ));
                 }
                 let bias = if kind == CombineKind::Attention {
                     o.opt_tensor("bias")?
@@ -776,14 +851,18 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
                 OpDraft::Combine { kind, weight, bias }
             }
         };
-        nodes.push(NodeDraft { name: names[i].clone(), spec_index: i, inputs, op });
+        nodes.push(NodeDraft {
+            name: names[i].clone(),
+            spec_index: i,
+            inputs,
+            op,
+        });
     }
     let out = match output {
         None => nodes.len() - 1,
-        Some(n) => names
-            .iter()
-            .position(|m| m == n)
-            .ok_or_else(|| spec_err("output.node", format!("\"{n}\" is not a node of the graph")))?,
+        Some(n) => names.iter().position(|m| m == n).ok_or_else(|| {
+            spec_err("output.node", format!("\"{n}\" is not a node of the graph"))
+        })?,
     };
     // Depth-first from the output: a node met again while on the path closes a cycle; every
     // node reached is used; each node is placed after its inputs.
@@ -793,14 +872,26 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
         OnPath,
         Done,
     }
-    fn visit(n: usize, nodes: &[NodeDraft], marks: &mut [Mark], path: &mut Vec<usize>, order: &mut Vec<usize>) -> Result<()> {
+    fn visit(
+        n: usize,
+        nodes: &[NodeDraft],
+        marks: &mut [Mark],
+        path: &mut Vec<usize>,
+        order: &mut Vec<usize>,
+    ) -> Result<()> {
         match marks[n] {
             Mark::Done => return Ok(()),
             Mark::OnPath => {
                 let from = path.iter().position(|&p| p == n).unwrap_or(0);
-                let mut cycle: Vec<&str> = path[from..].iter().map(|&p| nodes[p].name.as_str()).collect();
+                let mut cycle: Vec<&str> = path[from..]
+                    .iter()
+                    .map(|&p| nodes[p].name.as_str())
+                    .collect();
                 cycle.push(&nodes[n].name);
-                return Err(spec_err("graph", format!("the nodes form a cycle: {}", cycle.join(" -> "))));
+                return Err(spec_err(
+                    "graph",
+                    format!("the nodes form a cycle: {}", cycle.join(" -> ")),
+                ));
             }
             Mark::New => {}
         }
@@ -822,19 +913,35 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
     if let Some(unused) = marks.iter().position(|m| *m != Mark::Done) {
         // A cycle among unused nodes is still a cycle: report it as such.
         let mut scratch = vec![Mark::New; nodes.len()];
-        visit(unused, &nodes, &mut scratch, &mut Vec::new(), &mut Vec::new())?;
+        visit(
+            unused,
+            &nodes,
+            &mut scratch,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )?;
         return Err(spec_err(
             format!("graph[{unused}]"),
-            format!("node \"{}\" is not used by the output node \"{}\"", nodes[unused].name, nodes[out].name),
+            format!(
+                "node \"{}\" is not used by the output node \"{}\"",
+                nodes[unused].name, nodes[out].name
+            ),
         ));
     }
     let used: Vec<bool> = (0..features.len())
-        .map(|f| nodes.iter().any(|n| n.inputs.contains(&InputRef::Feature(f))))
+        .map(|f| {
+            nodes
+                .iter()
+                .any(|n| n.inputs.contains(&InputRef::Feature(f)))
+        })
         .collect();
     if let Some(f) = used.iter().position(|u| !u) {
         return Err(spec_err(
             format!("features[{f}]"),
-            format!("feature \"{}\" is not an input of any graph node", features[f]),
+            format!(
+                "feature \"{}\" is not an input of any graph node",
+                features[f]
+            ),
         ));
     }
     // Renumber in dependency order.
@@ -850,7 +957,10 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
             }
         }
     }
-    Ok(GraphDraft { output: new_index[out], nodes: sorted })
+    Ok(GraphDraft {
+        output: new_index[out],
+        nodes: sorted,
+    })
 }
 
 /// A feature with its source. Towers' features have none (a user tower reads the request, an item
@@ -859,15 +969,28 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
 /// towers' dimension, for the vector-valued ones).
 /// A target attention input also returns its query and key tensor names.
 #[allow(clippy::type_complexity)]
-fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft, Option<(String, String)>)> {
-    let tower_source = if kind == Kind::Item { Source::Item } else { Source::User };
+fn parse_sourced_feature(
+    o: &Obj,
+    kind: Kind,
+) -> Result<(Source, FeatureDraft, Option<(String, String)>)> {
+    let tower_source = if kind == Kind::Item {
+        Source::Item
+    } else {
+        Source::User
+    };
     let ty = o.get("type");
     if kind != Kind::Prerank {
         if o.get("source").is_some() {
-            return Err(spec_err(o.p("source"), "only features of a \"prerank\" model have a source"));
+            return Err(spec_err(
+                o.p("source"),
+                "only features of a \"prerank\" model have a source",
+            ));
         }
         if ty.and_then(Value::as_str) == Some("cross") {
-            return Err(spec_err(o.p("type"), "\"cross\" features are for \"prerank\" models only"));
+            return Err(spec_err(
+                o.p("type"),
+                "\"cross\" features are for \"prerank\" models only",
+            ));
         }
         return Ok((tower_source, parse_feature(o)?, None));
     }
@@ -876,7 +999,10 @@ fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft, O
         let of = o.req_str("of")?;
         let Some(cross) = Cross::ALL.iter().find(|(n, _)| *n == of).map(|(_, c)| *c) else {
             let names: Vec<&str> = Cross::ALL.iter().map(|(n, _)| *n).collect();
-            return Err(spec_err(o.p("of"), format!("must be one of {}, got \"{of}\"", names.join(", "))));
+            return Err(spec_err(
+                o.p("of"),
+                format!("must be one of {}, got \"{of}\"", names.join(", ")),
+            ));
         };
         let dim = if cross.is_vector() {
             o.uint("dim", 1, MAX_WIDTH as u64)? as usize
@@ -893,9 +1019,17 @@ fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft, O
                 Some((a.tensor("query")?, a.tensor("key")?))
             }
             (Cross::TargetAttention, None) => {
-                return Err(spec_err(o.p("attention"), "target_attention needs its weights: {\"query\": tensor, \"key\": tensor}"))
+                return Err(spec_err(
+                    o.p("attention"),
+                    "target_attention needs its weights: {\"query\": tensor, \"key\": tensor}",
+                ))
             }
-            (_, Some(_)) => return Err(spec_err(o.p("attention"), "only a target_attention input has attention weights")),
+            (_, Some(_)) => {
+                return Err(spec_err(
+                    o.p("attention"),
+                    "only a target_attention input has attention weights",
+                ))
+            }
             (_, None) => None,
         };
         return Ok((Source::Cross(cross), FeatureDraft::Dense { dim }, att));
@@ -905,7 +1039,10 @@ fn parse_sourced_feature(o: &Obj, kind: Kind) -> Result<(Source, FeatureDraft, O
         Some(Value::String(s)) if s == "user" => Source::User,
         Some(Value::String(s)) if s == "item" => Source::Item,
         Some(other) => {
-            return Err(spec_err(o.p("source"), format!("must be \"user\" or \"item\", got {}", short(other))))
+            return Err(spec_err(
+                o.p("source"),
+                format!("must be \"user\" or \"item\", got {}", short(other)),
+            ))
         }
     };
     let mut rest = o.m.clone();

@@ -24,7 +24,12 @@ fn json(p: &Path) -> Value {
 fn check_dir(dir: &Path, strict: bool) -> Model {
     // Missing fixtures are a failure, not a skip: a test that passes without its data proves
     // nothing (they are committed under tests/golden; make_fixtures.py regenerates them).
-    for f in ["spec.json", "weights.safetensors", "inputs.json", "expected.json"] {
+    for f in [
+        "spec.json",
+        "weights.safetensors",
+        "inputs.json",
+        "expected.json",
+    ] {
         assert!(
             dir.join(f).is_file(),
             "golden fixture {} is missing",
@@ -129,11 +134,22 @@ fn golden_target_attention() {
     let expected = json(&dir.join("expected.json"));
     let cases = cases.as_array().unwrap();
     assert_eq!(cases.len(), 5);
-    let floats = |v: &Value| -> Vec<f32> { v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect() };
+    let floats = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
     for (i, (c, want)) in cases.iter().zip(expected.as_array().unwrap()).enumerate() {
         let want = want.as_f64().unwrap();
         let (u, v) = (floats(&c["u"]), floats(&c["v"]));
-        let history: Vec<Vec<f32>> = c["history"].as_array().unwrap().iter().map(floats).collect();
+        let history: Vec<Vec<f32>> = c["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
         let user = model.encode_part(&c["user"], Source::User, true).unwrap();
         let item = model.encode_part(&c["item"], Source::Item, true).unwrap();
         let keys = model.attention_keys(&history);
@@ -146,7 +162,11 @@ fn golden_target_attention() {
         });
         let one = model.forward(&x)[0];
         for (path, got) in [("forward_rows", rows[0]), ("assemble", one)] {
-            assert!((got as f64 - want).abs() < 1e-5, "case {i} ({} history items), {path}: {got} vs {want}", history.len());
+            assert!(
+                (got as f64 - want).abs() < 1e-5,
+                "case {i} ({} history items), {path}: {got} vs {want}",
+                history.len()
+            );
         }
     }
 }

@@ -1217,7 +1217,10 @@ fn forward_equals_batch_equals_parallel() {
     assert_eq!(m.output_dim(), 64);
     assert_eq!(m.kind(), Kind::User);
     let xs: Vec<Encoded> = (0..37)
-        .map(|i| m.encode(&twotower_testkit::towers::realistic_user_input(9, i), true).unwrap())
+        .map(|i| {
+            m.encode(&twotower_testkit::towers::realistic_user_input(9, i), true)
+                .unwrap()
+        })
         .collect();
     let single: Vec<f32> = xs.iter().flat_map(|x| m.forward(x)).collect();
     let batch = m.forward_batch(&xs);
@@ -1299,17 +1302,31 @@ fn a_prerank_model_assembles_user_item_and_cross_fields_in_spec_order() {
         {"name": "score", "type": "cross", "of": "score"},
         {"name": "u", "type": "cross", "of": "user_vector", "dim": 2}
     ]));
-    let m = load(&s, &[("e", vec![3, 2], vec![0., 0., 1., 2., 3., 4.]), ("w", vec![1, 6], vec![1., 10., 100., 1000., 1e4, 1e5])]).unwrap();
+    let m = load(
+        &s,
+        &[
+            ("e", vec![3, 2], vec![0., 0., 1., 2., 3., 4.]),
+            ("w", vec![1, 6], vec![1., 10., 100., 1000., 1e4, 1e5]),
+        ],
+    )
+    .unwrap();
     assert_eq!(m.kind(), Kind::Prerank);
     assert_eq!(m.cross_width(Cross::UserVector), Some(2));
     assert_eq!(m.cross_width(Cross::Product), None);
     let names: Vec<(&str, Source)> = m.sources().collect();
     assert_eq!(names[1], ("price", Source::Item));
     assert_eq!(names[2], ("score", Source::Cross(Cross::Score)));
-    let user = m.encode_part(&json!({"device": "web"}), Source::User, true).unwrap();
+    let user = m
+        .encode_part(&json!({"device": "web"}), Source::User, true)
+        .unwrap();
     // The user part is strict about its own side only: an item feature is not a request key.
-    assert!(matches!(m.encode_part(&json!({"price": 1}), Source::User, true), Err(TowerError::UnknownFeature { .. })));
-    let item = m.encode_part(&json!({"price": 0.5, "title": "x"}), Source::Item, false).unwrap();
+    assert!(matches!(
+        m.encode_part(&json!({"price": 1}), Source::User, true),
+        Err(TowerError::UnknownFeature { .. })
+    ));
+    let item = m
+        .encode_part(&json!({"price": 0.5, "title": "x"}), Source::Item, false)
+        .unwrap();
     let x = m.assemble(&user, &item, &mut |c, out| match c {
         Cross::Score => out[0] = 0.25,
         Cross::UserVector => out.copy_from_slice(&[3.0, 4.0]),
@@ -1319,16 +1336,43 @@ fn a_prerank_model_assembles_user_item_and_cross_fields_in_spec_order() {
     let want = 3.0 + 40.0 + 50.0 + 250.0 + 3e4 + 4e5;
     assert_eq!(m.forward(&x), vec![want as f32]);
     // forward_rows: the same scores without an example per row, on one thread or two.
-    let items: Vec<Part> = (0..5).map(|i| m.encode_part(&json!({"price": i as f64}), Source::Item, false).unwrap()).collect();
+    let items: Vec<Part> = (0..5)
+        .map(|i| {
+            m.encode_part(&json!({"price": i as f64}), Source::Item, false)
+                .unwrap()
+        })
+        .collect();
     let u = [3.0f32, 1.0];
     let rows: Vec<Row> = items.iter().map(|p| (p, &u[..])).collect();
     let fill = |i: usize, c: Cross, out: &mut [f32]| match c {
         Cross::Score => out[0] = i as f32 / 10.0,
         _ => out.copy_from_slice(&u),
     };
-    let want: Vec<f32> = (0..5).map(|i| m.forward(&m.assemble(&user, &items[i], &mut |c, o| fill(i, c, o)))[0]).collect();
-    assert_eq!(m.forward_rows(&user, &u, &rows, &Default::default(), &mut |i, _| i as f32 / 10.0, 1), want);
-    assert_eq!(m.forward_rows(&user, &u, &rows, &Default::default(), &mut |i, _| i as f32 / 10.0, 2), want);
+    let want: Vec<f32> = (0..5)
+        .map(|i| m.forward(&m.assemble(&user, &items[i], &mut |c, o| fill(i, c, o)))[0])
+        .collect();
+    assert_eq!(
+        m.forward_rows(
+            &user,
+            &u,
+            &rows,
+            &Default::default(),
+            &mut |i, _| i as f32 / 10.0,
+            1
+        ),
+        want
+    );
+    assert_eq!(
+        m.forward_rows(
+            &user,
+            &u,
+            &rows,
+            &Default::default(),
+            &mut |i, _| i as f32 / 10.0,
+            2
+        ),
+        want
+    );
     // Parts from the wrong side or another model contribute zeros.
     let x = m.assemble(&item, &user, &mut |_, _| {});
     assert_eq!(m.forward(&x), vec![0.0]);
@@ -1341,10 +1385,28 @@ fn prerank_specs_are_validated() {
         Err(TowerError::Spec { path: p, .. }) => assert_eq!(p, path, "{s}"),
         other => panic!("{s}: expected a spec error at {path}, got {other:?}"),
     };
-    bad(prerank_spec(json!([{"name": "s", "type": "cross", "of": "rank"}])), &w(1), "features[0].of");
-    bad(prerank_spec(json!([{"name": "s", "type": "cross", "of": "product"}])), &w(1), "features[0].dim");
-    bad(prerank_spec(json!([{"name": "s", "type": "cross", "of": "score", "dim": 3}])), &w(1), "features[0].dim");
-    bad(prerank_spec(json!([{"name": "s", "type": "numeric", "transform": "none", "source": "cross"}])), &w(1), "features[0].source");
+    bad(
+        prerank_spec(json!([{"name": "s", "type": "cross", "of": "rank"}])),
+        &w(1),
+        "features[0].of",
+    );
+    bad(
+        prerank_spec(json!([{"name": "s", "type": "cross", "of": "product"}])),
+        &w(1),
+        "features[0].dim",
+    );
+    bad(
+        prerank_spec(json!([{"name": "s", "type": "cross", "of": "score", "dim": 3}])),
+        &w(1),
+        "features[0].dim",
+    );
+    bad(
+        prerank_spec(
+            json!([{"name": "s", "type": "numeric", "transform": "none", "source": "cross"}]),
+        ),
+        &w(1),
+        "features[0].source",
+    );
     let mut two = prerank_spec(json!([{"name": "s", "type": "cross", "of": "score"}]));
     two["output"] = json!({"dim": 2});
     bad(two, &w(1), "output.dim");
@@ -1352,22 +1414,94 @@ fn prerank_specs_are_validated() {
     metric["output"] = json!({"dim": 1, "metric": "ip"});
     bad(metric, &w(1), "output.metric");
     // Towers have no sources and no cross features.
-    bad(spec(json!([{"name": "s", "type": "numeric", "transform": "none", "source": "item"}]), json!([]), 1), &[], "features[0].source");
-    bad(spec(json!([{"name": "s", "type": "cross", "of": "score"}]), json!([]), 1), &[], "features[0].type");
-    assert!(load(&prerank_spec(json!([{"name": "s", "type": "cross", "of": "score"}])), &w(1)).is_ok());
+    bad(
+        spec(
+            json!([{"name": "s", "type": "numeric", "transform": "none", "source": "item"}]),
+            json!([]),
+            1,
+        ),
+        &[],
+        "features[0].source",
+    );
+    bad(
+        spec(
+            json!([{"name": "s", "type": "cross", "of": "score"}]),
+            json!([]),
+            1,
+        ),
+        &[],
+        "features[0].type",
+    );
+    assert!(load(
+        &prerank_spec(json!([{"name": "s", "type": "cross", "of": "score"}])),
+        &w(1)
+    )
+    .is_ok());
     // Target attention: its weights, their shapes, one per model.
     let din = |att: Value| json!({"name": "din", "type": "cross", "of": "target_attention", "dim": 2, "attention": att});
-    let qk = |r: usize, rk: usize, d: usize| vec![("w", vec![1, 2], vec![1.0; 2]), ("q", vec![r, d], vec![0.5; r * d]), ("k", vec![rk, d], vec![0.5; rk * d])];
-    assert!(load(&prerank_spec(json!([din(json!({"query": "q", "key": "k"}))])), &qk(3, 3, 2)).is_ok());
-    bad(prerank_spec(json!([{"name": "din", "type": "cross", "of": "target_attention", "dim": 2}])), &w(2), "features[0].attention");
-    bad(prerank_spec(json!([din(json!({"query": "q"}))])), &qk(3, 3, 2), "features[0].attention.key");
-    bad(prerank_spec(json!([din(json!({"query": "q", "key": "k", "value": "k"}))])), &qk(3, 3, 2), "features[0].attention.value");
-    bad(prerank_spec(json!([{"name": "s", "type": "cross", "of": "score", "attention": {"query": "q", "key": "k"}}])), &w(1), "features[0].attention");
-    let mut twice = prerank_spec(json!([din(json!({"query": "q", "key": "k"})), {"name": "d2", "type": "cross", "of": "target_attention", "dim": 2, "attention": {"query": "q", "key": "k"}}]));
+    let qk = |r: usize, rk: usize, d: usize| {
+        vec![
+            ("w", vec![1, 2], vec![1.0; 2]),
+            ("q", vec![r, d], vec![0.5; r * d]),
+            ("k", vec![rk, d], vec![0.5; rk * d]),
+        ]
+    };
+    assert!(load(
+        &prerank_spec(json!([din(json!({"query": "q", "key": "k"}))])),
+        &qk(3, 3, 2)
+    )
+    .is_ok());
+    bad(
+        prerank_spec(json!([{"name": "din", "type": "cross", "of": "target_attention", "dim": 2}])),
+        &w(2),
+        "features[0].attention",
+    );
+    bad(
+        prerank_spec(json!([din(json!({"query": "q"}))])),
+        &qk(3, 3, 2),
+        "features[0].attention.key",
+    );
+    bad(
+        prerank_spec(json!([din(
+            json!({"query": "q", "key": "k", "value": "k"})
+        )])),
+        &qk(3, 3, 2),
+        "features[0].attention.value",
+    );
+    bad(
+        prerank_spec(
+            json!([{"name": "s", "type": "cross", "of": "score", "attention": {"query": "q", "key": "k"}}]),
+        ),
+        &w(1),
+        "features[0].attention",
+    );
+    let mut twice = prerank_spec(
+        json!([din(json!({"query": "q", "key": "k"})), {"name": "d2", "type": "cross", "of": "target_attention", "dim": 2, "attention": {"query": "q", "key": "k"}}]),
+    );
     twice["layers"] = json!([{"type": "linear", "weight": "w4"}]);
-    bad(twice, &[("w4", vec![1, 4], vec![1.0; 4]), ("q", vec![3, 2], vec![0.5; 6]), ("k", vec![3, 2], vec![0.5; 6])], "features[1].of");
-    for (ts, what) in [(qk(3, 3, 4), "a query of the wrong width"), (qk(3, 2, 2), "a key with other rows")] {
-        assert!(matches!(load(&prerank_spec(json!([din(json!({"query": "q", "key": "k"}))])), &ts), Err(TowerError::TensorShape { .. })), "{what}");
+    bad(
+        twice,
+        &[
+            ("w4", vec![1, 4], vec![1.0; 4]),
+            ("q", vec![3, 2], vec![0.5; 6]),
+            ("k", vec![3, 2], vec![0.5; 6]),
+        ],
+        "features[1].of",
+    );
+    for (ts, what) in [
+        (qk(3, 3, 4), "a query of the wrong width"),
+        (qk(3, 2, 2), "a key with other rows"),
+    ] {
+        assert!(
+            matches!(
+                load(
+                    &prerank_spec(json!([din(json!({"query": "q", "key": "k"}))])),
+                    &ts
+                ),
+                Err(TowerError::TensorShape { .. })
+            ),
+            "{what}"
+        );
     }
 }
 
@@ -1391,7 +1525,11 @@ fn every_input_prerank(senet: bool) -> Model {
         {"type": "relu"},
         {"type": "linear", "weight": "w1", "bias": "b1"}
     ]);
-    let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 37 + seed * 11) % 41) as f32 - 20.0) / 20.0).collect() };
+    let vals = |n: usize, seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 37 + seed * 11) % 41) as f32 - 20.0) / 20.0)
+            .collect()
+    };
     let mut ts: Vec<T> = vec![
         ("ed", vec![3, 2], vals(6, 1)),
         ("ec", vec![4, 2], vals(8, 2)),
@@ -1417,13 +1555,28 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
     // score as an example per candidate does (up to the rounding of a reordered sum).
     for senet in [false, true] {
         let m = every_input_prerank(senet);
-        let user = m.encode_part(&json!({"device": "web"}), Source::User, true).unwrap();
+        let user = m
+            .encode_part(&json!({"device": "web"}), Source::User, true)
+            .unwrap();
         let u = [0.5f32, -1.0, 0.25, 2.0];
         let cats = ["a", "b", "c", "zz"];
         let items: Vec<Part> = (0..40)
-            .map(|i| m.encode_part(&json!({"category": cats[i % 4], "price": i as f64}), Source::Item, false).unwrap())
+            .map(|i| {
+                m.encode_part(
+                    &json!({"category": cats[i % 4], "price": i as f64}),
+                    Source::Item,
+                    false,
+                )
+                .unwrap()
+            })
             .collect();
-        let vs: Vec<Vec<f32>> = (0..40).map(|i| (0..4).map(|j| (((i * 7 + j * 3) % 9) as f32 - 4.0) / 4.0).collect()).collect();
+        let vs: Vec<Vec<f32>> = (0..40)
+            .map(|i| {
+                (0..4)
+                    .map(|j| (((i * 7 + j * 3) % 9) as f32 - 4.0) / 4.0)
+                    .collect()
+            })
+            .collect();
         let scalar = |i: usize, c: Cross| match c {
             Cross::Score => i as f32 / 40.0,
             Cross::HistoryMax => 1.0 - i as f32 / 20.0,
@@ -1431,7 +1584,12 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
             _ => f32::NAN,
         };
         // Target attention over a history of three vectors (one of the wrong width, left out).
-        let history = vec![vec![1.0f32, 0.0, 0.5, -0.5], vec![-0.25, 0.75, 0.0, 1.0], vec![1.0, 2.0], vec![0.5, 0.5, 0.5, 0.5]];
+        let history = vec![
+            vec![1.0f32, 0.0, 0.5, -0.5],
+            vec![-0.25, 0.75, 0.0, 1.0],
+            vec![1.0, 2.0],
+            vec![0.5, 0.5, 0.5, 0.5],
+        ];
         let keys = m.attention_keys(&history);
         assert_eq!(keys.n, 3);
         let want: Vec<f32> = (0..40)
@@ -1439,7 +1597,10 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
                 let x = m.assemble(&user, &items[i], &mut |c, out| match c {
                     Cross::UserVector => out.copy_from_slice(&u),
                     Cross::ItemVector => out.copy_from_slice(&vs[i]),
-                    Cross::Product => out.iter_mut().enumerate().for_each(|(j, o)| *o = u[j] * vs[i][j]),
+                    Cross::Product => out
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(j, o)| *o = u[j] * vs[i][j]),
                     Cross::TargetAttention => m.attend(&keys, &vs[i], out),
                     c => out[0] = scalar(i, c),
                 });
@@ -1451,12 +1612,22 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
             let got = m.forward_rows(&user, &u, &rows, &keys, &mut |i, c| scalar(i, c), threads);
             assert_eq!(got.len(), 40);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "senet {senet}, threads {threads}, row {i}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                    "senet {senet}, threads {threads}, row {i}: {g} vs {w}"
+                );
             }
         }
         // A narrower vector than the field reads as zeros past its end, as in an example.
         let short = [1.0f32];
-        let got = m.forward_rows(&user, &u, &[(&items[0], &short[..])], &Default::default(), &mut |i, c| scalar(i, c), 1);
+        let got = m.forward_rows(
+            &user,
+            &u,
+            &[(&items[0], &short[..])],
+            &Default::default(),
+            &mut |i, c| scalar(i, c),
+            1,
+        );
         let x = m.assemble(&user, &items[0], &mut |c, out| match c {
             Cross::UserVector => out.copy_from_slice(&u),
             Cross::ItemVector => out[0] = 1.0,
@@ -1465,7 +1636,10 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
             Cross::TargetAttention => {}
             c => out[0] = scalar(0, c),
         });
-        assert!((got[0] - m.forward(&x)[0]).abs() <= 1e-5, "senet {senet}: a short vector");
+        assert!(
+            (got[0] - m.forward(&x)[0]).abs() <= 1e-5,
+            "senet {senet}: a short vector"
+        );
     }
 }
 
@@ -1478,15 +1652,31 @@ fn target_attention_reads_a_bounded_history_and_scores_candidates_in_blocks() {
     let wk: Vec<f32> = (0..r * d).map(|i| val(i, 0, 5, 1)).collect();
     // A history longer than the bound: its first MAX_ATTENDED usable vectors are read (a
     // non-finite one and one of the wrong width are skipped).
-    let mut hist: Vec<Vec<f32>> = (0..300).map(|i| (0..d).map(|j| val(i, j, 13, 5)).collect()).collect();
+    let mut hist: Vec<Vec<f32>> = (0..300)
+        .map(|i| (0..d).map(|j| val(i, j, 13, 5)).collect())
+        .collect();
     hist[3] = vec![f32::NAN, 0.0, 0.0, 0.0];
     hist[7] = vec![1.0];
     let keys = history_keys(&wk, r, d, &hist);
     assert_eq!(keys.n, MAX_ATTENDED);
-    let usable: Vec<&Vec<f32>> = hist.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 7).map(|(_, h)| h).take(MAX_ATTENDED).collect();
-    assert_eq!(keys.values, usable.iter().flat_map(|h| h.iter().copied()).collect::<Vec<f32>>());
+    let usable: Vec<&Vec<f32>> = hist
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 7)
+        .map(|(_, h)| h)
+        .take(MAX_ATTENDED)
+        .collect();
+    assert_eq!(
+        keys.values,
+        usable
+            .iter()
+            .flat_map(|h| h.iter().copied())
+            .collect::<Vec<f32>>()
+    );
     // More candidates than one block: the batched products equal one candidate at a time.
-    let vs: Vec<Vec<f32>> = (0..2500).map(|i| (0..d).map(|j| val(i, j, 11, 3)).collect()).collect();
+    let vs: Vec<Vec<f32>> = (0..2500)
+        .map(|i| (0..d).map(|j| val(i, j, 11, 3)).collect())
+        .collect();
     let refs: Vec<&[f32]> = vs.iter().map(|v| v.as_slice()).collect();
     let rows = attend_rows(&wq, &keys, &refs);
     assert_eq!(rows.len(), 2500 * d);

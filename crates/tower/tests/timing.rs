@@ -75,9 +75,14 @@ fn realistic_tower_timings() {
         m.memory_bytes() as f64 / 1e6,
     );
     let out = m.forward(&enc[0]);
-    assert!(!out.is_empty() && out.iter().all(|x| x.is_finite()), "{out:?}");
+    assert!(
+        !out.is_empty() && out.iter().all(|x| x.is_finite()),
+        "{out:?}"
+    );
     let par = forward_parallel(&m, &enc, 2);
     assert!(par.len() == out.len() * enc.len() && par.iter().all(|x| x.is_finite()));
     let iv = im.forward_batch(&items);
-    assert!(!iv.is_empty() && iv.len().is_multiple_of(items.len()) && iv.iter().all(|x| x.is_finite()));
+    assert!(
+        !iv.is_empty() && iv.len().is_multiple_of(items.len()) && iv.iter().all(|x| x.is_finite())
+    );
 }

@@ -24,22 +24,44 @@ pub enum FeatureSpec {
     /// One id from the entity's features (a vocabulary built from the training data).
     Categorical { name: String, dim: usize },
     /// A list of ids from the entity's features, pooled.
-    Multi { name: String, dim: usize, pooling: Pooling, max_len: usize },
+    Multi {
+        name: String,
+        dim: usize,
+        pooling: Pooling,
+        max_len: usize,
+    },
     /// A number from the entity's features, z-scored with the training data's statistics
     /// (`zscore`), `log1p` or as it is (`none`).
-    Numeric { name: String, transform: NumTransform },
+    Numeric {
+        name: String,
+        transform: NumTransform,
+    },
     /// User towers only: the user's last `max_len` items before the interaction, most recent
     /// first, weighted by `decay`.
-    History { name: String, dim: usize, max_len: usize, pooling: Pooling, decay: Decay },
+    History {
+        name: String,
+        dim: usize,
+        max_len: usize,
+        pooling: Pooling,
+        decay: Decay,
+    },
     /// A number put in a bucket, then looked up: the given boundaries, or `buckets` quantile
     /// boundaries of the training examples' values.
-    Bucketize { name: String, dim: usize, boundaries: Bucketing },
+    Bucketize {
+        name: String,
+        dim: usize,
+        boundaries: Bucketing,
+    },
     /// A fixed-length list of numbers used as it is (a pre-computed vector).
     Dense { name: String, dim: usize },
     /// Pre-rank models only: an input computed per (user, candidate) pair from the towers'
     /// vectors (as wide as the vectors, or one number; see `twotower_tower::Cross`).
     /// `target_attention` has learned weights of `attention_dim` rows (0 for the others).
-    Cross { name: String, of: Cross, attention_dim: usize },
+    Cross {
+        name: String,
+        of: Cross,
+        attention_dim: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,7 +209,10 @@ pub(crate) struct Obj<'a> {
 impl<'a> Obj<'a> {
     pub(crate) fn new(v: &'a Value, path: &str) -> Result<Obj<'a>> {
         match v {
-            Value::Object(m) => Ok(Obj { m, path: path.to_owned() }),
+            Value::Object(m) => Ok(Obj {
+                m,
+                path: path.to_owned(),
+            }),
             _ => Err(opt_err(path, "must be a JSON object")),
         }
     }
@@ -200,7 +225,10 @@ impl<'a> Obj<'a> {
     }
     pub(crate) fn allow(&self, keys: &[&str]) -> Result<()> {
         match self.m.keys().find(|k| !keys.contains(&k.as_str())) {
-            Some(k) => Err(opt_err(self.p(k), format!("unknown key (allowed here: {})", keys.join(", ")))),
+            Some(k) => Err(opt_err(
+                self.p(k),
+                format!("unknown key (allowed here: {})", keys.join(", ")),
+            )),
             None => Ok(()),
         }
     }
@@ -208,23 +236,36 @@ impl<'a> Obj<'a> {
         self.m.get(k).filter(|v| !v.is_null())
     }
     pub(crate) fn uint(&self, k: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
-        let Some(v) = self.get(k) else { return Ok(default) };
-        let n = v
-            .as_u64()
-            .ok_or_else(|| opt_err(self.p(k), format!("must be a non-negative integer, got {v}")))?;
+        let Some(v) = self.get(k) else {
+            return Ok(default);
+        };
+        let n = v.as_u64().ok_or_else(|| {
+            opt_err(
+                self.p(k),
+                format!("must be a non-negative integer, got {v}"),
+            )
+        })?;
         if (n as u128) < lo as u128 || (n as u128) > hi as u128 {
-            return Err(opt_err(self.p(k), format!("must be between {lo} and {hi}, got {n}")));
+            return Err(opt_err(
+                self.p(k),
+                format!("must be between {lo} and {hi}, got {n}"),
+            ));
         }
         Ok(n as usize)
     }
     pub(crate) fn num(&self, k: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
-        let Some(v) = self.get(k) else { return Ok(default) };
+        let Some(v) = self.get(k) else {
+            return Ok(default);
+        };
         let x = v
             .as_f64()
             .filter(|x| x.is_finite())
             .ok_or_else(|| opt_err(self.p(k), format!("must be a finite number, got {v}")))?;
         if !(lo..=hi).contains(&x) {
-            return Err(opt_err(self.p(k), format!("must be between {lo} and {hi}, got {x}")));
+            return Err(opt_err(
+                self.p(k),
+                format!("must be between {lo} and {hi}, got {x}"),
+            ));
         }
         Ok(x)
     }
@@ -239,7 +280,10 @@ impl<'a> Obj<'a> {
         match self.get(k) {
             None => Ok(default),
             Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(opt_err(self.p(k), format!("must be true or false, got {v}"))),
+            Some(v) => Err(opt_err(
+                self.p(k),
+                format!("must be true or false, got {v}"),
+            )),
         }
     }
 }
@@ -249,7 +293,10 @@ fn pooling(o: &Obj, k: &str) -> Result<Pooling> {
         "mean" => Ok(Pooling::Mean),
         "sum" => Ok(Pooling::Sum),
         "max" => Ok(Pooling::Max),
-        other => Err(opt_err(o.p(k), format!("must be \"mean\", \"sum\" or \"max\", got \"{other}\""))),
+        other => Err(opt_err(
+            o.p(k),
+            format!("must be \"mean\", \"sum\" or \"max\", got \"{other}\""),
+        )),
     }
 }
 
@@ -257,13 +304,29 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
     let user = side == Side::User;
     let v = v.ok_or_else(|| opt_err(path, "required key is missing"))?;
     let o = Obj::new(v, path)?;
-    o.allow(&["features", "hidden", "activation", "layer_norm", "batch_norm", "dropout", "shortcut", "senet", "branches", "fusion"])?;
-    let fs = o
-        .get("features")
-        .and_then(Value::as_array)
-        .ok_or_else(|| opt_err(o.p("features"), "must be a non-empty array of feature objects"))?;
+    o.allow(&[
+        "features",
+        "hidden",
+        "activation",
+        "layer_norm",
+        "batch_norm",
+        "dropout",
+        "shortcut",
+        "senet",
+        "branches",
+        "fusion",
+    ])?;
+    let fs = o.get("features").and_then(Value::as_array).ok_or_else(|| {
+        opt_err(
+            o.p("features"),
+            "must be a non-empty array of feature objects",
+        )
+    })?;
     if fs.is_empty() || fs.len() > 256 {
-        return Err(opt_err(o.p("features"), format!("must list 1 to 256 features, got {}", fs.len())));
+        return Err(opt_err(
+            o.p("features"),
+            format!("must list 1 to 256 features, got {}", fs.len()),
+        ));
     }
     let mut features: Vec<FeatureSpec> = Vec::new();
     let mut sources: Vec<Source> = Vec::new();
@@ -285,17 +348,30 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                 None | Some(Value::Null) => Source::User,
                 Some(Value::String(s)) if s == "user" => Source::User,
                 Some(Value::String(s)) if s == "item" => Source::Item,
-                Some(v) => return Err(opt_err(format!("{fpath}.source"), format!("must be \"user\" or \"item\", got {v}"))),
+                Some(v) => {
+                    return Err(opt_err(
+                        format!("{fpath}.source"),
+                        format!("must be \"user\" or \"item\", got {v}"),
+                    ))
+                }
             };
             sources.push(source);
         }
         let fo = Obj::new(f, &fpath)?;
         let name = fo.str("name", "")?;
         if !valid_name(name) {
-            return Err(opt_err(fo.p("name"), format!("\"{name}\" is not a valid feature name ([A-Za-z_][A-Za-z0-9_]*, at most 63)")));
+            return Err(opt_err(
+                fo.p("name"),
+                format!(
+                    "\"{name}\" is not a valid feature name ([A-Za-z_][A-Za-z0-9_]*, at most 63)"
+                ),
+            ));
         }
         if features.iter().any(|x| x.name() == name) {
-            return Err(opt_err(fo.p("name"), format!("duplicate feature \"{name}\"")));
+            return Err(opt_err(
+                fo.p("name"),
+                format!("duplicate feature \"{name}\""),
+            ));
         }
         let name = name.to_owned();
         let spec = match fo.str("type", "")? {
@@ -428,7 +504,12 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
         "gelu" => Activation::Gelu,
         "tanh" => Activation::Tanh,
         "sigmoid" => Activation::Sigmoid,
-        other => return Err(opt_err(o.p("activation"), format!("must be relu, gelu, tanh or sigmoid, got \"{other}\""))),
+        other => {
+            return Err(opt_err(
+                o.p("activation"),
+                format!("must be relu, gelu, tanh or sigmoid, got \"{other}\""),
+            ))
+        }
     };
     let shortcut: Vec<String> = match o.get("shortcut") {
         None => Vec::new(),
@@ -439,35 +520,61 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                 if features.iter().any(|f| f.name() == n) {
                     Ok(n.to_owned())
                 } else {
-                    Err(opt_err(o.p("shortcut"), format!("{x} is not a feature of this tower")))
+                    Err(opt_err(
+                        o.p("shortcut"),
+                        format!("{x} is not a feature of this tower"),
+                    ))
                 }
             })
             .collect::<Result<_>>()?,
-        Some(v) => return Err(opt_err(o.p("shortcut"), format!("must be an array of feature names, got {v}"))),
+        Some(v) => {
+            return Err(opt_err(
+                o.p("shortcut"),
+                format!("must be an array of feature names, got {v}"),
+            ))
+        }
     };
     let (branches, fusion) = branches(&o, &features, side)?;
     if !branches.is_empty() && !shortcut.is_empty() {
-        return Err(opt_err(o.p("shortcut"), "a tower with branches has no shortcut: list the features among a branch's features"));
+        return Err(opt_err(
+            o.p("shortcut"),
+            "a tower with branches has no shortcut: list the features among a branch's features",
+        ));
     }
     if fusion == Fusion::Parallel && !hidden.is_empty() {
-        return Err(opt_err(o.p("hidden"), "a parallel tower has no head: give each branch its hidden layers"));
+        return Err(opt_err(
+            o.p("hidden"),
+            "a parallel tower has no head: give each branch its hidden layers",
+        ));
     }
     let any_hidden = !hidden.is_empty() || branches.iter().any(|b| !b.hidden.is_empty());
     let dropout = o.num("dropout", 0.0, 0.0, 0.95)? as f32;
     if dropout > 0.0 && !any_hidden {
-        return Err(opt_err(o.p("dropout"), "applies after hidden layers: give \"hidden\" too"));
+        return Err(opt_err(
+            o.p("dropout"),
+            "applies after hidden layers: give \"hidden\" too",
+        ));
     }
     let layer_norm = o.bool("layer_norm", false)?;
     let batch_norm = o.bool("batch_norm", false)?;
     if layer_norm && batch_norm {
-        return Err(opt_err(o.p("batch_norm"), "give \"layer_norm\" or \"batch_norm\", not both"));
+        return Err(opt_err(
+            o.p("batch_norm"),
+            "give \"layer_norm\" or \"batch_norm\", not both",
+        ));
     }
     if batch_norm && !any_hidden {
-        return Err(opt_err(o.p("batch_norm"), "applies after hidden layers: give \"hidden\" too"));
+        return Err(opt_err(
+            o.p("batch_norm"),
+            "applies after hidden layers: give \"hidden\" too",
+        ));
     }
     let senet = o.uint("senet", 0, 0, 1024)?;
     if senet > 0 && features.len() < 2 {
-        return Err(opt_err(o.p("senet"), "weighs fields against each other: give at least two features"));
+        return Err(opt_err(
+            o.p("senet"),
+            "weighs fields against each other: give at least two features",
+        ));
     }
     Ok(TowerSpec {
         features,
@@ -498,7 +605,13 @@ impl TowerSpec {
             | FeatureSpec::Bucketize { dim, .. }
             | FeatureSpec::Dense { dim, .. } => *dim,
             FeatureSpec::Numeric { .. } => 1,
-            FeatureSpec::Cross { of, .. } => if of.is_vector() { vector_dim } else { 1 },
+            FeatureSpec::Cross { of, .. } => {
+                if of.is_vector() {
+                    vector_dim
+                } else {
+                    1
+                }
+            }
         };
         // Linear layers from `from` through `widths`: (weights and biases, widths).
         let chain = |from: usize, widths: &[usize]| -> (usize, usize) {
@@ -512,7 +625,11 @@ impl TowerSpec {
         };
         let w0: usize = self.features.iter().map(width).sum();
         let nf = self.features.len();
-        let mut params = if self.senet > 0 { 2 * nf * self.senet + self.senet + nf } else { 0 };
+        let mut params = if self.senet > 0 {
+            2 * nf * self.senet + self.senet + nf
+        } else {
+            0
+        };
         for f in &self.features {
             if let FeatureSpec::Cross { attention_dim, .. } = f {
                 params += 2 * attention_dim * vector_dim;
@@ -520,7 +637,12 @@ impl TowerSpec {
         }
         let mut sum = w0;
         if self.branches.is_empty() {
-            let extra: usize = self.features.iter().filter(|f| self.shortcut.iter().any(|n| n == f.name())).map(width).sum();
+            let extra: usize = self
+                .features
+                .iter()
+                .filter(|f| self.shortcut.iter().any(|n| n == f.name()))
+                .map(width)
+                .sum();
             let mut widths = self.hidden.clone();
             widths.push(out);
             let (p, s) = chain(w0, &widths);
@@ -528,7 +650,11 @@ impl TowerSpec {
             sum = sum.saturating_add(s + extra);
         } else {
             let k = self.branches.len();
-            let bw = if self.fusion == Fusion::Parallel { out / k.max(1) } else { out };
+            let bw = if self.fusion == Fusion::Parallel {
+                out / k.max(1)
+            } else {
+                out
+            };
             for b in &self.branches {
                 let from: usize = b.features.iter().map(|&i| width(&self.features[i])).sum();
                 let mut widths = b.hidden.clone();
@@ -562,7 +688,10 @@ fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch
     };
     let Some(v) = o.get("branches") else {
         if o.get("fusion").is_some() {
-            return Err(opt_err(o.p("fusion"), "joins branches: give \"branches\" too"));
+            return Err(opt_err(
+                o.p("fusion"),
+                "joins branches: give \"branches\" too",
+            ));
         }
         return Ok((Vec::new(), fusion));
     };
@@ -571,7 +700,12 @@ fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch
     }
     let arr = match v {
         Value::Array(a) if (2..=MAX_BRANCHES).contains(&a.len()) => a,
-        _ => return Err(opt_err(o.p("branches"), format!("must be an array of 2 to {MAX_BRANCHES} branch objects"))),
+        _ => {
+            return Err(opt_err(
+                o.p("branches"),
+                format!("must be an array of 2 to {MAX_BRANCHES} branch objects"),
+            ))
+        }
     };
     let mut out: Vec<Branch> = Vec::with_capacity(arr.len());
     for (i, b) in arr.iter().enumerate() {
@@ -580,9 +714,17 @@ fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch
         bo.allow(&["name", "features", "hidden"])?;
         let name = bo.str("name", "")?;
         if !valid_name(name) {
-            return Err(opt_err(bo.p("name"), format!("\"{name}\" is not a valid branch name ([A-Za-z_][A-Za-z0-9_]*, at most 63)")));
+            return Err(opt_err(
+                bo.p("name"),
+                format!(
+                    "\"{name}\" is not a valid branch name ([A-Za-z_][A-Za-z0-9_]*, at most 63)"
+                ),
+            ));
         }
-        if features.iter().any(|f| f.name() == name) || out.iter().any(|x| x.name == name) || ["fusion", "head"].contains(&name) {
+        if features.iter().any(|f| f.name() == name)
+            || out.iter().any(|x| x.name == name)
+            || ["fusion", "head"].contains(&name)
+        {
             return Err(opt_err(bo.p("name"), format!("\"{name}\" is taken (by a feature, another branch, or the \"fusion\" and \"head\" nodes)")));
         }
         let fs: Vec<usize> = match bo.get("features") {
@@ -592,7 +734,10 @@ fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch
                 for x in a {
                     let n = x.as_str().unwrap_or_default();
                     let Some(k) = features.iter().position(|f| f.name() == n) else {
-                        return Err(opt_err(bo.p("features"), format!("{x} is not a feature of this tower")));
+                        return Err(opt_err(
+                            bo.p("features"),
+                            format!("{x} is not a feature of this tower"),
+                        ));
                     };
                     if idx.contains(&k) {
                         return Err(opt_err(bo.p("features"), format!("{x} is listed twice")));
@@ -601,13 +746,29 @@ fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch
                 }
                 idx
             }
-            Some(v) => return Err(opt_err(bo.p("features"), format!("must be a non-empty array of feature names, got {v}"))),
+            Some(v) => {
+                return Err(opt_err(
+                    bo.p("features"),
+                    format!("must be a non-empty array of feature names, got {v}"),
+                ))
+            }
         };
         let hidden = widths(&bo, "hidden")?;
-        out.push(Branch { name: name.to_owned(), features: fs, hidden });
+        out.push(Branch {
+            name: name.to_owned(),
+            features: fs,
+            hidden,
+        });
     }
-    if let Some(f) = features.iter().enumerate().find(|(i, _)| !out.iter().any(|b| b.features.contains(i))) {
-        return Err(opt_err(o.p("branches"), format!("feature \"{}\" is in no branch", f.1.name())));
+    if let Some(f) = features
+        .iter()
+        .enumerate()
+        .find(|(i, _)| !out.iter().any(|b| b.features.contains(i)))
+    {
+        return Err(opt_err(
+            o.p("branches"),
+            format!("feature \"{}\" is in no branch", f.1.name()),
+        ));
     }
     Ok((out, fusion))
 }
@@ -615,7 +776,10 @@ fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name.bytes().enumerate().all(|(i, c)| c == b'_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+        && name
+            .bytes()
+            .enumerate()
+            .all(|(i, c)| c == b'_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
 }
 
 /// An array of hidden widths under `k` (absent: none).
@@ -628,10 +792,20 @@ fn widths(o: &Obj, k: &str) -> Result<Vec<usize>> {
                 x.as_u64()
                     .filter(|&n| (1..=MAX_HIDDEN as u64).contains(&n))
                     .map(|n| n as usize)
-                    .ok_or_else(|| opt_err(o.p(k), format!("widths must be integers 1..{MAX_HIDDEN}, got {x}")))
+                    .ok_or_else(|| {
+                        opt_err(
+                            o.p(k),
+                            format!("widths must be integers 1..{MAX_HIDDEN}, got {x}"),
+                        )
+                    })
             })
             .collect::<Result<_>>()?,
-        Some(v) => return Err(opt_err(o.p(k), format!("must be an array of widths, got {v}"))),
+        Some(v) => {
+            return Err(opt_err(
+                o.p(k),
+                format!("must be an array of widths, got {v}"),
+            ))
+        }
     };
     if w.len() > 16 {
         return Err(opt_err(o.p(k), "at most 16 hidden layers"));
@@ -646,7 +820,12 @@ impl Config {
             .features
             .iter()
             .filter_map(|f| match f {
-                FeatureSpec::History { name, max_len, decay, .. } => Some(crate::data::HistorySpec {
+                FeatureSpec::History {
+                    name,
+                    max_len,
+                    decay,
+                    ..
+                } => Some(crate::data::HistorySpec {
                     name: name.clone(),
                     max_len: *max_len,
                     decay: decay.clone(),
@@ -659,10 +838,37 @@ impl Config {
     pub fn parse(v: &Value) -> Result<Config> {
         let o = Obj::new(v, "")?;
         o.allow(&[
-            "dim", "user", "item", "min_count", "max_vocab", "loss", "negatives", "temperature",
-            "margin", "logq", "in_batch", "lr", "weight_decay", "sparse_optimizer", "sparse_lr",
-            "ftrl_l1", "ftrl_l2", "ftrl_beta", "batch_size", "epochs", "patience", "seed",
-            "threads", "k", "subsample", "init_std", "validation", "hard_ratio", "hard_per_row", "freeze_dense", "dual_augmented",
+            "dim",
+            "user",
+            "item",
+            "min_count",
+            "max_vocab",
+            "loss",
+            "negatives",
+            "temperature",
+            "margin",
+            "logq",
+            "in_batch",
+            "lr",
+            "weight_decay",
+            "sparse_optimizer",
+            "sparse_lr",
+            "ftrl_l1",
+            "ftrl_l2",
+            "ftrl_beta",
+            "batch_size",
+            "epochs",
+            "patience",
+            "seed",
+            "threads",
+            "k",
+            "subsample",
+            "init_std",
+            "validation",
+            "hard_ratio",
+            "hard_per_row",
+            "freeze_dense",
+            "dual_augmented",
         ])?;
         let dim = o.uint("dim", 32, 1, MAX_DIM)?;
         let user = tower(o.get("user"), "user", dim, Side::User)?;
@@ -704,23 +910,45 @@ impl Config {
         let sparse_lr = o.num("sparse_lr", 0.01, 1e-8, 100.0)? as f32;
         let sparse = match o.str("sparse_optimizer", "lazy_adam")? {
             "lazy_adam" => Sparse::LazyAdam { lr: sparse_lr },
-            "adagrad" => Sparse::Adagrad { lr: sparse_lr, initial: 0.1 },
+            "adagrad" => Sparse::Adagrad {
+                lr: sparse_lr,
+                initial: 0.1,
+            },
             "ftrl" => Sparse::Ftrl {
                 alpha: sparse_lr,
                 beta: o.num("ftrl_beta", 1.0, 0.0, 1e6)? as f32,
                 l1: o.num("ftrl_l1", 0.0, 0.0, 1e6)? as f32,
                 l2: o.num("ftrl_l2", 0.0, 0.0, 1e6)? as f32,
             },
-            other => return Err(opt_err("sparse_optimizer", format!("must be \"lazy_adam\", \"adagrad\" or \"ftrl\", got \"{other}\""))),
+            other => {
+                return Err(opt_err(
+                    "sparse_optimizer",
+                    format!("must be \"lazy_adam\", \"adagrad\" or \"ftrl\", got \"{other}\""),
+                ))
+            }
         };
         if !matches!(sparse, Sparse::Ftrl { .. })
-            && ["ftrl_l1", "ftrl_l2", "ftrl_beta"].iter().any(|k| o.get(k).is_some())
+            && ["ftrl_l1", "ftrl_l2", "ftrl_beta"]
+                .iter()
+                .any(|k| o.get(k).is_some())
         {
-            return Err(opt_err("ftrl_l1", "the ftrl_* options need \"sparse_optimizer\": \"ftrl\""));
+            return Err(opt_err(
+                "ftrl_l1",
+                "the ftrl_* options need \"sparse_optimizer\": \"ftrl\"",
+            ));
         }
-        if (user.fusion == Fusion::Parallel) != (item.fusion == Fusion::Parallel) && (!user.branches.is_empty() || !item.branches.is_empty()) {
-            let side = if user.fusion == Fusion::Parallel { "item" } else { "user" };
-            return Err(opt_err(format!("{side}.fusion"), "parallel two-towers need \"fusion\": \"parallel\" in both towers"));
+        if (user.fusion == Fusion::Parallel) != (item.fusion == Fusion::Parallel)
+            && (!user.branches.is_empty() || !item.branches.is_empty())
+        {
+            let side = if user.fusion == Fusion::Parallel {
+                "item"
+            } else {
+                "user"
+            };
+            return Err(opt_err(
+                format!("{side}.fusion"),
+                "parallel two-towers need \"fusion\": \"parallel\" in both towers",
+            ));
         }
         if user.fusion == Fusion::Parallel && !user.branches.is_empty() {
             let k = user.branches.len();
@@ -744,7 +972,11 @@ impl Config {
                         None => Err(opt_err(a.p(side), format!("must name a categorical feature of the {side} tower (its id), got \"{name}\""))),
                     }
                 };
-                Some(Augmented { lambda: a.num("lambda", 0.5, 0.0, 100.0)? as f32, user: pick("user", &user)?, item: pick("item", &item)? })
+                Some(Augmented {
+                    lambda: a.num("lambda", 0.5, 0.0, 100.0)? as f32,
+                    user: pick("user", &user)?,
+                    item: pick("item", &item)?,
+                })
             }
         };
         let cfg = Config {

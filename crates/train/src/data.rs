@@ -73,14 +73,21 @@ impl Data {
     /// `weight` finite and positive.
     pub fn interaction(&mut self, user: &str, item: &str, ts: f64, weight: f32) -> Result<()> {
         if !ts.is_finite() {
-            return Err(TrainError::NoData(format!("interaction ({user}, {item}) has a non-finite timestamp")));
+            return Err(TrainError::NoData(format!(
+                "interaction ({user}, {item}) has a non-finite timestamp"
+            )));
         }
         if !(weight.is_finite() && weight > 0.0) {
             return Err(TrainError::NoData(format!("interaction ({user}, {item}) has weight {weight}: weights must be positive and finite")));
         }
         let u = intern(&mut self.user_index, &mut self.users, user)?;
         let i = intern(&mut self.item_index, &mut self.items, item)?;
-        self.interactions.push(Interaction { user: u, item: i, ts, weight });
+        self.interactions.push(Interaction {
+            user: u,
+            item: i,
+            ts,
+            weight,
+        });
         Ok(())
     }
 
@@ -119,13 +126,23 @@ impl Data {
 /// interactions as (item id, timestamp), oldest first, none of them after the moment being
 /// predicted), the last `max_len`, most recent first, weighted by `decay`. Without decay the
 /// value is a plain list of ids; with decay `{"ids": [...], "weights": [...]}`.
-pub fn history<'a>(past: impl DoubleEndedIterator<Item = (&'a str, f64)>, at: f64, max_len: usize, decay: &Decay) -> Value {
+pub fn history<'a>(
+    past: impl DoubleEndedIterator<Item = (&'a str, f64)>,
+    at: f64,
+    max_len: usize,
+    decay: &Decay,
+) -> Value {
     let recent: Vec<(&str, f64)> = past.rev().take(max_len).collect();
-    let ids: Vec<Value> = recent.iter().map(|(id, _)| Value::String((*id).to_owned())).collect();
+    let ids: Vec<Value> = recent
+        .iter()
+        .map(|(id, _)| Value::String((*id).to_owned()))
+        .collect();
     match decay {
         Decay::None => Value::Array(ids),
         Decay::Position(f) => {
-            let weights = (0..recent.len()).map(|i| json_f32(f.powi(i as i32))).collect();
+            let weights = (0..recent.len())
+                .map(|i| json_f32(f.powi(i as i32)))
+                .collect();
             let mut m = Map::new();
             m.insert("ids".into(), Value::Array(ids));
             m.insert("weights".into(), Value::Array(weights));
@@ -168,13 +185,20 @@ impl HistorySpec {
         let max_len = v.get("max_len")?.as_u64()? as usize;
         let decay = match v.get("decay") {
             None | Some(Value::Null) => Decay::None,
-            Some(d) => match (d.get("position").and_then(Value::as_f64), d.get("half_life").and_then(Value::as_f64)) {
+            Some(d) => match (
+                d.get("position").and_then(Value::as_f64),
+                d.get("half_life").and_then(Value::as_f64),
+            ) {
                 (Some(f), None) => Decay::Position(f),
                 (None, Some(h)) => Decay::Age(h),
                 _ => return None,
             },
         };
-        Some(HistorySpec { name, max_len, decay })
+        Some(HistorySpec {
+            name,
+            max_len,
+            decay,
+        })
     }
 }
 
@@ -197,7 +221,10 @@ pub fn user_input<'a>(
         }
     }
     for h in histories {
-        m.insert(h.name.clone(), history(past.clone(), at, h.max_len, &h.decay));
+        m.insert(
+            h.name.clone(),
+            history(past.clone(), at, h.max_len, &h.decay),
+        );
     }
     Value::Object(m)
 }
@@ -232,7 +259,10 @@ mod tests {
         let h = history(past.iter().copied(), 4.0, 2, &Decay::None);
         assert_eq!(h, serde_json::json!(["c", "b"]));
         let h = history(past.iter().copied(), 4.0, 3, &Decay::Position(0.5));
-        assert_eq!(h, serde_json::json!({"ids": ["c", "b", "a"], "weights": [1.0, 0.5, 0.25]}));
+        assert_eq!(
+            h,
+            serde_json::json!({"ids": ["c", "b", "a"], "weights": [1.0, 0.5, 0.25]})
+        );
         let h = history(past.iter().copied(), 5.0, 1, &Decay::Age(2.0));
         assert_eq!(h, serde_json::json!({"ids": ["c"], "weights": [0.5]}));
     }
@@ -240,7 +270,11 @@ mod tests {
     #[test]
     fn history_specs_round_trip_through_json() {
         for decay in [Decay::None, Decay::Position(0.9), Decay::Age(86400.0)] {
-            let h = HistorySpec { name: "history".into(), max_len: 50, decay };
+            let h = HistorySpec {
+                name: "history".into(),
+                max_len: 50,
+                decay,
+            };
             assert_eq!(HistorySpec::from_json(&h.to_json()), Some(h));
         }
     }
@@ -261,8 +295,10 @@ mod tests {
 
     #[test]
     fn vocabulary_by_count_then_id() {
-        let counts: HashMap<String, u64> =
-            [("a", 3), ("b", 5), ("c", 3), ("d", 1)].iter().map(|(k, c)| (k.to_string(), *c)).collect();
+        let counts: HashMap<String, u64> = [("a", 3), ("b", 5), ("c", 3), ("d", 1)]
+            .iter()
+            .map(|(k, c)| (k.to_string(), *c))
+            .collect();
         assert_eq!(vocabulary(&counts, 2, 10), vec!["b", "a", "c"]);
         assert_eq!(vocabulary(&counts, 1, 2), vec!["b", "a"]);
     }

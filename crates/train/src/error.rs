@@ -18,7 +18,11 @@ pub enum TrainError {
     Cancelled,
     /// The loss or a parameter became NaN or infinite (a learning rate too high, usually).
     #[error("training diverged at epoch {epoch}, step {step}: the loss is {loss}")]
-    Diverged { epoch: usize, step: usize, loss: f64 },
+    Diverged {
+        epoch: usize,
+        step: usize,
+        loss: f64,
+    },
     /// The exported model does not load, or does not compute what training computed.
     #[error("exported model check failed: {0}")]
     Export(String),

@@ -70,7 +70,9 @@ impl Accumulator {
         for (ki, &k) in self.ks.iter().enumerate() {
             let hits: Vec<usize> = r.iter().copied().filter(|&x| x <= k).collect();
             let dcg: f64 = hits.iter().map(|&x| 1.0 / ((x + 1) as f64).log2()).sum();
-            let idcg: f64 = (1..=r.len().min(k)).map(|x| 1.0 / ((x + 1) as f64).log2()).sum();
+            let idcg: f64 = (1..=r.len().min(k))
+                .map(|x| 1.0 / ((x + 1) as f64).log2())
+                .sum();
             let s = &mut self.sums[ki];
             s[0] += hits.len() as f64 / r.len() as f64;
             s[1] += if hits.is_empty() { 0.0 } else { 1.0 };

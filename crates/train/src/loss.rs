@@ -58,7 +58,12 @@ pub fn loss(kind: LossKind, x: &Scores) -> (f64, Vec<f32>) {
 pub fn loss_rows(kind: LossKind, x: &Scores, rows: std::ops::Range<usize>) -> (f64, Vec<f32>) {
     let (b, c) = (x.b, x.c);
     let mut ds = vec![0f32; rows.len() * c];
-    let wsum: f64 = x.weights.iter().map(|&w| w as f64).sum::<f64>().max(f64::MIN_POSITIVE);
+    let wsum: f64 = x
+        .weights
+        .iter()
+        .map(|&w| w as f64)
+        .sum::<f64>()
+        .max(f64::MIN_POSITIVE);
     let tau = x.temperature as f64;
     let mut total = 0f64;
     // Per-row losses: row i's negatives are columns b + i·r .. b + (i+1)·r.
@@ -79,9 +84,8 @@ pub fn loss_rows(kind: LossKind, x: &Scores, rows: std::ops::Range<usize>) -> (f
                             && x.items[j] != pos
                             && (x.owner[j] < 0 || x.owner[j] == i as i32))
                 };
-                let logit = |j: usize| {
-                    srow[j] as f64 / tau - if logq { x.logq[j] as f64 } else { 0.0 }
-                };
+                let logit =
+                    |j: usize| srow[j] as f64 / tau - if logq { x.logq[j] as f64 } else { 0.0 };
                 let mut mx = f64::NEG_INFINITY;
                 for j in (0..c).filter(|&j| keep(j)) {
                     mx = mx.max(logit(j));
@@ -193,8 +197,18 @@ pub(crate) fn softplus(z: f64) -> f64 {
 /// row's positive pair, a constant: its gradient is stopped), `λ · Σᵢ w̄ᵢ · ‖aᵢ − targetᵢ‖²`
 /// with the row weights normalised as the main loss's. Rows without an augmented vector
 /// (`None`) add nothing. Returns the loss and `dL/da` per row (zeros for `None`).
-pub fn mimic(a: &[Option<&[f32]>], target: &[f32], d: usize, weights: &[f32], lambda: f32) -> (f64, Vec<f32>) {
-    let wsum: f64 = weights.iter().map(|&w| w as f64).sum::<f64>().max(f64::MIN_POSITIVE);
+pub fn mimic(
+    a: &[Option<&[f32]>],
+    target: &[f32],
+    d: usize,
+    weights: &[f32],
+    lambda: f32,
+) -> (f64, Vec<f32>) {
+    let wsum: f64 = weights
+        .iter()
+        .map(|&w| w as f64)
+        .sum::<f64>()
+        .max(f64::MIN_POSITIVE);
     let mut total = 0f64;
     let mut da = vec![0f32; a.len() * d];
     for (i, ai) in a.iter().enumerate() {

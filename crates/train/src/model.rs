@@ -5,7 +5,9 @@
 use crate::config::{Bucketing, Decay, FeatureSpec, Fusion, NumTransform, TowerSpec};
 use crate::data::vocabulary;
 use crate::error::{Result, TrainError};
-use crate::net::{Attention, Combine, FieldKind, Layer, Node, NodeInput, NodeOp, Pooling, Senet, Table, Tower};
+use crate::net::{
+    Attention, Combine, FieldKind, Layer, Node, NodeInput, NodeOp, Pooling, Senet, Table, Tower,
+};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
@@ -64,7 +66,9 @@ pub fn plan(
     init_std: f32,
     rng: &mut ChaCha8Rng,
 ) -> Result<Plan> {
-    plan_with(kind, spec, dim, 0, stats, min_count, max_vocab, init_std, rng)
+    plan_with(
+        kind, spec, dim, 0, stats, min_count, max_vocab, init_std, rng,
+    )
 }
 
 /// Plans a pre-rank model (kind "prerank", one output, no normalisation): `vector_dim` is the
@@ -79,7 +83,9 @@ pub fn plan_prerank(
     init_std: f32,
     rng: &mut ChaCha8Rng,
 ) -> Result<Plan> {
-    plan_with("prerank", spec, 1, vector_dim, stats, min_count, max_vocab, init_std, rng)
+    plan_with(
+        "prerank", spec, 1, vector_dim, stats, min_count, max_vocab, init_std, rng,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -117,14 +123,22 @@ fn plan_with(
             tables.len() - 1
         };
         let mut table = |dim: usize| -> (usize, Vec<String>) {
-            let vocab = vocabulary(stats.counts.get(name).unwrap_or(&empty), min_count, max_vocab);
+            let vocab = vocabulary(
+                stats.counts.get(name).unwrap_or(&empty),
+                min_count,
+                max_vocab,
+            );
             (new_table(vocab.len() + 1, dim, true), vocab)
         };
         match f {
-            FeatureSpec::Bucketize { dim, boundaries, .. } => {
+            FeatureSpec::Bucketize {
+                dim, boundaries, ..
+            } => {
                 let b = match boundaries {
                     Bucketing::Given(b) => b.clone(),
-                    Bucketing::Quantiles(n) => quantiles(stats.values.get(name).map_or(&[][..], Vec::as_slice), *n),
+                    Bucketing::Quantiles(n) => {
+                        quantiles(stats.values.get(name).map_or(&[][..], Vec::as_slice), *n)
+                    }
                 };
                 let t = new_table(b.len() + 2, *dim, false);
                 fields.push(FieldKind::Embed { table: t });
@@ -139,15 +153,32 @@ fn plan_with(
                 fields.push(FieldKind::Embed { table: t });
                 features.push(json!({"name": name, "type": "categorical", "embedding": format!("{name}.embedding"), "vocabulary": vocab}));
             }
-            FeatureSpec::Multi { dim, pooling, max_len, .. } => {
+            FeatureSpec::Multi {
+                dim,
+                pooling,
+                max_len,
+                ..
+            } => {
                 let (t, vocab) = table(*dim);
-                fields.push(FieldKind::Pool { table: t, pooling: *pooling });
+                fields.push(FieldKind::Pool {
+                    table: t,
+                    pooling: *pooling,
+                });
                 features.push(json!({"name": name, "type": "multi_categorical", "embedding": format!("{name}.embedding"),
                     "vocabulary": vocab, "pooling": pooling_name(*pooling), "max_len": max_len}));
             }
-            FeatureSpec::History { dim, pooling, max_len, decay, .. } => {
+            FeatureSpec::History {
+                dim,
+                pooling,
+                max_len,
+                decay,
+                ..
+            } => {
                 let (t, vocab) = table(*dim);
-                fields.push(FieldKind::Pool { table: t, pooling: *pooling });
+                fields.push(FieldKind::Pool {
+                    table: t,
+                    pooling: *pooling,
+                });
                 features.push(json!({"name": name, "type": "multi_categorical", "embedding": format!("{name}.embedding"),
                     "vocabulary": vocab, "pooling": pooling_name(*pooling), "max_len": max_len,
                     "weighted": *decay != Decay::None}));
@@ -167,13 +198,20 @@ fn plan_with(
                     }
                 });
             }
-            FeatureSpec::Cross { of, attention_dim, .. } => {
+            FeatureSpec::Cross {
+                of, attention_dim, ..
+            } => {
                 if !prerank {
-                    return Err(TrainError::Option { path: name.to_owned(), reason: "a cross input belongs to a pre-rank model".into() });
+                    return Err(TrainError::Option {
+                        path: name.to_owned(),
+                        reason: "a cross input belongs to a pre-rank model".into(),
+                    });
                 }
                 let width = if of.is_vector() { vector_dim } else { 1 };
                 if width == 0 {
-                    return Err(TrainError::NoData(format!("cross input \"{name}\" needs the towers' vectors")));
+                    return Err(TrainError::NoData(format!(
+                        "cross input \"{name}\" needs the towers' vectors"
+                    )));
                 }
                 fields.push(FieldKind::Value { width });
                 if *of == twotower_tower::Cross::TargetAttention {
@@ -211,8 +249,19 @@ fn plan_with(
             let bound = 1.0 / (fan_in as f32).sqrt();
             (0..n).map(|_| rng.gen_range(-bound..bound)).collect()
         };
-        let s = Senet { w1: uniform(nf, r * nf), b1: uniform(nf, r), w2: uniform(r, nf * r), b2: uniform(r, nf), r };
-        for (n, shape) in [("senet.fc1.weight", vec![r, nf]), ("senet.fc1.bias", vec![r]), ("senet.fc2.weight", vec![nf, r]), ("senet.fc2.bias", vec![nf])] {
+        let s = Senet {
+            w1: uniform(nf, r * nf),
+            b1: uniform(nf, r),
+            w2: uniform(r, nf * r),
+            b2: uniform(r, nf),
+            r,
+        };
+        for (n, shape) in [
+            ("senet.fc1.weight", vec![r, nf]),
+            ("senet.fc1.bias", vec![r]),
+            ("senet.fc2.weight", vec![nf, r]),
+            ("senet.fc2.bias", vec![nf]),
+        ] {
             dense_tensors.push((n.to_owned(), shape));
         }
         s
@@ -220,17 +269,29 @@ fn plan_with(
     // Target attention's W_q and W_k (after SENet's in the dense parameters).
     let attention = attention_at.map(|(field, r, d, name)| {
         let bound = 1.0 / (d as f32).sqrt();
-        let mut uniform = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-bound..bound)).collect() };
+        let mut uniform =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-bound..bound)).collect() };
         let (wq, wk) = (uniform(r * d), uniform(r * d));
         dense_tensors.push((format!("{name}.query"), vec![r, d]));
         dense_tensors.push((format!("{name}.key"), vec![r, d]));
-        Attention { field, wq, wk, r, d }
+        Attention {
+            field,
+            wq,
+            wk,
+            r,
+            d,
+        }
     });
     let field_width = |i: usize| match &fields[i] {
         FieldKind::Embed { table } | FieldKind::Pool { table, .. } => tables[*table].dim,
         FieldKind::Value { width } => *width,
     };
-    let mut out = Stacks { spec, rng, dense_tensors: &mut dense_tensors, stat_tensors: &mut stat_tensors };
+    let mut out = Stacks {
+        spec,
+        rng,
+        dense_tensors: &mut dense_tensors,
+        stat_tensors: &mut stat_tensors,
+    };
     let mut layers = Vec::new();
     let mut layer_specs = Vec::new();
     let mut graph = Vec::new();
@@ -249,7 +310,13 @@ fn plan_with(
             .filter_map(|n| spec.features.iter().position(|f| f.name() == n))
             .collect();
         let extra = idx.iter().map(|&f| field_width(f)).sum::<usize>();
-        let shortcut = (!idx.is_empty()).then(|| (Layer::Shortcut { fields: idx }, extra, json!({"type": "shortcut", "fields": spec.shortcut})));
+        let shortcut = (!idx.is_empty()).then(|| {
+            (
+                Layer::Shortcut { fields: idx },
+                extra,
+                json!({"type": "shortcut", "fields": spec.shortcut}),
+            )
+        });
         (layers, layer_specs, width) = out.mlp("", width, &widths, shortcut);
         // A pre-rank model's output is a score (a logit), not a vector to normalise.
         if !prerank {
@@ -269,9 +336,17 @@ fn plan_with(
                 ls.push(Layer::L2Normalize);
                 specs.push(json!({"type": "l2_normalize"}));
             }
-            let names: Vec<&str> = b.features.iter().map(|&f| spec.features[f].name()).collect();
+            let names: Vec<&str> = b
+                .features
+                .iter()
+                .map(|&f| spec.features[f].name())
+                .collect();
             graph_specs.push(json!({"name": b.name, "inputs": names, "layers": specs}));
-            graph.push(Node { name: b.name.clone(), inputs: b.features.iter().map(|&f| NodeInput::Field(f)).collect(), op: NodeOp::Stack(ls) });
+            graph.push(Node {
+                name: b.name.clone(),
+                inputs: b.features.iter().map(|&f| NodeInput::Field(f)).collect(),
+                op: NodeOp::Stack(ls),
+            });
         }
         let names: Vec<&str> = spec.branches.iter().map(|b| b.name.as_str()).collect();
         let mut fusion = json!({"name": "fusion", "inputs": names});
@@ -279,11 +354,15 @@ fn plan_with(
             Fusion::Concat => (Combine::Concat, k * bw),
             Fusion::Sum => (Combine::Sum, bw),
             Fusion::WeightedSum => (Combine::WeightedSum { w: vec![1.0; k] }, bw),
-            Fusion::Parallel if kind == "user" => (Combine::WeightedConcat { w: vec![1.0; k] }, k * bw),
+            Fusion::Parallel if kind == "user" => {
+                (Combine::WeightedConcat { w: vec![1.0; k] }, k * bw)
+            }
             Fusion::Parallel => (Combine::Concat, k * bw),
             Fusion::Attention => {
                 let bound = 1.0 / ((k * bw) as f32).sqrt();
-                let w = (0..k * k * bw).map(|_| out.rng.gen_range(-bound..bound)).collect();
+                let w = (0..k * k * bw)
+                    .map(|_| out.rng.gen_range(-bound..bound))
+                    .collect();
                 (Combine::Attention { w, b: vec![0.0; k] }, bw)
             }
         };
@@ -303,13 +382,18 @@ fn plan_with(
             Combine::Attention { .. } => {
                 fusion["weight"] = json!("fusion.weight");
                 fusion["bias"] = json!("fusion.bias");
-                out.dense_tensors.push(("fusion.weight".into(), vec![k, k * bw]));
+                out.dense_tensors
+                    .push(("fusion.weight".into(), vec![k, k * bw]));
                 out.dense_tensors.push(("fusion.bias".into(), vec![k]));
             }
             Combine::Concat | Combine::Sum => {}
         }
         graph_specs.push(fusion);
-        graph.push(Node { name: "fusion".into(), inputs: (0..k).map(NodeInput::Node).collect(), op: NodeOp::Combine(combine) });
+        graph.push(Node {
+            name: "fusion".into(),
+            inputs: (0..k).map(NodeInput::Node).collect(),
+            op: NodeOp::Combine(combine),
+        });
         width = fused;
         if !parallel {
             // The head: hidden layers after the fusion, a linear layer to `dim` when the fusion
@@ -323,7 +407,11 @@ fn plan_with(
             ls.push(Layer::L2Normalize);
             specs.push(json!({"type": "l2_normalize"}));
             graph_specs.push(json!({"name": "head", "inputs": ["fusion"], "layers": specs}));
-            graph.push(Node { name: "head".into(), inputs: vec![NodeInput::Node(k)], op: NodeOp::Stack(ls) });
+            graph.push(Node {
+                name: "head".into(),
+                inputs: vec![NodeInput::Node(k)],
+                op: NodeOp::Stack(ls),
+            });
         }
     }
     debug_assert_eq!(width, dim);
@@ -346,7 +434,14 @@ fn plan_with(
         spec["senet"] = json!({"w1": "senet.fc1.weight", "b1": "senet.fc1.bias", "w2": "senet.fc2.weight", "b2": "senet.fc2.bias"});
     }
     Ok(Plan {
-        tower: Tower { fields, tables, senet, attention, layers, graph },
+        tower: Tower {
+            fields,
+            tables,
+            senet,
+            attention,
+            layers,
+            graph,
+        },
         spec,
         table_tensors,
         dense_tensors,
@@ -367,7 +462,13 @@ impl Stacks<'_, '_> {
     /// normalisation, activation and dropout), the shortcut (its layer, extra width and spec)
     /// before the last one; tensors `{prefix}mlp.{i}.weight` and so on. Returns the layers,
     /// their specs and the output width.
-    fn mlp(&mut self, prefix: &str, mut width: usize, widths: &[usize], shortcut: Option<(Layer, usize, Value)>) -> (Vec<Layer>, Vec<Value>, usize) {
+    fn mlp(
+        &mut self,
+        prefix: &str,
+        mut width: usize,
+        widths: &[usize],
+        shortcut: Option<(Layer, usize, Value)>,
+    ) -> (Vec<Layer>, Vec<Value>, usize) {
         let spec = self.spec;
         let mut layers = Vec::new();
         let mut layer_specs = Vec::new();
@@ -382,21 +483,41 @@ impl Stacks<'_, '_> {
                 }
             }
             let bound = 1.0 / (width as f32).sqrt();
-            let w: Vec<f32> = (0..n_out * width).map(|_| self.rng.gen_range(-bound..bound)).collect();
-            let b: Vec<f32> = (0..n_out).map(|_| self.rng.gen_range(-bound..bound)).collect();
-            let (wn, bn) = (format!("{prefix}mlp.{i}.weight"), format!("{prefix}mlp.{i}.bias"));
+            let w: Vec<f32> = (0..n_out * width)
+                .map(|_| self.rng.gen_range(-bound..bound))
+                .collect();
+            let b: Vec<f32> = (0..n_out)
+                .map(|_| self.rng.gen_range(-bound..bound))
+                .collect();
+            let (wn, bn) = (
+                format!("{prefix}mlp.{i}.weight"),
+                format!("{prefix}mlp.{i}.bias"),
+            );
             layer_specs.push(json!({"type": "linear", "weight": wn, "bias": bn}));
             self.dense_tensors.push((wn, vec![n_out, width]));
             self.dense_tensors.push((bn, vec![n_out]));
-            layers.push(Layer::Linear { w, b, n_in: width, n_out });
+            layers.push(Layer::Linear {
+                w,
+                b,
+                n_in: width,
+                n_out,
+            });
             width = n_out;
             if i + 1 < last {
                 if spec.layer_norm {
-                    let (gn, bn) = (format!("{prefix}ln.{i}.weight"), format!("{prefix}ln.{i}.bias"));
-                    layer_specs.push(json!({"type": "layernorm", "weight": gn, "bias": bn, "eps": 1e-5}));
+                    let (gn, bn) = (
+                        format!("{prefix}ln.{i}.weight"),
+                        format!("{prefix}ln.{i}.bias"),
+                    );
+                    layer_specs
+                        .push(json!({"type": "layernorm", "weight": gn, "bias": bn, "eps": 1e-5}));
                     self.dense_tensors.push((gn, vec![width]));
                     self.dense_tensors.push((bn, vec![width]));
-                    layers.push(Layer::LayerNorm { g: vec![1.0; width], b: vec![0.0; width], eps: 1e-5 });
+                    layers.push(Layer::LayerNorm {
+                        g: vec![1.0; width],
+                        b: vec![0.0; width],
+                        eps: 1e-5,
+                    });
                 }
                 if spec.batch_norm {
                     let n = |k: &str| format!("{prefix}bn.{i}.{k}");
@@ -404,7 +525,8 @@ impl Stacks<'_, '_> {
                         "running_mean": n("running_mean"), "running_var": n("running_var"), "eps": 1e-5}));
                     self.dense_tensors.push((n("weight"), vec![width]));
                     self.dense_tensors.push((n("bias"), vec![width]));
-                    self.stat_tensors.push((n("running_mean"), n("running_var")));
+                    self.stat_tensors
+                        .push((n("running_mean"), n("running_var")));
                     layers.push(Layer::BatchNorm {
                         g: vec![1.0; width],
                         b: vec![0.0; width],
@@ -430,7 +552,11 @@ impl Stacks<'_, '_> {
 /// boundary q is the first value past the q-th share (so bucket q holds the values up to that
 /// share); points heavier than a share merge buckets instead of leaving empty ones.
 fn quantiles(values: &[(f64, u64)], buckets: usize) -> Vec<f64> {
-    let mut v: Vec<(f64, u64)> = values.iter().copied().filter(|(x, n)| x.is_finite() && *n > 0).collect();
+    let mut v: Vec<(f64, u64)> = values
+        .iter()
+        .copied()
+        .filter(|(x, n)| x.is_finite() && *n > 0)
+        .collect();
     v.sort_by(|a, b| a.0.total_cmp(&b.0));
     // Distinct values with inclusive cumulative counts.
     let mut distinct: Vec<(f64, u128)> = Vec::new();
@@ -469,11 +595,20 @@ fn normal(rng: &mut ChaCha8Rng) -> f32 {
 /// the fresh rows), and takes every dense parameter and every numeric statistic from the base.
 /// The base must have the architecture the options describe.
 pub fn extend(plan: &Plan, base_spec: &str, base_weights: &[u8]) -> Result<Plan> {
-    let arch = |why: String| TrainError::Option { path: "incremental".into(), reason: why };
-    let base: Value = serde_json::from_str(base_spec).map_err(|e| arch(format!("the base spec: {e}")))?;
-    let st = safetensors::SafeTensors::deserialize(base_weights).map_err(|e| arch(format!("the base weights: {e}")))?;
+    let arch = |why: String| TrainError::Option {
+        path: "incremental".into(),
+        reason: why,
+    };
+    let base: Value =
+        serde_json::from_str(base_spec).map_err(|e| arch(format!("the base spec: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(base_weights)
+        .map_err(|e| arch(format!("the base weights: {e}")))?;
     let tensor = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let t = st.tensor(name).map_err(|_| arch(format!("the base version has no tensor {name}: train it anew")))?;
+        let t = st.tensor(name).map_err(|_| {
+            arch(format!(
+                "the base version has no tensor {name}: train it anew"
+            ))
+        })?;
         if t.shape() != shape || t.dtype() != safetensors::Dtype::F32 {
             return Err(arch(format!(
                 "tensor {name} is {:?} {:?} in the base version, {:?} F32 in these options",
@@ -482,22 +617,42 @@ pub fn extend(plan: &Plan, base_spec: &str, base_weights: &[u8]) -> Result<Plan>
                 shape
             )));
         }
-        Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        Ok(t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     };
-    let base_features: Vec<Value> = base.get("features").and_then(Value::as_array).cloned().unwrap_or_default();
-    let base_feature = |name: &str| base_features.iter().find(|f| f.get("name").and_then(Value::as_str) == Some(name)).cloned();
+    let base_features: Vec<Value> = base
+        .get("features")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let base_feature = |name: &str| {
+        base_features
+            .iter()
+            .find(|f| f.get("name").and_then(Value::as_str) == Some(name))
+            .cloned()
+    };
     let mut out = plan.clone();
     let features = match out.spec.get_mut("features") {
         Some(Value::Array(f)) => f,
         _ => return Err(TrainError::Export("planned spec without features".into())),
     };
     for f in features.iter_mut() {
-        let name = f.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let name = f
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         let Some(bf) = base_feature(&name) else {
-            return Err(arch(format!("feature \"{name}\" is not in the base version: train it anew")));
+            return Err(arch(format!(
+                "feature \"{name}\" is not in the base version: train it anew"
+            )));
         };
         if bf.get("type") != f.get("type") {
-            return Err(arch(format!("feature \"{name}\" has another type in the base version")));
+            return Err(arch(format!(
+                "feature \"{name}\" has another type in the base version"
+            )));
         }
         for k in ["mean", "std", "boundaries"] {
             if let (Some(v), Some(o)) = (bf.get(k), f.as_object_mut()) {
@@ -508,13 +663,23 @@ pub fn extend(plan: &Plan, base_spec: &str, base_weights: &[u8]) -> Result<Plan>
     for (t, name) in plan.table_tensors.iter().enumerate() {
         let fresh = &plan.tower.tables[t];
         let dim = fresh.dim;
-        let Some(fi) = features.iter().position(|f| f.get("embedding").and_then(Value::as_str) == Some(name.as_str())) else {
+        let Some(fi) = features
+            .iter()
+            .position(|f| f.get("embedding").and_then(Value::as_str) == Some(name.as_str()))
+        else {
             continue;
         };
-        let fname = features[fi].get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let fname = features[fi]
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
         if features[fi].get("type").and_then(Value::as_str) == Some("bucketize") {
             // The base's boundaries (copied above) and its rows.
-            let n = features[fi].get("boundaries").and_then(Value::as_array).map_or(0, Vec::len);
+            let n = features[fi]
+                .get("boundaries")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
             let table = &mut out.tower.tables[t];
             table.w = tensor(name, &[n + 2, dim])?;
             table.rows = n + 2;
@@ -530,7 +695,8 @@ pub fn extend(plan: &Plan, base_spec: &str, base_weights: &[u8]) -> Result<Plan>
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
         let base_rows = tensor(name, &[base_vocab.len() + 1, dim])?;
-        let known: std::collections::HashSet<&str> = base_vocab.iter().map(String::as_str).collect();
+        let known: std::collections::HashSet<&str> =
+            base_vocab.iter().map(String::as_str).collect();
         let mut merged = base_vocab.clone();
         let mut w = base_rows;
         for (i, id) in new_vocab.iter().enumerate() {
@@ -594,7 +760,11 @@ pub fn prune(plan: &Plan, tower: &Tower) -> (Plan, Tower, Vec<(String, usize, us
                 if f.get("embedding").and_then(Value::as_str) == Some(name.as_str()) {
                     if let Some(Value::Array(vocab)) = f.get_mut("vocabulary") {
                         // Row r + 1 is vocab[r]: keep the ids of kept rows, in row order.
-                        let kept: Vec<Value> = keep.iter().skip(1).filter_map(|&r| vocab.get(r - 1).cloned()).collect();
+                        let kept: Vec<Value> = keep
+                            .iter()
+                            .skip(1)
+                            .filter_map(|&r| vocab.get(r - 1).cloned())
+                            .collect();
                         *vocab = kept;
                     }
                 }
@@ -628,7 +798,8 @@ pub fn export(plan: &Plan, tower: &Tower) -> Result<(String, Vec<u8>)> {
         .collect::<Result<_>>()?;
     let mut meta = HashMap::new();
     meta.insert("producer".to_owned(), "pg_twotower train".to_owned());
-    let st = safetensors::serialize(views, &Some(meta)).map_err(|e| TrainError::Export(e.to_string()))?;
+    let st = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| TrainError::Export(e.to_string()))?;
     Ok((plan.spec.to_string(), st))
 }
 
@@ -657,7 +828,12 @@ pub fn count_ids(counts: &mut HashMap<String, u64>, value: Option<&Value>, n: u6
 
 /// Adds a numeric feature value, `n` times (once per training example that carries it), to
 /// the moments; values that are not numbers are left to the encoder to reject.
-pub fn add_moment(moments: &mut HashMap<String, (f64, f64, u64)>, name: &str, value: Option<&Value>, n: u64) {
+pub fn add_moment(
+    moments: &mut HashMap<String, (f64, f64, u64)>,
+    name: &str,
+    value: Option<&Value>,
+    n: u64,
+) {
     if let Some(x) = value.and_then(Value::as_f64).filter(|x| x.is_finite()) {
         let m = moments.entry(name.to_owned()).or_insert((0.0, 0.0, 0));
         m.0 += x * n as f64;
@@ -689,6 +865,9 @@ mod tests {
         assert_eq!(quantiles(&[(1.0, 1), (5.0, 100), (9.0, 1)], 4), vec![9.0]);
         assert_eq!(quantiles(&[(2.0, 3)], 10), Vec::<f64>::new());
         // NaN and infinities are ignored; order of the input does not matter.
-        assert_eq!(quantiles(&[(4.0, 1), (f64::NAN, 5), (2.0, 1), (f64::INFINITY, 2)], 2), vec![4.0]);
+        assert_eq!(
+            quantiles(&[(4.0, 1), (f64::NAN, 5), (2.0, 1), (f64::INFINITY, 2)], 2),
+            vec![4.0]
+        );
     }
 }

@@ -52,7 +52,9 @@ pub enum Layer {
         eps: f64,
     },
     /// Inverted dropout while training (kept units scaled by 1/(1-p)); nothing at inference.
-    Dropout { p: f32 },
+    Dropout {
+        p: f32,
+    },
     /// Batch normalisation: while training, each forward part's own batch statistics (biased
     /// variance); at inference the running statistics, which a step moves by `momentum` toward
     /// the step's batch statistics (unbiased variance), as PyTorch's `BatchNorm1d` does.
@@ -65,7 +67,9 @@ pub enum Layer {
         momentum: f64,
     },
     /// Appends the raw fields (before any layer) of the given features to h.
-    Shortcut { fields: Vec<usize> },
+    Shortcut {
+        fields: Vec<usize>,
+    },
     L2Normalize,
 }
 
@@ -122,11 +126,18 @@ pub enum Combine {
     Concat,
     Sum,
     /// Σ wᵢ·xᵢ.
-    WeightedSum { w: Vec<f32> },
+    WeightedSum {
+        w: Vec<f32>,
+    },
     /// [w₁·x₁; …; w_k·x_k].
-    WeightedConcat { w: Vec<f32> },
+    WeightedConcat {
+        w: Vec<f32>,
+    },
     /// α = softmax(W·[x₁; …; x_k] + b), output Σ αᵢ·xᵢ; `w` is `[k, k·d]`.
-    Attention { w: Vec<f32>, b: Vec<f32> },
+    Attention {
+        w: Vec<f32>,
+        b: Vec<f32>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,7 +193,11 @@ enum NodeCache {
     Stack(StackCache),
     /// A combine node: its inputs side by side (`m × in_width`), its output, and per row the
     /// attention weights (attention only).
-    Combine { x: Vec<f32>, y: Vec<f32>, alphas: Vec<f32> },
+    Combine {
+        x: Vec<f32>,
+        y: Vec<f32>,
+        alphas: Vec<f32>,
+    },
 }
 
 impl NodeCache {
@@ -289,7 +304,9 @@ impl Tower {
         self.fields
             .iter()
             .map(|f| match f {
-                FieldKind::Embed { table } | FieldKind::Pool { table, .. } => self.tables[*table].dim,
+                FieldKind::Embed { table } | FieldKind::Pool { table, .. } => {
+                    self.tables[*table].dim
+                }
                 FieldKind::Value { width } => *width,
             })
             .collect()
@@ -328,13 +345,21 @@ impl Tower {
     pub fn dense_params(&self) -> Vec<&[f32]> {
         let mut out: Vec<&[f32]> = Vec::new();
         if let Some(s) = &self.senet {
-            out.extend([s.w1.as_slice(), s.b1.as_slice(), s.w2.as_slice(), s.b2.as_slice()]);
+            out.extend([
+                s.w1.as_slice(),
+                s.b1.as_slice(),
+                s.w2.as_slice(),
+                s.b2.as_slice(),
+            ]);
         }
         if let Some(a) = &self.attention {
             out.extend([a.wq.as_slice(), a.wk.as_slice()]);
         }
         fn layer<'a>(l: &'a Layer, out: &mut Vec<&'a [f32]>) {
-            if let Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } = l {
+            if let Layer::Linear { w, b, .. }
+            | Layer::LayerNorm { g: w, b, .. }
+            | Layer::BatchNorm { g: w, b, .. } = l
+            {
                 out.push(w);
                 out.push(b);
             }
@@ -343,8 +368,12 @@ impl Tower {
         for n in &self.graph {
             match &n.op {
                 NodeOp::Stack(ls) => ls.iter().for_each(|l| layer(l, &mut out)),
-                NodeOp::Combine(Combine::WeightedSum { w } | Combine::WeightedConcat { w }) => out.push(w),
-                NodeOp::Combine(Combine::Attention { w, b }) => out.extend([w.as_slice(), b.as_slice()]),
+                NodeOp::Combine(Combine::WeightedSum { w } | Combine::WeightedConcat { w }) => {
+                    out.push(w)
+                }
+                NodeOp::Combine(Combine::Attention { w, b }) => {
+                    out.extend([w.as_slice(), b.as_slice()])
+                }
                 NodeOp::Combine(Combine::Concat | Combine::Sum) => {}
             }
         }
@@ -360,7 +389,10 @@ impl Tower {
             out.extend([&mut a.wq, &mut a.wk]);
         }
         fn layer<'a>(l: &'a mut Layer, out: &mut Vec<&'a mut Vec<f32>>) {
-            if let Layer::Linear { w, b, .. } | Layer::LayerNorm { g: w, b, .. } | Layer::BatchNorm { g: w, b, .. } = l {
+            if let Layer::Linear { w, b, .. }
+            | Layer::LayerNorm { g: w, b, .. }
+            | Layer::BatchNorm { g: w, b, .. } = l
+            {
                 out.push(w);
                 out.push(b);
             }
@@ -369,7 +401,9 @@ impl Tower {
         for n in &mut self.graph {
             match &mut n.op {
                 NodeOp::Stack(ls) => ls.iter_mut().for_each(|l| layer(l, &mut out)),
-                NodeOp::Combine(Combine::WeightedSum { w } | Combine::WeightedConcat { w }) => out.push(w),
+                NodeOp::Combine(Combine::WeightedSum { w } | Combine::WeightedConcat { w }) => {
+                    out.push(w)
+                }
                 NodeOp::Combine(Combine::Attention { w, b }) => out.extend([w, b]),
                 NodeOp::Combine(Combine::Concat | Combine::Sum) => {}
             }
@@ -382,7 +416,11 @@ impl Tower {
         self.all_layers()
             .into_iter()
             .filter_map(|l| match l {
-                Layer::BatchNorm { running_mean, running_var, .. } => Some((running_mean.as_slice(), running_var.as_slice())),
+                Layer::BatchNorm {
+                    running_mean,
+                    running_var,
+                    ..
+                } => Some((running_mean.as_slice(), running_var.as_slice())),
                 _ => None,
             })
             .collect()
@@ -392,7 +430,11 @@ impl Tower {
         self.all_layers_mut()
             .into_iter()
             .filter_map(|l| match l {
-                Layer::BatchNorm { running_mean, running_var, .. } => Some((running_mean, running_var)),
+                Layer::BatchNorm {
+                    running_mean,
+                    running_var,
+                    ..
+                } => Some((running_mean, running_var)),
                 _ => None,
             })
             .collect()
@@ -403,8 +445,19 @@ impl Tower {
     /// over the parts): mean and unbiased variance, by the layer's momentum.
     pub fn update_running_stats(&mut self, parts: &[Vec<Option<BnStats>>]) {
         for (li, layer) in self.all_layers_mut().into_iter().enumerate() {
-            let Layer::BatchNorm { running_mean, running_var, momentum, .. } = layer else { continue };
-            let stats: Vec<&BnStats> = parts.iter().filter_map(|p| p.get(li).and_then(Option::as_ref)).collect();
+            let Layer::BatchNorm {
+                running_mean,
+                running_var,
+                momentum,
+                ..
+            } = layer
+            else {
+                continue;
+            };
+            let stats: Vec<&BnStats> = parts
+                .iter()
+                .filter_map(|p| p.get(li).and_then(Option::as_ref))
+                .collect();
             let n: usize = stats.iter().map(|s| s.rows).sum();
             if n == 0 {
                 continue;
@@ -412,10 +465,16 @@ impl Tower {
             let nf = n as f64;
             for j in 0..running_mean.len() {
                 let mean = stats.iter().map(|s| s.rows as f64 * s.mean[j]).sum::<f64>() / nf;
-                let ex2 = stats.iter().map(|s| s.rows as f64 * (s.var[j] + s.mean[j] * s.mean[j])).sum::<f64>() / nf;
+                let ex2 = stats
+                    .iter()
+                    .map(|s| s.rows as f64 * (s.var[j] + s.mean[j] * s.mean[j]))
+                    .sum::<f64>()
+                    / nf;
                 let var = (ex2 - mean * mean).max(0.0) * if n > 1 { nf / (nf - 1.0) } else { 1.0 };
-                running_mean[j] = ((1.0 - *momentum) * running_mean[j] as f64 + *momentum * mean) as f32;
-                running_var[j] = ((1.0 - *momentum) * running_var[j] as f64 + *momentum * var) as f32;
+                running_mean[j] =
+                    ((1.0 - *momentum) * running_mean[j] as f64 + *momentum * mean) as f32;
+                running_var[j] =
+                    ((1.0 - *momentum) * running_var[j] as f64 + *momentum * var) as f32;
             }
         }
     }
@@ -433,7 +492,11 @@ impl Tower {
 
     pub fn zero_grads(&self) -> Grads {
         Grads {
-            dense: self.dense_params().iter().map(|p| vec![0.0; p.len()]).collect(),
+            dense: self
+                .dense_params()
+                .iter()
+                .map(|p| vec![0.0; p.len()])
+                .collect(),
             rows: vec![BTreeMap::new(); self.tables.len()],
         }
     }
@@ -441,21 +504,30 @@ impl Tower {
     /// The raw input vectors of `xs` (fields concatenated), as the serving forward pass gathers
     /// them: pooling in f64, an empty bag is the OOV row, a missing dense field is zeros.
     /// Also returns, per row, what the target attention computed.
-    fn gather(&self, xs: &[&Encoded], widths: &[usize], w0: usize) -> (Vec<f32>, Vec<Option<AttnRow>>) {
+    fn gather(
+        &self,
+        xs: &[&Encoded],
+        widths: &[usize],
+        w0: usize,
+    ) -> (Vec<f32>, Vec<Option<AttnRow>>) {
         let mut x0 = vec![0f32; xs.len() * w0];
         let mut attn = Vec::new();
         for (x, out) in xs.iter().zip(x0.chunks_exact_mut(w0.max(1))) {
             let mut off = 0;
             let mut row_attn = None;
-            for (fi, ((kind, field), &w)) in self.fields.iter().zip(x.fields()).zip(widths).enumerate() {
+            for (fi, ((kind, field), &w)) in
+                self.fields.iter().zip(x.fields()).zip(widths).enumerate()
+            {
                 let dst = &mut out[off..off + w];
                 off += w;
                 if let (Some(a), FieldRef::Dense(Some(buf))) = (&self.attention, field) {
                     if a.field == fi {
                         if buf.len() >= a.d && (buf.len() - a.d) % a.d.max(1) == 0 {
                             let hs: Vec<&[f32]> = buf[a.d..].chunks_exact(a.d.max(1)).collect();
-                            let keys = twotower_tower::attention::history_keys(&a.wk, a.r, a.d, &hs);
-                            let (q, alpha) = twotower_tower::attention::attend(&a.wq, &keys, &buf[..a.d], dst);
+                            let keys =
+                                twotower_tower::attention::history_keys(&a.wk, a.r, a.d, &hs);
+                            let (q, alpha) =
+                                twotower_tower::attention::attend(&a.wq, &keys, &buf[..a.d], dst);
                             row_attn = (!alpha.is_empty()).then_some(AttnRow { q, alpha, keys });
                         }
                         continue;
@@ -467,7 +539,13 @@ impl Tower {
                             dst.copy_from_slice(e);
                         }
                     }
-                    (FieldKind::Pool { table, pooling: Pooling::Max }, FieldRef::Bag { rows, weights }) => {
+                    (
+                        FieldKind::Pool {
+                            table,
+                            pooling: Pooling::Max,
+                        },
+                        FieldRef::Bag { rows, weights },
+                    ) => {
                         let t = &self.tables[*table];
                         dst.iter_mut().for_each(|d| *d = f32::NEG_INFINITY);
                         for (i, &r) in rows.iter().enumerate() {
@@ -476,21 +554,28 @@ impl Tower {
                                 dst.iter_mut().zip(e).for_each(|(d, e)| *d = d.max(wi * e));
                             }
                         }
-                        dst.iter_mut().filter(|d| **d == f32::NEG_INFINITY).for_each(|d| *d = 0.0);
+                        dst.iter_mut()
+                            .filter(|d| **d == f32::NEG_INFINITY)
+                            .for_each(|d| *d = 0.0);
                     }
                     (FieldKind::Pool { table, pooling }, FieldRef::Bag { rows, weights }) => {
                         let t = &self.tables[*table];
                         let mut acc = vec![0f64; w];
                         let mut wsum = 0f64;
                         for (i, &r) in rows.iter().enumerate() {
-                            let wi = weights.and_then(|ws| ws.get(i)).copied().unwrap_or(1.0) as f64;
+                            let wi =
+                                weights.and_then(|ws| ws.get(i)).copied().unwrap_or(1.0) as f64;
                             wsum += wi;
                             if let Some(e) = t.row(r) {
-                                acc.iter_mut().zip(e).for_each(|(a, e)| *a += wi * *e as f64);
+                                acc.iter_mut()
+                                    .zip(e)
+                                    .for_each(|(a, e)| *a += wi * *e as f64);
                             }
                         }
                         let scale = pool_scale(*pooling, wsum);
-                        dst.iter_mut().zip(&acc).for_each(|(d, a)| *d = (a * scale) as f32);
+                        dst.iter_mut()
+                            .zip(&acc)
+                            .for_each(|(d, a)| *d = (a * scale) as f32);
                     }
                     (FieldKind::Value { .. }, FieldRef::Value(v)) => dst[0] = v,
                     (FieldKind::Value { .. }, FieldRef::Dense(Some(v))) if v.len() == w => {
@@ -529,11 +614,23 @@ impl Tower {
                 senet_rows.push(senet_forward(s, &fw, &offsets, row));
             }
         }
-        let f = Fields { fw: &fw, offsets: &offsets, w0, x0: &x0 };
+        let f = Fields {
+            fw: &fw,
+            offsets: &offsets,
+            w0,
+            x0: &x0,
+        };
         let mut nodes = Vec::with_capacity(self.graph.len().max(1));
         let mut node_widths: Vec<(usize, usize)> = Vec::with_capacity(self.graph.len());
         if self.graph.is_empty() {
-            nodes.push(NodeCache::Stack(stack_forward(&self.layers, h, m, w0, &f, &mut rng)));
+            nodes.push(NodeCache::Stack(stack_forward(
+                &self.layers,
+                h,
+                m,
+                w0,
+                &f,
+                &mut rng,
+            )));
         } else {
             for node in &self.graph {
                 let ws = input_widths(&node.inputs, &fw, &node_widths);
@@ -568,14 +665,28 @@ impl Tower {
         let fw = self.field_widths();
         let w0: usize = fw.iter().sum();
         let offsets = offsets_of(&fw);
-        let f = Fields { fw: &fw, offsets: &offsets, w0, x0: &cache.x0 };
+        let f = Fields {
+            fw: &fw,
+            offsets: &offsets,
+            w0,
+            x0: &cache.x0,
+        };
         // Gradients that shortcuts send straight to the raw fields.
         let mut dx0_extra: Option<Vec<f32>> = None;
         let first = self.first_layer_param();
         let mut dh = match cache.nodes.first() {
             Some(NodeCache::Stack(sc)) if self.graph.is_empty() => {
                 let end = first + self.layers.iter().map(layer_params).sum::<usize>();
-                stack_backward(&self.layers, sc, dout.to_vec(), m, &mut grads, end, &f, &mut dx0_extra)
+                stack_backward(
+                    &self.layers,
+                    sc,
+                    dout.to_vec(),
+                    m,
+                    &mut grads,
+                    end,
+                    &f,
+                    &mut dx0_extra,
+                )
             }
             _ => self.graph_backward(cache, dout, &mut grads, &f),
         };
@@ -588,7 +699,11 @@ impl Tower {
         if let Some(a) = &self.attention {
             let p = if self.senet.is_some() { 4 } else { 0 };
             for (row, (x, cached)) in cache.xs.iter().zip(&cache.attn).enumerate() {
-                let (Some(at), Some(FieldRef::Dense(Some(buf)))) = (cached, x.fields().nth(a.field)) else { continue };
+                let (Some(at), Some(FieldRef::Dense(Some(buf)))) =
+                    (cached, x.fields().nth(a.field))
+                else {
+                    continue;
+                };
                 let dout = &dh[row * w0 + offsets[a.field]..row * w0 + offsets[a.field] + a.d];
                 attention_backward(a, at, &buf[..a.d], dout, &mut grads, p);
             }
@@ -605,10 +720,17 @@ impl Tower {
                             add_row(&mut grads.rows[*table], r, d, 1.0);
                         }
                     }
-                    (FieldKind::Pool { table, pooling: Pooling::Max }, FieldRef::Bag { rows, weights }) => {
+                    (
+                        FieldKind::Pool {
+                            table,
+                            pooling: Pooling::Max,
+                        },
+                        FieldRef::Bag { rows, weights },
+                    ) => {
                         // Each element's gradient goes to the first row reaching the maximum.
                         let t = &self.tables[*table];
-                        let wt = |i: usize| weights.and_then(|ws| ws.get(i)).copied().unwrap_or(1.0);
+                        let wt =
+                            |i: usize| weights.and_then(|ws| ws.get(i)).copied().unwrap_or(1.0);
                         for k in 0..w {
                             let mut best: Option<(usize, f32)> = None;
                             for (i, &r) in rows.iter().enumerate() {
@@ -620,13 +742,17 @@ impl Tower {
                                 }
                             }
                             if let Some((i, _)) = best {
-                                let acc = grads.rows[*table].entry(rows[i]).or_insert_with(|| vec![0.0; w]);
+                                let acc = grads.rows[*table]
+                                    .entry(rows[i])
+                                    .or_insert_with(|| vec![0.0; w]);
                                 acc[k] += d[k] * wt(i);
                             }
                         }
                     }
                     (FieldKind::Pool { table, pooling }, FieldRef::Bag { rows, weights }) => {
-                        let wt = |i: usize| weights.and_then(|ws| ws.get(i)).copied().unwrap_or(1.0) as f64;
+                        let wt = |i: usize| {
+                            weights.and_then(|ws| ws.get(i)).copied().unwrap_or(1.0) as f64
+                        };
                         let wsum: f64 = (0..rows.len()).map(wt).sum();
                         let scale = pool_scale(*pooling, wsum);
                         for (i, &r) in rows.iter().enumerate() {
@@ -643,7 +769,13 @@ impl Tower {
     }
 
     /// The graph's backward pass, nodes in reverse: returns d(loss)/d(the fields after SENet).
-    fn graph_backward(&self, cache: &Cache, dout: &[f32], grads: &mut Grads, f: &Fields) -> Vec<f32> {
+    fn graph_backward(
+        &self,
+        cache: &Cache,
+        dout: &[f32],
+        grads: &mut Grads,
+        f: &Fields,
+    ) -> Vec<f32> {
         let m = cache.rows();
         let n = self.graph.len();
         // Each node's first dense parameter.
@@ -653,7 +785,11 @@ impl Tower {
             start.push(at);
             at += node_params(node);
         }
-        let mut dnode: Vec<Vec<f32>> = cache.node_widths.iter().map(|&(_, w)| vec![0f32; m * w]).collect();
+        let mut dnode: Vec<Vec<f32>> = cache
+            .node_widths
+            .iter()
+            .map(|&(_, w)| vec![0f32; m * w])
+            .collect();
         if let Some(last) = dnode.last_mut() {
             last.iter_mut().zip(dout).for_each(|(a, b)| *a = *b);
         }
@@ -666,9 +802,20 @@ impl Tower {
             let dx = match (&node.op, &cache.nodes[ni]) {
                 (NodeOp::Stack(ls), NodeCache::Stack(sc)) => {
                     let mut none = None;
-                    stack_backward(ls, sc, dy, m, grads, start[ni] + node_params(node), f, &mut none)
+                    stack_backward(
+                        ls,
+                        sc,
+                        dy,
+                        m,
+                        grads,
+                        start[ni] + node_params(node),
+                        f,
+                        &mut none,
+                    )
                 }
-                (NodeOp::Combine(c), NodeCache::Combine { x, alphas, .. }) => combine_backward(c, &ws, x, alphas, &dy, m, grads, start[ni]),
+                (NodeOp::Combine(c), NodeCache::Combine { x, alphas, .. }) => {
+                    combine_backward(c, &ws, x, alphas, &dy, m, grads, start[ni])
+                }
                 _ => unreachable!("a node's cache has the node's kind"),
             };
             for r in 0..m {
@@ -677,7 +824,9 @@ impl Tower {
                     let src = &dx[at..at + w];
                     at += w;
                     let dst = match *input {
-                        NodeInput::Field(k) => &mut dh0[r * f.w0 + f.offsets[k]..r * f.w0 + f.offsets[k] + w],
+                        NodeInput::Field(k) => {
+                            &mut dh0[r * f.w0 + f.offsets[k]..r * f.w0 + f.offsets[k] + w]
+                        }
                         NodeInput::Node(j) => &mut dnode[j][r * w..(r + 1) * w],
                     };
                     dst.iter_mut().zip(src).for_each(|(a, b)| *a += b);
@@ -691,27 +840,48 @@ impl Tower {
 /// Target attention's backward pass for one row (`v` the candidate's vector): `dout` is
 /// d(loss)/d(the field); adds W_q's and W_k's gradients (dense parameters `p`, `p + 1`). The
 /// vectors are constants.
-fn attention_backward(a: &Attention, at: &AttnRow, v: &[f32], dout: &[f32], grads: &mut Grads, p: usize) {
+fn attention_backward(
+    a: &Attention,
+    at: &AttnRow,
+    v: &[f32],
+    dout: &[f32],
+    grads: &mut Grads,
+    p: usize,
+) {
     let (r, d) = (a.r, a.d);
     let (q, alpha, keys) = (&at.q, &at.alpha, &at.keys);
-    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+    let dot = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum::<f64>()
+    };
     // out = Σ αᵢ hᵢ; α = softmax(s); sᵢ = q·kᵢ / √r.
     let da: Vec<f64> = keys.values.chunks_exact(d).map(|h| dot(dout, h)).collect();
     let mean: f64 = alpha.iter().zip(&da).map(|(a, g)| *a as f64 * g).sum();
     let scale = 1.0 / (r as f64).sqrt();
     let mut dq = vec![0f64; r];
-    for (i, (h, k)) in keys.values.chunks_exact(d).zip(keys.keys.chunks_exact(r)).enumerate() {
+    for (i, (h, k)) in keys
+        .values
+        .chunks_exact(d)
+        .zip(keys.keys.chunks_exact(r))
+        .enumerate()
+    {
         let ds = alpha[i] as f64 * (da[i] - mean) * scale;
         for j in 0..r {
             dq[j] += ds * k[j] as f64;
             let g = ds * q[j] as f64;
             let gk = &mut grads.dense[p + 1][j * d..(j + 1) * d];
-            gk.iter_mut().zip(h).for_each(|(x, hv)| *x += (g * *hv as f64) as f32);
+            gk.iter_mut()
+                .zip(h)
+                .for_each(|(x, hv)| *x += (g * *hv as f64) as f32);
         }
     }
     for (j, dqj) in dq.iter().enumerate() {
         let gq = &mut grads.dense[p][j * d..(j + 1) * d];
-        gq.iter_mut().zip(v).for_each(|(x, vv)| *x += (dqj * *vv as f64) as f32);
+        gq.iter_mut()
+            .zip(v)
+            .for_each(|(x, vv)| *x += (dqj * *vv as f64) as f32);
     }
 }
 
@@ -737,12 +907,21 @@ fn input_widths(inputs: &[NodeInput], fw: &[usize], node_widths: &[(usize, usize
 }
 
 /// A node's inputs side by side, row by row (`m × Σ ws`).
-fn node_input(inputs: &[NodeInput], h: &[f32], nodes: &[NodeCache], ws: &[usize], m: usize, f: &Fields) -> Vec<f32> {
+fn node_input(
+    inputs: &[NodeInput],
+    h: &[f32],
+    nodes: &[NodeCache],
+    ws: &[usize],
+    m: usize,
+    f: &Fields,
+) -> Vec<f32> {
     let mut x = Vec::with_capacity(m * ws.iter().sum::<usize>());
     for r in 0..m {
         for (i, &w) in inputs.iter().zip(ws) {
             match *i {
-                NodeInput::Field(k) => x.extend_from_slice(&h[r * f.w0 + f.offsets[k]..r * f.w0 + f.offsets[k] + w]),
+                NodeInput::Field(k) => {
+                    x.extend_from_slice(&h[r * f.w0 + f.offsets[k]..r * f.w0 + f.offsets[k] + w])
+                }
                 NodeInput::Node(j) => x.extend_from_slice(&nodes[j].output()[r * w..(r + 1) * w]),
             }
         }
@@ -751,7 +930,14 @@ fn node_input(inputs: &[NodeInput], h: &[f32], nodes: &[NodeCache], ws: &[usize]
 }
 
 /// A layer stack's forward pass over `m` rows `h` of `width`.
-fn stack_forward(stack: &[Layer], mut h: Vec<f32>, m: usize, mut width: usize, f: &Fields, rng: &mut Option<rand_chacha::ChaCha8Rng>) -> StackCache {
+fn stack_forward(
+    stack: &[Layer],
+    mut h: Vec<f32>,
+    m: usize,
+    mut width: usize,
+    f: &Fields,
+    rng: &mut Option<rand_chacha::ChaCha8Rng>,
+) -> StackCache {
     use rand::Rng;
     let (fw, offsets, w0, x0) = (f.fw, f.offsets, f.w0, f.x0);
     let training = rng.is_some();
@@ -762,57 +948,84 @@ fn stack_forward(stack: &[Layer], mut h: Vec<f32>, m: usize, mut width: usize, f
     for (li, layer) in stack.iter().enumerate() {
         let input = h.clone();
         widths.push(width);
-            match layer {
-                Layer::Dropout { p } => {
-                    if let Some(rng) = rng.as_mut() {
-                        let keep = 1.0 - *p;
-                        let mask: Vec<f32> = (0..h.len())
-                            .map(|_| if rng.gen::<f32>() < keep { 1.0 / keep } else { 0.0 })
-                            .collect();
-                        h.iter_mut().zip(&mask).for_each(|(v, k)| *v *= k);
-                        masks[li] = Some(mask);
-                    }
+        match layer {
+            Layer::Dropout { p } => {
+                if let Some(rng) = rng.as_mut() {
+                    let keep = 1.0 - *p;
+                    let mask: Vec<f32> = (0..h.len())
+                        .map(|_| {
+                            if rng.gen::<f32>() < keep {
+                                1.0 / keep
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    h.iter_mut().zip(&mask).for_each(|(v, k)| *v *= k);
+                    masks[li] = Some(mask);
                 }
-                Layer::Shortcut { fields } => {
-                    let extra: usize = fields.iter().map(|&f| fw[f]).sum();
-                    let nw = width + extra;
-                    let mut next = Vec::with_capacity(m * nw);
-                    for r in 0..m {
-                        next.extend_from_slice(&h[r * width..(r + 1) * width]);
-                        for &f in fields {
-                            next.extend_from_slice(&x0[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]]);
-                        }
-                    }
-                    h = next;
-                    width = nw;
-                }
-                Layer::Linear { w, b, n_in, n_out } => {
-                    debug_assert_eq!(*n_in, width);
-                    h = layers::linear(&input, m, *n_in, w, Some(b), *n_out);
-                    width = *n_out;
-                }
-                Layer::Act(a) => layers::activate(*a, &mut h),
-                Layer::LayerNorm { g, b, eps } => layers::layer_norm(&mut h, width, g, b, *eps),
-                Layer::BatchNorm { g, b, running_mean, running_var, eps, .. } => {
-                    if training && m > 0 {
-                        let st = column_stats(&h, m, width);
-                        let mean: Vec<f32> = st.mean.iter().map(|&v| v as f32).collect();
-                        let inv: Vec<f32> = st.var.iter().map(|&v| (1.0 / (v + eps).sqrt()) as f32).collect();
-                        layers::batch_norm(&mut h, width, g, b, &mean, &inv);
-                        bn[li] = Some(st);
-                    } else {
-                        // The serving form: 1/√(running_var + eps) in f64, as the tower crate loads it.
-                        let inv: Vec<f32> = running_var.iter().map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32).collect();
-                        layers::batch_norm(&mut h, width, g, b, running_mean, &inv);
-                    }
-                }
-                Layer::L2Normalize => layers::l2_normalize(&mut h, width),
             }
-            acts.push(input);
+            Layer::Shortcut { fields } => {
+                let extra: usize = fields.iter().map(|&f| fw[f]).sum();
+                let nw = width + extra;
+                let mut next = Vec::with_capacity(m * nw);
+                for r in 0..m {
+                    next.extend_from_slice(&h[r * width..(r + 1) * width]);
+                    for &f in fields {
+                        next.extend_from_slice(
+                            &x0[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]],
+                        );
+                    }
+                }
+                h = next;
+                width = nw;
+            }
+            Layer::Linear { w, b, n_in, n_out } => {
+                debug_assert_eq!(*n_in, width);
+                h = layers::linear(&input, m, *n_in, w, Some(b), *n_out);
+                width = *n_out;
+            }
+            Layer::Act(a) => layers::activate(*a, &mut h),
+            Layer::LayerNorm { g, b, eps } => layers::layer_norm(&mut h, width, g, b, *eps),
+            Layer::BatchNorm {
+                g,
+                b,
+                running_mean,
+                running_var,
+                eps,
+                ..
+            } => {
+                if training && m > 0 {
+                    let st = column_stats(&h, m, width);
+                    let mean: Vec<f32> = st.mean.iter().map(|&v| v as f32).collect();
+                    let inv: Vec<f32> = st
+                        .var
+                        .iter()
+                        .map(|&v| (1.0 / (v + eps).sqrt()) as f32)
+                        .collect();
+                    layers::batch_norm(&mut h, width, g, b, &mean, &inv);
+                    bn[li] = Some(st);
+                } else {
+                    // The serving form: 1/√(running_var + eps) in f64, as the tower crate loads it.
+                    let inv: Vec<f32> = running_var
+                        .iter()
+                        .map(|&v| (1.0 / (v as f64 + eps).sqrt()) as f32)
+                        .collect();
+                    layers::batch_norm(&mut h, width, g, b, running_mean, &inv);
+                }
+            }
+            Layer::L2Normalize => layers::l2_normalize(&mut h, width),
+        }
+        acts.push(input);
     }
     widths.push(width);
     acts.push(h);
-    StackCache { acts, widths, masks, bn }
+    StackCache {
+        acts,
+        widths,
+        masks,
+        bn,
+    }
 }
 
 /// A layer stack's backward pass: `dh` is d(loss)/d(its output); its dense parameters end
@@ -834,128 +1047,140 @@ fn stack_backward(
         let x = &sc.acts[l];
         let y = &sc.acts[l + 1];
         let width = sc.widths[l];
-            match layer {
-                Layer::Linear { w, n_in, n_out, .. } => {
-                    pi -= 2;
-                    let dy = ArrayView2::from_shape((m, *n_out), &dh).expect("dy shape");
-                    let xv = ArrayView2::from_shape((m, *n_in), x).expect("x shape");
-                    let wv = ArrayView2::from_shape((*n_out, *n_in), w).expect("w shape");
-                    let dw = dy.t().dot(&xv);
-                    grads.dense[pi]
-                        .iter_mut()
-                        .zip(dw.iter())
-                        .for_each(|(g, d)| *g += d);
-                    let db = dy.sum_axis(Axis(0));
-                    grads.dense[pi + 1]
-                        .iter_mut()
-                        .zip(db.iter())
-                        .for_each(|(g, d)| *g += d);
-                    dh = dy.dot(&wv).into_raw_vec_and_offset().0;
+        match layer {
+            Layer::Linear { w, n_in, n_out, .. } => {
+                pi -= 2;
+                let dy = ArrayView2::from_shape((m, *n_out), &dh).expect("dy shape");
+                let xv = ArrayView2::from_shape((m, *n_in), x).expect("x shape");
+                let wv = ArrayView2::from_shape((*n_out, *n_in), w).expect("w shape");
+                let dw = dy.t().dot(&xv);
+                grads.dense[pi]
+                    .iter_mut()
+                    .zip(dw.iter())
+                    .for_each(|(g, d)| *g += d);
+                let db = dy.sum_axis(Axis(0));
+                grads.dense[pi + 1]
+                    .iter_mut()
+                    .zip(db.iter())
+                    .for_each(|(g, d)| *g += d);
+                dh = dy.dot(&wv).into_raw_vec_and_offset().0;
+            }
+            Layer::Act(a) => {
+                for ((d, &xi), &yi) in dh.iter_mut().zip(x).zip(y) {
+                    *d *= act_grad(*a, xi, yi);
                 }
-                Layer::Act(a) => {
-                    for ((d, &xi), &yi) in dh.iter_mut().zip(x).zip(y) {
-                        *d *= act_grad(*a, xi, yi);
+            }
+            Layer::Dropout { .. } => {
+                if let Some(mask) = &sc.masks[l] {
+                    dh.iter_mut().zip(mask).for_each(|(d, k)| *d *= k);
+                }
+            }
+            Layer::Shortcut { fields } => {
+                let nw = sc.widths[l + 1];
+                let mut down = Vec::with_capacity(m * width);
+                let extra = dx0_extra.get_or_insert_with(|| vec![0f32; m * w0]);
+                for r in 0..m {
+                    let row = &dh[r * nw..(r + 1) * nw];
+                    down.extend_from_slice(&row[..width]);
+                    let mut at = width;
+                    for &f in fields {
+                        let dst = &mut extra[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]];
+                        dst.iter_mut()
+                            .zip(&row[at..at + fw[f]])
+                            .for_each(|(a, b)| *a += b);
+                        at += fw[f];
                     }
                 }
-                Layer::Dropout { .. } => {
-                    if let Some(mask) = &sc.masks[l] {
-                        dh.iter_mut().zip(mask).for_each(|(d, k)| *d *= k);
+                dh = down;
+            }
+            Layer::LayerNorm { g, eps, .. } => {
+                pi -= 2;
+                let n = width as f64;
+                for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
+                    let xr = &x[r * width..(r + 1) * width];
+                    let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
+                    let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+                    let inv = 1.0 / (var + eps).sqrt();
+                    let xhat: Vec<f64> = xr.iter().map(|&v| (v as f64 - mean) * inv).collect();
+                    let mut dxhat = vec![0f64; width];
+                    for j in 0..width {
+                        grads.dense[pi][j] += drow[j] * xhat[j] as f32;
+                        grads.dense[pi + 1][j] += drow[j];
+                        dxhat[j] = drow[j] as f64 * g[j] as f64;
+                    }
+                    let s1: f64 = dxhat.iter().sum();
+                    let s2: f64 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum();
+                    for j in 0..width {
+                        drow[j] = (inv / n * (n * dxhat[j] - s1 - xhat[j] * s2)) as f32;
                     }
                 }
-                Layer::Shortcut { fields } => {
-                    let nw = sc.widths[l + 1];
-                    let mut down = Vec::with_capacity(m * width);
-                    let extra = dx0_extra.get_or_insert_with(|| vec![0f32; m * w0]);
-                    for r in 0..m {
-                        let row = &dh[r * nw..(r + 1) * nw];
-                        down.extend_from_slice(&row[..width]);
-                        let mut at = width;
-                        for &f in fields {
-                            let dst = &mut extra[r * w0 + offsets[f]..r * w0 + offsets[f] + fw[f]];
-                            dst.iter_mut().zip(&row[at..at + fw[f]]).for_each(|(a, b)| *a += b);
-                            at += fw[f];
-                        }
-                    }
-                    dh = down;
-                }
-                Layer::LayerNorm { g, eps, .. } => {
-                    pi -= 2;
-                    let n = width as f64;
-                    for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
-                        let xr = &x[r * width..(r + 1) * width];
-                        let mean = xr.iter().map(|&v| v as f64).sum::<f64>() / n;
-                        let var = xr.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-                        let inv = 1.0 / (var + eps).sqrt();
-                        let xhat: Vec<f64> = xr.iter().map(|&v| (v as f64 - mean) * inv).collect();
-                        let mut dxhat = vec![0f64; width];
+            }
+            Layer::BatchNorm {
+                g,
+                running_mean,
+                running_var,
+                eps,
+                ..
+            } => {
+                pi -= 2;
+                match &sc.bn[l] {
+                    Some(st) => {
+                        // Training: the statistics depend on every row of the part.
+                        let n = m as f64;
                         for j in 0..width {
-                            grads.dense[pi][j] += drow[j] * xhat[j] as f32;
-                            grads.dense[pi + 1][j] += drow[j];
-                            dxhat[j] = drow[j] as f64 * g[j] as f64;
-                        }
-                        let s1: f64 = dxhat.iter().sum();
-                        let s2: f64 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum();
-                        for j in 0..width {
-                            drow[j] = (inv / n * (n * dxhat[j] - s1 - xhat[j] * s2)) as f32;
-                        }
-                    }
-                }
-                Layer::BatchNorm { g, running_mean, running_var, eps, .. } => {
-                    pi -= 2;
-                    match &sc.bn[l] {
-                        Some(st) => {
-                            // Training: the statistics depend on every row of the part.
-                            let n = m as f64;
-                            for j in 0..width {
-                                let inv = 1.0 / (st.var[j] + eps).sqrt();
-                                let (mut s1, mut s2) = (0f64, 0f64);
-                                for r in 0..m {
-                                    let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
-                                    let dy = dh[r * width + j] as f64;
-                                    grads.dense[pi][j] += (dy * xhat) as f32;
-                                    grads.dense[pi + 1][j] += dy as f32;
-                                    s1 += dy * g[j] as f64;
-                                    s2 += dy * g[j] as f64 * xhat;
-                                }
-                                for r in 0..m {
-                                    let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
-                                    let dxhat = dh[r * width + j] as f64 * g[j] as f64;
-                                    dh[r * width + j] = (inv / n * (n * dxhat - s1 - xhat * s2)) as f32;
-                                }
-                            }
-                        }
-                        None => {
-                            // Inference: an affine map with the running statistics.
+                            let inv = 1.0 / (st.var[j] + eps).sqrt();
+                            let (mut s1, mut s2) = (0f64, 0f64);
                             for r in 0..m {
-                                for j in 0..width {
-                                    let inv = 1.0 / (running_var[j] as f64 + eps).sqrt();
-                                    let xhat = (x[r * width + j] as f64 - running_mean[j] as f64) * inv;
-                                    let dy = dh[r * width + j];
-                                    grads.dense[pi][j] += dy * xhat as f32;
-                                    grads.dense[pi + 1][j] += dy;
-                                    dh[r * width + j] = (dy as f64 * g[j] as f64 * inv) as f32;
-                                }
+                                let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
+                                let dy = dh[r * width + j] as f64;
+                                grads.dense[pi][j] += (dy * xhat) as f32;
+                                grads.dense[pi + 1][j] += dy as f32;
+                                s1 += dy * g[j] as f64;
+                                s2 += dy * g[j] as f64 * xhat;
+                            }
+                            for r in 0..m {
+                                let xhat = (x[r * width + j] as f64 - st.mean[j]) * inv;
+                                let dxhat = dh[r * width + j] as f64 * g[j] as f64;
+                                dh[r * width + j] = (inv / n * (n * dxhat - s1 - xhat * s2)) as f32;
                             }
                         }
                     }
-                }
-                Layer::L2Normalize => {
-                    for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
-                        let xr = &x[r * width..(r + 1) * width];
-                        let yr = &y[r * width..(r + 1) * width];
-                        let norm = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-                        if norm == 0.0 {
-                            drow.iter_mut().for_each(|d| *d = 0.0);
-                            continue;
-                        }
-                        let yd: f64 = yr.iter().zip(drow.iter()).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        for (d, &yi) in drow.iter_mut().zip(yr) {
-                            *d = ((*d as f64 - yi as f64 * yd) / norm) as f32;
+                    None => {
+                        // Inference: an affine map with the running statistics.
+                        for r in 0..m {
+                            for j in 0..width {
+                                let inv = 1.0 / (running_var[j] as f64 + eps).sqrt();
+                                let xhat = (x[r * width + j] as f64 - running_mean[j] as f64) * inv;
+                                let dy = dh[r * width + j];
+                                grads.dense[pi][j] += dy * xhat as f32;
+                                grads.dense[pi + 1][j] += dy;
+                                dh[r * width + j] = (dy as f64 * g[j] as f64 * inv) as f32;
+                            }
                         }
                     }
                 }
             }
+            Layer::L2Normalize => {
+                for (r, drow) in dh.chunks_exact_mut(width).enumerate() {
+                    let xr = &x[r * width..(r + 1) * width];
+                    let yr = &y[r * width..(r + 1) * width];
+                    let norm = xr.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+                    if norm == 0.0 {
+                        drow.iter_mut().for_each(|d| *d = 0.0);
+                        continue;
+                    }
+                    let yd: f64 = yr
+                        .iter()
+                        .zip(drow.iter())
+                        .map(|(a, b)| *a as f64 * *b as f64)
+                        .sum();
+                    for (d, &yi) in drow.iter_mut().zip(yr) {
+                        *d = ((*d as f64 - yi as f64 * yd) / norm) as f32;
+                    }
+                }
+            }
         }
+    }
     dh
 }
 
@@ -985,10 +1210,19 @@ fn combine_forward(c: &Combine, ws: &[usize], x: Vec<f32>, m: usize) -> (NodeCac
             let mut scores = vec![0f32; k];
             alphas = vec![0f32; m * k];
             for (r, a) in alphas.chunks_exact_mut(k.max(1)).enumerate() {
-                layers::matvec(w, Some(b), &x[r * in_width..(r + 1) * in_width], k, &mut scores);
+                layers::matvec(
+                    w,
+                    Some(b),
+                    &x[r * in_width..(r + 1) * in_width],
+                    k,
+                    &mut scores,
+                );
                 layers::softmax(&scores, a);
             }
-            (layers::combine_rows(&x, m, k, d, |i, r| alphas[r * k + i]), d)
+            (
+                layers::combine_rows(&x, m, k, d, |i, r| alphas[r * k + i]),
+                d,
+            )
         }
     };
     (NodeCache::Combine { x, y, alphas }, width)
@@ -997,12 +1231,26 @@ fn combine_forward(c: &Combine, ws: &[usize], x: Vec<f32>, m: usize) -> (NodeCac
 /// A combine node's backward pass: `dy` is d(loss)/d(its output); its weights are dense
 /// parameter `p0` (and the attention's bias `p0 + 1`). Returns d(loss)/d(its inputs).
 #[allow(clippy::too_many_arguments)]
-fn combine_backward(c: &Combine, ws: &[usize], x: &[f32], alphas: &[f32], dy: &[f32], m: usize, grads: &mut Grads, p0: usize) -> Vec<f32> {
+fn combine_backward(
+    c: &Combine,
+    ws: &[usize],
+    x: &[f32],
+    alphas: &[f32],
+    dy: &[f32],
+    m: usize,
+    grads: &mut Grads,
+    p0: usize,
+) -> Vec<f32> {
     let k = ws.len();
     let in_width: usize = ws.iter().sum();
     let d = ws.first().copied().unwrap_or(0);
     let mut dx = vec![0f32; m * in_width];
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
+    let dot = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| *p as f64 * *q as f64)
+            .sum::<f64>()
+    };
     for r in 0..m {
         let xr = &x[r * in_width..(r + 1) * in_width];
         let dxr = &mut dx[r * in_width..(r + 1) * in_width];
@@ -1064,7 +1312,15 @@ fn combine_backward(c: &Combine, ws: &[usize], x: &[f32], alphas: &[f32], dy: &[
 impl Tower {
     /// SENet's backward pass: `dh` is d(loss)/d(the gated fields); returns d(loss)/d(the raw
     /// fields) and adds W1, b1, W2, b2's gradients (dense parameters 0..4).
-    fn senet_backward(&self, s: &Senet, cache: &Cache, dh: &[f32], fw: &[usize], offsets: &[usize], grads: &mut Grads) -> Vec<f32> {
+    fn senet_backward(
+        &self,
+        s: &Senet,
+        cache: &Cache,
+        dh: &[f32],
+        fw: &[usize],
+        offsets: &[usize],
+        grads: &mut Grads,
+    ) -> Vec<f32> {
         let w0: usize = fw.iter().sum();
         let nf = fw.len();
         let mut dx = vec![0f32; dh.len()];
@@ -1131,7 +1387,9 @@ fn senet_forward(s: &Senet, fw: &[usize], offsets: &[usize], row: &mut [f32]) ->
     layers::matvec(&s.w2, Some(&s.b2), &hidden, nf, &mut gate);
     gate.iter_mut().for_each(|a| *a = layers::sigmoid(*a));
     for i in 0..nf {
-        row[offsets[i]..offsets[i] + fw[i]].iter_mut().for_each(|v| *v *= gate[i]);
+        row[offsets[i]..offsets[i] + fw[i]]
+            .iter_mut()
+            .for_each(|v| *v *= gate[i]);
     }
     SenetRow { z, hidden, gate }
 }
@@ -1145,7 +1403,10 @@ fn column_stats(h: &[f32], m: usize, width: usize) -> BnStats {
     mean.iter_mut().for_each(|a| *a /= m as f64);
     let mut var = vec![0f64; width];
     for row in h.chunks_exact(width.max(1)) {
-        var.iter_mut().zip(row).zip(&mean).for_each(|((a, &v), mu)| *a += (v as f64 - mu).powi(2));
+        var.iter_mut()
+            .zip(row)
+            .zip(&mean)
+            .for_each(|((a, &v), mu)| *a += (v as f64 - mu).powi(2));
     }
     var.iter_mut().for_each(|a| *a /= m as f64);
     BnStats { rows: m, mean, var }
@@ -1192,4 +1453,3 @@ fn act_grad(a: Activation, x: f32, y: f32) -> f32 {
         }
     }
 }
-

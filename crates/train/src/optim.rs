@@ -7,11 +7,21 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sparse {
-    LazyAdam { lr: f32 },
-    Adagrad { lr: f32, initial: f32 },
+    LazyAdam {
+        lr: f32,
+    },
+    Adagrad {
+        lr: f32,
+        initial: f32,
+    },
     /// FTRL-proximal (McMahan et al. 2013): `alpha` the learning rate, `beta` its smoothing,
     /// `l1`, `l2` the regularisation strengths.
-    Ftrl { alpha: f32, beta: f32, l1: f32, l2: f32 },
+    Ftrl {
+        alpha: f32,
+        beta: f32,
+        l1: f32,
+        l2: f32,
+    },
 }
 
 const B1: f64 = 0.9;
@@ -73,7 +83,13 @@ impl SparseState {
             Sparse::Adagrad { initial, .. } => (Vec::new(), vec![initial; rows]),
             Sparse::Ftrl { .. } => (vec![0.0; rows * dim], vec![0.0; rows * dim]),
         };
-        SparseState { kind, dim, a, b, touched: vec![false; rows] }
+        SparseState {
+            kind,
+            dim,
+            a,
+            b,
+            touched: vec![false; rows],
+        }
     }
 
     /// Whether a step ever updated row `r`.
@@ -90,7 +106,6 @@ impl SparseState {
             }
         }
     }
-
 
     /// Updates the rows in `grads` of table `w` (row-major, `dim` wide); `t` counts from 1.
     pub fn step(&mut self, w: &mut [f32], grads: &BTreeMap<u32, Vec<f32>>, t: u64) {
@@ -129,7 +144,12 @@ impl SparseState {
                     }
                 }
             }
-            Sparse::Ftrl { alpha, beta, l1, l2 } => {
+            Sparse::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
                 let (alpha, beta, l1, l2) = (alpha as f64, beta as f64, l1 as f64, l2 as f64);
                 for (&r, g) in grads {
                     let o = r as usize * d;
@@ -160,18 +180,40 @@ mod tests {
     #[test]
     fn ftrl_with_l1_zeroes_rows_with_small_gradients_and_keeps_untouched_rows() {
         let mut w = vec![0.01f32; 3 * 2];
-        let mut st = SparseState::new(Sparse::Ftrl { alpha: 0.1, beta: 1.0, l1: 1.0, l2: 0.0 }, 3, 2);
+        let mut st = SparseState::new(
+            Sparse::Ftrl {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 1.0,
+                l2: 0.0,
+            },
+            3,
+            2,
+        );
         st.init_from(&w);
         let mut g = BTreeMap::new();
         g.insert(1u32, vec![0.01f32, -0.01]);
         for t in 1..=5 {
             st.step(&mut w, &g, t);
         }
-        assert_eq!(&w[2..4], &[0.0, 0.0], "a row with tiny gradients under L1 is exactly zero");
+        assert_eq!(
+            &w[2..4],
+            &[0.0, 0.0],
+            "a row with tiny gradients under L1 is exactly zero"
+        );
         assert_eq!(&w[0..2], &[0.01, 0.01], "untouched rows are not updated");
         // Without L1 the same gradients move the row but do not zero it.
         let mut w2 = vec![0.01f32; 3 * 2];
-        let mut st2 = SparseState::new(Sparse::Ftrl { alpha: 0.1, beta: 1.0, l1: 0.0, l2: 0.0 }, 3, 2);
+        let mut st2 = SparseState::new(
+            Sparse::Ftrl {
+                alpha: 0.1,
+                beta: 1.0,
+                l1: 0.0,
+                l2: 0.0,
+            },
+            3,
+            2,
+        );
         st2.init_from(&w2);
         for t in 1..=5 {
             st2.step(&mut w2, &g, t);
@@ -186,7 +228,10 @@ mod tests {
         let mut g = BTreeMap::new();
         g.insert(0u32, vec![1.0f32, -1.0]);
         st.step(&mut w, &g, 1);
-        assert!((w[0] + 0.01).abs() < 1e-6 && (w[1] - 0.01).abs() < 1e-6, "{w:?}");
+        assert!(
+            (w[0] + 0.01).abs() < 1e-6 && (w[1] - 0.01).abs() < 1e-6,
+            "{w:?}"
+        );
         assert_eq!(&w[2..], &[0.0, 0.0]);
     }
 }

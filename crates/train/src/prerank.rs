@@ -67,8 +67,24 @@ impl PrerankConfig {
     pub fn parse(v: &Value) -> Result<PrerankConfig> {
         let o = Obj::new(v, "")?;
         o.allow(&[
-            "model", "objective", "lambda", "ramp_steps", "top_n", "min_count", "max_vocab", "lr", "weight_decay",
-            "sparse_optimizer", "sparse_lr", "batch_size", "epochs", "patience", "seed", "threads", "k", "init_std",
+            "model",
+            "objective",
+            "lambda",
+            "ramp_steps",
+            "top_n",
+            "min_count",
+            "max_vocab",
+            "lr",
+            "weight_decay",
+            "sparse_optimizer",
+            "sparse_lr",
+            "batch_size",
+            "epochs",
+            "patience",
+            "seed",
+            "threads",
+            "k",
+            "init_std",
             "validation",
         ])?;
         let model = tower(o.get("model"), "model", 16, Side::Prerank)?;
@@ -78,8 +94,15 @@ impl PrerankConfig {
                 lambda: o.num("lambda", 1.0, 0.0, 1e6)? as f32,
                 ramp_steps: o.uint("ramp_steps", 100, 0, 100_000_000)?,
             },
-            "cascade" => Objective::Cascade { top_n: o.uint("top_n", 10, 1, 100_000)? },
-            other => return Err(opt_err("objective", format!("must be \"labels\", \"distill\" or \"cascade\", got \"{other}\""))),
+            "cascade" => Objective::Cascade {
+                top_n: o.uint("top_n", 10, 1, 100_000)?,
+            },
+            other => {
+                return Err(opt_err(
+                    "objective",
+                    format!("must be \"labels\", \"distill\" or \"cascade\", got \"{other}\""),
+                ))
+            }
         };
         let distill = matches!(objective, Objective::Distill { .. });
         for k in ["lambda", "ramp_steps"] {
@@ -88,13 +111,24 @@ impl PrerankConfig {
             }
         }
         if o.get("top_n").is_some() && !matches!(objective, Objective::Cascade { .. }) {
-            return Err(opt_err("top_n", "applies to \"objective\": \"cascade\" only"));
+            return Err(opt_err(
+                "top_n",
+                "applies to \"objective\": \"cascade\" only",
+            ));
         }
         let sparse_lr = o.num("sparse_lr", 0.01, 1e-8, 100.0)? as f32;
         let sparse = match o.str("sparse_optimizer", "lazy_adam")? {
             "lazy_adam" => Sparse::LazyAdam { lr: sparse_lr },
-            "adagrad" => Sparse::Adagrad { lr: sparse_lr, initial: 0.1 },
-            other => return Err(opt_err("sparse_optimizer", format!("must be \"lazy_adam\" or \"adagrad\", got \"{other}\""))),
+            "adagrad" => Sparse::Adagrad {
+                lr: sparse_lr,
+                initial: 0.1,
+            },
+            other => {
+                return Err(opt_err(
+                    "sparse_optimizer",
+                    format!("must be \"lazy_adam\" or \"adagrad\", got \"{other}\""),
+                ))
+            }
         };
         Ok(PrerankConfig {
             model,
@@ -165,7 +199,10 @@ pub struct RankLog {
 
 impl RankLog {
     pub fn new(metric: Metric) -> RankLog {
-        RankLog { metric: Some(metric), ..RankLog::default() }
+        RankLog {
+            metric: Some(metric),
+            ..RankLog::default()
+        }
     }
 
     /// The index of item `id` (added with `features` and `vector` when new).
@@ -175,7 +212,11 @@ impl RankLog {
         }
         let (features, vector) = features();
         let i = self.items.len() as u32;
-        self.items.push(LogItem { id, features, vector });
+        self.items.push(LogItem {
+            id,
+            features,
+            vector,
+        });
         self.index.insert(id, i);
         i
     }
@@ -218,7 +259,11 @@ fn targets(cfg: &PrerankConfig, log: &RankLog, r: &LogRequest) -> Vec<f32> {
                 cb.teacher
                     .unwrap_or(f32::NEG_INFINITY)
                     .total_cmp(&ca.teacher.unwrap_or(f32::NEG_INFINITY))
-                    .then(log.items[ca.item as usize].id.cmp(&log.items[cb.item as usize].id))
+                    .then(
+                        log.items[ca.item as usize]
+                            .id
+                            .cmp(&log.items[cb.item as usize].id),
+                    )
             });
             let mut t = vec![0f32; r.candidates.len()];
             for &i in order.iter().take(top_n) {
@@ -237,19 +282,31 @@ struct Encodings {
     pre: Vec<Vec<Pair>>,
 }
 
-fn assemble(model: &Model, log: &RankLog, enc: &Encodings, metric: Metric, r: usize, c: usize) -> Encoded {
+fn assemble(
+    model: &Model,
+    log: &RankLog,
+    enc: &Encodings,
+    metric: Metric,
+    r: usize,
+    c: usize,
+) -> Encoded {
     let req = &log.requests[r];
     let cand = req.candidates[c];
     let v = &log.items[cand.item as usize].vector;
     let pair = &enc.pre[r][c];
     let crosses = CrossInputs::new(metric, &req.user, &[]);
-    let mut x = model.assemble(&enc.users[r], &enc.items[cand.item as usize], &mut |x, out| crosses.fill(x, v, pair, out));
+    let mut x = model.assemble(
+        &enc.users[r],
+        &enc.items[cand.item as usize],
+        &mut |x, out| crosses.fill(x, v, pair, out),
+    );
     // Target attention is computed by the trained tower from the candidate's vector and the
     // history's (its weights change every step).
     if let Some(fi) = model.attention_feature() {
         // (The vectors serving reads, no more.)
         let mut buf = v.clone();
-        twotower_tower::attention::attended(&req.history, v.len()).for_each(|h| buf.extend_from_slice(h));
+        twotower_tower::attention::attended(&req.history, v.len())
+            .for_each(|h| buf.extend_from_slice(h));
         x.set_dense(fi, buf);
     }
     x
@@ -275,7 +332,9 @@ pub fn train_prerank(
     budget: usize,
     progress: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<TrainedPrerank> {
-    let metric = log.metric.ok_or_else(|| TrainError::NoData("the log has no metric".into()))?;
+    let metric = log
+        .metric
+        .ok_or_else(|| TrainError::NoData("the log has no metric".into()))?;
     if log.requests.is_empty() {
         return Err(TrainError::NoData("no logged requests".into()));
     }
@@ -289,43 +348,85 @@ pub fn train_prerank(
         }
         for c in &r.candidates {
             if !(c.label.is_finite() && (0.0..=1.0).contains(&c.label)) {
-                return Err(TrainError::NoData(format!("request {}: item {} has label {}, labels must be in [0, 1]", r.id, log.items[c.item as usize].id, c.label)));
+                return Err(TrainError::NoData(format!(
+                    "request {}: item {} has label {}, labels must be in [0, 1]",
+                    r.id, log.items[c.item as usize].id, c.label
+                )));
             }
             match c.teacher {
                 None if cfg.needs_teacher() => {
-                    return Err(TrainError::NoData(format!("request {}: item {} has no teacher score, which this objective needs", r.id, log.items[c.item as usize].id)))
+                    return Err(TrainError::NoData(format!(
+                        "request {}: item {} has no teacher score, which this objective needs",
+                        r.id, log.items[c.item as usize].id
+                    )))
                 }
                 Some(t) if !t.is_finite() => {
-                    return Err(TrainError::NoData(format!("request {}: item {} has a non-finite teacher score", r.id, log.items[c.item as usize].id)))
+                    return Err(TrainError::NoData(format!(
+                        "request {}: item {} has a non-finite teacher score",
+                        r.id, log.items[c.item as usize].id
+                    )))
                 }
                 _ => {}
             }
         }
     }
-    if let Some(it) = log.items.iter().find(|it| it.vector.len() != dim || it.vector.iter().any(|x| !x.is_finite())) {
-        return Err(TrainError::NoData(format!("item {} has a vector of {} dimensions (or a non-finite one), the users' have {dim}", it.id, it.vector.len())));
+    if let Some(it) = log
+        .items
+        .iter()
+        .find(|it| it.vector.len() != dim || it.vector.iter().any(|x| !x.is_finite()))
+    {
+        return Err(TrainError::NoData(format!(
+            "item {} has a vector of {} dimensions (or a non-finite one), the users' have {dim}",
+            it.id,
+            it.vector.len()
+        )));
     }
     // The split: the last requests validate.
     let n = log.requests.len();
-    let n_valid = if cfg.validation > 0.0 && n >= 2 { ((n as f64 * cfg.validation).round() as usize).clamp(1, n - 1) } else { 0 };
+    let n_valid = if cfg.validation > 0.0 && n >= 2 {
+        ((n as f64 * cfg.validation).round() as usize).clamp(1, n - 1)
+    } else {
+        0
+    };
     let n_train = n - n_valid;
     let tg: Vec<Vec<f32>> = log.requests.iter().map(|r| targets(cfg, log, r)).collect();
     let examples: Vec<(u32, u32)> = (0..n_train)
         .flat_map(|r| (0..log.requests[r].candidates.len()).map(move |c| (r as u32, c as u32)))
         .collect();
     if examples.is_empty() {
-        return Err(TrainError::NoData("the training requests have no candidates".into()));
+        return Err(TrainError::NoData(
+            "the training requests have no candidates".into(),
+        ));
     }
     // Memory: the examples, the per-candidate cross inputs, the parts, a batch's activations.
-    let widest = cfg.model.hidden.iter().copied().max().unwrap_or(1).max(4 * dim + 64);
+    let widest = cfg
+        .model
+        .hidden
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(4 * dim + 64);
     let cands: usize = log.requests.iter().map(|r| r.candidates.len()).sum();
     // Target attention: each example of a step carries its history's vectors.
-    let attention = cfg.model.features.iter().any(|f| matches!(f, crate::config::FeatureSpec::Cross { of: Cross::TargetAttention, .. }));
+    let attention = cfg.model.features.iter().any(|f| {
+        matches!(
+            f,
+            crate::config::FeatureSpec::Cross {
+                of: Cross::TargetAttention,
+                ..
+            }
+        )
+    });
     let needed = examples.len() * 8
         + cands * 16
         + (n + log.items.len()) * (64 + cfg.model.features.len() * 48)
         + cfg.batch_size * widest * 4 * (cfg.model.hidden.len() + 3) * 3
-        + if attention { cfg.batch_size * (twotower_tower::attention::MAX_ATTENDED + 1) * dim * 4 * 2 } else { 0 };
+        + if attention {
+            cfg.batch_size * (twotower_tower::attention::MAX_ATTENDED + 1) * dim * 4 * 2
+        } else {
+            0
+        };
     // The dense layers: parameters, the best epoch's copy, Adam's moments, each thread's
     // gradients (the activations are counted above).
     let (params, _) = cfg.model.dense_size(1, dim);
@@ -352,14 +453,31 @@ pub fn train_prerank(
             item_uses[c.item as usize] += 1;
         }
     }
-    let mut stats = stats_of(&side(Source::User), log.requests[..n_train].iter().map(|r| (r.features.clone(), 1)));
+    let mut stats = stats_of(
+        &side(Source::User),
+        log.requests[..n_train]
+            .iter()
+            .map(|r| (r.features.clone(), 1)),
+    );
     let istats = stats_of(
         &side(Source::Item),
-        log.items.iter().zip(&item_uses).filter(|(_, &u)| u > 0).map(|(it, &u)| (it.features.clone(), u)),
+        log.items
+            .iter()
+            .zip(&item_uses)
+            .filter(|(_, &u)| u > 0)
+            .map(|(it, &u)| (it.features.clone(), u)),
     );
     merge_stats(&mut stats, istats);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let plan = model::plan_prerank(&cfg.model, dim, &stats, cfg.min_count as u64, cfg.max_vocab, cfg.init_std, &mut rng)?;
+    let plan = model::plan_prerank(
+        &cfg.model,
+        dim,
+        &stats,
+        cfg.min_count as u64,
+        cfg.max_vocab,
+        cfg.init_std,
+        &mut rng,
+    )?;
     let mut tower = plan.tower.clone();
     let enc_model = load(&plan, &tower)?;
     progress(Event::Tick)?;
@@ -372,13 +490,18 @@ pub fn train_prerank(
         if i % 4096 == 4095 {
             progress(Event::Tick)?;
         }
-        enc.users.push(enc_model.encode_part(&r.features, Source::User, false)?);
+        enc.users
+            .push(enc_model.encode_part(&r.features, Source::User, false)?);
         let crosses = CrossInputs::new(metric, &r.user, &r.history);
         enc.pre.push(
             r.candidates
                 .iter()
                 .map(|c| {
-                    crosses.pair(&log.items[c.item as usize].vector, c.position as usize, true)
+                    crosses.pair(
+                        &log.items[c.item as usize].vector,
+                        c.position as usize,
+                        true,
+                    )
                 })
                 .collect(),
         );
@@ -387,7 +510,8 @@ pub fn train_prerank(
         if i % 4096 == 4095 {
             progress(Event::Tick)?;
         }
-        enc.items.push(enc_model.encode_part(&it.features, Source::Item, false)?);
+        enc.items
+            .push(enc_model.encode_part(&it.features, Source::Item, false)?);
     }
     progress(Event::Tick)?;
 
@@ -408,7 +532,12 @@ pub fn train_prerank(
             t += 1;
             let lambda = match cfg.objective {
                 Objective::Distill { lambda, ramp_steps } => {
-                    lambda * if ramp_steps == 0 { 1.0 } else { ((t - 1) as f32 / ramp_steps as f32).min(1.0) }
+                    lambda
+                        * if ramp_steps == 0 {
+                            1.0
+                        } else {
+                            ((t - 1) as f32 / ramp_steps as f32).min(1.0)
+                        }
                 }
                 _ => 0.0,
             };
@@ -440,7 +569,11 @@ pub fn train_prerank(
             });
             let l: f64 = outs.iter().map(|o| o.0).sum();
             if !l.is_finite() {
-                return Err(TrainError::Diverged { epoch, step: step + 1, loss: l });
+                return Err(TrainError::Diverged {
+                    epoch,
+                    step: step + 1,
+                    loss: l,
+                });
             }
             let mut stats = Vec::with_capacity(outs.len());
             let mut total: Option<Grads> = None;
@@ -469,7 +602,9 @@ pub fn train_prerank(
             progress(Event::Step(&p))?;
         }
         let (valid, agreement) = if n_valid > 0 {
-            let (m, a) = validate(cfg, log, &enc_model, &enc, metric, &tower, &tg, n_train, progress)?;
+            let (m, a) = validate(
+                cfg, log, &enc_model, &enc, metric, &tower, &tg, n_train, progress,
+            )?;
             (Some(m), a)
         } else {
             (None, None)
@@ -485,7 +620,13 @@ pub fn train_prerank(
             valid,
         };
         progress(Event::Epoch(&p))?;
-        epochs.push(PrerankEpoch { epoch, loss, seconds: started.elapsed().as_secs_f64(), valid, teacher_agreement: agreement });
+        epochs.push(PrerankEpoch {
+            epoch,
+            loss,
+            seconds: started.elapsed().as_secs_f64(),
+            valid,
+            teacher_agreement: agreement,
+        });
         let score = valid.map_or(epoch as f64, |m| m.recall);
         if best.as_ref().is_none_or(|b| score > b.0) {
             best = Some((score, epoch, tower.clone()));
@@ -518,7 +659,14 @@ fn merge_stats(into: &mut FeatureStats, from: FeatureStats) {
 }
 
 /// The student's scores of every candidate of request `r`.
-fn score_request(log: &RankLog, enc_model: &Model, enc: &Encodings, metric: Metric, tower: &Tower, r: usize) -> Vec<f32> {
+fn score_request(
+    log: &RankLog,
+    enc_model: &Model,
+    enc: &Encodings,
+    metric: Metric,
+    tower: &Tower,
+    r: usize,
+) -> Vec<f32> {
     let xs: Vec<Encoded> = (0..log.requests[r].candidates.len())
         .map(|c| assemble(enc_model, log, enc, metric, r, c))
         .collect();
@@ -552,16 +700,28 @@ fn validate(
         progress(Event::Tick)?;
         let parts = split(chunk.len(), cfg.threads.max(1));
         let scored = par(&parts, |range| {
-            chunk[range].iter().map(|&r| score_request(log, enc_model, enc, metric, tower, r)).collect::<Vec<_>>()
+            chunk[range]
+                .iter()
+                .map(|&r| score_request(log, enc_model, enc, metric, tower, r))
+                .collect::<Vec<_>>()
         });
         for (&r, s) in chunk.iter().zip(scored.into_iter().flatten()) {
             let req = &log.requests[r];
-            let pos: Vec<u32> = tg[r].iter().enumerate().filter(|(_, &y)| y > 0.5).map(|(i, _)| i as u32).collect();
+            let pos: Vec<u32> = tg[r]
+                .iter()
+                .enumerate()
+                .filter(|(_, &y)| y > 0.5)
+                .map(|(i, _)| i as u32)
+                .collect();
             if !pos.is_empty() {
                 acc.add(&ranks(&s, &pos, &[]));
             }
             if req.candidates.iter().all(|c| c.teacher.is_some()) && !req.candidates.is_empty() {
-                let teacher: Vec<f32> = req.candidates.iter().map(|c| c.teacher.unwrap_or(0.0)).collect();
+                let teacher: Vec<f32> = req
+                    .candidates
+                    .iter()
+                    .map(|c| c.teacher.unwrap_or(0.0))
+                    .collect();
                 let k = cfg.k.min(req.candidates.len());
                 let top = |sc: &[f32]| -> Vec<usize> {
                     let mut o: Vec<usize> = (0..sc.len()).collect();
@@ -581,10 +741,22 @@ fn validate(
 }
 
 /// The exported model loads and scores what training scored.
-fn check_export(spec: &str, weights: &[u8], tower: &Tower, log: &RankLog, enc_model: &Model, enc: &Encodings, metric: Metric) -> Result<()> {
+fn check_export(
+    spec: &str,
+    weights: &[u8],
+    tower: &Tower,
+    log: &RankLog,
+    enc_model: &Model,
+    enc: &Encodings,
+    metric: Metric,
+) -> Result<()> {
     let exported = Model::load(spec, weights)?;
     // A request with a history, when there is one (target attention reads it).
-    let r = log.requests.iter().position(|r| !r.history.is_empty()).unwrap_or(0);
+    let r = log
+        .requests
+        .iter()
+        .position(|r| !r.history.is_empty())
+        .unwrap_or(0);
     let req = &log.requests[r];
     let n = req.candidates.len().min(8);
     if n == 0 {
@@ -592,15 +764,21 @@ fn check_export(spec: &str, weights: &[u8], tower: &Tower, log: &RankLog, enc_mo
     }
     let trained = score_request(log, enc_model, enc, metric, tower, r);
     let user = exported.encode_part(&req.features, Source::User, false)?;
-    let crosses = CrossInputs::new(metric, &req.user, &req.history).with_attention(&exported, &req.history);
+    let crosses =
+        CrossInputs::new(metric, &req.user, &req.history).with_attention(&exported, &req.history);
     for (c, want) in req.candidates.iter().zip(&trained).take(n) {
         let it = &log.items[c.item as usize];
         let part = exported.encode_part(&it.features, Source::Item, false)?;
         let pair = crosses.pair(&it.vector, c.position as usize, true);
-        let x = exported.assemble(&user, &part, &mut |x, out| crosses.fill(x, &it.vector, &pair, out));
+        let x = exported.assemble(&user, &part, &mut |x, out| {
+            crosses.fill(x, &it.vector, &pair, out)
+        });
         let got = exported.forward(&x)[0];
         if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
-            return Err(TrainError::Export(format!("item {}: the exported model scores {got}, training scored {want}", it.id)));
+            return Err(TrainError::Export(format!(
+                "item {}: the exported model scores {got}, training scored {want}",
+                it.id
+            )));
         }
     }
     Ok(())

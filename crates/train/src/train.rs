@@ -90,34 +90,66 @@ struct Example {
 
 /// The input of a user at the moment of interaction `pos` of their timeline: the same function
 /// serving uses ([`crate::data::user_input`]) over the interactions before it.
-fn user_input(cfg: &Config, data: &Data, keys: &Keys, user: u32, timeline: &[u32], pos: usize) -> Value {
+fn user_input(
+    cfg: &Config,
+    data: &Data,
+    keys: &Keys,
+    user: u32,
+    timeline: &[u32],
+    pos: usize,
+) -> Value {
     let u = &data.users[user as usize];
     let at = data.interactions[timeline[pos] as usize].ts;
     let past = timeline[..pos].iter().map(|&k| {
         let x = &data.interactions[k as usize];
         (data.items[x.item as usize].id.as_str(), x.ts)
     });
-    crate::data::user_input(&u.features, Some(&keys.user), &u.id, &cfg.histories(), past, at)
+    crate::data::user_input(
+        &u.features,
+        Some(&keys.user),
+        &u.id,
+        &cfg.histories(),
+        past,
+        at,
+    )
 }
 
-pub(crate) fn stats_of(features: &[FeatureSpec], entities: impl Iterator<Item = (Value, u64)>) -> FeatureStats {
+pub(crate) fn stats_of(
+    features: &[FeatureSpec],
+    entities: impl Iterator<Item = (Value, u64)>,
+) -> FeatureStats {
     let mut s = FeatureStats::default();
     for (obj, n) in entities {
         for f in features {
             let name = f.name();
             match f {
-                FeatureSpec::Categorical { .. } | FeatureSpec::Multi { .. } | FeatureSpec::History { .. } => {
-                    count_ids(s.counts.entry(name.to_owned()).or_default(), obj.get(name), n)
-                }
-                FeatureSpec::Numeric { transform: NumTransform::Zscore, .. } => {
-                    add_moment(&mut s.moments, name, obj.get(name), n)
-                }
-                FeatureSpec::Bucketize { boundaries: crate::config::Bucketing::Quantiles(_), .. } => {
-                    if let Some(x) = obj.get(name).and_then(Value::as_f64).filter(|x| x.is_finite()) {
+                FeatureSpec::Categorical { .. }
+                | FeatureSpec::Multi { .. }
+                | FeatureSpec::History { .. } => count_ids(
+                    s.counts.entry(name.to_owned()).or_default(),
+                    obj.get(name),
+                    n,
+                ),
+                FeatureSpec::Numeric {
+                    transform: NumTransform::Zscore,
+                    ..
+                } => add_moment(&mut s.moments, name, obj.get(name), n),
+                FeatureSpec::Bucketize {
+                    boundaries: crate::config::Bucketing::Quantiles(_),
+                    ..
+                } => {
+                    if let Some(x) = obj
+                        .get(name)
+                        .and_then(Value::as_f64)
+                        .filter(|x| x.is_finite())
+                    {
                         s.values.entry(name.to_owned()).or_default().push((x, n));
                     }
                 }
-                FeatureSpec::Numeric { .. } | FeatureSpec::Bucketize { .. } | FeatureSpec::Dense { .. } | FeatureSpec::Cross { .. } => {}
+                FeatureSpec::Numeric { .. }
+                | FeatureSpec::Bucketize { .. }
+                | FeatureSpec::Dense { .. }
+                | FeatureSpec::Cross { .. } => {}
             }
         }
     }
@@ -146,16 +178,22 @@ pub(crate) fn split(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
 
 /// Runs `f` on each part in its own scoped thread (the first on the calling thread), results
 /// in part order.
-pub(crate) fn par<T: Send>(parts: &[std::ops::Range<usize>], f: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
+pub(crate) fn par<T: Send>(
+    parts: &[std::ops::Range<usize>],
+    f: impl Fn(std::ops::Range<usize>) -> T + Sync,
+) -> Vec<T> {
     if parts.len() <= 1 {
         return parts.iter().map(|r| f(r.clone())).collect();
     }
     std::thread::scope(|s| {
-        let handles: Vec<_> = parts[1..].iter().map(|r| {
-            let r = r.clone();
-            let f = &f;
-            s.spawn(move || f(r))
-        }).collect();
+        let handles: Vec<_> = parts[1..]
+            .iter()
+            .map(|r| {
+                let r = r.clone();
+                let f = &f;
+                s.spawn(move || f(r))
+            })
+            .collect();
         let mut out = vec![f(parts[0].clone())];
         for h in handles {
             match h.join() {
@@ -202,7 +240,11 @@ impl Optim {
     /// Adam for the dense parameters, `sparse` for the tables.
     pub fn with(sparse: crate::optim::Sparse, t: &Tower) -> Optim {
         Optim {
-            dense: t.dense_params().iter().map(|p| Adam::new(p.len())).collect(),
+            dense: t
+                .dense_params()
+                .iter()
+                .map(|p| Adam::new(p.len()))
+                .collect(),
             sparse: t
                 .tables
                 .iter()
@@ -232,9 +274,22 @@ impl Optim {
 
     /// One step: Adam (`lr`, `weight_decay`) on the dense parameters unless `freeze_dense`,
     /// the sparse optimiser on the touched rows.
-    pub(crate) fn step_with(&mut self, lr: f32, weight_decay: f32, freeze_dense: bool, t: &mut Tower, g: &Grads, step: u64) {
+    pub(crate) fn step_with(
+        &mut self,
+        lr: f32,
+        weight_decay: f32,
+        freeze_dense: bool,
+        t: &mut Tower,
+        g: &Grads,
+        step: u64,
+    ) {
         if !freeze_dense {
-            for ((p, a), gd) in t.dense_params_mut().into_iter().zip(&mut self.dense).zip(&g.dense) {
+            for ((p, a), gd) in t
+                .dense_params_mut()
+                .into_iter()
+                .zip(&mut self.dense)
+                .zip(&g.dense)
+            {
                 a.step(p, gd, lr, step, weight_decay);
             }
         }
@@ -273,7 +328,13 @@ impl Sampler {
         }
         let logq = counts
             .iter()
-            .map(|&c| if c > 0 { ((c as f64).powf(0.75) / acc).ln() as f32 } else { f32::NEG_INFINITY })
+            .map(|&c| {
+                if c > 0 {
+                    ((c as f64).powf(0.75) / acc).ln() as f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
             .collect();
         Some(Sampler { cdf, items, logq })
     }
@@ -281,7 +342,10 @@ impl Sampler {
     fn sample(&self, rng: &mut ChaCha8Rng) -> u32 {
         let total = *self.cdf.last().expect("non-empty");
         let x = rng.gen::<f64>() * total;
-        let i = self.cdf.partition_point(|&c| c <= x).min(self.items.len() - 1);
+        let i = self
+            .cdf
+            .partition_point(|&c| c <= x)
+            .min(self.items.len() - 1);
         self.items[i]
     }
 }
@@ -315,7 +379,9 @@ pub fn train_step(
     let (ut, it) = (&*user.0, &*item.0);
     // Forward, both towers, each thread its part of the users and of the candidates.
     // Dropout masks: one seed per step, tower and part (deterministic for a thread count).
-    let seed = |tower: u64, part: usize| cfg.seed ^ t.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (tower << 32) ^ part as u64;
+    let seed = |tower: u64, part: usize| {
+        cfg.seed ^ t.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (tower << 32) ^ part as u64
+    };
     let fwd = par_n(uparts.len().max(iparts.len()), |i| {
         let uc = ut.forward_train(&x.users[uparts.get(i).cloned().unwrap_or(0..0)], seed(1, i));
         let ic = it.forward_train(&x.items[iparts.get(i).cloned().unwrap_or(0..0)], seed(2, i));
@@ -333,7 +399,16 @@ pub fn train_step(
     let rparts = split(b, threads);
     let parts = par(&rparts, |r| {
         let s = loss::scores(&u[r.start * d..r.end * d], r.len(), &v, c, d);
-        let sc = Scores { s: &s, b, c, logq: x.logq, items: x.cand, owner: x.owner, weights: x.weights, temperature: cfg.temperature };
+        let sc = Scores {
+            s: &s,
+            b,
+            c,
+            logq: x.logq,
+            items: x.cand,
+            owner: x.owner,
+            weights: x.weights,
+            temperature: cfg.temperature,
+        };
         let (l, ds) = loss::loss_rows(cfg.loss, &sc, r.clone());
         let (du, dv) = loss::backprop_scores(&ds, &u[r.start * d..r.end * d], r.len(), &v, c, d);
         (l, du, dv)
@@ -352,7 +427,10 @@ pub fn train_step(
         let (uc, ic) = &fwd[i];
         let ur = uparts.get(i).cloned().unwrap_or(0..0);
         let ir = iparts.get(i).cloned().unwrap_or(0..0);
-        (ut.backward(uc, &du[ur.start * d..ur.end * d]), it.backward(ic, &dv[ir.start * d..ir.end * d]))
+        (
+            ut.backward(uc, &du[ur.start * d..ur.end * d]),
+            it.backward(ic, &dv[ir.start * d..ir.end * d]),
+        )
     });
     let mut parts = grads.into_iter();
     let (mut ug, mut ig) = parts.next().expect("one part at least");
@@ -364,11 +442,35 @@ pub fn train_step(
     // the positive pair (the outputs are constants here).
     let mut l = l;
     if let Some(aug) = &cfg.augmented {
-        l += mimic_side(ut, aug.user, x.users, &v[..b * d], d, x.weights, aug.lambda, &mut ug);
-        l += mimic_side(it, aug.item, &x.items[..b], &u, d, x.weights, aug.lambda, &mut ig);
+        l += mimic_side(
+            ut,
+            aug.user,
+            x.users,
+            &v[..b * d],
+            d,
+            x.weights,
+            aug.lambda,
+            &mut ug,
+        );
+        l += mimic_side(
+            it,
+            aug.item,
+            &x.items[..b],
+            &u,
+            d,
+            x.weights,
+            aug.lambda,
+            &mut ig,
+        );
     }
-    let ustats: Vec<_> = fwd.iter().map(|(uc, _)| uc.batch_stats().to_vec()).collect();
-    let istats: Vec<_> = fwd.iter().map(|(_, ic)| ic.batch_stats().to_vec()).collect();
+    let ustats: Vec<_> = fwd
+        .iter()
+        .map(|(uc, _)| uc.batch_stats().to_vec())
+        .collect();
+    let istats: Vec<_> = fwd
+        .iter()
+        .map(|(_, ic)| ic.batch_stats().to_vec())
+        .collect();
     drop(fwd);
     if !cfg.freeze_dense {
         user.0.update_running_stats(&ustats);
@@ -394,8 +496,19 @@ pub fn train_step(
 /// batch's positive rows `xs` toward `target` (`xs.len() × d`); adds its gradient to the
 /// table's rows in `g`. Returns the loss.
 #[allow(clippy::too_many_arguments)]
-fn mimic_side(t: &Tower, field: usize, xs: &[&Encoded], target: &[f32], d: usize, weights: &[f32], lambda: f32, g: &mut Grads) -> f64 {
-    let crate::net::FieldKind::Embed { table } = t.fields[field] else { return 0.0 };
+fn mimic_side(
+    t: &Tower,
+    field: usize,
+    xs: &[&Encoded],
+    target: &[f32],
+    d: usize,
+    weights: &[f32],
+    lambda: f32,
+    g: &mut Grads,
+) -> f64 {
+    let crate::net::FieldKind::Embed { table } = t.fields[field] else {
+        return 0.0;
+    };
     let tb = &t.tables[table];
     // Row 0 is the OOV row, shared by every unknown id: not an id's augmented vector.
     let rows: Vec<Option<u32>> = xs
@@ -410,7 +523,9 @@ fn mimic_side(t: &Tower, field: usize, xs: &[&Encoded], target: &[f32], d: usize
     for (i, r) in rows.iter().enumerate() {
         if let Some(r) = *r {
             let acc = g.rows[table].entry(r).or_insert_with(|| vec![0.0; d]);
-            acc.iter_mut().zip(&da[i * d..(i + 1) * d]).for_each(|(x, y)| *x += y);
+            acc.iter_mut()
+                .zip(&da[i * d..(i + 1) * d])
+                .for_each(|(x, y)| *x += y);
         }
     }
     loss
@@ -423,7 +538,11 @@ fn candidates(cfg: &Config, b: usize, hard: bool) -> usize {
     if cfg.loss.per_row_negatives() {
         b.saturating_add(cfg.negatives.saturating_mul(b))
     } else {
-        let own = if hard { cfg.hard_per_row.saturating_mul(b) } else { 0 };
+        let own = if hard {
+            cfg.hard_per_row.saturating_mul(b)
+        } else {
+            0
+        };
         b.saturating_add(cfg.negatives).saturating_add(own)
     }
 }
@@ -444,9 +563,9 @@ fn step_memory(cfg: &Config, b: usize, hard: bool, rows: (usize, usize)) -> usiz
     let d = cfg.dim;
     let threads = cfg.threads.clamp(1, b.max(1));
     let scores = b.saturating_mul(c).saturating_mul(8);
-    let vectors = d.saturating_mul(4).saturating_mul(
-        (2 * b).saturating_add(c.saturating_mul(2 + threads)),
-    );
+    let vectors = d
+        .saturating_mul(4)
+        .saturating_mul((2 * b).saturating_add(c.saturating_mul(2 + threads)));
     let activations = |spec: &crate::config::TowerSpec, n: usize| -> usize {
         let (_, widths) = spec.dense_size(cfg.dim, cfg.dim);
         n.saturating_mul(widths).saturating_mul(16)
@@ -460,16 +579,22 @@ fn step_memory(cfg: &Config, b: usize, hard: bool, rows: (usize, usize)) -> usiz
                     FeatureSpec::Categorical { dim, .. } => (1, *dim, table_rows + 1),
                     FeatureSpec::Multi { dim, max_len, .. } => (*max_len, *dim, table_rows + 1),
                     FeatureSpec::History { dim, max_len, .. } => (*max_len, *dim, rows.1 + 1),
-                    FeatureSpec::Bucketize { dim, boundaries, .. } => {
+                    FeatureSpec::Bucketize {
+                        dim, boundaries, ..
+                    } => {
                         let n = match boundaries {
                             crate::config::Bucketing::Given(b) => b.len(),
                             crate::config::Bucketing::Quantiles(q) => *q,
                         };
                         (1, *dim, n + 2)
                     }
-                    FeatureSpec::Numeric { .. } | FeatureSpec::Dense { .. } | FeatureSpec::Cross { .. } => (0, 0, 0),
+                    FeatureSpec::Numeric { .. }
+                    | FeatureSpec::Dense { .. }
+                    | FeatureSpec::Cross { .. } => (0, 0, 0),
                 };
-                n.saturating_mul(ids).min(bound.saturating_mul(threads)).saturating_mul(dim * 4 + 64)
+                n.saturating_mul(ids)
+                    .min(bound.saturating_mul(threads))
+                    .saturating_mul(dim * 4 + 64)
             })
             .sum()
     };
@@ -513,7 +638,9 @@ pub fn train_from(
     progress: &mut dyn FnMut(Event) -> Result<()>,
 ) -> Result<Trained> {
     if data.interactions.is_empty() {
-        return Err(TrainError::NoData("the interactions source has no rows".into()));
+        return Err(TrainError::NoData(
+            "the interactions source has no rows".into(),
+        ));
     }
     let timelines = data.timelines();
     // The split: each user's last interaction validates (users with two or more).
@@ -529,7 +656,9 @@ pub fn train_from(
         }
     }
     if train_pos.is_empty() {
-        return Err(TrainError::NoData("no training examples after the validation split".into()));
+        return Err(TrainError::NoData(
+            "no training examples after the validation split".into(),
+        ));
     }
     // Memory: the estimate before anything large is allocated.
     let hist_len: usize = cfg
@@ -560,17 +689,21 @@ pub fn train_from(
         spec.features
             .iter()
             .map(|f| match f {
-                FeatureSpec::Categorical { dim, .. } | FeatureSpec::Multi { dim, .. } | FeatureSpec::History { dim, .. } => {
-                    (rows + 1) * dim * 4 * 4
-                }
-                FeatureSpec::Bucketize { dim, boundaries, .. } => {
+                FeatureSpec::Categorical { dim, .. }
+                | FeatureSpec::Multi { dim, .. }
+                | FeatureSpec::History { dim, .. } => (rows + 1) * dim * 4 * 4,
+                FeatureSpec::Bucketize {
+                    dim, boundaries, ..
+                } => {
                     let n = match boundaries {
                         crate::config::Bucketing::Given(b) => b.len(),
                         crate::config::Bucketing::Quantiles(q) => *q,
                     };
                     (n + 2) * dim * 4 * 4
                 }
-                FeatureSpec::Numeric { .. } | FeatureSpec::Dense { .. } | FeatureSpec::Cross { .. } => 0,
+                FeatureSpec::Numeric { .. }
+                | FeatureSpec::Dense { .. }
+                | FeatureSpec::Cross { .. } => 0,
             })
             .sum()
     };
@@ -598,7 +731,9 @@ pub fn train_from(
     // Statistics and vocabularies from the training examples only.
     let user_stats = stats_of(
         &cfg.user.features,
-        train_pos.iter().map(|&(u, p)| (user_input(cfg, data, keys, u, &timelines[u as usize], p), 1)),
+        train_pos
+            .iter()
+            .map(|&(u, p)| (user_input(cfg, data, keys, u, &timelines[u as usize], p), 1)),
     );
     let item_stats = stats_of(
         &cfg.item.features,
@@ -606,11 +741,34 @@ pub fn train_from(
             .iter()
             .enumerate()
             .filter(|(_, &c)| c > 0)
-            .map(|(i, &c)| (with_id(&data.items[i].features, &keys.item, &data.items[i].id), c)),
+            .map(|(i, &c)| {
+                (
+                    with_id(&data.items[i].features, &keys.item, &data.items[i].id),
+                    c,
+                )
+            }),
     );
     let mc = cfg.min_count as u64;
-    let mut uplan = model::plan("user", &cfg.user, cfg.dim, &user_stats, mc, cfg.max_vocab, cfg.init_std, &mut rng)?;
-    let mut iplan = model::plan("item", &cfg.item, cfg.dim, &item_stats, mc, cfg.max_vocab, cfg.init_std, &mut rng)?;
+    let mut uplan = model::plan(
+        "user",
+        &cfg.user,
+        cfg.dim,
+        &user_stats,
+        mc,
+        cfg.max_vocab,
+        cfg.init_std,
+        &mut rng,
+    )?;
+    let mut iplan = model::plan(
+        "item",
+        &cfg.item,
+        cfg.dim,
+        &item_stats,
+        mc,
+        cfg.max_vocab,
+        cfg.init_std,
+        &mut rng,
+    )?;
     if let Some(b) = base {
         uplan = model::extend(&uplan, b.user.0, b.user.1)?;
         iplan = model::extend(&iplan, b.item.0, b.item.1)?;
@@ -621,12 +779,17 @@ pub fn train_from(
     let umodel = load(&uplan, &utower)?;
     let imodel = load(&iplan, &itower)?;
     let encode = |m: &Model, v: &Value, what: &dyn Fn() -> String| -> Result<Encoded> {
-        m.encode(v, false).map_err(|e| TrainError::NoData(format!("{}: {e}", what())))
+        m.encode(v, false)
+            .map_err(|e| TrainError::NoData(format!("{}: {e}", what())))
     };
     let items: Vec<Encoded> = data
         .items
         .iter()
-        .map(|it| encode(&imodel, &with_id(&it.features, &keys.item, &it.id), &|| format!("item {}", it.id)))
+        .map(|it| {
+            encode(&imodel, &with_id(&it.features, &keys.item, &it.id), &|| {
+                format!("item {}", it.id)
+            })
+        })
         .collect::<Result<_>>()?;
     // A sample of raw inputs, re-encoded by the exported models for the export check.
     const SAMPLE: usize = 64;
@@ -645,18 +808,27 @@ pub fn train_from(
             let t = &timelines[u as usize];
             let x = &data.interactions[t[p] as usize];
             let v = user_input(cfg, data, keys, u, t, p);
-            inputs.push(encode(&umodel, &v, &|| format!("user {}", data.users[u as usize].id))?);
+            inputs.push(encode(&umodel, &v, &|| {
+                format!("user {}", data.users[u as usize].id)
+            })?);
             if user_sample.len() < SAMPLE {
                 user_sample.push(v);
             }
-            out.push(Example { user: u, item: x.item, weight: x.weight, input: inputs.len() - 1 });
+            out.push(Example {
+                user: u,
+                item: x.item,
+                weight: x.weight,
+                input: inputs.len() - 1,
+            });
         }
     }
     // Each validation user's training items are masked when ranking.
     let mut seen: HashMap<u32, Vec<u32>> = HashMap::new();
     if !valid.is_empty() {
         for &(u, p) in &train_pos {
-            seen.entry(u).or_default().push(data.interactions[timelines[u as usize][p] as usize].item);
+            seen.entry(u)
+                .or_default()
+                .push(data.interactions[timelines[u as usize][p] as usize].item);
         }
         for v in seen.values_mut() {
             v.sort_unstable();
@@ -671,7 +843,13 @@ pub fn train_from(
     // ln of the expected count of an item among a batch's positives (in-batch logQ).
     let freq_logq: Vec<f32> = counts_by_item
         .iter()
-        .map(|&c| if c > 0 { ((c as f64 / total as f64) * b_max as f64).ln() as f32 } else { 0.0 })
+        .map(|&c| {
+            if c > 0 {
+                ((c as f64 / total as f64) * b_max as f64).ln() as f32
+            } else {
+                0.0
+            }
+        })
         .collect();
 
     let mut uopt = Optim::new(cfg, &utower);
@@ -712,7 +890,11 @@ pub fn train_from(
             // Candidates: the positives, then the sampled negatives (shared, or `negatives` per
             // row), then (softmax) each row's own hard negatives. A per-row loss draws the first
             // `hard_ratio` of each row's negatives from the user's hard items.
-            let n_neg = if per_row { cfg.negatives * b } else { cfg.negatives };
+            let n_neg = if per_row {
+                cfg.negatives * b
+            } else {
+                cfg.negatives
+            };
             let mut cand: Vec<u32> = batch.iter().map(|&e| examples[e].item).collect();
             let mut owner: Vec<i32> = vec![-1; b];
             let mut sampled = vec![true; b + n_neg];
@@ -720,10 +902,16 @@ pub fn train_from(
             let hard_of = |e: usize| data.hard.get(&examples[e].user).filter(|h| !h.is_empty());
             let per_row_hard = ((cfg.negatives as f64) * cfg.hard_ratio).round() as usize;
             if n_neg > 0 {
-                let sm = sampler.as_ref().ok_or_else(|| TrainError::NoData("no item to sample negatives from".into()))?;
+                let sm = sampler
+                    .as_ref()
+                    .ok_or_else(|| TrainError::NoData("no item to sample negatives from".into()))?;
                 for j in 0..n_neg {
                     let row = j / cfg.negatives.max(1);
-                    let hard = if per_row && j % cfg.negatives.max(1) < per_row_hard { hard_of(batch[row]) } else { None };
+                    let hard = if per_row && j % cfg.negatives.max(1) < per_row_hard {
+                        hard_of(batch[row])
+                    } else {
+                        None
+                    };
                     match hard {
                         Some(h) => {
                             cand.push(h[rng.gen_range(0..h.len())]);
@@ -760,10 +948,28 @@ pub fn train_from(
             let weights: Vec<f32> = batch.iter().map(|&e| examples[e].weight).collect();
             let uxs: Vec<&Encoded> = batch.iter().map(|&e| &inputs[examples[e].input]).collect();
             let ixs: Vec<&Encoded> = cand.iter().map(|&i| &items[i as usize]).collect();
-            let batch_in = Batch { users: &uxs, items: &ixs, cand: &cand, owner: &owner, logq: &logq, weights: &weights };
-            let l = train_step(cfg, (&mut utower, &mut uopt), (&mut itower, &mut iopt), &batch_in, step, threads);
+            let batch_in = Batch {
+                users: &uxs,
+                items: &ixs,
+                cand: &cand,
+                owner: &owner,
+                logq: &logq,
+                weights: &weights,
+            };
+            let l = train_step(
+                cfg,
+                (&mut utower, &mut uopt),
+                (&mut itower, &mut iopt),
+                &batch_in,
+                step,
+                threads,
+            );
             if !l.is_finite() {
-                return Err(TrainError::Diverged { epoch, step: s + 1, loss: l });
+                return Err(TrainError::Diverged {
+                    epoch,
+                    step: s + 1,
+                    loss: l,
+                });
             }
             loss_sum += l * b as f64;
             seen_examples += b;
@@ -781,7 +987,9 @@ pub fn train_from(
         let metric = if valid.is_empty() {
             None
         } else {
-            Some(validate(cfg, &utower, &itower, &items, &inputs, &valid, &seen, threads, progress)?)
+            Some(validate(
+                cfg, &utower, &itower, &items, &inputs, &valid, &seen, threads, progress,
+            )?)
         };
         let report = EpochReport {
             epoch,
@@ -812,7 +1020,8 @@ pub fn train_from(
             }
         }
     }
-    let (_, best_epoch, mut bu, mut bi) = best.ok_or_else(|| TrainError::NoData("no epoch completed".into()))?;
+    let (_, best_epoch, mut bu, mut bi) =
+        best.ok_or_else(|| TrainError::NoData("no epoch completed".into()))?;
     // FTRL: rows that never received a gradient carry only their initial noise: unused, zero.
     if matches!(cfg.sparse, crate::optim::Sparse::Ftrl { .. }) {
         uopt.zero_untouched(&mut bu);
@@ -825,8 +1034,20 @@ pub fn train_from(
     let (item_spec, item_weights) = model::export(&iplan_p, &bi_p)?;
     // The exported models compute what training computed (pruned ids now read the zero OOV
     // row, the value their own row had).
-    check_export(&user_spec, &user_weights, &bu, &inputs[..user_sample.len()], &user_sample)?;
-    check_export(&item_spec, &item_weights, &bi, &items[..item_sample.len()], &item_sample)?;
+    check_export(
+        &user_spec,
+        &user_weights,
+        &bu,
+        &inputs[..user_sample.len()],
+        &user_sample,
+    )?;
+    check_export(
+        &item_spec,
+        &item_weights,
+        &bi,
+        &items[..item_sample.len()],
+        &item_sample,
+    )?;
     Ok(Trained {
         user_spec,
         user_weights,
@@ -844,7 +1065,13 @@ pub fn train_from(
 
 /// Loads the exported model, encodes `raw` with it and checks its outputs against the trained
 /// tower's on the training encodings of the same inputs (`trained`).
-fn check_export(spec: &str, weights: &[u8], tower: &Tower, trained: &[Encoded], raw: &[Value]) -> Result<()> {
+fn check_export(
+    spec: &str,
+    weights: &[u8],
+    tower: &Tower,
+    trained: &[Encoded],
+    raw: &[Value],
+) -> Result<()> {
     let m = Model::load(spec, weights).map_err(|e| TrainError::Export(e.to_string()))?;
     let xs: Vec<&Encoded> = trained.iter().collect();
     let ours = tower.forward(&xs);
@@ -856,7 +1083,9 @@ fn check_export(spec: &str, weights: &[u8], tower: &Tower, trained: &[Encoded], 
     let theirs = m.forward_batch(&served);
     for (a, b) in ours.output().iter().zip(&theirs) {
         if (a - b).abs() > 1e-5 {
-            return Err(TrainError::Export(format!("served output {b} differs from the trained {a}")));
+            return Err(TrainError::Export(format!(
+                "served output {b} differs from the trained {a}"
+            )));
         }
     }
     Ok(())
@@ -888,7 +1117,9 @@ fn validate(
             r.map(|j| {
                 let e = &valid[chunk[j]];
                 let u = &uv[chunk[j] * d..(chunk[j] + 1) * d];
-                let scores: Vec<f32> = (0..n_items).map(|i| twotower_tower::layers::dot(u, &iv[i * d..(i + 1) * d])).collect();
+                let scores: Vec<f32> = (0..n_items)
+                    .map(|i| twotower_tower::layers::dot(u, &iv[i * d..(i + 1) * d]))
+                    .collect();
                 ranks(&scores, &[e.item], seen.get(&e.user).unwrap_or(&empty))
             })
             .collect::<Vec<_>>()

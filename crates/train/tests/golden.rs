@@ -7,21 +7,31 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use twotower_tower::{Encoded, Model};
 use twotower_train::model::{self, FeatureStats, Plan};
 use twotower_train::net::Tower;
 use twotower_train::train::{train_step, Batch, Optim};
 use twotower_train::Config;
-use twotower_tower::{Encoded, Model};
 
 fn fixture(name: &str) -> Vec<u8> {
-    let p = format!("{}/../../tests/golden/train/{name}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read(&p).unwrap_or_else(|e| panic!("golden fixture {p} is missing ({e}): run tests/golden/train_ref.py"))
+    let p = format!(
+        "{}/../../tests/golden/train/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!("golden fixture {p} is missing ({e}): run tests/golden/train_ref.py")
+    })
 }
 
 fn set_params(plan: &Plan, tower: &mut Tower, kind: &str, init: &safetensors::SafeTensors) {
     let get = |name: &str| -> Vec<f32> {
-        let t = init.tensor(&format!("{kind}/{name}")).unwrap_or_else(|_| panic!("{kind}/{name} in init.safetensors"));
-        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        let t = init
+            .tensor(&format!("{kind}/{name}"))
+            .unwrap_or_else(|_| panic!("{kind}/{name} in init.safetensors"));
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     };
     for (t, name) in tower.tables.iter_mut().zip(&plan.table_tensors) {
         let w = get(name);
@@ -67,12 +77,22 @@ fn three_steps_equal_the_numpy_reference() {
     }))
     .unwrap();
     let mut stats = FeatureStats::default();
-    let ids = |v: &[&str]| v.iter().map(|x| (x.to_string(), 1u64)).collect::<HashMap<_, _>>();
-    stats.counts.insert("user_id".into(), ids(&["1", "2", "3", "4"]));
-    stats.counts.insert("history".into(), ids(&["10", "11", "12", "13", "14"]));
+    let ids = |v: &[&str]| {
+        v.iter()
+            .map(|x| (x.to_string(), 1u64))
+            .collect::<HashMap<_, _>>()
+    };
+    stats
+        .counts
+        .insert("user_id".into(), ids(&["1", "2", "3", "4"]));
+    stats
+        .counts
+        .insert("history".into(), ids(&["10", "11", "12", "13", "14"]));
     stats.moments.insert("age".into(), (30.0, 1000.0, 1));
     let mut istats = FeatureStats::default();
-    istats.counts.insert("item_id".into(), ids(&["10", "11", "12", "13", "14"]));
+    istats
+        .counts
+        .insert("item_id".into(), ids(&["10", "11", "12", "13", "14"]));
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let uplan = model::plan("user", &cfg.user, 3, &stats, 1, 100, 0.1, &mut rng).unwrap();
     let iplan = model::plan("item", &cfg.item, 3, &istats, 1, 100, 0.1, &mut rng).unwrap();
@@ -85,21 +105,66 @@ fn three_steps_equal_the_numpy_reference() {
     set_params(&iplan, &mut it, "item", &init);
     let (us, uw) = model::export(&uplan, &ut).unwrap();
     let (is, iw) = model::export(&iplan, &it).unwrap();
-    let (um, im) = (Model::load(&us, &uw).unwrap(), Model::load(&is, &iw).unwrap());
+    let (um, im) = (
+        Model::load(&us, &uw).unwrap(),
+        Model::load(&is, &iw).unwrap(),
+    );
     let mut uopt = Optim::new(&cfg, &ut);
     let mut iopt = Optim::new(&cfg, &it);
     for (t, b) in steps["batches"].as_array().unwrap().iter().enumerate() {
-        let users: Vec<Encoded> = b["users"].as_array().unwrap().iter().map(|u| um.encode(u, true).unwrap()).collect();
-        let item_ids: Vec<u32> = b["items"].as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect();
-        let items: Vec<Encoded> = item_ids.iter().map(|i| im.encode(&json!({ "item_id": i }), true).unwrap()).collect();
-        let logq: Vec<f32> = b["logq"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-        let weights: Vec<f32> = b["weights"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-        let (ur, ir): (Vec<&Encoded>, Vec<&Encoded>) = (users.iter().collect(), items.iter().collect());
+        let users: Vec<Encoded> = b["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| um.encode(u, true).unwrap())
+            .collect();
+        let item_ids: Vec<u32> = b["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_u64().unwrap() as u32)
+            .collect();
+        let items: Vec<Encoded> = item_ids
+            .iter()
+            .map(|i| im.encode(&json!({ "item_id": i }), true).unwrap())
+            .collect();
+        let logq: Vec<f32> = b["logq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let weights: Vec<f32> = b["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        let (ur, ir): (Vec<&Encoded>, Vec<&Encoded>) =
+            (users.iter().collect(), items.iter().collect());
         let owner = vec![-1; ir.len()];
-        let batch = Batch { users: &ur, items: &ir, cand: &item_ids, owner: &owner, logq: &logq, weights: &weights };
-        let l = train_step(&cfg, (&mut ut, &mut uopt), (&mut it, &mut iopt), &batch, t as u64 + 1, 1);
+        let batch = Batch {
+            users: &ur,
+            items: &ir,
+            cand: &item_ids,
+            owner: &owner,
+            logq: &logq,
+            weights: &weights,
+        };
+        let l = train_step(
+            &cfg,
+            (&mut ut, &mut uopt),
+            (&mut it, &mut iopt),
+            &batch,
+            t as u64 + 1,
+            1,
+        );
         let want = steps["losses"][t].as_f64().unwrap();
-        assert!((l - want).abs() < 1e-5, "step {}: loss {l}, numpy {want}", t + 1);
+        assert!(
+            (l - want).abs() < 1e-5,
+            "step {}: loss {l}, numpy {want}",
+            t + 1
+        );
     }
     let mut got = params(&uplan, &ut, "user");
     got.extend(params(&iplan, &it, "item"));
@@ -108,11 +173,23 @@ fn three_steps_equal_the_numpy_reference() {
     let mut moved = 0;
     for (name, want) in after {
         let g = &got[name];
-        let w: Vec<f64> = want.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let w: Vec<f64> = want
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         let init_t = init.tensor(name).unwrap();
-        let init_v: Vec<f32> = init_t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        let init_v: Vec<f32> = init_t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
         for (k, (a, b)) in g.iter().zip(&w).enumerate() {
-            assert!((*a as f64 - b).abs() < 1e-4, "{name}[{k}]: {a} vs numpy {b}");
+            assert!(
+                (*a as f64 - b).abs() < 1e-4,
+                "{name}[{k}]: {a} vs numpy {b}"
+            );
             if (init_v[k] as f64 - b).abs() > 1e-3 {
                 moved += 1;
             }

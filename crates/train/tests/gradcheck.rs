@@ -4,17 +4,27 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use twotower_train::config::{Branch, Bucketing, Decay, FeatureSpec, Fusion, NumTransform, TowerSpec};
+use twotower_tower::layers::Activation;
+use twotower_tower::{Encoded, Model};
+use twotower_train::config::{
+    Branch, Bucketing, Decay, FeatureSpec, Fusion, NumTransform, TowerSpec,
+};
 use twotower_train::loss::{self, LossKind, Scores};
 use twotower_train::model::{self, FeatureStats};
 use twotower_train::net::{Pooling, Tower};
-use twotower_tower::layers::Activation;
-use twotower_tower::{Encoded, Model};
 
 fn stats() -> FeatureStats {
     let mut s = FeatureStats::default();
-    for (f, ids) in [("uid", vec!["1", "2", "3"]), ("tags", vec!["a", "b", "c", "d"]), ("hist", vec!["x", "y", "z"]), ("bag", vec!["p", "q"])] {
-        s.counts.insert(f.into(), ids.into_iter().map(|i| (i.to_string(), 1)).collect());
+    for (f, ids) in [
+        ("uid", vec!["1", "2", "3"]),
+        ("tags", vec!["a", "b", "c", "d"]),
+        ("hist", vec!["x", "y", "z"]),
+        ("bag", vec!["p", "q"]),
+    ] {
+        s.counts.insert(
+            f.into(),
+            ids.into_iter().map(|i| (i.to_string(), 1)).collect(),
+        );
     }
     s.moments.insert("age".into(), (60.0, 1400.0, 3));
     s
@@ -23,11 +33,33 @@ fn stats() -> FeatureStats {
 fn tower_spec(act: Activation, layer_norm: bool, hidden: Vec<usize>) -> TowerSpec {
     TowerSpec {
         features: vec![
-            FeatureSpec::Categorical { name: "uid".into(), dim: 3 },
-            FeatureSpec::Multi { name: "tags".into(), dim: 2, pooling: Pooling::Mean, max_len: 10 },
-            FeatureSpec::Multi { name: "bag".into(), dim: 2, pooling: Pooling::Sum, max_len: 10 },
-            FeatureSpec::History { name: "hist".into(), dim: 3, max_len: 5, pooling: Pooling::Mean, decay: Decay::Position(0.7) },
-            FeatureSpec::Numeric { name: "age".into(), transform: NumTransform::Zscore },
+            FeatureSpec::Categorical {
+                name: "uid".into(),
+                dim: 3,
+            },
+            FeatureSpec::Multi {
+                name: "tags".into(),
+                dim: 2,
+                pooling: Pooling::Mean,
+                max_len: 10,
+            },
+            FeatureSpec::Multi {
+                name: "bag".into(),
+                dim: 2,
+                pooling: Pooling::Sum,
+                max_len: 10,
+            },
+            FeatureSpec::History {
+                name: "hist".into(),
+                dim: 3,
+                max_len: 5,
+                pooling: Pooling::Mean,
+                decay: Decay::Position(0.7),
+            },
+            FeatureSpec::Numeric {
+                name: "age".into(),
+                transform: NumTransform::Zscore,
+            },
         ],
         hidden,
         activation: act,
@@ -58,7 +90,12 @@ fn inputs(m: &Model) -> Vec<Encoded> {
 
 /// L = Σ out ⊙ R for a fixed R; returns L in f64 (training mode: dropout masks from seed 5).
 fn objective(t: &Tower, xs: &[&Encoded], r: &[f32]) -> f64 {
-    t.forward_train(xs, 5).output().iter().zip(r).map(|(a, b)| *a as f64 * *b as f64).sum()
+    t.forward_train(xs, 5)
+        .output()
+        .iter()
+        .zip(r)
+        .map(|(a, b)| *a as f64 * *b as f64)
+        .sum()
 }
 
 fn check_tower(act: Activation, layer_norm: bool, hidden: Vec<usize>) {
@@ -82,12 +119,26 @@ fn check_with(spec: TowerSpec, kind: &str, eps: f32) {
     let m = Model::load(&spec, &st).unwrap();
     let enc = inputs(&m);
     let xs: Vec<&Encoded> = enc.iter().collect();
-    check_grads(plan.tower.clone(), &xs, 4, eps, &format!("{act:?}, layer_norm {layer_norm}"), &mut rng);
+    check_grads(
+        plan.tower.clone(),
+        &xs,
+        4,
+        eps,
+        &format!("{act:?}, layer_norm {layer_norm}"),
+        &mut rng,
+    );
 }
 
 /// Central differences against the analytic gradient of L = Σ out ⊙ R, for every dense
 /// parameter and every table row, with the parameters moved off their initial values.
-fn check_grads(mut t: Tower, xs: &[&Encoded], out_dim: usize, eps: f32, label: &str, rng: &mut ChaCha8Rng) -> twotower_train::net::Grads {
+fn check_grads(
+    mut t: Tower,
+    xs: &[&Encoded],
+    out_dim: usize,
+    eps: f32,
+    label: &str,
+    rng: &mut ChaCha8Rng,
+) -> twotower_train::net::Grads {
     let xs = xs.to_vec();
     // LayerNorm starts at g = 1, b = 0: move it so its gradient is checked at a general point.
     for p in t.dense_params_mut() {
@@ -95,7 +146,9 @@ fn check_grads(mut t: Tower, xs: &[&Encoded], out_dim: usize, eps: f32, label: &
             *x += rng.gen_range(-0.3..0.3);
         }
     }
-    let r: Vec<f32> = (0..xs.len() * out_dim).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let r: Vec<f32> = (0..xs.len() * out_dim)
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
     let cache = t.forward_train(&xs, 5);
     let g = t.backward(&cache, &r);
 
@@ -115,7 +168,11 @@ fn check_grads(mut t: Tower, xs: &[&Encoded], out_dim: usize, eps: f32, label: &
             t.dense_params_mut()[pi][k] = orig - eps;
             let lm = objective(&t, &xs, &r);
             t.dense_params_mut()[pi][k] = orig;
-            close((lp - lm) / (2.0 * eps as f64), g.dense[pi][k] as f64, &format!("dense param {pi}[{k}]"));
+            close(
+                (lp - lm) / (2.0 * eps as f64),
+                g.dense[pi][k] as f64,
+                &format!("dense param {pi}[{k}]"),
+            );
         }
     }
     let mut checked_rows = 0;
@@ -132,14 +189,21 @@ fn check_grads(mut t: Tower, xs: &[&Encoded], out_dim: usize, eps: f32, label: &
                 t.tables[ti].w[idx] = orig;
                 let num = (lp - lm) / (2.0 * eps as f64);
                 let ana = g.rows[ti].get(&(row as u32)).map_or(0.0, |v| v[k] as f64);
-                close(num, ana, &format!("table {} row {row}[{k}]", t.tables[ti].name));
+                close(
+                    num,
+                    ana,
+                    &format!("table {} row {row}[{k}]", t.tables[ti].name),
+                );
                 if ana != 0.0 {
                     checked_rows += 1;
                 }
             }
         }
     }
-    assert!(t.tables.is_empty() || checked_rows > 20, "the check saw non-zero row gradients");
+    assert!(
+        t.tables.is_empty() || checked_rows > 20,
+        "the check saw non-zero row gradients"
+    );
     g
 }
 
@@ -169,7 +233,12 @@ fn tower_gradients_relu() {
 fn tower_gradients_with_shortcut_and_dropout() {
     let mut spec = tower_spec(Activation::Tanh, false, vec![6, 5]);
     // Max pooling too (its kinks, where two rows tie, are not hit by these inputs).
-    spec.features[1] = FeatureSpec::Multi { name: "tags".into(), dim: 2, pooling: Pooling::Max, max_len: 10 };
+    spec.features[1] = FeatureSpec::Multi {
+        name: "tags".into(),
+        dim: 2,
+        pooling: Pooling::Max,
+        max_len: 10,
+    };
     spec.dropout = 0.3;
     spec.shortcut = vec!["age".into(), "tags".into()];
     check_spec(spec);
@@ -195,8 +264,15 @@ fn tower_gradients_with_batch_norm() {
 #[test]
 fn tower_gradients_with_bucketize_and_dense_features() {
     let mut spec = tower_spec(Activation::Tanh, false, vec![5]);
-    spec.features.push(FeatureSpec::Bucketize { name: "price".into(), dim: 2, boundaries: Bucketing::Given(vec![1.0, 5.0, 10.0]) });
-    spec.features.push(FeatureSpec::Dense { name: "vec".into(), dim: 3 });
+    spec.features.push(FeatureSpec::Bucketize {
+        name: "price".into(),
+        dim: 2,
+        boundaries: Bucketing::Given(vec![1.0, 5.0, 10.0]),
+    });
+    spec.features.push(FeatureSpec::Dense {
+        name: "vec".into(),
+        dim: 3,
+    });
     // (With 2 or 3 hidden units one SENet pre-activation lies within eps of ReLU's kink.)
     spec.senet = 4;
     spec.shortcut = vec!["vec".into()];
@@ -212,8 +288,16 @@ fn tower_gradients_without_hidden_layers() {
 fn branched(fusion: Fusion, act: Activation) -> TowerSpec {
     let mut spec = tower_spec(act, false, vec![]);
     spec.branches = vec![
-        Branch { name: "deep".into(), features: vec![0, 1, 3], hidden: vec![5] },
-        Branch { name: "wide".into(), features: vec![0, 2, 4], hidden: vec![] },
+        Branch {
+            name: "deep".into(),
+            features: vec![0, 1, 3],
+            hidden: vec![5],
+        },
+        Branch {
+            name: "wide".into(),
+            features: vec![0, 2, 4],
+            hidden: vec![],
+        },
     ];
     spec.fusion = fusion;
     spec
@@ -263,7 +347,15 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
     let c = b + negatives;
     let s: Vec<f32> = (0..b * c).map(|_| rng.gen_range(-1.0..1.0)).collect();
-    let logq: Vec<f32> = (0..c).map(|_| if logq_on { rng.gen_range(-3.0..0.0) } else { 0.0 }).collect();
+    let logq: Vec<f32> = (0..c)
+        .map(|_| {
+            if logq_on {
+                rng.gen_range(-3.0..0.0)
+            } else {
+                0.0
+            }
+        })
+        .collect();
     // Item 3 appears twice among the positives and once among the negatives (masked columns).
     let mut items: Vec<u32> = (0..c as u32).map(|i| i + 10).collect();
     items[1] = 3;
@@ -274,10 +366,28 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
     let weights: Vec<f32> = (0..b).map(|i| 0.5 + i as f32 * 0.25).collect();
     // Softmax: the last two columns are row 0's own (hard) negatives; others are shared.
     let owner: Vec<i32> = (0..c)
-        .map(|j| if !kind.per_row_negatives() && negatives >= 2 && j + 2 >= c { 0 } else { -1 })
+        .map(|j| {
+            if !kind.per_row_negatives() && negatives >= 2 && j + 2 >= c {
+                0
+            } else {
+                -1
+            }
+        })
         .collect();
     let eval = |s: &[f32]| {
-        loss::loss(kind, &Scores { s, b, c, logq: &logq, items: &items, owner: &owner, weights: &weights, temperature: 0.3 })
+        loss::loss(
+            kind,
+            &Scores {
+                s,
+                b,
+                c,
+                logq: &logq,
+                items: &items,
+                owner: &owner,
+                weights: &weights,
+                temperature: 0.3,
+            },
+        )
     };
     let (_, ds) = eval(&s);
     let eps = 1e-3f32;
@@ -289,7 +399,10 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
         sm[k] -= eps;
         let num = (eval(&sp).0 - eval(&sm).0) / (2.0 * eps as f64);
         let ana = ds[k] as f64;
-        assert!((num - ana).abs() <= 1e-4 + 1e-3 * num.abs(), "{kind:?} dS[{k}]: numeric {num} vs analytic {ana}");
+        assert!(
+            (num - ana).abs() <= 1e-4 + 1e-3 * num.abs(),
+            "{kind:?} dS[{k}]: numeric {num} vs analytic {ana}"
+        );
         if ana != 0.0 {
             nonzero += 1;
         }
@@ -298,7 +411,11 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
     if owner.iter().any(|&o| o >= 0) {
         // A row's own columns get gradient from that row only.
         for i in 1..b {
-            assert_eq!(ds[i * c + c - 1], 0.0, "row {i} does not score row 0's hard negative");
+            assert_eq!(
+                ds[i * c + c - 1],
+                0.0,
+                "row {i} does not score row 0's hard negative"
+            );
         }
         assert!(ds[c - 1] != 0.0, "row 0 scores its hard negative");
     }
@@ -306,17 +423,41 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
 
 #[test]
 fn softmax_in_batch_with_logq() {
-    check_loss(LossKind::Softmax { in_batch: true, logq: true }, 5, 0, true);
+    check_loss(
+        LossKind::Softmax {
+            in_batch: true,
+            logq: true,
+        },
+        5,
+        0,
+        true,
+    );
 }
 
 #[test]
 fn softmax_mixed_in_batch_and_global_with_logq() {
-    check_loss(LossKind::Softmax { in_batch: true, logq: true }, 4, 6, true);
+    check_loss(
+        LossKind::Softmax {
+            in_batch: true,
+            logq: true,
+        },
+        4,
+        6,
+        true,
+    );
 }
 
 #[test]
 fn sampled_softmax_global_only() {
-    check_loss(LossKind::Softmax { in_batch: false, logq: true }, 4, 6, true);
+    check_loss(
+        LossKind::Softmax {
+            in_batch: false,
+            logq: true,
+        },
+        4,
+        6,
+        true,
+    );
 }
 
 #[test]
@@ -343,7 +484,11 @@ fn score_backprop() {
     let v: Vec<f32> = (0..c * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let r: Vec<f32> = (0..b * c).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let f = |u: &[f32], v: &[f32]| -> f64 {
-        loss::scores(u, b, v, c, d).iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
+        loss::scores(u, b, v, c, d)
+            .iter()
+            .zip(&r)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum()
     };
     let (du, dv) = loss::backprop_scores(&r, &u, b, &v, c, d);
     let eps = 1e-2;
@@ -363,7 +508,6 @@ fn score_backprop() {
     }
 }
 
-
 #[test]
 fn mimic_loss_gradient() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -373,7 +517,9 @@ fn mimic_loss_gradient() {
     let weights = [1.0, 0.5, 2.0, 1.0, 0.25];
     // Row 3 has no augmented vector (an unknown id): no loss, no gradient.
     let run = |a: &[f32]| {
-        let rows: Vec<Option<&[f32]>> = (0..b).map(|i| (i != 3).then(|| &a[i * d..(i + 1) * d])).collect();
+        let rows: Vec<Option<&[f32]>> = (0..b)
+            .map(|i| (i != 3).then(|| &a[i * d..(i + 1) * d]))
+            .collect();
         loss::mimic(&rows, &target, d, &weights, 0.7)
     };
     let (l, g) = run(&a);
@@ -388,7 +534,11 @@ fn mimic_loss_gradient() {
         let lm = run(&a).0;
         a[k] = orig;
         let num = (lp - lm) / (2.0 * eps as f64);
-        assert!((num - g[k] as f64).abs() < 1e-3, "a[{k}]: numeric {num} vs analytic {}", g[k]);
+        assert!(
+            (num - g[k] as f64).abs() < 1e-3,
+            "a[{k}]: numeric {num} vs analytic {}",
+            g[k]
+        );
     }
     // The target is a constant (its gradient is stopped): moving it changes the loss, and the
     // function returns no gradient for it by construction; a equal to the target costs nothing.
@@ -403,9 +553,20 @@ fn prerank_target_attention_gradients() {
     // history; one hidden layer.
     let spec = TowerSpec {
         features: vec![
-            FeatureSpec::Numeric { name: "age".into(), transform: NumTransform::Zscore },
-            FeatureSpec::Cross { name: "v".into(), of: Cross::ItemVector, attention_dim: 0 },
-            FeatureSpec::Cross { name: "din".into(), of: Cross::TargetAttention, attention_dim: 3 },
+            FeatureSpec::Numeric {
+                name: "age".into(),
+                transform: NumTransform::Zscore,
+            },
+            FeatureSpec::Cross {
+                name: "v".into(),
+                of: Cross::ItemVector,
+                attention_dim: 0,
+            },
+            FeatureSpec::Cross {
+                name: "din".into(),
+                of: Cross::TargetAttention,
+                attention_dim: 3,
+            },
         ],
         hidden: vec![5],
         activation: Activation::Tanh,
@@ -414,7 +575,11 @@ fn prerank_target_attention_gradients() {
         shortcut: Vec::new(),
         senet: 0,
         batch_norm: false,
-        sources: vec![Source::User, Source::Cross(Cross::ItemVector), Source::Cross(Cross::TargetAttention)],
+        sources: vec![
+            Source::User,
+            Source::Cross(Cross::ItemVector),
+            Source::Cross(Cross::TargetAttention),
+        ],
         branches: Vec::new(),
         fusion: Fusion::Attention,
     };
@@ -424,11 +589,14 @@ fn prerank_target_attention_gradients() {
     let (sj, st) = model::export(&plan, &plan.tower).unwrap();
     let m = Model::load(&sj, &st).unwrap();
     let fi = m.attention_feature().expect("an attention input");
-    let vec = |rng: &mut ChaCha8Rng| -> Vec<f32> { (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect() };
+    let vec =
+        |rng: &mut ChaCha8Rng| -> Vec<f32> { (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect() };
     // Histories of 0, 1, 3 and 6 vectors.
     let mut enc = Vec::new();
     for (i, n) in [0usize, 1, 3, 6].into_iter().enumerate() {
-        let user = m.encode_part(&json!({"age": 20 + 10 * i}), Source::User, true).unwrap();
+        let user = m
+            .encode_part(&json!({"age": 20 + 10 * i}), Source::User, true)
+            .unwrap();
         let item = m.encode_part(&json!({}), Source::Item, true).unwrap();
         let v = vec(&mut rng);
         let mut x = m.assemble(&user, &item, &mut |c, out| {
@@ -444,7 +612,20 @@ fn prerank_target_attention_gradients() {
         enc.push(x);
     }
     let xs: Vec<&Encoded> = enc.iter().collect();
-    assert_eq!(plan.dense_tensors[0].0, "din.query", "W_q and W_k come first");
-    let g = check_grads(plan.tower.clone(), &xs, 1, 1e-2, "target attention", &mut rng);
-    assert!(g.dense[0].iter().any(|x| x.abs() > 1e-4) && g.dense[1].iter().any(|x| x.abs() > 1e-4), "W_q and W_k get gradients");
+    assert_eq!(
+        plan.dense_tensors[0].0, "din.query",
+        "W_q and W_k come first"
+    );
+    let g = check_grads(
+        plan.tower.clone(),
+        &xs,
+        1,
+        1e-2,
+        "target attention",
+        &mut rng,
+    );
+    assert!(
+        g.dense[0].iter().any(|x| x.abs() > 1e-4) && g.dense[1].iter().any(|x| x.abs() > 1e-4),
+        "W_q and W_k get gradients"
+    );
 }

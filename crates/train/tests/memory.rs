@@ -83,9 +83,11 @@ fn data() -> Data {
         d.user_features(&u.to_string(), f).unwrap();
         for t in 0..3 {
             let item = (u % 10 + 10 * ((u / 10 + 7 * t) % 30)).to_string();
-            d.interaction(&u.to_string(), &item, (t * 10_000 + u) as f64, 1.0).unwrap();
+            d.interaction(&u.to_string(), &item, (t * 10_000 + u) as f64, 1.0)
+                .unwrap();
         }
-        d.hard_negative(&u.to_string(), &((u + 5) % 300).to_string()).unwrap();
+        d.hard_negative(&u.to_string(), &((u + 5) % 300).to_string())
+            .unwrap();
     }
     d
 }
@@ -116,7 +118,10 @@ const BUDGET: usize = 1 << 30;
 #[test]
 fn the_memory_estimate_bounds_the_measured_peak_within_a_factor_of_three() {
     let data = data();
-    let keys = Keys { user: "user_id".into(), item: "item_id".into() };
+    let keys = Keys {
+        user: "user_id".into(),
+        item: "item_id".into(),
+    };
     // Every loss family and negative shape: in-batch only, shared negatives (with and without
     // in-batch, with and without each row's hard negatives), and per-row negatives (some drawn
     // from the hard ones). The last shape is docs/training.md's recipe ceiling (batch 2048,
@@ -153,12 +158,25 @@ fn the_memory_estimate_bounds_the_measured_peak_within_a_factor_of_three() {
             Ok(())
         });
         let peak = PEAK.load(Ordering::Relaxed) - base;
-        assert!(matches!(r, Err(TrainError::Cancelled)), "{shape}: refused or failed under {BUDGET} bytes: {r:?}");
+        assert!(
+            matches!(r, Err(TrainError::Cancelled)),
+            "{shape}: refused or failed under {BUDGET} bytes: {r:?}"
+        );
         assert_eq!(steps, 2, "{shape}");
         let ratio = needed as f64 / peak as f64;
-        report.push(format!("{shape}: estimate {:.1} MB, measured peak {:.1} MB, ×{ratio:.2}", needed as f64 / 1e6, peak as f64 / 1e6));
-        assert!(needed >= peak, "{shape}: the estimate {needed} is below the measured peak {peak}");
-        assert!(ratio <= 3.0, "{shape}: the estimate {needed} is {ratio:.1} × the measured peak {peak}");
+        report.push(format!(
+            "{shape}: estimate {:.1} MB, measured peak {:.1} MB, ×{ratio:.2}",
+            needed as f64 / 1e6,
+            peak as f64 / 1e6
+        ));
+        assert!(
+            needed >= peak,
+            "{shape}: the estimate {needed} is below the measured peak {peak}"
+        );
+        assert!(
+            ratio <= 3.0,
+            "{shape}: the estimate {needed} is {ratio:.1} × the measured peak {peak}"
+        );
     }
     println!("{}", report.join("\n"));
 }

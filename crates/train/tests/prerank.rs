@@ -31,7 +31,9 @@ fn log(requests: usize, seed: u64) -> RankLog {
     for _ in 0..requests {
         let fav = rng.gen_range(0..CATS);
         let user = unit(&mut rng);
-        let history: Vec<Vec<f32>> = (0..3).map(|_| vectors[rng.gen_range(0..300)].clone()).collect();
+        let history: Vec<Vec<f32>> = (0..3)
+            .map(|_| vectors[rng.gen_range(0..300)].clone())
+            .collect();
         let mut ids: Vec<i64> = (0..300).collect();
         let mut candidates = Vec::new();
         for _ in 0..40 {
@@ -39,10 +41,23 @@ fn log(requests: usize, seed: u64) -> RankLog {
             let id = ids.swap_remove(j);
             let v = vectors[id as usize].clone();
             let teacher = 4.0 * v.iter().zip(&user).map(|(a, b)| a * b).sum::<f32>();
-            let item = log.item(id, || (json!({"cat": id % CATS, "pop": (id % 7) as f64}), v));
-            candidates.push(LogCandidate { item, position: candidates.len() as u32 + 1, label: if id % CATS == fav { 1.0 } else { 0.0 }, teacher: Some(teacher) });
+            let item = log.item(id, || {
+                (json!({"cat": id % CATS, "pop": (id % 7) as f64}), v)
+            });
+            candidates.push(LogCandidate {
+                item,
+                position: candidates.len() as u32 + 1,
+                label: if id % CATS == fav { 1.0 } else { 0.0 },
+                teacher: Some(teacher),
+            });
         }
-        log.requests.push(LogRequest { id: log.requests.len().to_string(), features: json!({"fav": fav}), user, history, candidates });
+        log.requests.push(LogRequest {
+            id: log.requests.len().to_string(),
+            features: json!({"fav": fav}),
+            user,
+            history,
+            candidates,
+        });
     }
     log
 }
@@ -83,28 +98,56 @@ fn labels_objective_learns_the_user_item_interaction() {
     let model = Model::load(&t.spec, &t.weights).unwrap();
     assert_eq!(model.kind(), Kind::Prerank);
     assert_eq!(model.output_dim(), 1);
-    let item_side: Vec<&str> = model.sources().filter(|(_, s)| *s == Source::Item).map(|(n, _)| n).collect();
+    let item_side: Vec<&str> = model
+        .sources()
+        .filter(|(_, s)| *s == Source::Item)
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(item_side, vec!["cat", "pop"]);
 }
 
 #[test]
 fn distillation_follows_the_teacher_and_labels_alone_do_not() {
     let l = log(200, 2);
-    let distilled = run(&options(json!({"objective": "distill", "lambda": 5.0, "ramp_steps": 20})), &l).unwrap();
+    let distilled = run(
+        &options(json!({"objective": "distill", "lambda": 5.0, "ramp_steps": 20})),
+        &l,
+    )
+    .unwrap();
     let plain = run(&options(json!({"objective": "labels"})), &l).unwrap();
-    let agree = |t: &twotower_train::TrainedPrerank| t.epochs.last().unwrap().teacher_agreement.unwrap();
+    let agree =
+        |t: &twotower_train::TrainedPrerank| t.epochs.last().unwrap().teacher_agreement.unwrap();
     // The teacher ranks by the two-tower score, which the labels ignore.
-    assert!(agree(&distilled) > 0.8, "distilled agreement {}", agree(&distilled));
-    assert!(agree(&plain) < agree(&distilled) - 0.2, "labels-only agreement {} vs {}", agree(&plain), agree(&distilled));
+    assert!(
+        agree(&distilled) > 0.8,
+        "distilled agreement {}",
+        agree(&distilled)
+    );
+    assert!(
+        agree(&plain) < agree(&distilled) - 0.2,
+        "labels-only agreement {} vs {}",
+        agree(&plain),
+        agree(&distilled)
+    );
 }
 
 #[test]
 fn cascade_objective_takes_the_teachers_top_n_as_positives() {
     let l = log(200, 3);
     let t = run(&options(json!({"objective": "cascade", "top_n": 5})), &l).unwrap();
-    let m = t.epochs.iter().find(|e| e.epoch == t.best_epoch).unwrap().valid.unwrap();
+    let m = t
+        .epochs
+        .iter()
+        .find(|e| e.epoch == t.best_epoch)
+        .unwrap()
+        .valid
+        .unwrap();
     // The positives are the teacher's top 5: the student finds most of them in its top 10.
-    assert!(m.recall > 0.8, "recall of the teacher's top 5 in the student's top 10: {}", m.recall);
+    assert!(
+        m.recall > 0.8,
+        "recall of the teacher's top 5 in the student's top 10: {}",
+        m.recall
+    );
 }
 
 #[test]
@@ -120,11 +163,22 @@ fn target_attention_trains_and_serves_in_the_cascade() {
     // the cascade (forward_rows, keys computed once per request) scores the same.
     let l = log(300, 4);
     let mut o = options(json!({"objective": "labels"}));
-    o["model"]["features"].as_array_mut().unwrap().push(json!({"name": "din", "type": "cross", "of": "target_attention", "attention_dim": 4}));
+    o["model"]["features"].as_array_mut().unwrap().push(
+        json!({"name": "din", "type": "cross", "of": "target_attention", "attention_dim": 4}),
+    );
     let t = run(&o, &l).unwrap();
     let spec: Value = serde_json::from_str(&t.spec).unwrap();
-    assert_eq!(spec["features"][6]["attention"], json!({"query": "din.query", "key": "din.key"}));
-    let m = t.epochs.iter().find(|e| e.epoch == t.best_epoch).unwrap().valid.unwrap();
+    assert_eq!(
+        spec["features"][6]["attention"],
+        json!({"query": "din.query", "key": "din.key"})
+    );
+    let m = t
+        .epochs
+        .iter()
+        .find(|e| e.epoch == t.best_epoch)
+        .unwrap()
+        .valid
+        .unwrap();
     assert!(m.recall > 0.85, "validation recall@10 {}", m.recall);
     serves_in_the_cascade(&t, &l);
 }
@@ -136,24 +190,54 @@ fn serves_in_the_cascade(t: &twotower_train::TrainedPrerank, l: &RankLog) {
     let cands: Vec<Candidate> = r
         .candidates
         .iter()
-        .map(|c| Candidate { item: l.items[c.item as usize].id, vector: Arc::from(l.items[c.item as usize].vector.as_slice()) })
+        .map(|c| Candidate {
+            item: l.items[c.item as usize].id,
+            vector: Arc::from(l.items[c.item as usize].vector.as_slice()),
+        })
         .collect();
-    let stages = [Stage { scorer: Scorer::Model { name: "student", model: &model, user: &user }, keep: 10 }];
-    let req = Request { metric: Metric::Cosine, user: &r.user, history: &r.history, threads: 1 };
+    let stages = [Stage {
+        scorer: Scorer::Model {
+            name: "student",
+            model: &model,
+            user: &user,
+        },
+        keep: 10,
+    }];
+    let req = Request {
+        metric: Metric::Cosine,
+        user: &r.user,
+        history: &r.history,
+        threads: 1,
+    };
     let mut parts = |_: usize, idx: &[usize]| {
         Ok(idx
             .iter()
-            .map(|&i| Arc::new(model.encode_part(&l.items[r.candidates[i].item as usize].features, Source::Item, false).unwrap()))
+            .map(|&i| {
+                Arc::new(
+                    model
+                        .encode_part(
+                            &l.items[r.candidates[i].item as usize].features,
+                            Source::Item,
+                            false,
+                        )
+                        .unwrap(),
+                )
+            })
             .collect())
     };
     let reports = cascade(&req, &cands, &stages, &mut parts, &mut || Ok(())).unwrap();
     // Each kept candidate's cascade score is the model's forward pass of the same inputs.
-    let crosses = twotower_funnel::prerank::CrossInputs::new(Metric::Cosine, &r.user, &r.history).with_attention(&model, &r.history);
+    let crosses = twotower_funnel::prerank::CrossInputs::new(Metric::Cosine, &r.user, &r.history)
+        .with_attention(&model, &r.history);
     for (&i, &s) in reports[0].kept.iter().zip(&reports[0].scores) {
         let it = &l.items[r.candidates[i].item as usize];
-        let part = model.encode_part(&it.features, Source::Item, false).unwrap();
+        let part = model
+            .encode_part(&it.features, Source::Item, false)
+            .unwrap();
         let pair = crosses.pair(&it.vector, i + 1, true);
-        let x = model.assemble(&user, &part, &mut |c, out| crosses.fill(c, &it.vector, &pair, out));
+        let x = model.assemble(&user, &part, &mut |c, out| {
+            crosses.fill(c, &it.vector, &pair, out)
+        });
         assert!((model.forward(&x)[0] - s).abs() < 1e-4);
     }
     assert!(reports[0].scores.windows(2).all(|w| w[0] >= w[1]));
@@ -220,10 +304,15 @@ fn bad_options_and_data_are_refused() {
     o["model"]["features"][4]["attention_dim"] = json!(4);
     bad(o, "model.features[4].attention_dim");
     let mut o = options(json!({}));
-    o["model"]["features"].as_array_mut().unwrap().push(json!({"name": "din", "type": "cross", "of": "target_attention", "attention_dim": 0}));
+    o["model"]["features"].as_array_mut().unwrap().push(
+        json!({"name": "din", "type": "cross", "of": "target_attention", "attention_dim": 0}),
+    );
     bad(o, "model.features[6].attention_dim");
     let mut o = base.clone();
-    o["model"]["features"].as_array_mut().unwrap().push(json!({"name": "h", "type": "history"}));
+    o["model"]["features"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "h", "type": "history"}));
     bad(o, "multi_categorical");
     let mut o = base.clone();
     o["validation"] = json!(0.9);
@@ -234,7 +323,10 @@ fn bad_options_and_data_are_refused() {
     assert!(twotower_train::Config::parse(&tower).is_err());
     let tower = json!({"user": {"features": [{"name": "u", "type": "cross", "of": "score"}]},
                        "item": {"features": [{"name": "i", "type": "categorical"}]}});
-    assert!(twotower_train::Config::parse(&tower).unwrap_err().to_string().contains("pre-rank"));
+    assert!(twotower_train::Config::parse(&tower)
+        .unwrap_err()
+        .to_string()
+        .contains("pre-rank"));
 
     // A distillation needs every candidate's teacher score; labels must be in [0, 1].
     let mut l = log(20, 9);
@@ -243,16 +335,24 @@ fn bad_options_and_data_are_refused() {
     assert!(e.to_string().contains("teacher"), "{e}");
     assert!(run(&options(json!({"objective": "labels", "epochs": 1})), &l).is_ok());
     l.requests[1].candidates[0].label = 2.0;
-    assert!(run(&options(json!({"objective": "labels"})), &l).unwrap_err().to_string().contains("[0, 1]"));
+    assert!(run(&options(json!({"objective": "labels"})), &l)
+        .unwrap_err()
+        .to_string()
+        .contains("[0, 1]"));
     let l = RankLog::new(Metric::Cosine);
-    assert!(matches!(run(&options(json!({})), &l), Err(TrainError::NoData(_))));
+    assert!(matches!(
+        run(&options(json!({})), &l),
+        Err(TrainError::NoData(_))
+    ));
     // The memory budget.
     let l = log(20, 10);
     let cfg = PrerankConfig::parse(&options(json!({}))).unwrap();
-    assert!(matches!(train_prerank(&cfg, &l, 1000, &mut |_| Ok(())), Err(TrainError::MemoryBudget { .. })));
+    assert!(matches!(
+        train_prerank(&cfg, &l, 1000, &mut |_| Ok(())),
+        Err(TrainError::MemoryBudget { .. })
+    ));
     let _ = Objective::Labels;
 }
-
 
 #[test]
 fn recall_rank_is_learned_from_the_logged_position() {
@@ -266,7 +366,13 @@ fn recall_rank_is_learned_from_the_logged_position() {
     let o = json!({"model": {"features": [{"name": "rr", "type": "cross", "of": "recall_rank"}], "hidden": [8]},
                    "epochs": 8, "batch_size": 64, "lr": 0.02, "k": 4, "validation": 0.2});
     let t = run(&o, &l).unwrap();
-    let m = t.epochs.iter().find(|e| e.epoch == t.best_epoch).unwrap().valid.unwrap();
+    let m = t
+        .epochs
+        .iter()
+        .find(|e| e.epoch == t.best_epoch)
+        .unwrap()
+        .valid
+        .unwrap();
     assert!(m.recall > 0.95, "recall@4 {}", m.recall);
 }
 
@@ -278,6 +384,12 @@ fn dense_layers_count_against_the_memory_budget() {
     o["model"]["hidden"] = json!(vec![4096; 16]);
     let cfg = PrerankConfig::parse(&o).unwrap();
     let t0 = std::time::Instant::now();
-    assert!(matches!(train_prerank(&cfg, &l, 1 << 30, &mut |_| Ok(())), Err(TrainError::MemoryBudget { .. })));
-    assert!(t0.elapsed().as_secs_f64() < 5.0, "refused at once, not after allocating");
+    assert!(matches!(
+        train_prerank(&cfg, &l, 1 << 30, &mut |_| Ok(())),
+        Err(TrainError::MemoryBudget { .. })
+    ));
+    assert!(
+        t0.elapsed().as_secs_f64() < 5.0,
+        "refused at once, not after allocating"
+    );
 }

@@ -4,8 +4,8 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Map, Value};
-use twotower_train::{train, train_from, Base, Config, Data, Event, Keys, TrainError};
 use twotower_tower::Model;
+use twotower_train::{train, train_from, Base, Config, Data, Event, Keys, TrainError};
 
 /// 300 users in 10 taste groups, 200 items in the same 10 groups (with a genre feature); each
 /// user interacts with 20 items, 90 % from their group, in time order.
@@ -25,8 +25,13 @@ fn synthetic() -> Data {
         f.insert("age".into(), json!(20 + (u % 40)));
         d.user_features(&u.to_string(), f).unwrap();
         for t in 0..20 {
-            let item = if rng.gen::<f64>() < 0.9 { group + 10 * rng.gen_range(0..20) } else { rng.gen_range(0..200) };
-            d.interaction(&u.to_string(), &item.to_string(), (t * 100 + u) as f64, 1.0).unwrap();
+            let item = if rng.gen::<f64>() < 0.9 {
+                group + 10 * rng.gen_range(0..20)
+            } else {
+                rng.gen_range(0..200)
+            };
+            d.interaction(&u.to_string(), &item.to_string(), (t * 100 + u) as f64, 1.0)
+                .unwrap();
         }
     }
     d
@@ -53,7 +58,10 @@ fn config(extra: Value) -> Config {
 }
 
 fn keys() -> Keys {
-    Keys { user: "user_id".into(), item: "item_id".into() }
+    Keys {
+        user: "user_id".into(),
+        item: "item_id".into(),
+    }
 }
 
 const BUDGET: usize = 1 << 30;
@@ -85,9 +93,17 @@ fn every_loss_family_learns_the_groups() {
     ] {
         let cfg = config(extra.clone());
         let t = train(&cfg, &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
-        let best = t.epochs.iter().filter_map(|e| e.valid).map(|m| m.hr).fold(0.0, f64::max);
+        let best = t
+            .epochs
+            .iter()
+            .filter_map(|e| e.valid)
+            .map(|m| m.hr)
+            .fold(0.0, f64::max);
         println!("{extra}: best validation HR@10 {best:.3}");
-        assert!(best > 0.6, "{extra}: validation HR@10 {best} (random ≈ 0.06)");
+        assert!(
+            best > 0.6,
+            "{extra}: validation HR@10 {best} (random ≈ 0.06)"
+        );
         assert_eq!(t.valid_examples, 300);
         assert_eq!(t.train_examples, 300 * 19);
     }
@@ -99,10 +115,23 @@ fn same_seed_same_model_and_the_export_serves_it() {
     let cfg = config(json!({"epochs": 2}));
     let a = train(&cfg, &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
     let b = train(&cfg, &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
-    assert_eq!(a.user_weights, b.user_weights, "deterministic for a seed and a thread count");
+    assert_eq!(
+        a.user_weights, b.user_weights,
+        "deterministic for a seed and a thread count"
+    );
     assert_eq!(a.item_weights, b.item_weights);
-    let c = train(&config(json!({"epochs": 2, "seed": 7})), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
-    assert_ne!(a.user_weights, c.user_weights, "another seed, another model");
+    let c = train(
+        &config(json!({"epochs": 2, "seed": 7})),
+        &data,
+        &keys(),
+        BUDGET,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    assert_ne!(
+        a.user_weights, c.user_weights,
+        "another seed, another model"
+    );
     // The exported towers load as ordinary models and embed serving inputs.
     let um = Model::load(&a.user_spec, &a.user_weights).unwrap();
     let im = Model::load(&a.item_spec, &a.item_weights).unwrap();
@@ -116,7 +145,14 @@ fn same_seed_same_model_and_the_export_serves_it() {
 #[test]
 fn ftrl_with_l1_prunes_all_zero_rows_and_the_export_still_serves_what_was_trained() {
     let data = synthetic();
-    let plain = train(&config(json!({"sparse_optimizer": "ftrl", "sparse_lr": 0.1, "epochs": 3})), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+    let plain = train(
+        &config(json!({"sparse_optimizer": "ftrl", "sparse_lr": 0.1, "epochs": 3})),
+        &data,
+        &keys(),
+        BUDGET,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     let l1 = train(
         &config(json!({"sparse_optimizer": "ftrl", "sparse_lr": 0.1, "ftrl_l1": 2.0, "epochs": 3})),
         &data,
@@ -127,10 +163,18 @@ fn ftrl_with_l1_prunes_all_zero_rows_and_the_export_still_serves_what_was_traine
     .unwrap();
     let removed: usize = l1.pruned.iter().map(|p| p.2).sum();
     assert!(removed > 0, "L1 zeroes rows: {:?}", l1.pruned);
-    assert!(l1.user_weights.len() + l1.item_weights.len() < plain.user_weights.len() + plain.item_weights.len());
+    assert!(
+        l1.user_weights.len() + l1.item_weights.len()
+            < plain.user_weights.len() + plain.item_weights.len()
+    );
     // (train() itself checks that the pruned export computes what was trained.)
     let um = Model::load(&l1.user_spec, &l1.user_weights).unwrap();
-    assert_eq!(um.embed(&json!({"user_id": 3, "age": 30, "history": {"ids": [3], "weights": [1.0]}})).unwrap().len(), 16);
+    assert_eq!(
+        um.embed(&json!({"user_id": 3, "age": 30, "history": {"ids": [3], "weights": [1.0]}}))
+            .unwrap()
+            .len(),
+        16
+    );
 }
 
 #[test]
@@ -141,31 +185,57 @@ fn hard_negatives_are_used_by_per_row_and_softmax_losses() {
     let mut hard = synthetic();
     for u in 0..300 {
         for k in 0..20 {
-            hard.hard_negative(&u.to_string(), &((u % 10) + 10 * k).to_string()).unwrap();
+            hard.hard_negative(&u.to_string(), &((u % 10) + 10 * k).to_string())
+                .unwrap();
         }
     }
-    for extra in [json!({"loss": "pointwise", "negatives": 3, "hard_ratio": 1.0}), json!({"hard_per_row": 64})] {
+    for extra in [
+        json!({"loss": "pointwise", "negatives": 3, "hard_ratio": 1.0}),
+        json!({"hard_per_row": 64}),
+    ] {
         let cfg = config(extra.clone());
         // The mean HR of the last three epochs (the best one may come before the hard negatives
         // took effect).
         let last = |d: &Data| {
             let t = train(&cfg, d, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
-            let hrs: Vec<f64> = t.epochs.iter().rev().take(3).filter_map(|e| e.valid).map(|m| m.hr).collect();
+            let hrs: Vec<f64> = t
+                .epochs
+                .iter()
+                .rev()
+                .take(3)
+                .filter_map(|e| e.valid)
+                .map(|m| m.hr)
+                .collect();
             hrs.iter().sum::<f64>() / hrs.len().max(1) as f64
         };
         let (a, b) = (last(&clean), last(&hard));
-        assert!(b < a - 0.1, "{extra}: HR@10 without hard negatives {a}, with contradictory ones {b}");
+        assert!(
+            b < a - 0.1,
+            "{extra}: HR@10 without hard negatives {a}, with contradictory ones {b}"
+        );
     }
 }
 
 fn tensor(weights: &[u8], name: &str) -> Vec<u8> {
-    safetensors::SafeTensors::deserialize(weights).unwrap().tensor(name).unwrap().data().to_vec()
+    safetensors::SafeTensors::deserialize(weights)
+        .unwrap()
+        .tensor(name)
+        .unwrap()
+        .data()
+        .to_vec()
 }
 
 #[test]
 fn incremental_updates_keep_dense_layers_and_give_new_ids_useful_vectors() {
     let base_data = synthetic();
-    let base = train(&config(json!({"epochs": 6})), &base_data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+    let base = train(
+        &config(json!({"epochs": 6})),
+        &base_data,
+        &keys(),
+        BUDGET,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
     // New interactions: 60 new users and 50 new items (200..250, group i % 10), mostly with the
     // new items of their group, some with old ones.
     let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -183,39 +253,74 @@ fn incremental_updates_keep_dense_layers_and_give_new_ids_useful_vectors() {
         f.insert("age".into(), json!(20 + (u % 40)));
         d.user_features(&u.to_string(), f).unwrap();
         for t in 0..20 {
-            let item = if rng.gen::<f64>() < 0.7 { 200 + g + 10 * rng.gen_range(0..5) } else { g + 10 * rng.gen_range(0..20) };
-            d.interaction(&u.to_string(), &item.to_string(), (t * 100 + u) as f64, 1.0).unwrap();
+            let item = if rng.gen::<f64>() < 0.7 {
+                200 + g + 10 * rng.gen_range(0..5)
+            } else {
+                g + 10 * rng.gen_range(0..20)
+            };
+            d.interaction(&u.to_string(), &item.to_string(), (t * 100 + u) as f64, 1.0)
+                .unwrap();
         }
     }
     let cfg = config(json!({"epochs": 6, "freeze_dense": true}));
-    let b = Base { user: (&base.user_spec, &base.user_weights), item: (&base.item_spec, &base.item_weights) };
+    let b = Base {
+        user: (&base.user_spec, &base.user_weights),
+        item: (&base.item_spec, &base.item_weights),
+    };
     let inc = train_from(&cfg, &d, &keys(), BUDGET, Some(b), &mut |_| Ok(())).unwrap();
     // Dense layers are frozen; the base's ids keep their rows' places (their vocabulary first).
     for name in ["mlp.0.weight", "mlp.0.bias", "mlp.1.weight", "mlp.1.bias"] {
-        assert_eq!(tensor(&inc.user_weights, name), tensor(&base.user_weights, name), "user {name}");
-        assert_eq!(tensor(&inc.item_weights, name), tensor(&base.item_weights, name), "item {name}");
+        assert_eq!(
+            tensor(&inc.user_weights, name),
+            tensor(&base.user_weights, name),
+            "user {name}"
+        );
+        assert_eq!(
+            tensor(&inc.item_weights, name),
+            tensor(&base.item_weights, name),
+            "item {name}"
+        );
     }
     let vocab = |spec: &str| -> Vec<String> {
         let v: Value = serde_json::from_str(spec).unwrap();
         serde_json::from_value(v["features"][0]["vocabulary"].clone()).unwrap()
     };
     let (old, new) = (vocab(&base.item_spec), vocab(&inc.item_spec));
-    assert_eq!(&new[..old.len()], &old[..], "old ids first, in their old rows");
+    assert_eq!(
+        &new[..old.len()],
+        &old[..],
+        "old ids first, in their old rows"
+    );
     assert!(new.len() >= old.len() + 50, "the 50 new items were added");
     // New users are served well, and new items land next to their group's old items.
-    let hr = inc.epochs.iter().filter_map(|e| e.valid).map(|m| m.hr).fold(0.0, f64::max);
+    let hr = inc
+        .epochs
+        .iter()
+        .filter_map(|e| e.valid)
+        .map(|m| m.hr)
+        .fold(0.0, f64::max);
     assert!(hr > 0.4, "new users' validation HR@10 {hr} (random ≈ 0.04)");
     let im = Model::load(&inc.item_spec, &inc.item_weights).unwrap();
-    let emb = |i: usize| im.embed(&json!({"item_id": i, "genre": format!("g{}", i % 10)})).unwrap();
+    let emb = |i: usize| {
+        im.embed(&json!({"item_id": i, "genre": format!("g{}", i % 10)}))
+            .unwrap()
+    };
     let olds: Vec<Vec<f32>> = (0..200).map(emb).collect();
     let mut same = 0;
     for i in 200..250 {
         let v = emb(i);
-        let mut sims: Vec<(f32, usize)> = olds.iter().enumerate().map(|(j, o)| (o.iter().zip(&v).map(|(a, b)| a * b).sum(), j)).collect();
+        let mut sims: Vec<(f32, usize)> = olds
+            .iter()
+            .enumerate()
+            .map(|(j, o)| (o.iter().zip(&v).map(|(a, b)| a * b).sum(), j))
+            .collect();
         sims.sort_by(|a, b| b.0.total_cmp(&a.0));
         same += sims[..5].iter().filter(|(_, j)| j % 10 == i % 10).count();
     }
-    assert!(same as f64 / 250.0 > 0.6, "new items' nearest old items share their group: {same} of 250");
+    assert!(
+        same as f64 / 250.0 > 0.6,
+        "new items' nearest old items share their group: {same} of 250"
+    );
 }
 
 #[test]
@@ -258,41 +363,128 @@ fn bad_options_and_data_are_errors() {
         (json!({"epochs": 1.5}), "epochs"),
         (json!({"unknown": 1}), "unknown"),
         (json!({"user": {"features": []}}), "user.features"),
-        (json!({"item": {"features": [{"name": "h", "type": "history"}]}}), "item.features[0].type"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "a", "type": "numeric"}]}}), "user.features[1].name"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "b", "type": "numeric"}], "hidden": [8], "layer_norm": true, "batch_norm": true}}), "user.batch_norm"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "batch_norm": true}}), "user.batch_norm"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "senet": 4}}), "user.senet"),
-        (json!({"item": {"features": [{"name": "p", "type": "bucketize", "boundaries": [1, 2], "buckets": 3}]}}), "item.features[0].boundaries"),
-        (json!({"item": {"features": [{"name": "p", "type": "bucketize", "boundaries": [2, 1]}]}}), "item.features[0].boundaries"),
-        (json!({"item": {"features": [{"name": "p", "type": "bucketize", "buckets": 1}]}}), "item.features[0].buckets"),
-        (json!({"item": {"features": [{"name": "v", "type": "dense", "dim": 0}]}}), "item.features[0].dim"),
+        (
+            json!({"item": {"features": [{"name": "h", "type": "history"}]}}),
+            "item.features[0].type",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "a", "type": "numeric"}]}}),
+            "user.features[1].name",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "b", "type": "numeric"}], "hidden": [8], "layer_norm": true, "batch_norm": true}}),
+            "user.batch_norm",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "batch_norm": true}}),
+            "user.batch_norm",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "senet": 4}}),
+            "user.senet",
+        ),
+        (
+            json!({"item": {"features": [{"name": "p", "type": "bucketize", "boundaries": [1, 2], "buckets": 3}]}}),
+            "item.features[0].boundaries",
+        ),
+        (
+            json!({"item": {"features": [{"name": "p", "type": "bucketize", "boundaries": [2, 1]}]}}),
+            "item.features[0].boundaries",
+        ),
+        (
+            json!({"item": {"features": [{"name": "p", "type": "bucketize", "buckets": 1}]}}),
+            "item.features[0].buckets",
+        ),
+        (
+            json!({"item": {"features": [{"name": "v", "type": "dense", "dim": 0}]}}),
+            "item.features[0].dim",
+        ),
         // Branches and fusion.
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "fusion": "sum"}}), "user.fusion"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}]}}), "user.branches"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "x"}]}}), "user.branches[1].name"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "a"}, {"name": "y"}]}}), "user.branches[0].name"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "head"}, {"name": "y"}]}}), "user.branches[0].name"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "features": ["b"]}, {"name": "y"}]}}), "user.branches[0].features"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "features": []}, {"name": "y"}]}}), "user.branches[0].features"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "b", "type": "numeric"}],
-                "branches": [{"name": "x", "features": ["a"]}, {"name": "y", "features": ["a"]}]}}), "user.branches"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "hidden": [0]}, {"name": "y"}]}}), "user.branches[0].hidden"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "depth": 2}, {"name": "y"}]}}), "user.branches[0].depth"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "max"}}), "user.fusion"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "shortcut": ["a"]}}), "user.shortcut"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"}}), "item.fusion"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel", "hidden": [4]}}), "user.hidden"),
-        (json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"},
-                "item": {"features": [{"name": "b", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}, {"name": "z"}], "fusion": "parallel"}}), "item.branches"),
-        (json!({"dim": 15, "user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"},
-                "item": {"features": [{"name": "b", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"}}), "dim"),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "fusion": "sum"}}),
+            "user.fusion",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}]}}),
+            "user.branches",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "x"}]}}),
+            "user.branches[1].name",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "a"}, {"name": "y"}]}}),
+            "user.branches[0].name",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "head"}, {"name": "y"}]}}),
+            "user.branches[0].name",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "features": ["b"]}, {"name": "y"}]}}),
+            "user.branches[0].features",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "features": []}, {"name": "y"}]}}),
+            "user.branches[0].features",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}, {"name": "b", "type": "numeric"}],
+                "branches": [{"name": "x", "features": ["a"]}, {"name": "y", "features": ["a"]}]}}),
+            "user.branches",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "hidden": [0]}, {"name": "y"}]}}),
+            "user.branches[0].hidden",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x", "depth": 2}, {"name": "y"}]}}),
+            "user.branches[0].depth",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "max"}}),
+            "user.fusion",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "shortcut": ["a"]}}),
+            "user.shortcut",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"}}),
+            "item.fusion",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel", "hidden": [4]}}),
+            "user.hidden",
+        ),
+        (
+            json!({"user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"},
+                "item": {"features": [{"name": "b", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}, {"name": "z"}], "fusion": "parallel"}}),
+            "item.branches",
+        ),
+        (
+            json!({"dim": 15, "user": {"features": [{"name": "a", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"},
+                "item": {"features": [{"name": "b", "type": "categorical"}], "branches": [{"name": "x"}, {"name": "y"}], "fusion": "parallel"}}),
+            "dim",
+        ),
         // Dual augmented vectors.
-        (json!({"dual_augmented": {"user": "nope", "item": "item_id"}}), "dual_augmented.user"),
-        (json!({"dual_augmented": {"user": "user_id", "item": "item_id", "lambda": -1}}), "dual_augmented.lambda"),
-        (json!({"dual_augmented": {"user": "user_id", "item": "item_id", "beta": 1}}), "dual_augmented.beta"),
-        (json!({"dual_augmented": {"user": "user_id", "item": "genre"},
-                "item": {"features": [{"name": "item_id", "type": "categorical"}, {"name": "genre", "type": "categorical", "dim": 4}]}}), "dual_augmented.item"),
+        (
+            json!({"dual_augmented": {"user": "nope", "item": "item_id"}}),
+            "dual_augmented.user",
+        ),
+        (
+            json!({"dual_augmented": {"user": "user_id", "item": "item_id", "lambda": -1}}),
+            "dual_augmented.lambda",
+        ),
+        (
+            json!({"dual_augmented": {"user": "user_id", "item": "item_id", "beta": 1}}),
+            "dual_augmented.beta",
+        ),
+        (
+            json!({"dual_augmented": {"user": "user_id", "item": "genre"},
+                "item": {"features": [{"name": "item_id", "type": "categorical"}, {"name": "genre", "type": "categorical", "dim": 4}]}}),
+            "dual_augmented.item",
+        ),
     ] {
         let mut base = json!({
             "user": {"features": [{"name": "user_id", "type": "categorical"}]},
@@ -302,13 +494,19 @@ fn bad_options_and_data_are_errors() {
             b.extend(e);
         }
         match Config::parse(&base) {
-            Err(TrainError::Option { path, .. }) => assert!(path.starts_with(what), "{bad}: error at {path}, expected {what}"),
+            Err(TrainError::Option { path, .. }) => assert!(
+                path.starts_with(what),
+                "{bad}: error at {path}, expected {what}"
+            ),
             other => panic!("{bad}: {other:?}"),
         }
     }
     let cfg = config(json!({}));
     let empty = Data::default();
-    assert!(matches!(train(&cfg, &empty, &keys(), BUDGET, &mut |_| Ok(())), Err(TrainError::NoData(_))));
+    assert!(matches!(
+        train(&cfg, &empty, &keys(), BUDGET, &mut |_| Ok(())),
+        Err(TrainError::NoData(_))
+    ));
     // A feature value of the wrong type names the entity.
     let mut d = synthetic();
     let mut f = Map::new();
@@ -331,7 +529,10 @@ fn synthetic_with_values() -> Data {
         f.insert("item_id".into(), json!(i));
         f.insert("genre".into(), json!(format!("g{}", i % 10)));
         f.insert("price".into(), json!(g * 10.0 + rng.gen_range(0.0..5.0)));
-        f.insert("vec".into(), json!([(g / 3.0).cos(), (g / 3.0).sin(), rng.gen_range(-0.1..0.1)]));
+        f.insert(
+            "vec".into(),
+            json!([(g / 3.0).cos(), (g / 3.0).sin(), rng.gen_range(-0.1..0.1)]),
+        );
         d.item_features(&i.to_string(), f).unwrap();
     }
     d
@@ -354,8 +555,16 @@ fn senet_batch_norm_bucketize_and_dense_features_learn_and_serve_what_was_traine
     });
     // train() checks that the exported towers serve what was trained (BatchNorm with its
     // running statistics, SENet, the buckets, the dense field).
-    let t = train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
-    let best = t.epochs.iter().filter_map(|e| e.valid).map(|m| m.hr).fold(0.0, f64::max);
+    let t = train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| {
+        Ok(())
+    })
+    .unwrap();
+    let best = t
+        .epochs
+        .iter()
+        .filter_map(|e| e.valid)
+        .map(|m| m.hr)
+        .fold(0.0, f64::max);
     assert!(best > 0.6, "validation HR@10 {best} (random ≈ 0.06)");
     let spec: Value = serde_json::from_str(&t.user_spec).unwrap();
     assert!(spec["senet"].is_object(), "{spec}");
@@ -364,30 +573,72 @@ fn senet_batch_norm_bucketize_and_dense_features_learn_and_serve_what_was_traine
     // Ages 20..39 belong to 8 users each, 40..59 to 7 (300 users, age 20 + u % 40), each with
     // 19 training examples: the weighted quartiles end at 29, 38 and 49.
     assert_eq!(age["boundaries"], json!([30.0, 39.0, 50.0]), "{age}");
-    let layers: Vec<&str> = spec["layers"].as_array().unwrap().iter().map(|l| l["type"].as_str().unwrap()).collect();
-    assert_eq!(layers, ["linear", "batchnorm", "relu", "linear", "l2_normalize"]);
+    let layers: Vec<&str> = spec["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        layers,
+        ["linear", "batchnorm", "relu", "linear", "l2_normalize"]
+    );
     // The running statistics moved from their start (mean 0, variance 1).
-    let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let f32s = |b: Vec<u8>| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
     let var = f32s(tensor(&t.item_weights, "bn.0.running_var"));
-    assert!(var.iter().all(|v| v.is_finite() && *v > 0.0) && var.iter().any(|v| (v - 1.0).abs() > 0.05), "{var:?}");
+    assert!(
+        var.iter().all(|v| v.is_finite() && *v > 0.0) && var.iter().any(|v| (v - 1.0).abs() > 0.05),
+        "{var:?}"
+    );
     let im = Model::load(&t.item_spec, &t.item_weights).unwrap();
-    assert_eq!(im.embed(&json!({"item_id": 3, "price": 35.5, "vec": [0.1, 0.2, 0.3]})).unwrap().len(), 16);
+    assert_eq!(
+        im.embed(&json!({"item_id": 3, "price": 35.5, "vec": [0.1, 0.2, 0.3]}))
+            .unwrap()
+            .len(),
+        16
+    );
 
     // Incremental: dense layers, SENet, BatchNorm statistics and bucket boundaries are the base's.
-    let cfg = config(json!({"epochs": 2, "freeze_dense": true, "user": towers["user"], "item": towers["item"]}));
-    let b = Base { user: (&t.user_spec, &t.user_weights), item: (&t.item_spec, &t.item_weights) };
+    let cfg = config(
+        json!({"epochs": 2, "freeze_dense": true, "user": towers["user"], "item": towers["item"]}),
+    );
+    let b = Base {
+        user: (&t.user_spec, &t.user_weights),
+        item: (&t.item_spec, &t.item_weights),
+    };
     let inc = train_from(&cfg, &data, &keys(), BUDGET, Some(b), &mut |_| Ok(())).unwrap();
-    for name in ["senet.fc1.weight", "senet.fc2.bias", "bn.0.weight", "bn.0.running_mean", "bn.0.running_var", "age.embedding"] {
-        assert_eq!(tensor(&inc.user_weights, name), tensor(&t.user_weights, name), "user {name}");
+    for name in [
+        "senet.fc1.weight",
+        "senet.fc2.bias",
+        "bn.0.weight",
+        "bn.0.running_mean",
+        "bn.0.running_var",
+        "age.embedding",
+    ] {
+        assert_eq!(
+            tensor(&inc.user_weights, name),
+            tensor(&t.user_weights, name),
+            "user {name}"
+        );
     }
-    assert_ne!(tensor(&inc.user_weights, "user_id.embedding"), tensor(&t.user_weights, "user_id.embedding"));
+    assert_ne!(
+        tensor(&inc.user_weights, "user_id.embedding"),
+        tensor(&t.user_weights, "user_id.embedding")
+    );
     let ispec: Value = serde_json::from_str(&inc.user_spec).unwrap();
     assert_eq!(ispec["features"][1]["boundaries"], age["boundaries"]);
 }
 
 /// The served vectors of every item and of each user at the end of their timeline.
 fn served(t: &twotower_train::Trained) -> (Model, Model) {
-    (Model::load(&t.user_spec, &t.user_weights).unwrap(), Model::load(&t.item_spec, &t.item_weights).unwrap())
+    (
+        Model::load(&t.user_spec, &t.user_weights).unwrap(),
+        Model::load(&t.item_spec, &t.item_weights).unwrap(),
+    )
 }
 
 #[test]
@@ -416,28 +667,60 @@ fn graph_towers_learn_and_serve_what_was_trained() {
             towers["user"]["layer_norm"] = json!(true);
         }
         // train() checks that the exported graphs serve what was trained.
-        let t = train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
-        let best = t.epochs.iter().filter_map(|e| e.valid).map(|m| m.hr).fold(0.0, f64::max);
+        let t = train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| {
+            Ok(())
+        })
+        .unwrap();
+        let best = t
+            .epochs
+            .iter()
+            .filter_map(|e| e.valid)
+            .map(|m| m.hr)
+            .fold(0.0, f64::max);
         println!("{fusion}: best validation HR@10 {best:.3}");
-        assert!(best > 0.6, "{fusion}: validation HR@10 {best} (random ≈ 0.06)");
+        assert!(
+            best > 0.6,
+            "{fusion}: validation HR@10 {best} (random ≈ 0.06)"
+        );
         let spec: Value = serde_json::from_str(&t.user_spec).unwrap();
-        assert!(spec.get("layers").is_none() && spec["graph"].is_array(), "{spec}");
+        assert!(
+            spec.get("layers").is_none() && spec["graph"].is_array(),
+            "{spec}"
+        );
         let (um, im) = served(&t);
         let u = um.embed(&json!({"user_id": 3, "age": 30, "history": {"ids": [3, 13, 23], "weights": [1.0, 0.8, 0.64]}})).unwrap();
         let v = im.embed(&json!({"item_id": 33, "genre": "g3"})).unwrap();
         assert_eq!((u.len(), v.len()), (16, 16));
-        let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+        let f32s = |b: Vec<u8>| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
         match fusion {
             "parallel" => {
                 // Two sub-vectors of 8, each of unit length: the user's scaled by the learned
                 // weights, the item's as they are; the metric is the inner product.
                 assert_eq!(spec["output"]["metric"], "ip");
                 let w = f32s(tensor(&t.user_weights, "fusion.weight"));
-                assert!(w.iter().any(|x| (x - 1.0).abs() > 1e-3), "the pair weights were trained: {w:?}");
+                assert!(
+                    w.iter().any(|x| (x - 1.0).abs() > 1e-3),
+                    "the pair weights were trained: {w:?}"
+                );
                 for (half, wi) in w.iter().enumerate() {
-                    let n_u: f32 = u[half * 8..(half + 1) * 8].iter().map(|x| x * x).sum::<f32>().sqrt();
-                    let n_v: f32 = v[half * 8..(half + 1) * 8].iter().map(|x| x * x).sum::<f32>().sqrt();
-                    assert!((n_u - wi.abs()).abs() < 1e-4 && (n_v - 1.0).abs() < 1e-4, "{n_u} {n_v} {wi}");
+                    let n_u: f32 = u[half * 8..(half + 1) * 8]
+                        .iter()
+                        .map(|x| x * x)
+                        .sum::<f32>()
+                        .sqrt();
+                    let n_v: f32 = v[half * 8..(half + 1) * 8]
+                        .iter()
+                        .map(|x| x * x)
+                        .sum::<f32>()
+                        .sqrt();
+                    assert!(
+                        (n_u - wi.abs()).abs() < 1e-4 && (n_v - 1.0).abs() < 1e-4,
+                        "{n_u} {n_v} {wi}"
+                    );
                 }
             }
             _ => {
@@ -448,11 +731,27 @@ fn graph_towers_learn_and_serve_what_was_trained() {
         }
         if fusion == "attention" {
             // Incremental training keeps a graph's dense parameters.
-            let cfg = config(json!({"epochs": 1, "freeze_dense": true, "user": towers["user"], "item": towers["item"]}));
-            let b = Base { user: (&t.user_spec, &t.user_weights), item: (&t.item_spec, &t.item_weights) };
+            let cfg = config(
+                json!({"epochs": 1, "freeze_dense": true, "user": towers["user"], "item": towers["item"]}),
+            );
+            let b = Base {
+                user: (&t.user_spec, &t.user_weights),
+                item: (&t.item_spec, &t.item_weights),
+            };
             let inc = train_from(&cfg, &data, &keys(), BUDGET, Some(b), &mut |_| Ok(())).unwrap();
-            for name in ["fusion.weight", "fusion.bias", "deep.mlp.0.weight", "deep.mlp.1.bias", "wide.mlp.0.bias", "senet.fc1.weight"] {
-                assert_eq!(tensor(&inc.user_weights, name), tensor(&t.user_weights, name), "user {name}");
+            for name in [
+                "fusion.weight",
+                "fusion.bias",
+                "deep.mlp.0.weight",
+                "deep.mlp.1.bias",
+                "wide.mlp.0.bias",
+                "senet.fc1.weight",
+            ] {
+                assert_eq!(
+                    tensor(&inc.user_weights, name),
+                    tensor(&t.user_weights, name),
+                    "user {name}"
+                );
             }
         }
     }
@@ -477,15 +776,33 @@ fn dual_augmented_vectors_mimic_the_other_tower() {
         }
         t
     };
-    let f32s = |b: Vec<u8>| -> Vec<f32> { b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let f32s = |b: Vec<u8>| -> Vec<f32> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
     let cosine = |a: &[f32], b: &[f32]| {
         let d: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-        d / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt()).max(1e-12)
+        d / (a.iter().map(|x| x * x).sum::<f32>().sqrt()
+            * b.iter().map(|x| x * x).sum::<f32>().sqrt())
+        .max(1e-12)
     };
     let mut closeness = Vec::new();
     for aug in [None, Some(1.0)] {
-        let t = train(&config(towers(aug)), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
-        let best = t.epochs.iter().filter_map(|e| e.valid).map(|m| m.hr).fold(0.0, f64::max);
+        let t = train(
+            &config(towers(aug)),
+            &data,
+            &keys(),
+            BUDGET,
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        let best = t
+            .epochs
+            .iter()
+            .filter_map(|e| e.valid)
+            .map(|m| m.hr)
+            .fold(0.0, f64::max);
         assert!(best > 0.6, "{aug:?}: validation HR@10 {best}");
         // Served as an ordinary id embedding: the spec has nothing new.
         let spec: Value = serde_json::from_str(&t.user_spec).unwrap();
@@ -494,7 +811,11 @@ fn dual_augmented_vectors_mimic_the_other_tower() {
         // (their group's direction): the mimic loss pulls them together.
         let (um, _) = served(&t);
         let rows = f32s(tensor(&t.item_weights, "item_id.embedding"));
-        let vocab: Vec<String> = serde_json::from_value(serde_json::from_str::<Value>(&t.item_spec).unwrap()["features"][0]["vocabulary"].clone()).unwrap();
+        let vocab: Vec<String> = serde_json::from_value(
+            serde_json::from_str::<Value>(&t.item_spec).unwrap()["features"][0]["vocabulary"]
+                .clone(),
+        )
+        .unwrap();
         let mut sum = 0f32;
         for (r, id) in vocab.iter().enumerate() {
             let item: usize = id.parse().unwrap();
@@ -509,7 +830,10 @@ fn dual_augmented_vectors_mimic_the_other_tower() {
         }
         closeness.push(sum / vocab.len() as f32);
     }
-    println!("mean cosine of item augmented vectors to their users: without {:.3}, with {:.3}", closeness[0], closeness[1]);
+    println!(
+        "mean cosine of item augmented vectors to their users: without {:.3}, with {:.3}",
+        closeness[0], closeness[1]
+    );
     assert!(closeness[1] > closeness[0] + 0.1, "{closeness:?}");
 }
 
@@ -522,20 +846,28 @@ fn dense_layers_count_against_the_memory_budget() {
     let deep = json!(vec![4096; 16]);
     let tower = |features: Value| json!({"features": features, "hidden": deep});
     let branched = |features: Value| {
-        let b: Vec<Value> = (0..8).map(|i| json!({"name": format!("b{i}"), "hidden": vec![4096; 8]})).collect();
+        let b: Vec<Value> = (0..8)
+            .map(|i| json!({"name": format!("b{i}"), "hidden": vec![4096; 8]}))
+            .collect();
         json!({"features": features, "branches": b, "fusion": "sum"})
     };
-    let uf = json!([{"name": "user_id", "type": "categorical"}, {"name": "age", "type": "numeric"}]);
+    let uf =
+        json!([{"name": "user_id", "type": "categorical"}, {"name": "age", "type": "numeric"}]);
     let itf = json!([{"name": "item_id", "type": "categorical"}]);
     for towers in [
         json!({"user": tower(uf.clone()), "item": tower(itf.clone())}),
         json!({"user": branched(uf.clone()), "item": branched(itf.clone())}),
     ] {
         let t0 = std::time::Instant::now();
-        match train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| Ok(())) {
+        match train(&config(towers.clone()), &data, &keys(), BUDGET, &mut |_| {
+            Ok(())
+        }) {
             Err(TrainError::MemoryBudget { needed, budget }) => assert!(needed > budget),
             other => panic!("{towers}: {:?}", other.map(|t| t.user_parameters)),
         }
-        assert!(t0.elapsed().as_secs_f64() < 5.0, "refused at once, not after allocating");
+        assert!(
+            t0.elapsed().as_secs_f64() < 5.0,
+            "refused at once, not after allocating"
+        );
     }
 }
