@@ -3,14 +3,14 @@ SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:/usr/lib/postgresql/15/bin:$(PATH)
 PGRX_TEST_ENV := CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA=/tmp/pgrx-pgdata
 
-.PHONY: test-deps test-packaging test-golden demo test bench package setup install install-release test-core test-pg test-regress test-tap soak clean
+.PHONY: lint test-deps test-packaging test-golden demo test bench package setup install install-release test-core test-pg test-regress test-tap soak clean
 
 ## Set up a fresh Debian 12 machine, build, install, start a scratch cluster and run the demo.
 demo: setup install-release
 	bash scripts/demo.sh
 
 ## Every test: core unit tests, #[pg_test]s, SQL regression, cluster (TAP) tests.
-test: setup test-deps test-packaging test-core test-golden test-pg install test-regress test-tap
+test: setup lint test-deps test-packaging test-core test-golden test-pg install test-regress test-tap
 
 ## The benchmark program (1M x 64 by default; see docs/benchmarks.md).
 bench: setup install-release
@@ -28,6 +28,10 @@ install:
 
 install-release:
 	bash scripts/install.sh --release
+
+## Gates: rustfmt and clippy (workspace lints included) must find nothing.
+lint:
+	bash scripts/lint.sh
 
 ## Optional test dependencies: pgvector (for tests/t/016_pgvector.pl, skipped without it).
 test-deps:

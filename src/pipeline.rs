@@ -222,17 +222,12 @@ pub mod twotower {
         let d = Definition::parse(&v).map_err(bad_def).or_report();
         let me = caller();
         match owner_of(Owned::Pipeline, name, true).or_report() {
-            Some(owner) => {
-                if !catalog::may_manage(me, owner) {
-                    TtError::PermissionDenied {
-                        action: format!("replace pipeline \"{name}\""),
-                        hint: format!(
-                            "Only its owner and members of {ADMIN_ROLE} may replace or drop it."
-                        ),
-                    }
-                    .report();
-                }
+            Some(owner) if !catalog::may_manage(me, owner) => TtError::PermissionDenied {
+                action: format!("replace pipeline \"{name}\""),
+                hint: format!("Only its owner and members of {ADMIN_ROLE} may replace or drop it."),
             }
+            .report(),
+            Some(_) => {}
             None if !is_admin(me) => TtError::PermissionDenied {
                 action: format!("create pipeline \"{name}\""),
                 hint: format!(
@@ -466,7 +461,7 @@ pub mod twotower {
         let select: Vec<String> = cols
             .iter()
             .filter(|c| spi::column_exists(rel, c))
-            .map(|c| quote_identifier(c))
+            .map(quote_identifier)
             .collect();
         let mut rows: HashMap<i64, Value> =
             HashMap::with_capacity_and_hasher(ids.len(), Default::default());

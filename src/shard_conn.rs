@@ -180,8 +180,8 @@ fn connect(r: &Remote) -> TtResult<Conn> {
     }
     let key = (r.server.to_u32(), user.to_u32());
     if let Some(c) = CONNS.with(|m| m.borrow_mut().get_mut(&key).and_then(Vec::pop)) {
-        // SAFETY: a cached live connection.
         if c.conninfo == info
+            // SAFETY: a cached live connection.
             && unsafe { pq_sys::PQstatus(c.raw) } == pq_sys::ConnStatusType::CONNECTION_OK
         {
             return Ok(c);

@@ -7,6 +7,7 @@
 //! - a new connection, then its first top-10 query alone (library load, image open, search),
 //!   the same query again on that connection, and the backend's private memory (RssAnon of
 //!   /proc/<pid>/status; the mapped image is shared page cache) before and after.
+//!
 //! Prints medians and 90th percentiles; the target is a first query ≤ 5 ms at 1M, flat in n.
 
 use postgres::{Client, NoTls};

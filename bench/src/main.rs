@@ -19,6 +19,8 @@
 //! TT_ONLY_CONNECT=1 (a new backend's first query at several sizes only, `connect.rs`), and
 //! the variables of `towers.rs`.
 
+#![forbid(unsafe_code)]
+
 use postgres::{Client, NoTls};
 use std::collections::HashSet;
 use std::io::Write;
@@ -26,6 +28,9 @@ use std::time::{Duration, Instant};
 use twotower_testkit::vectors::clustered;
 
 mod connect;
+
+/// An ef_search sweep: (ef_search, recall@10, QPS) rows.
+type Curve = Vec<(usize, f64, f64)>;
 mod towers;
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -632,7 +637,7 @@ struct PgvectorArgs<'a> {
 
 /// pgvector's HNSW on a copy of `items`, built WITH (m, efc) (its defaults at 16 and 64), and
 /// its ef_search sweep. `None` when pgvector is not installed.
-fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Vec<(usize, f64, f64)>)> {
+fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Curve)> {
     let PgvectorArgs {
         dims,
         cores,

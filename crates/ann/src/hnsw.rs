@@ -296,7 +296,7 @@ impl<'a> Searcher<'a> {
                 break;
             }
             expanded += 1;
-            if expanded % 256 == 0 {
+            if expanded.is_multiple_of(256) {
                 if let Some(f) = interrupt {
                     f();
                 }

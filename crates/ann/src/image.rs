@@ -726,7 +726,9 @@ impl Header {
                         .checked_mul(16)
                         .map(|_| crate::layout::nav_len(h.count))
                         .and_then(|x| x.checked_add(h.nav_off));
-                    if h.nav_off < oe || h.nav_off % 8 != 0 || nav_end.is_none_or(|e| e > h.us_off)
+                    if h.nav_off < oe
+                        || !h.nav_off.is_multiple_of(8)
+                        || nav_end.is_none_or(|e| e > h.us_off)
                     {
                         return Err(bad("navigation tables exceed their bounds"));
                     }

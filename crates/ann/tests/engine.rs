@@ -182,7 +182,7 @@ fn to_format1(b: &[u8]) -> Vec<u8> {
     out[8..12].copy_from_slice(&1u32.to_le_bytes());
     out[12..16].copy_from_slice(&64u32.to_le_bytes());
     out.extend_from_slice(&b[keys_off..keys_off + count * 8 + 8 + orphans * 8]);
-    while out.len() % 64 != 0 {
+    while !out.len().is_multiple_of(64) {
         out.push(0);
     }
     let new_us = out.len();
@@ -253,7 +253,7 @@ impl Rng {
 fn use_image(img: &Image<Vec<u8>>, data: &[f32], dims: usize) {
     let q = Query::new(Metric::Cosine, &data[0..dims]).unwrap();
     let _ = img.search(q.engine(), 10, 32, None);
-    let skip = |k: u64| k % 3 == 0;
+    let skip = |k: u64| k.is_multiple_of(3);
     let _ = img.search(q.engine(), 10, 32, Some(&skip));
     let _ = img.exact_all(q.engine());
     let _ = img.vector(key_of(5));

@@ -2,6 +2,8 @@
 //! Swing similarities built from an interaction log into top-N neighbour lists
 //! ([`Similarity`]), and recall from a user's history over such lists ([`i2i`]).
 
+#![forbid(unsafe_code)]
+
 pub mod error;
 pub mod log;
 pub mod options;

@@ -2,6 +2,8 @@
 //! into one ranked list with per-item provenance ([`merge`]), and cascade pre-ranking of the merged
 //! candidates ([`prerank`]).
 
+#![forbid(unsafe_code)]
+
 pub mod cache;
 pub mod merge;
 pub mod pipeline;

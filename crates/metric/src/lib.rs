@@ -2,6 +2,8 @@
 //! index's operator class are the same concept), the distances computed in f64, and the largest
 //! vector any of them takes. No dependencies.
 
+#![forbid(unsafe_code)]
+
 /// The largest vector length: tower widths and outputs, operator arguments, index vectors
 /// (an index's on-page limit is lower, see the extension's `pages::MAX_INDEX_DIMS`).
 pub const MAX_DIMS: usize = 16_000;

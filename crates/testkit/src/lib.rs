@@ -2,5 +2,7 @@
 //! dependencies): clustered unit vectors for the index, realistic towers with inputs for the
 //! tower code.
 
+#![forbid(unsafe_code)]
+
 pub mod towers;
 pub mod vectors;

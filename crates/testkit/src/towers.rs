@@ -260,20 +260,6 @@ pub fn realistic_item_input(seed: u64, i: usize) -> Value {
     Value::Object(m)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deterministic() {
-        assert_eq!(realistic_user_tower(7), realistic_user_tower(7));
-        assert_ne!(realistic_user_tower(7).1, realistic_user_tower(8).1);
-        assert_eq!(realistic_user_input(1, 5), realistic_user_input(1, 5));
-        assert_ne!(realistic_user_input(1, 5), realistic_user_input(1, 6));
-        assert_eq!(realistic_item_input(1, 5), realistic_item_input(1, 5));
-    }
-}
-
 /// A pre-rank model over the 64-d space of [`realistic_user_tower`]: the request's `device`, the
 /// candidate's `category` and log1p `price`, and every cross input (u, v, u⊙v, the two-tower
 /// score, max and mean similarity to the history); Linear 64 → ReLU → Linear 1.
@@ -441,4 +427,18 @@ pub fn realistic_user_tower_arch(seed: u64, arch: &str) -> (String, Vec<u8>) {
         .map(|(n, s, a)| (n.as_str(), s.clone(), *a))
         .collect();
     build(spec, &refs, seed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic() {
+        assert_eq!(realistic_user_tower(7), realistic_user_tower(7));
+        assert_ne!(realistic_user_tower(7).1, realistic_user_tower(8).1);
+        assert_eq!(realistic_user_input(1, 5), realistic_user_input(1, 5));
+        assert_ne!(realistic_user_input(1, 5), realistic_user_input(1, 6));
+        assert_eq!(realistic_item_input(1, 5), realistic_item_input(1, 5));
+    }
 }

@@ -198,6 +198,41 @@ pub fn l2_normalize(h: &mut [f32], width: usize) {
     }
 }
 
+/// Σᵢ weight(i, row) · xᵢ per row, the k inputs of width d side by side in `x` (graph combine
+/// nodes; training computes the same sums in the same order).
+pub fn combine_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    d: usize,
+    weight: impl Fn(usize, usize) -> f32,
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * d];
+    for r in 0..m {
+        let out = &mut y[r * d..(r + 1) * d];
+        for i in 0..k {
+            let wi = weight(i, r);
+            let xi = &x[(r * k + i) * d..(r * k + i + 1) * d];
+            for (o, v) in out.iter_mut().zip(xi) {
+                *o += wi * v;
+            }
+        }
+    }
+    y
+}
+
+/// Numerically stable softmax of `s` into `out` (the sum in f64).
+pub fn softmax(s: &[f32], out: &mut [f32]) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f64;
+    for (o, &v) in out.iter_mut().zip(s) {
+        *o = (v - max).exp();
+        sum += *o as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    out.iter_mut().for_each(|o| *o *= inv);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,39 +270,4 @@ mod tests {
         activate(Activation::Relu, &mut h);
         assert_eq!(h, vec![0.0, 0.0, 2.0]);
     }
-}
-
-/// Σᵢ weight(i, row) · xᵢ per row, the k inputs of width d side by side in `x` (graph combine
-/// nodes; training computes the same sums in the same order).
-pub fn combine_rows(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    d: usize,
-    weight: impl Fn(usize, usize) -> f32,
-) -> Vec<f32> {
-    let mut y = vec![0f32; m * d];
-    for r in 0..m {
-        let out = &mut y[r * d..(r + 1) * d];
-        for i in 0..k {
-            let wi = weight(i, r);
-            let xi = &x[(r * k + i) * d..(r * k + i + 1) * d];
-            for (o, v) in out.iter_mut().zip(xi) {
-                *o += wi * v;
-            }
-        }
-    }
-    y
-}
-
-/// Numerically stable softmax of `s` into `out` (the sum in f64).
-pub fn softmax(s: &[f32], out: &mut [f32]) {
-    let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f64;
-    for (o, &v) in out.iter_mut().zip(s) {
-        *o = (v - max).exp();
-        sum += *o as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    out.iter_mut().for_each(|o| *o *= inv);
 }

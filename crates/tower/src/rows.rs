@@ -159,7 +159,7 @@ impl Model {
             }
         }
         let run = |b: Vec<f32>| -> Vec<f32> {
-            let rows = if width == 0 { m } else { b.len() / width };
+            let rows = b.len().checked_div(width).unwrap_or(m);
             match &folded {
                 Some(f) => {
                     let h = linear(&b, rows, f.width, &f.weight, Some(&f.bias), f.n_out);

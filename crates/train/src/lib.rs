@@ -3,6 +3,8 @@
 //! embedding tables, and ranking metrics. Knows nothing of PostgreSQL; `docs/training.md`
 //! describes the recipes and options.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
 pub mod data;
 pub mod error;

@@ -67,7 +67,7 @@ pub fn loss_rows(kind: LossKind, x: &Scores, rows: std::ops::Range<usize>) -> (f
     let tau = x.temperature as f64;
     let mut total = 0f64;
     // Per-row losses: row i's negatives are columns b + i·r .. b + (i+1)·r.
-    let negatives = if b == 0 { 0 } else { (c - b) / b };
+    let negatives = (c - b).checked_div(b).unwrap_or(0);
     for (li, i) in rows.enumerate() {
         let srow = &x.s[li * c..(li + 1) * c];
         let drow = &mut ds[li * c..(li + 1) * c];

@@ -715,10 +715,10 @@ impl Tower {
                 let d = &drow[off..off + w];
                 off += w;
                 match (kind, field) {
-                    (FieldKind::Embed { table }, FieldRef::Row(r)) => {
-                        if (r as usize) < self.tables[*table].rows {
-                            add_row(&mut grads.rows[*table], r, d, 1.0);
-                        }
+                    (FieldKind::Embed { table }, FieldRef::Row(r))
+                        if (r as usize) < self.tables[*table].rows =>
+                    {
+                        add_row(&mut grads.rows[*table], r, d, 1.0);
                     }
                     (
                         FieldKind::Pool {
