@@ -151,8 +151,14 @@ macro_rules! arg_type {
             unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
                 let index = arg.index();
                 // SAFETY: forwarded contract.
-                unsafe { arg.unbox_arg_using_from_datum() }
-                    .unwrap_or_else(|| pgrx::error!("argument {index} must not be null"))
+                unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or_else(|| {
+                    pgrx::ereport!(
+                        pgrx::PgLogLevel::ERROR,
+                        pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                        format!("argument {} must not be NULL", index + 1)
+                    );
+                    unreachable!("ereport(ERROR) does not return")
+                })
             }
             unsafe fn unbox_nullable_arg(
                 arg: pgrx::callconv::Arg<'_, 'fcx>,
@@ -179,8 +185,14 @@ unsafe impl pgrx::datum::UnboxDatum for JsonbValue {
         Self: 'src,
     {
         // SAFETY: a non-null jsonb datum (array elements are unboxed only when not null).
-        unsafe { JsonbValue::from_datum(d.sans_lifetime(), false) }
-            .unwrap_or_else(|| pgrx::error!("unexpected NULL jsonb"))
+        unsafe { JsonbValue::from_datum(d.sans_lifetime(), false) }.unwrap_or_else(|| {
+            pgrx::ereport!(
+                pgrx::PgLogLevel::ERROR,
+                pgrx::PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                "a jsonb argument must not be NULL"
+            );
+            unreachable!("ereport(ERROR) does not return")
+        })
     }
 }
 
@@ -374,7 +386,7 @@ pub fn owner_of(what: Owned, name: &str, lock: bool) -> TtResult<Option<Option<p
             Spi::connect(|c| read(c.select(&sql, Some(1), &[name.into()])?))
         }
     })?
-    .map_err(|e| TtError::Unsupported(format!("reading {} \"{name}\": {e}", what.noun())))?;
+    .map_err(|e| TtError::Catalog(format!("reading {} \"{name}\": {e}", what.noun())))?;
     Ok(row)
 }
 
@@ -431,7 +443,7 @@ pub fn set_owner(what: Owned, name: &str, owner: pg_sys::Oid) -> TtResult<()> {
             Ok((lo, old))
         },
     )?
-    .map_err(|e| TtError::Unsupported(format!("setting the owner of {noun} \"{name}\": {e}")))?;
+    .map_err(|e| TtError::Catalog(format!("setting the owner of {noun} \"{name}\": {e}")))?;
     let ext = extension_oid();
     // SAFETY: records a normal dependency of an existing large object on the extension, as
     // CREATE … for a built-in object would (pg_depend row, no privilege involved).
@@ -927,7 +939,7 @@ pub fn load_version(name: &str, version: i32, checksum: i64) -> TtResult<Arc<Loa
             &[name.into(), version.into()],
         )
     })?
-    .map_err(|e| TtError::Unsupported(format!("reading model \"{name}\": {e}")))?;
+    .map_err(|e| TtError::Catalog(format!("reading model \"{name}\": {e}")))?;
     let Some((Some(spec), Some(weights))) = row else {
         return Err(TtError::ModelNotFound {
             name: name.to_string(),

@@ -66,7 +66,7 @@ pub mod twotower {
                 )))
             })
         })?
-        .map_err(|e| TtError::Unsupported(format!("reading the channel catalogue: {e}")))?;
+        .map_err(|e| TtError::Catalog(format!("reading the channel catalogue: {e}")))?;
         let Some((
             kind,
             neighbors,
@@ -231,7 +231,7 @@ pub mod twotower {
                 Ok::<_, pgrx::spi::Error>(out)
             })
         })?
-        .map_err(|e| TtError::Unsupported(format!("reading the channel catalogue: {e}")))
+        .map_err(|e| TtError::Catalog(format!("reading the channel catalogue: {e}")))
     }
 
     /// Stores the fingerprints of `users` (all of `prints` when None, replacing the old ones)
@@ -271,7 +271,7 @@ pub mod twotower {
             }
             Ok(())
         })?
-        .map_err(|e| TtError::Unsupported(format!("recording channel \"{name}\": {e}")))
+        .map_err(|e| TtError::Catalog(format!("recording channel \"{name}\": {e}")))
     }
 
     fn budget() -> usize {
@@ -383,7 +383,7 @@ pub mod twotower {
                 ],
             )
         })?
-        .map_err(|e| TtError::Unsupported(format!("recording channel \"{name}\": {e}")))
+        .map_err(|e| TtError::Catalog(format!("recording channel \"{name}\": {e}")))
     }
 
     /// Builds (or rebuilds) channel `name`: item-CF (`kind` 'itemcf') or Swing ('swing')
@@ -635,7 +635,7 @@ pub mod twotower {
             )
         })
         .or_report()
-        .map_err(|e| TtError::Unsupported(format!("dropping channel \"{name}\": {e}")))
+        .map_err(|e| TtError::Catalog(format!("dropping channel \"{name}\": {e}")))
         .or_report();
         true
     }

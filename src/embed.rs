@@ -306,12 +306,15 @@ pub mod twotower {
                 progress.add(n);
             }
         };
-        run().unwrap_or_else(|e| pgrx::error!("refresh_item_vectors: {e}"));
+        run()
+            .map_err(|e| crate::error::TtError::Catalog(format!("refresh_item_vectors: {e}")))
+            .or_report();
         let done = progress.done as i64;
         let deleted = if delete_missing {
             check_for_interrupts!();
             Spi::get_one::<i64>(&delete)
-                .unwrap_or_else(|e| pgrx::error!("refresh_item_vectors: {e}"))
+                .map_err(|e| crate::error::TtError::Catalog(format!("refresh_item_vectors: {e}")))
+                .or_report()
                 .unwrap_or(0)
         } else {
             0

@@ -26,6 +26,9 @@ pub enum TtError {
     CacheIo(String),
     /// A mapped cache file changed (truncated or rewritten) while a scan read it.
     CacheChanged(String),
+    /// Reading or writing pg_twotower's own catalogue tables failed (an SPI failure that is
+    /// not a PostgreSQL ERROR of its own, or a stored value that no longer parses).
+    Catalog(String),
     /// An error of the tower core (spec, weights, feature input).
     Tower(TowerError),
     /// A features argument that is not valid JSON for serde (e.g. a number out of f64 range).
@@ -303,6 +306,12 @@ impl TtError {
                 "twotower_hnsw graph build needs more memory than maintenance_work_mem".into(),
                 Some(format!("The build needs about {}, maintenance_work_mem is {}.", mib(*needed), mib(*available))),
                 Some(format!("SET maintenance_work_mem = '{}' before CREATE INDEX, REINDEX or VACUUM.", mib(*needed + *needed / 8))),
+            ),
+            TtError::Catalog(d) => (
+                ERRCODE_INTERNAL_ERROR,
+                "pg_twotower catalogue operation failed".into(),
+                Some(d.clone()),
+                Some("This is a bug or a damaged catalogue table of the extension: please report it.".into()),
             ),
             TtError::CacheChanged(path) => (
                 ERRCODE_DATA_CORRUPTED,

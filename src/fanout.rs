@@ -190,11 +190,14 @@ impl Shards {
                                 exclude,
                                 ef_search,
                             )
-                            .map(|mut a| {
-                                let a = a.pop().expect("one answer per remote");
-                                (a.rows, Some(a.ms))
-                            })
-                            .map_err(|e| crate::error::describe(&e)),
+                            .map_err(|e| crate::error::describe(&e))
+                            .and_then(|mut a| match a.pop() {
+                                Some(a) => Ok((a.rows, Some(a.ms))),
+                                None => Err(format!(
+                                    "shard server \"{}\" sent no answer",
+                                    r.server_name
+                                )),
+                            }),
                         );
                     }
                 }

@@ -11,6 +11,7 @@
 //! with row-level security, or a transaction with a snapshot older than the latest commit
 //! (REPEATABLE READ, SERIALIZABLE) reads the table instead.
 
+use crate::error::OrReport;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
@@ -271,7 +272,8 @@ pub unsafe extern "C-unwind" fn twotower_item_cache_ddl(
     };
     if adds_partition {
         Spi::run("SELECT twotower.item_cache_partitions()")
-            .unwrap_or_else(|e| pgrx::error!("item cache partitions: {e}"));
+            .map_err(|e| crate::error::TtError::Catalog(format!("item cache partitions: {e}")))
+            .or_report();
     }
     pg_sys::Datum::from(0)
 }
@@ -292,11 +294,11 @@ pub mod twotower {
         let mut tables = vec![rel.oid()];
         // SAFETY: rd_rel of an open relation is its valid pg_class row.
         if unsafe { (*rel.rd_rel).relispartition } {
-            let above: Option<Vec<Option<pg_sys::Oid>>> = Spi::get_one_with_args(
+            let above: Option<Vec<Option<pg_sys::Oid>>> = Spi::get_one_with_args::<Vec<Option<pg_sys::Oid>>>(
                 "SELECT pg_catalog.array_agg(relid::pg_catalog.oid) FROM pg_catalog.pg_partition_ancestors($1)",
                 &[rel.oid().into()],
             )
-            .unwrap_or_else(|e| pgrx::error!("reading the ancestors of a partition: {e}"));
+            .map_err(|e| crate::error::TtError::Catalog(format!("reading the ancestors of a partition: {e}"))).unwrap_or_else(|e| e.report());
             tables.extend(above.into_iter().flatten().flatten());
         }
         for t in tables {

@@ -66,7 +66,7 @@ pub mod twotower {
                     &[name.into()],
                 )
             })?
-            .map_err(|e| TtError::Unsupported(format!("storing model \"{name}\": {e}")))?;
+            .map_err(|e| TtError::Catalog(format!("storing model \"{name}\": {e}")))?;
             catalog::set_model_owner(name, me)?;
         }
         let version = as_catalog_owner(|| -> Result<i32, pgrx::spi::Error> {
@@ -102,7 +102,7 @@ pub mod twotower {
             }
             Ok(v)
         })?
-        .map_err(|e| TtError::Unsupported(format!("storing model \"{name}\": {e}")))?;
+        .map_err(|e| TtError::Catalog(format!("storing model \"{name}\": {e}")))?;
         catalog::invalidate();
         Ok(version)
     }
@@ -241,7 +241,8 @@ pub mod twotower {
                     )
                 })
                 .or_report()
-                .unwrap_or_else(|e| pgrx::error!("drop_model: {e}"));
+                .map_err(|e| crate::error::TtError::Catalog(format!("drop_model: {e}")))
+                .or_report();
                 if let Some(object) = object {
                     catalog::drop_owner_object(object);
                 }
@@ -342,7 +343,8 @@ pub mod twotower {
                 )
             })
             .or_report()
-            .unwrap_or_else(|e| pgrx::error!("alter_model: {e}"));
+            .map_err(|e| crate::error::TtError::Catalog(format!("alter_model: {e}")))
+            .or_report();
         }
         catalog::invalidate();
     }
@@ -378,7 +380,8 @@ pub mod twotower {
             )
         })
         .or_report()
-        .unwrap_or_else(|e| pgrx::error!("export_model: {e}"));
+        .map_err(|e| crate::error::TtError::Catalog(format!("export_model: {e}")))
+        .or_report();
         let Some((Some(v), Some(spec), Some(weights))) = row else {
             TtError::ModelNotFound {
                 name: name.to_string(),
@@ -386,8 +389,9 @@ pub mod twotower {
             }
             .report();
         };
-        let spec =
-            serde_json::from_str(&spec).unwrap_or_else(|e| pgrx::error!("export_model: {e}"));
+        let spec = serde_json::from_str(&spec)
+            .map_err(|e| crate::error::TtError::Catalog(format!("export_model: {e}")))
+            .or_report();
         TableIterator::once((v, pgrx::JsonB(spec), weights))
     }
 

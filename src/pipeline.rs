@@ -35,7 +35,7 @@ pub fn pipelines_using(what: Uses, name: &str) -> crate::error::TtResult<Vec<Str
             &[name.into()],
         )
     })?
-    .map_err(|e| crate::error::TtError::Unsupported(format!("reading pipelines: {e}")))?;
+    .map_err(|e| crate::error::TtError::Catalog(format!("reading pipelines: {e}")))?;
     Ok(names.and_then(|(n, _)| n).unwrap_or_default())
 }
 
@@ -250,7 +250,7 @@ pub mod twotower {
             )
         })
         .or_report()
-        .map_err(|e| TtError::Unsupported(format!("saving pipeline \"{name}\": {e}")))
+        .map_err(|e| TtError::Catalog(format!("saving pipeline \"{name}\": {e}")))
         .or_report()
         .unwrap_or(false);
         if created {

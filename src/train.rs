@@ -370,7 +370,7 @@ pub mod twotower {
                 &[model.into()],
             )
         })?
-        .map_err(|e| TtError::Unsupported(format!("reading model \"{model}\": {e}")))?
+        .map_err(|e| TtError::Catalog(format!("reading model \"{model}\": {e}")))?
         .and_then(|(s, w)| Some((s?, w?)))
         .ok_or_else(|| TtError::ModelNotFound {
             name: model.to_owned(),
@@ -390,14 +390,14 @@ pub mod twotower {
                 &[model.into()],
             )
         })?
-        .map_err(|e| TtError::Unsupported(format!("reading model \"{model}\": {e}")))?;
+        .map_err(|e| TtError::Catalog(format!("reading model \"{model}\": {e}")))?;
         match row {
             None => Err(TtError::ModelNotFound { name: model.to_owned(), version: None }),
             Some((None, _)) => Err(TtError::BadArgument(format!(
                 "model \"{model}\" was imported, not trained by twotower.train: its inputs are built by the application"
             ))),
             Some((Some(t), _)) => serde_json::from_str(&t)
-                .map_err(|e| TtError::Unsupported(format!("model \"{model}\": stored training options: {e}"))),
+                .map_err(|e| TtError::Catalog(format!("model \"{model}\": stored training options: {e}"))),
         }
     }
 
@@ -452,7 +452,12 @@ pub mod twotower {
             Some(r) => r.0,
             None => stored_relation(&sources, "interactions")
                 .or_report()
-                .expect("stored by train"),
+                .unwrap_or_else(|| {
+                    TtError::BadArgument(format!(
+                        "model \"{model}\" has no stored interactions source: pass interactions => 'a_table'"
+                    ))
+                    .report()
+                }),
         };
         let src = spi::relation_name(rel).or_report();
         let uc = spi::column(rel, &ucol, "user id").or_report();
@@ -594,7 +599,7 @@ pub mod twotower {
             TtError::BadArgument("k must list values between 1 and 10000".into()).report();
         }
         let ks: Vec<usize> = k.iter().map(|&x| x as usize).collect();
-        let kmax = *ks.iter().max().expect("non-empty");
+        let kmax = ks.iter().copied().max().unwrap_or(1);
         let l = crate::catalog::active_model(user_model).or_report();
         crate::catalog::expect_kind(&l, twotower_tower::Kind::User).or_report();
         // The index's table, vector column and item id (its single-column integer key).
