@@ -6,7 +6,9 @@
 //! - a new connection and `SELECT 1` (what any query pays),
 //! - a new connection, then its first top-10 query alone (library load, image open, search),
 //!   the same query again on that connection, and the backend's private memory (RssAnon of
-//!   /proc/<pid>/status; the mapped image is shared page cache) before and after.
+//!   /proc/<pid>/status; the mapped image is shared page cache) before and after,
+//! - a new connection, `LOAD 'pg_twotower'` alone, then the first query (the image's open and
+//!   the first search without the library's load).
 //!
 //! Prints medians and 90th percentiles; the target is a first query ≤ 5 ms at 1M, flat in n.
 
@@ -57,8 +59,8 @@ pub fn run(host: &str, port: u16) {
     c.batch_execute("DROP EXTENSION IF EXISTS pg_twotower CASCADE; CREATE EXTENSION pg_twotower")
         .unwrap();
     println!("\n## A new backend's first query (TT_ONLY_CONNECT), {reps} connections per size");
-    println!("| items × dims | build s | new connection + SELECT 1, ms (p50 / p90) | first top-10 query of a new backend, ms (p50 / p90) | second query, ms (p50) | private memory after the first query, kB (p50) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| items × dims | build s | new connection + SELECT 1, ms (p50 / p90) | first top-10 query of a new backend, ms (p50 / p90) | LOAD of the library alone, ms (p50) | first query after LOAD, ms (p50 / p90) | second query, ms (p50) | private memory after the first query, kB (p50) |");
+    println!("|---|---|---|---|---|---|---|---|");
     for size in sizes.split(',') {
         let Some((n, dims)) = size.split_once('x') else {
             continue;
@@ -91,6 +93,7 @@ pub fn run(host: &str, port: u16) {
         c.query(sql, &[&q]).unwrap();
         let (mut plain, mut first, mut second, mut mem) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut load, mut after_load) = (Vec::new(), Vec::new());
         for _ in 0..reps {
             let t = Instant::now();
             let mut a = connect(host, port);
@@ -110,13 +113,25 @@ pub fn run(host: &str, port: u16) {
             let t = Instant::now();
             b.query(sql, &[&q]).unwrap();
             second.push(ms(t.elapsed()));
+            drop(b);
+            // The same, with the library loaded first: what the image's open and the first
+            // search cost on their own.
+            let mut d = connect(host, port);
+            let t = Instant::now();
+            d.batch_execute("LOAD 'pg_twotower'").unwrap();
+            load.push(ms(t.elapsed()));
+            let t = Instant::now();
+            d.query(sql, &[&q]).unwrap();
+            after_load.push(ms(t.elapsed()));
         }
         let (p50, p90) = stats(plain);
         let (f50, f90) = stats(first);
         let (s50, _) = stats(second);
         let (m50, _) = stats(mem);
+        let (l50, _) = stats(load);
+        let (a50, a90) = stats(after_load);
         println!(
-            "| {n} × {dims} | {:.1} | {p50:.2} / {p90:.2} | **{f50:.2}** / {f90:.2} | {s50:.2} | {m50:.0} |",
+            "| {n} × {dims} | {:.1} | {p50:.2} / {p90:.2} | **{f50:.2}** / {f90:.2} | {l50:.2} | {a50:.2} / {a90:.2} | {s50:.2} | {m50:.0} |",
             build.as_secs_f64()
         );
         c.batch_execute("DROP TABLE conn_items").unwrap();
