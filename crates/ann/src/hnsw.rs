@@ -242,15 +242,15 @@ impl<'a> Searcher<'a> {
         Ok(())
     }
 
-    /// Approximate top-`k` (key, search distance), nearest first, among items `skip` does not
-    /// exclude; `interrupt` is called every few hundred expanded nodes (it may unwind).
+    /// Approximate top-`k` (key, search distance, slot), nearest first, among items `skip` does
+    /// not exclude; `interrupt` is called every few hundred expanded nodes (it may unwind).
     pub fn search(
         &self,
         k: usize,
         ef: usize,
         skip: Option<&dyn Fn(u64) -> bool>,
         interrupt: Option<&dyn Fn()>,
-    ) -> Result<Vec<(u64, f32)>> {
+    ) -> Result<Vec<(u64, f32, u32)>> {
         let h = self.head;
         if k == 0 || h.size == 0 {
             return Ok(Vec::new());
@@ -323,12 +323,12 @@ impl<'a> Searcher<'a> {
         out.sort_unstable();
         out.truncate(k);
         out.into_iter()
-            .map(|(D(d), s)| Ok((self.key(s as usize)?, d)))
+            .map(|(D(d), s)| Ok((self.key(s as usize)?, d, s)))
             .collect()
     }
 
-    /// Every item with its search distance, nearest first (brute force).
-    pub fn exact_all(&self, interrupt: Option<&dyn Fn()>) -> Result<Vec<(u64, f32)>> {
+    /// Every item with its search distance and slot, nearest first (brute force).
+    pub fn exact_all(&self, interrupt: Option<&dyn Fn()>) -> Result<Vec<(u64, f32, u32)>> {
         let mut all = Vec::with_capacity(self.head.size);
         for slot in 0..self.head.size {
             if slot % 4096 == 4095 {
@@ -336,10 +336,10 @@ impl<'a> Searcher<'a> {
                     f();
                 }
             }
-            all.push((self.dist(slot)?, self.key(slot)?));
+            all.push((self.dist(slot)?, self.key(slot)?, slot as u32));
         }
         all.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        Ok(all.into_iter().map(|(d, k)| (k, d)).collect())
+        Ok(all.into_iter().map(|(d, k, s)| (k, d, s)).collect())
     }
 }
 

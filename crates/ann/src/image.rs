@@ -745,6 +745,8 @@ pub struct Image<B: AsRef<[u8]>> {
     header: Header,
     head: crate::layout::GraphHead,
     nav: crate::layout::Nav,
+    /// The orphans' graph slots, looked up at their first use (scans rank every orphan).
+    orphan_slots: std::sync::OnceLock<Vec<u32>>,
     bytes: B,
 }
 
@@ -820,6 +822,7 @@ impl<B: AsRef<[u8]>> Image<B> {
             header,
             head,
             nav,
+            orphan_slots: std::sync::OnceLock::new(),
             bytes,
         })
     }
@@ -936,6 +939,22 @@ impl<B: AsRef<[u8]>> Image<B> {
         skip: Option<&dyn Fn(u64) -> bool>,
         interrupt: Option<&dyn Fn()>,
     ) -> Result<Vec<(u64, f32)>> {
+        Ok(self
+            .search_slots(query, k, ef, skip, interrupt)?
+            .into_iter()
+            .map(|(key, d, _)| (key, d))
+            .collect())
+    }
+
+    /// [`Image::search_with`] that also returns each item's graph slot.
+    pub(crate) fn search_slots(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        skip: Option<&dyn Fn(u64) -> bool>,
+        interrupt: Option<&dyn Fn()>,
+    ) -> Result<Vec<(u64, f32, u32)>> {
         validate_vector(query, Some(self.header.dims))?;
         if k == 0 || self.is_empty() {
             return Ok(Vec::new());
@@ -955,11 +974,63 @@ impl<B: AsRef<[u8]>> Image<B> {
         query: &[f32],
         interrupt: Option<&dyn Fn()>,
     ) -> Result<Vec<(u64, f32)>> {
+        Ok(self
+            .exact_all_slots(query, interrupt)?
+            .into_iter()
+            .map(|(key, d, _)| (key, d))
+            .collect())
+    }
+
+    fn exact_all_slots(
+        &self,
+        query: &[f32],
+        interrupt: Option<&dyn Fn()>,
+    ) -> Result<Vec<(u64, f32, u32)>> {
         validate_vector(query, Some(self.header.dims))?;
         if self.is_empty() {
             return Ok(Vec::new());
         }
         self.searcher(query).exact_all(interrupt)
+    }
+
+    /// The orphans' graph slots (looked up once per opened image).
+    fn orphan_slots(&self) -> Result<&[u32]> {
+        if let Some(s) = self.orphan_slots.get() {
+            return Ok(s);
+        }
+        let mut slots = Vec::with_capacity(self.header.orphans);
+        for i in 0..self.header.orphans {
+            let key = self.orphan_at(i);
+            let slot = self
+                .position(key)
+                .and_then(|p| self.nav.slot_of(self.bytes.as_ref(), p))
+                .filter(|s| *s < self.head.size)
+                .ok_or_else(|| {
+                    AnnError::CorruptImage("an orphan is not an item of the graph".into())
+                })?;
+            slots.push(slot as u32);
+        }
+        Ok(self.orphan_slots.get_or_init(|| slots))
+    }
+
+    /// The stored vector at `slot`, decoded into `out`.
+    fn vector_at_slot(&self, slot: u32, out: &mut Vec<f32>) -> Result<()> {
+        let row = crate::layout::row(self.graph(), &self.head, slot as usize).ok_or_else(|| {
+            AnnError::CorruptImage("the navigation tables point outside the graph".into())
+        })?;
+        crate::layout::decode(self.header.quantization, row, out);
+        Ok(())
+    }
+
+    /// The scan item for `key` stored at `slot`, ranked from its stored vector (`buf`: scratch).
+    fn hit_at_slot(&self, q: &Query, key: u64, slot: u32, buf: &mut Vec<f32>) -> Result<Hit> {
+        self.vector_at_slot(slot, buf)?;
+        let quant = self.header.quantization;
+        Ok(Hit {
+            key,
+            dist: q.lower_bound(quant, buf),
+            exact: quant == Quantization::F32,
+        })
     }
 
     /// The stored (possibly quantized, then decoded) vector of `key`.
@@ -1148,14 +1219,13 @@ impl GraphCursor {
     ) -> Result<Option<Hit>> {
         if self.orphans.is_none() {
             let mut o = Vec::with_capacity(img.header.orphans);
-            for i in 0..img.header.orphans {
+            let mut buf = Vec::with_capacity(img.header.dims);
+            for (i, &slot) in img.orphan_slots()?.iter().enumerate() {
                 let key = img.orphan_at(i);
                 if skip.is_some_and(|f| f(key)) {
                     continue;
                 }
-                if let Some(h) = img.hit(query, key)? {
-                    o.push(h);
-                }
+                o.push(img.hit_at_slot(query, key, slot, &mut buf)?);
             }
             sort_for_pop(&mut o);
             self.orphans = Some(o);
@@ -1210,37 +1280,28 @@ impl GraphCursor {
             self.k.saturating_mul(2)
         };
         self.rounds += 1;
+        let interrupt = self.interrupt.as_ref().map(|f| f as &dyn Fn());
         let results = if self.k >= n {
             self.exhausted = true;
-            let all = img.exact_all_with(
-                query.engine(),
-                self.interrupt.as_ref().map(|f| f as &dyn Fn()),
-            )?;
+            let all = img.exact_all_slots(query.engine(), interrupt)?;
             match skip {
-                Some(f) => all.into_iter().filter(|(k, _)| !f(*k)).collect(),
+                Some(f) => all.into_iter().filter(|(k, _, _)| !f(*k)).collect(),
                 None => all,
             }
         } else {
-            img.search_with(
-                query.engine(),
-                self.k,
-                ef.max(self.k),
-                skip,
-                self.interrupt.as_ref().map(|f| f as &dyn Fn()),
-            )?
+            img.search_slots(query.engine(), self.k, ef.max(self.k), skip, interrupt)?
         };
         if self.order == ScanOrder::Off {
             self.exhausted = true;
         }
         let has_orphans = img.header.orphans > 0;
         let mut hits = Vec::with_capacity(results.len());
-        for (key, _) in results {
+        let mut buf = Vec::with_capacity(img.header.dims);
+        for (key, _, slot) in results {
             if self.emitted.contains(&key) || has_orphans && img.is_orphan(key) {
                 continue;
             }
-            if let Some(h) = img.hit(query, key)? {
-                hits.push(h);
-            }
+            hits.push(img.hit_at_slot(query, key, slot, &mut buf)?);
         }
         sort_for_pop(&mut hits);
         self.pending = hits;
