@@ -6,7 +6,9 @@
 //!
 //! Trust: a file is used only after its full checksum matched the metapage once on this node;
 //! that verification is recorded in a marker (`.img.ok`) holding the file's inode, size, mtime
-//! and ctime, written only after the file was fsynced. A later backend that finds a marker
+//! and ctime, written only after the file was fsynced (a build records the file it writes from
+//! the very bytes it checksummed at once, so the first query after a build does not read the
+//! whole file again). A later backend that finds a marker
 //! matching the file skips the checksum; a file left by a crash, copied by a base backup
 //! (another inode), written by an older build (another name) or touched since (another
 //! ctime) is verified again. Each scan start re-checks the open file (fstat): a file truncated
@@ -384,10 +386,7 @@ fn open_file(path: &Path, r: &ImageRef) -> TtResult<Loaded> {
         let image = Image::open(Bytes::Map(map), r.checksum)?;
         // Recorded only for a file that is durably on disk: fsync it first.
         if f.sync_all().is_ok() {
-            let tmp = marker.with_extension(format!("tmp.{}", my_pid()));
-            if fs::write(&tmp, stamp.line()).is_ok() && fs::rename(&tmp, &marker).is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
+            write_marker(path, &stamp);
         }
         image
     };
@@ -666,7 +665,29 @@ fn write_file(k: Key, oid: u32, meta: &Meta, r: &ImageRef, image: &[u8]) {
         fs::rename(&tmp, &path)
     };
     if write().is_ok() {
+        // The bytes are the ones the checksum was computed from (checked again here): record
+        // the file as verified, so the first query after a build does not read it all again.
+        if twotower_ann::checksum(image) == r.checksum {
+            mark_verified(&path);
+        }
         remove_stale(k, &current_paths(k, oid, meta));
+    }
+}
+
+/// Records the file at `path`, as it is now, as verified (pg_twotower's writers only ever put
+/// the bytes of one image under one name: the name carries the generation and the checksum).
+fn mark_verified(path: &Path) {
+    if let Ok(md) = fs::metadata(path) {
+        write_marker(path, &Stamp::of(&md));
+    }
+}
+
+/// Writes the marker of the file at `path` with identity `stamp`.
+fn write_marker(path: &Path, stamp: &Stamp) {
+    let marker = marker_path(path);
+    let tmp = marker.with_extension(format!("tmp.{}", my_pid()));
+    if fs::write(&tmp, stamp.line()).is_ok() && fs::rename(&tmp, &marker).is_err() {
+        let _ = fs::remove_file(&tmp);
     }
 }
 

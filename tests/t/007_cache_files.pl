@@ -15,6 +15,14 @@ $primary->safe_psql('d1', q{
 	CREATE INDEX idx_a ON items USING twotower_hnsw (v real_cosine_ops);
 	CREATE INDEX idx_b ON items USING twotower_hnsw (v real_l2_ops);
 });
+# The build writes its own node's cache file from the bytes it checksummed and records it as
+# verified, so the first query after a build reads its header only (no index_info call opens
+# an image; nothing has queried the index yet).
+for my $i ('idx_a', 'idx_b')
+{
+	my $built = $primary->data_dir . '/' . $primary->safe_psql('d1', "SELECT cache_file FROM twotower.index_info('$i')");
+	ok(-s $built && -e "$built.ok", "$i: the build wrote its cache file and recorded it as verified");
+}
 $primary->backup('b1');
 my $standby = PostgreSQL::Test::Cluster->new('cstandby');
 $standby->init_from_backup($primary, 'b1', has_streaming => 1);
