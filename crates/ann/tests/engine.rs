@@ -1,25 +1,10 @@
 //! Our search engine over the stored graph: the same answers as usearch's search of the same
 //! graph, images of the previous format, and damaged images (errors, never crashes).
 
+mod common;
+use common::{build, key_of};
 use twotower_ann::*;
 use twotower_testkit::vectors::clustered;
-
-fn key_of(i: usize) -> u64 {
-    (((i / 100) as u64) << 16) | ((i % 100) as u64 + 1)
-}
-
-fn build(metric: Metric, q: Quantization, data: &[f32], dims: usize, threads: usize) -> Vec<u8> {
-    let n = data.len() / dims;
-    let keys: Vec<u64> = (0..n).map(key_of).collect();
-    let p = BuildParams {
-        dims,
-        metric,
-        quantization: q,
-        m: 16,
-        ef_construction: 64,
-    };
-    build_image(&p, &keys, data, threads, &mut |_| Poll::Continue).expect("build")
-}
 
 /// usearch's own index over the image's graph (a copy), as the reference.
 fn usearch_of(img: &Image<Vec<u8>>) -> usearch::Index {

@@ -1,5 +1,7 @@
 //! Recall and robustness of the image on clustered synthetic data.
 
+mod common;
+use common::{build, key_of};
 use twotower_ann::*;
 use twotower_testkit::vectors::clustered;
 
@@ -18,24 +20,6 @@ fn exact_topk(metric: Metric, data: &[f32], dims: usize, q: &[f32], k: usize) ->
         .collect();
     d.sort_by(|a, b| a.0.total_cmp(&b.0));
     d.into_iter().take(k).map(|x| x.1).collect()
-}
-
-/// Keys look like heap TIDs: block << 16 | offset.
-fn key_of(i: usize) -> u64 {
-    (((i / 100) as u64) << 16) | ((i % 100) as u64 + 1)
-}
-
-fn build(metric: Metric, q: Quantization, data: &[f32], dims: usize, threads: usize) -> Vec<u8> {
-    let n = data.len() / dims;
-    let keys: Vec<u64> = (0..n).map(key_of).collect();
-    let p = BuildParams {
-        dims,
-        metric,
-        quantization: q,
-        m: 16,
-        ef_construction: 64,
-    };
-    build_image(&p, &keys, data, threads, &mut |_| Poll::Continue).expect("build")
 }
 
 fn recall_at(
