@@ -777,9 +777,7 @@ impl<B: AsRef<[u8]>> Image<B> {
         if let crate::layout::Nav::Stored { .. } = img.nav {
             let b = img.bytes.as_ref();
             img.nav
-                .verify(b, img.header.us_off, img.graph(), &img.head, |i| {
-                    img.key_at(i)
-                })?;
+                .verify(b, img.graph(), &img.head, |i| img.key_at(i))?;
         }
         Ok(img)
     }
@@ -1000,15 +998,10 @@ impl<B: AsRef<[u8]>> Image<B> {
         }
         let mut slots = Vec::with_capacity(self.header.orphans);
         for i in 0..self.header.orphans {
-            let key = self.orphan_at(i);
-            let slot = self
-                .position(key)
-                .and_then(|p| self.nav.slot_of(self.bytes.as_ref(), p))
-                .filter(|s| *s < self.head.size)
-                .ok_or_else(|| {
-                    AnnError::CorruptImage("an orphan is not an item of the graph".into())
-                })?;
-            slots.push(slot as u32);
+            let slot = self.slot_of_key(self.orphan_at(i))?.ok_or_else(|| {
+                AnnError::CorruptImage("an orphan is not an item of the graph".into())
+            })?;
+            slots.push(slot);
         }
         Ok(self.orphan_slots.get_or_init(|| slots))
     }
@@ -1035,19 +1028,25 @@ impl<B: AsRef<[u8]>> Image<B> {
 
     /// The stored (possibly quantized, then decoded) vector of `key`.
     pub fn vector(&self, key: u64) -> Result<Option<Vec<f32>>> {
+        let Some(slot) = self.slot_of_key(key)? else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(self.header.dims);
+        self.vector_at_slot(slot, &mut out)?;
+        Ok(Some(out))
+    }
+
+    /// The graph slot of `key`, if the image holds it.
+    fn slot_of_key(&self, key: u64) -> Result<Option<u32>> {
         let Some(i) = self.position(key) else {
             return Ok(None);
         };
-        let bad = || AnnError::CorruptImage("the navigation tables point outside the graph".into());
-        let b = self.bytes.as_ref();
-        let slot = self.nav.slot_of(b, i).ok_or_else(bad)?;
-        if slot >= self.head.size {
-            return Err(bad());
+        match self.nav.slot_of(self.bytes.as_ref(), i) {
+            Some(slot) if slot < self.head.size => Ok(Some(slot as u32)),
+            _ => Err(AnnError::CorruptImage(
+                "the navigation tables point outside the graph".into(),
+            )),
         }
-        let row = crate::layout::row(self.graph(), &self.head, slot).ok_or_else(bad)?;
-        let mut out = Vec::with_capacity(self.header.dims);
-        crate::layout::decode(self.header.quantization, row, &mut out);
-        Ok(Some(out))
     }
 }
 
@@ -1155,21 +1154,6 @@ pub struct Hit {
     pub key: u64,
     pub dist: f64,
     pub exact: bool,
-}
-
-impl<B: AsRef<[u8]>> Image<B> {
-    /// The scan item for `key`, ranked from its stored vector.
-    pub fn hit(&self, q: &Query, key: u64) -> Result<Option<Hit>> {
-        let Some(v) = self.vector(key)? else {
-            return Ok(None);
-        };
-        let quant = self.header.quantization;
-        Ok(Some(Hit {
-            key,
-            dist: q.lower_bound(quant, &v),
-            exact: quant == Quantization::F32,
-        }))
-    }
 }
 
 /// Sorts hits by descending distance (the nearest at the end, for `pop`), NaN first.

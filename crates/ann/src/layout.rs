@@ -292,7 +292,6 @@ impl Nav {
     pub fn verify(
         &self,
         bytes: &[u8],
-        graph_at: usize,
         graph: &[u8],
         h: &GraphHead,
         sorted_key: impl Fn(usize) -> u64,
@@ -314,7 +313,6 @@ impl Nav {
         if off != graph.len() {
             return Err(bad());
         }
-        let _ = graph_at;
         for i in 0..h.size {
             let slot = self.slot_of(bytes, i).ok_or_else(bad)?;
             if slot >= h.size {
