@@ -97,10 +97,10 @@ fn cursor(order: ScanOrder) -> GraphCursor {
 
 /// The candidate list of the delta graph, which holds `share` of the live items: a search for
 /// the scan's nearest rows needs about that share of its candidates from it, so twice that
-/// share of `ef`, but at least 64 (or `ef` when smaller): the width at which every item of a
-/// graph is checked to find itself when the graph is built (`ImageBuilder::finish`), so a row
-/// searched by its own vector is found in the delta graph as in the main one. The cursor
-/// widens it like any search when the scan reads further.
+/// share of `ef`, but at least 64 (or `ef` when smaller), so a row searched by its own vector
+/// is found in the delta graph as in the main one (each graph's build checks that every new
+/// item finds itself: `twotower_ann::SELF_CHECK_EF`). The cursor widens it like any search
+/// when the scan reads further.
 fn delta_graph_ef(ef: usize, share: f64) -> usize {
     ((2.0 * ef as f64 * share).ceil() as usize)
         .max(ef.min(64))

@@ -39,6 +39,14 @@ pub const MAGIC: &[u8; 8] = b"TTHNSW01";
 pub const FORMAT_VERSION: u32 = 2;
 /// Items inserted on one thread before the parallel insertion starts.
 const WARM_UP_ITEMS: usize = 10_000;
+/// The build's self-check: once a graph is built, each item is searched for by its own stored
+/// vector, as the first round of a scan at these `ef` widths would search: it must rank among
+/// the first 10 at one of them (or tie with the 10th at its own distance: exact duplicates).
+/// The cheap width checks every item, the wide one only what the cheap one missed; what both
+/// miss goes to the orphan list, which scans rank exactly, and the graph is not changed after
+/// the check. So a scan at either width finds every item by its own vector, whatever the
+/// build's thread interleaving.
+pub const SELF_CHECK_EF: [usize; 2] = [16, 256];
 const HEADER_LEN: usize = 128;
 const HEADER_LEN_V1: usize = 64;
 
@@ -240,6 +248,9 @@ pub struct ImageBuilder {
     /// The f32 input, for f16/i8 graphs (whose stored vectors are not the input).
     kept: Option<Vec<f32>>,
     threads: usize,
+    /// Items before this position came from an image that was already checked (a fold
+    /// extending the delta graph): the self-check covers the items added since.
+    checked: usize,
 }
 
 impl ImageBuilder {
@@ -255,6 +266,7 @@ impl ImageBuilder {
             keys: Vec::with_capacity(capacity),
             kept: (params.quantization != Quantization::F32).then(Vec::new),
             threads,
+            checked: 0,
         })
     }
 
@@ -298,6 +310,7 @@ impl ImageBuilder {
             keys,
             kept: None,
             threads,
+            checked: h.count,
         })
     }
 
@@ -372,8 +385,30 @@ impl ImageBuilder {
         Ok(())
     }
 
-    /// Repairs unreachable and hard-to-find items, then serializes the image (through a
-    /// temporary file in `spill` when given, so the image is not a second copy in memory).
+    /// Re-inserts the items at `positions` one at a time (a lone insertion links a node
+    /// properly).
+    fn reinsert(&self, positions: &[usize], poll: &mut dyn FnMut(usize) -> Poll) -> Result<()> {
+        let saved: Vec<Vec<f32>> = positions
+            .iter()
+            .map(|&i| {
+                let mut v = Vec::with_capacity(self.params.dims);
+                self.vector(i, &mut v).map(|_| v)
+            })
+            .collect::<Result<_>>()?;
+        for &i in positions {
+            self.index.remove(self.keys[i])?;
+        }
+        let order: Vec<usize> = (0..positions.len()).collect();
+        parallel(&order, 1, poll, |j| {
+            self.index.add(self.keys[positions[j]], &saved[j])?;
+            Ok(false)
+        })?;
+        Ok(())
+    }
+
+    /// Repairs unreachable and hard-to-find items, serializes the image (through a temporary
+    /// file in `spill` when given, so the image is not a second copy in memory), then runs the
+    /// self-check ([`SELF_CHECK_EF`]) over the items added since the builder started.
     pub fn finish(
         self,
         poll: &mut dyn FnMut(usize) -> Poll,
@@ -425,16 +460,7 @@ impl ImageBuilder {
             again.extend(hard);
             again.sort_unstable();
             again.dedup();
-            let saved: Vec<Vec<f32>> =
-                again.iter().map(|&i| vector_of(i)).collect::<Result<_>>()?;
-            for &i in &again {
-                index.remove(keys[i])?;
-            }
-            let order: Vec<usize> = (0..again.len()).collect();
-            parallel(&order, 1, poll, |j| {
-                index.add(keys[again[j]], &saved[j])?;
-                Ok(false)
-            })?;
+            self.reinsert(&again, poll)?;
             // A re-inserted item leaves the orphan list only if the graph reaches it and a
             // search for its own vector finds it; otherwise scans rank it exactly.
             let mut still: Vec<u64> = lost(Some(&again), poll)?.0;
@@ -452,8 +478,63 @@ impl ImageBuilder {
         }
         poll(n);
         drop(pos);
+        // The self-check, on the image as it will be returned.
+        let new: Vec<usize> = (self.checked.min(n)..n).collect();
+        let bytes = serialize(params, keys, &orphans, index, spill)?;
+        let mut missed = new;
+        for ef in SELF_CHECK_EF {
+            missed = self_check(bytes.as_ref(), keys, &missed, ef, threads, poll)?;
+        }
+        if missed.is_empty() {
+            return Ok(bytes);
+        }
+        drop(bytes);
+        orphans.extend(missed.into_iter().map(|i| keys[i]));
+        orphans.sort_unstable();
+        orphans.dedup();
         serialize(params, keys, &orphans, index, spill)
     }
+}
+
+/// The items of `keys` at `positions` that a search of the serialized image `bytes` for their
+/// own stored vector at width `ef` (as a scan's first round: `max(ef, 10)` results) does not
+/// rank among its first 10, nor tie with the 10th at the item's own distance; orphans already
+/// in the image are skipped (scans rank them exactly). Runs on the worker threads, like the
+/// build.
+fn self_check(
+    bytes: &[u8],
+    keys: &[u64],
+    positions: &[usize],
+    ef: usize,
+    threads: usize,
+    poll: &mut dyn FnMut(usize) -> Poll,
+) -> Result<Vec<usize>> {
+    if positions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let img = Image::open_verified(bytes)?;
+    let metric = img.header.metric;
+    let k = ef.max(10);
+    parallel(positions, threads, poll, |i| {
+        let key = keys[i];
+        if img.header.orphans > 0 && img.is_orphan(key) {
+            return Ok(false);
+        }
+        let slot = img
+            .slot_of_key(key)?
+            .ok_or_else(|| AnnError::Engine("a built item is missing from its image".into()))?;
+        let mut v = Vec::with_capacity(img.header.dims);
+        img.vector_at_slot(slot, &mut v)?;
+        // A stored vector that is no valid query (all zero after quantization): an orphan.
+        let Ok(q) = Query::new(metric, &v) else {
+            return Ok(true);
+        };
+        let s = img.searcher(q.engine());
+        let own = s.dist(slot as usize)?;
+        let found = s.search(k, k, None, None)?;
+        let first = &found[..found.len().min(10)];
+        Ok(!(first.iter().any(|h| h.0 == key) || first.len() == 10 && first[9].1 <= own))
+    })
 }
 
 /// Runs `f` over `items` on `threads` worker threads and returns the items for which it returned
