@@ -1031,6 +1031,51 @@ pub unsafe fn free_delta_pages(index: pg_sys::Relation, blocks: &[pg_sys::BlockN
     unsafe { free_pages(index, blocks) };
 }
 
+/// Retires a main image every entry of which is dead (VACUUM after the whole table was deleted
+/// or replaced): the metapage stops naming it and its tombstones, and their pages are marked
+/// free for the delta and the delta graph to reuse, so the space of the dead graph comes back
+/// without a REINDEX and scans no longer walk through it. The metapage change bumps `dl_epoch`:
+/// a scan that read the old metapage and finds those pages reused reads it again. Returns the
+/// blocks freed (none when the image is gone or still has a live entry).
+///
+/// # Safety
+/// As for [`read_image_into`]; the caller holds the maintenance lock.
+pub unsafe fn retire_dead_main(index: pg_sys::Relation) -> usize {
+    // SAFETY: the metapage changes under its exclusive lock in one Generic WAL record; the
+    // pages it stopped naming are then marked free with interrupts held off (an interrupt in
+    // between would leave them unusable until a REINDEX).
+    unsafe {
+        let blocks: Vec<pg_sys::BlockNumber> = {
+            let mb = Locked::read(index, META_BLKNO, true);
+            let m = get_meta(mb.page());
+            if !m.has_image() || m.graph_count == 0 || m.graph_dead < m.graph_count {
+                return 0;
+            }
+            let state = pg_sys::GenericXLogStart(index);
+            let mpage = pg_sys::GenericXLogRegisterBuffer(state, mb.buf, 0);
+            let mut m = get_meta(mpage);
+            let blocks = (m.image_start..m.tomb_start + m.tomb_nblocks).collect();
+            m.image_len = 0;
+            m.image_checksum = 0;
+            m.image_start = 1;
+            m.image_nblocks = 0;
+            m.tomb_start = 1;
+            m.tomb_nblocks = 0;
+            m.graph_count = 0;
+            m.graph_dead = 0;
+            m.graph_orphans = 0;
+            m.dl_epoch += 1;
+            put_meta(mpage, &m);
+            pg_sys::GenericXLogFinish(state);
+            blocks
+        };
+        pg_sys::InterruptHoldoffCount += 1;
+        free_delta_pages(index, &blocks);
+        pg_sys::InterruptHoldoffCount -= 1;
+        blocks.len()
+    }
+}
+
 /// Writes `image` as a chain of free or new pages of generation `generation`, last page first
 /// (so each page is written whole, with the block of the one after it, as soon as it is
 /// taken); returns its blocks in order. Each page is WAL-logged whole; nothing refers to the

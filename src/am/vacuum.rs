@@ -1,10 +1,11 @@
 //! VACUUM: dead entries of the main graph get tombstones (so a reused TID never matches them),
-//! a delta graph with dead entries is rebuilt without them, dead delta items are deleted, and a
-//! delta that reached its threshold is folded into the delta graph.
+//! a main graph with nothing but dead entries is retired (its pages freed for reuse), a delta
+//! graph with dead entries is rebuilt without them, dead delta items are deleted, and a delta
+//! that reached its threshold is folded into the delta graph.
 
 use super::pages::{
-    bit_is_set, key_to_tid, lock_maintenance, read_meta, read_tombstones, set_tombstones,
-    unlock_maintenance, vacuum_delta,
+    bit_is_set, key_to_tid, lock_maintenance, read_meta, read_tombstones, retire_dead_main,
+    set_tombstones, unlock_maintenance, vacuum_delta,
 };
 use super::{cache, fold, options};
 use crate::error::OrReport;
@@ -62,6 +63,10 @@ pub unsafe extern "C-unwind" fn ambulkdelete(
             }
             let removed = set_tombstones(index, &meta, &newly_dead);
             (*stats).tuples_removed += removed as f64;
+            // Every entry dead (the table was emptied or replaced): the dead graph's pages
+            // come back now, not at the next REINDEX.
+            drop(img);
+            retire_dead_main(index);
         }
         // The delta graph has no tombstones: when any of its items is dead it is rebuilt
         // without them (together with the live delta items), before the heap can reuse a TID.
@@ -121,6 +126,16 @@ pub unsafe extern "C-unwind" fn amvacuumcleanup(
         let index = (*info).index;
         // (Auto)vacuum folds a delta of at least `fold_threshold` rows (whatever its share of the
         // delta graph: VACUUM is where a fold's cost is expected), unless a fold is running.
+        let meta = read_meta(index).or_report();
+        // (A main graph left all dead by an earlier version, which never retired one.)
+        if meta.has_image()
+            && meta.graph_count > 0
+            && meta.graph_dead >= meta.graph_count
+            && lock_maintenance(index, false)
+        {
+            retire_dead_main(index);
+            unlock_maintenance(index);
+        }
         let meta = read_meta(index).or_report();
         fold::fold_when(index, &meta, |index, _| {
             options::fold_threshold(index) as u64

@@ -119,6 +119,25 @@ for my $round (1 .. 5)
 diag(sprintf('a refreshed vector searchable on the standby after %.0f ms (median of 5; min %.0f, max %.0f, from before the primary\'s commit, polling every 2 ms plus a psql start)',
 	$waits[2], $waits[0], $waits[4]));
 
+# A graph VACUUM retires (every row deleted) and the rows that replace it: the standby follows
+# the metapage switch and the freed pages' reuse.
+make_items($primary, 'postgres', 'gone', 2000, 16);
+$primary->safe_psql('postgres', q{
+	CREATE INDEX gone_idx ON gone USING twotower_hnsw (v real_cosine_ops);
+	DELETE FROM gone;
+	VACUUM gone;
+	INSERT INTO gone (category, v)
+	SELECT 2, ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, 16) WHERE i > 0) FROM generate_series(1, 1500) i;
+});
+$primary->wait_for_catchup($standby);
+my @gq = (2001, 2500, 3000, 3499);
+my $gp = topk_signature($primary, 'postgres', 'gone', $op, 10, @gq);
+ok(length($gp) > 50, 'after a retired graph and new rows: the primary answers');
+is(topk_signature($standby, 'postgres', 'gone', $op, 10, @gq), $gp, 'after a retired graph and new rows: the standby answers the same');
+my $ginfo = "SELECT graph_items, graph_dead, delta_items FROM twotower.index_info('gone_idx')";
+is($standby->safe_psql('postgres', $ginfo), $primary->safe_psql('postgres', $ginfo), 'and its counters match');
+is($primary->safe_psql('postgres', $ginfo), '0|0|1500', 'the retired graph is gone, the new rows are in the delta');
+
 $standby->stop;
 $primary->stop;
 done_testing();

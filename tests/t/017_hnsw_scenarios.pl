@@ -423,9 +423,13 @@ scenario('011: index size over delete-all / VACUUM / re-insert cycles' => sub {
 	my @size = (one("SELECT pg_relation_size('cyc_idx')"));
 	for my $cycle (1 .. 4)
 	{
+		one('DELETE FROM cyc; VACUUM cyc;');
+		# VACUUM retires a graph with nothing live in it: its pages are free for what comes
+		# next, and no scan walks through 3000 dead entries.
+		is(one(q{SELECT concat_ws(' ', graph_items, graph_dead, delta_graph_items, delta_pending) FROM index_info('cyc_idx')}),
+			'0 0 0 0', "cycle $cycle: after delete-all and VACUUM the index holds nothing");
+		is(index_scan_count($node, 'postgres', 'cyc', '<->', $dims), '0', "cycle $cycle: a scan of the emptied index returns nothing");
 		one(qq{
-			DELETE FROM cyc;
-			VACUUM cyc;
 			INSERT INTO cyc SELECT n, n % 50, tvec((n - 1) % 3000 + 1 + 400000, $dims)
 			  FROM (SELECT nextval('cyc_seq') AS n FROM generate_series(1, 3000)) s;
 		});
@@ -442,10 +446,15 @@ scenario('011: index size over delete-all / VACUUM / re-insert cycles' => sub {
 	}
 	cmp_ok($size[4], '<=', $size[1] * 1.1,
 		"the index does not grow from cycle to cycle ($size[1] bytes after the first, $size[4] after the fourth)");
+	# VACUUM retires the dead graph and its pages are reused (2.74x the build before it did, 1.75x
+	# since); the rest is the delta graph's copy-on-write: a fold writes the new graph before it
+	# frees the old one, so the index needs room for both.
+	cmp_ok($size[4], '<=', $size[0] * 2,
+		"the same 3000 rows take at most twice the space of the build ($size[0] bytes after the build, $size[4] after four cycles)");
 	TODO:
 	{
-		local $TODO = 'VACUUM leaves the main graph\'s dead entries in place as tombstones (only REINDEX reclaims '
-		  . 'them), and the re-inserted rows take a delta graph of their own';
+		local $TODO = 'a fold writes the new delta graph before freeing the old one (copy-on-write), so the '
+		  . 're-inserted rows need room for two graphs';
 		cmp_ok($size[4], '<=', $size[0] * 1.1,
 			"the same 3000 rows take about the space of the build ($size[0] bytes after the build, $size[4] after four cycles)");
 	}
