@@ -58,7 +58,7 @@ test-tap:
 	bash tests/tap.sh
 
 ## The one-hour soak: mixed pgbench load with faults (tests/t/014_soak.pl; TT_SOAK_SECONDS to
-## change its length), its report and docs/soak-rss.svg.
+## change its length), its report and docs/soak.png.
 soak: setup install-release
 	bash tests/soak.sh
 

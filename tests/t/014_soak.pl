@@ -181,8 +181,13 @@ SELECT check_answer('fanout', :id);
 # Deletes and updates hit the first live id at or after a random point of the id range, so
 # that the table keeps its size (as many deletes as inserts) however long the soak runs.
 my $some_id = '(SELECT id FROM items WHERE id >= :r % (SELECT max(id) FROM items) ORDER BY id LIMIT 1)';
+# Deletes take rows the insert script added (ids past the catalogue's 20 000): the refresh
+# re-inserts every catalogue item it does not find, so deleting catalogue items made the table
+# grow by what the refresh put back (20 000 -> ~50 000 rows over the hour, and the exact search
+# of each recall check with it: the old soak's 40 % slope).
+my $added_id = '(SELECT id FROM items WHERE id > 20000 AND id >= 20001 + :r % greatest(1, (SELECT max(id) FROM items) - 20000) ORDER BY id LIMIT 1)';
 script('insert', 2, "INSERT INTO items (category, v) SELECT 3, $randv;\n");
-script('delete', 2, "\\set r random(1, 1000000000)\nDELETE FROM items WHERE id = $some_id;\n");
+script('delete', 2, "\\set r random(1, 1000000000)\nDELETE FROM items WHERE id = $added_id;\n");
 script('update', 2, "\\set r random(1, 1000000000)\nUPDATE items SET v = $randv WHERE id = $some_id;\n");
 script('switch', 1, q{
 SELECT twotower.activate_model('u', 3 - (SELECT version FROM twotower.models WHERE name = 'u' AND active));
@@ -214,8 +219,15 @@ open(my $rss_out, '>', "$report/rss.tsv") or die;
 print $rss_out "seconds\tphase\tpid\trss_kb\trss_anon_kb\n";
 open(my $phases_out, '>', "$report/phases.tsv") or die;
 print $phases_out "phase\tstart_s\tend_s\tfault_after\n";
+# The client load's throughput every 10 s (pgbench --progress), for the TPS plot.
+open(my $tps_out, '>', "$report/tps.tsv") or die;
+print $tps_out "seconds\tphase\ttps\tlatency_ms\n";
+# What could make the load slow down over the hour, at the end of each phase: the table's rows
+# and sizes, the index's parts, the checks table.
+open(my $state_out, '>', "$report/state.tsv") or die;
+print $state_out "phase\titems\titems_max_id\titems_mb\titems_idx_mb\tgraph_items\tgraph_dead\tdelta_graph_items\tdelta_pending\tchecks\tcatalog_mb\n";
 my $t0 = time;
-my (%tps, %count, %failed);
+my (%tps, %count, %failed, %lat);
 my @events;
 
 # One phase of load: the client pgbench and the maintenance pgbench for $phase_secs, the
@@ -231,7 +243,7 @@ sub run_phase
 	my ($load, $mload);
 	{
 		local $ENV{PGAPPNAME} = 'soak_load';
-		$load = IPC::Run::start([ 'pgbench', '-n', '-c', '6', '-j', '2', '-T', $phase_secs,
+		$load = IPC::Run::start([ 'pgbench', '-n', '-c', '6', '-j', '2', '-T', $phase_secs, '--progress=10',
 			(map { ('-f', $scripts{$_}) } sort keys %scripts), @conn ], '>', \$out1, '2>', \$err1);
 		$ENV{PGAPPNAME} = 'soak_maint';
 		$mload = IPC::Run::start([ 'pgbench', '-n', '-c', '1', '-T', $phase_secs, '-f', $maint, @conn ],
@@ -285,12 +297,23 @@ sub run_phase
 	unlike($err1 . $err2, qr/^(?:ERROR|FATAL|PANIC):|pgbench: error|aborted/m, "phase $phase: no errors reported to the clients")
 		or diag(substr($err1 . $err2, 0, 2000));
 	like($out2, qr/number of transactions actually processed: [1-9]/, "phase $phase: the maintenance loop ran");
-	while ($out1 =~ /SQL script \d+: \S+\/(\w+)\.sql\n\s+- weight: \d+.*\n\s+- (\d+) transactions \(.*?tps = ([\d.]+)\)\n\s+- number of failed transactions: (\d+)/g)
+	while ($out1 =~ /SQL script \d+: \S+\/(\w+)\.sql\n\s+- weight: \d+.*\n\s+- (\d+) transactions \(.*?tps = ([\d.]+)\)\n\s+- number of failed transactions: (\d+)(?:.*\n)*?\s+- latency average = ([\d.]+) ms/g)
 	{
 		$count{$1} += $2;
 		$tps{$1}{$phase} = $3;
 		$failed{$1} += $4;
+		$lat{$1}{$phase} = $5;
 	}
+	while ($err1 =~ /^progress: ([\d.]+) s, ([\d.]+) tps, lat ([\d.]+) ms/mg)
+	{
+		printf $tps_out "%.1f\t%d\t%s\t%s\n", $start + $1, $phase, $2, $3;
+	}
+	print $state_out join("\t", $phase, split(/\|/, $node->safe_psql('postgres', q{
+		SELECT (SELECT count(*) FROM items), (SELECT max(id) FROM items),
+		       round(pg_total_relation_size('items') / 1048576.0, 1), round(pg_relation_size('items_idx') / 1048576.0, 1),
+		       i.graph_items, i.graph_dead, i.delta_graph_items, i.delta_pending,
+		       (SELECT count(*) FROM checks), round(pg_total_relation_size('catalog') / 1048576.0, 1)
+		  FROM twotower.index_info('items_idx') i}))) . "\n";
 	if ($out2 =~ /number of transactions actually processed: (\d+).*?tps = ([\d.]+)/s)
 	{
 		$count{maint} += $1;
@@ -388,6 +411,8 @@ for my $phase (0 .. $#faults + 1)
 }
 close $rss_out;
 close $phases_out;
+close $tps_out;
+close $state_out;
 
 # Every answer checked during the load.
 my $summary = $node->safe_psql('postgres', q{
@@ -442,11 +467,13 @@ cmp_ok($worst, '<', 16384, "backend private memory stays flat within each phase 
 
 my $total = time - $t0;
 my @lines = (sprintf('duration %.0f s (%d phases of %d s of load), 6 clients + 1 maintenance client', $total, @faults + 1, $phase_secs),
-	'script	transactions	failed	tps per phase');
+	'script	transactions	failed	tps per phase	latency ms per phase');
 for my $s (sort keys %count)
 {
-	push @lines, join("\t", $s, $count{$s}, $failed{$s} // 0, join(' ', map { $tps{$s}{$_} // '-' } 0 .. @faults));
+	push @lines, join("\t", $s, $count{$s}, $failed{$s} // 0, join(' ', map { $tps{$s}{$_} // '-' } 0 .. @faults),
+		join(' ', map { $lat{$s}{$_} // '-' } 0 .. @faults));
 }
+push @lines, 'state at the end of each phase:', split(/\n/, slurp_file("$report/state.tsv"));
 push @lines, $summary, "largest RssAnon growth within a phase: $worst kB", @events;
 open(my $sum, '>', "$report/summary.txt") or die;
 print $sum join("\n", @lines), "\n";
