@@ -206,6 +206,20 @@ impl<'a> Searcher<'a> {
 
     /// Calls `f` with each neighbour of `slot` at level `l`.
     #[inline]
+    /// Reads one byte of each cache line of the stored vectors at `slots` (a portable prefetch:
+    /// the loads do not depend on each other, so they are in flight together).
+    fn touch(&self, slots: &[usize]) {
+        let mut acc = 0u8;
+        for &s in slots {
+            if let Some(r) = row(self.graph, self.head, s) {
+                for i in (0..r.len()).step_by(64) {
+                    acc ^= r[i];
+                }
+            }
+        }
+        std::hint::black_box(acc);
+    }
+
     fn each_neighbour(
         &self,
         slot: usize,
@@ -291,6 +305,7 @@ impl<'a> Searcher<'a> {
             top.push((D(cur_d), cur as u32));
         }
         let mut expanded = 0usize;
+        let mut fresh: Vec<usize> = Vec::with_capacity(self.head.cap(0));
         while let Some(Reverse((D(d), slot))) = cand.pop() {
             if top.len() >= ef && top.peek().is_some_and(|w| d > w.0 .0) {
                 break;
@@ -301,10 +316,18 @@ impl<'a> Searcher<'a> {
                     f();
                 }
             }
+            // The neighbours not seen yet, their vectors touched first: independent loads the
+            // processor overlaps, so the distances below find them in cache (a search is bound
+            // by these random reads).
+            fresh.clear();
             self.each_neighbour(slot as usize, 0, |n| {
-                if !visited.insert(n as u32) {
-                    return Ok(());
+                if visited.insert(n as u32) {
+                    fresh.push(n);
                 }
+                Ok(())
+            })?;
+            self.touch(&fresh);
+            for &n in &fresh {
                 let dn = self.dist(n)?;
                 let worst = top.peek().map_or(f32::INFINITY, |w| w.0 .0);
                 if top.len() < ef || dn < worst {
@@ -316,8 +339,7 @@ impl<'a> Searcher<'a> {
                         }
                     }
                 }
-                Ok(())
-            })?;
+            }
         }
         let mut out: Vec<(D, u32)> = top.into_vec();
         out.sort_unstable();
