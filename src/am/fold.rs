@@ -186,7 +186,7 @@ pub unsafe fn fold(
 
         let old_image = old.map(|r| cache::image(index, &sealed, &r).or_report());
         let threads = worker_threads();
-        let mut builder = match (&old_image, dead.is_some()) {
+        let builder = match (&old_image, dead.is_some()) {
             (Some(img), false) => {
                 ImageBuilder::from_image(&params, &img.image, keys.len(), threads).or_report()
             }
@@ -215,6 +215,9 @@ pub unsafe fn fold(
             }
             (None, _) => ImageBuilder::new(&params, keys.len(), threads).or_report(),
         };
+        // (Without the build's self-check: it would add a search per item to every insert that
+        // folds; the guarantee that every item is found by its own vector is the build's.)
+        let mut builder = builder.without_self_check();
         report_build_error(builder.add_batch(&keys, &vectors, &mut build_poll));
         drop(vectors);
         let total = builder.len() as u64;

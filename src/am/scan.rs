@@ -98,9 +98,8 @@ fn cursor(order: ScanOrder) -> GraphCursor {
 /// The candidate list of the delta graph, which holds `share` of the live items: a search for
 /// the scan's nearest rows needs about that share of its candidates from it, so twice that
 /// share of `ef`, but at least 64 (or `ef` when smaller), so a row searched by its own vector
-/// is found in the delta graph as in the main one (each graph's build checks that every new
-/// item finds itself: `twotower_ann::SELF_CHECK_EF`). The cursor widens it like any search
-/// when the scan reads further.
+/// is found in the delta graph as in the main one. The cursor widens it like any search when
+/// the scan reads further.
 fn delta_graph_ef(ef: usize, share: f64) -> usize {
     ((2.0 * ef as f64 * share).ceil() as usize)
         .max(ef.min(64))
@@ -197,16 +196,22 @@ unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
     // SAFETY: open index relation.
     unsafe { count_scan(index) };
     // A fold that switches the delta graph while this scan reads may reuse the pages the scan
-    // was about to read: then the metapage has changed, and the scan reads it again.
+    // was about to read: then the metapage has changed, and the scan reads it again. Under
+    // steady inserts a fold can come every second or so and a load can take longer than that
+    // (a new delta graph is read from the pages by every backend), so a scan may need several
+    // rounds: it reads again as long as the lists keep changing (an error of a load whose
+    // metapage did not change is reported at once).
+    const ATTEMPTS: u32 = 100;
     let mut attempt = 0;
     let meta = loop {
         attempt += 1;
+        pgrx::check_for_interrupts!();
         // SAFETY: open index relation.
         let meta = unsafe { read_meta(index) }.or_report();
         // SAFETY: as above.
         match unsafe { load(index, st, &meta) } {
             Ok(()) => {}
-            Err(e) if attempt < 5 => {
+            Err(e) if attempt < ATTEMPTS => {
                 // SAFETY: as above.
                 let now = unsafe { read_meta(index) }.or_report();
                 if same_lists(&now, &meta) {
@@ -218,7 +223,7 @@ unsafe fn start(index: pg_sys::Relation, st: &mut ScanState) {
         }
         // SAFETY: as above.
         let now = unsafe { read_meta(index) }.or_report();
-        if same_lists(&now, &meta) || attempt >= 5 {
+        if same_lists(&now, &meta) || attempt >= ATTEMPTS {
             break meta;
         }
     };

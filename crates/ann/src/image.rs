@@ -248,8 +248,8 @@ pub struct ImageBuilder {
     /// The f32 input, for f16/i8 graphs (whose stored vectors are not the input).
     kept: Option<Vec<f32>>,
     threads: usize,
-    /// Items before this position came from an image that was already checked (a fold
-    /// extending the delta graph): the self-check covers the items added since.
+    /// Items before this position are not self-checked (they came from an image that was
+    /// checked already; `usize::MAX`: no self-check at all).
     checked: usize,
 }
 
@@ -312,6 +312,13 @@ impl ImageBuilder {
             threads,
             checked: h.count,
         })
+    }
+
+    /// Leaves the self-check ([`SELF_CHECK_EF`]) out of [`ImageBuilder::finish`]: for a fold,
+    /// which runs inside an insert and extends a graph many times over its life.
+    pub fn without_self_check(mut self) -> ImageBuilder {
+        self.checked = usize::MAX;
+        self
     }
 
     /// Items added so far.
