@@ -5,9 +5,11 @@
 //!
 //! A fold extends the current delta graph with the delta items (a writable copy of its graph,
 //! new items inserted on worker threads, then repaired and serialized like a build), writes the
-//! result to a chain of free or new pages, and switches the metapage to it in one WAL record;
-//! the old graph's pages and the absorbed delta pages go to the free space map for the next
-//! fold. Readers never wait: a scan that read the metapage before a switch keeps the old
+//! result over the pages of the graph before the current one (the spare chain), section by
+//! section, and switches the metapage to it in one WAL record; the current graph's pages become
+//! the spare, and the absorbed delta pages go to the free space map. A fold appends items and
+//! changes a few neighbour lists, and each section keeps its bytes in place, so Generic WAL
+//! logs the difference from the spare (about two folds' worth of changes), not the graph. Readers never wait: a scan that read the metapage before a switch keeps the old
 //! graph (its cache file), and one that finds its pages reused reads the metapage again.
 //!
 //! Who folds: the insert that brings the delta to the threshold (unless another fold is
@@ -30,9 +32,10 @@ use std::cell::Cell;
 use twotower_ann::{estimate_build_memory, BuildParams, ImageBuilder, Metric, Quantization};
 
 /// The delta graph is extended once the delta holds at least 1/FOLD_RATIO of its items (and at
-/// least the index's `fold_threshold`): each item is then copied about FOLD_RATIO times over
-/// the graph's life (WAL: FOLD_RATIO times the graph's bytes per item), and a scan ranks at
-/// most that share of it exactly (about 60 ns an item on the benchmark machine).
+/// least the index's `fold_threshold`): each item is then serialized about FOLD_RATIO times
+/// over the graph's life (WAL carries only what changed: each item about twice, plus the
+/// neighbour lists it joined), and a scan ranks at most that share of it exactly (about 60 ns
+/// an item on the benchmark machine).
 const FOLD_RATIO: u64 = 32;
 
 thread_local! {
@@ -231,14 +234,16 @@ pub unsafe fn fold(
             None
         };
 
-        let old_blocks = old
-            .map(|r| pages::chain_blocks(index, &r))
-            .unwrap_or_default();
-        let new_ref = match &bytes {
+        // The new graph goes over the spare chain (the graph before the current one), section
+        // by section, so that WAL carries what changed since then; the current graph becomes
+        // the spare. Without a new graph, both chains are freed.
+        let spare = sealed.spare_ref();
+        let (new_ref, to_free) = match &bytes {
             Some(b) => {
                 let b = b.as_ref();
                 let gen = generation((*index).rd_node.relNode.to_u32()) ^ (sealed.dg_folds + 1);
-                let blocks = pages::write_chain(index, gen, b);
+                let cuts = twotower_ann::segment_cuts(b);
+                let (blocks, unused) = pages::write_chain(index, gen, b, &cuts, spare.as_ref());
                 let r = ImageRef {
                     level: Level::Delta,
                     generation: gen,
@@ -247,12 +252,21 @@ pub unsafe fn fold(
                     start: blocks[0],
                     nblocks: blocks.len() as u32,
                 };
-                Some((r, total))
+                (Some((r, total)), unused)
             }
-            None => None,
+            None => {
+                let mut blocks: Vec<pg_sys::BlockNumber> = old
+                    .map(|r| pages::chain_blocks(index, &r))
+                    .unwrap_or_default();
+                if let Some(r) = &spare {
+                    blocks.extend(pages::chain_blocks(index, r));
+                }
+                (None, blocks)
+            }
         };
-        let meta = pages::switch_delta_graph(index, new_ref, out.moved);
-        pages::free_pages(index, &old_blocks);
+        let next_spare = if new_ref.is_some() { old } else { None };
+        let meta = pages::switch_delta_graph(index, new_ref, next_spare, out.moved);
+        pages::free_pages(index, &to_free);
         pages::free_delta_pages(index, &absorbed);
         cache::store_delta_graph(index, &meta, bytes.as_ref().map_or(&[][..], |b| b.as_ref()));
         pgrx::debug1!(

@@ -32,6 +32,11 @@ const META_VERSION_1: u32 = 1;
 /// Special space of a delta-graph page: magic, next block, generation.
 const CHAIN_SPECIAL: usize = std::mem::size_of::<ChainSpecial>();
 const CHAIN_MAGIC: u32 = 0x5454_4447; // "TTDG"
+/// Pages of a chain written section by section (`twotower_ann::segment_cuts`): "TTG0" for the
+/// first section's pages, "TTG1" for the second's, and so on. Each section starts on a page of
+/// its own, so a page may hold less than a full payload before the next section.
+const SEG_MAGIC: u32 = 0x5454_4730; // "TTG0"
+const MAX_SEGMENTS: u32 = 16;
 /// Raw payload bytes of a delta-graph page.
 pub const CHAIN_PAYLOAD: usize = PAYLOAD - CHAIN_SPECIAL;
 /// Size of the standard page header (MAXALIGN(offsetof(PageHeaderData, pd_linp))).
@@ -95,6 +100,13 @@ pub struct Meta {
     /// Changes whenever delta pages are freed (a fold, or VACUUM unlinking emptied pages): a
     /// scan that read the metapage before compares it afterwards and reads again.
     pub dl_epoch: u64,
+    /// The delta graph before the current one (0: none), kept as the place the next fold
+    /// writes to: its pages take the next graph section by section, and Generic WAL logs only
+    /// the bytes that differ (a fold appends items and changes a few neighbour lists; the
+    /// rest of the graph stays where it was). Nothing reads it; its pages are not free.
+    pub dg_spare_generation: u64,
+    pub dg_spare_head: u32,
+    pub dg_spare_nblocks: u32,
 }
 
 /// Where one image lives: the main image (a contiguous block range) or the delta graph (a chain).
@@ -136,6 +148,17 @@ impl Meta {
             len: self.dg_len,
             start: self.dg_head,
             nblocks: self.dg_nblocks,
+        })
+    }
+    /// The previous delta graph's chain, kept for the next fold to write over.
+    pub fn spare_ref(&self) -> Option<ImageRef> {
+        (self.dg_spare_generation != 0 && self.dg_spare_nblocks > 0).then_some(ImageRef {
+            level: Level::Delta,
+            generation: self.dg_spare_generation,
+            checksum: 0,
+            len: 0,
+            start: self.dg_spare_head,
+            nblocks: self.dg_spare_nblocks,
         })
     }
     /// The first block after the build's fixed area (image and tombstones).
@@ -240,6 +263,24 @@ unsafe fn init_raw_page(page: pg_sys::Page, data: &[u8]) {
         pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, 0);
         std::ptr::copy_nonoverlapping(data.as_ptr(), contents(page), data.len());
         (*(page as *mut pg_sys::PageHeaderData)).pd_lower = (PAGE_HEADER + data.len()) as u16;
+    }
+}
+
+/// Re-initialises `page` (a page registered with Generic WAL *without* a full image) with
+/// `special` bytes of special space, keeping its LSN: Generic WAL copies the whole new page,
+/// header included, into the buffer before it inserts the record, and a page whose LSN reads 0
+/// there is taken for one not changed since the last checkpoint, so the record would carry a
+/// full-page image instead of the difference.
+///
+/// # Safety
+/// `page` must point to a writable page buffer of BLCKSZ bytes holding a valid page header.
+unsafe fn reinit_page(page: pg_sys::Page, special: usize) {
+    // SAFETY: caller guarantees a writable BLCKSZ page with a header.
+    unsafe {
+        let h = page as *mut pg_sys::PageHeaderData;
+        let lsn = (*h).pd_lsn;
+        pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, special);
+        (*h).pd_lsn = lsn;
     }
 }
 
@@ -607,7 +648,9 @@ unsafe fn take_free_page(index: pg_sys::Relation, meta: &Meta, building: u64) ->
             let free = pg_sys::PageIsNew(page)
                 || link_special(page).is_some_and(|s| s.magic == FREE_MAGIC)
                 || chain_special(page).is_some_and(|s| {
-                    s.generation != meta.dg_generation && s.generation != building
+                    s.generation != meta.dg_generation
+                        && s.generation != building
+                        && s.generation != meta.dg_spare_generation
                 });
             if free {
                 return Some(b);
@@ -987,7 +1030,9 @@ struct ChainSpecial {
 /// `page` must be a locked page of the index.
 unsafe fn chain_special(page: pg_sys::Page) -> Option<ChainSpecial> {
     // SAFETY: forwarded.
-    unsafe { special::<ChainSpecial>(page) }.filter(|s| s.magic == CHAIN_MAGIC)
+    unsafe { special::<ChainSpecial>(page) }.filter(|s| {
+        s.magic == CHAIN_MAGIC || (SEG_MAGIC..SEG_MAGIC + MAX_SEGMENTS).contains(&s.magic)
+    })
 }
 
 /// Records `blocks` as free in the index's free space map and makes them findable.
@@ -1022,7 +1067,7 @@ pub unsafe fn free_delta_pages(index: pg_sys::Relation, blocks: &[pg_sys::BlockN
             let b = Locked::read(index, blk, true);
             let state = pg_sys::GenericXLogStart(index);
             let page = pg_sys::GenericXLogRegisterBuffer(state, b.buf, 0);
-            pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, LINK_SPECIAL);
+            reinit_page(page, LINK_SPECIAL);
             set_link(page, FREE_MAGIC, 0);
             pg_sys::GenericXLogFinish(state);
         }
@@ -1076,10 +1121,16 @@ pub unsafe fn retire_dead_main(index: pg_sys::Relation) -> usize {
     }
 }
 
-/// Writes `image` as a chain of free or new pages of generation `generation`, last page first
-/// (so each page is written whole, with the block of the one after it, as soon as it is
-/// taken); returns its blocks in order. Each page is WAL-logged whole; nothing refers to the
-/// chain until the metapage does.
+/// Writes `image` as a chain of pages of generation `generation`, section by section (each
+/// section, as `cuts` divides the image, starts on a page of its own), last page first (so each
+/// page is written whole, with the block of the one after it, as soon as it is taken); returns
+/// its blocks in order, and the blocks of `over` it did not take.
+///
+/// With `over` (the spare chain: the delta graph before the current one), page i of section s
+/// goes to the block that held page i of section s there, and is WAL-logged as its difference
+/// from what that block held: for a graph extended by a fold, little more than the appended
+/// items and the changed neighbour lists. Other pages go to free or new blocks, logged whole.
+/// Nothing refers to the chain until the metapage does.
 ///
 /// # Safety
 /// As for [`read_image_into`]; the caller holds the maintenance lock.
@@ -1087,34 +1138,112 @@ pub unsafe fn write_chain(
     index: pg_sys::Relation,
     generation: u64,
     image: &[u8],
-) -> Vec<pg_sys::BlockNumber> {
-    let chunks: Vec<&[u8]> = image.chunks(CHAIN_PAYLOAD).collect();
+    cuts: &[usize],
+    over: Option<&ImageRef>,
+) -> (Vec<pg_sys::BlockNumber>, Vec<pg_sys::BlockNumber>) {
+    // (section, bytes) of each page, in chain order.
+    let mut pieces: Vec<(u32, &[u8])> = Vec::new();
+    let mut bounds: Vec<usize> = vec![0];
+    bounds.extend(cuts.iter().copied().filter(|&c| c > 0 && c < image.len()));
+    bounds.push(image.len());
+    bounds.dedup();
+    let segmented = bounds.len() > 2 && bounds.len() - 1 <= MAX_SEGMENTS as usize;
+    if segmented {
+        for (s, w) in bounds.windows(2).enumerate() {
+            for chunk in image[w[0]..w[1]].chunks(CHAIN_PAYLOAD) {
+                pieces.push((s as u32, chunk));
+            }
+        }
+    } else {
+        pieces.extend(image.chunks(CHAIN_PAYLOAD).map(|c| (u32::MAX, c)));
+    }
+    // The spare chain's blocks by (section, position), and the rest (pages of an unsectioned
+    // chain) as a pool.
+    let mut by_section: Vec<Vec<pg_sys::BlockNumber>> = vec![Vec::new(); MAX_SEGMENTS as usize];
+    let mut pool: Vec<pg_sys::BlockNumber> = Vec::new();
+    if let Some(r) = over {
+        // SAFETY: forwarded.
+        for (blk, magic) in unsafe { chain_pages(index, r) } {
+            match magic.checked_sub(SEG_MAGIC) {
+                Some(s) if s < MAX_SEGMENTS => by_section[s as usize].push(blk),
+                _ => pool.push(blk),
+            }
+        }
+    }
+    let mut next_index: Vec<usize> = vec![0; MAX_SEGMENTS as usize];
+    // Which spare block each page takes (None: a free or new one).
+    let mut target: Vec<Option<pg_sys::BlockNumber>> = Vec::with_capacity(pieces.len());
+    for &(s, _) in &pieces {
+        let t = if s == u32::MAX {
+            None
+        } else {
+            let i = next_index[s as usize];
+            next_index[s as usize] += 1;
+            by_section[s as usize].get(i).copied()
+        };
+        target.push(t);
+    }
+    let mut unused: Vec<pg_sys::BlockNumber> = by_section
+        .iter()
+        .zip(&next_index)
+        .flat_map(|(v, &n)| v.iter().skip(n).copied())
+        .collect();
+    // Pages without a place of their own take the spare's unused blocks first.
+    unused.append(&mut pool);
+    for t in target.iter_mut() {
+        if t.is_none() {
+            *t = unused.pop();
+        }
+    }
     // SAFETY: forwarded.
     let meta = unsafe { read_meta(index) }.or_report();
-    let mut blocks = Vec::with_capacity(chunks.len());
+    let spare_generation = over.map(|r| r.generation);
+    let mut blocks = Vec::with_capacity(pieces.len());
     let mut next = pg_sys::InvalidBlockNumber;
-    for (i, chunk) in chunks.iter().enumerate().rev() {
+    let mut reused_count = 0usize;
+    for (i, &(s, chunk)) in pieces.iter().enumerate().rev() {
         if i % 256 == 0 {
             pgrx::check_for_interrupts!();
         }
-        // SAFETY: the page is ours (taken free or new, exclusively locked) and written whole
-        // in one Generic WAL record.
+        // SAFETY: the page is ours: a block of the spare chain (exclusively locked, checked to
+        // still be one of its pages) or a free or new one; written whole in one Generic WAL
+        // record (as a difference from its old contents when it was the spare's).
         unsafe {
-            let b = alloc_page(index, &meta, generation);
+            let reused = target[i].and_then(|blk| {
+                let b = Locked::read(index, blk, true);
+                let ours =
+                    chain_special(b.page()).is_some_and(|c| Some(c.generation) == spare_generation);
+                ours.then_some(b)
+            });
+            let diff = reused.is_some();
+            reused_count += usize::from(diff);
+            let b = reused.unwrap_or_else(|| alloc_page(index, &meta, generation));
             let state = pg_sys::GenericXLogStart(index);
             let page = pg_sys::GenericXLogRegisterBuffer(
                 state,
                 b.buf,
-                pg_sys::GENERIC_XLOG_FULL_IMAGE as i32,
+                if diff {
+                    0
+                } else {
+                    pg_sys::GENERIC_XLOG_FULL_IMAGE as i32
+                },
             );
-            pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, CHAIN_SPECIAL);
+            if diff {
+                reinit_page(page, CHAIN_SPECIAL);
+            } else {
+                pg_sys::PageInit(page, pg_sys::BLCKSZ as usize, CHAIN_SPECIAL);
+            }
             std::ptr::copy_nonoverlapping(chunk.as_ptr(), contents(page), chunk.len());
             (*(page as *mut pg_sys::PageHeaderData)).pd_lower = (PAGE_HEADER + chunk.len()) as u16;
             let sp = pg_sys::PageGetSpecialPointer(page) as *mut ChainSpecial;
             std::ptr::write_unaligned(
                 sp,
                 ChainSpecial {
-                    magic: CHAIN_MAGIC,
+                    magic: if s == u32::MAX {
+                        CHAIN_MAGIC
+                    } else {
+                        SEG_MAGIC + s
+                    },
                     next,
                     generation,
                 },
@@ -1125,14 +1254,25 @@ pub unsafe fn write_chain(
         }
     }
     blocks.reverse();
-    blocks
+    pgrx::debug1!(
+        "twotower_hnsw: wrote a chain of {} pages ({} sections), {} of them over the spare chain's pages",
+        blocks.len(),
+        bounds.len() - 1,
+        reused_count
+    );
+    // Blocks given to pages are no longer unused (a spare block that failed the check above
+    // was simply not written: it stays with the spare's leftovers only if still unclaimed).
+    let taken: std::collections::HashSet<pg_sys::BlockNumber> = blocks.iter().copied().collect();
+    unused.retain(|b| !taken.contains(b));
+    (blocks, unused)
 }
 
-/// The blocks of the chain `r` (for freeing it); stops early on a page that is no longer its.
+/// The blocks of chain `r` with each page's kind (magic), following its links while its pages
+/// are its own.
 ///
 /// # Safety
 /// As for [`read_image_into`].
-pub unsafe fn chain_blocks(index: pg_sys::Relation, r: &ImageRef) -> Vec<pg_sys::BlockNumber> {
+unsafe fn chain_pages(index: pg_sys::Relation, r: &ImageRef) -> Vec<(pg_sys::BlockNumber, u32)> {
     let mut out = Vec::with_capacity(r.nblocks as usize);
     let mut blk = r.start;
     while blk != pg_sys::InvalidBlockNumber && out.len() < r.nblocks as usize {
@@ -1143,13 +1283,25 @@ pub unsafe fn chain_blocks(index: pg_sys::Relation, r: &ImageRef) -> Vec<pg_sys:
         };
         match s {
             Some(s) if s.generation == r.generation => {
-                out.push(blk);
+                out.push((blk, s.magic));
                 blk = s.next;
             }
             _ => break,
         }
     }
     out
+}
+
+/// The blocks of the chain `r` (for freeing it); stops early on a page that is no longer its.
+///
+/// # Safety
+/// As for [`read_image_into`].
+pub unsafe fn chain_blocks(index: pg_sys::Relation, r: &ImageRef) -> Vec<pg_sys::BlockNumber> {
+    // SAFETY: forwarded.
+    unsafe { chain_pages(index, r) }
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect()
 }
 
 /// Streams the bytes of image `r` into `out`: the main image's block range, or the delta
@@ -1193,9 +1345,15 @@ pub unsafe fn read_ref_into(
             if s.generation != r.generation {
                 return Err(stale());
             }
-            let n = remaining.min(CHAIN_PAYLOAD);
             let lower = (*(page as *const pg_sys::PageHeaderData)).pd_lower as usize;
-            if lower != PAGE_HEADER + n {
+            // A sectioned chain's page ends where its section does; an unsectioned chain's
+            // pages are full but the last.
+            let n = if s.magic == CHAIN_MAGIC {
+                remaining.min(CHAIN_PAYLOAD)
+            } else {
+                lower.saturating_sub(PAGE_HEADER)
+            };
+            if lower != PAGE_HEADER + n || n == 0 || n > remaining || n > CHAIN_PAYLOAD {
                 return Err(stale());
             }
             out.write_all(std::slice::from_raw_parts(contents(page), n))
@@ -1234,15 +1392,17 @@ pub unsafe fn seal_delta(index: pg_sys::Relation) -> Meta {
     }
 }
 
-/// The switch to a new delta graph: the metapage names `new` (or no delta graph), the sealed
-/// delta pages leave the chain (and the version-1 range empties), and `moved` items left the
-/// delta, in one WAL record. Returns the new metapage.
+/// The switch to a new delta graph: the metapage names `new` (or no delta graph) and `spare`
+/// (the chain the next fold writes over, or none), the sealed delta pages leave the chain (and
+/// the version-1 range empties), and `moved` items left the delta, in one WAL record. Returns
+/// the new metapage.
 ///
 /// # Safety
 /// As for [`read_image_into`]; the caller holds the maintenance lock and sealed the delta.
 pub unsafe fn switch_delta_graph(
     index: pg_sys::Relation,
     new: Option<(ImageRef, u64)>,
+    spare: Option<ImageRef>,
     moved: u64,
 ) -> Meta {
     // SAFETY: the metapage changes under its exclusive lock in one Generic WAL record; the
@@ -1276,6 +1436,18 @@ pub unsafe fn switch_delta_graph(
                 m.dg_head = 0;
                 m.dg_nblocks = 0;
                 m.dg_count = 0;
+            }
+        }
+        match spare {
+            Some(r) => {
+                m.dg_spare_generation = r.generation;
+                m.dg_spare_head = r.start;
+                m.dg_spare_nblocks = r.nblocks;
+            }
+            None => {
+                m.dg_spare_generation = 0;
+                m.dg_spare_head = 0;
+                m.dg_spare_nblocks = 0;
             }
         }
         m.dg_folds += 1;

@@ -738,6 +738,50 @@ pub fn checksum(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
+/// Where to cut `image` into sections whose bytes keep their offsets (within the section) when
+/// the image is extended by a fold: the item keys (new rows' keys mostly sort last), the
+/// orphans, the key-to-slot table, the node offsets, the inverse norms, the stored vectors,
+/// the graph's head and level table, and the node records (a fold appends nodes and changes
+/// some neighbour lists in place). Ascending offsets strictly inside the image; empty when the
+/// image is not a format 2 image with a graph of the known layout (it is then one section).
+///
+/// A store that starts each section on a page of its own, and writes a new image over the
+/// pages of an older one section by section, sees only the changed bytes differ (what Generic
+/// WAL then logs); the image's bytes and format are not affected.
+pub fn segment_cuts(image: &[u8]) -> Vec<usize> {
+    let Ok(h) = Header::parse(image) else {
+        return Vec::new();
+    };
+    if h.version < 2 {
+        return Vec::new();
+    }
+    let graph = &image[h.us_off..h.us_off + h.us_len];
+    let Ok(g) = crate::layout::GraphHead::parse(graph, h.dims, h.quantization) else {
+        return Vec::new();
+    };
+    let keys_end = h.keys_off + h.count * 8;
+    let node_off_at = h.nav_off + crate::layout::pad8(h.count * 4);
+    let inv_norm_at = node_off_at + h.count * 8;
+    let vectors_at = h.us_off + g.vectors_at;
+    let vectors_end = vectors_at + g.size * g.row_bytes;
+    let nodes_at = h.us_off + g.nodes_at;
+    let mut cuts = Vec::with_capacity(7);
+    for c in [
+        keys_end,
+        h.nav_off,
+        node_off_at,
+        inv_norm_at,
+        vectors_at,
+        vectors_end,
+        nodes_at,
+    ] {
+        if c > *cuts.last().unwrap_or(&0) && c < image.len() {
+            cuts.push(c);
+        }
+    }
+    cuts
+}
+
 /// Parsed header of an image.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Header {

@@ -10,8 +10,9 @@ pub mod metric;
 
 pub use error::{AnnError, Result, MAX_DIMS};
 pub use image::{
-    build_image, checksum, estimate_build_memory, sort_for_pop, BuildParams, GraphCursor, Header,
-    Hit, Image, ImageBuilder, ImageBytes, Poll, Query, ScanOrder, BUILD_BATCH, SELF_CHECK_EF,
+    build_image, checksum, estimate_build_memory, segment_cuts, sort_for_pop, BuildParams,
+    GraphCursor, Header, Hit, Image, ImageBuilder, ImageBytes, Poll, Query, ScanOrder, BUILD_BATCH,
+    SELF_CHECK_EF,
 };
 pub use metric::{
     check_index_range, cosine_distance, inner_product, is_zero, l2_distance, l2_squared, unit,

@@ -562,3 +562,72 @@ fn an_image_extended_in_place_holds_old_and_new_items_and_finds_them() {
     let other = BuildParams { dims: 16, ..p };
     assert!(ImageBuilder::from_image(&other, &first, 10, 1).is_err());
 }
+
+/// What a fold changes, section by section (`segment_cuts`): a store that writes the extended
+/// image over the pages of the old one logs only what differs. Old items' vectors, keys (new
+/// rows' keys sort last) and node records keep their offsets within their sections; of the node
+/// records only the neighbour lists the new items joined change.
+#[test]
+fn a_fold_keeps_the_old_bytes_of_each_section_in_place() {
+    let dims = 64;
+    let (data, _) = split(8_256, 1, dims, 40, 23);
+    let (old, new) = data.split_at(8_000 * dims);
+    let p = BuildParams {
+        dims,
+        metric: Metric::Cosine,
+        quantization: Quantization::F32,
+        m: 16,
+        ef_construction: 64,
+    };
+    let old_keys: Vec<u64> = (0..8_000).map(key_of).collect();
+    let first = build_image(&p, &old_keys, old, 2, &mut |_| Poll::Continue).unwrap();
+    let a = Image::open_verified(first.clone()).unwrap();
+    let mut b = ImageBuilder::from_image(&p, &a, 256, 2)
+        .unwrap()
+        .without_self_check();
+    let new_keys: Vec<u64> = (8_000..8_256).map(key_of).collect();
+    b.add_batch(&new_keys, new, &mut |_| Poll::Continue)
+        .unwrap();
+    let second = b.finish(&mut |_| Poll::Continue, None).unwrap().into_vec();
+    let (ca, cb) = (segment_cuts(&first), segment_cuts(&second));
+    assert_eq!(ca.len(), 7, "{ca:?}");
+    assert_eq!(cb.len(), 7, "{cb:?}");
+    let section = |img: &[u8], cuts: &[usize], s: usize| -> Vec<u8> {
+        let start = if s == 0 { 0 } else { cuts[s - 1] };
+        let end = cuts.get(s).copied().unwrap_or(img.len());
+        img[start..end].to_vec()
+    };
+    let mut changed_total = 0usize;
+    for s in 0..8 {
+        let (x, y) = (section(&first, &ca, s), section(&second, &cb, s));
+        assert!(y.len() >= x.len(), "section {s} shrank");
+        let changed = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+        eprintln!(
+            "section {s}: {} -> {} bytes, {changed} of the old bytes changed",
+            x.len(),
+            y.len()
+        );
+        changed_total += changed + (y.len() - x.len());
+        // The header's count in section 0; the keys, the key-to-slot table, the stored
+        // vectors: appended to (new keys sort last here); the node offsets all move by the
+        // level table's growth (two bytes of each change).
+        match s {
+            0 => assert!(changed <= 8, "header and keys: {changed}"),
+            2 | 5 => assert_eq!(changed, 0, "section {s}"),
+            _ => {}
+        }
+        if s == 7 {
+            assert!(
+                changed * 5 < x.len(),
+                "node records: {changed} of {} bytes changed",
+                x.len()
+            );
+        }
+    }
+    // All in all, far less than the image changed.
+    assert!(
+        changed_total * 3 < second.len(),
+        "{changed_total} of {} bytes",
+        second.len()
+    );
+}
