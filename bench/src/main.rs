@@ -12,7 +12,8 @@
 //! index uses its defaults), TT_OPTIONS (a WITH list for the main index instead of the defaults),
 //! TT_ONLY_CURVE=1 (stop after the main index's ef_search sweep), TT_SKIP_LOAD=1 (reuse the
 //! `items` table), TT_ONLY_TOWERS=1 (skip exact search, the ef_search sweep and pgvector; the
-//! index is still built), TT_ONLY_FRESH=1 (the build and the insert measurement only),
+//! index is still built), TT_ONLY_FRESH=1 (the build and the insert measurement only, with pgvector's build and the
+//! same inserts into it when pgvector is installed),
 //! TT_ONLY_PGVECTOR=1 (the main build and sweep, then pgvector's hnsw and pg_twotower's index
 //! on the same `vector` column only), TT_REUSE_INDEX=1 (with TT_SKIP_LOAD: keep the installed extension and
 //! an existing `items_tt_idx` instead of re-creating both; a quick rerun of the towers part),
@@ -329,7 +330,16 @@ fn main() {
     let def_ef = default_ef_search(&mut c);
     run_queries(&mut c, sql, &queries, &truth, 10);
     if only_fresh {
-        fresh_inserts(&mut c, &data, &queries, &qdata, &truth, dims, clusters);
+        let ins = fresh_inserts(&mut c, &data, &queries, &qdata, &truth, dims, clusters);
+        // pgvector's build and the same COPY into it, for the side-by-side insert figures.
+        if let Some(pbuild) = pgvector_table(&mut c, dims, cores, m, efc) {
+            println!(
+                "\n## pgvector hnsw (m = {m}, ef_construction = {efc}): build {:.1} s (pg_twotower's build at its defaults took {:.2}x pgvector's time; target <= 0.35x)",
+                pbuild.as_secs_f64(),
+                build.as_secs_f64() / pbuild.as_secs_f64()
+            );
+            pgvector_inserts(&mut c, dims, &ins);
+        }
         return;
     }
     let tt_curve = sweep(&mut c, &queries, &truth, exact.qps, def_ef);
@@ -337,6 +347,7 @@ fn main() {
         return;
     }
     let only_pgvector = flag("TT_ONLY_PGVECTOR");
+    let mut inserted = None;
     if !only_pgvector {
         for ef in [500, 800] {
             c.batch_execute(&format!("SET twotower.ef_search = {ef}"))
@@ -348,7 +359,9 @@ fn main() {
             );
         }
 
-        fresh_inserts(&mut c, &data, &queries, &qdata, &truth, dims, clusters);
+        inserted = Some(fresh_inserts(
+            &mut c, &data, &queries, &qdata, &truth, dims, clusters,
+        ));
 
         run_towers(&mut c, &data, dims, &host, port);
     }
@@ -363,6 +376,7 @@ fn main() {
             build,
             qdata: &qdata,
             truth: &truth,
+            inserted: inserted.as_ref(),
         },
     );
     let Some((pbuild, pg_curve)) = pg_curve else {
@@ -506,7 +520,7 @@ fn fresh_inserts(
     truth: &[Vec<i64>],
     dims: usize,
     clusters: usize,
-) {
+) -> Inserted {
     let n = data.len() / dims;
     let extra = (n / 10).max(1);
     let sql = "SELECT id FROM items ORDER BY embedding <=> $1::real[] LIMIT $2";
@@ -535,6 +549,11 @@ fn fresh_inserts(
             .get(0);
         b as f64 / 1048576.0
     };
+    // TT_CHECKPOINT=1: the COPY starts right after a checkpoint (as one in a steady stream of
+    // inserts would sooner or later): the first change of each page after it is logged whole.
+    if flag("TT_CHECKPOINT") {
+        c.batch_execute("CHECKPOINT").unwrap();
+    }
     let wal_load = lsn(c);
     let (_, load) = timed(|| {
         copy_lines(
@@ -623,6 +642,78 @@ fn fresh_inserts(
     c.batch_execute("VACUUM items").unwrap();
     // Rebuild, so the parts that follow measure a freshly built index.
     c.batch_execute("REINDEX INDEX items_tt_idx").unwrap();
+    Inserted {
+        first_id: n + 1,
+        rows: added,
+        rows_per_s: extra as f64 / load.as_secs_f64(),
+        wal_per_row: load_wal * 1048576.0 / extra as f64,
+    }
+}
+
+/// The rows `fresh_inserts` added after the build, and what adding them cost pg_twotower.
+struct Inserted {
+    first_id: usize,
+    rows: Vec<f32>,
+    rows_per_s: f64,
+    /// Bytes of WAL per row (table and index).
+    wal_per_row: f64,
+}
+
+/// The same rows COPYed into pgvector's table after its HNSW build (`items_pgv`, made by
+/// [`pgvector_table`]): rows per second and WAL bytes per row, side by side with pg_twotower's
+/// figures of the same run; the rows are deleted again afterwards (and VACUUMed).
+fn pgvector_inserts(c: &mut Client, dims: usize, ins: &Inserted) {
+    let n = ins.rows.len() / dims;
+    if flag("TT_CHECKPOINT") {
+        c.batch_execute("CHECKPOINT").unwrap();
+    }
+    let from: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .unwrap()
+        .get(0);
+    let (_, load) = timed(|| {
+        copy_lines(
+            c,
+            "COPY items_pgv (id, v) FROM STDIN",
+            ins.rows.chunks_exact(dims).enumerate().map(|(i, v)| {
+                let text: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+                format!("{}\t[{}]", ins.first_id + i, text.join(","))
+            }),
+        )
+    });
+    let wal: i64 = c
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - $1::text::pg_lsn)::int8",
+            &[&from],
+        )
+        .unwrap()
+        .get(0);
+    let rows_per_s = n as f64 / load.as_secs_f64();
+    let wal_per_row = wal as f64 / n as f64;
+    println!("\n## {n} rows COPYed after the build: pg_twotower against pgvector's hnsw (the same rows, same run)");
+    println!("| | rows/s | WAL a row |");
+    println!("|---|---|---|");
+    println!(
+        "| pg_twotower (folds included) | {:.0} | {:.1} kB |",
+        ins.rows_per_s,
+        ins.wal_per_row / 1024.0
+    );
+    println!(
+        "| pgvector hnsw | {:.0} | {:.1} kB |",
+        rows_per_s,
+        wal_per_row / 1024.0
+    );
+    println!(
+        "pg_twotower / pgvector: rows/s {:.2}x (target >= 2x), WAL a row {:.2}x (target <= 0.5x)",
+        ins.rows_per_s / rows_per_s,
+        ins.wal_per_row / wal_per_row
+    );
+    c.batch_execute(&format!(
+        "DELETE FROM items_pgv WHERE id >= {}",
+        ins.first_id
+    ))
+    .unwrap();
+    c.batch_execute("VACUUM items_pgv").unwrap();
 }
 
 struct PgvectorArgs<'a> {
@@ -633,20 +724,19 @@ struct PgvectorArgs<'a> {
     build: Duration,
     qdata: &'a [f32],
     truth: &'a [Vec<i64>],
+    /// The rows pg_twotower took after its build, for the same COPY into pgvector's index.
+    inserted: Option<&'a Inserted>,
 }
 
-/// pgvector's HNSW on a copy of `items`, built WITH (m, efc) (its defaults at 16 and 64), and
-/// its ef_search sweep. `None` when pgvector is not installed.
-fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Curve)> {
-    let PgvectorArgs {
-        dims,
-        cores,
-        m,
-        efc,
-        build,
-        qdata,
-        truth,
-    } = a;
+/// pgvector's table `items_pgv` (a `vector` copy of `items`) and its HNSW index built WITH
+/// (m, efc): the build time, or `None` when pgvector is not installed.
+fn pgvector_table(
+    c: &mut Client,
+    dims: usize,
+    cores: usize,
+    m: usize,
+    efc: usize,
+) -> Option<Duration> {
     let has_pgvector: bool = c
         .query_one(
             "SELECT count(*) > 0 FROM pg_available_extensions WHERE name = 'vector'",
@@ -670,12 +760,29 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Curve)> {
     let (_, pbuild) = timed(|| {
         c.batch_execute(&format!("CREATE INDEX items_pgv_idx ON items_pgv USING hnsw (v vector_cosine_ops) WITH (m = {m}, ef_construction = {efc})")).unwrap()
     });
+    Some(pbuild)
+}
+
+/// pgvector's HNSW on a copy of `items`, built WITH (m, efc) (its defaults at 16 and 64), and
+/// its ef_search sweep. `None` when pgvector is not installed.
+fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Curve)> {
+    let PgvectorArgs {
+        dims,
+        cores,
+        m,
+        efc,
+        build,
+        qdata,
+        truth,
+        inserted,
+    } = a;
+    let pbuild = pgvector_table(c, dims, cores, m, efc)?;
     let psize: i64 = c
         .query_one("SELECT pg_relation_size('items_pgv_idx')", &[])
         .unwrap()
         .get(0);
     println!(
-        "\n## pgvector hnsw (m = {m}, ef_construction = {efc}): build {:.1} s (pg_twotower's build at its defaults took {:.2}x pgvector's time; target <= 0.5x), index {:.1} MB",
+        "\n## pgvector hnsw (m = {m}, ef_construction = {efc}): build {:.1} s (pg_twotower's build at its defaults took {:.2}x pgvector's time; target <= 0.35x), index {:.1} MB",
         pbuild.as_secs_f64(),
         build.as_secs_f64() / pbuild.as_secs_f64(),
         psize as f64 / 1048576.0
@@ -710,6 +817,10 @@ fn pgvector(c: &mut Client, a: PgvectorArgs) -> Option<(Duration, Curve)> {
             r.recall, r.qps, r.p99_ms
         );
         pg_curve.push((ef, r.recall, r.qps));
+    }
+    // After the sweep: the rows go in, are measured and deleted again before the next part.
+    if let Some(ins) = inserted {
+        pgvector_inserts(c, dims, ins);
     }
     ours_on_vector(c, &pq, truth, pbuild, &pg_curve);
     Some((pbuild, pg_curve))
