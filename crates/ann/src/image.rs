@@ -1138,6 +1138,20 @@ impl<B: AsRef<[u8]>> Image<B> {
         Ok(self.orphan_slots.get_or_init(|| slots))
     }
 
+    /// Reads one byte of each cache line of the stored vectors at `slots` (a portable
+    /// prefetch: independent loads, in flight together).
+    fn touch_slots(&self, slots: &[u32]) {
+        let mut acc = 0u8;
+        for &s in slots {
+            if let Some(r) = crate::layout::row(self.graph(), &self.head, s as usize) {
+                for i in (0..r.len()).step_by(64) {
+                    acc ^= r[i];
+                }
+            }
+        }
+        std::hint::black_box(acc);
+    }
+
     /// The stored vector at `slot`, decoded into `out`.
     fn vector_at_slot(&self, slot: u32, out: &mut Vec<f32>) -> Result<()> {
         let row = crate::layout::row(self.graph(), &self.head, slot as usize).ok_or_else(|| {
@@ -1288,6 +1302,32 @@ pub struct Hit {
     pub exact: bool,
 }
 
+/// A hit ordered so that a max-heap has the nearest on top (ties: the smaller key; NaN last),
+/// the order `sort_for_pop` gives `pop`.
+#[derive(Debug, Clone, Copy)]
+struct NearestFirst(Hit);
+
+impl PartialEq for NearestFirst {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+impl Eq for NearestFirst {}
+impl PartialOrd for NearestFirst {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for NearestFirst {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .0
+            .dist
+            .total_cmp(&self.0.dist)
+            .then(other.0.key.cmp(&self.0.key))
+    }
+}
+
 /// Sorts hits by descending distance (the nearest at the end, for `pop`), NaN first.
 pub fn sort_for_pop(hits: &mut [Hit]) {
     hits.sort_by(|a, b| b.dist.total_cmp(&a.dist).then(b.key.cmp(&a.key)));
@@ -1309,8 +1349,9 @@ pub struct GraphCursor {
     /// The current round, by descending distance (the nearest at the end).
     pending: Vec<Hit>,
     exhausted: bool,
-    /// Orphans by descending distance (nearest at the end); None until first used.
-    orphans: Option<Vec<Hit>>,
+    /// Orphans, the nearest on top; None until first used. (A heap: a scan takes a few of
+    /// them, and sorting thousands per query cost more than ranking them.)
+    orphans: Option<std::collections::BinaryHeap<NearestFirst>>,
     /// Search rounds run so far (for statistics).
     pub rounds: usize,
     /// Called every few hundred expanded nodes of a search (a caller's cancellation check).
@@ -1334,17 +1375,23 @@ impl GraphCursor {
         skip: Option<&dyn Fn(u64) -> bool>,
     ) -> Result<Option<Hit>> {
         if self.orphans.is_none() {
+            // Orphans are scattered over the stored vectors: each block's vectors are touched
+            // together first, so their loads are in flight at once instead of one by one.
+            const BLOCK: usize = 32;
             let mut o = Vec::with_capacity(img.header.orphans);
             let mut buf = Vec::with_capacity(img.header.dims);
-            for (i, &slot) in img.orphan_slots()?.iter().enumerate() {
-                let key = img.orphan_at(i);
-                if skip.is_some_and(|f| f(key)) {
-                    continue;
+            let slots = img.orphan_slots()?;
+            for (b, block) in slots.chunks(BLOCK).enumerate() {
+                img.touch_slots(block);
+                for (j, &slot) in block.iter().enumerate() {
+                    let key = img.orphan_at(b * BLOCK + j);
+                    if skip.is_some_and(|f| f(key)) {
+                        continue;
+                    }
+                    o.push(NearestFirst(img.hit_at_slot(query, key, slot, &mut buf)?));
                 }
-                o.push(img.hit_at_slot(query, key, slot, &mut buf)?);
             }
-            sort_for_pop(&mut o);
-            self.orphans = Some(o);
+            self.orphans = Some(std::collections::BinaryHeap::from(o));
         }
         while self.pending.is_empty() && !self.exhausted {
             self.refill(img, query, ef, skip)?;
@@ -1357,7 +1404,7 @@ impl GraphCursor {
     }
 
     fn orphan_head(&self) -> Option<Hit> {
-        self.orphans.as_ref().and_then(|o| o.last()).copied()
+        self.orphans.as_ref().and_then(|o| o.peek()).map(|h| h.0)
     }
 
     /// Whether the next item comes from the orphans (true) or the graph (false); None at the end.
@@ -1373,7 +1420,7 @@ impl GraphCursor {
     /// Consumes the item `peek` returned.
     pub fn pop(&mut self) -> Option<Hit> {
         let item = match self.next_from_orphans()? {
-            true => self.orphans.as_mut().and_then(|o| o.pop()),
+            true => self.orphans.as_mut().and_then(|o| o.pop()).map(|h| h.0),
             false => self.pending.pop(),
         };
         if let Some(h) = item {
@@ -1422,5 +1469,42 @@ impl GraphCursor {
         sort_for_pop(&mut hits);
         self.pending = hits;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The orphan heap pops in the order `sort_for_pop` gives `pop` (ties by key, NaN last).
+    #[test]
+    fn the_orphan_heap_pops_in_scan_order() {
+        let mut hits = Vec::new();
+        let mut x = 12345u64;
+        for key in 0..500u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let dist = match x >> 60 {
+                0 => f64::NAN,
+                1 => 0.5,
+                _ => (x >> 11) as f64 / (1u64 << 53) as f64,
+            };
+            hits.push(Hit {
+                key: (key * 7919) % 500,
+                dist,
+                exact: true,
+            });
+        }
+        let mut sorted = hits.clone();
+        sort_for_pop(&mut sorted);
+        let mut heap: std::collections::BinaryHeap<NearestFirst> =
+            hits.into_iter().map(NearestFirst).collect();
+        while let Some(want) = sorted.pop() {
+            let got = heap.pop().expect("as many").0;
+            assert_eq!(got.key, want.key);
+            assert_eq!(got.dist.to_bits(), want.dist.to_bits());
+        }
+        assert!(heap.is_empty());
     }
 }
