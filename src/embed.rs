@@ -221,7 +221,11 @@ pub mod twotower {
         let mut cols = Vec::new();
         for f in l.model.feature_names() {
             if spi::column_exists(items, f) {
-                cols.push(format!("t.{}", quote_identifier(f)));
+                cols.push(format!(
+                    "{}, t.{}",
+                    pgrx::spi::quote_literal(f),
+                    quote_identifier(f)
+                ));
             } else if l.model.feature_has_default(f) {
                 notice!("refresh_item_vectors: {src} has no column \"{f}\"; every item gets the feature's default");
             } else {
@@ -234,14 +238,20 @@ pub mod twotower {
                 .report();
             }
         }
+        // The features as one jsonb object built from named pairs (not `to_jsonb` of a row:
+        // Citus rewrites a row of a distributed table's columns into one whose keys are f1,
+        // f2, …, which read as missing features). At most 50 pairs a call (a function takes
+        // at most 100 arguments), the objects concatenated.
         let select = if cols.is_empty() {
             format!("SELECT t.{idc}::pg_catalog.int8, '{{}}'::jsonb FROM {src} AS t")
         } else {
+            let objects: Vec<String> = cols
+                .chunks(50)
+                .map(|c| format!("pg_catalog.jsonb_build_object({})", c.join(", ")))
+                .collect();
             format!(
-                // `f.*`: the whole row of the lateral subquery, even when a feature column is
-                // itself named `f` (a bare `f` would then be ambiguous).
-                "SELECT t.{idc}::pg_catalog.int8, pg_catalog.to_jsonb(f.*) FROM {src} AS t, LATERAL (SELECT {}) AS f",
-                cols.join(", ")
+                "SELECT t.{idc}::pg_catalog.int8, {} FROM {src} AS t",
+                objects.join(" OPERATOR(pg_catalog.||) ")
             )
         };
         let delete = format!(

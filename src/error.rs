@@ -22,6 +22,9 @@ pub enum TtError {
     IndexCorrupt(String),
     /// An index operation we do not support.
     Unsupported(String),
+    /// A function that reads one index's pages, called on the shell of a Citus table (its rows
+    /// are in shards on the workers).
+    CitusTable { relation: String, who: String },
     /// An I/O failure on a node-local cache file.
     CacheIo(String),
     /// A mapped cache file changed (truncated or rewritten) while a scan read it.
@@ -326,6 +329,12 @@ impl TtError {
                 Some("REINDEX the index.".into()),
             ),
             TtError::Unsupported(d) => (ERRCODE_FEATURE_NOT_SUPPORTED, d.clone(), None, None),
+            TtError::CitusTable { relation, who } => (
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("{who} does not read Citus tables yet: {relation} is distributed by Citus"),
+                Some(format!("On this node {relation} and its index are a shell: the rows and the index entries are in the shards on the workers.")),
+                Some("Query the table with ORDER BY ... LIMIT (Citus searches every shard's index and merges), or call the function on a worker with the shard's index; docs/scale-out.md.".into()),
+            ),
             TtError::Tower(e) => tower_parts(e),
             TtError::BadJson { what, reason } => {
                 if reason.contains("recursion limit") {

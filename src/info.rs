@@ -40,6 +40,7 @@ pub mod twotower {
             name!(delta_generation, String),
         ),
     > {
+        crate::citus::refuse_shell_index(index, "index_info()").or_report();
         let h = crate::am::search::health(index, "index_info()").or_report();
         TableIterator::once((
             h.dims as i32,

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 pub mod am;
 pub mod catalog;
 pub mod channels;
+pub mod citus;
 pub mod embed;
 pub mod error;
 pub mod fanout;

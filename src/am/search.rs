@@ -271,6 +271,7 @@ impl Target {
     /// privileges and row-level security are what count, as for a query of it: a role that may
     /// read the partitioned table may search all of it, whatever each partition grants.
     pub fn open_all(index_oid: pg_sys::Oid, who: &str) -> TtResult<Vec<Target>> {
+        crate::citus::refuse_shell_index(index_oid, who)?;
         // SAFETY: catalogue lookups by oid, then the executor's locks: the partitioned table,
         // then the partitioned index and its descendants, then each leaf's table and index.
         unsafe {

@@ -1,0 +1,44 @@
+//! Citus: recognising a table whose rows live in shards on other nodes. On a Citus coordinator
+//! a distributed (or reference) table is a shell without rows, and so is the index Citus
+//! created on it: the rows and the index entries are in the shards' tables on the workers. A
+//! function that searches or describes one index through its pages would answer for the empty
+//! shell, so it refuses instead (`ORDER BY ... LIMIT` on the distributed table is what Citus
+//! runs on every shard; docs/scale-out.md).
+
+use crate::error::{TtError, TtResult};
+use pgrx::prelude::*;
+
+/// Whether `relid` is a table of Citus's metadata on this node (`pg_dist_partition`: a
+/// distributed, reference or Citus-managed local table). Without Citus: one catalogue lookup.
+pub fn is_citus_table(relid: pg_sys::Oid) -> TtResult<bool> {
+    // SAFETY: a syscache lookup by name in pg_catalog (no Citus: InvalidOid).
+    let dist = unsafe {
+        pg_sys::get_relname_relid(
+            c"pg_dist_partition".as_ptr(),
+            pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE),
+        )
+    };
+    if dist == pg_sys::InvalidOid {
+        return Ok(false);
+    }
+    Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid OPERATOR(pg_catalog.=) $1)",
+        &[relid.into()],
+    )
+    .map(|b| b.unwrap_or(false))
+    .map_err(|e| TtError::Catalog(format!("reading Citus's pg_dist_partition: {e}")))
+}
+
+/// `CitusTable` when the table of index `index_oid` is a Citus table (its rows are in shards
+/// elsewhere); `who` names the calling function.
+pub fn refuse_shell_index(index_oid: pg_sys::Oid, who: &str) -> TtResult<()> {
+    // SAFETY: a catalogue lookup by oid (an error for a relation that is no index).
+    let heap = unsafe { pg_sys::IndexGetRelation(index_oid, true) };
+    if heap == pg_sys::InvalidOid || !is_citus_table(heap)? {
+        return Ok(());
+    }
+    Err(TtError::CitusTable {
+        relation: crate::spi::relation_name(heap)?,
+        who: who.to_string(),
+    })
+}
