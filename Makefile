@@ -33,9 +33,11 @@ install-release:
 lint:
 	bash scripts/lint.sh
 
-## Optional test dependencies: pgvector (for tests/t/016_pgvector.pl, skipped without it).
+## Optional test dependencies: pgvector (for tests/t/016_pgvector.pl) and Citus (for
+## tests/t/018_citus.pl; from TT_CITUS_TARBALL where no package exists), each skipped without it.
 test-deps:
 	bash scripts/pgvector.sh || echo "note: pgvector could not be installed: tests/t/016_pgvector.pl will be skipped" >&2
+	bash scripts/citus.sh || echo "note: Citus could not be installed: tests/t/018_citus.pl will be skipped" >&2
 
 ## Packaging checks (docker/, .dockerignore, make package's instructions).
 test-packaging:
