@@ -447,14 +447,15 @@ scenario('011: index size over delete-all / VACUUM / re-insert cycles' => sub {
 	cmp_ok($size[4], '<=', $size[1] * 1.1,
 		"the index does not grow from cycle to cycle ($size[1] bytes after the first, $size[4] after the fourth)");
 	# VACUUM retires the dead graph and its pages are reused (2.74x the build before it did, 1.75x
-	# since); the rest is the delta graph's copy-on-write: a fold writes the new graph before it
-	# frees the old one, so the index needs room for both.
+	# since); the rest is the delta graph's two chains: a fold writes the new graph over the
+	# spare (the graph before the current one) and keeps the current one as the next spare, so
+	# the index holds room for both.
 	cmp_ok($size[4], '<=', $size[0] * 2,
 		"the same 3000 rows take at most twice the space of the build ($size[0] bytes after the build, $size[4] after four cycles)");
 	TODO:
 	{
-		local $TODO = 'a fold writes the new delta graph before freeing the old one (copy-on-write), so the '
-		  . 're-inserted rows need room for two graphs';
+		local $TODO = 'a fold keeps two delta graphs (the current one and the spare it writes the next one '
+		  . 'over, so that WAL carries only the changes): the re-inserted rows take room for two graphs';
 		cmp_ok($size[4], '<=', $size[0] * 1.1,
 			"the same 3000 rows take about the space of the build ($size[0] bytes after the build, $size[4] after four cycles)");
 	}

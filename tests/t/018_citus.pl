@@ -57,14 +57,20 @@ is($coord->safe_psql('postgres', 'SELECT count(*) FROM citus_get_active_worker_n
 # about 500 each, and the same rows in a plain table on the coordinator, the reference.
 my $rows = q{SELECT g, g % 5, ARRAY[sin(g * 0.37), cos(g * 0.53), sin(g * 0.91) * cos(g * 0.11), cos(g * 0.07)]::real[]
 	FROM generate_series(1, 2000) g};
-$coord->safe_psql('postgres', qq{
-	SET citus.shard_count = 4;
-	CREATE TABLE items (id bigint PRIMARY KEY, category int, embedding real[]);
-	SELECT create_distributed_table('items', 'id');
-	INSERT INTO items $rows;
-	CREATE TABLE items_ref (id bigint PRIMARY KEY, category int, embedding real[]);
-	INSERT INTO items_ref $rows;
-});
+# items (distributed over 4 shards) and items_ref (plain) with the same rows, in database $db.
+sub make_items
+{
+	my ($db) = @_;
+	$coord->safe_psql($db, qq{
+		SET citus.shard_count = 4;
+		CREATE TABLE items (id bigint PRIMARY KEY, category int, embedding real[]);
+		SELECT create_distributed_table('items', 'id');
+		INSERT INTO items $rows;
+		CREATE TABLE items_ref (id bigint PRIMARY KEY, category int, embedding real[]);
+		INSERT INTO items_ref $rows;
+	});
+}
+make_items('postgres');
 is($coord->safe_psql('postgres', q{SELECT count(*) FROM citus_shards WHERE table_name = 'items'::regclass}),
 	'4', 'items is distributed over 4 shards');
 is($coord->safe_psql('postgres', q{SELECT count(*) FROM pg_dist_partition WHERE logicalrelid = 'items_ref'::regclass}),
@@ -341,14 +347,7 @@ for my $node ($coord, @workers)
 	$node->safe_psql('ext_schema', 'CREATE EXTENSION citus; CREATE SCHEMA tt; CREATE EXTENSION pg_twotower SCHEMA tt');
 }
 add_nodes('ext_schema');
-$coord->safe_psql('ext_schema', qq{
-	SET citus.shard_count = 4;
-	CREATE TABLE items (id bigint PRIMARY KEY, category int, embedding real[]);
-	SELECT create_distributed_table('items', 'id');
-	INSERT INTO items $rows;
-	CREATE TABLE items_ref (id bigint PRIMARY KEY, category int, embedding real[]);
-	INSERT INTO items_ref $rows;
-});
+make_items('ext_schema');
 ($ret, $out, $err) = $coord->psql('ext_schema',
 	'SET search_path = public, tt; CREATE INDEX items_unq ON items USING twotower_hnsw (embedding real_l2_ops)');
 isnt($ret, 0, 'extension in schema tt: CREATE INDEX with the unqualified operator class fails');

@@ -517,18 +517,23 @@ fn streamed_build_spills_and_stays_within_its_estimate() {
     let _ = std::fs::remove_dir_all(&spill);
 }
 
-#[test]
-fn an_image_extended_in_place_holds_old_and_new_items_and_finds_them() {
-    let dims = 32;
-    let (data, queries) = split(12_000, 100, dims, 40, 17);
-    let (old, new) = data.split_at(8_000 * dims);
-    let p = BuildParams {
+/// Cosine, f32, M 16, ef_construction 64: what a fold builds.
+fn cosine_f32(dims: usize) -> BuildParams {
+    BuildParams {
         dims,
         metric: Metric::Cosine,
         quantization: Quantization::F32,
         m: 16,
         ef_construction: 64,
-    };
+    }
+}
+
+#[test]
+fn an_image_extended_in_place_holds_old_and_new_items_and_finds_them() {
+    let dims = 32;
+    let (data, queries) = split(12_000, 100, dims, 40, 17);
+    let (old, new) = data.split_at(8_000 * dims);
+    let p = cosine_f32(dims);
     let old_keys: Vec<u64> = (0..8_000).map(key_of).collect();
     let first =
         Image::open_verified(build_image(&p, &old_keys, old, 2, &mut |_| Poll::Continue).unwrap())
@@ -572,13 +577,7 @@ fn a_fold_keeps_the_old_bytes_of_each_section_in_place() {
     let dims = 64;
     let (data, _) = split(8_256, 1, dims, 40, 23);
     let (old, new) = data.split_at(8_000 * dims);
-    let p = BuildParams {
-        dims,
-        metric: Metric::Cosine,
-        quantization: Quantization::F32,
-        m: 16,
-        ef_construction: 64,
-    };
+    let p = cosine_f32(dims);
     let old_keys: Vec<u64> = (0..8_000).map(key_of).collect();
     let first = build_image(&p, &old_keys, old, 2, &mut |_| Poll::Continue).unwrap();
     let a = Image::open_verified(first.clone()).unwrap();
