@@ -47,3 +47,10 @@ bash bench/movielens_din.sh | tee "bench/out/movielens-din-$(date +%Y%m%d-%H%M%S
 if [ "${TT_SKIP_SHARDS:-0}" != 1 ]; then
   bash bench/shards.sh | tee "bench/out/shards-$(date +%Y%m%d-%H%M%S).md"
 fi
+# The same query through a Citus coordinator over two workers (bench/citus.sh; three more
+# scratch clusters; Citus from scripts/citus.sh, skipped with a note without it).
+# TT_SKIP_CITUS=1 leaves it out.
+if [ "${TT_SKIP_CITUS:-0}" != 1 ]; then
+  bash scripts/citus.sh || echo "note: Citus could not be installed; the Citus part will be skipped" >&2
+  bash bench/citus.sh | tee "bench/out/citus-$(date +%Y%m%d-%H%M%S).md"
+fi
