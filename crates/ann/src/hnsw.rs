@@ -209,15 +209,7 @@ impl<'a> Searcher<'a> {
     /// Reads one byte of each cache line of the stored vectors at `slots` (a portable prefetch:
     /// the loads do not depend on each other, so they are in flight together).
     fn touch(&self, slots: &[usize]) {
-        let mut acc = 0u8;
-        for &s in slots {
-            if let Some(r) = row(self.graph, self.head, s) {
-                for i in (0..r.len()).step_by(64) {
-                    acc ^= r[i];
-                }
-            }
-        }
-        std::hint::black_box(acc);
+        crate::layout::touch_rows(self.graph, self.head, slots.iter().copied());
     }
 
     fn each_neighbour(

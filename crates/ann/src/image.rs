@@ -1141,15 +1141,7 @@ impl<B: AsRef<[u8]>> Image<B> {
     /// Reads one byte of each cache line of the stored vectors at `slots` (a portable
     /// prefetch: independent loads, in flight together).
     fn touch_slots(&self, slots: &[u32]) {
-        let mut acc = 0u8;
-        for &s in slots {
-            if let Some(r) = crate::layout::row(self.graph(), &self.head, s as usize) {
-                for i in (0..r.len()).step_by(64) {
-                    acc ^= r[i];
-                }
-            }
-        }
-        std::hint::black_box(acc);
+        crate::layout::touch_rows(self.graph(), &self.head, slots.iter().map(|&s| s as usize));
     }
 
     /// The stored vector at `slot`, decoded into `out`.

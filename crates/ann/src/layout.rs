@@ -235,6 +235,20 @@ pub(crate) fn row<'a>(graph: &'a [u8], h: &GraphHead, slot: usize) -> Option<&'a
     graph.get(at..at.checked_add(h.row_bytes)?)
 }
 
+/// Reads one byte of each cache line of the stored vectors at `slots` (a portable prefetch:
+/// the loads do not depend on each other, so they are in flight together).
+pub(crate) fn touch_rows(graph: &[u8], h: &GraphHead, slots: impl Iterator<Item = usize>) {
+    let mut acc = 0u8;
+    for s in slots {
+        if let Some(r) = row(graph, h, s) {
+            for i in (0..r.len()).step_by(64) {
+                acc ^= r[i];
+            }
+        }
+    }
+    std::hint::black_box(acc);
+}
+
 /// Decodes a stored row into f32 (as usearch decodes it: f16 exactly, i8 as x / 127).
 pub(crate) fn decode(quant: Quantization, row: &[u8], out: &mut Vec<f32>) {
     out.clear();
