@@ -19,7 +19,7 @@ tar -tzf "$out" | grep -E '\.(so|control|sql)$' >&2
 cat >&2 <<MSG
 
 To install pg_twotower $version on a Debian 12 server with PostgreSQL 15 (no Rust needed):
-  sudo apt-get install libstdc++6 libpq5      # runtime libraries (usually present already)
+  sudo apt-get install libpq5                 # runtime library (usually present already)
   sudo tar -xzf $(basename "$out") -C /
   psql -c 'CREATE EXTENSION pg_twotower'      # as a superuser, in each database that uses it
   psql -c 'ALTER EXTENSION pg_twotower UPDATE'  # instead, where an older version is installed

@@ -218,9 +218,9 @@ pub unsafe fn fold(
             }
             (None, _) => ImageBuilder::new(&params, keys.len(), threads).or_report(),
         };
-        // (Without the build's self-check: it would add a search per item to every insert that
-        // folds; the guarantee that every item is found by its own vector is the build's.)
-        let mut builder = builder.without_self_check();
+        // The build's self-check for the rows this fold adds only (a search each, cheap beside
+        // the insertion): what it misses is linked again or ranked exactly as an orphan.
+        let mut builder = builder.self_check_from_here();
         report_build_error(builder.add_batch(&keys, &vectors, &mut build_poll));
         drop(vectors);
         let total = builder.len() as u64;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! block 0                      metapage (Meta)
-//! image_start .. +image_nblocks  the image (sorted heap TIDs + usearch graph), raw bytes
+//! image_start .. +image_nblocks  the image (sorted heap TIDs + HNSW graph), raw bytes
 //! tomb_start  .. +tomb_nblocks   tombstone bitmap: bit i set = graph entry i was vacuumed
 //! (anywhere after the tombstones)
 //!   delta pages                (heap TID, f32 vector) items added after the build, a chain

@@ -90,7 +90,7 @@ SELECT size_bytes <= :size0 * 1.2 AS size_bounded FROM index_info('fresh_idx');
 SELECT agrees(vec(301234), 10) AS exact_after_rounds;
 
 -- Rows far from all others, folded into the delta graph, are found by their own vectors at
--- the default ef_search (as the build checks every item of the main graph).
+-- the default ef_search (each fold checks the rows it adds at that width: FOLD_CHECK_EF).
 ALTER INDEX fresh_idx SET (fold_threshold = 16);
 INSERT INTO fresh SELECT 400000 + i, ARRAY(SELECT (1 + 0.05 * sin(i * j))::real FROM generate_series(1, 64) j)
   FROM generate_series(1, 40) i;

@@ -1,5 +1,6 @@
-//! Where an index build's time goes: usearch insertion on 1 and 2 threads, then the orphan
-//! self-search pass, on clustered synthetic vectors. `cargo run --release -p twotower-ann
+//! Where an index build's time goes, on clustered synthetic vectors: our builder against
+//! usearch's (default), the whole image build (TT_FULL=1), the streamed build's memory
+//! (TT_STREAM=<dir>). `cargo run --release -p twotower-ann
 //! --example build_speed -- [n] [dims] [m] [efc]`.
 use std::time::Instant;
 use twotower_testkit::vectors::clustered;
@@ -44,7 +45,7 @@ fn main() {
                 .unwrap();
         }
         println!(
-            "graph: usearch memory_usage {} MB, peak RSS +{} MB",
+            "graph: {} MB held, peak RSS +{} MB",
             b.graph_memory() >> 20,
             (rss() - before) >> 20
         );
@@ -97,149 +98,132 @@ fn main() {
         );
         return;
     }
-    let only: Option<usize> = std::env::var("TT_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    for threads in [1usize, 2]
-        .into_iter()
-        .filter(|t| only.is_none_or(|o| o == *t))
-    {
-        let opts = usearch::IndexOptions {
-            dimensions: dims,
-            metric: usearch::MetricKind::Cos,
-            quantization: usearch::ScalarKind::F32,
-            connectivity: m,
-            expansion_add: efc,
-            expansion_search: 64,
-            multi: false,
+    // Our builder against usearch's, on 2 threads: insertion time, level-0 in-degrees, and
+    // what usearch's own search finds in each graph (recall@10 at ef 64 on held-out queries; an
+    // item's own vector in the first 10 at ef 16), so the graphs are compared by one searcher.
+    let opts = usearch::IndexOptions {
+        dimensions: dims,
+        metric: usearch::MetricKind::Cos,
+        quantization: usearch::ScalarKind::F32,
+        connectivity: m,
+        expansion_add: efc,
+        expansion_search: 64,
+        multi: false,
+    };
+    let qs = clustered(n + 1000, dims, (n / 1000).max(1), 7).split_off(n * dims);
+    let truth: Vec<Vec<u64>> = qs
+        .chunks_exact(dims)
+        .map(|q| {
+            let mut d: Vec<(f32, u64)> = data
+                .chunks_exact(dims)
+                .enumerate()
+                .map(|(i, v)| (twotower_ann::Metric::Cosine.engine_distance(q, v), i as u64))
+                .collect();
+            d.select_nth_unstable_by(10, |a, b| a.0.total_cmp(&b.0));
+            d[..10].iter().map(|x| x.1).collect()
+        })
+        .collect();
+    let report = |name: &str, index: &usearch::Index, secs: f64| {
+        let mut blob = vec![0u8; index.serialized_length()];
+        index.save_to_buffer(&mut blob).unwrap();
+        // Mean level-0 and level-1 out-degree, and nodes per level (graph.rs's layout).
+        let rows = u32::from_le_bytes(blob[0..4].try_into().unwrap()) as usize;
+        let rb = u32::from_le_bytes(blob[4..8].try_into().unwrap()) as usize;
+        let at = 8 + rows * rb + 64;
+        let word = |i: usize| {
+            u64::from_le_bytes(blob[at + 8 * i..at + 8 * i + 8].try_into().unwrap()) as usize
         };
+        let (size, conn, base) = (word(0), word(1), word(2));
+        let mut node = at + 40 + 2 * size;
+        let (mut deg0, mut deg1, mut n1) = (0usize, 0usize, 0usize);
+        let mut per_level = [0usize; 8];
+        for _ in 0..size {
+            let level = i16::from_le_bytes(blob[node + 8..node + 10].try_into().unwrap()) as usize;
+            per_level[level.min(7)] += 1;
+            deg0 += u32::from_le_bytes(blob[node + 10..node + 14].try_into().unwrap()) as usize;
+            if level >= 1 {
+                let l1 = node + 14 + 4 * base;
+                deg1 += u32::from_le_bytes(blob[l1..l1 + 4].try_into().unwrap()) as usize;
+                n1 += 1;
+            }
+            node += 10 + 4 + 4 * base + level * (4 + 4 * conn);
+        }
+        println!(
+            "  {name}: mean out-degree level 0 {:.2}, level 1 {:.2}; nodes per level {per_level:?}",
+            deg0 as f64 / size as f64,
+            deg1 as f64 / n1.max(1) as f64
+        );
+        let weak: Vec<usize> = [0u32, 1, 2]
+            .iter()
+            .map(|w| twotower_ann::graph::analyze(&blob, *w).unwrap().weak.len())
+            .collect();
+        index.change_expansion_search(64);
+        let mut hit = 0;
+        for (q, t) in qs.chunks_exact(dims).zip(&truth) {
+            let r = index.search(q, 10).unwrap();
+            hit += r.keys.iter().filter(|k| t.contains(k)).count();
+        }
+        let sample = n.min(20_000);
+        let mut missed = [0usize; 2];
+        for (j, ef) in [16usize, 256].into_iter().enumerate() {
+            index.change_expansion_search(ef);
+            for i in (0..n).step_by((n / sample).max(1)) {
+                let r = index.search(&data[i * dims..(i + 1) * dims], 10).unwrap();
+                if !r.keys.contains(&(i as u64)) {
+                    missed[j] += 1;
+                }
+            }
+        }
+        println!(
+            "{name}: insertion {secs:.1} s; in-degree 0/<=1/<=2: {weak:?}; recall@10 ef 64 {:.4}; own vector missed at ef 16, 256: {missed:?} of {sample}",
+            hit as f64 / (10 * truth.len()) as f64
+        );
+    };
+    if std::env::var("TT_ONLY_OURS").is_err() {
         let index = usearch::Index::new(&opts).unwrap();
-        index.reserve_capacity_and_threads(n, threads).unwrap();
+        index.reserve_capacity_and_threads(n, 2).unwrap();
         let t = Instant::now();
         std::thread::scope(|s| {
-            for t in 0..threads {
-                let index = &index;
-                let data = &data;
+            for t in 0..2 {
+                let (index, data) = (&index, &data);
                 s.spawn(move || {
                     let mut i = t;
                     while i < n {
                         index
                             .add(i as u64, &data[i * dims..(i + 1) * dims])
                             .unwrap();
-                        i += threads;
+                        i += 2;
                     }
                 });
             }
         });
-        let add = t.elapsed().as_secs_f64();
-        {
-            let mut blob = vec![0u8; index.serialized_length()];
-            index.save_to_buffer(&mut blob).unwrap();
-            for w in [0u32, 1, 2, 3, 4] {
-                let a = twotower_ann::graph::analyze(&blob, w).unwrap();
-                println!(
-                    "  in-degree <= {w}: {} weak, {} unreachable",
-                    a.weak.len(),
-                    a.unreachable.len()
-                );
-            }
-        }
-        if let Ok(w) = std::env::var("TT_WEAK") {
-            // Recall@10 at ef=64 on held-out queries before and after re-inserting the
-            // unreachable and weakly linked items one at a time.
-            let w: u32 = w.parse().unwrap();
-            let qs = clustered(n + 1000, dims, (n / 1000).max(1), 7).split_off(n * dims);
-            let truth: Vec<Vec<u64>> = qs
-                .chunks_exact(dims)
-                .map(|q| {
-                    let mut d: Vec<(f32, u64)> = data
-                        .chunks_exact(dims)
-                        .enumerate()
-                        .map(|(i, v)| {
-                            (twotower_ann::Metric::Cosine.engine_distance(q, v), i as u64)
-                        })
-                        .collect();
-                    d.select_nth_unstable_by(10, |a, b| a.0.total_cmp(&b.0));
-                    d[..10].iter().map(|x| x.1).collect()
-                })
-                .collect();
-            let recall = |index: &usearch::Index| -> f64 {
-                index.change_expansion_search(64);
-                let mut hit = 0;
-                for (q, t) in qs.chunks_exact(dims).zip(&truth) {
-                    let m = index.search(q, 10).unwrap();
-                    hit += m.keys.iter().filter(|k| t.contains(k)).count();
-                }
-                hit as f64 / (10 * truth.len()) as f64
-            };
-            println!("  recall@10 ef=64 before: {:.4}", recall(&index));
-            let mut blob = vec![0u8; index.serialized_length()];
-            index.save_to_buffer(&mut blob).unwrap();
-            let a = twotower_ann::graph::analyze(&blob, w).unwrap();
-            let t = Instant::now();
-            // TT_SELFSEARCH=1: of the weak items, only those a search for their own vector
-            // misses (ef 64, top 4); TT_SELFSEARCH=all: every item, as the old build did.
-            let mode = std::env::var("TT_SELFSEARCH").unwrap_or_default();
-            let candidates: Vec<u64> = match mode.as_str() {
-                "all" => (0..n as u64).collect(),
-                "1" => a.weak.clone(),
-                _ => Vec::new(),
-            };
-            let mut targets: Vec<u64> = a.unreachable.clone();
-            if mode.is_empty() {
-                targets.extend(&a.weak);
-            } else {
-                index.change_expansion_search(64);
-                for &k in &candidates {
-                    let i = k as usize;
-                    let m = index.search(&data[i * dims..(i + 1) * dims], 4).unwrap();
-                    if !m.keys.contains(&k) {
-                        targets.push(k);
-                    }
-                }
-            }
-            for k in &targets {
-                let i = *k as usize;
-                index.remove(*k).unwrap();
-                index.add(*k, &data[i * dims..(i + 1) * dims]).unwrap();
-            }
-            println!(
-                "  re-inserted {} (mode {mode:?}) in {:.1} s; recall@10 ef=64 after: {:.4}",
-                targets.len(),
-                t.elapsed().as_secs_f64(),
-                recall(&index)
-            );
-            let mut blob = vec![0u8; index.serialized_length()];
-            index.save_to_buffer(&mut blob).unwrap();
-            let b = twotower_ann::graph::analyze(&blob, w).unwrap();
-            println!(
-                "  after: {} weak, {} unreachable",
-                b.weak.len(),
-                b.unreachable.len()
-            );
-            continue;
-        }
-        if std::env::var("TT_NO_CHECK").is_ok() {
-            println!(
-                "threads {threads}: add {add:.1} s ({:.0}/s)",
-                n as f64 / add
-            );
-            continue;
-        }
+        report("usearch", &index, t.elapsed().as_secs_f64());
+    }
+    {
+        let params = twotower_ann::BuildParams {
+            dims,
+            metric: twotower_ann::Metric::Cosine,
+            quantization: twotower_ann::Quantization::F32,
+            m,
+            ef_construction: efc,
+        };
+        let keys: Vec<u64> = (0..n as u64).collect();
         let t = Instant::now();
-        index.change_expansion_search(16);
-        let mut lost = 0;
-        for i in 0..n {
-            let r = index.search(&data[i * dims..(i + 1) * dims], 1).unwrap();
-            if r.keys.first() != Some(&(i as u64)) {
-                lost += 1;
-            }
-        }
-        let check = t.elapsed().as_secs_f64();
-        println!(
-            "threads {threads}: add {add:.1} s ({:.0}/s, {:.0} us/insert/thread); self-search ef=16 on 1 thread {check:.1} s, {lost} not first",
-            n as f64 / add,
-            add * 1e6 * threads as f64 / n as f64
-        );
+        let threads = std::env::var("TT_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(2);
+        let mut b = twotower_ann::ImageBuilder::new(&params, n, threads).unwrap();
+        b.add_batch(&keys, &data, &mut |_| twotower_ann::Poll::Continue)
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let img = b
+            .without_self_check()
+            .finish(&mut |_| twotower_ann::Poll::Continue, None)
+            .unwrap();
+        let img = twotower_ann::Image::open_verified(img).unwrap();
+        let index = usearch::Index::new(&opts).unwrap();
+        index.load_from_buffer(img.graph_bytes()).unwrap();
+        report("ours", &index, secs);
     }
 }

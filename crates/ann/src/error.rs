@@ -34,9 +34,3 @@ pub enum AnnError {
 }
 
 pub type Result<T> = std::result::Result<T, AnnError>;
-
-impl From<cxx::Exception> for AnnError {
-    fn from(e: cxx::Exception) -> Self {
-        AnnError::Engine(e.what().to_string())
-    }
-}

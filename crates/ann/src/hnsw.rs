@@ -27,7 +27,7 @@ fn corrupt() -> AnnError {
 
 /// A distance with a total order (NaN never occurs: it is mapped to +inf).
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct D(f32);
+pub(crate) struct D(pub f32);
 impl Eq for D {}
 impl PartialOrd for D {
     fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
@@ -257,9 +257,43 @@ impl<'a> Searcher<'a> {
         skip: Option<&dyn Fn(u64) -> bool>,
         interrupt: Option<&dyn Fn()>,
     ) -> Result<Vec<(u64, f32, u32)>> {
+        match self.walk(k, ef, skip, interrupt, None)? {
+            Walk::Done(r) => Ok(r),
+            Walk::Reached => Ok(Vec::new()),
+        }
+    }
+
+    /// The build's self-check for the item at `target`, whose stored vector is the searcher's
+    /// query: whether [`Searcher::search`] with `k` = `ef` = max(`ef`, 10) and no exclusions
+    /// ranks it among its first 10, or ties the 10th at its own distance (exact duplicates).
+    /// Stops as soon as the search computes the target's distance at level 0, which decides
+    /// it: nothing is nearer to a vector than itself but exact ties, so from then on either the
+    /// target stays among the kept results or at least `ef` of them are at most as far, and the
+    /// first 10 answer yes in both cases.
+    pub fn finds_itself(&self, target: usize, ef: usize) -> Result<bool> {
+        let k = ef.max(10);
+        match self.walk(k, k, None, None, Some(target))? {
+            Walk::Reached => Ok(true),
+            Walk::Done(found) => {
+                let own = self.dist(target)?;
+                let first = &found[..found.len().min(10)];
+                Ok(first.iter().any(|h| h.2 as usize == target)
+                    || first.len() == 10 && first[9].1 <= own)
+            }
+        }
+    }
+
+    fn walk(
+        &self,
+        k: usize,
+        ef: usize,
+        skip: Option<&dyn Fn(u64) -> bool>,
+        interrupt: Option<&dyn Fn()>,
+        target: Option<usize>,
+    ) -> Result<Walk> {
         let h = self.head;
         if k == 0 || h.size == 0 {
-            return Ok(Vec::new());
+            return Ok(Walk::Done(Vec::new()));
         }
         let ef = ef.max(k).max(1);
         let mut cur = h.entry;
@@ -281,6 +315,9 @@ impl<'a> Searcher<'a> {
                     break;
                 }
             }
+        }
+        if target == Some(cur) {
+            return Ok(Walk::Reached);
         }
         let mut visited = Visited::with_capacity(ef * 8);
         let mut cand: BinaryHeap<Reverse<(D, u32)>> = BinaryHeap::with_capacity(ef * 2);
@@ -318,6 +355,9 @@ impl<'a> Searcher<'a> {
                 }
                 Ok(())
             })?;
+            if target.is_some_and(|t| fresh.contains(&t)) {
+                return Ok(Walk::Reached);
+            }
             self.touch(&fresh);
             for &n in &fresh {
                 let dn = self.dist(n)?;
@@ -336,9 +376,11 @@ impl<'a> Searcher<'a> {
         let mut out: Vec<(D, u32)> = top.into_vec();
         out.sort_unstable();
         out.truncate(k);
-        out.into_iter()
-            .map(|(D(d), s)| Ok((self.key(s as usize)?, d, s)))
-            .collect()
+        Ok(Walk::Done(
+            out.into_iter()
+                .map(|(D(d), s)| Ok((self.key(s as usize)?, d, s)))
+                .collect::<Result<_>>()?,
+        ))
     }
 
     /// Every item with its search distance and slot, nearest first (brute force).
@@ -355,6 +397,12 @@ impl<'a> Searcher<'a> {
         all.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         Ok(all.into_iter().map(|(d, k, s)| (k, d, s)).collect())
     }
+}
+
+/// How a walk ended: its results, or (looking for a target) the target reached.
+enum Walk {
+    Done(Vec<(u64, f32, u32)>),
+    Reached,
 }
 
 /// A set of visited slots: open addressing over u32 (slot + 1; 0 is empty), grown at half load.

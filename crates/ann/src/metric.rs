@@ -5,15 +5,6 @@ pub use twotower_metric::{
     cosine_distance, inner_product, is_zero, l2_distance, l2_squared, unit, Metric,
 };
 
-/// usearch's metric for ours.
-pub(crate) fn usearch_metric(m: Metric) -> usearch::MetricKind {
-    match m {
-        Metric::Cosine => usearch::MetricKind::Cos,
-        Metric::InnerProduct => usearch::MetricKind::IP,
-        Metric::L2 => usearch::MetricKind::L2sq,
-    }
-}
-
 /// Scalar kind the index stores its vectors as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantization {
@@ -61,13 +52,6 @@ impl Quantization {
             Quantization::F32 => 4,
             Quantization::F16 => 2,
             Quantization::I8 => 1,
-        }
-    }
-    pub(crate) fn usearch(self) -> usearch::ScalarKind {
-        match self {
-            Quantization::F32 => usearch::ScalarKind::F32,
-            Quantization::F16 => usearch::ScalarKind::F16,
-            Quantization::I8 => usearch::ScalarKind::I8,
         }
     }
     /// Checks that `v` can be stored exactly enough to be ranked: its norm is in the engine's
