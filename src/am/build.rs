@@ -51,7 +51,7 @@ impl BuildState {
         }
     }
     fn estimate(&self, n: usize) -> usize {
-        estimate_build_memory(&self.params(), n)
+        estimate_build_memory(&self.params(), n, worker_threads())
     }
 
     /// Adds the collected batch to the graph, or starts counting only when the build would

@@ -151,7 +151,11 @@ pub unsafe fn fold(
         } else {
             0
         };
-        let need = estimate_build_memory(&params, old_count + now.delta_live as usize);
+        let need = estimate_build_memory(
+            &params,
+            old_count + now.delta_live as usize,
+            worker_threads(),
+        );
         let budget = pg_sys::maintenance_work_mem as usize * 1024;
         if need > budget {
             return Err(TtError::MemoryBudget {

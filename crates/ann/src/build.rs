@@ -6,8 +6,11 @@
 //! is repeatable on one thread), a greedy descent through the levels above it, then at each of
 //! its own levels a beam search of width `ef_construction`, neighbours chosen by the
 //! diversity heuristic (a candidate is kept only if it is nearer to the new item than to every
-//! neighbour kept so far), and reverse links, re-pruned by the same heuristic when a list is
-//! full. Level 0 keeps up to 2·m links (for the new item too, as pgvector does), upper levels m.
+//! neighbour kept so far; fewer candidates than room are all kept), and reverse links, re-pruned
+//! by the same heuristic when a list is full. A new item links to up to m neighbours at every
+//! level (as usearch and hnswlib do: 2·m at level 0 was measured no better and slower); lists
+//! hold up to 2·m links at level 0 and m above. A link a re-pruning drops because a kept
+//! neighbour is nearer to it is handed to that neighbour when its list has room.
 //!
 //! What makes it cheaper than the engine it replaces: distances are numkong's SIMD kernels on
 //! the f32 input (cosine: one dot product times the two stored inverse norms), every node has
@@ -124,6 +127,9 @@ impl Graph {
         capacity: usize,
     ) -> Graph {
         let conn = m.max(2);
+        // Never reserve more than a million items up front: `capacity` is an estimate (a
+        // table's reltuples can be stale); the tables grow by half as items arrive.
+        let capacity = capacity.min(1 << 20);
         Graph {
             dims,
             metric,
@@ -161,7 +167,11 @@ impl Graph {
 
     /// Bytes the graph holds now (vectors, links, keys, levels; allocator overhead estimated).
     pub fn memory(&self) -> usize {
-        let upper: usize = self.upper.iter().map(|u| u.len() * 4 + 16).sum();
+        let upper: usize = self
+            .upper
+            .iter()
+            .map(|u| if u.is_empty() { 0 } else { u.len() * 4 + 16 })
+            .sum();
         self.vectors.capacity() * 4
             + self.inv.capacity() * 4
             + self.keys.capacity() * 8
@@ -674,8 +684,8 @@ impl Graph {
         let entry = *self.entry.read().unwrap_or_else(|p| p.into_inner());
         let (entry_slot, max_level) = match entry {
             Some((e, t)) if n > 0 => (e as u64, t as u64),
-            // usearch writes level -1 (as u64) for an empty graph.
-            _ => (0, u64::MAX),
+            // (usearch writes level -1 for an empty graph, which no reader needs: 0 parses.)
+            _ => (0, 0),
         };
         for w in [
             n as u64,

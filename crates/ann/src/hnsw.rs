@@ -266,10 +266,14 @@ impl<'a> Searcher<'a> {
     /// The build's self-check for the item at `target`, whose stored vector is the searcher's
     /// query: whether [`Searcher::search`] with `k` = `ef` = max(`ef`, 10) and no exclusions
     /// ranks it among its first 10, or ties the 10th at its own distance (exact duplicates).
-    /// Stops as soon as the search computes the target's distance at level 0, which decides
-    /// it: nothing is nearer to a vector than itself but exact ties, so from then on either the
-    /// target stays among the kept results or at least `ef` of them are at most as far, and the
-    /// first 10 answer yes in both cases.
+    /// Stops as soon as the search reaches the target (the descent ends on it, or it is among a
+    /// node's unseen neighbours at level 0), which decides it: the whole search would compute
+    /// its distance `own` in that same step, and then either it is kept (and either ranks among
+    /// the first 10 or 10 results sort before it, each at most `own` away), or it is not
+    /// (the kept results are full, ef >= 10, all at most `own`, and they only get nearer), or
+    /// it is evicted later (as the farthest: the ef left are all at most `own`). Each case
+    /// answers yes. This holds whatever the metric (nothing here assumes the target is nearest
+    /// to itself), with ties broken by slot as the search breaks them.
     pub fn finds_itself(&self, target: usize, ef: usize) -> Result<bool> {
         let k = ef.max(10);
         match self.walk(k, k, None, None, Some(target))? {

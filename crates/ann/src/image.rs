@@ -95,21 +95,22 @@ impl BuildParams {
 /// Items added to the graph per batch while a build streams its input (see [`ImageBuilder`]).
 pub const BUILD_BATCH: usize = 8192;
 
-/// Peak memory of building an image of `n` items with [`ImageBuilder`], in bytes: the graph
-/// (every item's f32 input vector, its key, level and inverse norm, its lists of links with
-/// their lock and allocation, upper levels amortised), each worker thread's visited stamps,
+/// Peak memory of building an image of `n` items with [`ImageBuilder`] on `threads` worker
+/// threads, in bytes: the graph (every item's f32 input vector, its key, level and inverse
+/// norm, its lists of links with their lock and allocation, upper levels amortised), each
+/// worker thread's visited stamps (4 bytes an item),
 /// the keys of serialization and the orphan search, and one input batch. The serialized image
 /// itself goes through a temporary file when the builder is given a spill directory (as
 /// `CREATE INDEX` does), so it is not counted.
-pub fn estimate_build_memory(p: &BuildParams, n: usize) -> usize {
+pub fn estimate_build_memory(p: &BuildParams, n: usize, threads: usize) -> usize {
     let m = p.m.max(2);
     // A node: its f32 vector and inverse norm; its level-0 list (a count and 2m slots); its
     // upper lists' box (16 bytes) and, on 1/(m - 1) of the nodes on average, their allocation
     // (a count and m slots, plus ~16 bytes of allocator overhead); its lock, key and level.
     let node = p.dims * 4 + 4 + (2 * m + 1) * 4 + 16 + (m * 4 + 20) / (m - 1) + 8 + 8 + 1;
-    // Beside the graph: two threads' visited stamps, and at the finish the keys in slot order
+    // Beside the graph: each thread's visited stamps, and at the finish the keys in slot order
     // and sorted plus the navigation tables (16 bytes an item).
-    let beside = 2 * 4 + 2 * 8 + 16;
+    let beside = threads.clamp(1, 64) * 4 + 2 * 8 + 16;
     // Tables grow by half when the input outgrows the capacity the build was sized for.
     let graph = (n * node) / 10 * 11;
     let batch = BUILD_BATCH * (p.dims * 4 + 8);
@@ -1350,6 +1351,23 @@ impl GraphCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An empty input builds an image that opens and answers nothing (the builder writes level
+    /// 0, not usearch's -1, for an empty graph's top level).
+    #[test]
+    fn an_empty_build_opens_and_finds_nothing() {
+        let p = BuildParams {
+            dims: 8,
+            metric: Metric::Cosine,
+            quantization: Quantization::F32,
+            m: 16,
+            ef_construction: 64,
+        };
+        let bytes = build_image(&p, &[], &[], 2, &mut |_| Poll::Continue).unwrap();
+        let img = Image::open(bytes.clone(), checksum(&bytes)).unwrap();
+        assert!(img.is_empty());
+        assert!(img.search(&[1.0; 8], 10, 100, None).unwrap().is_empty());
+    }
 
     /// The self-check's early stop (`Searcher::finds_itself`: decided once the search computes
     /// the item's own distance) gives the verdict the whole search gives, item for item, at

@@ -483,7 +483,7 @@ fn streamed_build_spills_and_stays_within_its_estimate() {
             b.add_batch(k, v, &mut |_| Poll::Continue).expect("batch");
         }
         assert_eq!(b.len(), n);
-        let estimate = estimate_build_memory(&p, n);
+        let estimate = estimate_build_memory(&p, n, 2);
         // What the graph holds (f32 input, links, keys: the builder's own count), plus what
         // the finish adds beside it (two threads' visited stamps, the keys in slot order and
         // sorted): a lower bound of the peak the estimate must cover (RSS measured by the
