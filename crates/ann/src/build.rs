@@ -240,12 +240,7 @@ impl Graph {
         for (i, &k) in keys.iter().enumerate() {
             if self.metric == Metric::Cosine {
                 let v = &vectors[i * self.dims..(i + 1) * self.dims];
-                let n2: f64 = v.iter().map(|x| (*x as f64) * (*x as f64)).sum();
-                self.inv.push(if n2 > 0.0 {
-                    (1.0 / n2.sqrt()) as f32
-                } else {
-                    0.0
-                });
+                self.inv.push(crate::layout::inv_norm(v));
             }
             let level = self.level_of(k);
             self.levels.push(level as u8);
@@ -437,11 +432,8 @@ impl Graph {
             return;
         };
         let cap = links.len();
-        let count = (cnt.load(Ordering::Relaxed) as usize).min(cap);
-        let have: Vec<u32> = links[..count]
-            .iter()
-            .map(|x| x.load(Ordering::Relaxed))
-            .collect();
+        let have = current(cnt, links);
+        let count = have.len();
         let fits: Vec<u32> = new
             .iter()
             .map(|x| x.1)
@@ -577,11 +569,8 @@ impl Graph {
         let Some((cnt, links)) = self.list(base, 0).split_first() else {
             return;
         };
-        let count = (cnt.load(Ordering::Relaxed) as usize).min(links.len());
-        let have: Vec<u32> = links[..count]
-            .iter()
-            .map(|x| x.load(Ordering::Relaxed))
-            .collect();
+        let have = current(cnt, links);
+        let count = have.len();
         if have.contains(&q) {
             return;
         }
@@ -756,12 +745,7 @@ impl Graph {
             g.keys.push(key);
             g.vectors.extend_from_slice(&vecs);
             if metric == Metric::Cosine {
-                let n2: f64 = vecs.iter().map(|x| (*x as f64) * (*x as f64)).sum();
-                g.inv.push(if n2 > 0.0 {
-                    (1.0 / n2.sqrt()) as f32
-                } else {
-                    0.0
-                });
+                g.inv.push(crate::layout::inv_norm(&vecs));
             }
             g.levels.push(level as u8);
             let words = g.record_words(level as usize);
@@ -795,6 +779,15 @@ impl Graph {
         }
         Ok(g)
     }
+}
+
+/// The links of a list (its count word, then its slots), read by its lock's holder.
+fn current(cnt: &AtomicU32, links: &[AtomicU32]) -> Vec<u32> {
+    let count = (cnt.load(Ordering::Relaxed) as usize).min(links.len());
+    links[..count]
+        .iter()
+        .map(|x| x.load(Ordering::Relaxed))
+        .collect()
 }
 
 /// Writes `v` in the stored form of `quant` (f16: rounded to nearest; i8: as usearch casts for

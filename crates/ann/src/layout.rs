@@ -197,12 +197,7 @@ impl NavTables {
         for slot in 0..n {
             let row = row(graph, h, slot).ok_or_else(bad)?;
             decode(quant, row, &mut buf);
-            let n2: f64 = buf.iter().map(|x| (*x as f64) * (*x as f64)).sum();
-            inv_norm.push(if n2 > 0.0 {
-                (1.0 / n2.sqrt()) as f32
-            } else {
-                0.0
-            });
+            inv_norm.push(self::inv_norm(&buf));
         }
         Ok(NavTables {
             slot_of,
@@ -225,6 +220,17 @@ impl NavTables {
         for (i, v) in self.inv_norm.iter().enumerate() {
             out[base + 4 * i..base + 4 * i + 4].copy_from_slice(&v.to_le_bytes());
         }
+    }
+}
+
+/// 1 / the norm of `v` (0 for a zero vector): the navigation table's inverse norm, and the
+/// builder's, computed the same way so both rank alike.
+pub(crate) fn inv_norm(v: &[f32]) -> f32 {
+    let n2: f64 = v.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+    if n2 > 0.0 {
+        (1.0 / n2.sqrt()) as f32
+    } else {
+        0.0
     }
 }
 
