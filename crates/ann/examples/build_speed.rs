@@ -96,6 +96,49 @@ fn main() {
             img.len(),
             h.orphans
         );
+        if std::env::var("TT_VERIFY").is_ok() {
+            // As the core test multithreaded_build_matches_single_threaded_and_reaches_every_node
+            // checks at 20,000 items: a scan for each item's own vector at one of the
+            // self-check's widths yields it among its first 10.
+            let sum = twotower_ann::checksum(&img);
+            let img = twotower_ann::Image::open(&img[..], sum).unwrap();
+            let first_ten = |v: &[f32], ef: usize| -> Vec<u64> {
+                let mut cur = twotower_ann::GraphCursor::new(twotower_ann::ScanOrder::Relaxed);
+                let query = twotower_ann::Query::new(twotower_ann::Metric::Cosine, v).unwrap();
+                let mut first = Vec::new();
+                while first.len() < 10 {
+                    match cur.peek(&img, &query, ef, None).unwrap() {
+                        Some(h) => {
+                            cur.pop();
+                            first.push(h.key)
+                        }
+                        None => break,
+                    }
+                }
+                first
+            };
+            let missing = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|s| {
+                for part in 0..2 {
+                    let (data, first_ten, missing) = (&data, &first_ten, &missing);
+                    s.spawn(move || {
+                        for (i, v) in data.chunks_exact(dims).enumerate().skip(part).step_by(2) {
+                            if !twotower_ann::SELF_CHECK_EF
+                                .iter()
+                                .any(|&ef| first_ten(v, ef).contains(&(i as u64 + 1)))
+                            {
+                                missing.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    });
+                }
+            });
+            println!(
+                "verified: {} of {n} items not found by their own vector at {:?}",
+                missing.into_inner(),
+                twotower_ann::SELF_CHECK_EF
+            );
+        }
         return;
     }
     // Our builder against usearch's, on 2 threads: insertion time, level-0 in-degrees, and

@@ -12,8 +12,10 @@
 //! hold up to 2·m links at level 0 and m above. A link a re-pruning drops because a kept
 //! neighbour is nearer to it is handed to that neighbour when its list has room.
 //!
-//! What makes it cheaper than the engine it replaces: distances are numkong's SIMD kernels on
-//! the f32 input (cosine: one dot product times the two stored inverse norms), every node has
+//! What makes it cheaper than the engine it replaces: distances are numkong's SIMD kernels;
+//! for cosine on a copy of the vectors scaled to unit length in f16 (one dot product, half the
+//! memory traffic of the f32 input: insertion at 1M x 64 took 66.7 s instead of 91.2 s in one
+//! run, recall@10 at ef 64 0.9515 against 0.9538), every node has
 //! its own lock (a reader copies a list out and lets go), and each worker thread has its own
 //! visited stamps (no hashing). Items are appended in batches between parallel phases, so the
 //! tables are only ever resized while no insertion runs.
@@ -101,8 +103,10 @@ pub(crate) struct Graph {
     keys: Vec<u64>,
     /// Every item's input vector (f32, exactly as given), slot after slot.
     vectors: Vec<f32>,
-    /// For cosine: 1 / the norm of each vector (0 for a zero vector).
-    inv: Vec<f32>,
+    /// For cosine: each vector scaled to unit length (zero stays zero), in f16, slot after
+    /// slot: the build's distances read these (half the memory traffic of the input vectors,
+    /// and one dot product a distance).
+    unit: Vec<numkong::f16>,
     levels: Vec<u8>,
     /// Level-0 neighbour lists, one after another: a count, then `conn_base` slots. Readers
     /// copy a list out without a lock (a list being rewritten may be read half old, half new:
@@ -140,8 +144,8 @@ impl Graph {
             ml: 1.0 / (conn as f64).ln(),
             keys: Vec::with_capacity(capacity),
             vectors: Vec::with_capacity(capacity * dims),
-            inv: Vec::with_capacity(if metric == Metric::Cosine {
-                capacity
+            unit: Vec::with_capacity(if metric == Metric::Cosine {
+                capacity * dims
             } else {
                 0
             }),
@@ -173,7 +177,7 @@ impl Graph {
             .map(|u| if u.is_empty() { 0 } else { u.len() * 4 + 16 })
             .sum();
         self.vectors.capacity() * 4
-            + self.inv.capacity() * 4
+            + self.unit.capacity() * 2
             + self.keys.capacity() * 8
             + self.levels.capacity()
             + self.base.capacity() * 4
@@ -228,7 +232,7 @@ impl Graph {
             self.keys.reserve_exact(more);
             self.vectors.reserve_exact(more * self.dims);
             if self.metric == Metric::Cosine {
-                self.inv.reserve_exact(more);
+                self.unit.reserve_exact(more * self.dims);
             }
             self.levels.reserve_exact(more);
             self.base.reserve_exact(more * (1 + self.conn_base));
@@ -240,7 +244,7 @@ impl Graph {
         for (i, &k) in keys.iter().enumerate() {
             if self.metric == Metric::Cosine {
                 let v = &vectors[i * self.dims..(i + 1) * self.dims];
-                self.inv.push(crate::layout::inv_norm(v));
+                push_unit(&mut self.unit, v);
             }
             let level = self.level_of(k);
             self.levels.push(level as u8);
@@ -260,16 +264,14 @@ impl Graph {
     #[inline]
     fn dist(&self, a: usize, b: usize) -> f32 {
         let d = self.dims;
-        let (va, vb) = (
-            &self.vectors[a * d..(a + 1) * d],
-            &self.vectors[b * d..(b + 1) * d],
-        );
         let r = match self.metric {
-            Metric::Cosine => {
-                f32::dot(va, vb).map(|x| 1.0 - (x as f32) * self.inv[a] * self.inv[b])
-            }
-            Metric::InnerProduct => f32::dot(va, vb).map(|x| -(x as f32)),
-            Metric::L2 => f32::sqeuclidean(va, vb).map(|x| x as f32),
+            Metric::Cosine => numkong::f16::dot(
+                &self.unit[a * d..(a + 1) * d],
+                &self.unit[b * d..(b + 1) * d],
+            )
+            .map(|x| 1.0 - x),
+            Metric::InnerProduct => f32::dot(self.vector(a), self.vector(b)).map(|x| -(x as f32)),
+            Metric::L2 => f32::sqeuclidean(self.vector(a), self.vector(b)).map(|x| x as f32),
         };
         match r {
             Some(x) if !x.is_nan() => x,
@@ -292,10 +294,19 @@ impl Graph {
     fn touch(&self, slots: &[u32]) {
         let d = self.dims;
         let mut acc = 0f32;
-        for &s in slots {
-            let v = &self.vectors[s as usize * d..(s as usize + 1) * d];
-            for i in (0..d).step_by(16) {
-                acc += v[i];
+        if self.metric == Metric::Cosine {
+            for &s in slots {
+                let v = &self.unit[s as usize * d..(s as usize + 1) * d];
+                for i in (0..d).step_by(32) {
+                    acc += v[i].to_f32();
+                }
+            }
+        } else {
+            for &s in slots {
+                let v = &self.vectors[s as usize * d..(s as usize + 1) * d];
+                for i in (0..d).step_by(16) {
+                    acc += v[i];
+                }
             }
         }
         std::hint::black_box(acc);
@@ -745,7 +756,7 @@ impl Graph {
             g.keys.push(key);
             g.vectors.extend_from_slice(&vecs);
             if metric == Metric::Cosine {
-                g.inv.push(crate::layout::inv_norm(&vecs));
+                push_unit(&mut g.unit, &vecs);
             }
             g.levels.push(level as u8);
             let words = g.record_words(level as usize);
@@ -779,6 +790,12 @@ impl Graph {
         }
         Ok(g)
     }
+}
+
+/// Appends `v` scaled to unit length (a zero vector as is), in f16.
+fn push_unit(out: &mut Vec<numkong::f16>, v: &[f32]) {
+    let inv = crate::layout::inv_norm(v);
+    out.extend(v.iter().map(|x| numkong::f16::from_f32(x * inv)));
 }
 
 /// The links of a list (its count word, then its slots), read by its lock's holder.

@@ -96,18 +96,23 @@ impl BuildParams {
 pub const BUILD_BATCH: usize = 8192;
 
 /// Peak memory of building an image of `n` items with [`ImageBuilder`] on `threads` worker
-/// threads, in bytes: the graph (every item's f32 input vector, its key, level and inverse
-/// norm, its lists of links with their lock and allocation, upper levels amortised), each
-/// worker thread's visited stamps (4 bytes an item),
+/// threads, in bytes: the graph (every item's f32 input vector, its key and level, for cosine
+/// its unit vector in f16, its lists of links with their lock and allocation, upper levels
+/// amortised), each worker thread's visited stamps (4 bytes an item),
 /// the keys of serialization and the orphan search, and one input batch. The serialized image
 /// itself goes through a temporary file when the builder is given a spill directory (as
 /// `CREATE INDEX` does), so it is not counted.
 pub fn estimate_build_memory(p: &BuildParams, n: usize, threads: usize) -> usize {
     let m = p.m.max(2);
-    // A node: its f32 vector and inverse norm; its level-0 list (a count and 2m slots); its
+    // A node: its f32 vector (and for cosine its unit vector in f16); its level-0 list (a count and 2m slots); its
     // upper lists' box (16 bytes) and, on 1/(m - 1) of the nodes on average, their allocation
     // (a count and m slots, plus ~16 bytes of allocator overhead); its lock, key and level.
-    let node = p.dims * 4 + 4 + (2 * m + 1) * 4 + 16 + (m * 4 + 20) / (m - 1) + 8 + 8 + 1;
+    let unit = if p.metric == Metric::Cosine {
+        p.dims * 2
+    } else {
+        0
+    };
+    let node = p.dims * 4 + unit + (2 * m + 1) * 4 + 16 + (m * 4 + 20) / (m - 1) + 8 + 8 + 1;
     // Beside the graph: each thread's visited stamps, and at the finish the keys in slot order
     // and sorted plus the navigation tables (16 bytes an item).
     let beside = threads.clamp(1, 64) * 4 + 2 * 8 + 16;
