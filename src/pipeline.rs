@@ -463,8 +463,7 @@ pub mod twotower {
             .filter(|c| spi::column_exists(rel, c))
             .map(quote_identifier)
             .collect();
-        let mut rows: HashMap<i64, Value> =
-            HashMap::with_capacity_and_hasher(ids.len(), Default::default());
+        let mut texts: Vec<(i64, crate::catalog::JsonbValue)> = Vec::with_capacity(ids.len());
         Spi::connect(|c| {
             let t = c.select(
                 &format!(
@@ -476,13 +475,22 @@ pub mod twotower {
                 &[ids.to_vec().into()],
             )?;
             for r in t {
-                if let (Some(i), Some(v)) = (r.get::<i64>(1)?, r.get::<pgrx::JsonB>(2)?) {
-                    rows.insert(i, v.0);
+                // Read as text and parsed below: a value serde cannot hold (a number beyond
+                // double precision, nesting past 128 levels) is an ERROR, not a panic.
+                if let (Some(i), Some(v)) =
+                    (r.get::<i64>(1)?, r.get::<crate::catalog::JsonbValue>(2)?)
+                {
+                    texts.push((i, v));
                 }
             }
             Ok::<_, pgrx::spi::Error>(())
         })
         .map_err(|e| TtError::BadArgument(format!("reading item features from {table}: {e}")))?;
+        let mut rows: HashMap<i64, Value> =
+            HashMap::with_capacity_and_hasher(texts.len(), Default::default());
+        for (i, v) in texts {
+            rows.insert(i, v.value("item features")?);
+        }
         Ok(rows)
     }
 

@@ -575,7 +575,7 @@ pub mod twotower {
         index: Option<RegClass>,
         queries: Option<RegClass>,
         seen: default!(Option<RegClass>, "NULL"),
-        k: default!(Option<Vec<i32>>, "'{10,50}'"),
+        k: default!(Option<Vec<Option<i32>>>, "'{10,50}'"),
         via_index: default!(Option<bool>, true),
     ) -> TableIterator<
         'static,
@@ -595,6 +595,12 @@ pub mod twotower {
             required(queries, "queries"),
         );
         let (k, via_index) = (required(k, "k"), required(via_index, "via_index"));
+        let k: Vec<i32> = k
+            .into_iter()
+            .map(|x| {
+                x.unwrap_or_else(|| TtError::NullValue("k has a NULL element".into()).report())
+            })
+            .collect();
         if k.is_empty() || k.iter().any(|&x| !(1..=10_000).contains(&x)) {
             TtError::BadArgument("k must list values between 1 and 10000".into()).report();
         }
@@ -607,7 +613,7 @@ pub mod twotower {
         let metric = target.metric();
         target.close();
         let found = crate::catalog::read_row::<String, String>(
-            "SELECT pg_catalog.format('SELECT t.%I::pg_catalog.int8, t.%I FROM %s AS t',
+            "SELECT pg_catalog.format('SELECT t.%I::pg_catalog.int8, t.%I::pg_catalog.float4[] FROM %s AS t',
                     (SELECT a.attname FROM pg_catalog.pg_index p JOIN pg_catalog.pg_attribute a
                         ON a.attrelid = p.indrelid AND a.attnum = p.indkey[0]
                       WHERE p.indrelid = i.indrelid AND p.indisprimary AND p.indnkeyatts = 1),
@@ -629,12 +635,15 @@ pub mod twotower {
         Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
             for row in c.select(&items_sql, None, &[])? {
                 check_for_interrupts!();
-                let (Some(id), Some(v)) = (row.get::<i64>(1)?, row.get::<Vec<f32>>(2)?) else {
+                // A NULL vector, or one with a NULL element (a row a partial index leaves
+                // out), is no item of the index.
+                let (Some(id), Some(v)) = (row.get::<i64>(1)?, row.get::<Vec<Option<f32>>>(2)?)
+                else {
                     continue;
                 };
-                if v.len() == dims {
+                if v.len() == dims && v.iter().all(Option::is_some) {
                     ids.push(id);
-                    vecs.extend_from_slice(&v);
+                    vecs.extend(v.into_iter().flatten());
                 }
             }
             Ok(())

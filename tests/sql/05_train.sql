@@ -75,6 +75,17 @@ SELECT abs(max(value) FILTER (WHERE method = 'exact') - max(value) FILTER (WHERE
   FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_queries', seen => 'tr_seen', k => '{10}')
  WHERE metric = 'hr';
 SELECT pg_temp.err($q$SELECT * FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_queries', k => '{0}')$q$);
+-- A NULL element of k is refused (it was a panic in pgrx's array conversion: XX000).
+SELECT pg_temp.err($q$SELECT * FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_queries', k => '{10,NULL}')$q$);
+-- A row a partial index leaves out, with a NULL element in its vector, is no item (reading it
+-- was a panic: XX000); evaluate runs over the others.
+CREATE TABLE tr_vectors_p AS SELECT * FROM tr_vectors;
+ALTER TABLE tr_vectors_p ADD PRIMARY KEY (id);
+INSERT INTO tr_vectors_p SELECT 100000, array_fill(NULL::real, ARRAY[array_length(embedding, 1)]) FROM tr_vectors LIMIT 1;
+CREATE INDEX tr_vectors_p_idx ON tr_vectors_p USING twotower_hnsw (embedding real_cosine_ops) WHERE id < 100000;
+SELECT count(*) AS rows, bool_and(queries > 0) AS counted
+  FROM twotower.evaluate('tr_user', 'tr_vectors_p_idx', 'tr_queries', seen => 'tr_seen', k => '{10}');
+DROP TABLE tr_vectors_p;
 -- Training is deterministic for a seed: a second run gives the same weights.
 SET client_min_messages = warning;
 SELECT version FROM twotower.train('tr_user', 'tr_item', 'tr_events', :'opts',

@@ -152,6 +152,15 @@ SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4]}', exc
 SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', ARRAY[2, 3, 2]::bigint[])$$);
 SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', NULL)$$);
 SELECT count(*) AS none FROM twotower.prerank('fn', '{"q": [3, 4]}', '{}'::bigint[]);
+-- An item row holding a value serde cannot (a numeric beyond double precision) is an ERROR
+-- naming it (it was a panic in pgrx's jsonb conversion: XX000).
+CREATE TABLE fn_huge (id bigint PRIMARY KEY, price numeric);
+INSERT INTO fn_huge VALUES (1, 1), (2, 1e400), (3, 2);
+SELECT twotower.save_pipeline('fn_huge', definition || '{"item_features": {"table": "fn_huge"}}') FROM twotower.pipelines WHERE name = 'fn';
+SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn_huge', '{"q": [3, 4]}', ARRAY[1, 2, 3]::bigint[])$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn_huge', '{"q": [3, 4]}')$$);
+SELECT twotower.drop_pipeline('fn_huge');
+DROP TABLE fn_huge;
 -- Definitions are checked when saved.
 CREATE FUNCTION pg_temp.def(patch jsonb) RETURNS text LANGUAGE sql AS $$
     SELECT pg_temp.err(format('SELECT twotower.save_pipeline(%L, %L)', 'fn_bad', (definition || patch)::text))
