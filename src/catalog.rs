@@ -534,7 +534,7 @@ fn catalog_owner(rel: pg_sys::Oid) -> TtResult<pg_sys::Oid> {
     unsafe {
         let r = pg_sys::RelationIdGetRelation(rel);
         if r.is_null() {
-            return Err(TtError::Unsupported(
+            return Err(TtError::Damaged(
                 "the pg_twotower model catalogue is missing".into(),
             ));
         }
@@ -577,7 +577,7 @@ fn check_schema_version() -> TtResult<()> {
 pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> TtResult<R> {
     let rel = catalog_oid();
     if rel == pg_sys::InvalidOid {
-        return Err(TtError::Unsupported(
+        return Err(TtError::Damaged(
             "the pg_twotower model catalogue is missing".into(),
         ));
     }

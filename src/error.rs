@@ -84,6 +84,13 @@ pub enum TtError {
     NullValue(String),
     /// An index whose pages were never written (a failed CREATE INDEX CONCURRENTLY).
     NotBuilt(String),
+    /// An index PostgreSQL marks invalid or not ready (says which and what to do).
+    InvalidIndex(String),
+    /// A value past a fixed limit of the index (says which).
+    IndexLimit(String),
+    /// An object of the extension is missing or broken (a dropped or renamed catalogue table,
+    /// a missing operator): the installation, not the call, is at fault (says what).
+    Damaged(String),
     /// DROP EXTENSION without CASCADE while the catalogue holds rows (what it holds).
     ExtensionInUse(String),
     /// A source with more than one row for an item id (the relation, one such id).
@@ -290,6 +297,12 @@ impl TtError {
                     Some("REINDEX the index.".into()),
                 ),
                 AnnError::Cancelled => (ERRCODE_QUERY_CANCELED, "canceling index build".into(), None, None),
+                AnnError::Io { detail, disk_full } => (
+                    if *disk_full { ERRCODE_DISK_FULL } else { ERRCODE_IO_ERROR },
+                    "could not write the index build's temporary file".into(),
+                    Some(detail.clone()),
+                    Some("Check free space and permissions of the server's temporary directory (base/pgsql_tmp).".into()),
+                ),
                 AnnError::Engine(d) => (ERRCODE_INTERNAL_ERROR, "HNSW engine failed".into(), Some(d.clone()), None),
             },
             TtError::BadArray(d) => (
@@ -455,6 +468,14 @@ impl TtError {
                 Some("Check free space and permissions of $PGDATA/pg_twotower.".into()),
             ),
             TtError::NullValue(d) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, d.clone(), None, None),
+            TtError::InvalidIndex(d) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, d.clone(), None, None),
+            TtError::IndexLimit(d) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, d.clone(), None, None),
+            TtError::Damaged(d) => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                d.clone(),
+                None,
+                Some("The extension's objects are incomplete: ALTER EXTENSION pg_twotower UPDATE, or drop and create the extension again.".into()),
+            ),
             TtError::NotBuilt(index) => (
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 format!("index {index} has not been built"),

@@ -287,7 +287,7 @@ impl Shards {
         .map_err(|e| TtError::BadArgument(format!("looking up the operator {name}: {e}")))?
         .and_then(|(s, _)| s)
         .ok_or_else(|| {
-            TtError::Unsupported(format!(
+            TtError::Damaged(format!(
                 "the operator {name} on real[] of pg_twotower is missing"
             ))
         })?;

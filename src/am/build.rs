@@ -164,7 +164,7 @@ unsafe extern "C-unwind" fn build_callback(
     let s = v.as_slice();
     if st.dims.is_none() {
         if s.len() > MAX_INDEX_DIMS {
-            TtError::Unsupported(format!(
+            TtError::IndexLimit(format!(
                 "twotower_hnsw indexes support at most {MAX_INDEX_DIMS} dimensions, this column has {}",
                 s.len()
             ))

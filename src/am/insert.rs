@@ -38,7 +38,7 @@ pub unsafe extern "C-unwind" fn aminsert(
     .or_report();
     let s = v.as_slice();
     if s.len() > MAX_INDEX_DIMS {
-        TtError::Unsupported(format!(
+        TtError::IndexLimit(format!(
             "twotower_hnsw indexes support at most {MAX_INDEX_DIMS} dimensions, this vector has {}",
             s.len()
         ))

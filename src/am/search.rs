@@ -291,7 +291,7 @@ impl Target {
                 return Err(TtError::WrongIndex(who.into()));
             }
             if !valid {
-                return Err(TtError::Unsupported(
+                return Err(TtError::InvalidIndex(
                     "the partitioned index is not valid: some partition has no index attached to it".into(),
                 ));
             }
@@ -404,7 +404,7 @@ impl Target {
                 }
             }
             if !(*ix).indisvalid || !(*ix).indisready {
-                return Err(TtError::Unsupported(
+                return Err(TtError::InvalidIndex(
                     "the index is not valid (a failed or unfinished CREATE INDEX CONCURRENTLY?): REINDEX it".into(),
                 ));
             }

@@ -287,6 +287,20 @@ RESET twotower.ef_search;
 
 -- Clean up.
 RESET ROLE;
+-- (issue 27) The index's dimension limit is 54000 program_limit_exceeded (it was 0A000
+-- feature_not_supported), at CREATE INDEX and at INSERT.
+CREATE TABLE at_wide (id bigint PRIMARY KEY, v real[]);
+INSERT INTO at_wide VALUES (1, array_fill(1::real, ARRAY[2001]));
+SELECT pg_temp.err('CREATE INDEX ON at_wide USING twotower_hnsw (v real_cosine_ops)');
+TRUNCATE at_wide;
+CREATE INDEX at_wide_idx ON at_wide USING twotower_hnsw (v real_cosine_ops);
+SELECT pg_temp.err($$INSERT INTO at_wide VALUES (2, array_fill(1::real, ARRAY[2001]))$$);
+DROP TABLE at_wide;
+-- A renamed model catalogue is 55000 with a hint to repair the installation (it was 0A000).
+BEGIN;
+ALTER TABLE twotower.model_version RENAME TO model_version_gone;
+SELECT pg_temp.err($$SELECT twotower.embed_user('at_user', '{}')$$);
+ROLLBACK;
 SELECT twotower.drop_pipeline(p) FROM unnest(ARRAY['at_p', 'at_a', 'at_b']) p;
 SELECT twotower.drop_model(m) FROM unnest(ARRAY['at_user', 'at_pre', 'at_vocab', 'at_l2user', 'at_item', 'at_log', 'at_tu', 'at_ti']) m;
 DROP TABLE at_pf, at_two, at_vec, at_src, at_dst, at_dst_pk, at_events, at_hd, at_q, at_exact, at_found, at_ratings, at_users, at_fold CASCADE;

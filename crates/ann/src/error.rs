@@ -29,6 +29,9 @@ pub enum AnnError {
     CorruptImage(String),
     #[error("index build was cancelled")]
     Cancelled,
+    /// A temporary file of a build could not be made or written (`disk_full`: no space left).
+    #[error("{detail}")]
+    Io { detail: String, disk_full: bool },
     #[error("HNSW engine error: {0}")]
     Engine(String),
 }

@@ -167,8 +167,9 @@ impl Scratch {
         let Some(dir) = spill else {
             return Ok(Scratch::Mem(vec![0u8; len]));
         };
-        let io = |e: std::io::Error| {
-            AnnError::Engine(format!("temporary file in {}: {e}", dir.display()))
+        let io = |e: std::io::Error| AnnError::Io {
+            disk_full: e.kind() == std::io::ErrorKind::StorageFull,
+            detail: format!("temporary file in {}: {e}", dir.display()),
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         // PostgreSQL removes pgsql_tmp* files at start-up; the name follows its convention.
@@ -205,7 +206,10 @@ impl Scratch {
             Scratch::Map(m) => m
                 .make_read_only()
                 .map(ImageBytes::Map)
-                .map_err(|e| AnnError::Engine(format!("temporary image file: {e}"))),
+                .map_err(|e| AnnError::Io {
+                    disk_full: e.kind() == std::io::ErrorKind::StorageFull,
+                    detail: format!("temporary image file: {e}"),
+                }),
         }
     }
 }
@@ -1356,6 +1360,39 @@ impl GraphCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spill_directory_that_cannot_be_made_is_an_io_error() {
+        // The build's temporary file goes to the spill directory; one that cannot be created
+        // (here under a regular file) is AnnError::Io, which the extension reports as 58030
+        // (53100 when the disk is full), not an internal error.
+        let p = BuildParams {
+            dims: 4,
+            metric: Metric::Cosine,
+            quantization: Quantization::F32,
+            m: 8,
+            ef_construction: 16,
+        };
+        let file = std::env::temp_dir().join(format!("tt-spill-{}", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let mut b = ImageBuilder::new(&p, 4, 1).unwrap();
+        b.add_batch(
+            &[1, 2],
+            &[1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0],
+            &mut |_| Poll::Continue,
+        )
+        .unwrap();
+        let r = b.finish(&mut |_| Poll::Continue, Some(&file.join("sub")));
+        std::fs::remove_file(&file).unwrap();
+        match r {
+            Err(AnnError::Io { disk_full, detail }) => {
+                assert!(!disk_full);
+                assert!(detail.contains("tt-spill"), "{detail}");
+            }
+            Err(e) => panic!("another error: {e:?}"),
+            Ok(_) => panic!("the build succeeded without its spill directory"),
+        }
+    }
 
     /// An empty input builds an image that opens and answers nothing (the builder writes level
     /// 0, not usearch's -1, for an empty graph's top level).
