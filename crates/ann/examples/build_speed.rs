@@ -103,19 +103,13 @@ fn main() {
             let sum = twotower_ann::checksum(&img);
             let img = twotower_ann::Image::open(&img[..], sum).unwrap();
             let first_ten = |v: &[f32], ef: usize| -> Vec<u64> {
-                let mut cur = twotower_ann::GraphCursor::new(twotower_ann::ScanOrder::Relaxed);
                 let query = twotower_ann::Query::new(twotower_ann::Metric::Cosine, v).unwrap();
-                let mut first = Vec::new();
-                while first.len() < 10 {
-                    match cur.peek(&img, &query, ef, None).unwrap() {
-                        Some(h) => {
-                            cur.pop();
-                            first.push(h.key)
-                        }
-                        None => break,
-                    }
-                }
-                first
+                twotower_ann::GraphCursor::new(twotower_ann::ScanOrder::Relaxed)
+                    .take(&img, &query, ef, None, 10)
+                    .unwrap()
+                    .iter()
+                    .map(|h| h.key)
+                    .collect()
             };
             let missing = std::sync::atomic::AtomicUsize::new(0);
             std::thread::scope(|s| {

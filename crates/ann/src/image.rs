@@ -1251,6 +1251,28 @@ impl GraphCursor {
         }
     }
 
+    /// Up to `n` more hits of the scan, in the order [`GraphCursor::peek`] and
+    /// [`GraphCursor::pop`] yield them (what an index scan returns, before a strict scan's
+    /// caller drops an item nearer than one already returned).
+    pub fn take<B: AsRef<[u8]>>(
+        &mut self,
+        img: &Image<B>,
+        query: &Query,
+        ef: usize,
+        skip: Option<&dyn Fn(u64) -> bool>,
+        n: usize,
+    ) -> Result<Vec<Hit>> {
+        let mut out = Vec::with_capacity(n.min(1024));
+        while out.len() < n {
+            let Some(h) = self.peek(img, query, ef, skip)? else {
+                break;
+            };
+            self.pop();
+            out.push(h);
+        }
+        Ok(out)
+    }
+
     /// The next item without consuming it.
     pub fn peek<B: AsRef<[u8]>>(
         &mut self,

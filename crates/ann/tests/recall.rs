@@ -95,19 +95,13 @@ fn multithreaded_build_matches_single_threaded_and_reaches_every_node() {
         // A scan for each item's own vector yields it among its first 10 at one of the
         // self-check's widths, through the graph or through the orphan list.
         let first_ten = |v: &[f32], ef: usize| -> Vec<u64> {
-            let mut cur = GraphCursor::new(ScanOrder::Relaxed);
             let query = Query::new(Metric::Cosine, v).unwrap();
-            let mut first = Vec::new();
-            while first.len() < 10 {
-                match cur.peek(&img, &query, ef, None).unwrap() {
-                    Some(h) => {
-                        cur.pop();
-                        first.push(h.key)
-                    }
-                    None => break,
-                }
-            }
-            first
+            GraphCursor::new(ScanOrder::Relaxed)
+                .take(&img, &query, ef, None, 10)
+                .unwrap()
+                .iter()
+                .map(|h| h.key)
+                .collect()
         };
         let mut missing = 0;
         for (i, v) in data.chunks_exact(dims).enumerate() {
