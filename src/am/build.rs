@@ -30,6 +30,9 @@ struct BuildState {
     /// the budget is exceeded: the scan then only counts, to report the exact figure once.
     builder: Option<ImageBuilder>,
     over_budget: bool,
+    /// A cosine build's distances read an f16 copy of the unit vectors while the budget holds
+    /// it (`ImageBuilder::drop_unit_copy`).
+    unit_copy: bool,
     /// The batch being collected.
     keys: Vec<u64>,
     vectors: Vec<f32>,
@@ -51,7 +54,21 @@ impl BuildState {
         }
     }
     fn estimate(&self, n: usize) -> usize {
-        estimate_build_memory(&self.params(), n, worker_threads())
+        self.estimate_with(n, self.unit_copy)
+    }
+    fn estimate_with(&self, n: usize, unit_copy: bool) -> usize {
+        estimate_build_memory(&self.params(), n, worker_threads(), unit_copy)
+    }
+    /// Gives up the builder's f16 copy of the unit vectors (a cosine build's faster distances)
+    /// when the budget holds the build only without it; says so once.
+    fn drop_unit_copy(&mut self) {
+        self.unit_copy = false;
+        if let Some(b) = self.builder.as_mut() {
+            b.drop_unit_copy();
+        }
+        pgrx::notice!(
+            "twotower_hnsw: maintenance_work_mem holds this build only without its f16 copy of the vectors; building on the f32 input (slower)"
+        );
     }
 
     /// Adds the collected batch to the graph, or starts counting only when the build would
@@ -62,7 +79,11 @@ impl BuildState {
         }
         // Decided on rows actually seen, never on an extrapolation.
         if !self.over_budget && self.estimate(self.count) > self.budget {
-            self.over_budget = true;
+            if self.unit_copy && self.estimate_with(self.count, false) <= self.budget {
+                self.drop_unit_copy();
+            } else {
+                self.over_budget = true;
+            }
         }
         if self.over_budget {
             self.builder = None;
@@ -81,6 +102,10 @@ impl BuildState {
             let capacity = self.expected.max(self.keys.len());
             self.builder =
                 Some(ImageBuilder::new(&self.params(), capacity, worker_threads()).or_report());
+            if self.unit_copy && self.estimate_with(capacity, true) > self.budget {
+                // The rows expected do not fit with the copy: do without it from the start.
+                self.drop_unit_copy();
+            }
         }
         let b = self.builder.as_mut().expect("created above");
         let r = b.add_batch(&self.keys, &self.vectors, &mut build_poll);
@@ -243,6 +268,7 @@ pub unsafe extern "C-unwind" fn ambuild(
         count: 0,
         builder: None,
         over_budget: false,
+        unit_copy: metric == Metric::Cosine,
         keys: Vec::with_capacity(BUILD_BATCH),
         vectors: Vec::new(),
         expected: 0,

@@ -155,6 +155,7 @@ pub unsafe fn fold(
             &params,
             old_count + now.delta_live as usize,
             worker_threads(),
+            true,
         );
         let budget = pg_sys::maintenance_work_mem as usize * 1024;
         if need > budget {

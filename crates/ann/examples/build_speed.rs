@@ -60,7 +60,7 @@ fn main() {
             t.elapsed().as_secs_f64(),
             img.as_ref().len(),
             (rss() - before) >> 20,
-            twotower_ann::estimate_build_memory(&params, n, 2) >> 20
+            twotower_ann::estimate_build_memory(&params, n, 2, true) >> 20
         );
         return;
     }

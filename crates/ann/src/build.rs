@@ -103,10 +103,14 @@ pub(crate) struct Graph {
     keys: Vec<u64>,
     /// Every item's input vector (f32, exactly as given), slot after slot.
     vectors: Vec<f32>,
-    /// For cosine: each vector scaled to unit length (zero stays zero), in f16, slot after
-    /// slot: the build's distances read these (half the memory traffic of the input vectors,
-    /// and one dot product a distance).
+    /// For cosine: 1 / the norm of each vector (0 for a zero vector).
+    inv: Vec<f32>,
+    /// For cosine, unless dropped ([`Graph::drop_unit_copy`]): each vector scaled to unit
+    /// length (zero stays zero), in f16, slot after slot. The build's distances read these
+    /// when present (half the memory traffic of the input vectors, one dot product a
+    /// distance), else the f32 input times the two inverse norms.
     unit: Vec<numkong::f16>,
+    unit_on: bool,
     levels: Vec<u8>,
     /// Level-0 neighbour lists, one after another: a count, then `conn_base` slots. Readers
     /// copy a list out without a lock (a list being rewritten may be read half old, half new:
@@ -129,6 +133,7 @@ impl Graph {
         m: usize,
         ef: usize,
         capacity: usize,
+        unit_copy: bool,
     ) -> Graph {
         let conn = m.max(2);
         // Never reserve more than a million items up front: `capacity` is an estimate (a
@@ -144,11 +149,17 @@ impl Graph {
             ml: 1.0 / (conn as f64).ln(),
             keys: Vec::with_capacity(capacity),
             vectors: Vec::with_capacity(capacity * dims),
-            unit: Vec::with_capacity(if metric == Metric::Cosine {
+            inv: Vec::with_capacity(if metric == Metric::Cosine {
+                capacity
+            } else {
+                0
+            }),
+            unit: Vec::with_capacity(if metric == Metric::Cosine && unit_copy {
                 capacity * dims
             } else {
                 0
             }),
+            unit_on: metric == Metric::Cosine && unit_copy,
             levels: Vec::with_capacity(capacity),
             base: Vec::with_capacity(capacity * (1 + conn * 2)),
             upper: Vec::with_capacity(capacity),
@@ -177,6 +188,7 @@ impl Graph {
             .map(|u| if u.is_empty() { 0 } else { u.len() * 4 + 16 })
             .sum();
         self.vectors.capacity() * 4
+            + self.inv.capacity() * 4
             + self.unit.capacity() * 2
             + self.keys.capacity() * 8
             + self.levels.capacity()
@@ -184,6 +196,13 @@ impl Graph {
             + self.upper.capacity() * std::mem::size_of::<Box<[AtomicU32]>>()
             + self.locks.capacity() * std::mem::size_of::<Mutex<()>>()
             + upper
+    }
+
+    /// Frees the f16 unit copy: distances read the f32 input from here on (a build whose
+    /// memory budget cannot hold the copy). Call between insertion phases only.
+    pub fn drop_unit_copy(&mut self) {
+        self.unit_on = false;
+        self.unit = Vec::new();
     }
 
     fn record_words(&self, level: usize) -> usize {
@@ -232,7 +251,10 @@ impl Graph {
             self.keys.reserve_exact(more);
             self.vectors.reserve_exact(more * self.dims);
             if self.metric == Metric::Cosine {
-                self.unit.reserve_exact(more * self.dims);
+                self.inv.reserve_exact(more);
+                if self.unit_on {
+                    self.unit.reserve_exact(more * self.dims);
+                }
             }
             self.levels.reserve_exact(more);
             self.base.reserve_exact(more * (1 + self.conn_base));
@@ -244,7 +266,10 @@ impl Graph {
         for (i, &k) in keys.iter().enumerate() {
             if self.metric == Metric::Cosine {
                 let v = &vectors[i * self.dims..(i + 1) * self.dims];
-                push_unit(&mut self.unit, v);
+                self.inv.push(crate::layout::inv_norm(v));
+                if self.unit_on {
+                    push_unit(&mut self.unit, v);
+                }
             }
             let level = self.level_of(k);
             self.levels.push(level as u8);
@@ -265,11 +290,13 @@ impl Graph {
     fn dist(&self, a: usize, b: usize) -> f32 {
         let d = self.dims;
         let r = match self.metric {
-            Metric::Cosine => numkong::f16::dot(
+            Metric::Cosine if self.unit_on => numkong::f16::dot(
                 &self.unit[a * d..(a + 1) * d],
                 &self.unit[b * d..(b + 1) * d],
             )
             .map(|x| 1.0 - x),
+            Metric::Cosine => f32::dot(self.vector(a), self.vector(b))
+                .map(|x| 1.0 - (x as f32) * self.inv[a] * self.inv[b]),
             Metric::InnerProduct => f32::dot(self.vector(a), self.vector(b)).map(|x| -(x as f32)),
             Metric::L2 => f32::sqeuclidean(self.vector(a), self.vector(b)).map(|x| x as f32),
         };
@@ -294,7 +321,7 @@ impl Graph {
     fn touch(&self, slots: &[u32]) {
         let d = self.dims;
         let mut acc = 0f32;
-        if self.metric == Metric::Cosine {
+        if self.unit_on {
             for &s in slots {
                 let v = &self.unit[s as usize * d..(s as usize + 1) * d];
                 for i in (0..d).step_by(32) {
@@ -730,7 +757,7 @@ impl Graph {
         let bad = || AnnError::CorruptImage("the stored graph cannot be loaded".into());
         let h = GraphHead::parse(graph, dims, Quantization::F32)?;
         let n = h.size;
-        let mut g = Graph::new(dims, metric, Quantization::F32, m, ef, n + extra);
+        let mut g = Graph::new(dims, metric, Quantization::F32, m, ef, n + extra, true);
         if h.conn != g.conn || h.conn_base != g.conn_base {
             return Err(AnnError::Engine(format!(
                 "the stored graph has {} links a node, the index asks for {}",
@@ -756,7 +783,10 @@ impl Graph {
             g.keys.push(key);
             g.vectors.extend_from_slice(&vecs);
             if metric == Metric::Cosine {
-                push_unit(&mut g.unit, &vecs);
+                g.inv.push(crate::layout::inv_norm(&vecs));
+                if g.unit_on {
+                    push_unit(&mut g.unit, &vecs);
+                }
             }
             g.levels.push(level as u8);
             let words = g.record_words(level as usize);
@@ -846,7 +876,7 @@ mod tests {
     fn built(n: usize, dims: usize, threads: usize, metric: Metric) -> Graph {
         let data = clustered(n, dims, 20, 5);
         let keys: Vec<u64> = (0..n as u64).map(|k| k * 3 + 1).collect();
-        let mut g = Graph::new(dims, metric, Quantization::F32, 8, 32, n);
+        let mut g = Graph::new(dims, metric, Quantization::F32, 8, 32, n, true);
         g.push(&keys, &data);
         let next = std::sync::atomic::AtomicUsize::new(0);
         std::thread::scope(|s| {

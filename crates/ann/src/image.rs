@@ -97,20 +97,20 @@ pub const BUILD_BATCH: usize = 8192;
 
 /// Peak memory of building an image of `n` items with [`ImageBuilder`] on `threads` worker
 /// threads, in bytes: the graph (every item's f32 input vector, its key and level, for cosine
-/// its unit vector in f16, its lists of links with their lock and allocation, upper levels
-/// amortised), each worker thread's visited stamps (4 bytes an item),
-/// the keys of serialization and the orphan search, and one input batch. The serialized image
+/// its inverse norm and, with `unit_copy`, its unit vector in f16, its lists of links with their
+/// lock and allocation, upper levels amortised), each worker thread's visited stamps (4 bytes an
+/// item), the keys of serialization and the orphan search, and one input batch. The serialized image
 /// itself goes through a temporary file when the builder is given a spill directory (as
 /// `CREATE INDEX` does), so it is not counted.
-pub fn estimate_build_memory(p: &BuildParams, n: usize, threads: usize) -> usize {
+pub fn estimate_build_memory(p: &BuildParams, n: usize, threads: usize, unit_copy: bool) -> usize {
     let m = p.m.max(2);
-    // A node: its f32 vector (and for cosine its unit vector in f16); its level-0 list (a count and 2m slots); its
-    // upper lists' box (16 bytes) and, on 1/(m - 1) of the nodes on average, their allocation
+    // A node: its f32 vector (for cosine its inverse norm, and with `unit_copy` its unit vector
+    // in f16); its level-0 list (a count and 2m slots); its upper lists' box (16 bytes) and, on 1/(m - 1) of the nodes on average, their allocation
     // (a count and m slots, plus ~16 bytes of allocator overhead); its lock, key and level.
-    let unit = if p.metric == Metric::Cosine {
-        p.dims * 2
-    } else {
-        0
+    let unit = match p.metric {
+        Metric::Cosine if unit_copy => 4 + p.dims * 2,
+        Metric::Cosine => 4,
+        _ => 0,
     };
     let node = p.dims * 4 + unit + (2 * m + 1) * 4 + 16 + (m * 4 + 20) / (m - 1) + 8 + 8 + 1;
     // Beside the graph: each thread's visited stamps, and at the finish the keys in slot order
@@ -267,6 +267,7 @@ impl ImageBuilder {
                 params.m,
                 params.ef_construction,
                 capacity,
+                true,
             ),
             threads: threads.clamp(1, 64),
             checked: 0,
@@ -331,6 +332,13 @@ impl ImageBuilder {
         self.checked = self.graph.len();
         self.check_ef = &FOLD_CHECK_EF;
         self
+    }
+
+    /// Frees the f16 copy of the unit vectors a cosine build's distances read (the rest of
+    /// the build reads the f32 input: slower, [`estimate_build_memory`] without `unit_copy`).
+    /// For a build whose memory budget cannot hold the copy; callable between batches.
+    pub fn drop_unit_copy(&mut self) {
+        self.graph.drop_unit_copy();
     }
 
     /// Items added so far.

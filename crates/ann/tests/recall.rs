@@ -477,7 +477,7 @@ fn streamed_build_spills_and_stays_within_its_estimate() {
             b.add_batch(k, v, &mut |_| Poll::Continue).expect("batch");
         }
         assert_eq!(b.len(), n);
-        let estimate = estimate_build_memory(&p, n, 2);
+        let estimate = estimate_build_memory(&p, n, 2, true);
         // What the graph holds (f32 input, links, keys: the builder's own count), plus what
         // the finish adds beside it (two threads' visited stamps, the keys in slot order and
         // sorted): a lower bound of the peak the estimate must cover (RSS measured by the
@@ -620,4 +620,56 @@ fn a_fold_keeps_the_old_bytes_of_each_section_in_place() {
         "{changed_total} of {} bytes",
         second.len()
     );
+}
+
+/// A cosine build that gives up its f16 copy of the unit vectors half-way (a memory budget that
+/// cannot hold it) frees that copy and keeps the recall of a build that kept it.
+#[test]
+fn a_build_without_its_f16_copy_keeps_its_recall() {
+    let (n, dims) = (20_000, 32);
+    let (data, queries) = split(n, 200, dims, 50, 13);
+    let p = BuildParams {
+        dims,
+        metric: Metric::Cosine,
+        quantization: Quantization::F32,
+        m: 16,
+        ef_construction: 64,
+    };
+    let keys: Vec<u64> = (0..n).map(key_of).collect();
+    let mut recalls = Vec::new();
+    for drop_half_way in [false, true] {
+        let mut b = ImageBuilder::new(&p, n, 2).unwrap();
+        let half = n / 2;
+        b.add_batch(&keys[..half], &data[..half * dims], &mut |_| Poll::Continue)
+            .unwrap();
+        if drop_half_way {
+            let before = b.graph_memory();
+            b.drop_unit_copy();
+            assert!(
+                before - b.graph_memory() >= half * dims * 2,
+                "the copy's memory is freed"
+            );
+        }
+        b.add_batch(&keys[half..], &data[half * dims..], &mut |_| Poll::Continue)
+            .unwrap();
+        let bytes = b.finish(&mut |_| Poll::Continue, None).unwrap().into_vec();
+        let sum = checksum(&bytes);
+        let img = Image::open(bytes, sum).unwrap();
+        assert_eq!(img.len(), n);
+        recalls.push(recall_at(
+            &img,
+            Metric::Cosine,
+            &data,
+            dims,
+            &queries,
+            10,
+            64,
+        ));
+    }
+    eprintln!(
+        "recall@10 at ef 64 with the copy {:.4}, without from half-way {:.4}",
+        recalls[0], recalls[1]
+    );
+    assert!(recalls[1] >= 0.95, "{recalls:?}");
+    assert!(recalls[1] >= recalls[0] - 0.01, "{recalls:?}");
 }
