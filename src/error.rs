@@ -15,16 +15,25 @@ pub enum TtError {
     /// The argument is not a usable one-dimensional real[] (nulls, dimensions, element type).
     BadArray(String),
     /// Two vectors of different length were compared.
-    LengthMismatch { left: usize, right: usize },
+    LengthMismatch {
+        left: usize,
+        right: usize,
+    },
     /// Building needs more memory than maintenance_work_mem allows.
-    MemoryBudget { needed: usize, available: usize },
+    MemoryBudget {
+        needed: usize,
+        available: usize,
+    },
     /// The index pages do not hold what the metapage says.
     IndexCorrupt(String),
     /// An index operation we do not support.
     Unsupported(String),
     /// A function that reads one index's pages, called on the shell of a Citus table (its rows
     /// are in shards on the workers).
-    CitusTable { relation: String, who: String },
+    CitusTable {
+        relation: String,
+        who: String,
+    },
     /// An I/O failure on a node-local cache file.
     CacheIo(String),
     /// A mapped cache file changed (truncated or rewritten) while a scan read it.
@@ -35,9 +44,15 @@ pub enum TtError {
     /// An error of the tower core (spec, weights, feature input).
     Tower(TowerError),
     /// A features argument that is not valid JSON for serde (e.g. a number out of f64 range).
-    BadJson { what: &'static str, reason: String },
+    BadJson {
+        what: &'static str,
+        reason: String,
+    },
     /// No model of that name, or no such version.
-    ModelNotFound { name: String, version: Option<i32> },
+    ModelNotFound {
+        name: String,
+        version: Option<i32>,
+    },
     /// The model is of the other tower kind.
     ModelKind {
         name: String,
@@ -45,13 +60,21 @@ pub enum TtError {
         got: String,
     },
     /// The model does not fit the index (metric or dimension).
-    ModelIndexMismatch { detail: String },
+    ModelIndexMismatch {
+        detail: String,
+    },
     /// The caller may not manage this model, or read this table.
-    PermissionDenied { action: String, hint: String },
+    PermissionDenied {
+        action: String,
+        hint: String,
+    },
     /// A model name that is not an identifier.
     BadModelName(String),
     /// Dropping the version that serves.
-    ActiveVersion { name: String, version: i32 },
+    ActiveVersion {
+        name: String,
+        version: i32,
+    },
     /// More items in one call than the documented limit.
     TooMany(String),
     /// A server file that does not exist.
@@ -88,13 +111,21 @@ pub enum TtError {
     InvalidIndex(String),
     /// A value past a fixed limit of the index (says which).
     IndexLimit(String),
+    /// A relation, column or role named by the caller (or stored in a definition) that does
+    /// not exist (the message names it).
+    UndefinedTable(String),
+    UndefinedColumn(String),
+    UndefinedRole(String),
     /// An object of the extension is missing or broken (a dropped or renamed catalogue table,
     /// a missing operator): the installation, not the call, is at fault (says what).
     Damaged(String),
     /// DROP EXTENSION without CASCADE while the catalogue holds rows (what it holds).
     ExtensionInUse(String),
     /// A source with more than one row for an item id (the relation, one such id).
-    DuplicateItem { relation: String, id: i64 },
+    DuplicateItem {
+        relation: String,
+        id: i64,
+    },
     /// An error of the training core.
     Train(TrainError),
     /// An error of the item-CF / Swing core.
@@ -106,7 +137,10 @@ pub enum TtError {
     /// An error of the cascade pre-ranker.
     Prerank(PrerankError),
     /// A pipeline definition that cannot run (names the path, says why).
-    BadPipeline { path: String, reason: String },
+    BadPipeline {
+        path: String,
+        reason: String,
+    },
     /// A model or channel that pipelines still use (what, its name, the pipelines).
     UsedByPipelines {
         what: &'static str,
@@ -114,9 +148,15 @@ pub enum TtError {
         pipelines: Vec<String>,
     },
     /// A shard (foreign server) that could not be reached or refused the connection.
-    ShardConnection { server: String, detail: String },
+    ShardConnection {
+        server: String,
+        detail: String,
+    },
     /// A shard's answer was an error (the server, its message).
-    ShardError { server: String, message: String },
+    ShardError {
+        server: String,
+        message: String,
+    },
 }
 
 impl From<TowerError> for TtError {
@@ -470,6 +510,9 @@ impl TtError {
             TtError::NullValue(d) => (ERRCODE_NULL_VALUE_NOT_ALLOWED, d.clone(), None, None),
             TtError::InvalidIndex(d) => (ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, d.clone(), None, None),
             TtError::IndexLimit(d) => (ERRCODE_PROGRAM_LIMIT_EXCEEDED, d.clone(), None, None),
+            TtError::UndefinedTable(d) => (ERRCODE_UNDEFINED_TABLE, d.clone(), None, None),
+            TtError::UndefinedColumn(d) => (ERRCODE_UNDEFINED_COLUMN, d.clone(), None, None),
+            TtError::UndefinedRole(d) => (ERRCODE_UNDEFINED_OBJECT, d.clone(), None, None),
             TtError::Damaged(d) => (
                 ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 d.clone(),

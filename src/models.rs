@@ -409,7 +409,7 @@ fn model_usage(name: &str, grantee: &str, grant: bool) {
         "PUBLIC".to_string()
     } else {
         if catalog::role_oid(grantee).is_none() {
-            TtError::BadArgument(format!("role \"{grantee}\" does not exist")).report();
+            TtError::UndefinedRole(format!("role \"{grantee}\" does not exist")).report();
         }
         pgrx::spi::quote_identifier(grantee)
     };

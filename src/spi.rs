@@ -22,7 +22,7 @@ pub fn relation_name(rel: pg_sys::Oid) -> TtResult<String> {
     .ok()
     .flatten()
     .and_then(|(n, _)| n)
-    .ok_or_else(|| TtError::BadArgument("relation does not exist".into()))
+    .ok_or_else(|| TtError::UndefinedTable("relation does not exist".into()))
 }
 
 /// Whether `rel` has a (not dropped) column `col`.
@@ -43,7 +43,7 @@ pub fn column(rel: pg_sys::Oid, col: &str, what: &str) -> TtResult<String> {
     if column_exists(rel, col) {
         Ok(quote_identifier(col))
     } else {
-        Err(TtError::BadArgument(format!(
+        Err(TtError::UndefinedColumn(format!(
             "{what} column \"{col}\" does not exist"
         )))
     }
@@ -178,7 +178,7 @@ pub fn column_type(rel: pg_sys::Oid, col: &str) -> TtResult<String> {
     .ok()
     .flatten()
     .and_then(|(t, _)| t)
-    .ok_or_else(|| TtError::BadArgument(format!("column \"{col}\" does not exist")))
+    .ok_or_else(|| TtError::UndefinedColumn(format!("column \"{col}\" does not exist")))
 }
 
 /// Reads `select` in batches (cancellable between them), handing each row to `f`; a count
