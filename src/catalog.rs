@@ -682,6 +682,12 @@ unsafe extern "C-unwind" fn relcache_callback(_arg: pg_sys::Datum, relid: pg_sys
     }
 }
 
+/// The catalogue's generation: it changes whenever a model or pipeline may have changed, in
+/// every backend (caches of parsed catalogue rows are valid for one generation).
+pub fn generation() -> u64 {
+    GENERATION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Registers the invalidation callback (from `_PG_init`).
 pub fn register() {
     // SAFETY: registering a callback once per backend, from _PG_init.

@@ -165,6 +165,18 @@ impl From<TowerError> for TtError {
     }
 }
 
+impl From<twotower_funnel::FunnelError> for TtError {
+    fn from(e: twotower_funnel::FunnelError) -> Self {
+        use twotower_funnel::FunnelError as F;
+        match e {
+            F::BadRequest(m) => TtError::BadArgument(m),
+            F::Tower(t) => TtError::Tower(t),
+            F::Prerank(p) => TtError::Prerank(p),
+            F::Merge(m) => TtError::BadArgument(format!("merge: {m}")),
+        }
+    }
+}
+
 impl From<AnnError> for TtError {
     fn from(e: AnnError) -> Self {
         TtError::Ann(e)

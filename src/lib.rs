@@ -25,6 +25,7 @@ pub mod progress;
 pub mod recall;
 pub mod relcache;
 pub mod shard_conn;
+pub mod sources;
 pub mod spi;
 pub mod train;
 pub mod vector;

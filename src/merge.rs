@@ -12,7 +12,7 @@ pub mod twotower {
     use pgrx::prelude::*;
     use serde_json::Value;
     use std::collections::HashMap;
-    use twotower_funnel::{Candidate, Norm, Strategy};
+    use twotower_funnel::{Candidate, Strategy};
 
     /// The most candidates one call merges.
     const MAX_CANDIDATES: usize = 1_000_000;
@@ -25,108 +25,14 @@ pub mod twotower {
         TtError::BadArgument(msg).report()
     }
 
-    /// Per channel (in `names` order), the value of `options[key][name]`, or `default`.
-    fn per_channel<T>(
-        o: &serde_json::Map<String, Value>,
-        key: &str,
-        names: &[String],
-        default: T,
-        get: impl Fn(&Value) -> Option<T>,
-    ) -> Vec<T>
-    where
-        T: Clone,
-    {
-        let m = match o.get(key) {
-            None | Some(Value::Null) => return vec![default; names.len()],
-            Some(Value::Object(m)) => m,
-            Some(v) => bad(format!(
-                "merge option \"{key}\" must be an object of channel names, got {v}"
-            )),
-        };
-        names
-            .iter()
-            .map(|n| match m.get(n) {
-                None => default.clone(),
-                Some(v) => get(v).unwrap_or_else(|| {
-                    bad(format!("merge option \"{key}\".\"{n}\" is not valid: {v}"))
-                }),
-            })
-            .collect()
-    }
-
-    /// Refuses options that do not apply to `strategy` (22023).
-    pub(crate) fn check_keys(strategy: &str, o: &serde_json::Map<String, Value>) {
-        let allowed: &[&str] = match strategy {
-            "quota" => &["quotas", "order"],
-            "round_robin" => &["weights", "snake", "order"],
-            "weighted_sum" => &["weights", "norm", "order"],
-            "rrf" => &["weights", "k", "order"],
-            other => bad(format!(
-                "strategy must be 'quota', 'round_robin', 'weighted_sum' or 'rrf', got '{other}'"
-            )),
-        };
-        if let Some(key) = o.keys().find(|key| !allowed.contains(&key.as_str())) {
-            bad(format!(
-                "merge option \"{key}\" does not apply to strategy '{strategy}' (it takes {})",
-                allowed.join(", ")
-            ));
-        }
-    }
-
     /// The merge strategy `strategy` with its options `o` for channels `names` (22023 on bad
     /// options).
-    pub(crate) fn parse_strategy(
+    fn parse_strategy(
         strategy: &str,
         o: &serde_json::Map<String, Value>,
         names: &[String],
     ) -> Strategy {
-        check_keys(strategy, o);
-        let weight = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
-        match strategy {
-            "quota" => {
-                if o.get("quotas").is_none() {
-                    bad("strategy 'quota' needs option \"quotas\": {\"channel\": n, ...}".into());
-                }
-                Strategy::Quota(per_channel(o, "quotas", names, 0usize, |v| {
-                    v.as_u64().map(|n| n.min(100_000) as usize)
-                }))
-            }
-            "round_robin" => Strategy::RoundRobin {
-                weights: per_channel(o, "weights", names, 1usize, |v| {
-                    v.as_u64().filter(|&n| n <= 100_000).map(|n| n as usize)
-                }),
-                snake: match o.get("snake") {
-                    None | Some(Value::Null) => false,
-                    Some(Value::Bool(b)) => *b,
-                    Some(v) => bad(format!(
-                        "merge option \"snake\" must be true or false, got {v}"
-                    )),
-                },
-            },
-            "weighted_sum" => Strategy::WeightedSum {
-                weights: per_channel(o, "weights", names, 1.0, weight),
-                norm: match o.get("norm").and_then(Value::as_str).unwrap_or("minmax") {
-                    "minmax" => Norm::MinMax,
-                    "zscore" => Norm::ZScore,
-                    "rank" => Norm::Rank,
-                    other => bad(format!(
-                        "merge option \"norm\" must be minmax, zscore or rank, got \"{other}\""
-                    )),
-                },
-            },
-            _ => Strategy::Rrf {
-                weights: per_channel(o, "weights", names, 1.0, weight),
-                k0: match o.get("k") {
-                    None | Some(Value::Null) => 60.0,
-                    Some(v) => v
-                        .as_f64()
-                        .filter(|x| x.is_finite() && *x >= 0.0)
-                        .unwrap_or_else(|| {
-                            bad(format!("merge option \"k\" must be a number >= 0, got {v}"))
-                        }),
-                },
-            },
-        }
+        Strategy::parse(strategy, o, names).unwrap_or_else(|e| bad(e.message))
     }
 
     /// Merges candidate lists: `channel[i]`, `item_id[i]`, `score[i]` is one candidate (higher
@@ -187,7 +93,8 @@ pub mod twotower {
         let Value::Object(o) = &opts else {
             bad(format!("merge options must be a JSON object, got {opts}"))
         };
-        check_keys(strategy, o);
+        // The strategy and its option keys first (the channels are known below).
+        parse_strategy(strategy, o, &[]);
         // Channels: the given order first, then the others in order of first appearance.
         let mut names: Vec<String> = Vec::new();
         if let Some(order) = o.get("order") {

@@ -6,37 +6,43 @@
 //! database, reads what the stages need in one batch per step, and maps errors.
 
 use pgrx::prelude::*;
-
-/// What a pipeline can depend on.
-#[derive(Clone, Copy)]
-pub enum Uses {
-    Model,
-    Channel,
-}
+pub use twotower_funnel::pipeline::Uses;
 
 /// The pipelines whose definitions name model or channel `name` (so dropping it would break
-/// them), by name.
+/// them), by name. A stored definition that no longer parses counts as using it.
 pub fn pipelines_using(what: Uses, name: &str) -> crate::error::TtResult<Vec<String>> {
-    let cond = match what {
-        Uses::Model => {
-            "p.definition ->> 'user_model' = $1 OR EXISTS (SELECT 1 FROM jsonb_array_elements(
-               CASE WHEN jsonb_typeof(p.definition -> 'stages') = 'array' THEN p.definition -> 'stages' ELSE '[]' END) s
-              WHERE s ->> 'type' = 'model' AND s ->> 'model' = $1)"
-        }
-        Uses::Channel => {
-            "EXISTS (SELECT 1 FROM jsonb_array_elements(
-               CASE WHEN jsonb_typeof(p.definition -> 'channels') = 'array' THEN p.definition -> 'channels' ELSE '[]' END) c
-              WHERE c ->> 'type' = 'i2i' AND c ->> 'channel' = $1)"
-        }
-    };
-    let names = crate::catalog::as_catalog_owner(|| {
-        crate::catalog::read_row::<Vec<String>, bool>(
-            &format!("SELECT coalesce(array_agg(p.name ORDER BY p.name), '{{}}'), true FROM twotower.pipeline p WHERE {cond}"),
-            &[name.into()],
-        )
+    let rows: Vec<(String, crate::catalog::JsonbValue)> = crate::catalog::as_catalog_owner(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT name, definition FROM twotower.pipeline ORDER BY name",
+                None,
+                &[],
+            )?
+            .map(|r| {
+                Ok::<_, pgrx::spi::Error>((
+                    r.get::<String>(1)?,
+                    r.get::<crate::catalog::JsonbValue>(2)?,
+                ))
+            })
+            .filter_map(|r| match r {
+                Ok((Some(n), Some(d))) => Some(Ok((n, d))),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+        })
     })?
     .map_err(|e| crate::error::TtError::Catalog(format!("reading pipelines: {e}")))?;
-    Ok(names.and_then(|(n, _)| n).unwrap_or_default())
+    Ok(rows
+        .into_iter()
+        .filter(|(_, d)| {
+            d.value("definition")
+                .ok()
+                .and_then(|v| twotower_funnel::pipeline::Definition::parse(&v).ok())
+                .is_none_or(|d| d.uses(what, name))
+        })
+        .map(|(n, _)| n)
+        .collect())
 }
 
 /// Refuses to drop a model or channel that pipelines use (2BP01, naming them).
@@ -62,21 +68,16 @@ pub mod twotower {
         Owned, Serving, ADMIN_ROLE,
     };
     use crate::error::{required, OrReport, TtError, TtResult};
+    use crate::sources::{relation, SpiSources};
     use crate::spi;
     use pgrx::prelude::*;
-    use pgrx::spi::quote_identifier;
-    use rustc_hash::FxHashMap as HashMap;
-    use serde_json::Value;
-    use std::collections::HashSet;
+    use std::cell::RefCell;
     use std::sync::Arc;
-    use std::time::Instant;
-    use twotower_funnel::pipeline::{ChannelKind, Definition, StageKind, MAX_HISTORY};
-    use twotower_funnel::prerank::{self, Candidate as Cand, PrerankError, Request, Scorer, Stage};
-    use twotower_funnel::Candidate;
-    use twotower_tower::{Kind, Part, Source};
-
-    /// The most candidates `prerank` takes in one call.
-    const MAX_CANDIDATES: usize = 100_000;
+    use twotower_funnel::channel::ChannelKind;
+    use twotower_funnel::pipeline::{Definition, StageKind};
+    use twotower_funnel::prerank;
+    use twotower_funnel::request::{self, Models, Outcome, Request};
+    use twotower_tower::{Kind, Source};
 
     fn bad_def(e: twotower_funnel::pipeline::DefinitionError) -> TtError {
         TtError::BadPipeline {
@@ -92,11 +93,32 @@ pub mod twotower {
         }
     }
 
-    /// The stored definition of `name` (read as the catalogue's owner: the table is not public).
-    pub(crate) fn load(name: &str) -> TtResult<Definition> {
+    /// The most definitions a backend keeps parsed.
+    const CACHED_DEFINITIONS: usize = 256;
+
+    thread_local! {
+        /// Parsed definitions by name, valid for one catalogue generation (saving or dropping
+        /// a pipeline starts a new one in every backend).
+        static DEFINITIONS: RefCell<(u64, rustc_hash::FxHashMap<String, Arc<Definition>>)> =
+            RefCell::new((0, Default::default()));
+    }
+
+    /// The stored definition of `name` (read as the catalogue's owner: the table is not
+    /// public), parsed once per backend until a pipeline is saved or dropped.
+    pub(crate) fn load(name: &str) -> TtResult<Arc<Definition>> {
+        let generation = catalog::generation();
+        let hit = DEFINITIONS.with(|c| {
+            let c = c.borrow();
+            (c.0 == generation)
+                .then(|| c.1.get(name).cloned())
+                .flatten()
+        });
+        if let Some(d) = hit {
+            return Ok(d);
+        }
         // A read-only query: recommend also runs on hot standbys.
         let text = as_catalog_owner(|| {
-            catalog::read_row::<pgrx::JsonB, bool>(
+            catalog::read_row::<JsonbValue, bool>(
                 "SELECT definition, true FROM twotower.pipeline WHERE name = $1",
                 &[name.into()],
             )
@@ -105,11 +127,16 @@ pub mod twotower {
         .flatten()
         .and_then(|(d, _)| d)
         .ok_or_else(|| TtError::UnknownPipeline(name.to_owned()))?;
-        Definition::parse(&text.0).map_err(bad_def)
-    }
-
-    fn relation(path: &str, name: &str) -> TtResult<pg_sys::Oid> {
-        spi::regclass(name).ok_or_else(|| bad(path, format!("relation \"{name}\" does not exist")))
+        let d = Arc::new(Definition::parse(&text.value("definition")?).map_err(bad_def)?);
+        DEFINITIONS.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.0 != generation || c.1.len() >= CACHED_DEFINITIONS {
+                c.1.clear();
+                c.0 = generation;
+            }
+            c.1.insert(name.to_owned(), d.clone());
+        });
+        Ok(d)
     }
 
     fn column(path: &str, rel: pg_sys::Oid, table: &str, col: &str) -> TtResult<()> {
@@ -133,8 +160,9 @@ pub mod twotower {
     }
 
     /// Everything a definition names, checked against the database: the user model, the
-    /// tables and columns, each channel's index or neighbour table, the merge options, each
-    /// stage's pre-rank model and the item features it reads.
+    /// tables and columns, what each channel reads (its index, neighbour table or function),
+    /// each stage's pre-rank model and the item features it reads. (Its shape, merge options
+    /// included, was checked when it was parsed.)
     fn check(d: &Definition) -> TtResult<()> {
         let user = user_model(d)?;
         let dims = user.model.output_dim();
@@ -185,10 +213,21 @@ pub mod twotower {
                         return Err(TtError::UnknownChannel(channel.clone()));
                     }
                 }
+                ChannelKind::Function { function, .. } => {
+                    match crate::sources::resolve_function(function)? {
+                        None => return Err(bad(
+                            &format!("{path}.function"),
+                            format!("function {function}(jsonb, integer) does not exist"),
+                        )),
+                        Some((_, q, false)) => return Err(bad(
+                            &format!("{path}.function"),
+                            format!("function {q}(jsonb, integer) must return a set of rows with columns item_id and score (RETURNS TABLE (item_id bigint, score real))"),
+                        )),
+                        Some(_) => {}
+                    }
+                }
             }
         }
-        let names: Vec<String> = d.channels.iter().map(|c| c.name.clone()).collect();
-        crate::merge::twotower::parse_strategy(&d.merge.strategy, &d.merge.options, &names);
         for (i, s) in d.stages.iter().enumerate() {
             let StageKind::Model(name) = &s.kind else {
                 continue;
@@ -212,8 +251,8 @@ pub mod twotower {
     }
 
     /// Saves (creates or replaces) pipeline `name` after checking its definition completely:
-    /// its shape, and that every model, table, column, index and channel it names exists and
-    /// fits. Creating a pipeline needs twotower_admin; replacing one, its owner or
+    /// its shape, and that every model, table, column, index, channel and function it names
+    /// exists and fits. Creating a pipeline needs twotower_admin; replacing one, its owner or
     /// twotower_admin. Transactional like any row change.
     #[pg_extern(volatile, parallel_unsafe)]
     fn save_pipeline(name: &str, definition: JsonbValue) {
@@ -256,6 +295,8 @@ pub mod twotower {
         if created {
             catalog::set_owner(Owned::Pipeline, name, me).or_report();
         }
+        // Every backend parses the pipelines again (from the commit on).
+        catalog::invalidate();
     }
 
     /// Drops pipeline `name` (its owner or twotower_admin); false if there is none.
@@ -284,247 +325,12 @@ pub mod twotower {
         if let Some(lo) = lo {
             catalog::drop_owner_object(lo);
         }
+        catalog::invalidate();
         true
     }
 
-    /// One step of a run, for `recommend_explain`.
-    struct Step {
-        stage: String,
-        received: Option<usize>,
-        kept: Vec<i64>,
-        dropped: Vec<i64>,
-        ms: f64,
-    }
-
-    struct Outcome {
-        /// (item, score, channels, ranks there), in rank order.
-        rows: Vec<(i64, f32, Vec<String>, Vec<i32>)>,
-        steps: Vec<Step>,
-    }
-
-    /// The history ids under the request's `key`: a list of ids, or `{"ids": [...], ...}`.
-    pub(crate) fn history_ids(f: &Value, key: &str) -> TtResult<Vec<i64>> {
-        let list = match f.get(key) {
-            None | Some(Value::Null) => return Ok(Vec::new()),
-            Some(Value::Array(a)) => a,
-            Some(Value::Object(o)) => match o.get("ids") {
-                Some(Value::Array(a)) => a,
-                _ => {
-                    return Err(TtError::BadArgument(format!(
-                        "history \"{key}\" must be a list of item ids or {{\"ids\": [...]}}"
-                    )))
-                }
-            },
-            Some(v) => {
-                return Err(TtError::BadArgument(format!(
-                    "history \"{key}\" must be a list of item ids, got {v}"
-                )))
-            }
-        };
-        let mut out = Vec::with_capacity(list.len().min(MAX_HISTORY as usize));
-        for v in list.iter().take(MAX_HISTORY as usize) {
-            let id = twotower_tower::canonical_id(v)
-                .ok()
-                .flatten()
-                .and_then(|s| s.parse::<i64>().ok())
-                .ok_or_else(|| {
-                    TtError::BadArgument(format!(
-                        "history \"{key}\" has {v}, not an integer item id"
-                    ))
-                })?;
-            out.push(id);
-        }
-        Ok(out)
-    }
-
-    /// Item vectors of `ids` from the pipeline's vectors table (read as the caller): the ones
-    /// with a vector, by id.
-    pub(crate) fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Arc<[f32]>>> {
-        if ids.is_empty() {
-            return Ok(HashMap::default());
-        }
-        let rel = relation("vectors.table", &d.vectors.table)?;
-        let cached = crate::item_cache::usable(rel);
-        let source = crate::item_cache::source(
-            &[
-                d.vectors.id_column.as_str(),
-                d.vectors.vector_column.as_str(),
-            ],
-            0,
-        );
-        let (mut hits, ids) = if cached {
-            crate::item_cache::vectors(rel, source, ids)
-        } else {
-            (HashMap::default(), ids.to_vec())
-        };
-        if ids.is_empty() {
-            return Ok(hits);
-        }
-        let mut out: HashMap<i64, Arc<[f32]>> =
-            HashMap::with_capacity_and_hasher(ids.len(), Default::default());
-        let table = spi::relation_name(rel)?;
-        let (id, vec) = (
-            quote_identifier(&d.vectors.id_column),
-            quote_identifier(&d.vectors.vector_column),
-        );
-        Spi::connect(|c| {
-            let t = c.select(
-                &format!("SELECT {id}::pg_catalog.int8, {vec}::pg_catalog.float4[] FROM {table} WHERE {id} = ANY ($1) AND {vec} IS NOT NULL"),
-                None,
-                &[ids.clone().into()],
-            )?;
-            for r in t {
-                if let (Some(i), Some(v)) = (r.get::<i64>(1)?, r.get::<Vec<Option<f32>>>(2)?) {
-                    if v.iter().all(|x| x.is_some_and(f32::is_finite)) {
-                        out.insert(i, v.into_iter().flatten().collect::<Vec<f32>>().into());
-                    }
-                }
-            }
-            Ok::<_, pgrx::spi::Error>(())
-        })
-        .map_err(|e| TtError::BadArgument(format!("reading {table}: {e}")))?;
-        if cached {
-            crate::item_cache::put_vectors(rel, source, out.iter().map(|(i, v)| (*i, v)));
-        }
-        hits.extend(out);
-        Ok(hits)
-    }
-
-    /// Item-side parts of `model` for `items`, from the item features table (only the columns
-    /// the model reads; an item without a row gets every feature's missing value).
-    fn item_parts(
-        d: &Definition,
-        model_key: u64,
-        model: &twotower_tower::Model,
-        items: &[i64],
-    ) -> Result<Vec<Arc<Part>>, PrerankError> {
-        let cols: Vec<&str> = model
-            .sources()
-            .filter(|(_, s)| *s == Source::Item)
-            .map(|(n, _)| n)
-            .collect();
-        let empty = Value::Object(Default::default());
-        let encode = |v: &Value| {
-            model
-                .encode_part(v, Source::Item, false)
-                .map(Arc::new)
-                .map_err(|e| PrerankError::Bad(e.to_string()))
-        };
-        let (Some(f), false) = (&d.item_features, cols.is_empty()) else {
-            return items.iter().map(|_| encode(&empty)).collect();
-        };
-        let fail = |e: String| PrerankError::Bad(format!("reading item features: {e}"));
-        let rel = spi::regclass(&f.table)
-            .ok_or_else(|| fail(format!("relation \"{}\" does not exist", f.table)))?;
-        let cached = crate::item_cache::usable(rel);
-        let source = crate::item_cache::source(&[f.id_column.as_str()], model_key);
-        let (mut hits, misses) = if cached {
-            crate::item_cache::parts(rel, source, items)
-        } else {
-            (HashMap::default(), items.to_vec())
-        };
-        if misses.is_empty() {
-            return Ok(items
-                .iter()
-                .map(|i| hits.remove(i).expect("every item is a hit"))
-                .collect());
-        }
-        let rows = item_rows(rel, &f.id_column, &cols, &misses)
-            .map_err(|e| PrerankError::Bad(e.message_text()))?;
-        let mut fresh: HashMap<i64, Arc<Part>> =
-            HashMap::with_capacity_and_hasher(misses.len(), Default::default());
-        for i in &misses {
-            fresh.insert(*i, encode(rows.get(i).unwrap_or(&empty))?);
-        }
-        if cached {
-            // Items without a row are cached too (as every feature's missing value): an insert
-            // of their row invalidates the cache like any change.
-            crate::item_cache::put_parts(rel, source, fresh.iter().map(|(i, p)| (*i, p)));
-        }
-        hits.extend(fresh);
-        Ok(items
-            .iter()
-            .map(|i| hits.remove(i).expect("every item was read or cached"))
-            .collect())
-    }
-
-    /// Rows of item feature table `rel` for `ids` (read as the caller) as JSON objects of the
-    /// `cols` that exist, by id; ids without a row are absent.
-    pub(crate) fn item_rows(
-        rel: pg_sys::Oid,
-        id_column: &str,
-        cols: &[&str],
-        ids: &[i64],
-    ) -> TtResult<HashMap<i64, Value>> {
-        let table = spi::relation_name(rel)?;
-        let id = quote_identifier(id_column);
-        let select: Vec<String> = cols
-            .iter()
-            .filter(|c| spi::column_exists(rel, c))
-            .map(quote_identifier)
-            .collect();
-        let mut texts: Vec<(i64, crate::catalog::JsonbValue)> = Vec::with_capacity(ids.len());
-        Spi::connect(|c| {
-            let t = c.select(
-                &format!(
-                    "SELECT s.__id, pg_catalog.to_jsonb(s.*) - '__id' FROM (SELECT {id}::pg_catalog.int8 AS __id{}{} FROM {table} WHERE {id} = ANY ($1)) s",
-                    if select.is_empty() { "" } else { ", " },
-                    select.join(", ")
-                ),
-                None,
-                &[ids.to_vec().into()],
-            )?;
-            for r in t {
-                // Read as text and parsed below: a value serde cannot hold (a number beyond
-                // double precision, nesting past 128 levels) is an ERROR, not a panic.
-                if let (Some(i), Some(v)) =
-                    (r.get::<i64>(1)?, r.get::<crate::catalog::JsonbValue>(2)?)
-                {
-                    texts.push((i, v));
-                }
-            }
-            Ok::<_, pgrx::spi::Error>(())
-        })
-        .map_err(|e| TtError::BadArgument(format!("reading item features from {table}: {e}")))?;
-        let mut rows: HashMap<i64, Value> =
-            HashMap::with_capacity_and_hasher(texts.len(), Default::default());
-        for (i, v) in texts {
-            rows.insert(i, v.value("item features")?);
-        }
-        Ok(rows)
-    }
-
-    /// With a strict user tower, a request's features may hold only the user tower's features,
-    /// the pipeline's history key and the pre-rank models' user-side features (`stage_keys`).
-    pub(crate) fn check_request_keys<'a>(
-        user: &'a Serving,
-        d: &'a Definition,
-        stage_keys: impl Iterator<Item = &'a str>,
-        f: &Value,
-    ) -> TtResult<()> {
-        if !user.strict {
-            return Ok(());
-        }
-        let mut known: HashSet<&str> = user.model.feature_names().into_iter().collect();
-        known.extend(d.history.as_deref());
-        known.extend(stage_keys);
-        match f
-            .as_object()
-            .and_then(|o| o.keys().find(|k| !known.contains(k.as_str())))
-        {
-            Some(key) => Err(TtError::Tower(twotower_tower::TowerError::UnknownFeature {
-                name: key.clone(),
-            })),
-            None => Ok(()),
-        }
-    }
-
-    fn ms(t: Instant) -> f64 {
-        t.elapsed().as_secs_f64() * 1000.0
-    }
-
     /// One request through pipeline `name`: from the channels (or from `candidates` when
-    /// given, for `prerank`) through the stages to the top `k`.
+    /// given, for `prerank`) through the stages to the top `k`, by the funnel core.
     fn run(
         name: &str,
         features: &JsonbValue,
@@ -533,20 +339,8 @@ pub mod twotower {
         candidates: Option<&[i64]>,
     ) -> TtResult<Outcome> {
         let d = load(name)?;
-        let most = d.most();
-        let k = match k {
-            None => d.k,
-            Some(k) if k >= 1 && (k as usize) <= most => k as usize,
-            Some(k) => {
-                return Err(TtError::BadArgument(format!(
-                    "k must be between 1 and {most} (what pipeline \"{name}\" keeps), got {k}"
-                )))
-            }
-        };
-        let mut steps = Vec::new();
-        let t = Instant::now();
         let user = user_model(&d)?;
-        let models: Vec<Option<Serving>> = d
+        let stages: Vec<Option<Serving>> = d
             .stages
             .iter()
             .map(|s| match &s.kind {
@@ -554,258 +348,31 @@ pub mod twotower {
                 StageKind::TwoTower => Ok(None),
             })
             .collect::<TtResult<_>>()?;
-        // The request may carry the user tower's features, the pre-rank models' user-side
-        // features and the history; with a strict user tower any other key is an error.
         let f = features.features(&user.model, "features")?;
-        check_request_keys(
-            &user,
-            &d,
-            models.iter().flatten().flat_map(|m| {
-                m.model
-                    .sources()
-                    .filter(|(_, s)| *s == Source::User)
-                    .map(|(n, _)| n)
-            }),
-            &f,
-        )?;
-        let u = user.model.embed_with(&f, false)?;
-        let history = match &d.history {
-            Some(key) => history_ids(&f, key)?,
-            None => Vec::new(),
+        let models = Models {
+            user: &user.model,
+            strict: user.strict,
+            stages: stages
+                .iter()
+                .map(|s| s.as_ref().map(|s| &s.model))
+                .collect(),
         };
-        let mut excluded: HashSet<i64> = exclude.iter().copied().collect();
-        if d.exclude_history {
-            excluded.extend(history.iter().copied());
-        }
-        steps.push(Step {
-            stage: format!("user tower {}", d.user_model),
-            received: None,
-            kept: Vec::new(),
-            dropped: Vec::new(),
-            ms: ms(t),
-        });
-
-        // Candidates: the channels, merged; or the caller's.
-        let mut provenance: HashMap<i64, (Vec<String>, Vec<i32>)> = HashMap::default();
-        let pool: Vec<i64> = match candidates {
-            Some(c) => {
-                let mut seen = HashSet::with_capacity(c.len());
-                if let Some(dup) = c.iter().find(|i| !seen.insert(**i)) {
-                    return Err(TtError::BadArgument(format!(
-                        "candidate {dup} is given twice"
-                    )));
-                }
-                c.iter()
-                    .copied()
-                    .filter(|i| !excluded.contains(i))
-                    .collect()
-            }
-            None if d.channels.is_empty() => {
-                return Err(TtError::BadArgument(format!(
-                    "pipeline \"{name}\" has no channels: call twotower.prerank with candidates"
-                )));
-            }
-            None => {
-                let mut cands: Vec<Candidate> = Vec::new();
-                let ex: Vec<i64> = excluded.iter().copied().collect();
-                for (ci, c) in d.channels.iter().enumerate() {
-                    check_for_interrupts!();
-                    let t = Instant::now();
-                    let hits: Vec<(i64, f32)> = match &c.kind {
-                        ChannelKind::TwoTower { index, ef_search } => {
-                            let ix = relation(&format!("channels[{ci}].index"), index)?;
-                            crate::recall::twotower::search(
-                                ix,
-                                &u,
-                                user.model.metric(),
-                                c.k,
-                                &excluded,
-                                ef_search.unwrap_or(0),
-                            )?
-                        }
-                        ChannelKind::I2i {
-                            channel,
-                            history_len,
-                            decay,
-                        } => {
-                            let h: Vec<(i64, f32)> = history
-                                .iter()
-                                .take(*history_len)
-                                .enumerate()
-                                .map(|(i, id)| (*id, decay.powi(i as i32) as f32))
-                                .collect();
-                            if h.is_empty() {
-                                Vec::new()
-                            } else {
-                                crate::channels::twotower::i2i_hits(channel, &h, c.k, &ex)?
-                                    .into_iter()
-                                    .map(|x| (x.item, x.score))
-                                    .collect()
-                            }
-                        }
-                    };
-                    steps.push(Step {
-                        stage: format!("channel {}", c.name),
-                        received: None,
-                        kept: hits.iter().map(|h| h.0).collect(),
-                        dropped: Vec::new(),
-                        ms: ms(t),
-                    });
-                    cands.extend(hits.into_iter().map(|(item, score)| Candidate {
-                        channel: ci,
-                        item,
-                        score,
-                    }));
-                }
-                let t = Instant::now();
-                let names: Vec<String> = d.channels.iter().map(|c| c.name.clone()).collect();
-                let strategy = crate::merge::twotower::parse_strategy(
-                    &d.merge.strategy,
-                    &d.merge.options,
-                    &names,
-                );
-                let merged = twotower_funnel::merge(&cands, names.len(), &strategy, d.merge.k, &ex)
-                    .map_err(|e| TtError::BadArgument(format!("merge: {e}")))?;
-                let kept: Vec<i64> = merged.iter().map(|m| m.item).collect();
-                let keptset: HashSet<i64> = kept.iter().copied().collect();
-                let mut dropped: Vec<i64> = cands
-                    .iter()
-                    .map(|c| c.item)
-                    .filter(|i| !keptset.contains(i))
-                    .collect();
-                dropped.sort_unstable();
-                dropped.dedup();
-                for m in &merged {
-                    provenance.insert(
-                        m.item,
-                        (
-                            m.provenance.iter().map(|p| names[p.0].clone()).collect(),
-                            m.provenance.iter().map(|p| p.1 as i32).collect(),
-                        ),
-                    );
-                }
-                steps.push(Step {
-                    stage: format!("merge {}", d.merge.strategy),
-                    received: Some(cands.len()),
-                    kept,
-                    dropped,
-                    ms: ms(t),
-                });
-                if d.stages.is_empty() {
-                    let rows = merged
-                        .into_iter()
-                        .take(k)
-                        .map(|m| {
-                            let (c, r) = provenance.remove(&m.item).unwrap_or_default();
-                            (m.item, m.score as f32, c, r)
-                        })
-                        .collect();
-                    return Ok(Outcome { rows, steps });
-                }
-                merged.into_iter().map(|m| m.item).collect()
-            }
-        };
-        if d.stages.is_empty() {
-            return Err(TtError::BadArgument(format!(
-                "pipeline \"{name}\" has no pre-rank stages"
-            )));
-        }
-
-        // The item vectors of the candidates and the history, in one read.
-        check_for_interrupts!();
-        let t = Instant::now();
-        let mut wanted = pool.clone();
-        wanted.extend(history.iter().copied());
-        let vecs = vectors(&d, &wanted)?;
-        let (with, without): (Vec<i64>, Vec<i64>) = pool.iter().partition(|i| vecs.contains_key(i));
-        let hist: Vec<Vec<f32>> = history
-            .iter()
-            .filter_map(|h| vecs.get(h).map(|v| v.to_vec()))
-            .collect();
-        let cands: Vec<Cand> = with
-            .iter()
-            .map(|i| Cand {
-                item: *i,
-                vector: vecs[i].clone(),
-            })
-            .collect();
-        steps.push(Step {
-            stage: "item vectors".into(),
-            received: Some(pool.len()),
-            kept: with.clone(),
-            dropped: without,
-            ms: ms(t),
-        });
-
-        let user_parts: Vec<Option<Part>> = models
-            .iter()
-            .map(|m| {
-                m.as_ref()
-                    .map(|m| m.model.encode_part(&f, Source::User, false))
-                    .transpose()
-            })
-            .collect::<Result<_, _>>()?;
-        let stages: Vec<Stage> = d
-            .stages
-            .iter()
-            .zip(&models)
-            .zip(&user_parts)
-            .map(|((s, m), p)| Stage {
-                scorer: match (&s.kind, m, p) {
-                    (StageKind::Model(n), Some(m), Some(p)) => Scorer::Model {
-                        name: n,
-                        model: &m.model,
-                        user: p,
-                    },
-                    _ => Scorer::TwoTower,
-                },
-                keep: s.keep,
-            })
-            .collect();
-        let req = Request {
+        let mut src = SpiSources {
+            d: &d,
             metric: user.model.metric(),
-            user: &u,
-            history: &hist,
-            threads: crate::embed::inference_threads(),
+            keys: stages
+                .iter()
+                .map(|s| s.as_ref().map_or(0, |s| s.checksum as u64))
+                .collect(),
         };
-        let mut parts = |s: usize, idx: &[usize]| -> Result<Vec<Arc<Part>>, PrerankError> {
-            let Some(m) = &models[s] else {
-                return Ok(Vec::new());
-            };
-            let items: Vec<i64> = idx.iter().map(|&i| cands[i].item).collect();
-            item_parts(&d, m.checksum as u64, &m.model, &items)
+        let req = Request {
+            pipeline: name,
+            features: &f,
+            k: k.map(i64::from),
+            exclude,
+            candidates,
         };
-        let mut poll = || -> Result<(), PrerankError> {
-            check_for_interrupts!();
-            Ok(())
-        };
-        let reports = prerank::cascade(&req, &cands, &stages, &mut parts, &mut poll)
-            .map_err(TtError::Prerank)?;
-        for (s, r) in d.stages.iter().zip(&reports) {
-            steps.push(Step {
-                stage: match &s.kind {
-                    StageKind::TwoTower => "pre-rank two-tower".into(),
-                    StageKind::Model(m) => format!("pre-rank model {m}"),
-                },
-                received: Some(r.received),
-                kept: r.kept.iter().map(|&i| cands[i].item).collect(),
-                dropped: r.dropped.iter().map(|&i| cands[i].item).collect(),
-                ms: r.seconds * 1000.0,
-            });
-        }
-        let last = reports.last().expect("at least one stage");
-        let rows = last
-            .kept
-            .iter()
-            .zip(&last.scores)
-            .take(k)
-            .map(|(&i, &s)| {
-                let item = cands[i].item;
-                let (c, r) = provenance.remove(&item).unwrap_or_default();
-                (item, s, c, r)
-            })
-            .collect();
-        Ok(Outcome { rows, steps })
+        request::run(&d, &models, &req, &mut src)
     }
 
     fn ids(v: Option<Vec<Option<i64>>>, what: &str) -> Vec<i64> {
@@ -823,8 +390,8 @@ pub mod twotower {
     /// channel's top k), their merge, and its pre-rank stages, for the user described by
     /// `features`; the top `k` (default: the pipeline's) with the final score, rank, and the
     /// channels that returned each item with its rank there. History items (unless the
-    /// pipeline says otherwise) and `exclude` are never returned. Tables, indexes and
-    /// neighbour tables are read as the caller.
+    /// pipeline says otherwise) and `exclude` are never returned. Tables, indexes, neighbour
+    /// tables and channel functions are read as the caller.
     #[pg_extern(stable, parallel_restricted)]
     #[allow(clippy::type_complexity)]
     fn recommend(
@@ -852,7 +419,7 @@ pub mod twotower {
             out.rows
                 .into_iter()
                 .enumerate()
-                .map(|(i, (item, s, c, r))| (item, s, i as i32 + 1, c, r)),
+                .map(|(i, r)| (r.item, r.score, i as i32 + 1, r.channels, r.ranks)),
         )
     }
 
@@ -912,10 +479,11 @@ pub mod twotower {
             required(features, "features"),
         );
         let candidates = ids(Some(required(candidates, "candidates")), "candidates");
-        if candidates.len() > MAX_CANDIDATES {
+        if candidates.len() > request::MAX_CANDIDATES {
             TtError::BadArgument(format!(
-                "{} candidates are more than the {MAX_CANDIDATES} prerank takes",
-                candidates.len()
+                "{} candidates are more than the {} prerank takes",
+                candidates.len(),
+                request::MAX_CANDIDATES
             ))
             .report();
         }
@@ -924,7 +492,7 @@ pub mod twotower {
             out.rows
                 .into_iter()
                 .enumerate()
-                .map(|(i, (item, s, _, _))| (item, s, i as i32 + 1)),
+                .map(|(i, r)| (r.item, r.score, i as i32 + 1)),
         )
     }
 }

@@ -11,14 +11,15 @@ pub mod twotower {
     use crate::catalog::{JsonbValue, RegClass};
     use crate::error::{required, OrReport, TtError};
     use crate::models::twotower::{check_can_store, import};
-    use crate::pipeline::twotower::{
-        check_request_keys, history_ids, item_rows, load, user_model, vectors,
-    };
+    use crate::pipeline::twotower::{load, user_model};
+    use crate::sources::{item_rows, SpiSources};
     use crate::spi::{self, read_rows};
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use serde_json::Value;
     use std::collections::HashMap;
+    use twotower_funnel::request::{check_keys, history_ids};
+    use twotower_funnel::Sources;
     use twotower_train::prerank::{LogCandidate, LogRequest};
     use twotower_train::{PrerankConfig, RankLog, TrainError};
 
@@ -127,17 +128,24 @@ pub mod twotower {
                     .report();
             };
             let f = f.features(&user.model, "features").or_report();
-            check_request_keys(&user, &d, user_side.iter().map(String::as_str), &f)
-                .map_err(|e| {
-                    TtError::BadArgument(format!("request {id} of {rsrc}: {}", e.message_text()))
-                })
-                .or_report();
+            check_keys(
+                &d,
+                &user.model,
+                user.strict,
+                user_side.iter().map(String::as_str),
+                &f,
+            )
+            .map_err(TtError::from)
+            .map_err(|e| {
+                TtError::BadArgument(format!("request {id} of {rsrc}: {}", e.message_text()))
+            })
+            .or_report();
             if index.insert(id.clone(), log.requests.len()).is_some() {
                 TtError::BadArgument(format!("request {id} appears twice in {rsrc}")).report();
             }
             let u = user.model.embed_with(&f, false).or_report();
             let h = match &d.history {
-                Some(key) => history_ids(&f, key).or_report(),
+                Some(key) => history_ids(&f, key).map_err(TtError::from).or_report(),
                 None => Vec::new(),
             };
             bytes += 256 + dims * 4 * (1 + h.len()) + f.to_string().len() * 2;
@@ -276,9 +284,15 @@ pub mod twotower {
         let cols: Vec<&str> = item_cols.iter().map(String::as_str).collect();
         let mut vecs: HashMap<i64, Vec<f32>> = HashMap::with_capacity(ids.len());
         let mut feats: HashMap<i64, Value> = HashMap::new();
+        // The vectors as a recommend call reads them.
+        let mut src = SpiSources {
+            d: &d,
+            metric,
+            keys: Vec::new(),
+        };
         for chunk in ids.chunks(10_000) {
             check_for_interrupts!();
-            for (i, v) in vectors(&d, chunk).or_report() {
+            for (i, v) in src.vectors(chunk).or_report() {
                 vecs.insert(i, v.to_vec());
             }
             if let Some((rel, idc)) = &feature_rel {

@@ -11,6 +11,7 @@ pub mod twotower {
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use std::collections::HashSet;
+    use std::sync::Arc;
     use twotower_ann::Metric;
     use twotower_tower::Kind;
 
@@ -34,6 +35,8 @@ pub mod twotower {
     /// vector `query` in `index_oid`, skipping `exclude`, through the access method's search
     /// interface (privileges are checked there before anything is opened). The index of a
     /// partitioned table is searched in each leaf partition, and the leaves' top `k` merged.
+    /// With `vectors`, each hit of a local table carries its stored vector (hits from shards
+    /// carry none).
     pub(crate) fn search(
         index_oid: pg_sys::Oid,
         query: &[f32],
@@ -41,9 +44,10 @@ pub mod twotower {
         k: usize,
         exclude: &HashSet<i64>,
         ef: usize,
-    ) -> TtResult<Vec<(i64, f32)>> {
+        vectors: bool,
+    ) -> TtResult<Vec<(i64, f32, Option<Arc<[f32]>>)>> {
         let targets = Target::open_all(index_oid, "recall()")?;
-        let mut best: Vec<(f64, i64)> = Vec::new();
+        let mut best: Vec<(f64, i64, Option<Arc<[f32]>>)> = Vec::new();
         let mut metric = model_metric;
         for target in targets {
             check_for_interrupts!();
@@ -61,9 +65,9 @@ pub mod twotower {
             }
             best.extend(
                 target
-                    .nearest(query, k, exclude, ef)?
+                    .nearest_with(query, k, exclude, ef, vectors)?
                     .into_iter()
-                    .map(|(id, d)| (d, id)),
+                    .map(|(id, d, v)| (d, id, v)),
             );
             target.close();
         }
@@ -82,7 +86,7 @@ pub mod twotower {
                     shards
                         .nearest(query, k, &ex, ef_shards)?
                         .into_iter()
-                        .map(|(id, d)| (d, id)),
+                        .map(|(id, d)| (d, id, None)),
                 );
             }
         }
@@ -92,7 +96,7 @@ pub mod twotower {
         best.truncate(k);
         Ok(best
             .into_iter()
-            .map(|(d, id)| (id, metric.similarity(d) as f32))
+            .map(|(d, id, v)| (id, metric.similarity(d) as f32, v))
             .collect())
     }
 
@@ -133,11 +137,20 @@ pub mod twotower {
         let f = features.features(&l.model, "features").or_report();
         let query = l.embed_user(&f).or_report();
         let exclude: HashSet<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
-        let rows = search(index.0, &query, l.model.metric(), k as usize, &exclude, ef).or_report();
+        let rows = search(
+            index.0,
+            &query,
+            l.model.metric(),
+            k as usize,
+            &exclude,
+            ef,
+            false,
+        )
+        .or_report();
         TableIterator::new(
             rows.into_iter()
                 .enumerate()
-                .map(|(i, (id, s))| (id, s, i as i32 + 1))
+                .map(|(i, (id, s, _))| (id, s, i as i32 + 1))
                 .collect::<Vec<_>>(),
         )
     }

@@ -11,6 +11,7 @@ use crate::error::{TtError, TtResult};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashSet;
+use std::sync::Arc;
 use twotower_ann::Metric;
 
 /// An open twotower_hnsw index and its table, readable by the caller.
@@ -245,6 +246,26 @@ pub fn index_metric(index_oid: pg_sys::Oid, who: &str) -> TtResult<Metric> {
     }
 }
 
+/// The table and the column (by name) that index `index_oid` is on: a search that hands over
+/// its hits' vectors gives the values of that column. None for an expression index or an
+/// index that no longer exists.
+pub fn indexed_column(index_oid: pg_sys::Oid) -> Option<(pg_sys::Oid, String)> {
+    let row = crate::catalog::read_row::<pg_sys::Oid, String>(
+        "SELECT i.indrelid, a.attname::pg_catalog.text
+           FROM pg_catalog.pg_index i
+           JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
+                                         AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]
+          WHERE i.indexrelid OPERATOR(pg_catalog.=) $1",
+        &[index_oid.into()],
+    )
+    .ok()
+    .flatten()?;
+    match row {
+        (Some(rel), Some(col)) => Some((rel, col)),
+        _ => None,
+    }
+}
+
 /// Who vouches for the caller's right to read a table.
 #[derive(Clone, Copy, PartialEq)]
 enum Grant {
@@ -445,6 +466,23 @@ impl Target {
         exclude: &HashSet<i64>,
         ef: usize,
     ) -> TtResult<Vec<(i64, f64)>> {
+        Ok(self
+            .nearest_with(query, k, exclude, ef, false)?
+            .into_iter()
+            .map(|(id, d, _)| (id, d))
+            .collect())
+    }
+
+    /// [`Target::nearest`], with each hit's stored vector when `vectors` (read from the row the
+    /// scan fetched anyway, as `real[]` values; None for a row whose vector is not finite).
+    pub fn nearest_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        exclude: &HashSet<i64>,
+        ef: usize,
+        vectors: bool,
+    ) -> TtResult<Vec<(i64, f64, Option<Arc<[f32]>>)>> {
         if let Some(d) = self.dims {
             if d != query.len() {
                 return Err(TtError::Ann(twotower_ann::AnnError::DimensionMismatch {
@@ -453,7 +491,7 @@ impl Target {
                 }));
             }
         }
-        let mut best: Vec<(f64, i64)> = Vec::with_capacity(k + 1);
+        let mut best: Vec<(f64, i64, Option<Arc<[f32]>>)> = Vec::with_capacity(k + 1);
         // SAFETY: an index scan of the open relations with the active snapshot, ended below.
         unsafe {
             let scan =
@@ -492,7 +530,8 @@ impl Target {
                 if exclude.contains(&id) {
                     continue;
                 }
-                let d = if exact {
+                let mut stored: Option<Arc<[f32]>> = None;
+                let d = if exact && !vectors {
                     bound
                 } else {
                     let Some(vd) = attr(slot, self.vec_att) else {
@@ -502,11 +541,18 @@ impl Target {
                     if v.as_slice().len() != query.len() {
                         continue;
                     }
-                    self.metric.sql_distance(query, v.as_slice())
+                    if vectors && v.as_slice().iter().all(|x| x.is_finite()) {
+                        stored = Some(v.as_slice().into());
+                    }
+                    if exact {
+                        bound
+                    } else {
+                        self.metric.sql_distance(query, v.as_slice())
+                    }
                 };
-                let at = best.partition_point(|&(bd, bid)| bd < d || (bd == d && bid < id));
+                let at = best.partition_point(|(bd, bid, _)| *bd < d || (*bd == d && *bid < id));
                 if at < k {
-                    best.insert(at, (d, id));
+                    best.insert(at, (d, id, stored));
                     best.truncate(k);
                 }
                 if best.len() == k && exact && d >= best[k - 1].0 {
@@ -519,7 +565,7 @@ impl Target {
             pg_sys::ExecDropSingleTupleTableSlot(slot);
             pg_sys::index_endscan(scan);
         }
-        Ok(best.into_iter().map(|(d, id)| (id, d)).collect())
+        Ok(best.into_iter().map(|(d, id, v)| (id, d, v)).collect())
     }
 
     /// Releases the index and the table.

@@ -152,8 +152,8 @@ SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn', '{"q": [3, 4]}', exc
 SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', ARRAY[2, 3, 2]::bigint[])$$);
 SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn', '{"q": [3, 4]}', NULL)$$);
 SELECT count(*) AS none FROM twotower.prerank('fn', '{"q": [3, 4]}', '{}'::bigint[]);
--- An item row holding a value serde cannot (a numeric beyond double precision) is an ERROR
--- naming it (it was a panic in pgrx's jsonb conversion: XX000).
+-- An item row holding a value serde cannot (a numeric beyond double precision) is an ERROR,
+-- 22003 naming it (it was a panic in pgrx's jsonb conversion: XX000, then 22023).
 CREATE TABLE fn_huge (id bigint PRIMARY KEY, price numeric);
 INSERT INTO fn_huge VALUES (1, 1), (2, 1e400), (3, 2);
 SELECT twotower.save_pipeline('fn_huge', definition || '{"item_features": {"table": "fn_huge"}}') FROM twotower.pipelines WHERE name = 'fn';
@@ -190,6 +190,14 @@ SELECT twotower.save_pipeline('fn_tx', definition) FROM twotower.pipelines WHERE
 SELECT count(*) FROM twotower.recommend('fn_tx', '{"q": [3, 4]}');
 ROLLBACK;
 SELECT count(*) AS after_rollback FROM twotower.pipelines WHERE name = 'fn_tx';
+-- A backend keeps the definitions it parsed: a replacement, and its rollback, are seen by the
+-- next call.
+SELECT count(*) AS k3 FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+BEGIN;
+SELECT twotower.save_pipeline('fn', definition || '{"k": 2}') FROM twotower.pipelines WHERE name = 'fn';
+SELECT count(*) AS k2 FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+ROLLBACK;
+SELECT count(*) AS k3_again FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
 
 -- Privileges: creating needs twotower_admin, replacing and dropping the owner; recommend
 -- reads the sources as the caller.
@@ -247,3 +255,52 @@ SELECT item_id, score, rank FROM twotower.prerank('fn_s', '{"q": [3, 4]}', '{1,2
 SELECT twotower.drop_pipeline('fn_s');
 SELECT twotower.drop_model('fn_pre_s');
 DROP TABLE fn_s_items;
+
+-- A function channel: the application's own list (here the priciest items), merged with the
+-- index by quota; called as the caller with the request's features and k plus the excluded.
+CREATE FUNCTION fn_priciest(features jsonb, k integer) RETURNS TABLE (item_id bigint, score real)
+  LANGUAGE sql STABLE AS $$ SELECT id, price + coalesce((features ->> 'bonus')::real, 0) FROM fn_items ORDER BY price DESC, id LIMIT k $$;
+SELECT twotower.save_pipeline('fn_f', '{"user_model": "fn_user", "vectors": {"table": "fn_items"}, "history": "history",
+  "channels": [{"name": "pricey", "type": "function", "function": "fn_priciest", "features": ["bonus"], "k": 3},
+               {"type": "twotower", "index": "fn_items_idx", "k": 3}],
+  "merge": {"strategy": "quota", "options": {"quotas": {"pricey": 2, "twotower": 2}}, "k": 4}, "k": 4}');
+-- The channel's list = the function's rows without the history (2), best 3 by score; the
+-- request key it declares ("bonus") is allowed next to the strict user tower's.
+SELECT kept_items AS pricey FROM twotower.recommend_explain('fn_f', '{"q": [3, 4], "history": [2], "bonus": 1}')
+ WHERE stage = 'channel pricey';
+SELECT array_agg(item_id ORDER BY score DESC, item_id) AS expected
+  FROM (SELECT * FROM fn_priciest('{}', 100) WHERE item_id <> 2 ORDER BY score DESC, item_id LIMIT 3) x;
+SELECT item_id, rank, channels FROM twotower.recommend('fn_f', '{"q": [3, 4], "history": [2]}') ORDER BY rank;
+-- What a function channel names is checked when saved.
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_f2', '{"user_model": "fn_user", "vectors": {"table": "fn_items"},
+  "channels": [{"type": "function", "function": "no_such_function", "k": 3}]}')$$);
+CREATE FUNCTION fn_scalar(features jsonb, k integer) RETURNS bigint LANGUAGE sql AS $$ SELECT 1::bigint $$;
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_f2', '{"user_model": "fn_user", "vectors": {"table": "fn_items"},
+  "channels": [{"type": "function", "function": "fn_scalar", "k": 3}]}')$$);
+-- A score that is not finite is an error naming the function and the item.
+CREATE FUNCTION fn_nan(features jsonb, k integer) RETURNS TABLE (item_id bigint, score real)
+  LANGUAGE sql STABLE AS $$ VALUES (3::bigint, 'NaN'::real), (4, 1) $$;
+SELECT twotower.save_pipeline('fn_f2', '{"user_model": "fn_user", "vectors": {"table": "fn_items"},
+  "channels": [{"type": "function", "function": "fn_nan", "k": 3}]}');
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn_f2', '{"q": [3, 4]}')$$);
+-- The function runs as the caller: without EXECUTE, 42501.
+CREATE ROLE fn_noexec;
+GRANT SELECT ON fn_items TO fn_noexec;
+REVOKE EXECUTE ON FUNCTION fn_priciest(jsonb, integer) FROM PUBLIC;
+SET ROLE fn_noexec;
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn_f', '{"q": [3, 4]}')$$);
+RESET ROLE;
+GRANT EXECUTE ON FUNCTION fn_priciest(jsonb, integer) TO fn_noexec;
+SET ROLE fn_noexec;
+SELECT count(*) AS with_execute FROM twotower.recommend('fn_f', '{"q": [3, 4]}');
+RESET ROLE;
+REVOKE ALL ON fn_items FROM fn_noexec;
+REVOKE ALL ON FUNCTION fn_priciest(jsonb, integer) FROM fn_noexec;
+DROP ROLE fn_noexec;
+-- A function dropped under a pipeline: the pipeline's calls fail naming it.
+SELECT twotower.drop_pipeline('fn_f2');
+DROP FUNCTION fn_nan(jsonb, integer);
+DROP FUNCTION fn_scalar(jsonb, integer);
+DROP FUNCTION fn_priciest(jsonb, integer);
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn_f', '{"q": [3, 4]}')$$);
+SELECT twotower.drop_pipeline('fn_f');

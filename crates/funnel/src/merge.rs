@@ -15,6 +15,7 @@
 //! The output score is the strategy's: the fused score (weighted sum, RRF) or, for the
 //! selection strategies, 1/position. Ties always go to the smaller item id.
 
+use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use thiserror::Error;
 
@@ -66,6 +67,139 @@ pub struct Merged {
     pub rank: usize,
     /// (channel, rank in it, score in it), in channel order.
     pub provenance: Vec<(usize, usize, f32)>,
+}
+
+/// A strategy name or option that is not valid: `message` says which (and `strategy` whether it
+/// is the name itself).
+#[derive(Debug, Clone, PartialEq, Error)]
+#[error("{message}")]
+pub struct StrategyError {
+    pub strategy: bool,
+    pub message: String,
+}
+
+fn bad<T>(message: String) -> Result<T, StrategyError> {
+    Err(StrategyError {
+        strategy: false,
+        message,
+    })
+}
+
+/// The option keys each strategy takes.
+pub fn strategy_keys(strategy: &str) -> Result<&'static [&'static str], StrategyError> {
+    match strategy {
+        "quota" => Ok(&["quotas", "order"]),
+        "round_robin" => Ok(&["weights", "snake", "order"]),
+        "weighted_sum" => Ok(&["weights", "norm", "order"]),
+        "rrf" => Ok(&["weights", "k", "order"]),
+        other => Err(StrategyError {
+            strategy: true,
+            message: format!(
+                "strategy must be 'quota', 'round_robin', 'weighted_sum' or 'rrf', got '{other}'"
+            ),
+        }),
+    }
+}
+
+/// Per channel (in `names` order), the value of `options[key][name]`, or `default`.
+fn per_channel<T: Clone>(
+    o: &Map<String, Value>,
+    key: &str,
+    names: &[String],
+    default: T,
+    get: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<T>, StrategyError> {
+    let m = match o.get(key) {
+        None | Some(Value::Null) => return Ok(vec![default; names.len()]),
+        Some(Value::Object(m)) => m,
+        Some(v) => {
+            return bad(format!(
+                "merge option \"{key}\" must be an object of channel names, got {v}"
+            ))
+        }
+    };
+    names
+        .iter()
+        .map(|n| match m.get(n) {
+            None => Ok(default.clone()),
+            Some(v) => get(v).map_or_else(
+                || bad(format!("merge option \"{key}\".\"{n}\" is not valid: {v}")),
+                Ok,
+            ),
+        })
+        .collect()
+}
+
+impl Strategy {
+    /// The strategy named `strategy` with its options `o`, for channels `names` (in order).
+    /// Options that do not apply to the strategy are refused.
+    pub fn parse(
+        strategy: &str,
+        o: &Map<String, Value>,
+        names: &[String],
+    ) -> Result<Strategy, StrategyError> {
+        let allowed = strategy_keys(strategy)?;
+        if let Some(key) = o.keys().find(|key| !allowed.contains(&key.as_str())) {
+            return bad(format!(
+                "merge option \"{key}\" does not apply to strategy '{strategy}' (it takes {})",
+                allowed.join(", ")
+            ));
+        }
+        let weight = |v: &Value| v.as_f64().filter(|x| x.is_finite() && *x >= 0.0);
+        Ok(match strategy {
+            "quota" => {
+                if o.get("quotas").is_none() {
+                    return bad(
+                        "strategy 'quota' needs option \"quotas\": {\"channel\": n, ...}".into(),
+                    );
+                }
+                Strategy::Quota(per_channel(o, "quotas", names, 0usize, |v| {
+                    v.as_u64().map(|n| n.min(100_000) as usize)
+                })?)
+            }
+            "round_robin" => Strategy::RoundRobin {
+                weights: per_channel(o, "weights", names, 1usize, |v| {
+                    v.as_u64().filter(|&n| n <= 100_000).map(|n| n as usize)
+                })?,
+                snake: match o.get("snake") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(v) => {
+                        return bad(format!(
+                            "merge option \"snake\" must be true or false, got {v}"
+                        ))
+                    }
+                },
+            },
+            "weighted_sum" => Strategy::WeightedSum {
+                weights: per_channel(o, "weights", names, 1.0, weight)?,
+                norm: match o.get("norm").and_then(Value::as_str).unwrap_or("minmax") {
+                    "minmax" => Norm::MinMax,
+                    "zscore" => Norm::ZScore,
+                    "rank" => Norm::Rank,
+                    other => {
+                        return bad(format!(
+                            "merge option \"norm\" must be minmax, zscore or rank, got \"{other}\""
+                        ))
+                    }
+                },
+            },
+            _ => Strategy::Rrf {
+                weights: per_channel(o, "weights", names, 1.0, weight)?,
+                k0: match o.get("k") {
+                    None | Some(Value::Null) => 60.0,
+                    Some(v) => match v.as_f64().filter(|x| x.is_finite() && *x >= 0.0) {
+                        Some(x) => x,
+                        None => {
+                            return bad(format!(
+                                "merge option \"k\" must be a number >= 0, got {v}"
+                            ))
+                        }
+                    },
+                },
+            },
+        })
+    }
 }
 
 /// Merges `cands` of `channels` channels into at most `k` items (see the module doc).

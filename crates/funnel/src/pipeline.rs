@@ -12,7 +12,8 @@
 //!   "exclude_history": true,
 //!   "channels": [
 //!     {"name": "twotower", "type": "twotower", "index": "ml_item_vectors_embedding_idx", "k": 300},
-//!     {"name": "itemcf", "type": "i2i", "channel": "ml_itemcf", "k": 300, "history_len": 20, "decay": 0.8}
+//!     {"name": "itemcf", "type": "i2i", "channel": "ml_itemcf", "k": 300, "history_len": 20, "decay": 0.8},
+//!     {"name": "popular", "type": "function", "function": "popular_items", "k": 50}
 //!   ],
 //!   "merge": {"strategy": "rrf", "k": 500, "options": {"weights": {"twotower": 2}}},
 //!   "stages": [{"type": "twotower", "keep": 300}, {"type": "model", "model": "ml_prerank", "keep": 100}],
@@ -20,16 +21,18 @@
 //! }
 //! ```
 
+use crate::channel::{self, ChannelDef, ChannelKind, Names};
+use crate::merge::{Strategy, StrategyError};
 use serde_json::{Map, Value};
 use thiserror::Error;
+use twotower_options::{Obj, OptionError};
 
-/// The most channels, stages, and candidates per channel / merge a pipeline may ask for.
+pub use crate::channel::{MAX_CHANNEL_K, MAX_HISTORY};
+
+/// The most channels, stages, and candidates per merge a pipeline may ask for.
 pub const MAX_CHANNELS: usize = 16;
 pub const MAX_STAGES: usize = 8;
-pub const MAX_CHANNEL_K: u64 = 10_000;
 pub const MAX_MERGE_K: u64 = 100_000;
-/// The most history items a pipeline reads from a request.
-pub const MAX_HISTORY: u64 = 10_000;
 
 #[derive(Debug, Error, PartialEq)]
 #[error("invalid pipeline definition at \"{path}\": {reason}")]
@@ -38,7 +41,28 @@ pub struct DefinitionError {
     pub reason: String,
 }
 
+impl From<OptionError> for DefinitionError {
+    fn from(e: OptionError) -> Self {
+        DefinitionError {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
+}
+
 type Result<T> = std::result::Result<T, DefinitionError>;
+
+fn strategy_err(e: StrategyError) -> DefinitionError {
+    DefinitionError {
+        path: if e.strategy {
+            "merge.strategy"
+        } else {
+            "merge.options"
+        }
+        .into(),
+        reason: e.message,
+    }
+}
 
 fn err<T>(path: impl Into<String>, reason: impl Into<String>) -> Result<T> {
     Err(DefinitionError {
@@ -61,32 +85,10 @@ pub struct ItemFeatures {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum ChannelKind {
-    /// The user vector against a twotower_hnsw index (its table holds the item vectors).
-    TwoTower {
-        index: String,
-        ef_search: Option<usize>,
-    },
-    /// An item-to-item channel over the most recent `history_len` history items, the i-th
-    /// (0-based, most recent first) weighted `decay^i`.
-    I2i {
-        channel: String,
-        history_len: usize,
-        decay: f64,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChannelDef {
-    pub name: String,
-    pub kind: ChannelKind,
-    pub k: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
 pub struct MergeDef {
-    pub strategy: String,
-    pub options: Map<String, Value>,
+    /// The strategy's name, as written.
+    pub name: String,
+    pub strategy: Strategy,
     pub k: usize,
 }
 
@@ -116,92 +118,11 @@ pub struct Definition {
     pub k: usize,
 }
 
-struct Obj<'a> {
-    m: &'a Map<String, Value>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    fn new(v: &'a Value, path: &str) -> Result<Obj<'a>> {
-        match v {
-            Value::Object(m) => Ok(Obj {
-                m,
-                path: path.to_owned(),
-            }),
-            other => err(path, format!("must be an object, got {}", kind(other))),
-        }
-    }
-
-    fn p(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-
-    fn allow(&self, keys: &[&str]) -> Result<()> {
-        match self.m.keys().find(|k| !keys.contains(&k.as_str())) {
-            Some(k) => err(
-                self.p(k),
-                format!("unknown key (allowed here: {})", keys.join(", ")),
-            ),
-            None => Ok(()),
-        }
-    }
-
-    fn str_or(&self, key: &str, default: Option<&str>) -> Result<String> {
-        match (self.m.get(key), default) {
-            (Some(Value::String(s)), _) if !s.is_empty() => Ok(s.clone()),
-            (None | Some(Value::Null), Some(d)) => Ok(d.to_owned()),
-            (None | Some(Value::Null), None) => err(self.p(key), "is required"),
-            (Some(v), _) => err(self.p(key), format!("must be a non-empty string, got {v}")),
-        }
-    }
-
-    fn uint_or(&self, key: &str, lo: u64, hi: u64, default: Option<u64>) -> Result<u64> {
-        match (self.m.get(key), default) {
-            (None | Some(Value::Null), Some(d)) => Ok(d),
-            (None | Some(Value::Null), None) => err(self.p(key), "is required"),
-            (Some(v), _) => match v.as_u64() {
-                Some(n) if (lo..=hi).contains(&n) => Ok(n),
-                _ => err(
-                    self.p(key),
-                    format!("must be an integer from {lo} to {hi}, got {v}"),
-                ),
-            },
-        }
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn identifier(path: &str, s: &str) -> Result<()> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if ok {
-        Ok(())
-    } else {
-        err(
-            path,
-            format!(
-                "\"{s}\" is not a channel name ([A-Za-z_][A-Za-z0-9_]*, at most 63 characters)"
-            ),
-        )
-    }
+/// What a pipeline can depend on (and so keeps from being dropped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uses {
+    Model,
+    Channel,
 }
 
 impl Definition {
@@ -218,129 +139,66 @@ impl Definition {
             "stages",
             "k",
         ])?;
-        let user_model = o.str_or("user_model", None)?;
-        let vo = Obj::new(o.m.get("vectors").unwrap_or(&Value::Null), "vectors")?;
+        let user_model = o.string("user_model")?;
+        let vo = Obj::new(o.get("vectors").unwrap_or(&Value::Null), "vectors")?;
         vo.allow(&["table", "id_column", "vector_column"])?;
         let vectors = Vectors {
-            table: vo.str_or("table", None)?,
-            id_column: vo.str_or("id_column", Some("id"))?,
-            vector_column: vo.str_or("vector_column", Some("embedding"))?,
+            table: vo.string("table")?,
+            id_column: vo.string_or("id_column", "id")?,
+            vector_column: vo.string_or("vector_column", "embedding")?,
         };
-        let item_features = match o.m.get("item_features") {
-            None | Some(Value::Null) => None,
-            Some(f) => {
-                let fo = Obj::new(f, "item_features")?;
+        let item_features = match o.object("item_features")? {
+            None => None,
+            Some(fo) => {
                 fo.allow(&["table", "id_column"])?;
                 Some(ItemFeatures {
-                    table: fo.str_or("table", None)?,
-                    id_column: fo.str_or("id_column", Some("id"))?,
+                    table: fo.string("table")?,
+                    id_column: fo.string_or("id_column", "id")?,
                 })
             }
         };
-        let history = match o.m.get("history") {
-            None | Some(Value::Null) => None,
-            Some(_) => Some(o.str_or("history", None)?),
-        };
-        let exclude_history = match o.m.get("exclude_history") {
-            None | Some(Value::Null) => true,
-            Some(Value::Bool(b)) => *b,
-            Some(v) => return err("exclude_history", format!("must be true or false, got {v}")),
-        };
+        let history = o.opt_string("history")?;
+        let exclude_history = o.bool_or("exclude_history", true)?;
 
         // No channels: a pipeline for `prerank` over the caller's candidates only.
-        let empty = Vec::new();
-        let chs = match o.m.get("channels") {
-            None | Some(Value::Null) => &empty,
-            Some(Value::Array(a)) if a.len() <= MAX_CHANNELS => a,
-            Some(v) => {
-                return err(
-                    "channels",
-                    format!("must be an array of at most {MAX_CHANNELS} channels, got {v}"),
-                )
-            }
-        };
-        let mut channels: Vec<ChannelDef> = Vec::with_capacity(chs.len());
-        for (i, c) in chs.iter().enumerate() {
-            let path = format!("channels[{i}]");
-            let co = Obj::new(c, &path)?;
-            let ty = co.str_or("type", None)?;
-            let kind = match ty.as_str() {
-                "twotower" => {
-                    co.allow(&["name", "type", "index", "k", "ef_search"])?;
-                    ChannelKind::TwoTower {
-                        index: co.str_or("index", None)?,
-                        ef_search: match co.m.get("ef_search") {
-                            None | Some(Value::Null) => None,
-                            Some(_) => {
-                                Some(co.uint_or("ef_search", 1, MAX_MERGE_K, None)? as usize)
-                            }
-                        },
-                    }
-                }
-                "i2i" => {
-                    co.allow(&["name", "type", "channel", "k", "history_len", "decay"])?;
-                    if history.is_none() {
-                        return err(
-                            co.p("type"),
-                            "an i2i channel needs the pipeline's \"history\" key",
-                        );
-                    }
-                    let decay = match co.m.get("decay") {
-                        None | Some(Value::Null) => 1.0,
-                        Some(v) => match v.as_f64() {
-                            Some(d) if d > 0.0 && d <= 1.0 => d,
-                            _ => {
-                                return err(
-                                    co.p("decay"),
-                                    format!("must be a number in (0, 1], got {v}"),
-                                )
-                            }
-                        },
-                    };
-                    ChannelKind::I2i {
-                        channel: co.str_or("channel", None)?,
-                        history_len: co.uint_or("history_len", 1, MAX_HISTORY, Some(50))? as usize,
-                        decay,
-                    }
-                }
-                other => {
-                    return err(
-                        co.p("type"),
-                        format!("must be \"twotower\" or \"i2i\", got \"{other}\""),
-                    )
-                }
-            };
-            let name = co.str_or("name", Some(&ty))?;
-            identifier(&co.p("name"), &name)?;
+        let mut channels: Vec<ChannelDef> = Vec::new();
+        for (path, c) in o.array("channels", MAX_CHANNELS)? {
+            let co = Obj::new(c, path)?;
+            let ty = co.string("type")?;
+            let kind = ChannelKind::parse(&ty, &co, history.is_some())?;
+            let name = co.string_or("name", &ty)?;
+            channel::check_name(&co, "name", &name)?;
             if channels.iter().any(|c| c.name == name) {
                 return err(co.p("name"), format!("duplicate channel name \"{name}\""));
             }
-            let k = co.uint_or("k", 1, MAX_CHANNEL_K, None)? as usize;
+            let k = co.uint("k", 1, MAX_CHANNEL_K)? as usize;
             channels.push(ChannelDef { name, kind, k });
         }
 
         let total: u64 = channels.iter().map(|c| c.k as u64).sum();
-        if channels.is_empty() && o.m.get("merge").is_some_and(|m| !m.is_null()) {
-            return err("merge", "a pipeline without channels has nothing to merge");
-        }
-        let merge = match o.m.get("merge") {
-            None | Some(Value::Null) if channels.is_empty() => MergeDef {
-                strategy: "rrf".into(),
-                options: Map::new(),
-                k: MAX_MERGE_K as usize,
+        let names: Vec<String> = channels.iter().map(|c| c.name.clone()).collect();
+        let merge = match o.object("merge")? {
+            Some(_) if channels.is_empty() => {
+                return err("merge", "a pipeline without channels has nothing to merge")
+            }
+            None => MergeDef {
+                name: "rrf".into(),
+                strategy: Strategy::parse("rrf", &Map::new(), &names).map_err(strategy_err)?,
+                k: if channels.is_empty() {
+                    MAX_MERGE_K as usize
+                } else {
+                    total as usize
+                },
             },
-            None | Some(Value::Null) => MergeDef {
-                strategy: "rrf".into(),
-                options: Map::new(),
-                k: total as usize,
-            },
-            Some(m) => {
-                let mo = Obj::new(m, "merge")?;
+            Some(mo) => {
                 mo.allow(&["strategy", "options", "k"])?;
-                let options = match mo.m.get("options") {
-                    None | Some(Value::Null) => Map::new(),
-                    Some(Value::Object(m)) => m.clone(),
-                    Some(v) => return err("merge.options", format!("must be an object, got {v}")),
+                let empty = Map::new();
+                let options = match mo.object("options")? {
+                    None => &empty,
+                    Some(_) => mo
+                        .get("options")
+                        .and_then(Value::as_object)
+                        .unwrap_or(&empty),
                 };
                 if options.contains_key("order") {
                     return err(
@@ -348,60 +206,52 @@ impl Definition {
                         "the channels' order in a pipeline is the order of \"channels\"",
                     );
                 }
+                let name = mo.string_or("strategy", "rrf")?;
                 MergeDef {
-                    strategy: mo.str_or("strategy", Some("rrf"))?,
-                    options,
-                    k: mo.uint_or("k", 1, MAX_MERGE_K, Some(total.min(MAX_MERGE_K)))? as usize,
+                    strategy: Strategy::parse(&name, options, &names).map_err(strategy_err)?,
+                    name,
+                    k: mo.uint_or("k", 1, MAX_MERGE_K, total.min(MAX_MERGE_K))? as usize,
                 }
             }
         };
 
-        let stages = match o.m.get("stages") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) if a.len() <= MAX_STAGES => {
-                let mut out: Vec<StageDef> = Vec::with_capacity(a.len());
-                let mut gets = merge.k;
-                for (i, s) in a.iter().enumerate() {
-                    let so = Obj::new(s, &format!("stages[{i}]"))?;
-                    let kind = match so.str_or("type", None)?.as_str() {
-                        "twotower" => {
-                            so.allow(&["type", "keep"])?;
-                            StageKind::TwoTower
-                        }
-                        "model" => {
-                            so.allow(&["type", "model", "keep"])?;
-                            StageKind::Model(so.str_or("model", None)?)
-                        }
-                        other => {
-                            return err(
-                                so.p("type"),
-                                format!("must be \"twotower\" or \"model\", got \"{other}\""),
-                            )
-                        }
-                    };
-                    let keep = so.uint_or("keep", 1, MAX_MERGE_K, None)? as usize;
-                    if keep > gets {
-                        let from = match (i, channels.is_empty()) {
-                            (0, true) => "caller's candidates",
-                            (0, false) => "merge",
-                            _ => "stage before",
-                        };
-                        return err(so.p("keep"), format!("the stage keeps {keep} candidates but gets at most {gets} (from the {from})"));
-                    }
-                    gets = keep;
-                    out.push(StageDef { kind, keep });
+        let mut stages: Vec<StageDef> = Vec::new();
+        let mut gets = merge.k;
+        for (i, (path, s)) in o.array("stages", MAX_STAGES)?.into_iter().enumerate() {
+            let so = Obj::new(s, path)?;
+            let kind = match so.string("type")?.as_str() {
+                "twotower" => {
+                    so.allow(&["type", "keep"])?;
+                    StageKind::TwoTower
                 }
-                out
-            }
-            Some(v) => {
+                "model" => {
+                    so.allow(&["type", "model", "keep"])?;
+                    StageKind::Model(so.string("model")?)
+                }
+                other => {
+                    return err(
+                        so.p("type"),
+                        format!("must be \"twotower\" or \"model\", got \"{other}\""),
+                    )
+                }
+            };
+            let keep = so.uint("keep", 1, MAX_MERGE_K)? as usize;
+            if keep > gets {
+                let from = match (i, channels.is_empty()) {
+                    (0, true) => "caller's candidates",
+                    (0, false) => "merge",
+                    _ => "stage before",
+                };
                 return err(
-                    "stages",
-                    format!("must be an array of at most {MAX_STAGES} stages, got {v}"),
-                )
+                    so.p("keep"),
+                    format!("the stage keeps {keep} candidates but gets at most {gets} (from the {from})"),
+                );
             }
-        };
+            gets = keep;
+            stages.push(StageDef { kind, keep });
+        }
         let most = stages.last().map_or(merge.k, |s| s.keep);
-        let k = o.uint_or("k", 1, most as u64, Some(most.min(100) as u64))? as usize;
+        let k = o.uint_or("k", 1, most as u64, most.min(100) as u64)? as usize;
         Ok(Definition {
             user_model,
             vectors,
@@ -413,6 +263,28 @@ impl Definition {
             stages,
             k,
         })
+    }
+
+    /// Whether the pipeline names model or channel `name` (so dropping it would break it).
+    pub fn uses(&self, what: Uses, name: &str) -> bool {
+        match what {
+            Uses::Model => {
+                self.user_model == name
+                    || self
+                        .stages
+                        .iter()
+                        .any(|s| matches!(&s.kind, StageKind::Model(m) if m == name))
+            }
+            Uses::Channel => self
+                .channels
+                .iter()
+                .any(|c| c.kind.names() == Names::Channel(name)),
+        }
+    }
+
+    /// The channels' names, in the pipeline's order.
+    pub fn channel_names(&self) -> Vec<String> {
+        self.channels.iter().map(|c| c.name.clone()).collect()
     }
 
     /// The most results a request may ask for: what the last stage (or the merge) keeps.

@@ -29,8 +29,10 @@ pub type Result<T> = std::result::Result<T, PrerankError>;
 /// thread, 0.82–1.23 on two), so only very large lists are split.
 pub const PARALLEL_FROM: usize = 16_384;
 
-/// Gives the item parts of the candidates `idx` for model stage `stage`.
-pub type ItemParts<'a> = dyn FnMut(usize, &[usize]) -> Result<Vec<Arc<Part>>> + 'a;
+/// Gives the item parts of the candidates `idx` for model stage `stage` (failing with the
+/// caller's own error type `E`).
+pub type ItemParts<'a, E = PrerankError> =
+    dyn FnMut(usize, &[usize]) -> std::result::Result<Vec<Arc<Part>>, E> + 'a;
 
 /// What a stage scores with.
 pub enum Scorer<'a> {
@@ -319,17 +321,17 @@ fn top(
 /// model stage `stage` (the caller fetches item features for the survivors only). Candidates
 /// must be distinct items with vectors as wide as the user's. Returns one report per stage;
 /// the last stage's `kept` and `scores` are the result.
-pub fn cascade(
+///
+/// The callbacks fail with the caller's error type, which the cascade's own errors convert into.
+pub fn cascade<E: From<PrerankError>>(
     req: &Request,
     cands: &[Candidate],
     stages: &[Stage],
-    item_part: &mut ItemParts,
-    poll: &mut dyn FnMut() -> Result<()>,
-) -> Result<Vec<StageReport>> {
+    item_part: &mut ItemParts<E>,
+    poll: &mut dyn FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<Vec<StageReport>, E> {
     if stages.is_empty() {
-        return Err(PrerankError::Bad(
-            "a cascade needs at least one stage".into(),
-        ));
+        return Err(PrerankError::Bad("a cascade needs at least one stage".into()).into());
     }
     let dims = req.user.len();
     if let Some(c) = cands.iter().find(|c| c.vector.len() != dims) {
@@ -337,7 +339,8 @@ pub fn cascade(
             "item {} has a {}-dimensional vector, the user vector has {dims}",
             c.item,
             c.vector.len()
-        )));
+        ))
+        .into());
     }
     let crosses = CrossInputs::new(req.metric, req.user, req.history);
     let mut alive: Vec<usize> = (0..cands.len()).collect();
@@ -346,10 +349,7 @@ pub fn cascade(
         poll()?;
         let t = Instant::now();
         if stage.keep == 0 {
-            return Err(PrerankError::Bad(format!(
-                "stage {} keeps 0 candidates",
-                s + 1
-            )));
+            return Err(PrerankError::Bad(format!("stage {} keeps 0 candidates", s + 1)).into());
         }
         let tt: Vec<f32> = alive
             .iter()
@@ -358,12 +358,12 @@ pub fn cascade(
         let score = match &stage.scorer {
             Scorer::TwoTower => tt,
             Scorer::Model { name, model, user } => {
-                check_model(name, model, dims)?;
+                check_model(name, model, dims).map_err(E::from)?;
                 let parts = item_part(s, &alive)?;
                 if parts.len() != alive.len() {
-                    return Err(PrerankError::Bad(
-                        "item parts do not match the candidates".into(),
-                    ));
+                    return Err(
+                        PrerankError::Bad("item parts do not match the candidates".into()).into(),
+                    );
                 }
                 let wants_history = model.cross_width(Cross::HistoryMax).is_some()
                     || model.cross_width(Cross::HistoryMean).is_some();
@@ -406,7 +406,8 @@ pub fn cascade(
                     return Err(PrerankError::NonFinite {
                         model: (*name).to_owned(),
                         item: cands[alive[j]].item,
-                    });
+                    }
+                    .into());
                 }
                 out
             }

@@ -375,6 +375,7 @@ fn the_realistic_model_scores_in_parallel_as_it_does_alone() {
 
 mod pipeline {
     use serde_json::json;
+    use twotower_funnel::channel::ChannelKind;
     use twotower_funnel::pipeline::*;
 
     fn base() -> serde_json::Value {
@@ -428,10 +429,7 @@ mod pipeline {
         v.as_object_mut().unwrap().remove("stages");
         v.as_object_mut().unwrap().remove("k");
         let d = Definition::parse(&v).unwrap();
-        assert_eq!(
-            (d.merge.strategy.as_str(), d.merge.k, d.k),
-            ("rrf", 500, 100)
-        );
+        assert_eq!((d.merge.name.as_str(), d.merge.k, d.k), ("rrf", 500, 100));
         // Without channels: stages over the caller's candidates (prerank), up to 100,000.
         let d = Definition::parse(&json!({"user_model": "u", "vectors": {"table": "iv"},
             "stages": [{"type": "twotower", "keep": 5000}]}))

@@ -201,6 +201,74 @@ pub const MAX_BATCH: usize = 65_536;
 pub const MAX_NEGATIVES: usize = 65_536;
 pub const MAX_THREADS: usize = 64;
 
+/// The options two-tower training (`Config`) and pre-rank training (`PrerankConfig`) share,
+/// read by one parser; where their defaults differ, [`TWO_TOWER_DEFAULTS`] and
+/// [`PRERANK_DEFAULTS`] say so side by side.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared {
+    pub min_count: usize,
+    pub max_vocab: usize,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub patience: usize,
+    pub seed: u64,
+    pub threads: usize,
+    pub init_std: f32,
+}
+
+/// The shared options' defaults that depend on what is trained.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SharedDefaults {
+    /// Two-tower vocabularies hold every item and user id of a catalogue; a pre-rank model's
+    /// hold the ids of its training log's requests and candidates.
+    pub max_vocab: usize,
+    /// In-batch negatives grow with the batch; a pre-rank batch is rows of candidates.
+    pub batch_size: usize,
+}
+
+pub const TWO_TOWER_DEFAULTS: SharedDefaults = SharedDefaults {
+    max_vocab: 10_000_000,
+    batch_size: 256,
+};
+
+pub const PRERANK_DEFAULTS: SharedDefaults = SharedDefaults {
+    max_vocab: 1_000_000,
+    batch_size: 512,
+};
+
+/// The keys of [`Shared`].
+pub const SHARED_KEYS: [&str; 10] = [
+    "min_count",
+    "max_vocab",
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "patience",
+    "seed",
+    "threads",
+    "init_std",
+];
+
+impl Shared {
+    pub(crate) fn parse(o: &Obj, d: SharedDefaults) -> Result<Shared> {
+        Ok(Shared {
+            min_count: o.uint("min_count", 1, 1, usize::MAX)?,
+            max_vocab: o.uint("max_vocab", d.max_vocab, 1, u32::MAX as usize - 2)?,
+            lr: o.num("lr", 0.001, 1e-8, 100.0)? as f32,
+            weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0)? as f32,
+            batch_size: o.uint("batch_size", d.batch_size, 2, MAX_BATCH)?,
+            epochs: o.uint("epochs", 10, 1, MAX_EPOCHS)?,
+            patience: o.uint("patience", 3, 1, MAX_EPOCHS)?,
+            seed: o.uint("seed", 42, 0, usize::MAX)? as u64,
+            threads: o.uint("threads", 2, 1, MAX_THREADS)?,
+            init_std: o.num("init_std", 0.05, 0.0, 10.0)? as f32,
+        })
+    }
+}
+
 pub(crate) struct Obj<'a> {
     m: &'a Map<String, Value>,
     path: String,
@@ -979,27 +1047,28 @@ impl Config {
                 })
             }
         };
+        let shared = Shared::parse(&o, TWO_TOWER_DEFAULTS)?;
         let cfg = Config {
             augmented,
             dim,
             user,
             item,
-            min_count: o.uint("min_count", 1, 1, usize::MAX)?,
-            max_vocab: o.uint("max_vocab", 10_000_000, 1, u32::MAX as usize - 2)?,
+            min_count: shared.min_count,
+            max_vocab: shared.max_vocab,
             loss,
             negatives,
             temperature: o.num("temperature", 0.05, 1e-4, 100.0)? as f32,
-            lr: o.num("lr", 0.001, 1e-8, 100.0)? as f32,
-            weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0)? as f32,
+            lr: shared.lr,
+            weight_decay: shared.weight_decay,
             sparse,
-            batch_size: o.uint("batch_size", 256, 2, MAX_BATCH)?,
-            epochs: o.uint("epochs", 10, 1, MAX_EPOCHS)?,
-            patience: o.uint("patience", 3, 1, MAX_EPOCHS)?,
-            seed: o.uint("seed", 42, 0, usize::MAX)? as u64,
-            threads: o.uint("threads", 2, 1, MAX_THREADS)?,
+            batch_size: shared.batch_size,
+            epochs: shared.epochs,
+            patience: shared.patience,
+            seed: shared.seed,
+            threads: shared.threads,
             k: o.uint("k", 50, 1, 10_000)?,
             subsample: o.num("subsample", 0.0, 0.0, 1.0)?,
-            init_std: o.num("init_std", 0.05, 0.0, 10.0)? as f32,
+            init_std: shared.init_std,
             hard_ratio: o.num("hard_ratio", 0.5, 0.0, 1.0)?,
             hard_per_row: o.uint("hard_per_row", 2, 0, 1024)?,
             freeze_dense: o.bool("freeze_dense", false)?,

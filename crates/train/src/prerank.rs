@@ -14,7 +14,7 @@
 //! at serving time exactly the inputs it learned from. Validation: the last requests (in the
 //! log's order), ranked by the student; the best epoch is kept.
 
-use crate::config::{tower, Obj, Side, TowerSpec, MAX_BATCH, MAX_EPOCHS, MAX_THREADS};
+use crate::config::{tower, Obj, Shared, Side, TowerSpec, PRERANK_DEFAULTS};
 use crate::error::{opt_err, Result, TrainError};
 use crate::eval::{ranks, Accumulator, Metrics};
 use crate::loss::{sigmoid, softplus};
@@ -130,21 +130,22 @@ impl PrerankConfig {
                 ))
             }
         };
+        let shared = Shared::parse(&o, PRERANK_DEFAULTS)?;
         Ok(PrerankConfig {
             model,
             objective,
-            min_count: o.uint("min_count", 1, 1, usize::MAX)?,
-            max_vocab: o.uint("max_vocab", 1_000_000, 1, u32::MAX as usize - 2)?,
-            lr: o.num("lr", 0.001, 1e-8, 100.0)? as f32,
-            weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0)? as f32,
+            min_count: shared.min_count,
+            max_vocab: shared.max_vocab,
+            lr: shared.lr,
+            weight_decay: shared.weight_decay,
             sparse,
-            batch_size: o.uint("batch_size", 512, 2, MAX_BATCH)?,
-            epochs: o.uint("epochs", 10, 1, MAX_EPOCHS)?,
-            patience: o.uint("patience", 3, 1, MAX_EPOCHS)?,
-            seed: o.uint("seed", 42, 0, usize::MAX)? as u64,
-            threads: o.uint("threads", 2, 1, MAX_THREADS)?,
+            batch_size: shared.batch_size,
+            epochs: shared.epochs,
+            patience: shared.patience,
+            seed: shared.seed,
+            threads: shared.threads,
             k: o.uint("k", 10, 1, 100_000)?,
-            init_std: o.num("init_std", 0.05, 0.0, 10.0)? as f32,
+            init_std: shared.init_std,
             validation: o.num("validation", 0.2, 0.0, 0.5)?,
         })
     }

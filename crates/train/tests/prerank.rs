@@ -225,7 +225,9 @@ fn serves_in_the_cascade(t: &twotower_train::TrainedPrerank, l: &RankLog) {
             })
             .collect())
     };
-    let reports = cascade(&req, &cands, &stages, &mut parts, &mut || Ok(())).unwrap();
+    let reports =
+        cascade::<twotower_funnel::PrerankError>(&req, &cands, &stages, &mut parts, &mut || Ok(()))
+            .unwrap();
     // Each kept candidate's cascade score is the model's forward pass of the same inputs.
     let crosses = twotower_funnel::prerank::CrossInputs::new(Metric::Cosine, &r.user, &r.history)
         .with_attention(&model, &r.history);
