@@ -1,47 +1,26 @@
 //! pg_twotower: two-tower retrieval in PostgreSQL. This crate is the glue between SQL and the
 //! pgrx-free core crates under `crates/`: it converts and validates, calls the core, and maps
-//! errors to SQLSTATEs (see `error.rs`).
+//! errors to SQLSTATEs (see `infra/error.rs`). `infra` is what everything stands on, `am` the index
+//! access method, `serve` the search and funnel sources between them and the SQL surfaces in
+//! `sql` (one module per surface).
 
 use pgrx::prelude::*;
 
 pub mod am;
-pub mod catalog;
-pub mod channels;
-pub mod citus;
-pub mod embed;
-pub mod error;
-pub mod fanout;
-pub mod guard;
-pub mod gucs;
-pub mod info;
-pub mod item_cache;
-pub mod merge;
-pub mod models;
-pub mod ops;
-pub mod pipeline;
-pub mod planner;
-pub mod prerank_train;
-pub mod progress;
-pub mod recall;
-pub mod relcache;
-pub mod shard_conn;
-pub mod sources;
-pub mod spi;
-pub mod train;
-pub mod vector;
+pub mod infra;
+pub mod serve;
+pub mod sql;
 
 ::pgrx::pg_module_magic!(name, version);
 
-pub use gucs::{BUILD_THREADS, EF_SEARCH, MODEL_CACHE_MB};
-
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::register();
+    infra::gucs::register();
     am::options::register();
     am::alter::register();
     am::cache::register();
-    catalog::register();
-    item_cache::register();
+    infra::catalog::register();
+    serve::item_cache::register();
 }
 
 extension_sql_file!(

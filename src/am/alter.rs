@@ -5,7 +5,7 @@
 //! a utility hook, after the ALTER, on the index's new options; its ERROR undoes the ALTER.
 
 use super::{is_ours, metric_of, options};
-use crate::error::{OrReport, TtError};
+use crate::infra::error::{OrReport, TtError};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use twotower_ann::{AnnError, Metric, Quantization};
@@ -88,7 +88,7 @@ unsafe extern "C-unwind" fn process_utility(
 unsafe fn sets_options(cmds: *mut pg_sys::List) -> bool {
     // SAFETY: a List of AlterTableCmd nodes (possibly NIL).
     unsafe {
-        crate::spi::list_pointers(cmds).into_iter().any(|c| {
+        crate::infra::spi::list_pointers(cmds).into_iter().any(|c| {
             let c = c as *mut pg_sys::AlterTableCmd;
             matches!(
                 (*c).subtype,
@@ -120,7 +120,7 @@ unsafe fn check(oid: pg_sys::Oid) {
     quantization.check_metric(metric).or_report();
     if quantization == Quantization::F16 {
         // Every indexed vector must fit in half precision (inserts refuse the others).
-        let over = crate::catalog::read_row::<String, f64>(
+        let over = crate::infra::catalog::read_row::<String, f64>(
             "SELECT i.indrelid::pg_catalog.regclass::pg_catalog.text, 0::pg_catalog.float8
                FROM pg_catalog.pg_index i WHERE i.indexrelid OPERATOR(pg_catalog.=) $1",
             &[oid.into()],
@@ -128,7 +128,7 @@ unsafe fn check(oid: pg_sys::Oid) {
         .ok()
         .flatten()
         .and_then(|(t, _)| t);
-        let key = crate::catalog::read_row::<String, bool>(
+        let key = crate::infra::catalog::read_row::<String, bool>(
             "SELECT pg_catalog.pg_get_indexdef($1, 1, true), true",
             &[oid.into()],
         )
@@ -136,7 +136,7 @@ unsafe fn check(oid: pg_sys::Oid) {
         .flatten()
         .and_then(|(k, _)| k);
         if let (Some(table), Some(key)) = (over, key) {
-            let big = crate::catalog::read_row::<f64, bool>(
+            let big = crate::infra::catalog::read_row::<f64, bool>(
                 &format!(
                     "SELECT x::pg_catalog.float8, true FROM {table} AS t, LATERAL pg_catalog.unnest(({key})::pg_catalog.float4[]) AS x
                       WHERE pg_catalog.abs(x) OPERATOR(pg_catalog.>) 65504 LIMIT 1"

@@ -3,8 +3,8 @@
 
 use super::pages::{self, tid_to_key, write_new_index, Meta, MAX_INDEX_DIMS};
 use super::{cache, metric_of, options};
-use crate::error::{OrReport, TtError};
-use crate::vector::VecRef;
+use crate::infra::error::{OrReport, TtError};
+use crate::infra::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use twotower_ann::{
@@ -19,7 +19,7 @@ const PHASE_WRITE: i64 = 4;
 struct BuildState {
     metric: Metric,
     /// The type of the indexed column (real[] or pgvector's vector).
-    kind: crate::vector::VecKind,
+    kind: crate::infra::vector::VecKind,
     m: usize,
     ef_construction: usize,
     quantization: Quantization,
@@ -235,7 +235,7 @@ fn cancel_pending() -> bool {
 }
 
 pub(super) fn worker_threads() -> usize {
-    let n = crate::BUILD_THREADS.get();
+    let n = crate::infra::gucs::BUILD_THREADS.get();
     if n > 0 {
         n as usize
     } else {
@@ -260,7 +260,7 @@ pub unsafe extern "C-unwind" fn ambuild(
     let mut st = BuildState {
         metric,
         // SAFETY: an open index relation.
-        kind: unsafe { crate::vector::kind_of_index(index) }.or_report(),
+        kind: unsafe { crate::infra::vector::kind_of_index(index) }.or_report(),
         m,
         ef_construction: efc,
         quantization,

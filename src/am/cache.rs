@@ -25,7 +25,7 @@
 //! materialization.
 
 use super::pages::{read_ref_into, ImageRef, Level, Meta};
-use crate::error::{TtError, TtResult};
+use crate::infra::error::{TtError, TtResult};
 use memmap2::Mmap;
 use pgrx::pg_sys;
 use std::cell::{Cell, RefCell};
@@ -262,7 +262,7 @@ pub fn file_state(k: Key, oid: u32, meta: &Meta) -> &'static str {
 /// # Safety
 /// `index` must be an open twotower_hnsw index and `meta` a metapage read from it.
 pub unsafe fn image(index: pg_sys::Relation, meta: &Meta, r: &ImageRef) -> TtResult<Rc<Loaded>> {
-    crate::relcache::subscribe(relcache_changed);
+    crate::infra::relcache::subscribe(relcache_changed);
     forget_stale();
     // SAFETY: forwarded.
     let (k, oid, local) = unsafe { (rel_key(index), (*index).rd_id.to_u32(), is_local(index)) };

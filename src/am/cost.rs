@@ -30,7 +30,7 @@ pub unsafe extern "C-unwind" fn amcostestimate(
         let info = (*path).indexinfo;
         let tuples = (*info).tuples.max(1.0);
         let index_pages = (*info).pages as f64;
-        let ef = crate::EF_SEARCH.get().max(1) as f64;
+        let ef = crate::infra::gucs::EF_SEARCH.get().max(1) as f64;
         // One search visits about ef * log2(n) nodes, M distance computations each.
         let visited = ef * tuples.log2().max(1.0) * 4.0;
         *startup = visited * pg_sys::cpu_operator_cost;

@@ -26,7 +26,7 @@ use super::pages::{
     self, for_each_delta, key_to_tid, lock_maintenance, read_meta, tid_to_key, unlock_maintenance,
     ImageRef, Level, Meta,
 };
-use crate::error::{OrReport, TtError, TtResult};
+use crate::infra::error::{OrReport, TtError, TtResult};
 use pgrx::pg_sys;
 use std::cell::Cell;
 use twotower_ann::{estimate_build_memory, BuildParams, ImageBuilder, Metric, Quantization};

@@ -2,8 +2,8 @@
 //! the insert that fills the delta to its threshold folds it into the delta graph.
 
 use super::pages::{append_delta, read_meta, MAX_INDEX_DIMS};
-use crate::error::{OrReport, TtError};
-use crate::vector::VecRef;
+use crate::infra::error::{OrReport, TtError};
+use crate::infra::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use twotower_ann::{is_zero, Metric, Quantization};
@@ -31,7 +31,7 @@ pub unsafe extern "C-unwind" fn aminsert(
     let v = unsafe {
         VecRef::checked_kind(
             *values,
-            crate::vector::kind_of_index(index).or_report(),
+            crate::infra::vector::kind_of_index(index).or_report(),
             expected,
         )
     }

@@ -13,8 +13,8 @@ pub mod scan;
 pub mod search;
 pub mod vacuum;
 
-use crate::error::TtError;
-use crate::ops::pg_function_info_v1;
+use crate::infra::error::TtError;
+use crate::infra::pg_function_info_v1;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::ffi::CStr;
@@ -141,7 +141,7 @@ pub unsafe fn is_ours(index: pg_sys::Relation) -> bool {
 pub fn table_of_index(
     index: pg_sys::Oid,
     what: &str,
-) -> crate::error::TtResult<Option<pg_sys::Oid>> {
+) -> crate::infra::error::TtResult<Option<pg_sys::Oid>> {
     // SAFETY: catalogue lookups by oid; a missing relation gives relkind 0 and InvalidOid.
     unsafe {
         if pg_sys::get_rel_relkind(index) == pg_sys::RELKIND_PARTITIONED_INDEX as std::ffi::c_char {

@@ -76,7 +76,7 @@ unsafe extern "C-unwind" fn validate_quantization(value: *const core::ffi::c_cha
     // SAFETY: PostgreSQL passes a NUL-terminated option value.
     let s = unsafe { CStr::from_ptr(value) }.to_string_lossy();
     if let Err(e) = Quantization::parse(&s) {
-        crate::error::TtError::Ann(e).report();
+        crate::infra::error::TtError::Ann(e).report();
     }
 }
 
@@ -125,7 +125,7 @@ pub unsafe extern "C-unwind" fn amoptions(
         // SAFETY: build_reloptions returned a filled HnswOptions.
         let (m, efc) = unsafe { ((*opts).m, (*opts).ef_construction) };
         if efc < m {
-            crate::error::TtError::Ann(twotower_ann::AnnError::InvalidOption {
+            crate::infra::error::TtError::Ann(twotower_ann::AnnError::InvalidOption {
                 option: "ef_construction",
                 reason: format!("ef_construction ({efc}) must be at least m ({m})"),
             })

@@ -13,8 +13,8 @@ use super::cache::{self, Loaded};
 use super::pages::{
     bit_is_set, for_each_delta, key_to_tid, read_meta, read_tombstones, tid_to_key, Meta,
 };
-use crate::error::{OrReport, TtError};
-use crate::vector::VecRef;
+use crate::infra::error::{OrReport, TtError};
+use crate::infra::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgMemoryContexts;
@@ -166,7 +166,7 @@ pub unsafe extern "C-unwind" fn amrescan(
         } else if (*scan).numberOfOrderBys > 0 {
             let key = &*(*scan).orderByData;
             if key.sk_flags & pg_sys::SK_ISNULL as i32 == 0 {
-                let kind = crate::vector::kind_of_index((*scan).indexRelation).or_report();
+                let kind = crate::infra::vector::kind_of_index((*scan).indexRelation).or_report();
                 let v = VecRef::checked_kind(key.sk_argument, kind, None).or_report();
                 st.query = Some(v.as_slice().to_vec());
             }
@@ -264,10 +264,10 @@ unsafe fn load(index: pg_sys::Relation, st: &mut ScanState, meta: &Meta) -> Resu
     st.ef = if st.ef_replaces_setting {
         st.min_ef.max(1)
     } else {
-        (crate::EF_SEARCH.get().max(1) as usize).max(st.min_ef)
+        (crate::infra::gucs::EF_SEARCH.get().max(1) as usize).max(st.min_ef)
     };
-    st.order = crate::gucs::ITERATIVE_SCAN.get().order();
-    st.max_rows = (crate::gucs::MAX_SCAN_TUPLES.get().max(1) as u64).max(st.min_rows);
+    st.order = crate::infra::gucs::ITERATIVE_SCAN.get().order();
+    st.max_rows = (crate::infra::gucs::MAX_SCAN_TUPLES.get().max(1) as u64).max(st.min_rows);
     st.last = f64::NEG_INFINITY;
     st.graphs.clear();
     if let Some(r) = meta.main_ref() {

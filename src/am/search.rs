@@ -7,7 +7,7 @@
 //! (item id, exact distance) in distance order; [`Target::close`] releases both relations.
 
 use super::{is_ours, metric_of, pages, scan};
-use crate::error::{TtError, TtResult};
+use crate::infra::error::{TtError, TtResult};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::collections::HashSet;
@@ -22,7 +22,7 @@ pub struct Target {
     id_type: pg_sys::Oid,
     vec_att: i16,
     /// The type of the vector column (real[] or pgvector's vector).
-    kind: crate::vector::VecKind,
+    kind: crate::infra::vector::VecKind,
     metric: Metric,
     dims: Option<usize>,
 }
@@ -55,7 +55,7 @@ fn precheck_select(index_oid: pg_sys::Oid, who: &str) -> TtResult<pg_sys::Oid> {
 /// 42501 unless the caller may read table `rel` or at least one of its columns (ACL lookups
 /// by oid, without locks).
 fn precheck_readable(rel: pg_sys::Oid, who: &str) -> TtResult<()> {
-    let me = crate::catalog::caller();
+    let me = crate::infra::catalog::caller();
     // SAFETY: ACL lookups by oid, without locks.
     let (table_ok, any_col) = unsafe {
         (
@@ -108,7 +108,7 @@ unsafe fn check_parent_columns(
 ) -> TtResult<()> {
     // SAFETY: ACL lookups and a primary key lookup on an open relation.
     unsafe {
-        let (me, parent) = (crate::catalog::caller(), (*prel).rd_id);
+        let (me, parent) = (crate::infra::catalog::caller(), (*prel).rd_id);
         if pg_sys::pg_class_aclcheck(parent, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
             == pg_sys::AclResult::ACLCHECK_OK
         {
@@ -250,7 +250,7 @@ pub fn index_metric(index_oid: pg_sys::Oid, who: &str) -> TtResult<Metric> {
 /// its hits' vectors gives the values of that column. None for an expression index or an
 /// index that no longer exists.
 pub fn indexed_column(index_oid: pg_sys::Oid) -> Option<(pg_sys::Oid, String)> {
-    let row = crate::catalog::read_row::<pg_sys::Oid, String>(
+    let row = crate::infra::catalog::read_row::<pg_sys::Oid, String>(
         "SELECT i.indrelid, a.attname::pg_catalog.text
            FROM pg_catalog.pg_index i
            JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
@@ -292,7 +292,7 @@ impl Target {
     /// privileges and row-level security are what count, as for a query of it: a role that may
     /// read the partitioned table may search all of it, whatever each partition grants.
     pub fn open_all(index_oid: pg_sys::Oid, who: &str) -> TtResult<Vec<Target>> {
-        crate::citus::refuse_shell_index(index_oid, who)?;
+        crate::infra::citus::refuse_shell_index(index_oid, who)?;
         // SAFETY: catalogue lookups by oid, then the executor's locks: the partitioned table,
         // then the partitioned index and its descendants, then each leaf's table and index.
         unsafe {
@@ -320,7 +320,7 @@ impl Target {
             // the transaction ends; each leaf is locked as it is opened), read once per backend
             // until a relation of the tree changes (the locks above have taken in the
             // invalidations committed before them).
-            crate::relcache::subscribe(forget_leaves);
+            crate::infra::relcache::subscribe(forget_leaves);
             let leaves = match LEAVES.with(|c| c.get(index_oid.to_u32())) {
                 Some(l) => l,
                 None => {
@@ -394,7 +394,7 @@ impl Target {
             }
             let (id_att, id_type) = item_id_column(heap)?;
             if grant == Grant::Own {
-                let me = crate::catalog::caller();
+                let me = crate::infra::catalog::caller();
                 let readable =
                     pg_sys::pg_class_aclcheck(heap_oid, me, pg_sys::ACL_SELECT as pg_sys::AclMode)
                         == pg_sys::AclResult::ACLCHECK_OK
@@ -436,7 +436,7 @@ impl Target {
                 id_att,
                 id_type,
                 vec_att,
-                kind: crate::vector::kind_of_index(index)?,
+                kind: crate::infra::vector::kind_of_index(index)?,
                 metric: metric_of(index),
                 dims: (meta.dims > 0).then_some(meta.dims as usize),
             })
@@ -537,7 +537,7 @@ impl Target {
                     let Some(vd) = attr(slot, self.vec_att) else {
                         continue;
                     };
-                    let v = crate::vector::VecRef::of_kind(vd, self.kind)?;
+                    let v = crate::infra::vector::VecRef::of_kind(vd, self.kind)?;
                     if v.as_slice().len() != query.len() {
                         continue;
                     }
@@ -608,7 +608,7 @@ pub struct Health {
 /// allowed to inspect it: SELECT on the table, ownership of the index, or pg_monitor (42501,
 /// checked before anything is locked); another kind of index is 42809.
 pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
-    let me = crate::catalog::caller();
+    let me = crate::infra::catalog::caller();
     let heap =
         super::table_of_index(index_oid, who)?.ok_or_else(|| TtError::WrongIndex(who.into()))?;
     // SAFETY: ACL lookups by oid without locks.
@@ -639,7 +639,7 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
             // first phase): no page was ever written.
             pg_sys::index_close(rel, LOCK);
             return Err(TtError::NotBuilt(
-                crate::spi::relation_name(index_oid)
+                crate::infra::spi::relation_name(index_oid)
                     .unwrap_or_else(|_| format!("{}", index_oid.to_u32())),
             ));
         }
@@ -683,7 +683,7 @@ pub fn cleanup_cache(database: u32, live: &[(u32, u32)]) -> i64 {
 
 thread_local! {
     /// The leaf indexes of partitioned indexes, by index oid (see `Target::open_all`).
-    static LEAVES: crate::relcache::RelCache<std::rc::Rc<Vec<pg_sys::Oid>>> = const { crate::relcache::RelCache::new() };
+    static LEAVES: crate::infra::relcache::RelCache<std::rc::Rc<Vec<pg_sys::Oid>>> = const { crate::infra::relcache::RelCache::new() };
 }
 
 fn forget_leaves(relid: u32) {

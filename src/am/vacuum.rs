@@ -8,7 +8,7 @@ use super::pages::{
     set_tombstones, unlock_maintenance, vacuum_delta,
 };
 use super::{cache, fold, options};
-use crate::error::OrReport;
+use crate::infra::error::OrReport;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 

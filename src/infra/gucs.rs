@@ -145,3 +145,14 @@ pub fn register() {
     // SAFETY: called once from _PG_init with a NUL-terminated literal.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"twotower".as_ptr()) };
 }
+
+/// Worker threads for batched forward passes: one per core.
+pub fn inference_threads() -> usize {
+    // Asked once per backend: the answer reads cgroup files (a syscall per call otherwise).
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
+}

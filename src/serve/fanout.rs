@@ -5,12 +5,12 @@
 //! foreign servers and user mappings. Every shard is asked for its own top `k` at once, the
 //! user vector (computed once, here) sent as a parameter; the caller merges the lists. Two
 //! ways to ask (`twotower.shard_protocol`): pg_twotower's own libpq client, one prepared
-//! statement per shard (`crate::shard_conn`, the default), or one statement through
+//! statement per shard (`crate::infra::shard_conn`, the default), or one statement through
 //! postgres_fdw, `ORDER BY vector <op> $1 LIMIT k` per shard joined by UNION ALL, which
 //! postgres_fdw runs at once on servers marked `async_capable` and ships to servers that list
 //! `pg_twotower` in their `extensions`.
 
-use crate::error::{TtError, TtResult};
+use crate::infra::error::{TtError, TtResult};
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use pgrx::PgTryBuilder;
@@ -56,7 +56,7 @@ fn fail(e: pgrx::spi::Error) -> TtError {
 /// Read once per backend until a relation it mentions changes (the caller has locked the
 /// partitioned table and index, which takes in the invalidations committed before).
 pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Rc<Shards>>> {
-    crate::relcache::subscribe(forget);
+    crate::infra::relcache::subscribe(forget);
     if let Some(known) = KNOWN.with(|c| c.get(index.to_u32())) {
         return Ok(known);
     }
@@ -74,7 +74,7 @@ pub fn shards(index: pg_sys::Oid) -> TtResult<Option<Rc<Shards>>> {
 
 thread_local! {
     /// The shards of partitioned indexes (None: no foreign partitions), by index oid.
-    static KNOWN: crate::relcache::RelCache<Option<Rc<Shards>>> = const { crate::relcache::RelCache::new() };
+    static KNOWN: crate::infra::relcache::RelCache<Option<Rc<Shards>>> = const { crate::infra::relcache::RelCache::new() };
 }
 
 fn forget(relid: u32) {
@@ -161,28 +161,29 @@ impl Shards {
         exclude: &[i64],
         ef_search: i32,
     ) -> TtResult<Vec<(i64, f64)>> {
-        let skip = crate::gucs::UNAVAILABLE_SHARDS.get() == crate::gucs::UnavailableShards::Skip;
+        let skip = crate::infra::gucs::UNAVAILABLE_SHARDS.get()
+            == crate::infra::gucs::UnavailableShards::Skip;
         LAST.with(|l| l.borrow_mut().clear());
         // One answer (or failure) per shard, in the order of `self.tables`.
         let mut answers: Vec<Result<(Vec<(i64, f64)>, Option<f64>), String>> =
             Vec::with_capacity(self.tables.len());
-        if crate::gucs::SHARD_PROTOCOL.get() == crate::gucs::ShardProtocol::Direct {
-            let remotes: Vec<crate::shard_conn::Remote> = self
+        if crate::infra::gucs::SHARD_PROTOCOL.get() == crate::infra::gucs::ShardProtocol::Direct {
+            let remotes: Vec<crate::infra::shard_conn::Remote> = self
                 .tables
                 .iter()
                 .map(|(_, rel, _)| {
-                    crate::shard_conn::remote(*rel, &self.id_column, &self.vector_column)
+                    crate::infra::shard_conn::remote(*rel, &self.id_column, &self.vector_column)
                 })
                 .collect::<TtResult<_>>()?;
             let op = self.operator()?;
-            match crate::shard_conn::nearest(&remotes, &op, query, k, exclude, ef_search) {
+            match crate::infra::shard_conn::nearest(&remotes, &op, query, k, exclude, ef_search) {
                 Ok(all) => answers.extend(all.into_iter().map(|a| Ok((a.rows, Some(a.ms))))),
                 Err(e) if !skip => return Err(e),
                 Err(_) => {
                     // Each shard on its own: the ones that answer count.
                     for r in &remotes {
                         answers.push(
-                            crate::shard_conn::nearest(
+                            crate::infra::shard_conn::nearest(
                                 std::slice::from_ref(r),
                                 &op,
                                 query,
@@ -190,7 +191,7 @@ impl Shards {
                                 exclude,
                                 ef_search,
                             )
-                            .map_err(|e| crate::error::describe(&e))
+                            .map_err(|e| crate::infra::error::describe(&e))
                             .and_then(|mut a| match a.pop() {
                                 Some(a) => Ok((a.rows, Some(a.ms))),
                                 None => Err(format!(
@@ -273,7 +274,7 @@ impl Shards {
             Metric::InnerProduct => ("<#>", "negative_inner_product"),
             Metric::Cosine => ("<=>", "cosine_distance"),
         };
-        let schema = crate::catalog::read_row::<String, String>(
+        let schema = crate::infra::catalog::read_row::<String, String>(
             "SELECT pg_catalog.quote_ident(n.nspname), '' FROM pg_catalog.pg_operator o
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.oprnamespace
               WHERE o.oprname OPERATOR(pg_catalog.=) $1

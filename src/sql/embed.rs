@@ -3,17 +3,6 @@
 
 use pgrx::prelude::*;
 
-/// Worker threads for batched forward passes: one per core.
-pub fn inference_threads() -> usize {
-    // Asked once per backend: the answer reads cgroup files (a syscall per call otherwise).
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    })
-}
-
 /// The first row of a row-major `[n, dim]` output holding a NaN or an infinity.
 fn first_non_finite(out: &[f32], dim: usize) -> Option<usize> {
     out.iter()
@@ -23,9 +12,9 @@ fn first_non_finite(out: &[f32], dim: usize) -> Option<usize> {
 
 #[pg_schema]
 pub mod twotower {
-    use crate::catalog::{self, expect_kind, JsonbValue, RegClass};
-    use crate::error::{OrReport, TtError};
-    use crate::spi;
+    use crate::infra::catalog::{self, expect_kind, JsonbValue, RegClass};
+    use crate::infra::error::{OrReport, TtError};
+    use crate::infra::spi;
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use pgrx::spi::quote_identifier;
@@ -81,26 +70,27 @@ pub mod twotower {
         let mut rows = Vec::with_capacity(n);
         let mut batch = Vec::with_capacity(FORWARD_CHUNK.min(n));
         let mut batch_ords = Vec::with_capacity(FORWARD_CHUNK.min(n));
-        let flush =
-            |batch: &mut Vec<_>, ords: &mut Vec<i32>, rows: &mut Vec<(i32, Option<Vec<f32>>)>| {
-                if batch.is_empty() {
-                    return;
-                }
-                check_for_interrupts!();
-                let out = forward_parallel(&l.model, batch, super::inference_threads());
-                if let Some(row) = super::first_non_finite(&out, dim) {
-                    TtError::BadArgument(format!(
-                        "the tower output of features element {} is not finite",
-                        ords[row]
-                    ))
-                    .report();
-                }
-                for (j, ord) in ords.iter().enumerate() {
-                    rows.push((*ord, Some(out[j * dim..(j + 1) * dim].to_vec())));
-                }
-                batch.clear();
-                ords.clear();
-            };
+        let flush = |batch: &mut Vec<_>,
+                     ords: &mut Vec<i32>,
+                     rows: &mut Vec<(i32, Option<Vec<f32>>)>| {
+            if batch.is_empty() {
+                return;
+            }
+            check_for_interrupts!();
+            let out = forward_parallel(&l.model, batch, crate::infra::gucs::inference_threads());
+            if let Some(row) = super::first_non_finite(&out, dim) {
+                TtError::BadArgument(format!(
+                    "the tower output of features element {} is not finite",
+                    ords[row]
+                ))
+                .report();
+            }
+            for (j, ord) in ords.iter().enumerate() {
+                rows.push((*ord, Some(out[j * dim..(j + 1) * dim].to_vec())));
+            }
+            batch.clear();
+            ords.clear();
+        };
         for (i, f) in features.iter().enumerate() {
             check_for_interrupts!();
             match f {
@@ -261,7 +251,7 @@ pub mod twotower {
                          RETURNING 1)
              SELECT pg_catalog.count(*) FROM d"
         );
-        let threads = super::inference_threads();
+        let threads = crate::infra::gucs::inference_threads();
         let mut progress = spi::Progress::new("refresh_item_vectors", "items");
         let (mut inserted, mut updated) = (0i64, 0i64);
         let mut run = || -> Result<(), pgrx::spi::Error> {
@@ -317,13 +307,17 @@ pub mod twotower {
             }
         };
         run()
-            .map_err(|e| crate::error::TtError::Catalog(format!("refresh_item_vectors: {e}")))
+            .map_err(|e| {
+                crate::infra::error::TtError::Catalog(format!("refresh_item_vectors: {e}"))
+            })
             .or_report();
         let done = progress.done as i64;
         let deleted = if delete_missing {
             check_for_interrupts!();
             Spi::get_one::<i64>(&delete)
-                .map_err(|e| crate::error::TtError::Catalog(format!("refresh_item_vectors: {e}")))
+                .map_err(|e| {
+                    crate::infra::error::TtError::Catalog(format!("refresh_item_vectors: {e}"))
+                })
                 .or_report()
                 .unwrap_or(0)
         } else {

@@ -11,7 +11,7 @@
 //! those connections are closed. No other thread: the backend waits on its latch and the
 //! sockets, as postgres_fdw does.
 
-use crate::error::{TtError, TtResult};
+use crate::infra::error::{TtError, TtResult};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use std::cell::RefCell;

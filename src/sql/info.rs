@@ -5,7 +5,7 @@ use pgrx::prelude::*;
 /// The extension's schema: every SQL object of pg_twotower lives in `twotower`.
 #[pg_schema]
 pub mod twotower {
-    use crate::error::OrReport;
+    use crate::infra::error::OrReport;
     use pgrx::pg_sys;
     use pgrx::prelude::*;
 
@@ -40,7 +40,7 @@ pub mod twotower {
             name!(delta_generation, String),
         ),
     > {
-        crate::citus::refuse_shell_index(index, "index_info()").or_report();
+        crate::infra::citus::refuse_shell_index(index, "index_info()").or_report();
         let h = crate::am::search::health(index, "index_info()").or_report();
         TableIterator::once((
             h.dims as i32,
@@ -89,7 +89,7 @@ pub mod twotower {
             }
             Ok::<_, pgrx::spi::Error>(out)
         })
-        .map_err(|e| crate::error::TtError::Catalog(format!("cache_cleanup: {e}")))
+        .map_err(|e| crate::infra::error::TtError::Catalog(format!("cache_cleanup: {e}")))
         .or_report();
         // SAFETY: MyDatabaseId is set in every backend connected to a database.
         crate::am::search::cleanup_cache(unsafe { pg_sys::MyDatabaseId }.to_u32(), &live)

@@ -11,7 +11,7 @@
 //! with row-level security, or a transaction with a snapshot older than the latest commit
 //! (REPEATABLE READ, SERIALIZABLE) reads the table instead.
 
-use crate::error::OrReport;
+use crate::infra::error::OrReport;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use rustc_hash::FxHashMap as HashMap;
@@ -76,7 +76,7 @@ pub fn register() {
 }
 
 fn budget() -> usize {
-    crate::gucs::ITEM_CACHE_MB.get().max(0) as usize * 1024 * 1024
+    crate::infra::gucs::ITEM_CACHE_MB.get().max(0) as usize * 1024 * 1024
 }
 
 /// Runs `f` on the current state (emptied first if an invalidation came since it was used).
@@ -110,7 +110,7 @@ pub fn usable(rel: pg_sys::Oid) -> bool {
             pg_sys::XactIsoLevel < pg_sys::XACT_REPEATABLE_READ as i32,
             pg_sys::pg_class_aclcheck(
                 rel,
-                crate::catalog::caller(),
+                crate::infra::catalog::caller(),
                 pg_sys::ACL_SELECT as pg_sys::AclMode,
             ) == pg_sys::AclResult::ACLCHECK_OK,
             pg_sys::check_enable_rls(rel, pg_sys::InvalidOid, true)
@@ -128,7 +128,7 @@ pub fn usable(rel: pg_sys::Oid) -> bool {
     // must have the trigger, and none may be foreign (its rows change where no trigger sees
     // them). Each member is watched: dropping a member's trigger, attaching or detaching a
     // partition invalidates what this backend knows.
-    let tree = crate::catalog::read_row::<bool, Vec<pg_sys::Oid>>(
+    let tree = crate::infra::catalog::read_row::<bool, Vec<pg_sys::Oid>>(
         "SELECT pg_catalog.bool_and(c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::\"char\"[]) AND EXISTS (
                     SELECT 1 FROM pg_catalog.pg_trigger t
                      WHERE t.tgrelid OPERATOR(pg_catalog.=) m.relid
@@ -234,7 +234,7 @@ pub fn stats() -> (i64, i64) {
     with_state(|s| (s.map.len() as i64, s.map.bytes() as i64))
 }
 
-crate::ops::pg_function_info_v1!(pg_finfo_twotower_item_cache_ddl);
+crate::infra::pg_function_info_v1!(pg_finfo_twotower_item_cache_ddl);
 
 /// The `ddl_command_end` event trigger (declared in `sql/pg_twotower.sql`): after a `CREATE
 /// TABLE ... PARTITION OF` or an `ALTER TABLE ... ATTACH PARTITION`, runs
@@ -260,7 +260,7 @@ pub unsafe extern "C-unwind" fn twotower_item_cache_ddl(
         } else if (*stmt).type_ == pg_sys::NodeTag::T_CreateStmt {
             !(*(stmt as *mut pg_sys::CreateStmt)).partbound.is_null()
         } else if (*stmt).type_ == pg_sys::NodeTag::T_AlterTableStmt {
-            crate::spi::list_pointers((*(stmt as *mut pg_sys::AlterTableStmt)).cmds)
+            crate::infra::spi::list_pointers((*(stmt as *mut pg_sys::AlterTableStmt)).cmds)
                 .into_iter()
                 .any(|c| {
                     (*(c as *mut pg_sys::AlterTableCmd)).subtype
@@ -272,7 +272,9 @@ pub unsafe extern "C-unwind" fn twotower_item_cache_ddl(
     };
     if adds_partition {
         Spi::run("SELECT twotower.item_cache_partitions()")
-            .map_err(|e| crate::error::TtError::Catalog(format!("item cache partitions: {e}")))
+            .map_err(|e| {
+                crate::infra::error::TtError::Catalog(format!("item cache partitions: {e}"))
+            })
             .or_report();
     }
     pg_sys::Datum::from(0)
@@ -298,7 +300,7 @@ pub mod twotower {
                 "SELECT pg_catalog.array_agg(relid::pg_catalog.oid) FROM pg_catalog.pg_partition_ancestors($1)",
                 &[rel.oid().into()],
             )
-            .map_err(|e| crate::error::TtError::Catalog(format!("reading the ancestors of a partition: {e}"))).unwrap_or_else(|e| e.report());
+            .map_err(|e| crate::infra::error::TtError::Catalog(format!("reading the ancestors of a partition: {e}"))).unwrap_or_else(|e| e.report());
             tables.extend(above.into_iter().flatten().flatten());
         }
         for t in tables {

@@ -2,25 +2,13 @@
 //! product, `<->` Euclidean distance. They are plain V1 C functions (declared in
 //! `sql/bootstrap.sql`) so they read the arrays in place, without copying.
 
-use crate::error::{OrReport, TtError};
-use crate::vector::VecRef;
+use crate::infra::error::{OrReport, TtError};
+use crate::infra::vector::VecRef;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use twotower_ann::{cosine_distance, inner_product, l2_distance};
 
-/// Declares the V1 calling-convention record PostgreSQL looks up for a C function.
-macro_rules! pg_function_info_v1 {
-    ($($name:ident),* $(,)?) => {
-        $(
-            #[no_mangle]
-            pub extern "C" fn $name() -> &'static pg_sys::Pg_finfo_record {
-                const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
-                &V1
-            }
-        )*
-    };
-}
-pub(crate) use pg_function_info_v1;
+use crate::infra::pg_function_info_v1;
 
 pg_function_info_v1!(
     pg_finfo_twotower_cosine_distance,

@@ -7,10 +7,10 @@ use pgrx::prelude::*;
 
 #[pg_schema]
 pub mod twotower {
-    use crate::catalog::{JsonbValue, RegClass};
-    use crate::error::{required, OrReport, TtError, TtResult};
-    use crate::models::twotower::{check_can_store, import};
-    use crate::spi::{self, column_type, is_table, read_rows, time_expr};
+    use crate::infra::catalog::{JsonbValue, RegClass};
+    use crate::infra::error::{required, OrReport, TtError, TtResult};
+    use crate::infra::spi::{self, column_type, is_table, read_rows, time_expr};
+    use crate::sql::models::twotower::{check_can_store, import};
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use twotower_train::{Config, Data, Keys};
@@ -180,7 +180,7 @@ pub mod twotower {
         );
         // Where the run is, for twotower.train_progress (removed when this function returns
         // or unwinds).
-        let mut run = crate::progress::Run::start(user_model, Some(item_model));
+        let mut run = crate::infra::progress::Run::start(user_model, Some(item_model));
         let mut data = Data::default();
         let mut interactions_read = 0u64;
         let mut progress = spi::Progress::new("train: reading interactions", "rows");
@@ -364,8 +364,8 @@ pub mod twotower {
     fn active_version(model: &str) -> TtResult<(String, Vec<u8>, serde_json::Value)> {
         let sql = "FROM twotower.model m JOIN twotower.model_version v
                      ON v.model = m.name AND v.version = m.active_version WHERE m.name = $1";
-        let (spec, weights) = crate::catalog::as_catalog_owner(|| {
-            crate::catalog::read_row::<String, Vec<u8>>(
+        let (spec, weights) = crate::infra::catalog::as_catalog_owner(|| {
+            crate::infra::catalog::read_row::<String, Vec<u8>>(
                 &format!("SELECT v.spec::text, v.weights {sql}"),
                 &[model.into()],
             )
@@ -382,8 +382,8 @@ pub mod twotower {
 
     /// The stored sources of the active version of trained model `model`.
     fn train_sources(model: &str) -> TtResult<serde_json::Value> {
-        let row = crate::catalog::as_catalog_owner(|| {
-            crate::catalog::read_row::<String, bool>(
+        let row = crate::infra::catalog::as_catalog_owner(|| {
+            crate::infra::catalog::read_row::<String, bool>(
                 "SELECT v.train_options::text, true FROM twotower.model m
                    JOIN twotower.model_version v ON v.model = m.name AND v.version = m.active_version
                   WHERE m.name = $1",
@@ -405,7 +405,7 @@ pub mod twotower {
         let Some(name) = sources.get(key).and_then(|v| v.as_str()) else {
             return Ok(None);
         };
-        let oid = crate::catalog::read_row::<pg_sys::Oid, bool>(
+        let oid = crate::infra::catalog::read_row::<pg_sys::Oid, bool>(
             "SELECT pg_catalog.to_regclass($1)::pg_catalog.oid, true",
             &[name.into()],
         )
@@ -433,8 +433,8 @@ pub mod twotower {
         interactions: default!(Option<RegClass>, "NULL"),
     ) -> pgrx::JsonB {
         let (model, user_id) = (required(model, "model"), required(user_id, "user_id"));
-        let served = crate::catalog::active_model(model).or_report();
-        crate::catalog::expect_kind(&served, twotower_tower::Kind::User).or_report();
+        let served = crate::infra::catalog::active_model(model).or_report();
+        crate::infra::catalog::expect_kind(&served, twotower_tower::Kind::User).or_report();
         let sources = train_sources(model).or_report();
         let text = |k: &str| {
             sources
@@ -523,7 +523,7 @@ pub mod twotower {
                 "SELECT pg_catalog.to_jsonb(t.*)::text, true FROM {fsrc} AS t WHERE t.{fk} OPERATOR(pg_catalog.=) $1::{fty} LIMIT 1"
             );
             // A user without a row in the source gets every feature's missing value.
-            let found = crate::catalog::read_row::<String, bool>(&sql, &[user_id.into()])
+            let found = crate::infra::catalog::read_row::<String, bool>(&sql, &[user_id.into()])
                 .map_err(|e| TtError::BadArgument(format!("reading {fsrc}: {e}")))
                 .or_report()
                 .and_then(|(t, _)| t);
@@ -606,13 +606,13 @@ pub mod twotower {
         }
         let ks: Vec<usize> = k.iter().map(|&x| x as usize).collect();
         let kmax = ks.iter().copied().max().unwrap_or(1);
-        let l = crate::catalog::active_model(user_model).or_report();
-        crate::catalog::expect_kind(&l, twotower_tower::Kind::User).or_report();
+        let l = crate::infra::catalog::active_model(user_model).or_report();
+        crate::infra::catalog::expect_kind(&l, twotower_tower::Kind::User).or_report();
         // The index's table, vector column and item id (its single-column integer key).
         let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
         let metric = target.metric();
         target.close();
-        let found = crate::catalog::read_row::<String, String>(
+        let found = crate::infra::catalog::read_row::<String, String>(
             "SELECT pg_catalog.format('SELECT t.%I::pg_catalog.int8, t.%I::pg_catalog.float4[] FROM %s AS t',
                     (SELECT a.attname FROM pg_catalog.pg_index p JOIN pg_catalog.pg_attribute a
                         ON a.attrelid = p.indrelid AND a.attnum = p.indkey[0]

@@ -7,8 +7,8 @@ use pgrx::prelude::*;
 
 #[pg_schema]
 pub mod twotower {
-    use crate::catalog::JsonbValue;
-    use crate::error::{required, OrReport, TtError};
+    use crate::infra::catalog::JsonbValue;
+    use crate::infra::error::{required, OrReport, TtError};
     use pgrx::prelude::*;
     use serde_json::Value;
     use std::collections::HashMap;

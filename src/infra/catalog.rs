@@ -7,7 +7,7 @@
 //! catalogue as the table owner, with `search_path` pinned to `pg_catalog, pg_temp` for the
 //! duration, as PostgreSQL's own maintenance commands do.
 
-use crate::error::{TtError, TtResult};
+use crate::infra::error::{TtError, TtResult};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::{FromDatum, IntoDatum};
@@ -715,7 +715,7 @@ struct Cache {
 }
 
 fn budget_bytes() -> usize {
-    crate::MODEL_CACHE_MB.get().max(1) as usize * 1024 * 1024
+    crate::infra::gucs::MODEL_CACHE_MB.get().max(1) as usize * 1024 * 1024
 }
 
 impl Cache {

@@ -1,17 +1,17 @@
 //! SQL surface of the model catalogue: import (from bytea or server files), activate, drop.
 //! Privileges and catalogue access live in `catalog.rs`; validation in the tower core.
 
-use crate::catalog;
-use crate::error::{OrReport, TtError};
+use crate::infra::catalog;
+use crate::infra::error::{OrReport, TtError};
 use pgrx::prelude::*;
 
 #[pg_schema]
 pub mod twotower {
-    use crate::catalog::{
+    use crate::infra::catalog::{
         self, as_catalog_owner, caller, check_manage, check_model_name, is_admin, model_owner,
         role_name, JsonbValue, RegRole, ADMIN_ROLE,
     };
-    use crate::error::{OrReport, TtError, TtResult};
+    use crate::infra::error::{OrReport, TtError, TtResult};
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use twotower_tower::Model;
@@ -233,7 +233,8 @@ pub mod twotower {
         catalog::check_manage_model(name).or_report();
         match version {
             None => {
-                crate::pipeline::check_unused(crate::pipeline::Uses::Model, name).or_report();
+                crate::serve::pipelines::check_unused(crate::serve::pipelines::Uses::Model, name)
+                    .or_report();
                 let object = as_catalog_owner(|| {
                     Spi::get_one_with_args::<pg_sys::Oid>(
                         "DELETE FROM twotower.model WHERE name = $1 RETURNING owner_object",
@@ -241,7 +242,7 @@ pub mod twotower {
                     )
                 })
                 .or_report()
-                .map_err(|e| crate::error::TtError::Catalog(format!("drop_model: {e}")))
+                .map_err(|e| crate::infra::error::TtError::Catalog(format!("drop_model: {e}")))
                 .or_report();
                 if let Some(object) = object {
                     catalog::drop_owner_object(object);
@@ -343,7 +344,7 @@ pub mod twotower {
                 )
             })
             .or_report()
-            .map_err(|e| crate::error::TtError::Catalog(format!("alter_model: {e}")))
+            .map_err(|e| crate::infra::error::TtError::Catalog(format!("alter_model: {e}")))
             .or_report();
         }
         catalog::invalidate();
@@ -380,7 +381,7 @@ pub mod twotower {
             )
         })
         .or_report()
-        .map_err(|e| crate::error::TtError::Catalog(format!("export_model: {e}")))
+        .map_err(|e| crate::infra::error::TtError::Catalog(format!("export_model: {e}")))
         .or_report();
         let Some((Some(v), Some(spec), Some(weights))) = row else {
             TtError::ModelNotFound {
@@ -390,7 +391,7 @@ pub mod twotower {
             .report();
         };
         let spec = serde_json::from_str(&spec)
-            .map_err(|e| crate::error::TtError::Catalog(format!("export_model: {e}")))
+            .map_err(|e| crate::infra::error::TtError::Catalog(format!("export_model: {e}")))
             .or_report();
         TableIterator::once((v, pgrx::JsonB(spec), weights))
     }

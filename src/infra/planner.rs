@@ -6,7 +6,7 @@
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-crate::ops::pg_function_info_v1!(pg_finfo_twotower_rows_support);
+crate::infra::pg_function_info_v1!(pg_finfo_twotower_rows_support);
 
 /// The support function (declared in `sql/pg_twotower.sql`).
 #[no_mangle]
@@ -36,7 +36,7 @@ pub unsafe extern "C-unwind" fn twotower_rows_support(
         let name = std::ffi::CStr::from_ptr(name)
             .to_string_lossy()
             .into_owned();
-        let args: Vec<*mut pg_sys::Node> = crate::spi::list_pointers((*f).args)
+        let args: Vec<*mut pg_sys::Node> = crate::infra::spi::list_pointers((*f).args)
             .into_iter()
             .map(|p| p as *mut pg_sys::Node)
             .collect();
@@ -96,7 +96,7 @@ unsafe fn is_null_const(args: &[*mut pg_sys::Node], i: usize) -> bool {
 
 /// The `k` a saved pipeline returns (None when it cannot be read).
 fn pipeline_k(name: &str) -> Option<f64> {
-    crate::catalog::read_row::<i32, bool>(
+    crate::infra::catalog::read_row::<i32, bool>(
         "SELECT (p.definition OPERATOR(pg_catalog.->>) 'k')::pg_catalog.int4, true FROM twotower.pipelines p
           WHERE p.name OPERATOR(pg_catalog.=) $1",
         &[name.into()],

@@ -10,12 +10,13 @@ use pgrx::prelude::*;
 
 #[pg_schema]
 pub mod twotower {
-    use crate::catalog::{
+    use crate::infra::catalog::{
         as_catalog_owner, caller, check_model_name, has_privs, is_admin, role_name, JsonbValue,
         RegClass, ADMIN_ROLE,
     };
-    use crate::error::{required, OrReport, TtError, TtResult};
-    use crate::spi::{self, is_table, read_rows, time_expr};
+    use crate::infra::error::{required, OrReport, TtError, TtResult};
+    use crate::infra::spi::{self, is_table, read_rows, time_expr};
+    use crate::serve::neighbors::Channel;
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use std::time::Instant;
@@ -26,77 +27,9 @@ pub mod twotower {
     /// Work units (pair visits) per range of source items between cancellation checks.
     const CHUNK_WORK: u64 = 4_000_000;
 
-    /// What the catalogue holds of a channel.
-    pub(crate) struct Channel {
-        kind: Kind,
-        neighbors: pg_sys::Oid,
-        interactions: pg_sys::Oid,
-        user_column: String,
-        item_column: String,
-        time_column: String,
-        weight_column: Option<String>,
-        options: serde_json::Value,
-        watermark: Option<f64>,
-    }
-
-    pub(crate) fn find(name: &str) -> TtResult<Option<Channel>> {
-        let row = as_catalog_owner(|| {
-            Spi::connect(|c| {
-                let t = c.select(
-                    "SELECT kind, neighbors::pg_catalog.oid, interactions::pg_catalog.oid, user_column, item_column,
-                            time_column, weight_column, options, watermark
-                       FROM twotower.channel WHERE name = $1",
-                    Some(1),
-                    &[name.into()],
-                )?;
-                if t.is_empty() {
-                    return Ok(None);
-                }
-                let r = t.first();
-                Ok::<_, pgrx::spi::Error>(Some((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<pg_sys::Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                    r.get::<pg_sys::Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
-                    r.get::<String>(4)?.unwrap_or_default(),
-                    r.get::<String>(5)?.unwrap_or_default(),
-                    r.get::<String>(6)?.unwrap_or_default(),
-                    r.get::<String>(7)?,
-                    r.get::<pgrx::JsonB>(8)?.map(|j| j.0).unwrap_or(serde_json::Value::Null),
-                    r.get::<f64>(9)?,
-                )))
-            })
-        })?
-        .map_err(|e| TtError::Catalog(format!("reading the channel catalogue: {e}")))?;
-        let Some((
-            kind,
-            neighbors,
-            interactions,
-            user_column,
-            item_column,
-            time_column,
-            weight_column,
-            options,
-            watermark,
-        )) = row
-        else {
-            return Ok(None);
-        };
-        Ok(Some(Channel {
-            kind: Kind::parse(&kind).map_err(TtError::Cf)?,
-            neighbors,
-            interactions,
-            user_column,
-            item_column,
-            time_column,
-            weight_column,
-            options,
-            watermark,
-        }))
-    }
-
     /// The owner of relation `rel` (None when it is gone).
     fn rel_owner(rel: pg_sys::Oid) -> Option<pg_sys::Oid> {
-        crate::catalog::read_row::<pg_sys::Oid, bool>(
+        crate::infra::catalog::read_row::<pg_sys::Oid, bool>(
             "SELECT relowner, true FROM pg_catalog.pg_class WHERE oid = $1",
             &[rel.into()],
         )
@@ -124,7 +57,7 @@ pub mod twotower {
 
     /// The quoted, possibly qualified name of `text` (a table name as the caller would write it).
     fn quoted_name(text: &str) -> TtResult<String> {
-        crate::catalog::read_row::<String, bool>(
+        crate::infra::catalog::read_row::<String, bool>(
             "SELECT pg_catalog.array_to_string(ARRAY(SELECT pg_catalog.quote_ident(x) FROM pg_catalog.unnest(pg_catalog.parse_ident($1)) AS x), '.'), true",
             &[text.into()],
         )
@@ -436,7 +369,7 @@ pub mod twotower {
         let table = quoted_name(neighbors).or_report();
         // Privileges before reading anything: an existing channel is its owner's; a new one
         // needs twotower_admin (channel names are shared, as model names are).
-        let existing = find(name).or_report();
+        let existing = crate::serve::neighbors::find(name).or_report();
         let me = caller();
         match &existing {
             Some(ch) => {
@@ -532,7 +465,7 @@ pub mod twotower {
         ),
     > {
         let started = Instant::now();
-        let ch = find(name)
+        let ch = crate::serve::neighbors::find(name)
             .or_report()
             .unwrap_or_else(|| TtError::UnknownChannel(name.to_owned()).report());
         check_manage(name, ch.neighbors).or_report();
@@ -589,7 +522,7 @@ pub mod twotower {
             .or_report();
         }
         let rows = write_rows(&sim, &table, Some(&affected)).or_report();
-        let total = crate::catalog::read_row::<i64, bool>(
+        let total = crate::infra::catalog::read_row::<i64, bool>(
             &format!("SELECT count(*), true FROM {table}"),
             &[],
         )
@@ -616,11 +549,12 @@ pub mod twotower {
     /// Removes channel `name` from the catalogue; with `drop_table`, drops its neighbour table.
     #[pg_extern(volatile, parallel_unsafe)]
     fn drop_channel(name: &str, drop_table: default!(bool, "false")) -> bool {
-        let ch = find(name)
+        let ch = crate::serve::neighbors::find(name)
             .or_report()
             .unwrap_or_else(|| TtError::UnknownChannel(name.to_owned()).report());
         check_manage(name, ch.neighbors).or_report();
-        crate::pipeline::check_unused(crate::pipeline::Uses::Channel, name).or_report();
+        crate::serve::pipelines::check_unused(crate::serve::pipelines::Uses::Channel, name)
+            .or_report();
         if drop_table {
             if let Ok(t) = spi::relation_name(ch.neighbors) {
                 Spi::run(&format!("DROP TABLE {t}"))
@@ -638,52 +572,6 @@ pub mod twotower {
         .map_err(|e| TtError::Catalog(format!("dropping channel \"{name}\": {e}")))
         .or_report();
         true
-    }
-
-    /// The i2i channel: Σ weight_h · score(h, item) over channel `channel`'s neighbours of the
-    /// `history` (item, weight) pairs, top `k`, leaving out history items and `exclude`. Reads
-    /// the neighbour table as the caller.
-    pub(crate) fn i2i_hits(
-        channel: &str,
-        history: &[(i64, f32)],
-        k: usize,
-        exclude: &[i64],
-    ) -> TtResult<Vec<twotower_cf::Hit>> {
-        let ch = find(channel)?.ok_or_else(|| TtError::UnknownChannel(channel.to_owned()))?;
-        let table = spi::relation_name(ch.neighbors).map_err(|_| {
-            TtError::BadArgument(format!(
-                "the neighbour table of channel \"{channel}\" was dropped"
-            ))
-        })?;
-        let mut nb: Vec<(i64, i64, f32)> = Vec::new();
-        let ids: Vec<i64> = history.iter().map(|h| h.0).collect();
-        if !ids.is_empty() {
-            // One row of three arrays: a bulk conversion instead of a row-by-row one.
-            Spi::connect(|c| {
-                let t = c.select(
-                    &format!(
-                        "SELECT pg_catalog.array_agg(item_id), pg_catalog.array_agg(neighbor_id), pg_catalog.array_agg(score)
-                           FROM {table} WHERE item_id = ANY ($1)"
-                    ),
-                    Some(1),
-                    &[ids.clone().into()],
-                )?;
-                if let Some(r) = t.into_iter().next() {
-                    let a = r.get::<Vec<Option<i64>>>(1)?.unwrap_or_default();
-                    let b = r.get::<Vec<Option<i64>>>(2)?.unwrap_or_default();
-                    let s = r.get::<Vec<Option<f32>>>(3)?.unwrap_or_default();
-                    nb.reserve(a.len());
-                    for ((a, b), s) in a.into_iter().zip(b).zip(s) {
-                        if let (Some(a), Some(b), Some(s)) = (a, b, s) {
-                            nb.push((a, b, s));
-                        }
-                    }
-                }
-                Ok::<_, pgrx::spi::Error>(())
-            })
-            .map_err(|e| TtError::BadArgument(format!("reading {table}: {e}")))?;
-        }
-        twotower_cf::i2i(history, &nb, k, exclude).map_err(TtError::Cf)
     }
 
     /// Recall from a history over channel `channel`'s neighbours: Σ_h weight_h · score(h, item)
@@ -747,7 +635,8 @@ pub mod twotower {
         };
         let exclude: Vec<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
         let history: Vec<(i64, f32)> = ids.into_iter().zip(ws).collect();
-        let hits = i2i_hits(channel, &history, k as usize, &exclude).or_report();
+        let hits =
+            crate::serve::neighbors::i2i_hits(channel, &history, k as usize, &exclude).or_report();
         TableIterator::new(
             hits.into_iter()
                 .map(|h| (h.item, h.score, h.rank as i32, h.via)),

@@ -5,7 +5,7 @@
 //! shell, so it refuses instead (`ORDER BY ... LIMIT` on the distributed table is what Citus
 //! runs on every shard; docs/scale-out.md).
 
-use crate::error::{TtError, TtResult};
+use crate::infra::error::{TtError, TtResult};
 use pgrx::prelude::*;
 
 /// Whether `relid` is a table of Citus's metadata on this node (`pg_dist_partition`: a
@@ -38,7 +38,7 @@ pub fn refuse_shell_index(index_oid: pg_sys::Oid, who: &str) -> TtResult<()> {
         return Ok(());
     }
     Err(TtError::CitusTable {
-        relation: crate::spi::relation_name(heap)?,
+        relation: crate::infra::spi::relation_name(heap)?,
         who: who.to_string(),
     })
 }

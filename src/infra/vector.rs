@@ -2,7 +2,7 @@
 //! shares: one dimension, no NULL elements, element type real, then the core's checks (length,
 //! finite values).
 
-use crate::error::{TtError, TtResult};
+use crate::infra::error::{TtError, TtResult};
 use pgrx::pg_sys;
 use twotower_ann::validate_vector;
 

@@ -5,11 +5,11 @@
 //! delete the catalogue. An event trigger at `ddl_command_start` checks the statement itself;
 //! with CASCADE it unlinks the owner objects first, so none is left behind.
 
-use crate::error::TtError;
+use crate::infra::error::TtError;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-crate::ops::pg_function_info_v1!(pg_finfo_twotower_drop_guard);
+crate::infra::pg_function_info_v1!(pg_finfo_twotower_drop_guard);
 
 /// The event trigger function (declared in `sql/pg_twotower.sql`).
 #[no_mangle]
@@ -35,8 +35,8 @@ pub unsafe extern "C-unwind" fn twotower_drop_guard(
         }
         (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE
     };
-    let held = crate::catalog::as_catalog_owner(|| {
-        crate::catalog::read_row::<String, bool>(
+    let held = crate::infra::catalog::as_catalog_owner(|| {
+        crate::infra::catalog::read_row::<String, bool>(
             "SELECT pg_catalog.concat_ws(', ',
                     CASE WHEN m > 0 THEN m || ' models' END,
                     CASE WHEN p > 0 THEN p || ' pipelines' END,
@@ -55,7 +55,7 @@ pub unsafe extern "C-unwind" fn twotower_drop_guard(
         TtError::ExtensionInUse(held).report();
     }
     // CASCADE: the owner objects go too (in a restored database nothing else removes them).
-    let _ = crate::catalog::as_catalog_owner(|| {
+    let _ = crate::infra::catalog::as_catalog_owner(|| {
         Spi::run(
             "SELECT pg_catalog.lo_unlink(o.oid) FROM pg_catalog.pg_largeobject_metadata o
               WHERE o.oid IN (SELECT owner_object FROM twotower.model UNION SELECT owner_object FROM twotower.pipeline)",
@@ -68,12 +68,14 @@ pub unsafe extern "C-unwind" fn twotower_drop_guard(
 unsafe fn names_us(objects: *mut pg_sys::List) -> bool {
     // SAFETY: a List of String nodes (possibly NIL).
     unsafe {
-        crate::spi::list_pointers(objects).into_iter().any(|n| {
-            let node = n as *mut pg_sys::Node;
-            !node.is_null()
-                && (*node).type_ == pg_sys::NodeTag::T_String
-                && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes()
-                    == b"pg_twotower"
-        })
+        crate::infra::spi::list_pointers(objects)
+            .into_iter()
+            .any(|n| {
+                let node = n as *mut pg_sys::Node;
+                !node.is_null()
+                    && (*node).type_ == pg_sys::NodeTag::T_String
+                    && std::ffi::CStr::from_ptr((*(node as *mut pg_sys::String)).sval).to_bytes()
+                        == b"pg_twotower"
+            })
     }
 }

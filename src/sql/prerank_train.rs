@@ -8,12 +8,12 @@ use pgrx::prelude::*;
 
 #[pg_schema]
 pub mod twotower {
-    use crate::catalog::{JsonbValue, RegClass};
-    use crate::error::{required, OrReport, TtError};
-    use crate::models::twotower::{check_can_store, import};
-    use crate::pipeline::twotower::{load, user_model};
-    use crate::sources::{item_rows, SpiSources};
-    use crate::spi::{self, read_rows};
+    use crate::infra::catalog::{JsonbValue, RegClass};
+    use crate::infra::error::{required, OrReport, TtError};
+    use crate::infra::spi::{self, read_rows};
+    use crate::serve::pipelines::{load, user_model};
+    use crate::serve::sources::{item_rows, SpiSources};
+    use crate::sql::models::twotower::{check_can_store, import};
     use pgrx::pg_sys;
     use pgrx::prelude::*;
     use serde_json::Value;
@@ -101,7 +101,7 @@ pub mod twotower {
         let metric = user.model.metric();
         // SAFETY: reading a GUC variable of this backend (an int in kB).
         let budget = unsafe { pg_sys::maintenance_work_mem } as usize * 1024;
-        let mut run = crate::progress::Run::start(model, None);
+        let mut run = crate::infra::progress::Run::start(model, None);
         let mut log = RankLog::new(metric);
 
         // The requests, in request id order: user vector and history per request.

@@ -2,12 +2,12 @@
 //! over SPI for `recommend`, `recommend_explain` and `prerank`, and its reads (item vectors,
 //! item feature rows) serve `train_prerank`, so training sees the inputs serving sees.
 //!
-//! One arm per channel kind in [`SpiSources::channel`] (and one in the pipeline check of
-//! `pipeline.rs`) is all the glue a new channel kind needs.
+//! A channel kind's glue is its arm in [`SpiSources::channel`] (its hits) and in
+//! [`check_channel`] (what it names), both here.
 
-use crate::catalog::{read_row, JsonbValue};
-use crate::error::{TtError, TtResult};
-use crate::spi;
+use crate::infra::catalog::{read_row, JsonbValue, Serving};
+use crate::infra::error::{TtError, TtResult};
+use crate::infra::spi;
 use pgrx::prelude::*;
 use pgrx::spi::quote_identifier;
 use rustc_hash::FxHashMap as HashMap;
@@ -23,7 +23,7 @@ use twotower_tower::{Model, Part, Source};
 const MAX_FUNCTION_ROWS: usize = 100_000;
 
 /// A relation named at `path` of the definition, or 22023 naming the path.
-pub(crate) fn relation(path: &str, name: &str) -> TtResult<pg_sys::Oid> {
+pub fn relation(path: &str, name: &str) -> TtResult<pg_sys::Oid> {
     spi::regclass(name).ok_or_else(|| TtError::BadPipeline {
         path: path.to_owned(),
         reason: format!("relation \"{name}\" does not exist"),
@@ -31,7 +31,7 @@ pub(crate) fn relation(path: &str, name: &str) -> TtResult<pg_sys::Oid> {
 }
 
 /// SPI-backed sources of one request through pipeline `d`.
-pub(crate) struct SpiSources<'a> {
+pub struct SpiSources<'a> {
     pub d: &'a Definition,
     /// The user tower's metric (a two-tower channel's index must order by it).
     pub metric: Metric,
@@ -59,7 +59,7 @@ impl Sources for SpiSources<'_> {
             ChannelKind::TwoTower { index, ef_search } => {
                 let ix = relation(&format!("channels[{at}].index"), index)?;
                 let hand = self.index_holds_vectors(ix);
-                Ok(crate::recall::twotower::search(
+                Ok(crate::serve::search::search(
                     ix,
                     q.user,
                     self.metric,
@@ -79,7 +79,7 @@ impl Sources for SpiSources<'_> {
             ChannelKind::I2i { channel, .. } => {
                 let ex: Vec<i64> = q.exclude.iter().copied().collect();
                 Ok(
-                    crate::channels::twotower::i2i_hits(channel, q.seeds, q.k, &ex)?
+                    crate::serve::neighbors::i2i_hits(channel, q.seeds, q.k, &ex)?
                         .into_iter()
                         .map(|x| Hit {
                             item: x.item,
@@ -119,13 +119,66 @@ impl Sources for SpiSources<'_> {
     }
 
     fn threads(&self) -> usize {
-        crate::embed::inference_threads()
+        crate::infra::gucs::inference_threads()
     }
+}
+
+/// Whether channel `c` (at `path` of definition `d`, whose user tower is `user`) can run: what
+/// it names exists and fits.
+pub fn check_channel(path: &str, c: &ChannelDef, d: &Definition, user: &Serving) -> TtResult<()> {
+    let bad = |key: &str, reason: String| TtError::BadPipeline {
+        path: format!("{path}.{key}"),
+        reason,
+    };
+    match &c.kind {
+        ChannelKind::TwoTower { index, .. } => {
+            let dims = user.model.output_dim();
+            let ix = relation(&format!("{path}.index"), index)?;
+            // The index of a table, or of each leaf of a partitioned table.
+            let fits = crate::am::search::Target::open_all(ix, "a pipeline")?
+                .into_iter()
+                .fold(true, |ok, t| {
+                    let fit =
+                        t.metric() == user.model.metric() && t.dims().is_none_or(|n| n == dims);
+                    t.close();
+                    ok && fit
+                });
+            if !fits {
+                return Err(bad(
+                    "index",
+                    format!(
+                        "the index does not fit model \"{}\" ({} vectors of {dims} dimensions)",
+                        d.user_model,
+                        user.model.metric().spec_name()
+                    ),
+                ));
+            }
+        }
+        ChannelKind::I2i { channel, .. } => {
+            if crate::serve::neighbors::find(channel)?.is_none() {
+                return Err(TtError::UnknownChannel(channel.clone()));
+            }
+        }
+        ChannelKind::Function { function, .. } => match resolve_function(function)? {
+            None => {
+                return Err(bad(
+                    "function",
+                    format!("function {function}(jsonb, integer) does not exist"),
+                ))
+            }
+            Some((_, q, false)) => return Err(bad(
+                "function",
+                format!("function {q}(jsonb, integer) must return a set of rows with columns item_id and score (RETURNS TABLE (item_id bigint, score real))"),
+            )),
+            Some(_) => {}
+        },
+    }
+    Ok(())
 }
 
 /// The function of a function channel: `name(jsonb, integer)`, resolved as the caller would
 /// (search path or qualified name); its oid and its schema-qualified, quoted name.
-pub(crate) fn resolve_function(name: &str) -> TtResult<Option<(pg_sys::Oid, String, bool)>> {
+fn resolve_function(name: &str) -> TtResult<Option<(pg_sys::Oid, String, bool)>> {
     let row = read_row::<pg_sys::Oid, String>(
         "SELECT p.oid, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname)
            FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
@@ -201,13 +254,13 @@ fn function_hits(path: &str, name: &str, q: &Query) -> TtResult<Vec<Hit>> {
 
 /// Item vectors of `ids` from the pipeline's vectors table (read as the caller): the ones
 /// with a finite vector, by id.
-pub(crate) fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Arc<[f32]>>> {
+pub fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Arc<[f32]>>> {
     if ids.is_empty() {
         return Ok(HashMap::default());
     }
     let rel = relation("vectors.table", &d.vectors.table)?;
-    let cached = crate::item_cache::usable(rel);
-    let source = crate::item_cache::source(
+    let cached = crate::serve::item_cache::usable(rel);
+    let source = crate::serve::item_cache::source(
         &[
             d.vectors.id_column.as_str(),
             d.vectors.vector_column.as_str(),
@@ -215,7 +268,7 @@ pub(crate) fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Arc<
         0,
     );
     let (mut hits, ids) = if cached {
-        crate::item_cache::vectors(rel, source, ids)
+        crate::serve::item_cache::vectors(rel, source, ids)
     } else {
         (HashMap::default(), ids.to_vec())
     };
@@ -246,7 +299,7 @@ pub(crate) fn vectors(d: &Definition, ids: &[i64]) -> TtResult<HashMap<i64, Arc<
     })
     .map_err(|e| TtError::BadArgument(format!("reading {table}: {e}")))?;
     if cached {
-        crate::item_cache::put_vectors(rel, source, out.iter().map(|(i, v)| (*i, v)));
+        crate::serve::item_cache::put_vectors(rel, source, out.iter().map(|(i, v)| (*i, v)));
     }
     hits.extend(out);
     Ok(hits)
@@ -276,10 +329,10 @@ fn item_parts(
         return items.iter().map(|_| encode(&empty)).collect();
     };
     let rel = relation("item_features.table", &f.table)?;
-    let cached = crate::item_cache::usable(rel);
-    let source = crate::item_cache::source(&[f.id_column.as_str()], model_key);
+    let cached = crate::serve::item_cache::usable(rel);
+    let source = crate::serve::item_cache::source(&[f.id_column.as_str()], model_key);
     let (mut hits, misses) = if cached {
-        crate::item_cache::parts(rel, source, items)
+        crate::serve::item_cache::parts(rel, source, items)
     } else {
         (HashMap::default(), items.to_vec())
     };
@@ -293,7 +346,7 @@ fn item_parts(
         if cached {
             // Items without a row are cached too (as every feature's missing value): an insert
             // of their row invalidates the cache like any change.
-            crate::item_cache::put_parts(rel, source, fresh.iter().map(|(i, p)| (*i, p)));
+            crate::serve::item_cache::put_parts(rel, source, fresh.iter().map(|(i, p)| (*i, p)));
         }
         hits.extend(fresh);
     }
@@ -309,7 +362,7 @@ fn item_parts(
 
 /// Rows of item feature table `rel` for `ids` (read as the caller) as JSON objects of the
 /// `cols` that exist, by id; ids without a row are absent.
-pub(crate) fn item_rows(
+pub fn item_rows(
     rel: pg_sys::Oid,
     id_column: &str,
     cols: &[&str],

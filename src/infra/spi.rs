@@ -4,8 +4,8 @@
 //! executor state of what is done with them are freed before the next, and memory stays flat
 //! however many rows), progress NOTICEs, and cancellation between batches.
 
-use crate::catalog::read_row;
-use crate::error::{TtError, TtResult};
+use crate::infra::catalog::read_row;
+use crate::infra::error::{TtError, TtResult};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::spi::{quote_identifier, OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
