@@ -23,3 +23,12 @@ pub(crate) fn opt_err(path: impl Into<String>, reason: impl Into<String>) -> CfE
         reason: reason.into(),
     }
 }
+
+impl From<twotower_options::OptionError> for CfError {
+    fn from(e: twotower_options::OptionError) -> Self {
+        CfError::Option {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! of the other kind, are errors.
 
 use crate::error::{opt_err, Result};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -70,53 +70,7 @@ pub struct Options {
 
 pub const MAX_TOP_N: usize = 10_000;
 
-struct Obj<'a> {
-    m: &'a Map<String, Value>,
-}
-
-impl<'a> Obj<'a> {
-    fn get(&self, k: &str) -> Option<&'a Value> {
-        self.m.get(k).filter(|v| !v.is_null())
-    }
-    fn uint(&self, k: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
-        let Some(v) = self.get(k) else {
-            return Ok(default);
-        };
-        let n = v
-            .as_u64()
-            .ok_or_else(|| opt_err(k, format!("must be a non-negative integer, got {v}")))?;
-        if (n as u128) < lo as u128 || (n as u128) > hi as u128 {
-            return Err(opt_err(
-                k,
-                format!("must be between {lo} and {hi}, got {n}"),
-            ));
-        }
-        Ok(n as usize)
-    }
-    fn num(&self, k: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
-        let Some(v) = self.get(k) else {
-            return Ok(default);
-        };
-        let x = v
-            .as_f64()
-            .filter(|x| x.is_finite())
-            .ok_or_else(|| opt_err(k, format!("must be a finite number, got {v}")))?;
-        if !(lo..=hi).contains(&x) {
-            return Err(opt_err(
-                k,
-                format!("must be between {lo} and {hi}, got {x}"),
-            ));
-        }
-        Ok(x)
-    }
-    fn bool(&self, k: &str, default: bool) -> Result<bool> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(opt_err(k, format!("must be true or false, got {v}"))),
-        }
-    }
-}
+use twotower_options::Obj;
 
 impl Options {
     pub fn parse(kind: Kind, v: &Value) -> Result<Options> {
@@ -162,10 +116,10 @@ impl Options {
                 },
             ));
         }
-        let o = Obj { m };
+        let o = Obj::new(v, "")?;
         let half_life = match o.get("half_life") {
             None => None,
-            Some(_) => Some(o.num("half_life", 1.0, 1e-9, 1e18)?),
+            Some(_) => Some(o.number("half_life", 1.0, 1e-9, 1e18)?),
         };
         let decay_reference = match o.get("decay_reference") {
             None => None,
@@ -175,16 +129,18 @@ impl Options {
                     "applies with \"half_life\" only",
                 ))
             }
-            Some(_) => Some(o.num("decay_reference", 0.0, -1e18, 1e18)?),
+            // Any finite time: a build stores the newest interaction's time here, which for a
+            // bigint column of epoch nanoseconds is about 1.7e18.
+            Some(_) => Some(o.number("decay_reference", 0.0, -f64::MAX, f64::MAX)?),
         };
         Ok(Options {
             kind,
             decay_reference,
-            top_n: o.uint("top_n", 100, 1, MAX_TOP_N)?,
-            max_user_items: o.uint("max_user_items", 1000, 2, 1_000_000)?,
-            max_item_users: o.uint("max_item_users", 500, 2, 100_000)?,
+            top_n: o.size("top_n", 100, 1, MAX_TOP_N)?,
+            max_user_items: o.size("max_user_items", 1000, 2, 1_000_000)?,
+            max_item_users: o.size("max_item_users", 500, 2, 100_000)?,
             user_sample: {
-                let s = o.num("user_sample", 1.0, 0.0, 1.0)?;
+                let s = o.number("user_sample", 1.0, 0.0, 1.0)?;
                 if s == 0.0 {
                     return Err(opt_err(
                         "user_sample",
@@ -193,17 +149,17 @@ impl Options {
                 }
                 s
             },
-            seed: o.uint("seed", 0, 0, usize::MAX)? as u64,
-            min_score: o.num("min_score", 0.0, 0.0, f64::MAX)?,
-            threads: o.uint("threads", 2, 1, 64)?,
+            seed: o.size("seed", 0, 0, usize::MAX)? as u64,
+            min_score: o.number("min_score", 0.0, 0.0, f64::MAX)?,
+            threads: o.size("threads", 2, 1, 64)?,
             alpha: match kind {
-                Kind::ItemCf => o.num("alpha", 0.5, 0.0, 1.0)?,
-                Kind::Swing => o.num("alpha", 1.0, 0.0, 1e9)?,
+                Kind::ItemCf => o.number("alpha", 0.5, 0.0, 1.0)?,
+                Kind::Swing => o.number("alpha", 1.0, 0.0, 1e9)?,
             },
-            iuf: o.bool("iuf", true)?,
+            iuf: o.bool_or("iuf", true)?,
             half_life,
-            alpha1: o.num("alpha1", 5.0, 0.0, 1e9)?,
-            beta: o.num("beta", 0.3, 0.0, 10.0)?,
+            alpha1: o.number("alpha1", 5.0, 0.0, 1e9)?,
+            beta: o.number("beta", 0.3, 0.0, 10.0)?,
         })
     }
 }

@@ -11,7 +11,7 @@ use std::time::Instant;
 use thiserror::Error;
 use twotower_metric::Metric;
 use twotower_tower::layers::{dot, gemm_xwt};
-use twotower_tower::{Cross, Model, Part, Row};
+use twotower_tower::{Cross, CrossShape, Model, Part, Row};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum PrerankError {
@@ -228,19 +228,19 @@ impl<'a> CrossInputs<'a> {
     /// Writes cross input `c` of the candidate with vector `v` into `out` (as wide as the
     /// input), given its [`Pair`] (computed once per candidate).
     pub fn fill(&self, c: Cross, v: &[f32], pair: &Pair, out: &mut [f32]) {
-        match c {
-            Cross::UserVector => out.copy_from_slice(self.user),
-            Cross::ItemVector => out.copy_from_slice(v),
-            Cross::Product => {
+        match c.shape() {
+            CrossShape::UserVector => out.copy_from_slice(self.user),
+            CrossShape::ItemVector => out.copy_from_slice(v),
+            CrossShape::Product => {
                 for ((o, a), b) in out.iter_mut().zip(self.user).zip(v) {
                     *o = a * b;
                 }
             }
-            Cross::TargetAttention => match &self.attention {
+            CrossShape::Attention => match &self.attention {
                 Some((m, keys)) => m.attend(keys, v, out),
                 None => out.iter_mut().for_each(|o| *o = 0.0),
             },
-            c => out[0] = pair.scalar(c),
+            CrossShape::Scalar => out[0] = pair.scalar(c),
         }
     }
 }

@@ -202,6 +202,26 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// An integer from `lo` to `hi`, or `default` when absent, as a size.
+    pub fn size(&self, key: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
+        self.uint_or(key, lo as u64, hi as u64, default as u64)
+            .map(|n| n as usize)
+    }
+
+    /// A finite number from `lo` to `hi`, or `default` when absent.
+    pub fn number(&self, key: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
+        self.num_or(key, lo, hi, default)
+    }
+
+    /// A string (possibly empty), or `default` when absent.
+    pub fn text(&self, key: &str, default: &'a str) -> Result<&'a str> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Value::String(s)) => Ok(s),
+            Some(v) => Err(self.error(key, format!("must be a string, got {}", short(v)))),
+        }
+    }
+
     /// A required finite number from `lo` to `hi`.
     pub fn num(&self, key: &str, lo: f64, hi: f64) -> Result<f64> {
         let v = self.req(key)?;

@@ -19,7 +19,7 @@ pub use error::{Result, TowerError};
 pub use forward::forward_parallel;
 pub use model::{Model, Part};
 pub use rows::Row;
-pub use spec::{Cross, Source};
+pub use spec::{Cross, CrossShape, Source};
 
 /// The only spec version this build reads.
 pub const SPEC_VERSION: u32 = 1;

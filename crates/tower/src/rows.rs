@@ -15,7 +15,7 @@
 use crate::forward::{run_layers, run_raw};
 use crate::layers::linear;
 use crate::model::{Layer, Model, Part};
-use crate::spec::{Cross, Source};
+use crate::spec::{Cross, CrossShape, Source};
 
 /// What goes where in a row: `None` for a feature folded into the bias.
 #[derive(Clone, Copy)]
@@ -191,15 +191,18 @@ impl Model {
             .iter()
             .zip(&self.sources)
             .map(|(f, s)| match s {
-                Source::User | Source::Cross(Cross::UserVector) => None,
+                Source::User => None,
                 Source::Item => {
                     from += f.width;
                     Some(Put::Item(f.offset, from - f.width))
                 }
-                Source::Cross(Cross::ItemVector) => Some(Put::Vector(f.offset)),
-                Source::Cross(Cross::Product) => Some(Put::Product(f.offset)),
-                Source::Cross(Cross::TargetAttention) => Some(Put::Attention(f.offset)),
-                Source::Cross(c) => Some(Put::Scalar(f.offset, *c)),
+                Source::Cross(c) => match c.shape() {
+                    CrossShape::UserVector => None,
+                    CrossShape::ItemVector => Some(Put::Vector(f.offset)),
+                    CrossShape::Product => Some(Put::Product(f.offset)),
+                    CrossShape::Attention => Some(Put::Attention(f.offset)),
+                    CrossShape::Scalar => Some(Put::Scalar(f.offset, *c)),
+                },
             })
             .collect()
     }
@@ -246,34 +249,37 @@ impl Model {
         let mut puts = Vec::with_capacity(self.features.len());
         for (f, s) in self.features.iter().zip(&self.sources) {
             let put = match s {
-                Source::User | Source::Cross(Cross::UserVector) => None,
-                Source::Cross(Cross::ItemVector | Cross::Product) => {
-                    let o = *vblock.get_or_insert_with(|| {
-                        width += u.len();
-                        width - u.len()
-                    });
-                    Some(Put::Vector(o))
-                }
+                Source::User => None,
                 Source::Item => {
                     width += f.width;
                     from += f.width;
                     Some(Put::Item(width - f.width, from - f.width))
                 }
-                Source::Cross(Cross::TargetAttention) => {
-                    // (W·Hᵀ)·α reads n columns instead of d: folded when that is not more.
-                    let n = if self.keys_fit(history) { history.n } else { 0 };
-                    if n <= f.width {
-                        width += n;
-                        Some(Put::AttentionWeights(width - n, n))
-                    } else {
-                        width += f.width;
-                        Some(Put::Attention(width - f.width))
+                Source::Cross(c) => match c.shape() {
+                    CrossShape::UserVector => None,
+                    CrossShape::ItemVector | CrossShape::Product => {
+                        let o = *vblock.get_or_insert_with(|| {
+                            width += u.len();
+                            width - u.len()
+                        });
+                        Some(Put::Vector(o))
                     }
-                }
-                Source::Cross(c) => {
-                    width += 1;
-                    Some(Put::Scalar(width - 1, *c))
-                }
+                    CrossShape::Attention => {
+                        // (W·Hᵀ)·α reads n columns instead of d: folded when that is not more.
+                        let n = if self.keys_fit(history) { history.n } else { 0 };
+                        if n <= f.width {
+                            width += n;
+                            Some(Put::AttentionWeights(width - n, n))
+                        } else {
+                            width += f.width;
+                            Some(Put::Attention(width - f.width))
+                        }
+                    }
+                    CrossShape::Scalar => {
+                        width += 1;
+                        Some(Put::Scalar(width - 1, *c))
+                    }
+                },
             };
             puts.push(put);
         }

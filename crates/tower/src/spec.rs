@@ -243,6 +243,21 @@ pub enum Cross {
     TargetAttention,
 }
 
+/// The shape of a cross input (see [`Cross::shape`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrossShape {
+    /// `u`, the same for every candidate (folded into the request's constants).
+    UserVector,
+    /// The candidate's `v`.
+    ItemVector,
+    /// `u ⊙ v`.
+    Product,
+    /// A vector computed from the history and `v` (target attention).
+    Attention,
+    /// One number per candidate.
+    Scalar,
+}
+
 impl Cross {
     pub const ALL: [(&'static str, Cross); 8] = [
         ("user_vector", Cross::UserVector),
@@ -264,11 +279,23 @@ impl Cross {
     }
 
     /// Whether the input is as wide as the tower's vectors (otherwise it is one number).
+    /// How the input enters a model's row: each cross input's shape is said here once, and
+    /// the row layout (`rows.rs`) and the values (`twotower_funnel::prerank`) follow it.
+    pub fn shape(self) -> CrossShape {
+        match self {
+            Cross::UserVector => CrossShape::UserVector,
+            Cross::ItemVector => CrossShape::ItemVector,
+            Cross::Product => CrossShape::Product,
+            Cross::TargetAttention => CrossShape::Attention,
+            Cross::Score | Cross::HistoryMax | Cross::HistoryMean | Cross::RecallRank => {
+                CrossShape::Scalar
+            }
+        }
+    }
+
+    /// Whether the input is as wide as the towers' vectors (not one number).
     pub fn is_vector(self) -> bool {
-        matches!(
-            self,
-            Cross::UserVector | Cross::ItemVector | Cross::Product | Cross::TargetAttention
-        )
+        self.shape() != CrossShape::Scalar
     }
 }
 

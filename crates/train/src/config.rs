@@ -5,7 +5,7 @@ use crate::error::{opt_err, Result};
 use crate::loss::LossKind;
 use crate::net::Pooling;
 use crate::optim::Sparse;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use twotower_tower::layers::Activation;
 use twotower_tower::{Cross, Source};
 
@@ -255,109 +255,24 @@ pub const SHARED_KEYS: [&str; 10] = [
 impl Shared {
     pub(crate) fn parse(o: &Obj, d: SharedDefaults) -> Result<Shared> {
         Ok(Shared {
-            min_count: o.uint("min_count", 1, 1, usize::MAX)?,
-            max_vocab: o.uint("max_vocab", d.max_vocab, 1, u32::MAX as usize - 2)?,
-            lr: o.num("lr", 0.001, 1e-8, 100.0)? as f32,
-            weight_decay: o.num("weight_decay", 0.0, 0.0, 1.0)? as f32,
-            batch_size: o.uint("batch_size", d.batch_size, 2, MAX_BATCH)?,
-            epochs: o.uint("epochs", 10, 1, MAX_EPOCHS)?,
-            patience: o.uint("patience", 3, 1, MAX_EPOCHS)?,
-            seed: o.uint("seed", 42, 0, usize::MAX)? as u64,
-            threads: o.uint("threads", 2, 1, MAX_THREADS)?,
-            init_std: o.num("init_std", 0.05, 0.0, 10.0)? as f32,
+            min_count: o.size("min_count", 1, 1, usize::MAX)?,
+            max_vocab: o.size("max_vocab", d.max_vocab, 1, u32::MAX as usize - 2)?,
+            lr: o.number("lr", 0.001, 1e-8, 100.0)? as f32,
+            weight_decay: o.number("weight_decay", 0.0, 0.0, 1.0)? as f32,
+            batch_size: o.size("batch_size", d.batch_size, 2, MAX_BATCH)?,
+            epochs: o.size("epochs", 10, 1, MAX_EPOCHS)?,
+            patience: o.size("patience", 3, 1, MAX_EPOCHS)?,
+            seed: o.size("seed", 42, 0, usize::MAX)? as u64,
+            threads: o.size("threads", 2, 1, MAX_THREADS)?,
+            init_std: o.number("init_std", 0.05, 0.0, 10.0)? as f32,
         })
     }
 }
 
-pub(crate) struct Obj<'a> {
-    m: &'a Map<String, Value>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    pub(crate) fn new(v: &'a Value, path: &str) -> Result<Obj<'a>> {
-        match v {
-            Value::Object(m) => Ok(Obj {
-                m,
-                path: path.to_owned(),
-            }),
-            _ => Err(opt_err(path, "must be a JSON object")),
-        }
-    }
-    pub(crate) fn p(&self, k: &str) -> String {
-        if self.path.is_empty() {
-            k.to_owned()
-        } else {
-            format!("{}.{k}", self.path)
-        }
-    }
-    pub(crate) fn allow(&self, keys: &[&str]) -> Result<()> {
-        match self.m.keys().find(|k| !keys.contains(&k.as_str())) {
-            Some(k) => Err(opt_err(
-                self.p(k),
-                format!("unknown key (allowed here: {})", keys.join(", ")),
-            )),
-            None => Ok(()),
-        }
-    }
-    pub(crate) fn get(&self, k: &str) -> Option<&'a Value> {
-        self.m.get(k).filter(|v| !v.is_null())
-    }
-    pub(crate) fn uint(&self, k: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
-        let Some(v) = self.get(k) else {
-            return Ok(default);
-        };
-        let n = v.as_u64().ok_or_else(|| {
-            opt_err(
-                self.p(k),
-                format!("must be a non-negative integer, got {v}"),
-            )
-        })?;
-        if (n as u128) < lo as u128 || (n as u128) > hi as u128 {
-            return Err(opt_err(
-                self.p(k),
-                format!("must be between {lo} and {hi}, got {n}"),
-            ));
-        }
-        Ok(n as usize)
-    }
-    pub(crate) fn num(&self, k: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
-        let Some(v) = self.get(k) else {
-            return Ok(default);
-        };
-        let x = v
-            .as_f64()
-            .filter(|x| x.is_finite())
-            .ok_or_else(|| opt_err(self.p(k), format!("must be a finite number, got {v}")))?;
-        if !(lo..=hi).contains(&x) {
-            return Err(opt_err(
-                self.p(k),
-                format!("must be between {lo} and {hi}, got {x}"),
-            ));
-        }
-        Ok(x)
-    }
-    pub(crate) fn str(&self, k: &str, default: &'a str) -> Result<&'a str> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(Value::String(s)) => Ok(s),
-            Some(v) => Err(opt_err(self.p(k), format!("must be a string, got {v}"))),
-        }
-    }
-    pub(crate) fn bool(&self, k: &str, default: bool) -> Result<bool> {
-        match self.get(k) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(opt_err(
-                self.p(k),
-                format!("must be true or false, got {v}"),
-            )),
-        }
-    }
-}
+pub(crate) use twotower_options::Obj;
 
 fn pooling(o: &Obj, k: &str) -> Result<Pooling> {
-    match o.str(k, "mean")? {
+    match o.text(k, "mean")? {
         "mean" => Ok(Pooling::Mean),
         "sum" => Ok(Pooling::Sum),
         "max" => Ok(Pooling::Max),
@@ -426,7 +341,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
             sources.push(source);
         }
         let fo = Obj::new(f, &fpath)?;
-        let name = fo.str("name", "")?;
+        let name = fo.text("name", "")?;
         if !valid_name(name) {
             return Err(opt_err(
                 fo.p("name"),
@@ -442,23 +357,23 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
             ));
         }
         let name = name.to_owned();
-        let spec = match fo.str("type", "")? {
+        let spec = match fo.text("type", "")? {
             "categorical" => {
                 fo.allow(&["name", "type", "dim"])?;
-                FeatureSpec::Categorical { name, dim: fo.uint("dim", dim, 1, MAX_DIM)? }
+                FeatureSpec::Categorical { name, dim: fo.size("dim", dim, 1, MAX_DIM)? }
             }
             "multi_categorical" => {
                 fo.allow(&["name", "type", "dim", "pooling", "max_len"])?;
                 FeatureSpec::Multi {
                     name,
-                    dim: fo.uint("dim", dim, 1, MAX_DIM)?,
+                    dim: fo.size("dim", dim, 1, MAX_DIM)?,
                     pooling: pooling(&fo, "pooling")?,
-                    max_len: fo.uint("max_len", 100, 1, 10_000)?,
+                    max_len: fo.size("max_len", 100, 1, 10_000)?,
                 }
             }
             "numeric" => {
                 fo.allow(&["name", "type", "transform"])?;
-                let transform = match fo.str("transform", "zscore")? {
+                let transform = match fo.text("transform", "zscore")? {
                     "zscore" => NumTransform::Zscore,
                     "log1p" => NumTransform::Log1p,
                     "none" => NumTransform::None,
@@ -471,19 +386,19 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                 let decay = match fo.get("decay") {
                     None => Decay::None,
                     Some(d) => {
-                        let d = Obj::new(d, &fo.p("decay"))?;
+                        let d = Obj::new(d, fo.p("decay"))?;
                         d.allow(&["position", "half_life"])?;
                         match (d.get("position"), d.get("half_life")) {
-                            (Some(_), None) => Decay::Position(d.num("position", 1.0, 1e-6, 1.0)?),
-                            (None, Some(_)) => Decay::Age(d.num("half_life", 1.0, 1e-9, 1e15)?),
+                            (Some(_), None) => Decay::Position(d.number("position", 1.0, 1e-6, 1.0)?),
+                            (None, Some(_)) => Decay::Age(d.number("half_life", 1.0, 1e-9, 1e15)?),
                             _ => return Err(opt_err(fo.p("decay"), "give exactly one of \"position\" (a factor per position, 0..1] and \"half_life\" (in the timestamps' unit)")),
                         }
                     }
                 };
                 FeatureSpec::History {
                     name,
-                    dim: fo.uint("dim", dim, 1, MAX_DIM)?,
-                    max_len: fo.uint("max_len", 50, 1, 10_000)?,
+                    dim: fo.size("dim", dim, 1, MAX_DIM)?,
+                    max_len: fo.size("max_len", 50, 1, 10_000)?,
                     pooling: pooling(&fo, "pooling")?,
                     decay,
                 }
@@ -507,22 +422,22 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                         }
                         Bucketing::Given(b)
                     }
-                    (None, Some(_)) => Bucketing::Quantiles(fo.uint("buckets", 10, 2, 10_001)?),
+                    (None, Some(_)) => Bucketing::Quantiles(fo.size("buckets", 10, 2, 10_001)?),
                     (None, None) => Bucketing::Quantiles(10),
                     _ => return Err(opt_err(fo.p("boundaries"), "give \"boundaries\" (an array of numbers) or \"buckets\" (a count of quantile buckets), not both")),
                 };
-                FeatureSpec::Bucketize { name, dim: fo.uint("dim", dim, 1, MAX_DIM)?, boundaries }
+                FeatureSpec::Bucketize { name, dim: fo.size("dim", dim, 1, MAX_DIM)?, boundaries }
             }
             "dense" => {
                 fo.allow(&["name", "type", "dim"])?;
-                FeatureSpec::Dense { name, dim: fo.uint("dim", 1, 1, 4096)? }
+                FeatureSpec::Dense { name, dim: fo.size("dim", 1, 1, 4096)? }
             }
             "cross" if side == Side::Prerank => {
                 fo.allow(&["name", "type", "of", "attention_dim"])?;
                 if fs[i].get("source").is_some() {
                     return Err(opt_err(format!("{fpath}.source"), "a cross input has no source: it is computed per (user, candidate) pair"));
                 }
-                let of = fo.str("of", "")?;
+                let of = fo.text("of", "")?;
                 let of = Cross::ALL.iter().find(|(n, _)| *n == of).map(|(_, c)| *c).ok_or_else(|| {
                     opt_err(
                         fo.p("of"),
@@ -534,7 +449,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                 }
                 *sources.last_mut().expect("pushed above") = Source::Cross(of);
                 let attention_dim = if of == Cross::TargetAttention {
-                    fo.uint("attention_dim", 16, 1, 1024)?
+                    fo.size("attention_dim", 16, 1, 1024)?
                 } else if fo.get("attention_dim").is_some() {
                     return Err(opt_err(fo.p("attention_dim"), "applies to the target_attention input only"));
                 } else {
@@ -567,7 +482,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
         features.push(spec);
     }
     let hidden = widths(&o, "hidden")?;
-    let activation = match o.str("activation", "relu")? {
+    let activation = match o.text("activation", "relu")? {
         "relu" => Activation::Relu,
         "gelu" => Activation::Gelu,
         "tanh" => Activation::Tanh,
@@ -616,15 +531,15 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
         ));
     }
     let any_hidden = !hidden.is_empty() || branches.iter().any(|b| !b.hidden.is_empty());
-    let dropout = o.num("dropout", 0.0, 0.0, 0.95)? as f32;
+    let dropout = o.number("dropout", 0.0, 0.0, 0.95)? as f32;
     if dropout > 0.0 && !any_hidden {
         return Err(opt_err(
             o.p("dropout"),
             "applies after hidden layers: give \"hidden\" too",
         ));
     }
-    let layer_norm = o.bool("layer_norm", false)?;
-    let batch_norm = o.bool("batch_norm", false)?;
+    let layer_norm = o.bool_or("layer_norm", false)?;
+    let batch_norm = o.bool_or("batch_norm", false)?;
     if layer_norm && batch_norm {
         return Err(opt_err(
             o.p("batch_norm"),
@@ -637,7 +552,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
             "applies after hidden layers: give \"hidden\" too",
         ));
     }
-    let senet = o.uint("senet", 0, 0, 1024)?;
+    let senet = o.size("senet", 0, 0, 1024)?;
     if senet > 0 && features.len() < 2 {
         return Err(opt_err(
             o.p("senet"),
@@ -744,7 +659,7 @@ impl TowerSpec {
 
 /// A tower's `branches` and `fusion`.
 fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch>, Fusion)> {
-    let fusion = match o.str("fusion", "attention")? {
+    let fusion = match o.text("fusion", "attention")? {
         "concat" => Fusion::Concat,
         "sum" => Fusion::Sum,
         "weighted_sum" => Fusion::WeightedSum,
@@ -780,7 +695,7 @@ fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch
         let bp = format!("{}[{i}]", o.p("branches"));
         let bo = Obj::new(b, &bp)?;
         bo.allow(&["name", "features", "hidden"])?;
-        let name = bo.str("name", "")?;
+        let name = bo.text("name", "")?;
         if !valid_name(name) {
             return Err(opt_err(
                 bo.p("name"),
@@ -938,22 +853,22 @@ impl Config {
             "freeze_dense",
             "dual_augmented",
         ])?;
-        let dim = o.uint("dim", 32, 1, MAX_DIM)?;
+        let dim = o.size("dim", 32, 1, MAX_DIM)?;
         let user = tower(o.get("user"), "user", dim, Side::User)?;
         let item = tower(o.get("item"), "item", dim, Side::Item)?;
-        let loss_name = o.str("loss", "softmax")?;
-        let in_batch = o.bool("in_batch", true)?;
+        let loss_name = o.text("loss", "softmax")?;
+        let in_batch = o.bool_or("in_batch", true)?;
         let default_neg = match loss_name {
             "softmax" => 0,
             _ => 2,
         };
-        let negatives = o.uint("negatives", default_neg, 0, MAX_NEGATIVES)?;
+        let negatives = o.size("negatives", default_neg, 0, MAX_NEGATIVES)?;
         let loss = match loss_name {
             "softmax" => {
                 if !in_batch && negatives == 0 {
                     return Err(opt_err("negatives", "a softmax without in-batch negatives needs global negatives (negatives >= 1)"));
                 }
-                LossKind::Softmax { in_batch, logq: o.bool("logq", true)? }
+                LossKind::Softmax { in_batch, logq: o.bool_or("logq", true)? }
             }
             "pointwise" | "triplet_hinge" | "triplet_logistic" => {
                 if o.get("in_batch").is_some() || o.get("logq").is_some() {
@@ -964,7 +879,7 @@ impl Config {
                 }
                 match loss_name {
                     "pointwise" => LossKind::Pointwise,
-                    "triplet_hinge" => LossKind::TripletHinge { margin: o.num("margin", 0.2, 0.0, 2.0)? as f32 },
+                    "triplet_hinge" => LossKind::TripletHinge { margin: o.number("margin", 0.2, 0.0, 2.0)? as f32 },
                     _ => LossKind::TripletLogistic,
                 }
             }
@@ -975,8 +890,8 @@ impl Config {
         if o.get("margin").is_some() && !matches!(loss, LossKind::TripletHinge { .. }) {
             return Err(opt_err("margin", "applies to the triplet_hinge loss only"));
         }
-        let sparse_lr = o.num("sparse_lr", 0.01, 1e-8, 100.0)? as f32;
-        let sparse = match o.str("sparse_optimizer", "lazy_adam")? {
+        let sparse_lr = o.number("sparse_lr", 0.01, 1e-8, 100.0)? as f32;
+        let sparse = match o.text("sparse_optimizer", "lazy_adam")? {
             "lazy_adam" => Sparse::LazyAdam { lr: sparse_lr },
             "adagrad" => Sparse::Adagrad {
                 lr: sparse_lr,
@@ -984,9 +899,9 @@ impl Config {
             },
             "ftrl" => Sparse::Ftrl {
                 alpha: sparse_lr,
-                beta: o.num("ftrl_beta", 1.0, 0.0, 1e6)? as f32,
-                l1: o.num("ftrl_l1", 0.0, 0.0, 1e6)? as f32,
-                l2: o.num("ftrl_l2", 0.0, 0.0, 1e6)? as f32,
+                beta: o.number("ftrl_beta", 1.0, 0.0, 1e6)? as f32,
+                l1: o.number("ftrl_l1", 0.0, 0.0, 1e6)? as f32,
+                l2: o.number("ftrl_l2", 0.0, 0.0, 1e6)? as f32,
             },
             other => {
                 return Err(opt_err(
@@ -1033,7 +948,7 @@ impl Config {
                 let a = Obj::new(v, "dual_augmented")?;
                 a.allow(&["user", "item", "lambda"])?;
                 let pick = |side: &str, t: &TowerSpec| -> Result<usize> {
-                    let name = a.str(side, "")?;
+                    let name = a.text(side, "")?;
                     match t.features.iter().position(|f| f.name() == name) {
                         Some(i) if matches!(t.features[i], FeatureSpec::Categorical { dim: d, .. } if d == dim) => Ok(i),
                         Some(_) => Err(opt_err(a.p(side), format!("\"{name}\" must be a categorical feature of width dim ({dim}): its embedding is the augmented vector"))),
@@ -1041,7 +956,7 @@ impl Config {
                     }
                 };
                 Some(Augmented {
-                    lambda: a.num("lambda", 0.5, 0.0, 100.0)? as f32,
+                    lambda: a.number("lambda", 0.5, 0.0, 100.0)? as f32,
                     user: pick("user", &user)?,
                     item: pick("item", &item)?,
                 })
@@ -1057,7 +972,7 @@ impl Config {
             max_vocab: shared.max_vocab,
             loss,
             negatives,
-            temperature: o.num("temperature", 0.05, 1e-4, 100.0)? as f32,
+            temperature: o.number("temperature", 0.05, 1e-4, 100.0)? as f32,
             lr: shared.lr,
             weight_decay: shared.weight_decay,
             sparse,
@@ -1066,13 +981,13 @@ impl Config {
             patience: shared.patience,
             seed: shared.seed,
             threads: shared.threads,
-            k: o.uint("k", 50, 1, 10_000)?,
-            subsample: o.num("subsample", 0.0, 0.0, 1.0)?,
+            k: o.size("k", 50, 1, 10_000)?,
+            subsample: o.number("subsample", 0.0, 0.0, 1.0)?,
             init_std: shared.init_std,
-            hard_ratio: o.num("hard_ratio", 0.5, 0.0, 1.0)?,
-            hard_per_row: o.uint("hard_per_row", 2, 0, 1024)?,
-            freeze_dense: o.bool("freeze_dense", false)?,
-            validate: match o.str("validation", "last")? {
+            hard_ratio: o.number("hard_ratio", 0.5, 0.0, 1.0)?,
+            hard_per_row: o.size("hard_per_row", 2, 0, 1024)?,
+            freeze_dense: o.bool_or("freeze_dense", false)?,
+            validate: match o.text("validation", "last")? {
                 "last" => true,
                 "none" => false,
                 other => return Err(opt_err("validation", format!("must be \"last\" (each user's last interaction) or \"none\", got \"{other}\""))),

@@ -38,3 +38,12 @@ pub(crate) fn opt_err(path: impl Into<String>, reason: impl Into<String>) -> Tra
         reason: reason.into(),
     }
 }
+
+impl From<twotower_options::OptionError> for TrainError {
+    fn from(e: twotower_options::OptionError) -> Self {
+        TrainError::Option {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
+}

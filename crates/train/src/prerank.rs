@@ -88,14 +88,14 @@ impl PrerankConfig {
             "validation",
         ])?;
         let model = tower(o.get("model"), "model", 16, Side::Prerank)?;
-        let objective = match o.str("objective", "labels")? {
+        let objective = match o.text("objective", "labels")? {
             "labels" => Objective::Labels,
             "distill" => Objective::Distill {
-                lambda: o.num("lambda", 1.0, 0.0, 1e6)? as f32,
-                ramp_steps: o.uint("ramp_steps", 100, 0, 100_000_000)?,
+                lambda: o.number("lambda", 1.0, 0.0, 1e6)? as f32,
+                ramp_steps: o.size("ramp_steps", 100, 0, 100_000_000)?,
             },
             "cascade" => Objective::Cascade {
-                top_n: o.uint("top_n", 10, 1, 100_000)?,
+                top_n: o.size("top_n", 10, 1, 100_000)?,
             },
             other => {
                 return Err(opt_err(
@@ -116,8 +116,8 @@ impl PrerankConfig {
                 "applies to \"objective\": \"cascade\" only",
             ));
         }
-        let sparse_lr = o.num("sparse_lr", 0.01, 1e-8, 100.0)? as f32;
-        let sparse = match o.str("sparse_optimizer", "lazy_adam")? {
+        let sparse_lr = o.number("sparse_lr", 0.01, 1e-8, 100.0)? as f32;
+        let sparse = match o.text("sparse_optimizer", "lazy_adam")? {
             "lazy_adam" => Sparse::LazyAdam { lr: sparse_lr },
             "adagrad" => Sparse::Adagrad {
                 lr: sparse_lr,
@@ -144,9 +144,9 @@ impl PrerankConfig {
             patience: shared.patience,
             seed: shared.seed,
             threads: shared.threads,
-            k: o.uint("k", 10, 1, 100_000)?,
+            k: o.size("k", 10, 1, 100_000)?,
             init_std: shared.init_std,
-            validation: o.num("validation", 0.2, 0.0, 0.5)?,
+            validation: o.number("validation", 0.2, 0.0, 0.5)?,
         })
     }
 
