@@ -47,7 +47,7 @@ fn denied(name: &str, who: &str) -> TtError {
 /// `index_oid` nor any of its columns (the exact column check follows once it is open).
 fn precheck_select(index_oid: pg_sys::Oid, who: &str) -> TtResult<pg_sys::Oid> {
     let heap_oid = super::table_of_index(index_oid, who)?
-        .ok_or_else(|| TtError::BadArgument(format!("{who} needs an index, not a table")))?;
+        .ok_or_else(|| TtError::WrongObject(format!("{who} needs an index, not a table")))?;
     precheck_readable(heap_oid, who)?;
     Ok(heap_oid)
 }

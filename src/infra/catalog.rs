@@ -575,6 +575,16 @@ fn check_schema_version() -> TtResult<()> {
 /// An ERROR inside `f` is safe: transaction (or subtransaction) abort restores the user and the
 /// settings, as for any function with SET clauses.
 pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> TtResult<R> {
+    as_owner(true, f)
+}
+
+/// [`as_catalog_owner`] without the check that the catalogue has this library's layout: for a
+/// query that reads what every layout has (the DROP EXTENSION guard's counts).
+pub fn as_catalog_owner_any_layout<R>(f: impl FnOnce() -> R) -> TtResult<R> {
+    as_owner(false, f)
+}
+
+fn as_owner<R>(check_layout: bool, f: impl FnOnce() -> R) -> TtResult<R> {
     let rel = catalog_oid();
     if rel == pg_sys::InvalidOid {
         return Err(TtError::Damaged(
@@ -582,7 +592,9 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> TtResult<R> {
         ));
     }
     MODEL_TABLE.with(|t| t.set(rel));
-    check_schema_version()?;
+    if check_layout {
+        check_schema_version()?;
+    }
     let owner = catalog_owner(rel)?;
     let mut save_uid = pg_sys::InvalidOid;
     let mut save_ctx = 0;

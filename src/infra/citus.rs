@@ -26,7 +26,7 @@ pub fn is_citus_table(relid: pg_sys::Oid) -> TtResult<bool> {
         &[relid.into()],
     )
     .map(|b| b.unwrap_or(false))
-    .map_err(|e| TtError::Catalog(format!("reading Citus's pg_dist_partition: {e}")))
+    .map_err(|e| TtError::Internal(format!("reading Citus's pg_dist_partition: {e}")))
 }
 
 /// `CitusTable` when the table of index `index_oid` is a Citus table (its rows are in shards

@@ -121,6 +121,20 @@ pub enum TtError {
     Damaged(String),
     /// DROP EXTENSION without CASCADE while the catalogue holds rows (what it holds).
     ExtensionInUse(String),
+    /// A relation of the wrong kind where a function needs another (42809: a table for an index).
+    WrongObject(String),
+    /// A number read from a user's table or function that is not finite or out of range (22003).
+    OutOfRange(String),
+    /// The DROP EXTENSION guard could not count what the catalogue holds (the reason).
+    ExtensionUnreadable(String),
+    /// A tower error for one item of a batch (its id): the tower error's own SQLSTATE.
+    Item {
+        id: i64,
+        error: TowerError,
+    },
+    /// A query of PostgreSQL's own catalogue or of another extension's that should not fail
+    /// (XX000, without the damaged-catalogue hint of `Catalog`).
+    Internal(String),
     /// A source with more than one row for an item id (the relation, one such id).
     DuplicateItem {
         relation: String,
@@ -172,6 +186,9 @@ impl From<twotower_funnel::FunnelError> for TtError {
             F::BadRequest(m) => TtError::BadArgument(m),
             F::Tower(t) => TtError::Tower(t),
             F::Prerank(p) => TtError::Prerank(p),
+            F::Merge(m @ twotower_funnel::MergeError::NonFinite { .. }) => {
+                TtError::OutOfRange(format!("merge: {m}"))
+            }
             F::Merge(m) => TtError::BadArgument(format!("merge: {m}")),
         }
     }
@@ -543,6 +560,19 @@ impl TtError {
                 Some("Dropping the extension would delete every model, pipeline and channel definition.".into()),
                 Some("Drop them first (twotower.drop_model, drop_pipeline, drop_channel), or use DROP EXTENSION pg_twotower CASCADE.".into()),
             ),
+            TtError::ExtensionUnreadable(reason) => (
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "cannot drop extension pg_twotower: what its catalogue holds cannot be counted".into(),
+                Some(reason.clone()),
+                Some("Dropping the extension would delete every model, pipeline and channel definition: use DROP EXTENSION pg_twotower CASCADE to drop them with it.".into()),
+            ),
+            TtError::Item { id, error } => {
+                let (code, msg, detail, hint) = tower_parts(error);
+                (code, format!("item {id}: {msg}"), detail, hint)
+            }
+            TtError::Internal(d) => (ERRCODE_INTERNAL_ERROR, d.clone(), None, None),
+            TtError::WrongObject(d) => (ERRCODE_WRONG_OBJECT_TYPE, d.clone(), None, None),
+            TtError::OutOfRange(d) => (ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE, d.clone(), None, None),
             TtError::DuplicateItem { relation, id } => (
                 ERRCODE_UNIQUE_VIOLATION,
                 format!("{relation} has more than one row for item id {id}"),

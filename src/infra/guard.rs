@@ -35,7 +35,7 @@ pub unsafe extern "C-unwind" fn twotower_drop_guard(
         }
         (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE
     };
-    let held = crate::infra::catalog::as_catalog_owner(|| {
+    let held = crate::infra::catalog::as_catalog_owner_any_layout(|| {
         crate::infra::catalog::read_row::<String, bool>(
             "SELECT pg_catalog.concat_ws(', ',
                     CASE WHEN m > 0 THEN m || ' models' END,
@@ -47,15 +47,20 @@ pub unsafe extern "C-unwind" fn twotower_drop_guard(
             &[],
         )
     });
+    // Fails closed: a catalogue that cannot be counted refuses a plain DROP (CASCADE says the
+    // definitions may go).
     let held = match held {
         Ok(Ok(Some((Some(h), _)))) if !h.is_empty() => h,
-        _ => return pg_sys::Datum::from(0),
+        Ok(Ok(_)) => return pg_sys::Datum::from(0),
+        Ok(Err(e)) if !cascade => TtError::ExtensionUnreadable(e.to_string()).report(),
+        Err(e) if !cascade => TtError::ExtensionUnreadable(e.message_text()).report(),
+        Ok(Err(_)) | Err(_) => return pg_sys::Datum::from(0),
     };
     if !cascade {
         TtError::ExtensionInUse(held).report();
     }
     // CASCADE: the owner objects go too (in a restored database nothing else removes them).
-    let _ = crate::infra::catalog::as_catalog_owner(|| {
+    let _ = crate::infra::catalog::as_catalog_owner_any_layout(|| {
         Spi::run(
             "SELECT pg_catalog.lo_unlink(o.oid) FROM pg_catalog.pg_largeobject_metadata o
               WHERE o.oid IN (SELECT owner_object FROM twotower.model UNION SELECT owner_object FROM twotower.pipeline)",

@@ -273,7 +273,7 @@ pub unsafe extern "C-unwind" fn twotower_item_cache_ddl(
     if adds_partition {
         Spi::run("SELECT twotower.item_cache_partitions()")
             .map_err(|e| {
-                crate::infra::error::TtError::Catalog(format!("item cache partitions: {e}"))
+                crate::infra::error::TtError::Internal(format!("item cache partitions: {e}"))
             })
             .or_report();
     }
@@ -300,7 +300,7 @@ pub mod twotower {
                 "SELECT pg_catalog.array_agg(relid::pg_catalog.oid) FROM pg_catalog.pg_partition_ancestors($1)",
                 &[rel.oid().into()],
             )
-            .map_err(|e| crate::infra::error::TtError::Catalog(format!("reading the ancestors of a partition: {e}"))).unwrap_or_else(|e| e.report());
+            .map_err(|e| crate::infra::error::TtError::Internal(format!("reading the ancestors of a partition: {e}"))).unwrap_or_else(|e| e.report());
             tables.extend(above.into_iter().flatten().flatten());
         }
         for t in tables {

@@ -109,11 +109,17 @@ pub fn load(name: &str) -> TtResult<Arc<Definition>> {
             &[name.into()],
         )
     })?
-    .ok()
-    .flatten()
+    .map_err(|e| TtError::Catalog(format!("reading pipeline \"{name}\": {e}")))?
     .and_then(|(d, _)| d)
     .ok_or_else(|| TtError::UnknownPipeline(name.to_owned()))?;
-    let d = Arc::new(Definition::parse(&text.value("definition")?).map_err(bad_def)?);
+    // A stored definition was checked when saved: one this library cannot parse is damaged
+    // (or from a layout an update has not converted yet).
+    let v = text.value("definition").map_err(|e| {
+        TtError::Catalog(format!("stored pipeline \"{name}\": {}", e.message_text()))
+    })?;
+    let d = Arc::new(Definition::parse(&v).map_err(|e| {
+        TtError::Catalog(format!("stored pipeline \"{name}\" does not parse: {e}"))
+    })?);
     DEFINITIONS.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != generation || c.1.len() >= CACHED_DEFINITIONS {

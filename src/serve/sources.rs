@@ -234,7 +234,7 @@ fn function_hits(path: &str, name: &str, q: &Query) -> TtResult<Vec<Hit>> {
     })
     .map_err(|e| TtError::BadArgument(format!("calling {qualified}: {e}")))?;
     if let Some((i, s)) = rows.iter().find(|(_, s)| !s.is_finite()) {
-        return Err(TtError::BadArgument(format!(
+        return Err(TtError::OutOfRange(format!(
             "function {qualified} gave item {i} the score {s}: scores must be finite"
         )));
     }

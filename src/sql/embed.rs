@@ -36,8 +36,7 @@ pub mod twotower {
         let l = catalog::active_model(model).or_report();
         expect_kind(&l, Kind::Item).or_report();
         let f = features.features(&l.model, "features").or_report();
-        let x = l.model.encode(&f, false).or_report();
-        l.model.forward(&x)
+        l.model.embed_with(&f, false).or_report()
     }
 
     /// Users one `embed_users` call embeds at most.
@@ -270,13 +269,18 @@ pub mod twotower {
                     let mut encoded = Vec::with_capacity(batch_size as usize);
                     for row in rows {
                         let Some(id) = row.get::<i64>(1)? else {
-                            TtError::BadArgument(format!("a row of {src} has a NULL {idc}")).report();
+                            TtError::NullValue(format!("a row of {src} has a NULL {idc}")).report();
                         };
-                        let Some(features) = row.get::<JsonbValue>(2)? else { continue };
+                        let Some(features) = row.get::<JsonbValue>(2)? else {
+                            continue;
+                        };
                         let x = l
                             .model
-                            .encode(&features.features(&l.model, "item features").or_report(), false)
-                            .map_err(|e| TtError::BadArgument(format!("item {id}: {e}")))
+                            .encode(
+                                &features.features(&l.model, "item features").or_report(),
+                                false,
+                            )
+                            .map_err(|e| TtError::Item { id, error: e })
                             .or_report();
                         ids.push(id);
                         encoded.push(x);
@@ -287,10 +291,15 @@ pub mod twotower {
                     let out = forward_parallel(&l.model, &encoded, threads);
                     drop(encoded);
                     if let Some(row) = super::first_non_finite(&out, dim as usize) {
-                        TtError::BadArgument(format!(
-                            "item {}: the tower output is not finite (check the magnitude of its numeric features)",
-                            ids[row]
-                        ))
+                        let d = dim as usize;
+                        let index = out[row * d..(row + 1) * d]
+                            .iter()
+                            .position(|v| !v.is_finite())
+                            .unwrap_or(0);
+                        TtError::Item {
+                            id: ids[row],
+                            error: twotower_tower::TowerError::NonFiniteOutput { index },
+                        }
                         .report();
                     }
                     let n = ids.len();
@@ -308,7 +317,7 @@ pub mod twotower {
         };
         run()
             .map_err(|e| {
-                crate::infra::error::TtError::Catalog(format!("refresh_item_vectors: {e}"))
+                crate::infra::error::TtError::Internal(format!("refresh_item_vectors: {e}"))
             })
             .or_report();
         let done = progress.done as i64;
@@ -316,7 +325,7 @@ pub mod twotower {
             check_for_interrupts!();
             Spi::get_one::<i64>(&delete)
                 .map_err(|e| {
-                    crate::infra::error::TtError::Catalog(format!("refresh_item_vectors: {e}"))
+                    crate::infra::error::TtError::Internal(format!("refresh_item_vectors: {e}"))
                 })
                 .or_report()
                 .unwrap_or(0)

@@ -89,7 +89,7 @@ pub mod twotower {
             }
             Ok::<_, pgrx::spi::Error>(out)
         })
-        .map_err(|e| crate::infra::error::TtError::Catalog(format!("cache_cleanup: {e}")))
+        .map_err(|e| crate::infra::error::TtError::Internal(format!("cache_cleanup: {e}")))
         .or_report();
         // SAFETY: MyDatabaseId is set in every backend connected to a database.
         crate::am::search::cleanup_cache(unsafe { pg_sys::MyDatabaseId }.to_u32(), &live)

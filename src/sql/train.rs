@@ -527,10 +527,17 @@ pub mod twotower {
                 .map_err(|e| TtError::BadArgument(format!("reading {fsrc}: {e}")))
                 .or_report()
                 .and_then(|(t, _)| t);
-            if let Some(serde_json::Value::Object(m)) =
-                found.and_then(|t| serde_json::from_str(&t).ok())
-            {
-                row = m;
+            // A value serde cannot hold (a number beyond double precision) is an error naming
+            // the source, not a row silently treated as missing.
+            if let Some(t) = found {
+                match serde_json::from_str(&t) {
+                    Ok(serde_json::Value::Object(m)) => row = m,
+                    Ok(_) => {}
+                    Err(e) => TtError::OutOfRange(format!(
+                        "the row of user {user_id} in {fsrc} cannot be read: {e}"
+                    ))
+                    .report(),
+                }
             }
         }
         // Only the model's features: the source row may hold other columns (embed_user and

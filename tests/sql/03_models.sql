@@ -420,3 +420,23 @@ SELECT count(*) AS models_left FROM twotower.models;
 DROP OWNED BY tt_alice, tt_bob;
 DROP ROLE tt_alice;
 DROP ROLE tt_bob;
+
+-- An item tower whose output is not finite: 22003 for one item (embed_item returned Infinity)
+-- as for a refresh (which said 22023); a source row without an id is 22004 (was 22023).
+CREATE FUNCTION pg_temp.st(h text, d bytea) RETURNS bytea LANGUAGE sql AS $$
+    SELECT set_byte(set_byte('\x0000000000000000'::bytea, 0, length(convert_to(h, 'UTF8')) % 256), 1,
+                    length(convert_to(h, 'UTF8')) / 256) || convert_to(h, 'UTF8') || d $$;
+SELECT twotower.import_model('huge_item', '{"format": "pg_twotower.tower", "spec_version": 1, "kind": "item",
+  "features": [{"name": "x", "type": "numeric", "transform": "none"}],
+  "layers": [{"type": "linear", "weight": "w"}], "output": {"dim": 1, "metric": "ip"}}',
+  pg_temp.st('{"w":{"dtype":"F32","shape":[1,1],"data_offsets":[0,4]}}', '\xe6b1617f'));
+SELECT twotower.embed_item('huge_item', '{"x": 1}') AS finite;
+SELECT pg_temp.err($q$SELECT twotower.embed_item('huge_item', '{"x": 1e10}')$q$);
+CREATE TABLE huge_items (id bigint, x real);
+INSERT INTO huge_items VALUES (1, 1), (2, 1e10);
+CREATE TABLE huge_vectors (id bigint PRIMARY KEY, embedding real[]);
+SELECT pg_temp.err($q$SELECT * FROM twotower.refresh_item_vectors('huge_item', 'huge_items', 'huge_vectors')$q$);
+UPDATE huge_items SET x = 1, id = NULL WHERE id = 2;
+SELECT pg_temp.err($q$SELECT * FROM twotower.refresh_item_vectors('huge_item', 'huge_items', 'huge_vectors')$q$);
+DROP TABLE huge_items, huge_vectors;
+SELECT twotower.drop_model('huge_item');

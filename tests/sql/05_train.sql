@@ -48,6 +48,13 @@ SELECT twotower.user_features('tr_user', '8', at => timestamptz '2026-01-01' - i
 -- An integer id is the same id as its text.
 SELECT twotower.user_features('tr_user', 8) = twotower.user_features('tr_user', '8') AS same_input;
 SELECT pg_temp.err($q$SELECT twotower.user_features('tr_item', '8')$q$);
+-- A user's row holding a number beyond double precision is 22003 naming the source (the row
+-- was read as missing: every feature's default, silently).
+BEGIN;
+ALTER TABLE tr_users ADD COLUMN huge numeric;
+UPDATE tr_users SET huge = 1e400 WHERE user_id = 8;
+SELECT pg_temp.err($q$SELECT twotower.user_features('tr_user', '8')$q$);
+ROLLBACK;
 -- A feature column named like the readers' own alias (t) is read as the column, in training
 -- and in user_features.
 CREATE TABLE tr_users_t AS SELECT user_id, age AS t FROM tr_users;

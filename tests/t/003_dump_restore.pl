@@ -90,6 +90,15 @@ for my $db ('src', 'dst')
 	like($err, qr/cannot drop extension pg_twotower because its catalogue holds \d+ models/, "$db: the refusal names the catalogue");
 	is($node->safe_psql($db, 'SELECT count(*) > 0 FROM twotower.model'), 't', "$db: the models are still there");
 }
+# The guard fails closed: when it cannot find its catalogue (the table renamed here) it refuses a
+# plain DROP instead of letting it delete whatever the catalogue holds.
+{
+	my ($rc, $out, $err) = $node->psql('dst',
+		'BEGIN; ALTER TABLE twotower.model_version RENAME TO model_version_moved; DROP EXTENSION pg_twotower; ROLLBACK');
+	like($err, qr/cannot drop extension pg_twotower: what its catalogue holds cannot be counted/,
+		'dst: a catalogue the guard cannot read refuses a plain DROP EXTENSION');
+	is($node->safe_psql('dst', 'SELECT count(*) > 0 FROM twotower.model'), 't', 'dst: the models are still there');
+}
 # With CASCADE the restored database drops everything, owner objects included.
 $node->safe_psql('dst', 'DROP EXTENSION pg_twotower CASCADE');
 is($node->safe_psql('dst', q{SELECT count(*) FROM pg_largeobject_metadata

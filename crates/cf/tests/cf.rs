@@ -367,3 +367,17 @@ fn i2i_sums_weighted_similarities_over_the_history() {
         Err(CfError::BadInput(_))
     ));
 }
+
+/// What a build stores as its decay reference parses back for the refresh, whatever the time
+/// unit: epoch nanoseconds in a bigint column are about 1.7e18 (a refresh of such a channel
+/// failed with "must be between -1e18 and 1e18").
+#[test]
+fn a_stored_decay_reference_in_nanoseconds_parses_back() {
+    let ns = 1.733e18_f64;
+    let o = Options::parse(
+        Kind::ItemCf,
+        &json!({"half_life": 86_400e9, "decay_reference": ns}),
+    )
+    .unwrap();
+    assert_eq!(o.decay_reference, Some(ns));
+}

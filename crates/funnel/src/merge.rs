@@ -23,6 +23,8 @@ use thiserror::Error;
 pub enum MergeError {
     #[error("{0}")]
     Bad(String),
+    #[error("item {item}: score {score} is not finite")]
+    NonFinite { item: i64, score: f32 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -217,10 +219,10 @@ pub fn merge(
         )));
     }
     if let Some(c) = cands.iter().find(|c| !c.score.is_finite()) {
-        return Err(MergeError::Bad(format!(
-            "item {}: score {} is not finite",
-            c.item, c.score
-        )));
+        return Err(MergeError::NonFinite {
+            item: c.item,
+            score: c.score,
+        });
     }
     let per = |v: usize, what: &str| -> Result<(), MergeError> {
         if v != channels {

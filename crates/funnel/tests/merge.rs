@@ -179,7 +179,7 @@ fn exclusions_duplicates_and_bad_input() {
     assert!(merge(&two(), 1, &Strategy::Quota(vec![1]), 5, &[]).is_err());
     assert!(matches!(
         merge(&[c(0, 1, f32::NAN)], 1, &Strategy::Quota(vec![1]), 5, &[]),
-        Err(MergeError::Bad(_))
+        Err(MergeError::NonFinite { item: 1, .. })
     ));
     assert!(merge(
         &two(),
