@@ -1,7 +1,9 @@
 //! The funnel: `prerank` of 2,000 candidates with the realistic pre-rank model, and `recommend`
 //! with two channels (the two-tower index and an item-CF channel), RRF merge and a cascade
 //! (two-tower keep 500, then the pre-rank model keep 100), next to a bare `recall` top-500 in
-//! the same run. Latencies are client round trips over the same user inputs.
+//! the same run. Latencies are client round trips over the same user inputs; the glue's share of
+//! a cached `prerank` call is its server-side time against the core cascade run in this process
+//! over the same inputs.
 //!
 //! Configuration: TT_FUNNEL_CALLS (300).
 
@@ -11,7 +13,9 @@ use crate::env;
 use std::time::Instant;
 
 pub(crate) const PRERANK_P99_TARGET_MS: f64 = 2.0;
-pub(crate) const RECOMMEND_P99_TARGET_MS: f64 = 15.0;
+pub(crate) const RECOMMEND_P99_TARGET_MS: f64 = 10.0;
+/// A cached prerank call, server side, against the core cascade over the same inputs.
+pub(crate) const PRERANK_GLUE_TARGET: f64 = 1.25;
 const PRERANK_SEED: u64 = 13;
 const FUNNEL_BASE: usize = 3_000_000;
 
@@ -42,6 +46,164 @@ impl Towers<'_> {
             times.push(s.elapsed());
         }
         lat(times)
+    }
+
+    /// The glue's share of a cached `prerank` call: the mean server-side time of a call (every
+    /// request's call in one statement, the item cache warm, the median of three passes)
+    /// against the core cascade run in this process over the same inputs (the user vector,
+    /// the history's and the candidates' stored vectors, the item parts encoded once, as the
+    /// cache holds them; the median of three passes). Also counts the requests whose top 100
+    /// is the same in both.
+    fn glue_share(&mut self, inputs: &[Value], cands: &[Vec<i64>]) -> (f64, f64, usize) {
+        use std::sync::Arc;
+        use twotower_funnel::prerank::{cascade, Candidate, PrerankError, Request, Scorer, Stage};
+        use twotower_tower::{Model, Part, Source};
+        let n = inputs.len();
+        self.c
+            .batch_execute("DROP TABLE IF EXISTS bench_requests; CREATE TEMP TABLE bench_requests (i int, f jsonb, c bigint[])")
+            .unwrap();
+        for (i, (f, c)) in inputs.iter().zip(cands).enumerate() {
+            self.c
+                .execute(
+                    "INSERT INTO bench_requests VALUES ($1, $2, $3)",
+                    &[&(i as i32), f, c],
+                )
+                .unwrap();
+        }
+        let mut server = Vec::new();
+        let mut server_top: Vec<Vec<i64>> = vec![Vec::new(); n];
+        for pass in 0..4 {
+            let t = Instant::now();
+            let rows = self
+                .c
+                .query(
+                    "SELECT r.i, p.item_id FROM bench_requests r, LATERAL twotower.prerank('bench_prerank', r.f, r.c) p ORDER BY r.i, p.rank",
+                    &[],
+                )
+                .unwrap();
+            // The first pass warms the caches.
+            if pass > 0 {
+                server.push(t.elapsed().as_secs_f64() * 1000.0 / n as f64);
+            }
+            for r in &rows {
+                let i: i32 = r.get(0);
+                if pass == 0 {
+                    server_top[i as usize].push(r.get(1));
+                }
+            }
+        }
+        let (spec, weights) = synth::realistic_prerank(PRERANK_SEED);
+        let model = Model::load(&spec, &weights).unwrap();
+        struct Prepared {
+            user: Vec<f32>,
+            user_part: Part,
+            history: Vec<Vec<f32>>,
+            cands: Vec<Candidate>,
+            parts: Vec<Arc<Part>>,
+        }
+        let mut prepared = Vec::with_capacity(n);
+        for (f, c) in inputs.iter().zip(cands) {
+            let user: Vec<f32> = self
+                .c
+                .query_one("SELECT twotower.embed_user('bench_user', $1)", &[f])
+                .unwrap()
+                .get(0);
+            let history = twotower_funnel::request::history_ids(f, "history").unwrap();
+            let mut ids = c.clone();
+            ids.extend(&history);
+            let vecs: std::collections::HashMap<i64, Vec<f32>> = self
+                .c
+                .query(
+                    "SELECT id, embedding FROM items WHERE id = ANY($1) AND embedding IS NOT NULL",
+                    &[&ids],
+                )
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let feats: std::collections::HashMap<i64, Value> = self
+                .c
+                .query(
+                    "SELECT id, jsonb_build_object('category', category, 'price', price) FROM bench_prerank_items WHERE id = ANY($1)",
+                    &[&ids],
+                )
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            let skip: std::collections::HashSet<i64> = history.iter().copied().collect();
+            let kept: Vec<i64> = c
+                .iter()
+                .copied()
+                .filter(|i| !skip.contains(i) && vecs.contains_key(i))
+                .collect();
+            let empty = Value::Object(Default::default());
+            prepared.push(Prepared {
+                user_part: model.encode_part(f, Source::User, false).unwrap(),
+                history: history
+                    .iter()
+                    .filter_map(|h| vecs.get(h).cloned())
+                    .collect(),
+                cands: kept
+                    .iter()
+                    .map(|i| Candidate {
+                        item: *i,
+                        vector: vecs[i].clone().into(),
+                    })
+                    .collect(),
+                parts: kept
+                    .iter()
+                    .map(|i| {
+                        Arc::new(
+                            model
+                                .encode_part(feats.get(i).unwrap_or(&empty), Source::Item, false)
+                                .unwrap(),
+                        )
+                    })
+                    .collect(),
+                user,
+            });
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut inprocess = Vec::new();
+        let mut same = 0;
+        for pass in 0..4 {
+            let mut total = 0.0;
+            for (i, p) in prepared.iter().enumerate() {
+                let req = Request {
+                    metric: twotower_tower::Metric::Cosine,
+                    user: &p.user,
+                    history: &p.history,
+                    threads,
+                };
+                let stages = [Stage {
+                    scorer: Scorer::Model {
+                        name: "bench_prerank",
+                        model: &model,
+                        user: &p.user_part,
+                    },
+                    keep: 100,
+                }];
+                let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Arc<Part>>, PrerankError> {
+                    Ok(idx.iter().map(|&j| p.parts[j].clone()).collect())
+                };
+                let t = Instant::now();
+                let r = cascade(&req, &p.cands, &stages, &mut parts, &mut || Ok(())).unwrap();
+                total += t.elapsed().as_secs_f64() * 1000.0;
+                if pass == 0 {
+                    let top: Vec<i64> = r[0].kept.iter().map(|&j| p.cands[j].item).collect();
+                    same += usize::from(top == server_top[i]);
+                }
+            }
+            if pass > 0 {
+                inprocess.push(total / n as f64);
+            }
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        (median(server), median(inprocess), same)
     }
 
     pub(super) fn funnel(&mut self) {
@@ -168,6 +330,7 @@ impl Towers<'_> {
         let pre_warm = self.timed_calls(prerank_sql, &prerank_params, calls, 100);
         let pre_hot = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
         let rec_warm = self.timed_calls(recommend_sql, &user_params, calls, 100);
+        let (server_ms, inprocess_ms, same) = self.glue_share(&inputs, &hot_cands);
         let cache: (i64, i64) = {
             let r = self
                 .c
@@ -243,6 +406,11 @@ impl Towers<'_> {
                 .map(|(s, r, ms)| format!("{s} ({r:.0} in) {ms:.2} ms"))
                 .collect::<Vec<_>>()
                 .join("; ")
+        );
+        println!(
+            "# cached prerank of 2,000 hot candidates, mean per call: server side {server_ms:.3} ms (one statement over the {calls} requests), the core cascade in this process over the same inputs {inprocess_ms:.3} ms: {:.2}× (target ≤ {PRERANK_GLUE_TARGET}×: {}); top 100 equal in {same} of {calls} requests",
+            server_ms / inprocess_ms,
+            verdict(server_ms / inprocess_ms <= PRERANK_GLUE_TARGET)
         );
         println!(
             "# target: prerank of 2,000 candidates p99 ≤ {PRERANK_P99_TARGET_MS} ms (hot set, item cache): {} ({:.2} ms); recommend p99 ≤ {RECOMMEND_P99_TARGET_MS} ms (item cache): {} ({:.2} ms)",
