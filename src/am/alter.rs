@@ -4,7 +4,8 @@
 //! reloptions without telling the access method which index they are for, so the check runs in
 //! a utility hook, after the ALTER, on the index's new options; its ERROR undoes the ALTER.
 
-use super::{is_ours, metric_of, options};
+use super::options;
+use super::rel::{is_ours, metric_of};
 use crate::infra::error::{OrReport, TtError};
 use pgrx::pg_sys;
 use pgrx::prelude::*;

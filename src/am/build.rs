@@ -2,7 +2,8 @@
 //! written into the index's own pages and WAL-logged.
 
 use super::pages::{self, tid_to_key, write_new_index, Meta, MAX_INDEX_DIMS};
-use super::{cache, metric_of, options};
+use super::rel::metric_of;
+use super::{cache, options};
 use crate::infra::error::{OrReport, TtError};
 use crate::infra::vector::VecRef;
 use pgrx::pg_sys;

@@ -731,7 +731,7 @@ unsafe extern "C-unwind" fn object_access(
             if r.is_null() {
                 return;
             }
-            let p = (super::is_ours(r) && !is_local(r)).then(|| {
+            let p = (super::rel::is_ours(r) && !is_local(r)).then(|| {
                 let k = rel_key(r);
                 Pending::Relation { db: k.1, rel: k.2 }
             });

@@ -6,7 +6,8 @@
 //! opens the table and the index; [`Target::nearest`] returns the `k` nearest live rows as
 //! (item id, exact distance) in distance order; [`Target::close`] releases both relations.
 
-use super::{is_ours, metric_of, pages, scan};
+use super::rel::{is_ours, metric_of, table_of_index};
+use super::{pages, scan};
 use crate::infra::error::{TtError, TtResult};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -46,7 +47,7 @@ fn denied(name: &str, who: &str) -> TtError {
 /// Refuses before any lock is taken when the caller can read neither the table of
 /// `index_oid` nor any of its columns (the exact column check follows once it is open).
 fn precheck_select(index_oid: pg_sys::Oid, who: &str) -> TtResult<pg_sys::Oid> {
-    let heap_oid = super::table_of_index(index_oid, who)?
+    let heap_oid = table_of_index(index_oid, who)?
         .ok_or_else(|| TtError::WrongObject(format!("{who} needs an index, not a table")))?;
     precheck_readable(heap_oid, who)?;
     Ok(heap_oid)
@@ -609,8 +610,7 @@ pub struct Health {
 /// checked before anything is locked); another kind of index is 42809.
 pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
     let me = crate::infra::catalog::caller();
-    let heap =
-        super::table_of_index(index_oid, who)?.ok_or_else(|| TtError::WrongIndex(who.into()))?;
+    let heap = table_of_index(index_oid, who)?.ok_or_else(|| TtError::WrongIndex(who.into()))?;
     // SAFETY: ACL lookups by oid without locks.
     let allowed = unsafe {
         let monitor = pg_sys::get_role_oid(c"pg_monitor".as_ptr(), true);

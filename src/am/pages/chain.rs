@@ -1,29 +1,14 @@
 //! Chains of pages holding a graph image (the delta graph, and a main graph retired by
 //! VACUUM), allocated from the free space map.
 
-use super::*;
+use super::kinds::*;
+use super::meta::*;
 use crate::infra::error::{OrReport, TtError, TtResult};
 use pgrx::pg_sys;
+use std::io::Write;
 
 // ---------------------------------------------------------------------------------------------
 // Delta-graph pages: a chain, allocated from the free space map.
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub(super) struct ChainSpecial {
-    pub(super) magic: u32,
-    pub(super) next: u32,
-    pub(super) generation: u64,
-}
-
-/// # Safety
-/// `page` must be a locked page of the index.
-pub(super) unsafe fn chain_special(page: pg_sys::Page) -> Option<ChainSpecial> {
-    // SAFETY: forwarded.
-    unsafe { special::<ChainSpecial>(page) }.filter(|s| {
-        s.magic == CHAIN_MAGIC || (SEG_MAGIC..SEG_MAGIC + MAX_SEGMENTS).contains(&s.magic)
-    })
-}
 
 /// Records `blocks` as free in the index's free space map and makes them findable.
 ///

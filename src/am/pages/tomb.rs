@@ -1,6 +1,6 @@
 //! The tombstone bitmap: one bit per position of the main graph, set when VACUUM removed it.
 
-use super::*;
+use super::meta::*;
 use pgrx::pg_sys;
 
 /// Reads the tombstone bitmap (one bit per graph position).
