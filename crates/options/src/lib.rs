@@ -85,6 +85,11 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// The object's keys and values.
+    pub fn map(&self) -> &'a Map<String, Value> {
+        self.map
+    }
+
     /// The object's own path.
     pub fn path(&self) -> &str {
         &self.path
@@ -128,7 +133,8 @@ impl<'a> Obj<'a> {
 
     /// The value of a required `key`.
     pub fn req(&self, key: &str) -> Result<&'a Value> {
-        self.get(key).ok_or_else(|| self.error(key, "is required"))
+        self.get(key)
+            .ok_or_else(|| self.error(key, "required key is missing"))
     }
 
     /// A required non-empty string.

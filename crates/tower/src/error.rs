@@ -96,3 +96,12 @@ pub fn json_type(v: &serde_json::Value) -> &'static str {
         serde_json::Value::Object(_) => "object",
     }
 }
+
+impl From<twotower_options::OptionError> for TowerError {
+    fn from(e: twotower_options::OptionError) -> Self {
+        TowerError::Spec {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
+}

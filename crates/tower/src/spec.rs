@@ -3,7 +3,8 @@
 
 use crate::error::{json_type, Result, TowerError};
 use crate::{Kind, Metric, SPEC_VERSION};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use twotower_options::Obj;
 use std::collections::HashMap;
 
 pub(crate) const FORMAT: &str = "pg_twotower.tower";
@@ -385,57 +386,20 @@ pub(crate) fn spec_err(path: impl Into<String>, reason: impl Into<String>) -> To
     }
 }
 
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_owned()
-    } else {
-        format!("{path}.{key}")
-    }
+/// The spec-specific readers over the shared JSON reader (`twotower_options::Obj`): tensor
+/// names, numbers that must be finite, integers that may be written 42.0 (as exporters do).
+trait SpecRead<'a> {
+    fn req_str(&self, key: &str) -> Result<&'a str>;
+    fn tensor(&self, key: &str) -> Result<String>;
+    fn opt_tensor(&self, key: &str) -> Result<Option<String>>;
+    fn spec_num(&self, key: &str) -> Result<f64>;
+    fn opt_num(&self, key: &str) -> Result<Option<f64>>;
+    fn spec_uint(&self, key: &str, lo: u64, hi: u64) -> Result<u64>;
+    fn opt_bool(&self, key: &str, default: bool) -> Result<bool>;
+    fn spec_array(&self, key: &str) -> Result<&'a Vec<Value>>;
 }
 
-/// A JSON object being read, with its path for error messages.
-struct Obj<'a> {
-    m: &'a Map<String, Value>,
-    path: String,
-}
-
-impl<'a> Obj<'a> {
-    fn new(v: &'a Value, path: String) -> Result<Obj<'a>> {
-        match v {
-            Value::Object(m) => Ok(Obj { m, path }),
-            other => Err(spec_err(
-                path,
-                format!("must be an object, got {}", json_type(other)),
-            )),
-        }
-    }
-
-    fn p(&self, key: &str) -> String {
-        join(&self.path, key)
-    }
-
-    fn allow(&self, keys: &[&str]) -> Result<()> {
-        for k in self.m.keys() {
-            if !keys.contains(&k.as_str()) {
-                return Err(spec_err(
-                    self.p(k),
-                    format!("unknown key (allowed here: {})", keys.join(", ")),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// A present, non-null value.
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        self.m.get(key).filter(|v| !v.is_null())
-    }
-
-    fn req(&self, key: &str) -> Result<&'a Value> {
-        self.get(key)
-            .ok_or_else(|| spec_err(self.p(key), "required key is missing"))
-    }
-
+impl<'a> SpecRead<'a> for Obj<'a> {
     fn req_str(&self, key: &str) -> Result<&'a str> {
         let v = self.req(key)?;
         v.as_str().ok_or_else(|| {
@@ -461,7 +425,7 @@ impl<'a> Obj<'a> {
         self.tensor(key).map(Some)
     }
 
-    fn num(&self, key: &str) -> Result<f64> {
+    fn spec_num(&self, key: &str) -> Result<f64> {
         let v = self.req(key)?;
         number(v).ok_or_else(|| {
             spec_err(
@@ -475,10 +439,10 @@ impl<'a> Obj<'a> {
         if self.get(key).is_none() {
             return Ok(None);
         }
-        self.num(key).map(Some)
+        self.spec_num(key).map(Some)
     }
 
-    fn uint(&self, key: &str, lo: u64, hi: u64) -> Result<u64> {
+    fn spec_uint(&self, key: &str, lo: u64, hi: u64) -> Result<u64> {
         let v = self.req(key)?;
         let n = integer(v).ok_or_else(|| {
             spec_err(self.p(key), format!("must be an integer, got {}", short(v)))
@@ -503,7 +467,7 @@ impl<'a> Obj<'a> {
         }
     }
 
-    fn array(&self, key: &str) -> Result<&'a Vec<Value>> {
+    fn spec_array(&self, key: &str) -> Result<&'a Vec<Value>> {
         let v = self.req(key)?;
         v.as_array().ok_or_else(|| {
             spec_err(
@@ -600,7 +564,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         }
     };
 
-    let feats = root.array("features")?;
+    let feats = root.spec_array("features")?;
     if feats.is_empty() || feats.len() > MAX_FEATURES {
         return Err(spec_err(
             "features",
@@ -647,7 +611,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     let senet = match root.get("senet") {
         None => None,
         Some(v) => {
-            let o = Obj::new(v, "senet".into())?;
+            let o = Obj::new(v, "senet")?;
             o.allow(&["w1", "b1", "w2", "b2"])?;
             Some(SenetDraft {
                 w1: o.tensor("w1")?,
@@ -663,7 +627,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     let ls = if has_graph && root.get("layers").is_none() {
         &empty
     } else {
-        root.array("layers")?
+        root.spec_array("layers")?
     };
     if has_graph && !ls.is_empty() {
         return Err(spec_err("layers", "a spec with a \"graph\" has its layers in the graph's nodes (leave \"layers\" out or empty)"));
@@ -680,7 +644,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         layers.push(parse_layer(&o, &names)?);
     }
 
-    let out = Obj::new(root.req("output")?, "output".into())?;
+    let out = Obj::new(root.req("output")?, "output")?;
     let output_node = match out.get("node") {
         None => None,
         Some(_) if !has_graph => {
@@ -698,10 +662,10 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
     let (output_dim, metric) = if kind == Kind::Prerank {
         // A pre-rank model outputs one score (higher ranks first); it has no index metric.
         out.allow(&["dim", "node"])?;
-        (out.uint("dim", 1, 1)? as usize, Metric::InnerProduct)
+        (out.spec_uint("dim", 1, 1)? as usize, Metric::InnerProduct)
     } else {
         out.allow(&["dim", "metric", "node"])?;
-        let output_dim = out.uint("dim", 1, MAX_WIDTH as u64)? as usize;
+        let output_dim = out.spec_uint("dim", 1, MAX_WIDTH as u64)? as usize;
         let name = out.req_str("metric")?;
         let metric = Metric::from_spec_name(name).ok_or_else(|| {
             spec_err(
@@ -734,7 +698,7 @@ pub(crate) const MAX_NODES: usize = 64;
 /// output does not use, a feature no node reads, shortcut layers (a graph joins inputs with
 /// nodes instead). Shapes are checked when the weights are bound.
 fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<GraphDraft> {
-    let arr = root.array("graph")?;
+    let arr = root.spec_array("graph")?;
     if arr.is_empty() || arr.len() > MAX_NODES {
         return Err(spec_err(
             "graph",
@@ -767,7 +731,7 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
     for (i, v) in arr.iter().enumerate() {
         let o = Obj::new(v, format!("graph[{i}]"))?;
         o.allow(&["name", "inputs", "layers", "combine", "weight", "bias"])?;
-        let ins = o.array("inputs")?;
+        let ins = o.spec_array("inputs")?;
         if ins.is_empty() || ins.len() > MAX_NODES {
             return Err(spec_err(
                 o.p("inputs"),
@@ -801,7 +765,7 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
         let op = match (o.get("layers"), o.get("combine")) {
             (Some(_), Some(_)) => {
                 return Err(spec_err(
-                    o.path.clone(),
+                    o.path().to_owned(),
                     "a node has \"layers\" or \"combine\", not both",
                 ))
             }
@@ -813,7 +777,7 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
                     ));
                 }
                 let ls = if o.get("layers").is_some() {
-                    o.array("layers")?.as_slice()
+                    o.spec_array("layers")?.as_slice()
                 } else {
                     &[]
                 };
@@ -1032,10 +996,10 @@ fn parse_sourced_feature(
             ));
         };
         let dim = if cross.is_vector() {
-            o.uint("dim", 1, MAX_WIDTH as u64)? as usize
+            o.spec_uint("dim", 1, MAX_WIDTH as u64)? as usize
         } else {
             if o.get("dim").is_some() {
-                o.uint("dim", 1, 1)?;
+                o.spec_uint("dim", 1, 1)?;
             }
             1
         };
@@ -1072,22 +1036,22 @@ fn parse_sourced_feature(
             ))
         }
     };
-    let mut rest = o.m.clone();
+    let mut rest = o.map().clone();
     rest.remove("source");
     let rest = Value::Object(rest);
-    let inner = Obj::new(&rest, o.path.clone())?;
+    let inner = Obj::new(&rest, o.path())?;
     Ok((source, parse_feature(&inner)?, None))
 }
 
 fn parse_lookup(o: &Obj) -> Result<Lookup> {
     match (o.get("vocabulary"), o.get("hash_buckets")) {
         (Some(_), Some(_)) | (None, None) => Err(spec_err(
-            o.path.clone(),
+            o.path().to_owned(),
             "exactly one of \"vocabulary\" and \"hash_buckets\" must be given",
         )),
-        (None, Some(_)) => Ok(Lookup::Hash(o.uint("hash_buckets", 1, MAX_HASH_BUCKETS)?)),
+        (None, Some(_)) => Ok(Lookup::Hash(o.spec_uint("hash_buckets", 1, MAX_HASH_BUCKETS)?)),
         (Some(_), None) => {
-            let vocab = o.array("vocabulary")?;
+            let vocab = o.spec_array("vocabulary")?;
             if vocab.len() as u64 >= MAX_HASH_BUCKETS {
                 return Err(spec_err(o.p("vocabulary"), "too many entries"));
             }
@@ -1148,7 +1112,7 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
             };
             let max_len = match o.get("max_len") {
                 None => usize::MAX,
-                Some(_) => o.uint("max_len", 1, MAX_MAX_LEN)? as usize,
+                Some(_) => o.spec_uint("max_len", 1, MAX_MAX_LEN)? as usize,
             };
             FeatureDraft::Multi {
                 table: o.tensor("embedding")?,
@@ -1170,8 +1134,8 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
                 }
                 "zscore" => {
                     o.allow(&["name", "type", "transform", "default", "mean", "std"])?;
-                    let mean = o.num("mean")?;
-                    let std = o.num("std")?;
+                    let mean = o.spec_num("mean")?;
+                    let std = o.spec_num("std")?;
                     if std <= 0.0 {
                         return Err(spec_err(o.p("std"), format!("must be > 0, got {std}")));
                     }
@@ -1179,8 +1143,8 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
                 }
                 "minmax" => {
                     o.allow(&["name", "type", "transform", "default", "min", "max"])?;
-                    let min = o.num("min")?;
-                    let max = o.num("max")?;
+                    let min = o.spec_num("min")?;
+                    let max = o.spec_num("max")?;
                     if min >= max || !(max - min).is_finite() {
                         return Err(spec_err(
                             o.p("max"),
@@ -1220,7 +1184,7 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
         }
         "bucketize" => {
             o.allow(&["name", "type", "boundaries", "embedding"])?;
-            let arr = o.array("boundaries")?;
+            let arr = o.spec_array("boundaries")?;
             let mut boundaries = Vec::with_capacity(arr.len());
             for (i, b) in arr.iter().enumerate() {
                 let path = format!("{}[{i}]", o.p("boundaries"));
@@ -1245,7 +1209,7 @@ fn parse_feature(o: &Obj) -> Result<FeatureDraft> {
         "dense" => {
             o.allow(&["name", "type", "dim"])?;
             FeatureDraft::Dense {
-                dim: o.uint("dim", 1, MAX_DENSE_DIM)? as usize,
+                dim: o.spec_uint("dim", 1, MAX_DENSE_DIM)? as usize,
             }
         }
         other => {
@@ -1325,7 +1289,7 @@ fn parse_layer(o: &Obj, names: &[String]) -> Result<LayerDraft> {
         }
         "shortcut" => {
             o.allow(&["type", "fields"])?;
-            let arr = o.array("fields")?;
+            let arr = o.spec_array("fields")?;
             if arr.is_empty() {
                 return Err(spec_err(o.p("fields"), "must list at least one feature"));
             }
