@@ -4,8 +4,8 @@
 use crate::error::{json_type, Result, TowerError};
 use crate::{Kind, Metric, SPEC_VERSION};
 use serde_json::Value;
-use twotower_options::Obj;
 use std::collections::HashMap;
+use twotower_options::Obj;
 
 pub(crate) const FORMAT: &str = "pg_twotower.tower";
 pub(crate) const MAX_FEATURES: usize = 256;
@@ -1049,7 +1049,11 @@ fn parse_lookup(o: &Obj) -> Result<Lookup> {
             o.path().to_owned(),
             "exactly one of \"vocabulary\" and \"hash_buckets\" must be given",
         )),
-        (None, Some(_)) => Ok(Lookup::Hash(o.spec_uint("hash_buckets", 1, MAX_HASH_BUCKETS)?)),
+        (None, Some(_)) => Ok(Lookup::Hash(o.spec_uint(
+            "hash_buckets",
+            1,
+            MAX_HASH_BUCKETS,
+        )?)),
         (Some(_), None) => {
             let vocab = o.spec_array("vocabulary")?;
             if vocab.len() as u64 >= MAX_HASH_BUCKETS {
