@@ -29,6 +29,13 @@ pub fn is_citus_table(relid: pg_sys::Oid) -> TtResult<bool> {
     .map_err(|e| TtError::Internal(format!("reading Citus's pg_dist_partition: {e}")))
 }
 
+/// Whether the table of index `index_oid` is a Citus table.
+pub fn is_citus_index(index_oid: pg_sys::Oid) -> TtResult<bool> {
+    // SAFETY: a catalogue lookup by oid (InvalidOid for a relation that is no index).
+    let heap = unsafe { pg_sys::IndexGetRelation(index_oid, true) };
+    Ok(heap != pg_sys::InvalidOid && is_citus_table(heap)?)
+}
+
 /// `CitusTable` when the table of index `index_oid` is a Citus table (its rows are in shards
 /// elsewhere); `who` names the calling function.
 pub fn refuse_shell_index(index_oid: pg_sys::Oid, who: &str) -> TtResult<()> {

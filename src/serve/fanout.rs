@@ -269,30 +269,7 @@ impl Shards {
     /// schema, `public` unless `CREATE EXTENSION ... SCHEMA` chose another; shards install the
     /// extension into the same schema).
     fn operator(&self) -> TtResult<String> {
-        let (name, function) = match self.metric {
-            Metric::L2 => ("<->", "l2_distance"),
-            Metric::InnerProduct => ("<#>", "negative_inner_product"),
-            Metric::Cosine => ("<=>", "cosine_distance"),
-        };
-        let schema = crate::infra::catalog::read_row::<String, String>(
-            "SELECT pg_catalog.quote_ident(n.nspname), '' FROM pg_catalog.pg_operator o
-               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.oprnamespace
-              WHERE o.oprname OPERATOR(pg_catalog.=) $1
-                AND o.oprcode OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($2)
-              ORDER BY o.oid LIMIT 1",
-            &[
-                name.into(),
-                format!("twotower.{function}(real[],real[])").into(),
-            ],
-        )
-        .map_err(|e| TtError::BadArgument(format!("looking up the operator {name}: {e}")))?
-        .and_then(|(s, _)| s)
-        .ok_or_else(|| {
-            TtError::Damaged(format!(
-                "the operator {name} on real[] of pg_twotower is missing"
-            ))
-        })?;
-        Ok(format!("OPERATOR({schema}.{name})"))
+        distance_operator(self.metric)
     }
 
     /// The top `k` of each of the shards numbered `which` in one statement (the branches joined
@@ -429,4 +406,33 @@ mod twotower {
         });
         TableIterator::new(rows)
     }
+}
+
+/// The distance operator of `metric` on real[], schema-qualified (the operators live in the
+/// extension's schema, whatever it is).
+pub fn distance_operator(metric: Metric) -> TtResult<String> {
+    let (name, function) = match metric {
+        Metric::L2 => ("<->", "l2_distance"),
+        Metric::InnerProduct => ("<#>", "negative_inner_product"),
+        Metric::Cosine => ("<=>", "cosine_distance"),
+    };
+    let schema = crate::infra::catalog::read_row::<String, String>(
+        "SELECT pg_catalog.quote_ident(n.nspname), '' FROM pg_catalog.pg_operator o
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.oprnamespace
+          WHERE o.oprname OPERATOR(pg_catalog.=) $1
+            AND o.oprcode OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure($2)
+          ORDER BY o.oid LIMIT 1",
+        &[
+            name.into(),
+            format!("twotower.{function}(real[],real[])").into(),
+        ],
+    )
+    .map_err(|e| TtError::BadArgument(format!("looking up the operator {name}: {e}")))?
+    .and_then(|(s, _)| s)
+    .ok_or_else(|| {
+        TtError::Damaged(format!(
+            "the operator {name} on real[] of pg_twotower is missing"
+        ))
+    })?;
+    Ok(format!("OPERATOR({schema}.{name})"))
 }

@@ -39,6 +39,9 @@ pub fn search(
     ef: usize,
     vectors: bool,
 ) -> TtResult<Vec<(i64, f32, Option<Arc<[f32]>>)>> {
+    if crate::infra::citus::is_citus_index(index_oid)? {
+        return citus_search(index_oid, query, model_metric, k, exclude, ef);
+    }
     let targets = Target::open_all(index_oid, "recall()")?;
     let mut best: Vec<(f64, i64, Option<Arc<[f32]>>)> = Vec::new();
     let mut metric = model_metric;
@@ -90,5 +93,72 @@ pub fn search(
     Ok(best
         .into_iter()
         .map(|(d, id, v)| (id, metric.similarity(d) as f32, v))
+        .collect())
+}
+
+/// The search of an index on a Citus table, whose rows and index entries are in the shards on
+/// the workers: the ordered query `ORDER BY vector <op> q LIMIT k` on the table, which Citus
+/// sends to every shard (each an ordered scan of its own index, exclusions pushed down) and
+/// merges by distance; run as the caller (the distributed table's privileges). The shards use
+/// their own `twotower.ef_search` (propagated by Citus as it propagates settings): an explicit
+/// `ef` cannot reach them and is refused.
+fn citus_search(
+    index_oid: pg_sys::Oid,
+    query: &[f32],
+    model_metric: Metric,
+    k: usize,
+    exclude: &HashSet<i64>,
+    ef: usize,
+) -> TtResult<Vec<(i64, f32, Option<Arc<[f32]>>)>> {
+    if ef > 0 {
+        return Err(TtError::Unsupported(
+            "ef_search cannot be passed to the shards of a Citus table: SET LOCAL twotower.ef_search with citus.propagate_set_commands = 'local' (docs/scale-out.md)".into(),
+        ));
+    }
+    let metric = crate::am::search::index_metric(index_oid, "recall()")?;
+    same_metric(model_metric, metric)?;
+    let (table, vector) = crate::am::search::indexed_column(index_oid)
+        .ok_or_else(|| TtError::WrongIndex("recall()".into()))?;
+    let id = crate::infra::catalog::read_row::<String, bool>(
+        "SELECT a.attname::pg_catalog.text, true FROM pg_catalog.pg_index i
+           JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
+                                         AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]
+          WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisprimary AND i.indnatts OPERATOR(pg_catalog.=) 1",
+        &[table.into()],
+    )
+    .map_err(|e| TtError::Internal(format!("reading the primary key of a Citus table: {e}")))?
+    .and_then(|(c, _)| c);
+    let name = crate::infra::spi::relation_name(table)?;
+    let Some(id) = id else {
+        return Err(TtError::NoItemId(format!(
+            "table \"{name}\" has no single-column integer primary key"
+        )));
+    };
+    let op = crate::serve::fanout::distance_operator(metric)?;
+    let (id, vector) = (
+        pgrx::spi::quote_identifier(&id),
+        pgrx::spi::quote_identifier(&vector),
+    );
+    let ex: Vec<i64> = exclude.iter().copied().collect();
+    let sql = format!(
+        "SELECT t.{id}::pg_catalog.int8, (t.{vector} {op} $1::pg_catalog.float4[])::pg_catalog.float8
+           FROM {name} AS t WHERE NOT (t.{id} OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.int8[]))
+          ORDER BY t.{vector} {op} $1::pg_catalog.float4[] LIMIT {k}"
+    );
+    let mut best: Vec<(f64, i64)> = Vec::with_capacity(k);
+    Spi::connect(|c| {
+        for r in c.select(&sql, None, &[query.to_vec().into(), ex.into()])? {
+            if let (Some(i), Some(d)) = (r.get::<i64>(1)?, r.get::<f64>(2)?) {
+                best.push((d, i));
+            }
+        }
+        Ok::<_, pgrx::spi::Error>(())
+    })
+    .map_err(|e| TtError::BadArgument(format!("searching {name} through Citus: {e}")))?;
+    // Distance order, ties by id (as the index scans order them).
+    best.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    Ok(best
+        .into_iter()
+        .map(|(d, id)| (id, metric.similarity(d) as f32, None))
         .collect())
 }

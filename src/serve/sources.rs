@@ -134,15 +134,20 @@ pub fn check_channel(path: &str, c: &ChannelDef, d: &Definition, user: &Serving)
         ChannelKind::TwoTower { index, .. } => {
             let dims = user.model.output_dim();
             let ix = relation(&format!("{path}.index"), index)?;
-            // The index of a table, or of each leaf of a partitioned table.
-            let fits = crate::am::search::Target::open_all(ix, "a pipeline")?
-                .into_iter()
-                .fold(true, |ok, t| {
-                    let fit =
-                        t.metric() == user.model.metric() && t.dims().is_none_or(|n| n == dims);
-                    t.close();
-                    ok && fit
-                });
+            // The index of a table, or of each leaf of a partitioned table; of a Citus table
+            // (a shell on this node), its metric.
+            let fits = if crate::infra::citus::is_citus_index(ix)? {
+                crate::am::search::index_metric(ix, "a pipeline")? == user.model.metric()
+            } else {
+                crate::am::search::Target::open_all(ix, "a pipeline")?
+                    .into_iter()
+                    .fold(true, |ok, t| {
+                        let fit = t.metric() == user.model.metric()
+                            && t.dims().is_none_or(|n| n == dims);
+                        t.close();
+                        ok && fit
+                    })
+            };
             if !fits {
                 return Err(bad(
                     "index",

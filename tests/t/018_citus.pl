@@ -7,8 +7,9 @@
 # found at once; a worker that is down is an error naming it; twotower.ef_search reaches the
 # shards the ways Citus propagates settings; a role without SELECT on the distributed table gets
 # 42501. Of the extension's functions, what works on Citus today is checked here (index_info and
-# recall() on a worker's own shard index, refresh_item_vectors from a plain catalogue into a
-# distributed vector table); docs/scale-out.md says what does not work yet.
+# recall() on a worker's own shard index; recall() and recommend() on the coordinator over the
+# distributed table; refresh_item_vectors from a plain catalogue into a distributed vector
+# table); docs/scale-out.md says what does not work yet.
 # Skipped, saying so, where Citus is not installed (scripts/citus.sh installs it).
 use strict;
 use warnings;
@@ -322,12 +323,48 @@ is($coord->safe_psql('postgres', q{SELECT md5(string_agg(id || ':' || embedding:
 	$coord->safe_psql('postgres', q{SELECT md5(string_agg(item_id || ':' || f::text, ',' ORDER BY item_id)) FROM dcatalog}),
 	'... every vector is the item tower of its row (not a zero vector)');
 
-# recall() and index_info() on the coordinator's index of a distributed table: an error naming
-# Citus, not the empty answer of the coordinator's shell index.
+# recall() on the coordinator's index of a distributed table: the ordered query on every
+# shard's index, merged by Citus; the exact top k of the same rows in the plain table, for k 10
+# and for k larger than a shard, with exclusions pushed down. (It was refused: "recall() does
+# not read Citus tables yet".)
+my $recall = sub {
+	my ($k, $exclude) = @_;
+	return $coord->safe_psql('postgres', qq{SELECT string_agg(item_id::text, ',' ORDER BY rank)
+		FROM twotower.recall('q4', 'items_idx', '{"q": [0.2, 0.4, -0.1, 0.5]}', $k, exclude => '$exclude')});
+};
+is($recall->(10, '{}'), $ref10, 'recall() on the coordinator over a distributed table: the exact top 10');
+is($recall->(600, '{}'), topk('items_ref', $queries[0], 600), '... and the exact top 600 (more than a shard holds)');
+my @first3 = (split /,/, $ref10)[0 .. 2];
+is($recall->(10, '{' . join(',', @first3) . '}'),
+	topk('items_ref', $queries[0], 10, where => 'id NOT IN (' . join(',', @first3) . ')'),
+	'... with exclusions: the exact top 10 of the other rows');
 ($ret, $out, $err) = $coord->psql('postgres',
-	q{SELECT count(*) FROM twotower.recall('q4', 'items_idx', '{"q": [0.2, 0.4, -0.1, 0.5]}', 10)});
-isnt($ret, 0, 'recall() on the coordinator\'s index of a distributed table fails ...');
-like($err, qr/recall\(\) does not read Citus tables yet: items is distributed by Citus/, '... saying why');
+	q{SELECT count(*) FROM twotower.recall('q4', 'items_idx', '{"q": [0.2, 0.4, -0.1, 0.5]}', 10, ef_search => 50)});
+like($err, qr/ef_search cannot be passed to the shards of a Citus table/,
+	'an explicit ef_search cannot reach the shards: an error that says how to set it');
+
+# recommend() over the distributed table equals the same pipeline over the plain table holding
+# the same rows (its own index), on one server.
+$coord->safe_psql('postgres', q{
+	CREATE INDEX items_ref_idx ON items_ref USING twotower_hnsw (embedding public.real_cosine_ops);
+	SELECT twotower.save_pipeline('dist', '{"user_model": "q4", "vectors": {"table": "items"},
+	  "channels": [{"type": "twotower", "index": "items_idx", "k": 50}],
+	  "stages": [{"type": "twotower", "keep": 20}], "k": 20}');
+	SELECT twotower.save_pipeline('single', '{"user_model": "q4", "vectors": {"table": "items_ref"},
+	  "channels": [{"type": "twotower", "index": "items_ref_idx", "k": 50}],
+	  "stages": [{"type": "twotower", "keep": 20}], "k": 20}');
+});
+my $rec = sub {
+	my ($p) = @_;
+	return $coord->safe_psql('postgres', qq{SELECT string_agg(item_id || ':' || round(score::numeric, 5), ',' ORDER BY rank)
+		FROM twotower.recommend('$p', '{"q": [0.2, 0.4, -0.1, 0.5]}', exclude => '{$first3[0]}')});
+};
+my $single = $rec->('single');
+like($single, qr/^(\d+:[-0-9.]+,){19}\d+:[-0-9.]+$/, 'recommend() on one server: 20 items with scores');
+is($rec->('dist'), $single, 'recommend() over the distributed table: the same items and scores as on one server');
+
+# index_info() on the coordinator's index of a distributed table: an error naming Citus, not
+# the empty answer of the coordinator's shell index.
 ($ret, $out, $err) = $coord->psql('postgres', q{SELECT graph_items FROM twotower.index_info('items_idx')});
 isnt($ret, 0, 'index_info() on the coordinator\'s shell index fails ...');
 like($err, qr/index_info\(\) does not read Citus tables yet/, '... saying why');

@@ -382,7 +382,12 @@ pub fn run<S: Sources>(
         .filter(|i| !known.contains_key(i))
         .collect();
     if !wanted.is_empty() {
-        known.extend(src.vectors(&wanted)?);
+        let read = src.vectors(&wanted)?;
+        if known.is_empty() {
+            known = read;
+        } else {
+            known.extend(read);
+        }
     }
     let (with, without): (Vec<i64>, Vec<i64>) = pool.iter().partition(|i| known.contains_key(i));
     let hist: Vec<Vec<f32>> = history
