@@ -267,6 +267,21 @@ pub fn indexed_column(index_oid: pg_sys::Oid) -> Option<(pg_sys::Oid, String)> {
     }
 }
 
+/// The name of table `table`'s single-column integer primary key (its item id), or None.
+pub fn primary_key_column(table: pg_sys::Oid) -> TtResult<Option<String>> {
+    Ok(crate::infra::catalog::read_row::<String, bool>(
+        "SELECT a.attname::pg_catalog.text, true FROM pg_catalog.pg_index i
+           JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
+                                         AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]
+          WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisprimary
+            AND i.indnkeyatts OPERATOR(pg_catalog.=) 1
+            AND a.atttypid OPERATOR(pg_catalog.=) ANY ('{int2,int4,int8}'::pg_catalog.regtype[])",
+        &[table.into()],
+    )
+    .map_err(|e| TtError::Internal(format!("reading the primary key of a table: {e}")))?
+    .and_then(|(c, _)| c))
+}
+
 /// Who vouches for the caller's right to read a table.
 #[derive(Clone, Copy, PartialEq)]
 enum Grant {
@@ -542,14 +557,21 @@ impl Target {
                     if v.as_slice().len() != query.len() {
                         continue;
                     }
-                    if vectors && v.as_slice().iter().all(|x| x.is_finite()) {
-                        stored = Some(v.as_slice().into());
-                    }
-                    if exact {
+                    let d = if exact {
                         bound
                     } else {
                         self.metric.sql_distance(query, v.as_slice())
+                    };
+                    // Only a row that enters the top k has its vector copied.
+                    let enters = k > 0
+                        && (best.len() < k || {
+                            let (bd, bid, _) = &best[k - 1];
+                            d < *bd || (d == *bd && id < *bid)
+                        });
+                    if vectors && enters && v.as_slice().iter().all(|x| x.is_finite()) {
+                        stored = Some(v.as_slice().into());
                     }
+                    d
                 };
                 let at = best.partition_point(|(bd, bid, _)| *bd < d || (*bd == d && *bid < id));
                 if at < k {

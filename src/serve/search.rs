@@ -119,15 +119,7 @@ fn citus_search(
     same_metric(model_metric, metric)?;
     let (table, vector) = crate::am::search::indexed_column(index_oid)
         .ok_or_else(|| TtError::WrongIndex("recall()".into()))?;
-    let id = crate::infra::catalog::read_row::<String, bool>(
-        "SELECT a.attname::pg_catalog.text, true FROM pg_catalog.pg_index i
-           JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid
-                                         AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]
-          WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisprimary AND i.indnatts OPERATOR(pg_catalog.=) 1",
-        &[table.into()],
-    )
-    .map_err(|e| TtError::Internal(format!("reading the primary key of a Citus table: {e}")))?
-    .and_then(|(c, _)| c);
+    let id = crate::am::search::primary_key_column(table)?;
     let name = crate::infra::spi::relation_name(table)?;
     let Some(id) = id else {
         return Err(TtError::NoItemId(format!(

@@ -41,13 +41,16 @@ pub struct SpiSources<'a> {
 
 impl SpiSources<'_> {
     /// Whether a search of index `ix` can hand over its hits' vectors: the index is on the
-    /// pipeline's vectors column of its vectors table.
-    fn index_holds_vectors(&self, ix: pg_sys::Oid) -> bool {
+    /// pipeline's vectors column of its vectors table, whose id column is the table's primary
+    /// key (the item id a search returns).
+    fn index_holds_vectors(&self, ix: pg_sys::Oid) -> TtResult<bool> {
         let Some((table, column)) = crate::am::search::indexed_column(ix) else {
-            return false;
+            return Ok(false);
         };
-        column == self.d.vectors.vector_column
+        Ok(column == self.d.vectors.vector_column
             && spi::regclass(&self.d.vectors.table) == Some(table)
+            && crate::am::search::primary_key_column(table)?.as_deref()
+                == Some(self.d.vectors.id_column.as_str()))
     }
 }
 
@@ -58,7 +61,7 @@ impl Sources for SpiSources<'_> {
         match &c.kind {
             ChannelKind::TwoTower { index, ef_search } => {
                 let ix = relation(&format!("channels[{at}].index"), index)?;
-                let hand = self.index_holds_vectors(ix);
+                let hand = self.index_holds_vectors(ix)?;
                 Ok(crate::serve::search::search(
                     ix,
                     q.user,
@@ -131,9 +134,15 @@ pub fn check_channel(path: &str, c: &ChannelDef, d: &Definition, user: &Serving)
         reason,
     };
     match &c.kind {
-        ChannelKind::TwoTower { index, .. } => {
+        ChannelKind::TwoTower { index, ef_search } => {
             let dims = user.model.output_dim();
             let ix = relation(&format!("{path}.index"), index)?;
+            if ef_search.is_some() && crate::infra::citus::is_citus_index(ix)? {
+                return Err(bad(
+                    "ef_search",
+                    "cannot reach the shards of a Citus table: set twotower.ef_search on them (docs/scale-out.md)".into(),
+                ));
+            }
             // The index of a table, or of each leaf of a partitioned table; of a Citus table
             // (a shell on this node), its metric.
             let fits = if crate::infra::citus::is_citus_index(ix)? {
@@ -181,9 +190,11 @@ pub fn check_channel(path: &str, c: &ChannelDef, d: &Definition, user: &Serving)
     Ok(())
 }
 
-/// The function of a function channel: `name(jsonb, integer)`, resolved as the caller would
-/// (search path or qualified name); its oid and its schema-qualified, quoted name.
-fn resolve_function(name: &str) -> TtResult<Option<(pg_sys::Oid, String, bool)>> {
+/// The function of a function channel: `name(jsonb, integer)`, resolved with the current
+/// search path (or as qualified); its oid, its schema-qualified quoted name, and whether it
+/// returns rows with `item_id` and `score` columns. `save_pipeline` stores the qualified name,
+/// so a call resolves the function the saver checked, whatever the caller's search path.
+pub fn resolve_function(name: &str) -> TtResult<Option<(pg_sys::Oid, String, bool)>> {
     let row = read_row::<pg_sys::Oid, String>(
         "SELECT p.oid, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(p.proname)
            FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
@@ -224,15 +235,13 @@ fn function_hits(path: &str, name: &str, q: &Query) -> TtResult<Vec<Hit>> {
             &format!(
                 "SELECT r.item_id::pg_catalog.int8, r.score::pg_catalog.float4 FROM {qualified}($1::pg_catalog.jsonb, $2) AS r"
             ),
-            None,
+            // At most this many rows are held, whatever the function returns.
+            Some(MAX_FUNCTION_ROWS as _),
             &[pgrx::JsonB(q.features.clone()).into(), asked.into()],
         )?;
         for r in t {
             if let (Some(i), Some(s)) = (r.get::<i64>(1)?, r.get::<f32>(2)?) {
                 rows.push((i, s));
-            }
-            if rows.len() > MAX_FUNCTION_ROWS {
-                break;
             }
         }
         Ok::<_, pgrx::spi::Error>(())
@@ -245,7 +254,9 @@ fn function_hits(path: &str, name: &str, q: &Query) -> TtResult<Vec<Hit>> {
     }
     rows.retain(|(i, _)| !q.exclude.contains(i));
     rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    rows.dedup_by_key(|r| r.0);
+    // An item the function returned more than once counts once, at its best score.
+    let mut seen = rustc_hash::FxHashSet::default();
+    rows.retain(|r| seen.insert(r.0));
     rows.truncate(q.k);
     Ok(rows
         .into_iter()
@@ -324,14 +335,14 @@ fn item_parts(
         .map(|(n, _)| n)
         .collect();
     let empty = Value::Object(Default::default());
-    let encode = |v: &Value| -> TtResult<Arc<Part>> {
+    let encode = |id: i64, v: &Value| -> TtResult<Arc<Part>> {
         model
             .encode_part(v, Source::Item, false)
             .map(Arc::new)
-            .map_err(|e| TtError::Prerank(twotower_funnel::PrerankError::Bad(e.to_string())))
+            .map_err(|error| TtError::Item { id, error })
     };
     let (Some(f), false) = (&d.item_features, cols.is_empty()) else {
-        return items.iter().map(|_| encode(&empty)).collect();
+        return items.iter().map(|&i| encode(i, &empty)).collect();
     };
     let rel = relation("item_features.table", &f.table)?;
     let cached = crate::serve::item_cache::usable(rel);
@@ -346,7 +357,7 @@ fn item_parts(
         let mut fresh: HashMap<i64, Arc<Part>> =
             HashMap::with_capacity_and_hasher(misses.len(), Default::default());
         for i in &misses {
-            fresh.insert(*i, encode(rows.get(i).unwrap_or(&empty))?);
+            fresh.insert(*i, encode(*i, rows.get(i).unwrap_or(&empty))?);
         }
         if cached {
             // Items without a row are cached too (as every feature's missing value): an insert
@@ -360,7 +371,7 @@ fn item_parts(
         .map(|i| match hits.get(i) {
             Some(p) => Ok(p.clone()),
             // Every item was read or found in the cache; an empty part if not.
-            None => encode(&empty),
+            None => encode(*i, &empty),
         })
         .collect()
 }

@@ -78,8 +78,8 @@ pub mod twotower {
             check_for_interrupts!();
             let out = forward_parallel(&l.model, batch, crate::infra::gucs::inference_threads());
             if let Some(row) = super::first_non_finite(&out, dim) {
-                TtError::BadArgument(format!(
-                    "the tower output of features element {} is not finite",
+                TtError::OutOfRange(format!(
+                    "the tower output of features element {} is not finite (input values or weights too large)",
                     ords[row]
                 ))
                 .report();

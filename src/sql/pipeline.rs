@@ -16,6 +16,7 @@ pub mod twotower {
     use crate::serve::pipelines::{bad_def, check, load, stage_model, user_model};
     use crate::serve::sources::SpiSources;
     use pgrx::prelude::*;
+    use twotower_funnel::channel::ChannelKind;
     use twotower_funnel::pipeline::{Definition, StageKind};
     use twotower_funnel::request::{self, Models, Outcome, Request};
 
@@ -47,6 +48,18 @@ pub mod twotower {
             None => {}
         }
         check(&d).or_report();
+        // Function channels are stored with the function the check found, schema-qualified:
+        // a call runs that function whatever the caller's search path.
+        let mut v = v;
+        for (i, c) in d.channels.iter().enumerate() {
+            if let ChannelKind::Function { function, .. } = &c.kind {
+                if let Some((_, qualified, _)) =
+                    crate::serve::sources::resolve_function(function).or_report()
+                {
+                    v["channels"][i]["function"] = serde_json::Value::String(qualified);
+                }
+            }
+        }
         let who = role_name(me);
         let created = as_catalog_owner(|| {
             Spi::get_one_with_args::<bool>(

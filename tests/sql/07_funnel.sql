@@ -271,6 +271,24 @@ SELECT kept_items AS pricey FROM twotower.recommend_explain('fn_f', '{"q": [3, 4
 SELECT array_agg(item_id ORDER BY score DESC, item_id) AS expected
   FROM (SELECT * FROM fn_priciest('{}', 100) WHERE item_id <> 2 ORDER BY score DESC, item_id LIMIT 3) x;
 SELECT item_id, rank, channels FROM twotower.recommend('fn_f', '{"q": [3, 4], "history": [2]}') ORDER BY rank;
+-- The stored definition names the function the save found, schema-qualified: a caller whose
+-- search_path finds another fn_priciest still runs the saved one.
+SELECT definition -> 'channels' -> 0 ->> 'function' AS stored_function FROM twotower.pipelines WHERE name = 'fn_f';
+CREATE SCHEMA fn_shadow;
+CREATE FUNCTION fn_shadow.fn_priciest(features jsonb, k integer) RETURNS TABLE (item_id bigint, score real)
+  LANGUAGE sql STABLE AS $$ SELECT 999::bigint, 1e6::real $$;
+SET search_path = fn_shadow, public, twotower;
+SELECT bool_and(item_id <> 999) AS saved_function_ran FROM twotower.recommend('fn_f', '{"q": [3, 4], "history": [2]}');
+SET search_path = public, twotower;
+DROP SCHEMA fn_shadow CASCADE;
+-- An item a function returns twice counts once, at its best score.
+CREATE FUNCTION fn_twice(features jsonb, k integer) RETURNS TABLE (item_id bigint, score real)
+  LANGUAGE sql STABLE AS $$ VALUES (3::bigint, 0.9::real), (4, 0.8), (3, 0.5), (5, 0.1) $$;
+SELECT twotower.save_pipeline('fn_f3', '{"user_model": "fn_user", "vectors": {"table": "fn_items"},
+  "channels": [{"name": "twice", "type": "function", "function": "fn_twice", "k": 3}], "k": 3}');
+SELECT kept_items AS twice FROM twotower.recommend_explain('fn_f3', '{"q": [3, 4]}') WHERE stage = 'channel twice';
+SELECT twotower.drop_pipeline('fn_f3');
+DROP FUNCTION fn_twice(jsonb, integer);
 -- What a function channel names is checked when saved.
 SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_f2', '{"user_model": "fn_user", "vectors": {"table": "fn_items"},
   "channels": [{"type": "function", "function": "no_such_function", "k": 3}]}')$$);

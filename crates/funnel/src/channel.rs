@@ -1,9 +1,11 @@
 //! Recall channels: the kinds a pipeline can name, each parsed from its JSON object here and
 //! asked for its hits through [`crate::request::Sources::channel`] with a [`Query`] built here.
 //!
-//! Adding a channel kind means a variant of [`ChannelKind`] with its arm in
-//! [`ChannelKind::parse`], [`ChannelKind::query`] and [`ChannelKind::names`] (all in this file),
-//! and the glue's arm that fetches its hits and checks what it names in the database.
+//! Adding a channel kind means a variant of [`ChannelKind`] with its name in [`TYPES`] and its
+//! arms in [`ChannelKind::parse`], [`ChannelKind::seeds`], [`ChannelKind::needs_seeds`],
+//! [`ChannelKind::request_keys`] and [`ChannelKind::names`] (all in this file; the matches on
+//! the enum are exhaustive, so the compiler lists them), and the glue's arms that fetch its hits
+//! and check what it names in the database.
 
 use serde_json::Value;
 use std::collections::HashSet;

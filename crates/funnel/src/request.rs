@@ -266,7 +266,7 @@ pub fn run<S: Sources>(
                 ))
                 .into());
             }
-            let mut seen = FxHashSet::default();
+            let mut seen = FxHashSet::with_capacity_and_hasher(c.len(), Default::default());
             if let Some(dup) = c.iter().find(|i| !seen.insert(**i)) {
                 return Err(bad(format!("candidate {dup} is given twice")).into());
             }
@@ -389,18 +389,24 @@ pub fn run<S: Sources>(
             known.extend(read);
         }
     }
-    let (with, without): (Vec<i64>, Vec<i64>) = pool.iter().partition(|i| known.contains_key(i));
     let hist: Vec<Vec<f32>> = history
         .iter()
         .filter_map(|h| known.get(h).map(|v| v.to_vec()))
         .collect();
-    let cands: Vec<Cand> = with
-        .iter()
-        .map(|i| Cand {
-            item: *i,
-            vector: known[i].clone(),
-        })
-        .collect();
+    let (mut with, mut without) = (Vec::with_capacity(pool.len()), Vec::new());
+    let mut cands: Vec<Cand> = Vec::with_capacity(pool.len());
+    for &item in &pool {
+        match known.get(&item) {
+            Some(v) => {
+                with.push(item);
+                cands.push(Cand {
+                    item,
+                    vector: v.clone(),
+                });
+            }
+            None => without.push(item),
+        }
+    }
     steps.push(Step {
         stage: "item vectors".into(),
         received: Some(pool.len()),
