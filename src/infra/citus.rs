@@ -1,9 +1,9 @@
 //! Citus: recognising a table whose rows live in shards on other nodes. On a Citus coordinator
 //! a distributed (or reference) table is a shell without rows, and so is the index Citus
-//! created on it: the rows and the index entries are in the shards' tables on the workers. A
-//! function that searches or describes one index through its pages would answer for the empty
-//! shell, so it refuses instead (`ORDER BY ... LIMIT` on the distributed table is what Citus
-//! runs on every shard; docs/scale-out.md).
+//! created on it: the rows and the index entries are in the shards' tables on the workers.
+//! `recall()` (and pipelines) search such an index through Citus with an ordered query, and
+//! `index_info` asks every shard's index; a function that would read the index through its
+//! pages would answer for the empty shell, so it refuses instead (docs/scale-out.md).
 
 use crate::infra::error::{TtError, TtResult};
 use pgrx::prelude::*;

@@ -10,7 +10,8 @@ pub mod twotower {
     use pgrx::prelude::*;
 
     /// One row describing a twotower_hnsw index: its settings, what the graph and the delta hold,
-    /// its size, and the state of this node's cache file.
+    /// its size, and the state of this node's cache file. For the index of a Citus table, one
+    /// such row per shard's index, asked of the workers.
     /// Called through the SQL wrapper `twotower.index_info(regclass)` (sql/pg_twotower.sql).
     #[pg_extern(volatile, parallel_safe, strict)]
     #[allow(clippy::type_complexity)]
@@ -40,7 +41,9 @@ pub mod twotower {
             name!(delta_generation, String),
         ),
     > {
-        crate::infra::citus::refuse_shell_index(index, "index_info()").or_report();
+        if crate::infra::citus::is_citus_index(index).or_report() {
+            return TableIterator::new(citus_shards(index).or_report());
+        }
         let h = crate::am::search::health(index, "index_info()").or_report();
         TableIterator::once((
             h.dims as i32,
@@ -63,6 +66,120 @@ pub mod twotower {
             h.folds as i64,
             format!("{:016x}", h.delta_generation),
         ))
+    }
+
+    type InfoRow = (
+        i32,
+        String,
+        String,
+        i32,
+        i32,
+        String,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        f64,
+        Option<String>,
+        String,
+        i64,
+        i64,
+        i64,
+        String,
+    );
+
+    /// `index_info` of every shard's index of a Citus table's index, one row per shard (in
+    /// shard id order), asked of the workers through Citus (`run_command_on_shards`) as the
+    /// caller.
+    fn citus_shards(index: pg_sys::Oid) -> crate::infra::error::TtResult<Vec<InfoRow>> {
+        use crate::infra::error::TtError;
+        // SAFETY: catalogue lookups by oid of an existing index.
+        let (table, name) = unsafe {
+            let table = pg_sys::IndexGetRelation(index, false);
+            let name = pg_sys::get_rel_name(index);
+            if name.is_null() {
+                return Err(TtError::UndefinedTable("the index no longer exists".into()));
+            }
+            (
+                table,
+                std::ffi::CStr::from_ptr(name)
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        };
+        // Each shard's index is named after the index and the shard id (Citus's naming).
+        let command = format!(
+            "SELECT pg_catalog.row_to_json(x)::pg_catalog.text
+               FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid,
+                    twotower.index_info(i.indexrelid::pg_catalog.regclass) x
+              WHERE i.indrelid OPERATOR(pg_catalog.=) '%1$s'::pg_catalog.regclass
+                AND c.relname OPERATOR(pg_catalog.=) ('{}_' OPERATOR(pg_catalog.||) pg_catalog.regexp_replace('%1$s', '^.*_|[^0-9]', '', 'g'))",
+            name.replace('\'', "''")
+        );
+        let mut rows = Vec::new();
+        Spi::connect(|c| {
+            for r in c.select(
+                "SELECT shardid::pg_catalog.int8, success, result FROM run_command_on_shards($1::pg_catalog.regclass, $2) ORDER BY shardid",
+                None,
+                &[table.into(), command.into()],
+            )? {
+                rows.push((
+                    r.get::<i64>(1)?.unwrap_or(0),
+                    r.get::<bool>(2)?.unwrap_or(false),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                ));
+            }
+            Ok::<_, pgrx::spi::Error>(())
+        })
+        .map_err(|e| TtError::Internal(format!("index_info through Citus: {e}")))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (shard, ok, result) in rows {
+            if !ok {
+                return Err(TtError::BadArgument(format!(
+                    "index_info of shard {shard}: {result}"
+                )));
+            }
+            let v: serde_json::Value = serde_json::from_str(&result).map_err(|_| {
+                TtError::Internal(format!(
+                    "index_info of shard {shard}: the shard has no such index ({result})"
+                ))
+            })?;
+            let int = |k: &str| v.get(k).and_then(serde_json::Value::as_i64).unwrap_or(0);
+            let text = |k: &str| {
+                v.get(k)
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            out.push((
+                int("dims") as i32,
+                text("metric"),
+                text("quantization"),
+                int("m") as i32,
+                int("ef_construction") as i32,
+                text("generation"),
+                int("graph_items"),
+                int("graph_dead"),
+                int("graph_orphans"),
+                int("delta_items"),
+                int("size_bytes"),
+                int("image_bytes"),
+                v.get("build_seconds")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.0),
+                v.get("cache_file")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned),
+                text("cache_state"),
+                int("delta_graph_items"),
+                int("delta_pending"),
+                int("folds"),
+                text("delta_generation"),
+            ));
+        }
+        Ok(out)
     }
 
     /// Removes this database's cache files that belong to no existing twotower_hnsw index

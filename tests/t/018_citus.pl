@@ -7,9 +7,11 @@
 # found at once; a worker that is down is an error naming it; twotower.ef_search reaches the
 # shards the ways Citus propagates settings; a role without SELECT on the distributed table gets
 # 42501. Of the extension's functions, what works on Citus today is checked here (index_info and
-# recall() on a worker's own shard index; recall() and recommend() on the coordinator over the
-# distributed table; refresh_item_vectors from a plain catalogue into a distributed vector
-# table); docs/scale-out.md says what does not work yet.
+# recall() on a worker's own shard index; recall(), recommend() and index_info() on the
+# coordinator over the distributed table; index options, folds and REINDEX CONCURRENTLY on the
+# shards; build_channel, i2i_recall and train over distributed interactions;
+# refresh_item_vectors into a distributed vector table); docs/scale-out.md says what does not
+# work yet.
 # Skipped, saying so, where Citus is not installed (scripts/citus.sh installs it).
 use strict;
 use warnings;
@@ -363,11 +365,66 @@ my $single = $rec->('single');
 like($single, qr/^(\d+:[-0-9.]+,){19}\d+:[-0-9.]+$/, 'recommend() on one server: 20 items with scores');
 is($rec->('dist'), $single, 'recommend() over the distributed table: the same items and scores as on one server');
 
-# index_info() on the coordinator's index of a distributed table: an error naming Citus, not
-# the empty answer of the coordinator's shell index.
-($ret, $out, $err) = $coord->psql('postgres', q{SELECT graph_items FROM twotower.index_info('items_idx')});
-isnt($ret, 0, 'index_info() on the coordinator\'s shell index fails ...');
-like($err, qr/index_info\(\) does not read Citus tables yet/, '... saying why');
+# index_info() on the coordinator's index of a distributed table: one row per shard's index, in
+# shard id order, each as the shard's own index_info (it was an error naming Citus; the shell
+# index on the coordinator holds nothing).
+is($coord->safe_psql('postgres', q{SELECT string_agg(dims || ':' || metric || ':' || graph_items || ':' || delta_items, ',') FROM twotower.index_info('items_idx')}),
+	$coord->safe_psql('postgres', q{SELECT string_agg(result, ',' ORDER BY shardid)
+	FROM run_command_on_shards('items', $$SELECT x.dims || ':' || x.metric || ':' || x.graph_items || ':' || x.delta_items
+	  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid,
+	       twotower.index_info(i.indexrelid::regclass) x
+	 WHERE i.indrelid = '%s'::regclass AND c.relname ~ '^items_idx_[0-9]+$'$$)}),
+	'index_info() on the coordinator: a row per shard, each the shard index\'s own');
+like($coord->safe_psql('postgres', q{SELECT sum(graph_items + delta_items) FROM twotower.index_info('items_idx')}), qr/^20\d\d$/,
+	'... together every row of the table (2000 and the rows written since)');
+
+# Maintenance on the shards from the coordinator: index options reach every shard's index,
+# inserts fold on the shards (VACUUM propagated), REINDEX INDEX CONCURRENTLY rebuilds every
+# shard's index, and searches stay exact throughout.
+$coord->safe_psql('postgres', 'CREATE INDEX items_m8 ON items USING twotower_hnsw (embedding public.real_l2_ops) WITH (m = 8, fold_threshold = 100)');
+is($workers[0]->safe_psql('postgres', q{SET citus.show_shards_for_app_name_prefixes = '*';
+	SELECT count(*) FROM pg_class WHERE relname ~ '^items_m8_[0-9]+$' AND reloptions @> '{m=8,fold_threshold=100}'}),
+	$coord->safe_psql('postgres', "SELECT count(*) FROM citus_shards WHERE table_name = 'items'::regclass AND nodeport = " . $workers[0]->port),
+	'index options in WITH reach each of worker 1\'s shard indexes');
+$coord->safe_psql('postgres', q{INSERT INTO items SELECT g, g % 5, ARRAY[sin(g * 0.37), cos(g * 0.53), sin(g * 0.91) * cos(g * 0.11), cos(g * 0.07)]::real[]
+	FROM generate_series(2001, 3000) g;
+	INSERT INTO items_ref SELECT g, g % 5, ARRAY[sin(g * 0.37), cos(g * 0.53), sin(g * 0.91) * cos(g * 0.11), cos(g * 0.07)]::real[]
+	FROM generate_series(2001, 3000) g;
+	VACUUM items});
+cmp_ok($coord->safe_psql('postgres', q{SELECT sum(delta_graph_items) FROM twotower.index_info('items_m8')}), '>', 0,
+	'1000 rows inserted through the coordinator: the shards\' indexes folded them into their delta graphs');
+my $ref_l2 = $coord->safe_psql('postgres', qq{$exact SELECT string_agg(id::text, ',') FROM (SELECT id FROM items_ref ORDER BY embedding <-> '$queries[1]', id LIMIT 10) s});
+is($coord->safe_psql('postgres', qq{SELECT string_agg(id::text, ',') FROM (SELECT id FROM items ORDER BY embedding <-> '$queries[1]' LIMIT 10) s}),
+	$ref_l2, '... and the shards\' searches stay exact');
+$coord->safe_psql('postgres', 'REINDEX INDEX CONCURRENTLY items_m8');
+is($coord->safe_psql('postgres', q{SELECT sum(graph_items) || ':' || sum(delta_items) || ':' || sum(delta_graph_items) FROM twotower.index_info('items_m8')}),
+	'3000:0:0', 'REINDEX INDEX CONCURRENTLY on the coordinator rebuilt every shard\'s index: every row in the graphs');
+is($coord->safe_psql('postgres', qq{SELECT string_agg(id::text, ',') FROM (SELECT id FROM items ORDER BY embedding <-> '$queries[1]' LIMIT 10) s}),
+	$ref_l2, '... and the search is still exact');
+$coord->safe_psql('postgres', 'DROP INDEX items_m8; DELETE FROM items WHERE id > 2000; DELETE FROM items_ref WHERE id > 2000');
+
+# Channels and training over a distributed interactions table, read through the coordinator:
+# the same neighbours, recall and training examples as from a plain table with the same rows.
+$coord->safe_psql('postgres', q{CREATE TABLE ev (user_id int, item_id bigint, ts timestamptz);
+	SELECT create_distributed_table('ev', 'user_id');
+	INSERT INTO ev SELECT u, 1 + (u * 7 + t * 13) % 200, timestamptz '2026-01-01' + make_interval(secs => u * 100 + t)
+	  FROM generate_series(1, 300) u, generate_series(1, 8) t;
+	CREATE TABLE ev_plain AS SELECT * FROM ev;
+	SELECT count(*) FROM twotower.build_channel('ev_cf', 'itemcf', 'ev', 'ev_cf_nb');
+	SELECT count(*) FROM twotower.build_channel('ev_cf_plain', 'itemcf', 'ev_plain', 'ev_cf_plain_nb');});
+is($coord->safe_psql('postgres', q{SELECT md5(string_agg(item_id || ':' || neighbor_id || ':' || round(score::numeric, 5), ',' ORDER BY item_id, neighbor_id)) FROM ev_cf_nb}),
+	$coord->safe_psql('postgres', q{SELECT md5(string_agg(item_id || ':' || neighbor_id || ':' || round(score::numeric, 5), ',' ORDER BY item_id, neighbor_id)) FROM ev_cf_plain_nb}),
+	'build_channel over a distributed interactions table: the same neighbours as over a plain copy');
+is($coord->safe_psql('postgres', q{SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.i2i_recall('ev_cf', '{1,2,3}', k => 10)}),
+	$coord->safe_psql('postgres', q{SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.i2i_recall('ev_cf_plain', '{1,2,3}', k => 10)}),
+	'... and i2i_recall over it the same items');
+my $train = q{SELECT train_examples FROM twotower.train('%s_u', '%s_i', '%s', '{"dim": 4, "epochs": 1, "user": {"features": [{"name": "user_id", "type": "categorical"}]}, "item": {"features": [{"name": "item_id", "type": "categorical"}]}}') WHERE kind = 'user'};
+my $examples = $coord->safe_psql('postgres', "SET client_min_messages = warning; " . sprintf($train, 'ev', 'ev', 'ev'));
+like($examples, qr/^[1-9]\d*$/, "train over the distributed interactions: $examples training examples");
+is($examples, $coord->safe_psql('postgres', "SET client_min_messages = warning; " . sprintf($train, 'evp', 'evp', 'ev_plain')),
+	'... as many as over the plain copy');
+like($coord->safe_psql('postgres', q{SELECT md5(string_agg(item_id || ':' || neighbor_id, ',' ORDER BY item_id, neighbor_id)) FROM ev_cf_nb}),
+	qr/^[0-9a-f]{32}$/, '... (the neighbour tables compared above are not empty)');
 
 # ---------------------------------------------------------------------------------------------
 # The extension in a schema of its own, not on the workers' search_path: the operator class
