@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ORDER BY embedding <=> q LIMIT 10 on a Citus cluster on loopback (a coordinator and two
+# ORDER BY embedding <=> q LIMIT 10 and recall() top 10 on a Citus cluster on loopback (a coordinator and two
 # workers, the item table distributed over TT_CITUS_SHARDS shards with a twotower_hnsw index on
 # each), against one server holding all rows (a plain table on the coordinator) and against one
 # shard's own query on its worker, in one run. Needs Citus (scripts/citus.sh); not part of
@@ -61,12 +61,21 @@ per_worker=$(psql_on 0 -Atc "SELECT max(n) FROM (SELECT count(*) AS n FROM citus
 # parameter would be: Citus ships it inside each task's query).
 psql_on 0 -Atc "SELECT setseed(0.25); SELECT '''' || ARRAY(SELECT (random() * 2 - 1)::real FROM generate_series(1, $DIMS) WHERE i > 0)::text || ''''
   FROM generate_series(1, 50) i" | sed -n '2,$p' > "$out/queries"
+# recall() through Citus and on one server: a user tower whose vector is the request's "q".
+psql_on 0 -c "SELECT twotower.import_model('qd', '{\"format\": \"pg_twotower.tower\", \"spec_version\": 1, \"kind\": \"user\",
+  \"features\": [{\"name\": \"q\", \"type\": \"dense\", \"dim\": $DIMS}], \"layers\": [], \"output\": {\"dim\": $DIMS, \"metric\": \"cosine\"}}',
+  '\\x02000000000000007b7d')" >/dev/null
 n=0
 while read -r q; do
   n=$((n + 1))
   for setup in items items_all "$shard"; do
     mkdir -p "$out/$setup"
     echo "SELECT id FROM $setup ORDER BY embedding <=> $q LIMIT 10;" > "$out/$setup/q$n.sql"
+  done
+  json="{\"q\": [$(echo "$q" | tr -d "'{}")]}"
+  for idx in items_idx items_all_idx; do
+    mkdir -p "$out/recall-$idx"
+    echo "SELECT item_id FROM twotower.recall('qd', '$idx', '$json', 10);" > "$out/recall-$idx/q$n.sql"
   done
 done < "$out/queries"
 echo 'SELECT 1;' > "$out/one.sql"
@@ -108,6 +117,8 @@ read -r s50 s99 sqps <<< "$(run 1 "$shard")"
 read -r a50 a99 aqps <<< "$(run 0 items_all)"
 read -r d50 d99 dqps <<< "$(run 0 items)"
 read -r r50 r99 rqps <<< "$(run 1 one)"
+read -r ra50 ra99 raqps <<< "$(run 0 recall-items_all_idx)"
+read -r rd50 rd99 rdqps <<< "$(run 0 recall-items_idx)"
 # Once more with the workers logging every statement's duration (which costs a little: this
 # run's latencies are the ones paired with the shards' times below).
 read -r l50 l99 lqps <<< "$(run 0 items -logged)"
@@ -116,6 +127,8 @@ echo "| one server, all $N rows (plain table on the coordinator) | $a50 | $a99 |
 echo "| one shard's own query on its worker ($shard_rows rows) | $s50 | $s99 | $sqps | 1.00× |"
 echo "| Citus: distributed table, $SHARDS shards, through the coordinator | $d50 | $d99 | $dqps | $(ratio "$d50" "$s50") |"
 echo "| Citus, the same, workers logging each statement's duration | $l50 | $l99 | $lqps | $(ratio "$l50" "$s50") |"
+echo "| \`recall()\` top 10, one server (the plain table's index) | $ra50 | $ra99 | $raqps | $(ratio "$ra50" "$s50") |"
+echo "| \`recall()\` top 10 on the coordinator, through Citus | $rd50 | $rd99 | $rdqps | $(ratio "$rd50" "$s50") |"
 echo "| loopback round trip (SELECT 1 on a worker) | $r50 | $r99 | $rqps | |"
 echo
 
