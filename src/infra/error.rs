@@ -186,10 +186,18 @@ impl From<twotower_funnel::FunnelError> for TtError {
             F::BadRequest(m) => TtError::BadArgument(m),
             F::Tower(t) => TtError::Tower(t),
             F::Prerank(p) => TtError::Prerank(p),
-            F::Merge(m @ twotower_funnel::MergeError::NonFinite { .. }) => {
+            F::Merge(m) => m.into(),
+        }
+    }
+}
+
+impl From<twotower_funnel::MergeError> for TtError {
+    fn from(m: twotower_funnel::MergeError) -> Self {
+        match m {
+            twotower_funnel::MergeError::NonFinite { .. } => {
                 TtError::OutOfRange(format!("merge: {m}"))
             }
-            F::Merge(m) => TtError::BadArgument(format!("merge: {m}")),
+            m => TtError::BadArgument(format!("merge: {m}")),
         }
     }
 }

@@ -154,12 +154,8 @@ pub mod twotower {
         let strat = parse_strategy(strategy, o, &names);
         let exclude: Vec<i64> = exclude.unwrap_or_default().into_iter().flatten().collect();
         let merged = twotower_funnel::merge(&cands, names.len(), &strat, k as usize, &exclude)
-            .unwrap_or_else(|e| match e {
-                twotower_funnel::MergeError::NonFinite { .. } => {
-                    TtError::OutOfRange(format!("merge: {e}")).report()
-                }
-                e => bad(format!("merge: {e}")),
-            });
+            .map_err(TtError::from)
+            .or_report();
         TableIterator::new(merged.into_iter().map(move |m| {
             (
                 m.item,

@@ -238,20 +238,6 @@ pub const PRERANK_DEFAULTS: SharedDefaults = SharedDefaults {
     batch_size: 512,
 };
 
-/// The keys of [`Shared`].
-pub const SHARED_KEYS: [&str; 10] = [
-    "min_count",
-    "max_vocab",
-    "lr",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "patience",
-    "seed",
-    "threads",
-    "init_std",
-];
-
 impl Shared {
     pub(crate) fn parse(o: &Obj, d: SharedDefaults) -> Result<Shared> {
         Ok(Shared {
