@@ -93,6 +93,30 @@ cmp_ok($recall, '>=', 0.9, "recall@10 against exact search in the same snapshot:
 
 is(index_scan_count($node, 'postgres', 'items', '<=>', 16), $node->safe_psql('postgres', 'SELECT count(*) FROM items'),
 	'after the load, the index covers exactly the live rows');
+# Scans that walk the delta chain while inserts extend the relation (a fresh index: an empty
+# free space map, so each new delta page is a new block, linked from the tail a scan may be
+# waiting to read). A scan that counted the blocks before the extension must not call the
+# chain broken ("index is corrupt").
+$node->safe_psql('postgres', q{
+	CREATE TABLE grow (id bigserial PRIMARY KEY, v real[]);
+	INSERT INTO grow (v) SELECT ARRAY(SELECT random()::real FROM generate_series(1, 64) WHERE g > 0)
+	  FROM generate_series(1, 2000) g;
+	CREATE INDEX grow_idx ON grow USING twotower_hnsw (v) WITH (fold_threshold = 10000000);
+});
+my $grow_insert = $node->basedir . '/grow_insert.sql';
+my $grow_scan = $node->basedir . '/grow_scan.sql';
+PostgreSQL::Test::Utils::append_to_file($grow_insert,
+	"INSERT INTO grow (v) SELECT ARRAY(SELECT random()::real FROM generate_series(1, 64) WHERE g > 0) FROM generate_series(1, 20) g;\n");
+PostgreSQL::Test::Utils::append_to_file($grow_scan,
+	"SELECT id FROM grow ORDER BY v <=> ARRAY(SELECT random()::real FROM generate_series(1, 64))::real[] LIMIT 5;\n");
+my ($gout, $gerr) = ('', '');
+my $grow_ok = IPC::Run::run([ 'pgbench', '-n', '-c', '4', '-j', '2', '-T', '15', '-f', "$grow_insert\@1", '-f', "$grow_scan\@3",
+	'-h', $node->host, '-p', $node->port, 'postgres' ], '>', \$gout, '2>', \$gerr);
+ok($grow_ok, 'scans during relation-extending inserts exited 0') or diag($gerr);
+unlike($gerr, qr/ERROR/, 'no scan found the growing delta chain broken');
+cmp_ok($node->safe_psql('postgres', q{SELECT delta_items FROM twotower.index_info('grow_idx')}), '>', 2000,
+	'the inserts went to the delta');
+
 my $log = slurp_file($node->logfile);
 unlike($log, qr/PANIC|TRAP|terminated by signal/, 'no backend crashed');
 $node->stop;

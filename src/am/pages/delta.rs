@@ -177,10 +177,16 @@ pub unsafe fn for_each_delta(
         visit(blk, false);
     }
     // SAFETY: an open relation.
-    let nblocks =
-        unsafe { pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM) };
+    let count =
+        || unsafe { pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM) };
+    let mut nblocks = count();
     let (mut blk, mut steps) = (meta.dl_head, 0u32);
     while blk != 0 {
+        // An append may have extended the relation since the count (the tail this walk read
+        // links to the new block): count again before calling the chain broken.
+        if blk >= nblocks {
+            nblocks = count();
+        }
         if blk >= nblocks || steps > nblocks {
             return false;
         }

@@ -100,8 +100,12 @@ pub(super) unsafe fn add_item(page: pg_sys::Page, item: &[u8]) -> bool {
 }
 
 /// A free page of the index, exclusively locked, if the free space map offers one that really
-/// is free (the map is not crash-safe, so each offer is checked under the page's lock): new,
-/// marked free, or a delta graph page of neither the current generation nor `building`.
+/// is free (the map is not crash-safe, and two backends may be offered one block, so each offer
+/// is checked under the page's lock): new, marked free, or (for a fold, `building` ≠ 0) a delta
+/// graph page of neither the current, the spare nor the `building` generation. An appender
+/// (`building` = 0) takes new and freed pages only: a graph page of no generation the metapage
+/// names may be one a running fold is writing (its generation is in no metapage yet), so it is
+/// given back to the map for folds.
 ///
 /// # Safety
 /// `index` must be an open twotower_hnsw index and `meta` its current metapage.
@@ -114,9 +118,18 @@ pub(super) unsafe fn take_free_page(
     unsafe {
         let nblocks =
             pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM);
+        // Dead graph pages an appender passed over, given back once it has its page (giving
+        // one back at once would have the map offer it again).
+        let mut passed = Vec::new();
+        let give_back = |passed: &[pg_sys::BlockNumber]| {
+            for &b in passed {
+                pg_sys::RecordFreeIndexPage(index, b);
+            }
+        };
         loop {
             let blk = pg_sys::GetFreeIndexPage(index);
             if blk == pg_sys::InvalidBlockNumber {
+                give_back(&passed);
                 return None;
             }
             // (The delta's tail is locked by an appender calling this: never lock it twice.)
@@ -130,15 +143,22 @@ pub(super) unsafe fn take_free_page(
             }
             let b = Locked::read(index, blk, true);
             let page = b.page();
-            let free = pg_sys::PageIsNew(page)
+            if pg_sys::PageIsNew(page)
                 || link_special(page).is_some_and(|s| s.magic == FREE_MAGIC)
-                || chain_special(page).is_some_and(|s| {
-                    s.generation != meta.dg_generation
-                        && s.generation != building
-                        && s.generation != meta.dg_spare_generation
-                });
-            if free {
+            {
+                give_back(&passed);
                 return Some(b);
+            }
+            let dead_graph = chain_special(page).is_some_and(|s| {
+                s.generation != meta.dg_generation
+                    && s.generation != building
+                    && s.generation != meta.dg_spare_generation
+            });
+            if dead_graph {
+                if building != 0 {
+                    return Some(b);
+                }
+                passed.push(blk);
             }
         }
     }
