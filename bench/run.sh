@@ -42,6 +42,9 @@ python3 bench/movielens_channels.py | tee "bench/out/movielens-channels-$(date +
 # Target attention in the cascade's pre-rank models (bench/movielens_din.sh; movielens.py ran
 # scripts/movielens.sh, whose cascade part made the log and the teacher's scores).
 bash bench/movielens_din.sh | tee "bench/out/movielens-din-$(date +%Y%m%d-%H%M%S).txt"
+# Negative feedback in recall (bench/movielens_feedback.py): POS@50 / NEG@50 of the demo's model
+# on all ratings, on the positive ones, and with the negative-feedback objective.
+TT_SKIP_LOAD=1 python3 bench/movielens_feedback.py | tee "bench/out/movielens-feedback-$(date +%Y%m%d-%H%M%S).md"
 # recall() over loopback shards (postgres_fdw) against one server (bench/shards.sh; four more
 # scratch clusters, stopped at the end). TT_SKIP_SHARDS=1 leaves it out.
 if [ "${TT_SKIP_SHARDS:-0}" != 1 ]; then

@@ -210,3 +210,54 @@ ALTER FUNCTION twotower.i2i_recall(text, bigint[], real[], integer, bigint[]) RO
 ALTER FUNCTION twotower.merge(text[], bigint[], real[], integer, text, jsonb, bigint[]) ROWS 100 SUPPORT twotower.rows_support;
 ALTER FUNCTION twotower.recommend(text, jsonb, integer, bigint[]) ROWS 50 SUPPORT twotower.rows_support;
 ALTER FUNCTION twotower.prerank(text, jsonb, bigint[], integer) ROWS 50 SUPPORT twotower.rows_support;
+
+-- * Negative feedback: train() takes a label column (above 0 positive, below 0 negative
+--   feedback, 0 neither); evaluate() groups a user's rows into one query and reports NEG@k for
+--   negative_queries.
+DROP FUNCTION twotower.train(text, text, regclass, jsonb, regclass, regclass, regclass, text, text, text, text, bool);
+CREATE  FUNCTION twotower."train"(
+	"user_model" TEXT, /* Option < & str > */
+	"item_model" TEXT, /* Option < & str > */
+	"interactions" regclass, /* Option < RegClass > */
+	"options" jsonb, /* Option < JsonbValue > */
+	"user_features" regclass DEFAULT NULL, /* Option < RegClass > */
+	"item_features" regclass DEFAULT NULL, /* Option < RegClass > */
+	"hard_negatives" regclass DEFAULT NULL, /* Option < RegClass > */
+	"user_column" TEXT DEFAULT 'user_id', /* Option < & str > */
+	"item_column" TEXT DEFAULT 'item_id', /* Option < & str > */
+	"time_column" TEXT DEFAULT 'ts', /* Option < & str > */
+	"weight_column" TEXT DEFAULT NULL, /* Option < & str > */
+	"activate" bool DEFAULT true, /* Option < bool > */
+	"label_column" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS TABLE (
+	"model" TEXT,  /* String */
+	"version" INT,  /* i32 */
+	"kind" TEXT,  /* String */
+	"parameters" bigint,  /* i64 */
+	"best_epoch" INT,  /* i32 */
+	"valid_recall" double precision,  /* Option < f64 > */
+	"valid_ndcg" double precision,  /* Option < f64 > */
+	"train_examples" bigint  /* i64 */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'train_wrapper';
+DROP FUNCTION twotower.evaluate(text, regclass, regclass, regclass, int[], bool);
+CREATE  FUNCTION twotower."evaluate"(
+	"user_model" TEXT, /* Option < & str > */
+	"index" regclass, /* Option < RegClass > */
+	"queries" regclass, /* Option < RegClass > */
+	"seen" regclass DEFAULT NULL, /* Option < RegClass > */
+	"k" INT[] DEFAULT '{10,50}', /* :: std :: option :: Option < Vec < i32 > > */
+	"via_index" bool DEFAULT true, /* Option < bool > */
+	"negative_queries" regclass DEFAULT NULL /* Option < RegClass > */
+) RETURNS TABLE (
+	"method" TEXT,  /* String */
+	"metric" TEXT,  /* String */
+	"k" INT,  /* i32 */
+	"value" double precision,  /* f64 */
+	"queries" bigint  /* i64 */
+)
+STABLE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'evaluate_wrapper';

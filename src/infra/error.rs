@@ -123,6 +123,8 @@ pub enum TtError {
     ExtensionInUse(String),
     /// A relation of the wrong kind where a function needs another (42809: a table for an index).
     WrongObject(String),
+    /// A column of a type the function cannot read there (42804: a text time column).
+    WrongType(String),
     /// A number read from a user's table or function that is not finite or out of range (22003).
     OutOfRange(String),
     /// The DROP EXTENSION guard could not count what the catalogue holds (the reason).
@@ -580,6 +582,7 @@ impl TtError {
             }
             TtError::Internal(d) => (ERRCODE_INTERNAL_ERROR, d.clone(), None, None),
             TtError::WrongObject(d) => (ERRCODE_WRONG_OBJECT_TYPE, d.clone(), None, None),
+            TtError::WrongType(d) => (ERRCODE_DATATYPE_MISMATCH, d.clone(), None, None),
             TtError::OutOfRange(d) => (ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE, d.clone(), None, None),
             TtError::DuplicateItem { relation, id } => (
                 ERRCODE_UNIQUE_VIOLATION,

@@ -149,9 +149,28 @@ pub fn time_expr(rel: pg_sys::Oid, col: &str) -> TtResult<String> {
             format!("t.{q}::pg_catalog.float8")
         }
         other => {
-            return Err(TtError::BadArgument(format!(
+            return Err(TtError::WrongType(format!(
             "time column \"{col}\" is of type {other}; it must be a timestamp, a date or a number"
         )))
+        }
+    })
+}
+
+/// The SELECT expression of label column `col` of `rel` (as `t`) as a float8: a number as it
+/// is (positive feedback above 0, negative feedback below 0, neither at 0), a boolean as
+/// 1 (true) or −1 (false).
+pub fn label_expr(rel: pg_sys::Oid, col: &str) -> TtResult<String> {
+    let q = column(rel, col, "label")?;
+    Ok(match column_type(rel, col)?.as_str() {
+        "boolean" => format!("CASE WHEN t.{q} THEN 1::pg_catalog.float8 WHEN NOT t.{q} THEN -1::pg_catalog.float8 END"),
+        "smallint" | "integer" | "bigint" | "real" | "double precision" => {
+            format!("t.{q}::pg_catalog.float8")
+        }
+        ty if ty.starts_with("numeric") => format!("t.{q}::pg_catalog.float8"),
+        other => {
+            return Err(TtError::WrongType(format!(
+                "label column \"{col}\" is of type {other}; it must be a boolean or a number (above 0: positive feedback, below 0: negative feedback, 0: neither)"
+            )))
         }
     })
 }

@@ -60,6 +60,7 @@ pub mod twotower {
         time_column: default!(Option<&str>, "'ts'"),
         weight_column: default!(Option<&str>, "NULL"),
         activate: default!(Option<bool>, true),
+        label_column: default!(Option<&str>, "NULL"),
     ) -> TableIterator<
         'static,
         (
@@ -175,31 +176,54 @@ pub mod twotower {
         } else {
             ""
         };
+        // Feedback: every row is positive without a label column; with one, rows above 0 are
+        // positive, below 0 negative feedback (the negative_feedback term), 0 neither.
+        let label = match label_column {
+            Some(c) => spi::label_expr(rel, c).or_report(),
+            None => "1::pg_catalog.float8".into(),
+        };
         let select = format!(
-            "SELECT t.{uc}::pg_catalog.text, t.{ic}::pg_catalog.text, {ts}, {w} FROM {src} AS t{order}"
+            "SELECT t.{uc}::pg_catalog.text, t.{ic}::pg_catalog.text, {ts}, {w}, {label} FROM {src} AS t{order}"
         );
         // Where the run is, for twotower.train_progress (removed when this function returns
         // or unwinds).
         let mut run = crate::infra::progress::Run::start(user_model, Some(item_model));
         let mut data = Data::default();
         let mut interactions_read = 0u64;
+        let mut negative_read = 0u64;
         let mut progress = spi::Progress::new("train: reading interactions", "rows");
         read_rows(&select, &src, Some(&mut progress), |row| {
-            let (Some(u), Some(i), Some(t), Some(wt)) = (
+            let (Some(u), Some(i), Some(t), Some(wt), Some(lb)) = (
                 row.get::<String>(1)?,
                 row.get::<String>(2)?,
                 row.get::<f64>(3)?,
                 row.get::<f32>(4)?,
+                row.get::<f64>(5)?,
             ) else {
+                let what = if label_column.is_some() {
+                    "time, weight or label"
+                } else {
+                    "time or weight"
+                };
                 TtError::NullValue(format!(
-                    "a row of {src} has a NULL user id, item id, time or weight"
+                    "a row of {src} has a NULL user id, item id, {what}"
                 ))
                 .report();
             };
-            data.interaction(&u, &i, t, wt)
-                .map_err(TtError::Train)
-                .or_report();
-            interactions_read += 1;
+            if lb.is_nan() {
+                TtError::OutOfRange(format!("a row of {src} has a NaN label")).report();
+            }
+            if lb > 0.0 {
+                data.interaction(&u, &i, t, wt)
+            } else if lb < 0.0 {
+                data.negative_feedback(&u, &i, t, wt)
+            } else {
+                Ok(())
+            }
+            .map_err(TtError::Train)
+            .or_report();
+            interactions_read += u64::from(lb > 0.0);
+            negative_read += u64::from(lb < 0.0);
             Ok(())
         })
         .or_report();
@@ -302,6 +326,13 @@ pub mod twotower {
         .or_report();
         drop(data);
         run.phase("storing");
+        if negative_read > 0 {
+            if cfg.negative_feedback.weight > 0.0 {
+                notice!("train: {negative_read} negative-feedback rows (label below 0) trained against with weight {}", cfg.negative_feedback.weight);
+            } else {
+                notice!("train: {negative_read} negative-feedback rows (label below 0) left out: negative_feedback.weight is 0");
+            }
+        }
         for (name, before, removed) in &trained.pruned {
             notice!("train: {name}: {removed} of {before} rows were all zero and are pruned (their ids read the zero OOV row)");
         }
@@ -314,6 +345,7 @@ pub mod twotower {
             "user_column": user_column,
             "item_column": item_column,
             "time_column": time_column,
+            "label_column": label_column,
             "user_features": name_of(user_features),
             "item_features": name_of(item_features),
             "hard_negatives": name_of(hard_negatives),
@@ -497,9 +529,18 @@ pub mod twotower {
             } else {
                 format!("{ts} DESC")
             };
+            // A model trained with a label column: its histories hold positive feedback only,
+            // as in training.
+            let positive = match sources.get("label_column").and_then(|v| v.as_str()) {
+                Some(c) => format!(
+                    " AND ({}) OPERATOR(pg_catalog.>) 0",
+                    spi::label_expr(rel, c).or_report()
+                ),
+                None => String::new(),
+            };
             let sql = format!(
                 "SELECT t.{ic}::pg_catalog.text, {ts} FROM {src} AS t
-                  WHERE t.{uc} OPERATOR(pg_catalog.=) $1::{uty} AND {ts} <= $2
+                  WHERE t.{uc} OPERATOR(pg_catalog.=) $1::{uty} AND {ts} <= $2{positive}
                   ORDER BY {order_desc} LIMIT {longest}"
             );
             Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
@@ -574,8 +615,11 @@ pub mod twotower {
     /// rows `(user_id, features jsonb, target bigint)`; each is ranked among all items but the
     /// user's rows in `seen` `(user_id, item_id)`: exactly (every item scored), and through the
     /// index (`recall`'s search with the seen items excluded, k = the largest of `k`), so the
-    /// loss of the approximate search is visible. Returns Recall, HR, NDCG and MRR at each k
-    /// (MRR through the index counts targets within the largest k only).
+    /// loss of the approximate search is visible. The rows of one user (with one features
+    /// object) are one query with all their targets. Returns Recall, HR, NDCG and MRR at each k
+    /// (MRR through the index counts targets within the largest k only); with
+    /// `negative_queries` (the same columns, held-out negative-feedback items as targets) also
+    /// NEG@k as `neg_recall` (their share in the top k, lower is better) and `neg_hr`.
     #[pg_extern(stable, parallel_restricted)]
     fn evaluate(
         user_model: Option<&str>,
@@ -584,6 +628,7 @@ pub mod twotower {
         seen: default!(Option<RegClass>, "NULL"),
         k: default!(Option<Vec<Option<i32>>>, "'{10,50}'"),
         via_index: default!(Option<bool>, true),
+        negative_queries: default!(Option<RegClass>, "NULL"),
     ) -> TableIterator<
         'static,
         (
@@ -681,62 +726,98 @@ pub mod twotower {
             })
             .or_report();
         }
-        let qsrc = spi::relation_name(queries.0).or_report();
-        let qsql = format!(
-            "SELECT t.user_id::pg_catalog.text, t.features::pg_catalog.text, t.target::pg_catalog.int8 FROM {qsrc} AS t"
-        );
-        let mut qs: Vec<(String, String, i64)> = Vec::new();
-        Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
-            for row in c.select(&qsql, None, &[])? {
-                if let (Some(u), Some(f), Some(t)) = (
-                    row.get::<String>(1)?,
-                    row.get::<String>(2)?,
-                    row.get::<i64>(3)?,
-                ) {
-                    qs.push((u, f, t));
+        // Queries: the rows of one user (and one feature object) are one query with every
+        // target they name (Recall@k is the share of them in the top k).
+        let read_queries = |rel: RegClass| -> Vec<(String, String, Vec<i64>)> {
+            let qsrc = spi::relation_name(rel.0).or_report();
+            let qsql = format!(
+                "SELECT t.user_id::pg_catalog.text, t.features::pg_catalog.text, t.target::pg_catalog.int8 FROM {qsrc} AS t"
+            );
+            let mut groups: Vec<(String, String, Vec<i64>)> = Vec::new();
+            let mut at: HashMap<(String, String), usize> = HashMap::new();
+            Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
+                for row in c.select(&qsql, None, &[])? {
+                    check_for_interrupts!();
+                    if let (Some(u), Some(f), Some(t)) = (
+                        row.get::<String>(1)?,
+                        row.get::<String>(2)?,
+                        row.get::<i64>(3)?,
+                    ) {
+                        let g = *at.entry((u.clone(), f.clone())).or_insert_with(|| {
+                            groups.push((u, f, Vec::new()));
+                            groups.len() - 1
+                        });
+                        if !groups[g].2.contains(&t) {
+                            groups[g].2.push(t);
+                        }
+                    }
                 }
-            }
-            Ok(())
-        })
-        .map_err(|e| {
-            TtError::BadArgument(format!(
-                "reading {qsrc} (columns user_id, features, target): {e}"
-            ))
-        })
-        .or_report();
-        let mut exact = Accumulator::new(&ks);
-        let mut approx = Accumulator::new(&ks);
+                Ok(())
+            })
+            .map_err(|e| {
+                TtError::BadArgument(format!(
+                    "reading {qsrc} (columns user_id, features, target): {e}"
+                ))
+            })
+            .or_report();
+            groups
+        };
         let n = ids.len();
         let mut scores = vec![0f32; n];
-        for (u, f, t) in &qs {
-            check_for_interrupts!();
-            let Some(&tpos) = pos.get(t) else { continue };
-            let features: serde_json::Value =
-                serde_json::from_str(f).unwrap_or(serde_json::Value::Null);
-            let q = l.embed_user(&features).or_report();
-            let seen_ids = seen_by.get(u).cloned().unwrap_or_default();
-            let mut masked: Vec<u32> = seen_ids
-                .iter()
-                .filter_map(|i| pos.get(i).copied())
-                .collect();
-            masked.sort_unstable();
-            masked.dedup();
-            for (i, s) in scores.iter_mut().enumerate() {
-                *s = -(metric.sql_distance(&q, &vecs[i * dims..(i + 1) * dims]) as f32);
+        // Metrics of one set of queries, exactly and through the index.
+        let mut measure = |groups: &[(String, String, Vec<i64>)]| -> (Accumulator, Accumulator) {
+            let mut exact = Accumulator::new(&ks);
+            let mut approx = Accumulator::new(&ks);
+            for (u, f, targets) in groups {
+                check_for_interrupts!();
+                let tpos: Vec<u32> = targets.iter().filter_map(|t| pos.get(t).copied()).collect();
+                if tpos.is_empty() {
+                    continue;
+                }
+                let features: serde_json::Value =
+                    serde_json::from_str(f).unwrap_or(serde_json::Value::Null);
+                let q = l.embed_user(&features).or_report();
+                let seen_ids = seen_by.get(u).cloned().unwrap_or_default();
+                let mut masked: Vec<u32> = seen_ids
+                    .iter()
+                    .filter_map(|i| pos.get(i).copied())
+                    .collect();
+                masked.sort_unstable();
+                masked.dedup();
+                for (i, s) in scores.iter_mut().enumerate() {
+                    *s = -(metric.sql_distance(&q, &vecs[i * dims..(i + 1) * dims]) as f32);
+                }
+                exact.add(&ranks(&scores, &tpos, &masked));
+                // The targets the exact ranking counts (the unmasked ones).
+                let live: Vec<i64> = targets
+                    .iter()
+                    .filter(|t| pos.get(t).is_some_and(|p| masked.binary_search(p).is_err()))
+                    .copied()
+                    .collect();
+                if via_index && !live.is_empty() {
+                    let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
+                    let exclude: std::collections::HashSet<i64> = seen_ids.into_iter().collect();
+                    let rows = target.nearest(&q, kmax, &exclude, 0).or_report();
+                    target.close();
+                    let found: Vec<usize> = rows
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (id, _))| live.contains(id))
+                        .map(|(p, _)| p + 1)
+                        .collect();
+                    // Beyond the largest k the index gives no rank: counted as a miss.
+                    approx.add_within(&found, live.len(), kmax);
+                }
             }
-            exact.add(&ranks(&scores, &[tpos], &masked));
-            if via_index && masked.binary_search(&tpos).is_err() {
-                let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
-                let exclude: std::collections::HashSet<i64> = seen_ids.into_iter().collect();
-                let rows = target.nearest(&q, kmax, &exclude, 0).or_report();
-                target.close();
-                let rank = rows.iter().position(|(id, _)| id == t).map(|p| p + 1);
-                // Beyond the largest k the index gives no rank: counted as a miss.
-                approx.add_rank_within(rank, kmax);
-            }
-        }
+            (exact, approx)
+        };
+        let (exact, approx) = measure(&read_queries(queries));
+        let negative = negative_queries.map(|r| measure(&read_queries(r)));
         let mut out = Vec::new();
-        for (method, acc) in [("exact", &exact), ("index", &approx)] {
+        for (method, acc, neg) in [
+            ("exact", &exact, negative.as_ref().map(|n| &n.0)),
+            ("index", &approx, negative.as_ref().map(|n| &n.1)),
+        ] {
             if method == "index" && !via_index {
                 continue;
             }
@@ -754,6 +835,21 @@ pub mod twotower {
                         v,
                         m.users as i64,
                     ));
+                }
+            }
+            // NEG@k: the share of the held-out negative-feedback items in the top k (lower is
+            // better), and the users with one of them there.
+            if let Some(neg) = neg {
+                for m in neg.metrics() {
+                    for (name, v) in [("neg_recall", m.recall), ("neg_hr", m.hr)] {
+                        out.push((
+                            method.to_owned(),
+                            name.to_owned(),
+                            m.k as i32,
+                            v,
+                            m.users as i64,
+                        ));
+                    }
                 }
             }
         }

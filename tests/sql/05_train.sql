@@ -93,6 +93,63 @@ CREATE INDEX tr_vectors_p_idx ON tr_vectors_p USING twotower_hnsw (embedding rea
 SELECT count(*) AS rows, bool_and(queries > 0) AS counted
   FROM twotower.evaluate('tr_user', 'tr_vectors_p_idx', 'tr_queries', seen => 'tr_seen', k => '{10}');
 DROP TABLE tr_vectors_p;
+-- Negative feedback: a label column (above 0 positive, below 0 negative feedback, 0 neither).
+-- tr_events as positives, and per user two disliked items and one neutral one, newer than
+-- everything else.
+CREATE TABLE tr_fb AS
+SELECT user_id, item_id, ts, 1 AS label FROM tr_events
+UNION ALL
+SELECT u, (u % 5) + 5 * x, timestamptz '2026-02-01' + make_interval(mins => u * 3 + x), CASE WHEN x < 2 THEN -1 ELSE 0 END
+  FROM generate_series(0, 199) u, generate_series(0, 2) x;
+SET client_min_messages = warning;
+-- The examples are tr_events' (2800 after validation): neither feedback row is a positive.
+SELECT model, train_examples FROM twotower.train('tr_nf_user', 'tr_nf_item', 'tr_fb', :'opts',
+       user_features => 'tr_users', item_features => 'tr_items', label_column => 'label');
+RESET client_min_messages;
+-- Histories hold positive feedback only, at serving time too: user 8's input is the same as
+-- the model trained on tr_events alone (the disliked and neutral rows are its newest).
+SELECT twotower.user_features('tr_nf_user', '8') = twotower.user_features('tr_user', '8') AS positives_only;
+-- A boolean label: true positive, false negative feedback.
+CREATE TABLE tr_fb_bool AS SELECT user_id, item_id, ts, label > 0 AS label FROM tr_fb WHERE label <> 0;
+SET client_min_messages = warning;
+SELECT model, train_examples FROM twotower.train('tr_nf_user', 'tr_nf_item', 'tr_fb_bool', :'opts',
+       user_features => 'tr_users', item_features => 'tr_items', label_column => 'label', activate => false)
+ WHERE kind = 'user';
+RESET client_min_messages;
+-- Bad labels: the wrong type, NaN, NULL, no such column.
+CREATE TABLE tr_fb_bad AS SELECT user_id, item_id, ts, label::text AS tlabel, label::float8 AS flabel FROM tr_fb LIMIT 20;
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_fb_bad', %L, label_column => 'tlabel')$q$, :'opts'));
+UPDATE tr_fb_bad SET flabel = 'NaN' WHERE item_id = (SELECT min(item_id) FROM tr_fb_bad);
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_fb_bad', %L, label_column => 'flabel')$q$, :'opts'));
+UPDATE tr_fb_bad SET flabel = NULL WHERE flabel = 'NaN';
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_fb_bad', %L, label_column => 'flabel')$q$, :'opts'));
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_fb_bad', %L, label_column => 'nolabel')$q$, :'opts'));
+SELECT pg_temp.err(format($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_fb', %L, label_column => 'label')$q$,
+  jsonb_set(:'opts'::jsonb, '{negative_feedback}', '{"weight": -1}')));
+-- NEG@k: the held-out disliked items as negative_queries (two targets per user, one query
+-- each). Users all of whose targets are masked as seen are not counted.
+CREATE TABLE tr_negq AS
+SELECT f.user_id, q.features, f.item_id::bigint AS target
+  FROM tr_fb f JOIN tr_queries q USING (user_id) WHERE f.label < 0;
+SELECT method, metric, k, value BETWEEN 0 AND 1 AS in_range, queries
+  FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_queries', seen => 'tr_seen', k => '{10}',
+                         negative_queries => 'tr_negq')
+ ORDER BY method, metric;
+-- NEG@k is the recall of those targets, ranked as queries' are.
+SELECT (SELECT value FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_queries', seen => 'tr_seen',
+                                            k => '{10}', negative_queries => 'tr_negq')
+         WHERE method = 'exact' AND metric = 'neg_recall')
+     = (SELECT value FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_negq', seen => 'tr_seen',
+                                            k => '{10}')
+         WHERE method = 'exact' AND metric = 'recall') AS same_ranking;
+-- A user's second row is a second target of the same query, not a second query (still 184).
+CREATE TABLE tr_queries2 AS SELECT * FROM tr_queries UNION ALL
+  SELECT user_id, features, target + 1 FROM tr_queries WHERE user_id = 8;
+SELECT metric, queries FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_queries2', seen => 'tr_seen',
+                                              k => '{10}', via_index => false)
+ WHERE metric = 'recall';
+SELECT twotower.drop_model('tr_nf_user'), twotower.drop_model('tr_nf_item');
+DROP TABLE tr_fb, tr_fb_bool, tr_fb_bad, tr_negq, tr_queries2;
 -- Training is deterministic for a seed: a second run gives the same weights.
 SET client_min_messages = warning;
 SELECT version FROM twotower.train('tr_user', 'tr_item', 'tr_events', :'opts',

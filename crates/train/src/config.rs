@@ -192,6 +192,20 @@ pub struct Config {
     /// Dense layers keep their parameters (incremental updates train embeddings only).
     pub freeze_dense: bool,
     pub augmented: Option<Augmented>,
+    /// The negative-feedback term (items the user disliked, pushed down): used when the data
+    /// has negative feedback.
+    pub negative_feedback: NegativeFeedback,
+}
+
+/// The negative-feedback loss term (Alibaba's deep recall): for each negative-feedback example
+/// (user at that moment, disliked item) `weight · softplus((s − margin) / temperature)`, the
+/// sigmoid cross-entropy against label 0, added to the positives' loss (each part the
+/// weighted mean over its own examples).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NegativeFeedback {
+    pub weight: f32,
+    pub margin: f32,
+    pub temperature: f32,
 }
 
 pub const MAX_DIM: usize = 1024;
@@ -838,6 +852,7 @@ impl Config {
             "hard_per_row",
             "freeze_dense",
             "dual_augmented",
+            "negative_feedback",
         ])?;
         let dim = o.size("dim", 32, 1, MAX_DIM)?;
         let user = tower(o.get("user"), "user", dim, Side::User)?;
@@ -948,8 +963,23 @@ impl Config {
                 })
             }
         };
+        let temperature = o.number("temperature", 0.05, 1e-4, 100.0)? as f32;
+        let negative_feedback = {
+            let empty = Value::Object(Default::default());
+            let nf = Obj::new(
+                o.get("negative_feedback").unwrap_or(&empty),
+                "negative_feedback",
+            )?;
+            nf.allow(&["weight", "margin", "temperature"])?;
+            NegativeFeedback {
+                weight: nf.number("weight", 1.0, 0.0, 100.0)? as f32,
+                margin: nf.number("margin", 0.0, -1.0, 1.0)? as f32,
+                temperature: nf.number("temperature", 0.1, 1e-4, 100.0)? as f32,
+            }
+        };
         let shared = Shared::parse(&o, TWO_TOWER_DEFAULTS)?;
         let cfg = Config {
+            negative_feedback,
             augmented,
             dim,
             user,
@@ -958,7 +988,7 @@ impl Config {
             max_vocab: shared.max_vocab,
             loss,
             negatives,
-            temperature: o.number("temperature", 0.05, 1e-4, 100.0)? as f32,
+            temperature,
             lr: shared.lr,
             weight_decay: shared.weight_decay,
             sparse,

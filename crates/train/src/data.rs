@@ -26,6 +26,9 @@ pub struct Data {
     pub users: Vec<Entity>,
     pub items: Vec<Entity>,
     pub interactions: Vec<Interaction>,
+    /// Negative feedback (items the user disliked: skipped, rated low): trained against by the
+    /// negative-feedback term, never part of a history.
+    pub negative: Vec<Interaction>,
     /// Per user: hard negatives (e.g. items the ranking stage rejected), item indexes.
     pub hard: HashMap<u32, Vec<u32>>,
     user_index: HashMap<String, u32>,
@@ -88,6 +91,22 @@ impl Data {
             ts,
             weight,
         });
+        Ok(())
+    }
+
+    /// Adds a negative-feedback interaction (the same rules as [`Data::interaction`]).
+    pub fn negative_feedback(
+        &mut self,
+        user: &str,
+        item: &str,
+        ts: f64,
+        weight: f32,
+    ) -> Result<()> {
+        let n = self.interactions.len();
+        self.interaction(user, item, ts, weight)?;
+        let x = self.interactions.pop().expect("just added");
+        debug_assert_eq!(self.interactions.len(), n);
+        self.negative.push(x);
         Ok(())
     }
 

@@ -90,6 +90,30 @@ impl Accumulator {
         }
     }
 
+    /// Adds one user with `targets` targets of which those in `found` (1-based ranks) are
+    /// known to be within the top `kmax`; the others are misses at every k ≤ kmax (and count
+    /// in recall's denominator). MRR counts the first found target only.
+    pub fn add_within(&mut self, found: &[usize], targets: usize, kmax: usize) {
+        if targets == 0 {
+            return;
+        }
+        self.users += 1;
+        let mut r: Vec<usize> = found.iter().copied().filter(|&x| x <= kmax).collect();
+        r.sort_unstable();
+        for (ki, &k) in self.ks.iter().enumerate() {
+            let hits: Vec<usize> = r.iter().copied().filter(|&x| x <= k).collect();
+            let dcg: f64 = hits.iter().map(|&x| 1.0 / ((x + 1) as f64).log2()).sum();
+            let idcg: f64 = (1..=targets.min(k))
+                .map(|x| 1.0 / ((x + 1) as f64).log2())
+                .sum();
+            let s = &mut self.sums[ki];
+            s[0] += hits.len() as f64 / targets as f64;
+            s[1] += if hits.is_empty() { 0.0 } else { 1.0 };
+            s[2] += if idcg > 0.0 { dcg / idcg } else { 0.0 };
+            s[3] += r.first().map_or(0.0, |&f| 1.0 / f as f64);
+        }
+    }
+
     pub fn metrics(&self) -> Vec<Metrics> {
         let n = self.users.max(1) as f64;
         self.ks
@@ -126,5 +150,29 @@ mod tests {
         assert_eq!(m[1].hr, 1.0);
         assert!((m[1].ndcg - (1.0 + 1.0 / 3f64.log2()) / 2.0).abs() < 1e-12);
         assert!((m[0].mrr - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn targets_beyond_the_known_top_count_as_misses() {
+        // Two targets, one at rank 3 within the top 5, the other not found.
+        let mut acc = Accumulator::new(&[2, 5]);
+        acc.add_within(&[3], 2, 5);
+        // Every target found: the same as add().
+        acc.add_within(&[1, 2], 2, 5);
+        let m = acc.metrics();
+        assert_eq!(m[0].users, 2);
+        assert_eq!(m[0].recall, 0.5); // (0 + 1) / 2
+        assert_eq!(m[1].recall, 0.75); // (1/2 + 1) / 2
+        assert_eq!(m[0].hr, 0.5);
+        assert_eq!(m[1].hr, 1.0);
+        assert!((m[1].mrr - (1.0 / 3.0 + 1.0) / 2.0).abs() < 1e-12);
+        let idcg2 = 1.0 + 1.0 / 3f64.log2();
+        let want = ((1.0 / 4f64.log2()) / idcg2 + 1.0) / 2.0;
+        assert!((m[1].ndcg - want).abs() < 1e-12, "{}", m[1].ndcg);
+        let mut plain = Accumulator::new(&[2, 5]);
+        plain.add(&[Some(1), Some(2)]);
+        let mut within = Accumulator::new(&[2, 5]);
+        within.add_within(&[2, 1], 2, 5);
+        assert_eq!(plain.metrics(), within.metrics());
     }
 }

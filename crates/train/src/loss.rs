@@ -2,7 +2,13 @@
 //! item: columns `0..b` are the batch's positives (column `i` is row `i`'s positive), columns
 //! `b..c` are sampled negatives. `S = U·Vᵀ` (cosines, for unit vectors). Every loss returns its
 //! value (the weighted mean over rows) and `dL/dS`.
+//!
+//! Negative feedback: the last `feedback` rows (`b..b + feedback`) are negative-feedback
+//! examples, and the last `feedback` columns their disliked items (row `b + r`, column
+//! `c − feedback + r`, owned by that row: no positive row scores them). Each adds the sigmoid
+//! cross-entropy against label 0, weighted as [`NegativeFeedback`] says.
 
+use crate::config::NegativeFeedback;
 use ndarray::ArrayView2;
 
 /// Which candidates a row scores against, and how.
@@ -42,35 +48,50 @@ pub struct Scores<'a> {
     /// Per column: the row it belongs to (a row's own hard negatives, and the per-row
     /// negatives of per-row losses), or -1 for a column every row scores.
     pub owner: &'a [i32],
-    /// Per row: the example's weight.
+    /// Per row: the example's weight (positives, then negative-feedback rows).
     pub weights: &'a [f32],
     pub temperature: f32,
+    /// Trailing negative-feedback rows and columns (0: none).
+    pub feedback: usize,
+    pub nf: NegativeFeedback,
 }
 
-/// The loss and `dL/dS` (`b × c`).
+/// The loss and `dL/dS` (`(b + feedback) × c`).
 pub fn loss(kind: LossKind, x: &Scores) -> (f64, Vec<f32>) {
-    loss_rows(kind, x, 0..x.b)
+    loss_rows(kind, x, 0..x.b + x.feedback)
 }
 
 /// The part of the loss from rows `rows` and their `dL/dS`: `x.s` holds those rows only
-/// (`rows.len() × c`); weights are normalised over all `b` rows, so the parts add up to
-/// [`loss`].
+/// (`rows.len() × c`); weights are normalised over all rows (positives and negative feedback
+/// each over their own), so the parts add up to [`loss`].
 pub fn loss_rows(kind: LossKind, x: &Scores, rows: std::ops::Range<usize>) -> (f64, Vec<f32>) {
     let (b, c) = (x.b, x.c);
     let mut ds = vec![0f32; rows.len() * c];
-    let wsum: f64 = x
-        .weights
-        .iter()
-        .map(|&w| w as f64)
-        .sum::<f64>()
-        .max(f64::MIN_POSITIVE);
+    let sum = |w: &[f32]| {
+        w.iter()
+            .map(|&w| w as f64)
+            .sum::<f64>()
+            .max(f64::MIN_POSITIVE)
+    };
+    let wsum = sum(&x.weights[..b]);
+    let fsum = sum(&x.weights[b..b + x.feedback]);
     let tau = x.temperature as f64;
     let mut total = 0f64;
     // Per-row losses: row i's negatives are columns b + i·r .. b + (i+1)·r.
-    let negatives = (c - b).checked_div(b).unwrap_or(0);
+    let negatives = (c - b - x.feedback).checked_div(b).unwrap_or(0);
     for (li, i) in rows.enumerate() {
         let srow = &x.s[li * c..(li + 1) * c];
         let drow = &mut ds[li * c..(li + 1) * c];
+        if i >= b {
+            // A negative-feedback row: BCE with logits against label 0 on its own column.
+            let j = c - x.feedback + (i - b);
+            let w = x.nf.weight as f64 * x.weights[i] as f64 / fsum;
+            let t = x.nf.temperature as f64;
+            let z = (srow[j] as f64 - x.nf.margin as f64) / t;
+            total += w * softplus(z);
+            drow[j] = (w * sigmoid(z) / t) as f32;
+            continue;
+        }
         let wi = x.weights[i] as f64 / wsum;
         let pos = x.items[i];
         let sp = srow[i] as f64;

@@ -98,8 +98,21 @@ fn user_input(
     timeline: &[u32],
     pos: usize,
 ) -> Value {
-    let u = &data.users[user as usize];
     let at = data.interactions[timeline[pos] as usize].ts;
+    user_input_at(cfg, data, keys, user, timeline, pos, at)
+}
+
+/// The input of a user at time `at`, `pos` of their interactions being before it.
+fn user_input_at(
+    cfg: &Config,
+    data: &Data,
+    keys: &Keys,
+    user: u32,
+    timeline: &[u32],
+    pos: usize,
+    at: f64,
+) -> Value {
+    let u = &data.users[user as usize];
     let past = timeline[..pos].iter().map(|&k| {
         let x = &data.interactions[k as usize];
         (data.items[x.item as usize].id.as_str(), x.ts)
@@ -360,6 +373,8 @@ pub struct Batch<'a> {
     pub owner: &'a [i32],
     pub logq: &'a [f32],
     pub weights: &'a [f32],
+    /// The last `feedback` users and items are negative-feedback examples (see [`loss`]).
+    pub feedback: usize,
 }
 
 /// One optimisation step (`t` counts from 1): both towers' forward passes over `threads`, the
@@ -374,6 +389,8 @@ pub fn train_step(
     threads: usize,
 ) -> f64 {
     let (b, c, d) = (x.users.len(), x.items.len(), cfg.dim);
+    // The positives' rows (the negative-feedback rows follow them).
+    let bp = b - x.feedback;
     let uparts = split(b, threads);
     let iparts = split(c, threads);
     let (ut, it) = (&*user.0, &*item.0);
@@ -401,13 +418,15 @@ pub fn train_step(
         let s = loss::scores(&u[r.start * d..r.end * d], r.len(), &v, c, d);
         let sc = Scores {
             s: &s,
-            b,
+            b: bp,
             c,
             logq: x.logq,
             items: x.cand,
             owner: x.owner,
             weights: x.weights,
             temperature: cfg.temperature,
+            feedback: x.feedback,
+            nf: cfg.negative_feedback,
         };
         let (l, ds) = loss::loss_rows(cfg.loss, &sc, r.clone());
         let (du, dv) = loss::backprop_scores(&ds, &u[r.start * d..r.end * d], r.len(), &v, c, d);
@@ -445,20 +464,20 @@ pub fn train_step(
         l += mimic_side(
             ut,
             aug.user,
-            x.users,
-            &v[..b * d],
+            &x.users[..bp],
+            &v[..bp * d],
             d,
-            x.weights,
+            &x.weights[..bp],
             aug.lambda,
             &mut ug,
         );
         l += mimic_side(
             it,
             aug.item,
-            &x.items[..b],
-            &u,
+            &x.items[..bp],
+            &u[..bp * d],
             d,
-            x.weights,
+            &x.weights[..bp],
             aug.lambda,
             &mut ig,
         );
@@ -680,7 +699,10 @@ pub fn train_from(
         })
         .sum();
     let per_example = 96 + cfg.user.features.len() * 48 + hist_len.min(64) * 8 + dense_len * 4;
-    let n_inputs = train_pos.len() + valid_pos.len();
+    // Negative-feedback examples (a zero weight leaves them out).
+    let feedback_on = cfg.negative_feedback.weight > 0.0 && !data.negative.is_empty();
+    let n_feedback = if feedback_on { data.negative.len() } else { 0 };
+    let n_inputs = train_pos.len() + valid_pos.len() + n_feedback;
     let mut counts_by_item = vec![0u64; data.items.len()];
     for &(u, p) in &train_pos {
         counts_by_item[data.interactions[timelines[u as usize][p] as usize].item as usize] += 1;
@@ -722,7 +744,12 @@ pub fn train_from(
         .saturating_add(estimate_tables(&cfg.item, rows.1))
         .saturating_add(dense(&cfg.user))
         .saturating_add(dense(&cfg.item))
-        .saturating_add(step_memory(cfg, b, !data.hard.is_empty(), rows));
+        .saturating_add(step_memory(
+            cfg,
+            b + n_feedback.div_ceil(train_pos.len().div_ceil(b.max(1)).max(1)),
+            !data.hard.is_empty(),
+            rows,
+        ));
     if needed > budget {
         return Err(TrainError::MemoryBudget { needed, budget });
     }
@@ -822,6 +849,23 @@ pub fn train_from(
             });
         }
     }
+    // Negative feedback: the user as they were at that moment (their positives before it).
+    let mut feedback: Vec<Example> = Vec::with_capacity(n_feedback);
+    for x in data.negative.iter().take(n_feedback) {
+        let t = &timelines[x.user as usize];
+        let pos = t.partition_point(|&k| data.interactions[k as usize].ts < x.ts);
+        let v = user_input_at(cfg, data, keys, x.user, t, pos, x.ts);
+        inputs.push(encode(&umodel, &v, &|| {
+            format!("user {}", data.users[x.user as usize].id)
+        })?);
+        feedback.push(Example {
+            user: x.user,
+            item: x.item,
+            weight: x.weight,
+            input: inputs.len() - 1,
+        });
+    }
+    let mut feedback_order: Vec<usize> = (0..feedback.len()).collect();
     // Each validation user's training items are masked when ranking.
     let mut seen: HashMap<u32, Vec<u32>> = HashMap::new();
     if !valid.is_empty() {
@@ -881,6 +925,9 @@ pub fn train_from(
         let mut loss_sum = 0f64;
         let mut seen_examples = 0usize;
         let steps = kept.len().div_ceil(b_max);
+        // Every negative-feedback example once an epoch, spread evenly over the steps.
+        feedback_order.shuffle(&mut rng);
+        let feedback_per_step = feedback.len().div_ceil(steps.max(1));
         for (s, batch) in kept.chunks(b_max).enumerate() {
             let b = batch.len();
             if b < 2 {
@@ -945,8 +992,27 @@ pub fn train_from(
                     0.0
                 };
             }
-            let weights: Vec<f32> = batch.iter().map(|&e| examples[e].weight).collect();
-            let uxs: Vec<&Encoded> = batch.iter().map(|&e| &inputs[examples[e].input]).collect();
+            let fb: &[usize] = if feedback_per_step > 0 {
+                let lo = (s * feedback_per_step).min(feedback.len());
+                &feedback_order[lo..(lo + feedback_per_step).min(feedback.len())]
+            } else {
+                &[]
+            };
+            for (r, &e) in fb.iter().enumerate() {
+                cand.push(feedback[e].item);
+                owner.push((b + r) as i32);
+                logq.push(0.0);
+            }
+            let weights: Vec<f32> = batch
+                .iter()
+                .map(|&e| examples[e].weight)
+                .chain(fb.iter().map(|&e| feedback[e].weight))
+                .collect();
+            let uxs: Vec<&Encoded> = batch
+                .iter()
+                .map(|&e| &inputs[examples[e].input])
+                .chain(fb.iter().map(|&e| &inputs[feedback[e].input]))
+                .collect();
             let ixs: Vec<&Encoded> = cand.iter().map(|&i| &items[i as usize]).collect();
             let batch_in = Batch {
                 users: &uxs,
@@ -955,6 +1021,7 @@ pub fn train_from(
                 owner: &owner,
                 logq: &logq,
                 weights: &weights,
+                feedback: fb.len(),
             };
             let l = train_step(
                 cfg,

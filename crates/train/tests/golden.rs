@@ -150,6 +150,7 @@ fn three_steps_equal_the_numpy_reference() {
             owner: &owner,
             logq: &logq,
             weights: &weights,
+            feedback: 0,
         };
         let l = train_step(
             &cfg,

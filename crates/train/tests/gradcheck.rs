@@ -7,7 +7,7 @@ use serde_json::json;
 use twotower_tower::layers::Activation;
 use twotower_tower::{Encoded, Model};
 use twotower_train::config::{
-    Branch, Bucketing, Decay, FeatureSpec, Fusion, NumTransform, TowerSpec,
+    Branch, Bucketing, Decay, FeatureSpec, Fusion, NegativeFeedback, NumTransform, TowerSpec,
 };
 use twotower_train::loss::{self, LossKind, Scores};
 use twotower_train::model::{self, FeatureStats};
@@ -344,9 +344,14 @@ fn graph_gradients_parallel_two_towers() {
 }
 
 fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
+    check_loss_feedback(kind, b, negatives, logq_on, 0);
+}
+
+/// [`check_loss`] with `f` negative-feedback rows (and their columns) after the positives.
+fn check_loss_feedback(kind: LossKind, b: usize, negatives: usize, logq_on: bool, f: usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let c = b + negatives;
-    let s: Vec<f32> = (0..b * c).map(|_| rng.gen_range(-1.0..1.0)).collect();
+    let c = b + negatives + f;
+    let s: Vec<f32> = (0..(b + f) * c).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let logq: Vec<f32> = (0..c)
         .map(|_| {
             if logq_on {
@@ -363,18 +368,26 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
     if negatives > 0 {
         items[b] = 3;
     }
-    let weights: Vec<f32> = (0..b).map(|i| 0.5 + i as f32 * 0.25).collect();
-    // Softmax: the last two columns are row 0's own (hard) negatives; others are shared.
+    let weights: Vec<f32> = (0..b + f).map(|i| 0.5 + i as f32 * 0.25).collect();
+    // Softmax: the two columns before the feedback ones are row 0's own (hard) negatives;
+    // others are shared. Feedback column c − f + r belongs to feedback row b + r.
     let owner: Vec<i32> = (0..c)
         .map(|j| {
-            if !kind.per_row_negatives() && negatives >= 2 && j + 2 >= c {
+            if j >= c - f {
+                (b + j - (c - f)) as i32
+            } else if !kind.per_row_negatives() && negatives >= 2 && j + 2 >= c - f {
                 0
             } else {
                 -1
             }
         })
         .collect();
-    let eval = |s: &[f32]| {
+    let nf = NegativeFeedback {
+        weight: 0.7,
+        margin: 0.1,
+        temperature: 0.2,
+    };
+    let eval_f = |s: &[f32], f: usize| {
         loss::loss(
             kind,
             &Scores {
@@ -386,9 +399,30 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
                 owner: &owner,
                 weights: &weights,
                 temperature: 0.3,
+                feedback: f,
+                nf,
             },
         )
     };
+    let eval = |s: &[f32]| eval_f(s, f);
+    if f > 0 {
+        // The feedback term on its own, from its definition: the mean over the feedback rows
+        // (weighted) of weight · ln(1 + exp((s − margin) / temperature)).
+        let wf: f64 = weights[b..].iter().map(|&w| w as f64).sum();
+        let mut want = 0f64;
+        for r in 0..f {
+            let z = (s[(b + r) * c + c - f + r] as f64 - nf.margin as f64) / nf.temperature as f64;
+            want += nf.weight as f64 * weights[b + r] as f64 / wf * (1.0 + z.exp()).ln();
+        }
+        // Without the feedback rows the positives' loss is the same (their columns are masked
+        // out of every positive row by their owner).
+        let positives = eval_f(&s[..b * c], 0).0;
+        let got = eval(&s).0 - positives;
+        assert!(
+            (got - want).abs() < 1e-9,
+            "{kind:?}: feedback term {got} vs {want}"
+        );
+    }
     let (_, ds) = eval(&s);
     let eps = 1e-3f32;
     let mut nonzero = 0;
@@ -408,7 +442,24 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
         }
     }
     assert!(nonzero > b, "{kind:?}: gradients flow");
-    if owner.iter().any(|&o| o >= 0) {
+    for r in 0..f {
+        let j = c - f + r;
+        for i in 0..b + f {
+            let g = ds[i * c + j];
+            assert_eq!(
+                g != 0.0,
+                i == b + r,
+                "{kind:?}: feedback column {j}, row {i}: {g}"
+            );
+        }
+        let row = &ds[(b + r) * c..(b + r + 1) * c];
+        assert_eq!(
+            row.iter().filter(|&&g| g != 0.0).count(),
+            1,
+            "{kind:?}: feedback row {r} scores its own column only"
+        );
+    }
+    if f == 0 && owner.iter().any(|&o| o >= 0) {
         // A row's own columns get gradient from that row only.
         for i in 1..b {
             assert_eq!(
@@ -418,6 +469,37 @@ fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
             );
         }
         assert!(ds[c - 1] != 0.0, "row 0 scores its hard negative");
+    }
+}
+
+#[test]
+fn negative_feedback_next_to_every_loss() {
+    let kinds = [
+        (
+            LossKind::Softmax {
+                in_batch: true,
+                logq: true,
+            },
+            0,
+        ),
+        (
+            LossKind::Softmax {
+                in_batch: true,
+                logq: true,
+            },
+            4,
+        ),
+        (LossKind::Pointwise, 2),
+        (LossKind::TripletHinge { margin: 0.3 }, 2),
+        (LossKind::TripletLogistic, 2),
+    ];
+    for (kind, per) in kinds {
+        let negatives = if kind.per_row_negatives() {
+            per * 5
+        } else {
+            per
+        };
+        check_loss_feedback(kind, 5, negatives, true, 3);
     }
 }
 

@@ -871,3 +871,142 @@ fn dense_layers_count_against_the_memory_budget() {
         );
     }
 }
+
+/// [`synthetic`]'s groups, each split by age: the young half likes all 20 of the group's items,
+/// the old half only the last 15 and dislikes the first 5 (3 negative-feedback events each,
+/// between their positives). Collaborative signal alone brings the first 5 (liked by the young
+/// half of the group) to the old half too; their feedback says otherwise.
+fn synthetic_feedback() -> Data {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut d = Data::default();
+    for i in 0..200 {
+        let mut f = Map::new();
+        f.insert("item_id".into(), json!(i));
+        f.insert("genre".into(), json!(format!("g{}", i % 10)));
+        d.item_features(&i.to_string(), f).unwrap();
+    }
+    for u in 0..300 {
+        let group = u % 10;
+        let old = (u / 10) % 2 == 1;
+        let mut f = Map::new();
+        f.insert("user_id".into(), json!(u));
+        f.insert("age".into(), json!(if old { 60 } else { 20 }));
+        d.user_features(&u.to_string(), f).unwrap();
+        for t in 0..20 {
+            let first = if old { 5 } else { 0 };
+            let item = if rng.gen::<f64>() < 0.9 {
+                group + 10 * rng.gen_range(first..20)
+            } else {
+                rng.gen_range(0..200)
+            };
+            d.interaction(&u.to_string(), &item.to_string(), (t * 100 + u) as f64, 1.0)
+                .unwrap();
+            if old && t % 6 == 3 {
+                let bad = group + 10 * rng.gen_range(0..5);
+                d.negative_feedback(
+                    &u.to_string(),
+                    &bad.to_string(),
+                    (t * 100 + u) as f64 + 0.5,
+                    1.0,
+                )
+                .unwrap();
+            }
+        }
+    }
+    d
+}
+
+#[test]
+fn negative_feedback_pushes_disliked_items_out_of_the_top_and_keeps_the_liked_ones() {
+    let data = synthetic_feedback();
+    assert_eq!(data.negative.len(), 150 * 3);
+    // Per old user (with the served towers): the share of their 5 disliked items in the top 20
+    // of the 200, and the share of their 15 liked ones there.
+    let measure = |extra: Value| {
+        let t = train(&config(extra), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+        let (um, im) = served(&t);
+        let items: Vec<Vec<f32>> = (0..200)
+            .map(|i| {
+                im.embed(&json!({"item_id": i, "genre": format!("g{}", i % 10)}))
+                    .unwrap()
+            })
+            .collect();
+        let (mut neg, mut pos, mut n) = (0f64, 0f64, 0f64);
+        for u in (0..300usize).filter(|u| (u / 10) % 2 == 1) {
+            let group = u % 10;
+            let hist: Vec<usize> = (0..5).map(|k| group + 10 * (5 + (u + k) % 15)).collect();
+            let v = um
+                .embed(&json!({"user_id": u, "age": 60, "history": {"ids": hist, "weights": [1.0, 0.8, 0.64, 0.51, 0.41]}}))
+                .unwrap();
+            let mut scored: Vec<(f32, usize)> = items
+                .iter()
+                .enumerate()
+                .map(|(i, w)| (v.iter().zip(w).map(|(a, b)| a * b).sum(), i))
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let top: Vec<usize> = scored.iter().take(20).map(|x| x.1).collect();
+            neg += top
+                .iter()
+                .filter(|&&i| i % 10 == group && i / 10 < 5)
+                .count() as f64
+                / 5.0;
+            pos += top
+                .iter()
+                .filter(|&&i| i % 10 == group && i / 10 >= 5)
+                .count() as f64
+                / 15.0;
+            n += 1.0;
+        }
+        (neg / n, pos / n, t.train_examples)
+    };
+    let (neg_off, pos_off, n_off) = measure(json!({"negative_feedback": {"weight": 0.0}}));
+    let (neg_on, pos_on, n_on) = measure(json!({"negative_feedback": {"weight": 1.0}}));
+    println!("old users, disliked in top 20: without {neg_off:.3}, with {neg_on:.3}; liked: {pos_off:.3} / {pos_on:.3}");
+    // The positives are the same examples either way.
+    assert_eq!(n_off, n_on);
+    assert!(
+        neg_off > 0.3,
+        "without the term the group brings the disliked items up: {neg_off}"
+    );
+    assert!(
+        neg_on < neg_off - 0.25,
+        "disliked share {neg_off} -> {neg_on}"
+    );
+    assert!(
+        pos_on > pos_off - 0.05 && pos_on > 0.6,
+        "liked share {pos_off} -> {pos_on}"
+    );
+}
+
+#[test]
+fn negative_feedback_options_are_checked_with_their_paths() {
+    for (o, path) in [
+        (json!({"negative_feedback": 1}), "negative_feedback"),
+        (
+            json!({"negative_feedback": {"weight": -1}}),
+            "negative_feedback.weight",
+        ),
+        (
+            json!({"negative_feedback": {"margin": 2}}),
+            "negative_feedback.margin",
+        ),
+        (
+            json!({"negative_feedback": {"temperature": 0}}),
+            "negative_feedback.temperature",
+        ),
+        (
+            json!({"negative_feedback": {"wieght": 1}}),
+            "negative_feedback.wieght",
+        ),
+    ] {
+        let mut base = json!({"user": {"features": [{"name": "user_id", "type": "categorical"}]},
+                              "item": {"features": [{"name": "item_id", "type": "categorical"}]}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(o.as_object().unwrap().clone());
+        match Config::parse(&base) {
+            Err(TrainError::Option { path: p, .. }) => assert_eq!(p, path, "{o}"),
+            other => panic!("{o}: {other:?}"),
+        }
+    }
+}

@@ -177,8 +177,9 @@ pub unsafe fn for_each_delta(
         visit(blk, false);
     }
     // SAFETY: an open relation.
-    let count =
-        || unsafe { pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM) };
+    let count = || unsafe {
+        pg_sys::RelationGetNumberOfBlocksInFork(index, pg_sys::ForkNumber::MAIN_FORKNUM)
+    };
     let mut nblocks = count();
     let (mut blk, mut steps) = (meta.dl_head, 0u32);
     while blk != 0 {

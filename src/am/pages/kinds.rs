@@ -143,8 +143,7 @@ pub(super) unsafe fn take_free_page(
             }
             let b = Locked::read(index, blk, true);
             let page = b.page();
-            if pg_sys::PageIsNew(page)
-                || link_special(page).is_some_and(|s| s.magic == FREE_MAGIC)
+            if pg_sys::PageIsNew(page) || link_special(page).is_some_and(|s| s.magic == FREE_MAGIC)
             {
                 give_back(&passed);
                 return Some(b);
