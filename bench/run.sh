@@ -45,6 +45,9 @@ bash bench/movielens_din.sh | tee "bench/out/movielens-din-$(date +%Y%m%d-%H%M%S
 # Negative feedback in recall (bench/movielens_feedback.py): POS@50 / NEG@50 of the demo's model
 # on all ratings, on the positive ones, and with the negative-feedback objective.
 TT_SKIP_LOAD=1 python3 bench/movielens_feedback.py | tee "bench/out/movielens-feedback-$(date +%Y%m%d-%H%M%S).md"
+# Popularity debiasing (bench/movielens_debias.py): HR@50, long-tail HR@50, head share and
+# coverage of the two-tower channel, the merged list and the cascade, with and without it.
+TT_SKIP_LOAD=1 python3 bench/movielens_debias.py | tee "bench/out/movielens-debias-$(date +%Y%m%d-%H%M%S).md"
 # recall() over loopback shards (postgres_fdw) against one server (bench/shards.sh; four more
 # scratch clusters, stopped at the end). TT_SKIP_SHARDS=1 leaves it out.
 if [ "${TT_SKIP_SHARDS:-0}" != 1 ]; then

@@ -75,7 +75,12 @@ pub mod twotower {
         ] {
             let got = spi::column_type(rel, col).ok();
             if got.as_deref() != Some(ty) {
-                return Err(TtError::BadArgument(format!(
+                let e = if got.is_none() {
+                    TtError::UndefinedColumn
+                } else {
+                    TtError::WrongType
+                };
+                return Err(e(format!(
                     "neighbour table {name} must have column \"{col}\" of type {ty} (it has {})",
                     got.map_or("no such column".into(), |t| format!("type {t}"))
                 )));

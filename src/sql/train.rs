@@ -176,6 +176,13 @@ pub mod twotower {
         } else {
             ""
         };
+        if label_column.is_none() && cfg.histories().iter().any(|h| h.negative) {
+            TtError::Train(twotower_train::TrainError::Option {
+                path: "user.features".into(),
+                reason: "a history with \"feedback\": \"negative\" reads the negative feedback of a label_column: give one".into(),
+            })
+            .report();
+        }
         // Feedback: every row is positive without a label column; with one, rows above 0 are
         // positive, below 0 negative feedback (the negative_feedback term), 0 neither.
         let label = match label_column {
@@ -446,7 +453,7 @@ pub mod twotower {
         .and_then(|(o, _)| o)
         .filter(|o| *o != pg_sys::InvalidOid);
         oid.map(Some).ok_or_else(|| {
-            TtError::BadArgument(format!(
+            TtError::UndefinedTable(format!(
                 "{name}, the model's {key} source, no longer exists"
             ))
         })
@@ -520,28 +527,19 @@ pub mod twotower {
                     .collect()
             })
             .unwrap_or_default();
-        let mut past: Vec<(String, f64)> = Vec::new();
-        if !histories.is_empty() {
-            let longest = histories.iter().map(|h| h.max_len).max().unwrap_or(0);
-            // The newest `longest` interactions up to `at`, then oldest first.
-            let order_desc = if is_table(rel) {
-                format!("{ts} DESC, t.ctid DESC")
-            } else {
-                format!("{ts} DESC")
-            };
-            // A model trained with a label column: its histories hold positive feedback only,
-            // as in training.
-            let positive = match sources.get("label_column").and_then(|v| v.as_str()) {
-                Some(c) => format!(
-                    " AND ({}) OPERATOR(pg_catalog.>) 0",
-                    spi::label_expr(rel, c).or_report()
-                ),
-                None => String::new(),
-            };
+        // The newest `limit` rows of the user up to `at` that pass `filter`, oldest first.
+        let order_desc = if is_table(rel) {
+            format!("{ts} DESC, t.ctid DESC")
+        } else {
+            format!("{ts} DESC")
+        };
+        // (Negative feedback strictly before the moment, as in training; interactions up to it.)
+        let read_past = |filter: &str, until: &str, limit: usize| -> Vec<(String, f64)> {
+            let mut past: Vec<(String, f64)> = Vec::new();
             let sql = format!(
                 "SELECT t.{ic}::pg_catalog.text, {ts} FROM {src} AS t
-                  WHERE t.{uc} OPERATOR(pg_catalog.=) $1::{uty} AND {ts} <= $2{positive}
-                  ORDER BY {order_desc} LIMIT {longest}"
+                  WHERE t.{uc} OPERATOR(pg_catalog.=) $1::{uty} AND {ts} OPERATOR(pg_catalog.{until}) $2{filter}
+                  ORDER BY {order_desc} LIMIT {limit}"
             );
             Spi::connect(|c| -> Result<(), pgrx::spi::Error> {
                 for row in c.select(&sql, None, &[user_id.into(), at_secs.into()])? {
@@ -554,7 +552,36 @@ pub mod twotower {
             .map_err(|e| TtError::BadArgument(format!("reading {src}: {e}")))
             .or_report();
             past.reverse();
-        }
+            past
+        };
+        // A model trained with a label column: its histories hold positive feedback only, as
+        // in training; its negative histories the rows below 0.
+        let label = sources
+            .get("label_column")
+            .and_then(|v| v.as_str())
+            .map(|c| spi::label_expr(rel, c).or_report());
+        let longest = |negative: bool| {
+            histories
+                .iter()
+                .filter(|h| h.negative == negative)
+                .map(|h| h.max_len)
+                .max()
+        };
+        let past = match (longest(false), &label) {
+            (None, _) => Vec::new(),
+            (Some(n), Some(l)) => read_past(
+                &format!(" AND ({l}) OPERATOR(pg_catalog.>) 0 AND ({l}) OPERATOR(pg_catalog.<>) 'NaN'::pg_catalog.float8"),
+                "<=",
+                n,
+            ),
+            (Some(n), None) => read_past("", "<=", n),
+        };
+        let past_negative = match (longest(true), &label) {
+            (Some(n), Some(l)) => {
+                read_past(&format!(" AND ({l}) OPERATOR(pg_catalog.<) 0"), "<", n)
+            }
+            _ => Vec::new(),
+        };
         let mut row = serde_json::Map::new();
         if let Some(frel) = stored_relation(&sources, "user_features").or_report() {
             let fsrc = spi::relation_name(frel).or_report();
@@ -593,6 +620,7 @@ pub mod twotower {
             user_id,
             &histories,
             past.iter().map(|(i, t)| (i.as_str(), *t)),
+            past_negative.iter().map(|(i, t)| (i.as_str(), *t)),
             at_secs,
         );
         pgrx::JsonB(v)
@@ -619,7 +647,9 @@ pub mod twotower {
     /// object) are one query with all their targets. Returns Recall, HR, NDCG and MRR at each k
     /// (MRR through the index counts targets within the largest k only); with
     /// `negative_queries` (the same columns, held-out negative-feedback items as targets) also
-    /// NEG@k as `neg_recall` (their share in the top k, lower is better) and `neg_hr`.
+    /// NEG@k as `neg_recall` (their share in the top k, lower is better) and `neg_hr`; with
+    /// `seen`, the popularity metrics `head_share`, `coverage`, `tail_recall` and `tail_hr`
+    /// (the head: the 20 % most popular items by their count in `seen`).
     #[pg_extern(stable, parallel_restricted)]
     fn evaluate(
         user_model: Option<&str>,
@@ -640,7 +670,7 @@ pub mod twotower {
         ),
     > {
         use std::collections::HashMap;
-        use twotower_train::eval::{ranks, Accumulator};
+        use twotower_train::eval::{ranks, top_k, Accumulator, ListStats};
         let (user_model, index, queries) = (
             required(user_model, "user_model"),
             required(index, "index"),
@@ -678,7 +708,11 @@ pub mod twotower {
         .ok()
         .flatten()
         .and_then(|(s, _)| s);
-        let Some(items_sql) = found.filter(|s| s.contains("int8, t.")) else {
+        // In id order: ties (in rankings and in popularity) go to the smaller id.
+        let Some(items_sql) = found
+            .filter(|s| s.contains("int8, t."))
+            .map(|s| s + " ORDER BY 1")
+        else {
             TtError::NoItemId("evaluate() needs the index's table to have a single-column integer primary key (the item id)".into()).report();
         };
         let dims = l.model.output_dim();
@@ -765,9 +799,35 @@ pub mod twotower {
         let n = ids.len();
         let mut scores = vec![0f32; n];
         // Metrics of one set of queries, exactly and through the index.
-        let mut measure = |groups: &[(String, String, Vec<i64>)]| -> (Accumulator, Accumulator) {
-            let mut exact = Accumulator::new(&ks);
-            let mut approx = Accumulator::new(&ks);
+        // Popularity: the head is the 20 % most popular items of the index's table by their
+        // count in `seen` (the training interactions); without `seen` there is none.
+        let head: Vec<bool> = if seen.is_some() {
+            let mut counts = vec![0u64; ids.len()];
+            for items in seen_by.values() {
+                for i in items {
+                    if let Some(&p) = pos.get(i) {
+                        counts[p as usize] += 1;
+                    }
+                }
+            }
+            twotower_train::eval::head_items(&counts, 0.2)
+        } else {
+            Vec::new()
+        };
+        /// One method's metrics: the targets', the lists', the long-tail targets'.
+        struct Side {
+            targets: Accumulator,
+            lists: ListStats,
+            tail: Accumulator,
+        }
+        let side = || Side {
+            targets: Accumulator::new(&ks),
+            lists: ListStats::new(&ks),
+            tail: Accumulator::new(&ks),
+        };
+        // Metrics of one set of queries, exactly and through the index.
+        let mut measure = |groups: &[(String, String, Vec<i64>)]| -> (Side, Side) {
+            let (mut exact, mut approx) = (side(), side());
             for (u, f, targets) in groups {
                 check_for_interrupts!();
                 let tpos: Vec<u32> = targets.iter().filter_map(|t| pos.get(t).copied()).collect();
@@ -787,26 +847,45 @@ pub mod twotower {
                 for (i, s) in scores.iter_mut().enumerate() {
                     *s = -(metric.sql_distance(&q, &vecs[i * dims..(i + 1) * dims]) as f32);
                 }
-                exact.add(&ranks(&scores, &tpos, &masked));
-                // The targets the exact ranking counts (the unmasked ones).
-                let live: Vec<i64> = targets
+                exact.targets.add(&ranks(&scores, &tpos, &masked));
+                // The targets the rankings count (the unmasked ones): a query without one
+                // counts for no metric, in both methods.
+                let live: Vec<u32> = tpos
                     .iter()
-                    .filter(|t| pos.get(t).is_some_and(|p| masked.binary_search(p).is_err()))
                     .copied()
+                    .filter(|p| masked.binary_search(p).is_err())
                     .collect();
+                let is_tail = |p: &u32| !head.is_empty() && !head[*p as usize];
+                let tail: Vec<u32> = tpos.iter().copied().filter(is_tail).collect();
+                if !head.is_empty() && !live.is_empty() {
+                    exact.lists.add(&top_k(&scores, &masked, kmax), &head);
+                    exact.tail.add(&ranks(&scores, &tail, &masked));
+                }
                 if via_index && !live.is_empty() {
                     let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
                     let exclude: std::collections::HashSet<i64> = seen_ids.into_iter().collect();
                     let rows = target.nearest(&q, kmax, &exclude, 0).or_report();
                     target.close();
-                    let found: Vec<usize> = rows
+                    let list: Vec<u32> = rows
                         .iter()
-                        .enumerate()
-                        .filter(|(_, (id, _))| live.contains(id))
-                        .map(|(p, _)| p + 1)
+                        .filter_map(|(id, _)| pos.get(id).copied())
                         .collect();
+                    let found = |want: &[u32]| -> Vec<usize> {
+                        list.iter()
+                            .enumerate()
+                            .filter(|(_, p)| want.contains(p))
+                            .map(|(r, _)| r + 1)
+                            .collect()
+                    };
                     // Beyond the largest k the index gives no rank: counted as a miss.
-                    approx.add_within(&found, live.len(), kmax);
+                    approx.targets.add_within(&found(&live), live.len(), kmax);
+                    if !head.is_empty() {
+                        approx.lists.add(&list, &head);
+                        let live_tail: Vec<u32> = live.iter().copied().filter(is_tail).collect();
+                        approx
+                            .tail
+                            .add_within(&found(&live_tail), live_tail.len(), kmax);
+                    }
                 }
             }
             (exact, approx)
@@ -821,35 +900,37 @@ pub mod twotower {
             if method == "index" && !via_index {
                 continue;
             }
-            for m in acc.metrics() {
+            let mut push = |name: &str, k: usize, v: f64, n: usize| {
+                out.push((method.to_owned(), name.to_owned(), k as i32, v, n as i64));
+            };
+            for m in acc.targets.metrics() {
                 for (name, v) in [
                     ("recall", m.recall),
                     ("hr", m.hr),
                     ("ndcg", m.ndcg),
                     ("mrr", m.mrr),
                 ] {
-                    out.push((
-                        method.to_owned(),
-                        name.to_owned(),
-                        m.k as i32,
-                        v,
-                        m.users as i64,
-                    ));
+                    push(name, m.k, v, m.users);
                 }
             }
             // NEG@k: the share of the held-out negative-feedback items in the top k (lower is
             // better), and the users with one of them there.
             if let Some(neg) = neg {
-                for m in neg.metrics() {
-                    for (name, v) in [("neg_recall", m.recall), ("neg_hr", m.hr)] {
-                        out.push((
-                            method.to_owned(),
-                            name.to_owned(),
-                            m.k as i32,
-                            v,
-                            m.users as i64,
-                        ));
-                    }
+                for m in neg.targets.metrics() {
+                    push("neg_recall", m.k, m.recall, m.users);
+                    push("neg_hr", m.k, m.hr, m.users);
+                }
+            }
+            // Popularity (with `seen`): the head's share of the lists' slots, the catalogue's
+            // share in some list, and recall/HR of the queries' long-tail targets.
+            if !head.is_empty() {
+                for m in acc.lists.metrics(ids.len()) {
+                    push("head_share", m.k, m.head_share, m.lists);
+                    push("coverage", m.k, m.coverage, m.lists);
+                }
+                for m in acc.tail.metrics() {
+                    push("tail_recall", m.k, m.recall, m.users);
+                    push("tail_hr", m.k, m.hr, m.users);
                 }
             }
         }

@@ -109,6 +109,33 @@ RESET client_min_messages;
 -- Histories hold positive feedback only, at serving time too: user 8's input is the same as
 -- the model trained on tr_events alone (the disliked and neutral rows are its newest).
 SELECT twotower.user_features('tr_nf_user', '8') = twotower.user_features('tr_user', '8') AS positives_only;
+-- Negative feedback as a feature: a history of the user's disliked items (rows below 0), built
+-- the same way at serving time; it needs the label column.
+SET client_min_messages = warning;
+SELECT model, train_examples FROM twotower.train('tr_nh_user', 'tr_nh_item', 'tr_fb',
+  '{"dim": 8, "epochs": 1, "user": {"features": [{"name": "user_id", "type": "categorical"},
+     {"name": "history", "type": "history", "max_len": 10},
+     {"name": "disliked", "type": "history", "max_len": 5, "feedback": "negative"}]},
+   "item": {"features": [{"name": "item_id", "type": "categorical"}]}}',
+  label_column => 'label') WHERE kind = 'user';
+RESET client_min_messages;
+SELECT twotower.user_features('tr_nh_user', '8') -> 'disliked' AS disliked,
+       jsonb_array_length(twotower.user_features('tr_nh_user', '8') -> 'history') AS liked;
+SELECT pg_temp.err($q$SELECT * FROM twotower.train('tr_u2', 'tr_i2', 'tr_fb',
+  '{"dim": 8, "epochs": 1, "user": {"features": [{"name": "user_id", "type": "categorical"},
+     {"name": "disliked", "type": "history", "feedback": "negative"}]},
+   "item": {"features": [{"name": "item_id", "type": "categorical"}]}}')$q$);
+SELECT twotower.drop_model('tr_nh_user'), twotower.drop_model('tr_nh_item');
+-- A stored source dropped since: 42P01 naming it (was 22023).
+CREATE TABLE tr_users_gone AS SELECT * FROM tr_users;
+SET client_min_messages = warning;
+SELECT model FROM twotower.train('tr_gone_user', 'tr_gone_item', 'tr_events',
+  '{"dim": 4, "epochs": 1, "user": {"features": [{"name": "user_id", "type": "categorical"}, {"name": "age", "type": "numeric"}]},
+    "item": {"features": [{"name": "item_id", "type": "categorical"}]}}', user_features => 'tr_users_gone') WHERE kind = 'user';
+RESET client_min_messages;
+DROP TABLE tr_users_gone;
+SELECT pg_temp.err($q$SELECT twotower.user_features('tr_gone_user', '8')$q$);
+SELECT twotower.drop_model('tr_gone_user'), twotower.drop_model('tr_gone_item');
 -- A boolean label: true positive, false negative feedback.
 CREATE TABLE tr_fb_bool AS SELECT user_id, item_id, ts, label > 0 AS label FROM tr_fb WHERE label <> 0;
 SET client_min_messages = warning;
@@ -142,6 +169,36 @@ SELECT (SELECT value FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx
      = (SELECT value FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_negq', seen => 'tr_seen',
                                             k => '{10}')
          WHERE method = 'exact' AND metric = 'recall') AS same_ranking;
+-- Popularity (the head: the 20 % most popular items by their count in seen): the head's share
+-- of the exact top-10 slots and the catalogue's share in some top 10, recomputed here with
+-- sequential scans (within one slot / one item of a near-tie).
+-- Only queries whose target is not masked count (184 of the 200).
+CREATE TEMP TABLE tr_pop AS
+SELECT metric, value, queries FROM twotower.evaluate('tr_user', 'tr_vectors_embedding_idx', 'tr_queries', seen => 'tr_seen',
+                                                     k => '{10}', via_index => false)
+ WHERE metric IN ('head_share', 'coverage', 'tail_hr');
+SET enable_indexscan = off;
+SET enable_bitmapscan = off;
+WITH cnt AS (SELECT v.id, count(s.item_id) AS c FROM tr_vectors v LEFT JOIN tr_seen s ON s.item_id = v.id GROUP BY v.id),
+head AS (SELECT id FROM cnt WHERE c > 0 ORDER BY c DESC, id LIMIT ceil(0.2 * (SELECT count(*) FROM tr_vectors))),
+q AS (SELECT * FROM tr_queries q
+       WHERE NOT EXISTS (SELECT 1 FROM tr_seen s WHERE s.user_id = q.user_id AND s.item_id = q.target)),
+tops AS (
+  SELECT q.user_id, q.target, t.id FROM q CROSS JOIN LATERAL (
+    SELECT v.id FROM tr_vectors v
+     WHERE NOT EXISTS (SELECT 1 FROM tr_seen s WHERE s.user_id = q.user_id AND s.item_id = v.id)
+     ORDER BY v.embedding <=> twotower.embed_user('tr_user', q.features), v.id LIMIT 10) t),
+tail AS (SELECT user_id, bool_or(id = target) AS hit FROM tops
+          WHERE target NOT IN (SELECT id FROM head) GROUP BY user_id)
+SELECT abs((SELECT value FROM tr_pop WHERE metric = 'head_share')
+           - (SELECT avg((id IN (SELECT id FROM head))::int) FROM tops)) < 0.002 AS head_share_ok,
+       abs((SELECT value FROM tr_pop WHERE metric = 'coverage')
+           - (SELECT count(DISTINCT id)::float8 / (SELECT count(*) FROM tr_vectors) FROM tops)) < 0.02 AS coverage_ok,
+       (SELECT queries FROM tr_pop WHERE metric = 'tail_hr') = (SELECT count(*) FROM tail) AS tail_users_ok,
+       abs((SELECT value FROM tr_pop WHERE metric = 'tail_hr') - (SELECT avg(hit::int) FROM tail)) < 0.01 AS tail_hr_ok,
+       (SELECT count(*) FROM tail) AS tail_users;
+RESET enable_indexscan;
+RESET enable_bitmapscan;
 -- A user's second row is a second target of the same query, not a second query (still 184).
 CREATE TABLE tr_queries2 AS SELECT * FROM tr_queries UNION ALL
   SELECT user_id, features, target + 1 FROM tr_queries WHERE user_id = 8;

@@ -96,7 +96,7 @@ impl ChannelKind {
                 }
                 Ok(ChannelKind::I2i {
                     channel: o.string("channel")?,
-                    history_len: o.uint_or("history_len", 1, MAX_HISTORY, 50)? as usize,
+                    history_len: o.size("history_len", 50, 1, MAX_HISTORY as usize)?,
                     decay: o.number_or(
                         "decay",
                         1.0,

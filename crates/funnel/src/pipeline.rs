@@ -210,7 +210,12 @@ impl Definition {
                 MergeDef {
                     strategy: Strategy::parse(&name, options, &names).map_err(strategy_err)?,
                     name,
-                    k: mo.uint_or("k", 1, MAX_MERGE_K, total.min(MAX_MERGE_K))? as usize,
+                    k: mo.size(
+                        "k",
+                        total.min(MAX_MERGE_K) as usize,
+                        1,
+                        MAX_MERGE_K as usize,
+                    )?,
                 }
             }
         };
@@ -251,7 +256,7 @@ impl Definition {
             stages.push(StageDef { kind, keep });
         }
         let most = stages.last().map_or(merge.k, |s| s.keep);
-        let k = o.uint_or("k", 1, most as u64, most.min(100) as u64)? as usize;
+        let k = o.size("k", most.min(100), 1, most)?;
         Ok(Definition {
             user_model,
             vectors,

@@ -192,14 +192,6 @@ impl<'a> Obj<'a> {
         }
     }
 
-    /// An integer from `lo` to `hi`, or `default` when absent.
-    pub fn uint_or(&self, key: &str, lo: u64, hi: u64, default: u64) -> Result<u64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(_) => self.uint(key, lo, hi),
-        }
-    }
-
     /// An integer from `lo` to `hi`, or None when absent.
     pub fn opt_uint(&self, key: &str, lo: u64, hi: u64) -> Result<Option<u64>> {
         match self.get(key) {
@@ -210,13 +202,18 @@ impl<'a> Obj<'a> {
 
     /// An integer from `lo` to `hi`, or `default` when absent, as a size.
     pub fn size(&self, key: &str, default: usize, lo: usize, hi: usize) -> Result<usize> {
-        self.uint_or(key, lo as u64, hi as u64, default as u64)
-            .map(|n| n as usize)
+        match self.get(key) {
+            None => Ok(default),
+            Some(_) => self.uint(key, lo as u64, hi as u64).map(|n| n as usize),
+        }
     }
 
     /// A finite number from `lo` to `hi`, or `default` when absent.
     pub fn number(&self, key: &str, default: f64, lo: f64, hi: f64) -> Result<f64> {
-        self.num_or(key, lo, hi, default)
+        match self.get(key) {
+            None => Ok(default),
+            Some(_) => self.num(key, lo, hi),
+        }
     }
 
     /// A string (possibly empty), or `default` when absent.
@@ -237,14 +234,6 @@ impl<'a> Obj<'a> {
                 key,
                 format!("must be a number from {lo} to {hi}, got {}", short(v)),
             )),
-        }
-    }
-
-    /// A finite number from `lo` to `hi`, or `default` when absent.
-    pub fn num_or(&self, key: &str, lo: f64, hi: f64, default: f64) -> Result<f64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(_) => self.num(key, lo, hi),
         }
     }
 
@@ -327,7 +316,8 @@ mod tests {
             o.uint("n", 1, 4).unwrap_err().reason,
             "must be an integer from 1 to 4, got 5"
         );
-        assert_eq!(o.uint_or("missing", 1, 4, 3), Ok(3));
+        assert_eq!(o.size("missing", 3, 1, 4), Ok(3));
+        assert!(o.size("n", 3, 1, 4).is_err());
         assert!(o
             .uint("missing", 1, 4)
             .unwrap_err()
@@ -335,7 +325,8 @@ mod tests {
             .contains("required"));
         assert!(o.string("s").is_err());
         assert!(o.num("f", 0.0, 1.0).is_err());
-        assert_eq!(o.num_or("missing", 0.0, 1.0, 0.5), Ok(0.5));
+        assert_eq!(o.number("missing", 0.5, 0.0, 1.0), Ok(0.5));
+        assert!(o.number("f", 0.5, 0.0, 1.0).is_err());
         assert!(o.bool_or("t", false).is_err());
         assert_eq!(o.choice("missing", &["p", "q"], "q"), Ok("q"));
         assert!(o.choice("t", &["p", "q"], "q").is_err());
@@ -356,7 +347,7 @@ mod tests {
         let v = json!({"k": null});
         let o = Obj::new(&v, "p").unwrap();
         assert!(!o.has("k"));
-        assert_eq!(o.uint_or("k", 1, 2, 1), Ok(1));
+        assert_eq!(o.size("k", 1, 1, 2), Ok(1));
         assert_eq!(o.opt_string("k"), Ok(None));
     }
 }

@@ -37,13 +37,15 @@ pub enum FeatureSpec {
         transform: NumTransform,
     },
     /// User towers only: the user's last `max_len` items before the interaction, most recent
-    /// first, weighted by `decay`.
+    /// first, weighted by `decay`: of their positive feedback, or (`negative`) of their
+    /// negative feedback (a label column's rows below 0).
     History {
         name: String,
         dim: usize,
         max_len: usize,
         pooling: Pooling,
         decay: Decay,
+        negative: bool,
     },
     /// A number put in a bucket, then looked up: the given boundaries, or `buckets` quantile
     /// boundaries of the training examples' values.
@@ -195,6 +197,19 @@ pub struct Config {
     /// The negative-feedback term (items the user disliked, pushed down): used when the data
     /// has negative feedback.
     pub negative_feedback: NegativeFeedback,
+    /// The popularity-debiasing pairs (Weibo), off without the option.
+    pub debias: Option<Debias>,
+}
+
+/// The causal debiasing term: for each positive whose item is outside the most popular `head`
+/// share of the items (by training count), a popular item the user did not engage with is
+/// drawn, and `weight · ln(1 + exp(−(s⁺ − s_pop) / temperature))` (BPR) ranks the tail item
+/// above it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Debias {
+    pub weight: f32,
+    pub head: f64,
+    pub temperature: f32,
 }
 
 /// The negative-feedback loss term (Alibaba's deep recall): for each negative-feedback example
@@ -382,7 +397,12 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                 FeatureSpec::Numeric { name, transform }
             }
             "history" if user => {
-                fo.allow(&["name", "type", "dim", "pooling", "max_len", "decay"])?;
+                fo.allow(&["name", "type", "dim", "pooling", "max_len", "decay", "feedback"])?;
+                let negative = match fo.text("feedback", "positive")? {
+                    "positive" => false,
+                    "negative" => true,
+                    other => return Err(opt_err(fo.p("feedback"), format!("must be \"positive\" (the items the user engaged with) or \"negative\" (their negative feedback), got \"{other}\""))),
+                };
                 let decay = match fo.get("decay") {
                     None => Decay::None,
                     Some(d) => {
@@ -401,6 +421,7 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
                     max_len: fo.size("max_len", 50, 1, 10_000)?,
                     pooling: pooling(&fo, "pooling")?,
                     decay,
+                    negative,
                 }
             }
             "bucketize" => {
@@ -807,11 +828,13 @@ impl Config {
                     name,
                     max_len,
                     decay,
+                    negative,
                     ..
                 } => Some(crate::data::HistorySpec {
                     name: name.clone(),
                     max_len: *max_len,
                     decay: decay.clone(),
+                    negative: *negative,
                 }),
                 _ => None,
             })
@@ -853,6 +876,7 @@ impl Config {
             "freeze_dense",
             "dual_augmented",
             "negative_feedback",
+            "debias",
         ])?;
         let dim = o.size("dim", 32, 1, MAX_DIM)?;
         let user = tower(o.get("user"), "user", dim, Side::User)?;
@@ -977,9 +1001,22 @@ impl Config {
                 temperature: nf.number("temperature", 0.1, 1e-4, 100.0)? as f32,
             }
         };
+        let debias = match o.get("debias") {
+            None => None,
+            Some(v) => {
+                let d = Obj::new(v, "debias")?;
+                d.allow(&["weight", "head", "temperature"])?;
+                Some(Debias {
+                    weight: d.number("weight", 1.0, 0.0, 100.0)? as f32,
+                    head: d.number("head", 0.2, 0.001, 0.999)?,
+                    temperature: d.number("temperature", 0.1, 1e-4, 100.0)? as f32,
+                })
+            }
+        };
         let shared = Shared::parse(&o, TWO_TOWER_DEFAULTS)?;
         let cfg = Config {
             negative_feedback,
+            debias,
             augmented,
             dim,
             user,

@@ -27,7 +27,7 @@ pub struct Data {
     pub items: Vec<Entity>,
     pub interactions: Vec<Interaction>,
     /// Negative feedback (items the user disliked: skipped, rated low): trained against by the
-    /// negative-feedback term, never part of a history.
+    /// negative-feedback term, and read by negative histories only.
     pub negative: Vec<Interaction>,
     /// Per user: hard negatives (e.g. items the ranking stage rejected), item indexes.
     pub hard: HashMap<u32, Vec<u32>>,
@@ -122,6 +122,23 @@ impl Data {
         self.item_index.get(id).copied()
     }
 
+    /// Each user's negative feedback in time order (ties in input order): indexes into
+    /// `negative`.
+    pub fn negative_timelines(&self) -> Vec<Vec<u32>> {
+        let mut t: Vec<Vec<u32>> = vec![Vec::new(); self.users.len()];
+        for (k, x) in self.negative.iter().enumerate() {
+            t[x.user as usize].push(k as u32);
+        }
+        for list in &mut t {
+            list.sort_by(|&a, &b| {
+                self.negative[a as usize]
+                    .ts
+                    .total_cmp(&self.negative[b as usize].ts)
+            });
+        }
+        t
+    }
+
     /// Each user's interactions in time order (ties in input order): indexes into
     /// `interactions`.
     pub fn timelines(&self) -> Vec<Vec<u32>> {
@@ -186,6 +203,8 @@ pub struct HistorySpec {
     pub name: String,
     pub max_len: usize,
     pub decay: Decay,
+    /// Of the user's negative feedback instead of their positive interactions.
+    pub negative: bool,
 }
 
 impl HistorySpec {
@@ -196,7 +215,12 @@ impl HistorySpec {
             Decay::Position(f) => serde_json::json!({ "position": f }),
             Decay::Age(h) => serde_json::json!({ "half_life": h }),
         };
-        serde_json::json!({ "name": self.name, "max_len": self.max_len, "decay": decay })
+        let mut v =
+            serde_json::json!({ "name": self.name, "max_len": self.max_len, "decay": decay });
+        if self.negative {
+            v["feedback"] = Value::String("negative".into());
+        }
+        v
     }
 
     pub fn from_json(v: &Value) -> Option<HistorySpec> {
@@ -213,24 +237,36 @@ impl HistorySpec {
                 _ => return None,
             },
         };
+        let negative = match v.get("feedback") {
+            None | Some(Value::Null) => false,
+            Some(f) => match f.as_str()? {
+                "positive" => false,
+                "negative" => true,
+                _ => return None,
+            },
+        };
         Some(HistorySpec {
             name,
             max_len,
             decay,
+            negative,
         })
     }
 }
 
 /// The user tower's input at time `at`, from the user's feature row (`features`, may be empty),
-/// the user's id (added under `key`, when given, if the row lacks it) and `past`, the user's interactions
-/// before the moment (item id, timestamp; oldest first). The one function that builds user
-/// inputs, for training (at each interaction) and for serving (`twotower.user_features`).
-pub fn user_input<'a>(
+/// the user's id (added under `key`, when given, if the row lacks it), `past`, the user's
+/// interactions before the moment (item id, timestamp; oldest first), and `past_negative`,
+/// their negative feedback before it (the same; read by `negative` histories only). The one
+/// function that builds user inputs, for training (at each interaction) and for serving
+/// (`twotower.user_features`).
+pub fn user_input<'a, 'b>(
     features: &Map<String, Value>,
     key: Option<&str>,
     id: &str,
     histories: &[HistorySpec],
     past: impl DoubleEndedIterator<Item = (&'a str, f64)> + Clone,
+    past_negative: impl DoubleEndedIterator<Item = (&'b str, f64)> + Clone,
     at: f64,
 ) -> Value {
     let mut m = features.clone();
@@ -240,10 +276,12 @@ pub fn user_input<'a>(
         }
     }
     for h in histories {
-        m.insert(
-            h.name.clone(),
-            history(past.clone(), at, h.max_len, &h.decay),
-        );
+        let v = if h.negative {
+            history(past_negative.clone(), at, h.max_len, &h.decay)
+        } else {
+            history(past.clone(), at, h.max_len, &h.decay)
+        };
+        m.insert(h.name.clone(), v);
     }
     Value::Object(m)
 }
@@ -288,13 +326,16 @@ mod tests {
 
     #[test]
     fn history_specs_round_trip_through_json() {
-        for decay in [Decay::None, Decay::Position(0.9), Decay::Age(86400.0)] {
-            let h = HistorySpec {
-                name: "history".into(),
-                max_len: 50,
-                decay,
-            };
-            assert_eq!(HistorySpec::from_json(&h.to_json()), Some(h));
+        for negative in [false, true] {
+            for decay in [Decay::None, Decay::Position(0.9), Decay::Age(86400.0)] {
+                let h = HistorySpec {
+                    name: "history".into(),
+                    max_len: 50,
+                    decay,
+                    negative,
+                };
+                assert_eq!(HistorySpec::from_json(&h.to_json()), Some(h));
+            }
         }
     }
 

@@ -131,6 +131,102 @@ impl Accumulator {
     }
 }
 
+/// The head of a catalogue: the `share` most popular of its `counts.len()` items (by count,
+/// ties by index; at least one, items never counted never in it).
+pub fn head_items(counts: &[u64], share: f64) -> Vec<bool> {
+    let mut order: Vec<usize> = (0..counts.len()).filter(|&i| counts[i] > 0).collect();
+    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    let n = ((counts.len() as f64 * share).ceil() as usize).max(1);
+    let mut head = vec![false; counts.len()];
+    for &i in order.iter().take(n) {
+        head[i] = true;
+    }
+    head
+}
+
+/// The `k` best unmasked items by descending score (ties by index, NaN last). `masked` sorted.
+pub fn top_k(scores: &[f32], masked: &[u32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..scores.len() as u32)
+        .filter(|i| masked.binary_search(i).is_err())
+        .collect();
+    let key = |i: &u32| {
+        let s = scores[*i as usize];
+        (
+            if s.is_nan() { f32::NEG_INFINITY } else { s },
+            std::cmp::Reverse(*i),
+        )
+    };
+    let by = |a: &u32, b: &u32| {
+        key(b)
+            .partial_cmp(&key(a))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    };
+    if idx.len() > k {
+        idx.select_nth_unstable_by(k, by);
+        idx.truncate(k);
+    }
+    idx.sort_by(by);
+    idx
+}
+
+/// What the lists themselves show, at each k: the share of their slots the head takes, and the
+/// share of the catalogue they cover (items in some list's top k).
+#[derive(Debug, Clone)]
+pub struct ListStats {
+    ks: Vec<usize>,
+    head_slots: Vec<usize>,
+    slots: Vec<usize>,
+    covered: Vec<std::collections::HashSet<u32>>,
+    lists: usize,
+}
+
+/// [`ListStats`] at one k.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ListMetrics {
+    pub k: usize,
+    pub head_share: f64,
+    pub coverage: f64,
+    pub lists: usize,
+}
+
+impl ListStats {
+    pub fn new(ks: &[usize]) -> ListStats {
+        ListStats {
+            ks: ks.to_vec(),
+            head_slots: vec![0; ks.len()],
+            slots: vec![0; ks.len()],
+            covered: vec![Default::default(); ks.len()],
+            lists: 0,
+        }
+    }
+
+    /// Adds one ranked list (best first) with the head of the catalogue.
+    pub fn add(&mut self, list: &[u32], head: &[bool]) {
+        self.lists += 1;
+        for (ki, &k) in self.ks.iter().enumerate() {
+            for &i in list.iter().take(k) {
+                self.slots[ki] += 1;
+                self.head_slots[ki] += usize::from(head.get(i as usize).copied().unwrap_or(false));
+                self.covered[ki].insert(i);
+            }
+        }
+    }
+
+    /// Metrics over a catalogue of `items` items.
+    pub fn metrics(&self, items: usize) -> Vec<ListMetrics> {
+        self.ks
+            .iter()
+            .enumerate()
+            .map(|(ki, &k)| ListMetrics {
+                k,
+                head_share: self.head_slots[ki] as f64 / self.slots[ki].max(1) as f64,
+                coverage: self.covered[ki].len() as f64 / items.max(1) as f64,
+                lists: self.lists,
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +246,31 @@ mod tests {
         assert_eq!(m[1].hr, 1.0);
         assert!((m[1].ndcg - (1.0 + 1.0 / 3f64.log2()) / 2.0).abs() < 1e-12);
         assert!((m[0].mrr - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn head_top_k_and_list_stats() {
+        // Counts: item 3 most popular, then 0 and 4 (tie: lower index first), 1 never seen.
+        let counts = [5u64, 0, 1, 9, 5, 2, 0, 0, 0, 0];
+        assert_eq!(
+            head_items(&counts, 0.2),
+            vec![true, false, false, true, false, false, false, false, false, false]
+        );
+        // A share past the counted items keeps only counted ones.
+        assert_eq!(head_items(&counts, 1.0).iter().filter(|&&h| h).count(), 5);
+        let scores = [0.1f32, 0.9, f32::NAN, 0.5, 0.5, 0.7];
+        assert_eq!(top_k(&scores, &[1], 3), vec![5, 3, 4]);
+        assert_eq!(top_k(&scores, &[], 10), vec![1, 5, 3, 4, 0, 2]);
+        let head = head_items(&counts, 0.2);
+        let mut st = ListStats::new(&[1, 2]);
+        st.add(&[3, 5], &head);
+        st.add(&[4, 0], &head);
+        let m = st.metrics(10);
+        assert_eq!(m[0].head_share, 0.5); // 3 is head, 4 is not
+        assert_eq!(m[1].head_share, 0.5); // 3, 0 of 3, 5, 4, 0
+        assert_eq!(m[0].coverage, 0.2);
+        assert_eq!(m[1].coverage, 0.4);
+        assert_eq!(m[1].lists, 2);
     }
 
     #[test]

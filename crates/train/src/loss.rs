@@ -7,8 +7,12 @@
 //! examples, and the last `feedback` columns their disliked items (row `b + r`, column
 //! `c − feedback + r`, owned by that row: no positive row scores them). Each adds the sigmoid
 //! cross-entropy against label 0, weighted as [`NegativeFeedback`] says.
+//!
+//! Debiasing pairs: `paired` columns just before the feedback ones, each a popular item drawn
+//! for one positive row (`pairs[i]`, −1 for none) and scored by no other row: the row adds
+//! `weight · softplus(−(s⁺ − s_pop) / temperature)` ([`Debias`]).
 
-use crate::config::NegativeFeedback;
+use crate::config::{Debias, NegativeFeedback};
 use ndarray::ArrayView2;
 
 /// Which candidates a row scores against, and how.
@@ -54,6 +58,11 @@ pub struct Scores<'a> {
     /// Trailing negative-feedback rows and columns (0: none).
     pub feedback: usize,
     pub nf: NegativeFeedback,
+    /// Debiasing pair columns (before the feedback ones), and per positive row its pair's
+    /// column or −1 (empty: none).
+    pub paired: usize,
+    pub pairs: &'a [i32],
+    pub debias: Option<Debias>,
 }
 
 /// The loss and `dL/dS` (`(b + feedback) × c`).
@@ -78,7 +87,7 @@ pub fn loss_rows(kind: LossKind, x: &Scores, rows: std::ops::Range<usize>) -> (f
     let tau = x.temperature as f64;
     let mut total = 0f64;
     // Per-row losses: row i's negatives are columns b + i·r .. b + (i+1)·r.
-    let negatives = (c - b - x.feedback).checked_div(b).unwrap_or(0);
+    let negatives = (c - b - x.feedback - x.paired).checked_div(b).unwrap_or(0);
     for (li, i) in rows.enumerate() {
         let srow = &x.s[li * c..(li + 1) * c];
         let drow = &mut ds[li * c..(li + 1) * c];
@@ -163,6 +172,18 @@ pub fn loss_rows(kind: LossKind, x: &Scores, rows: std::ops::Range<usize>) -> (f
                     drow[i] += g as f32;
                     drow[j] -= g as f32;
                 }
+            }
+        }
+        if let (Some(d), Some(&j)) = (x.debias, x.pairs.get(i)) {
+            if j >= 0 {
+                let j = j as usize;
+                let t = d.temperature as f64;
+                let w = d.weight as f64 * wi;
+                let z = (sp - srow[j] as f64) / t;
+                total += w * softplus(-z);
+                let g = w * sigmoid(-z) / t;
+                drow[i] -= g as f32;
+                drow[j] += g as f32;
             }
         }
     }

@@ -95,20 +95,21 @@ fn user_input(
     data: &Data,
     keys: &Keys,
     user: u32,
-    timeline: &[u32],
+    (timeline, negatives): (&[u32], &[u32]),
     pos: usize,
 ) -> Value {
     let at = data.interactions[timeline[pos] as usize].ts;
-    user_input_at(cfg, data, keys, user, timeline, pos, at)
+    user_input_at(cfg, data, keys, user, (timeline, negatives), pos, at)
 }
 
-/// The input of a user at time `at`, `pos` of their interactions being before it.
+/// The input of a user at time `at`, `pos` of their interactions being before it;
+/// `negatives` is their negative-feedback timeline (the part strictly before `at` is read).
 fn user_input_at(
     cfg: &Config,
     data: &Data,
     keys: &Keys,
     user: u32,
-    timeline: &[u32],
+    (timeline, negatives): (&[u32], &[u32]),
     pos: usize,
     at: f64,
 ) -> Value {
@@ -117,12 +118,18 @@ fn user_input_at(
         let x = &data.interactions[k as usize];
         (data.items[x.item as usize].id.as_str(), x.ts)
     });
+    let before = negatives.partition_point(|&k| data.negative[k as usize].ts < at);
+    let past_negative = negatives[..before].iter().map(|&k| {
+        let x = &data.negative[k as usize];
+        (data.items[x.item as usize].id.as_str(), x.ts)
+    });
     crate::data::user_input(
         &u.features,
         Some(&keys.user),
         &u.id,
         &cfg.histories(),
         past,
+        past_negative,
         at,
     )
 }
@@ -375,6 +382,10 @@ pub struct Batch<'a> {
     pub weights: &'a [f32],
     /// The last `feedback` users and items are negative-feedback examples (see [`loss`]).
     pub feedback: usize,
+    /// Debiasing pair columns (just before the feedback items) and each positive row's pair
+    /// column or −1 (empty: none).
+    pub paired: usize,
+    pub pairs: &'a [i32],
 }
 
 /// One optimisation step (`t` counts from 1): both towers' forward passes over `threads`, the
@@ -427,6 +438,9 @@ pub fn train_step(
             temperature: cfg.temperature,
             feedback: x.feedback,
             nf: cfg.negative_feedback,
+            paired: x.paired,
+            pairs: x.pairs,
+            debias: cfg.debias,
         };
         let (l, ds) = loss::loss_rows(cfg.loss, &sc, r.clone());
         let (du, dv) = loss::backprop_scores(&ds, &u[r.start * d..r.end * d], r.len(), &v, c, d);
@@ -577,8 +591,17 @@ fn candidates(cfg: &Config, b: usize, hard: bool) -> usize {
 ///   values per unit of width), and the backward pass as many gradients.
 /// - The embedding rows' gradients (one row per id of a row, at most the table's rows).
 /// - Per candidate its item, owner, ln Q, sampled flag and input; per row its weight and input.
-fn step_memory(cfg: &Config, b: usize, hard: bool, rows: (usize, usize)) -> usize {
-    let c = candidates(cfg, b, hard);
+///
+/// `extra`: the step's negative-feedback rows (each with its column) and debiasing columns.
+fn step_memory(
+    cfg: &Config,
+    b: usize,
+    hard: bool,
+    rows: (usize, usize),
+    extra: (usize, usize),
+) -> usize {
+    let c = candidates(cfg, b, hard) + extra.0 + extra.1;
+    let b = b + extra.0;
     let d = cfg.dim;
     let threads = cfg.threads.clamp(1, b.max(1));
     let scores = b.saturating_mul(c).saturating_mul(8);
@@ -627,6 +650,13 @@ fn step_memory(cfg: &Config, b: usize, hard: bool, rows: (usize, usize)) -> usiz
         .saturating_add(bookkeeping)
 }
 
+/// The steps an epoch of `n` examples in batches of `b` trains (a last batch of one row is
+/// skipped).
+fn trained_steps(n: usize, b: usize) -> usize {
+    let full = n / b.max(1);
+    full + usize::from(n % b.max(1) >= 2)
+}
+
 /// Trained towers to continue from (incremental training): each tower's spec and weights.
 #[derive(Debug, Clone, Copy)]
 pub struct Base<'a> {
@@ -661,7 +691,16 @@ pub fn train_from(
             "the interactions source has no rows".into(),
         ));
     }
+    if let Some(h) = cfg.histories().iter().find(|h| h.negative) {
+        if data.negative.is_empty() {
+            return Err(TrainError::NoData(format!(
+                "history \"{}\" reads negative feedback, and the interactions have none (no row with a label below 0)",
+                h.name
+            )));
+        }
+    }
     let timelines = data.timelines();
+    let neg_timelines = data.negative_timelines();
     // The split: each user's last interaction validates (users with two or more).
     let mut train_pos: Vec<(u32, usize)> = Vec::new();
     let mut valid_pos: Vec<(u32, usize)> = Vec::new();
@@ -746,9 +785,13 @@ pub fn train_from(
         .saturating_add(dense(&cfg.item))
         .saturating_add(step_memory(
             cfg,
-            b + n_feedback.div_ceil(train_pos.len().div_ceil(b.max(1)).max(1)),
+            b,
             !data.hard.is_empty(),
             rows,
+            (
+                n_feedback.div_ceil(trained_steps(train_pos.len(), b).max(1)),
+                if cfg.debias.is_some() { b } else { 0 },
+            ),
         ));
     if needed > budget {
         return Err(TrainError::MemoryBudget { needed, budget });
@@ -758,9 +801,10 @@ pub fn train_from(
     // Statistics and vocabularies from the training examples only.
     let user_stats = stats_of(
         &cfg.user.features,
-        train_pos
-            .iter()
-            .map(|&(u, p)| (user_input(cfg, data, keys, u, &timelines[u as usize], p), 1)),
+        train_pos.iter().map(|&(u, p)| {
+            let t = (&timelines[u as usize][..], &neg_timelines[u as usize][..]);
+            (user_input(cfg, data, keys, u, t, p), 1)
+        }),
     );
     let item_stats = stats_of(
         &cfg.item.features,
@@ -834,7 +878,7 @@ pub fn train_from(
         for &(u, p) in list.iter() {
             let t = &timelines[u as usize];
             let x = &data.interactions[t[p] as usize];
-            let v = user_input(cfg, data, keys, u, t, p);
+            let v = user_input(cfg, data, keys, u, (t, &neg_timelines[u as usize]), p);
             inputs.push(encode(&umodel, &v, &|| {
                 format!("user {}", data.users[u as usize].id)
             })?);
@@ -854,7 +898,19 @@ pub fn train_from(
     for x in data.negative.iter().take(n_feedback) {
         let t = &timelines[x.user as usize];
         let pos = t.partition_point(|&k| data.interactions[k as usize].ts < x.ts);
-        let v = user_input_at(cfg, data, keys, x.user, t, pos, x.ts);
+        // The leakage rule: nothing at or after a user's validation interaction trains.
+        if cfg.validate && t.len() >= 2 && pos >= t.len() - 1 {
+            continue;
+        }
+        let v = user_input_at(
+            cfg,
+            data,
+            keys,
+            x.user,
+            (t, &neg_timelines[x.user as usize]),
+            pos,
+            x.ts,
+        );
         inputs.push(encode(&umodel, &v, &|| {
             format!("user {}", data.users[x.user as usize].id)
         })?);
@@ -866,6 +922,36 @@ pub fn train_from(
         });
     }
     let mut feedback_order: Vec<usize> = (0..feedback.len()).collect();
+    // Debiasing: the head (the most popular `head` share of the items with training
+    // positives, by count, ties by index) and each user's positive items.
+    let (is_head, head_items, engaged) = match &cfg.debias {
+        None => (Vec::new(), Vec::new(), HashMap::new()),
+        Some(d) => {
+            let mut by_count: Vec<u32> = (0..counts_by_item.len() as u32)
+                .filter(|&i| counts_by_item[i as usize] > 0)
+                .collect();
+            by_count.sort_by(|&a, &b| {
+                counts_by_item[b as usize]
+                    .cmp(&counts_by_item[a as usize])
+                    .then(a.cmp(&b))
+            });
+            let n =
+                ((by_count.len() as f64 * d.head).ceil() as usize).clamp(1, by_count.len().max(1));
+            by_count.truncate(n);
+            let mut is_head = vec![false; counts_by_item.len()];
+            for &i in &by_count {
+                is_head[i as usize] = true;
+            }
+            let mut engaged: HashMap<u32, std::collections::HashSet<u32>> = HashMap::new();
+            for &(u, p) in &train_pos {
+                engaged
+                    .entry(u)
+                    .or_default()
+                    .insert(data.interactions[timelines[u as usize][p] as usize].item);
+            }
+            (is_head, by_count, engaged)
+        }
+    };
     // Each validation user's training items are masked when ranking.
     let mut seen: HashMap<u32, Vec<u32>> = HashMap::new();
     if !valid.is_empty() {
@@ -925,9 +1011,14 @@ pub fn train_from(
         let mut loss_sum = 0f64;
         let mut seen_examples = 0usize;
         let steps = kept.len().div_ceil(b_max);
-        // Every negative-feedback example once an epoch, spread evenly over the steps.
+        // The negative-feedback examples spread evenly over the steps of a full epoch (the
+        // steps a batch of two rows or more makes): every one once an epoch, or, when
+        // `subsample` keeps fewer positives, the same share of them (the memory estimate's
+        // rows per step).
         feedback_order.shuffle(&mut rng);
-        let feedback_per_step = feedback.len().div_ceil(steps.max(1));
+        let feedback_per_step = feedback
+            .len()
+            .div_ceil(trained_steps(examples.len(), b_max).max(1));
         for (s, batch) in kept.chunks(b_max).enumerate() {
             let b = batch.len();
             if b < 2 {
@@ -992,6 +1083,33 @@ pub fn train_from(
                     0.0
                 };
             }
+            // Debiasing pairs: a positive outside the head against a head item the user did
+            // not engage with (a few draws; none when every draw was engaged with).
+            let mut pairs: Vec<i32> = Vec::new();
+            let mut paired = 0usize;
+            if cfg.debias.is_some() && !head_items.is_empty() {
+                pairs = vec![-1; b];
+                for (row, &e) in batch.iter().enumerate() {
+                    let ex = &examples[e];
+                    if is_head[ex.item as usize] {
+                        continue;
+                    }
+                    let mine = engaged.get(&ex.user);
+                    for _ in 0..8 {
+                        let p = head_items[rng.gen_range(0..head_items.len())];
+                        if mine.is_some_and(|m| m.contains(&p)) {
+                            continue;
+                        }
+                        pairs[row] = cand.len() as i32;
+                        cand.push(p);
+                        // Scored by its row through `pairs` only: no row's candidate.
+                        owner.push(i32::MAX);
+                        logq.push(0.0);
+                        paired += 1;
+                        break;
+                    }
+                }
+            }
             let fb: &[usize] = if feedback_per_step > 0 {
                 let lo = (s * feedback_per_step).min(feedback.len());
                 &feedback_order[lo..(lo + feedback_per_step).min(feedback.len())]
@@ -1022,6 +1140,8 @@ pub fn train_from(
                 logq: &logq,
                 weights: &weights,
                 feedback: fb.len(),
+                paired,
+                pairs: &pairs,
             };
             let l = train_step(
                 cfg,

@@ -151,6 +151,8 @@ fn three_steps_equal_the_numpy_reference() {
             logq: &logq,
             weights: &weights,
             feedback: 0,
+            paired: 0,
+            pairs: &[],
         };
         let l = train_step(
             &cfg,

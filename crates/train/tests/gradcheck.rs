@@ -7,7 +7,8 @@ use serde_json::json;
 use twotower_tower::layers::Activation;
 use twotower_tower::{Encoded, Model};
 use twotower_train::config::{
-    Branch, Bucketing, Decay, FeatureSpec, Fusion, NegativeFeedback, NumTransform, TowerSpec,
+    Branch, Bucketing, Debias, Decay, FeatureSpec, Fusion, NegativeFeedback, NumTransform,
+    TowerSpec,
 };
 use twotower_train::loss::{self, LossKind, Scores};
 use twotower_train::model::{self, FeatureStats};
@@ -55,6 +56,7 @@ fn tower_spec(act: Activation, layer_norm: bool, hidden: Vec<usize>) -> TowerSpe
                 max_len: 5,
                 pooling: Pooling::Mean,
                 decay: Decay::Position(0.7),
+                negative: false,
             },
             FeatureSpec::Numeric {
                 name: "age".into(),
@@ -344,13 +346,21 @@ fn graph_gradients_parallel_two_towers() {
 }
 
 fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
-    check_loss_feedback(kind, b, negatives, logq_on, 0);
+    check_loss_feedback(kind, b, negatives, logq_on, 0, 0);
 }
 
-/// [`check_loss`] with `f` negative-feedback rows (and their columns) after the positives.
-fn check_loss_feedback(kind: LossKind, b: usize, negatives: usize, logq_on: bool, f: usize) {
+/// [`check_loss`] with `f` negative-feedback rows (and their columns) after the positives, and
+/// `p` debiasing pair columns (rows 0, 2, 4, … each get one) before the feedback columns.
+fn check_loss_feedback(
+    kind: LossKind,
+    b: usize,
+    negatives: usize,
+    logq_on: bool,
+    f: usize,
+    p: usize,
+) {
     let mut rng = ChaCha8Rng::seed_from_u64(11);
-    let c = b + negatives + f;
+    let c = b + negatives + p + f;
     let s: Vec<f32> = (0..(b + f) * c).map(|_| rng.gen_range(-1.0..1.0)).collect();
     let logq: Vec<f32> = (0..c)
         .map(|_| {
@@ -375,7 +385,9 @@ fn check_loss_feedback(kind: LossKind, b: usize, negatives: usize, logq_on: bool
         .map(|j| {
             if j >= c - f {
                 (b + j - (c - f)) as i32
-            } else if !kind.per_row_negatives() && negatives >= 2 && j + 2 >= c - f {
+            } else if j >= c - f - p {
+                i32::MAX
+            } else if !kind.per_row_negatives() && negatives >= 2 && j + 2 >= c - f - p {
                 0
             } else {
                 -1
@@ -387,7 +399,21 @@ fn check_loss_feedback(kind: LossKind, b: usize, negatives: usize, logq_on: bool
         margin: 0.1,
         temperature: 0.2,
     };
-    let eval_f = |s: &[f32], f: usize| {
+    let pairs: Vec<i32> = (0..b)
+        .map(|i| {
+            if i % 2 == 0 && i / 2 < p {
+                (c - f - p + i / 2) as i32
+            } else {
+                -1
+            }
+        })
+        .collect();
+    let debias = Debias {
+        weight: 0.6,
+        head: 0.2,
+        temperature: 0.25,
+    };
+    let eval_full = |s: &[f32], f: usize, with_pairs: bool| {
         loss::loss(
             kind,
             &Scores {
@@ -401,9 +427,31 @@ fn check_loss_feedback(kind: LossKind, b: usize, negatives: usize, logq_on: bool
                 temperature: 0.3,
                 feedback: f,
                 nf,
+                paired: p,
+                pairs: if with_pairs { &pairs } else { &[] },
+                debias: with_pairs.then_some(debias),
             },
         )
     };
+    let eval_f = |s: &[f32], f: usize| eval_full(s, f, p > 0);
+    if p > 0 {
+        // The pair term on its own, from its definition: the weighted mean over all positive
+        // rows of weight · ln(1 + exp(−(s⁺ − s_pop) / temperature)) (rows without a pair add 0).
+        let wp: f64 = weights[..b].iter().map(|&w| w as f64).sum();
+        let mut want = 0f64;
+        for (i, &j) in pairs.iter().enumerate() {
+            if j >= 0 {
+                let z = (s[i * c + i] as f64 - s[i * c + j as usize] as f64)
+                    / debias.temperature as f64;
+                want += debias.weight as f64 * weights[i] as f64 / wp * (1.0 + (-z).exp()).ln();
+            }
+        }
+        let got = eval_full(&s, f, true).0 - eval_full(&s, f, false).0;
+        assert!(
+            (got - want).abs() < 1e-9,
+            "{kind:?}: pair term {got} vs {want}"
+        );
+    }
     let eval = |s: &[f32]| eval_f(s, f);
     if f > 0 {
         // The feedback term on its own, from its definition: the mean over the feedback rows
@@ -442,6 +490,15 @@ fn check_loss_feedback(kind: LossKind, b: usize, negatives: usize, logq_on: bool
         }
     }
     assert!(nonzero > b, "{kind:?}: gradients flow");
+    for (i, &j) in pairs.iter().enumerate() {
+        // A pair column gets gradient from its own row only.
+        if j >= 0 {
+            for r in 0..b + f {
+                let g = ds[r * c + j as usize];
+                assert_eq!(g != 0.0, r == i, "{kind:?}: pair column {j}, row {r}: {g}");
+            }
+        }
+    }
     for r in 0..f {
         let j = c - f + r;
         for i in 0..b + f {
@@ -459,7 +516,7 @@ fn check_loss_feedback(kind: LossKind, b: usize, negatives: usize, logq_on: bool
             "{kind:?}: feedback row {r} scores its own column only"
         );
     }
-    if f == 0 && owner.iter().any(|&o| o >= 0) {
+    if f == 0 && p == 0 && owner.iter().any(|&o| o >= 0) {
         // A row's own columns get gradient from that row only.
         for i in 1..b {
             assert_eq!(
@@ -499,7 +556,9 @@ fn negative_feedback_next_to_every_loss() {
         } else {
             per
         };
-        check_loss_feedback(kind, 5, negatives, true, 3);
+        check_loss_feedback(kind, 5, negatives, true, 3, 0);
+        check_loss_feedback(kind, 5, negatives, true, 0, 3);
+        check_loss_feedback(kind, 5, negatives, true, 3, 3);
     }
 }
 

@@ -67,7 +67,8 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 /// 3,000 users in 10 taste groups with 3 interactions each (6,000 training examples: the
-/// batches below are full), 300 items with a genre, and a few hard negatives per user.
+/// batches below are full), 300 items with a genre, a hard negative and a negative-feedback
+/// row per user.
 fn data() -> Data {
     let mut d = Data::default();
     for i in 0..300 {
@@ -88,6 +89,14 @@ fn data() -> Data {
         }
         d.hard_negative(&u.to_string(), &((u + 5) % 300).to_string())
             .unwrap();
+        // One negative-feedback row per user (trained against by every shape).
+        d.negative_feedback(
+            &u.to_string(),
+            &((u + 11) % 300).to_string(),
+            (15_000 + u) as f64,
+            1.0,
+        )
+        .unwrap();
     }
     d
 }
@@ -135,6 +144,9 @@ fn the_memory_estimate_bounds_the_measured_peak_within_a_factor_of_three() {
         json!({"loss": "triplet_hinge", "batch_size": 256, "negatives": 8, "hard_ratio": 0.25}),
         json!({"loss": "triplet_logistic", "batch_size": 128, "negatives": 16}),
         json!({"loss": "softmax", "batch_size": 2048, "negatives": 4096}),
+        // Debiasing pairs next to in-batch and per-row losses.
+        json!({"loss": "softmax", "batch_size": 1024, "debias": {"weight": 1.0}}),
+        json!({"loss": "pointwise", "batch_size": 512, "negatives": 3, "debias": {"head": 0.5}}),
     ];
     let mut report = Vec::new();
     for shape in shapes {

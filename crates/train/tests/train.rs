@@ -1010,3 +1010,219 @@ fn negative_feedback_options_are_checked_with_their_paths() {
         }
     }
 }
+
+/// [`synthetic`]'s groups and 20 global hits (items 200..219) that every group picks: each
+/// interaction is a hit with probability 0.4, an item of the user's group 0.55, any item 0.05.
+fn synthetic_hits() -> Data {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut d = Data::default();
+    for i in 0..220 {
+        let mut f = Map::new();
+        f.insert("item_id".into(), json!(i));
+        f.insert(
+            "genre".into(),
+            json!(if i < 200 {
+                format!("g{}", i % 10)
+            } else {
+                "hit".into()
+            }),
+        );
+        d.item_features(&i.to_string(), f).unwrap();
+    }
+    for u in 0..300 {
+        let group = u % 10;
+        let mut f = Map::new();
+        f.insert("user_id".into(), json!(u));
+        f.insert("age".into(), json!(20 + (u % 40)));
+        d.user_features(&u.to_string(), f).unwrap();
+        for t in 0..20 {
+            let x = rng.gen::<f64>();
+            let item = if x < 0.4 {
+                200 + rng.gen_range(0..20)
+            } else if x < 0.95 {
+                group + 10 * rng.gen_range(0..20)
+            } else {
+                rng.gen_range(0..200)
+            };
+            d.interaction(&u.to_string(), &item.to_string(), (t * 100 + u) as f64, 1.0)
+                .unwrap();
+        }
+    }
+    d
+}
+
+#[test]
+fn debiasing_pairs_lift_the_tail_in_the_top() {
+    let data = synthetic_hits();
+    // Each user's items in time order (ids).
+    let mut mine: Vec<Vec<usize>> = vec![Vec::new(); 300];
+    for x in &data.interactions {
+        let u: usize = data.users[x.user as usize].id.parse().unwrap();
+        mine[u].push(data.items[x.item as usize].id.parse().unwrap());
+    }
+    // Per user (served towers, their last 5 items as history, their own items masked): the
+    // share of hits in the top 10, and of their group's items.
+    let measure = |extra: Value| {
+        let t = train(&config(extra), &data, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+        let (um, im) = served(&t);
+        let items: Vec<Vec<f32>> = (0..220)
+            .map(|i| {
+                let genre = if i < 200 {
+                    format!("g{}", i % 10)
+                } else {
+                    "hit".into()
+                };
+                im.embed(&json!({"item_id": i, "genre": genre})).unwrap()
+            })
+            .collect();
+        let (mut hits, mut own) = (0f64, 0f64);
+        for u in 0..300usize {
+            let group = u % 10;
+            let hist: Vec<usize> = mine[u].iter().rev().take(5).copied().collect();
+            let v = um
+                .embed(&json!({"user_id": u, "age": 20 + u % 40, "history": {"ids": hist, "weights": [1.0, 0.8, 0.64, 0.51, 0.41]}}))
+                .unwrap();
+            let mut scored: Vec<(f32, usize)> = items
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !mine[u].contains(i))
+                .map(|(i, w)| (v.iter().zip(w).map(|(a, b)| a * b).sum(), i))
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let top: Vec<usize> = scored.iter().take(10).map(|x| x.1).collect();
+            hits += top.iter().filter(|&&i| i >= 200).count() as f64 / 10.0;
+            own += top.iter().filter(|&&i| i < 200 && i % 10 == group).count() as f64 / 10.0;
+        }
+        (hits / 300.0, own / 300.0)
+    };
+    let (hits_off, own_off) = measure(json!({}));
+    let (hits_on, own_on) = measure(json!({"debias": {"weight": 1.0, "head": 0.2}}));
+    println!("hits in the top 10: without {hits_off:.3}, with {hits_on:.3}; own group: {own_off:.3} / {own_on:.3}");
+    assert!(
+        hits_on < hits_off - 0.1,
+        "hit share {hits_off} -> {hits_on}"
+    );
+    assert!(own_on > own_off, "own-group share {own_off} -> {own_on}");
+}
+
+#[test]
+fn debias_options_are_checked_with_their_paths() {
+    for (o, path) in [
+        (json!({"debias": true}), "debias"),
+        (json!({"debias": {"head": 0}}), "debias.head"),
+        (json!({"debias": {"head": 1}}), "debias.head"),
+        (json!({"debias": {"weight": -1}}), "debias.weight"),
+        (json!({"debias": {"temperature": 0}}), "debias.temperature"),
+        (json!({"debias": {"heads": 0.2}}), "debias.heads"),
+    ] {
+        let mut base = json!({"user": {"features": [{"name": "user_id", "type": "categorical"}]},
+                              "item": {"features": [{"name": "item_id", "type": "categorical"}]}});
+        base.as_object_mut()
+            .unwrap()
+            .extend(o.as_object().unwrap().clone());
+        match Config::parse(&base) {
+            Err(TrainError::Option { path: p, .. }) => assert_eq!(p, path, "{o}"),
+            other => panic!("{o}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_negative_history_holds_the_disliked_items_before_the_moment() {
+    use twotower_train::config::Decay;
+    use twotower_train::data::{user_input, HistorySpec};
+    let hs = [
+        HistorySpec {
+            name: "liked".into(),
+            max_len: 3,
+            decay: Decay::None,
+            negative: false,
+        },
+        HistorySpec {
+            name: "disliked".into(),
+            max_len: 3,
+            decay: Decay::None,
+            negative: true,
+        },
+    ];
+    let v = user_input(
+        &Map::new(),
+        Some("user_id"),
+        "7",
+        &hs,
+        [("1", 1.0), ("2", 2.0)].into_iter(),
+        [("9", 1.5)].into_iter(),
+        3.0,
+    );
+    assert_eq!(v["liked"], json!(["2", "1"]));
+    assert_eq!(v["disliked"], json!(["9"]));
+    // Stored with the model and read back.
+    assert_eq!(
+        HistorySpec::from_json(&hs[1].to_json()),
+        Some(hs[1].clone())
+    );
+    assert_eq!(hs[1].to_json()["feedback"], "negative");
+}
+
+#[test]
+fn a_negative_history_trains_and_serves_and_needs_negative_feedback() {
+    let towers = json!({
+        "user": {"features": [
+            {"name": "user_id", "type": "categorical"},
+            {"name": "history", "type": "history", "max_len": 10},
+            {"name": "disliked", "type": "history", "max_len": 5, "feedback": "negative"}], "hidden": [16]},
+        "item": {"features": [{"name": "item_id", "type": "categorical"}]},
+        "epochs": 2
+    });
+    let t = train(
+        &config(towers.clone()),
+        &synthetic_feedback(),
+        &keys(),
+        BUDGET,
+        &mut |_| Ok(()),
+    )
+    .unwrap();
+    let (um, _) = served(&t);
+    let a = um
+        .embed(&json!({"user_id": 11, "history": ["55", "65"], "disliked": []}))
+        .unwrap();
+    let b = um
+        .embed(&json!({"user_id": 11, "history": ["55", "65"], "disliked": ["1", "11", "21"]}))
+        .unwrap();
+    assert_ne!(a, b, "the negative history is an input of the served tower");
+    match train(&config(towers), &synthetic(), &keys(), BUDGET, &mut |_| {
+        Ok(())
+    }) {
+        Err(TrainError::NoData(m)) => assert!(m.contains("negative feedback"), "{m}"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    match Config::parse(
+        &json!({"user": {"features": [{"name": "h", "type": "history", "feedback": "bad"}]},
+                                "item": {"features": [{"name": "item_id", "type": "categorical"}]}}),
+    ) {
+        Err(TrainError::Option { path, .. }) => assert_eq!(path, "user.features[0].feedback"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn negative_feedback_at_or_after_the_validation_interaction_does_not_train() {
+    // The same data plus, for some users, a dislike after their last (validation) interaction:
+    // with validation on, the run is the same bit for bit.
+    let base = synthetic_feedback();
+    let mut late = synthetic_feedback();
+    for u in (0..300).step_by(7) {
+        late.negative_feedback(&u.to_string(), &((u + 3) % 200).to_string(), 1e6, 1.0)
+            .unwrap();
+    }
+    let cfg = config(json!({"epochs": 2}));
+    let a = train(&cfg, &base, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+    let b = train(&cfg, &late, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+    assert_eq!(a.user_weights, b.user_weights);
+    assert_eq!(a.item_weights, b.item_weights);
+    // Without validation they train.
+    let cfg = config(json!({"epochs": 2, "validation": "none"}));
+    let a = train(&cfg, &base, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+    let b = train(&cfg, &late, &keys(), BUDGET, &mut |_| Ok(())).unwrap();
+    assert_ne!(a.user_weights, b.user_weights);
+}
