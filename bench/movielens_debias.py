@@ -70,6 +70,8 @@ def train_eval(name, over, seed, part):
     src, target = ("ml_train", "ml_test") if part == "test" else ("db_fit", "db_dvalid")
     out = psql(f"""
 SET client_min_messages = warning;
+SELECT count(*) FROM (SELECT twotower.drop_pipeline(name) FROM twotower.pipelines
+                       WHERE name IN ('ml_recall_{name}', 'ml_cascade_{name}')) p;
 SELECT count(*) FROM (SELECT twotower.drop_model(name) FROM twotower.models
                        WHERE name IN ('{name}_user', '{name}_item') GROUP BY name) d;
 SELECT count(*) FROM twotower.train('{name}_user', '{name}_item', '{src}', '{opts}',

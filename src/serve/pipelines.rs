@@ -183,6 +183,16 @@ pub fn check(d: &Definition) -> TtResult<()> {
         crate::serve::sources::check_channel(&format!("channels[{i}]"), c, d, &user)?;
     }
     for (i, s) in d.stages.iter().enumerate() {
+        // A rerank stage's rules read columns of the item features table (checked at parse:
+        // the pipeline has one).
+        if let StageKind::Rerank(rr) = &s.kind {
+            if let (Some(rel), Some(f)) = (features, &d.item_features) {
+                for c in rr.columns() {
+                    column(&format!("stages[{i}].rules"), rel, &f.table, &c)?;
+                }
+            }
+            continue;
+        }
         let StageKind::Model(name) = &s.kind else {
             continue;
         };

@@ -116,6 +116,29 @@ impl Sources for SpiSources<'_> {
         )
     }
 
+    fn attributes(
+        &mut self,
+        ids: &[i64],
+        columns: &[String],
+    ) -> TtResult<Vec<serde_json::Map<String, Value>>> {
+        let Some(f) = &self.d.item_features else {
+            return Err(TtError::BadPipeline {
+                path: "item_features".into(),
+                reason: "a rerank rule reads item columns: the pipeline needs item_features".into(),
+            });
+        };
+        let rel = relation("item_features.table", &f.table)?;
+        let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
+        let mut rows = item_rows(rel, &f.id_column, &cols, ids)?;
+        Ok(ids
+            .iter()
+            .map(|i| match rows.remove(i) {
+                Some(Value::Object(m)) => m,
+                _ => serde_json::Map::new(),
+            })
+            .collect())
+    }
+
     fn poll(&mut self) -> TtResult<()> {
         check_for_interrupts!();
         Ok(())

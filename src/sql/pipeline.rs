@@ -127,7 +127,7 @@ pub mod twotower {
             .iter()
             .map(|s| match &s.kind {
                 StageKind::Model(m) => stage_model(m).map(Some),
-                StageKind::TwoTower => Ok(None),
+                StageKind::TwoTower | StageKind::Rerank(_) => Ok(None),
             })
             .collect::<TtResult<_>>()?;
         let f = features.features(&user.model, "features")?;

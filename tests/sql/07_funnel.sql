@@ -89,6 +89,35 @@ SELECT twotower.save_pipeline('fn_pre_only', '{"user_model": "fn_user", "vectors
 SELECT item_id, rank FROM twotower.prerank('fn_pre_only', '{"q": [3, 4], "history": [1]}', ARRAY[2, 3, 4, 8]::bigint[]);
 SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn_pre_only', '{"q": [3, 4]}')$$);
 SELECT twotower.drop_pipeline('fn_pre_only');
+-- A rerank stage after the two-tower stage: at most one item per price among the three kept.
+-- Greedy by score, that is each price's best item, best first (all three prices are among the
+-- six of stage 1).
+SELECT twotower.save_pipeline('fn_rr', (definition - 'stages' - 'k') || '{"stages": [{"type": "twotower", "keep": 6},
+  {"type": "rerank", "keep": 3, "rules": [{"rule": "cap", "column": "price", "most": 1}]}], "k": 3}')
+  FROM twotower.pipelines WHERE name = 'fn';
+CREATE VIEW fn_s1 AS
+SELECT id, price, twotower.inner_product(embedding, ARRAY[3, 4]::real[]) AS tt
+  FROM fn_items WHERE id <> 1 ORDER BY tt DESC, id LIMIT 6;
+SELECT (SELECT array_agg(item_id ORDER BY rank) FROM twotower.recommend('fn_rr', '{"q": [3, 4], "history": [1]}'))
+     = (SELECT array_agg(id ORDER BY tt DESC) FROM (SELECT DISTINCT ON (price) id, tt FROM fn_s1 ORDER BY price, tt DESC) x)
+       AS one_per_price,
+       (SELECT count(DISTINCT price) FROM fn_s1) AS prices_in_stage_1;
+SELECT step, stage, received, kept FROM twotower.recommend_explain('fn_rr', '{"q": [3, 4], "history": [1]}')
+ WHERE stage LIKE 'rerank%';
+-- A filter, and MMR with λ = 1 (the score order): stage 1's items priced 1 or more, best first.
+SELECT twotower.save_pipeline('fn_rr', jsonb_set(definition, '{stages,1,rules}',
+  '[{"rule": "filter", "column": "price", "op": "ge", "value": 1}, {"rule": "mmr", "lambda": 1}]'))
+  FROM twotower.pipelines WHERE name = 'fn_rr';
+SELECT (SELECT array_agg(item_id ORDER BY rank) FROM twotower.recommend('fn_rr', '{"q": [3, 4], "history": [1]}'))
+     = (SELECT array_agg(id ORDER BY tt DESC) FROM (SELECT id, tt FROM fn_s1 WHERE price >= 1 ORDER BY tt DESC LIMIT 3) x)
+       AS filtered_in_score_order;
+-- A rule on a column the item features lack, or a rerank that is not the last stage.
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_rr', jsonb_set(definition, '{stages,1,rules}',
+  '[{"rule": "cap", "column": "colour", "most": 1}]')) FROM twotower.pipelines WHERE name = 'fn_rr'$$);
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('fn_rr', jsonb_set(definition, '{stages}',
+  jsonb_build_array(definition #> '{stages,1}', '{"type": "twotower", "keep": 2}'::jsonb))) FROM twotower.pipelines WHERE name = 'fn_rr'$$);
+SELECT twotower.drop_pipeline('fn_rr');
+DROP VIEW fn_s1;
 -- No history: the i2i channel returns nothing, history_max is 0.
 SELECT count(*) AS results FROM twotower.recommend('fn', '{"q": [1, 0]}');
 

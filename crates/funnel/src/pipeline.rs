@@ -96,6 +96,8 @@ pub struct MergeDef {
 pub enum StageKind {
     TwoTower,
     Model(String),
+    /// Business rules and diversity over the list (the last stage only).
+    Rerank(crate::rerank::Rerank),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,9 +224,26 @@ impl Definition {
 
         let mut stages: Vec<StageDef> = Vec::new();
         let mut gets = merge.k;
-        for (i, (path, s)) in o.array("stages", MAX_STAGES)?.into_iter().enumerate() {
+        let listed = o.array("stages", MAX_STAGES)?;
+        let last = listed.len().saturating_sub(1);
+        for (i, (path, s)) in listed.into_iter().enumerate() {
             let so = Obj::new(s, path)?;
             let kind = match so.string("type")?.as_str() {
+                "rerank" => {
+                    so.allow(&["type", "keep", "rules"])?;
+                    if i != last {
+                        return err(so.p("type"), "a rerank stage must be the last stage");
+                    }
+                    let keep = so.uint("keep", 1, MAX_MERGE_K)? as usize;
+                    let rr = crate::rerank::Rerank::parse(&so, keep)?;
+                    if !rr.columns().is_empty() && item_features.is_none() {
+                        return err(
+                            so.p("rules"),
+                            format!("the rules read item columns ({}): the pipeline needs \"item_features\"", rr.columns().join(", ")),
+                        );
+                    }
+                    StageKind::Rerank(rr)
+                }
                 "twotower" => {
                     so.allow(&["type", "keep"])?;
                     StageKind::TwoTower
@@ -236,7 +255,7 @@ impl Definition {
                 other => {
                     return err(
                         so.p("type"),
-                        format!("must be \"twotower\" or \"model\", got \"{other}\""),
+                        format!("must be \"twotower\", \"model\" or \"rerank\", got \"{other}\""),
                     )
                 }
             };

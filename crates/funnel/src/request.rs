@@ -9,8 +9,9 @@
 
 use crate::channel::{ChannelDef, Query};
 use crate::merge::{self, MergeError};
-use crate::pipeline::{Definition, StageKind, MAX_HISTORY};
+use crate::pipeline::{Definition, StageDef, StageKind, MAX_HISTORY};
 use crate::prerank::{self, Candidate as Cand, PrerankError, Scorer, Stage};
+use crate::rerank::{self, Rerank};
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde_json::Value;
 use std::sync::Arc;
@@ -67,6 +68,17 @@ pub trait Sources {
         model: &Model,
         items: &[i64],
     ) -> Result<Vec<Arc<Part>>, Self::Error>;
+
+    /// The item attributes `columns` of `ids` (from the pipeline's `item_features`), in `ids`
+    /// order (an item without a row: an empty object). Read by a rerank stage's rules.
+    fn attributes(
+        &mut self,
+        ids: &[i64],
+        columns: &[String],
+    ) -> Result<Vec<serde_json::Map<String, Value>>, Self::Error> {
+        let _ = (ids, columns);
+        Err(FunnelError::BadRequest("these sources hold no item attributes".into()).into())
+    }
 
     /// Fails when the request was cancelled.
     fn poll(&mut self) -> Result<(), Self::Error>;
@@ -233,6 +245,14 @@ pub fn run<S: Sources>(
     if m.stages.len() != d.stages.len() {
         return Err(bad("the stages' models do not match the pipeline".into()).into());
     }
+    // The pre-rank stages, and the rerank stage that may end the pipeline.
+    let (pre, rer) = match d.stages.last() {
+        Some(StageDef {
+            kind: StageKind::Rerank(r),
+            ..
+        }) => (&d.stages[..d.stages.len() - 1], Some(r)),
+        _ => (&d.stages[..], None),
+    };
     let mut steps = Vec::new();
     let t = Instant::now();
     let f = req.features;
@@ -348,27 +368,26 @@ pub fn run<S: Sources>(
                 dropped,
                 ms: ms(t),
             });
-            if d.stages.is_empty() {
-                let rows = merged
-                    .into_iter()
-                    .take(k)
-                    .map(|mm| {
-                        let (channels, ranks) = provenance.remove(&mm.item).unwrap_or_default();
-                        Ranked {
-                            item: mm.item,
-                            score: mm.score as f32,
-                            channels,
-                            ranks,
-                        }
-                    })
-                    .collect();
-                return Ok(Outcome { rows, steps });
+            if pre.is_empty() {
+                let list: Vec<(i64, f32)> =
+                    merged.iter().map(|mm| (mm.item, mm.score as f32)).collect();
+                return finish(rer, list, k, provenance, known, steps, src);
             }
             merged.into_iter().map(|mm| mm.item).collect()
         }
     };
-    if d.stages.is_empty() {
+    if pre.is_empty() && rer.is_none() {
         return Err(bad(format!("pipeline \"{name}\" has no pre-rank stages")).into());
+    }
+    if pre.is_empty() {
+        // The caller's candidates straight to the rerank stage, in their order.
+        let n = pool.len() as f32;
+        let list = pool
+            .iter()
+            .enumerate()
+            .map(|(r, &i)| (i, n - r as f32))
+            .collect();
+        return finish(rer, list, k, provenance, known, steps, src);
     }
 
     // The item vectors of the candidates and the history: those the channels did not hand
@@ -415,14 +434,12 @@ pub fn run<S: Sources>(
         ms: ms(t),
     });
 
-    let user_parts: Vec<Option<Part>> = m
-        .stages
+    let user_parts: Vec<Option<Part>> = m.stages[..pre.len()]
         .iter()
         .map(|s| s.map(|s| s.encode_part(f, Source::User, false)).transpose())
         .collect::<Result<_, _>>()
         .map_err(FunnelError::from)?;
-    let stages: Vec<Stage> = d
-        .stages
+    let stages: Vec<Stage> = pre
         .iter()
         .zip(&m.stages)
         .zip(&user_parts)
@@ -456,11 +473,11 @@ pub fn run<S: Sources>(
         let mut poll = || -> Result<(), Outer<S::Error>> { src.borrow_mut().poll().map_err(Outer) };
         prerank::cascade(&cascade_req, &cands, &stages, &mut parts, &mut poll).map_err(|e| e.0)?
     };
-    for (s, r) in d.stages.iter().zip(&reports) {
+    for (s, r) in pre.iter().zip(&reports) {
         steps.push(Step {
             stage: match &s.kind {
-                StageKind::TwoTower => "pre-rank two-tower".into(),
                 StageKind::Model(model) => format!("pre-rank model {model}"),
+                _ => "pre-rank two-tower".into(),
             },
             received: Some(r.received),
             kept: r.kept.iter().map(|&i| cands[i].item).collect(),
@@ -471,13 +488,89 @@ pub fn run<S: Sources>(
     let Some(last) = reports.last() else {
         return Err(bad(format!("pipeline \"{name}\" has no pre-rank stages")).into());
     };
-    let rows = last
+    let list: Vec<(i64, f32)> = last
         .kept
         .iter()
         .zip(&last.scores)
+        .map(|(&i, &score)| (cands[i].item, score))
+        .collect();
+    finish(rer, list, k, provenance, known, steps, src)
+}
+
+/// The end of a run: `list` (ranked, with scores) through the rerank stage when there is one,
+/// then its top `k` with provenance.
+fn finish<S: Sources>(
+    rer: Option<&Rerank>,
+    list: Vec<(i64, f32)>,
+    k: usize,
+    mut provenance: FxHashMap<i64, (Vec<String>, Vec<i32>)>,
+    mut known: FxHashMap<i64, Arc<[f32]>>,
+    mut steps: Vec<Step>,
+    src: &mut S,
+) -> Result<Outcome, S::Error> {
+    let list = match rer {
+        None => list,
+        Some(rr) => {
+            src.poll()?;
+            let t = Instant::now();
+            let ids: Vec<i64> = list.iter().map(|x| x.0).collect();
+            let columns = rr.columns();
+            let attrs = if columns.is_empty() {
+                Vec::new()
+            } else {
+                src.attributes(&ids, &columns)?
+            };
+            if rr.needs_vectors() {
+                let wanted: Vec<i64> = ids
+                    .iter()
+                    .copied()
+                    .filter(|i| !known.contains_key(i))
+                    .collect();
+                if !wanted.is_empty() {
+                    known.extend(src.vectors(&wanted)?);
+                }
+            }
+            let cands: Vec<rerank::Candidate> = list
+                .iter()
+                .map(|&(item, score)| rerank::Candidate {
+                    item,
+                    score: score as f64,
+                    vector: known.get(&item).cloned(),
+                    channels: provenance
+                        .get(&item)
+                        .map(|p| p.0.clone())
+                        .unwrap_or_default(),
+                })
+                .collect();
+            let (out, rep) = rerank::rerank(rr, &cands, &attrs, &mut || src.poll())?;
+            let kept: Vec<i64> = out.iter().map(|&(i, _)| cands[i].item).collect();
+            let keptset: FxHashSet<i64> = kept.iter().copied().collect();
+            steps.push(Step {
+                stage: format!(
+                    "rerank ({} filtered, {} placed, {} moved, {} relaxed)",
+                    rep.filtered.len(),
+                    rep.placed.len(),
+                    rep.moved.len(),
+                    rep.relaxed
+                ),
+                received: Some(list.len()),
+                kept,
+                dropped: ids
+                    .iter()
+                    .copied()
+                    .filter(|i| !keptset.contains(i))
+                    .collect(),
+                ms: ms(t),
+            });
+            out.iter()
+                .map(|&(i, score)| (cands[i].item, score as f32))
+                .collect()
+        }
+    };
+    let rows = list
+        .into_iter()
         .take(k)
-        .map(|(&i, &score)| {
-            let item = cands[i].item;
+        .map(|(item, score)| {
             let (channels, ranks) = provenance.remove(&item).unwrap_or_default();
             Ranked {
                 item,

@@ -73,6 +73,7 @@ struct Fake {
     vector_reads: Vec<Vec<i64>>,
     part_reads: Vec<(usize, Vec<i64>)>,
     fail_channel: bool,
+    attribute_reads: Vec<(Vec<i64>, Vec<String>)>,
     cancel_after: Option<usize>,
     polls: usize,
 }
@@ -133,6 +134,25 @@ impl Sources for Fake {
                     .map_err(|e| E::Funnel(e.into()))
             })
             .collect()
+    }
+
+    fn attributes(
+        &mut self,
+        ids: &[i64],
+        columns: &[String],
+    ) -> Result<Vec<serde_json::Map<String, Value>>, E> {
+        self.attribute_reads.push((ids.to_vec(), columns.to_vec()));
+        Ok(ids
+            .iter()
+            .map(|i| {
+                let mut m = serde_json::Map::new();
+                if let Some(p) = self.prices.get(i) {
+                    m.insert("price".into(), json!(p));
+                }
+                m.insert("parity".into(), json!(i % 2));
+                m
+            })
+            .collect())
     }
 
     fn poll(&mut self) -> Result<(), E> {
@@ -471,4 +491,115 @@ fn a_function_channel_and_what_a_pipeline_uses() {
     // The function channel has no seeds and is asked whatever the history.
     assert!(d.channels[0].kind.seeds(&[1, 2]).is_empty());
     assert!(!d.channels[0].kind.needs_seeds());
+}
+
+#[test]
+fn a_rerank_stage_applies_its_rules_to_the_merged_list_and_reports_them() {
+    // The merged list of the first test: 2, 5, 7, 9, 1, 11 (odd: 5, 7, 9, 1, 11).
+    let mut v = base();
+    v["stages"] = json!([{"type": "rerank", "keep": 6, "rules": [
+        {"rule": "cap", "column": "parity", "most": 1, "window": 2},
+        {"rule": "filter", "column": "price", "op": "ne", "value": 1}]}]);
+    let d = def(v);
+    let user = user_model();
+    let m = Models {
+        user: &user,
+        strict: false,
+        stages: vec![None],
+    };
+    let features = json!({"x": 1, "y": 2, "history": [3, 4, 8]});
+    let mut src = fake();
+    let out = run(&d, &m, &request(&features, Some(5), &[6]), &mut src).unwrap();
+    // Prices i % 5: 1 and 11 cost 1 (filtered). Left: 2 (even), 5, 7, 9 (odd). One of each
+    // parity per window of two slots: 2 5 | 7 (no even left: relaxed) 9.
+    let items: Vec<i64> = out.rows.iter().map(|r| r.item).collect();
+    assert_eq!(items, vec![2, 5, 7, 9]);
+    // Scores and provenance are the merge's.
+    assert_eq!(out.rows[0].channels, vec!["tt", "cf"]);
+    let last = out.steps.last().unwrap();
+    assert_eq!(
+        last.stage,
+        "rerank (2 filtered, 0 placed, 0 moved, 1 relaxed)"
+    );
+    assert_eq!(last.received, Some(6));
+    assert_eq!(last.dropped, vec![1, 11]);
+    // One read of the two columns, for the six merged items; no vectors (no mmr).
+    assert_eq!(
+        src.attribute_reads,
+        vec![(
+            vec![2, 5, 7, 9, 1, 11],
+            vec!["parity".to_string(), "price".to_string()]
+        )]
+    );
+    assert!(src.vector_reads.is_empty());
+}
+
+#[test]
+fn a_rerank_after_the_cascade_reads_the_vectors_mmr_needs() {
+    let mut v = base();
+    v["stages"] = json!([{"type": "twotower", "keep": 4},
+                         {"type": "rerank", "keep": 3, "rules": [{"rule": "mmr", "lambda": 1.0}]}]);
+    let d = def(v);
+    let user = user_model();
+    let m = Models {
+        user: &user,
+        strict: false,
+        stages: vec![None, None],
+    };
+    let features = json!({"x": 1, "y": 2, "history": [3, 4, 8]});
+    let mut src = fake();
+    let out = run(&d, &m, &request(&features, None, &[6]), &mut src).unwrap();
+    // λ = 1: the cascade's order. The two-tower stage ranks by x + 2y of the vectors
+    // (i mod 7, i mod 3) over the merged items with a vector: 2 → 2 + 4 = 6, 5 → 5 + 4 = 9,
+    // 7 → 0 + 2 = 2, 1 → 1 + 2 = 3, 11 → 4 + 4 = 8 (9 has none); top 4: 5, 11, 2, 1.
+    let items: Vec<i64> = out.rows.iter().map(|r| r.item).collect();
+    assert_eq!(items, vec![5, 11, 2]);
+    assert_eq!(
+        out.steps.last().unwrap().stage,
+        "rerank (0 filtered, 0 placed, 0 moved, 0 relaxed)"
+    );
+    // The cascade read the vectors; mmr found them known (no second read).
+    assert_eq!(src.vector_reads.len(), 1);
+}
+
+#[test]
+fn rerank_definitions_are_checked() {
+    let bad = |stages: Value, without_features: bool| {
+        let mut v = base();
+        v["stages"] = stages;
+        if without_features {
+            v.as_object_mut().unwrap().remove("item_features");
+        }
+        Definition::parse(&v).unwrap_err().path
+    };
+    assert_eq!(
+        bad(
+            json!([{"type": "rerank", "keep": 3, "rules": []}, {"type": "twotower", "keep": 2}]),
+            false
+        ),
+        "stages[0].type"
+    );
+    assert_eq!(
+        bad(
+            json!([{"type": "rerank", "keep": 3, "rules": [{"rule": "cap", "column": "c", "most": 1}]}]),
+            true
+        ),
+        "stages[0].rules"
+    );
+    assert_eq!(
+        bad(json!([{"type": "rerank", "keep": 7, "rules": []}]), false),
+        "stages[0].keep"
+    );
+    assert_eq!(
+        bad(
+            json!([{"type": "rerank", "keep": 3, "rules": [{"rule": "spacing", "column": "c"}]}]),
+            false
+        ),
+        "stages[0].rules[0].gap"
+    );
+    // MMR reads no column: no item_features needed.
+    let mut v = base();
+    v.as_object_mut().unwrap().remove("item_features");
+    v["stages"] = json!([{"type": "rerank", "keep": 3, "rules": [{"rule": "mmr"}]}]);
+    assert!(Definition::parse(&v).is_ok());
 }
