@@ -315,20 +315,6 @@ fn keys(v: Option<&Value>) -> Vec<String> {
     }
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut d, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        d += *x as f64 * *y as f64;
-        na += *x as f64 * *x as f64;
-        nb += *y as f64 * *y as f64;
-    }
-    if na == 0.0 || nb == 0.0 {
-        0.0
-    } else {
-        d / (na.sqrt() * nb.sqrt())
-    }
-}
-
 /// Re-ranks `cands` (any order; ties go to the earlier) with their attributes
 /// (`attrs[i]`: candidate i's attribute object, column → value), keeping `rr.keep`. Returns
 /// the kept candidates' indexes in slot order with their final scores (after the boosts), and
@@ -386,7 +372,37 @@ pub fn rerank<E>(
         Rule::Mmr { lambda } => Some(*lambda),
         _ => None,
     });
-    let caps: Vec<(&str, usize, Option<usize>)> = rr
+    // The columns whose placed values are counted (each once), and per column each
+    // candidate's values as small integers.
+    let mut counted: Vec<&str> = Vec::new();
+    for r in &rr.rules {
+        if let Rule::Cap { column, .. } | Rule::Spacing { column, .. } = r {
+            if !counted.contains(&column.as_str()) {
+                counted.push(column);
+            }
+        }
+    }
+    let col = |c: &str| counted.iter().position(|x| *x == c).expect("counted");
+    let mut ids: Vec<std::collections::HashMap<String, u32>> =
+        vec![Default::default(); counted.len()];
+    let values: Vec<Vec<Vec<u32>>> = counted
+        .iter()
+        .enumerate()
+        .map(|(ci, c)| {
+            (0..cands.len())
+                .map(|i| {
+                    keys(attr(i, c))
+                        .into_iter()
+                        .map(|k| {
+                            let n = ids[ci].len() as u32;
+                            *ids[ci].entry(k).or_insert(n)
+                        })
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let caps: Vec<(usize, usize, Option<usize>)> = rr
         .rules
         .iter()
         .filter_map(|r| match r {
@@ -394,25 +410,62 @@ pub fn rerank<E>(
                 column,
                 most,
                 window,
-            } => Some((column.as_str(), *most, *window)),
+            } => Some((col(column), *most, *window)),
             _ => None,
         })
         .collect();
-    let spacings: Vec<(&str, usize)> = rr
+    let spacings: Vec<(usize, usize)> = rr
         .rules
         .iter()
         .filter_map(|r| match r {
-            Rule::Spacing { column, gap } => Some((column.as_str(), *gap)),
+            Rule::Spacing { column, gap } => Some((col(column), *gap)),
             _ => None,
         })
         .collect();
-    // The columns whose placed values are counted (each once).
-    let mut counted: Vec<&str> = Vec::new();
-    for c in caps.iter().map(|c| c.0).chain(spacings.iter().map(|s| s.0)) {
-        if !counted.contains(&c) {
-            counted.push(c);
+    // Per column and value: the slots (from 0) it was placed at.
+    let mut placed_at: Vec<Vec<Vec<usize>>> =
+        ids.iter().map(|m| vec![Vec::new(); m.len()]).collect();
+    let broken = |i: usize, slot: usize, placed_at: &[Vec<Vec<usize>>]| -> usize {
+        let mut n = 0;
+        for &(c, most, window) in &caps {
+            let full = values[c][i].iter().any(|&v| {
+                let at = &placed_at[c][v as usize];
+                let count = match window {
+                    None => at.len(),
+                    Some(w) => {
+                        let start = slot - slot % w;
+                        at.iter().rev().take_while(|&&s| s >= start).count()
+                    }
+                };
+                count >= most
+            });
+            n += usize::from(full);
         }
-    }
+        for &(c, gap) in &spacings {
+            let near = values[c][i].iter().any(|&v| {
+                placed_at[c][v as usize]
+                    .last()
+                    .is_some_and(|&l| slot - l < gap)
+            });
+            n += usize::from(near);
+        }
+        n
+    };
+    // MMR: unit vectors, and each candidate's largest cosine to the items placed so far.
+    let unit: Vec<Option<Vec<f32>>> = if mmr.is_some() {
+        cands
+            .iter()
+            .map(|c| {
+                c.vector.as_ref().and_then(|v| {
+                    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    (n > 0.0 && n.is_finite()).then(|| v.iter().map(|x| x / n).collect())
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut max_sim = vec![0f64; if mmr.is_some() { cands.len() } else { 0 }];
     let mut pinned: std::collections::HashMap<usize, usize> = Default::default();
     for r in &rr.rules {
         if let Rule::Pin { items } = r {
@@ -441,36 +494,6 @@ pub fn rerank<E>(
         taken[i] = true;
     }
     let mut out: Vec<(usize, f64)> = Vec::with_capacity(keep);
-    // Per column: the slots (from 0) of each value placed so far.
-    let mut placed_at: std::collections::HashMap<(&str, String), Vec<usize>> = Default::default();
-    let broken = |i: usize,
-                  slot: usize,
-                  placed_at: &std::collections::HashMap<(&str, String), Vec<usize>>|
-     -> usize {
-        let mut n = 0;
-        for &(c, most, window) in &caps {
-            let full = keys(attr(i, c)).into_iter().any(|k| {
-                let at = placed_at.get(&(c, k)).map_or(&[][..], |v| &v[..]);
-                let count = match window {
-                    None => at.len(),
-                    Some(w) => {
-                        let start = slot - slot % w;
-                        at.iter().filter(|&&s| s >= start).count()
-                    }
-                };
-                count >= most
-            });
-            n += usize::from(full);
-        }
-        for &(c, gap) in &spacings {
-            let near = keys(attr(i, c)).into_iter().any(|k| {
-                let last = placed_at.get(&(c, k)).and_then(|v| v.last().copied());
-                last.is_some_and(|l| slot - l < gap)
-            });
-            n += usize::from(near);
-        }
-        n
-    };
     for slot in 0..keep {
         poll()?;
         let pick = if let Some(&i) = pinned.get(&(slot + 1)) {
@@ -484,20 +507,7 @@ pub fn rerank<E>(
             let value = |i: usize| -> f64 {
                 match mmr {
                     None => score[i],
-                    Some(l) => {
-                        let sim = match &cands[i].vector {
-                            None => 0.0,
-                            Some(v) => out
-                                .iter()
-                                .filter_map(|&(j, _)| {
-                                    cands[j].vector.as_ref().map(|w| cosine(v, w))
-                                })
-                                .fold(f64::NEG_INFINITY, f64::max)
-                                .max(0.0),
-                        };
-                        let sim = if out.is_empty() { 0.0 } else { sim };
-                        l * score[i] - (1.0 - l) * sim
-                    }
+                    Some(l) => l * score[i] - (1.0 - l) * max_sim[i],
                 }
             };
             // The best by (fewest rules broken, value, input order).
@@ -537,9 +547,19 @@ pub fn rerank<E>(
         };
         let Some(i) = pick else { break };
         taken[i] = true;
-        for &c in &counted {
-            for k in keys(attr(i, c)) {
-                placed_at.entry((c, k)).or_default().push(slot);
+        for (c, per) in placed_at.iter_mut().enumerate() {
+            for &v in &values[c][i] {
+                per[v as usize].push(slot);
+            }
+        }
+        if let Some(Some(u)) = unit.get(i) {
+            for &j in &before {
+                if !taken[j] {
+                    if let Some(w) = &unit[j] {
+                        let c: f32 = u.iter().zip(w).map(|(a, b)| a * b).sum();
+                        max_sim[j] = max_sim[j].max(c as f64);
+                    }
+                }
             }
         }
         out.push((i, score[i]));
