@@ -9,6 +9,8 @@
 //!    they are candidates), **explore** slots take the best candidate a given channel returned,
 //!    every other slot takes the best remaining candidate by its score, or by MMR
 //!    (`λ · score − (1 − λ) · max cosine to the items already placed`) when `mmr` is given,
+//!    or (`sequence`) a beam search keeps the `width` best partial lists by
+//!    `Σ score − redundancy · Σ cosine of their pairs` and the best whole list wins,
 //!    among those that keep every **cap** (at most `most` items with one value of an attribute,
 //!    in the whole list or in each window of `window` slots) and **spacing** (two items with
 //!    one value at least `gap` slots apart); a list value counts for each of its elements. When no candidate keeps them all, the slot takes
@@ -16,7 +18,8 @@
 //!    allow), and the report counts it.
 //!
 //! Scores are compared as given: higher is better. Ties go to the earlier candidate (the input
-//! order). Every loop is bounded by candidates × slots; `poll` is called once per slot.
+//! order). Every loop is bounded by width × candidates × slots (× the vectors' width for
+//! `mmr` and `sequence`); `poll` is called once per slot.
 
 use serde_json::Value;
 use std::sync::Arc;
@@ -26,6 +29,8 @@ use twotower_options::{Obj, OptionError};
 pub const MAX_RULES: usize = 32;
 /// The most items a pin rule or an `in` filter lists.
 pub const MAX_LIST: usize = 1000;
+/// The most lists a sequence rule keeps per slot.
+pub const MAX_WIDTH: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Op {
@@ -65,6 +70,12 @@ pub enum Rule {
     },
     Mmr {
         lambda: f64,
+    },
+    /// Sequence re-ranking: a beam search over lists for the largest list reward
+    /// `Σ score − redundancy · Σ_{pairs} cosine`, `width` lists kept per slot.
+    Sequence {
+        width: usize,
+        redundancy: f64,
     },
     Pin {
         /// (item, slot counted from 1).
@@ -188,6 +199,13 @@ impl Rerank {
                         lambda: ro.number("lambda", 0.7, 0.0, 1.0)?,
                     }
                 }
+                "sequence" => {
+                    ro.allow(&["rule", "width", "redundancy"])?;
+                    Rule::Sequence {
+                        width: ro.size("width", 4, 1, MAX_WIDTH)?,
+                        redundancy: ro.number("redundancy", 0.1, 0.0, 1e6)?,
+                    }
+                }
                 "pin" => {
                     ro.allow(&["rule", "items"])?;
                     let mut items = Vec::new();
@@ -222,14 +240,13 @@ impl Rerank {
                 other => {
                     return Err(opt_err(
                         ro.p("rule"),
-                        format!("must be filter, freshness, cap, spacing, mmr, pin or explore, got \"{other}\""),
+                        format!("must be filter, freshness, cap, spacing, mmr, sequence, pin or explore, got \"{other}\""),
                     ))
                 }
             };
-            if matches!(rule, Rule::Mmr { .. })
-                && rules.iter().any(|r| matches!(r, Rule::Mmr { .. }))
-            {
-                return Err(opt_err(path, "one mmr rule at most"));
+            let ordering = |r: &Rule| matches!(r, Rule::Mmr { .. } | Rule::Sequence { .. });
+            if ordering(&rule) && rules.iter().any(ordering) {
+                return Err(opt_err(path, "one mmr or sequence rule at most"));
             }
             rules.push(rule);
         }
@@ -256,7 +273,9 @@ impl Rerank {
 
     /// Whether a rule needs the candidates' vectors.
     pub fn needs_vectors(&self) -> bool {
-        self.rules.iter().any(|r| matches!(r, Rule::Mmr { .. }))
+        self.rules
+            .iter()
+            .any(|r| matches!(r, Rule::Mmr { .. } | Rule::Sequence { .. }))
     }
 }
 
@@ -368,10 +387,6 @@ pub fn rerank<E>(
         .collect();
     // 3. The list, slot by slot.
     let keep = rr.keep.min(live.len());
-    let mmr = rr.rules.iter().find_map(|r| match r {
-        Rule::Mmr { lambda } => Some(*lambda),
-        _ => None,
-    });
     // The columns whose placed values are counted (each once), and per column each
     // candidate's values as small integers.
     let mut counted: Vec<&str> = Vec::new();
@@ -423,8 +438,7 @@ pub fn rerank<E>(
         })
         .collect();
     // Per column and value: the slots (from 0) it was placed at.
-    let mut placed_at: Vec<Vec<Vec<usize>>> =
-        ids.iter().map(|m| vec![Vec::new(); m.len()]).collect();
+    let placed_at: Vec<Vec<Vec<usize>>> = ids.iter().map(|m| vec![Vec::new(); m.len()]).collect();
     let broken = |i: usize, slot: usize, placed_at: &[Vec<Vec<usize>>]| -> usize {
         let mut n = 0;
         for &(c, most, window) in &caps {
@@ -451,8 +465,27 @@ pub fn rerank<E>(
         }
         n
     };
-    // MMR: unit vectors, and each candidate's largest cosine to the items placed so far.
-    let unit: Vec<Option<Vec<f32>>> = if mmr.is_some() {
+    // The order within the list: by score; MMR (each slot's best λ·score − (1 − λ)·the
+    // largest cosine to the placed items); or a sequence beam (the list's Σ score −
+    // redundancy·Σ cosine of its pairs). One engine: `width` lists kept per slot (1 but for a
+    // sequence), each slot's children ranked by (rules broken, reward, parent, input order).
+    enum Order {
+        Score,
+        Mmr(f64),
+        Sequence(f64),
+    }
+    let (order, width) = rr
+        .rules
+        .iter()
+        .find_map(|r| match r {
+            Rule::Mmr { lambda } => Some((Order::Mmr(*lambda), 1)),
+            Rule::Sequence { width, redundancy } => Some((Order::Sequence(*redundancy), *width)),
+            _ => None,
+        })
+        .unwrap_or((Order::Score, 1));
+    let unit: Vec<Option<Vec<f32>>> = if matches!(order, Order::Score) {
+        Vec::new()
+    } else {
         cands
             .iter()
             .map(|c| {
@@ -462,10 +495,7 @@ pub fn rerank<E>(
                 })
             })
             .collect()
-    } else {
-        Vec::new()
     };
-    let mut max_sim = vec![0f64; if mmr.is_some() { cands.len() } else { 0 }];
     let mut pinned: std::collections::HashMap<usize, usize> = Default::default();
     for r in &rr.rules {
         if let Rule::Pin { items } = r {
@@ -489,81 +519,136 @@ pub fn rerank<E>(
         })
         .flatten()
         .collect();
-    let mut taken = vec![false; cands.len()];
-    for &i in pinned.values() {
-        taken[i] = true;
+    #[derive(Clone)]
+    struct Beam {
+        list: Vec<usize>,
+        taken: Vec<bool>,
+        placed_at: Vec<Vec<Vec<usize>>>,
+        /// Per candidate: its largest (MMR) or summed (sequence) cosine to the placed items.
+        sim: Vec<f64>,
+        reward: f64,
+        broken: usize,
+        relaxed: usize,
+        placed: Vec<i64>,
     }
-    let mut out: Vec<(usize, f64)> = Vec::with_capacity(keep);
+    let mut first = Beam {
+        list: Vec::with_capacity(keep),
+        taken: vec![false; cands.len()],
+        placed_at,
+        sim: vec![0.0; if unit.is_empty() { 0 } else { cands.len() }],
+        reward: 0.0,
+        broken: 0,
+        relaxed: 0,
+        placed: Vec::new(),
+    };
+    for &i in pinned.values() {
+        first.taken[i] = true;
+    }
+    let mut beams = vec![first];
     for slot in 0..keep {
         poll()?;
-        let pick = if let Some(&i) = pinned.get(&(slot + 1)) {
-            report.placed.push(cands[i].item);
-            Some(i)
-        } else {
-            let channel = explore
-                .iter()
-                .find(|(s, _)| *s == slot + 1)
-                .map(|(_, c)| *c);
-            let value = |i: usize| -> f64 {
-                match mmr {
-                    None => score[i],
-                    Some(l) => l * score[i] - (1.0 - l) * max_sim[i],
+        // (beam, candidate, broken, gain, placed by a rule)
+        let mut children: Vec<(usize, usize, usize, f64, bool)> = Vec::new();
+        for (bi, beam) in beams.iter().enumerate() {
+            let gain = |i: usize| -> f64 {
+                match order {
+                    Order::Score => score[i],
+                    Order::Mmr(l) => l * score[i] - (1.0 - l) * beam.sim[i],
+                    Order::Sequence(mu) => score[i] - mu * beam.sim[i],
                 }
             };
-            // The best by (fewest rules broken, value, input order).
-            let mut best: Option<(usize, usize, f64)> = None;
-            let consider = |i: usize, best: &mut Option<(usize, usize, f64)>| {
-                let b = broken(i, slot, &placed_at);
-                let v = value(i);
-                let better = match *best {
-                    None => true,
-                    Some((bi, bb, bv)) => b < bb || (b == bb && (v > bv || (v == bv && i < bi))),
+            let mut mine: Vec<(usize, usize, usize, f64, bool)> = Vec::new();
+            if let Some(&i) = pinned.get(&(slot + 1)) {
+                mine.push((bi, i, 0, gain(i), true));
+            } else {
+                let channel = explore
+                    .iter()
+                    .find(|(s, _)| *s == slot + 1)
+                    .map(|(_, c)| *c);
+                let pool =
+                    |only: Option<&str>, mine: &mut Vec<(usize, usize, usize, f64, bool)>| {
+                        for &i in &before {
+                            if beam.taken[i]
+                                || only.is_some_and(|ch| !cands[i].channels.iter().any(|c| c == ch))
+                            {
+                                continue;
+                            }
+                            mine.push((
+                                bi,
+                                i,
+                                broken(i, slot, &beam.placed_at),
+                                gain(i),
+                                only.is_some(),
+                            ));
+                        }
+                    };
+                pool(channel, &mut mine);
+                if mine.is_empty() && channel.is_some() {
+                    pool(None, &mut mine);
+                }
+                // This beam's best `width` (fewest broken, largest gain, earliest).
+                let by = |a: &(usize, usize, usize, f64, bool),
+                          b: &(usize, usize, usize, f64, bool)| {
+                    a.2.cmp(&b.2).then(b.3.total_cmp(&a.3)).then(a.1.cmp(&b.1))
                 };
-                if better {
-                    *best = Some((i, b, v));
-                }
-            };
-            if let Some(ch) = channel {
-                for &i in &before {
-                    if !taken[i] && cands[i].channels.iter().any(|c| c == ch) {
-                        consider(i, &mut best);
-                    }
-                }
-                if let Some((i, _, _)) = best {
-                    report.placed.push(cands[i].item);
+                if mine.len() > width {
+                    mine.select_nth_unstable_by(width - 1, by);
+                    mine.truncate(width);
                 }
             }
-            if best.is_none() {
-                for &i in &before {
-                    if !taken[i] {
-                        consider(i, &mut best);
-                    }
-                }
-            }
-            if let Some((_, b, _)) = best {
-                report.relaxed += usize::from(b > 0);
-            }
-            best.map(|(i, _, _)| i)
-        };
-        let Some(i) = pick else { break };
-        taken[i] = true;
-        for (c, per) in placed_at.iter_mut().enumerate() {
-            for &v in &values[c][i] {
-                per[v as usize].push(slot);
-            }
+            children.extend(mine);
         }
-        if let Some(Some(u)) = unit.get(i) {
-            for &j in &before {
-                if !taken[j] {
+        if children.is_empty() {
+            break;
+        }
+        // The best `width` children over all beams.
+        children.sort_by(|a, b| {
+            let (pa, pb) = (&beams[a.0], &beams[b.0]);
+            (pa.broken + usize::from(a.2 > 0))
+                .cmp(&(pb.broken + usize::from(b.2 > 0)))
+                .then((pb.reward + b.3).total_cmp(&(pa.reward + a.3)))
+                .then(a.0.cmp(&b.0))
+                .then(a.1.cmp(&b.1))
+        });
+        children.truncate(width);
+        let mut next = Vec::with_capacity(children.len());
+        for &(bi, i, b, g, by_rule) in &children {
+            let mut beam = beams[bi].clone();
+            beam.taken[i] = true;
+            beam.list.push(i);
+            beam.reward += g;
+            beam.broken += usize::from(b > 0);
+            beam.relaxed += usize::from(b > 0);
+            if by_rule {
+                beam.placed.push(cands[i].item);
+            }
+            for (c, per) in beam.placed_at.iter_mut().enumerate() {
+                for &v in &values[c][i] {
+                    per[v as usize].push(slot);
+                }
+            }
+            if let Some(Some(u)) = unit.get(i) {
+                for &j in &before {
+                    if beam.taken[j] {
+                        continue;
+                    }
                     if let Some(w) = &unit[j] {
-                        let c: f32 = u.iter().zip(w).map(|(a, b)| a * b).sum();
-                        max_sim[j] = max_sim[j].max(c as f64);
+                        let c = u.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() as f64;
+                        beam.sim[j] = match order {
+                            Order::Sequence(_) => beam.sim[j] + c,
+                            _ => beam.sim[j].max(c),
+                        };
                     }
                 }
             }
+            next.push(beam);
         }
-        out.push((i, score[i]));
+        beams = next;
     }
+    let best = beams.into_iter().next().expect("one beam at least");
+    report.relaxed = best.relaxed;
+    report.placed = best.placed;
+    let out: Vec<(usize, f64)> = best.list.iter().map(|&i| (i, score[i])).collect();
     for (r, &(i, _)) in out.iter().enumerate() {
         let b = rank_before[&i];
         if b != r + 1 {
@@ -826,6 +911,29 @@ mod tests {
             &attrs(&[]),
         );
         assert_eq!(l, vec![100, 101, 102]);
+    }
+
+    #[test]
+    fn a_sequence_beam_finds_the_better_list_greedy_misses() {
+        // A (1.0) is close to both B and C (0.95 each), which are orthogonal: greedy takes A
+        // then C (1.0 + 0.95 − 0.5·0.6 = 1.65); the beam finds B, C (1.9).
+        let mut c = cands(&[1.0, 0.95, 0.95]);
+        c[0].vector = Some(Arc::from(vec![0.8f32, 0.6]));
+        c[1].vector = Some(Arc::from(vec![1.0f32, 0.0]));
+        c[2].vector = Some(Arc::from(vec![0.0f32, 1.0]));
+        let seq = |w: usize| json!([{"rule": "sequence", "width": w, "redundancy": 0.5}]);
+        assert_eq!(go(&parse(seq(1), 2), &c, &attrs(&[])).0, vec![100, 102]);
+        assert_eq!(go(&parse(seq(2), 2), &c, &attrs(&[])).0, vec![101, 102]);
+        // The beam keeps the caps: B and C share a category capped at one.
+        let a = attrs(&[json!({"k": 1}), json!({"k": 2}), json!({"k": 2})]);
+        let rr = parse(
+            json!([{"rule": "sequence", "width": 2, "redundancy": 0.5},
+                              {"rule": "cap", "column": "k", "most": 1}]),
+            2,
+        );
+        let (l, rep) = go(&rr, &c, &a);
+        assert_eq!(l, vec![100, 102]);
+        assert_eq!(rep.relaxed, 0);
     }
 
     #[test]
