@@ -22,22 +22,15 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from movielens import psql  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PORT = os.environ.get("TT_DEMO_PORT", "55432")
 
 with open(os.path.join(ROOT, "scripts", "movielens-options.json")) as f:
     BASE = json.load(f)
 
 WEIGHTS = [0.1, 0.3, 1.0]
-
-
-def psql(sql):
-    cmd = [os.path.join(ROOT, "scripts", "cluster.sh"), "psql", "demo", PORT, "-d", "movielens",
-           "-At", "-v", "ON_ERROR_STOP=1"]
-    r = subprocess.run(cmd, input=sql, text=True, capture_output=True)
-    if r.returncode != 0:
-        raise SystemExit(f"psql failed: {r.stderr}\n{sql[:600]}")
-    return r.stdout
 
 
 SETUP = """

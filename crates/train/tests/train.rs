@@ -7,23 +7,34 @@ use serde_json::{json, Map, Value};
 use twotower_tower::Model;
 use twotower_train::{train, train_from, Base, Config, Data, Event, Keys, TrainError};
 
-/// 300 users in 10 taste groups, 200 items in the same 10 groups (with a genre feature); each
-/// user interacts with 20 items, 90 % from their group, in time order.
-fn synthetic() -> Data {
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let mut d = Data::default();
-    for i in 0..200 {
+/// Items 0..n with their id and genre `g{i mod 10}` as features.
+fn add_items(d: &mut Data, n: i32) {
+    for i in 0..n {
         let mut f = Map::new();
         f.insert("item_id".into(), json!(i));
         f.insert("genre".into(), json!(format!("g{}", i % 10)));
         d.item_features(&i.to_string(), f).unwrap();
     }
+}
+
+/// User `u` with their id and age as features (any integer type: the callers' loops keep
+/// theirs, which their random draws depend on).
+fn add_user<T: Into<Value> + ToString + Copy>(d: &mut Data, u: T, age: impl Into<Value>) {
+    let mut f = Map::new();
+    f.insert("user_id".into(), u.into());
+    f.insert("age".into(), age.into());
+    d.user_features(&u.to_string(), f).unwrap();
+}
+
+/// 300 users in 10 taste groups, 200 items in the same 10 groups (with a genre feature); each
+/// user interacts with 20 items, 90 % from their group, in time order.
+fn synthetic() -> Data {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let mut d = Data::default();
+    add_items(&mut d, 200);
     for u in 0..300 {
         let group = u % 10;
-        let mut f = Map::new();
-        f.insert("user_id".into(), json!(u));
-        f.insert("age".into(), json!(20 + (u % 40)));
-        d.user_features(&u.to_string(), f).unwrap();
+        add_user(&mut d, u, 20 + (u % 40));
         for t in 0..20 {
             let item = if rng.gen::<f64>() < 0.9 {
                 group + 10 * rng.gen_range(0..20)
@@ -248,10 +259,7 @@ fn incremental_updates_keep_dense_layers_and_give_new_ids_useful_vectors() {
     }
     for u in 300..360 {
         let g = u % 10;
-        let mut f = Map::new();
-        f.insert("user_id".into(), json!(u));
-        f.insert("age".into(), json!(20 + (u % 40)));
-        d.user_features(&u.to_string(), f).unwrap();
+        add_user(&mut d, u, 20 + (u % 40));
         for t in 0..20 {
             let item = if rng.gen::<f64>() < 0.7 {
                 200 + g + 10 * rng.gen_range(0..5)
@@ -879,19 +887,11 @@ fn dense_layers_count_against_the_memory_budget() {
 fn synthetic_feedback() -> Data {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let mut d = Data::default();
-    for i in 0..200 {
-        let mut f = Map::new();
-        f.insert("item_id".into(), json!(i));
-        f.insert("genre".into(), json!(format!("g{}", i % 10)));
-        d.item_features(&i.to_string(), f).unwrap();
-    }
+    add_items(&mut d, 200);
     for u in 0..300 {
         let group = u % 10;
         let old = (u / 10) % 2 == 1;
-        let mut f = Map::new();
-        f.insert("user_id".into(), json!(u));
-        f.insert("age".into(), json!(if old { 60 } else { 20 }));
-        d.user_features(&u.to_string(), f).unwrap();
+        add_user(&mut d, u, if old { 60 } else { 20 });
         for t in 0..20 {
             let first = if old { 5 } else { 0 };
             let item = if rng.gen::<f64>() < 0.9 {
@@ -978,6 +978,19 @@ fn negative_feedback_pushes_disliked_items_out_of_the_top_and_keeps_the_liked_on
     );
 }
 
+/// Options `o` (over id-only towers) are refused naming `path`.
+fn assert_option_path(o: Value, path: &str) {
+    let mut base = json!({"user": {"features": [{"name": "user_id", "type": "categorical"}]},
+                          "item": {"features": [{"name": "item_id", "type": "categorical"}]}});
+    base.as_object_mut()
+        .unwrap()
+        .extend(o.as_object().unwrap().clone());
+    match Config::parse(&base) {
+        Err(TrainError::Option { path: p, .. }) => assert_eq!(p, path, "{o}"),
+        other => panic!("{o}: {other:?}"),
+    }
+}
+
 #[test]
 fn negative_feedback_options_are_checked_with_their_paths() {
     for (o, path) in [
@@ -999,15 +1012,7 @@ fn negative_feedback_options_are_checked_with_their_paths() {
             "negative_feedback.wieght",
         ),
     ] {
-        let mut base = json!({"user": {"features": [{"name": "user_id", "type": "categorical"}]},
-                              "item": {"features": [{"name": "item_id", "type": "categorical"}]}});
-        base.as_object_mut()
-            .unwrap()
-            .extend(o.as_object().unwrap().clone());
-        match Config::parse(&base) {
-            Err(TrainError::Option { path: p, .. }) => assert_eq!(p, path, "{o}"),
-            other => panic!("{o}: {other:?}"),
-        }
+        assert_option_path(o, path);
     }
 }
 
@@ -1031,10 +1036,7 @@ fn synthetic_hits() -> Data {
     }
     for u in 0..300 {
         let group = u % 10;
-        let mut f = Map::new();
-        f.insert("user_id".into(), json!(u));
-        f.insert("age".into(), json!(20 + (u % 40)));
-        d.user_features(&u.to_string(), f).unwrap();
+        add_user(&mut d, u, 20 + (u % 40));
         for t in 0..20 {
             let x = rng.gen::<f64>();
             let item = if x < 0.4 {
@@ -1115,15 +1117,7 @@ fn debias_options_are_checked_with_their_paths() {
         (json!({"debias": {"temperature": 0}}), "debias.temperature"),
         (json!({"debias": {"heads": 0.2}}), "debias.heads"),
     ] {
-        let mut base = json!({"user": {"features": [{"name": "user_id", "type": "categorical"}]},
-                              "item": {"features": [{"name": "item_id", "type": "categorical"}]}});
-        base.as_object_mut()
-            .unwrap()
-            .extend(o.as_object().unwrap().clone());
-        match Config::parse(&base) {
-            Err(TrainError::Option { path: p, .. }) => assert_eq!(p, path, "{o}"),
-            other => panic!("{o}: {other:?}"),
-        }
+        assert_option_path(o, path);
     }
 }
 
