@@ -242,6 +242,16 @@ impl Definition {
                             format!("the rules read item columns ({}): the pipeline needs \"item_features\"", rr.columns().join(", ")),
                         );
                     }
+                    for (ri, r) in rr.rules.iter().enumerate() {
+                        if let crate::rerank::Rule::Explore { channel, .. } = r {
+                            if !channels.iter().any(|c| &c.name == channel) {
+                                return err(
+                                    format!("{}[{ri}].channel", so.p("rules")),
+                                    format!("the pipeline has no channel \"{channel}\""),
+                                );
+                            }
+                        }
+                    }
                     StageKind::Rerank(rr)
                 }
                 "twotower" => {

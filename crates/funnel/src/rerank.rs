@@ -377,6 +377,12 @@ pub fn rerank<E>(
             }
         }
     }
+    // A NaN score ranks last.
+    for x in score.iter_mut() {
+        if x.is_nan() {
+            *x = f64::NEG_INFINITY;
+        }
+    }
     // The order before the list is built: by score, ties by input order.
     let mut before = live.clone();
     before.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
@@ -994,6 +1000,24 @@ mod tests {
             let e = Rerank::parse(&Obj::new(&v, "stages[0]").unwrap(), 5).unwrap_err();
             assert_eq!(e.path, path, "{rules}");
         }
+    }
+
+    #[test]
+    fn a_nan_score_ranks_last() {
+        let c = cands(&[f64::NAN, 0.5, 0.7]);
+        assert_eq!(
+            go(&parse(json!([]), 3), &c, &attrs(&[])).0,
+            vec![102, 101, 100]
+        );
+        assert_eq!(
+            go(
+                &parse(json!([{"rule": "sequence", "width": 3}]), 3),
+                &c,
+                &attrs(&[])
+            )
+            .0,
+            vec![102, 101, 100]
+        );
     }
 
     #[test]

@@ -597,6 +597,13 @@ fn rerank_definitions_are_checked() {
         ),
         "stages[0].rules[0].gap"
     );
+    assert_eq!(
+        bad(
+            json!([{"type": "rerank", "keep": 3, "rules": [{"rule": "explore", "channel": "nope", "slots": [2]}]}]),
+            false
+        ),
+        "stages[0].rules[0].channel"
+    );
     // MMR reads no column: no item_features needed.
     let mut v = base();
     v.as_object_mut().unwrap().remove("item_features");
