@@ -26,10 +26,12 @@ use twotower_tower::Part;
 pub enum Entry {
     Vector(Arc<[f32]>),
     Part(Arc<Part>),
+    /// An item's attribute row (a rerank stage's columns).
+    Attrs(Arc<serde_json::Map<String, serde_json::Value>>),
 }
 
-/// (what: 0 vector / 1 item part, table oid, source: a hash of everything else that determines
-/// the entry — the id and vector columns, the model checksum —, item id).
+/// (what: 0 vector / 1 item part / 2 attributes, table oid, source: a hash of everything else
+/// that determines the entry — the id and vector columns, the model checksum —, item id).
 type Key = (u8, u32, u64, i64);
 
 /// The `source` part of a key: a hash of the columns an entry was read by and the model (its
@@ -225,6 +227,49 @@ pub fn put_parts<'a>(
                 Entry::Part(p.clone()),
                 p.memory_bytes() + 64,
             );
+        }
+    })
+}
+
+/// The cached attribute rows of `items` in `rel` read by `source` (the id and attribute
+/// columns); the rest are misses.
+pub fn attributes(
+    rel: pg_sys::Oid,
+    source: u64,
+    items: &[i64],
+) -> (
+    HashMap<i64, Arc<serde_json::Map<String, serde_json::Value>>>,
+    Vec<i64>,
+) {
+    with_state(|s| {
+        let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
+        let mut miss = Vec::new();
+        for &i in items {
+            match s.map.get(&key(2, rel, source, i)) {
+                Some(Entry::Attrs(a)) => {
+                    hit.insert(i, a);
+                }
+                _ => miss.push(i),
+            }
+        }
+        (hit, miss)
+    })
+}
+
+pub fn put_attributes<'a>(
+    rel: pg_sys::Oid,
+    source: u64,
+    rows: impl Iterator<Item = (i64, &'a Arc<serde_json::Map<String, serde_json::Value>>)>,
+) {
+    with_state(|s| {
+        for (i, a) in rows {
+            // An estimate: the map's nodes and the values' text.
+            let bytes = 96
+                + a.iter()
+                    .map(|(k, v)| 64 + k.len() + v.to_string().len())
+                    .sum::<usize>();
+            s.map
+                .insert_sized(key(2, rel, source, i), Entry::Attrs(a.clone()), bytes);
         }
     })
 }

@@ -129,13 +129,41 @@ impl Sources for SpiSources<'_> {
         };
         let rel = relation("item_features.table", &f.table)?;
         let cols: Vec<&str> = columns.iter().map(String::as_str).collect();
-        let mut rows = item_rows(rel, &f.id_column, &cols, ids)?;
+        // Through the hot-item cache when the table has its trigger (rows without a row in
+        // the table are cached as empty objects: an insert invalidates them like any change).
+        let cached = crate::serve::item_cache::usable(rel);
+        let mut key_cols = vec![f.id_column.as_str()];
+        key_cols.extend(cols.iter().copied());
+        let source = crate::serve::item_cache::source(&key_cols, 0);
+        let (mut hits, misses) = if cached {
+            crate::serve::item_cache::attributes(rel, source, ids)
+        } else {
+            (HashMap::default(), ids.to_vec())
+        };
+        if !misses.is_empty() {
+            let mut rows = item_rows(rel, &f.id_column, &cols, &misses)?;
+            let fresh: HashMap<i64, Arc<serde_json::Map<String, Value>>> = misses
+                .iter()
+                .map(|i| {
+                    let m = match rows.remove(i) {
+                        Some(Value::Object(m)) => m,
+                        _ => serde_json::Map::new(),
+                    };
+                    (*i, Arc::new(m))
+                })
+                .collect();
+            if cached {
+                crate::serve::item_cache::put_attributes(
+                    rel,
+                    source,
+                    fresh.iter().map(|(i, a)| (*i, a)),
+                );
+            }
+            hits.extend(fresh);
+        }
         Ok(ids
             .iter()
-            .map(|i| match rows.remove(i) {
-                Some(Value::Object(m)) => m,
-                _ => serde_json::Map::new(),
-            })
+            .map(|i| hits.get(i).map(|a| (**a).clone()).unwrap_or_default())
             .collect())
     }
 

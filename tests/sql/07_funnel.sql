@@ -135,6 +135,22 @@ SELECT array_agg(item_id ORDER BY rank) AS own_change FROM twotower.recommend('f
 SELECT array_agg(id ORDER BY score DESC, id) AS expected FROM (SELECT * FROM fn_expected ORDER BY score DESC, id LIMIT 3) x;
 ROLLBACK;
 SELECT array_agg(item_id ORDER BY rank) AS after_rollback FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
+-- A rerank stage's attributes come from the cache too, and a change is seen at once: the
+-- items priced 1 or more of stage 1, warm, then after a price change inside a transaction.
+SELECT twotower.save_pipeline('fn_rr_cached', (definition - 'stages' - 'k') || '{"stages": [{"type": "twotower", "keep": 6},
+  {"type": "rerank", "keep": 3, "rules": [{"rule": "filter", "column": "price", "op": "ge", "value": 1}]}], "k": 3}')
+  FROM twotower.pipelines WHERE name = 'fn';
+SELECT entries AS entries_before FROM twotower.item_cache_info() \gset
+SELECT array_agg(item_id ORDER BY rank) AS rr_cold FROM twotower.recommend('fn_rr_cached', '{"q": [3, 4], "history": [1]}');
+-- The six candidates' attribute rows are now cached (entries of their own).
+SELECT entries - :entries_before AS attribute_entries FROM twotower.item_cache_info();
+SELECT array_agg(item_id ORDER BY rank) AS rr_warm FROM twotower.recommend('fn_rr_cached', '{"q": [3, 4], "history": [1]}');
+BEGIN;
+UPDATE fn_items SET price = 0 WHERE id = (SELECT item_id FROM twotower.recommend('fn_rr_cached', '{"q": [3, 4], "history": [1]}') WHERE rank = 1);
+SELECT array_agg(item_id ORDER BY rank) AS rr_own_change FROM twotower.recommend('fn_rr_cached', '{"q": [3, 4], "history": [1]}');
+ROLLBACK;
+SELECT array_agg(item_id ORDER BY rank) AS rr_after_rollback FROM twotower.recommend('fn_rr_cached', '{"q": [3, 4], "history": [1]}');
+SELECT twotower.drop_pipeline('fn_rr_cached');
 UPDATE fn_items SET embedding = ARRAY[30, 40]::real[] WHERE id = 6;
 SELECT array_agg(item_id ORDER BY rank) AS new_vector FROM twotower.recommend('fn', '{"q": [3, 4], "history": [1]}');
 SELECT array_agg(id ORDER BY score DESC, id) AS expected FROM (SELECT * FROM fn_expected ORDER BY score DESC, id LIMIT 3) x;

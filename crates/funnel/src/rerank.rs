@@ -334,6 +334,20 @@ fn keys(v: Option<&Value>) -> Vec<String> {
     }
 }
 
+/// `a · b` in eight independent sums (which the compiler can keep in vector registers).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Re-ranks `cands` (any order; ties go to the earlier) with their attributes
 /// (`attrs[i]`: candidate i's attribute object, column → value), keeping `rr.keep`. Returns
 /// the kept candidates' indexes in slot order with their final scores (after the boosts), and
@@ -489,18 +503,32 @@ pub fn rerank<E>(
             _ => None,
         })
         .unwrap_or((Order::Score, 1));
-    let unit: Vec<Option<Vec<f32>>> = if matches!(order, Order::Score) {
-        Vec::new()
-    } else {
-        cands
-            .iter()
-            .map(|c| {
-                c.vector.as_ref().and_then(|v| {
-                    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-                    (n > 0.0 && n.is_finite()).then(|| v.iter().map(|x| x / n).collect())
-                })
-            })
-            .collect()
+    // The candidates' unit vectors side by side (`dims` each; a candidate without a usable
+    // vector, or of another width, has none and is similar to nothing).
+    let dims = cands
+        .iter()
+        .find_map(|c| c.vector.as_ref().map(|v| v.len()))
+        .unwrap_or(0);
+    let mut units: Vec<f32> = Vec::new();
+    let mut unit_at: Vec<Option<usize>> = Vec::new();
+    if !matches!(order, Order::Score) {
+        unit_at = vec![None; cands.len()];
+        for (i, c) in cands.iter().enumerate() {
+            if let Some(v) = c.vector.as_ref().filter(|v| v.len() == dims) {
+                let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                if n > 0.0 && n.is_finite() {
+                    unit_at[i] = Some(units.len());
+                    units.extend(v.iter().map(|x| x / n));
+                }
+            }
+        }
+    }
+    let unit = |i: usize| {
+        unit_at
+            .get(i)
+            .copied()
+            .flatten()
+            .map(|o| &units[o..o + dims])
     };
     let mut pinned: std::collections::HashMap<usize, usize> = Default::default();
     for r in &rr.rules {
@@ -541,7 +569,7 @@ pub fn rerank<E>(
         list: Vec::with_capacity(keep),
         taken: vec![false; cands.len()],
         placed_at,
-        sim: vec![0.0; if unit.is_empty() { 0 } else { cands.len() }],
+        sim: vec![0.0; if unit_at.is_empty() { 0 } else { cands.len() }],
         reward: 0.0,
         broken: 0,
         relaxed: 0,
@@ -633,13 +661,13 @@ pub fn rerank<E>(
                     per[v as usize].push(slot);
                 }
             }
-            if let Some(Some(u)) = unit.get(i) {
+            if let Some(u) = unit(i) {
                 for &j in &before {
                     if beam.taken[j] {
                         continue;
                     }
-                    if let Some(w) = &unit[j] {
-                        let c = u.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() as f64;
+                    if let Some(w) = unit(j) {
+                        let c = dot(u, w) as f64;
                         beam.sim[j] = match order {
                             Order::Sequence(_) => beam.sim[j] + c,
                             _ => beam.sim[j].max(c),
