@@ -261,3 +261,252 @@ CREATE  FUNCTION twotower."evaluate"(
 STABLE PARALLEL RESTRICTED
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'evaluate_wrapper';
+
+-- * Splits (variants of a pipeline under one name with a deterministic traffic split),
+--   the pipelines' change history, the impression log and feedback, online metrics
+--   (docs/serving.md). recommend gains request_id (and is VOLATILE: with a request id it
+--   writes the log); a view or function that depends on the old recommend must be dropped
+--   before this update and created again after it.
+DROP FUNCTION twotower.recommend(text, jsonb, integer, bigint[]);
+CREATE  FUNCTION twotower."recommend"(
+	"pipeline" TEXT, /* Option < & str > */
+	"features" jsonb, /* Option < JsonbValue > */
+	"k" INT DEFAULT NULL, /* Option < i32 > */
+	"exclude" bigint[] DEFAULT NULL, /* :: std :: option :: Option < Vec < Option < i64 > > > */
+	"request_id" TEXT DEFAULT NULL /* Option < & str > */
+) RETURNS TABLE (
+	"item_id" bigint,  /* i64 */
+	"score" real,  /* f32 */
+	"rank" INT,  /* i32 */
+	"channels" TEXT[],  /* Vec < String > */
+	"channel_ranks" INT[]  /* Vec < i32 > */
+)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'recommend_wrapper';
+ALTER FUNCTION twotower.recommend(text, jsonb, integer, bigint[], text) ROWS 50 SUPPORT twotower.rows_support;
+CREATE  FUNCTION twotower."feedback"(
+	"request_id" TEXT, /* Option < & str > */
+	"item_id" bigint, /* Option < i64 > */
+	"kind" TEXT DEFAULT 'click', /* Option < & str > */
+	"value" real DEFAULT NULL /* Option < f32 > */
+) RETURNS void
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'feedback_wrapper';
+CREATE  FUNCTION twotower."variant_of"(
+	"split" TEXT, /* & str */
+	"unit" TEXT /* & str */
+) RETURNS TABLE (
+	"variant" TEXT,  /* String */
+	"pipeline" TEXT,  /* String */
+	"bucket" INT  /* i32 */
+)
+STRICT STABLE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'variant_of_wrapper';
+CREATE OR REPLACE VIEW twotower.pipelines AS
+SELECT p.name, pg_catalog.pg_get_userbyid(o.lomowner) AS owner, p.definition, p.updated_by, p.updated_at,
+       CASE WHEN p.definition OPERATOR(pg_catalog.?) 'variants' THEN 'split' ELSE 'pipeline' END AS kind
+  FROM twotower.pipeline p
+  LEFT JOIN pg_catalog.pg_largeobject_metadata o ON o.oid OPERATOR(pg_catalog.=) p.owner_object;
+COMMENT ON VIEW twotower.pipelines IS 'recommendation pipelines and splits of variants (twotower.recommend): definition, owner (NULL when the owning role was removed with DROP OWNED), last change, kind (pipeline or split)';
+
+-- ---------------------------------------------------------------------------------------------
+-- Serving in production (docs/serving.md): the history of every pipeline and split saved or
+-- dropped, the impression log written by recommend(..., request_id => ...), and the feedback
+-- recorded against it (twotower.feedback). Append-only tables written by those functions as
+-- the extension owner; nobody else writes or reads them directly. twotower_admin reads them
+-- through the views below; an application role writes its own lists and feedback and reads
+-- nothing. Dumped by pg_dump with their data.
+CREATE TABLE twotower.pipeline_history (
+    name        text NOT NULL,
+    action      text NOT NULL CHECK (action IN ('save', 'drop')),
+    definition  jsonb,
+    changed_by  name NOT NULL,
+    changed_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+SELECT pg_catalog.pg_extension_config_dump('twotower.pipeline_history', '');
+REVOKE ALL ON twotower.pipeline_history FROM PUBLIC;
+CREATE INDEX pipeline_history_name ON twotower.pipeline_history (name, changed_at);
+CREATE VIEW twotower.pipeline_changes AS
+SELECT h.name, h.action, h.definition, h.changed_by, h.changed_at
+  FROM twotower.pipeline_history h;
+COMMENT ON VIEW twotower.pipeline_changes IS 'every save and drop of a pipeline or split (twotower.save_pipeline, drop_pipeline): the definition saved, by whom, when';
+GRANT SELECT ON twotower.pipeline_changes TO PUBLIC;
+
+-- One row per logged list: the items in rank order with their scores, and each item's rank in
+-- each of the serving pipeline's channels (channel_ranks[(rank - 1) * cardinality(channels) + c],
+-- 0 when channel c did not return it). logged_by is the role oid that called recommend.
+CREATE TABLE twotower.impression_log (
+    request_id    text NOT NULL,
+    logged_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    logged_by     oid NOT NULL,
+    pipeline      text NOT NULL,
+    variant       text,
+    served_by     text NOT NULL,
+    unit          text,
+    features      jsonb NOT NULL,
+    items         bigint[] NOT NULL,
+    scores        real[] NOT NULL,
+    channels      text[] NOT NULL,
+    channel_ranks integer[] NOT NULL
+);
+CREATE UNIQUE INDEX impression_log_request_id ON twotower.impression_log (request_id);
+SELECT pg_catalog.pg_extension_config_dump('twotower.impression_log', '');
+REVOKE ALL ON twotower.impression_log FROM PUBLIC;
+
+CREATE TABLE twotower.feedback_log (
+    request_id   text NOT NULL,
+    item_id      bigint NOT NULL,
+    kind         text NOT NULL,
+    value        real,
+    recorded_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    recorded_by  oid NOT NULL
+);
+CREATE INDEX feedback_log_request_id ON twotower.feedback_log (request_id);
+SELECT pg_catalog.pg_extension_config_dump('twotower.feedback_log', '');
+REVOKE ALL ON twotower.feedback_log FROM PUBLIC;
+
+-- One row per shown item, with the feedback recorded on it.
+CREATE VIEW twotower.impressions AS
+SELECT i.request_id, i.logged_at, pg_catalog.pg_get_userbyid(i.logged_by) AS logged_by,
+       i.pipeline, i.variant, i.served_by, i.unit, s.item_id, s.rank::integer AS rank, s.score,
+       ARRAY(SELECT i.channels[c] FROM pg_catalog.generate_subscripts(i.channels, 1) AS c
+              WHERE i.channel_ranks[(s.rank OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) pg_catalog.cardinality(i.channels) OPERATOR(pg_catalog.+) c] OPERATOR(pg_catalog.>) 0
+              ORDER BY c) AS channels,
+       ARRAY(SELECT i.channel_ranks[(s.rank OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) pg_catalog.cardinality(i.channels) OPERATOR(pg_catalog.+) c]
+               FROM pg_catalog.generate_subscripts(i.channels, 1) AS c
+              WHERE i.channel_ranks[(s.rank OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) pg_catalog.cardinality(i.channels) OPERATOR(pg_catalog.+) c] OPERATOR(pg_catalog.>) 0
+              ORDER BY c) AS channel_ranks,
+       ARRAY(SELECT f.kind FROM twotower.feedback_log f
+              WHERE f.request_id OPERATOR(pg_catalog.=) i.request_id AND f.item_id OPERATOR(pg_catalog.=) s.item_id
+              ORDER BY f.recorded_at, f.kind) AS feedback
+  FROM twotower.impression_log i
+ CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(i.items), pg_catalog.unnest(i.scores)) WITH ORDINALITY AS s(item_id, score, rank);
+COMMENT ON VIEW twotower.impressions IS 'the impression log (recommend with a request_id), one row per shown item: request, variant, rank, score, the channels that returned it, the feedback recorded on it';
+
+CREATE VIEW twotower.feedback_events AS
+SELECT f.request_id, f.item_id, f.kind, f.value, f.recorded_at, pg_catalog.pg_get_userbyid(f.recorded_by) AS recorded_by
+  FROM twotower.feedback_log f;
+COMMENT ON VIEW twotower.feedback_events IS 'feedback recorded with twotower.feedback against logged lists';
+
+-- The log as training examples. logged_requests/logged_candidates fit train_prerank's
+-- requests and candidates (label 1: the item got positive feedback, i.e. any kind except
+-- dislike and skip; 0: shown and not engaged with, an exposure-aware negative).
+CREATE VIEW twotower.logged_requests AS
+SELECT i.request_id, i.features, i.logged_at, i.pipeline, i.variant, i.served_by, i.unit
+  FROM twotower.impression_log i;
+COMMENT ON VIEW twotower.logged_requests IS 'logged requests with the features they were served with (train_prerank''s requests)';
+CREATE VIEW twotower.logged_candidates AS
+SELECT i.request_id, s.item_id, s.rank::integer AS rank, s.score,
+       CASE WHEN EXISTS (SELECT 1 FROM twotower.feedback_log f
+                          WHERE f.request_id OPERATOR(pg_catalog.=) i.request_id AND f.item_id OPERATOR(pg_catalog.=) s.item_id
+                            AND f.kind OPERATOR(pg_catalog.<>) ALL ('{dislike,skip}'::text[]))
+            THEN 1.0::real ELSE 0.0::real END AS label,
+       EXISTS (SELECT 1 FROM twotower.feedback_log f
+                WHERE f.request_id OPERATOR(pg_catalog.=) i.request_id AND f.item_id OPERATOR(pg_catalog.=) s.item_id
+                  AND f.kind OPERATOR(pg_catalog.=) ANY ('{dislike,skip}'::text[])) AS disliked
+  FROM twotower.impression_log i
+ CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(i.items), pg_catalog.unnest(i.scores)) WITH ORDINALITY AS s(item_id, score, rank);
+COMMENT ON VIEW twotower.logged_candidates IS 'every logged (request, item) with label 1 for positive feedback and 0 for shown and not engaged with (train_prerank''s candidates), and whether it was disliked';
+
+REVOKE ALL ON twotower.impressions, twotower.feedback_events, twotower.logged_requests, twotower.logged_candidates FROM PUBLIC;
+GRANT SELECT ON twotower.impressions, twotower.feedback_events, twotower.logged_requests, twotower.logged_candidates TO twotower_admin;
+-- twotower_admin keeps the log bounded (DELETE old rows; docs/serving.md).
+GRANT SELECT, DELETE ON twotower.impression_log, twotower.feedback_log TO twotower_admin;
+
+-- Online metrics per variant over the log (docs/serving.md): requests, impressions, positive
+-- feedback (kinds in `positive`), CTR and the share of requests with a hit in the top k (HR@k),
+-- NDCG@k of the engaged items, catalogue coverage and the long-tail share of impressions (items
+-- outside the 20 % most engaged-with items of the window), each rate with a 95 % interval
+-- (Wilson for proportions, normal for NDCG), and HR@k's difference to the first variant of the
+-- split's current definition (the control) with its 95 % interval. Reads the log through the
+-- views above: twotower_admin only.
+CREATE FUNCTION twotower.online_metrics(
+    pipeline text,
+    since timestamptz DEFAULT NULL,
+    until timestamptz DEFAULT NULL,
+    k integer DEFAULT NULL,
+    positive text[] DEFAULT '{click,like}'
+) RETURNS TABLE (
+    variant text, served_by text, requests bigint, units bigint, impressions bigint,
+    engaged bigint, ctr double precision, ctr_low double precision, ctr_high double precision,
+    hit_rate double precision, hit_rate_low double precision, hit_rate_high double precision,
+    ndcg double precision, ndcg_low double precision, ndcg_high double precision,
+    coverage bigint, long_tail_share double precision,
+    hit_rate_diff double precision, hit_rate_diff_low double precision, hit_rate_diff_high double precision
+)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+BEGIN
+    IF k IS NOT NULL AND k < 1 THEN
+        RAISE EXCEPTION 'k must be at least 1, not %', k USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH shown AS (
+        SELECT i.request_id, coalesce(i.variant, '') AS variant, i.served_by, i.unit, i.item_id, i.rank,
+               EXISTS (SELECT 1 FROM twotower.feedback_events f
+                        WHERE f.request_id = i.request_id AND f.item_id = i.item_id
+                          AND f.kind = ANY (online_metrics.positive)) AS hit
+          FROM twotower.impressions i
+         WHERE i.pipeline = online_metrics.pipeline
+           AND (since IS NULL OR i.logged_at >= since)
+           AND (until IS NULL OR i.logged_at < until)
+           AND (k IS NULL OR i.rank <= k)
+    ), popularity AS (
+        SELECT s.item_id, row_number() OVER (ORDER BY count(*) FILTER (WHERE s.hit) DESC, s.item_id) AS r,
+               count(*) OVER () AS n
+          FROM shown s GROUP BY s.item_id
+    ), per_request AS (
+        SELECT s.request_id, s.variant, s.served_by, s.unit, bool_or(s.hit) AS hit,
+               coalesce(sum(1.0 / log(2, s.rank + 1.0)) FILTER (WHERE s.hit), 0)
+                 / nullif((SELECT sum(1.0 / log(2, j + 1.0)) FROM generate_series(1, count(*) FILTER (WHERE s.hit)::integer) j), 0) AS ndcg
+          FROM shown s GROUP BY s.request_id, s.variant, s.served_by, s.unit
+    ), v AS (
+        SELECT r.variant, string_agg(DISTINCT r.served_by, ', ') AS served_by, count(*) AS requests,
+               count(DISTINCT r.unit) AS units,
+               avg(r.hit::integer::double precision) AS hr, avg(coalesce(r.ndcg, 0)::double precision) AS nd,
+               stddev_samp(coalesce(r.ndcg, 0)::double precision) AS nd_sd
+          FROM per_request r GROUP BY r.variant
+    ), vi AS (
+        SELECT s.variant, count(*) AS impressions, count(*) FILTER (WHERE s.hit) AS engaged,
+               count(DISTINCT s.item_id) AS coverage,
+               avg((p.r > ceil(0.2 * p.n))::integer::double precision) AS tail
+          FROM shown s JOIN popularity p USING (item_id) GROUP BY s.variant
+    ), ord AS (
+        SELECT e.value ->> 'name' AS variant, e.o
+          FROM twotower.pipeline p, jsonb_array_elements(p.definition -> 'variants') WITH ORDINALITY AS e(value, o)
+         WHERE p.name = online_metrics.pipeline
+    ), joined AS (
+        SELECT v.*, vi.impressions, vi.engaged, vi.coverage, vi.tail,
+               vi.engaged::double precision / vi.impressions AS ctr_p,
+               coalesce(o.o, 1000000) AS o
+          FROM v JOIN vi USING (variant) LEFT JOIN ord o USING (variant)
+    ), control AS (
+        -- The split's first listed variant (no control, no differences, if it got no traffic).
+        SELECT j.hr AS c_hr, j.requests AS c_n, j.variant AS c_variant FROM joined j
+         WHERE j.o = (SELECT min(o) FROM ord)
+    )
+    SELECT nullif(j.variant, ''), j.served_by, j.requests, j.units, j.impressions, j.engaged,
+           j.ctr_p,
+           (j.ctr_p + 1.9208 / j.impressions - 1.96 * sqrt(j.ctr_p * (1 - j.ctr_p) / j.impressions + 0.9604 / j.impressions ^ 2)) / (1 + 3.8416 / j.impressions),
+           (j.ctr_p + 1.9208 / j.impressions + 1.96 * sqrt(j.ctr_p * (1 - j.ctr_p) / j.impressions + 0.9604 / j.impressions ^ 2)) / (1 + 3.8416 / j.impressions),
+           j.hr,
+           (j.hr + 1.9208 / j.requests - 1.96 * sqrt(j.hr * (1 - j.hr) / j.requests + 0.9604 / j.requests ^ 2)) / (1 + 3.8416 / j.requests),
+           (j.hr + 1.9208 / j.requests + 1.96 * sqrt(j.hr * (1 - j.hr) / j.requests + 0.9604 / j.requests ^ 2)) / (1 + 3.8416 / j.requests),
+           j.nd,
+           j.nd - 1.96 * coalesce(j.nd_sd, 0) / sqrt(j.requests),
+           j.nd + 1.96 * coalesce(j.nd_sd, 0) / sqrt(j.requests),
+           j.coverage, j.tail,
+           CASE WHEN c.c_variant IS NULL OR j.variant = '' OR j.variant = c.c_variant THEN NULL ELSE j.hr - c.c_hr END,
+           CASE WHEN c.c_variant IS NULL OR j.variant = '' OR j.variant = c.c_variant THEN NULL
+                ELSE j.hr - c.c_hr - 1.96 * sqrt(j.hr * (1 - j.hr) / j.requests + c.c_hr * (1 - c.c_hr) / c.c_n) END,
+           CASE WHEN c.c_variant IS NULL OR j.variant = '' OR j.variant = c.c_variant THEN NULL
+                ELSE j.hr - c.c_hr + 1.96 * sqrt(j.hr * (1 - j.hr) / j.requests + c.c_hr * (1 - c.c_hr) / c.c_n) END
+      FROM joined j LEFT JOIN control c ON true
+     ORDER BY j.o, j.variant;
+END $$;
+REVOKE ALL ON FUNCTION twotower.online_metrics(text, timestamptz, timestamptz, integer, text[]) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION twotower.online_metrics(text, timestamptz, timestamptz, integer, text[]) TO twotower_admin;
+COMMENT ON FUNCTION twotower.online_metrics(text, timestamptz, timestamptz, integer, text[]) IS 'per-variant CTR, HR@k, NDCG@k with 95 % intervals, coverage, long-tail share and the HR@k difference to the control, from the impression log (twotower_admin)';

@@ -152,6 +152,12 @@ pub enum TtError {
     UnknownPipeline(String),
     /// An error of the cascade pre-ranker.
     Prerank(PrerankError),
+    /// A split (variants of a pipeline) that cannot be assigned or saved.
+    Split(twotower_funnel::split::SplitError),
+    /// An impression list already logged under this request id.
+    DuplicateRequest(String),
+    /// No impression list of the caller's under this request id.
+    UnknownRequest(String),
     /// A pipeline definition that cannot run (names the path, says why).
     BadPipeline {
         path: String,
@@ -628,6 +634,33 @@ impl TtError {
                 format!("cannot drop {what} \"{name}\" because pipelines use it"),
                 Some(format!("Pipelines using it: {}.", pipelines.join(", "))),
                 Some("Change or drop those pipelines first (twotower.save_pipeline, twotower.drop_pipeline).".into()),
+            ),
+            TtError::Split(twotower_funnel::split::SplitError::Definition { path, reason }) => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("invalid split definition at \"{path}\": {reason}"),
+                None,
+                Some("docs/serving.md describes splits (variants of a pipeline).".into()),
+            ),
+            TtError::Split(twotower_funnel::split::SplitError::NoUnit(m)) => (
+                ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                m.clone(),
+                None,
+                Some("A split assigns each request a variant by this key of its features (e.g. the user id); pass it, or call one of the variants' pipelines directly.".into()),
+            ),
+            TtError::Split(twotower_funnel::split::SplitError::BadUnit(m)) => {
+                (ERRCODE_INVALID_PARAMETER_VALUE, m.clone(), None, None)
+            }
+            TtError::DuplicateRequest(id) => (
+                ERRCODE_UNIQUE_VIOLATION,
+                format!("request id \"{id}\" is logged already"),
+                None,
+                Some("Each recommend call that logs its list needs a request id of its own.".into()),
+            ),
+            TtError::UnknownRequest(id) => (
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("no impression list of yours is logged under request id \"{id}\""),
+                None,
+                Some("twotower.recommend(..., request_id => ...) logs one; feedback is recorded by the role that logged the list (or twotower_admin), after the list's transaction committed.".into()),
             ),
             TtError::BadPipeline { path, reason } => (
                 ERRCODE_INVALID_PARAMETER_VALUE,

@@ -14,6 +14,8 @@ pub static ITEM_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(64);
 pub static ITERATIVE_SCAN: GucSetting<IterativeScan> =
     GucSetting::<IterativeScan>::new(IterativeScan::Strict);
 /// `twotower.max_scan_tuples`: rows one ordered scan returns at most.
+pub static LOG_IMPRESSIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static LOG_MAX_ITEMS: GucSetting<i32> = GucSetting::<i32>::new(100);
 pub static MAX_SCAN_TUPLES: GucSetting<i32> = GucSetting::<i32>::new(20_000);
 
 /// `twotower.unavailable_shards`: what recall() does when a foreign partition cannot answer.
@@ -97,6 +99,24 @@ pub fn register() {
         c"strict_order widens the search and drops items nearer than rows already returned, so rows come in distance order; relaxed_order returns them too (more rows, approximate order); off stops after one search of ef_search candidates.",
         &ITERATIVE_SCAN,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"twotower.log_impressions",
+        c"Whether recommend(..., request_id => ...) writes its list to the impression log.",
+        c"off: calls with a request id return their list without logging it (and feedback finds no list). Only superusers (or roles granted SET on it) change it.",
+        &LOG_IMPRESSIONS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"twotower.log_max_items",
+        c"The most items of one list the impression log keeps (the top ones).",
+        c"Bounds the log's growth per call; items past it are returned but not logged.",
+        &LOG_MAX_ITEMS,
+        1,
+        10_000,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(

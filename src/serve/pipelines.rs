@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use twotower_funnel::pipeline::{Definition, StageKind};
 use twotower_funnel::prerank;
+use twotower_funnel::split::Split;
 use twotower_tower::{Kind, Source};
 
 pub use twotower_funnel::pipeline::Uses;
@@ -40,13 +41,69 @@ pub fn pipelines_using(what: Uses, name: &str) -> TtResult<Vec<String>> {
     Ok(rows
         .into_iter()
         .filter(|(_, d)| {
-            d.value("definition")
-                .ok()
-                .and_then(|v| twotower_funnel::pipeline::Definition::parse(&v).ok())
-                .is_none_or(|d| d.uses(what, name))
+            let v = d.value("definition").ok();
+            match v {
+                // A split runs its variants' pipelines, which are checked themselves.
+                Some(v) if Split::is_split(&v) => false,
+                v => v
+                    .and_then(|v| twotower_funnel::pipeline::Definition::parse(&v).ok())
+                    .is_none_or(|d| d.uses(what, name)),
+            }
         })
         .map(|(n, _)| n)
         .collect())
+}
+
+/// The splits that list pipeline `name` as a variant, by name.
+pub fn splits_using(name: &str) -> TtResult<Vec<String>> {
+    let names: Vec<String> = catalog::as_catalog_owner(|| {
+        Spi::connect(|c| {
+            c.select(
+                "SELECT p.name FROM twotower.pipeline p
+                  WHERE p.definition ? 'variants'
+                    AND EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements(p.definition -> 'variants') v
+                                 WHERE v ->> 'pipeline' = $1)
+                  ORDER BY p.name",
+                None,
+                &[name.into()],
+            )?
+            .map(|r| r.get::<String>(1))
+            .filter_map(|r| r.transpose())
+            .collect::<Result<Vec<_>, _>>()
+        })
+    })?
+    .map_err(|e| TtError::Catalog(format!("reading splits: {e}")))?;
+    Ok(names)
+}
+
+/// Checks a split's variants against the database: each names a saved pipeline (not a split)
+/// whose user model loads.
+pub fn check_split(name: &str, s: &Split) -> TtResult<()> {
+    for (i, v) in s.variants.iter().enumerate() {
+        let path = format!("variants[{i}].pipeline");
+        if v.pipeline == name {
+            return Err(bad(&path, "a split cannot list itself"));
+        }
+        let d = match load_stored(&v.pipeline) {
+            Ok(Stored::Pipeline(d)) => d,
+            Ok(Stored::Split(_)) => {
+                return Err(bad(
+                    &path,
+                    format!(
+                        "\"{}\" is a split itself; variants are pipelines",
+                        v.pipeline
+                    ),
+                ))
+            }
+            Err(TtError::UnknownPipeline(p)) => {
+                return Err(bad(&path, format!("pipeline \"{p}\" does not exist")))
+            }
+            Err(e) => return Err(e),
+        };
+        // Its user model must load (the check of the pipeline itself was done when it was saved).
+        user_model(&d)?;
+    }
+    Ok(())
 }
 
 /// Refuses to drop a model or channel that pipelines use (2BP01, naming them).
@@ -82,16 +139,40 @@ fn bad(path: &str, reason: impl Into<String>) -> TtError {
 /// The most definitions a backend keeps parsed.
 const CACHED_DEFINITIONS: usize = 256;
 
+/// What a name in `twotower.pipeline` stands for: a pipeline, or a split of variants (each a
+/// pipeline).
+#[derive(Clone)]
+pub enum Stored {
+    Pipeline(Arc<Definition>),
+    Split(Arc<Split>),
+}
+
 thread_local! {
     /// Parsed definitions by name, valid for one catalogue generation (saving or dropping
     /// a pipeline starts a new one in every backend).
-    static DEFINITIONS: RefCell<(u64, rustc_hash::FxHashMap<String, Arc<Definition>>)> =
+    static DEFINITIONS: RefCell<(u64, rustc_hash::FxHashMap<String, Stored>)> =
         RefCell::new((0, Default::default()));
+}
+
+/// The stored pipeline `name`; a split is refused (name one of its variants).
+pub fn load(name: &str) -> TtResult<Arc<Definition>> {
+    match load_stored(name)? {
+        Stored::Pipeline(d) => Ok(d),
+        Stored::Split(s) => Err(TtError::BadArgument(format!(
+            "\"{name}\" is a split of {} variants, not a pipeline; name one of its variants' pipelines ({})",
+            s.variants.len(),
+            s.variants
+                .iter()
+                .map(|v| v.pipeline.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
 
 /// The stored definition of `name` (read as the catalogue's owner: the table is not
 /// public), parsed once per backend until a pipeline is saved or dropped.
-pub fn load(name: &str) -> TtResult<Arc<Definition>> {
+pub fn load_stored(name: &str) -> TtResult<Stored> {
     let generation = catalog::generation();
     let hit = DEFINITIONS.with(|c| {
         let c = c.borrow();
@@ -117,9 +198,15 @@ pub fn load(name: &str) -> TtResult<Arc<Definition>> {
     let v = text.value("definition").map_err(|e| {
         TtError::Catalog(format!("stored pipeline \"{name}\": {}", e.message_text()))
     })?;
-    let d = Arc::new(Definition::parse(&v).map_err(|e| {
-        TtError::Catalog(format!("stored pipeline \"{name}\" does not parse: {e}"))
-    })?);
+    let d = if Split::is_split(&v) {
+        Stored::Split(Arc::new(Split::parse(&v, name).map_err(|e| {
+            TtError::Catalog(format!("stored split \"{name}\" does not parse: {e}"))
+        })?))
+    } else {
+        Stored::Pipeline(Arc::new(Definition::parse(&v).map_err(|e| {
+            TtError::Catalog(format!("stored pipeline \"{name}\" does not parse: {e}"))
+        })?))
+    };
     DEFINITIONS.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != generation || c.1.len() >= CACHED_DEFINITIONS {

@@ -1,6 +1,7 @@
 //! One module per SQL surface: distance operators (`ops`), models (`models`), embedding and
 //! refresh (`embed`), one-call recall (`recall`), training (`train`, `prerank_train`), item-to-item
-//! channels (`channels`), the channel merge (`merge`), pipelines and `recommend` (`pipeline`),
+//! channels (`channels`), the channel merge (`merge`), pipelines and `recommend` (`pipeline`), the
+//! impression log, feedback and splits (`serving`),
 //! and index information (`info`). Each converts and validates its arguments, calls the core
 //! crates through `serve` and `am`, and maps errors once (`infra::error`).
 
@@ -13,4 +14,5 @@ pub mod ops;
 pub mod pipeline;
 pub mod prerank_train;
 pub mod recall;
+pub mod serving;
 pub mod train;

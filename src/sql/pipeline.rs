@@ -13,12 +13,15 @@ pub mod twotower {
         ADMIN_ROLE,
     };
     use crate::infra::error::{required, OrReport, TtError, TtResult};
-    use crate::serve::pipelines::{bad_def, check, load, stage_model, user_model};
+    use crate::serve::pipelines::{
+        bad_def, check, check_split, load_stored, splits_using, stage_model, user_model, Stored,
+    };
     use crate::serve::sources::SpiSources;
     use pgrx::prelude::*;
     use twotower_funnel::channel::ChannelKind;
     use twotower_funnel::pipeline::{Definition, StageKind};
-    use twotower_funnel::request::{self, Models, Outcome, Request};
+    use twotower_funnel::request::{self, Models, Outcome, Request, Step};
+    use twotower_funnel::split::Split;
 
     /// Saves (creates or replaces) pipeline `name` after checking its definition completely:
     /// its shape, and that every model, table, column, index, channel and function it names
@@ -28,7 +31,11 @@ pub mod twotower {
     fn save_pipeline(name: &str, definition: JsonbValue) {
         catalog::check_model_name(name).or_report();
         let v = definition.value("definition").or_report();
-        let d = Definition::parse(&v).map_err(bad_def).or_report();
+        let parsed = if Split::is_split(&v) {
+            Parsed::Split(Split::parse(&v, name).map_err(TtError::Split).or_report())
+        } else {
+            Parsed::Pipeline(Box::new(Definition::parse(&v).map_err(bad_def).or_report()))
+        };
         let me = caller();
         match owner_of(Owned::Pipeline, name, true).or_report() {
             Some(owner) if !catalog::may_manage(me, owner) => TtError::PermissionDenied {
@@ -47,17 +54,38 @@ pub mod twotower {
             .report(),
             None => {}
         }
-        check(&d).or_report();
-        // Function channels are stored with the function the check found, schema-qualified:
-        // a call runs that function whatever the caller's search path.
         let mut v = v;
-        for (i, c) in d.channels.iter().enumerate() {
-            if let ChannelKind::Function { function, .. } = &c.kind {
-                if let Some((_, qualified, _)) =
-                    crate::serve::sources::resolve_function(function).or_report()
-                {
-                    v["channels"][i]["function"] = serde_json::Value::String(qualified);
+        match &parsed {
+            Parsed::Pipeline(d) => {
+                check(d).or_report();
+                // Function channels are stored with the function the check found,
+                // schema-qualified: a call runs that function whatever the caller's search path.
+                for (i, c) in d.channels.iter().enumerate() {
+                    if let ChannelKind::Function { function, .. } = &c.kind {
+                        if let Some((_, qualified, _)) =
+                            crate::serve::sources::resolve_function(function).or_report()
+                        {
+                            v["channels"][i]["function"] = serde_json::Value::String(qualified);
+                        }
+                    }
                 }
+            }
+            Parsed::Split(sp) => {
+                check_split(name, sp).or_report();
+                let users = splits_using(name).or_report();
+                if !users.is_empty() {
+                    TtError::BadPipeline {
+                        path: "variants".into(),
+                        reason: format!(
+                            "\"{name}\" is a variant of {}; a split's variants are pipelines",
+                            users.join(", ")
+                        ),
+                    }
+                    .report();
+                }
+                // Stored with every key explicit: the salt stays what it was at the first save
+                // even if the default changed.
+                v = sp.to_value();
             }
         }
         let who = role_name(me);
@@ -67,8 +95,16 @@ pub mod twotower {
                  ON CONFLICT (name) DO UPDATE SET definition = EXCLUDED.definition, updated_by = EXCLUDED.updated_by,
                                                   updated_at = pg_catalog.now()
                  RETURNING p.owner_object IS NULL",
-                &[name.into(), pgrx::JsonB(v).into(), who.into()],
+                &[name.into(), pgrx::JsonB(v.clone()).into(), who.clone().into()],
             )
+            .and_then(|created| {
+                Spi::run_with_args(
+                    "INSERT INTO twotower.pipeline_history (name, action, definition, changed_by)
+                     VALUES ($1, 'save', $2, $3)",
+                    &[name.into(), pgrx::JsonB(v).into(), who.into()],
+                )
+                .map(|_| created)
+            })
         })
         .or_report()
         .map_err(|e| TtError::Catalog(format!("saving pipeline \"{name}\": {e}")))
@@ -95,7 +131,22 @@ pub mod twotower {
             }
             .report();
         }
+        let splits = splits_using(name).or_report();
+        if !splits.is_empty() {
+            TtError::UsedByPipelines {
+                what: "pipeline",
+                name: name.to_owned(),
+                pipelines: splits,
+            }
+            .report();
+        }
+        let who = role_name(me);
         let lo = as_catalog_owner(|| {
+            Spi::run_with_args(
+                "INSERT INTO twotower.pipeline_history (name, action, definition, changed_by)
+                 VALUES ($1, 'drop', NULL, $2)",
+                &[name.into(), who.into()],
+            )?;
             Spi::get_one_with_args::<pg_sys::Oid>(
                 "DELETE FROM twotower.pipeline WHERE name = $1 RETURNING owner_object",
                 &[name.into()],
@@ -111,16 +162,57 @@ pub mod twotower {
         true
     }
 
-    /// One request through pipeline `name`: from the channels (or from `candidates` when
-    /// given, for `prerank`) through the stages to the top `k`, by the funnel core.
+    /// What served a request: the pipeline that ran and, through a split, the variant.
+    pub(crate) struct Served {
+        /// The pipeline that ran (a split's variant's pipeline).
+        pub pipeline: String,
+        /// The variant's name, the request's unit and its bucket (through a split).
+        pub variant: Option<(String, String, u32)>,
+        /// The pipeline's channels, in its order.
+        pub channels: Vec<String>,
+        /// The split's unit key when the model did not see it (not one of its features).
+        pub stripped: Option<String>,
+    }
+
+    enum Parsed {
+        Pipeline(Box<Definition>),
+        Split(Split),
+    }
+
+    /// One request through pipeline `name` (through a split: its variant for this request):
+    /// from the channels (or from `candidates` when given, for `prerank`) through the stages
+    /// to the top `k`, by the funnel core.
     fn run(
         name: &str,
         features: &JsonbValue,
         k: Option<i32>,
         exclude: &[i64],
         candidates: Option<&[i64]>,
-    ) -> TtResult<Outcome> {
-        let d = load(name)?;
+    ) -> TtResult<(Outcome, Served)> {
+        let (d, pipeline, variant, unit_key) = match load_stored(name)? {
+            Stored::Pipeline(d) => (d, name.to_owned(), None, None),
+            Stored::Split(sp) => {
+                let unit = features.key(&sp.unit, "features")?.unwrap_or_default();
+                let a = sp
+                    .assign(&serde_json::json!({ sp.unit.clone(): unit }))
+                    .map_err(TtError::Split)?;
+                let d = match load_stored(&a.variant.pipeline)? {
+                    Stored::Pipeline(d) => d,
+                    Stored::Split(_) => {
+                        return Err(TtError::Catalog(format!(
+                            "split \"{name}\" names split \"{}\" as a variant",
+                            a.variant.pipeline
+                        )))
+                    }
+                };
+                (
+                    d,
+                    a.variant.pipeline.clone(),
+                    Some((a.variant.name.clone(), a.unit, a.bucket)),
+                    Some(sp.unit.clone()),
+                )
+            }
+        };
         let user = user_model(&d)?;
         let stages: Vec<Option<Serving>> = d
             .stages
@@ -130,7 +222,18 @@ pub mod twotower {
                 StageKind::TwoTower | StageKind::Rerank(_) => Ok(None),
             })
             .collect::<TtResult<_>>()?;
-        let f = features.features(&user.model, "features")?;
+        let mut f = features.features(&user.model, "features")?;
+        // A split's unit key is the split's: the model sees it only if it is one of its
+        // features (a strict model would refuse it otherwise).
+        let mut stripped = None;
+        if let Some(key) = unit_key {
+            if !user.model.feature_names().contains(&key.as_str()) {
+                if let Some(o) = f.as_object_mut() {
+                    o.remove(&key);
+                }
+                stripped = Some(key);
+            }
+        }
         let models = Models {
             user: &user.model,
             strict: user.strict,
@@ -148,13 +251,20 @@ pub mod twotower {
                 .collect(),
         };
         let req = Request {
-            pipeline: name,
+            pipeline: &pipeline,
             features: &f,
             k: k.map(i64::from),
             exclude,
             candidates,
         };
-        request::run(&d, &models, &req, &mut src)
+        let out = request::run(&d, &models, &req, &mut src)?;
+        let served = Served {
+            channels: d.channels.iter().map(|c| c.name.clone()).collect(),
+            pipeline,
+            variant,
+            stripped,
+        };
+        Ok((out, served))
     }
 
     fn ids(v: Option<Vec<Option<i64>>>, what: &str) -> Vec<i64> {
@@ -173,14 +283,17 @@ pub mod twotower {
     /// `features`; the top `k` (default: the pipeline's) with the final score, rank, and the
     /// channels that returned each item with its rank there. History items (unless the
     /// pipeline says otherwise) and `exclude` are never returned. Tables, indexes, neighbour
-    /// tables and channel functions are read as the caller.
-    #[pg_extern(stable, parallel_restricted)]
+    /// tables and channel functions are read as the caller. Through a split, the request's
+    /// variant serves it. With `request_id`, the list is written to the impression log
+    /// (`twotower.impressions`; feedback with `twotower.feedback`).
+    #[pg_extern(volatile, parallel_unsafe)]
     #[allow(clippy::type_complexity)]
     fn recommend(
         pipeline: Option<&str>,
         features: Option<JsonbValue>,
         k: default!(Option<i32>, "NULL"),
         exclude: default!(Option<Vec<Option<i64>>>, "NULL"),
+        request_id: default!(Option<&str>, "NULL"),
     ) -> TableIterator<
         'static,
         (
@@ -196,7 +309,14 @@ pub mod twotower {
             required(features, "features"),
         );
         let exclude = ids(exclude, "exclude");
-        let out = run(pipeline, &features, k, &exclude, None).or_report();
+        if let Some(id) = request_id {
+            crate::sql::serving::check_request_id(id).or_report();
+        }
+        let (out, served) = run(pipeline, &features, k, &exclude, None).or_report();
+        if let Some(id) = request_id {
+            crate::sql::serving::log_impressions(id, pipeline, &served, &features, &out.rows)
+                .or_report();
+        }
         TableIterator::new(
             out.rows
                 .into_iter()
@@ -232,7 +352,22 @@ pub mod twotower {
             required(features, "features"),
         );
         let exclude = ids(exclude, "exclude");
-        let out = run(pipeline, &features, k, &exclude, None).or_report();
+        let (mut out, served) = run(pipeline, &features, k, &exclude, None).or_report();
+        if let Some((variant, unit, bucket)) = &served.variant {
+            out.steps.insert(
+                0,
+                Step {
+                    stage: format!(
+                        "split {pipeline}: variant {variant} (pipeline {}) for unit {unit}, bucket {bucket}",
+                        served.pipeline
+                    ),
+                    received: None,
+                    kept: Vec::new(),
+                    dropped: Vec::new(),
+                    ms: 0.0,
+                },
+            );
+        }
         TableIterator::new(out.steps.into_iter().enumerate().map(|(i, s)| {
             (
                 i as i32 + 1,
@@ -269,7 +404,7 @@ pub mod twotower {
             ))
             .report();
         }
-        let out = run(pipeline, &features, k, &[], Some(&candidates)).or_report();
+        let (out, _) = run(pipeline, &features, k, &[], Some(&candidates)).or_report();
         TableIterator::new(
             out.rows
                 .into_iter()

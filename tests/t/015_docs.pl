@@ -186,6 +186,7 @@ my %setup = (
 	'training.md'      => [ $ml_tables ],
 	'operations.md'    => [ $readme_towers, $ml_engineer ],
 	'sql-reference.md' => [ $readme_towers ],
+	'serving.md'       => [ $ml_tables, $ml_towers, $ml_channels ],
 );
 
 # ---------------------------------------------------------------------------------------------

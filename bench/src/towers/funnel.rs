@@ -18,6 +18,10 @@ pub(crate) const RECOMMEND_P99_TARGET_MS: f64 = 10.0;
 pub(crate) const PRERANK_GLUE_TARGET: f64 = 1.25;
 /// Issue 30: re-ranking 500 → 50 with caps and MMR adds at most this to `recommend` (server).
 pub(crate) const RERANK_TARGET_MS: f64 = 0.5;
+/// Logging a list of 50 impressions: added to a `recommend` call, server side.
+pub(crate) const LOG_TARGET_MS: f64 = 0.3;
+/// ... and to its p99 at the client.
+pub(crate) const LOG_P99_TARGET: f64 = 1.10;
 const PRERANK_SEED: u64 = 13;
 const FUNNEL_BASE: usize = 3_000_000;
 
@@ -484,6 +488,105 @@ impl Towers<'_> {
             "# the rerank step, server side (recommend_explain, mean over {m} users): {step_ms:.3} ms (attributes read, vectors, the rules); calls differ by {:.3} ms at p50; target ≤ {RERANK_TARGET_MS} ms: {}",
             rr.p50 - top.p50,
             verdict(step_ms <= RERANK_TARGET_MS)
+        );
+        self.impression_log(inputs);
+    }
+
+    /// The impression log: `recommend` of 50 (bench_top50, item cache) with and without a
+    /// request id, side by side (alternating passes). Server side: every request's call in one
+    /// statement, the median of three passes each; at the client: p50/p99 of single calls, two
+    /// passes each. Also the log's bytes and the WAL written per logged list.
+    fn impression_log(&mut self, inputs: &[Value]) {
+        let calls = inputs.len();
+        self.c
+            .batch_execute("TRUNCATE twotower.impression_log, twotower.feedback_log")
+            .unwrap();
+        let plain_stmt = "SELECT count(*) FROM bench_requests r, LATERAL twotower.recommend('bench_top50', r.f) p";
+        let server = |c: &mut Client, logged: Option<usize>| -> (f64, i64) {
+            let sql = match logged {
+                None => plain_stmt.to_string(),
+                Some(pass) => format!("SELECT count(*) FROM bench_requests r, LATERAL twotower.recommend('bench_top50', r.f, request_id => 'srv{pass}-' || r.i) p"),
+            };
+            let lsn0: String = c.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).unwrap().get(0);
+            let t = Instant::now();
+            let n: i64 = c.query_one(sql.as_str(), &[]).unwrap().get(0);
+            let ms = t.elapsed().as_secs_f64() * 1000.0;
+            assert_eq!(n as usize, calls * 50, "{sql}");
+            let wal: i64 = c
+                .query_one("SELECT (pg_current_wal_insert_lsn() - $1::text::pg_lsn)::bigint", &[&lsn0])
+                .unwrap()
+                .get(0);
+            (ms / calls as f64, wal)
+        };
+        // Warm both paths once (untimed).
+        server(self.c, None);
+        server(self.c, Some(0));
+        let (mut plain, mut logged, mut wal_plain, mut wal_logged) = (vec![], vec![], vec![], vec![]);
+        for pass in 1..=3 {
+            let (ms, wal) = server(self.c, None);
+            plain.push(ms);
+            wal_plain.push(wal);
+            let (ms, wal) = server(self.c, Some(pass));
+            logged.push(ms);
+            wal_logged.push(wal);
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        let (plain_ms, logged_ms) = (med(&mut plain), med(&mut logged));
+        let wal_per_list = (wal_logged.iter().sum::<i64>() - wal_plain.iter().sum::<i64>()) as f64
+            / (3 * calls) as f64;
+        // At the client: single calls, alternating passes.
+        let counter = std::cell::Cell::new(0usize);
+        let plain_params = |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+            vec![Box::new(inputs[i].clone())]
+        };
+        let logged_params = |i: usize| -> Vec<Box<dyn postgres::types::ToSql + Sync>> {
+            counter.set(counter.get() + 1);
+            vec![
+                Box::new(inputs[i].clone()),
+                Box::new(format!("cli-{}-{i}", counter.get())),
+            ]
+        };
+        let plain_sql = "SELECT * FROM twotower.recommend('bench_top50', $1::jsonb)";
+        let logged_sql =
+            "SELECT * FROM twotower.recommend('bench_top50', $1::jsonb, request_id => $2::text)";
+        let mut cp = Vec::new();
+        let mut cl = Vec::new();
+        for _ in 0..2 {
+            cp.push(self.timed_calls(plain_sql, &plain_params, calls, 50));
+            cl.push(self.timed_calls(logged_sql, &logged_params, calls, 50));
+        }
+        let best = |v: &[Lat]| -> (f64, f64) {
+            (
+                v.iter().map(|l| l.p50).fold(f64::MAX, f64::min),
+                v.iter().map(|l| l.p99).fold(f64::MAX, f64::min),
+            )
+        };
+        let ((p50a, p99a), (p50b, p99b)) = (best(&cp), best(&cl));
+        let (rows, bytes): (i64, i64) = {
+            let r = self
+                .c
+                .query_one(
+                    "SELECT count(*), pg_total_relation_size('twotower.impression_log') FROM twotower.impression_log",
+                    &[],
+                )
+                .unwrap();
+            (r.get(0), r.get(1))
+        };
+        println!("\n| `recommend` 50 (item cache) | server ms a call | client p50 ms | client p99 ms |");
+        println!("|---|---|---|---|");
+        println!("| without a request id | {plain_ms:.3} | {p50a:.2} | {p99a:.2} |");
+        println!("| with a request id (the list logged) | {logged_ms:.3} | {p50b:.2} | {p99b:.2} |");
+        println!(
+            "# impression log: adds {:.3} ms a call server side (median of 3 passes over {calls} calls each; target ≤ {LOG_TARGET_MS} ms: {}); client p99 {:.2}× (best of 2 passes each; target ≤ {LOG_P99_TARGET}×: {}); {:.0} bytes of WAL and {:.0} bytes of table + index a logged list ({rows} lists)",
+            logged_ms - plain_ms,
+            verdict(logged_ms - plain_ms <= LOG_TARGET_MS),
+            p99b / p99a,
+            verdict(p99b / p99a <= LOG_P99_TARGET),
+            wal_per_list,
+            bytes as f64 / rows.max(1) as f64
         );
     }
 }

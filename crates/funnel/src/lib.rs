@@ -14,6 +14,7 @@ pub mod pipeline;
 pub mod prerank;
 pub mod request;
 pub mod rerank;
+pub mod split;
 
 pub use merge::{merge, Candidate, MergeError, Merged, Norm, Strategy, StrategyError};
 pub use prerank::PrerankError;

@@ -16,6 +16,11 @@ pub struct JsonbValue {
 }
 
 impl JsonbValue {
+    /// The value as JSON text.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     fn bad(what: &'static str, e: serde_json::Error) -> TtError {
         TtError::BadJson {
             what,
@@ -26,6 +31,19 @@ impl JsonbValue {
     /// The whole value; `what` names the argument in errors ("spec", "features").
     pub fn value(&self, what: &'static str) -> TtResult<serde_json::Value> {
         serde_json::from_str(&self.text).map_err(|e| Self::bad(what, e))
+    }
+
+    /// The top-level key `key` of an object, parsing only that key's value (the rest may be
+    /// nested too deeply to parse whole); None when absent. Not an object: the whole value's error.
+    pub fn key(&self, key: &str, what: &'static str) -> TtResult<Option<serde_json::Value>> {
+        let Ok(top) = serde_json::from_str::<
+            std::collections::BTreeMap<String, &serde_json::value::RawValue>,
+        >(&self.text) else {
+            return self.value(what).map(|v| v.get(key).cloned());
+        };
+        top.get(key)
+            .map(|raw| serde_json::from_str(raw.get()).map_err(|e| Self::bad(what, e)))
+            .transpose()
     }
 
     /// The value for `model`: parsed whole when that works; otherwise (a key nested too deeply

@@ -1,0 +1,207 @@
+//! SQL surface of serving in production: the impression log that `recommend(...,
+//! request_id => ...)` writes (one row a list, in `twotower.impression_log`), `feedback` against
+//! a logged list, and `variant_of` (a split's assignment, as `recommend` makes it). The split
+//! itself is saved with `save_pipeline` and assigned by the funnel core (`twotower_funnel::split`);
+//! the metrics over the log are SQL (`twotower.online_metrics`, sql/pg_twotower.sql).
+
+use crate::infra::catalog::{self, as_catalog_owner, caller, is_admin, JsonbValue};
+use crate::infra::error::{TtError, TtResult};
+use crate::infra::gucs;
+use crate::sql::pipeline::twotower::Served;
+use pgrx::prelude::*;
+use twotower_funnel::Ranked;
+
+/// The longest request id (bytes).
+pub const MAX_REQUEST_ID: usize = 200;
+/// The longest feedback kind.
+const MAX_KIND: usize = 32;
+
+pub fn check_request_id(id: &str) -> TtResult<()> {
+    if id.is_empty() || id.len() > MAX_REQUEST_ID {
+        return Err(TtError::BadArgument(format!(
+            "a request id must be 1 to {MAX_REQUEST_ID} bytes long, not {}",
+            id.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes one recommend call's list to the impression log (unless `twotower.log_impressions`
+/// is off): one row with the list's first `twotower.log_max_items` items, their scores and
+/// channel ranks, the request's features as the model saw them (a split's unit key is in
+/// `unit`) and who logged it. One INSERT, no triggers.
+pub(crate) fn log_impressions(
+    request_id: &str,
+    called: &str,
+    served: &Served,
+    features: &JsonbValue,
+    rows: &[Ranked],
+) -> TtResult<()> {
+    if !gucs::LOG_IMPRESSIONS.get() {
+        return Ok(());
+    }
+    let n = rows.len().min(gucs::LOG_MAX_ITEMS.get().max(0) as usize);
+    let rows = &rows[..n];
+    let nc = served.channels.len();
+    let mut channel_ranks = vec![0i32; n * nc];
+    for (i, r) in rows.iter().enumerate() {
+        for (name, rank) in r.channels.iter().zip(&r.ranks) {
+            if let Some(c) = served.channels.iter().position(|x| x == name) {
+                channel_ranks[i * nc + c] = *rank;
+            }
+        }
+    }
+    let items: Vec<i64> = rows.iter().map(|r| r.item).collect();
+    let scores: Vec<f32> = rows.iter().map(|r| r.score).collect();
+    let (variant, unit) = match &served.variant {
+        Some((v, u, _)) => (Some(v.as_str()), Some(u.as_str())),
+        None => (None, None),
+    };
+    let me = caller();
+    let logged = as_catalog_owner(|| {
+        Spi::get_one_with_args::<i64>(
+            "WITH logged AS (
+                 INSERT INTO twotower.impression_log
+                        (request_id, logged_by, pipeline, variant, served_by, unit, features,
+                         items, scores, channels, channel_ranks)
+                 VALUES ($1, $2, $3, $4, $5, $6,
+                         CASE WHEN $12 IS NULL THEN $7::pg_catalog.jsonb
+                              ELSE $7::pg_catalog.jsonb OPERATOR(pg_catalog.-) $12 END,
+                         $8, $9, $10, $11)
+                 ON CONFLICT (request_id) DO NOTHING
+                 RETURNING 1)
+             SELECT pg_catalog.count(*) FROM logged",
+            &[
+                request_id.into(),
+                me.into(),
+                called.into(),
+                variant.into(),
+                served.pipeline.as_str().into(),
+                unit.into(),
+                features.text().into(),
+                items.into(),
+                scores.into(),
+                served.channels.clone().into(),
+                channel_ranks.into(),
+                served.stripped.as_deref().into(),
+            ],
+        )
+    })?
+    .map_err(|e| TtError::Catalog(format!("writing the impression log: {e}")))?;
+    match logged {
+        Some(1) => Ok(()),
+        _ => Err(TtError::DuplicateRequest(request_id.to_owned())),
+    }
+}
+
+#[pg_schema]
+pub mod twotower {
+    use super::*;
+    use crate::infra::error::{required, OrReport};
+    use crate::serve::pipelines::{load_stored, Stored};
+
+    /// Records feedback on an item of a logged list: `kind` (click, like, dislike, dwell, or
+    /// any lower-case name) with an optional `value` (e.g. dwell seconds). Only the role that
+    /// logged the list (or twotower_admin) records feedback on it; the item must have been in
+    /// the list. Appended to `twotower.feedback_log`.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn feedback(
+        request_id: Option<&str>,
+        item_id: Option<i64>,
+        kind: default!(Option<&str>, "'click'"),
+        value: default!(Option<f32>, "NULL"),
+    ) {
+        let (request_id, item_id, kind) = (
+            required(request_id, "request_id"),
+            required(item_id, "item_id"),
+            required(kind, "kind"),
+        );
+        check_request_id(request_id).or_report();
+        let ok_kind = !kind.is_empty()
+            && kind.len() <= MAX_KIND
+            && kind.starts_with(|c: char| c.is_ascii_lowercase())
+            && kind
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !ok_kind {
+            TtError::BadArgument(format!(
+                "feedback kind \"{kind}\" is not a lower-case name of at most {MAX_KIND} letters, digits and '_' (click, like, dislike, dwell, ...)"
+            ))
+            .report();
+        }
+        if let Some(v) = value {
+            if !v.is_finite() {
+                TtError::OutOfRange(format!("feedback value {v} is not finite")).report();
+            }
+        }
+        let me = caller();
+        let found = as_catalog_owner(|| {
+            catalog::read_row::<pg_sys::Oid, bool>(
+                "SELECT logged_by, $2 = ANY (items) FROM twotower.impression_log WHERE request_id = $1",
+                &[request_id.into(), item_id.into()],
+            )
+        })
+        .or_report()
+        .map_err(|e| TtError::Catalog(format!("reading the impression log: {e}")))
+        .or_report();
+        // Another role's list reads as no list at all: feedback reveals nothing about it.
+        let shown = match found {
+            Some((Some(by), Some(shown))) if by == me || is_admin(me) => shown,
+            _ => TtError::UnknownRequest(request_id.to_owned()).report(),
+        };
+        if !shown {
+            TtError::BadArgument(format!(
+                "item {item_id} is not in the list logged under request id \"{request_id}\""
+            ))
+            .report();
+        }
+        as_catalog_owner(|| {
+            Spi::run_with_args(
+                "INSERT INTO twotower.feedback_log (request_id, item_id, kind, value, recorded_by)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    request_id.into(),
+                    item_id.into(),
+                    kind.into(),
+                    value.into(),
+                    me.into(),
+                ],
+            )
+        })
+        .or_report()
+        .map_err(|e| TtError::Catalog(format!("writing the feedback log: {e}")))
+        .or_report();
+    }
+
+    /// The variant split `split` assigns to unit `unit` (e.g. a user id), as `recommend` does:
+    /// the variant, its pipeline, and the unit's bucket (0 to 9999).
+    #[pg_extern(stable, parallel_restricted, strict)]
+    fn variant_of(
+        split: &str,
+        unit: &str,
+    ) -> TableIterator<
+        'static,
+        (
+            name!(variant, String),
+            name!(pipeline, String),
+            name!(bucket, i32),
+        ),
+    > {
+        let sp = match load_stored(split).or_report() {
+            Stored::Split(sp) => sp,
+            Stored::Pipeline(_) => TtError::BadArgument(format!(
+                "\"{split}\" is a pipeline, not a split of variants"
+            ))
+            .report(),
+        };
+        if unit.len() > twotower_funnel::split::MAX_UNIT_BYTES {
+            TtError::BadArgument(format!(
+                "a unit is at most {} bytes long",
+                twotower_funnel::split::MAX_UNIT_BYTES
+            ))
+            .report();
+        }
+        let v = sp.variant_of(unit);
+        TableIterator::once((v.name.clone(), v.pipeline.clone(), sp.bucket(unit) as i32))
+    }
+}
