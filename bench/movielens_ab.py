@@ -7,7 +7,7 @@ Two variants of the home feed, both 50 items, with the demo's models:
   merged:  the demo's merged funnel (two-tower, item-CF, Swing, RRF 300 → 50).
 Offline: both lists for every test user (the leave-last-out test item, every training item
 excluded), HR@50 of each and their difference.
-Online: a split `ab_home` (50/50 by user id, TT_SALTS salts, default 5); each test user asks
+Online: a split `ab_home` (50/50 by user id, TT_SALTS salts, default 20); each test user asks
 once through the split with a request id (the impression log), and clicks the held-out movie
 when it is in the list (twotower.feedback). twotower.online_metrics gives each variant's HR@50
 with its interval and the difference with its interval. The online experiment sees each user
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from movielens import psql  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SALTS = int(os.environ.get("TT_SALTS", "5"))
+SALTS = int(os.environ.get("TT_SALTS", "20"))
 
 SETUP = """
 SET client_min_messages = warning;
@@ -103,7 +103,7 @@ def main():
         salt = f"ab-{s}"
         m = online(salt)
         c, g = m["control"], m["merged"]
-        d, lo, hi = float(g[5]), float(g[6]), float(g[7])
+        d, lo, hi = float(g[4]), float(g[5]), float(g[6])
         diffs.append(d)
         w = (d > 0) == (diff > 0)
         ins = lo <= diff <= hi

@@ -120,7 +120,7 @@ impl Sources for SpiSources<'_> {
         &mut self,
         ids: &[i64],
         columns: &[String],
-    ) -> TtResult<Vec<serde_json::Map<String, Value>>> {
+    ) -> TtResult<Vec<Arc<serde_json::Map<String, Value>>>> {
         let Some(f) = &self.d.item_features else {
             return Err(TtError::BadPipeline {
                 path: "item_features".into(),
@@ -163,7 +163,7 @@ impl Sources for SpiSources<'_> {
         }
         Ok(ids
             .iter()
-            .map(|i| hits.get(i).map(|a| (**a).clone()).unwrap_or_default())
+            .map(|i| hits.get(i).cloned().unwrap_or_default())
             .collect())
     }
 

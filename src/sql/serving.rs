@@ -16,6 +16,53 @@ pub const MAX_REQUEST_ID: usize = 200;
 /// The longest feedback kind.
 const MAX_KIND: usize = 32;
 
+/// The log's INSERT: one row, or none when the request id is logged already (counted).
+const LOG_INSERT_SQL: &str = "WITH logged AS (
+     INSERT INTO twotower.impression_log
+            (request_id, logged_by, pipeline, variant, served_by, unit, features,
+             items, scores, channels, channel_ranks)
+     VALUES ($1, $2, $3, $4, $5, $6,
+             CASE WHEN $12 IS NULL THEN $7::pg_catalog.jsonb
+                  ELSE $7::pg_catalog.jsonb OPERATOR(pg_catalog.-) $12 END,
+             $8, $9, $10, $11)
+     ON CONFLICT (request_id) DO NOTHING
+     RETURNING 1)
+ SELECT pg_catalog.count(*) FROM logged";
+
+thread_local! {
+    /// The log's INSERT, planned once per backend (the plan cache re-plans it after DDL on
+    /// the table). Never freed: a backend keeps it until it exits.
+    static LOG_INSERT: std::cell::RefCell<Option<std::mem::ManuallyDrop<pgrx::spi::OwnedPreparedStatement>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Plans the log's INSERT once (as the catalogue's owner, with its search path).
+fn insert_plan() -> Result<(), pgrx::spi::Error> {
+    if LOG_INSERT.with(|p| p.borrow().is_some()) {
+        return Ok(());
+    }
+    use pgrx::pg_sys::{FLOAT4ARRAYOID, INT4ARRAYOID, INT8ARRAYOID, OIDOID, TEXTARRAYOID, TEXTOID};
+    let plan = crate::infra::spi::prepare(
+        LOG_INSERT_SQL,
+        &[
+            TEXTOID,
+            OIDOID,
+            TEXTOID,
+            TEXTOID,
+            TEXTOID,
+            TEXTOID,
+            TEXTOID,
+            INT8ARRAYOID,
+            FLOAT4ARRAYOID,
+            TEXTARRAYOID,
+            INT4ARRAYOID,
+            TEXTOID,
+        ],
+    )?;
+    LOG_INSERT.with(|p| *p.borrow_mut() = Some(std::mem::ManuallyDrop::new(plan)));
+    Ok(())
+}
+
 pub fn check_request_id(id: &str) -> TtResult<()> {
     if id.is_empty() || id.len() > MAX_REQUEST_ID {
         return Err(TtError::BadArgument(format!(
@@ -59,33 +106,33 @@ pub(crate) fn log_impressions(
     };
     let me = caller();
     let logged = as_catalog_owner(|| {
-        Spi::get_one_with_args::<i64>(
-            "WITH logged AS (
-                 INSERT INTO twotower.impression_log
-                        (request_id, logged_by, pipeline, variant, served_by, unit, features,
-                         items, scores, channels, channel_ranks)
-                 VALUES ($1, $2, $3, $4, $5, $6,
-                         CASE WHEN $12 IS NULL THEN $7::pg_catalog.jsonb
-                              ELSE $7::pg_catalog.jsonb OPERATOR(pg_catalog.-) $12 END,
-                         $8, $9, $10, $11)
-                 ON CONFLICT (request_id) DO NOTHING
-                 RETURNING 1)
-             SELECT pg_catalog.count(*) FROM logged",
-            &[
-                request_id.into(),
-                me.into(),
-                called.into(),
-                variant.into(),
-                served.pipeline.as_str().into(),
-                unit.into(),
-                features.text().into(),
-                items.into(),
-                scores.into(),
-                served.channels.clone().into(),
-                channel_ranks.into(),
-                served.stripped.as_deref().into(),
-            ],
-        )
+        insert_plan()?;
+        LOG_INSERT.with(|p| {
+            let p = p.borrow();
+            let plan = p.as_ref().expect("prepared above");
+            Spi::connect_mut(|c| {
+                c.update(
+                    &**plan,
+                    None,
+                    &[
+                        request_id.into(),
+                        me.into(),
+                        called.into(),
+                        variant.into(),
+                        served.pipeline.as_str().into(),
+                        unit.into(),
+                        features.text().into(),
+                        items.into(),
+                        scores.into(),
+                        served.channels.clone().into(),
+                        channel_ranks.into(),
+                        served.stripped.as_deref().into(),
+                    ],
+                )?
+                .first()
+                .get_one::<i64>()
+            })
+        })
     })?
     .map_err(|e| TtError::Catalog(format!("writing the impression log: {e}")))?;
     match logged {

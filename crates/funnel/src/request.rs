@@ -75,7 +75,7 @@ pub trait Sources {
         &mut self,
         ids: &[i64],
         columns: &[String],
-    ) -> Result<Vec<serde_json::Map<String, Value>>, Self::Error> {
+    ) -> Result<Vec<Arc<serde_json::Map<String, Value>>>, Self::Error> {
         let _ = (ids, columns);
         Err(FunnelError::BadRequest("these sources hold no item attributes".into()).into())
     }
@@ -530,16 +530,21 @@ fn finish<S: Sources>(
                     known.extend(src.vectors(&wanted)?);
                 }
             }
+            let with_channels = rr.needs_channels();
             let cands: Vec<rerank::Candidate> = list
                 .iter()
                 .map(|&(item, score)| rerank::Candidate {
                     item,
                     score: score as f64,
                     vector: known.get(&item).cloned(),
-                    channels: provenance
-                        .get(&item)
-                        .map(|p| p.0.clone())
-                        .unwrap_or_default(),
+                    channels: if with_channels {
+                        provenance
+                            .get(&item)
+                            .map(|p| p.0.clone())
+                            .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
                 })
                 .collect();
             let (out, rep) = rerank::rerank(rr, &cands, &attrs, &mut || src.poll())?;

@@ -277,6 +277,11 @@ impl Rerank {
             .iter()
             .any(|r| matches!(r, Rule::Mmr { .. } | Rule::Sequence { .. }))
     }
+
+    /// Whether a rule reads the channels that returned each candidate (`explore`).
+    pub fn needs_channels(&self) -> bool {
+        self.rules.iter().any(|r| matches!(r, Rule::Explore { .. }))
+    }
 }
 
 fn number(v: Option<&Value>) -> Option<f64> {
@@ -355,8 +360,20 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn rerank<E>(
     rr: &Rerank,
     cands: &[Candidate],
-    attrs: &[serde_json::Map<String, Value>],
+    attrs: &[std::sync::Arc<serde_json::Map<String, Value>>],
     poll: &mut dyn FnMut() -> Result<(), E>,
+) -> Result<(Vec<(usize, f64)>, Report), E> {
+    rerank_with(rr, cands, attrs, poll, true)
+}
+
+/// [`rerank`]; `lazy_mmr` false computes every candidate's cosine after every slot (the
+/// reference the lazy evaluation is tested against).
+fn rerank_with<E>(
+    rr: &Rerank,
+    cands: &[Candidate],
+    attrs: &[std::sync::Arc<serde_json::Map<String, Value>>],
+    poll: &mut dyn FnMut() -> Result<(), E>,
+    lazy_mmr: bool,
 ) -> Result<(Vec<(usize, f64)>, Report), E> {
     let mut report = Report::default();
     let attr = |i: usize, c: &str| attrs.get(i).and_then(|m| m.get(c));
@@ -579,11 +596,126 @@ pub fn rerank<E>(
         first.taken[i] = true;
     }
     let mut beams = vec![first];
+    // MMR keeps one list, and a candidate's largest cosine to the placed items only grows as
+    // items are placed: its gain with a cosine computed against fewer items is an upper bound.
+    // So each slot compares those bounds and brings a candidate's cosine up to date only when
+    // it would win with it ("lazy greedy"): the same choices as computing every candidate's
+    // cosine after every slot, with a fraction of the dot products. `upto[i]`: how many placed
+    // items `sim[i]` accounts for.
+    let lazy = match order {
+        Order::Mmr(l) if width == 1 && lazy_mmr => Some(l),
+        _ => None,
+    };
+    let mut upto: Vec<usize> = if lazy.is_some() {
+        vec![0; cands.len()]
+    } else {
+        Vec::new()
+    };
+    /// A candidate's gain bound: BinaryHeap pops the largest gain, ties the earlier candidate.
+    #[derive(PartialEq)]
+    struct Bound(f64, usize);
+    impl Eq for Bound {}
+    impl PartialOrd for Bound {
+        fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(o))
+        }
+    }
+    impl Ord for Bound {
+        fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+            self.0.total_cmp(&o.0).then(o.1.cmp(&self.1))
+        }
+    }
+    // Every live candidate with its gain before anything is placed (cosine 0).
+    let mut bounds: std::collections::BinaryHeap<Bound> = match lazy {
+        Some(l) => live.iter().map(|&i| Bound(l * score[i], i)).collect(),
+        None => Default::default(),
+    };
     for slot in 0..keep {
         poll()?;
         // (beam, candidate, broken, gain, placed by a rule)
         let mut children: Vec<(usize, usize, usize, f64, bool)> = Vec::new();
+        if let Some(l) = lazy {
+            let beam = &mut beams[0];
+            let refresh = |i: usize, beam: &mut Beam, upto: &mut [usize]| -> f64 {
+                if let Some(w) = unit(i) {
+                    for &p in &beam.list[upto[i]..] {
+                        if let Some(u) = unit(p) {
+                            beam.sim[i] = beam.sim[i].max(dot(u, w) as f64);
+                        }
+                    }
+                }
+                upto[i] = beam.list.len();
+                l * score[i] - (1.0 - l) * beam.sim[i]
+            };
+            if let Some(&i) = pinned.get(&(slot + 1)) {
+                let g = refresh(i, beam, &mut upto);
+                children.push((0, i, 0, g, true));
+            } else {
+                let channel = explore
+                    .iter()
+                    .find(|(s, _)| *s == slot + 1)
+                    .map(|(_, c)| *c);
+                // An explore slot: its channel's candidates, each brought up to date.
+                if let Some(ch) = channel {
+                    let mut best: Option<(usize, f64, usize)> = None;
+                    for &i in &before {
+                        if beam.taken[i] || !cands[i].channels.iter().any(|c| c == ch) {
+                            continue;
+                        }
+                        let g = refresh(i, beam, &mut upto);
+                        let k = (broken(i, slot, &beam.placed_at), g, i);
+                        if best.is_none_or(|b| {
+                            k.0.cmp(&b.0)
+                                .then(b.1.total_cmp(&k.1))
+                                .then(k.2.cmp(&b.2))
+                                .is_lt()
+                        }) {
+                            best = Some(k);
+                        }
+                    }
+                    if let Some((b, g, i)) = best {
+                        children.push((0, i, b, g, true));
+                    }
+                }
+                if children.is_empty() {
+                    // Pop by gain bound: an entry whose cosine is up to date is the largest
+                    // gain left (ties: the earlier candidate); the first such that breaks no
+                    // rule wins, else the one breaking the fewest.
+                    let mut aside: Vec<(usize, f64, usize)> = Vec::new();
+                    while let Some(Bound(g, i)) = bounds.pop() {
+                        if beam.taken[i] {
+                            continue;
+                        }
+                        if upto[i] != beam.list.len() {
+                            let g = refresh(i, beam, &mut upto);
+                            bounds.push(Bound(g, i));
+                            continue;
+                        }
+                        let b = broken(i, slot, &beam.placed_at);
+                        aside.push((b, g, i));
+                        if b == 0 {
+                            break;
+                        }
+                    }
+                    let win = aside
+                        .iter()
+                        .enumerate()
+                        .min_by(|(_, x), (_, y)| {
+                            x.0.cmp(&y.0).then(y.1.total_cmp(&x.1)).then(x.2.cmp(&y.2))
+                        })
+                        .map(|(at, _)| at);
+                    if let Some(at) = win {
+                        let (b, g, i) = aside.swap_remove(at);
+                        children.push((0, i, b, g, false));
+                    }
+                    bounds.extend(aside.into_iter().map(|(_, g, i)| Bound(g, i)));
+                }
+            }
+        }
         for (bi, beam) in beams.iter().enumerate() {
+            if lazy.is_some() {
+                break;
+            }
             let gain = |i: usize| -> f64 {
                 match order {
                     Order::Score => score[i],
@@ -599,6 +731,11 @@ pub fn rerank<E>(
                     .iter()
                     .find(|(s, _)| *s == slot + 1)
                     .map(|(_, c)| *c);
+                // This beam's best `width` (fewest broken, largest gain, earliest).
+                let by = |a: &(usize, usize, usize, f64, bool),
+                          b: &(usize, usize, usize, f64, bool)| {
+                    a.2.cmp(&b.2).then(b.3.total_cmp(&a.3)).then(a.1.cmp(&b.1))
+                };
                 let pool =
                     |only: Option<&str>, mine: &mut Vec<(usize, usize, usize, f64, bool)>| {
                         for &i in &before {
@@ -607,24 +744,29 @@ pub fn rerank<E>(
                             {
                                 continue;
                             }
-                            mine.push((
+                            let child = (
                                 bi,
                                 i,
                                 broken(i, slot, &beam.placed_at),
                                 gain(i),
                                 only.is_some(),
-                            ));
+                            );
+                            // One list (greedy, MMR): keep only the best so far.
+                            if width == 1 {
+                                match mine.first_mut() {
+                                    Some(m) if by(&child, m).is_lt() => *m = child,
+                                    Some(_) => {}
+                                    None => mine.push(child),
+                                }
+                            } else {
+                                mine.push(child);
+                            }
                         }
                     };
                 pool(channel, &mut mine);
                 if mine.is_empty() && channel.is_some() {
                     pool(None, &mut mine);
                 }
-                // This beam's best `width` (fewest broken, largest gain, earliest).
-                let by = |a: &(usize, usize, usize, f64, bool),
-                          b: &(usize, usize, usize, f64, bool)| {
-                    a.2.cmp(&b.2).then(b.3.total_cmp(&a.3)).then(a.1.cmp(&b.1))
-                };
                 if mine.len() > width {
                     mine.select_nth_unstable_by(width - 1, by);
                     mine.truncate(width);
@@ -646,8 +788,14 @@ pub fn rerank<E>(
         });
         children.truncate(width);
         let mut next = Vec::with_capacity(children.len());
+        // One list: it becomes its child in place (no copy).
+        let single = beams.len() == 1 && children.len() == 1;
         for &(bi, i, b, g, by_rule) in &children {
-            let mut beam = beams[bi].clone();
+            let mut beam = if single {
+                beams.pop().expect("one beam")
+            } else {
+                beams[bi].clone()
+            };
             beam.taken[i] = true;
             beam.list.push(i);
             beam.reward += g;
@@ -661,7 +809,7 @@ pub fn rerank<E>(
                     per[v as usize].push(slot);
                 }
             }
-            if let Some(u) = unit(i) {
+            if let (None, Some(u)) = (lazy, unit(i)) {
                 for &j in &before {
                     if beam.taken[j] {
                         continue;
@@ -710,9 +858,9 @@ mod tests {
             .collect()
     }
 
-    fn attrs(list: &[Value]) -> Vec<serde_json::Map<String, Value>> {
+    fn attrs(list: &[Value]) -> Vec<std::sync::Arc<serde_json::Map<String, Value>>> {
         list.iter()
-            .map(|v| v.as_object().cloned().unwrap_or_default())
+            .map(|v| std::sync::Arc::new(v.as_object().cloned().unwrap_or_default()))
             .collect()
     }
 
@@ -728,7 +876,7 @@ mod tests {
     fn go(
         rr: &Rerank,
         c: &[Candidate],
-        a: &[serde_json::Map<String, Value>],
+        a: &[std::sync::Arc<serde_json::Map<String, Value>>],
     ) -> (Vec<i64>, Report) {
         let (out, rep) = rerank::<()>(rr, c, a, &mut || Ok(())).unwrap();
         (items(c, &out), rep)
@@ -1061,5 +1209,147 @@ mod tests {
             }
         });
         assert_eq!(r.unwrap_err(), "cancelled");
+    }
+}
+
+#[cfg(test)]
+mod lazy_mmr {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use serde_json::json;
+    use std::sync::Arc;
+    use twotower_options::Obj;
+
+    /// The lazy MMR makes the same list, with the same scores and report, as computing every
+    /// cosine after every slot: random candidates (ties, NaN scores, missing and zero
+    /// vectors, negative cosines) under random caps, windows, spacings, pins, explore slots
+    /// and filters.
+    #[test]
+    fn equals_the_eager_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for case in 0..400 {
+            let n = rng.gen_range(1..60);
+            let dims = 4;
+            let cands: Vec<Candidate> = (0..n)
+                .map(|i| Candidate {
+                    item: 1000 + i as i64,
+                    score: match rng.gen_range(0..10) {
+                        0 => f64::NAN,
+                        1 => 0.5,
+                        _ => f64::from(rng.gen_range(0..20u8)) / 10.0,
+                    },
+                    vector: match rng.gen_range(0..8) {
+                        0 => None,
+                        1 => Some(vec![0.0; dims].into()),
+                        _ => Some(
+                            (0..dims)
+                                .map(|_| f32::from(rng.gen_range(-3i8..4)))
+                                .collect::<Vec<f32>>()
+                                .into(),
+                        ),
+                    },
+                    channels: if rng.gen_bool(0.3) {
+                        vec!["new".into()]
+                    } else {
+                        vec!["tt".into()]
+                    },
+                })
+                .collect();
+            let attrs: Vec<Arc<serde_json::Map<String, Value>>> = (0..n)
+                .map(|_| {
+                    let mut m = serde_json::Map::new();
+                    m.insert("cat".into(), json!(format!("c{}", rng.gen_range(0..4))));
+                    m.insert(
+                        "tags".into(),
+                        json!([rng.gen_range(0..3), rng.gen_range(0..3)]),
+                    );
+                    m.insert("year".into(), json!(rng.gen_range(1990..2000)));
+                    Arc::new(m)
+                })
+                .collect();
+            let keep = rng.gen_range(1..30);
+            let mut rules =
+                vec![json!({"rule": "mmr", "lambda": f64::from(rng.gen_range(1..10u8)) / 10.0})];
+            if rng.gen_bool(0.7) {
+                let mut cap = json!({"rule": "cap", "column": "cat", "most": rng.gen_range(1..4)});
+                if rng.gen_bool(0.4) {
+                    cap["window"] = json!(rng.gen_range(2..6));
+                }
+                rules.push(cap);
+            }
+            if rng.gen_bool(0.4) {
+                rules
+                    .push(json!({"rule": "spacing", "column": "tags", "gap": rng.gen_range(1..4)}));
+            }
+            if rng.gen_bool(0.3) {
+                rules.push(json!({"rule": "pin", "items": [{"item": 1000 + rng.gen_range(0..n) as i64, "slot": rng.gen_range(1..=keep)}]}));
+            }
+            if rng.gen_bool(0.3) {
+                rules.push(json!({"rule": "explore", "channel": "new", "slots": [rng.gen_range(1..=keep)]}));
+            }
+            if rng.gen_bool(0.3) {
+                rules.push(json!({"rule": "filter", "column": "year", "op": "ge", "value": 1992}));
+            }
+            let v = json!({ "rules": rules });
+            let rr = Rerank::parse(&Obj::new(&v, "s").unwrap(), keep).unwrap();
+            let lazy = rerank_with::<()>(&rr, &cands, &attrs, &mut || Ok(()), true).unwrap();
+            let eager = rerank_with::<()>(&rr, &cands, &attrs, &mut || Ok(()), false).unwrap();
+            let bits = |o: &(Vec<(usize, f64)>, Report)| {
+                o.0.iter()
+                    .map(|&(i, s)| (i, s.to_bits()))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(bits(&lazy), bits(&eager), "case {case}: {v}");
+            assert_eq!(lazy.1, eager.1, "case {case}: {v}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use serde_json::json;
+    use std::sync::Arc;
+    use twotower_options::Obj;
+
+    /// Not a test: the core's share of the bench's rerank step (cargo test --release -- --ignored
+    /// rerank_500 --nocapture).
+    #[test]
+    #[ignore]
+    fn rerank_500_to_50_cap_and_mmr() {
+        let n = 500;
+        let cands: Vec<Candidate> = (0..n)
+            .map(|i| Candidate {
+                item: i as i64,
+                score: 1.0 - i as f64 / n as f64,
+                vector: Some(
+                    (0..64)
+                        .map(|d| ((i * 31 + d * 7) % 17) as f32 - 8.0)
+                        .collect::<Vec<f32>>()
+                        .into(),
+                ),
+                channels: vec!["tt".into()],
+            })
+            .collect();
+        let attrs: Vec<Arc<serde_json::Map<String, Value>>> = (0..n)
+            .map(|i| {
+                let mut m = serde_json::Map::new();
+                m.insert("category".into(), json!(format!("c{}", i % 20)));
+                Arc::new(m)
+            })
+            .collect();
+        let v = json!({"rules": [{"rule": "cap", "column": "category", "most": 3}, {"rule": "mmr", "lambda": 0.8}]});
+        let rr = Rerank::parse(&Obj::new(&v, "s").unwrap(), 50).unwrap();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let reps = 200;
+            for _ in 0..reps {
+                let _ = rerank::<()>(&rr, &cands, &attrs, &mut || Ok(())).unwrap();
+            }
+            println!(
+                "rerank 500 -> 50, cap + MMR: {:.3} ms a call",
+                t.elapsed().as_secs_f64() * 1000.0 / reps as f64
+            );
+        }
     }
 }

@@ -140,7 +140,7 @@ impl Sources for Fake {
         &mut self,
         ids: &[i64],
         columns: &[String],
-    ) -> Result<Vec<serde_json::Map<String, Value>>, E> {
+    ) -> Result<Vec<Arc<serde_json::Map<String, Value>>>, E> {
         self.attribute_reads.push((ids.to_vec(), columns.to_vec()));
         Ok(ids
             .iter()
@@ -150,7 +150,7 @@ impl Sources for Fake {
                     m.insert("price".into(), json!(p));
                 }
                 m.insert("parity".into(), json!(i % 2));
-                m
+                Arc::new(m)
             })
             .collect())
     }

@@ -41,12 +41,29 @@ pub(super) fn catalog_owner(rel: pg_sys::Oid) -> TtResult<pg_sys::Oid> {
 /// The catalogue layout this library reads and writes.
 pub(super) const SCHEMA_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+thread_local! {
+    /// The local transaction in which the layout was last found to be this library's: an
+    /// update of the extension commits in a transaction of its own, so once per transaction
+    /// is enough.
+    static LAYOUT_CHECKED_IN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+fn local_transaction() -> u32 {
+    // SAFETY: MyProc is set for every backend before any function runs; lxid is its own
+    // backend's field.
+    unsafe { pg_sys::MyProc.as_ref().map_or(0, |p| p.lxid) }
+}
+
 /// The library is replaced before `ALTER EXTENSION … UPDATE` runs: until then the catalogue has
 /// the old layout, and model functions say so instead of failing on a missing column. (The
 /// index and the operators do not depend on the catalogue and keep working.)
 pub(super) fn check_schema_version() -> TtResult<()> {
     // SAFETY: plain read of a backend global set while an extension script runs.
     if unsafe { pg_sys::creating_extension } {
+        return Ok(());
+    }
+    let lxid = local_transaction();
+    if lxid != 0 && LAYOUT_CHECKED_IN.with(|c| c.get()) == lxid {
         return Ok(());
     }
     let installed = read_row::<String, bool>(
@@ -61,7 +78,11 @@ pub(super) fn check_schema_version() -> TtResult<()> {
             installed: v,
             library: SCHEMA_VERSION,
         }),
-        _ => Ok(()),
+        Some(_) => {
+            LAYOUT_CHECKED_IN.with(|c| c.set(lxid));
+            Ok(())
+        }
+        None => Ok(()),
     }
 }
 
