@@ -368,7 +368,9 @@ GRANT SELECT ON twotower.pipeline_changes TO PUBLIC;
 
 -- One row per logged list: the items in rank order with their scores, and each item's rank in
 -- each of the serving pipeline's channels (channel_ranks[(rank - 1) * cardinality(channels) + c],
--- 0 when channel c did not return it). logged_by is the role oid that called recommend.
+-- 0 when channel c did not return it). logged_by is the role oid that called recommend; a
+-- request id is unique per role (another role's ids are neither visible nor in the way).
+-- features is NULL when the request's features were larger than twotower.log_max_feature_bytes.
 CREATE TABLE twotower.impression_log (
     request_id    text NOT NULL,
     logged_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
@@ -377,25 +379,29 @@ CREATE TABLE twotower.impression_log (
     variant       text,
     served_by     text NOT NULL,
     unit          text,
-    features      jsonb NOT NULL,
+    features      jsonb,
     items         bigint[] NOT NULL,
     scores        real[] NOT NULL,
     channels      text[] NOT NULL,
     channel_ranks integer[] NOT NULL
 );
-CREATE UNIQUE INDEX impression_log_request_id ON twotower.impression_log (request_id);
+ALTER TABLE twotower.impression_log ADD CONSTRAINT impression_log_request UNIQUE (logged_by, request_id);
 SELECT pg_catalog.pg_extension_config_dump('twotower.impression_log', '');
 REVOKE ALL ON twotower.impression_log FROM PUBLIC;
 
+-- One row per (list, item, kind): feedback recorded again replaces the value and time. Rows go
+-- with their list (deleting an old list deletes its feedback).
 CREATE TABLE twotower.feedback_log (
+    logged_by    oid NOT NULL,
     request_id   text NOT NULL,
     item_id      bigint NOT NULL,
     kind         text NOT NULL,
     value        real,
     recorded_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    recorded_by  oid NOT NULL
+    recorded_by  oid NOT NULL,
+    PRIMARY KEY (logged_by, request_id, item_id, kind),
+    FOREIGN KEY (logged_by, request_id) REFERENCES twotower.impression_log (logged_by, request_id) ON DELETE CASCADE
 );
-CREATE INDEX feedback_log_request_id ON twotower.feedback_log (request_id);
 SELECT pg_catalog.pg_extension_config_dump('twotower.feedback_log', '');
 REVOKE ALL ON twotower.feedback_log FROM PUBLIC;
 
@@ -411,49 +417,59 @@ SELECT i.request_id, i.logged_at, pg_catalog.pg_get_userbyid(i.logged_by) AS log
               WHERE i.channel_ranks[(s.rank OPERATOR(pg_catalog.-) 1) OPERATOR(pg_catalog.*) pg_catalog.cardinality(i.channels) OPERATOR(pg_catalog.+) c] OPERATOR(pg_catalog.>) 0
               ORDER BY c) AS channel_ranks,
        ARRAY(SELECT f.kind FROM twotower.feedback_log f
-              WHERE f.request_id OPERATOR(pg_catalog.=) i.request_id AND f.item_id OPERATOR(pg_catalog.=) s.item_id
+              WHERE f.logged_by OPERATOR(pg_catalog.=) i.logged_by AND f.request_id OPERATOR(pg_catalog.=) i.request_id
+                AND f.item_id OPERATOR(pg_catalog.=) s.item_id
               ORDER BY f.recorded_at, f.kind) AS feedback
   FROM twotower.impression_log i
  CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(i.items), pg_catalog.unnest(i.scores)) WITH ORDINALITY AS s(item_id, score, rank);
 COMMENT ON VIEW twotower.impressions IS 'the impression log (recommend with a request_id), one row per shown item: request, variant, rank, score, the channels that returned it, the feedback recorded on it';
 
 CREATE VIEW twotower.feedback_events AS
-SELECT f.request_id, f.item_id, f.kind, f.value, f.recorded_at, pg_catalog.pg_get_userbyid(f.recorded_by) AS recorded_by
+SELECT f.request_id, pg_catalog.pg_get_userbyid(f.logged_by) AS logged_by, f.item_id, f.kind, f.value, f.recorded_at,
+       pg_catalog.pg_get_userbyid(f.recorded_by) AS recorded_by
   FROM twotower.feedback_log f;
 COMMENT ON VIEW twotower.feedback_events IS 'feedback recorded with twotower.feedback against logged lists';
 
 -- The log as training examples. logged_requests/logged_candidates fit train_prerank's
--- requests and candidates (label 1: the item got positive feedback, i.e. any kind except
--- dislike and skip; 0: shown and not engaged with, an exposure-aware negative).
+-- requests and candidates (label 1: the item got positive feedback, a click or a like, as
+-- online_metrics counts by default; 0: shown and not engaged with, an exposure-aware negative).
+-- The request id of a training example is the role's oid and its request id, so that two
+-- roles' ids never meet. Lists logged without their features are left out.
 CREATE VIEW twotower.logged_requests AS
-SELECT i.request_id, i.features, i.logged_at, i.pipeline, i.variant, i.served_by, i.unit
-  FROM twotower.impression_log i;
+SELECT (i.logged_by::text OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) i.request_id) AS request_id, i.features,
+       i.logged_at, i.pipeline, i.variant, i.served_by, i.unit
+  FROM twotower.impression_log i
+ WHERE i.features IS NOT NULL;
 COMMENT ON VIEW twotower.logged_requests IS 'logged requests with the features they were served with (train_prerank''s requests)';
 CREATE VIEW twotower.logged_candidates AS
-SELECT i.request_id, s.item_id, s.rank::integer AS rank, s.score,
+SELECT (i.logged_by::text OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) i.request_id) AS request_id,
+       s.item_id, s.rank::integer AS rank, s.score,
        CASE WHEN EXISTS (SELECT 1 FROM twotower.feedback_log f
-                          WHERE f.request_id OPERATOR(pg_catalog.=) i.request_id AND f.item_id OPERATOR(pg_catalog.=) s.item_id
-                            AND f.kind OPERATOR(pg_catalog.<>) ALL ('{dislike,skip}'::text[]))
+                          WHERE f.logged_by OPERATOR(pg_catalog.=) i.logged_by AND f.request_id OPERATOR(pg_catalog.=) i.request_id
+                            AND f.item_id OPERATOR(pg_catalog.=) s.item_id
+                            AND f.kind OPERATOR(pg_catalog.=) ANY ('{click,like}'::text[]))
             THEN 1.0::real ELSE 0.0::real END AS label,
        EXISTS (SELECT 1 FROM twotower.feedback_log f
-                WHERE f.request_id OPERATOR(pg_catalog.=) i.request_id AND f.item_id OPERATOR(pg_catalog.=) s.item_id
+                WHERE f.logged_by OPERATOR(pg_catalog.=) i.logged_by AND f.request_id OPERATOR(pg_catalog.=) i.request_id
+                  AND f.item_id OPERATOR(pg_catalog.=) s.item_id
                   AND f.kind OPERATOR(pg_catalog.=) ANY ('{dislike,skip}'::text[])) AS disliked
   FROM twotower.impression_log i
- CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(i.items), pg_catalog.unnest(i.scores)) WITH ORDINALITY AS s(item_id, score, rank);
-COMMENT ON VIEW twotower.logged_candidates IS 'every logged (request, item) with label 1 for positive feedback and 0 for shown and not engaged with (train_prerank''s candidates), and whether it was disliked';
+ CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(i.items), pg_catalog.unnest(i.scores)) WITH ORDINALITY AS s(item_id, score, rank)
+ WHERE i.features IS NOT NULL;
+COMMENT ON VIEW twotower.logged_candidates IS 'every logged (request, item) with label 1 for a click or like and 0 for shown and not engaged with (train_prerank''s candidates), and whether it was disliked or skipped';
 
 REVOKE ALL ON twotower.impressions, twotower.feedback_events, twotower.logged_requests, twotower.logged_candidates FROM PUBLIC;
 GRANT SELECT ON twotower.impressions, twotower.feedback_events, twotower.logged_requests, twotower.logged_candidates TO twotower_admin;
 -- twotower_admin keeps the log bounded (DELETE old rows; docs/serving.md).
-GRANT SELECT, DELETE ON twotower.impression_log, twotower.feedback_log TO twotower_admin;
+GRANT SELECT, DELETE ON twotower.impression_log, twotower.feedback_log, twotower.pipeline_history TO twotower_admin;
 
 -- Online metrics per variant over the log (docs/serving.md): requests, impressions, positive
 -- feedback (kinds in `positive`), CTR and the share of requests with a hit in the top k (HR@k),
 -- NDCG@k of the engaged items, catalogue coverage and the long-tail share of impressions (items
 -- outside the 20 % most engaged-with items of the window), each rate with a 95 % interval
--- (Wilson for proportions, normal for NDCG), and HR@k's difference to the first variant of the
--- split's current definition (the control) with its 95 % interval. Reads the log through the
--- views above: twotower_admin only.
+-- (Wilson for proportions, normal for NDCG: NULL for one request), and HR@k's difference to the
+-- first variant with traffic in the split's current definition (the control) with its 95 %
+-- interval. Reads the log through the views above: twotower_admin only.
 CREATE FUNCTION twotower.online_metrics(
     pipeline text,
     since timestamptz DEFAULT NULL,
@@ -476,18 +492,17 @@ BEGIN
     END IF;
     RETURN QUERY
     WITH shown AS (
-        SELECT i.request_id, coalesce(i.variant, '') AS variant, i.served_by, i.unit, i.item_id, i.rank,
-               EXISTS (SELECT 1 FROM twotower.feedback_events f
-                        WHERE f.request_id = i.request_id AND f.item_id = i.item_id
-                          AND f.kind = ANY (online_metrics.positive)) AS hit
+        SELECT i.logged_by || ':' || i.request_id AS request_id, coalesce(i.variant, '') AS variant, i.served_by,
+               i.unit, i.item_id, i.rank, i.feedback && online_metrics.positive AS hit
           FROM twotower.impressions i
          WHERE i.pipeline = online_metrics.pipeline
            AND (since IS NULL OR i.logged_at >= since)
            AND (until IS NULL OR i.logged_at < until)
            AND (k IS NULL OR i.rank <= k)
     ), popularity AS (
-        SELECT s.item_id, row_number() OVER (ORDER BY count(*) FILTER (WHERE s.hit) DESC, s.item_id) AS r,
-               count(*) OVER () AS n
+        -- The head: items with engagement whose rank by it is in the top 20 % (ties alike).
+        SELECT s.item_id, count(*) FILTER (WHERE s.hit) AS hits,
+               rank() OVER (ORDER BY count(*) FILTER (WHERE s.hit) DESC) AS r, count(*) OVER () AS n
           FROM shown s GROUP BY s.item_id
     ), per_request AS (
         SELECT s.request_id, s.variant, s.served_by, s.unit, bool_or(s.hit) AS hit,
@@ -503,11 +518,11 @@ BEGIN
     ), vi AS (
         SELECT s.variant, count(*) AS impressions, count(*) FILTER (WHERE s.hit) AS engaged,
                count(DISTINCT s.item_id) AS coverage,
-               avg((p.r > ceil(0.2 * p.n))::integer::double precision) AS tail
+               avg((p.hits = 0 OR p.r > ceil(0.2 * p.n))::integer::double precision) AS tail
           FROM shown s JOIN popularity p USING (item_id) GROUP BY s.variant
     ), ord AS (
-        SELECT e.value ->> 'name' AS variant, e.o
-          FROM twotower.pipeline p, jsonb_array_elements(p.definition -> 'variants') WITH ORDINALITY AS e(value, o)
+        SELECT e.value ->> 'name' AS variant, e.o, (e.value ->> 'share')::numeric > 0 AS live
+          FROM twotower.pipelines p, jsonb_array_elements(p.definition -> 'variants') WITH ORDINALITY AS e(value, o)
          WHERE p.name = online_metrics.pipeline
     ), joined AS (
         SELECT v.*, vi.impressions, vi.engaged, vi.coverage, vi.tail,
@@ -515,9 +530,10 @@ BEGIN
                coalesce(o.o, 1000000) AS o
           FROM v JOIN vi USING (variant) LEFT JOIN ord o USING (variant)
     ), control AS (
-        -- The split's first listed variant (no control, no differences, if it got no traffic).
+        -- The split's first listed variant with a share above 0 (no control, no differences,
+        -- if it got no requests in the window).
         SELECT j.hr AS c_hr, j.requests AS c_n, j.variant AS c_variant FROM joined j
-         WHERE j.o = (SELECT min(o) FROM ord)
+         WHERE j.o = (SELECT min(o) FROM ord WHERE live)
     )
     SELECT nullif(j.variant, ''), j.served_by, j.requests, j.units, j.impressions, j.engaged,
            j.ctr_p,
@@ -527,8 +543,8 @@ BEGIN
            (j.hr + 1.9208 / j.requests - 1.96 * sqrt(j.hr * (1 - j.hr) / j.requests + 0.9604 / j.requests ^ 2)) / (1 + 3.8416 / j.requests),
            (j.hr + 1.9208 / j.requests + 1.96 * sqrt(j.hr * (1 - j.hr) / j.requests + 0.9604 / j.requests ^ 2)) / (1 + 3.8416 / j.requests),
            j.nd,
-           j.nd - 1.96 * coalesce(j.nd_sd, 0) / sqrt(j.requests),
-           j.nd + 1.96 * coalesce(j.nd_sd, 0) / sqrt(j.requests),
+           j.nd - 1.96 * j.nd_sd / sqrt(j.requests),
+           j.nd + 1.96 * j.nd_sd / sqrt(j.requests),
            j.coverage, j.tail,
            CASE WHEN c.c_variant IS NULL OR j.variant = '' OR j.variant = c.c_variant THEN NULL ELSE j.hr - c.c_hr END,
            CASE WHEN c.c_variant IS NULL OR j.variant = '' OR j.variant = c.c_variant THEN NULL

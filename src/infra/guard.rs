@@ -36,14 +36,31 @@ pub unsafe extern "C-unwind" fn twotower_drop_guard(
         (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE
     };
     let held = crate::infra::catalog::as_catalog_owner_any_layout(|| {
+        // The impression log exists from 0.8.0 on (a library ahead of its catalogue's update
+        // must still guard the rest).
+        let log = crate::infra::catalog::read_row::<bool, bool>(
+            "SELECT pg_catalog.to_regclass('twotower.impression_log') IS NOT NULL, true",
+            &[],
+        )?
+        .and_then(|(l, _)| l)
+        .unwrap_or(false);
         crate::infra::catalog::read_row::<String, bool>(
-            "SELECT pg_catalog.concat_ws(', ',
-                    CASE WHEN m > 0 THEN m || ' models' END,
-                    CASE WHEN p > 0 THEN p || ' pipelines' END,
-                    CASE WHEN c > 0 THEN c || ' channels' END), true
-               FROM (SELECT (SELECT pg_catalog.count(*) FROM twotower.model) AS m,
-                            (SELECT pg_catalog.count(*) FROM twotower.pipeline) AS p,
-                            (SELECT pg_catalog.count(*) FROM twotower.channel) AS c) AS x",
+            &format!(
+                "SELECT pg_catalog.concat_ws(', ',
+                        CASE WHEN m > 0 THEN m || ' models' END,
+                        CASE WHEN p > 0 THEN p || ' pipelines' END,
+                        CASE WHEN c > 0 THEN c || ' channels' END,
+                        CASE WHEN i > 0 THEN i || ' logged impression lists' END), true
+                   FROM (SELECT (SELECT pg_catalog.count(*) FROM twotower.model) AS m,
+                                (SELECT pg_catalog.count(*) FROM twotower.pipeline) AS p,
+                                (SELECT pg_catalog.count(*) FROM twotower.channel) AS c,
+                                {} AS i) AS x",
+                if log {
+                    "(SELECT pg_catalog.count(*) FROM twotower.impression_log)"
+                } else {
+                    "0"
+                }
+            ),
             &[],
         )
     });

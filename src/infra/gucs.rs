@@ -16,6 +16,7 @@ pub static ITERATIVE_SCAN: GucSetting<IterativeScan> =
 /// `twotower.max_scan_tuples`: rows one ordered scan returns at most.
 pub static LOG_IMPRESSIONS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static LOG_MAX_ITEMS: GucSetting<i32> = GucSetting::<i32>::new(100);
+pub static LOG_MAX_FEATURE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(65_536);
 pub static MAX_SCAN_TUPLES: GucSetting<i32> = GucSetting::<i32>::new(20_000);
 
 /// `twotower.unavailable_shards`: what recall() does when a foreign partition cannot answer.
@@ -112,10 +113,20 @@ pub fn register() {
     GucRegistry::define_int_guc(
         c"twotower.log_max_items",
         c"The most items of one list the impression log keeps (the top ones).",
-        c"Bounds the log's growth per call; items past it are returned but not logged.",
+        c"Items past it are returned but not logged.",
         &LOG_MAX_ITEMS,
         1,
         10_000,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"twotower.log_max_feature_bytes",
+        c"The largest request features (JSON text, bytes) the impression log keeps.",
+        c"A list whose request's features are larger is logged without them (NULL; not a training example). With twotower.log_max_items it bounds a logged row.",
+        &LOG_MAX_FEATURE_BYTES,
+        0,
+        1_048_576,
         GucContext::Suset,
         GucFlags::default(),
     );

@@ -77,7 +77,7 @@ pub fn splits_using(name: &str) -> TtResult<Vec<String>> {
 }
 
 /// Checks a split's variants against the database: each names a saved pipeline (not a split)
-/// whose user model loads.
+/// whose user model loads and which the caller may manage.
 pub fn check_split(name: &str, s: &Split) -> TtResult<()> {
     for (i, v) in s.variants.iter().enumerate() {
         let path = format!("variants[{i}].pipeline");
@@ -102,6 +102,17 @@ pub fn check_split(name: &str, s: &Split) -> TtResult<()> {
         };
         // Its user model must load (the check of the pipeline itself was done when it was saved).
         user_model(&d)?;
+        // Listing a pipeline keeps its owner from dropping it: only its owner (or
+        // twotower_admin) may.
+        let me = catalog::caller();
+        if let Some(owner) = catalog::owner_of(catalog::Owned::Pipeline, &v.pipeline, false)? {
+            if !catalog::may_manage(me, owner) {
+                return Err(TtError::PermissionDenied {
+                    action: format!("list pipeline \"{}\" in a split", v.pipeline),
+                    hint: "A split may list the pipelines its saver owns (members of twotower_admin: any).".into(),
+                });
+            }
+        }
     }
     Ok(())
 }

@@ -37,6 +37,7 @@ pub mod twotower {
             Parsed::Pipeline(Box::new(Definition::parse(&v).map_err(bad_def).or_report()))
         };
         let me = caller();
+        lock_pipelines();
         match owner_of(Owned::Pipeline, name, true).or_report() {
             Some(owner) if !catalog::may_manage(me, owner) => TtError::PermissionDenied {
                 action: format!("replace pipeline \"{name}\""),
@@ -117,10 +118,21 @@ pub mod twotower {
         catalog::invalidate();
     }
 
+    /// Saves and drops of pipelines and splits one at a time (until the transaction ends), so
+    /// that a split never lists a pipeline a concurrent drop removes, nor one a concurrent
+    /// save turns into a split. Calls (`recommend`) read on.
+    fn lock_pipelines() {
+        as_catalog_owner(|| Spi::run("LOCK TABLE twotower.pipeline IN SHARE ROW EXCLUSIVE MODE"))
+            .or_report()
+            .map_err(|e| TtError::Catalog(format!("locking the pipelines: {e}")))
+            .or_report();
+    }
+
     /// Drops pipeline `name` (its owner or twotower_admin); false if there is none.
     #[pg_extern(volatile, parallel_unsafe)]
     fn drop_pipeline(name: &str) -> bool {
         let me = caller();
+        lock_pipelines();
         let Some(owner) = owner_of(Owned::Pipeline, name, true).or_report() else {
             return false;
         };

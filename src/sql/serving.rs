@@ -4,7 +4,7 @@
 //! itself is saved with `save_pipeline` and assigned by the funnel core (`twotower_funnel::split`);
 //! the metrics over the log are SQL (`twotower.online_metrics`, sql/pg_twotower.sql).
 
-use crate::infra::catalog::{self, as_catalog_owner, caller, is_admin, JsonbValue};
+use crate::infra::catalog::{as_catalog_owner, caller, is_admin, JsonbValue};
 use crate::infra::error::{TtError, TtResult};
 use crate::infra::gucs;
 use crate::sql::pipeline::twotower::Served;
@@ -15,6 +15,8 @@ use twotower_funnel::Ranked;
 pub const MAX_REQUEST_ID: usize = 200;
 /// The longest feedback kind.
 const MAX_KIND: usize = 32;
+/// The most feedback kinds one item of one list takes.
+const MAX_KINDS_PER_ITEM: i64 = 16;
 
 /// The log's INSERT: one row, or none when the request id is logged already (counted).
 const LOG_INSERT_SQL: &str = "WITH logged AS (
@@ -25,7 +27,7 @@ const LOG_INSERT_SQL: &str = "WITH logged AS (
              CASE WHEN $12 IS NULL THEN $7::pg_catalog.jsonb
                   ELSE $7::pg_catalog.jsonb OPERATOR(pg_catalog.-) $12 END,
              $8, $9, $10, $11)
-     ON CONFLICT (request_id) DO NOTHING
+     ON CONFLICT (logged_by, request_id) DO NOTHING
      RETURNING 1)
  SELECT pg_catalog.count(*) FROM logged";
 
@@ -121,7 +123,10 @@ pub(crate) fn log_impressions(
                         variant.into(),
                         served.pipeline.as_str().into(),
                         unit.into(),
-                        features.text().into(),
+                        (features.text().len()
+                            <= gucs::LOG_MAX_FEATURE_BYTES.get().max(0) as usize)
+                            .then(|| features.text())
+                            .into(),
                         items.into(),
                         scores.into(),
                         served.channels.clone().into(),
@@ -150,7 +155,8 @@ pub mod twotower {
     /// Records feedback on an item of a logged list: `kind` (click, like, dislike, dwell, or
     /// any lower-case name) with an optional `value` (e.g. dwell seconds). Only the role that
     /// logged the list (or twotower_admin) records feedback on it; the item must have been in
-    /// the list. Appended to `twotower.feedback_log`.
+    /// the list. One row per (list, item, kind) in `twotower.feedback_log` (recorded again:
+    /// the value and time are replaced), at most 16 kinds per item.
     #[pg_extern(volatile, parallel_unsafe)]
     fn feedback(
         request_id: Option<&str>,
@@ -182,19 +188,33 @@ pub mod twotower {
             }
         }
         let me = caller();
+        // The caller's own list; for twotower_admin, the one list under this id whoever
+        // logged it. Another role's list reads as no list at all: feedback reveals nothing.
+        let admin = is_admin(me);
         let found = as_catalog_owner(|| {
-            catalog::read_row::<pg_sys::Oid, bool>(
-                "SELECT logged_by, $2 = ANY (items) FROM twotower.impression_log WHERE request_id = $1",
-                &[request_id.into(), item_id.into()],
-            )
+            Spi::connect(|c| {
+                c.select(
+                    "SELECT logged_by, $2 = ANY (items) FROM twotower.impression_log
+                      WHERE request_id = $1 AND ($3 OR logged_by = $4)
+                      ORDER BY logged_by = $4 DESC LIMIT 2",
+                    None,
+                    &[request_id.into(), item_id.into(), admin.into(), me.into()],
+                )?
+                .map(|r| Ok::<_, pgrx::spi::Error>((r.get::<pg_sys::Oid>(1)?, r.get::<bool>(2)?)))
+                .collect::<Result<Vec<_>, _>>()
+            })
         })
         .or_report()
         .map_err(|e| TtError::Catalog(format!("reading the impression log: {e}")))
         .or_report();
-        // Another role's list reads as no list at all: feedback reveals nothing about it.
-        let shown = match found {
-            Some((Some(by), Some(shown))) if by == me || is_admin(me) => shown,
-            _ => TtError::UnknownRequest(request_id.to_owned()).report(),
+        let (by, shown) = match found.as_slice() {
+            [(Some(by), Some(shown)), ..] if *by == me => (*by, *shown),
+            [(Some(by), Some(shown))] => (*by, *shown),
+            [] => TtError::UnknownRequest(request_id.to_owned()).report(),
+            _ => TtError::BadArgument(format!(
+                "request id \"{request_id}\" was logged by several roles; record its feedback as the role that logged it"
+            ))
+            .report(),
         };
         if !shown {
             TtError::BadArgument(format!(
@@ -202,11 +222,32 @@ pub mod twotower {
             ))
             .report();
         }
+        let kinds = as_catalog_owner(|| {
+            Spi::get_one_with_args::<i64>(
+                "SELECT pg_catalog.count(*) FROM twotower.feedback_log
+                  WHERE logged_by = $1 AND request_id = $2 AND item_id = $3 AND kind <> $4",
+                &[by.into(), request_id.into(), item_id.into(), kind.into()],
+            )
+        })
+        .or_report()
+        .map_err(|e| TtError::Catalog(format!("reading the feedback log: {e}")))
+        .or_report()
+        .unwrap_or(0);
+        if kinds >= MAX_KINDS_PER_ITEM {
+            TtError::BadArgument(format!(
+                "item {item_id} of request \"{request_id}\" has feedback of {kinds} kinds already; at most {MAX_KINDS_PER_ITEM}"
+            ))
+            .report();
+        }
+        // One row per (list, item, kind): recorded again, the value and time are replaced.
         as_catalog_owner(|| {
             Spi::run_with_args(
-                "INSERT INTO twotower.feedback_log (request_id, item_id, kind, value, recorded_by)
-                 VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO twotower.feedback_log (logged_by, request_id, item_id, kind, value, recorded_by)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (logged_by, request_id, item_id, kind)
+                 DO UPDATE SET value = EXCLUDED.value, recorded_at = pg_catalog.now(), recorded_by = EXCLUDED.recorded_by",
                 &[
+                    by.into(),
                     request_id.into(),
                     item_id.into(),
                     kind.into(),

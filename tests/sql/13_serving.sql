@@ -129,16 +129,33 @@ RESET twotower.log_max_items;
 SET twotower.log_impressions = off;
 SELECT count(*) AS returned FROM twotower.recommend('sv_a', '{"q": [0, 1]}', request_id => 'r-off');
 RESET twotower.log_impressions;
-SELECT r.request_id, r.variant, r.served_by, r.unit, cardinality(l.items) AS items FROM twotower.logged_requests r
-  JOIN twotower.impression_log l USING (request_id) ORDER BY request_id;
+-- Features larger than log_max_feature_bytes: the list is logged without them (and is no
+-- training example).
+SET twotower.log_max_feature_bytes = 10;
+SELECT count(*) AS returned FROM twotower.recommend('sv_a', '{"q": [0, 1]}', request_id => 'r-big');
+RESET twotower.log_max_feature_bytes;
+SELECT request_id, features IS NULL AS without_features, cardinality(items) FROM twotower.impression_log WHERE request_id = 'r-big';
+SELECT count(*) AS as_training FROM twotower.logged_requests WHERE request_id LIKE '%:r-big';
+SELECT l.request_id, r.request_id = l.logged_by || ':' || l.request_id AS training_id, r.variant, r.served_by, r.unit,
+       cardinality(l.items) AS items
+  FROM twotower.logged_requests r JOIN twotower.impression_log l ON r.request_id = l.logged_by || ':' || l.request_id
+ ORDER BY l.request_id;
 
 -- Feedback against a logged list.
 SELECT twotower.feedback('r42', (SELECT items[2] FROM twotower.impression_log WHERE request_id = 'r42'));
 SELECT twotower.feedback('r42', (SELECT items[3] FROM twotower.impression_log WHERE request_id = 'r42'), 'dwell', 12.5);
 SELECT twotower.feedback('r42', (SELECT items[4] FROM twotower.impression_log WHERE request_id = 'r42'), 'dislike');
+-- Recorded again: one row, the value replaced.
+SELECT twotower.feedback('r42', (SELECT items[3] FROM twotower.impression_log WHERE request_id = 'r42'), 'dwell', 30);
 SELECT rank, feedback FROM twotower.impressions WHERE request_id = 'r42' ORDER BY rank;
-SELECT rank, label, disliked FROM twotower.logged_candidates WHERE request_id = 'r42' ORDER BY rank;
-SELECT kind, value FROM twotower.feedback_events ORDER BY recorded_at, kind;
+SELECT rank, label, disliked FROM twotower.logged_candidates WHERE request_id LIKE '%:r42' ORDER BY rank;
+SELECT kind, value FROM twotower.feedback_events ORDER BY kind;
+-- At most 16 kinds an item: the 17th is refused, a known one is still replaced.
+SELECT count(twotower.feedback('r42', (SELECT items[1] FROM twotower.impression_log WHERE request_id = 'r42'), 'k' || k))
+  FROM generate_series(1, 16) k;
+SELECT pg_temp.err($$SELECT twotower.feedback('r42', (SELECT items[1] FROM twotower.impression_log WHERE request_id = 'r42'), 'k17')$$);
+SELECT pg_temp.err($$SELECT twotower.feedback('r42', (SELECT items[1] FROM twotower.impression_log WHERE request_id = 'r42'), 'k16', 2)$$);
+DELETE FROM twotower.feedback_log WHERE kind LIKE 'k%';
 SELECT pg_temp.err(q) FROM unnest(ARRAY[
   $$SELECT twotower.feedback('r42', 999)$$,
   $$SELECT twotower.feedback('r-none', 1)$$,
@@ -176,10 +193,37 @@ SELECT pg_temp.err(q) FROM unnest(ARRAY[
   $$SET twotower.log_max_items = 10000$$
 ]) q;
 SELECT count(*) AS history_is_public FROM twotower.pipeline_changes WHERE name = 'sv_home';
+RESET ROLE;
+-- A split lists only pipelines its saver owns (it keeps their owners from dropping them): the
+-- owner of sv_app_p (no longer an admin) cannot turn it into a split over the superuser's sv_a.
+GRANT twotower_admin TO sv_app;
+SET ROLE sv_app;
+SELECT twotower.save_pipeline('sv_app_p', (SELECT definition FROM twotower.pipelines WHERE name = 'sv_c'));
+RESET ROLE;
+REVOKE twotower_admin FROM sv_app;
+SET ROLE sv_app;
+SELECT pg_temp.err($$SELECT twotower.save_pipeline('sv_app_p', '{"unit": "user_id", "variants": [{"name": "a", "pipeline": "sv_a", "share": 100}]}')$$);
 SET ROLE sv_other;
 SELECT pg_temp.err($$SELECT twotower.feedback('app-1', 1)$$);
+-- Another role's request ids are neither visible nor in the way: sv_other logs its own app-1
+-- (and r42, the superuser's).
+SELECT count(*) FROM twotower.recommend('sv_home', '{"q": [0, 1], "user_id": 6}', request_id => 'app-1');
+SELECT count(*) FROM twotower.recommend('sv_home', '{"q": [0, 1], "user_id": 6}', request_id => 'r42');
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('sv_home', '{"q": [0, 1], "user_id": 6}', request_id => 'app-1')$$);
 RESET ROLE;
 SELECT request_id, logged_by, rank, feedback FROM twotower.impressions WHERE request_id = 'app-1' AND feedback <> '{}';
+-- twotower_admin records feedback on anyone's list, unless the id is ambiguous.
+SELECT pg_temp.err($$SELECT twotower.feedback('app-1', 1)$$);
+SELECT logged_by::regrole AS role, count(*) FROM twotower.impression_log WHERE request_id IN ('app-1', 'r42') GROUP BY logged_by ORDER BY 1::text;
+DELETE FROM twotower.impression_log WHERE logged_by = 'sv_other'::regrole;
+-- A member of twotower_admin who is not a superuser reads the log, its metrics, and trims it.
+CREATE ROLE sv_admin IN ROLE twotower_admin;
+SET ROLE sv_admin;
+SELECT variant, requests FROM twotower.online_metrics('sv_home') ORDER BY variant;
+SELECT count(*) > 0 AS reads FROM twotower.impressions;
+SELECT twotower.feedback('app-1', (SELECT items[2] FROM twotower.impression_log WHERE request_id = 'app-1'), 'like');
+WITH d AS (DELETE FROM twotower.pipeline_history WHERE name = 'sv_tmp' RETURNING 1) SELECT count(*) AS trimmed FROM d;
+RESET ROLE;
 
 -- Online metrics per variant, against the same figures computed here from the log's tables.
 -- Forty more logged requests through the split; a click on rank 1 for even users, rank 3 for
@@ -200,13 +244,15 @@ WITH r AS (
     FROM twotower.impression_log i WHERE i.pipeline = 'sv_home')
 SELECT variant, count(*) AS requests, sum(n) AS impressions, sum(clicks) AS engaged,
        avg((clicks > 0)::int) AS hit_rate,
-       avg(CASE clicks WHEN 0 THEN 0 WHEN 1 THEN dcg ELSE dcg / (1 + 1 / log(2, 3.0)) END) AS ndcg
+       avg(CASE clicks WHEN 0 THEN 0 WHEN 1 THEN dcg ELSE dcg / (1 + 1 / log(2, 3.0)) END) AS ndcg,
+       stddev_samp(CASE clicks WHEN 0 THEN 0 WHEN 1 THEN dcg ELSE dcg / (1 + 1 / log(2, 3.0)) END) AS ndcg_sd
   FROM r GROUP BY variant;
 SELECT m.variant, m.served_by, m.requests = e.requests AS requests_ok, m.impressions = e.impressions AS impressions_ok,
        m.engaged = e.engaged AS engaged_ok, abs(m.hit_rate - e.hit_rate) < 1e-12 AS hit_rate_ok,
        abs(m.ndcg - e.ndcg) < 1e-9 AS ndcg_ok, abs(m.ctr - e.engaged::float8 / e.impressions) < 1e-12 AS ctr_ok,
        m.ctr_low < m.ctr AND m.ctr < m.ctr_high AS ctr_interval, m.hit_rate_low < m.hit_rate AND m.hit_rate < m.hit_rate_high AS hr_interval,
-       m.ndcg_low <= m.ndcg AND m.ndcg <= m.ndcg_high AS ndcg_interval, m.coverage, m.long_tail_share BETWEEN 0 AND 1 AS tail_ok
+       abs(m.ndcg_low - (e.ndcg - 1.96 * e.ndcg_sd / sqrt(e.requests))) < 1e-9 AS ndcg_low_ok,
+       abs(m.ndcg_high - (e.ndcg + 1.96 * e.ndcg_sd / sqrt(e.requests))) < 1e-9 AS ndcg_high_ok, m.coverage
   FROM twotower.online_metrics('sv_home') m JOIN sv_expected e USING (variant) ORDER BY m.variant;
 -- The difference to the control (a, listed first) and its interval.
 SELECT m.variant, m.hit_rate_diff IS NULL AS is_control,
@@ -217,8 +263,12 @@ SELECT m.variant, m.hit_rate_diff IS NULL AS is_control,
 -- pipeline has one row without a variant and no difference.
 SELECT count(*) FROM twotower.recommend('sv_b', '{"q": [1, 0]}', request_id => 'w1');
 SELECT twotower.feedback('w1', items[1]) FROM twotower.impression_log WHERE request_id = 'w1';
-SELECT variant, requests, impressions, engaged, round(ctr_low::numeric, 4), round(ctr_high::numeric, 4), hit_rate_diff
+SELECT variant, requests, impressions, engaged, round(ctr_low::numeric, 4), round(ctr_high::numeric, 4), hit_rate_diff,
+       ndcg_low IS NULL AND ndcg_high IS NULL AS no_ndcg_interval_from_one_request
   FROM twotower.online_metrics('sv_b');
+-- The long tail: items outside the top 20 % by engagement (ties alike), and items never
+-- engaged with. sv_b's list of four has one engaged item: the other three are the tail.
+SELECT long_tail_share FROM twotower.online_metrics('sv_b');
 -- HR@1 counts only clicks at rank 1; k must be positive.
 SELECT m.variant, abs(m.hit_rate - e.hr) < 1e-12 AS hr_at_1_ok
   FROM twotower.online_metrics('sv_home', k => 1) m
@@ -227,6 +277,15 @@ SELECT m.variant, abs(m.hit_rate - e.hr) < 1e-12 AS hr_at_1_ok
           FROM twotower.impression_log i WHERE i.pipeline = 'sv_home' GROUP BY i.variant) e USING (variant)
  ORDER BY m.variant;
 SELECT pg_temp.err($$SELECT * FROM twotower.online_metrics('sv_home', k => 0)$$);
+-- A stopped variant listed first is not the control: the first with traffic is.
+SELECT twotower.save_pipeline('sv_home', '{"unit": "user_id", "variants": [
+  {"name": "c", "pipeline": "sv_c", "share": 0}, {"name": "a", "pipeline": "sv_a", "share": 50},
+  {"name": "b", "pipeline": "sv_b", "share": 50}]}');
+SELECT variant, hit_rate_diff IS NULL AS is_control FROM twotower.online_metrics('sv_home') ORDER BY variant;
+-- Deleting a list deletes its feedback.
+SELECT count(*) AS feedback_before FROM twotower.feedback_log WHERE request_id = 'w1';
+DELETE FROM twotower.impression_log WHERE request_id = 'w1';
+SELECT count(*) AS feedback_after FROM twotower.feedback_log WHERE request_id = 'w1';
 -- A window of time with no requests: no rows.
 SELECT count(*) FROM twotower.online_metrics('sv_home', since => now() + interval '1 day');
 
@@ -241,9 +300,13 @@ RESET client_min_messages;
 
 -- Clean up: the split first (its variants cannot go while it lists them).
 SELECT twotower.drop_pipeline('sv_home');
-SELECT twotower.drop_pipeline(p) FROM unnest(ARRAY['sv_a', 'sv_b', 'sv_c', 'sv_pre']) p;
+SELECT twotower.drop_pipeline(p) FROM unnest(ARRAY['sv_a', 'sv_b', 'sv_c', 'sv_pre', 'sv_app_p']) p;
 SELECT twotower.drop_model('sv_student');
 SELECT twotower.drop_model('sv_user');
 DROP TABLE sv_items;
 DROP ROLE sv_app;
 DROP ROLE sv_other;
+DROP ROLE sv_admin;
+-- The log is data: DROP EXTENSION without CASCADE is refused while it holds lists.
+SELECT pg_temp.err('DROP EXTENSION pg_twotower') LIKE '2BP01:%logged impression lists%' AS refused;
+TRUNCATE twotower.impression_log, twotower.feedback_log;

@@ -152,6 +152,21 @@ $node->safe_psql('up070', q{
 });
 $node->safe_psql('up070', 'ALTER EXTENSION pg_twotower UPDATE');
 is($node->safe_psql('up070', $describe), $want, 'a 0.7.0 install updated equals a fresh install');
+# recommend is created anew by the 0.8.0 update (a new argument): a DBA's REVOKE from PUBLIC
+# and GRANTs carry over.
+$node->safe_psql('postgres', 'CREATE DATABASE up070acl');
+$node->safe_psql('up070acl', q{
+	CREATE EXTENSION pg_twotower VERSION '0.7.0';
+	CREATE ROLE up_app;
+	CREATE ROLE up_other;
+	REVOKE EXECUTE ON FUNCTION twotower.recommend(text, jsonb, integer, bigint[]) FROM PUBLIC;
+	GRANT EXECUTE ON FUNCTION twotower.recommend(text, jsonb, integer, bigint[]) TO up_app;
+});
+$node->safe_psql('up070acl', 'ALTER EXTENSION pg_twotower UPDATE');
+is($node->safe_psql('up070acl', q{
+	SELECT has_function_privilege('up_app', 'twotower.recommend(text, jsonb, integer, bigint[], text)', 'EXECUTE')
+	       || ',' || has_function_privilege('up_other', 'twotower.recommend(text, jsonb, integer, bigint[], text)', 'EXECUTE')}),
+	'true,false', "the update keeps recommend's privileges");
 is($node->safe_psql('up070', q{SELECT string_agg(tgrelid::regclass::text, ',' ORDER BY tgrelid::regclass::text)
 	FROM pg_trigger WHERE tgname = 'twotower_item_cache'}), 'pf,pf_1', 'the update puts the cache trigger on the partitions');
 is($node->safe_psql('up070', q{SET enable_seqscan = off;

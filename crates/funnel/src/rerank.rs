@@ -1269,7 +1269,7 @@ mod lazy_mmr {
                 .collect();
             let keep = rng.gen_range(1..30);
             let mut rules =
-                vec![json!({"rule": "mmr", "lambda": f64::from(rng.gen_range(1..10u8)) / 10.0})];
+                vec![json!({"rule": "mmr", "lambda": f64::from(rng.gen_range(0..=10u8)) / 10.0})];
             if rng.gen_bool(0.7) {
                 let mut cap = json!({"rule": "cap", "column": "cat", "most": rng.gen_range(1..4)});
                 if rng.gen_bool(0.4) {

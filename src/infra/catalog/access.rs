@@ -42,16 +42,21 @@ pub(super) fn catalog_owner(rel: pg_sys::Oid) -> TtResult<pg_sys::Oid> {
 pub(super) const SCHEMA_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 thread_local! {
-    /// The local transaction in which the layout was last found to be this library's: an
-    /// update of the extension commits in a transaction of its own, so once per transaction
-    /// is enough.
-    static LAYOUT_CHECKED_IN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// The (local transaction, command) in which the layout was last found to be this
+    /// library's. An update of the extension is a command of its own (the command counter
+    /// moves on, also past a rolled-back savepoint), so the calls of one statement check once.
+    static LAYOUT_CHECKED_IN: std::cell::Cell<(u32, u32)> = const { std::cell::Cell::new((0, 0)) };
 }
 
-fn local_transaction() -> u32 {
-    // SAFETY: MyProc is set for every backend before any function runs; lxid is its own
-    // backend's field.
-    unsafe { pg_sys::MyProc.as_ref().map_or(0, |p| p.lxid) }
+fn local_command() -> (u32, u32) {
+    // SAFETY: MyProc is set for every backend before any function runs (lxid is its own
+    // backend's field); the command id is the running transaction's.
+    unsafe {
+        (
+            pg_sys::MyProc.as_ref().map_or(0, |p| p.lxid),
+            pg_sys::GetCurrentCommandId(false),
+        )
+    }
 }
 
 /// The library is replaced before `ALTER EXTENSION … UPDATE` runs: until then the catalogue has
@@ -62,8 +67,8 @@ pub(super) fn check_schema_version() -> TtResult<()> {
     if unsafe { pg_sys::creating_extension } {
         return Ok(());
     }
-    let lxid = local_transaction();
-    if lxid != 0 && LAYOUT_CHECKED_IN.with(|c| c.get()) == lxid {
+    let now = local_command();
+    if now.0 != 0 && LAYOUT_CHECKED_IN.with(|c| c.get()) == now {
         return Ok(());
     }
     let installed = read_row::<String, bool>(
@@ -79,7 +84,7 @@ pub(super) fn check_schema_version() -> TtResult<()> {
             library: SCHEMA_VERSION,
         }),
         Some(_) => {
-            LAYOUT_CHECKED_IN.with(|c| c.set(lxid));
+            LAYOUT_CHECKED_IN.with(|c| c.set(now));
             Ok(())
         }
         None => Ok(()),
