@@ -158,6 +158,8 @@ pub enum TtError {
     DuplicateRequest(String),
     /// No impression list of the caller's under this request id.
     UnknownRequest(String),
+    /// A list to log in a read-only transaction or on a standby.
+    ReadOnlyLog,
     /// A pipeline definition that cannot run (names the path, says why).
     BadPipeline {
         path: String,
@@ -655,6 +657,12 @@ impl TtError {
                 format!("request id \"{id}\" is logged already"),
                 None,
                 Some("Each recommend call that logs its list needs a request id of its own.".into()),
+            ),
+            TtError::ReadOnlyLog => (
+                ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                "cannot write the impression log in a read-only transaction".into(),
+                None,
+                Some("On a hot standby (or in a read-only transaction) call recommend without request_id; log lists and feedback on the primary.".into()),
             ),
             TtError::UnknownRequest(id) => (
                 ERRCODE_INVALID_PARAMETER_VALUE,

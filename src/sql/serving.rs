@@ -89,6 +89,10 @@ pub(crate) fn log_impressions(
     if !gucs::LOG_IMPRESSIONS.get() {
         return Ok(());
     }
+    // SAFETY: reads of backend globals (a standby's transactions are read-only too).
+    if unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() } {
+        return Err(TtError::ReadOnlyLog);
+    }
     let n = rows.len().min(gucs::LOG_MAX_ITEMS.get().max(0) as usize);
     let rows = &rows[..n];
     let nc = served.channels.len();
@@ -152,7 +156,7 @@ pub mod twotower {
     use crate::infra::error::{required, OrReport};
     use crate::serve::pipelines::{load_stored, Stored};
 
-    /// Records feedback on an item of a logged list: `kind` (click, like, dislike, dwell, or
+    /// Records feedback on an item of a logged list (on the primary): `kind` (click, like, dislike, dwell, or
     /// any lower-case name) with an optional `value` (e.g. dwell seconds). Only the role that
     /// logged the list (or twotower_admin) records feedback on it; the item must have been in
     /// the list. One row per (list, item, kind) in `twotower.feedback_log` (recorded again:
@@ -170,6 +174,10 @@ pub mod twotower {
             required(kind, "kind"),
         );
         check_request_id(request_id).or_report();
+        // SAFETY: reads of backend globals.
+        if unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() } {
+            TtError::ReadOnlyLog.report();
+        }
         let ok_kind = !kind.is_empty()
             && kind.len() <= MAX_KIND
             && kind.starts_with(|c: char| c.is_ascii_lowercase())

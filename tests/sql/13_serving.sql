@@ -121,6 +121,7 @@ ROLLBACK;
 BEGIN READ ONLY;
 SELECT pg_temp.err($$SELECT * FROM twotower.recommend('sv_home', '{"q": [1, 0], "user_id": 7}', request_id => 'r-ro')$$);
 SELECT count(*) AS without_log FROM twotower.recommend('sv_home', '{"q": [1, 0], "user_id": 7}');
+SELECT pg_temp.err($$SELECT twotower.feedback('r42', 1)$$);
 ROLLBACK;
 -- The settings: at most log_max_items items a list; log_impressions = off logs nothing.
 SET twotower.log_max_items = 2;

@@ -138,6 +138,32 @@ my $ginfo = "SELECT graph_items, graph_dead, delta_items FROM twotower.index_inf
 is($standby->safe_psql('postgres', $ginfo), $primary->safe_psql('postgres', $ginfo), 'and its counters match');
 is($primary->safe_psql('postgres', $ginfo), '0|0|1500', 'the retired graph is gone, the new rows are in the delta');
 
+# Serving on a standby: a split's variant recommends as on the primary; a list logged on the
+# primary reaches the standby; logging on the standby fails clearly (25006), the call without a
+# request id does not.
+$primary->safe_psql('postgres', q{
+	SELECT twotower.activate_model('u', 1);
+	CREATE TABLE items8 (id bigint PRIMARY KEY, v real[]);
+	INSERT INTO items8 SELECT i, ARRAY(SELECT sin(i * j)::real FROM generate_series(1, 8) j) FROM generate_series(1, 300) i;
+	CREATE INDEX items8_idx ON items8 USING twotower_hnsw (v real_cosine_ops);
+	SELECT twotower.save_pipeline('rp', '{"user_model": "u", "vectors": {"table": "items8", "vector_column": "v"},
+	  "channels": [{"type": "twotower", "index": "items8_idx", "k": 20}], "k": 5}');
+	SELECT twotower.save_pipeline('rs', '{"unit": "user_id", "variants": [{"name": "only", "pipeline": "rp", "share": 100}]}');
+	SELECT count(*) FROM twotower.recommend('rs', '{"user_id": 7, "history": [1001]}', request_id => 'rep-1');
+});
+$primary->wait_for_catchup($standby);
+my $rec = q{SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.recommend('rs', '{"user_id": 7, "history": [1001]}')};
+my $rp = $primary->safe_psql('postgres', $rec);
+like($rp, qr/^\d+(,\d+){4}$/, 'the split recommends on the primary');
+is($standby->safe_psql('postgres', $rec), $rp, 'and the same on the standby');
+is($standby->safe_psql('postgres', q{SELECT variant || ':' || cardinality(items) FROM twotower.impression_log WHERE request_id = 'rep-1'}),
+	'only:5', 'the list logged on the primary reached the standby');
+($ret, $out, $err) = $standby->psql('postgres',
+	q{SELECT * FROM twotower.recommend('rs', '{"user_id": 7, "history": [1001]}', request_id => 'rep-2')});
+like($err, qr/cannot write the impression log in a read-only transaction/, 'logging on the standby fails clearly');
+($ret, $out, $err) = $standby->psql('postgres', q{SELECT twotower.feedback('rep-1', 1)});
+like($err, qr/cannot write the impression log in a read-only transaction/, 'and so does feedback');
+
 $standby->stop;
 $primary->stop;
 done_testing();

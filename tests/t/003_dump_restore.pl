@@ -52,6 +52,16 @@ my $i2i = q{SELECT string_agg(item_id || ':' || rank || ':' || via, ' ' ORDER BY
 my $embed = q{SELECT string_agg(twotower.embed_user('u', x)::text, ' ' ORDER BY n)
 	FROM jsonb_array_elements('[{"user_id": 42, "history": [1001, 1002]}, {"country": "fr"}, {}]') WITH ORDINALITY AS a(x, n)};
 my $models = 'SELECT name, version, active, kind, dim, weight_bytes, owner FROM twotower.models ORDER BY 1, 2';
+# Serving: a split over the pipeline, a logged list with feedback (the log is data: dumped
+# with its owner role, restored in an order its foreign key accepts).
+$node->safe_psql('src', q{
+	SELECT twotower.save_pipeline('ps', '{"unit": "user_id", "variants": [{"name": "only", "pipeline": "p", "share": 100}]}');
+	SELECT count(*) FROM twotower.recommend('ps', '{"user_id": 42, "history": [7, 14]}', request_id => 'dump-1');
+	SELECT twotower.feedback('dump-1', item_id) FROM twotower.impressions WHERE request_id = 'dump-1' AND rank = 1;
+});
+my $log = q{SELECT string_agg(request_id || ':' || logged_by || ':' || variant || ':' || item_id || ':' || rank || ':'
+	|| array_to_string(feedback, '+'), ' ' ORDER BY rank) FROM twotower.impressions};
+my $changes = q{SELECT string_agg(name || ':' || action, ' ' ORDER BY changed_at, name) FROM twotower.pipeline_changes};
 my $dump = $node->basedir . '/src.dump';
 $node->command_ok(['pg_dump', '-Fc', '-d', $node->connstr('src'), '-f', $dump], 'pg_dump');
 $node->safe_psql('postgres', 'CREATE DATABASE dst');
@@ -67,6 +77,12 @@ is($node->safe_psql('dst', $i2i), $node->safe_psql('src', $i2i), 'the restored c
 is($node->safe_psql('dst', q{SELECT changed_users FROM twotower.refresh_channel('sw')}), '0',
 	'the restored channel refreshes (nothing new since its build)');
 is($node->safe_psql('dst', $pipelines), $node->safe_psql('src', $pipelines), 'pipelines restored with their owner');
+like($node->safe_psql('src', $log), qr/^dump-1:\w+:only:\d+:1:click /, 'the list and its feedback are logged');
+is($node->safe_psql('dst', $log), $node->safe_psql('src', $log), 'the impression log and feedback restored');
+is($node->safe_psql('dst', $changes), $node->safe_psql('src', $changes), 'the pipelines\' history restored');
+is($node->safe_psql('dst', q{SELECT variant FROM twotower.variant_of('ps', '42')}), 'only', 'the restored split assigns');
+my ($lrc, $lout, $lerr) = $node->psql('dst', q{SELECT * FROM twotower.recommend('ps', '{"user_id": 42}', request_id => 'dump-1')});
+like($lerr, qr/request id "dump-1" is logged already/, 'the restored log keeps its request ids unique');
 like($node->safe_psql('src', $recommend), qr/^\d+:1:i2i /, 'the pipeline recommends');
 is($node->safe_psql('dst', $recommend), $node->safe_psql('src', $recommend), 'the restored pipeline recommends the same');
 like($node->safe_psql('src', $embed), qr/^\{[^ ]+\} \{[^ ]+\} \{[^ ]+\}$/, 'source embeds users');
