@@ -119,5 +119,26 @@ for my $db ('src', 'dst')
 $node->safe_psql('dst', 'DROP EXTENSION pg_twotower CASCADE');
 is($node->safe_psql('dst', q{SELECT count(*) FROM pg_largeobject_metadata
 	WHERE obj_description(oid, 'pg_largeobject') LIKE 'pg_twotower%'}), '0', 'no owner object is left behind');
+
+# The impression log's INSERT is planned once per backend: in one session, after DROP
+# EXTENSION ... CASCADE and CREATE EXTENSION, the next logged call plans it again.
+$node->safe_psql('postgres', 'CREATE DATABASE replan');
+my $serving = qq{
+	CREATE EXTENSION pg_twotower;
+	DO \$\$ BEGIN
+		PERFORM twotower.import_model_file('u', '$g/spec.json', '$g/weights.safetensors');
+		CREATE TABLE IF NOT EXISTS it8 (id bigint PRIMARY KEY, v real[]);
+		IF NOT EXISTS (SELECT 1 FROM it8) THEN
+			INSERT INTO it8 SELECT i, ARRAY(SELECT sin(i * j)::real FROM generate_series(1, 8) j) FROM generate_series(1, 100) i;
+		END IF;
+		CREATE INDEX IF NOT EXISTS it8_idx ON it8 USING twotower_hnsw (v real_cosine_ops);
+		PERFORM twotower.save_pipeline('rp', '{"user_model": "u", "vectors": {"table": "it8", "vector_column": "v"},
+		  "channels": [{"type": "twotower", "index": "it8_idx", "k": 10}], "k": 3}');
+	END \$\$;
+	SELECT count(*) FROM twotower.recommend('rp', '{"user_id": 7}', request_id => 'again');
+};
+is($node->safe_psql('replan', $serving . q{DROP EXTENSION pg_twotower CASCADE;} . $serving
+	. q{SELECT count(*) FROM twotower.impression_log}), "3\n3\n1",
+	'after DROP and CREATE EXTENSION in one session the log is written again');
 $node->stop;
 done_testing();
