@@ -690,10 +690,18 @@ pub mod twotower {
         let kmax = ks.iter().copied().max().unwrap_or(1);
         let l = crate::infra::catalog::active_model(user_model).or_report();
         crate::infra::catalog::expect_kind(&l, twotower_tower::Kind::User).or_report();
-        // The index's table, vector column and item id (its single-column integer key).
-        let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
-        let metric = target.metric();
-        target.close();
+        // The index's table, vector column and item id (its single-column integer key). The
+        // index of a Citus table is a shell on the coordinator: its shards are searched through
+        // Citus (as recall() does), each with its own index.
+        let citus = crate::infra::citus::is_citus_index(index.0).or_report();
+        let metric = if citus {
+            crate::am::search::index_metric(index.0, "evaluate()").or_report()
+        } else {
+            let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
+            let metric = target.metric();
+            target.close();
+            metric
+        };
         let found = crate::infra::catalog::read_row::<String, String>(
             "SELECT pg_catalog.format('SELECT t.%I::pg_catalog.int8, t.%I::pg_catalog.float4[] FROM %s AS t',
                     (SELECT a.attname FROM pg_catalog.pg_index p JOIN pg_catalog.pg_attribute a
@@ -862,10 +870,20 @@ pub mod twotower {
                     exact.tail.add(&ranks(&scores, &tail, &masked));
                 }
                 if via_index && !live.is_empty() {
-                    let target = crate::am::search::Target::open(index.0, "evaluate()").or_report();
                     let exclude: std::collections::HashSet<i64> = seen_ids.into_iter().collect();
-                    let rows = target.nearest(&q, kmax, &exclude, 0).or_report();
-                    target.close();
+                    let rows: Vec<(i64, f64)> = if citus {
+                        crate::serve::search::search(index.0, &q, metric, kmax, &exclude, 0, false)
+                            .or_report()
+                            .into_iter()
+                            .map(|(id, s, _)| (id, f64::from(s)))
+                            .collect()
+                    } else {
+                        let target =
+                            crate::am::search::Target::open(index.0, "evaluate()").or_report();
+                        let rows = target.nearest(&q, kmax, &exclude, 0).or_report();
+                        target.close();
+                        rows
+                    };
                     let list: Vec<u32> = rows
                         .iter()
                         .filter_map(|(id, _)| pos.get(id).copied())

@@ -345,6 +345,29 @@ is($recall->(10, '{' . join(',', @first3) . '}'),
 like($err, qr/ef_search cannot be passed to the shards of a Citus table/,
 	'an explicit ef_search cannot reach the shards: an error that says how to set it');
 
+# evaluate() against the index of a distributed table: each query's list through Citus (every
+# shard's index), the exact ranking over the rows read through the coordinator. The targets:
+# each query's 5th nearest in the plain table (so HR@10 is 1 and HR@3 is 0 exactly). The same
+# figures as evaluate() over the plain table's rows by exact ranking. (It stopped with the
+# shell-index error.)
+my $qarray = "ARRAY['" . join("','", @queries[0 .. 4]) . "']::text[]";
+$coord->safe_psql('postgres', qq{
+	CREATE TABLE eval_q AS SELECT n AS user_id, jsonb_build_object('q', q::real[]) AS features,
+	       (SELECT id FROM items_ref ORDER BY embedding <=> q::real[], id OFFSET 4 LIMIT 1) AS target
+	  FROM unnest($qarray) WITH ORDINALITY AS u(q, n);
+});
+my $eval = q{SELECT string_agg(method || ':' || metric || '@' || k || '=' || round(value::numeric, 6) || '/' || queries, ' '
+	ORDER BY method, metric, k) FROM twotower.evaluate('q4', '%s', 'eval_q', k => '{3,10}', via_index => %s)};
+my $dist_eval = $coord->safe_psql('postgres', sprintf($eval, 'items_idx', 'true'));
+like($dist_eval, qr/index:hr\@10=1\.000000\/5/, 'evaluate() over the distributed index: every target in the top 10 through Citus');
+like($dist_eval, qr/index:hr\@3=0\.000000\/5/, '... and none in the top 3');
+my ($exact_dist) = $dist_eval =~ /(exact:.*?)(?= index:|$)/;
+$coord->safe_psql('postgres', 'CREATE INDEX items_ref_eval_idx ON items_ref USING twotower_hnsw (embedding public.real_cosine_ops)');
+my ($exact_ref) = $coord->safe_psql('postgres', sprintf($eval, 'items_ref_eval_idx', 'false')) =~ /(exact:.*?)(?= index:|$)/;
+like($exact_dist, qr/^exact:hr\@3=0\.000000\/5 exact:hr\@10=1\.000000\/5 exact:mrr\@3=0\.200000\/5 /, '... the exact ranking of the distributed rows too');
+is($exact_dist, $exact_ref, '... and it equals the plain table\'s');
+$coord->safe_psql('postgres', 'DROP INDEX items_ref_eval_idx');
+
 # recommend() over the distributed table equals the same pipeline over the plain table holding
 # the same rows (its own index), on one server.
 $coord->safe_psql('postgres', q{
