@@ -77,8 +77,9 @@ pub fn check_request_id(id: &str) -> TtResult<()> {
 
 /// Writes one recommend call's list to the impression log (unless `twotower.log_impressions`
 /// is off): one row with the list's first `twotower.log_max_items` items, their scores and
-/// channel ranks, the request's features as the model saw them (a split's unit key is in
-/// `unit`) and who logged it. One INSERT, no triggers.
+/// channel ranks, the request's features (without a split's unit key, which is in `unit`;
+/// NULL beyond `twotower.log_max_feature_bytes`) and who logged it. One INSERT, no triggers;
+/// refused in a read-only transaction (a standby).
 pub(crate) fn log_impressions(
     request_id: &str,
     called: &str,
