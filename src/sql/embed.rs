@@ -243,13 +243,30 @@ pub mod twotower {
                 objects.join(" OPERATOR(pg_catalog.||) ")
             )
         };
-        let delete = format!(
-            "WITH d AS (DELETE FROM {dst} AS t
-                         WHERE NOT EXISTS (SELECT 1 FROM {src} AS s
-                                            WHERE s.{idc}::pg_catalog.int8 OPERATOR(pg_catalog.=) t.{tid}::pg_catalog.int8)
-                         RETURNING 1)
-             SELECT pg_catalog.count(*) FROM d"
-        );
+        // With a Citus table on either side, Citus cannot join a distributed table with a local
+        // one inside a DELETE: the ids that are gone are computed first (each side read through
+        // the coordinator), then deleted.
+        let citus = crate::infra::citus::is_citus_table(items).or_report()
+            || crate::infra::citus::is_citus_table(target).or_report();
+        let delete = if citus {
+            format!(
+                "WITH gone AS MATERIALIZED (
+                     SELECT t.{tid}::pg_catalog.int8 AS id FROM {dst} AS t
+                     EXCEPT SELECT s.{idc}::pg_catalog.int8 FROM {src} AS s),
+                 d AS (DELETE FROM {dst} AS t
+                        WHERE t.{tid}::pg_catalog.int8 OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.id FROM gone AS g))
+                        RETURNING 1)
+                 SELECT pg_catalog.count(*) FROM d"
+            )
+        } else {
+            format!(
+                "WITH d AS (DELETE FROM {dst} AS t
+                             WHERE NOT EXISTS (SELECT 1 FROM {src} AS s
+                                                WHERE s.{idc}::pg_catalog.int8 OPERATOR(pg_catalog.=) t.{tid}::pg_catalog.int8)
+                             RETURNING 1)
+                 SELECT pg_catalog.count(*) FROM d"
+            )
+        };
         let threads = crate::infra::gucs::inference_threads();
         let mut progress = spi::Progress::new("refresh_item_vectors", "items");
         let (mut inserted, mut updated) = (0i64, 0i64);

@@ -307,6 +307,14 @@ is($coord->safe_psql('postgres', q{SELECT inserted || '/' || updated || '/' || u
 	'0/1/1999', 'a second refresh after one change: 1 updated, 1999 unchanged');
 like($coord->safe_psql('postgres', q{SELECT string_agg(id::text, ',') FROM (SELECT id FROM vecs ORDER BY embedding <=> '{0.2,0.4,-0.1,0.5}' LIMIT 3) s}),
 	qr/^7,/, '... and the updated item is found at once through the shards\' indexes');
+# delete_missing (the default) between a plain catalogue and a distributed vector table: the
+# rows whose item is gone are deleted (it failed: "relation catalog is not distributed").
+$coord->safe_psql('postgres', q{DELETE FROM catalog WHERE item_id IN (3, 5, 8)});
+is($coord->safe_psql('postgres', q{SELECT inserted || '/' || updated || '/' || deleted || '/' || unchanged
+	FROM twotower.refresh_item_vectors('i4', 'catalog', 'vecs', id_column => 'item_id')}),
+	'0/0/3/1997', 'delete_missing from a plain catalogue into a distributed table: the 3 rows gone are deleted');
+is($coord->safe_psql('postgres', q{SELECT count(*) || ':' || count(*) FILTER (WHERE id IN (3, 5, 8)) FROM vecs}), '1997:0',
+	'... and only those');
 
 # refresh_item_vectors from a distributed catalogue: each row's features reach the tower under
 # their own names (a to_jsonb of the row came back from Citus with keys f1, f2, … and every
@@ -324,6 +332,15 @@ is($coord->safe_psql('postgres', q{SELECT inserted || '/' || updated || '/' || u
 is($coord->safe_psql('postgres', q{SELECT md5(string_agg(id || ':' || embedding::text, ',' ORDER BY id)) FROM dvecs}),
 	$coord->safe_psql('postgres', q{SELECT md5(string_agg(item_id || ':' || f::text, ',' ORDER BY item_id)) FROM dcatalog}),
 	'... every vector is the item tower of its row (not a zero vector)');
+# ... and delete_missing from the distributed catalogue into a plain vector table.
+$coord->safe_psql('postgres', q{
+	CREATE TABLE lvecs (id bigint PRIMARY KEY, embedding real[]);
+	INSERT INTO lvecs SELECT id, embedding FROM dvecs;
+	DELETE FROM dcatalog WHERE item_id IN (11, 12);
+});
+is($coord->safe_psql('postgres', q{SELECT inserted || '/' || updated || '/' || deleted || '/' || unchanged
+	FROM twotower.refresh_item_vectors('i4', 'dcatalog', 'lvecs', id_column => 'item_id')}),
+	'0/0/2/1998', 'delete_missing from a distributed catalogue into a plain table: the 2 rows gone are deleted');
 
 # recall() on the coordinator's index of a distributed table: the ordered query on every
 # shard's index, merged by Citus; the exact top k of the same rows in the plain table, for k 10
