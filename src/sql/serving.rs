@@ -65,6 +65,16 @@ fn insert_plan() -> Result<(), pgrx::spi::Error> {
     Ok(())
 }
 
+/// The log can be written: not in a read-only transaction, nor on a standby (whose
+/// transactions are read-only too).
+fn writable() -> TtResult<()> {
+    // SAFETY: reads of backend globals.
+    if unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() } {
+        return Err(TtError::ReadOnlyLog);
+    }
+    Ok(())
+}
+
 pub fn check_request_id(id: &str) -> TtResult<()> {
     if id.is_empty() || id.len() > MAX_REQUEST_ID {
         return Err(TtError::BadArgument(format!(
@@ -90,10 +100,7 @@ pub(crate) fn log_impressions(
     if !gucs::LOG_IMPRESSIONS.get() {
         return Ok(());
     }
-    // SAFETY: reads of backend globals (a standby's transactions are read-only too).
-    if unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() } {
-        return Err(TtError::ReadOnlyLog);
-    }
+    writable()?;
     let n = rows.len().min(gucs::LOG_MAX_ITEMS.get().max(0) as usize);
     let rows = &rows[..n];
     let nc = served.channels.len();
@@ -175,10 +182,7 @@ pub mod twotower {
             required(kind, "kind"),
         );
         check_request_id(request_id).or_report();
-        // SAFETY: reads of backend globals.
-        if unsafe { pg_sys::XactReadOnly || pg_sys::RecoveryInProgress() } {
-            TtError::ReadOnlyLog.report();
-        }
+        writable().or_report();
         let ok_kind = !kind.is_empty()
             && kind.len() <= MAX_KIND
             && kind.starts_with(|c: char| c.is_ascii_lowercase())
