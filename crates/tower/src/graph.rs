@@ -4,7 +4,7 @@
 //! weights in `model`; the forward pass over a batch is here.
 
 use crate::forward::run_stack;
-use crate::layers::{combine_rows, matvec, softmax};
+use crate::layers::{combine_rows, gate_rows, matvec, scale_rows, softmax};
 use crate::model::{Layer, Model};
 
 /// Where a node reads one of its inputs.
@@ -32,6 +32,15 @@ pub(crate) enum Op {
     WeightedSum { w: usize },
     WeightedConcat { w: usize },
     Attention { w: usize, b: Option<usize> },
+    /// The MMoE gate: `k` experts of width `d`, then the gate inputs.
+    Gate {
+        w: usize,
+        b: Option<usize>,
+        k: usize,
+        d: usize,
+    },
+    /// The scene gate: the scaled inputs (width `n`), then the gate inputs.
+    Scale { w: usize, b: Option<usize>, n: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +128,14 @@ pub(crate) fn run(model: &Model, g: &Graph, h: &[f32], m: usize) -> Vec<f32> {
                     softmax(&scores, a);
                 }
                 combine_rows(&x, m, k, d, |i, r| alphas[r * k + i])
+            }
+            Op::Gate { w, b, k, d } => {
+                let b = b.map(|b| model.tensors[b].as_slice());
+                gate_rows(&x, m, node.in_width, (*k, *d), &model.tensors[*w], b).0
+            }
+            Op::Scale { w, b, n } => {
+                let b = b.map(|b| model.tensors[b].as_slice());
+                scale_rows(&x, m, node.in_width, *n, &model.tensors[*w], b).0
             }
         };
         outs.push(y);

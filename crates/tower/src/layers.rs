@@ -221,6 +221,61 @@ pub fn combine_rows(
     y
 }
 
+/// The MMoE gate over `m` rows of `x` (stride `in_width`): each row is k experts of width d
+/// side by side, then the gate input g (the rest of the row). α = softmax(W·g + b) (W `[k, g]`),
+/// output Σ αᵢ·xᵢ. Returns the outputs (`m × d`) and the weights (`m × k`); training computes
+/// the same.
+pub fn gate_rows(
+    x: &[f32],
+    m: usize,
+    in_width: usize,
+    (k, d): (usize, usize),
+    w: &[f32],
+    b: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0f32; m * d];
+    let mut alphas = vec![0f32; m * k];
+    let mut s = vec![0f32; k];
+    for r in 0..m {
+        let row = &x[r * in_width..(r + 1) * in_width];
+        let a = &mut alphas[r * k..(r + 1) * k];
+        matvec(w, b, &row[k * d..], k, &mut s);
+        softmax(&s, a);
+        let out = &mut y[r * d..(r + 1) * d];
+        for (i, ai) in a.iter().enumerate() {
+            for (o, v) in out.iter_mut().zip(&row[i * d..(i + 1) * d]) {
+                *o += ai * v;
+            }
+        }
+    }
+    (y, alphas)
+}
+
+/// The scene gate over `m` rows of `x` (stride `in_width`): each row is x (width n), then the
+/// gate input g. Output x ⊙ 2·σ(W·g + b) (W `[n, g]`). Returns the outputs (`m × n`) and the
+/// factors 2·σ(·) (`m × n`).
+pub fn scale_rows(
+    x: &[f32],
+    m: usize,
+    in_width: usize,
+    n: usize,
+    w: &[f32],
+    b: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0f32; m * n];
+    let mut gates = vec![0f32; m * n];
+    for r in 0..m {
+        let row = &x[r * in_width..(r + 1) * in_width];
+        let g = &mut gates[r * n..(r + 1) * n];
+        matvec(w, b, &row[n..], n, g);
+        g.iter_mut().for_each(|v| *v = 2.0 * sigmoid(*v));
+        for ((o, v), f) in y[r * n..(r + 1) * n].iter_mut().zip(&row[..n]).zip(g.iter()) {
+            *o = v * f;
+        }
+    }
+    (y, gates)
+}
+
 /// Numerically stable softmax of `s` into `out` (the sum in f64).
 pub fn softmax(s: &[f32], out: &mut [f32]) {
     let max = s.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));

@@ -17,9 +17,9 @@ mod spec;
 pub use encode::{canonical_id, Encoded, FieldRef, MAX_LIST_LEN};
 pub use error::{Result, TowerError};
 pub use forward::forward_parallel;
-pub use model::{Model, Part};
+pub use model::{Model, Part, ScoreBy};
 pub use rows::Row;
-pub use spec::{Cross, CrossShape, Source};
+pub use spec::{Cross, CrossShape, Link, Source, Task, MAX_TASKS};
 
 /// The only spec version this build reads.
 pub const SPEC_VERSION: u32 = 1;

@@ -126,6 +126,16 @@ pub struct Model {
     pub(crate) attention: Option<crate::attention::TargetAttention>,
     pub(crate) tensors: Vec<Vec<f32>>,
     pub(crate) tensor_names: Vec<String>,
+    /// A multi-task pre-rank model's tasks, one per output element (empty: one score).
+    pub(crate) tasks: Vec<crate::spec::Task>,
+}
+
+/// What a multi-task model's stage ranks by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreBy {
+    Fused,
+    /// A task's index.
+    Task(usize),
 }
 
 /// A dimension of an expected shape.
@@ -352,11 +362,51 @@ impl Model {
             attention,
             tensors: b.tensors,
             tensor_names: b.names,
+            tasks: draft.tasks,
         })
     }
 
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// A multi-task pre-rank model's tasks, in output order (empty for a one-score model).
+    pub fn tasks(&self) -> &[crate::spec::Task] {
+        &self.tasks
+    }
+
+    /// What a stage ranks by, from a name: `None` or `"fused"` the fused score (the only
+    /// score of a one-score model), else a task's index. `None` back for an unknown task.
+    pub fn score_by(&self, name: Option<&str>) -> Option<ScoreBy> {
+        match name {
+            None | Some("fused") => Some(ScoreBy::Fused),
+            Some(n) => self
+                .tasks
+                .iter()
+                .position(|t| t.name == n)
+                .map(ScoreBy::Task),
+        }
+    }
+
+    /// The scores of `m` output rows (`m × output_dim`, as the forward pass returns them):
+    /// a one-score model's outputs as they are; a multi-task model's task `t` as its link of
+    /// the output, or the fused score Σ fuse·link(output) (in f64).
+    pub fn scores(&self, out: &[f32], by: ScoreBy) -> Vec<f32> {
+        if self.tasks.is_empty() {
+            return out.to_vec();
+        }
+        let n = self.tasks.len();
+        out.chunks_exact(n)
+            .map(|row| match by {
+                ScoreBy::Task(t) => self.tasks[t].link.apply(row[t]),
+                ScoreBy::Fused => self
+                    .tasks
+                    .iter()
+                    .zip(row)
+                    .map(|(t, &x)| t.fuse as f64 * t.link.apply(x) as f64)
+                    .sum::<f64>() as f32,
+            })
+            .collect()
     }
 
     pub fn output_dim(&self) -> usize {
@@ -672,12 +722,23 @@ fn bind_graph(b: &mut Binder, g: GraphDraft, features: &[Feature]) -> Result<Gra
                     bind_layers(b, layers, in_width, features, &format!("{path}.layers"))?;
                 (Op::Stack(layers), width)
             }
-            OpDraft::Combine { kind, weight, bias } => {
+            OpDraft::Combine {
+                kind,
+                weight,
+                bias,
+                joined,
+            } => {
+                // Gate and scale nodes: the joined inputs, then the gate inputs (width g).
+                let (widths, g) = widths.split_at(joined);
+                let g: usize = g.iter().sum();
                 let same = widths.iter().all(|w| *w == widths[0]);
                 if !same
                     && matches!(
                         kind,
-                        CombineKind::Sum | CombineKind::WeightedSum | CombineKind::Attention
+                        CombineKind::Sum
+                            | CombineKind::WeightedSum
+                            | CombineKind::Attention
+                            | CombineKind::Gate
                     )
                 {
                     return Err(spec_err(
@@ -686,6 +747,12 @@ fn bind_graph(b: &mut Binder, g: GraphDraft, features: &[Feature]) -> Result<Gra
                     ));
                 }
                 let d0 = widths[0];
+                let bind_bias = |b: &mut Binder, n: usize| -> Result<Option<usize>> {
+                    match &bias {
+                        Some(name) => Ok(Some(b.bind(name, &[Dim::Is(n)])?.0)),
+                        None => Ok(None),
+                    }
+                };
                 let weight = weight.unwrap_or_default();
                 match kind {
                     CombineKind::Concat => (Op::Concat, in_width),
@@ -709,6 +776,25 @@ fn bind_graph(b: &mut Binder, g: GraphDraft, features: &[Feature]) -> Result<Gra
                             None => None,
                         };
                         (Op::Attention { w, b: bias }, d0)
+                    }
+                    CombineKind::Gate => {
+                        let w = b.bind(&weight, &[Dim::Is(joined), Dim::Is(g)])?.0;
+                        let bias = bind_bias(b, joined)?;
+                        (
+                            Op::Gate {
+                                w,
+                                b: bias,
+                                k: joined,
+                                d: d0,
+                            },
+                            d0,
+                        )
+                    }
+                    CombineKind::Scale => {
+                        let n = in_width - g;
+                        let w = b.bind(&weight, &[Dim::Is(n), Dim::Is(g)])?.0;
+                        let bias = bind_bias(b, n)?;
+                        (Op::Scale { w, b: bias, n }, n)
                     }
                 }
             }

@@ -314,6 +314,101 @@ pub(crate) struct SpecDraft {
     pub metric: Metric,
     /// The target attention input: its feature index and its query and key tensors.
     pub attention: Option<(usize, String, String)>,
+    /// A multi-task pre-rank model's tasks (one per output element); empty otherwise.
+    pub tasks: Vec<Task>,
+}
+
+/// The most tasks a multi-task pre-rank model has.
+pub const MAX_TASKS: usize = 16;
+
+/// How a task's output element becomes its score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// σ(logit): a probability (a task trained with the logistic loss).
+    Sigmoid,
+    /// The output as it is (a task trained with the squared error).
+    Identity,
+}
+
+impl Link {
+    pub fn name(self) -> &'static str {
+        match self {
+            Link::Sigmoid => "sigmoid",
+            Link::Identity => "identity",
+        }
+    }
+
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Link::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Link::Identity => x,
+        }
+    }
+}
+
+/// One task of a multi-task pre-rank model: its name, its link, and its weight in the fused
+/// score Σ fuse·link(output).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub name: String,
+    pub link: Link,
+    pub fuse: f32,
+}
+
+/// The output's `tasks`: 1 to [`MAX_TASKS`] objects, names unique and not `fused`, at least one
+/// weight not 0.
+fn parse_tasks(out: &Obj) -> Result<Vec<Task>> {
+    let arr = out.spec_array("tasks")?;
+    if arr.is_empty() || arr.len() > MAX_TASKS {
+        return Err(spec_err(
+            "output.tasks",
+            format!("must list 1 to {MAX_TASKS} tasks, got {}", arr.len()),
+        ));
+    }
+    let mut tasks: Vec<Task> = Vec::with_capacity(arr.len());
+    for (i, v) in arr.iter().enumerate() {
+        let o = Obj::new(v, format!("output.tasks[{i}]"))?;
+        o.allow(&["name", "link", "fuse"])?;
+        let name = o.req_str("name")?;
+        if !valid_name(name) || name == "fused" {
+            return Err(spec_err(
+                o.p("name"),
+                format!("\"{name}\" is not a valid task name (1..=63 characters, [A-Za-z_][A-Za-z0-9_]*, not \"fused\")"),
+            ));
+        }
+        if tasks.iter().any(|t| t.name == name) {
+            return Err(spec_err(o.p("name"), format!("duplicate task name \"{name}\"")));
+        }
+        let link = match o.get("link") {
+            None => Link::Sigmoid,
+            Some(_) => match o.req_str("link")? {
+                "sigmoid" => Link::Sigmoid,
+                "identity" => Link::Identity,
+                other => {
+                    return Err(spec_err(
+                        o.p("link"),
+                        format!("must be \"sigmoid\" or \"identity\", got \"{other}\""),
+                    ))
+                }
+            },
+        };
+        let fuse = o.opt_num("fuse")?.unwrap_or(1.0);
+        if !fuse.is_finite() || fuse.abs() > f32::MAX as f64 {
+            return Err(spec_err(o.p("fuse"), "must be a finite number"));
+        }
+        tasks.push(Task {
+            name: name.to_owned(),
+            link,
+            fuse: fuse as f32,
+        });
+    }
+    if tasks.iter().all(|t| t.fuse == 0.0) {
+        return Err(spec_err(
+            "output.tasks",
+            "every \"fuse\" weight is 0: the fused score would be 0 for every item",
+        ));
+    }
+    Ok(tasks)
 }
 
 /// How a combine node joins its inputs.
@@ -332,16 +427,29 @@ pub(crate) enum CombineKind {
     /// Attention fusion: α = softmax(W · concat(x_1..x_k) + b) (W [k, k·d], b [k]), then
     /// Σ α_i x_i (equal widths d).
     Attention,
+    /// The MMoE gate: α = softmax(W · g + b) from the node's `gate_inputs` g (W [k, g], b [k]),
+    /// then Σ α_i x_i over its inputs (the experts, equal widths d).
+    Gate,
+    /// The scene gate (EPNet): the inputs side by side (x, width n) scaled element-wise by
+    /// 2·σ(W · g + b) from the node's `gate_inputs` g (W [n, g], b [n]).
+    Scale,
 }
 
 impl CombineKind {
-    pub const ALL: [(&'static str, CombineKind); 5] = [
+    pub const ALL: [(&'static str, CombineKind); 7] = [
         ("concat", CombineKind::Concat),
         ("sum", CombineKind::Sum),
         ("weighted_sum", CombineKind::WeightedSum),
         ("weighted_concat", CombineKind::WeightedConcat),
         ("attention", CombineKind::Attention),
+        ("gate", CombineKind::Gate),
+        ("scale", CombineKind::Scale),
     ];
+
+    /// Whether the node reads `gate_inputs` (and has a weight and an optional bias).
+    pub fn gated(self) -> bool {
+        matches!(self, CombineKind::Gate | CombineKind::Scale)
+    }
 }
 
 /// An input of a graph node: a feature's field (after SENet) or an earlier node's output.
@@ -359,6 +467,9 @@ pub(crate) enum OpDraft {
         kind: CombineKind,
         weight: Option<String>,
         bias: Option<String>,
+        /// How many of the node's inputs are joined; the rest are its `gate_inputs` (gate and
+        /// scale nodes only).
+        joined: usize,
     },
 }
 
@@ -367,6 +478,7 @@ pub(crate) struct NodeDraft {
     pub name: String,
     /// The node's index in the spec's `graph` array (for error paths).
     pub spec_index: usize,
+    /// Its `inputs`, then (gate and scale nodes) its `gate_inputs`.
     pub inputs: Vec<InputRef>,
     pub op: OpDraft,
 }
@@ -659,10 +771,16 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         None => None,
         Some(_) => Some(parse_graph(&root, &names, output_node.as_deref())?),
     };
+    let mut tasks = Vec::new();
     let (output_dim, metric) = if kind == Kind::Prerank {
-        // A pre-rank model outputs one score (higher ranks first); it has no index metric.
-        out.allow(&["dim", "node"])?;
-        (out.spec_uint("dim", 1, 1)? as usize, Metric::InnerProduct)
+        // A pre-rank model outputs one score (higher ranks first), or one per task; it has no
+        // index metric.
+        out.allow(&["dim", "node", "tasks"])?;
+        if out.get("tasks").is_some() {
+            tasks = parse_tasks(&out)?;
+        }
+        let n = tasks.len().max(1) as u64;
+        (out.spec_uint("dim", n, n)? as usize, Metric::InnerProduct)
     } else {
         out.allow(&["dim", "metric", "node"])?;
         let output_dim = out.spec_uint("dim", 1, MAX_WIDTH as u64)? as usize;
@@ -687,11 +805,48 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
         output_dim,
         metric,
         attention,
+        tasks,
     })
 }
 
 /// The largest number of nodes of a graph, and of inputs of a node.
 pub(crate) const MAX_NODES: usize = 64;
+
+/// A node's list `key` of input names: each a feature or a node, none twice.
+fn refs(o: &Obj, key: &str, features: &[String], names: &[String]) -> Result<Vec<InputRef>> {
+    let ins = o.spec_array(key)?;
+    if ins.is_empty() || ins.len() > MAX_NODES {
+        return Err(spec_err(
+            o.p(key),
+            format!("must list 1 to {MAX_NODES} inputs, got {}", ins.len()),
+        ));
+    }
+    let mut inputs = Vec::with_capacity(ins.len());
+    for (j, x) in ins.iter().enumerate() {
+        let path = format!("{}[{j}]", o.p(key));
+        let Some(n) = x.as_str() else {
+            return Err(spec_err(
+                path,
+                format!("must be a feature or node name, got {}", short(x)),
+            ));
+        };
+        let r = if let Some(f) = features.iter().position(|f| f == n) {
+            InputRef::Feature(f)
+        } else if let Some(k) = names.iter().position(|m| m == n) {
+            InputRef::Node(k)
+        } else {
+            return Err(spec_err(
+                path,
+                format!("\"{n}\" is neither a feature nor a node of this spec"),
+            ));
+        };
+        if inputs.contains(&r) {
+            return Err(spec_err(path, format!("\"{n}\" is listed twice")));
+        }
+        inputs.push(r);
+    }
+    Ok(inputs)
+}
 
 /// Parses and validates the spec's `graph`: named nodes whose inputs are features or other
 /// nodes. Errors: unknown or duplicate names, a node named like a feature, a cycle, a node the
@@ -730,37 +885,37 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
     let mut nodes = Vec::with_capacity(arr.len());
     for (i, v) in arr.iter().enumerate() {
         let o = Obj::new(v, format!("graph[{i}]"))?;
-        o.allow(&["name", "inputs", "layers", "combine", "weight", "bias"])?;
-        let ins = o.spec_array("inputs")?;
-        if ins.is_empty() || ins.len() > MAX_NODES {
-            return Err(spec_err(
-                o.p("inputs"),
-                format!("must list 1 to {MAX_NODES} inputs, got {}", ins.len()),
-            ));
-        }
-        let mut inputs = Vec::with_capacity(ins.len());
-        for (j, x) in ins.iter().enumerate() {
-            let path = format!("{}[{j}]", o.p("inputs"));
-            let Some(n) = x.as_str() else {
+        o.allow(&[
+            "name",
+            "inputs",
+            "gate_inputs",
+            "layers",
+            "combine",
+            "weight",
+            "bias",
+        ])?;
+        let mut inputs = refs(&o, "inputs", features, &names)?;
+        let joined = inputs.len();
+        let gated = o
+            .get("combine")
+            .and_then(Value::as_str)
+            .and_then(|c| CombineKind::ALL.iter().find(|(n, _)| *n == c))
+            .is_some_and(|(_, k)| k.gated());
+        match (o.get("gate_inputs"), gated) {
+            (Some(_), true) => inputs.extend(refs(&o, "gate_inputs", features, &names)?),
+            (None, true) => {
                 return Err(spec_err(
-                    path,
-                    format!("must be a feature or node name, got {}", short(x)),
-                ));
-            };
-            let r = if let Some(f) = features.iter().position(|f| f == n) {
-                InputRef::Feature(f)
-            } else if let Some(k) = names.iter().position(|m| m == n) {
-                InputRef::Node(k)
-            } else {
-                return Err(spec_err(
-                    path,
-                    format!("\"{n}\" is neither a feature nor a node of this spec"),
-                ));
-            };
-            if inputs.contains(&r) {
-                return Err(spec_err(path, format!("\"{n}\" is listed twice")));
+                    o.p("gate_inputs"),
+                    "a \"gate\" or \"scale\" node computes its weights from \"gate_inputs\": give them",
+                ))
             }
-            inputs.push(r);
+            (Some(_), false) => {
+                return Err(spec_err(
+                    o.p("gate_inputs"),
+                    "only a \"gate\" or \"scale\" node has gate inputs",
+                ))
+            }
+            (None, false) => {}
         }
         let op = match (o.get("layers"), o.get("combine")) {
             (Some(_), Some(_)) => {
@@ -811,16 +966,19 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
                         format!("must be one of {}, got \"{c}\"", all.join(", ")),
                     ));
                 };
-                if inputs.len() < 2 {
+                if joined < 2 && kind != CombineKind::Scale {
                     return Err(spec_err(
                         o.p("inputs"),
                         "a combine node joins at least two inputs",
                     ));
                 }
-                let weighted = matches!(
-                    kind,
-                    CombineKind::WeightedSum | CombineKind::WeightedConcat | CombineKind::Attention
-                );
+                let weighted = kind.gated()
+                    || matches!(
+                        kind,
+                        CombineKind::WeightedSum
+                            | CombineKind::WeightedConcat
+                            | CombineKind::Attention
+                    );
                 let weight = if weighted {
                     Some(o.tensor("weight")?)
                 } else {
@@ -832,14 +990,19 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
                         format!("a \"{c}\" node has no weight"),
                     ));
                 }
-                let bias = if kind == CombineKind::Attention {
+                let bias = if kind == CombineKind::Attention || kind.gated() {
                     o.opt_tensor("bias")?
                 } else if o.get("bias").is_some() {
                     return Err(spec_err(o.p("bias"), format!("a \"{c}\" node has no bias")));
                 } else {
                     None
                 };
-                OpDraft::Combine { kind, weight, bias }
+                OpDraft::Combine {
+                    kind,
+                    weight,
+                    bias,
+                    joined,
+                }
             }
         };
         nodes.push(NodeDraft {

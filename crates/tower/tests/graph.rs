@@ -433,3 +433,208 @@ fn malformed_graphs_are_rejected_with_their_path() {
         "{err}"
     );
 }
+
+fn prerank(features: Value, graph: Value, output: Value) -> Value {
+    json!({"format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+           "features": features, "graph": graph, "output": output})
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Multi-task pre-ranking: a scene gate (`scale`) over the shared input, two experts, a `gate`
+/// per task over the experts from the scene, a head per task; the outputs, each task's score
+/// and the fused score against a hand computation.
+#[test]
+fn scene_gate_expert_gates_and_tasks_match_a_hand_computation() {
+    let fs = json!([{"name": "x", "type": "dense", "dim": 3},
+                    {"name": "scene", "type": "dense", "dim": 2}]);
+    let graph = json!([
+        {"name": "sx", "inputs": ["x"], "gate_inputs": ["scene"], "combine": "scale",
+         "weight": "s.w", "bias": "s.b"},
+        {"name": "e0", "inputs": ["sx"], "layers": [{"type": "linear", "weight": "e0.w"}]},
+        {"name": "e1", "inputs": ["sx"], "layers": [{"type": "linear", "weight": "e1.w"}, {"type": "tanh"}]},
+        {"name": "g0", "inputs": ["e0", "e1"], "gate_inputs": ["scene"], "combine": "gate",
+         "weight": "g0.w", "bias": "g0.b"},
+        {"name": "g1", "inputs": ["e0", "e1"], "gate_inputs": ["scene", "x"], "combine": "gate",
+         "weight": "g1.w"},
+        {"name": "h0", "inputs": ["g0"], "layers": [{"type": "linear", "weight": "h0.w", "bias": "h0.b"}]},
+        {"name": "h1", "inputs": ["g1"], "layers": [{"type": "linear", "weight": "h1.w"}]},
+        {"name": "out", "inputs": ["h0", "h1"], "combine": "concat"}]);
+    let output = json!({"dim": 2, "node": "out", "tasks": [
+        {"name": "click", "fuse": 1.0}, {"name": "minutes", "link": "identity", "fuse": -0.25}]});
+    let t: Vec<T> = vec![
+        ("s.w", vec![3, 2], vals(6, 11)),
+        ("s.b", vec![3], vals(3, 12)),
+        ("e0.w", vec![2, 3], vals(6, 13)),
+        ("e1.w", vec![2, 3], vals(6, 14)),
+        ("g0.w", vec![2, 2], vals(4, 15)),
+        ("g0.b", vec![2], vals(2, 16)),
+        ("g1.w", vec![2, 5], vals(10, 17)),
+        ("h0.w", vec![1, 2], vals(2, 18)),
+        ("h0.b", vec![1], vals(1, 19)),
+        ("h1.w", vec![1, 2], vals(2, 20)),
+    ];
+    let model = load(&prerank(fs, graph, output), &t).unwrap();
+    assert_eq!(model.output_dim(), 2);
+    let names: Vec<&str> = model.tasks().iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["click", "minutes"]);
+    let w = |n: &str| -> Vec<f64> {
+        t.iter().find(|x| x.0 == n).unwrap().2.iter().map(|v| *v as f64).collect()
+    };
+    let mv = |w: &[f64], b: Option<&[f64]>, x: &[f64], n: usize| -> Vec<f64> {
+        (0..n)
+            .map(|o| {
+                let k = x.len();
+                (0..k).map(|i| w[o * k + i] * x[i]).sum::<f64>() + b.map_or(0.0, |b| b[o])
+            })
+            .collect()
+    };
+    let softmax = |s: &[f64]| -> Vec<f64> {
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.iter().map(|v| v / z).collect()
+    };
+    for (x, scene) in [([0.3, -1.2, 0.8], [1.0, 0.0]), ([0.3, -1.2, 0.8], [0.0, 1.0])] {
+        let input = json!({"x": x, "scene": scene});
+        let got = model.forward(&model.encode(&input, true).unwrap());
+        let f = mv(&w("s.w"), Some(&w("s.b")), &scene, 3);
+        let sx: Vec<f64> = x.iter().zip(&f).map(|(v, f)| v * 2.0 * sigmoid(*f)).collect();
+        let e0 = mv(&w("e0.w"), None, &sx, 2);
+        let e1: Vec<f64> = mv(&w("e1.w"), None, &sx, 2).iter().map(|v| v.tanh()).collect();
+        let mix = |a: &[f64]| -> Vec<f64> { (0..2).map(|j| a[0] * e0[j] + a[1] * e1[j]).collect() };
+        let g0 = mix(&softmax(&mv(&w("g0.w"), Some(&w("g0.b")), &scene, 2)));
+        let gin: Vec<f64> = scene.iter().chain(x.iter()).copied().collect();
+        let g1 = mix(&softmax(&mv(&w("g1.w"), None, &gin, 2)));
+        let h0 = mv(&w("h0.w"), Some(&w("h0.b")), &g0, 1)[0];
+        let h1 = mv(&w("h1.w"), None, &g1, 1)[0];
+        assert!((got[0] as f64 - h0).abs() < 1e-5, "{got:?} vs {h0}");
+        assert!((got[1] as f64 - h1).abs() < 1e-5, "{got:?} vs {h1}");
+        let click = model.scores(&got, model.score_by(Some("click")).unwrap());
+        let minutes = model.scores(&got, model.score_by(Some("minutes")).unwrap());
+        let fused = model.scores(&got, model.score_by(None).unwrap());
+        assert!((click[0] as f64 - sigmoid(h0)).abs() < 1e-6);
+        assert!((minutes[0] as f64 - h1).abs() < 1e-6);
+        let want = sigmoid(h0) - 0.25 * h1;
+        assert!((fused[0] as f64 - want).abs() < 1e-6, "{fused:?} vs {want}");
+        assert_eq!(model.score_by(Some("fused")), model.score_by(None));
+        assert_eq!(model.score_by(Some("nope")), None);
+    }
+    // The scene changes the output (the gates read it).
+    let a = model.forward(&model.encode(&json!({"x": [0.3, -1.2, 0.8], "scene": [1, 0]}), true).unwrap());
+    let b = model.forward(&model.encode(&json!({"x": [0.3, -1.2, 0.8], "scene": [0, 1]}), true).unwrap());
+    assert!((a[0] - b[0]).abs() > 1e-4 && (a[1] - b[1]).abs() > 1e-4, "{a:?} {b:?}");
+}
+
+/// A gate whose logits are equal averages its experts; a scale with zero weights and bias is
+/// the identity; a one-score pre-rank model's score is its output.
+#[test]
+fn gate_and_scale_limits() {
+    let fs = json!([{"name": "a", "type": "dense", "dim": 2}, {"name": "b", "type": "dense", "dim": 2},
+                    {"name": "g", "type": "dense", "dim": 1}]);
+    let graph = json!([
+        {"name": "s", "inputs": ["a", "b"], "gate_inputs": ["g"], "combine": "scale", "weight": "sw"},
+        {"name": "m", "inputs": ["a", "b"], "gate_inputs": ["g"], "combine": "gate", "weight": "gw"},
+        {"name": "out", "inputs": ["s", "m"], "combine": "concat"}]);
+    let model = load(
+        &tower("user", fs, graph, 6, "ip", None),
+        &[("sw", vec![4, 1], vec![0.0; 4]), ("gw", vec![2, 1], vec![0.5, 0.5])],
+    )
+    .unwrap();
+    let y = model
+        .forward(&model.encode(&json!({"a": [1, 2], "b": [3, -5], "g": [7]}), true).unwrap());
+    let want = [1.0, 2.0, 3.0, -5.0, 2.0, -1.5];
+    for (g, w) in y.iter().zip(want) {
+        assert!((g - w).abs() < 1e-6, "{y:?}");
+    }
+}
+
+/// Every malformed gate, scale and task list is an error naming where it is.
+#[test]
+fn malformed_gates_and_tasks_are_rejected_with_their_path() {
+    let fs = json!([{"name": "a", "type": "dense", "dim": 2}, {"name": "b", "type": "dense", "dim": 3},
+                    {"name": "g", "type": "dense", "dim": 1}]);
+    let gw = ("gw", vec![2, 1], vec![0.1, 0.2]);
+    let cases: Vec<(Value, Vec<T>, &str)> = vec![
+        (
+            json!([{"name": "x", "inputs": ["a", "b"], "gate_inputs": ["g"], "combine": "gate", "weight": "gw"}]),
+            vec![gw.clone()],
+            "graph[0].inputs: the inputs of this combine must have one width, got [2, 3]",
+        ),
+        (
+            json!([{"name": "x", "inputs": ["a"], "gate_inputs": ["g"], "combine": "gate", "weight": "gw"},
+                   {"name": "y", "inputs": ["x", "b"], "combine": "concat"}]),
+            vec![gw.clone()],
+            "graph[0].inputs: a combine node joins at least two inputs",
+        ),
+        (
+            json!([{"name": "x", "inputs": ["a", "b"], "gate_inputs": ["g"], "combine": "sum"}]),
+            vec![],
+            "graph[0].gate_inputs: only a \"gate\" or \"scale\" node has gate inputs",
+        ),
+        (
+            json!([{"name": "x", "inputs": ["a", "b", "g"], "combine": "scale", "weight": "gw"}]),
+            vec![gw.clone()],
+            "graph[0].gate_inputs: a \"gate\" or \"scale\" node computes its weights from \"gate_inputs\"",
+        ),
+        (
+            json!([{"name": "x", "inputs": ["a", "b"], "gate_inputs": ["g", "g"], "combine": "scale", "weight": "gw"}]),
+            vec![gw.clone()],
+            "graph[0].gate_inputs[1]: \"g\" is listed twice",
+        ),
+        (
+            json!([{"name": "x", "inputs": ["a", "b"], "gate_inputs": ["g"], "combine": "scale", "weight": "gw"}]),
+            vec![gw.clone()],
+            "tensor \"gw\" has shape [2, 1]",
+        ),
+        (
+            json!([{"name": "x", "inputs": ["a", "b"], "gate_inputs": ["x"], "combine": "scale", "weight": "gw"},
+                   {"name": "y", "inputs": ["x", "g"], "combine": "concat"}]),
+            vec![gw.clone()],
+            "graph: the nodes form a cycle: x -> x",
+        ),
+    ];
+    for (graph, ts, want) in &cases {
+        let err = load(&tower("user", fs.clone(), graph.clone(), 6, "ip", None), ts)
+            .err()
+            .unwrap_or_else(|| panic!("{graph} loaded"))
+            .to_string();
+        assert!(err.contains(&at(want)) || err.contains(want), "{graph}: {err} (wanted {want})");
+    }
+    // Tasks.
+    let graph = json!([{"name": "h", "inputs": ["a", "b", "g"], "layers": [{"type": "linear", "weight": "hw"}]}]);
+    let hw = |n: usize| vec![("hw", vec![n, 6], vec![0.1; n * 6])];
+    let task = |name: &str| json!({"name": name});
+    let outputs: Vec<(Value, usize, &str)> = vec![
+        (json!({"dim": 2, "tasks": [task("a"), task("a")]}), 2, "output.tasks[1].name: duplicate task name \"a\""),
+        (json!({"dim": 1, "tasks": [task("fused")]}), 1, "output.tasks[0].name: \"fused\" is not a valid task name"),
+        (json!({"dim": 2, "tasks": [task("a"), task("b c")]}), 2, "output.tasks[1].name: \"b c\" is not a valid task name"),
+        (json!({"dim": 3, "tasks": [task("a"), task("b")]}), 3, "output.dim: must be"),
+        (json!({"dim": 2}), 2, "output.dim: must be"),
+        (json!({"dim": 1, "tasks": []}), 1, "output.tasks: must list 1 to 16 tasks, got 0"),
+        (json!({"dim": 2, "tasks": [{"name": "a", "fuse": 0}, {"name": "b", "fuse": 0.0}]}), 2,
+         "output.tasks: every \"fuse\" weight is 0"),
+        (json!({"dim": 1, "tasks": [{"name": "a", "link": "softmax"}]}), 1,
+         "output.tasks[0].link: must be \"sigmoid\" or \"identity\", got \"softmax\""),
+        (json!({"dim": 1, "tasks": [{"name": "a", "fuse": "1"}]}), 1, "output.tasks[0].fuse"),
+        (json!({"dim": 1, "tasks": [{"name": "a", "weight": 1}]}), 1, "output.tasks[0]"),
+    ];
+    for (output, n, want) in outputs {
+        let err = load(&prerank(fs.clone(), graph.clone(), output.clone()), &hw(n))
+            .err()
+            .unwrap_or_else(|| panic!("{output} loaded"))
+            .to_string();
+        assert!(err.contains(&at(want)) || err.contains(want), "{output}: {err} (wanted {want})");
+    }
+    // Tasks belong to pre-rank models only.
+    let mut spec = tower("user", fs.clone(), graph.clone(), 2, "ip", None);
+    spec["output"]["tasks"] = json!([task("a"), task("b")]);
+    let err = load(&spec, &hw(2)).err().unwrap().to_string();
+    assert!(err.contains("tasks"), "{err}");
+    // One task is a valid multi-task model (its fused score is fuse·link).
+    let m = load(&prerank(fs, graph, json!({"dim": 1, "tasks": [{"name": "a", "fuse": 2}]})), &hw(1)).unwrap();
+    let s = m.scores(&[0.0], m.score_by(None).unwrap());
+    assert!((s[0] - 1.0).abs() < 1e-7, "{s:?}");
+}
