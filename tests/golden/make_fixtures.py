@@ -9,6 +9,8 @@ reproduces byte-identical files. Writes, next to this script:
 
     spec.json, weights.safetensors, inputs.json, expected.json, invalid_inputs.json   (user tower)
     item/spec.json, item/weights.safetensors, item/inputs.json, item/expected.json    (item tower)
+    graph/ (a graph user tower), attention/ and multitask/ (pre-rank models; multitask/ also
+    has invalid_specs.json)                                      (see README.md)
     README.md                                                        (what each input case tests)
 
 expected.json holds tower_ref.embed() of every input (float64, shortest round-trip repr); the
@@ -18,6 +20,7 @@ Needs only numpy.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -306,6 +309,329 @@ def build_attention(outdir, w: Weights):
         f.write(json.dumps(expected) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# the multi-task pre-rank model (multitask/): a scene gate, PLE experts, MMoE gates, task heads
+
+MT_TASKS = [{"name": "rated", "link": "sigmoid", "fuse": 1.0},
+            {"name": "liked", "link": "sigmoid", "fuse": 0.5},
+            {"name": "minutes", "link": "identity", "fuse": -0.25}]
+MT_SCENES = ["home", "search", "feed", "detail"]
+MT_SHARED = ["user_id", "age", "category", "price", "duration", "u", "v", "uv"]
+MT_EXPERT = 8      # width of every expert
+MT_HEAD = 6        # hidden width of every task head
+
+
+def multitask_model(w: Weights):
+    """A multi-task pre-rank model (PLE-style, with a scene gate): user features (`scene`, a
+    categorical read only through gate_inputs; a hashed `user_id`; `age`), item features
+    (`category`, `price`, `duration`) and three cross inputs (u, v, u*v, d = 8).
+
+    shared_in = scale(the shared fields; gate_inputs scene)            x * 2 sigmoid(W s + b)
+    expert_s0, expert_s1, expert_<task> = [linear(34 -> 8), relu](shared_in)
+    gate_<task> = gate(expert_s0, expert_s1, expert_<task>; gate_inputs scene)   (liked: no bias)
+    resid_minutes = sum(gate_minutes, expert_minutes)
+    head_<task> = [linear(8 -> 6), relu, linear(6 -> 1)](gate_<task>, or resid_minutes)
+    logits = concat(head_rated, head_liked, head_minutes); tasks rated, liked, minutes."""
+    d = DIM
+    feats = [
+        {"name": "scene", "type": "categorical",
+         "embedding": w.normal("tables.scene.weight", (len(MT_SCENES) + 1, 4), 1.0),
+         "vocabulary": MT_SCENES},
+        {"name": "user_id", "type": "categorical", "source": "user",
+         "embedding": w.normal("tables.user_id.weight", (33, 4), 0.7), "hash_buckets": 32},
+        {"name": "age", "type": "numeric", "transform": "zscore", "mean": 35.0, "std": 12.0},
+        {"name": "category", "type": "categorical", "source": "item",
+         "embedding": w.normal("tables.category.weight", (6, 3), 0.7),
+         "vocabulary": ["news", "sports", "music", "film", "games"]},
+        {"name": "price", "type": "numeric", "transform": "log1p", "source": "item"},
+        {"name": "duration", "type": "numeric", "transform": "minmax", "min": 0.0, "max": 600.0,
+         "default": 120.0, "source": "item"},
+        {"name": "u", "type": "cross", "of": "user_vector", "dim": d},
+        {"name": "v", "type": "cross", "of": "item_vector", "dim": d},
+        {"name": "uv", "type": "cross", "of": "product", "dim": d},
+    ]
+    n = 4 + 1 + 3 + 1 + 1 + 3 * d          # 34: the shared fields side by side
+    names = [t["name"] for t in MT_TASKS]
+    graph = [{"name": "shared_in", "inputs": MT_SHARED, "combine": "scale",
+              "gate_inputs": ["scene"],
+              "weight": w.normal("graph.shared_in.weight", (n, 4), 0.4),
+              "bias": w.normal("graph.shared_in.bias", (n,), 0.2)}]
+    for e in ["s0", "s1"] + names:
+        graph.append({"name": f"expert_{e}", "inputs": ["shared_in"], "layers": [
+            {"type": "linear",
+             "weight": w.normal(f"graph.expert_{e}.0.weight", (MT_EXPERT, n), 2.0 / math.sqrt(n)),
+             "bias": w.normal(f"graph.expert_{e}.0.bias", (MT_EXPERT,), 0.2, loc=0.1)},
+            {"type": "relu"}]})
+    for t in names:
+        node = {"name": f"gate_{t}", "inputs": ["expert_s0", "expert_s1", f"expert_{t}"],
+                "combine": "gate", "gate_inputs": ["scene"],
+                "weight": w.normal(f"graph.gate_{t}.weight", (3, 4), 0.5)}
+        if t != "liked":
+            node["bias"] = w.normal(f"graph.gate_{t}.bias", (3,), 0.3)
+        graph.append(node)
+    graph.append({"name": "resid_minutes", "inputs": ["gate_minutes", "expert_minutes"],
+                  "combine": "sum"})
+    for t in names:
+        graph.append({"name": f"head_{t}",
+                      "inputs": ["resid_minutes" if t == "minutes" else f"gate_{t}"], "layers": [
+            {"type": "linear",
+             "weight": w.normal(f"graph.head_{t}.0.weight", (MT_HEAD, MT_EXPERT),
+                                2.0 / math.sqrt(MT_EXPERT)),
+             "bias": w.normal(f"graph.head_{t}.0.bias", (MT_HEAD,), 0.1)},
+            {"type": "relu"},
+            {"type": "linear",
+             "weight": w.normal(f"graph.head_{t}.2.weight", (1, MT_HEAD), 1.5 / math.sqrt(MT_HEAD)),
+             "bias": w.normal(f"graph.head_{t}.2.bias", (1,), 0.2)}]})
+    graph.append({"name": "logits", "inputs": [f"head_{t}" for t in names], "combine": "concat"})
+    return {"format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+            "features": feats, "graph": graph,
+            "output": {"dim": len(MT_TASKS), "node": "logits", "tasks": MT_TASKS}}
+
+
+def prerank_multitask_ref(tensors, case, dt=np.float64):
+    """The multitask model's logits of one case, written out with numpy matrix products straight
+    from the tensors (a second implementation, independent of tower_ref's graph code). dt=float32
+    runs it in f32, as an f32 engine would."""
+    T = {k: t.astype(dt) for k, t in tensors.items()}
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+    relu = lambda z: np.maximum(z, 0.0)
+    user, item = case["user"], case["item"]
+    u, v = np.asarray(case["u"], dtype=dt), np.asarray(case["v"], dtype=dt)
+    scene = T["tables.scene.weight"][{s: i + 1 for i, s in enumerate(MT_SCENES)}.get(
+        user.get("scene"), 0)]
+    uid = user.get("user_id")
+    uid_row = 0 if uid is None else 1 + tower_ref.fnv1a64(tower_ref.canonical_id(uid)) % 32
+    cat = {c: i + 1 for i, c in enumerate(["news", "sports", "music", "film", "games"])}
+    age = 0.0 if user.get("age") is None else (user["age"] - 35.0) / 12.0
+    price = 0.0 if item.get("price") is None else math.log1p(max(item["price"], 0.0))
+    dur = 120.0 if item.get("duration") is None else item["duration"]
+    x = np.concatenate([T["tables.user_id.weight"][uid_row], np.array([age], dtype=dt),
+                        T["tables.category.weight"][cat.get(item.get("category"), 0)],
+                        np.array([price, min(max(dur / 600.0, 0.0), 1.0)], dtype=dt), u, v, u * v])
+    x = x * 2.0 * sig(T["graph.shared_in.weight"] @ scene + T["graph.shared_in.bias"])
+    experts = {e: relu(T[f"graph.expert_{e}.0.weight"] @ x + T[f"graph.expert_{e}.0.bias"])
+               for e in ["s0", "s1", "rated", "liked", "minutes"]}
+    logits = []
+    for t in ("rated", "liked", "minutes"):
+        s = T[f"graph.gate_{t}.weight"] @ scene
+        if f"graph.gate_{t}.bias" in T:
+            s = s + T[f"graph.gate_{t}.bias"]
+        a = np.exp(s - s.max())
+        a /= a.sum()
+        g = a[0] * experts["s0"] + a[1] * experts["s1"] + a[2] * experts[t]
+        if t == "minutes":
+            g = g + experts["minutes"]
+        hdn = relu(T[f"graph.head_{t}.0.weight"] @ g + T[f"graph.head_{t}.0.bias"])
+        logits.append(float((T[f"graph.head_{t}.2.weight"] @ hdn + T[f"graph.head_{t}.2.bias"])[0]))
+    return logits
+
+
+def _mt_case(user, item, u, v, history=()):
+    return {"user": user, "item": item, "u": u, "v": v, "history": list(history)}
+
+
+def multitask_cases(rng):
+    """(note, case) pairs; a case has the attention/ cases' shape: user (the request's features),
+    item (the candidate's row), u, v (unit vectors) and history (item vectors)."""
+    unit = lambda x: (x / np.linalg.norm(x)).round(6).tolist()
+    u0, v0, v1, u1, v2, v3 = (unit(rng.standard_normal(DIM)) for _ in range(6))
+    hist = [unit(rng.standard_normal(DIM)) for _ in range(3)]
+    user0 = {"scene": "home", "user_id": 42, "age": 29}
+    item0 = {"category": "music", "price": 9.99, "duration": 215}
+    item1 = {"category": "sports", "price": 0.5, "duration": 48}
+    return [
+        ("typical pair, scene home", _mt_case(user0, item0, u0, v0)),
+        ("case 0 in scene search: differs from case 0 only in scene",
+         _mt_case(dict(user0, scene="search"), item0, u0, v0)),
+        ("case 0 in scene feed", _mt_case(dict(user0, scene="feed"), item0, u0, v0)),
+        ("case 0 in scene detail", _mt_case(dict(user0, scene="detail"), item0, u0, v0)),
+        ("scene OOV (\"checkout\"): scene row 0", _mt_case(dict(user0, scene="checkout"), item0, u0, v0)),
+        ("scene missing: row 0, same output as case 4",
+         _mt_case({k: x for k, x in user0.items() if k != "scene"}, item0, u0, v0)),
+        ("scene null: row 0, same output as case 4", _mt_case(dict(user0, scene=None), item0, u0, v0)),
+        ("item with every feature missing: category row 0, price 0, duration default 120 -> 0.2",
+         _mt_case(user0, {}, u0, v0)),
+        ("unknown category (row 0), price null (0), duration above max clamps to 1",
+         _mt_case(user0, {"category": "podcasts", "price": None, "duration": 1800}, u0, v0)),
+        ("a history is given but this model reads none: same output as case 0",
+         _mt_case(user0, item0, u0, v0, hist)),
+        ("another user (string id, age missing -> 0), scene feed, another candidate",
+         _mt_case({"scene": "feed", "user_id": "u-981"}, item1, u1, v1)),
+        ("the user of case 1 (scene search), another candidate", _mt_case(
+            dict(user0, scene="search"), {"category": "film", "price": 3.5, "duration": 5400}, u0, v2)),
+        ("candidate vector equal to the user vector (u*v = u squared), scene detail",
+         _mt_case(dict(user0, scene="detail", age=71.5), item1, v3, v3)),
+    ]
+
+
+# equal-output claims of the case notes (first, second)
+MT_SAME = [(4, 5), (4, 6), (5, 6), (0, 9)]
+
+
+def _json_pointer(doc, path):
+    """(parent container, last key) of an RFC 6901 JSON Pointer into doc."""
+    keys = [k.replace("~1", "/").replace("~0", "~") for k in path.split("/")[1:]]
+    for k in keys[:-1]:
+        doc = doc[int(k)] if isinstance(doc, list) else doc[k]
+    return doc, keys[-1]
+
+
+def apply_patch(doc, patch):
+    """An RFC 6902 JSON Patch (operations add, remove, replace) applied to a copy of doc."""
+    doc = copy.deepcopy(doc)
+    for op in patch:
+        parent, key = _json_pointer(doc, op["path"])
+        if isinstance(parent, list):
+            idx = len(parent) if key == "-" else int(key)
+            if op["op"] == "add":
+                parent.insert(idx, copy.deepcopy(op["value"]))
+            elif op["op"] == "remove":
+                del parent[idx]
+            elif op["op"] == "replace":
+                parent[idx] = copy.deepcopy(op["value"])
+            else:
+                raise ValueError(op["op"])
+        else:
+            if op["op"] in ("add", "replace"):
+                if op["op"] == "replace" and key not in parent:
+                    raise KeyError(op["path"])
+                parent[key] = copy.deepcopy(op["value"])
+            elif op["op"] == "remove":
+                del parent[key]
+            else:
+                raise ValueError(op["op"])
+    return doc
+
+
+def _add(path, value):
+    return {"op": "add", "path": path, "value": value}
+
+
+def _rep(path, value):
+    return {"op": "replace", "path": path, "value": value}
+
+
+def _rem(path):
+    return {"op": "remove", "path": path}
+
+
+def multitask_invalid(spec):
+    """Specs every implementation must reject: (why, base fixture, RFC 6902 patch of the base's
+    spec.json, a fragment of tower_ref's error message, checked so that each spec fails for the
+    reason given). Graph node indices: 0 shared_in, 1-5 experts, 6 gate_rated, 7 gate_liked,
+    8 gate_minutes, 9 resid_minutes, 10-12 heads, 13 logits."""
+    idx = {n["name"]: i for i, n in enumerate(spec["graph"])}
+    assert (idx["shared_in"], idx["gate_rated"], idx["gate_liked"], idx["resid_minutes"],
+            idx["expert_s0"]) == (0, 6, 7, 9, 1)
+    eight = [{"name": f"t{i}"} for i in range(8)]
+    return [
+        ("gate with inputs of different widths (shared_in is 34 wide, the experts 8)", "multitask",
+         [_rep("/graph/6/inputs/1", "shared_in")], "one width"),
+        ("gate with one input (its [3, 4] weight is then of the wrong shape too)", "multitask",
+         [_rep("/graph/6/inputs", ["expert_rated"])], "at least 2 inputs"),
+        ("gate weight of the wrong shape ([3, 4], but gate_inputs scene, age are 5 wide)",
+         "multitask", [_add("/graph/6/gate_inputs/-", "age")], "has shape"),
+        ("scale weight of the wrong shape ([34, 4], but gate_inputs scene, age are 5 wide)",
+         "multitask", [_add("/graph/0/gate_inputs/-", "age")], "has shape"),
+        ("gate_inputs on a sum node", "multitask",
+         [_add("/graph/9/gate_inputs", ["scene"])], "only for gate and scale"),
+        ("gate_inputs on a stack node", "multitask",
+         [_add("/graph/1/gate_inputs", ["scene"])], "only for gate and scale"),
+        ("scale without gate_inputs", "multitask", [_rem("/graph/0/gate_inputs")], "needs gate_inputs"),
+        ("gate without gate_inputs", "multitask", [_rem("/graph/7/gate_inputs")], "needs gate_inputs"),
+        ("gate_inputs empty (the scale's [34, 4] weight then has the wrong shape too)", "multitask", [_rep("/graph/0/gate_inputs", [])], "1 to 64"),
+        ("gate_inputs with a duplicate name (scene twice is 8 wide: the [3, 4] weight is wrong too)",
+         "multitask",
+         [_rep("/graph/7/gate_inputs", ["scene", "scene"])], "duplicate"),
+        ("gate_inputs naming neither a node nor a feature", "multitask",
+         [_rep("/graph/7/gate_inputs", ["scenery"])], "unknown input"),
+        ("a cycle through gate_inputs (shared_in -> gate_rated -> expert_s0 -> shared_in; "
+         "gate_rated is 8 wide, so the [34, 4] weight is wrong too)",
+         "multitask", [_rep("/graph/0/gate_inputs", ["gate_rated"])], "cycle"),
+        ("tasks on a user tower (dim 8, 8 tasks)", "graph",
+         [_add("/output/tasks", eight)], "only a prerank model"),
+        ("tasks on an item tower (dim 8, 8 tasks)", "item",
+         [_add("/output/tasks", eight)], "only a prerank model"),
+        ("dim 3 but 2 tasks", "multitask", [_rem("/output/tasks/2")], "must equal the number"),
+        ("a prerank model without tasks has dim 1 (here 3)", "multitask",
+         [_rem("/output/tasks")], "has dim 1"),
+        ("tasks empty (dim 3 is then not the number of tasks either)", "multitask", [_rep("/output/tasks", [])], "1 to 16"),
+        ("duplicate task name", "multitask", [_rep("/output/tasks/1/name", "rated")], "duplicate"),
+        ('a task named "fused"', "multitask", [_rep("/output/tasks/2/name", "fused")], '"fused"'),
+        ("task name not a feature-style name", "multitask",
+         [_rep("/output/tasks/1/name", "liked-it")], "bad task name"),
+        ("every fuse weight 0", "multitask",
+         [_rep(f"/output/tasks/{t}/fuse", 0) for t in range(3)], "every fuse weight is 0"),
+        ("unknown link", "multitask", [_rep("/output/tasks/0/link", "softmax")], "link must be"),
+        ("fuse not a number (a string)", "multitask", [_rep("/output/tasks/0/fuse", "1.0")],
+         "finite number"),
+        ("unknown key in a task", "multitask", [_add("/output/tasks/0/weight", 1.0)], "unknown key"),
+    ]
+
+
+def build_multitask(outdir, w: Weights, others):
+    """others: {"graph": (spec, weights bytes), "item": ...}, the bases of some invalid specs."""
+    spec = multitask_model(w)
+    spec_text = json.dumps(spec, indent=2, allow_nan=False) + "\n"
+    wbytes = w.bytes({"format": "pt"})
+    model = tower_ref.load_model_bytes(spec_text, wbytes)
+    notes_cases = multitask_cases(np.random.RandomState(SEED + 6))
+    cases = json.loads(json.dumps([c for _, c in notes_cases]))  # what the file says
+    tensors = {n: np.frombuffer(b, dtype="<f4").astype(np.float64).reshape(shape)
+               for n, (dt, shape, b) in w.tensors.items()}
+    expected, logits, f32err = [], [], 0.0
+    for i, c in enumerate(cases):
+        row = tower_ref.prerank_forward(model, c["user"], c["item"], c["u"], c["v"], c["history"])
+        direct = prerank_multitask_ref(tensors, c)
+        diff = float(np.max(np.abs(row - np.array(direct))))
+        if diff > 1e-12:
+            raise SystemExit(f"multitask case {i}: tower_ref and the direct numpy disagree by {diff}")
+        f32err = max(f32err, float(np.max(np.abs(
+            np.array(prerank_multitask_ref(tensors, c, np.float32), dtype=np.float64) - row))))
+        scores, fused = tower_ref.task_scores(model, row)
+        logits.append(row)
+        expected.append({"logits": row.tolist(), "scores": scores, "fused": fused})
+    # the claims of the notes: equal where said, clearly different elsewhere; sigmoids unsaturated
+    L = np.array(logits)
+    for a, b in MT_SAME:
+        assert np.array_equal(L[a], L[b]), (a, b)
+    for a in range(len(L)):
+        for b in range(a + 1, len(L)):
+            if (a, b) not in MT_SAME:
+                assert np.max(np.abs(L[a] - L[b])) > 1e-3, (a, b)
+    assert np.all(np.abs(L[:, :2]) < 3.0), L
+    # invalid specs, each rejected for its reason
+    bases = {"multitask": spec}
+    base_w = {"multitask": wbytes}
+    for sub, (ospec, ow) in others.items():
+        bases[sub] = json.loads(json.dumps(ospec))
+        base_w[sub] = ow
+    invalid = []
+    for why, base, patch, fragment in multitask_invalid(spec):
+        bad = apply_patch(bases[base], patch)
+        try:
+            tower_ref.load_model_bytes(json.dumps(bad), base_w[base])
+        except tower_ref.ModelError as e:
+            if fragment not in str(e):
+                raise SystemExit(f"invalid spec {why!r} rejected for another reason: {e}")
+        else:
+            raise SystemExit(f"invalid spec accepted: {why}")
+        invalid.append({"why": why, "base": base, "patch": patch, "spec": bad})
+    os.makedirs(outdir, exist_ok=True)
+    with open(os.path.join(outdir, "spec.json"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(spec_text)
+    with open(os.path.join(outdir, "weights.safetensors"), "wb") as f:
+        f.write(wbytes)
+    with open(os.path.join(outdir, "cases.json"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(cases, indent=1) + "\n")
+    dump_json(expected, os.path.join(outdir, "expected.json"))
+    dump_json(invalid, os.path.join(outdir, "invalid_specs.json"))
+    assert f32err < 1e-5, f32err
+    mindiff = min(float(np.max(np.abs(L[a] - L[b]))) for a in range(len(L))
+                  for b in range(a + 1, len(L)) if (a, b) not in MT_SAME)
+    return model, spec, wbytes, notes_cases, invalid, f32err, math.floor(mindiff * 10) / 10
+
+
 def W(ids, weights):
     return {"ids": ids, "weights": weights}
 
@@ -544,6 +870,7 @@ reference implementation of it (float64 math on the stored weights).
 | `item/` | an item tower (same files, no invalid inputs); inputs are rows as `to_jsonb(row)` |
 | `graph/` | a user tower whose layers are a graph of named nodes (every node kind), the user inputs |
 | `attention/` | a pre-rank model with target attention over the history (`cases.json`: request features, item row, u, v, history; `expected.json`: scores, computed in numpy by `prerank_attention_ref` in `make_fixtures.py`) |
+| `multitask/` | a multi-task pre-rank model (scene gate, PLE experts, MMoE gates, three output tasks; `cases.json` as in `attention/`; `expected.json`: logits, task scores and fused score; `invalid_specs.json`: {n_mt_invalid} specs that must be rejected); see *Multi-task pre-rank model* below |
 
 Check an implementation with a tolerance: an f32 engine differs from the float64 reference by
 about 1e-7 on these unit-norm outputs (`tower_ref.embed_batch(..., dtype=np.float32)` does), so
@@ -580,6 +907,41 @@ The user tower's features and SENet, with a graph instead of a layer stack (same
 user tower).
 
 {graph_model}
+
+## Multi-task pre-rank model
+
+`multitask/`: a model of kind `"prerank"` whose graph uses the `scale` (scene gate) and `gate`
+(MMoE gate) combine nodes and whose output has three tasks. `shared_in` scales the shared
+fields by 2·sigmoid(W·scene + b); five experts (two shared, one per task) read it; each task's
+`gate` mixes the two shared experts and its own by softmax(W·scene + b) (`gate_liked` has no
+bias); `resid_minutes` adds the minutes expert back; each task's head maps its mix to one logit;
+`logits` concatenates the three. `scene` is read only through `gate_inputs` (it counts as read).
+
+| file | content |
+|---|---|
+| `spec.json`, `weights.safetensors` | the model |
+| `cases.json` | {n_mt} (request, candidate) pairs, shaped like `attention/cases.json`: `user` (the request's features), `item` (the candidate's row), `u`, `v` (the user and item vectors: the cross inputs `u`, `v` and `uv` = u ⊙ v), `history` (item vectors; this model reads none) |
+| `expected.json` | one object per case: `logits` (the output row, [3]), `scores` (task name -> link(logit): sigmoid for rated and liked, identity for minutes), `fused` (Σ fuse_t · score_t) |
+| `invalid_specs.json` | {n_mt_invalid} specs that must be rejected, one object per line: `why`, `base` (the fixture directory whose `weights.safetensors` goes with the spec: `multitask`, `graph` or `item`), `patch` (the change, an RFC 6902 JSON Patch of add/remove/replace operations on the base's `spec.json`), `spec` (the patched spec, ready to import) |
+
+`expected.json` is `tower_ref.prerank_forward` and `tower_ref.task_scores` (float64), checked in
+the generator against a direct numpy evaluation of the same model (`prerank_multitask_ref` in
+`make_fixtures.py`) to 1e-12; that evaluation in f32 differs from it by at most {mt_f32err}, and
+the logits of any two cases not said to be equal differ by more than {mt_mindiff}.
+
+{multitask_model}
+
+| # | what it tests |
+|---|---|
+{multitask_cases}
+
+Invalid specs (each breaks the one rule its `why` names, plus, where `why` says so, a second
+rule that the first makes unavoidable; the generator checks that `tower_ref` rejects each for the
+reason given):
+
+| # | why | base |
+|---|---|---|
+{multitask_invalid}
 """
 
 
@@ -587,16 +949,28 @@ def describe(model, spec, wbytes):
     tensors, ignored, _ = tower_ref.read_safetensors(wbytes)
     header_len = struct.unpack("<Q", wbytes[:8])[0]
     header = json.loads(wbytes[8:8 + header_len])
+    def src(f):
+        if model.kind != "prerank":
+            return ""
+        return f" {f.cross}" if f.source == "cross" else f", {f.source}"
+
     lines = ["Features (field widths): " + ", ".join(
-        f"`{f.name}` {f.type} ({f.width})" for f in model.features)
+        f"`{f.name}` {f.type}{src(f)} ({f.width})" for f in model.features)
         + f"; concatenated width {model.input_width}."]
     if model.senet is not None:
         lines.append(f"SENet over {len(model.features)} fields, r = {model.senet[0].shape[0]}.")
+    if model.tasks is not None:
+        head = "tasks " + ", ".join(f"{t['name']} ({t['link']}, fuse {t['fuse']})"
+                                    for t in model.tasks)
+    else:
+        head = f"metric {model.metric}"
     if "graph" in spec:
         lines.append("Graph: " + "; ".join(
             f"`{n['name']}` = {n.get('combine', 'stack of ' + str(len(n.get('layers', []))) + ' layers')}"
-            f" of {', '.join(n['inputs'])}" for n in spec["graph"])
-            + f"; output node `{spec['output']['node']}`, dim {model.dim}, metric {model.metric}.")
+            f" of {', '.join(n['inputs'])}"
+            + (f" gated by {', '.join(n['gate_inputs'])}" if "gate_inputs" in n else "")
+            for n in spec["graph"])
+            + f"; output node `{spec['output']['node']}`, dim {model.dim}, {head}.")
     else:
         lines.append("Layers: " + ", ".join(
             f"{i} {ls['type']}" for i, ls in enumerate(spec["layers"]))
@@ -625,6 +999,11 @@ def main():
 
     build_attention(os.path.join(HERE, "attention"), Weights(SEED + 3))
 
+    # SEED + 4 is the attention cases' stream, SEED + 6 the multitask cases'
+    mt = build_multitask(os.path.join(HERE, "multitask"), Weights(SEED + 5),
+                         {"graph": (gspec, wg.bytes({"format": "pt"})),
+                          "item": (ispec, wi.bytes({"format": "pt"}))})
+
     inputs = json.loads(json.dumps([c for _, c in USER_CASES]))
     f32 = tower_ref.embed_batch(user, inputs, dtype=np.float32).astype(np.float64)
     f64 = np.array([tower_ref.embed(user, x) for x in inputs])
@@ -638,11 +1017,16 @@ def main():
         user_model=describe(user, spec, user_w), user_cases=cases_table(USER_CASES),
         item_model=describe(item, ispec, wi.bytes({"format": "pt"})),
         item_cases=cases_table(ITEM_CASES),
-        graph_model=describe(graph, gspec, wg.bytes({"format": "pt"})))
+        graph_model=describe(graph, gspec, wg.bytes({"format": "pt"})),
+        n_mt=len(mt[3]), n_mt_invalid=len(mt[4]), mt_f32err=f"{mt[5]:.1e}", mt_mindiff=mt[6],
+        multitask_model=describe(mt[0], mt[1], mt[2]), multitask_cases=cases_table(mt[3]),
+        multitask_invalid="\n".join(f"| {i} | {c['why'].replace('|', '/')} | `{c['base']}` |"
+                                     for i, c in enumerate(mt[4])))
     with open(os.path.join(HERE, "README.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
     total = 0
-    for d in (HERE, os.path.join(HERE, "item"), os.path.join(HERE, "graph"), os.path.join(HERE, "attention")):
+    for d in (HERE, os.path.join(HERE, "item"), os.path.join(HERE, "graph"), os.path.join(HERE, "attention"),
+              os.path.join(HERE, "multitask")):
         for n in sorted(os.listdir(d)):
             p = os.path.join(d, n)
             if os.path.isfile(p) and not n.endswith(".py") and n != "README.md":

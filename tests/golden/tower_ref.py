@@ -16,6 +16,11 @@ API
     embed_batch(model, rows, dtype=np.float64) -> np.ndarray [len(rows), dim]
                                                        (vectorised numpy over the batch)
     fields(model, features) -> list of np.ndarray      (the raw fields, before SENet)
+    prerank_forward(model, user, item, u, v, history, scalars) -> np.ndarray [dim]
+                                                       (a pre-rank model's output row for one
+                                                        (request, candidate) pair: its logits)
+    task_scores(model, row) -> ({task: score}, fused)  (a pre-rank output row's task scores
+                                                        link(logit_t) and their fused score)
     fnv1a64(s), canonical_id(v), read_safetensors(data)
 
 Errors: ModelError (bad spec or weights), InputError (bad features input). Both are ValueError.
@@ -39,6 +44,7 @@ __all__ = [
     "ModelError", "InputError", "Model", "Feature",
     "fnv1a64", "canonical_id", "read_safetensors", "decode_tensor",
     "load_model", "load_model_bytes", "embed", "embed_batch", "fields",
+    "prerank_forward", "prerank_fields", "task_scores",
 ]
 
 
@@ -217,6 +223,8 @@ def read_safetensors(data: bytes):
 # spec
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_CROSS_VECTOR = ("user_vector", "item_vector", "product", "target_attention")
+_CROSS_SCALAR = ("score", "history_max", "history_mean", "recall_rank")
 _ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid")
 MAX_FEATURES = 256
 MAX_LAYERS = 64
@@ -261,6 +269,9 @@ class Feature:
         self.default = None
         self.boundaries = None     # float64 [m]
         self.dim = None
+        self.source = "user"       # pre-rank models: "user", "item" or "cross"
+        self.cross = None          # a cross feature's "of"
+        self.attention = None      # target_attention: (W_q, W_k) float64 [r, dim]
 
     def row_of(self, cid: str) -> int:
         if self.vocab is not None:
@@ -282,6 +293,7 @@ class Model:
         self.input_width = 0
         self.column_field = None   # field index of each concatenated column
         self.field_mean = None     # [W, F] averaging matrix
+        self.tasks = None          # pre-rank output tasks: [{"name", "link", "fuse"}], or None
         self._cast_cache = {}
 
     def cast(self, arr: np.ndarray, dt) -> np.ndarray:
@@ -337,9 +349,10 @@ def load_model_bytes(spec, weights: bytes) -> Model:
         raise ModelError('spec: format must be "pg_twotower.tower"')
     if not (_is_int(spec["spec_version"]) and spec["spec_version"] == 1):
         raise ModelError("spec: spec_version must be 1")
-    if spec["kind"] not in ("user", "item"):
-        raise ModelError('spec: kind must be "user" or "item"')
+    if spec["kind"] not in ("user", "item", "prerank"):
+        raise ModelError('spec: kind must be "user", "item" or "prerank"')
     m.kind = spec["kind"]
+    prerank = m.kind == "prerank"
 
     feats = spec["features"]
     if not isinstance(feats, list) or not 1 <= len(feats) <= MAX_FEATURES:
@@ -354,8 +367,50 @@ def load_model_bytes(spec, weights: bytes) -> Model:
         if name in m.by_name:
             raise ModelError(f"{where}: duplicate name {name!r}")
         where = f"feature {name!r}"
+        source = "user"
+        if "source" in fs or typ == "cross":
+            if not prerank:
+                raise ModelError(f"{where}: source and cross features are for prerank models only")
+        if "source" in fs:
+            if typ == "cross":
+                raise ModelError(f"{where}: a cross feature has no source")
+            source = fs["source"]
+            if source not in ("user", "item"):
+                raise ModelError(f'{where}: source must be "user" or "item"')
+            fs = {k: v for k, v in fs.items() if k != "source"}
         f = Feature(fs)
-        if typ in ("categorical", "multi_categorical"):
+        f.source = source
+        if typ == "cross":
+            _keys(fs, where, ("name", "type", "of"), ("dim", "attention"))
+            of = fs["of"]
+            if of not in _CROSS_VECTOR + _CROSS_SCALAR:
+                raise ModelError(f"{where}: unknown cross input {of!r}")
+            f.source, f.cross = "cross", of
+            if of in _CROSS_VECTOR:
+                if "dim" not in fs:
+                    raise ModelError(f"{where}: a {of} input needs dim")
+                if not (_is_int(fs["dim"]) and 1 <= fs["dim"] <= MAX_WIDTH):
+                    raise ModelError(f"{where}: dim must be an integer in 1..={MAX_WIDTH}")
+                f.dim = fs["dim"]
+            else:
+                if "dim" in fs and not (_is_int(fs["dim"]) and fs["dim"] == 1):
+                    raise ModelError(f"{where}: a {of} input has width 1")
+                f.dim = 1
+            f.width = f.dim
+            if of == "target_attention":
+                if "attention" not in fs:
+                    raise ModelError(f"{where}: target_attention needs attention weights")
+                if any(g.cross == "target_attention" for g in m.features):
+                    raise ModelError(f"{where}: at most one target_attention input")
+                _keys(fs["attention"], f"{where}.attention", ("query", "key"))
+                wq = tensor(fs["attention"]["query"], (None, f.dim), f"{where}.attention")
+                wk = tensor(fs["attention"]["key"], (wq.shape[0], f.dim), f"{where}.attention")
+                if wq.shape[0] < 1:
+                    raise ModelError(f"{where}: attention r must be >= 1")
+                f.attention = (wq, wk)
+            elif "attention" in fs:
+                raise ModelError(f"{where}: only target_attention has attention weights")
+        elif typ in ("categorical", "multi_categorical"):
             opt = ("vocabulary", "hash_buckets")
             if typ == "multi_categorical":
                 _keys(fs, where, ("name", "type", "embedding", "pooling"),
@@ -470,18 +525,59 @@ def load_model_bytes(spec, weights: bytes) -> Model:
         m.layers, width = _parse_layers(m, layers, width, tensor, "layers", True)
 
     out = spec["output"]
-    _keys(out, "output", ("dim", "metric"), ("node",))
-    if out["metric"] not in ("cosine", "ip", "l2"):
-        raise ModelError('output: metric must be "cosine", "ip" or "l2"')
+    if prerank:
+        _keys(out, "output", ("dim",), ("node", "tasks"))
+        if "tasks" in out:
+            m.tasks = _parse_tasks(out["tasks"])
+            if not (_is_int(out["dim"]) and out["dim"] == len(m.tasks)):
+                raise ModelError(f"output: dim {out['dim']!r} must equal the number of tasks "
+                                 f"({len(m.tasks)})")
+        elif not (_is_int(out["dim"]) and out["dim"] == 1):
+            raise ModelError("output: a prerank model without tasks has dim 1")
+    else:
+        if isinstance(out, dict) and "tasks" in out:
+            raise ModelError("output.tasks: only a prerank model has tasks")
+        _keys(out, "output", ("dim", "metric"), ("node",))
+        if out["metric"] not in ("cosine", "ip", "l2"):
+            raise ModelError('output: metric must be "cosine", "ip" or "l2"')
+        m.metric = out["metric"]
     if not (_is_int(out["dim"]) and out["dim"] == width):
         raise ModelError(f"output: dim {out['dim']!r} does not match the layer stack ({width})")
-    m.metric = out["metric"]
     m.dim = width
 
     stray = sorted(set(tensors) - used)
     if stray:
         raise ModelError(f"weights file has tensors the spec does not name: {stray}")
     return m
+
+
+MAX_TASKS = 16
+TASK_LINKS = ("sigmoid", "identity")
+
+
+def _parse_tasks(tasks):
+    """A pre-rank model's output.tasks -> [{"name", "link", "fuse"}] (defaults filled in)."""
+    if not isinstance(tasks, list) or not 1 <= len(tasks) <= MAX_TASKS:
+        raise ModelError(f"output.tasks: must list 1 to {MAX_TASKS} tasks")
+    out = []
+    for t, task in enumerate(tasks):
+        where = f"output.tasks[{t}]"
+        _keys(task, where, ("name",), ("link", "fuse"))
+        name = task["name"]
+        if not isinstance(name, str) or not 1 <= len(name) <= 63 or not _NAME_RE.match(name):
+            raise ModelError(f"{where}: bad task name {name!r}")
+        if name == "fused":
+            raise ModelError(f'{where}: "fused" is not a task name (it is the fused score)')
+        if any(o["name"] == name for o in out):
+            raise ModelError(f"{where}: duplicate task name {name!r}")
+        link = task.get("link", "sigmoid")
+        if link not in TASK_LINKS:
+            raise ModelError(f'{where}: link must be "sigmoid" or "identity", got {link!r}')
+        fuse = _finite(task.get("fuse", 1.0), f"{where}.fuse")
+        out.append({"name": name, "link": link, "fuse": fuse})
+    if all(o["fuse"] == 0 for o in out):
+        raise ModelError("output.tasks: every fuse weight is 0 (the fused score would be 0)")
+    return out
 
 
 def _parse_layers(m, layers, width, tensor, path, allow_shortcut):
@@ -554,30 +650,58 @@ def _parse_layers(m, layers, width, tensor, path, allow_shortcut):
     return out_layers, width
 
 
-_COMBINES = ("concat", "sum", "weighted_sum", "weighted_concat", "attention")
+_COMBINES = ("concat", "sum", "weighted_sum", "weighted_concat", "attention", "gate", "scale")
+_GATED = ("gate", "scale")          # the combine nodes that read gate_inputs
+# the keys each combine has besides name, inputs and combine: (required, optional)
+_COMBINE_KEYS = {
+    "concat": ((), ()), "sum": ((), ()),
+    "weighted_sum": (("weight",), ()), "weighted_concat": (("weight",), ()),
+    "attention": (("weight",), ("bias",)),
+    "gate": (("weight", "gate_inputs"), ("bias",)),
+    "scale": (("weight", "gate_inputs"), ("bias",)),
+}
+MAX_NODES = 64
+MAX_GATE_INPUTS = 64
 
 
 def _parse_graph(m, graph, output, tensor, input_width):
     """Parses the spec's graph (named nodes over features and other nodes); returns the output
-    node's width. Nodes are evaluated in dependency order (m.graph: list of node dicts)."""
-    if not isinstance(graph, list) or not 1 <= len(graph) <= 64:
-        raise ModelError("graph: must list 1 to 64 nodes")
+    node's width. Nodes are evaluated in dependency order (m.graph: list of node dicts).
+    A node's references are its inputs and, for gate and scale nodes, its gate_inputs: both
+    count for the dependency order, cycles and the every-node-used / every-feature-read rules."""
+    if not isinstance(graph, list) or not 1 <= len(graph) <= MAX_NODES:
+        raise ModelError(f"graph: must list 1 to {MAX_NODES} nodes")
     names = [n.get("name") if isinstance(n, dict) else None for n in graph]
     feats = [f.name for f in m.features]
     for i, n in enumerate(names):
         if not isinstance(n, str) or n in feats or names.count(n) > 1:
             raise ModelError(f"graph[{i}]: bad, duplicate or feature-named node name {n!r}")
+    for i, n in enumerate(graph):
+        if "inputs" not in n:
+            raise ModelError(f"graph[{i}]: missing key(s) ['inputs']")
+        for key in ("inputs", "gate_inputs"):
+            if key in n and (not isinstance(n[key], list)
+                             or not all(isinstance(x, str) for x in n[key])):
+                raise ModelError(f"graph[{i}].{key}: must be a list of names")
     by_name = {n: i for i, n in enumerate(names)}
+    if output is not None and output not in by_name:
+        raise ModelError(f"output.node: {output!r} is not a node of the graph")
     out = by_name[output] if output is not None else len(graph) - 1
+
+    def refs(n):
+        return n["inputs"] + n.get("gate_inputs", [])
+
     order, state = [], {}
 
     def visit(i, path):
         if state.get(i) == "done":
             return
         if state.get(i) == "on":
-            raise ModelError("graph: the nodes form a cycle")
+            cyc = path[path.index(i):] + [i]
+            raise ModelError("graph: the nodes form a cycle: "
+                             + " -> ".join(names[j] for j in cyc))
         state[i] = "on"
-        for x in graph[i]["inputs"]:
+        for x in refs(graph[i]):
             if x in by_name:
                 visit(by_name[x], path + [i])
             elif x not in feats:
@@ -588,7 +712,7 @@ def _parse_graph(m, graph, output, tensor, input_width):
     visit(out, [])
     if len(order) != len(graph):
         raise ModelError("graph: a node is not used by the output node")
-    used = {x for n in graph for x in n["inputs"]}
+    used = {x for n in graph for x in refs(n)}
     for f in feats:
         if f not in used:
             raise ModelError(f"feature {f!r} is not an input of any graph node")
@@ -597,19 +721,38 @@ def _parse_graph(m, graph, output, tensor, input_width):
         offsets[f.name] = (o, f.width)
         o += f.width
     widths, nodes = {}, {}
+
+    def ref(x):
+        return ("field", offsets[x]) if x in offsets else ("node", x)
+
+    def width_of(x):
+        return offsets[x][1] if x in offsets else widths[x]
+
     for i in order:
         n = graph[i]
         where = f"graph[{i}]"
-        _keys(n, where, ("name", "inputs"), ("layers", "combine", "weight", "bias"))
-        ins = [("field", offsets[x]) if x in offsets else ("node", x) for x in n["inputs"]]
-        iw = [offsets[x][1] if x in offsets else widths[x] for x in n["inputs"]]
+        _keys(n, where, ("name", "inputs"), ("layers", "combine", "weight", "bias", "gate_inputs"))
+        ins = [ref(x) for x in n["inputs"]]
+        iw = [width_of(x) for x in n["inputs"]]
         in_width = sum(iw)
         k = len(ins)
         if "combine" in n:
             c = n["combine"]
-            if c not in _COMBINES or "layers" in n or k < 2:
+            if c not in _COMBINES or "layers" in n:
                 raise ModelError(f"{where}: bad combine node")
-            if c in ("sum", "weighted_sum", "attention") and len(set(iw)) != 1:
+            if k < (1 if c == "scale" else 2):
+                raise ModelError(f"{where}: a {c} node needs at least {1 if c == 'scale' else 2} "
+                                 f"inputs, has {k}")
+            req, opt = _COMBINE_KEYS[c]
+            for key in ("weight", "bias", "gate_inputs"):
+                if key in n and key not in req + opt:
+                    if key == "gate_inputs":
+                        raise ModelError(f"{where}: gate_inputs are only for gate and scale "
+                                         f"nodes, not {c}")
+                    raise ModelError(f"{where}: a {c} node has no {key}")
+                if key in req and key not in n:
+                    raise ModelError(f"{where}: a {c} node needs {key}")
+            if c in ("sum", "weighted_sum", "attention", "gate") and len(set(iw)) != 1:
                 raise ModelError(f"{where}: the inputs of this combine must have one width")
             node = {"inputs": ins, "combine": c}
             if c in ("weighted_sum", "weighted_concat"):
@@ -617,8 +760,24 @@ def _parse_graph(m, graph, output, tensor, input_width):
             if c == "attention":
                 node["weight"] = tensor(n["weight"], (k, in_width), where)
                 node["bias"] = tensor(n["bias"], (k,), where) if "bias" in n else None
-            width = iw[0] if c in ("sum", "weighted_sum", "attention") else in_width
+            if c in _GATED:
+                gin = n["gate_inputs"]
+                if not 1 <= len(gin) <= MAX_GATE_INPUTS:
+                    raise ModelError(f"{where}: gate_inputs must list 1 to {MAX_GATE_INPUTS} names")
+                if len(set(gin)) != len(gin):
+                    raise ModelError(f"{where}: gate_inputs has a duplicate name")
+                g = sum(width_of(x) for x in gin)
+                rows = k if c == "gate" else in_width
+                node["gate"] = [ref(x) for x in gin]
+                node["weight"] = tensor(n["weight"], (rows, g), where)
+                node["bias"] = tensor(n["bias"], (rows,), where) if "bias" in n else None
+            width = iw[0] if c in ("sum", "weighted_sum", "attention", "gate") else in_width
         else:
+            for key in ("weight", "bias", "gate_inputs"):
+                if key in n:
+                    raise ModelError(f"{where}: a stack node has no {key}"
+                                     + (" (gate_inputs are only for gate and scale nodes)"
+                                        if key == "gate_inputs" else ""))
             layers, width = _parse_layers(m, n.get("layers", []), in_width, tensor, f"{where}.layers", False)
             node = {"inputs": ins, "layers": layers}
         widths[n["name"]] = width
@@ -783,10 +942,17 @@ def check_keys(model: Model, features) -> None:
 def embed(model: Model, features, strict=None) -> np.ndarray:
     """Forward pass for one features object (dict). Plain float64 math, exactly-rounded sums.
     `strict` (default: for user towers) rejects keys that are not features."""
+    if model.kind == "prerank":
+        raise ValueError("embed: a prerank model scores pairs: use prerank_forward")
     if strict if strict is not None else model.kind == "user":
         check_keys(model, features)
     parsed = _parse_all(model, features)
     raw = [_field(f, p) for f, p in zip(model.features, parsed)]
+    return np.array(_forward_fields(model, raw), dtype=np.float64)
+
+
+def _forward_fields(model: Model, raw) -> list:
+    """SENet, then the layer stack or the graph, over the raw fields of one input."""
     flds = raw
     if model.senet is not None:
         w1, b1, w2, b2 = (t.tolist() for t in model.senet)
@@ -801,7 +967,7 @@ def embed(model: Model, features, strict=None) -> np.ndarray:
         h = _run_graph(model, h)
     else:
         h = _apply_layers(model.layers, h, raw)
-    return np.array(h, dtype=np.float64)
+    return h
 
 
 def _apply_layers(layers, h, raw):
@@ -847,9 +1013,12 @@ def _apply_layers(layers, h, raw):
 def _run_graph(model, h):
     """The graph over one row h (the SENet-weighted fields side by side)."""
     outs = {}
+
+    def value(kind, v):
+        return h[v[0]:v[0] + v[1]] if kind == "field" else outs[v]
+
     for name, node in model.graph:
-        parts = [h[o:o + w] if kind == "field" else outs[o] for kind, (o, w) in
-                 ((k, v if k == "field" else (v, None)) for k, v in node["inputs"])]
+        parts = [value(kind, v) for kind, v in node["inputs"]]
         x = [v for part in parts for v in part]
         if "layers" in node:
             y = _apply_layers(node["layers"], x, None)
@@ -860,15 +1029,26 @@ def _run_graph(model, h):
             elif c == "weighted_concat":
                 w = node["weight"].tolist()
                 y = [w[i] * v for i, part in enumerate(parts) for v in part]
+            elif c == "scale":
+                # scene gate: x * 2 sigmoid(W g + b), g the gate inputs side by side
+                g = [v for kind, r in node["gate"] for v in value(kind, r)]
+                W = node["weight"].tolist()
+                b = node["bias"].tolist() if node["bias"] is not None else [0.0] * len(x)
+                y = [x[o] * (2.0 * _sigmoid(math.fsum(W[o][j] * g[j] for j in range(len(g)))
+                                            + b[o])) for o in range(len(x))]
             else:
                 if c == "sum":
                     a = [1.0] * k
                 elif c == "weighted_sum":
                     a = node["weight"].tolist()
                 else:
+                    # attention: scores from the inputs themselves; gate: from the gate inputs
+                    src = x if c == "attention" else [v for kind, r in node["gate"]
+                                                      for v in value(kind, r)]
                     W = node["weight"].tolist()
                     b = node["bias"].tolist() if node["bias"] is not None else [0.0] * k
-                    sc = [math.fsum(W[i][j] * x[j] for j in range(len(x))) + b[i] for i in range(k)]
+                    sc = [math.fsum(W[i][j] * src[j] for j in range(len(src))) + b[i]
+                          for i in range(k)]
                     mx = max(sc)
                     e = [math.exp(v - mx) for v in sc]
                     z = math.fsum(e)
@@ -877,6 +1057,117 @@ def _run_graph(model, h):
                 y = [math.fsum(a[i] * parts[i][j] for i in range(k)) for j in range(d)]
         outs[name] = y
     return outs[model.graph[-1][0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# pre-rank models: one (request, candidate) pair at a time
+
+def _cos(a, b) -> float:
+    na = math.sqrt(math.fsum(x * x for x in a))
+    nb = math.sqrt(math.fsum(x * x for x in b))
+    if na == 0 or nb == 0:
+        return 0.0
+    return math.fsum(x * y for x, y in zip(a, b)) / (na * nb)
+
+
+def _vector(x, n, what) -> list:
+    if x is None or not isinstance(x, (list, tuple, np.ndarray)) or len(x) != n:
+        raise InputError(f"{what}: expected a vector of {n} numbers")
+    return [_number(float(v) if isinstance(v, np.floating) else v, what) for v in x]
+
+
+def _cross_field(f: Feature, u, v, history, scalars) -> list:
+    """The value of one cross input (docs/model-format.md, Pre-rank models)."""
+    c, d = f.cross, f.dim
+    if c == "user_vector":
+        return _vector(u, d, "u")
+    if c == "item_vector":
+        return _vector(v, d, "v")
+    if c == "product":
+        return [a * b for a, b in zip(_vector(u, d, "u"), _vector(v, d, "v"))]
+    if c == "target_attention":
+        vv = _vector(v, d, "v")
+        hs = [_vector(x, d, "history item") for x in history][:256]
+        if not hs:
+            return [0.0] * d
+        wq, wk = (t.tolist() for t in f.attention)
+        r = len(wq)
+        q = [math.fsum(wq[a][j] * vv[j] for j in range(d)) for a in range(r)]
+        sc = []
+        for hh in hs:
+            key = [math.fsum(wk[a][j] * hh[j] for j in range(d)) for a in range(r)]
+            sc.append(math.fsum(q[a] * key[a] for a in range(r)) / math.sqrt(r))
+        mx = max(sc)
+        e = [math.exp(s - mx) for s in sc]
+        z = math.fsum(e)
+        return [math.fsum(e[i] / z * hs[i][j] for i in range(len(hs))) for j in range(d)]
+    if c in ("history_max", "history_mean"):
+        if scalars and c in scalars:
+            return [_number(scalars[c], c)]
+        vv = _vector(v, len(v) if v is not None else 0, "v")
+        cs = [_cos(vv, _vector(x, len(vv), "history item")) for x in history]
+        if not cs:
+            return [0.0]
+        return [max(cs)] if c == "history_max" else [math.fsum(cs) / len(cs)]
+    # score (by the towers' metric) and recall_rank (ln of the position): given by the caller
+    if not scalars or c not in scalars:
+        raise InputError(f"cross input {c!r}: give its value in scalars")
+    return [_number(scalars[c], c)]
+
+
+def prerank_fields(model: Model, user, item, u=None, v=None, history=(), scalars=None,
+                   strict=True) -> list:
+    """The raw fields (before SENet) of one (request, candidate) pair of a pre-rank model.
+
+    user: the request's features object (the features with source "user"); item: the candidate's
+    row (source "item"); u, v: the user and item vectors; history: the history's item vectors
+    (most recent first); scalars: {cross name: field value} for the one-number cross inputs the
+    caller knows (score, recall_rank; history_max/history_mean are computed from v and history
+    unless given). strict: a key of `user` that is not a user-source feature is an error (item
+    rows carry other columns and are read leniently)."""
+    if model.kind != "prerank":
+        raise ValueError("prerank_fields: not a prerank model")
+    for what, obj in (("user", user), ("item", item)):
+        if not isinstance(obj, dict):
+            raise InputError(f"{what} features must be a JSON object, got {_jtype(obj)}")
+    if strict:
+        unknown = sorted(set(user) - {f.name for f in model.features if f.source == "user"})
+        if unknown:
+            raise InputError(f"input key {unknown[0]!r} is not a user feature of this model")
+    out = []
+    for f in model.features:
+        if f.source == "cross":
+            out.append(_cross_field(f, u, v, list(history), scalars))
+        else:
+            out.append(_field(f, _parse(f, user if f.source == "user" else item)))
+    return out
+
+
+def prerank_forward(model: Model, user, item, u=None, v=None, history=(), scalars=None,
+                    strict=True) -> np.ndarray:
+    """A pre-rank model's output row (its logits, [dim]) for one (request, candidate) pair;
+    arguments as for prerank_fields. Plain float64 math, exactly-rounded sums."""
+    raw = prerank_fields(model, user, item, u, v, history, scalars, strict)
+    return np.array(_forward_fields(model, raw), dtype=np.float64)
+
+
+def task_scores(model: Model, row):
+    """The task scores of a pre-rank output row and the fused score.
+
+    With output tasks: ({name: link(logit_t)}, sum_t fuse_t * link(logit_t)), link sigmoid or
+    identity. Without tasks the model's one output is its score: ({}, row[0])."""
+    row = [float(x) for x in row]
+    if model.tasks is None:
+        if len(row) != 1:
+            raise ValueError("task_scores: a model without tasks has one output")
+        return {}, row[0]
+    if len(row) != len(model.tasks):
+        raise ValueError(f"task_scores: expected {len(model.tasks)} logits, got {len(row)}")
+    scores = {}
+    for t, x in zip(model.tasks, row):
+        scores[t["name"]] = _sigmoid(x) if t["link"] == "sigmoid" else x
+    fused = math.fsum(t["fuse"] * scores[t["name"]] for t in model.tasks)
+    return scores, fused
 
 
 # ----------------------------------------------------------------------------------------------
@@ -900,6 +1191,8 @@ def embed_batch(model: Model, rows, dtype=np.float64, strict=None) -> np.ndarray
     Parsing is per input (Python); all arithmetic is matrix ops over the batch. dtype=np.float32
     runs the arithmetic in f32 (weights rounded to f32 first), like an f32 engine would.
     """
+    if model.kind == "prerank":
+        raise ValueError("embed_batch: a prerank model scores pairs: use prerank_forward")
     rows = list(rows)
     bsz = len(rows)
     if bsz == 0:

@@ -187,6 +187,7 @@ impl Towers<'_> {
                         name: "bench_prerank",
                         model: &model,
                         user: &p.user_part,
+                        by: twotower_tower::ScoreBy::Fused,
                     },
                     keep: 100,
                 }];

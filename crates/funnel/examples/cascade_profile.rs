@@ -76,6 +76,7 @@ fn main() {
                 name: "p",
                 model: &m,
                 user: &up,
+                by: twotower_tower::ScoreBy::Fused,
             },
             keep: 100,
         }];

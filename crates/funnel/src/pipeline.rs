@@ -104,6 +104,8 @@ pub enum StageKind {
 pub struct StageDef {
     pub kind: StageKind,
     pub keep: usize,
+    /// What a model stage ranks by: a multi-task model's task, or `fused` (the default).
+    pub score: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +230,7 @@ impl Definition {
         let last = listed.len().saturating_sub(1);
         for (i, (path, s)) in listed.into_iter().enumerate() {
             let so = Obj::new(s, path)?;
+            let mut score = None;
             let kind = match so.string("type")?.as_str() {
                 "rerank" => {
                     so.allow(&["type", "keep", "rules"])?;
@@ -259,7 +262,17 @@ impl Definition {
                     StageKind::TwoTower
                 }
                 "model" => {
-                    so.allow(&["type", "model", "keep"])?;
+                    so.allow(&["type", "model", "keep", "score"])?;
+                    if so.get("score").is_some() {
+                        let t = so.string("score")?;
+                        if t.is_empty() || t.len() > 63 {
+                            return err(
+                                so.p("score"),
+                                "must name a task of the model (or \"fused\")".to_owned(),
+                            );
+                        }
+                        score = Some(t);
+                    }
                     StageKind::Model(so.string("model")?)
                 }
                 other => {
@@ -282,7 +295,7 @@ impl Definition {
                 );
             }
             gets = keep;
-            stages.push(StageDef { kind, keep });
+            stages.push(StageDef { kind, keep, score });
         }
         let most = stages.last().map_or(merge.k, |s| s.keep);
         let k = o.size("k", most.min(100), 1, most)?;

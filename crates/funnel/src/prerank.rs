@@ -11,7 +11,7 @@ use std::time::Instant;
 use thiserror::Error;
 use twotower_metric::Metric;
 use twotower_tower::layers::{dot, gemm_xwt};
-use twotower_tower::{Cross, CrossShape, Model, Part, Row};
+use twotower_tower::{Cross, CrossShape, Model, Part, Row, ScoreBy};
 
 #[derive(Debug, Error, PartialEq)]
 pub enum PrerankError {
@@ -38,11 +38,13 @@ pub type ItemParts<'a, E = PrerankError> =
 pub enum Scorer<'a> {
     /// The towers' own score of each candidate.
     TwoTower,
-    /// A pre-rank model, its name (for messages), and the request's encoded user part.
+    /// A pre-rank model, its name (for messages), the request's encoded user part, and what it
+    /// ranks by (a multi-task model's task or fused score).
     Model {
         name: &'a str,
         model: &'a Model,
         user: &'a Part,
+        by: ScoreBy,
     },
 }
 
@@ -83,6 +85,9 @@ pub struct StageReport {
     /// Indices of the candidates this stage dropped, best first.
     pub dropped: Vec<usize>,
     pub seconds: f64,
+    /// A multi-task model's task scores of the kept candidates (`kept.len() × tasks`, each its
+    /// link of the output); empty otherwise.
+    pub task_scores: Vec<f32>,
 }
 
 /// The two-tower score of `v` for `u`: cosine similarity, inner product, or minus the
@@ -355,9 +360,15 @@ pub fn cascade<E: From<PrerankError>>(
             .iter()
             .map(|&i| crosses.score(&cands[i].vector))
             .collect();
+        let mut tasks = Vec::new();
         let score = match &stage.scorer {
             Scorer::TwoTower => tt,
-            Scorer::Model { name, model, user } => {
+            Scorer::Model {
+                name,
+                model,
+                user,
+                by,
+            } => {
                 check_model(name, model, dims).map_err(E::from)?;
                 let parts = item_part(s, &alive)?;
                 if parts.len() != alive.len() {
@@ -402,23 +413,45 @@ pub fn cascade<E: From<PrerankError>>(
                     &mut |j, c| pairs[j].scalar(c),
                     threads,
                 );
+                let nt = model.output_dim().max(1);
                 if let Some(j) = out.iter().position(|x| !x.is_finite()) {
                     return Err(PrerankError::NonFinite {
                         model: (*name).to_owned(),
-                        item: cands[alive[j]].item,
+                        item: cands[alive[j / nt]].item,
                     }
                     .into());
                 }
-                out
+                if model.tasks().is_empty() {
+                    out
+                } else {
+                    let ts = model.tasks();
+                    tasks = out
+                        .chunks_exact(nt)
+                        .flat_map(|row| ts.iter().zip(row).map(|(t, &x)| t.link.apply(x)))
+                        .collect();
+                    model.scores(&out, *by)
+                }
             }
         };
         let (kept, scores, dropped) = top(cands, &alive, &score, stage.keep);
+        // The kept candidates' task scores, in the kept order.
+        let task_scores = if tasks.is_empty() {
+            Vec::new()
+        } else {
+            let nt = tasks.len() / alive.len().max(1);
+            let at: std::collections::HashMap<usize, usize> =
+                alive.iter().enumerate().map(|(j, &i)| (i, j)).collect();
+            kept.iter()
+                .flat_map(|i| tasks[at[i] * nt..(at[i] + 1) * nt].iter().copied())
+                .collect()
+        };
         reports.push(StageReport {
             received: alive.len(),
             kept: kept.clone(),
             scores,
             dropped,
             seconds: t.elapsed().as_secs_f64(),
+            task_scores,
         });
         alive = kept;
     }

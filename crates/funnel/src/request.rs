@@ -118,6 +118,9 @@ pub struct Step {
     pub kept: Vec<i64>,
     pub dropped: Vec<i64>,
     pub ms: f64,
+    /// A model stage's scores of the kept items, by name: the score it ranked by (`score`, or
+    /// a multi-task model's `fused` or task), then each task's.
+    pub scores: Vec<(String, Vec<f32>)>,
 }
 
 /// One result: the item, its final score, and the channels that returned it with its rank
@@ -272,6 +275,7 @@ pub fn run<S: Sources>(
         kept: Vec::new(),
         dropped: Vec::new(),
         ms: ms(t),
+        scores: Vec::new(),
     });
 
     // Candidates: the channels, merged; or the caller's.
@@ -326,6 +330,7 @@ pub fn run<S: Sources>(
                     kept: hits.iter().map(|h| h.item).collect(),
                     dropped: Vec::new(),
                     ms: ms(t),
+                    scores: Vec::new(),
                 });
                 for h in hits {
                     if let Some(v) = h.vector {
@@ -367,6 +372,7 @@ pub fn run<S: Sources>(
                 kept,
                 dropped,
                 ms: ms(t),
+                scores: Vec::new(),
             });
             if pre.is_empty() {
                 let list: Vec<(i64, f32)> =
@@ -432,6 +438,7 @@ pub fn run<S: Sources>(
         kept: with,
         dropped: without,
         ms: ms(t),
+        scores: Vec::new(),
     });
 
     let user_parts: Vec<Option<Part>> = m.stages[..pre.len()]
@@ -439,6 +446,24 @@ pub fn run<S: Sources>(
         .map(|s| s.map(|s| s.encode_part(f, Source::User, false)).transpose())
         .collect::<Result<_, _>>()
         .map_err(FunnelError::from)?;
+    // A stage that ranks by a task reads a model that has it.
+    for (i, (s, model)) in pre.iter().zip(&m.stages).enumerate() {
+        if let (StageKind::Model(n), Some(t), Some(model)) = (&s.kind, &s.score, model) {
+            if model.score_by(Some(t)).is_none() {
+                let tasks: Vec<&str> = model.tasks().iter().map(|t| t.name.as_str()).collect();
+                return Err(bad(format!(
+                    "stage {} of pipeline \"{name}\" ranks by \"{t}\", but pre-rank model \"{n}\" {}",
+                    i + 1,
+                    if tasks.is_empty() {
+                        "has one score (give no \"score\", or \"fused\")".to_owned()
+                    } else {
+                        format!("has the tasks {} (and \"fused\")", tasks.join(", "))
+                    }
+                ))
+                .into());
+            }
+        }
+    }
     let stages: Vec<Stage> = pre
         .iter()
         .zip(&m.stages)
@@ -449,6 +474,9 @@ pub fn run<S: Sources>(
                     name: n,
                     model,
                     user: p,
+                    by: model
+                        .score_by(s.score.as_deref())
+                        .unwrap_or(twotower_tower::ScoreBy::Fused),
                 },
                 _ => Scorer::TwoTower,
             },
@@ -473,7 +501,7 @@ pub fn run<S: Sources>(
         let mut poll = || -> Result<(), Outer<S::Error>> { src.borrow_mut().poll().map_err(Outer) };
         prerank::cascade(&cascade_req, &cands, &stages, &mut parts, &mut poll).map_err(|e| e.0)?
     };
-    for (s, r) in pre.iter().zip(&reports) {
+    for ((s, r), model) in pre.iter().zip(&reports).zip(&m.stages) {
         steps.push(Step {
             stage: match &s.kind {
                 StageKind::Model(model) => format!("pre-rank model {model}"),
@@ -483,6 +511,7 @@ pub fn run<S: Sources>(
             kept: r.kept.iter().map(|&i| cands[i].item).collect(),
             dropped: r.dropped.iter().map(|&i| cands[i].item).collect(),
             ms: r.seconds * 1000.0,
+            scores: stage_scores(s, model, r),
         });
     }
     let Some(last) = reports.last() else {
@@ -495,6 +524,30 @@ pub fn run<S: Sources>(
         .map(|(&i, &score)| (cands[i].item, score))
         .collect();
     finish(rer, list, k, provenance, known, steps, src)
+}
+
+/// A model stage's scores of its kept items: what it ranked by, then each task's.
+fn stage_scores(
+    s: &StageDef,
+    model: &Option<&Model>,
+    r: &prerank::StageReport,
+) -> Vec<(String, Vec<f32>)> {
+    let Some(model) = model.filter(|_| matches!(s.kind, StageKind::Model(_))) else {
+        return Vec::new();
+    };
+    let tasks = model.tasks();
+    let by = match (&s.score, tasks.is_empty()) {
+        (_, true) => "score".to_owned(),
+        (Some(t), false) => t.clone(),
+        (None, false) => "fused".to_owned(),
+    };
+    let mut out = vec![(by, r.scores.clone())];
+    let nt = tasks.len();
+    for (t, task) in tasks.iter().enumerate() {
+        let v: Vec<f32> = r.task_scores.iter().skip(t).step_by(nt).copied().collect();
+        out.push((task.name.clone(), v));
+    }
+    out
 }
 
 /// The end of a run: `list` (ranked, with scores) through the rerank stage when there is one,
@@ -566,6 +619,7 @@ fn finish<S: Sources>(
                     .filter(|i| !keptset.contains(i))
                     .collect(),
                 ms: ms(t),
+                scores: Vec::new(),
             });
             out.iter()
                 .map(|&(i, score)| (cands[i].item, score as f32))

@@ -109,6 +109,7 @@ fn a_model_stage_scores_only_what_the_previous_stage_kept() {
                 name: "m",
                 model: &m,
                 user: &user_part,
+                by: twotower_tower::ScoreBy::Fused,
             },
             keep: 2,
         },
@@ -155,6 +156,7 @@ fn without_history_the_history_inputs_are_zero() {
             name: "m",
             model: &m,
             user: &user_part,
+            by: twotower_tower::ScoreBy::Fused,
         },
         keep: 5,
     }];
@@ -223,6 +225,7 @@ fn bad_cascades_are_errors() {
             name: "m",
             model: &m,
             user: &up,
+            by: twotower_tower::ScoreBy::Fused,
         },
         keep: 5,
     }];
@@ -269,6 +272,7 @@ fn a_huge_input_is_a_non_finite_score_error_naming_the_item() {
             name: "m",
             model: &m,
             user: &up,
+            by: twotower_tower::ScoreBy::Fused,
         },
         keep: 5,
     }];
@@ -359,6 +363,7 @@ fn the_realistic_model_scores_in_parallel_as_it_does_alone() {
                     name: "p",
                     model: &m,
                     user: &up,
+                    by: twotower_tower::ScoreBy::Fused,
                 },
                 keep: 100,
             },
@@ -419,7 +424,8 @@ mod pipeline {
             d.stages[1],
             StageDef {
                 kind: StageKind::Model("p".into()),
-                keep: 100
+                keep: 100,
+                score: None,
             }
         );
         assert_eq!((d.k, d.most()), (50, 100));
@@ -544,6 +550,7 @@ fn recall_rank_is_the_log_of_the_position_in_the_list_received() {
                 name: "m",
                 model: &m,
                 user: &user_part,
+                by: twotower_tower::ScoreBy::Fused,
             },
             keep: 3,
         },

@@ -29,9 +29,16 @@ pub(crate) enum Op {
     Stack(Vec<Layer>),
     Concat,
     Sum,
-    WeightedSum { w: usize },
-    WeightedConcat { w: usize },
-    Attention { w: usize, b: Option<usize> },
+    WeightedSum {
+        w: usize,
+    },
+    WeightedConcat {
+        w: usize,
+    },
+    Attention {
+        w: usize,
+        b: Option<usize>,
+    },
     /// The MMoE gate: `k` experts of width `d`, then the gate inputs.
     Gate {
         w: usize,
@@ -40,7 +47,11 @@ pub(crate) enum Op {
         d: usize,
     },
     /// The scene gate: the scaled inputs (width `n`), then the gate inputs.
-    Scale { w: usize, b: Option<usize>, n: usize },
+    Scale {
+        w: usize,
+        b: Option<usize>,
+        n: usize,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -269,7 +269,11 @@ pub fn scale_rows(
         let g = &mut gates[r * n..(r + 1) * n];
         matvec(w, b, &row[n..], n, g);
         g.iter_mut().for_each(|v| *v = 2.0 * sigmoid(*v));
-        for ((o, v), f) in y[r * n..(r + 1) * n].iter_mut().zip(&row[..n]).zip(g.iter()) {
+        for ((o, v), f) in y[r * n..(r + 1) * n]
+            .iter_mut()
+            .zip(&row[..n])
+            .zip(g.iter())
+        {
             *o = v * f;
         }
     }

@@ -377,7 +377,10 @@ fn parse_tasks(out: &Obj) -> Result<Vec<Task>> {
             ));
         }
         if tasks.iter().any(|t| t.name == name) {
-            return Err(spec_err(o.p("name"), format!("duplicate task name \"{name}\"")));
+            return Err(spec_err(
+                o.p("name"),
+                format!("duplicate task name \"{name}\""),
+            ));
         }
         let link = match o.get("link") {
             None => Link::Sigmoid,
@@ -903,12 +906,10 @@ fn parse_graph(root: &Obj, features: &[String], output: Option<&str>) -> Result<
             .is_some_and(|(_, k)| k.gated());
         match (o.get("gate_inputs"), gated) {
             (Some(_), true) => inputs.extend(refs(&o, "gate_inputs", features, &names)?),
-            (None, true) => {
-                return Err(spec_err(
-                    o.p("gate_inputs"),
-                    "a \"gate\" or \"scale\" node computes its weights from \"gate_inputs\": give them",
-                ))
-            }
+            (None, true) => return Err(spec_err(
+                o.p("gate_inputs"),
+                "a \"gate\" or \"scale\" node computes its weights from \"gate_inputs\": give them",
+            )),
             (Some(_), false) => {
                 return Err(spec_err(
                     o.p("gate_inputs"),

@@ -170,3 +170,89 @@ fn golden_target_attention() {
         }
     }
 }
+
+/// The multi-task pre-rank model (`tests/golden/multitask`): a scene gate, shared and task
+/// experts, a gate per task, heads, three tasks with their links and fuse weights. Logits,
+/// task scores and the fused score of the numpy reference, through `forward_rows` and through
+/// `assemble` + `forward`, to 1e-5; every spec of `invalid_specs.json` refused.
+#[test]
+fn golden_multitask() {
+    use twotower_tower::{Cross, ScoreBy, Source};
+    let dir = golden_dir().join("multitask");
+    let model = Model::load(
+        std::str::from_utf8(&read(&dir.join("spec.json"))).unwrap(),
+        &read(&dir.join("weights.safetensors")),
+    )
+    .unwrap();
+    let names: Vec<&str> = model.tasks().iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["rated", "liked", "minutes"]);
+    let cases = json(&dir.join("cases.json"));
+    let expected = json(&dir.join("expected.json"));
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), 13);
+    let floats = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let close = |got: f32, want: &Value, what: &str| {
+        let want = want.as_f64().unwrap();
+        assert!((got as f64 - want).abs() < 1e-5, "{what}: {got} vs {want}");
+    };
+    for (i, (c, want)) in cases.iter().zip(expected.as_array().unwrap()).enumerate() {
+        let (u, v) = (floats(&c["u"]), floats(&c["v"]));
+        let history: Vec<Vec<f32>> = c["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(floats)
+            .collect();
+        let user = model.encode_part(&c["user"], Source::User, true).unwrap();
+        let item = model.encode_part(&c["item"], Source::Item, true).unwrap();
+        let keys = model.attention_keys(&history);
+        let rows = model.forward_rows(&user, &u, &[(&item, &v)], &keys, &mut |_, _| 0.0, 1);
+        let x = model.assemble(&user, &item, &mut |cross, out| match cross {
+            Cross::UserVector => out.copy_from_slice(&u),
+            Cross::ItemVector => out.copy_from_slice(&v),
+            Cross::Product => out
+                .iter_mut()
+                .zip(u.iter().zip(&v))
+                .for_each(|(o, (a, b))| *o = a * b),
+            _ => {}
+        });
+        let one = model.forward(&x);
+        for (path, out) in [("forward_rows", &rows), ("assemble", &one)] {
+            assert_eq!(out.len(), 3);
+            for (t, w) in want["logits"].as_array().unwrap().iter().enumerate() {
+                close(out[t], w, &format!("case {i} {path} logit {t}"));
+                let s = model.scores(out, ScoreBy::Task(t))[0];
+                close(
+                    s,
+                    &want["scores"][names[t]],
+                    &format!("case {i} {path} {}", names[t]),
+                );
+            }
+            let fused = model.scores(out, model.score_by(Some("fused")).unwrap())[0];
+            close(fused, &want["fused"], &format!("case {i} {path} fused"));
+        }
+    }
+    // Every malformed spec is refused (with the weights of the fixture it was derived from).
+    let text = std::fs::read_to_string(dir.join("invalid_specs.json")).unwrap();
+    let invalid: Vec<Value> = match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Array(a)) => a,
+        _ => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+    };
+    assert!(invalid.len() >= 20, "{}", invalid.len());
+    for case in &invalid {
+        let base = case["base"].as_str().unwrap();
+        let w = read(&golden_dir().join(base).join("weights.safetensors"));
+        let r = Model::load(&case["spec"].to_string(), &w);
+        assert!(r.is_err(), "accepted: {}", case["why"]);
+    }
+}

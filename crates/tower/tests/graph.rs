@@ -481,7 +481,13 @@ fn scene_gate_expert_gates_and_tasks_match_a_hand_computation() {
     let names: Vec<&str> = model.tasks().iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["click", "minutes"]);
     let w = |n: &str| -> Vec<f64> {
-        t.iter().find(|x| x.0 == n).unwrap().2.iter().map(|v| *v as f64).collect()
+        t.iter()
+            .find(|x| x.0 == n)
+            .unwrap()
+            .2
+            .iter()
+            .map(|v| *v as f64)
+            .collect()
     };
     let mv = |w: &[f64], b: Option<&[f64]>, x: &[f64], n: usize| -> Vec<f64> {
         (0..n)
@@ -497,13 +503,23 @@ fn scene_gate_expert_gates_and_tasks_match_a_hand_computation() {
         let z: f64 = e.iter().sum();
         e.iter().map(|v| v / z).collect()
     };
-    for (x, scene) in [([0.3, -1.2, 0.8], [1.0, 0.0]), ([0.3, -1.2, 0.8], [0.0, 1.0])] {
+    for (x, scene) in [
+        ([0.3, -1.2, 0.8], [1.0, 0.0]),
+        ([0.3, -1.2, 0.8], [0.0, 1.0]),
+    ] {
         let input = json!({"x": x, "scene": scene});
         let got = model.forward(&model.encode(&input, true).unwrap());
         let f = mv(&w("s.w"), Some(&w("s.b")), &scene, 3);
-        let sx: Vec<f64> = x.iter().zip(&f).map(|(v, f)| v * 2.0 * sigmoid(*f)).collect();
+        let sx: Vec<f64> = x
+            .iter()
+            .zip(&f)
+            .map(|(v, f)| v * 2.0 * sigmoid(*f))
+            .collect();
         let e0 = mv(&w("e0.w"), None, &sx, 2);
-        let e1: Vec<f64> = mv(&w("e1.w"), None, &sx, 2).iter().map(|v| v.tanh()).collect();
+        let e1: Vec<f64> = mv(&w("e1.w"), None, &sx, 2)
+            .iter()
+            .map(|v| v.tanh())
+            .collect();
         let mix = |a: &[f64]| -> Vec<f64> { (0..2).map(|j| a[0] * e0[j] + a[1] * e1[j]).collect() };
         let g0 = mix(&softmax(&mv(&w("g0.w"), Some(&w("g0.b")), &scene, 2)));
         let gin: Vec<f64> = scene.iter().chain(x.iter()).copied().collect();
@@ -523,9 +539,20 @@ fn scene_gate_expert_gates_and_tasks_match_a_hand_computation() {
         assert_eq!(model.score_by(Some("nope")), None);
     }
     // The scene changes the output (the gates read it).
-    let a = model.forward(&model.encode(&json!({"x": [0.3, -1.2, 0.8], "scene": [1, 0]}), true).unwrap());
-    let b = model.forward(&model.encode(&json!({"x": [0.3, -1.2, 0.8], "scene": [0, 1]}), true).unwrap());
-    assert!((a[0] - b[0]).abs() > 1e-4 && (a[1] - b[1]).abs() > 1e-4, "{a:?} {b:?}");
+    let a = model.forward(
+        &model
+            .encode(&json!({"x": [0.3, -1.2, 0.8], "scene": [1, 0]}), true)
+            .unwrap(),
+    );
+    let b = model.forward(
+        &model
+            .encode(&json!({"x": [0.3, -1.2, 0.8], "scene": [0, 1]}), true)
+            .unwrap(),
+    );
+    assert!(
+        (a[0] - b[0]).abs() > 1e-4 && (a[1] - b[1]).abs() > 1e-4,
+        "{a:?} {b:?}"
+    );
 }
 
 /// A gate whose logits are equal averages its experts; a scale with zero weights and bias is
@@ -540,11 +567,17 @@ fn gate_and_scale_limits() {
         {"name": "out", "inputs": ["s", "m"], "combine": "concat"}]);
     let model = load(
         &tower("user", fs, graph, 6, "ip", None),
-        &[("sw", vec![4, 1], vec![0.0; 4]), ("gw", vec![2, 1], vec![0.5, 0.5])],
+        &[
+            ("sw", vec![4, 1], vec![0.0; 4]),
+            ("gw", vec![2, 1], vec![0.5, 0.5]),
+        ],
     )
     .unwrap();
-    let y = model
-        .forward(&model.encode(&json!({"a": [1, 2], "b": [3, -5], "g": [7]}), true).unwrap());
+    let y = model.forward(
+        &model
+            .encode(&json!({"a": [1, 2], "b": [3, -5], "g": [7]}), true)
+            .unwrap(),
+    );
     let want = [1.0, 2.0, 3.0, -5.0, 2.0, -1.5];
     for (g, w) in y.iter().zip(want) {
         assert!((g - w).abs() < 1e-6, "{y:?}");
@@ -601,32 +634,72 @@ fn malformed_gates_and_tasks_are_rejected_with_their_path() {
             .err()
             .unwrap_or_else(|| panic!("{graph} loaded"))
             .to_string();
-        assert!(err.contains(&at(want)) || err.contains(want), "{graph}: {err} (wanted {want})");
+        assert!(
+            err.contains(&at(want)) || err.contains(want),
+            "{graph}: {err} (wanted {want})"
+        );
     }
     // Tasks.
     let graph = json!([{"name": "h", "inputs": ["a", "b", "g"], "layers": [{"type": "linear", "weight": "hw"}]}]);
     let hw = |n: usize| vec![("hw", vec![n, 6], vec![0.1; n * 6])];
     let task = |name: &str| json!({"name": name});
     let outputs: Vec<(Value, usize, &str)> = vec![
-        (json!({"dim": 2, "tasks": [task("a"), task("a")]}), 2, "output.tasks[1].name: duplicate task name \"a\""),
-        (json!({"dim": 1, "tasks": [task("fused")]}), 1, "output.tasks[0].name: \"fused\" is not a valid task name"),
-        (json!({"dim": 2, "tasks": [task("a"), task("b c")]}), 2, "output.tasks[1].name: \"b c\" is not a valid task name"),
-        (json!({"dim": 3, "tasks": [task("a"), task("b")]}), 3, "output.dim: must be"),
+        (
+            json!({"dim": 2, "tasks": [task("a"), task("a")]}),
+            2,
+            "output.tasks[1].name: duplicate task name \"a\"",
+        ),
+        (
+            json!({"dim": 1, "tasks": [task("fused")]}),
+            1,
+            "output.tasks[0].name: \"fused\" is not a valid task name",
+        ),
+        (
+            json!({"dim": 2, "tasks": [task("a"), task("b c")]}),
+            2,
+            "output.tasks[1].name: \"b c\" is not a valid task name",
+        ),
+        (
+            json!({"dim": 3, "tasks": [task("a"), task("b")]}),
+            3,
+            "output.dim: must be",
+        ),
         (json!({"dim": 2}), 2, "output.dim: must be"),
-        (json!({"dim": 1, "tasks": []}), 1, "output.tasks: must list 1 to 16 tasks, got 0"),
-        (json!({"dim": 2, "tasks": [{"name": "a", "fuse": 0}, {"name": "b", "fuse": 0.0}]}), 2,
-         "output.tasks: every \"fuse\" weight is 0"),
-        (json!({"dim": 1, "tasks": [{"name": "a", "link": "softmax"}]}), 1,
-         "output.tasks[0].link: must be \"sigmoid\" or \"identity\", got \"softmax\""),
-        (json!({"dim": 1, "tasks": [{"name": "a", "fuse": "1"}]}), 1, "output.tasks[0].fuse"),
-        (json!({"dim": 1, "tasks": [{"name": "a", "weight": 1}]}), 1, "output.tasks[0]"),
+        (
+            json!({"dim": 1, "tasks": []}),
+            1,
+            "output.tasks: must list 1 to 16 tasks, got 0",
+        ),
+        (
+            json!({"dim": 2, "tasks": [{"name": "a", "fuse": 0}, {"name": "b", "fuse": 0.0}]}),
+            2,
+            "output.tasks: every \"fuse\" weight is 0",
+        ),
+        (
+            json!({"dim": 1, "tasks": [{"name": "a", "link": "softmax"}]}),
+            1,
+            "output.tasks[0].link: must be \"sigmoid\" or \"identity\", got \"softmax\"",
+        ),
+        (
+            json!({"dim": 1, "tasks": [{"name": "a", "fuse": "1"}]}),
+            1,
+            "output.tasks[0].fuse",
+        ),
+        (
+            json!({"dim": 1, "tasks": [{"name": "a", "weight": 1}]}),
+            1,
+            "output.tasks[0]",
+        ),
     ];
     for (output, n, want) in outputs {
         let err = load(&prerank(fs.clone(), graph.clone(), output.clone()), &hw(n))
             .err()
             .unwrap_or_else(|| panic!("{output} loaded"))
             .to_string();
-        assert!(err.contains(&at(want)) || err.contains(want), "{output}: {err} (wanted {want})");
+        assert!(
+            err.contains(&at(want)) || err.contains(want),
+            "{output}: {err} (wanted {want})"
+        );
     }
     // Tasks belong to pre-rank models only.
     let mut spec = tower("user", fs.clone(), graph.clone(), 2, "ip", None);
@@ -634,7 +707,15 @@ fn malformed_gates_and_tasks_are_rejected_with_their_path() {
     let err = load(&spec, &hw(2)).err().unwrap().to_string();
     assert!(err.contains("tasks"), "{err}");
     // One task is a valid multi-task model (its fused score is fuse·link).
-    let m = load(&prerank(fs, graph, json!({"dim": 1, "tasks": [{"name": "a", "fuse": 2}]})), &hw(1)).unwrap();
+    let m = load(
+        &prerank(
+            fs,
+            graph,
+            json!({"dim": 1, "tasks": [{"name": "a", "fuse": 2}]}),
+        ),
+        &hw(1),
+    )
+    .unwrap();
     let s = m.scores(&[0.0], m.score_by(None).unwrap());
     assert!((s[0] - 1.0).abs() < 1e-7, "{s:?}");
 }

@@ -114,7 +114,28 @@ pub struct TowerSpec {
     /// `fusion`; `hidden` then lists the head's hidden layers after the fusion.
     pub branches: Vec<Branch>,
     pub fusion: Fusion,
+    /// A multi-task pre-rank model's experts, gates and task heads (`hidden` is then each
+    /// expert's layers).
+    pub multitask: Option<MultiTask>,
 }
+
+/// A multi-task pre-rank model (MMoE, or PLE's customized gate control with task experts):
+/// `shared` experts every task's gate mixes, `per_task` experts of each task's own, each expert
+/// the tower's `hidden` layers; per task a gate (a softmax over its experts, from the scene
+/// feature when there is one, else from every field), a head (`task_hidden`, then one output).
+/// With a `scene` feature a scene gate scales the other fields first (2σ(W·scene + b)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MultiTask {
+    pub tasks: Vec<twotower_tower::Task>,
+    pub shared: usize,
+    pub per_task: usize,
+    pub task_hidden: Vec<usize>,
+    /// The scene feature's index.
+    pub scene: Option<usize>,
+}
+
+/// The most experts of a multi-task model.
+pub const MAX_EXPERTS: usize = 16;
 
 /// A sub-tower: its own features (indices into the tower's) and hidden layers, then a linear
 /// layer to the fusion's width.
@@ -313,6 +334,9 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
         "senet",
         "branches",
         "fusion",
+        "experts",
+        "task_hidden",
+        "scene",
     ])?;
     let fs = o.get("features").and_then(Value::as_array).ok_or_else(|| {
         opt_err(
@@ -580,6 +604,21 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
             "weighs fields against each other: give at least two features",
         ));
     }
+    let multitask = multitask(&o, &features, &sources, side)?;
+    if multitask.is_some() {
+        if hidden.is_empty() {
+            return Err(opt_err(
+                o.p("hidden"),
+                "a multi-task model's experts are its hidden layers: give at least one width",
+            ));
+        }
+        if !shortcut.is_empty() {
+            return Err(opt_err(
+                o.p("shortcut"),
+                "a multi-task model has no shortcut",
+            ));
+        }
+    }
     Ok(TowerSpec {
         features,
         hidden,
@@ -592,7 +631,81 @@ pub(crate) fn tower(v: Option<&Value>, path: &str, dim: usize, side: Side) -> Re
         sources,
         branches,
         fusion,
+        multitask,
     })
+}
+
+/// A pre-rank model's `experts`, `task_hidden` and `scene` (its tasks come from the options'
+/// `tasks`): `None` when none is given.
+fn multitask(
+    o: &Obj,
+    features: &[FeatureSpec],
+    sources: &[Source],
+    side: Side,
+) -> Result<Option<MultiTask>> {
+    let given: Vec<&str> = ["experts", "task_hidden", "scene"]
+        .into_iter()
+        .filter(|k| o.get(k).is_some())
+        .collect();
+    if given.is_empty() {
+        return Ok(None);
+    }
+    if side != Side::Prerank {
+        return Err(opt_err(
+            o.p(given[0]),
+            "applies to a multi-task pre-rank model only",
+        ));
+    }
+    let (mut shared, mut per_task) = (1, 0);
+    if let Some(v) = o.get("experts") {
+        let e = Obj::new(v, o.p("experts"))?;
+        e.allow(&["shared", "per_task"])?;
+        shared = e.size("shared", 1, 0, MAX_EXPERTS)?;
+        per_task = e.size("per_task", 0, 0, MAX_EXPERTS)?;
+        if shared + per_task == 0 {
+            return Err(opt_err(
+                o.p("experts"),
+                "every task needs an expert: give \"shared\" or \"per_task\" at least 1",
+            ));
+        }
+    }
+    let task_hidden = widths(o, "task_hidden")?;
+    let scene = match o.get("scene") {
+        None => None,
+        Some(v) => {
+            let n = v.as_str().unwrap_or_default();
+            let Some(i) = features.iter().position(|f| f.name() == n) else {
+                return Err(opt_err(
+                    o.p("scene"),
+                    format!("{v} is not a feature of this model"),
+                ));
+            };
+            let categorical = matches!(
+                features[i],
+                FeatureSpec::Categorical { .. } | FeatureSpec::Dense { .. }
+            );
+            if sources.get(i) != Some(&Source::User) || !categorical {
+                return Err(opt_err(
+                    o.p("scene"),
+                    format!("\"{n}\" must be a categorical or dense feature of the request (\"source\": \"user\")"),
+                ));
+            }
+            if features.len() < 2 {
+                return Err(opt_err(
+                    o.p("scene"),
+                    "the scene gate scales the other features: give at least one more",
+                ));
+            }
+            Some(i)
+        }
+    };
+    Ok(Some(MultiTask {
+        tasks: Vec::new(),
+        shared,
+        per_task,
+        task_hidden,
+        scene,
+    }))
 }
 
 pub const MAX_BRANCHES: usize = 8;
@@ -640,6 +753,25 @@ impl TowerSpec {
             }
         }
         let mut sum = w0;
+        if let Some(mt) = &self.multitask {
+            let t = mt.tasks.len().max(out).max(1);
+            let experts = mt.shared + mt.per_task * t;
+            let ew = self.hidden.last().copied().unwrap_or(1);
+            let (p, s) = chain(w0, &self.hidden);
+            params = params.saturating_add(p.saturating_mul(experts));
+            sum = sum.saturating_add(s.saturating_mul(experts));
+            let mut widths = mt.task_hidden.clone();
+            widths.push(1);
+            let (p, s) = chain(ew, &widths);
+            let k = mt.shared + mt.per_task;
+            params = params.saturating_add((p + (k + 1) * w0).saturating_mul(t));
+            sum = sum.saturating_add((s + k).saturating_mul(t));
+            if mt.scene.is_some() {
+                params = params.saturating_add(w0.saturating_mul(w0 + 1));
+                sum = sum.saturating_add(w0);
+            }
+            return (params, sum);
+        }
         if self.branches.is_empty() {
             let extra: usize = self
                 .features
@@ -777,7 +909,7 @@ fn branches(o: &Obj, features: &[FeatureSpec], side: Side) -> Result<(Vec<Branch
     Ok((out, fusion))
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name

@@ -83,8 +83,9 @@ pub fn plan_prerank(
     init_std: f32,
     rng: &mut ChaCha8Rng,
 ) -> Result<Plan> {
+    let outputs = spec.multitask.as_ref().map_or(1, |m| m.tasks.len().max(1));
     plan_with(
-        "prerank", spec, 1, vector_dim, stats, min_count, max_vocab, init_std, rng,
+        "prerank", spec, outputs, vector_dim, stats, min_count, max_vocab, init_std, rng,
     )
 }
 
@@ -296,7 +297,10 @@ fn plan_with(
     let mut layer_specs = Vec::new();
     let mut graph = Vec::new();
     let mut graph_specs = Vec::new();
-    if spec.branches.is_empty() {
+    if let Some(mt) = spec.multitask.as_ref().filter(|_| prerank) {
+        (graph, graph_specs) = multitask_graph(&mut out, mt, fields.len(), width, field_width)?;
+        width = dim;
+    } else if spec.branches.is_empty() {
         let mut widths: Vec<usize> = spec.hidden.clone();
         // Without hidden layers a tower whose fields are already `dim` wide is used as it is (an
         // id-only tower is matrix factorisation); otherwise a last linear layer maps to `dim`.
@@ -372,6 +376,9 @@ fn plan_with(
             Combine::WeightedSum { .. } => "weighted_sum",
             Combine::WeightedConcat { .. } => "weighted_concat",
             Combine::Attention { .. } => "attention",
+            Combine::Gate { .. } | Combine::Scale { .. } => {
+                unreachable!("branches are fused without gates")
+            }
         };
         fusion["combine"] = json!(kind_name);
         match &combine {
@@ -386,7 +393,7 @@ fn plan_with(
                     .push(("fusion.weight".into(), vec![k, k * bw]));
                 out.dense_tensors.push(("fusion.bias".into(), vec![k]));
             }
-            Combine::Concat | Combine::Sum => {}
+            Combine::Concat | Combine::Sum | Combine::Gate { .. } | Combine::Scale { .. } => {}
         }
         graph_specs.push(fusion);
         graph.push(Node {
@@ -417,6 +424,14 @@ fn plan_with(
     debug_assert_eq!(width, dim);
     let parallel = spec.fusion == Fusion::Parallel && !spec.branches.is_empty();
     let has_senet = senet.is_some();
+    let tasks_out = spec.multitask.as_ref().filter(|_| prerank).map(|mt| {
+        let tasks: Vec<Value> = mt
+            .tasks
+            .iter()
+            .map(|t| json!({"name": t.name, "link": t.link.name(), "fuse": t.fuse}))
+            .collect();
+        json!({"dim": tasks.len(), "tasks": tasks})
+    });
     let mut spec = json!({
         "format": "pg_twotower.tower",
         "spec_version": 1,
@@ -424,6 +439,9 @@ fn plan_with(
         "features": features,
         "output": if prerank { json!({"dim": 1}) } else { json!({"dim": dim, "metric": if parallel { "ip" } else { "cosine" }}) },
     });
+    if let Some(o) = tasks_out {
+        spec["output"] = o;
+    }
     if graph.is_empty() {
         spec["layers"] = json!(layer_specs);
     } else {
@@ -447,6 +465,182 @@ fn plan_with(
         dense_tensors,
         stat_tensors,
     })
+}
+
+/// A multi-task model's graph over `nf` fields (`width` wide, `field_width(i)` each): the
+/// scene gate, the experts, a gate per task over its experts, a head per task, and the tasks'
+/// outputs side by side (node `tasks`, or the only head). Node and tensor names are the
+/// nodes' (`expert0.mlp.0.weight`, `task1_gate.weight`, …).
+fn multitask_graph(
+    out: &mut Stacks,
+    mt: &crate::config::MultiTask,
+    nf: usize,
+    width: usize,
+    field_width: impl Fn(usize) -> usize,
+) -> Result<(Vec<Node>, Vec<Value>)> {
+    let spec = out.spec;
+    let names: Vec<&str> = spec.features.iter().map(|f| f.name()).collect();
+    let (mut graph, mut specs): (Vec<Node>, Vec<Value>) = (Vec::new(), Vec::new());
+    let node =
+        |graph: &mut Vec<Node>, specs: &mut Vec<Value>, n: Node, js: Value| -> Result<usize> {
+            if names.contains(&n.name.as_str()) {
+                return Err(TrainError::Option {
+                    path: "model.features".into(),
+                    reason: format!(
+                        "\"{}\" is the name of a node of the multi-task model: rename the feature",
+                        n.name
+                    ),
+                });
+            }
+            graph.push(n);
+            specs.push(js);
+            Ok(graph.len() - 1)
+        };
+    let ref_name = |graph: &[Node], i: NodeInput| -> String {
+        match i {
+            NodeInput::Field(f) => names[f].to_owned(),
+            NodeInput::Node(k) => graph[k].name.clone(),
+        }
+    };
+    let uniform = |out: &mut Stacks, fan_in: usize, n: usize| -> Vec<f32> {
+        let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+        (0..n).map(|_| out.rng.gen_range(-bound..bound)).collect()
+    };
+    let all: Vec<NodeInput> = (0..nf).map(NodeInput::Field).collect();
+    // The scene gate over the other fields; the experts read it and the scene.
+    let (expert_in, expert_width, gate_in, gate_width) = match mt.scene {
+        Some(sc) => {
+            let others: Vec<NodeInput> =
+                (0..nf).filter(|&f| f != sc).map(NodeInput::Field).collect();
+            let n: usize = (0..nf).filter(|&f| f != sc).map(&field_width).sum();
+            let g = field_width(sc);
+            let w = uniform(out, g, n * g);
+            out.dense_tensors
+                .push(("scene_gate.weight".into(), vec![n, g]));
+            out.dense_tensors.push(("scene_gate.bias".into(), vec![n]));
+            let ins: Vec<String> = others.iter().map(|&i| ref_name(&graph, i)).collect();
+            let mut inputs = others.clone();
+            inputs.push(NodeInput::Field(sc));
+            let k = node(
+                &mut graph,
+                &mut specs,
+                Node {
+                    name: "scene_gate".into(),
+                    inputs,
+                    op: NodeOp::Combine(Combine::Scale {
+                        w,
+                        b: vec![0.0; n],
+                        n,
+                    }),
+                },
+                json!({"name": "scene_gate", "combine": "scale", "inputs": ins, "gate_inputs": [names[sc]],
+                       "weight": "scene_gate.weight", "bias": "scene_gate.bias"}),
+            )?;
+            (
+                vec![NodeInput::Node(k), NodeInput::Field(sc)],
+                n + g,
+                vec![NodeInput::Field(sc)],
+                g,
+            )
+        }
+        None => (all.clone(), width, all, width),
+    };
+    let ew = *spec
+        .hidden
+        .last()
+        .expect("checked: a multi-task model has hidden layers");
+    let expert = |out: &mut Stacks,
+                  graph: &mut Vec<Node>,
+                  specs: &mut Vec<Value>,
+                  name: String|
+     -> Result<usize> {
+        let (mut ls, mut js, _) = out.mlp(&format!("{name}."), expert_width, &spec.hidden, None);
+        ls.push(Layer::Act(spec.activation));
+        js.push(json!({"type": act_name(spec.activation)}));
+        let ins: Vec<String> = expert_in.iter().map(|&i| ref_name(graph, i)).collect();
+        node(
+            graph,
+            specs,
+            Node {
+                name: name.clone(),
+                inputs: expert_in.clone(),
+                op: NodeOp::Stack(ls),
+            },
+            json!({"name": name, "inputs": ins, "layers": js}),
+        )
+    };
+    let shared: Vec<usize> = (0..mt.shared)
+        .map(|i| expert(out, &mut graph, &mut specs, format!("expert{i}")))
+        .collect::<Result<_>>()?;
+    let mut heads = Vec::with_capacity(mt.tasks.len());
+    for t in 0..mt.tasks.len() {
+        let mut experts = shared.clone();
+        for j in 0..mt.per_task {
+            experts.push(expert(
+                out,
+                &mut graph,
+                &mut specs,
+                format!("task{t}_expert{j}"),
+            )?);
+        }
+        let mixed = if experts.len() == 1 {
+            experts[0]
+        } else {
+            let (k, name) = (experts.len(), format!("task{t}_gate"));
+            let w = uniform(out, gate_width, k * gate_width);
+            out.dense_tensors
+                .push((format!("{name}.weight"), vec![k, gate_width]));
+            out.dense_tensors.push((format!("{name}.bias"), vec![k]));
+            let ins: Vec<String> = experts.iter().map(|&e| graph[e].name.clone()).collect();
+            let gins: Vec<String> = gate_in.iter().map(|&i| ref_name(&graph, i)).collect();
+            let mut inputs: Vec<NodeInput> = experts.iter().map(|&e| NodeInput::Node(e)).collect();
+            inputs.extend(gate_in.iter().copied());
+            node(
+                &mut graph,
+                &mut specs,
+                Node {
+                    name: name.clone(),
+                    inputs,
+                    op: NodeOp::Combine(Combine::Gate {
+                        w,
+                        b: vec![0.0; k],
+                        k,
+                    }),
+                },
+                json!({"name": name, "combine": "gate", "inputs": ins, "gate_inputs": gins,
+                       "weight": format!("{name}.weight"), "bias": format!("{name}.bias")}),
+            )?
+        };
+        let name = format!("task{t}_head");
+        let mut widths = mt.task_hidden.clone();
+        widths.push(1);
+        let (ls, js, _) = out.mlp(&format!("{name}."), ew, &widths, None);
+        let input = graph[mixed].name.clone();
+        heads.push(node(
+            &mut graph,
+            &mut specs,
+            Node {
+                name: name.clone(),
+                inputs: vec![NodeInput::Node(mixed)],
+                op: NodeOp::Stack(ls),
+            },
+            json!({"name": name, "inputs": [input], "layers": js}),
+        )?);
+    }
+    if heads.len() > 1 {
+        let ins: Vec<String> = heads.iter().map(|&h| graph[h].name.clone()).collect();
+        node(
+            &mut graph,
+            &mut specs,
+            Node {
+                name: "tasks".into(),
+                inputs: heads.iter().map(|&h| NodeInput::Node(h)).collect(),
+                op: NodeOp::Combine(Combine::Concat),
+            },
+            json!({"name": "tasks", "combine": "concat", "inputs": ins}),
+        )?;
+    }
+    Ok((graph, specs))
 }
 
 /// Builds layer stacks with fresh parameters, naming their tensors.

@@ -138,6 +138,20 @@ pub enum Combine {
         w: Vec<f32>,
         b: Vec<f32>,
     },
+    /// The MMoE gate: the node's first `k` inputs are the experts (width d), the rest its gate
+    /// input g; α = softmax(W·g + b), output Σ αᵢ·xᵢ; `w` is `[k, g]`.
+    Gate {
+        w: Vec<f32>,
+        b: Vec<f32>,
+        k: usize,
+    },
+    /// The scene gate: the node's first inputs are x (width `n`), the rest its gate input g;
+    /// output x ⊙ 2σ(W·g + b); `w` is `[n, g]`.
+    Scale {
+        w: Vec<f32>,
+        b: Vec<f32>,
+        n: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -192,7 +206,7 @@ struct StackCache {
 enum NodeCache {
     Stack(StackCache),
     /// A combine node: its inputs side by side (`m × in_width`), its output, and per row the
-    /// attention weights (attention only).
+    /// attention or gate weights α, or the scene gate's factors 2σ(·).
     Combine {
         x: Vec<f32>,
         y: Vec<f32>,
@@ -293,7 +307,9 @@ fn node_params(n: &Node) -> usize {
     match &n.op {
         NodeOp::Stack(ls) => ls.iter().map(layer_params).sum(),
         NodeOp::Combine(Combine::WeightedSum { .. } | Combine::WeightedConcat { .. }) => 1,
-        NodeOp::Combine(Combine::Attention { .. }) => 2,
+        NodeOp::Combine(
+            Combine::Attention { .. } | Combine::Gate { .. } | Combine::Scale { .. },
+        ) => 2,
         NodeOp::Combine(Combine::Concat | Combine::Sum) => 0,
     }
 }
@@ -371,9 +387,11 @@ impl Tower {
                 NodeOp::Combine(Combine::WeightedSum { w } | Combine::WeightedConcat { w }) => {
                     out.push(w)
                 }
-                NodeOp::Combine(Combine::Attention { w, b }) => {
-                    out.extend([w.as_slice(), b.as_slice()])
-                }
+                NodeOp::Combine(
+                    Combine::Attention { w, b }
+                    | Combine::Gate { w, b, .. }
+                    | Combine::Scale { w, b, .. },
+                ) => out.extend([w.as_slice(), b.as_slice()]),
                 NodeOp::Combine(Combine::Concat | Combine::Sum) => {}
             }
         }
@@ -404,7 +422,11 @@ impl Tower {
                 NodeOp::Combine(Combine::WeightedSum { w } | Combine::WeightedConcat { w }) => {
                     out.push(w)
                 }
-                NodeOp::Combine(Combine::Attention { w, b }) => out.extend([w, b]),
+                NodeOp::Combine(
+                    Combine::Attention { w, b }
+                    | Combine::Gate { w, b, .. }
+                    | Combine::Scale { w, b, .. },
+                ) => out.extend([w, b]),
                 NodeOp::Combine(Combine::Concat | Combine::Sum) => {}
             }
         }
@@ -1224,6 +1246,16 @@ fn combine_forward(c: &Combine, ws: &[usize], x: Vec<f32>, m: usize) -> (NodeCac
                 d,
             )
         }
+        Combine::Gate { w, b, k } => {
+            let (y, a) = layers::gate_rows(&x, m, in_width, (*k, d), w, Some(b));
+            alphas = a;
+            (y, d)
+        }
+        Combine::Scale { w, b, n } => {
+            let (y, f) = layers::scale_rows(&x, m, in_width, *n, w, Some(b));
+            alphas = f;
+            (y, *n)
+        }
     };
     (NodeCache::Combine { x, y, alphas }, width)
 }
@@ -1301,6 +1333,51 @@ fn combine_backward(
                     for t in 0..in_width {
                         gw[t] += (ds * xr[t] as f64) as f32;
                         dxr[t] += (ds * wrow[t] as f64) as f32;
+                    }
+                }
+            }
+            Combine::Gate { w, k, .. } => {
+                // y = Σ αᵢ xᵢ, α = softmax(s), s = W·g + b; g = the row after the k experts.
+                let k = *k;
+                let gwidth = in_width - k * d;
+                let dyr = &dy[r * d..(r + 1) * d];
+                let a = &alphas[r * k..(r + 1) * k];
+                let da: Vec<f64> = (0..k).map(|i| dot(dyr, &xr[i * d..(i + 1) * d])).collect();
+                let mean: f64 = (0..k).map(|i| a[i] as f64 * da[i]).sum();
+                for i in 0..k {
+                    for j in 0..d {
+                        dxr[i * d + j] = a[i] * dyr[j];
+                    }
+                }
+                let g = &xr[k * d..];
+                for j in 0..k {
+                    let ds = a[j] as f64 * (da[j] - mean);
+                    grads.dense[p0 + 1][j] += ds as f32;
+                    let wrow = &w[j * gwidth..(j + 1) * gwidth];
+                    let gw = &mut grads.dense[p0][j * gwidth..(j + 1) * gwidth];
+                    for t in 0..gwidth {
+                        gw[t] += (ds * g[t] as f64) as f32;
+                        dxr[k * d + t] += (ds * wrow[t] as f64) as f32;
+                    }
+                }
+            }
+            Combine::Scale { w, n, .. } => {
+                // y = x ⊙ f, f = 2σ(z), z = W·g + b: dz = dy ⊙ x ⊙ f(1 − f/2).
+                let n = *n;
+                let gwidth = in_width - n;
+                let dyr = &dy[r * n..(r + 1) * n];
+                let f = &alphas[r * n..(r + 1) * n];
+                let g = &xr[n..];
+                for j in 0..n {
+                    dxr[j] = dyr[j] * f[j];
+                    let fj = f[j] as f64;
+                    let dz = dyr[j] as f64 * xr[j] as f64 * fj * (1.0 - fj / 2.0);
+                    grads.dense[p0 + 1][j] += dz as f32;
+                    let wrow = &w[j * gwidth..(j + 1) * gwidth];
+                    let gw = &mut grads.dense[p0][j * gwidth..(j + 1) * gwidth];
+                    for t in 0..gwidth {
+                        gw[t] += (dz * g[t] as f64) as f32;
+                        dxr[n + t] += (dz * wrow[t] as f64) as f32;
                     }
                 }
             }

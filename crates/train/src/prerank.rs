@@ -61,6 +61,104 @@ pub struct PrerankConfig {
     pub init_std: f32,
     /// The share of requests (the last ones) that validate; 0 = none (the last epoch is kept).
     pub validation: f64,
+    /// A multi-task model's tasks (empty: one task, the label column); their heads, links and
+    /// fuse weights are in `model.multitask`.
+    pub tasks: Vec<TaskOption>,
+    /// The task whose labels are the validation's positives (ranked by the fused score).
+    pub validate_task: usize,
+}
+
+/// A task's loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskLoss {
+    /// The logistic loss of a label in [0, 1] (link sigmoid).
+    Logistic,
+    /// The squared error of any finite label (link identity).
+    Squared,
+}
+
+/// One task of a multi-task run: the column its labels come from, its loss and its weight in
+/// the summed loss.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskOption {
+    pub name: String,
+    pub column: String,
+    pub loss: TaskLoss,
+    pub weight: f32,
+}
+
+/// The options' `tasks`: 1 to 16 objects `{name, column, loss, weight, fuse}`.
+fn parse_tasks(v: &Value) -> Result<(Vec<TaskOption>, Vec<twotower_tower::Task>)> {
+    let arr = match v {
+        Value::Array(a) if (1..=twotower_tower::MAX_TASKS).contains(&a.len()) => a,
+        _ => {
+            return Err(opt_err(
+                "tasks",
+                format!(
+                    "must be an array of 1 to {} task objects",
+                    twotower_tower::MAX_TASKS
+                ),
+            ))
+        }
+    };
+    let (mut opts, mut heads): (Vec<TaskOption>, Vec<twotower_tower::Task>) = (vec![], vec![]);
+    for (i, t) in arr.iter().enumerate() {
+        let o = Obj::new(t, &format!("tasks[{i}]"))?;
+        o.allow(&["name", "column", "loss", "weight", "fuse"])?;
+        let name = o.text("name", "")?;
+        if !crate::config::valid_name(name) || name == "fused" {
+            return Err(opt_err(
+                o.p("name"),
+                format!("\"{name}\" is not a valid task name ([A-Za-z_][A-Za-z0-9_]*, at most 63, not \"fused\")"),
+            ));
+        }
+        if opts.iter().any(|x| x.name == name) {
+            return Err(opt_err(o.p("name"), format!("\"{name}\" is listed twice")));
+        }
+        let column = o.text("column", name)?;
+        if column.is_empty() {
+            return Err(opt_err(
+                o.p("column"),
+                "must name a column of the candidates",
+            ));
+        }
+        let (loss, link) = match o.text("loss", "logistic")? {
+            "logistic" => (TaskLoss::Logistic, twotower_tower::Link::Sigmoid),
+            "squared" => (TaskLoss::Squared, twotower_tower::Link::Identity),
+            other => {
+                return Err(opt_err(
+                    o.p("loss"),
+                    format!("must be \"logistic\" or \"squared\", got \"{other}\""),
+                ))
+            }
+        };
+        let weight = o.number("weight", 1.0, 0.0, 1e6)? as f32;
+        let fuse = o.number("fuse", 1.0, -1e6, 1e6)? as f32;
+        opts.push(TaskOption {
+            name: name.to_owned(),
+            column: column.to_owned(),
+            loss,
+            weight,
+        });
+        heads.push(twotower_tower::Task {
+            name: name.to_owned(),
+            link,
+            fuse,
+        });
+    }
+    if opts.iter().all(|t| t.weight == 0.0) {
+        return Err(opt_err(
+            "tasks",
+            "every task's \"weight\" is 0: nothing would be learned",
+        ));
+    }
+    if heads.iter().all(|t| t.fuse == 0.0) {
+        return Err(opt_err(
+            "tasks",
+            "every task's \"fuse\" is 0: the fused score would rank nothing",
+        ));
+    }
+    Ok((opts, heads))
 }
 
 impl PrerankConfig {
@@ -86,8 +184,59 @@ impl PrerankConfig {
             "k",
             "init_std",
             "validation",
+            "tasks",
+            "validate_task",
         ])?;
-        let model = tower(o.get("model"), "model", 16, Side::Prerank)?;
+        let mut model = tower(o.get("model"), "model", 16, Side::Prerank)?;
+        let mut tasks = Vec::new();
+        let mut validate_task = 0;
+        match (o.get("tasks"), &mut model.multitask) {
+            (Some(v), mt) => {
+                let (opts, heads) = parse_tasks(v)?;
+                if model.hidden.is_empty() {
+                    return Err(opt_err(
+                        "model.hidden",
+                        "a multi-task model's experts are its hidden layers: give at least one width",
+                    ));
+                }
+                if !model.shortcut.is_empty() {
+                    return Err(opt_err(
+                        "model.shortcut",
+                        "a multi-task model has no shortcut",
+                    ));
+                }
+                let mt = mt.get_or_insert(crate::config::MultiTask {
+                    tasks: Vec::new(),
+                    shared: 1,
+                    per_task: 0,
+                    task_hidden: Vec::new(),
+                    scene: None,
+                });
+                mt.tasks = heads;
+                if let Some(v) = o.get("validate_task") {
+                    let n = v.as_str().unwrap_or_default();
+                    validate_task = opts.iter().position(|t| t.name == n).ok_or_else(|| {
+                        opt_err("validate_task", format!("{v} is not one of the tasks"))
+                    })?;
+                }
+                tasks = opts;
+            }
+            (None, Some(_)) => {
+                let k = ["experts", "task_hidden", "scene"]
+                    .into_iter()
+                    .find(|k| v.get("model").and_then(|m| m.get(k)).is_some())
+                    .unwrap_or("experts");
+                return Err(opt_err(
+                    format!("model.{k}"),
+                    "belongs to a multi-task model: give \"tasks\" too",
+                ));
+            }
+            (None, None) => {
+                if o.get("validate_task").is_some() {
+                    return Err(opt_err("validate_task", "applies with \"tasks\" only"));
+                }
+            }
+        }
         let objective = match o.text("objective", "labels")? {
             "labels" => Objective::Labels,
             "distill" => Objective::Distill {
@@ -104,6 +253,12 @@ impl PrerankConfig {
                 ))
             }
         };
+        if !tasks.is_empty() && objective != Objective::Labels {
+            return Err(opt_err(
+                "objective",
+                "a multi-task model learns from its tasks' labels: leave \"objective\" out (\"labels\")",
+            ));
+        }
         let distill = matches!(objective, Objective::Distill { .. });
         for k in ["lambda", "ramp_steps"] {
             if o.get(k).is_some() && !distill {
@@ -147,6 +302,8 @@ impl PrerankConfig {
             k: o.size("k", 10, 1, 100_000)?,
             init_std: shared.init_std,
             validation: o.number("validation", 0.2, 0.0, 0.5)?,
+            tasks,
+            validate_task,
         })
     }
 
@@ -187,6 +344,8 @@ pub struct LogRequest {
     /// The item vectors of the user's history (for the `history_*` cross inputs).
     pub history: Vec<Vec<f32>>,
     pub candidates: Vec<LogCandidate>,
+    /// A multi-task run's labels: per candidate, one per task (NaN: none for that task).
+    pub labels: Vec<f32>,
 }
 
 /// The logged requests and their candidate items.
@@ -272,7 +431,26 @@ fn targets(cfg: &PrerankConfig, log: &RankLog, r: &LogRequest) -> Vec<f32> {
             }
             t
         }
+        _ if !cfg.tasks.is_empty() => r.labels.clone(),
         _ => r.candidates.iter().map(|c| c.label).collect(),
+    }
+}
+
+/// The loss of one output `s` of task `t` for label `y` (NaN: none) and its gradient.
+fn task_loss(t: &TaskOption, s: f32, y: f32) -> (f64, f32) {
+    if y.is_nan() || t.weight == 0.0 {
+        return (0.0, 0.0);
+    }
+    let (s64, y64, w) = (s as f64, y as f64, t.weight as f64);
+    match t.loss {
+        TaskLoss::Logistic => (
+            w * (softplus(s64) - y64 * s64),
+            (w * (sigmoid(s64) - y64)) as f32,
+        ),
+        TaskLoss::Squared => {
+            let d = s64 - y64;
+            (w * d * d, (w * 2.0 * d) as f32)
+        }
     }
 }
 
@@ -347,8 +525,37 @@ pub fn train_prerank(
         if r.user.len() != dim || r.user.iter().any(|x| !x.is_finite()) {
             return Err(TrainError::NoData(format!("request {} has a user vector of {} dimensions (or a non-finite one); the first has {dim}", r.id, r.user.len())));
         }
+        let nt = cfg.tasks.len();
+        if nt > 0 && r.labels.len() != r.candidates.len() * nt {
+            return Err(TrainError::NoData(format!(
+                "request {}: {} task labels for {} candidates and {nt} tasks",
+                r.id,
+                r.labels.len(),
+                r.candidates.len()
+            )));
+        }
+        for (i, y) in r.labels.iter().enumerate() {
+            let t = &cfg.tasks[i % nt.max(1)];
+            let ok = match t.loss {
+                TaskLoss::Logistic => y.is_nan() || (0.0..=1.0).contains(y),
+                TaskLoss::Squared => !y.is_infinite(),
+            };
+            if !ok {
+                return Err(TrainError::NoData(format!(
+                    "request {}: item {} has label {y} for task \"{}\"{}",
+                    r.id,
+                    log.items[r.candidates[i / nt].item as usize].id,
+                    t.name,
+                    if t.loss == TaskLoss::Logistic {
+                        ", a logistic task's labels must be in [0, 1] (or NULL)"
+                    } else {
+                        ", a squared task's labels must be finite (or NULL)"
+                    }
+                )));
+            }
+        }
         for c in &r.candidates {
-            if !(c.label.is_finite() && (0.0..=1.0).contains(&c.label)) {
+            if nt == 0 && !(c.label.is_finite() && (0.0..=1.0).contains(&c.label)) {
                 return Err(TrainError::NoData(format!(
                     "request {}: item {} has label {}, labels must be in [0, 1]",
                     r.id, log.items[c.item as usize].id, c.label
@@ -430,7 +637,7 @@ pub fn train_prerank(
         };
     // The dense layers: parameters, the best epoch's copy, Adam's moments, each thread's
     // gradients (the activations are counted above).
-    let (params, _) = cfg.model.dense_size(1, dim);
+    let (params, _) = cfg.model.dense_size(cfg.tasks.len().max(1), dim);
     let needed = needed.saturating_add(params.saturating_mul(4 * (4 + cfg.threads.max(1))));
     if needed > budget {
         return Err(TrainError::MemoryBudget { needed, budget });
@@ -554,16 +761,37 @@ pub fn train_prerank(
                 let refs: Vec<&Encoded> = xs.iter().collect();
                 let cache = tw.forward_train(&refs, seed ^ range.start as u64);
                 let mut l = 0f64;
-                let dout: Vec<f32> = batch[range.clone()]
-                    .iter()
-                    .zip(cache.output())
-                    .map(|(&(r, c), &s)| {
-                        let cand = log.requests[r as usize].candidates[c as usize];
-                        let (lr, g) = row_loss(s, tg[r as usize][c as usize], cand.teacher, lambda);
-                        l += lr;
-                        g / m
-                    })
-                    .collect();
+                let dout: Vec<f32> = if cfg.tasks.is_empty() {
+                    batch[range.clone()]
+                        .iter()
+                        .zip(cache.output())
+                        .map(|(&(r, c), &s)| {
+                            let cand = log.requests[r as usize].candidates[c as usize];
+                            let (lr, g) =
+                                row_loss(s, tg[r as usize][c as usize], cand.teacher, lambda);
+                            l += lr;
+                            g / m
+                        })
+                        .collect()
+                } else {
+                    let nt = cfg.tasks.len();
+                    batch[range.clone()]
+                        .iter()
+                        .zip(cache.output().chunks_exact(nt))
+                        .flat_map(|(&(r, c), out)| {
+                            let ys = &tg[r as usize][c as usize * nt..(c as usize + 1) * nt];
+                            cfg.tasks
+                                .iter()
+                                .zip(out.iter().zip(ys))
+                                .map(|(t, (&s, &y))| {
+                                    let (lr, g) = task_loss(t, s, y);
+                                    l += lr;
+                                    g / m
+                                })
+                                .collect::<Vec<f32>>()
+                        })
+                        .collect()
+                };
                 let grads = tw.backward(&cache, &dout);
                 let stats = cache.batch_stats().to_vec();
                 (l, grads, stats)
@@ -708,8 +936,14 @@ fn validate(
         });
         for (&r, s) in chunk.iter().zip(scored.into_iter().flatten()) {
             let req = &log.requests[r];
+            // A multi-task model: the fused score ranks, the validated task's labels are the
+            // positives.
+            let nt = cfg.tasks.len().max(1);
+            let s = enc_model.scores(&s, twotower_tower::ScoreBy::Fused);
             let pos: Vec<u32> = tg[r]
                 .iter()
+                .skip(cfg.validate_task)
+                .step_by(nt)
                 .enumerate()
                 .filter(|(_, &y)| y > 0.5)
                 .map(|(i, _)| i as u32)
@@ -767,19 +1001,21 @@ fn check_export(
     let user = exported.encode_part(&req.features, Source::User, false)?;
     let crosses =
         CrossInputs::new(metric, &req.user, &req.history).with_attention(&exported, &req.history);
-    for (c, want) in req.candidates.iter().zip(&trained).take(n) {
+    let nt = exported.output_dim();
+    for (c, want) in req.candidates.iter().zip(trained.chunks_exact(nt)).take(n) {
         let it = &log.items[c.item as usize];
         let part = exported.encode_part(&it.features, Source::Item, false)?;
         let pair = crosses.pair(&it.vector, c.position as usize, true);
         let x = exported.assemble(&user, &part, &mut |x, out| {
             crosses.fill(x, &it.vector, &pair, out)
         });
-        let got = exported.forward(&x)[0];
-        if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
-            return Err(TrainError::Export(format!(
-                "item {}: the exported model scores {got}, training scored {want}",
-                it.id
-            )));
+        for (&got, &want) in exported.forward(&x).iter().zip(want) {
+            if (got - want).abs() > 1e-3 * (1.0 + want.abs()) {
+                return Err(TrainError::Export(format!(
+                    "item {}: the exported model scores {got}, training scored {want}",
+                    it.id
+                )));
+            }
         }
     }
     Ok(())

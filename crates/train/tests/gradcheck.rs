@@ -73,6 +73,7 @@ fn tower_spec(act: Activation, layer_norm: bool, hidden: Vec<usize>) -> TowerSpe
         sources: Vec::new(),
         branches: Vec::new(),
         fusion: Fusion::Attention,
+        multitask: None,
     }
 }
 
@@ -343,6 +344,64 @@ fn graph_gradients_parallel_two_towers() {
     spec.branches[1].hidden = vec![3];
     check_kind(spec.clone(), "user");
     check_kind(spec, "item");
+}
+
+/// A multi-task pre-rank model: the scene gate (`scale`), shared and task experts, a softmax
+/// gate per task, task heads and the tasks' outputs side by side; and MMoE without a scene
+/// (gates over every field), and shared-bottom (one expert, no gate).
+#[test]
+fn multitask_gradients_scene_gate_experts_gates_heads() {
+    use twotower_train::config::MultiTask;
+    let task = |n: &str| twotower_tower::Task {
+        name: n.into(),
+        link: twotower_tower::Link::Sigmoid,
+        fuse: 1.0,
+    };
+    let base = tower_spec(Activation::Tanh, false, vec![4]);
+    let mut spec = TowerSpec {
+        sources: vec![twotower_tower::Source::User; base.features.len()],
+        ..base
+    };
+    spec.features[0] = FeatureSpec::Categorical {
+        name: "uid".into(),
+        dim: 3,
+    };
+    for (shared, per_task, scene, hidden) in [
+        (2, 1, Some(0), vec![2]),
+        (3, 0, None, vec![]),
+        (1, 0, Some(0), vec![3]),
+    ] {
+        spec.multitask = Some(MultiTask {
+            tasks: vec![task("a"), task("b"), task("c")],
+            shared,
+            per_task,
+            task_hidden: hidden,
+            scene,
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let plan = model::plan_prerank(&spec, 4, &stats(), 1, 100, 0.5, &mut rng).unwrap();
+        let (sj, st) = model::export(&plan, &plan.tower).unwrap();
+        let m = Model::load(&sj, &st).unwrap();
+        assert_eq!(m.output_dim(), 3);
+        let enc = inputs(&m);
+        let xs: Vec<&Encoded> = enc.iter().collect();
+        check_grads(
+            plan.tower.clone(),
+            &xs,
+            3,
+            1e-2,
+            &format!("multi-task {shared}+{per_task}, scene {scene:?}"),
+            &mut rng,
+        );
+        // The served model computes what the trained network computes.
+        let want = plan.tower.forward(&xs);
+        for (x, w) in enc.iter().zip(want.output().chunks_exact(3)) {
+            let got = m.forward(x);
+            for (g, w) in got.iter().zip(w) {
+                assert!((g - w).abs() < 1e-5, "{got:?} vs {w}");
+            }
+        }
+    }
 }
 
 fn check_loss(kind: LossKind, b: usize, negatives: usize, logq_on: bool) {
@@ -723,6 +782,7 @@ fn prerank_target_attention_gradients() {
         ],
         branches: Vec::new(),
         fusion: Fusion::Attention,
+        multitask: None,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     let d = 4;

@@ -57,6 +57,7 @@ fn log(requests: usize, seed: u64) -> RankLog {
             user,
             history,
             candidates,
+            labels: Vec::new(),
         });
     }
     log
@@ -200,6 +201,7 @@ fn serves_in_the_cascade(t: &twotower_train::TrainedPrerank, l: &RankLog) {
             name: "student",
             model: &model,
             user: &user,
+            by: twotower_tower::ScoreBy::Fused,
         },
         keep: 10,
     }];
@@ -393,5 +395,266 @@ fn dense_layers_count_against_the_memory_budget() {
     assert!(
         t0.elapsed().as_secs_f64() < 5.0,
         "refused at once, not after allocating"
+    );
+}
+
+/// The log with three tasks: `liked` (the user's category, as the label), `expensive` (the
+/// item's pop ≥ 4, whoever asks) and `minutes` (a squared task: pop / 2 plus 1 when liked,
+/// missing for a quarter of the candidates); and a scene (the request's parity).
+fn multitask_log(requests: usize, seed: u64) -> RankLog {
+    let mut l = log(requests, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 99);
+    for (i, r) in l.requests.iter_mut().enumerate() {
+        r.features["scene"] = json!(if i % 2 == 0 { "home" } else { "search" });
+        r.labels = r
+            .candidates
+            .iter()
+            .flat_map(|c| {
+                let pop = (l.items[c.item as usize].id % 7) as f32;
+                let minutes = if rng.gen_bool(0.25) {
+                    f32::NAN
+                } else {
+                    pop / 2.0 + c.label
+                };
+                [c.label, if pop >= 4.0 { 1.0 } else { 0.0 }, minutes]
+            })
+            .collect();
+    }
+    l
+}
+
+fn multitask_options(model: Value) -> Value {
+    let mut o = options(json!({}));
+    o["model"]["features"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "scene", "type": "categorical", "dim": 2}));
+    for (k, v) in model.as_object().unwrap() {
+        o["model"][k] = v.clone();
+    }
+    o["tasks"] = json!([
+        {"name": "liked", "column": "liked"},
+        {"name": "expensive", "fuse": 0.2},
+        {"name": "minutes", "loss": "squared", "weight": 0.2, "fuse": 0.0}
+    ]);
+    o
+}
+
+/// Area under the ROC curve of `scores` for binary `labels`.
+fn auc(scores: &[f32], labels: &[bool]) -> f64 {
+    let mut o: Vec<usize> = (0..scores.len()).collect();
+    o.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let (mut rank_sum, mut pos) = (0f64, 0f64);
+    for (r, &i) in o.iter().enumerate() {
+        if labels[i] {
+            rank_sum += r as f64 + 1.0;
+            pos += 1.0;
+        }
+    }
+    let neg = scores.len() as f64 - pos;
+    (rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg)
+}
+
+/// Each task's head learns its own target (MMoE, PLE with a scene gate, shared-bottom); the
+/// squared task regresses; validation ranks by the fused score; the model serves in the
+/// cascade ranking by a task or the fused score, with every task's score in the report.
+#[test]
+fn multitask_models_learn_each_task_and_serve_by_task_or_fused() {
+    use twotower_tower::ScoreBy;
+    let l = multitask_log(300, 4);
+    for model in [
+        json!({"hidden": [16], "experts": {"shared": 3}}),
+        json!({"hidden": [16], "experts": {"shared": 2, "per_task": 1}, "task_hidden": [8], "scene": "scene"}),
+        json!({"hidden": [16]}),
+    ] {
+        let t = run(&multitask_options(model.clone()), &l).unwrap();
+        let m = Model::load(&t.spec, &t.weights).unwrap();
+        assert_eq!(m.output_dim(), 3, "{model}");
+        let best = t.epochs.iter().find(|e| e.epoch == t.best_epoch).unwrap();
+        assert!(
+            best.valid.unwrap().recall > 0.8,
+            "{model}: {:?}",
+            best.valid
+        );
+        // Score the validation requests' candidates through the served model.
+        let (mut out, mut liked, mut expensive, mut minutes) = (vec![], vec![], vec![], vec![]);
+        for r in &l.requests[240..] {
+            let user = m.encode_part(&r.features, Source::User, false).unwrap();
+            for (j, c) in r.candidates.iter().enumerate() {
+                let it = &l.items[c.item as usize];
+                let part = m.encode_part(&it.features, Source::Item, false).unwrap();
+                let crosses =
+                    twotower_funnel::prerank::CrossInputs::new(Metric::Cosine, &r.user, &r.history);
+                let pair = crosses.pair(&it.vector, c.position as usize, true);
+                let x = m.assemble(&user, &part, &mut |x, o| {
+                    crosses.fill(x, &it.vector, &pair, o)
+                });
+                out.extend(m.forward(&x));
+                liked.push(r.labels[3 * j] > 0.5);
+                expensive.push(r.labels[3 * j + 1] > 0.5);
+                minutes.push(r.labels[3 * j + 2]);
+            }
+        }
+        let by = |t: usize| m.scores(&out, ScoreBy::Task(t));
+        let (a0, a1) = (auc(&by(0), &liked), auc(&by(1), &expensive));
+        assert!(
+            a0 > 0.9 && a1 > 0.9,
+            "{model}: AUC liked {a0}, expensive {a1}"
+        );
+        // Each head ranks its own task, not the other's.
+        assert!(auc(&by(0), &expensive) < 0.75, "{model}");
+        let mins = by(2);
+        let (mut se, mut var, n) = (0f64, 0f64, minutes.iter().filter(|y| !y.is_nan()).count());
+        let mean = minutes
+            .iter()
+            .filter(|y| !y.is_nan())
+            .map(|y| *y as f64)
+            .sum::<f64>()
+            / n as f64;
+        for (s, y) in mins.iter().zip(&minutes).filter(|(_, y)| !y.is_nan()) {
+            se += (*s as f64 - *y as f64).powi(2);
+            var += (*y as f64 - mean).powi(2);
+        }
+        assert!(se / var < 0.3, "{model}: minutes R² {}", 1.0 - se / var);
+    }
+    // In the cascade: ranking by `expensive` keeps expensive items; the report has each task.
+    let t = run(
+        &multitask_options(json!({"hidden": [16], "experts": {"shared": 2}})),
+        &l,
+    )
+    .unwrap();
+    let m = Model::load(&t.spec, &t.weights).unwrap();
+    let r = &l.requests[250];
+    let cands: Vec<Candidate> = r
+        .candidates
+        .iter()
+        .map(|c| Candidate {
+            item: l.items[c.item as usize].id,
+            vector: Arc::from(l.items[c.item as usize].vector.as_slice()),
+        })
+        .collect();
+    let user = m.encode_part(&r.features, Source::User, false).unwrap();
+    let req = Request {
+        metric: Metric::Cosine,
+        user: &r.user,
+        history: &r.history,
+        threads: 1,
+    };
+    for (by, want) in [(ScoreBy::Task(1), "expensive"), (ScoreBy::Task(0), "liked")] {
+        let stages = [Stage {
+            scorer: Scorer::Model {
+                name: "mt",
+                model: &m,
+                user: &user,
+                by,
+            },
+            keep: 5,
+        }];
+        let mut parts = |_: usize,
+                         idx: &[usize]|
+         -> Result<
+            Vec<Arc<twotower_tower::Part>>,
+            twotower_funnel::prerank::PrerankError,
+        > {
+            Ok(idx
+                .iter()
+                .map(|&i| {
+                    Arc::new(
+                        m.encode_part(
+                            &l.items[r.candidates[i].item as usize].features,
+                            Source::Item,
+                            false,
+                        )
+                        .unwrap(),
+                    )
+                })
+                .collect())
+        };
+        let rep = cascade(&req, &cands, &stages, &mut parts, &mut || Ok(())).unwrap();
+        let kept = &rep[0].kept;
+        assert_eq!(rep[0].task_scores.len(), 5 * 3);
+        for (j, &i) in kept.iter().enumerate() {
+            let id = cands[i].item;
+            let ok = match want {
+                "expensive" => id % 7 >= 4,
+                _ => r.candidates[i].label > 0.5,
+            };
+            assert!(ok, "{want}: kept item {id}");
+            let t = if want == "expensive" { 1 } else { 0 };
+            assert_eq!(rep[0].scores[j], rep[0].task_scores[3 * j + t]);
+        }
+    }
+}
+
+/// Multi-task options that make no sense are refused with their path.
+#[test]
+fn bad_multitask_options_are_refused() {
+    let base = multitask_options(json!({"hidden": [16]}));
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"tasks": []}), "tasks"),
+        (
+            json!({"tasks": [{"name": "a"}, {"name": "a"}]}),
+            "tasks[1].name",
+        ),
+        (json!({"tasks": [{"name": "fused"}]}), "tasks[0].name"),
+        (
+            json!({"tasks": [{"name": "a", "loss": "hinge"}]}),
+            "tasks[0].loss",
+        ),
+        (json!({"tasks": [{"name": "a", "weight": 0}]}), "tasks"),
+        (json!({"tasks": [{"name": "a", "fuse": 0}]}), "tasks"),
+        (json!({"tasks": [{"name": "a", "what": 1}]}), "tasks[0]"),
+        (json!({"validate_task": "nope"}), "validate_task"),
+        (json!({"objective": "distill"}), "objective"),
+        (
+            json!({"model": {"experts": {"shared": 0}}}),
+            "model.experts",
+        ),
+        (
+            json!({"model": {"experts": {"shared": 17}}}),
+            "model.experts.shared",
+        ),
+        (json!({"model": {"scene": "cat"}}), "model.scene"),
+        (json!({"model": {"scene": "nope"}}), "model.scene"),
+        (json!({"model": {"hidden": []}}), "model.hidden"),
+        (json!({"model": {"task_hidden": [0]}}), "model.task_hidden"),
+    ];
+    for (patch, path) in cases {
+        let mut o = base.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            if k == "model" {
+                for (mk, mv) in v.as_object().unwrap() {
+                    o["model"][mk] = mv.clone();
+                }
+            } else {
+                o[k] = v.clone();
+            }
+        }
+        let err = PrerankConfig::parse(&o)
+            .err()
+            .unwrap_or_else(|| panic!("{patch} accepted"));
+        assert!(
+            err.to_string().contains(&format!("\"{path}\"")) || err.to_string().contains(path),
+            "{patch}: {err}"
+        );
+    }
+    // Multi-task model keys without tasks.
+    let mut o = options(json!({}));
+    o["model"]["experts"] = json!({"shared": 2});
+    let err = PrerankConfig::parse(&o).err().unwrap().to_string();
+    assert!(
+        err.contains("model.experts") && err.contains("tasks"),
+        "{err}"
+    );
+    // A logistic task's label outside [0, 1] is refused with the request and item.
+    let mut l = multitask_log(20, 5);
+    l.requests[3].labels[1] = 2.0;
+    let err = run(&multitask_options(json!({"hidden": [8]})), &l)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("request 3") && err.contains("expensive"),
+        "{err}"
     );
 }
