@@ -551,3 +551,49 @@ END $$;
 REVOKE ALL ON FUNCTION twotower.online_metrics(text, timestamptz, timestamptz, integer, text[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION twotower.online_metrics(text, timestamptz, timestamptz, integer, text[]) TO twotower_admin;
 COMMENT ON FUNCTION twotower.online_metrics(text, timestamptz, timestamptz, integer, text[]) IS 'per-variant CTR, HR@k, NDCG@k with 95 % intervals, coverage, long-tail share and the HR@k difference to the control, from the impression log (twotower_admin)';
+
+-- * Multi-task pre-rank models (train_prerank's "tasks"; a stage's "score"): recommend_explain
+--   gains a scores column (a model stage's scores of its kept items, by task). Its privileges
+--   carry over as recommend's do.
+SELECT pg_catalog.set_config('pg_twotower_upgrade.explain_acl',
+       coalesce((SELECT p.proacl::text FROM pg_catalog.pg_proc p
+                  WHERE p.oid OPERATOR(pg_catalog.=) 'twotower.recommend_explain(text, jsonb, integer, bigint[])'::pg_catalog.regprocedure), ''),
+       true);
+DROP FUNCTION twotower.recommend_explain(text, jsonb, integer, bigint[]);
+CREATE  FUNCTION twotower."recommend_explain"(
+	"pipeline" TEXT, /* Option < & str > */
+	"features" jsonb, /* Option < JsonbValue > */
+	"k" INT DEFAULT NULL, /* Option < i32 > */
+	"exclude" bigint[] DEFAULT NULL /* :: std :: option :: Option < Vec < Option < i64 > > > */
+) RETURNS TABLE (
+	"step" INT,  /* i32 */
+	"stage" TEXT,  /* String */
+	"received" INT,  /* Option < i32 > */
+	"kept" INT,  /* i32 */
+	"ms" double precision,  /* f64 */
+	"kept_items" bigint[],  /* Vec < i64 > */
+	"dropped_items" bigint[],  /* Vec < i64 > */
+	"scores" jsonb  /* Option < pgrx::JsonB > */
+)
+STABLE PARALLEL RESTRICTED
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'recommend_explain_wrapper';
+DO $$
+DECLARE
+    acl text := pg_catalog.current_setting('pg_twotower_upgrade.explain_acl');
+    g record;
+BEGIN
+    IF acl OPERATOR(pg_catalog.<>) '' THEN
+        REVOKE ALL ON FUNCTION twotower.recommend_explain(text, jsonb, integer, bigint[]) FROM PUBLIC;
+        FOR g IN SELECT a.grantee, a.privilege_type, a.is_grantable
+                   FROM pg_catalog.aclexplode(acl::pg_catalog.aclitem[]) a
+                  WHERE a.grantee OPERATOR(pg_catalog.<>) a.grantor
+        LOOP
+            EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION twotower.recommend_explain(text, jsonb, integer, bigint[]) TO %s%s',
+                CASE WHEN g.grantee OPERATOR(pg_catalog.=) 0 THEN 'PUBLIC'
+                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(g.grantee)) END,
+                CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+        END LOOP;
+    END IF;
+END
+$$;

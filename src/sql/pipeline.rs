@@ -339,7 +339,9 @@ pub mod twotower {
 
     /// `recommend` reported step by step: the user tower, each channel, the merge, the item
     /// vectors read, each pre-rank stage; with how many candidates each step received and
-    /// kept, the items it kept and dropped, and its time in milliseconds.
+    /// kept, the items it kept and dropped, and its time in milliseconds; a model stage's
+    /// scores of the kept items (`scores`: what it ranked by, and a multi-task model's every
+    /// task, each an array aligned with `kept_items`).
     #[pg_extern(stable, parallel_restricted)]
     #[allow(clippy::type_complexity)]
     fn recommend_explain(
@@ -357,6 +359,7 @@ pub mod twotower {
             name!(ms, f64),
             name!(kept_items, Vec<i64>),
             name!(dropped_items, Vec<i64>),
+            name!(scores, Option<pgrx::JsonB>),
         ),
     > {
         let (pipeline, features) = (
@@ -377,6 +380,7 @@ pub mod twotower {
                     kept: Vec::new(),
                     dropped: Vec::new(),
                     ms: 0.0,
+                    scores: Vec::new(),
                 },
             );
         }
@@ -389,8 +393,29 @@ pub mod twotower {
                 s.ms,
                 s.kept,
                 s.dropped,
+                (!s.scores.is_empty()).then(|| {
+                    pgrx::JsonB(serde_json::Value::Object(
+                        s.scores
+                            .into_iter()
+                            .map(|(k, v)| (k, short_floats(&v)))
+                            .collect(),
+                    ))
+                }),
             )
         }))
+    }
+
+    /// Scores as a JSON array of their shortest decimals (the f32's, not its f64 widening).
+    fn short_floats(v: &[f32]) -> serde_json::Value {
+        v.iter()
+            .map(|x| {
+                x.to_string()
+                    .parse::<f64>()
+                    .ok()
+                    .and_then(serde_json::Number::from_f64)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number)
+            })
+            .collect()
     }
 
     /// Pipeline `pipeline`'s pre-rank stages over the caller's `candidates` (distinct item ids,

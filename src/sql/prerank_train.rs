@@ -163,6 +163,7 @@ pub mod twotower {
                 user: u,
                 history: Vec::new(),
                 candidates: Vec::new(),
+                labels: Vec::new(),
             });
             Ok(())
         })
@@ -172,7 +173,27 @@ pub mod twotower {
         let csrc = spi::relation_name(candidates.0).or_report();
         let crc = spi::column(candidates.0, request_column, "request id").or_report();
         let cic = spi::column(candidates.0, item_column, "item id").or_report();
-        let clc = spi::column(candidates.0, label_column, "label").or_report();
+        // A multi-task run reads each task's column (NULL: no label for that task), not the
+        // label column.
+        let clc = if cfg.tasks.is_empty() {
+            format!(
+                "t.{}::pg_catalog.float4",
+                spi::column(candidates.0, label_column, "label").or_report()
+            )
+        } else {
+            "0::pg_catalog.float4".to_owned()
+        };
+        let task_cols: String = cfg
+            .tasks
+            .iter()
+            .map(|t| {
+                format!(
+                    ", t.{}::pg_catalog.float4",
+                    spi::column(candidates.0, &t.column, &format!("task {} label", t.name))
+                        .or_report()
+                )
+            })
+            .collect();
         let teacher = match teacher_column {
             Some(c) => format!(
                 "t.{}::pg_catalog.float4",
@@ -188,9 +209,9 @@ pub mod twotower {
             None => "0".into(),
         };
         let select = format!(
-            "SELECT t.{crc}::pg_catalog.text, t.{cic}::pg_catalog.int8, t.{clc}::pg_catalog.float4, {teacher}, {rank} FROM {csrc} AS t"
+            "SELECT t.{crc}::pg_catalog.text, t.{cic}::pg_catalog.int8, {clc}, {teacher}, {rank}{task_cols} FROM {csrc} AS t"
         );
-        let mut raw: Vec<(usize, i64, f32, Option<f32>, u32)> = Vec::new();
+        let mut raw: Vec<(usize, i64, f32, Option<f32>, u32, Vec<f32>)> = Vec::new();
         let mut progress = spi::Progress::new("train_prerank: reading candidates", "rows");
         read_rows(&select, &csrc, Some(&mut progress), |row| {
             let (Some(r), Some(item), Some(label)) = (
@@ -227,7 +248,11 @@ pub mod twotower {
                 })
                 .report();
             }
-            raw.push((ri, item, label, t, position));
+            let labels = (0..cfg.tasks.len())
+                .map(|i| Ok::<f32, pgrx::spi::SpiError>(row.get::<f32>(6 + i)?.unwrap_or(f32::NAN)))
+                .collect::<Result<Vec<f32>, pgrx::spi::SpiError>>()?;
+            bytes += labels.len() * 4;
+            raw.push((ri, item, label, t, position, labels));
             Ok(())
         })
         .or_report();
@@ -313,7 +338,7 @@ pub mod twotower {
         drop(histories);
         // A candidate without a vector cannot reach a pre-rank stage: it is left out.
         let mut missing = 0usize;
-        for (ri, item, label, t, position) in raw {
+        for (ri, item, label, t, position, labels) in raw {
             let Some(v) = vecs.get(&item) else {
                 missing += 1;
                 continue;
@@ -328,6 +353,7 @@ pub mod twotower {
                 label,
                 teacher: t,
             });
+            log.requests[ri].labels.extend(labels);
         }
         drop(vecs);
         drop(feats);

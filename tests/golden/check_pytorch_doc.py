@@ -7,7 +7,12 @@ Runs the doc's ```python blocks (except those starting with "# example"), then f
 tower, the item tower and the graph tower (tests/golden/graph): loads the golden weights into the doc's module, checks its forward pass against
 expected.json (float64: 1e-12, float32: 1e-5), exports it with the doc's export() and checks that
 the spec is byte-identical to the golden spec.json and that tower_ref reproduces expected.json
-from the exported files. Also reports which invalid_inputs.json cases the doc's featurize rejects.
+from the exported files. The same for the multi-task pre-rank model (tests/golden/multitask):
+its logits, task scores and fused score (task_scores) against expected.json, the exported spec
+byte-identical to the golden one, the exported weights equal to the golden tensors, and tower_ref's
+prerank_forward and task_scores on the exported files; and multitask_loss against its formula.
+Also checks the parallel two-towers, the mimic loss and the target attention pre-rank model, and
+reports which invalid_inputs.json cases the doc's featurize rejects.
 """
 
 from __future__ import annotations
@@ -172,6 +177,85 @@ def main():
     same = renamed == aspec
     print("pre-rank with target attention: export() writes the fixture's spec (tensor names aside):", same)
     ok &= same
+
+    # The multi-task pre-rank fixture (tests/golden/multitask): the doc's model takes the golden
+    # weights under their own names; logits, task scores and fused score match expected.json, and
+    # export() writes the fixture's spec byte for byte and exactly its tensors.
+    d = os.path.join(HERE, "multitask")
+    with open(os.path.join(d, "cases.json"), encoding="utf-8") as f:
+        cases = json.load(f)
+    with open(os.path.join(d, "expected.json"), encoding="utf-8") as f:
+        expected = json.load(f)
+    with open(os.path.join(d, "spec.json"), encoding="utf-8") as f:
+        names = [t["name"] for t in json.load(f)["output"]["tasks"]]
+    want = {"logits": np.array([e["logits"] for e in expected]),
+            "scores": np.array([[e["scores"][t] for t in names] for e in expected]),
+            "fused": np.array([e["fused"] for e in expected])}
+    state = load_file(os.path.join(d, "weights.safetensors"))
+    model = ns["multitask_prerank"]()
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        model.to(dtype)
+        batch = model.featurize([{**c["user"], **c["item"]} for c in cases])
+        u = torch.tensor([c["u"] for c in cases], dtype=dtype)
+        v = torch.tensor([c["v"] for c in cases], dtype=dtype)
+        batch["u"], batch["v"], batch["uv"] = u, v, u * v
+        with torch.no_grad():
+            logits = model(batch)
+            scores, fused = ns["task_scores"](model, logits)
+        got = {"logits": logits.numpy(),
+               "scores": torch.stack([scores[t] for t in names], dim=1).numpy(),
+               "fused": fused.numpy()}
+        errs = {k: float(np.max(np.abs(got[k] - want[k]))) for k in want}
+        good = list(scores) == names and all(e <= tol for e in errs.values())
+        print(f"multi-task pre-rank ({dtype}): max |diff| to expected.json",
+              ", ".join(f"{k} {e:.2g}" for k, e in errs.items()), "OK" if good else "MISMATCH")
+        ok &= good
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "m_")
+        ns["export"](model.float(), prefix)
+        with open(prefix + "spec.json", "rb") as f:
+            spec = f.read()
+        with open(os.path.join(d, "spec.json"), "rb") as f:
+            golden = f.read()
+        same = spec == golden
+        print("multi-task pre-rank: exported spec.json byte-identical to the golden one:", same)
+        ok &= same
+        exported = load_file(prefix + "weights.safetensors")
+        same_w = sorted(exported) == sorted(state) and all(
+            exported[k].dtype == state[k].dtype and torch.equal(exported[k], state[k]) for k in state)
+        print("multi-task pre-rank: exported tensors equal the golden weights:", same_w)
+        ok &= same_w
+        ref_model = tower_ref.load_model(prefix + "spec.json", prefix + "weights.safetensors")
+        err = 0.0
+        for c, e in zip(cases, expected):
+            row = tower_ref.prerank_forward(ref_model, c["user"], c["item"], c["u"], c["v"], c["history"])
+            sc, fu = tower_ref.task_scores(ref_model, row)
+            err = max(err, float(np.max(np.abs(row - np.array(e["logits"])))), abs(fu - e["fused"]),
+                      max(abs(sc[t] - e["scores"][t]) for t in names))
+        print(f"multi-task pre-rank: tower_ref on the exported files max |diff| {err:.2g}",
+              "OK" if err <= 1e-12 else "MISMATCH")
+        ok &= err <= 1e-12
+
+    # multitask_loss: the weighted sum of the tasks' logistic / squared losses, NaN labels left
+    # out, averaged over the pairs; no NaN in the gradient.
+    logits = torch.tensor([[0.3, -1.2, 2.0], [-0.7, 0.4, -0.5], [1.5, 0.1, 0.25]],
+                          dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1.0, 0.0, 3.0], [0.0, float("nan"), -1.0], [float("nan"), 1.0, float("nan")]],
+                          dtype=torch.float64)
+    loss = ns["multitask_loss"](model, logits, labels, weights={"minutes": 0.1})
+    loss.backward()
+    x, y = logits.detach().numpy(), labels.numpy()
+    terms = np.stack([np.logaddexp(0, x[:, 0]) - y[:, 0] * x[:, 0],
+                      np.logaddexp(0, x[:, 1]) - y[:, 1] * x[:, 1],
+                      0.1 * (x[:, 2] - y[:, 2]) ** 2], axis=1)
+    want_loss = float(np.sum(np.where(np.isnan(y), 0.0, terms))) / 3
+    err = abs(loss.item() - want_loss)
+    finite = bool(torch.isfinite(logits.grad).all()) and bool((logits.grad[np.isnan(y)] == 0).all())
+    print(f"multitask_loss: |diff| to the formula {err:.2g}, gradient finite and 0 for missing labels: {finite}",
+          "OK" if err <= 1e-12 and finite else "MISMATCH")
+    ok &= err <= 1e-12 and finite
 
     tower = ns["user_tower"]()
     with open(os.path.join(HERE, "invalid_inputs.json"), encoding="utf-8") as f:

@@ -131,3 +131,80 @@ SET ROLE fn_trainer;
 SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_other_student', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score"}]}}')$$);
 RESET ROLE;
 DROP ROLE fn_trainer;
+
+-- Multi-task: two tasks from two columns ("liked": price 2; "top": the teacher's top 2), MMoE
+-- with two shared experts and a gate per task, one hidden layer per head. A stage ranks by a
+-- task or by the fused score (Σ fuse·σ(logit)); recommend_explain shows every task's scores
+-- of the kept items.
+SELECT version, valid_recall > 0.9 AS learned
+  FROM twotower.train_prerank('fn_mt', 'fn', 'fn_req', 'fn_cand', '{
+    "model": {"features": [{"name": "price", "source": "item", "type": "numeric"},
+                           {"name": "tt", "type": "cross", "of": "score"},
+                           {"name": "uv", "type": "cross", "of": "product"}],
+              "hidden": [8], "experts": {"shared": 2}, "task_hidden": [4]},
+    "tasks": [{"name": "liked", "column": "label"}, {"name": "top", "column": "teacher_liked", "fuse": 0.5}],
+    "epochs": 30, "lr": 0.05, "batch_size": 32, "k": 3, "validation": 0.25}');
+SELECT spec -> 'output' AS output, jsonb_array_length(spec -> 'graph') AS nodes
+  FROM twotower.model_version WHERE model = 'fn_mt';
+SELECT twotower.save_pipeline('fn_mt_liked', (definition - 'stages' - 'k') || '{
+  "stages": [{"type": "twotower", "keep": 7}, {"type": "model", "model": "fn_mt", "keep": 3, "score": "liked"}], "k": 3}')
+  FROM twotower.pipelines WHERE name = 'fn';
+SELECT array_agg(r.item_id ORDER BY r.rank) AS top, bool_and(i.price = 2) AS all_liked
+  FROM twotower.recommend('fn_mt_liked', '{"q": [0.6, 0.8], "history": [1]}') r JOIN fn_items i ON i.id = r.item_id;
+-- Ranked by "top", the list is the teacher's top (the towers' inner product; the history item
+-- 1 is not a candidate).
+SELECT twotower.save_pipeline('fn_mt_top', (definition - 'stages' - 'k') || '{
+  "stages": [{"type": "twotower", "keep": 7}, {"type": "model", "model": "fn_mt", "keep": 2, "score": "top"}], "k": 2}')
+  FROM twotower.pipelines WHERE name = 'fn';
+SELECT (SELECT array_agg(item_id ORDER BY item_id) FROM twotower.recommend('fn_mt_top', '{"q": [0.6, 0.8], "history": [1]}'))
+     = (SELECT array_agg(id ORDER BY id) FROM (
+         SELECT id FROM fn_items WHERE id <> 1 ORDER BY twotower.inner_product(embedding, ARRAY[0.6, 0.8]::real[]) DESC LIMIT 2) t)
+       AS ranks_by_the_teachers_task;
+-- recommend_explain: the model stage's scores, by what it ranked by and by task, aligned with
+-- kept_items; the liked items have the higher "liked" probabilities.
+SELECT e.stage, (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(e.scores) k) AS keys,
+       jsonb_array_length(e.scores -> 'liked') = e.kept AS aligned,
+       (SELECT bool_and((s.v)::real BETWEEN 0 AND 1) FROM jsonb_array_elements_text(e.scores -> 'top') s(v)) AS probabilities
+  FROM twotower.recommend_explain('fn_mt_liked', '{"q": [0.6, 0.8], "history": [1]}') e WHERE e.scores IS NOT NULL;
+SELECT bool_and((x.s)::real > 0.5) AS liked_probable
+  FROM twotower.recommend_explain('fn_mt_liked', '{"q": [0.6, 0.8], "history": [1]}') e,
+       jsonb_array_elements_text(e.scores -> 'liked') x(s) WHERE e.stage LIKE 'pre-rank model%';
+-- Ranked by "top": "top" first; a one-score model's stage shows its "score"; a two-tower stage
+-- shows none.
+SELECT e.stage, (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(e.scores) k) AS keys,
+       e.scores -> 'top' = (SELECT jsonb_agg(v ORDER BY v DESC) FROM jsonb_array_elements(e.scores -> 'top') v) AS ranked_by_top
+  FROM twotower.recommend_explain('fn_mt_top', '{"q": [0.6, 0.8], "history": [1]}') e WHERE e.stage LIKE 'pre-rank%';
+SELECT twotower.save_pipeline('fn_one', (definition - 'stages' - 'k') || '{
+  "stages": [{"type": "twotower", "keep": 7}, {"type": "model", "model": "fn_student", "keep": 3}], "k": 3}')
+  FROM twotower.pipelines WHERE name = 'fn';
+SELECT e.stage, (SELECT array_agg(k) FROM jsonb_object_keys(e.scores) k) AS keys,
+       ARRAY(SELECT v::real FROM jsonb_array_elements_text(e.scores -> 'score') v)
+         = (SELECT array_agg(r.score ORDER BY r.rank) FROM twotower.recommend('fn_one', '{"q": [0.6, 0.8], "history": [1]}') r) AS the_scores
+  FROM twotower.recommend_explain('fn_one', '{"q": [0.6, 0.8], "history": [1]}') e WHERE e.scores IS NOT NULL;
+-- "score" on a one-score model is refused at the call; "fused" is what it ranks by anyway.
+SELECT twotower.save_pipeline('fn_one', (definition - 'stages' - 'k') || '{
+  "stages": [{"type": "twotower", "keep": 7}, {"type": "model", "model": "fn_student", "keep": 3, "score": "liked"}], "k": 3}')
+  FROM twotower.pipelines WHERE name = 'fn';
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn_one', '{"q": [0.6, 0.8]}')$$);
+SELECT twotower.save_pipeline('fn_one', (definition - 'stages' - 'k') || '{
+  "stages": [{"type": "twotower", "keep": 7}, {"type": "model", "model": "fn_student", "keep": 3, "score": "fused"}], "k": 3}')
+  FROM twotower.pipelines WHERE name = 'fn';
+SELECT count(*) FROM twotower.recommend('fn_one', '{"q": [0.6, 0.8]}');
+SELECT twotower.drop_pipeline('fn_one');
+-- A stage ranking by a task the model does not have; a task column that is not there; a
+-- logistic task's label out of range; a multi-task key without tasks.
+SELECT twotower.save_pipeline('fn_mt_bad', (definition - 'stages' - 'k') || '{
+  "stages": [{"type": "twotower", "keep": 7}, {"type": "model", "model": "fn_mt", "keep": 3, "score": "clicks"}], "k": 3}')
+  FROM twotower.pipelines WHERE name = 'fn';
+SELECT pg_temp.err($$SELECT * FROM twotower.recommend('fn_mt_bad', '{"q": [0.6, 0.8]}')$$);
+SELECT pg_temp.err($$SELECT * FROM twotower.prerank('fn_mt_bad', '{"q": [0.6, 0.8]}', ARRAY[1, 2, 3]::bigint[])$$);
+SELECT twotower.drop_pipeline('fn_mt_bad');
+SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_mt', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score"}], "hidden": [4]}, "tasks": [{"name": "clicks"}]}')$$);
+UPDATE fn_cand SET teacher_liked = 3 WHERE request_id = 7 AND item_id = 2;
+SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_mt', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score"}], "hidden": [4]}, "tasks": [{"name": "top", "column": "teacher_liked"}]}')$$);
+UPDATE fn_cand SET teacher_liked = 1 WHERE request_id = 7 AND item_id = 2;
+SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_mt', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score"}], "hidden": [4], "experts": {"shared": 2}}}')$$);
+SELECT count(*) AS versions FROM twotower.models WHERE name = 'fn_mt';
+SELECT twotower.drop_pipeline('fn_mt_liked');
+SELECT twotower.drop_pipeline('fn_mt_top');
+SELECT twotower.drop_model('fn_mt');

@@ -161,8 +161,19 @@ $node->safe_psql('up070acl', q{
 	CREATE ROLE up_other;
 	REVOKE EXECUTE ON FUNCTION twotower.recommend(text, jsonb, integer, bigint[]) FROM PUBLIC;
 	GRANT EXECUTE ON FUNCTION twotower.recommend(text, jsonb, integer, bigint[]) TO up_app;
+	REVOKE EXECUTE ON FUNCTION twotower.recommend_explain(text, jsonb, integer, bigint[]) FROM PUBLIC;
+	GRANT EXECUTE ON FUNCTION twotower.recommend_explain(text, jsonb, integer, bigint[]) TO up_other WITH GRANT OPTION;
 });
 $node->safe_psql('up070acl', 'ALTER EXTENSION pg_twotower UPDATE');
+# recommend_explain too (a new scores column).
+is($node->safe_psql('up070acl', q{
+	SELECT has_function_privilege('up_app', 'twotower.recommend_explain(text, jsonb, integer, bigint[])', 'EXECUTE')
+	       || ',' || has_function_privilege('up_other', 'twotower.recommend_explain(text, jsonb, integer, bigint[])', 'EXECUTE WITH GRANT OPTION')
+	       || ',' || (SELECT string_agg(parameter_name, ',' ORDER BY ordinal_position) FROM information_schema.parameters p
+	                   JOIN information_schema.routines r USING (specific_name)
+	                  WHERE r.routine_name = 'recommend_explain' AND p.parameter_mode = 'OUT')}),
+	'false,true,step,stage,received,kept,ms,kept_items,dropped_items,scores',
+	"the update keeps recommend_explain's privileges and adds its scores column");
 is($node->safe_psql('up070acl', q{
 	SELECT has_function_privilege('up_app', 'twotower.recommend(text, jsonb, integer, bigint[], text)', 'EXECUTE')
 	       || ',' || has_function_privilege('up_other', 'twotower.recommend(text, jsonb, integer, bigint[], text)', 'EXECUTE')}),

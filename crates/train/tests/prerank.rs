@@ -658,3 +658,45 @@ fn bad_multitask_options_are_refused() {
         "{err}"
     );
 }
+
+/// A multi-task model's experts count against the budget before anything is allocated (16
+/// experts of 2 × 4,096 and 16 tasks: over 500 M parameters), and a cancel stops its run.
+#[test]
+fn multitask_memory_budget_and_cancel() {
+    let mut l = multitask_log(20, 9);
+    for r in &mut l.requests {
+        r.labels = r.candidates.iter().flat_map(|c| [c.label; 16]).collect();
+    }
+    let mut o = multitask_options(json!({"hidden": [4096, 4096], "experts": {"shared": 16}}));
+    o["tasks"] = json!((0..16)
+        .map(|i| json!({"name": format!("t{i}"), "column": format!("t{i}")}))
+        .collect::<Vec<_>>());
+    let cfg = PrerankConfig::parse(&o).unwrap();
+    let t0 = std::time::Instant::now();
+    match train_prerank(&cfg, &l, 1 << 30, &mut |_| Ok(())) {
+        Err(TrainError::MemoryBudget { needed, .. }) => assert!(needed > 2_000_000_000, "{needed}"),
+        other => panic!("{:?}", other.map(|t| t.parameters)),
+    }
+    assert!(t0.elapsed().as_secs_f64() < 5.0, "refused at once");
+    // The same experts at 1 × 64 fit; a cancel after 3 steps stops the run.
+    let l = multitask_log(20, 9);
+    let cfg = PrerankConfig::parse(&multitask_options(
+        json!({"hidden": [64], "experts": {"shared": 4}}),
+    ))
+    .unwrap();
+    let mut steps = 0;
+    let r = train_prerank(&cfg, &l, 1 << 30, &mut |e| {
+        if let Event::Step(_) = e {
+            steps += 1;
+            if steps == 3 {
+                return Err(TrainError::Cancelled);
+            }
+        }
+        Ok(())
+    });
+    assert!(
+        matches!(r, Err(TrainError::Cancelled)),
+        "{:?}",
+        r.map(|t| t.parameters)
+    );
+}
