@@ -103,7 +103,7 @@ fn parse_tasks(v: &Value) -> Result<(Vec<TaskOption>, Vec<twotower_tower::Task>)
     };
     let (mut opts, mut heads): (Vec<TaskOption>, Vec<twotower_tower::Task>) = (vec![], vec![]);
     for (i, t) in arr.iter().enumerate() {
-        let o = Obj::new(t, &format!("tasks[{i}]"))?;
+        let o = Obj::new(t, format!("tasks[{i}]"))?;
         o.allow(&["name", "column", "loss", "weight", "fuse"])?;
         let name = o.text("name", "")?;
         if !crate::config::valid_name(name) || name == "fused" {
