@@ -437,7 +437,7 @@ fn targets(cfg: &PrerankConfig, log: &RankLog, r: &LogRequest) -> Vec<f32> {
 }
 
 /// The loss of one output `s` of task `t` for label `y` (NaN: none) and its gradient.
-fn task_loss(t: &TaskOption, s: f32, y: f32) -> (f64, f32) {
+pub fn task_loss(t: &TaskOption, s: f32, y: f32) -> (f64, f32) {
     if y.is_nan() || t.weight == 0.0 {
         return (0.0, 0.0);
     }

@@ -294,7 +294,7 @@ impl Optim {
 
     /// One step: Adam (`lr`, `weight_decay`) on the dense parameters unless `freeze_dense`,
     /// the sparse optimiser on the touched rows.
-    pub(crate) fn step_with(
+    pub fn step_with(
         &mut self,
         lr: f32,
         weight_decay: f32,

@@ -200,3 +200,139 @@ fn three_steps_equal_the_numpy_reference() {
     }
     assert!(moved > 50, "the steps moved the parameters ({moved})");
 }
+
+/// The multi-task pre-rank model of `tests/golden/train_prerank_ref.py`: a scene gate, two
+/// shared experts and one per task, a gate and a head per task, three tasks (two logistic, one
+/// squared) with their loss weights; its plan from fixed statistics.
+fn multitask_plan() -> (twotower_train::PrerankConfig, Plan) {
+    let cfg = twotower_train::PrerankConfig::parse(&json!({
+        "model": {"features": [
+            {"name": "scene", "type": "categorical", "dim": 2},
+            {"name": "user_id", "type": "categorical", "dim": 3},
+            {"name": "age", "type": "numeric"},
+            {"name": "cat", "source": "item", "type": "categorical", "dim": 2},
+            {"name": "uv", "type": "cross", "of": "product"}],
+          "hidden": [4], "activation": "tanh", "experts": {"shared": 2, "per_task": 1},
+          "task_hidden": [3], "scene": "scene"},
+        "tasks": [{"name": "a"}, {"name": "b", "weight": 0.5, "fuse": -0.5},
+                  {"name": "c", "loss": "squared", "weight": 0.3, "fuse": 0}],
+        "lr": 0.01, "sparse_lr": 0.05, "threads": 1
+    }))
+    .unwrap();
+    let mut stats = FeatureStats::default();
+    let ids = |v: &[&str]| {
+        v.iter()
+            .map(|x| (x.to_string(), 1u64))
+            .collect::<HashMap<_, _>>()
+    };
+    stats.counts.insert("scene".into(), ids(&["home", "search"]));
+    stats.counts.insert("user_id".into(), ids(&["1", "2", "3"]));
+    stats.counts.insert("cat".into(), ids(&["x", "y", "z"]));
+    stats.moments.insert("age".into(), (30.0, 1000.0, 1));
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let plan = model::plan_prerank(&cfg.model, 4, &stats, 1, 100, 0.1, &mut rng).unwrap();
+    (cfg, plan)
+}
+
+fn prerank_fixture(name: &str) -> Vec<u8> {
+    let p = format!(
+        "{}/../../tests/golden/train_prerank/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    if name == "spec.json" && std::env::var_os("TT_GOLDEN_DUMP").is_some() {
+        std::fs::write("/tmp/train_prerank_spec.json", multitask_plan().1.spec.to_string()).unwrap();
+    }
+    std::fs::read(&p).unwrap_or_else(|e| {
+        panic!("golden fixture {p} is missing ({e}): run tests/golden/train_prerank_ref.py")
+    })
+}
+
+/// Three training steps of a multi-task pre-rank model against the numpy reference
+/// (`tests/golden/train_prerank_ref.py`: tower_ref's forward pass, finite-difference gradients,
+/// the tasks' losses with missing labels, Adam and lazy Adam): the same losses, and after the
+/// last step the same parameters to 1e-4.
+#[test]
+fn multitask_three_steps_equal_the_numpy_reference() {
+    use twotower_tower::{Cross, Source};
+    use twotower_train::prerank::task_loss;
+    let spec_fixture = prerank_fixture("spec.json");
+    let steps: Value = serde_json::from_slice(&prerank_fixture("steps.json")).unwrap();
+    let init_bytes = prerank_fixture("init.safetensors");
+    let init = safetensors::SafeTensors::deserialize(&init_bytes).unwrap();
+    let (cfg, plan) = multitask_plan();
+    let want_spec: Value = serde_json::from_slice(&spec_fixture).unwrap();
+    assert_eq!(plan.spec, want_spec, "crates/train lays the model out as the fixture's spec");
+    let mut tower = plan.tower.clone();
+    set_params(&plan, &mut tower, "prerank", &init);
+    let (s, w) = model::export(&plan, &tower).unwrap();
+    let m = Model::load(&s, &w).unwrap();
+    let mut opt = Optim::with(cfg.sparse, &tower);
+    let floats = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().map_or(f32::NAN, |x| x as f32))
+            .collect()
+    };
+    let nt = cfg.tasks.len();
+    for (t, b) in steps["batches"].as_array().unwrap().iter().enumerate() {
+        let rows = b.as_array().unwrap();
+        let xs: Vec<Encoded> = rows
+            .iter()
+            .map(|r| {
+                let (u, v) = (floats(&r["u"]), floats(&r["v"]));
+                let user = m.encode_part(&r["user"], Source::User, true).unwrap();
+                let item = m.encode_part(&r["item"], Source::Item, true).unwrap();
+                m.assemble(&user, &item, &mut |c, out| match c {
+                    Cross::UserVector => out.copy_from_slice(&u),
+                    Cross::ItemVector => out.copy_from_slice(&v),
+                    Cross::Product => out
+                        .iter_mut()
+                        .zip(u.iter().zip(&v))
+                        .for_each(|(o, (a, b))| *o = a * b),
+                    _ => {}
+                })
+            })
+            .collect();
+        let refs: Vec<&Encoded> = xs.iter().collect();
+        let cache = tower.forward_train(&refs, 1);
+        let mm = rows.len() as f32;
+        let mut loss = 0f64;
+        let mut dout = Vec::with_capacity(rows.len() * nt);
+        for (r, out) in rows.iter().zip(cache.output().chunks_exact(nt)) {
+            let ys = floats(&r["labels"]);
+            for ((task, &s), &y) in cfg.tasks.iter().zip(out).zip(&ys) {
+                let (l, g) = task_loss(task, s, y);
+                loss += l;
+                dout.push(g / mm);
+            }
+        }
+        let g = tower.backward(&cache, &dout);
+        opt.step_with(cfg.lr, cfg.weight_decay, false, &mut tower, &g, t as u64 + 1);
+        let want = steps["losses"][t].as_f64().unwrap();
+        let got = loss / rows.len() as f64;
+        assert!((got - want).abs() < 1e-5, "step {}: loss {got}, numpy {want}", t + 1);
+    }
+    let got = params(&plan, &tower, "prerank");
+    let after = steps["after"].as_object().unwrap();
+    assert_eq!(got.len(), after.len());
+    let mut moved = 0;
+    for (name, want) in after {
+        let g = &got[name];
+        let init_v: Vec<f32> = init
+            .tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        for (k, (a, b)) in g.iter().zip(want.as_array().unwrap()).enumerate() {
+            let b = b.as_f64().unwrap();
+            assert!((*a as f64 - b).abs() < 1e-4, "{name}[{k}]: {a} vs numpy {b}");
+            if (init_v[k] as f64 - b).abs() > 1e-3 {
+                moved += 1;
+            }
+        }
+    }
+    assert!(moved > 100, "the steps moved {moved} parameters");
+}
