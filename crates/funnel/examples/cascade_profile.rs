@@ -7,8 +7,15 @@ use twotower_tower::{Model, Part, Source};
 
 fn main() {
     // DIN=1: the model with target attention over the history (H vectors, default 20).
+    // MT=n: the same inputs as a multi-task model (n shared experts, three tasks).
+    let mt: usize = std::env::var("MT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let (spec, w) = if std::env::var("DIN").as_deref() == Ok("1") {
         twotower_testkit::towers::realistic_prerank_attention(3)
+    } else if mt > 0 {
+        twotower_testkit::towers::realistic_prerank_multitask(3, mt)
     } else {
         twotower_testkit::towers::realistic_prerank(3)
     };

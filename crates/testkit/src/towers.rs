@@ -299,6 +299,64 @@ pub fn realistic_prerank(seed: u64) -> (String, Vec<u8>) {
     build(spec, &tensors, seed)
 }
 
+/// [`realistic_prerank`]'s features as a multi-task model: `shared` experts (w0 → 64, ReLU), a
+/// gate per task over them (from every field) when there are two or more, a head per task
+/// (64 → 16 → 1), three tasks (fused 1, 0.5, −0.5).
+pub fn realistic_prerank_multitask(seed: u64, shared: usize) -> (String, Vec<u8>) {
+    let (plain, _) = realistic_prerank(seed);
+    let mut spec: Value = serde_json::from_str(&plain).expect("the plain spec is JSON");
+    let dims = 64;
+    let w0 = 2 * D + 1 + 3 * dims + 3;
+    let fields = json!(["device", "category", "price", "u", "v", "uv", "score", "hmax", "hmean"]);
+    let mut graph = Vec::new();
+    let mut tensors: Vec<(String, Vec<usize>, f32)> = vec![
+        ("emb.device".into(), vec![DEVICES.len() + 1, D], 0.1),
+        ("emb.category".into(), vec![CATEGORIES + 1, D], 0.1),
+    ];
+    let experts: Vec<String> = (0..shared).map(|i| format!("expert{i}")).collect();
+    for e in &experts {
+        graph.push(json!({"name": e, "inputs": fields, "layers": [
+            {"type": "linear", "weight": format!("{e}.weight"), "bias": format!("{e}.bias")}, {"type": "relu"}]}));
+        tensors.push((format!("{e}.weight"), vec![64, w0], linear_init(w0)));
+        tensors.push((format!("{e}.bias"), vec![64], linear_init(w0)));
+    }
+    let tasks = ["click", "like", "dislike"];
+    for t in tasks {
+        let input = if shared > 1 {
+            let g = format!("{t}_gate");
+            graph.push(
+                json!({"name": g, "combine": "gate", "inputs": experts, "gate_inputs": fields,
+                              "weight": format!("{g}.weight"), "bias": format!("{g}.bias")}),
+            );
+            tensors.push((format!("{g}.weight"), vec![shared, w0], linear_init(w0)));
+            tensors.push((format!("{g}.bias"), vec![shared], linear_init(w0)));
+            g
+        } else {
+            experts[0].clone()
+        };
+        let h = format!("{t}_head");
+        graph.push(json!({"name": h, "inputs": [input], "layers": [
+            {"type": "linear", "weight": format!("{h}.0.weight"), "bias": format!("{h}.0.bias")}, {"type": "relu"},
+            {"type": "linear", "weight": format!("{h}.2.weight"), "bias": format!("{h}.2.bias")}]}));
+        tensors.push((format!("{h}.0.weight"), vec![16, 64], linear_init(64)));
+        tensors.push((format!("{h}.0.bias"), vec![16], linear_init(64)));
+        tensors.push((format!("{h}.2.weight"), vec![1, 16], linear_init(16)));
+        tensors.push((format!("{h}.2.bias"), vec![1], linear_init(16)));
+    }
+    graph.push(json!({"name": "tasks", "combine": "concat", "inputs": ["click_head", "like_head", "dislike_head"]}));
+    if let Some(o) = spec.as_object_mut() {
+        o.remove("layers");
+        o.insert("graph".into(), json!(graph));
+        o.insert("output".into(), json!({"dim": 3, "node": "tasks", "tasks": [
+            {"name": "click", "fuse": 1.0}, {"name": "like", "fuse": 0.5}, {"name": "dislike", "fuse": -0.5}]}));
+    }
+    let refs: Vec<(&str, Vec<usize>, f32)> = tensors
+        .iter()
+        .map(|(n, s, a)| (n.as_str(), s.clone(), *a))
+        .collect();
+    build(spec, &refs, seed)
+}
+
 /// [`realistic_prerank`] with one more input: target attention (r = 16) of the candidate over
 /// the history's vectors.
 pub fn realistic_prerank_attention(seed: u64) -> (String, Vec<u8>) {

@@ -13,6 +13,7 @@
 //! product shrinks to 97 columns. Other models take the unfolded path: one raw row per candidate.
 
 use crate::forward::{run_layers, run_raw};
+use crate::graph::{Input, Op};
 use crate::layers::linear;
 use crate::model::{Layer, Model, Part};
 use crate::spec::{Cross, CrossShape, Source};
@@ -86,14 +87,20 @@ impl Model {
             }
         }
         let folded = self.fold(&template, u, history);
-        let unfolded;
-        let (width, puts, template): (usize, &[Option<Put>], Option<&[f32]>) = match &folded {
-            Some(f) => (f.width, &f.puts, None),
-            None => {
-                unfolded = self.unfolded_puts();
-                (self.input_width, &unfolded, Some(&template))
-            }
+        let folded_graph = match folded {
+            None => self.fold_graph(&template, u, history),
+            Some(_) => None,
         };
+        let unfolded;
+        let (width, puts, template): (usize, &[Option<Put>], Option<&[f32]>) =
+            match (&folded, &folded_graph) {
+                (Some(f), _) => (f.width, &f.puts, None),
+                (None, Some(g)) => (g.width, &g.puts, None),
+                (None, None) => {
+                    unfolded = self.unfolded_puts();
+                    (self.input_width, &unfolded, Some(&template))
+                }
+            };
         // Target attention of every candidate at once (matrix products), the candidates split
         // over the threads: its output (`aw` per candidate), or its weights when folded.
         let vs = || -> Vec<&[f32]> { items.iter().map(|(_, v)| *v).collect() };
@@ -160,12 +167,15 @@ impl Model {
         }
         let run = |b: Vec<f32>| -> Vec<f32> {
             let rows = b.len().checked_div(width).unwrap_or(m);
-            match &folded {
-                Some(f) => {
+            match (&folded, &folded_graph, &self.graph) {
+                (Some(f), _, _) => {
                     let h = linear(&b, rows, f.width, &f.weight, Some(&f.bias), f.n_out);
                     run_layers(self, h, rows, f.n_out, &[], 1)
                 }
-                None => run_raw(self, b, rows),
+                (None, Some(fg), Some(g)) => {
+                    crate::graph::run_folded(self, g, &b, fg.width, rows, &fg.nodes)
+                }
+                _ => run_raw(self, b, rows),
             }
         };
         if bufs.len() <= 1 {
@@ -207,24 +217,14 @@ impl Model {
             .collect()
     }
 
-    /// The first layer with the request's constants folded in, when the model allows it.
-    fn fold(
+    /// The varying columns of a folded row (item fields, one block over v, scalars, the
+    /// attention's): their width and where each feature goes (`None`: folded into a bias).
+    /// `None` when a vector input is not as wide as `u` (the unfolded path pads it).
+    fn varying(
         &self,
-        template: &[f32],
         u: &[f32],
         history: &crate::attention::HistoryKeys,
-    ) -> Option<Folded> {
-        let (w, b, n_in, n_out) = match self.layers.first() {
-            Some(Layer::Linear { w, b, n_in, n_out })
-                if self.senet.is_none() && !self.has_shortcut =>
-            {
-                (*w, *b, *n_in, *n_out)
-            }
-            _ => return None,
-        };
-        if n_in != self.input_width {
-            return None;
-        }
+    ) -> Option<(usize, Vec<Option<Put>>)> {
         let vector_ok = self
             .features
             .iter()
@@ -236,13 +236,6 @@ impl Model {
         if !vector_ok {
             return None;
         }
-        let w = &self.tensors[w];
-        let mut bias = match b {
-            Some(b) => self.tensors[b].clone(),
-            None => vec![0f32; n_out],
-        };
-        // The varying columns: item fields and scalars, and one block over v if any vector
-        // input other than u is read.
         let mut width = 0;
         let mut vblock = None;
         let mut from = 0;
@@ -283,55 +276,221 @@ impl Model {
             };
             puts.push(put);
         }
+        Some((width, puts))
+    }
+
+    /// Folds the weights `src` of one output over feature `fi`'s field into that output's row
+    /// `out` of the varying columns and its bias (the request's constants: `template`, `u`,
+    /// the history's vectors).
+    #[allow(clippy::too_many_arguments)]
+    fn fold_feature(
+        &self,
+        fi: usize,
+        put: &Option<Put>,
+        src: &[f32],
+        template: &[f32],
+        u: &[f32],
+        history: &crate::attention::HistoryKeys,
+        out: &mut [f32],
+        bias: &mut f32,
+    ) {
+        let f = &self.features[fi];
+        match (&self.sources[fi], put) {
+            (_, None) => {
+                let x = &template[f.offset..f.offset + f.width];
+                *bias += src.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
+            }
+            (Source::Cross(Cross::Product), Some(Put::Vector(at))) => {
+                for ((d, a), b) in out[*at..*at + f.width].iter_mut().zip(src).zip(u) {
+                    *d += a * b;
+                }
+            }
+            (_, Some(Put::Vector(at))) => {
+                for (d, a) in out[*at..*at + f.width].iter_mut().zip(src) {
+                    *d += a;
+                }
+            }
+            (_, Some(Put::Item(at, _) | Put::Scalar(at, _) | Put::Attention(at))) => {
+                out[*at..*at + f.width].copy_from_slice(src)
+            }
+            (_, Some(Put::AttentionWeights(at, n))) => {
+                // Column j is W·h_j.
+                for (j, h) in history
+                    .values
+                    .chunks_exact(f.width.max(1))
+                    .take(*n)
+                    .enumerate()
+                {
+                    out[*at + j] = src.iter().zip(h).map(|(a, b)| a * b).sum();
+                }
+            }
+            (_, Some(Put::Product(_))) => unreachable!("a folded row has no product columns"),
+        }
+    }
+
+    /// A linear map `w` (`[n_out, n_in]`, bias `b`) over fields at `fields` (each a feature
+    /// index and its offset among the map's inputs) folded over the varying columns.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_map(
+        &self,
+        w: &[f32],
+        b: Option<&[f32]>,
+        (n_in, n_out): (usize, usize),
+        fields: &[(usize, usize)],
+        (width, puts): (usize, &[Option<Put>]),
+        template: &[f32],
+        u: &[f32],
+        history: &crate::attention::HistoryKeys,
+    ) -> crate::graph::FoldedNode {
+        let mut bias = b.map_or_else(|| vec![0f32; n_out], <[f32]>::to_vec);
         let mut weight = vec![0f32; n_out * width];
         for o in 0..n_out {
             let wo = &w[o * n_in..(o + 1) * n_in];
             let out = &mut weight[o * width..(o + 1) * width];
-            for ((f, s), put) in self.features.iter().zip(&self.sources).zip(&puts) {
-                let src = &wo[f.offset..f.offset + f.width];
-                match (s, put) {
-                    (_, None) => {
-                        let x = &template[f.offset..f.offset + f.width];
-                        bias[o] += src.iter().zip(x).map(|(a, b)| a * b).sum::<f32>();
-                    }
-                    (Source::Cross(Cross::Product), Some(Put::Vector(at))) => {
-                        for ((d, a), b) in out[*at..*at + f.width].iter_mut().zip(src).zip(u) {
-                            *d += a * b;
-                        }
-                    }
-                    (_, Some(Put::Vector(at))) => {
-                        for (d, a) in out[*at..*at + f.width].iter_mut().zip(src) {
-                            *d += a;
-                        }
-                    }
-                    (_, Some(Put::Item(at, _) | Put::Scalar(at, _) | Put::Attention(at))) => {
-                        out[*at..*at + f.width].copy_from_slice(src)
-                    }
-                    (_, Some(Put::AttentionWeights(at, n))) => {
-                        // Column j is W·h_j.
-                        for (j, h) in history
-                            .values
-                            .chunks_exact(f.width.max(1))
-                            .take(*n)
-                            .enumerate()
-                        {
-                            out[*at + j] = src.iter().zip(h).map(|(a, b)| a * b).sum();
-                        }
-                    }
-                    (_, Some(Put::Product(_))) => {
-                        unreachable!("a folded row has no product columns")
-                    }
-                }
+            for &(fi, at) in fields {
+                let src = &wo[at..at + self.features[fi].width];
+                self.fold_feature(fi, &puts[fi], src, template, u, history, out, &mut bias[o]);
             }
         }
-        Some(Folded {
-            width,
-            puts,
+        crate::graph::FoldedNode {
             weight,
             bias,
             n_out,
+        }
+    }
+
+    /// The first layer with the request's constants folded in, when the model allows it.
+    fn fold(
+        &self,
+        template: &[f32],
+        u: &[f32],
+        history: &crate::attention::HistoryKeys,
+    ) -> Option<Folded> {
+        let (w, b, n_in, n_out) = match self.layers.first() {
+            Some(Layer::Linear { w, b, n_in, n_out })
+                if self.senet.is_none() && !self.has_shortcut =>
+            {
+                (*w, *b, *n_in, *n_out)
+            }
+            _ => return None,
+        };
+        if n_in != self.input_width {
+            return None;
+        }
+        let (width, puts) = self.varying(u, history)?;
+        let fields: Vec<(usize, usize)> = self
+            .features
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i, f.offset))
+            .collect();
+        let fm = self.fold_map(
+            &self.tensors[w],
+            b.map(|b| self.tensors[b].as_slice()),
+            (n_in, n_out),
+            &fields,
+            (width, &puts),
+            template,
+            u,
+            history,
+        );
+        Some(Folded {
+            width,
+            puts,
+            weight: fm.weight,
+            bias: fm.bias,
+            n_out,
         })
     }
+
+    /// A graph model folded the same way, when every node that reads fields is a stack over
+    /// fields only that starts with a linear layer, or a gate whose gate inputs are fields (its
+    /// logits are linear in them): each such node's map is folded over the varying columns.
+    fn fold_graph(
+        &self,
+        template: &[f32],
+        u: &[f32],
+        history: &crate::attention::HistoryKeys,
+    ) -> Option<FoldedGraph> {
+        let g = self.graph.as_ref()?;
+        if self.senet.is_some() {
+            return None;
+        }
+        // A field input's feature, by its offset.
+        let feature_at = |offset: usize| self.features.iter().position(|f| f.offset == offset);
+        let fields_of = |inputs: &[Input]| -> Option<Vec<(usize, usize)>> {
+            let mut at = 0;
+            let mut out = Vec::with_capacity(inputs.len());
+            for i in inputs {
+                match *i {
+                    Input::Field { offset, width } => {
+                        let fi =
+                            feature_at(offset).filter(|&fi| self.features[fi].width == width)?;
+                        out.push((fi, at));
+                        at += width;
+                    }
+                    Input::Node { .. } => return None,
+                }
+            }
+            Some(out)
+        };
+        let reads_fields =
+            |inputs: &[Input]| inputs.iter().any(|i| matches!(i, Input::Field { .. }));
+        let (width, puts) = self.varying(u, history)?;
+        let mut nodes = Vec::with_capacity(g.nodes.len());
+        for node in &g.nodes {
+            if !reads_fields(&node.inputs) {
+                nodes.push(None);
+                continue;
+            }
+            let folded = match &node.op {
+                Op::Stack(layers) => match layers.first() {
+                    Some(Layer::Linear { w, b, n_in, n_out }) if *n_in == node.in_width => {
+                        let fields = fields_of(&node.inputs)?;
+                        self.fold_map(
+                            &self.tensors[*w],
+                            b.map(|b| self.tensors[b].as_slice()),
+                            (*n_in, *n_out),
+                            &fields,
+                            (width, &puts),
+                            template,
+                            u,
+                            history,
+                        )
+                    }
+                    _ => return None,
+                },
+                Op::Gate { w, b, k, d } => {
+                    let (experts, gate) = node.inputs.split_at(*k);
+                    if reads_fields(experts) {
+                        return None;
+                    }
+                    let fields = fields_of(gate)?;
+                    self.fold_map(
+                        &self.tensors[*w],
+                        b.map(|b| self.tensors[b].as_slice()),
+                        (node.in_width - k * d, *k),
+                        &fields,
+                        (width, &puts),
+                        template,
+                        u,
+                        history,
+                    )
+                }
+                _ => return None,
+            };
+            nodes.push(Some(folded));
+        }
+        Some(FoldedGraph { width, puts, nodes })
+    }
+}
+
+/// A graph model's folded nodes (`None` for the nodes that read only other nodes) over the
+/// varying columns.
+struct FoldedGraph {
+    width: usize,
+    puts: Vec<Option<Put>>,
+    nodes: Vec<Option<crate::graph::FoldedNode>>,
 }
 
 /// `f` over the rows `vs` split into `threads` parts on scoped threads (one part: this

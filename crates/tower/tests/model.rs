@@ -1506,8 +1506,11 @@ fn prerank_specs_are_validated() {
 }
 
 /// A pre-rank model reading every kind of input, with or without SENet (which keeps the first
-/// layer from being folded), and values spread over [-1, 1).
-fn every_input_prerank(senet: bool) -> Model {
+/// layer from being folded), and values spread over [-1, 1). Or (`mmoe`) the same inputs through a multi-task graph whose field
+/// readers fold: an expert over every field in order, an expert over a subset in another
+/// order, a gate over both from three fields, a head per task (one reading a node and an
+/// expert), two tasks.
+fn every_input_prerank_as(senet: bool, mmoe: bool) -> Model {
     let mut s = prerank_spec(json!([
         {"name": "device", "type": "categorical", "embedding": "ed", "vocabulary": ["ios", "web"]},
         {"name": "category", "source": "item", "type": "categorical", "embedding": "ec", "vocabulary": ["a", "b", "c"]},
@@ -1545,6 +1548,29 @@ fn every_input_prerank(senet: bool) -> Model {
         ts.push(("s1", vec![3, 10], vals(30, 7)));
         ts.push(("s2", vec![10, 3], vals(30, 8)));
     }
+    if mmoe {
+        let o = s.as_object_mut().unwrap();
+        o.remove("layers");
+        o.insert("graph".into(), json!([
+            {"name": "e0", "inputs": ["device", "category", "price", "u", "v", "uv", "score", "hmax", "rank", "din"],
+             "layers": [{"type": "linear", "weight": "w0", "bias": "b0"}, {"type": "relu"}]},
+            {"name": "e1", "inputs": ["din", "price", "uv", "device", "rank"],
+             "layers": [{"type": "linear", "weight": "we1"}, {"type": "tanh"}]},
+            {"name": "g", "combine": "gate", "inputs": ["e0", "e1"], "gate_inputs": ["score", "category", "v"],
+             "weight": "gw", "bias": "gb"},
+            {"name": "h0", "inputs": ["g"], "layers": [{"type": "linear", "weight": "w1", "bias": "b1"}]},
+            {"name": "h1", "inputs": ["g", "e1"], "layers": [{"type": "linear", "weight": "wh"}]},
+            {"name": "out", "combine": "concat", "inputs": ["h0", "h1"]}]));
+        o.insert(
+            "output".into(),
+            json!({"dim": 2, "node": "out", "tasks": [
+            {"name": "a"}, {"name": "b", "link": "identity", "fuse": 0.5}]}),
+        );
+        ts.push(("we1", vec![5, 12], vals(60, 11)));
+        ts.push(("gw", vec![2, 7], vals(14, 12)));
+        ts.push(("gb", vec![2], vals(2, 13)));
+        ts.push(("wh", vec![1, 10], vals(10, 14)));
+    }
     load(&s, &ts).unwrap()
 }
 
@@ -1553,8 +1579,11 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
     // With the first layer linear, the request's constants (user fields, u) are folded into its
     // bias and u ⊙ v into its weights over v; with SENet, one raw row per candidate. Both must
     // score as an example per candidate does (up to the rounding of a reordered sum).
-    for senet in [false, true] {
-        let m = every_input_prerank(senet);
+    // A multi-task graph folds each node that reads fields (its first linear map, a gate's
+    // logits) the same way, and scores as the per-example pass does too.
+    for (senet, mmoe) in [(false, false), (true, false), (false, true), (true, true)] {
+        let m = every_input_prerank_as(senet, mmoe);
+        let nt = m.output_dim();
         let user = m
             .encode_part(&json!({"device": "web"}), Source::User, true)
             .unwrap();
@@ -1593,7 +1622,7 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
         let keys = m.attention_keys(&history);
         assert_eq!(keys.n, 3);
         let want: Vec<f32> = (0..40)
-            .map(|i| {
+            .flat_map(|i| {
                 let x = m.assemble(&user, &items[i], &mut |c, out| match c {
                     Cross::UserVector => out.copy_from_slice(&u),
                     Cross::ItemVector => out.copy_from_slice(&vs[i]),
@@ -1604,17 +1633,19 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
                     Cross::TargetAttention => m.attend(&keys, &vs[i], out),
                     c => out[0] = scalar(i, c),
                 });
-                m.forward(&x)[0]
+                m.forward(&x)
             })
             .collect();
         let rows: Vec<Row> = items.iter().zip(&vs).map(|(p, v)| (p, &v[..])).collect();
         for threads in [1, 2] {
             let got = m.forward_rows(&user, &u, &rows, &keys, &mut |i, c| scalar(i, c), threads);
-            assert_eq!(got.len(), 40);
+            assert_eq!(got.len(), 40 * nt);
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() <= 1e-5 * w.abs().max(1.0),
-                    "senet {senet}, threads {threads}, row {i}: {g} vs {w}"
+                    "senet {senet}, mmoe {mmoe}, threads {threads}, row {}, output {}: {g} vs {w}",
+                    i / nt,
+                    i % nt
                 );
             }
         }
@@ -1636,10 +1667,12 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
             Cross::TargetAttention => {}
             c => out[0] = scalar(0, c),
         });
-        assert!(
-            (got[0] - m.forward(&x)[0]).abs() <= 1e-5,
-            "senet {senet}: a short vector"
-        );
+        for (g, w) in got.iter().zip(m.forward(&x)) {
+            assert!(
+                (g - w).abs() <= 1e-5,
+                "senet {senet}, mmoe {mmoe}: a short vector"
+            );
+        }
     }
 }
 

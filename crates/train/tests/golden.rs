@@ -225,7 +225,9 @@ fn multitask_plan() -> (twotower_train::PrerankConfig, Plan) {
             .map(|x| (x.to_string(), 1u64))
             .collect::<HashMap<_, _>>()
     };
-    stats.counts.insert("scene".into(), ids(&["home", "search"]));
+    stats
+        .counts
+        .insert("scene".into(), ids(&["home", "search"]));
     stats.counts.insert("user_id".into(), ids(&["1", "2", "3"]));
     stats.counts.insert("cat".into(), ids(&["x", "y", "z"]));
     stats.moments.insert("age".into(), (30.0, 1000.0, 1));
@@ -240,7 +242,11 @@ fn prerank_fixture(name: &str) -> Vec<u8> {
         env!("CARGO_MANIFEST_DIR")
     );
     if name == "spec.json" && std::env::var_os("TT_GOLDEN_DUMP").is_some() {
-        std::fs::write("/tmp/train_prerank_spec.json", multitask_plan().1.spec.to_string()).unwrap();
+        std::fs::write(
+            "/tmp/train_prerank_spec.json",
+            multitask_plan().1.spec.to_string(),
+        )
+        .unwrap();
     }
     std::fs::read(&p).unwrap_or_else(|e| {
         panic!("golden fixture {p} is missing ({e}): run tests/golden/train_prerank_ref.py")
@@ -261,7 +267,10 @@ fn multitask_three_steps_equal_the_numpy_reference() {
     let init = safetensors::SafeTensors::deserialize(&init_bytes).unwrap();
     let (cfg, plan) = multitask_plan();
     let want_spec: Value = serde_json::from_slice(&spec_fixture).unwrap();
-    assert_eq!(plan.spec, want_spec, "crates/train lays the model out as the fixture's spec");
+    assert_eq!(
+        plan.spec, want_spec,
+        "crates/train lays the model out as the fixture's spec"
+    );
     let mut tower = plan.tower.clone();
     set_params(&plan, &mut tower, "prerank", &init);
     let (s, w) = model::export(&plan, &tower).unwrap();
@@ -308,10 +317,21 @@ fn multitask_three_steps_equal_the_numpy_reference() {
             }
         }
         let g = tower.backward(&cache, &dout);
-        opt.step_with(cfg.lr, cfg.weight_decay, false, &mut tower, &g, t as u64 + 1);
+        opt.step_with(
+            cfg.lr,
+            cfg.weight_decay,
+            false,
+            &mut tower,
+            &g,
+            t as u64 + 1,
+        );
         let want = steps["losses"][t].as_f64().unwrap();
         let got = loss / rows.len() as f64;
-        assert!((got - want).abs() < 1e-5, "step {}: loss {got}, numpy {want}", t + 1);
+        assert!(
+            (got - want).abs() < 1e-5,
+            "step {}: loss {got}, numpy {want}",
+            t + 1
+        );
     }
     let got = params(&plan, &tower, "prerank");
     let after = steps["after"].as_object().unwrap();
@@ -328,7 +348,10 @@ fn multitask_three_steps_equal_the_numpy_reference() {
             .collect();
         for (k, (a, b)) in g.iter().zip(want.as_array().unwrap()).enumerate() {
             let b = b.as_f64().unwrap();
-            assert!((*a as f64 - b).abs() < 1e-4, "{name}[{k}]: {a} vs numpy {b}");
+            assert!(
+                (*a as f64 - b).abs() < 1e-4,
+                "{name}[{k}]: {a} vs numpy {b}"
+            );
             if (init_v[k] as f64 - b).abs() > 1e-3 {
                 moved += 1;
             }
