@@ -174,9 +174,10 @@ pub(crate) struct FoldedNode {
 }
 
 /// The graph over `m` rows `v` of the varying columns (`width` each) when every node that reads
-/// fields is folded (`folded[i]` for node i; the others read only nodes): a folded stack is its
-/// folded first layer then its other layers, a folded gate takes its logits from its folded
-/// weights and mixes its experts (nodes) as [`run`] does.
+/// fields is folded (`folded[i]` for node i; the others read only nodes, and `skip` marks the
+/// scene gates folded into their readers): a folded stack is its folded first layer then its
+/// other layers, a folded gate takes its logits from its folded weights and mixes its experts
+/// (nodes) as [`run`] does.
 pub(crate) fn run_folded(
     model: &Model,
     g: &Graph,
@@ -184,10 +185,13 @@ pub(crate) fn run_folded(
     width: usize,
     m: usize,
     folded: &[Option<FoldedNode>],
+    skip: &[bool],
 ) -> Vec<f32> {
     let mut outs: Vec<Vec<f32>> = Vec::with_capacity(g.nodes.len());
-    for (node, f) in g.nodes.iter().zip(folded) {
+    for ((node, f), &skip) in g.nodes.iter().zip(folded).zip(skip) {
         let y = match (f, &node.op) {
+            // A scene gate folded into its readers.
+            _ if skip => Vec::new(),
             (Some(f), Op::Stack(layers)) => {
                 let h = linear(v, m, width, &f.weight, Some(&f.bias), f.n_out);
                 run_stack(model, layers.get(1..).unwrap_or(&[]), h, m, f.n_out)

@@ -173,7 +173,7 @@ impl Model {
                     run_layers(self, h, rows, f.n_out, &[], 1)
                 }
                 (None, Some(fg), Some(g)) => {
-                    crate::graph::run_folded(self, g, &b, fg.width, rows, &fg.nodes)
+                    crate::graph::run_folded(self, g, &b, fg.width, rows, &fg.nodes, &fg.skip)
                 }
                 _ => run_raw(self, b, rows),
             }
@@ -310,9 +310,13 @@ impl Model {
                     *d += a;
                 }
             }
-            (_, Some(Put::Item(at, _) | Put::Scalar(at, _) | Put::Attention(at))) => {
-                out[*at..*at + f.width].copy_from_slice(src)
-            }
+            // Added, not copied: a graph node may read a feature twice (directly and through a
+            // scene gate).
+            (_, Some(Put::Item(at, _) | Put::Scalar(at, _) | Put::Attention(at))) => out
+                [*at..*at + f.width]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, a)| *d += a),
             (_, Some(Put::AttentionWeights(at, n))) => {
                 // Column j is W·h_j.
                 for (j, h) in history
@@ -321,7 +325,7 @@ impl Model {
                     .take(*n)
                     .enumerate()
                 {
-                    out[*at + j] = src.iter().zip(h).map(|(a, b)| a * b).sum();
+                    out[*at + j] += src.iter().zip(h).map(|(a, b)| a * b).sum::<f32>();
                 }
             }
             (_, Some(Put::Product(_))) => unreachable!("a folded row has no product columns"),
@@ -336,7 +340,7 @@ impl Model {
         w: &[f32],
         b: Option<&[f32]>,
         (n_in, n_out): (usize, usize),
-        fields: &[(usize, usize)],
+        fields: &[Scaled],
         (width, puts): (usize, &[Option<Put>]),
         template: &[f32],
         u: &[f32],
@@ -344,12 +348,28 @@ impl Model {
     ) -> crate::graph::FoldedNode {
         let mut bias = b.map_or_else(|| vec![0f32; n_out], <[f32]>::to_vec);
         let mut weight = vec![0f32; n_out * width];
+        let mut scaled = Vec::new();
         for o in 0..n_out {
             let wo = &w[o * n_in..(o + 1) * n_in];
             let out = &mut weight[o * width..(o + 1) * width];
-            for &(fi, at) in fields {
-                let src = &wo[at..at + self.features[fi].width];
-                self.fold_feature(fi, &puts[fi], src, template, u, history, out, &mut bias[o]);
+            for (fi, at, factors) in fields {
+                let mut src = &wo[*at..*at + self.features[*fi].width];
+                // A field through a scene gate: W·(x ⊙ f) = (W·diag(f))·x.
+                if let Some(f) = factors {
+                    scaled.clear();
+                    scaled.extend(src.iter().zip(f).map(|(a, b)| a * b));
+                    src = &scaled;
+                }
+                self.fold_feature(
+                    *fi,
+                    &puts[*fi],
+                    src,
+                    template,
+                    u,
+                    history,
+                    out,
+                    &mut bias[o],
+                );
             }
         }
         crate::graph::FoldedNode {
@@ -378,11 +398,11 @@ impl Model {
             return None;
         }
         let (width, puts) = self.varying(u, history)?;
-        let fields: Vec<(usize, usize)> = self
+        let fields: Vec<Scaled> = self
             .features
             .iter()
             .enumerate()
-            .map(|(i, f)| (i, f.offset))
+            .map(|(i, f)| (i, f.offset, None))
             .collect();
         let fm = self.fold_map(
             &self.tensors[w],
@@ -418,35 +438,96 @@ impl Model {
         }
         // A field input's feature, by its offset.
         let feature_at = |offset: usize| self.features.iter().position(|f| f.offset == offset);
-        let fields_of = |inputs: &[Input]| -> Option<Vec<(usize, usize)>> {
-            let mut at = 0;
-            let mut out = Vec::with_capacity(inputs.len());
-            for i in inputs {
-                match *i {
-                    Input::Field { offset, width } => {
-                        let fi =
-                            feature_at(offset).filter(|&fi| self.features[fi].width == width)?;
-                        out.push((fi, at));
-                        at += width;
-                    }
-                    Input::Node { .. } => return None,
-                }
-            }
-            Some(out)
+        let constant = |fi: usize| {
+            matches!(
+                self.sources[fi],
+                Source::User | Source::Cross(Cross::UserVector)
+            )
         };
-        let reads_fields =
-            |inputs: &[Input]| inputs.iter().any(|i| matches!(i, Input::Field { .. }));
+        // A scene gate whose gate reads only the request's constants scales its inputs by
+        // constant factors: it is not computed, the nodes reading it fold its fields scaled.
+        let mut through: Vec<Option<Vec<Scaled>>> = vec![None; g.nodes.len()];
+        // The fields of inputs (fields, or scene gates folded away), at their offsets among them.
+        let fields_of =
+            |inputs: &[Input], through: &[Option<Vec<Scaled>>]| -> Option<Vec<Scaled>> {
+                let mut at = 0;
+                let mut out = Vec::with_capacity(inputs.len());
+                for i in inputs {
+                    match *i {
+                        Input::Field { offset, width } => {
+                            let fi = feature_at(offset)
+                                .filter(|&fi| self.features[fi].width == width)?;
+                            out.push((fi, at, None));
+                            at += width;
+                        }
+                        Input::Node { index, width } => {
+                            for (fi, o, f) in through[index].as_ref()? {
+                                out.push((*fi, at + o, f.clone()));
+                            }
+                            at += width;
+                        }
+                    }
+                }
+                Some(out)
+            };
+        let reads_fields = |inputs: &[Input], through: &[Option<Vec<Scaled>>]| {
+            inputs.iter().any(|i| match *i {
+                Input::Field { .. } => true,
+                Input::Node { index, .. } => through[index].is_some(),
+            })
+        };
         let (width, puts) = self.varying(u, history)?;
         let mut nodes = Vec::with_capacity(g.nodes.len());
-        for node in &g.nodes {
-            if !reads_fields(&node.inputs) {
+        for (ni, node) in g.nodes.iter().enumerate() {
+            if let Op::Scale { w, b, n } = &node.op {
+                let (xs, gs) = node
+                    .inputs
+                    .split_at(node.inputs.len() - gate_count(node, *n));
+                let xf = fields_of(xs, &through)?;
+                let gf = fields_of(gs, &through)?;
+                if ni == g.output
+                    || xf.iter().any(|x| x.2.is_some())
+                    || gf.iter().any(|(fi, _, f)| f.is_some() || !constant(*fi))
+                {
+                    return None;
+                }
+                // f = 2σ(W·g + b), g the gate's constant fields.
+                let gv: Vec<f32> = gf
+                    .iter()
+                    .flat_map(|(fi, _, _)| {
+                        let f = &self.features[*fi];
+                        template[f.offset..f.offset + f.width].iter().copied()
+                    })
+                    .collect();
+                let mut z = vec![0f32; *n];
+                crate::layers::matvec(
+                    &self.tensors[*w],
+                    b.map(|b| self.tensors[b].as_slice()),
+                    &gv,
+                    *n,
+                    &mut z,
+                );
+                let factors: Vec<f32> =
+                    z.iter().map(|v| 2.0 * crate::layers::sigmoid(*v)).collect();
+                through[ni] = Some(
+                    xf.into_iter()
+                        .map(|(fi, at, _)| {
+                            let w = self.features[fi].width;
+                            (fi, at, Some(factors[at..at + w].to_vec()))
+                        })
+                        .collect(),
+                );
+                nodes.push(None);
+                continue;
+            }
+            if !reads_fields(&node.inputs, &through) {
                 nodes.push(None);
                 continue;
             }
             let folded = match &node.op {
                 Op::Stack(layers) => match layers.first() {
                     Some(Layer::Linear { w, b, n_in, n_out }) if *n_in == node.in_width => {
-                        let fields = fields_of(&node.inputs)?;
+                        let fields = fields_of(&node.inputs, &through)?;
                         self.fold_map(
                             &self.tensors[*w],
                             b.map(|b| self.tensors[b].as_slice()),
@@ -462,10 +543,10 @@ impl Model {
                 },
                 Op::Gate { w, b, k, d } => {
                     let (experts, gate) = node.inputs.split_at(*k);
-                    if reads_fields(experts) {
+                    if reads_fields(experts, &through) {
                         return None;
                     }
-                    let fields = fields_of(gate)?;
+                    let fields = fields_of(gate, &through)?;
                     self.fold_map(
                         &self.tensors[*w],
                         b.map(|b| self.tensors[b].as_slice()),
@@ -481,7 +562,13 @@ impl Model {
             };
             nodes.push(Some(folded));
         }
-        Some(FoldedGraph { width, puts, nodes })
+        let skip = through.iter().map(Option::is_some).collect();
+        Some(FoldedGraph {
+            width,
+            puts,
+            nodes,
+            skip,
+        })
     }
 }
 
@@ -491,6 +578,24 @@ struct FoldedGraph {
     width: usize,
     puts: Vec<Option<Put>>,
     nodes: Vec<Option<crate::graph::FoldedNode>>,
+    /// The scene gates folded into the nodes that read them (not computed).
+    skip: Vec<bool>,
+}
+
+/// A field among a map's inputs: its feature, its offset there, and the constant factors a
+/// scene gate scales it by.
+type Scaled = (usize, usize, Option<Vec<f32>>);
+
+/// How many of a scale node's inputs are its gate inputs (its scaled inputs are `n` wide).
+fn gate_count(node: &crate::graph::Node, n: usize) -> usize {
+    let mut at = 0;
+    for (i, input) in node.inputs.iter().enumerate() {
+        if at == n {
+            return node.inputs.len() - i;
+        }
+        at += input.width();
+    }
+    0
 }
 
 /// `f` over the rows `vs` split into `threads` parts on scoped threads (one part: this

@@ -1506,11 +1506,13 @@ fn prerank_specs_are_validated() {
 }
 
 /// A pre-rank model reading every kind of input, with or without SENet (which keeps the first
-/// layer from being folded), and values spread over [-1, 1). Or (`mmoe`) the same inputs through a multi-task graph whose field
-/// readers fold: an expert over every field in order, an expert over a subset in another
-/// order, a gate over both from three fields, a head per task (one reading a node and an
-/// expert), two tasks.
-fn every_input_prerank_as(senet: bool, mmoe: bool) -> Model {
+/// layer from being folded), and values spread over [-1, 1). Or the same inputs through a
+/// multi-task graph whose field readers fold (`graph` 1): an expert over every field in order,
+/// an expert over a subset in another order, a gate over both from three fields, a head per
+/// task (one reading a node and an expert), two tasks; (2) the same behind a scene gate over
+/// most fields, gated by the request's constants (folded into the experts' weights); (3) a
+/// scene gate gated by a candidate's input (not foldable: one raw row per candidate).
+fn every_input_prerank_as(senet: bool, graph: u8) -> Model {
     let mut s = prerank_spec(json!([
         {"name": "device", "type": "categorical", "embedding": "ed", "vocabulary": ["ios", "web"]},
         {"name": "category", "source": "item", "type": "categorical", "embedding": "ec", "vocabulary": ["a", "b", "c"]},
@@ -1548,7 +1550,40 @@ fn every_input_prerank_as(senet: bool, mmoe: bool) -> Model {
         ts.push(("s1", vec![3, 10], vals(30, 7)));
         ts.push(("s2", vec![10, 3], vals(30, 8)));
     }
-    if mmoe {
+    if graph >= 2 {
+        let gate = if graph == 2 {
+            json!(["device", "u"])
+        } else {
+            json!(["device", "score"])
+        };
+        let o = s.as_object_mut().unwrap();
+        o.remove("layers");
+        o.insert("graph".into(), json!([
+            {"name": "sg", "combine": "scale", "inputs": ["category", "price", "v", "uv", "score", "hmax", "rank", "din"],
+             "gate_inputs": gate, "weight": "sgw", "bias": "sgb"},
+            {"name": "e0", "inputs": ["sg", "device"],
+             "layers": [{"type": "linear", "weight": "we0", "bias": "b0"}, {"type": "relu"}]},
+            {"name": "e1", "inputs": ["din", "sg", "u"],
+             "layers": [{"type": "linear", "weight": "we1"}, {"type": "tanh"}]},
+            {"name": "g", "combine": "gate", "inputs": ["e0", "e1"], "gate_inputs": ["device"], "weight": "gw"},
+            {"name": "h0", "inputs": ["g"], "layers": [{"type": "linear", "weight": "w1", "bias": "b1"}]},
+            {"name": "h1", "inputs": ["g", "e1"], "layers": [{"type": "linear", "weight": "wh"}]},
+            {"name": "out", "combine": "concat", "inputs": ["h0", "h1"]}]));
+        o.insert(
+            "output".into(),
+            json!({"dim": 2, "node": "out", "tasks": [
+            {"name": "a"}, {"name": "b", "link": "identity", "fuse": 0.5}]}),
+        );
+        let gw = if graph == 2 { 6 } else { 3 };
+        ts.retain(|t| t.0 != "w0");
+        ts.push(("sgw", vec![18, gw], vals(18 * gw, 15)));
+        ts.push(("sgb", vec![18], vals(18, 16)));
+        ts.push(("we0", vec![5, 20], vals(100, 17)));
+        ts.push(("we1", vec![5, 26], vals(130, 11)));
+        ts.push(("gw", vec![2, 2], vals(4, 12)));
+        ts.push(("wh", vec![1, 10], vals(10, 14)));
+    }
+    if graph == 1 {
         let o = s.as_object_mut().unwrap();
         o.remove("layers");
         o.insert("graph".into(), json!([
@@ -1581,7 +1616,15 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
     // score as an example per candidate does (up to the rounding of a reordered sum).
     // A multi-task graph folds each node that reads fields (its first linear map, a gate's
     // logits) the same way, and scores as the per-example pass does too.
-    for (senet, mmoe) in [(false, false), (true, false), (false, true), (true, true)] {
+    for (senet, mmoe) in [
+        (false, 0),
+        (true, 0),
+        (false, 1),
+        (true, 1),
+        (false, 2),
+        (false, 3),
+        (true, 2),
+    ] {
         let m = every_input_prerank_as(senet, mmoe);
         let nt = m.output_dim();
         let user = m
