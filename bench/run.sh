@@ -48,6 +48,9 @@ TT_SKIP_LOAD=1 python3 bench/movielens_feedback.py | tee "bench/out/movielens-fe
 # Popularity debiasing (bench/movielens_debias.py): HR@50, long-tail HR@50, head share and
 # coverage of the two-tower channel, the merged list and the cascade, with and without it.
 TT_SKIP_LOAD=1 python3 bench/movielens_debias.py | tee "bench/out/movielens-debias-$(date +%Y%m%d-%H%M%S).md"
+# Multi-task pre-ranking (bench/movielens_multitask.py): rated / liked / disliked tasks, one
+# multi-task model against one model per task; per-task AUC and HR@10, fused HR@50 / NEG@50.
+TT_SKIP_LOAD=1 python3 bench/movielens_multitask.py | tee "bench/out/movielens-multitask-$(date +%Y%m%d-%H%M%S).md"
 # A simulated A/B test (bench/movielens_ab.py): two-tower recall against the merged funnel
 # through a split, the impression log and feedback, online metrics against the offline ones.
 TT_SKIP_LOAD=1 python3 bench/movielens_ab.py | tee "bench/out/movielens-ab-$(date +%Y%m%d-%H%M%S).md"
