@@ -240,7 +240,7 @@ pub mod twotower {
                 ))
                 .report();
             };
-            bytes += 48;
+            bytes += 72;
             if bytes > budget {
                 TtError::Train(TrainError::MemoryBudget {
                     needed: bytes,
@@ -248,10 +248,20 @@ pub mod twotower {
                 })
                 .report();
             }
-            let labels = (0..cfg.tasks.len())
-                .map(|i| Ok::<f32, pgrx::spi::SpiError>(row.get::<f32>(6 + i)?.unwrap_or(f32::NAN)))
-                .collect::<Result<Vec<f32>, pgrx::spi::SpiError>>()?;
-            bytes += labels.len() * 4;
+            // NULL: no label for that task (NaN inside); a stored NaN is an error, not a gap.
+            let mut labels = Vec::with_capacity(cfg.tasks.len());
+            for (i, task) in cfg.tasks.iter().enumerate() {
+                match row.get::<f32>(6 + i)? {
+                    None => labels.push(f32::NAN),
+                    Some(y) if y.is_nan() => TtError::OutOfRange(format!(
+                        "{csrc}: request {r}, item {item} has a NaN label for task \"{}\" (NULL means no label)",
+                        task.name
+                    ))
+                    .report(),
+                    Some(y) => labels.push(y),
+                }
+            }
+            bytes += 32 + labels.len() * 4;
             raw.push((ri, item, label, t, position, labels));
             Ok(())
         })

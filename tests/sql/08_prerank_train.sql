@@ -202,6 +202,9 @@ SELECT twotower.drop_pipeline('fn_mt_bad');
 SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_mt', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score"}], "hidden": [4]}, "tasks": [{"name": "clicks"}]}')$$);
 UPDATE fn_cand SET teacher_liked = 3 WHERE request_id = 7 AND item_id = 2;
 SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_mt', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score"}], "hidden": [4]}, "tasks": [{"name": "top", "column": "teacher_liked"}]}')$$);
+-- A stored NaN is an error (NULL is "no label").
+UPDATE fn_cand SET teacher_liked = 'NaN' WHERE request_id = 7 AND item_id = 2;
+SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_mt', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score"}], "hidden": [4]}, "tasks": [{"name": "top", "column": "teacher_liked"}]}')$$);
 UPDATE fn_cand SET teacher_liked = 1 WHERE request_id = 7 AND item_id = 2;
 SELECT pg_temp.err($$SELECT * FROM twotower.train_prerank('fn_mt', 'fn', 'fn_req', 'fn_cand', '{"model": {"features": [{"name": "tt", "type": "cross", "of": "score"}], "hidden": [4], "experts": {"shared": 2}}}')$$);
 SELECT count(*) AS versions FROM twotower.models WHERE name = 'fn_mt';

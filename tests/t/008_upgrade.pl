@@ -174,6 +174,11 @@ is($node->safe_psql('up070acl', q{
 	                  WHERE r.routine_name = 'recommend_explain' AND p.parameter_mode = 'OUT')}),
 	'false,true,step,stage,received,kept,ms,kept_items,dropped_items,scores',
 	"the update keeps recommend_explain's privileges and adds its scores column");
+# Without a DBA's change, PUBLIC keeps EXECUTE on both (the default ACL is left as it is).
+is($node->safe_psql('up070', q{
+	SELECT has_function_privilege('up_other', 'twotower.recommend_explain(text, jsonb, integer, bigint[])', 'EXECUTE')
+	       || ',' || has_function_privilege('up_other', 'twotower.recommend(text, jsonb, integer, bigint[], text)', 'EXECUTE')}),
+	'true,true', 'an updated default ACL still lets PUBLIC execute recommend and recommend_explain');
 is($node->safe_psql('up070acl', q{
 	SELECT has_function_privilege('up_app', 'twotower.recommend(text, jsonb, integer, bigint[], text)', 'EXECUTE')
 	       || ',' || has_function_privilege('up_other', 'twotower.recommend(text, jsonb, integer, bigint[], text)', 'EXECUTE')}),

@@ -361,6 +361,8 @@ pub fn cascade<E: From<PrerankError>>(
             .map(|&i| crosses.score(&cands[i].vector))
             .collect();
         let mut tasks = Vec::new();
+        // What a sigmoid task's stage shows (its probability) when it ranks by the logit.
+        let mut shown: Option<Vec<f32>> = None;
         let score = match &stage.scorer {
             Scorer::TwoTower => tt,
             Scorer::Model {
@@ -429,11 +431,33 @@ pub fn cascade<E: From<PrerankError>>(
                         .chunks_exact(nt)
                         .flat_map(|row| ts.iter().zip(row).map(|(t, &x)| t.link.apply(x)))
                         .collect();
-                    model.scores(&out, *by)
+                    let s = model.scores(&out, *by);
+                    // The fused sum can overflow where no output did.
+                    if let Some(j) = s.iter().position(|x| !x.is_finite()) {
+                        return Err(PrerankError::NonFinite {
+                            model: (*name).to_owned(),
+                            item: cands[alive[j]].item,
+                        }
+                        .into());
+                    }
+                    match by {
+                        // σ rounds confident logits to 1.0 in f32: rank by the logit (the same
+                        // order, without the ties) and show σ.
+                        ScoreBy::Task(t) if ts[*t].link == twotower_tower::Link::Sigmoid => {
+                            shown = Some(s);
+                            out.iter().skip(*t).step_by(nt).copied().collect()
+                        }
+                        _ => s,
+                    }
                 }
             }
         };
-        let (kept, scores, dropped) = top(cands, &alive, &score, stage.keep);
+        let (kept, mut scores, dropped) = top(cands, &alive, &score, stage.keep);
+        if let Some(shown) = shown {
+            let at: std::collections::HashMap<usize, usize> =
+                alive.iter().enumerate().map(|(j, &i)| (i, j)).collect();
+            scores = kept.iter().map(|i| shown[at[i]]).collect();
+        }
         // The kept candidates' task scores, in the kept order.
         let task_scores = if tasks.is_empty() {
             Vec::new()

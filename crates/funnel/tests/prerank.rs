@@ -562,3 +562,91 @@ fn recall_rank_is_the_log_of_the_position_in_the_list_received() {
     let want: Vec<f32> = [1f32, 3.0, 5.0].iter().map(|p| -p.ln()).collect();
     assert_eq!(r[1].scores, want);
 }
+
+/// A multi-task model over the item's price: task `a` is σ(price) (sigmoid), `b` the price
+/// itself (identity) with fuse weight `fuse_b`.
+fn two_task_model(fuse_b: f32) -> Model {
+    let spec = json!({
+        "format": "pg_twotower.tower", "spec_version": 1, "kind": "prerank",
+        "features": [{"name": "price", "source": "item", "type": "numeric", "transform": "none"}],
+        "graph": [
+            {"name": "a", "inputs": ["price"], "layers": [{"type": "linear", "weight": "w"}]},
+            {"name": "b", "inputs": ["price"], "layers": [{"type": "linear", "weight": "w"}]},
+            {"name": "out", "combine": "concat", "inputs": ["a", "b"]}],
+        "output": {"dim": 2, "node": "out", "tasks": [{"name": "a"}, {"name": "b", "link": "identity", "fuse": fuse_b}]}
+    });
+    Model::load(&spec.to_string(), &write_f32(&[("w", &[1, 1], &[1.0])])).unwrap()
+}
+
+/// Ranking by a sigmoid task goes by its logit: σ(20) and σ(30) are both 1.0 in f32, and the
+/// larger logit still ranks first (it tied, and the smaller item id won); the stage shows σ.
+/// A fused score that overflows is an error naming the item, not an infinite score.
+#[test]
+fn a_sigmoid_task_ranks_by_its_logit_and_a_fused_overflow_is_an_error() {
+    let m = two_task_model(1.0);
+    let up = m.encode_part(&json!({}), Source::User, true).unwrap();
+    let user = [1.0f32, 0.0];
+    let req = Request {
+        metric: Metric::InnerProduct,
+        user: &user,
+        history: &[],
+        threads: 1,
+    };
+    let prices = [20.0, 30.0, -3.0, -4.0, -5.0];
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
+        Ok(idx
+            .iter()
+            .map(|&i| {
+                std::sync::Arc::new(
+                    m.encode_part(&json!({"price": prices[i]}), Source::Item, false)
+                        .unwrap(),
+                )
+            })
+            .collect())
+    };
+    let stages = [Stage {
+        scorer: Scorer::Model {
+            name: "m",
+            model: &m,
+            user: &up,
+            by: twotower_tower::ScoreBy::Task(0),
+        },
+        keep: 3,
+    }];
+    let r = cascade(&req, &cands(), &stages, &mut parts, &mut never()).unwrap();
+    assert_eq!(r[0].kept, vec![1, 0, 2], "by logit: 30, 20, -3");
+    assert_eq!(r[0].scores[..2], [1.0, 1.0], "σ shown");
+    assert!((r[0].scores[2] - 1.0 / (1.0 + 3f32.exp())).abs() < 1e-6);
+    assert_eq!(r[0].task_scores[1], 30.0, "task b of the first kept");
+    // Fused with a huge weight on the identity task: Σ overflows f32.
+    let big = two_task_model(1e30);
+    let up = big.encode_part(&json!({}), Source::User, true).unwrap();
+    let huge = [1e10, 1.0, 2.0, 3.0, 4.0];
+    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
+        Ok(idx
+            .iter()
+            .map(|&i| {
+                std::sync::Arc::new(
+                    big.encode_part(&json!({ "price": huge[i] }), Source::Item, false)
+                        .unwrap(),
+                )
+            })
+            .collect())
+    };
+    let stages = [Stage {
+        scorer: Scorer::Model {
+            name: "big",
+            model: &big,
+            user: &up,
+            by: twotower_tower::ScoreBy::Fused,
+        },
+        keep: 3,
+    }];
+    assert_eq!(
+        cascade(&req, &cands(), &stages, &mut parts, &mut never()),
+        Err(PrerankError::NonFinite {
+            model: "big".into(),
+            item: 10
+        })
+    );
+}

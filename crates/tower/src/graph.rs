@@ -198,12 +198,20 @@ pub(crate) fn run_folded(
             }
             (Some(f), Op::Gate { k, d, .. }) => {
                 let s = linear(v, m, width, &f.weight, Some(&f.bias), *k);
-                let x = node_input(node, None, &outs, m);
+                // The experts only: the gate inputs are folded (and may be a scene gate that
+                // was not computed).
+                let experts = Node {
+                    inputs: node.inputs[..*k].to_vec(),
+                    op: Op::Concat,
+                    in_width: k * d,
+                    width: k * d,
+                };
+                let x = node_input(&experts, None, &outs, m);
                 let mut y = vec![0f32; m * d];
                 let mut a = vec![0f32; *k];
                 for r in 0..m {
                     softmax(&s[r * k..(r + 1) * k], &mut a);
-                    let row = &x[r * node.in_width..(r + 1) * node.in_width];
+                    let row = &x[r * k * d..(r + 1) * k * d];
                     let out = &mut y[r * d..(r + 1) * d];
                     for (i, ai) in a.iter().enumerate() {
                         for (o, xv) in out.iter_mut().zip(&row[i * d..(i + 1) * d]) {

@@ -19,7 +19,7 @@ pub use error::{Result, TowerError};
 pub use forward::forward_parallel;
 pub use model::{Model, Part, ScoreBy};
 pub use rows::Row;
-pub use spec::{Cross, CrossShape, Link, Source, Task, MAX_TASKS};
+pub use spec::{Cross, CrossShape, Link, Source, Task, MAX_NODES as MAX_GRAPH_NODES, MAX_TASKS};
 
 /// The only spec version this build reads.
 pub const SPEC_VERSION: u32 = 1;

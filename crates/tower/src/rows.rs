@@ -194,6 +194,15 @@ impl Model {
         })
     }
 
+    /// Whether [`Model::forward_rows`] folds the request's constants for this model, user
+    /// vector and history (tests check which path their models take).
+    #[doc(hidden)]
+    pub fn rows_fold(&self, u: &[f32], history: &crate::attention::HistoryKeys) -> bool {
+        let template = vec![0f32; self.input_width];
+        self.fold(&template, u, history).is_some()
+            || self.fold_graph(&template, u, history).is_some()
+    }
+
     /// Where each feature goes in an unfolded raw row (the user side is in the template).
     fn unfolded_puts(&self) -> Vec<Option<Put>> {
         let mut from = 0;

@@ -813,7 +813,7 @@ pub(crate) fn parse_spec(spec_json: &str) -> Result<SpecDraft> {
 }
 
 /// The largest number of nodes of a graph, and of inputs of a node.
-pub(crate) const MAX_NODES: usize = 64;
+pub const MAX_NODES: usize = 64;
 
 /// A node's list `key` of input names: each a feature or a node, none twice.
 fn refs(o: &Obj, key: &str, features: &[String], names: &[String]) -> Result<Vec<InputRef>> {

@@ -1565,7 +1565,7 @@ fn every_input_prerank_as(senet: bool, graph: u8) -> Model {
              "layers": [{"type": "linear", "weight": "we0", "bias": "b0"}, {"type": "relu"}]},
             {"name": "e1", "inputs": ["din", "sg", "u"],
              "layers": [{"type": "linear", "weight": "we1"}, {"type": "tanh"}]},
-            {"name": "g", "combine": "gate", "inputs": ["e0", "e1"], "gate_inputs": ["device"], "weight": "gw"},
+            {"name": "g", "combine": "gate", "inputs": ["e0", "e1"], "gate_inputs": ["device", "sg"], "weight": "gw"},
             {"name": "h0", "inputs": ["g"], "layers": [{"type": "linear", "weight": "w1", "bias": "b1"}]},
             {"name": "h1", "inputs": ["g", "e1"], "layers": [{"type": "linear", "weight": "wh"}]},
             {"name": "out", "combine": "concat", "inputs": ["h0", "h1"]}]));
@@ -1580,7 +1580,7 @@ fn every_input_prerank_as(senet: bool, graph: u8) -> Model {
         ts.push(("sgb", vec![18], vals(18, 16)));
         ts.push(("we0", vec![5, 20], vals(100, 17)));
         ts.push(("we1", vec![5, 26], vals(130, 11)));
-        ts.push(("gw", vec![2, 2], vals(4, 12)));
+        ts.push(("gw", vec![2, 20], vals(40, 12)));
         ts.push(("wh", vec![1, 10], vals(10, 14)));
     }
     if graph == 1 {
@@ -1664,6 +1664,12 @@ fn forward_rows_scores_every_input_as_the_per_example_pass_does() {
         ];
         let keys = m.attention_keys(&history);
         assert_eq!(keys.n, 3);
+        // The path taken: folded unless SENet or a scene gate reading a candidate's input.
+        assert_eq!(
+            m.rows_fold(&u, &keys),
+            !senet && mmoe != 3,
+            "senet {senet}, graph {mmoe}"
+        );
         let want: Vec<f32> = (0..40)
             .flat_map(|i| {
                 let x = m.assemble(&user, &items[i], &mut |c, out| match c {

@@ -213,6 +213,24 @@ impl PrerankConfig {
                     scene: None,
                 });
                 mt.tasks = heads;
+                // The graph's nodes: the scene gate, the experts, a gate per task with two or
+                // more, a head per task, the output.
+                let t = mt.tasks.len();
+                let nodes = usize::from(mt.scene.is_some())
+                    + mt.shared
+                    + mt.per_task * t
+                    + if mt.shared + mt.per_task >= 2 { t } else { 0 }
+                    + t
+                    + usize::from(t > 1);
+                if nodes > twotower_tower::MAX_GRAPH_NODES {
+                    return Err(opt_err(
+                        "model.experts",
+                        format!(
+                            "a model has at most {} graph nodes; {t} tasks with these experts make {nodes} (the scene gate, the experts, a gate and a head per task, the output)",
+                            twotower_tower::MAX_GRAPH_NODES
+                        ),
+                    ));
+                }
                 if let Some(v) = o.get("validate_task") {
                     let n = v.as_str().unwrap_or_default();
                     validate_task = opts.iter().position(|t| t.name == n).ok_or_else(|| {
@@ -526,7 +544,7 @@ pub fn train_prerank(
             return Err(TrainError::NoData(format!("request {} has a user vector of {} dimensions (or a non-finite one); the first has {dim}", r.id, r.user.len())));
         }
         let nt = cfg.tasks.len();
-        if nt > 0 && r.labels.len() != r.candidates.len() * nt {
+        if r.labels.len() != r.candidates.len() * nt {
             return Err(TrainError::NoData(format!(
                 "request {}: {} task labels for {} candidates and {nt} tasks",
                 r.id,
@@ -626,18 +644,23 @@ pub fn train_prerank(
             }
         )
     });
+    // The dense layers' size: parameters, and the sum of their widths (a row's activations:
+    // every expert of a multi-task model keeps its input and each layer's output).
+    let (params, widths) = cfg.model.dense_size(cfg.tasks.len().max(1), dim);
+    let activations = (widest * (cfg.model.hidden.len() + 3)).max(widths);
     let needed = examples.len() * 8
-        + cands * 16
+        + cands * (16 + 8 * cfg.tasks.len())
         + (n + log.items.len()) * (64 + cfg.model.features.len() * 48)
-        + cfg.batch_size * widest * 4 * (cfg.model.hidden.len() + 3) * 3
+        + cfg
+            .batch_size
+            .saturating_mul(activations)
+            .saturating_mul(4 * 3)
         + if attention {
             cfg.batch_size * (twotower_tower::attention::MAX_ATTENDED + 1) * dim * 4 * 2
         } else {
             0
         };
-    // The dense layers: parameters, the best epoch's copy, Adam's moments, each thread's
-    // gradients (the activations are counted above).
-    let (params, _) = cfg.model.dense_size(cfg.tasks.len().max(1), dim);
+    // The parameters, the best epoch's copy, Adam's moments, each thread's gradients.
     let needed = needed.saturating_add(params.saturating_mul(4 * (4 + cfg.threads.max(1))));
     if needed > budget {
         return Err(TrainError::MemoryBudget { needed, budget });

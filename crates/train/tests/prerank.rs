@@ -618,6 +618,11 @@ fn bad_multitask_options_are_refused() {
         (json!({"model": {"scene": "nope"}}), "model.scene"),
         (json!({"model": {"hidden": []}}), "model.hidden"),
         (json!({"model": {"task_hidden": [0]}}), "model.task_hidden"),
+        // 3 tasks × (1 gate + 1 head + 16 own experts) + 16 shared + the output: 71 nodes.
+        (
+            json!({"model": {"experts": {"shared": 16, "per_task": 16}}}),
+            "model.experts",
+        ),
     ];
     for (patch, path) in cases {
         let mut o = base.clone();
@@ -678,6 +683,22 @@ fn multitask_memory_budget_and_cancel() {
         other => panic!("{:?}", other.map(|t| t.parameters)),
     }
     assert!(t0.elapsed().as_secs_f64() < 5.0, "refused at once");
+    // Few parameters but 48 experts' activations over batches of 65,536 rows: refused too
+    // (the budget counted one stack's activations).
+    o["model"]["hidden"] = json!([64]);
+    o["model"]["experts"] = json!({"shared": 16, "per_task": 8});
+    o["tasks"] = json!((0..4)
+        .map(|i| json!({"name": format!("t{i}"), "column": format!("t{i}")}))
+        .collect::<Vec<_>>());
+    o["batch_size"] = json!(65536);
+    for r in &mut l.requests {
+        r.labels = r.candidates.iter().flat_map(|c| [c.label; 4]).collect();
+    }
+    let cfg = PrerankConfig::parse(&o).unwrap();
+    match train_prerank(&cfg, &l, 1 << 30, &mut |_| Ok(())) {
+        Err(TrainError::MemoryBudget { needed, .. }) => assert!(needed > 1 << 30, "{needed}"),
+        other => panic!("{:?}", other.map(|t| t.parameters)),
+    }
     // The same experts at 1 × 64 fit; a cancel after 3 steps stops the run.
     let l = multitask_log(20, 9);
     let cfg = PrerankConfig::parse(&multitask_options(
