@@ -554,7 +554,8 @@ COMMENT ON FUNCTION twotower.online_metrics(text, timestamptz, timestamptz, inte
 
 -- * Multi-task pre-rank models (train_prerank's "tasks"; a stage's "score"): recommend_explain
 --   gains a scores column (a model stage's scores of its kept items, by task). Its privileges
---   carry over as recommend's do.
+--   carry over as recommend's do; a view or function that depends on the old recommend_explain
+--   must be dropped before this update and created again after it.
 SELECT pg_catalog.set_config('pg_twotower_upgrade.explain_acl',
        coalesce((SELECT p.proacl::text FROM pg_catalog.pg_proc p
                   WHERE p.oid OPERATOR(pg_catalog.=) 'twotower.recommend_explain(text, jsonb, integer, bigint[])'::pg_catalog.regprocedure), ''),
@@ -597,3 +598,16 @@ BEGIN
     END IF;
 END
 $$;
+
+-- * refresh_item_vectors between co-located Citus tables runs on the workers: the item tower
+--   is shipped with the statement to this function (it reads no table; any role may call it).
+CREATE  FUNCTION twotower."embed_item_shipped"(
+	"checksum" bigint, /* i64 */
+	"spec" TEXT, /* &str */
+	"weights" bytea, /* &[u8] */
+	"id" bigint, /* i64 */
+	"features" jsonb /* JsonbValue */
+) RETURNS real[] /* alloc::vec::Vec<f32> */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'embed_item_shipped_wrapper';

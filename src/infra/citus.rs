@@ -49,3 +49,25 @@ pub fn refuse_shell_index(index_oid: pg_sys::Oid, who: &str) -> TtResult<()> {
         who: who.to_string(),
     })
 }
+
+/// Whether `a` and `b` are hash-distributed Citus tables of one co-location group, distributed
+/// by their columns `a_col` and `b_col` (then a statement joining them on those columns runs
+/// shard by shard on the workers). Without Citus: false.
+pub fn colocated_on(a: pg_sys::Oid, a_col: &str, b: pg_sys::Oid, b_col: &str) -> TtResult<bool> {
+    if !is_citus_table(a)? || !is_citus_table(b)? {
+        return Ok(false);
+    }
+    Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.count(*) OPERATOR(pg_catalog.=) 2
+                AND pg_catalog.count(DISTINCT p.colocationid) OPERATOR(pg_catalog.=) 1
+           FROM pg_catalog.pg_dist_partition p
+          WHERE p.partmethod OPERATOR(pg_catalog.=) 'h'
+            AND ((p.logicalrelid::pg_catalog.oid OPERATOR(pg_catalog.=) $1
+                  AND pg_catalog.column_to_column_name(p.logicalrelid, p.partkey) OPERATOR(pg_catalog.=) $2)
+              OR (p.logicalrelid::pg_catalog.oid OPERATOR(pg_catalog.=) $3
+                  AND pg_catalog.column_to_column_name(p.logicalrelid, p.partkey) OPERATOR(pg_catalog.=) $4))",
+        &[a.into(), a_col.into(), b.into(), b_col.into()],
+    )
+    .map(|b| b.unwrap_or(false))
+    .map_err(|e| TtError::Internal(format!("reading Citus's pg_dist_partition: {e}")))
+}

@@ -267,6 +267,34 @@ pub mod twotower {
                  SELECT pg_catalog.count(*) FROM d"
             )
         };
+        // Both tables distributed by Citus and co-located on their ids, the target unique on
+        // its id: one statement that Citus runs on the workers, each shard's rows through the
+        // item tower there (the model shipped with the statement), nothing through here.
+        if citus
+            && unique
+            && crate::infra::citus::colocated_on(items, id_column, target, target_id_column)
+                .or_report()
+        {
+            if let Some((inserted, updated, done)) =
+                shipped_refresh(&l, &src, &dst, &idc, &tid, &tvec, &select_features(&cols))
+            {
+                let deleted = if delete_missing {
+                    check_for_interrupts!();
+                    Spi::get_one::<i64>(&delete)
+                        .map_err(|e| TtError::Internal(format!("refresh_item_vectors: {e}")))
+                        .or_report()
+                        .unwrap_or(0)
+                } else {
+                    0
+                };
+                return TableIterator::once((
+                    inserted,
+                    updated,
+                    deleted,
+                    done - inserted - updated,
+                ));
+            }
+        }
         let threads = crate::infra::gucs::inference_threads();
         let mut progress = spi::Progress::new("refresh_item_vectors", "items");
         let (mut inserted, mut updated) = (0i64, 0i64);
@@ -350,5 +378,200 @@ pub mod twotower {
             0
         };
         TableIterator::once((inserted, updated, deleted, done - inserted - updated))
+    }
+
+    /// The features expression of a source row `s` (named pairs, as the batched path reads).
+    fn select_features(cols: &[String]) -> String {
+        if cols.is_empty() {
+            return "'{}'::jsonb".to_owned();
+        }
+        cols.chunks(50)
+            .map(|c| {
+                format!(
+                    "pg_catalog.jsonb_build_object({})",
+                    c.join(", ").replace("t.", "s.")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" OPERATOR(pg_catalog.||) ")
+    }
+
+    /// Models up to this size (spec and weights) are shipped with a distributed refresh's
+    /// statement; larger ones take the batched path through the coordinator.
+    const MAX_SHIPPED_BYTES: usize = 64 << 20;
+
+    /// The distributed refresh: one `INSERT … SELECT … ON CONFLICT` over the co-located tables,
+    /// which Citus runs on every shard pair on its worker, `embed_item_shipped` computing each
+    /// row's vector there. Returns (inserted, updated, rows read), or `None` (with a NOTICE)
+    /// when the model is too large to ship.
+    #[allow(clippy::too_many_arguments)]
+    fn shipped_refresh(
+        l: &crate::infra::catalog::Serving,
+        src: &str,
+        dst: &str,
+        idc: &str,
+        tid: &str,
+        tvec: &str,
+        features: &str,
+    ) -> Option<(i64, i64, i64)> {
+        let (spec, weights) = catalog::model_blobs(&l.loaded.name, l.loaded.version).or_report();
+        if spec.len() + weights.len() > MAX_SHIPPED_BYTES {
+            notice!(
+                "refresh_item_vectors: model \"{}\" ({} bytes) is too large to ship to the workers; its rows are read through the coordinator",
+                l.loaded.name,
+                spec.len() + weights.len()
+            );
+            return None;
+        }
+        let err = |e: pgrx::spi::Error| TtError::Internal(format!("refresh_item_vectors: {e}"));
+        let nulls = Spi::get_one::<i64>(&format!(
+            "SELECT pg_catalog.count(*) FROM {src} AS s WHERE s.{idc} IS NULL"
+        ))
+        .map_err(err)
+        .or_report()
+        .unwrap_or(0);
+        if nulls > 0 {
+            TtError::NullValue(format!("a row of {src} has a NULL {idc}")).report();
+        }
+        let count = |rel: &str| -> i64 {
+            Spi::get_one::<i64>(&format!("SELECT pg_catalog.count(*) FROM {rel}"))
+                .map_err(err)
+                .or_report()
+                .unwrap_or(0)
+        };
+        let rows = count(src);
+        let before = count(dst);
+        // The model as literals: Citus writes each shard's statement with them, and every
+        // worker decodes the model once per statement (cached by the checksum of what is
+        // shipped).
+        let checksum = (twotower_ann::checksum(&weights)
+            ^ twotower_ann::checksum(spec.as_bytes()).rotate_left(1)) as i64;
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(weights.len() * 2);
+        for b in &weights {
+            hex.push(DIGITS[(b >> 4) as usize] as char);
+            hex.push(DIGITS[(b & 15) as usize] as char);
+        }
+        let sql = format!(
+            "INSERT INTO {dst} AS t ({tid}, {tvec})
+             SELECT s.{idc}::pg_catalog.int8,
+                    twotower.embed_item_shipped({}::pg_catalog.int8, {}::pg_catalog.text, '\\x{hex}'::pg_catalog.bytea,
+                                                s.{idc}::pg_catalog.int8, {features})
+               FROM {src} AS s
+             ON CONFLICT ({tid}) DO UPDATE SET {tvec} = EXCLUDED.{tvec}
+              WHERE t.{tvec} IS DISTINCT FROM EXCLUDED.{tvec}",
+            checksum,
+            pgrx::spi::quote_literal(&spec),
+        );
+        drop(hex);
+        check_for_interrupts!();
+        let processed = Spi::connect_mut(|c| c.update(&sql, None, &[]).map(|t| t.len() as i64))
+            .map_err(err)
+            .or_report();
+        let inserted = count(dst) - before;
+        Some((inserted, processed - inserted, rows))
+    }
+
+    /// One item's vector by a model shipped with the statement (`refresh_item_vectors` over
+    /// Citus tables calls it on the workers): `spec` and `weights` are the model's files,
+    /// `checksum` theirs (xxh3 of the weights, xor the spec's rotated by one bit), `id` the
+    /// item's (for messages). The model is decoded once per
+    /// statement and backend (checked against its checksum). It reads no table: any role may
+    /// call it; it only computes.
+    #[pg_extern(immutable, parallel_safe, strict)]
+    fn embed_item_shipped(
+        checksum: i64,
+        spec: &str,
+        weights: &[u8],
+        id: i64,
+        features: JsonbValue,
+    ) -> Vec<f32> {
+        let model = shipped::model(checksum, spec, weights).or_report();
+        let f = features.features(&model, "item features").or_report();
+        let x = model
+            .encode(&f, false)
+            .map_err(|e| TtError::Item { id, error: e })
+            .or_report();
+        let out = model.forward(&x);
+        if let Some(index) = out.iter().position(|v| !v.is_finite()) {
+            TtError::Item {
+                id,
+                error: twotower_tower::TowerError::NonFiniteOutput { index },
+            }
+            .report();
+        }
+        out
+    }
+
+    mod shipped {
+        use crate::infra::error::{TtError, TtResult};
+        use std::cell::RefCell;
+        use std::sync::Arc;
+        use twotower_tower::{Kind, Model};
+
+        /// The last shipped model of this backend: its checksum, where its files were when it
+        /// was checked (a statement passes the same constants to every row), and the model.
+        struct Shipped {
+            checksum: i64,
+            at: (usize, usize, usize, usize),
+            model: Arc<Model>,
+        }
+
+        thread_local! {
+            static LAST: RefCell<Option<Shipped>> = const { RefCell::new(None) };
+        }
+
+        pub(super) fn model(checksum: i64, spec: &str, weights: &[u8]) -> TtResult<Arc<Model>> {
+            let at = (
+                spec.as_ptr() as usize,
+                spec.len(),
+                weights.as_ptr() as usize,
+                weights.len(),
+            );
+            if let Some(m) = LAST.with(|l| {
+                l.borrow()
+                    .as_ref()
+                    .filter(|s| s.checksum == checksum && s.at == at)
+                    .map(|s| s.model.clone())
+            }) {
+                return Ok(m);
+            }
+            // New constants: their checksum must be the one given (as import computes it).
+            let c = (twotower_ann::checksum(weights)
+                ^ twotower_ann::checksum(spec.as_bytes()).rotate_left(1))
+                as i64;
+            if c != checksum {
+                return Err(TtError::BadArgument(
+                    "embed_item_shipped: the model's files do not match its checksum".into(),
+                ));
+            }
+            let cached = LAST.with(|l| {
+                l.borrow()
+                    .as_ref()
+                    .filter(|s| s.checksum == checksum)
+                    .map(|s| s.model.clone())
+            });
+            let model = match cached {
+                Some(m) => m,
+                None => {
+                    let m = Model::load(spec, weights)?;
+                    if m.kind() != Kind::Item {
+                        return Err(TtError::BadArgument(format!(
+                            "embed_item_shipped: the model is a {} model, not an item tower",
+                            m.kind().name()
+                        )));
+                    }
+                    Arc::new(m)
+                }
+            };
+            LAST.with(|l| {
+                *l.borrow_mut() = Some(Shipped {
+                    checksum,
+                    at,
+                    model: model.clone(),
+                })
+            });
+            Ok(model)
+        }
     }
 }

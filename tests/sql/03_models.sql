@@ -296,6 +296,10 @@ SELECT inserted, updated, deleted, unchanged = (SELECT count(*) - 1 FROM catalog
 SELECT count(*) = count(DISTINCT id) AS no_duplicates FROM plain_vectors;
 DROP TABLE plain_vectors;
 SELECT * FROM twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id');
+-- The function a refresh between co-located Citus tables ships the model to (tests/t/018):
+-- files that do not match their checksum are refused; NULL in, NULL out.
+SELECT pg_temp.err($q$SELECT twotower.embed_item_shipped(1, '{}', '\x00', 1, '{}')$q$);
+SELECT twotower.embed_item_shipped(1, NULL, '\x00', 1, '{}') IS NULL AS strict;
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_user', 'catalog_items', 'item_vectors', id_column => 'item_id')$q$);
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'nope')$q$);
 SELECT pg_temp.err($q$SELECT twotower.refresh_item_vectors('golden_item', 'catalog_items', 'item_vectors', id_column => 'item_id', batch_size => 0)$q$);

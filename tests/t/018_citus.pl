@@ -37,6 +37,7 @@ sub citus_node
 	$node->append_conf('postgresql.conf', join("\n",
 		"shared_preload_libraries = 'citus'",
 		"max_prepared_transactions = 20",
+		"track_functions = 'all'",
 		"maintenance_work_mem = '256MB'"));
 	$node->start;
 	$node->safe_psql('postgres', 'CREATE EXTENSION citus; CREATE EXTENSION pg_twotower');
@@ -332,6 +333,35 @@ is($coord->safe_psql('postgres', q{SELECT inserted || '/' || updated || '/' || u
 is($coord->safe_psql('postgres', q{SELECT md5(string_agg(id || ':' || embedding::text, ',' ORDER BY id)) FROM dvecs}),
 	$coord->safe_psql('postgres', q{SELECT md5(string_agg(item_id || ':' || f::text, ',' ORDER BY item_id)) FROM dcatalog}),
 	'... every vector is the item tower of its row (not a zero vector)');
+# Co-located on their ids, the two tables are refreshed shard by shard on the workers: each
+# worker ran the item tower (shipped with the statement) on its own rows.
+# (Citus's connections to the workers report their function statistics when they go idle:
+# polled for up to 30 s.)
+my $calls = sub {
+	return map {
+		$_->safe_psql('postgres', q{SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = 'embed_item_shipped'})
+	} @workers;
+};
+my ($c1, $c2) = $calls->();
+for (1 .. 60)
+{
+	last if $c1 + $c2 >= 2000;
+	select(undef, undef, undef, 0.5);
+	($c1, $c2) = $calls->();
+}
+ok($c1 > 0 && $c2 > 0 && $c1 + $c2 == 2000, "... computed on the workers, where the rows are ($c1 and $c2 rows)");
+is($coord->safe_psql('postgres', q{SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE funcname = 'embed_item_shipped'}),
+	'0', '... none on the coordinator');
+$coord->safe_psql('postgres', q{UPDATE dcatalog SET f = '{0.2,0.4,-0.1,0.5}' WHERE item_id = 9});
+is($coord->safe_psql('postgres', q{SELECT inserted || '/' || updated || '/' || unchanged
+	FROM twotower.refresh_item_vectors('i4', 'dcatalog', 'dvecs', id_column => 'item_id', delete_missing => false)}),
+	'0/1/1999', '... a second refresh on the workers after one change: 1 updated, 1999 unchanged');
+is($coord->safe_psql('postgres', q{SELECT embedding::text FROM dvecs WHERE id = 9}), '{0.2,0.4,-0.1,0.5}',
+	'... with the new vector');
+# A model file that does not match its checksum is refused by the workers' function (any role
+# may call it: it reads nothing).
+($ret, $out, $err) = $coord->psql('postgres', q{SELECT twotower.embed_item_shipped(1, '{}', '\x00', 1, '{}')});
+like($err, qr/do not match its checksum/, 'embed_item_shipped refuses files that do not match the checksum');
 # ... and delete_missing from the distributed catalogue into a plain vector table.
 $coord->safe_psql('postgres', q{
 	CREATE TABLE lvecs (id bigint PRIMARY KEY, embedding real[]);

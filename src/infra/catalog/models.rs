@@ -276,6 +276,25 @@ pub fn active_model(name: &str) -> TtResult<Serving> {
     Ok(l)
 }
 
+/// A version's files as stored: its spec's text and its weights (read as the catalogue's owner:
+/// the caller has been allowed to use the model).
+pub fn model_blobs(name: &str, version: i32) -> TtResult<(String, Vec<u8>)> {
+    let row = as_catalog_owner(|| {
+        read_row::<String, Vec<u8>>(
+            "SELECT spec::text, weights FROM twotower.model_version WHERE model = $1 AND version = $2",
+            &[name.into(), version.into()],
+        )
+    })?
+    .map_err(|e| TtError::Catalog(format!("reading model \"{name}\": {e}")))?;
+    match row {
+        Some((Some(spec), Some(weights))) => Ok((spec, weights)),
+        _ => Err(TtError::ModelNotFound {
+            name: name.to_string(),
+            version: Some(version),
+        }),
+    }
+}
+
 /// A given version, decoded (cached by name, version and checksum).
 pub fn load_version(name: &str, version: i32, checksum: i64) -> TtResult<Arc<Loaded>> {
     if let Some(l) = CACHE.with(|c| c.borrow_mut().find(name, version, checksum)) {
