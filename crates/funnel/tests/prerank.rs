@@ -578,6 +578,24 @@ fn two_task_model(fuse_b: f32) -> Model {
     Model::load(&spec.to_string(), &write_f32(&[("w", &[1, 1], &[1.0])])).unwrap()
 }
 
+/// The item parts of candidates whose price is `prices[i]`.
+fn priced<'a>(
+    m: &'a Model,
+    prices: &'a [f64],
+) -> impl FnMut(usize, &[usize]) -> Result<Vec<std::sync::Arc<Part>>> + 'a {
+    move |_, idx| {
+        Ok(idx
+            .iter()
+            .map(|&i| {
+                std::sync::Arc::new(
+                    m.encode_part(&json!({ "price": prices[i] }), Source::Item, false)
+                        .unwrap(),
+                )
+            })
+            .collect())
+    }
+}
+
 /// Ranking by a sigmoid task goes by its logit: σ(20) and σ(30) are both 1.0 in f32, and the
 /// larger logit still ranks first (it tied, and the smaller item id won); the stage shows σ.
 /// A fused score that overflows is an error naming the item, not an infinite score.
@@ -593,17 +611,7 @@ fn a_sigmoid_task_ranks_by_its_logit_and_a_fused_overflow_is_an_error() {
         threads: 1,
     };
     let prices = [20.0, 30.0, -3.0, -4.0, -5.0];
-    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
-        Ok(idx
-            .iter()
-            .map(|&i| {
-                std::sync::Arc::new(
-                    m.encode_part(&json!({"price": prices[i]}), Source::Item, false)
-                        .unwrap(),
-                )
-            })
-            .collect())
-    };
+    let mut parts = priced(&m, &prices);
     let stages = [Stage {
         scorer: Scorer::Model {
             name: "m",
@@ -622,17 +630,7 @@ fn a_sigmoid_task_ranks_by_its_logit_and_a_fused_overflow_is_an_error() {
     let big = two_task_model(1e30);
     let up = big.encode_part(&json!({}), Source::User, true).unwrap();
     let huge = [1e10, 1.0, 2.0, 3.0, 4.0];
-    let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<std::sync::Arc<Part>>> {
-        Ok(idx
-            .iter()
-            .map(|&i| {
-                std::sync::Arc::new(
-                    big.encode_part(&json!({ "price": huge[i] }), Source::Item, false)
-                        .unwrap(),
-                )
-            })
-            .collect())
-    };
+    let mut parts = priced(&big, &huge);
     let stages = [Stage {
         scorer: Scorer::Model {
             name: "big",

@@ -171,24 +171,31 @@ fn three_steps_equal_the_numpy_reference() {
     }
     let mut got = params(&uplan, &ut, "user");
     got.extend(params(&iplan, &it, "item"));
-    let after = steps["after"].as_object().unwrap();
+    let moved = compare_after(&got, &steps["after"], &init);
+    assert!(moved > 50, "the steps moved the parameters ({moved})");
+}
+
+/// Every parameter after the steps equals the reference's to 1e-4; returns how many moved
+/// more than 1e-3 from their initial values.
+fn compare_after(
+    got: &HashMap<String, Vec<f32>>,
+    after: &Value,
+    init: &safetensors::SafeTensors,
+) -> usize {
+    let after = after.as_object().unwrap();
     assert_eq!(got.len(), after.len());
     let mut moved = 0;
     for (name, want) in after {
         let g = &got[name];
-        let w: Vec<f64> = want
-            .as_array()
+        let init_v: Vec<f32> = init
+            .tensor(name)
             .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        let init_t = init.tensor(name).unwrap();
-        let init_v: Vec<f32> = init_t
             .data()
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
-        for (k, (a, b)) in g.iter().zip(&w).enumerate() {
+        for (k, (a, b)) in g.iter().zip(want.as_array().unwrap()).enumerate() {
+            let b = b.as_f64().unwrap();
             assert!(
                 (*a as f64 - b).abs() < 1e-4,
                 "{name}[{k}]: {a} vs numpy {b}"
@@ -198,7 +205,7 @@ fn three_steps_equal_the_numpy_reference() {
             }
         }
     }
-    assert!(moved > 50, "the steps moved the parameters ({moved})");
+    moved
 }
 
 /// The multi-task pre-rank model of `tests/golden/train_prerank_ref.py`: a scene gate, two
@@ -334,28 +341,6 @@ fn multitask_three_steps_equal_the_numpy_reference() {
         );
     }
     let got = params(&plan, &tower, "prerank");
-    let after = steps["after"].as_object().unwrap();
-    assert_eq!(got.len(), after.len());
-    let mut moved = 0;
-    for (name, want) in after {
-        let g = &got[name];
-        let init_v: Vec<f32> = init
-            .tensor(name)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        for (k, (a, b)) in g.iter().zip(want.as_array().unwrap()).enumerate() {
-            let b = b.as_f64().unwrap();
-            assert!(
-                (*a as f64 - b).abs() < 1e-4,
-                "{name}[{k}]: {a} vs numpy {b}"
-            );
-            if (init_v[k] as f64 - b).abs() > 1e-3 {
-                moved += 1;
-            }
-        }
-    }
+    let moved = compare_after(&got, &steps["after"], &init);
     assert!(moved > 100, "the steps moved {moved} parameters");
 }
