@@ -1144,7 +1144,10 @@ impl Config {
                     temperature: d.number("temperature", 0.1, 1e-4, 100.0)? as f32,
                 })
             }
-        };
+        }
+        // Weight 0 is no debiasing: no pairs are drawn (their items would still move by their
+        // optimiser's momentum).
+        .filter(|d| d.weight > 0.0);
         let shared = Shared::parse(&o, TWO_TOWER_DEFAULTS)?;
         let cfg = Config {
             negative_feedback,

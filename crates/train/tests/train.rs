@@ -1119,6 +1119,18 @@ fn debias_options_are_checked_with_their_paths() {
     ] {
         assert_option_path(o, path);
     }
+    // Weight 0 is no debiasing at all (no pairs drawn).
+    let base = |d: Value| {
+        let mut o = json!({"user": {"features": [{"name": "user_id", "type": "categorical"}]},
+                           "item": {"features": [{"name": "item_id", "type": "categorical"}]}});
+        if !d.is_null() {
+            o["debias"] = d;
+        }
+        twotower_train::Config::parse(&o).unwrap().debias
+    };
+    assert!(base(json!({"weight": 0})).is_none());
+    assert!(base(json!({"weight": 0.5})).is_some());
+    assert!(base(Value::Null).is_none());
 }
 
 #[test]
