@@ -337,7 +337,6 @@ def main():
                 if np.abs(grads[(kind, n)][r]).max() <= 1e-12:
                     assert not state[kind][n][0][r].any(), (t, n, r)
                     print(f"  step {t}: {kind}/{n} row {r} read, zero gradient, zero moments")
-        c1, c2 = 1 - B1 ** t, 1 - B2 ** t
         for kind in arrays:
             for n, a in arrays[kind].items():
                 g = grads[(kind, n)]
@@ -346,16 +345,7 @@ def main():
                     lr, sel = SPARSE_LR, sorted(rows[n])
                 else:
                     lr, sel = LR, None
-                step = lr * np.sqrt(c2) / c1
-                if sel is None:
-                    m[...] = B1 * m + (1 - B1) * g
-                    v[...] = B2 * v + (1 - B2) * g * g
-                    a -= step * m / (np.sqrt(v) + EPS)
-                else:
-                    for r in sel:
-                        m[r] = B1 * m[r] + (1 - B1) * g[r]
-                        v[r] = B2 * v[r] + (1 - B2) * g[r] * g[r]
-                        a[r] -= step * m[r] / (np.sqrt(v[r]) + EPS)
+                train_ref.adam_step(a, g, m, v, t, lr, sel)
     result = {
         "options": {"lr": LR, "sparse_lr": SPARSE_LR, "temperature": T, "negatives": 1,
                     "negative_feedback": NF, "debias": DEBIAS},

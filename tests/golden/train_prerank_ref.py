@@ -40,6 +40,7 @@ OUT = os.path.join(HERE, "train_prerank")
 sys.dont_write_bytecode = True
 sys.path.insert(0, HERE)
 import tower_ref  # noqa: E402
+import train_ref  # noqa: E402
 
 LR, SPARSE_LR = 0.01, 0.05
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -248,7 +249,6 @@ def main():
         nz = np.concatenate([np.abs(g[[r for r in sorted(rows[n])]]).ravel() if n in TABLES
                              else np.abs(g).ravel() for n, g in grads.items()])
         min_grad.append(float(nz[nz > 0].min()))
-        c1, c2 = 1 - B1 ** t, 1 - B2 ** t
         for n, a in arrays.items():
             g = grads[n]
             m, v = state[n]
@@ -256,16 +256,7 @@ def main():
                 lr, sel = SPARSE_LR, sorted(rows[n])
             else:
                 lr, sel = LR, None
-            step = lr * np.sqrt(c2) / c1
-            if sel is None:
-                m[...] = B1 * m + (1 - B1) * g
-                v[...] = B2 * v + (1 - B2) * g * g
-                a -= step * m / (np.sqrt(v) + EPS)
-            else:
-                for r in sel:
-                    m[r] = B1 * m[r] + (1 - B1) * g[r]
-                    v[r] = B2 * v[r] + (1 - B2) * g[r] * g[r]
-                    a[r] -= step * m[r] / (np.sqrt(v[r]) + EPS)
+            train_ref.adam_step(a, g, m, v, t, lr, sel)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "spec.json"), "w") as f:
         json.dump(SPEC, f, indent=1)

@@ -119,6 +119,22 @@ def param_arrays(model, spec):
     return out
 
 
+def adam_step(a, g, m, v, t, lr, rows=None):
+    """One bias-corrected Adam step of `a` (step `t`) in place: every element, or (lazy Adam)
+    only the rows `rows` (moments of the other rows untouched)."""
+    c1, c2 = 1 - B1 ** t, 1 - B2 ** t
+    step = lr * np.sqrt(c2) / c1
+    if rows is None:
+        m[...] = B1 * m + (1 - B1) * g
+        v[...] = B2 * v + (1 - B2) * g * g
+        a -= step * m / (np.sqrt(v) + EPS)
+    else:
+        for r in rows:
+            m[r] = B1 * m[r] + (1 - B1) * g[r]
+            v[r] = B2 * v[r] + (1 - B2) * g[r] * g[r]
+            a[r] -= step * m[r] / (np.sqrt(v[r]) + EPS)
+
+
 def main():
     rs = np.random.RandomState(20261128)
     init = {}
@@ -183,7 +199,6 @@ def main():
                     g[idx] = (lp - lm) / (2 * h)
                 grads[(kind, n)] = g
         assert all(np.abs(g).max() > 1e-6 for g in grads.values()), "every tensor has a gradient"
-        c1, c2 = 1 - B1 ** t, 1 - B2 ** t
         for kind in arrays:
             rows = touched(kind, batch)
             for n, a in arrays[kind].items():
@@ -193,16 +208,7 @@ def main():
                     lr, sel = SPARSE_LR, sorted(rows[n])
                 else:
                     lr, sel = LR, None
-                step = lr * np.sqrt(c2) / c1
-                if sel is None:
-                    m[...] = B1 * m + (1 - B1) * g
-                    v[...] = B2 * v + (1 - B2) * g * g
-                    a -= step * m / (np.sqrt(v) + EPS)
-                else:
-                    for r in sel:
-                        m[r] = B1 * m[r] + (1 - B1) * g[r]
-                        v[r] = B2 * v[r] + (1 - B2) * g[r] * g[r]
-                        a[r] -= step * m[r] / (np.sqrt(v[r]) + EPS)
+                adam_step(a, g, m, v, t, lr, sel)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "user_spec.json"), "w") as f:
         json.dump(USER_SPEC, f, indent=1)

@@ -57,25 +57,33 @@ fn params(plan: &Plan, tower: &Tower, kind: &str) -> HashMap<String, Vec<f32>> {
     out
 }
 
-#[test]
-fn three_steps_equal_the_numpy_reference() {
-    let steps: Value = serde_json::from_slice(&fixture("steps.json")).unwrap();
-    let user_spec: Value = serde_json::from_slice(&fixture("user_spec.json")).unwrap();
-    let item_spec: Value = serde_json::from_slice(&fixture("item_spec.json")).unwrap();
-    let init_bytes = fixture("init.safetensors");
-    let init = safetensors::SafeTensors::deserialize(&init_bytes).unwrap();
-    let o = &steps["options"];
-    let cfg = Config::parse(&json!({
+/// The fixtures' two-tower options, with the reference's `keys` of `o` (learning rates,
+/// temperature, objectives).
+fn two_tower_options(o: &Value, keys: &[&str]) -> Value {
+    let mut options = json!({
         "dim": 3, "threads": 1,
-        "lr": o["lr"], "sparse_lr": o["sparse_lr"], "temperature": o["temperature"],
         "user": {"features": [
             {"name": "user_id", "type": "categorical", "dim": 3},
             {"name": "age", "type": "numeric"},
             {"name": "history", "type": "history", "dim": 3, "max_len": 3, "decay": {"position": 0.5}}],
             "hidden": [4], "activation": "tanh"},
         "item": {"features": [{"name": "item_id", "type": "categorical", "dim": 3}], "hidden": [4], "activation": "relu"}
-    }))
-    .unwrap();
+    });
+    for k in keys {
+        options[*k] = o[*k].clone();
+    }
+    options
+}
+
+/// The fixtures' towers: planned from fixed statistics (laid out exactly as the reference's
+/// specs), set to the initial weights, and loaded as models to encode the batches.
+#[allow(clippy::type_complexity)]
+fn two_towers(
+    cfg: &Config,
+    init: &safetensors::SafeTensors,
+) -> (Plan, Plan, Tower, Tower, Model, Model) {
+    let user_spec: Value = serde_json::from_slice(&fixture("user_spec.json")).unwrap();
+    let item_spec: Value = serde_json::from_slice(&fixture("item_spec.json")).unwrap();
     let mut stats = FeatureStats::default();
     let ids = |v: &[&str]| {
         v.iter()
@@ -96,19 +104,32 @@ fn three_steps_equal_the_numpy_reference() {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let uplan = model::plan("user", &cfg.user, 3, &stats, 1, 100, 0.1, &mut rng).unwrap();
     let iplan = model::plan("item", &cfg.item, 3, &istats, 1, 100, 0.1, &mut rng).unwrap();
-    // crates/train lays the towers out exactly as the reference's specs.
     assert_eq!(uplan.spec, user_spec);
     assert_eq!(iplan.spec, item_spec);
     let mut ut = uplan.tower.clone();
     let mut it = iplan.tower.clone();
-    set_params(&uplan, &mut ut, "user", &init);
-    set_params(&iplan, &mut it, "item", &init);
+    set_params(&uplan, &mut ut, "user", init);
+    set_params(&iplan, &mut it, "item", init);
     let (us, uw) = model::export(&uplan, &ut).unwrap();
     let (is, iw) = model::export(&iplan, &it).unwrap();
     let (um, im) = (
         Model::load(&us, &uw).unwrap(),
         Model::load(&is, &iw).unwrap(),
     );
+    (uplan, iplan, ut, it, um, im)
+}
+
+#[test]
+fn three_steps_equal_the_numpy_reference() {
+    let steps: Value = serde_json::from_slice(&fixture("steps.json")).unwrap();
+    let init_bytes = fixture("init.safetensors");
+    let init = safetensors::SafeTensors::deserialize(&init_bytes).unwrap();
+    let cfg = Config::parse(&two_tower_options(
+        &steps["options"],
+        &["lr", "sparse_lr", "temperature"],
+    ))
+    .unwrap();
+    let (uplan, iplan, mut ut, mut it, um, im) = two_towers(&cfg, &init);
     let mut uopt = Optim::new(&cfg, &ut);
     let mut iopt = Optim::new(&cfg, &it);
     for (t, b) in steps["batches"].as_array().unwrap().iter().enumerate() {
@@ -353,23 +374,15 @@ fn multitask_three_steps_equal_the_numpy_reference() {
 #[test]
 fn objectives_three_steps_equal_the_numpy_reference() {
     let steps: Value = serde_json::from_slice(&fixture("steps_objectives.json")).unwrap();
-    let user_spec: Value = serde_json::from_slice(&fixture("user_spec.json")).unwrap();
-    let item_spec: Value = serde_json::from_slice(&fixture("item_spec.json")).unwrap();
     let init_bytes = fixture("init.safetensors");
     let init = safetensors::SafeTensors::deserialize(&init_bytes).unwrap();
-    let mut options = json!({
-        "dim": 3, "threads": 1,
-        "user": {"features": [
-            {"name": "user_id", "type": "categorical", "dim": 3},
-            {"name": "age", "type": "numeric"},
-            {"name": "history", "type": "history", "dim": 3, "max_len": 3, "decay": {"position": 0.5}}],
-            "hidden": [4], "activation": "tanh"},
-        "item": {"features": [{"name": "item_id", "type": "categorical", "dim": 3}], "hidden": [4], "activation": "relu"}
-    });
-    // The fixture's options: lr, sparse_lr, temperature, negatives, negative_feedback, debias.
-    for (k, v) in steps["options"].as_object().unwrap() {
-        options[k.as_str()] = v.clone();
-    }
+    let keys: Vec<&str> = steps["options"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let options = two_tower_options(&steps["options"], &keys);
     let cfg = Config::parse(&options).unwrap();
     let o = &steps["options"];
     let f = |v: &Value| v.as_f64().unwrap() as f32;
@@ -380,38 +393,7 @@ fn objectives_three_steps_equal_the_numpy_reference() {
     let db = cfg.debias.expect("debias is on");
     assert_eq!(db.weight, f(&o["debias"]["weight"]));
     assert_eq!(db.temperature, f(&o["debias"]["temperature"]));
-    let mut stats = FeatureStats::default();
-    let ids = |v: &[&str]| {
-        v.iter()
-            .map(|x| (x.to_string(), 1u64))
-            .collect::<HashMap<_, _>>()
-    };
-    stats
-        .counts
-        .insert("user_id".into(), ids(&["1", "2", "3", "4"]));
-    stats
-        .counts
-        .insert("history".into(), ids(&["10", "11", "12", "13", "14"]));
-    stats.moments.insert("age".into(), (30.0, 1000.0, 1));
-    let mut istats = FeatureStats::default();
-    istats
-        .counts
-        .insert("item_id".into(), ids(&["10", "11", "12", "13", "14"]));
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
-    let uplan = model::plan("user", &cfg.user, 3, &stats, 1, 100, 0.1, &mut rng).unwrap();
-    let iplan = model::plan("item", &cfg.item, 3, &istats, 1, 100, 0.1, &mut rng).unwrap();
-    assert_eq!(uplan.spec, user_spec);
-    assert_eq!(iplan.spec, item_spec);
-    let mut ut = uplan.tower.clone();
-    let mut it = iplan.tower.clone();
-    set_params(&uplan, &mut ut, "user", &init);
-    set_params(&iplan, &mut it, "item", &init);
-    let (us, uw) = model::export(&uplan, &ut).unwrap();
-    let (is, iw) = model::export(&iplan, &it).unwrap();
-    let (um, im) = (
-        Model::load(&us, &uw).unwrap(),
-        Model::load(&is, &iw).unwrap(),
-    );
+    let (uplan, iplan, mut ut, mut it, um, im) = two_towers(&cfg, &init);
     let mut uopt = Optim::new(&cfg, &ut);
     let mut iopt = Optim::new(&cfg, &it);
     let floats = |v: &Value| -> Vec<f32> {
