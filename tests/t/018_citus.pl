@@ -496,6 +496,33 @@ is($examples, $coord->safe_psql('postgres', "SET client_min_messages = warning; 
 like($coord->safe_psql('postgres', q{SELECT md5(string_agg(item_id || ':' || neighbor_id, ',' ORDER BY item_id, neighbor_id)) FROM ev_cf_nb}),
 	qr/^[0-9a-f]{32}$/, '... (the neighbour tables compared above are not empty)');
 
+# A channel's neighbour table as a Citus reference table (a copy on every node): i2i_recall
+# reads it as before, and a rebuild (TRUNCATE and INSERT) and a refresh write every copy.
+my $nb_md5 = q{SELECT md5(string_agg(item_id || ':' || neighbor_id || ':' || round(score::numeric, 5), ',' ORDER BY item_id, neighbor_id)) FROM %s};
+$coord->safe_psql('postgres', q{SET client_min_messages = warning;
+	SELECT create_reference_table('ev_cf_nb');
+	SELECT truncate_local_data_after_distributing_table('ev_cf_nb')});
+is($coord->safe_psql('postgres', q{SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.i2i_recall('ev_cf', '{1,2,3}', k => 10)}),
+	$coord->safe_psql('postgres', q{SELECT string_agg(item_id::text, ',' ORDER BY rank) FROM twotower.i2i_recall('ev_cf_plain', '{1,2,3}', k => 10)}),
+	'a neighbour table made a reference table: i2i_recall the same items');
+$coord->safe_psql('postgres', q{INSERT INTO ev SELECT u, 1 + (u * 11) % 200, timestamptz '2026-02-01' + make_interval(secs => u) FROM generate_series(1, 300) u;
+	INSERT INTO ev_plain SELECT u, 1 + (u * 11) % 200, timestamptz '2026-02-01' + make_interval(secs => u) FROM generate_series(1, 300) u;
+	SELECT count(*) FROM twotower.build_channel('ev_cf', 'itemcf', 'ev', 'ev_cf_nb');
+	SELECT count(*) FROM twotower.build_channel('ev_cf_plain', 'itemcf', 'ev_plain', 'ev_cf_plain_nb');});
+my $want_nb = $coord->safe_psql('postgres', sprintf($nb_md5, 'ev_cf_plain_nb'));
+is($coord->safe_psql('postgres', sprintf($nb_md5, 'ev_cf_nb')), $want_nb,
+	'... a rebuild writes it: the neighbours of the plain copy');
+is($coord->safe_psql('postgres', q{SELECT string_agg(DISTINCT result, ',') FROM run_command_on_placements('ev_cf_nb',
+	$$SELECT md5(string_agg(item_id || ':' || neighbor_id || ':' || round(score::numeric, 5), ',' ORDER BY item_id, neighbor_id)) FROM %s$$)}),
+	$want_nb, '... on every node\'s copy');
+$coord->safe_psql('postgres', q{INSERT INTO ev SELECT u, 1 + (u * 17) % 200, timestamptz '2026-03-01' + make_interval(secs => u) FROM generate_series(1, 300, 3) u;
+	INSERT INTO ev_plain SELECT u, 1 + (u * 17) % 200, timestamptz '2026-03-01' + make_interval(secs => u) FROM generate_series(1, 300, 3) u;
+	SELECT count(*) FROM twotower.refresh_channel('ev_cf');
+	SELECT count(*) FROM twotower.refresh_channel('ev_cf_plain');});
+$want_nb = $coord->safe_psql('postgres', sprintf($nb_md5, 'ev_cf_plain_nb'));
+is($coord->safe_psql('postgres', sprintf($nb_md5, 'ev_cf_nb')), $want_nb,
+	'... a refresh writes it too: the neighbours of the refreshed plain copy');
+
 # ---------------------------------------------------------------------------------------------
 # The extension in a schema of its own, not on the workers' search_path: the operator class
 # must then be schema-qualified (Citus sends the CREATE INDEX as written, and the workers do not
