@@ -611,3 +611,14 @@ CREATE  FUNCTION twotower."embed_item_shipped"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'embed_item_shipped_wrapper';
+
+-- * distribute_model: a model's active version copied to every Citus worker.
+CREATE  FUNCTION twotower."distribute_model"(
+	"name" TEXT /* &str */
+) RETURNS TABLE (
+	"node" TEXT,  /* String */
+	"version" INT  /* i32 */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'distribute_model_wrapper';

@@ -71,3 +71,27 @@ pub fn colocated_on(a: pg_sys::Oid, a_col: &str, b: pg_sys::Oid, b_col: &str) ->
     .map(|b| b.unwrap_or(false))
     .map_err(|e| TtError::Internal(format!("reading Citus's pg_dist_partition: {e}")))
 }
+
+/// Whether this node is a Citus coordinator with workers (`citus_is_coordinator()`, and the node
+/// metadata lists a primary worker). Workers hold the node metadata too: they are not
+/// coordinators (a worker running a command on every worker would run it on itself, inside
+/// its own transaction's locks). Without Citus: false.
+pub fn is_coordinator() -> TtResult<bool> {
+    // SAFETY: a syscache lookup by name in pg_catalog (no Citus: InvalidOid).
+    let nodes = unsafe {
+        pg_sys::get_relname_relid(
+            c"pg_dist_node".as_ptr(),
+            pg_sys::Oid::from(pg_sys::PG_CATALOG_NAMESPACE),
+        )
+    };
+    if nodes == pg_sys::InvalidOid {
+        return Ok(false);
+    }
+    Spi::get_one::<bool>(
+        "SELECT pg_catalog.citus_is_coordinator()
+                AND EXISTS (SELECT 1 FROM pg_catalog.pg_dist_node
+                             WHERE noderole OPERATOR(pg_catalog.=) 'primary' AND groupid OPERATOR(pg_catalog.<>) 0)",
+    )
+    .map(|b| b.unwrap_or(false))
+    .map_err(|e| TtError::Internal(format!("reading Citus's pg_dist_node: {e}")))
+}

@@ -121,6 +121,78 @@ pub mod twotower {
         import(name, &spec, weights, activate, None).or_report()
     }
 
+    /// Copies model `name`'s active version to every Citus worker (a Citus coordinator only):
+    /// each worker imports it as a new version of its own model `name` and activates it, so
+    /// what runs a model by name on a worker (an `embed_user` Citus ships there, `recall()` on a
+    /// worker's shard index) finds it. Only a role that may store a new version of the model
+    /// here may copy it. Not one transaction: each worker commits its import (Citus's
+    /// `run_command_on_workers`, as the caller); a worker that fails is an error naming it,
+    /// after the others have imported. Returns each worker and the version it made.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn distribute_model(
+        name: &str,
+    ) -> TableIterator<'static, (name!(node, String), name!(version, i32))> {
+        if !check_can_store(name).or_report() {
+            TtError::ModelNotFound {
+                name: name.to_string(),
+                version: None,
+            }
+            .report();
+        }
+        if !crate::infra::citus::is_coordinator().or_report() {
+            TtError::Unsupported(
+                "distribute_model copies a model to the Citus workers: this node is not a Citus coordinator with workers".into(),
+            )
+            .report();
+        }
+        let l = crate::infra::catalog::active_model(name).or_report();
+        let (spec, weights) =
+            crate::infra::catalog::model_blobs(name, l.loaded.version).or_report();
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = String::with_capacity(weights.len() * 2);
+        for b in &weights {
+            hex.push(DIGITS[(b >> 4) as usize] as char);
+            hex.push(DIGITS[(b & 15) as usize] as char);
+        }
+        let command = format!(
+            "SELECT twotower.import_model({}, {}::jsonb, '\\x{hex}'::bytea)",
+            pgrx::spi::quote_literal(name),
+            pgrx::spi::quote_literal(&spec)
+        );
+        drop(hex);
+        let rows = Spi::connect(|c| {
+            let t = c.select(
+                "SELECT w.nodename OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) w.nodeport, w.success, w.result
+                   FROM pg_catalog.run_command_on_workers($1) AS w ORDER BY 1",
+                None,
+                &[command.as_str().into()],
+            )?;
+            let mut out = Vec::new();
+            for r in t {
+                out.push((
+                    r.get::<String>(1)?.unwrap_or_default(),
+                    r.get::<bool>(2)?.unwrap_or(false),
+                    r.get::<String>(3)?.unwrap_or_default(),
+                ));
+            }
+            Ok::<_, pgrx::spi::Error>(out)
+        })
+        .map_err(|e| TtError::Internal(format!("distribute_model: {e}")))
+        .or_report();
+        let mut done = Vec::with_capacity(rows.len());
+        for (node, ok, result) in rows {
+            match (ok, result.parse::<i32>()) {
+                (true, Ok(v)) => done.push((node, v)),
+                _ => TtError::ShardError {
+                    server: node,
+                    message: result,
+                }
+                .report(),
+            }
+        }
+        TableIterator::new(done)
+    }
+
     /// Reads a regular server file of at most 1 GB in chunks, answering cancellation between
     /// chunks. FIFOs, devices and directories are refused before anything is read.
     fn read_server_file(path: &str, what: &str) -> TtResult<Vec<u8>> {

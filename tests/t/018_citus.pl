@@ -283,6 +283,23 @@ $coord->safe_psql('postgres', $model);
 is($coord->safe_psql('postgres', q{SELECT string_agg(id::text, ',') FROM (SELECT id FROM items
 	ORDER BY embedding <=> (SELECT twotower.embed_user('q4', '{"q": [0.2, 0.4, -0.1, 0.5]}')) LIMIT 10) s}),
 	$ref10, 'ORDER BY embedding <=> (SELECT twotower.embed_user(...)) LIMIT 10: the exact top 10');
+# distribute_model copies the model to the workers: then the unwrapped embed_user Citus ships
+# to them finds it too.
+my $unwrapped = q{SELECT string_agg(id::text, ',') FROM (SELECT id FROM items
+	ORDER BY embedding <=> twotower.embed_user('q4', '{"q": [0.2, 0.4, -0.1, 0.5]}') LIMIT 10) s};
+($ret, $out, $err) = $coord->psql('postgres', $unwrapped);
+like($err, qr/model "q4" does not exist/, 'before: the unwrapped embed_user fails on the worker without the model');
+is($coord->safe_psql('postgres', q{SELECT count(*) || ':' || bool_and(d.version = 1 OR d.version = 2) FROM twotower.distribute_model('q4') d}),
+	'2:true', 'distribute_model: each worker imported the model as a new version');
+is($coord->safe_psql('postgres', $unwrapped), $ref10,
+	'... and the unwrapped embed_user works on the workers: the exact top 10');
+is($workers[0]->safe_psql('postgres', q{SELECT twotower.embed_user('q4', '{"q": [0.2, 0.4, -0.1, 0.5]}')::text}),
+	$coord->safe_psql('postgres', q{SELECT twotower.embed_user('q4', '{"q": [0.2, 0.4, -0.1, 0.5]}')::text}),
+	'... with the vectors the coordinator computes');
+($ret, $out, $err) = $coord->psql('postgres', q{SELECT * FROM twotower.distribute_model('no_such_model')});
+like($err, qr/no_such_model/, 'distribute_model of an unknown model is an error naming it');
+($ret, $out, $err) = $workers[0]->psql('postgres', q{SELECT * FROM twotower.distribute_model('q4')});
+like($err, qr/not a Citus coordinator/, 'distribute_model on a worker is refused');
 
 # refresh_item_vectors from a plain catalogue into a distributed, indexed vector table (rows
 # upserted through the coordinator; delete_missing => false: its DELETE would join the two).
