@@ -30,7 +30,6 @@ Writes:
 import json
 import math
 import os
-import struct
 import sys
 
 import numpy as np
@@ -138,18 +137,6 @@ BATCHES = [
 ]
 
 
-def safetensors_bytes(tensors):
-    header, data, off = {}, b"", 0
-    for name in sorted(tensors):
-        raw = np.asarray(tensors[name], dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(np.shape(tensors[name])), "data_offsets": [off, off + len(raw)]}
-        data += raw
-        off += len(raw)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    return struct.pack("<Q", len(h)) + h + data
-
-
 def param_arrays(model):
     """The float64 arrays the model computes with, by tensor name (mutated in place; call
     sync() after changing them: tower_ref caches tables and linear weights as lists)."""
@@ -199,7 +186,7 @@ def main():
     batches = [[(user, item, *next(it), labels) for user, item, labels in b] for b in BATCHES]
 
     model = tower_ref.load_model_bytes(
-        SPEC, safetensors_bytes({n: init[f"prerank/{n}"] for n in SHAPES}))
+        SPEC, train_ref.safetensors_bytes({n: init[f"prerank/{n}"] for n in SHAPES}))
     arrays = param_arrays(model)
     for n, a in arrays.items():
         assert a.dtype == np.float64 and np.array_equal(a, init[f"prerank/{n}"].astype(np.float64)), n
@@ -262,7 +249,7 @@ def main():
         json.dump(SPEC, f, indent=1)
         f.write("\n")
     with open(os.path.join(OUT, "init.safetensors"), "wb") as f:
-        f.write(safetensors_bytes(init))
+        f.write(train_ref.safetensors_bytes(init))
     result = {
         "options": {"lr": LR, "sparse_lr": SPARSE_LR, "beta1": B1, "beta2": B2, "eps": EPS,
                     "tasks": [{"name": n, "loss": k, "weight": w} for n, k, w in TASKS]},
