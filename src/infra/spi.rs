@@ -272,3 +272,14 @@ pub fn unique_column(rel: pg_sys::Oid, col: &str) -> bool {
     .flatten()
     .is_some()
 }
+
+/// `bytes` in lower-case hex (a bytea literal's digits, after `\x`).
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
+}

@@ -446,12 +446,7 @@ pub mod twotower {
         // shipped).
         let checksum = (twotower_ann::checksum(&weights)
             ^ twotower_ann::checksum(spec.as_bytes()).rotate_left(1)) as i64;
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut hex = String::with_capacity(weights.len() * 2);
-        for b in &weights {
-            hex.push(DIGITS[(b >> 4) as usize] as char);
-            hex.push(DIGITS[(b & 15) as usize] as char);
-        }
+        let hex = spi::hex(&weights);
         let sql = format!(
             "INSERT INTO {dst} AS t ({tid}, {tvec})
              SELECT s.{idc}::pg_catalog.int8,

@@ -148,12 +148,7 @@ pub mod twotower {
         let l = crate::infra::catalog::active_model(name).or_report();
         let (spec, weights) =
             crate::infra::catalog::model_blobs(name, l.loaded.version).or_report();
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut hex = String::with_capacity(weights.len() * 2);
-        for b in &weights {
-            hex.push(DIGITS[(b >> 4) as usize] as char);
-            hex.push(DIGITS[(b & 15) as usize] as char);
-        }
+        let hex = crate::infra::spi::hex(&weights);
         let command = format!(
             "SELECT twotower.import_model({}, {}::jsonb, '\\x{hex}'::bytea)",
             pgrx::spi::quote_literal(name),

@@ -1314,8 +1314,14 @@ fn combine_backward(
                     grads.dense[p0][i] += dot(dyr, &xr[i * d..(i + 1) * d]) as f32;
                 }
             }
-            Combine::Attention { w, .. } => {
-                // y = Σ αᵢ xᵢ, α = softmax(s), s = W·x + b.
+            Combine::Attention { w, .. } | Combine::Gate { w, .. } => {
+                // y = Σ αᵢ xᵢ, α = softmax(s), s = W·g + b: g is the whole row (attention) or
+                // the row after the k experts (gate).
+                let (k, at) = match c {
+                    Combine::Gate { k, .. } => (*k, *k * d),
+                    _ => (k, 0),
+                };
+                let gwidth = in_width - at;
                 let dyr = &dy[r * d..(r + 1) * d];
                 let a = &alphas[r * k..(r + 1) * k];
                 let da: Vec<f64> = (0..k).map(|i| dot(dyr, &xr[i * d..(i + 1) * d])).collect();
@@ -1325,31 +1331,7 @@ fn combine_backward(
                         dxr[i * d + j] = a[i] * dyr[j];
                     }
                 }
-                for j in 0..k {
-                    let ds = a[j] as f64 * (da[j] - mean);
-                    grads.dense[p0 + 1][j] += ds as f32;
-                    let wrow = &w[j * in_width..(j + 1) * in_width];
-                    let gw = &mut grads.dense[p0][j * in_width..(j + 1) * in_width];
-                    for t in 0..in_width {
-                        gw[t] += (ds * xr[t] as f64) as f32;
-                        dxr[t] += (ds * wrow[t] as f64) as f32;
-                    }
-                }
-            }
-            Combine::Gate { w, k, .. } => {
-                // y = Σ αᵢ xᵢ, α = softmax(s), s = W·g + b; g = the row after the k experts.
-                let k = *k;
-                let gwidth = in_width - k * d;
-                let dyr = &dy[r * d..(r + 1) * d];
-                let a = &alphas[r * k..(r + 1) * k];
-                let da: Vec<f64> = (0..k).map(|i| dot(dyr, &xr[i * d..(i + 1) * d])).collect();
-                let mean: f64 = (0..k).map(|i| a[i] as f64 * da[i]).sum();
-                for i in 0..k {
-                    for j in 0..d {
-                        dxr[i * d + j] = a[i] * dyr[j];
-                    }
-                }
-                let g = &xr[k * d..];
+                let g = &xr[at..];
                 for j in 0..k {
                     let ds = a[j] as f64 * (da[j] - mean);
                     grads.dense[p0 + 1][j] += ds as f32;
@@ -1357,7 +1339,7 @@ fn combine_backward(
                     let gw = &mut grads.dense[p0][j * gwidth..(j + 1) * gwidth];
                     for t in 0..gwidth {
                         gw[t] += (ds * g[t] as f64) as f32;
-                        dxr[k * d + t] += (ds * wrow[t] as f64) as f32;
+                        dxr[at + t] += (ds * wrow[t] as f64) as f32;
                     }
                 }
             }
