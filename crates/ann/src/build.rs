@@ -340,9 +340,16 @@ impl Graph {
     }
 
     /// Greedy descent at level `l` from `(cur, d)` towards `q`.
-    fn greedy(
+    fn greedy(&self, q: usize, cur: usize, d: f32, l: usize, s: &mut Scratch) -> (usize, f32) {
+        self.greedy_by(|n| self.dist(q, n), Some(q as u32), cur, d, l, s)
+    }
+
+    /// Greedy descent at level `l` from `(cur, d)` by the distance `dist` (to an item or a
+    /// query), never stepping onto `skip`.
+    fn greedy_by(
         &self,
-        q: usize,
+        dist: impl Fn(usize) -> f32,
+        skip: Option<u32>,
         mut cur: usize,
         mut d: f32,
         l: usize,
@@ -353,13 +360,12 @@ impl Graph {
             let mut list = std::mem::take(&mut s.list);
             self.read_list(cur, l, &mut list);
             for &n in &list {
-                let n = n as usize;
-                if n == q {
+                if Some(n) == skip {
                     continue;
                 }
-                let dn = self.dist(q, n);
+                let dn = dist(n as usize);
                 if dn < d {
-                    (cur, d, moved) = (n, dn, true);
+                    (cur, d, moved) = (n as usize, dn, true);
                 }
             }
             s.list = list;
@@ -379,8 +385,24 @@ impl Graph {
         l: usize,
         s: &mut Scratch,
     ) -> Vec<(f32, u32)> {
+        self.search_layer_by(|n| self.dist(q, n), Some(q as u32), eps, ef, l, s)
+    }
+
+    /// Beam search of width `ef` at level `l` by the distance `dist` from `eps`; the result,
+    /// nearest first (ties by slot), never holds `skip`.
+    fn search_layer_by(
+        &self,
+        dist: impl Fn(usize) -> f32,
+        skip: Option<u32>,
+        eps: &[(f32, u32)],
+        ef: usize,
+        l: usize,
+        s: &mut Scratch,
+    ) -> Vec<(f32, u32)> {
         s.begin(self.keys.len());
-        s.visit(q as u32);
+        if let Some(q) = skip {
+            s.visit(q);
+        }
         for &(d, e) in eps {
             if s.visit(e) {
                 s.cand.push(Reverse((D(d), e)));
@@ -405,7 +427,7 @@ impl Graph {
             }
             self.touch(&fresh);
             for &n in &fresh {
-                let dn = self.dist(q, n as usize);
+                let dn = dist(n as usize);
                 if s.top.len() < ef || s.top.peek().is_some_and(|w| dn < w.0 .0) {
                     s.cand.push(Reverse((D(dn), n)));
                     s.top.push((D(dn), n));
@@ -652,6 +674,118 @@ impl Graph {
         (0..n).filter(|i| !seen[*i]).collect()
     }
 
+    /// A query vector in the form [`Graph::dist_to`] reads: f32 (the tuning's exact
+    /// neighbours must rank as a scan ranks them, so not on the f16 unit copy).
+    pub fn probe(&self, v: &[f32]) -> Probe {
+        Probe(v.to_vec(), crate::layout::inv_norm(v))
+    }
+
+    /// The distance from a query to item `b` in f32, ranked as the search of an f32 image
+    /// ranks it.
+    #[inline]
+    pub fn dist_to(&self, p: &Probe, b: usize) -> f32 {
+        let v = self.vector(b);
+        let r = match self.metric {
+            Metric::Cosine => f32::dot(&p.0, v).map(|x| 1.0 - (x as f32) * p.1 * self.inv[b]),
+            Metric::InnerProduct => f32::dot(&p.0, v).map(|x| -(x as f32)),
+            Metric::L2 => f32::sqeuclidean(&p.0, v).map(|x| x as f32),
+        };
+        match r {
+            Some(x) if !x.is_nan() => x,
+            _ => f32::INFINITY,
+        }
+    }
+
+    /// A search for a query: the greedy descent through the upper levels, then a beam of width
+    /// `ef` at level 0; nearest first, ties by slot.
+    pub fn search_probe(&self, p: &Probe, ef: usize, s: &mut Scratch) -> Vec<(f32, u32)> {
+        let Some((ep, top)) = *self.entry.read().unwrap_or_else(|e| e.into_inner()) else {
+            return Vec::new();
+        };
+        let dist = |n: usize| self.dist_to(p, n);
+        let (mut cur, mut d) = (ep as usize, dist(ep as usize));
+        for l in (1..=top).rev() {
+            (cur, d) = self.greedy_by(dist, None, cur, d, l, s);
+        }
+        self.search_layer_by(dist, None, &[(d, cur as u32)], ef.max(1), 0, s)
+    }
+
+    /// The exact `k` nearest items of a query (every item's distance), nearest first, ties by
+    /// slot.
+    pub fn exact_top(&self, p: &Probe, k: usize) -> Vec<(f32, u32)> {
+        let mut top: BinaryHeap<(D, u32)> = BinaryHeap::with_capacity(k + 1);
+        for b in 0..self.keys.len() {
+            let d = self.dist_to(p, b);
+            if top.len() < k {
+                top.push((D(d), b as u32));
+            } else if top.peek().is_some_and(|w| (D(d), b as u32) < *w) {
+                top.pop();
+                top.push((D(d), b as u32));
+            }
+        }
+        let mut out: Vec<(f32, u32)> = top.into_iter().map(|(D(d), n)| (d, n)).collect();
+        out.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        out
+    }
+
+    /// The build distance between two items (for the tuning's choice of a link's source).
+    #[inline]
+    pub fn item_dist(&self, a: usize, b: usize) -> f32 {
+        self.dist(a, b)
+    }
+
+    /// Room for `extra` more links in every level-0 list (the query-aware links of
+    /// `tune.rs`). Call between phases only: the lists are copied.
+    pub fn widen(&mut self, extra: usize) {
+        if extra == 0 {
+            return;
+        }
+        let (old, new) = (1 + self.conn_base, 1 + self.conn_base + extra);
+        let n = self.keys.len();
+        let mut base = Vec::with_capacity(n * new);
+        for slot in 0..n {
+            base.extend(
+                self.base[slot * old..(slot + 1) * old]
+                    .iter()
+                    .map(|w| AtomicU32::new(w.load(Ordering::Relaxed))),
+            );
+            base.extend((0..extra).map(|_| AtomicU32::new(0)));
+        }
+        self.base = base;
+        self.conn_base += extra;
+    }
+
+    /// Appends `to` to `from`'s level-0 list when it has room and does not hold it already.
+    pub fn add_link(&self, from: usize, to: u32) -> Link {
+        if from == to as usize {
+            return Link::Present;
+        }
+        let _g = lock(&self.locks[from]);
+        let Some((cnt, links)) = self.list(from, 0).split_first() else {
+            return Link::Full;
+        };
+        let count = (cnt.load(Ordering::Relaxed) as usize).min(links.len());
+        if links[..count]
+            .iter()
+            .any(|x| x.load(Ordering::Relaxed) == to)
+        {
+            return Link::Present;
+        }
+        if count == links.len() {
+            return Link::Full;
+        }
+        links[count].store(to, Ordering::Relaxed);
+        cnt.store((count + 1) as u32, Ordering::Release);
+        Link::Added
+    }
+
+    /// Level-0 links of `slot`.
+    pub fn base_links(&self, slot: usize) -> Vec<u32> {
+        let mut out = Vec::new();
+        self.read_list(slot, 0, &mut out);
+        out
+    }
+
     fn row_bytes(&self) -> usize {
         self.dims * self.quant.bytes_per_scalar()
     }
@@ -820,6 +954,17 @@ impl Graph {
         }
         Ok(g)
     }
+}
+
+/// A query as [`Graph::dist_to`] reads it: the f32 vector and its inverse norm.
+pub(crate) struct Probe(Vec<f32>, f32);
+
+/// What [`Graph::add_link`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Link {
+    Added,
+    Present,
+    Full,
 }
 
 /// Appends `v` scaled to unit length (a zero vector as is), in f16.

@@ -9,7 +9,10 @@
 //! 16  dims u32, metric u32, quantization u32, connectivity u32
 //! 32  count u64
 //! 40  keys offset u64, usearch offset u64, usearch length u64
-//! 64  navigation tables' offset u64 (format 2), then zeros to the header length
+//! 64  navigation tables' offset u64 (format 2)
+//! 72  the tuning (format 2; zeros if the graph was not tuned to queries: `tune.rs`): sample
+//!     queries u32, k u32, ef u32, extra links a node u32, links added u64, recall@k of the
+//!     sample before and after (f32 each), then zeros to the header length
 //! ..  keys: count × u64, ascending
 //! ..  orphans: orphan count u64, then that many u64 keys, ascending
 //! ..  padding to 8 bytes, navigation tables (format 2; `layout.rs`)
@@ -55,6 +58,9 @@ pub const SELF_CHECK_EF: [usize; 2] = [16, 256];
 /// little, and its orphans are few.
 pub const FOLD_CHECK_EF: [usize; 1] = [100];
 const HEADER_LEN: usize = 128;
+/// Where a format 2 header records a tuning (`tune.rs`; zeros: not tuned): queries u32, k u32,
+/// ef u32, extra u32, links u64, recall before f32, recall after f32.
+const TUNING_AT: usize = 72;
 const HEADER_LEN_V1: usize = 64;
 
 /// Parameters of an HNSW build.
@@ -252,6 +258,9 @@ pub struct ImageBuilder {
     checked: usize,
     /// The self-check's widths: an item passes if found at one of them.
     check_ef: &'static [usize],
+    /// What [`ImageBuilder::tune`] did, written into the image's header, and the sample it
+    /// tuned to (the finish repairs again after its own relinking).
+    tuning: Option<(crate::tune::Tuning, crate::tune::Sample)>,
 }
 
 impl ImageBuilder {
@@ -272,6 +281,7 @@ impl ImageBuilder {
             threads: threads.clamp(1, 64),
             checked: 0,
             check_ef: &SELF_CHECK_EF,
+            tuning: None,
         })
     }
 
@@ -315,6 +325,7 @@ impl ImageBuilder {
             threads: threads.clamp(1, 64),
             checked: h.count,
             check_ef: &SELF_CHECK_EF,
+            tuning: None,
         })
     }
 
@@ -388,16 +399,61 @@ impl ImageBuilder {
         Ok(())
     }
 
+    /// Tunes the graph to a sample of the queries it will be asked (`queries`: `dims` floats
+    /// each, row-major): query-aware level-0 links (`tune.rs`). Call once, after the last
+    /// batch and before [`ImageBuilder::finish`], whose self-check then checks the tuned graph.
+    /// `poll(done)` counts queries per phase.
+    pub fn tune(
+        &mut self,
+        queries: &[f32],
+        params: &crate::tune::TuneParams,
+        poll: &mut dyn FnMut(usize) -> Poll,
+    ) -> Result<crate::tune::Tuning> {
+        if self.tuning.is_some() {
+            return Err(AnnError::Engine("a graph is tuned once".into()));
+        }
+        let sample = crate::tune::prepare(
+            &mut self.graph,
+            self.params.metric,
+            self.params.dims,
+            queries,
+            params,
+            self.threads,
+            poll,
+        )?;
+        let r = crate::tune::repair(&self.graph, &sample, self.threads, poll)?;
+        let t = sample.tuning(&r);
+        self.tuning = Some((t, sample));
+        Ok(t)
+    }
+
+    /// Level-0 links of the item with `key` (tests: what a tuning added).
+    #[doc(hidden)]
+    pub fn links_of(&self, key: u64) -> Option<Vec<u64>> {
+        let slot = (0..self.graph.len()).find(|s| self.graph.key(*s) == key)?;
+        Some(
+            self.graph
+                .base_links(slot)
+                .into_iter()
+                .map(|s| self.graph.key(s as usize))
+                .collect(),
+        )
+    }
+
     /// Links the items no search reaches, serializes the image (through a temporary file in
     /// `spill` when given, so the image is not a second copy in memory), then runs the
     /// self-check ([`SELF_CHECK_EF`]) over the items added since the builder started.
     pub fn finish(
-        self,
+        mut self,
         poll: &mut dyn FnMut(usize) -> Poll,
         spill: Option<&std::path::Path>,
     ) -> Result<ImageBytes> {
         let graph = &self.graph;
         let n = graph.len();
+        // A relink re-chooses full lists, which can drop query-aware links: a tuned graph is
+        // repaired again after each relinking (links are only added then), and the header
+        // records the links of both.
+        let mut tuning = self.tuning.take();
         // Items no search can reach (a walk over the links from the entry point): their
         // nearest items link to them; what is still unreachable after that is an orphan.
         let mut lost = graph.unreachable();
@@ -406,6 +462,7 @@ impl ImageBuilder {
                 graph.relink(slot, s);
                 Ok(false)
             })?;
+            retune(graph, &mut tuning, self.threads, poll)?;
             lost = graph.unreachable();
         }
         let mut orphans: Vec<u64> = lost.iter().map(|s| graph.key(*s)).collect();
@@ -420,7 +477,17 @@ impl ImageBuilder {
             }
             Ok::<_, AnnError>(missed)
         };
-        let mut bytes = serialize(&self.params, &keys, &orphans, graph, spill)?;
+        let record = |tuning: &Option<(crate::tune::Tuning, crate::tune::Sample)>| {
+            tuning.as_ref().map(|x| x.0)
+        };
+        let mut bytes = serialize(
+            &self.params,
+            &keys,
+            &orphans,
+            graph,
+            record(&tuning).as_ref(),
+            spill,
+        )?;
         let mut missed = check(&bytes, poll)?;
         if !missed.is_empty() {
             // What both widths miss (about 1 % of clustered data at 1M) is linked again: a
@@ -432,7 +499,15 @@ impl ImageBuilder {
                 graph.relink(slot, s);
                 Ok(false)
             })?;
-            bytes = serialize(&self.params, &keys, &orphans, graph, spill)?;
+            retune(graph, &mut tuning, self.threads, poll)?;
+            bytes = serialize(
+                &self.params,
+                &keys,
+                &orphans,
+                graph,
+                record(&tuning).as_ref(),
+                spill,
+            )?;
             missed = check(&bytes, poll)?;
         }
         if missed.is_empty() {
@@ -442,8 +517,31 @@ impl ImageBuilder {
         orphans.extend(missed.into_iter().map(|i| keys[i]));
         orphans.sort_unstable();
         orphans.dedup();
-        serialize(&self.params, &keys, &orphans, graph, spill)
+        serialize(
+            &self.params,
+            &keys,
+            &orphans,
+            graph,
+            record(&tuning).as_ref(),
+            spill,
+        )
     }
+}
+
+/// A tuned graph repaired again after a relinking (which can drop query-aware links from the
+/// lists it re-chooses): links are only added, and the record counts them.
+fn retune(
+    graph: &crate::build::Graph,
+    tuning: &mut Option<(crate::tune::Tuning, crate::tune::Sample)>,
+    threads: usize,
+    poll: &mut dyn FnMut(usize) -> Poll,
+) -> Result<()> {
+    if let Some((t, sample)) = tuning.as_mut() {
+        let r = crate::tune::repair(graph, sample, threads, poll)?;
+        t.links += r.links;
+        t.recall_after = r.after;
+    }
+    Ok(())
 }
 
 /// The items of `keys` at `positions` that a search of the serialized image `bytes` for their
@@ -496,13 +594,25 @@ fn parallel(
 }
 
 /// [`parallel`] with a scratch value of type `S` per worker thread (`S::default()` at first).
-fn parallel_with<S: Default>(
+pub(crate) fn parallel_with<S: Default>(
     items: &[usize],
     threads: usize,
     poll: &mut dyn FnMut(usize) -> Poll,
     f: impl Fn(&mut S, usize) -> Result<bool> + Sync,
 ) -> Result<Vec<usize>> {
-    const CHUNK: usize = 64;
+    parallel_chunked(items, 64, threads, poll, f)
+}
+
+/// [`parallel_with`], the workers taking `chunk` items at a time (a cancel waits for the
+/// chunks in progress).
+pub(crate) fn parallel_chunked<S: Default>(
+    items: &[usize],
+    chunk: usize,
+    threads: usize,
+    poll: &mut dyn FnMut(usize) -> Poll,
+    f: impl Fn(&mut S, usize) -> Result<bool> + Sync,
+) -> Result<Vec<usize>> {
+    let chunk = chunk.max(1);
     let n = items.len();
     if n == 0 {
         return Ok(Vec::new());
@@ -518,11 +628,11 @@ fn parallel_with<S: Default>(
                 let mut scratch = S::default();
                 let mut local = Vec::new();
                 'work: while !cancel.load(Ordering::Relaxed) {
-                    let start = next.fetch_add(CHUNK, Ordering::Relaxed);
+                    let start = next.fetch_add(chunk, Ordering::Relaxed);
                     if start >= n {
                         break;
                     }
-                    let end = (start + CHUNK).min(n);
+                    let end = (start + chunk).min(n);
                     for &i in &items[start..end] {
                         match f(&mut scratch, i) {
                             Ok(true) => local.push(i),
@@ -578,6 +688,7 @@ fn serialize(
     keys: &[u64],
     orphans: &[u64],
     graph: &crate::build::Graph,
+    tuning: Option<&crate::tune::Tuning>,
     spill: Option<&std::path::Path>,
 ) -> Result<ImageBytes> {
     let mut sorted = keys.to_vec();
@@ -604,6 +715,15 @@ fn serialize(
     put_u64(buf, 48, us_off as u64);
     put_u64(buf, 56, us_len as u64);
     put_u64(buf, 64, nav_off as u64);
+    if let Some(t) = tuning.filter(|t| t.queries > 0) {
+        put_u32(buf, TUNING_AT, t.queries);
+        put_u32(buf, TUNING_AT + 4, t.k);
+        put_u32(buf, TUNING_AT + 8, t.ef);
+        put_u32(buf, TUNING_AT + 12, t.extra);
+        put_u64(buf, TUNING_AT + 16, t.links);
+        put_u32(buf, TUNING_AT + 24, t.recall_before.to_bits());
+        put_u32(buf, TUNING_AT + 28, t.recall_after.to_bits());
+    }
     for (i, k) in sorted.iter().enumerate() {
         put_u64(buf, keys_off + i * 8, *k);
     }
@@ -700,6 +820,8 @@ pub struct Header {
     us_len: usize,
     /// Offset of the navigation tables (format 2), 0 for format 1.
     nav_off: usize,
+    /// What tuning the graph to a sample of queries did, if it was tuned.
+    pub tuning: Option<crate::tune::Tuning>,
 }
 
 impl Header {
@@ -734,7 +856,19 @@ impl Header {
             } else {
                 0
             },
+            tuning: None,
         };
+        if version >= 2 && get_u32(b, TUNING_AT) > 0 {
+            h.tuning = Some(crate::tune::Tuning {
+                queries: get_u32(b, TUNING_AT),
+                k: get_u32(b, TUNING_AT + 4),
+                ef: get_u32(b, TUNING_AT + 8),
+                extra: get_u32(b, TUNING_AT + 12),
+                links: get_u64(b, TUNING_AT + 16),
+                recall_before: f32::from_bits(get_u32(b, TUNING_AT + 24)),
+                recall_after: f32::from_bits(get_u32(b, TUNING_AT + 28)),
+            });
+        }
         let keys_end = h
             .count
             .checked_mul(8)

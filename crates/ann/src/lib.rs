@@ -8,6 +8,7 @@ mod hnsw;
 pub mod image;
 mod layout;
 pub mod metric;
+pub mod tune;
 
 pub use error::{AnnError, Result, MAX_DIMS};
 pub use image::{
@@ -19,3 +20,4 @@ pub use metric::{
     check_index_range, cosine_distance, inner_product, is_zero, l2_distance, l2_squared, unit,
     validate_vector, Metric, Quantization,
 };
+pub use tune::{tune_memory, TuneParams, Tuning};

@@ -29,3 +29,34 @@ pub fn clustered(n: usize, dims: usize, clusters: usize, seed: u64) -> Vec<f32> 
     }
     out
 }
+
+/// `nq` queries shaped like user-tower outputs, which lie elsewhere than the items
+/// (out-of-distribution): each the normalised mean of `per` random rows of `items` (a
+/// "history") plus Gaussian noise of σ = `noise` per dimension.
+pub fn mixtures(
+    items: &[f32],
+    dims: usize,
+    nq: usize,
+    per: usize,
+    noise: f32,
+    seed: u64,
+) -> Vec<f32> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let n = items.len() / dims;
+    let mut out = Vec::with_capacity(nq * dims);
+    for _ in 0..nq {
+        let mut v = vec![0f32; dims];
+        for _ in 0..per.max(1) {
+            let r = rng.gen_range(0..n);
+            for (j, x) in v.iter_mut().enumerate() {
+                *x += items[r * dims + j];
+            }
+        }
+        for x in v.iter_mut() {
+            *x = *x / per.max(1) as f32 + noise * gauss(&mut rng);
+        }
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        out.extend(v.iter().map(|x| x / norm));
+    }
+    out
+}
