@@ -132,7 +132,8 @@ CREATE EVENT TRIGGER twotower_drop_guard ON ddl_command_start
     WHEN TAG IN ('DROP EXTENSION')
     EXECUTE FUNCTION twotower.drop_guard();
 
--- * index_info shows the delta graph, the rows waiting for it and the folds.
+-- * index_info shows the delta graph, the rows waiting for it and the folds, and the main
+--   graph's tuning to sample queries (WITH (query_sample = ...)).
 DROP FUNCTION twotower.index_info(regclass);
 DROP FUNCTION twotower.index_info_by_oid(oid);
 CREATE  FUNCTION twotower."index_info_by_oid"(
@@ -156,7 +157,12 @@ CREATE  FUNCTION twotower."index_info_by_oid"(
 	"delta_graph_items" bigint,  /* i64 */
 	"delta_pending" bigint,  /* i64 */
 	"folds" bigint,  /* i64 */
-	"delta_generation" TEXT  /* String */
+	"delta_generation" TEXT,  /* String */
+	"tuned_queries" INT,  /* Option < i32 > */
+	"tuned_k" INT,  /* Option < i32 > */
+	"tuned_links" bigint,  /* Option < i64 > */
+	"tuned_recall_before" double precision,  /* Option < f64 > */
+	"tuned_recall_after" double precision  /* Option < f64 > */
 )
 STRICT VOLATILE PARALLEL SAFE
 LANGUAGE c /* Rust */
@@ -166,11 +172,13 @@ RETURNS TABLE (dims integer, metric text, quantization text, m integer, ef_const
                generation text, graph_items bigint, graph_dead bigint, graph_orphans bigint,
                delta_items bigint, size_bytes bigint, image_bytes bigint, build_seconds double precision,
                cache_file text, cache_state text, delta_graph_items bigint, delta_pending bigint,
-               folds bigint, delta_generation text)
+               folds bigint, delta_generation text, tuned_queries integer, tuned_k integer,
+               tuned_links bigint, tuned_recall_before double precision,
+               tuned_recall_after double precision)
 LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM twotower.index_info_by_oid($1::pg_catalog.oid) $$;
-COMMENT ON FUNCTION twotower.index_info(regclass) IS 'health of a twotower_hnsw index: graph and delta sizes, dead entries, size on disk, cache file state';
+COMMENT ON FUNCTION twotower.index_info(regclass) IS 'health of a twotower_hnsw index: graph and delta sizes, dead entries, size on disk, cache file state, its tuning to sample queries';
 
 -- * Models run only for their owner, the roles granted usage (twotower.grant_model_usage) and
 --   twotower_admin. The models that exist keep running for everyone, as before the update:

@@ -62,11 +62,13 @@ RETURNS TABLE (dims integer, metric text, quantization text, m integer, ef_const
                generation text, graph_items bigint, graph_dead bigint, graph_orphans bigint,
                delta_items bigint, size_bytes bigint, image_bytes bigint, build_seconds double precision,
                cache_file text, cache_state text, delta_graph_items bigint, delta_pending bigint,
-               folds bigint, delta_generation text)
+               folds bigint, delta_generation text, tuned_queries integer, tuned_k integer,
+               tuned_links bigint, tuned_recall_before double precision,
+               tuned_recall_after double precision)
 LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM twotower.index_info_by_oid($1::pg_catalog.oid) $$;
-COMMENT ON FUNCTION twotower.index_info(regclass) IS 'health of a twotower_hnsw index: graph and delta sizes, dead entries, size on disk, cache file state';
+COMMENT ON FUNCTION twotower.index_info(regclass) IS 'health of a twotower_hnsw index: graph and delta sizes, dead entries, size on disk, cache file state, its tuning to sample queries';
 
 -- Removing cache files is housekeeping for the owner, not for every user.
 REVOKE ALL ON FUNCTION twotower.cache_cleanup() FROM PUBLIC;

@@ -16,6 +16,7 @@ use twotower_ann::{
 const PHASE_LOAD: i64 = 2;
 const PHASE_GRAPH: i64 = 3;
 const PHASE_WRITE: i64 = 4;
+const PHASE_TUNE: i64 = 5;
 
 struct BuildState {
     metric: Metric,
@@ -317,9 +318,40 @@ pub unsafe extern "C-unwind" fn ambuild(
         graph_count: n as u64,
         ..Default::default()
     };
+    // SAFETY: an open index of ours.
+    let sample = unsafe { options::query_sample(index) };
     let image = match st.builder.take() {
         None => twotower_ann::ImageBytes::Mem(Vec::new()),
-        Some(builder) => {
+        Some(mut builder) => {
+            if let Some(sample) = sample {
+                let dims = st.dims.unwrap_or(1);
+                let queries = read_queries(
+                    &sample,
+                    dims,
+                    |q| {
+                        need + twotower_ann::tune_memory(
+                            n,
+                            m,
+                            q,
+                            dims,
+                            &sample.params,
+                            worker_threads(),
+                        )
+                    },
+                    budget,
+                );
+                progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_TUNE);
+                progress(
+                    pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL,
+                    (queries.len() / dims) as i64,
+                );
+                let r = builder.tune(&queries, &sample.params, &mut build_poll);
+                let t = report_build_error(r);
+                pgrx::debug1!(
+                    "twotower_hnsw build: tuned to {} sample queries: {} links, recall@{} at ef {} {:.4} -> {:.4}",
+                    t.queries, t.links, t.k, t.ef, t.recall_before, t.recall_after
+                );
+            }
             progress(pg_sys::PROGRESS_CREATEIDX_SUBPHASE, PHASE_GRAPH);
             progress(pg_sys::PROGRESS_CREATEIDX_TUPLES_TOTAL, n as i64);
             let spill = spill_dir();
@@ -335,7 +367,16 @@ pub unsafe extern "C-unwind" fn ambuild(
     } else {
         twotower_ann::checksum(image)
     };
-    meta.graph_orphans = twotower_ann::Header::parse(image).map_or(0, |h| h.orphans as u64);
+    if let Ok(h) = twotower_ann::Header::parse(image) {
+        meta.graph_orphans = h.orphans as u64;
+        if let Some(t) = h.tuning {
+            meta.tuned_queries = t.queries;
+            meta.tuned_k = t.k;
+            meta.tuned_links = t.links;
+            meta.tuned_recall_before = t.recall_before;
+            meta.tuned_recall_after = t.recall_after;
+        }
+    }
     // SAFETY: the index relation is new and empty.
     unsafe {
         write_new_index(index, pg_sys::ForkNumber::MAIN_FORKNUM, &mut meta, image);
@@ -359,6 +400,67 @@ pub unsafe extern "C-unwind" fn ambuild(
         (*res).index_tuples = n as f64;
         res
     }
+}
+
+/// The rows of the index's `query_sample` as query vectors (`dims` floats each, row-major):
+/// read as the caller of the build (PostgreSQL runs a build as the table's owner), at most
+/// `query_limit` rows, through the user tower of `query_model` when one is named; NULL rows
+/// are left out. `memory(q)` is what the build and a tuning to `q` queries need: past
+/// `budget` the read stops with 53200.
+fn read_queries(
+    sample: &options::QuerySample,
+    dims: usize,
+    memory: impl Fn(usize) -> usize,
+    budget: usize,
+) -> Vec<f32> {
+    let inner = sample.sql.trim().trim_end_matches(';');
+    let select = match &sample.model {
+        Some(model) => format!(
+            "SELECT twotower.embed_user({}, s.f) FROM ({inner}\n) AS s(f) LIMIT {}",
+            pgrx::spi::quote_literal(model),
+            sample.limit
+        ),
+        None => format!(
+            "SELECT s.v::pg_catalog.float4[] FROM ({inner}\n) AS s(v) LIMIT {}",
+            sample.limit
+        ),
+    };
+    let mut out: Vec<f32> = Vec::new();
+    let mut rows = 0usize;
+    let mut progress = crate::infra::spi::Progress::new("twotower_hnsw query sample", "rows");
+    crate::infra::spi::read_rows(&select, "query_sample", Some(&mut progress), |row| {
+        rows += 1;
+        let Some(v) = row.get::<Vec<Option<f32>>>(1)? else {
+            return Ok(());
+        };
+        if v.len() != dims {
+            TtError::Ann(AnnError::DimensionMismatch {
+                expected: dims,
+                got: v.len(),
+            })
+            .report();
+        }
+        let q = out.len() / dims + 1;
+        if memory(q) > budget {
+            TtError::MemoryBudget {
+                needed: memory(q),
+                available: budget,
+            }
+            .report();
+        }
+        for x in v {
+            match x {
+                Some(x) => out.push(x),
+                None => {
+                    TtError::BadArgument(format!("row {rows} of query_sample holds a NULL element"))
+                        .report()
+                }
+            }
+        }
+        Ok(())
+    })
+    .or_report();
+    out
 }
 
 /// `ambuildempty`: the init fork of an unlogged index (an empty metapage).
@@ -385,6 +487,7 @@ pub unsafe extern "C-unwind" fn ambuildphasename(phase: i64) -> *mut core::ffi::
         PHASE_LOAD => c"loading tuples",
         PHASE_GRAPH => c"building HNSW graph",
         PHASE_WRITE => c"writing index pages",
+        PHASE_TUNE => c"tuning graph to sample queries",
         _ => return std::ptr::null_mut(),
     };
     s.as_ptr() as *mut core::ffi::c_char

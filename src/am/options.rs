@@ -20,7 +20,22 @@ pub struct HnswOptions {
     /// Offset of the quantization string from the start of this struct (0 = default).
     quantization_offset: i32,
     pub fold_threshold: i32,
+    /// Offsets of the query sample's SQL and its model's name (0 = not set).
+    query_sample_offset: i32,
+    query_model_offset: i32,
+    pub query_k: i32,
+    pub query_ef: i32,
+    pub query_extra: i32,
+    pub query_limit: i32,
 }
+
+/// Defaults of the query-aware options (`tune.rs` in crates/ann; docs/index.md).
+pub const DEFAULT_QUERY_K: i32 = 100;
+pub const DEFAULT_QUERY_EF: i32 = 100;
+pub const DEFAULT_QUERY_EXTRA: i32 = 16;
+pub const DEFAULT_QUERY_LIMIT: i32 = 10_000;
+/// The longest query_sample accepted (bytes).
+const MAX_QUERY_SAMPLE: usize = 16 * 1024;
 
 static RELOPT_KIND: AtomicU32 = AtomicU32::new(0);
 
@@ -57,6 +72,63 @@ pub fn register() {
             10_000_000,
             pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
         );
+        let ints: [(&std::ffi::CStr, &std::ffi::CStr, i32, i32, i32); 4] = [
+            (
+                c"query_k",
+                c"Nearest items of each sample query the tuned graph is to find",
+                DEFAULT_QUERY_K,
+                1,
+                1000,
+            ),
+            (
+                c"query_ef",
+                c"Search width (ef_search) the tuned graph is held to",
+                DEFAULT_QUERY_EF,
+                1,
+                10_000,
+            ),
+            (
+                c"query_extra",
+                c"Level-0 link slots added to every node for query-aware links",
+                DEFAULT_QUERY_EXTRA,
+                0,
+                256,
+            ),
+            (
+                c"query_limit",
+                c"Most rows of query_sample read",
+                DEFAULT_QUERY_LIMIT,
+                1,
+                1_000_000,
+            ),
+        ];
+        for (name, desc, default, lo, hi) in ints {
+            pg_sys::add_int_reloption(
+                kind,
+                name.as_ptr(),
+                desc.as_ptr(),
+                default,
+                lo,
+                hi,
+                pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+            );
+        }
+        pg_sys::add_string_reloption(
+            kind,
+            c"query_sample".as_ptr(),
+            c"SQL returning sample queries (real[] or vector; jsonb features with query_model) that builds tune the graph to".as_ptr(),
+            std::ptr::null(),
+            Some(validate_query_sample),
+            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+        );
+        pg_sys::add_string_reloption(
+            kind,
+            c"query_model".as_ptr(),
+            c"Model whose user tower turns query_sample's features into query vectors".as_ptr(),
+            std::ptr::null(),
+            Some(validate_query_model),
+            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+        );
         pg_sys::add_string_reloption(
             kind,
             c"quantization".as_ptr(),
@@ -77,6 +149,46 @@ unsafe extern "C-unwind" fn validate_quantization(value: *const core::ffi::c_cha
     let s = unsafe { CStr::from_ptr(value) }.to_string_lossy();
     if let Err(e) = Quantization::parse(&s) {
         crate::infra::error::TtError::Ann(e).report();
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn validate_query_sample(value: *const core::ffi::c_char) {
+    if value.is_null() {
+        return;
+    }
+    // SAFETY: PostgreSQL passes a NUL-terminated option value.
+    let s = unsafe { CStr::from_ptr(value) }.to_bytes();
+    let reason = if s.iter().all(|b| b.is_ascii_whitespace()) {
+        "it is empty".to_string()
+    } else if s.len() > MAX_QUERY_SAMPLE {
+        format!(
+            "it is {} bytes long, the most is {MAX_QUERY_SAMPLE}",
+            s.len()
+        )
+    } else {
+        return;
+    };
+    crate::infra::error::TtError::Ann(twotower_ann::AnnError::InvalidOption {
+        option: "query_sample",
+        reason,
+    })
+    .report();
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn validate_query_model(value: *const core::ffi::c_char) {
+    if value.is_null() {
+        return;
+    }
+    // SAFETY: PostgreSQL passes a NUL-terminated option value.
+    let s = unsafe { CStr::from_ptr(value) }.to_bytes();
+    if s.is_empty() || s.len() > 63 {
+        crate::infra::error::TtError::Ann(twotower_ann::AnnError::InvalidOption {
+            option: "query_model",
+            reason: "a model name is 1 to 63 bytes long".into(),
+        })
+        .report();
     }
 }
 
@@ -106,6 +218,36 @@ pub unsafe extern "C-unwind" fn amoptions(
             optname: c"quantization".as_ptr(),
             opttype: pg_sys::relopt_type::RELOPT_TYPE_STRING,
             offset: std::mem::offset_of!(HnswOptions, quantization_offset) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"query_sample".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_STRING,
+            offset: std::mem::offset_of!(HnswOptions, query_sample_offset) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"query_model".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_STRING,
+            offset: std::mem::offset_of!(HnswOptions, query_model_offset) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"query_k".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_INT,
+            offset: std::mem::offset_of!(HnswOptions, query_k) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"query_ef".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_INT,
+            offset: std::mem::offset_of!(HnswOptions, query_ef) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"query_extra".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_INT,
+            offset: std::mem::offset_of!(HnswOptions, query_extra) as i32,
+        },
+        pg_sys::relopt_parse_elt {
+            optname: c"query_limit".as_ptr(),
+            opttype: pg_sys::relopt_type::RELOPT_TYPE_INT,
+            offset: std::mem::offset_of!(HnswOptions, query_limit) as i32,
         },
     ];
     // SAFETY: `tab` describes HnswOptions; build_reloptions allocates and fills the struct.
@@ -175,5 +317,45 @@ pub unsafe fn fold_threshold(index: pg_sys::Relation) -> i32 {
         } else {
             (*opts).fold_threshold
         }
+    }
+}
+
+/// The query sample a build tunes the graph to (`WITH (query_sample = ...)`).
+pub struct QuerySample {
+    pub sql: String,
+    pub model: Option<String>,
+    pub limit: usize,
+    pub params: twotower_ann::TuneParams,
+}
+
+/// The index's query sample, if it has one.
+///
+/// # Safety
+/// `index` must be an open twotower_hnsw index.
+pub unsafe fn query_sample(index: pg_sys::Relation) -> Option<QuerySample> {
+    // SAFETY: rd_options is either NULL or the struct amoptions built; string offsets point
+    // into it.
+    unsafe {
+        let opts = (*index).rd_options as *const HnswOptions;
+        if opts.is_null() || (*opts).query_sample_offset == 0 {
+            return None;
+        }
+        let text = |off: i32| {
+            (off != 0).then(|| {
+                let p = (opts as *const u8).add(off as usize) as *const core::ffi::c_char;
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            })
+        };
+        Some(QuerySample {
+            sql: text((*opts).query_sample_offset)?,
+            model: text((*opts).query_model_offset),
+            limit: (*opts).query_limit.max(1) as usize,
+            params: twotower_ann::TuneParams {
+                k: (*opts).query_k.max(1) as usize,
+                ef: (*opts).query_ef.max(1) as usize,
+                extra: (*opts).query_extra.max(0) as usize,
+                ..twotower_ann::TuneParams::default()
+            },
+        })
     }
 }

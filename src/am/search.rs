@@ -625,6 +625,17 @@ pub struct Health {
     pub delta_pending: u64,
     pub folds: u64,
     pub delta_generation: u64,
+    /// The main graph's tuning to sample queries, if it was tuned.
+    pub tuned: Option<Tuned>,
+}
+
+/// What a build's tuning to `query_sample` did (the metapage's record).
+pub struct Tuned {
+    pub queries: u32,
+    pub k: u32,
+    pub links: u64,
+    pub recall_before: f32,
+    pub recall_after: f32,
 }
 
 /// The health of index `index_oid`, for `who` (a name for messages). The caller must be
@@ -691,6 +702,13 @@ pub fn health(index_oid: pg_sys::Oid, who: &str) -> TtResult<Health> {
             delta_pending: meta.delta_live,
             folds: meta.dg_folds,
             delta_generation: meta.dg_generation,
+            tuned: (meta.tuned_queries > 0).then_some(Tuned {
+                queries: meta.tuned_queries,
+                k: meta.tuned_k,
+                links: meta.tuned_links,
+                recall_before: meta.tuned_recall_before,
+                recall_after: meta.tuned_recall_after,
+            }),
         };
         pg_sys::index_close(rel, LOCK);
         Ok(h)

@@ -39,6 +39,11 @@ pub mod twotower {
             name!(delta_pending, i64),
             name!(folds, i64),
             name!(delta_generation, String),
+            name!(tuned_queries, Option<i32>),
+            name!(tuned_k, Option<i32>),
+            name!(tuned_links, Option<i64>),
+            name!(tuned_recall_before, Option<f64>),
+            name!(tuned_recall_after, Option<f64>),
         ),
     > {
         if crate::infra::citus::is_citus_index(index).or_report() {
@@ -65,6 +70,11 @@ pub mod twotower {
             h.delta_pending as i64,
             h.folds as i64,
             format!("{:016x}", h.delta_generation),
+            h.tuned.as_ref().map(|t| t.queries as i32),
+            h.tuned.as_ref().map(|t| t.k as i32),
+            h.tuned.as_ref().map(|t| t.links as i64),
+            h.tuned.as_ref().map(|t| round4(t.recall_before)),
+            h.tuned.as_ref().map(|t| round4(t.recall_after)),
         ))
     }
 
@@ -88,7 +98,17 @@ pub mod twotower {
         i64,
         i64,
         String,
+        Option<i32>,
+        Option<i32>,
+        Option<i64>,
+        Option<f64>,
+        Option<f64>,
     );
+
+    /// A recall as shown: four decimals (an f32 widened to f64 would show its binary tail).
+    fn round4(x: f32) -> f64 {
+        (x as f64 * 1e4).round() / 1e4
+    }
 
     /// `index_info` of every shard's index of a Citus table's index, one row per shard (in
     /// shard id order), asked of the workers through Citus (`run_command_on_shards`) as the
@@ -177,6 +197,17 @@ pub mod twotower {
                 int("delta_pending"),
                 int("folds"),
                 text("delta_generation"),
+                v.get("tuned_queries")
+                    .and_then(serde_json::Value::as_i64)
+                    .map(|x| x as i32),
+                v.get("tuned_k")
+                    .and_then(serde_json::Value::as_i64)
+                    .map(|x| x as i32),
+                v.get("tuned_links").and_then(serde_json::Value::as_i64),
+                v.get("tuned_recall_before")
+                    .and_then(serde_json::Value::as_f64),
+                v.get("tuned_recall_after")
+                    .and_then(serde_json::Value::as_f64),
             ));
         }
         Ok(out)

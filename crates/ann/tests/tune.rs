@@ -103,8 +103,17 @@ fn a_tuned_image_finds_the_exact_neighbours_of_every_sample_query() {
         // The header says what was done; a plain build says nothing.
         // (The header counts the links the finish added again after its own relinking too.)
         let h = img.header().tuning.unwrap();
-        assert!(h.links >= t.links && h.links <= t.links + t.links / 10, "{h:?}");
-        assert_eq!(Tuning { links: t.links, ..h }, t);
+        assert!(
+            h.links >= t.links && h.links <= t.links + t.links / 10,
+            "{h:?}"
+        );
+        assert_eq!(
+            Tuning {
+                links: t.links,
+                ..h
+            },
+            t
+        );
         assert_eq!(plain.header().tuning, None);
     }
 }

@@ -77,6 +77,14 @@ pub struct Meta {
     pub dg_spare_generation: u64,
     pub dg_spare_head: u32,
     pub dg_spare_nblocks: u32,
+    /// The main graph's tuning to sample queries (`WITH (query_sample = ...)`; all zero when
+    /// it was not tuned; metapages written before 0.8 read zeros here): sample queries, k,
+    /// links added, the sample's recall@k before and after.
+    pub tuned_queries: u32,
+    pub tuned_k: u32,
+    pub tuned_links: u64,
+    pub tuned_recall_before: f32,
+    pub tuned_recall_after: f32,
 }
 
 /// Where one image lives: the main image (a contiguous block range) or the delta graph (a chain).
