@@ -425,42 +425,75 @@ fn read_queries(
             sample.limit
         ),
     };
-    let mut out: Vec<f32> = Vec::new();
-    let mut rows = 0usize;
-    let mut progress = crate::infra::spi::Progress::new("twotower_hnsw query sample", "rows");
-    crate::infra::spi::read_rows(&select, "query_sample", Some(&mut progress), |row| {
-        rows += 1;
-        let Some(v) = row.get::<Vec<Option<f32>>>(1)? else {
-            return Ok(());
-        };
-        if v.len() != dims {
-            TtError::Ann(AnnError::DimensionMismatch {
-                expected: dims,
-                got: v.len(),
-            })
-            .report();
-        }
-        let q = out.len() / dims + 1;
-        if memory(q) > budget {
-            TtError::MemoryBudget {
-                needed: memory(q),
-                available: budget,
+    let read = || {
+        let mut out: Vec<f32> = Vec::new();
+        let mut rows = 0usize;
+        let mut progress = crate::infra::spi::Progress::new("twotower_hnsw query sample", "rows");
+        crate::infra::spi::read_rows(&select, "query_sample", Some(&mut progress), |row| {
+            rows += 1;
+            let Some(v) = row.get::<Vec<Option<f32>>>(1)? else {
+                return Ok(());
+            };
+            if v.len() != dims {
+                TtError::Ann(AnnError::DimensionMismatch {
+                    expected: dims,
+                    got: v.len(),
+                })
+                .report();
             }
-            .report();
-        }
-        for x in v {
-            match x {
-                Some(x) => out.push(x),
-                None => {
-                    TtError::BadArgument(format!("row {rows} of query_sample holds a NULL element"))
-                        .report()
+            let q = out.len() / dims + 1;
+            if memory(q) > budget {
+                TtError::MemoryBudget {
+                    needed: memory(q),
+                    available: budget,
+                }
+                .report();
+            }
+            for x in v {
+                match x {
+                    Some(x) => out.push(x),
+                    None => TtError::BadArgument(format!(
+                        "row {rows} of query_sample holds a NULL element"
+                    ))
+                    .report(),
                 }
             }
-        }
-        Ok(())
-    })
-    .or_report();
-    out
+            Ok(())
+        })
+        .or_report();
+        out
+    };
+    // A name the sample cannot resolve: say where names come from (a restore runs the build
+    // with an empty search_path, as it does for expression indexes).
+    pgrx::PgTryBuilder::new(std::panic::AssertUnwindSafe(read))
+        .catch_others(|e| {
+            use pgrx::PgSqlErrorCode::*;
+            let pg_sys::panic::CaughtError::PostgresError(r) = &e else {
+                e.rethrow()
+            };
+            let unresolved = matches!(
+                r.sql_error_code(),
+                ERRCODE_UNDEFINED_TABLE
+                    | ERRCODE_UNDEFINED_FUNCTION
+                    | ERRCODE_UNDEFINED_OBJECT
+                    | ERRCODE_INVALID_SCHEMA_NAME
+            );
+            if !unresolved || r.hint().is_some() {
+                e.rethrow()
+            }
+            let mut report =
+                pg_sys::panic::ErrorReport::new(r.sql_error_code(), r.message().to_owned(), "")
+                    .set_hint(
+                        "query_sample is read with the build's search_path, which is empty during a restore (pg_restore): schema-qualify the names in it",
+                    );
+            if let Some(d) = r.detail() {
+                report = report.set_detail(d.to_owned());
+            }
+            // (An ERROR does not return.)
+            report.report(pgrx::PgLogLevel::ERROR);
+            Vec::new()
+        })
+        .execute()
 }
 
 /// `ambuildempty`: the init fork of an unlogged index (an empty metapage).

@@ -45,7 +45,7 @@ pub struct TuneParams {
     pub ef: usize,
     /// Level-0 slots added to every node for the query-aware links.
     pub extra: usize,
-    /// At most this many rounds of searches and repairs.
+    /// At most this many rounds of searches and repairs (they stop when one adds no link).
     pub rounds: usize,
 }
 
@@ -55,7 +55,7 @@ impl Default for TuneParams {
             k: 100,
             ef: 100,
             extra: 16,
-            rounds: 3,
+            rounds: 8,
         }
     }
 }
