@@ -184,7 +184,7 @@ pub(crate) fn prepare(
     poll: &mut dyn FnMut(usize) -> Poll,
 ) -> Result<Sample> {
     p.validate()?;
-    if queries.len() % dims.max(1) != 0 {
+    if !queries.len().is_multiple_of(dims.max(1)) {
         return Err(AnnError::DimensionMismatch {
             expected: dims,
             got: queries.len() % dims.max(1),

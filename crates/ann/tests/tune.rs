@@ -1,5 +1,6 @@
 //! Query-aware links (`tune.rs`): a graph tuned to a sample of out-of-distribution queries.
 
+#[allow(dead_code)] // (the helpers the other test files use)
 mod common;
 use common::key_of;
 use twotower_ann::*;
