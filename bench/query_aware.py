@@ -263,7 +263,7 @@ CREATE TABLE qa_heldout_target (user_id bigint NOT NULL, item_id bigint NOT NULL
 ANALYZE qa_items, qa_train, qa_users, qa_heldout_hist, qa_heldout_target;""")
         opts = json.dumps(TRAIN_OPTIONS).replace("'", "''")
         with Timer("training (twotower.train)") as t:
-            out, err = psql(f"""SET maintenance_work_mem = '4GB';
+            out, err = psql(f"""SET maintenance_work_mem = '{os.environ.get("TT_QA_TRAIN_MEM", "8GB")}';
 SELECT kind || ':' || parameters || ':' || train_examples
   FROM twotower.train('qa_user', 'qa_item', 'qa_train', '{opts}', item_features => 'qa_items');
 {hwm_sql()};""", notices=True)
@@ -352,6 +352,7 @@ def measure_build(stmt, index):
     """Runs a CREATE INDEX / REINDEX in a fresh session: seconds, WAL bytes, index bytes, peak
     memory of the backend (VmHWM, MB), seconds per progress phase."""
     psql("CHECKPOINT")
+    load = os.getloadavg()[0]
     poller = ProgressPoller()
     poller.start()
     out = psql(f"""SET maintenance_work_mem = '4GB';
@@ -364,7 +365,7 @@ SELECT extract(epoch FROM clock_timestamp() - :'t0'::timestamptz), pg_wal_lsn_di
     line = [x for x in out.strip().splitlines() if "|" in x][-1]
     secs, wal, size, hwm = line.split("|")
     phases = {k.replace("building index: ", ""): v for k, v in poller.seen.items() if k}
-    return {"secs": float(secs), "wal": int(float(wal)), "size": int(size), "hwm": int(hwm), "phases": phases}
+    return {"secs": float(secs), "wal": int(float(wal)), "size": int(size), "hwm": int(hwm), "phases": phases, "load": load}
 
 
 def info(index):
@@ -441,16 +442,23 @@ EXPLAIN (COSTS OFF) EXECUTE p('{{1}}');""")
 
 
 def qps_at(points, target):
-    """(qps, how) at the target recall: linear between the ef points around it."""
-    pts = sorted(points)  # (ef, recall, qps)
-    for i, (ef, rec, qps) in enumerate(pts):
-        if rec >= target:
-            if i == 0:
-                return qps, f"ef {ef} (the lowest measured) already {rec:.4f}"
-            ef0, rec0, qps0 = pts[i - 1]
-            f = (target - rec0) / (rec - rec0)
-            return qps0 + f * (qps - qps0), f"between ef {ef0} ({rec0:.4f}) and {ef} ({rec:.4f})"
-    return None, f"not reached (best {max(p[1] for p in pts):.4f} at ef {pts[-1][0]})"
+    """QPS at the target recall on the measured recall/QPS frontier: (qps, how). The frontier
+    keeps the ef points no other point beats on both recall and QPS (with LIMIT 100, an ef below
+    100 widens its search by rounds and can be slower than ef 100); the figure is interpolated
+    linearly in recall between the frontier points around the target, or is the first frontier
+    point at or above it when none is below."""
+    pts = [p for p in points if not any(q is not p and q[1] >= p[1] and q[2] >= p[2] and (q[1], q[2]) != (p[1], p[2])
+                                        for q in points)]
+    above = sorted([p for p in pts if p[1] >= target], key=lambda p: p[1])
+    below = sorted([p for p in pts if p[1] < target], key=lambda p: p[1])
+    if not above:
+        return None, f"not reached (best {max(p[1] for p in points):.4f})"
+    ef1, rec1, qps1 = above[0]
+    if not below:
+        return qps1, f"ef {ef1} ({rec1:.4f}): no faster point below the target"
+    ef0, rec0, qps0 = below[-1]
+    f = (target - rec0) / (rec1 - rec0)
+    return qps0 + f * (qps1 - qps0), f"between ef {ef0} ({rec0:.4f}, {qps0:.0f} QPS) and ef {ef1} ({rec1:.4f}, {qps1:.0f} QPS)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,6 +588,18 @@ def so_sum():
         return "?"
 
 
+def ood():
+    """Median cosine distance from a query to its nearest and its 100th nearest item: held-out
+    users against items' own vectors (the item itself left out)."""
+    return rows("""SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY a.embedding <=> q.v)::numeric, 4),
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY b.embedding <=> q.v)::numeric, 4)
+  FROM qa_q q JOIN qa_exact e USING (qid) JOIN qa_vectors a ON a.id = e.ids[1] JOIN qa_vectors b ON b.id = e.ids[100]
+UNION ALL
+SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY a.embedding <=> q.v)::numeric, 4),
+       round(percentile_cont(0.5) WITHIN GROUP (ORDER BY b.embedding <=> q.v)::numeric, 4)
+  FROM qa_i2i q JOIN qa_exact_i2i e USING (qid) JOIN qa_vectors a ON a.id = e.ids[2] JOIN qa_vectors b ON b.id = e.ids[100]""")
+
+
 def mb(b):
     return f"{int(b) / 1048576:.0f} MB"
 
@@ -661,6 +681,7 @@ VACUUM ANALYZE qa_vec_{tag};""")
     hr = rows("""SELECT avg(((SELECT count(*) FROM qa_heldout_target t WHERE t.user_id = q.user_id AND t.item_id = ANY (e.ids)) > 0)::int)::float8,
        avg((SELECT count(*) FROM qa_heldout_target t WHERE t.user_id = q.user_id AND t.item_id = ANY (e.ids)) / 5.0)
   FROM qa_q q JOIN qa_exact e USING (qid)""")[0]
+    facts["ood"] = ood()
     ml_note, ml = movielens_check()
     total = time.time() - t_all
     facts["load"] = (load_before, load_after)
@@ -693,6 +714,10 @@ def report(facts, indexes, builds, concurrently, results, i2i, hr, ml_note, ml, 
     print(f"- Queries: {int(c[5])} held-out users (`user_features` over their history, `embed_user`); exact top-100 "
           f"by sequential scans. The model's exact top-100 holds a held-out target for {float(hr[0]):.3f} of them "
           f"(recall@100 of the targets {float(hr[1]):.3f}; history items not masked): the model has learned the structure.")
+    if "ood" in facts:
+        u, i = facts["ood"]
+        print(f"- Out of distribution: median cosine distance to the nearest / the 100th nearest item: held-out users "
+              f"{u[0]} / {u[1]}, items (themselves left out) {i[0]} / {i[1]}.")
     print(f"- Tuned index: `query_sample` = `{sample_sql(SAMPLE)}` (about {SAMPLE} training users), "
           f"`query_model = 'qa_user'`, query_k 100, query_ef 100, query_extra 16.")
     for i, (tag, p) in enumerate(indexes[2:], 1):
@@ -700,8 +725,8 @@ def report(facts, indexes, builds, concurrently, results, i2i, hr, ml_note, ml, 
     print()
     print("## Builds")
     print()
-    print("| index | statement | seconds | tuning phase s | WAL | index size | backend peak (VmHWM) | orphans | tuned queries | tuned links | sample recall@k before → after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| index | statement | seconds | tuning phase s | WAL | index size | backend peak (VmHWM) | orphans | tuned queries | tuned links | sample recall@k before → after | load avg at start |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rowsets = [((tag, kind), builds[(tag, kind)]) for kind in ("create", "reindex") for tag, _ in indexes
                if (tag, kind) in builds]
     if concurrently:
@@ -712,7 +737,7 @@ def report(facts, indexes, builds, concurrently, results, i2i, hr, ml_note, ml, 
         tq = int(inf["tuned_queries"])
         print(f"| {tag} | {stmt} | {b['secs']:.1f} | {f'{tune_s:.1f}' if tune_s else '–'} | {mb(b['wal'])} | {mb(b['size'])} | "
               f"{b['hwm']} MB | {inf['orphans']} | {tq or '–'} | {inf['tuned_links'] if tq else '–'} | "
-              f"{(inf['recall_before'] + ' → ' + inf['recall_after'] + ' (k ' + inf['tuned_k'] + ')') if tq else '–'} |")
+              f"{(inf['recall_before'] + ' → ' + inf['recall_after'] + ' (k ' + inf['tuned_k'] + ')') if tq else '–'} | {b['load']:.2f} |")
     print()
     pr, tr = builds[("plain", "reindex")][0], builds[("tuned", "reindex")][0]
     pc, tc = builds[("plain", "create")][0], builds[("tuned", "create")][0]

@@ -32,7 +32,7 @@ pub struct HnswOptions {
 /// Defaults of the query-aware options (`tune.rs` in crates/ann; docs/index.md).
 pub const DEFAULT_QUERY_K: i32 = 100;
 pub const DEFAULT_QUERY_EF: i32 = 100;
-pub const DEFAULT_QUERY_EXTRA: i32 = 16;
+pub const DEFAULT_QUERY_EXTRA: i32 = 8;
 pub const DEFAULT_QUERY_LIMIT: i32 = 10_000;
 /// The longest query_sample accepted (bytes).
 const MAX_QUERY_SAMPLE: usize = 16 * 1024;

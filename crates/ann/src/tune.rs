@@ -54,7 +54,7 @@ impl Default for TuneParams {
         TuneParams {
             k: 100,
             ef: 100,
-            extra: 16,
+            extra: 8,
             rounds: 8,
         }
     }
