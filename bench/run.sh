@@ -54,6 +54,12 @@ TT_SKIP_LOAD=1 python3 bench/movielens_multitask.py | tee "bench/out/movielens-m
 # A simulated A/B test (bench/movielens_ab.py): two-tower recall against the merged funnel
 # through a split, the impression log and feedback, online metrics against the offline ones.
 TT_SKIP_LOAD=1 python3 bench/movielens_ab.py | tee "bench/out/movielens-ab-$(date +%Y%m%d-%H%M%S).md"
+# A query-aware index (WITH (query_sample = ...)) against the plain graph on held-out users of a
+# two-tower model trained in the database over 1M items (bench/query_aware.py; its own scratch
+# cluster, about 30 minutes). TT_SKIP_QUERY_AWARE=1 leaves it out.
+if [ "${TT_SKIP_QUERY_AWARE:-0}" != 1 ]; then
+  python3 bench/query_aware.py | tee "bench/out/query-aware-$(date +%Y%m%d-%H%M%S).md"
+fi
 # recall() over loopback shards (postgres_fdw) against one server (bench/shards.sh; four more
 # scratch clusters, stopped at the end). TT_SKIP_SHARDS=1 leaves it out.
 if [ "${TT_SKIP_SHARDS:-0}" != 1 ]; then

@@ -149,8 +149,8 @@ fn main() {
     };
     let plain = build(None);
     let tuned = build(Some(TuneParams {
-        k,
-        ef: 100,
+        k: env("TT_TK", k),
+        ef: env("TT_TEF", 100),
         extra,
         ..TuneParams::default()
     }));
