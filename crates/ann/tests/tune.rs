@@ -81,7 +81,6 @@ fn a_tuned_image_finds_the_exact_neighbours_of_every_sample_query() {
             ef,
             extra: 8,
             rounds: 16,
-            ..TuneParams::default()
         };
         let (img, t) = tuned(&p, &data, Some((&queries, tp)), 2);
         let t = t.unwrap();
@@ -135,7 +134,6 @@ fn tuning_helps_held_out_queries_and_leaves_item_queries_as_good() {
         ef,
         extra: 12,
         rounds: 3,
-        ..TuneParams::default()
     };
     let (img, t) = tuned(&p, &data, Some((&sample, tp)), 2);
     let (plain, img) = (
@@ -167,7 +165,6 @@ fn tuning_is_the_same_on_one_thread_or_two_and_keeps_every_old_link() {
         ef: 20,
         extra: 8,
         rounds: 4,
-        ..TuneParams::default()
     };
     let (a, ta) = tuned(&p, &data, Some((&queries, tp)), 1);
     let (b, tb) = tuned(&p, &data, Some((&queries, tp)), 2);
