@@ -39,6 +39,9 @@ const MAX_QUERY_SAMPLE: usize = 16 * 1024;
 
 static RELOPT_KIND: AtomicU32 = AtomicU32::new(0);
 
+/// A string option's validator, as `add_string_reloption` takes it.
+type StringValidator = pg_sys::validate_string_relopt;
+
 /// Registers the reloption kind and options. Called once per backend from `_PG_init`.
 pub fn register() {
     // SAFETY: called from _PG_init, before any index of this AM is opened in this backend.
@@ -113,22 +116,28 @@ pub fn register() {
                 pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
             );
         }
-        pg_sys::add_string_reloption(
-            kind,
-            c"query_sample".as_ptr(),
-            c"SQL returning sample queries (real[] or vector; jsonb features with query_model) that builds tune the graph to".as_ptr(),
-            std::ptr::null(),
-            Some(validate_query_sample),
-            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
-        );
-        pg_sys::add_string_reloption(
-            kind,
-            c"query_model".as_ptr(),
-            c"Model whose user tower turns query_sample's features into query vectors".as_ptr(),
-            std::ptr::null(),
-            Some(validate_query_model),
-            pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
-        );
+        let strings: [(&std::ffi::CStr, &std::ffi::CStr, StringValidator); 2] = [
+            (
+                c"query_sample",
+                c"SQL returning sample queries (real[] or vector; jsonb features with query_model) that builds tune the graph to",
+                Some(validate_query_sample),
+            ),
+            (
+                c"query_model",
+                c"Model whose user tower turns query_sample's features into query vectors",
+                Some(validate_query_model),
+            ),
+        ];
+        for (name, desc, validate) in strings {
+            pg_sys::add_string_reloption(
+                kind,
+                name.as_ptr(),
+                desc.as_ptr(),
+                std::ptr::null(),
+                validate,
+                pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+            );
+        }
         pg_sys::add_string_reloption(
             kind,
             c"quantization".as_ptr(),

@@ -477,17 +477,19 @@ impl ImageBuilder {
             }
             Ok::<_, AnnError>(missed)
         };
-        let record = |tuning: &Option<(crate::tune::Tuning, crate::tune::Sample)>| {
-            tuning.as_ref().map(|x| x.0)
-        };
-        let mut bytes = serialize(
-            &self.params,
-            &keys,
-            &orphans,
-            graph,
-            record(&tuning).as_ref(),
-            spill,
-        )?;
+        // The image of the graph as it is, with `orphans` and the tuning's record.
+        let write =
+            |orphans: &[u64], tuning: &Option<(crate::tune::Tuning, crate::tune::Sample)>| {
+                serialize(
+                    &self.params,
+                    &keys,
+                    orphans,
+                    graph,
+                    tuning.as_ref().map(|x| &x.0),
+                    spill,
+                )
+            };
+        let mut bytes = write(&orphans, &tuning)?;
         let mut missed = check(&bytes, poll)?;
         if !missed.is_empty() {
             // What both widths miss (about 1 % of clustered data at 1M) is linked again: a
@@ -500,14 +502,7 @@ impl ImageBuilder {
                 Ok(false)
             })?;
             retune(graph, &mut tuning, self.threads, poll)?;
-            bytes = serialize(
-                &self.params,
-                &keys,
-                &orphans,
-                graph,
-                record(&tuning).as_ref(),
-                spill,
-            )?;
+            bytes = write(&orphans, &tuning)?;
             missed = check(&bytes, poll)?;
         }
         if missed.is_empty() {
@@ -517,14 +512,7 @@ impl ImageBuilder {
         orphans.extend(missed.into_iter().map(|i| keys[i]));
         orphans.sort_unstable();
         orphans.dedup();
-        serialize(
-            &self.params,
-            &keys,
-            &orphans,
-            graph,
-            record(&tuning).as_ref(),
-            spill,
-        )
+        write(&orphans, &tuning)
     }
 }
 
