@@ -79,6 +79,13 @@ while read -r q; do
   done
 done < "$out/queries"
 echo 'SELECT 1;' > "$out/one.sql"
+# Citus's own cost without pg_twotower: the same shape of query (ordered, LIMIT 10, every shard)
+# over the primary key's btree, through the coordinator and on the one shard.
+mkdir -p "$out/pk" "$out/pk-shard"
+for n in $(seq 1 50); do
+  echo "SELECT id FROM items WHERE id > $((n * 997)) ORDER BY id LIMIT 10;" > "$out/pk/q$n.sql"
+  echo "SELECT id FROM $shard WHERE id > $((n * 997)) ORDER BY id LIMIT 10;" > "$out/pk-shard/q$n.sql"
+done
 
 run() { # node, setup [log] -> "p50 p99 qps"; per-transaction latencies in $out/<setup><log>.lat
   local node=$1 setup=$2 log=${3:-} args=()
@@ -117,6 +124,8 @@ read -r s50 s99 sqps <<< "$(run 1 "$shard")"
 read -r a50 a99 aqps <<< "$(run 0 items_all)"
 read -r d50 d99 dqps <<< "$(run 0 items)"
 read -r r50 r99 rqps <<< "$(run 1 one)"
+read -r p50 p99 pqps <<< "$(run 0 pk)"
+read -r ps50 ps99 psqps <<< "$(run 1 pk-shard)"
 read -r ra50 ra99 raqps <<< "$(run 0 recall-items_all_idx)"
 read -r rd50 rd99 rdqps <<< "$(run 0 recall-items_idx)"
 # Once more with the workers logging every statement's duration (which costs a little: this
@@ -130,7 +139,11 @@ echo "| Citus, the same, workers logging each statement's duration | $l50 | $l99
 echo "| \`recall()\` top 10, one server (the plain table's index) | $ra50 | $ra99 | $raqps | $(ratio "$ra50" "$s50") |"
 echo "| \`recall()\` top 10 on the coordinator, through Citus | $rd50 | $rd99 | $rdqps | $(ratio "$rd50" "$s50") |"
 echo "| loopback round trip (SELECT 1 on a worker) | $r50 | $r99 | $rqps | |"
+echo "| no pg_twotower: \`ORDER BY id LIMIT 10\` (btree) on the one shard | $ps50 | $ps99 | $psqps | |"
+echo "| no pg_twotower: the same through the coordinator, $SHARDS shards | $p50 | $p99 | $pqps | |"
 echo
+echo "# Citus's own cost per query, no pg_twotower involved (btree query through the coordinator - the same on one shard): p50 $(awk -v a="$p50" -v b="$ps50" 'BEGIN {printf "%.3f", a - b}') ms"
+echo "# pg_twotower's query the same way (through the coordinator - one shard's own query): p50 $(awk -v a="$d50" -v b="$s50" 'BEGIN {printf "%.3f", a - b}') ms"
 
 # The coordinator's own work, query by query.
 nq=$(wc -l < "$out/items-logged.lat"); n1=$(wc -l < "$out/worker1.ms"); n2=$(wc -l < "$out/worker2.ms")
