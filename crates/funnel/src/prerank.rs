@@ -198,17 +198,31 @@ impl<'a> CrossInputs<'a> {
     /// [`CrossInputs::history`] of many vectors at once (one matrix product of the vectors by
     /// the history's; the same values up to rounding).
     pub fn history_batch(&self, vs: &[&[f32]]) -> Vec<(f32, f32)> {
-        let (n, dims) = (self.unit_history.len(), self.user.len());
-        if n == 0 || vs.iter().any(|v| v.len() != dims) {
+        let dims = self.user.len();
+        if self.unit_history.is_empty() || vs.iter().any(|v| v.len() != dims) {
             return vs.iter().map(|v| self.history(v)).collect();
         }
         let mut x = Vec::with_capacity(vs.len() * dims);
         for v in vs {
             x.extend_from_slice(v);
         }
+        self.history_rows(&x)
+    }
+
+    /// [`CrossInputs::history_batch`] of the vectors laid out one after the other in `x`, each
+    /// as wide as the user vector.
+    pub fn history_rows(&self, x: &[f32]) -> Vec<(f32, f32)> {
+        let (n, dims) = (self.unit_history.len(), self.user.len());
+        if dims == 0 {
+            return Vec::new();
+        }
+        let rows = x.len() / dims;
+        if n == 0 {
+            return vec![(0.0, 0.0); rows];
+        }
         let h: Vec<f32> = self.unit_history.iter().flatten().copied().collect();
-        let c = gemm_xwt(&x, vs.len(), dims, &h, n, None);
-        vs.iter()
+        let c = gemm_xwt(x, rows, dims, &h, n, None);
+        x.chunks_exact(dims)
             .zip(c.chunks_exact(n))
             .map(|(v, cs)| {
                 let norm = dot(v, v).sqrt();
@@ -356,10 +370,15 @@ pub fn cascade<E: From<PrerankError>>(
         if stage.keep == 0 {
             return Err(PrerankError::Bad(format!("stage {} keeps 0 candidates", s + 1)).into());
         }
-        let tt: Vec<f32> = alive
-            .iter()
-            .map(|&i| crosses.score(&cands[i].vector))
-            .collect();
+        // The vectors of the candidates alive, gathered once into one matrix that every step
+        // below reads: the candidates' own vectors may lie scattered over memory (a cache's),
+        // and each step would wait for them again.
+        let mut x = Vec::with_capacity(alive.len() * dims);
+        for &i in &alive {
+            x.extend_from_slice(&cands[i].vector);
+        }
+        let vector = |j: usize| &x[j * dims..(j + 1) * dims];
+        let tt: Vec<f32> = (0..alive.len()).map(|j| crosses.score(vector(j))).collect();
         let mut tasks = Vec::new();
         // What a sigmoid task's stage shows (its probability) when it ranks by the logit.
         let mut shown: Option<Vec<f32>> = None;
@@ -381,8 +400,7 @@ pub fn cascade<E: From<PrerankError>>(
                 let wants_history = model.cross_width(Cross::HistoryMax).is_some()
                     || model.cross_width(Cross::HistoryMean).is_some();
                 let history = if wants_history {
-                    let vs: Vec<&[f32]> = alive.iter().map(|&i| &*cands[i].vector).collect();
-                    crosses.history_batch(&vs)
+                    crosses.history_rows(&x)
                 } else {
                     vec![(0.0, 0.0); alive.len()]
                 };
@@ -395,10 +413,10 @@ pub fn cascade<E: From<PrerankError>>(
                         position: i + 1,
                     })
                     .collect();
-                let rows: Vec<Row> = alive
+                let rows: Vec<Row> = parts
                     .iter()
-                    .zip(&parts)
-                    .map(|(&i, p)| (&**p, &*cands[i].vector))
+                    .enumerate()
+                    .map(|(j, p)| (&**p, vector(j)))
                     .collect();
                 let keys = model.attention_keys(req.history);
                 poll()?;
