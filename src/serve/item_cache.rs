@@ -1,5 +1,6 @@
 //! The per-backend hot-item cache of the pre-ranker: item vectors and encoded item features by
-//! item id, bounded by `twotower.item_cache_size` (a two-generation map, `twotower_funnel::cache`).
+//! item id, bounded by `twotower.item_cache_size` (a CLOCK map on shelves, `twotower_funnel::cache`;
+//! a shelf per table, what is cached of it and how it was read).
 //!
 //! A table's rows are cached only while it has the `twotower_item_cache` trigger
 //! (`twotower.enable_item_cache`): after every statement that changes the table, the trigger
@@ -30,9 +31,10 @@ pub enum Entry {
     Attrs(Arc<serde_json::Map<String, serde_json::Value>>),
 }
 
-/// (what: 0 vector / 1 item part / 2 attributes, table oid, source: a hash of everything else
-/// that determines the entry — the id and vector columns, the model checksum —, item id).
-type Key = (u8, u32, u64, i64);
+/// A shelf: (what: 0 vector / 1 item part / 2 attributes, table oid, source: a hash of everything
+/// else that determines the entry — the id and vector columns, the model checksum —). Its
+/// entries are by item id.
+type Shelf = (u8, u32, u64);
 
 /// The `source` part of a key: a hash of the columns an entry was read by and the model (its
 /// checksum, or 0) it was encoded for. Two pipelines that read one table by other columns
@@ -46,7 +48,7 @@ pub fn source(columns: &[&str], model: u64) -> u64 {
 }
 
 struct State {
-    map: HotMap<Key, Entry>,
+    map: HotMap<Shelf, Entry>,
     /// The EPOCH the map and `enabled` are valid for.
     epoch: u64,
     /// Tables known to have (true) or lack (false) the trigger.
@@ -157,8 +159,66 @@ pub fn usable(rel: pg_sys::Oid) -> bool {
     has
 }
 
-fn key(what: u8, rel: pg_sys::Oid, source: u64, item: i64) -> Key {
-    (what, rel.to_u32(), source, item)
+fn shelf(what: u8, rel: pg_sys::Oid, source: u64) -> Shelf {
+    (what, rel.to_u32(), source)
+}
+
+/// The entries of `items` on `shelf` that `pick` accepts, cloned (in `items` order, None for
+/// a miss), and the items without one (misses).
+///
+/// The entries of a cache lie scattered over its memory, and each lookup's reads depend on one
+/// another (the index, the slot, the entry, its data). So they are done in passes over the
+/// whole request, each a run of independent reads that the CPU overlaps: the index, then the
+/// slots (`get_many`), then every entry's reference count and data (`touch`: one value per
+/// cache line of what the caller will read), then the clones. A clone's atomic increment
+/// waits for its memory and holds back every read after it; after the passes it finds its
+/// line in the CPU's caches.
+fn lookup<T>(
+    s: &State,
+    shelf: Shelf,
+    items: &[i64],
+    pick: impl Fn(&Entry) -> Option<&Arc<T>>,
+    touch: impl Fn(&T) -> f32,
+) -> (Vec<Option<Arc<T>>>, Vec<i64>)
+where
+    T: ?Sized,
+{
+    let found = s.map.get_many(&shelf, items);
+    let mut sum = 0f32;
+    for e in found.iter().flatten() {
+        if let Some(a) = pick(e) {
+            sum += Arc::strong_count(a) as f32;
+        }
+    }
+    for e in found.iter().flatten() {
+        if let Some(a) = pick(e) {
+            sum += touch(a);
+        }
+    }
+    std::hint::black_box(sum);
+    let mut miss = Vec::new();
+    let hit = items
+        .iter()
+        .zip(found)
+        .map(|(&i, e)| {
+            let a = e.and_then(&pick).cloned();
+            if a.is_none() {
+                miss.push(i);
+            }
+            a
+        })
+        .collect();
+    (hit, miss)
+}
+
+/// Hits in `items` order (from [`lookup`]) by item id.
+fn by_id<T: ?Sized>(
+    items: &[i64],
+    (hit, miss): (Vec<Option<Arc<T>>>, Vec<i64>),
+) -> (HashMap<i64, Arc<T>>, Vec<i64>) {
+    let mut m = HashMap::with_capacity_and_hasher(items.len(), Default::default());
+    m.extend(items.iter().zip(hit).filter_map(|(&i, a)| Some((i, a?))));
+    (m, miss)
 }
 
 /// The cached vectors of `items` in `rel` read by `source` (by item id); the rest are misses.
@@ -167,19 +227,19 @@ pub fn vectors(
     source: u64,
     items: &[i64],
 ) -> (HashMap<i64, Arc<[f32]>>, Vec<i64>) {
-    with_state(|s| {
-        let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
-        let mut miss = Vec::new();
-        for &i in items {
-            match s.map.get(&key(0, rel, source, i)) {
-                Some(Entry::Vector(v)) => {
-                    hit.insert(i, v);
-                }
-                _ => miss.push(i),
-            }
-        }
-        (hit, miss)
-    })
+    let found = with_state(|s| {
+        lookup(
+            s,
+            shelf(0, rel, source),
+            items,
+            |e| match e {
+                Entry::Vector(v) => Some(v),
+                _ => None,
+            },
+            |v| v.iter().step_by(16).sum(),
+        )
+    });
+    by_id(items, found)
 }
 
 pub fn put_vectors<'a>(
@@ -190,7 +250,8 @@ pub fn put_vectors<'a>(
     with_state(|s| {
         for (i, v) in rows {
             s.map.insert_sized(
-                key(0, rel, source, i),
+                shelf(0, rel, source),
+                i,
                 Entry::Vector(v.clone()),
                 v.len() * 4 + 96,
             );
@@ -198,20 +259,21 @@ pub fn put_vectors<'a>(
     })
 }
 
-/// The cached item parts for `items` from `rel` read by `source` (which names the model).
-pub fn parts(rel: pg_sys::Oid, source: u64, items: &[i64]) -> (HashMap<i64, Arc<Part>>, Vec<i64>) {
+/// The cached item parts for `items` from `rel` read by `source` (which names the model), in
+/// `items` order (None for a miss), and the misses.
+#[allow(clippy::type_complexity)]
+pub fn parts(rel: pg_sys::Oid, source: u64, items: &[i64]) -> (Vec<Option<Arc<Part>>>, Vec<i64>) {
     with_state(|s| {
-        let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
-        let mut miss = Vec::new();
-        for &i in items {
-            match s.map.get(&key(1, rel, source, i)) {
-                Some(Entry::Part(p)) => {
-                    hit.insert(i, p);
-                }
-                _ => miss.push(i),
-            }
-        }
-        (hit, miss)
+        lookup(
+            s,
+            shelf(1, rel, source),
+            items,
+            |e| match e {
+                Entry::Part(p) => Some(p),
+                _ => None,
+            },
+            |p| p.touch(),
+        )
     })
 }
 
@@ -223,7 +285,8 @@ pub fn put_parts<'a>(
     with_state(|s| {
         for (i, p) in rows {
             s.map.insert_sized(
-                key(1, rel, source, i),
+                shelf(1, rel, source),
+                i,
                 Entry::Part(p.clone()),
                 p.memory_bytes() + 64,
             );
@@ -241,19 +304,19 @@ pub fn attributes(
     HashMap<i64, Arc<serde_json::Map<String, serde_json::Value>>>,
     Vec<i64>,
 ) {
-    with_state(|s| {
-        let mut hit = HashMap::with_capacity_and_hasher(items.len(), Default::default());
-        let mut miss = Vec::new();
-        for &i in items {
-            match s.map.get(&key(2, rel, source, i)) {
-                Some(Entry::Attrs(a)) => {
-                    hit.insert(i, a);
-                }
-                _ => miss.push(i),
-            }
-        }
-        (hit, miss)
-    })
+    let found = with_state(|s| {
+        lookup(
+            s,
+            shelf(2, rel, source),
+            items,
+            |e| match e {
+                Entry::Attrs(a) => Some(a),
+                _ => None,
+            },
+            |_| 0.0,
+        )
+    });
+    by_id(items, found)
 }
 
 pub fn put_attributes<'a>(
@@ -269,7 +332,7 @@ pub fn put_attributes<'a>(
                     .map(|(k, v)| 64 + k.len() + v.to_string().len())
                     .sum::<usize>();
             s.map
-                .insert_sized(key(2, rel, source, i), Entry::Attrs(a.clone()), bytes);
+                .insert_sized(shelf(2, rel, source), i, Entry::Attrs(a.clone()), bytes);
         }
     })
 }

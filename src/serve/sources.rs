@@ -398,15 +398,15 @@ fn item_parts(
     let rel = relation("item_features.table", &f.table)?;
     let cached = crate::serve::item_cache::usable(rel);
     let source = crate::serve::item_cache::source(&[f.id_column.as_str()], model_key);
-    let (mut hits, misses) = if cached {
+    let (hits, misses) = if cached {
         crate::serve::item_cache::parts(rel, source, items)
     } else {
-        (HashMap::default(), items.to_vec())
+        (vec![None; items.len()], items.to_vec())
     };
+    let mut fresh: HashMap<i64, Arc<Part>> = HashMap::default();
     if !misses.is_empty() {
         let rows = item_rows(rel, &f.id_column, &cols, &misses)?;
-        let mut fresh: HashMap<i64, Arc<Part>> =
-            HashMap::with_capacity_and_hasher(misses.len(), Default::default());
+        fresh.reserve(misses.len());
         for i in &misses {
             fresh.insert(*i, encode(*i, rows.get(i).unwrap_or(&empty))?);
         }
@@ -415,12 +415,12 @@ fn item_parts(
             // of their row invalidates the cache like any change.
             crate::serve::item_cache::put_parts(rel, source, fresh.iter().map(|(i, p)| (*i, p)));
         }
-        hits.extend(fresh);
     }
     items
         .iter()
-        .map(|i| match hits.get(i) {
-            Some(p) => Ok(p.clone()),
+        .zip(hits)
+        .map(|(i, hit)| match hit.or_else(|| fresh.get(i).cloned()) {
+            Some(p) => Ok(p),
             // Every item was read or found in the cache; an empty part if not.
             None => encode(*i, &empty),
         })
