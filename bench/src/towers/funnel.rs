@@ -5,7 +5,8 @@
 //! a cached `prerank` call is its server-side time against the core cascade run in this process
 //! over the same inputs.
 //!
-//! Configuration: TT_FUNNEL_CALLS (300).
+//! Configuration: TT_FUNNEL_CALLS (300); TT_FUNNEL_GLUE_ONLY=1 measures only the glue's share,
+//! TT_FUNNEL_PROFILE=1 only repeats the cached calls (to profile the server meanwhile).
 
 use super::harness::{lat, verdict, Lat};
 use super::*;
@@ -60,7 +61,12 @@ impl Towers<'_> {
     /// the history's and the candidates' stored vectors, the item parts encoded once, as the
     /// cache holds them; the median of three passes). Also counts the requests whose top 100
     /// is the same in both.
-    fn glue_share(&mut self, inputs: &[Value], cands: &[Vec<i64>]) -> (f64, f64, usize) {
+    #[allow(clippy::type_complexity)]
+    fn glue_share(
+        &mut self,
+        inputs: &[Value],
+        cands: &[Vec<i64>],
+    ) -> (f64, f64, usize, Vec<Vec<i64>>) {
         use std::sync::Arc;
         use twotower_funnel::prerank::{cascade, Candidate, PrerankError, Request, Scorer, Stage};
         use twotower_tower::{Model, Part, Source};
@@ -210,7 +216,161 @@ impl Towers<'_> {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        (median(server), median(inprocess), same)
+        (median(server), median(inprocess), same, server_top)
+    }
+
+    /// The whole `prerank` call run in this process, without PostgreSQL: the funnel core's
+    /// `run` (the request's features parsed, the user tower, the request's candidates and
+    /// history, the cascade) over an in-memory store of the items, as an application serving
+    /// the same pipeline from its own memory would hold them: each item's vector and item part
+    /// allocated on its own, in the order the items arrived (the whole-catalogue calls' items
+    /// first, then the hot set's, each in a random order), like the server's cache. The mean
+    /// per call over `inputs` and `cands` (the median of three passes after a warm-up), and
+    /// the number of requests whose top 100 is `server_top`'s.
+    fn whole_call_in_process(
+        &mut self,
+        inputs: &[Value],
+        spread: &[Vec<i64>],
+        cands: &[Vec<i64>],
+        server_top: &[Vec<i64>],
+    ) -> (f64, usize) {
+        use rustc_hash::FxHashMap;
+        use std::sync::Arc;
+        use twotower_funnel::request::{self, FunnelError, Models, Sources};
+        use twotower_funnel::{channel, pipeline::Definition, Hit};
+        use twotower_tower::{Part, Source};
+        struct Store<'a> {
+            vectors: FxHashMap<i64, Arc<[f32]>>,
+            parts: FxHashMap<i64, Arc<Part>>,
+            empty: &'a Part,
+        }
+        impl Sources for Store<'_> {
+            type Error = FunnelError;
+            fn channel(
+                &mut self,
+                _: usize,
+                _: &channel::ChannelDef,
+                _: &channel::Query,
+            ) -> Result<Vec<Hit>, FunnelError> {
+                Ok(Vec::new())
+            }
+            fn vectors(&mut self, ids: &[i64]) -> Result<FxHashMap<i64, Arc<[f32]>>, FunnelError> {
+                Ok(ids
+                    .iter()
+                    .filter_map(|i| Some((*i, self.vectors.get(i)?.clone())))
+                    .collect())
+            }
+            fn item_parts(
+                &mut self,
+                _: usize,
+                _: &Model,
+                items: &[i64],
+            ) -> Result<Vec<Arc<Part>>, FunnelError> {
+                Ok(items
+                    .iter()
+                    .map(|i| {
+                        self.parts
+                            .get(i)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(self.empty.clone()))
+                    })
+                    .collect())
+            }
+            fn poll(&mut self) -> Result<(), FunnelError> {
+                Ok(())
+            }
+        }
+        let (uspec, uweights) = synth::realistic_user_tower(USER_SEED);
+        let user = Model::load(&uspec, &uweights).unwrap();
+        let (pspec, pweights) = synth::realistic_prerank(PRERANK_SEED);
+        let model = Model::load(&pspec, &pweights).unwrap();
+        let def: Value = self
+            .c
+            .query_one(
+                "SELECT definition FROM twotower.pipeline WHERE name = 'bench_prerank'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        let def = Definition::parse(&def).unwrap();
+        // The items in the order they arrive: the whole-catalogue calls' (as many as the
+        // server's cache held of them), then the hot set's and the histories'; each group
+        // shuffled (a fixed permutation), so neighbours in memory are unrelated items.
+        let mut order: Vec<i64> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for c in spread.iter().take(52) {
+            order.extend(c.iter().copied().filter(|i| seen.insert(*i)));
+        }
+        let first = order.len();
+        for (f, c) in inputs.iter().zip(cands) {
+            let h = request::history_ids(f, "history").unwrap();
+            order.extend(c.iter().chain(&h).copied().filter(|i| seen.insert(*i)));
+        }
+        let shuffle = |v: &mut [i64]| {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            for i in (1..v.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                v.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+        };
+        shuffle(&mut order[..first]);
+        shuffle(&mut order[first..]);
+        let n_items = (self.data.len() / self.dims) as i64;
+        let empty = model
+            .encode_part(&Value::Object(Default::default()), Source::Item, false)
+            .unwrap();
+        let mut store = Store {
+            vectors: FxHashMap::default(),
+            parts: FxHashMap::default(),
+            empty: &empty,
+        };
+        for &i in &order {
+            if i < 1 || i > n_items {
+                continue;
+            }
+            let at = (i - 1) as usize * self.dims;
+            store
+                .vectors
+                .insert(i, self.data[at..at + self.dims].to_vec().into());
+            // bench_prerank_items' row of item i.
+            let row =
+                serde_json::json!({"category": format!("c{}", i % 30), "price": (i % 997) as f64});
+            store.parts.insert(
+                i,
+                Arc::new(model.encode_part(&row, Source::Item, false).unwrap()),
+            );
+        }
+        let models = Models {
+            user: &user,
+            strict: true,
+            stages: vec![Some(&model)],
+        };
+        let mut times = Vec::new();
+        let mut same = 0;
+        for pass in 0..4 {
+            let t = Instant::now();
+            for (i, (f, c)) in inputs.iter().zip(cands).enumerate() {
+                let req = request::Request {
+                    pipeline: "bench_prerank",
+                    features: f,
+                    k: None,
+                    exclude: &[],
+                    candidates: Some(c),
+                };
+                let out = request::run(&def, &models, &req, &mut store).unwrap();
+                if pass == 0 {
+                    let top: Vec<i64> = out.rows.iter().map(|r| r.item).collect();
+                    same += usize::from(top == server_top[i]);
+                }
+            }
+            if pass > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1000.0 / inputs.len() as f64);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        (times[times.len() / 2], same)
     }
 
     pub(super) fn funnel(&mut self) {
@@ -318,10 +478,13 @@ impl Towers<'_> {
             return;
         }
         if std::env::var("TT_FUNNEL_PROFILE").is_ok() {
-            // Only the cached hot-set prerank, over and over (to profile the server meanwhile).
+            // Only the cached hot-set prerank, over and over (to profile the server meanwhile),
+            // after the cached calls over the whole catalogue have filled the cache.
             self.c
                 .batch_execute("SELECT twotower.enable_item_cache('items'); SELECT twotower.enable_item_cache('bench_prerank_items')")
                 .unwrap();
+            self.timed_calls(prerank_sql, &prerank_params, calls, 100);
+            println!("# profile from here");
             for _ in 0..20 {
                 let l = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
                 println!(
@@ -329,6 +492,23 @@ impl Towers<'_> {
                     l.p50, l.p99
                 );
             }
+            return;
+        }
+        if std::env::var("TT_FUNNEL_GLUE_ONLY").is_ok() {
+            // Only the glue's share of a cached prerank call, after the cached calls over the
+            // whole catalogue have filled the cache (as in the full run).
+            self.c
+                .batch_execute("SELECT twotower.enable_item_cache('items'); SELECT twotower.enable_item_cache('bench_prerank_items')")
+                .unwrap();
+            self.timed_calls(prerank_sql, &prerank_params, calls, 100);
+            let (server_ms, inprocess_ms, same, top) = self.glue_share(&inputs, &hot_cands);
+            let (whole_ms, whole_same) =
+                self.whole_call_in_process(&inputs, &spread, &hot_cands, &top);
+            println!(
+                "# cached prerank of 2,000 hot candidates: server side {server_ms:.3} ms, in process: the cascade {inprocess_ms:.3} ms ({:.2}×; top 100 equal in {same} of {calls}), the whole call over an in-memory store {whole_ms:.3} ms ({:.2}×; equal in {whole_same})",
+                server_ms / inprocess_ms,
+                server_ms / whole_ms
+            );
             return;
         }
         let recall = self.timed_calls(recall_sql, &user_params, calls, 500);
@@ -345,7 +525,8 @@ impl Towers<'_> {
         let pre_warm = self.timed_calls(prerank_sql, &prerank_params, calls, 100);
         let pre_hot = self.timed_calls(prerank_sql, &prerank_hot, calls, 100);
         let rec_warm = self.timed_calls(recommend_sql, &user_params, calls, 100);
-        let (server_ms, inprocess_ms, same) = self.glue_share(&inputs, &hot_cands);
+        let (server_ms, inprocess_ms, same, top) = self.glue_share(&inputs, &hot_cands);
+        let (whole_ms, whole_same) = self.whole_call_in_process(&inputs, &spread, &hot_cands, &top);
         let cache: (i64, i64) = {
             let r = self
                 .c
@@ -426,6 +607,10 @@ impl Towers<'_> {
             "# cached prerank of 2,000 hot candidates, mean per call: server side {server_ms:.3} ms (one statement over the {calls} requests), the core cascade in this process over the same inputs {inprocess_ms:.3} ms: {:.2}× (target ≤ {PRERANK_GLUE_TARGET}×: {}); top 100 equal in {same} of {calls} requests",
             server_ms / inprocess_ms,
             verdict(server_ms / inprocess_ms <= PRERANK_GLUE_TARGET)
+        );
+        println!(
+            "# the same calls run whole in this process (the funnel core's `run` over an in-memory store of the items, allocated one by one in arrival order like a cache's): {whole_ms:.3} ms a call; the server takes {:.2}× that; top 100 equal in {whole_same} of {calls} requests",
+            server_ms / whole_ms
         );
         println!(
             "# target: prerank of 2,000 candidates p99 ≤ {PRERANK_P99_TARGET_MS} ms (hot set, item cache): {} ({:.2} ms); recommend p99 ≤ {RECOMMEND_P99_TARGET_MS} ms (item cache): {} ({:.2} ms)",
