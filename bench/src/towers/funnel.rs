@@ -26,6 +26,66 @@ pub(crate) const LOG_P99_TARGET: f64 = 1.10;
 const PRERANK_SEED: u64 = 13;
 const FUNNEL_BASE: usize = 3_000_000;
 
+/// One request's inputs to the core cascade, prepared outside the timer.
+struct Prepared {
+    user: Vec<f32>,
+    user_part: twotower_tower::Part,
+    history: Vec<Vec<f32>>,
+    cands: Vec<twotower_funnel::prerank::Candidate>,
+    parts: Vec<std::sync::Arc<twotower_tower::Part>>,
+}
+
+/// The core cascade (pre-rank model `model`, keep 100) over every request of `prepared`: the
+/// mean time of a call (the median of three passes after a warm-up), and the number of
+/// requests whose top 100 is `server_top`'s.
+fn time_cascade(
+    prepared: &[Prepared],
+    model: &Model,
+    threads: usize,
+    server_top: &[Vec<i64>],
+) -> (f64, usize) {
+    use std::sync::Arc;
+    use twotower_funnel::prerank::{cascade, PrerankError, Request, Scorer, Stage};
+    use twotower_tower::Part;
+    let mut times = Vec::new();
+    let mut same = 0;
+    for pass in 0..4 {
+        let mut total = 0.0;
+        for (i, p) in prepared.iter().enumerate() {
+            let req = Request {
+                metric: twotower_tower::Metric::Cosine,
+                user: &p.user,
+                history: &p.history,
+                threads,
+            };
+            let stages = [Stage {
+                scorer: Scorer::Model {
+                    name: "bench_prerank",
+                    model,
+                    user: &p.user_part,
+                    by: twotower_tower::ScoreBy::Fused,
+                },
+                keep: 100,
+            }];
+            let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Arc<Part>>, PrerankError> {
+                Ok(idx.iter().map(|&j| p.parts[j].clone()).collect())
+            };
+            let t = Instant::now();
+            let r = cascade(&req, &p.cands, &stages, &mut parts, &mut || Ok(())).unwrap();
+            total += t.elapsed().as_secs_f64() * 1000.0;
+            if pass == 0 {
+                let top: Vec<i64> = r[0].kept.iter().map(|&j| p.cands[j].item).collect();
+                same += usize::from(top == server_top[i]);
+            }
+        }
+        if pass > 0 {
+            times.push(total / prepared.len().max(1) as f64);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    (times[times.len() / 2], same)
+}
+
 impl Towers<'_> {
     fn timed_calls(
         &mut self,
@@ -68,8 +128,8 @@ impl Towers<'_> {
         cands: &[Vec<i64>],
     ) -> (f64, f64, usize, Vec<Vec<i64>>) {
         use std::sync::Arc;
-        use twotower_funnel::prerank::{cascade, Candidate, PrerankError, Request, Scorer, Stage};
-        use twotower_tower::{Model, Part, Source};
+        use twotower_funnel::prerank::Candidate;
+        use twotower_tower::{Model, Source};
         let n = inputs.len();
         self.c
             .batch_execute("DROP TABLE IF EXISTS bench_requests; CREATE TEMP TABLE bench_requests (i int, f jsonb, c bigint[])")
@@ -106,13 +166,6 @@ impl Towers<'_> {
         }
         let (spec, weights) = synth::realistic_prerank(PRERANK_SEED);
         let model = Model::load(&spec, &weights).unwrap();
-        struct Prepared {
-            user: Vec<f32>,
-            user_part: Part,
-            history: Vec<Vec<f32>>,
-            cands: Vec<Candidate>,
-            parts: Vec<Arc<Part>>,
-        }
         let mut prepared = Vec::with_capacity(n);
         for (f, c) in inputs.iter().zip(cands) {
             let user: Vec<f32> = self
@@ -177,46 +230,12 @@ impl Towers<'_> {
             });
         }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut inprocess = Vec::new();
-        let mut same = 0;
-        for pass in 0..4 {
-            let mut total = 0.0;
-            for (i, p) in prepared.iter().enumerate() {
-                let req = Request {
-                    metric: twotower_tower::Metric::Cosine,
-                    user: &p.user,
-                    history: &p.history,
-                    threads,
-                };
-                let stages = [Stage {
-                    scorer: Scorer::Model {
-                        name: "bench_prerank",
-                        model: &model,
-                        user: &p.user_part,
-                        by: twotower_tower::ScoreBy::Fused,
-                    },
-                    keep: 100,
-                }];
-                let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Arc<Part>>, PrerankError> {
-                    Ok(idx.iter().map(|&j| p.parts[j].clone()).collect())
-                };
-                let t = Instant::now();
-                let r = cascade(&req, &p.cands, &stages, &mut parts, &mut || Ok(())).unwrap();
-                total += t.elapsed().as_secs_f64() * 1000.0;
-                if pass == 0 {
-                    let top: Vec<i64> = r[0].kept.iter().map(|&j| p.cands[j].item).collect();
-                    same += usize::from(top == server_top[i]);
-                }
-            }
-            if pass > 0 {
-                inprocess.push(total / n as f64);
-            }
-        }
+        let (inprocess, same) = time_cascade(&prepared, &model, threads, &server_top);
         let median = |mut v: Vec<f64>| {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        (median(server), median(inprocess), same, server_top)
+        (median(server), inprocess, same, server_top)
     }
 
     /// The whole `prerank` call run in this process, without PostgreSQL: the funnel core's
@@ -375,14 +394,7 @@ impl Towers<'_> {
         // but pointing into the store (one vector and one part per item, shared by the
         // requests, as a cache holds them) instead of fresh copies made one request after
         // the other.
-        use twotower_funnel::prerank::{cascade, Candidate, PrerankError, Request, Scorer, Stage};
-        struct Prepared {
-            user: Vec<f32>,
-            user_part: Part,
-            history: Vec<Vec<f32>>,
-            cands: Vec<Candidate>,
-            parts: Vec<Arc<Part>>,
-        }
+        use twotower_funnel::prerank::Candidate;
         let prepared: Vec<Prepared> = inputs
             .iter()
             .zip(cands)
@@ -412,38 +424,8 @@ impl Towers<'_> {
                 }
             })
             .collect();
-        let mut times = Vec::new();
-        for pass in 0..4 {
-            let mut total = 0.0;
-            for p in &prepared {
-                let req = Request {
-                    metric: user.metric(),
-                    user: &p.user,
-                    history: &p.history,
-                    threads: 1,
-                };
-                let stages = [Stage {
-                    scorer: Scorer::Model {
-                        name: "bench_prerank",
-                        model: &model,
-                        user: &p.user_part,
-                        by: twotower_tower::ScoreBy::Fused,
-                    },
-                    keep: 100,
-                }];
-                let mut parts = |_: usize, idx: &[usize]| -> Result<Vec<Arc<Part>>, PrerankError> {
-                    Ok(idx.iter().map(|&j| p.parts[j].clone()).collect())
-                };
-                let t = Instant::now();
-                cascade(&req, &p.cands, &stages, &mut parts, &mut || Ok(())).unwrap();
-                total += t.elapsed().as_secs_f64() * 1000.0;
-            }
-            if pass > 0 {
-                times.push(total / inputs.len() as f64);
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        (whole, same, times[times.len() / 2])
+        let (on_store, _) = time_cascade(&prepared, &model, 1, server_top);
+        (whole, same, on_store)
     }
 
     pub(super) fn funnel(&mut self) {
