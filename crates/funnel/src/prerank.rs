@@ -195,30 +195,15 @@ impl<'a> CrossInputs<'a> {
         max_mean(self.unit_history.iter().map(|h| dot(h, v)), norm)
     }
 
-    /// [`CrossInputs::history`] of many vectors at once (one matrix product of the vectors by
-    /// the history's; the same values up to rounding).
-    pub fn history_batch(&self, vs: &[&[f32]]) -> Vec<(f32, f32)> {
-        let dims = self.user.len();
-        if self.unit_history.is_empty() || vs.iter().any(|v| v.len() != dims) {
-            return vs.iter().map(|v| self.history(v)).collect();
-        }
-        let mut x = Vec::with_capacity(vs.len() * dims);
-        for v in vs {
-            x.extend_from_slice(v);
-        }
-        self.history_rows(&x)
-    }
-
-    /// [`CrossInputs::history_batch`] of the vectors laid out one after the other in `x`, each
-    /// as wide as the user vector.
-    pub fn history_rows(&self, x: &[f32]) -> Vec<(f32, f32)> {
+    /// [`CrossInputs::history`] of the `rows` vectors laid out one after the other in `x`, each
+    /// as wide as the user vector, at once (one matrix product of the vectors by the history's;
+    /// the same values up to rounding).
+    pub fn history_rows(&self, x: &[f32], rows: usize) -> Vec<(f32, f32)> {
         let (n, dims) = (self.unit_history.len(), self.user.len());
-        if dims == 0 {
-            return Vec::new();
-        }
-        let rows = x.len() / dims;
-        if n == 0 {
-            return vec![(0.0, 0.0); rows];
+        if n == 0 || dims == 0 || x.len() != rows * dims {
+            return (0..rows)
+                .map(|j| self.history(x.get(j * dims..(j + 1) * dims).unwrap_or(&[])))
+                .collect();
         }
         let h: Vec<f32> = self.unit_history.iter().flatten().copied().collect();
         let c = gemm_xwt(x, rows, dims, &h, n, None);
@@ -400,7 +385,7 @@ pub fn cascade<E: From<PrerankError>>(
                 let wants_history = model.cross_width(Cross::HistoryMax).is_some()
                     || model.cross_width(Cross::HistoryMean).is_some();
                 let history = if wants_history {
-                    crosses.history_rows(&x)
+                    crosses.history_rows(&x, alive.len())
                 } else {
                     vec![(0.0, 0.0); alive.len()]
                 };

@@ -648,3 +648,33 @@ fn a_sigmoid_task_ranks_by_its_logit_and_a_fused_overflow_is_an_error() {
         })
     );
 }
+
+#[test]
+fn the_batched_history_similarities_are_the_per_vector_ones() {
+    let user = [0.5, -1.0, 2.0];
+    let history = vec![vec![1.0, 0.0, 0.0], vec![0.0, 3.0, 4.0], vec![0.0; 3]];
+    let vs: [[f32; 3]; 4] = [
+        [1.0, 2.0, 3.0],
+        [0.0, 0.0, 0.0],
+        [-2.0, 0.5, 1.0],
+        [4.0, -4.0, 0.25],
+    ];
+    let x: Vec<f32> = vs.iter().flatten().copied().collect();
+    let c = CrossInputs::new(Metric::Cosine, &user, &history);
+    let got = c.history_rows(&x, vs.len());
+    assert_eq!(got.len(), vs.len());
+    for (v, (mx, mean)) in vs.iter().zip(&got) {
+        let (wmx, wmean) = c.history(v);
+        assert!(
+            (mx - wmx).abs() < 1e-6 && (mean - wmean).abs() < 1e-6,
+            "{v:?}: {mx} {mean} against {wmx} {wmean}"
+        );
+    }
+    assert_eq!(got[1], (0.0, 0.0), "a zero vector has no similarity");
+    // The first vector against the unit history [1,0,0] and [0,0.6,0.8] (the zero one left out).
+    let n = 14f32.sqrt();
+    assert!((got[0].0 - 3.6 / n).abs() < 1e-6 && (got[0].1 - 4.6 / 2.0 / n).abs() < 1e-6);
+    // Without history, one (0, 0) per row.
+    let none = CrossInputs::new(Metric::Cosine, &user, &[]);
+    assert_eq!(none.history_rows(&x, 4), vec![(0.0, 0.0); 4]);
+}
